@@ -1,0 +1,243 @@
+"""The blockwise format, implemented once in numpy: this module is the specification.
+
+A tensor is cut into blocks of ``block_size`` consecutive elements along its last axis (callers
+move the axis they quantize along to the end first; a MatMul weight [K, N] is stored as its
+transpose [N, K]). A partial last block is legal. Every block has one scale and, when
+asymmetric, one zero point. Codes are unsigned integers ``u`` of ``bits`` bits (2..8); the value a
+code stands for is ``(u - zero_point) * scale``, where symmetric blocks use the implicit zero point
+``2 ** (bits - 1)``. Each row of codes is packed densely, little-endian, least significant bit first:
+code ``i`` of a row occupies bits ``[i * bits, (i + 1) * bits)`` of that row's bytes, so a row of ``D``
+codes takes ``ceil(D * bits / 8)`` bytes. The C++ and CUDA kernels must agree with every function
+here bit-exactly; docs/block_format.md explains the format in prose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import numpy as np
+
+MIN_BITS = 2
+MAX_BITS = 8
+POW2_EXPONENT_BIAS = 127  # one-byte exponent, as OCP's E8M0: scale = 2 ** (code - 127)
+POW2_MIN_EXPONENT = -126
+POW2_MAX_EXPONENT = 127
+
+
+class ScaleKind(str, enum.Enum):
+    """How a block's scale is stored."""
+
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+    POW2 = "pow2"  # one byte: a biased power-of-two exponent, so dequantization is a shift
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockFormat:
+    """Parameters of one blockwise-quantized tensor."""
+
+    bits: int = 4
+    block_size: int = 32
+    symmetric: bool = True
+    scale_kind: ScaleKind = ScaleKind.FLOAT16
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, (int, np.integer)) or not MIN_BITS <= self.bits <= MAX_BITS:
+            raise ValueError(f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {self.bits!r}")
+        if not isinstance(self.block_size, (int, np.integer)) or self.block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+        object.__setattr__(self, "scale_kind", ScaleKind(self.scale_kind))
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1 if self.symmetric else (1 << self.bits) - 1
+
+    @property
+    def implicit_zero_point(self) -> int:
+        return 1 << (self.bits - 1)
+
+    def num_blocks(self, axis_size: int) -> int:
+        return -(-axis_size // self.block_size)
+
+    def row_bytes(self, axis_size: int) -> int:
+        return -(-axis_size * self.bits // 8)
+
+    @property
+    def scale_dtype(self) -> np.dtype:
+        return {
+            ScaleKind.FLOAT16: np.dtype(np.float16),
+            ScaleKind.FLOAT32: np.dtype(np.float32),
+            ScaleKind.POW2: np.dtype(np.uint8),
+        }[self.scale_kind]
+
+    def storage_bits_per_value(self) -> float:
+        """Average storage per element for long rows: codes plus the block's scale and zero point."""
+        extra = self.scale_dtype.itemsize * 8 + (0 if self.symmetric else 8)
+        return self.bits + extra / self.block_size
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedTensor:
+    """Packed codes [..., row_bytes], scales [..., num_blocks], zero points (asymmetric only)."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None
+    axis_size: int
+    fmt: BlockFormat
+
+    @property
+    def nbytes(self) -> int:
+        zp = 0 if self.zero_points is None else self.zero_points.nbytes
+        return self.codes.nbytes + self.scales.nbytes + zp
+
+
+def round_half_to_even(x: np.ndarray) -> np.ndarray:
+    """IEEE round-to-nearest-even, the rounding every kernel uses (np.rint on float32)."""
+    return np.rint(x.astype(np.float32, copy=False))
+
+
+def _pad_to_blocks(x: np.ndarray, block_size: int) -> np.ndarray:
+    """Reshape [..., D] to [..., num_blocks, block_size], padding the last block with zeros."""
+    d = x.shape[-1]
+    nb = -(-d // block_size)
+    pad = nb * block_size - d
+    if pad:
+        x = np.concatenate([x, np.zeros(x.shape[:-1] + (pad,), dtype=x.dtype)], axis=-1)
+    return x.reshape(x.shape[:-1] + (nb, block_size))
+
+
+def pow2_exponent_at_least(ratio: np.ndarray) -> np.ndarray:
+    """Smallest e with 2**e >= ratio (ratio > 0, float32), clamped to the one-byte range."""
+    mantissa, exponent = np.frexp(ratio.astype(np.float32))  # ratio = m * 2**exponent, m in [0.5, 1)
+    e = np.where(mantissa == 0.5, exponent - 1, exponent)
+    return np.clip(e, POW2_MIN_EXPONENT, POW2_MAX_EXPONENT).astype(np.int32)
+
+
+def scales_to_float32(scales: np.ndarray, scale_kind: ScaleKind) -> np.ndarray:
+    """Stored scales -> the float32 scale the arithmetic uses."""
+    if ScaleKind(scale_kind) is ScaleKind.POW2:
+        return np.ldexp(np.float32(1.0), scales.astype(np.int32) - POW2_EXPONENT_BIAS).astype(np.float32)
+    return scales.astype(np.float32)
+
+
+def _inverse(scale: np.ndarray) -> np.ndarray:
+    """1 / scale in float32, with 0 for a zero scale (an all-zero block)."""
+    with np.errstate(divide="ignore"):
+        inv = np.float32(1.0) / scale
+    return np.where(scale == 0, np.float32(0.0), inv).astype(np.float32)
+
+
+def choose_scales(blocks: np.ndarray, fmt: BlockFormat) -> tuple[np.ndarray, np.ndarray | None]:
+    """Stored scales (and zero points) for blocks [..., nb, block_size] of float32 values.
+
+    Symmetric: the element of largest magnitude ``m`` (first one on ties) maps to the most negative
+    code, ``scale = m / -2**(bits-1)`` (negative when m > 0), so all 2**bits codes are used.
+    POW2 symmetric: the smallest power of two with ``amax / scale <= 2**(bits-1) - 1``.
+    Asymmetric: the range [min(x, 0), max(x, 0)] is spread over 2**bits - 1 steps and the zero point
+    is ``clamp(rne(-lo / scale), 0, 2**bits - 1)`` (POW2: smallest power of two >= that step).
+    """
+    blocks = blocks.astype(np.float32, copy=False)
+    if fmt.symmetric:
+        idx = np.argmax(np.abs(blocks), axis=-1)
+        m = np.take_along_axis(blocks, idx[..., None], axis=-1)[..., 0]
+        if fmt.scale_kind is ScaleKind.POW2:
+            amax = np.abs(m)
+            ratio = amax / np.float32(fmt.qmax)
+            e = pow2_exponent_at_least(np.where(amax > 0, ratio, np.float32(1.0)))
+            e = np.where(amax > 0, e, 0)
+            return (e + POW2_EXPONENT_BIAS).astype(np.uint8), None
+        scale = (m / np.float32(-(1 << (fmt.bits - 1)))).astype(np.float32)
+        return scale.astype(fmt.scale_dtype), None
+    lo = np.minimum(blocks.min(axis=-1), np.float32(0.0))
+    hi = np.maximum(blocks.max(axis=-1), np.float32(0.0))
+    step = ((hi - lo) / np.float32(fmt.qmax)).astype(np.float32)
+    if fmt.scale_kind is ScaleKind.POW2:
+        e = np.where(step > 0, pow2_exponent_at_least(np.where(step > 0, step, np.float32(1.0))), 0)
+        stored = (e + POW2_EXPONENT_BIAS).astype(np.uint8)
+    else:
+        stored = step.astype(fmt.scale_dtype)
+    inv = _inverse(scales_to_float32(stored, fmt.scale_kind))
+    zp = np.clip(round_half_to_even(-lo * inv), 0, fmt.qmax).astype(np.uint8)
+    return stored, zp
+
+
+def codes_for(
+    blocks: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, fmt: BlockFormat
+) -> np.ndarray:
+    """Unsigned codes [..., nb, block_size] of blocks for given stored scales and zero points."""
+    inv = _inverse(scales_to_float32(scales, fmt.scale_kind))[..., None]
+    q = round_half_to_even(blocks.astype(np.float32, copy=False) * inv)
+    if fmt.symmetric:
+        q = np.clip(q, fmt.qmin, fmt.qmax) + np.float32(fmt.implicit_zero_point)
+    else:
+        assert zero_points is not None
+        q = np.clip(q + zero_points[..., None].astype(np.float32), 0, fmt.qmax)
+    return q.astype(np.uint8)
+
+
+def quantize_codes(x: np.ndarray, fmt: BlockFormat) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Unpacked unsigned codes [..., D], stored scales [..., nb], zero points (or None) of x [..., D]."""
+    x = np.asarray(x, dtype=np.float32)
+    d = x.shape[-1]
+    blocks = _pad_to_blocks(x, fmt.block_size)
+    scales, zp = choose_scales(blocks, fmt)
+    codes = codes_for(blocks, scales, zp, fmt)
+    codes = codes.reshape(codes.shape[:-2] + (-1,))[..., :d]
+    return codes, scales, zp
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Dense little-endian packing of unsigned codes [..., D] into bytes [..., ceil(D*bits/8)]."""
+    codes = np.asarray(codes)
+    d = codes.shape[-1]
+    bit_planes = (codes[..., :, None].astype(np.uint16) >> np.arange(bits, dtype=np.uint16)) & 1
+    bit_stream = bit_planes.reshape(codes.shape[:-1] + (d * bits,)).astype(np.uint8)
+    return np.packbits(bit_stream, axis=-1, bitorder="little")
+
+
+def unpack_codes(packed: np.ndarray, bits: int, axis_size: int) -> np.ndarray:
+    """Inverse of pack_codes: bytes [..., row_bytes] -> unsigned codes [..., axis_size] (uint8)."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    bit_stream = np.unpackbits(packed, axis=-1, count=axis_size * bits, bitorder="little")
+    bit_planes = bit_stream.reshape(packed.shape[:-1] + (axis_size, bits)).astype(np.uint16)
+    return (bit_planes << np.arange(bits, dtype=np.uint16)).sum(axis=-1).astype(np.uint8)
+
+
+def quantize(x: np.ndarray, fmt: BlockFormat) -> QuantizedTensor:
+    """Blockwise-quantize x [..., D] along its last axis and pack the codes."""
+    x = np.asarray(x, dtype=np.float32)
+    codes, scales, zp = quantize_codes(x, fmt)
+    return QuantizedTensor(pack_codes(codes, fmt.bits), scales, zp, x.shape[-1], fmt)
+
+
+def dequantize_codes(
+    codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, fmt: BlockFormat
+) -> np.ndarray:
+    """float32 values [..., D] of unpacked codes [..., D]: (u - zero_point) * scale."""
+    d = codes.shape[-1]
+    nb = fmt.num_blocks(d)
+    scale = np.repeat(scales_to_float32(scales, fmt.scale_kind), fmt.block_size, axis=-1)[..., :d]
+    if fmt.symmetric:
+        zp = np.float32(fmt.implicit_zero_point)
+    else:
+        assert zero_points is not None and zero_points.shape[-1] == nb
+        zp = np.repeat(zero_points.astype(np.float32), fmt.block_size, axis=-1)[..., :d]
+    return ((codes.astype(np.float32) - zp) * scale).astype(np.float32)
+
+
+def dequantize(q: QuantizedTensor) -> np.ndarray:
+    """float32 values [..., D] of a packed QuantizedTensor."""
+    codes = unpack_codes(q.codes, q.fmt.bits, q.axis_size)
+    return dequantize_codes(codes, q.scales, q.zero_points, q.fmt)
+
+
+def fake_quantize(x: np.ndarray, fmt: BlockFormat) -> np.ndarray:
+    """quantize then dequantize (the value the runtime will see), without packing."""
+    codes, scales, zp = quantize_codes(x, fmt)
+    return dequantize_codes(codes, scales, zp, fmt)

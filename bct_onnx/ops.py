@@ -1,0 +1,9 @@
+"""Names of the custom domain and its operators, shared by the passes and the tests."""
+
+DOMAIN = "ai.bct_onnx"
+DOMAIN_VERSION = 1
+
+BLOCK_QUANTIZE = "BlockQuantize"
+BLOCK_DEQUANTIZE = "BlockDequantize"
+BLOCK_MATMUL = "BlockMatMul"
+BLOCK_GATHER = "BlockGather"

@@ -1,0 +1,83 @@
+"""Finds the compiled custom-op library and opens ONNX Runtime sessions with it registered."""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+from pathlib import Path
+from typing import Any
+
+LIBRARY_ENV = "BCT_ONNX_LIBRARY"  # overrides the packaged library (development builds)
+LIBRARY_NAME = "libbct_onnx_ops.so"
+MIN_ORT_VERSION = (1, 21)  # the C API version the library is built against
+
+
+class LibraryNotFoundError(FileNotFoundError):
+    """The custom-op library is neither where BCT_ONNX_LIBRARY says nor inside the package."""
+
+
+def _candidates() -> list[Path]:
+    found: list[Path] = []
+    override = os.environ.get(LIBRARY_ENV)
+    if override:
+        found.append(Path(override))
+    package = importlib.resources.files("bct_onnx")
+    found.append(Path(str(package / "_lib" / LIBRARY_NAME)))
+    return found
+
+
+def library_path() -> str:
+    """Absolute path of the custom-op library to pass to SessionOptions.register_custom_ops_library."""
+    candidates = _candidates()
+    if os.environ.get(LIBRARY_ENV):
+        # An explicit override that does not exist is an error, not a silent fallback.
+        if not candidates[0].is_file():
+            raise LibraryNotFoundError(f"{LIBRARY_ENV}={candidates[0]} does not name a file")
+        return str(candidates[0].resolve())
+    for path in candidates:
+        if path.is_file():
+            return str(path.resolve())
+    looked = ", ".join(str(p) for p in candidates)
+    raise LibraryNotFoundError(
+        f"bct-onnx custom-op library {LIBRARY_NAME} not found (looked at: {looked}). "
+        "Install the package with `pip install .` so the library is built, or set "
+        f"{LIBRARY_ENV} to a built copy."
+    )
+
+
+def check_onnxruntime_version() -> None:
+    """Refuse an onnxruntime older than the C API the library needs, with a clear message."""
+    import onnxruntime as ort
+
+    parts = []
+    for piece in ort.__version__.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    if tuple(parts) < MIN_ORT_VERSION:
+        need = ".".join(map(str, MIN_ORT_VERSION))
+        raise RuntimeError(f"bct-onnx needs onnxruntime >= {need}; this is onnxruntime {ort.__version__}")
+
+
+def session_options(sess_options: Any = None) -> Any:
+    """SessionOptions (given or new) with the custom-op library registered."""
+    import onnxruntime as ort
+
+    check_onnxruntime_version()
+    options = sess_options if sess_options is not None else ort.SessionOptions()
+    options.register_custom_ops_library(library_path())
+    return options
+
+
+def session(path: str | os.PathLike[str] | bytes, providers: list[Any] | None = None, sess_options: Any = None) -> Any:
+    """An onnxruntime.InferenceSession for a compressed model, with our ops registered.
+
+    providers defaults to the CPU provider. Asking for CUDAExecutionProvider where onnxruntime-gpu
+    finds no GPU falls back to the CPU kernels (ONNX Runtime's own provider fallback).
+    """
+    import onnxruntime as ort
+
+    options = session_options(sess_options)
+    if providers is None:
+        providers = ["CPUExecutionProvider"]
+    model = path if isinstance(path, bytes) else os.fspath(path)
+    return ort.InferenceSession(model, sess_options=options, providers=providers)
