@@ -1,0 +1,169 @@
+"""The compile report: what a compression did, as JSON for tools and a few lines for people."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import json
+import os
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+REPORT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedNode:
+    """A node a pass looked at and left alone, with the reason."""
+
+    node: str
+    op_type: str
+    reason: str
+
+
+@dataclasses.dataclass
+class CompileReport:
+    """Sizes, rewrites, skips, the config and per-step timings of one compression.
+
+    ``input_bytes`` and ``output_bytes`` count whole models: the .onnx file plus its external
+    data. When a model was never written to disk (in-memory input, or no output path) they are
+    the size it serializes to, and ``sizes_measured_on`` says which ("file" or "serialized").
+    """
+
+    input: str
+    output: str | None
+    input_bytes: int
+    output_bytes: int
+    rewritten: dict[str, int]
+    skipped: list[SkippedNode]
+    config: dict[str, Any]
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    sizes_measured_on: dict[str, str] = dataclasses.field(
+        default_factory=lambda: {"input": "file", "output": "file"}
+    )
+    exported_from: str | None = None  # the Hugging Face directory, when the input was one
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.input_bytes / self.output_bytes if self.output_bytes else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "report_version": REPORT_VERSION,
+            "input": self.input,
+            "output": self.output,
+            "exported_from": self.exported_from,
+            "input_bytes": self.input_bytes,
+            "output_bytes": self.output_bytes,
+            "compression_ratio": round(self.compression_ratio, 4),
+            "sizes_measured_on": self.sizes_measured_on,
+            "rewritten": dict(sorted(self.rewritten.items())),
+            "skipped": [dataclasses.asdict(s) for s in self.skipped],
+            "config": self.config,
+            "timings": {step: round(seconds, 4) for step, seconds in self.timings.items()},
+            "versions": self.versions,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def write(self, path: str | os.PathLike[str]) -> Path:
+        """Write the JSON report (atomically, like the model)."""
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        temp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        try:
+            temp.write_text(self.to_json(), encoding="utf-8")
+            os.replace(temp, out)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+        return out
+
+    def summary(self) -> str:
+        """A few lines for a terminal."""
+        lines = []
+        target = self.output if self.output else "(not saved)"
+        lines.append(f"{self.input} -> {target}")
+        lines.append(
+            f"size: {format_bytes(self.input_bytes)} -> {format_bytes(self.output_bytes)} "
+            f"({self.compression_ratio:.2f}x smaller)"
+        )
+        rewritten = ", ".join(f"{op} {n}" for op, n in sorted(self.rewritten.items()) if n) or "nothing"
+        lines.append(f"rewritten: {rewritten}")
+        if self.skipped:
+            reasons: dict[str, int] = {}
+            for skip in self.skipped:
+                reasons[f"{skip.op_type}: {skip.reason}"] = reasons.get(f"{skip.op_type}: {skip.reason}", 0) + 1
+            top = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))
+            shown = "; ".join(f"{reason} (x{n})" for reason, n in top[:3])
+            more = f"; {len(top) - 3} more reasons" if len(top) > 3 else ""
+            lines.append(f"skipped: {len(self.skipped)} nodes ({shown}{more})")
+        else:
+            lines.append("skipped: none")
+        total = sum(self.timings.values())
+        steps = ", ".join(f"{step} {seconds:.1f}s" for step, seconds in self.timings.items())
+        lines.append(f"time: {total:.1f}s ({steps})")
+        return "\n".join(lines)
+
+
+def format_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{n} B"
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """JSON-ready fields of a config dataclass (frozensets sorted, enums by value)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, enum.Enum):
+            return value.value
+        if isinstance(value, (frozenset, set)):
+            return sorted(plain(v) for v in value)
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, Mapping):
+            return {str(k): plain(v) for k, v in value.items()}
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return value
+
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return plain(config)  # type: ignore[no-any-return]
+    if isinstance(config, Mapping):
+        return plain(config)  # type: ignore[no-any-return]
+    return {"repr": repr(config)}
+
+
+class StepTimer:
+    """Wall-clock seconds per named step, in the order the steps ran."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that shape the output, for reproducing a report."""
+    found: dict[str, str] = {}
+    from importlib import metadata
+
+    for dist in ("bct-onnx", "onnx", "onnx-ir", "onnxruntime", "numpy"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[dist] = metadata.version(dist)
+    return found
