@@ -1,0 +1,255 @@
+"""The Python entry point: ``bct_onnx.compress(input, output=None, *, config=None, **overrides)``.
+
+The input is a path to an .onnx file, a Hugging Face model directory (exported with optimum into a
+temporary directory first), or a model already in memory (onnx.ModelProto or onnx_ir.Model). The
+input is never modified. The result holds the compressed onnx-ir model and the compile report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import onnx
+import onnx_ir as ir
+
+from bct_onnx import model_io
+from bct_onnx.errors import BctOnnxError, ModelFileError
+from bct_onnx.report import CompileReport, SkippedNode, StepTimer, config_to_dict, versions
+
+if TYPE_CHECKING:
+    from bct_onnx.config import CompressConfig
+
+logger = logging.getLogger(__name__)
+
+ModelInput = str | os.PathLike[str] | onnx.ModelProto | ir.Model
+
+
+@dataclasses.dataclass
+class CompressResult:
+    """The compressed model (onnx-ir) and the report of what was done."""
+
+    model: ir.Model
+    report: CompileReport
+
+    def __iter__(self) -> Iterator[Any]:  # model, report = bct_onnx.compress(...)
+        return iter((self.model, self.report))
+
+
+def make_config(config: CompressConfig | None = None, **overrides: Any) -> CompressConfig:
+    """``config`` (default: CompressConfig()) with ``overrides`` applied; unknown names are an error."""
+    from bct_onnx.config import CompressConfig
+
+    base = config if config is not None else CompressConfig()
+    if not overrides:
+        return base
+    known = {f.name for f in dataclasses.fields(CompressConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"unknown config option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if "ops" in overrides and overrides["ops"] is not None and not isinstance(overrides["ops"], frozenset):
+        ops = overrides["ops"]
+        overrides["ops"] = frozenset([ops] if isinstance(ops, str) else ops)
+    return dataclasses.replace(base, **overrides)
+
+
+class _Progress:
+    """tqdm bars on stderr for the long steps, or nothing."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    @contextlib.contextmanager
+    def bar(self, desc: str, total: int | None = None, unit: str = "step") -> Iterator[Any]:
+        if not self.enabled:
+            yield None
+            return
+        from tqdm import tqdm
+
+        with tqdm(total=total, desc=desc, unit=unit, leave=True, dynamic_ncols=True) as pbar:
+            yield pbar
+            if pbar.total is not None and pbar.n < pbar.total:
+                pbar.update(pbar.total - pbar.n)
+
+
+def _serialized_bytes(model: ir.Model) -> int:
+    """Bytes ``model`` takes once saved (measured by saving to a temporary directory)."""
+    with tempfile.TemporaryDirectory(prefix="bct_onnx_size_") as tmp:
+        path = Path(tmp) / "model.onnx"
+        model_io.save(model, path)
+        return model_io.file_bytes(path)
+
+
+def _call_compress_model(model: ir.Model, config: Any, progress: _Progress, debug_dir: Path | None) -> Any:
+    """bct_onnx.passes.compress_model with the optional arguments its signature accepts."""
+    from bct_onnx.passes import compress_model
+
+    params = inspect.signature(compress_model).parameters
+    kwargs: dict[str, Any] = {}
+    if debug_dir is not None and "debug_dir" in params:
+        kwargs["debug_dir"] = debug_dir
+    with progress.bar("compress", unit="pass") as pbar:
+        if pbar is not None and "progress" in params:
+
+            def report_progress(*args: Any, **_: Any) -> None:
+                # Accepts (name), (name, done, total) or (done, total): whatever the pipeline gives.
+                numbers = [a for a in args if isinstance(a, int)]
+                names = [a for a in args if isinstance(a, str)]
+                if len(numbers) >= 2:
+                    pbar.total = numbers[-1]
+                    pbar.n = numbers[-2]
+                    pbar.refresh()
+                else:
+                    pbar.update(1)
+                if names:
+                    pbar.set_postfix_str(names[0], refresh=True)
+
+            kwargs["progress"] = report_progress
+        return compress_model(model, config, **kwargs)
+
+
+def _skips(result: Any) -> list[SkippedNode]:
+    out = []
+    for skip in getattr(result, "skipped", []) or []:
+        node = getattr(skip, "node", "")
+        node_name = node if isinstance(node, str) else (getattr(node, "name", None) or str(node))
+        out.append(SkippedNode(node=node_name, op_type=str(getattr(skip, "op_type", "")), reason=str(skip.reason)))
+    return out
+
+
+def compress(
+    input: ModelInput,
+    output: str | os.PathLike[str] | None = None,
+    *,
+    config: CompressConfig | None = None,
+    progress: bool = False,
+    debug_dir: str | os.PathLike[str] | None = None,
+    task: str | None = None,
+    **overrides: Any,
+) -> CompressResult:
+    """Compress a model; write it to ``output`` when given.
+
+    input: .onnx path (or a directory holding one .onnx), Hugging Face model directory, or a
+    ModelProto / onnx_ir.Model (used as is; pass a copy if you need the original unchanged).
+    config / overrides: a CompressConfig and field overrides, e.g. ``weight_bits=4, act_bits=None``.
+    progress: show tqdm bars on stderr. debug_dir: keep the input model and, where the pipeline
+    supports it, the model after every pass that changed it.
+    """
+    cfg = make_config(config, **overrides)
+    timer = StepTimer()
+    prog = _Progress(progress)
+    debug = Path(debug_dir) if debug_dir is not None else None
+    exported_from: str | None = None
+    with contextlib.ExitStack() as stack:
+        input_file: Path | None = None
+        if isinstance(input, (onnx.ModelProto, ir.Model)):
+            with timer.step("load"):
+                model = model_io.from_proto(input)
+            input_label = "<in-memory model>"
+        elif isinstance(input, (str, os.PathLike)):
+            source = Path(input)
+            if not source.exists():
+                raise ModelFileError(f"input not found: {source}")
+            if source.is_dir() and _is_hf_model_dir(source):
+                export_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bct_onnx_export_")))
+                with timer.step("export"), prog.bar(f"export {source.name}", total=1):
+                    input_file = _export(source, export_dir, task)
+                exported_from = str(source)
+            else:
+                input_file = model_io.resolve_model_file(source)
+            input_label = str(input_file) if exported_from is None else str(source)
+            with timer.step("load"):
+                model = model_io.load(input_file)
+        else:
+            raise TypeError(
+                f"input must be a path, an onnx.ModelProto or an onnx_ir.Model, not {type(input).__name__}"
+            )
+
+        protected: set[Path] = set()
+        if input_file is not None and exported_from is None:
+            protected = {input_file, *model_io.external_data_files(model)}
+        if output is not None:
+            model_io.check_output_path(output, protected)  # fail before the slow part
+        if debug is not None:
+            debug.mkdir(parents=True, exist_ok=True)
+            with timer.step("debug"):
+                model_io.save(model, debug / "00_input.onnx")
+
+        if input_file is not None:
+            with timer.step("measure"):
+                input_bytes = model_io.file_bytes(input_file)
+        else:
+            with timer.step("measure"):
+                input_bytes = _serialized_bytes(model)
+
+        with timer.step("compress"):
+            result = _call_compress_model(model, cfg, prog, debug)
+        compressed = result.model
+
+        if output is not None:
+            with timer.step("save"):
+                total = len(list(_initializers(compressed)))
+                with prog.bar("save", total=total, unit="tensor") as pbar:
+                    callback = (lambda tensor, info: pbar.update(1)) if pbar is not None else None
+                    model_io.save(compressed, output, protected=protected, callback=callback)
+            output_bytes = model_io.file_bytes(output)
+        else:
+            with timer.step("measure"):
+                output_bytes = _serialized_bytes(compressed)
+            # Keep the returned model usable after a temporary export directory is removed.
+            if exported_from is not None:
+                ir.external_data.load_to_model(compressed)
+        if debug is not None:
+            with timer.step("debug"):
+                model_io.save(compressed, debug / "99_output.onnx")
+
+    report = CompileReport(
+        input=input_label,
+        output=str(output) if output is not None else None,
+        input_bytes=input_bytes,
+        output_bytes=output_bytes,
+        rewritten={str(k): int(v) for k, v in dict(getattr(result, "rewritten", {})).items()},
+        skipped=_skips(result),
+        config=config_to_dict(cfg),
+        timings=timer.timings,
+        sizes_measured_on={
+            "input": "file" if input_file is not None else "serialized",
+            "output": "file" if output is not None else "serialized",
+        },
+        exported_from=exported_from,
+        versions=versions(),
+    )
+    return CompressResult(compressed, report)
+
+
+def _initializers(model: ir.Model) -> Iterator[ir.Value]:
+    for graph in model.graphs():
+        yield from graph.initializers.values()
+
+
+def _is_hf_model_dir(path: Path) -> bool:
+    if any(path.glob("*.onnx")) and not (path / "config.json").is_file():
+        return False
+    try:
+        from bct_onnx.models.export import is_hf_model_dir
+    except ImportError:  # models/ not installed: only .onnx inputs
+        return False
+    # A directory holding an exported .onnx next to its config.json (optimum output) is read as
+    # the ONNX model: exporting again would be slow and pointless.
+    return is_hf_model_dir(path) and not any(path.glob("*.onnx"))
+
+
+def _export(model_dir: Path, export_dir: Path, task: str | None) -> Path:
+    from bct_onnx.models.export import ExportError, ModelDirError, export_hf_directory
+
+    try:
+        return export_hf_directory(model_dir, export_dir, task=task)
+    except (ExportError, ModelDirError) as exc:
+        raise BctOnnxError(str(exc)) from exc

@@ -1,0 +1,45 @@
+"""Refuse to run against a source tree that is not the installed package.
+
+The suite must exercise what `pip install ".[test]"` built: the package with its custom-op library
+and the `bct_onnx.passes` / `bct_onnx.models` subpackages. Run it with the `pytest` command (not
+`python -m pytest`, which puts the repository root, whose bct_onnx/ lacks them, first on sys.path).
+Developers testing a build tree can point BCT_ONNX_LIBRARY at a built library.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+
+def _installation_problems() -> list[str]:
+    problems: list[str] = []
+    try:
+        bct_onnx = importlib.import_module("bct_onnx")
+    except ImportError as exc:
+        return [f"cannot import bct_onnx ({exc})"]
+    where = getattr(bct_onnx, "__file__", "?")
+    for sub in ("passes", "models"):
+        try:
+            importlib.import_module(f"bct_onnx.{sub}")
+        except ImportError as exc:
+            problems.append(f"the imported bct_onnx ({where}) has no `{sub}` subpackage ({exc})")
+    try:
+        from bct_onnx.runtime import library_path
+
+        library_path()
+    except (ImportError, FileNotFoundError) as exc:
+        problems.append(f"the imported bct_onnx ({where}) has no custom-op library: {exc}")
+    return problems
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    problems = _installation_problems()
+    if problems:
+        raise pytest.UsageError(
+            "bct-onnx tests need the installed package:\n  - "
+            + "\n  - ".join(problems)
+            + '\nInstall it with `pip install ".[test]"` and run the `pytest` command '
+            "(not `python -m pytest`, which imports the source tree from the current directory)."
+        )
