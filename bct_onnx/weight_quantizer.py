@@ -1,0 +1,98 @@
+"""Offline quantization of constant tensors (weights, embedding tables) into the block format.
+
+The format stores only codes, scales and zero points; how a scale was chosen is free. Besides the
+plain max-based scale of ``block_format.choose_scales`` this module offers a per-block search over
+clipped scales: for each ratio r of a small grid the block's spec scale of ``r * x`` is tried, codes
+are computed for ``x`` itself (values beyond the clipped range saturate), and the scale with the
+least squared error of the block wins (ties keep the larger, unclipped scale). The result is a
+spec-conform QuantizedTensor; ``block_format.dequantize`` reads it back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bct_onnx.block_format import (
+    BlockFormat,
+    QuantizedTensor,
+    _pad_to_blocks,
+    choose_scales,
+    codes_for,
+    pack_codes,
+    scales_to_float32,
+)
+
+# Clipping ratios of the block's range tried by the search; 1.0 (no clipping) first.
+CLIP_RATIOS: tuple[float, ...] = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.825, 0.8)
+# Rows are processed in chunks of about this many elements to bound temporary memory.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _block_squared_error(
+    blocks: np.ndarray, codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, fmt: BlockFormat
+) -> np.ndarray:
+    """Squared error per block [..., nb] of codes [..., nb, block_size] against blocks."""
+    scale = scales_to_float32(scales, fmt.scale_kind)[..., None]
+    if fmt.symmetric:
+        zp: np.ndarray | np.float32 = np.float32(fmt.implicit_zero_point)
+    else:
+        assert zero_points is not None
+        zp = zero_points.astype(np.float32)[..., None]
+    diff = (codes.astype(np.float32) - zp) * scale - blocks
+    return np.einsum("...i,...i->...", diff, diff)
+
+
+def search_scales(
+    blocks: np.ndarray, fmt: BlockFormat, ratios: tuple[float, ...] = CLIP_RATIOS
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Stored scales, zero points and codes [..., nb, block_size] minimising each block's squared error."""
+    blocks = blocks.astype(np.float32, copy=False)
+    best_scales, best_zp = choose_scales(blocks, fmt)
+    best_codes = codes_for(blocks, best_scales, best_zp, fmt)
+    best_err = _block_squared_error(blocks, best_codes, best_scales, best_zp, fmt)
+    for ratio in ratios:
+        if ratio == 1.0:
+            continue
+        scales, zp = choose_scales(blocks * np.float32(ratio), fmt)
+        codes = codes_for(blocks, scales, zp, fmt)
+        err = _block_squared_error(blocks, codes, scales, zp, fmt)
+        better = err < best_err
+        if not better.any():
+            continue
+        best_err = np.where(better, err, best_err)
+        best_scales = np.where(better, scales, best_scales)
+        if best_zp is not None and zp is not None:
+            best_zp = np.where(better, zp, best_zp)
+        best_codes = np.where(better[..., None], codes, best_codes)
+    return best_scales, best_zp, best_codes
+
+
+def quantize_tensor(x: np.ndarray, fmt: BlockFormat, scale_search: bool = True) -> QuantizedTensor:
+    """Blockwise-quantize a 2-D x [rows, D] along its last axis; with scale_search, per-block clipped scales.
+
+    Without scale_search this equals ``block_format.quantize(x, fmt)``.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"quantize_tensor expects a 2-D array, got shape {x.shape}")
+    rows, d = x.shape
+    nb = fmt.num_blocks(d)
+    codes_out = np.empty((rows, fmt.row_bytes(d)), dtype=np.uint8)
+    scales_out = np.empty((rows, nb), dtype=fmt.scale_dtype)
+    zp_out = None if fmt.symmetric else np.empty((rows, nb), dtype=np.uint8)
+    step = max(1, _CHUNK_ELEMENTS // max(1, nb * fmt.block_size))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        blocks = _pad_to_blocks(x[start:stop], fmt.block_size)
+        if scale_search:
+            scales, zp, codes = search_scales(blocks, fmt)
+        else:
+            scales, zp = choose_scales(blocks, fmt)
+            codes = codes_for(blocks, scales, zp, fmt)
+        codes = codes.reshape(stop - start, -1)[:, :d]
+        codes_out[start:stop] = pack_codes(codes, fmt.bits)
+        scales_out[start:stop] = scales
+        if zp_out is not None:
+            assert zp is not None
+            zp_out[start:stop] = zp
+    return QuantizedTensor(codes_out, scales_out, zp_out, d, fmt)

@@ -1,0 +1,194 @@
+"""Pass infrastructure: a result that says what changed, typed precondition errors, node rewrites.
+
+Every bct-onnx pass is an onnx-ir in-place pass (requires -> call -> ensures). ``call`` returns a
+:class:`CompressPassResult` whose ``modified`` is computed by comparing a fingerprint of the graph
+before and after, never assumed, plus counts per rewrite rule and one :class:`Skip` (with a reason)
+for every node a rule looked at and left alone. Passes keep no state between calls: node rewrites
+are declared as ``match`` (returns a match object, a Skip, or None for "not my business") and
+``rewrite`` (receives that match object), so the data flows through the match.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import logging
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import onnx_ir as ir
+from onnx_ir.passes import PreconditionError
+
+from bct_onnx import ops
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+MIN_ONNX_OPSET = 11  # Gemm's C is optional from 11 on; older models need a version converter first
+
+
+class UnsupportedModelError(PreconditionError):
+    """The model does not meet a pass's preconditions; the message names the problem."""
+
+
+class MissingGraphError(UnsupportedModelError):
+    """The model has no main graph."""
+
+
+class OpsetTooOldError(UnsupportedModelError):
+    """The model imports an ONNX opset older than a pass supports (never bumped silently)."""
+
+
+class DomainVersionError(UnsupportedModelError):
+    """The model already imports the ai.bct_onnx domain at a version this package does not emit."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    """A node a rule examined and did not rewrite, and why."""
+
+    node: str
+    op_type: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.op_type} '{self.node}': {self.reason}"
+
+
+@dataclasses.dataclass
+class CompressPassResult(ir.passes.PassResult):
+    """PassResult with counts per rewrite rule and the reasons of every skip."""
+
+    rewritten: dict[str, int] = dataclasses.field(default_factory=dict)
+    skipped: list[Skip] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class PassReport:
+    """Collects what one call of a pass did; lives only for that call."""
+
+    rewritten: dict[str, int] = dataclasses.field(default_factory=dict)
+    skipped: list[Skip] = dataclasses.field(default_factory=list)
+
+    def count(self, rule: str, times: int = 1) -> None:
+        self.rewritten[rule] = self.rewritten.get(rule, 0) + times
+
+    def skip(self, node: ir.Node, reason: str) -> None:
+        self.skipped.append(Skip(node_label(node), node.op_type, reason))
+
+
+def node_label(node: ir.Node) -> str:
+    """A name for messages: the node's name, else its first output's name."""
+    if node.name:
+        return node.name
+    for output in node.outputs:
+        if output.name:
+            return f"<unnamed, output {output.name}>"
+    return "<unnamed>"
+
+
+def graph_fingerprint(model: ir.Model) -> tuple[Any, ...]:
+    """Identity of everything a pass may change: nodes (and their wiring), initializers, opsets.
+
+    Two equal fingerprints mean no node was added, removed, reordered or rewired and no
+    initializer or opset import changed (passes replace nodes rather than edit them in place).
+    """
+    items: list[Any] = []
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        items.append((id(node), tuple(id(v) for v in node.inputs), tuple(id(v) for v in node.outputs)))
+    initializers = tuple((name, id(value.const_value)) for name, value in model.graph.initializers.items())
+    outputs = tuple(id(v) for v in model.graph.outputs)
+    return (tuple(items), initializers, outputs, tuple(sorted(model.opset_imports.items())))
+
+
+def onnx_opset(model: ir.Model) -> int | None:
+    for domain in DEFAULT_DOMAINS:
+        if domain in model.opset_imports:
+            return model.opset_imports[domain]
+    return None
+
+
+def check_model_basics(model: ir.Model, pass_name: str, min_opset: int = MIN_ONNX_OPSET) -> None:
+    """Preconditions shared by all passes; raises a typed UnsupportedModelError."""
+    if getattr(model, "graph", None) is None:
+        raise MissingGraphError(f"{pass_name}: the model has no graph")
+    version = onnx_opset(model)
+    if version is None:
+        raise OpsetTooOldError(f"{pass_name}: the model imports no default ONNX opset")
+    if version < min_opset:
+        raise OpsetTooOldError(
+            f"{pass_name}: the model uses ONNX opset {version}; this pass needs >= {min_opset}. "
+            "Convert it first (onnx.version_converter); bct-onnx never changes the opset itself."
+        )
+    custom = model.opset_imports.get(ops.DOMAIN)
+    if custom is not None and custom != ops.DOMAIN_VERSION:
+        raise DomainVersionError(
+            f"{pass_name}: the model imports {ops.DOMAIN} version {custom}; "
+            f"this package emits version {ops.DOMAIN_VERSION}"
+        )
+
+
+def register_domain(model: ir.Model) -> None:
+    """Import the ai.bct_onnx domain (adding a custom domain is not an opset change)."""
+    model.opset_imports.setdefault(ops.DOMAIN, ops.DOMAIN_VERSION)
+
+
+class CompressPass(ir.passes.InPlacePass, abc.ABC):
+    """Base of bct-onnx passes: in place, stateless, reports rewrites and skips."""
+
+    min_opset: ClassVar[int] = MIN_ONNX_OPSET
+
+    def requires(self, model: ir.Model) -> None:
+        check_model_basics(model, type(self).__name__, self.min_opset)
+
+    def call(self, model: ir.Model) -> CompressPassResult:
+        before = graph_fingerprint(model)
+        report = PassReport()
+        self.run(model, report)
+        modified = graph_fingerprint(model) != before
+        if report.rewritten and not modified:
+            raise ir.passes.PassError(f"{type(self).__name__} counted rewrites but the graph did not change")
+        for skip in report.skipped:
+            logger.debug("%s skipped %s", type(self).__name__, skip)
+        return CompressPassResult(model, modified, dict(report.rewritten), list(report.skipped))
+
+    @abc.abstractmethod
+    def run(self, model: ir.Model, report: PassReport) -> None:
+        """Edit the model in place, recording rewrites and skips in report."""
+
+
+class NodeRewritePass(CompressPass):
+    """A rule applied to every node of some op types: ``match`` then ``rewrite``.
+
+    ``match`` returns a match object (any value; it carries everything ``rewrite`` needs), a
+    :class:`Skip`-worthy reason string, or None when the node is not a candidate at all.
+    Nodes inside subgraphs (If/Loop/Scan bodies) are reported as skipped, not rewritten.
+    """
+
+    op_types: ClassVar[frozenset[str]] = frozenset()
+
+    def candidates(self, model: ir.Model) -> Iterator[ir.Node]:
+        for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+            if node.op_type in self.op_types and node.domain in DEFAULT_DOMAINS:
+                yield node
+
+    def run(self, model: ir.Model, report: PassReport) -> None:
+        for node in self.candidates(model):
+            if node.graph is not model.graph:
+                report.skip(node, "inside a subgraph (If/Loop/Scan body): not supported")
+                continue
+            matched = self.match(model, node)
+            if matched is None:
+                continue
+            if isinstance(matched, str):
+                report.skip(node, matched)
+                continue
+            self.rewrite(model, matched, report)
+
+    @abc.abstractmethod
+    def match(self, model: ir.Model, node: ir.Node) -> Any:
+        """A match object for rewrite, a skip reason (str), or None (not a candidate)."""
+
+    @abc.abstractmethod
+    def rewrite(self, model: ir.Model, matched: Any, report: PassReport) -> None:
+        """Apply the rewrite described by matched and count it in report."""

@@ -1,0 +1,160 @@
+"""compress_model: canonicalize -> quantize passes chosen by the config -> cleanup, with a report.
+
+The input model is never changed: the pipeline works on a clone (tensors are shared, not copied,
+so lazily loaded external data stays on disk until a pass needs it). Debug mode, in MLIR's
+spirit: with ``debug_dir`` (or env ``BCT_ONNX_DEBUG_DIR``) the model is saved after every pass
+that changed it, and the input of a pass that raised is saved so the failure is reproducible
+from one file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx_ir as ir
+from onnx_ir.passes import common as common_passes
+
+from bct_onnx.config import CompressConfig
+from bct_onnx.passes.fold_constant_weights import FoldConstantWeightsPass
+from bct_onnx.passes.framework import CompressPassResult, Skip, check_model_basics
+from bct_onnx.passes.gemm_to_matmul import GemmToMatMulPass
+from bct_onnx.passes.quantize_gather import QuantizeGatherPass
+from bct_onnx.passes.quantize_matmul import QuantizeMatMulPass
+
+logger = logging.getLogger(__name__)
+
+DEBUG_DIR_ENV = "BCT_ONNX_DEBUG_DIR"
+# Debug snapshots larger than this keep their tensors in a side file (protobuf's 2 GB limit).
+_EXTERNAL_DATA_BYTES = 1 << 30
+
+# The quantize pass of each op type, in the order they run (tables before MatMuls, so a table tied
+# to the output projection is quantized in its Gather layout first and reused).
+QUANTIZE_PASSES: dict[str, Callable[[CompressConfig], ir.passes.PassBase]] = {
+    "Gather": QuantizeGatherPass,
+    "MatMul": QuantizeMatMulPass,
+}
+
+ProgressCallback = Callable[[str, int, int], None]
+"""progress(pass_name, passes_done, passes_total), called after each pass."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PassRecord:
+    """What one pass of the pipeline did."""
+
+    name: str
+    modified: bool
+    seconds: float
+    rewritten: dict[str, int]
+    skipped: int
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    """The compressed model and the summed report of every pass."""
+
+    model: ir.Model
+    modified: bool
+    rewritten: dict[str, int]
+    skipped: list[Skip]
+    passes: list[PassRecord]
+
+    def summary(self) -> str:
+        """Human-readable report: counts per rule, then every skip with its reason."""
+        lines = [f"modified: {self.modified}"]
+        lines += [f"  {rule}: {count}" for rule, count in sorted(self.rewritten.items())]
+        lines.append(f"skipped: {len(self.skipped)}")
+        lines += [f"  {skip}" for skip in self.skipped]
+        return "\n".join(lines)
+
+
+def build_passes(config: CompressConfig) -> list[ir.passes.PassBase]:
+    """The pass list compress_model runs for config: canonicalize, quantize, cleanup."""
+    canonicalize: list[ir.passes.PassBase] = [
+        common_passes.LiftConstantsToInitializersPass(),
+        FoldConstantWeightsPass(),
+        GemmToMatMulPass(),
+    ]
+    quantize = [factory(config) for op_type, factory in QUANTIZE_PASSES.items() if op_type in config.ops]
+    cleanup: list[ir.passes.PassBase] = [
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.RemoveUnusedOpsetsPass(),
+        common_passes.TopologicalSortPass(),
+        common_passes.CheckerPass(),
+    ]
+    return canonicalize + quantize + cleanup
+
+
+def _initializer_bytes(model: ir.Model) -> int:
+    total = 0
+    for value in model.graph.initializers.values():
+        if value.const_value is not None:
+            total += value.const_value.nbytes
+    return total
+
+
+def save_snapshot(model: ir.Model, path: Path) -> Path:
+    """Save model to path (tensors in a side file when large); returns the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if _initializer_bytes(model) > _EXTERNAL_DATA_BYTES:
+        ir.save(model, path, external_data=f"{path.name}.data")
+    else:
+        ir.save(model, path)
+    return path
+
+
+def compress_model(
+    model: ir.Model,
+    config: CompressConfig,
+    progress: ProgressCallback | None = None,
+    debug_dir: str | os.PathLike[str] | None = None,
+) -> PipelineResult:
+    """Compress a copy of model per config; the input model is left untouched.
+
+    Raises an UnsupportedModelError (an onnx_ir PreconditionError) naming the problem when the
+    model cannot be handled (no graph, ONNX opset too old, conflicting ai.bct_onnx version).
+    """
+    check_model_basics(model, "compress_model")
+    if debug_dir is None:
+        debug_dir = os.environ.get(DEBUG_DIR_ENV) or None
+    debug_path = Path(debug_dir) if debug_dir is not None else None
+    work = model.clone()  # quantize passes import the ai.bct_onnx domain when they emit a node
+    passes = build_passes(config)
+    rewritten: dict[str, int] = {}
+    skipped: list[Skip] = []
+    records: list[PassRecord] = []
+    for index, pass_ in enumerate(passes, start=1):
+        name = type(pass_).__name__
+        snapshot = work.clone() if debug_path is not None else None
+        start = time.perf_counter()
+        try:
+            result = pass_(work)
+        except Exception as error:
+            if snapshot is not None and debug_path is not None:
+                saved = save_snapshot(snapshot, debug_path / f"{index:02d}_{name}.input.onnx")
+                logger.error("%s failed; its input model is saved at %s", name, saved)
+                if hasattr(error, "add_note"):  # Python >= 3.11
+                    error.add_note(f"bct-onnx debug: the input of {name} is saved at {saved}")
+            raise
+        seconds = time.perf_counter() - start
+        work = result.model
+        pass_rewritten: dict[str, int] = {}
+        pass_skipped: list[Skip] = []
+        if isinstance(result, CompressPassResult):
+            pass_rewritten, pass_skipped = result.rewritten, result.skipped
+        for rule, count in pass_rewritten.items():
+            rewritten[rule] = rewritten.get(rule, 0) + count
+        skipped.extend(pass_skipped)
+        records.append(PassRecord(name, result.modified, seconds, dict(pass_rewritten), len(pass_skipped)))
+        logger.info("%s: modified=%s in %.3f s %s", name, result.modified, seconds, pass_rewritten or "")
+        if debug_path is not None and result.modified:
+            save_snapshot(work, debug_path / f"{index:02d}_{name}.onnx")
+        if progress is not None:
+            progress(name, index, len(passes))
+    modified = any(record.modified for record in records)
+    return PipelineResult(work, modified, rewritten, skipped, records)

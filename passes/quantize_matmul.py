@@ -1,0 +1,194 @@
+"""QuantizeMatMulPass: MatMul(A, W) with a constant float32 [K, N] weight -> ai.bct_onnx BlockMatMul.
+
+The weight is stored transposed, [N, K], quantized along K (docs/ops.md). A weight reached through
+``Transpose(perm=[1, 0])`` of a constant [N, K] (a tied embedding table used as output projection)
+is quantized as it is, without a transpose, and shares its codes with a Gather of the same table
+when the formats agree. A following ``Add`` of a constant [N] bias is fused when the MatMul output
+has no other consumer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from bct_onnx import ops
+from bct_onnx.config import CompressConfig
+from bct_onnx.passes.framework import DEFAULT_DOMAINS, NodeRewritePass, PassReport, register_domain
+from bct_onnx.passes.quantized_weights import (
+    FLOAT_DTYPES,
+    constant_tensor,
+    quantized_initializers,
+    trim_trailing_none,
+)
+
+logger = logging.getLogger(__name__)
+
+RULE_MATMUL = "MatMul"
+RULE_BIAS = "MatMul+Add(bias)"
+RULE_TRANSPOSED = "MatMul(Transpose(weight))"
+RULE_SHARED = "shared quantized weight"
+
+
+@dataclasses.dataclass(frozen=True)
+class MatMulMatch:
+    """Everything the rewrite needs, found by match."""
+
+    matmul: ir.Node
+    activation: ir.Value
+    source: ir.Value  # the constant initializer the weight comes from
+    source_tensor: ir.TensorProtocol
+    source_is_transposed: bool  # True: source is [N, K] reached through Transpose(perm=[1, 0])
+    k: int
+    n: int
+    bias_add: ir.Node | None
+    bias: np.ndarray | ir.Value | None  # an [N] float32 initializer value, or values to register
+
+
+def _weight_source(weight: ir.Value) -> tuple[ir.Value, ir.TensorProtocol, bool] | str:
+    """(source value, its tensor, is_transposed) or a skip reason."""
+    tensor = constant_tensor(weight)
+    if tensor is not None:
+        return weight, tensor, False
+    producer = weight.producer()
+    if producer is not None and producer.op_type == "Transpose" and producer.domain in DEFAULT_DOMAINS:
+        inner = producer.inputs[0]
+        inner_tensor = constant_tensor(inner)
+        perm_attr = producer.attributes.get("perm")
+        perm = list(perm_attr.as_ints()) if perm_attr is not None else None
+        if inner is not None and inner_tensor is not None and len(inner_tensor.shape) == 2:
+            if perm in (None, [1, 0]):
+                return inner, inner_tensor, True
+    if weight.is_graph_input():
+        return f"weight (input B) '{weight.name}' is a graph input, not a constant"
+    what = producer.op_type if producer is not None else "unknown"
+    return (
+        f"weight (input B) is computed at run time (produced by {what}): activation x activation "
+        "MatMul (e.g. attention) is not compressed by this pass"
+    )
+
+
+def _bias_of(model: ir.Model, matmul: ir.Node, n: int, a_rank: int | None) -> tuple[ir.Node, ir.Value, np.ndarray] | None:
+    """The Add after the MatMul and its constant bias (reshaped to [N]) when it can be fused."""
+    out = matmul.outputs[0]
+    if out.is_graph_output():
+        return None
+    uses = list(out.uses())
+    if len(uses) != 1:
+        return None
+    add = uses[0].node
+    if add.op_type != "Add" or add.domain not in DEFAULT_DOMAINS or add.graph is not model.graph:
+        return None
+    other = add.inputs[1 - uses[0].idx]
+    tensor = constant_tensor(other)
+    if other is None or tensor is None or tensor.dtype not in FLOAT_DTYPES:
+        return None
+    shape = tuple(tensor.shape.numpy())
+    if not shape or shape[-1] != n or any(dim != 1 for dim in shape[:-1]):
+        return None
+    # A bias of rank r > 1 broadcasts the output to rank r: only fusable if A has at least that rank.
+    if len(shape) > 1 and (a_rank is None or a_rank < len(shape)):
+        return None
+    return add, other, np.asarray(tensor.numpy(), dtype=np.float32).reshape(n)
+
+
+class QuantizeMatMulPass(NodeRewritePass):
+    """Rewrite MatMul with a constant 2-D float32 weight into BlockMatMul (+ fused bias)."""
+
+    op_types = frozenset({"MatMul"})
+
+    def __init__(self, config: CompressConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def match(self, model: ir.Model, node: ir.Node) -> MatMulMatch | str | None:
+        activation, weight = node.inputs[0], node.inputs[1]
+        if activation is None or weight is None:
+            return "MatMul with a missing input"
+        found = _weight_source(weight)
+        if isinstance(found, str):
+            return found
+        source, tensor, is_transposed = found
+        if tensor.dtype not in FLOAT_DTYPES:
+            return f"weight dtype {tensor.dtype.name} is not FLOAT (float32)"
+        rank = len(tensor.shape)
+        if rank != 2:
+            return f"weight has rank {rank}; only 2-D [K, N] weights are compressed"
+        dims = tuple(tensor.shape.numpy())
+        k, n = (dims[1], dims[0]) if is_transposed else (dims[0], dims[1])
+        if k < 1 or n < 1:
+            return f"weight has an empty dimension (K={k}, N={n})"
+        if activation.dtype is not None and activation.dtype not in FLOAT_DTYPES:
+            return f"activation dtype {activation.dtype.name} is not FLOAT (BlockMatMul takes float32)"
+        a_rank = None
+        if activation.shape is not None:
+            a_rank = len(activation.shape)
+            last = activation.shape[-1] if a_rank else None
+            if isinstance(last, int) and last != k:
+                return f"activation's last dimension {last} does not match the weight's K={k}"
+        bias = _bias_of(model, node, n, a_rank)
+        bias_add, bias_value = (None, None) if bias is None else (bias[0], bias[2])
+        if bias is not None:
+            given = bias[1]
+            bias_shape = tuple(given.shape.numpy()) if given.shape is not None else None
+            if given.is_initializer() and bias_shape == (n,):
+                bias_value = given
+        return MatMulMatch(node, activation, source, tensor, is_transposed, k, n, bias_add, bias_value)
+
+    def rewrite(self, model: ir.Model, matched: MatMulMatch, report: PassReport) -> None:
+        graph = model.graph
+        config = self.config
+        fmt = config.weight_format
+        quantized = quantized_initializers(
+            graph,
+            matched.source,
+            matched.source_tensor,
+            fmt,
+            transposed=not matched.source_is_transposed,
+            scale_search=config.weight_scale_search,
+        )
+        name = matched.matmul.name or (matched.matmul.outputs[0].name or "MatMul")
+        bias: ir.Value | None = None
+        if isinstance(matched.bias, ir.Value):
+            bias = matched.bias
+        elif matched.bias is not None:
+            base = f"{name}.bias"
+            unique, i = base, 1
+            while unique in graph.initializers:
+                unique, i = f"{base}_{i}", i + 1
+            tensor = ir.tensor(matched.bias, name=unique)
+            bias = ir.Value(name=unique, shape=ir.Shape([matched.n]), type=ir.TensorType(tensor.dtype), const_value=tensor)
+            graph.register_initializer(bias)
+        inputs = trim_trailing_none(
+            [matched.activation, quantized.codes, quantized.scales, quantized.zero_points, bias]
+        )
+        new_node = ir.node(
+            ops.BLOCK_MATMUL,
+            inputs,
+            attributes={
+                "K": matched.k,
+                "N": matched.n,
+                "bits": fmt.bits,
+                "block_size": fmt.block_size,
+                "symmetric": int(fmt.symmetric),
+                "act_bits": config.act_bits or 0,
+            },
+            domain=ops.DOMAIN,
+            name=name,
+        )
+        old_nodes = [matched.matmul] if matched.bias_add is None else [matched.matmul, matched.bias_add]
+        old_output = old_nodes[-1].outputs[0]
+        ir.convenience.replace_nodes_and_values(
+            graph, old_nodes[-1], old_nodes, [new_node], [old_output], [new_node.outputs[0]]
+        )
+        register_domain(model)
+        report.count(RULE_MATMUL)
+        if matched.bias_add is not None:
+            report.count(RULE_BIAS)
+        if matched.source_is_transposed:
+            report.count(RULE_TRANSPOSED)
+        if quantized.reused:
+            report.count(RULE_SHARED)

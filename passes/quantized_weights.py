@@ -1,0 +1,123 @@
+"""Constant lookup and quantized-initializer creation shared by the quantize passes.
+
+A quantized tensor is stored as initializers named after its source initializer and its format
+(``<source>.bct_<tag>.codes`` / ``.scales`` / ``.zero_points``) and tagged in metadata_props. A
+second consumer that needs the same source in the same layout and format (a tied embedding table
+read by a Gather and by the output projection) finds and reuses them: the graph is the cache, so
+no state lives on a pass between calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from bct_onnx.block_format import BlockFormat
+from bct_onnx.weight_quantizer import quantize_tensor
+
+logger = logging.getLogger(__name__)
+
+SOURCE_KEY = "bct_onnx.source"
+FORMAT_KEY = "bct_onnx.format"
+FLOAT_DTYPES = (ir.DataType.FLOAT,)
+
+
+def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The constant behind value (initializer or Constant node), or None.
+
+    An initializer that is also a graph input can be overridden at run time: not a constant.
+    """
+    if value is None or value.is_graph_input():
+        return None
+    try:
+        return ir.convenience.get_const_tensor(value)
+    except ValueError:
+        return None
+
+
+def format_tag(fmt: BlockFormat, transposed: bool) -> str:
+    kind = fmt.scale_kind.value
+    return f"q{fmt.bits}b{fmt.block_size}{'s' if fmt.symmetric else 'a'}_{kind}{'_t' if transposed else ''}"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedInitializers:
+    """Initializer values of one quantized tensor [rows, D] and whether they already existed."""
+
+    codes: ir.Value
+    scales: ir.Value
+    zero_points: ir.Value | None
+    rows: int
+    axis_size: int
+    reused: bool
+
+
+def _unique_name(graph: ir.Graph, base: str) -> str:
+    name, n = base, 1
+    while name in graph.initializers:
+        name = f"{base}_{n}"
+        n += 1
+    return name
+
+
+def _register(graph: ir.Graph, name: str, array: np.ndarray, source: str, tag: str) -> ir.Value:
+    name = _unique_name(graph, name)
+    tensor = ir.tensor(array, name=name)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    value.metadata_props[SOURCE_KEY] = source
+    value.metadata_props[FORMAT_KEY] = tag
+    graph.register_initializer(value)
+    return value
+
+
+def _find(graph: ir.Graph, base: str, source: str, tag: str) -> ir.Value | None:
+    value = graph.initializers.get(base)
+    if value is None:
+        return None
+    if value.metadata_props.get(SOURCE_KEY) != source or value.metadata_props.get(FORMAT_KEY) != tag:
+        return None
+    return value
+
+
+def quantized_initializers(
+    graph: ir.Graph,
+    source: ir.Value,
+    tensor: ir.TensorProtocol,
+    fmt: BlockFormat,
+    transposed: bool,
+    scale_search: bool,
+) -> QuantizedInitializers:
+    """Quantize a constant 2-D tensor (its transpose when transposed) along the last axis, once per graph.
+
+    Reuses initializers made earlier from the same source in the same layout and format.
+    """
+    source_name = source.name or "weight"
+    tag = format_tag(fmt, transposed)
+    base = f"{source_name}.bct_{tag}"
+    codes = _find(graph, f"{base}.codes", source_name, tag)
+    scales = _find(graph, f"{base}.scales", source_name, tag)
+    zero_points = None if fmt.symmetric else _find(graph, f"{base}.zero_points", source_name, tag)
+    shape = tuple(tensor.shape.numpy())
+    rows, axis_size = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
+    if codes is not None and scales is not None and (fmt.symmetric or zero_points is not None):
+        return QuantizedInitializers(codes, scales, zero_points, rows, axis_size, reused=True)
+    array = np.asarray(tensor.numpy(), dtype=np.float32)
+    if transposed:
+        array = np.ascontiguousarray(array.T)
+    quantized = quantize_tensor(array, fmt, scale_search=scale_search)
+    codes = _register(graph, f"{base}.codes", quantized.codes, source_name, tag)
+    scales = _register(graph, f"{base}.scales", quantized.scales, source_name, tag)
+    zp_value = None
+    if quantized.zero_points is not None:
+        zp_value = _register(graph, f"{base}.zero_points", quantized.zero_points, source_name, tag)
+    return QuantizedInitializers(codes, scales, zp_value, rows, axis_size, reused=False)
+
+
+def trim_trailing_none(inputs: list[ir.Value | None]) -> list[ir.Value | None]:
+    """Drop missing optional inputs at the end (ONNX allows omitting them)."""
+    while inputs and inputs[-1] is None:
+        inputs.pop()
+    return inputs
