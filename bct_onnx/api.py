@@ -115,6 +115,28 @@ def _call_compress_model(model: ir.Model, config: Any, progress: _Progress, debu
         return compress_model(model, config, **kwargs)
 
 
+def _rewritten_op_types(rules: dict[str, int]) -> dict[str, int]:
+    """Op type -> nodes rewritten, from the pipeline's per-rule counts.
+
+    The quantize passes count one rule named after the op type per rewritten node ("MatMul",
+    "Gather") and extra rules for variants ("MatMul+Add(bias)") and canonicalization ("Gemm").
+    """
+    from bct_onnx.config import SUPPORTED_OPS
+
+    return {rule: count for rule, count in sorted(rules.items()) if rule in SUPPORTED_OPS and count}
+
+
+def _pass_records(result: Any) -> list[dict[str, Any]]:
+    records = []
+    for record in getattr(result, "passes", []) or []:
+        if dataclasses.is_dataclass(record) and not isinstance(record, type):
+            entry = dataclasses.asdict(record)
+            if isinstance(entry.get("seconds"), float):
+                entry["seconds"] = round(entry["seconds"], 4)
+            records.append(entry)
+    return records
+
+
 def _skips(result: Any) -> list[SkippedNode]:
     out = []
     for skip in getattr(result, "skipped", []) or []:
@@ -210,13 +232,16 @@ def compress(
             with timer.step("debug"):
                 model_io.save(compressed, debug / "99_output.onnx")
 
+    rules = {str(k): int(v) for k, v in dict(getattr(result, "rewritten", {})).items()}
     report = CompileReport(
         input=input_label,
         output=str(output) if output is not None else None,
         input_bytes=input_bytes,
         output_bytes=output_bytes,
-        rewritten={str(k): int(v) for k, v in dict(getattr(result, "rewritten", {})).items()},
+        rewritten=_rewritten_op_types(rules),
         skipped=_skips(result),
+        rules=rules,
+        passes=_pass_records(result),
         config=config_to_dict(cfg),
         timings=timer.timings,
         sizes_measured_on={

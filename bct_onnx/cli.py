@@ -154,15 +154,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         errors.append(LibraryNotFoundError)
     except ImportError:
         pass
-    try:
-        import bct_onnx.passes as passes
+    # A model a pass cannot handle (no graph, opset too old, ...): the passes raise
+    # bct_onnx.passes.UnsupportedModelError, an onnx-ir PreconditionError, naming the problem.
+    from onnx_ir.passes import PreconditionError
 
-        for name in ("PassPreconditionError", "PreconditionError", "PassError", "UnsupportedModelError"):
-            err = getattr(passes, name, None)
-            if isinstance(err, type) and issubclass(err, BaseException):
-                errors.append(err)
-    except ImportError:
-        pass
+    errors.append(PreconditionError)
     return tuple(errors)
 
 

@@ -37,10 +37,12 @@ class CompileReport:
     output: str | None
     input_bytes: int
     output_bytes: int
-    rewritten: dict[str, int]
+    rewritten: dict[str, int]  # op type -> nodes rewritten into bct-onnx ops
     skipped: list[SkippedNode]
     config: dict[str, Any]
-    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per step
+    rules: dict[str, int] = dataclasses.field(default_factory=dict)  # every rewrite rule's count
+    passes: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # per pass: name, seconds...
     sizes_measured_on: dict[str, str] = dataclasses.field(
         default_factory=lambda: {"input": "file", "output": "file"}
     )
@@ -65,6 +67,8 @@ class CompileReport:
             "skipped": [dataclasses.asdict(s) for s in self.skipped],
             "config": self.config,
             "timings": {step: round(seconds, 4) for step, seconds in self.timings.items()},
+            "rules": dict(sorted(self.rules.items())),
+            "passes": self.passes,
             "versions": self.versions,
         }
 
@@ -98,17 +102,22 @@ class CompileReport:
         if self.skipped:
             reasons: dict[str, int] = {}
             for skip in self.skipped:
-                reasons[f"{skip.op_type}: {skip.reason}"] = reasons.get(f"{skip.op_type}: {skip.reason}", 0) + 1
+                reason = skip.reason if len(skip.reason) <= 60 else skip.reason[:57] + "..."
+                reasons[f"{skip.op_type}: {reason}"] = reasons.get(f"{skip.op_type}: {reason}", 0) + 1
             top = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))
             shown = "; ".join(f"{reason} (x{n})" for reason, n in top[:3])
             more = f"; {len(top) - 3} more reasons" if len(top) > 3 else ""
-            lines.append(f"skipped: {len(self.skipped)} nodes ({shown}{more})")
+            lines.append(f"skipped: {len(self.skipped)} nodes ({shown}{more}; all in the JSON report)")
         else:
             lines.append("skipped: none")
         total = sum(self.timings.values())
-        steps = ", ".join(f"{step} {seconds:.1f}s" for step, seconds in self.timings.items())
-        lines.append(f"time: {total:.1f}s ({steps})")
+        steps = ", ".join(f"{step} {format_seconds(seconds)}" for step, seconds in self.timings.items())
+        lines.append(f"time: {format_seconds(total)} ({steps})")
         return "\n".join(lines)
+
+
+def format_seconds(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds >= 1 else f"{seconds * 1e3:.0f} ms"
 
 
 def format_bytes(n: int) -> str:

@@ -1,0 +1,276 @@
+"""`bct-onnx compress` and `bct_onnx.compress` on a small model built here (embedding + 2-layer MLP).
+
+Covers the happy path (in a subprocess and in-process): exact report fields, exact rewrite
+counts, the output running under bct_onnx.session and agreeing with FP32 within a stated tolerance;
+and bad inputs, each with the message the user gets and the exit status.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import bct_onnx
+from bct_onnx import cli
+
+VOCAB, HIDDEN, FFN, OUT = 100, 64, 128, 32
+
+# Relative L2 error of the compressed output against FP32 (||y - y_fp32|| / ||y_fp32||), per
+# setting. Gaussian weights, block 32: 8-bit weights and int8 activations land near 0.01,
+# 4-bit weight-only near 0.1; the bounds leave about 2x headroom and still catch a wrong scale,
+# a transposed weight or swapped outputs (all of which give errors near 1 or above).
+REL_TOL_W8A8 = 0.03
+REL_TOL_W4 = 0.2
+
+
+def build_mlp(path: Path, seed: int = 0) -> Path:
+    """ids [batch, seq] -> Gather(E) -> MatMul(W1) + b1 -> Relu -> MatMul(W2) -> [batch, seq, OUT]."""
+    rng = np.random.default_rng(seed)
+    init = [
+        numpy_helper.from_array(rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32), "embedding"),
+        numpy_helper.from_array((rng.standard_normal((HIDDEN, FFN)) / np.sqrt(HIDDEN)).astype(np.float32), "w1"),
+        numpy_helper.from_array((0.1 * rng.standard_normal(FFN)).astype(np.float32), "b1"),
+        numpy_helper.from_array((rng.standard_normal((FFN, OUT)) / np.sqrt(FFN)).astype(np.float32), "w2"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["embedding", "ids"], ["emb"], name="embed"),
+        helper.make_node("MatMul", ["emb", "w1"], ["h"], name="fc1"),
+        helper.make_node("Add", ["h", "b1"], ["hb"], name="fc1_bias"),
+        helper.make_node("Relu", ["hb"], ["act"], name="relu"),
+        helper.make_node("MatMul", ["act", "w2"], ["y"], name="fc2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", OUT])],
+        initializer=init,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture()
+def mlp(tmp_path: Path) -> Path:
+    return build_mlp(tmp_path / "mlp.onnx")
+
+
+def ids() -> np.ndarray:
+    return np.random.default_rng(1).integers(0, VOCAB, size=(3, 7), dtype=np.int64)
+
+
+def run_fp32(path: Path) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"ids": ids()})[0]
+
+
+def run_compressed(path: Path) -> np.ndarray:
+    sess = bct_onnx.session(path)
+    return sess.run(None, {"ids": ids()})[0]
+
+
+def rel_error(y: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+
+
+def custom_op_types(path: Path) -> list[str]:
+    model = onnx.load(str(path))
+    return sorted(n.op_type for n in model.graph.node if n.domain == bct_onnx.DOMAIN)
+
+
+def cli_subprocess(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run the CLI in a fresh interpreter (the installed entry point's module)."""
+    return subprocess.run(
+        [sys.executable, "-m", "bct_onnx.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+
+
+def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """cli.main in-process; argparse errors (SystemExit) become an exit code too."""
+    try:
+        code = cli.main(list(args))
+    except SystemExit as exc:
+        code = int(exc.code) if exc.code is not None else 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_compress_subprocess_w8a8_report_and_numerics(mlp: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out" / "mlp.bct.onnx"
+    report_path = tmp_path / "report.json"
+    proc = cli_subprocess(
+        "compress", str(mlp), "-o", str(out), "--weight-bits", "8", "--act-bits", "8", "--block-size", "32",
+        "--report", str(report_path), cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    report = json.loads(report_path.read_text())
+    for key in ("input_bytes", "output_bytes", "compression_ratio", "rewritten", "skipped", "config", "timings"):
+        assert key in report, key
+    assert report["input_bytes"] == mlp.stat().st_size
+    assert report["output_bytes"] == out.stat().st_size
+    assert report["compression_ratio"] == pytest.approx(report["input_bytes"] / report["output_bytes"], rel=1e-3)
+    assert report["rewritten"] == {"Gather": 1, "MatMul": 2}
+    assert report["skipped"] == []
+    assert report["config"]["weight_bits"] == 8
+    assert report["config"]["act_bits"] == 8
+    assert report["config"]["block_size"] == 32
+    assert report["config"]["ops"] == ["Gather", "MatMul"]
+    assert {"load", "compress", "save"} <= set(report["timings"])
+    assert all(seconds >= 0 for seconds in report["timings"].values())
+    # The human summary on stdout carries the same figures.
+    assert f"{report['compression_ratio']:.2f}x smaller" in proc.stdout
+    assert "rewritten: Gather 1, MatMul 2" in proc.stdout
+
+    assert custom_op_types(out) == ["BlockGather", "BlockMatMul", "BlockMatMul"]
+    assert rel_error(run_compressed(out), run_fp32(mlp)) <= REL_TOL_W8A8
+    assert sorted(p.name for p in out.parent.iterdir()) == ["mlp.bct.onnx"]  # no temp files left
+
+
+def test_compress_in_process_weight_only_4bit(mlp: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "w4.onnx"
+    report_path = tmp_path / "w4.json"
+    code, stdout, stderr = run_main(
+        capsys, "compress", str(mlp), "-o", str(out), "--weight-bits", "4", "--act-bits", "none",
+        "--report", str(report_path),
+    )
+    assert code == 0, stderr
+    report = json.loads(report_path.read_text())
+    assert report["config"]["act_bits"] is None
+    assert report["config"]["weight_bits"] == 4
+    assert report["rewritten"] == {"Gather": 1, "MatMul": 2}
+    # 4-bit codes + one float16 scale per 32 values: well over 4x smaller for these fp32 tables.
+    assert report["compression_ratio"] > 4.0
+    assert "smaller" in stdout
+    assert rel_error(run_compressed(out), run_fp32(mlp)) <= REL_TOL_W4
+
+
+def test_compress_only_matmul_leaves_gather(mlp: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "mm.onnx"
+    report_path = tmp_path / "mm.json"
+    code, _, stderr = run_main(capsys, "compress", str(mlp), "-o", str(out), "--ops", "MatMul", "--report", str(report_path))
+    assert code == 0, stderr
+    assert json.loads(report_path.read_text())["rewritten"] == {"MatMul": 2}
+    assert custom_op_types(out) == ["BlockMatMul", "BlockMatMul"]
+    assert "Gather" in [n.op_type for n in onnx.load(str(out)).graph.node]
+
+
+def test_python_api_on_in_memory_model(mlp: Path) -> None:
+    proto = onnx.load(str(mlp))
+    model, report = bct_onnx.compress(proto, weight_bits=8, act_bits=8)
+    assert report.rewritten == {"Gather": 1, "MatMul": 2}
+    assert report.output is None
+    assert report.sizes_measured_on == {"input": "serialized", "output": "serialized"}
+    assert report.input_bytes == pytest.approx(mlp.stat().st_size, rel=0.01)
+    assert report.compression_ratio > 3.0
+    assert sorted(n.op_type for n in model.graph if n.domain == bct_onnx.DOMAIN) == [
+        "BlockGather", "BlockMatMul", "BlockMatMul",
+    ]
+
+
+def test_python_api_rejects_unknown_override(mlp: Path) -> None:
+    with pytest.raises(TypeError, match="unknown config option.*weight_bitz"):
+        bct_onnx.compress(mlp, weight_bitz=4)
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def test_missing_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, stdout, stderr = run_main(capsys, "compress", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "o.onnx"))
+    assert code == 1
+    assert stderr.strip() == f"bct-onnx: error: input not found: {tmp_path / 'nope.onnx'}"
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_not_an_onnx_file_subprocess(tmp_path: Path) -> None:
+    bad = tmp_path / "notes.onnx"
+    bad.write_text("these are my notes, not a model\n")
+    proc = cli_subprocess("compress", str(bad), "-o", str(tmp_path / "o.onnx"), cwd=tmp_path)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr  # one line, no traceback
+    assert lines[0].startswith(f"bct-onnx: error: {bad} is not an ONNX model")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_verbose_shows_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "notes.onnx"
+    bad.write_text("not a model")
+    code, _, stderr = run_main(capsys, "compress", str(bad), "-o", str(tmp_path / "o.onnx"), "--verbose")
+    assert code == 1
+    assert "Traceback" in stderr
+    assert stderr.strip().splitlines()[-1].startswith(f"bct-onnx: error: {bad} is not an ONNX model")
+
+
+@pytest.mark.parametrize("spelling", ["same", "dotdot", "hardlink"])
+def test_output_equal_to_input_is_refused(
+    mlp: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], spelling: str
+) -> None:
+    original = mlp.read_bytes()
+    if spelling == "same":
+        output = mlp
+    elif spelling == "dotdot":
+        (tmp_path / "sub").mkdir()
+        output = tmp_path / "sub" / ".." / mlp.name
+    else:
+        output = tmp_path / "alias.onnx"
+        os.link(mlp, output)
+    code, _, stderr = run_main(capsys, "compress", str(mlp), "-o", str(output))
+    assert code == 1
+    assert stderr.startswith("bct-onnx: error: refusing to overwrite the input")
+    assert mlp.read_bytes() == original  # byte-identical
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp files
+
+
+def test_directory_without_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty_dir"
+    empty.mkdir()
+    code, _, stderr = run_main(capsys, "compress", str(empty), "-o", str(tmp_path / "o.onnx"))
+    assert code == 1
+    assert stderr.strip() == f"bct-onnx: error: directory {empty} contains no .onnx model"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--act-bits", "bogus", "argument --act-bits: expected an integer in 2..8 or 'none' (weight-only), got 'bogus'"),
+        ("--block-size", "0", "argument --block-size: expected a positive integer, got 0"),
+        ("--block-size", "x", "argument --block-size: expected a positive integer, got 'x'"),
+        ("--weight-bits", "9", "argument --weight-bits: expected an integer in 2..8, got 9"),
+        ("--weight-bits", "1", "argument --weight-bits: expected an integer in 2..8, got 1"),
+        ("--ops", "MatMul,Conv", "argument --ops: unsupported op type(s) Conv; supported: "),
+        ("--scale-kind", "int8", "argument --scale-kind: invalid choice: 'int8'"),
+    ],
+)
+def test_bad_flag_values_are_argparse_errors(
+    mlp: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str, message: str
+) -> None:
+    code, _, stderr = run_main(capsys, "compress", str(mlp), "-o", str(tmp_path / "o.onnx"), flag, value)
+    assert code == 2
+    assert message in stderr
+    assert "usage: bct-onnx compress" in stderr
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_missing_output_flag(mlp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, stderr = run_main(capsys, "compress", str(mlp))
+    assert code == 2
+    assert "the following arguments are required: -o/--output" in stderr
