@@ -1,0 +1,136 @@
+"""Calibration for GPTQ: the Hessian X^T X of every constant-weight MatMul's activation input.
+
+The float model is run once through ONNX Runtime on a few calibration batches with each such
+MatMul's activation input exposed as an extra graph output; the Hessians are summed in float64.
+Only what GPTQ needs is kept ([K, K] per MatMul), never the activations themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from importlib import resources
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+logger = logging.getLogger(__name__)
+
+MatMulKey = tuple[str, str]  # (activation input name, weight initializer name)
+
+
+class CalibrationError(ValueError):
+    """Calibration inputs do not fit the model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """Calibration batches: each a dict of input name -> numpy array, as fed to ONNX Runtime."""
+
+    feeds: tuple[Mapping[str, np.ndarray], ...]
+
+    def __post_init__(self) -> None:
+        if not self.feeds:
+            raise CalibrationError("calibration needs at least one batch of inputs")
+
+
+def calibration_text() -> list[str]:
+    """Public-domain English lines shipped for calibration (never the demo's evaluation sentences)."""
+    text = resources.files("bct_onnx").joinpath("data/calibration_text.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def text_feeds(
+    model: ir.Model, tokenizer: Any, texts: Sequence[str] | None = None, max_length: int = 128, batch_size: int = 8
+) -> Calibration:
+    """Calibration batches for a text model from its tokenizer: input_ids, attention_mask,
+    token_type_ids and position_ids, as the graph declares them. Raises CalibrationError naming any
+    other input (e.g. a KV cache) since text alone cannot fill it."""
+    texts = list(texts) if texts is not None else calibration_text()
+    names = [v.name for v in model.graph.inputs]
+    known = {"input_ids", "attention_mask", "token_type_ids", "position_ids"}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise CalibrationError(f"cannot build calibration inputs from text for graph inputs {unknown}")
+    batches = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="np"
+        )
+        feeds: dict[str, np.ndarray] = {}
+        for value in model.graph.inputs:
+            if value.name == "position_ids":
+                seq = enc["input_ids"].shape[1]
+                feeds["position_ids"] = np.broadcast_to(np.arange(seq, dtype=np.int64), enc["input_ids"].shape).copy()
+            elif value.name == "token_type_ids" and "token_type_ids" not in enc:
+                feeds[value.name] = np.zeros_like(enc["input_ids"], dtype=np.int64)
+            else:
+                feeds[value.name] = np.asarray(enc[value.name])
+            if value.dtype == ir.DataType.INT32:
+                feeds[value.name] = feeds[value.name].astype(np.int32)
+            else:
+                feeds[value.name] = feeds[value.name].astype(np.int64)
+        batches.append(feeds)
+    return Calibration(tuple(batches))
+
+
+def constant_weight_matmuls(model: ir.Model) -> dict[MatMulKey, int]:
+    """(activation name, weight name) -> K for MatMuls whose second input is a constant 2-D float weight."""
+    found: dict[MatMulKey, int] = {}
+    for node in model.graph:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        act, weight = node.inputs
+        if act is None or weight is None or weight.const_value is None:
+            continue
+        shape = weight.const_value.shape
+        if len(shape) != 2 or weight.const_value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+            continue
+        found[(act.name or "", weight.name or "")] = int(shape[0])
+    return found
+
+
+def collect_hessians(model: ir.Model, calibration: Calibration, providers: Iterable[str] = ("CPUExecutionProvider",)) -> dict[MatMulKey, np.ndarray]:
+    """Sum of x^T x over all calibration rows x of each constant-weight MatMul's activation input."""
+    import onnx
+    import onnxruntime as ort
+
+    targets = constant_weight_matmuls(model)
+    if not targets:
+        return {}
+    proto = ir.serde.serialize_model(model)
+    existing = {o.name for o in proto.graph.output}
+    activations = sorted({act for act, _ in targets})
+    for name in activations:
+        if name not in existing:
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="bct_onnx_calib_") as tmp:
+        if proto.ByteSize() > (1 << 31) - (1 << 26):  # protobuf's 2 GB limit: go through external data
+            path = os.path.join(tmp, "model.onnx")
+            onnx.save_model(proto, path, save_as_external_data=True, location="model.onnx.data")
+            session = ort.InferenceSession(path, options, providers=list(providers))
+        else:
+            session = ort.InferenceSession(proto.SerializeToString(), options, providers=list(providers))
+    sums: dict[str, np.ndarray] = {}
+    for feeds in calibration.feeds:
+        try:
+            outputs = session.run(activations, dict(feeds))
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise CalibrationError(f"running the float model on calibration inputs failed: {exc}") from exc
+        for name, value in zip(activations, outputs):
+            x = np.asarray(value, dtype=np.float64)
+            x = x.reshape(-1, x.shape[-1])
+            sums[name] = sums.get(name, 0) + x.T @ x
+    hessians = {}
+    for (act, weight), k in targets.items():
+        h = sums.get(act)
+        if h is not None and h.shape == (k, k):
+            hessians[(act, weight)] = h
+    logger.info("calibration: Hessians for %d MatMul weights from %d batches", len(hessians), len(calibration.feeds))
+    return hessians
