@@ -142,7 +142,9 @@ def _skips(result: Any) -> list[SkippedNode]:
     for skip in getattr(result, "skipped", []) or []:
         node = getattr(skip, "node", "")
         node_name = node if isinstance(node, str) else (getattr(node, "name", None) or str(node))
-        out.append(SkippedNode(node=node_name, op_type=str(getattr(skip, "op_type", "")), reason=str(skip.reason)))
+        out.append(
+            SkippedNode(node=node_name, op_type=str(getattr(skip, "op_type", "")), reason=str(skip.reason))
+        )
     return out
 
 

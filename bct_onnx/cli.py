@@ -23,7 +23,9 @@ def _bits(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer in {MIN_BITS}..{MAX_BITS}, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected an integer in {MIN_BITS}..{MAX_BITS}, got {text!r}"
+        ) from None
     if not MIN_BITS <= value <= MAX_BITS:
         raise argparse.ArgumentTypeError(f"expected an integer in {MIN_BITS}..{MAX_BITS}, got {value}")
     return value
@@ -55,7 +57,9 @@ def _ops(text: str) -> frozenset[str]:
 
     ops = frozenset(op.strip() for op in text.split(",") if op.strip())
     if not ops:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of op types from {','.join(sorted(SUPPORTED_OPS))}")
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of op types from {','.join(sorted(SUPPORTED_OPS))}"
+        )
     unknown = sorted(ops - SUPPORTED_OPS)
     if unknown:
         raise argparse.ArgumentTypeError(
@@ -90,15 +94,39 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="compress all-MiniLM-L6-v2 and compare it with FP32 (size, cosine, latency)",
-        description="Export all-MiniLM-L6-v2, compress it, and compare it with the FP32 model on real sentences.",
+        description="Export all-MiniLM-L6-v2, compress it, compare it with FP32 on real sentences.",
     )
-    demo.add_argument("--weight-bits", type=_bits, default=4, metavar="N", help="weight code width (default: 4)")
-    demo.add_argument("--act-bits", type=_bits_or_none, default=8, metavar="N|none", help="activation bits (default: 8)")
-    demo.add_argument("--block-size", type=_positive_int, default=32, metavar="N", help="block size (default: 32)")
-    demo.add_argument("--embedding-bits", type=_bits, default=None, metavar="N", help="embedding table bits (default: weight bits)")
-    demo.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="ONNX Runtime intra-op threads (default: all cores)")
-    demo.add_argument("--runs", type=_positive_int, default=20, metavar="N", help="timed runs per model (default: 20)")
-    demo.add_argument("--out-dir", metavar="DIR", help="keep the FP32 and compressed models here (default: a temporary directory)")
+    demo.add_argument(
+        "--weight-bits", type=_bits, default=4, metavar="N", help="weight code width (default: 4)"
+    )
+    demo.add_argument(
+        "--act-bits", type=_bits_or_none, default=8, metavar="N|none", help="activation bits (default: 8)"
+    )
+    demo.add_argument(
+        "--block-size", type=_positive_int, default=32, metavar="N", help="block size (default: 32)"
+    )
+    demo.add_argument(
+        "--embedding-bits",
+        type=_bits,
+        default=None,
+        metavar="N",
+        help="embedding table bits (default: weight bits)",
+    )
+    demo.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="ONNX Runtime intra-op threads (default: all cores)",
+    )
+    demo.add_argument(
+        "--runs", type=_positive_int, default=20, metavar="N", help="timed runs per model (default: 20)"
+    )
+    demo.add_argument(
+        "--out-dir",
+        metavar="DIR",
+        help="keep the FP32 and compressed models here (default: a temporary directory)",
+    )
     _add_common_flags(demo)
     demo.set_defaults(handler=_cmd_demo, subparser=demo)
     return parser
@@ -108,21 +136,46 @@ def _add_format_flags(parser: argparse.ArgumentParser) -> None:
     # SUPPRESS: a flag not given leaves no attribute, so CompressConfig's defaults apply and
     # `--act-bits none` (None) stays distinct from an absent flag.
     quiet = argparse.SUPPRESS
-    parser.add_argument("--weight-bits", type=_bits, default=quiet, metavar="N", help="weight code width, 2..8 (default: 4)")
     parser.add_argument(
-        "--act-bits", type=_bits_or_none, default=quiet, metavar="N|none",
+        "--weight-bits", type=_bits, default=quiet, metavar="N", help="weight code width, 2..8 (default: 4)"
+    )
+    parser.add_argument(
+        "--act-bits",
+        type=_bits_or_none,
+        default=quiet,
+        metavar="N|none",
         help="bits of activations quantized at run time, 2..8, or 'none' for weight-only (default: 8)",
     )
-    parser.add_argument("--block-size", type=_positive_int, default=quiet, metavar="N", help="elements per block (default: 32)")
     parser.add_argument(
-        "--embedding-bits", type=_bits, default=quiet, metavar="N", help="embedding table bits (default: weight bits)"
+        "--block-size",
+        type=_positive_int,
+        default=quiet,
+        metavar="N",
+        help="elements per block (default: 32)",
     )
-    parser.add_argument("--ops", type=_ops, default=quiet, metavar="OPS", help="comma-separated op types to compress (default: MatMul,Gather)")
     parser.add_argument(
-        "--scale-kind", choices=[kind.value for kind in ScaleKind], default=quiet,
+        "--embedding-bits",
+        type=_bits,
+        default=quiet,
+        metavar="N",
+        help="embedding table bits (default: weight bits)",
+    )
+    parser.add_argument(
+        "--ops",
+        type=_ops,
+        default=quiet,
+        metavar="OPS",
+        help="comma-separated op types to compress (default: MatMul,Gather)",
+    )
+    parser.add_argument(
+        "--scale-kind",
+        choices=[kind.value for kind in ScaleKind],
+        default=quiet,
         help="how block scales are stored (default: float16)",
     )
-    parser.add_argument("--asymmetric", action="store_true", help="store a zero point per block (default: symmetric)")
+    parser.add_argument(
+        "--asymmetric", action="store_true", help="store a zero point per block (default: symmetric)"
+    )
 
 
 def _add_common_flags(parser: argparse.ArgumentParser) -> None:
@@ -136,7 +189,12 @@ def _version() -> str:
     return __version__
 
 
-_USER_ERRORS: tuple[type[BaseException], ...] = (BctOnnxError, FileNotFoundError, PermissionError, IsADirectoryError)
+_USER_ERRORS: tuple[type[BaseException], ...] = (
+    BctOnnxError,
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -168,7 +168,10 @@ def run_demo(
         batch_feeds = _feeds(fp32_session, tokenizer, sentences)
         single_feeds = _feeds(fp32_session, tokenizer, sentences[:1])
         for label, feeds in (
-            (f"batch of {len(sentences)} sentences ({batch_feeds['input_ids'].shape[1]} tokens)", batch_feeds),
+            (
+                f"batch of {len(sentences)} sentences ({batch_feeds['input_ids'].shape[1]} tokens)",
+                batch_feeds,
+            ),
             (f"1 sentence ({single_feeds['input_ids'].shape[1]} tokens)", single_feeds),
         ):
             fp32_ms, bct_ms = time_interleaved(
@@ -196,16 +199,12 @@ def run_demo(
             f"cosine FP32 vs compressed, {len(sentences)} sentences: "
             f"mean {demo.mean_cosine:.4f}, min {demo.min_cosine:.4f}"
         )
-        say(
-            f"latency, ONNX Runtime CPU, {used_threads} thread(s), median of {runs} warm runs "
-            f"(interleaved):"
-        )
+        say(f"latency, ONNX Runtime CPU, {used_threads} thread(s), median of {runs} warm runs (interleaved):")
         for lat in latencies:
             say(
                 f"  {lat.label}: FP32 {lat.fp32_ms:.2f} ms, compressed {lat.compressed_ms:.2f} ms "
                 f"(FP32/compressed {lat.speedup:.2f}x)"
             )
-        del fp32_session, bct_session
     return demo
 
 

@@ -37,7 +37,9 @@ def build_mlp(path: Path, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     init = [
         numpy_helper.from_array(rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32), "embedding"),
-        numpy_helper.from_array((rng.standard_normal((HIDDEN, FFN)) / np.sqrt(HIDDEN)).astype(np.float32), "w1"),
+        numpy_helper.from_array(
+            (rng.standard_normal((HIDDEN, FFN)) / np.sqrt(HIDDEN)).astype(np.float32), "w1"
+        ),
         numpy_helper.from_array((0.1 * rng.standard_normal(FFN)).astype(np.float32), "b1"),
         numpy_helper.from_array((rng.standard_normal((FFN, OUT)) / np.sqrt(FFN)).astype(np.float32), "w2"),
     ]
@@ -115,18 +117,39 @@ def test_compress_subprocess_w8a8_report_and_numerics(mlp: Path, tmp_path: Path)
     out = tmp_path / "out" / "mlp.bct.onnx"
     report_path = tmp_path / "report.json"
     proc = cli_subprocess(
-        "compress", str(mlp), "-o", str(out), "--weight-bits", "8", "--act-bits", "8", "--block-size", "32",
-        "--report", str(report_path), cwd=tmp_path,
+        "compress",
+        str(mlp),
+        "-o",
+        str(out),
+        "--weight-bits",
+        "8",
+        "--act-bits",
+        "8",
+        "--block-size",
+        "32",
+        "--report",
+        str(report_path),
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
 
     report = json.loads(report_path.read_text())
-    for key in ("input_bytes", "output_bytes", "compression_ratio", "rewritten", "skipped", "config", "timings"):
+    for key in (
+        "input_bytes",
+        "output_bytes",
+        "compression_ratio",
+        "rewritten",
+        "skipped",
+        "config",
+        "timings",
+    ):
         assert key in report, key
     assert report["input_bytes"] == mlp.stat().st_size
     assert report["output_bytes"] == out.stat().st_size
-    assert report["compression_ratio"] == pytest.approx(report["input_bytes"] / report["output_bytes"], rel=1e-3)
+    assert report["compression_ratio"] == pytest.approx(
+        report["input_bytes"] / report["output_bytes"], rel=1e-3
+    )
     assert report["rewritten"] == {"Gather": 1, "MatMul": 2}
     assert report["skipped"] == []
     assert report["config"]["weight_bits"] == 8
@@ -144,12 +167,23 @@ def test_compress_subprocess_w8a8_report_and_numerics(mlp: Path, tmp_path: Path)
     assert sorted(p.name for p in out.parent.iterdir()) == ["mlp.bct.onnx"]  # no temp files left
 
 
-def test_compress_in_process_weight_only_4bit(mlp: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_compress_in_process_weight_only_4bit(
+    mlp: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "w4.onnx"
     report_path = tmp_path / "w4.json"
     code, stdout, stderr = run_main(
-        capsys, "compress", str(mlp), "-o", str(out), "--weight-bits", "4", "--act-bits", "none",
-        "--report", str(report_path),
+        capsys,
+        "compress",
+        str(mlp),
+        "-o",
+        str(out),
+        "--weight-bits",
+        "4",
+        "--act-bits",
+        "none",
+        "--report",
+        str(report_path),
     )
     assert code == 0, stderr
     report = json.loads(report_path.read_text())
@@ -162,10 +196,14 @@ def test_compress_in_process_weight_only_4bit(mlp: Path, tmp_path: Path, capsys:
     assert rel_error(run_compressed(out), run_fp32(mlp)) <= REL_TOL_W4
 
 
-def test_compress_only_matmul_leaves_gather(mlp: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_compress_only_matmul_leaves_gather(
+    mlp: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "mm.onnx"
     report_path = tmp_path / "mm.json"
-    code, _, stderr = run_main(capsys, "compress", str(mlp), "-o", str(out), "--ops", "MatMul", "--report", str(report_path))
+    code, _, stderr = run_main(
+        capsys, "compress", str(mlp), "-o", str(out), "--ops", "MatMul", "--report", str(report_path)
+    )
     assert code == 0, stderr
     assert json.loads(report_path.read_text())["rewritten"] == {"MatMul": 2}
     assert custom_op_types(out) == ["BlockMatMul", "BlockMatMul"]
@@ -181,7 +219,9 @@ def test_python_api_on_in_memory_model(mlp: Path) -> None:
     assert report.input_bytes == pytest.approx(mlp.stat().st_size, rel=0.01)
     assert report.compression_ratio > 3.0
     assert sorted(n.op_type for n in model.graph if n.domain == bct_onnx.DOMAIN) == [
-        "BlockGather", "BlockMatMul", "BlockMatMul",
+        "BlockGather",
+        "BlockMatMul",
+        "BlockMatMul",
     ]
 
 
@@ -194,7 +234,9 @@ def test_python_api_rejects_unknown_override(mlp: Path) -> None:
 
 
 def test_missing_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, stdout, stderr = run_main(capsys, "compress", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "o.onnx"))
+    code, stdout, stderr = run_main(
+        capsys, "compress", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "o.onnx")
+    )
     assert code == 1
     assert stderr.strip() == f"bct-onnx: error: input not found: {tmp_path / 'nope.onnx'}"
     assert not (tmp_path / "o.onnx").exists()
@@ -251,7 +293,11 @@ def test_directory_without_model(tmp_path: Path, capsys: pytest.CaptureFixture[s
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [
-        ("--act-bits", "bogus", "argument --act-bits: expected an integer in 2..8 or 'none' (weight-only), got 'bogus'"),
+        (
+            "--act-bits",
+            "bogus",
+            "argument --act-bits: expected an integer in 2..8 or 'none' (weight-only), got 'bogus'",
+        ),
         ("--block-size", "0", "argument --block-size: expected a positive integer, got 0"),
         ("--block-size", "x", "argument --block-size: expected a positive integer, got 'x'"),
         ("--weight-bits", "9", "argument --weight-bits: expected an integer in 2..8, got 9"),

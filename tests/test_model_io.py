@@ -20,7 +20,10 @@ def _matmul_model(k: int = 64, n: int = 32, seed: int = 0) -> onnx.ModelProto:
     weight = numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "W")
     bias = numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "B")
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["X", "W"], ["H"], name="mm"), helper.make_node("Add", ["H", "B"], ["Y"], name="add")],
+        [
+            helper.make_node("MatMul", ["X", "W"], ["H"], name="mm"),
+            helper.make_node("Add", ["H", "B"], ["Y"], name="add"),
+        ],
         "mm",
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", k])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", n])],
@@ -113,7 +116,9 @@ def test_failing_save_leaves_no_partial_output_and_no_temp_files(
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
-def test_failing_save_keeps_the_previous_output_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failing_save_keeps_the_previous_output_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = model_io.load(_write(_matmul_model(), tmp_path / "in.onnx"))
     out = tmp_path / "out.onnx"
     model_io.save(model, out)
@@ -142,7 +147,6 @@ def test_save_refuses_to_overwrite_protected_input(tmp_path: Path) -> None:
 def test_output_whose_data_file_is_the_input_data_is_refused(tmp_path: Path) -> None:
     src = tmp_path / "in.onnx"
     model_io.save(model_io.from_proto(_matmul_model()), src, external_data=True, size_threshold_bytes=0)
-    model = model_io.load(src)
     data = tmp_path / "in.onnx.data"
     # Output "in.onnx" elsewhere is fine; output whose data file would be in.onnx.data is not.
     with pytest.raises(OverwriteInputError, match="external data file in.onnx.data"):
