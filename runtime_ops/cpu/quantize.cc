@@ -1,0 +1,53 @@
+// BlockQuantize on CPU: X float32 [..., D] -> packed codes, stored scales, zero points.
+#include "bct/op_common.h"
+#include "ops/block_io.h"
+#include "ops/ops.h"
+#include "row_kernels.h"
+
+namespace bct {
+namespace {
+
+class QuantizeCpuKernel {
+ public:
+  QuantizeCpuKernel(const OrtKernelInfo* info, const NodeRef& node)
+      : node_(node), attrs_(ReadQuantizeAttrs(info, node_)) {}
+
+  static bool InputOnHost(size_t) { return false; }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return Guard(node_, [&] {
+      Ort::KernelContext ctx(context);
+      const InputTensor x = GetInput(ctx, 0);
+      const RowsGeometry g = CheckQuantizeInput(node_, attrs_, x);
+      const QuantizeOutputs out = GetQuantizeOutputs(ctx, node_, attrs_, x, g);
+      cpu::RowFormat fmt{attrs_.block.bits, attrs_.block.block_size, attrs_.block.symmetric, g.scale_kind,
+                         g.axis_size, g.row_bytes, g.num_blocks};
+      const float* x_data = x.As<float>();
+      auto* scale_bytes = static_cast<uint8_t*>(out.scales);
+      const size_t scale_row_bytes = static_cast<size_t>(g.num_blocks) * ScaleItemSize(g.scale_kind);
+      const int64_t min_rows = std::max<int64_t>(1, 8192 / g.axis_size);
+      ParallelFor(ctx, g.rows, min_rows, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          cpu::QuantizeRow(fmt, x_data + r * g.axis_size, out.codes + r * g.row_bytes,
+                           scale_bytes + r * scale_row_bytes,
+                           out.zero_points ? out.zero_points + r * g.num_blocks : nullptr);
+        }
+      });
+    });
+  }
+
+ private:
+  NodeRef node_;
+  QuantizeAttrs attrs_;
+};
+
+}  // namespace
+
+void AppendQuantizeCpuOps(Ort::CustomOpDomain& domain) {
+  static BlockCustomOp<QuantizeSchema, QuantizeCpuKernel> op(nullptr);
+  domain.Add(&op);
+}
+
+const char* CpuSimdName() { return cpu::SimdName(); }
+
+}  // namespace bct

@@ -1,0 +1,127 @@
+#include "row_kernels.h"
+
+#include <algorithm>
+#include <cstring>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#define BCT_SSE2 1
+#else
+#define BCT_SSE2 0
+#endif
+
+namespace bct {
+namespace cpu {
+namespace {
+
+// Generic: any bits, any block position. out[i] = (code_i - zp) * scale.
+inline void DequantizeSpanGeneric(const uint8_t* codes, int64_t row_nbytes, int bits, int64_t begin, int64_t end,
+                                  float zero_point, float scale, float* out) {
+  for (int64_t i = begin; i < end; ++i) out[i] = value_of(get_code(codes, i, bits, row_nbytes), zero_point, scale);
+}
+
+#if BCT_SSE2
+// 16 codes (as bytes c0..c15) -> 16 floats (c - zp) * scale, stored at out.
+inline void Store16(__m128i bytes, __m128 zp, __m128 scale, float* out) {
+  const __m128i zero = _mm_setzero_si128();
+  const __m128i lo16 = _mm_unpacklo_epi8(bytes, zero);
+  const __m128i hi16 = _mm_unpackhi_epi8(bytes, zero);
+  const __m128 f0 = _mm_cvtepi32_ps(_mm_unpacklo_epi16(lo16, zero));
+  const __m128 f1 = _mm_cvtepi32_ps(_mm_unpackhi_epi16(lo16, zero));
+  const __m128 f2 = _mm_cvtepi32_ps(_mm_unpacklo_epi16(hi16, zero));
+  const __m128 f3 = _mm_cvtepi32_ps(_mm_unpackhi_epi16(hi16, zero));
+  _mm_storeu_ps(out + 0, _mm_mul_ps(_mm_sub_ps(f0, zp), scale));
+  _mm_storeu_ps(out + 4, _mm_mul_ps(_mm_sub_ps(f1, zp), scale));
+  _mm_storeu_ps(out + 8, _mm_mul_ps(_mm_sub_ps(f2, zp), scale));
+  _mm_storeu_ps(out + 12, _mm_mul_ps(_mm_sub_ps(f3, zp), scale));
+}
+#endif
+
+// 8 bits: code i is byte i.
+inline void DequantizeSpan8(const uint8_t* codes, int64_t begin, int64_t end, float zero_point, float scale,
+                            float* out) {
+  int64_t i = begin;
+#if BCT_SSE2
+  const __m128 zp = _mm_set1_ps(zero_point);
+  const __m128 sc = _mm_set1_ps(scale);
+  for (; i + 16 <= end; i += 16) {
+    Store16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)), zp, sc, out + i);
+  }
+#endif
+  for (; i < end; ++i) out[i] = value_of(codes[i], zero_point, scale);
+}
+
+// 4 bits, begin even: byte j holds code 2j (low nibble) and 2j+1 (high nibble).
+inline void DequantizeSpan4(const uint8_t* codes, int64_t begin, int64_t end, float zero_point, float scale,
+                            float* out) {
+  int64_t i = begin;
+#if BCT_SSE2
+  const __m128 zp = _mm_set1_ps(zero_point);
+  const __m128 sc = _mm_set1_ps(scale);
+  const __m128i mask = _mm_set1_epi8(0x0f);
+  for (; i + 16 <= end; i += 16) {
+    const __m128i packed = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i / 2));
+    const __m128i lo = _mm_and_si128(packed, mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+    Store16(_mm_unpacklo_epi8(lo, hi), zp, sc, out + i);
+  }
+#endif
+  for (; i + 2 <= end; i += 2) {
+    const uint8_t byte = codes[i / 2];
+    out[i] = value_of(byte & 0x0fu, zero_point, scale);
+    out[i + 1] = value_of(byte >> 4, zero_point, scale);
+  }
+  if (i < end) out[i] = value_of(codes[i / 2] & 0x0fu, zero_point, scale);
+}
+
+}  // namespace
+
+void DequantizeRow(const RowFormat& fmt, const uint8_t* codes, const void* scales, const uint8_t* zero_points,
+                   float* out) {
+  const float implicit = implicit_zero_point(fmt.bits);
+  const bool fast4 = fmt.bits == 4 && fmt.block_size % 2 == 0;
+  for (int64_t b = 0; b < fmt.num_blocks; ++b) {
+    const int64_t begin = b * fmt.block_size;
+    const int64_t end = std::min(fmt.axis_size, begin + fmt.block_size);
+    const float scale = scale_value(fmt.scale_kind, scales, b);
+    const float zp = fmt.symmetric ? implicit : static_cast<float>(zero_points[b]);
+    if (fmt.bits == 8) {
+      DequantizeSpan8(codes, begin, end, zp, scale, out);
+    } else if (fast4) {
+      DequantizeSpan4(codes, begin, end, zp, scale, out);
+    } else {
+      DequantizeSpanGeneric(codes, fmt.row_bytes, fmt.bits, begin, end, zp, scale, out);
+    }
+  }
+}
+
+void QuantizeRow(const RowFormat& fmt, const float* x, uint8_t* codes, void* scales, uint8_t* zero_points) {
+  if (fmt.bits != 8) std::memset(codes, 0, static_cast<size_t>(fmt.row_bytes));
+  uint8_t block_codes[256];
+  for (int64_t b = 0; b < fmt.num_blocks; ++b) {
+    const int64_t begin = b * fmt.block_size;
+    const int64_t n = std::min(fmt.axis_size, begin + fmt.block_size) - begin;
+    const float* xb = x + begin;
+    uint8_t zp = 0;
+    StoredScale s = fmt.symmetric ? choose_symmetric_scale(xb, n, fmt.bits, fmt.scale_kind)
+                                  : choose_asymmetric_scale(xb, n, fmt.bits, fmt.scale_kind, &zp);
+    store_scale(fmt.scale_kind, scales, b, s);
+    if (!fmt.symmetric) zero_points[b] = zp;
+    const float inv = inverse_scale(s.value);
+    if (fmt.bits == 8) {
+      for (int64_t i = 0; i < n; ++i) codes[begin + i] = code_of(xb[i], inv, 8, fmt.symmetric, zp);
+      continue;
+    }
+    // Codes in chunks of 256 (a vectorisable loop), then packed.
+    for (int64_t c0 = 0; c0 < n; c0 += 256) {
+      const int64_t cn = std::min<int64_t>(256, n - c0);
+      for (int64_t i = 0; i < cn; ++i) block_codes[i] = code_of(xb[c0 + i], inv, fmt.bits, fmt.symmetric, zp);
+      for (int64_t i = 0; i < cn; ++i) put_code(codes, begin + c0 + i, fmt.bits, block_codes[i]);
+    }
+  }
+}
+
+const char* SimdName() { return BCT_SSE2 ? "sse2" : ""; }
+
+}  // namespace cpu
+}  // namespace bct

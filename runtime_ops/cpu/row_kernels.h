@@ -1,0 +1,37 @@
+// CPU loops over one row of the blockwise format, shared by BlockQuantize, BlockDequantize and
+// BlockGather (and usable by other ops). All arithmetic comes from bct/block_math.h; the SIMD fast
+// paths compute the same float32 operations in the same order, so results stay bit-exact.
+#pragma once
+
+#include <cstdint>
+
+#include "bct/block_math.h"
+
+namespace bct {
+namespace cpu {
+
+// Format of one row of D values: what every row loop needs.
+struct RowFormat {
+  int bits = 4;
+  int64_t block_size = 32;
+  bool symmetric = true;
+  ScaleKind scale_kind = ScaleKind::kFloat16;
+  int64_t axis_size = 0;   // D
+  int64_t row_bytes = 0;   // ceil(D * bits / 8)
+  int64_t num_blocks = 0;  // ceil(D / block_size)
+};
+
+// Dequantizes one packed row: codes [row_bytes], scales [num_blocks] (stored form, typed by
+// scale_kind), zero_points [num_blocks] or nullptr when symmetric -> out [D] float32.
+void DequantizeRow(const RowFormat& fmt, const uint8_t* codes, const void* scales, const uint8_t* zero_points,
+                   float* out);
+
+// Quantizes one row x [D]: writes packed codes [row_bytes], stored scales [num_blocks] and, when
+// asymmetric, zero_points [num_blocks].
+void QuantizeRow(const RowFormat& fmt, const float* x, uint8_t* codes, void* scales, uint8_t* zero_points);
+
+// SIMD instruction sets the fast paths were compiled for (for build_info.json), e.g. "sse2".
+const char* SimdName();
+
+}  // namespace cpu
+}  // namespace bct

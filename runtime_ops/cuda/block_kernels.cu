@@ -1,0 +1,143 @@
+// CUDA kernels of BlockQuantize, BlockDequantize and BlockGather. Simple and exact: every value is
+// computed by the same bct/block_math.h functions the CPU kernels use (no FMA contraction: the
+// header uses __fmul_rn/__fadd_rn on the device).
+#include <cuda_runtime.h>
+
+#include "bct/block_math.h"
+#include "block_launch.h"
+
+namespace bct {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+inline unsigned GridFor(int64_t n) {
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(blocks < 65535 * 16 ? (blocks > 0 ? blocks : 1) : 65535 * 16);
+}
+
+__device__ __forceinline__ float DequantizeOne(const RowFormat& fmt, const uint8_t* codes, const void* scales,
+                                               const uint8_t* zero_points, int64_t row, int64_t i) {
+  const int64_t b = i / fmt.block_size;
+  const int64_t block_index = row * fmt.num_blocks + b;
+  const float scale = scale_value(static_cast<ScaleKind>(fmt.scale_kind), scales, block_index);
+  const float zp = fmt.symmetric ? implicit_zero_point(fmt.bits) : static_cast<float>(zero_points[block_index]);
+  const uint32_t code = get_code(codes + row * fmt.row_bytes, i, fmt.bits, fmt.row_bytes);
+  return value_of(code, zp, scale);
+}
+
+__global__ void DequantizeKernel(RowFormat fmt, const uint8_t* codes, const void* scales,
+                                 const uint8_t* zero_points, int64_t total, float* out) {
+  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < total;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = k / fmt.axis_size;
+    const int64_t i = k - row * fmt.axis_size;
+    out[k] = DequantizeOne(fmt, codes, scales, zero_points, row, i);
+  }
+}
+
+__global__ void GatherKernel(RowFormat fmt, const int64_t* rows, const uint8_t* codes, const void* scales,
+                             const uint8_t* zero_points, int64_t total, float* out) {
+  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < total;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t n = k / fmt.axis_size;
+    const int64_t i = k - n * fmt.axis_size;
+    out[k] = DequantizeOne(fmt, codes, scales, zero_points, rows[n], i);
+  }
+}
+
+// One thread per (row, block): choose and store the scale (and zero point).
+__global__ void ChooseScalesKernel(RowFormat fmt, const float* x, int64_t total_blocks, void* scales,
+                                   uint8_t* zero_points) {
+  const ScaleKind kind = static_cast<ScaleKind>(fmt.scale_kind);
+  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < total_blocks;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = k / fmt.num_blocks;
+    const int64_t b = k - row * fmt.num_blocks;
+    const int64_t begin = b * fmt.block_size;
+    const int64_t end = begin + fmt.block_size < fmt.axis_size ? begin + fmt.block_size : fmt.axis_size;
+    const float* xb = x + row * fmt.axis_size + begin;
+    if (fmt.symmetric) {
+      store_scale(kind, scales, k, choose_symmetric_scale(xb, end - begin, fmt.bits, kind));
+    } else {
+      uint8_t zp = 0;
+      store_scale(kind, scales, k, choose_asymmetric_scale(xb, end - begin, fmt.bits, kind, &zp));
+      zero_points[k] = zp;
+    }
+  }
+}
+
+// One thread per output byte: computes the codes overlapping that byte from the stored scales.
+__global__ void PackCodesKernel(RowFormat fmt, const float* x, int64_t total_bytes, const void* scales,
+                                const uint8_t* zero_points, uint8_t* codes) {
+  const ScaleKind kind = static_cast<ScaleKind>(fmt.scale_kind);
+  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < total_bytes;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = k / fmt.row_bytes;
+    const int64_t byte = k - row * fmt.row_bytes;
+    int64_t first = 0, last = 0;
+    codes_in_byte(byte, fmt.bits, fmt.axis_size, &first, &last);
+    uint32_t value = 0;
+    for (int64_t i = first; i <= last; ++i) {
+      const int64_t block_index = row * fmt.num_blocks + i / fmt.block_size;
+      const float inv = inverse_scale(scale_value(kind, scales, block_index));
+      const uint8_t zp = fmt.symmetric ? uint8_t{0} : zero_points[block_index];
+      const uint32_t code = code_of(x[row * fmt.axis_size + i], inv, fmt.bits, fmt.symmetric, zp);
+      const int64_t shift = i * fmt.bits - byte * 8;  // may be negative for a code starting in the byte before
+      value |= shift >= 0 ? (code << shift) : (code >> -shift);
+    }
+    codes[k] = static_cast<uint8_t>(value & 0xffu);
+  }
+}
+
+const char* LastError() {
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+}  // namespace
+
+const char* LaunchDequantize(const RowFormat& fmt, const uint8_t* codes, const void* scales,
+                             const uint8_t* zero_points, int64_t rows, float* out, void* stream) {
+  const int64_t total = rows * fmt.axis_size;
+  if (total == 0) return nullptr;
+  DequantizeKernel<<<GridFor(total), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(fmt, codes, scales,
+                                                                                         zero_points, total, out);
+  return LastError();
+}
+
+const char* LaunchGather(const RowFormat& fmt, const int64_t* host_rows, int64_t count, const uint8_t* codes,
+                         const void* scales, const uint8_t* zero_points, float* out, void* stream) {
+  if (count == 0) return nullptr;
+  auto s = static_cast<cudaStream_t>(stream);
+  int64_t* rows = nullptr;
+  const size_t nbytes = static_cast<size_t>(count) * sizeof(int64_t);
+  cudaError_t err = cudaMallocAsync(reinterpret_cast<void**>(&rows), nbytes, s);
+  if (err != cudaSuccess) return cudaGetErrorString(err);
+  // From pageable memory the copy returns once host_rows has been staged, so the caller may free it.
+  err = cudaMemcpyAsync(rows, host_rows, nbytes, cudaMemcpyHostToDevice, s);
+  if (err == cudaSuccess) {
+    const int64_t total = count * fmt.axis_size;
+    GatherKernel<<<GridFor(total), kThreads, 0, s>>>(fmt, rows, codes, scales, zero_points, total, out);
+    err = cudaGetLastError();
+  }
+  const cudaError_t free_err = cudaFreeAsync(rows, s);
+  if (err != cudaSuccess) return cudaGetErrorString(err);
+  return free_err == cudaSuccess ? nullptr : cudaGetErrorString(free_err);
+}
+
+const char* LaunchQuantize(const RowFormat& fmt, const float* x, int64_t rows, uint8_t* codes, void* scales,
+                           uint8_t* zero_points, void* stream) {
+  if (rows == 0) return nullptr;
+  auto s = static_cast<cudaStream_t>(stream);
+  const int64_t total_blocks = rows * fmt.num_blocks;
+  ChooseScalesKernel<<<GridFor(total_blocks), kThreads, 0, s>>>(fmt, x, total_blocks, scales, zero_points);
+  if (const char* err = LastError()) return err;
+  const int64_t total_bytes = rows * fmt.row_bytes;
+  PackCodesKernel<<<GridFor(total_bytes), kThreads, 0, s>>>(fmt, x, total_bytes, scales, zero_points, codes);
+  return LastError();
+}
+
+}  // namespace cuda
+}  // namespace bct

@@ -1,0 +1,154 @@
+// Type and shape inference of the nonlinear ops and BlockActMatMul (ops/nonlinear_io.h), written
+// against the C API so nothing here can throw into ONNX Runtime. Unknown dims are set to -1.
+#include <string>
+#include <vector>
+
+#include "ops/nonlinear_io.h"
+
+namespace bct {
+namespace nonlinear {
+
+InferDims InferInputDims(OrtShapeInferContext* ctx, size_t index) {
+  InferDims out;
+  const OrtApi& api = Ort::GetApi();
+  OrtTensorTypeAndShapeInfo* info = nullptr;  // owned by ctx
+  if (OrtStatus* s = api.ShapeInferContext_GetInputTypeShape(ctx, index, &info)) {
+    api.ReleaseStatus(s);
+    return out;
+  }
+  size_t rank = 0;
+  if (OrtStatus* s = api.GetDimensionsCount(info, &rank)) {
+    api.ReleaseStatus(s);
+    return out;
+  }
+  if (rank == 0) return out;  // unknown rank (or a scalar, which the kernel rejects)
+  std::vector<int64_t> dims(rank);
+  std::vector<const char*> symbols(rank, nullptr);
+  if (OrtStatus* s = api.GetDimensions(info, dims.data(), rank)) {
+    api.ReleaseStatus(s);
+    return out;
+  }
+  if (OrtStatus* s = api.GetSymbolicDimensions(info, symbols.data(), rank)) {
+    api.ReleaseStatus(s);
+    return out;
+  }
+  out.known = true;
+  for (size_t i = 0; i < rank; ++i) {
+    const bool symbolic = symbols[i] != nullptr && symbols[i][0] != '\0';
+    out.symbols.emplace_back(symbolic ? symbols[i] : "");
+    out.dims.push_back(symbolic || dims[i] < 0 ? -1 : dims[i]);
+  }
+  return out;
+}
+
+bool InferIntAttr(OrtShapeInferContext* ctx, const char* name, int64_t* value) {
+  const OrtApi& api = Ort::GetApi();
+  const OrtOpAttr* attr = nullptr;
+  if (OrtStatus* s = api.ShapeInferContext_GetAttribute(ctx, name, &attr)) {
+    api.ReleaseStatus(s);
+    return false;
+  }
+  if (attr == nullptr) return false;
+  size_t out = 0;
+  if (OrtStatus* s = api.ReadOpAttr(attr, ORT_OP_ATTR_INT, value, sizeof(*value), &out)) {
+    api.ReleaseStatus(s);
+    return false;
+  }
+  return true;
+}
+
+std::string InferStringAttr(OrtShapeInferContext* ctx, const char* name, const char* fallback) {
+  const OrtApi& api = Ort::GetApi();
+  const OrtOpAttr* attr = nullptr;
+  if (OrtStatus* s = api.ShapeInferContext_GetAttribute(ctx, name, &attr)) {
+    api.ReleaseStatus(s);
+    return fallback;
+  }
+  if (attr == nullptr) return fallback;
+  size_t size = 0;
+  if (OrtStatus* s = api.ReadOpAttr(attr, ORT_OP_ATTR_STRING, nullptr, 0, &size)) api.ReleaseStatus(s);
+  if (size == 0) return fallback;
+  std::string text(size, '\0');
+  if (OrtStatus* s = api.ReadOpAttr(attr, ORT_OP_ATTR_STRING, text.data(), size, &size)) {
+    api.ReleaseStatus(s);
+    return fallback;
+  }
+  text.resize(size);
+  while (!text.empty() && text.back() == '\0') text.pop_back();
+  return text;
+}
+
+InferDims InferOperandDims(OrtShapeInferContext* ctx) {
+  InferDims d = InferInputDims(ctx, 0);
+  if (!d.known) return d;
+  int64_t bits = 0;
+  InferIntAttr(ctx, "in_bits", &bits);
+  if (bits == 0) return d;
+  int64_t axis_size = 0;
+  InferIntAttr(ctx, "in_axis_size", &axis_size);
+  int64_t axis = -1;
+  if (axis_size > 0) {
+    axis = axis_size;
+  } else if (bits >= kMinBits && bits <= kMaxBits && d.dims.back() > 0 && (d.dims.back() * 8) % bits == 0) {
+    axis = d.dims.back() * 8 / bits;
+  }
+  d.dims.back() = axis;
+  d.symbols.back() = "";
+  return d;
+}
+
+namespace {
+
+OrtStatusPtr SetOutput(OrtShapeInferContext* ctx, size_t index, ONNXTensorElementDataType dtype,
+                       const InferDims& lead, int64_t last) {
+  const OrtApi& api = Ort::GetApi();
+  std::vector<int64_t> dims(lead.dims.begin(), lead.dims.end() - 1);
+  std::vector<const char*> symbols;
+  for (size_t i = 0; i + 1 < lead.symbols.size(); ++i) symbols.push_back(lead.symbols[i].c_str());
+  dims.push_back(last);
+  symbols.push_back("");
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  if (OrtStatus* s = api.CreateTensorTypeAndShapeInfo(&info)) return s;
+  OrtStatus* s = api.SetTensorElementType(info, dtype);
+  if (!s) s = api.SetDimensions(info, dims.data(), dims.size());
+  if (!s) s = api.SetSymbolicDimensions(info, symbols.data(), symbols.size());
+  if (!s) s = api.ShapeInferContext_SetOutputTypeShape(ctx, index, info);
+  api.ReleaseTensorTypeAndShapeInfo(info);
+  return s;
+}
+
+}  // namespace
+
+OrtStatusPtr InferResult(OrtShapeInferContext* ctx, const InferDims& logical) {
+  if (!logical.known) return nullptr;
+  const OrtApi& api = Ort::GetApi();
+  int64_t bits = 0, block_size = 0, symmetric = 1;
+  InferIntAttr(ctx, "out_bits", &bits);
+  if (bits == 0) {
+    if (OrtStatus* s = SetOutput(ctx, 0, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, logical, logical.dims.back())) return s;
+    // Outputs the attributes do not ask for get a type so that the kernel, not type inference,
+    // reports them (index out of range when absent: ignored).
+    for (size_t i = 1; i < 3; ++i) {
+      if (OrtStatus* s = SetOutput(ctx, i, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, logical, -1)) api.ReleaseStatus(s);
+    }
+    return nullptr;
+  }
+  InferIntAttr(ctx, "out_block_size", &block_size);
+  InferIntAttr(ctx, "out_symmetric", &symmetric);
+  const std::string kind = InferStringAttr(ctx, "out_scale_kind", "float16");
+  ONNXTensorElementDataType scale_dtype = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+  if (kind == "float32") scale_dtype = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  if (kind == "pow2") scale_dtype = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+  const int64_t d = logical.dims.back();
+  const bool bits_ok = bits >= kMinBits && bits <= kMaxBits;
+  const int64_t codes_last = (d > 0 && bits_ok) ? row_bytes(d, static_cast<int>(bits)) : -1;
+  const int64_t blocks_last = (d > 0 && block_size >= 1) ? num_blocks(d, block_size) : -1;
+  if (OrtStatus* s = SetOutput(ctx, 0, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, logical, codes_last)) return s;
+  // A node missing an output the attributes ask for is reported by the kernel in its own words.
+  if (OrtStatus* s = SetOutput(ctx, 1, scale_dtype, logical, blocks_last)) api.ReleaseStatus(s);
+  if (OrtStatus* s = SetOutput(ctx, 2, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, logical, blocks_last)) api.ReleaseStatus(s);
+  return nullptr;
+}
+
+}  // namespace nonlinear
+}  // namespace bct

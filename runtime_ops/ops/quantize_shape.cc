@@ -1,0 +1,126 @@
+// Type and shape inference of BlockQuantize: the scales output's dtype follows the scale_kind
+// attribute (float16, float32, uint8), which ONNX Runtime cannot know from the declared types.
+// Written against the C API so that nothing here can throw into ONNX Runtime.
+#include <atomic>
+#include <string>
+#include <vector>
+
+#include "ops/block_io.h"
+
+namespace bct {
+namespace {
+
+bool ReadIntAttr(const OrtApi& api, OrtShapeInferContext* ctx, const char* name, int64_t* value) {
+  const OrtOpAttr* attr = nullptr;
+  if (OrtStatus* s = api.ShapeInferContext_GetAttribute(ctx, name, &attr)) {
+    api.ReleaseStatus(s);
+    return false;
+  }
+  if (attr == nullptr) return false;
+  size_t out = 0;
+  if (OrtStatus* s = api.ReadOpAttr(attr, ORT_OP_ATTR_INT, value, sizeof(*value), &out)) {
+    api.ReleaseStatus(s);
+    return false;
+  }
+  return true;
+}
+
+std::string ReadStringAttr(const OrtApi& api, OrtShapeInferContext* ctx, const char* name, const char* fallback) {
+  const OrtOpAttr* attr = nullptr;
+  if (OrtStatus* s = api.ShapeInferContext_GetAttribute(ctx, name, &attr)) {
+    api.ReleaseStatus(s);
+    return fallback;
+  }
+  if (attr == nullptr) return fallback;
+  size_t size = 0;
+  if (OrtStatus* s = api.ReadOpAttr(attr, ORT_OP_ATTR_STRING, nullptr, 0, &size)) api.ReleaseStatus(s);
+  if (size == 0) return fallback;
+  std::string text(size, '\0');
+  if (OrtStatus* s = api.ReadOpAttr(attr, ORT_OP_ATTR_STRING, text.data(), size, &size)) {
+    api.ReleaseStatus(s);
+    return fallback;
+  }
+  text.resize(size);
+  while (!text.empty() && text.back() == '\0') text.pop_back();
+  return text;
+}
+
+// A fresh symbolic name for a dim nobody named (ORT would take a bare -1 for a concrete value).
+std::string FreshDimName() {
+  static std::atomic<uint64_t> counter{0};
+  return "bct_onnx_dim_" + std::to_string(counter.fetch_add(1));
+}
+
+// Sets output index to dtype with X's leading dims and a last dim of `last` (-1: unknown).
+OrtStatusPtr SetOutput(const OrtApi& api, OrtShapeInferContext* ctx, size_t index,
+                       ONNXTensorElementDataType dtype, const std::vector<int64_t>& lead,
+                       const std::vector<const char*>& lead_symbols, int64_t last, const std::string& last_name) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  if (OrtStatus* s = api.CreateTensorTypeAndShapeInfo(&info)) return s;
+  std::vector<int64_t> dims(lead);
+  std::vector<const char*> symbols(lead_symbols);
+  dims.push_back(last);
+  symbols.push_back(last >= 0 ? "" : last_name.c_str());
+  OrtStatus* s = api.SetTensorElementType(info, dtype);
+  if (!s) s = api.SetDimensions(info, dims.data(), dims.size());
+  if (!s) s = api.SetSymbolicDimensions(info, symbols.data(), symbols.size());
+  if (!s) s = api.ShapeInferContext_SetOutputTypeShape(ctx, index, info);
+  api.ReleaseTensorTypeAndShapeInfo(info);
+  return s;
+}
+
+}  // namespace
+
+OrtStatusPtr ORT_API_CALL QuantizeSchema::InferOutputShape(const OrtCustomOp* /*op*/,
+                                                            OrtShapeInferContext* ctx) noexcept {
+  try {
+    const OrtApi& api = Ort::GetApi();
+    OrtTensorTypeAndShapeInfo* input = nullptr;  // owned by ctx
+    if (OrtStatus* s = api.ShapeInferContext_GetInputTypeShape(ctx, 0, &input)) return s;
+    size_t rank = 0;
+    if (OrtStatus* s = api.GetDimensionsCount(input, &rank)) return s;
+    if (rank == 0) return nullptr;  // unknown rank (or a scalar, which the kernel rejects)
+    std::vector<int64_t> dims(rank);
+    std::vector<const char*> symbols(rank, nullptr);
+    if (OrtStatus* s = api.GetDimensions(input, dims.data(), rank)) return s;
+    if (OrtStatus* s = api.GetSymbolicDimensions(input, symbols.data(), rank)) return s;
+    std::vector<std::string> fresh(rank);  // keeps names alive while outputs are set
+    for (size_t d = 0; d < rank; ++d) {
+      if (symbols[d] == nullptr) symbols[d] = "";
+      if (dims[d] < 0 && symbols[d][0] == '\0') {
+        fresh[d] = FreshDimName();
+        symbols[d] = fresh[d].c_str();
+      }
+    }
+    const int64_t axis_size = dims.back();
+    const bool known = axis_size > 0;
+    dims.pop_back();
+    symbols.pop_back();
+
+    int64_t bits = 0, block_size = 0, symmetric = 1;
+    const bool have_bits = ReadIntAttr(api, ctx, "bits", &bits) && bits >= kMinBits && bits <= kMaxBits;
+    const bool have_block = ReadIntAttr(api, ctx, "block_size", &block_size) && block_size >= 1;
+    ReadIntAttr(api, ctx, "symmetric", &symmetric);
+    const std::string kind_text = ReadStringAttr(api, ctx, "scale_kind", "float16");
+    ONNXTensorElementDataType scale_dtype = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    if (kind_text == "float32") scale_dtype = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    if (kind_text == "pow2") scale_dtype = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+
+    const int64_t codes_last = (known && have_bits) ? row_bytes(axis_size, static_cast<int>(bits)) : -1;
+    const int64_t blocks_last = (known && have_block) ? num_blocks(axis_size, block_size) : -1;
+    if (OrtStatus* s = SetOutput(api, ctx, 0, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, dims, symbols, codes_last, FreshDimName())) return s;
+    const std::string blocks_name = FreshDimName();  // scales and zero_points share it
+    if (OrtStatus* s = SetOutput(api, ctx, 1, scale_dtype, dims, symbols, blocks_last, blocks_name)) return s;
+    if (symmetric == 0) {
+      // A node without the third output is reported by the kernel in the library's own words.
+      if (OrtStatus* s = SetOutput(api, ctx, 2, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, dims, symbols, blocks_last, blocks_name)) {
+        api.ReleaseStatus(s);
+      }
+    }
+    return nullptr;
+  } catch (...) {
+    return nullptr;  // inference is advisory; the kernel validates everything at run time
+  }
+}
+
+}  // namespace bct
