@@ -3,6 +3,7 @@
 Each pass is an onnx-ir in-place pass usable on its own; ``compress_model`` runs them in order.
 """
 
+from bct_onnx.passes.check_model import CheckModelPass
 from bct_onnx.passes.fold_constant_weights import FoldConstantWeightsPass
 from bct_onnx.passes.framework import (
     CompressPass,
@@ -30,6 +31,7 @@ from bct_onnx.passes.quantize_matmul import QuantizeMatMulPass
 __all__ = [
     "DEBUG_DIR_ENV",
     "QUANTIZE_PASSES",
+    "CheckModelPass",
     "CompressPass",
     "CompressPassResult",
     "DomainVersionError",

@@ -15,7 +15,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from bct_onnx.passes.framework import NodeRewritePass, PassReport
+from bct_onnx.passes.framework import NodeRewritePass, PassReport, node_label
 from bct_onnx.passes.quantized_weights import constant_tensor
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,15 @@ def evaluate(node: ir.Node, arrays: list[np.ndarray]) -> tuple[np.ndarray, ir.Da
     return f"{op} is not foldable"
 
 
+def _is_matmul_weight_transpose(node: ir.Node) -> bool:
+    """A 2-D Transpose whose output only feeds MatMul weights (input B)."""
+    perm = node.attributes.get("perm")
+    if node.op_type != "Transpose" or (perm is not None and list(perm.as_ints()) != [1, 0]):
+        return False
+    uses = list(node.outputs[0].uses())
+    return bool(uses) and all(use.node.op_type == "MatMul" and use.idx == 1 for use in uses)
+
+
 class FoldConstantWeightsPass(NodeRewritePass):
     """Replace shape/layout/dtype ops on constant inputs by initializers."""
 
@@ -94,7 +103,9 @@ class FoldConstantWeightsPass(NodeRewritePass):
         data = node.inputs[0]
         other_users = {use.node for use in data.uses()} - {node}
         if other_users and tensors[0].size >= SHARED_SOURCE_MIN_ELEMENTS:
-            names = sorted(f"{n.op_type} '{n.name}'" for n in other_users)
+            if _is_matmul_weight_transpose(node):
+                return None  # QuantizeMatMulPass reads Transpose(perm=[1, 0]) of a constant in place
+            names = sorted(f"{n.op_type} '{node_label(n)}'" for n in other_users)
             return (
                 f"constant '{data.name}' is also read by {', '.join(names[:3])}"
                 f"{' ...' if len(names) > 3 else ''}; folding would duplicate it"

@@ -20,6 +20,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
 from bct_onnx.config import CompressConfig
+from bct_onnx.passes.check_model import CheckModelPass
 from bct_onnx.passes.fold_constant_weights import FoldConstantWeightsPass
 from bct_onnx.passes.framework import CompressPassResult, Skip, check_model_basics
 from bct_onnx.passes.gemm_to_matmul import GemmToMatMulPass
@@ -85,7 +86,7 @@ def build_passes(config: CompressConfig) -> list[ir.passes.PassBase]:
         common_passes.RemoveUnusedNodesPass(),
         common_passes.RemoveUnusedOpsetsPass(),
         common_passes.TopologicalSortPass(),
-        common_passes.CheckerPass(),
+        CheckModelPass(),
     ]
     return canonicalize + quantize + cleanup
 

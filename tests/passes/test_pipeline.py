@@ -1,0 +1,189 @@
+"""compress_model: the whole pass list on small models, reports, debug mode, preconditions."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from bct_onnx.config import CompressConfig
+from bct_onnx.ops import DOMAIN
+from bct_onnx.passes import (
+    DEBUG_DIR_ENV,
+    DomainVersionError,
+    OpsetTooOldError,
+    PipelineResult,
+    compress_model,
+)
+from bct_onnx.passes import pipeline as pipeline_module
+
+RNG = np.random.default_rng(5)
+V, D, HIDDEN = 100, 64, 96
+
+# A GPT-2-like decoder as torch.onnx exports it: Gemm layers on a flattened activation, and an output
+# projection that reads the embedding table through Transpose (tied weights).
+TIED = f"""<ir_version: 8, opset_import: ["" : 17]>
+g (int64[1, S] ids) => (float[1, S, {V}] logits) {{
+  h = Gather(wte, ids)
+  flat = Reshape(h, flat_shape)
+  fc = Gemm(flat, fc_w, fc_b)
+  act = Relu(fc)
+  proj = Gemm <transB = 1> (act, proj_wt, proj_b)
+  h2 = Reshape(proj, back_shape)
+  lm_w = Transpose <perm = [1, 0]> (wte)
+  logits = MatMul(h2, lm_w)
+}}"""
+
+
+def tied_model(helpers) -> ir.Model:
+    inits = {
+        "wte": RNG.standard_normal((V, D)).astype(np.float32),
+        "flat_shape": np.array([-1, D], np.int64),
+        "back_shape": np.array([1, -1, D], np.int64),
+        "fc_w": RNG.standard_normal((D, HIDDEN)).astype(np.float32) * 0.1,
+        "fc_b": RNG.standard_normal(HIDDEN).astype(np.float32),
+        "proj_wt": RNG.standard_normal((D, HIDDEN)).astype(np.float32) * 0.1,
+        "proj_b": RNG.standard_normal(D).astype(np.float32),
+    }
+    return helpers.model_from_text(TIED, inits)
+
+
+def test_tied_decoder_end_to_end(helpers):
+    model = tied_model(helpers)
+    ids = np.array([[1, 7, 99, 0, 42]], np.int64)
+    (expected,) = helpers.run_ort(model, {"ids": ids})
+    result = compress_model(model, CompressConfig(act_bits=None))
+    assert isinstance(result, PipelineResult) and result.modified
+    assert helpers.op_types(result.model) == [
+        "BlockGather", "Reshape", "BlockMatMul", "Relu", "BlockMatMul", "Reshape", "BlockMatMul"
+    ]
+    assert result.rewritten == {
+        "Gemm": 2,
+        "Gather": 1,
+        "MatMul": 3,
+        "MatMul+Add(bias)": 2,
+        "MatMul(Transpose(weight))": 1,
+        "shared quantized weight": 1,
+    }
+    assert result.skipped == []
+    graph = result.model.graph
+    gather, lm_head = graph.node(0), graph.node(6)
+    assert lm_head.inputs[1] is gather.inputs[1] and lm_head.inputs[2] is gather.inputs[2]  # one table
+    # No float copy of any weight survives: only codes, scales, biases and the two shape constants.
+    floats = [v.name for v in graph.initializers.values() if v.dtype == ir.DataType.FLOAT]
+    assert sorted(floats) == ["fc_b", "proj_b"]
+    assert result.model.opset_imports == {"": 17, DOMAIN: 1}
+    (actual,) = helpers.run_reference(result.model, {"ids": ids})
+    assert np.abs(actual - expected).max() / np.abs(expected).max() < 0.2
+    (session_out,) = helpers.run_bct_session(result.model, {"ids": ids})
+    np.testing.assert_allclose(session_out, actual, rtol=1e-4, atol=1e-4)
+
+
+def test_untied_formats_quantize_the_table_once_per_layout(helpers):
+    result = compress_model(tied_model(helpers), CompressConfig(embedding_bits=8))
+    graph = result.model.graph
+    gather, lm_head = graph.node(0), graph.node(6)
+    assert gather.attributes["bits"].value == 8 and lm_head.attributes["bits"].value == 4
+    assert gather.inputs[1] is not lm_head.inputs[1]
+    assert "shared quantized weight" not in result.rewritten
+
+
+def test_input_model_and_file_untouched_and_second_run_is_a_no_op(helpers, tmp_path):
+    path = tmp_path / "model.onnx"
+    ir.save(tied_model(helpers), path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    model = ir.load(path)
+    before = ir.to_proto(model).SerializeToString()
+    first = compress_model(model, CompressConfig())
+    assert ir.to_proto(model).SerializeToString() == before
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    second = compress_model(first.model, CompressConfig())
+    assert not second.modified
+    assert [record.name for record in second.passes if record.modified] == []
+    assert second.rewritten == {} and second.skipped == []
+
+
+def test_external_data_model(helpers, tmp_path):
+    path = tmp_path / "big.onnx"
+    ir.save(tied_model(helpers), path, external_data="big.onnx.data")
+    data_digest = hashlib.sha256((tmp_path / "big.onnx.data").read_bytes()).hexdigest()
+    model = ir.load(path)
+    assert isinstance(model.graph.initializers["wte"].const_value, ir.ExternalTensor)
+    result = compress_model(model, CompressConfig())
+    assert result.rewritten["MatMul"] == 3 and result.rewritten["Gather"] == 1
+    out = tmp_path / "out.onnx"
+    ir.save(result.model, out)
+    onnx.checker.check_model(str(out))
+    assert hashlib.sha256((tmp_path / "big.onnx.data").read_bytes()).hexdigest() == data_digest
+
+
+def test_only_configured_ops_are_quantized(helpers):
+    result = compress_model(tied_model(helpers), CompressConfig(ops=frozenset({"Gather"})))
+    assert helpers.op_types(result.model).count("BlockGather") == 1
+    assert "BlockMatMul" not in helpers.op_types(result.model)
+
+
+def test_skips_are_summed_with_reasons(helpers):
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[2, 8] q, float[2, 8] k) => (float[2, 2] s) {
+      kt = Transpose(k)
+      s = MatMul(q, kt)
+    }"""
+    result = compress_model(helpers.model_from_text(text), CompressConfig())
+    assert not result.modified
+    assert [(s.op_type, s.reason.split(":")[0]) for s in result.skipped] == [
+        ("MatMul", "weight (input B) is computed at run time (produced by Transpose)")
+    ]
+    assert "skipped: 1" in result.summary()
+    assert DOMAIN not in result.model.opset_imports
+
+
+def test_debug_dir_saves_changed_passes(helpers, tmp_path, monkeypatch):
+    monkeypatch.setenv(DEBUG_DIR_ENV, str(tmp_path))
+    result = compress_model(tied_model(helpers), CompressConfig())
+    saved = sorted(p.name for p in tmp_path.iterdir())
+    changed = [f"{i:02d}_{r.name}.onnx" for i, r in enumerate(result.passes, start=1) if r.modified]
+    assert saved == sorted(changed)
+    assert "04_QuantizeGatherPass.onnx" in saved
+    onnx.load(str(tmp_path / "05_QuantizeMatMulPass.onnx"))
+
+
+def test_debug_dir_saves_input_of_failing_pass(helpers, tmp_path, monkeypatch):
+    class BrokenPass(ir.passes.InPlacePass):
+        def call(self, model: ir.Model) -> ir.passes.PassResult:
+            model.graph.remove(model.graph.node(0))  # half-done work must not leak into the snapshot
+            raise RuntimeError("boom")
+
+    monkeypatch.setitem(pipeline_module.QUANTIZE_PASSES, "MatMul", lambda config: BrokenPass())
+    with pytest.raises(RuntimeError, match="boom"):
+        compress_model(tied_model(helpers), CompressConfig(), debug_dir=tmp_path)
+    failed_input = tmp_path / "05_BrokenPass.input.onnx"
+    assert failed_input.is_file()
+    ops = [node.op_type for node in onnx.load(str(failed_input)).graph.node]
+    assert ops[0] == "BlockGather" and "Gemm" not in ops and "MatMul" in ops
+
+
+def test_opset_too_old_is_refused_not_bumped(helpers):
+    text = """<ir_version: 5, opset_import: ["" : 9]>
+    g (float[2, 8] a) => (float[2, 4] y) { y = MatMul(a, w) }"""
+    model = helpers.model_from_text(text, {"w": np.ones((8, 4), np.float32)})
+    with pytest.raises(OpsetTooOldError, match="opset 9; this pass needs >= 11"):
+        compress_model(model, CompressConfig())
+    assert model.opset_imports[""] == 9
+
+
+def test_conflicting_domain_version_is_refused(helpers):
+    model = tied_model(helpers)
+    model.opset_imports[DOMAIN] = 7
+    with pytest.raises(DomainVersionError, match="ai.bct_onnx version 7"):
+        compress_model(model, CompressConfig())
+
+
+def test_progress_callback(helpers):
+    calls = []
+    compress_model(tied_model(helpers), CompressConfig(), progress=lambda *args: calls.append(args))
+    assert [c[1:] for c in calls] == [(i, len(calls)) for i in range(1, len(calls) + 1)]
+    assert calls[-1][0] == "CheckModelPass"

@@ -1,0 +1,224 @@
+"""QuantizeMatMulPass: exact rewrites, near-misses with their reasons, numerics against the spec."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from bct_onnx.block_format import BlockFormat, dequantize_codes, unpack_codes
+from bct_onnx.config import CompressConfig
+from bct_onnx.ops import DOMAIN, DOMAIN_VERSION
+from bct_onnx.passes import QuantizeMatMulPass
+from bct_onnx.weight_quantizer import quantize_tensor
+
+HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
+RNG = np.random.default_rng(1234)
+
+
+def weights(*shape: int) -> np.ndarray:
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def linear_model(helpers, k: int = 40, n: int = 24, bias_shape: tuple[int, ...] | None | str = "[N]"):
+    if bias_shape == "[N]":
+        bias_shape = (n,)
+    body = "  mm = MatMul(A, W)\n  Y = Add(mm, Bias)\n" if bias_shape else "  Y = MatMul(A, W)\n"
+    text = f"{HEADER}\ng (float[B, S, {k}] A) => (float[B, S, {n}] Y) {{\n{body}}}"
+    inits = {"W": weights(k, n)}
+    if bias_shape:
+        inits["Bias"] = weights(*bias_shape)
+    return helpers.model_from_text(text, inits), inits
+
+
+def test_rewrites_matmul_and_fuses_bias(helpers):
+    model, inits = linear_model(helpers)
+    result = QuantizeMatMulPass(CompressConfig(act_bits=None))(model)
+    assert result.modified
+    assert helpers.op_types(result.model) == ["BlockMatMul"]
+    assert result.rewritten == {"MatMul": 1, "MatMul+Add(bias)": 1}
+    assert result.skipped == []
+    node = next(iter(result.model.graph))
+    assert node.domain == DOMAIN
+    assert result.model.opset_imports[DOMAIN] == DOMAIN_VERSION
+    attrs = {name: attr.value for name, attr in node.attributes.items()}
+    assert attrs == {"K": 40, "N": 24, "bits": 4, "block_size": 32, "symmetric": 1, "act_bits": 0}
+    codes, scales, bias = (node.inputs[i] for i in (1, 2, 4))
+    assert node.inputs[3] is None  # symmetric: no zero points
+    assert codes.const_value.shape == (24, 20) and codes.dtype == ir.DataType.UINT8  # ceil(40*4/8)
+    assert scales.const_value.shape == (24, 2) and scales.dtype == ir.DataType.FLOAT16
+    np.testing.assert_array_equal(bias.const_value.numpy(), inits["Bias"])
+    # The stored weight is W^T quantized along K, exactly as weight_quantizer produces it.
+    expected = quantize_tensor(inits["W"].T, CompressConfig().weight_format, scale_search=True)
+    np.testing.assert_array_equal(codes.const_value.numpy(), expected.codes)
+    np.testing.assert_array_equal(scales.const_value.numpy(), expected.scales)
+    assert result.model.graph.outputs[0].name == "Y"
+
+
+@pytest.mark.parametrize("act_bits", [None, 8, 4])
+@pytest.mark.parametrize("weight_bits,block_size,symmetric", [(4, 32, True), (3, 16, False), (8, 7, True)])
+def test_numerics_match_spec(helpers, act_bits, weight_bits, block_size, symmetric):
+    model, inits = linear_model(helpers, k=45, n=10)
+    config = CompressConfig(weight_bits=weight_bits, act_bits=act_bits, block_size=block_size, symmetric=symmetric)
+    a = RNG.standard_normal((2, 3, 45)).astype(np.float32)
+    (y_float,) = helpers.run_ort(model, {"A": a})
+    compressed = QuantizeMatMulPass(config)(model.clone()).model
+    (y_ref,) = helpers.run_reference(compressed, {"A": a})
+    # Independent expectation: dequantized weight, fake-quantized activation, float64 accumulation.
+    node = next(iter(compressed.graph))
+    fmt = config.weight_format
+    zp = node.inputs[3].const_value.numpy() if not symmetric else None
+    w = dequantize_codes(unpack_codes(node.inputs[1].const_value.numpy(), fmt.bits, 45),
+                         node.inputs[2].const_value.numpy(), zp, fmt)
+    a_used = a
+    if act_bits:
+        from bct_onnx.block_format import fake_quantize
+
+        a_used = fake_quantize(a, BlockFormat(act_bits, block_size, True, "float32"))
+    expected = (a_used.astype(np.float64) @ w.T.astype(np.float64) + inits["Bias"]).astype(np.float32)
+    np.testing.assert_allclose(y_ref, expected, rtol=0, atol=1e-5)
+    # Quantization error stays in the range the bit width allows (relative to the output scale).
+    rel = np.abs(y_ref - y_float).max() / np.abs(y_float).max()
+    assert rel < {8: 0.05, 4: 0.3, 3: 0.5}[min(weight_bits, act_bits or 8)]
+
+
+def test_ort_session_matches_reference(helpers):
+    model, _ = linear_model(helpers, k=64, n=48)
+    compressed = QuantizeMatMulPass(CompressConfig())(model).model
+    a = RNG.standard_normal((2, 5, 64)).astype(np.float32)
+    (y_ref,) = helpers.run_reference(compressed, {"A": a})
+    (y_ort,) = helpers.run_bct_session(compressed, {"A": a})
+    # Float accumulation order differs between numpy (float64) and the kernel: stated tolerance.
+    np.testing.assert_allclose(y_ort, y_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_partial_block_and_k_of_one(helpers):
+    model, _ = linear_model(helpers, k=1, n=3, bias_shape=None)
+    result = QuantizeMatMulPass(CompressConfig())(model)
+    assert helpers.op_types(result.model) == ["BlockMatMul"]
+    node = next(iter(result.model.graph))
+    assert node.attributes["K"].value == 1
+    assert node.inputs[1].const_value.shape == (3, 1)
+
+
+def test_bias_rank2_broadcast_fused_when_activation_rank_allows(helpers):
+    model, inits = linear_model(helpers, bias_shape=(1, 24))
+    result = QuantizeMatMulPass(CompressConfig())(model)
+    assert helpers.op_types(result.model) == ["BlockMatMul"]
+    bias = next(iter(result.model.graph)).inputs[4]
+    assert bias.const_value.shape == (24,)
+    np.testing.assert_array_equal(bias.const_value.numpy(), inits["Bias"].reshape(24))
+
+
+def test_bias_not_fused_when_matmul_output_has_two_consumers(helpers):
+    text = f"""{HEADER}
+    g (float[B, 8] A) => (float[B, 4] Y, float[B, 4] Z) {{
+      mm = MatMul(A, W)
+      Y = Add(mm, Bias)
+      Z = Relu(mm)
+    }}"""
+    model = helpers.model_from_text(text, {"W": weights(8, 4), "Bias": weights(4)})
+    result = QuantizeMatMulPass(CompressConfig())(model)
+    assert helpers.op_types(result.model) == ["BlockMatMul", "Add", "Relu"]
+    assert result.rewritten == {"MatMul": 1}
+
+
+def test_bias_not_fused_when_it_is_a_graph_output_or_not_constant(helpers):
+    text = f"""{HEADER}
+    g (float[B, 8] A, float[4] C) => (float[B, 4] Y, float[B, 4] mm) {{
+      mm = MatMul(A, W)
+      Y = Add(mm, C)
+    }}"""
+    model = helpers.model_from_text(text, {"W": weights(8, 4)})
+    result = QuantizeMatMulPass(CompressConfig())(model)
+    assert helpers.op_types(result.model) == ["BlockMatMul", "Add"]
+    assert [v.name for v in result.model.graph.outputs] == ["Y", "mm"]
+
+
+@pytest.mark.parametrize(
+    "text,inits,reason",
+    [
+        (
+            "g (float[B, 8] A, float[8, 4] W) => (float[B, 4] Y) { Y = MatMul(A, W) }",
+            {},
+            "weight (input B) 'W' is a graph input, not a constant",
+        ),
+        (
+            "g (float[B, 8] A, float[B, 8] K) => (float[B, B] Y) { KT = Transpose(K) \n Y = MatMul(A, KT) }",
+            {},
+            "weight (input B) is computed at run time (produced by Transpose): activation x activation "
+            "MatMul (e.g. attention) is not compressed by this pass",
+        ),
+        (
+            "g (double[B, 8] A) => (double[B, 4] Y) { Y = MatMul(A, W) }",
+            {"W": np.ones((8, 4), np.float64)},
+            "weight dtype DOUBLE is not FLOAT (float32)",
+        ),
+        (
+            "g (float[2, B, 8] A) => (float[2, B, 4] Y) { Y = MatMul(A, W) }",
+            {"W": np.ones((2, 8, 4), np.float32)},
+            "weight has rank 3; only 2-D [K, N] weights are compressed",
+        ),
+    ],
+    ids=["graph-input-weight", "attention", "double", "rank3"],
+)
+def test_near_misses_are_skipped_with_reason(helpers, text, inits, reason):
+    model = helpers.model_from_text(f"{HEADER}\n{text}", inits)
+    before = helpers.op_types(model)
+    result = QuantizeMatMulPass(CompressConfig())(model)
+    assert not result.modified
+    assert result.rewritten == {}
+    assert helpers.op_types(result.model) == before
+    assert [(s.op_type, s.reason) for s in result.skipped] == [("MatMul", reason)]
+    assert DOMAIN not in result.model.opset_imports
+
+
+def test_initializer_that_is_also_graph_input_is_not_constant(helpers):
+    model, _ = linear_model(helpers, bias_shape=None)
+    model.graph.inputs.append(model.graph.initializers["W"])
+    result = QuantizeMatMulPass(CompressConfig())(model)
+    assert helpers.op_types(result.model) == ["MatMul"]
+    assert result.skipped[0].reason == "weight (input B) 'W' is a graph input, not a constant"
+
+
+def test_transposed_constant_weight_is_quantized_without_copy(helpers):
+    text = f"""{HEADER}
+    g (float[B, 16] A) => (float[B, 10] Y) {{
+      WT = Transpose <perm = [1, 0]> (T)
+      Y = MatMul(A, WT)
+    }}"""
+    table = weights(10, 16)
+    model = helpers.model_from_text(text, {"T": table})
+    result = QuantizeMatMulPass(CompressConfig(act_bits=None))(model)
+    assert helpers.op_types(result.model) == ["Transpose", "BlockMatMul"]  # dead Transpose: cleanup's job
+    assert result.rewritten == {"MatMul": 1, "MatMul(Transpose(weight))": 1}
+    node = result.model.graph.node(1)
+    assert (node.attributes["K"].value, node.attributes["N"].value) == (16, 10)
+    expected = quantize_tensor(table, CompressConfig().weight_format)
+    np.testing.assert_array_equal(node.inputs[1].const_value.numpy(), expected.codes)
+    a = RNG.standard_normal((3, 16)).astype(np.float32)
+    (y,) = helpers.run_reference(result.model, {"A": a})
+    (y_float,) = helpers.run_ort(helpers.model_from_text(text, {"T": table}), {"A": a})
+    assert np.abs(y - y_float).max() / np.abs(y_float).max() < 0.3
+
+
+def test_second_run_does_not_modify(helpers):
+    model, _ = linear_model(helpers)
+    first = QuantizeMatMulPass(CompressConfig())(model)
+    second = QuantizeMatMulPass(CompressConfig())(first.model)
+    assert first.modified and not second.modified
+    assert second.rewritten == {} and second.skipped == []
+
+
+def test_weight_shared_by_two_matmuls_is_quantized_once(helpers):
+    text = f"""{HEADER}
+    g (float[B, 8] A, float[B, 8] C) => (float[B, 4] Y, float[B, 4] Z) {{
+      Y = MatMul(A, W)
+      Z = MatMul(C, W)
+    }}"""
+    model = helpers.model_from_text(text, {"W": weights(8, 4)})
+    result = QuantizeMatMulPass(CompressConfig())(model)
+    assert helpers.op_types(result.model) == ["BlockMatMul", "BlockMatMul"]
+    assert result.rewritten == {"MatMul": 2, "shared quantized weight": 1}
+    first, second = result.model.graph
+    assert first.inputs[1] is second.inputs[1] and first.inputs[2] is second.inputs[2]
