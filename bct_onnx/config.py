@@ -50,9 +50,11 @@ class CompressConfig:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
         if not isinstance(self.symmetric, bool):
-            raise ValueError(f"symmetric must be a bool, got {self.symmetric!r}")
+            raise ValueError(f"symmetric must be a bool, got {self.symmetric!r}")  # noqa: TRY004 (field error)
         if not isinstance(self.weight_scale_search, bool):
-            raise ValueError(f"weight_scale_search must be a bool, got {self.weight_scale_search!r}")
+            raise ValueError(  # noqa: TRY004 (one exception type for every bad field)
+                f"weight_scale_search must be a bool, got {self.weight_scale_search!r}"
+            )
         try:
             object.__setattr__(self, "scale_kind", ScaleKind(self.scale_kind))
         except ValueError:

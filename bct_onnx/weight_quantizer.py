@@ -29,7 +29,11 @@ _CHUNK_ELEMENTS = 1 << 22
 
 
 def _block_squared_error(
-    blocks: np.ndarray, codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, fmt: BlockFormat
+    blocks: np.ndarray,
+    codes: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray | None,
+    fmt: BlockFormat,
 ) -> np.ndarray:
     """Squared error per block [..., nb] of codes [..., nb, block_size] against blocks."""
     scale = scales_to_float32(scales, fmt.scale_kind)[..., None]

@@ -14,7 +14,6 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-
 from bct_onnx.passes.framework import NodeRewritePass, PassReport, node_label
 from bct_onnx.passes.quantized_weights import constant_tensor
 
@@ -112,7 +111,9 @@ class FoldConstantWeightsPass(NodeRewritePass):
             )
         return node, tensors
 
-    def rewrite(self, model: ir.Model, matched: tuple[ir.Node, list[ir.TensorProtocol]], report: PassReport) -> None:
+    def rewrite(
+        self, model: ir.Model, matched: tuple[ir.Node, list[ir.TensorProtocol]], report: PassReport
+    ) -> None:
         node, tensors = matched
         result = evaluate(node, [np.asarray(t.numpy()) for t in tensors])
         if isinstance(result, str):
@@ -123,7 +124,9 @@ class FoldConstantWeightsPass(NodeRewritePass):
         old = node.outputs[0]
         name = old.name
         tensor = ir.tensor(array, dtype=dtype, name=name)
-        new = ir.Value(name=None, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+        new = ir.Value(
+            name=None, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
+        )
         old.replace_all_uses_with(new)
         graph.remove(node, safe=True)
         new.name = name

@@ -14,7 +14,6 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-
 from bct_onnx.passes.fold_constant_weights import SHARED_SOURCE_MIN_ELEMENTS
 from bct_onnx.passes.framework import NodeRewritePass, PassReport
 from bct_onnx.passes.quantized_weights import constant_tensor
@@ -97,7 +96,9 @@ class GemmToMatMulPass(NodeRewritePass):
             while unique in graph.initializers:
                 unique, i = f"{base}_{i}", i + 1
             tensor = ir.tensor(np.asarray(array, dtype=np_dtype), dtype=dtype, name=unique)
-            value = ir.Value(name=unique, shape=ir.Shape(tensor.shape), type=ir.TensorType(dtype), const_value=tensor)
+            value = ir.Value(
+                name=unique, shape=ir.Shape(tensor.shape), type=ir.TensorType(dtype), const_value=tensor
+            )
             graph.register_initializer(value)
             return value
 
@@ -111,7 +112,11 @@ class GemmToMatMulPass(NodeRewritePass):
             a = add_node("Transpose", [a], "transpose_a", perm=[1, 0])
         alpha_pending = matched.alpha != 1.0
         if matched.b_shared:
-            b = add_node("Transpose", [matched.b], "transpose_b", perm=[1, 0]) if matched.trans_b else matched.b
+            b = (
+                add_node("Transpose", [matched.b], "transpose_b", perm=[1, 0])
+                if matched.trans_b
+                else matched.b
+            )
         else:
             weight = np.asarray(matched.b_tensor.numpy())
             if matched.trans_b:
@@ -131,7 +136,9 @@ class GemmToMatMulPass(NodeRewritePass):
                 if matched.beta == 1.0:
                     c = matched.c
                 else:
-                    c = initializer("bias", np.asarray(matched.c_tensor.numpy()).astype(np.float64) * matched.beta)
+                    c = initializer(
+                        "bias", np.asarray(matched.c_tensor.numpy()).astype(np.float64) * matched.beta
+                    )
             else:
                 c = matched.c
                 if matched.beta != 1.0:

@@ -17,15 +17,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import onnx_ir as ir
-from onnx_ir.passes import common as common_passes
-
-from bct_onnx.config import CompressConfig
 from bct_onnx.passes.check_model import CheckModelPass
 from bct_onnx.passes.fold_constant_weights import FoldConstantWeightsPass
 from bct_onnx.passes.framework import CompressPassResult, Skip, check_model_basics
 from bct_onnx.passes.gemm_to_matmul import GemmToMatMulPass
 from bct_onnx.passes.quantize_gather import QuantizeGatherPass
 from bct_onnx.passes.quantize_matmul import QuantizeMatMulPass
+from onnx_ir.passes import common as common_passes
+
+from bct_onnx.config import CompressConfig
 
 logger = logging.getLogger(__name__)
 

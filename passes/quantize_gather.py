@@ -11,9 +11,6 @@ import dataclasses
 import logging
 
 import onnx_ir as ir
-
-from bct_onnx import ops
-from bct_onnx.config import CompressConfig
 from bct_onnx.passes.framework import NodeRewritePass, PassReport, register_domain
 from bct_onnx.passes.quantized_weights import (
     FLOAT_DTYPES,
@@ -21,6 +18,9 @@ from bct_onnx.passes.quantized_weights import (
     quantized_initializers,
     trim_trailing_none,
 )
+
+from bct_onnx import ops
+from bct_onnx.config import CompressConfig
 
 logger = logging.getLogger(__name__)
 

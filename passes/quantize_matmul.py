@@ -14,9 +14,6 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-
-from bct_onnx import ops
-from bct_onnx.config import CompressConfig
 from bct_onnx.passes.framework import DEFAULT_DOMAINS, NodeRewritePass, PassReport, register_domain
 from bct_onnx.passes.quantized_weights import (
     FLOAT_DTYPES,
@@ -24,6 +21,9 @@ from bct_onnx.passes.quantized_weights import (
     quantized_initializers,
     trim_trailing_none,
 )
+
+from bct_onnx import ops
+from bct_onnx.config import CompressConfig
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +59,13 @@ def _weight_source(weight: ir.Value) -> tuple[ir.Value, ir.TensorProtocol, bool]
         inner_tensor = constant_tensor(inner)
         perm_attr = producer.attributes.get("perm")
         perm = list(perm_attr.as_ints()) if perm_attr is not None else None
-        if inner is not None and inner_tensor is not None and len(inner_tensor.shape) == 2:
-            if perm in (None, [1, 0]):
-                return inner, inner_tensor, True
+        if (
+            inner is not None
+            and inner_tensor is not None
+            and len(inner_tensor.shape) == 2
+            and perm in (None, [1, 0])
+        ):
+            return inner, inner_tensor, True
     if weight.is_graph_input():
         return f"weight (input B) '{weight.name}' is a graph input, not a constant"
     what = producer.op_type if producer is not None else "unknown"
@@ -71,7 +75,9 @@ def _weight_source(weight: ir.Value) -> tuple[ir.Value, ir.TensorProtocol, bool]
     )
 
 
-def _bias_of(model: ir.Model, matmul: ir.Node, n: int, a_rank: int | None) -> tuple[ir.Node, ir.Value, np.ndarray] | None:
+def _bias_of(
+    model: ir.Model, matmul: ir.Node, n: int, a_rank: int | None
+) -> tuple[ir.Node, ir.Value, np.ndarray] | None:
     """The Add after the MatMul and its constant bias (reshaped to [N]) when it can be fused."""
     out = matmul.outputs[0]
     if out.is_graph_output():
@@ -160,7 +166,9 @@ class QuantizeMatMulPass(NodeRewritePass):
             while unique in graph.initializers:
                 unique, i = f"{base}_{i}", i + 1
             tensor = ir.tensor(matched.bias, name=unique)
-            bias = ir.Value(name=unique, shape=ir.Shape([matched.n]), type=ir.TensorType(tensor.dtype), const_value=tensor)
+            bias = ir.Value(
+                name=unique, shape=ir.Shape([matched.n]), type=ir.TensorType(tensor.dtype), const_value=tensor
+            )
             graph.register_initializer(bias)
         inputs = trim_trailing_none(
             [matched.activation, quantized.codes, quantized.scales, quantized.zero_points, bias]

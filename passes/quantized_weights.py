@@ -66,7 +66,9 @@ def _unique_name(graph: ir.Graph, base: str) -> str:
 def _register(graph: ir.Graph, name: str, array: np.ndarray, source: str, tag: str) -> ir.Value:
     name = _unique_name(graph, name)
     tensor = ir.tensor(array, name=name)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    value = ir.Value(
+        name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
+    )
     value.metadata_props[SOURCE_KEY] = source
     value.metadata_props[FORMAT_KEY] = tag
     graph.register_initializer(value)

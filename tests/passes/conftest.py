@@ -22,12 +22,22 @@ from onnx.reference.op_run import OpRun
 from bct_onnx.block_format import BlockFormat, ScaleKind, dequantize_codes, fake_quantize, unpack_codes
 from bct_onnx.ops import DOMAIN
 
-_SCALE_KINDS = {np.dtype(np.float16): ScaleKind.FLOAT16, np.dtype(np.float32): ScaleKind.FLOAT32,
-                np.dtype(np.uint8): ScaleKind.POW2}
+_SCALE_KINDS = {
+    np.dtype(np.float16): ScaleKind.FLOAT16,
+    np.dtype(np.float32): ScaleKind.FLOAT32,
+    np.dtype(np.uint8): ScaleKind.POW2,
+}
 
 
-def _dequantized(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int,
-                 block_size: int, symmetric: int, axis_size: int) -> np.ndarray:
+def _dequantized(
+    codes: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray | None,
+    bits: int,
+    block_size: int,
+    symmetric: int,
+    axis_size: int,
+) -> np.ndarray:
     fmt = BlockFormat(int(bits), int(block_size), bool(symmetric), _SCALE_KINDS[scales.dtype])
     return dequantize_codes(unpack_codes(codes, fmt.bits, axis_size), scales, zero_points, fmt)
 
@@ -35,8 +45,20 @@ def _dequantized(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray 
 class BlockMatMul(OpRun):
     op_domain = DOMAIN
 
-    def _run(self, A, W_codes, W_scales, W_zero_points=None, bias=None, K=None, N=None, bits=None,  # noqa: N803
-             block_size=None, symmetric=None, act_bits=None):
+    def _run(
+        self,
+        A,
+        W_codes,
+        W_scales,
+        W_zero_points=None,
+        bias=None,
+        K=None,
+        N=None,
+        bits=None,
+        block_size=None,
+        symmetric=None,
+        act_bits=None,
+    ):
         weight = _dequantized(W_codes, W_scales, W_zero_points, bits, block_size, symmetric, K)  # [N, K]
         a = A.astype(np.float32)
         if act_bits:
@@ -50,8 +72,17 @@ class BlockMatMul(OpRun):
 class BlockGather(OpRun):
     op_domain = DOMAIN
 
-    def _run(self, indices, codes, scales, zero_points=None, bits=None, block_size=None, symmetric=None,
-             axis_size=None):
+    def _run(
+        self,
+        indices,
+        codes,
+        scales,
+        zero_points=None,
+        bits=None,
+        block_size=None,
+        symmetric=None,
+        axis_size=None,
+    ):
         table = _dequantized(codes, scales, zero_points, bits, block_size, symmetric, axis_size)
         return (np.take(table, indices.astype(np.int64), axis=0),)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-
 from bct_onnx.passes import FoldConstantWeightsPass, GemmToMatMulPass
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
@@ -106,7 +105,9 @@ def test_fold_transpose_cast_chain(helpers):
     assert result.rewritten == {"fold Transpose": 1, "fold Cast": 1}
     assert helpers.op_types(result.model) == ["MatMul"]
     weight = next(iter(result.model.graph)).inputs[1]
-    assert weight.is_initializer() and weight.dtype == ir.DataType.FLOAT and weight.const_value.shape == (6, 4)
+    assert (
+        weight.is_initializer() and weight.dtype == ir.DataType.FLOAT and weight.const_value.shape == (6, 4)
+    )
     np.testing.assert_array_equal(weight.const_value.numpy(), w16.T.astype(np.float32))
     (actual,) = helpers.run_ort(result.model, feeds)
     np.testing.assert_array_equal(actual, expected)
@@ -146,6 +147,11 @@ def test_fold_leaves_activation_side_alone_and_reports_shared_sources(helpers):
     result = FoldConstantWeightsPass()(model)
     assert not result.modified
     assert [(s.op_type, s.reason) for s in result.skipped] == [
-        ("Cast", "constant 'T' is also read by Gather '<unnamed, output E>', Transpose '<unnamed, output WT>'; "
-         "folding would duplicate it")
+        (
+            "Cast",
+            (
+                "constant 'T' is also read by Gather '<unnamed, output E>', Transpose '<unnamed, output WT>'; "
+                "folding would duplicate it"
+            ),
+        )
     ]

@@ -65,7 +65,11 @@ def test_search_is_spec_conform_and_never_worse_per_block(fmt):
     x = np.random.default_rng(1).standard_normal((40, 96)).astype(np.float32)
     x[3, 5] = 12.0  # an outlier block, where clipping matters most
     plain, searched = quantize_tensor(x, fmt, scale_search=False), quantize_tensor(x, fmt, scale_search=True)
-    err_plain = ((dequantize(plain) - x) ** 2).reshape(40, -1, fmt.block_size).sum(-1) if 96 % fmt.block_size == 0 else None
+    err_plain = (
+        ((dequantize(plain) - x) ** 2).reshape(40, -1, fmt.block_size).sum(-1)
+        if 96 % fmt.block_size == 0
+        else None
+    )
     total_plain = ((dequantize(plain) - x) ** 2).sum()
     total_searched = ((dequantize(searched) - x) ** 2).sum()
     assert total_searched <= total_plain

@@ -8,9 +8,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-
-from bct_onnx.config import CompressConfig
-from bct_onnx.ops import DOMAIN
 from bct_onnx.passes import (
     DEBUG_DIR_ENV,
     DomainVersionError,
@@ -19,6 +16,9 @@ from bct_onnx.passes import (
     compress_model,
 )
 from bct_onnx.passes import pipeline as pipeline_module
+
+from bct_onnx.config import CompressConfig
+from bct_onnx.ops import DOMAIN
 
 RNG = np.random.default_rng(5)
 V, D, HIDDEN = 100, 64, 96
@@ -58,7 +58,13 @@ def test_tied_decoder_end_to_end(helpers):
     result = compress_model(model, CompressConfig(act_bits=None))
     assert isinstance(result, PipelineResult) and result.modified
     assert helpers.op_types(result.model) == [
-        "BlockGather", "Reshape", "BlockMatMul", "Relu", "BlockMatMul", "Reshape", "BlockMatMul"
+        "BlockGather",
+        "Reshape",
+        "BlockMatMul",
+        "Relu",
+        "BlockMatMul",
+        "Reshape",
+        "BlockMatMul",
     ]
     assert result.rewritten == {
         "Gemm": 2,

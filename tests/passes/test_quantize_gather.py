@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from bct_onnx.passes import QuantizeGatherPass
 
 from bct_onnx.block_format import dequantize
 from bct_onnx.config import CompressConfig
 from bct_onnx.ops import DOMAIN
-from bct_onnx.passes import QuantizeGatherPass
 from bct_onnx.weight_quantizer import quantize_tensor
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
@@ -65,7 +65,11 @@ def test_shape_gathers_are_left_alone_without_a_report(helpers):
       n = Gather <axis = 0> (s, one)
       m = Gather <axis = 0> (dims, pick)
     }}"""
-    inits = {"one": np.array(1, np.int64), "dims": np.array([4, 5, 6], np.int64), "pick": np.array([0, 2], np.int64)}
+    inits = {
+        "one": np.array(1, np.int64),
+        "dims": np.array([4, 5, 6], np.int64),
+        "pick": np.array([0, 2], np.int64),
+    }
     model = helpers.model_from_text(text, inits)
     result = QuantizeGatherPass(CompressConfig())(model)
     assert not result.modified

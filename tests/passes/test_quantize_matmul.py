@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
+from bct_onnx.passes import QuantizeMatMulPass
 
 from bct_onnx.block_format import BlockFormat, dequantize_codes, unpack_codes
 from bct_onnx.config import CompressConfig
 from bct_onnx.ops import DOMAIN, DOMAIN_VERSION
-from bct_onnx.passes import QuantizeMatMulPass
 from bct_onnx.weight_quantizer import quantize_tensor
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
@@ -59,7 +59,9 @@ def test_rewrites_matmul_and_fuses_bias(helpers):
 @pytest.mark.parametrize("weight_bits,block_size,symmetric", [(4, 32, True), (3, 16, False), (8, 7, True)])
 def test_numerics_match_spec(helpers, act_bits, weight_bits, block_size, symmetric):
     model, inits = linear_model(helpers, k=45, n=10)
-    config = CompressConfig(weight_bits=weight_bits, act_bits=act_bits, block_size=block_size, symmetric=symmetric)
+    config = CompressConfig(
+        weight_bits=weight_bits, act_bits=act_bits, block_size=block_size, symmetric=symmetric
+    )
     a = RNG.standard_normal((2, 3, 45)).astype(np.float32)
     (y_float,) = helpers.run_ort(model, {"A": a})
     compressed = QuantizeMatMulPass(config)(model.clone()).model
@@ -68,8 +70,12 @@ def test_numerics_match_spec(helpers, act_bits, weight_bits, block_size, symmetr
     node = next(iter(compressed.graph))
     fmt = config.weight_format
     zp = node.inputs[3].const_value.numpy() if not symmetric else None
-    w = dequantize_codes(unpack_codes(node.inputs[1].const_value.numpy(), fmt.bits, 45),
-                         node.inputs[2].const_value.numpy(), zp, fmt)
+    w = dequantize_codes(
+        unpack_codes(node.inputs[1].const_value.numpy(), fmt.bits, 45),
+        node.inputs[2].const_value.numpy(),
+        zp,
+        fmt,
+    )
     a_used = a
     if act_bits:
         from bct_onnx.block_format import fake_quantize
@@ -146,8 +152,10 @@ def test_bias_not_fused_when_it_is_a_graph_output_or_not_constant(helpers):
         (
             "g (float[B, 8] A, float[B, 8] K) => (float[B, B] Y) { KT = Transpose(K) \n Y = MatMul(A, KT) }",
             {},
-            "weight (input B) is computed at run time (produced by Transpose): activation x activation "
-            "MatMul (e.g. attention) is not compressed by this pass",
+            (
+                "weight (input B) is computed at run time (produced by Transpose): activation x activation "
+                "MatMul (e.g. attention) is not compressed by this pass"
+            ),
         ),
         (
             "g (double[B, 8] A) => (double[B, 4] Y) { Y = MatMul(A, W) }",
