@@ -320,3 +320,16 @@ def test_missing_output_flag(mlp: Path, capsys: pytest.CaptureFixture[str]) -> N
     code, _, stderr = run_main(capsys, "compress", str(mlp))
     assert code == 2
     assert "the following arguments are required: -o/--output" in stderr
+
+
+def test_console_script_is_installed(tmp_path: Path) -> None:
+    """`pip install .` puts the `bct-onnx` command next to this interpreter's scripts."""
+    import shutil
+    import sysconfig
+
+    script = Path(sysconfig.get_path("scripts")) / "bct-onnx"
+    found = str(script) if script.is_file() else shutil.which("bct-onnx")
+    assert found, f"bct-onnx command not found in {script.parent} or on PATH"
+    proc = subprocess.run([found, "--version"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"bct-onnx {bct_onnx.__version__}"
