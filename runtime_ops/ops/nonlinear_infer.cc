@@ -152,3 +152,50 @@ OrtStatusPtr InferResult(OrtShapeInferContext* ctx, const InferDims& logical) {
 
 }  // namespace nonlinear
 }  // namespace bct
+
+#include "ops/act_matmul_io.h"
+
+namespace bct {
+namespace nonlinear {
+
+OrtStatusPtr ORT_API_CALL ActMatMulSchema::InferOutputShape(const OrtCustomOp*, OrtShapeInferContext* ctx) noexcept {
+  try {
+    const InferDims a = InferOperandDims(ctx);
+    const InferDims b = InferInputDims(ctx, 3);
+    if (!a.known || !b.known || a.dims.size() < 2 || b.dims.size() < 2) return nullptr;
+    int64_t transpose_b = 0;
+    InferIntAttr(ctx, "transpose_b", &transpose_b);
+    const size_t ra = a.dims.size() - 2, rb = b.dims.size() - 2, rank = std::max(ra, rb);
+    InferDims out;
+    out.known = true;
+    for (size_t i = 0; i < rank; ++i) {
+      const bool has_a = i + ra >= rank, has_b = i + rb >= rank;
+      const int64_t da = has_a ? a.dims[i + ra - rank] : 1, db = has_b ? b.dims[i + rb - rank] : 1;
+      const std::string sa = has_a ? a.symbols[i + ra - rank] : "", sb = has_b ? b.symbols[i + rb - rank] : "";
+      if (da == 1) {
+        out.dims.push_back(db);
+        out.symbols.push_back(sb);
+      } else if (db == 1 || (da == db && da > 0) || (da > 1 && db < 0)) {
+        out.dims.push_back(da);
+        out.symbols.push_back(da > 0 ? "" : sa);
+      } else if (db > 1 && da < 0) {
+        out.dims.push_back(db);
+        out.symbols.push_back("");
+      } else {
+        out.dims.push_back(-1);
+        out.symbols.push_back(!sa.empty() && sa == sb ? sa : "");
+      }
+    }
+    out.dims.push_back(a.dims[a.dims.size() - 2]);
+    out.symbols.push_back(a.symbols[a.symbols.size() - 2]);
+    const size_t n_index = transpose_b ? b.dims.size() - 2 : b.dims.size() - 1;
+    out.dims.push_back(b.dims[n_index]);
+    out.symbols.push_back(b.symbols[n_index]);
+    return InferResult(ctx, out);
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+}  // namespace nonlinear
+}  // namespace bct

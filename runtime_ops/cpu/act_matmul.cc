@@ -1,0 +1,122 @@
+// BlockActMatMul on CPU (docs/ops.md): A [..., M, K] x B [..., K, N], both activations, quantized
+// at run time along K (nl::quantize_act_row), integer dot products per block scaled by
+// a_scale * b_scale and accumulated in float32 in block order (nl::act_dot), numpy-style batch
+// broadcasting; the result is stored as float32 or requantized along N (cpu::QuantizeRow).
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "bct/nonlinear_math.h"
+#include "bct/op_common.h"
+#include "ops/act_matmul_io.h"
+#include "ops/block_io.h"
+#include "ops/nonlinear_io.h"
+#include "row_kernels.h"
+
+namespace bct {
+namespace nonlinear {
+namespace {
+
+class ActMatMulCpuKernel {
+ public:
+  ActMatMulCpuKernel(const OrtKernelInfo* info, const NodeRef& node)
+      : node_(node),
+        in_(ReadOperandAttrs(info, node_)),
+        out_(ReadResultAttrs(info, node_)),
+        attrs_(ReadActMatMulAttrs(info, node_)) {}
+
+  static bool InputOnHost(size_t) { return false; }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return Guard(node_, [&] {
+      Ort::KernelContext ctx(context);
+      const Operand a = ReadOperand(ctx, node_, in_);
+      const ActMatMulGeometry g = CheckActMatMul(ctx, node_, attrs_, a);
+      const Result r = AllocateResult(ctx, node_, out_, g.out_shape);
+      const int64_t k = g.k, m = g.m, n = g.n;
+      const int64_t nb = num_blocks(k, attrs_.block_size);
+      const int bits = attrs_.act_bits;
+      const int64_t bs = attrs_.block_size;
+
+      // Quantize A, row by row along K (dequantizing a quantized operand first).
+      const int64_t a_rows = g.a_batches * m;
+      std::vector<int8_t> qa(static_cast<size_t>(a_rows * k));
+      std::vector<float> sa(static_cast<size_t>(a_rows * nb));
+      const cpu::RowFormat in_fmt{in_.bits, in_.block_size, in_.symmetric, a.scale_kind, k, a.row_bytes, a.num_blocks};
+      const size_t in_scale_row = static_cast<size_t>(a.num_blocks) * ScaleItemSize(a.scale_kind);
+      ParallelFor(ctx, a_rows, std::max<int64_t>(1, 4096 / k), [&](int64_t begin, int64_t end) {
+        std::vector<float> row(a.quantized ? static_cast<size_t>(k) : 0);
+        for (int64_t i = begin; i < end; ++i) {
+          const float* x = a.x ? a.x + i * k : row.data();
+          if (a.quantized) {
+            cpu::DequantizeRow(in_fmt, a.codes + i * a.row_bytes,
+                               static_cast<const uint8_t*>(a.scales) + i * in_scale_row,
+                               a.zero_points ? a.zero_points + i * a.num_blocks : nullptr, row.data());
+          }
+          nl::quantize_act_row(x, k, bits, bs, qa.data() + i * k, sa.data() + i * nb);
+        }
+      });
+
+      // Quantize B along K: rows of B^T [N, K] per batch (gathered columns unless transpose_b).
+      const int64_t b_rows = g.b_batches * n;
+      std::vector<int8_t> qb(static_cast<size_t>(b_rows * k));
+      std::vector<float> sb(static_cast<size_t>(b_rows * nb));
+      ParallelFor(ctx, b_rows, std::max<int64_t>(1, 4096 / k), [&](int64_t begin, int64_t end) {
+        std::vector<float> column(attrs_.transpose_b ? 0 : static_cast<size_t>(k));
+        for (int64_t i = begin; i < end; ++i) {
+          const float* x;
+          if (attrs_.transpose_b) {
+            x = g.b + i * k;
+          } else {
+            const int64_t batch = i / n, col = i % n;
+            const float* base = g.b + batch * k * n + col;
+            for (int64_t j = 0; j < k; ++j) column[static_cast<size_t>(j)] = base[j * n];
+            x = column.data();
+          }
+          nl::quantize_act_row(x, k, bits, bs, qb.data() + i * k, sb.data() + i * nb);
+        }
+      });
+
+      // Y rows: one (output batch, m) pair per task.
+      const cpu::RowFormat out_fmt{out_.bits, out_.block_size, out_.symmetric, out_.scale_kind, n, r.row_bytes,
+                                   r.num_blocks};
+      const size_t out_scale_row = static_cast<size_t>(r.num_blocks) * ScaleItemSize(out_.scale_kind);
+      const int64_t out_rows = g.out_batches * m;
+      ParallelFor(ctx, out_rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, n * k)), [&](int64_t begin, int64_t end) {
+        std::vector<float> buffer(r.quantized ? static_cast<size_t>(n) : 0);
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t ob = row / m, mi = row % m;
+          const int64_t a_row = g.a_index[static_cast<size_t>(ob)] * m + mi;
+          const int64_t b_row0 = g.b_index[static_cast<size_t>(ob)] * n;
+          float* y = r.quantized ? buffer.data() : r.y + row * n;
+          const int8_t* qa_row = qa.data() + a_row * k;
+          const float* sa_row = sa.data() + a_row * nb;
+          for (int64_t j = 0; j < n; ++j) {
+            y[j] = nl::act_dot(qa_row, sa_row, qb.data() + (b_row0 + j) * k, sb.data() + (b_row0 + j) * nb, k, bs);
+          }
+          if (r.quantized) {
+            cpu::QuantizeRow(out_fmt, y, r.codes + row * r.row_bytes,
+                             static_cast<uint8_t*>(r.scales) + row * out_scale_row,
+                             r.zero_points ? r.zero_points + row * r.num_blocks : nullptr);
+          }
+        }
+      });
+    });
+  }
+
+ private:
+  NodeRef node_;
+  OperandAttrs in_;
+  ResultAttrs out_;
+  ActMatMulAttrs attrs_;
+};
+
+}  // namespace
+
+void AppendActMatMulCpuOps(Ort::CustomOpDomain& domain) {
+  static BlockCustomOp<ActMatMulSchema, ActMatMulCpuKernel> op(nullptr);
+  domain.Add(&op);
+}
+
+}  // namespace nonlinear
+}  // namespace bct

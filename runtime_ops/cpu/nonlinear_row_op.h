@@ -1,0 +1,101 @@
+// CPU kernel template of the row-wise compressed nonlinear ops (BlockGelu, BlockSoftmax,
+// BlockLayerNorm, BlockRMSNorm): for every row of the last axis, in parallel,
+//   load (copy float32, or cpu::DequantizeRow) -> Family::Row (bct/nonlinear_math.h) -> store
+//   (into Y, or cpu::QuantizeRow into codes / scales / zero points).
+// A Family supplies kName, its extra inputs (after the operand's three slots) and the row function:
+//   struct Family {
+//     static constexpr const char* kName; static constexpr size_t kExtraInputs;
+//     static bool ExtraInputOptional(size_t extra_index);
+//     Family(const OrtKernelInfo*, const NodeRef&);            // reads op attributes
+//     struct Params {...};
+//     Params Prepare(const Ort::KernelContext&, const NodeRef&, int64_t axis_size) const;  // extra inputs
+//     void Row(const Params&, float* y, int64_t axis_size) const;
+//   };
+#pragma once
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "bct/nonlinear_math.h"
+#include "bct/op_common.h"
+#include "ops/block_io.h"
+#include "ops/nonlinear_families.h"
+#include "ops/nonlinear_io.h"
+#include "row_kernels.h"
+
+namespace bct {
+namespace nonlinear {
+
+// Schema shared by the CPU and CUDA registrations of one row op family.
+template <class Family>
+struct RowOpSchema {
+  static constexpr const char* kName = Family::kName;
+  static constexpr size_t kInputCount = 3 + Family::kExtraInputs;
+  static constexpr size_t kOutputCount = 3;
+  static bool InputOptional(size_t index) {
+    return index == 1 || index == 2 || (index >= 3 && Family::ExtraInputOptional(index - 3));
+  }
+  static bool OutputOptional(size_t index) { return index > 0; }
+  static ONNXTensorElementDataType OutputType(size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
+  static OrtStatusPtr ORT_API_CALL InferOutputShape(const OrtCustomOp*, OrtShapeInferContext* ctx) noexcept {
+    try {
+      return InferResult(ctx, InferOperandDims(ctx));
+    } catch (...) {
+      return nullptr;  // advisory; the kernel validates at run time
+    }
+  }
+};
+
+template <class Family>
+class RowOpCpuKernel {
+ public:
+  RowOpCpuKernel(const OrtKernelInfo* info, const NodeRef& node)
+      : node_(node), in_(ReadOperandAttrs(info, node_)), out_(ReadResultAttrs(info, node_)), family_(info, node_) {}
+
+  static bool InputOnHost(size_t) { return false; }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return Guard(node_, [&] {
+      Ort::KernelContext ctx(context);
+      const Operand x = ReadOperand(ctx, node_, in_);
+      const typename Family::Params params = family_.Prepare(ctx, node_, x.axis_size);
+      const Result r = AllocateResult(ctx, node_, out_, x.shape);
+      const int64_t d = x.axis_size;
+      const cpu::RowFormat in_fmt{in_.bits, in_.block_size, in_.symmetric, x.scale_kind, d, x.row_bytes, x.num_blocks};
+      const cpu::RowFormat out_fmt{out_.bits, out_.block_size, out_.symmetric, out_.scale_kind, d, r.row_bytes,
+                                   r.num_blocks};
+      const size_t in_scale_row = static_cast<size_t>(x.num_blocks) * ScaleItemSize(x.scale_kind);
+      const size_t out_scale_row = static_cast<size_t>(r.num_blocks) * ScaleItemSize(out_.scale_kind);
+      const int64_t min_rows = std::max<int64_t>(1, 8192 / d);
+      ParallelFor(ctx, x.rows, min_rows, [&](int64_t begin, int64_t end) {
+        std::vector<float> buffer(r.quantized ? static_cast<size_t>(d) : 0);
+        for (int64_t row = begin; row < end; ++row) {
+          float* y = r.quantized ? buffer.data() : r.y + row * d;
+          if (x.quantized) {
+            cpu::DequantizeRow(in_fmt, x.codes + row * x.row_bytes,
+                               static_cast<const uint8_t*>(x.scales) + row * in_scale_row,
+                               x.zero_points ? x.zero_points + row * x.num_blocks : nullptr, y);
+          } else {
+            std::memcpy(y, x.x + row * d, static_cast<size_t>(d) * sizeof(float));
+          }
+          family_.Row(params, y, d);
+          if (r.quantized) {
+            cpu::QuantizeRow(out_fmt, y, r.codes + row * r.row_bytes,
+                             static_cast<uint8_t*>(r.scales) + row * out_scale_row,
+                             r.zero_points ? r.zero_points + row * r.num_blocks : nullptr);
+          }
+        }
+      });
+    });
+  }
+
+ private:
+  NodeRef node_;
+  OperandAttrs in_;
+  ResultAttrs out_;
+  Family family_;
+};
+
+}  // namespace nonlinear
+}  // namespace bct

@@ -1,0 +1,135 @@
+// The four row-wise nonlinear op families (docs/ops.md): their attributes, their op-specific inputs
+// and their row function. Shared by the CPU kernels (cpu/nonlinear_row_op.h calls Row) and the CUDA
+// kernels (which read Params and run the same bct/nonlinear_math.h row functions on the device).
+#pragma once
+
+#include <string>
+
+#include "bct/nonlinear_math.h"
+#include "bct/op_common.h"
+#include "ops/nonlinear_io.h"
+
+namespace bct {
+namespace nonlinear {
+
+// Optional float attribute with a default.
+inline float AttrFloat(const OrtKernelInfo* info, const char* name, float default_value) {
+  float value = 0.0f;
+  const OrtApi& api = Ort::GetApi();
+  if (OrtStatus* status = api.KernelInfoGetAttribute_float(info, name, &value)) {
+    api.ReleaseStatus(status);
+    return default_value;
+  }
+  return value;
+}
+
+// The ops normalise / reduce over the last axis only; an explicit axis must say so.
+inline void CheckLastAxis(const OrtKernelInfo* info, const NodeRef& node) {
+  const int64_t axis = AttrInt(info, "axis", -1);
+  if (axis != -1) node.Fail("attribute 'axis' must be -1 (the last axis), got " + std::to_string(axis));
+}
+
+inline float ReadEpsilon(const OrtKernelInfo* info, const NodeRef& node, float default_value) {
+  const float eps = AttrFloat(info, "epsilon", default_value);
+  if (!(eps >= 0.0f)) node.Fail("attribute 'epsilon' must be >= 0, got " + std::to_string(eps));
+  return eps;
+}
+
+struct GeluFamily {
+  static constexpr const char* kName = "BlockGelu";
+  static constexpr size_t kExtraInputs = 0;
+  static bool ExtraInputOptional(size_t) { return false; }
+  GeluFamily(const OrtKernelInfo* info, const NodeRef& node) {
+    const std::string approximate = AttrString(info, "approximate", "none");
+    if (approximate == "none") {
+      form = nl::GeluForm::kErf;
+    } else if (approximate == "tanh") {
+      form = nl::GeluForm::kTanh;
+    } else {
+      node.Fail("attribute 'approximate' must be 'none' or 'tanh', got '" + approximate + "'");
+    }
+  }
+  struct Params {};
+  Params Prepare(const Ort::KernelContext&, const NodeRef&, int64_t) const { return {}; }
+  void Row(const Params&, float* y, int64_t n) const { nl::gelu_row(y, n, form); }
+  nl::GeluForm form = nl::GeluForm::kErf;
+};
+
+struct SoftmaxFamily {
+  static constexpr const char* kName = "BlockSoftmax";
+  static constexpr size_t kExtraInputs = 0;
+  static bool ExtraInputOptional(size_t) { return false; }
+  SoftmaxFamily(const OrtKernelInfo* info, const NodeRef& node) { CheckLastAxis(info, node); }
+  struct Params {};
+  Params Prepare(const Ort::KernelContext&, const NodeRef&, int64_t) const { return {}; }
+  void Row(const Params&, float* y, int64_t n) const { nl::softmax_row(y, n); }
+};
+
+// A float32 [D] op-specific input (LayerNorm scale / bias, RMSNorm scale), checked against D. The
+// pointer addresses the provider's memory (host on CPU, device on CUDA).
+inline const float* ReadVectorInput(const Ort::KernelContext& ctx, const NodeRef& node, size_t index,
+                                    const char* name, int64_t axis_size, bool optional) {
+  const InputTensor in = GetInput(ctx, index);
+  if (!in.present) {
+    if (optional) return nullptr;
+    node.Fail(std::string("input '") + name + "' is required");
+  }
+  ExpectDtype(node, name, in, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  if (in.shape.size() != 1 || in.shape[0] != axis_size) {
+    node.Fail(std::string("input '") + name + "' must have shape [" + std::to_string(axis_size) +
+              "] (the normalised axis D), got " + ShapeString(in.shape));
+  }
+  return in.As<float>();
+}
+
+struct LayerNormFamily {
+  static constexpr const char* kName = "BlockLayerNorm";
+  static constexpr size_t kExtraInputs = 2;  // scale, bias (optional)
+  static bool ExtraInputOptional(size_t extra) { return extra == 1; }
+  LayerNormFamily(const OrtKernelInfo* info, const NodeRef& node) : epsilon(ReadEpsilon(info, node, 1e-5f)) {
+    CheckLastAxis(info, node);
+  }
+  struct Params {
+    const float* scale;
+    const float* bias;
+  };
+  Params Prepare(const Ort::KernelContext& ctx, const NodeRef& node, int64_t d) const {
+    return Params{ReadVectorInput(ctx, node, 3, "scale", d, false), ReadVectorInput(ctx, node, 4, "bias", d, true)};
+  }
+  void Row(const Params& p, float* y, int64_t n) const { nl::layer_norm_row(y, n, p.scale, p.bias, epsilon); }
+  float epsilon;
+};
+
+struct RMSNormFamily {
+  static constexpr const char* kName = "BlockRMSNorm";
+  static constexpr size_t kExtraInputs = 1;  // scale
+  static bool ExtraInputOptional(size_t) { return false; }
+  RMSNormFamily(const OrtKernelInfo* info, const NodeRef& node) : epsilon(ReadEpsilon(info, node, 1e-5f)) {
+    CheckLastAxis(info, node);
+  }
+  struct Params {
+    const float* scale;
+  };
+  Params Prepare(const Ort::KernelContext& ctx, const NodeRef& node, int64_t d) const {
+    return Params{ReadVectorInput(ctx, node, 3, "scale", d, false)};
+  }
+  void Row(const Params& p, float* y, int64_t n) const { nl::rms_norm_row(y, n, p.scale, epsilon); }
+  float epsilon;
+};
+
+}  // namespace nonlinear
+}  // namespace bct
+
+namespace bct {
+namespace nonlinear {
+
+// Per-family registration (cpu/gelu.cc, cpu/softmax.cc, cpu/norm.cc, cpu/act_matmul.cc and the
+// CUDA counterparts), called by bct::AppendNonlinearOps (ops/nonlinear_register.cc).
+void AppendGeluCpuOps(Ort::CustomOpDomain& domain);
+void AppendSoftmaxCpuOps(Ort::CustomOpDomain& domain);
+void AppendNormCpuOps(Ort::CustomOpDomain& domain);
+void AppendActMatMulCpuOps(Ort::CustomOpDomain& domain);
+void AppendNonlinearCudaOps(Ort::CustomOpDomain& domain);
+
+}  // namespace nonlinear
+}  // namespace bct
