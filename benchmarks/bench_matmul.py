@@ -1,0 +1,192 @@
+"""BlockMatMul against ONNX Runtime's own MatMul paths, side by side in one run.
+
+Each case is a one-node model with a constant weight, run with the same session settings
+(intra-op threads, sequential execution, all graph optimizations). Reported: the median of warm
+runs (after warm-up calls) in milliseconds and the ratio to ONNX Runtime's FP32 MatMul in the
+same run. Weights stay the same between calls (warm caches), as in a model run on one machine.
+
+    python benchmarks/bench_matmul.py [--threads 2] [--repeat 200] [--json out.json]
+
+Needs the compiled custom-op library (installed package, or BCT_ONNX_LIBRARY); without it only
+the ONNX Runtime rows are measured, and the output says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from bct_onnx import block_format, ops, runtime
+
+logger = logging.getLogger(__name__)
+
+SHAPES = ((1, 768, 3072), (128, 768, 3072), (1, 4096, 4096))
+OPSET = 17
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One measured variant: a label and a function building its model for (M, K, N)."""
+
+    label: str
+    build: Callable[[np.ndarray, int], onnx.ModelProto]
+    needs_library: bool = False
+
+
+def _model(nodes, inits, m: int, k: int, n: int, domains: list[tuple[str, int]] = ()) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "bench",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [m, n])],
+        initializer=inits,
+    )
+    imports = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, v) for d, v in domains]
+    return helper.make_model(graph, opset_imports=imports)
+
+
+def fp32_matmul(weight: np.ndarray, m: int) -> onnx.ModelProto:
+    k, n = weight.shape
+    node = helper.make_node("MatMul", ["A", "W"], ["Y"])
+    return _model([node], [numpy_helper.from_array(weight, "W")], m, k, n)
+
+
+def matmul_nbits(accuracy_level: int) -> Callable[[np.ndarray, int], onnx.ModelProto]:
+    def build(weight: np.ndarray, m: int) -> onnx.ModelProto:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(
+            fp32_matmul(weight, m), bits=4, block_size=32, is_symmetric=True, accuracy_level=accuracy_level
+        )
+        quantizer.process()
+        model = quantizer.model.model
+        if not any(node.op_type == "MatMulNBits" for node in model.graph.node):
+            raise RuntimeError("MatMulNBitsQuantizer produced no MatMulNBits node")
+        return model
+
+    return build
+
+
+def int8_dynamic(weight: np.ndarray, m: int) -> onnx.ModelProto:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        onnx.save(fp32_matmul(weight, m), src)
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+        return onnx.load(dst)
+
+
+def block_matmul(act_bits: int) -> Callable[[np.ndarray, int], onnx.ModelProto]:
+    def build(weight: np.ndarray, m: int) -> onnx.ModelProto:
+        k, n = weight.shape
+        fmt = block_format.BlockFormat(bits=4, block_size=32, symmetric=True, scale_kind="float16")
+        q = block_format.quantize(np.ascontiguousarray(weight.T), fmt)
+        node = helper.make_node(
+            ops.BLOCK_MATMUL,
+            ["A", "W_codes", "W_scales"],
+            ["Y"],
+            domain=ops.DOMAIN,
+            K=k,
+            N=n,
+            bits=4,
+            block_size=32,
+            symmetric=1,
+            act_bits=act_bits,
+        )
+        inits = [numpy_helper.from_array(q.codes, "W_codes"), numpy_helper.from_array(q.scales, "W_scales")]
+        return _model([node], inits, m, k, n, [(ops.DOMAIN, ops.DOMAIN_VERSION)])
+
+    return build
+
+
+CASES = (
+    Case("ORT FP32 MatMul", fp32_matmul),
+    Case("ORT MatMulNBits 4b b32 acc0", matmul_nbits(0)),
+    Case("ORT MatMulNBits 4b b32 acc4", matmul_nbits(4)),
+    Case("ORT int8 quantize_dynamic", int8_dynamic),
+    Case("BCT BlockMatMul 4b b32 act float", block_matmul(0), needs_library=True),
+    Case("BCT BlockMatMul 4b b32 act int8", block_matmul(8), needs_library=True),
+)
+
+
+def _session(model: onnx.ModelProto, threads: int, with_library: bool) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if with_library:
+        options = runtime.session_options(options)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _median_ms(sess: ort.InferenceSession, feed: dict[str, np.ndarray], warmup: int, repeat: int) -> float:
+    for _ in range(warmup):
+        sess.run(None, feed)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        sess.run(None, feed)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
+    parser.add_argument("--repeat", type=int, default=200, help="timed runs per case (default 200)")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed runs first (default 20)")
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    try:
+        runtime.library_path()
+        have_library = True
+    except runtime.LibraryNotFoundError as err:
+        logger.warning("custom-op library not found, BlockMatMul rows skipped: %s", err)
+        have_library = False
+
+    rng = np.random.default_rng(0)
+    results = []
+    for m, k, n in SHAPES:
+        weight = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+        feed = {"A": rng.standard_normal((m, k)).astype(np.float32)}
+        base = None
+        for case in CASES:
+            if case.needs_library and not have_library:
+                continue
+            sess = _session(case.build(weight, m), args.threads, case.needs_library)
+            ms = _median_ms(sess, feed, args.warmup, args.repeat)
+            base = ms if base is None else base
+            results.append({"M": m, "K": k, "N": n, "case": case.label, "median_ms": ms, "vs_fp32": base / ms})
+
+    print(f"\nonnxruntime {ort.__version__}, {args.threads} intra-op threads, median of {args.repeat} warm runs")
+    print(f"| {'M x K x N':<16} | {'case':<34} | {'median ms':>9} | {'speed-up vs FP32':>16} |")
+    print(f"|{'-' * 18}|{'-' * 36}|{'-' * 11}|{'-' * 18}|")
+    for row in results:
+        shape = f"{row['M']} x {row['K']} x {row['N']}"
+        print(f"| {shape:<16} | {row['case']:<34} | {row['median_ms']:>9.3f} | {row['vs_fp32']:>15.2f}x |")
+    if args.json:
+        meta = {"onnxruntime": ort.__version__, "threads": args.threads, "repeat": args.repeat,
+                "machine": platform.processor() or platform.machine()}
+        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+        logger.info("wrote %s", args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,298 @@
+// BlockMatMul kernel: instruction-set selection, weight repacking, the scalar reference path and
+// the work split. See matmul_kernel.h for the layouts.
+#include "matmul_kernel.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+namespace bct {
+namespace matmul {
+
+namespace {
+
+constexpr int kTileCols = 16;
+
+// Unpacks the K codes of one densely packed row.
+void UnpackRow(const uint8_t* row, int64_t row_bytes, int bits, int64_t K, uint8_t* out) {
+  for (int64_t i = 0; i < K; ++i) out[i] = static_cast<uint8_t>(get_code(row, i, bits, row_bytes));
+}
+
+bool CpuHasAvx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+bool CpuHasAvx512Vnni() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni") && CpuHasAvx2();
+}
+
+}  // namespace
+
+const char* IsaName(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar:
+      return "scalar";
+    case Isa::kAvx2:
+      return "avx2";
+    case Isa::kAvx512Vnni:
+      return "avx512vnni";
+  }
+  return "unknown";
+}
+
+Isa BestIsa() {
+  if (CpuHasAvx512Vnni()) return Isa::kAvx512Vnni;
+  if (CpuHasAvx2()) return Isa::kAvx2;
+  return Isa::kScalar;
+}
+
+bool IsaFromName(const char* name, Isa* isa, std::string* error) {
+  const std::string value = name ? name : "";
+  if (value.empty() || value == "auto") {
+    *isa = BestIsa();
+    return true;
+  }
+  if (value == "scalar") {
+    *isa = Isa::kScalar;
+    return true;
+  }
+  if (value == "avx2") {
+    if (!CpuHasAvx2()) {
+      *error = "BCT_ONNX_ISA=avx2 but this CPU lacks AVX2/FMA";
+      return false;
+    }
+    *isa = Isa::kAvx2;
+    return true;
+  }
+  if (value == "avx512vnni") {
+    if (!CpuHasAvx512Vnni()) {
+      *error = "BCT_ONNX_ISA=avx512vnni but this CPU lacks AVX-512 F/BW/VL/DQ/VNNI";
+      return false;
+    }
+    *isa = Isa::kAvx512Vnni;
+    return true;
+  }
+  *error = "BCT_ONNX_ISA='" + value + "' is not one of auto, scalar, avx2, avx512vnni";
+  return false;
+}
+
+void SerialFor(std::size_t total, const std::function<void(std::size_t)>& task) {
+  for (std::size_t i = 0; i < total; ++i) task(i);
+}
+
+std::unique_ptr<PackedWeights> Pack(const Shape& shape, const WeightInputs& weights, Isa isa) {
+  auto p = std::make_unique<PackedWeights>();
+  p->shape = shape;
+  p->isa = isa;
+  const int64_t K = shape.K, N = shape.N, nb = shape.num_blocks(), row_bytes = shape.row_bytes();
+  const int bs = shape.block_size;
+  p->num_blocks = nb;
+  p->implicit_zero_point = static_cast<float>(1 << (shape.bits - 1));
+  std::vector<uint8_t> row(static_cast<size_t>(K));
+
+  if (isa == Isa::kScalar) {
+    p->block_padded = bs;
+    p->k_padded = K;
+    p->codes.resize(static_cast<size_t>(N * K));
+    p->scales.resize(static_cast<size_t>(N * nb));
+    if (!shape.symmetric) p->zero_points.resize(static_cast<size_t>(N * nb));
+    for (int64_t n = 0; n < N; ++n) {
+      UnpackRow(weights.codes + n * row_bytes, row_bytes, shape.bits, K, p->codes.data() + n * K);
+      for (int64_t b = 0; b < nb; ++b) {
+        p->scales[n * nb + b] = scale_value(weights.scale_kind, weights.scales, n * nb + b);
+        if (!shape.symmetric) p->zero_points[n * nb + b] = weights.zero_points[n * nb + b];
+      }
+    }
+    return p;
+  }
+
+  const int64_t bkp = (bs + 7) / 8 * 8;
+  const int64_t k_padded = nb * bkp;
+  const bool nibble = shape.bits <= 4;
+  const int64_t group_k = nibble ? 8 : 4;
+  const int64_t tiles = (N + kTileCols - 1) / kTileCols;
+  const int64_t tile_bytes = k_padded / group_k * 64;
+  const bool signed_codes = shape.act_bits == 0 && shape.symmetric;
+  p->block_padded = bkp;
+  p->k_padded = k_padded;
+  p->num_tiles = tiles;
+  p->tile_bytes = tile_bytes;
+  p->nibble = nibble;
+  p->signed_codes = signed_codes;
+  p->codes.assign(static_cast<size_t>(tiles * tile_bytes), 0);
+  p->scales.assign(static_cast<size_t>(tiles * nb * kTileCols), 0.f);
+  if (!shape.symmetric) p->zero_points.assign(static_cast<size_t>(tiles * nb * kTileCols), 0.f);
+  const int zw = 1 << (shape.bits - 1);
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t tile = n / kTileCols, col = n % kTileCols;
+    UnpackRow(weights.codes + n * row_bytes, row_bytes, shape.bits, K, row.data());
+    uint8_t* dst = p->codes.data() + tile * tile_bytes + col * 4;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t kp = (k / bs) * bkp + k % bs;
+      const int64_t g = kp / group_k, j = kp % group_k;
+      uint32_t v = row[k];
+      if (signed_codes) v = static_cast<uint32_t>(static_cast<int>(v) - zw) & (nibble ? 0xfu : 0xffu);
+      if (nibble) {
+        uint8_t& byte = dst[g * 64 + (j & 3)];
+        byte = static_cast<uint8_t>(byte | (j < 4 ? v : v << 4));
+      } else {
+        dst[g * 64 + j] = static_cast<uint8_t>(v);
+      }
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t at = (tile * nb + b) * kTileCols + col;
+      p->scales[at] = scale_value(weights.scale_kind, weights.scales, n * nb + b);
+      if (!shape.symmetric) p->zero_points[at] = weights.zero_points[n * nb + b];
+    }
+  }
+  return p;
+}
+
+namespace detail {
+
+// The reference activation quantizer: block_format.quantize_codes with a symmetric float32 format.
+void QuantizeRowsScalar(const PackedWeights& p, const float* A, int64_t row_begin, int64_t row_end, ActRows* out) {
+  const Shape& s = p.shape;
+  const int64_t K = s.K, nb = p.num_blocks, bkp = p.block_padded, kp = p.k_padded;
+  const int half = 1 << (s.act_bits - 1);
+  const int32_t zw = static_cast<int32_t>(p.implicit_zero_point);
+  for (int64_t m = row_begin; m < row_end; ++m) {
+    const float* a = A + m * K;
+    int8_t* codes = out->codes.data() + m * kp;
+    std::memset(codes, 0, static_cast<size_t>(kp));
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t k0 = b * s.block_size, len = std::min<int64_t>(s.block_size, K - k0);
+      const float scale = choose_symmetric_scale(a + k0, len, s.act_bits, ScaleKind::kFloat32).value;
+      const float inv = inverse_scale(scale);
+      int32_t sum = 0;
+      for (int64_t k = 0; k < len; ++k) {
+        const int32_t code = static_cast<int32_t>(code_of(a[k0 + k], inv, s.act_bits, true, 0)) - half;
+        codes[b * bkp + k] = static_cast<int8_t>(code);
+        sum += code;
+      }
+      out->scales[m * nb + b] = scale;
+      out->corr[m * nb + b] = -zw * sum;
+      out->sums[m * nb + b] = static_cast<float>(sum);
+    }
+  }
+}
+
+}  // namespace detail
+
+namespace {
+
+void ComputeScalarRows(const PackedWeights& p, const detail::ActRows* act, const float* A, int64_t row_begin,
+                       int64_t row_end, const float* bias, float* Y) {
+  const Shape& s = p.shape;
+  const int64_t K = s.K, N = s.N, nb = p.num_blocks, bs = s.block_size;
+  for (int64_t m = row_begin; m < row_end; ++m) {
+    for (int64_t n = 0; n < N; ++n) {
+      const uint8_t* w = p.codes.data() + n * K;
+      float y = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t k0 = b * bs, k1 = std::min(K, k0 + bs);
+        const float ws = p.scales[n * nb + b];
+        const float zw = s.symmetric ? p.implicit_zero_point : p.zero_points[n * nb + b];
+        if (act) {
+          const int8_t* a = act->codes.data() + m * p.k_padded + b * p.block_padded - k0;
+          int32_t dot = s.symmetric ? act->corr[m * nb + b] : 0;
+          for (int64_t k = k0; k < k1; ++k) dot += static_cast<int32_t>(a[k]) * static_cast<int32_t>(w[k]);
+          float f = static_cast<float>(dot);
+          if (!s.symmetric) f = std::fma(-zw, act->sums[m * nb + b], f);
+          f *= act->scales[m * nb + b];
+          y = std::fma(f, ws, y);
+        } else {
+          const float* a = A + m * K;
+          for (int64_t k = k0; k < k1; ++k) y = std::fma(a[k], (static_cast<float>(w[k]) - zw) * ws, y);
+        }
+      }
+      Y[m * N + n] = bias ? y + bias[n] : y;
+    }
+  }
+}
+
+}  // namespace
+
+void Compute(const PackedWeights& p, const float* A, int64_t M, const float* bias, float* Y,
+             const ParallelFor& parallel_for) {
+  const Shape& s = p.shape;
+  if (M <= 0 || s.N <= 0) return;
+  const bool quantized = s.act_bits > 0;
+  detail::ActRows act;
+  if (quantized) {
+    act.codes.resize(static_cast<size_t>(M * p.k_padded));
+    act.scales.resize(static_cast<size_t>(M * p.num_blocks));
+    act.corr.resize(static_cast<size_t>(M * p.num_blocks));
+    act.sums.resize(static_cast<size_t>(M * p.num_blocks));
+    const int64_t rows_per_task = 16;
+    const int64_t tasks = (M + rows_per_task - 1) / rows_per_task;
+    auto quantize = [&](std::size_t task) {
+      const int64_t r0 = static_cast<int64_t>(task) * rows_per_task, r1 = std::min(M, r0 + rows_per_task);
+      switch (p.isa) {
+        case Isa::kAvx512Vnni:
+          detail::QuantizeRowsAvx512(p, A, r0, r1, &act);
+          break;
+        case Isa::kAvx2:
+          detail::QuantizeRowsAvx2(p, A, r0, r1, &act);
+          break;
+        default:
+          detail::QuantizeRowsScalar(p, A, r0, r1, &act);
+      }
+    };
+    if (tasks > 1) {
+      parallel_for(static_cast<std::size_t>(tasks), quantize);
+    } else {
+      quantize(0);
+    }
+  }
+
+  if (p.isa == Isa::kScalar) {
+    const int64_t rows_per_task = std::max<int64_t>(1, std::min<int64_t>(8, M));
+    const int64_t tasks = (M + rows_per_task - 1) / rows_per_task;
+    parallel_for(static_cast<std::size_t>(tasks), [&](std::size_t task) {
+      const int64_t r0 = static_cast<int64_t>(task) * rows_per_task;
+      ComputeScalarRows(p, quantized ? &act : nullptr, A, r0, std::min(M, r0 + rows_per_task), bias, Y);
+    });
+    return;
+  }
+
+  // Float mode reads activations in the padded block layout; copy only when padding exists.
+  std::vector<float> padded;
+  const float* a_padded = A;
+  if (!quantized && p.k_padded != s.K) {
+    padded.assign(static_cast<size_t>(M * p.k_padded), 0.f);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t b = 0; b < p.num_blocks; ++b) {
+        const int64_t k0 = b * s.block_size, len = std::min<int64_t>(s.block_size, s.K - k0);
+        std::memcpy(padded.data() + m * p.k_padded + b * p.block_padded, A + m * s.K + k0,
+                    static_cast<size_t>(len) * sizeof(float));
+      }
+    }
+    a_padded = padded.data();
+  }
+
+  // Tasks: row chunks of up to 64 rows times tile chunks, about 16 tasks in all.
+  const int64_t rows_per_task = std::min<int64_t>(M, 64);
+  const int64_t row_chunks = (M + rows_per_task - 1) / rows_per_task;
+  const int64_t tile_chunks_wanted = std::max<int64_t>(1, 16 / row_chunks);
+  int64_t tiles_per_task = (p.num_tiles + tile_chunks_wanted - 1) / tile_chunks_wanted;
+  tiles_per_task = std::max<int64_t>(tiles_per_task, std::min<int64_t>(p.num_tiles, 4));
+  tiles_per_task = (tiles_per_task + 3) / 4 * 4;  // whole groups of 4 tiles (the GEMV register block)
+  const int64_t tile_chunks = (p.num_tiles + tiles_per_task - 1) / tiles_per_task;
+  const detail::ActRows* act_ptr = quantized ? &act : nullptr;
+  parallel_for(static_cast<std::size_t>(row_chunks * tile_chunks), [&](std::size_t task) {
+    const int64_t rc = static_cast<int64_t>(task) / tile_chunks, tc = static_cast<int64_t>(task) % tile_chunks;
+    const int64_t r0 = rc * rows_per_task, r1 = std::min(M, r0 + rows_per_task);
+    const int64_t t0 = tc * tiles_per_task, t1 = std::min(p.num_tiles, t0 + tiles_per_task);
+    if (p.isa == Isa::kAvx512Vnni) {
+      detail::TilesAvx512(p, act_ptr, a_padded, r0, r1, t0, t1, bias, Y);
+    } else {
+      detail::TilesAvx2(p, act_ptr, a_padded, r0, r1, t0, t1, bias, Y);
+    }
+  });
+}
+
+}  // namespace matmul
+}  // namespace bct

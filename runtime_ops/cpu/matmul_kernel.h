@@ -1,0 +1,119 @@
+// BlockMatMul CPU kernel, independent of ONNX Runtime: Y[M, N] = A[M, K] x W'[N, K]^T + bias.
+//
+// W' is the blockwise weight of docs/ops.md (codes packed densely along K, one scale per block of
+// block_size along K, optional zero points). The weight is repacked once (Pack) into the layout the
+// selected instruction set wants; Compute then runs on any number of activation rows.
+//
+// act_bits == 0: float activations; the weight is dequantized in registers exactly as
+//   block_format.dequantize does ((code - zero_point) * scale, one rounding) and multiplied in fp32.
+// act_bits in 2..8: each row of A is quantized per block exactly as
+//   block_format.quantize_codes(A, BlockFormat(act_bits, block_size, True, "float32")); per block the
+//   integer dot product sum(sa * (uw - zw)) (sa = signed activation code) is scaled by
+//   a_scale * w_scale and accumulated in fp32.
+//
+// SIMD layout (AVX2 and AVX-512 share it): columns are grouped in tiles of 16; inside a tile the
+// codes of one group of k values sit in 64 bytes, one 32-bit lane per column:
+//   nibble storage (bits <= 4): a group is 8 k; byte j of a lane holds k = 8g + j in its low nibble
+//                               and k = 8g + 4 + j in its high nibble;
+//   byte storage (bits 5..8):   a group is 4 k; byte j of a lane holds k = 4g + j.
+// Each block is padded to a multiple of 8 k with code 0 (activations are padded with 0, so padded
+// positions contribute nothing). The scalar path keeps one unpacked byte per code and is the
+// reference the SIMD paths are tested against.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "bct/block_math.h"
+
+namespace bct {
+namespace matmul {
+
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2 };
+
+const char* IsaName(Isa isa);
+// Best instruction set this CPU supports.
+Isa BestIsa();
+// Instruction set chosen by the value of BCT_ONNX_ISA (nullptr or "" or "auto": BestIsa()).
+// Returns false with a message when the value is unknown or the CPU lacks the requested set.
+bool IsaFromName(const char* name, Isa* isa, std::string* error);
+
+using ScaleKind = ::bct::ScaleKind;  // float16, float32, or pow2 exponent bytes
+
+struct Shape {
+  int64_t K = 0;
+  int64_t N = 0;
+  int bits = 4;
+  int block_size = 32;
+  bool symmetric = true;
+  int act_bits = 0;
+
+  int64_t num_blocks() const { return (K + block_size - 1) / block_size; }
+  int64_t row_bytes() const { return (K * bits + 7) / 8; }
+};
+
+struct WeightInputs {
+  const uint8_t* codes = nullptr;        // [N, row_bytes(K)]
+  const void* scales = nullptr;          // [N, num_blocks], element type given by scale_kind
+  ScaleKind scale_kind = ScaleKind::kFloat16;
+  const uint8_t* zero_points = nullptr;  // [N, num_blocks]; nullptr when symmetric
+};
+
+// Runs task(i) for i in [0, total), possibly on several threads; returns when all are done.
+using ParallelFor = std::function<void(std::size_t total, const std::function<void(std::size_t)>& task)>;
+
+// Runs everything on the calling thread.
+void SerialFor(std::size_t total, const std::function<void(std::size_t)>& task);
+
+// Weights repacked for one instruction set. Immutable after Pack, so Compute may run concurrently.
+struct PackedWeights {
+  Shape shape;
+  Isa isa = Isa::kScalar;
+  int64_t num_blocks = 0;
+  int64_t block_padded = 0;  // SIMD: block_size rounded up to 8; scalar: block_size
+  int64_t k_padded = 0;      // num_blocks * block_padded
+  int64_t num_tiles = 0;     // SIMD: ceil(N / 16)
+  int64_t tile_bytes = 0;    // SIMD: code bytes of one tile
+  bool nibble = false;       // SIMD: bits <= 4 (two codes a byte)
+  bool signed_codes = false; // codes stored as (code - zero_point) two's complement (float symmetric)
+  float implicit_zero_point = 0.f;
+  std::vector<uint8_t> codes;  // SIMD: [num_tiles][tile_bytes]; scalar: [N][K] one code a byte
+  std::vector<float> scales;   // SIMD: [num_tiles][num_blocks][16]; scalar: [N][num_blocks]
+  std::vector<float> zero_points;  // same layout as scales; empty when symmetric
+};
+
+// Validates nothing beyond what it needs (the op validates); the inputs must match shape.
+std::unique_ptr<PackedWeights> Pack(const Shape& shape, const WeightInputs& weights, Isa isa);
+
+// Y[M, N] = A[M, K] x W'^T (+ bias[N] when bias != nullptr). A and Y are dense row-major.
+void Compute(const PackedWeights& packed, const float* A, int64_t M, const float* bias, float* Y,
+             const ParallelFor& parallel_for);
+
+// Internal entry points of the instruction-set specific files (see matmul_kernel.cc).
+namespace detail {
+
+struct ActRows {  // quantized activations of M rows, in the padded block layout
+  std::vector<int8_t> codes;    // [M][k_padded] signed codes sa = ua - 2**(act_bits-1)
+  std::vector<float> scales;    // [M][num_blocks] a_scale
+  std::vector<int32_t> corr;    // [M][num_blocks] -implicit_weight_zero_point * sum(sa) (symmetric weights)
+  std::vector<float> sums;      // [M][num_blocks] float(sum(sa)) (asymmetric weights)
+};
+
+void QuantizeRowsScalar(const PackedWeights& p, const float* A, int64_t row_begin, int64_t row_end, ActRows* out);
+void QuantizeRowsAvx2(const PackedWeights& p, const float* A, int64_t row_begin, int64_t row_end, ActRows* out);
+void QuantizeRowsAvx512(const PackedWeights& p, const float* A, int64_t row_begin, int64_t row_end, ActRows* out);
+
+// Computes rows [row_begin, row_end) x tiles [tile_begin, tile_end) of Y.
+// Integer mode reads act; float mode reads a_padded ([M][k_padded] floats).
+void TilesAvx2(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin,
+               int64_t row_end, int64_t tile_begin, int64_t tile_end, const float* bias, float* Y);
+void TilesAvx512(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin,
+                 int64_t row_end, int64_t tile_begin, int64_t tile_end, const float* bias, float* Y);
+
+}  // namespace detail
+}  // namespace matmul
+}  // namespace bct

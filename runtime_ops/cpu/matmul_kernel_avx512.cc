@@ -1,0 +1,301 @@
+// BlockMatMul AVX-512 VNNI kernels (compiled for the target here, chosen at run time).
+// Integer mode: vpdpbusd(unsigned weight codes, signed activation codes) sums 4 products a lane
+// without saturation, for every weight width 2..8 and activation width 2..8.
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma"))), \
+                             apply_to = function)
+#elif defined(__GNUC__)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")
+// GCC 12 warns about _mm512_undefined_* inside its own reduce intrinsics.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <utility>
+
+#include "matmul_kernel.h"
+
+namespace bct {
+namespace matmul {
+namespace detail {
+namespace {
+
+constexpr int kRows = 4;  // register block over rows of A (prefill)
+
+inline int32_t Load32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline __mmask16 ColumnMask(const PackedWeights& p, int64_t tile) {
+  const int64_t cols = std::min<int64_t>(16, p.shape.N - tile * 16);
+  return static_cast<__mmask16>((1u << cols) - 1u);
+}
+
+template <int R, int T>
+inline void StoreTiles(const PackedWeights& p, __m512 (&facc)[R][T], int64_t row0, int64_t tile0, const float* bias,
+                       float* Y) {
+  const int64_t N = p.shape.N;
+  for (int t = 0; t < T; ++t) {
+    const __mmask16 mask = ColumnMask(p, tile0 + t);
+    const int64_t col0 = (tile0 + t) * 16;
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + col0) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(Y + (row0 + r) * N + col0, mask, _mm512_add_ps(facc[r][t], b));
+  }
+}
+
+// Integer mode: R rows x T tiles of 16 columns.
+template <int R, int T, bool kNibble, bool kSym>
+void IntTiles(const PackedWeights& p, const ActRows& act, int64_t row0, int64_t tile0, const float* bias, float* Y) {
+  const int64_t nb = p.num_blocks, bkp = p.block_padded, kp = p.k_padded;
+  const int64_t groups = kNibble ? bkp / 8 : bkp / 4;
+  const __m512i low4 = _mm512_set1_epi8(0x0f);
+  __m512 facc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) facc[r][t] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i acc[R][T];
+    const int8_t* ab[R];
+    for (int r = 0; r < R; ++r) {
+      const __m512i init = kSym ? _mm512_set1_epi32(act.corr[(row0 + r) * nb + b]) : _mm512_setzero_si512();
+      for (int t = 0; t < T; ++t) acc[r][t] = init;
+      ab[r] = act.codes.data() + (row0 + r) * kp + b * bkp;
+    }
+    const uint8_t* wb[T];
+    for (int t = 0; t < T; ++t) wb[t] = p.codes.data() + (tile0 + t) * p.tile_bytes + b * groups * 64;
+    for (int64_t g = 0; g < groups; ++g) {
+      if (kNibble) {
+        __m512i lo[T], hi[T];
+        for (int t = 0; t < T; ++t) {
+          const __m512i raw = _mm512_loadu_si512(wb[t] + g * 64);
+          lo[t] = _mm512_and_si512(raw, low4);
+          hi[t] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+        }
+        for (int r = 0; r < R; ++r) {
+          const __m512i a0 = _mm512_set1_epi32(Load32(ab[r] + g * 8));
+          const __m512i a1 = _mm512_set1_epi32(Load32(ab[r] + g * 8 + 4));
+          for (int t = 0; t < T; ++t) {
+            acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], lo[t], a0);
+            acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], hi[t], a1);
+          }
+        }
+      } else {
+        __m512i w[T];
+        for (int t = 0; t < T; ++t) w[t] = _mm512_loadu_si512(wb[t] + g * 64);
+        for (int r = 0; r < R; ++r) {
+          const __m512i a = _mm512_set1_epi32(Load32(ab[r] + g * 4));
+          for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], w[t], a);
+        }
+      }
+    }
+    __m512 ws[T], zw[T];
+    for (int t = 0; t < T; ++t) {
+      const int64_t at = ((tile0 + t) * nb + b) * 16;
+      ws[t] = _mm512_loadu_ps(p.scales.data() + at);
+      if (!kSym) zw[t] = _mm512_loadu_ps(p.zero_points.data() + at);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 as = _mm512_set1_ps(act.scales[(row0 + r) * nb + b]);
+      const __m512 sum = kSym ? _mm512_setzero_ps() : _mm512_set1_ps(act.sums[(row0 + r) * nb + b]);
+      for (int t = 0; t < T; ++t) {
+        __m512 f = _mm512_cvtepi32_ps(acc[r][t]);
+        if (!kSym) f = _mm512_fnmadd_ps(zw[t], sum, f);
+        f = _mm512_mul_ps(f, as);
+        facc[r][t] = _mm512_fmadd_ps(f, ws[t], facc[r][t]);
+      }
+    }
+  }
+  StoreTiles<R, T>(p, facc, row0, tile0, bias, Y);
+}
+
+// Extracts code j of each lane of a group as int32 (signed codes sign-extended).
+template <int J, bool kNibble, bool kSigned>
+inline __m512i Extract(__m512i raw) {
+  constexpr int kWidth = kNibble ? 4 : 8;
+  constexpr int kPos = kNibble ? (J < 4 ? 8 * J : 8 * (J - 4) + 4) : 8 * J;
+  if (kSigned) {
+    const __m512i up = (32 - kPos - kWidth) ? _mm512_slli_epi32(raw, 32 - kPos - kWidth) : raw;
+    return _mm512_srai_epi32(up, 32 - kWidth);
+  }
+  const __m512i down = kPos ? _mm512_srli_epi32(raw, kPos) : raw;
+  return (kPos + kWidth == 32) ? down : _mm512_and_si512(down, _mm512_set1_epi32((1 << kWidth) - 1));
+}
+
+template <int R, int T, bool kNibble, bool kSym, int J>
+inline void FloatStep(const __m512i (&raw)[T], const __m512 (&ws)[T], const __m512 (&zw)[T], const float* const (&ar)[R],
+                      int64_t k, __m512 (&facc)[R][T]) {
+  __m512 w[T];
+  for (int t = 0; t < T; ++t) {
+    __m512 v = _mm512_cvtepi32_ps(Extract<J, kNibble, kSym>(raw[t]));
+    if (!kSym) v = _mm512_sub_ps(v, zw[t]);
+    w[t] = _mm512_mul_ps(v, ws[t]);  // exactly block_format.dequantize's value
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512 a = _mm512_set1_ps(ar[r][k + J]);
+    for (int t = 0; t < T; ++t) facc[r][t] = _mm512_fmadd_ps(w[t], a, facc[r][t]);
+  }
+}
+
+template <int R, int T, bool kNibble, bool kSym, int... J>
+inline void FloatGroup(const __m512i (&raw)[T], const __m512 (&ws)[T], const __m512 (&zw)[T], const float* const (&ar)[R],
+                       int64_t k, __m512 (&facc)[R][T], std::integer_sequence<int, J...>) {
+  (FloatStep<R, T, kNibble, kSym, J>(raw, ws, zw, ar, k, facc), ...);
+}
+
+// Float mode: R rows x T tiles; the weight is dequantized in registers and used for R rows.
+template <int R, int T, bool kNibble, bool kSym>
+void FloatTiles(const PackedWeights& p, const float* a_padded, int64_t row0, int64_t tile0, const float* bias,
+                float* Y) {
+  const int64_t nb = p.num_blocks, bkp = p.block_padded, kp = p.k_padded;
+  constexpr int kGroupK = kNibble ? 8 : 4;
+  const int64_t groups = bkp / kGroupK;
+  __m512 facc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) facc[r][t] = _mm512_setzero_ps();
+  const float* ar[R];
+  for (int r = 0; r < R; ++r) ar[r] = a_padded + (row0 + r) * kp;
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512 ws[T], zw[T];
+    const uint8_t* wb[T];
+    for (int t = 0; t < T; ++t) {
+      const int64_t at = ((tile0 + t) * nb + b) * 16;
+      ws[t] = _mm512_loadu_ps(p.scales.data() + at);
+      zw[t] = kSym ? _mm512_setzero_ps() : _mm512_loadu_ps(p.zero_points.data() + at);
+      wb[t] = p.codes.data() + (tile0 + t) * p.tile_bytes + b * groups * 64;
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512i raw[T];
+      for (int t = 0; t < T; ++t) raw[t] = _mm512_loadu_si512(wb[t] + g * 64);
+      FloatGroup<R, T, kNibble, kSym>(raw, ws, zw, ar, b * bkp + g * kGroupK, facc,
+                                      std::make_integer_sequence<int, kGroupK>{});
+    }
+  }
+  StoreTiles<R, T>(p, facc, row0, tile0, bias, Y);
+}
+
+template <int R, int T, bool kNibble, bool kSym>
+void RunBlock(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row0, int64_t tile0,
+              const float* bias, float* Y) {
+  if (act) {
+    IntTiles<R, T, kNibble, kSym>(p, *act, row0, tile0, bias, Y);
+  } else {
+    FloatTiles<R, T, kNibble, kSym>(p, a_padded, row0, tile0, bias, Y);
+  }
+}
+
+template <int T, bool kNibble, bool kSym>
+void RunRows(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin, int64_t row_end,
+             int64_t tile0, const float* bias, float* Y) {
+  int64_t r = row_begin;
+  for (; r + kRows <= row_end; r += kRows) RunBlock<kRows, T, kNibble, kSym>(p, act, a_padded, r, tile0, bias, Y);
+  switch (row_end - r) {
+    case 3:
+      RunBlock<3, T, kNibble, kSym>(p, act, a_padded, r, tile0, bias, Y);
+      break;
+    case 2:
+      RunBlock<2, T, kNibble, kSym>(p, act, a_padded, r, tile0, bias, Y);
+      break;
+    case 1:
+      RunBlock<1, T, kNibble, kSym>(p, act, a_padded, r, tile0, bias, Y);
+      break;
+    default:
+      break;
+  }
+}
+
+template <bool kNibble, bool kSym>
+void RunTiles(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin, int64_t row_end,
+              int64_t tile_begin, int64_t tile_end, const float* bias, float* Y) {
+  int64_t t = tile_begin;
+  if (row_end - row_begin < 2) {  // GEMV: four tiles at once for independent accumulator chains
+    for (; t + 4 <= tile_end; t += 4) RunRows<4, kNibble, kSym>(p, act, a_padded, row_begin, row_end, t, bias, Y);
+  }
+  for (; t + 2 <= tile_end; t += 2) RunRows<2, kNibble, kSym>(p, act, a_padded, row_begin, row_end, t, bias, Y);
+  for (; t < tile_end; ++t) RunRows<1, kNibble, kSym>(p, act, a_padded, row_begin, row_end, t, bias, Y);
+}
+
+// First element of largest magnitude in x[0, len), as np.argmax(np.abs(x)) picks it.
+inline float FirstMaxAbs(const float* x, int64_t len) {
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  __m512 vmax = _mm512_setzero_ps();
+  for (int64_t k = 0; k < len; k += 16) {
+    const __mmask16 m = len - k >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (len - k)) - 1u);
+    vmax = _mm512_max_ps(vmax, _mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(m, x + k)));
+  }
+  const float amax = _mm512_reduce_max_ps(vmax);
+  const __m512 target = _mm512_set1_ps(amax);
+  for (int64_t k = 0; k < len; k += 16) {
+    const __mmask16 m = len - k >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (len - k)) - 1u);
+    const __m512 v = _mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(m, x + k));
+    const __mmask16 hit = _mm512_mask_cmp_ps_mask(m, v, target, _CMP_EQ_OQ);
+    if (hit) return x[k + __builtin_ctz(hit)];
+  }
+  return 0.f;  // all NaN: the scalar reference also keeps 0
+}
+
+}  // namespace
+
+void QuantizeRowsAvx512(const PackedWeights& p, const float* A, int64_t row_begin, int64_t row_end, ActRows* out) {
+  const Shape& s = p.shape;
+  const int64_t K = s.K, nb = p.num_blocks, bkp = p.block_padded, kp = p.k_padded;
+  const int qmax = (1 << (s.act_bits - 1)) - 1, qmin = -(1 << (s.act_bits - 1));
+  const float divisor = static_cast<float>(qmin);
+  const int32_t zw = static_cast<int32_t>(p.implicit_zero_point);
+  const __m512i vmin = _mm512_set1_epi32(qmin), vmax = _mm512_set1_epi32(qmax);
+  for (int64_t m = row_begin; m < row_end; ++m) {
+    const float* a = A + m * K;
+    int8_t* codes = out->codes.data() + m * kp;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t k0 = b * s.block_size, len = std::min<int64_t>(s.block_size, K - k0);
+      const float scale = FirstMaxAbs(a + k0, len) / divisor;
+      const float inv = scale == 0.f ? 0.f : 1.0f / scale;
+      const __m512 vinv = _mm512_set1_ps(inv);
+      __m512i vsum = _mm512_setzero_si512();
+      int8_t* dst = codes + b * bkp;
+      for (int64_t k = 0; k < bkp; k += 16) {
+        const int64_t left = len - k;
+        const __mmask16 m16 = left >= 16 ? static_cast<__mmask16>(0xffff)
+                                         : static_cast<__mmask16>(left > 0 ? (1u << left) - 1u : 0u);
+        const __m512 x = _mm512_maskz_loadu_ps(m16, a + k0 + k);
+        __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(x, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        q = _mm512_maskz_max_epi32(m16, _mm512_min_epi32(q, vmax), vmin);
+        vsum = _mm512_add_epi32(vsum, q);
+        const int64_t store = std::min<int64_t>(16, bkp - k);
+        _mm_mask_storeu_epi8(dst + k, static_cast<__mmask16>((1u << store) - 1u), _mm512_cvtepi32_epi8(q));
+      }
+      const int32_t sum = _mm512_reduce_add_epi32(vsum);
+      out->scales[m * nb + b] = scale;
+      out->corr[m * nb + b] = -zw * sum;
+      out->sums[m * nb + b] = static_cast<float>(sum);
+    }
+  }
+}
+
+void TilesAvx512(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin, int64_t row_end,
+                 int64_t tile_begin, int64_t tile_end, const float* bias, float* Y) {
+  // Float mode symmetric weights are stored as signed codes (no zero point left to subtract).
+  const bool sym = p.shape.symmetric;
+  if (p.nibble) {
+    if (sym) {
+      RunTiles<true, true>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
+    } else {
+      RunTiles<true, false>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
+    }
+  } else if (sym) {
+    RunTiles<false, true>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
+  } else {
+    RunTiles<false, false>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
+  }
+}
+
+}  // namespace detail
+}  // namespace matmul
+}  // namespace bct
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif
