@@ -1,0 +1,128 @@
+"""Builders of one-node models for the custom-op kernels, run through bct_onnx.session.
+
+The numpy module bct_onnx.block_format is the specification: tests compare every kernel output with
+it bit-exactly (as raw bits, NaN-safe), each output on its own.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import bct_onnx
+from bct_onnx.block_format import BlockFormat, ScaleKind
+from bct_onnx.ops import BLOCK_DEQUANTIZE, BLOCK_GATHER, BLOCK_QUANTIZE, DOMAIN
+
+SCALE_TENSOR_TYPES = {
+    ScaleKind.FLOAT16: TensorProto.FLOAT16,
+    ScaleKind.FLOAT32: TensorProto.FLOAT,
+    ScaleKind.POW2: TensorProto.UINT8,
+}
+NUMPY_TO_ONNX = {
+    np.dtype(np.float32): TensorProto.FLOAT,
+    np.dtype(np.float64): TensorProto.DOUBLE,
+    np.dtype(np.float16): TensorProto.FLOAT16,
+    np.dtype(np.uint8): TensorProto.UINT8,
+    np.dtype(np.int8): TensorProto.INT8,
+    np.dtype(np.int32): TensorProto.INT32,
+    np.dtype(np.int64): TensorProto.INT64,
+}
+
+
+def _model(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto],
+           initializers: Sequence[onnx.TensorProto] = ()) -> bytes:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers))
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)], ir_version=9
+    )
+    return model.SerializeToString()
+
+
+def _value(name: str, elem_type: int, shape: Sequence[Any] | None) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem_type, None if shape is None else list(shape))
+
+
+def quantize_model(fmt: BlockFormat, rank: int = 2, node_name: str = "quantize_node",
+                   x_type: int = TensorProto.FLOAT, **extra_attrs: Any) -> bytes:
+    """BlockQuantize(x) -> codes, scales[, zero_points] with symbolic input dims."""
+    outputs = ["codes", "scales"] + ([] if fmt.symmetric else ["zero_points"])
+    attrs = dict(bits=fmt.bits, block_size=fmt.block_size, symmetric=int(fmt.symmetric),
+                 scale_kind=fmt.scale_kind.value)
+    attrs.update(extra_attrs)
+    node = helper.make_node(BLOCK_QUANTIZE, ["x"], outputs, domain=DOMAIN, name=node_name, **attrs)
+    out_info = [_value("codes", TensorProto.UINT8, None), _value("scales", SCALE_TENSOR_TYPES[fmt.scale_kind], None)]
+    if not fmt.symmetric:
+        out_info.append(_value("zero_points", TensorProto.UINT8, None))
+    dims = [f"d{i}" for i in range(rank)]
+    return _model([node], [_value("x", x_type, dims)], out_info)
+
+
+def dequantize_model(fmt: BlockFormat, axis_size: int, scale_type: int | None = None,
+                     node_name: str = "dequantize_node", with_zero_points: bool | None = None,
+                     **extra_attrs: Any) -> bytes:
+    """BlockDequantize(codes, scales[, zero_points]) -> y."""
+    with_zp = (not fmt.symmetric) if with_zero_points is None else with_zero_points
+    inputs = ["codes", "scales"] + (["zero_points"] if with_zp else [])
+    attrs = dict(bits=fmt.bits, block_size=fmt.block_size, symmetric=int(fmt.symmetric), axis_size=axis_size)
+    attrs.update(extra_attrs)
+    node = helper.make_node(BLOCK_DEQUANTIZE, inputs, ["y"], domain=DOMAIN, name=node_name, **attrs)
+    st = SCALE_TENSOR_TYPES[fmt.scale_kind] if scale_type is None else scale_type
+    in_info = [_value("codes", TensorProto.UINT8, None), _value("scales", st, None)]
+    if with_zp:
+        in_info.append(_value("zero_points", TensorProto.UINT8, None))
+    return _model([node], in_info, [_value("y", TensorProto.FLOAT, None)])
+
+
+def gather_model(fmt: BlockFormat, axis_size: int, table: Any, index_type: int = TensorProto.INT64,
+                 node_name: str = "gather_node", codes_type: int | None = None, **extra_attrs: Any) -> bytes:
+    """BlockGather(indices, codes, scales[, zero_points]) -> y with the table as initializers."""
+    inits = [onnx.numpy_helper.from_array(table.codes, "codes"), onnx.numpy_helper.from_array(table.scales, "scales")]
+    inputs = ["indices", "codes", "scales"]
+    if table.zero_points is not None:
+        inits.append(onnx.numpy_helper.from_array(table.zero_points, "zero_points"))
+        inputs.append("zero_points")
+    attrs = dict(bits=fmt.bits, block_size=fmt.block_size, symmetric=int(fmt.symmetric), axis_size=axis_size)
+    attrs.update(extra_attrs)
+    node = helper.make_node(BLOCK_GATHER, inputs, ["y"], domain=DOMAIN, name=node_name, **attrs)
+    return _model([node], [_value("indices", index_type, None)], [_value("y", TensorProto.FLOAT, None)], inits)
+
+
+def run(model: bytes, feeds: dict[str, np.ndarray], providers: list[str] | None = None) -> list[np.ndarray]:
+    return bct_onnx.session(model, providers=providers).run(None, feeds)
+
+
+def assert_bits_equal(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
+    """Same dtype, shape and raw bits (so -0.0 != 0.0 and NaNs compare by payload)."""
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    a = np.ascontiguousarray(actual).view(np.uint8)
+    e = np.ascontiguousarray(expected).view(np.uint8)
+    if not np.array_equal(a, e):
+        flat_a = np.ascontiguousarray(actual).reshape(-1)
+        flat_e = np.ascontiguousarray(expected).reshape(-1)
+        differs = np.any(a.reshape(flat_a.size, -1) != e.reshape(flat_e.size, -1), axis=1)
+        bad = np.flatnonzero(differs)
+        i = int(bad[0])
+        raise AssertionError(
+            f"{what}: {bad.size} of {flat_a.size} elements differ; first at flat {i}: "
+            f"got {flat_a[i]!r}, expected {flat_e[i]!r}"
+        )
+
+
+@pytest.fixture
+def kit() -> types.SimpleNamespace:
+    """The builders and checks above, for test modules (importlib mode cannot import conftest)."""
+    return types.SimpleNamespace(
+        quantize_model=quantize_model,
+        dequantize_model=dequantize_model,
+        gather_model=gather_model,
+        run=run,
+        assert_bits_equal=assert_bits_equal,
+        SCALE_TENSOR_TYPES=SCALE_TENSOR_TYPES,
+    )

@@ -1,0 +1,94 @@
+"""BlockQuantize on CPU against bct_onnx.block_format.quantize, bit for bit, each output on its own."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bct_onnx.block_format import BlockFormat, ScaleKind, quantize
+
+# The spec itself warns on the deliberately extreme rows (float16 overflow, subnormal blocks).
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+FORMATS = [
+    BlockFormat(bits, 8, symmetric, kind)
+    for bits in range(2, 9)
+    for symmetric in (True, False)
+    for kind in ScaleKind
+]
+
+
+def _fmt_id(fmt: BlockFormat) -> str:
+    return f"b{fmt.bits}-bs{fmt.block_size}-{'sym' if fmt.symmetric else 'asym'}-{fmt.scale_kind.value}"
+
+
+def hard_rows(axis_size: int, seed: int) -> np.ndarray:
+    """Rows that stress the rounding and scale rules; float32 [rows, axis_size]."""
+    rng = np.random.default_rng(seed)
+    rows = [
+        rng.standard_normal(axis_size),  # ordinary
+        rng.standard_normal(axis_size) * 1e3,
+        rng.standard_normal(axis_size) * 1e-3,
+        rng.integers(-16, 17, axis_size) / 2.0,  # many exact ties after scaling
+        rng.integers(-8, 8, axis_size).astype(np.float64),  # exact multiples of the scale
+        np.zeros(axis_size),  # all-zero blocks: zero scale, inverse 0
+        np.full(axis_size, -3.25),  # negative extreme, constant
+        np.abs(rng.standard_normal(axis_size)),  # one-signed, as post-GELU
+        rng.standard_normal(axis_size) * 1e6,  # float16 scales overflow to inf
+        rng.standard_normal(axis_size) * 1e-39,  # subnormal inputs
+        rng.standard_normal(axis_size) * 1e-6,  # subnormal float16 scales
+        np.where(rng.random(axis_size) < 0.5, -0.0, 0.0),  # signed zeros
+    ]
+    x = np.stack(rows).astype(np.float32)
+    x[0, ::7] = -x[0, ::7] * 4  # a few dominant negatives
+    return x
+
+
+def check_quantize(kit, fmt: BlockFormat, x: np.ndarray) -> None:
+    got = kit.run(kit.quantize_model(fmt, rank=x.ndim), {"x": x})
+    want = quantize(x, fmt)
+    kit.assert_bits_equal(got[0], want.codes, "codes")
+    kit.assert_bits_equal(got[1], want.scales, "scales")
+    if fmt.symmetric:
+        assert len(got) == 2
+    else:
+        kit.assert_bits_equal(got[2], want.zero_points, "zero_points")
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=_fmt_id)
+@pytest.mark.parametrize("axis_size", [37, 64, 5])
+def test_quantize_matches_spec(kit, fmt: BlockFormat, axis_size: int) -> None:
+    """All bits 2..8, both zero-point modes, three scale kinds; D=37 and D=5 end in a partial block."""
+    check_quantize(kit, fmt, hard_rows(axis_size, seed=fmt.bits * 100 + axis_size))
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 32, 300])
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_quantize_block_sizes(kit, block_size: int, bits: int) -> None:
+    """Block sizes 1, odd, larger than the row (one partial block), on a 3-D input."""
+    rng = np.random.default_rng(block_size * 10 + bits)
+    x = (rng.standard_normal((2, 3, 77)) * rng.uniform(0.01, 100, (2, 3, 1))).astype(np.float32)
+    for symmetric in (True, False):
+        for kind in ScaleKind:
+            check_quantize(kit, BlockFormat(bits, block_size, symmetric, kind), x)
+
+
+def test_quantize_large_tensor_parallel(kit) -> None:
+    """Big enough to be split over ORT's intra-op threads."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((512, 768)).astype(np.float32)
+    check_quantize(kit, BlockFormat(4, 32, True, ScaleKind.FLOAT16), x)
+    check_quantize(kit, BlockFormat(5, 32, False, ScaleKind.POW2), x)
+
+
+def test_quantize_nonfinite_input_does_not_crash(kit) -> None:
+    """NaN and inf give some codes (numpy's own cast of NaN is unspecified); finite blocks stay exact."""
+    fmt = BlockFormat(4, 8, True, ScaleKind.FLOAT16)
+    x = np.ones((2, 16), np.float32)
+    x[0, 3] = np.nan
+    x[0, 12] = np.inf
+    got = kit.run(kit.quantize_model(fmt), {"x": x})
+    want = quantize(x[1:], fmt)
+    kit.assert_bits_equal(got[0][1:], want.codes, "codes of the finite row")
+    kit.assert_bits_equal(got[1][1:], want.scales, "scales of the finite row")
+    assert np.isnan(got[1][0, 0].astype(np.float32)), "a NaN wins the magnitude search, as np.argmax"
