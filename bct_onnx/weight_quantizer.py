@@ -22,8 +22,11 @@ from bct_onnx.block_format import (
     scales_to_float32,
 )
 
-# Clipping ratios of the block's range tried by the search; 1.0 (no clipping) first.
-CLIP_RATIOS: tuple[float, ...] = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.825, 0.8)
+# Ratios of the block's range tried by the search; 1.0 (the plain spec scale) first. Ratios below 1
+# clip outliers; 1.0625 and 8/7 widen a symmetric scale so that the largest value of the opposite sign
+# is not clipped at +2**(bits-1)-1. On all-MiniLM-L6-v2 (4-bit, block 32, weight-only) the search moves
+# the sentence-embedding cosine to FP32 from 0.965 to 0.969; grids reaching below 0.8 gave the same.
+CLIP_RATIOS: tuple[float, ...] = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.825, 0.8, 1.0625, 8 / 7)
 # Rows are processed in chunks of about this many elements to bound temporary memory.
 _CHUNK_ELEMENTS = 1 << 22
 
