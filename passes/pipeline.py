@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 from bct_onnx.passes.check_model import CheckModelPass
 from bct_onnx.passes.fold_constant_weights import FoldConstantWeightsPass
@@ -64,10 +65,11 @@ class PipelineResult:
     rewritten: dict[str, int]
     skipped: list[Skip]
     passes: list[PassRecord]
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     def summary(self) -> str:
         """Human-readable report: counts per rule, then every skip with its reason."""
-        lines = [f"modified: {self.modified}"]
+        lines = [f"modified: {self.modified}"] + [f"warning: {text}" for text in self.warnings]
         lines += [f"  {rule}: {count}" for rule, count in sorted(self.rewritten.items())]
         lines.append(f"skipped: {len(self.skipped)}")
         lines += [f"  {skip}" for skip in self.skipped]
@@ -129,12 +131,22 @@ def compress_model(
     rewritten: dict[str, int] = {}
     skipped: list[Skip] = []
     records: list[PassRecord] = []
+    warnings: list[str] = []
     for index, pass_ in enumerate(passes, start=1):
         name = type(pass_).__name__
         snapshot = work.clone() if debug_path is not None else None
         start = time.perf_counter()
         try:
             result = pass_(work)
+        except onnx.checker.ValidationError as error:
+            if not isinstance(pass_, CheckModelPass) or not _fails_check(model):
+                raise
+            # The exporter's model was already invalid (e.g. torch's Split with num_outputs at
+            # opset 17, which ONNX Runtime accepts): report it, do not blame the passes.
+            message = f"the input model already fails the ONNX checker; output not checked: {error}"
+            logger.warning(message)
+            warnings.append(message)
+            result = ir.passes.PassResult(work, False)
         except Exception as error:
             if snapshot is not None and debug_path is not None:
                 saved = save_snapshot(snapshot, debug_path / f"{index:02d}_{name}.input.onnx")
@@ -158,4 +170,12 @@ def compress_model(
         if progress is not None:
             progress(name, index, len(passes))
     modified = any(record.modified for record in records)
-    return PipelineResult(work, modified, rewritten, skipped, records)
+    return PipelineResult(work, modified, rewritten, skipped, records, warnings)
+
+
+def _fails_check(model: ir.Model) -> bool:
+    try:
+        CheckModelPass()(model)
+    except onnx.checker.ValidationError:
+        return True
+    return False

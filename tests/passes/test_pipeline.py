@@ -193,3 +193,31 @@ def test_progress_callback(helpers):
     compress_model(tied_model(helpers), CompressConfig(), progress=lambda *args: calls.append(args))
     assert [c[1:] for c in calls] == [(i, len(calls)) for i in range(1, len(calls) + 1)]
     assert calls[-1][0] == "CheckModelPass"
+
+
+def test_input_that_already_fails_the_checker_is_reported_not_blamed(helpers):
+    # torch.onnx's dynamo exporter, asked for opset 17, writes Split with num_outputs (an opset-18
+    # attribute); the checker rejects that model before and after our passes.
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[2, 8] a) => (float[2, 4] y, float[2, 4] z) {
+      h = MatMul(a, w)
+      y, z = Split <axis = 1, num_outputs = 2> (h)
+    }"""
+    model = helpers.model_from_text(text, {"w": np.ones((8, 8), np.float32)}, check=False)
+    result = compress_model(model, CompressConfig())
+    assert helpers.op_types(result.model) == ["BlockMatMul", "Split"]
+    assert len(result.warnings) == 1
+    assert result.warnings[0].startswith("the input model already fails the ONNX checker")
+    assert "num_outputs" in result.warnings[0]
+
+
+def test_checker_failure_caused_by_a_pass_is_raised(helpers, monkeypatch):
+    class BreakingPass(ir.passes.InPlacePass):
+        def call(self, model: ir.Model) -> ir.passes.PassResult:
+            node = next(node for node in model.graph if node.op_type == "Relu")
+            node.attributes["bogus"] = ir.AttrInt64("bogus", 1)
+            return ir.passes.PassResult(model, True)
+
+    monkeypatch.setitem(pipeline_module.QUANTIZE_PASSES, "MatMul", lambda config: BreakingPass())
+    with pytest.raises(onnx.checker.ValidationError, match="bogus"):
+        compress_model(tied_model(helpers), CompressConfig())
