@@ -77,6 +77,11 @@ def erf_f32(x: np.ndarray) -> np.ndarray:
     """erf in float32 as the kernels compute it (Abramowitz & Stegun 7.1.26 with exp_f32)."""
     x = _f32(x)
     a = np.abs(x)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _erf_abs(x, a)
+
+
+def _erf_abs(x: np.ndarray, a: np.ndarray) -> np.ndarray:
     t = _ONE / (_ONE + _ERF_P * a)
     p = np.full_like(t, _ERF_A[0])
     for c in _ERF_A[1:]:
@@ -120,7 +125,8 @@ def gelu(x: np.ndarray, approximate: str = "none") -> np.ndarray:
             return ((_HALF * x) * (_ONE + tanh_f32(inner))).astype(np.float32)
     if approximate != "none":
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
-    return ((_HALF * x) * (_ONE + erf_f32(x * _INV_SQRT2))).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return ((_HALF * x) * (_ONE + erf_f32(x * _INV_SQRT2))).astype(np.float32)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
