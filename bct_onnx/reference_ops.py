@@ -13,6 +13,43 @@ from bct_onnx import block_format
 from bct_onnx.block_format import BlockFormat, ScaleKind
 
 
+def matmul_operands(
+    a: np.ndarray,
+    w_codes: np.ndarray,
+    w_scales: np.ndarray,
+    w_zero_points: np.ndarray | None,
+    *,
+    k: int,
+    bits: int,
+    block_size: int,
+    symmetric: bool,
+    act_bits: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The two float64 operands BlockMatMul multiplies: A' [..., K] and W' [N, K].
+
+    W' is the dequantized weight. A' is A when act_bits == 0; otherwise the values of A's codes from
+    ``quantize_codes(A, BlockFormat(act_bits, block_size, True, "float32"))``, (ua - za) * a_scale,
+    computed without rounding.
+    """
+    a = np.asarray(a, dtype=np.float32)
+    if a.shape[-1] != k:
+        raise ValueError(f"a must have last dimension K={k}, got shape {a.shape}")
+    scale_kind = {
+        np.dtype(np.float16): ScaleKind.FLOAT16,
+        np.dtype(np.float32): ScaleKind.FLOAT32,
+        np.dtype(np.uint8): ScaleKind.POW2,
+    }[np.asarray(w_scales).dtype]
+    w_fmt = BlockFormat(bits=bits, block_size=block_size, symmetric=symmetric, scale_kind=scale_kind)
+    codes = block_format.unpack_codes(w_codes, bits, k)
+    weight = block_format.dequantize_codes(codes, w_scales, w_zero_points, w_fmt).astype(np.float64)
+    if not act_bits:
+        return a.astype(np.float64), weight
+    a_fmt = BlockFormat(bits=act_bits, block_size=block_size, symmetric=True, scale_kind=ScaleKind.FLOAT32)
+    a_codes, a_scales, _ = block_format.quantize_codes(a, a_fmt)
+    a_scale = np.repeat(a_scales.astype(np.float64), block_size, axis=-1)[..., :k]
+    return (a_codes.astype(np.float64) - a_fmt.implicit_zero_point) * a_scale, weight
+
+
 def matmul_reference(
     a: np.ndarray,
     w_codes: np.ndarray,
@@ -26,28 +63,15 @@ def matmul_reference(
     act_bits: int = 0,
     bias: np.ndarray | None = None,
 ) -> np.ndarray:
-    """BlockMatMul (docs/ops.md): Y[..., N] = A'[..., K] x W'[N, K]^T + bias, computed in float64.
+    """BlockMatMul (docs/ops.md): Y[..., N] = A' x W'^T + bias in float64 (see matmul_operands).
 
-    W' is the dequantized weight. A' is A when act_bits == 0; otherwise each row of A is quantized
-    per block with ``quantize_codes(A, BlockFormat(act_bits, block_size, True, "float32"))`` and the
-    product is sum over blocks of a_scale * w_scale * sum((ua - za) * (uw - zw)), which equals
-    A'' x W'^T with A'' the activations' quantized values (in float64, unrounded). Returns float64 [..., N].
+    With act_bits > 0 this is the sum over blocks of a_scale * w_scale * sum((ua - za) * (uw - zw)),
+    the integer form the kernels compute.
     """
-    a = np.asarray(a, dtype=np.float32)
-    if a.shape[-1] != k:
-        raise ValueError(f"a must have last dimension K={k}, got shape {a.shape}")
-    scale_kind = {np.dtype(np.float16): ScaleKind.FLOAT16, np.dtype(np.float32): ScaleKind.FLOAT32,
-                  np.dtype(np.uint8): ScaleKind.POW2}[np.asarray(w_scales).dtype]
-    w_fmt = BlockFormat(bits=bits, block_size=block_size, symmetric=symmetric, scale_kind=scale_kind)
-    codes = block_format.unpack_codes(w_codes, bits, k)
-    weight = block_format.dequantize_codes(codes, w_scales, w_zero_points, w_fmt).astype(np.float64)  # [N, K]
-    if act_bits:
-        a_fmt = BlockFormat(bits=act_bits, block_size=block_size, symmetric=True, scale_kind=ScaleKind.FLOAT32)
-        a_codes, a_scales, _ = block_format.quantize_codes(a, a_fmt)
-        a_scale = np.repeat(a_scales.astype(np.float64), block_size, axis=-1)[..., :k]
-        a_used = (a_codes.astype(np.float64) - a_fmt.implicit_zero_point) * a_scale
-    else:
-        a_used = a.astype(np.float64)
+    a_used, weight = matmul_operands(
+        a, w_codes, w_scales, w_zero_points, k=k, bits=bits, block_size=block_size, symmetric=symmetric,
+        act_bits=act_bits,
+    )
     y = a_used @ weight.T
     if bias is not None:
         y = y + np.asarray(bias, dtype=np.float64)
