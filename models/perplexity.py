@@ -81,8 +81,9 @@ def perplexity_of_ids(
     if window < 2:
         raise ValueError(f"window must be >= 2, got {window}")
     step = stride if stride is not None else window // 2
-    if not 1 <= step <= window:
-        raise ValueError(f"stride must be in [1, window={window}], got {step}")
+    if not 1 <= step < window:
+        # stride == window would leave the first token of every window without context, unscored
+        raise ValueError(f"stride must be in [1, window={window}), got {step}")
     total_nll, scored, windows = 0.0, 0, 0
     scored_until = 1  # token 0 has no left context and is never scored
     start = 0
