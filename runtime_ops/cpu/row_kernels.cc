@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cstring>
 
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the row loops assume a little-endian host");
+
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #define BCT_SSE2 1
@@ -14,10 +16,26 @@ namespace bct {
 namespace cpu {
 namespace {
 
-// Generic: any bits, any block position. out[i] = (code_i - zp) * scale.
+// Generic: any bits, any block position. out[i] = (code_i - zp) * scale. Eight codes starting at a
+// multiple of 8 fill exactly `bits` bytes, so the middle of the span is decoded 8 codes per 64-bit load.
 inline void DequantizeSpanGeneric(const uint8_t* codes, int64_t row_nbytes, int bits, int64_t begin, int64_t end,
                                   float zero_point, float scale, float* out) {
-  for (int64_t i = begin; i < end; ++i) out[i] = value_of(get_code(codes, i, bits, row_nbytes), zero_point, scale);
+  int64_t i = begin;
+  for (; i < end && (i & 7) != 0; ++i) out[i] = value_of(get_code(codes, i, bits, row_nbytes), zero_point, scale);
+  const uint64_t mask = (uint64_t{1} << bits) - 1;
+  for (; i + 8 <= end; i += 8) {
+    const int64_t byte = (i >> 3) * bits;
+    uint64_t word = 0;
+    if (byte + 8 <= row_nbytes) {
+      std::memcpy(&word, codes + byte, 8);  // little-endian hosts (x86-64, aarch64)
+    } else {
+      for (int k = 0; k < bits; ++k) word |= static_cast<uint64_t>(codes[byte + k]) << (8 * k);
+    }
+    for (int k = 0; k < 8; ++k) {
+      out[i + k] = value_of(static_cast<uint32_t>((word >> (k * bits)) & mask), zero_point, scale);
+    }
+  }
+  for (; i < end; ++i) out[i] = value_of(get_code(codes, i, bits, row_nbytes), zero_point, scale);
 }
 
 #if BCT_SSE2
