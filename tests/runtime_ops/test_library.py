@@ -79,7 +79,8 @@ def test_old_runtime_is_refused_with_a_clear_error() -> None:
 
     fake_api = FakeApi(create_status)
     get_api_t = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_uint32)
-    get_version_t = ctypes.CFUNCTYPE(ctypes.c_char_p)
+    get_version_t = ctypes.CFUNCTYPE(ctypes.c_size_t)  # const char*; a size_t avoids ctypes' leak warning
+    version_text = ctypes.create_string_buffer(b"1.20.9")
 
     @get_api_t
     def get_api(version):
@@ -87,7 +88,7 @@ def test_old_runtime_is_refused_with_a_clear_error() -> None:
 
     @get_version_t
     def get_version():
-        return b"1.20.9"
+        return ctypes.addressof(version_text)
 
     class FakeApiBase(ctypes.Structure):
         _fields_ = [("GetApi", get_api_t), ("GetVersionString", get_version_t)]
