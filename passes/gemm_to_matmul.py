@@ -97,12 +97,12 @@ class GemmToMatMulPass(NodeRewritePass):
                 unique, i = f"{base}_{i}", i + 1
             tensor = ir.tensor(np.asarray(array, dtype=np_dtype), dtype=dtype, name=unique)
             value = ir.Value(
-                name=unique, shape=ir.Shape(tensor.shape), type=ir.TensorType(dtype), const_value=tensor
+                name=unique, shape=ir.Shape(array.shape), type=ir.TensorType(dtype), const_value=tensor
             )
             graph.register_initializer(value)
             return value
 
-        def add_node(op_type: str, inputs: list[ir.Value], suffix: str, **attributes: object) -> ir.Value:
+        def add_node(op_type: str, inputs: list[ir.Value], suffix: str, **attributes: list[int]) -> ir.Value:
             node = ir.node(op_type, inputs, attributes=attributes or None, name=f"{name}/{suffix}")
             new_nodes.append(node)
             return node.outputs[0]

@@ -136,12 +136,13 @@ class QuantizeMatMulPass(NodeRewritePass):
             if isinstance(last, int) and last != k:
                 return f"activation's last dimension {last} does not match the weight's K={k}"
         bias = _bias_of(model, node, n, a_rank)
-        bias_add, bias_value = (None, None) if bias is None else (bias[0], bias[2])
+        bias_add: ir.Node | None = None
+        bias_value: np.ndarray | ir.Value | None = None
         if bias is not None:
-            given = bias[1]
+            bias_add, given, bias_value = bias
             bias_shape = tuple(given.shape.numpy()) if given.shape is not None else None
             if given.is_initializer() and bias_shape == (n,):
-                bias_value = given
+                bias_value = given  # reuse the [N] initializer as it is
         return MatMulMatch(node, activation, source, tensor, is_transposed, k, n, bias_add, bias_value)
 
     def rewrite(self, model: ir.Model, matched: MatMulMatch, report: PassReport) -> None:
