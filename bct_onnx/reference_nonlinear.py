@@ -37,8 +37,17 @@ _EXP_LO = F(-87.0)
 _LOG2E = F(1.44269504088896341)
 _LN2_HI = F(0.693359375)
 _LN2_LO = F(-2.12194440e-4)
-_EXP_P = tuple(F(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
-                               1.6666665459e-1, 5.0000001201e-1))
+_EXP_P = tuple(
+    F(c)
+    for c in (
+        1.9875691500e-4,
+        1.3981999507e-3,
+        8.3334519073e-3,
+        4.1665795894e-2,
+        1.6666665459e-1,
+        5.0000001201e-1,
+    )
+)
 _ERF_P = F(0.3275911)
 _ERF_A = tuple(F(c) for c in (1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592))  # a5..a1
 _INV_SQRT2 = F(0.707106781186547524)
@@ -160,7 +169,9 @@ def rms_norm(x: np.ndarray, scale: np.ndarray, epsilon: float) -> np.ndarray:
     return ((x * inv) * _f32(scale)).astype(np.float32)
 
 
-def act_matmul(a: np.ndarray, b: np.ndarray, act_bits: int, block_size: int, transpose_b: bool = False) -> np.ndarray:
+def act_matmul(
+    a: np.ndarray, b: np.ndarray, act_bits: int, block_size: int, transpose_b: bool = False
+) -> np.ndarray:
     """A [..., M, K] x B [..., K, N] (or B [..., N, K] with transpose_b), both quantized at run time.
 
     A along K (its last axis) and B along K (axis -2, or -1 with transpose_b), symmetric, float32
@@ -231,7 +242,8 @@ def block_rms_norm(x, scale, epsilon: float = 1e-6, out_fmt: BlockFormat | None 
     return store_result(rms_norm(load_operand(x), scale, epsilon), out_fmt)
 
 
-def block_act_matmul(a, b, act_bits: int, block_size: int, transpose_b: bool = False,
-                     out_fmt: BlockFormat | None = None):
+def block_act_matmul(
+    a, b, act_bits: int, block_size: int, transpose_b: bool = False, out_fmt: BlockFormat | None = None
+):
     """BlockActMatMul: A (float or quantized operand) x B (float32) -> float or quantized."""
     return store_result(act_matmul(load_operand(a), b, act_bits, block_size, transpose_b), out_fmt)

@@ -4,7 +4,8 @@ Tolerances, per output:
 - Kernel vs the numpy spec: 0. Float outputs, codes, scales and zero points are compared as raw bits:
   the kernels evaluate exp/erf/tanh from the same float32 polynomials as the spec, in the same order.
 - The spec's float path vs exact math (float64): exp within 1 ulp, erf 5.5e-7 and tanh 1.8e-7 absolute,
-  GELU 3.1e-7 * |x|; softmax and the norms (D = 384) within 1e-5 relative to the magnitude of the terms summed.
+  GELU 3.1e-7 * |x|; softmax and the norms (D = 384) within 1e-5 relative to the magnitude of the
+  terms summed.
 - Codes of the compressed ops vs codes of exact math quantized the same way: at most 1 step apart,
   on at most 1% of the elements (only where the exact value sits next to a rounding boundary).
 """
@@ -89,22 +90,32 @@ def exact_float(name: str, x: np.ndarray, extras: list[np.ndarray | None]) -> np
 # Model building and running
 
 
-def node_model(op_type: str, inputs: list[np.ndarray | None], n_outputs: int, node_name: str = "node",
-               output_types: list[int] | None = None, **attrs: Any) -> tuple[bytes, dict[str, np.ndarray]]:
+def node_model(
+    op_type: str,
+    inputs: list[np.ndarray | None],
+    n_outputs: int,
+    node_name: str = "node",
+    output_types: list[int] | None = None,
+    **attrs: Any,
+) -> tuple[bytes, dict[str, np.ndarray]]:
     """One-node model; None inputs become empty names. Feeds keyed by input name."""
     names = [f"in{i}" if v is not None else "" for i, v in enumerate(inputs)]
     outs = [f"out{i}" for i in range(n_outputs)]
     node = helper.make_node(op_type, names, outs, domain=DOMAIN, name=node_name, **attrs)
-    in_info = [helper.make_tensor_value_info(n, ONNX_TYPES[v.dtype], ["d%d_%d" % (i, j) for j in range(v.ndim)])
-               for i, (n, v) in enumerate(zip(names, inputs)) if v is not None]
+    in_info = [
+        helper.make_tensor_value_info(n, ONNX_TYPES[v.dtype], [f"d{i}_{j}" for j in range(v.ndim)])
+        for i, (n, v) in enumerate(zip(names, inputs, strict=True))
+        if v is not None
+    ]
     if output_types is None:
         out_info = [helper.make_value_info(o, onnx.TypeProto()) for o in outs]
     else:
-        out_info = [helper.make_tensor_value_info(o, t, None) for o, t in zip(outs, output_types)]
+        out_info = [helper.make_tensor_value_info(o, t, None) for o, t in zip(outs, output_types, strict=True)]
     graph = helper.make_graph([node], "g", in_info, out_info)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)],
-                              ir_version=9)
-    feeds = {n: v for n, v in zip(names, inputs) if v is not None}
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)], ir_version=9
+    )
+    feeds = {n: v for n, v in zip(names, inputs, strict=True) if v is not None}
     return model.SerializeToString(), feeds
 
 
@@ -120,16 +131,22 @@ def assert_bits_equal(actual: np.ndarray, expected: np.ndarray, what: str) -> No
     bad = np.flatnonzero(np.any(a != e, axis=1))
     if bad.size:
         i = int(bad[0])
-        raise AssertionError(f"{what}: {bad.size} of {actual.size} differ; first at flat {i}: "
-                             f"got {actual.reshape(-1)[i]!r}, expected {expected.reshape(-1)[i]!r}")
+        raise AssertionError(
+            f"{what}: {bad.size} of {actual.size} differ; first at flat {i}: "
+            f"got {actual.reshape(-1)[i]!r}, expected {expected.reshape(-1)[i]!r}"
+        )
 
 
 def operand_inputs(x: np.ndarray | QuantizedTensor) -> tuple[list[np.ndarray | None], dict[str, Any]]:
     """Inputs 0..2 and in_* attributes of an operand."""
     if isinstance(x, QuantizedTensor):
         f = x.fmt
-        attrs = dict(in_bits=f.bits, in_block_size=f.block_size, in_symmetric=int(f.symmetric),
-                     in_axis_size=x.axis_size)
+        attrs = dict(
+            in_bits=f.bits,
+            in_block_size=f.block_size,
+            in_symmetric=int(f.symmetric),
+            in_axis_size=x.axis_size,
+        )
         return [x.codes, x.scales, x.zero_points], attrs
     return [x, None, None], {}
 
@@ -138,13 +155,23 @@ def result_attrs(fmt: BlockFormat | None) -> tuple[int, dict[str, Any]]:
     """Number of outputs and out_* attributes of a result format."""
     if fmt is None:
         return 1, {}
-    attrs = dict(out_bits=fmt.bits, out_block_size=fmt.block_size, out_symmetric=int(fmt.symmetric),
-                 out_scale_kind=fmt.scale_kind.value)
+    attrs = dict(
+        out_bits=fmt.bits,
+        out_block_size=fmt.block_size,
+        out_symmetric=int(fmt.symmetric),
+        out_scale_kind=fmt.scale_kind.value,
+    )
     return (2 if fmt.symmetric else 3), attrs
 
 
-def run_op(name: str, x: np.ndarray | QuantizedTensor, extras: list[np.ndarray | None],
-           out_fmt: BlockFormat | None, providers: list[str] | None = None, **more: Any) -> list[np.ndarray]:
+def run_op(
+    name: str,
+    x: np.ndarray | QuantizedTensor,
+    extras: list[np.ndarray | None],
+    out_fmt: BlockFormat | None,
+    providers: list[str] | None = None,
+    **more: Any,
+) -> list[np.ndarray]:
     op_type, attrs = OPS[name]
     inputs, in_attrs = operand_inputs(x)
     n_out, out_attrs = result_attrs(out_fmt)
@@ -301,7 +328,9 @@ def test_codes_vs_exact_math_within_one_step(name: str) -> None:
     extras = extras_for(name, 256, np.random.default_rng(10))
     codes = run_op(name, x, extras, out_fmt)[0]
     exact = bf.quantize(exact_float(name, x, extras).astype(np.float32), out_fmt)
-    diff = np.abs(bf.unpack_codes(codes, 8, 256).astype(int) - bf.unpack_codes(exact.codes, 8, 256).astype(int))
+    diff = np.abs(
+        bf.unpack_codes(codes, 8, 256).astype(int) - bf.unpack_codes(exact.codes, 8, 256).astype(int)
+    )
     assert diff.max() <= 1
     assert np.mean(diff > 0) <= 0.01
 
@@ -324,19 +353,43 @@ def test_chain_layer_norm_q8_then_dequantize() -> None:
     rng = np.random.default_rng(14)
     scale, bias = rng.standard_normal(d).astype(np.float32), rng.standard_normal(d).astype(np.float32)
     nodes = [
-        helper.make_node("BlockLayerNorm", ["x", "", "", "scale", "bias"], ["c", "s"], domain=DOMAIN, name="ln",
-                         epsilon=1e-5, out_bits=8, out_block_size=32, out_symmetric=1, out_scale_kind="float16"),
-        helper.make_node("BlockDequantize", ["c", "s"], ["y"], domain=DOMAIN, name="dq", bits=8, block_size=32,
-                         symmetric=1, axis_size=d),
+        helper.make_node(
+            "BlockLayerNorm",
+            ["x", "", "", "scale", "bias"],
+            ["c", "s"],
+            domain=DOMAIN,
+            name="ln",
+            epsilon=1e-5,
+            out_bits=8,
+            out_block_size=32,
+            out_symmetric=1,
+            out_scale_kind="float16",
+        ),
+        helper.make_node(
+            "BlockDequantize",
+            ["c", "s"],
+            ["y"],
+            domain=DOMAIN,
+            name="dq",
+            bits=8,
+            block_size=32,
+            symmetric=1,
+            axis_size=d,
+        ),
     ]
     graph = helper.make_graph(
-        nodes, "chain",
+        nodes,
+        "chain",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", d])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        initializer=[onnx.numpy_helper.from_array(scale, "scale"), onnx.numpy_helper.from_array(bias, "bias")],
+        initializer=[
+            onnx.numpy_helper.from_array(scale, "scale"),
+            onnx.numpy_helper.from_array(bias, "bias"),
+        ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)],
-                              ir_version=9)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)], ir_version=9
+    )
     (y,) = run(model.SerializeToString(), {"x": x})
     fmt = BlockFormat(8, 32, True, ScaleKind.FLOAT16)
     expected = bf.dequantize(ref.block_layer_norm(x, scale, bias, 1e-5, fmt))
@@ -355,21 +408,48 @@ def test_chain_gelu_softmax_all_compressed() -> None:
     out = BlockFormat(8, 16, False, ScaleKind.POW2)
     xq = bf.quantize(sample((5, d), seed=15), x_fmt)
     nodes = [
-        helper.make_node("BlockGelu", ["c", "s", ""], ["gc", "gs", "gz"], domain=DOMAIN, name="gelu",
-                         in_bits=4, in_block_size=32, in_axis_size=d,
-                         out_bits=8, out_block_size=32, out_symmetric=0, out_scale_kind="float16"),
-        helper.make_node("BlockSoftmax", ["gc", "gs", "gz"], ["yc", "ys", "yz"], domain=DOMAIN, name="softmax",
-                         in_bits=8, in_block_size=32, in_symmetric=0, in_axis_size=d,
-                         out_bits=8, out_block_size=16, out_symmetric=0, out_scale_kind="pow2"),
+        helper.make_node(
+            "BlockGelu",
+            ["c", "s", ""],
+            ["gc", "gs", "gz"],
+            domain=DOMAIN,
+            name="gelu",
+            in_bits=4,
+            in_block_size=32,
+            in_axis_size=d,
+            out_bits=8,
+            out_block_size=32,
+            out_symmetric=0,
+            out_scale_kind="float16",
+        ),
+        helper.make_node(
+            "BlockSoftmax",
+            ["gc", "gs", "gz"],
+            ["yc", "ys", "yz"],
+            domain=DOMAIN,
+            name="softmax",
+            in_bits=8,
+            in_block_size=32,
+            in_symmetric=0,
+            in_axis_size=d,
+            out_bits=8,
+            out_block_size=16,
+            out_symmetric=0,
+            out_scale_kind="pow2",
+        ),
     ]
     graph = helper.make_graph(
-        nodes, "chain",
-        [helper.make_tensor_value_info("c", TensorProto.UINT8, ["n", d // 2]),
-         helper.make_tensor_value_info("s", TensorProto.FLOAT16, ["n", 2])],
+        nodes,
+        "chain",
+        [
+            helper.make_tensor_value_info("c", TensorProto.UINT8, ["n", d // 2]),
+            helper.make_tensor_value_info("s", TensorProto.FLOAT16, ["n", 2]),
+        ],
         [helper.make_value_info(n, onnx.TypeProto()) for n in ("yc", "ys", "yz")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)],
-                              ir_version=9)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)], ir_version=9
+    )
     yc, ys, yz = run(model.SerializeToString(), {"c": xq.codes, "s": xq.scales})
     expected = ref.block_softmax(ref.block_gelu(xq, "none", mid), out)
     assert_bits_equal(yc, expected.codes, "codes")
@@ -396,7 +476,9 @@ def test_inferred_output_types() -> None:
 # Bad inputs: clear errors naming the node and the culprit
 
 
-def expect_error(model: bytes, feeds: dict[str, np.ndarray], op_type: str, node_name: str, *fragments: str) -> None:
+def expect_error(
+    model: bytes, feeds: dict[str, np.ndarray], op_type: str, node_name: str, *fragments: str
+) -> None:
     with pytest.raises(Exception) as info:
         run(model, feeds)
     message = str(info.value)
@@ -422,8 +504,9 @@ def test_bad_attributes() -> None:
         expect_error(model, feeds, "BlockSoftmax", "sm", fragment)
     model, feeds = node_model("BlockGelu", [x], 1, node_name="g", approximate="fast")
     expect_error(model, feeds, "BlockGelu", "g", "'approximate'")
-    model, feeds = node_model("BlockLayerNorm", [x, None, None, np.ones(16, np.float32)], 1, node_name="ln",
-                              epsilon=-1.0)
+    model, feeds = node_model(
+        "BlockLayerNorm", [x, None, None, np.ones(16, np.float32)], 1, node_name="ln", epsilon=-1.0
+    )
     expect_error(model, feeds, "BlockLayerNorm", "ln", "'epsilon'")
 
 
@@ -439,30 +522,57 @@ def test_bad_inputs() -> None:
         (ln, [x.astype(np.float16), None, None, np.ones(16, np.float32)], {}, ("input 'X'", "float32")),
         ("BlockRMSNorm", [x, None, None, np.ones((1, 16), np.float32)], {}, ("input 'scale'",)),
         # zero points missing although in_symmetric=0
-        ("BlockSoftmax", [q.codes, q.scales, None], dict(in_bits=4, in_block_size=8, in_symmetric=0,
-                                                         in_axis_size=16), ("'X_zero_points'", "required")),
+        (
+            "BlockSoftmax",
+            [q.codes, q.scales, None],
+            dict(in_bits=4, in_block_size=8, in_symmetric=0, in_axis_size=16),
+            ("'X_zero_points'", "required"),
+        ),
         # zero points given although symmetric
-        ("BlockSoftmax", [q.codes, q.scales, q.zero_points], dict(in_bits=4, in_block_size=8, in_axis_size=16),
-         ("'X_zero_points'", "absent")),
+        (
+            "BlockSoftmax",
+            [q.codes, q.scales, q.zero_points],
+            dict(in_bits=4, in_block_size=8, in_axis_size=16),
+            ("'X_zero_points'", "absent"),
+        ),
         # scales with the wrong number of blocks
-        ("BlockSoftmax", [q.codes, q.scales[:, :1], q.zero_points], dict(in_bits=4, in_block_size=8,
-                                                                        in_symmetric=0, in_axis_size=16),
-         ("'X_scales'", "shape")),
+        (
+            "BlockSoftmax",
+            [q.codes, q.scales[:, :1], q.zero_points],
+            dict(in_bits=4, in_block_size=8, in_symmetric=0, in_axis_size=16),
+            ("'X_scales'", "shape"),
+        ),
         # codes that do not match in_axis_size
-        ("BlockSoftmax", [q.codes, q.scales, q.zero_points], dict(in_bits=4, in_block_size=8, in_symmetric=0,
-                                                                 in_axis_size=20), ("input 'X'", "row_bytes")),
+        (
+            "BlockSoftmax",
+            [q.codes, q.scales, q.zero_points],
+            dict(in_bits=4, in_block_size=8, in_symmetric=0, in_axis_size=20),
+            ("input 'X'", "row_bytes"),
+        ),
         # D cannot be derived: 6 bytes = 48 bits is a multiple of 3, 16 codes of 3 bits take 6 bytes -> ok;
         # use 7 bytes (56 bits) instead
-        ("BlockSoftmax", [np.zeros((2, 7), np.uint8), np.ones((2, 3), np.float16), None],
-         dict(in_bits=3, in_block_size=8), ("'in_axis_size'",)),
+        (
+            "BlockSoftmax",
+            [np.zeros((2, 7), np.uint8), np.ones((2, 3), np.float16), None],
+            dict(in_bits=3, in_block_size=8),
+            ("'in_axis_size'",),
+        ),
         # float scales of a quantized input of the wrong dtype
-        ("BlockSoftmax", [qs.codes, qs.scales.astype(np.int64), None], dict(in_bits=3, in_block_size=8,
-                                                                          in_axis_size=16), ("'X_scales'",)),
+        (
+            "BlockSoftmax",
+            [qs.codes, qs.scales.astype(np.int64), None],
+            dict(in_bits=3, in_block_size=8, in_axis_size=16),
+            ("'X_scales'",),
+        ),
         # float input with scales given
         ("BlockSoftmax", [x, np.ones((2, 2), np.float16), None], {}, ("'X_scales'", "in_bits=0")),
         # quantized input that is not uint8
-        ("BlockSoftmax", [x, np.ones((2, 2), np.float16), None], dict(in_bits=4, in_block_size=8),
-         ("input 'X'", "uint8")),
+        (
+            "BlockSoftmax",
+            [x, np.ones((2, 2), np.float16), None],
+            dict(in_bits=4, in_block_size=8),
+            ("input 'X'", "uint8"),
+        ),
     ]
     for i, (op_type, inputs, attrs, fragments) in enumerate(cases):
         name = f"bad{i}"
@@ -473,11 +583,14 @@ def test_bad_inputs() -> None:
 def test_bad_outputs() -> None:
     x = sample((2, 16))
     # out_symmetric=0 without the zero points output
-    model, feeds = node_model("BlockSoftmax", [x, None, None], 2, node_name="o1", out_bits=8, out_block_size=8,
-                              out_symmetric=0)
+    model, feeds = node_model(
+        "BlockSoftmax", [x, None, None], 2, node_name="o1", out_bits=8, out_block_size=8, out_symmetric=0
+    )
     expect_error(model, feeds, "BlockSoftmax", "o1", "'Y_zero_points'")
     # out_bits > 0 without the scales output
-    model, feeds = node_model("BlockSoftmax", [x, None, None], 1, node_name="o2", out_bits=8, out_block_size=8)
+    model, feeds = node_model(
+        "BlockSoftmax", [x, None, None], 1, node_name="o2", out_bits=8, out_block_size=8
+    )
     expect_error(model, feeds, "BlockSoftmax", "o2", "'Y_scales'")
     # out_bits = 0 with a scales output
     model, feeds = node_model("BlockSoftmax", [x, None, None], 2, node_name="o3")

@@ -1,0 +1,360 @@
+"""BlockActMatMul (activation x activation, both quantized along K at run time) against the spec.
+
+Tolerances, per output:
+- Kernel vs bct_onnx.reference_nonlinear.act_matmul (and its quantized-output form): 0, compared as
+  raw bits. Integer block dot products are exact and the float32 accumulation runs in block order in
+  both, so there is nothing to tolerate.
+- The spec vs the float64 product of the fake-quantized operands A' x B': within 1e-6 relative to
+  sum_k |a'_k| |b'_k| (float32 roundings of the per-block scaling and accumulation).
+- The spec vs the float product A x B: within sum_k (|a_k - a'_k| |b'_k| + |a_k| |b_k - b'_k|), the
+  quantization error itself (computed from the data, plus the float slack above).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+import bct_onnx
+from bct_onnx import block_format as bf
+from bct_onnx import reference_nonlinear as ref
+from bct_onnx.block_format import BlockFormat, QuantizedTensor, ScaleKind
+from bct_onnx.ops import DOMAIN
+
+ONNX_TYPES = {
+    np.dtype(np.float32): TensorProto.FLOAT,
+    np.dtype(np.float16): TensorProto.FLOAT16,
+    np.dtype(np.uint8): TensorProto.UINT8,
+    np.dtype(np.int32): TensorProto.INT32,
+}
+
+
+def node_model(
+    inputs: list[np.ndarray | None],
+    n_outputs: int,
+    node_name: str = "amm",
+    static_shapes: bool = False,
+    **attrs: Any,
+) -> tuple[bytes, dict[str, np.ndarray]]:
+    """One BlockActMatMul node; None inputs become empty names."""
+    names = [f"in{i}" if v is not None else "" for i, v in enumerate(inputs)]
+    outs = [f"out{i}" for i in range(n_outputs)]
+    node = helper.make_node("BlockActMatMul", names, outs, domain=DOMAIN, name=node_name, **attrs)
+    in_info = [
+        helper.make_tensor_value_info(
+            n, ONNX_TYPES[v.dtype], list(v.shape) if static_shapes else [f"d{i}_{j}" for j in range(v.ndim)]
+        )
+        for i, (n, v) in enumerate(zip(names, inputs, strict=True))
+        if v is not None
+    ]
+    out_info = [helper.make_value_info(o, onnx.TypeProto()) for o in outs]
+    graph = helper.make_graph([node], "g", in_info, out_info)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)], ir_version=9
+    )
+    return model.SerializeToString(), {n: v for n, v in zip(names, inputs, strict=True) if v is not None}
+
+
+def run(model: bytes, feeds: dict[str, np.ndarray], providers: list[str] | None = None) -> list[np.ndarray]:
+    return bct_onnx.session(model, providers=providers).run(None, feeds)
+
+
+def assert_bits_equal(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    a = np.ascontiguousarray(actual).view(np.uint8).reshape(actual.size, -1)
+    e = np.ascontiguousarray(expected).view(np.uint8).reshape(expected.size, -1)
+    bad = np.flatnonzero(np.any(a != e, axis=1))
+    if bad.size:
+        i = int(bad[0])
+        raise AssertionError(
+            f"{what}: {bad.size} of {actual.size} differ; first at flat {i}: "
+            f"got {actual.reshape(-1)[i]!r}, expected {expected.reshape(-1)[i]!r}"
+        )
+
+
+def run_amm(
+    a: np.ndarray | QuantizedTensor,
+    b: np.ndarray,
+    act_bits: int,
+    block_size: int,
+    transpose_b: bool = False,
+    out_fmt: BlockFormat | None = None,
+    providers: list[str] | None = None,
+) -> list[np.ndarray]:
+    attrs: dict[str, Any] = dict(act_bits=act_bits, block_size=block_size, transpose_b=int(transpose_b))
+    if isinstance(a, QuantizedTensor):
+        f = a.fmt
+        inputs = [a.codes, a.scales, a.zero_points, b]
+        attrs.update(
+            in_bits=f.bits,
+            in_block_size=f.block_size,
+            in_symmetric=int(f.symmetric),
+            in_axis_size=a.axis_size,
+        )
+    else:
+        inputs = [a, None, None, b]
+    n_out = 1
+    if out_fmt is not None:
+        attrs.update(
+            out_bits=out_fmt.bits,
+            out_block_size=out_fmt.block_size,
+            out_symmetric=int(out_fmt.symmetric),
+            out_scale_kind=out_fmt.scale_kind.value,
+        )
+        n_out = 2 if out_fmt.symmetric else 3
+    model, feeds = node_model(inputs, n_out, **attrs)
+    return run(model, feeds, providers)
+
+
+def sample(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(np.float32)
+    x.reshape(-1)[::13] *= np.float32(8.0)
+    return x
+
+
+CASES = [
+    # A shape, B shape, act_bits, block_size
+    ((5, 64), (64, 7), 8, 32),
+    ((2, 3, 9, 40), (3, 40, 6), 8, 16),  # batch broadcast against a lower-rank B, partial block
+    ((1, 4, 33), (2, 33, 5), 4, 32),  # A batch 1 broadcast
+    ((2, 1, 3, 20), (1, 5, 20, 4), 3, 7),  # both broadcast, odd block
+    ((4, 128), (128, 4), 2, 128),
+    ((3, 17), (17, 1), 6, 5),
+    ((2, 12, 16, 64), (2, 12, 64, 16), 8, 32),  # attention-like Q x K^T (B given as K^T)
+]
+
+
+def case_id(case: tuple[Any, ...]) -> str:
+    a, b, bits, bs = case
+    return f"{'x'.join(map(str, a))}@{'x'.join(map(str, b))}-b{bits}-bs{bs}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_float_operands(case: tuple[Any, ...]) -> None:
+    a_shape, b_shape, bits, bs = case
+    a, b = sample(a_shape, 1), sample(b_shape, 2)
+    (y,) = run_amm(a, b, bits, bs)
+    assert_bits_equal(y, ref.act_matmul(a, b, bits, bs), "Y")
+    assert y.shape == np.matmul(a, b).shape
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_transpose_b(case: tuple[Any, ...]) -> None:
+    a_shape, b_shape, bits, bs = case
+    a = sample(a_shape, 3)
+    bt = np.ascontiguousarray(np.swapaxes(sample(b_shape, 4), -1, -2))
+    (y,) = run_amm(a, bt, bits, bs, transpose_b=True)
+    assert_bits_equal(y, ref.act_matmul(a, bt, bits, bs, transpose_b=True), "Y")
+    # Same quantized operands as without transpose_b: same result bits.
+    assert_bits_equal(y, ref.act_matmul(a, np.swapaxes(bt, -1, -2), bits, bs), "Y vs untransposed")
+
+
+@pytest.mark.parametrize(
+    "in_fmt",
+    [BlockFormat(4, 16, False, ScaleKind.POW2), BlockFormat(8, 32, True, ScaleKind.FLOAT16)],
+    ids=lambda f: f"in-b{f.bits}-{'sym' if f.symmetric else 'asym'}-{f.scale_kind.value}",
+)
+def test_quantized_a(in_fmt: BlockFormat) -> None:
+    a = bf.quantize(sample((2, 6, 48), 5), in_fmt)
+    b = sample((48, 10), 6)
+    (y,) = run_amm(a, b, 8, 16)
+    assert_bits_equal(y, ref.block_act_matmul(a, b, 8, 16), "Y")
+
+
+@pytest.mark.parametrize(
+    "out_fmt",
+    [
+        BlockFormat(8, 16, True, ScaleKind.FLOAT16),
+        BlockFormat(8, 32, False, ScaleKind.POW2),
+        BlockFormat(4, 5, False, ScaleKind.FLOAT32),
+    ],
+    ids=lambda f: f"out-b{f.bits}-bs{f.block_size}-{'sym' if f.symmetric else 'asym'}",
+)
+def test_quantized_output(out_fmt: BlockFormat) -> None:
+    a, b = sample((3, 7, 32), 7), sample((32, 40), 8)
+    outputs = run_amm(a, b, 8, 32, out_fmt=out_fmt)
+    expected = ref.block_act_matmul(a, b, 8, 32, out_fmt=out_fmt)
+    assert_bits_equal(outputs[0], expected.codes, "codes")
+    assert_bits_equal(outputs[1], expected.scales, "scales")
+    if out_fmt.symmetric:
+        assert len(outputs) == 2
+    else:
+        assert_bits_equal(outputs[2], expected.zero_points, "zero points")
+
+
+@pytest.mark.parametrize("bits", [8, 6, 4])
+def test_spec_accuracy(bits: int) -> None:
+    """The integer-dot formulation equals the fake-quantized product; its error vs float is bounded."""
+    a, b = sample((4, 16, 96), 9), sample((4, 96, 24), 10)
+    bs = 32
+    y = ref.act_matmul(a, b, bits, bs).astype(np.float64)
+    fmt = BlockFormat(bits, bs, True, ScaleKind.FLOAT32)
+    af = bf.fake_quantize(a, fmt).astype(np.float64)
+    bf_t = bf.fake_quantize(np.swapaxes(b, -1, -2), fmt).astype(np.float64)
+    bq = np.swapaxes(bf_t, -1, -2)
+    exact_q = af @ bq
+    mag_q = np.abs(af) @ np.abs(bq)
+    assert np.all(np.abs(y - exact_q) <= 1e-6 * mag_q + 1e-30)
+    ad, bd = a.astype(np.float64), b.astype(np.float64)
+    quant_err = np.abs(ad - af) @ np.abs(bq) + np.abs(ad) @ np.abs(bd - bq)
+    assert np.all(np.abs(y - ad @ bd) <= quant_err + 1e-6 * mag_q + 1e-30)
+
+
+def test_attention_chain_all_compressed() -> None:
+    """Q K^T (out 8-bit) -> Softmax (in and out 8-bit asym) -> P V: scores and probabilities stay codes."""
+    s, dh = 24, 32
+    q = sample((2, 4, s, dh), 11) * np.float32(dh**-0.5)  # the 1/sqrt(dh) of attention, folded into Q
+    k, v = sample((2, 4, s, dh), 12), sample((2, 4, s, dh), 13)
+    scores_fmt = BlockFormat(8, 32, True, ScaleKind.FLOAT16)
+    probs_fmt = BlockFormat(8, 32, False, ScaleKind.FLOAT16)
+    nodes = [
+        helper.make_node(
+            "BlockActMatMul",
+            ["q", "", "", "k"],
+            ["sc", "ss"],
+            domain=DOMAIN,
+            name="qk",
+            act_bits=8,
+            block_size=32,
+            transpose_b=1,
+            out_bits=8,
+            out_block_size=32,
+        ),
+        helper.make_node(
+            "BlockSoftmax",
+            ["sc", "ss", ""],
+            ["pc", "ps", "pz"],
+            domain=DOMAIN,
+            name="softmax",
+            in_bits=8,
+            in_block_size=32,
+            in_axis_size=s,
+            out_bits=8,
+            out_block_size=32,
+            out_symmetric=0,
+        ),
+        helper.make_node(
+            "BlockActMatMul",
+            ["pc", "ps", "pz", "v"],
+            ["y"],
+            domain=DOMAIN,
+            name="pv",
+            act_bits=8,
+            block_size=32,
+            in_bits=8,
+            in_block_size=32,
+            in_symmetric=0,
+            in_axis_size=s,
+        ),
+    ]
+    dims = ["b", "h", "s", dh]
+    graph = helper.make_graph(
+        nodes,
+        "attention",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, dims) for n in ("q", "k", "v")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)], ir_version=9
+    )
+    (y,) = run(model.SerializeToString(), {"q": q, "k": k, "v": v})
+    scores = ref.block_act_matmul(q, k, 8, 32, transpose_b=True, out_fmt=scores_fmt)
+    probs = ref.block_softmax(scores, out_fmt=probs_fmt)
+    expected = ref.block_act_matmul(probs, v, 8, 32)
+    assert_bits_equal(y, expected, "attention output")
+    # Against float attention: with 8-bit scores, probabilities and operands the output is within 2.6%
+    # (relative L2); 2.55% of that comes from the 8-bit operands of the two matmuls alone (the data has
+    # x8 outliers every 13th element).
+    logits = q.astype(np.float64) @ np.swapaxes(k, -1, -2)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    float_y = p @ v
+    rel = np.linalg.norm(y - float_y) / np.linalg.norm(float_y)
+    assert rel < 0.03, rel
+
+
+def test_inferred_output_shape_and_types() -> None:
+    a, b = sample((2, 1, 3, 20), 1), sample((5, 20, 4), 2)
+    model, _ = node_model(
+        [a, None, None, b],
+        3,
+        static_shapes=True,
+        act_bits=8,
+        block_size=8,
+        out_bits=4,
+        out_block_size=4,
+        out_symmetric=0,
+        out_scale_kind="pow2",
+    )
+    outs = bct_onnx.session(model).get_outputs()
+    assert [o.type for o in outs] == ["tensor(uint8)", "tensor(uint8)", "tensor(uint8)"]
+    assert [o.shape for o in outs] == [[2, 5, 3, 2], [2, 5, 3, 1], [2, 5, 3, 1]]
+    model, _ = node_model([a, None, None, b], 1, static_shapes=True, act_bits=8, block_size=8)
+    (out,) = bct_onnx.session(model).get_outputs()
+    assert (out.type, out.shape) == ("tensor(float)", [2, 5, 3, 4])
+
+
+def expect_error(model: bytes, feeds: dict[str, np.ndarray], node_name: str, *fragments: str) -> None:
+    with pytest.raises(Exception) as info:
+        run(model, feeds)
+    message = str(info.value)
+    assert f"bct_onnx BlockActMatMul node '{node_name}': " in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_bad_inputs_and_attributes() -> None:
+    a, b = sample((3, 16), 1), sample((16, 4), 2)
+    cases: list[tuple[list[Any], dict[str, Any], tuple[str, ...]]] = [
+        ([a, None, None, sample((15, 4), 3)], dict(act_bits=8, block_size=8), ("input 'B'", "K = 16")),
+        (
+            [sample((2, 3, 16), 4), None, None, sample((3, 16, 4), 5)],
+            dict(act_bits=8, block_size=8),
+            ("do not broadcast",),
+        ),
+        ([a, None, None, b], dict(block_size=8), ("'act_bits'",)),
+        ([a, None, None, b], dict(act_bits=9, block_size=8), ("'act_bits'",)),
+        ([a, None, None, b], dict(act_bits=8, block_size=0), ("'block_size'",)),
+        ([a, None, None, b], dict(act_bits=8, block_size=8, transpose_b=2), ("'transpose_b'",)),
+        ([a, None, None, b.astype(np.float16)], dict(act_bits=8, block_size=8), ("input 'B'", "float32")),
+        ([sample((16,), 6), None, None, b], dict(act_bits=8, block_size=8), ("input 'A'", "rank >= 2")),
+        ([a, None, None, sample((4,), 7)], dict(act_bits=8, block_size=8), ("input 'B'", "rank >= 2")),
+        ([a, None, None, b], dict(act_bits=8, block_size=8, in_bits=4), ("'in_block_size'",)),
+    ]
+    for i, (inputs, attrs, fragments) in enumerate(cases):
+        model, feeds = node_model(inputs, 1, node_name=f"amm{i}", **attrs)
+        expect_error(model, feeds, f"amm{i}", *fragments)
+
+
+def _cuda_available() -> bool:
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(not _cuda_available(), reason="no CUDA GPU / onnxruntime-gpu here: CUDA kernels not run")
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_cuda_matches_spec(case: tuple[Any, ...]) -> None:
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    a_shape, b_shape, bits, bs = case
+    a, b = sample(a_shape, 1), sample(b_shape, 2)
+    (y,) = run_amm(a, b, bits, bs, providers=providers)
+    assert_bits_equal(y, ref.act_matmul(a, b, bits, bs), "Y")
+    out_fmt = BlockFormat(8, 16, False, ScaleKind.FLOAT16)
+    outputs = run_amm(a, b, bits, bs, out_fmt=out_fmt, providers=providers)
+    expected = ref.block_act_matmul(a, b, bits, bs, out_fmt=out_fmt)
+    assert_bits_equal(outputs[0], expected.codes, "codes")
+    assert_bits_equal(outputs[1], expected.scales, "scales")
+    assert_bits_equal(outputs[2], expected.zero_points, "zero points")
