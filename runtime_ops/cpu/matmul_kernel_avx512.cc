@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstring>
 #include <utility>
+#include <vector>
 
 #include "matmul_kernel.h"
 
@@ -22,8 +23,6 @@ namespace bct {
 namespace matmul {
 namespace detail {
 namespace {
-
-constexpr int kRows = 4;  // register block over rows of A (prefill)
 
 inline int32_t Load32(const int8_t* p) {
   int32_t v;
@@ -49,8 +48,10 @@ inline void StoreTiles(const PackedWeights& p, __m512 (&facc)[R][T], int64_t row
 }
 
 // Integer mode: R rows x T tiles of 16 columns.
+// codes: the first tile's codes; tile t's codes start tile_stride bytes further per tile.
 template <int R, int T, bool kNibble, bool kSym>
-void IntTiles(const PackedWeights& p, const ActRows& act, int64_t row0, int64_t tile0, const float* bias, float* Y) {
+void IntTiles(const PackedWeights& p, const uint8_t* codes, int64_t tile_stride, const ActRows& act, int64_t row0,
+              int64_t tile0, const float* bias, float* Y) {
   const int64_t nb = p.num_blocks, bkp = p.block_padded, kp = p.k_padded;
   const int64_t groups = kNibble ? bkp / 8 : bkp / 4;
   const __m512i low4 = _mm512_set1_epi8(0x0f);
@@ -66,7 +67,7 @@ void IntTiles(const PackedWeights& p, const ActRows& act, int64_t row0, int64_t 
       ab[r] = act.codes.data() + (row0 + r) * kp + b * bkp;
     }
     const uint8_t* wb[T];
-    for (int t = 0; t < T; ++t) wb[t] = p.codes.data() + (tile0 + t) * p.tile_bytes + b * groups * 64;
+    for (int t = 0; t < T; ++t) wb[t] = codes + t * tile_stride + b * groups * 64;
     for (int64_t g = 0; g < groups; ++g) {
       if (kNibble) {
         __m512i lo[T], hi[T];
@@ -177,45 +178,191 @@ void FloatTiles(const PackedWeights& p, const float* a_padded, int64_t row0, int
   StoreTiles<R, T>(p, facc, row0, tile0, bias, Y);
 }
 
-template <int R, int T, bool kNibble, bool kSym>
-void RunBlock(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row0, int64_t tile0,
-              const float* bias, float* Y) {
-  if (act) {
-    IntTiles<R, T, kNibble, kSym>(p, *act, row0, tile0, bias, Y);
-  } else {
-    FloatTiles<R, T, kNibble, kSym>(p, a_padded, row0, tile0, bias, Y);
+// Float mode, many rows: the T tiles' weights were dequantized into w ([T][k_padded][16] floats,
+// exactly block_format.dequantize's values), so the inner loop is a plain fp32 GEMM micro-kernel.
+template <int R, int T>
+void FloatGemmTiles(const PackedWeights& p, const float* w, const float* a_padded, int64_t row0, int64_t tile0,
+                    const float* bias, float* Y) {
+  const int64_t kp = p.k_padded;
+  __m512 facc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) facc[r][t] = _mm512_setzero_ps();
+  const float* ar[R];
+  for (int r = 0; r < R; ++r) ar[r] = a_padded + (row0 + r) * kp;
+  for (int64_t k = 0; k < kp; ++k) {
+    __m512 wv[T];
+    for (int t = 0; t < T; ++t) wv[t] = _mm512_loadu_ps(w + (t * kp + k) * 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(ar[r][k]);
+      for (int t = 0; t < T; ++t) facc[r][t] = _mm512_fmadd_ps(wv[t], a, facc[r][t]);
+    }
+  }
+  StoreTiles<R, T>(p, facc, row0, tile0, bias, Y);
+}
+
+template <int J, bool kNibble, bool kSym>
+inline void DequantizeStep(__m512i raw, __m512 ws, __m512 zw, float* out) {
+  __m512 v = _mm512_cvtepi32_ps(Extract<J, kNibble, kSym>(raw));
+  if (!kSym) v = _mm512_sub_ps(v, zw);
+  _mm512_storeu_ps(out + J * 16, _mm512_mul_ps(v, ws));
+}
+
+template <bool kNibble, bool kSym, int... J>
+inline void DequantizeGroup(__m512i raw, __m512 ws, __m512 zw, float* out, std::integer_sequence<int, J...>) {
+  (DequantizeStep<J, kNibble, kSym>(raw, ws, zw, out), ...);
+}
+
+// Dequantizes one tile into out[k_padded][16].
+template <bool kNibble, bool kSym>
+void DequantizeTile(const PackedWeights& p, int64_t tile, float* out) {
+  constexpr int kGroupK = kNibble ? 8 : 4;
+  const int64_t nb = p.num_blocks, groups = p.block_padded / kGroupK;
+  const uint8_t* codes = p.codes.data() + tile * p.tile_bytes;
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t at = (tile * nb + b) * 16;
+    const __m512 ws = _mm512_loadu_ps(p.scales.data() + at);
+    const __m512 zw = kSym ? _mm512_setzero_ps() : _mm512_loadu_ps(p.zero_points.data() + at);
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m512i raw = _mm512_loadu_si512(codes + (b * groups + g) * 64);
+      DequantizeGroup<kNibble, kSym>(raw, ws, zw, out + (b * p.block_padded + g * kGroupK) * 16,
+                                     std::make_integer_sequence<int, kGroupK>{});
+    }
   }
 }
 
-template <int T, bool kNibble, bool kSym>
-void RunRows(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin, int64_t row_end,
-             int64_t tile0, const float* bias, float* Y) {
-  int64_t r = row_begin;
-  for (; r + kRows <= row_end; r += kRows) RunBlock<kRows, T, kNibble, kSym>(p, act, a_padded, r, tile0, bias, Y);
-  switch (row_end - r) {
-    case 3:
-      RunBlock<3, T, kNibble, kSym>(p, act, a_padded, r, tile0, bias, Y);
-      break;
-    case 2:
-      RunBlock<2, T, kNibble, kSym>(p, act, a_padded, r, tile0, bias, Y);
-      break;
-    case 1:
-      RunBlock<1, T, kNibble, kSym>(p, act, a_padded, r, tile0, bias, Y);
-      break;
-    default:
-      break;
+// Expands one tile of nibble codes into the byte layout (groups of 4 k, one byte a code).
+void UnpackNibbleTile(const PackedWeights& p, int64_t tile, uint8_t* out) {
+  const __m512i low4 = _mm512_set1_epi8(0x0f);
+  const uint8_t* codes = p.codes.data() + tile * p.tile_bytes;
+  const int64_t groups = p.k_padded / 8;
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512i raw = _mm512_loadu_si512(codes + g * 64);
+    _mm512_storeu_si512(out + g * 128, _mm512_and_si512(raw, low4));
+    _mm512_storeu_si512(out + g * 128 + 64, _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4));
   }
+}
+
+// Calls body.template Run<R>(row) over [row_begin, row_end) in register blocks of kMax rows, then
+// smaller blocks for the remainder.
+template <int kMax, class Body>
+void ForRowBlocks(int64_t row_begin, int64_t row_end, const Body& body) {
+  int64_t r = row_begin;
+  for (; r + kMax <= row_end; r += kMax) body.template Run<kMax>(r);
+  const int64_t left = row_end - r;
+  if constexpr (kMax > 1) {
+    if (left > 0) {
+      if (left >= kMax / 2 + (kMax & 1)) {
+        ForRowBlocks<kMax / 2 + (kMax & 1)>(r, row_end, body);
+      } else {
+        ForRowBlocks<kMax / 2>(r, row_end, body);
+      }
+    }
+  }
+}
+
+template <int T, bool kSym>
+struct IntPrefillBody {
+  const PackedWeights& p;
+  const uint8_t* codes;
+  int64_t stride;
+  const ActRows& act;
+  int64_t tile0;
+  const float* bias;
+  float* Y;
+  template <int R>
+  void Run(int64_t r) const { IntTiles<R, T, false, kSym>(p, codes, stride, act, r, tile0, bias, Y); }
+};
+
+template <int T>
+struct FloatPrefillBody {
+  const PackedWeights& p;
+  const float* w;
+  const float* a_padded;
+  int64_t tile0;
+  const float* bias;
+  float* Y;
+  template <int R>
+  void Run(int64_t r) const { FloatGemmTiles<R, T>(p, w, a_padded, r, tile0, bias, Y); }
+};
+
+template <int T, bool kNibble, bool kSym>
+struct SmallRowsBody {
+  const PackedWeights& p;
+  const ActRows* act;
+  const float* a_padded;
+  int64_t tile0;
+  const float* bias;
+  float* Y;
+  template <int R>
+  void Run(int64_t r) const {
+    if (act) {
+      IntTiles<R, T, kNibble, kSym>(p, p.codes.data() + tile0 * p.tile_bytes, p.tile_bytes, *act, r, tile0, bias, Y);
+    } else {
+      FloatTiles<R, T, kNibble, kSym>(p, a_padded, r, tile0, bias, Y);
+    }
+  }
+};
+
+constexpr int kPrefillRows = 4;  // from this many rows on, tiles are expanded once and reused
+constexpr int kIntRows = 6;      // register block of the integer prefill kernel (6 x 2 tiles)
+constexpr int kFloatRows = 8;    // register block of the float prefill kernel (8 x 2 tiles)
+
+template <int T, bool kNibble, bool kSym>
+void IntPrefill(const PackedWeights& p, const ActRows& act, int64_t row_begin, int64_t row_end, int64_t tile0,
+                const float* bias, float* Y) {
+  const uint8_t* codes = p.codes.data() + tile0 * p.tile_bytes;
+  int64_t stride = p.tile_bytes;
+  thread_local std::vector<uint8_t> scratch;
+  if (kNibble) {
+    stride = p.k_padded * 16;
+    scratch.resize(static_cast<size_t>(T * stride));
+    for (int t = 0; t < T; ++t) UnpackNibbleTile(p, tile0 + t, scratch.data() + t * stride);
+    codes = scratch.data();
+  }
+  ForRowBlocks<kIntRows>(row_begin, row_end, IntPrefillBody<T, kSym>{p, codes, stride, act, tile0, bias, Y});
+}
+
+template <int T, bool kNibble, bool kSym>
+void FloatPrefill(const PackedWeights& p, const float* a_padded, int64_t row_begin, int64_t row_end, int64_t tile0,
+                  const float* bias, float* Y) {
+  thread_local std::vector<float> scratch;
+  scratch.resize(static_cast<size_t>(T * p.k_padded * 16));
+  for (int t = 0; t < T; ++t) DequantizeTile<kNibble, kSym>(p, tile0 + t, scratch.data() + t * p.k_padded * 16);
+  ForRowBlocks<kFloatRows>(row_begin, row_end, FloatPrefillBody<T>{p, scratch.data(), a_padded, tile0, bias, Y});
+}
+
+// Few rows (GEMV): codes are read packed, straight from the repacked weights.
+template <int T, bool kNibble, bool kSym>
+void SmallRows(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin, int64_t row_end,
+               int64_t tile0, const float* bias, float* Y) {
+  ForRowBlocks<kPrefillRows>(row_begin, row_end, SmallRowsBody<T, kNibble, kSym>{p, act, a_padded, tile0, bias, Y});
 }
 
 template <bool kNibble, bool kSym>
 void RunTiles(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin, int64_t row_end,
               int64_t tile_begin, int64_t tile_end, const float* bias, float* Y) {
   int64_t t = tile_begin;
-  if (row_end - row_begin < 2) {  // GEMV: four tiles at once for independent accumulator chains
-    for (; t + 4 <= tile_end; t += 4) RunRows<4, kNibble, kSym>(p, act, a_padded, row_begin, row_end, t, bias, Y);
+  if (row_end - row_begin >= kPrefillRows) {
+    for (; t < tile_end; t += 2) {
+      if (t + 2 <= tile_end) {
+        if (act) {
+          IntPrefill<2, kNibble, kSym>(p, *act, row_begin, row_end, t, bias, Y);
+        } else {
+          FloatPrefill<2, kNibble, kSym>(p, a_padded, row_begin, row_end, t, bias, Y);
+        }
+      } else if (act) {
+        IntPrefill<1, kNibble, kSym>(p, *act, row_begin, row_end, t, bias, Y);
+      } else {
+        FloatPrefill<1, kNibble, kSym>(p, a_padded, row_begin, row_end, t, bias, Y);
+      }
+    }
+    return;
   }
-  for (; t + 2 <= tile_end; t += 2) RunRows<2, kNibble, kSym>(p, act, a_padded, row_begin, row_end, t, bias, Y);
-  for (; t < tile_end; ++t) RunRows<1, kNibble, kSym>(p, act, a_padded, row_begin, row_end, t, bias, Y);
+  if (row_end - row_begin < 2) {  // GEMV: four tiles at once for independent accumulator chains
+    for (; t + 4 <= tile_end; t += 4) SmallRows<4, kNibble, kSym>(p, act, a_padded, row_begin, row_end, t, bias, Y);
+  }
+  for (; t + 2 <= tile_end; t += 2) SmallRows<2, kNibble, kSym>(p, act, a_padded, row_begin, row_end, t, bias, Y);
+  for (; t < tile_end; ++t) SmallRows<1, kNibble, kSym>(p, act, a_padded, row_begin, row_end, t, bias, Y);
 }
 
 // First element of largest magnitude in x[0, len), as np.argmax(np.abs(x)) picks it.
