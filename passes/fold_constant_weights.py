@@ -5,7 +5,8 @@ reading it. This pass evaluates such nodes whose inputs are all constant and rep
 with a new initializer, so quantize passes see a constant weight. Nodes are visited in graph order,
 so a chain folds in one call. A node whose data input is a large initializer that other nodes also
 read is not folded (that would duplicate the tensor); it is reported, and QuantizeMatMulPass reads
-``Transpose(perm=[1, 0])`` of a constant directly.
+``Transpose(perm=[1, 0])`` of a constant directly. ``Identity`` of a constant (optimum's way to
+share tied weights) is removed by pointing its users at the constant itself: no copy.
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ class FoldConstantWeightsPass(NodeRewritePass):
         if node.outputs[0].is_graph_output():
             return "output is a graph output; left as is"
         data = node.inputs[0]
+        if node.op_type == "Identity":
+            return node, tensors  # aliasing the constant copies nothing, shared or not
         other_users = {use.node for use in data.uses()} - {node}
         if other_users and tensors[0].size >= SHARED_SOURCE_MIN_ELEMENTS:
             if _is_matmul_weight_transpose(node):
@@ -115,20 +118,28 @@ class FoldConstantWeightsPass(NodeRewritePass):
         self, model: ir.Model, matched: tuple[ir.Node, list[ir.TensorProtocol]], report: PassReport
     ) -> None:
         node, tensors = matched
+        owner = node.graph
+        assert owner is not None
+        old = node.outputs[0]
+        if node.op_type == "Identity":
+            source = node.inputs[0]
+            assert source is not None
+            old.replace_all_uses_with(source)
+            owner.remove(node, safe=True)
+            report.count("fold Identity")
+            return
         result = evaluate(node, [np.asarray(t.numpy()) for t in tensors])
         if isinstance(result, str):
             report.skip(node, result)
             return
         array, dtype = result
-        graph = model.graph
-        old = node.outputs[0]
         name = old.name
         tensor = ir.tensor(array, dtype=dtype, name=name)
         new = ir.Value(
             name=None, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
         )
         old.replace_all_uses_with(new)
-        graph.remove(node, safe=True)
+        owner.remove(node, safe=True)
         new.name = name
-        graph.register_initializer(new)
+        model.graph.register_initializer(new)  # subgraphs read main-graph initializers (outer scope)
         report.count(f"fold {node.op_type}")

@@ -162,7 +162,9 @@ class NodeRewritePass(CompressPass):
 
     ``match`` returns a match object (any value; it carries everything ``rewrite`` needs), a
     :class:`Skip`-worthy reason string, or None when the node is not a candidate at all.
-    Nodes inside subgraphs (If/Loop/Scan bodies) are reported as skipped, not rewritten.
+    Nodes inside subgraphs (If/Loop/Scan bodies, e.g. optimum's merged decoders) are visited too;
+    rewrites replace them in their own graph and put new initializers in the main graph, which
+    subgraphs may read (outer scope).
     """
 
     op_types: ClassVar[frozenset[str]] = frozenset()
@@ -174,9 +176,6 @@ class NodeRewritePass(CompressPass):
 
     def run(self, model: ir.Model, report: PassReport) -> None:
         for node in self.candidates(model):
-            if node.graph is not model.graph:
-                report.skip(node, "inside a subgraph (If/Loop/Scan body): not supported")
-                continue
             matched = self.match(model, node)
             if matched is None:
                 continue

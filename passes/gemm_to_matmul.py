@@ -144,5 +144,7 @@ class GemmToMatMulPass(NodeRewritePass):
                 if matched.beta != 1.0:
                     c = add_node("Mul", [c, initializer("beta", np.array(matched.beta))], "beta")
             y = add_node("Add", [y, c], "bias")
-        ir.convenience.replace_nodes_and_values(graph, gemm, [gemm], new_nodes, [gemm.outputs[0]], [y])
+        owner = gemm.graph
+        assert owner is not None
+        ir.convenience.replace_nodes_and_values(owner, gemm, [gemm], new_nodes, [gemm.outputs[0]], [y])
         report.count(RULE_GEMM)

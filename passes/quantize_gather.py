@@ -109,8 +109,10 @@ class QuantizeGatherPass(NodeRewritePass):
             name=name,
         )
         old_output = matched.gather.outputs[0]
+        owner = matched.gather.graph
+        assert owner is not None
         ir.convenience.replace_nodes_and_values(
-            graph, matched.gather, [matched.gather], [new_node], [old_output], [new_node.outputs[0]]
+            owner, matched.gather, [matched.gather], [new_node], [old_output], [new_node.outputs[0]]
         )
         register_domain(model)
         report.count(RULE_GATHER)

@@ -86,7 +86,7 @@ def _bias_of(
     if len(uses) != 1:
         return None
     add = uses[0].node
-    if add.op_type != "Add" or add.domain not in DEFAULT_DOMAINS or add.graph is not model.graph:
+    if add.op_type != "Add" or add.domain not in DEFAULT_DOMAINS or add.graph is not matmul.graph:
         return None
     other = add.inputs[1 - uses[0].idx]
     tensor = constant_tensor(other)
@@ -190,8 +190,10 @@ class QuantizeMatMulPass(NodeRewritePass):
         )
         old_nodes = [matched.matmul] if matched.bias_add is None else [matched.matmul, matched.bias_add]
         old_output = old_nodes[-1].outputs[0]
+        owner = matched.matmul.graph
+        assert owner is not None
         ir.convenience.replace_nodes_and_values(
-            graph, old_nodes[-1], old_nodes, [new_node], [old_output], [new_node.outputs[0]]
+            owner, old_nodes[-1], old_nodes, [new_node], [old_output], [new_node.outputs[0]]
         )
         register_domain(model)
         report.count(RULE_MATMUL)

@@ -155,3 +155,21 @@ def test_fold_leaves_activation_side_alone_and_reports_shared_sources(helpers):
             ),
         )
     ]
+
+
+def test_fold_identity_aliases_the_constant_without_copy(helpers):
+    text = f"""{HEADER}
+    g (float[2, 64] A, int64[3] ids) => (float[2, 100] Y, float[3, 64] E) {{
+      E = Gather(T, ids)
+      alias = Identity(T)
+      WT = Transpose <perm = [1, 0]> (alias)
+      Y = MatMul(A, WT)
+    }}"""
+    model = helpers.model_from_text(text, {"T": rand(100, 64)})
+    table = model.graph.initializers["T"]
+    result = FoldConstantWeightsPass()(model)
+    assert result.rewritten == {"fold Identity": 1}
+    assert result.skipped == []  # the Transpose of the shared table is QuantizeMatMulPass's business
+    assert helpers.op_types(result.model) == ["Gather", "Transpose", "MatMul"]
+    assert result.model.graph.node(1).inputs[0] is table
+    assert list(result.model.graph.initializers) == ["T"]

@@ -221,3 +221,41 @@ def test_checker_failure_caused_by_a_pass_is_raised(helpers, monkeypatch):
     monkeypatch.setitem(pipeline_module.QUANTIZE_PASSES, "MatMul", lambda config: BreakingPass())
     with pytest.raises(onnx.checker.ValidationError, match="bogus"):
         compress_model(tied_model(helpers), CompressConfig())
+
+
+def test_if_branches_reading_outer_weights_are_compressed_and_share_codes(helpers):
+    # optimum's merged decoders: an If whose two branches read the same outer-scope weights.
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (bool cond, float[2, 16] a) => (float[2, 8] y) {
+      y = If (cond) <
+        then_branch = t () => (float[2, 8] y_then) { y_then = MatMul(a, w) },
+        else_branch = e () => (float[2, 8] y_else) {
+          w_alias = Identity(w)
+          mm = MatMul(a, w_alias)
+          y_else = Add(mm, b)
+        }
+      >
+    }"""
+    w = RNG.standard_normal((16, 8)).astype(np.float32)
+    b = RNG.standard_normal(8).astype(np.float32)
+    model = helpers.model_from_text(text, {"w": w, "b": b})
+    a = RNG.standard_normal((2, 16)).astype(np.float32)
+    result = compress_model(model, CompressConfig(act_bits=None))
+    assert result.rewritten == {
+        "fold Identity": 1,
+        "MatMul": 2,
+        "MatMul+Add(bias)": 1,
+        "shared quantized weight": 1,
+    }
+    assert result.skipped == []
+    if_node = result.model.graph.node(0)
+    then_graph, else_graph = if_node.attributes["then_branch"].value, if_node.attributes["else_branch"].value
+    assert [n.op_type for n in then_graph] == ["BlockMatMul"]
+    assert [n.op_type for n in else_graph] == ["BlockMatMul"]
+    assert then_graph.node(0).inputs[1] is else_graph.node(0).inputs[1]
+    assert "w" not in result.model.graph.initializers  # the float weight is gone
+    for cond in (True, False):
+        feeds = {"cond": np.array(cond), "a": a}
+        (expected,) = helpers.run_ort(helpers.model_from_text(text, {"w": w, "b": b}), feeds)
+        (actual,) = helpers.run_reference(result.model, feeds)
+        assert np.abs(actual - expected).max() / np.abs(expected).max() < 0.2
