@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstring>
 #include <utility>
+#include <vector>
 
 #include "matmul_kernel.h"
 
@@ -188,9 +189,82 @@ void RunBlock(const PackedWeights& p, const ActRows* act, const float* a_padded,
   }
 }
 
+// Float mode, many rows: one tile dequantized into w ([k_padded][16] floats, exactly
+// block_format.dequantize's values), then a 4-row x 16-column fp32 micro-kernel.
+template <int R>
+void FloatGemmTile(const PackedWeights& p, const float* w, const float* a_padded, int64_t row0, int64_t tile,
+                   const float* bias, float* Y) {
+  const int64_t kp = p.k_padded;
+  __m256 facc[R][2];
+  for (int r = 0; r < R; ++r) facc[r][0] = facc[r][1] = _mm256_setzero_ps();
+  const float* ar[R];
+  for (int r = 0; r < R; ++r) ar[r] = a_padded + (row0 + r) * kp;
+  for (int64_t k = 0; k < kp; ++k) {
+    const __m256 w0 = _mm256_loadu_ps(w + k * 16), w1 = _mm256_loadu_ps(w + k * 16 + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 a = _mm256_broadcast_ss(ar[r] + k);
+      facc[r][0] = _mm256_fmadd_ps(w0, a, facc[r][0]);
+      facc[r][1] = _mm256_fmadd_ps(w1, a, facc[r][1]);
+    }
+  }
+  StoreTile<R>(p, facc, row0, tile, bias, Y);
+}
+
+template <int J, bool kNibble, bool kSym>
+inline void DequantizeStep(const __m256i (&raw)[2], const __m256 (&ws)[2], const __m256 (&zw)[2], float* out) {
+  for (int h = 0; h < 2; ++h) {
+    __m256 v = _mm256_cvtepi32_ps(Extract<J, kNibble, kSym>(raw[h]));
+    if (!kSym) v = _mm256_sub_ps(v, zw[h]);
+    _mm256_storeu_ps(out + J * 16 + h * 8, _mm256_mul_ps(v, ws[h]));
+  }
+}
+
+template <bool kNibble, bool kSym, int... J>
+inline void DequantizeGroup(const __m256i (&raw)[2], const __m256 (&ws)[2], const __m256 (&zw)[2], float* out,
+                            std::integer_sequence<int, J...>) {
+  (DequantizeStep<J, kNibble, kSym>(raw, ws, zw, out), ...);
+}
+
+template <bool kNibble, bool kSym>
+void DequantizeTile(const PackedWeights& p, int64_t tile, float* out) {
+  constexpr int kGroupK = kNibble ? 8 : 4;
+  const int64_t nb = p.num_blocks, groups = p.block_padded / kGroupK;
+  const uint8_t* codes = p.codes.data() + tile * p.tile_bytes;
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256 ws[2], zw[2];
+    for (int h = 0; h < 2; ++h) {
+      const int64_t at = (tile * nb + b) * 16 + h * 8;
+      ws[h] = _mm256_loadu_ps(p.scales.data() + at);
+      zw[h] = kSym ? _mm256_setzero_ps() : _mm256_loadu_ps(p.zero_points.data() + at);
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256i raw[2];
+      for (int h = 0; h < 2; ++h) {
+        raw[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + (b * groups + g) * 64 + h * 32));
+      }
+      DequantizeGroup<kNibble, kSym>(raw, ws, zw, out + (b * p.block_padded + g * kGroupK) * 16,
+                                     std::make_integer_sequence<int, kGroupK>{});
+    }
+  }
+}
+
+constexpr int kFloatRows = 4;
+
 template <bool kNibble, bool kSym>
 void RunTiles(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin, int64_t row_end,
               int64_t tile_begin, int64_t tile_end, const float* bias, float* Y) {
+  if (!act && row_end - row_begin >= kFloatRows) {
+    thread_local std::vector<float> scratch;
+    scratch.resize(static_cast<size_t>(p.k_padded * 16));
+    for (int64_t t = tile_begin; t < tile_end; ++t) {
+      DequantizeTile<kNibble, kSym>(p, t, scratch.data());
+      int64_t r = row_begin;
+      for (; r + kFloatRows <= row_end; r += kFloatRows) FloatGemmTile<kFloatRows>(p, scratch.data(), a_padded, r, t, bias, Y);
+      for (; r + 2 <= row_end; r += 2) FloatGemmTile<2>(p, scratch.data(), a_padded, r, t, bias, Y);
+      if (r < row_end) FloatGemmTile<1>(p, scratch.data(), a_padded, r, t, bias, Y);
+    }
+    return;
+  }
   for (int64_t t = tile_begin; t < tile_end; ++t) {
     int64_t r = row_begin;
     for (; r + kRows <= row_end; r += kRows) RunBlock<kRows, kNibble, kSym>(p, act, a_padded, r, t, bias, Y);
