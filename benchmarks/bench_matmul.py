@@ -133,15 +133,22 @@ def _session(model: onnx.ModelProto, threads: int, with_library: bool) -> ort.In
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _median_ms(sess: ort.InferenceSession, feed: dict[str, np.ndarray], warmup: int, repeat: int) -> float:
-    for _ in range(warmup):
-        sess.run(None, feed)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        sess.run(None, feed)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def _interleaved_medians(sessions: list[ort.InferenceSession], feed: dict[str, np.ndarray], warmup: int,
+                         repeat: int, rounds: int) -> list[float]:
+    """Median ms per session; the sessions take turns in `rounds` rounds so that load changes on a
+    shared machine hit every case alike."""
+    for sess in sessions:
+        for _ in range(warmup):
+            sess.run(None, feed)
+    times: list[list[float]] = [[] for _ in sessions]
+    per_round = max(1, repeat // rounds)
+    for _ in range(rounds):
+        for i, sess in enumerate(sessions):
+            for _ in range(per_round):
+                start = time.perf_counter()
+                sess.run(None, feed)
+                times[i].append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     parser.add_argument("--repeat", type=int, default=200, help="timed runs per case (default 200)")
     parser.add_argument("--warmup", type=int, default=20, help="untimed runs first (default 20)")
+    parser.add_argument("--rounds", type=int, default=5, help="cases take turns in this many rounds (default 5)")
+    parser.add_argument("--only", default="", help="run only cases whose label contains this text (FP32 always runs)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -165,23 +174,22 @@ def main(argv: list[str] | None = None) -> int:
     for m, k, n in SHAPES:
         weight = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
         feed = {"A": rng.standard_normal((m, k)).astype(np.float32)}
-        base = None
-        for case in CASES:
-            if case.needs_library and not have_library:
-                continue
-            sess = _session(case.build(weight, m), args.threads, case.needs_library)
-            ms = _median_ms(sess, feed, args.warmup, args.repeat)
-            base = ms if base is None else base
-            results.append({"M": m, "K": k, "N": n, "case": case.label, "median_ms": ms, "vs_fp32": base / ms})
+        cases = [c for c in CASES if (have_library or not c.needs_library)]
+        cases = [c for i, c in enumerate(cases) if i == 0 or args.only in c.label]
+        sessions = [_session(c.build(weight, m), args.threads, c.needs_library) for c in cases]
+        medians = _interleaved_medians(sessions, feed, args.warmup, args.repeat, args.rounds)
+        for case, ms in zip(cases, medians):
+            results.append({"M": m, "K": k, "N": n, "case": case.label, "median_ms": ms, "vs_fp32": medians[0] / ms})
 
-    print(f"\nonnxruntime {ort.__version__}, {args.threads} intra-op threads, median of {args.repeat} warm runs")
+    print(f"\nonnxruntime {ort.__version__}, {args.threads} intra-op threads, median of {args.repeat} warm runs "
+          f"({args.rounds} interleaved rounds)")
     print(f"| {'M x K x N':<16} | {'case':<34} | {'median ms':>9} | {'speed-up vs FP32':>16} |")
     print(f"|{'-' * 18}|{'-' * 36}|{'-' * 11}|{'-' * 18}|")
     for row in results:
         shape = f"{row['M']} x {row['K']} x {row['N']}"
         print(f"| {shape:<16} | {row['case']:<34} | {row['median_ms']:>9.3f} | {row['vs_fp32']:>15.2f}x |")
     if args.json:
-        meta = {"onnxruntime": ort.__version__, "threads": args.threads, "repeat": args.repeat,
+        meta = {"onnxruntime": ort.__version__, "threads": args.threads, "repeat": args.repeat, "rounds": args.rounds,
                 "machine": platform.processor() or platform.machine()}
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
         logger.info("wrote %s", args.json)
