@@ -178,6 +178,77 @@ void FloatTiles(const PackedWeights& p, const float* a_padded, int64_t row0, int
   StoreTiles<R, T>(p, facc, row0, tile0, bias, Y);
 }
 
+// Float mode, few rows, nibble codes: vpermps turns a lane's low 4 bits straight into the code's
+// float value (a 16-entry table), so a code costs a shift, a permute and an FMA. Per block the sum
+// over k of a * (code - zero_point) is accumulated, then scaled by the block's weight scale.
+// Symmetric codes are stored as two's complement nibbles of code - 2**(bits-1) (table -8..7);
+// asymmetric codes are unsigned (table 0..15) and zero_point * sum(a) is subtracted per block.
+template <int J>
+inline __m512i NibbleIndex(__m512i raw) {
+  constexpr int kPos = J < 4 ? 8 * J : 8 * (J - 4) + 4;
+  return kPos ? _mm512_srli_epi32(raw, kPos) : raw;  // vpermps reads only the low 4 bits
+}
+
+template <int R, int T, int J>
+inline void LutStep(const __m512i (&raw)[T], __m512 table, const float* const (&ar)[R], int64_t k,
+                    __m512 (&bacc)[R][T]) {
+  __m512 w[T];
+  for (int t = 0; t < T; ++t) w[t] = _mm512_permutexvar_ps(NibbleIndex<J>(raw[t]), table);
+  for (int r = 0; r < R; ++r) {
+    const __m512 a = _mm512_set1_ps(ar[r][k + J]);
+    for (int t = 0; t < T; ++t) bacc[r][t] = _mm512_fmadd_ps(w[t], a, bacc[r][t]);
+  }
+}
+
+template <int R, int T, int... J>
+inline void LutGroup(const __m512i (&raw)[T], __m512 table, const float* const (&ar)[R], int64_t k,
+                     __m512 (&bacc)[R][T], std::integer_sequence<int, J...>) {
+  (LutStep<R, T, J>(raw, table, ar, k, bacc), ...);
+}
+
+template <int R, int T, bool kSym>
+void FloatLutTiles(const PackedWeights& p, const float* a_padded, int64_t row0, int64_t tile0, const float* bias,
+                   float* Y) {
+  const int64_t nb = p.num_blocks, bkp = p.block_padded, kp = p.k_padded, groups = bkp / 8;
+  const __m512 table = kSym ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1)
+                            : _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512 facc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) facc[r][t] = _mm512_setzero_ps();
+  const float* ar[R];
+  for (int r = 0; r < R; ++r) ar[r] = a_padded + (row0 + r) * kp;
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512 bacc[R][T];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) bacc[r][t] = _mm512_setzero_ps();
+    const uint8_t* wb[T];
+    for (int t = 0; t < T; ++t) wb[t] = p.codes.data() + (tile0 + t) * p.tile_bytes + b * groups * 64;
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512i raw[T];
+      for (int t = 0; t < T; ++t) raw[t] = _mm512_loadu_si512(wb[t] + g * 64);
+      LutGroup<R, T>(raw, table, ar, b * bkp + g * 8, bacc, std::make_integer_sequence<int, 8>{});
+    }
+    for (int t = 0; t < T; ++t) {
+      const int64_t at = ((tile0 + t) * nb + b) * 16;
+      const __m512 ws = _mm512_loadu_ps(p.scales.data() + at);
+      const __m512 zw = kSym ? _mm512_setzero_ps() : _mm512_loadu_ps(p.zero_points.data() + at);
+      for (int r = 0; r < R; ++r) {
+        __m512 block = bacc[r][t];
+        if (!kSym) {
+          __m512 sum = _mm512_setzero_ps();
+          for (int64_t k = 0; k < bkp; k += 16) {
+            const __mmask16 m = bkp - k >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>(0xff);
+            sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(m, ar[r] + b * bkp + k));
+          }
+          block = _mm512_fnmadd_ps(zw, _mm512_set1_ps(_mm512_reduce_add_ps(sum)), block);
+        }
+        facc[r][t] = _mm512_fmadd_ps(block, ws, facc[r][t]);
+      }
+    }
+  }
+  StoreTiles<R, T>(p, facc, row0, tile0, bias, Y);
+}
+
 // Float mode, many rows: the T tiles' weights were dequantized into w ([T][k_padded][16] floats,
 // exactly block_format.dequantize's values), so the inner loop is a plain fp32 GEMM micro-kernel.
 template <int R, int T>
@@ -298,7 +369,11 @@ struct SmallRowsBody {
     if (act) {
       IntTiles<R, T, kNibble, kSym>(p, p.codes.data() + tile0 * p.tile_bytes, p.tile_bytes, *act, r, tile0, bias, Y);
     } else {
-      FloatTiles<R, T, kNibble, kSym>(p, a_padded, r, tile0, bias, Y);
+      if constexpr (kNibble) {
+        FloatLutTiles<R, T, kSym>(p, a_padded, r, tile0, bias, Y);
+      } else {
+        FloatTiles<R, T, kNibble, kSym>(p, a_padded, r, tile0, bias, Y);
+      }
     }
   }
 };
