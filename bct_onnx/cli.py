@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ONNX Runtime intra-op threads (default: all cores)",
     )
     demo.add_argument(
-        "--runs", type=_positive_int, default=20, metavar="N", help="timed runs per model (default: 20)"
+        "--runs", type=_positive_int, default=10, metavar="N", help="timed runs per model (default: 10)"
     )
     demo.add_argument(
         "--out-dir",
