@@ -15,10 +15,12 @@ import numpy as np
 from bct_onnx.block_format import (
     BlockFormat,
     QuantizedTensor,
+    _inverse,
     _pad_to_blocks,
     choose_scales,
     codes_for,
     pack_codes,
+    round_half_to_even,
     scales_to_float32,
 )
 
@@ -31,38 +33,52 @@ CLIP_RATIOS: tuple[float, ...] = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.8
 _CHUNK_ELEMENTS = 1 << 22
 
 
-def _block_squared_error(
-    blocks: np.ndarray,
-    codes: np.ndarray,
-    scales: np.ndarray,
-    zero_points: np.ndarray | None,
-    fmt: BlockFormat,
-) -> np.ndarray:
-    """Squared error per block [..., nb] of codes [..., nb, block_size] against blocks."""
-    scale = scales_to_float32(scales, fmt.scale_kind)[..., None]
+def _extremes(blocks: np.ndarray, fmt: BlockFormat) -> np.ndarray:
+    """The values choose_scales depends on, one tiny block per block: [..., nb, 1 or 2].
+
+    Symmetric scales depend only on the element of largest magnitude, asymmetric ones on the
+    minimum and maximum; scaling by r > 0 commutes with taking them (rounding is monotonic), so
+    ``choose_scales(extremes * r)`` equals ``choose_scales(blocks * r)`` at a fraction of the cost.
+    """
     if fmt.symmetric:
-        zp: np.ndarray | np.float32 = np.float32(fmt.implicit_zero_point)
+        idx = np.argmax(np.abs(blocks), axis=-1)
+        return np.take_along_axis(blocks, idx[..., None], axis=-1)
+    return np.stack([blocks.min(axis=-1), blocks.max(axis=-1)], axis=-1)
+
+
+def _block_squared_error(
+    blocks: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, fmt: BlockFormat
+) -> np.ndarray:
+    """Squared error per block [..., nb] of quantizing blocks with the given stored scales.
+
+    Same arithmetic as ``codes_for`` followed by ``dequantize_codes``, without forming codes.
+    """
+    scale = scales_to_float32(scales, fmt.scale_kind)[..., None]
+    q = round_half_to_even(blocks * _inverse(scale))
+    if fmt.symmetric:
+        q = np.clip(q, fmt.qmin, fmt.qmax)
     else:
         assert zero_points is not None
         zp = zero_points.astype(np.float32)[..., None]
-    diff = (codes.astype(np.float32) - zp) * scale - blocks
+        q = np.clip(q + zp, 0, fmt.qmax) - zp
+    diff = q * scale - blocks
     return np.einsum("...i,...i->...", diff, diff)
 
 
 def search_scales(
-    blocks: np.ndarray, fmt: BlockFormat, ratios: tuple[float, ...] = CLIP_RATIOS
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Stored scales, zero points and codes [..., nb, block_size] minimising each block's squared error."""
+    blocks: np.ndarray, fmt: BlockFormat, ratios: tuple[float, ...] | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Stored scales and zero points [..., nb] minimising each block's squared error over ratios."""
+    ratios = CLIP_RATIOS if ratios is None else ratios
     blocks = blocks.astype(np.float32, copy=False)
-    best_scales, best_zp = choose_scales(blocks, fmt)
-    best_codes = codes_for(blocks, best_scales, best_zp, fmt)
-    best_err = _block_squared_error(blocks, best_codes, best_scales, best_zp, fmt)
+    extremes = _extremes(blocks, fmt)
+    best_scales, best_zp = choose_scales(extremes, fmt)
+    best_err = _block_squared_error(blocks, best_scales, best_zp, fmt)
     for ratio in ratios:
         if ratio == 1.0:
             continue
-        scales, zp = choose_scales(blocks * np.float32(ratio), fmt)
-        codes = codes_for(blocks, scales, zp, fmt)
-        err = _block_squared_error(blocks, codes, scales, zp, fmt)
+        scales, zp = choose_scales(extremes * np.float32(ratio), fmt)
+        err = _block_squared_error(blocks, scales, zp, fmt)
         better = err < best_err
         if not better.any():
             continue
@@ -70,8 +86,7 @@ def search_scales(
         best_scales = np.where(better, scales, best_scales)
         if best_zp is not None and zp is not None:
             best_zp = np.where(better, zp, best_zp)
-        best_codes = np.where(better[..., None], codes, best_codes)
-    return best_scales, best_zp, best_codes
+    return best_scales, best_zp
 
 
 def quantize_tensor(x: np.ndarray, fmt: BlockFormat, scale_search: bool = True) -> QuantizedTensor:
@@ -91,11 +106,8 @@ def quantize_tensor(x: np.ndarray, fmt: BlockFormat, scale_search: bool = True) 
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         blocks = _pad_to_blocks(x[start:stop], fmt.block_size)
-        if scale_search:
-            scales, zp, codes = search_scales(blocks, fmt)
-        else:
-            scales, zp = choose_scales(blocks, fmt)
-            codes = codes_for(blocks, scales, zp, fmt)
+        scales, zp = search_scales(blocks, fmt) if scale_search else choose_scales(blocks, fmt)
+        codes = codes_for(blocks, scales, zp, fmt)
         codes = codes.reshape(stop - start, -1)[:, :d]
         codes_out[start:stop] = pack_codes(codes, fmt.bits)
         scales_out[start:stop] = scales
