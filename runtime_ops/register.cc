@@ -11,6 +11,9 @@
 #if defined(BCT_HAVE_MATMUL) && BCT_HAVE_MATMUL
 #include "bct/matmul_op.h"
 #endif
+#if defined(BCT_HAVE_NONLINEAR) && BCT_HAVE_NONLINEAR
+#include "bct/nonlinear_ops.h"
+#endif
 
 #if defined(_WIN32)
 #define BCT_EXPORT __declspec(dllexport)
@@ -43,6 +46,9 @@ Ort::CustomOpDomain* BuildDomain() {
 #endif
 #if defined(BCT_HAVE_MATMUL) && BCT_HAVE_MATMUL
   bct::AppendMatMulOps(*domain);
+#endif
+#if defined(BCT_HAVE_NONLINEAR) && BCT_HAVE_NONLINEAR
+  bct::AppendNonlinearOps(*domain);
 #endif
   return domain;
 }
