@@ -141,6 +141,14 @@ class CompressPass(ir.passes.InPlacePass, abc.ABC):
     def requires(self, model: ir.Model) -> None:
         check_model_basics(model, type(self).__name__, self.min_opset)
 
+    def ensures(self, model: ir.Model) -> None:
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            if node.domain == ops.DOMAIN and model.opset_imports.get(ops.DOMAIN) != ops.DOMAIN_VERSION:
+                raise ir.passes.PostconditionError(
+                    f"{type(self).__name__}: node '{node_label(node)}' is in {ops.DOMAIN} "
+                    f"but the model does not import that domain at version {ops.DOMAIN_VERSION}"
+                )
+
     def call(self, model: ir.Model) -> CompressPassResult:
         before = graph_fingerprint(model)
         report = PassReport()

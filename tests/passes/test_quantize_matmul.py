@@ -101,10 +101,21 @@ def test_numerics_match_spec(helpers, act_bits, weight_bits, block_size, symmetr
     assert rel < {8: 0.05, 5: 0.15, 4: 0.3, 3: 0.5}[min(weight_bits, act_bits or 8)]
 
 
-def test_ort_session_matches_reference(helpers):
-    model, _ = linear_model(helpers, k=64, n=48)
-    compressed = QuantizeMatMulPass(CompressConfig())(model).model
-    a = RNG.standard_normal((2, 5, 64)).astype(np.float32)
+@pytest.mark.parametrize(
+    "k,config",
+    [
+        (64, CompressConfig()),
+        (45, CompressConfig(act_bits=None)),
+        (45, CompressConfig(weight_bits=3, symmetric=False, block_size=16)),
+        (100, CompressConfig(scale_kind="pow2", act_bits=4)),
+        (37, CompressConfig(weight_bits=8, scale_kind="float32", block_size=7)),
+    ],
+    ids=["default", "weight-only-partial-block", "asym3", "pow2-a4", "w8-f32-b7"],
+)
+def test_ort_session_matches_reference(helpers, k, config):
+    model, _ = linear_model(helpers, k=k, n=48)
+    compressed = QuantizeMatMulPass(config)(model).model
+    a = RNG.standard_normal((2, 5, k)).astype(np.float32)
     (y_ref,) = helpers.run_reference(compressed, {"A": a})
     (y_ort,) = helpers.run_bct_session(compressed, {"A": a})
     # Float accumulation order differs between numpy (float64) and the kernel: stated tolerance.
