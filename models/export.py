@@ -111,7 +111,9 @@ def _supported_tasks(model_type: str, library_name: str) -> list[str] | None:
     def tasks_for(name: str, library: str) -> list[str] | None:
         for candidate in (name, name.replace("_", "-")):
             try:
-                return list(TasksManager.get_supported_tasks_for_model_type(candidate, "onnx", library_name=library))
+                return list(
+                    TasksManager.get_supported_tasks_for_model_type(candidate, "onnx", library_name=library)
+                )
             except KeyError:
                 continue
         return None
@@ -171,8 +173,11 @@ def _library_name(directory: Path) -> str:
         try:
             import sentence_transformers  # noqa: F401
         except ImportError:
-            logger.warning("%s is a sentence-transformers model but sentence-transformers is not installed; "
-                           "exporting the bare transformer", directory)
+            logger.warning(
+                "%s is a sentence-transformers model but sentence-transformers is not installed; "
+                "exporting the bare transformer",
+                directory,
+            )
             return "transformers"
         return "sentence_transformers"
     return "transformers"

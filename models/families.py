@@ -57,8 +57,12 @@ def _bert() -> Any:
     from transformers import BertConfig
 
     return BertConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        intermediate_size=4 * HIDDEN, max_position_embeddings=POSITIONS,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=4 * HIDDEN,
+        max_position_embeddings=POSITIONS,
     )
 
 
@@ -72,8 +76,12 @@ def _gpt_neo() -> Any:
     from transformers import GPTNeoConfig
 
     return GPTNeoConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS,
-        attention_types=[[["global", "local"], LAYERS // 2]], window_size=32,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_layers=LAYERS,
+        num_heads=HEADS,
+        attention_types=[[["global", "local"], LAYERS // 2]],
+        window_size=32,
         max_position_embeddings=POSITIONS,
     )
 
@@ -82,9 +90,15 @@ def _pythia() -> Any:
     from transformers import GPTNeoXConfig
 
     return GPTNeoXConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        intermediate_size=4 * HIDDEN, rotary_pct=0.25, max_position_embeddings=POSITIONS,
-        use_parallel_residual=True, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=4 * HIDDEN,
+        rotary_pct=0.25,
+        max_position_embeddings=POSITIONS,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
     )
 
 
@@ -92,8 +106,13 @@ def _opt() -> Any:
     from transformers import OPTConfig
 
     return OPTConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        ffn_dim=4 * HIDDEN, word_embed_proj_dim=HIDDEN, max_position_embeddings=POSITIONS,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        ffn_dim=4 * HIDDEN,
+        word_embed_proj_dim=HIDDEN,
+        max_position_embeddings=POSITIONS,
     )
 
 
@@ -107,9 +126,15 @@ def _bart() -> Any:
     from transformers import BartConfig
 
     return BartConfig(
-        vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS,
-        encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=2 * HIDDEN,
-        decoder_ffn_dim=2 * HIDDEN, max_position_embeddings=POSITIONS,
+        vocab_size=VOCAB,
+        d_model=HIDDEN,
+        encoder_layers=LAYERS,
+        decoder_layers=LAYERS,
+        encoder_attention_heads=HEADS,
+        decoder_attention_heads=HEADS,
+        encoder_ffn_dim=2 * HIDDEN,
+        decoder_ffn_dim=2 * HIDDEN,
+        max_position_embeddings=POSITIONS,
     )
 
 
@@ -118,9 +143,18 @@ def _flan_t5() -> Any:
 
     # Flan-T5 (T5 v1.1): gated GELU feed-forward, untied LM head, RMS layer norm, relative positions.
     return T5Config(
-        vocab_size=VOCAB, d_model=HIDDEN, d_kv=HIDDEN // HEADS, d_ff=2 * HIDDEN, num_layers=LAYERS,
-        num_decoder_layers=LAYERS, num_heads=HEADS, feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        vocab_size=VOCAB,
+        d_model=HIDDEN,
+        d_kv=HIDDEN // HEADS,
+        d_ff=2 * HIDDEN,
+        num_layers=LAYERS,
+        num_decoder_layers=LAYERS,
+        num_heads=HEADS,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
     )
 
 
@@ -128,32 +162,100 @@ def _llama() -> Any:
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=HEADS // 2, max_position_embeddings=POSITIONS,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS // 2,
+        max_position_embeddings=POSITIONS,
     )
 
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("bert", "bert", "encoder", "AutoModel", "feature-extraction", _bert,
-               "post-LN, GELU, learned absolute positions"),
-        Family("gpt2", "gpt2", "decoder", "AutoModelForCausalLM", "text-generation", _gpt2,
-               "pre-LN, GELU(tanh), Conv1D weights, tied head"),
-        Family("gpt-neo", "gpt_neo", "decoder", "AutoModelForCausalLM", "text-generation", _gpt_neo,
-               "global + local (windowed) attention layers"),
-        Family("pythia", "gpt_neox", "decoder", "AutoModelForCausalLM", "text-generation", _pythia,
-               "GPT-NeoX: parallel residual, partial rotary, fused QKV"),
-        Family("opt", "opt", "decoder", "AutoModelForCausalLM", "text-generation", _opt,
-               "ReLU MLP, learned positions with offset 2"),
-        Family("bloom", "bloom", "decoder", "AutoModelForCausalLM", "text-generation", _bloom,
-               "ALiBi positions, embedding LayerNorm"),
-        Family("bart", "bart", "encoder-decoder", "AutoModelForSeq2SeqLM", "text2text-generation", _bart,
-               "post-LN encoder-decoder, GELU"),
-        Family("flan-t5", "t5", "encoder-decoder", "AutoModelForSeq2SeqLM", "text2text-generation", _flan_t5,
-               "T5 v1.1: RMSNorm, gated GELU, relative position buckets, untied head"),
-        Family("llama", "llama", "decoder", "AutoModelForCausalLM", "text-generation", _llama,
-               "RMSNorm, SwiGLU, rotary, grouped-query attention"),
+        Family(
+            "bert",
+            "bert",
+            "encoder",
+            "AutoModel",
+            "feature-extraction",
+            _bert,
+            "post-LN, GELU, learned absolute positions",
+        ),
+        Family(
+            "gpt2",
+            "gpt2",
+            "decoder",
+            "AutoModelForCausalLM",
+            "text-generation",
+            _gpt2,
+            "pre-LN, GELU(tanh), Conv1D weights, tied head",
+        ),
+        Family(
+            "gpt-neo",
+            "gpt_neo",
+            "decoder",
+            "AutoModelForCausalLM",
+            "text-generation",
+            _gpt_neo,
+            "global + local (windowed) attention layers",
+        ),
+        Family(
+            "pythia",
+            "gpt_neox",
+            "decoder",
+            "AutoModelForCausalLM",
+            "text-generation",
+            _pythia,
+            "GPT-NeoX: parallel residual, partial rotary, fused QKV",
+        ),
+        Family(
+            "opt",
+            "opt",
+            "decoder",
+            "AutoModelForCausalLM",
+            "text-generation",
+            _opt,
+            "ReLU MLP, learned positions with offset 2",
+        ),
+        Family(
+            "bloom",
+            "bloom",
+            "decoder",
+            "AutoModelForCausalLM",
+            "text-generation",
+            _bloom,
+            "ALiBi positions, embedding LayerNorm",
+        ),
+        Family(
+            "bart",
+            "bart",
+            "encoder-decoder",
+            "AutoModelForSeq2SeqLM",
+            "text2text-generation",
+            _bart,
+            "post-LN encoder-decoder, GELU",
+        ),
+        Family(
+            "flan-t5",
+            "t5",
+            "encoder-decoder",
+            "AutoModelForSeq2SeqLM",
+            "text2text-generation",
+            _flan_t5,
+            "T5 v1.1: RMSNorm, gated GELU, relative position buckets, untied head",
+        ),
+        Family(
+            "llama",
+            "llama",
+            "decoder",
+            "AutoModelForCausalLM",
+            "text-generation",
+            _llama,
+            "RMSNorm, SwiGLU, rotary, grouped-query attention",
+        ),
     )
 }
 
@@ -182,7 +284,9 @@ def build_tiny(family: str | Family, directory: str | os.PathLike[str], seed: in
     model = auto_class.from_config(config)
     model.eval()
     model.save_pretrained(out)
-    logger.info("built tiny %s (%d parameters) in %s", recipe.name, sum(p.numel() for p in model.parameters()), out)
+    logger.info(
+        "built tiny %s (%d parameters) in %s", recipe.name, sum(p.numel() for p in model.parameters()), out
+    )
     return out
 
 
@@ -213,7 +317,9 @@ def export_tiny(
 # Dummy feeds built from a graph's declared inputs.
 
 _BINARY_OPS: Mapping[type, Callable[[int, int], int]] = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
 }
 
 
@@ -253,8 +359,12 @@ def _vocab_size(path: Path, graph_outputs: list[Any]) -> int:
 
 
 _NUMPY_TYPES = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
 }
 
 
@@ -280,10 +390,13 @@ def dummy_inputs(
     has_past = any(i.name.startswith("past_key_values") for i in inputs)
     past = past_length if has_past else 0
     symbols = {
-        "batch_size": batch_size, "batch": batch_size,
-        "sequence_length": sequence_length, "decoder_sequence_length": sequence_length,
+        "batch_size": batch_size,
+        "batch": batch_size,
+        "sequence_length": sequence_length,
+        "decoder_sequence_length": sequence_length,
         "encoder_sequence_length": sequence_length,
-        "past_sequence_length": past, "past_decoder_sequence_length": past,
+        "past_sequence_length": past,
+        "past_decoder_sequence_length": past,
         "total_sequence_length": past + sequence_length,
     }
     vocab = _vocab_size(model_path, outputs)
@@ -300,8 +413,13 @@ def dummy_inputs(
                 continue
             value = _eval_dim(re.sub(r"[^\w+\-* ]", "_", dim), symbols) if isinstance(dim, str) else None
             if value is None:
-                logger.warning("%s: input %s has unknown dim %r; using %d", model_path, declared.name, dim,
-                               sequence_length)
+                logger.warning(
+                    "%s: input %s has unknown dim %r; using %d",
+                    model_path,
+                    declared.name,
+                    dim,
+                    sequence_length,
+                )
                 value = sequence_length
             shape.append(value)
         name = declared.name
@@ -330,4 +448,4 @@ def run_dummy(path: str | os.PathLike[str], **kwargs: Any) -> dict[str, np.ndarr
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = dummy_inputs(path, **kwargs)
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds)))
+    return dict(zip(names, session.run(names, feeds), strict=True))

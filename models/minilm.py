@@ -106,7 +106,9 @@ def embed(
     for start in range(0, len(sentences), batch_size):
         batch = list(sentences[start : start + batch_size])
         encoded = tokenizer(batch, padding=True, truncation=True, max_length=limit, return_tensors="np")
-        feeds = {name: np.asarray(value, dtype=np.int64) for name, value in encoded.items() if name in input_names}
+        feeds = {
+            name: np.asarray(value, dtype=np.int64) for name, value in encoded.items() if name in input_names
+        }
         if "token_type_ids" in input_names and "token_type_ids" not in feeds:
             feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
         missing = input_names - feeds.keys()

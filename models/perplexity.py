@@ -42,8 +42,10 @@ def onnx_logits_fn(session_or_path: Any) -> LogitsFn:
     session = _session(session_or_path)
     inputs = {i.name for i in session.get_inputs()}
     if any(name.startswith("past_key_values") for name in inputs):
-        raise ValueError("perplexity needs a decoder export without KV cache (task text-generation); "
-                         f"this graph has past_key_values inputs: {sorted(inputs)}")
+        raise ValueError(
+            "perplexity needs a decoder export without KV cache (task text-generation); "
+            f"this graph has past_key_values inputs: {sorted(inputs)}"
+        )
     output_names = [o.name for o in session.get_outputs()]
     logits_name = "logits" if "logits" in output_names else output_names[0]
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bct_onnx.models.export import DEFAULT_OPSET, export_hf_directory, hub_offline
-from bct_onnx.models.text_data import cache_dir
+from bct_onnx.models.cache import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,9 @@ def hf_dir(root: Path | None = None) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{HF_DIR_NAME}-") as scratch_name:
         scratch = Path(scratch_name) / "hf"
         with hub_offline():
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, local_files_only=True
+            )
             model = AutoModelForCausalLM.from_pretrained(
                 str(gguf.parent), gguf_file=gguf.name, local_files_only=True, dtype="float32"
             )
@@ -113,3 +115,35 @@ def export(output_dir: str | os.PathLike[str], with_past: bool = False, opset: i
     """Export SmolLM2 (float32) to ``output_dir``/model.onnx; text-generation, with KV cache if asked."""
     task = "text-generation-with-past" if with_past else "text-generation"
     return export_hf_directory(hf_dir(), output_dir, task=task, opset=opset)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bct_onnx.models.smollm2 [--onnx PATH]``: FP32 (or given) perplexity on an Austen novel."""
+    import argparse
+
+    from bct_onnx.models.perplexity import onnx_logits_fn, perplexity_of_ids, tokenize_for_perplexity
+    from bct_onnx.models.text_data import AUSTEN_BOOKS, austen_text
+
+    parser = argparse.ArgumentParser(prog="python -m bct_onnx.models.smollm2", description=main.__doc__)
+    parser.add_argument("--onnx", type=Path, help="a no-past SmolLM2 graph (default: export FP32 to --out)")
+    parser.add_argument("--out", type=Path, default=cache_dir() / "smollm2-onnx-f32", help="export directory")
+    parser.add_argument("--book", choices=AUSTEN_BOOKS, default="prideprejudice")
+    parser.add_argument("--max-tokens", type=int, default=4096)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--stride", type=int, default=None, help="default: window // 2")
+    args = parser.parse_args(argv)
+    path = args.onnx
+    if path is None:
+        path = args.out / "model.onnx" if (args.out / "model.onnx").is_file() else export(args.out)
+    ids = tokenize_for_perplexity(load_tokenizer(), austen_text(args.book), args.max_tokens)
+    result = perplexity_of_ids(ids, onnx_logits_fn(path), window=args.window, stride=args.stride)
+    stride = args.stride or args.window // 2
+    print(
+        f"{path}: perplexity {result.perplexity:.4f} on the first {result.scored_tokens + 1} tokens of "
+        f"{args.book} (window {args.window}, stride {stride}, {result.windows} windows)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -9,7 +9,6 @@ licensed (janeaustenr); the novels themselves are public domain.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import struct
 import subprocess
@@ -20,23 +19,24 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from bct_onnx.models.cache import cache_dir
+
 logger = logging.getLogger(__name__)
 
 AUSTEN_PACKAGE = "r-cran-janeaustenr"
 AUSTEN_BOOKS: tuple[str, ...] = (
-    "sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion",
+    "sensesensibility",
+    "prideprejudice",
+    "mansfieldpark",
+    "emma",
+    "northangerabbey",
+    "persuasion",
 )
 _R_LIBRARY = Path("usr/lib/R/site-library")
 
 
 class TextDataUnavailable(RuntimeError):
     """The text could not be fetched or read (no apt-get, no network to the Debian mirror, no rdata)."""
-
-
-def cache_dir() -> Path:
-    """Cache root: $BCT_ONNX_CACHE, else ~/.cache/bct_onnx."""
-    configured = os.environ.get("BCT_ONNX_CACHE")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "bct_onnx"
 
 
 def _run(command: list[str], cwd: Path) -> None:
@@ -80,7 +80,9 @@ def _rdata() -> Any:
     try:
         import rdata
     except ImportError as error:
-        raise TextDataUnavailable(f"reading R data files needs the rdata package: pip install rdata ({error})") from error
+        raise TextDataUnavailable(
+            f"reading R data files needs the rdata package: pip install rdata ({error})"
+        ) from error
     return rdata
 
 

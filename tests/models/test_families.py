@@ -16,8 +16,12 @@ from bct_onnx.models.families import FAMILIES, VOCAB, dummy_inputs, export_tiny,
 # position offset or cache layout (those move logits by 1e-2 or more).
 ATOL = 1e-4
 
-CASES = [(name, with_past) for name, family in FAMILIES.items() for with_past in (False, True)
-         if family.supports_past or not with_past]
+CASES = [
+    (name, with_past)
+    for name, family in FAMILIES.items()
+    for with_past in (False, True)
+    if family.supports_past or not with_past
+]
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -34,7 +38,9 @@ def _ids(length: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, VOCAB, size=(1, length), dtype=np.int64)
 
 
-def _feeds(session: ort.InferenceSession, ids: np.ndarray, past: dict[str, np.ndarray], **extra: np.ndarray) -> dict:
+def _feeds(
+    session: ort.InferenceSession, ids: np.ndarray, past: dict[str, np.ndarray], **extra: np.ndarray
+) -> dict:
     """Feeds for a decoder step: ids, mask over past+new, positions after the past, the past itself."""
     names = {i.name for i in session.get_inputs()}
     past_len = next(iter(past.values())).shape[-2] if past else 0
@@ -56,7 +62,9 @@ def _empty_past(session: ort.InferenceSession) -> dict[str, np.ndarray]:
     return past
 
 
-@pytest.mark.parametrize(("name", "with_past"), CASES, ids=[f"{n}-{'past' if p else 'nopast'}" for n, p in CASES])
+@pytest.mark.parametrize(
+    ("name", "with_past"), CASES, ids=[f"{n}-{'past' if p else 'nopast'}" for n, p in CASES]
+)
 def test_family_exports_and_runs(name: str, with_past: bool, tmp_path: Path) -> None:
     family = get_family(name)
     files = export_tiny(name, tmp_path, with_past=with_past)
@@ -64,8 +72,12 @@ def test_family_exports_and_runs(name: str, with_past: bool, tmp_path: Path) -> 
     if family.kind == "encoder-decoder":
         expected = ["decoder_model.onnx", "encoder_model.onnx"]
         if with_past:
-            expected = ["decoder_model.onnx", "decoder_model_merged.onnx", "decoder_with_past_model.onnx",
-                        "encoder_model.onnx"]
+            expected = [
+                "decoder_model.onnx",
+                "decoder_model_merged.onnx",
+                "decoder_with_past_model.onnx",
+                "encoder_model.onnx",
+            ]
         assert names == expected
     else:
         assert names == ["model.onnx"]
@@ -73,8 +85,9 @@ def test_family_exports_and_runs(name: str, with_past: bool, tmp_path: Path) -> 
         session = _session(path)
         declared = {i.name for i in session.get_inputs()}
         has_past = any(n.startswith("past_key_values") for n in declared)
-        assert has_past == (with_past and path.name != "encoder_model.onnx"
-                            and path.name != "decoder_model.onnx"), path.name
+        assert has_past == (
+            with_past and path.name != "encoder_model.onnx" and path.name != "decoder_model.onnx"
+        ), path.name
         outputs = run_dummy(path)
         for output_name, value in outputs.items():
             assert np.isfinite(value).all(), f"{path.name}:{output_name} has non-finite values"
@@ -100,7 +113,7 @@ def test_decoder_logits_match_torch(name: str, tmp_path: Path) -> None:
     present_names = [n.replace("past_key_values", "present") for n in past_names]
     first = session.run(["logits", *present_names], _feeds(session, ids[:, :11], _empty_past(session)))
     np.testing.assert_allclose(first[0], expected[:, :11], atol=ATOL, rtol=0)
-    cache = dict(zip(past_names, first[1:]))
+    cache = dict(zip(past_names, first[1:], strict=True))
     (step_logits,) = session.run(["logits"], _feeds(session, ids[:, 11:], cache))
     np.testing.assert_allclose(step_logits[:, -1], expected[:, -1], atol=ATOL, rtol=0)
 
@@ -126,11 +139,19 @@ def test_seq2seq_logits_match_torch(name: str, tmp_path: Path) -> None:
     with torch.no_grad():
         out = model(input_ids=torch.from_numpy(source), decoder_input_ids=torch.from_numpy(target))
     encoder = _session(files["encoder_model.onnx"])
-    (hidden,) = encoder.run(["last_hidden_state"], {"input_ids": source, "attention_mask": np.ones_like(source)})
+    (hidden,) = encoder.run(
+        ["last_hidden_state"], {"input_ids": source, "attention_mask": np.ones_like(source)}
+    )
     np.testing.assert_allclose(hidden, out.encoder_last_hidden_state.numpy(), atol=ATOL, rtol=0)
     decoder = _session(files["decoder_model.onnx"])
-    (logits,) = decoder.run(["logits"], {"input_ids": target, "encoder_hidden_states": hidden,
-                                         "encoder_attention_mask": np.ones_like(source)})
+    (logits,) = decoder.run(
+        ["logits"],
+        {
+            "input_ids": target,
+            "encoder_hidden_states": hidden,
+            "encoder_attention_mask": np.ones_like(source),
+        },
+    )
     np.testing.assert_allclose(logits, out.logits.numpy(), atol=ATOL, rtol=0)
 
 

@@ -50,7 +50,9 @@ def test_gguf_is_found_without_importing_the_plugin() -> None:
 
 
 @pytest.mark.slow
-def test_fp32_export_perplexity_equals_torch(hf_dir: Path, torch_model: Any, english: str, tmp_path: Path) -> None:
+def test_fp32_export_perplexity_equals_torch(
+    hf_dir: Path, torch_model: Any, english: str, tmp_path: Path
+) -> None:
     path = smollm2.export(tmp_path)
     tokenizer = smollm2.load_tokenizer()
     ids = tokenize_for_perplexity(tokenizer, english, max_tokens=256)
@@ -72,24 +74,36 @@ def test_kv_cache_export_steps_like_torch(hf_dir: Path, torch_model: Any, tmp_pa
     path = smollm2.export(tmp_path, with_past=True)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     tokenizer = smollm2.load_tokenizer()
-    ids = tokenize_for_perplexity(tokenizer, "Call me Ishmael. Some years ago, never mind how long", None)[None, :]
+    ids = tokenize_for_perplexity(tokenizer, "Call me Ishmael. Some years ago, never mind how long", None)[
+        None, :
+    ]
     with torch.no_grad():
         expected = torch_model(torch.from_numpy(ids)).logits.numpy()
     past_names = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values")]
     assert len(past_names) == 2 * 30
     shapes = {i.name: i.shape for i in session.get_inputs()}
     cache = {
-        name: np.zeros([1 if d == "batch_size" else 0 if not isinstance(d, int) else d for d in shapes[name]],
-                       dtype=np.float32)
+        name: np.zeros(
+            [1 if d == "batch_size" else 0 if not isinstance(d, int) else d for d in shapes[name]],
+            dtype=np.float32,
+        )
         for name in past_names
     }
     length = ids.shape[1]
-    prefill = {"input_ids": ids[:, :-1], "attention_mask": np.ones((1, length - 1), dtype=np.int64),
-               "position_ids": np.arange(length - 1, dtype=np.int64)[None, :], **cache}
+    prefill = {
+        "input_ids": ids[:, :-1],
+        "attention_mask": np.ones((1, length - 1), dtype=np.int64),
+        "position_ids": np.arange(length - 1, dtype=np.int64)[None, :],
+        **cache,
+    }
     present_names = [n.replace("past_key_values", "present") for n in past_names]
     outputs = session.run(["logits", *present_names], {k: v for k, v in prefill.items() if k in shapes})
     np.testing.assert_allclose(outputs[0], expected[:, :-1], atol=ATOL_LOGITS, rtol=0)
-    step = {"input_ids": ids[:, -1:], "attention_mask": np.ones((1, length), dtype=np.int64),
-            "position_ids": np.array([[length - 1]], dtype=np.int64), **dict(zip(past_names, outputs[1:]))}
+    step = {
+        "input_ids": ids[:, -1:],
+        "attention_mask": np.ones((1, length), dtype=np.int64),
+        "position_ids": np.array([[length - 1]], dtype=np.int64),
+        **dict(zip(past_names, outputs[1:], strict=True)),
+    }
     (logits,) = session.run(["logits"], {k: v for k, v in step.items() if k in shapes})
     np.testing.assert_allclose(logits[:, -1], expected[:, -1], atol=ATOL_LOGITS, rtol=0)
