@@ -184,6 +184,8 @@ class NodeRewritePass(CompressPass):
 
     def run(self, model: ir.Model, report: PassReport) -> None:
         for node in self.candidates(model):
+            if node.graph is None:
+                continue  # removed by an earlier rewrite of this call
             matched = self.match(model, node)
             if matched is None:
                 continue

@@ -41,7 +41,7 @@ class GatherMatch:
 def _is_index_arithmetic(data: ir.Value) -> bool:
     """True when data is integer (or comes from shape ops): not an embedding table."""
     if data.dtype is not None:
-        return data.dtype not in FLOAT_DTYPES and not data.dtype.is_floating_point()
+        return not data.dtype.is_floating_point()
     producer = data.producer()
     return producer is not None and producer.op_type in _SHAPE_PRODUCERS
 
