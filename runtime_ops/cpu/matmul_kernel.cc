@@ -15,7 +15,17 @@ constexpr int kTileCols = 16;
 
 // Unpacks the K codes of one densely packed row.
 void UnpackRow(const uint8_t* row, int64_t row_bytes, int bits, int64_t K, uint8_t* out) {
-  for (int64_t i = 0; i < K; ++i) out[i] = static_cast<uint8_t>(get_code(row, i, bits, row_bytes));
+  if (bits == 8) {
+    std::memcpy(out, row, static_cast<size_t>(K));
+  } else if (bits == 4) {
+    for (int64_t i = 0; i + 1 < K; i += 2) {
+      out[i] = row[i / 2] & 0x0f;
+      out[i + 1] = row[i / 2] >> 4;
+    }
+    if (K & 1) out[K - 1] = row[K / 2] & 0x0f;
+  } else {
+    for (int64_t i = 0; i < K; ++i) out[i] = static_cast<uint8_t>(get_code(row, i, bits, row_bytes));
+  }
 }
 
 bool CpuHasAvx2() {
@@ -129,16 +139,19 @@ std::unique_ptr<PackedWeights> Pack(const Shape& shape, const WeightInputs& weig
     const int64_t tile = n / kTileCols, col = n % kTileCols;
     UnpackRow(weights.codes + n * row_bytes, row_bytes, shape.bits, K, row.data());
     uint8_t* dst = p->codes.data() + tile * tile_bytes + col * 4;
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t kp = (k / bs) * bkp + k % bs;
-      const int64_t g = kp / group_k, j = kp % group_k;
-      uint32_t v = row[k];
-      if (signed_codes) v = static_cast<uint32_t>(static_cast<int>(v) - zw) & (nibble ? 0xfu : 0xffu);
-      if (nibble) {
-        uint8_t& byte = dst[g * 64 + (j & 3)];
-        byte = static_cast<uint8_t>(byte | (j < 4 ? v : v << 4));
-      } else {
-        dst[g * 64 + j] = static_cast<uint8_t>(v);
+    const uint32_t mask = nibble ? 0xfu : 0xffu;
+    const uint32_t offset = signed_codes ? static_cast<uint32_t>(zw) : 0u;
+    for (int64_t k0 = 0, block = 0; k0 < K; k0 += bs, ++block) {
+      const int64_t len = std::min<int64_t>(bs, K - k0);
+      for (int64_t kk = 0; kk < len; ++kk) {
+        const int64_t kp = block * bkp + kk;
+        const uint32_t v = (static_cast<uint32_t>(row[k0 + kk]) - offset) & mask;  // two's complement if signed
+        if (nibble) {
+          uint8_t& byte = dst[(kp >> 3) * 64 + (kp & 3)];
+          byte = static_cast<uint8_t>(byte | ((kp & 4) ? v << 4 : v));
+        } else {
+          dst[(kp >> 2) * 64 + (kp & 3)] = static_cast<uint8_t>(v);
+        }
       }
     }
     for (int64_t b = 0; b < nb; ++b) {

@@ -56,6 +56,17 @@ MatMulAttrs ReadMatMulAttrs(const OrtKernelInfo* info, const NodeRef& node) {
     node.Fail("attribute 'act_bits' must be 0 (float activations) or in 2..8, got " + std::to_string(act_bits));
   }
   attrs.act_bits = static_cast<int>(act_bits);
+  if (attrs.act_bits > 0) {
+    // Integer mode sums a block's products in int32: block_size * (2**bits - 1) * 2**(act_bits - 1) must fit.
+    const double worst = static_cast<double>(attrs.block.block_size) * ((1 << attrs.block.bits) - 1) *
+                         static_cast<double>(1 << (attrs.act_bits - 1));
+    if (worst >= 2147483648.0) {
+      node.Fail("attribute 'block_size' (" + std::to_string(attrs.block.block_size) +
+                ") is too large for integer accumulation with bits=" + std::to_string(attrs.block.bits) +
+                " and act_bits=" + std::to_string(attrs.act_bits) +
+                ": block_size * (2**bits - 1) * 2**(act_bits - 1) must be < 2**31");
+    }
+  }
   return attrs;
 }
 
@@ -154,16 +165,13 @@ std::vector<int64_t> OutputShape(const InputTensor& a, int64_t n) {
   return shape;
 }
 
-// Runs the kernel's tasks on ONNX Runtime's intra-op thread pool.
+// Runs the kernel's tasks on ONNX Runtime's intra-op thread pool (op_common's ParallelFor: one task
+// per index here, and an exception in any task is rethrown on the calling thread).
 matmul::ParallelFor OrtParallelFor(const Ort::KernelContext& ctx) {
   return [&ctx](std::size_t total, const std::function<void(std::size_t)>& task) {
-    if (total == 0) return;
-    if (total == 1) {
-      task(0);
-      return;
-    }
-    auto trampoline = [](void* user, size_t index) { (*static_cast<const std::function<void(std::size_t)>*>(user))(index); };
-    ctx.ParallelFor(trampoline, total, 0, const_cast<std::function<void(std::size_t)>*>(&task));
+    ParallelFor(ctx, static_cast<int64_t>(total), 1, [&task](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) task(static_cast<std::size_t>(i));
+    });
   };
 }
 

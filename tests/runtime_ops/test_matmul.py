@@ -419,3 +419,10 @@ def test_bad_isa_name(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_isa_env_is_restored() -> None:
     """The tests above set BCT_ONNX_ISA through monkeypatch only."""
     assert os.environ.get("BCT_ONNX_ISA") in (None, "", "auto") or os.environ.get("BCT_ONNX_ISA") in ISAS
+
+
+def test_block_too_large_for_int32() -> None:
+    spec = _valid(k=70000, n=1, bits=8, block_size=70000, act_bits=8,
+                  codes=np.zeros((1, 70000), np.uint8), scales=np.ones((1, 1), np.float16))
+    _expect_error(spec, np.ones((1, 70000), np.float32),
+                  "attribute 'block_size' (70000) is too large for integer accumulation with bits=8 and act_bits=8")
