@@ -161,7 +161,7 @@ def compress(
     """Compress a model; write it to ``output`` when given.
 
     input: .onnx path (or a directory holding one .onnx), Hugging Face model directory, or a
-    ModelProto / onnx_ir.Model (used as is; pass a copy if you need the original unchanged).
+    ModelProto / onnx_ir.Model. The input is never modified (the pipeline works on a clone).
     config / overrides: a CompressConfig and field overrides, e.g. ``weight_bits=4, act_bits=None``.
     progress: show tqdm bars on stderr. debug_dir: keep the input model and, where the pipeline
     supports it, the model after every pass that changed it.
@@ -186,6 +186,11 @@ def compress(
                 with timer.step("export"), prog.bar(f"export {source.name}", total=1):
                     input_file = _export(source, export_dir, task)
                 exported_from = str(source)
+            elif source.is_dir() and not any(source.glob("*.onnx")):
+                raise ModelFileError(
+                    f"directory {source} contains no .onnx model and is not a Hugging Face model "
+                    "directory (no config.json naming a model_type)"
+                )
             else:
                 input_file = model_io.resolve_model_file(source)
             input_label = str(input_file) if exported_from is None else str(source)
@@ -196,9 +201,10 @@ def compress(
                 f"input must be a path, an onnx.ModelProto or an onnx_ir.Model, not {type(input).__name__}"
             )
 
-        protected: set[Path] = set()
+        # Never write over the input: its .onnx file and every external data file it reads.
+        protected = set(model_io.external_data_files(model))
         if input_file is not None and exported_from is None:
-            protected = {input_file, *model_io.external_data_files(model)}
+            protected.add(input_file)
         if output is not None:
             model_io.check_output_path(output, protected)  # fail before the slow part
         if debug is not None:
@@ -262,8 +268,7 @@ def _initializers(model: ir.Model) -> Iterator[ir.Value]:
 
 
 def _is_hf_model_dir(path: Path) -> bool:
-    if any(path.glob("*.onnx")) and not (path / "config.json").is_file():
-        return False
+    """A directory to export first: a Hugging Face model directory holding no .onnx file yet."""
     try:
         from bct_onnx.models.export import is_hf_model_dir
     except ImportError:  # models/ not installed: only .onnx inputs

@@ -225,6 +225,30 @@ def test_python_api_on_in_memory_model(mlp: Path) -> None:
     ]
 
 
+def test_python_api_leaves_an_onnx_ir_input_unchanged(mlp: Path) -> None:
+    import onnx_ir as ir
+
+    model = ir.load(mlp)
+    before = [(n.op_type, n.domain) for n in model.graph]
+    result = bct_onnx.compress(model, weight_bits=4)
+    assert result.model is not model
+    assert [(n.op_type, n.domain) for n in model.graph] == before
+
+
+def test_debug_dir_keeps_input_snapshots_and_output(
+    mlp: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    debug = tmp_path / "debug"
+    code, _, stderr = run_main(
+        capsys, "compress", str(mlp), "-o", str(tmp_path / "o.onnx"), "--debug-dir", str(debug)
+    )
+    assert code == 0, stderr
+    names = sorted(p.name for p in debug.iterdir())
+    assert names[0] == "00_input.onnx" and names[-1] == "99_output.onnx"
+    assert any("QuantizeMatMulPass" in name for name in names)  # the pipeline's per-pass snapshots
+    assert custom_op_types(debug / "99_output.onnx") == custom_op_types(tmp_path / "o.onnx")
+
+
 def test_python_api_rejects_unknown_override(mlp: Path) -> None:
     with pytest.raises(TypeError, match="unknown config option.*weight_bitz"):
         bct_onnx.compress(mlp, weight_bitz=4)
@@ -287,7 +311,22 @@ def test_directory_without_model(tmp_path: Path, capsys: pytest.CaptureFixture[s
     empty.mkdir()
     code, _, stderr = run_main(capsys, "compress", str(empty), "-o", str(tmp_path / "o.onnx"))
     assert code == 1
-    assert stderr.strip() == f"bct-onnx: error: directory {empty} contains no .onnx model"
+    assert stderr.strip() == (
+        f"bct-onnx: error: directory {empty} contains no .onnx model and is not a Hugging Face model "
+        "directory (no config.json naming a model_type)"
+    )
+
+
+def test_hf_directory_of_unknown_architecture(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model_dir = tmp_path / "hf"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    code, _, stderr = run_main(capsys, "compress", str(model_dir), "-o", str(tmp_path / "o.onnx"))
+    assert code == 1
+    assert stderr.startswith("bct-onnx: error: ")
+    assert "model_type='no-such-architecture' is not supported by optimum's ONNX exporter" in stderr
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "o.onnx").exists()
 
 
 @pytest.mark.parametrize(
