@@ -223,7 +223,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """CompressConfig fields given on the command line."""
     given = vars(args)
-    overrides = {
+    overrides: dict[str, Any] = {
         name: given[name]
         for name in ("weight_bits", "act_bits", "block_size", "embedding_bits", "ops", "scale_kind")
         if name in given

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import statistics
 import sys
@@ -179,7 +180,9 @@ def run_demo(
             (f"1 sentence ({single_feeds['input_ids'].shape[1]} tokens)", single_feeds),
         ):
             fp32_ms, bct_ms = time_interleaved(
-                lambda f=feeds: fp32_session.run(None, f), lambda f=feeds: bct_session.run(None, f), runs
+                functools.partial(fp32_session.run, None, feeds),
+                functools.partial(bct_session.run, None, feeds),
+                runs,
             )
             latencies.append(Latency(label, fp32_ms, bct_ms))
 

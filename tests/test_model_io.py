@@ -38,7 +38,11 @@ def _write(proto: onnx.ModelProto, path: Path) -> Path:
 
 
 def _initializer_arrays(model: ir.Model) -> dict[str, np.ndarray]:
-    return {name: value.const_value.numpy() for name, value in model.graph.initializers.items()}
+    return {
+        name: value.const_value.numpy()
+        for name, value in model.graph.initializers.items()
+        if value.const_value is not None
+    }
 
 
 def test_load_save_round_trip_single_file(tmp_path: Path) -> None:
