@@ -1,6 +1,7 @@
 #include "row_kernels.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the row loops assume a little-endian host");
@@ -10,6 +11,13 @@ static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the row loops assume a
 #define BCT_SSE2 1
 #else
 #define BCT_SSE2 0
+#endif
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define BCT_AVX2 1  // compiled with a target attribute, chosen at run time
+#else
+#define BCT_AVX2 0
 #endif
 
 namespace bct {
@@ -92,23 +100,166 @@ inline void DequantizeSpan4(const uint8_t* codes, int64_t begin, int64_t end, fl
   if (i < end) out[i] = value_of(codes[i / 2] & 0x0fu, zero_point, scale);
 }
 
+#if BCT_AVX2
+// AVX2 (no FMA: a separate subtract and multiply, exactly as value_of) versions of the two fast
+// paths; 32 codes per iteration.
+__attribute__((target("avx2"), always_inline)) inline void Store8x4(__m128i bytes16, __m256 zp, __m256 scale, float* out) {
+  const __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes16));
+  const __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes16, 8)));
+  _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_sub_ps(f0, zp), scale));
+  _mm256_storeu_ps(out + 8, _mm256_mul_ps(_mm256_sub_ps(f1, zp), scale));
+}
+
+__attribute__((target("avx2"), always_inline)) inline void DequantizeSpan8Avx2(const uint8_t* codes, int64_t begin, int64_t end,
+                                                         float zero_point, float scale, float* out) {
+  int64_t i = begin;
+  const __m256 zp = _mm256_set1_ps(zero_point);
+  const __m256 sc = _mm256_set1_ps(scale);
+  for (; i + 16 <= end; i += 16) {
+    Store8x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)), zp, sc, out + i);
+  }
+  for (; i < end; ++i) out[i] = value_of(codes[i], zero_point, scale);
+}
+
+__attribute__((target("avx2"), always_inline)) inline void DequantizeSpan4Avx2(const uint8_t* codes, int64_t begin, int64_t end,
+                                                         float zero_point, float scale, float* out) {
+  int64_t i = begin;
+  const __m256 zp = _mm256_set1_ps(zero_point);
+  const __m256 sc = _mm256_set1_ps(scale);
+  const __m128i mask = _mm_set1_epi8(0x0f);
+  for (; i + 32 <= end; i += 32) {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i / 2));
+    const __m128i lo = _mm_and_si128(packed, mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+    Store8x4(_mm_unpacklo_epi8(lo, hi), zp, sc, out + i);
+    Store8x4(_mm_unpackhi_epi8(lo, hi), zp, sc, out + i + 16);
+  }
+  DequantizeSpan4(codes, i, end, zero_point, scale, out);
+}
+
+bool HasAvx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+
+// Float scales and zero points of blocks [b0, b0 + n) of a row.
+inline void BlockParams(const RowFormat& fmt, const void* scales, const uint8_t* zero_points, int64_t b0, int64_t n,
+                        float* scale_out, float* zp_out) {
+  switch (fmt.scale_kind) {
+    case ScaleKind::kFloat16: {
+      const auto* p = static_cast<const uint16_t*>(scales) + b0;
+      for (int64_t k = 0; k < n; ++k) scale_out[k] = float_from_half(p[k]);
+      break;
+    }
+    case ScaleKind::kFloat32:
+      std::memcpy(scale_out, static_cast<const float*>(scales) + b0, static_cast<size_t>(n) * sizeof(float));
+      break;
+    default: {
+      const auto* p = static_cast<const uint8_t*>(scales) + b0;
+      for (int64_t k = 0; k < n; ++k) scale_out[k] = pow2_scale(p[k]);
+      break;
+    }
+  }
+  if (fmt.symmetric) {
+    const float implicit = implicit_zero_point(fmt.bits);
+    for (int64_t k = 0; k < n; ++k) zp_out[k] = implicit;
+  } else {
+    for (int64_t k = 0; k < n; ++k) zp_out[k] = static_cast<float>(zero_points[b0 + k]);
+  }
+}
+
+// The elements [begin, end) of a chunk of blocks starting at `begin`, block by block.
+#define BCT_FOR_BLOCKS_OF_CHUNK(SPAN)                                              \
+  int64_t k = 0;                                                                   \
+  for (int64_t block_begin = begin; block_begin < end; block_begin += block_size, ++k) { \
+    const int64_t block_end = std::min(end, block_begin + block_size);             \
+    SPAN(codes, block_begin, block_end, zps[k], scales[k], out);                   \
+  }
+
+inline void Chunk8(const uint8_t* codes, int64_t begin, int64_t end, int64_t block_size, const float* scales,
+                   const float* zps, float* out) {
+  BCT_FOR_BLOCKS_OF_CHUNK(DequantizeSpan8)
+}
+
+inline void Chunk4(const uint8_t* codes, int64_t begin, int64_t end, int64_t block_size, const float* scales,
+                   const float* zps, float* out) {
+  BCT_FOR_BLOCKS_OF_CHUNK(DequantizeSpan4)
+}
+
+#if BCT_AVX2
+__attribute__((target("avx2"))) void Chunk8Avx2(const uint8_t* codes, int64_t begin, int64_t end,
+                                                int64_t block_size, const float* scales, const float* zps,
+                                                float* out) {
+  BCT_FOR_BLOCKS_OF_CHUNK(DequantizeSpan8Avx2)
+}
+
+__attribute__((target("avx2"))) void Chunk4Avx2(const uint8_t* codes, int64_t begin, int64_t end,
+                                                int64_t block_size, const float* scales, const float* zps,
+                                                float* out) {
+  if (block_size % 32 == 0) {  // the common case: whole blocks are whole 32-code steps, no tails
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    int64_t k = 0;
+    int64_t block_begin = begin;
+    for (; block_begin + block_size <= end; block_begin += block_size, ++k) {
+      const __m256 zp = _mm256_set1_ps(zps[k]);
+      const __m256 sc = _mm256_set1_ps(scales[k]);
+      for (int64_t i = block_begin; i < block_begin + block_size; i += 32) {
+        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i / 2));
+        const __m128i lo = _mm_and_si128(packed, mask);
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+        Store8x4(_mm_unpacklo_epi8(lo, hi), zp, sc, out + i);
+        Store8x4(_mm_unpackhi_epi8(lo, hi), zp, sc, out + i + 16);
+      }
+    }
+    if (block_begin < end) DequantizeSpan4Avx2(codes, block_begin, end, zps[k], scales[k], out);
+    return;
+  }
+  BCT_FOR_BLOCKS_OF_CHUNK(DequantizeSpan4Avx2)
+}
+#endif
+#undef BCT_FOR_BLOCKS_OF_CHUNK
+
 }  // namespace
 
 void DequantizeRow(const RowFormat& fmt, const uint8_t* codes, const void* scales, const uint8_t* zero_points,
                    float* out) {
-  const float implicit = implicit_zero_point(fmt.bits);
+  // Blocks are decoded in chunks: first their scales and zero points as floats (the per-block
+  // work, hoisted out of the element loops), then the elements of the whole chunk in one loop nest.
+  constexpr int64_t kChunk = 256;
+  float scale_buf[kChunk];
+  float zp_buf[kChunk];
   const bool fast4 = fmt.bits == 4 && fmt.block_size % 2 == 0;
-  for (int64_t b = 0; b < fmt.num_blocks; ++b) {
-    const int64_t begin = b * fmt.block_size;
-    const int64_t end = std::min(fmt.axis_size, begin + fmt.block_size);
-    const float scale = scale_value(fmt.scale_kind, scales, b);
-    const float zp = fmt.symmetric ? implicit : static_cast<float>(zero_points[b]);
+#if BCT_AVX2
+  const bool avx2 = HasAvx2() && !ForceBaselineSimd();
+#endif
+  for (int64_t b0 = 0; b0 < fmt.num_blocks; b0 += kChunk) {
+    const int64_t n = std::min(kChunk, fmt.num_blocks - b0);
+    BlockParams(fmt, scales, zero_points, b0, n, scale_buf, zp_buf);
+    const int64_t begin = b0 * fmt.block_size;
+    const int64_t end = std::min(fmt.axis_size, (b0 + n) * fmt.block_size);
     if (fmt.bits == 8) {
-      DequantizeSpan8(codes, begin, end, zp, scale, out);
+#if BCT_AVX2
+      if (avx2) {
+        Chunk8Avx2(codes, begin, end, fmt.block_size, scale_buf, zp_buf, out);
+        continue;
+      }
+#endif
+      Chunk8(codes, begin, end, fmt.block_size, scale_buf, zp_buf, out);
     } else if (fast4) {
-      DequantizeSpan4(codes, begin, end, zp, scale, out);
+#if BCT_AVX2
+      if (avx2) {
+        Chunk4Avx2(codes, begin, end, fmt.block_size, scale_buf, zp_buf, out);
+        continue;
+      }
+#endif
+      Chunk4(codes, begin, end, fmt.block_size, scale_buf, zp_buf, out);
     } else {
-      DequantizeSpanGeneric(codes, fmt.row_bytes, fmt.bits, begin, end, zp, scale, out);
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t block_begin = begin + k * fmt.block_size;
+        const int64_t block_end = std::min(end, block_begin + fmt.block_size);
+        DequantizeSpanGeneric(codes, fmt.row_bytes, fmt.bits, block_begin, block_end, zp_buf[k], scale_buf[k], out);
+      }
     }
   }
 }
@@ -139,7 +290,20 @@ void QuantizeRow(const RowFormat& fmt, const float* x, uint8_t* codes, void* sca
   }
 }
 
-const char* SimdName() { return BCT_SSE2 ? "sse2" : ""; }
+bool ForceBaselineSimd() {
+  static const bool force = [] {
+    const char* value = std::getenv("BCT_ONNX_BASELINE_SIMD");
+    return value != nullptr && value[0] != '\0' && value[0] != '0';
+  }();
+  return force;
+}
+
+const char* SimdName() {
+#if BCT_AVX2
+  if (HasAvx2() && !ForceBaselineSimd()) return "avx2";
+#endif
+  return BCT_SSE2 ? "sse2" : "";
+}
 
 }  // namespace cpu
 }  // namespace bct

@@ -30,8 +30,12 @@ void DequantizeRow(const RowFormat& fmt, const uint8_t* codes, const void* scale
 // asymmetric, zero_points [num_blocks].
 void QuantizeRow(const RowFormat& fmt, const float* x, uint8_t* codes, void* scales, uint8_t* zero_points);
 
-// SIMD instruction sets the fast paths were compiled for (for build_info.json), e.g. "sse2".
+// The SIMD level the row loops use on this machine: "avx2" (chosen at run time) or "sse2".
 const char* SimdName();
+
+// True when the environment variable BCT_ONNX_BASELINE_SIMD is set (to anything but 0): the row
+// loops then use the baseline (SSE2) paths only, so tests can cover both on an AVX2 machine.
+bool ForceBaselineSimd();
 
 }  // namespace cpu
 }  // namespace bct

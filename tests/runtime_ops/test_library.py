@@ -146,3 +146,19 @@ def test_cuda_kernels_match_spec(kit) -> None:
         indices = np.array([[0, -1], [3, 3]], np.int64)
         (g,) = kit.run(kit.gather_model(fmt, 45, want), {"indices": indices}, providers=cuda)
         kit.assert_bits_equal(g, dequantize(want)[indices], "gathered")
+
+
+def test_baseline_simd_paths_match_spec() -> None:
+    """The SSE2 row loops (used where AVX2 is missing) are checked by rerunning the row tests in a
+    process that sets BCT_ONNX_BASELINE_SIMD (read once when the library loads)."""
+    import os
+    import sys
+
+    here = Path(__file__).parent
+    env = dict(os.environ, BCT_ONNX_BASELINE_SIMD="1", BCT_ONNX_LIBRARY=bct_onnx.library_path())
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--import-mode=importlib",
+         str(here / "test_block_dequantize.py"), str(here / "test_block_gather.py")],
+        capture_output=True, text=True, env=env, cwd=here, check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
