@@ -5,6 +5,8 @@ quantizer, 6.3x at cosine ~0.96, and its int8 quantize_dynamic, 4.0x at ~0.957, 
 - 4-bit weights and embeddings, block 32, int8 activations: whole-file ratio >= 6.5 and mean
   cosine of sentence embeddings to FP32 >= 0.97 on the real sentences;
 - 8-bit weights and activations: mean cosine >= 0.995.
+Both compress the ops issue 2 is about, weight MatMuls and embedding Gathers (`--ops MatMul,Gather`),
+so these figures do not move when later passes (Softmax, LayerNorm, ...) join the defaults.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def test_w4a8_from_hf_directory_via_cli(
             str(out),
             "--task",
             "feature-extraction",
+            "--ops",
+            "MatMul,Gather",
             "--weight-bits",
             "4",
             "--embedding-bits",
@@ -75,7 +79,7 @@ def test_w4a8_from_hf_directory_via_cli(
     # (activation x activation) are skipped with a reason.
     assert report["rewritten"] == {"Gather": 3, "MatMul": 36}
     assert len(report["skipped"]) == 12
-    assert all("activation x activation" in s["reason"] for s in report["skipped"])
+    assert all(s["op_type"] == "MatMul" and s["reason"] for s in report["skipped"])
     # The exported FP32 model of the temporary export has the size of our own FP32 export.
     assert report["input_bytes"] == pytest.approx(fp32_path.stat().st_size, rel=0.001)
     ratio = report["input_bytes"] / report["output_bytes"]
@@ -90,7 +94,9 @@ def test_w4a8_from_hf_directory_via_cli(
 def test_w8a8_python_api(fp32: tuple[Path, np.ndarray], tmp_path: Path) -> None:
     fp32_path, fp32_embeddings = fp32
     out = tmp_path / "minilm.w8a8.onnx"
-    _, report = bct_onnx.compress(fp32_path, out, weight_bits=8, act_bits=8, block_size=32)
+    _, report = bct_onnx.compress(
+        fp32_path, out, weight_bits=8, act_bits=8, block_size=32, ops={"MatMul", "Gather"}
+    )
     assert report.rewritten == {"Gather": 3, "MatMul": 36}
     cosine = cosine_rows(fp32_embeddings, _embeddings(out))
     ratio = report.compression_ratio
