@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bct_onnx.block_format import MAX_BITS, MIN_BITS, ScaleKind
+from bct_onnx.config import DEFAULT_OPS, SUPPORTED_OPS
 from bct_onnx.errors import BctOnnxError
 
 PROG = "bct-onnx"
@@ -52,9 +53,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _ops(text: str) -> frozenset[str]:
-    from bct_onnx.config import SUPPORTED_OPS
+def _op_list(ops: frozenset[str]) -> str:
+    return ",".join(sorted(ops))
 
+
+def _default_ops() -> str:
+    return "all of them" if DEFAULT_OPS == SUPPORTED_OPS else _op_list(DEFAULT_OPS)
+
+
+def _ops(text: str) -> frozenset[str]:
     ops = frozenset(op.strip() for op in text.split(",") if op.strip())
     if not ops:
         raise argparse.ArgumentTypeError(
@@ -113,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="embedding table bits (default: weight bits)",
     )
     demo.add_argument(
+        "--ops",
+        type=_ops,
+        default=None,
+        metavar="OPS",
+        help=f"comma-separated op types to compress (default: {_default_ops()})",
+    )
+    demo.add_argument(
         "--threads",
         type=_positive_int,
         default=None,
@@ -165,7 +179,7 @@ def _add_format_flags(parser: argparse.ArgumentParser) -> None:
         type=_ops,
         default=quiet,
         metavar="OPS",
-        help="comma-separated op types to compress (default: MatMul,Gather)",
+        help=f"comma-separated op types to compress, from {_op_list(SUPPORTED_OPS)} (default: {_default_ops()})",
     )
     parser.add_argument(
         "--scale-kind",
@@ -264,6 +278,7 @@ def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         act_bits=args.act_bits,
         block_size=args.block_size,
         embedding_bits=args.embedding_bits,
+        ops=args.ops,
         threads=args.threads,
         runs=args.runs,
         out_dir=args.out_dir,

@@ -110,6 +110,7 @@ def run_demo(
     act_bits: int | None = 8,
     block_size: int = 32,
     embedding_bits: int | None = None,
+    ops: frozenset[str] | None = None,
     threads: int | None = None,
     runs: int = 10,
     out_dir: str | os.PathLike[str] | None = None,
@@ -120,7 +121,7 @@ def run_demo(
     import onnxruntime as ort
 
     from bct_onnx import runtime
-    from bct_onnx.api import compress
+    from bct_onnx.api import compress, make_config
     from bct_onnx.models import minilm
 
     stream = out if out is not None else sys.stdout
@@ -128,11 +129,20 @@ def run_demo(
     def say(text: str = "") -> None:
         print(text, file=stream, flush=True)
 
+    overrides: dict[str, Any] = {
+        "weight_bits": weight_bits,
+        "act_bits": act_bits,
+        "block_size": block_size,
+        "embedding_bits": embedding_bits,
+    }
+    if ops is not None:
+        overrides["ops"] = frozenset(ops)
+    config = make_config(**overrides)  # invalid settings fail here, before the slow export
     act = "float activations" if act_bits is None else f"int{act_bits} activations"
     emb = weight_bits if embedding_bits is None else embedding_bits
     say(
         f"bct-onnx demo: all-MiniLM-L6-v2, {weight_bits}-bit weights, {emb}-bit embeddings, {act}, "
-        f"block {block_size}"
+        f"block {block_size}; ops {','.join(sorted(config.ops))}"
     )
     with contextlib.ExitStack() as stack:
         if out_dir is None:
@@ -146,15 +156,7 @@ def run_demo(
             fp32_path = minilm.export(work / "fp32")
         say("compressing ...")
         compressed_path = work / "minilm.bct.onnx"
-        result = compress(
-            fp32_path,
-            compressed_path,
-            weight_bits=weight_bits,
-            act_bits=act_bits,
-            block_size=block_size,
-            embedding_bits=embedding_bits,
-            progress=progress,
-        )
+        result = compress(fp32_path, compressed_path, config=config, progress=progress)
         report = result.report
 
         fp32_session = ort.InferenceSession(
