@@ -228,8 +228,22 @@ BCT_HD BCT_INLINE StoredScale make_pow2_scale(int exponent) {
 // 1 / scale in float32, 0 for a zero scale (block_format._inverse).
 BCT_HD BCT_INLINE float inverse_scale(float scale) { return scale == 0.0f ? 0.0f : fdiv(1.0f, scale); }
 
+// Symmetric scale from the block's element of largest magnitude m: m / -2**(bits-1); POW2: the
+// smallest 2**e with |m| / (2**(bits-1) - 1) <= 2**e (0 for an all-zero or NaN block).
+BCT_HD BCT_INLINE StoredScale symmetric_scale_of_extreme(float m, int bits, ScaleKind kind) {
+  if (kind == ScaleKind::kPow2) {
+    const float amax = m < 0.0f ? -m : m;
+    const float qmax = static_cast<float>((1 << (bits - 1)) - 1);
+    if (!(amax > 0.0f)) return make_pow2_scale(0);
+    return make_pow2_scale(pow2_exponent_at_least(fdiv(amax, qmax)));
+  }
+  return make_float_scale(kind, fdiv(m, -static_cast<float>(1 << (bits - 1))));
+}
+
 // Symmetric scale of one block x[0..n): the element m of largest magnitude (first on ties; a NaN
 // wins like np.argmax) gives scale = m / -2**(bits-1); POW2: smallest 2**e with |m| / qmax <= 2**e.
+// A block shorter than block_size was padded with zeros by the spec; zeros never win over the
+// first element, and an empty block (n == 0) does not occur.
 BCT_HD BCT_INLINE StoredScale choose_symmetric_scale(const float* x, int64_t n, int bits, ScaleKind kind) {
   float m = 0.0f;
   float best = -1.0f;
@@ -240,28 +254,13 @@ BCT_HD BCT_INLINE StoredScale choose_symmetric_scale(const float* x, int64_t n, 
       m = x[i];
     }
   }
-  // A block shorter than block_size was padded with zeros by the spec; zeros never win over the
-  // first element, and an empty block (n == 0) does not occur.
-  if (kind == ScaleKind::kPow2) {
-    const float amax = m < 0.0f ? -m : m;
-    const float qmax = static_cast<float>((1 << (bits - 1)) - 1);
-    if (!(amax > 0.0f)) return make_pow2_scale(0);
-    return make_pow2_scale(pow2_exponent_at_least(fdiv(amax, qmax)));
-  }
-  const float scale = fdiv(m, -static_cast<float>(1 << (bits - 1)));
-  return make_float_scale(kind, scale);
+  return symmetric_scale_of_extreme(m, bits, kind);
 }
 
-// Asymmetric scale and zero point of one block: [min(x, 0), max(x, 0)] spread over 2**bits - 1
-// steps; zero point = clamp(rne(-lo / scale), 0, 2**bits - 1).
-BCT_HD BCT_INLINE StoredScale choose_asymmetric_scale(const float* x, int64_t n, int bits, ScaleKind kind,
-                                                      uint8_t* zero_point) {
-  float lo = 0.0f;
-  float hi = 0.0f;
-  for (int64_t i = 0; i < n; ++i) {
-    lo = nan_min(x[i], lo);
-    hi = nan_max(x[i], hi);
-  }
+// Asymmetric scale and zero point from lo = min(block, 0) and hi = max(block, 0): the range spread
+// over 2**bits - 1 steps; zero point = clamp(rne(-lo / scale), 0, 2**bits - 1).
+BCT_HD BCT_INLINE StoredScale asymmetric_scale_of_range(float lo, float hi, int bits, ScaleKind kind,
+                                                        uint8_t* zero_point) {
   const float qmax = static_cast<float>((1 << bits) - 1);
   const float step = fdiv(fsub(hi, lo), qmax);
   StoredScale s;
@@ -273,6 +272,18 @@ BCT_HD BCT_INLINE StoredScale choose_asymmetric_scale(const float* x, int64_t n,
   const float inv = inverse_scale(s.value);
   *zero_point = to_u8(round_half_even(clampf(fmul(-lo, inv), 0.0f, qmax)));
   return s;
+}
+
+// Asymmetric scale and zero point of one block x[0..n) (min/max propagate NaN like numpy).
+BCT_HD BCT_INLINE StoredScale choose_asymmetric_scale(const float* x, int64_t n, int bits, ScaleKind kind,
+                                                      uint8_t* zero_point) {
+  float lo = 0.0f;
+  float hi = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    lo = nan_min(x[i], lo);
+    hi = nan_max(x[i], hi);
+  }
+  return asymmetric_scale_of_range(lo, hi, bits, kind, zero_point);
 }
 
 // ---------------------------------------------------------------------------------------------
