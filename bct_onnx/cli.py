@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OPS",
         help=f"comma-separated op types to compress (default: {_default_ops()})",
     )
+    demo.add_argument("--asymmetric", action="store_true", help="store a zero point per block")
     demo.add_argument(
         "--threads",
         type=_positive_int,
@@ -279,6 +280,7 @@ def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         block_size=args.block_size,
         embedding_bits=args.embedding_bits,
         ops=args.ops,
+        symmetric=not args.asymmetric,
         threads=args.threads,
         runs=args.runs,
         out_dir=args.out_dir,

@@ -111,6 +111,7 @@ def run_demo(
     block_size: int = 32,
     embedding_bits: int | None = None,
     ops: frozenset[str] | None = None,
+    symmetric: bool = True,
     threads: int | None = None,
     runs: int = 10,
     out_dir: str | os.PathLike[str] | None = None,
@@ -134,6 +135,7 @@ def run_demo(
         "act_bits": act_bits,
         "block_size": block_size,
         "embedding_bits": embedding_bits,
+        "symmetric": symmetric,
     }
     if ops is not None:
         overrides["ops"] = frozenset(ops)
@@ -142,7 +144,7 @@ def run_demo(
     emb = weight_bits if embedding_bits is None else embedding_bits
     say(
         f"bct-onnx demo: all-MiniLM-L6-v2, {weight_bits}-bit weights, {emb}-bit embeddings, {act}, "
-        f"block {block_size}; ops {','.join(sorted(config.ops))}"
+        f"block {block_size}, {'symmetric' if symmetric else 'asymmetric'}; ops {','.join(sorted(config.ops))}"
     )
     with contextlib.ExitStack() as stack:
         if out_dir is None:
