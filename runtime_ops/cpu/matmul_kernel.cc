@@ -286,13 +286,17 @@ void Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
     a_padded = padded.data();
   }
 
-  // Tasks: row chunks of up to 64 rows times tile chunks, about 16 tasks in all.
-  const int64_t rows_per_task = std::min<int64_t>(M, 64);
+  // Tasks: row chunks times tile chunks, many more tasks than threads so that ONNX Runtime's pool
+  // (which hands out tasks one at a time) balances the load on a busy machine. Prefill row chunks of
+  // 32 rows reuse each expanded tile 32 times; GEMV tasks cover whole register blocks of 4 tiles.
+  const bool gemv = M < 4;
+  const int64_t rows_per_task = gemv ? M : std::min<int64_t>(M, 32);
   const int64_t row_chunks = (M + rows_per_task - 1) / rows_per_task;
-  const int64_t tile_chunks_wanted = std::max<int64_t>(1, 16 / row_chunks);
+  const int64_t target_tasks = gemv ? 32 : 64;
+  const int64_t tile_chunks_wanted = std::max<int64_t>(1, target_tasks / row_chunks);
+  const int64_t tile_multiple = gemv ? 4 : 2;
   int64_t tiles_per_task = (p.num_tiles + tile_chunks_wanted - 1) / tile_chunks_wanted;
-  tiles_per_task = std::max<int64_t>(tiles_per_task, std::min<int64_t>(p.num_tiles, 4));
-  tiles_per_task = (tiles_per_task + 3) / 4 * 4;  // whole groups of 4 tiles (the GEMV register block)
+  tiles_per_task = (tiles_per_task + tile_multiple - 1) / tile_multiple * tile_multiple;
   const int64_t tile_chunks = (p.num_tiles + tiles_per_task - 1) / tiles_per_task;
   const detail::ActRows* act_ptr = quantized ? &act : nullptr;
   parallel_for(static_cast<std::size_t>(row_chunks * tile_chunks), [&](std::size_t task) {

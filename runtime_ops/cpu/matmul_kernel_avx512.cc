@@ -49,11 +49,12 @@ inline void StoreTiles(const PackedWeights& p, __m512 (&facc)[R][T], int64_t row
 
 // Integer mode: R rows x T tiles of 16 columns.
 // codes: the first tile's codes; tile t's codes start tile_stride bytes further per tile.
-template <int R, int T, bool kNibble, bool kSym>
+// kGroups: groups per block when known at compile time (the loop is then unrolled), else 0.
+template <int R, int T, bool kNibble, bool kSym, int kGroups>
 void IntTiles(const PackedWeights& p, const uint8_t* codes, int64_t tile_stride, const ActRows& act, int64_t row0,
               int64_t tile0, const float* bias, float* Y) {
   const int64_t nb = p.num_blocks, bkp = p.block_padded, kp = p.k_padded;
-  const int64_t groups = kNibble ? bkp / 8 : bkp / 4;
+  const int64_t groups = kGroups ? kGroups : (kNibble ? bkp / 8 : bkp / 4);
   const __m512i low4 = _mm512_set1_epi8(0x0f);
   __m512 facc[R][T];
   for (int r = 0; r < R; ++r)
@@ -68,6 +69,7 @@ void IntTiles(const PackedWeights& p, const uint8_t* codes, int64_t tile_stride,
     }
     const uint8_t* wb[T];
     for (int t = 0; t < T; ++t) wb[t] = codes + t * tile_stride + b * groups * 64;
+#pragma GCC unroll 16
     for (int64_t g = 0; g < groups; ++g) {
       if (kNibble) {
         __m512i lo[T], hi[T];
@@ -111,6 +113,22 @@ void IntTiles(const PackedWeights& p, const uint8_t* codes, int64_t tile_stride,
     }
   }
   StoreTiles<R, T>(p, facc, row0, tile0, bias, Y);
+}
+
+// IntTiles with the group count of this weight's blocks as a compile-time constant when common.
+template <int R, int T, bool kNibble, bool kSym>
+void IntTilesAnyGroups(const PackedWeights& p, const uint8_t* codes, int64_t tile_stride, const ActRows& act,
+                       int64_t row0, int64_t tile0, const float* bias, float* Y) {
+  switch (kNibble ? p.block_padded / 8 : p.block_padded / 4) {
+    case 4:
+      return IntTiles<R, T, kNibble, kSym, 4>(p, codes, tile_stride, act, row0, tile0, bias, Y);
+    case 8:
+      return IntTiles<R, T, kNibble, kSym, 8>(p, codes, tile_stride, act, row0, tile0, bias, Y);
+    case 16:
+      return IntTiles<R, T, kNibble, kSym, 16>(p, codes, tile_stride, act, row0, tile0, bias, Y);
+    default:
+      return IntTiles<R, T, kNibble, kSym, 0>(p, codes, tile_stride, act, row0, tile0, bias, Y);
+  }
 }
 
 // Extracts code j of each lane of a group as int32 (signed codes sign-extended).
@@ -341,7 +359,7 @@ struct IntPrefillBody {
   const float* bias;
   float* Y;
   template <int R>
-  void Run(int64_t r) const { IntTiles<R, T, false, kSym>(p, codes, stride, act, r, tile0, bias, Y); }
+  void Run(int64_t r) const { IntTilesAnyGroups<R, T, false, kSym>(p, codes, stride, act, r, tile0, bias, Y); }
 };
 
 template <int T>
@@ -367,7 +385,8 @@ struct SmallRowsBody {
   template <int R>
   void Run(int64_t r) const {
     if (act) {
-      IntTiles<R, T, kNibble, kSym>(p, p.codes.data() + tile0 * p.tile_bytes, p.tile_bytes, *act, r, tile0, bias, Y);
+      IntTilesAnyGroups<R, T, kNibble, kSym>(p, p.codes.data() + tile0 * p.tile_bytes, p.tile_bytes, *act, r, tile0,
+                                             bias, Y);
     } else {
       if constexpr (kNibble) {
         FloatLutTiles<R, T, kSym>(p, a_padded, r, tile0, bias, Y);
