@@ -426,3 +426,17 @@ def test_block_too_large_for_int32() -> None:
                   codes=np.zeros((1, 70000), np.uint8), scales=np.ones((1, 1), np.float16))
     _expect_error(spec, np.ones((1, 70000), np.float32),
                   "attribute 'block_size' (70000) is too large for integer accumulation with bits=8 and act_bits=8")
+
+
+@pytest.mark.parametrize("act_bits", [0, 8])
+@pytest.mark.parametrize("k", [1, 5, 31])
+def test_exact_k_below_block_size(isa: str, k: int, act_bits: int) -> None:
+    """K shorter than one block (a single partial block), 3-bit asymmetric pow2 scales."""
+    rng = np.random.default_rng(k * 10 + act_bits)
+    n, block_size = 21, 32
+    codes, scales, zero_points = random_weight(rng, n, k, 3, block_size, False, ScaleKind.POW2, exact=True)
+    a = exact_activations(rng, (3, k), block_size, act_bits)
+    fmt = dict(k=k, bits=3, block_size=block_size, symmetric=False, act_bits=act_bits)
+    got = run_matmul(matmul_model(n=n, codes=codes, scales=scales, zero_points=zero_points, bias=None, **fmt), a)
+    want = matmul_reference(a, codes, scales, zero_points, **fmt)
+    np.testing.assert_array_equal(got, want.astype(np.float32), err_msg=f"isa={isa}")
