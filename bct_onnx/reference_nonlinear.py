@@ -115,6 +115,8 @@ def lane_sum(v: np.ndarray) -> np.ndarray:
     if pad:
         v = np.concatenate([v, np.zeros(v.shape[:-1] + (pad,), np.float32)], axis=-1)
     lanes = v.reshape(v.shape[:-1] + (-1, LANES))
+    # Each lane starts from +0.0 like the kernels' accumulators (so an all -0.0 lane sums to +0.0).
+    lanes = np.concatenate([np.zeros(lanes.shape[:-2] + (1, LANES), np.float32), lanes], axis=-2)
     acc = np.add.accumulate(lanes, axis=-2, dtype=np.float32)[..., -1, :]  # sequential per lane
     a = [acc[..., j] for j in range(LANES)]
     return (((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))).astype(np.float32)

@@ -8,6 +8,7 @@
 
 #include "bct/nonlinear_math.h"
 #include "bct/op_common.h"
+#include "cpu/isa_clones.h"
 #include "ops/act_matmul_io.h"
 #include "ops/block_io.h"
 #include "ops/nonlinear_io.h"
@@ -16,6 +17,31 @@
 namespace bct {
 namespace nonlinear {
 namespace {
+
+// One output row, vectorised over the N columns: B's codes are stored K-major (qkn [K, N]) and its
+// scales block-major (sbn [nb, N]). Per block, exact int32 dot products acc[j] are formed, then
+// y[j] += float(acc[j]) * (a_scale * b_scale[j]) in block order from 0: nl::act_dot's arithmetic.
+BCT_ISA_CLONES void ActDotRow(const int8_t* qa_row, const float* sa_row, const int8_t* qkn, const float* sbn,
+                              int64_t n, int64_t k, int64_t block_size, int64_t nb, int32_t* acc, float* y) {
+  for (int64_t j = 0; j < n; ++j) y[j] = 0.0f;
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    const int64_t b0 = blk * block_size;
+    const int64_t len = std::min(block_size, k - b0);
+    for (int64_t j = 0; j < n; ++j) acc[j] = 0;
+    for (int64_t i = b0; i < b0 + len; ++i) {
+      const int32_t ai = qa_row[i];
+      const int8_t* q = qkn + i * n;
+      for (int64_t j = 0; j < n; ++j) acc[j] += ai * static_cast<int32_t>(q[j]);
+    }
+    const float sa = sa_row[blk];
+    const float* sb = sbn + blk * n;
+    for (int64_t j = 0; j < n; ++j) y[j] = fadd(y[j], fmul(static_cast<float>(acc[j]), fmul(sa, sb[j])));
+  }
+}
+
+BCT_ISA_CLONES void QuantizeActRow(const float* x, int64_t k, int bits, int64_t block_size, int8_t* q, float* scales) {
+  nl::quantize_act_row(x, k, bits, block_size, q, scales);
+}
 
 class ActMatMulCpuKernel {
  public:
@@ -53,27 +79,34 @@ class ActMatMulCpuKernel {
                                static_cast<const uint8_t*>(a.scales) + i * in_scale_row,
                                a.zero_points ? a.zero_points + i * a.num_blocks : nullptr, row.data());
           }
-          nl::quantize_act_row(x, k, bits, bs, qa.data() + i * k, sa.data() + i * nb);
+          QuantizeActRow(x, k, bits, bs, qa.data() + i * k, sa.data() + i * nb);
         }
       });
 
-      // Quantize B along K: rows of B^T [N, K] per batch (gathered columns unless transpose_b).
+      // Quantize B along K, one column (row of B^T) per step, stored K-major: codes [batch, K, N],
+      // scales [batch, nb, N].
       const int64_t b_rows = g.b_batches * n;
-      std::vector<int8_t> qb(static_cast<size_t>(b_rows * k));
-      std::vector<float> sb(static_cast<size_t>(b_rows * nb));
+      std::vector<int8_t> qkn(static_cast<size_t>(b_rows * k));
+      std::vector<float> sbn(static_cast<size_t>(b_rows * nb));
       ParallelFor(ctx, b_rows, std::max<int64_t>(1, 4096 / k), [&](int64_t begin, int64_t end) {
         std::vector<float> column(attrs_.transpose_b ? 0 : static_cast<size_t>(k));
+        std::vector<int8_t> codes(static_cast<size_t>(k));
+        std::vector<float> scales(static_cast<size_t>(nb));
         for (int64_t i = begin; i < end; ++i) {
+          const int64_t batch = i / n, col = i % n;
           const float* x;
           if (attrs_.transpose_b) {
             x = g.b + i * k;
           } else {
-            const int64_t batch = i / n, col = i % n;
             const float* base = g.b + batch * k * n + col;
             for (int64_t j = 0; j < k; ++j) column[static_cast<size_t>(j)] = base[j * n];
             x = column.data();
           }
-          nl::quantize_act_row(x, k, bits, bs, qb.data() + i * k, sb.data() + i * nb);
+          QuantizeActRow(x, k, bits, bs, codes.data(), scales.data());
+          int8_t* q = qkn.data() + batch * k * n + col;
+          for (int64_t j = 0; j < k; ++j) q[j * n] = codes[static_cast<size_t>(j)];
+          float* sc = sbn.data() + batch * nb * n + col;
+          for (int64_t blk = 0; blk < nb; ++blk) sc[blk * n] = scales[static_cast<size_t>(blk)];
         }
       });
 
@@ -84,16 +117,14 @@ class ActMatMulCpuKernel {
       const int64_t out_rows = g.out_batches * m;
       ParallelFor(ctx, out_rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, n * k)), [&](int64_t begin, int64_t end) {
         std::vector<float> buffer(r.quantized ? static_cast<size_t>(n) : 0);
+        std::vector<int32_t> acc(static_cast<size_t>(n));
         for (int64_t row = begin; row < end; ++row) {
           const int64_t ob = row / m, mi = row % m;
           const int64_t a_row = g.a_index[static_cast<size_t>(ob)] * m + mi;
-          const int64_t b_row0 = g.b_index[static_cast<size_t>(ob)] * n;
+          const int64_t b_batch = g.b_index[static_cast<size_t>(ob)];
           float* y = r.quantized ? buffer.data() : r.y + row * n;
-          const int8_t* qa_row = qa.data() + a_row * k;
-          const float* sa_row = sa.data() + a_row * nb;
-          for (int64_t j = 0; j < n; ++j) {
-            y[j] = nl::act_dot(qa_row, sa_row, qb.data() + (b_row0 + j) * k, sb.data() + (b_row0 + j) * nb, k, bs);
-          }
+          ActDotRow(qa.data() + a_row * k, sa.data() + a_row * nb, qkn.data() + b_batch * k * n,
+                    sbn.data() + b_batch * nb * n, n, k, bs, nb, acc.data(), y);
           if (r.quantized) {
             cpu::QuantizeRow(out_fmt, y, r.codes + row * r.row_bytes,
                              static_cast<uint8_t*>(r.scales) + row * out_scale_row,

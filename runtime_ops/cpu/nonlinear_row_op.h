@@ -27,26 +27,6 @@
 namespace bct {
 namespace nonlinear {
 
-// Schema shared by the CPU and CUDA registrations of one row op family.
-template <class Family>
-struct RowOpSchema {
-  static constexpr const char* kName = Family::kName;
-  static constexpr size_t kInputCount = 3 + Family::kExtraInputs;
-  static constexpr size_t kOutputCount = 3;
-  static bool InputOptional(size_t index) {
-    return index == 1 || index == 2 || (index >= 3 && Family::ExtraInputOptional(index - 3));
-  }
-  static bool OutputOptional(size_t index) { return index > 0; }
-  static ONNXTensorElementDataType OutputType(size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
-  static OrtStatusPtr ORT_API_CALL InferOutputShape(const OrtCustomOp*, OrtShapeInferContext* ctx) noexcept {
-    try {
-      return InferResult(ctx, InferOperandDims(ctx));
-    } catch (...) {
-      return nullptr;  // advisory; the kernel validates at run time
-    }
-  }
-};
-
 template <class Family>
 class RowOpCpuKernel {
  public:

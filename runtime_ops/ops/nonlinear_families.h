@@ -35,6 +35,34 @@ inline float ReadEpsilon(const OrtKernelInfo* info, const NodeRef& node, float d
   return eps;
 }
 
+// Schema shared by the CPU and CUDA registrations of one row op family.
+template <class Family>
+struct RowOpSchema {
+  static constexpr const char* kName = Family::kName;
+  static constexpr size_t kInputCount = 3 + Family::kExtraInputs;
+  static constexpr size_t kOutputCount = 3;
+  static bool InputOptional(size_t index) {
+    return index == 1 || index == 2 || (index >= 3 && Family::ExtraInputOptional(index - 3));
+  }
+  static bool OutputOptional(size_t index) { return index > 0; }
+  static ONNXTensorElementDataType OutputType(size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
+  static OrtStatusPtr ORT_API_CALL InferOutputShape(const OrtCustomOp*, OrtShapeInferContext* ctx) noexcept {
+    try {
+      return InferResult(ctx, InferOperandDims(ctx));
+    } catch (...) {
+      return nullptr;  // advisory; the kernel validates at run time
+    }
+  }
+};
+
+// CPU row entry points (cpu/gelu.cc, cpu/softmax.cc, cpu/norm.cc): the nl:: row functions compiled
+// once per x86 instruction set (GCC target_clones) with the same float32 operations, so the result
+// is the same bits on every CPU. The CUDA kernels do not call them.
+void GeluRowCpu(float* y, int64_t n, nl::GeluForm form);
+void SoftmaxRowCpu(float* y, int64_t n);
+void LayerNormRowCpu(float* y, int64_t n, const float* scale, const float* bias, float epsilon);
+void RMSNormRowCpu(float* y, int64_t n, const float* scale, float epsilon);
+
 struct GeluFamily {
   static constexpr const char* kName = "BlockGelu";
   static constexpr size_t kExtraInputs = 0;
@@ -51,7 +79,7 @@ struct GeluFamily {
   }
   struct Params {};
   Params Prepare(const Ort::KernelContext&, const NodeRef&, int64_t) const { return {}; }
-  void Row(const Params&, float* y, int64_t n) const { nl::gelu_row(y, n, form); }
+  void Row(const Params&, float* y, int64_t n) const { GeluRowCpu(y, n, form); }
   nl::GeluForm form = nl::GeluForm::kErf;
 };
 
@@ -62,7 +90,7 @@ struct SoftmaxFamily {
   SoftmaxFamily(const OrtKernelInfo* info, const NodeRef& node) { CheckLastAxis(info, node); }
   struct Params {};
   Params Prepare(const Ort::KernelContext&, const NodeRef&, int64_t) const { return {}; }
-  void Row(const Params&, float* y, int64_t n) const { nl::softmax_row(y, n); }
+  void Row(const Params&, float* y, int64_t n) const { SoftmaxRowCpu(y, n); }
 };
 
 // A float32 [D] op-specific input (LayerNorm scale / bias, RMSNorm scale), checked against D. The
@@ -96,7 +124,7 @@ struct LayerNormFamily {
   Params Prepare(const Ort::KernelContext& ctx, const NodeRef& node, int64_t d) const {
     return Params{ReadVectorInput(ctx, node, 3, "scale", d, false), ReadVectorInput(ctx, node, 4, "bias", d, true)};
   }
-  void Row(const Params& p, float* y, int64_t n) const { nl::layer_norm_row(y, n, p.scale, p.bias, epsilon); }
+  void Row(const Params& p, float* y, int64_t n) const { LayerNormRowCpu(y, n, p.scale, p.bias, epsilon); }
   float epsilon;
 };
 
@@ -113,7 +141,7 @@ struct RMSNormFamily {
   Params Prepare(const Ort::KernelContext& ctx, const NodeRef& node, int64_t d) const {
     return Params{ReadVectorInput(ctx, node, 3, "scale", d, false)};
   }
-  void Row(const Params& p, float* y, int64_t n) const { nl::rms_norm_row(y, n, p.scale, epsilon); }
+  void Row(const Params& p, float* y, int64_t n) const { RMSNormRowCpu(y, n, p.scale, epsilon); }
   float epsilon;
 };
 

@@ -315,6 +315,10 @@ def test_special_values() -> None:
     x = np.array([[0.0, -0.0, 1e-30, -1e30, 1e30, 3.0, -np.inf, 0.5]], np.float32)
     for name in ("gelu", "gelu_tanh", "softmax"):
         check_against_spec(name, x, [], None, run_op(name, x, [], None))
+    zeros = np.array([[-0.0] * 11, [0.0] * 11], np.float32)  # signs of zero survive the lane sums
+    extras = [np.full(11, -2.0, np.float32)]
+    check_against_spec("layer_norm_nobias", zeros, extras, None, run_op("layer_norm_nobias", zeros, extras, None))
+    check_against_spec("rms_norm", zeros, extras, None, run_op("rms_norm", zeros, extras, None))
     masked = np.array([[1.0, -np.inf, 2.0, -np.inf]], np.float32)  # attention mask
     y = run_op("softmax", masked, [], None)[0]
     assert y[0, 1] == 0.0 and y[0, 3] == 0.0

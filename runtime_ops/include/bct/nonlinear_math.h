@@ -21,15 +21,19 @@
 
 #include "bct/block_math.h"
 
-#if defined(__CUDACC__)
-#define BCT_NL_SQRT(x) __fsqrt_rn(x)
-#else
 #include <cmath>
-#define BCT_NL_SQRT(x) std::sqrt(x)
-#endif
 
 namespace bct {
 namespace nl {
+
+// Correctly rounded float32 square root on host and device.
+BCT_HD BCT_INLINE float fsqrt(float x) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(x);
+#else
+  return std::sqrt(x);
+#endif
+}
 
 constexpr int kLanes = 8;
 
@@ -62,8 +66,10 @@ constexpr float kGeluCubic = 0.044715f;
 enum class GeluForm : int { kErf = 0, kTanh = 1 };
 
 BCT_HD BCT_INLINE float exp_f32(float x) {
-  // Clamp for the arithmetic (NaN -> kExpLo there; the NaN itself is returned at the end).
-  const float xk = (x >= kExpLo && x <= kExpHi) ? x : (x > kExpHi ? kExpHi : kExpLo);
+  // Clamp for the arithmetic (NaN -> kExpLo there; the NaN itself is returned at the end). Plain
+  // selects, no short-circuit logic, so that compilers vectorise the loops calling this.
+  float xk = x > kExpHi ? kExpHi : x;
+  xk = xk >= kExpLo ? xk : kExpLo;
   const float k = round_half_even(fmul(xk, kLog2e));  // in [-126, 127]
   const float r = fsub(fsub(xk, fmul(k, kLn2Hi)), fmul(k, kLn2Lo));
   const float z = fmul(r, r);
@@ -76,7 +82,8 @@ BCT_HD BCT_INLINE float exp_f32(float x) {
   const float y = fadd(fadd(fmul(p, z), r), 1.0f);
   const float two_k = float_from_bits(static_cast<uint32_t>(static_cast<int>(k) + 127) << 23);
   const float out = fmul(y, two_k);
-  return is_nan(x) ? x : (x < kExpLo ? 0.0f : out);
+  const float clamped = x < kExpLo ? 0.0f : out;
+  return is_nan(x) ? x : clamped;
 }
 
 BCT_HD BCT_INLINE float erf_f32(float x) {
@@ -171,7 +178,7 @@ BCT_HD BCT_INLINE void layer_norm_row(float* y, int64_t n, const float* scale, c
   const float count = static_cast<float>(n);
   const float mean = fdiv(lane_sum(y, n), count);
   const float var = fdiv(lane_sum_sq(y, n, mean), count);
-  const float inv = fdiv(1.0f, BCT_NL_SQRT(fadd(var, epsilon)));
+  const float inv = fdiv(1.0f, fsqrt(fadd(var, epsilon)));
   if (bias != nullptr) {
     for (int64_t i = 0; i < n; ++i) y[i] = fadd(fmul(fmul(fsub(y[i], mean), inv), scale[i]), bias[i]);
   } else {
@@ -182,7 +189,7 @@ BCT_HD BCT_INLINE void layer_norm_row(float* y, int64_t n, const float* scale, c
 // RMSNorm (Llama): ms = sum(y^2) / n; inv = 1 / sqrt(ms + eps); y = (y * inv) * scale.
 BCT_HD BCT_INLINE void rms_norm_row(float* y, int64_t n, const float* scale, float epsilon) {
   const float ms = fdiv(lane_sum_sq(y, n, 0.0f), static_cast<float>(n));
-  const float inv = fdiv(1.0f, BCT_NL_SQRT(fadd(ms, epsilon)));
+  const float inv = fdiv(1.0f, fsqrt(fadd(ms, epsilon)));
   for (int64_t i = 0; i < n; ++i) y[i] = fmul(fmul(y[i], inv), scale[i]);
 }
 
