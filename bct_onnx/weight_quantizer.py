@@ -47,7 +47,11 @@ def _extremes(blocks: np.ndarray, fmt: BlockFormat) -> np.ndarray:
 
 
 def _block_squared_error(
-    blocks: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, fmt: BlockFormat
+    blocks: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray | None,
+    fmt: BlockFormat,
+    importance: np.ndarray | None = None,
 ) -> np.ndarray:
     """Squared error per block [..., nb] of quantizing blocks with the given stored scales.
 
@@ -62,23 +66,28 @@ def _block_squared_error(
         zp = zero_points.astype(np.float32)[..., None]
         q = np.clip(q + zp, 0, fmt.qmax) - zp
     diff = q * scale - blocks
+    if importance is not None:
+        return np.einsum("...i,...i,...i->...", diff, diff, np.broadcast_to(importance, diff.shape))
     return np.einsum("...i,...i->...", diff, diff)
 
 
 def search_scales(
-    blocks: np.ndarray, fmt: BlockFormat, ratios: tuple[float, ...] | None = None
+    blocks: np.ndarray,
+    fmt: BlockFormat,
+    ratios: tuple[float, ...] | None = None,
+    importance: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Stored scales and zero points [..., nb] minimising each block's squared error over ratios."""
     ratios = CLIP_RATIOS if ratios is None else ratios
     blocks = blocks.astype(np.float32, copy=False)
     extremes = _extremes(blocks, fmt)
     best_scales, best_zp = choose_scales(extremes, fmt)
-    best_err = _block_squared_error(blocks, best_scales, best_zp, fmt)
+    best_err = _block_squared_error(blocks, best_scales, best_zp, fmt, importance)
     for ratio in ratios:
         if ratio == 1.0:
             continue
         scales, zp = choose_scales(extremes * np.float32(ratio), fmt)
-        err = _block_squared_error(blocks, scales, zp, fmt)
+        err = _block_squared_error(blocks, scales, zp, fmt, importance)
         better = err < best_err
         if not better.any():
             continue
@@ -89,7 +98,9 @@ def search_scales(
     return best_scales, best_zp
 
 
-def quantize_tensor(x: np.ndarray, fmt: BlockFormat, scale_search: bool = True) -> QuantizedTensor:
+def quantize_tensor(
+    x: np.ndarray, fmt: BlockFormat, scale_search: bool = True, importance: np.ndarray | None = None
+) -> QuantizedTensor:
     """Blockwise-quantize a 2-D x [rows, D] along its last axis; with scale_search, per-block clipped scales.
 
     Without scale_search this equals ``block_format.quantize(x, fmt)``.
@@ -102,11 +113,16 @@ def quantize_tensor(x: np.ndarray, fmt: BlockFormat, scale_search: bool = True) 
     codes_out = np.empty((rows, fmt.row_bytes(d)), dtype=np.uint8)
     scales_out = np.empty((rows, nb), dtype=fmt.scale_dtype)
     zp_out = None if fmt.symmetric else np.empty((rows, nb), dtype=np.uint8)
+    weights = None
+    if importance is not None:
+        weights = _pad_to_blocks(np.asarray(importance, dtype=np.float32).reshape(1, d), fmt.block_size)[0]
     step = max(1, _CHUNK_ELEMENTS // max(1, nb * fmt.block_size))
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         blocks = _pad_to_blocks(x[start:stop], fmt.block_size)
-        scales, zp = search_scales(blocks, fmt) if scale_search else choose_scales(blocks, fmt)
+        scales, zp = (
+            search_scales(blocks, fmt, importance=weights) if scale_search else choose_scales(blocks, fmt)
+        )
         codes = codes_for(blocks, scales, zp, fmt)
         codes = codes.reshape(stop - start, -1)[:, :d]
         codes_out[start:stop] = pack_codes(codes, fmt.bits)

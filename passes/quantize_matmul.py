@@ -101,6 +101,28 @@ def _bias_of(
     return add, other, np.asarray(tensor.numpy(), dtype=np.float32).reshape(n)
 
 
+def _input_importance(matched: MatMulMatch) -> np.ndarray | None:
+    """Expected square of each input channel [K] when A comes from a LayerNormalization, else None.
+
+    A LayerNormalization output is about gamma * z + beta with z of zero mean and unit variance per
+    row, so E[a_k^2] ~ gamma_k^2 + beta_k^2: channels with large gamma or beta weigh more in the
+    weight error that the scale search minimises. Only for weights read by this MatMul alone.
+    """
+    if len(list(matched.source.uses())) != 1:
+        return None
+    producer = matched.activation.producer()
+    if producer is None or producer.op_type != "LayerNormalization" or producer.domain not in DEFAULT_DOMAINS:
+        return None
+    gamma = constant_tensor(producer.inputs[1]) if len(producer.inputs) > 1 else None
+    beta = constant_tensor(producer.inputs[2]) if len(producer.inputs) > 2 else None
+    if gamma is None or gamma.size != matched.k:
+        return None
+    imp = np.square(np.asarray(gamma.numpy(), dtype=np.float32).reshape(-1))
+    if beta is not None and beta.size == matched.k:
+        imp = imp + np.square(np.asarray(beta.numpy(), dtype=np.float32).reshape(-1))
+    return imp / max(float(imp.mean()), 1e-12)
+
+
 class QuantizeMatMulPass(NodeRewritePass):
     """Rewrite MatMul with a constant 2-D float32 weight into BlockMatMul (+ fused bias)."""
 
@@ -156,6 +178,7 @@ class QuantizeMatMulPass(NodeRewritePass):
             fmt,
             transposed=not matched.source_is_transposed,
             scale_search=config.weight_scale_search,
+            importance=_input_importance(matched) if config.weight_scale_search else None,
         )
         name = matched.matmul.name or (matched.matmul.outputs[0].name or "MatMul")
         bias: ir.Value | None = None

@@ -91,13 +91,14 @@ def quantized_initializers(
     fmt: BlockFormat,
     transposed: bool,
     scale_search: bool,
+    importance: np.ndarray | None = None,
 ) -> QuantizedInitializers:
     """Quantize a constant 2-D tensor (its transpose when transposed) along the last axis, once per graph.
 
     Reuses initializers made earlier from the same source in the same layout and format.
     """
     source_name = source.name or "weight"
-    tag = format_tag(fmt, transposed)
+    tag = format_tag(fmt, transposed) + ("_aw" if importance is not None else "")
     base = f"{source_name}.bct_{tag}"
     codes = _find(graph, f"{base}.codes", source_name, tag)
     scales = _find(graph, f"{base}.scales", source_name, tag)
@@ -109,7 +110,7 @@ def quantized_initializers(
     array = np.asarray(tensor.numpy(), dtype=np.float32)
     if transposed:
         array = np.ascontiguousarray(array.T)
-    quantized = quantize_tensor(array, fmt, scale_search=scale_search)
+    quantized = quantize_tensor(array, fmt, scale_search=scale_search, importance=importance)
     codes = _register(graph, f"{base}.codes", quantized.codes, source_name, tag)
     scales = _register(graph, f"{base}.scales", quantized.scales, source_name, tag)
     zp_value = None

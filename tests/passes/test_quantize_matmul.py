@@ -254,3 +254,55 @@ def test_weight_shared_by_two_matmuls_is_quantized_once(helpers):
     assert result.rewritten == {"MatMul": 2, "shared quantized weight": 1}
     first, second = result.model.graph
     assert first.inputs[1] is second.inputs[1] and first.inputs[2] is second.inputs[2]
+
+
+def test_scale_search_weights_channels_by_the_preceding_layer_norm(helpers):
+    # After LayerNormalization, E[a_k^2] ~ gamma_k^2 + beta_k^2: the scale search weighs each input
+    # channel's error by it (only when the weight has this one reader).
+    k, n = 64, 32
+    gamma = np.full(k, 0.1, np.float32)
+    gamma[::16] = 8.0  # two loud channels in each block of 32
+    text = f"""{HEADER}
+    g (float[B, {k}] x) => (float[B, {n}] Y) {{
+      h = LayerNormalization <axis = -1> (x, gamma, beta)
+      Y = MatMul(h, W)
+    }}"""
+    w = weights(k, n)
+    inits = {"gamma": gamma, "beta": np.zeros(k, np.float32), "W": w}
+    result = QuantizeMatMulPass(CompressConfig(act_bits=None))(helpers.model_from_text(text, inits))
+    node = result.model.graph.node(1)
+    assert node.op_type == "BlockMatMul"
+    fmt = CompressConfig().weight_format
+    importance = gamma**2 / np.mean(gamma**2)
+    expected = quantize_tensor(w.T, fmt, importance=importance)
+    plain = quantize_tensor(w.T, fmt)
+    np.testing.assert_array_equal(node.inputs[1].const_value.numpy(), expected.codes)
+    assert not np.array_equal(expected.scales, plain.scales)
+    from bct_onnx.block_format import dequantize
+
+    def weighted_error(q):
+        return float((((dequantize(q) - w.T) ** 2) * importance).sum())
+
+    assert weighted_error(expected) < weighted_error(plain)
+    # Output error on LayerNorm-shaped inputs goes down accordingly.
+    x = RNG.standard_normal((256, k)).astype(np.float32)
+    h = (x - x.mean(-1, keepdims=True)) / x.std(-1, keepdims=True) * gamma
+    exact = h @ w
+    err_aware = np.square(h @ dequantize(expected).T - exact).mean()
+    err_plain = np.square(h @ dequantize(plain).T - exact).mean()
+    assert err_aware < err_plain
+
+
+def test_shared_weight_is_not_importance_weighted(helpers):
+    text = f"""{HEADER}
+    g (float[B, 8] x, float[B, 8] c) => (float[B, 4] Y, float[B, 4] Z) {{
+      h = LayerNormalization <axis = -1> (x, gamma)
+      Y = MatMul(h, W)
+      Z = MatMul(c, W)
+    }}"""
+    inits = {"gamma": np.array([9, 1, 1, 1, 1, 1, 1, 1], np.float32), "W": weights(8, 4)}
+    result = QuantizeMatMulPass(CompressConfig())(helpers.model_from_text(text, inits))
+    first, second = (n for n in result.model.graph if n.op_type == "BlockMatMul")
+    assert first.inputs[1] is second.inputs[1]
+    plain = quantize_tensor(inits["W"].T, CompressConfig().weight_format)
+    np.testing.assert_array_equal(first.inputs[1].const_value.numpy(), plain.codes)
