@@ -105,9 +105,7 @@ def _find_outer(x: ir.Value, t_value: ir.Value) -> Expression | str:
             return f"{user.op_type} after the {t_value.producer().op_type} is not part of 0.5 * x * (1 + t)"  # type: ignore[union-attr]
         value = user.outputs[0]
         expr = collect_expression(value, (x, t_value))
-        if isinstance(expr, Expression) and matches_function(
-            expr, _gelu_outer, [SAMPLE_POINTS, _T_SAMPLES]
-        ):
+        if isinstance(expr, Expression) and matches_function(expr, _gelu_outer, [SAMPLE_POINTS, _T_SAMPLES]):
             return expr
     return "the products after the Erf/Tanh do not compute 0.5 * x * (1 + t)"
 

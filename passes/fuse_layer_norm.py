@@ -157,7 +157,9 @@ class FuseLayerNormPass(NodeRewritePass):
         divide = next((u for u in users if is_op(u, "Div")), None)
         if square is None or divide is None or len(set(map(id, users))) != 2 or centered.is_graph_output():
             return "x - mean is not read exactly by a square (Pow/Mul) and a Div"
-        if square.op_type == "Pow" and not (square.inputs[0] is centered and close(scalar(square.inputs[1]), 2.0)):
+        if square.op_type == "Pow" and not (
+            square.inputs[0] is centered and close(scalar(square.inputs[1]), 2.0)
+        ):
             return "Pow(x - mean, e) has e != 2"
         if square.op_type == "Mul" and not (square.inputs[0] is centered and square.inputs[1] is centered):
             return "Mul is not (x - mean) * (x - mean)"

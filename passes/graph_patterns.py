@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 from bct_onnx.passes.framework import DEFAULT_DOMAINS
+from bct_onnx.passes.infer_shapes import SHAPE_KEY
 from bct_onnx.passes.quantized_weights import constant_tensor
 
 FLOAT = ir.DataType.FLOAT
@@ -108,17 +109,38 @@ def reduces_last_axis(node: ir.Node, rank: int | None) -> str | None:
     return f"{node.op_type} reduces axes {axes}, not only the last axis"
 
 
-def value_rank(value: ir.Value | None) -> int | None:
-    if value is None or value.shape is None:
+def value_shape(value: ir.Value | None) -> ir.Shape | None:
+    """The declared shape, else the one annotate_shapes inferred (kept in value.meta)."""
+    if value is None:
         return None
-    return len(value.shape)
+    if value.shape is not None:
+        return value.shape
+    shape = value.meta.get(SHAPE_KEY)
+    return shape if isinstance(shape, ir.Shape) else None
+
+
+def value_rank(value: ir.Value | None) -> int | None:
+    shape = value_shape(value)
+    return None if shape is None else len(shape)
 
 
 def last_dim(value: ir.Value | None) -> int | None:
-    if value is None or value.shape is None or len(value.shape) == 0:
-        return None
-    dim = value.shape[-1]
-    return dim if isinstance(dim, int) else None
+    """The static last dimension of value, or None.
+
+    Results of BlockMatMul / BlockGather (made by other passes, without inferred shapes) end in
+    their N / axis_size attribute.
+    """
+    shape = value_shape(value)
+    if shape is not None and len(shape) > 0:
+        dim = shape[-1]
+        if isinstance(dim, int):
+            return dim
+    node = value.producer() if value is not None else None
+    if node is not None and node.domain == "ai.bct_onnx" and value is node.outputs[0]:
+        attr = node.attributes.get({"BlockMatMul": "N", "BlockGather": "axis_size"}.get(node.op_type, ""))
+        if attr is not None:
+            return attr.as_int()
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,6 +261,8 @@ def replace_pattern(
     """
     last = old_value.producer()
     assert last is not None and last.graph is not None
+    if SHAPE_KEY in old_value.meta:
+        new_value.meta[SHAPE_KEY] = old_value.meta[SHAPE_KEY]
     ir.convenience.replace_nodes_and_values(
         last.graph, last, list(dict.fromkeys(old_nodes)), new_nodes, [old_value], [new_value]
     )

@@ -1,0 +1,105 @@
+"""Coverage of a compressed model: which of the five target kinds ended up as bct-onnx ops.
+
+``target_kind_shares(original, compressed)`` counts, per kind, the float nodes of the original
+model (after the same GELU / LayerNorm / RMSNorm fusions the pipeline applies, and with Gemm
+counted as MatMul) and the ai.bct_onnx nodes of the compressed model. The README's
+family x op-kind table is built from it (tests/passes/test_families_e2e.py prints it).
+A Gelu, Softmax or norm counted here runs as a bct-onnx op; whether its operand and result also
+stay compressed is reported separately (``compressed_activations``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx_ir as ir
+from bct_onnx.passes.framework import DEFAULT_DOMAINS
+from bct_onnx.passes.fuse_gelu import FuseGeluPass
+from bct_onnx.passes.fuse_layer_norm import FuseLayerNormPass
+from bct_onnx.passes.fuse_rms_norm import FuseRMSNormPass
+from bct_onnx.passes.infer_shapes import annotate_shapes
+from bct_onnx.passes.quantized_weights import FLOAT_DTYPES, constant_tensor
+
+from bct_onnx import ops
+
+TARGET_KINDS = ("MatMul", "Gather", "Gelu", "Softmax", "LayerNormalization")
+
+_FLOAT_KIND = {
+    "MatMul": "MatMul",
+    "Gemm": "MatMul",
+    "Gelu": "Gelu",
+    "Softmax": "Softmax",
+    "LayerNormalization": "LayerNormalization",
+}
+_BCT_KIND = {
+    ops.BLOCK_MATMUL: "MatMul",
+    ops.BLOCK_ACT_MATMUL: "MatMul",
+    ops.BLOCK_GATHER: "Gather",
+    ops.BLOCK_GELU: "Gelu",
+    ops.BLOCK_SOFTMAX: "Softmax",
+    ops.BLOCK_LAYER_NORM: "LayerNormalization",
+    ops.BLOCK_RMS_NORM: "LayerNormalization",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class KindShare:
+    kind: str
+    original: int  # float nodes of this kind in the (canonicalized) original model
+    compressed: int  # bct-onnx nodes of this kind in the compressed model
+
+    @property
+    def share(self) -> float | None:
+        return None if self.original == 0 else min(1.0, self.compressed / self.original)
+
+
+def _is_embedding(node: ir.Node) -> bool:
+    table = node.inputs[0] if node.inputs else None
+    tensor = constant_tensor(table)
+    return tensor is not None and tensor.dtype in FLOAT_DTYPES and len(tensor.shape) == 2
+
+
+def _float_counts(model: ir.Model) -> dict[str, int]:
+    work = model.clone()
+    annotate_shapes(work)
+    for fusion in (FuseGeluPass(), FuseLayerNormPass(), FuseRMSNormPass()):
+        work = fusion(work).model
+    counts = dict.fromkeys(TARGET_KINDS, 0)
+    for node in ir.traversal.RecursiveGraphIterator(work.graph):
+        if node.domain in DEFAULT_DOMAINS:
+            if node.op_type in _FLOAT_KIND:
+                counts[_FLOAT_KIND[node.op_type]] += 1
+            elif node.op_type == "Gather" and _is_embedding(node):
+                counts["Gather"] += 1
+        elif node.domain == ops.DOMAIN and node.op_type in _BCT_KIND:  # fused, still float operands
+            counts[_BCT_KIND[node.op_type]] += 1
+    return counts
+
+
+def bct_counts(model: ir.Model) -> dict[str, int]:
+    counts = dict.fromkeys(TARGET_KINDS, 0)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.domain == ops.DOMAIN and node.op_type in _BCT_KIND:
+            counts[_BCT_KIND[node.op_type]] += 1
+    return counts
+
+
+def target_kind_shares(original: ir.Model, compressed: ir.Model) -> dict[str, KindShare]:
+    """Per target kind: float nodes before, bct-onnx nodes after, and the share compressed."""
+    before = _float_counts(original)
+    after = bct_counts(compressed)
+    return {kind: KindShare(kind, before[kind], after[kind]) for kind in TARGET_KINDS}
+
+
+def format_shares(rows: dict[str, dict[str, KindShare]]) -> str:
+    """A markdown table: one row per model, one column per kind ("compressed/original")."""
+    lines = ["| model | " + " | ".join(TARGET_KINDS) + " |", "|---" * (len(TARGET_KINDS) + 1) + "|"]
+    for name, shares in rows.items():
+        cells = []
+        for kind in TARGET_KINDS:
+            s = shares[kind]
+            cells.append(
+                "-" if s.original == 0 else f"{s.compressed}/{s.original} ({100 * (s.share or 0):.0f}%)"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,301 @@
+"""FoldQuantizeDequantizePass: intermediate results between compressed ops stay compressed.
+
+After the quantize passes every compressed nonlinear op and BlockActMatMul has float operands, as
+if each edge between two of them were ``requantize -> dequantize`` folded away. This pass makes the
+edge carry codes + scales (+ zero points) instead: the producer gets ``out_bits`` etc. and every
+reader ``in_bits`` etc. with the same format (docs/ops.md, operand convention). An edge stays float
+when any reader needs float, and the reason is reported:
+- ``BlockMatMul`` takes its activation A as float32 only (docs/ops.md: act_bits quantizes A inside
+  the kernel, with its own symmetric float32 scales), so LayerNorm -> MatMul and Gelu -> MatMul
+  edges stay float;
+- standard ONNX nodes (residual Add, Reshape, Where ...) and graph outputs need float;
+- BlockActMatMul's B operand is always float (docs/ops.md).
+No-op ``Cast(to=float32)`` readers of such a result (BLOOM, GPT-Neo write them after the softmax)
+are removed first. The producer's node settings give the format: ``act_bits`` and ``block_size`` of its op kind (after
+overrides), asymmetric codes for Softmax and GELU results (one-signed), symmetric otherwise, scales
+of the config's scale_kind. A node whose settings are disabled or weight-only (act_bits none)
+keeps float results.
+
+``compressed_activations`` lists the edges that stay compressed and the activation memory they
+save per row (last-dim * (32 - effective bits per value) / 8 bytes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import onnx_ir as ir
+from bct_onnx.passes.framework import CompressPass, PassReport, Skip, node_label
+from bct_onnx.passes.graph_patterns import last_dim
+from bct_onnx.passes.nonlinear_ops import (
+    ASYMMETRIC_RESULTS,
+    KIND_OF_OP,
+    OPERAND_OPS,
+    OPERAND_SLOTS,
+    int_attr,
+    is_ours,
+    settings_name,
+)
+
+from bct_onnx import ops
+from bct_onnx.block_format import BlockFormat, ScaleKind
+from bct_onnx.config import CompressConfig
+
+logger = logging.getLogger(__name__)
+
+RULE = "intermediate kept compressed"
+RULE_CAST = "no-op float Cast after a compressed op removed"
+_SCALE_BITS = {ScaleKind.FLOAT16: 16, ScaleKind.FLOAT32: 32, ScaleKind.POW2: 8}
+
+
+def _reader_problem(value: ir.Value, producer_node: ir.Node) -> str | None:
+    """None when every reader of value takes a quantized operand, else why not."""
+    if value.is_graph_output():
+        return "its result is a graph output (float32)"
+    uses = list(value.uses())
+    if not uses:
+        return "its result is not read"
+    for use in uses:
+        reader = use.node
+        label = f"{reader.op_type} '{node_label(reader)}'"
+        if reader.graph is not producer_node.graph:
+            return f"read by {label} in another graph"
+        if is_ours(reader, ops.BLOCK_MATMUL):
+            return f"read by {label}: BlockMatMul takes its activation A as float32 only (docs/ops.md)"
+        if not is_ours(reader, *OPERAND_OPS):
+            return f"read by {label}, which needs float32"
+        if use.idx != 0:
+            return f"read by {label} as input {use.idx}, which is float32 only"
+        if int_attr(reader, "in_bits"):
+            return f"read by {label}, whose operand is already quantized"
+    return None
+
+
+def _with_attrs(
+    node: ir.Node, inputs: list[ir.Value | None], extra: dict[str, int | str], num_outputs: int
+) -> ir.Node:
+    """A copy of node with other inputs and extra attributes set."""
+    attributes: dict[str, object] = {name: attr.value for name, attr in node.attributes.items()}
+    attributes.update(extra)
+    while inputs and inputs[-1] is None:
+        inputs = inputs[:-1]
+    return ir.node(
+        node.op_type,
+        inputs,
+        attributes=attributes,
+        domain=node.domain,
+        name=node.name,
+        num_outputs=num_outputs,  # type: ignore[arg-type]
+    )
+
+
+def _replace(node: ir.Node, new: ir.Node) -> None:
+    graph = node.graph
+    assert graph is not None
+    count = min(len(node.outputs), len(new.outputs))
+    ir.convenience.replace_nodes_and_values(
+        graph, node, [node], [new], list(node.outputs[:count]), list(new.outputs[:count])
+    )
+
+
+def _bypass_float_casts(model: ir.Model, report: PassReport) -> None:
+    """Cast(to=float32) of a float32 result of our ops is a no-op (BLOOM, GPT-Neo): read the result itself."""
+    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+        if not is_ours(node, *OPERAND_OPS) or int_attr(node, "out_bits"):
+            continue
+        value = node.outputs[0]
+        pending = list(value.uses())
+        while pending:
+            use = pending.pop()
+            cast = use.node
+            to = cast.attributes.get("to")
+            if cast.op_type != "Cast" or cast.domain not in ("", "ai.onnx") or to is None:
+                continue
+            if to.as_int() != ir.DataType.FLOAT.value or cast.outputs[0].is_graph_output():
+                continue
+            pending += list(cast.outputs[0].uses())  # Cast(Cast(x)) chains
+            cast.outputs[0].replace_all_uses_with(value)
+            graph = cast.graph
+            assert graph is not None
+            graph.remove(cast, safe=True)
+            report.count(RULE_CAST)
+
+
+class FoldQuantizeDequantizePass(CompressPass):
+    """Give compressed ops quantized results/operands wherever all readers of an edge accept them."""
+
+    def __init__(self, config: CompressConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def _format(self, node: ir.Node) -> BlockFormat | str:
+        kind = KIND_OF_OP[node.op_type]
+        settings = self.config.settings_for(kind, settings_name(node))
+        if not settings.enabled:
+            return f"{kind} compression is disabled for this node by the config"
+        fmt = settings.act_format(symmetric=node.op_type not in ASYMMETRIC_RESULTS)
+        if fmt is None:
+            return "act_bits is none (weight-only): intermediates stay float32"
+        return fmt
+
+    def run(self, model: ir.Model, report: PassReport) -> None:
+        if not self.config.keep_compressed:
+            return
+        _bypass_float_casts(model, report)
+        rejected: set[int] = set()
+        while True:
+            candidate = None
+            for node in ir.traversal.RecursiveGraphIterator(model.graph):
+                if id(node) in rejected or not is_ours(node, *OPERAND_OPS) or int_attr(node, "out_bits"):
+                    continue
+                candidate = node
+                break
+            if candidate is None:
+                return
+            rejected.add(id(candidate))
+            value = candidate.outputs[0]
+            fmt = self._format(candidate)
+            problem = fmt if isinstance(fmt, str) else _reader_problem(value, candidate)
+            d = last_dim(value)
+            if problem is None and d is None and isinstance(fmt, BlockFormat) and fmt.bits != 8:
+                problem = f"last dimension unknown and {fmt.bits}-bit rows may not fill whole bytes"
+            if problem is not None:
+                report.skip(candidate, f"result stays float32: {problem}")
+                continue
+            assert isinstance(fmt, BlockFormat)
+            self._fold(candidate, fmt, d or 0)
+            report.count(RULE)
+
+    def _fold(self, producer_node: ir.Node, fmt: BlockFormat, d: int) -> None:
+        value = producer_node.outputs[0]
+        outputs = 2 if fmt.symmetric else 3
+        new_producer = _with_attrs(
+            producer_node,
+            list(producer_node.inputs),
+            {
+                "out_bits": fmt.bits,
+                "out_block_size": fmt.block_size,
+                "out_symmetric": int(fmt.symmetric),
+                "out_scale_kind": fmt.scale_kind.value,
+            },
+            outputs,
+        )
+        base = value.name or node_label(producer_node)
+        codes = new_producer.outputs[0]
+        codes.name = f"{base}.codes"
+        new_producer.outputs[1].name = f"{base}.scales"
+        zero_points = None
+        if not fmt.symmetric:
+            zero_points = new_producer.outputs[2]
+            zero_points.name = f"{base}.zero_points"
+        codes.type = ir.TensorType(ir.DataType.UINT8)
+        graph = producer_node.graph
+        assert graph is not None
+        graph.insert_after(producer_node, [new_producer])
+        for use in list(value.uses()):
+            reader = use.node
+            inputs = [codes, new_producer.outputs[1], zero_points, *list(reader.inputs[OPERAND_SLOTS:])]
+            extra = {
+                "in_bits": fmt.bits,
+                "in_block_size": fmt.block_size,
+                "in_symmetric": int(fmt.symmetric),
+                "in_axis_size": d,
+            }
+            _replace(reader, _with_attrs(reader, inputs, extra, len(reader.outputs)))
+        graph.remove(producer_node, safe=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressedTensor:
+    """One edge that carries codes between two compressed ops."""
+
+    name: str
+    producer: str
+    op_type: str
+    last_dim: int | str | None
+    bits: int
+    block_size: int
+    symmetric: bool
+    scale_kind: str
+
+    @property
+    def effective_bits(self) -> float:
+        """Bits per value including the block's scale (and zero point)."""
+        scale_bits = _SCALE_BITS[ScaleKind(self.scale_kind)]
+        return self.bits + (scale_bits + (0 if self.symmetric else 8)) / self.block_size
+
+    def bytes_saved(self, length: int | None = None) -> float | None:
+        """Bytes saved per row against float32; a symbolic last dim takes ``length`` (None: unknown)."""
+        d = self.last_dim if isinstance(self.last_dim, int) else length
+        return None if d is None else d * (32 - self.effective_bits) / 8
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationSummary:
+    tensors: list[CompressedTensor]
+
+    @property
+    def count(self) -> int:
+        return len(self.tensors)
+
+    def bytes_saved_per_token(self, length: int | None = None) -> float:
+        """Sum over compressed edges of last-dim * (32 - effective bits) / 8 (static dims only unless length)."""
+        return sum(b for t in self.tensors if (b := t.bytes_saved(length)) is not None)
+
+    @property
+    def dynamic(self) -> int:
+        return sum(1 for t in self.tensors if not isinstance(t.last_dim, int))
+
+    def describe(self, length: int = 128) -> str:
+        return (
+            f"{self.count} intermediate tensors stay compressed; activation memory saved per token: "
+            f"{self.bytes_saved_per_token():.1f} bytes over static last dims"
+            + (
+                f", {self.bytes_saved_per_token(length):.1f} bytes counting the {self.dynamic} "
+                f"with a dynamic last dim (e.g. attention probabilities) at length {length}"
+                if self.dynamic
+                else ""
+            )
+        )
+
+
+def compressed_activations(model: ir.Model) -> ActivationSummary:
+    """The compressed edges of model: results of our ops with out_bits > 0."""
+    found = []
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        bits = int_attr(node, "out_bits") if is_ours(node, *OPERAND_OPS) else 0
+        if not bits:
+            continue
+        kind = node.attributes.get("out_scale_kind")
+        dim = (
+            node.outputs[0].shape[-1]
+            if node.outputs[0].shape is not None and len(node.outputs[0].shape)
+            else None
+        )
+        # codes have no shape; the scales' producer knows D from the reader's in_axis_size
+        readers = [u.node for u in node.outputs[0].uses()]
+        axis = max((int_attr(r, "in_axis_size") for r in readers), default=0)
+        last: int | str | None = axis if axis else (str(dim) if dim is not None else "dynamic")
+        found.append(
+            CompressedTensor(
+                node.outputs[0].name or "",
+                node_label(node),
+                node.op_type,
+                last,
+                bits,
+                int_attr(node, "out_block_size"),
+                bool(int_attr(node, "out_symmetric", 1)),
+                kind.as_string() if kind is not None else "float16",
+            )
+        )
+    return ActivationSummary(found)
+
+
+__all__ = [
+    "ActivationSummary",
+    "CompressedTensor",
+    "FoldQuantizeDequantizePass",
+    "Skip",
+    "compressed_activations",
+]
