@@ -5,6 +5,12 @@ Each pass is an onnx-ir in-place pass usable on its own; ``compress_model`` runs
 
 from bct_onnx.passes.check_model import CheckModelPass
 from bct_onnx.passes.fold_constant_weights import FoldConstantWeightsPass
+from bct_onnx.passes.fold_quantize_dequantize import (
+    ActivationSummary,
+    CompressedTensor,
+    FoldQuantizeDequantizePass,
+    compressed_activations,
+)
 from bct_onnx.passes.framework import (
     CompressPass,
     CompressPassResult,
@@ -16,6 +22,9 @@ from bct_onnx.passes.framework import (
     Skip,
     UnsupportedModelError,
 )
+from bct_onnx.passes.fuse_gelu import FuseGeluPass
+from bct_onnx.passes.fuse_layer_norm import FuseLayerNormPass
+from bct_onnx.passes.fuse_rms_norm import FuseRMSNormPass
 from bct_onnx.passes.gemm_to_matmul import GemmToMatMulPass
 from bct_onnx.passes.pipeline import (
     DEBUG_DIR_ENV,
@@ -25,17 +34,27 @@ from bct_onnx.passes.pipeline import (
     build_passes,
     compress_model,
 )
+from bct_onnx.passes.quantize_act_matmul import QuantizeActMatMulPass
 from bct_onnx.passes.quantize_gather import QuantizeGatherPass
+from bct_onnx.passes.quantize_gelu import QuantizeGeluPass
+from bct_onnx.passes.quantize_layer_norm import QuantizeLayerNormPass
 from bct_onnx.passes.quantize_matmul import QuantizeMatMulPass
+from bct_onnx.passes.quantize_softmax import QuantizeSoftmaxPass
 
 __all__ = [
     "DEBUG_DIR_ENV",
     "QUANTIZE_PASSES",
+    "ActivationSummary",
     "CheckModelPass",
     "CompressPass",
     "CompressPassResult",
+    "CompressedTensor",
     "DomainVersionError",
     "FoldConstantWeightsPass",
+    "FoldQuantizeDequantizePass",
+    "FuseGeluPass",
+    "FuseLayerNormPass",
+    "FuseRMSNormPass",
     "GemmToMatMulPass",
     "MissingGraphError",
     "NodeRewritePass",
@@ -43,10 +62,15 @@ __all__ = [
     "PassRecord",
     "PassReport",
     "PipelineResult",
+    "QuantizeActMatMulPass",
     "QuantizeGatherPass",
+    "QuantizeGeluPass",
+    "QuantizeLayerNormPass",
     "QuantizeMatMulPass",
+    "QuantizeSoftmaxPass",
     "Skip",
     "UnsupportedModelError",
     "build_passes",
     "compress_model",
+    "compressed_activations",
 ]

@@ -20,13 +20,27 @@ import onnx
 import onnx_ir as ir
 from bct_onnx.passes.check_model import CheckModelPass
 from bct_onnx.passes.fold_constant_weights import FoldConstantWeightsPass
+from bct_onnx.passes.fold_quantize_dequantize import (
+    ActivationSummary,
+    FoldQuantizeDequantizePass,
+    compressed_activations,
+)
 from bct_onnx.passes.framework import CompressPassResult, Skip, check_model_basics
+from bct_onnx.passes.fuse_gelu import FuseGeluPass
+from bct_onnx.passes.fuse_layer_norm import FuseLayerNormPass
+from bct_onnx.passes.fuse_rms_norm import FuseRMSNormPass
 from bct_onnx.passes.gemm_to_matmul import GemmToMatMulPass
+from bct_onnx.passes.infer_shapes import annotate_shapes
+from bct_onnx.passes.quantize_act_matmul import QuantizeActMatMulPass
 from bct_onnx.passes.quantize_gather import QuantizeGatherPass
+from bct_onnx.passes.quantize_gelu import QuantizeGeluPass
+from bct_onnx.passes.quantize_layer_norm import QuantizeLayerNormPass
 from bct_onnx.passes.quantize_matmul import QuantizeMatMulPass
+from bct_onnx.passes.quantize_softmax import QuantizeSoftmaxPass
 from onnx_ir.passes import common as common_passes
 
-from bct_onnx.config import CompressConfig
+from bct_onnx import ops
+from bct_onnx.config import ACTIVATION_OPS, CompressConfig
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +49,22 @@ DEBUG_DIR_ENV = "BCT_ONNX_DEBUG_DIR"
 _EXTERNAL_DATA_BYTES = 1 << 30
 
 # The quantize pass of each op type, in the order they run (tables before MatMuls, so a table tied
-# to the output projection is quantized in its Gather layout first and reused).
+# to the output projection is quantized in its Gather layout first and reused). QuantizeMatMulPass
+# reports attention's activation x activation MatMuls as skipped; QuantizeActMatMulPass then
+# rewrites them, and compress_model drops the skips of nodes a later pass rewrote.
 QUANTIZE_PASSES: dict[str, Callable[[CompressConfig], ir.passes.PassBase]] = {
     "Gather": QuantizeGatherPass,
     "MatMul": QuantizeMatMulPass,
+    "AttentionMatMul": QuantizeActMatMulPass,
+    "Gelu": QuantizeGeluPass,
+    "Softmax": QuantizeSoftmaxPass,
+    "LayerNormalization": QuantizeLayerNormPass,
+}
+# Fusions that turn an exporter's decomposition into the node the op kind's quantize pass handles;
+# they run only when that kind is compressed.
+FUSION_PASSES: dict[str, list[Callable[[], ir.passes.PassBase]]] = {
+    "Gelu": [FuseGeluPass],
+    "LayerNormalization": [FuseLayerNormPass, FuseRMSNormPass],
 }
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -66,11 +92,14 @@ class PipelineResult:
     skipped: list[Skip]
     passes: list[PassRecord]
     warnings: list[str] = dataclasses.field(default_factory=list)
+    activations: ActivationSummary | None = None  # intermediates that stay compressed
 
     def summary(self) -> str:
         """Human-readable report: counts per rule, then every skip with its reason."""
         lines = [f"modified: {self.modified}"] + [f"warning: {text}" for text in self.warnings]
         lines += [f"  {rule}: {count}" for rule, count in sorted(self.rewritten.items())]
+        if self.activations is not None:
+            lines.append(self.activations.describe())
         lines.append(f"skipped: {len(self.skipped)}")
         lines += [f"  {skip}" for skip in self.skipped]
         return "\n".join(lines)
@@ -83,7 +112,16 @@ def build_passes(config: CompressConfig) -> list[ir.passes.PassBase]:
         FoldConstantWeightsPass(),
         GemmToMatMulPass(),
     ]
-    quantize = [factory(config) for op_type, factory in QUANTIZE_PASSES.items() if op_type in config.ops]
+    # Weight passes first; the fusions of the nonlinear ops then see BlockMatMul results, which
+    # they do not care about (keeps the weight-only pass list a prefix of the full one).
+    quantize: list[ir.passes.PassBase] = []
+    for op_type, factory in QUANTIZE_PASSES.items():
+        if op_type in FUSION_PASSES and config.enabled(op_type):
+            quantize += [fusion() for fusion in FUSION_PASSES[op_type]]
+        if config.enabled(op_type):
+            quantize.append(factory(config))
+    if any(config.enabled(kind) for kind in ACTIVATION_OPS):
+        quantize.append(FoldQuantizeDequantizePass(config))
     cleanup: list[ir.passes.PassBase] = [
         common_passes.RemoveUnusedNodesPass(),
         common_passes.RemoveUnusedOpsetsPass(),
@@ -128,6 +166,8 @@ def compress_model(
     debug_path = Path(debug_dir) if debug_dir is not None else None
     work = model.clone()  # quantize passes import the ai.bct_onnx domain when they emit a node
     passes = build_passes(config)
+    if any(config.enabled(kind) for kind in ACTIVATION_OPS):
+        annotate_shapes(work)  # in value.meta only: the model is not changed
     rewritten: dict[str, int] = {}
     skipped: list[Skip] = []
     records: list[PassRecord] = []
@@ -170,7 +210,23 @@ def compress_model(
         if progress is not None:
             progress(name, index, len(passes))
     modified = any(record.modified for record in records)
-    return PipelineResult(work, modified, rewritten, skipped, records, warnings)
+    skipped = _drop_rewritten_later(skipped, work)
+    return PipelineResult(work, modified, rewritten, skipped, records, warnings, compressed_activations(work))
+
+
+def _drop_rewritten_later(skipped: list[Skip], model: ir.Model) -> list[Skip]:
+    """One reason per node (the first pass's), none for nodes a later pass rewrote (attention MatMuls)."""
+    seen = {
+        (node.name, "MatMul")
+        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+        if node.domain == ops.DOMAIN and node.op_type == ops.BLOCK_ACT_MATMUL and node.name
+    }
+    kept = []
+    for skip in skipped:
+        if (skip.node, skip.op_type) not in seen:
+            kept.append(skip)
+            seen.add((skip.node, skip.op_type))
+    return kept
 
 
 def _fails_check(model: ir.Model) -> bool:
