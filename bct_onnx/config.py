@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import re
+from collections.abc import Mapping
 
 from bct_onnx.block_format import MAX_BITS, MIN_BITS, BlockFormat, ScaleKind
 
-# ONNX op types that have a quantize pass. Extend this set when a pass for a new family lands.
-SUPPORTED_OPS: frozenset[str] = frozenset({"MatMul", "Gather"})
-DEFAULT_OPS: frozenset[str] = frozenset({"MatMul", "Gather"})
+# Op kinds that have a quantize pass. "LayerNormalization" covers RMS normalization too;
+# "AttentionMatMul" is a MatMul of two run-time activations (Q x K^T, probabilities x V).
+WEIGHT_OPS: frozenset[str] = frozenset({"MatMul", "Gather"})
+ACTIVATION_OPS: frozenset[str] = frozenset({"Gelu", "Softmax", "LayerNormalization", "AttentionMatMul"})
+SUPPORTED_OPS: frozenset[str] = WEIGHT_OPS | ACTIVATION_OPS
+DEFAULT_OPS: frozenset[str] = SUPPORTED_OPS  # everything by default
+SETTING_KEYS = ("enabled", "weight_bits", "act_bits", "block_size")
 
 
 def _check_bits(field: str, value: object, allow_none: bool) -> None:
@@ -17,6 +24,90 @@ def _check_bits(field: str, value: object, allow_none: bool) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
         extra = " or None" if allow_none else ""
         raise ValueError(f"{field} must be an integer in [{MIN_BITS}, {MAX_BITS}]{extra}, got {value!r}")
+
+
+def _check_block_size(field: str, value: object, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{field} must be a positive integer, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSettings:
+    """Settings of one op kind or one override; None leaves the value to the level below.
+
+    enabled: compress it or not. weight_bits: code width of MatMul weights / Gather tables.
+    act_bits: MatMul: activations quantized at run time; Gelu/Softmax/LayerNormalization: width of
+    their compressed operand/result when it stays compressed; AttentionMatMul: its act_bits.
+    block_size: elements per block of the weights and activations concerned.
+    """
+
+    enabled: bool | None = None
+    weight_bits: int | None = None
+    act_bits: int | None = None
+    block_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.enabled is not None and not isinstance(self.enabled, bool):
+            raise ValueError(f"enabled must be true or false, got {self.enabled!r}")
+        _check_bits("weight_bits", self.weight_bits, allow_none=True)
+        _check_bits("act_bits", self.act_bits, allow_none=True)
+        _check_block_size("block_size", self.block_size, allow_none=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeOverride:
+    """Settings for the nodes whose name matches ``pattern`` (a glob; ``re:`` starts a regex).
+
+    ``op`` restricts it to one op kind. Overrides apply in order; a later one wins.
+    ``act_bits_none``: weight-only (no run-time activation quantization) for the matched nodes.
+    """
+
+    pattern: str
+    settings: OpSettings
+    op: str | None = None
+    act_bits_none: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise ValueError(f"override pattern must be a non-empty string, got {self.pattern!r}")
+        if self.pattern.startswith("re:"):
+            try:
+                re.compile(self.pattern[3:])
+            except re.error as error:
+                raise ValueError(f"override pattern {self.pattern!r} is not a valid regex: {error}") from None
+        if self.op is not None and self.op not in SUPPORTED_OPS:
+            raise ValueError(f"override op must be one of {sorted(SUPPORTED_OPS)}, got {self.op!r}")
+
+    def matches(self, kind: str, node_name: str) -> bool:
+        if self.op is not None and self.op != kind:
+            return False
+        if self.pattern.startswith("re:"):
+            return re.search(self.pattern[3:], node_name) is not None
+        return fnmatch.fnmatchcase(node_name, self.pattern)
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeSettings:
+    """The settings that apply to one node (config, then its op kind, then matching overrides)."""
+
+    enabled: bool
+    weight_bits: int
+    act_bits: int | None
+    block_size: int
+    symmetric: bool
+    scale_kind: ScaleKind
+
+    @property
+    def weight_format(self) -> BlockFormat:
+        return BlockFormat(self.weight_bits, self.block_size, self.symmetric, self.scale_kind)
+
+    def act_format(self, symmetric: bool) -> BlockFormat | None:
+        """Format of a compressed activation of this node (None: stays float)."""
+        if self.act_bits is None:
+            return None
+        return BlockFormat(self.act_bits, self.block_size, symmetric, self.scale_kind)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +123,9 @@ class CompressConfig:
     embedding_bits: code width of Gather tables; None = weight_bits.
     weight_scale_search: per block, choose the clipped scale with least squared weight error
         instead of the plain max-based scale (offline only; the stored format is unchanged).
+    op_settings: per op kind (a key of SUPPORTED_OPS) OpSettings over the fields above.
+    overrides: NodeOverride by node-name pattern, applied in order after op_settings.
+    keep_compressed: let intermediate results between compressed ops stay compressed.
     """
 
     weight_bits: int = 4
@@ -42,6 +136,9 @@ class CompressConfig:
     scale_kind: ScaleKind = ScaleKind.FLOAT16
     embedding_bits: int | None = None
     weight_scale_search: bool = True
+    op_settings: Mapping[str, OpSettings] = dataclasses.field(default_factory=dict)
+    overrides: tuple[NodeOverride, ...] = ()
+    keep_compressed: bool = True
 
     def __post_init__(self) -> None:
         _check_bits("weight_bits", self.weight_bits, allow_none=False)
@@ -69,6 +166,50 @@ class CompressConfig:
                 f"ops contains op types without a quantize pass: {unknown}; supported: {sorted(SUPPORTED_OPS)}"
             )
         object.__setattr__(self, "ops", ops)
+        if not isinstance(self.op_settings, Mapping):
+            raise ValueError(f"op_settings must map op kinds to OpSettings, got {self.op_settings!r}")  # noqa: TRY004
+        for kind, settings in self.op_settings.items():
+            if kind not in SUPPORTED_OPS:
+                raise ValueError(f"op_settings has unknown op kind {kind!r}; known: {sorted(SUPPORTED_OPS)}")
+            if not isinstance(settings, OpSettings):
+                raise ValueError(f"op_settings[{kind!r}] must be an OpSettings, got {settings!r}")  # noqa: TRY004
+        object.__setattr__(self, "op_settings", dict(self.op_settings))
+        overrides = tuple(self.overrides)
+        if not all(isinstance(o, NodeOverride) for o in overrides):
+            raise ValueError(f"overrides must be NodeOverride objects, got {self.overrides!r}")
+        object.__setattr__(self, "overrides", overrides)
+        if not isinstance(self.keep_compressed, bool):
+            raise ValueError(f"keep_compressed must be a bool, got {self.keep_compressed!r}")  # noqa: TRY004
+
+    def __hash__(self) -> int:
+        return hash((self.weight_bits, self.act_bits, self.block_size, self.ops, self.overrides))
+
+    def enabled(self, kind: str) -> bool:
+        """Whether op kind is compressed at all (some nodes may still be switched on by overrides)."""
+        settings = self.op_settings.get(kind)
+        on = kind in self.ops and (settings is None or settings.enabled is not False)
+        return on or any(o.settings.enabled and (o.op in (None, kind)) for o in self.overrides)
+
+    def settings_for(self, kind: str, node_name: str = "") -> NodeSettings:
+        """The settings of one node of op kind ``kind``: config, then op_settings, then overrides."""
+        if kind not in SUPPORTED_OPS:
+            raise ValueError(f"unknown op kind {kind!r}; known: {sorted(SUPPORTED_OPS)}")
+        enabled = kind in self.ops
+        weight_bits = self.weight_bits
+        if kind == "Gather" and self.embedding_bits is not None:
+            weight_bits = self.embedding_bits
+        act_bits = self.act_bits
+        block_size = self.block_size
+        layers: list[tuple[OpSettings, bool]] = []
+        if kind in self.op_settings:
+            layers.append((self.op_settings[kind], False))
+        layers += [(o.settings, o.act_bits_none) for o in self.overrides if o.matches(kind, node_name)]
+        for layer, weight_only in layers:
+            enabled = layer.enabled if layer.enabled is not None else enabled
+            weight_bits = layer.weight_bits or weight_bits
+            act_bits = None if weight_only else (layer.act_bits or act_bits)
+            block_size = layer.block_size or block_size
+        return NodeSettings(enabled, weight_bits, act_bits, block_size, self.symmetric, self.scale_kind)
 
     @property
     def weight_format(self) -> BlockFormat:

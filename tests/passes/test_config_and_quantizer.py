@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 from bct_onnx.block_format import BlockFormat, ScaleKind, dequantize, quantize, quantize_codes
-from bct_onnx.config import CompressConfig
+from bct_onnx.config import SUPPORTED_OPS, CompressConfig
 from bct_onnx.weight_quantizer import quantize_tensor
 
 
 def test_defaults():
     config = CompressConfig()
     assert (config.weight_bits, config.act_bits, config.block_size) == (4, 8, 32)
-    assert config.ops == frozenset({"MatMul", "Gather"})
+    assert config.ops == SUPPORTED_OPS  # everything by default (issue 3, item 4)
     assert config.symmetric and config.scale_kind is ScaleKind.FLOAT16 and config.weight_scale_search
     assert config.embedding_format == config.weight_format == BlockFormat(4, 32, True, ScaleKind.FLOAT16)
     assert CompressConfig(embedding_bits=8).embedding_format.bits == 8
