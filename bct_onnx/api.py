@@ -13,6 +13,7 @@ import inspect
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,16 +68,33 @@ class _Progress:
         self.enabled = enabled
 
     @contextlib.contextmanager
-    def bar(self, desc: str, total: int | None = None, unit: str = "step") -> Iterator[Any]:
+    def bar(
+        self, desc: str, total: int | None = None, unit: str = "step", tick: bool = False
+    ) -> Iterator[Any]:
+        """A bar for one step; ``tick`` refreshes it twice a second (a step with no progress events)."""
         if not self.enabled:
             yield None
             return
         from tqdm import tqdm
 
         with tqdm(total=total, desc=desc, unit=unit, leave=True, dynamic_ncols=True) as pbar:
-            yield pbar
+            stop = threading.Event()
+            ticker = threading.Thread(target=_tick, args=(pbar, stop), daemon=True) if tick else None
+            if ticker is not None:
+                ticker.start()
+            try:
+                yield pbar
+            finally:
+                stop.set()
+                if ticker is not None:
+                    ticker.join()
             if pbar.total is not None and pbar.n < pbar.total:
                 pbar.update(pbar.total - pbar.n)
+
+
+def _tick(pbar: Any, stop: threading.Event) -> None:
+    while not stop.wait(0.5):
+        pbar.refresh()
 
 
 def _serialized_bytes(model: ir.Model) -> int:
@@ -183,7 +201,7 @@ def compress(
                 raise ModelFileError(f"input not found: {source}")
             if source.is_dir() and _is_hf_model_dir(source):
                 export_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bct_onnx_export_")))
-                with timer.step("export"), prog.bar(f"export {source.name}", total=1):
+                with timer.step("export"), prog.bar(f"export {source.name}", total=1, tick=True):
                     input_file = _export(source, export_dir, task)
                 exported_from = str(source)
             elif source.is_dir() and not any(source.glob("*.onnx")):
