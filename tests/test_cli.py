@@ -254,6 +254,22 @@ def test_debug_dir_keeps_input_snapshots_and_output(
     assert custom_op_types(debug / "99_output.onnx") == custom_op_types(tmp_path / "o.onnx")
 
 
+def test_python_api_input_with_external_data(mlp: Path, tmp_path: Path) -> None:
+    """input_bytes counts the external data file; the input's files are left as they were."""
+    from bct_onnx import model_io
+
+    src = tmp_path / "ext" / "m.onnx"
+    model_io.save(model_io.load(mlp), src, external_data=True, size_threshold_bytes=0)
+    data = tmp_path / "ext" / "m.onnx.data"
+    before = (src.read_bytes(), data.read_bytes())
+    out = tmp_path / "o.onnx"
+    _, report = bct_onnx.compress(src, out, weight_bits=8, act_bits=8)
+    assert report.input_bytes == src.stat().st_size + data.stat().st_size
+    assert report.output_bytes == out.stat().st_size
+    assert (src.read_bytes(), data.read_bytes()) == before
+    assert rel_error(run_compressed(out), run_fp32(mlp)) <= REL_TOL_W8A8
+
+
 def test_python_api_rejects_unknown_override(mlp: Path) -> None:
     with pytest.raises(TypeError, match="unknown config option.*weight_bitz"):
         bct_onnx.compress(mlp, weight_bitz=4)
