@@ -59,6 +59,12 @@ class QuantizeGatherPass(NodeRewritePass):
         data, indices = node.inputs[0], node.inputs[1]
         if data is None or indices is None:
             return "Gather with a missing input"
+        if not self.config.settings_for("Gather", node.name or node.outputs[0].name or "").enabled:
+            return (
+                None
+                if _is_index_arithmetic(data)
+                else "Gather compression is disabled for this node by the config"
+            )
         tensor = constant_tensor(data)
         if tensor is None:
             if _is_index_arithmetic(data):
@@ -86,7 +92,8 @@ class QuantizeGatherPass(NodeRewritePass):
 
     def rewrite(self, model: ir.Model, matched: GatherMatch, report: PassReport) -> None:
         graph = model.graph
-        fmt = self.config.embedding_format
+        gather = matched.gather
+        fmt = self.config.settings_for("Gather", gather.name or gather.outputs[0].name or "").weight_format
         quantized = quantized_initializers(
             graph,
             matched.table,

@@ -140,6 +140,8 @@ class QuantizeMatMulPass(NodeRewritePass):
         if isinstance(found, str):
             return found
         source, tensor, is_transposed = found
+        if not self.config.settings_for("MatMul", node.name or node.outputs[0].name or "").enabled:
+            return "MatMul compression is disabled for this node by the config"
         if tensor.dtype not in FLOAT_DTYPES:
             return f"weight dtype {tensor.dtype.name} is not FLOAT (float32)"
         rank = len(tensor.shape)
@@ -170,7 +172,11 @@ class QuantizeMatMulPass(NodeRewritePass):
     def rewrite(self, model: ir.Model, matched: MatMulMatch, report: PassReport) -> None:
         graph = model.graph
         config = self.config
-        fmt = config.weight_format
+        matmul = matched.matmul
+        settings = config.settings_for(
+            "MatMul", matmul.name or matmul.outputs[0].name or ""
+        )  # per-node overrides
+        fmt = settings.weight_format
         quantized = quantized_initializers(
             graph,
             matched.source,
@@ -206,7 +212,7 @@ class QuantizeMatMulPass(NodeRewritePass):
                 "bits": fmt.bits,
                 "block_size": fmt.block_size,
                 "symmetric": int(fmt.symmetric),
-                "act_bits": config.act_bits or 0,
+                "act_bits": settings.act_bits or 0,
             },
             domain=ops.DOMAIN,
             name=name,
