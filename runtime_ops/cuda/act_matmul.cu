@@ -1,0 +1,143 @@
+// BlockActMatMul on CUDA: the arithmetic of the CPU kernel (nl::quantize_act_row per block,
+// nl::act_dot per output element), so both agree bit for bit. Simple rather than fast: one thread
+// per (row, block) to quantize, one thread per output element for the integer block dot products.
+#include <cuda_runtime.h>
+
+#include "bct/block_math.h"
+#include "bct/nonlinear_math.h"
+#include "nonlinear_launch.h"
+#include "nonlinear_rows.cuh"
+
+namespace bct {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+inline unsigned Grid(int64_t n) {
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(blocks < 65535 * 16 ? (blocks > 0 ? blocks : 1) : 65535 * 16);
+}
+
+// x [rows, k] -> signed codes q [rows, k], float32 scales [rows, nb]; one thread per (row, block).
+__global__ void QuantizeActKernel(const float* x, int64_t rows, int64_t k, int bits, int64_t block_size,
+                                  int64_t nb, int8_t* q, float* scales) {
+  const int zp = 1 << (bits - 1);
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < rows * nb;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = t / nb, blk = t - row * nb;
+    const int64_t begin = blk * block_size;
+    const int64_t len = (k - begin) < block_size ? (k - begin) : block_size;
+    const float* xb = x + row * k + begin;
+    const StoredScale s = choose_symmetric_scale(xb, len, bits, ScaleKind::kFloat32);
+    scales[t] = s.value;
+    const float inv = inverse_scale(s.value);
+    int8_t* qb = q + row * k + begin;
+    for (int64_t i = 0; i < len; ++i) qb[i] = static_cast<int8_t>(static_cast<int>(code_of(xb[i], inv, bits, true, 0)) - zp);
+  }
+}
+
+// B [batches, k, n] -> B^T [batches, n, k].
+__global__ void TransposeKernel(const float* b, int64_t batches, int64_t k, int64_t n, float* bt) {
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < batches * n * k;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t batch = t / (n * k), rest = t - batch * n * k;
+    const int64_t col = rest / k, i = rest - col * k;
+    bt[t] = b[batch * k * n + i * n + col];
+  }
+}
+
+__global__ void DotKernel(ActMatMulArgs args, const int8_t* qa, const float* sa, const int8_t* qb, const float* sb,
+                          int64_t nb, float* y) {
+  const int64_t total = args.out_batches * args.m * args.n;
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t ob = t / (args.m * args.n), rest = t - ob * args.m * args.n;
+    const int64_t mi = rest / args.n, j = rest - mi * args.n;
+    int64_t coords = ob, a_batch = 0, b_batch = 0;
+    for (int d = args.batch_rank - 1; d >= 0; --d) {
+      const int64_t c = coords % args.out_dims[d];
+      coords /= args.out_dims[d];
+      a_batch += c * args.a_strides[d];
+      b_batch += c * args.b_strides[d];
+    }
+    const int64_t a_row = a_batch * args.m + mi, b_row = b_batch * args.n + j;
+    y[t] = nl::act_dot(qa + a_row * args.k, sa + a_row * nb, qb + b_row * args.k, sb + b_row * nb, args.k,
+                       args.block_size);
+  }
+}
+
+// Stream-ordered scratch allocations, freed on the stream when the launcher returns.
+class Scratch {
+ public:
+  explicit Scratch(cudaStream_t stream) : stream_(stream) {}
+  ~Scratch() {
+    for (int i = 0; i < count_; ++i) cudaFreeAsync(ptrs_[i], stream_);
+  }
+  template <class T>
+  T* Get(int64_t n, const char** err) {
+    void* p = nullptr;
+    if (*err != nullptr) return nullptr;
+    if (cudaMallocAsync(&p, static_cast<size_t>(n > 0 ? n : 1) * sizeof(T), stream_) != cudaSuccess) {
+      *err = LastCudaError();
+      return nullptr;
+    }
+    ptrs_[count_++] = p;
+    return static_cast<T*>(p);
+  }
+
+ private:
+  cudaStream_t stream_;
+  void* ptrs_[8] = {};
+  int count_ = 0;
+};
+
+}  // namespace
+
+const char* LaunchActMatMul(const ActMatMulArgs& a, void* stream) {
+  const int64_t out_total = a.out_batches * a.m * a.n;
+  if (out_total == 0) return nullptr;
+  auto s = static_cast<cudaStream_t>(stream);
+  const int64_t nb = (a.k + a.block_size - 1) / a.block_size;
+  const char* err = nullptr;
+  Scratch scratch(s);
+  const int64_t a_rows = a.a_batches * a.m, b_rows = a.b_batches * a.n;
+
+  const float* a_float = a.a;
+  if (a.in_quantized) {
+    float* deq = scratch.Get<float>(a_rows * a.k, &err);
+    if (err == nullptr) err = LaunchDequantize(a.in_fmt, a.in_codes, a.in_scales, a.in_zero_points, a_rows, deq, stream);
+    a_float = deq;
+  }
+  int8_t* qa = scratch.Get<int8_t>(a_rows * a.k, &err);
+  float* sa = scratch.Get<float>(a_rows * nb, &err);
+  if (err != nullptr) return err;
+  QuantizeActKernel<<<Grid(a_rows * nb), kThreads, 0, s>>>(a_float, a_rows, a.k, a.act_bits, a.block_size, nb, qa, sa);
+  if ((err = LastCudaError()) != nullptr) return err;
+
+  const float* bt = a.b;
+  if (!a.transpose_b) {
+    float* tmp = scratch.Get<float>(b_rows * a.k, &err);
+    if (err != nullptr) return err;
+    TransposeKernel<<<Grid(b_rows * a.k), kThreads, 0, s>>>(a.b, a.b_batches, a.k, a.n, tmp);
+    if ((err = LastCudaError()) != nullptr) return err;
+    bt = tmp;
+  }
+  int8_t* qb = scratch.Get<int8_t>(b_rows * a.k, &err);
+  float* sb = scratch.Get<float>(b_rows * nb, &err);
+  if (err != nullptr) return err;
+  QuantizeActKernel<<<Grid(b_rows * nb), kThreads, 0, s>>>(bt, b_rows, a.k, a.act_bits, a.block_size, nb, qb, sb);
+  if ((err = LastCudaError()) != nullptr) return err;
+
+  float* y = a.out_quantized ? scratch.Get<float>(out_total, &err) : a.y;
+  if (err != nullptr) return err;
+  DotKernel<<<Grid(out_total), kThreads, 0, s>>>(a, qa, sa, qb, sb, nb, y);
+  if ((err = LastCudaError()) != nullptr) return err;
+  if (a.out_quantized) {
+    err = LaunchQuantize(a.out_fmt, y, a.out_batches * a.m, a.out_codes, a.out_scales, a.out_zero_points, stream);
+  }
+  return err;
+}
+
+}  // namespace cuda
+}  // namespace bct

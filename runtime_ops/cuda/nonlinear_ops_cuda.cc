@@ -1,0 +1,185 @@
+// BlockGelu, BlockSoftmax, BlockLayerNorm, BlockRMSNorm and BlockActMatMul on
+// CUDAExecutionProvider. Validation is the CPU kernels' (ops/nonlinear_io.h, ops/nonlinear_families.h,
+// ops/act_matmul_io.h); the work is done by the launchers of gelu.cu, softmax.cu, norm.cu,
+// nonlinear_rows.cu and act_matmul.cu on the stream ONNX Runtime gives the kernel.
+#include <string>
+#include <vector>
+
+#include "bct/op_common.h"
+#include "nonlinear_launch.h"
+#include "ops/act_matmul_io.h"
+#include "ops/block_io.h"
+#include "ops/nonlinear_families.h"
+#include "ops/nonlinear_io.h"
+
+namespace bct {
+namespace nonlinear {
+namespace {
+
+void CheckLaunch(const NodeRef& node, const char* error) {
+  if (error != nullptr) node.Fail(std::string("CUDA error: ") + error, ORT_EP_FAIL);
+}
+
+cuda::RowFormat InFormat(const OperandAttrs& attrs, const Operand& x) {
+  return cuda::RowFormat{attrs.bits, attrs.block_size, attrs.symmetric, static_cast<int>(x.scale_kind),
+                         x.axis_size, x.row_bytes, x.num_blocks};
+}
+
+cuda::RowFormat OutFormat(const ResultAttrs& attrs, const Result& r) {
+  return cuda::RowFormat{attrs.bits, attrs.block_size, attrs.symmetric, static_cast<int>(attrs.scale_kind),
+                         r.axis_size, r.row_bytes, r.num_blocks};
+}
+
+// The family-specific part of the launch arguments.
+void SetOp(cuda::RowOpArgs& args, const GeluFamily& family, const GeluFamily::Params&) {
+  args.op = family.form == nl::GeluForm::kTanh ? cuda::RowOp::kGeluTanh : cuda::RowOp::kGeluErf;
+}
+void SetOp(cuda::RowOpArgs& args, const SoftmaxFamily&, const SoftmaxFamily::Params&) { args.op = cuda::RowOp::kSoftmax; }
+void SetOp(cuda::RowOpArgs& args, const LayerNormFamily& family, const LayerNormFamily::Params& p) {
+  args.op = cuda::RowOp::kLayerNorm;
+  args.scale = p.scale;
+  args.bias = p.bias;
+  args.epsilon = family.epsilon;
+}
+void SetOp(cuda::RowOpArgs& args, const RMSNormFamily& family, const RMSNormFamily::Params& p) {
+  args.op = cuda::RowOp::kRMSNorm;
+  args.scale = p.scale;
+  args.epsilon = family.epsilon;
+}
+
+template <class Family>
+class RowOpCudaKernel {
+ public:
+  RowOpCudaKernel(const OrtKernelInfo* info, const NodeRef& node)
+      : node_(node), in_(ReadOperandAttrs(info, node_)), out_(ReadResultAttrs(info, node_)), family_(info, node_) {}
+
+  static bool InputOnHost(size_t) { return false; }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return Guard(node_, [&] {
+      Ort::KernelContext ctx(context);
+      const Operand x = ReadOperand(ctx, node_, in_);
+      const typename Family::Params params = family_.Prepare(ctx, node_, x.axis_size);
+      const Result r = AllocateResult(ctx, node_, out_, x.shape);
+      cuda::RowOpArgs args;
+      SetOp(args, family_, params);
+      args.rows = x.rows;
+      args.d = x.axis_size;
+      args.in_quantized = x.quantized;
+      args.x = x.x;
+      if (x.quantized) {
+        args.in_fmt = InFormat(in_, x);
+        args.in_codes = x.codes;
+        args.in_scales = x.scales;
+        args.in_zero_points = x.zero_points;
+      }
+      args.out_quantized = r.quantized;
+      args.y = r.y;
+      if (r.quantized) {
+        args.out_fmt = OutFormat(out_, r);
+        args.out_codes = r.codes;
+        args.out_scales = r.scales;
+        args.out_zero_points = r.zero_points;
+      }
+      CheckLaunch(node_, cuda::LaunchRowOp(args, ctx.GetGPUComputeStream()));
+    });
+  }
+
+ private:
+  NodeRef node_;
+  OperandAttrs in_;
+  ResultAttrs out_;
+  Family family_;
+};
+
+class ActMatMulCudaKernel {
+ public:
+  ActMatMulCudaKernel(const OrtKernelInfo* info, const NodeRef& node)
+      : node_(node),
+        in_(ReadOperandAttrs(info, node_)),
+        out_(ReadResultAttrs(info, node_)),
+        attrs_(ReadActMatMulAttrs(info, node_)) {}
+
+  static bool InputOnHost(size_t) { return false; }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return Guard(node_, [&] {
+      Ort::KernelContext ctx(context);
+      const Operand a = ReadOperand(ctx, node_, in_);
+      const ActMatMulGeometry g = CheckActMatMul(ctx, node_, attrs_, a);
+      const Result r = AllocateResult(ctx, node_, out_, g.out_shape);
+      const InputTensor b = GetInput(ctx, 3);
+      cuda::ActMatMulArgs args;
+      args.act_bits = attrs_.act_bits;
+      args.block_size = attrs_.block_size;
+      args.transpose_b = attrs_.transpose_b;
+      args.m = g.m;
+      args.k = g.k;
+      args.n = g.n;
+      args.a_batches = g.a_batches;
+      args.b_batches = g.b_batches;
+      args.out_batches = g.out_batches;
+      // Broadcast strides of A's and B's batch dims against the output's.
+      const size_t rank = g.out_shape.size() - 2;
+      if (rank > static_cast<size_t>(cuda::kMaxBatchRank)) {
+        node_.Fail("CUDA kernel supports at most " + std::to_string(cuda::kMaxBatchRank) + " batch dims, got " +
+                   std::to_string(rank));
+      }
+      args.batch_rank = static_cast<int>(rank);
+      const size_t a_rank = a.shape.size() - 2, b_rank = b.shape.size() - 2;
+      int64_t a_stride = 1, b_stride = 1;
+      for (size_t i = rank; i-- > 0;) {
+        const int64_t out_dim = g.out_shape[i];
+        const int64_t a_dim = i >= rank - a_rank ? a.shape[i - (rank - a_rank)] : 1;
+        const int64_t b_dim = i >= rank - b_rank ? b.shape[i - (rank - b_rank)] : 1;
+        args.out_dims[i] = out_dim;
+        args.a_strides[i] = a_dim == 1 ? 0 : a_stride;
+        args.b_strides[i] = b_dim == 1 ? 0 : b_stride;
+        a_stride *= a_dim;
+        b_stride *= b_dim;
+      }
+      args.in_quantized = a.quantized;
+      args.a = a.x;
+      if (a.quantized) {
+        args.in_fmt = InFormat(in_, a);
+        args.in_codes = a.codes;
+        args.in_scales = a.scales;
+        args.in_zero_points = a.zero_points;
+      }
+      args.b = g.b;
+      args.out_quantized = r.quantized;
+      args.y = r.y;
+      if (r.quantized) {
+        args.out_fmt = OutFormat(out_, r);
+        args.out_codes = r.codes;
+        args.out_scales = r.scales;
+        args.out_zero_points = r.zero_points;
+      }
+      CheckLaunch(node_, cuda::LaunchActMatMul(args, ctx.GetGPUComputeStream()));
+    });
+  }
+
+ private:
+  NodeRef node_;
+  OperandAttrs in_;
+  ResultAttrs out_;
+  ActMatMulAttrs attrs_;
+};
+
+}  // namespace
+
+void AppendNonlinearCudaOps(Ort::CustomOpDomain& domain) {
+  static BlockCustomOp<RowOpSchema<GeluFamily>, RowOpCudaKernel<GeluFamily>> gelu(kCudaProvider);
+  static BlockCustomOp<RowOpSchema<SoftmaxFamily>, RowOpCudaKernel<SoftmaxFamily>> softmax(kCudaProvider);
+  static BlockCustomOp<RowOpSchema<LayerNormFamily>, RowOpCudaKernel<LayerNormFamily>> layer_norm(kCudaProvider);
+  static BlockCustomOp<RowOpSchema<RMSNormFamily>, RowOpCudaKernel<RMSNormFamily>> rms_norm(kCudaProvider);
+  static BlockCustomOp<ActMatMulSchema, ActMatMulCudaKernel> act_matmul(kCudaProvider);
+  domain.Add(&gelu);
+  domain.Add(&softmax);
+  domain.Add(&layer_norm);
+  domain.Add(&rms_norm);
+  domain.Add(&act_matmul);
+}
+
+}  // namespace nonlinear
+}  // namespace bct

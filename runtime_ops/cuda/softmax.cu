@@ -1,0 +1,35 @@
+// BlockSoftmax's compute step on CUDA: one warp per row, nl::softmax_row's arithmetic (max, exp_f32,
+// lane-ordered sum, division) so the CPU and CUDA results agree bit for bit.
+#include <cuda_runtime.h>
+
+#include "nonlinear_launch.h"
+#include "nonlinear_rows.cuh"
+
+namespace bct {
+namespace cuda {
+namespace {
+
+__global__ void SoftmaxKernel(float* y, int64_t rows, int64_t d) {
+  const int lane = threadIdx.x & 31;
+  for (int64_t row = blockIdx.x * static_cast<int64_t>(kRowsPerBlock) + (threadIdx.x >> 5); row < rows;
+       row += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
+    float* v = y + row * d;
+    const float m = WarpMax(v, d);
+    for (int64_t i = lane; i < d; i += 32) v[i] = nl::exp_f32(fsub(v[i], m));
+    __syncwarp();
+    const float sum = WarpLaneSum(v, d);
+    for (int64_t i = lane; i < d; i += 32) v[i] = fdiv(v[i], sum);
+    __syncwarp();
+  }
+}
+
+}  // namespace
+
+const char* LaunchSoftmaxRows(float* y, int64_t rows, int64_t d, void* stream) {
+  if (rows == 0 || d == 0) return nullptr;
+  SoftmaxKernel<<<RowGrid(rows), kRowThreads, 0, static_cast<cudaStream_t>(stream)>>>(y, rows, d);
+  return LastCudaError();
+}
+
+}  // namespace cuda
+}  // namespace bct
