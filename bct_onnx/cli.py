@@ -272,15 +272,24 @@ def _cmd_compress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 
 def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from bct_onnx.api import make_config
     from bct_onnx.demo import run_demo
 
+    settings: dict[str, Any] = {
+        "weight_bits": args.weight_bits,
+        "act_bits": args.act_bits,
+        "block_size": args.block_size,
+        "embedding_bits": args.embedding_bits,
+        "symmetric": not args.asymmetric,
+    }
+    if args.ops is not None:
+        settings["ops"] = args.ops
+    try:
+        make_config(**settings)
+    except (ValueError, TypeError) as exc:  # a combination the config refuses
+        parser.error(str(exc))
     run_demo(
-        weight_bits=args.weight_bits,
-        act_bits=args.act_bits,
-        block_size=args.block_size,
-        embedding_bits=args.embedding_bits,
-        ops=args.ops,
-        symmetric=not args.asymmetric,
+        **settings,
         threads=args.threads,
         runs=args.runs,
         out_dir=args.out_dir,

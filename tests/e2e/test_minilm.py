@@ -124,3 +124,30 @@ def test_w8a8_python_api(fp32: tuple[Path, np.ndarray], tmp_path: Path) -> None:
     ratio = report.compression_ratio
     print(f"\nMiniLM W8A8 b32: ratio {ratio:.3f}x, cosine {cosine.mean():.4f} (min {cosine.min():.4f})")
     assert cosine.mean() >= MIN_MEAN_COSINE_W8A8
+
+
+def test_demo_prints_the_figures_and_writes_nothing_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`bct-onnx demo` end to end (one timed run), from an empty working directory it must not touch."""
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["demo", "--runs", "1", "--threads", "1", "--ops", "MatMul,Gather"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for needle in (
+        "compression ratio: 6.",
+        f"cosine FP32 vs compressed, {len(minilm.sentences())} sentences: mean 0.9",
+        "latency, ONNX Runtime CPU, 1 thread(s), median of 1 warm runs",
+        "batch of 8 sentences",
+        "1 sentence",
+        "FP32/compressed",
+    ):
+        assert needle in out, out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_bad_flag_is_an_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", "--weight-bits", "9"])
+    assert exc.value.code == 2
+    assert "argument --weight-bits: expected an integer in 2..8, got 9" in capsys.readouterr().err
