@@ -143,7 +143,9 @@ def config_to_dict(config: Any) -> dict[str, Any]:
             return {str(k): plain(v) for k, v in value.items()}
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        return value
+        if value is None or isinstance(value, (str, int, float, bool)):
+            return value
+        return str(value)  # anything else JSON cannot hold (a compiled pattern, a path ...)
 
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         return plain(config)  # type: ignore[no-any-return]
