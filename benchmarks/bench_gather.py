@@ -30,8 +30,11 @@ VOCAB, HIDDEN = 30522, 768
 
 def _model(nodes, initializers, opsets) -> bytes:
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=initializers,
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=initializers,
     )
     return helper.make_model(graph, opset_imports=opsets, ir_version=9).SerializeToString()
 
@@ -51,19 +54,34 @@ def ort_block_gather(table: np.ndarray, block_size: int) -> bytes:
     packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
     zero_points = np.full((rows, cols // block_size // 2), 0x88, np.uint8)
     node = helper.make_node(
-        "GatherBlockQuantized", ["data", "ids", "scales", "zero_points"], ["y"], domain="com.microsoft",
-        gather_axis=0, quantize_axis=1, block_size=block_size, bits=4,
+        "GatherBlockQuantized",
+        ["data", "ids", "scales", "zero_points"],
+        ["y"],
+        domain="com.microsoft",
+        gather_axis=0,
+        quantize_axis=1,
+        block_size=block_size,
+        bits=4,
     )
-    inits = [numpy_helper.from_array(packed, "data"), numpy_helper.from_array(scales, "scales"),
-             numpy_helper.from_array(zero_points, "zero_points")]
+    inits = [
+        numpy_helper.from_array(packed, "data"),
+        numpy_helper.from_array(scales, "scales"),
+        numpy_helper.from_array(zero_points, "zero_points"),
+    ]
     return _model([node], inits, [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
 
 
 def bct_block_gather(table: np.ndarray, fmt: BlockFormat) -> bytes:
     q = quantize(table, fmt)
     node = helper.make_node(
-        "BlockGather", ["ids", "codes", "scales"], ["y"], domain=bct_onnx.DOMAIN,
-        bits=fmt.bits, block_size=fmt.block_size, symmetric=1, axis_size=table.shape[1],
+        "BlockGather",
+        ["ids", "codes", "scales"],
+        ["y"],
+        domain=bct_onnx.DOMAIN,
+        bits=fmt.bits,
+        block_size=fmt.block_size,
+        symmetric=1,
+        axis_size=table.shape[1],
     )
     inits = [numpy_helper.from_array(q.codes, "codes"), numpy_helper.from_array(q.scales, "scales")]
     return _model([node], inits, [helper.make_opsetid("", 17), helper.make_opsetid(bct_onnx.DOMAIN, 1)])
@@ -97,13 +115,26 @@ def main() -> None:
     cases = [
         ("float32 Gather (ONNX)", float_gather(table), False),
         ("GatherBlockQuantized 4-bit bs32 (com.microsoft)", ort_block_gather(table, 32), False),
-        ("BlockGather 4-bit bs32 float16 (bct)", bct_block_gather(table, BlockFormat(4, 32, True, ScaleKind.FLOAT16)), True),
-        ("BlockGather 8-bit bs32 float16 (bct)", bct_block_gather(table, BlockFormat(8, 32, True, ScaleKind.FLOAT16)), True),
-        ("BlockGather 3-bit bs32 float16 (bct, generic path)",
-         bct_block_gather(table, BlockFormat(3, 32, True, ScaleKind.FLOAT16)), True),
+        (
+            "BlockGather 4-bit bs32 float16 (bct)",
+            bct_block_gather(table, BlockFormat(4, 32, True, ScaleKind.FLOAT16)),
+            True,
+        ),
+        (
+            "BlockGather 8-bit bs32 float16 (bct)",
+            bct_block_gather(table, BlockFormat(8, 32, True, ScaleKind.FLOAT16)),
+            True,
+        ),
+        (
+            "BlockGather 3-bit bs32 float16 (bct, generic path)",
+            bct_block_gather(table, BlockFormat(3, 32, True, ScaleKind.FLOAT16)),
+            True,
+        ),
     ]
-    print(f"onnxruntime {ort.__version__}, table {VOCAB}x{HIDDEN}, {args.rows} ids, {args.threads} threads, "
-          f"median of {args.repeat}")
+    print(
+        f"onnxruntime {ort.__version__}, table {VOCAB}x{HIDDEN}, {args.rows} ids, {args.threads} threads, "
+        f"median of {args.repeat}"
+    )
     baseline = None
     for name, model, custom in cases:
         try:

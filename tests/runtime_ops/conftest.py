@@ -35,8 +35,12 @@ NUMPY_TO_ONNX = {
 }
 
 
-def _model(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto],
-           initializers: Sequence[onnx.TensorProto] = ()) -> bytes:
+def _model(
+    nodes: list[onnx.NodeProto],
+    inputs: list[onnx.ValueInfoProto],
+    outputs: list[onnx.ValueInfoProto],
+    initializers: Sequence[onnx.TensorProto] = (),
+) -> bytes:
     graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers))
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)], ir_version=9
@@ -48,28 +52,50 @@ def _value(name: str, elem_type: int, shape: Sequence[Any] | None) -> onnx.Value
     return helper.make_tensor_value_info(name, elem_type, None if shape is None else list(shape))
 
 
-def quantize_model(fmt: BlockFormat, rank: int = 2, node_name: str = "quantize_node",
-                   x_type: int = TensorProto.FLOAT, **extra_attrs: Any) -> bytes:
+def quantize_model(
+    fmt: BlockFormat,
+    rank: int = 2,
+    node_name: str = "quantize_node",
+    x_type: int = TensorProto.FLOAT,
+    **extra_attrs: Any,
+) -> bytes:
     """BlockQuantize(x) -> codes, scales[, zero_points] with symbolic input dims."""
     outputs = ["codes", "scales"] + ([] if fmt.symmetric else ["zero_points"])
-    attrs = dict(bits=fmt.bits, block_size=fmt.block_size, symmetric=int(fmt.symmetric),
-                 scale_kind=fmt.scale_kind.value)
+    attrs = {
+        "bits": fmt.bits,
+        "block_size": fmt.block_size,
+        "symmetric": int(fmt.symmetric),
+        "scale_kind": fmt.scale_kind.value,
+    }
     attrs.update(extra_attrs)
     node = helper.make_node(BLOCK_QUANTIZE, ["x"], outputs, domain=DOMAIN, name=node_name, **attrs)
-    out_info = [_value("codes", TensorProto.UINT8, None), _value("scales", SCALE_TENSOR_TYPES[fmt.scale_kind], None)]
+    out_info = [
+        _value("codes", TensorProto.UINT8, None),
+        _value("scales", SCALE_TENSOR_TYPES[fmt.scale_kind], None),
+    ]
     if not fmt.symmetric:
         out_info.append(_value("zero_points", TensorProto.UINT8, None))
     dims = [f"d{i}" for i in range(rank)]
     return _model([node], [_value("x", x_type, dims)], out_info)
 
 
-def dequantize_model(fmt: BlockFormat, axis_size: int, scale_type: int | None = None,
-                     node_name: str = "dequantize_node", with_zero_points: bool | None = None,
-                     **extra_attrs: Any) -> bytes:
+def dequantize_model(
+    fmt: BlockFormat,
+    axis_size: int,
+    scale_type: int | None = None,
+    node_name: str = "dequantize_node",
+    with_zero_points: bool | None = None,
+    **extra_attrs: Any,
+) -> bytes:
     """BlockDequantize(codes, scales[, zero_points]) -> y."""
     with_zp = (not fmt.symmetric) if with_zero_points is None else with_zero_points
     inputs = ["codes", "scales"] + (["zero_points"] if with_zp else [])
-    attrs = dict(bits=fmt.bits, block_size=fmt.block_size, symmetric=int(fmt.symmetric), axis_size=axis_size)
+    attrs = {
+        "bits": fmt.bits,
+        "block_size": fmt.block_size,
+        "symmetric": int(fmt.symmetric),
+        "axis_size": axis_size,
+    }
     attrs.update(extra_attrs)
     node = helper.make_node(BLOCK_DEQUANTIZE, inputs, ["y"], domain=DOMAIN, name=node_name, **attrs)
     st = SCALE_TENSOR_TYPES[fmt.scale_kind] if scale_type is None else scale_type
@@ -79,18 +105,35 @@ def dequantize_model(fmt: BlockFormat, axis_size: int, scale_type: int | None = 
     return _model([node], in_info, [_value("y", TensorProto.FLOAT, None)])
 
 
-def gather_model(fmt: BlockFormat, axis_size: int, table: Any, index_type: int = TensorProto.INT64,
-                 node_name: str = "gather_node", codes_type: int | None = None, **extra_attrs: Any) -> bytes:
+def gather_model(
+    fmt: BlockFormat,
+    axis_size: int,
+    table: Any,
+    index_type: int = TensorProto.INT64,
+    node_name: str = "gather_node",
+    codes_type: int | None = None,
+    **extra_attrs: Any,
+) -> bytes:
     """BlockGather(indices, codes, scales[, zero_points]) -> y with the table as initializers."""
-    inits = [onnx.numpy_helper.from_array(table.codes, "codes"), onnx.numpy_helper.from_array(table.scales, "scales")]
+    inits = [
+        onnx.numpy_helper.from_array(table.codes, "codes"),
+        onnx.numpy_helper.from_array(table.scales, "scales"),
+    ]
     inputs = ["indices", "codes", "scales"]
     if table.zero_points is not None:
         inits.append(onnx.numpy_helper.from_array(table.zero_points, "zero_points"))
         inputs.append("zero_points")
-    attrs = dict(bits=fmt.bits, block_size=fmt.block_size, symmetric=int(fmt.symmetric), axis_size=axis_size)
+    attrs = {
+        "bits": fmt.bits,
+        "block_size": fmt.block_size,
+        "symmetric": int(fmt.symmetric),
+        "axis_size": axis_size,
+    }
     attrs.update(extra_attrs)
     node = helper.make_node(BLOCK_GATHER, inputs, ["y"], domain=DOMAIN, name=node_name, **attrs)
-    return _model([node], [_value("indices", index_type, None)], [_value("y", TensorProto.FLOAT, None)], inits)
+    return _model(
+        [node], [_value("indices", index_type, None)], [_value("y", TensorProto.FLOAT, None)], inits
+    )
 
 
 def run(model: bytes, feeds: dict[str, np.ndarray], providers: list[str] | None = None) -> list[np.ndarray]:

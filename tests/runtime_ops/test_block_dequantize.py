@@ -89,5 +89,7 @@ def test_dequantize_scale_input_type_picks_kind(kit) -> None:
     """The kernel reads the scale kind from the dtype alone: float32 scales on a float16-declared format."""
     fmt16 = BlockFormat(4, 8, True, ScaleKind.FLOAT16)
     q = random_tensor(BlockFormat(4, 8, True, ScaleKind.FLOAT32), (2,), 24, seed=5)
-    (got,) = kit.run(kit.dequantize_model(fmt16, 24, scale_type=TensorProto.FLOAT), {"codes": q.codes, "scales": q.scales})
+    (got,) = kit.run(
+        kit.dequantize_model(fmt16, 24, scale_type=TensorProto.FLOAT), {"codes": q.codes, "scales": q.scales}
+    )
     kit.assert_bits_equal(got, dequantize(q), "y")

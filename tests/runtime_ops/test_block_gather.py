@@ -47,7 +47,11 @@ def test_gather_index_types_and_shapes(kit, index_type) -> None:
     dtype = np.int32 if index_type == TensorProto.INT32 else np.int64
     model = kit.gather_model(fmt, 64, table, index_type=index_type)
     full = dequantize(table)
-    for indices in (np.array(7, dtype), np.array([], dtype), np.arange(-50, 50, dtype=dtype).reshape(2, 5, 10)):
+    for indices in (
+        np.array(7, dtype),
+        np.array([], dtype),
+        np.arange(-50, 50, dtype=dtype).reshape(2, 5, 10),
+    ):
         (got,) = kit.run(model, {"indices": indices})
         kit.assert_bits_equal(got, full[indices], f"y for indices shape {indices.shape}")
 

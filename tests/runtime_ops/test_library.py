@@ -54,8 +54,9 @@ def test_only_register_custom_ops_is_exported() -> None:
     nm = shutil.which("nm")
     if nm is None:
         pytest.skip("nm (binutils) not installed: cannot list the dynamic symbols")
-    out = subprocess.run([nm, "-D", "--defined-only", bct_onnx.library_path()], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [nm, "-D", "--defined-only", bct_onnx.library_path()], capture_output=True, text=True, check=True
+    ).stdout
     names = sorted({line.split()[-1] for line in out.splitlines() if line.strip()})
     assert names == ["RegisterCustomOps"], names
 
@@ -157,8 +158,22 @@ def test_baseline_simd_paths_match_spec() -> None:
     here = Path(__file__).parent
     env = dict(os.environ, BCT_ONNX_BASELINE_SIMD="1", BCT_ONNX_LIBRARY=bct_onnx.library_path())
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--import-mode=importlib",
-         str(here / "test_block_dequantize.py"), str(here / "test_block_gather.py")],
-        capture_output=True, text=True, env=env, cwd=here, check=False,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            "--import-mode=importlib",
+            str(here / "test_block_dequantize.py"),
+            str(here / "test_block_gather.py"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=here,
+        check=False,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
