@@ -45,6 +45,7 @@ RULE_ERF = "fuse Gelu(erf)"
 RULE_TANH = "fuse Gelu(tanh)"
 _MAX_INPUT_DEPTH = 6
 _MAX_OUTPUT_STEPS = 4
+_NOT_GELU = "the products after the Erf/Tanh do not compute 0.5 * x * (1 + t)"
 _T_SAMPLES = np.linspace(-0.93, 0.97, SAMPLE_POINTS.size)
 
 
@@ -98,16 +99,18 @@ def _find_x(argument: ir.Value, reference) -> tuple[ir.Value, Expression] | None
 def _find_outer(x: ir.Value, t_value: ir.Value) -> Expression | str:
     value = t_value
     for _ in range(_MAX_OUTPUT_STEPS):
+        if value.is_graph_output() or not list(value.uses()):
+            return f"{_NOT_GELU} (stopped at '{value.name}', a graph output or unread)"
         user = sole_user(value)
         if user is None:
-            return f"'{value.name}' has several readers (or is a graph output) before the GELU product is complete"
+            return f"'{value.name}' has several readers before the GELU product is complete"
         if not is_op(user, "Add", "Mul", "Div", "Sub"):
             return f"{user.op_type} after the {t_value.producer().op_type} is not part of 0.5 * x * (1 + t)"  # type: ignore[union-attr]
         value = user.outputs[0]
         expr = collect_expression(value, (x, t_value))
         if isinstance(expr, Expression) and matches_function(expr, _gelu_outer, [SAMPLE_POINTS, _T_SAMPLES]):
             return expr
-    return "the products after the Erf/Tanh do not compute 0.5 * x * (1 + t)"
+    return _NOT_GELU
 
 
 class FuseGeluPass(NodeRewritePass):

@@ -51,6 +51,7 @@ class RMSNormMatch:
     epsilon: float
     d: int
     tail: AffineTail
+    casts: list[ir.Node]  # no-op Casts of x that only the pattern reads (removed with it)
 
 
 def _float_cast_user(value: ir.Value) -> ir.Node | None:
@@ -110,6 +111,7 @@ class FuseRMSNormPass(NodeRewritePass):
         ):
             if not same_float(user.inputs[0], x):
                 return "Div(y, sqrt(...)) divides a tensor other than x"
+            other_x = user.inputs[0]
             nodes.append(user)
             normalized = user.outputs[0]
         else:
@@ -121,7 +123,8 @@ class FuseRMSNormPass(NodeRewritePass):
             assert user is not None
             inverse = user.outputs[0]
             mul = sole_user(inverse)
-            if not is_op(mul, "Mul") or mul is None or not same_float(other_input(mul, inverse), x):
+            other_x = other_input(mul, inverse) if is_op(mul, "Mul") and mul is not None else None
+            if mul is None or not same_float(other_x, x):
                 return "1 / sqrt(mean square + eps) does not multiply x"
             nodes += [user, mul]
             normalized = mul.outputs[0]
@@ -130,7 +133,12 @@ class FuseRMSNormPass(NodeRewritePass):
             nodes.append(cast)
             normalized = cast.outputs[0]
         tail = affine_tail(normalized, d, allow_bias=False)
-        return RMSNormMatch(base, nodes + tail.nodes, eps, d, tail)
+        casts = [
+            c for c in {id(n): n for n in (producer(x, "Cast"), producer(other_x, "Cast")) if n}.values()
+        ]
+        return RMSNormMatch(
+            base, nodes + tail.nodes, eps, d, tail, [c for c in casts if c.outputs[0] is not base]
+        )
 
     def rewrite(self, model: ir.Model, matched: RMSNormMatch, report: PassReport) -> None:
         last = matched.tail.out.producer()
@@ -144,7 +152,10 @@ class FuseRMSNormPass(NodeRewritePass):
             domain=ops.DOMAIN,
             name=name,
         )
-        # Casts around x that only fed the pattern become dead; the pipeline's cleanup drops them.
         replace_pattern(matched.nodes, [fused], matched.tail.out, fused.outputs[0])
+        for cast in matched.casts:
+            out = cast.outputs[0]
+            if cast.graph is not None and not out.uses() and not out.is_graph_output():
+                cast.graph.remove(cast, safe=True)
         register_domain(model)
         report.count(RULE)
