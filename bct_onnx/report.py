@@ -107,7 +107,8 @@ class CompileReport:
             top = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))
             shown = "; ".join(f"{reason} (x{n})" for reason, n in top[:3])
             more = f"; {len(top) - 3} more reasons" if len(top) > 3 else ""
-            lines.append(f"skipped: {len(self.skipped)} nodes ({shown}{more}; all in the JSON report)")
+            nodes = "node" if len(self.skipped) == 1 else "nodes"
+            lines.append(f"skipped: {len(self.skipped)} {nodes} ({shown}{more}; all in the JSON report)")
         else:
             lines.append("skipped: none")
         total = sum(self.timings.values())
