@@ -28,7 +28,10 @@ inline ActMatMulAttrs ReadActMatMulAttrs(const OrtKernelInfo* info, const NodeRe
   if (bits < kMinBits || bits > kMaxBits) node.Fail("attribute 'act_bits' must be in 2..8, got " + std::to_string(bits));
   a.act_bits = static_cast<int>(bits);
   a.block_size = AttrInt(info, node, "block_size");
-  if (a.block_size < 1) node.Fail("attribute 'block_size' must be >= 1, got " + std::to_string(a.block_size));
+  // Block dot products are exact int32 sums of at most block_size products of magnitude <= 2**14.
+  if (a.block_size < 1 || a.block_size > 131072) {
+    node.Fail("attribute 'block_size' must be in 1..131072, got " + std::to_string(a.block_size));
+  }
   a.transpose_b = ReadFlag(info, node, "transpose_b", 0);
   return a;
 }

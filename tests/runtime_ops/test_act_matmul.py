@@ -322,6 +322,7 @@ def test_bad_inputs_and_attributes() -> None:
         ([a, None, None, b], dict(block_size=8), ("'act_bits'",)),
         ([a, None, None, b], dict(act_bits=9, block_size=8), ("'act_bits'",)),
         ([a, None, None, b], dict(act_bits=8, block_size=0), ("'block_size'",)),
+        ([a, None, None, b], dict(act_bits=8, block_size=1 << 20), ("'block_size'", "131072")),
         ([a, None, None, b], dict(act_bits=8, block_size=8, transpose_b=2), ("'transpose_b'",)),
         ([a, None, None, b.astype(np.float16)], dict(act_bits=8, block_size=8), ("input 'B'", "float32")),
         ([sample((16,), 6), None, None, b], dict(act_bits=8, block_size=8), ("input 'A'", "rank >= 2")),
