@@ -132,8 +132,21 @@ std::unique_ptr<PackedWeights> Pack(const Shape& shape, const WeightInputs& weig
   p->nibble = nibble;
   p->signed_codes = signed_codes;
   p->codes.assign(static_cast<size_t>(tiles * tile_bytes), 0);
-  p->scales.assign(static_cast<size_t>(tiles * nb * kTileCols), 0.f);
-  if (!shape.symmetric) p->zero_points.assign(static_cast<size_t>(tiles * nb * kTileCols), 0.f);
+  const bool compact = isa == Isa::kAvx512Vnni;
+  const size_t params = static_cast<size_t>(tiles * nb * kTileCols);
+  p->half_scales = compact && weights.scale_kind == ScaleKind::kFloat16;
+  if (p->half_scales) {
+    p->scales_half.assign(params, 0);
+  } else {
+    p->scales.assign(params, 0.f);
+  }
+  if (!shape.symmetric) {
+    if (compact) {
+      p->zero_points_u8.assign(params, 0);
+    } else {
+      p->zero_points.assign(params, 0.f);
+    }
+  }
   const int zw = 1 << (shape.bits - 1);
   for (int64_t n = 0; n < N; ++n) {
     const int64_t tile = n / kTileCols, col = n % kTileCols;
@@ -156,8 +169,18 @@ std::unique_ptr<PackedWeights> Pack(const Shape& shape, const WeightInputs& weig
     }
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t at = (tile * nb + b) * kTileCols + col;
-      p->scales[at] = scale_value(weights.scale_kind, weights.scales, n * nb + b);
-      if (!shape.symmetric) p->zero_points[at] = weights.zero_points[n * nb + b];
+      if (p->half_scales) {
+        p->scales_half[at] = static_cast<const uint16_t*>(weights.scales)[n * nb + b];
+      } else {
+        p->scales[at] = scale_value(weights.scale_kind, weights.scales, n * nb + b);
+      }
+      if (!shape.symmetric) {
+        if (compact) {
+          p->zero_points_u8[at] = weights.zero_points[n * nb + b];
+        } else {
+          p->zero_points[at] = weights.zero_points[n * nb + b];
+        }
+      }
     }
   }
   return p;

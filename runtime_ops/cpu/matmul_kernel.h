@@ -82,8 +82,15 @@ struct PackedWeights {
   bool signed_codes = false; // codes stored as (code - zero_point) two's complement (float symmetric)
   float implicit_zero_point = 0.f;
   std::vector<uint8_t> codes;  // SIMD: [num_tiles][tile_bytes]; scalar: [N][K] one code a byte
-  std::vector<float> scales;   // SIMD: [num_tiles][num_blocks][16]; scalar: [N][num_blocks]
-  std::vector<float> zero_points;  // same layout as scales; empty when symmetric
+  // Weight scales and zero points, SIMD: [num_tiles][num_blocks][16]; scalar: [N][num_blocks].
+  // The AVX-512 path keeps float16 scales as float16 (scales_half) and zero points as bytes
+  // (zero_points_u8), converting in registers: fewer bytes per weight for the memory-bound GEMV.
+  // Otherwise scales and zero points are float32 (scales, zero_points); unused vectors stay empty.
+  std::vector<float> scales;
+  std::vector<uint16_t> scales_half;
+  std::vector<float> zero_points;
+  std::vector<uint8_t> zero_points_u8;
+  bool half_scales = false;
 };
 
 // Validates nothing beyond what it needs (the op validates); the inputs must match shape.

@@ -35,6 +35,20 @@ inline __mmask16 ColumnMask(const PackedWeights& p, int64_t tile) {
   return static_cast<__mmask16>((1u << cols) - 1u);
 }
 
+// 16 weight scales (one tile's columns, one block) as float32; float16 storage converts exactly.
+inline __m512 LoadWeightScales(const PackedWeights& p, int64_t at) {
+  if (p.half_scales) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.scales_half.data() + at)));
+  }
+  return _mm512_loadu_ps(p.scales.data() + at);
+}
+
+// 16 zero points (asymmetric weights) as float32.
+inline __m512 LoadZeroPoints(const PackedWeights& p, int64_t at) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.zero_points_u8.data() + at));
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
+}
+
 template <int R, int T>
 inline void StoreTiles(const PackedWeights& p, __m512 (&facc)[R][T], int64_t row0, int64_t tile0, const float* bias,
                        float* Y) {
@@ -98,8 +112,8 @@ void IntTiles(const PackedWeights& p, const uint8_t* codes, int64_t tile_stride,
     __m512 ws[T], zw[T];
     for (int t = 0; t < T; ++t) {
       const int64_t at = ((tile0 + t) * nb + b) * 16;
-      ws[t] = _mm512_loadu_ps(p.scales.data() + at);
-      if (!kSym) zw[t] = _mm512_loadu_ps(p.zero_points.data() + at);
+      ws[t] = LoadWeightScales(p, at);
+      if (!kSym) zw[t] = LoadZeroPoints(p, at);
     }
     for (int r = 0; r < R; ++r) {
       const __m512 as = _mm512_set1_ps(act.scales[(row0 + r) * nb + b]);
@@ -182,8 +196,8 @@ void FloatTiles(const PackedWeights& p, const float* a_padded, int64_t row0, int
     const uint8_t* wb[T];
     for (int t = 0; t < T; ++t) {
       const int64_t at = ((tile0 + t) * nb + b) * 16;
-      ws[t] = _mm512_loadu_ps(p.scales.data() + at);
-      zw[t] = kSym ? _mm512_setzero_ps() : _mm512_loadu_ps(p.zero_points.data() + at);
+      ws[t] = LoadWeightScales(p, at);
+      zw[t] = kSym ? _mm512_setzero_ps() : LoadZeroPoints(p, at);
       wb[t] = p.codes.data() + (tile0 + t) * p.tile_bytes + b * groups * 64;
     }
     for (int64_t g = 0; g < groups; ++g) {
@@ -248,8 +262,8 @@ void FloatLutTiles(const PackedWeights& p, const float* a_padded, int64_t row0, 
     }
     for (int t = 0; t < T; ++t) {
       const int64_t at = ((tile0 + t) * nb + b) * 16;
-      const __m512 ws = _mm512_loadu_ps(p.scales.data() + at);
-      const __m512 zw = kSym ? _mm512_setzero_ps() : _mm512_loadu_ps(p.zero_points.data() + at);
+      const __m512 ws = LoadWeightScales(p, at);
+      const __m512 zw = kSym ? _mm512_setzero_ps() : LoadZeroPoints(p, at);
       for (int r = 0; r < R; ++r) {
         __m512 block = bacc[r][t];
         if (!kSym) {
@@ -309,8 +323,8 @@ void DequantizeTile(const PackedWeights& p, int64_t tile, float* out) {
   const uint8_t* codes = p.codes.data() + tile * p.tile_bytes;
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t at = (tile * nb + b) * 16;
-    const __m512 ws = _mm512_loadu_ps(p.scales.data() + at);
-    const __m512 zw = kSym ? _mm512_setzero_ps() : _mm512_loadu_ps(p.zero_points.data() + at);
+    const __m512 ws = LoadWeightScales(p, at);
+    const __m512 zw = kSym ? _mm512_setzero_ps() : LoadZeroPoints(p, at);
     for (int64_t g = 0; g < groups; ++g) {
       const __m512i raw = _mm512_loadu_si512(codes + (b * groups + g) * 64);
       DequantizeGroup<kNibble, kSym>(raw, ws, zw, out + (b * p.block_padded + g * kGroupK) * 16,
