@@ -5,6 +5,7 @@
 
 #include "bct/block_math.h"
 #include "block_launch.h"
+#include "block_threads.h"
 
 namespace bct {
 namespace cuda {
@@ -15,16 +16,6 @@ constexpr int kThreads = 256;
 inline unsigned GridFor(int64_t n) {
   const int64_t blocks = (n + kThreads - 1) / kThreads;
   return static_cast<unsigned>(blocks < 65535 * 16 ? (blocks > 0 ? blocks : 1) : 65535 * 16);
-}
-
-__device__ __forceinline__ float DequantizeOne(const RowFormat& fmt, const uint8_t* codes, const void* scales,
-                                               const uint8_t* zero_points, int64_t row, int64_t i) {
-  const int64_t b = i / fmt.block_size;
-  const int64_t block_index = row * fmt.num_blocks + b;
-  const float scale = scale_value(static_cast<ScaleKind>(fmt.scale_kind), scales, block_index);
-  const float zp = fmt.symmetric ? implicit_zero_point(fmt.bits) : static_cast<float>(zero_points[block_index]);
-  const uint32_t code = get_code(codes + row * fmt.row_bytes, i, fmt.bits, fmt.row_bytes);
-  return value_of(code, zp, scale);
 }
 
 __global__ void DequantizeKernel(RowFormat fmt, const uint8_t* codes, const void* scales,
@@ -50,44 +41,18 @@ __global__ void GatherKernel(RowFormat fmt, const int64_t* rows, const uint8_t* 
 // One thread per (row, block): choose and store the scale (and zero point).
 __global__ void ChooseScalesKernel(RowFormat fmt, const float* x, int64_t total_blocks, void* scales,
                                    uint8_t* zero_points) {
-  const ScaleKind kind = static_cast<ScaleKind>(fmt.scale_kind);
   for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < total_blocks;
        k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = k / fmt.num_blocks;
-    const int64_t b = k - row * fmt.num_blocks;
-    const int64_t begin = b * fmt.block_size;
-    const int64_t end = begin + fmt.block_size < fmt.axis_size ? begin + fmt.block_size : fmt.axis_size;
-    const float* xb = x + row * fmt.axis_size + begin;
-    if (fmt.symmetric) {
-      store_scale(kind, scales, k, choose_symmetric_scale(xb, end - begin, fmt.bits, kind));
-    } else {
-      uint8_t zp = 0;
-      store_scale(kind, scales, k, choose_asymmetric_scale(xb, end - begin, fmt.bits, kind, &zp));
-      zero_points[k] = zp;
-    }
+    ChooseScaleOne(fmt, x, k, scales, zero_points);
   }
 }
 
 // One thread per output byte: computes the codes overlapping that byte from the stored scales.
 __global__ void PackCodesKernel(RowFormat fmt, const float* x, int64_t total_bytes, const void* scales,
                                 const uint8_t* zero_points, uint8_t* codes) {
-  const ScaleKind kind = static_cast<ScaleKind>(fmt.scale_kind);
   for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < total_bytes;
        k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = k / fmt.row_bytes;
-    const int64_t byte = k - row * fmt.row_bytes;
-    int64_t first = 0, last = 0;
-    codes_in_byte(byte, fmt.bits, fmt.axis_size, &first, &last);
-    uint32_t value = 0;
-    for (int64_t i = first; i <= last; ++i) {
-      const int64_t block_index = row * fmt.num_blocks + i / fmt.block_size;
-      const float inv = inverse_scale(scale_value(kind, scales, block_index));
-      const uint8_t zp = fmt.symmetric ? uint8_t{0} : zero_points[block_index];
-      const uint32_t code = code_of(x[row * fmt.axis_size + i], inv, fmt.bits, fmt.symmetric, zp);
-      const int64_t shift = i * fmt.bits - byte * 8;  // may be negative for a code starting in the byte before
-      value |= shift >= 0 ? (code << shift) : (code >> -shift);
-    }
-    codes[k] = static_cast<uint8_t>(value & 0xffu);
+    codes[k] = PackByteOne(fmt, x, k, scales, zero_points);
   }
 }
 
