@@ -30,13 +30,17 @@ FORMATS = [
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the spec warns on extreme rows
 
 
+HELPER = Path(bct_onnx.library_path()).with_name("libbct_cuda_threads_host.so")
+if not HELPER.is_file():
+    pytest.skip(
+        f"{HELPER.name} is not next to {bct_onnx.library_path()} (built by development CMake builds only; "
+        "run with BCT_ONNX_LIBRARY=<build dir>/libbct_onnx_ops.so)",
+        allow_module_level=True,
+    )
+
+
 def _helper() -> ctypes.CDLL:
-    path = Path(bct_onnx.library_path()).with_name("libbct_cuda_threads_host.so")
-    if not path.is_file():
-        pytest.skip(
-            f"{path.name} not built next to {bct_onnx.library_path()} (development CMake builds only)"
-        )
-    lib = ctypes.CDLL(str(path))
+    lib = ctypes.CDLL(str(HELPER))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.bct_host_quantize.argtypes = [
         ctypes.c_int,
