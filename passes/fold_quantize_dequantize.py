@@ -28,6 +28,7 @@ import logging
 import onnx_ir as ir
 from bct_onnx.passes.framework import CompressPass, PassReport, Skip, node_label
 from bct_onnx.passes.graph_patterns import last_dim
+from bct_onnx.passes.infer_shapes import SHAPE_KEY, ensure_shapes
 from bct_onnx.passes.nonlinear_ops import (
     ASYMMETRIC_RESULTS,
     KIND_OF_OP,
@@ -94,6 +95,9 @@ def _replace(node: ir.Node, new: ir.Node) -> None:
     graph = node.graph
     assert graph is not None
     count = min(len(node.outputs), len(new.outputs))
+    for old_value, new_value in zip(node.outputs[:count], new.outputs[:count]):
+        if SHAPE_KEY in old_value.meta:
+            new_value.meta[SHAPE_KEY] = old_value.meta[SHAPE_KEY]
     ir.convenience.replace_nodes_and_values(
         graph, node, [node], [new], list(node.outputs[:count]), list(new.outputs[:count])
     )
@@ -142,6 +146,7 @@ class FoldQuantizeDequantizePass(CompressPass):
     def run(self, model: ir.Model, report: PassReport) -> None:
         if not self.config.keep_compressed:
             return
+        ensure_shapes(model)
         _bypass_float_casts(model, report)
         rejected: set[int] = set()
         while True:

@@ -33,6 +33,7 @@ from bct_onnx.passes.graph_patterns import (
     sole_user,
     value_rank,
 )
+from bct_onnx.passes.infer_shapes import ensure_shapes
 from bct_onnx.passes.quantized_weights import constant_tensor
 
 from bct_onnx import ops
@@ -132,6 +133,10 @@ class FuseLayerNormPass(NodeRewritePass):
     """Fuse ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div(/Mul/Add) into one layer normalization."""
 
     op_types = frozenset({"ReduceMean"})
+
+    def run(self, model: ir.Model, report: PassReport) -> None:
+        ensure_shapes(model)  # ranks and last dims, kept in value.meta (not in the model)
+        super().run(model, report)
 
     def match(self, model: ir.Model, node: ir.Node) -> LayerNormMatch | str | None:
         x = node.inputs[0]

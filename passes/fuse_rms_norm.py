@@ -36,6 +36,7 @@ from bct_onnx.passes.graph_patterns import (
     strip_float_cast,
     value_rank,
 )
+from bct_onnx.passes.infer_shapes import ensure_shapes
 
 from bct_onnx import ops
 
@@ -67,6 +68,10 @@ class FuseRMSNormPass(NodeRewritePass):
     """Fuse Pow/ReduceMean/Add/Sqrt/(Div|Reciprocal)/Mul(/Mul weight) into BlockRMSNorm."""
 
     op_types = frozenset({"ReduceMean"})
+
+    def run(self, model: ir.Model, report: PassReport) -> None:
+        ensure_shapes(model)  # ranks and last dims, kept in value.meta (not in the model)
+        super().run(model, report)
 
     def match(self, model: ir.Model, node: ir.Node) -> RMSNormMatch | str | None:
         square = producer(node.inputs[0], "Pow", "Mul")

@@ -18,10 +18,18 @@ from onnx_ir.passes.common import ShapeInferencePass
 logger = logging.getLogger(__name__)
 
 SHAPE_KEY = "bct_onnx.inferred_shape"
+_DONE_KEY = "bct_onnx.shapes_annotated"
+
+
+def ensure_shapes(model: ir.Model) -> None:
+    """annotate_shapes once per model object (passes used on their own call it; the pipeline first)."""
+    if not model.meta.get(_DONE_KEY):
+        annotate_shapes(model)
 
 
 def annotate_shapes(model: ir.Model) -> int:
     """Infer shapes on a clone and record them in value.meta of model's shapeless values; returns how many."""
+    model.meta[_DONE_KEY] = True
     clone = model.clone()  # tensors are shared, not copied
     try:
         ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(clone)

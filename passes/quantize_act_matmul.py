@@ -21,6 +21,7 @@ import logging
 import onnx_ir as ir
 from bct_onnx.passes.framework import NodeRewritePass, PassReport, register_domain
 from bct_onnx.passes.graph_patterns import FLOAT, is_op, producer, replace_pattern, sole_user, value_rank
+from bct_onnx.passes.infer_shapes import ensure_shapes
 from bct_onnx.passes.nonlinear_ops import is_ours, operand_inputs, settings_name
 from bct_onnx.passes.quantized_weights import constant_tensor
 
@@ -90,6 +91,10 @@ class QuantizeActMatMulPass(NodeRewritePass):
     """Rewrite attention's activation x activation MatMuls into BlockActMatMul."""
 
     op_types = frozenset({"MatMul"})
+
+    def run(self, model: ir.Model, report: PassReport) -> None:
+        ensure_shapes(model)  # ranks and last dims, kept in value.meta (not in the model)
+        super().run(model, report)
 
     def __init__(self, config: CompressConfig) -> None:
         super().__init__()

@@ -15,6 +15,7 @@ import onnx_ir as ir
 from bct_onnx.passes.framework import NodeRewritePass, PassReport, register_domain
 from bct_onnx.passes.fuse_layer_norm import vector_initializer
 from bct_onnx.passes.graph_patterns import FLOAT, last_dim, node_name, replace_pattern, value_rank
+from bct_onnx.passes.infer_shapes import ensure_shapes
 from bct_onnx.passes.nonlinear_ops import operand_inputs, settings_name
 from bct_onnx.passes.quantized_weights import constant_tensor
 
@@ -38,6 +39,10 @@ class QuantizeLayerNormPass(NodeRewritePass):
     """Rewrite LayerNormalization (last axis, constant affine) into BlockLayerNorm."""
 
     op_types = frozenset({"LayerNormalization"})
+
+    def run(self, model: ir.Model, report: PassReport) -> None:
+        ensure_shapes(model)  # ranks and last dims, kept in value.meta (not in the model)
+        super().run(model, report)
 
     def __init__(self, config: CompressConfig) -> None:
         super().__init__()

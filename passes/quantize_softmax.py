@@ -15,6 +15,7 @@ import logging
 import onnx_ir as ir
 from bct_onnx.passes.framework import NodeRewritePass, PassReport, onnx_opset, register_domain
 from bct_onnx.passes.graph_patterns import FLOAT, is_op, producer, replace_pattern, scalar, value_rank
+from bct_onnx.passes.infer_shapes import ensure_shapes
 from bct_onnx.passes.nonlinear_ops import is_ours, settings_name
 
 from bct_onnx import ops
@@ -79,6 +80,10 @@ class QuantizeSoftmaxPass(NodeRewritePass):
     """Rewrite Softmax over the last axis into BlockSoftmax (float in/out)."""
 
     op_types = frozenset({"Softmax"})
+
+    def run(self, model: ir.Model, report: PassReport) -> None:
+        ensure_shapes(model)  # ranks and last dims, kept in value.meta (not in the model)
+        super().run(model, report)
 
     def __init__(self, config: CompressConfig) -> None:
         super().__init__()

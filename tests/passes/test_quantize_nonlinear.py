@@ -1,0 +1,258 @@
+"""QuantizeGelu/Softmax/LayerNorm/ActMatMul passes and FoldQuantizeDequantizePass.
+
+Exact op types after the passes, near misses with their reasons, the attention chain
+Q x K^T -> scale -> mask -> Softmax -> P x V against the numpy specification, and the activation
+memory figure of the compressed edges.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from bct_onnx.passes import (
+    FoldQuantizeDequantizePass,
+    QuantizeActMatMulPass,
+    QuantizeGeluPass,
+    QuantizeLayerNormPass,
+    QuantizeSoftmaxPass,
+    compress_model,
+    compressed_activations,
+)
+
+from bct_onnx import reference_nonlinear as spec
+from bct_onnx.block_format import BlockFormat, ScaleKind
+from bct_onnx.config import CompressConfig, NodeOverride, OpSettings
+
+RNG = np.random.default_rng(11)
+H, S, DK = 2, 8, 32
+
+
+def attrs(node: ir.Node) -> dict:
+    return {name: attr.value for name, attr in node.attributes.items()}
+
+
+ATTENTION = f"""<ir_version: 8, opset_import: ["" : 17]>
+g (float[1, {H}, {S}, {DK}] q, float[1, {H}, {S}, {DK}] k, float[1, {H}, {S}, {DK}] v, float[1, 1, 1, {S}] mask)
+  => (float[1, {H}, {S}, {DK}] y) {{
+  kt = Transpose<perm = [0, 1, 3, 2]>(k)
+  scores = MatMul(q, kt)
+  scaled = Div(scores, root)
+  masked = Add(scaled, mask)
+  probs = Softmax<axis = -1>(masked)
+  y = MatMul(probs, v)
+}}"""
+
+
+def attention_feeds() -> dict[str, np.ndarray]:
+    feeds = {name: RNG.standard_normal((1, H, S, DK)).astype(np.float32) for name in ("q", "k", "v")}
+    mask = np.zeros((1, 1, 1, S), np.float32)
+    mask[..., -2:] = -1e4
+    feeds["mask"] = mask
+    return feeds
+
+
+def attention_model(helpers):
+    return helpers.model_from_text(ATTENTION, {"root": np.float32(np.sqrt(DK))})
+
+
+def test_attention_chain_is_compressed_and_matches_the_spec(helpers):
+    model = attention_model(helpers)
+    result = compress_model(model, CompressConfig())
+    assert helpers.op_types(result.model) == [
+        "BlockActMatMul",
+        "Div",
+        "Add",
+        "BlockSoftmax",
+        "BlockActMatMul",
+    ]
+    assert result.rewritten == {
+        "AttentionMatMul": 2,
+        "attention Q x K^T": 1,
+        "attention probabilities x V": 1,
+        "AttentionMatMul transpose_b (Transpose folded)": 1,
+        "Softmax": 1,
+        "attention Softmax": 1,
+        "attention Softmax: scaled scores": 1,
+        "attention Softmax: additive mask/bias": 1,
+        "intermediate kept compressed": 1,
+    }
+    qk, _, _, softmax, pv = list(result.model.graph)
+    assert attrs(qk) == {"act_bits": 8, "block_size": 32, "transpose_b": 1}
+    assert qk.inputs[3].name == "k"  # the Transpose is gone: K read with transpose_b
+    assert attrs(softmax) == {
+        "out_bits": 8,
+        "out_block_size": 32,
+        "out_symmetric": 0,
+        "out_scale_kind": "float16",
+    }
+    assert attrs(pv) == {
+        "act_bits": 8,
+        "block_size": 32,
+        "transpose_b": 0,
+        "in_bits": 8,
+        "in_block_size": 32,
+        "in_symmetric": 0,
+        "in_axis_size": S,
+    }
+    assert [v.name for v in pv.inputs[:3]] == ["probs.codes", "probs.scales", "probs.zero_points"]
+    summary = result.activations
+    assert summary is not None and summary.count == 1
+    # S = 8 values at 8 bits + (16-bit scale + 8-bit zero point) per block of 32: 8.75 bits per value
+    assert summary.tensors[0].effective_bits == pytest.approx(8.75)
+    assert summary.bytes_saved_per_token() == pytest.approx(S * (32 - 8.75) / 8)
+
+    feeds = attention_feeds()
+    got = helpers.run_bct_session(result.model, feeds)[0]
+    scores = spec.block_act_matmul(feeds["q"], feeds["k"], 8, 32, transpose_b=True)
+    masked = (scores / np.float32(np.sqrt(DK))).astype(np.float32) + feeds["mask"]
+    probs = spec.block_softmax(masked, BlockFormat(8, 32, False, ScaleKind.FLOAT16))
+    expected = spec.block_act_matmul(probs, feeds["v"], 8, 32)
+    np.testing.assert_array_equal(got, expected)  # bit-exact: every step is the spec's float32 op
+    reference = helpers.run_ort(model, feeds)[0]
+    np.testing.assert_allclose(got, reference, rtol=0, atol=0.05)  # 8-bit operands, |y| <~ 3
+
+
+def test_passes_alone_keep_float_operands(helpers):
+    model = attention_model(helpers)
+    config = CompressConfig()
+    for pass_ in (QuantizeActMatMulPass(config), QuantizeSoftmaxPass(config)):
+        model = pass_(model).model
+    assert helpers.op_types(model) == ["BlockActMatMul", "Div", "Add", "BlockSoftmax", "BlockActMatMul"]
+    for node in model.graph:
+        assert "in_bits" not in node.attributes and "out_bits" not in node.attributes
+    feeds = attention_feeds()
+    got = helpers.run_bct_session(model, feeds)[0]
+    scores = spec.block_act_matmul(feeds["q"], feeds["k"], 8, 32, transpose_b=True)
+    masked = (scores / np.float32(np.sqrt(DK))).astype(np.float32) + feeds["mask"]
+    np.testing.assert_array_equal(got, spec.block_act_matmul(spec.softmax(masked), feeds["v"], 8, 32))
+
+
+def test_weight_only_config_keeps_attention_float_and_says_why(helpers):
+    result = QuantizeActMatMulPass(CompressConfig(act_bits=None))(attention_model(helpers))
+    assert not result.modified
+    assert {s.reason for s in result.skipped} == {
+        "act_bits is none (weight-only): attention MatMuls need activation bits"
+    }
+
+
+def test_activation_product_that_is_not_attention_is_left_alone(helpers):
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[1, 4, 1] freq, float[1, 1, 6] pos) => (float[1, 4, 6] y) {
+      y = MatMul(freq, pos)
+    }"""
+    result = QuantizeActMatMulPass(CompressConfig())(helpers.model_from_text(text))
+    assert not result.modified
+    assert [s.reason for s in result.skipped] == [
+        "activation x activation MatMul that is not attention's Q x K^T or probabilities x V"
+    ]
+
+
+def test_per_node_override_disables_one_softmax(helpers):
+    config = CompressConfig(overrides=(NodeOverride("prob?", OpSettings(enabled=False), op="Softmax"),))
+    result = QuantizeSoftmaxPass(config)(attention_model(helpers))
+    assert not result.modified
+    assert [s.reason for s in result.skipped] == [
+        "Softmax compression is disabled for this node by the config"
+    ]
+
+
+def test_softmax_not_over_last_axis_is_reported(helpers):
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[2, 3, 4] x) => (float[2, 3, 4] y) {
+      y = Softmax<axis = 1>(x)
+    }"""
+    result = QuantizeSoftmaxPass(CompressConfig())(helpers.model_from_text(text))
+    assert [s.reason for s in result.skipped] == [
+        "softmax over axis 1 of a rank-3 input; BlockSoftmax is over the last axis"
+    ]
+
+
+def test_opset_12_softmax_default_axis_is_not_the_last(helpers):
+    text = """<ir_version: 7, opset_import: ["" : 12]>
+    g (float[2, 3, 4] x) => (float[2, 3, 4] y) {
+      y = Softmax(x)
+    }"""
+    result = QuantizeSoftmaxPass(CompressConfig())(helpers.model_from_text(text))
+    assert not result.modified
+    assert "coerced to 2-D" in result.skipped[0].reason
+
+
+LN_GELU = """<ir_version: 10, opset_import: ["" : 20]>
+g (float[2, 5, 64] x) => (float[2, 5, 64] y) {
+  n = LayerNormalization<axis = -1, epsilon = 1e-5>(x, gamma, beta)
+  g = Gelu(n)
+  y = Softmax<axis = -1>(g)
+}"""
+
+
+def ln_gelu_model(helpers):
+    return helpers.model_from_text(
+        LN_GELU,
+        {"gamma": (1 + 0.1 * RNG.standard_normal(64)).astype(np.float32), "beta": np.zeros(64, np.float32)},
+    )
+
+
+def test_chain_layer_norm_gelu_softmax_stays_compressed(helpers):
+    model = ln_gelu_model(helpers)
+    result = compress_model(model, CompressConfig(op_settings={"Gelu": OpSettings(act_bits=6)}))
+    assert helpers.op_types(result.model) == ["BlockLayerNorm", "BlockGelu", "BlockSoftmax"]
+    ln, gelu, softmax = list(result.model.graph)
+    assert attrs(ln)["out_bits"] == 8 and attrs(ln)["out_symmetric"] == 1
+    assert attrs(gelu)["in_bits"] == 8 and attrs(gelu)["out_bits"] == 6 and attrs(gelu)["out_symmetric"] == 0
+    assert attrs(softmax)["in_bits"] == 6 and "out_bits" not in attrs(softmax)  # graph output: float
+    assert [s.reason for s in result.skipped] == [
+        "result stays float32: its result is a graph output (float32)"
+    ]
+    assert result.activations is not None and result.activations.count == 2
+    x = RNG.standard_normal((2, 5, 64)).astype(np.float32)
+    got = helpers.run_bct_session(result.model, {"x": x})[0]
+    gamma = ln.inputs[3].const_value.numpy()
+    n = spec.block_layer_norm(
+        x, gamma, np.zeros(64, np.float32), 1e-5, BlockFormat(8, 32, True, ScaleKind.FLOAT16)
+    )
+    g = spec.block_gelu(n, "none", BlockFormat(6, 32, False, ScaleKind.FLOAT16))
+    np.testing.assert_array_equal(got, spec.block_softmax(g))
+
+
+def test_quantize_passes_report_what_they_cannot_take(helpers):
+    text = """<ir_version: 10, opset_import: ["" : 20]>
+    g (float[2, 5, 8] x, float[8] gamma) => (float[2, 5, 8] y, float[2, 5, 1] mean) {
+      n, mean = LayerNormalization<axis = -1>(x, gamma)
+      y = Gelu<approximate = "sigmoid">(n)
+    }"""
+    model = helpers.model_from_text(text, check=False)
+    ln = QuantizeLayerNormPass(CompressConfig())(model)
+    assert [s.reason for s in ln.skipped] == ["scale is not a constant float32 tensor of 8 elements"]
+    gelu = QuantizeGeluPass(CompressConfig())(model)
+    assert [s.reason for s in gelu.skipped] == ["approximate='sigmoid' is not none/tanh"]
+
+
+def test_layer_norm_output_read_by_block_matmul_stays_float(helpers):
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[2, 5, 64] x) => (float[2, 5, 16] y) {
+      n = LayerNormalization<axis = -1>(x, gamma, beta)
+      y = MatMul(n, w)
+    }"""
+    inits = {
+        "gamma": np.ones(64, np.float32),
+        "beta": np.zeros(64, np.float32),
+        "w": RNG.standard_normal((64, 16)).astype(np.float32),
+    }
+    result = compress_model(helpers.model_from_text(text, inits), CompressConfig())
+    assert helpers.op_types(result.model) == ["BlockLayerNorm", "BlockMatMul"]
+    assert "out_bits" not in attrs(next(iter(result.model.graph)))
+    assert [s.reason for s in result.skipped] == [
+        "result stays float32: read by BlockMatMul 'y': BlockMatMul takes its activation A as float32 only (docs/ops.md)"
+    ]
+    assert compressed_activations(result.model).count == 0
+
+
+def test_fold_respects_weight_only_and_keep_compressed(helpers):
+    for config in (CompressConfig(act_bits=None), CompressConfig(keep_compressed=False)):
+        model = ln_gelu_model(helpers)
+        for pass_ in (QuantizeLayerNormPass(config), QuantizeGeluPass(config), QuantizeSoftmaxPass(config)):
+            model = pass_(model).model
+        result = FoldQuantizeDequantizePass(config)(model)
+        assert not result.modified
+        assert compressed_activations(result.model).count == 0
