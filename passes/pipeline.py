@@ -140,9 +140,16 @@ def _initializer_bytes(model: ir.Model) -> int:
 
 
 def save_snapshot(model: ir.Model, path: Path) -> Path:
-    """Save model to path (tensors in a side file when large); returns the path."""
+    """Save model to path, with its own side file when large or when it reads external data.
+
+    External tensors refer to a file next to the source model; a copy saved elsewhere must carry
+    its own side file, or its references would dangle.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    if _initializer_bytes(model) > _EXTERNAL_DATA_BYTES:
+    reads_external = any(
+        isinstance(value.const_value, ir.ExternalTensor) for value in model.graph.initializers.values()
+    )
+    if reads_external or _initializer_bytes(model) > _EXTERNAL_DATA_BYTES:
         ir.save(model, path, external_data=f"{path.name}.data")
     else:
         ir.save(model, path)

@@ -259,3 +259,18 @@ def test_if_branches_reading_outer_weights_are_compressed_and_share_codes(helper
         (expected,) = helpers.run_ort(helpers.model_from_text(text, {"w": w, "b": b}), feeds)
         (actual,) = helpers.run_reference(result.model, feeds)
         assert np.abs(actual - expected).max() / np.abs(expected).max() < 0.2
+
+
+def test_debug_snapshots_of_an_external_data_model_carry_their_own_data(helpers, tmp_path):
+    source = tmp_path / "source"
+    source.mkdir()
+    ir.save(tied_model(helpers), source / "m.onnx", external_data="m.onnx.data")
+    debug = tmp_path / "debug"
+    compress_model(ir.load(source / "m.onnx"), CompressConfig(), debug_dir=debug)
+    snapshots = sorted(debug.glob("*.onnx"))
+    assert snapshots
+    for snapshot in snapshots:
+        onnx.checker.check_model(str(snapshot))  # resolves external data next to the snapshot
+        proto = onnx.load(str(snapshot), load_external_data=False)
+        locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+        assert locations <= {f"{snapshot.name}.data"}
