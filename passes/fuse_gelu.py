@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 RULE_ERF = "fuse Gelu(erf)"
 RULE_TANH = "fuse Gelu(tanh)"
+RULE_KIND = "Gelu"
 _MAX_INPUT_DEPTH = 6
 _MAX_OUTPUT_STEPS = 4
 _NOT_GELU = "the products after the Erf/Tanh do not compute 0.5 * x * (1 + t)"
@@ -153,3 +154,4 @@ class FuseGeluPass(NodeRewritePass):
         replace_pattern(old, [gelu], root, gelu.outputs[0])
         register_domain(model)
         report.count(RULE_ERF if matched.approximate == "none" else RULE_TANH)
+        report.count(RULE_KIND)  # now a BlockGelu, like QuantizeGeluPass's rewrites

@@ -207,5 +207,6 @@ class FuseLayerNormPass(NodeRewritePass):
                 name=name,
             )
             register_domain(model)
+            report.count("LayerNormalization")  # already the compressed op's node (float operands)
         replace_pattern(matched.nodes, [fused], matched.tail.out, fused.outputs[0])
         report.count(RULE)

@@ -164,3 +164,4 @@ class FuseRMSNormPass(NodeRewritePass):
                 cast.graph.remove(cast, safe=True)
         register_domain(model)
         report.count(RULE)
+        report.count("LayerNormalization")  # the op kind RMS norm belongs to (bct_onnx.config)

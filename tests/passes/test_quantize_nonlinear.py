@@ -76,6 +76,7 @@ def test_attention_chain_is_compressed_and_matches_the_spec(helpers):
         "attention Softmax: scaled scores": 1,
         "attention Softmax: additive mask/bias": 1,
         "intermediate kept compressed": 1,
+        "activation bytes saved per token (static last dims)": 23,  # floor(8 * (32 - 8.75) / 8)
     }
     qk, _, _, softmax, pv = list(result.model.graph)
     assert attrs(qk) == {"act_bits": 8, "block_size": 32, "transpose_b": 1}
