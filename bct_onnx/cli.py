@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("input", metavar="INPUT", help=".onnx file, or a Hugging Face model directory")
     comp.add_argument("-o", "--output", required=True, metavar="OUTPUT", help="compressed .onnx to write")
     _add_format_flags(comp)
+    _add_control_flags(comp)
     comp.set_defaults(handler=_cmd_compress, subparser=comp)
     comp.add_argument("--task", help="optimum export task for a Hugging Face directory (default: inferred)")
     comp.add_argument("--report", metavar="PATH", help="write the JSON compile report here")
@@ -193,6 +194,32 @@ def _add_format_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_control_flags(parser: argparse.ArgumentParser) -> None:
+    """Per-op-kind and per-node control (docs/config.md); applied after --config, in this order."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML (or YAML, with PyYAML) file of settings, per-op-kind tables and overrides (docs/config.md); "
+        "flags given here take precedence",
+    )
+    parser.add_argument(
+        "--op-bits",
+        action="append",
+        default=[],
+        metavar="KIND=N[,...]",
+        help="bits per op kind: weight bits for MatMul/Gather, activation bits for Gelu, Softmax, "
+        "LayerNormalization, AttentionMatMul; N=off disables the kind (e.g. --op-bits Gelu=8,MatMul=4)",
+    )
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="PATTERN:KEY=V[,...]",
+        help="settings for nodes whose name matches PATTERN (glob, or re:REGEX); keys enabled, weight_bits, "
+        "act_bits, block_size, op (e.g. --override '*attention*:weight_bits=8,op=MatMul'); repeatable, later wins",
+    )
+
+
 def _add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details; tracebacks on errors")
@@ -250,9 +277,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_compress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from bct_onnx.api import compress, make_config
+    from bct_onnx.config_file import apply_controls, load_config_file
 
+    base = load_config_file(args.config) if args.config else None  # a bad file: exit 1, names file and key
     try:
-        config = make_config(**_overrides(args))
+        config = apply_controls(make_config(base, **_overrides(args)), args.op_bits, args.override)
     except (ValueError, TypeError) as exc:  # a combination the config refuses
         parser.error(str(exc))
     result = compress(
