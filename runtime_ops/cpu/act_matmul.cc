@@ -8,6 +8,7 @@
 
 #include "bct/nonlinear_math.h"
 #include "bct/op_common.h"
+#include "cpu/act_matmul_vnni.h"
 #include "cpu/isa_clones.h"
 #include "ops/act_matmul_io.h"
 #include "ops/block_io.h"
@@ -39,8 +40,39 @@ BCT_ISA_CLONES void ActDotRow(const int8_t* qa_row, const float* sa_row, const i
   }
 }
 
+// nl::quantize_act_row, faster: the element of largest magnitude is found by an integer max over the
+// magnitudes' bit patterns (same order as the floats for non-NaN values; vectorisable), then the
+// first element with that magnitude gives the scale as choose_symmetric_scale does. A block holding
+// a NaN goes through choose_symmetric_scale itself, so the result is the same bits in every case.
 BCT_ISA_CLONES void QuantizeActRow(const float* x, int64_t k, int bits, int64_t block_size, int8_t* q, float* scales) {
-  nl::quantize_act_row(x, k, bits, block_size, q, scales);
+  const int zp = 1 << (bits - 1);
+  for (int64_t b0 = 0, blk = 0; b0 < k; b0 += block_size, ++blk) {
+    const int64_t len = std::min(block_size, k - b0);
+    const float* xb = x + b0;
+    uint32_t top = 0;
+    for (int64_t i = 0; i < len; ++i) {
+      uint32_t u;
+      std::memcpy(&u, xb + i, sizeof u);
+      u &= 0x7fffffffu;
+      top = u > top ? u : top;
+    }
+    float scale;
+    if (top > 0x7f800000u) {  // a NaN
+      scale = choose_symmetric_scale(xb, len, bits, ScaleKind::kFloat32).value;
+    } else {
+      int64_t first = 0;
+      for (; first < len; ++first) {
+        uint32_t u;
+        std::memcpy(&u, xb + first, sizeof u);
+        if ((u & 0x7fffffffu) == top) break;
+      }
+      scale = fdiv(xb[first], -static_cast<float>(zp));
+    }
+    scales[blk] = scale;
+    const float inv = inverse_scale(scale);
+    int8_t* qb = q + b0;
+    for (int64_t i = 0; i < len; ++i) qb[i] = static_cast<int8_t>(static_cast<int>(code_of(xb[i], inv, bits, true, 0)) - zp);
+  }
 }
 
 class ActMatMulCpuKernel {
@@ -49,7 +81,8 @@ class ActMatMulCpuKernel {
       : node_(node),
         in_(ReadOperandAttrs(info, node_)),
         out_(ReadResultAttrs(info, node_)),
-        attrs_(ReadActMatMulAttrs(info, node_)) {}
+        attrs_(ReadActMatMulAttrs(info, node_)),
+        use_vnni_(vnni::Available()) {}
 
   static bool InputOnHost(size_t) { return false; }
 
@@ -83,11 +116,13 @@ class ActMatMulCpuKernel {
         }
       });
 
-      // Quantize B along K, one column (row of B^T) per step, stored K-major: codes [batch, K, N],
-      // scales [batch, nb, N].
+      // Quantize B along K, one column (row of B^T) per step. Stored K-major for the generic path
+      // (codes [batch, K, N], scales [batch, nb, N]) or in the VNNI layout (vnni::PackedB).
       const int64_t b_rows = g.b_batches * n;
-      std::vector<int8_t> qkn(static_cast<size_t>(b_rows * k));
-      std::vector<float> sbn(static_cast<size_t>(b_rows * nb));
+      std::vector<int8_t> qkn(use_vnni_ ? 0 : static_cast<size_t>(b_rows * k));
+      std::vector<float> sbn(use_vnni_ ? 0 : static_cast<size_t>(b_rows * nb));
+      vnni::PackedB packed;
+      if (use_vnni_) vnni::InitPackedB(packed, g.b_batches, n, k, bs);
       ParallelFor(ctx, b_rows, std::max<int64_t>(1, 4096 / k), [&](int64_t begin, int64_t end) {
         std::vector<float> column(attrs_.transpose_b ? 0 : static_cast<size_t>(k));
         std::vector<int8_t> codes(static_cast<size_t>(k));
@@ -103,6 +138,10 @@ class ActMatMulCpuKernel {
             x = column.data();
           }
           QuantizeActRow(x, k, bits, bs, codes.data(), scales.data());
+          if (use_vnni_) {
+            vnni::PackColumn(packed, batch, col, codes.data(), scales.data());
+            continue;
+          }
           int8_t* q = qkn.data() + batch * k * n + col;
           for (int64_t j = 0; j < k; ++j) q[j * n] = codes[static_cast<size_t>(j)];
           float* sc = sbn.data() + batch * nb * n + col;
@@ -117,14 +156,19 @@ class ActMatMulCpuKernel {
       const int64_t out_rows = g.out_batches * m;
       ParallelFor(ctx, out_rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, n * k)), [&](int64_t begin, int64_t end) {
         std::vector<float> buffer(r.quantized ? static_cast<size_t>(n) : 0);
-        std::vector<int32_t> acc(static_cast<size_t>(n));
+        std::vector<int32_t> acc(use_vnni_ ? 0 : static_cast<size_t>(n));
+        std::vector<uint8_t> scratch(use_vnni_ ? static_cast<size_t>(nb * packed.groups * 4) : 0);
         for (int64_t row = begin; row < end; ++row) {
           const int64_t ob = row / m, mi = row % m;
           const int64_t a_row = g.a_index[static_cast<size_t>(ob)] * m + mi;
           const int64_t b_batch = g.b_index[static_cast<size_t>(ob)];
           float* y = r.quantized ? buffer.data() : r.y + row * n;
-          ActDotRow(qa.data() + a_row * k, sa.data() + a_row * nb, qkn.data() + b_batch * k * n,
-                    sbn.data() + b_batch * nb * n, n, k, bs, nb, acc.data(), y);
+          if (use_vnni_) {
+            vnni::DotRow(packed, b_batch, qa.data() + a_row * k, sa.data() + a_row * nb, scratch.data(), y);
+          } else {
+            ActDotRow(qa.data() + a_row * k, sa.data() + a_row * nb, qkn.data() + b_batch * k * n,
+                      sbn.data() + b_batch * nb * n, n, k, bs, nb, acc.data(), y);
+          }
           if (r.quantized) {
             cpu::QuantizeRow(out_fmt, y, r.codes + row * r.row_bytes,
                              static_cast<uint8_t*>(r.scales) + row * out_scale_row,
@@ -140,6 +184,7 @@ class ActMatMulCpuKernel {
   OperandAttrs in_;
   ResultAttrs out_;
   ActMatMulAttrs attrs_;
+  bool use_vnni_;
 };
 
 }  // namespace

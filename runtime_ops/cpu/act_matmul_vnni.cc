@@ -1,0 +1,102 @@
+// AVX-512 VNNI block dot products of BlockActMatMul (see act_matmul_vnni.h). Compiled for the
+// baseline ISA; only DotRow uses AVX-512, through a target attribute, and is called only when
+// Available() says the CPU has it.
+#include "cpu/act_matmul_vnni.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+namespace bct {
+namespace nonlinear {
+namespace vnni {
+
+bool Available() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  const char* baseline = std::getenv("BCT_ONNX_BASELINE_SIMD");
+  if (baseline != nullptr && baseline[0] != '\0' && std::strcmp(baseline, "0") != 0) return false;
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
+void InitPackedB(PackedB& p, int64_t batches, int64_t n, int64_t k, int64_t block_size) {
+  p.n = n;
+  p.n_pad = (n + 15) / 16 * 16;
+  p.k = k;
+  p.block_size = block_size;
+  p.nb = (k + block_size - 1) / block_size;
+  p.groups = (block_size + 3) / 4;
+  p.codes.assign(static_cast<size_t>(batches * p.nb * p.groups * p.n_pad * 4), 0);
+  p.sums.assign(static_cast<size_t>(batches * p.nb * p.n_pad), 0);
+  p.scales.assign(static_cast<size_t>(batches * p.nb * p.n_pad), 0.0f);
+}
+
+void PackColumn(PackedB& p, int64_t batch, int64_t col, const int8_t* q, const float* scales) {
+  for (int64_t blk = 0; blk < p.nb; ++blk) {
+    const int64_t b0 = blk * p.block_size;
+    const int64_t len = std::min(p.block_size, p.k - b0);
+    int8_t* base = p.codes.data() + ((batch * p.nb + blk) * p.groups * p.n_pad) * 4;
+    int32_t sum = 0;
+    for (int64_t i = 0; i < len; ++i) {
+      base[((i / 4) * p.n_pad + col) * 4 + (i % 4)] = q[b0 + i];
+      sum += q[b0 + i];
+    }
+    p.sums[static_cast<size_t>((batch * p.nb + blk) * p.n_pad + col)] = sum;
+    p.scales[static_cast<size_t>((batch * p.nb + blk) * p.n_pad + col)] = scales[blk];
+  }
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void DotRow(const PackedB& p, int64_t batch, const int8_t* qa,
+                                                                   const float* sa, uint8_t* scratch, float* y) {
+  // A's codes as unsigned bytes (q + 128), each block zero-padded to whole groups of 4.
+  const int64_t group_bytes = p.groups * 4;
+  for (int64_t blk = 0; blk < p.nb; ++blk) {
+    const int64_t b0 = blk * p.block_size;
+    const int64_t len = std::min(p.block_size, p.k - b0);
+    uint8_t* dst = scratch + blk * group_bytes;
+    for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<uint8_t>(qa[b0 + i] + 128);
+    for (int64_t i = len; i < group_bytes; ++i) dst[i] = 0;
+  }
+  const __m512i bias128 = _mm512_set1_epi32(128);
+  for (int64_t j0 = 0; j0 < p.n_pad; j0 += 16) {
+    __m512 acc_y = _mm512_setzero_ps();
+    for (int64_t blk = 0; blk < p.nb; ++blk) {
+      const int64_t len = std::min(p.block_size, p.k - blk * p.block_size);
+      const int64_t groups = (len + 3) / 4;
+      const int8_t* b = p.codes.data() + ((batch * p.nb + blk) * p.groups * p.n_pad + j0) * 4;
+      const uint8_t* a = scratch + blk * group_bytes;
+      __m512i acc = _mm512_setzero_si512();
+      for (int64_t g = 0; g < groups; ++g) {
+        int32_t a4;
+        std::memcpy(&a4, a + g * 4, 4);
+        const __m512i bv = _mm512_loadu_si512(b + g * p.n_pad * 4);
+        acc = _mm512_dpbusd_epi32(acc, _mm512_set1_epi32(a4), bv);
+      }
+      const size_t at = static_cast<size_t>((batch * p.nb + blk) * p.n_pad + j0);
+      const __m512i sums = _mm512_loadu_si512(p.sums.data() + at);
+      const __m512i dot = _mm512_sub_epi32(acc, _mm512_mullo_epi32(sums, bias128));
+      const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(sa[blk]), _mm512_loadu_ps(p.scales.data() + at));
+      acc_y = _mm512_add_ps(acc_y, _mm512_mul_ps(_mm512_cvtepi32_ps(dot), scale));
+    }
+    const int64_t left = p.n - j0;
+    if (left >= 16) {
+      _mm512_storeu_ps(y + j0, acc_y);
+    } else {
+      _mm512_mask_storeu_ps(y + j0, static_cast<__mmask16>((1u << left) - 1u), acc_y);
+    }
+  }
+}
+#else
+void DotRow(const PackedB&, int64_t, const int8_t*, const float*, uint8_t*, float*) {}
+#endif
+
+}  // namespace vnni
+}  // namespace nonlinear
+}  // namespace bct

@@ -1,0 +1,39 @@
+// BlockActMatMul's block dot products with AVX-512 VNNI (vpdpbusd), bit-identical to nl::act_dot:
+// the integer block sums are exact either way, and the float32 part (y += float(dot) * (sa * sb) in
+// block order from 0) runs the same IEEE operations, 16 columns at a time.
+//
+// vpdpbusd multiplies unsigned by signed bytes, so A's signed codes q are fed as q + 128 and
+// 128 * sum(B codes of the block) is subtracted afterwards (exact in int32).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace bct {
+namespace nonlinear {
+namespace vnni {
+
+// True when this CPU has AVX-512 F/BW/VNNI and BCT_ONNX_BASELINE_SIMD is not set.
+bool Available();
+
+// B's quantized codes of one batch in the VNNI layout: per block, ceil(block/4) groups of 4 k values;
+// per group, n_pad columns of 4 bytes (k = 4g .. 4g+3 of the block, zero-padded), n_pad = ceil(N/16)*16.
+struct PackedB {
+  int64_t n = 0, n_pad = 0, k = 0, block_size = 0, nb = 0, groups = 0;  // groups per full block
+  std::vector<int8_t> codes;    // [batches][nb][groups][n_pad][4]
+  std::vector<int32_t> sums;    // [batches][nb][n_pad]: sum of the block's codes of each column
+  std::vector<float> scales;    // [batches][nb][n_pad]
+};
+
+void InitPackedB(PackedB& packed, int64_t batches, int64_t n, int64_t k, int64_t block_size);
+
+// Stores the signed codes q [k] and scales [nb] of column `col` of batch `batch`.
+void PackColumn(PackedB& packed, int64_t batch, int64_t col, const int8_t* q, const float* scales);
+
+// One output row y [n] of batch `batch`: A's signed codes qa [k], scales sa [nb]. scratch needs
+// nb * groups * 4 bytes.
+void DotRow(const PackedB& packed, int64_t batch, const int8_t* qa, const float* sa, uint8_t* scratch, float* y);
+
+}  // namespace vnni
+}  // namespace nonlinear
+}  // namespace bct
