@@ -145,6 +145,16 @@ def test_float_operands(case: tuple[Any, ...]) -> None:
     assert y.shape == np.matmul(a, b).shape
 
 
+@pytest.mark.parametrize("case", CASES[:4], ids=case_id)
+def test_generic_cpu_path(case: tuple[Any, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    """BCT_ONNX_BASELINE_SIMD (read when a kernel is created) turns the AVX-512 VNNI dots off."""
+    monkeypatch.setenv("BCT_ONNX_BASELINE_SIMD", "1")
+    a_shape, b_shape, bits, bs = case
+    a, b = sample(a_shape, 1), sample(b_shape, 2)
+    (y,) = run_amm(a, b, bits, bs)
+    assert_bits_equal(y, ref.act_matmul(a, b, bits, bs), "Y")
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_transpose_b(case: tuple[Any, ...]) -> None:
     a_shape, b_shape, bits, bs = case
