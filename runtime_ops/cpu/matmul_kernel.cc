@@ -315,7 +315,8 @@ void Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
   const bool gemv = M < 4;
   const int64_t rows_per_task = gemv ? M : std::min<int64_t>(M, 32);
   const int64_t row_chunks = (M + rows_per_task - 1) / rows_per_task;
-  const int64_t target_tasks = gemv ? 32 : 64;
+  const int64_t work_tasks = std::max<int64_t>(1, M * s.K * s.N / (1 << 18));  // >= 256K MACs a task
+  const int64_t target_tasks = std::min<int64_t>(gemv ? 32 : 64, work_tasks);
   const int64_t tile_chunks_wanted = std::max<int64_t>(1, target_tasks / row_chunks);
   const int64_t tile_multiple = gemv ? 4 : 2;
   int64_t tiles_per_task = (p.num_tiles + tile_chunks_wanted - 1) / tile_chunks_wanted;
