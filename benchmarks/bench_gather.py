@@ -126,7 +126,7 @@ def main() -> None:
             True,
         ),
         (
-            "BlockGather 3-bit bs32 float16 (bct, generic path)",
+            "BlockGather 3-bit bs32 float16 (bct, odd width)",
             bct_block_gather(table, BlockFormat(3, 32, True, ScaleKind.FLOAT16)),
             True,
         ),

@@ -139,6 +139,37 @@ __attribute__((target("avx2"), always_inline)) inline void DequantizeSpan4Avx2(c
   DequantizeSpan4(codes, i, end, zero_point, scale, out);
 }
 
+// Odd widths: eight codes starting at a multiple of 8 fill `bits` bytes; one 64-bit word is split
+// into eight 32-bit lanes by variable shifts.
+__attribute__((target("avx2"))) void DequantizeSpanGenericAvx2(const uint8_t* codes, int64_t row_nbytes,
+                                                               int bits, int64_t begin, int64_t end,
+                                                               float zero_point, float scale, float* out) {
+  int64_t i = begin;
+  for (; i < end && (i & 7) != 0; ++i) out[i] = value_of(get_code(codes, i, bits, row_nbytes), zero_point, scale);
+  const __m256i shifts_lo = _mm256_setr_epi64x(0, bits, 2 * bits, 3 * bits);
+  const __m256i shifts_hi = _mm256_setr_epi64x(4 * bits, 5 * bits, 6 * bits, 7 * bits);
+  const __m256i mask = _mm256_set1_epi64x((int64_t{1} << bits) - 1);
+  const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  const __m256 zp = _mm256_set1_ps(zero_point);
+  const __m256 sc = _mm256_set1_ps(scale);
+  for (; i + 8 <= end; i += 8) {
+    const int64_t byte = (i >> 3) * bits;
+    uint64_t word = 0;
+    if (byte + 8 <= row_nbytes) {
+      std::memcpy(&word, codes + byte, 8);
+    } else {
+      for (int k = 0; k < bits; ++k) word |= static_cast<uint64_t>(codes[byte + k]) << (8 * k);
+    }
+    const __m256i w = _mm256_set1_epi64x(static_cast<int64_t>(word));
+    const __m256i lo = _mm256_and_si256(_mm256_srlv_epi64(w, shifts_lo), mask);  // codes 0..3 in 64-bit lanes
+    const __m256i hi = _mm256_and_si256(_mm256_srlv_epi64(w, shifts_hi), mask);  // codes 4..7
+    const __m256i pairs = _mm256_or_si256(lo, _mm256_slli_epi64(hi, 32));         // c0 c4 c1 c5 c2 c6 c3 c7
+    const __m256 f = _mm256_cvtepi32_ps(_mm256_permutevar8x32_epi32(pairs, order));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_sub_ps(f, zp), sc));
+  }
+  for (; i < end; ++i) out[i] = value_of(get_code(codes, i, bits, row_nbytes), zero_point, scale);
+}
+
 bool HasAvx2() {
   static const bool has = __builtin_cpu_supports("avx2");
   return has;
@@ -260,6 +291,13 @@ void DequantizeRow(const RowFormat& fmt, const uint8_t* codes, const void* scale
       for (int64_t k = 0; k < n; ++k) {
         const int64_t block_begin = begin + k * fmt.block_size;
         const int64_t block_end = std::min(end, block_begin + fmt.block_size);
+#if BCT_AVX2
+        if (avx2) {
+          DequantizeSpanGenericAvx2(codes, fmt.row_bytes, fmt.bits, block_begin, block_end, zp_buf[k], scale_buf[k],
+                                    out);
+          continue;
+        }
+#endif
         DequantizeSpanGeneric(codes, fmt.row_bytes, fmt.bits, block_begin, block_end, zp_buf[k], scale_buf[k], out);
       }
     }
