@@ -69,7 +69,14 @@ def matmul_reference(
     the integer form the kernels compute.
     """
     a_used, weight = matmul_operands(
-        a, w_codes, w_scales, w_zero_points, k=k, bits=bits, block_size=block_size, symmetric=symmetric,
+        a,
+        w_codes,
+        w_scales,
+        w_zero_points,
+        k=k,
+        bits=bits,
+        block_size=block_size,
+        symmetric=symmetric,
         act_bits=act_bits,
     )
     y = a_used @ weight.T

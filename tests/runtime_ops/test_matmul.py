@@ -24,7 +24,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import bct_onnx
-from bct_onnx.block_format import BlockFormat, ScaleKind, pack_codes
+from bct_onnx.block_format import ScaleKind, pack_codes
 from bct_onnx.ops import BLOCK_MATMUL, DOMAIN
 from bct_onnx.reference_ops import matmul_operands, matmul_reference
 
@@ -89,12 +89,23 @@ def matmul_model(
         weights["W_zero_points"] = zero_points
     if bias is not None:
         weights["bias"] = bias
-    inputs = ["A", "W_codes", "W_scales", "W_zero_points" if zero_points is not None else "",
-              "bias" if bias is not None else ""]
+    inputs = [
+        "A",
+        "W_codes",
+        "W_scales",
+        "W_zero_points" if zero_points is not None else "",
+        "bias" if bias is not None else "",
+    ]
     while inputs[-1] == "":
         inputs.pop()
-    attrs: dict[str, Any] = dict(K=k, N=n, bits=bits, block_size=block_size, symmetric=int(symmetric),
-                                 act_bits=act_bits)
+    attrs: dict[str, Any] = {
+        "K": k,
+        "N": n,
+        "bits": bits,
+        "block_size": block_size,
+        "symmetric": int(symmetric),
+        "act_bits": act_bits,
+    }
     attrs.update(attr_overrides)
     attrs = {key: value for key, value in attrs.items() if value is not None}
     node = helper.make_node(BLOCK_MATMUL, inputs, ["Y"], domain=DOMAIN, name=node_name, **attrs)
@@ -104,11 +115,19 @@ def matmul_model(
         if constant_weights:
             initializers.append(numpy_helper.from_array(value, name))
         else:
-            graph_inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), None))
-    graph = helper.make_graph([node], "g", graph_inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
-                              initializer=initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)],
-                              ir_version=9)
+            graph_inputs.append(
+                helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), None)
+            )
+    graph = helper.make_graph(
+        [node],
+        "g",
+        graph_inputs,
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        initializer=initializers,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)], ir_version=9
+    )
     return model.SerializeToString()
 
 
@@ -122,7 +141,9 @@ def run_matmul(model: bytes, a: np.ndarray, extra_feeds: dict[str, np.ndarray] |
 # Data
 
 
-def pow2_scales(rng: np.random.Generator, shape: tuple[int, ...], kind: ScaleKind, exponents: range) -> np.ndarray:
+def pow2_scales(
+    rng: np.random.Generator, shape: tuple[int, ...], kind: ScaleKind, exponents: range
+) -> np.ndarray:
     e = rng.integers(exponents.start, exponents.stop, shape)
     if kind is ScaleKind.POW2:
         return (e + 127).astype(np.uint8)
@@ -130,8 +151,16 @@ def pow2_scales(rng: np.random.Generator, shape: tuple[int, ...], kind: ScaleKin
     return (sign * np.ldexp(1.0, e)).astype(SCALE_DTYPES[kind])
 
 
-def random_weight(rng: np.random.Generator, n: int, k: int, bits: int, block_size: int, symmetric: bool,
-                  kind: ScaleKind, exact: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def random_weight(
+    rng: np.random.Generator,
+    n: int,
+    k: int,
+    bits: int,
+    block_size: int,
+    symmetric: bool,
+    kind: ScaleKind,
+    exact: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Packed codes, stored scales, zero points of a weight [N, K] with random codes."""
     nb = -(-k // block_size)
     codes = rng.integers(0, 1 << bits, (n, k)).astype(np.uint8)
@@ -143,7 +172,9 @@ def random_weight(rng: np.random.Generator, n: int, k: int, bits: int, block_siz
     return pack_codes(codes, bits), scales, zero_points
 
 
-def exact_activations(rng: np.random.Generator, shape: tuple[int, ...], block_size: int, act_bits: int) -> np.ndarray:
+def exact_activations(
+    rng: np.random.Generator, shape: tuple[int, ...], block_size: int, act_bits: int
+) -> np.ndarray:
     """float32 activations whose products and sums are exact in float32.
 
     act_bits == 0: integers in [-8, 8]. act_bits > 0: per block, integers j * 2**e with |j| < 2**(act_bits-1)
@@ -161,13 +192,14 @@ def exact_activations(rng: np.random.Generator, shape: tuple[int, ...], block_si
         where = b0 + rng.integers(0, width, rows)
         e = rng.integers(-1, 1, rows)
         sign = np.where(rng.random(rows) < 0.5, -1.0, 1.0)
-        a[:, b0:b0 + width] *= np.ldexp(1.0, e)[:, None]
+        a[:, b0 : b0 + width] *= np.ldexp(1.0, e)[:, None]
         a[np.arange(rows), where] = sign * half * np.ldexp(1.0, e)
     return a.reshape(shape).astype(np.float32)
 
 
-def tolerance(a: np.ndarray, codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None,
-              **fmt: Any) -> np.ndarray:
+def tolerance(
+    a: np.ndarray, codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, **fmt: Any
+) -> np.ndarray:
     """(K + 4) * 2**-24 * (|A'| @ |W'|^T): the stated float32 error bound per output element."""
     a_used, weight = matmul_operands(a, codes, scales, zero_points, **fmt)
     return (fmt["k"] + 4) * U * (np.abs(a_used) @ np.abs(weight).T) + 1e-30
@@ -181,14 +213,16 @@ def tolerance(a: np.ndarray, codes: np.ndarray, scales: np.ndarray, zero_points:
 @pytest.mark.parametrize("kind", list(ScaleKind), ids=lambda kind: kind.value)
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("bits", range(2, 9))
-def test_exact_matches_reference(isa: str, bits: int, symmetric: bool, kind: ScaleKind, act_bits: int) -> None:
+def test_exact_matches_reference(
+    isa: str, bits: int, symmetric: bool, kind: ScaleKind, act_bits: int
+) -> None:
     """K=29 with block_size 8 ends in a partial block; N=37 in a partial 16-column tile; bias on odd bits."""
     rng = np.random.default_rng(bits * 1000 + symmetric * 100 + act_bits * 10 + list(ScaleKind).index(kind))
     k, n, block_size = 29, 37, 8
     codes, scales, zero_points = random_weight(rng, n, k, bits, block_size, symmetric, kind, exact=True)
     bias = (rng.integers(-8, 9, n) / 2).astype(np.float32) if bits % 2 else None
     a = exact_activations(rng, (2, 3, k), block_size, act_bits)
-    fmt = dict(k=k, bits=bits, block_size=block_size, symmetric=symmetric, act_bits=act_bits)
+    fmt = {"k": k, "bits": bits, "block_size": block_size, "symmetric": symmetric, "act_bits": act_bits}
     model = matmul_model(n=n, codes=codes, scales=scales, zero_points=zero_points, bias=bias, **fmt)
     got = run_matmul(model, a)
     want = matmul_reference(a, codes, scales, zero_points, bias=bias, **fmt)
@@ -203,10 +237,10 @@ def test_exact_block_sizes(isa: str, block_size: int, act_bits: int) -> None:
     """Block sizes that are and are not multiples of the kernels' 8-element groups, 4-bit symmetric float16."""
     rng = np.random.default_rng(block_size + act_bits)
     k, n = 3 * block_size + 3, 40
-    codes, scales, zero_points = random_weight(rng, n, k, 4, block_size, True, ScaleKind.FLOAT16, exact=True)
+    codes, scales, _zero_points = random_weight(rng, n, k, 4, block_size, True, ScaleKind.FLOAT16, exact=True)
     a = exact_activations(rng, (5, k), block_size, act_bits)
     # keep sums exact for long blocks: small activations (act_bits 0) and few blocks
-    fmt = dict(k=k, bits=4, block_size=block_size, symmetric=True, act_bits=act_bits)
+    fmt = {"k": k, "bits": 4, "block_size": block_size, "symmetric": True, "act_bits": act_bits}
     got = run_matmul(matmul_model(n=n, codes=codes, scales=scales, zero_points=None, bias=None, **fmt), a)
     want = matmul_reference(a, codes, scales, None, **fmt)
     assert np.array_equal(want.astype(np.float32).astype(np.float64), want), "test data not exact in float32"
@@ -221,36 +255,47 @@ def test_exact_block_sizes(isa: str, block_size: int, act_bits: int) -> None:
 @pytest.mark.parametrize("kind", list(ScaleKind), ids=lambda kind: kind.value)
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
-def test_random_within_tolerance(isa: str, bits: int, symmetric: bool, kind: ScaleKind, act_bits: int) -> None:
+def test_random_within_tolerance(
+    isa: str, bits: int, symmetric: bool, kind: ScaleKind, act_bits: int
+) -> None:
     rng = np.random.default_rng(7 * bits + 3 * symmetric + act_bits)
     k, n, block_size = 200, 50, 32  # 6 full blocks and one of 8
     codes, scales, zero_points = random_weight(rng, n, k, bits, block_size, symmetric, kind, exact=False)
     bias = rng.standard_normal(n).astype(np.float32)
     a = rng.standard_normal((9, k)).astype(np.float32)
     a[:, ::13] *= 20  # outliers, as in real activations
-    fmt = dict(k=k, bits=bits, block_size=block_size, symmetric=symmetric, act_bits=act_bits)
-    got = run_matmul(matmul_model(n=n, codes=codes, scales=scales, zero_points=zero_points, bias=bias, **fmt), a)
+    fmt = {"k": k, "bits": bits, "block_size": block_size, "symmetric": symmetric, "act_bits": act_bits}
+    got = run_matmul(
+        matmul_model(n=n, codes=codes, scales=scales, zero_points=zero_points, bias=bias, **fmt), a
+    )
     want = matmul_reference(a, codes, scales, zero_points, bias=bias, **fmt)
     tol = tolerance(a, codes, scales, zero_points, **fmt) + np.abs(bias) * U
     err = np.abs(got.astype(np.float64) - want)
     assert np.all(err <= tol), f"isa={isa}: max error / tolerance = {np.max(err / tol):.3g}"
 
 
-@pytest.mark.parametrize("a_shape", [(96,), (1, 96), (3, 96), (2, 3, 96), (2, 1, 3, 96), (67, 96), (130, 96)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "a_shape",
+    [(96,), (1, 96), (3, 96), (2, 3, 96), (2, 1, 3, 96), (67, 96), (130, 96)],
+    ids=lambda s: "x".join(map(str, s)),
+)
 @pytest.mark.parametrize("act_bits", [0, 8])
 def test_ranks_and_rows(isa: str, a_shape: tuple[int, ...], act_bits: int) -> None:
     """A of rank 1..4; M = 1, small, and more than one 64-row work chunk; N = 100 (7 tiles, last partial)."""
     rng = np.random.default_rng(len(a_shape) + a_shape[0] + act_bits)
     k, n, block_size = 96, 100, 32
-    codes, scales, zero_points = random_weight(rng, n, k, 4, block_size, True, ScaleKind.FLOAT16, exact=False)
+    codes, scales, _zero_points = random_weight(
+        rng, n, k, 4, block_size, True, ScaleKind.FLOAT16, exact=False
+    )
     a = rng.standard_normal(a_shape).astype(np.float32)
-    fmt = dict(k=k, bits=4, block_size=block_size, symmetric=True, act_bits=act_bits)
+    fmt = {"k": k, "bits": 4, "block_size": block_size, "symmetric": True, "act_bits": act_bits}
     got = run_matmul(matmul_model(n=n, codes=codes, scales=scales, zero_points=None, bias=None, **fmt), a)
     assert got.shape == a_shape[:-1] + (n,)
     want = matmul_reference(a, codes, scales, None, **fmt)
     tol = tolerance(a, codes, scales, None, **fmt)
-    assert np.all(np.abs(got - want) <= tol), f"isa={isa}: max error / tolerance = {np.max(np.abs(got - want) / tol):.3g}"
+    assert np.all(np.abs(got - want) <= tol), (
+        f"isa={isa}: max error / tolerance = {np.max(np.abs(got - want) / tol):.3g}"
+    )
 
 
 def test_many_tiles_gemv_and_prefill(isa: str) -> None:
@@ -258,9 +303,11 @@ def test_many_tiles_gemv_and_prefill(isa: str) -> None:
     rng = np.random.default_rng(11)
     k, n = 256, 176
     for symmetric in (True, False):
-        codes, scales, zero_points = random_weight(rng, n, k, 4, 32, symmetric, ScaleKind.FLOAT16, exact=False)
+        codes, scales, zero_points = random_weight(
+            rng, n, k, 4, 32, symmetric, ScaleKind.FLOAT16, exact=False
+        )
         for act_bits in (0, 8):
-            fmt = dict(k=k, bits=4, block_size=32, symmetric=symmetric, act_bits=act_bits)
+            fmt = {"k": k, "bits": 4, "block_size": 32, "symmetric": symmetric, "act_bits": act_bits}
             model = matmul_model(n=n, codes=codes, scales=scales, zero_points=zero_points, bias=None, **fmt)
             for m in (1, 37):
                 a = rng.standard_normal((m, k)).astype(np.float32)
@@ -277,9 +324,10 @@ def test_weights_as_graph_inputs(isa: str) -> None:
     codes, scales, zero_points = random_weight(rng, n, k, 3, block_size, False, ScaleKind.FLOAT32, exact=True)
     bias = (rng.integers(-4, 5, n) / 4).astype(np.float32)
     a = exact_activations(rng, (4, k), block_size, 8)
-    fmt = dict(k=k, bits=3, block_size=block_size, symmetric=False, act_bits=8)
-    model = matmul_model(n=n, codes=codes, scales=scales, zero_points=zero_points, bias=bias, constant_weights=False,
-                         **fmt)
+    fmt = {"k": k, "bits": 3, "block_size": block_size, "symmetric": False, "act_bits": 8}
+    model = matmul_model(
+        n=n, codes=codes, scales=scales, zero_points=zero_points, bias=bias, constant_weights=False, **fmt
+    )
     feeds = {"W_codes": codes, "W_scales": scales, "W_zero_points": zero_points, "bias": bias}
     got = run_matmul(model, a, feeds)
     want = matmul_reference(a, codes, scales, zero_points, bias=bias, **fmt)
@@ -293,17 +341,35 @@ def test_bias_without_zero_points() -> None:
     codes, scales, _ = random_weight(rng, n, k, 4, 32, True, ScaleKind.FLOAT16, exact=True)
     bias = np.arange(n, dtype=np.float32)
     a = exact_activations(rng, (2, k), 32, 0)
-    fmt = dict(k=k, bits=4, block_size=32, symmetric=True, act_bits=0)
+    fmt = {"k": k, "bits": 4, "block_size": 32, "symmetric": True, "act_bits": 0}
     model = matmul_model(n=n, codes=codes, scales=scales, zero_points=None, bias=bias, **fmt)
-    assert [i for i in onnx.load_from_string(model).graph.node[0].input] == ["A", "W_codes", "W_scales", "", "bias"]
-    np.testing.assert_array_equal(run_matmul(model, a), matmul_reference(a, codes, scales, None, bias=bias, **fmt))
+    assert [i for i in onnx.load_from_string(model).graph.node[0].input] == [
+        "A",
+        "W_codes",
+        "W_scales",
+        "",
+        "bias",
+    ]
+    np.testing.assert_array_equal(
+        run_matmul(model, a), matmul_reference(a, codes, scales, None, bias=bias, **fmt)
+    )
 
 
 def test_empty_rows() -> None:
     rng = np.random.default_rng(1)
     codes, scales, _ = random_weight(rng, 8, 32, 4, 32, True, ScaleKind.FLOAT16, exact=True)
-    model = matmul_model(k=32, n=8, bits=4, block_size=32, symmetric=True, act_bits=8, codes=codes, scales=scales,
-                         zero_points=None, bias=None)
+    model = matmul_model(
+        k=32,
+        n=8,
+        bits=4,
+        block_size=32,
+        symmetric=True,
+        act_bits=8,
+        codes=codes,
+        scales=scales,
+        zero_points=None,
+        bias=None,
+    )
     assert run_matmul(model, np.zeros((0, 3, 32), np.float32)).shape == (0, 3, 8)
 
 
@@ -313,19 +379,23 @@ def test_empty_rows() -> None:
 
 def test_cuda_matches_cpu() -> None:
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip("onnxruntime has no CUDAExecutionProvider here (no GPU build / no GPU): CUDA kernel not run")
+        pytest.skip(
+            "onnxruntime has no CUDAExecutionProvider here (no GPU build / no GPU): CUDA kernel not run"
+        )
     rng = np.random.default_rng(3)
     k, n = 70, 33
     for act_bits in (0, 8):
         codes, scales, zero_points = random_weight(rng, n, k, 5, 16, False, ScaleKind.POW2, exact=True)
         a = exact_activations(rng, (3, k), 16, act_bits)
-        fmt = dict(k=k, bits=5, block_size=16, symmetric=False, act_bits=act_bits)
+        fmt = {"k": k, "bits": 5, "block_size": 16, "symmetric": False, "act_bits": act_bits}
         model = matmul_model(n=n, codes=codes, scales=scales, zero_points=zero_points, bias=None, **fmt)
         sess = bct_onnx.session(model, providers=["CUDAExecutionProvider"])
         if "CUDAExecutionProvider" not in sess.get_providers():
             pytest.skip("CUDAExecutionProvider could not be created (no GPU): CUDA kernel not run")
         got = sess.run(None, {"A": a})[0]
-        np.testing.assert_array_equal(got, matmul_reference(a, codes, scales, zero_points, **fmt).astype(np.float32))
+        np.testing.assert_array_equal(
+            got, matmul_reference(a, codes, scales, zero_points, **fmt).astype(np.float32)
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,9 +405,22 @@ def test_cuda_matches_cpu() -> None:
 def _valid(**overrides: Any) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     k, n, bits, block_size = 40, 12, 4, 16
-    codes, scales, zero_points = random_weight(rng, n, k, bits, block_size, True, ScaleKind.FLOAT16, exact=True)
-    spec: dict[str, Any] = dict(k=k, n=n, bits=bits, block_size=block_size, symmetric=True, act_bits=0, codes=codes,
-                                scales=scales, zero_points=zero_points, bias=None, node_name="bad_mm")
+    codes, scales, zero_points = random_weight(
+        rng, n, k, bits, block_size, True, ScaleKind.FLOAT16, exact=True
+    )
+    spec: dict[str, Any] = {
+        "k": k,
+        "n": n,
+        "bits": bits,
+        "block_size": block_size,
+        "symmetric": True,
+        "act_bits": 0,
+        "codes": codes,
+        "scales": scales,
+        "zero_points": zero_points,
+        "bias": None,
+        "node_name": "bad_mm",
+    }
     spec.update(overrides)
     return spec
 
@@ -345,8 +428,9 @@ def _valid(**overrides: Any) -> dict[str, Any]:
 PREFIX = "bct_onnx BlockMatMul node 'bad_mm': "
 
 
-def _expect_error(model_spec: dict[str, Any], a: np.ndarray, message: str,
-                  extra_feeds: dict[str, np.ndarray] | None = None) -> None:
+def _expect_error(
+    model_spec: dict[str, Any], a: np.ndarray, message: str, extra_feeds: dict[str, np.ndarray] | None = None
+) -> None:
     with pytest.raises(Exception, match=re.escape(PREFIX + message)):
         run_matmul(matmul_model(**model_spec), a, extra_feeds)
 
@@ -357,13 +441,13 @@ A_OK = np.ones((2, 40), np.float32)
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (dict(act_bits=1), "attribute 'act_bits' must be 0 (float activations) or in 2..8, got 1"),
-        (dict(act_bits=9), "attribute 'act_bits' must be 0 (float activations) or in 2..8, got 9"),
-        (dict(bits=9), "attribute 'bits' must be in 2..8, got 9"),
-        (dict(block_size=0), "attribute 'block_size' must be >= 1, got 0"),
-        (dict(N=None, n=12), "required int attribute 'N' is missing"),
-        (dict(K=None), "required int attribute 'K' is missing"),
-        (dict(symmetric=2), "attribute 'symmetric' must be 0 or 1, got 2"),
+        ({"act_bits": 1}, "attribute 'act_bits' must be 0 (float activations) or in 2..8, got 1"),
+        ({"act_bits": 9}, "attribute 'act_bits' must be 0 (float activations) or in 2..8, got 9"),
+        ({"bits": 9}, "attribute 'bits' must be in 2..8, got 9"),
+        ({"block_size": 0}, "attribute 'block_size' must be >= 1, got 0"),
+        ({"N": None, "n": 12}, "required int attribute 'N' is missing"),
+        ({"K": None}, "required int attribute 'K' is missing"),
+        ({"symmetric": 2}, "attribute 'symmetric' must be 0 or 1, got 2"),
     ],
     ids=["act_bits=1", "act_bits=9", "bits=9", "block_size=0", "no N", "no K", "symmetric=2"],
 )
@@ -379,36 +463,70 @@ def test_bad_attributes(overrides: dict[str, Any], message: str) -> None:
 def test_bad_inputs() -> None:
     rng = np.random.default_rng(1)
     good = _valid()
-    _expect_error(good, np.ones((2, 41), np.float32), "input 'A' must have last dimension K = 40, got shape [2, 41]")
+    _expect_error(
+        good, np.ones((2, 41), np.float32), "input 'A' must have last dimension K = 40, got shape [2, 41]"
+    )
     _expect_error(good, np.ones((), np.float32), "input 'A' must have rank >= 1, got shape []")
-    _expect_error(dict(good, a_type=TensorProto.DOUBLE), np.ones((2, 40)), "input 'A' must be float32, got float64")
-    _expect_error(dict(good, codes=good["codes"][:, :-1]), A_OK,
-                  "input 'W_codes' must have shape [N, ceil(K * bits / 8)] = [12, 20], got [12, 19]")
-    _expect_error(dict(good, codes=good["codes"].view(np.int8)), A_OK, "input 'W_codes' must be uint8, got int8")
-    _expect_error(dict(good, scales=good["scales"].astype(np.float64)), A_OK,
-                  "input 'W_scales' must be float16, float32 or uint8 (pow2 exponents), got float64")
-    _expect_error(dict(good, scales=good["scales"][:, :2]), A_OK,
-                  "input 'W_scales' must have shape [N, ceil(K / block_size)] = [12, 3], got [12, 2]")
-    _expect_error(dict(good, bias=np.zeros(11, np.float32)), A_OK, "input 'bias' must have shape [N] = [12], got [11]")
-    _expect_error(dict(good, bias=np.zeros(12, np.float64)), A_OK, "input 'bias' must be float32, got float64")
+    _expect_error(
+        dict(good, a_type=TensorProto.DOUBLE), np.ones((2, 40)), "input 'A' must be float32, got float64"
+    )
+    _expect_error(
+        dict(good, codes=good["codes"][:, :-1]),
+        A_OK,
+        "input 'W_codes' must have shape [N, ceil(K * bits / 8)] = [12, 20], got [12, 19]",
+    )
+    _expect_error(
+        dict(good, codes=good["codes"].view(np.int8)), A_OK, "input 'W_codes' must be uint8, got int8"
+    )
+    _expect_error(
+        dict(good, scales=good["scales"].astype(np.float64)),
+        A_OK,
+        "input 'W_scales' must be float16, float32 or uint8 (pow2 exponents), got float64",
+    )
+    _expect_error(
+        dict(good, scales=good["scales"][:, :2]),
+        A_OK,
+        "input 'W_scales' must have shape [N, ceil(K / block_size)] = [12, 3], got [12, 2]",
+    )
+    _expect_error(
+        dict(good, bias=np.zeros(11, np.float32)), A_OK, "input 'bias' must have shape [N] = [12], got [11]"
+    )
+    _expect_error(
+        dict(good, bias=np.zeros(12, np.float64)), A_OK, "input 'bias' must be float32, got float64"
+    )
     zp = rng.integers(0, 16, (12, 3)).astype(np.uint8)
-    _expect_error(dict(good, zero_points=zp), A_OK, "input 'W_zero_points' must be absent when attribute 'symmetric' is 1")
-    _expect_error(dict(good, symmetric=False), A_OK,
-                  "input 'W_zero_points' is required when attribute 'symmetric' is 0")
-    _expect_error(dict(good, symmetric=False, zero_points=zp[:, :2]), A_OK,
-                  "input 'W_zero_points' must have shape [N, ceil(K / block_size)] = [12, 3], got [12, 2]")
+    _expect_error(
+        dict(good, zero_points=zp),
+        A_OK,
+        "input 'W_zero_points' must be absent when attribute 'symmetric' is 1",
+    )
+    _expect_error(
+        dict(good, symmetric=False), A_OK, "input 'W_zero_points' is required when attribute 'symmetric' is 0"
+    )
+    _expect_error(
+        dict(good, symmetric=False, zero_points=zp[:, :2]),
+        A_OK,
+        "input 'W_zero_points' must have shape [N, ceil(K / block_size)] = [12, 3], got [12, 2]",
+    )
 
 
 def test_bad_inputs_at_run_time() -> None:
     """Weights fed at run time are validated on every call."""
     good = _valid(constant_weights=False)
     feeds = {"W_codes": good["codes"], "W_scales": good["scales"]}
-    _expect_error(good, A_OK, "input 'W_codes' must have shape [N, ceil(K * bits / 8)] = [12, 20], got [12, 19]",
-                  dict(feeds, W_codes=good["codes"][:, :-1]))
+    _expect_error(
+        good,
+        A_OK,
+        "input 'W_codes' must have shape [N, ceil(K * bits / 8)] = [12, 20], got [12, 19]",
+        dict(feeds, W_codes=good["codes"][:, :-1]),
+    )
     int_scales = np.zeros((12, 3), np.int32)
-    _expect_error(dict(good, scales=int_scales), A_OK,
-                  "input 'W_scales' must be float16, float32 or uint8 (pow2 exponents), got int32",
-                  dict(feeds, W_scales=int_scales))
+    _expect_error(
+        dict(good, scales=int_scales),
+        A_OK,
+        "input 'W_scales' must be float16, float32 or uint8 (pow2 exponents), got int32",
+        dict(feeds, W_scales=int_scales),
+    )
 
 
 def test_bad_isa_name(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -422,10 +540,20 @@ def test_isa_env_is_restored() -> None:
 
 
 def test_block_too_large_for_int32() -> None:
-    spec = _valid(k=70000, n=1, bits=8, block_size=70000, act_bits=8,
-                  codes=np.zeros((1, 70000), np.uint8), scales=np.ones((1, 1), np.float16))
-    _expect_error(spec, np.ones((1, 70000), np.float32),
-                  "attribute 'block_size' (70000) is too large for integer accumulation with bits=8 and act_bits=8")
+    spec = _valid(
+        k=70000,
+        n=1,
+        bits=8,
+        block_size=70000,
+        act_bits=8,
+        codes=np.zeros((1, 70000), np.uint8),
+        scales=np.ones((1, 1), np.float16),
+    )
+    _expect_error(
+        spec,
+        np.ones((1, 70000), np.float32),
+        "attribute 'block_size' (70000) is too large for integer accumulation with bits=8 and act_bits=8",
+    )
 
 
 @pytest.mark.parametrize("act_bits", [0, 8])
@@ -436,7 +564,9 @@ def test_exact_k_below_block_size(isa: str, k: int, act_bits: int) -> None:
     n, block_size = 21, 32
     codes, scales, zero_points = random_weight(rng, n, k, 3, block_size, False, ScaleKind.POW2, exact=True)
     a = exact_activations(rng, (3, k), block_size, act_bits)
-    fmt = dict(k=k, bits=3, block_size=block_size, symmetric=False, act_bits=act_bits)
-    got = run_matmul(matmul_model(n=n, codes=codes, scales=scales, zero_points=zero_points, bias=None, **fmt), a)
+    fmt = {"k": k, "bits": 3, "block_size": block_size, "symmetric": False, "act_bits": act_bits}
+    got = run_matmul(
+        matmul_model(n=n, codes=codes, scales=scales, zero_points=zero_points, bias=None, **fmt), a
+    )
     want = matmul_reference(a, codes, scales, zero_points, **fmt)
     np.testing.assert_array_equal(got, want.astype(np.float32), err_msg=f"isa={isa}")
