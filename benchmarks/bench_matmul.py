@@ -93,7 +93,9 @@ def int8_dynamic(weight: np.ndarray, m: int) -> onnx.ModelProto:
 def block_matmul(act_bits: int) -> Callable[[np.ndarray, int], onnx.ModelProto]:
     def build(weight: np.ndarray, m: int) -> onnx.ModelProto:
         k, n = weight.shape
-        fmt = block_format.BlockFormat(bits=4, block_size=32, symmetric=True, scale_kind=block_format.ScaleKind.FLOAT16)
+        fmt = block_format.BlockFormat(
+            bits=4, block_size=32, symmetric=True, scale_kind=block_format.ScaleKind.FLOAT16
+        )
         q = block_format.quantize(np.ascontiguousarray(weight.T), fmt)
         node = helper.make_node(
             ops.BLOCK_MATMUL,
