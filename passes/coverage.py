@@ -103,3 +103,20 @@ def format_shares(rows: dict[str, dict[str, KindShare]]) -> str:
             )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def shares_for_files(paths: dict[str, str], config: object | None = None) -> dict[str, dict[str, KindShare]]:
+    """Compress each .onnx file (name -> path) with config (default: everything) and return its shares.
+
+    The README's family x op-kind table: ``format_shares(shares_for_files({...}))``.
+    """
+    from bct_onnx.passes.pipeline import compress_model
+
+    from bct_onnx.config import CompressConfig
+
+    cfg = config if isinstance(config, CompressConfig) else CompressConfig()
+    rows: dict[str, dict[str, KindShare]] = {}
+    for name, path in paths.items():
+        model = ir.load(path)
+        rows[name] = target_kind_shares(model, compress_model(model, cfg).model)
+    return rows
