@@ -114,7 +114,7 @@ def lane_sum(v: np.ndarray) -> np.ndarray:
     pad = -d % LANES
     if pad:
         v = np.concatenate([v, np.zeros(v.shape[:-1] + (pad,), np.float32)], axis=-1)
-    lanes = v.reshape(v.shape[:-1] + (-1, LANES))
+    lanes = v.reshape(v.shape[:-1] + ((d + pad) // LANES, LANES))
     # Each lane starts from +0.0 like the kernels' accumulators (so an all -0.0 lane sums to +0.0).
     lanes = np.concatenate([np.zeros(lanes.shape[:-2] + (1, LANES), np.float32), lanes], axis=-2)
     acc = np.add.accumulate(lanes, axis=-2, dtype=np.float32)[..., -1, :]  # sequential per lane
@@ -190,6 +190,10 @@ def act_matmul(
     if a.shape[-1] != bt.shape[-1]:
         raise ValueError(f"K mismatch: A {a.shape}, B {b.shape}, transpose_b={transpose_b}")
     fmt = BlockFormat(act_bits, block_size, True, ScaleKind.FLOAT32)
+    batch = np.broadcast_shapes(a.shape[:-2], bt.shape[:-2])
+    m, n = a.shape[-2], bt.shape[-2]
+    if a.size == 0 or bt.size == 0:
+        return np.zeros(batch + (m, n), np.float32)  # empty, or K = 0 is rejected by the kernels anyway
     zp = 1 << (act_bits - 1)
     ca, sa, _ = quantize_codes(a, fmt)
     cb, sb, _ = quantize_codes(bt, fmt)
@@ -197,8 +201,6 @@ def act_matmul(
     qb = cb.astype(np.int64) - zp  # [..., N, K]
     k = a.shape[-1]
     nb = fmt.num_blocks(k)
-    batch = np.broadcast_shapes(a.shape[:-2], bt.shape[:-2])
-    m, n = a.shape[-2], bt.shape[-2]
     acc = np.zeros(batch + (m, n), np.float32)
     for blk in range(nb):
         lo, hi = blk * block_size, min(k, (blk + 1) * block_size)

@@ -23,16 +23,23 @@ from bct_onnx import block_format as bf
 from bct_onnx.ops import DOMAIN
 
 
-def model(nodes: list[onnx.NodeProto], inputs: dict[str, np.ndarray], outputs: list[str], opset: int) -> bytes:
-    types = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
-             np.dtype(np.uint8): TensorProto.UINT8}
+def model(
+    nodes: list[onnx.NodeProto], inputs: dict[str, np.ndarray], outputs: list[str], opset: int
+) -> bytes:
+    types = {
+        np.dtype(np.float32): TensorProto.FLOAT,
+        np.dtype(np.float16): TensorProto.FLOAT16,
+        np.dtype(np.uint8): TensorProto.UINT8,
+    }
     graph = helper.make_graph(
-        nodes, "bench",
+        nodes,
+        "bench",
         [helper.make_tensor_value_info(n, types[v.dtype], list(v.shape)) for n, v in inputs.items()],
         [helper.make_value_info(o, onnx.TypeProto()) for o in outputs],
     )
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)],
-                          ir_version=9)
+    m = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)], ir_version=9
+    )
     return m.SerializeToString()
 
 
@@ -66,19 +73,53 @@ def row_op_cases(rows: int, d: int) -> list[tuple[str, Any, Any, Any]]:
     for name, onnx_op, onnx_attrs, our_op, extra, our_attrs, opset in [
         ("Gelu", "Gelu", {}, "BlockGelu", {}, {}, 20),
         ("Softmax", "Softmax", {"axis": -1}, "BlockSoftmax", {}, {}, 13),
-        ("LayerNorm", "LayerNormalization", {"axis": -1, "epsilon": 1e-5}, "BlockLayerNorm",
-         {"scale": scale, "bias": bias}, {"epsilon": 1e-5}, 17),
+        (
+            "LayerNorm",
+            "LayerNormalization",
+            {"axis": -1, "epsilon": 1e-5},
+            "BlockLayerNorm",
+            {"scale": scale, "bias": bias},
+            {"epsilon": 1e-5},
+            17,
+        ),
     ]:
         extra_names = list(extra)
-        ref_model = model([helper.make_node(onnx_op, ["x"] + extra_names, ["y"], **onnx_attrs)],
-                          {"x": x, **extra}, ["y"], opset)
-        float_model = model([helper.make_node(our_op, ["x", "", ""] + extra_names, ["y"], domain=DOMAIN,
-                                              **our_attrs)], {"x": x, **extra}, ["y"], opset)
-        quant_model = model([helper.make_node(our_op, ["c", "s", ""] + extra_names, ["yc", "ys", "yz"],
-                                              domain=DOMAIN, **our_attrs, **q_in, **q_out)],
-                            {"c": qx.codes, "s": qx.scales, **extra}, ["yc", "ys", "yz"], opset)
-        cases.append((f"{name} {rows}x{d}", (ref_model, {"x": x, **extra}), (float_model, {"x": x, **extra}),
-                      (quant_model, {"c": qx.codes, "s": qx.scales, **extra})))
+        ref_model = model(
+            [helper.make_node(onnx_op, ["x"] + extra_names, ["y"], **onnx_attrs)],
+            {"x": x, **extra},
+            ["y"],
+            opset,
+        )
+        float_model = model(
+            [helper.make_node(our_op, ["x", "", ""] + extra_names, ["y"], domain=DOMAIN, **our_attrs)],
+            {"x": x, **extra},
+            ["y"],
+            opset,
+        )
+        quant_model = model(
+            [
+                helper.make_node(
+                    our_op,
+                    ["c", "s", ""] + extra_names,
+                    ["yc", "ys", "yz"],
+                    domain=DOMAIN,
+                    **our_attrs,
+                    **q_in,
+                    **q_out,
+                )
+            ],
+            {"c": qx.codes, "s": qx.scales, **extra},
+            ["yc", "ys", "yz"],
+            opset,
+        )
+        cases.append(
+            (
+                f"{name} {rows}x{d}",
+                (ref_model, {"x": x, **extra}),
+                (float_model, {"x": x, **extra}),
+                (quant_model, {"c": qx.codes, "s": qx.scales, **extra}),
+            )
+        )
     return cases
 
 
@@ -87,17 +128,46 @@ def act_matmul_case(heads: int, seq: int, head_dim: int) -> tuple[str, Any, Any,
     q = rng.standard_normal((1, heads, seq, head_dim)).astype(np.float32)
     k = rng.standard_normal((1, heads, head_dim, seq)).astype(np.float32)
     ref_model = model([helper.make_node("MatMul", ["q", "k"], ["y"])], {"q": q, "k": k}, ["y"], 17)
-    ours = model([helper.make_node("BlockActMatMul", ["q", "", "", "k"], ["y"], domain=DOMAIN, act_bits=8,
-                                   block_size=32)], {"q": q, "k": k}, ["y"], 17)
-    ours_q = model([helper.make_node("BlockActMatMul", ["q", "", "", "k"], ["yc", "ys"], domain=DOMAIN, act_bits=8,
-                                     block_size=32, out_bits=8, out_block_size=32)], {"q": q, "k": k},
-                   ["yc", "ys"], 17)
+    ours = model(
+        [
+            helper.make_node(
+                "BlockActMatMul", ["q", "", "", "k"], ["y"], domain=DOMAIN, act_bits=8, block_size=32
+            )
+        ],
+        {"q": q, "k": k},
+        ["y"],
+        17,
+    )
+    ours_q = model(
+        [
+            helper.make_node(
+                "BlockActMatMul",
+                ["q", "", "", "k"],
+                ["yc", "ys"],
+                domain=DOMAIN,
+                act_bits=8,
+                block_size=32,
+                out_bits=8,
+                out_block_size=32,
+            )
+        ],
+        {"q": q, "k": k},
+        ["yc", "ys"],
+        17,
+    )
     feeds = {"q": q, "k": k}
-    return (f"ActMatMul QK^T {heads}h {seq}x{head_dim}x{seq}", (ref_model, feeds), (ours, feeds), (ours_q, feeds))
+    return (
+        f"ActMatMul QK^T {heads}h {seq}x{head_dim}x{seq}",
+        (ref_model, feeds),
+        (ours, feeds),
+        (ours_q, feeds),
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args()

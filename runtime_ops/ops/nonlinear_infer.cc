@@ -1,5 +1,6 @@
 // Type and shape inference of the nonlinear ops and BlockActMatMul (ops/nonlinear_io.h), written
 // against the C API so nothing here can throw into ONNX Runtime. Unknown dims are set to -1.
+#include <atomic>
 #include <string>
 #include <vector>
 
@@ -99,14 +100,28 @@ InferDims InferOperandDims(OrtShapeInferContext* ctx) {
 
 namespace {
 
+// A fresh symbolic name for a dim nothing is known about: ONNX Runtime would read -1 without a
+// name as a dim of size -1 (and warn when the real size differs).
+std::string FreshSymbol() {
+  static std::atomic<uint64_t> counter{0};
+  return "bct_dim_" + std::to_string(counter.fetch_add(1));
+}
+
+// Sets output index to dtype with the leading dims of `lead` (all but its last) and a last dim of
+// `last` / `last_symbol` (-1 and "": unknown).
 OrtStatusPtr SetOutput(OrtShapeInferContext* ctx, size_t index, ONNXTensorElementDataType dtype,
-                       const InferDims& lead, int64_t last) {
+                       const InferDims& lead, int64_t last, const std::string& last_symbol = "") {
   const OrtApi& api = Ort::GetApi();
   std::vector<int64_t> dims(lead.dims.begin(), lead.dims.end() - 1);
-  std::vector<const char*> symbols;
-  for (size_t i = 0; i + 1 < lead.symbols.size(); ++i) symbols.push_back(lead.symbols[i].c_str());
+  std::vector<std::string> names(lead.symbols.begin(), lead.symbols.end() - 1);
   dims.push_back(last);
-  symbols.push_back("");
+  names.push_back(last > 0 ? "" : last_symbol);
+  for (size_t i = 0; i < dims.size(); ++i) {
+    if (dims[i] < 0 && names[i].empty()) names[i] = FreshSymbol();
+    if (!names[i].empty()) dims[i] = -1;
+  }
+  std::vector<const char*> symbols;
+  for (const std::string& n : names) symbols.push_back(n.c_str());
   OrtTensorTypeAndShapeInfo* info = nullptr;
   if (OrtStatus* s = api.CreateTensorTypeAndShapeInfo(&info)) return s;
   OrtStatus* s = api.SetTensorElementType(info, dtype);
@@ -125,7 +140,10 @@ OrtStatusPtr InferResult(OrtShapeInferContext* ctx, const InferDims& logical) {
   int64_t bits = 0, block_size = 0, symmetric = 1;
   InferIntAttr(ctx, "out_bits", &bits);
   if (bits == 0) {
-    if (OrtStatus* s = SetOutput(ctx, 0, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, logical, logical.dims.back())) return s;
+    if (OrtStatus* s = SetOutput(ctx, 0, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, logical, logical.dims.back(),
+                                 logical.symbols.back())) {
+      return s;
+    }
     // Outputs the attributes do not ask for get a type so that the kernel, not type inference,
     // reports them (index out of range when absent: ignored).
     for (size_t i = 1; i < 3; ++i) {

@@ -215,14 +215,34 @@ inline ONNXTensorElementDataType ScaleDtypeOf(ScaleKind kind) {
   }
 }
 
+// Allocates output index; returns false when the node does not have it. Unlike GetOutput of
+// op_common.h, an empty tensor (null data) still counts as present.
+inline bool AllocateOutput(const Ort::KernelContext& ctx, const NodeRef& node, size_t index, const char* name,
+                           const std::vector<int64_t>& shape, ONNXTensorElementDataType dtype, void** data) {
+  *data = nullptr;
+  if (index >= ctx.GetOutputCount()) return false;
+  Ort::UnownedValue value = ctx.GetOutput(index, shape);
+  if (value == nullptr) return false;
+  const ONNXTensorElementDataType got = value.GetTensorTypeAndShapeInfo().GetElementType();
+  if (got != dtype) {
+    node.Fail(std::string("output '") + name + "' is declared " + DtypeName(got) + " in the graph but is " +
+              DtypeName(dtype));
+  }
+  *data = value.GetTensorMutableRawData();
+  return true;
+}
+
 inline Result AllocateResult(const Ort::KernelContext& ctx, const NodeRef& node, const ResultAttrs& attrs,
                              const std::vector<int64_t>& shape) {
   Result r;
   r.axis_size = shape.back();
   const size_t outputs = ctx.GetOutputCount();
+  void* data = nullptr;
   if (attrs.bits == 0) {
-    r.y = GetOutput<float>(ctx, node, 0, "Y", shape, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
-    if (r.y == nullptr) node.Fail("output 'Y' is required");
+    if (!AllocateOutput(ctx, node, 0, "Y", shape, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &data)) {
+      node.Fail("output 'Y' is required");
+    }
+    r.y = static_cast<float*>(data);
     for (size_t i = 1; i < outputs; ++i) {
       if (ctx.GetOutput(i, std::vector<int64_t>{0}) != nullptr) {
         node.Fail(std::string("output '") + (i == 1 ? "Y_scales" : "Y_zero_points") +
@@ -235,19 +255,24 @@ inline Result AllocateResult(const Ort::KernelContext& ctx, const NodeRef& node,
   r.row_bytes = row_bytes(r.axis_size, attrs.bits);
   r.num_blocks = num_blocks(r.axis_size, attrs.block_size);
   const std::vector<int64_t> block_shape = WithLast(shape, r.num_blocks);
-  r.codes = GetOutput<uint8_t>(ctx, node, 0, "Y", WithLast(shape, r.row_bytes), ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
-  if (r.codes == nullptr) node.Fail("output 'Y' (codes) is required");
-  if (outputs < 2) node.Fail("output 'Y_scales' is required when out_bits > 0");
-  r.scales = GetOutput<void>(ctx, node, 1, "Y_scales", block_shape, ScaleDtypeOf(attrs.scale_kind));
-  if (r.scales == nullptr) node.Fail("output 'Y_scales' is required when out_bits > 0");
-  if (outputs >= 3) {
-    if (attrs.symmetric) {
-      if (ctx.GetOutput(2, block_shape) != nullptr) node.Fail("output 'Y_zero_points' must be absent when out_symmetric=1");
-    } else {
-      r.zero_points = GetOutput<uint8_t>(ctx, node, 2, "Y_zero_points", block_shape, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
-    }
+  if (!AllocateOutput(ctx, node, 0, "Y", WithLast(shape, r.row_bytes), ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, &data)) {
+    node.Fail("output 'Y' (codes) is required");
   }
-  if (!attrs.symmetric && r.zero_points == nullptr) node.Fail("output 'Y_zero_points' is required when out_symmetric=0");
+  r.codes = static_cast<uint8_t*>(data);
+  if (!AllocateOutput(ctx, node, 1, "Y_scales", block_shape, ScaleDtypeOf(attrs.scale_kind), &data)) {
+    node.Fail("output 'Y_scales' is required when out_bits > 0");
+  }
+  r.scales = data;
+  if (attrs.symmetric) {
+    if (outputs >= 3 && ctx.GetOutput(2, block_shape) != nullptr) {
+      node.Fail("output 'Y_zero_points' must be absent when out_symmetric=1");
+    }
+  } else {
+    if (!AllocateOutput(ctx, node, 2, "Y_zero_points", block_shape, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, &data)) {
+      node.Fail("output 'Y_zero_points' is required when out_symmetric=0");
+    }
+    r.zero_points = static_cast<uint8_t*>(data);
+  }
   return r;
 }
 

@@ -67,6 +67,8 @@ def run(model: bytes, feeds: dict[str, np.ndarray], providers: list[str] | None 
 def assert_bits_equal(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    if actual.size == 0:
+        return
     a = np.ascontiguousarray(actual).view(np.uint8).reshape(actual.size, -1)
     e = np.ascontiguousarray(expected).view(np.uint8).reshape(expected.size, -1)
     bad = np.flatnonzero(np.any(a != e, axis=1))
@@ -164,6 +166,15 @@ def test_transpose_b(case: tuple[Any, ...]) -> None:
     assert_bits_equal(y, ref.act_matmul(a, bt, bits, bs, transpose_b=True), "Y")
     # Same quantized operands as without transpose_b: same result bits.
     assert_bits_equal(y, ref.act_matmul(a, np.swapaxes(bt, -1, -2), bits, bs), "Y vs untransposed")
+
+
+@pytest.mark.parametrize(
+    "shapes", [((0, 8), (8, 3)), ((2, 0, 8), (8, 3)), ((3, 8), (8, 0))], ids=["m0", "batch-m0", "n0"]
+)
+def test_empty_operands(shapes: tuple[tuple[int, ...], tuple[int, ...]]) -> None:
+    a, b = np.ones(shapes[0], np.float32), np.ones(shapes[1], np.float32)
+    (y,) = run_amm(a, b, 8, 4)
+    assert y.shape == np.matmul(a, b).shape and y.dtype == np.float32
 
 
 @pytest.mark.parametrize(
