@@ -97,7 +97,7 @@ std::unique_ptr<PackedWeights> Pack(const Shape& shape, const WeightInputs& weig
   p->shape = shape;
   p->isa = isa;
   const int64_t K = shape.K, N = shape.N, nb = shape.num_blocks(), row_bytes = shape.row_bytes();
-  const int bs = shape.block_size;
+  const int64_t bs = shape.block_size;
   p->num_blocks = nb;
   p->implicit_zero_point = static_cast<float>(1 << (shape.bits - 1));
   std::vector<uint8_t> row(static_cast<size_t>(K));
@@ -118,7 +118,7 @@ std::unique_ptr<PackedWeights> Pack(const Shape& shape, const WeightInputs& weig
     return p;
   }
 
-  const int64_t bkp = (bs + 7) / 8 * 8;
+  const int64_t bkp = (std::min<int64_t>(bs, K) + 7) / 8 * 8;  // no block is longer than K
   const int64_t k_padded = nb * bkp;
   const bool nibble = shape.bits <= 4;
   const int64_t group_k = nibble ? 8 : 4;

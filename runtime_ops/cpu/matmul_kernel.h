@@ -48,7 +48,7 @@ struct Shape {
   int64_t K = 0;
   int64_t N = 0;
   int bits = 4;
-  int block_size = 32;
+  int64_t block_size = 32;
   bool symmetric = true;
   int act_bits = 0;
 
@@ -74,7 +74,7 @@ struct PackedWeights {
   Shape shape;
   Isa isa = Isa::kScalar;
   int64_t num_blocks = 0;
-  int64_t block_padded = 0;  // SIMD: block_size rounded up to 8; scalar: block_size
+  int64_t block_padded = 0;  // SIMD: min(block_size, K) rounded up to 8; scalar: block_size
   int64_t k_padded = 0;      // num_blocks * block_padded
   int64_t num_tiles = 0;     // SIMD: ceil(N / 16)
   int64_t tile_bytes = 0;    // SIMD: code bytes of one tile

@@ -7,6 +7,7 @@
 // Output: Y float32 [..., N].
 #include "bct/matmul_op.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <memory>
 #include <string>
@@ -58,7 +59,8 @@ MatMulAttrs ReadMatMulAttrs(const OrtKernelInfo* info, const NodeRef& node) {
   attrs.act_bits = static_cast<int>(act_bits);
   if (attrs.act_bits > 0) {
     // Integer mode sums a block's products in int32: block_size * (2**bits - 1) * 2**(act_bits - 1) must fit.
-    const double worst = static_cast<double>(attrs.block.block_size) * ((1 << attrs.block.bits) - 1) *
+    const int64_t longest_block = std::min(attrs.block.block_size, attrs.K());
+    const double worst = static_cast<double>(longest_block) * ((1 << attrs.block.bits) - 1) *
                          static_cast<double>(1 << (attrs.act_bits - 1));
     if (worst >= 2147483648.0) {
       node.Fail("attribute 'block_size' (" + std::to_string(attrs.block.block_size) +
@@ -153,7 +155,7 @@ matmul::Shape KernelShape(const MatMulAttrs& attrs) {
   shape.K = attrs.K();
   shape.N = attrs.N;
   shape.bits = attrs.block.bits;
-  shape.block_size = static_cast<int>(attrs.block.block_size);
+  shape.block_size = attrs.block.block_size;
   shape.symmetric = attrs.block.symmetric;
   shape.act_bits = attrs.act_bits;
   return shape;

@@ -570,3 +570,21 @@ def test_exact_k_below_block_size(isa: str, k: int, act_bits: int) -> None:
     )
     want = matmul_reference(a, codes, scales, zero_points, **fmt)
     np.testing.assert_array_equal(got, want.astype(np.float32), err_msg=f"isa={isa}")
+
+
+@pytest.mark.parametrize("act_bits", [0, 8])
+def test_block_size_far_beyond_k(isa: str, act_bits: int) -> None:
+    """block_size = 2**30 with K = 40 is one block of 40: nothing may be sized by block_size itself.
+
+    (The numpy reference repeats scales block_size times, so it runs with block_size = K, the same format.)
+    """
+    rng = np.random.default_rng(act_bits)
+    k, n = 40, 18
+    codes, scales, _ = random_weight(rng, n, k, 4, k, True, ScaleKind.FLOAT16, exact=True)
+    a = exact_activations(rng, (2, k), k, act_bits)
+    fmt = {"k": k, "bits": 4, "symmetric": True, "act_bits": act_bits}
+    model = matmul_model(
+        n=n, codes=codes, scales=scales, zero_points=None, bias=None, block_size=1 << 30, **fmt
+    )
+    want = matmul_reference(a, codes, scales, None, block_size=k, **fmt)
+    np.testing.assert_array_equal(run_matmul(model, a), want.astype(np.float32))
