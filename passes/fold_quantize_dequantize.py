@@ -27,7 +27,7 @@ import logging
 
 import onnx_ir as ir
 from bct_onnx.passes.framework import CompressPass, PassReport, Skip, node_label
-from bct_onnx.passes.graph_patterns import last_dim
+from bct_onnx.passes.graph_patterns import last_dim, strip_float_cast, value_rank, value_shape
 from bct_onnx.passes.infer_shapes import SHAPE_KEY, ensure_shapes
 from bct_onnx.passes.nonlinear_ops import (
     ASYMMETRIC_RESULTS,
@@ -127,6 +127,34 @@ def _bypass_float_casts(model: ir.Model, report: PassReport) -> None:
             report.count(RULE_CAST)
 
 
+def _declare_rank(operand: ir.Value | None, result: ir.Value) -> None:
+    """Give a folded producer's float operand a declared shape when it has none.
+
+    ONNX Runtime types a custom op's outputs through the op's shape inference, which needs the
+    input's rank; where its own inference lost the rank (T5's decoder: Add of a position bias
+    computed through Gather/Where), the codes output would be typed float and the model refused
+    at load. The shape is the inferred one (of the operand, or the result: elementwise and row ops
+    keep it) with every unnamed unknown dim given a name of its own, so no two dims are assumed
+    equal.
+    """
+    if operand is None or operand.shape is not None or operand.is_graph_input():
+        return
+    shape = value_shape(operand) or value_shape(result)
+    if shape is None:
+        return
+    dims: list[int | str] = []
+    for index, dim in enumerate(shape):
+        if isinstance(dim, int):
+            dims.append(dim)
+        elif isinstance(dim, ir.SymbolicDim) and dim.value:
+            dims.append(dim.value)
+        else:
+            dims.append(f"bct_{operand.name or 'dim'}_{index}")
+    operand.shape = ir.Shape(dims)
+    if operand.dtype is None:
+        operand.type = ir.TensorType(ir.DataType.FLOAT)
+
+
 class FoldQuantizeDequantizePass(CompressPass):
     """Give compressed ops quantized results/operands wherever all readers of an edge accept them."""
 
@@ -164,6 +192,10 @@ class FoldQuantizeDequantizePass(CompressPass):
             fmt = self._format(candidate)
             problem = fmt if isinstance(fmt, str) else _reader_problem(value, candidate)
             d = last_dim(value)
+            if problem is None and value_rank(value) is None:
+                # ONNX Runtime types a custom op's outputs through its shape inference, which needs
+                # the input's rank: without it the codes would be typed float (seen in T5's decoder).
+                problem = "the rank of its result is unknown to shape inference"
             if problem is None and d is None and isinstance(fmt, BlockFormat) and fmt.bits != 8:
                 problem = f"last dimension unknown and {fmt.bits}-bit rows may not fill whole bytes"
             if problem is not None:
@@ -178,6 +210,11 @@ class FoldQuantizeDequantizePass(CompressPass):
 
     def _fold(self, producer_node: ir.Node, fmt: BlockFormat, d: int) -> None:
         value = producer_node.outputs[0]
+        operand = producer_node.inputs[0]
+        base = strip_float_cast(operand)
+        if operand is not None and base is not operand and not int_attr(producer_node, "in_bits"):
+            producer_node.replace_input_with(0, base)  # ORT removes such Casts and loses the rank
+        _declare_rank(producer_node.inputs[0], value)
         outputs = 2 if fmt.symmetric else 3
         new_producer = _with_attrs(
             producer_node,

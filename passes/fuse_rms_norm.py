@@ -34,6 +34,7 @@ from bct_onnx.passes.graph_patterns import (
     scalar,
     sole_user,
     strip_float_cast,
+    value_dtype,
     value_rank,
 )
 from bct_onnx.passes.infer_shapes import ensure_shapes
@@ -88,7 +89,7 @@ class FuseRMSNormPass(NodeRewritePass):
         if sole_user(square.outputs[0]) is not node:
             return "the squared input is read by other nodes too"
         base = strip_float_cast(x)
-        if base is None or base.dtype != FLOAT:
+        if base is None or value_dtype(base) != FLOAT:
             return "input is not float32 (after no-op Casts)"
         reason = reduces_last_axis(node, value_rank(base))
         if reason:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 from bct_onnx.passes.framework import DEFAULT_DOMAINS
-from bct_onnx.passes.infer_shapes import SHAPE_KEY
+from bct_onnx.passes.infer_shapes import SHAPE_KEY, TYPE_KEY
 from bct_onnx.passes.quantized_weights import constant_tensor
 
 FLOAT = ir.DataType.FLOAT
@@ -66,6 +66,29 @@ def other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:
     return None
 
 
+_FLOAT_RESULT_OPS = frozenset({"BlockMatMul", "BlockGather", "BlockDequantize"})
+
+
+def value_dtype(value: ir.Value | None) -> ir.DataType | None:
+    """The declared element type, else the inferred one (value.meta), else what the producer implies."""
+    if value is None:
+        return None
+    if value.dtype is not None:
+        return value.dtype
+    inferred = value.meta.get(TYPE_KEY)
+    if isinstance(inferred, ir.DataType):
+        return inferred
+    node = value.producer()
+    if node is None or value is not node.outputs[0]:
+        return None
+    if is_op(node, "Cast"):
+        to = node.attributes.get("to")
+        return ir.DataType(to.as_int()) if to is not None else None
+    if node.domain == "ai.bct_onnx" and node.op_type in _FLOAT_RESULT_OPS:
+        return FLOAT
+    return None
+
+
 def strip_float_cast(value: ir.Value | None) -> ir.Value | None:
     """value, or the input of a Cast-to-float32 producing it when that input is already float32."""
     node = producer(value, "Cast")
@@ -73,7 +96,7 @@ def strip_float_cast(value: ir.Value | None) -> ir.Value | None:
         return value
     to = node.attributes.get("to")
     inner = node.inputs[0]
-    if to is not None and to.as_int() == FLOAT.value and inner is not None and inner.dtype == FLOAT:
+    if to is not None and to.as_int() == FLOAT.value and inner is not None and value_dtype(inner) == FLOAT:
         return inner
     return value
 
@@ -261,8 +284,9 @@ def replace_pattern(
     """
     last = old_value.producer()
     assert last is not None and last.graph is not None
-    if SHAPE_KEY in old_value.meta:
-        new_value.meta[SHAPE_KEY] = old_value.meta[SHAPE_KEY]
+    for key in (SHAPE_KEY, TYPE_KEY):
+        if key in old_value.meta:
+            new_value.meta[key] = old_value.meta[key]
     ir.convenience.replace_nodes_and_values(
         last.graph, last, list(dict.fromkeys(old_nodes)), new_nodes, [old_value], [new_value]
     )

@@ -18,6 +18,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 logger = logging.getLogger(__name__)
 
 SHAPE_KEY = "bct_onnx.inferred_shape"
+TYPE_KEY = "bct_onnx.inferred_dtype"
 _DONE_KEY = "bct_onnx.shapes_annotated"
 
 
@@ -37,11 +38,14 @@ def annotate_shapes(model: ir.Model) -> int:
         logger.warning("shape inference failed (%s); nonlinear rules see only declared shapes", error)
         return 0
     inferred: dict[str, ir.Shape] = {}
+    dtypes: dict[str, ir.DataType] = {}
     for graph in clone.graphs():
         for node in graph:
             for value in node.outputs:
                 if value.name and value.shape is not None:
                     inferred.setdefault(value.name, value.shape)
+                if value.name and value.dtype is not None:
+                    dtypes.setdefault(value.name, value.dtype)
     count = 0
     for graph in model.graphs():
         for node in graph:
@@ -49,4 +53,6 @@ def annotate_shapes(model: ir.Model) -> int:
                 if value.shape is None and value.name in inferred:
                     value.meta[SHAPE_KEY] = inferred[value.name]
                     count += 1
+                if value.dtype is None and value.name in dtypes:
+                    value.meta[TYPE_KEY] = dtypes[value.name]
     return count

@@ -25,14 +25,8 @@ families = pytest.importorskip("bct_onnx.models.families")
 
 MIN_COSINE = 0.97
 # Nodes of a target kind that stay float on purpose, per family: kind -> (count, why).
-EXPECTED_FLOAT = {
-    "llama": {
-        "MatMul": (
-            1,
-            "rotary frequencies inv_freq x positions: positions up to the context length, not attention",
-        )
-    },
-}
+ROTARY = "rotary frequencies inv_freq x positions: positions up to the context length, not attention"
+EXPECTED_FLOAT = {"llama": {"MatMul": (1, ROTARY)}, "pythia": {"MatMul": (1, ROTARY)}}
 SHARES: dict[str, dict] = {}
 
 
