@@ -12,6 +12,7 @@
 #include "cpu/isa_clones.h"
 #include "ops/act_matmul_io.h"
 #include "ops/block_io.h"
+#include "ops/nonlinear_families.h"
 #include "ops/nonlinear_io.h"
 #include "row_kernels.h"
 
@@ -22,7 +23,7 @@ namespace {
 // One output row, vectorised over the N columns: B's codes are stored K-major (qkn [K, N]) and its
 // scales block-major (sbn [nb, N]). Per block, exact int32 dot products acc[j] are formed, then
 // y[j] += float(acc[j]) * (a_scale * b_scale[j]) in block order from 0: nl::act_dot's arithmetic.
-BCT_ISA_CLONES void ActDotRow(const int8_t* qa_row, const float* sa_row, const int8_t* qkn, const float* sbn,
+BCT_ALWAYS_INLINE void ActDotRowImpl(const int8_t* qa_row, const float* sa_row, const int8_t* qkn, const float* sbn,
                               int64_t n, int64_t k, int64_t block_size, int64_t nb, int32_t* acc, float* y) {
   for (int64_t j = 0; j < n; ++j) y[j] = 0.0f;
   for (int64_t blk = 0; blk < nb; ++blk) {
@@ -44,7 +45,7 @@ BCT_ISA_CLONES void ActDotRow(const int8_t* qa_row, const float* sa_row, const i
 // magnitudes' bit patterns (same order as the floats for non-NaN values; vectorisable), then the
 // first element with that magnitude gives the scale as choose_symmetric_scale does. A block holding
 // a NaN goes through choose_symmetric_scale itself, so the result is the same bits in every case.
-BCT_ISA_CLONES void QuantizeActRow(const float* x, int64_t k, int bits, int64_t block_size, int8_t* q, float* scales) {
+BCT_ALWAYS_INLINE void QuantizeActRowImpl(const float* x, int64_t k, int bits, int64_t block_size, int8_t* q, float* scales) {
   const int zp = 1 << (bits - 1);
   for (int64_t b0 = 0, blk = 0; b0 < k; b0 += block_size, ++blk) {
     const int64_t len = std::min(block_size, k - b0);
@@ -75,6 +76,22 @@ BCT_ISA_CLONES void QuantizeActRow(const float* x, int64_t k, int bits, int64_t 
   }
 }
 
+BCT_ISA_CLONES void ActDotRow(const int8_t* qa_row, const float* sa_row, const int8_t* qkn, const float* sbn, int64_t n,
+                              int64_t k, int64_t block_size, int64_t nb, int32_t* acc, float* y) {
+  ActDotRowImpl(qa_row, sa_row, qkn, sbn, n, k, block_size, nb, acc, y);
+}
+void ActDotRowBaseline(const int8_t* qa_row, const float* sa_row, const int8_t* qkn, const float* sbn, int64_t n,
+                       int64_t k, int64_t block_size, int64_t nb, int32_t* acc, float* y) {
+  ActDotRowImpl(qa_row, sa_row, qkn, sbn, n, k, block_size, nb, acc, y);
+}
+
+BCT_ISA_CLONES void QuantizeActRow(const float* x, int64_t k, int bits, int64_t block_size, int8_t* q, float* scales) {
+  QuantizeActRowImpl(x, k, bits, block_size, q, scales);
+}
+void QuantizeActRowBaseline(const float* x, int64_t k, int bits, int64_t block_size, int8_t* q, float* scales) {
+  QuantizeActRowImpl(x, k, bits, block_size, q, scales);
+}
+
 class ActMatMulCpuKernel {
  public:
   ActMatMulCpuKernel(const OrtKernelInfo* info, const NodeRef& node)
@@ -82,7 +99,8 @@ class ActMatMulCpuKernel {
         in_(ReadOperandAttrs(info, node_)),
         out_(ReadResultAttrs(info, node_)),
         attrs_(ReadActMatMulAttrs(info, node_)),
-        use_vnni_(vnni::Available()) {}
+        baseline_(BaselineSimdRequested()),
+        use_vnni_(!baseline_ && vnni::Available()) {}
 
   static bool InputOnHost(size_t) { return false; }
 
@@ -112,7 +130,8 @@ class ActMatMulCpuKernel {
                                static_cast<const uint8_t*>(a.scales) + i * in_scale_row,
                                a.zero_points ? a.zero_points + i * a.num_blocks : nullptr, row.data());
           }
-          QuantizeActRow(x, k, bits, bs, qa.data() + i * k, sa.data() + i * nb);
+          (baseline_ ? QuantizeActRowBaseline : QuantizeActRow)(x, k, bits, bs, qa.data() + i * k,
+                                                                sa.data() + i * nb);
         }
       });
 
@@ -137,7 +156,7 @@ class ActMatMulCpuKernel {
             for (int64_t j = 0; j < k; ++j) column[static_cast<size_t>(j)] = base[j * n];
             x = column.data();
           }
-          QuantizeActRow(x, k, bits, bs, codes.data(), scales.data());
+          (baseline_ ? QuantizeActRowBaseline : QuantizeActRow)(x, k, bits, bs, codes.data(), scales.data());
           if (use_vnni_) {
             vnni::PackColumn(packed, batch, col, codes.data(), scales.data());
             continue;
@@ -166,8 +185,9 @@ class ActMatMulCpuKernel {
           if (use_vnni_) {
             vnni::DotRow(packed, b_batch, qa.data() + a_row * k, sa.data() + a_row * nb, scratch.data(), y);
           } else {
-            ActDotRow(qa.data() + a_row * k, sa.data() + a_row * nb, qkn.data() + b_batch * k * n,
-                      sbn.data() + b_batch * nb * n, n, k, bs, nb, acc.data(), y);
+            (baseline_ ? ActDotRowBaseline : ActDotRow)(qa.data() + a_row * k, sa.data() + a_row * nb,
+                                                        qkn.data() + b_batch * k * n, sbn.data() + b_batch * nb * n,
+                                                        n, k, bs, nb, acc.data(), y);
           }
           if (r.quantized) {
             cpu::QuantizeRow(out_fmt, y, r.codes + row * r.row_bytes,
@@ -184,6 +204,7 @@ class ActMatMulCpuKernel {
   OperandAttrs in_;
   ResultAttrs out_;
   ActMatMulAttrs attrs_;
+  bool baseline_;  // BCT_ONNX_BASELINE_SIMD: baseline-ISA loops (see ops/nonlinear_families.h)
   bool use_vnni_;
 };
 

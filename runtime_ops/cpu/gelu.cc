@@ -6,6 +6,7 @@
 namespace bct {
 namespace nonlinear {
 
+void GeluRowCpuBaseline(float* y, int64_t n, nl::GeluForm form) { nl::gelu_row(y, n, form); }
 BCT_ISA_CLONES void GeluRowCpu(float* y, int64_t n, nl::GeluForm form) { nl::gelu_row(y, n, form); }
 
 void AppendGeluCpuOps(Ort::CustomOpDomain& domain) {

@@ -8,3 +8,11 @@
 #else
 #define BCT_ISA_CLONES
 #endif
+
+// For bodies shared by a cloned function and its baseline twin: inlined into each, so every clone
+// gets code for its own instruction set.
+#if defined(__GNUC__)
+#define BCT_ALWAYS_INLINE __attribute__((always_inline)) inline
+#else
+#define BCT_ALWAYS_INLINE inline
+#endif

@@ -6,8 +6,16 @@
 namespace bct {
 namespace nonlinear {
 
+void LayerNormRowCpuBaseline(float* y, int64_t n, const float* scale, const float* bias, float epsilon) {
+  nl::layer_norm_row(y, n, scale, bias, epsilon);
+}
+
 BCT_ISA_CLONES void LayerNormRowCpu(float* y, int64_t n, const float* scale, const float* bias, float epsilon) {
   nl::layer_norm_row(y, n, scale, bias, epsilon);
+}
+
+void RMSNormRowCpuBaseline(float* y, int64_t n, const float* scale, float epsilon) {
+  nl::rms_norm_row(y, n, scale, epsilon);
 }
 
 BCT_ISA_CLONES void RMSNormRowCpu(float* y, int64_t n, const float* scale, float epsilon) {

@@ -6,6 +6,7 @@
 namespace bct {
 namespace nonlinear {
 
+void SoftmaxRowCpuBaseline(float* y, int64_t n) { nl::softmax_row(y, n); }
 BCT_ISA_CLONES void SoftmaxRowCpu(float* y, int64_t n) { nl::softmax_row(y, n); }
 
 void AppendSoftmaxCpuOps(Ort::CustomOpDomain& domain) {

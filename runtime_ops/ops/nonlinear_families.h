@@ -3,6 +3,8 @@
 // kernels (which read Params and run the same bct/nonlinear_math.h row functions on the device).
 #pragma once
 
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "bct/nonlinear_math.h"
@@ -57,17 +59,29 @@ struct RowOpSchema {
 
 // CPU row entry points (cpu/gelu.cc, cpu/softmax.cc, cpu/norm.cc): the nl:: row functions compiled
 // once per x86 instruction set (GCC target_clones) with the same float32 operations, so the result
-// is the same bits on every CPU. The CUDA kernels do not call them.
+// is the same bits on every CPU. The *Baseline twins are the same source compiled for baseline
+// x86-64 only: kernels created while BCT_ONNX_BASELINE_SIMD is set use them, which lets the tests
+// check the code every CPU without AVX2 runs. The CUDA kernels call neither.
 void GeluRowCpu(float* y, int64_t n, nl::GeluForm form);
 void SoftmaxRowCpu(float* y, int64_t n);
 void LayerNormRowCpu(float* y, int64_t n, const float* scale, const float* bias, float epsilon);
 void RMSNormRowCpu(float* y, int64_t n, const float* scale, float epsilon);
+void GeluRowCpuBaseline(float* y, int64_t n, nl::GeluForm form);
+void SoftmaxRowCpuBaseline(float* y, int64_t n);
+void LayerNormRowCpuBaseline(float* y, int64_t n, const float* scale, const float* bias, float epsilon);
+void RMSNormRowCpuBaseline(float* y, int64_t n, const float* scale, float epsilon);
+
+// BCT_ONNX_BASELINE_SIMD set (and not "0"): use the baseline-ISA CPU loops (read at kernel creation).
+inline bool BaselineSimdRequested() {
+  const char* value = std::getenv("BCT_ONNX_BASELINE_SIMD");
+  return value != nullptr && value[0] != '\0' && std::strcmp(value, "0") != 0;
+}
 
 struct GeluFamily {
   static constexpr const char* kName = "BlockGelu";
   static constexpr size_t kExtraInputs = 0;
   static bool ExtraInputOptional(size_t) { return false; }
-  GeluFamily(const OrtKernelInfo* info, const NodeRef& node) {
+  GeluFamily(const OrtKernelInfo* info, const NodeRef& node) : baseline(BaselineSimdRequested()) {
     const std::string approximate = AttrString(info, "approximate", "none");
     if (approximate == "none") {
       form = nl::GeluForm::kErf;
@@ -79,7 +93,10 @@ struct GeluFamily {
   }
   struct Params {};
   Params Prepare(const Ort::KernelContext&, const NodeRef&, int64_t) const { return {}; }
-  void Row(const Params&, float* y, int64_t n) const { GeluRowCpu(y, n, form); }
+  void Row(const Params&, float* y, int64_t n) const {
+    (baseline ? GeluRowCpuBaseline : GeluRowCpu)(y, n, form);
+  }
+  bool baseline;
   nl::GeluForm form = nl::GeluForm::kErf;
 };
 
@@ -87,10 +104,13 @@ struct SoftmaxFamily {
   static constexpr const char* kName = "BlockSoftmax";
   static constexpr size_t kExtraInputs = 0;
   static bool ExtraInputOptional(size_t) { return false; }
-  SoftmaxFamily(const OrtKernelInfo* info, const NodeRef& node) { CheckLastAxis(info, node); }
+  SoftmaxFamily(const OrtKernelInfo* info, const NodeRef& node) : baseline(BaselineSimdRequested()) {
+    CheckLastAxis(info, node);
+  }
   struct Params {};
   Params Prepare(const Ort::KernelContext&, const NodeRef&, int64_t) const { return {}; }
-  void Row(const Params&, float* y, int64_t n) const { SoftmaxRowCpu(y, n); }
+  void Row(const Params&, float* y, int64_t n) const { (baseline ? SoftmaxRowCpuBaseline : SoftmaxRowCpu)(y, n); }
+  bool baseline;
 };
 
 // A float32 [D] op-specific input (LayerNorm scale / bias, RMSNorm scale), checked against D. The
@@ -114,7 +134,8 @@ struct LayerNormFamily {
   static constexpr const char* kName = "BlockLayerNorm";
   static constexpr size_t kExtraInputs = 2;  // scale, bias (optional)
   static bool ExtraInputOptional(size_t extra) { return extra == 1; }
-  LayerNormFamily(const OrtKernelInfo* info, const NodeRef& node) : epsilon(ReadEpsilon(info, node, 1e-5f)) {
+  LayerNormFamily(const OrtKernelInfo* info, const NodeRef& node)
+      : epsilon(ReadEpsilon(info, node, 1e-5f)), baseline(BaselineSimdRequested()) {
     CheckLastAxis(info, node);
   }
   struct Params {
@@ -124,15 +145,19 @@ struct LayerNormFamily {
   Params Prepare(const Ort::KernelContext& ctx, const NodeRef& node, int64_t d) const {
     return Params{ReadVectorInput(ctx, node, 3, "scale", d, false), ReadVectorInput(ctx, node, 4, "bias", d, true)};
   }
-  void Row(const Params& p, float* y, int64_t n) const { LayerNormRowCpu(y, n, p.scale, p.bias, epsilon); }
+  void Row(const Params& p, float* y, int64_t n) const {
+    (baseline ? LayerNormRowCpuBaseline : LayerNormRowCpu)(y, n, p.scale, p.bias, epsilon);
+  }
   float epsilon;
+  bool baseline;
 };
 
 struct RMSNormFamily {
   static constexpr const char* kName = "BlockRMSNorm";
   static constexpr size_t kExtraInputs = 1;  // scale
   static bool ExtraInputOptional(size_t) { return false; }
-  RMSNormFamily(const OrtKernelInfo* info, const NodeRef& node) : epsilon(ReadEpsilon(info, node, 1e-5f)) {
+  RMSNormFamily(const OrtKernelInfo* info, const NodeRef& node)
+      : epsilon(ReadEpsilon(info, node, 1e-5f)), baseline(BaselineSimdRequested()) {
     CheckLastAxis(info, node);
   }
   struct Params {
@@ -141,8 +166,11 @@ struct RMSNormFamily {
   Params Prepare(const Ort::KernelContext& ctx, const NodeRef& node, int64_t d) const {
     return Params{ReadVectorInput(ctx, node, 3, "scale", d, false)};
   }
-  void Row(const Params& p, float* y, int64_t n) const { RMSNormRowCpu(y, n, p.scale, epsilon); }
+  void Row(const Params& p, float* y, int64_t n) const {
+    (baseline ? RMSNormRowCpuBaseline : RMSNormRowCpu)(y, n, p.scale, epsilon);
+  }
   float epsilon;
+  bool baseline;
 };
 
 }  // namespace nonlinear

@@ -307,6 +307,18 @@ def test_quantized_in_quantized_out(name: str) -> None:
     check_against_spec(name, x, extras, out_fmt, run_op(name, x, extras, out_fmt))
 
 
+@pytest.mark.parametrize("name", list(OPS))
+def test_baseline_cpu_path(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kernels created with BCT_ONNX_BASELINE_SIMD set run the loops compiled for baseline x86-64
+    (what CPUs without AVX2 get from the ISA clones): same bits."""
+    monkeypatch.setenv("BCT_ONNX_BASELINE_SIMD", "1")
+    x = sample((5, 200), seed=18)
+    extras = extras_for(name, 200, np.random.default_rng(19))
+    check_against_spec(name, x, extras, None, run_op(name, x, extras, None))
+    out_fmt = BlockFormat(8, 32, False, ScaleKind.FLOAT16)
+    check_against_spec(name, x, extras, out_fmt, run_op(name, x, extras, out_fmt))
+
+
 def test_derived_axis_size() -> None:
     """in_axis_size=0: D = row_bytes * 8 / bits when that divides exactly."""
     fmt = BlockFormat(4, 8, True, ScaleKind.FLOAT16)
