@@ -9,8 +9,11 @@ Developers testing a build tree can point BCT_ONNX_LIBRARY at a built library.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _installation_problems() -> list[str]:
@@ -43,3 +46,21 @@ def pytest_configure(config: pytest.Config) -> None:
             + '\nInstall it with `pip install ".[test]"` and run the `pytest` command '
             "(not `python -m pytest`, which imports the source tree from the current directory)."
         )
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Which library the run uses, and a warning when runtime_ops/ has changed since it was built."""
+    from bct_onnx.runtime import library_path
+
+    library = Path(library_path())
+    lines = [f"bct-onnx library: {library}"]
+    sources = [
+        p for p in (REPO / "runtime_ops").rglob("*") if p.suffix in {".cc", ".h", ".cu", ".cuh", ".txt"}
+    ]
+    newer = [p for p in sources if p.stat().st_mtime > library.stat().st_mtime]
+    if newer:
+        lines.append(
+            f"WARNING: {len(newer)} runtime_ops source file(s) are newer than this library "
+            f"(e.g. {newer[0].relative_to(REPO)}); rebuild it (pip install .) before trusting kernel results"
+        )
+    return lines
