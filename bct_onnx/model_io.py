@@ -18,7 +18,7 @@ from pathlib import Path
 
 import onnx
 import onnx_ir as ir
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 
 from bct_onnx.errors import ModelFileError, OverwriteInputError
 
@@ -217,10 +217,11 @@ def save(
             os.replace(temp_data, data_file)  # data first: the .onnx never points at missing data
             written.append(data_file)
         os.replace(temp_model, out)
-    except ValueError as exc:
-        if "2GB" in str(exc) or "2 GB" in str(exc) or "protobuf" in str(exc).lower():
-            raise ModelFileError(f"cannot save {out} without external data: {exc}") from exc
-        raise
+    except EncodeError as exc:  # a single-file model over protobuf's 2 GB limit
+        raise ModelFileError(
+            f"cannot save {out} as one file ({tensor_bytes(model)} bytes of tensors exceed protobuf's "
+            f"2 GB limit): save it with external data ({exc})"
+        ) from exc
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
     logger.info("saved %s (%s)", out, "with external data" if use_external else "single file")

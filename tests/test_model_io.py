@@ -202,3 +202,19 @@ def test_missing_external_data_file_is_named(tmp_path: Path) -> None:
     (tmp_path / "m.onnx.data").unlink()
     with pytest.raises(ModelFileError, match=r"external data files that do not exist: .*m\.onnx\.data"):
         model_io.load(src)
+
+
+def test_single_file_over_the_protobuf_limit_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What protobuf raises for a > 2 GB single-file model (checked by hand with a 2.2 GB tensor)."""
+    from google.protobuf.message import EncodeError
+
+    def too_big(model: ir.Model, path: os.PathLike[str], **kwargs: object) -> None:
+        raise EncodeError("Failed to serialize proto")
+
+    model = model_io.load(_write(_matmul_model(), tmp_path / "in.onnx"))
+    monkeypatch.setattr(model_io.ir, "save", too_big)
+    with pytest.raises(ModelFileError, match="exceed protobuf's 2 GB limit: save it with external data"):
+        model_io.save(model, tmp_path / "out.onnx", external_data=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
