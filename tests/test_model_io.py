@@ -215,6 +215,6 @@ def test_single_file_over_the_protobuf_limit_is_a_clear_error(
 
     model = model_io.load(_write(_matmul_model(), tmp_path / "in.onnx"))
     monkeypatch.setattr(model_io.ir, "save", too_big)
-    with pytest.raises(ModelFileError, match="exceed protobuf's 2 GB limit: save it with external data"):
+    with pytest.raises(ModelFileError, match=r"exceed protobuf's 2 GB limit\): save it with external data"):
         model_io.save(model, tmp_path / "out.onnx", external_data=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
