@@ -32,6 +32,8 @@ bool CpuHasAvx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
+bool CpuHasAvxVnni() { return CpuHasAvx2() && __builtin_cpu_supports("avxvnni"); }
+
 bool CpuHasAvx512Vnni() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
@@ -48,12 +50,15 @@ const char* IsaName(Isa isa) {
       return "avx2";
     case Isa::kAvx512Vnni:
       return "avx512vnni";
+    case Isa::kAvxVnni:
+      return "avxvnni";
   }
   return "unknown";
 }
 
 Isa BestIsa() {
   if (CpuHasAvx512Vnni()) return Isa::kAvx512Vnni;
+  if (CpuHasAvxVnni()) return Isa::kAvxVnni;
   if (CpuHasAvx2()) return Isa::kAvx2;
   return Isa::kScalar;
 }
@@ -76,6 +81,14 @@ bool IsaFromName(const char* name, Isa* isa, std::string* error) {
     *isa = Isa::kAvx2;
     return true;
   }
+  if (value == "avxvnni") {
+    if (!CpuHasAvxVnni()) {
+      *error = "BCT_ONNX_ISA=avxvnni but this CPU lacks AVX2/FMA/AVX-VNNI";
+      return false;
+    }
+    *isa = Isa::kAvxVnni;
+    return true;
+  }
   if (value == "avx512vnni") {
     if (!CpuHasAvx512Vnni()) {
       *error = "BCT_ONNX_ISA=avx512vnni but this CPU lacks AVX-512 F/BW/VL/DQ/VNNI";
@@ -84,7 +97,7 @@ bool IsaFromName(const char* name, Isa* isa, std::string* error) {
     *isa = Isa::kAvx512Vnni;
     return true;
   }
-  *error = "BCT_ONNX_ISA='" + value + "' is not one of auto, scalar, avx2, avx512vnni";
+  *error = "BCT_ONNX_ISA='" + value + "' is not one of auto, scalar, avx2, avxvnni, avx512vnni";
   return false;
 }
 
@@ -271,6 +284,7 @@ void Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
           detail::QuantizeRowsAvx512(p, A, r0, r1, &act);
           break;
         case Isa::kAvx2:
+        case Isa::kAvxVnni:
           detail::QuantizeRowsAvx2(p, A, r0, r1, &act);
           break;
         default:
@@ -329,6 +343,8 @@ void Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
     const int64_t t0 = tc * tiles_per_task, t1 = std::min(p.num_tiles, t0 + tiles_per_task);
     if (p.isa == Isa::kAvx512Vnni) {
       detail::TilesAvx512(p, act_ptr, a_padded, r0, r1, t0, t1, bias, Y);
+    } else if (p.isa == Isa::kAvxVnni) {
+      detail::TilesAvxVnni(p, act_ptr, a_padded, r0, r1, t0, t1, bias, Y);
     } else {
       detail::TilesAvx2(p, act_ptr, a_padded, r0, r1, t0, t1, bias, Y);
     }

@@ -11,7 +11,7 @@
 //   integer dot product sum(sa * (uw - zw)) (sa = signed activation code) is scaled by
 //   a_scale * w_scale and accumulated in fp32.
 //
-// SIMD layout (AVX2 and AVX-512 share it): columns are grouped in tiles of 16; inside a tile the
+// SIMD layout (AVX2, AVX-VNNI and AVX-512 share it): columns are grouped in tiles of 16; inside a tile the
 // codes of one group of k values sit in 64 bytes, one 32-bit lane per column:
 //   nibble storage (bits <= 4): a group is 8 k; byte j of a lane holds k = 8g + j in its low nibble
 //                               and k = 8g + 4 + j in its high nibble;
@@ -33,7 +33,7 @@
 namespace bct {
 namespace matmul {
 
-enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2 };
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2, kAvxVnni = 3 };
 
 const char* IsaName(Isa isa);
 // Best instruction set this CPU supports.
@@ -120,6 +120,8 @@ void TilesAvx2(const PackedWeights& p, const ActRows* act, const float* a_padded
                int64_t row_end, int64_t tile_begin, int64_t tile_end, const float* bias, float* Y);
 void TilesAvx512(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin,
                  int64_t row_end, int64_t tile_begin, int64_t tile_end, const float* bias, float* Y);
+void TilesAvxVnni(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin,
+                  int64_t row_end, int64_t tile_begin, int64_t tile_end, const float* bias, float* Y);
 
 }  // namespace detail
 }  // namespace matmul

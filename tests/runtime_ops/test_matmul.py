@@ -1,6 +1,6 @@
 """BlockMatMul on CPU against bct_onnx.reference_ops.matmul_reference (built on the block format spec).
 
-Two kinds of checks, on every instruction-set path the kernel has (BCT_ONNX_ISA=scalar|avx2|avx512vnni,
+Two kinds of checks, on every instruction-set path the kernel has (BCT_ONNX_ISA=scalar|avx2|avxvnni|avx512vnni,
 read when the session creates the kernel):
 - exact: data on which every product and partial sum is exactly representable in float32 (small
   integers, power-of-two scales, activation blocks whose largest element makes the activation scale a
@@ -28,7 +28,7 @@ from bct_onnx.block_format import ScaleKind, pack_codes
 from bct_onnx.ops import BLOCK_MATMUL, DOMAIN
 from bct_onnx.reference_ops import matmul_operands, matmul_reference
 
-ISAS = ("scalar", "avx2", "avx512vnni")
+ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni")
 SCALE_DTYPES = {ScaleKind.FLOAT16: np.float16, ScaleKind.FLOAT32: np.float32, ScaleKind.POW2: np.uint8}
 U = 2.0**-24  # float32 unit roundoff
 
@@ -48,6 +48,7 @@ _FLAGS = _cpu_flags()
 _ISA_NEEDS = {
     "scalar": set(),
     "avx2": {"avx2", "fma"},
+    "avxvnni": {"avx2", "fma", "avx_vnni"},
     "avx512vnni": {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"},
 }
 
@@ -531,7 +532,7 @@ def test_bad_inputs_at_run_time() -> None:
 
 def test_bad_isa_name(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BCT_ONNX_ISA", "sse9")
-    _expect_error(_valid(), A_OK, "BCT_ONNX_ISA='sse9' is not one of auto, scalar, avx2, avx512vnni")
+    _expect_error(_valid(), A_OK, "BCT_ONNX_ISA='sse9' is not one of auto, scalar, avx2, avxvnni, avx512vnni")
 
 
 def test_isa_env_is_restored() -> None:
