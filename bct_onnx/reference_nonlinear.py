@@ -141,12 +141,13 @@ def gelu(x: np.ndarray, approximate: str = "none") -> np.ndarray:
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis: e = exp_f32(x - max), e / lane_sum(e)."""
+    """Softmax over the last axis: e = exp_f32(x - max), e * (1 / lane_sum(e))."""
     x = _f32(x)
     with np.errstate(invalid="ignore"):
         m = np.max(np.where(np.isnan(x), -np.inf, x), axis=-1, keepdims=True).astype(np.float32)
         e = exp_f32(x - m)
-    return (e / lane_sum(e)[..., None]).astype(np.float32)
+    inv = (_ONE / lane_sum(e))[..., None]
+    return (e * inv).astype(np.float32)
 
 
 def layer_norm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, epsilon: float) -> np.ndarray:

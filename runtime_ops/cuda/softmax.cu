@@ -1,5 +1,5 @@
 // BlockSoftmax's compute step on CUDA: one warp per row, nl::softmax_row's arithmetic (max, exp_f32,
-// lane-ordered sum, division) so the CPU and CUDA results agree bit for bit.
+// lane-ordered sum, reciprocal, product) so the CPU and CUDA results agree bit for bit.
 #include <cuda_runtime.h>
 
 #include "nonlinear_launch.h"
@@ -17,8 +17,8 @@ __global__ void SoftmaxKernel(float* y, int64_t rows, int64_t d) {
     const float m = WarpMax(v, d);
     for (int64_t i = lane; i < d; i += 32) v[i] = nl::exp_f32(fsub(v[i], m));
     __syncwarp();
-    const float sum = WarpLaneSum(v, d);
-    for (int64_t i = lane; i < d; i += 32) v[i] = fdiv(v[i], sum);
+    const float inv = fdiv(1.0f, WarpLaneSum(v, d));
+    for (int64_t i = lane; i < d; i += 32) v[i] = fmul(v[i], inv);
     __syncwarp();
   }
 }

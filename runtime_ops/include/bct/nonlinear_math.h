@@ -163,13 +163,30 @@ BCT_HD BCT_INLINE void gelu_row(float* y, int64_t n, GeluForm form) {
 }
 
 // Softmax: m = max(y) (NaNs ignored; all -inf or NaN gives m = -inf), e = exp_f32(y - m),
-// y = e / lane_sum(e).
+// y = e * (1 / lane_sum(e)).
+// Max of y[0..n), NaNs ignored, -inf when there is nothing else. Computed on integer keys that order
+// like the floats (sign-magnitude bits -> two's complement), which vectorises where a float max
+// reduction does not; equal to the sequential float max except possibly in the sign of a zero
+// maximum, which no caller can observe (x - (+0) and x - (-0) only differ for x = -0, and exp of
+// either zero is 1).
+BCT_HD BCT_INLINE float row_max(const float* y, int64_t n) {
+  const int32_t minus_inf_key = static_cast<int32_t>(0xff800000u ^ 0x7fffffffu);
+  int32_t best = minus_inf_key;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = float_bits(y[i]);
+    const int32_t key = static_cast<int32_t>(u ^ ((0u - (u >> 31)) & 0x7fffffffu));
+    const int32_t k = (u & 0x7fffffffu) > 0x7f800000u ? minus_inf_key : key;  // NaN -> -inf
+    best = k > best ? k : best;
+  }
+  const uint32_t b = static_cast<uint32_t>(best);
+  return float_from_bits(b ^ ((0u - (b >> 31)) & 0x7fffffffu));
+}
+
 BCT_HD BCT_INLINE void softmax_row(float* y, int64_t n) {
-  float m = -__builtin_huge_valf();
-  for (int64_t i = 0; i < n; ++i) m = y[i] > m ? y[i] : m;
+  const float m = row_max(y, n);
   for (int64_t i = 0; i < n; ++i) y[i] = exp_f32(fsub(y[i], m));
-  const float s = lane_sum(y, n);
-  for (int64_t i = 0; i < n; ++i) y[i] = fdiv(y[i], s);
+  const float inv = fdiv(1.0f, lane_sum(y, n));  // multiply by 1/sum: a divide per element is ~10x slower
+  for (int64_t i = 0; i < n; ++i) y[i] = fmul(y[i], inv);
 }
 
 // LayerNorm over the row: mean = sum / n; var = sum((y - mean)^2) / n (two passes);
