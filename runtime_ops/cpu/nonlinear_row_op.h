@@ -2,6 +2,7 @@
 // BlockLayerNorm, BlockRMSNorm): for every row of the last axis, in parallel,
 //   load (copy float32, or cpu::DequantizeRow) -> Family::Row (bct/nonlinear_math.h) -> store
 //   (into Y, or cpu::QuantizeRow into codes / scales / zero points).
+// The families (and RowOpSchema, the op declaration shared with CUDA) are in ops/nonlinear_families.h.
 // A Family supplies kName, its extra inputs (after the operand's three slots) and the row function:
 //   struct Family {
 //     static constexpr const char* kName; static constexpr size_t kExtraInputs;
