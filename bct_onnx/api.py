@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import logging
 import os
 import tempfile
@@ -27,6 +26,7 @@ from bct_onnx.report import CompileReport, SkippedNode, StepTimer, config_to_dic
 
 if TYPE_CHECKING:
     from bct_onnx.config import CompressConfig
+    from bct_onnx.passes import PipelineResult
 
 logger = logging.getLogger(__name__)
 
@@ -105,32 +105,22 @@ def _serialized_bytes(model: ir.Model) -> int:
         return model_io.file_bytes(path)
 
 
-def _call_compress_model(model: ir.Model, config: Any, progress: _Progress, debug_dir: Path | None) -> Any:
-    """bct_onnx.passes.compress_model with the optional arguments its signature accepts."""
+def _run_pipeline(
+    model: ir.Model, config: CompressConfig, progress: _Progress, debug_dir: Path | None
+) -> Any:
+    """bct_onnx.passes.compress_model, with a bar advanced after every pass."""
     from bct_onnx.passes import compress_model
 
-    params = inspect.signature(compress_model).parameters
-    kwargs: dict[str, Any] = {}
-    if debug_dir is not None and "debug_dir" in params:
-        kwargs["debug_dir"] = debug_dir
     with progress.bar("compress", unit="pass") as pbar:
-        if pbar is not None and "progress" in params:
+        if pbar is None:
+            return compress_model(model, config, debug_dir=debug_dir)
 
-            def report_progress(*args: Any, **_: Any) -> None:
-                # Accepts (name), (name, done, total) or (done, total): whatever the pipeline gives.
-                numbers = [a for a in args if isinstance(a, int)]
-                names = [a for a in args if isinstance(a, str)]
-                if len(numbers) >= 2:
-                    pbar.total = numbers[-1]
-                    pbar.n = numbers[-2]
-                    pbar.refresh()
-                else:
-                    pbar.update(1)
-                if names:
-                    pbar.set_postfix_str(names[0], refresh=True)
+        def pass_done(name: str, done: int, total: int) -> None:
+            pbar.total = total
+            pbar.n = done
+            pbar.set_postfix_str(name, refresh=True)
 
-            kwargs["progress"] = report_progress
-        return compress_model(model, config, **kwargs)
+        return compress_model(model, config, progress=pass_done, debug_dir=debug_dir)
 
 
 def _rewritten_op_types(rules: dict[str, int]) -> dict[str, int]:
@@ -144,26 +134,13 @@ def _rewritten_op_types(rules: dict[str, int]) -> dict[str, int]:
     return {rule: count for rule, count in sorted(rules.items()) if rule in SUPPORTED_OPS and count}
 
 
-def _pass_records(result: Any) -> list[dict[str, Any]]:
-    records = []
-    for record in getattr(result, "passes", []) or []:
-        if dataclasses.is_dataclass(record) and not isinstance(record, type):
-            entry = dataclasses.asdict(record)
-            if isinstance(entry.get("seconds"), float):
-                entry["seconds"] = round(entry["seconds"], 4)
-            records.append(entry)
-    return records
+def _pass_records(result: PipelineResult) -> list[dict[str, Any]]:
+    """Per pass: name, modified, seconds, its rule counts and number of skips (JSON-ready)."""
+    return [{**dataclasses.asdict(record), "seconds": round(record.seconds, 4)} for record in result.passes]
 
 
-def _skips(result: Any) -> list[SkippedNode]:
-    out = []
-    for skip in getattr(result, "skipped", []) or []:
-        node = getattr(skip, "node", "")
-        node_name = node if isinstance(node, str) else (getattr(node, "name", None) or str(node))
-        out.append(
-            SkippedNode(node=node_name, op_type=str(getattr(skip, "op_type", "")), reason=str(skip.reason))
-        )
-    return out
+def _skips(result: PipelineResult) -> list[SkippedNode]:
+    return [SkippedNode(node=skip.node, op_type=skip.op_type, reason=skip.reason) for skip in result.skipped]
 
 
 def compress(
@@ -238,7 +215,7 @@ def compress(
                 input_bytes = _serialized_bytes(model)
 
         with timer.step("compress"):
-            result = _call_compress_model(model, cfg, prog, debug)
+            result = _run_pipeline(model, cfg, prog, debug)
         compressed = result.model
 
         if output is not None:
@@ -258,7 +235,7 @@ def compress(
             with timer.step("debug"):
                 model_io.save(compressed, debug / "99_output.onnx")
 
-    rules = {str(k): int(v) for k, v in dict(getattr(result, "rewritten", {})).items()}
+    rules = dict(result.rewritten)
     report = CompileReport(
         input=input_label,
         output=str(output) if output is not None else None,

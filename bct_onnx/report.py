@@ -7,6 +7,7 @@ import dataclasses
 import enum
 import json
 import os
+import re
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -102,7 +103,8 @@ class CompileReport:
         if self.skipped:
             reasons: dict[str, int] = {}
             for skip in self.skipped:
-                reason = skip.reason if len(skip.reason) <= 60 else skip.reason[:57] + "..."
+                reason = re.sub(r"'[^']*'", "'...'", skip.reason)  # group reasons that differ by a name
+                reason = reason if len(reason) <= 60 else reason[:57] + "..."
                 reasons[f"{skip.op_type}: {reason}"] = reasons.get(f"{skip.op_type}: {reason}", 0) + 1
             top = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))
             shown = "; ".join(f"{reason} (x{n})" for reason, n in top[:3])
