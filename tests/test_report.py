@@ -73,3 +73,13 @@ def test_format_bytes() -> None:
     assert format_bytes(999) == "999 B"
     assert format_bytes(12_900_000) == "12.9 MB"
     assert format_bytes(3_200_000_000) == "3.2 GB"
+
+
+def test_summary_groups_reasons_that_differ_by_a_node_name() -> None:
+    skipped = [
+        SkippedNode(f"n{i}", "BlockGelu", f"result stays float32: read by Add 'add_{i}'") for i in range(4)
+    ]
+    line = _report(skipped=skipped).summary().splitlines()[3]
+    assert line == (
+        "skipped: 4 nodes (BlockGelu: result stays float32: read by Add '...' (x4); all in the JSON report)"
+    )
