@@ -33,7 +33,7 @@ REL_TOL_W8A8 = 0.03
 REL_TOL_W4 = 0.2
 
 
-def build_mlp(path: Path, seed: int = 0) -> Path:
+def build_mlp(path: Path, seed: int = 0, opset: int = 17) -> Path:
     """ids [batch, seq] -> Gather(E) -> MatMul(W1) + b1 -> Relu -> MatMul(W2) -> [batch, seq, OUT]."""
     rng = np.random.default_rng(seed)
     init = [
@@ -58,7 +58,7 @@ def build_mlp(path: Path, seed: int = 0) -> Path:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", OUT])],
         initializer=init,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
@@ -347,6 +347,18 @@ def test_hf_directory_of_unknown_architecture(tmp_path: Path, capsys: pytest.Cap
     assert stderr.startswith("bct-onnx: error: ")
     assert "model_type='no-such-architecture' is not supported by optimum's ONNX exporter" in stderr
     assert "Traceback" not in stderr
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_model_the_passes_cannot_take_is_a_user_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = build_mlp(tmp_path / "opset10.onnx", opset=10)
+    code, _, stderr = run_main(capsys, "compress", str(old), "-o", str(tmp_path / "o.onnx"))
+    assert code == 1
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bct-onnx: error: ")
+    assert "opset 10" in lines[0]
     assert not (tmp_path / "o.onnx").exists()
 
 
