@@ -18,6 +18,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from bct_onnx import ops
+from bct_onnx.runtime import session_options
+
 logger = logging.getLogger(__name__)
 
 MatMulKey = tuple[str, str]  # (activation input name, weight initializer name)
@@ -110,6 +113,8 @@ def collect_hessians(model: ir.Model, calibration: Calibration, providers: Itera
             proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if any(node.domain == ops.DOMAIN for node in model.graph):  # already partly compressed
+        options = session_options(options)
     with tempfile.TemporaryDirectory(prefix="bct_onnx_calib_") as tmp:
         if proto.ByteSize() > (1 << 31) - (1 << 26):  # protobuf's 2 GB limit: go through external data
             path = os.path.join(tmp, "model.onnx")

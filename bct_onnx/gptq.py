@@ -82,7 +82,7 @@ def gptq_quantize(
                     block = np.pad(block, ((0, 0), (0, bs - block.shape[1])))
                 block = block[:, None, :]
                 if scale_search:
-                    s, zp, _ = search_scales(block, fmt)
+                    s, zp = search_scales(block, fmt)
                 else:
                     from bct_onnx.block_format import choose_scales
 

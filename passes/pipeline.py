@@ -40,6 +40,7 @@ from bct_onnx.passes.quantize_softmax import QuantizeSoftmaxPass
 from onnx_ir.passes import common as common_passes
 
 from bct_onnx import ops
+from bct_onnx.calibration import Calibration
 from bct_onnx.config import ACTIVATION_OPS, CompressConfig
 
 logger = logging.getLogger(__name__)
@@ -105,8 +106,11 @@ class PipelineResult:
         return "\n".join(lines)
 
 
-def build_passes(config: CompressConfig) -> list[ir.passes.PassBase]:
-    """The pass list compress_model runs for config: canonicalize, quantize, cleanup."""
+def build_passes(config: CompressConfig, calibration: Calibration | None = None) -> list[ir.passes.PassBase]:
+    """The pass list compress_model runs for config: canonicalize, quantize, cleanup.
+
+    calibration (inputs for the float model) makes QuantizeMatMulPass round weights with GPTQ.
+    """
     canonicalize: list[ir.passes.PassBase] = [
         common_passes.LiftConstantsToInitializersPass(),
         FoldConstantWeightsPass(),
@@ -119,7 +123,8 @@ def build_passes(config: CompressConfig) -> list[ir.passes.PassBase]:
         if op_type in FUSION_PASSES and config.enabled(op_type):
             quantize += [fusion() for fusion in FUSION_PASSES[op_type]]
         if config.enabled(op_type):
-            quantize.append(factory(config))
+            calibrated = op_type == "MatMul" and calibration is not None
+            quantize.append(factory(config, calibration) if calibrated else factory(config))  # type: ignore[call-arg]
     if any(config.enabled(kind) for kind in ACTIVATION_OPS):
         quantize.append(FoldQuantizeDequantizePass(config))
     cleanup: list[ir.passes.PassBase] = [
@@ -161,6 +166,7 @@ def compress_model(
     config: CompressConfig,
     progress: ProgressCallback | None = None,
     debug_dir: str | os.PathLike[str] | None = None,
+    calibration: Calibration | None = None,
 ) -> PipelineResult:
     """Compress a copy of model per config; the input model is left untouched.
 
@@ -172,7 +178,7 @@ def compress_model(
         debug_dir = os.environ.get(DEBUG_DIR_ENV) or None
     debug_path = Path(debug_dir) if debug_dir is not None else None
     work = model.clone()  # quantize passes import the ai.bct_onnx domain when they emit a node
-    passes = build_passes(config)
+    passes = build_passes(config, calibration)
     if any(config.enabled(kind) for kind in ACTIVATION_OPS):
         annotate_shapes(work)  # in value.meta only: the model is not changed
     rewritten: dict[str, int] = {}

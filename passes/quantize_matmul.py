@@ -23,6 +23,7 @@ from bct_onnx.passes.quantized_weights import (
 )
 
 from bct_onnx import ops
+from bct_onnx.calibration import Calibration, collect_hessians
 from bct_onnx.config import CompressConfig
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ RULE_MATMUL = "MatMul"
 RULE_BIAS = "MatMul+Add(bias)"
 RULE_TRANSPOSED = "MatMul(Transpose(weight))"
 RULE_SHARED = "shared quantized weight"
+RULE_GPTQ = "MatMul weight rounded by GPTQ (calibrated)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,7 @@ class MatMulMatch:
     n: int
     bias_add: ir.Node | None
     bias: np.ndarray | ir.Value | None  # an [N] float32 initializer value, or values to register
+    hessian: np.ndarray | None = None  # calibration X^T X of the activation [K, K]: GPTQ rounding
 
 
 def _weight_source(weight: ir.Value) -> tuple[ir.Value, ir.TensorProtocol, bool] | str:
@@ -128,9 +131,28 @@ class QuantizeMatMulPass(NodeRewritePass):
 
     op_types = frozenset({"MatMul"})
 
-    def __init__(self, config: CompressConfig) -> None:
+    def __init__(self, config: CompressConfig, calibration: Calibration | None = None) -> None:
         super().__init__()
         self.config = config
+        self.calibration = calibration
+
+    def run(self, model: ir.Model, report: PassReport) -> None:
+        # With calibration, the Hessians are measured on the model this pass receives (after
+        # canonicalization) and travel to rewrite inside each match: nothing is kept on the pass.
+        hessians = collect_hessians(model, self.calibration) if self.calibration is not None else {}
+        for node in self.candidates(model):
+            if node.graph is None:
+                continue
+            matched = self.match(model, node)
+            if matched is None:
+                continue
+            if isinstance(matched, str):
+                report.skip(node, matched)
+                continue
+            key = (matched.activation.name or "", matched.source.name or "")
+            if key in hessians and not matched.source_is_transposed and len(list(matched.source.uses())) == 1:
+                matched = dataclasses.replace(matched, hessian=hessians[key])
+            self.rewrite(model, matched, report)
 
     def match(self, model: ir.Model, node: ir.Node) -> MatMulMatch | str | None:
         activation, weight = node.inputs[0], node.inputs[1]
@@ -184,7 +206,8 @@ class QuantizeMatMulPass(NodeRewritePass):
             fmt,
             transposed=not matched.source_is_transposed,
             scale_search=config.weight_scale_search,
-            importance=_input_importance(matched) if config.weight_scale_search else None,
+            importance=_input_importance(matched) if config.weight_scale_search and matched.hessian is None else None,
+            hessian=matched.hessian,
         )
         name = matched.matmul.name or (matched.matmul.outputs[0].name or "MatMul")
         bias: ir.Value | None = None
@@ -232,3 +255,5 @@ class QuantizeMatMulPass(NodeRewritePass):
             report.count(RULE_TRANSPOSED)
         if quantized.reused:
             report.count(RULE_SHARED)
+        if matched.hessian is not None:
+            report.count(RULE_GPTQ)

@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bct_onnx.block_format import BlockFormat
+from bct_onnx.gptq import gptq_quantize
 from bct_onnx.weight_quantizer import quantize_tensor
 
 logger = logging.getLogger(__name__)
@@ -92,13 +93,15 @@ def quantized_initializers(
     transposed: bool,
     scale_search: bool,
     importance: np.ndarray | None = None,
+    hessian: np.ndarray | None = None,
 ) -> QuantizedInitializers:
     """Quantize a constant 2-D tensor (its transpose when transposed) along the last axis, once per graph.
 
-    Reuses initializers made earlier from the same source in the same layout and format.
+    Reuses initializers made earlier from the same source in the same layout and format. With a
+    calibration hessian ([D, D] of the consumer's inputs) the codes are chosen by GPTQ.
     """
     source_name = source.name or "weight"
-    tag = format_tag(fmt, transposed) + ("_aw" if importance is not None else "")
+    tag = format_tag(fmt, transposed) + ("_aw" if importance is not None else "") + ("_gptq" if hessian is not None else "")
     base = f"{source_name}.bct_{tag}"
     codes = _find(graph, f"{base}.codes", source_name, tag)
     scales = _find(graph, f"{base}.scales", source_name, tag)
@@ -110,7 +113,10 @@ def quantized_initializers(
     array = np.asarray(tensor.numpy(), dtype=np.float32)
     if transposed:
         array = np.ascontiguousarray(array.T)
-    quantized = quantize_tensor(array, fmt, scale_search=scale_search, importance=importance)
+    if hessian is not None:
+        quantized = gptq_quantize(array, hessian, fmt, scale_search=scale_search)
+    else:
+        quantized = quantize_tensor(array, fmt, scale_search=scale_search, importance=importance)
     codes = _register(graph, f"{base}.codes", quantized.codes, source_name, tag)
     scales = _register(graph, f"{base}.scales", quantized.scales, source_name, tag)
     zp_value = None

@@ -1,0 +1,104 @@
+"""GPTQ rounding (bct_onnx.gptq) and its calibration path through the pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bct_onnx.block_format import BlockFormat, ScaleKind, dequantize, unpack_codes
+from bct_onnx.calibration import Calibration, CalibrationError, collect_hessians, text_feeds
+from bct_onnx.config import CompressConfig
+from bct_onnx.gptq import gptq_quantize
+from bct_onnx.passes import compress_model
+from bct_onnx.weight_quantizer import quantize_tensor
+
+
+def _correlated_inputs(rng: np.random.Generator, rows: int, k: int, seed: int = 7) -> np.ndarray:
+    """Rows of one distribution (fixed by seed) with correlated channels of very different size,
+    as real layers have; rng draws the rows."""
+    shape_rng = np.random.default_rng(seed)
+    mix = shape_rng.standard_normal((k, k)) / np.sqrt(k)
+    channel_scale = shape_rng.uniform(0.2, 4.0, k)
+    return ((rng.standard_normal((rows, k)) @ mix) * channel_scale).astype(np.float32)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("scale_kind", [ScaleKind.FLOAT16, ScaleKind.POW2])
+def test_gptq_lowers_output_error_and_stays_in_format(symmetric, scale_kind):
+    rng = np.random.default_rng(0)
+    k, n = 200, 48  # K not a multiple of the block size: a partial last block
+    x = _correlated_inputs(rng, 1024, k)
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    fmt = BlockFormat(4, 32, symmetric, scale_kind)
+    gptq = gptq_quantize(w, x.T.astype(np.float64) @ x, fmt)
+    plain = quantize_tensor(w, fmt)
+    assert gptq.codes.shape == plain.codes.shape and gptq.scales.shape == plain.scales.shape
+    assert gptq.scales.dtype == fmt.scale_dtype
+    assert (gptq.zero_points is None) == symmetric
+    assert unpack_codes(gptq.codes, 4, k).max() <= 15
+    err_gptq = np.linalg.norm(x @ (dequantize(gptq) - w).T)
+    err_plain = np.linalg.norm(x @ (dequantize(plain) - w).T)
+    assert err_gptq < 0.9 * err_plain, (err_gptq, err_plain)
+
+
+def test_gptq_rejects_mismatched_hessian():
+    with pytest.raises(ValueError, match="Hessian shape"):
+        gptq_quantize(np.zeros((4, 64), np.float32), np.eye(32), BlockFormat(4, 32))
+
+
+MLP = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[B, 64] x) => (float[B, 16] y) {
+  h = MatMul(x, w1)
+  r = Relu(h)
+  y = MatMul(r, w2)
+}"""
+
+
+def _mlp(helpers, rng):
+    return helpers.model_from_text(
+        MLP,
+        {"w1": (rng.standard_normal((64, 96)) * 0.1).astype(np.float32),
+         "w2": (rng.standard_normal((96, 16)) * 0.1).astype(np.float32)},
+    )
+
+
+def test_pipeline_with_calibration_uses_gptq_and_beats_plain_rounding(helpers):
+    rng = np.random.default_rng(1)
+    model = _mlp(helpers, rng)
+    calib = Calibration(tuple({"x": _correlated_inputs(rng, 256, 64)} for _ in range(2)))
+    test_x = _correlated_inputs(rng, 128, 64)
+    (expected,) = helpers.run_ort(model, {"x": test_x})
+    config = CompressConfig(weight_bits=4, act_bits=None, ops=frozenset({"MatMul"}))
+    calibrated = compress_model(model, config, calibration=calib)
+    plain = compress_model(model, config)
+    assert calibrated.rewritten["MatMul weight rounded by GPTQ (calibrated)"] == 2
+    assert "MatMul weight rounded by GPTQ (calibrated)" not in plain.rewritten
+    assert helpers.op_types(calibrated.model) == ["BlockMatMul", "Relu", "BlockMatMul"]
+    (got_calibrated,) = helpers.run_reference(calibrated.model, {"x": test_x})
+    (got_plain,) = helpers.run_reference(plain.model, {"x": test_x})
+    assert np.linalg.norm(got_calibrated - expected) < np.linalg.norm(got_plain - expected)
+    (through_ort,) = helpers.run_bct_session(calibrated.model, {"x": test_x})
+    np.testing.assert_allclose(through_ort, got_calibrated, rtol=1e-4, atol=1e-4)
+
+
+def test_hessians_are_sums_of_x_transpose_x(helpers):
+    rng = np.random.default_rng(2)
+    model = _mlp(helpers, rng)
+    batches = [rng.standard_normal((8, 64)).astype(np.float32) for _ in range(3)]
+    hessians = collect_hessians(model, Calibration(tuple({"x": b} for b in batches)))
+    stacked = np.concatenate(batches).astype(np.float64)
+    np.testing.assert_allclose(hessians[("x", "w1")], stacked.T @ stacked, rtol=1e-6)
+    assert hessians[("r", "w2")].shape == (96, 96)
+
+
+def test_text_feeds_names_inputs_text_cannot_fill(helpers):
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (int64[B, S] input_ids, float[B, 2, P, 8] past_key) => (int64[B, S] y) { y = Identity(input_ids) }"""
+    model = helpers.model_from_text(text)
+    with pytest.raises(CalibrationError, match="past_key"):
+        text_feeds(model, tokenizer=None, texts=["hello"])
+
+
+def test_empty_calibration_is_refused():
+    with pytest.raises(CalibrationError, match="at least one batch"):
+        Calibration(())
