@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
 LIBRARY_ENV = "BCT_ONNX_LIBRARY"  # overrides the packaged library (development builds)
 LIBRARY_NAME = "libbct_onnx_ops.so"
 MIN_ORT_VERSION = (1, 21)  # the C API version the library is built against
+
+
+# SessionOptions that already carry our library: ONNX Runtime refuses a second registration of
+# the same domain on one options object ("Domain already set in registry").
+_REGISTERED: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 class LibraryNotFoundError(FileNotFoundError):
@@ -64,7 +70,9 @@ def session_options(sess_options: Any = None) -> Any:
 
     check_onnxruntime_version()
     options = sess_options if sess_options is not None else ort.SessionOptions()
-    options.register_custom_ops_library(library_path())
+    if options not in _REGISTERED:
+        options.register_custom_ops_library(library_path())
+        _REGISTERED.add(options)
     return options
 
 
