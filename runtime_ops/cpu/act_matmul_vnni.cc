@@ -83,7 +83,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void DotRow(const PackedB
       const __m512i sums = _mm512_loadu_si512(p.sums.data() + at);
       const __m512i dot = _mm512_sub_epi32(acc, _mm512_mullo_epi32(sums, bias128));
       const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(sa[blk]), _mm512_loadu_ps(p.scales.data() + at));
-      acc_y = _mm512_add_ps(acc_y, _mm512_mul_ps(_mm512_cvtepi32_ps(dot), scale));
+      acc_y = _mm512_add_ps(acc_y, _mm512_mul_ps(_mm512_maskz_cvtepi32_ps(0xffff, dot), scale));
     }
     const int64_t left = p.n - j0;
     if (left >= 16) {
