@@ -28,9 +28,8 @@ void UnpackRow(const uint8_t* row, int64_t row_bytes, int bits, int64_t K, uint8
   }
 }
 
-bool CpuHasAvx2() {
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
+#if BCT_MATMUL_X86
+bool CpuHasAvx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 
 bool CpuHasAvxVnni() { return CpuHasAvx2() && __builtin_cpu_supports("avxvnni"); }
 
@@ -39,6 +38,11 @@ bool CpuHasAvx512Vnni() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
          __builtin_cpu_supports("avx512vnni") && CpuHasAvx2();
 }
+#else
+bool CpuHasAvx2() { return false; }
+bool CpuHasAvxVnni() { return false; }
+bool CpuHasAvx512Vnni() { return false; }
+#endif
 
 }  // namespace
 
@@ -279,17 +283,11 @@ void Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
     const int64_t tasks = (M + rows_per_task - 1) / rows_per_task;
     auto quantize = [&](std::size_t task) {
       const int64_t r0 = static_cast<int64_t>(task) * rows_per_task, r1 = std::min(M, r0 + rows_per_task);
-      switch (p.isa) {
-        case Isa::kAvx512Vnni:
-          detail::QuantizeRowsAvx512(p, A, r0, r1, &act);
-          break;
-        case Isa::kAvx2:
-        case Isa::kAvxVnni:
-          detail::QuantizeRowsAvx2(p, A, r0, r1, &act);
-          break;
-        default:
-          detail::QuantizeRowsScalar(p, A, r0, r1, &act);
-      }
+#if BCT_MATMUL_X86
+      if (p.isa == Isa::kAvx512Vnni) return detail::QuantizeRowsAvx512(p, A, r0, r1, &act);
+      if (p.isa == Isa::kAvx2 || p.isa == Isa::kAvxVnni) return detail::QuantizeRowsAvx2(p, A, r0, r1, &act);
+#endif
+      detail::QuantizeRowsScalar(p, A, r0, r1, &act);
     };
     if (tasks > 1) {
       parallel_for(static_cast<std::size_t>(tasks), quantize);
@@ -341,6 +339,7 @@ void Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
     const int64_t rc = static_cast<int64_t>(task) / tile_chunks, tc = static_cast<int64_t>(task) % tile_chunks;
     const int64_t r0 = rc * rows_per_task, r1 = std::min(M, r0 + rows_per_task);
     const int64_t t0 = tc * tiles_per_task, t1 = std::min(p.num_tiles, t0 + tiles_per_task);
+#if BCT_MATMUL_X86
     if (p.isa == Isa::kAvx512Vnni) {
       detail::TilesAvx512(p, act_ptr, a_padded, r0, r1, t0, t1, bias, Y);
     } else if (p.isa == Isa::kAvxVnni) {
@@ -348,6 +347,7 @@ void Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
     } else {
       detail::TilesAvx2(p, act_ptr, a_padded, r0, r1, t0, t1, bias, Y);
     }
+#endif
   });
 }
 

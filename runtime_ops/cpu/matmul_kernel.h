@@ -30,6 +30,14 @@
 
 #include "bct/block_math.h"
 
+// The SIMD paths exist on x86 only; elsewhere the scalar path is the only one (the SIMD files
+// compile to nothing).
+#if defined(__x86_64__) || defined(__i386__)
+#define BCT_MATMUL_X86 1
+#else
+#define BCT_MATMUL_X86 0
+#endif
+
 namespace bct {
 namespace matmul {
 

@@ -1,6 +1,17 @@
 // BlockMatMul AVX2 + FMA kernels (compiled for the target here, chosen at run time): the 256-bit
 // kernels of matmul_kernel_avx2_impl.h without VNNI, and the activation quantizer that the AVX2 and
 // AVX-VNNI paths share.
+// Standard headers come before the target pragma, so that no standard-library code is compiled
+// (and possibly shared with other files) for the target.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "matmul_kernel.h"
+#if BCT_MATMUL_X86
+
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
 #elif defined(__GNUC__)
@@ -8,10 +19,6 @@
 #endif
 
 #include <immintrin.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstring>
 
 #define BCT_MATMUL_AVX_VNNI 0
 #include "matmul_kernel_avx2_impl.h"
@@ -105,3 +112,5 @@ void TilesAvx2(const PackedWeights& p, const ActRows* act, const float* a_padded
 #if defined(__clang__)
 #pragma clang attribute pop
 #endif
+
+#endif  // BCT_MATMUL_X86

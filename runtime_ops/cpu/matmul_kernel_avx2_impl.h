@@ -1,7 +1,7 @@
 // BlockMatMul 256-bit kernels, compiled twice: for AVX2 + FMA (matmul_kernel_avx2.cc: integer dot
 // products with vpmaddubsw/vpmaddwd) and for AVX-VNNI (matmul_kernel_avxvnni.cc: vpdpbusd on ymm).
-// The including file sets the target and BCT_MATMUL_AVX_VNNI (0 or 1) first. Everything here has
-// internal linkage, so the two compilations never mix.
+// The including file includes the standard headers below, then sets the target and
+// BCT_MATMUL_AVX_VNNI (0 or 1). Everything here has internal linkage, so the two compilations never mix.
 //
 // A 16-column tile is two halves of 8 lanes (bytes 0..31 and 32..63 of each 64-byte group). Without
 // VNNI, a pair of products can only saturate int16 when 8-bit weight codes (up to 255) meet 8-bit

@@ -1,6 +1,16 @@
 // BlockMatMul AVX-512 VNNI kernels (compiled for the target here, chosen at run time).
 // Integer mode: vpdpbusd(unsigned weight codes, signed activation codes) sums 4 products a lane
 // without saturation, for every weight width 2..8 and activation width 2..8.
+// Standard headers come before the target pragma, so that no standard-library code is compiled
+// (and possibly shared with other files) for the target.
+#include <algorithm>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "matmul_kernel.h"
+#if BCT_MATMUL_X86
+
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma"))), \
                              apply_to = function)
@@ -11,13 +21,6 @@
 #endif
 
 #include <immintrin.h>
-
-#include <algorithm>
-#include <cstring>
-#include <utility>
-#include <vector>
-
-#include "matmul_kernel.h"
 
 namespace bct {
 namespace matmul {
@@ -554,3 +557,5 @@ void TilesAvx512(const PackedWeights& p, const ActRows* act, const float* a_padd
 #if defined(__clang__)
 #pragma clang attribute pop
 #endif
+
+#endif  // BCT_MATMUL_X86

@@ -1,6 +1,16 @@
 // BlockMatMul AVX-VNNI kernels (256-bit vpdpbusd, e.g. Intel Alder Lake and later without AVX-512):
 // the kernels of matmul_kernel_avx2_impl.h compiled with VNNI; activations are quantized by the
 // AVX2 quantizer (matmul_kernel_avx2.cc).
+// Standard headers come before the target pragma, so that no standard-library code is compiled
+// (and possibly shared with other files) for the target.
+#include <algorithm>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "matmul_kernel.h"
+#if BCT_MATMUL_X86
+
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,avxvnni"))), apply_to = function)
 #elif defined(__GNUC__)
@@ -26,3 +36,5 @@ void TilesAvxVnni(const PackedWeights& p, const ActRows* act, const float* a_pad
 #if defined(__clang__)
 #pragma clang attribute pop
 #endif
+
+#endif  // BCT_MATMUL_X86
