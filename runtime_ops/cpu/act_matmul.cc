@@ -76,6 +76,44 @@ BCT_ALWAYS_INLINE void QuantizeActRowImpl(const float* x, int64_t k, int bits, i
   }
 }
 
+// Block `len` rows x n columns of a row-major B [K, N] (the rows of one block along K), quantized per
+// column exactly as nl::quantize_act_row quantizes that column, without gathering columns: per
+// column, the first element of largest magnitude (integer compare of magnitude bits, strict, in k
+// order) gives scale = m / -2**(bits-1). q receives [len][n] signed codes, scales [n]. Columns
+// holding a NaN are flagged in has_nan (the caller redoes them with choose_symmetric_scale).
+BCT_ALWAYS_INLINE void QuantizeBlockKMajorImpl(const float* b, int64_t n, int64_t len, int bits, uint32_t* best_u,
+                                               float* best_v, float* inv, uint8_t* has_nan, int8_t* q,
+                                               float* scales) {
+  const int zp = 1 << (bits - 1);
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t u = float_bits(b[j]) & 0x7fffffffu;
+    best_u[j] = u;
+    best_v[j] = b[j];
+    has_nan[j] = u > 0x7f800000u ? 1 : 0;
+  }
+  for (int64_t i = 1; i < len; ++i) {
+    const float* row = b + i * n;
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t u = float_bits(row[j]) & 0x7fffffffu;
+      const bool take = u > best_u[j];
+      best_u[j] = take ? u : best_u[j];
+      best_v[j] = take ? row[j] : best_v[j];
+      has_nan[j] = static_cast<uint8_t>(has_nan[j] | (u > 0x7f800000u ? 1 : 0));
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    scales[j] = fdiv(best_v[j], -static_cast<float>(zp));
+    inv[j] = inverse_scale(scales[j]);
+  }
+  for (int64_t i = 0; i < len; ++i) {
+    const float* row = b + i * n;
+    int8_t* qr = q + i * n;
+    for (int64_t j = 0; j < n; ++j) {
+      qr[j] = static_cast<int8_t>(static_cast<int>(code_of(row[j], inv[j], bits, true, 0)) - zp);
+    }
+  }
+}
+
 BCT_ISA_CLONES void ActDotRow(const int8_t* qa_row, const float* sa_row, const int8_t* qkn, const float* sbn, int64_t n,
                               int64_t k, int64_t block_size, int64_t nb, int32_t* acc, float* y) {
   ActDotRowImpl(qa_row, sa_row, qkn, sbn, n, k, block_size, nb, acc, y);
@@ -90,6 +128,15 @@ BCT_ISA_CLONES void QuantizeActRow(const float* x, int64_t k, int bits, int64_t 
 }
 void QuantizeActRowBaseline(const float* x, int64_t k, int bits, int64_t block_size, int8_t* q, float* scales) {
   QuantizeActRowImpl(x, k, bits, block_size, q, scales);
+}
+
+BCT_ISA_CLONES void QuantizeBlockKMajor(const float* b, int64_t n, int64_t len, int bits, uint32_t* best_u,
+                                        float* best_v, float* inv, uint8_t* has_nan, int8_t* q, float* scales) {
+  QuantizeBlockKMajorImpl(b, n, len, bits, best_u, best_v, inv, has_nan, q, scales);
+}
+void QuantizeBlockKMajorBaseline(const float* b, int64_t n, int64_t len, int bits, uint32_t* best_u, float* best_v,
+                                 float* inv, uint8_t* has_nan, int8_t* q, float* scales) {
+  QuantizeBlockKMajorImpl(b, n, len, bits, best_u, best_v, inv, has_nan, q, scales);
 }
 
 class ActMatMulCpuKernel {
@@ -142,31 +189,58 @@ class ActMatMulCpuKernel {
       std::vector<float> sbn(use_vnni_ ? 0 : static_cast<size_t>(b_rows * nb));
       vnni::PackedB packed;
       if (use_vnni_) vnni::InitPackedB(packed, g.b_batches, n, k, bs);
-      ParallelFor(ctx, b_rows, std::max<int64_t>(1, 4096 / k), [&](int64_t begin, int64_t end) {
-        std::vector<float> column(attrs_.transpose_b ? 0 : static_cast<size_t>(k));
-        std::vector<int8_t> codes(static_cast<size_t>(k));
-        std::vector<float> scales(static_cast<size_t>(nb));
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t batch = i / n, col = i % n;
-          const float* x;
-          if (attrs_.transpose_b) {
-            x = g.b + i * k;
-          } else {
-            const float* base = g.b + batch * k * n + col;
-            for (int64_t j = 0; j < k; ++j) column[static_cast<size_t>(j)] = base[j * n];
-            x = column.data();
+      if (attrs_.transpose_b) {
+        // B^T rows are contiguous along K: quantize them like A's rows.
+        ParallelFor(ctx, b_rows, std::max<int64_t>(1, 4096 / k), [&](int64_t begin, int64_t end) {
+          std::vector<int8_t> codes(static_cast<size_t>(k));
+          std::vector<float> scales(static_cast<size_t>(nb));
+          for (int64_t i = begin; i < end; ++i) {
+            const int64_t batch = i / n, col = i % n;
+            (baseline_ ? QuantizeActRowBaseline : QuantizeActRow)(g.b + i * k, k, bits, bs, codes.data(),
+                                                                  scales.data());
+            if (use_vnni_) {
+              vnni::PackColumn(packed, batch, col, codes.data(), scales.data());
+              continue;
+            }
+            int8_t* q = qkn.data() + batch * k * n + col;
+            for (int64_t j = 0; j < k; ++j) q[j * n] = codes[static_cast<size_t>(j)];
+            float* sc = sbn.data() + batch * nb * n + col;
+            for (int64_t blk = 0; blk < nb; ++blk) sc[blk * n] = scales[static_cast<size_t>(blk)];
           }
-          (baseline_ ? QuantizeActRowBaseline : QuantizeActRow)(x, k, bits, bs, codes.data(), scales.data());
-          if (use_vnni_) {
-            vnni::PackColumn(packed, batch, col, codes.data(), scales.data());
-            continue;
+        });
+      } else {
+        // B [K, N] row-major: one (batch, block) per step, all columns at once.
+        ParallelFor(ctx, g.b_batches * nb, 1, [&](int64_t begin, int64_t end) {
+          std::vector<uint32_t> best_u(static_cast<size_t>(n));
+          std::vector<float> best_v(static_cast<size_t>(n)), inv(static_cast<size_t>(n)), scales(static_cast<size_t>(n));
+          std::vector<uint8_t> has_nan(static_cast<size_t>(n));
+          std::vector<int8_t> block(use_vnni_ ? static_cast<size_t>(bs * n) : 0);
+          std::vector<float> column;
+          std::vector<int8_t> column_codes;
+          for (int64_t t = begin; t < end; ++t) {
+            const int64_t batch = t / nb, blk = t % nb;
+            const int64_t b0 = blk * bs, len = std::min(bs, k - b0);
+            const float* src = g.b + (batch * k + b0) * n;
+            int8_t* q = use_vnni_ ? block.data() : qkn.data() + (batch * k + b0) * n;
+            float* sc = use_vnni_ ? scales.data() : sbn.data() + (batch * nb + blk) * n;
+            (baseline_ ? QuantizeBlockKMajorBaseline : QuantizeBlockKMajor)(src, n, len, bits, best_u.data(),
+                                                                            best_v.data(), inv.data(),
+                                                                            has_nan.data(), q, sc);
+            for (int64_t j = 0; j < n; ++j) {
+              if (!has_nan[static_cast<size_t>(j)]) continue;
+              // A NaN in this column block: the reference scale choice, exactly.
+              column.resize(static_cast<size_t>(len));
+              column_codes.resize(static_cast<size_t>(len));
+              for (int64_t i = 0; i < len; ++i) column[static_cast<size_t>(i)] = src[i * n + j];
+              float column_scale = 0.0f;
+              nl::quantize_act_row(column.data(), len, bits, len, column_codes.data(), &column_scale);
+              sc[j] = column_scale;
+              for (int64_t i = 0; i < len; ++i) q[i * n + j] = column_codes[static_cast<size_t>(i)];
+            }
+            if (use_vnni_) vnni::PackBlock(packed, batch, blk, q, sc);
           }
-          int8_t* q = qkn.data() + batch * k * n + col;
-          for (int64_t j = 0; j < k; ++j) q[j * n] = codes[static_cast<size_t>(j)];
-          float* sc = sbn.data() + batch * nb * n + col;
-          for (int64_t blk = 0; blk < nb; ++blk) sc[blk * n] = scales[static_cast<size_t>(blk)];
-        }
-      });
+        });
+      }
 
       // Y rows: one (output batch, m) pair per task.
       const cpu::RowFormat out_fmt{out_.bits, out_.block_size, out_.symmetric, out_.scale_kind, n, r.row_bytes,

@@ -52,6 +52,25 @@ void PackColumn(PackedB& p, int64_t batch, int64_t col, const int8_t* q, const f
   }
 }
 
+void PackBlock(PackedB& p, int64_t batch, int64_t blk, const int8_t* q, const float* scales) {
+  const int64_t len = std::min(p.block_size, p.k - blk * p.block_size);
+  int8_t* base = p.codes.data() + ((batch * p.nb + blk) * p.groups * p.n_pad) * 4;
+  int32_t* sums = p.sums.data() + (batch * p.nb + blk) * p.n_pad;
+  float* sc = p.scales.data() + (batch * p.nb + blk) * p.n_pad;
+  for (int64_t j = 0; j < p.n; ++j) {
+    sums[j] = 0;
+    sc[j] = scales[j];
+  }
+  for (int64_t i = 0; i < len; ++i) {
+    const int8_t* row = q + i * p.n;
+    int8_t* dst = base + (i / 4) * p.n_pad * 4 + (i % 4);
+    for (int64_t j = 0; j < p.n; ++j) {
+      dst[j * 4] = row[j];
+      sums[j] += row[j];
+    }
+  }
+}
+
 #if defined(__GNUC__) && defined(__x86_64__)
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void DotRow(const PackedB& p, int64_t batch, const int8_t* qa,
                                                                    const float* sa, uint8_t* scratch, float* y) {

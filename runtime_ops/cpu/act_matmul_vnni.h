@@ -30,6 +30,10 @@ void InitPackedB(PackedB& packed, int64_t batches, int64_t n, int64_t k, int64_t
 // Stores the signed codes q [k] and scales [nb] of column `col` of batch `batch`.
 void PackColumn(PackedB& packed, int64_t batch, int64_t col, const int8_t* q, const float* scales);
 
+// Stores block `blk` of batch `batch` for all columns at once: signed codes q [len][n] (k-major)
+// and scales [n].
+void PackBlock(PackedB& packed, int64_t batch, int64_t blk, const int8_t* q, const float* scales);
+
 // One output row y [n] of batch `batch`: A's signed codes qa [k], scales sa [nb]. scratch needs
 // nb * groups * 4 bytes.
 void DotRow(const PackedB& packed, int64_t batch, const int8_t* qa, const float* sa, uint8_t* scratch, float* y);

@@ -177,6 +177,23 @@ def test_empty_operands(shapes: tuple[tuple[int, ...], tuple[int, ...]]) -> None
     assert y.shape == np.matmul(a, b).shape and y.dtype == np.float32
 
 
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_nan_poisons_only_its_outputs(transpose_b: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NaN makes the outputs its block feeds NaN (NaN bits may differ); every other output is exact."""
+    a, b = sample((2, 5, 40), 20), sample((2, 40, 7), 21)
+    a[0, 1, 3] = np.nan
+    b[1, 30, 2] = np.nan
+    b_in = np.ascontiguousarray(np.swapaxes(b, -1, -2)) if transpose_b else b
+    with np.errstate(invalid="ignore"):  # the spec casts NaN codes
+        expected = ref.act_matmul(a, b, 8, 16)
+    for baseline in ("0", "1"):
+        monkeypatch.setenv("BCT_ONNX_BASELINE_SIMD", baseline)
+        (y,) = run_amm(a, b_in, 8, 16, transpose_b=transpose_b)
+        assert np.array_equal(np.isnan(y), np.isnan(expected))
+        finite = ~np.isnan(expected)
+        assert_bits_equal(y[finite], expected[finite], f"finite outputs (baseline={baseline})")
+
+
 @pytest.mark.parametrize(
     "in_fmt",
     [BlockFormat(4, 16, False, ScaleKind.POW2), BlockFormat(8, 32, True, ScaleKind.FLOAT16)],
