@@ -589,3 +589,22 @@ def test_block_size_far_beyond_k(isa: str, act_bits: int) -> None:
     )
     want = matmul_reference(a, codes, scales, None, block_size=k, **fmt)
     np.testing.assert_array_equal(run_matmul(model, a), want.astype(np.float32))
+
+
+@pytest.mark.parametrize("act_bits", [2, 3, 5, 6, 7])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_exact_other_act_bits(isa: str, bits: int, symmetric: bool, act_bits: int) -> None:
+    """The remaining activation widths (the quantizer's clip range changes with act_bits)."""
+    rng = np.random.default_rng(bits * 100 + act_bits * 10 + symmetric)
+    k, n, block_size = 45, 33, 16
+    codes, scales, zero_points = random_weight(
+        rng, n, k, bits, block_size, symmetric, ScaleKind.FLOAT16, exact=True
+    )
+    a = exact_activations(rng, (7, k), block_size, act_bits)
+    fmt = {"k": k, "bits": bits, "block_size": block_size, "symmetric": symmetric, "act_bits": act_bits}
+    got = run_matmul(
+        matmul_model(n=n, codes=codes, scales=scales, zero_points=zero_points, bias=None, **fmt), a
+    )
+    want = matmul_reference(a, codes, scales, zero_points, **fmt)
+    np.testing.assert_array_equal(got, want.astype(np.float32), err_msg=f"isa={isa}")
