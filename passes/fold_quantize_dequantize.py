@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
 import onnx_ir as ir
 from bct_onnx.passes.framework import CompressPass, PassReport, Skip, node_label
@@ -78,7 +79,7 @@ def _with_attrs(
     node: ir.Node, inputs: list[ir.Value | None], extra: dict[str, int | str], num_outputs: int
 ) -> ir.Node:
     """A copy of node with other inputs and extra attributes set."""
-    attributes: dict[str, object] = {name: attr.value for name, attr in node.attributes.items()}
+    attributes: dict[str, Any] = {name: attr.value for name, attr in node.attributes.items()}
     attributes.update(extra)
     while inputs and inputs[-1] is None:
         inputs = inputs[:-1]
@@ -88,7 +89,7 @@ def _with_attrs(
         attributes=attributes,
         domain=node.domain,
         name=node.name,
-        num_outputs=num_outputs,  # type: ignore[arg-type]
+        num_outputs=num_outputs,
     )
 
 
@@ -242,7 +243,7 @@ class FoldQuantizeDequantizePass(CompressPass):
         for use in list(value.uses()):
             reader = use.node
             inputs = [codes, new_producer.outputs[1], zero_points, *list(reader.inputs[OPERAND_SLOTS:])]
-            extra = {
+            extra: dict[str, int | str] = {
                 "in_bits": fmt.bits,
                 "in_block_size": fmt.block_size,
                 "in_symmetric": int(fmt.symmetric),

@@ -203,7 +203,7 @@ class Expression:
                 return cache[id(value)]
             c = scalar(value)
             if c is not None:
-                return np.float64(c)
+                return np.asarray(c, dtype=np.float64)
             node = value.producer()
             if node is None or node.op_type not in _ELEMENTWISE or node.domain not in DEFAULT_DOMAINS:
                 return None
