@@ -34,11 +34,13 @@ TOP_LEVEL_KEYS = (
     "ops",
     "symmetric",
     "scale_kind",
+    "embedding_scale_kind",
     "weight_scale_search",
     "keep_compressed",
     "op",
     "override",
 )
+_FIELD_KEYS = TOP_LEVEL_KEYS[: TOP_LEVEL_KEYS.index("op")]  # keys that are CompressConfig fields
 _NONE_WORDS = ("none", "off", "null")
 
 
@@ -120,7 +122,7 @@ def config_from_mapping(
             f"{_where(source, unknown[0])}: unknown key (value {data[unknown[0]]!r}); known: {', '.join(TOP_LEVEL_KEYS)}"
         )
     fields: dict[str, Any] = {}
-    for key in TOP_LEVEL_KEYS[:9]:
+    for key in _FIELD_KEYS:
         if key not in data:
             continue
         value = data[key]

@@ -18,6 +18,7 @@ from bct_onnx.passes.framework import DEFAULT_DOMAINS, NodeRewritePass, PassRepo
 from bct_onnx.passes.quantized_weights import (
     FLOAT_DTYPES,
     constant_tensor,
+    existing_table_format,
     quantized_initializers,
     trim_trailing_none,
 )
@@ -199,6 +200,11 @@ class QuantizeMatMulPass(NodeRewritePass):
             "MatMul", matmul.name or matmul.outputs[0].name or ""
         )  # per-node overrides
         fmt = settings.weight_format
+        if matched.source_is_transposed:
+            # A table tied to the output projection was quantized for its Gather first, maybe with
+            # another scale kind (tables default to power-of-two scales): with equal bits and block
+            # size, reuse it in that format so the table is stored once.
+            fmt = existing_table_format(graph, matched.source, fmt) or fmt
         quantized = quantized_initializers(
             graph,
             matched.source,

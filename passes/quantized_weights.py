@@ -15,7 +15,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from bct_onnx.block_format import BlockFormat
+from bct_onnx.block_format import BlockFormat, ScaleKind
 from bct_onnx.gptq import gptq_quantize
 from bct_onnx.weight_quantizer import quantize_tensor
 
@@ -83,6 +83,17 @@ def _find(graph: ir.Graph, base: str, source: str, tag: str) -> ir.Value | None:
     if value.metadata_props.get(SOURCE_KEY) != source or value.metadata_props.get(FORMAT_KEY) != tag:
         return None
     return value
+
+
+def existing_table_format(graph: ir.Graph, source: ir.Value, fmt: BlockFormat) -> BlockFormat | None:
+    """fmt with the scale kind under which source was already quantized untransposed, if any."""
+    source_name = source.name or "weight"
+    for kind in ScaleKind:
+        candidate = dataclasses.replace(fmt, scale_kind=kind)
+        tag = format_tag(candidate, transposed=False)
+        if _find(graph, f"{source_name}.bct_{tag}.codes", source_name, tag) is not None:
+            return candidate
+    return None
 
 
 def quantized_initializers(

@@ -15,7 +15,11 @@ def test_defaults():
     assert (config.weight_bits, config.act_bits, config.block_size) == (4, 8, 32)
     assert config.ops == SUPPORTED_OPS  # everything by default (issue 3, item 4)
     assert config.symmetric and config.scale_kind is ScaleKind.FLOAT16 and config.weight_scale_search
-    assert config.embedding_format == config.weight_format == BlockFormat(4, 32, True, ScaleKind.FLOAT16)
+    assert config.weight_format == BlockFormat(4, 32, True, ScaleKind.FLOAT16)
+    assert config.embedding_format == BlockFormat(4, 32, True, ScaleKind.POW2)  # tables: one-byte scales
+    assert CompressConfig(embedding_scale_kind=None).embedding_format == config.weight_format
+    assert config.settings_for("Gather", "emb").scale_kind is ScaleKind.POW2
+    assert config.settings_for("MatMul", "fc").scale_kind is ScaleKind.FLOAT16
     assert CompressConfig(embedding_bits=8).embedding_format.bits == 8
     assert CompressConfig(scale_kind="pow2").scale_kind is ScaleKind.POW2
 
@@ -28,6 +32,7 @@ def test_defaults():
         ({"weight_bits": True}, "weight_bits"),
         ({"act_bits": 0}, "act_bits"),
         ({"embedding_bits": 16}, "embedding_bits"),
+        ({"embedding_scale_kind": "bfloat16"}, "embedding_scale_kind"),
         ({"block_size": 0}, "block_size"),
         ({"scale_kind": "bfloat16"}, "scale_kind"),
         ({"ops": frozenset({"Conv"})}, "ops"),
