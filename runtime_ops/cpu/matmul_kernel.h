@@ -4,21 +4,27 @@
 // block_size along K, optional zero points). The weight is repacked once (Pack) into the layout the
 // selected instruction set wants; Compute then runs on any number of activation rows.
 //
-// act_bits == 0: float activations; the weight is dequantized in registers exactly as
-//   block_format.dequantize does ((code - zero_point) * scale, one rounding) and multiplied in fp32.
+// act_bits == 0: float activations, fp32 arithmetic. Prefill (4 rows or more) dequantizes each tile
+//   exactly as block_format.dequantize does ((code - zero_point) * scale, one rounding) and runs an
+//   fp32 GEMM micro-kernel; the GEMV of nibble codes sums a * (code - zero_point) per block (codes
+//   turned into floats by a vpermps table) and scales the block sum once.
 // act_bits in 2..8: each row of A is quantized per block exactly as
 //   block_format.quantize_codes(A, BlockFormat(act_bits, block_size, True, "float32")); per block the
 //   integer dot product sum(sa * (uw - zw)) (sa = signed activation code) is scaled by
 //   a_scale * w_scale and accumulated in fp32.
+// Results agree with bct_onnx.reference_ops.matmul_reference exactly on data whose sums are exact in
+// float32, and within (K + 4) * 2**-24 * (|A'| @ |W'|^T) otherwise (tests/runtime_ops/test_matmul.py).
 //
-// SIMD layout (AVX2, AVX-VNNI and AVX-512 share it): columns are grouped in tiles of 16; inside a tile the
-// codes of one group of k values sit in 64 bytes, one 32-bit lane per column:
+// SIMD layout (AVX2, AVX-VNNI and AVX-512 share it): columns are grouped in tiles of 16; inside a tile
+// the codes of one group of k values sit in 64 bytes, one 32-bit lane per column:
 //   nibble storage (bits <= 4): a group is 8 k; byte j of a lane holds k = 8g + j in its low nibble
 //                               and k = 8g + 4 + j in its high nibble;
 //   byte storage (bits 5..8):   a group is 4 k; byte j of a lane holds k = 4g + j.
-// Each block is padded to a multiple of 8 k with code 0 (activations are padded with 0, so padded
-// positions contribute nothing). The scalar path keeps one unpacked byte per code and is the
-// reference the SIMD paths are tested against.
+// Codes are unsigned, except float mode with symmetric weights, which stores code - 2**(bits-1) in
+// two's complement (so no zero point is left to subtract). Each block is padded to
+// min(block_size, K) rounded up to 8 k with code 0 (activations are padded with 0, so padded positions
+// contribute nothing). The scalar path keeps one unpacked byte per code and is the reference the
+// SIMD paths are tested against.
 #pragma once
 
 #include <cstddef>
