@@ -3,7 +3,8 @@
 // is all the host side (cuda/nonlinear_ops_cuda.cc, compiled with the ORT headers) sees of them.
 // Pointers are device pointers; stream is a cudaStream_t. Each launcher returns nullptr on success or
 // the CUDA error string of the first failing call. Scratch memory comes from the stream-ordered
-// allocator (cudaMallocAsync / cudaFreeAsync on the same stream).
+// allocator (cudaMallocAsync / cudaFreeAsync on the same stream), or cudaMalloc / cudaFree on a
+// device without memory pools.
 #pragma once
 
 #include <cstdint>

@@ -1,6 +1,7 @@
 // LaunchRowOp: the dequantize -> compute -> requantize driver of the row-wise nonlinear ops on
 // CUDA. Dequantization and quantization are the BlockDequantize / BlockQuantize launchers
 // (block_kernels.cu); the compute step is the family's launcher (gelu.cu, softmax.cu, norm.cu).
+// Scratch: AllocScratch / FreeScratch (nonlinear_rows.cuh).
 #include <cuda_runtime.h>
 
 #include "nonlinear_launch.h"
@@ -14,9 +15,11 @@ const char* LaunchRowOp(const RowOpArgs& a, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   const size_t bytes = static_cast<size_t>(a.rows) * static_cast<size_t>(a.d) * sizeof(float);
   float* buffer = a.y;
+  bool async = true;
   if (a.out_quantized) {
     void* scratch = nullptr;
-    if (cudaMallocAsync(&scratch, bytes, s) != cudaSuccess) return LastCudaError();
+    const cudaError_t alloc = AllocScratch(&scratch, bytes, s, &async);
+    if (alloc != cudaSuccess) return cudaGetErrorString(alloc);
     buffer = static_cast<float*>(scratch);
   }
   const char* err = nullptr;
@@ -37,7 +40,7 @@ const char* LaunchRowOp(const RowOpArgs& a, void* stream) {
     err = LaunchQuantize(a.out_fmt, buffer, a.rows, a.out_codes, a.out_scales, a.out_zero_points, stream);
   }
   if (a.out_quantized) {
-    const cudaError_t freed = cudaFreeAsync(buffer, s);
+    const cudaError_t freed = FreeScratch(buffer, s, async);
     if (err == nullptr && freed != cudaSuccess) err = cudaGetErrorString(freed);
   }
   return err;

@@ -24,6 +24,24 @@ inline const char* LastCudaError() {
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
+// Scratch memory on the stream: the stream-ordered allocator, or, on a device without memory pools,
+// plain cudaMalloc / cudaFree (cudaFree synchronises the device: slower, still correct).
+inline cudaError_t AllocScratch(void** p, size_t bytes, cudaStream_t stream, bool* async) {
+  *async = true;
+  cudaError_t err = cudaMallocAsync(p, bytes, stream);
+  if (err == cudaErrorNotSupported) {
+    cudaGetLastError();  // clear it
+    *async = false;
+    err = cudaMalloc(p, bytes);
+  }
+  return err;
+}
+
+inline cudaError_t FreeScratch(void* p, cudaStream_t stream, bool async) {
+  if (p == nullptr) return cudaSuccess;
+  return async ? cudaFreeAsync(p, stream) : cudaFree(p);
+}
+
 // nl::lane_sum of v[0..n) computed by a whole warp; every lane gets the result.
 __device__ __forceinline__ float WarpLaneSum(const float* v, int64_t n) {
   const int lane = threadIdx.x & 31;
