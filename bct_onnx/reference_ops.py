@@ -10,11 +10,16 @@ from __future__ import annotations
 import numpy as np
 
 from bct_onnx import block_format
-from bct_onnx.block_format import BlockFormat, ScaleKind
+from bct_onnx.block_format import BlockFormat, QuantizedTensor, ScaleKind
+
+
+def activation_format(act_bits: int, block_size: int) -> BlockFormat:
+    """The format BlockMatMul quantizes A into at run time (act_bits > 0): symmetric, float32 scales."""
+    return BlockFormat(bits=act_bits, block_size=block_size, symmetric=True, scale_kind=ScaleKind.FLOAT32)
 
 
 def matmul_operands(
-    a: np.ndarray,
+    a: np.ndarray | QuantizedTensor,
     w_codes: np.ndarray,
     w_scales: np.ndarray,
     w_zero_points: np.ndarray | None,
@@ -30,8 +35,23 @@ def matmul_operands(
     W' is the dequantized weight. A' is A when act_bits == 0; otherwise the values of A's codes from
     ``quantize_codes(A, BlockFormat(act_bits, block_size, True, "float32"))``, (ua - za) * a_scale,
     computed without rounding.
+
+    A quantized A (a QuantizedTensor along K, BlockMatMul's in_bits > 0) whose format is that
+    run-time activation format is used as it is: its codes are A's codes. Any other quantized A is
+    first dequantized (``block_format.dequantize``) and then treated as a float A.
     """
-    a = np.asarray(a, dtype=np.float32)
+    if isinstance(a, QuantizedTensor):
+        if a.axis_size != k:
+            raise ValueError(f"quantized a must have axis_size K={k}, got {a.axis_size}")
+        if act_bits and a.fmt == activation_format(act_bits, block_size):
+            a_codes = block_format.unpack_codes(a.codes, act_bits, k)
+            a_scales = a.scales
+        else:
+            a = block_format.dequantize(a)
+            a_codes = None
+    else:
+        a_codes = None
+    a = np.asarray(a, dtype=np.float32) if a_codes is None else a_codes
     if a.shape[-1] != k:
         raise ValueError(f"a must have last dimension K={k}, got shape {a.shape}")
     scale_kind = {
@@ -44,14 +64,15 @@ def matmul_operands(
     weight = block_format.dequantize_codes(codes, w_scales, w_zero_points, w_fmt).astype(np.float64)
     if not act_bits:
         return a.astype(np.float64), weight
-    a_fmt = BlockFormat(bits=act_bits, block_size=block_size, symmetric=True, scale_kind=ScaleKind.FLOAT32)
-    a_codes, a_scales, _ = block_format.quantize_codes(a, a_fmt)
+    a_fmt = activation_format(act_bits, block_size)
+    if a_codes is None:
+        a_codes, a_scales, _ = block_format.quantize_codes(a, a_fmt)
     a_scale = np.repeat(a_scales.astype(np.float64), block_size, axis=-1)[..., :k]
     return (a_codes.astype(np.float64) - a_fmt.implicit_zero_point) * a_scale, weight
 
 
 def matmul_reference(
-    a: np.ndarray,
+    a: np.ndarray | QuantizedTensor,
     w_codes: np.ndarray,
     w_scales: np.ndarray,
     w_zero_points: np.ndarray | None,
@@ -83,3 +104,38 @@ def matmul_reference(
     if bias is not None:
         y = y + np.asarray(bias, dtype=np.float64)
     return y
+
+
+def block_matmul(
+    a: np.ndarray | QuantizedTensor,
+    w_codes: np.ndarray,
+    w_scales: np.ndarray,
+    w_zero_points: np.ndarray | None,
+    *,
+    k: int,
+    bits: int,
+    block_size: int,
+    symmetric: bool,
+    act_bits: int = 0,
+    bias: np.ndarray | None = None,
+    out_fmt: BlockFormat | None = None,
+) -> np.ndarray | QuantizedTensor:
+    """BlockMatMul with its operand convention (docs/ops.md): A float or quantized (see matmul_operands),
+    Y float32 (out_fmt None) or ``block_format.quantize(Y, out_fmt)`` along N.
+
+    Y here is matmul_reference rounded once to float32; the kernels' float32 Y may differ from it by
+    accumulation order (tolerance in docs/ops.md), and the requantization of a given Y is exact.
+    """
+    y = matmul_reference(
+        a,
+        w_codes,
+        w_scales,
+        w_zero_points,
+        k=k,
+        bits=bits,
+        block_size=block_size,
+        symmetric=symmetric,
+        act_bits=act_bits,
+        bias=bias,
+    ).astype(np.float32)
+    return y if out_fmt is None else block_format.quantize(y, out_fmt)

@@ -232,6 +232,34 @@ void QuantizeRowsScalar(const PackedWeights& p, const float* A, int64_t row_begi
   }
 }
 
+// Signed codes sa = ua - 2**(act_bits-1) of packed rows, in the padded block layout, with the block
+// sums QuantizeRowsScalar computes; scales are copied.
+void UnpackRows(const PackedWeights& p, const ActivationCodes& in, int64_t row_begin, int64_t row_end, ActRows* out) {
+  const Shape& s = p.shape;
+  const int64_t K = s.K, nb = p.num_blocks, bkp = p.block_padded, kp = p.k_padded;
+  const int64_t rb = row_bytes(K, s.act_bits);
+  const int half = 1 << (s.act_bits - 1);
+  const int32_t zw = static_cast<int32_t>(p.implicit_zero_point);
+  std::vector<uint8_t> row(static_cast<size_t>(K));
+  for (int64_t m = row_begin; m < row_end; ++m) {
+    UnpackRow(in.codes + m * rb, rb, s.act_bits, K, row.data());
+    int8_t* codes = out->codes.data() + m * kp;
+    std::memset(codes, 0, static_cast<size_t>(kp));
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t k0 = b * s.block_size, len = std::min<int64_t>(s.block_size, K - k0);
+      int32_t sum = 0;
+      for (int64_t k = 0; k < len; ++k) {
+        const int32_t code = static_cast<int32_t>(row[static_cast<size_t>(k0 + k)]) - half;
+        codes[b * bkp + k] = static_cast<int8_t>(code);
+        sum += code;
+      }
+      out->scales[m * nb + b] = in.scales[m * nb + b];
+      out->corr[m * nb + b] = -zw * sum;
+      out->sums[m * nb + b] = static_cast<float>(sum);
+    }
+  }
+}
+
 }  // namespace detail
 
 namespace {
@@ -269,7 +297,7 @@ void ComputeScalarRows(const PackedWeights& p, const detail::ActRows* act, const
 }  // namespace
 
 void Compute(const PackedWeights& p, const float* A, int64_t M, const float* bias, float* Y,
-             const ParallelFor& parallel_for) {
+             const ParallelFor& parallel_for, const ActivationCodes* act_codes) {
   const Shape& s = p.shape;
   if (M <= 0 || s.N <= 0) return;
   const bool quantized = s.act_bits > 0;
@@ -285,6 +313,7 @@ void Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
     const int64_t tasks = (M + rows_per_task - 1) / rows_per_task;
     auto quantize = [&](std::size_t task) {
       const int64_t r0 = static_cast<int64_t>(task) * rows_per_task, r1 = std::min(M, r0 + rows_per_task);
+      if (act_codes != nullptr) return detail::UnpackRows(p, *act_codes, r0, r1, &act);
 #if BCT_MATMUL_X86
       if (p.isa == Isa::kAvx512Vnni) return detail::QuantizeRowsAvx512(p, A, r0, r1, &act);
       if (p.isa == Isa::kAvx2 || p.isa == Isa::kAvxVnni) return detail::QuantizeRowsAvx2(p, A, r0, r1, &act);

@@ -110,9 +110,18 @@ struct PackedWeights {
 // Validates nothing beyond what it needs (the op validates); the inputs must match shape.
 std::unique_ptr<PackedWeights> Pack(const Shape& shape, const WeightInputs& weights, Isa isa);
 
+// Activation rows already quantized in the kernel's own run-time format (act_bits, block_size,
+// symmetric, float32 scales): what quantizing A would give, so the kernel uses them as they are.
+struct ActivationCodes {
+  const uint8_t* codes = nullptr;  // [M, row_bytes(K, act_bits)], densely packed unsigned codes
+  const float* scales = nullptr;   // [M, num_blocks]
+};
+
 // Y[M, N] = A[M, K] x W'^T (+ bias[N] when bias != nullptr). A and Y are dense row-major.
+// With act_codes (integer mode only), A is not read: the rows' codes and scales are used directly,
+// giving the same Y as A whose quantization they are.
 void Compute(const PackedWeights& packed, const float* A, int64_t M, const float* bias, float* Y,
-             const ParallelFor& parallel_for);
+             const ParallelFor& parallel_for, const ActivationCodes* act_codes = nullptr);
 
 // Internal entry points of the instruction-set specific files (see matmul_kernel.cc).
 namespace detail {
@@ -127,6 +136,8 @@ struct ActRows {  // quantized activations of M rows, in the padded block layout
 void QuantizeRowsScalar(const PackedWeights& p, const float* A, int64_t row_begin, int64_t row_end, ActRows* out);
 void QuantizeRowsAvx2(const PackedWeights& p, const float* A, int64_t row_begin, int64_t row_end, ActRows* out);
 void QuantizeRowsAvx512(const PackedWeights& p, const float* A, int64_t row_begin, int64_t row_end, ActRows* out);
+// Fills out from codes already in the activation format (the fast path of a quantized input).
+void UnpackRows(const PackedWeights& p, const ActivationCodes& in, int64_t row_begin, int64_t row_end, ActRows* out);
 
 // Computes rows [row_begin, row_end) x tiles [tile_begin, tile_end) of Y.
 // Integer mode reads act; float mode reads a_padded ([M][k_padded] floats).

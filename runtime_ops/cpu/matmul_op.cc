@@ -2,9 +2,13 @@
 // creation when the weights are constant initializers, and dispatch to the CPU kernel
 // (cpu/matmul_kernel.h) or, in CUDA builds, to the CUDA launcher (cuda/matmul_launch.h).
 //
-// Inputs: A float32 [..., K], W_codes uint8 [N, row_bytes(K)], W_scales float16|float32|uint8 [N, nb],
-// W_zero_points uint8 [N, nb] (optional, present iff symmetric=0), bias float32 [N] (optional).
-// Output: Y float32 [..., N].
+// Inputs: A float32 [..., K] (or, with in_bits > 0, uint8 codes [..., row_bytes(K, in_bits)]),
+// W_codes uint8 [N, row_bytes(K)], W_scales float16|float32|uint8 [N, nb], W_zero_points uint8 [N, nb]
+// (optional, present iff symmetric=0), bias float32 [N] (optional), A_scales [..., nb(K, in_block_size)]
+// and A_zero_points (iff in_symmetric=0) of a quantized A (the operand convention of docs/ops.md with
+// A's scales and zero points as trailing inputs 5 and 6, so the weight inputs keep their positions).
+// Outputs: Y float32 [..., N], or with out_bits > 0 codes [..., row_bytes(N)], scales, zero points
+// (iff out_symmetric=0): exactly block_format.quantize of the float result along N.
 #include "bct/matmul_op.h"
 
 #include <algorithm>
@@ -17,6 +21,8 @@
 #include "bct/op_common.h"
 #include "matmul_kernel.h"
 #include "ops/block_io.h"
+#include "ops/nonlinear_io.h"
+#include "row_kernels.h"
 
 #if defined(BCT_WITH_CUDA) && BCT_WITH_CUDA
 #include "../cuda/matmul_launch.h"
@@ -25,22 +31,56 @@
 namespace bct {
 namespace {
 
-enum MatMulInput : size_t { kA = 0, kCodes = 1, kScales = 2, kZeroPoints = 3, kBias = 4 };
+enum MatMulInput : size_t {
+  kA = 0,
+  kCodes = 1,
+  kScales = 2,
+  kZeroPoints = 3,
+  kBias = 4,
+  kAScales = 5,
+  kAZeroPoints = 6
+};
+
+// Y's type and shape: A's leading dims, then N (float32), or the result convention of out_*.
+OrtStatusPtr ORT_API_CALL InferMatMulOutput(const OrtCustomOp*, OrtShapeInferContext* ctx) noexcept {
+  try {
+    nonlinear::InferDims dims = nonlinear::InferInputDims(ctx, kA);
+    int64_t n = -1;
+    nonlinear::InferIntAttr(ctx, "N", &n);
+    if (!dims.known) {
+      // A's rank is unknown: the outputs still need their dtypes (ONNX Runtime would otherwise type
+      // them like an input), so they get rank 2 with unnamed leading dims; the kernel's output shape
+      // wins at run time.
+      dims.known = true;
+      dims.dims = {-1, -1};
+      dims.symbols = {"", ""};
+    }
+    dims.dims.back() = n > 0 ? n : -1;
+    dims.symbols.back() = "";
+    return nonlinear::InferResult(ctx, dims);
+  } catch (...) {
+    return nullptr;
+  }
+}
 
 struct MatMulSchema {
   static constexpr const char* kName = "BlockMatMul";
-  static constexpr size_t kInputCount = 5;
-  static constexpr size_t kOutputCount = 1;
-  static bool InputOptional(size_t index) { return index == kZeroPoints || index == kBias; }
-  static bool OutputOptional(size_t) { return false; }
-  static ONNXTensorElementDataType OutputType(size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-  static constexpr OrtStatusPtr(ORT_API_CALL* InferOutputShape)(const OrtCustomOp*, OrtShapeInferContext*) = nullptr;
+  static constexpr size_t kInputCount = 7;
+  static constexpr size_t kOutputCount = 3;
+  static bool InputOptional(size_t index) { return index >= kZeroPoints; }
+  static bool OutputOptional(size_t index) { return index > 0; }
+  // Output dtypes follow out_bits / out_scale_kind: InferMatMulOutput sets them.
+  static ONNXTensorElementDataType OutputType(size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
+  static constexpr OrtStatusPtr(ORT_API_CALL* InferOutputShape)(const OrtCustomOp*, OrtShapeInferContext*) =
+      InferMatMulOutput;
 };
 
 struct MatMulAttrs {
   BlockAttrs block;  // bits, block_size, symmetric, axis_size = K
   int64_t N = 0;
   int act_bits = 0;
+  nonlinear::OperandAttrs in;   // in_bits, in_block_size, in_symmetric (A's encoding)
+  nonlinear::ResultAttrs out;   // out_bits, out_block_size, out_symmetric, out_scale_kind (Y's)
 
   int64_t K() const { return block.axis_size; }
   int64_t row_bytes() const { return bct::row_bytes(block.axis_size, block.bits); }
@@ -57,6 +97,12 @@ MatMulAttrs ReadMatMulAttrs(const OrtKernelInfo* info, const NodeRef& node) {
     node.Fail("attribute 'act_bits' must be 0 (float activations) or in 2..8, got " + std::to_string(act_bits));
   }
   attrs.act_bits = static_cast<int>(act_bits);
+  attrs.in = nonlinear::ReadOperandAttrs(info, node);
+  attrs.out = nonlinear::ReadResultAttrs(info, node);
+  if (attrs.in.axis_size != 0 && attrs.in.axis_size != attrs.K()) {
+    node.Fail("attribute 'in_axis_size' must be 0 or K = " + std::to_string(attrs.K()) + ", got " +
+              std::to_string(attrs.in.axis_size));
+  }
   if (attrs.act_bits > 0) {
     // Integer mode sums a block's products in int32: block_size * (2**bits - 1) * 2**(act_bits - 1) must fit.
     const int64_t longest_block = std::min(attrs.block.block_size, attrs.K());
@@ -115,18 +161,86 @@ void CheckBias(const NodeRef& node, const MatMulAttrs& attrs, const InputTensor&
   ExpectShape(node, "bias", bias, {attrs.N}, "[N]");
 }
 
-// Checks A and returns the number of rows M (product of A's leading dimensions).
-int64_t CheckActivation(const NodeRef& node, const MatMulAttrs& attrs, const InputTensor& a) {
+// The validated activation of one call: float A, or A's codes with their scales and zero points.
+struct Activation {
+  int64_t rows = 0;              // M: product of A's leading dimensions
+  std::vector<int64_t> lead;     // A's leading dimensions
+  const float* x = nullptr;      // in_bits = 0
+  const uint8_t* codes = nullptr;  // in_bits > 0: [..., row_bytes(K, in_bits)]
+  const void* scales = nullptr;
+  ScaleKind scale_kind = ScaleKind::kFloat32;
+  const uint8_t* zero_points = nullptr;  // nullptr when in_symmetric = 1
+  int64_t row_bytes = 0;
+  int64_t num_blocks = 0;
+};
+
+// True when a quantized A is in the format the kernel quantizes A into itself (act_bits,
+// block_size, symmetric, float32 scales): its codes are used directly, without dequantizing.
+bool IsOwnActivationFormat(const MatMulAttrs& attrs, const Activation& a) {
+  return a.codes != nullptr && attrs.act_bits > 0 && attrs.in.bits == attrs.act_bits &&
+         attrs.in.block_size == attrs.block.block_size && attrs.in.symmetric && a.scale_kind == ScaleKind::kFloat32;
+}
+
+// Checks A (inputs 0, 5, 6) against K and the in_* attributes.
+Activation CheckActivation(const NodeRef& node, const MatMulAttrs& attrs, const InputTensor& a,
+                           const InputTensor& scales, const InputTensor& zero_points) {
+  Activation act;
   if (!a.present) node.Fail("input 'A' is missing");
-  ExpectDtype(node, "A", a, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
   ExpectMinRank(node, "A", a, 1);
-  if (a.shape.back() != attrs.K()) {
-    node.Fail("input 'A' must have last dimension K = " + std::to_string(attrs.K()) + ", got shape " +
-              ShapeString(a.shape));
+  act.lead.assign(a.shape.begin(), a.shape.end() - 1);
+  act.rows = ElementCount(act.lead);
+  if (attrs.in.bits == 0) {
+    ExpectDtype(node, "A", a, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    if (a.shape.back() != attrs.K()) {
+      node.Fail("input 'A' must have last dimension K = " + std::to_string(attrs.K()) + ", got shape " +
+                ShapeString(a.shape));
+    }
+    if (scales.present) node.Fail("input 'A_scales' must be absent (empty name) when in_bits=0");
+    if (zero_points.present) node.Fail("input 'A_zero_points' must be absent (empty name) when in_bits=0");
+    act.x = a.As<float>();
+    return act;
   }
-  int64_t rows = 1;
-  for (size_t i = 0; i + 1 < a.shape.size(); ++i) rows *= a.shape[i];
-  return rows;
+  const int bits = attrs.in.bits;
+  if (a.dtype != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) {
+    node.Fail(std::string("input 'A' must be uint8 codes when in_bits=") + std::to_string(bits) + ", got " +
+              DtypeName(a.dtype));
+  }
+  act.row_bytes = row_bytes(attrs.K(), bits);
+  act.num_blocks = num_blocks(attrs.K(), attrs.in.block_size);
+  if (a.shape.back() != act.row_bytes) {
+    node.Fail("input 'A' (codes) must have last dimension row_bytes(K " + std::to_string(attrs.K()) + ", in_bits " +
+              std::to_string(bits) + ") = " + std::to_string(act.row_bytes) + ", got shape " + ShapeString(a.shape));
+  }
+  if (!scales.present) node.Fail("input 'A_scales' (input 5) is required when in_bits > 0");
+  switch (scales.dtype) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: act.scale_kind = ScaleKind::kFloat16; break;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: act.scale_kind = ScaleKind::kFloat32; break;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: act.scale_kind = ScaleKind::kPow2; break;
+    default:
+      node.Fail(std::string("input 'A_scales' must be float16, float32 or uint8 (pow2 exponents), got ") +
+                DtypeName(scales.dtype));
+  }
+  std::vector<int64_t> block_shape = act.lead;
+  block_shape.push_back(act.num_blocks);
+  if (scales.shape != block_shape) {
+    node.Fail("input 'A_scales' must have shape " + ShapeString(block_shape) + " (A's leading dims and ceil(K " +
+              std::to_string(attrs.K()) + " / in_block_size " + std::to_string(attrs.in.block_size) + ")), got " +
+              ShapeString(scales.shape));
+  }
+  if (attrs.in.symmetric) {
+    if (zero_points.present) node.Fail("input 'A_zero_points' must be absent when in_symmetric=1");
+  } else {
+    if (!zero_points.present) node.Fail("input 'A_zero_points' (input 6) is required when in_symmetric=0");
+    ExpectDtype(node, "A_zero_points", zero_points, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
+    if (zero_points.shape != block_shape) {
+      node.Fail("input 'A_zero_points' must have shape " + ShapeString(block_shape) + " like 'A_scales', got " +
+                ShapeString(zero_points.shape));
+    }
+    act.zero_points = zero_points.As<uint8_t>();
+  }
+  act.codes = a.As<uint8_t>();
+  act.scales = scales.data;
+  return act;
 }
 
 // An input of the kernel info as an InputTensor when it is a constant initializer (else absent).
@@ -161,9 +275,9 @@ matmul::Shape KernelShape(const MatMulAttrs& attrs) {
   return shape;
 }
 
-std::vector<int64_t> OutputShape(const InputTensor& a, int64_t n) {
-  std::vector<int64_t> shape = a.shape;
-  shape.back() = n;
+std::vector<int64_t> OutputShape(const Activation& a, int64_t n) {
+  std::vector<int64_t> shape = a.lead;
+  shape.push_back(n);
   return shape;
 }
 
@@ -203,15 +317,17 @@ class MatMulCpuKernel {
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
       Ort::KernelContext ctx(context);
-      const InputTensor a = GetInput(ctx, kA);
+      const Activation a = CheckActivation(node_, attrs_, GetInput(ctx, kA), GetInput(ctx, kAScales),
+                                           GetInput(ctx, kAZeroPoints));
       const InputTensor codes = GetInput(ctx, kCodes);
       const InputTensor scales = GetInput(ctx, kScales);
       const InputTensor zero_points = GetInput(ctx, kZeroPoints);
       const InputTensor bias = GetInput(ctx, kBias);
-      const int64_t rows = CheckActivation(node_, attrs_, a);
+      const int64_t rows = a.rows;
+      const int64_t K = attrs_.K(), N = attrs_.N;
       CheckWeights(node_, attrs_, codes, scales, zero_points);
       CheckBias(node_, attrs_, bias);
-      float* y = GetOutput<float>(ctx, node_, 0, "Y", OutputShape(a, attrs_.N), ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+      const nonlinear::Result r = nonlinear::AllocateResult(ctx, node_, attrs_.out, OutputShape(a, N));
       if (rows == 0) return;
       std::unique_ptr<matmul::PackedWeights> per_call;
       const matmul::PackedWeights* packed = packed_.get();
@@ -219,8 +335,44 @@ class MatMulCpuKernel {
         per_call = PackWeights(codes, scales, zero_points);
         packed = per_call.get();
       }
-      matmul::Compute(*packed, a.As<float>(), rows, bias.present ? bias.As<float>() : nullptr, y,
-                      OrtParallelFor(ctx));
+      const matmul::ParallelFor parallel_for = OrtParallelFor(ctx);
+      // A: float as given; codes in the kernel's own format as they are; other codes dequantized.
+      const float* x = a.x;
+      std::vector<float> dequantized;
+      matmul::ActivationCodes own;
+      const bool use_codes = IsOwnActivationFormat(attrs_, a);
+      if (use_codes) {
+        own.codes = a.codes;
+        own.scales = static_cast<const float*>(a.scales);
+      } else if (a.codes != nullptr) {
+        dequantized.resize(static_cast<size_t>(rows * K));
+        const cpu::RowFormat fmt{attrs_.in.bits, attrs_.in.block_size, attrs_.in.symmetric, a.scale_kind,
+                                 K,              a.row_bytes,          a.num_blocks};
+        const size_t scale_row = static_cast<size_t>(a.num_blocks) * ScaleItemSize(a.scale_kind);
+        ParallelFor(ctx, rows, std::max<int64_t>(1, 8192 / K), [&](int64_t begin, int64_t end) {
+          for (int64_t m = begin; m < end; ++m) {
+            cpu::DequantizeRow(fmt, a.codes + m * a.row_bytes, static_cast<const uint8_t*>(a.scales) + m * scale_row,
+                               a.zero_points ? a.zero_points + m * a.num_blocks : nullptr, dequantized.data() + m * K);
+          }
+        });
+        x = dequantized.data();
+      }
+      // Y: float32 into the output, or into a buffer that is then quantized along N.
+      std::vector<float> buffer(r.quantized ? static_cast<size_t>(rows * N) : 0);
+      float* y = r.quantized ? buffer.data() : r.y;
+      matmul::Compute(*packed, x, rows, bias.present ? bias.As<float>() : nullptr, y, parallel_for,
+                      use_codes ? &own : nullptr);
+      if (r.quantized) {
+        const cpu::RowFormat fmt{attrs_.out.bits, attrs_.out.block_size, attrs_.out.symmetric, attrs_.out.scale_kind,
+                                 N,               r.row_bytes,           r.num_blocks};
+        const size_t scale_row = static_cast<size_t>(r.num_blocks) * ScaleItemSize(attrs_.out.scale_kind);
+        ParallelFor(ctx, rows, std::max<int64_t>(1, 8192 / N), [&](int64_t begin, int64_t end) {
+          for (int64_t m = begin; m < end; ++m) {
+            cpu::QuantizeRow(fmt, y + m * N, r.codes + m * r.row_bytes, static_cast<uint8_t*>(r.scales) + m * scale_row,
+                             r.zero_points ? r.zero_points + m * r.num_blocks : nullptr);
+          }
+        });
+      }
     });
   }
 
@@ -251,23 +403,37 @@ class MatMulCudaKernel {
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
       Ort::KernelContext ctx(context);
-      const InputTensor a = GetInput(ctx, kA);
+      const Activation a = CheckActivation(node_, attrs_, GetInput(ctx, kA), GetInput(ctx, kAScales),
+                                           GetInput(ctx, kAZeroPoints));
       const InputTensor codes = GetInput(ctx, kCodes);
       const InputTensor scales = GetInput(ctx, kScales);
       const InputTensor zero_points = GetInput(ctx, kZeroPoints);
       const InputTensor bias = GetInput(ctx, kBias);
-      const int64_t rows = CheckActivation(node_, attrs_, a);
       const ScaleKind kind = CheckWeights(node_, attrs_, codes, scales, zero_points);
       CheckBias(node_, attrs_, bias);
-      float* y = GetOutput<float>(ctx, node_, 0, "Y", OutputShape(a, attrs_.N), ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
-      if (rows == 0) return;
+      const nonlinear::Result r = nonlinear::AllocateResult(ctx, node_, attrs_.out, OutputShape(a, attrs_.N));
+      if (a.rows == 0) return;
       const cuda::MatMulParams params{attrs_.K(),          attrs_.N,          attrs_.block.bits,
                                       attrs_.block.block_size, attrs_.block.symmetric, attrs_.act_bits,
                                       static_cast<int>(kind),  attrs_.row_bytes(), attrs_.num_blocks()};
-      const char* error = cuda::LaunchBlockMatMul(
-          params, a.As<float>(), rows, codes.As<uint8_t>(), scales.data,
-          zero_points.present ? zero_points.As<uint8_t>() : nullptr, bias.present ? bias.As<float>() : nullptr, y,
-          ctx.GetGPUComputeStream());
+      cuda::MatMulIo io;
+      io.a = a.x;
+      io.a_codes = a.codes;
+      io.a_scales = a.scales;
+      io.a_zero_points = a.zero_points;
+      io.own_format = IsOwnActivationFormat(attrs_, a);
+      io.in_fmt = cuda::RowFormat{attrs_.in.bits, attrs_.in.block_size, attrs_.in.symmetric,
+                                  static_cast<int>(a.scale_kind), attrs_.K(), a.row_bytes, a.num_blocks};
+      io.y = r.y;
+      io.out_quantized = r.quantized;
+      io.out_fmt = cuda::RowFormat{attrs_.out.bits, attrs_.out.block_size, attrs_.out.symmetric,
+                                   static_cast<int>(attrs_.out.scale_kind), attrs_.N, r.row_bytes, r.num_blocks};
+      io.out_codes = r.codes;
+      io.out_scales = r.scales;
+      io.out_zero_points = r.zero_points;
+      const char* error = cuda::LaunchBlockMatMulIo(
+          params, io, a.rows, codes.As<uint8_t>(), scales.data, zero_points.present ? zero_points.As<uint8_t>() : nullptr,
+          bias.present ? bias.As<float>() : nullptr, ctx.GetGPUComputeStream());
       if (error != nullptr) node_.Fail(std::string("CUDA error: ") + error, ORT_EP_FAIL);
     });
   }

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include "bct/block_math.h"
+#include "block_launch.h"
 #include "matmul_launch.h"
 
 namespace bct {
@@ -40,6 +41,30 @@ __global__ void QuantizeActivationsKernel(MatMulParams p, const float* a, int64_
       sum += code;
     }
     scales[t] = scale;
+    sums[t] = sum;
+  }
+}
+
+// One thread per (row, block) of packed codes already in the activation format: signed codes,
+// the block's scale (float32) and sum(sa), as QuantizeActivationsKernel would have produced.
+__global__ void UnpackActivationsKernel(MatMulParams p, const uint8_t* packed, const float* packed_scales,
+                                        int64_t total_blocks, int8_t* codes, float* scales, int32_t* sums) {
+  const int half = 1 << (p.act_bits - 1);
+  const int64_t rb = row_bytes(p.K, p.act_bits);
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total_blocks;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = t / p.num_blocks;
+    const int64_t b = t - row * p.num_blocks;
+    const int64_t begin = b * p.block_size;
+    const int64_t len = begin + p.block_size < p.K ? p.block_size : p.K - begin;
+    const uint8_t* src = packed + row * rb;
+    int32_t sum = 0;
+    for (int64_t k = 0; k < len; ++k) {
+      const int code = static_cast<int>(get_code(src, begin + k, p.act_bits, rb)) - half;
+      codes[row * p.K + begin + k] = static_cast<int8_t>(code);
+      sum += code;
+    }
+    scales[t] = packed_scales[t];
     sums[t] = sum;
   }
 }
@@ -126,6 +151,62 @@ const char* LaunchBlockMatMul(const MatMulParams& params, const float* a, int64_
     err = cudaGetLastError();
   }
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+const char* LaunchBlockMatMulIo(const MatMulParams& params, const MatMulIo& io, int64_t rows, const uint8_t* codes,
+                                const void* scales, const uint8_t* zero_points, const float* bias, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (rows <= 0 || params.N <= 0) return nullptr;
+  const bool in_quantized = io.a_codes != nullptr;
+  if (!in_quantized && !io.out_quantized) {
+    return LaunchBlockMatMul(params, io.a, rows, codes, scales, zero_points, bias, io.y, stream);
+  }
+  // One stream-ordered scratch allocation: Y (when requantized), then A's float values (when
+  // dequantized) or A's signed codes, scales and sums (own format).
+  const int64_t total_blocks = rows * params.num_blocks;
+  const size_t y_bytes = io.out_quantized ? static_cast<size_t>(rows * params.N) * sizeof(float) : 0;
+  size_t a_bytes = 0;
+  const size_t code_bytes = (static_cast<size_t>(rows * params.K) + 3) / 4 * 4;
+  if (in_quantized && io.own_format) {
+    a_bytes = code_bytes + static_cast<size_t>(total_blocks) * (sizeof(float) + sizeof(int32_t));
+  } else if (in_quantized) {
+    a_bytes = static_cast<size_t>(rows * params.K) * sizeof(float);
+  }
+  void* scratch = nullptr;
+  cudaError_t err = cudaMallocAsync(&scratch, y_bytes + a_bytes + 4, s);
+  if (err != cudaSuccess) return cudaGetErrorString(err);
+  char* base = static_cast<char*>(scratch);
+  float* y = io.out_quantized ? reinterpret_cast<float*>(base) : io.y;
+  char* a_base = base + y_bytes;
+  const char* error = nullptr;
+  if (in_quantized && io.own_format) {
+    int8_t* a_codes = reinterpret_cast<int8_t*>(a_base);
+    float* a_scales = reinterpret_cast<float*>(a_base + code_bytes);
+    int32_t* a_sums = reinterpret_cast<int32_t*>(a_scales + total_blocks);
+    UnpackActivationsKernel<<<GridFor(total_blocks), kThreads, 0, s>>>(
+        params, io.a_codes, static_cast<const float*>(io.a_scales), total_blocks, a_codes, a_scales, a_sums);
+    err = cudaGetLastError();
+    if (err == cudaSuccess) {
+      MatMulKernel<<<GridFor(rows * params.N), kThreads, 0, s>>>(params, nullptr, a_codes, a_scales, a_sums, rows,
+                                                                 codes, scales, zero_points, bias, y);
+      err = cudaGetLastError();
+    }
+    if (err != cudaSuccess) error = cudaGetErrorString(err);
+  } else {
+    const float* a = io.a;
+    if (in_quantized) {
+      float* deq = reinterpret_cast<float*>(a_base);
+      error = LaunchDequantize(io.in_fmt, io.a_codes, io.a_scales, io.a_zero_points, rows, deq, stream);
+      a = deq;
+    }
+    if (error == nullptr) error = LaunchBlockMatMul(params, a, rows, codes, scales, zero_points, bias, y, stream);
+  }
+  if (error == nullptr && io.out_quantized) {
+    error = LaunchQuantize(io.out_fmt, y, rows, io.out_codes, io.out_scales, io.out_zero_points, stream);
+  }
+  const cudaError_t free_err = cudaFreeAsync(scratch, s);
+  if (error == nullptr && free_err != cudaSuccess) error = cudaGetErrorString(free_err);
+  return error;
 }
 
 }  // namespace cuda

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "block_launch.h"
+
 namespace bct {
 namespace cuda {
 
@@ -24,6 +26,26 @@ struct MatMulParams {
 const char* LaunchBlockMatMul(const MatMulParams& params, const float* a, int64_t rows, const uint8_t* codes,
                               const void* scales, const uint8_t* zero_points, const float* bias, float* y,
                               void* stream);
+
+// BlockMatMul's operand and result encodings (docs/ops.md, in_* / out_* attributes).
+struct MatMulIo {
+  const float* a = nullptr;                // float A [rows, K] (in_bits = 0)
+  const uint8_t* a_codes = nullptr;        // quantized A [rows, in_fmt.row_bytes]
+  const void* a_scales = nullptr;          // [rows, in_fmt.num_blocks]
+  const uint8_t* a_zero_points = nullptr;  // nullptr when symmetric
+  RowFormat in_fmt{};
+  bool own_format = false;  // a_codes are in the run-time activation format: used without dequantizing
+  float* y = nullptr;       // float Y [rows, N] (out_bits = 0)
+  bool out_quantized = false;
+  RowFormat out_fmt{};
+  uint8_t* out_codes = nullptr;
+  void* out_scales = nullptr;
+  uint8_t* out_zero_points = nullptr;
+};
+
+// As LaunchBlockMatMul, with A float or quantized and Y float or requantized along N.
+const char* LaunchBlockMatMulIo(const MatMulParams& params, const MatMulIo& io, int64_t rows, const uint8_t* codes,
+                                const void* scales, const uint8_t* zero_points, const float* bias, void* stream);
 
 }  // namespace cuda
 }  // namespace bct

@@ -24,9 +24,17 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import bct_onnx
-from bct_onnx.block_format import ScaleKind, pack_codes
+from bct_onnx.block_format import (
+    BlockFormat,
+    QuantizedTensor,
+    ScaleKind,
+    dequantize,
+    pack_codes,
+    quantize,
+    scales_to_float32,
+)
 from bct_onnx.ops import BLOCK_MATMUL, DOMAIN
-from bct_onnx.reference_ops import matmul_operands, matmul_reference
+from bct_onnx.reference_ops import activation_format, block_matmul, matmul_operands, matmul_reference
 
 ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni")
 SCALE_DTYPES = {ScaleKind.FLOAT16: np.float16, ScaleKind.FLOAT32: np.float32, ScaleKind.POW2: np.uint8}
@@ -608,3 +616,288 @@ def test_exact_other_act_bits(isa: str, bits: int, symmetric: bool, act_bits: in
     )
     want = matmul_reference(a, codes, scales, zero_points, **fmt)
     np.testing.assert_array_equal(got, want.astype(np.float32), err_msg=f"isa={isa}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Operand convention: A given as codes (in_bits, inputs 5/6), Y given as codes (out_bits, outputs 1/2)
+
+
+def io_model(
+    *,
+    k: int,
+    n: int,
+    bits: int,
+    block_size: int,
+    symmetric: bool,
+    act_bits: int,
+    codes: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray | None,
+    bias: np.ndarray | None,
+    in_fmt: BlockFormat | None = None,
+    out_fmt: BlockFormat | None = None,
+    node_name: str = "mm",
+    a_scales_dtype: int | None = None,
+    extra_attrs: dict[str, Any] | None = None,
+    wire_a_zero_points: bool | None = None,
+) -> bytes:
+    """One BlockMatMul with A float or quantized (graph inputs A, A_scales, A_zero_points) and Y
+    float or quantized (graph outputs Y, Y_scales, Y_zero_points)."""
+    inits = [numpy_helper.from_array(codes, "W_codes"), numpy_helper.from_array(scales, "W_scales")]
+    inputs = ["A", "W_codes", "W_scales", "", "", "", ""]
+    if zero_points is not None:
+        inits.append(numpy_helper.from_array(zero_points, "W_zero_points"))
+        inputs[3] = "W_zero_points"
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias, "bias"))
+        inputs[4] = "bias"
+    attrs: dict[str, Any] = {
+        "K": k,
+        "N": n,
+        "bits": bits,
+        "block_size": block_size,
+        "symmetric": int(symmetric),
+        "act_bits": act_bits,
+    }
+    graph_inputs = []
+    if in_fmt is None:
+        graph_inputs.append(helper.make_tensor_value_info("A", TensorProto.FLOAT, None))
+    else:
+        attrs.update(in_bits=in_fmt.bits, in_block_size=in_fmt.block_size, in_symmetric=int(in_fmt.symmetric))
+        scale_type = a_scales_dtype or helper.np_dtype_to_tensor_dtype(in_fmt.scale_dtype)
+        graph_inputs += [
+            helper.make_tensor_value_info("A", TensorProto.UINT8, None),
+            helper.make_tensor_value_info("A_scales", scale_type, None),
+        ]
+        inputs[5] = "A_scales"
+        if wire_a_zero_points if wire_a_zero_points is not None else not in_fmt.symmetric:
+            graph_inputs.append(helper.make_tensor_value_info("A_zero_points", TensorProto.UINT8, None))
+            inputs[6] = "A_zero_points"
+    while inputs[-1] == "":
+        inputs.pop()
+    outputs = ["Y"]
+    graph_outputs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT if out_fmt is None else TensorProto.UINT8, None)]
+    if out_fmt is not None:
+        attrs.update(
+            out_bits=out_fmt.bits,
+            out_block_size=out_fmt.block_size,
+            out_symmetric=int(out_fmt.symmetric),
+            out_scale_kind=out_fmt.scale_kind.value,
+        )
+        outputs.append("Y_scales")
+        graph_outputs.append(
+            helper.make_tensor_value_info("Y_scales", helper.np_dtype_to_tensor_dtype(out_fmt.scale_dtype), None)
+        )
+        if not out_fmt.symmetric:
+            outputs.append("Y_zero_points")
+            graph_outputs.append(helper.make_tensor_value_info("Y_zero_points", TensorProto.UINT8, None))
+    attrs.update(extra_attrs or {})
+    node = helper.make_node(BLOCK_MATMUL, inputs, outputs, domain=DOMAIN, name=node_name, **attrs)
+    graph = helper.make_graph([node], "g", graph_inputs, graph_outputs, initializer=inits)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)], ir_version=9
+    )
+    return model.SerializeToString()
+
+
+def quantized_feeds(q: QuantizedTensor) -> dict[str, np.ndarray]:
+    feeds = {"A": q.codes, "A_scales": q.scales}
+    if q.zero_points is not None:
+        feeds["A_zero_points"] = q.zero_points
+    return feeds
+
+
+def as_quantized(outputs: list[np.ndarray], fmt: BlockFormat, axis_size: int) -> QuantizedTensor:
+    return QuantizedTensor(outputs[0], outputs[1], outputs[2] if len(outputs) > 2 else None, axis_size, fmt)
+
+
+def assert_same_quantized(got: QuantizedTensor, want: QuantizedTensor, context: str) -> None:
+    """Codes, scales and zero points compared one by one (a swap of two outputs must fail)."""
+    np.testing.assert_array_equal(got.codes, want.codes, err_msg=f"codes, {context}")
+    assert got.scales.dtype == want.scales.dtype, context
+    np.testing.assert_array_equal(got.scales, want.scales, err_msg=f"scales, {context}")
+    if want.zero_points is None:
+        assert got.zero_points is None, context
+    else:
+        np.testing.assert_array_equal(got.zero_points, want.zero_points, err_msg=f"zero points, {context}")
+
+
+@pytest.mark.parametrize("act_bits", [2, 4, 5, 8])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_own_format_codes_give_the_float_result_bit_for_bit(
+    isa: str, bits: int, symmetric: bool, act_bits: int
+) -> None:
+    """A quantized by BlockQuantize's spec in the kernel's own activation format (act_bits, block_size,
+    symmetric, float32 scales) gives exactly the Y of the float A: the kernel skips its quantization,
+    which is deterministic. Random data (not exact), K with a partial block, N with a partial tile."""
+    rng = np.random.default_rng(bits * 100 + act_bits * 10 + symmetric)
+    k, n, block_size = 75, 37, 16
+    codes, scales, zero_points = random_weight(rng, n, k, bits, block_size, symmetric, ScaleKind.FLOAT16, exact=False)
+    bias = rng.standard_normal(n).astype(np.float32)
+    a = rng.standard_normal((2, 5, k)).astype(np.float32)
+    a[..., ::7] *= 9
+    fmt = {"k": k, "bits": bits, "block_size": block_size, "symmetric": symmetric, "act_bits": act_bits}
+    common = {"n": n, "codes": codes, "scales": scales, "zero_points": zero_points, "bias": bias, **fmt}
+    from_float = run_matmul(io_model(**common), a)
+    own = activation_format(act_bits, block_size)
+    q = quantize(a, own)
+    from_codes = bct_onnx.session(io_model(in_fmt=own, **common)).run(None, quantized_feeds(q))[0]
+    assert from_codes.shape == (2, 5, n)
+    np.testing.assert_array_equal(from_codes, from_float, err_msg=f"isa={isa}")
+
+
+@pytest.mark.parametrize(
+    "in_fmt",
+    [
+        BlockFormat(8, 16, True, ScaleKind.FLOAT16),  # other scale kind
+        BlockFormat(8, 16, False, ScaleKind.FLOAT16),  # asymmetric (post-GELU)
+        BlockFormat(6, 8, True, ScaleKind.POW2),  # other width and block size
+        BlockFormat(4, 32, False, ScaleKind.FLOAT32),
+        BlockFormat(8, 16, True, ScaleKind.FLOAT32),  # own format when act_bits = 8
+    ],
+    ids=["8-16-sym-f16", "8-16-asym-f16", "6-8-sym-pow2", "4-32-asym-f32", "8-16-sym-f32"],
+)
+@pytest.mark.parametrize("act_bits", [0, 8])
+def test_quantized_a_is_dequantized_then_used_as_float(isa: str, in_fmt: BlockFormat, act_bits: int) -> None:
+    """Any quantized A other than the own format: Y equals the Y of dequantize(A) given as float A,
+    bit for bit (same kernel path), and the spec's block_matmul within the stated tolerance."""
+    rng = np.random.default_rng(in_fmt.bits * 7 + in_fmt.block_size + act_bits)
+    k, n, block_size = 70, 20, 16
+    codes, scales, zero_points = random_weight(rng, n, k, 4, block_size, False, ScaleKind.FLOAT16, exact=False)
+    a = rng.standard_normal((3, k)).astype(np.float32)
+    if not in_fmt.symmetric:
+        a = np.maximum(a, -0.17).astype(np.float32)  # one-signed, as after GELU
+    q = quantize(a, in_fmt)
+    fmt = {"k": k, "bits": 4, "block_size": block_size, "symmetric": False, "act_bits": act_bits}
+    common = {"n": n, "codes": codes, "scales": scales, "zero_points": zero_points, "bias": None, **fmt}
+    got = bct_onnx.session(io_model(in_fmt=in_fmt, **common)).run(None, quantized_feeds(q))[0]
+    np.testing.assert_array_equal(got, run_matmul(io_model(**common), dequantize(q)), err_msg=f"isa={isa}")
+    want = matmul_reference(q, codes, scales, zero_points, **fmt)
+    tol = tolerance(q, codes, scales, zero_points, **fmt)
+    assert np.all(np.abs(got - want) <= tol)
+
+
+@pytest.mark.parametrize(
+    "out_fmt",
+    [
+        BlockFormat(8, 32, True, ScaleKind.FLOAT16),
+        BlockFormat(8, 16, False, ScaleKind.FLOAT16),
+        BlockFormat(5, 7, True, ScaleKind.POW2),
+        BlockFormat(3, 32, False, ScaleKind.FLOAT32),
+    ],
+    ids=["8-32-sym-f16", "8-16-asym-f16", "5-7-sym-pow2", "3-32-asym-f32"],
+)
+@pytest.mark.parametrize("act_bits", [0, 8])
+def test_quantized_output_is_block_format_quantize_of_y(isa: str, out_fmt: BlockFormat, act_bits: int) -> None:
+    """Exactly representable data: Y is exact, so its requantization along N must equal
+    block_format.quantize(Y) bit for bit (codes, scales, zero points each on its own)."""
+    rng = np.random.default_rng(out_fmt.bits + out_fmt.block_size + act_bits)
+    k, n, block_size = 29, 37, 8
+    codes, scales, zero_points = random_weight(rng, n, k, 4, block_size, True, ScaleKind.FLOAT32, exact=True)
+    bias = (rng.integers(-8, 9, n) / 2).astype(np.float32)
+    a = exact_activations(rng, (2, 3, k), block_size, act_bits)
+    fmt = {"k": k, "bits": 4, "block_size": block_size, "symmetric": True, "act_bits": act_bits}
+    common = {"n": n, "codes": codes, "scales": scales, "zero_points": None, "bias": bias, **fmt}
+    y = matmul_reference(a, codes, scales, None, bias=bias, **fmt)
+    assert np.array_equal(y.astype(np.float32).astype(np.float64), y), "test data not exact in float32"
+    outputs = bct_onnx.session(io_model(out_fmt=out_fmt, **common)).run(None, {"A": a})
+    assert len(outputs) == (2 if out_fmt.symmetric else 3)
+    assert outputs[0].shape == (2, 3, out_fmt.row_bytes(n)) and outputs[0].dtype == np.uint8
+    want = block_matmul(a, codes, scales, None, bias=bias, out_fmt=out_fmt, **fmt)
+    assert isinstance(want, QuantizedTensor)
+    assert_same_quantized(as_quantized(outputs, out_fmt, n), want, f"isa={isa}")
+
+
+def test_quantized_in_and_out_random_data(isa: str) -> None:
+    """The MiniLM FFN shape in small: codes in (own format) and codes out. The kernel's float Y may
+    differ from the float64 spec by accumulation order, so the comparison is on dequantized values,
+    each within one output step of the spec's plus the stated matmul tolerance."""
+    rng = np.random.default_rng(5)
+    k, n, block_size = 96, 160, 32
+    codes, scales, _ = random_weight(rng, n, k, 4, block_size, True, ScaleKind.FLOAT16, exact=False)
+    bias = rng.standard_normal(n).astype(np.float32)
+    a = rng.standard_normal((4, 3, k)).astype(np.float32)
+    own = activation_format(8, block_size)
+    out_fmt = BlockFormat(8, 32, True, ScaleKind.FLOAT16)
+    fmt = {"k": k, "bits": 4, "block_size": block_size, "symmetric": True, "act_bits": 8}
+    model = io_model(n=n, codes=codes, scales=scales, zero_points=None, bias=bias, in_fmt=own, out_fmt=out_fmt, **fmt)
+    q = quantize(a, own)
+    got = dequantize(as_quantized(bct_onnx.session(model).run(None, quantized_feeds(q)), out_fmt, n))
+    y = matmul_reference(q, codes, scales, None, bias=bias, **fmt)
+    step = np.repeat(np.abs(scales_to_float32(quantize(y.astype(np.float32), out_fmt).scales, ScaleKind.FLOAT16)), 32, -1)[..., :n]
+    tol = tolerance(q, codes, scales, None, **fmt) + step
+    assert np.all(np.abs(got - y) <= tol), f"isa={isa}: max error / tolerance = {np.max(np.abs(got - y) / tol):.3g}"
+
+
+def _io_spec(**overrides: Any) -> dict[str, Any]:
+    spec = _valid(act_bits=8)
+    spec.pop("node_name")
+    spec.update(node_name="bad_mm", in_fmt=activation_format(8, 16))
+    spec.update(overrides)
+    return spec
+
+
+def _expect_io_error(spec: dict[str, Any], feeds: dict[str, np.ndarray], message: str) -> None:
+    with pytest.raises(Exception, match=re.escape(PREFIX + message)):
+        bct_onnx.session(io_model(**spec)).run(None, feeds)
+
+
+def test_bad_quantized_operand() -> None:
+    """in_bits range, A dtype and shape vs K, missing A_scales, zero points iff asymmetric, scale dtype."""
+    own = activation_format(8, 16)
+    q = quantize(np.ones((2, 40), np.float32), own)
+    feeds = quantized_feeds(q)
+    _expect_io_error(_io_spec(extra_attrs={"in_bits": 9}), feeds, "attribute 'in_bits' must be 0 (float) or in 2..8, got 9")
+    _expect_io_error(
+        _io_spec(extra_attrs={"in_block_size": 0}), feeds, "attribute 'in_block_size' must be >= 1 when in_bits > 0, got 0"
+    )
+    _expect_io_error(
+        _io_spec(),
+        dict(feeds, A=q.codes[:, :-1]),
+        "input 'A' (codes) must have last dimension row_bytes(K 40, in_bits 8) = 40, got shape [2, 39]",
+    )
+    _expect_io_error(
+        _io_spec(),
+        dict(feeds, A_scales=q.scales[:, :2]),
+        "input 'A_scales' must have shape [2, 3] (A's leading dims and ceil(K 40 / in_block_size 16)), got [2, 2]",
+    )
+    _expect_io_error(
+        _io_spec(a_scales_dtype=TensorProto.DOUBLE),
+        dict(feeds, A_scales=q.scales.astype(np.float64)),
+        "input 'A_scales' must be float16, float32 or uint8 (pow2 exponents), got float64",
+    )
+    spec = _io_spec()
+    spec["extra_attrs"] = {}
+    model = onnx.load_from_string(io_model(**spec))
+    del model.graph.node[0].input[5:]
+    del model.graph.input[1]
+    with pytest.raises(Exception, match=re.escape(PREFIX + "input 'A_scales' (input 5) is required when in_bits > 0")):
+        bct_onnx.session(model.SerializeToString()).run(None, {"A": q.codes})
+    asym = BlockFormat(8, 16, False, ScaleKind.FLOAT32)
+    qa = quantize(np.ones((2, 40), np.float32), asym)
+    _expect_io_error(
+        _io_spec(in_fmt=asym, wire_a_zero_points=False),
+        {"A": qa.codes, "A_scales": qa.scales},
+        "input 'A_zero_points' (input 6) is required when in_symmetric=0",
+    )
+    _expect_io_error(
+        _io_spec(wire_a_zero_points=True),
+        dict(feeds, A_zero_points=np.zeros((2, 3), np.uint8)),
+        "input 'A_zero_points' must be absent when in_symmetric=1",
+    )
+
+
+def test_bad_quantized_result_attributes() -> None:
+    feeds = {"A": np.ones((2, 40), np.float32)}
+    out = BlockFormat(8, 32, True, ScaleKind.FLOAT16)
+    _expect_io_error(
+        _io_spec(in_fmt=None, out_fmt=out, extra_attrs={"out_bits": 1}),
+        feeds,
+        "attribute 'out_bits' must be 0 (float) or in 2..8, got 1",
+    )
+    _expect_io_error(
+        _io_spec(in_fmt=None, out_fmt=out, extra_attrs={"out_scale_kind": "bfloat16"}),
+        feeds,
+        "attribute 'out_scale_kind' must be 'float16', 'float32' or 'pow2', got 'bfloat16'",
+    )
