@@ -24,7 +24,11 @@ from bct_onnx import model_io
 from bct_onnx.errors import BctOnnxError, ModelFileError
 from bct_onnx.report import CompileReport, SkippedNode, StepTimer, config_to_dict, versions
 
+CalibrationArg = Any  # "auto" | "text" | "none" | None | bct_onnx.calibration.Calibration
+
 if TYPE_CHECKING:
+    from bct_onnx.calibration import Calibration
+
     from bct_onnx.config import CompressConfig
     from bct_onnx.passes import PipelineResult
 
@@ -106,21 +110,68 @@ def _serialized_bytes(model: ir.Model) -> int:
 
 
 def _run_pipeline(
-    model: ir.Model, config: CompressConfig, progress: _Progress, debug_dir: Path | None
+    model: ir.Model, config: CompressConfig, progress: _Progress, debug_dir: Path | None,
+    calibration: Calibration | None = None,
 ) -> Any:
     """bct_onnx.passes.compress_model, with a bar advanced after every pass."""
     from bct_onnx.passes import compress_model
 
     with progress.bar("compress", unit="pass") as pbar:
         if pbar is None:
-            return compress_model(model, config, debug_dir=debug_dir)
+            return compress_model(model, config, debug_dir=debug_dir, calibration=calibration)
 
         def pass_done(name: str, done: int, total: int) -> None:
             pbar.total = total
             pbar.n = done
             pbar.set_postfix_str(name, refresh=True)
 
-        return compress_model(model, config, progress=pass_done, debug_dir=debug_dir)
+        return compress_model(model, config, progress=pass_done, debug_dir=debug_dir, calibration=calibration)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+
+
+def _find_tokenizer_dir(*candidates: Path | None) -> Path | None:
+    for folder in candidates:
+        if folder is not None and folder.is_dir() and any((folder / name).is_file() for name in TOKENIZER_FILES):
+            return folder
+    return None
+
+
+def _calibration(
+    model: ir.Model, calibration: CalibrationArg, tokenizer: str | os.PathLike[str] | None, *folders: Path | None
+) -> tuple[Calibration | None, dict[str, Any]]:
+    """The calibration to run GPTQ with, and what the report says about it.
+
+    "auto": text calibration (the shipped public-domain text) when a tokenizer is found next to the
+    model, in the Hugging Face directory, or given; otherwise plain rounding, with the reason.
+    """
+    from bct_onnx.calibration import Calibration, CalibrationError, text_feeds
+
+    if calibration is None or calibration == "none":
+        return None, {"method": "none", "reason": "calibration switched off"}
+    if isinstance(calibration, Calibration):
+        return calibration, {"method": "gptq", "batches": len(calibration.feeds), "source": "given inputs"}
+    if calibration not in ("auto", "text"):
+        raise BctOnnxError(f"calibration must be 'auto', 'text', 'none' or a Calibration, not {calibration!r}")
+    folder = Path(tokenizer) if tokenizer is not None else _find_tokenizer_dir(*folders)
+    if folder is None:
+        if calibration == "text":
+            raise BctOnnxError("text calibration needs a tokenizer: pass tokenizer=DIR (CLI: --tokenizer DIR)")
+        return None, {"method": "none", "reason": "no tokenizer next to the model; pass --tokenizer DIR to calibrate"}
+    try:
+        from transformers import AutoTokenizer
+
+        from bct_onnx.models.export import hub_offline
+
+        with hub_offline():
+            loaded = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        feeds = text_feeds(model, loaded)
+    except (CalibrationError, OSError, ValueError) as error:
+        if calibration == "text":
+            raise BctOnnxError(f"text calibration with the tokenizer in {folder} failed: {error}") from error
+        return None, {"method": "none", "reason": f"text calibration not possible: {error}"}
+    return feeds, {"method": "gptq", "batches": len(feeds.feeds), "source": "shipped calibration text", "tokenizer": str(folder)}
 
 
 def _rewritten_op_types(rules: dict[str, int]) -> dict[str, int]:
@@ -151,6 +202,8 @@ def compress(
     progress: bool = False,
     debug_dir: str | os.PathLike[str] | None = None,
     task: str | None = None,
+    calibration: CalibrationArg = "auto",
+    tokenizer: str | os.PathLike[str] | None = None,
     **overrides: Any,
 ) -> CompressResult:
     """Compress a model; write it to ``output`` when given.
@@ -160,6 +213,10 @@ def compress(
     config / overrides: a CompressConfig and field overrides, e.g. ``weight_bits=4, act_bits=None``.
     progress: show tqdm bars on stderr. debug_dir: keep the input model and, where the pipeline
     supports it, the model after every pass that changed it.
+    calibration: "auto" (default: GPTQ rounding of MatMul weights, calibrated on shipped
+    public-domain text, whenever a tokenizer is found next to the model or in the Hugging Face
+    directory, or given as ``tokenizer``), "text" (the same, an error without a tokenizer), "none"
+    (plain rounding), or a bct_onnx.calibration.Calibration of your own input batches.
     """
     cfg = make_config(config, **overrides)
     timer = StepTimer()
@@ -214,8 +271,12 @@ def compress(
             with timer.step("measure"):
                 input_bytes = _serialized_bytes(model)
 
+        with timer.step("calibrate"):
+            source_dir = Path(exported_from) if exported_from is not None else None
+            model_dir = input_file.parent if input_file is not None else None
+            feeds, calibration_report = _calibration(model, calibration, tokenizer, source_dir, model_dir)
         with timer.step("compress"):
-            result = _run_pipeline(model, cfg, prog, debug)
+            result = _run_pipeline(model, cfg, prog, debug, feeds)
         compressed = result.model
 
         if output is not None:
@@ -252,6 +313,7 @@ def compress(
             "output": "file" if output is not None else "serialized",
         },
         exported_from=exported_from,
+        calibration=calibration_report,
         versions=versions(),
     )
     return CompressResult(compressed, report)

@@ -48,6 +48,7 @@ class CompileReport:
         default_factory=lambda: {"input": "file", "output": "file"}
     )
     exported_from: str | None = None  # the Hugging Face directory, when the input was one
+    calibration: dict[str, Any] = dataclasses.field(default_factory=lambda: {"method": "none"})
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
@@ -67,6 +68,7 @@ class CompileReport:
             "rewritten": dict(sorted(self.rewritten.items())),
             "skipped": [dataclasses.asdict(s) for s in self.skipped],
             "config": self.config,
+            "calibration": self.calibration,
             "timings": {step: round(seconds, 4) for step, seconds in self.timings.items()},
             "rules": dict(sorted(self.rules.items())),
             "passes": self.passes,
@@ -98,6 +100,10 @@ class CompileReport:
             f"size: {format_bytes(self.input_bytes)} -> {format_bytes(self.output_bytes)} "
             f"({self.compression_ratio:.2f}x smaller)"
         )
+        if self.calibration.get("method") == "gptq":
+            lines.append(f"calibration: GPTQ on {self.calibration.get('batches')} batches of {self.calibration.get('source')}")
+        elif self.calibration.get("reason"):
+            lines.append(f"calibration: none ({self.calibration['reason']})")
         rewritten = ", ".join(f"{op} {n}" for op, n in sorted(self.rewritten.items()) if n) or "nothing"
         lines.append(f"rewritten: {rewritten}")
         if self.skipped:
