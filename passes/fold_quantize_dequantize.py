@@ -1,15 +1,20 @@
 """FoldQuantizeDequantizePass: intermediate results between compressed ops stay compressed.
 
-After the quantize passes every compressed nonlinear op and BlockActMatMul has float operands, as
-if each edge between two of them were ``requantize -> dequantize`` folded away. This pass makes the
-edge carry codes + scales (+ zero points) instead: the producer gets ``out_bits`` etc. and every
-reader ``in_bits`` etc. with the same format (docs/ops.md, operand convention). An edge stays float
-when any reader needs float, and the reason is reported:
-- ``BlockMatMul`` takes its activation A as float32 only (docs/ops.md: act_bits quantizes A inside
-  the kernel, with its own symmetric float32 scales), so LayerNorm -> MatMul and Gelu -> MatMul
-  edges stay float;
+After the quantize passes every compressed nonlinear op, BlockActMatMul and BlockMatMul has float
+operands, as if each edge between two of them were ``requantize -> dequantize`` folded away. This
+pass makes the edge carry codes + scales (+ zero points) instead: the producer gets ``out_bits`` etc.
+and every reader ``in_bits`` etc. with the same format (docs/ops.md, operand convention; BlockMatMul
+takes A's scales and zero points as inputs 5 and 6). An edge stays float when any reader needs
+float, and the reason is reported:
+- a weight-only ``BlockMatMul`` (act_bits 0) multiplies a float A;
 - standard ONNX nodes (residual Add, Reshape, Where ...) and graph outputs need float;
 - BlockActMatMul's B operand is always float (docs/ops.md).
+When every reader is a BlockMatMul with the same act_bits and block_size, and the producer's result
+is not one-signed (LayerNorm, MatMul: not GELU or softmax), the edge uses that BlockMatMul's own
+run-time activation format (act_bits, block_size, symmetric, float32 scales): the MatMul then skips
+its own quantization and computes exactly what it computed from the float edge. Otherwise the edge
+uses the producer's format and a BlockMatMul reader dequantizes it and quantizes again (GELU results
+stay asymmetric, which suits their one-signed range).
 No-op ``Cast(to=float32)`` readers of such a result (BLOOM, GPT-Neo write them after the softmax)
 are removed first. The producer's node settings give the format: ``act_bits`` and ``block_size`` of its op kind (after
 overrides), asymmetric codes for Softmax and GELU results (one-signed), symmetric otherwise, scales
@@ -43,6 +48,7 @@ from bct_onnx.passes.nonlinear_ops import (
 from bct_onnx import ops
 from bct_onnx.block_format import BlockFormat, ScaleKind
 from bct_onnx.config import CompressConfig
+from bct_onnx.reference_ops import activation_format
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +56,12 @@ RULE = "intermediate kept compressed"
 RULE_BYTES = "activation bytes saved per token (static last dims)"
 RULE_CAST = "no-op float Cast after a compressed op removed"
 _SCALE_BITS = {ScaleKind.FLOAT16: 16, ScaleKind.FLOAT32: 32, ScaleKind.POW2: 8}
+# Ops whose result can be given as codes (out_bits) and whose operand 0 can be read as codes (in_bits).
+PRODUCERS = OPERAND_OPS | {ops.BLOCK_MATMUL}
+_KIND = {**KIND_OF_OP, ops.BLOCK_MATMUL: "MatMul"}
+# BlockMatMul: A's scales and zero points are trailing inputs, after the weight and bias.
+_MATMUL_A_SCALES = 5
+_MATMUL_INPUTS = 7
 
 
 def _reader_problem(value: ir.Value, producer_node: ir.Node) -> str | None:
@@ -65,7 +77,13 @@ def _reader_problem(value: ir.Value, producer_node: ir.Node) -> str | None:
         if reader.graph is not producer_node.graph:
             return f"read by {label} in another graph"
         if is_ours(reader, ops.BLOCK_MATMUL):
-            return f"read by {label}: BlockMatMul takes its activation A as float32 only (docs/ops.md)"
+            if use.idx != 0:
+                return f"read by {label} as input {use.idx}, which is not its activation"
+            if not int_attr(reader, "act_bits"):
+                return f"read by {label}, which is weight-only (act_bits 0): its A stays float32"
+            if int_attr(reader, "in_bits"):
+                return f"read by {label}, whose operand is already quantized"
+            continue
         if not is_ours(reader, *OPERAND_OPS):
             return f"read by {label}, which needs float32"
         if use.idx != 0:
@@ -73,6 +91,39 @@ def _reader_problem(value: ir.Value, producer_node: ir.Node) -> str | None:
         if int_attr(reader, "in_bits"):
             return f"read by {label}, whose operand is already quantized"
     return None
+
+
+def _edge_format(producer_node: ir.Node, value: ir.Value, fmt: BlockFormat) -> BlockFormat:
+    """The format of the edge: the readers' own BlockMatMul activation format when they all share
+    one and the result is not one-signed (so the MatMuls skip their quantization), else fmt."""
+    readers = [use.node for use in value.uses()]
+    if producer_node.op_type in ASYMMETRIC_RESULTS or not all(is_ours(r, ops.BLOCK_MATMUL) for r in readers):
+        return fmt
+    own = {(int_attr(r, "act_bits"), int_attr(r, "block_size")) for r in readers}
+    if len(own) != 1:
+        return fmt
+    act_bits, block_size = own.pop()
+    return activation_format(act_bits, block_size)
+
+
+def _annotate_matmul_result(node: ir.Node) -> None:
+    """A BlockMatMul made by QuantizeMatMulPass has a new, shapeless result: its shape is A's with
+    last dim N (recorded in value.meta like annotate_shapes does, never in the model)."""
+    value = node.outputs[0]
+    if not is_ours(node, ops.BLOCK_MATMUL) or value_shape(value) is not None:
+        return
+    a_shape = value_shape(node.inputs[0]) if node.inputs else None
+    if a_shape is None or len(a_shape) == 0:
+        return
+    value.meta[SHAPE_KEY] = ir.Shape([*list(a_shape)[:-1], int_attr(node, "N")])
+
+
+def _operand_shape_hint(producer_node: ir.Node, value: ir.Value) -> ir.Shape | None:
+    """The result's shape with A's last dim K, for a BlockMatMul producer (its result ends in N)."""
+    shape = value_shape(value)
+    if shape is None or not is_ours(producer_node, ops.BLOCK_MATMUL) or len(shape) == 0:
+        return shape
+    return ir.Shape([*list(shape)[:-1], int_attr(producer_node, "K")])
 
 
 def _with_attrs(
@@ -108,7 +159,7 @@ def _replace(node: ir.Node, new: ir.Node) -> None:
 def _bypass_float_casts(model: ir.Model, report: PassReport) -> None:
     """Cast(to=float32) of a float32 result of our ops is a no-op (BLOOM, GPT-Neo): read the result itself."""
     for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
-        if not is_ours(node, *OPERAND_OPS) or int_attr(node, "out_bits"):
+        if not is_ours(node, *PRODUCERS) or int_attr(node, "out_bits"):
             continue
         value = node.outputs[0]
         pending = list(value.uses())
@@ -128,7 +179,7 @@ def _bypass_float_casts(model: ir.Model, report: PassReport) -> None:
             report.count(RULE_CAST)
 
 
-def _declare_rank(operand: ir.Value | None, result: ir.Value) -> None:
+def _declare_rank(operand: ir.Value | None, result_shape: ir.Shape | None) -> None:
     """Give a folded producer's float operand a declared shape when it has none.
 
     ONNX Runtime types a custom op's outputs through the op's shape inference, which needs the
@@ -140,7 +191,7 @@ def _declare_rank(operand: ir.Value | None, result: ir.Value) -> None:
     """
     if operand is None or operand.shape is not None or operand.is_graph_input():
         return
-    shape = value_shape(operand) or value_shape(result)
+    shape = value_shape(operand) or result_shape
     if shape is None:
         return
     dims: list[int | str] = []
@@ -164,7 +215,7 @@ class FoldQuantizeDequantizePass(CompressPass):
         self.config = config
 
     def _format(self, node: ir.Node) -> BlockFormat | str:
-        kind = KIND_OF_OP[node.op_type]
+        kind = _KIND[node.op_type]
         settings = self.config.settings_for(kind, settings_name(node))
         if not settings.enabled:
             return f"{kind} compression is disabled for this node by the config"
@@ -182,7 +233,7 @@ class FoldQuantizeDequantizePass(CompressPass):
         while True:
             candidate = None
             for node in ir.traversal.RecursiveGraphIterator(model.graph):
-                if id(node) in rejected or not is_ours(node, *OPERAND_OPS) or int_attr(node, "out_bits"):
+                if id(node) in rejected or not is_ours(node, *PRODUCERS) or int_attr(node, "out_bits"):
                     continue
                 candidate = node
                 break
@@ -190,6 +241,11 @@ class FoldQuantizeDequantizePass(CompressPass):
                 return
             rejected.add(id(candidate))
             value = candidate.outputs[0]
+            if is_ours(candidate, ops.BLOCK_MATMUL) and not any(
+                is_ours(use.node, *PRODUCERS) for use in value.uses()
+            ):
+                continue  # no compressed reader: not an intermediate between compressed ops, nothing to say
+            _annotate_matmul_result(candidate)
             fmt = self._format(candidate)
             problem = fmt if isinstance(fmt, str) else _reader_problem(value, candidate)
             d = last_dim(value)
@@ -203,6 +259,7 @@ class FoldQuantizeDequantizePass(CompressPass):
                 report.skip(candidate, f"result stays float32: {problem}")
                 continue
             assert isinstance(fmt, BlockFormat)
+            fmt = _edge_format(candidate, value, fmt)
             self._fold(candidate, fmt, d or 0)
             report.count(RULE)
             if d:  # static last dim: bytes saved per row, rounded down (dynamic dims: see the summary)
@@ -215,7 +272,7 @@ class FoldQuantizeDequantizePass(CompressPass):
         base = strip_float_cast(operand)
         if operand is not None and base is not operand and not int_attr(producer_node, "in_bits"):
             producer_node.replace_input_with(0, base)  # ORT removes such Casts and loses the rank
-        _declare_rank(producer_node.inputs[0], value)
+        _declare_rank(producer_node.inputs[0], _operand_shape_hint(producer_node, value))
         outputs = 2 if fmt.symmetric else 3
         new_producer = _with_attrs(
             producer_node,
@@ -237,12 +294,23 @@ class FoldQuantizeDequantizePass(CompressPass):
             zero_points = new_producer.outputs[2]
             zero_points.name = f"{base}.zero_points"
         codes.type = ir.TensorType(ir.DataType.UINT8)
+        result_shape = value_shape(value)
+        if result_shape is not None and len(result_shape) > 0:  # rank for the readers' own results
+            last: int | ir.SymbolicDim = fmt.row_bytes(d) if d else ir.SymbolicDim(None)
+            codes.meta[SHAPE_KEY] = ir.Shape([*list(result_shape)[:-1], last])
         graph = producer_node.graph
         assert graph is not None
         graph.insert_after(producer_node, [new_producer])
         for use in list(value.uses()):
             reader = use.node
-            inputs = [codes, new_producer.outputs[1], zero_points, *list(reader.inputs[OPERAND_SLOTS:])]
+            inputs: list[ir.Value | None]
+            if is_ours(reader, ops.BLOCK_MATMUL):
+                inputs = list(reader.inputs[:_MATMUL_A_SCALES])
+                inputs += [None] * (_MATMUL_A_SCALES - len(inputs))
+                inputs = [codes, *inputs[1:], new_producer.outputs[1], zero_points][:_MATMUL_INPUTS]
+                d = int_attr(reader, "K") or d
+            else:
+                inputs = [codes, new_producer.outputs[1], zero_points, *list(reader.inputs[OPERAND_SLOTS:])]
             extra: dict[str, int | str] = {
                 "in_bits": fmt.bits,
                 "in_block_size": fmt.block_size,
@@ -311,7 +379,7 @@ def compressed_activations(model: ir.Model) -> ActivationSummary:
     """The compressed edges of model: results of our ops with out_bits > 0."""
     found = []
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        bits = int_attr(node, "out_bits") if is_ours(node, *OPERAND_OPS) else 0
+        bits = int_attr(node, "out_bits") if is_ours(node, *PRODUCERS) else 0
         if not bits:
             continue
         kind = node.attributes.get("out_scale_kind")

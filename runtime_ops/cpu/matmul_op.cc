@@ -48,12 +48,13 @@ OrtStatusPtr ORT_API_CALL InferMatMulOutput(const OrtCustomOp*, OrtShapeInferCon
     int64_t n = -1;
     nonlinear::InferIntAttr(ctx, "N", &n);
     if (!dims.known) {
-      // A's rank is unknown: the outputs still need their dtypes (ONNX Runtime would otherwise type
-      // them like an input), so they get rank 2 with unnamed leading dims; the kernel's output shape
-      // wins at run time.
+      // A's rank is unknown (seen in T5's decoder): the outputs still need their dtypes (ONNX
+      // Runtime would otherwise type them like the last input), so they get a transformer's rank 3
+      // ([batch, sequence, N]) with unnamed leading dims. The kernel's output shape wins at run time;
+      // ONNX Runtime only warns when the real rank differs.
       dims.known = true;
-      dims.dims = {-1, -1};
-      dims.symbols = {"", ""};
+      dims.dims = {-1, -1, -1};
+      dims.symbols = {"", "", ""};
     }
     dims.dims.back() = n > 0 ? n : -1;
     dims.symbols.back() = "";

@@ -1,7 +1,8 @@
 """Helpers for pass tests: models from ONNX text, a numpy evaluator of our ops, ORT runs.
 
-The numpy evaluator (onnx.reference with BlockMatMul / BlockGather implemented from
-``bct_onnx.block_format``) is the spec side. When the custom-op library is available, the same
+The numpy evaluator (onnx.reference with BlockMatMul, BlockGather, BlockLayerNorm and BlockGelu
+implemented from ``bct_onnx.reference_ops`` / ``reference_nonlinear``, float or quantized operands
+and results) is the spec side. When the custom-op library is available, the same
 compressed models also run through ``bct_onnx.session`` and are compared with it.
 """
 
@@ -19,8 +20,10 @@ import pytest
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
-from bct_onnx.block_format import BlockFormat, ScaleKind, dequantize_codes, fake_quantize, unpack_codes
+from bct_onnx.block_format import BlockFormat, QuantizedTensor, ScaleKind, dequantize_codes, unpack_codes
 from bct_onnx.ops import DOMAIN
+from bct_onnx import reference_nonlinear as spec_nonlinear
+from bct_onnx.reference_ops import block_matmul
 
 _SCALE_KINDS = {
     np.dtype(np.float16): ScaleKind.FLOAT16,
@@ -43,6 +46,8 @@ def _dequantized(
 
 
 class BlockMatMul(OpRun):
+    """BlockMatMul with the operand convention: A float or codes (inputs 0, 5, 6), Y float or codes."""
+
     op_domain = DOMAIN
 
     def _run(
@@ -52,21 +57,90 @@ class BlockMatMul(OpRun):
         W_scales,
         W_zero_points=None,
         bias=None,
+        A_scales=None,
+        A_zero_points=None,
         K=None,
         N=None,
         bits=None,
         block_size=None,
         symmetric=None,
         act_bits=None,
+        in_bits=None,
+        in_block_size=None,
+        in_symmetric=None,
+        in_axis_size=None,
+        out_bits=None,
+        out_block_size=None,
+        out_symmetric=None,
+        out_scale_kind=None,
     ):
-        weight = _dequantized(W_codes, W_scales, W_zero_points, bits, block_size, symmetric, K)  # [N, K]
-        a = A.astype(np.float32)
-        if act_bits:
-            a = fake_quantize(a, BlockFormat(int(act_bits), int(block_size), True, ScaleKind.FLOAT32))
-        y = a.astype(np.float64) @ weight.T.astype(np.float64)
-        if bias is not None:
-            y = y + bias.astype(np.float64)
-        return (y.astype(np.float32),)
+        a: np.ndarray | QuantizedTensor = A
+        if in_bits:
+            in_sym = True if in_symmetric is None else bool(in_symmetric)
+            fmt = BlockFormat(int(in_bits), int(in_block_size), in_sym, _SCALE_KINDS[A_scales.dtype])
+            a = QuantizedTensor(A, A_scales, A_zero_points, int(K), fmt)
+        y = block_matmul(
+            a,
+            W_codes,
+            W_scales,
+            W_zero_points,
+            k=int(K),
+            bits=int(bits),
+            block_size=int(block_size),
+            symmetric=bool(symmetric),
+            act_bits=int(act_bits or 0),
+            bias=bias,
+            out_fmt=_out_format(out_bits, out_block_size, out_symmetric, out_scale_kind),
+        )
+        if isinstance(y, QuantizedTensor):
+            return (y.codes, y.scales) + (() if y.zero_points is None else (y.zero_points,))
+        return (y,)
+
+
+def _out_format(bits, block_size, symmetric, scale_kind) -> BlockFormat | None:
+    if not bits:
+        return None
+    sym = True if symmetric is None else bool(symmetric)
+    return BlockFormat(int(bits), int(block_size), sym, ScaleKind(scale_kind or "float16"))
+
+
+def _operand(X, X_scales, X_zero_points, bits, block_size, symmetric, axis_size):
+    """Input 0..2 of an operand op as the spec's operand: float X or a QuantizedTensor."""
+    if not bits:
+        return X
+    d = int(axis_size) if axis_size else X.shape[-1] * 8 // int(bits)
+    sym = True if symmetric is None else bool(symmetric)
+    fmt = BlockFormat(int(bits), int(block_size), sym, _SCALE_KINDS[X_scales.dtype])
+    return QuantizedTensor(X, X_scales, X_zero_points, d, fmt)
+
+
+def _result(y) -> tuple:
+    if isinstance(y, QuantizedTensor):
+        return (y.codes, y.scales) + (() if y.zero_points is None else (y.zero_points,))
+    return (y,)
+
+
+class BlockLayerNorm(OpRun):
+    op_domain = DOMAIN
+
+    def _run(self, X, X_scales=None, X_zero_points=None, scale=None, bias=None, epsilon=None, axis=None,
+             in_bits=None, in_block_size=None, in_symmetric=None, in_axis_size=None,
+             out_bits=None, out_block_size=None, out_symmetric=None, out_scale_kind=None):
+        x = _operand(X, X_scales, X_zero_points, in_bits, in_block_size, in_symmetric, in_axis_size)
+        eps = 1e-5 if epsilon is None else float(epsilon)
+        out = _out_format(out_bits, out_block_size, out_symmetric, out_scale_kind)
+        return _result(spec_nonlinear.block_layer_norm(x, scale, bias, eps, out))
+
+
+class BlockGelu(OpRun):
+    op_domain = DOMAIN
+
+    def _run(self, X, X_scales=None, X_zero_points=None, approximate=None,
+             in_bits=None, in_block_size=None, in_symmetric=None, in_axis_size=None,
+             out_bits=None, out_block_size=None, out_symmetric=None, out_scale_kind=None):
+        x = _operand(X, X_scales, X_zero_points, in_bits, in_block_size, in_symmetric, in_axis_size)
+        out = _out_format(out_bits, out_block_size, out_symmetric, out_scale_kind)
+        return _result(spec_nonlinear.block_gelu(x, approximate or "none", out))
 
 
 class BlockGather(OpRun):
@@ -105,7 +179,7 @@ def op_types(model: ir.Model) -> list[str]:
 
 def run_reference(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Evaluate a model (standard ops and ours) with numpy."""
-    evaluator = ReferenceEvaluator(ir.to_proto(model), new_ops=[BlockMatMul, BlockGather])
+    evaluator = ReferenceEvaluator(ir.to_proto(model), new_ops=[BlockMatMul, BlockGather, BlockLayerNorm, BlockGelu])
     return [np.asarray(out) for out in evaluator.run(None, feeds)]
 
 

@@ -229,24 +229,140 @@ def test_quantize_passes_report_what_they_cannot_take(helpers):
     assert [s.reason for s in gelu.skipped] == ["approximate='sigmoid' is not none/tanh"]
 
 
-def test_layer_norm_output_read_by_block_matmul_stays_float(helpers):
-    text = """<ir_version: 8, opset_import: ["" : 17]>
-    g (float[2, 5, 64] x) => (float[2, 5, 16] y) {
-      n = LayerNormalization<axis = -1>(x, gamma, beta)
-      y = MatMul(n, w)
-    }"""
+LN_MATMUL = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[2, 5, 64] x) => (float[2, 5, 16] y) {
+  n = LayerNormalization<axis = -1>(x, gamma, beta)
+  y = MatMul(n, w)
+}"""
+
+
+def ln_matmul_model(helpers):
+    rng = np.random.default_rng(21)  # the same model on every call
     inits = {
-        "gamma": np.ones(64, np.float32),
-        "beta": np.zeros(64, np.float32),
-        "w": RNG.standard_normal((64, 16)).astype(np.float32),
+        "gamma": (1 + 0.1 * rng.standard_normal(64)).astype(np.float32),
+        "beta": (0.1 * rng.standard_normal(64)).astype(np.float32),
+        "w": rng.standard_normal((64, 16)).astype(np.float32),
     }
-    result = compress_model(helpers.model_from_text(text, inits), CompressConfig())
+    return helpers.model_from_text(LN_MATMUL, inits)
+
+
+def test_layer_norm_feeds_block_matmul_codes_in_its_own_activation_format(helpers):
+    """LayerNorm -> MatMul passes codes in the MatMul's run-time activation format (8-bit, block 32,
+    symmetric, float32 scales): the MatMul skips its own quantization and its result is bit for bit
+    the one of the float edge."""
+    model = ln_matmul_model(helpers)
+    result = compress_model(model, CompressConfig())
+    assert helpers.op_types(result.model) == ["BlockLayerNorm", "BlockMatMul"]
+    ln, mm = list(result.model.graph)
+    assert attrs(ln) == {
+        "epsilon": pytest.approx(1e-5),
+        "out_bits": 8,
+        "out_block_size": 32,
+        "out_symmetric": 1,
+        "out_scale_kind": "float32",
+    }
+    assert {k: v for k, v in attrs(mm).items() if k.startswith("in_")} == {
+        "in_bits": 8,
+        "in_block_size": 32,
+        "in_symmetric": 1,
+        "in_axis_size": 64,
+    }
+    assert attrs(mm)["act_bits"] == 8 and "out_bits" not in attrs(mm)
+    assert [v.name if v is not None else "" for v in mm.inputs] == [
+        "n.codes",
+        mm.inputs[1].name,
+        mm.inputs[2].name,
+        "",
+        "",
+        "n.scales",
+    ]
+    assert result.skipped == []  # a BlockMatMul result read by no compressed op is not an intermediate
+    summary = compressed_activations(result.model)
+    assert summary.count == 1 and summary.tensors[0].effective_bits == pytest.approx(9.0)
+    assert summary.bytes_saved_per_token() == pytest.approx(64 * (32 - 9) / 8)
+
+    x = RNG.standard_normal((2, 5, 64)).astype(np.float32)
+    got = helpers.run_bct_session(result.model, {"x": x})[0]
+    float_edge = compress_model(ln_matmul_model(helpers), CompressConfig(keep_compressed=False)).model
+    np.testing.assert_array_equal(got, helpers.run_bct_session(float_edge, {"x": x})[0])
+    np.testing.assert_allclose(got, helpers.run_reference(result.model, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+def test_weight_only_block_matmul_keeps_its_float_input(helpers):
+    config = CompressConfig(overrides=(NodeOverride("y", OpSettings(), op="MatMul", act_bits_none=True),))
+    result = compress_model(ln_matmul_model(helpers), config)
     assert helpers.op_types(result.model) == ["BlockLayerNorm", "BlockMatMul"]
     assert "out_bits" not in attrs(next(iter(result.model.graph)))
+    assert attrs(list(result.model.graph)[1])["act_bits"] == 0
     assert [s.reason for s in result.skipped] == [
-        "result stays float32: read by BlockMatMul 'y': BlockMatMul takes its activation A as float32 only (docs/ops.md)"
+        "result stays float32: read by BlockMatMul 'y', which is weight-only (act_bits 0): its A stays float32",
     ]
     assert compressed_activations(result.model).count == 0
+
+
+FFN = """<ir_version: 10, opset_import: ["" : 20]>
+g (float[2, 5, 64] x) => (float[2, 5, 32] y) {
+  n = LayerNormalization<axis = -1, epsilon = 1e-5>(x, gamma, beta)
+  h = MatMul(n, w1)
+  hb = Add(h, b1)
+  g = Gelu(hb)
+  y = MatMul(g, w2)
+}"""
+
+
+def ffn_model(helpers):
+    inits = {
+        "gamma": (1 + 0.1 * RNG.standard_normal(64)).astype(np.float32),
+        "beta": (0.1 * RNG.standard_normal(64)).astype(np.float32),
+        "w1": (RNG.standard_normal((64, 128)) / 8).astype(np.float32),
+        "b1": (0.1 * RNG.standard_normal(128)).astype(np.float32),
+        "w2": (RNG.standard_normal((128, 32)) / 11).astype(np.float32),
+    }
+    return helpers.model_from_text(FFN, inits)
+
+
+def test_layer_norm_matmul_gelu_matmul_chain_passes_codes(helpers):
+    """LN -> MatMul -> Gelu -> MatMul: every intermediate is codes and scales. LN -> MatMul in the
+    MatMul's own format, MatMul -> Gelu in the MatMul kind's format (8-bit, float16 scales),
+    Gelu -> MatMul asymmetric (one-signed GELU values), dequantized by the MatMul."""
+    model = ffn_model(helpers)
+    result = compress_model(model, CompressConfig())
+    assert helpers.op_types(result.model) == ["BlockLayerNorm", "BlockMatMul", "BlockGelu", "BlockMatMul"]
+    ln, mm1, gelu, mm2 = list(result.model.graph)
+    operand = ("in_bits", "in_block_size", "in_symmetric", "in_axis_size")
+    result_attrs = ("out_bits", "out_block_size", "out_symmetric", "out_scale_kind")
+
+    def pick(node, names):
+        return {k: v for k, v in attrs(node).items() if k in names}
+
+    assert pick(ln, result_attrs) == {"out_bits": 8, "out_block_size": 32, "out_symmetric": 1, "out_scale_kind": "float32"}
+    assert pick(mm1, operand) == {"in_bits": 8, "in_block_size": 32, "in_symmetric": 1, "in_axis_size": 64}
+    assert pick(mm1, result_attrs) == {"out_bits": 8, "out_block_size": 32, "out_symmetric": 1, "out_scale_kind": "float16"}
+    assert pick(gelu, operand) == {"in_bits": 8, "in_block_size": 32, "in_symmetric": 1, "in_axis_size": 128}
+    assert pick(gelu, result_attrs) == {"out_bits": 8, "out_block_size": 32, "out_symmetric": 0, "out_scale_kind": "float16"}
+    assert pick(mm2, operand) == {"in_bits": 8, "in_block_size": 32, "in_symmetric": 0, "in_axis_size": 128}
+    assert pick(mm2, result_attrs) == {}
+    assert [v.name if v is not None else "" for v in mm1.inputs] == ["n.codes", mm1.inputs[1].name, mm1.inputs[2].name, "", "b1", "n.scales"]
+    assert [v.name for v in gelu.inputs] == ["hb.codes", "hb.scales"]
+    assert [v.name if v is not None else "" for v in mm2.inputs] == [
+        "g.codes", mm2.inputs[1].name, mm2.inputs[2].name, "", "", "g.scales", "g.zero_points"
+    ]
+    assert result.rewritten["intermediate kept compressed"] == 3
+    # 64 * (32 - 9) / 8 + 128 * (32 - 8.5) / 8 + 128 * (32 - 8.75) / 8 = 184 + 376 + 372
+    assert result.rewritten["activation bytes saved per token (static last dims)"] == 932
+    summary = result.activations
+    assert summary is not None and summary.count == 3
+    assert [t.op_type for t in summary.tensors] == ["BlockLayerNorm", "BlockMatMul", "BlockGelu"]
+    assert summary.bytes_saved_per_token() == pytest.approx(932)
+
+    x = RNG.standard_normal((2, 5, 64)).astype(np.float32)
+    got = helpers.run_bct_session(result.model, {"x": x})[0]
+    spec_y = helpers.run_reference(result.model, {"x": x})[0]
+    # Same formulas; the float32 matmul results may differ from the float64 spec by accumulation
+    # order, which can move a requantized code by one step (8-bit, |y| <~ 3).
+    np.testing.assert_allclose(got, spec_y, rtol=0, atol=0.02)
+    reference = helpers.run_ort(model, {"x": x})[0]
+    np.testing.assert_allclose(got, reference, rtol=0, atol=0.5)  # 4-bit random weights
 
 
 def test_fold_respects_weight_only_and_keep_compressed(helpers):
