@@ -97,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--task", help="optimum export task for a Hugging Face directory (default: inferred)")
     comp.add_argument("--report", metavar="PATH", help="write the JSON compile report here")
     comp.add_argument("--debug-dir", metavar="DIR", help="save the input model and intermediate models here")
+    comp.add_argument(
+        "--calibration",
+        choices=("auto", "text", "none"),
+        default="auto",
+        help="GPTQ rounding of MatMul weights calibrated on shipped public-domain text: auto (when a "
+        "tokenizer is found next to the model or in the HF directory; default), text (required), none",
+    )
+    comp.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory for text calibration")
     _add_common_flags(comp)
 
     demo = sub.add_parser(
@@ -291,6 +299,8 @@ def _cmd_compress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         progress=not args.quiet and sys.stderr.isatty(),
         debug_dir=args.debug_dir,
         task=args.task,
+        calibration=args.calibration,
+        tokenizer=args.tokenizer,
     )
     if args.report:
         result.report.write(args.report)

