@@ -60,9 +60,14 @@ def text_feeds(
     if unknown:
         raise CalibrationError(f"cannot build calibration inputs from text for graph inputs {unknown}")
     batches = []
+    if getattr(tokenizer, "pad_token", "") is None:
+        # Decoder tokenizers often have no pad token (SmolLM2, GPT-2): one text per batch needs no
+        # padding, and no pad rows enter the Hessians.
+        batch_size = 1
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(
-            texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="np"
+            texts[start : start + batch_size], padding=batch_size > 1, truncation=True, max_length=max_length,
+            return_tensors="np",
         )
         feeds: dict[str, np.ndarray] = {}
         for value in model.graph.inputs:

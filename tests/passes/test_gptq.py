@@ -102,3 +102,26 @@ def test_text_feeds_names_inputs_text_cannot_fill(helpers):
 def test_empty_calibration_is_refused():
     with pytest.raises(CalibrationError, match="at least one batch"):
         Calibration(())
+
+
+class _NoPadTokenizer:
+    """A decoder tokenizer without a pad token: asking it to pad is an error, as in transformers."""
+
+    pad_token = None
+
+    def __call__(self, texts, padding=False, truncation=True, max_length=128, return_tensors="np"):
+        lengths = {len(t.split()) for t in texts}
+        if padding and len(lengths) > 1:
+            raise ValueError("Asking to pad but the tokenizer does not have a padding token.")
+        ids = np.array([[len(word) for word in t.split()][:max_length] for t in texts], dtype=np.int64)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def test_text_feeds_without_pad_token_uses_one_text_per_batch(helpers):
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (int64[B, S] input_ids, int64[B, S] attention_mask) => (int64[B, S] y) { y = Identity(input_ids) }"""
+    model = helpers.model_from_text(text)
+    texts = ["one two three", "four five", "six seven eight nine"]
+    calibration = text_feeds(model, _NoPadTokenizer(), texts=texts, batch_size=8)
+    assert [batch["input_ids"].shape for batch in calibration.feeds] == [(1, 3), (1, 2), (1, 4)]
+    assert all(batch["attention_mask"].all() for batch in calibration.feeds)
