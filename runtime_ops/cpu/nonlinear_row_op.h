@@ -1,4 +1,4 @@
-// CPU kernel template of the row-wise compressed nonlinear ops (BlockGelu, BlockSoftmax,
+// CPU kernel template of the row-wise compressed nonlinear ops (BlockGelu, BlockSilu, BlockSoftmax,
 // BlockLayerNorm, BlockRMSNorm): for every row of the last axis, in parallel,
 //   load (copy float32, or cpu::DequantizeRow) -> Family::Row (bct/nonlinear_math.h) -> store
 //   (into Y, or cpu::QuantizeRow into codes / scales / zero points).

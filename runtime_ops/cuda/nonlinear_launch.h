@@ -1,6 +1,6 @@
-// Plain C++ launchers of the CUDA kernels of BlockGelu, BlockSoftmax, BlockLayerNorm, BlockRMSNorm
-// (cuda/gelu.cu, cuda/softmax.cu, cuda/norm.cu) and BlockActMatMul (cuda/act_matmul.cu). This header
-// is all the host side (cuda/nonlinear_ops_cuda.cc, compiled with the ORT headers) sees of them.
+// Plain C++ launchers of the CUDA kernels of BlockGelu, BlockSilu, BlockSoftmax, BlockLayerNorm,
+// BlockRMSNorm (cuda/gelu.cu, cuda/silu.cu, cuda/softmax.cu, cuda/norm.cu) and BlockActMatMul
+// (cuda/act_matmul.cu). This header is all the host side (cuda/nonlinear_ops_cuda.cc, compiled with the ORT headers) sees of them.
 // Pointers are device pointers; stream is a cudaStream_t. Each launcher returns nullptr on success or
 // the CUDA error string of the first failing call. Scratch memory comes from the stream-ordered
 // allocator (cudaMallocAsync / cudaFreeAsync on the same stream), or cudaMalloc / cudaFree on a
@@ -14,7 +14,7 @@
 namespace bct {
 namespace cuda {
 
-enum class RowOp : int { kGeluErf = 0, kGeluTanh = 1, kSoftmax = 2, kLayerNorm = 3, kRMSNorm = 4 };
+enum class RowOp : int { kGeluErf = 0, kGeluTanh = 1, kSoftmax = 2, kLayerNorm = 3, kRMSNorm = 4, kSilu = 5 };
 
 // One row-wise op over rows x d: load (float x, or dequantize in_*), compute, store (float y, or
 // quantize into out_*). Quantized sides use the RowFormat of block_launch.h (its axis_size is d).
@@ -44,6 +44,7 @@ const char* LaunchRowOp(const RowOpArgs& args, void* stream);
 
 // The per-family compute step, in place on a float32 [rows, d] buffer.
 const char* LaunchGeluRows(RowOp op, float* y, int64_t rows, int64_t d, void* stream);
+const char* LaunchSiluRows(float* y, int64_t rows, int64_t d, void* stream);
 const char* LaunchSoftmaxRows(float* y, int64_t rows, int64_t d, void* stream);
 const char* LaunchNormRows(RowOp op, const float* scale, const float* bias, float epsilon, float* y, int64_t rows,
                            int64_t d, void* stream);

@@ -1,6 +1,6 @@
-// BlockGelu, BlockSoftmax, BlockLayerNorm, BlockRMSNorm and BlockActMatMul on
+// BlockGelu, BlockSilu, BlockSoftmax, BlockLayerNorm, BlockRMSNorm and BlockActMatMul on
 // CUDAExecutionProvider. Validation is the CPU kernels' (ops/nonlinear_io.h, ops/nonlinear_families.h,
-// ops/act_matmul_io.h); the work is done by the launchers of gelu.cu, softmax.cu, norm.cu,
+// ops/act_matmul_io.h); the work is done by the launchers of gelu.cu, silu.cu, softmax.cu, norm.cu,
 // nonlinear_rows.cu and act_matmul.cu on the stream ONNX Runtime gives the kernel.
 #include <string>
 #include <vector>
@@ -34,6 +34,7 @@ cuda::RowFormat OutFormat(const ResultAttrs& attrs, const Result& r) {
 void SetOp(cuda::RowOpArgs& args, const GeluFamily& family, const GeluFamily::Params&) {
   args.op = family.form == nl::GeluForm::kTanh ? cuda::RowOp::kGeluTanh : cuda::RowOp::kGeluErf;
 }
+void SetOp(cuda::RowOpArgs& args, const SiluFamily&, const SiluFamily::Params&) { args.op = cuda::RowOp::kSilu; }
 void SetOp(cuda::RowOpArgs& args, const SoftmaxFamily&, const SoftmaxFamily::Params&) { args.op = cuda::RowOp::kSoftmax; }
 void SetOp(cuda::RowOpArgs& args, const LayerNormFamily& family, const LayerNormFamily::Params& p) {
   args.op = cuda::RowOp::kLayerNorm;
@@ -170,11 +171,13 @@ class ActMatMulCudaKernel {
 
 void AppendNonlinearCudaOps(Ort::CustomOpDomain& domain) {
   static BlockCustomOp<RowOpSchema<GeluFamily>, RowOpCudaKernel<GeluFamily>> gelu(kCudaProvider);
+  static BlockCustomOp<RowOpSchema<SiluFamily>, RowOpCudaKernel<SiluFamily>> silu(kCudaProvider);
   static BlockCustomOp<RowOpSchema<SoftmaxFamily>, RowOpCudaKernel<SoftmaxFamily>> softmax(kCudaProvider);
   static BlockCustomOp<RowOpSchema<LayerNormFamily>, RowOpCudaKernel<LayerNormFamily>> layer_norm(kCudaProvider);
   static BlockCustomOp<RowOpSchema<RMSNormFamily>, RowOpCudaKernel<RMSNormFamily>> rms_norm(kCudaProvider);
   static BlockCustomOp<ActMatMulSchema, ActMatMulCudaKernel> act_matmul(kCudaProvider);
   domain.Add(&gelu);
+  domain.Add(&silu);
   domain.Add(&softmax);
   domain.Add(&layer_norm);
   domain.Add(&rms_norm);

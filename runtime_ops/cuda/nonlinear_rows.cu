@@ -1,6 +1,7 @@
 // LaunchRowOp: the dequantize -> compute -> requantize driver of the row-wise nonlinear ops on
 // CUDA. Dequantization and quantization are the BlockDequantize / BlockQuantize launchers
-// (block_kernels.cu); the compute step is the family's launcher (gelu.cu, softmax.cu, norm.cu).
+// (block_kernels.cu); the compute step is the family's launcher (gelu.cu, silu.cu, softmax.cu,
+// norm.cu).
 // Scratch: AllocScratch / FreeScratch (nonlinear_rows.cuh).
 #include <cuda_runtime.h>
 
@@ -32,6 +33,7 @@ const char* LaunchRowOp(const RowOpArgs& a, void* stream) {
     switch (a.op) {
       case RowOp::kGeluErf:
       case RowOp::kGeluTanh: err = LaunchGeluRows(a.op, buffer, a.rows, a.d, stream); break;
+      case RowOp::kSilu: err = LaunchSiluRows(buffer, a.rows, a.d, stream); break;
       case RowOp::kSoftmax: err = LaunchSoftmaxRows(buffer, a.rows, a.d, stream); break;
       default: err = LaunchNormRows(a.op, a.scale, a.bias, a.epsilon, buffer, a.rows, a.d, stream); break;
     }

@@ -1,4 +1,4 @@
-// The four row-wise nonlinear op families (docs/ops.md): their attributes, their op-specific inputs
+// The five row-wise nonlinear op families (docs/ops.md): their attributes, their op-specific inputs
 // and their row function. Shared by the CPU kernels (cpu/nonlinear_row_op.h calls Row) and the CUDA
 // kernels (which read Params and run the same bct/nonlinear_math.h row functions on the device).
 #pragma once
@@ -57,16 +57,18 @@ struct RowOpSchema {
   }
 };
 
-// CPU row entry points (cpu/gelu.cc, cpu/softmax.cc, cpu/norm.cc): the nl:: row functions compiled
+// CPU row entry points (cpu/gelu.cc, cpu/silu.cc, cpu/softmax.cc, cpu/norm.cc): the nl:: row functions compiled
 // once per x86 instruction set (GCC target_clones) with the same float32 operations, so the result
 // is the same bits on every CPU. The *Baseline twins are the same source compiled for baseline
 // x86-64 only: kernels created while BCT_ONNX_BASELINE_SIMD is set use them, which lets the tests
 // check the code every CPU without AVX2 runs. The CUDA kernels call neither.
 void GeluRowCpu(float* y, int64_t n, nl::GeluForm form);
+void SiluRowCpu(float* y, int64_t n);
 void SoftmaxRowCpu(float* y, int64_t n);
 void LayerNormRowCpu(float* y, int64_t n, const float* scale, const float* bias, float epsilon);
 void RMSNormRowCpu(float* y, int64_t n, const float* scale, float epsilon);
 void GeluRowCpuBaseline(float* y, int64_t n, nl::GeluForm form);
+void SiluRowCpuBaseline(float* y, int64_t n);
 void SoftmaxRowCpuBaseline(float* y, int64_t n);
 void LayerNormRowCpuBaseline(float* y, int64_t n, const float* scale, const float* bias, float epsilon);
 void RMSNormRowCpuBaseline(float* y, int64_t n, const float* scale, float epsilon);
@@ -98,6 +100,18 @@ struct GeluFamily {
   }
   bool baseline;
   nl::GeluForm form = nl::GeluForm::kErf;
+};
+
+// BlockSilu: no attributes of its own.
+struct SiluFamily {
+  static constexpr const char* kName = "BlockSilu";
+  static constexpr size_t kExtraInputs = 0;
+  static bool ExtraInputOptional(size_t) { return false; }
+  SiluFamily(const OrtKernelInfo*, const NodeRef&) : baseline(BaselineSimdRequested()) {}
+  struct Params {};
+  Params Prepare(const Ort::KernelContext&, const NodeRef&, int64_t) const { return {}; }
+  void Row(const Params&, float* y, int64_t n) const { (baseline ? SiluRowCpuBaseline : SiluRowCpu)(y, n); }
+  bool baseline;
 };
 
 struct SoftmaxFamily {
@@ -179,9 +193,10 @@ struct RMSNormFamily {
 namespace bct {
 namespace nonlinear {
 
-// Per-family registration (cpu/gelu.cc, cpu/softmax.cc, cpu/norm.cc, cpu/act_matmul.cc and the
+// Per-family registration (cpu/gelu.cc, cpu/silu.cc, cpu/softmax.cc, cpu/norm.cc, cpu/act_matmul.cc and the
 // CUDA counterparts), called by bct::AppendNonlinearOps (ops/nonlinear_register.cc).
 void AppendGeluCpuOps(Ort::CustomOpDomain& domain);
+void AppendSiluCpuOps(Ort::CustomOpDomain& domain);
 void AppendSoftmaxCpuOps(Ort::CustomOpDomain& domain);
 void AppendNormCpuOps(Ort::CustomOpDomain& domain);
 void AppendActMatMulCpuOps(Ort::CustomOpDomain& domain);

@@ -1,5 +1,5 @@
 // bct::AppendNonlinearOps: the CPU (and, when built with CUDA, CUDAExecutionProvider) kernels of
-// BlockGelu, BlockSoftmax, BlockLayerNorm, BlockRMSNorm and BlockActMatMul.
+// BlockGelu, BlockSilu, BlockSoftmax, BlockLayerNorm, BlockRMSNorm and BlockActMatMul.
 #include "bct/nonlinear_ops.h"
 #include "ops/nonlinear_families.h"
 
@@ -7,6 +7,7 @@ namespace bct {
 
 void AppendNonlinearOps(Ort::CustomOpDomain& domain) {
   nonlinear::AppendGeluCpuOps(domain);
+  nonlinear::AppendSiluCpuOps(domain);
   nonlinear::AppendSoftmaxCpuOps(domain);
   nonlinear::AppendNormCpuOps(domain);
   nonlinear::AppendActMatMulCpuOps(domain);

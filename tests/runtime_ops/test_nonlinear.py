@@ -1,10 +1,10 @@
-"""BlockGelu, BlockSoftmax, BlockLayerNorm, BlockRMSNorm against bct_onnx.reference_nonlinear.
+"""BlockGelu, BlockSilu, BlockSoftmax, BlockLayerNorm, BlockRMSNorm against bct_onnx.reference_nonlinear.
 
 Tolerances, per output:
 - Kernel vs the numpy spec: 0. Float outputs, codes, scales and zero points are compared as raw bits:
   the kernels evaluate exp/erf/tanh from the same float32 polynomials as the spec, in the same order.
 - The spec's float path vs exact math (float64): exp within 1 ulp, erf 5.5e-7 and tanh 1.8e-7 absolute,
-  GELU 3.1e-7 * |x|; softmax and the norms (D = 384) within 1e-5 relative to the magnitude of the
+  GELU 3.1e-7 * |x|, SiLU 2e-7 relative (3 ulp); softmax and the norms (D = 384) within 1e-5 relative to the magnitude of the
   terms summed.
 - Codes of the compressed ops vs codes of exact math quantized the same way: at most 1 step apart,
   on at most 1% of the elements (only where the exact value sits next to a rounding boundary).
@@ -38,6 +38,7 @@ ONNX_TYPES = {
 OPS = {
     "gelu": ("BlockGelu", {"approximate": "none"}),
     "gelu_tanh": ("BlockGelu", {"approximate": "tanh"}),
+    "silu": ("BlockSilu", {}),
     "softmax": ("BlockSoftmax", {}),
     "layer_norm": ("BlockLayerNorm", {"epsilon": 1e-5}),
     "layer_norm_nobias": ("BlockLayerNorm", {"epsilon": 1e-3}),
@@ -61,6 +62,8 @@ def spec_float(name: str, x: np.ndarray, extras: list[np.ndarray | None]) -> np.
     attrs = OPS[name][1]
     if name.startswith("gelu"):
         return ref.gelu(x, attrs["approximate"])
+    if name == "silu":
+        return ref.silu(x)
     if name == "softmax":
         return ref.softmax(x)
     if name.startswith("layer_norm"):
@@ -76,6 +79,8 @@ def exact_float(name: str, x: np.ndarray, extras: list[np.ndarray | None]) -> np
         return 0.5 * xd * (1 + scipy.special.erf(xd / np.sqrt(2)))
     if name == "gelu_tanh":
         return 0.5 * xd * (1 + np.tanh(np.sqrt(2 / np.pi) * (xd + 0.044715 * xd**3)))
+    if name == "silu":
+        return xd * scipy.special.expit(xd)
     if name == "softmax":
         e = np.exp(xd - xd.max(-1, keepdims=True))
         return e / e.sum(-1, keepdims=True)
@@ -246,6 +251,22 @@ def test_spec_transcendentals_accuracy() -> None:
     assert np.isnan(ref.exp_f32(np.array([np.nan], np.float32)))[0]
 
 
+def test_spec_silu_accuracy_and_special_values() -> None:
+    """x / (1 + exp_f32(-x)) is within 3 ulp (2e-7 relative) of x * sigmoid(x) over [-88, 100];
+    below -88 (|exact| < 5.4e-37) it is -0, which also gives the limit 0 at -inf."""
+    x = np.linspace(-88, 100, 2_000_001, dtype=np.float32)
+    exact = exact_float("silu", x, [])
+    got = ref.silu(x).astype(np.float64)
+    assert np.all(np.abs(got - exact) <= 2e-7 * np.abs(exact))
+    ulps = np.abs(got - exact) / np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+    assert ulps.max() <= 3.0
+    special = np.array([-np.inf, -1e30, -88.5, np.inf, 1e30, 0.0, -0.0, np.nan], np.float32)
+    y = ref.silu(special)
+    assert y[:7].tolist() == [0.0, 0.0, 0.0, np.inf, float(np.float32(1e30)), 0.0, 0.0]
+    assert np.signbit(y[:3]).all() and np.signbit(y[6]) and not np.signbit(y[5])
+    assert np.isnan(y[7])
+
+
 @pytest.mark.parametrize("name", list(OPS))
 def test_spec_float_path_vs_exact_math(name: str) -> None:
     rng = np.random.default_rng(1)
@@ -255,6 +276,8 @@ def test_spec_float_path_vs_exact_math(name: str) -> None:
     exact = exact_float(name, x, extras)
     if name.startswith("gelu"):
         tol = 3.1e-7 * np.maximum(np.abs(x), 1.0)
+    elif name == "silu":
+        tol = 2e-7 * np.abs(exact) + 1e-37
     else:  # row sums of n/8 terms per lane: about (n/8) * u relative (u = 6e-8) to the terms' magnitude
         xd = x.astype(np.float64)
         if name == "softmax":
@@ -301,7 +324,7 @@ def test_float_in_quantized_out(name: str, out_fmt: BlockFormat) -> None:
 @pytest.mark.parametrize("name", list(OPS))
 def test_quantized_in_quantized_out(name: str) -> None:
     in_fmt = BlockFormat(5, 16, False, ScaleKind.FLOAT16)
-    out_fmt = BlockFormat(8, 32, name in ("softmax",) or name.startswith("gelu"), ScaleKind.FLOAT16)
+    out_fmt = BlockFormat(8, 32, name in ("softmax", "silu") or name.startswith("gelu"), ScaleKind.FLOAT16)
     x = bf.quantize(sample((7, 72), seed=7), in_fmt)
     extras = extras_for(name, 72, np.random.default_rng(8))
     check_against_spec(name, x, extras, out_fmt, run_op(name, x, extras, out_fmt))
@@ -341,7 +364,7 @@ def test_empty_rows(name: str, shape: tuple[int, ...]) -> None:
 
 def test_special_values() -> None:
     x = np.array([[0.0, -0.0, 1e-30, -1e30, 1e30, 3.0, -np.inf, 0.5]], np.float32)
-    for name in ("gelu", "gelu_tanh", "softmax"):
+    for name in ("gelu", "gelu_tanh", "silu", "softmax"):
         check_against_spec(name, x, [], None, run_op(name, x, [], None))
     zeros = np.array([[-0.0] * 11, [0.0] * 11], np.float32)  # signs of zero survive the lane sums
     extras = [np.full(11, -2.0, np.float32)]
@@ -354,7 +377,7 @@ def test_special_values() -> None:
     assert y[0, 1] == 0.0 and y[0, 3] == 0.0
 
 
-@pytest.mark.parametrize("name", ["gelu", "softmax", "layer_norm", "rms_norm"])
+@pytest.mark.parametrize("name", ["gelu", "silu", "softmax", "layer_norm", "rms_norm"])
 def test_codes_vs_exact_math_within_one_step(name: str) -> None:
     """The polynomial math moves codes of exact math by at most one step, rarely."""
     out_fmt = BlockFormat(8, 32, name != "layer_norm" and name != "rms_norm", ScaleKind.FLOAT32)
@@ -538,6 +561,9 @@ def test_bad_attributes() -> None:
         expect_error(model, feeds, "BlockSoftmax", "sm", fragment)
     model, feeds = node_model("BlockGelu", [x], 1, node_name="g", approximate="fast")
     expect_error(model, feeds, "BlockGelu", "g", "'approximate'")
+    for attrs, fragment in cases[:6]:
+        model, feeds = node_model("BlockSilu", [x, None, None], 1, node_name="silu", **attrs)
+        expect_error(model, feeds, "BlockSilu", "silu", fragment)
     model, feeds = node_model(
         "BlockLayerNorm", [x, None, None, np.ones(16, np.float32)], 1, node_name="ln", epsilon=-1.0
     )
@@ -555,6 +581,14 @@ def test_bad_inputs() -> None:
         (ln, [x, None, None, np.ones(16, np.float16)], {}, ("input 'scale'", "float32")),
         (ln, [x.astype(np.float16), None, None, np.ones(16, np.float32)], {}, ("input 'X'", "float32")),
         ("BlockRMSNorm", [x, None, None, np.ones((1, 16), np.float32)], {}, ("input 'scale'",)),
+        ("BlockSilu", [x.astype(np.float16), None, None], {}, ("input 'X'", "float32")),
+        (
+            "BlockSilu",
+            [q.codes, q.scales, None],
+            dict(in_bits=4, in_block_size=8, in_symmetric=0, in_axis_size=16),
+            ("'X_zero_points'", "required"),
+        ),
+        ("BlockSilu", [x, np.ones((2, 2), np.float16), None], {}, ("'X_scales'", "in_bits=0")),
         # zero points missing although in_symmetric=0
         (
             "BlockSoftmax",

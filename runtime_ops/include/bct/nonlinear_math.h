@@ -1,5 +1,5 @@
-// The float32 arithmetic of the compressed nonlinear ops (BlockGelu, BlockSoftmax, BlockLayerNorm,
-// BlockRMSNorm) and of BlockActMatMul, once, for host (C++17) and device (CUDA) code.
+// The float32 arithmetic of the compressed nonlinear ops (BlockGelu, BlockSilu, BlockSoftmax,
+// BlockLayerNorm, BlockRMSNorm) and of BlockActMatMul, once, for host (C++17) and device (CUDA) code.
 //
 // bct_onnx/reference_nonlinear.py is the specification; every function here reproduces its numpy
 // counterpart bit for bit. To make that possible the transcendental functions are not taken from
@@ -65,6 +65,9 @@ constexpr float kGeluCubic = 0.044715f;
 
 enum class GeluForm : int { kErf = 0, kTanh = 1 };
 
+// SiLU: below this x the result is -0 (|x sigmoid(x)| < 5.4e-37 there; exp_f32(-x) would clamp at 88).
+constexpr float kSiluLo = -88.0f;
+
 BCT_HD BCT_INLINE float exp_f32(float x) {
   // Clamp for the arithmetic (NaN -> kExpLo there; the NaN itself is returned at the end). Plain
   // selects, no short-circuit logic, so that compilers vectorise the loops calling this.
@@ -117,6 +120,13 @@ BCT_HD BCT_INLINE float gelu_tanh(float x) {
   return fmul(fmul(0.5f, x), fadd(1.0f, tanh_f32(inner)));
 }
 
+// SiLU (swish, Llama's MLP activation): x * sigmoid(x) = x / (1 + exp(-x)), evaluated as
+// x / (1 + exp_f32(-x)); -0 below kSiluLo (also for -inf, whose limit is 0); NaN stays NaN.
+BCT_HD BCT_INLINE float silu(float x) {
+  const float y = fdiv(x, fadd(1.0f, exp_f32(-x)));
+  return x < kSiluLo ? -0.0f : y;
+}
+
 BCT_HD BCT_INLINE float gelu(float x, GeluForm form) { return form == GeluForm::kTanh ? gelu_tanh(x) : gelu_erf(x); }
 
 BCT_HD BCT_INLINE float combine_lanes(const float* acc) {
@@ -160,6 +170,10 @@ BCT_HD BCT_INLINE void gelu_row(float* y, int64_t n, GeluForm form) {
   } else {
     for (int64_t i = 0; i < n; ++i) y[i] = gelu_erf(y[i]);
   }
+}
+
+BCT_HD BCT_INLINE void silu_row(float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = silu(y[i]);
 }
 
 // Softmax: m = max(y) (NaNs ignored; all -inf or NaN gives m = -inf), e = exp_f32(y - m),

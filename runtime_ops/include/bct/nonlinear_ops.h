@@ -1,5 +1,5 @@
-// Registration hooks of the compressed nonlinear ops (BlockGelu, BlockSoftmax, BlockLayerNorm,
-// BlockRMSNorm) and of BlockActMatMul; register.cc calls them while building the ai.bct_onnx domain.
+// Registration hooks of the compressed nonlinear ops (BlockGelu, BlockSilu, BlockSoftmax,
+// BlockLayerNorm, BlockRMSNorm) and of BlockActMatMul; register.cc calls them while building the ai.bct_onnx domain.
 #pragma once
 
 #include "bct/op_common.h"
