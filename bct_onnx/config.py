@@ -10,9 +10,12 @@ from collections.abc import Mapping
 from bct_onnx.block_format import MAX_BITS, MIN_BITS, BlockFormat, ScaleKind
 
 # Op kinds that have a quantize pass. "LayerNormalization" covers RMS normalization too;
-# "AttentionMatMul" is a MatMul of two run-time activations (Q x K^T, probabilities x V).
+# "AttentionMatMul" is a MatMul of two run-time activations (Q x K^T, probabilities x V); "Silu" is
+# x * sigmoid(x) (Llama's MLP activation, exported as Sigmoid * Mul).
 WEIGHT_OPS: frozenset[str] = frozenset({"MatMul", "Gather"})
-ACTIVATION_OPS: frozenset[str] = frozenset({"Gelu", "Softmax", "LayerNormalization", "AttentionMatMul"})
+ACTIVATION_OPS: frozenset[str] = frozenset(
+    {"Gelu", "Silu", "Softmax", "LayerNormalization", "AttentionMatMul"}
+)
 SUPPORTED_OPS: frozenset[str] = WEIGHT_OPS | ACTIVATION_OPS
 DEFAULT_OPS: frozenset[str] = SUPPORTED_OPS  # everything by default
 SETTING_KEYS = ("enabled", "weight_bits", "act_bits", "block_size")
@@ -38,7 +41,7 @@ class OpSettings:
     """Settings of one op kind or one override; None leaves the value to the level below.
 
     enabled: compress it or not. weight_bits: code width of MatMul weights / Gather tables.
-    act_bits: MatMul: activations quantized at run time; Gelu/Softmax/LayerNormalization: width of
+    act_bits: MatMul: activations quantized at run time; Gelu/Silu/Softmax/LayerNormalization: width of
     their compressed operand/result when it stays compressed; AttentionMatMul: its act_bits.
     block_size: elements per block of the weights and activations concerned.
     """

@@ -25,6 +25,7 @@ from bct_onnx.passes.framework import (
 from bct_onnx.passes.fuse_gelu import FuseGeluPass
 from bct_onnx.passes.fuse_layer_norm import FuseLayerNormPass
 from bct_onnx.passes.fuse_rms_norm import FuseRMSNormPass
+from bct_onnx.passes.fuse_silu import FuseSiluPass
 from bct_onnx.passes.gemm_to_matmul import GemmToMatMulPass
 from bct_onnx.passes.pipeline import (
     DEBUG_DIR_ENV,
@@ -39,6 +40,7 @@ from bct_onnx.passes.quantize_gather import QuantizeGatherPass
 from bct_onnx.passes.quantize_gelu import QuantizeGeluPass
 from bct_onnx.passes.quantize_layer_norm import QuantizeLayerNormPass
 from bct_onnx.passes.quantize_matmul import QuantizeMatMulPass
+from bct_onnx.passes.quantize_silu import QuantizeSiluPass
 from bct_onnx.passes.quantize_softmax import QuantizeSoftmaxPass
 
 __all__ = [
@@ -55,6 +57,7 @@ __all__ = [
     "FuseGeluPass",
     "FuseLayerNormPass",
     "FuseRMSNormPass",
+    "FuseSiluPass",
     "GemmToMatMulPass",
     "MissingGraphError",
     "NodeRewritePass",
@@ -67,6 +70,7 @@ __all__ = [
     "QuantizeGeluPass",
     "QuantizeLayerNormPass",
     "QuantizeMatMulPass",
+    "QuantizeSiluPass",
     "QuantizeSoftmaxPass",
     "Skip",
     "UnsupportedModelError",

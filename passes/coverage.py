@@ -1,10 +1,10 @@
-"""Coverage of a compressed model: which of the five target kinds ended up as bct-onnx ops.
+"""Coverage of a compressed model: which nodes of the target kinds ended up as bct-onnx ops.
 
 ``target_kind_shares(original, compressed)`` counts, per kind, the float nodes of the original
-model (after the same GELU / LayerNorm / RMSNorm fusions the pipeline applies, and with Gemm
-counted as MatMul) and the ai.bct_onnx nodes of the compressed model. The README's
-family x op-kind table is built from it (tests/passes/test_families_e2e.py prints it).
-A Gelu, Softmax or norm counted here runs as a bct-onnx op; whether its operand and result also
+model (after the same GELU / SiLU / LayerNorm / RMSNorm fusions the pipeline applies, with Gemm
+counted as MatMul and ONNX Swish as Silu) and the ai.bct_onnx nodes of the compressed model. The
+README's family x op-kind table is built from it (tests/passes/test_families_e2e.py prints it).
+A Gelu, Silu, Softmax or norm counted here runs as a bct-onnx op; whether its operand and result also
 stay compressed is reported separately (``compressed_activations``).
 """
 
@@ -17,17 +17,20 @@ from bct_onnx.passes.framework import DEFAULT_DOMAINS
 from bct_onnx.passes.fuse_gelu import FuseGeluPass
 from bct_onnx.passes.fuse_layer_norm import FuseLayerNormPass
 from bct_onnx.passes.fuse_rms_norm import FuseRMSNormPass
+from bct_onnx.passes.fuse_silu import FuseSiluPass
 from bct_onnx.passes.infer_shapes import annotate_shapes
 from bct_onnx.passes.quantized_weights import FLOAT_DTYPES, constant_tensor
 
 from bct_onnx import ops
 
-TARGET_KINDS = ("MatMul", "Gather", "Gelu", "Softmax", "LayerNormalization")
+# The five kinds of issue 3 plus SiLU, the activation of the Llama family.
+TARGET_KINDS = ("MatMul", "Gather", "Gelu", "Silu", "Softmax", "LayerNormalization")
 
 _FLOAT_KIND = {
     "MatMul": "MatMul",
     "Gemm": "MatMul",
     "Gelu": "Gelu",
+    "Swish": "Silu",
     "Softmax": "Softmax",
     "LayerNormalization": "LayerNormalization",
 }
@@ -36,6 +39,7 @@ _BCT_KIND = {
     ops.BLOCK_ACT_MATMUL: "MatMul",
     ops.BLOCK_GATHER: "Gather",
     ops.BLOCK_GELU: "Gelu",
+    ops.BLOCK_SILU: "Silu",
     ops.BLOCK_SOFTMAX: "Softmax",
     ops.BLOCK_LAYER_NORM: "LayerNormalization",
     ops.BLOCK_RMS_NORM: "LayerNormalization",
@@ -62,7 +66,7 @@ def _is_embedding(node: ir.Node) -> bool:
 def _float_counts(model: ir.Model) -> dict[str, int]:
     work = model.clone()
     annotate_shapes(work)
-    for fusion in (FuseGeluPass(), FuseLayerNormPass(), FuseRMSNormPass()):
+    for fusion in (FuseGeluPass(), FuseSiluPass(), FuseLayerNormPass(), FuseRMSNormPass()):
         work = fusion(work).model
     counts = dict.fromkeys(TARGET_KINDS, 0)
     for node in ir.traversal.RecursiveGraphIterator(work.graph):

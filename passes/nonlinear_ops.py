@@ -15,14 +15,16 @@ from bct_onnx import ops
 # ai.bct_onnx op type -> op kind of bct_onnx.config (for per-kind / per-node settings).
 KIND_OF_OP: dict[str, str] = {
     ops.BLOCK_GELU: "Gelu",
+    ops.BLOCK_SILU: "Silu",
     ops.BLOCK_SOFTMAX: "Softmax",
     ops.BLOCK_LAYER_NORM: "LayerNormalization",
     ops.BLOCK_RMS_NORM: "LayerNormalization",
     ops.BLOCK_ACT_MATMUL: "AttentionMatMul",
 }
 OPERAND_OPS = frozenset(KIND_OF_OP)
-# One-signed results (softmax probabilities, post-GELU values >= -0.17) use asymmetric codes.
-ASYMMETRIC_RESULTS = frozenset({ops.BLOCK_GELU, ops.BLOCK_SOFTMAX})
+# One-signed results (softmax probabilities, post-GELU values >= -0.17, post-SiLU >= -0.28) use
+# asymmetric codes.
+ASYMMETRIC_RESULTS = frozenset({ops.BLOCK_GELU, ops.BLOCK_SILU, ops.BLOCK_SOFTMAX})
 OPERAND_SLOTS = 3  # op-specific inputs start here
 
 

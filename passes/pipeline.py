@@ -29,6 +29,7 @@ from bct_onnx.passes.framework import CompressPassResult, Skip, check_model_basi
 from bct_onnx.passes.fuse_gelu import FuseGeluPass
 from bct_onnx.passes.fuse_layer_norm import FuseLayerNormPass
 from bct_onnx.passes.fuse_rms_norm import FuseRMSNormPass
+from bct_onnx.passes.fuse_silu import FuseSiluPass
 from bct_onnx.passes.gemm_to_matmul import GemmToMatMulPass
 from bct_onnx.passes.infer_shapes import annotate_shapes
 from bct_onnx.passes.quantize_act_matmul import QuantizeActMatMulPass
@@ -36,6 +37,7 @@ from bct_onnx.passes.quantize_gather import QuantizeGatherPass
 from bct_onnx.passes.quantize_gelu import QuantizeGeluPass
 from bct_onnx.passes.quantize_layer_norm import QuantizeLayerNormPass
 from bct_onnx.passes.quantize_matmul import QuantizeMatMulPass
+from bct_onnx.passes.quantize_silu import QuantizeSiluPass
 from bct_onnx.passes.quantize_softmax import QuantizeSoftmaxPass
 from onnx_ir.passes import common as common_passes
 
@@ -58,6 +60,7 @@ QUANTIZE_PASSES: dict[str, Callable[[CompressConfig], ir.passes.PassBase]] = {
     "MatMul": QuantizeMatMulPass,
     "AttentionMatMul": QuantizeActMatMulPass,
     "Gelu": QuantizeGeluPass,
+    "Silu": QuantizeSiluPass,
     "Softmax": QuantizeSoftmaxPass,
     "LayerNormalization": QuantizeLayerNormPass,
 }
@@ -65,6 +68,7 @@ QUANTIZE_PASSES: dict[str, Callable[[CompressConfig], ir.passes.PassBase]] = {
 # they run only when that kind is compressed.
 FUSION_PASSES: dict[str, list[Callable[[], ir.passes.PassBase]]] = {
     "Gelu": [FuseGeluPass],
+    "Silu": [FuseSiluPass],
     "LayerNormalization": [FuseLayerNormPass, FuseRMSNormPass],
 }
 

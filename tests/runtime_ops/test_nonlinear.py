@@ -585,7 +585,7 @@ def test_bad_inputs() -> None:
         (
             "BlockSilu",
             [q.codes, q.scales, None],
-            dict(in_bits=4, in_block_size=8, in_symmetric=0, in_axis_size=16),
+            {"in_bits": 4, "in_block_size": 8, "in_symmetric": 0, "in_axis_size": 16},
             ("'X_zero_points'", "required"),
         ),
         ("BlockSilu", [x, np.ones((2, 2), np.float16), None], {}, ("'X_scales'", "in_bits=0")),
