@@ -215,7 +215,7 @@ def _add_control_flags(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KIND=N[,...]",
-        help="bits per op kind: weight bits for MatMul/Gather, activation bits for Gelu, Softmax, "
+        help="bits per op kind: weight bits for MatMul/Gather, activation bits for Gelu, Silu, Softmax, "
         "LayerNormalization, AttentionMatMul; N=off disables the kind (e.g. --op-bits Gelu=8,MatMul=4)",
     )
     parser.add_argument(

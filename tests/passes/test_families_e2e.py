@@ -4,8 +4,8 @@ Tiny random-weight models (bct_onnx.models.families) are exported offline, compr
 default config (everything: 4-bit weights, 8-bit activations and intermediates, block 32) and run
 with the custom-op library. Stated tolerance: cosine similarity of every float output to FP32
 >= 0.97 (measured 0.98..0.996 on these models; random weights are harder to quantize than trained
-ones). The per-family share of compressed nodes among the target kinds (issue 3's five, plus SiLU) is printed (run with
--s) and must be 100% except where the table below says why.
+ones). The per-family share of compressed nodes among the target kinds (issue 3's five, plus
+SiLU) is printed (run with -s) and must be 100% except where the table below says why.
 """
 
 from __future__ import annotations
