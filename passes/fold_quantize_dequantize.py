@@ -229,7 +229,9 @@ class FoldQuantizeDequantizePass(CompressPass):
             return
         ensure_shapes(model)
         _bypass_float_casts(model, report)
-        rejected: set[int] = set()
+        # Nodes already decided, by id, holding the node: folding replaces nodes, and a new node must
+        # not get the id of a removed one (it would be passed over without a word).
+        rejected: dict[int, ir.Node] = {}
         while True:
             candidate = None
             for node in ir.traversal.RecursiveGraphIterator(model.graph):
@@ -239,7 +241,7 @@ class FoldQuantizeDequantizePass(CompressPass):
                 break
             if candidate is None:
                 return
-            rejected.add(id(candidate))
+            rejected[id(candidate)] = candidate
             value = candidate.outputs[0]
             if is_ours(candidate, ops.BLOCK_MATMUL) and not any(
                 is_ours(use.node, *PRODUCERS) for use in value.uses()

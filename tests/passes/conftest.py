@@ -20,9 +20,9 @@ import pytest
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
+from bct_onnx import reference_nonlinear as spec_nonlinear
 from bct_onnx.block_format import BlockFormat, QuantizedTensor, ScaleKind, dequantize_codes, unpack_codes
 from bct_onnx.ops import DOMAIN
-from bct_onnx import reference_nonlinear as spec_nonlinear
 from bct_onnx.reference_ops import block_matmul
 
 _SCALE_KINDS = {
@@ -123,9 +123,24 @@ def _result(y) -> tuple:
 class BlockLayerNorm(OpRun):
     op_domain = DOMAIN
 
-    def _run(self, X, X_scales=None, X_zero_points=None, scale=None, bias=None, epsilon=None, axis=None,
-             in_bits=None, in_block_size=None, in_symmetric=None, in_axis_size=None,
-             out_bits=None, out_block_size=None, out_symmetric=None, out_scale_kind=None):
+    def _run(
+        self,
+        X,
+        X_scales=None,
+        X_zero_points=None,
+        scale=None,
+        bias=None,
+        epsilon=None,
+        axis=None,
+        in_bits=None,
+        in_block_size=None,
+        in_symmetric=None,
+        in_axis_size=None,
+        out_bits=None,
+        out_block_size=None,
+        out_symmetric=None,
+        out_scale_kind=None,
+    ):
         x = _operand(X, X_scales, X_zero_points, in_bits, in_block_size, in_symmetric, in_axis_size)
         eps = 1e-5 if epsilon is None else float(epsilon)
         out = _out_format(out_bits, out_block_size, out_symmetric, out_scale_kind)
@@ -135,9 +150,21 @@ class BlockLayerNorm(OpRun):
 class BlockGelu(OpRun):
     op_domain = DOMAIN
 
-    def _run(self, X, X_scales=None, X_zero_points=None, approximate=None,
-             in_bits=None, in_block_size=None, in_symmetric=None, in_axis_size=None,
-             out_bits=None, out_block_size=None, out_symmetric=None, out_scale_kind=None):
+    def _run(
+        self,
+        X,
+        X_scales=None,
+        X_zero_points=None,
+        approximate=None,
+        in_bits=None,
+        in_block_size=None,
+        in_symmetric=None,
+        in_axis_size=None,
+        out_bits=None,
+        out_block_size=None,
+        out_symmetric=None,
+        out_scale_kind=None,
+    ):
         x = _operand(X, X_scales, X_zero_points, in_bits, in_block_size, in_symmetric, in_axis_size)
         out = _out_format(out_bits, out_block_size, out_symmetric, out_scale_kind)
         return _result(spec_nonlinear.block_gelu(x, approximate or "none", out))
@@ -179,7 +206,9 @@ def op_types(model: ir.Model) -> list[str]:
 
 def run_reference(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Evaluate a model (standard ops and ours) with numpy."""
-    evaluator = ReferenceEvaluator(ir.to_proto(model), new_ops=[BlockMatMul, BlockGather, BlockLayerNorm, BlockGelu])
+    evaluator = ReferenceEvaluator(
+        ir.to_proto(model), new_ops=[BlockMatMul, BlockGather, BlockLayerNorm, BlockGelu]
+    )
     return [np.asarray(out) for out in evaluator.run(None, feeds)]
 
 

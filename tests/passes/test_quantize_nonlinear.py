@@ -335,17 +335,45 @@ def test_layer_norm_matmul_gelu_matmul_chain_passes_codes(helpers):
     def pick(node, names):
         return {k: v for k, v in attrs(node).items() if k in names}
 
-    assert pick(ln, result_attrs) == {"out_bits": 8, "out_block_size": 32, "out_symmetric": 1, "out_scale_kind": "float32"}
+    assert pick(ln, result_attrs) == {
+        "out_bits": 8,
+        "out_block_size": 32,
+        "out_symmetric": 1,
+        "out_scale_kind": "float32",
+    }
     assert pick(mm1, operand) == {"in_bits": 8, "in_block_size": 32, "in_symmetric": 1, "in_axis_size": 64}
-    assert pick(mm1, result_attrs) == {"out_bits": 8, "out_block_size": 32, "out_symmetric": 1, "out_scale_kind": "float16"}
+    assert pick(mm1, result_attrs) == {
+        "out_bits": 8,
+        "out_block_size": 32,
+        "out_symmetric": 1,
+        "out_scale_kind": "float16",
+    }
     assert pick(gelu, operand) == {"in_bits": 8, "in_block_size": 32, "in_symmetric": 1, "in_axis_size": 128}
-    assert pick(gelu, result_attrs) == {"out_bits": 8, "out_block_size": 32, "out_symmetric": 0, "out_scale_kind": "float16"}
+    assert pick(gelu, result_attrs) == {
+        "out_bits": 8,
+        "out_block_size": 32,
+        "out_symmetric": 0,
+        "out_scale_kind": "float16",
+    }
     assert pick(mm2, operand) == {"in_bits": 8, "in_block_size": 32, "in_symmetric": 0, "in_axis_size": 128}
     assert pick(mm2, result_attrs) == {}
-    assert [v.name if v is not None else "" for v in mm1.inputs] == ["n.codes", mm1.inputs[1].name, mm1.inputs[2].name, "", "b1", "n.scales"]
+    assert [v.name if v is not None else "" for v in mm1.inputs] == [
+        "n.codes",
+        mm1.inputs[1].name,
+        mm1.inputs[2].name,
+        "",
+        "b1",
+        "n.scales",
+    ]
     assert [v.name for v in gelu.inputs] == ["hb.codes", "hb.scales"]
     assert [v.name if v is not None else "" for v in mm2.inputs] == [
-        "g.codes", mm2.inputs[1].name, mm2.inputs[2].name, "", "", "g.scales", "g.zero_points"
+        "g.codes",
+        mm2.inputs[1].name,
+        mm2.inputs[2].name,
+        "",
+        "",
+        "g.scales",
+        "g.zero_points",
     ]
     assert result.rewritten["intermediate kept compressed"] == 3
     # 64 * (32 - 9) / 8 + 128 * (32 - 8.5) / 8 + 128 * (32 - 8.75) / 8 = 184 + 376 + 372

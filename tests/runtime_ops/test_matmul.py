@@ -676,7 +676,9 @@ def io_model(
     while inputs[-1] == "":
         inputs.pop()
     outputs = ["Y"]
-    graph_outputs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT if out_fmt is None else TensorProto.UINT8, None)]
+    graph_outputs = [
+        helper.make_tensor_value_info("Y", TensorProto.FLOAT if out_fmt is None else TensorProto.UINT8, None)
+    ]
     if out_fmt is not None:
         attrs.update(
             out_bits=out_fmt.bits,
@@ -686,7 +688,9 @@ def io_model(
         )
         outputs.append("Y_scales")
         graph_outputs.append(
-            helper.make_tensor_value_info("Y_scales", helper.np_dtype_to_tensor_dtype(out_fmt.scale_dtype), None)
+            helper.make_tensor_value_info(
+                "Y_scales", helper.np_dtype_to_tensor_dtype(out_fmt.scale_dtype), None
+            )
         )
         if not out_fmt.symmetric:
             outputs.append("Y_zero_points")
@@ -733,7 +737,9 @@ def test_own_format_codes_give_the_float_result_bit_for_bit(
     which is deterministic. Random data (not exact), K with a partial block, N with a partial tile."""
     rng = np.random.default_rng(bits * 100 + act_bits * 10 + symmetric)
     k, n, block_size = 75, 37, 16
-    codes, scales, zero_points = random_weight(rng, n, k, bits, block_size, symmetric, ScaleKind.FLOAT16, exact=False)
+    codes, scales, zero_points = random_weight(
+        rng, n, k, bits, block_size, symmetric, ScaleKind.FLOAT16, exact=False
+    )
     bias = rng.standard_normal(n).astype(np.float32)
     a = rng.standard_normal((2, 5, k)).astype(np.float32)
     a[..., ::7] *= 9
@@ -764,7 +770,9 @@ def test_quantized_a_is_dequantized_then_used_as_float(isa: str, in_fmt: BlockFo
     bit for bit (same kernel path), and the spec's block_matmul within the stated tolerance."""
     rng = np.random.default_rng(in_fmt.bits * 7 + in_fmt.block_size + act_bits)
     k, n, block_size = 70, 20, 16
-    codes, scales, zero_points = random_weight(rng, n, k, 4, block_size, False, ScaleKind.FLOAT16, exact=False)
+    codes, scales, zero_points = random_weight(
+        rng, n, k, 4, block_size, False, ScaleKind.FLOAT16, exact=False
+    )
     a = rng.standard_normal((3, k)).astype(np.float32)
     if not in_fmt.symmetric:
         a = np.maximum(a, -0.17).astype(np.float32)  # one-signed, as after GELU
@@ -789,12 +797,14 @@ def test_quantized_a_is_dequantized_then_used_as_float(isa: str, in_fmt: BlockFo
     ids=["8-32-sym-f16", "8-16-asym-f16", "5-7-sym-pow2", "3-32-asym-f32"],
 )
 @pytest.mark.parametrize("act_bits", [0, 8])
-def test_quantized_output_is_block_format_quantize_of_y(isa: str, out_fmt: BlockFormat, act_bits: int) -> None:
+def test_quantized_output_is_block_format_quantize_of_y(
+    isa: str, out_fmt: BlockFormat, act_bits: int
+) -> None:
     """Exactly representable data: Y is exact, so its requantization along N must equal
     block_format.quantize(Y) bit for bit (codes, scales, zero points each on its own)."""
     rng = np.random.default_rng(out_fmt.bits + out_fmt.block_size + act_bits)
     k, n, block_size = 29, 37, 8
-    codes, scales, zero_points = random_weight(rng, n, k, 4, block_size, True, ScaleKind.FLOAT32, exact=True)
+    codes, scales, _zero_points = random_weight(rng, n, k, 4, block_size, True, ScaleKind.FLOAT32, exact=True)
     bias = (rng.integers(-8, 9, n) / 2).astype(np.float32)
     a = exact_activations(rng, (2, 3, k), block_size, act_bits)
     fmt = {"k": k, "bits": 4, "block_size": block_size, "symmetric": True, "act_bits": act_bits}
@@ -821,13 +831,19 @@ def test_quantized_in_and_out_random_data(isa: str) -> None:
     own = activation_format(8, block_size)
     out_fmt = BlockFormat(8, 32, True, ScaleKind.FLOAT16)
     fmt = {"k": k, "bits": 4, "block_size": block_size, "symmetric": True, "act_bits": 8}
-    model = io_model(n=n, codes=codes, scales=scales, zero_points=None, bias=bias, in_fmt=own, out_fmt=out_fmt, **fmt)
+    model = io_model(
+        n=n, codes=codes, scales=scales, zero_points=None, bias=bias, in_fmt=own, out_fmt=out_fmt, **fmt
+    )
     q = quantize(a, own)
     got = dequantize(as_quantized(bct_onnx.session(model).run(None, quantized_feeds(q)), out_fmt, n))
     y = matmul_reference(q, codes, scales, None, bias=bias, **fmt)
-    step = np.repeat(np.abs(scales_to_float32(quantize(y.astype(np.float32), out_fmt).scales, ScaleKind.FLOAT16)), 32, -1)[..., :n]
+    step = np.repeat(
+        np.abs(scales_to_float32(quantize(y.astype(np.float32), out_fmt).scales, ScaleKind.FLOAT16)), 32, -1
+    )[..., :n]
     tol = tolerance(q, codes, scales, None, **fmt) + step
-    assert np.all(np.abs(got - y) <= tol), f"isa={isa}: max error / tolerance = {np.max(np.abs(got - y) / tol):.3g}"
+    assert np.all(np.abs(got - y) <= tol), (
+        f"isa={isa}: max error / tolerance = {np.max(np.abs(got - y) / tol):.3g}"
+    )
 
 
 def _io_spec(**overrides: Any) -> dict[str, Any]:
@@ -848,9 +864,13 @@ def test_bad_quantized_operand() -> None:
     own = activation_format(8, 16)
     q = quantize(np.ones((2, 40), np.float32), own)
     feeds = quantized_feeds(q)
-    _expect_io_error(_io_spec(extra_attrs={"in_bits": 9}), feeds, "attribute 'in_bits' must be 0 (float) or in 2..8, got 9")
     _expect_io_error(
-        _io_spec(extra_attrs={"in_block_size": 0}), feeds, "attribute 'in_block_size' must be >= 1 when in_bits > 0, got 0"
+        _io_spec(extra_attrs={"in_bits": 9}), feeds, "attribute 'in_bits' must be 0 (float) or in 2..8, got 9"
+    )
+    _expect_io_error(
+        _io_spec(extra_attrs={"in_block_size": 0}),
+        feeds,
+        "attribute 'in_block_size' must be >= 1 when in_bits > 0, got 0",
     )
     _expect_io_error(
         _io_spec(),
@@ -872,7 +892,9 @@ def test_bad_quantized_operand() -> None:
     model = onnx.load_from_string(io_model(**spec))
     del model.graph.node[0].input[5:]
     del model.graph.input[1]
-    with pytest.raises(Exception, match=re.escape(PREFIX + "input 'A_scales' (input 5) is required when in_bits > 0")):
+    with pytest.raises(
+        Exception, match=re.escape(PREFIX + "input 'A_scales' (input 5) is required when in_bits > 0")
+    ):
         bct_onnx.session(model.SerializeToString()).run(None, {"A": q.codes})
     asym = BlockFormat(8, 16, False, ScaleKind.FLOAT32)
     qa = quantize(np.ones((2, 40), np.float32), asym)
