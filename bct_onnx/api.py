@@ -28,7 +28,6 @@ CalibrationArg = Any  # "auto" | "text" | "none" | None | bct_onnx.calibration.C
 
 if TYPE_CHECKING:
     from bct_onnx.calibration import Calibration
-
     from bct_onnx.config import CompressConfig
     from bct_onnx.passes import PipelineResult
 
