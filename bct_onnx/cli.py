@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common_flags(demo)
     demo.set_defaults(handler=_cmd_demo, subparser=demo)
+
+    from bct_onnx.evaluate import register_subcommands  # `eval` and `generate` (bct_onnx/evaluate.py)
+
+    register_subcommands(sub, _add_format_flags, _add_control_flags, _add_common_flags)
     return parser
 
 

