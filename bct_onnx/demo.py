@@ -110,6 +110,7 @@ def run_demo(
     act_bits: int | None = 8,
     block_size: int = 32,
     embedding_bits: int | None = None,
+    embedding_scale_kind: str | None = None,
     ops: frozenset[str] | None = None,
     symmetric: bool = True,
     threads: int | None = None,
@@ -135,6 +136,7 @@ def run_demo(
         "act_bits": act_bits,
         "block_size": block_size,
         "embedding_bits": embedding_bits,
+        "embedding_scale_kind": embedding_scale_kind,
         "symmetric": symmetric,
     }
     if ops is not None:

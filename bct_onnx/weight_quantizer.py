@@ -14,6 +14,7 @@ import numpy as np
 
 from bct_onnx.block_format import (
     BlockFormat,
+    ScaleKind,
     QuantizedTensor,
     _inverse,
     _pad_to_blocks,
@@ -29,6 +30,9 @@ from bct_onnx.block_format import (
 # is not clipped at +2**(bits-1)-1. On all-MiniLM-L6-v2 (4-bit, block 32, weight-only) the search moves
 # the sentence-embedding cosine to FP32 from 0.965 to 0.969; grids reaching below 0.8 gave the same.
 CLIP_RATIOS: tuple[float, ...] = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.825, 0.8, 1.0625, 8 / 7)
+# A power-of-two scale has only two sensible exponents per block: the smallest that fits the block's
+# maximum, and the next one down (finer steps, largest values clipped). Ratio 0.5 always reaches it.
+POW2_RATIOS: tuple[float, ...] = (1.0, 0.5)
 # Rows are processed in chunks of about this many elements to bound temporary memory.
 _CHUNK_ELEMENTS = 1 << 22
 
@@ -78,7 +82,8 @@ def search_scales(
     importance: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Stored scales and zero points [..., nb] minimising each block's squared error over ratios."""
-    ratios = CLIP_RATIOS if ratios is None else ratios
+    if ratios is None:
+        ratios = POW2_RATIOS if fmt.scale_kind is ScaleKind.POW2 else CLIP_RATIOS
     blocks = blocks.astype(np.float32, copy=False)
     extremes = _extremes(blocks, fmt)
     best_scales, best_zp = choose_scales(extremes, fmt)

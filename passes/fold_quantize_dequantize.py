@@ -95,9 +95,11 @@ def _reader_problem(value: ir.Value, producer_node: ir.Node) -> str | None:
 
 def _edge_format(producer_node: ir.Node, value: ir.Value, fmt: BlockFormat) -> BlockFormat:
     """The format of the edge: the readers' own BlockMatMul activation format when they all share
-    one and the result is not one-signed (so the MatMuls skip their quantization), else fmt."""
+    one (so the MatMuls use the codes as they are instead of dequantizing and quantizing again;
+    a GELU/SiLU result's small negative tail fits symmetric codes), else fmt."""
+    del producer_node  # the readers decide
     readers = [use.node for use in value.uses()]
-    if producer_node.op_type in ASYMMETRIC_RESULTS or not all(is_ours(r, ops.BLOCK_MATMUL) for r in readers):
+    if not all(is_ours(r, ops.BLOCK_MATMUL) for r in readers):
         return fmt
     own = {(int_attr(r, "act_bits"), int_attr(r, "block_size")) for r in readers}
     if len(own) != 1:

@@ -38,6 +38,17 @@ class GatherMatch:
     table_tensor: ir.TensorProtocol
 
 
+def _tied_to_matmul(table: ir.Value) -> bool:
+    """True when the table also feeds a MatMul, directly or through a Transpose (tied weights)."""
+    for use in table.uses():
+        reader = use.node
+        if reader.op_type == "MatMul":
+            return True
+        if reader.op_type == "Transpose" and any(u.node.op_type == "MatMul" for u in reader.outputs[0].uses()):
+            return True
+    return False
+
+
 def _is_index_arithmetic(data: ir.Value) -> bool:
     """True when data is integer (or comes from shape ops): not an embedding table."""
     if data.dtype is not None:
@@ -94,6 +105,12 @@ class QuantizeGatherPass(NodeRewritePass):
         graph = model.graph
         gather = matched.gather
         fmt = self.config.settings_for("Gather", gather.name or gather.outputs[0].name or "").weight_format
+        if _tied_to_matmul(matched.table):
+            # The table doubles as an output projection (tied weights), whose error reaches the
+            # logits directly: store it with the MatMul's scale kind (embedding tables alone
+            # default to one-byte power-of-two scales).
+            matmul_kind = self.config.settings_for("MatMul", matched.table.name or "").scale_kind
+            fmt = dataclasses.replace(fmt, scale_kind=matmul_kind)
         quantized = quantized_initializers(
             graph,
             matched.table,

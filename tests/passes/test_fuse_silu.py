@@ -178,7 +178,8 @@ def test_llama_mlp_is_compressed_and_matches_float(helpers):
 
 
 def test_llama_mlp_silu_feeds_codes_to_a_compressed_reader(helpers):
-    """SiLU -> MatMul directly (no gate product): the SiLU result passes asymmetric codes."""
+    """SiLU -> MatMul directly (no gate product): the SiLU result passes codes in the reading
+    MatMul's own activation format (symmetric int8, float32 scales), used by it as they are."""
     text = f"""{HEADER}
     g (float[2, 5, {D}] x) => (float[2, 5, {D}] y) {{
       gate = MatMul(x, w_gate)
@@ -198,8 +199,9 @@ def test_llama_mlp_silu_feeds_codes_to_a_compressed_reader(helpers):
     assert helpers.op_types(result.model) == ["BlockMatMul", "BlockSilu", "BlockMatMul"]
     _, silu, down = list(result.model.graph)
     silu_attrs = {name: attr.value for name, attr in silu.attributes.items()}
-    assert silu_attrs["out_bits"] == 8 and silu_attrs["out_symmetric"] == 0  # one-signed: asymmetric
-    assert {name: a.value for name, a in down.attributes.items()}["in_symmetric"] == 0
+    assert silu_attrs["out_bits"] == 8 and silu_attrs["out_symmetric"] == 1
+    assert silu_attrs["out_scale_kind"] == "float32"
+    assert {name: a.value for name, a in down.attributes.items()}["in_symmetric"] == 1
     x = (np.random.default_rng(6).standard_normal((2, 5, D))).astype(np.float32)
     got = helpers.run_bct_session(result.model, {"x": x})[0]
     # the SiLU step is the spec's: run the gate BlockMatMul alone and apply block_silu to it
