@@ -135,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OPS",
         help=f"comma-separated op types to compress (default: {_default_ops()})",
     )
+    demo.add_argument(
+        "--embedding-scale-kind",
+        choices=[kind.value for kind in ScaleKind],
+        default=None,
+        help="embedding tables' block scales (default: float16 like the weights); pow2 takes one byte",
+    )
     demo.add_argument("--asymmetric", action="store_true", help="store a zero point per block")
     demo.add_argument(
         "--threads",
@@ -200,6 +206,12 @@ def _add_format_flags(parser: argparse.ArgumentParser) -> None:
         choices=[kind.value for kind in ScaleKind],
         default=quiet,
         help="how block scales are stored (default: float16)",
+    )
+    parser.add_argument(
+        "--embedding-scale-kind",
+        choices=[kind.value for kind in ScaleKind],
+        default=quiet,
+        help="how embedding tables store block scales (default: as --scale-kind); pow2 takes one byte",
     )
     parser.add_argument(
         "--asymmetric", action="store_true", help="store a zero point per block (default: symmetric)"
@@ -279,7 +291,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     given = vars(args)
     overrides: dict[str, Any] = {
         name: given[name]
-        for name in ("weight_bits", "act_bits", "block_size", "embedding_bits", "ops", "scale_kind")
+        for name in ("weight_bits", "act_bits", "block_size", "embedding_bits", "ops", "scale_kind", "embedding_scale_kind")
         if name in given
     }
     if given.get("asymmetric"):
@@ -323,6 +335,7 @@ def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         "act_bits": args.act_bits,
         "block_size": args.block_size,
         "embedding_bits": args.embedding_bits,
+        "embedding_scale_kind": args.embedding_scale_kind,
         "symmetric": not args.asymmetric,
     }
     if args.ops is not None:
