@@ -1,0 +1,50 @@
+"""Smoke tests of the benchmark scripts (benchmarks/ is not a package: load the files by path)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_minilm_smoke(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One bct-onnx row against FP32, one timed round: the table, the JSON, nothing written to the CWD."""
+    pytest.importorskip("optimum")
+    from bct_onnx.models import minilm
+
+    try:
+        minilm.model_dir()
+    except minilm.MiniLMNotInstalledError as err:
+        pytest.skip(str(err))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    out = tmp_path / "result.json"
+    compare = _load("compare_minilm")
+    assert compare.main(["--only", "bct-w4", "--runs", "1", "--warmup", "1", "--json", str(out)]) == 0
+    assert os.listdir(cwd) == []
+    table = capsys.readouterr().out
+    assert "| FP32 (optimum export) |" in table and "bct-onnx `ops=MatMul,Gather`" in table
+    results = {row["key"]: row for row in json.loads(out.read_text())["results"]}
+    assert set(results) == {"fp32", "bct-w4"}
+    row = results["bct-w4"]
+    assert row["error"] is None
+    assert row["ratio"] > 6.5 and row["mean_cosine"] > 0.97
+    assert row["batch_ms"] > 0 and row["single_ms"] > 0
