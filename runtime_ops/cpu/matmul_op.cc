@@ -46,7 +46,7 @@ OrtStatusPtr ORT_API_CALL InferMatMulOutput(const OrtCustomOp*, OrtShapeInferCon
   try {
     nonlinear::InferDims dims = nonlinear::InferInputDims(ctx, kA);
     int64_t n = -1;
-    nonlinear::InferIntAttr(ctx, "N", &n);
+    InferIntAttr(ctx, "N", &n);
     if (!dims.known) {
       // A's rank is unknown (seen in T5's decoder): the outputs still need their dtypes (ONNX
       // Runtime would otherwise type them like the last input), so they get a transformer's rank 3

@@ -42,43 +42,6 @@ InferDims InferInputDims(OrtShapeInferContext* ctx, size_t index) {
   return out;
 }
 
-bool InferIntAttr(OrtShapeInferContext* ctx, const char* name, int64_t* value) {
-  const OrtApi& api = Ort::GetApi();
-  const OrtOpAttr* attr = nullptr;
-  if (OrtStatus* s = api.ShapeInferContext_GetAttribute(ctx, name, &attr)) {
-    api.ReleaseStatus(s);
-    return false;
-  }
-  if (attr == nullptr) return false;
-  size_t out = 0;
-  if (OrtStatus* s = api.ReadOpAttr(attr, ORT_OP_ATTR_INT, value, sizeof(*value), &out)) {
-    api.ReleaseStatus(s);
-    return false;
-  }
-  return true;
-}
-
-std::string InferStringAttr(OrtShapeInferContext* ctx, const char* name, const char* fallback) {
-  const OrtApi& api = Ort::GetApi();
-  const OrtOpAttr* attr = nullptr;
-  if (OrtStatus* s = api.ShapeInferContext_GetAttribute(ctx, name, &attr)) {
-    api.ReleaseStatus(s);
-    return fallback;
-  }
-  if (attr == nullptr) return fallback;
-  size_t size = 0;
-  if (OrtStatus* s = api.ReadOpAttr(attr, ORT_OP_ATTR_STRING, nullptr, 0, &size)) api.ReleaseStatus(s);
-  if (size == 0) return fallback;
-  std::string text(size, '\0');
-  if (OrtStatus* s = api.ReadOpAttr(attr, ORT_OP_ATTR_STRING, text.data(), size, &size)) {
-    api.ReleaseStatus(s);
-    return fallback;
-  }
-  text.resize(size);
-  while (!text.empty() && text.back() == '\0') text.pop_back();
-  return text;
-}
-
 InferDims InferOperandDims(OrtShapeInferContext* ctx) {
   InferDims d = InferInputDims(ctx, 0);
   if (!d.known) return d;
@@ -153,10 +116,7 @@ OrtStatusPtr InferResult(OrtShapeInferContext* ctx, const InferDims& logical) {
   }
   InferIntAttr(ctx, "out_block_size", &block_size);
   InferIntAttr(ctx, "out_symmetric", &symmetric);
-  const std::string kind = InferStringAttr(ctx, "out_scale_kind", "float16");
-  ONNXTensorElementDataType scale_dtype = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
-  if (kind == "float32") scale_dtype = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  if (kind == "pow2") scale_dtype = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+  const ONNXTensorElementDataType scale_dtype = InferScaleDtype(ctx, "out_scale_kind");
   const int64_t d = logical.dims.back();
   const bool bits_ok = bits >= kMinBits && bits <= kMaxBits;
   const int64_t codes_last = (d > 0 && bits_ok) ? row_bytes(d, static_cast<int>(bits)) : -1;

@@ -19,6 +19,7 @@
 #include "bct/block_math.h"
 #include "bct/op_common.h"
 #include "ops/block_io.h"
+#include "ops/infer_attrs.h"
 
 namespace bct {
 namespace nonlinear {
@@ -287,8 +288,6 @@ struct InferDims {
 };
 
 InferDims InferInputDims(OrtShapeInferContext* ctx, size_t index);
-bool InferIntAttr(OrtShapeInferContext* ctx, const char* name, int64_t* value);
-std::string InferStringAttr(OrtShapeInferContext* ctx, const char* name, const char* fallback);
 // Logical dims [..., D] of the main operand from input 0 and the in_* attributes (D may be -1).
 InferDims InferOperandDims(OrtShapeInferContext* ctx);
 // Sets outputs 0..2 for a result of logical dims [..., D] from the out_* attributes.

@@ -6,44 +6,10 @@
 #include <vector>
 
 #include "ops/block_io.h"
+#include "ops/infer_attrs.h"
 
 namespace bct {
 namespace {
-
-bool ReadIntAttr(const OrtApi& api, OrtShapeInferContext* ctx, const char* name, int64_t* value) {
-  const OrtOpAttr* attr = nullptr;
-  if (OrtStatus* s = api.ShapeInferContext_GetAttribute(ctx, name, &attr)) {
-    api.ReleaseStatus(s);
-    return false;
-  }
-  if (attr == nullptr) return false;
-  size_t out = 0;
-  if (OrtStatus* s = api.ReadOpAttr(attr, ORT_OP_ATTR_INT, value, sizeof(*value), &out)) {
-    api.ReleaseStatus(s);
-    return false;
-  }
-  return true;
-}
-
-std::string ReadStringAttr(const OrtApi& api, OrtShapeInferContext* ctx, const char* name, const char* fallback) {
-  const OrtOpAttr* attr = nullptr;
-  if (OrtStatus* s = api.ShapeInferContext_GetAttribute(ctx, name, &attr)) {
-    api.ReleaseStatus(s);
-    return fallback;
-  }
-  if (attr == nullptr) return fallback;
-  size_t size = 0;
-  if (OrtStatus* s = api.ReadOpAttr(attr, ORT_OP_ATTR_STRING, nullptr, 0, &size)) api.ReleaseStatus(s);
-  if (size == 0) return fallback;
-  std::string text(size, '\0');
-  if (OrtStatus* s = api.ReadOpAttr(attr, ORT_OP_ATTR_STRING, text.data(), size, &size)) {
-    api.ReleaseStatus(s);
-    return fallback;
-  }
-  text.resize(size);
-  while (!text.empty() && text.back() == '\0') text.pop_back();
-  return text;
-}
 
 // A fresh symbolic name for a dim nobody named (ORT would take a bare -1 for a concrete value).
 std::string FreshDimName() {
@@ -98,13 +64,10 @@ OrtStatusPtr ORT_API_CALL QuantizeSchema::InferOutputShape(const OrtCustomOp* /*
     symbols.pop_back();
 
     int64_t bits = 0, block_size = 0, symmetric = 1;
-    const bool have_bits = ReadIntAttr(api, ctx, "bits", &bits) && bits >= kMinBits && bits <= kMaxBits;
-    const bool have_block = ReadIntAttr(api, ctx, "block_size", &block_size) && block_size >= 1;
-    ReadIntAttr(api, ctx, "symmetric", &symmetric);
-    const std::string kind_text = ReadStringAttr(api, ctx, "scale_kind", "float16");
-    ONNXTensorElementDataType scale_dtype = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
-    if (kind_text == "float32") scale_dtype = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-    if (kind_text == "pow2") scale_dtype = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+    const bool have_bits = InferIntAttr(ctx, "bits", &bits) && bits >= kMinBits && bits <= kMaxBits;
+    const bool have_block = InferIntAttr(ctx, "block_size", &block_size) && block_size >= 1;
+    InferIntAttr(ctx, "symmetric", &symmetric);
+    const ONNXTensorElementDataType scale_dtype = InferScaleDtype(ctx, "scale_kind");
 
     const int64_t codes_last = (known && have_bits) ? row_bytes(axis_size, static_cast<int>(bits)) : -1;
     const int64_t blocks_last = (known && have_block) ? num_blocks(axis_size, block_size) : -1;
