@@ -233,15 +233,17 @@ def _mb(n: int) -> str:
 
 
 def _git_commit() -> str:
-    try:
+    """Short HEAD of the repository holding this script, "+dirty" when tracked files differ from it."""
+
+    def git(*args: str) -> str:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            check=True,
+            ["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, check=True
         )
         return out.stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -303,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         chosen = [v for v in chosen if v.key in keys]
 
     started = time.perf_counter()
+    commit = _git_commit()  # at the start: others may commit while this runs
+    library = bct_onnx.runtime.library_path()
     with contextlib.ExitStack() as stack:
         if args.out_dir is None:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bct_compare_minilm_")))
@@ -380,8 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"all-MiniLM-L6-v2, {len(sentences)} sentences; onnxruntime {ort.__version__}, "
         f"{args.threads} intra-op threads, median of {args.runs} warm interleaved rounds; "
-        f"commit {_git_commit()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {elapsed:.0f} s"
+        f"commit {commit}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {elapsed:.0f} s"
     )
+    print(f"bct-onnx custom-op library: {library}")
     print()
     print(markdown_table(rows, batch_tokens, single_tokens, LATENCY_BATCH))
     print()
@@ -393,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
             "model": "all-MiniLM-L6-v2",
             "sentences": len(sentences),
             "onnxruntime": ort.__version__,
-            "bct_onnx_commit": _git_commit(),
+            "bct_onnx_commit": commit,
+            "bct_onnx_library": library,
             "threads": args.threads,
             "runs": args.runs,
             "warmup": args.warmup,
