@@ -166,17 +166,12 @@ class ActMatMulCpuKernel {
       const int64_t a_rows = g.a_batches * m;
       std::vector<int8_t> qa(static_cast<size_t>(a_rows * k));
       std::vector<float> sa(static_cast<size_t>(a_rows * nb));
-      const cpu::RowFormat in_fmt{in_.bits, in_.block_size, in_.symmetric, a.scale_kind, k, a.row_bytes, a.num_blocks};
-      const size_t in_scale_row = static_cast<size_t>(a.num_blocks) * ScaleItemSize(a.scale_kind);
+      const cpu::PackedRows source(OperandRowFormat<cpu::RowFormat>(in_, a, k), a.codes, a.scales, a.zero_points);
       ParallelFor(ctx, a_rows, std::max<int64_t>(1, 4096 / k), [&](int64_t begin, int64_t end) {
         std::vector<float> row(a.quantized ? static_cast<size_t>(k) : 0);
         for (int64_t i = begin; i < end; ++i) {
           const float* x = a.x ? a.x + i * k : row.data();
-          if (a.quantized) {
-            cpu::DequantizeRow(in_fmt, a.codes + i * a.row_bytes,
-                               static_cast<const uint8_t*>(a.scales) + i * in_scale_row,
-                               a.zero_points ? a.zero_points + i * a.num_blocks : nullptr, row.data());
-          }
+          if (a.quantized) source.Dequantize(i, row.data());
           (baseline_ ? QuantizeActRowBaseline : QuantizeActRow)(x, k, bits, bs, qa.data() + i * k,
                                                                 sa.data() + i * nb);
         }
@@ -243,9 +238,7 @@ class ActMatMulCpuKernel {
       }
 
       // Y rows: one (output batch, m) pair per task.
-      const cpu::RowFormat out_fmt{out_.bits, out_.block_size, out_.symmetric, out_.scale_kind, n, r.row_bytes,
-                                   r.num_blocks};
-      const size_t out_scale_row = static_cast<size_t>(r.num_blocks) * ScaleItemSize(out_.scale_kind);
+      const cpu::MutablePackedRows sink(ResultRowFormat<cpu::RowFormat>(out_, r), r.codes, r.scales, r.zero_points);
       const int64_t out_rows = g.out_batches * m;
       ParallelFor(ctx, out_rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, n * k)), [&](int64_t begin, int64_t end) {
         std::vector<float> buffer(r.quantized ? static_cast<size_t>(n) : 0);
@@ -263,11 +256,7 @@ class ActMatMulCpuKernel {
                                                         qkn.data() + b_batch * k * n, sbn.data() + b_batch * nb * n,
                                                         n, k, bs, nb, acc.data(), y);
           }
-          if (r.quantized) {
-            cpu::QuantizeRow(out_fmt, y, r.codes + row * r.row_bytes,
-                             static_cast<uint8_t*>(r.scales) + row * out_scale_row,
-                             r.zero_points ? r.zero_points + row * r.num_blocks : nullptr);
-          }
+          if (r.quantized) sink.Quantize(y, row);
         }
       });
     });

@@ -292,6 +292,27 @@ matmul::ParallelFor OrtParallelFor(const Ort::KernelContext& ctx) {
   };
 }
 
+// One call's validated inputs and allocated result, shared by the CPU and CUDA kernels.
+struct MatMulCall {
+  Activation a;
+  InputTensor codes, scales, zero_points, bias;
+  ScaleKind weight_scale_kind = ScaleKind::kFloat16;
+  nonlinear::Result r;
+};
+
+MatMulCall PrepareCall(const Ort::KernelContext& ctx, const NodeRef& node, const MatMulAttrs& attrs) {
+  MatMulCall c;
+  c.a = CheckActivation(node, attrs, GetInput(ctx, kA), GetInput(ctx, kAScales), GetInput(ctx, kAZeroPoints));
+  c.codes = GetInput(ctx, kCodes);
+  c.scales = GetInput(ctx, kScales);
+  c.zero_points = GetInput(ctx, kZeroPoints);
+  c.bias = GetInput(ctx, kBias);
+  c.weight_scale_kind = CheckWeights(node, attrs, c.codes, c.scales, c.zero_points);
+  CheckBias(node, attrs, c.bias);
+  c.r = nonlinear::AllocateResult(ctx, node, attrs.out, OutputShape(c.a, attrs.N));
+  return c;
+}
+
 class MatMulCpuKernel {
  public:
   MatMulCpuKernel(const OrtKernelInfo* info, const NodeRef& node) : node_(node), attrs_(ReadMatMulAttrs(info, node)) {
@@ -318,22 +339,16 @@ class MatMulCpuKernel {
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
       Ort::KernelContext ctx(context);
-      const Activation a = CheckActivation(node_, attrs_, GetInput(ctx, kA), GetInput(ctx, kAScales),
-                                           GetInput(ctx, kAZeroPoints));
-      const InputTensor codes = GetInput(ctx, kCodes);
-      const InputTensor scales = GetInput(ctx, kScales);
-      const InputTensor zero_points = GetInput(ctx, kZeroPoints);
-      const InputTensor bias = GetInput(ctx, kBias);
+      const MatMulCall call = PrepareCall(ctx, node_, attrs_);
+      const Activation& a = call.a;
+      const nonlinear::Result& r = call.r;
       const int64_t rows = a.rows;
       const int64_t K = attrs_.K(), N = attrs_.N;
-      CheckWeights(node_, attrs_, codes, scales, zero_points);
-      CheckBias(node_, attrs_, bias);
-      const nonlinear::Result r = nonlinear::AllocateResult(ctx, node_, attrs_.out, OutputShape(a, N));
       if (rows == 0) return;
       std::unique_ptr<matmul::PackedWeights> per_call;
       const matmul::PackedWeights* packed = packed_.get();
       if (packed == nullptr) {  // weights computed at run time: repack for this call
-        per_call = PackWeights(codes, scales, zero_points);
+        per_call = PackWeights(call.codes, call.scales, call.zero_points);
         packed = per_call.get();
       }
       const matmul::ParallelFor parallel_for = OrtParallelFor(ctx);
@@ -347,31 +362,23 @@ class MatMulCpuKernel {
         own.scales = static_cast<const float*>(a.scales);
       } else if (a.codes != nullptr) {
         dequantized.resize(static_cast<size_t>(rows * K));
-        const cpu::RowFormat fmt{attrs_.in.bits, attrs_.in.block_size, attrs_.in.symmetric, a.scale_kind,
-                                 K,              a.row_bytes,          a.num_blocks};
-        const size_t scale_row = static_cast<size_t>(a.num_blocks) * ScaleItemSize(a.scale_kind);
+        const cpu::PackedRows source(nonlinear::OperandRowFormat<cpu::RowFormat>(attrs_.in, a, K), a.codes, a.scales,
+                                     a.zero_points);
         ParallelFor(ctx, rows, std::max<int64_t>(1, 8192 / K), [&](int64_t begin, int64_t end) {
-          for (int64_t m = begin; m < end; ++m) {
-            cpu::DequantizeRow(fmt, a.codes + m * a.row_bytes, static_cast<const uint8_t*>(a.scales) + m * scale_row,
-                               a.zero_points ? a.zero_points + m * a.num_blocks : nullptr, dequantized.data() + m * K);
-          }
+          for (int64_t m = begin; m < end; ++m) source.Dequantize(m, dequantized.data() + m * K);
         });
         x = dequantized.data();
       }
       // Y: float32 into the output, or into a buffer that is then quantized along N.
       std::vector<float> buffer(r.quantized ? static_cast<size_t>(rows * N) : 0);
       float* y = r.quantized ? buffer.data() : r.y;
-      matmul::Compute(*packed, x, rows, bias.present ? bias.As<float>() : nullptr, y, parallel_for,
+      matmul::Compute(*packed, x, rows, call.bias.present ? call.bias.As<float>() : nullptr, y, parallel_for,
                       use_codes ? &own : nullptr);
       if (r.quantized) {
-        const cpu::RowFormat fmt{attrs_.out.bits, attrs_.out.block_size, attrs_.out.symmetric, attrs_.out.scale_kind,
-                                 N,               r.row_bytes,           r.num_blocks};
-        const size_t scale_row = static_cast<size_t>(r.num_blocks) * ScaleItemSize(attrs_.out.scale_kind);
+        const cpu::MutablePackedRows sink(nonlinear::ResultRowFormat<cpu::RowFormat>(attrs_.out, r), r.codes, r.scales,
+                                          r.zero_points);
         ParallelFor(ctx, rows, std::max<int64_t>(1, 8192 / N), [&](int64_t begin, int64_t end) {
-          for (int64_t m = begin; m < end; ++m) {
-            cpu::QuantizeRow(fmt, y + m * N, r.codes + m * r.row_bytes, static_cast<uint8_t*>(r.scales) + m * scale_row,
-                             r.zero_points ? r.zero_points + m * r.num_blocks : nullptr);
-          }
+          for (int64_t m = begin; m < end; ++m) sink.Quantize(y + m * N, m);
         });
       }
     });
@@ -404,15 +411,14 @@ class MatMulCudaKernel {
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
       Ort::KernelContext ctx(context);
-      const Activation a = CheckActivation(node_, attrs_, GetInput(ctx, kA), GetInput(ctx, kAScales),
-                                           GetInput(ctx, kAZeroPoints));
-      const InputTensor codes = GetInput(ctx, kCodes);
-      const InputTensor scales = GetInput(ctx, kScales);
-      const InputTensor zero_points = GetInput(ctx, kZeroPoints);
-      const InputTensor bias = GetInput(ctx, kBias);
-      const ScaleKind kind = CheckWeights(node_, attrs_, codes, scales, zero_points);
-      CheckBias(node_, attrs_, bias);
-      const nonlinear::Result r = nonlinear::AllocateResult(ctx, node_, attrs_.out, OutputShape(a, attrs_.N));
+      const MatMulCall call = PrepareCall(ctx, node_, attrs_);
+      const Activation& a = call.a;
+      const nonlinear::Result& r = call.r;
+      const InputTensor& codes = call.codes;
+      const InputTensor& scales = call.scales;
+      const InputTensor& zero_points = call.zero_points;
+      const InputTensor& bias = call.bias;
+      const ScaleKind kind = call.weight_scale_kind;
       if (a.rows == 0) return;
       const cuda::MatMulParams params{attrs_.K(),          attrs_.N,          attrs_.block.bits,
                                       attrs_.block.block_size, attrs_.block.symmetric, attrs_.act_bits,
@@ -423,19 +429,17 @@ class MatMulCudaKernel {
       io.a_scales = a.scales;
       io.a_zero_points = a.zero_points;
       io.own_format = IsOwnActivationFormat(attrs_, a);
-      io.in_fmt = cuda::RowFormat{attrs_.in.bits, attrs_.in.block_size, attrs_.in.symmetric,
-                                  static_cast<int>(a.scale_kind), attrs_.K(), a.row_bytes, a.num_blocks};
+      io.in_fmt = nonlinear::OperandRowFormat<cuda::RowFormat>(attrs_.in, a, attrs_.K());
       io.y = r.y;
       io.out_quantized = r.quantized;
-      io.out_fmt = cuda::RowFormat{attrs_.out.bits, attrs_.out.block_size, attrs_.out.symmetric,
-                                   static_cast<int>(attrs_.out.scale_kind), attrs_.N, r.row_bytes, r.num_blocks};
+      io.out_fmt = nonlinear::ResultRowFormat<cuda::RowFormat>(attrs_.out, r);
       io.out_codes = r.codes;
       io.out_scales = r.scales;
       io.out_zero_points = r.zero_points;
-      const char* error = cuda::LaunchBlockMatMulIo(
-          params, io, a.rows, codes.As<uint8_t>(), scales.data, zero_points.present ? zero_points.As<uint8_t>() : nullptr,
-          bias.present ? bias.As<float>() : nullptr, ctx.GetGPUComputeStream());
-      if (error != nullptr) node_.Fail(std::string("CUDA error: ") + error, ORT_EP_FAIL);
+      CheckLaunch(node_, cuda::LaunchBlockMatMulIo(params, io, a.rows, codes.As<uint8_t>(), scales.data,
+                                                   zero_points.present ? zero_points.As<uint8_t>() : nullptr,
+                                                   bias.present ? bias.As<float>() : nullptr,
+                                                   ctx.GetGPUComputeStream()));
     });
   }
 

@@ -43,29 +43,20 @@ class RowOpCpuKernel {
       const typename Family::Params params = family_.Prepare(ctx, node_, x.axis_size);
       const Result r = AllocateResult(ctx, node_, out_, x.shape);
       const int64_t d = x.axis_size;
-      const cpu::RowFormat in_fmt{in_.bits, in_.block_size, in_.symmetric, x.scale_kind, d, x.row_bytes, x.num_blocks};
-      const cpu::RowFormat out_fmt{out_.bits, out_.block_size, out_.symmetric, out_.scale_kind, d, r.row_bytes,
-                                   r.num_blocks};
-      const size_t in_scale_row = static_cast<size_t>(x.num_blocks) * ScaleItemSize(x.scale_kind);
-      const size_t out_scale_row = static_cast<size_t>(r.num_blocks) * ScaleItemSize(out_.scale_kind);
+      const cpu::PackedRows source(OperandRowFormat<cpu::RowFormat>(in_, x, d), x.codes, x.scales, x.zero_points);
+      const cpu::MutablePackedRows sink(ResultRowFormat<cpu::RowFormat>(out_, r), r.codes, r.scales, r.zero_points);
       const int64_t min_rows = std::max<int64_t>(1, 8192 / d);
       ParallelFor(ctx, x.rows, min_rows, [&](int64_t begin, int64_t end) {
         std::vector<float> buffer(r.quantized ? static_cast<size_t>(d) : 0);
         for (int64_t row = begin; row < end; ++row) {
           float* y = r.quantized ? buffer.data() : r.y + row * d;
           if (x.quantized) {
-            cpu::DequantizeRow(in_fmt, x.codes + row * x.row_bytes,
-                               static_cast<const uint8_t*>(x.scales) + row * in_scale_row,
-                               x.zero_points ? x.zero_points + row * x.num_blocks : nullptr, y);
+            source.Dequantize(row, y);
           } else {
             std::memcpy(y, x.x + row * d, static_cast<size_t>(d) * sizeof(float));
           }
           family_.Row(params, y, d);
-          if (r.quantized) {
-            cpu::QuantizeRow(out_fmt, y, r.codes + row * r.row_bytes,
-                             static_cast<uint8_t*>(r.scales) + row * out_scale_row,
-                             r.zero_points ? r.zero_points + row * r.num_blocks : nullptr);
-          }
+          if (r.quantized) sink.Quantize(y, row);
         }
       });
     });

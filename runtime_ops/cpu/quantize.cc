@@ -20,18 +20,12 @@ class QuantizeCpuKernel {
       const InputTensor x = GetInput(ctx, 0);
       const RowsGeometry g = CheckQuantizeInput(node_, attrs_, x);
       const QuantizeOutputs out = GetQuantizeOutputs(ctx, node_, attrs_, x, g);
-      cpu::RowFormat fmt{attrs_.block.bits, attrs_.block.block_size, attrs_.block.symmetric, g.scale_kind,
-                         g.axis_size, g.row_bytes, g.num_blocks};
+      const cpu::MutablePackedRows sink(BlockRowFormat<cpu::RowFormat>(attrs_.block, g), out.codes, out.scales,
+                                        out.zero_points);
       const float* x_data = x.As<float>();
-      auto* scale_bytes = static_cast<uint8_t*>(out.scales);
-      const size_t scale_row_bytes = static_cast<size_t>(g.num_blocks) * ScaleItemSize(g.scale_kind);
       const int64_t min_rows = std::max<int64_t>(1, 8192 / g.axis_size);
       ParallelFor(ctx, g.rows, min_rows, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          cpu::QuantizeRow(fmt, x_data + r * g.axis_size, out.codes + r * g.row_bytes,
-                           scale_bytes + r * scale_row_bytes,
-                           out.zero_points ? out.zero_points + r * g.num_blocks : nullptr);
-        }
+        for (int64_t r = begin; r < end; ++r) sink.Quantize(x_data + r * g.axis_size, r);
       });
     });
   }

@@ -3,6 +3,7 @@
 // paths compute the same float32 operations in the same order, so results stay bit-exact.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "bct/block_math.h"
@@ -29,6 +30,51 @@ void DequantizeRow(const RowFormat& fmt, const uint8_t* codes, const void* scale
 // Quantizes one row x [D]: writes packed codes [row_bytes], stored scales [num_blocks] and, when
 // asymmetric, zero_points [num_blocks].
 void QuantizeRow(const RowFormat& fmt, const float* x, uint8_t* codes, void* scales, uint8_t* zero_points);
+
+// Row-by-row view of a quantized tensor in one RowFormat: codes [rows, row_bytes], scales
+// [rows, num_blocks] (stored form), zero points [rows, num_blocks] or nullptr when symmetric.
+struct PackedRows {
+  PackedRows(const RowFormat& format, const uint8_t* codes, const void* scales, const uint8_t* zero_points)
+      : fmt(format),
+        codes(codes),
+        scales(static_cast<const uint8_t*>(scales)),
+        zero_points(zero_points),
+        scale_row_bytes(static_cast<std::size_t>(format.num_blocks) * ScaleItemSize(format.scale_kind)) {}
+
+  // Dequantizes row `row` into out [D].
+  void Dequantize(int64_t row, float* out) const {
+    DequantizeRow(fmt, codes + row * fmt.row_bytes, scales + row * scale_row_bytes,
+                  zero_points ? zero_points + row * fmt.num_blocks : nullptr, out);
+  }
+
+  RowFormat fmt;
+  const uint8_t* codes;
+  const uint8_t* scales;
+  const uint8_t* zero_points;
+  std::size_t scale_row_bytes;
+};
+
+// The same for a tensor being written.
+struct MutablePackedRows {
+  MutablePackedRows(const RowFormat& format, uint8_t* codes, void* scales, uint8_t* zero_points)
+      : fmt(format),
+        codes(codes),
+        scales(static_cast<uint8_t*>(scales)),
+        zero_points(zero_points),
+        scale_row_bytes(static_cast<std::size_t>(format.num_blocks) * ScaleItemSize(format.scale_kind)) {}
+
+  // Quantizes x [D] into row `row`.
+  void Quantize(const float* x, int64_t row) const {
+    QuantizeRow(fmt, x, codes + row * fmt.row_bytes, scales + row * scale_row_bytes,
+                zero_points ? zero_points + row * fmt.num_blocks : nullptr);
+  }
+
+  RowFormat fmt;
+  uint8_t* codes;
+  uint8_t* scales;
+  uint8_t* zero_points;
+  std::size_t scale_row_bytes;
+};
 
 // The SIMD level the row loops use on this machine: "avx2" (chosen at run time) or "sse2".
 const char* SimdName();

@@ -13,15 +13,6 @@
 namespace bct {
 namespace {
 
-cuda::RowFormat ToCuda(const BlockAttrs& attrs, const RowsGeometry& g) {
-  return cuda::RowFormat{attrs.bits, attrs.block_size, attrs.symmetric, static_cast<int>(g.scale_kind),
-                         g.axis_size, g.row_bytes, g.num_blocks};
-}
-
-void CheckLaunch(const NodeRef& node, const char* error) {
-  if (error != nullptr) node.Fail(std::string("CUDA error: ") + error, ORT_EP_FAIL);
-}
-
 class DequantizeCudaKernel {
  public:
   DequantizeCudaKernel(const OrtKernelInfo* info, const NodeRef& node)
@@ -31,15 +22,11 @@ class DequantizeCudaKernel {
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
       Ort::KernelContext ctx(context);
-      const InputTensor codes = GetInput(ctx, 0);
-      const InputTensor scales = GetInput(ctx, 1);
-      const InputTensor zero_points = GetInput(ctx, 2);
-      const RowsGeometry g = CheckQuantizedRows(node_, attrs_, codes, scales, zero_points, /*table=*/false);
-      float* y = GetOutput<float>(ctx, node_, 0, "Y", WithLastDim(codes.shape, g.axis_size),
-                                  ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
-      CheckLaunch(node_, cuda::LaunchDequantize(ToCuda(attrs_, g), codes.As<uint8_t>(), scales.data,
-                                                zero_points.present ? zero_points.As<uint8_t>() : nullptr, g.rows, y,
-                                                ctx.GetGPUComputeStream()));
+      const DequantizeCall c = PrepareDequantize(ctx, node_, attrs_);
+      CheckLaunch(node_, cuda::LaunchDequantize(BlockRowFormat<cuda::RowFormat>(attrs_, c.g), c.codes.As<uint8_t>(),
+                                                c.scales.data,
+                                                c.zero_points.present ? c.zero_points.As<uint8_t>() : nullptr,
+                                                c.g.rows, c.y, ctx.GetGPUComputeStream()));
     });
   }
 
@@ -57,18 +44,10 @@ class GatherCudaKernel {
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
       Ort::KernelContext ctx(context);
-      const InputTensor indices = GetInput(ctx, 0);
-      const InputTensor codes = GetInput(ctx, 1);
-      const InputTensor scales = GetInput(ctx, 2);
-      const InputTensor zero_points = GetInput(ctx, 3);
-      const RowsGeometry g = CheckQuantizedRows(node_, attrs_, codes, scales, zero_points, /*table=*/true);
-      const std::vector<int64_t> rows = NormalizeIndices(node_, indices, codes.shape[0]);
-      std::vector<int64_t> out_shape = indices.shape;
-      out_shape.push_back(g.axis_size);
-      float* y = GetOutput<float>(ctx, node_, 0, "Y", out_shape, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
-      CheckLaunch(node_, cuda::LaunchGather(ToCuda(attrs_, g), rows.data(), static_cast<int64_t>(rows.size()),
-                                            codes.As<uint8_t>(), scales.data,
-                                            zero_points.present ? zero_points.As<uint8_t>() : nullptr, y,
+      const GatherCall c = PrepareGather(ctx, node_, attrs_);
+      CheckLaunch(node_, cuda::LaunchGather(BlockRowFormat<cuda::RowFormat>(attrs_, c.g), c.rows.data(),
+                                            static_cast<int64_t>(c.rows.size()), c.codes.As<uint8_t>(), c.scales.data,
+                                            c.zero_points.present ? c.zero_points.As<uint8_t>() : nullptr, c.y,
                                             ctx.GetGPUComputeStream()));
     });
   }
@@ -90,7 +69,7 @@ class QuantizeCudaKernel {
       const InputTensor x = GetInput(ctx, 0);
       const RowsGeometry g = CheckQuantizeInput(node_, attrs_, x);
       const QuantizeOutputs out = GetQuantizeOutputs(ctx, node_, attrs_, x, g);
-      CheckLaunch(node_, cuda::LaunchQuantize(ToCuda(attrs_.block, g), x.As<float>(), g.rows, out.codes, out.scales,
+      CheckLaunch(node_, cuda::LaunchQuantize(BlockRowFormat<cuda::RowFormat>(attrs_.block, g), x.As<float>(), g.rows, out.codes, out.scales,
                                               out.zero_points, ctx.GetGPUComputeStream()));
     });
   }

@@ -16,18 +16,28 @@ namespace bct {
 namespace nonlinear {
 namespace {
 
-void CheckLaunch(const NodeRef& node, const char* error) {
-  if (error != nullptr) node.Fail(std::string("CUDA error: ") + error, ORT_EP_FAIL);
+// The quantized-input and quantized-output fields RowOpArgs and ActMatMulArgs share.
+template <class Args>
+void SetInput(Args& args, const OperandAttrs& attrs, const Operand& x) {
+  args.in_quantized = x.quantized;
+  if (x.quantized) {
+    args.in_fmt = OperandRowFormat<cuda::RowFormat>(attrs, x, x.axis_size);
+    args.in_codes = x.codes;
+    args.in_scales = x.scales;
+    args.in_zero_points = x.zero_points;
+  }
 }
 
-cuda::RowFormat InFormat(const OperandAttrs& attrs, const Operand& x) {
-  return cuda::RowFormat{attrs.bits, attrs.block_size, attrs.symmetric, static_cast<int>(x.scale_kind),
-                         x.axis_size, x.row_bytes, x.num_blocks};
-}
-
-cuda::RowFormat OutFormat(const ResultAttrs& attrs, const Result& r) {
-  return cuda::RowFormat{attrs.bits, attrs.block_size, attrs.symmetric, static_cast<int>(attrs.scale_kind),
-                         r.axis_size, r.row_bytes, r.num_blocks};
+template <class Args>
+void SetResult(Args& args, const ResultAttrs& attrs, const Result& r) {
+  args.out_quantized = r.quantized;
+  args.y = r.y;
+  if (r.quantized) {
+    args.out_fmt = ResultRowFormat<cuda::RowFormat>(attrs, r);
+    args.out_codes = r.codes;
+    args.out_scales = r.scales;
+    args.out_zero_points = r.zero_points;
+  }
 }
 
 // The family-specific part of the launch arguments.
@@ -66,22 +76,9 @@ class RowOpCudaKernel {
       SetOp(args, family_, params);
       args.rows = x.rows;
       args.d = x.axis_size;
-      args.in_quantized = x.quantized;
       args.x = x.x;
-      if (x.quantized) {
-        args.in_fmt = InFormat(in_, x);
-        args.in_codes = x.codes;
-        args.in_scales = x.scales;
-        args.in_zero_points = x.zero_points;
-      }
-      args.out_quantized = r.quantized;
-      args.y = r.y;
-      if (r.quantized) {
-        args.out_fmt = OutFormat(out_, r);
-        args.out_codes = r.codes;
-        args.out_scales = r.scales;
-        args.out_zero_points = r.zero_points;
-      }
+      SetInput(args, in_, x);
+      SetResult(args, out_, r);
       CheckLaunch(node_, cuda::LaunchRowOp(args, ctx.GetGPUComputeStream()));
     });
   }
@@ -139,23 +136,10 @@ class ActMatMulCudaKernel {
         a_stride *= a_dim;
         b_stride *= b_dim;
       }
-      args.in_quantized = a.quantized;
       args.a = a.x;
-      if (a.quantized) {
-        args.in_fmt = InFormat(in_, a);
-        args.in_codes = a.codes;
-        args.in_scales = a.scales;
-        args.in_zero_points = a.zero_points;
-      }
+      SetInput(args, in_, a);
       args.b = g.b;
-      args.out_quantized = r.quantized;
-      args.y = r.y;
-      if (r.quantized) {
-        args.out_fmt = OutFormat(out_, r);
-        args.out_codes = r.codes;
-        args.out_scales = r.scales;
-        args.out_zero_points = r.zero_points;
-      }
+      SetResult(args, out_, r);
       CheckLaunch(node_, cuda::LaunchActMatMul(args, ctx.GetGPUComputeStream()));
     });
   }

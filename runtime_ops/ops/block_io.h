@@ -90,12 +90,13 @@ struct GatherSchema {
 // ---------------------------------------------------------------------------------------------
 // Attributes and validation
 
-// scale_kind attribute of BlockQuantize: "float16" (default), "float32", "pow2".
-inline ScaleKind ParseScaleKind(const std::string& text, const NodeRef& node) {
+// A scale kind attribute (BlockQuantize's scale_kind, the nonlinear ops' out_scale_kind):
+// "float16" (default), "float32", "pow2".
+inline ScaleKind ParseScaleKind(const std::string& text, const NodeRef& node, const char* attr = "scale_kind") {
   if (text == "float16") return ScaleKind::kFloat16;
   if (text == "float32") return ScaleKind::kFloat32;
   if (text == "pow2") return ScaleKind::kPow2;
-  node.Fail("attribute 'scale_kind' must be 'float16', 'float32' or 'pow2', got '" + text + "'");
+  node.Fail(std::string("attribute '") + attr + "' must be 'float16', 'float32' or 'pow2', got '" + text + "'");
 }
 
 inline ONNXTensorElementDataType ScaleDtype(ScaleKind kind) {
@@ -104,10 +105,6 @@ inline ONNXTensorElementDataType ScaleDtype(ScaleKind kind) {
     case ScaleKind::kFloat32: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
   }
-}
-
-inline size_t ScaleItemSize(ScaleKind kind) {
-  return kind == ScaleKind::kFloat16 ? 2 : (kind == ScaleKind::kFloat32 ? 4 : 1);
 }
 
 // The scale kind a scales input carries, from its dtype.
@@ -173,6 +170,28 @@ inline RowsGeometry CheckQuantizedRows(const NodeRef& node, const BlockAttrs& at
   return g;
 }
 
+// The row format of a kernel (Format: cpu::RowFormat or cuda::RowFormat, the same fields in the
+// same order; CUDA's scale_kind is an int).
+template <class Format>
+Format MakeRowFormat(int bits, int64_t block_size, bool symmetric, ScaleKind scale_kind, int64_t axis_size,
+                     int64_t row_bytes, int64_t num_blocks) {
+  Format fmt{};
+  fmt.bits = bits;
+  fmt.block_size = block_size;
+  fmt.symmetric = symmetric;
+  fmt.scale_kind = static_cast<decltype(fmt.scale_kind)>(scale_kind);
+  fmt.axis_size = axis_size;
+  fmt.row_bytes = row_bytes;
+  fmt.num_blocks = num_blocks;
+  return fmt;
+}
+
+template <class Format>
+Format BlockRowFormat(const BlockAttrs& attrs, const RowsGeometry& g) {
+  return MakeRowFormat<Format>(attrs.bits, attrs.block_size, attrs.symmetric, g.scale_kind, g.axis_size, g.row_bytes,
+                               g.num_blocks);
+}
+
 // Gather indices -> table rows in [0, V): checks dtype and range (ONNX Gather: negative counts from
 // the end) and names the first offending index.
 inline std::vector<int64_t> NormalizeIndices(const NodeRef& node, const InputTensor& indices, int64_t table_rows) {
@@ -203,6 +222,47 @@ inline std::vector<int64_t> WithLastDim(const std::vector<int64_t>& shape, int64
   std::vector<int64_t> out(shape.begin(), shape.end() - 1);
   out.push_back(last);
   return out;
+}
+
+// BlockDequantize's validated inputs (codes, scales, zero_points) and its output Y [..., D].
+struct DequantizeCall {
+  InputTensor codes, scales, zero_points;
+  RowsGeometry g;
+  float* y = nullptr;
+};
+
+inline DequantizeCall PrepareDequantize(const Ort::KernelContext& ctx, const NodeRef& node, const BlockAttrs& attrs) {
+  DequantizeCall c;
+  c.codes = GetInput(ctx, 0);
+  c.scales = GetInput(ctx, 1);
+  c.zero_points = GetInput(ctx, 2);
+  c.g = CheckQuantizedRows(node, attrs, c.codes, c.scales, c.zero_points, /*table=*/false);
+  c.y = GetOutput<float>(ctx, node, 0, "Y", WithLastDim(c.codes.shape, c.g.axis_size),
+                         ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  return c;
+}
+
+// BlockGather's validated table (codes, scales, zero_points), the table rows its indices select,
+// and its output Y [indices..., D]. The indices must be readable on the host.
+struct GatherCall {
+  InputTensor codes, scales, zero_points;
+  RowsGeometry g;
+  std::vector<int64_t> rows;
+  float* y = nullptr;
+};
+
+inline GatherCall PrepareGather(const Ort::KernelContext& ctx, const NodeRef& node, const BlockAttrs& attrs) {
+  GatherCall c;
+  const InputTensor indices = GetInput(ctx, 0);
+  c.codes = GetInput(ctx, 1);
+  c.scales = GetInput(ctx, 2);
+  c.zero_points = GetInput(ctx, 3);
+  c.g = CheckQuantizedRows(node, attrs, c.codes, c.scales, c.zero_points, /*table=*/true);
+  c.rows = NormalizeIndices(node, indices, c.codes.shape[0]);
+  std::vector<int64_t> out_shape = indices.shape;
+  out_shape.push_back(c.g.axis_size);
+  c.y = GetOutput<float>(ctx, node, 0, "Y", out_shape, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  return c;
 }
 
 // Reads BlockQuantize's attributes (bits, block_size, symmetric, scale_kind).

@@ -75,16 +75,7 @@ inline ResultAttrs ReadResultAttrs(const OrtKernelInfo* info, const NodeRef& nod
   CheckBitsAttr(node, "out_bits", bits);
   a.bits = static_cast<int>(bits);
   a.symmetric = ReadFlag(info, node, "out_symmetric", 1);
-  const std::string kind = AttrString(info, "out_scale_kind", "float16");
-  if (kind == "float16") {
-    a.scale_kind = ScaleKind::kFloat16;
-  } else if (kind == "float32") {
-    a.scale_kind = ScaleKind::kFloat32;
-  } else if (kind == "pow2") {
-    a.scale_kind = ScaleKind::kPow2;
-  } else {
-    node.Fail("attribute 'out_scale_kind' must be 'float16', 'float32' or 'pow2', got '" + kind + "'");
-  }
+  a.scale_kind = ParseScaleKind(AttrString(info, "out_scale_kind", "float16"), node, "out_scale_kind");
   if (a.bits > 0) {
     a.block_size = AttrInt(info, "out_block_size", 0);
     if (a.block_size < 1) {
@@ -208,12 +199,18 @@ struct Result {
   int64_t num_blocks = 0;
 };
 
-inline ONNXTensorElementDataType ScaleDtypeOf(ScaleKind kind) {
-  switch (kind) {
-    case ScaleKind::kFloat16: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
-    case ScaleKind::kFloat32: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-    default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
-  }
+// Row formats (cpu::RowFormat or cuda::RowFormat) of a quantized operand's rows of axis_size
+// values (an Operand, or BlockMatMul's activation) and of a quantized result's rows.
+template <class Format, class Quantized>
+Format OperandRowFormat(const OperandAttrs& attrs, const Quantized& x, int64_t axis_size) {
+  return MakeRowFormat<Format>(attrs.bits, attrs.block_size, attrs.symmetric, x.scale_kind, axis_size, x.row_bytes,
+                               x.num_blocks);
+}
+
+template <class Format>
+Format ResultRowFormat(const ResultAttrs& attrs, const Result& r) {
+  return MakeRowFormat<Format>(attrs.bits, attrs.block_size, attrs.symmetric, attrs.scale_kind, r.axis_size,
+                               r.row_bytes, r.num_blocks);
 }
 
 // Allocates output index; returns false when the node does not have it. Unlike GetOutput of
@@ -260,7 +257,7 @@ inline Result AllocateResult(const Ort::KernelContext& ctx, const NodeRef& node,
     node.Fail("output 'Y' (codes) is required");
   }
   r.codes = static_cast<uint8_t*>(data);
-  if (!AllocateOutput(ctx, node, 1, "Y_scales", block_shape, ScaleDtypeOf(attrs.scale_kind), &data)) {
+  if (!AllocateOutput(ctx, node, 1, "Y_scales", block_shape, ScaleDtype(attrs.scale_kind), &data)) {
     node.Fail("output 'Y_scales' is required when out_bits > 0");
   }
   r.scales = data;

@@ -13,6 +13,7 @@
 //   get_code, put_code, row_bytes, num_blocks          dense little-endian packing
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 
@@ -188,6 +189,11 @@ BCT_HD BCT_INLINE float pow2_scale(uint8_t stored) {
 
 // ---------------------------------------------------------------------------------------------
 // Stored scales
+
+// Bytes of one stored scale: float16 2, float32 4, pow2 exponent 1.
+BCT_HD BCT_INLINE std::size_t ScaleItemSize(ScaleKind kind) {
+  return kind == ScaleKind::kFloat16 ? 2 : (kind == ScaleKind::kFloat32 ? 4 : 1);
+}
 
 // A block's stored scale in its storage form (float16 bits, float32, or biased exponent byte).
 struct StoredScale {

@@ -118,6 +118,11 @@ OrtStatusPtr Guard(const NodeRef& node, Body&& body) noexcept {
   }
 }
 
+// Turns a CUDA launcher's result (nullptr, or the CUDA error string) into a failure of the node.
+inline void CheckLaunch(const NodeRef& node, const char* error) {
+  if (error != nullptr) node.Fail(std::string("CUDA error: ") + error, ORT_EP_FAIL);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Attributes
 
