@@ -7,10 +7,15 @@ inputs from slot 3 on) is written down once.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import onnx_ir as ir
-from bct_onnx.passes.framework import node_label
+from bct_onnx.passes.framework import NodeRewritePass, PassReport, node_label, register_domain
+from bct_onnx.passes.graph_patterns import FLOAT, replace_pattern, value_dtype
+from bct_onnx.passes.infer_shapes import ensure_shapes
 
 from bct_onnx import ops
+from bct_onnx.config import CompressConfig
 
 # ai.bct_onnx op type -> op kind of bct_onnx.config (for per-kind / per-node settings).
 KIND_OF_OP: dict[str, str] = {
@@ -48,3 +53,47 @@ def operand_inputs(x: ir.Value, extra: list[ir.Value | None]) -> list[ir.Value |
 def settings_name(node: ir.Node) -> str:
     """The name overrides match against."""
     return node_label(node) if node.name else (node.outputs[0].name or "")
+
+
+class OperandRewritePass(NodeRewritePass):
+    """Base of the passes rewriting an ONNX op into an operand op: keeps the config and, with
+    ``needs_shapes``, infers ranks and last dims (kept in value.meta, not in the model) first."""
+
+    needs_shapes: ClassVar[bool] = False
+
+    def __init__(self, config: CompressConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def run(self, model: ir.Model, report: PassReport) -> None:
+        if self.needs_shapes:
+            ensure_shapes(model)
+        super().run(model, report)
+
+
+def operand_skip_reason(
+    config: CompressConfig, node: ir.Node, kind: str, *, inferred_dtype: bool = False
+) -> str | None:
+    """Why node's operand (input 0) is not rewritten into the op of config kind ``kind``, or None.
+
+    The dtype is the declared one, or with ``inferred_dtype`` also the inferred one (value_dtype).
+    """
+    x = node.inputs[0]
+    if x is None:
+        return f"{node.op_type} with a missing input"
+    if not config.settings_for(kind, settings_name(node)).enabled:
+        return f"{kind} compression is disabled for this node by the config"
+    dtype = value_dtype(x) if inferred_dtype else x.dtype
+    if dtype is not None and dtype != FLOAT:
+        return f"input dtype {dtype.name} is not float32"
+    return None
+
+
+def replace_with_ours(
+    model: ir.Model, old_nodes: list[ir.Node], new_nodes: list[ir.Node], report: PassReport, rule: str
+) -> None:
+    """Replace old_nodes (ending in the matched node) by new_nodes (ending in the new op), register
+    the ai.bct_onnx domain and count the rewrite under ``rule``."""
+    replace_pattern(old_nodes, new_nodes, old_nodes[-1].outputs[0], new_nodes[-1].outputs[0])
+    register_domain(model)
+    report.count(rule)

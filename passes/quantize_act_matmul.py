@@ -19,14 +19,18 @@ import dataclasses
 import logging
 
 import onnx_ir as ir
-from bct_onnx.passes.framework import NodeRewritePass, PassReport, register_domain
-from bct_onnx.passes.graph_patterns import FLOAT, is_op, producer, replace_pattern, sole_user, value_rank
-from bct_onnx.passes.infer_shapes import ensure_shapes
-from bct_onnx.passes.nonlinear_ops import is_ours, operand_inputs, settings_name
+from bct_onnx.passes.framework import PassReport
+from bct_onnx.passes.graph_patterns import FLOAT, is_op, producer, sole_user, value_rank
+from bct_onnx.passes.nonlinear_ops import (
+    OperandRewritePass,
+    is_ours,
+    operand_inputs,
+    replace_with_ours,
+    settings_name,
+)
 from bct_onnx.passes.quantized_weights import constant_tensor
 
 from bct_onnx import ops
-from bct_onnx.config import CompressConfig
 
 logger = logging.getLogger(__name__)
 
@@ -87,18 +91,11 @@ class ActMatMulMatch:
     block_size: int
 
 
-class QuantizeActMatMulPass(NodeRewritePass):
+class QuantizeActMatMulPass(OperandRewritePass):
     """Rewrite attention's activation x activation MatMuls into BlockActMatMul."""
 
     op_types = frozenset({"MatMul"})
-
-    def run(self, model: ir.Model, report: PassReport) -> None:
-        ensure_shapes(model)  # ranks and last dims, kept in value.meta (not in the model)
-        super().run(model, report)
-
-    def __init__(self, config: CompressConfig) -> None:
-        super().__init__()
-        self.config = config
+    needs_shapes = True
 
     def match(self, model: ir.Model, node: ir.Node) -> ActMatMulMatch | str | None:
         a, b = node.inputs[0], node.inputs[1]
@@ -156,9 +153,7 @@ class QuantizeActMatMulPass(NodeRewritePass):
             domain=ops.DOMAIN,
             name=node.name,
         )
-        replace_pattern(old_nodes, [*new_nodes, new], node.outputs[0], new.outputs[0])
-        register_domain(model)
-        report.count(RULE)
+        replace_with_ours(model, old_nodes, [*new_nodes, new], report, RULE)
         report.count(matched.role)
         if transpose_b:
             report.count(RULE_TRANSPOSE_B)

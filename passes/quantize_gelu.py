@@ -10,35 +10,25 @@ from __future__ import annotations
 import logging
 
 import onnx_ir as ir
-from bct_onnx.passes.framework import NodeRewritePass, PassReport, register_domain
-from bct_onnx.passes.graph_patterns import FLOAT, replace_pattern
-from bct_onnx.passes.nonlinear_ops import settings_name
+from bct_onnx.passes.framework import PassReport
+from bct_onnx.passes.nonlinear_ops import OperandRewritePass, operand_skip_reason, replace_with_ours
 
 from bct_onnx import ops
-from bct_onnx.config import CompressConfig
 
 logger = logging.getLogger(__name__)
 
 RULE = "Gelu"
 
 
-class QuantizeGeluPass(NodeRewritePass):
+class QuantizeGeluPass(OperandRewritePass):
     """Rewrite ONNX Gelu into BlockGelu (float in/out)."""
 
     op_types = frozenset({"Gelu"})
 
-    def __init__(self, config: CompressConfig) -> None:
-        super().__init__()
-        self.config = config
-
     def match(self, model: ir.Model, node: ir.Node) -> tuple[ir.Node, str] | str | None:
-        x = node.inputs[0]
-        if x is None:
-            return "Gelu with a missing input"
-        if not self.config.settings_for("Gelu", settings_name(node)).enabled:
-            return "Gelu compression is disabled for this node by the config"
-        if x.dtype is not None and x.dtype != FLOAT:
-            return f"input dtype {x.dtype.name} is not float32"
+        reason = operand_skip_reason(self.config, node, "Gelu")
+        if reason is not None:
+            return reason
         attr = node.attributes.get("approximate")
         approximate = attr.as_string() if attr is not None else "none"
         if approximate not in ("none", "tanh"):
@@ -52,6 +42,4 @@ class QuantizeGeluPass(NodeRewritePass):
         gelu = ir.node(
             ops.BLOCK_GELU, [x], attributes={"approximate": approximate}, domain=ops.DOMAIN, name=node.name
         )
-        replace_pattern([node], [gelu], node.outputs[0], gelu.outputs[0])
-        register_domain(model)
-        report.count(RULE)
+        replace_with_ours(model, [node], [gelu], report, RULE)

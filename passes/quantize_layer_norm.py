@@ -12,15 +12,18 @@ import dataclasses
 import logging
 
 import onnx_ir as ir
-from bct_onnx.passes.framework import NodeRewritePass, PassReport, register_domain
+from bct_onnx.passes.framework import PassReport
 from bct_onnx.passes.fuse_layer_norm import vector_initializer
-from bct_onnx.passes.graph_patterns import FLOAT, last_dim, node_name, replace_pattern, value_rank
-from bct_onnx.passes.infer_shapes import ensure_shapes
-from bct_onnx.passes.nonlinear_ops import operand_inputs, settings_name
+from bct_onnx.passes.graph_patterns import FLOAT, last_dim, node_name, value_rank
+from bct_onnx.passes.nonlinear_ops import (
+    OperandRewritePass,
+    operand_inputs,
+    operand_skip_reason,
+    replace_with_ours,
+)
 from bct_onnx.passes.quantized_weights import constant_tensor
 
 from bct_onnx import ops
-from bct_onnx.config import CompressConfig
 
 logger = logging.getLogger(__name__)
 
@@ -35,27 +38,18 @@ class LayerNormMatch:
     epsilon: float
 
 
-class QuantizeLayerNormPass(NodeRewritePass):
+class QuantizeLayerNormPass(OperandRewritePass):
     """Rewrite LayerNormalization (last axis, constant affine) into BlockLayerNorm."""
 
     op_types = frozenset({"LayerNormalization"})
-
-    def run(self, model: ir.Model, report: PassReport) -> None:
-        ensure_shapes(model)  # ranks and last dims, kept in value.meta (not in the model)
-        super().run(model, report)
-
-    def __init__(self, config: CompressConfig) -> None:
-        super().__init__()
-        self.config = config
+    needs_shapes = True
 
     def match(self, model: ir.Model, node: ir.Node) -> LayerNormMatch | str | None:
+        reason = operand_skip_reason(self.config, node, "LayerNormalization")
+        if reason is not None:
+            return reason
         x = node.inputs[0]
-        if x is None:
-            return "LayerNormalization with a missing input"
-        if not self.config.settings_for("LayerNormalization", settings_name(node)).enabled:
-            return "LayerNormalization compression is disabled for this node by the config"
-        if x.dtype is not None and x.dtype != FLOAT:
-            return f"input dtype {x.dtype.name} is not float32"
+        assert x is not None
         attr = node.attributes.get("axis")
         axis = attr.as_int() if attr is not None else -1
         rank = value_rank(x)
@@ -95,6 +89,4 @@ class QuantizeLayerNormPass(NodeRewritePass):
             domain=ops.DOMAIN,
             name=node.name,
         )
-        replace_pattern([node], [new], node.outputs[0], new.outputs[0])
-        register_domain(model)
-        report.count(RULE)
+        replace_with_ours(model, [node], [new], report, RULE)

@@ -13,13 +13,11 @@ import dataclasses
 import logging
 
 import onnx_ir as ir
-from bct_onnx.passes.framework import NodeRewritePass, PassReport, onnx_opset, register_domain
-from bct_onnx.passes.graph_patterns import FLOAT, is_op, producer, replace_pattern, scalar, value_rank
-from bct_onnx.passes.infer_shapes import ensure_shapes
-from bct_onnx.passes.nonlinear_ops import is_ours, settings_name
+from bct_onnx.passes.framework import PassReport, onnx_opset
+from bct_onnx.passes.graph_patterns import is_op, producer, scalar, value_rank
+from bct_onnx.passes.nonlinear_ops import OperandRewritePass, is_ours, operand_skip_reason, replace_with_ours
 
 from bct_onnx import ops
-from bct_onnx.config import CompressConfig
 
 logger = logging.getLogger(__name__)
 
@@ -76,27 +74,18 @@ def attention_context(x: ir.Value) -> tuple[bool, bool, bool]:
     return False, scaled, masked
 
 
-class QuantizeSoftmaxPass(NodeRewritePass):
+class QuantizeSoftmaxPass(OperandRewritePass):
     """Rewrite Softmax over the last axis into BlockSoftmax (float in/out)."""
 
     op_types = frozenset({"Softmax"})
-
-    def run(self, model: ir.Model, report: PassReport) -> None:
-        ensure_shapes(model)  # ranks and last dims, kept in value.meta (not in the model)
-        super().run(model, report)
-
-    def __init__(self, config: CompressConfig) -> None:
-        super().__init__()
-        self.config = config
+    needs_shapes = True
 
     def match(self, model: ir.Model, node: ir.Node) -> SoftmaxMatch | str | None:
+        reason = operand_skip_reason(self.config, node, "Softmax")
+        if reason is not None:
+            return reason
         x = node.inputs[0]
-        if x is None:
-            return "Softmax with a missing input"
-        if not self.config.settings_for("Softmax", settings_name(node)).enabled:
-            return "Softmax compression is disabled for this node by the config"
-        if x.dtype is not None and x.dtype != FLOAT:
-            return f"input dtype {x.dtype.name} is not float32"
+        assert x is not None
         rank = value_rank(x)
         attr = node.attributes.get("axis")
         opset = onnx_opset(model) or 13
@@ -111,9 +100,7 @@ class QuantizeSoftmaxPass(NodeRewritePass):
     def rewrite(self, model: ir.Model, matched: SoftmaxMatch, report: PassReport) -> None:
         node = matched.node
         new = ir.node(ops.BLOCK_SOFTMAX, [matched.x], domain=ops.DOMAIN, name=node.name)
-        replace_pattern([node], [new], node.outputs[0], new.outputs[0])
-        register_domain(model)
-        report.count(RULE)
+        replace_with_ours(model, [node], [new], report, RULE)
         if matched.attention:
             report.count(RULE_ATTENTION)
             if matched.scaled:
