@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import onnx_ir as ir
+from bct_onnx.passes.infer_shapes import ensure_shapes
 from onnx_ir.passes import PreconditionError
 
 from bct_onnx import ops
@@ -176,6 +177,8 @@ class NodeRewritePass(CompressPass):
     """
 
     op_types: ClassVar[frozenset[str]] = frozenset()
+    # True: ranks and last dims are inferred first (ensure_shapes: value.meta, not the model).
+    needs_shapes: ClassVar[bool] = False
 
     def candidates(self, model: ir.Model) -> Iterator[ir.Node]:
         for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
@@ -183,6 +186,8 @@ class NodeRewritePass(CompressPass):
                 yield node
 
     def run(self, model: ir.Model, report: PassReport) -> None:
+        if self.needs_shapes:
+            ensure_shapes(model)
         for node in self.candidates(model):
             if node.graph is None:
                 continue  # removed by an earlier rewrite of this call

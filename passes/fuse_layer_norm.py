@@ -33,7 +33,6 @@ from bct_onnx.passes.graph_patterns import (
     sole_user,
     value_rank,
 )
-from bct_onnx.passes.infer_shapes import ensure_shapes
 from bct_onnx.passes.quantized_weights import constant_tensor
 
 from bct_onnx import ops
@@ -115,17 +114,18 @@ class LayerNormMatch:
     tail: AffineTail
 
 
-def _std_of(value: ir.Value) -> tuple[list[ir.Node], float] | str:
-    """Nodes and epsilon of Sqrt(Add(value, eps)) reading value."""
+def sqrt_plus_epsilon(value: ir.Value, what: str) -> tuple[list[ir.Node], float] | str:
+    """Nodes [Add, Sqrt] and epsilon of Sqrt(Add(value, eps)) reading value (the variance of a
+    layer norm, the mean square of an RMS norm: ``what`` names it in the skip reasons)."""
     add = sole_user(value)
     if not is_op(add, "Add") or add is None:
-        return "the variance is not followed by Add(epsilon)"
+        return f"the {what} is not followed by Add(epsilon)"
     eps = scalar(other_input(add, value))
     if eps is None or eps < 0:
-        return "the Add after the variance does not add a constant epsilon >= 0"
+        return f"the Add after the {what} does not add a constant epsilon >= 0"
     sqrt = sole_user(add.outputs[0])
     if not is_op(sqrt, "Sqrt") or sqrt is None:
-        return "Add(variance, epsilon) is not followed by Sqrt"
+        return f"Add({what}, epsilon) is not followed by Sqrt"
     return [add, sqrt], eps
 
 
@@ -133,10 +133,7 @@ class FuseLayerNormPass(NodeRewritePass):
     """Fuse ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div(/Mul/Add) into one layer normalization."""
 
     op_types = frozenset({"ReduceMean"})
-
-    def run(self, model: ir.Model, report: PassReport) -> None:
-        ensure_shapes(model)  # ranks and last dims, kept in value.meta (not in the model)
-        super().run(model, report)
+    needs_shapes = True
 
     def match(self, model: ir.Model, node: ir.Node) -> LayerNormMatch | str | None:
         x = node.inputs[0]
@@ -174,7 +171,7 @@ class FuseLayerNormPass(NodeRewritePass):
         reason = reduces_last_axis(var_node, value_rank(x))
         if reason:
             return f"variance: {reason}"
-        std = _std_of(var_node.outputs[0])
+        std = sqrt_plus_epsilon(var_node.outputs[0], "variance")
         if isinstance(std, str):
             return std
         std_nodes, eps = std

@@ -19,7 +19,7 @@ import logging
 
 import onnx_ir as ir
 from bct_onnx.passes.framework import NodeRewritePass, PassReport, register_domain
-from bct_onnx.passes.fuse_layer_norm import AffineTail, affine_tail, vector_initializer
+from bct_onnx.passes.fuse_layer_norm import AffineTail, affine_tail, sqrt_plus_epsilon, vector_initializer
 from bct_onnx.passes.graph_patterns import (
     FLOAT,
     close,
@@ -37,7 +37,6 @@ from bct_onnx.passes.graph_patterns import (
     value_dtype,
     value_rank,
 )
-from bct_onnx.passes.infer_shapes import ensure_shapes
 
 from bct_onnx import ops
 
@@ -69,10 +68,7 @@ class FuseRMSNormPass(NodeRewritePass):
     """Fuse Pow/ReduceMean/Add/Sqrt/(Div|Reciprocal)/Mul(/Mul weight) into BlockRMSNorm."""
 
     op_types = frozenset({"ReduceMean"})
-
-    def run(self, model: ir.Model, report: PassReport) -> None:
-        ensure_shapes(model)  # ranks and last dims, kept in value.meta (not in the model)
-        super().run(model, report)
+    needs_shapes = True
 
     def match(self, model: ir.Model, node: ir.Node) -> RMSNormMatch | str | None:
         square = producer(node.inputs[0], "Pow", "Mul")
@@ -97,17 +93,12 @@ class FuseRMSNormPass(NodeRewritePass):
         d = last_dim(base)
         if d is None:
             return "the normalized (last) dimension of x is unknown"
-        add = sole_user(node.outputs[0])
-        if not is_op(add, "Add") or add is None:
-            return "the mean square is not followed by Add(epsilon)"
-        eps = scalar(other_input(add, node.outputs[0]))
-        if eps is None or eps < 0:
-            return "the Add after the mean square does not add a constant epsilon >= 0"
-        sqrt = sole_user(add.outputs[0])
-        if not is_op(sqrt, "Sqrt") or sqrt is None:
-            return "Add(mean square, epsilon) is not followed by Sqrt"
-        root = sqrt.outputs[0]
-        nodes = [square, node, add, sqrt]
+        std = sqrt_plus_epsilon(node.outputs[0], "mean square")
+        if isinstance(std, str):
+            return std
+        std_nodes, eps = std
+        root = std_nodes[-1].outputs[0]
+        nodes = [square, node, *std_nodes]
         user = sole_user(root)
         if (
             is_op(user, "Div")

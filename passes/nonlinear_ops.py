@@ -7,12 +7,9 @@ inputs from slot 3 on) is written down once.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import onnx_ir as ir
 from bct_onnx.passes.framework import NodeRewritePass, PassReport, node_label, register_domain
 from bct_onnx.passes.graph_patterns import FLOAT, replace_pattern, value_dtype
-from bct_onnx.passes.infer_shapes import ensure_shapes
 
 from bct_onnx import ops
 from bct_onnx.config import CompressConfig
@@ -56,19 +53,11 @@ def settings_name(node: ir.Node) -> str:
 
 
 class OperandRewritePass(NodeRewritePass):
-    """Base of the passes rewriting an ONNX op into an operand op: keeps the config and, with
-    ``needs_shapes``, infers ranks and last dims (kept in value.meta, not in the model) first."""
-
-    needs_shapes: ClassVar[bool] = False
+    """Base of the passes rewriting an ONNX op into an operand op, configured per node."""
 
     def __init__(self, config: CompressConfig) -> None:
         super().__init__()
         self.config = config
-
-    def run(self, model: ir.Model, report: PassReport) -> None:
-        if self.needs_shapes:
-            ensure_shapes(model)
-        super().run(model, report)
 
 
 def operand_skip_reason(

@@ -95,7 +95,7 @@ class QuantizeActMatMulPass(OperandRewritePass):
     """Rewrite attention's activation x activation MatMuls into BlockActMatMul."""
 
     op_types = frozenset({"MatMul"})
-    needs_shapes = True
+    needs_shapes = True  # ranks and last dims, kept in value.meta (not in the model)
 
     def match(self, model: ir.Model, node: ir.Node) -> ActMatMulMatch | str | None:
         a, b = node.inputs[0], node.inputs[1]

@@ -42,7 +42,7 @@ class QuantizeLayerNormPass(OperandRewritePass):
     """Rewrite LayerNormalization (last axis, constant affine) into BlockLayerNorm."""
 
     op_types = frozenset({"LayerNormalization"})
-    needs_shapes = True
+    needs_shapes = True  # ranks and last dims, kept in value.meta (not in the model)
 
     def match(self, model: ir.Model, node: ir.Node) -> LayerNormMatch | str | None:
         reason = operand_skip_reason(self.config, node, "LayerNormalization")

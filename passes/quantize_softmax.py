@@ -78,7 +78,7 @@ class QuantizeSoftmaxPass(OperandRewritePass):
     """Rewrite Softmax over the last axis into BlockSoftmax (float in/out)."""
 
     op_types = frozenset({"Softmax"})
-    needs_shapes = True
+    needs_shapes = True  # ranks and last dims, kept in value.meta (not in the model)
 
     def match(self, model: ir.Model, node: ir.Node) -> SoftmaxMatch | str | None:
         reason = operand_skip_reason(self.config, node, "Softmax")
