@@ -38,7 +38,13 @@ def test_compare_minilm_smoke(
     monkeypatch.chdir(cwd)
     out = tmp_path / "result.json"
     compare = _load("compare_minilm")
-    assert compare.main(["--only", "bct-w4", "--runs", "1", "--warmup", "1", "--json", str(out)]) == 0
+    assert (
+        compare.main(
+            # No GPTQ: it is most of the time of a row; the full run uses the default ("auto").
+            ["--only", "bct-w4", "--calibration", "none", "--runs", "1", "--warmup", "1", "--json", str(out)]
+        )
+        == 0
+    )
     assert os.listdir(cwd) == []
     table = capsys.readouterr().out
     assert "| FP32 (optimum export) |" in table and "bct-onnx `ops=MatMul,Gather`" in table
@@ -46,5 +52,5 @@ def test_compare_minilm_smoke(
     assert set(results) == {"fp32", "bct-w4"}
     row = results["bct-w4"]
     assert row["error"] is None
-    assert row["ratio"] > 6.5 and row["mean_cosine"] > 0.97
+    assert row["ratio"] > 6.5 and row["mean_cosine"] > 0.95  # 0.97+ with GPTQ
     assert row["batch_ms"] > 0 and row["single_ms"] > 0
