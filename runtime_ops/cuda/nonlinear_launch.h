@@ -16,18 +16,12 @@ namespace cuda {
 
 enum class RowOp : int { kGeluErf = 0, kGeluTanh = 1, kSoftmax = 2, kLayerNorm = 3, kRMSNorm = 4, kSilu = 5 };
 
-// One row-wise op over rows x d: load (float x, or dequantize in_*), compute, store (float y, or
-// quantize into out_*). Quantized sides use the RowFormat of block_launch.h (its axis_size is d).
-struct RowOpArgs {
-  RowOp op = RowOp::kGeluErf;
-  float epsilon = 0.0f;
-  const float* scale = nullptr;  // LayerNorm / RMSNorm [d]
-  const float* bias = nullptr;   // LayerNorm [d] or nullptr
-  int64_t rows = 0;
-  int64_t d = 0;
+// The encoded sides every operand op's launch has: the main input as codes (in_*, when
+// in_quantized; the float input is the op's own field) and the result as float32 y or codes (out_*,
+// when out_quantized). Quantized sides use the RowFormat of block_launch.h.
+struct OperandIo {
   bool in_quantized = false;
   RowFormat in_fmt{};
-  const float* x = nullptr;
   const uint8_t* in_codes = nullptr;
   const void* in_scales = nullptr;
   const uint8_t* in_zero_points = nullptr;
@@ -37,6 +31,18 @@ struct RowOpArgs {
   uint8_t* out_codes = nullptr;
   void* out_scales = nullptr;
   uint8_t* out_zero_points = nullptr;
+};
+
+// One row-wise op over rows x d: load (float x, or dequantize in_*), compute, store (float y, or
+// quantize into out_*). The RowFormats' axis_size is d.
+struct RowOpArgs : OperandIo {
+  RowOp op = RowOp::kGeluErf;
+  float epsilon = 0.0f;
+  const float* scale = nullptr;  // LayerNorm / RMSNorm [d]
+  const float* bias = nullptr;   // LayerNorm [d] or nullptr
+  int64_t rows = 0;
+  int64_t d = 0;
+  const float* x = nullptr;
 };
 
 // Dispatches on args.op to the family's launcher below.
@@ -54,7 +60,7 @@ constexpr int kMaxBatchRank = 8;
 // BlockActMatMul: A [a_batches, M, K] (float, or quantized in_fmt) x B (float) -> Y [out_batches, M, N].
 // Output batch o has coordinates out_dims (row-major); its A / B batch is sum(coord * stride) with
 // stride 0 on broadcast dims.
-struct ActMatMulArgs {
+struct ActMatMulArgs : OperandIo {
   int act_bits = 8;
   int64_t block_size = 32;
   bool transpose_b = false;
@@ -64,19 +70,8 @@ struct ActMatMulArgs {
   int64_t out_dims[kMaxBatchRank] = {};
   int64_t a_strides[kMaxBatchRank] = {};
   int64_t b_strides[kMaxBatchRank] = {};
-  bool in_quantized = false;
-  RowFormat in_fmt{};
-  const float* a = nullptr;
-  const uint8_t* in_codes = nullptr;
-  const void* in_scales = nullptr;
-  const uint8_t* in_zero_points = nullptr;
+  const float* a = nullptr;  // float A (in_quantized = false)
   const float* b = nullptr;  // [b_batches, K, N], or [b_batches, N, K] with transpose_b
-  bool out_quantized = false;
-  RowFormat out_fmt{};
-  float* y = nullptr;
-  uint8_t* out_codes = nullptr;
-  void* out_scales = nullptr;
-  uint8_t* out_zero_points = nullptr;
 };
 
 const char* LaunchActMatMul(const ActMatMulArgs& args, void* stream);

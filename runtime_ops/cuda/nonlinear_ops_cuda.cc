@@ -16,9 +16,8 @@ namespace bct {
 namespace nonlinear {
 namespace {
 
-// The quantized-input and quantized-output fields RowOpArgs and ActMatMulArgs share.
-template <class Args>
-void SetInput(Args& args, const OperandAttrs& attrs, const Operand& x) {
+// The encoded sides (cuda::OperandIo) of RowOpArgs and ActMatMulArgs.
+void SetInput(cuda::OperandIo& args, const OperandAttrs& attrs, const Operand& x) {
   args.in_quantized = x.quantized;
   if (x.quantized) {
     args.in_fmt = OperandRowFormat<cuda::RowFormat>(attrs, x, x.axis_size);
@@ -28,8 +27,7 @@ void SetInput(Args& args, const OperandAttrs& attrs, const Operand& x) {
   }
 }
 
-template <class Args>
-void SetResult(Args& args, const ResultAttrs& attrs, const Result& r) {
+void SetResult(cuda::OperandIo& args, const ResultAttrs& attrs, const Result& r) {
   args.out_quantized = r.quantized;
   args.y = r.y;
   if (r.quantized) {
