@@ -29,22 +29,21 @@ namespace bct {
 namespace nonlinear {
 
 template <class Family>
-class RowOpCpuKernel {
+class RowOpCpuKernel : public RowOpKernelBase<Family> {
  public:
-  RowOpCpuKernel(const OrtKernelInfo* info, const NodeRef& node)
-      : node_(node), in_(ReadOperandAttrs(info, node_)), out_(ReadResultAttrs(info, node_)), family_(info, node_) {}
-
-  static bool InputOnHost(size_t) { return false; }
+  using RowOpKernelBase<Family>::RowOpKernelBase;
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    return Guard(node_, [&] {
+    return Guard(this->node_, [&] {
       Ort::KernelContext ctx(context);
-      const Operand x = ReadOperand(ctx, node_, in_);
-      const typename Family::Params params = family_.Prepare(ctx, node_, x.axis_size);
-      const Result r = AllocateResult(ctx, node_, out_, x.shape);
+      const typename RowOpKernelBase<Family>::Call call = this->Prepare(ctx);
+      const Operand& x = call.x;
+      const Result& r = call.r;
       const int64_t d = x.axis_size;
-      const cpu::PackedRows source(OperandRowFormat<cpu::RowFormat>(in_, x, d), x.codes, x.scales, x.zero_points);
-      const cpu::MutablePackedRows sink(ResultRowFormat<cpu::RowFormat>(out_, r), r.codes, r.scales, r.zero_points);
+      const cpu::PackedRows source(OperandRowFormat<cpu::RowFormat>(this->in_, x, d), x.codes, x.scales,
+                                   x.zero_points);
+      const cpu::MutablePackedRows sink(ResultRowFormat<cpu::RowFormat>(this->out_, r), r.codes, r.scales,
+                                        r.zero_points);
       const int64_t min_rows = std::max<int64_t>(1, 8192 / d);
       ParallelFor(ctx, x.rows, min_rows, [&](int64_t begin, int64_t end) {
         std::vector<float> buffer(r.quantized ? static_cast<size_t>(d) : 0);
@@ -55,18 +54,12 @@ class RowOpCpuKernel {
           } else {
             std::memcpy(y, x.x + row * d, static_cast<size_t>(d) * sizeof(float));
           }
-          family_.Row(params, y, d);
+          this->family_.Row(call.params, y, d);
           if (r.quantized) sink.Quantize(y, row);
         }
       });
     });
   }
-
- private:
-  NodeRef node_;
-  OperandAttrs in_;
-  ResultAttrs out_;
-  Family family_;
 };
 
 }  // namespace nonlinear

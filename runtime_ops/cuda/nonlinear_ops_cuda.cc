@@ -57,35 +57,26 @@ void SetOp(cuda::RowOpArgs& args, const RMSNormFamily& family, const RMSNormFami
 }
 
 template <class Family>
-class RowOpCudaKernel {
+class RowOpCudaKernel : public RowOpKernelBase<Family> {
  public:
-  RowOpCudaKernel(const OrtKernelInfo* info, const NodeRef& node)
-      : node_(node), in_(ReadOperandAttrs(info, node_)), out_(ReadResultAttrs(info, node_)), family_(info, node_) {}
-
-  static bool InputOnHost(size_t) { return false; }
+  using RowOpKernelBase<Family>::RowOpKernelBase;
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    return Guard(node_, [&] {
+    return Guard(this->node_, [&] {
       Ort::KernelContext ctx(context);
-      const Operand x = ReadOperand(ctx, node_, in_);
-      const typename Family::Params params = family_.Prepare(ctx, node_, x.axis_size);
-      const Result r = AllocateResult(ctx, node_, out_, x.shape);
+      const typename RowOpKernelBase<Family>::Call call = this->Prepare(ctx);
+      const Operand& x = call.x;
+      const Result& r = call.r;
       cuda::RowOpArgs args;
-      SetOp(args, family_, params);
+      SetOp(args, this->family_, call.params);
       args.rows = x.rows;
       args.d = x.axis_size;
       args.x = x.x;
-      SetInput(args, in_, x);
-      SetResult(args, out_, r);
-      CheckLaunch(node_, cuda::LaunchRowOp(args, ctx.GetGPUComputeStream()));
+      SetInput(args, this->in_, x);
+      SetResult(args, this->out_, r);
+      CheckLaunch(this->node_, cuda::LaunchRowOp(args, ctx.GetGPUComputeStream()));
     });
   }
-
- private:
-  NodeRef node_;
-  OperandAttrs in_;
-  ResultAttrs out_;
-  Family family_;
 };
 
 class ActMatMulCudaKernel {

@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <utility>
 
 #include "bct/nonlinear_math.h"
 #include "bct/op_common.h"
@@ -185,6 +186,37 @@ struct RMSNormFamily {
   }
   float epsilon;
   bool baseline;
+};
+
+// What the CPU and CUDA kernels of a row op family share: the node, its in_* / out_* attributes and
+// the family (read once, at kernel creation), and the validated inputs and allocated result of a call.
+template <class Family>
+class RowOpKernelBase {
+ public:
+  RowOpKernelBase(const OrtKernelInfo* info, const NodeRef& node)
+      : node_(node), in_(ReadOperandAttrs(info, node_)), out_(ReadResultAttrs(info, node_)), family_(info, node_) {}
+
+  static bool InputOnHost(size_t) { return false; }
+
+ protected:
+  struct Call {
+    Operand x;
+    typename Family::Params params;
+    Result r;
+  };
+
+  // Reads and checks the operand and the family's inputs, then allocates the result (in that order).
+  Call Prepare(const Ort::KernelContext& ctx) const {
+    Operand x = ReadOperand(ctx, node_, in_);
+    const typename Family::Params params = family_.Prepare(ctx, node_, x.axis_size);
+    const Result r = AllocateResult(ctx, node_, out_, x.shape);
+    return Call{std::move(x), params, r};
+  }
+
+  NodeRef node_;
+  OperandAttrs in_;
+  ResultAttrs out_;
+  Family family_;
 };
 
 }  // namespace nonlinear
