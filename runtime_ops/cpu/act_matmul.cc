@@ -139,24 +139,18 @@ void QuantizeBlockKMajorBaseline(const float* b, int64_t n, int64_t len, int bit
   QuantizeBlockKMajorImpl(b, n, len, bits, best_u, best_v, inv, has_nan, q, scales);
 }
 
-class ActMatMulCpuKernel {
+class ActMatMulCpuKernel : public ActMatMulKernelBase {
  public:
   ActMatMulCpuKernel(const OrtKernelInfo* info, const NodeRef& node)
-      : node_(node),
-        in_(ReadOperandAttrs(info, node_)),
-        out_(ReadResultAttrs(info, node_)),
-        attrs_(ReadActMatMulAttrs(info, node_)),
-        baseline_(BaselineSimdRequested()),
-        use_vnni_(!baseline_ && vnni::Available()) {}
-
-  static bool InputOnHost(size_t) { return false; }
+      : ActMatMulKernelBase(info, node), baseline_(BaselineSimdRequested()), use_vnni_(!baseline_ && vnni::Available()) {}
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
       Ort::KernelContext ctx(context);
-      const Operand a = ReadOperand(ctx, node_, in_);
-      const ActMatMulGeometry g = CheckActMatMul(ctx, node_, attrs_, a);
-      const Result r = AllocateResult(ctx, node_, out_, g.out_shape);
+      const Call call = Prepare(ctx);
+      const Operand& a = call.a;
+      const ActMatMulGeometry& g = call.g;
+      const Result& r = call.r;
       const int64_t k = g.k, m = g.m, n = g.n;
       const int64_t nb = num_blocks(k, attrs_.block_size);
       const int bits = attrs_.act_bits;
@@ -263,10 +257,6 @@ class ActMatMulCpuKernel {
   }
 
  private:
-  NodeRef node_;
-  OperandAttrs in_;
-  ResultAttrs out_;
-  ActMatMulAttrs attrs_;
   bool baseline_;  // BCT_ONNX_BASELINE_SIMD: baseline-ISA loops (see ops/nonlinear_families.h)
   bool use_vnni_;
 };

@@ -79,22 +79,17 @@ class RowOpCudaKernel : public RowOpKernelBase<Family> {
   }
 };
 
-class ActMatMulCudaKernel {
+class ActMatMulCudaKernel : public ActMatMulKernelBase {
  public:
-  ActMatMulCudaKernel(const OrtKernelInfo* info, const NodeRef& node)
-      : node_(node),
-        in_(ReadOperandAttrs(info, node_)),
-        out_(ReadResultAttrs(info, node_)),
-        attrs_(ReadActMatMulAttrs(info, node_)) {}
-
-  static bool InputOnHost(size_t) { return false; }
+  using ActMatMulKernelBase::ActMatMulKernelBase;
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
       Ort::KernelContext ctx(context);
-      const Operand a = ReadOperand(ctx, node_, in_);
-      const ActMatMulGeometry g = CheckActMatMul(ctx, node_, attrs_, a);
-      const Result r = AllocateResult(ctx, node_, out_, g.out_shape);
+      const Call call = Prepare(ctx);
+      const Operand& a = call.a;
+      const ActMatMulGeometry& g = call.g;
+      const Result& r = call.r;
       const InputTensor b = GetInput(ctx, 3);
       cuda::ActMatMulArgs args;
       args.act_bits = attrs_.act_bits;
@@ -132,12 +127,6 @@ class ActMatMulCudaKernel {
       CheckLaunch(node_, cuda::LaunchActMatMul(args, ctx.GetGPUComputeStream()));
     });
   }
-
- private:
-  NodeRef node_;
-  OperandAttrs in_;
-  ResultAttrs out_;
-  ActMatMulAttrs attrs_;
 };
 
 }  // namespace

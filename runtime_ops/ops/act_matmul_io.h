@@ -110,5 +110,39 @@ struct ActMatMulSchema {
   static OrtStatusPtr ORT_API_CALL InferOutputShape(const OrtCustomOp*, OrtShapeInferContext* ctx) noexcept;
 };
 
+// What the CPU and CUDA kernels of BlockActMatMul share: the node and its in_* / out_* / op
+// attributes (read once, at kernel creation), and the validated inputs and allocated result of a call.
+class ActMatMulKernelBase {
+ public:
+  ActMatMulKernelBase(const OrtKernelInfo* info, const NodeRef& node)
+      : node_(node),
+        in_(ReadOperandAttrs(info, node_)),
+        out_(ReadResultAttrs(info, node_)),
+        attrs_(ReadActMatMulAttrs(info, node_)) {}
+
+  static bool InputOnHost(size_t) { return false; }
+
+ protected:
+  struct Call {
+    Operand a;
+    ActMatMulGeometry g;
+    Result r;
+  };
+
+  // Reads and checks A, then B against A, then allocates the result (in that order).
+  Call Prepare(const Ort::KernelContext& ctx) const {
+    Call c;
+    c.a = ReadOperand(ctx, node_, in_);
+    c.g = CheckActMatMul(ctx, node_, attrs_, c.a);
+    c.r = AllocateResult(ctx, node_, out_, c.g.out_shape);
+    return c;
+  }
+
+  NodeRef node_;
+  OperandAttrs in_;
+  ResultAttrs out_;
+  ActMatMulAttrs attrs_;
+};
+
 }  // namespace nonlinear
 }  // namespace bct
