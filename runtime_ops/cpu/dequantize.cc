@@ -7,12 +7,9 @@
 namespace bct {
 namespace {
 
-class DequantizeCpuKernel {
+class DequantizeCpuKernel : public DequantizeKernelBase {
  public:
-  DequantizeCpuKernel(const OrtKernelInfo* info, const NodeRef& node)
-      : node_(node), attrs_(ReadBlockAttrs(info, node_, "axis_size")) {}
-
-  static bool InputOnHost(size_t) { return false; }
+  using DequantizeKernelBase::DequantizeKernelBase;
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
@@ -27,10 +24,6 @@ class DequantizeCpuKernel {
       });
     });
   }
-
- private:
-  NodeRef node_;
-  BlockAttrs attrs_;
 };
 
 }  // namespace

@@ -9,12 +9,9 @@
 namespace bct {
 namespace {
 
-class GatherCpuKernel {
+class GatherCpuKernel : public DequantizeKernelBase {
  public:
-  GatherCpuKernel(const OrtKernelInfo* info, const NodeRef& node)
-      : node_(node), attrs_(ReadBlockAttrs(info, node_, "axis_size")) {}
-
-  static bool InputOnHost(size_t) { return false; }
+  using DequantizeKernelBase::DequantizeKernelBase;
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
@@ -29,10 +26,6 @@ class GatherCpuKernel {
       });
     });
   }
-
- private:
-  NodeRef node_;
-  BlockAttrs attrs_;
 };
 
 }  // namespace

@@ -7,12 +7,9 @@
 namespace bct {
 namespace {
 
-class QuantizeCpuKernel {
+class QuantizeCpuKernel : public QuantizeKernelBase {
  public:
-  QuantizeCpuKernel(const OrtKernelInfo* info, const NodeRef& node)
-      : node_(node), attrs_(ReadQuantizeAttrs(info, node_)) {}
-
-  static bool InputOnHost(size_t) { return false; }
+  using QuantizeKernelBase::QuantizeKernelBase;
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
@@ -29,10 +26,6 @@ class QuantizeCpuKernel {
       });
     });
   }
-
- private:
-  NodeRef node_;
-  QuantizeAttrs attrs_;
 };
 
 }  // namespace

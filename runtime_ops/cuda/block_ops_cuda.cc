@@ -13,11 +13,9 @@
 namespace bct {
 namespace {
 
-class DequantizeCudaKernel {
+class DequantizeCudaKernel : public DequantizeKernelBase {
  public:
-  DequantizeCudaKernel(const OrtKernelInfo* info, const NodeRef& node)
-      : node_(node), attrs_(ReadBlockAttrs(info, node_, "axis_size")) {}
-  static bool InputOnHost(size_t) { return false; }
+  using DequantizeKernelBase::DequantizeKernelBase;
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
@@ -29,16 +27,11 @@ class DequantizeCudaKernel {
                                                 c.g.rows, c.y, ctx.GetGPUComputeStream()));
     });
   }
-
- private:
-  NodeRef node_;
-  BlockAttrs attrs_;
 };
 
-class GatherCudaKernel {
+class GatherCudaKernel : public DequantizeKernelBase {
  public:
-  GatherCudaKernel(const OrtKernelInfo* info, const NodeRef& node)
-      : node_(node), attrs_(ReadBlockAttrs(info, node_, "axis_size")) {}
+  using DequantizeKernelBase::DequantizeKernelBase;
   static bool InputOnHost(size_t index) { return index == 0; }  // indices
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
@@ -51,17 +44,11 @@ class GatherCudaKernel {
                                             ctx.GetGPUComputeStream()));
     });
   }
-
- private:
-  NodeRef node_;
-  BlockAttrs attrs_;
 };
 
-class QuantizeCudaKernel {
+class QuantizeCudaKernel : public QuantizeKernelBase {
  public:
-  QuantizeCudaKernel(const OrtKernelInfo* info, const NodeRef& node)
-      : node_(node), attrs_(ReadQuantizeAttrs(info, node_)) {}
-  static bool InputOnHost(size_t) { return false; }
+  using QuantizeKernelBase::QuantizeKernelBase;
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
@@ -69,14 +56,10 @@ class QuantizeCudaKernel {
       const InputTensor x = GetInput(ctx, 0);
       const RowsGeometry g = CheckQuantizeInput(node_, attrs_, x);
       const QuantizeOutputs out = GetQuantizeOutputs(ctx, node_, attrs_, x, g);
-      CheckLaunch(node_, cuda::LaunchQuantize(BlockRowFormat<cuda::RowFormat>(attrs_.block, g), x.As<float>(), g.rows, out.codes, out.scales,
-                                              out.zero_points, ctx.GetGPUComputeStream()));
+      CheckLaunch(node_, cuda::LaunchQuantize(BlockRowFormat<cuda::RowFormat>(attrs_.block, g), x.As<float>(), g.rows,
+                                              out.codes, out.scales, out.zero_points, ctx.GetGPUComputeStream()));
     });
   }
-
- private:
-  NodeRef node_;
-  QuantizeAttrs attrs_;
 };
 
 }  // namespace

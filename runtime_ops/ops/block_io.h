@@ -321,4 +321,27 @@ inline QuantizeOutputs GetQuantizeOutputs(const Ort::KernelContext& ctx, const N
   return out;
 }
 
+// What every CPU and CUDA kernel of BlockQuantize, BlockDequantize and BlockGather holds: the node
+// and its attributes, read once at kernel creation. Inputs live in the provider's memory unless a
+// kernel hides InputOnHost.
+template <class Attrs, Attrs (*ReadAttrs)(const OrtKernelInfo*, const NodeRef&)>
+class BlockKernelBase {
+ public:
+  BlockKernelBase(const OrtKernelInfo* info, const NodeRef& node) : node_(node), attrs_(ReadAttrs(info, node_)) {}
+
+  static bool InputOnHost(size_t) { return false; }
+
+ protected:
+  NodeRef node_;
+  Attrs attrs_;
+};
+
+// BlockDequantize's and BlockGather's attributes: bits, block_size, symmetric, axis_size.
+inline BlockAttrs ReadCodesAttrs(const OrtKernelInfo* info, const NodeRef& node) {
+  return ReadBlockAttrs(info, node, "axis_size");
+}
+
+using QuantizeKernelBase = BlockKernelBase<QuantizeAttrs, ReadQuantizeAttrs>;
+using DequantizeKernelBase = BlockKernelBase<BlockAttrs, ReadCodesAttrs>;  // and BlockGather's
+
 }  // namespace bct
