@@ -68,7 +68,9 @@ def known_model_export(name: str, with_past: bool = False) -> Path:
     return Path(smollm2.export(folder, with_past=with_past))
 
 
-def resolve_model(model: str, tokenizer: str | os.PathLike[str] | None, with_past: bool = False) -> tuple[Path, Path]:
+def resolve_model(
+    model: str, tokenizer: str | os.PathLike[str] | None, with_past: bool = False
+) -> tuple[Path, Path]:
     """(FP32 .onnx path, tokenizer directory) for MODEL (a known name or an .onnx file)."""
     if model.lower() in KNOWN_MODELS:
         path = known_model_export(model.lower(), with_past=with_past)
@@ -80,7 +82,9 @@ def resolve_model(model: str, tokenizer: str | os.PathLike[str] | None, with_pas
                 raise EvalError(f"{path}: expected one .onnx file in the directory, found {len(candidates)}")
             path = candidates[0]
         if not path.is_file():
-            raise EvalError(f"model not found: {model} (give an .onnx file or one of: {', '.join(KNOWN_MODELS)})")
+            raise EvalError(
+                f"model not found: {model} (give an .onnx file or one of: {', '.join(KNOWN_MODELS)})"
+            )
     from bct_onnx.api import _find_tokenizer_dir
 
     folder = Path(tokenizer) if tokenizer is not None else _find_tokenizer_dir(path.parent)
@@ -132,7 +136,9 @@ def evaluation_ids(tokenizer: Any, tokens: int, book: str = DEFAULT_BOOK) -> np.
         raise EvalError(f"evaluation text unavailable: {error}") from error
     overlap = [line for line in calibration_text() if len(line) > 40 and line in text]
     if overlap:  # never true for the shipped files; guards against someone adding Austen to calibration
-        raise EvalError(f"calibration text overlaps the evaluation text ({len(overlap)} lines, e.g. {overlap[0]!r})")
+        raise EvalError(
+            f"calibration text overlaps the evaluation text ({len(overlap)} lines, e.g. {overlap[0]!r})"
+        )
     ids = tokenize_for_perplexity(tokenizer, text, tokens)
     if ids.size < tokens:
         raise EvalError(f"{book} has only {ids.size} tokens, fewer than the {tokens} asked for")
@@ -189,8 +195,10 @@ class EvalResult:
                 f"calibration  {cal}",
                 f"FP32         perplexity {self.fp32_ppl:.4f}   {format_bytes(self.fp32_bytes)}",
                 f"compressed   perplexity {self.compressed_ppl:.4f}   {format_bytes(self.compressed_bytes)}",
-                f"change       {100 * self.relative_change:+.2f}% perplexity, "
-                f"{self.compression_ratio:.2f}x smaller (whole files)",
+                (
+                    f"change       {100 * self.relative_change:+.2f}% perplexity, "
+                    f"{self.compression_ratio:.2f}x smaller (whole files)"
+                ),
                 f"time         {times}",
             ]
         )
@@ -198,13 +206,30 @@ class EvalResult:
 
 def _fp32_cache_key(path: Path, tokenizer_dir: Path, book: str, tokens: int, window: int, stride: int) -> str:
     stat = path.stat()
-    raw = json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, str(tokenizer_dir.resolve()), book, tokens, window, stride])
+    raw = json.dumps(
+        [
+            str(path.resolve()),
+            stat.st_size,
+            stat.st_mtime_ns,
+            str(tokenizer_dir.resolve()),
+            book,
+            tokens,
+            window,
+            stride,
+        ]
+    )
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
 def fp32_perplexity(
-    path: Path, tokenizer_dir: Path, ids: np.ndarray, book: str, window: int, stride: int,
-    threads: int | None = None, use_cache: bool = True,
+    path: Path,
+    tokenizer_dir: Path,
+    ids: np.ndarray,
+    book: str,
+    window: int,
+    stride: int,
+    threads: int | None = None,
+    use_cache: bool = True,
 ) -> tuple[float, bool]:
     """(FP32 perplexity, whether it came from the cache). Cached per model file (size, mtime) and text."""
     from bct_onnx.models.perplexity import onnx_logits_fn, perplexity_of_ids
@@ -219,7 +244,9 @@ def fp32_perplexity(
             stored = {}
         if key in stored:
             return float(stored[key]), True
-    result = perplexity_of_ids(ids, onnx_logits_fn(_session(path, False, threads)), window=window, stride=stride)
+    result = perplexity_of_ids(
+        ids, onnx_logits_fn(_session(path, False, threads)), window=window, stride=stride
+    )
     if use_cache:
         stored[key] = result.perplexity
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -269,7 +296,9 @@ def evaluate(
     with tempfile.TemporaryDirectory(prefix="bct_onnx_eval_") as tmp:
         out = Path(keep) if keep is not None else Path(tmp) / "model.bct.onnx"
         start = time.perf_counter()
-        result = compress(path, out, config=config, calibration=calibration, tokenizer=tokenizer_dir, progress=progress)
+        result = compress(
+            path, out, config=config, calibration=calibration, tokenizer=tokenizer_dir, progress=progress
+        )
         seconds["compress"] = time.perf_counter() - start
         start = time.perf_counter()
         session = _session(out, True, threads)
@@ -341,7 +370,10 @@ class _Decoder:
         if self.uses_cache:
             cache = {}
             for p in self.past:
-                shape = [1 if not isinstance(d, int) and "batch" in str(d) else 0 if not isinstance(d, int) else d for d in p.shape]
+                shape = [
+                    1 if not isinstance(d, int) and "batch" in str(d) else 0 if not isinstance(d, int) else d
+                    for d in p.shape
+                ]
                 cache[p.name] = np.zeros(shape, dtype=np.float32)
         for _ in range(max_new_tokens):
             if cache is not None:
@@ -374,7 +406,10 @@ def decoder_calibration(path: Path, tokenizer: Any) -> Any:
     per_batch = 1 if getattr(tokenizer, "pad_token", "") is None else 8  # no pad token: no padding
     for begin in range(0, len(texts), per_batch):
         enc = tokenizer(
-            texts[begin : begin + per_batch], padding=per_batch > 1, truncation=True, max_length=128,
+            texts[begin : begin + per_batch],
+            padding=per_batch > 1,
+            truncation=True,
+            max_length=128,
             return_tensors="np",
         )
         batch, seq = enc["input_ids"].shape
@@ -420,8 +455,10 @@ class GenerateResult:
         return "\n".join(
             [
                 f"prompt      {self.prompt!r}",
-                f"decoding    greedy through ONNX Runtime, {mode}; "
-                f"{self.fp32_bytes / self.compressed_bytes:.2f}x smaller",
+                (
+                    f"decoding    greedy through ONNX Runtime, {mode}; "
+                    f"{self.fp32_bytes / self.compressed_bytes:.2f}x smaller"
+                ),
                 f"FP32        {self.fp32_text!r}",
                 f"compressed  {self.compressed_text!r}",
                 f"time        {times}",
@@ -467,7 +504,9 @@ def generate(
                 cal = decoder_calibration(path, tok)
             try:
                 start = time.perf_counter()
-                result = compress(path, out, config=config, calibration=cal, tokenizer=tokenizer_dir, progress=progress)
+                result = compress(
+                    path, out, config=config, calibration=cal, tokenizer=tokenizer_dir, progress=progress
+                )
                 seconds["compress"] = time.perf_counter() - start
                 fp32 = _Decoder(_session(path, False, threads))
                 compressed = _Decoder(_session(out, True, threads))
@@ -486,7 +525,11 @@ def generate(
             report = result.report
             calibration_report = dict(report.calibration or {})
             if with_past and calibration == "auto":
-                calibration_report = {"method": "gptq", "batches": len(cal.feeds), "source": "shipped calibration text, empty KV cache"}
+                calibration_report = {
+                    "method": "gptq",
+                    "batches": len(cal.feeds),
+                    "source": "shipped calibration text, empty KV cache",
+                }
             return GenerateResult(
                 prompt=prompt,
                 fp32_text=tok.decode(fp32_new, skip_special_tokens=True),
@@ -494,7 +537,8 @@ def generate(
                 fp32_tokens=len(fp32_new),
                 compressed_tokens=len(comp_new),
                 kv_cache=compressed.uses_cache,
-                kv_cache_note=note or ("KV-cache export" if with_past else "no KV cache asked for, or the graph has none"),
+                kv_cache_note=note
+                or ("KV-cache export" if with_past else "no KV cache asked for, or the graph has none"),
                 fp32_bytes=report.input_bytes,
                 compressed_bytes=report.output_bytes,
                 calibration=calibration_report,
@@ -512,7 +556,6 @@ def write_json(data: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
 def print_lines(text: str, out: TextIO) -> None:
     out.write(text + "\n")
     out.flush()
-
 
 
 # -------------------------------------------------------------------------------------------- CLI
@@ -538,12 +581,24 @@ def register_subcommands(
     add_format_flags(ev)
     add_control_flags(ev)
     _add_shared_flags(ev, _positive_int)
-    ev.add_argument("--tokens", type=_positive_int, default=4096, metavar="N", help="tokens of text scored (default: 4096)")
-    ev.add_argument("--window", type=_positive_int, default=512, metavar="N", help="tokens per window (default: 512)")
-    ev.add_argument("--stride", type=_positive_int, default=None, metavar="N", help="window step (default: window/2)")
+    ev.add_argument(
+        "--tokens",
+        type=_positive_int,
+        default=4096,
+        metavar="N",
+        help="tokens of text scored (default: 4096)",
+    )
+    ev.add_argument(
+        "--window", type=_positive_int, default=512, metavar="N", help="tokens per window (default: 512)"
+    )
+    ev.add_argument(
+        "--stride", type=_positive_int, default=None, metavar="N", help="window step (default: window/2)"
+    )
     ev.add_argument("--book", default=DEFAULT_BOOK, help=f"Austen novel (default: {DEFAULT_BOOK})")
     ev.add_argument("--keep", metavar="PATH", help="also write the compressed model here")
-    ev.add_argument("--no-fp32-cache", action="store_true", help="recompute the FP32 perplexity even if cached")
+    ev.add_argument(
+        "--no-fp32-cache", action="store_true", help="recompute the FP32 perplexity even if cached"
+    )
     add_common_flags(ev)
     ev.set_defaults(handler=cmd_eval, subparser=ev)
 
@@ -565,7 +620,9 @@ def register_subcommands(
 
 def _add_shared_flags(parser: Any, positive: Callable[[str], int]) -> None:
     parser.add_argument(
-        "--calibration", choices=("auto", "text", "none"), default="auto",
+        "--calibration",
+        choices=("auto", "text", "none"),
+        default="auto",
         help="GPTQ rounding calibrated on the shipped (non-Austen) text: auto (default), text, none",
     )
     parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: next to the model)")
@@ -595,9 +652,18 @@ def cmd_eval(args: Any, parser: Any) -> int:
     import sys
 
     result = evaluate(
-        args.model, _config(args, parser), tokenizer=args.tokenizer, calibration=args.calibration,
-        tokens=args.tokens, window=args.window, stride=args.stride, book=args.book, threads=args.threads,
-        keep=args.keep, fp32_cache=not args.no_fp32_cache, progress=_progress(args),
+        args.model,
+        _config(args, parser),
+        tokenizer=args.tokenizer,
+        calibration=args.calibration,
+        tokens=args.tokens,
+        window=args.window,
+        stride=args.stride,
+        book=args.book,
+        threads=args.threads,
+        keep=args.keep,
+        fp32_cache=not args.no_fp32_cache,
+        progress=_progress(args),
     )
     print_lines(result.summary(), sys.stdout)
     if args.json:
@@ -609,9 +675,15 @@ def cmd_generate(args: Any, parser: Any) -> int:
     import sys
 
     result = generate(
-        args.model, args.prompt, _config(args, parser), max_new_tokens=args.max_new_tokens,
-        tokenizer=args.tokenizer, calibration=args.calibration, kv_cache=not args.no_kv_cache,
-        threads=args.threads, progress=_progress(args),
+        args.model,
+        args.prompt,
+        _config(args, parser),
+        max_new_tokens=args.max_new_tokens,
+        tokenizer=args.tokenizer,
+        calibration=args.calibration,
+        kv_cache=not args.no_kv_cache,
+        threads=args.threads,
+        progress=_progress(args),
     )
     print_lines(result.summary(), sys.stdout)
     if args.json:

@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from bct_onnx.models.families import export_tiny
 
 from bct_onnx import cli, evaluate
-from bct_onnx.models.families import export_tiny
 
 
 def _decoder(path: Path) -> evaluate._Decoder:

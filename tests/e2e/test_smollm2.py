@@ -44,11 +44,28 @@ def smollm2_and_text() -> None:
         pytest.skip(f"Austen text (Debian r-cran-janeaustenr) unavailable: {error}")
 
 
-def test_eval_8bit_all_components_within_3_percent(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_8bit_all_components_within_3_percent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "eval.json"
     code = cli.main(
-        ["eval", "smollm2", "--weight-bits", "8", "--act-bits", "8", "--tokens", str(TOKENS),
-         "--window", str(WINDOW), "--calibration", "none", "--json", str(out), "-q"]
+        [
+            "eval",
+            "smollm2",
+            "--weight-bits",
+            "8",
+            "--act-bits",
+            "8",
+            "--tokens",
+            str(TOKENS),
+            "--window",
+            str(WINDOW),
+            "--calibration",
+            "none",
+            "--json",
+            str(out),
+            "-q",
+        ]
     )
     printed = capsys.readouterr().out
     assert code == 0
@@ -73,7 +90,10 @@ def test_eval_w4a8_best_config_within_10_percent() -> None:
 
 def test_generate_gives_text_through_onnx_runtime(capsys: pytest.CaptureFixture[str]) -> None:
     result = evaluate.generate(
-        "smollm2", "The capital of France is", CompressConfig(weight_bits=8, act_bits=8), max_new_tokens=8,
+        "smollm2",
+        "The capital of France is",
+        CompressConfig(weight_bits=8, act_bits=8),
+        max_new_tokens=8,
         calibration="none",
     )
     assert result.fp32_text.strip()
