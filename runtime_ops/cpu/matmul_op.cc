@@ -135,15 +135,7 @@ ScaleKind CheckWeights(const NodeRef& node, const MatMulAttrs& attrs, const Inpu
   if (!scales.present) node.Fail("input 'W_scales' is missing");
   ExpectDtype(node, "W_codes", codes, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
   ExpectShape(node, "W_codes", codes, {attrs.N, attrs.row_bytes()}, "[N, ceil(K * bits / 8)]");
-  ScaleKind kind = ScaleKind::kFloat16;
-  switch (scales.dtype) {
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: kind = ScaleKind::kFloat16; break;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: kind = ScaleKind::kFloat32; break;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: kind = ScaleKind::kPow2; break;
-    default:
-      node.Fail(std::string("input 'W_scales' must be float16, float32 or uint8 (pow2 exponents), got ") +
-                DtypeName(scales.dtype));
-  }
+  const ScaleKind kind = ScaleKindOfInput(scales, node, "W_scales");
   ExpectShape(node, "W_scales", scales, {attrs.N, attrs.num_blocks()}, "[N, ceil(K / block_size)]");
   if (attrs.block.symmetric && zero_points.present) {
     node.Fail("input 'W_zero_points' must be absent when attribute 'symmetric' is 1");
@@ -213,14 +205,7 @@ Activation CheckActivation(const NodeRef& node, const MatMulAttrs& attrs, const 
               std::to_string(bits) + ") = " + std::to_string(act.row_bytes) + ", got shape " + ShapeString(a.shape));
   }
   if (!scales.present) node.Fail("input 'A_scales' (input 5) is required when in_bits > 0");
-  switch (scales.dtype) {
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: act.scale_kind = ScaleKind::kFloat16; break;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: act.scale_kind = ScaleKind::kFloat32; break;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: act.scale_kind = ScaleKind::kPow2; break;
-    default:
-      node.Fail(std::string("input 'A_scales' must be float16, float32 or uint8 (pow2 exponents), got ") +
-                DtypeName(scales.dtype));
-  }
+  act.scale_kind = ScaleKindOfInput(scales, node, "A_scales");
   std::vector<int64_t> block_shape = act.lead;
   block_shape.push_back(act.num_blocks);
   if (scales.shape != block_shape) {

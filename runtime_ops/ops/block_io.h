@@ -107,15 +107,17 @@ inline ONNXTensorElementDataType ScaleDtype(ScaleKind kind) {
   }
 }
 
-// The scale kind a scales input carries, from its dtype.
-inline ScaleKind ScaleKindOfInput(const InputTensor& scales, const NodeRef& node) {
+// The scale kind a scales input carries, from its dtype. input_name and uint8_note word the error
+// ("input '<input_name>' must be float16, float32 or uint8 (<uint8_note>), got ...").
+inline ScaleKind ScaleKindOfInput(const InputTensor& scales, const NodeRef& node, const char* input_name = "scales",
+                                  const char* uint8_note = "pow2 exponents") {
   switch (scales.dtype) {
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return ScaleKind::kFloat16;
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return ScaleKind::kFloat32;
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return ScaleKind::kPow2;
     default:
-      node.Fail(std::string("input 'scales' must be float16, float32 or uint8 (pow2 exponents), got ") +
-                DtypeName(scales.dtype));
+      node.Fail(std::string("input '") + input_name + "' must be float16, float32 or uint8 (" + uint8_note +
+                "), got " + DtypeName(scales.dtype));
   }
 }
 

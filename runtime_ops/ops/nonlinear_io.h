@@ -155,14 +155,7 @@ inline Operand ReadOperand(const Ort::KernelContext& ctx, const NodeRef& node, c
   op.row_bytes = last;
   op.num_blocks = num_blocks(op.axis_size, attrs.block_size);
   if (!scales.present) node.Fail("input 'X_scales' is required when in_bits > 0");
-  switch (scales.dtype) {
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: op.scale_kind = ScaleKind::kFloat16; break;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: op.scale_kind = ScaleKind::kFloat32; break;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: op.scale_kind = ScaleKind::kPow2; break;
-    default:
-      node.Fail(std::string("input 'X_scales' must be float16, float32 or uint8 (pow2), got ") +
-                DtypeName(scales.dtype));
-  }
+  op.scale_kind = ScaleKindOfInput(scales, node, "X_scales", "pow2");
   const std::vector<int64_t> block_shape = WithLast(x.shape, op.num_blocks);
   if (scales.shape != block_shape) {
     node.Fail("input 'X_scales' must have shape " + ShapeString(block_shape) + " (X's leading dims and ceil(D " +
