@@ -1,11 +1,12 @@
-// Attribute reads for type and shape inference, shared by BlockQuantize (ops/quantize_shape.cc) and
-// the nonlinear ops / BlockActMatMul (ops/nonlinear_infer.cc). Written against the C API so that
-// nothing here can throw into ONNX Runtime: a missing or unreadable attribute is reported by the
-// return value (or the fallback), never by an error status.
+// Attribute reads and the output setter of type and shape inference, shared by BlockQuantize
+// (ops/quantize_shape.cc) and the nonlinear ops / BlockActMatMul (ops/nonlinear_infer.cc). Written
+// against the C API so that nothing here can throw into ONNX Runtime: a missing or unreadable
+// attribute is reported by the return value (or the fallback), never by an error status.
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "bct/op_common.h"
 
@@ -57,6 +58,20 @@ inline ONNXTensorElementDataType InferScaleDtype(OrtShapeInferContext* ctx, cons
   if (kind == "float32") return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   if (kind == "pow2") return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
   return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+}
+
+// Sets output `index` to dtype with dims and their symbolic names (one per dim; "" for none).
+inline OrtStatusPtr InferSetOutput(OrtShapeInferContext* ctx, size_t index, ONNXTensorElementDataType dtype,
+                                   const std::vector<int64_t>& dims, std::vector<const char*> symbols) {
+  const OrtApi& api = Ort::GetApi();
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  if (OrtStatus* s = api.CreateTensorTypeAndShapeInfo(&info)) return s;
+  OrtStatus* s = api.SetTensorElementType(info, dtype);
+  if (!s) s = api.SetDimensions(info, dims.data(), dims.size());
+  if (!s) s = api.SetSymbolicDimensions(info, symbols.data(), symbols.size());
+  if (!s) s = api.ShapeInferContext_SetOutputTypeShape(ctx, index, info);
+  api.ReleaseTensorTypeAndShapeInfo(info);
+  return s;
 }
 
 }  // namespace bct

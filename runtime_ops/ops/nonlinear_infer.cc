@@ -74,7 +74,6 @@ std::string FreshSymbol() {
 // `last` / `last_symbol` (-1 and "": unknown).
 OrtStatusPtr SetOutput(OrtShapeInferContext* ctx, size_t index, ONNXTensorElementDataType dtype,
                        const InferDims& lead, int64_t last, const std::string& last_symbol = "") {
-  const OrtApi& api = Ort::GetApi();
   std::vector<int64_t> dims(lead.dims.begin(), lead.dims.end() - 1);
   std::vector<std::string> names(lead.symbols.begin(), lead.symbols.end() - 1);
   dims.push_back(last);
@@ -85,14 +84,7 @@ OrtStatusPtr SetOutput(OrtShapeInferContext* ctx, size_t index, ONNXTensorElemen
   }
   std::vector<const char*> symbols;
   for (const std::string& n : names) symbols.push_back(n.c_str());
-  OrtTensorTypeAndShapeInfo* info = nullptr;
-  if (OrtStatus* s = api.CreateTensorTypeAndShapeInfo(&info)) return s;
-  OrtStatus* s = api.SetTensorElementType(info, dtype);
-  if (!s) s = api.SetDimensions(info, dims.data(), dims.size());
-  if (!s) s = api.SetSymbolicDimensions(info, symbols.data(), symbols.size());
-  if (!s) s = api.ShapeInferContext_SetOutputTypeShape(ctx, index, info);
-  api.ReleaseTensorTypeAndShapeInfo(info);
-  return s;
+  return InferSetOutput(ctx, index, dtype, dims, symbols);
 }
 
 }  // namespace

@@ -18,21 +18,14 @@ std::string FreshDimName() {
 }
 
 // Sets output index to dtype with X's leading dims and a last dim of `last` (-1: unknown).
-OrtStatusPtr SetOutput(const OrtApi& api, OrtShapeInferContext* ctx, size_t index,
-                       ONNXTensorElementDataType dtype, const std::vector<int64_t>& lead,
-                       const std::vector<const char*>& lead_symbols, int64_t last, const std::string& last_name) {
-  OrtTensorTypeAndShapeInfo* info = nullptr;
-  if (OrtStatus* s = api.CreateTensorTypeAndShapeInfo(&info)) return s;
+OrtStatusPtr SetOutput(OrtShapeInferContext* ctx, size_t index, ONNXTensorElementDataType dtype,
+                       const std::vector<int64_t>& lead, const std::vector<const char*>& lead_symbols, int64_t last,
+                       const std::string& last_name) {
   std::vector<int64_t> dims(lead);
   std::vector<const char*> symbols(lead_symbols);
   dims.push_back(last);
   symbols.push_back(last >= 0 ? "" : last_name.c_str());
-  OrtStatus* s = api.SetTensorElementType(info, dtype);
-  if (!s) s = api.SetDimensions(info, dims.data(), dims.size());
-  if (!s) s = api.SetSymbolicDimensions(info, symbols.data(), symbols.size());
-  if (!s) s = api.ShapeInferContext_SetOutputTypeShape(ctx, index, info);
-  api.ReleaseTensorTypeAndShapeInfo(info);
-  return s;
+  return InferSetOutput(ctx, index, dtype, dims, symbols);
 }
 
 }  // namespace
@@ -71,12 +64,12 @@ OrtStatusPtr ORT_API_CALL QuantizeSchema::InferOutputShape(const OrtCustomOp* /*
 
     const int64_t codes_last = (known && have_bits) ? row_bytes(axis_size, static_cast<int>(bits)) : -1;
     const int64_t blocks_last = (known && have_block) ? num_blocks(axis_size, block_size) : -1;
-    if (OrtStatus* s = SetOutput(api, ctx, 0, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, dims, symbols, codes_last, FreshDimName())) return s;
+    if (OrtStatus* s = SetOutput(ctx, 0, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, dims, symbols, codes_last, FreshDimName())) return s;
     const std::string blocks_name = FreshDimName();  // scales and zero_points share it
-    if (OrtStatus* s = SetOutput(api, ctx, 1, scale_dtype, dims, symbols, blocks_last, blocks_name)) return s;
+    if (OrtStatus* s = SetOutput(ctx, 1, scale_dtype, dims, symbols, blocks_last, blocks_name)) return s;
     if (symmetric == 0) {
       // A node without the third output is reported by the kernel in the library's own words.
-      if (OrtStatus* s = SetOutput(api, ctx, 2, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, dims, symbols, blocks_last, blocks_name)) {
+      if (OrtStatus* s = SetOutput(ctx, 2, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, dims, symbols, blocks_last, blocks_name)) {
         api.ReleaseStatus(s);
       }
     }
