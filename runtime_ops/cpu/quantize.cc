@@ -14,12 +14,11 @@ class QuantizeCpuKernel : public QuantizeKernelBase {
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
       Ort::KernelContext ctx(context);
-      const InputTensor x = GetInput(ctx, 0);
-      const RowsGeometry g = CheckQuantizeInput(node_, attrs_, x);
-      const QuantizeOutputs out = GetQuantizeOutputs(ctx, node_, attrs_, x, g);
-      const cpu::MutablePackedRows sink(BlockRowFormat<cpu::RowFormat>(attrs_.block, g), out.codes, out.scales,
-                                        out.zero_points);
-      const float* x_data = x.As<float>();
+      const QuantizeCall c = PrepareQuantize(ctx, node_, attrs_);
+      const RowsGeometry& g = c.g;
+      const cpu::MutablePackedRows sink(BlockRowFormat<cpu::RowFormat>(attrs_.block, g), c.out.codes, c.out.scales,
+                                        c.out.zero_points);
+      const float* x_data = c.x.As<float>();
       const int64_t min_rows = std::max<int64_t>(1, 8192 / g.axis_size);
       ParallelFor(ctx, g.rows, min_rows, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) sink.Quantize(x_data + r * g.axis_size, r);

@@ -53,11 +53,10 @@ class QuantizeCudaKernel : public QuantizeKernelBase {
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
       Ort::KernelContext ctx(context);
-      const InputTensor x = GetInput(ctx, 0);
-      const RowsGeometry g = CheckQuantizeInput(node_, attrs_, x);
-      const QuantizeOutputs out = GetQuantizeOutputs(ctx, node_, attrs_, x, g);
-      CheckLaunch(node_, cuda::LaunchQuantize(BlockRowFormat<cuda::RowFormat>(attrs_.block, g), x.As<float>(), g.rows,
-                                              out.codes, out.scales, out.zero_points, ctx.GetGPUComputeStream()));
+      const QuantizeCall c = PrepareQuantize(ctx, node_, attrs_);
+      CheckLaunch(node_, cuda::LaunchQuantize(BlockRowFormat<cuda::RowFormat>(attrs_.block, c.g), c.x.As<float>(),
+                                              c.g.rows, c.out.codes, c.out.scales, c.out.zero_points,
+                                              ctx.GetGPUComputeStream()));
     });
   }
 };

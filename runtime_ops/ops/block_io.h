@@ -323,6 +323,21 @@ inline QuantizeOutputs GetQuantizeOutputs(const Ort::KernelContext& ctx, const N
   return out;
 }
 
+// BlockQuantize's validated input X [..., D] and its allocated outputs.
+struct QuantizeCall {
+  InputTensor x;
+  RowsGeometry g;
+  QuantizeOutputs out;
+};
+
+inline QuantizeCall PrepareQuantize(const Ort::KernelContext& ctx, const NodeRef& node, const QuantizeAttrs& attrs) {
+  QuantizeCall c;
+  c.x = GetInput(ctx, 0);
+  c.g = CheckQuantizeInput(node, attrs, c.x);
+  c.out = GetQuantizeOutputs(ctx, node, attrs, c.x, c.g);
+  return c;
+}
+
 // What every CPU and CUDA kernel of BlockQuantize, BlockDequantize and BlockGather holds: the node
 // and its attributes, read once at kernel creation. Inputs live in the provider's memory unless a
 // kernel hides InputOnHost.
