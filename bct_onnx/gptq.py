@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from bct_onnx.block_format import BlockFormat, QuantizedTensor, codes_for, pack_codes, scales_to_float32
+from bct_onnx.block_format import (
+    BlockFormat,
+    QuantizedTensor,
+    choose_scales,
+    codes_for,
+    pack_codes,
+    scales_to_float32,
+)
 from bct_onnx.weight_quantizer import search_scales
 
 # Columns updated together before the rest of the weight is corrected (the paper's "lazy batch").
@@ -84,8 +91,6 @@ def gptq_quantize(
                 if scale_search:
                     s, zp = search_scales(block, fmt)
                 else:
-                    from bct_onnx.block_format import choose_scales
-
                     s, zp = choose_scales(block, fmt)
                 scales[:, b] = s[:, 0]
                 scale_f32 = scales_to_float32(scales[:, b], fmt.scale_kind)
