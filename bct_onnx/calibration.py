@@ -87,19 +87,43 @@ def text_feeds(
 
 
 def constant_weight_matmuls(model: ir.Model) -> dict[MatMulKey, int]:
-    """(activation name, weight name) -> K for MatMuls whose second input is a constant 2-D float weight."""
+    """(activation name, weight name) -> K for MatMuls whose second input is a constant 2-D float weight.
+
+    A weight reached through Transpose(perm=[1, 0]) of a constant [N, K] (a tied embedding table used
+    as the output projection) is keyed by that constant's name, as QuantizeMatMulPass keys it.
+    """
     found: dict[MatMulKey, int] = {}
     for node in model.graph:
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
             continue
         act, weight = node.inputs
-        if act is None or weight is None or weight.const_value is None:
+        if act is None or weight is None:
             continue
+        k_axis = 0
+        if weight.const_value is None:
+            weight, k_axis = _transposed_constant(weight), 1
+            if weight is None:
+                continue
+        assert weight.const_value is not None
         shape = weight.const_value.shape
         if len(shape) != 2 or weight.const_value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
             continue
-        found[(act.name or "", weight.name or "")] = int(shape[0])
+        found[(act.name or "", weight.name or "")] = int(shape[k_axis])
     return found
+
+
+def _transposed_constant(value: ir.Value) -> ir.Value | None:
+    """The constant 2-D value behind Transpose(perm=[1, 0]) (or no perm), else None."""
+    producer = value.producer()
+    if producer is None or producer.op_type != "Transpose" or producer.domain not in ("", "ai.onnx"):
+        return None
+    perm = producer.attributes.get("perm")
+    if perm is not None and list(perm.as_ints()) != [1, 0]:
+        return None
+    inner = producer.inputs[0]
+    if inner is None or inner.const_value is None or inner.is_graph_input():
+        return None
+    return inner
 
 
 def collect_hessians(model: ir.Model, calibration: Calibration, providers: Iterable[str] = ("CPUExecutionProvider",)) -> dict[MatMulKey, np.ndarray]:

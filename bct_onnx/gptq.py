@@ -51,10 +51,14 @@ def gptq_quantize(
     *,
     damping: float = 0.01,
     scale_search: bool = True,
+    keep_dead_inputs: bool = False,
 ) -> QuantizedTensor:
     """Quantize a transposed MatMul weight [N, K] (rows are output columns) along K with GPTQ.
 
     hessian is the [K, K] sum of x^T x over calibration rows x of the MatMul's activation input.
+    Inputs never active in calibration (zero Hessian diagonal) contribute nothing to the output, so
+    their weights are zeroed, unless keep_dead_inputs (a tied embedding table, whose Gather reads
+    those values too): then they are rounded plainly (no error flows into them either way).
     """
     w = np.array(weight_nk, dtype=np.float64, copy=True)
     if w.ndim != 2:
@@ -63,7 +67,8 @@ def gptq_quantize(
     if hessian.shape != (k, k):
         raise ValueError(f"gptq_quantize: Hessian shape {hessian.shape} does not match K={k}")
     hinv, dead = _inverse_hessian_cholesky(hessian, damping)
-    w[:, dead] = 0.0
+    if not keep_dead_inputs:
+        w[:, dead] = 0.0
 
     bs = fmt.block_size
     nb = fmt.num_blocks(k)

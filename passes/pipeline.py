@@ -56,8 +56,10 @@ _EXTERNAL_DATA_BYTES = 1 << 30
 # reports attention's activation x activation MatMuls as skipped; QuantizeActMatMulPass then
 # rewrites them, and compress_model drops the skips of nodes a later pass rewrote.
 QUANTIZE_PASSES: dict[str, Callable[[CompressConfig], ir.passes.PassBase]] = {
-    "Gather": QuantizeGatherPass,
+    # MatMul before Gather: a tied table is quantized (GPTQ-rounded when calibrated) for the output
+    # projection, and the embedding Gather shares those codes.
     "MatMul": QuantizeMatMulPass,
+    "Gather": QuantizeGatherPass,
     "AttentionMatMul": QuantizeActMatMulPass,
     "Gelu": QuantizeGeluPass,
     "Silu": QuantizeSiluPass,

@@ -15,6 +15,7 @@ from bct_onnx.passes.framework import NodeRewritePass, PassReport, register_doma
 from bct_onnx.passes.quantized_weights import (
     FLOAT_DTYPES,
     constant_tensor,
+    existing_table_quantization,
     quantized_initializers,
     trim_trailing_none,
 )
@@ -105,20 +106,24 @@ class QuantizeGatherPass(NodeRewritePass):
         graph = model.graph
         gather = matched.gather
         fmt = self.config.settings_for("Gather", gather.name or gather.outputs[0].name or "").weight_format
-        if _tied_to_matmul(matched.table):
-            # The table doubles as an output projection (tied weights), whose error reaches the
-            # logits directly: store it with the MatMul's scale kind (embedding tables alone
-            # default to one-byte power-of-two scales).
-            matmul_kind = self.config.settings_for("MatMul", matched.table.name or "").scale_kind
-            fmt = dataclasses.replace(fmt, scale_kind=matmul_kind)
-        quantized = quantized_initializers(
-            graph,
-            matched.table,
-            matched.table_tensor,
-            fmt,
-            transposed=False,
-            scale_search=self.config.weight_scale_search,
-        )
+        # A tied table (also the output projection) is quantized first by QuantizeMatMulPass, in the
+        # MatMul's format and GPTQ-rounded when calibrated: with equal bits, block size and symmetry
+        # the Gather reads that copy, so the table is stored once.
+        rows, width = tuple(matched.table_tensor.shape.numpy())
+        quantized = existing_table_quantization(graph, matched.table, fmt, rows, width)
+        if quantized is None:
+            if _tied_to_matmul(matched.table):
+                # Its error also reaches the logits: use the MatMul's scale kind.
+                matmul_kind = self.config.settings_for("MatMul", matched.table.name or "").scale_kind
+                fmt = dataclasses.replace(fmt, scale_kind=matmul_kind)
+            quantized = quantized_initializers(
+                graph,
+                matched.table,
+                matched.table_tensor,
+                fmt,
+                transposed=False,
+                scale_search=self.config.weight_scale_search,
+            )
         name = matched.gather.name or (matched.gather.outputs[0].name or "Gather")
         new_node = ir.node(
             ops.BLOCK_GATHER,

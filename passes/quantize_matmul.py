@@ -105,6 +105,23 @@ def _bias_of(
     return add, other, np.asarray(tensor.numpy(), dtype=np.float32).reshape(n)
 
 
+def _only_matmul_reading(matched: MatMulMatch) -> bool:
+    """True when no other MatMul reads the weight's source (GPTQ fits the codes to this one's inputs).
+
+    A tied embedding table qualifies: besides this MatMul (through one Transpose) it is read only by
+    Gathers, which then share the codes that GPTQ chose for the output projection.
+    """
+    uses = list(matched.source.uses())
+    if not matched.source_is_transposed:
+        return len(uses) == 1
+    transposes = [use.node for use in uses if use.node.op_type == "Transpose"]
+    others = [use.node for use in uses if use.node.op_type not in ("Transpose", "Gather")]
+    if others or len(transposes) != 1:
+        return False
+    readers = [use.node for use in transposes[0].outputs[0].uses()]
+    return readers == [matched.matmul]
+
+
 def _input_importance(matched: MatMulMatch) -> np.ndarray | None:
     """Expected square of each input channel [K] when A comes from a LayerNormalization, else None.
 
@@ -151,7 +168,7 @@ class QuantizeMatMulPass(NodeRewritePass):
                 report.skip(node, matched)
                 continue
             key = (matched.activation.name or "", matched.source.name or "")
-            if key in hessians and not matched.source_is_transposed and len(list(matched.source.uses())) == 1:
+            if key in hessians and _only_matmul_reading(matched):
                 matched = dataclasses.replace(matched, hessian=hessians[key])
             self.rewrite(model, matched, report)
 
@@ -214,6 +231,7 @@ class QuantizeMatMulPass(NodeRewritePass):
             scale_search=config.weight_scale_search,
             importance=_input_importance(matched) if config.weight_scale_search and matched.hessian is None else None,
             hessian=matched.hessian,
+            keep_dead_inputs=matched.source_is_transposed,
         )
         name = matched.matmul.name or (matched.matmul.outputs[0].name or "MatMul")
         bias: ir.Value | None = None

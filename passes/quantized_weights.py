@@ -96,6 +96,28 @@ def existing_table_format(graph: ir.Graph, source: ir.Value, fmt: BlockFormat) -
     return None
 
 
+def existing_table_quantization(
+    graph: ir.Graph, source: ir.Value, fmt: BlockFormat, rows: int, axis_size: int
+) -> QuantizedInitializers | None:
+    """Initializers made earlier from source untransposed with fmt's bits, block size and symmetry.
+
+    Any scale kind and any rounding (plain, importance-weighted, GPTQ) qualify: a tied table that the
+    output projection quantized first (GPTQ-rounded for it) is then shared by the Gather.
+    """
+    source_name = source.name or "weight"
+    for kind in ScaleKind:
+        candidate = dataclasses.replace(fmt, scale_kind=kind)
+        for suffix in ("_gptq", "", "_aw"):
+            tag = format_tag(candidate, transposed=False) + suffix
+            base = f"{source_name}.bct_{tag}"
+            codes = _find(graph, f"{base}.codes", source_name, tag)
+            scales = _find(graph, f"{base}.scales", source_name, tag)
+            zero_points = None if fmt.symmetric else _find(graph, f"{base}.zero_points", source_name, tag)
+            if codes is not None and scales is not None and (fmt.symmetric or zero_points is not None):
+                return QuantizedInitializers(codes, scales, zero_points, rows, axis_size, reused=True)
+    return None
+
+
 def quantized_initializers(
     graph: ir.Graph,
     source: ir.Value,
@@ -105,11 +127,13 @@ def quantized_initializers(
     scale_search: bool,
     importance: np.ndarray | None = None,
     hessian: np.ndarray | None = None,
+    keep_dead_inputs: bool = False,
 ) -> QuantizedInitializers:
     """Quantize a constant 2-D tensor (its transpose when transposed) along the last axis, once per graph.
 
     Reuses initializers made earlier from the same source in the same layout and format. With a
-    calibration hessian ([D, D] of the consumer's inputs) the codes are chosen by GPTQ.
+    calibration hessian ([D, D] of the consumer's inputs) the codes are chosen by GPTQ
+    (keep_dead_inputs: see gptq_quantize).
     """
     source_name = source.name or "weight"
     tag = format_tag(fmt, transposed) + ("_aw" if importance is not None else "") + ("_gptq" if hessian is not None else "")
@@ -125,7 +149,7 @@ def quantized_initializers(
     if transposed:
         array = np.ascontiguousarray(array.T)
     if hessian is not None:
-        quantized = gptq_quantize(array, hessian, fmt, scale_search=scale_search)
+        quantized = gptq_quantize(array, hessian, fmt, scale_search=scale_search, keep_dead_inputs=keep_dead_inputs)
     else:
         quantized = quantize_tensor(array, fmt, scale_search=scale_search, importance=importance)
     codes = _register(graph, f"{base}.codes", quantized.codes, source_name, tag)

@@ -125,3 +125,46 @@ def test_text_feeds_without_pad_token_uses_one_text_per_batch(helpers):
     calibration = text_feeds(model, _NoPadTokenizer(), texts=texts, batch_size=8)
     assert [batch["input_ids"].shape for batch in calibration.feeds] == [(1, 3), (1, 2), (1, 4)]
     assert all(batch["attention_mask"].all() for batch in calibration.feeds)
+
+
+TIED_LM = """<ir_version: 8, opset_import: ["" : 17]>
+g (int64[B, S] ids, float[B, S, 64] h) => (float[B, S, 64] emb, float[B, S, 300] logits) {
+  emb = Gather(table, ids)
+  table_t = Transpose<perm = [1, 0]>(table)
+  logits = MatMul(h, table_t)
+}"""
+
+
+def test_tied_table_is_gptq_rounded_for_the_output_projection_and_shared(helpers):
+    rng = np.random.default_rng(3)
+    table = (rng.standard_normal((300, 64)) * 0.05).astype(np.float32)
+    table[:, 5] = 0.3  # an input channel never active in calibration: the Gather still needs it
+    model = helpers.model_from_text(TIED_LM, {"table": table})
+
+    def feeds(rows):
+        h = _correlated_inputs(rng, rows, 64)
+        h[:, 5] = 0.0
+        return {"ids": rng.integers(0, 300, (1, rows)), "h": h.reshape(1, rows, 64)}
+
+    calib = Calibration(tuple(feeds(128) for _ in range(2)))
+    assert collect_hessians(model, calib)[("h", "table")].shape == (64, 64)
+    config = CompressConfig(weight_bits=4, act_bits=None, ops=frozenset({"MatMul", "Gather"}))
+    calibrated = compress_model(model, config, calibration=calib)
+    plain = compress_model(model, config)
+    assert calibrated.rewritten["MatMul weight rounded by GPTQ (calibrated)"] == 1
+    assert calibrated.rewritten["shared quantized table"] == 1
+    graph = calibrated.model.graph
+    gather, lm_head = graph.node(0), graph.node(1)
+    assert (gather.op_type, lm_head.op_type) == ("BlockGather", "BlockMatMul")
+    assert gather.inputs[1] is lm_head.inputs[1]  # one copy of the table
+    codes = [v for v in graph.initializers.values() if v.name.endswith(".codes")]
+    assert len(codes) == 1
+    test = feeds(256)
+    _, expected = helpers.run_ort(model, test)
+    emb_c, logits_c = helpers.run_reference(calibrated.model, test)
+    emb_p, logits_p = helpers.run_reference(plain.model, test)
+    assert np.linalg.norm(logits_c - expected) < 0.9 * np.linalg.norm(logits_p - expected)
+    # The dead channel is rounded plainly, not zeroed: the embedding keeps it.
+    np.testing.assert_allclose(emb_c[..., 5], 0.3, rtol=0.1)
+    through_ort = helpers.run_bct_session(calibrated.model, test)
+    np.testing.assert_allclose(through_ort[1], logits_c, rtol=1e-4, atol=1e-4)
