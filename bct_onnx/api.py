@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -138,14 +139,19 @@ def _find_tokenizer_dir(*candidates: Path | None) -> Path | None:
 
 
 def _calibration(
-    model: ir.Model, calibration: CalibrationArg, tokenizer: str | os.PathLike[str] | None, *folders: Path | None
+    model: ir.Model,
+    calibration: CalibrationArg,
+    tokenizer: str | os.PathLike[str] | None,
+    *folders: Path | None,
+    text_source: str = "auto",
 ) -> tuple[Calibration | None, dict[str, Any]]:
     """The calibration to run GPTQ with, and what the report says about it.
 
-    "auto": text calibration (the shipped public-domain text) when a tokenizer is found next to the
-    model, in the Hugging Face directory, or given; otherwise plain rounding, with the reason.
+    "auto": text calibration (``text_source``, see calibration.calibration_texts) when
+    a tokenizer is found next to the model, in the Hugging Face directory, or given; otherwise plain
+    rounding, with the reason.
     """
-    from bct_onnx.calibration import Calibration, CalibrationError, text_feeds
+    from bct_onnx.calibration import Calibration, CalibrationError, calibration_texts, text_feeds
 
     if calibration is None or calibration == "none":
         return None, {"method": "none", "reason": "calibration switched off"}
@@ -165,12 +171,34 @@ def _calibration(
 
         with hub_offline():
             loaded = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        feeds = text_feeds(model, loaded)
-    except (CalibrationError, OSError, ValueError) as error:
+    except (OSError, ValueError) as error:
         if calibration == "text":
             raise BctOnnxError(f"text calibration with the tokenizer in {folder} failed: {error}") from error
         return None, {"method": "none", "reason": f"text calibration not possible: {error}"}
-    return feeds, {"method": "gptq", "batches": len(feeds.feeds), "source": "shipped calibration text", "tokenizer": str(folder)}
+    try:
+        texts, max_tokens, description = calibration_texts(text_source)
+    except CalibrationError as error:  # a missing file or an unknown name: the caller's error
+        raise BctOnnxError(str(error)) from error
+    try:
+        feeds = text_feeds(model, loaded, texts, max_length=_max_length(loaded, max_tokens))
+    except (CalibrationError, ValueError) as error:
+        if calibration == "text":
+            raise BctOnnxError(f"text calibration with the tokenizer in {folder} failed: {error}") from error
+        return None, {"method": "none", "reason": f"text calibration not possible: {error}"}
+    tokens = int(sum(int(np.asarray(f["attention_mask"]).sum()) if "attention_mask" in f else f["input_ids"].size for f in feeds.feeds))
+    return feeds, {
+        "method": "gptq",
+        "batches": len(feeds.feeds),
+        "tokens": tokens,
+        "source": description,
+        "tokenizer": str(folder),
+    }
+
+
+def _max_length(tokenizer: Any, wanted: int) -> int:
+    """wanted, capped by the tokenizer's model_max_length when that is a real limit."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    return min(wanted, int(limit)) if isinstance(limit, int) and 0 < limit < 1_000_000 else wanted
 
 
 def _rewritten_op_types(rules: dict[str, int]) -> dict[str, int]:
@@ -203,6 +231,7 @@ def compress(
     task: str | None = None,
     calibration: CalibrationArg = "auto",
     tokenizer: str | os.PathLike[str] | None = None,
+    calibration_text: str = "auto",
     **overrides: Any,
 ) -> CompressResult:
     """Compress a model; write it to ``output`` when given.
@@ -212,10 +241,13 @@ def compress(
     config / overrides: a CompressConfig and field overrides, e.g. ``weight_bits=4, act_bits=None``.
     progress: show tqdm bars on stderr. debug_dir: keep the input model and, where the pipeline
     supports it, the model after every pass that changed it.
-    calibration: "auto" (default: GPTQ rounding of MatMul weights, calibrated on shipped
-    public-domain text, whenever a tokenizer is found next to the model or in the Hugging Face
-    directory, or given as ``tokenizer``), "text" (the same, an error without a tokenizer), "none"
-    (plain rounding), or a bct_onnx.calibration.Calibration of your own input batches.
+    calibration: "auto" (default: GPTQ rounding of MatMul weights, calibrated on public-domain
+    text, whenever a tokenizer is found next to the model or in the Hugging Face directory, or given
+    as ``tokenizer``), "text" (the same, an error without a tokenizer), "none" (plain rounding), or
+    a bct_onnx.calibration.Calibration of your own input batches.
+    calibration_text: where text calibration's words come from: "auto" or "shipped" (the
+    public-domain lines shipped in the package), "moby-dick" (Melville's novel from Debian's
+    r-cran-tokenizers, fetched once), or the path of a UTF-8 text file of your own.
     """
     cfg = make_config(config, **overrides)
     timer = StepTimer()
@@ -273,7 +305,9 @@ def compress(
         with timer.step("calibrate"):
             source_dir = Path(exported_from) if exported_from is not None else None
             model_dir = input_file.parent if input_file is not None else None
-            feeds, calibration_report = _calibration(model, calibration, tokenizer, source_dir, model_dir)
+            feeds, calibration_report = _calibration(
+                model, calibration, tokenizer, source_dir, model_dir, text_source=calibration_text
+            )
         with timer.step("compress"):
             result = _run_pipeline(model, cfg, prog, debug, feeds)
         compressed = result.model

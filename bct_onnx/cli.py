@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tokenizer is found next to the model or in the HF directory; default), text (required), none",
     )
     comp.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory for text calibration")
+    add_calibration_text_flag(comp)
     _add_common_flags(comp)
 
     demo = sub.add_parser(
@@ -299,6 +300,17 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+def add_calibration_text_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--calibration-text",
+        metavar="SOURCE",
+        default="auto",
+        help="text that GPTQ calibrates on: shipped (public-domain lines inside the package; also auto, "
+        "the default), moby-dick (Debian r-cran-tokenizers, fetched once), or a UTF-8 text file, cut "
+        "into 64 windows of 256 words",
+    )
+
+
 def _cmd_compress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from bct_onnx.api import compress, make_config
     from bct_onnx.config_file import apply_controls, load_config_file
@@ -317,6 +329,7 @@ def _cmd_compress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         task=args.task,
         calibration=args.calibration,
         tokenizer=args.tokenizer,
+        calibration_text=args.calibration_text,
     )
     if args.report:
         result.report.write(args.report)

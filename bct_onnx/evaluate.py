@@ -124,9 +124,10 @@ def _session(path: Path, compressed: bool, threads: int | None) -> Any:
 # ------------------------------------------------------------------------------------------- text
 
 
-def evaluation_ids(tokenizer: Any, tokens: int, book: str = DEFAULT_BOOK) -> np.ndarray:
-    """The first ``tokens`` tokens of an Austen novel; checks it shares no line with the calibration text."""
-    from bct_onnx.calibration import calibration_text
+def evaluation_ids(
+    tokenizer: Any, tokens: int, book: str = DEFAULT_BOOK, calibration_text: str | None = "auto"
+) -> np.ndarray:
+    """The first ``tokens`` tokens of an Austen novel; refuses a calibration text that overlaps it."""
     from bct_onnx.models.perplexity import tokenize_for_perplexity
     from bct_onnx.models.text_data import TextDataUnavailable, austen_text
 
@@ -134,15 +135,34 @@ def evaluation_ids(tokenizer: Any, tokens: int, book: str = DEFAULT_BOOK) -> np.
         text = austen_text(book)
     except (TextDataUnavailable, KeyError) as error:
         raise EvalError(f"evaluation text unavailable: {error}") from error
-    overlap = [line for line in calibration_text() if len(line) > 40 and line in text]
-    if overlap:  # never true for the shipped files; guards against someone adding Austen to calibration
-        raise EvalError(
-            f"calibration text overlaps the evaluation text ({len(overlap)} lines, e.g. {overlap[0]!r})"
-        )
+    if calibration_text is not None:
+        _check_no_overlap(text, calibration_text)
     ids = tokenize_for_perplexity(tokenizer, text, tokens)
     if ids.size < tokens:
         raise EvalError(f"{book} has only {ids.size} tokens, fewer than the {tokens} asked for")
     return ids
+
+
+def _check_no_overlap(evaluation: str, calibration_source: str, shingle: int = 8) -> None:
+    """EvalError when more than 1% of the calibration windows' 8-word runs occur in the evaluation text."""
+    from bct_onnx.calibration import CalibrationError, calibration_texts
+
+    try:
+        texts, _, description = calibration_texts(calibration_source)
+    except CalibrationError as error:
+        raise EvalError(str(error)) from error
+
+    def runs(words: list[str]) -> set[tuple[str, ...]]:
+        return {tuple(words[i : i + shingle]) for i in range(len(words) - shingle + 1)}
+
+    seen = runs(evaluation.split())
+    used = set().union(*(runs(text.split()) for text in texts))
+    shared = len(used & seen)
+    if used and shared > 0.01 * len(used):
+        raise EvalError(
+            f"calibration text ({description}) overlaps the evaluation text: {shared} of its "
+            f"{len(used)} {shingle}-word runs occur in it; calibrate on other text"
+        )
 
 
 # ------------------------------------------------------------------------------------------- eval
@@ -262,6 +282,7 @@ def evaluate(
     *,
     tokenizer: str | os.PathLike[str] | None = None,
     calibration: Any = "auto",
+    calibration_text: str = "auto",
     tokens: int = 4096,
     window: int = 512,
     stride: int | None = None,
@@ -287,7 +308,7 @@ def evaluate(
     seconds: dict[str, float] = {}
     path, tokenizer_dir = resolve_model(model, tokenizer)
     tok = load_tokenizer(tokenizer_dir)
-    ids = evaluation_ids(tok, tokens, book)
+    ids = evaluation_ids(tok, tokens, book, calibration_text if calibration not in (None, "none") else None)
 
     start = time.perf_counter()
     fp32_ppl, cached = fp32_perplexity(path, tokenizer_dir, ids, book, window, step, threads, fp32_cache)
@@ -297,7 +318,13 @@ def evaluate(
         out = Path(keep) if keep is not None else Path(tmp) / "model.bct.onnx"
         start = time.perf_counter()
         result = compress(
-            path, out, config=config, calibration=calibration, tokenizer=tokenizer_dir, progress=progress
+            path,
+            out,
+            config=config,
+            calibration=calibration,
+            tokenizer=tokenizer_dir,
+            calibration_text=calibration_text,
+            progress=progress,
         )
         seconds["compress"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -394,22 +421,22 @@ class _Decoder:
         return new
 
 
-def decoder_calibration(path: Path, tokenizer: Any) -> Any:
-    """Calibration batches of the shipped text for a decoder graph, with an empty KV cache if it has one."""
+def decoder_calibration(path: Path, tokenizer: Any, text_source: str = "auto") -> Any:
+    """Calibration batches (windows of text_source) for a decoder graph, with an empty KV cache if it has one."""
     import onnx
 
-    from bct_onnx.calibration import Calibration, calibration_text
+    from bct_onnx.calibration import Calibration, calibration_texts
 
     graph = onnx.load(str(path), load_external_data=False).graph
     batches = []
-    texts = calibration_text()
+    texts, max_tokens, _ = calibration_texts(text_source)
     per_batch = 1 if getattr(tokenizer, "pad_token", "") is None else 8  # no pad token: no padding
     for begin in range(0, len(texts), per_batch):
         enc = tokenizer(
             texts[begin : begin + per_batch],
             padding=per_batch > 1,
             truncation=True,
-            max_length=128,
+            max_length=max_tokens,
             return_tensors="np",
         )
         batch, seq = enc["input_ids"].shape
@@ -474,6 +501,7 @@ def generate(
     max_new_tokens: int = 32,
     tokenizer: str | os.PathLike[str] | None = None,
     calibration: Any = "auto",
+    calibration_text: str = "auto",
     kv_cache: bool = True,
     threads: int | None = None,
     progress: bool = False,
@@ -501,11 +529,11 @@ def generate(
             out = Path(tmp) / f"model{'_past' if with_past else ''}.bct.onnx"
             cal = calibration
             if calibration == "auto" and with_past:
-                cal = decoder_calibration(path, tok)
+                cal = decoder_calibration(path, tok, calibration_text)
             try:
                 start = time.perf_counter()
                 result = compress(
-                    path, out, config=config, calibration=cal, tokenizer=tokenizer_dir, progress=progress
+                    path, out, config=config, calibration=cal, tokenizer=tokenizer_dir, calibration_text=calibration_text, progress=progress
                 )
                 seconds["compress"] = time.perf_counter() - start
                 fp32 = _Decoder(_session(path, False, threads))
@@ -619,6 +647,8 @@ def register_subcommands(
 
 
 def _add_shared_flags(parser: Any, positive: Callable[[str], int]) -> None:
+    from bct_onnx.cli import add_calibration_text_flag
+
     parser.add_argument(
         "--calibration",
         choices=("auto", "text", "none"),
@@ -626,6 +656,7 @@ def _add_shared_flags(parser: Any, positive: Callable[[str], int]) -> None:
         help="GPTQ rounding calibrated on the shipped (non-Austen) text: auto (default), text, none",
     )
     parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: next to the model)")
+    add_calibration_text_flag(parser)
     parser.add_argument("--threads", type=positive, default=None, metavar="N", help="ONNX Runtime threads")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
 
@@ -656,6 +687,7 @@ def cmd_eval(args: Any, parser: Any) -> int:
         _config(args, parser),
         tokenizer=args.tokenizer,
         calibration=args.calibration,
+        calibration_text=args.calibration_text,
         tokens=args.tokens,
         window=args.window,
         stride=args.stride,
@@ -681,6 +713,7 @@ def cmd_generate(args: Any, parser: Any) -> int:
         max_new_tokens=args.max_new_tokens,
         tokenizer=args.tokenizer,
         calibration=args.calibration,
+        calibration_text=args.calibration_text,
         kv_cache=not args.no_kv_cache,
         threads=args.threads,
         progress=_progress(args),

@@ -1,4 +1,7 @@
-"""Real English text without a dataset hub: Jane Austen's six novels from Debian's r-cran-janeaustenr.
+"""Real English text without a dataset hub, from Debian's R packages.
+
+Jane Austen's six novels (r-cran-janeaustenr) are the evaluation text; Herman Melville's Moby-Dick
+(the ``mobydick`` data set of r-cran-tokenizers) is calibration text for GPTQ, kept apart from it.
 
 The .deb is fetched by package name with ``apt-get download`` (no install, no root needed),
 unpacked with ``dpkg-deb -x`` into a cache directory, and the novels are read from the R package's
@@ -24,6 +27,7 @@ from bct_onnx.models.cache import cache_dir
 logger = logging.getLogger(__name__)
 
 AUSTEN_PACKAGE = "r-cran-janeaustenr"
+MOBY_DICK_PACKAGE = "r-cran-tokenizers"
 AUSTEN_BOOKS: tuple[str, ...] = (
     "sensesensibility",
     "prideprejudice",
@@ -142,3 +146,20 @@ def austen_text(book: str = "prideprejudice") -> str:
     if current:
         paragraphs.append(" ".join(current))
     return "\n\n".join(paragraphs)
+
+
+@lru_cache(maxsize=1)
+def moby_dick_text() -> str:
+    """Moby-Dick (public domain) from r-cran-tokenizers, chapters only: Project Gutenberg's header
+    and licence footer are cut off; paragraphs separated by blank lines, their lines joined."""
+    root = debian_package_root(MOBY_DICK_PACKAGE)
+    data = read_lazyload_db(root / _R_LIBRARY / "tokenizers" / "data")
+    if "mobydick" not in data:
+        raise TextDataUnavailable(f"{MOBY_DICK_PACKAGE} has no mobydick data set (found {sorted(data)})")
+    raw = str(data["mobydick"][0]).replace("\r\n", "\n")
+    start = raw.find("CHAPTER 1. Loomings.")
+    end = raw.find("End of Project Gutenberg")
+    if start < 0 or end <= start:
+        raise TextDataUnavailable(f"{MOBY_DICK_PACKAGE}: the mobydick text does not have the expected layout")
+    paragraphs = [" ".join(p.split()) for p in raw[start:end].split("\n\n")]
+    return "\n\n".join(p for p in paragraphs if p)

@@ -108,3 +108,44 @@ def test_cli_report_records_calibration(tmp_path: Path, capsys: pytest.CaptureFi
     assert code == 0, capsys.readouterr().err
     report = json.loads(report_path.read_text())
     assert report["calibration"]["method"] == "gptq" and report["calibration"]["batches"] >= 1
+
+
+def test_calibration_text_from_a_file_is_cut_into_windows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = _text_model(tmp_path / "with", with_tokenizer=True)
+    words = [f"word{i % 97}" for i in range(256 * 10 + 17)]
+    text_file = tmp_path / "domain.txt"
+    text_file.write_text(" ".join(words), encoding="utf-8")
+    report_path = tmp_path / "r.json"
+    argv = ["compress", str(model), "-o", str(tmp_path / "o.onnx"), "--ops", "MatMul", "-q"]
+    code = cli.main([*argv, "--calibration-text", str(text_file), "--report", str(report_path)])
+    assert code == 0, capsys.readouterr().err
+    calibration = json.loads(report_path.read_text())["calibration"]
+    assert calibration["source"] == f"file {text_file}"
+    assert calibration["batches"] == 2  # 10 windows of 256 words, 8 texts a batch
+    assert calibration["tokens"] > 10 * 200
+
+
+@pytest.mark.parametrize("content", [None, "  \n\n "])
+def test_missing_or_empty_calibration_text_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None
+) -> None:
+    model = _text_model(tmp_path / "with", with_tokenizer=True)
+    text_file = tmp_path / "domain.txt"
+    if content is not None:
+        text_file.write_text(content, encoding="utf-8")
+    out = tmp_path / "o.onnx"
+    code = cli.main(["compress", str(model), "-o", str(out), "--calibration-text", str(text_file), "-q"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert str(text_file) in err and ("empty" in err if content is not None else "neither a file" in err)
+    assert not out.exists()
+
+
+def test_text_windows_spread_over_the_text() -> None:
+    from bct_onnx.calibration import text_windows
+
+    text = " ".join(str(i) for i in range(1000))
+    windows = text_windows(text, samples=3, words=100)
+    assert [w.split()[0] for w in windows] == ["0", "400", "900"]
+    assert all(len(w.split()) == 100 for w in windows)
+    assert text_windows("a b c", samples=4, words=100) == ["a b c"]

@@ -60,3 +60,15 @@ def test_cli_names_a_missing_model_and_tokenizer(tmp_path: Path, capsys: pytest.
     model.write_bytes(plain.read_bytes())
     assert cli.main(["eval", str(model)]) == 1
     assert "--tokenizer" in capsys.readouterr().err
+
+
+def test_calibration_text_that_overlaps_the_evaluation_text_is_refused(tmp_path: Path) -> None:
+    novel = " ".join(f"w{i % 5000}x{i // 5000}" for i in range(20000))
+    copied = tmp_path / "copied.txt"
+    copied.write_text(novel[: len(novel) // 3], encoding="utf-8")
+    with pytest.raises(evaluate.EvalError, match="overlaps the evaluation text"):
+        evaluate._check_no_overlap(novel, str(copied))
+    other = tmp_path / "other.txt"
+    other.write_text(" ".join(f"v{i}" for i in range(5000)), encoding="utf-8")
+    evaluate._check_no_overlap(novel, str(other))
+    evaluate._check_no_overlap(novel, "shipped")

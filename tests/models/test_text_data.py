@@ -51,3 +51,17 @@ def test_failed_download_is_a_clean_error(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("PATH", str(tmp_path))  # no apt-get on PATH
     with pytest.raises(text_data.TextDataUnavailable, match=r"apt-get is not available"):
         text_data.debian_package_root("r-cran-janeaustenr", root=tmp_path)
+
+
+def test_moby_dick_is_calibration_text_without_gutenberg_boilerplate() -> None:
+    try:
+        text = text_data.moby_dick_text()
+    except text_data.TextDataUnavailable as error:
+        pytest.skip(f"Moby-Dick unavailable (needs apt-get download {text_data.MOBY_DICK_PACKAGE}): {error}")
+    assert text.startswith("CHAPTER 1. Loomings.\n\nCall me Ishmael.")
+    assert text.rstrip().endswith("only found another orphan.")
+    assert "Gutenberg" not in text and len(text) > 1_000_000
+    from bct_onnx.calibration import SAMPLE_WORDS, calibration_texts
+
+    windows, max_tokens, description = calibration_texts("moby-dick")
+    assert len(windows) == 64 and max_tokens == SAMPLE_WORDS and "Moby-Dick" in description
