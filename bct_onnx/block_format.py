@@ -3,9 +3,9 @@
 A tensor is cut into blocks of ``block_size`` consecutive elements along its last axis (callers
 move the axis they quantize along to the end first; a MatMul weight [K, N] is stored as its
 transpose [N, K]). A partial last block is legal. Every block has one scale and, when
-asymmetric, one zero point. Codes are unsigned integers ``u`` of ``bits`` bits (2..8); the value a
-code stands for is ``(u - zero_point) * scale``, where symmetric blocks use the implicit zero point
-``2 ** (bits - 1)``. Each row of codes is packed densely, little-endian, least significant bit first:
+asymmetric, either one integer zero point (value ``(u - zero_point) * scale``) or one float
+offset (value ``u * scale + offset``, GGUF Q4_1 style). Codes are unsigned integers ``u`` of ``bits``
+bits (2..8); symmetric blocks use the implicit zero point ``2 ** (bits - 1)``. Each row of codes is packed densely, little-endian, least significant bit first:
 code ``i`` of a row occupies bits ``[i * bits, (i + 1) * bits)`` of that row's bytes, so a row of ``D``
 codes takes ``ceil(D * bits / 8)`` bytes. The C++ and CUDA kernels must agree with every function
 here bit-exactly; docs/block_format.md explains the format in prose.
@@ -33,6 +33,13 @@ class ScaleKind(str, enum.Enum):
     POW2 = "pow2"  # one byte: a biased power-of-two exponent, so dequantization is a shift
 
 
+class ZeroPointKind(str, enum.Enum):
+    """What an asymmetric block stores besides its scale (symmetric blocks store neither)."""
+
+    INTEGER = "integer"  # uint8 zero point: value = (u - zero_point) * scale
+    FLOAT = "float"  # float offset (the block minimum): value = u * scale + offset
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockFormat:
     """Parameters of one blockwise-quantized tensor."""
@@ -41,6 +48,7 @@ class BlockFormat:
     block_size: int = 32
     symmetric: bool = True
     scale_kind: ScaleKind = ScaleKind.FLOAT16
+    zero_point_kind: ZeroPointKind = ZeroPointKind.INTEGER  # asymmetric blocks only
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, (int, np.integer)) or not MIN_BITS <= self.bits <= MAX_BITS:
@@ -48,6 +56,27 @@ class BlockFormat:
         if not isinstance(self.block_size, (int, np.integer)) or self.block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
         object.__setattr__(self, "scale_kind", ScaleKind(self.scale_kind))
+        object.__setattr__(self, "zero_point_kind", ZeroPointKind(self.zero_point_kind))
+        if self.symmetric and self.zero_point_kind is ZeroPointKind.FLOAT:
+            raise ValueError("zero_point_kind 'float' (float offsets) needs symmetric=False")
+
+    @property
+    def float_offsets(self) -> bool:
+        """True when blocks carry a float offset: value = u * scale + offset."""
+        return not self.symmetric and self.zero_point_kind is ZeroPointKind.FLOAT
+
+    @property
+    def zero_point_dtype(self) -> np.dtype | None:
+        """dtype of the zero_points array: uint8 zero points, float16/float32 offsets, None if symmetric.
+
+        Offsets are float16 next to float16 and pow2 scales (2 bytes a block, as GGUF's Q4_1 ``m``)
+        and float32 next to float32 scales.
+        """
+        if self.symmetric:
+            return None
+        if self.zero_point_kind is ZeroPointKind.INTEGER:
+            return np.dtype(np.uint8)
+        return np.dtype(np.float32) if self.scale_kind is ScaleKind.FLOAT32 else np.dtype(np.float16)
 
     @property
     def qmin(self) -> int:
@@ -76,14 +105,15 @@ class BlockFormat:
         }[self.scale_kind]
 
     def storage_bits_per_value(self) -> float:
-        """Average storage per element for long rows: codes plus the block's scale and zero point."""
-        extra = self.scale_dtype.itemsize * 8 + (0 if self.symmetric else 8)
+        """Average storage per element for long rows: codes plus the block's scale and zero point/offset."""
+        zp_dtype = self.zero_point_dtype
+        extra = self.scale_dtype.itemsize * 8 + (0 if zp_dtype is None else zp_dtype.itemsize * 8)
         return self.bits + extra / self.block_size
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizedTensor:
-    """Packed codes [..., row_bytes], scales [..., num_blocks], zero points (asymmetric only)."""
+    """Packed codes [..., row_bytes], scales [..., num_blocks], zero points or offsets (asymmetric only)."""
 
     codes: np.ndarray
     scales: np.ndarray
@@ -102,14 +132,28 @@ def round_half_to_even(x: np.ndarray) -> np.ndarray:
     return np.rint(x.astype(np.float32, copy=False))
 
 
-def _pad_to_blocks(x: np.ndarray, block_size: int) -> np.ndarray:
-    """Reshape [..., D] to [..., num_blocks, block_size], padding the last block with zeros."""
+def _pad_to_blocks(x: np.ndarray, block_size: int, edge: bool = False) -> np.ndarray:
+    """Reshape [..., D] to [..., num_blocks, block_size], padding the last block with zeros.
+
+    edge=True pads with the row's last value instead, which leaves a partial block's minimum and
+    maximum those of its real elements (what float-offset blocks need; zeros would move them).
+    """
     d = x.shape[-1]
     nb = -(-d // block_size)
     pad = nb * block_size - d
     if pad:
-        x = np.concatenate([x, np.zeros(x.shape[:-1] + (pad,), dtype=x.dtype)], axis=-1)
+        fill = np.repeat(x[..., -1:], pad, axis=-1) if edge else np.zeros(x.shape[:-1] + (pad,), dtype=x.dtype)
+        x = np.concatenate([x, fill], axis=-1)
     return x.reshape(x.shape[:-1] + (nb, block_size))
+
+
+def pad_to_blocks(x: np.ndarray, fmt: BlockFormat) -> np.ndarray:
+    """[..., D] -> [..., num_blocks, block_size] as the spec pads a partial last block for fmt.
+
+    Zeros for symmetric and integer-zero-point blocks (they never change the scale there); the
+    row's last value for float-offset blocks (so the minimum and maximum are the real elements').
+    """
+    return _pad_to_blocks(np.asarray(x), fmt.block_size, edge=fmt.float_offsets)
 
 
 def pow2_exponent_at_least(ratio: np.ndarray) -> np.ndarray:
@@ -141,8 +185,13 @@ def choose_scales(blocks: np.ndarray, fmt: BlockFormat) -> tuple[np.ndarray, np.
     POW2 symmetric: the smallest power of two with ``amax / scale <= 2**(bits-1) - 1``.
     Asymmetric: the range [min(x, 0), max(x, 0)] is spread over 2**bits - 1 steps and the zero point
     is ``clamp(rne(-lo / scale), 0, 2**bits - 1)`` (POW2: smallest power of two >= that step).
+    Float offsets: offset = the block minimum rounded to the offset dtype, step =
+    ``max(max(x) - offset, 0) / (2**bits - 1)`` stored in the scale kind (POW2: smallest power of two
+    >= step, e = 0 for a zero step); the second result is then the offsets array.
     """
     blocks = blocks.astype(np.float32, copy=False)
+    if fmt.float_offsets:
+        return _choose_offset_scales(blocks, fmt)
     if fmt.symmetric:
         idx = np.argmax(np.abs(blocks), axis=-1)
         m = np.take_along_axis(blocks, idx[..., None], axis=-1)[..., 0]
@@ -167,11 +216,36 @@ def choose_scales(blocks: np.ndarray, fmt: BlockFormat) -> tuple[np.ndarray, np.
     return stored, zp
 
 
+def _stored_step(step: np.ndarray, fmt: BlockFormat) -> np.ndarray:
+    """A non-negative float32 step stored in fmt's scale kind (pow2: smallest 2**e >= step; e = 0 for 0)."""
+    if fmt.scale_kind is ScaleKind.POW2:
+        e = np.where(step > 0, pow2_exponent_at_least(np.where(step > 0, step, np.float32(1.0))), 0)
+        return (e + POW2_EXPONENT_BIAS).astype(np.uint8)
+    return step.astype(fmt.scale_dtype)
+
+
+def _choose_offset_scales(blocks: np.ndarray, fmt: BlockFormat) -> tuple[np.ndarray, np.ndarray]:
+    """Stored scales and float offsets of float-offset blocks [..., nb, block_size] (float32)."""
+    assert fmt.zero_point_dtype is not None
+    lo = blocks.min(axis=-1)
+    hi = blocks.max(axis=-1)
+    offsets = lo.astype(fmt.zero_point_dtype)
+    with np.errstate(invalid="ignore", over="ignore"):
+        step = ((hi - offsets.astype(np.float32)) / np.float32(fmt.qmax)).astype(np.float32)
+    step = np.where(step > 0, step, np.float32(0.0)).astype(np.float32)  # offset rounded above every value
+    return _stored_step(step, fmt), offsets
+
+
 def codes_for(
     blocks: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, fmt: BlockFormat
 ) -> np.ndarray:
     """Unsigned codes [..., nb, block_size] of blocks for given stored scales and zero points."""
     inv = _inverse(scales_to_float32(scales, fmt.scale_kind))[..., None]
+    if fmt.float_offsets:
+        assert zero_points is not None
+        shifted = blocks.astype(np.float32, copy=False) - zero_points[..., None].astype(np.float32)
+        q = round_half_to_even(np.clip(shifted * inv, 0, fmt.qmax))
+        return q.astype(np.uint8)
     q = round_half_to_even(blocks.astype(np.float32, copy=False) * inv)
     if fmt.symmetric:
         q = np.clip(q, fmt.qmin, fmt.qmax) + np.float32(fmt.implicit_zero_point)
@@ -185,7 +259,7 @@ def quantize_codes(x: np.ndarray, fmt: BlockFormat) -> tuple[np.ndarray, np.ndar
     """Unpacked unsigned codes [..., D], stored scales [..., nb], zero points (or None) of x [..., D]."""
     x = np.asarray(x, dtype=np.float32)
     d = x.shape[-1]
-    blocks = _pad_to_blocks(x, fmt.block_size)
+    blocks = pad_to_blocks(x, fmt)
     scales, zp = choose_scales(blocks, fmt)
     codes = codes_for(blocks, scales, zp, fmt)
     codes = codes.reshape(codes.shape[:-2] + (-1,))[..., :d]
@@ -219,10 +293,15 @@ def quantize(x: np.ndarray, fmt: BlockFormat) -> QuantizedTensor:
 def dequantize_codes(
     codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, fmt: BlockFormat
 ) -> np.ndarray:
-    """float32 values [..., D] of unpacked codes [..., D]: (u - zero_point) * scale."""
+    """float32 values [..., D] of unpacked codes [..., D]: (u - zero_point) * scale, or u * scale + offset."""
     d = codes.shape[-1]
     nb = fmt.num_blocks(d)
     scale = np.repeat(scales_to_float32(scales, fmt.scale_kind), fmt.block_size, axis=-1)[..., :d]
+    if fmt.float_offsets:
+        assert zero_points is not None and zero_points.shape[-1] == nb
+        offset = np.repeat(zero_points.astype(np.float32), fmt.block_size, axis=-1)[..., :d]
+        product = (codes.astype(np.float32) * scale).astype(np.float32)  # one rounding, then one more
+        return (product + offset).astype(np.float32)
     if fmt.symmetric:
         zp = np.float32(fmt.implicit_zero_point)
     else:

@@ -17,8 +17,9 @@ from bct_onnx.block_format import (
     QuantizedTensor,
     choose_scales,
     codes_for,
+    dequantize_codes,
     pack_codes,
-    scales_to_float32,
+    pad_to_blocks,
 )
 from bct_onnx.weight_quantizer import search_scales
 
@@ -74,12 +75,9 @@ def gptq_quantize(
     nb = fmt.num_blocks(k)
     codes = np.empty((n, k), dtype=np.uint8)
     scales = np.empty((n, nb), dtype=fmt.scale_dtype)
-    zero_points = None if fmt.symmetric else np.empty((n, nb), dtype=np.uint8)
-    if fmt.symmetric:
-        zp_value: np.ndarray | np.float32 = np.float32(fmt.implicit_zero_point)
+    zero_points = None if fmt.zero_point_dtype is None else np.empty((n, nb), dtype=fmt.zero_point_dtype)
     batch = bs * max(1, _LAZY_BATCH // bs)  # a multiple of the block size: blocks never straddle batches
 
-    scale_f32 = np.empty((n,), dtype=np.float32)
     for start in range(0, k, batch):
         stop = min(k, start + batch)
         w_batch = w[:, start:stop]  # a view: corrections inside the batch land in w
@@ -89,26 +87,21 @@ def gptq_quantize(
             col = start + i
             if col % bs == 0:  # first column of a block: choose its scale from the corrected values
                 b = col // bs
-                block = w[:, col : min(col + bs, k)].astype(np.float32)
-                if block.shape[1] < bs:
-                    block = np.pad(block, ((0, 0), (0, bs - block.shape[1])))
-                block = block[:, None, :]
+                block = pad_to_blocks(w[:, col : min(col + bs, k)].astype(np.float32), fmt)
                 if scale_search:
                     s, zp = search_scales(block, fmt)
                 else:
                     s, zp = choose_scales(block, fmt)
                 scales[:, b] = s[:, 0]
-                scale_f32 = scales_to_float32(scales[:, b], fmt.scale_kind)
                 if zero_points is not None:
                     assert zp is not None
                     zero_points[:, b] = zp[:, 0]
-                    zp_value = zp[:, 0].astype(np.float32)
             column = w_batch[:, i].astype(np.float32)
             b = col // bs
             col_zp = None if zero_points is None else zero_points[:, b : b + 1]
             code = codes_for(column[:, None, None], scales[:, b : b + 1], col_zp, fmt)[:, 0, 0]
             codes[:, col] = code
-            dequantized = (code.astype(np.float32) - zp_value) * scale_f32
+            dequantized = dequantize_codes(code[:, None], scales[:, b : b + 1], col_zp, fmt)[:, 0]
             err = (w_batch[:, i] - dequantized.astype(np.float64)) / h_batch[i, i]
             w_batch[:, i:] -= np.outer(err, h_batch[i, i:])
             err_batch[:, i] = err

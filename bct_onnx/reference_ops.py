@@ -59,7 +59,15 @@ def matmul_operands(
         np.dtype(np.float32): ScaleKind.FLOAT32,
         np.dtype(np.uint8): ScaleKind.POW2,
     }[np.asarray(w_scales).dtype]
-    w_fmt = BlockFormat(bits=bits, block_size=block_size, symmetric=symmetric, scale_kind=scale_kind)
+    # W_zero_points' dtype tells integer zero points (uint8) from float offsets (float16 / float32).
+    float_offsets = w_zero_points is not None and np.asarray(w_zero_points).dtype != np.uint8
+    w_fmt = BlockFormat(
+        bits=bits,
+        block_size=block_size,
+        symmetric=symmetric,
+        scale_kind=scale_kind,
+        zero_point_kind="float" if float_offsets else "integer",
+    )
     codes = block_format.unpack_codes(w_codes, bits, k)
     weight = block_format.dequantize_codes(codes, w_scales, w_zero_points, w_fmt).astype(np.float64)
     if not act_bits:

@@ -21,6 +21,7 @@ from bct_onnx.block_format import (
     choose_scales,
     codes_for,
     pack_codes,
+    pad_to_blocks,
     round_half_to_even,
     scales_to_float32,
 )
@@ -29,7 +30,17 @@ from bct_onnx.block_format import (
 # clip outliers; 1.0625 and 8/7 widen a symmetric scale so that the largest value of the opposite sign
 # is not clipped at +2**(bits-1)-1. On all-MiniLM-L6-v2 (4-bit, block 32, weight-only) the search moves
 # the sentence-embedding cosine to FP32 from 0.965 to 0.969; grids reaching below 0.8 gave the same.
+# Float-offset blocks (value = u * scale + offset) search clipped *ranges* instead: the block's
+# [min, max] shrunk from below, from above or both (OFFSET_SHRINKS), since scaling the extremes
+# toward 0 clips nothing in a block far from 0.
 CLIP_RATIOS: tuple[float, ...] = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.825, 0.8, 1.0625, 8 / 7)
+# Fractions of a float-offset block's range cut from its bottom and from its top; (0, 0) first.
+OFFSET_SHRINKS: tuple[tuple[float, float], ...] = tuple(
+    (bottom, top)
+    for bottom in (0.0, 0.05, 0.1, 0.15)
+    for top in (0.0, 0.05, 0.1, 0.15)
+    if bottom + top <= 0.2
+)
 # A power-of-two scale has only two sensible exponents per block: the smallest that fits the block's
 # maximum, and the next one down (finer steps, largest values clipped). Ratio 0.5 always reaches it.
 POW2_RATIOS: tuple[float, ...] = (1.0, 0.5)
@@ -62,6 +73,14 @@ def _block_squared_error(
     Same arithmetic as ``codes_for`` followed by ``dequantize_codes``, without forming codes.
     """
     scale = scales_to_float32(scales, fmt.scale_kind)[..., None]
+    if fmt.float_offsets:
+        assert zero_points is not None
+        offset = zero_points.astype(np.float32)[..., None]
+        q = round_half_to_even(np.clip((blocks - offset) * _inverse(scale), 0, fmt.qmax))
+        diff = (q * scale + offset) - blocks
+        if importance is not None:
+            return np.einsum("...i,...i,...i->...", diff, diff, np.broadcast_to(importance, diff.shape))
+        return np.einsum("...i,...i->...", diff, diff)
     q = round_half_to_even(blocks * _inverse(scale))
     if fmt.symmetric:
         q = np.clip(q, fmt.qmin, fmt.qmax)
@@ -81,7 +100,12 @@ def search_scales(
     ratios: tuple[float, ...] | None = None,
     importance: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Stored scales and zero points [..., nb] minimising each block's squared error over ratios."""
+    """Stored scales and zero points [..., nb] minimising each block's squared error over ratios.
+
+    Float-offset formats search OFFSET_SHRINKS (ratios do not apply to them).
+    """
+    if fmt.float_offsets:
+        return _search_offset_ranges(blocks.astype(np.float32, copy=False), fmt, importance)
     if ratios is None:
         ratios = POW2_RATIOS if fmt.scale_kind is ScaleKind.POW2 else CLIP_RATIOS
     blocks = blocks.astype(np.float32, copy=False)
@@ -103,6 +127,32 @@ def search_scales(
     return best_scales, best_zp
 
 
+def _search_offset_ranges(
+    blocks: np.ndarray, fmt: BlockFormat, importance: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """search_scales for float-offset blocks: the spec's [min, max] and shrunk ranges, least error wins."""
+    lo = blocks.min(axis=-1)
+    hi = blocks.max(axis=-1)
+    span = hi - lo
+    best_scales, best_offsets = choose_scales(np.stack([lo, hi], axis=-1), fmt)
+    best_err = _block_squared_error(blocks, best_scales, best_offsets, fmt, importance)
+    for bottom, top in OFFSET_SHRINKS:
+        if bottom == 0.0 and top == 0.0:
+            continue
+        extremes = np.stack([lo + np.float32(bottom) * span, hi - np.float32(top) * span], axis=-1)
+        scales, offsets = choose_scales(extremes.astype(np.float32), fmt)
+        assert offsets is not None
+        err = _block_squared_error(blocks, scales, offsets, fmt, importance)
+        better = err < best_err
+        if not better.any():
+            continue
+        best_err = np.where(better, err, best_err)
+        best_scales = np.where(better, scales, best_scales)
+        best_offsets = np.where(better, offsets, best_offsets)
+    assert best_offsets is not None
+    return best_scales, best_offsets
+
+
 def quantize_tensor(
     x: np.ndarray, fmt: BlockFormat, scale_search: bool = True, importance: np.ndarray | None = None
 ) -> QuantizedTensor:
@@ -117,14 +167,17 @@ def quantize_tensor(
     nb = fmt.num_blocks(d)
     codes_out = np.empty((rows, fmt.row_bytes(d)), dtype=np.uint8)
     scales_out = np.empty((rows, nb), dtype=fmt.scale_dtype)
-    zp_out = None if fmt.symmetric else np.empty((rows, nb), dtype=np.uint8)
+    zp_out = None if fmt.zero_point_dtype is None else np.empty((rows, nb), dtype=fmt.zero_point_dtype)
     weights = None
     if importance is not None:
         weights = _pad_to_blocks(np.asarray(importance, dtype=np.float32).reshape(1, d), fmt.block_size)[0]
+    elif fmt.float_offsets and d % fmt.block_size:
+        # Float-offset padding repeats the last value: give it no weight in the scale search.
+        weights = _pad_to_blocks(np.ones((1, d), dtype=np.float32), fmt.block_size)[0]
     step = max(1, _CHUNK_ELEMENTS // max(1, nb * fmt.block_size))
     for start in range(0, rows, step):
         stop = min(rows, start + step)
-        blocks = _pad_to_blocks(x[start:stop], fmt.block_size)
+        blocks = pad_to_blocks(x[start:stop], fmt)
         scales, zp = (
             search_scales(blocks, fmt, importance=weights) if scale_search else choose_scales(blocks, fmt)
         )

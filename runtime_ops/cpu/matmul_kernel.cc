@@ -44,6 +44,12 @@ bool CpuHasAvxVnni() { return false; }
 bool CpuHasAvx512Vnni() { return false; }
 #endif
 
+// Zero point (as float) or float offset of block index i of asymmetric weights.
+float ZeroPointAt(const Shape& shape, const WeightInputs& weights, int64_t i) {
+  if (shape.zero_point_kind == ZeroPointKind::kInteger) return static_cast<float>(weights.zero_points[i]);
+  return offset_value(shape.zero_point_kind, weights.zero_points, i);
+}
+
 }  // namespace
 
 const char* IsaName(Isa isa) {
@@ -129,7 +135,7 @@ std::unique_ptr<PackedWeights> Pack(const Shape& shape, const WeightInputs& weig
       UnpackRow(weights.codes + n * row_bytes, row_bytes, shape.bits, K, p->codes.data() + n * K);
       for (int64_t b = 0; b < nb; ++b) {
         p->scales[n * nb + b] = scale_value(weights.scale_kind, weights.scales, n * nb + b);
-        if (!shape.symmetric) p->zero_points[n * nb + b] = weights.zero_points[n * nb + b];
+        if (!shape.symmetric) p->zero_points[n * nb + b] = ZeroPointAt(shape, weights, n * nb + b);
       }
     }
     return p;
@@ -157,8 +163,9 @@ std::unique_ptr<PackedWeights> Pack(const Shape& shape, const WeightInputs& weig
   } else {
     p->scales.assign(params, 0.f);
   }
+  const bool zero_points_u8 = compact && ZeroPointMode(shape) == kZpInteger;
   if (!shape.symmetric) {
-    if (compact) {
+    if (zero_points_u8) {
       p->zero_points_u8.assign(params, 0);
     } else {
       p->zero_points.assign(params, 0.f);
@@ -192,10 +199,10 @@ std::unique_ptr<PackedWeights> Pack(const Shape& shape, const WeightInputs& weig
         p->scales[at] = scale_value(weights.scale_kind, weights.scales, n * nb + b);
       }
       if (!shape.symmetric) {
-        if (compact) {
+        if (zero_points_u8) {
           p->zero_points_u8[at] = weights.zero_points[n * nb + b];
         } else {
-          p->zero_points[at] = weights.zero_points[n * nb + b];
+          p->zero_points[at] = ZeroPointAt(shape, weights, n * nb + b);
         }
       }
     }
@@ -268,6 +275,7 @@ void ComputeScalarRows(const PackedWeights& p, const detail::ActRows* act, const
                        int64_t row_end, const float* bias, float* Y) {
   const Shape& s = p.shape;
   const int64_t K = s.K, N = s.N, nb = p.num_blocks, bs = s.block_size;
+  const bool offsets = ZeroPointMode(s) == kZpOffset;
   for (int64_t m = row_begin; m < row_end; ++m) {
     for (int64_t n = 0; n < N; ++n) {
       const uint8_t* w = p.codes.data() + n * K;
@@ -275,8 +283,17 @@ void ComputeScalarRows(const PackedWeights& p, const detail::ActRows* act, const
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t k0 = b * bs, k1 = std::min(K, k0 + bs);
         const float ws = p.scales[n * nb + b];
-        const float zw = s.symmetric ? p.implicit_zero_point : p.zero_points[n * nb + b];
-        if (act) {
+        const float zw = s.symmetric ? p.implicit_zero_point : p.zero_points[n * nb + b];  // or the offset
+        if (act && offsets) {  // a_scale * (w_scale * dot + offset * sum(sa))
+          const int8_t* a = act->codes.data() + m * p.k_padded + b * p.block_padded - k0;
+          int32_t dot = 0;
+          for (int64_t k = k0; k < k1; ++k) dot += static_cast<int32_t>(a[k]) * static_cast<int32_t>(w[k]);
+          const float f = std::fma(zw, act->sums[m * nb + b], static_cast<float>(dot) * ws);
+          y = std::fma(f, act->scales[m * nb + b], y);
+        } else if (offsets) {
+          const float* a = A + m * K;
+          for (int64_t k = k0; k < k1; ++k) y = std::fma(a[k], value_with_offset(w[k], ws, zw), y);
+        } else if (act) {
           const int8_t* a = act->codes.data() + m * p.k_padded + b * p.block_padded - k0;
           int32_t dot = s.symmetric ? act->corr[m * nb + b] : 0;
           for (int64_t k = k0; k < k1; ++k) dot += static_cast<int32_t>(a[k]) * static_cast<int32_t>(w[k]);

@@ -12,6 +12,9 @@
 //   block_format.quantize_codes(A, BlockFormat(act_bits, block_size, True, "float32")); per block the
 //   integer dot product sum(sa * (uw - zw)) (sa = signed activation code) is scaled by
 //   a_scale * w_scale and accumulated in fp32.
+// Float-offset weights (value u * scale + offset, zero_point_kind float16/float32): float mode
+//   dequantizes u * scale + offset (two roundings) wherever it reads a weight (the nibble vpermps GEMV
+//   is not used for them); integer mode adds a_scale * (w_scale * dot(sa, uw) + offset * sum(sa)).
 // Results agree with bct_onnx.reference_ops.matmul_reference exactly on data whose sums are exact in
 // float32, and within (K + 4) * 2**-24 * (|A'| @ |W'|^T) otherwise (tests/runtime_ops/test_matmul.py).
 //
@@ -65,6 +68,8 @@ struct Shape {
   int64_t block_size = 32;
   bool symmetric = true;
   int act_bits = 0;
+  // Asymmetric weights: uint8 zero points ((u - zp) * scale) or float offsets (u * scale + offset).
+  ZeroPointKind zero_point_kind = ZeroPointKind::kInteger;
 
   int64_t num_blocks() const { return (K + block_size - 1) / block_size; }
   int64_t row_bytes() const { return (K * bits + 7) / 8; }
@@ -74,8 +79,19 @@ struct WeightInputs {
   const uint8_t* codes = nullptr;        // [N, row_bytes(K)]
   const void* scales = nullptr;          // [N, num_blocks], element type given by scale_kind
   ScaleKind scale_kind = ScaleKind::kFloat16;
-  const uint8_t* zero_points = nullptr;  // [N, num_blocks]; nullptr when symmetric
+  // [N, num_blocks]; nullptr when symmetric. The bytes of uint8 zero points, or of float16 / float32
+  // offsets when shape.zero_point_kind says so.
+  const uint8_t* zero_points = nullptr;
 };
+
+// How the SIMD templates treat a weight's blocks (a template parameter, so each mode compiles apart).
+constexpr int kZpSymmetric = 0;  // implicit zero point 2**(bits-1)
+constexpr int kZpInteger = 1;    // (u - zp) * scale, zp a stored uint8
+constexpr int kZpOffset = 2;     // u * scale + offset, offset a stored float
+inline int ZeroPointMode(const Shape& shape) {
+  if (shape.symmetric) return kZpSymmetric;
+  return shape.zero_point_kind == ZeroPointKind::kInteger ? kZpInteger : kZpOffset;
+}
 
 // Runs task(i) for i in [0, total), possibly on several threads; returns when all are done.
 using ParallelFor = std::function<void(std::size_t total, const std::function<void(std::size_t)>& task)>;
@@ -97,9 +113,10 @@ struct PackedWeights {
   float implicit_zero_point = 0.f;
   std::vector<uint8_t> codes;  // SIMD: [num_tiles][tile_bytes]; scalar: [N][K] one code a byte
   // Weight scales and zero points, SIMD: [num_tiles][num_blocks][16]; scalar: [N][num_blocks].
-  // The AVX-512 path keeps float16 scales as float16 (scales_half) and zero points as bytes
+  // The AVX-512 path keeps float16 scales as float16 (scales_half) and integer zero points as bytes
   // (zero_points_u8), converting in registers: fewer bytes per weight for the memory-bound GEMV.
-  // Otherwise scales and zero points are float32 (scales, zero_points); unused vectors stay empty.
+  // Otherwise scales and zero points are float32 (scales, zero_points); float offsets are always
+  // float32 in zero_points (every path); unused vectors stay empty.
   std::vector<float> scales;
   std::vector<uint16_t> scales_half;
   std::vector<float> zero_points;

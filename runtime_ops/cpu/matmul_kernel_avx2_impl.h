@@ -76,7 +76,7 @@ inline __m256i Dot4Acc(__m256i acc, __m256i w, __m256i a) {
 #endif
 }
 
-template <int R, bool kNibble, bool kSym, bool kSplit>
+template <int R, bool kNibble, int kZp, bool kSplit>
 void IntTile(const PackedWeights& p, const ActRows& act, int64_t row0, int64_t tile, const float* bias, float* Y) {
   const int64_t nb = p.num_blocks, bkp = p.block_padded, kp = p.k_padded;
   const int64_t groups = kNibble ? bkp / 8 : bkp / 4;
@@ -87,7 +87,7 @@ void IntTile(const PackedWeights& p, const ActRows& act, int64_t row0, int64_t t
     __m256i acc[R][2];
     const int8_t* ab[R];
     for (int r = 0; r < R; ++r) {
-      const __m256i init = kSym ? _mm256_set1_epi32(act.corr[(row0 + r) * nb + b]) : _mm256_setzero_si256();
+      const __m256i init = kZp == kZpSymmetric ? _mm256_set1_epi32(act.corr[(row0 + r) * nb + b]) : _mm256_setzero_si256();
       acc[r][0] = acc[r][1] = init;
       ab[r] = act.codes.data() + (row0 + r) * kp + b * bkp;
     }
@@ -114,10 +114,15 @@ void IntTile(const PackedWeights& p, const ActRows& act, int64_t row0, int64_t t
     for (int h = 0; h < 2; ++h) {
       const int64_t at = (tile * nb + b) * 16 + h * 8;
       const __m256 ws = _mm256_loadu_ps(p.scales.data() + at);
-      const __m256 zw = kSym ? _mm256_setzero_ps() : _mm256_loadu_ps(p.zero_points.data() + at);
+      const __m256 zw = kZp == kZpSymmetric ? _mm256_setzero_ps() : _mm256_loadu_ps(p.zero_points.data() + at);
       for (int r = 0; r < R; ++r) {
         __m256 f = _mm256_cvtepi32_ps(acc[r][h]);
-        if (!kSym) f = _mm256_fnmadd_ps(zw, _mm256_set1_ps(act.sums[(row0 + r) * nb + b]), f);
+        if (kZp == kZpOffset) {  // a_scale * (w_scale * dot + offset * sum(sa))
+          f = _mm256_fmadd_ps(zw, _mm256_set1_ps(act.sums[(row0 + r) * nb + b]), _mm256_mul_ps(f, ws));
+          facc[r][h] = _mm256_fmadd_ps(f, _mm256_set1_ps(act.scales[(row0 + r) * nb + b]), facc[r][h]);
+          continue;
+        }
+        if (kZp != kZpSymmetric) f = _mm256_fnmadd_ps(zw, _mm256_set1_ps(act.sums[(row0 + r) * nb + b]), f);
         f = _mm256_mul_ps(f, _mm256_set1_ps(act.scales[(row0 + r) * nb + b]));
         facc[r][h] = _mm256_fmadd_ps(f, ws, facc[r][h]);
       }
@@ -138,14 +143,15 @@ inline __m256i Extract(__m256i raw) {
   return (kPos + kWidth == 32) ? down : _mm256_and_si256(down, _mm256_set1_epi32((1 << kWidth) - 1));
 }
 
-template <int R, bool kNibble, bool kSym, int J>
+template <int R, bool kNibble, int kZp, int J>
 inline void FloatStep(const __m256i (&raw)[2], const __m256 (&ws)[2], const __m256 (&zw)[2],
                       const float* const (&ar)[R], int64_t k, __m256 (&facc)[R][2]) {
   __m256 w[2];
   for (int h = 0; h < 2; ++h) {
-    __m256 v = _mm256_cvtepi32_ps(Extract<J, kNibble, kSym>(raw[h]));
-    if (!kSym) v = _mm256_sub_ps(v, zw[h]);
+    __m256 v = _mm256_cvtepi32_ps(Extract<J, kNibble, kZp == kZpSymmetric>(raw[h]));
+    if (kZp == kZpInteger) v = _mm256_sub_ps(v, zw[h]);
     w[h] = _mm256_mul_ps(v, ws[h]);
+    if (kZp == kZpOffset) w[h] = _mm256_add_ps(w[h], zw[h]);  // u * scale + offset, two roundings
   }
   for (int r = 0; r < R; ++r) {
     const __m256 a = _mm256_broadcast_ss(ar[r] + k + J);
@@ -153,13 +159,13 @@ inline void FloatStep(const __m256i (&raw)[2], const __m256 (&ws)[2], const __m2
   }
 }
 
-template <int R, bool kNibble, bool kSym, int... J>
+template <int R, bool kNibble, int kZp, int... J>
 inline void FloatGroup(const __m256i (&raw)[2], const __m256 (&ws)[2], const __m256 (&zw)[2],
                        const float* const (&ar)[R], int64_t k, __m256 (&facc)[R][2], std::integer_sequence<int, J...>) {
-  (FloatStep<R, kNibble, kSym, J>(raw, ws, zw, ar, k, facc), ...);
+  (FloatStep<R, kNibble, kZp, J>(raw, ws, zw, ar, k, facc), ...);
 }
 
-template <int R, bool kNibble, bool kSym>
+template <int R, bool kNibble, int kZp>
 void FloatTile(const PackedWeights& p, const float* a_padded, int64_t row0, int64_t tile, const float* bias, float* Y) {
   const int64_t nb = p.num_blocks, bkp = p.block_padded, kp = p.k_padded;
   constexpr int kGroupK = kNibble ? 8 : 4;
@@ -173,28 +179,28 @@ void FloatTile(const PackedWeights& p, const float* a_padded, int64_t row0, int6
     for (int h = 0; h < 2; ++h) {
       const int64_t at = (tile * nb + b) * 16 + h * 8;
       ws[h] = _mm256_loadu_ps(p.scales.data() + at);
-      zw[h] = kSym ? _mm256_setzero_ps() : _mm256_loadu_ps(p.zero_points.data() + at);
+      zw[h] = kZp == kZpSymmetric ? _mm256_setzero_ps() : _mm256_loadu_ps(p.zero_points.data() + at);
     }
     const uint8_t* wb = p.codes.data() + tile * p.tile_bytes + b * groups * 64;
     for (int64_t g = 0; g < groups; ++g) {
       __m256i raw[2];
       for (int h = 0; h < 2; ++h) raw[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + g * 64 + h * 32));
-      FloatGroup<R, kNibble, kSym>(raw, ws, zw, ar, b * bkp + g * kGroupK, facc,
+      FloatGroup<R, kNibble, kZp>(raw, ws, zw, ar, b * bkp + g * kGroupK, facc,
                                    std::make_integer_sequence<int, kGroupK>{});
     }
   }
   StoreTile<R>(p, facc, row0, tile, bias, Y);
 }
 
-template <int R, bool kNibble, bool kSym>
+template <int R, bool kNibble, int kZp>
 void RunBlock(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row0, int64_t tile,
               const float* bias, float* Y) {
   if (!act) {
-    FloatTile<R, kNibble, kSym>(p, a_padded, row0, tile, bias, Y);
+    FloatTile<R, kNibble, kZp>(p, a_padded, row0, tile, bias, Y);
   } else if (!kNibble && p.shape.bits == 8 && p.shape.act_bits == 8) {
-    IntTile<R, kNibble, kSym, true>(p, *act, row0, tile, bias, Y);
+    IntTile<R, kNibble, kZp, true>(p, *act, row0, tile, bias, Y);
   } else {
-    IntTile<R, kNibble, kSym, false>(p, *act, row0, tile, bias, Y);
+    IntTile<R, kNibble, kZp, false>(p, *act, row0, tile, bias, Y);
   }
 }
 
@@ -219,22 +225,24 @@ void FloatGemmTile(const PackedWeights& p, const float* w, const float* a_padded
   StoreTile<R>(p, facc, row0, tile, bias, Y);
 }
 
-template <int J, bool kNibble, bool kSym>
+template <int J, bool kNibble, int kZp>
 inline void DequantizeStep(const __m256i (&raw)[2], const __m256 (&ws)[2], const __m256 (&zw)[2], float* out) {
   for (int h = 0; h < 2; ++h) {
-    __m256 v = _mm256_cvtepi32_ps(Extract<J, kNibble, kSym>(raw[h]));
-    if (!kSym) v = _mm256_sub_ps(v, zw[h]);
-    _mm256_storeu_ps(out + J * 16 + h * 8, _mm256_mul_ps(v, ws[h]));
+    __m256 v = _mm256_cvtepi32_ps(Extract<J, kNibble, kZp == kZpSymmetric>(raw[h]));
+    if (kZp == kZpInteger) v = _mm256_sub_ps(v, zw[h]);
+    v = _mm256_mul_ps(v, ws[h]);
+    if (kZp == kZpOffset) v = _mm256_add_ps(v, zw[h]);  // u * scale + offset, two roundings
+    _mm256_storeu_ps(out + J * 16 + h * 8, v);
   }
 }
 
-template <bool kNibble, bool kSym, int... J>
+template <bool kNibble, int kZp, int... J>
 inline void DequantizeGroup(const __m256i (&raw)[2], const __m256 (&ws)[2], const __m256 (&zw)[2], float* out,
                             std::integer_sequence<int, J...>) {
-  (DequantizeStep<J, kNibble, kSym>(raw, ws, zw, out), ...);
+  (DequantizeStep<J, kNibble, kZp>(raw, ws, zw, out), ...);
 }
 
-template <bool kNibble, bool kSym>
+template <bool kNibble, int kZp>
 void DequantizeTile(const PackedWeights& p, int64_t tile, float* out) {
   constexpr int kGroupK = kNibble ? 8 : 4;
   const int64_t nb = p.num_blocks, groups = p.block_padded / kGroupK;
@@ -244,14 +252,14 @@ void DequantizeTile(const PackedWeights& p, int64_t tile, float* out) {
     for (int h = 0; h < 2; ++h) {
       const int64_t at = (tile * nb + b) * 16 + h * 8;
       ws[h] = _mm256_loadu_ps(p.scales.data() + at);
-      zw[h] = kSym ? _mm256_setzero_ps() : _mm256_loadu_ps(p.zero_points.data() + at);
+      zw[h] = kZp == kZpSymmetric ? _mm256_setzero_ps() : _mm256_loadu_ps(p.zero_points.data() + at);
     }
     for (int64_t g = 0; g < groups; ++g) {
       __m256i raw[2];
       for (int h = 0; h < 2; ++h) {
         raw[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + (b * groups + g) * 64 + h * 32));
       }
-      DequantizeGroup<kNibble, kSym>(raw, ws, zw, out + (b * p.block_padded + g * kGroupK) * 16,
+      DequantizeGroup<kNibble, kZp>(raw, ws, zw, out + (b * p.block_padded + g * kGroupK) * 16,
                                      std::make_integer_sequence<int, kGroupK>{});
     }
   }
@@ -259,14 +267,14 @@ void DequantizeTile(const PackedWeights& p, int64_t tile, float* out) {
 
 constexpr int kFloatRows = 4;
 
-template <bool kNibble, bool kSym>
+template <bool kNibble, int kZp>
 void RunTiles(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin, int64_t row_end,
               int64_t tile_begin, int64_t tile_end, const float* bias, float* Y) {
   if (!act && row_end - row_begin >= kFloatRows) {
     thread_local std::vector<float> scratch;
     scratch.resize(static_cast<size_t>(p.k_padded * 16));
     for (int64_t t = tile_begin; t < tile_end; ++t) {
-      DequantizeTile<kNibble, kSym>(p, t, scratch.data());
+      DequantizeTile<kNibble, kZp>(p, t, scratch.data());
       int64_t r = row_begin;
       for (; r + kFloatRows <= row_end; r += kFloatRows) FloatGemmTile<kFloatRows>(p, scratch.data(), a_padded, r, t, bias, Y);
       for (; r + 2 <= row_end; r += 2) FloatGemmTile<2>(p, scratch.data(), a_padded, r, t, bias, Y);
@@ -276,25 +284,29 @@ void RunTiles(const PackedWeights& p, const ActRows* act, const float* a_padded,
   }
   for (int64_t t = tile_begin; t < tile_end; ++t) {
     int64_t r = row_begin;
-    for (; r + kRows <= row_end; r += kRows) RunBlock<kRows, kNibble, kSym>(p, act, a_padded, r, t, bias, Y);
-    if (r < row_end) RunBlock<1, kNibble, kSym>(p, act, a_padded, r, t, bias, Y);
+    for (; r + kRows <= row_end; r += kRows) RunBlock<kRows, kNibble, kZp>(p, act, a_padded, r, t, bias, Y);
+    if (r < row_end) RunBlock<1, kNibble, kZp>(p, act, a_padded, r, t, bias, Y);
   }
 }
 
 // Computes rows [row_begin, row_end) x tiles [tile_begin, tile_end) of Y.
 void Tiles256(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin, int64_t row_end,
               int64_t tile_begin, int64_t tile_end, const float* bias, float* Y) {
-  const bool sym = p.shape.symmetric;
+  const int mode = ZeroPointMode(p.shape);
   if (p.nibble) {
-    if (sym) {
-      RunTiles<true, true>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
+    if (mode == kZpSymmetric) {
+      RunTiles<true, kZpSymmetric>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
+    } else if (mode == kZpInteger) {
+      RunTiles<true, kZpInteger>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
     } else {
-      RunTiles<true, false>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
+      RunTiles<true, kZpOffset>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
     }
-  } else if (sym) {
-    RunTiles<false, true>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
+  } else if (mode == kZpSymmetric) {
+    RunTiles<false, kZpSymmetric>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
+  } else if (mode == kZpInteger) {
+    RunTiles<false, kZpInteger>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
   } else {
-    RunTiles<false, false>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
+    RunTiles<false, kZpOffset>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
   }
 }
 

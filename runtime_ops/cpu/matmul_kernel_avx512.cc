@@ -52,6 +52,13 @@ inline __m512 LoadZeroPoints(const PackedWeights& p, int64_t at) {
   return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
 }
 
+// 16 zero points (integer mode, from bytes) or float offsets (kZpOffset, float32) as float32.
+template <int kZp>
+inline __m512 LoadZw(const PackedWeights& p, int64_t at) {
+  if (kZp == kZpOffset) return _mm512_loadu_ps(p.zero_points.data() + at);
+  return LoadZeroPoints(p, at);
+}
+
 template <int R, int T>
 inline void StoreTiles(const PackedWeights& p, __m512 (&facc)[R][T], int64_t row0, int64_t tile0, const float* bias,
                        float* Y) {
@@ -67,7 +74,7 @@ inline void StoreTiles(const PackedWeights& p, __m512 (&facc)[R][T], int64_t row
 // Integer mode: R rows x T tiles of 16 columns.
 // codes: the first tile's codes; tile t's codes start tile_stride bytes further per tile.
 // kGroups: groups per block when known at compile time (the loop is then unrolled), else 0.
-template <int R, int T, bool kNibble, bool kSym, int kGroups>
+template <int R, int T, bool kNibble, int kZp, int kGroups>
 void IntTiles(const PackedWeights& p, const uint8_t* codes, int64_t tile_stride, const ActRows& act, int64_t row0,
               int64_t tile0, const float* bias, float* Y) {
   const int64_t nb = p.num_blocks, bkp = p.block_padded, kp = p.k_padded;
@@ -80,7 +87,7 @@ void IntTiles(const PackedWeights& p, const uint8_t* codes, int64_t tile_stride,
     __m512i acc[R][T];
     const int8_t* ab[R];
     for (int r = 0; r < R; ++r) {
-      const __m512i init = kSym ? _mm512_set1_epi32(act.corr[(row0 + r) * nb + b]) : _mm512_setzero_si512();
+      const __m512i init = kZp == kZpSymmetric ? _mm512_set1_epi32(act.corr[(row0 + r) * nb + b]) : _mm512_setzero_si512();
       for (int t = 0; t < T; ++t) acc[r][t] = init;
       ab[r] = act.codes.data() + (row0 + r) * kp + b * bkp;
     }
@@ -116,14 +123,19 @@ void IntTiles(const PackedWeights& p, const uint8_t* codes, int64_t tile_stride,
     for (int t = 0; t < T; ++t) {
       const int64_t at = ((tile0 + t) * nb + b) * 16;
       ws[t] = LoadWeightScales(p, at);
-      if (!kSym) zw[t] = LoadZeroPoints(p, at);
+      if (kZp != kZpSymmetric) zw[t] = LoadZw<kZp>(p, at);
     }
     for (int r = 0; r < R; ++r) {
       const __m512 as = _mm512_set1_ps(act.scales[(row0 + r) * nb + b]);
-      const __m512 sum = kSym ? _mm512_setzero_ps() : _mm512_set1_ps(act.sums[(row0 + r) * nb + b]);
+      const __m512 sum = kZp == kZpSymmetric ? _mm512_setzero_ps() : _mm512_set1_ps(act.sums[(row0 + r) * nb + b]);
       for (int t = 0; t < T; ++t) {
         __m512 f = _mm512_cvtepi32_ps(acc[r][t]);
-        if (!kSym) f = _mm512_fnmadd_ps(zw[t], sum, f);
+        if (kZp == kZpOffset) {  // a_scale * (w_scale * dot + offset * sum(sa))
+          f = _mm512_fmadd_ps(zw[t], sum, _mm512_mul_ps(f, ws[t]));
+          facc[r][t] = _mm512_fmadd_ps(f, as, facc[r][t]);
+          continue;
+        }
+        if (kZp != kZpSymmetric) f = _mm512_fnmadd_ps(zw[t], sum, f);
         f = _mm512_mul_ps(f, as);
         facc[r][t] = _mm512_fmadd_ps(f, ws[t], facc[r][t]);
       }
@@ -133,18 +145,18 @@ void IntTiles(const PackedWeights& p, const uint8_t* codes, int64_t tile_stride,
 }
 
 // IntTiles with the group count of this weight's blocks as a compile-time constant when common.
-template <int R, int T, bool kNibble, bool kSym>
+template <int R, int T, bool kNibble, int kZp>
 void IntTilesAnyGroups(const PackedWeights& p, const uint8_t* codes, int64_t tile_stride, const ActRows& act,
                        int64_t row0, int64_t tile0, const float* bias, float* Y) {
   switch (kNibble ? p.block_padded / 8 : p.block_padded / 4) {
     case 4:
-      return IntTiles<R, T, kNibble, kSym, 4>(p, codes, tile_stride, act, row0, tile0, bias, Y);
+      return IntTiles<R, T, kNibble, kZp, 4>(p, codes, tile_stride, act, row0, tile0, bias, Y);
     case 8:
-      return IntTiles<R, T, kNibble, kSym, 8>(p, codes, tile_stride, act, row0, tile0, bias, Y);
+      return IntTiles<R, T, kNibble, kZp, 8>(p, codes, tile_stride, act, row0, tile0, bias, Y);
     case 16:
-      return IntTiles<R, T, kNibble, kSym, 16>(p, codes, tile_stride, act, row0, tile0, bias, Y);
+      return IntTiles<R, T, kNibble, kZp, 16>(p, codes, tile_stride, act, row0, tile0, bias, Y);
     default:
-      return IntTiles<R, T, kNibble, kSym, 0>(p, codes, tile_stride, act, row0, tile0, bias, Y);
+      return IntTiles<R, T, kNibble, kZp, 0>(p, codes, tile_stride, act, row0, tile0, bias, Y);
   }
 }
 
@@ -161,14 +173,15 @@ inline __m512i Extract(__m512i raw) {
   return (kPos + kWidth == 32) ? down : _mm512_and_si512(down, _mm512_set1_epi32((1 << kWidth) - 1));
 }
 
-template <int R, int T, bool kNibble, bool kSym, int J>
+template <int R, int T, bool kNibble, int kZp, int J>
 inline void FloatStep(const __m512i (&raw)[T], const __m512 (&ws)[T], const __m512 (&zw)[T], const float* const (&ar)[R],
                       int64_t k, __m512 (&facc)[R][T]) {
   __m512 w[T];
   for (int t = 0; t < T; ++t) {
-    __m512 v = _mm512_cvtepi32_ps(Extract<J, kNibble, kSym>(raw[t]));
-    if (!kSym) v = _mm512_sub_ps(v, zw[t]);
+    __m512 v = _mm512_cvtepi32_ps(Extract<J, kNibble, kZp == kZpSymmetric>(raw[t]));
+    if (kZp == kZpInteger) v = _mm512_sub_ps(v, zw[t]);
     w[t] = _mm512_mul_ps(v, ws[t]);  // exactly block_format.dequantize's value
+    if (kZp == kZpOffset) w[t] = _mm512_add_ps(w[t], zw[t]);  // u * scale + offset, two roundings
   }
   for (int r = 0; r < R; ++r) {
     const __m512 a = _mm512_set1_ps(ar[r][k + J]);
@@ -176,14 +189,14 @@ inline void FloatStep(const __m512i (&raw)[T], const __m512 (&ws)[T], const __m5
   }
 }
 
-template <int R, int T, bool kNibble, bool kSym, int... J>
+template <int R, int T, bool kNibble, int kZp, int... J>
 inline void FloatGroup(const __m512i (&raw)[T], const __m512 (&ws)[T], const __m512 (&zw)[T], const float* const (&ar)[R],
                        int64_t k, __m512 (&facc)[R][T], std::integer_sequence<int, J...>) {
-  (FloatStep<R, T, kNibble, kSym, J>(raw, ws, zw, ar, k, facc), ...);
+  (FloatStep<R, T, kNibble, kZp, J>(raw, ws, zw, ar, k, facc), ...);
 }
 
 // Float mode: R rows x T tiles; the weight is dequantized in registers and used for R rows.
-template <int R, int T, bool kNibble, bool kSym>
+template <int R, int T, bool kNibble, int kZp>
 void FloatTiles(const PackedWeights& p, const float* a_padded, int64_t row0, int64_t tile0, const float* bias,
                 float* Y) {
   const int64_t nb = p.num_blocks, bkp = p.block_padded, kp = p.k_padded;
@@ -200,13 +213,13 @@ void FloatTiles(const PackedWeights& p, const float* a_padded, int64_t row0, int
     for (int t = 0; t < T; ++t) {
       const int64_t at = ((tile0 + t) * nb + b) * 16;
       ws[t] = LoadWeightScales(p, at);
-      zw[t] = kSym ? _mm512_setzero_ps() : LoadZeroPoints(p, at);
+      zw[t] = kZp == kZpSymmetric ? _mm512_setzero_ps() : LoadZw<kZp>(p, at);
       wb[t] = p.codes.data() + (tile0 + t) * p.tile_bytes + b * groups * 64;
     }
     for (int64_t g = 0; g < groups; ++g) {
       __m512i raw[T];
       for (int t = 0; t < T; ++t) raw[t] = _mm512_loadu_si512(wb[t] + g * 64);
-      FloatGroup<R, T, kNibble, kSym>(raw, ws, zw, ar, b * bkp + g * kGroupK, facc,
+      FloatGroup<R, T, kNibble, kZp>(raw, ws, zw, ar, b * bkp + g * kGroupK, facc,
                                       std::make_integer_sequence<int, kGroupK>{});
     }
   }
@@ -241,11 +254,11 @@ inline void LutGroup(const __m512i (&raw)[T], __m512 table, const float* const (
   (LutStep<R, T, J>(raw, table, ar, k, bacc), ...);
 }
 
-template <int R, int T, bool kSym>
+template <int R, int T, int kZp>
 void FloatLutTiles(const PackedWeights& p, const float* a_padded, int64_t row0, int64_t tile0, const float* bias,
                    float* Y) {
   const int64_t nb = p.num_blocks, bkp = p.block_padded, kp = p.k_padded, groups = bkp / 8;
-  const __m512 table = kSym ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1)
+  const __m512 table = kZp == kZpSymmetric ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1)
                             : _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512 facc[R][T];
   for (int r = 0; r < R; ++r)
@@ -266,10 +279,10 @@ void FloatLutTiles(const PackedWeights& p, const float* a_padded, int64_t row0, 
     for (int t = 0; t < T; ++t) {
       const int64_t at = ((tile0 + t) * nb + b) * 16;
       const __m512 ws = LoadWeightScales(p, at);
-      const __m512 zw = kSym ? _mm512_setzero_ps() : LoadZeroPoints(p, at);
+      const __m512 zw = kZp == kZpSymmetric ? _mm512_setzero_ps() : LoadZw<kZp>(p, at);
       for (int r = 0; r < R; ++r) {
         __m512 block = bacc[r][t];
-        if (!kSym) {
+        if (kZp != kZpSymmetric) {
           __m512 sum = _mm512_setzero_ps();
           for (int64_t k = 0; k < bkp; k += 16) {
             const __mmask16 m = bkp - k >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>(0xff);
@@ -306,20 +319,22 @@ void FloatGemmTiles(const PackedWeights& p, const float* w, const float* a_padde
   StoreTiles<R, T>(p, facc, row0, tile0, bias, Y);
 }
 
-template <int J, bool kNibble, bool kSym>
+template <int J, bool kNibble, int kZp>
 inline void DequantizeStep(__m512i raw, __m512 ws, __m512 zw, float* out) {
-  __m512 v = _mm512_cvtepi32_ps(Extract<J, kNibble, kSym>(raw));
-  if (!kSym) v = _mm512_sub_ps(v, zw);
-  _mm512_storeu_ps(out + J * 16, _mm512_mul_ps(v, ws));
+  __m512 v = _mm512_cvtepi32_ps(Extract<J, kNibble, kZp == kZpSymmetric>(raw));
+  if (kZp == kZpInteger) v = _mm512_sub_ps(v, zw);
+  v = _mm512_mul_ps(v, ws);
+  if (kZp == kZpOffset) v = _mm512_add_ps(v, zw);  // u * scale + offset, two roundings
+  _mm512_storeu_ps(out + J * 16, v);
 }
 
-template <bool kNibble, bool kSym, int... J>
+template <bool kNibble, int kZp, int... J>
 inline void DequantizeGroup(__m512i raw, __m512 ws, __m512 zw, float* out, std::integer_sequence<int, J...>) {
-  (DequantizeStep<J, kNibble, kSym>(raw, ws, zw, out), ...);
+  (DequantizeStep<J, kNibble, kZp>(raw, ws, zw, out), ...);
 }
 
 // Dequantizes one tile into out[k_padded][16].
-template <bool kNibble, bool kSym>
+template <bool kNibble, int kZp>
 void DequantizeTile(const PackedWeights& p, int64_t tile, float* out) {
   constexpr int kGroupK = kNibble ? 8 : 4;
   const int64_t nb = p.num_blocks, groups = p.block_padded / kGroupK;
@@ -327,10 +342,10 @@ void DequantizeTile(const PackedWeights& p, int64_t tile, float* out) {
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t at = (tile * nb + b) * 16;
     const __m512 ws = LoadWeightScales(p, at);
-    const __m512 zw = kSym ? _mm512_setzero_ps() : LoadZeroPoints(p, at);
+    const __m512 zw = kZp == kZpSymmetric ? _mm512_setzero_ps() : LoadZw<kZp>(p, at);
     for (int64_t g = 0; g < groups; ++g) {
       const __m512i raw = _mm512_loadu_si512(codes + (b * groups + g) * 64);
-      DequantizeGroup<kNibble, kSym>(raw, ws, zw, out + (b * p.block_padded + g * kGroupK) * 16,
+      DequantizeGroup<kNibble, kZp>(raw, ws, zw, out + (b * p.block_padded + g * kGroupK) * 16,
                                      std::make_integer_sequence<int, kGroupK>{});
     }
   }
@@ -366,7 +381,7 @@ void ForRowBlocks(int64_t row_begin, int64_t row_end, const Body& body) {
   }
 }
 
-template <int T, bool kSym>
+template <int T, int kZp>
 struct IntPrefillBody {
   const PackedWeights& p;
   const uint8_t* codes;
@@ -376,7 +391,7 @@ struct IntPrefillBody {
   const float* bias;
   float* Y;
   template <int R>
-  void Run(int64_t r) const { IntTilesAnyGroups<R, T, false, kSym>(p, codes, stride, act, r, tile0, bias, Y); }
+  void Run(int64_t r) const { IntTilesAnyGroups<R, T, false, kZp>(p, codes, stride, act, r, tile0, bias, Y); }
 };
 
 template <int T>
@@ -391,7 +406,7 @@ struct FloatPrefillBody {
   void Run(int64_t r) const { FloatGemmTiles<R, T>(p, w, a_padded, r, tile0, bias, Y); }
 };
 
-template <int T, bool kNibble, bool kSym>
+template <int T, bool kNibble, int kZp>
 struct SmallRowsBody {
   const PackedWeights& p;
   const ActRows* act;
@@ -402,13 +417,13 @@ struct SmallRowsBody {
   template <int R>
   void Run(int64_t r) const {
     if (act) {
-      IntTilesAnyGroups<R, T, kNibble, kSym>(p, p.codes.data() + tile0 * p.tile_bytes, p.tile_bytes, *act, r, tile0,
+      IntTilesAnyGroups<R, T, kNibble, kZp>(p, p.codes.data() + tile0 * p.tile_bytes, p.tile_bytes, *act, r, tile0,
                                              bias, Y);
     } else {
-      if constexpr (kNibble) {
-        FloatLutTiles<R, T, kSym>(p, a_padded, r, tile0, bias, Y);
+      if constexpr (kNibble && kZp != kZpOffset) {  // float offsets: per-element u * scale + offset
+        FloatLutTiles<R, T, kZp>(p, a_padded, r, tile0, bias, Y);
       } else {
-        FloatTiles<R, T, kNibble, kSym>(p, a_padded, r, tile0, bias, Y);
+        FloatTiles<R, T, kNibble, kZp>(p, a_padded, r, tile0, bias, Y);
       }
     }
   }
@@ -418,7 +433,7 @@ constexpr int kPrefillRows = 4;  // from this many rows on, tiles are expanded o
 constexpr int kIntRows = 6;      // register block of the integer prefill kernel (6 x 2 tiles)
 constexpr int kFloatRows = 8;    // register block of the float prefill kernel (8 x 2 tiles)
 
-template <int T, bool kNibble, bool kSym>
+template <int T, bool kNibble, int kZp>
 void IntPrefill(const PackedWeights& p, const ActRows& act, int64_t row_begin, int64_t row_end, int64_t tile0,
                 const float* bias, float* Y) {
   const uint8_t* codes = p.codes.data() + tile0 * p.tile_bytes;
@@ -430,26 +445,26 @@ void IntPrefill(const PackedWeights& p, const ActRows& act, int64_t row_begin, i
     for (int t = 0; t < T; ++t) UnpackNibbleTile(p, tile0 + t, scratch.data() + t * stride);
     codes = scratch.data();
   }
-  ForRowBlocks<kIntRows>(row_begin, row_end, IntPrefillBody<T, kSym>{p, codes, stride, act, tile0, bias, Y});
+  ForRowBlocks<kIntRows>(row_begin, row_end, IntPrefillBody<T, kZp>{p, codes, stride, act, tile0, bias, Y});
 }
 
-template <int T, bool kNibble, bool kSym>
+template <int T, bool kNibble, int kZp>
 void FloatPrefill(const PackedWeights& p, const float* a_padded, int64_t row_begin, int64_t row_end, int64_t tile0,
                   const float* bias, float* Y) {
   thread_local std::vector<float> scratch;
   scratch.resize(static_cast<size_t>(T * p.k_padded * 16));
-  for (int t = 0; t < T; ++t) DequantizeTile<kNibble, kSym>(p, tile0 + t, scratch.data() + t * p.k_padded * 16);
+  for (int t = 0; t < T; ++t) DequantizeTile<kNibble, kZp>(p, tile0 + t, scratch.data() + t * p.k_padded * 16);
   ForRowBlocks<kFloatRows>(row_begin, row_end, FloatPrefillBody<T>{p, scratch.data(), a_padded, tile0, bias, Y});
 }
 
 // Few rows (GEMV): codes are read packed, straight from the repacked weights.
-template <int T, bool kNibble, bool kSym>
+template <int T, bool kNibble, int kZp>
 void SmallRows(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin, int64_t row_end,
                int64_t tile0, const float* bias, float* Y) {
-  ForRowBlocks<kPrefillRows>(row_begin, row_end, SmallRowsBody<T, kNibble, kSym>{p, act, a_padded, tile0, bias, Y});
+  ForRowBlocks<kPrefillRows>(row_begin, row_end, SmallRowsBody<T, kNibble, kZp>{p, act, a_padded, tile0, bias, Y});
 }
 
-template <bool kNibble, bool kSym>
+template <bool kNibble, int kZp>
 void RunTiles(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin, int64_t row_end,
               int64_t tile_begin, int64_t tile_end, const float* bias, float* Y) {
   int64_t t = tile_begin;
@@ -457,23 +472,23 @@ void RunTiles(const PackedWeights& p, const ActRows* act, const float* a_padded,
     for (; t < tile_end; t += 2) {
       if (t + 2 <= tile_end) {
         if (act) {
-          IntPrefill<2, kNibble, kSym>(p, *act, row_begin, row_end, t, bias, Y);
+          IntPrefill<2, kNibble, kZp>(p, *act, row_begin, row_end, t, bias, Y);
         } else {
-          FloatPrefill<2, kNibble, kSym>(p, a_padded, row_begin, row_end, t, bias, Y);
+          FloatPrefill<2, kNibble, kZp>(p, a_padded, row_begin, row_end, t, bias, Y);
         }
       } else if (act) {
-        IntPrefill<1, kNibble, kSym>(p, *act, row_begin, row_end, t, bias, Y);
+        IntPrefill<1, kNibble, kZp>(p, *act, row_begin, row_end, t, bias, Y);
       } else {
-        FloatPrefill<1, kNibble, kSym>(p, a_padded, row_begin, row_end, t, bias, Y);
+        FloatPrefill<1, kNibble, kZp>(p, a_padded, row_begin, row_end, t, bias, Y);
       }
     }
     return;
   }
   if (row_end - row_begin < 2) {  // GEMV: four tiles at once for independent accumulator chains
-    for (; t + 4 <= tile_end; t += 4) SmallRows<4, kNibble, kSym>(p, act, a_padded, row_begin, row_end, t, bias, Y);
+    for (; t + 4 <= tile_end; t += 4) SmallRows<4, kNibble, kZp>(p, act, a_padded, row_begin, row_end, t, bias, Y);
   }
-  for (; t + 2 <= tile_end; t += 2) SmallRows<2, kNibble, kSym>(p, act, a_padded, row_begin, row_end, t, bias, Y);
-  for (; t < tile_end; ++t) SmallRows<1, kNibble, kSym>(p, act, a_padded, row_begin, row_end, t, bias, Y);
+  for (; t + 2 <= tile_end; t += 2) SmallRows<2, kNibble, kZp>(p, act, a_padded, row_begin, row_end, t, bias, Y);
+  for (; t < tile_end; ++t) SmallRows<1, kNibble, kZp>(p, act, a_padded, row_begin, row_end, t, bias, Y);
 }
 
 // First element of largest magnitude in x[0, len), as np.argmax(np.abs(x)) picks it.
@@ -536,17 +551,21 @@ void QuantizeRowsAvx512(const PackedWeights& p, const float* A, int64_t row_begi
 void TilesAvx512(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin, int64_t row_end,
                  int64_t tile_begin, int64_t tile_end, const float* bias, float* Y) {
   // Float mode symmetric weights are stored as signed codes (no zero point left to subtract).
-  const bool sym = p.shape.symmetric;
+  const int mode = ZeroPointMode(p.shape);
   if (p.nibble) {
-    if (sym) {
-      RunTiles<true, true>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
+    if (mode == kZpSymmetric) {
+      RunTiles<true, kZpSymmetric>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
+    } else if (mode == kZpInteger) {
+      RunTiles<true, kZpInteger>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
     } else {
-      RunTiles<true, false>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
+      RunTiles<true, kZpOffset>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
     }
-  } else if (sym) {
-    RunTiles<false, true>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
+  } else if (mode == kZpSymmetric) {
+    RunTiles<false, kZpSymmetric>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
+  } else if (mode == kZpInteger) {
+    RunTiles<false, kZpInteger>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
   } else {
-    RunTiles<false, false>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
+    RunTiles<false, kZpOffset>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
   }
 }
 

@@ -3,8 +3,8 @@
 // (cpu/matmul_kernel.h) or, in CUDA builds, to the CUDA launcher (cuda/matmul_launch.h).
 //
 // Inputs: A float32 [..., K] (or, with in_bits > 0, uint8 codes [..., row_bytes(K, in_bits)]),
-// W_codes uint8 [N, row_bytes(K)], W_scales float16|float32|uint8 [N, nb], W_zero_points uint8 [N, nb]
-// (optional, present iff symmetric=0), bias float32 [N] (optional), A_scales [..., nb(K, in_block_size)]
+// W_codes uint8 [N, row_bytes(K)], W_scales float16|float32|uint8 [N, nb], W_zero_points [N, nb]
+// (optional, present iff symmetric=0: uint8 integer zero points, or float16/float32 float offsets), bias float32 [N] (optional), A_scales [..., nb(K, in_block_size)]
 // and A_zero_points (iff in_symmetric=0) of a quantized A (the operand convention of docs/ops.md with
 // A's scales and zero points as trailing inputs 5 and 6, so the weight inputs keep their positions).
 // Outputs: Y float32 [..., N], or with out_bits > 0 codes [..., row_bytes(N)], scales, zero points
@@ -127,10 +127,12 @@ void ExpectShape(const NodeRef& node, const char* name, const InputTensor& in, c
   }
 }
 
-// Checks the weight inputs against the attributes; returns the scale kind. zero_points and bias
-// may be absent (present == false).
+// Checks the weight inputs against the attributes; returns the scale kind and, in zp_kind, what
+// W_zero_points holds (its dtype: uint8 zero points or float16/float32 offsets). zero_points and
+// bias may be absent (present == false).
 ScaleKind CheckWeights(const NodeRef& node, const MatMulAttrs& attrs, const InputTensor& codes,
-                       const InputTensor& scales, const InputTensor& zero_points) {
+                       const InputTensor& scales, const InputTensor& zero_points,
+                       ZeroPointKind* zp_kind = nullptr) {
   if (!codes.present) node.Fail("input 'W_codes' is missing");
   if (!scales.present) node.Fail("input 'W_scales' is missing");
   ExpectDtype(node, "W_codes", codes, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
@@ -142,8 +144,11 @@ ScaleKind CheckWeights(const NodeRef& node, const MatMulAttrs& attrs, const Inpu
   }
   if (!attrs.block.symmetric) {
     if (!zero_points.present) node.Fail("input 'W_zero_points' is required when attribute 'symmetric' is 0");
-    ExpectDtype(node, "W_zero_points", zero_points, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
+    const ZeroPointKind zk = ZeroPointKindOfInput(zero_points, node, "W_zero_points");
     ExpectShape(node, "W_zero_points", zero_points, {attrs.N, attrs.num_blocks()}, "[N, ceil(K / block_size)]");
+    if (zp_kind != nullptr) *zp_kind = zk;
+  } else if (zp_kind != nullptr) {
+    *zp_kind = ZeroPointKind::kInteger;
   }
   return kind;
 }
@@ -282,6 +287,7 @@ struct MatMulCall {
   Activation a;
   InputTensor codes, scales, zero_points, bias;
   ScaleKind weight_scale_kind = ScaleKind::kFloat16;
+  ZeroPointKind weight_zero_point_kind = ZeroPointKind::kInteger;
   nonlinear::Result r;
 };
 
@@ -292,7 +298,7 @@ MatMulCall PrepareCall(const Ort::KernelContext& ctx, const NodeRef& node, const
   c.scales = GetInput(ctx, kScales);
   c.zero_points = GetInput(ctx, kZeroPoints);
   c.bias = GetInput(ctx, kBias);
-  c.weight_scale_kind = CheckWeights(node, attrs, c.codes, c.scales, c.zero_points);
+  c.weight_scale_kind = CheckWeights(node, attrs, c.codes, c.scales, c.zero_points, &c.weight_zero_point_kind);
   CheckBias(node, attrs, c.bias);
   c.r = nonlinear::AllocateResult(ctx, node, attrs.out, OutputShape(c.a, attrs.N));
   return c;
@@ -373,11 +379,12 @@ class MatMulCpuKernel {
   std::unique_ptr<matmul::PackedWeights> PackWeights(const InputTensor& codes, const InputTensor& scales,
                                                      const InputTensor& zero_points) const {
     matmul::WeightInputs weights;
-    weights.scale_kind = CheckWeights(node_, attrs_, codes, scales, zero_points);
+    matmul::Shape shape = KernelShape(attrs_);
+    weights.scale_kind = CheckWeights(node_, attrs_, codes, scales, zero_points, &shape.zero_point_kind);
     weights.codes = codes.As<uint8_t>();
     weights.scales = scales.data;
-    weights.zero_points = zero_points.present ? zero_points.As<uint8_t>() : nullptr;
-    return matmul::Pack(KernelShape(attrs_), weights, isa_);
+    weights.zero_points = zero_points.present ? static_cast<const uint8_t*>(zero_points.data) : nullptr;
+    return matmul::Pack(shape, weights, isa_);
   }
 
   NodeRef node_;
@@ -407,7 +414,8 @@ class MatMulCudaKernel {
       if (a.rows == 0) return;
       const cuda::MatMulParams params{attrs_.K(),          attrs_.N,          attrs_.block.bits,
                                       attrs_.block.block_size, attrs_.block.symmetric, attrs_.act_bits,
-                                      static_cast<int>(kind),  attrs_.row_bytes(), attrs_.num_blocks()};
+                                      static_cast<int>(kind),  attrs_.row_bytes(), attrs_.num_blocks(),
+                                      static_cast<int>(call.weight_zero_point_kind)};
       cuda::MatMulIo io;
       io.a = a.x;
       io.a_codes = a.codes;
@@ -422,7 +430,8 @@ class MatMulCudaKernel {
       io.out_scales = r.scales;
       io.out_zero_points = r.zero_points;
       CheckLaunch(node_, cuda::LaunchBlockMatMulIo(params, io, a.rows, codes.As<uint8_t>(), scales.data,
-                                                   zero_points.present ? zero_points.As<uint8_t>() : nullptr,
+                                                   zero_points.present ? static_cast<const uint8_t*>(zero_points.data)
+                                                                       : nullptr,
                                                    bias.present ? bias.As<float>() : nullptr,
                                                    ctx.GetGPUComputeStream()));
     });

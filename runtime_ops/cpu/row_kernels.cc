@@ -255,8 +255,43 @@ __attribute__((target("avx2"))) void Chunk4Avx2(const uint8_t* codes, int64_t be
 
 }  // namespace
 
+namespace {
+
+// Float-offset blocks: u * scale + offset per element (block_math.h's value_with_offset; the build
+// forbids FMA contraction, so the compiler's vectorised loops round the same way).
+void DequantizeRowWithOffsets(const RowFormat& fmt, const uint8_t* codes, const void* scales, const void* offsets,
+                              float* out) {
+  uint8_t unpacked[256];
+  for (int64_t b = 0; b < fmt.num_blocks; ++b) {
+    const float scale = scale_value(fmt.scale_kind, scales, b);
+    const float offset = offset_value(fmt.zero_point_kind, offsets, b);
+    for (int64_t begin = b * fmt.block_size, block_end = std::min(fmt.axis_size, begin + fmt.block_size);
+         begin < block_end; begin += 256) {
+      const int64_t end = std::min(block_end, begin + 256);
+      const int64_t n = end - begin;
+      if (fmt.bits == 8) {
+        std::memcpy(unpacked, codes + begin, static_cast<size_t>(n));
+      } else if (fmt.bits == 4 && (begin & 1) == 0) {
+        for (int64_t i = 0; i < n; ++i) unpacked[i] = (codes[(begin + i) >> 1] >> (((begin + i) & 1) * 4)) & 0x0f;
+      } else {
+        for (int64_t i = 0; i < n; ++i) {
+          unpacked[i] = static_cast<uint8_t>(get_code(codes, begin + i, fmt.bits, fmt.row_bytes));
+        }
+      }
+      float* dst = out + begin;
+      for (int64_t i = 0; i < n; ++i) dst[i] = value_with_offset(unpacked[i], scale, offset);
+    }
+  }
+}
+
+}  // namespace
+
 void DequantizeRow(const RowFormat& fmt, const uint8_t* codes, const void* scales, const uint8_t* zero_points,
                    float* out) {
+  if (!fmt.symmetric && fmt.zero_point_kind != ZeroPointKind::kInteger) {
+    DequantizeRowWithOffsets(fmt, codes, scales, zero_points, out);
+    return;
+  }
   // Blocks are decoded in chunks: first their scales and zero points as floats (the per-block
   // work, hoisted out of the element loops), then the elements of the whole chunk in one loop nest.
   constexpr int64_t kChunk = 256;

@@ -20,10 +20,13 @@ struct RowFormat {
   int64_t axis_size = 0;   // D
   int64_t row_bytes = 0;   // ceil(D * bits / 8)
   int64_t num_blocks = 0;  // ceil(D / block_size)
+  // Asymmetric only: integer zero points (uint8) or float offsets (float16 / float32 elements).
+  ZeroPointKind zero_point_kind = ZeroPointKind::kInteger;
 };
 
 // Dequantizes one packed row: codes [row_bytes], scales [num_blocks] (stored form, typed by
-// scale_kind), zero_points [num_blocks] or nullptr when symmetric -> out [D] float32.
+// scale_kind), zero_points [num_blocks] or nullptr when symmetric -> out [D] float32. With float
+// offsets (fmt.zero_point_kind), zero_points points at num_blocks float16 or float32 offsets.
 void DequantizeRow(const RowFormat& fmt, const uint8_t* codes, const void* scales, const uint8_t* zero_points,
                    float* out);
 
@@ -44,7 +47,9 @@ struct PackedRows {
   // Dequantizes row `row` into out [D].
   void Dequantize(int64_t row, float* out) const {
     DequantizeRow(fmt, codes + row * fmt.row_bytes, scales + row * scale_row_bytes,
-                  zero_points ? zero_points + row * fmt.num_blocks : nullptr, out);
+                  zero_points ? zero_points + row * fmt.num_blocks * zero_point_item_size(fmt.zero_point_kind)
+                              : nullptr,
+                  out);
   }
 
   RowFormat fmt;

@@ -18,8 +18,10 @@ struct RowFormat {
   int64_t axis_size;
   int64_t row_bytes;
   int64_t num_blocks;
+  int zero_point_kind;  // bct::ZeroPointKind as int: 0 uint8 zero points, 1 float16 / 2 float32 offsets
 };
 
+// zero_points: the bytes of uint8 zero points or float16 / float32 offsets (fmt.zero_point_kind).
 const char* LaunchDequantize(const RowFormat& fmt, const uint8_t* codes, const void* scales,
                              const uint8_t* zero_points, int64_t rows, float* out, void* stream);
 

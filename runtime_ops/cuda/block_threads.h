@@ -18,6 +18,11 @@ BCT_HD BCT_INLINE float DequantizeOne(const RowFormat& fmt, const uint8_t* codes
   const int64_t b = i / fmt.block_size;
   const int64_t block_index = row * fmt.num_blocks + b;
   const float scale = scale_value(static_cast<ScaleKind>(fmt.scale_kind), scales, block_index);
+  const ZeroPointKind zp_kind = static_cast<ZeroPointKind>(fmt.zero_point_kind);
+  if (!fmt.symmetric && zp_kind != ZeroPointKind::kInteger) {  // float offset: u * scale + offset
+    const uint32_t code = get_code(codes + row * fmt.row_bytes, i, fmt.bits, fmt.row_bytes);
+    return value_with_offset(code, scale, offset_value(zp_kind, zero_points, block_index));
+  }
   const float zp = fmt.symmetric ? implicit_zero_point(fmt.bits) : static_cast<float>(zero_points[block_index]);
   const uint32_t code = get_code(codes + row * fmt.row_bytes, i, fmt.bits, fmt.row_bytes);
   return value_of(code, zp, scale);

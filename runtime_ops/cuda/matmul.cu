@@ -3,6 +3,8 @@
 // CPU kernels and their tests use, and the accumulation order per output matches the CPU kernels:
 //   act_bits > 0: per block f = float(dot(sa, uw) - zw * sum(sa)) * a_scale; y = fma(f, w_scale, y)
 //   act_bits = 0: y = fma(a[k], (uw - zw) * w_scale, y)
+// Float-offset weights (zero_point_kind 1/2): f = fma(offset, sum(sa), float(dot) * w_scale);
+//   y = fma(f, a_scale, y); float mode y = fma(a[k], value_with_offset(uw, w_scale, offset), y).
 #include <cuda_runtime.h>
 
 #include "bct/block_math.h"
@@ -85,6 +87,26 @@ __global__ void MatMulKernel(MatMulParams p, const float* a, const int8_t* a_cod
       const int64_t end = begin + p.block_size < p.K ? begin + p.block_size : p.K;
       const int64_t block_index = n * p.num_blocks + b;
       const float ws = scale_value(kind, scales, block_index);
+      const ZeroPointKind zp_kind = static_cast<ZeroPointKind>(p.zero_point_kind);
+      if (!p.symmetric && zp_kind != ZeroPointKind::kInteger) {  // u * scale + offset
+        const float offset = offset_value(zp_kind, zero_points, block_index);
+        if (p.act_bits > 0) {
+          const int8_t* sa = a_codes + row * p.K;
+          int32_t dot = 0;
+          for (int64_t k = begin; k < end; ++k) {
+            dot += static_cast<int32_t>(sa[k]) * static_cast<int32_t>(get_code(w, k, p.bits, p.row_bytes));
+          }
+          const float sum = static_cast<float>(a_sums[row * p.num_blocks + b]);
+          const float f = fmaf(offset, sum, fmul(static_cast<float>(dot), ws));
+          acc = fmaf(f, a_scales[row * p.num_blocks + b], acc);
+        } else {
+          const float* x = a + row * p.K;
+          for (int64_t k = begin; k < end; ++k) {
+            acc = fmaf(x[k], value_with_offset(get_code(w, k, p.bits, p.row_bytes), ws, offset), acc);
+          }
+        }
+        continue;
+      }
       const int zw = p.symmetric ? (1 << (p.bits - 1)) : static_cast<int>(zero_points[block_index]);
       if (p.act_bits > 0) {
         const int8_t* sa = a_codes + row * p.K;

@@ -20,9 +20,11 @@ struct MatMulParams {
   int scale_kind;   // bct::ScaleKind as int
   int64_t row_bytes;   // ceil(K * bits / 8)
   int64_t num_blocks;  // ceil(K / block_size)
+  int zero_point_kind;  // bct::ZeroPointKind as int: 0 uint8 zero points, 1 float16 / 2 float32 offsets
 };
 
-// y[rows, N] = a[rows, K] x W'^T (+ bias). zero_points and bias may be nullptr.
+// y[rows, N] = a[rows, K] x W'^T (+ bias). zero_points and bias may be nullptr; zero_points holds the
+// bytes of uint8 zero points or float16 / float32 offsets (params.zero_point_kind).
 const char* LaunchBlockMatMul(const MatMulParams& params, const float* a, int64_t rows, const uint8_t* codes,
                               const void* scales, const uint8_t* zero_points, const float* bias, float* y,
                               void* stream);

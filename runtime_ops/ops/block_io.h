@@ -121,6 +121,21 @@ inline ScaleKind ScaleKindOfInput(const InputTensor& scales, const NodeRef& node
   }
 }
 
+// What a zero_points input holds, from its dtype: uint8 integer zero points, or float16 / float32
+// float offsets (value = u * scale + offset), as ORT's MatMulNBits tells them apart.
+inline ZeroPointKind ZeroPointKindOfInput(const InputTensor& zero_points, const NodeRef& node,
+                                          const char* input_name = "zero_points") {
+  switch (zero_points.dtype) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return ZeroPointKind::kInteger;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return ZeroPointKind::kFloat16;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return ZeroPointKind::kFloat32;
+    default:
+      node.Fail(std::string("input '") + input_name +
+                "' must be uint8 (integer zero points) or float16 / float32 (float offsets: value = code * scale + "
+                "offset), got " + DtypeName(zero_points.dtype));
+  }
+}
+
 // Geometry of a batch of independent quantized rows.
 struct RowsGeometry {
   int64_t rows = 0;       // number of rows (product of the leading dims, or of the indices)
@@ -128,6 +143,7 @@ struct RowsGeometry {
   int64_t row_bytes = 0;  // ceil(D * bits / 8)
   int64_t num_blocks = 0; // ceil(D / block_size)
   ScaleKind scale_kind = ScaleKind::kFloat16;
+  ZeroPointKind zero_point_kind = ZeroPointKind::kInteger;  // asymmetric: from the zero_points dtype
 };
 
 // Checks codes [..., row_bytes(D)], scales [..., nb], zero_points [..., nb] against the attributes
@@ -162,7 +178,7 @@ inline RowsGeometry CheckQuantizedRows(const NodeRef& node, const BlockAttrs& at
     if (zero_points.present) node.Fail("input 'zero_points' must be absent when symmetric=1");
   } else {
     if (!zero_points.present) node.Fail("input 'zero_points' is required when symmetric=0");
-    ExpectDtype(node, "zero_points", zero_points, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
+    g.zero_point_kind = ZeroPointKindOfInput(zero_points, node);
     if (zero_points.shape != expect) {
       node.Fail("input 'zero_points' must have shape " + ShapeString(expect) + " like 'scales', got " +
                 ShapeString(zero_points.shape));
@@ -176,7 +192,8 @@ inline RowsGeometry CheckQuantizedRows(const NodeRef& node, const BlockAttrs& at
 // same order; CUDA's scale_kind is an int).
 template <class Format>
 Format MakeRowFormat(int bits, int64_t block_size, bool symmetric, ScaleKind scale_kind, int64_t axis_size,
-                     int64_t row_bytes, int64_t num_blocks) {
+                     int64_t row_bytes, int64_t num_blocks,
+                     ZeroPointKind zero_point_kind = ZeroPointKind::kInteger) {
   Format fmt{};
   fmt.bits = bits;
   fmt.block_size = block_size;
@@ -185,13 +202,14 @@ Format MakeRowFormat(int bits, int64_t block_size, bool symmetric, ScaleKind sca
   fmt.axis_size = axis_size;
   fmt.row_bytes = row_bytes;
   fmt.num_blocks = num_blocks;
+  fmt.zero_point_kind = static_cast<decltype(fmt.zero_point_kind)>(zero_point_kind);
   return fmt;
 }
 
 template <class Format>
 Format BlockRowFormat(const BlockAttrs& attrs, const RowsGeometry& g) {
   return MakeRowFormat<Format>(attrs.bits, attrs.block_size, attrs.symmetric, g.scale_kind, g.axis_size, g.row_bytes,
-                               g.num_blocks);
+                               g.num_blocks, g.zero_point_kind);
 }
 
 // Gather indices -> table rows in [0, V): checks dtype and range (ONNX Gather: negative counts from

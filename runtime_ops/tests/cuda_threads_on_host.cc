@@ -16,7 +16,8 @@ bct::cuda::RowFormat Format(int bits, int64_t block_size, int symmetric, int sca
                               scale_kind,
                               axis_size,
                               bct::row_bytes(axis_size, bits),
-                              bct::num_blocks(axis_size, block_size)};
+                              bct::num_blocks(axis_size, block_size),
+                              /*zero_point_kind=*/0};
 }
 
 }  // namespace

@@ -85,9 +85,10 @@ def dequantize_model(
     scale_type: int | None = None,
     node_name: str = "dequantize_node",
     with_zero_points: bool | None = None,
+    zero_point_type: int | None = None,
     **extra_attrs: Any,
 ) -> bytes:
-    """BlockDequantize(codes, scales[, zero_points]) -> y."""
+    """BlockDequantize(codes, scales[, zero_points]) -> y (zero_points typed by fmt unless given)."""
     with_zp = (not fmt.symmetric) if with_zero_points is None else with_zero_points
     inputs = ["codes", "scales"] + (["zero_points"] if with_zp else [])
     attrs = {
@@ -101,7 +102,9 @@ def dequantize_model(
     st = SCALE_TENSOR_TYPES[fmt.scale_kind] if scale_type is None else scale_type
     in_info = [_value("codes", TensorProto.UINT8, None), _value("scales", st, None)]
     if with_zp:
-        in_info.append(_value("zero_points", TensorProto.UINT8, None))
+        zp_dtype = fmt.zero_point_dtype or np.dtype(np.uint8)  # float offsets: float16 / float32
+        zp_type = NUMPY_TO_ONNX[zp_dtype] if zero_point_type is None else zero_point_type
+        in_info.append(_value("zero_points", zp_type, None))
     return _model([node], in_info, [_value("y", TensorProto.FLOAT, None)])
 
 

@@ -10,6 +10,7 @@
 //   pow2_exponent_at_least, pow2_scale
 //   choose_symmetric_scale / choose_asymmetric_scale   block_format.choose_scales for one block
 //   inverse_scale, code_of, value_of                   block_format.codes_for / dequantize_codes
+//   ZeroPointKind, offset_value, value_with_offset     float-offset blocks (u * scale + offset)
 //   get_code, put_code, row_bytes, num_blocks          dense little-endian packing
 #pragma once
 
@@ -28,6 +29,10 @@
 namespace bct {
 
 enum class ScaleKind : int { kFloat16 = 0, kFloat32 = 1, kPow2 = 2 };
+
+// What an asymmetric block stores besides its scale, told by the zero_points input's dtype:
+// uint8 integer zero points ((u - zp) * scale), or float16 / float32 offsets (u * scale + offset).
+enum class ZeroPointKind : int { kInteger = 0, kFloat16 = 1, kFloat32 = 2 };
 
 constexpr int kMinBits = 2;
 constexpr int kMaxBits = 8;
@@ -318,6 +323,30 @@ BCT_HD BCT_INLINE float value_of(uint32_t code, float zero_point, float scale) {
 }
 
 BCT_HD BCT_INLINE float implicit_zero_point(int bits) { return static_cast<float>(1 << (bits - 1)); }
+
+// Bytes of one stored zero point or offset.
+BCT_HD BCT_INLINE std::size_t zero_point_item_size(ZeroPointKind kind) {
+  return kind == ZeroPointKind::kInteger ? 1 : (kind == ZeroPointKind::kFloat16 ? 2 : 4);
+}
+
+// Offset `index` of a float-offset zero_points array (float16 bits or float32), as float32.
+BCT_HD BCT_INLINE float offset_value(ZeroPointKind kind, const void* offsets, int64_t index) {
+  if (kind == ZeroPointKind::kFloat16) return float_from_half(static_cast<const uint16_t*>(offsets)[index]);
+  return static_cast<const float*>(offsets)[index];
+}
+
+// Value of a code of a float-offset block: u * scale + offset in float32, one multiplication then
+// one addition, each rounded (never an FMA), as block_format.dequantize_codes.
+BCT_HD BCT_INLINE float value_with_offset(uint32_t code, float scale, float offset) {
+  return fadd(fmul(static_cast<float>(code), scale), offset);
+}
+
+// Code of x in a float-offset block given inv = inverse_scale(scale) (block_format.codes_for):
+// clamp(rne((x - offset) * inv), 0, 2**bits - 1).
+BCT_HD BCT_INLINE uint8_t code_with_offset(float x, float inv, float offset, int bits) {
+  const float q = fmul(fsub(x, offset), inv);
+  return to_u8(round_half_even(clampf(q, 0.0f, static_cast<float>((1 << bits) - 1))));
+}
 
 // ---------------------------------------------------------------------------------------------
 // Packing: code i of a row occupies bits [i*bits, (i+1)*bits) of the row, least significant first.
