@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from onnx import TensorProto
 
-from bct_onnx.block_format import BlockFormat, QuantizedTensor, ScaleKind, dequantize, quantize
+from bct_onnx.block_format import (
+    BlockFormat,
+    QuantizedTensor,
+    ScaleKind,
+    dequantize,
+    dequantize_codes,
+    quantize,
+    unpack_codes,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # spec overflows on extreme scales
 
@@ -93,3 +103,70 @@ def test_dequantize_scale_input_type_picks_kind(kit) -> None:
         kit.dequantize_model(fmt16, 24, scale_type=TensorProto.FLOAT), {"codes": q.codes, "scales": q.scales}
     )
     kit.assert_bits_equal(got, dequantize(q), "y")
+
+
+# ---------------------------------------------------------------------------------------------
+# Float offsets (value = u * scale + offset; zero_points float16 or float32): bit-exact with the spec
+
+OFFSET_FORMATS = [
+    BlockFormat(bits, block_size, False, kind, "float")
+    for bits in range(2, 9)
+    for block_size in (8, 5, 32)
+    for kind in ScaleKind
+]
+
+
+def random_offset_tensor(fmt: BlockFormat, lead: tuple[int, ...], axis_size: int, seed: int) -> QuantizedTensor:
+    """Arbitrary codes and scales (as random_tensor) with random float offsets of the format's dtype."""
+    q = random_tensor(BlockFormat(fmt.bits, fmt.block_size, True, fmt.scale_kind), lead, axis_size, seed)
+    rng = np.random.default_rng(seed + 1)
+    nb = fmt.num_blocks(axis_size)
+    offsets = (rng.standard_normal(lead + (nb,)) * 10.0 ** rng.integers(-4, 3, lead + (nb,))).astype(
+        fmt.zero_point_dtype
+    )
+    return QuantizedTensor(q.codes, q.scales, offsets, axis_size, fmt)
+
+
+@pytest.mark.parametrize("fmt", OFFSET_FORMATS, ids=lambda f: _fmt_id(f) + "-float_offsets")
+@pytest.mark.parametrize("axis_size", [37, 64, 1])
+def test_dequantize_float_offsets(kit, fmt: BlockFormat, axis_size: int) -> None:
+    check_dequantize(kit, random_offset_tensor(fmt, (3, 2), axis_size, seed=fmt.bits * 100 + axis_size))
+
+
+@pytest.mark.parametrize("kind", list(ScaleKind), ids=lambda k: k.value)
+def test_dequantize_float_offsets_of_quantize(kit, kind: ScaleKind, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spec's quantizer output (float16 offsets, float32 with float32 scales), also with baseline loops."""
+    x = np.random.default_rng(4).standard_normal((5, 77)).astype(np.float32) + 2.0
+    q = quantize(x, BlockFormat(4, 32, False, kind, "float"))
+    check_dequantize(kit, q)
+    monkeypatch.setenv("BCT_ONNX_BASELINE_SIMD", "1")
+    check_dequantize(kit, q)
+
+
+def test_dequantize_float32_offsets_with_float16_scales(kit) -> None:
+    """The kernel takes the offset dtype from the input: float32 offsets next to float16 scales work too."""
+    fmt = BlockFormat(4, 8, False, ScaleKind.FLOAT16, "float")
+    q = random_offset_tensor(fmt, (4,), 40, seed=9)
+    offsets32 = (q.zero_points.astype(np.float32) + np.float32(2**-20)).astype(np.float32)
+    feeds = {"codes": q.codes, "scales": q.scales, "zero_points": offsets32}
+    (got,) = kit.run(kit.dequantize_model(fmt, 40, zero_point_type=TensorProto.FLOAT), feeds)
+    want = dequantize_codes(unpack_codes(q.codes, 4, 40), q.scales, offsets32, fmt)
+    kit.assert_bits_equal(got, want, "y")
+
+
+@pytest.mark.parametrize(
+    ("zp", "zp_type", "message"),
+    [
+        (np.zeros((2, 5), np.int32), TensorProto.INT32, "input 'zero_points' must be uint8 (integer zero points) or "
+         "float16 / float32 (float offsets: value = code * scale + offset), got int32"),
+        (np.zeros((2, 4), np.float16), TensorProto.FLOAT16, "input 'zero_points' must have shape [2, 5] like "
+         "'scales', got [2, 4]"),
+    ],
+    ids=["int32", "shape"],
+)
+def test_dequantize_bad_float_offsets(kit, zp: np.ndarray, zp_type: int, message: str) -> None:
+    fmt = BlockFormat(4, 8, False, ScaleKind.FLOAT16, "float")
+    q = random_offset_tensor(fmt, (2,), 37, seed=2)
+    model = kit.dequantize_model(fmt, 37, node_name="bad_dq", zero_point_type=zp_type)
+    with pytest.raises(Exception, match=re.escape("bct_onnx BlockDequantize node 'bad_dq': " + message)):
+        kit.run(model, {"codes": q.codes, "scales": q.scales, "zero_points": zp})

@@ -63,3 +63,24 @@ def test_gather_many_rows_parallel(kit) -> None:
     indices = np.random.default_rng(3).integers(0, 1000, (8, 128))
     (got,) = kit.run(kit.gather_model(fmt, 768, table), {"indices": indices})
     kit.assert_bits_equal(got, dequantize(table)[indices], "y")
+
+
+@pytest.mark.parametrize("bits,block_size,axis_size", CASES)
+@pytest.mark.parametrize("kind", list(ScaleKind), ids=lambda k: k.value)
+def test_gather_float_offsets_matches_spec(kit, bits, block_size, axis_size, kind) -> None:
+    """Float-offset tables (float16 offsets, float32 with float32 scales), partial blocks, every width."""
+    fmt = BlockFormat(bits, block_size, False, kind, "float")
+    table = _table(fmt, 23, axis_size, seed=bits * 37 + axis_size)
+    assert table.zero_points is not None and table.zero_points.dtype == fmt.zero_point_dtype
+    indices = np.array([[0, 22, -1, 5], [7, -23, 3, 3]], np.int64)
+    (got,) = kit.run(kit.gather_model(fmt, axis_size, table), {"indices": indices})
+    kit.assert_bits_equal(got, dequantize(table)[indices], "y")
+
+
+def test_gather_float_offsets_bad_dtype(kit) -> None:
+    fmt = BlockFormat(4, 8, False, ScaleKind.FLOAT16, "float")
+    table = _table(fmt, 5, 16, seed=3)
+    bad = type(table)(table.codes, table.scales, table.zero_points.astype(np.float64), 16, fmt)
+    model = kit.gather_model(fmt, 16, bad, node_name="bad_gather")
+    with pytest.raises(Exception, match="bct_onnx BlockGather node 'bad_gather': input 'zero_points' must be uint8"):
+        kit.run(model, {"indices": np.array([1], np.int64)})

@@ -923,3 +923,123 @@ def test_bad_quantized_result_attributes() -> None:
         feeds,
         "attribute 'out_scale_kind' must be 'float16', 'float32' or 'pow2', got 'bfloat16'",
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Float-offset weights (W_zero_points float16 / float32: value = u * scale + offset), every path
+
+OFFSET_DTYPES = {ScaleKind.FLOAT16: np.float16, ScaleKind.FLOAT32: np.float32, ScaleKind.POW2: np.float16}
+
+
+def offset_weight(
+    rng: np.random.Generator, n: int, k: int, bits: int, block_size: int, kind: ScaleKind, exact: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Packed codes, stored scales and float offsets (the spec's dtype for kind) of a random weight.
+
+    exact: power-of-two scales and offsets that are multiples of 1/4 in [-8, 8], so every product and
+    sum the kernels form is exact in float32. Otherwise offsets near -scale * 2**(bits-1) (a block
+    around 0, as real weights), scaled at random.
+    """
+    codes, scales, _ = random_weight(rng, n, k, bits, block_size, True, kind, exact)
+    nb = scales.shape[1]
+    if exact:
+        offsets = (rng.integers(-32, 33, (n, nb)) / 4).astype(OFFSET_DTYPES[kind])
+    else:
+        step = np.abs(scales_to_float32(scales, kind))
+        offsets = (-step * (1 << (bits - 1)) * rng.uniform(0.5, 1.5, (n, nb))).astype(OFFSET_DTYPES[kind])
+    return codes, np.abs(scales) if kind is not ScaleKind.POW2 else scales, offsets
+
+
+@pytest.mark.parametrize("act_bits", [0, 4, 8])
+@pytest.mark.parametrize("kind", list(ScaleKind), ids=lambda kind: kind.value)
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_float_offsets_exact(isa: str, bits: int, kind: ScaleKind, act_bits: int) -> None:
+    """K=29 with block_size 8 (partial block), N=37 (partial tile), M=6, bias on odd bits."""
+    rng = np.random.default_rng(bits * 997 + act_bits * 13 + list(ScaleKind).index(kind))
+    k, n, block_size = 29, 37, 8
+    codes, scales, offsets = offset_weight(rng, n, k, bits, block_size, kind, exact=True)
+    bias = (rng.integers(-8, 9, n) / 2).astype(np.float32) if bits % 2 else None
+    a = exact_activations(rng, (2, 3, k), block_size, act_bits)
+    fmt = {"k": k, "bits": bits, "block_size": block_size, "symmetric": False, "act_bits": act_bits}
+    got = run_matmul(matmul_model(n=n, codes=codes, scales=scales, zero_points=offsets, bias=bias, **fmt), a)
+    want = matmul_reference(a, codes, scales, offsets, bias=bias, **fmt)
+    assert np.array_equal(want.astype(np.float32).astype(np.float64), want), "test data not exact in float32"
+    np.testing.assert_array_equal(got, want.astype(np.float32), err_msg=f"isa={isa}")
+
+
+@pytest.mark.parametrize("act_bits", [0, 4, 8])
+@pytest.mark.parametrize("kind", list(ScaleKind), ids=lambda kind: kind.value)
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_float_offsets_random_within_tolerance(isa: str, bits: int, kind: ScaleKind, act_bits: int) -> None:
+    """The stated tolerance of docs/ops.md, K=200 (a partial block), odd N, M=1 (GEMV) and M=9 and 70 (prefill)."""
+    rng = np.random.default_rng(11 * bits + act_bits + 5 * list(ScaleKind).index(kind))
+    k, n, block_size = 200, 51, 32
+    codes, scales, offsets = offset_weight(rng, n, k, bits, block_size, kind, exact=False)
+    bias = rng.standard_normal(n).astype(np.float32)
+    fmt = {"k": k, "bits": bits, "block_size": block_size, "symmetric": False, "act_bits": act_bits}
+    model = matmul_model(n=n, codes=codes, scales=scales, zero_points=offsets, bias=bias, **fmt)
+    for m in (1, 9, 70):
+        a = rng.standard_normal((m, k)).astype(np.float32)
+        a[:, ::13] *= 20
+        got = run_matmul(model, a)
+        want = matmul_reference(a, codes, scales, offsets, bias=bias, **fmt)
+        tol = tolerance(a, codes, scales, offsets, **fmt) + np.abs(bias) * U
+        err = np.abs(got.astype(np.float64) - want)
+        assert np.all(err <= tol), f"isa={isa} M={m}: max error / tolerance = {np.max(err / tol):.3g}"
+
+
+@pytest.mark.parametrize("act_bits", [0, 8])
+@pytest.mark.parametrize("block_size", [16, 64, 5])
+def test_float_offsets_spec_quantized_weight(isa: str, block_size: int, act_bits: int) -> None:
+    """A weight quantized by the spec (float16 offsets), many tiles and rows: N = 16 * 11, M = 1 and 130."""
+    rng = np.random.default_rng(block_size + act_bits)
+    k, n = 3 * block_size + 3, 176
+    fmt_w = BlockFormat(4, block_size, False, ScaleKind.FLOAT16, "float")
+    q = quantize(rng.standard_normal((n, k)).astype(np.float32) * 0.1 + 0.05, fmt_w)
+    fmt = {"k": k, "bits": 4, "block_size": block_size, "symmetric": False, "act_bits": act_bits}
+    model = matmul_model(n=n, codes=q.codes, scales=q.scales, zero_points=q.zero_points, bias=None, **fmt)
+    for m in (1, 130):
+        a = rng.standard_normal((m, k)).astype(np.float32)
+        got = run_matmul(model, a)
+        want = matmul_reference(a, q.codes, q.scales, q.zero_points, **fmt)
+        tol = tolerance(a, q.codes, q.scales, q.zero_points, **fmt)
+        assert np.all(np.abs(got - want) <= tol), f"isa={isa} M={m}"
+
+
+def test_float_offsets_weights_as_graph_inputs(isa: str) -> None:
+    """Run-time (non-constant) float32 offsets are repacked per call and give the exact result."""
+    rng = np.random.default_rng(6)
+    k, n, block_size = 40, 24, 16
+    codes, scales, offsets = offset_weight(rng, n, k, 3, block_size, ScaleKind.FLOAT32, exact=True)
+    a = exact_activations(rng, (4, k), block_size, 8)
+    fmt = {"k": k, "bits": 3, "block_size": block_size, "symmetric": False, "act_bits": 8}
+    model = matmul_model(
+        n=n, codes=codes, scales=scales, zero_points=offsets, bias=None, constant_weights=False, **fmt
+    )
+    got = run_matmul(model, a, {"W_codes": codes, "W_scales": scales, "W_zero_points": offsets})
+    np.testing.assert_array_equal(got, matmul_reference(a, codes, scales, offsets, **fmt).astype(np.float32))
+
+
+def test_bad_float_offsets() -> None:
+    good = dict(_valid(), symmetric=False)
+    _expect_error(
+        dict(good, zero_points=np.zeros((12, 3), np.int8)),
+        A_OK,
+        "input 'W_zero_points' must be uint8 (integer zero points) or float16 / float32 (float offsets: "
+        "value = code * scale + offset), got int8",
+    )
+    _expect_error(
+        dict(good, zero_points=np.zeros((12, 3), np.float64)),
+        A_OK,
+        "input 'W_zero_points' must be uint8 (integer zero points) or float16 / float32",
+    )
+    _expect_error(
+        dict(good, zero_points=np.zeros((12, 2), np.float16)),
+        A_OK,
+        "input 'W_zero_points' must have shape [N, ceil(K / block_size)] = [12, 3], got [12, 2]",
+    )
+    _expect_error(
+        dict(good, symmetric=True, zero_points=np.zeros((12, 3), np.float16)),
+        A_OK,
+        "input 'W_zero_points' must be absent when attribute 'symmetric' is 1",
+    )
