@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from bct_onnx.block_format import MAX_BITS, MIN_BITS, ScaleKind
+from bct_onnx.block_format import MAX_BITS, MIN_BITS, ScaleKind, ZeroPointKind
 from bct_onnx.config import DEFAULT_OPS, SUPPORTED_OPS
 from bct_onnx.errors import BctOnnxError
 
@@ -217,6 +217,13 @@ def _add_format_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--asymmetric", action="store_true", help="store a zero point per block (default: symmetric)"
     )
+    parser.add_argument(
+        "--zero-points",
+        choices=[kind.value for kind in ZeroPointKind],
+        default=quiet,
+        help="with --asymmetric: 'integer' uint8 zero points (default) or 'float' offsets, value = code * scale "
+        "+ offset (float16; float32 with --scale-kind float32), as GGUF Q4_1",
+    )
 
 
 def _add_control_flags(parser: argparse.ArgumentParser) -> None:
@@ -292,7 +299,16 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     given = vars(args)
     overrides: dict[str, Any] = {
         name: given[name]
-        for name in ("weight_bits", "act_bits", "block_size", "embedding_bits", "ops", "scale_kind", "embedding_scale_kind")
+        for name in (
+            "weight_bits",
+            "act_bits",
+            "block_size",
+            "embedding_bits",
+            "ops",
+            "scale_kind",
+            "embedding_scale_kind",
+            "zero_points",
+        )
         if name in given
     }
     if given.get("asymmetric"):

@@ -7,7 +7,7 @@ import fnmatch
 import re
 from collections.abc import Mapping
 
-from bct_onnx.block_format import MAX_BITS, MIN_BITS, BlockFormat, ScaleKind
+from bct_onnx.block_format import MAX_BITS, MIN_BITS, BlockFormat, ScaleKind, ZeroPointKind
 
 # Op kinds that have a quantize pass. "LayerNormalization" covers RMS normalization too;
 # "AttentionMatMul" is a MatMul of two run-time activations (Q x K^T, probabilities x V); "Silu" is
@@ -101,10 +101,11 @@ class NodeSettings:
     block_size: int
     symmetric: bool
     scale_kind: ScaleKind
+    zero_points: ZeroPointKind = ZeroPointKind.INTEGER  # asymmetric weights and tables
 
     @property
     def weight_format(self) -> BlockFormat:
-        return BlockFormat(self.weight_bits, self.block_size, self.symmetric, self.scale_kind)
+        return BlockFormat(self.weight_bits, self.block_size, self.symmetric, self.scale_kind, self.zero_points)
 
     def act_format(self, symmetric: bool) -> BlockFormat | None:
         """Format of a compressed activation of this node (None: stays float)."""
@@ -122,6 +123,10 @@ class CompressConfig:
     block_size: consecutive elements sharing one scale (weights: along K; tables: along D).
     ops: ONNX op types to compress (subset of SUPPORTED_OPS).
     symmetric: implicit zero point for weights and tables (no zero-point tensors stored).
+    zero_points: what asymmetric (symmetric=False) weights and tables store per block: "integer"
+        (uint8 zero point, value (u - zp) * scale) or "float" (float16 offset, float32 with float32
+        scales: value u * scale + offset, the block minimum, as GGUF's Q4_1 / AWQ / MatMulNBits).
+        "float" costs 8 more bits a block (16 with float32 scales) and needs symmetric=False.
     scale_kind: how block scales are stored (float16, float32, pow2).
     embedding_bits: code width of Gather tables; None = weight_bits.
     embedding_scale_kind: how Gather tables store block scales; None (default) = scale_kind.
@@ -140,6 +145,7 @@ class CompressConfig:
     block_size: int = 32
     ops: frozenset[str] = DEFAULT_OPS
     symmetric: bool = True
+    zero_points: ZeroPointKind = ZeroPointKind.INTEGER
     scale_kind: ScaleKind = ScaleKind.FLOAT16
     embedding_bits: int | None = None
     embedding_scale_kind: ScaleKind | None = None
@@ -159,6 +165,16 @@ class CompressConfig:
         if not isinstance(self.weight_scale_search, bool):
             raise ValueError(  # noqa: TRY004 (one exception type for every bad field)
                 f"weight_scale_search must be a bool, got {self.weight_scale_search!r}"
+            )
+        try:
+            object.__setattr__(self, "zero_points", ZeroPointKind(self.zero_points))
+        except ValueError:
+            kinds = ", ".join(kind.value for kind in ZeroPointKind)
+            raise ValueError(f"zero_points must be one of {kinds}, got {self.zero_points!r}") from None
+        if self.zero_points is ZeroPointKind.FLOAT and self.symmetric:
+            raise ValueError(
+                "zero_points='float' (float offsets) applies to asymmetric weights: set symmetric=False "
+                "(--asymmetric, or symmetric = false in a config file)"
             )
         try:
             object.__setattr__(self, "scale_kind", ScaleKind(self.scale_kind))
@@ -228,16 +244,16 @@ class CompressConfig:
         scale_kind = self.scale_kind
         if kind == "Gather" and self.embedding_scale_kind is not None:
             scale_kind = self.embedding_scale_kind
-        return NodeSettings(enabled, weight_bits, act_bits, block_size, self.symmetric, scale_kind)
+        return NodeSettings(enabled, weight_bits, act_bits, block_size, self.symmetric, scale_kind, self.zero_points)
 
     @property
     def weight_format(self) -> BlockFormat:
         """Block format of MatMul weights."""
-        return BlockFormat(self.weight_bits, self.block_size, self.symmetric, self.scale_kind)
+        return BlockFormat(self.weight_bits, self.block_size, self.symmetric, self.scale_kind, self.zero_points)
 
     @property
     def embedding_format(self) -> BlockFormat:
         """Block format of Gather (embedding) tables."""
         bits = self.weight_bits if self.embedding_bits is None else self.embedding_bits
         kind = self.scale_kind if self.embedding_scale_kind is None else self.embedding_scale_kind
-        return BlockFormat(bits, self.block_size, self.symmetric, kind)
+        return BlockFormat(bits, self.block_size, self.symmetric, kind, self.zero_points)

@@ -33,6 +33,7 @@ TOP_LEVEL_KEYS = (
     "embedding_bits",
     "ops",
     "symmetric",
+    "zero_points",
     "scale_kind",
     "embedding_scale_kind",
     "weight_scale_search",

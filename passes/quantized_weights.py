@@ -1,7 +1,8 @@
 """Constant lookup and quantized-initializer creation shared by the quantize passes.
 
 A quantized tensor is stored as initializers named after its source initializer and its format
-(``<source>.bct_<tag>.codes`` / ``.scales`` / ``.zero_points``) and tagged in metadata_props. A
+(``<source>.bct_<tag>.codes`` / ``.scales`` / ``.zero_points``, the last holding uint8 zero points
+or float16/float32 offsets as the format says) and tagged in metadata_props. A
 second consumer that needs the same source in the same layout and format (a tied embedding table
 read by a Gather and by the output projection) finds and reuses them: the graph is the cache, so
 no state lives on a pass between calls.
@@ -41,7 +42,8 @@ def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
 
 def format_tag(fmt: BlockFormat, transposed: bool) -> str:
     kind = fmt.scale_kind.value
-    return f"q{fmt.bits}b{fmt.block_size}{'s' if fmt.symmetric else 'a'}_{kind}{'_t' if transposed else ''}"
+    zero_points = "s" if fmt.symmetric else ("f" if fmt.float_offsets else "a")  # f: float offsets
+    return f"q{fmt.bits}b{fmt.block_size}{zero_points}_{kind}{'_t' if transposed else ''}"
 
 
 @dataclasses.dataclass(frozen=True)

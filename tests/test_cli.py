@@ -201,6 +201,28 @@ def test_compress_in_process_weight_only_4bit(
     assert rel_error(run_compressed(out), run_fp32(mlp)) <= REL_TOL_W4
 
 
+def test_compress_float_offsets_flag(mlp: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--asymmetric --zero-points float: weights and tables store float16 offsets; ORT runs the model."""
+    out = tmp_path / "f.onnx"
+    report_path = tmp_path / "f.json"
+    code, _, stderr = run_main(
+        capsys, "compress", str(mlp), "-o", str(out), "--asymmetric", "--zero-points", "float",
+        "--act-bits", "none", "--report", str(report_path),
+    )
+    assert code == 0, stderr
+    assert json.loads(report_path.read_text())["config"]["zero_points"] == "float"
+    model = onnx.load(str(out))
+    inits = {i.name: i for i in model.graph.initializer}
+    zero_points = [n.input[3] for n in model.graph.node if n.op_type in ("BlockMatMul", "BlockGather")]
+    assert len(zero_points) == 3
+    assert all(inits[name].data_type == onnx.TensorProto.FLOAT16 for name in zero_points)
+    assert rel_error(run_compressed(out), run_fp32(mlp)) <= REL_TOL_W4
+    code, _, stderr = run_main(capsys, "compress", str(mlp), "-o", str(tmp_path / "g.onnx"), "--zero-points", "float")
+    assert code == 2 and "applies to asymmetric weights" in stderr
+    code, _, stderr = run_main(capsys, "compress", str(mlp), "-o", str(tmp_path / "g.onnx"), "--zero-points", "half")
+    assert code == 2 and "invalid choice: 'half'" in stderr
+
+
 def test_compress_only_matmul_leaves_gather(
     mlp: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

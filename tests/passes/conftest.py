@@ -41,7 +41,14 @@ def _dequantized(
     symmetric: int,
     axis_size: int,
 ) -> np.ndarray:
-    fmt = BlockFormat(int(bits), int(block_size), bool(symmetric), _SCALE_KINDS[scales.dtype])
+    float_offsets = zero_points is not None and zero_points.dtype != np.uint8  # float16/float32 offsets
+    fmt = BlockFormat(
+        int(bits),
+        int(block_size),
+        bool(symmetric),
+        _SCALE_KINDS[scales.dtype],
+        "float" if float_offsets else "integer",
+    )
     return dequantize_codes(unpack_codes(codes, fmt.bits, axis_size), scales, zero_points, fmt)
 
 

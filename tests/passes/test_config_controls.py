@@ -82,6 +82,8 @@ def test_yaml_config_if_pyyaml(tmp_path):
         ),
         ("[op.MatMul]\nenabled = 'maybe'\n", "key 'op.MatMul.enabled': 'maybe' is not true/false"),
         ("weight_bits = 1\n", "weight_bits must be an integer in [2, 8], got 1"),
+        ('symmetric = false\nzero_points = "fraction"\n', "zero_points must be one of integer, float"),
+        ('zero_points = "float"\n', "zero_points='float' (float offsets) applies to asymmetric weights"),
         ("weight_bits = ", "not valid TOML"),
     ],
 )
@@ -145,3 +147,16 @@ def test_overrides_reach_the_nodes(helpers):
     )
     assert helpers.op_types(off.model) == ["BlockMatMul", "MatMul"]
     assert [s.reason for s in off.skipped] == ["MatMul compression is disabled for this node by the config"]
+
+
+def test_zero_points_key_reaches_weight_and_table_formats(tmp_path):
+    """zero_points = "float" (with symmetric = false): float offsets for MatMul weights and Gather tables."""
+    path = tmp_path / "offsets.toml"
+    path.write_text('symmetric = false\nzero_points = "float"\nembedding_scale_kind = "pow2"\n')
+    config = load_config_file(path)
+    assert config.weight_format.float_offsets and config.embedding_format.float_offsets
+    assert config.settings_for("MatMul", "/x/MatMul").weight_format.zero_point_dtype == np.float16
+    assert config.settings_for("Gather", "/emb/Gather").weight_format.zero_point_dtype == np.float16
+    assert not CompressConfig(symmetric=False).weight_format.float_offsets  # integer zero points by default
+    f32 = CompressConfig(symmetric=False, zero_points="float", scale_kind="float32")
+    assert f32.weight_format.zero_point_dtype == np.float32

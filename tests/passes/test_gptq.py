@@ -168,3 +168,35 @@ def test_tied_table_is_gptq_rounded_for_the_output_projection_and_shared(helpers
     np.testing.assert_allclose(emb_c[..., 5], 0.3, rtol=0.1)
     through_ort = helpers.run_bct_session(calibrated.model, test)
     np.testing.assert_allclose(through_ort[1], logits_c, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scale_kind", [ScaleKind.FLOAT16, ScaleKind.FLOAT32])
+def test_gptq_float_offsets(scale_kind):
+    """GPTQ with fixed per-block scale and float offset: in format, better than plain rounding."""
+    rng = np.random.default_rng(2)
+    k, n = 200, 48
+    x = _correlated_inputs(rng, 1024, k)
+    w = (rng.standard_normal((n, k)) * 0.05 + 0.02).astype(np.float32)
+    fmt = BlockFormat(4, 32, False, scale_kind, "float")
+    gptq = gptq_quantize(w, x.T.astype(np.float64) @ x, fmt)
+    plain = quantize_tensor(w, fmt)
+    assert gptq.zero_points is not None and gptq.zero_points.dtype == fmt.zero_point_dtype
+    assert gptq.zero_points.shape == (n, 7)
+    err_gptq = np.linalg.norm(x @ (dequantize(gptq) - w).T)
+    err_plain = np.linalg.norm(x @ (dequantize(plain) - w).T)
+    assert err_gptq < 0.9 * err_plain, (err_gptq, err_plain)
+
+
+def test_gptq_keeps_a_q4_1_grid_exact():
+    """A weight already on a float-offset 4-bit grid (GGUF Q4_1-like) comes back exactly, GPTQ or not."""
+    rng = np.random.default_rng(4)
+    n, k = 16, 64
+    d = rng.uniform(1e-3, 5e-2, (n, 2)).astype(np.float16).astype(np.float32)
+    m = (-8 * d).astype(np.float16).astype(np.float32)
+    q = rng.integers(0, 16, (n, 2, 32))
+    q[..., 0], q[..., 1] = 0, 15
+    w = (d[..., None] * q + m[..., None]).astype(np.float32).reshape(n, k)
+    x = _correlated_inputs(rng, 256, k)
+    fmt = BlockFormat(4, 32, False, ScaleKind.FLOAT16, "float")
+    np.testing.assert_array_equal(dequantize(quantize_tensor(w, fmt)), w)
+    np.testing.assert_array_equal(dequantize(gptq_quantize(w, x.T.astype(np.float64) @ x, fmt)), w)

@@ -123,3 +123,28 @@ def test_second_run_does_not_modify(helpers):
     second = QuantizeGatherPass(CompressConfig())(first.model)
     assert first.modified and not second.modified
     assert second.rewritten == {} and second.skipped == []
+
+
+@pytest.mark.parametrize("scale_kind", ["float16", "pow2", "float32"])
+def test_float_offsets_table(helpers, scale_kind):
+    """zero_points="float": the table stores float offsets (float32 with float32 scales), ORT = spec bit for bit."""
+    e = np.abs(table(50, 45)) + 1.0  # one-signed rows, D = 45: a partial last block
+    model = helpers.model_from_text(EMBEDDING.replace("40", "45"), {"E": e})
+    config = CompressConfig(symmetric=False, zero_points="float", scale_kind=scale_kind)
+    compressed = QuantizeGatherPass(config)(model).model
+    node = next(iter(compressed.graph))
+    offsets = node.inputs[3].const_value.numpy()
+    assert offsets.dtype == (np.float32 if scale_kind == "float32" else np.float16) and offsets.shape == (50, 2)
+    assert ".bct_q4b32f_" in node.inputs[1].name  # the tag tells float offsets from integer zero points
+    ids = np.array([[0, 49, -1, 7]], dtype=np.int64)
+    (y_ref,) = helpers.run_reference(compressed, {"ids": ids})
+    np.testing.assert_array_equal(y_ref, dequantize(quantize_tensor(e, config.embedding_format))[ids])
+    (y_ort,) = helpers.run_bct_session(compressed, {"ids": ids})
+    np.testing.assert_array_equal(y_ort, y_ref)
+    integer = QuantizeGatherPass(CompressConfig(symmetric=False, scale_kind=scale_kind))(
+        helpers.model_from_text(EMBEDDING.replace("40", "45"), {"E": e})
+    ).model
+    every = np.arange(50, dtype=np.int64)[None]
+    (y_int,) = helpers.run_reference(integer, {"ids": every})
+    (y_all,) = helpers.run_reference(compressed, {"ids": every})
+    assert np.abs(y_all - e[every]).mean() < 0.85 * np.abs(y_int - e[every]).mean()  # range [1, 4], not [0, 4]

@@ -64,6 +64,10 @@ def test_rewrites_matmul_and_fuses_bias(helpers):
         (8, 7, True, "float16"),
         (4, 32, True, "pow2"),
         (5, 16, False, "float32"),
+        # float offsets (zero_points="float"): float16 next to float16/pow2 scales, float32 next to float32
+        (4, 32, "float", "float16"),
+        (3, 16, "float", "pow2"),
+        (5, 16, "float", "float32"),
     ],
 )
 def test_numerics_match_spec(helpers, act_bits, weight_bits, block_size, symmetric, scale_kind):
@@ -72,8 +76,9 @@ def test_numerics_match_spec(helpers, act_bits, weight_bits, block_size, symmetr
         weight_bits=weight_bits,
         act_bits=act_bits,
         block_size=block_size,
-        symmetric=symmetric,
+        symmetric=symmetric is True,
         scale_kind=scale_kind,
+        zero_points="float" if symmetric == "float" else "integer",
     )
     a = RNG.standard_normal((2, 3, 45)).astype(np.float32)
     (y_float,) = helpers.run_ort(model, {"A": a})
@@ -82,7 +87,10 @@ def test_numerics_match_spec(helpers, act_bits, weight_bits, block_size, symmetr
     # Independent expectation: dequantized weight, fake-quantized activation, float64 accumulation.
     node = next(iter(compressed.graph))
     fmt = config.weight_format
-    zp = node.inputs[3].const_value.numpy() if not symmetric else None
+    zp = node.inputs[3].const_value.numpy() if symmetric is not True else None
+    if symmetric == "float":
+        assert zp is not None and zp.dtype == fmt.zero_point_dtype
+        assert zp.dtype == (np.float32 if scale_kind == "float32" else np.float16)
     w = dequantize_codes(
         unpack_codes(node.inputs[1].const_value.numpy(), fmt.bits, 45),
         node.inputs[2].const_value.numpy(),
@@ -107,10 +115,11 @@ def test_numerics_match_spec(helpers, act_bits, weight_bits, block_size, symmetr
         (64, CompressConfig()),
         (45, CompressConfig(act_bits=None)),
         (45, CompressConfig(weight_bits=3, symmetric=False, block_size=16)),
+        (45, CompressConfig(weight_bits=4, symmetric=False, zero_points="float", block_size=16)),
         (100, CompressConfig(scale_kind="pow2", act_bits=4)),
         (37, CompressConfig(weight_bits=8, scale_kind="float32", block_size=7)),
     ],
-    ids=["default", "weight-only-partial-block", "asym3", "pow2-a4", "w8-f32-b7"],
+    ids=["default", "weight-only-partial-block", "asym3", "float-offsets4", "pow2-a4", "w8-f32-b7"],
 )
 def test_ort_session_matches_reference(helpers, k, config):
     model, _ = linear_model(helpers, k=k, n=48)
