@@ -184,6 +184,18 @@ def variants(calibration: str) -> list[Variant]:
         Variant(
             "bct-w8", "bct-onnx default + `weight_bits=8`", _bct(calibration, weight_bits=8), custom_ops=True
         ),
+        Variant(
+            "bct-all-asym",
+            "bct-onnx default + `symmetric=False` (uint8 zero points)",
+            _bct(calibration, symmetric=False),
+            custom_ops=True,
+        ),
+        Variant(
+            "bct-all-float-offsets",
+            'bct-onnx default + `symmetric=False, zero_points="float"` (float16 offsets)',
+            _bct(calibration, symmetric=False, zero_points="float"),
+            custom_ops=True,
+        ),
     ]
 
 
@@ -281,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         "--only",
         default="",
         help="comma-separated variant keys to build (FP32 always runs): "
-        "ort-int8, ort-w4, ort-w4-gather, bct-w4, bct-all, bct-all-pow2, bct-w8",
+        "ort-int8, ort-w4, ort-w4-gather, bct-w4, bct-all, bct-all-pow2, bct-w8, bct-all-asym, "
+        "bct-all-float-offsets",
     )
     parser.add_argument(
         "--calibration", default="auto", choices=("auto", "none"), help="bct-onnx calibration (default auto)"
