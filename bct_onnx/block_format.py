@@ -142,7 +142,9 @@ def _pad_to_blocks(x: np.ndarray, block_size: int, edge: bool = False) -> np.nda
     nb = -(-d // block_size)
     pad = nb * block_size - d
     if pad:
-        fill = np.repeat(x[..., -1:], pad, axis=-1) if edge else np.zeros(x.shape[:-1] + (pad,), dtype=x.dtype)
+        fill = (
+            np.repeat(x[..., -1:], pad, axis=-1) if edge else np.zeros(x.shape[:-1] + (pad,), dtype=x.dtype)
+        )
         x = np.concatenate([x, fill], axis=-1)
     return x.reshape(x.shape[:-1] + (nb, block_size))
 

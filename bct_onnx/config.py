@@ -105,7 +105,9 @@ class NodeSettings:
 
     @property
     def weight_format(self) -> BlockFormat:
-        return BlockFormat(self.weight_bits, self.block_size, self.symmetric, self.scale_kind, self.zero_points)
+        return BlockFormat(
+            self.weight_bits, self.block_size, self.symmetric, self.scale_kind, self.zero_points
+        )
 
     def act_format(self, symmetric: bool) -> BlockFormat | None:
         """Format of a compressed activation of this node (None: stays float)."""
@@ -244,12 +246,16 @@ class CompressConfig:
         scale_kind = self.scale_kind
         if kind == "Gather" and self.embedding_scale_kind is not None:
             scale_kind = self.embedding_scale_kind
-        return NodeSettings(enabled, weight_bits, act_bits, block_size, self.symmetric, scale_kind, self.zero_points)
+        return NodeSettings(
+            enabled, weight_bits, act_bits, block_size, self.symmetric, scale_kind, self.zero_points
+        )
 
     @property
     def weight_format(self) -> BlockFormat:
         """Block format of MatMul weights."""
-        return BlockFormat(self.weight_bits, self.block_size, self.symmetric, self.scale_kind, self.zero_points)
+        return BlockFormat(
+            self.weight_bits, self.block_size, self.symmetric, self.scale_kind, self.zero_points
+        )
 
     @property
     def embedding_format(self) -> BlockFormat:

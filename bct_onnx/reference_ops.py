@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from bct_onnx import block_format
-from bct_onnx.block_format import BlockFormat, QuantizedTensor, ScaleKind
+from bct_onnx.block_format import BlockFormat, QuantizedTensor, ScaleKind, ZeroPointKind
 
 
 def activation_format(act_bits: int, block_size: int) -> BlockFormat:
@@ -66,7 +66,7 @@ def matmul_operands(
         block_size=block_size,
         symmetric=symmetric,
         scale_kind=scale_kind,
-        zero_point_kind="float" if float_offsets else "integer",
+        zero_point_kind=ZeroPointKind.FLOAT if float_offsets else ZeroPointKind.INTEGER,
     )
     codes = block_format.unpack_codes(w_codes, bits, k)
     weight = block_format.dequantize_codes(codes, w_scales, w_zero_points, w_fmt).astype(np.float64)

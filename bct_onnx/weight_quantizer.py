@@ -14,8 +14,8 @@ import numpy as np
 
 from bct_onnx.block_format import (
     BlockFormat,
-    ScaleKind,
     QuantizedTensor,
+    ScaleKind,
     _inverse,
     _pad_to_blocks,
     choose_scales,
@@ -134,7 +134,9 @@ def _search_offset_ranges(
     lo = blocks.min(axis=-1)
     hi = blocks.max(axis=-1)
     span = hi - lo
-    best_scales, best_offsets = choose_scales(np.stack([lo, hi], axis=-1), fmt)
+    best_scales, first_offsets = choose_scales(np.stack([lo, hi], axis=-1), fmt)
+    assert first_offsets is not None
+    best_offsets: np.ndarray = first_offsets
     best_err = _block_squared_error(blocks, best_scales, best_offsets, fmt, importance)
     for bottom, top in OFFSET_SHRINKS:
         if bottom == 0.0 and top == 0.0:
@@ -149,7 +151,6 @@ def _search_offset_ranges(
         best_err = np.where(better, err, best_err)
         best_scales = np.where(better, scales, best_scales)
         best_offsets = np.where(better, offsets, best_offsets)
-    assert best_offsets is not None
     return best_scales, best_offsets
 
 

@@ -122,7 +122,9 @@ def test_constant_block(kind: ScaleKind) -> None:
     codes, _, _ = quantize_codes(x, fmt)
     assert np.all(codes == 0)
     expect_scale = 1.0 if kind is ScaleKind.POW2 else 0.0
-    np.testing.assert_array_equal(scales_to_float32(q.scales, kind), np.full((2, 1), expect_scale, np.float32))
+    np.testing.assert_array_equal(
+        scales_to_float32(q.scales, kind), np.full((2, 1), expect_scale, np.float32)
+    )
     np.testing.assert_array_equal(dequantize(q), np.full((2, 4), np.float32(q.zero_points[0, 0]), np.float32))
 
 

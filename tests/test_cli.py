@@ -206,8 +206,18 @@ def test_compress_float_offsets_flag(mlp: Path, tmp_path: Path, capsys: pytest.C
     out = tmp_path / "f.onnx"
     report_path = tmp_path / "f.json"
     code, _, stderr = run_main(
-        capsys, "compress", str(mlp), "-o", str(out), "--asymmetric", "--zero-points", "float",
-        "--act-bits", "none", "--report", str(report_path),
+        capsys,
+        "compress",
+        str(mlp),
+        "-o",
+        str(out),
+        "--asymmetric",
+        "--zero-points",
+        "float",
+        "--act-bits",
+        "none",
+        "--report",
+        str(report_path),
     )
     assert code == 0, stderr
     assert json.loads(report_path.read_text())["config"]["zero_points"] == "float"
@@ -217,9 +227,13 @@ def test_compress_float_offsets_flag(mlp: Path, tmp_path: Path, capsys: pytest.C
     assert len(zero_points) == 3
     assert all(inits[name].data_type == onnx.TensorProto.FLOAT16 for name in zero_points)
     assert rel_error(run_compressed(out), run_fp32(mlp)) <= REL_TOL_W4
-    code, _, stderr = run_main(capsys, "compress", str(mlp), "-o", str(tmp_path / "g.onnx"), "--zero-points", "float")
+    code, _, stderr = run_main(
+        capsys, "compress", str(mlp), "-o", str(tmp_path / "g.onnx"), "--zero-points", "float"
+    )
     assert code == 2 and "applies to asymmetric weights" in stderr
-    code, _, stderr = run_main(capsys, "compress", str(mlp), "-o", str(tmp_path / "g.onnx"), "--zero-points", "half")
+    code, _, stderr = run_main(
+        capsys, "compress", str(mlp), "-o", str(tmp_path / "g.onnx"), "--zero-points", "half"
+    )
     assert code == 2 and "invalid choice: 'half'" in stderr
 
 

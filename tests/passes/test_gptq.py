@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from bct_onnx.passes import compress_model
 
 from bct_onnx.block_format import BlockFormat, ScaleKind, dequantize, unpack_codes
 from bct_onnx.calibration import Calibration, CalibrationError, collect_hessians, text_feeds
 from bct_onnx.config import CompressConfig
 from bct_onnx.gptq import gptq_quantize
-from bct_onnx.passes import compress_model
 from bct_onnx.weight_quantizer import quantize_tensor
 
 

@@ -134,7 +134,10 @@ def test_float_offsets_table(helpers, scale_kind):
     compressed = QuantizeGatherPass(config)(model).model
     node = next(iter(compressed.graph))
     offsets = node.inputs[3].const_value.numpy()
-    assert offsets.dtype == (np.float32 if scale_kind == "float32" else np.float16) and offsets.shape == (50, 2)
+    assert offsets.dtype == (np.float32 if scale_kind == "float32" else np.float16) and offsets.shape == (
+        50,
+        2,
+    )
     assert ".bct_q4b32f_" in node.inputs[1].name  # the tag tells float offsets from integer zero points
     ids = np.array([[0, 49, -1, 7]], dtype=np.int64)
     (y_ref,) = helpers.run_reference(compressed, {"ids": ids})
@@ -147,4 +150,6 @@ def test_float_offsets_table(helpers, scale_kind):
     every = np.arange(50, dtype=np.int64)[None]
     (y_int,) = helpers.run_reference(integer, {"ids": every})
     (y_all,) = helpers.run_reference(compressed, {"ids": every})
-    assert np.abs(y_all - e[every]).mean() < 0.85 * np.abs(y_int - e[every]).mean()  # range [1, 4], not [0, 4]
+    assert (
+        np.abs(y_all - e[every]).mean() < 0.85 * np.abs(y_int - e[every]).mean()
+    )  # range [1, 4], not [0, 4]

@@ -116,7 +116,9 @@ OFFSET_FORMATS = [
 ]
 
 
-def random_offset_tensor(fmt: BlockFormat, lead: tuple[int, ...], axis_size: int, seed: int) -> QuantizedTensor:
+def random_offset_tensor(
+    fmt: BlockFormat, lead: tuple[int, ...], axis_size: int, seed: int
+) -> QuantizedTensor:
     """Arbitrary codes and scales (as random_tensor) with random float offsets of the format's dtype."""
     q = random_tensor(BlockFormat(fmt.bits, fmt.block_size, True, fmt.scale_kind), lead, axis_size, seed)
     rng = np.random.default_rng(seed + 1)
@@ -157,10 +159,19 @@ def test_dequantize_float32_offsets_with_float16_scales(kit) -> None:
 @pytest.mark.parametrize(
     ("zp", "zp_type", "message"),
     [
-        (np.zeros((2, 5), np.int32), TensorProto.INT32, "input 'zero_points' must be uint8 (integer zero points) or "
-         "float16 / float32 (float offsets: value = code * scale + offset), got int32"),
-        (np.zeros((2, 4), np.float16), TensorProto.FLOAT16, "input 'zero_points' must have shape [2, 5] like "
-         "'scales', got [2, 4]"),
+        (
+            np.zeros((2, 5), np.int32),
+            TensorProto.INT32,
+            (
+                "input 'zero_points' must be uint8 (integer zero points) or "
+                "float16 / float32 (float offsets: value = code * scale + offset), got int32"
+            ),
+        ),
+        (
+            np.zeros((2, 4), np.float16),
+            TensorProto.FLOAT16,
+            "input 'zero_points' must have shape [2, 5] like 'scales', got [2, 4]",
+        ),
     ],
     ids=["int32", "shape"],
 )

@@ -82,5 +82,7 @@ def test_gather_float_offsets_bad_dtype(kit) -> None:
     table = _table(fmt, 5, 16, seed=3)
     bad = type(table)(table.codes, table.scales, table.zero_points.astype(np.float64), 16, fmt)
     model = kit.gather_model(fmt, 16, bad, node_name="bad_gather")
-    with pytest.raises(Exception, match="bct_onnx BlockGather node 'bad_gather': input 'zero_points' must be uint8"):
+    with pytest.raises(
+        Exception, match="bct_onnx BlockGather node 'bad_gather': input 'zero_points' must be uint8"
+    ):
         kit.run(model, {"indices": np.array([1], np.int64)})
