@@ -56,4 +56,19 @@ __attribute__((visibility("default"))) void bct_host_gather(int bits, int64_t bl
   }
 }
 
+// Float-offset blocks (value = u * scale + offset): zero_point_kind 1 float16 / 2 float32 offsets.
+__attribute__((visibility("default"))) void bct_host_dequantize_offsets(int bits, int64_t block_size, int scale_kind,
+                                                                        int zero_point_kind, int64_t axis_size,
+                                                                        int64_t rows, const uint8_t* codes,
+                                                                        const void* scales, const void* offsets,
+                                                                        float* out) {
+  auto fmt = Format(bits, block_size, /*symmetric=*/0, scale_kind, axis_size);
+  fmt.zero_point_kind = zero_point_kind;
+  const auto* offset_bytes = static_cast<const uint8_t*>(offsets);
+  for (int64_t k = 0; k < rows * axis_size; ++k) {
+    const int64_t row = k / axis_size;
+    out[k] = bct::cuda::DequantizeOne(fmt, codes, scales, offset_bytes, row, k - row * axis_size);
+  }
+}
+
 }  // extern "C"

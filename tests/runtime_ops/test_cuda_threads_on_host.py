@@ -79,6 +79,18 @@ def _helper() -> ctypes.CDLL:
         ptr,
         ptr,
     ]
+    lib.bct_host_dequantize_offsets.argtypes = [
+        ctypes.c_int,
+        i64,
+        ctypes.c_int,
+        ctypes.c_int,
+        i64,
+        i64,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+    ]
     return lib
 
 
@@ -149,3 +161,30 @@ def test_dequantize_and_gather_threads(kit, fmt: BlockFormat) -> None:
         _ptr(gathered),
     )
     kit.assert_bits_equal(gathered, want[rows], "gathered")
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("kind", list(ScaleKind), ids=lambda k: k.value)
+def test_dequantize_float_offsets_threads(kit, bits: int, kind: ScaleKind) -> None:
+    """CUDA's per-thread value of float-offset blocks (u * scale + offset), float16 or float32 offsets."""
+    lib = _helper()
+    axis_size = 29
+    fmt = BlockFormat(bits, 8, False, kind, "float")
+    q = quantize(np.random.default_rng(bits).standard_normal((6, axis_size)).astype(np.float32) + 1.0, fmt)
+    assert q.zero_points is not None
+    want = dequantize(q)
+    out = np.full(want.shape, np.nan, np.float32)
+    zero_point_kind = 1 if q.zero_points.dtype == np.float16 else 2
+    lib.bct_host_dequantize_offsets(
+        bits,
+        8,
+        KIND_CODE[kind],
+        zero_point_kind,
+        axis_size,
+        6,
+        _ptr(q.codes),
+        _ptr(q.scales),
+        _ptr(q.zero_points),
+        _ptr(out),
+    )
+    kit.assert_bits_equal(out, want, "dequantized")
