@@ -4,10 +4,11 @@ A tensor is cut into blocks of ``block_size`` consecutive elements along its las
 move the axis they quantize along to the end first; a MatMul weight [K, N] is stored as its
 transpose [N, K]). A partial last block is legal. Every block has one scale and, when
 asymmetric, either one integer zero point (value ``(u - zero_point) * scale``) or one float
-offset (value ``u * scale + offset``, GGUF Q4_1 style). Codes are unsigned integers ``u`` of ``bits``
-bits (2..8); symmetric blocks use the implicit zero point ``2 ** (bits - 1)``. Each row of codes is packed densely, little-endian, least significant bit first:
-code ``i`` of a row occupies bits ``[i * bits, (i + 1) * bits)`` of that row's bytes, so a row of ``D``
-codes takes ``ceil(D * bits / 8)`` bytes. The C++ and CUDA kernels must agree with every function
+offset (value ``u * scale + offset``, GGUF Q4_1 style). Codes are unsigned integers ``u`` of
+``bits`` bits (2..8); symmetric blocks use the implicit zero point ``2 ** (bits - 1)``. Each row of
+codes is packed densely, little-endian, least significant bit first: code ``i`` of a row occupies
+bits ``[i * bits, (i + 1) * bits)`` of that row's bytes, so a row of ``D`` codes takes
+``ceil(D * bits / 8)`` bytes. The C++ and CUDA kernels must agree with every function
 here bit-exactly; docs/block_format.md explains the format in prose.
 """
 
