@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+import ml_dtypes
 import numpy as np
 
 MIN_BITS = 2
@@ -32,6 +33,14 @@ class ScaleKind(str, enum.Enum):
     FLOAT16 = "float16"
     FLOAT32 = "float32"
     POW2 = "pow2"  # one byte: a biased power-of-two exponent, so dequantization is a shift
+    # one byte: ONNX FLOAT8E5M2 (sign, 5 exponent, 2 mantissa bits: the upper byte of a float16),
+    # four steps per octave instead of pow2's one; for weights and tables (chosen offline)
+    FLOAT8E5M2 = "float8e5m2"
+
+
+# The scale kinds kernels can choose at run time (BlockQuantize, compressed activations);
+# float8e5m2 is chosen offline only (weights, tables).
+RUNTIME_SCALE_KINDS: tuple[ScaleKind, ...] = (ScaleKind.FLOAT16, ScaleKind.FLOAT32, ScaleKind.POW2)
 
 
 class ZeroPointKind(str, enum.Enum):
@@ -103,6 +112,7 @@ class BlockFormat:
             ScaleKind.FLOAT16: np.dtype(np.float16),
             ScaleKind.FLOAT32: np.dtype(np.float32),
             ScaleKind.POW2: np.dtype(np.uint8),
+            ScaleKind.FLOAT8E5M2: np.dtype(ml_dtypes.float8_e5m2),
         }[self.scale_kind]
 
     def storage_bits_per_value(self) -> float:
@@ -166,6 +176,30 @@ def pow2_exponent_at_least(ratio: np.ndarray) -> np.ndarray:
     return np.clip(e, POW2_MIN_EXPONENT, POW2_MAX_EXPONENT).astype(np.int32)
 
 
+def scale_kind_of(scales: np.ndarray) -> ScaleKind:
+    """The scale kind a stored scales array holds, from its dtype (uint8 = pow2 exponents)."""
+    kinds = {
+        np.dtype(np.float16): ScaleKind.FLOAT16,
+        np.dtype(np.float32): ScaleKind.FLOAT32,
+        np.dtype(np.uint8): ScaleKind.POW2,
+        np.dtype(ml_dtypes.float8_e5m2): ScaleKind.FLOAT8E5M2,
+    }
+    dtype = np.asarray(scales).dtype
+    if dtype not in kinds:
+        raise ValueError(f"scales of dtype {dtype} are not a scale kind (float16, float32, uint8, float8_e5m2)")
+    return kinds[dtype]
+
+
+def float8e5m2_at_least(value: np.ndarray) -> np.ndarray:
+    """float32 values -> the float8e5m2 of the same sign nearest to each that is not smaller in
+    magnitude (round away from zero; magnitudes above 57344 become infinity, 0 stays 0)."""
+    value = np.asarray(value, dtype=np.float32)
+    nearest = value.astype(ml_dtypes.float8_e5m2)  # round to nearest even
+    short = np.abs(nearest.astype(np.float32)) < np.abs(value)
+    bits = nearest.view(np.uint8) + short.astype(np.uint8)  # next magnitude up: the next code (sign bit kept)
+    return bits.view(ml_dtypes.float8_e5m2)
+
+
 def scales_to_float32(scales: np.ndarray, scale_kind: ScaleKind) -> np.ndarray:
     """Stored scales -> the float32 scale the arithmetic uses."""
     if ScaleKind(scale_kind) is ScaleKind.POW2:
@@ -205,25 +239,26 @@ def choose_scales(blocks: np.ndarray, fmt: BlockFormat) -> tuple[np.ndarray, np.
             e = np.where(amax > 0, e, 0)
             return (e + POW2_EXPONENT_BIAS).astype(np.uint8), None
         scale = (m / np.float32(-(1 << (fmt.bits - 1)))).astype(np.float32)
+        if fmt.scale_kind is ScaleKind.FLOAT8E5M2:  # rounded away from zero: m never leaves the code range
+            return float8e5m2_at_least(scale), None
         return scale.astype(fmt.scale_dtype), None
     lo = np.minimum(blocks.min(axis=-1), np.float32(0.0))
     hi = np.maximum(blocks.max(axis=-1), np.float32(0.0))
     step = ((hi - lo) / np.float32(fmt.qmax)).astype(np.float32)
-    if fmt.scale_kind is ScaleKind.POW2:
-        e = np.where(step > 0, pow2_exponent_at_least(np.where(step > 0, step, np.float32(1.0))), 0)
-        stored = (e + POW2_EXPONENT_BIAS).astype(np.uint8)
-    else:
-        stored = step.astype(fmt.scale_dtype)
+    stored = _stored_step(step, fmt)
     inv = _inverse(scales_to_float32(stored, fmt.scale_kind))
     zp = np.clip(round_half_to_even(-lo * inv), 0, fmt.qmax).astype(np.uint8)
     return stored, zp
 
 
 def _stored_step(step: np.ndarray, fmt: BlockFormat) -> np.ndarray:
-    """A non-negative float32 step stored in fmt's scale kind (pow2: smallest 2**e >= step; e = 0 for 0)."""
+    """A non-negative float32 step stored in fmt's scale kind (pow2: smallest 2**e >= step, e = 0 for
+    0; float8e5m2: smallest float8e5m2 >= step)."""
     if fmt.scale_kind is ScaleKind.POW2:
         e = np.where(step > 0, pow2_exponent_at_least(np.where(step > 0, step, np.float32(1.0))), 0)
         return (e + POW2_EXPONENT_BIAS).astype(np.uint8)
+    if fmt.scale_kind is ScaleKind.FLOAT8E5M2:
+        return float8e5m2_at_least(step)
     return step.astype(fmt.scale_dtype)
 
 

@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--embedding-scale-kind",
         choices=[kind.value for kind in ScaleKind],
         default=None,
-        help="embedding tables' block scales (default: float16 like the weights); pow2 takes one byte",
+        help="embedding tables' block scales (default: float8e5m2, one byte; float16 takes two)",
     )
     demo.add_argument("--asymmetric", action="store_true", help="store a zero point per block")
     demo.add_argument(
@@ -212,7 +212,8 @@ def _add_format_flags(parser: argparse.ArgumentParser) -> None:
         "--embedding-scale-kind",
         choices=[kind.value for kind in ScaleKind],
         default=quiet,
-        help="how embedding tables store block scales (default: as --scale-kind); pow2 takes one byte",
+        help="how embedding tables store block scales (default: float8e5m2, one byte a block; float16 "
+        "two)",
     )
     parser.add_argument(
         "--asymmetric", action="store_true", help="store a zero point per block (default: symmetric)"

@@ -136,9 +136,10 @@ def run_demo(
         "act_bits": act_bits,
         "block_size": block_size,
         "embedding_bits": embedding_bits,
-        "embedding_scale_kind": embedding_scale_kind,
         "symmetric": symmetric,
     }
+    if embedding_scale_kind is not None:
+        overrides["embedding_scale_kind"] = embedding_scale_kind
     if ops is not None:
         overrides["ops"] = frozenset(ops)
     config = make_config(**overrides)  # invalid settings fail here, before the slow export

@@ -54,11 +54,7 @@ def matmul_operands(
     a = np.asarray(a, dtype=np.float32) if a_codes is None else a_codes
     if a.shape[-1] != k:
         raise ValueError(f"a must have last dimension K={k}, got shape {a.shape}")
-    scale_kind = {
-        np.dtype(np.float16): ScaleKind.FLOAT16,
-        np.dtype(np.float32): ScaleKind.FLOAT32,
-        np.dtype(np.uint8): ScaleKind.POW2,
-    }[np.asarray(w_scales).dtype]
+    scale_kind = block_format.scale_kind_of(w_scales)
     # W_zero_points' dtype tells integer zero points (uint8) from float offsets (float16 / float32).
     float_offsets = w_zero_points is not None and np.asarray(w_zero_points).dtype != np.uint8
     w_fmt = BlockFormat(

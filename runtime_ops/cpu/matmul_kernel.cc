@@ -157,7 +157,9 @@ std::unique_ptr<PackedWeights> Pack(const Shape& shape, const WeightInputs& weig
   p->codes.assign(static_cast<size_t>(tiles * tile_bytes), 0);
   const bool compact = isa == Isa::kAvx512Vnni;
   const size_t params = static_cast<size_t>(tiles * nb * kTileCols);
-  p->half_scales = compact && weights.scale_kind == ScaleKind::kFloat16;
+  // float8e5m2 scales are float16 values (their upper byte): widened to float16 bits exactly.
+  p->half_scales =
+      compact && (weights.scale_kind == ScaleKind::kFloat16 || weights.scale_kind == ScaleKind::kFloat8E5M2);
   if (p->half_scales) {
     p->scales_half.assign(params, 0);
   } else {
@@ -193,7 +195,9 @@ std::unique_ptr<PackedWeights> Pack(const Shape& shape, const WeightInputs& weig
     }
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t at = (tile * nb + b) * kTileCols + col;
-      if (p->half_scales) {
+      if (p->half_scales && weights.scale_kind == ScaleKind::kFloat8E5M2) {
+        p->scales_half[at] = static_cast<uint16_t>(static_cast<const uint8_t*>(weights.scales)[n * nb + b] << 8);
+      } else if (p->half_scales) {
         p->scales_half[at] = static_cast<const uint16_t*>(weights.scales)[n * nb + b];
       } else {
         p->scales[at] = scale_value(weights.scale_kind, weights.scales, n * nb + b);

@@ -188,6 +188,11 @@ inline void BlockParams(const RowFormat& fmt, const void* scales, const uint8_t*
     case ScaleKind::kFloat32:
       std::memcpy(scale_out, static_cast<const float*>(scales) + b0, static_cast<size_t>(n) * sizeof(float));
       break;
+    case ScaleKind::kFloat8E5M2: {
+      const auto* p = static_cast<const uint8_t*>(scales) + b0;
+      for (int64_t k = 0; k < n; ++k) scale_out[k] = float_from_e5m2(p[k]);
+      break;
+    }
     default: {
       const auto* p = static_cast<const uint8_t*>(scales) + b0;
       for (int64_t k = 0; k < n; ++k) scale_out[k] = pow2_scale(p[k]);

@@ -115,9 +115,10 @@ inline ScaleKind ScaleKindOfInput(const InputTensor& scales, const NodeRef& node
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return ScaleKind::kFloat16;
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return ScaleKind::kFloat32;
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return ScaleKind::kPow2;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT8E5M2: return ScaleKind::kFloat8E5M2;
     default:
-      node.Fail(std::string("input '") + input_name + "' must be float16, float32 or uint8 (" + uint8_note +
-                "), got " + DtypeName(scales.dtype));
+      node.Fail(std::string("input '") + input_name + "' must be float16, float32, float8e5m2 or uint8 (" +
+                uint8_note + "), got " + DtypeName(scales.dtype));
   }
 }
 

@@ -21,15 +21,17 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from bct_onnx import reference_nonlinear as spec_nonlinear
-from bct_onnx.block_format import BlockFormat, QuantizedTensor, ScaleKind, dequantize_codes, unpack_codes
+from bct_onnx.block_format import (
+    BlockFormat,
+    QuantizedTensor,
+    ScaleKind,
+    dequantize_codes,
+    scale_kind_of,
+    unpack_codes,
+)
 from bct_onnx.ops import DOMAIN
 from bct_onnx.reference_ops import block_matmul
 
-_SCALE_KINDS = {
-    np.dtype(np.float16): ScaleKind.FLOAT16,
-    np.dtype(np.float32): ScaleKind.FLOAT32,
-    np.dtype(np.uint8): ScaleKind.POW2,
-}
 
 
 def _dequantized(
@@ -46,7 +48,7 @@ def _dequantized(
         int(bits),
         int(block_size),
         bool(symmetric),
-        _SCALE_KINDS[scales.dtype],
+        scale_kind_of(scales),
         "float" if float_offsets else "integer",
     )
     return dequantize_codes(unpack_codes(codes, fmt.bits, axis_size), scales, zero_points, fmt)
@@ -84,7 +86,7 @@ class BlockMatMul(OpRun):
         a: np.ndarray | QuantizedTensor = A
         if in_bits:
             in_sym = True if in_symmetric is None else bool(in_symmetric)
-            fmt = BlockFormat(int(in_bits), int(in_block_size), in_sym, _SCALE_KINDS[A_scales.dtype])
+            fmt = BlockFormat(int(in_bits), int(in_block_size), in_sym, scale_kind_of(A_scales))
             a = QuantizedTensor(A, A_scales, A_zero_points, int(K), fmt)
         y = block_matmul(
             a,
@@ -117,7 +119,7 @@ def _operand(X, X_scales, X_zero_points, bits, block_size, symmetric, axis_size)
         return X
     d = int(axis_size) if axis_size else X.shape[-1] * 8 // int(bits)
     sym = True if symmetric is None else bool(symmetric)
-    fmt = BlockFormat(int(bits), int(block_size), sym, _SCALE_KINDS[X_scales.dtype])
+    fmt = BlockFormat(int(bits), int(block_size), sym, scale_kind_of(X_scales))
     return QuantizedTensor(X, X_scales, X_zero_points, d, fmt)
 
 

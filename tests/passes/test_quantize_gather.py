@@ -130,7 +130,7 @@ def test_float_offsets_table(helpers, scale_kind):
     """zero_points="float": the table stores float offsets (float32 with float32 scales), ORT = spec bit for bit."""
     e = np.abs(table(50, 45)) + 1.0  # one-signed rows, D = 45: a partial last block
     model = helpers.model_from_text(EMBEDDING.replace("40", "45"), {"E": e})
-    config = CompressConfig(symmetric=False, zero_points="float", scale_kind=scale_kind)
+    config = CompressConfig(symmetric=False, zero_points="float", scale_kind=scale_kind, embedding_scale_kind=None)
     compressed = QuantizeGatherPass(config)(model).model
     node = next(iter(compressed.graph))
     offsets = node.inputs[3].const_value.numpy()
@@ -144,7 +144,7 @@ def test_float_offsets_table(helpers, scale_kind):
     np.testing.assert_array_equal(y_ref, dequantize(quantize_tensor(e, config.embedding_format))[ids])
     (y_ort,) = helpers.run_bct_session(compressed, {"ids": ids})
     np.testing.assert_array_equal(y_ort, y_ref)
-    integer = QuantizeGatherPass(CompressConfig(symmetric=False, scale_kind=scale_kind))(
+    integer = QuantizeGatherPass(CompressConfig(symmetric=False, scale_kind=scale_kind, embedding_scale_kind=None))(
         helpers.model_from_text(EMBEDDING.replace("40", "45"), {"E": e})
     ).model
     every = np.arange(50, dtype=np.int64)[None]

@@ -10,8 +10,10 @@ import types
 from collections.abc import Sequence
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
@@ -23,8 +25,10 @@ SCALE_TENSOR_TYPES = {
     ScaleKind.FLOAT16: TensorProto.FLOAT16,
     ScaleKind.FLOAT32: TensorProto.FLOAT,
     ScaleKind.POW2: TensorProto.UINT8,
+    ScaleKind.FLOAT8E5M2: TensorProto.FLOAT8E5M2,
 }
 NUMPY_TO_ONNX = {
+    np.dtype(ml_dtypes.float8_e5m2): TensorProto.FLOAT8E5M2,
     np.dtype(np.float32): TensorProto.FLOAT,
     np.dtype(np.float64): TensorProto.DOUBLE,
     np.dtype(np.float16): TensorProto.FLOAT16,
@@ -139,8 +143,17 @@ def gather_model(
     )
 
 
+def ort_feed(value: np.ndarray) -> Any:
+    """value as ONNX Runtime takes it: float8e5m2 arrays (ml_dtypes) go in as typed OrtValues."""
+    if isinstance(value, np.ndarray) and value.dtype == np.dtype(ml_dtypes.float8_e5m2):
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+            np.ascontiguousarray(value).view(np.uint8), onnx_element_type=TensorProto.FLOAT8E5M2
+        )
+    return value
+
+
 def run(model: bytes, feeds: dict[str, np.ndarray], providers: list[str] | None = None) -> list[np.ndarray]:
-    return bct_onnx.session(model, providers=providers).run(None, feeds)
+    return bct_onnx.session(model, providers=providers).run(None, {k: ort_feed(v) for k, v in feeds.items()})
 
 
 def assert_bits_equal(actual: np.ndarray, expected: np.ndarray, what: str) -> None:

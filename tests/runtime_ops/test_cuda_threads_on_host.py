@@ -18,7 +18,7 @@ import pytest
 import bct_onnx
 from bct_onnx.block_format import BlockFormat, ScaleKind, dequantize, quantize
 
-KIND_CODE = {ScaleKind.FLOAT16: 0, ScaleKind.FLOAT32: 1, ScaleKind.POW2: 2}
+KIND_CODE = {ScaleKind.FLOAT16: 0, ScaleKind.FLOAT32: 1, ScaleKind.POW2: 2, ScaleKind.FLOAT8E5M2: 3}
 FORMATS = [
     BlockFormat(bits, block_size, symmetric, kind)
     for bits in range(2, 9)

@@ -139,7 +139,7 @@ def test_dequantize_scales_dtype(kit) -> None:
         kit.dequantize_model(SYM4, 8, node_name="dq_sdtype", scale_type=TensorProto.INT32),
         {"codes": np.zeros((1, 4), np.uint8), "scales": np.ones((1, 1), np.int32)},
         "bct_onnx BlockDequantize node 'dq_sdtype': ",
-        "input 'scales' must be float16, float32 or uint8 (pow2 exponents), got int32",
+        "input 'scales' must be float16, float32, float8e5m2 or uint8 (pow2 exponents), got int32",
     )
 
 

@@ -17,6 +17,7 @@ import os
 import re
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -37,7 +38,12 @@ from bct_onnx.ops import BLOCK_MATMUL, DOMAIN
 from bct_onnx.reference_ops import activation_format, block_matmul, matmul_operands, matmul_reference
 
 ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni")
-SCALE_DTYPES = {ScaleKind.FLOAT16: np.float16, ScaleKind.FLOAT32: np.float32, ScaleKind.POW2: np.uint8}
+SCALE_DTYPES = {
+    ScaleKind.FLOAT16: np.float16,
+    ScaleKind.FLOAT32: np.float32,
+    ScaleKind.POW2: np.uint8,
+    ScaleKind.FLOAT8E5M2: ml_dtypes.float8_e5m2,
+}
 U = 2.0**-24  # float32 unit roundoff
 
 
@@ -490,7 +496,7 @@ def test_bad_inputs() -> None:
     _expect_error(
         dict(good, scales=good["scales"].astype(np.float64)),
         A_OK,
-        "input 'W_scales' must be float16, float32 or uint8 (pow2 exponents), got float64",
+        "input 'W_scales' must be float16, float32, float8e5m2 or uint8 (pow2 exponents), got float64",
     )
     _expect_error(
         dict(good, scales=good["scales"][:, :2]),
@@ -533,7 +539,7 @@ def test_bad_inputs_at_run_time() -> None:
     _expect_error(
         dict(good, scales=int_scales),
         A_OK,
-        "input 'W_scales' must be float16, float32 or uint8 (pow2 exponents), got int32",
+        "input 'W_scales' must be float16, float32, float8e5m2 or uint8 (pow2 exponents), got int32",
         dict(feeds, W_scales=int_scales),
     )
 
@@ -885,7 +891,7 @@ def test_bad_quantized_operand() -> None:
     _expect_io_error(
         _io_spec(a_scales_dtype=TensorProto.DOUBLE),
         dict(feeds, A_scales=q.scales.astype(np.float64)),
-        "input 'A_scales' must be float16, float32 or uint8 (pow2 exponents), got float64",
+        "input 'A_scales' must be float16, float32, float8e5m2 or uint8 (pow2 exponents), got float64",
     )
     spec = _io_spec()
     spec["extra_attrs"] = {}
@@ -928,7 +934,12 @@ def test_bad_quantized_result_attributes() -> None:
 # ---------------------------------------------------------------------------------------------
 # Float-offset weights (W_zero_points float16 / float32: value = u * scale + offset), every path
 
-OFFSET_DTYPES = {ScaleKind.FLOAT16: np.float16, ScaleKind.FLOAT32: np.float32, ScaleKind.POW2: np.float16}
+OFFSET_DTYPES = {
+    ScaleKind.FLOAT16: np.float16,
+    ScaleKind.FLOAT32: np.float32,
+    ScaleKind.POW2: np.float16,
+    ScaleKind.FLOAT8E5M2: np.float16,
+}
 
 
 def offset_weight(

@@ -28,7 +28,9 @@
 
 namespace bct {
 
-enum class ScaleKind : int { kFloat16 = 0, kFloat32 = 1, kPow2 = 2 };
+// kFloat8E5M2: one byte, the upper half of a float16 (sign, 5 exponent bits, 2 mantissa bits), as
+// ONNX's FLOAT8E5M2; weights and tables only (chosen offline, never by a kernel at run time).
+enum class ScaleKind : int { kFloat16 = 0, kFloat32 = 1, kPow2 = 2, kFloat8E5M2 = 3 };
 
 // What an asymmetric block stores besides its scale, told by the zero_points input's dtype:
 // uint8 integer zero points ((u - zp) * scale), or float16 / float32 offsets (u * scale + offset).
@@ -185,6 +187,11 @@ BCT_HD BCT_INLINE int pow2_exponent_at_least(float ratio) {
 
 // 2**(stored - 127) as float32 (stored 1..254 are normal floats; 0 gives 2**-127, subnormal; 255 gives
 // 2**128 = inf, as numpy's ldexp in float32).
+// A float8 E5M2 byte is the upper byte of the float16 with the same value (exact).
+BCT_HD BCT_INLINE float float_from_e5m2(uint8_t stored) {
+  return float_from_half(static_cast<uint16_t>(static_cast<uint16_t>(stored) << 8));
+}
+
 BCT_HD BCT_INLINE float pow2_scale(uint8_t stored) {
   const int e = static_cast<int>(stored) - kPow2Bias;
   if (e >= -126 && e <= 127) return float_from_bits(static_cast<uint32_t>(e + 127) << 23);
@@ -195,7 +202,7 @@ BCT_HD BCT_INLINE float pow2_scale(uint8_t stored) {
 // ---------------------------------------------------------------------------------------------
 // Stored scales
 
-// Bytes of one stored scale: float16 2, float32 4, pow2 exponent 1.
+// Bytes of one stored scale: float16 2, float32 4, pow2 exponent and float8e5m2 1.
 BCT_HD BCT_INLINE std::size_t ScaleItemSize(ScaleKind kind) {
   return kind == ScaleKind::kFloat16 ? 2 : (kind == ScaleKind::kFloat32 ? 4 : 1);
 }
@@ -210,6 +217,7 @@ BCT_HD BCT_INLINE float scale_value(ScaleKind kind, const void* scales, int64_t 
   switch (kind) {
     case ScaleKind::kFloat16: return float_from_half(static_cast<const uint16_t*>(scales)[index]);
     case ScaleKind::kFloat32: return static_cast<const float*>(scales)[index];
+    case ScaleKind::kFloat8E5M2: return float_from_e5m2(static_cast<const uint8_t*>(scales)[index]);
     default: return pow2_scale(static_cast<const uint8_t*>(scales)[index]);
   }
 }

@@ -219,6 +219,7 @@ inline const char* DtypeName(ONNXTensorElementDataType dtype) {
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32: return "uint32";
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64: return "uint64";
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return "bfloat16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT8E5M2: return "float8e5m2";
     default: return "an unsupported type";
   }
 }
