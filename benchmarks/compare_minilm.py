@@ -7,8 +7,10 @@ same FP32 file:
   - ort-w4-gather:   the same quantizer with op_types_to_quantize MatMul+Gather (Gather ->
                      GatherBlockQuantized, quant axis 1), when this ONNX Runtime supports it,
   - bct-w4:          bct-onnx ops=MatMul,Gather, 4-bit weights/embeddings, int8 activations, block 32,
-  - bct-all:         bct-onnx default config (every component),
+  - bct-all:         bct-onnx default config (every component; float8e5m2 table scales),
+  - bct-all-f16-tables: bct-all with embedding_scale_kind=None (float16 table scales, as the weights),
   - bct-all-pow2:    bct-all with embedding_scale_kind="pow2",
+  - bct-all-fp8:     bct-all with scale_kind="float8e5m2" (one-byte scales for the weights too),
   - bct-w8:          bct-onnx default config with weight_bits=8.
 (bct-onnx uses its default calibration, "auto": GPTQ on shipped text when the tokenizer is next to
 the export, which it is.) For each: whole-file size (external data included) and ratio to FP32, mean
@@ -175,6 +177,18 @@ def variants(calibration: str) -> list[Variant]:
             custom_ops=True,
         ),
         Variant("bct-all", "bct-onnx default (every component)", _bct(calibration), custom_ops=True),
+        Variant(
+            "bct-all-f16-tables",
+            "bct-onnx default + `embedding_scale_kind=None` (float16 table scales)",
+            _bct(calibration, embedding_scale_kind=None),
+            custom_ops=True,
+        ),
+        Variant(
+            "bct-all-fp8",
+            'bct-onnx default + `scale_kind="float8e5m2"` (one-byte scales everywhere)',
+            _bct(calibration, scale_kind="float8e5m2"),
+            custom_ops=True,
+        ),
         Variant(
             "bct-all-pow2",
             'bct-onnx default + `embedding_scale_kind="pow2"`',
