@@ -160,14 +160,15 @@ class ActMatMulCpuKernel : public ActMatMulKernelBase {
       const int64_t a_rows = g.a_batches * m;
       std::vector<int8_t> qa(static_cast<size_t>(a_rows * k));
       std::vector<float> sa(static_cast<size_t>(a_rows * nb));
-      const cpu::PackedRows source(OperandRowFormat<cpu::RowFormat>(in_, a, k), a.codes, a.scales, a.zero_points);
+      cpu::RowFormat in_fmt = OperandRowFormat<cpu::RowFormat>(in_, a, k);
+      in_fmt.simd = simd_;
+      const cpu::PackedRows source(in_fmt, a.codes, a.scales, a.zero_points);
       ParallelFor(ctx, a_rows, std::max<int64_t>(1, 4096 / k), [&](int64_t begin, int64_t end) {
         std::vector<float> row(a.quantized ? static_cast<size_t>(k) : 0);
         for (int64_t i = begin; i < end; ++i) {
           const float* x = a.x ? a.x + i * k : row.data();
           if (a.quantized) source.Dequantize(i, row.data());
-          (baseline_ ? QuantizeActRowBaseline : QuantizeActRow)(x, k, bits, bs, qa.data() + i * k,
-                                                                sa.data() + i * nb);
+          QuantizeRowOfK(x, k, bits, bs, qa.data() + i * k, sa.data() + i * nb);
         }
       });
 
@@ -185,8 +186,7 @@ class ActMatMulCpuKernel : public ActMatMulKernelBase {
           std::vector<float> scales(static_cast<size_t>(nb));
           for (int64_t i = begin; i < end; ++i) {
             const int64_t batch = i / n, col = i % n;
-            (baseline_ ? QuantizeActRowBaseline : QuantizeActRow)(g.b + i * k, k, bits, bs, codes.data(),
-                                                                  scales.data());
+            QuantizeRowOfK(g.b + i * k, k, bits, bs, codes.data(), scales.data());
             if (use_vnni_) {
               vnni::PackColumn(packed, batch, col, codes.data(), scales.data());
               continue;
@@ -232,7 +232,9 @@ class ActMatMulCpuKernel : public ActMatMulKernelBase {
       }
 
       // Y rows: one (output batch, m) pair per task.
-      const cpu::MutablePackedRows sink(ResultRowFormat<cpu::RowFormat>(out_, r), r.codes, r.scales, r.zero_points);
+      cpu::RowFormat out_fmt = ResultRowFormat<cpu::RowFormat>(out_, r);
+      out_fmt.simd = simd_;
+      const cpu::MutablePackedRows sink(out_fmt, r.codes, r.scales, r.zero_points);
       const int64_t out_rows = g.out_batches * m;
       ParallelFor(ctx, out_rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, n * k)), [&](int64_t begin, int64_t end) {
         std::vector<float> buffer(r.quantized ? static_cast<size_t>(n) : 0);
@@ -257,8 +259,15 @@ class ActMatMulCpuKernel : public ActMatMulKernelBase {
   }
 
  private:
+  // nl::quantize_act_row of one row along K: AVX-512 where simd_ allows, else the ISA clones.
+  void QuantizeRowOfK(const float* x, int64_t k, int bits, int64_t bs, int8_t* q, float* scales) const {
+    if (cpu::QuantizeActRowAvx512(x, k, bits, bs, simd_, q, scales)) return;
+    (baseline_ ? QuantizeActRowBaseline : QuantizeActRow)(x, k, bits, bs, q, scales);
+  }
+
   bool baseline_;  // BCT_ONNX_BASELINE_SIMD: baseline-ISA loops (see ops/nonlinear_families.h)
   bool use_vnni_;
+  cpu::RowSimd simd_ = cpu::RowSimdFromEnvironment();  // row loops (BCT_ONNX_BASELINE_SIMD, BCT_ONNX_ISA)
 };
 
 }  // namespace

@@ -345,29 +345,31 @@ class MatMulCpuKernel {
       const matmul::ParallelFor parallel_for = OrtParallelFor(ctx);
       // A: float as given; codes in the kernel's own format as they are; other codes dequantized.
       const float* x = a.x;
-      std::vector<float> dequantized;
+      std::unique_ptr<float[]> dequantized;
       matmul::ActivationCodes own;
       const bool use_codes = IsOwnActivationFormat(attrs_, a);
       if (use_codes) {
         own.codes = a.codes;
         own.scales = static_cast<const float*>(a.scales);
       } else if (a.codes != nullptr) {
-        dequantized.resize(static_cast<size_t>(rows * K));
-        const cpu::PackedRows source(nonlinear::OperandRowFormat<cpu::RowFormat>(attrs_.in, a, K), a.codes, a.scales,
-                                     a.zero_points);
+        dequantized.reset(new float[static_cast<size_t>(rows * K)]);
+        cpu::RowFormat in_fmt = nonlinear::OperandRowFormat<cpu::RowFormat>(attrs_.in, a, K);
+        in_fmt.simd = row_simd_;
+        const cpu::PackedRows source(in_fmt, a.codes, a.scales, a.zero_points);
         ParallelFor(ctx, rows, std::max<int64_t>(1, 8192 / K), [&](int64_t begin, int64_t end) {
-          for (int64_t m = begin; m < end; ++m) source.Dequantize(m, dequantized.data() + m * K);
+          for (int64_t m = begin; m < end; ++m) source.Dequantize(m, dequantized.get() + m * K);
         });
-        x = dequantized.data();
+        x = dequantized.get();
       }
       // Y: float32 into the output, or into a buffer that is then quantized along N.
-      std::vector<float> buffer(r.quantized ? static_cast<size_t>(rows * N) : 0);
-      float* y = r.quantized ? buffer.data() : r.y;
+      std::unique_ptr<float[]> buffer(r.quantized ? new float[static_cast<size_t>(rows * N)] : nullptr);
+      float* y = r.quantized ? buffer.get() : r.y;
       matmul::Compute(*packed, x, rows, call.bias.present ? call.bias.As<float>() : nullptr, y, parallel_for,
                       use_codes ? &own : nullptr);
       if (r.quantized) {
-        const cpu::MutablePackedRows sink(nonlinear::ResultRowFormat<cpu::RowFormat>(attrs_.out, r), r.codes, r.scales,
-                                          r.zero_points);
+        cpu::RowFormat out_fmt = nonlinear::ResultRowFormat<cpu::RowFormat>(attrs_.out, r);
+        out_fmt.simd = row_simd_;
+        const cpu::MutablePackedRows sink(out_fmt, r.codes, r.scales, r.zero_points);
         ParallelFor(ctx, rows, std::max<int64_t>(1, 8192 / N), [&](int64_t begin, int64_t end) {
           for (int64_t m = begin; m < end; ++m) sink.Quantize(y + m * N, m);
         });
@@ -390,6 +392,7 @@ class MatMulCpuKernel {
   NodeRef node_;
   MatMulAttrs attrs_;
   matmul::Isa isa_ = matmul::Isa::kScalar;
+  cpu::RowSimd row_simd_ = cpu::RowSimdFromEnvironment();  // A's dequantize / Y's quantize loops
   std::unique_ptr<matmul::PackedWeights> packed_;
 };
 

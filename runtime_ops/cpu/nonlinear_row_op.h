@@ -40,10 +40,11 @@ class RowOpCpuKernel : public RowOpKernelBase<Family> {
       const Operand& x = call.x;
       const Result& r = call.r;
       const int64_t d = x.axis_size;
-      const cpu::PackedRows source(OperandRowFormat<cpu::RowFormat>(this->in_, x, d), x.codes, x.scales,
-                                   x.zero_points);
-      const cpu::MutablePackedRows sink(ResultRowFormat<cpu::RowFormat>(this->out_, r), r.codes, r.scales,
-                                        r.zero_points);
+      cpu::RowFormat in_fmt = OperandRowFormat<cpu::RowFormat>(this->in_, x, d);
+      cpu::RowFormat out_fmt = ResultRowFormat<cpu::RowFormat>(this->out_, r);
+      in_fmt.simd = out_fmt.simd = simd_;
+      const cpu::PackedRows source(in_fmt, x.codes, x.scales, x.zero_points);
+      const cpu::MutablePackedRows sink(out_fmt, r.codes, r.scales, r.zero_points);
       const int64_t min_rows = std::max<int64_t>(1, 8192 / d);
       ParallelFor(ctx, x.rows, min_rows, [&](int64_t begin, int64_t end) {
         std::vector<float> buffer(r.quantized ? static_cast<size_t>(d) : 0);
@@ -60,6 +61,11 @@ class RowOpCpuKernel : public RowOpKernelBase<Family> {
       });
     });
   }
+
+ private:
+  // SIMD level of the dequantize / quantize row loops, from the environment at kernel creation
+  // (BCT_ONNX_BASELINE_SIMD, BCT_ONNX_ISA), so tests can force each path.
+  cpu::RowSimd simd_ = cpu::RowSimdFromEnvironment();
 };
 
 }  // namespace nonlinear

@@ -17,6 +17,8 @@ static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the row loops assume a
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
+// GCC 12 warns about the undefined vector behind masked loads (_mm512_maskz_*); nothing reads it.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define BCT_AVX2 1  // compiled with a target attribute, chosen at run time
 #else
 #define BCT_AVX2 0
@@ -174,7 +176,18 @@ bool HasAvx2() {
   static const bool has = __builtin_cpu_supports("avx2");
   return has;
 }
+
+bool HasAvx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && HasAvx2();
+  return has;
+}
+#else
+bool HasAvx2() { return false; }
+bool HasAvx512() { return false; }
 #endif
+
+RowSimd CpuRowSimd() { return HasAvx512() ? RowSimd::kAvx512 : (HasAvx2() ? RowSimd::kAvx2 : RowSimd::kBaseline); }
 
 // Float scales and zero points of blocks [b0, b0 + n) of a row.
 inline void BlockParams(const RowFormat& fmt, const void* scales, const uint8_t* zero_points, int64_t b0, int64_t n,
@@ -304,7 +317,7 @@ void DequantizeRow(const RowFormat& fmt, const uint8_t* codes, const void* scale
   float zp_buf[kChunk];
   const bool fast4 = fmt.bits == 4 && fmt.block_size % 2 == 0;
 #if BCT_AVX2
-  const bool avx2 = HasAvx2() && !ForceBaselineSimd();
+  const bool avx2 = ResolveRowSimd(fmt.simd) >= RowSimd::kAvx2;
 #endif
   for (int64_t b0 = 0; b0 < fmt.num_blocks; b0 += kChunk) {
     const int64_t n = std::min(kChunk, fmt.num_blocks - b0);
@@ -457,11 +470,154 @@ inline void PackRow(const uint8_t* codes, int64_t axis_size, int bits, int64_t r
   for (; i < axis_size; ++i) put_code(row, i, bits, codes[i]);
 }
 
+
+#if BCT_AVX2
+// AVX-512 versions of SymmetricScale / AsymmetricScale / BlockCodes (16 lanes, masked tails): the
+// same comparisons and float32 operations, so the same bits. NaN blocks take the scalar rules.
+#define BCT_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"), always_inline)) inline
+
+BCT_AVX512_TARGET __mmask16 TailMask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+}
+
+// The block's element of largest magnitude (first on ties) by an integer max over the magnitude bits
+// (the same order as the floats for non-NaN values), then symmetric_scale_of_extreme.
+BCT_AVX512_TARGET StoredScale SymmetricScaleAvx512(const float* x, int64_t n, int bits, ScaleKind kind) {
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  __m512i vmax = _mm512_setzero_si512();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512i v = _mm512_maskz_loadu_epi32(TailMask(n - i), x + i);
+    vmax = _mm512_max_epu32(vmax, _mm512_and_si512(v, abs_mask));
+  }
+  const uint32_t top = _mm512_reduce_max_epu32(vmax);
+  if (top > 0x7f800000u) return choose_symmetric_scale(x, n, bits, kind);  // a NaN
+  const __m512i vtop = _mm512_set1_epi32(static_cast<int>(top));
+  int64_t first = 0;
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = TailMask(n - i);
+    const __m512i v = _mm512_maskz_loadu_epi32(mask, x + i);
+    const __mmask16 hit = _mm512_mask_cmpeq_epi32_mask(mask, _mm512_and_si512(v, abs_mask), vtop);
+    if (hit != 0) {
+      first = i + __builtin_ctz(static_cast<unsigned>(hit));
+      break;
+    }
+  }
+  return symmetric_scale_of_extreme(x[first], bits, kind);
+}
+
+BCT_AVX512_TARGET StoredScale AsymmetricScaleAvx512(const float* x, int64_t n, int bits, ScaleKind kind,
+                                                    uint8_t* zero_point) {
+  __m512 vmin = _mm512_setzero_ps();
+  __m512 vmax = _mm512_setzero_ps();
+  __mmask16 nan = 0;
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 v = _mm512_maskz_loadu_ps(TailMask(n - i), x + i);  // masked lanes: 0, inside [lo, hi]
+    nan = static_cast<__mmask16>(nan | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q));
+    vmin = _mm512_min_ps(vmin, v);
+    vmax = _mm512_max_ps(vmax, v);
+  }
+  if (nan != 0) return choose_asymmetric_scale(x, n, bits, kind, zero_point);
+  // A -0.0 bound (only possible as lo or hi == 0) changes nothing: step and zero point are the same.
+  return asymmetric_scale_of_range(_mm512_reduce_min_ps(vmin), _mm512_reduce_max_ps(vmax), bits, kind, zero_point);
+}
+
+// code_of for 16 lanes: multiply, clamp (NaN passes), round by the 1.5 * 2**23 trick, add the zero
+// point, convert; a NaN lane converts to INT_MIN, which the max with 0 turns into code 0 (to_u8).
+struct CodeParams {
+  __m512 inv, lo, hi, zp, magic;
+};
+
+BCT_AVX512_TARGET CodeParams MakeCodeParams(float inv, int bits, bool symmetric, uint8_t zero_point) {
+  const float half = static_cast<float>(1 << (bits - 1));
+  const float zp = symmetric ? half : static_cast<float>(zero_point);
+  const float lo = symmetric ? -half : -zp;
+  const float hi = symmetric ? half - 1.0f : static_cast<float>((1 << bits) - 1) - zp;
+  return CodeParams{_mm512_set1_ps(inv), _mm512_set1_ps(lo), _mm512_set1_ps(hi), _mm512_set1_ps(zp),
+                    _mm512_set1_ps(12582912.0f)};
+}
+
+BCT_AVX512_TARGET __m512i Codes16(__m512 v, const CodeParams& p) {
+  __m512 q = _mm512_mul_ps(v, p.inv);
+  q = _mm512_min_ps(p.hi, _mm512_max_ps(p.lo, q));  // NaN is the second operand: it passes through
+  q = _mm512_sub_ps(_mm512_add_ps(q, p.magic), p.magic);
+  return _mm512_max_epi32(_mm512_cvttps_epi32(_mm512_add_ps(q, p.zp)), _mm512_setzero_si512());
+}
+
+// Packs 4-bit codes[0..D) (one per byte; bytes past D read as 0) into row: code 2j in the low
+// nibble of byte j, code 2j+1 in the high nibble.
+BCT_AVX512_TARGET void PackRow4Avx512(const uint8_t* codes, int64_t axis_size, int64_t row_nbytes, uint8_t* row) {
+  const __m512i weights = _mm512_set1_epi16(0x1001);  // bytes (1, 16): c_even * 1 + c_odd * 16
+  for (int64_t i = 0; i < axis_size; i += 64) {
+    const int64_t left = axis_size - i;
+    const __mmask64 load = left >= 64 ? ~__mmask64{0} : ((__mmask64{1} << left) - 1);
+    const __m512i v = _mm512_maskz_loadu_epi8(load, codes + i);
+    const __m256i packed = _mm512_cvtepi16_epi8(_mm512_maddubs_epi16(v, weights));
+    const int64_t bytes_left = row_nbytes - i / 2;
+    const __mmask32 store = bytes_left >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << bytes_left) - 1u);
+    _mm256_mask_storeu_epi8(row + i / 2, store, packed);
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void QuantizeRowAvx512(const RowFormat& fmt,
+                                                                                    const float* x, uint8_t* codes,
+                                                                                    void* scales,
+                                                                                    uint8_t* zero_points,
+                                                                                    uint8_t* row_codes) {
+  uint8_t* out = fmt.bits == 8 ? codes : row_codes;
+  for (int64_t b = 0; b < fmt.num_blocks; ++b) {
+    const int64_t begin = b * fmt.block_size;
+    const int64_t n = std::min(fmt.axis_size, begin + fmt.block_size) - begin;
+    const float* xb = x + begin;
+    uint8_t zp = 0;
+    const StoredScale s = fmt.symmetric ? SymmetricScaleAvx512(xb, n, fmt.bits, fmt.scale_kind)
+                                        : AsymmetricScaleAvx512(xb, n, fmt.bits, fmt.scale_kind, &zp);
+    store_scale(fmt.scale_kind, scales, b, s);
+    if (!fmt.symmetric) zero_points[b] = zp;
+    const CodeParams p = MakeCodeParams(inverse_scale(s.value), fmt.bits, fmt.symmetric, zp);
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 mask = TailMask(n - i);
+      const __m128i bytes = _mm512_cvtepi32_epi8(Codes16(_mm512_maskz_loadu_ps(mask, xb + i), p));
+      _mm_mask_storeu_epi8(out + begin + i, mask, bytes);
+    }
+  }
+  if (fmt.bits == 8) return;
+  if (fmt.bits == 4) {
+    PackRow4Avx512(row_codes, fmt.axis_size, fmt.row_bytes, codes);
+  } else {
+    PackRow(row_codes, fmt.axis_size, fmt.bits, fmt.row_bytes, codes);
+  }
+}
+
+// nl::quantize_act_row: symmetric, float32 scales, signed codes u - 2**(bits-1).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void QuantizeActRowAvx512Impl(
+    const float* x, int64_t k, int bits, int64_t block_size, int8_t* q, float* scales) {
+  const __m512i zp = _mm512_set1_epi32(1 << (bits - 1));
+  for (int64_t b0 = 0, blk = 0; b0 < k; b0 += block_size, ++blk) {
+    const int64_t n = std::min(block_size, k - b0);
+    const StoredScale s = SymmetricScaleAvx512(x + b0, n, bits, ScaleKind::kFloat32);
+    scales[blk] = s.value;
+    const CodeParams p = MakeCodeParams(inverse_scale(s.value), bits, true, 0);
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 mask = TailMask(n - i);
+      const __m512i codes = _mm512_sub_epi32(Codes16(_mm512_maskz_loadu_ps(mask, x + b0 + i), p), zp);
+      _mm_mask_storeu_epi8(q + b0 + i, mask, _mm512_cvtepi32_epi8(codes));
+    }
+  }
+}
+#undef BCT_AVX512_TARGET
+#endif
+
 }  // namespace
 
 void QuantizeRow(const RowFormat& fmt, const float* x, uint8_t* codes, void* scales, uint8_t* zero_points) {
   thread_local std::vector<uint8_t> row_codes;
   if (row_codes.size() < static_cast<size_t>(fmt.axis_size)) row_codes.resize(static_cast<size_t>(fmt.axis_size));
+#if BCT_AVX2
+  if (ResolveRowSimd(fmt.simd) == RowSimd::kAvx512) {
+    QuantizeRowAvx512(fmt, x, codes, scales, zero_points, row_codes.data());
+    return;
+  }
+#endif
   for (int64_t b = 0; b < fmt.num_blocks; ++b) {
     const int64_t begin = b * fmt.block_size;
     const int64_t n = std::min(fmt.axis_size, begin + fmt.block_size) - begin;
@@ -484,11 +640,42 @@ bool ForceBaselineSimd() {
   return force;
 }
 
-const char* SimdName() {
+bool QuantizeActRowAvx512(const float* x, int64_t k, int bits, int64_t block_size, RowSimd simd, int8_t* q,
+                          float* scales) {
 #if BCT_AVX2
-  if (HasAvx2() && !ForceBaselineSimd()) return "avx2";
+  if (ResolveRowSimd(simd) == RowSimd::kAvx512) {
+    QuantizeActRowAvx512Impl(x, k, bits, block_size, q, scales);
+    return true;
+  }
 #endif
-  return BCT_SSE2 ? "sse2" : "";
+  (void)x, (void)k, (void)bits, (void)block_size, (void)simd, (void)q, (void)scales;
+  return false;
+}
+
+RowSimd ResolveRowSimd(RowSimd requested) {
+  static const RowSimd cpu = CpuRowSimd();
+  static const RowSimd automatic = ForceBaselineSimd() ? RowSimd::kBaseline : cpu;
+  if (requested == RowSimd::kAuto) return automatic;
+  return static_cast<int>(requested) < static_cast<int>(cpu) ? requested : cpu;
+}
+
+RowSimd RowSimdFromEnvironment() {
+  const char* baseline = std::getenv("BCT_ONNX_BASELINE_SIMD");
+  if (baseline != nullptr && baseline[0] != '\0' && std::strcmp(baseline, "0") != 0) return RowSimd::kBaseline;
+  const char* isa = std::getenv("BCT_ONNX_ISA");
+  if (isa == nullptr) return RowSimd::kAuto;
+  if (std::strcmp(isa, "scalar") == 0) return RowSimd::kBaseline;
+  if (std::strcmp(isa, "avx2") == 0 || std::strcmp(isa, "avxvnni") == 0) return RowSimd::kAvx2;
+  if (std::strcmp(isa, "avx512vnni") == 0) return RowSimd::kAvx512;
+  return RowSimd::kAuto;
+}
+
+const char* SimdName() {
+  switch (ResolveRowSimd(RowSimd::kAuto)) {
+    case RowSimd::kAvx512: return "avx512";
+    case RowSimd::kAvx2: return "avx2";
+    default: return BCT_SSE2 ? "sse2" : "";
+  }
 }
 
 }  // namespace cpu

@@ -11,6 +11,11 @@
 namespace bct {
 namespace cpu {
 
+// Instruction-set level of the row loops. kAuto: the best this CPU has (baseline when
+// BCT_ONNX_BASELINE_SIMD is set at library load); the others force a level, capped by the CPU.
+// Every level computes the same float32 operations in the same order: the same bits.
+enum class RowSimd : int { kAuto = 0, kBaseline = 1, kAvx2 = 2, kAvx512 = 3 };
+
 // Format of one row of D values: what every row loop needs.
 struct RowFormat {
   int bits = 4;
@@ -22,6 +27,7 @@ struct RowFormat {
   int64_t num_blocks = 0;  // ceil(D / block_size)
   // Asymmetric only: integer zero points (uint8) or float offsets (float16 / float32 elements).
   ZeroPointKind zero_point_kind = ZeroPointKind::kInteger;
+  RowSimd simd = RowSimd::kAuto;  // SIMD level of the loops (not part of the format)
 };
 
 // Dequantizes one packed row: codes [row_bytes], scales [num_blocks] (stored form, typed by
@@ -81,7 +87,22 @@ struct MutablePackedRows {
   std::size_t scale_row_bytes;
 };
 
-// The SIMD level the row loops use on this machine: "avx2" (chosen at run time) or "sse2".
+// nl::quantize_act_row (BlockActMatMul's run-time quantization: symmetric, float32 scales, signed
+// codes q = u - 2**(bits-1)) with AVX-512. Returns false, writing nothing, when `simd` does not
+// resolve to kAvx512 (the caller then runs its own loop).
+bool QuantizeActRowAvx512(const float* x, int64_t k, int bits, int64_t block_size, RowSimd simd, int8_t* q,
+                          float* scales);
+
+// The level `requested` resolves to on this CPU (kAuto -> the load-time choice; a forced level is
+// capped by what the CPU has).
+RowSimd ResolveRowSimd(RowSimd requested);
+
+// The level the environment asks for now: BCT_ONNX_BASELINE_SIMD set -> kBaseline; else
+// BCT_ONNX_ISA=scalar -> kBaseline, avx2 / avxvnni -> kAvx2, avx512vnni -> kAvx512; else kAuto.
+// Kernels read it when they are created, so tests can force each path.
+RowSimd RowSimdFromEnvironment();
+
+// The SIMD level the row loops use on this machine: "avx512", "avx2" (chosen at run time) or "sse2".
 const char* SimdName();
 
 // True when the environment variable BCT_ONNX_BASELINE_SIMD is set (to anything but 0): the row
