@@ -16,7 +16,9 @@ class DequantizeCpuKernel : public DequantizeKernelBase {
       Ort::KernelContext ctx(context);
       const DequantizeCall c = PrepareDequantize(ctx, node_, attrs_);
       const RowsGeometry& g = c.g;
-      const cpu::PackedRows source(BlockRowFormat<cpu::RowFormat>(attrs_, g), c.codes.As<uint8_t>(), c.scales.data,
+      cpu::RowFormat fmt = BlockRowFormat<cpu::RowFormat>(attrs_, g);
+      fmt.simd = simd_;
+      const cpu::PackedRows source(fmt, c.codes.As<uint8_t>(), c.scales.data,
                                    c.zero_points.present ? c.zero_points.As<uint8_t>() : nullptr);
       const int64_t min_rows = std::max<int64_t>(1, 16384 / g.axis_size);
       ParallelFor(ctx, g.rows, min_rows, [&](int64_t begin, int64_t end) {
@@ -24,6 +26,9 @@ class DequantizeCpuKernel : public DequantizeKernelBase {
       });
     });
   }
+
+ private:
+  cpu::RowSimd simd_ = cpu::RowSimdFromEnvironment();  // BCT_ONNX_ISA / BCT_ONNX_BASELINE_SIMD at creation
 };
 
 }  // namespace

@@ -16,8 +16,9 @@ class QuantizeCpuKernel : public QuantizeKernelBase {
       Ort::KernelContext ctx(context);
       const QuantizeCall c = PrepareQuantize(ctx, node_, attrs_);
       const RowsGeometry& g = c.g;
-      const cpu::MutablePackedRows sink(BlockRowFormat<cpu::RowFormat>(attrs_.block, g), c.out.codes, c.out.scales,
-                                        c.out.zero_points);
+      cpu::RowFormat fmt = BlockRowFormat<cpu::RowFormat>(attrs_.block, g);
+      fmt.simd = simd_;
+      const cpu::MutablePackedRows sink(fmt, c.out.codes, c.out.scales, c.out.zero_points);
       const float* x_data = c.x.As<float>();
       const int64_t min_rows = std::max<int64_t>(1, 8192 / g.axis_size);
       ParallelFor(ctx, g.rows, min_rows, [&](int64_t begin, int64_t end) {
@@ -25,6 +26,9 @@ class QuantizeCpuKernel : public QuantizeKernelBase {
       });
     });
   }
+
+ private:
+  cpu::RowSimd simd_ = cpu::RowSimdFromEnvironment();  // BCT_ONNX_ISA / BCT_ONNX_BASELINE_SIMD at creation
 };
 
 }  // namespace

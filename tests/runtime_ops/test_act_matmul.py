@@ -157,6 +157,28 @@ def test_generic_cpu_path(case: tuple[Any, ...], monkeypatch: pytest.MonkeyPatch
     assert_bits_equal(y, ref.act_matmul(a, b, bits, bs), "Y")
 
 
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512vnni"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_isa_paths(case: tuple[Any, ...], isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """BCT_ONNX_ISA forces the row-quantization path (scalar/SSE2, AVX2, AVX-512), with and without
+    transpose_b, float and quantized A and Y: same bits."""
+    monkeypatch.setenv("BCT_ONNX_ISA", isa)
+    a_shape, b_shape, bits, bs = case
+    a, b = sample(a_shape, 5), sample(b_shape, 6)
+    (y,) = run_amm(a, b, bits, bs)
+    assert_bits_equal(y, ref.act_matmul(a, b, bits, bs), "Y")
+    bt = np.ascontiguousarray(np.swapaxes(b, -1, -2))
+    (y,) = run_amm(a, bt, bits, bs, transpose_b=True)
+    assert_bits_equal(y, ref.act_matmul(a, b, bits, bs), "Y (transpose_b)")
+    qa = bf.quantize(a, BlockFormat(8, 16, False, ScaleKind.FLOAT16))
+    out_fmt = BlockFormat(8, 32, False, ScaleKind.FLOAT16)
+    outputs = run_amm(qa, b, bits, bs, out_fmt=out_fmt)
+    expected = ref.block_act_matmul(qa, b, bits, bs, out_fmt=out_fmt)
+    assert_bits_equal(outputs[0], expected.codes, "codes (quantized A and Y)")
+    assert_bits_equal(outputs[1], expected.scales, "scales (quantized A and Y)")
+    assert_bits_equal(outputs[2], expected.zero_points, "zero points (quantized A and Y)")
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_transpose_b(case: tuple[Any, ...]) -> None:
     a_shape, b_shape, bits, bs = case

@@ -92,3 +92,40 @@ def test_quantize_nonfinite_input_does_not_crash(kit) -> None:
     kit.assert_bits_equal(got[0][1:], want.codes, "codes of the finite row")
     kit.assert_bits_equal(got[1][1:], want.scales, "scales of the finite row")
     assert np.isnan(got[1][0, 0].astype(np.float32)), "a NaN wins the magnitude search, as np.argmax"
+
+
+# The row loops' instruction-set paths, forced per kernel through BCT_ONNX_ISA (read when a session
+# creates the kernel; a level the CPU lacks is capped to what it has): scalar/SSE2, AVX2, AVX-512.
+ROW_ISAS = ["scalar", "avx2", "avx512vnni"]
+
+
+@pytest.mark.parametrize("isa", ROW_ISAS)
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_quantize_isa_paths(kit, isa: str, bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every path on partial blocks (D=37, 100 with blocks of 32; 1-element rows), odd block sizes,
+    one-row and many-row inputs, every zero-point mode and scale kind; NaN-free hard rows."""
+    monkeypatch.setenv("BCT_ONNX_ISA", isa)
+    for axis_size, block_size in ((37, 32), (100, 32), (1, 32), (77, 3), (64, 16), (45, 17)):
+        x = hard_rows(axis_size, seed=bits * 1000 + axis_size)
+        many = np.tile(x, (40, 1)) * np.linspace(0.5, 2.0, 40 * x.shape[0], dtype=np.float32)[:, None]
+        for symmetric in (True, False):
+            for kind in ScaleKind:
+                fmt = BlockFormat(bits, block_size, symmetric, kind)
+                check_quantize(kit, fmt, x[:1])
+                check_quantize(kit, fmt, many.astype(np.float32))
+
+
+@pytest.mark.parametrize("isa", ROW_ISAS)
+def test_quantize_isa_paths_nan_blocks(kit, isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NaN block takes the scalar scale rule on every path; the other blocks stay exact."""
+    monkeypatch.setenv("BCT_ONNX_ISA", isa)
+    x = hard_rows(64, seed=5)[:4].copy()
+    x[1, 40] = np.nan
+    for fmt in (BlockFormat(8, 32, True, ScaleKind.FLOAT16), BlockFormat(4, 32, False, ScaleKind.FLOAT32)):
+        got = kit.run(kit.quantize_model(fmt), {"x": x})
+        want = quantize(np.nan_to_num(x), fmt)
+        keep = np.array([0, 2, 3])
+        kit.assert_bits_equal(got[0][keep], want.codes[keep], "codes of the NaN-free rows")
+        kit.assert_bits_equal(got[1][keep], want.scales[keep], "scales of the NaN-free rows")
+        kit.assert_bits_equal(got[1][1, :1], want.scales[1, :1], "scale of the NaN-free block")
+        assert np.isnan(got[1][1, 1].astype(np.float32)), "the NaN block's scale is NaN, as the spec's"

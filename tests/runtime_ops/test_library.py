@@ -150,7 +150,7 @@ def test_cuda_kernels_match_spec(kit) -> None:
 
 
 def test_baseline_simd_paths_match_spec() -> None:
-    """The SSE2 row loops (used where AVX2 is missing) are checked by rerunning the row tests in a
+    """The SSE2 row loops (used where AVX2 / AVX-512 are missing) are checked by rerunning the row tests in a
     process that sets BCT_ONNX_BASELINE_SIMD (read once when the library loads)."""
     import os
     import sys
@@ -169,6 +169,7 @@ def test_baseline_simd_paths_match_spec() -> None:
             "--import-mode=importlib",
             str(here / "test_block_dequantize.py"),
             str(here / "test_block_gather.py"),
+            str(here / "test_block_quantize.py"),
         ],
         capture_output=True,
         text=True,

@@ -342,6 +342,28 @@ def test_baseline_cpu_path(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     check_against_spec(name, x, extras, out_fmt, run_op(name, x, extras, out_fmt))
 
 
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512vnni"])
+@pytest.mark.parametrize("name", list(OPS))
+def test_isa_paths(name: str, isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """BCT_ONNX_ISA (read when a kernel is created) forces the dequantize / quantize row loops' path
+    (scalar/SSE2, AVX2, AVX-512; capped by the CPU): same bits on partial blocks, 1-element and odd
+    rows, one row and many rows, 4-, 8- and 3-bit operands."""
+    monkeypatch.setenv("BCT_ONNX_ISA", isa)
+    for shape, in_fmt, out_fmt in (
+        ((1, 71), BlockFormat(8, 32, True, ScaleKind.FLOAT16), BlockFormat(8, 32, False, ScaleKind.FLOAT16)),
+        ((300, 71), BlockFormat(8, 32, False, ScaleKind.FLOAT16), BlockFormat(8, 32, True, ScaleKind.FLOAT32)),
+        ((9, 384), BlockFormat(4, 32, True, ScaleKind.POW2), BlockFormat(4, 32, True, ScaleKind.FLOAT16)),
+        ((7, 45), BlockFormat(3, 16, False, ScaleKind.FLOAT32), BlockFormat(5, 17, False, ScaleKind.POW2)),
+        ((4, 1), BlockFormat(8, 32, True, ScaleKind.FLOAT32), BlockFormat(4, 32, False, ScaleKind.FLOAT16)),
+    ):
+        x = sample(shape, seed=shape[0] + shape[1])
+        extras = extras_for(name, shape[-1], np.random.default_rng(shape[1]))
+        check_against_spec(name, x, extras, out_fmt, run_op(name, x, extras, out_fmt))
+        q = bf.quantize(x, in_fmt)
+        check_against_spec(name, q, extras, out_fmt, run_op(name, q, extras, out_fmt))
+        check_against_spec(name, q, extras, None, run_op(name, q, extras, None))
+
+
 def test_derived_axis_size() -> None:
     """in_axis_size=0: D = row_bytes * 8 / bits when that divides exactly."""
     fmt = BlockFormat(4, 8, True, ScaleKind.FLOAT16)
