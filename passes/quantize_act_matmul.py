@@ -7,9 +7,13 @@ Identified, not guessed: a MatMul of two run-time tensors is attention's
 Other activation products (e.g. Llama's rotary frequencies inv_freq x positions, whose values are
 positions up to the context length) are left in float and reported.
 
-When K^T is a Transpose read only by this MatMul, the Transpose is changed to give K itself and the
-op reads it with transpose_b=1 (Transpose(x, perm) then swapping the last two axes is one
-Transpose with the last two entries of perm swapped; it disappears when that is the identity).
+When B is a Transpose read only by this MatMul (possibly through a Mul / Div by a scalar, which
+commutes with any transposition), and swapping the Transpose's last two perm entries makes it the
+identity or a Transpose that keeps the last axis in place (which copies whole rows: much cheaper in
+ONNX Runtime than one that moves the last axis, such as BERT's K^T perm [0, 2, 3, 1]), the Transpose
+is changed to give B^T and the op reads it with transpose_b=1. A Transpose that already keeps the
+last axis in place (BERT's V, perm [0, 2, 1, 3]) is left alone. Same values either way: the op
+quantizes B along K in both layouts.
 Both operands are quantized at run time with the node's act_bits and block_size (docs/ops.md).
 """
 
@@ -20,7 +24,7 @@ import logging
 
 import onnx_ir as ir
 from bct_onnx.passes.framework import PassReport
-from bct_onnx.passes.graph_patterns import FLOAT, is_op, producer, sole_user, value_rank
+from bct_onnx.passes.graph_patterns import FLOAT, is_op, producer, sole_user, value_rank, value_shape
 from bct_onnx.passes.nonlinear_ops import (
     OperandRewritePass,
     is_ours,
@@ -80,13 +84,48 @@ def _is_weight(value: ir.Value) -> bool:
     return transpose is not None and constant_tensor(transpose.inputs[0]) is not None
 
 
+def _is_scalar_shaped(value: ir.Value | None) -> bool:
+    shape = value_shape(value)
+    return shape is not None and all(isinstance(d, int) and d == 1 for d in shape)
+
+
+def _foldable_transpose(node: ir.Node, b: ir.Value) -> ir.Node | None:
+    """The Transpose producing B (directly, or through one Mul / Div by a scalar-shaped value, each
+    read only once) whose fold into transpose_b leaves no Transpose or a row-copying one."""
+    if sole_user(b) is not node:
+        return None
+    value = b
+    scale = producer(b, "Mul", "Div")
+    if scale is not None:
+        first, second = scale.inputs[0], scale.inputs[1]
+        if scale.op_type == "Mul" and _is_scalar_shaped(first) and second is not None:
+            value = second
+        elif _is_scalar_shaped(second) and first is not None:
+            value = first
+        else:
+            return None
+        if sole_user(value) is not scale:
+            return None
+    transpose = producer(value, "Transpose")
+    if transpose is None or transpose.attributes.get("perm") is None:
+        return None
+    perm = list(transpose.attributes["perm"].as_ints())
+    if len(perm) < 2:
+        return None
+    swapped = perm[:-2] + [perm[-1], perm[-2]]
+    if swapped == list(range(len(perm))):
+        return transpose
+    last = len(perm) - 1
+    return transpose if swapped[-1] == last and perm[-1] != last else None
+
+
 @dataclasses.dataclass(frozen=True)
 class ActMatMulMatch:
     node: ir.Node
     a: ir.Value
     b: ir.Value
     role: str
-    transpose: ir.Node | None  # a Transpose producing B to fold into transpose_b
+    transpose: ir.Node | None  # a Transpose producing B (maybe through a scalar Mul/Div) to fold into transpose_b
     act_bits: int
     block_size: int
 
@@ -118,10 +157,7 @@ class QuantizeActMatMulPass(OperandRewritePass):
             rank = value_rank(value)
             if rank is None or rank < 2:
                 return f"{what} has rank {rank}; BlockActMatMul needs known ranks >= 2"
-        transpose = producer(b, "Transpose")
-        if transpose is not None and (sole_user(b) is not node or transpose.attributes.get("perm") is None):
-            transpose = None
-        return ActMatMulMatch(node, a, b, role, transpose, settings.act_bits, settings.block_size)
+        return ActMatMulMatch(node, a, b, role, _foldable_transpose(node, b), settings.act_bits, settings.block_size)
 
     def rewrite(self, model: ir.Model, matched: ActMatMulMatch, report: PassReport) -> None:
         node = matched.node
@@ -134,14 +170,24 @@ class QuantizeActMatMulPass(OperandRewritePass):
             swapped = perm[:-2] + [perm[-1], perm[-2]]
             source = matched.transpose.inputs[0]
             assert source is not None
-            old_nodes.insert(0, matched.transpose)
             transpose_b = 1
             if swapped == list(range(len(perm))):
-                b = source
+                folded = source
             else:
                 t = ir.node("Transpose", [source], attributes={"perm": swapped}, name=matched.transpose.name)
                 new_nodes.append(t)
-                b = t.outputs[0]
+                folded = t.outputs[0]
+            scale = b.producer()
+            if scale is not None and scale is not matched.transpose:
+                # B = Mul/Div(Transpose(x), scalar): the scalar op moves after the new Transpose.
+                inputs = [folded if v is matched.transpose.outputs[0] else v for v in scale.inputs]
+                moved = ir.node(scale.op_type, inputs, name=scale.name)
+                new_nodes.append(moved)
+                old_nodes.insert(0, scale)
+                b = moved.outputs[0]
+            else:
+                b = folded
+            old_nodes.insert(0, matched.transpose)
         new = ir.node(
             ops.BLOCK_ACT_MATMUL,
             operand_inputs(matched.a, [b]),

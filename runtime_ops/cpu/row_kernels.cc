@@ -480,47 +480,6 @@ BCT_AVX512_TARGET __mmask16 TailMask(int64_t left) {
   return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
 }
 
-// The block's element of largest magnitude (first on ties) by an integer max over the magnitude bits
-// (the same order as the floats for non-NaN values), then symmetric_scale_of_extreme.
-BCT_AVX512_TARGET StoredScale SymmetricScaleAvx512(const float* x, int64_t n, int bits, ScaleKind kind) {
-  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
-  __m512i vmax = _mm512_setzero_si512();
-  for (int64_t i = 0; i < n; i += 16) {
-    const __m512i v = _mm512_maskz_loadu_epi32(TailMask(n - i), x + i);
-    vmax = _mm512_max_epu32(vmax, _mm512_and_si512(v, abs_mask));
-  }
-  const uint32_t top = _mm512_reduce_max_epu32(vmax);
-  if (top > 0x7f800000u) return choose_symmetric_scale(x, n, bits, kind);  // a NaN
-  const __m512i vtop = _mm512_set1_epi32(static_cast<int>(top));
-  int64_t first = 0;
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 mask = TailMask(n - i);
-    const __m512i v = _mm512_maskz_loadu_epi32(mask, x + i);
-    const __mmask16 hit = _mm512_mask_cmpeq_epi32_mask(mask, _mm512_and_si512(v, abs_mask), vtop);
-    if (hit != 0) {
-      first = i + __builtin_ctz(static_cast<unsigned>(hit));
-      break;
-    }
-  }
-  return symmetric_scale_of_extreme(x[first], bits, kind);
-}
-
-BCT_AVX512_TARGET StoredScale AsymmetricScaleAvx512(const float* x, int64_t n, int bits, ScaleKind kind,
-                                                    uint8_t* zero_point) {
-  __m512 vmin = _mm512_setzero_ps();
-  __m512 vmax = _mm512_setzero_ps();
-  __mmask16 nan = 0;
-  for (int64_t i = 0; i < n; i += 16) {
-    const __m512 v = _mm512_maskz_loadu_ps(TailMask(n - i), x + i);  // masked lanes: 0, inside [lo, hi]
-    nan = static_cast<__mmask16>(nan | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q));
-    vmin = _mm512_min_ps(vmin, v);
-    vmax = _mm512_max_ps(vmax, v);
-  }
-  if (nan != 0) return choose_asymmetric_scale(x, n, bits, kind, zero_point);
-  // A -0.0 bound (only possible as lo or hi == 0) changes nothing: step and zero point are the same.
-  return asymmetric_scale_of_range(_mm512_reduce_min_ps(vmin), _mm512_reduce_max_ps(vmax), bits, kind, zero_point);
-}
-
 // code_of for 16 lanes: multiply, clamp (NaN passes), round by the 1.5 * 2**23 trick, add the zero
 // point, convert; a NaN lane converts to INT_MIN, which the max with 0 turns into code 0 (to_u8).
 struct CodeParams {
@@ -558,26 +517,160 @@ BCT_AVX512_TARGET void PackRow4Avx512(const uint8_t* codes, int64_t axis_size, i
   }
 }
 
+// Phase 1 of a row's symmetric scales: per block, the element of largest magnitude (first on ties)
+// into extreme[b], or a NaN flag. Integer max over the magnitude bits (the float order for non-NaN).
+BCT_AVX512_TARGET void BlockExtremes(const float* x, int64_t axis_size, int64_t block_size, int64_t b0, int64_t nb,
+                                     float* extreme, uint8_t* has_nan) {
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  for (int64_t k = 0; k < nb; ++k) {
+    const int64_t begin = (b0 + k) * block_size;
+    const int64_t n = std::min(axis_size, begin + block_size) - begin;
+    const float* xb = x + begin;
+    __m512i vmax = _mm512_setzero_si512();
+    for (int64_t i = 0; i < n; i += 16) {
+      const __m512i v = _mm512_maskz_loadu_epi32(TailMask(n - i), xb + i);
+      vmax = _mm512_max_epu32(vmax, _mm512_and_si512(v, abs_mask));
+    }
+    const uint32_t top = _mm512_reduce_max_epu32(vmax);
+    has_nan[k] = top > 0x7f800000u ? 1 : 0;
+    const __m512i vtop = _mm512_set1_epi32(static_cast<int>(top));
+    int64_t first = 0;
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 mask = TailMask(n - i);
+      const __m512i v = _mm512_maskz_loadu_epi32(mask, xb + i);
+      const __mmask16 hit = _mm512_mask_cmpeq_epi32_mask(mask, _mm512_and_si512(v, abs_mask), vtop);
+      if (hit != 0) {
+        first = i + __builtin_ctz(static_cast<unsigned>(hit));
+        break;
+      }
+    }
+    extreme[k] = xb[first];  // a NaN block finds nothing; its scale comes from the scalar rule
+  }
+}
+
+// Phase 1 of a row's asymmetric scales: per block lo = min(block, 0), hi = max(block, 0), NaN flag.
+BCT_AVX512_TARGET void BlockRanges(const float* x, int64_t axis_size, int64_t block_size, int64_t b0, int64_t nb,
+                                   float* lo, float* hi, uint8_t* has_nan) {
+  for (int64_t k = 0; k < nb; ++k) {
+    const int64_t begin = (b0 + k) * block_size;
+    const int64_t n = std::min(axis_size, begin + block_size) - begin;
+    const float* xb = x + begin;
+    __m512 vmin = _mm512_setzero_ps();
+    __m512 vmax = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    for (int64_t i = 0; i < n; i += 16) {
+      const __m512 v = _mm512_maskz_loadu_ps(TailMask(n - i), xb + i);  // masked lanes: 0, inside [lo, hi]
+      nan = static_cast<__mmask16>(nan | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q));
+      vmin = _mm512_min_ps(vmin, v);
+      vmax = _mm512_max_ps(vmax, v);
+    }
+    has_nan[k] = nan != 0 ? 1 : 0;
+    // A -0.0 bound (only possible as lo or hi == 0) changes nothing: step and zero point are the same.
+    lo[k] = _mm512_reduce_min_ps(vmin);
+    hi[k] = _mm512_reduce_max_ps(vmax);
+  }
+}
+
+// A float scale vector in its stored kind: float16 rounds to nearest even exactly as half_from_float
+// (vcvtps2ph: overflow to inf, subnormals, ties to even); returns the float32 value the arithmetic uses.
+BCT_AVX512_TARGET __m512 StoreFloatScales(__m512 scale, ScaleKind kind, void* scales, int64_t b, __mmask16 mask) {
+  if (kind == ScaleKind::kFloat16) {
+    const __m256i h = _mm512_cvtps_ph(scale, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(scales) + b, mask, h);
+    return _mm512_cvtph_ps(h);
+  }
+  _mm512_mask_storeu_ps(static_cast<float*>(scales) + b, mask, scale);
+  return scale;
+}
+
+// inverse_scale for 16 lanes: 1 / scale, 0 where the scale is 0.
+BCT_AVX512_TARGET __m512 InverseScales(__m512 scale) {
+  const __mmask16 zero = _mm512_cmp_ps_mask(scale, _mm512_setzero_ps(), _CMP_EQ_OQ);
+  return _mm512_mask_blend_ps(zero, _mm512_div_ps(_mm512_set1_ps(1.0f), scale), _mm512_setzero_ps());
+}
+
+// Scales (stored and as inverses) and zero points of blocks [b0, b0 + nb) of a row, nb <= kScaleChunk:
+// the per-block scalar work of QuantizeRow, 16 blocks per vector where the kind is float16 / float32
+// (pow2 and NaN blocks: the scalar rules of block_math.h).
+constexpr int64_t kScaleChunk = 64;
+
+BCT_AVX512_TARGET void RowScalesAvx512(const RowFormat& fmt, const float* x, int64_t b0, int64_t nb, void* scales,
+                                       uint8_t* zero_points, float* inv, uint8_t* zps) {
+  alignas(64) float a[kScaleChunk];
+  alignas(64) float c[kScaleChunk];
+  uint8_t has_nan[kScaleChunk];
+  const int bits = fmt.bits;
+  if (fmt.symmetric) {
+    BlockExtremes(x, fmt.axis_size, fmt.block_size, b0, nb, a, has_nan);
+  } else {
+    BlockRanges(x, fmt.axis_size, fmt.block_size, b0, nb, a, c, has_nan);
+  }
+  if (fmt.scale_kind != ScaleKind::kPow2) {
+    // symmetric: scale = m / -2**(bits-1), computed as m * -2**-(bits-1) (a power of two: the same
+    // correctly rounded value); asymmetric: (hi - lo) / (2**bits - 1), zp = clamp(rne(-lo * inv)).
+    const float qmax = static_cast<float>((1 << bits) - 1);
+    const __m512 neg_inv_half = _mm512_set1_ps(-1.0f / static_cast<float>(1 << (bits - 1)));
+    for (int64_t k = 0; k < nb; k += 16) {
+      const __mmask16 mask = TailMask(nb - k);
+      __m512 scale;
+      if (fmt.symmetric) {
+        scale = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, a + k), neg_inv_half);
+      } else {
+        scale = _mm512_div_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, c + k), _mm512_maskz_loadu_ps(mask, a + k)),
+                              _mm512_set1_ps(qmax));
+      }
+      const __m512 vinv = InverseScales(StoreFloatScales(scale, fmt.scale_kind, scales, b0 + k, mask));
+      _mm512_mask_storeu_ps(inv + k, mask, vinv);
+      if (!fmt.symmetric) {
+        __m512 z = _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_maskz_loadu_ps(mask, a + k)), vinv);
+        z = _mm512_min_ps(_mm512_set1_ps(qmax), _mm512_max_ps(_mm512_setzero_ps(), z));  // NaN passes
+        const __m512 magic = _mm512_set1_ps(12582912.0f);
+        z = _mm512_sub_ps(_mm512_add_ps(z, magic), magic);
+        const __m512i zi = _mm512_max_epi32(_mm512_cvttps_epi32(z), _mm512_setzero_si512());  // NaN -> 0
+        _mm_mask_storeu_epi8(zps + k, mask, _mm512_cvtepi32_epi8(zi));
+        _mm_mask_storeu_epi8(zero_points + b0 + k, mask, _mm512_cvtepi32_epi8(zi));
+      }
+    }
+  }
+  for (int64_t k = 0; k < nb; ++k) {
+    if (fmt.scale_kind != ScaleKind::kPow2 && !has_nan[k]) continue;
+    const int64_t begin = (b0 + k) * fmt.block_size;
+    const int64_t n = std::min(fmt.axis_size, begin + fmt.block_size) - begin;
+    uint8_t zp = 0;
+    StoredScale st;
+    if (has_nan[k]) {
+      st = fmt.symmetric ? choose_symmetric_scale(x + begin, n, bits, fmt.scale_kind)
+                         : choose_asymmetric_scale(x + begin, n, bits, fmt.scale_kind, &zp);
+    } else {
+      st = fmt.symmetric ? symmetric_scale_of_extreme(a[k], bits, fmt.scale_kind)
+                         : asymmetric_scale_of_range(a[k], c[k], bits, fmt.scale_kind, &zp);
+    }
+    store_scale(fmt.scale_kind, scales, b0 + k, st);
+    inv[k] = inverse_scale(st.value);
+    if (!fmt.symmetric) zero_points[b0 + k] = zps[k] = zp;
+  }
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void QuantizeRowAvx512(const RowFormat& fmt,
                                                                                     const float* x, uint8_t* codes,
                                                                                     void* scales,
                                                                                     uint8_t* zero_points,
                                                                                     uint8_t* row_codes) {
   uint8_t* out = fmt.bits == 8 ? codes : row_codes;
-  for (int64_t b = 0; b < fmt.num_blocks; ++b) {
-    const int64_t begin = b * fmt.block_size;
-    const int64_t n = std::min(fmt.axis_size, begin + fmt.block_size) - begin;
-    const float* xb = x + begin;
-    uint8_t zp = 0;
-    const StoredScale s = fmt.symmetric ? SymmetricScaleAvx512(xb, n, fmt.bits, fmt.scale_kind)
-                                        : AsymmetricScaleAvx512(xb, n, fmt.bits, fmt.scale_kind, &zp);
-    store_scale(fmt.scale_kind, scales, b, s);
-    if (!fmt.symmetric) zero_points[b] = zp;
-    const CodeParams p = MakeCodeParams(inverse_scale(s.value), fmt.bits, fmt.symmetric, zp);
-    for (int64_t i = 0; i < n; i += 16) {
-      const __mmask16 mask = TailMask(n - i);
-      const __m128i bytes = _mm512_cvtepi32_epi8(Codes16(_mm512_maskz_loadu_ps(mask, xb + i), p));
-      _mm_mask_storeu_epi8(out + begin + i, mask, bytes);
+  alignas(64) float inv[kScaleChunk];
+  uint8_t zps[kScaleChunk];
+  for (int64_t b0 = 0; b0 < fmt.num_blocks; b0 += kScaleChunk) {
+    const int64_t nb = std::min(kScaleChunk, fmt.num_blocks - b0);
+    RowScalesAvx512(fmt, x, b0, nb, scales, zero_points, inv, zps);
+    for (int64_t k = 0; k < nb; ++k) {
+      const int64_t begin = (b0 + k) * fmt.block_size;
+      const int64_t n = std::min(fmt.axis_size, begin + fmt.block_size) - begin;
+      const CodeParams p = MakeCodeParams(inv[k], fmt.bits, fmt.symmetric, fmt.symmetric ? 0 : zps[k]);
+      for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 mask = TailMask(n - i);
+        const __m128i bytes = _mm512_cvtepi32_epi8(Codes16(_mm512_maskz_loadu_ps(mask, x + begin + i), p));
+        _mm_mask_storeu_epi8(out + begin + i, mask, bytes);
+      }
     }
   }
   if (fmt.bits == 8) return;
@@ -591,16 +684,28 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void QuantizeRowAv
 // nl::quantize_act_row: symmetric, float32 scales, signed codes u - 2**(bits-1).
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void QuantizeActRowAvx512Impl(
     const float* x, int64_t k, int bits, int64_t block_size, int8_t* q, float* scales) {
+  RowFormat fmt;
+  fmt.bits = bits;
+  fmt.block_size = block_size;
+  fmt.symmetric = true;
+  fmt.scale_kind = ScaleKind::kFloat32;
+  fmt.axis_size = k;
+  fmt.num_blocks = num_blocks(k, block_size);
   const __m512i zp = _mm512_set1_epi32(1 << (bits - 1));
-  for (int64_t b0 = 0, blk = 0; b0 < k; b0 += block_size, ++blk) {
-    const int64_t n = std::min(block_size, k - b0);
-    const StoredScale s = SymmetricScaleAvx512(x + b0, n, bits, ScaleKind::kFloat32);
-    scales[blk] = s.value;
-    const CodeParams p = MakeCodeParams(inverse_scale(s.value), bits, true, 0);
-    for (int64_t i = 0; i < n; i += 16) {
-      const __mmask16 mask = TailMask(n - i);
-      const __m512i codes = _mm512_sub_epi32(Codes16(_mm512_maskz_loadu_ps(mask, x + b0 + i), p), zp);
-      _mm_mask_storeu_epi8(q + b0 + i, mask, _mm512_cvtepi32_epi8(codes));
+  alignas(64) float inv[kScaleChunk];
+  uint8_t unused[kScaleChunk];
+  for (int64_t b0 = 0; b0 < fmt.num_blocks; b0 += kScaleChunk) {
+    const int64_t nb = std::min(kScaleChunk, fmt.num_blocks - b0);
+    RowScalesAvx512(fmt, x, b0, nb, scales, nullptr, inv, unused);
+    for (int64_t j = 0; j < nb; ++j) {
+      const int64_t begin = (b0 + j) * block_size;
+      const int64_t n = std::min(k, begin + block_size) - begin;
+      const CodeParams p = MakeCodeParams(inv[j], bits, true, 0);
+      for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 mask = TailMask(n - i);
+        const __m512i c = _mm512_sub_epi32(Codes16(_mm512_maskz_loadu_ps(mask, x + begin + i), p), zp);
+        _mm_mask_storeu_epi8(q + begin + i, mask, _mm512_cvtepi32_epi8(c));
+      }
     }
   }
 }

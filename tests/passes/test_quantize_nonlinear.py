@@ -114,6 +114,41 @@ def test_attention_chain_is_compressed_and_matches_the_spec(helpers):
     np.testing.assert_allclose(got, reference, rtol=0, atol=0.05)  # 8-bit operands, |y| <~ 3
 
 
+BERT_ATTENTION = f"""<ir_version: 8, opset_import: ["" : 17]>
+g (float[1, {S}, {H}, {DK}] q, float[1, {S}, {H}, {DK}] k, float[1, {S}, {H}, {DK}] v) => (float[1, {H}, {S}, {DK}] y) {{
+  qt = Transpose<perm = [0, 2, 1, 3]>(q)
+  kt = Transpose<perm = [0, 2, 3, 1]>(k)
+  ks = Mul(kt, root)
+  scores = MatMul(qt, ks)
+  probs = Softmax<axis = -1>(scores)
+  vt = Transpose<perm = [0, 2, 1, 3]>(v)
+  y = MatMul(probs, vt)
+}}"""
+
+
+def test_bert_layout_transposes_keep_the_last_axis(helpers):
+    """BERT's K^T = Transpose<[0, 2, 3, 1]>(k) * scalar becomes Transpose<[0, 2, 1, 3]>(k) * scalar
+    read with transpose_b=1 (a row-copying Transpose); V's Transpose<[0, 2, 1, 3]> already copies
+    rows and stays, read with transpose_b=0. Same bits as the spec on the original layout."""
+    model = helpers.model_from_text(BERT_ATTENTION, {"root": np.float32(0.25)})
+    result = compress_model(model, CompressConfig())
+    nodes = list(result.model.graph)
+    transposes = [list(n.attributes["perm"].value) for n in nodes if n.op_type == "Transpose"]
+    assert transposes == [[0, 2, 1, 3]] * 3
+    qk, pv = [n for n in nodes if n.op_type == "BlockActMatMul"]
+    assert attrs(qk)["transpose_b"] == 1 and attrs(pv)["transpose_b"] == 0
+    assert qk.inputs[3].producer().op_type == "Mul"
+    assert result.rewritten["AttentionMatMul transpose_b (Transpose folded)"] == 1
+    rng = np.random.default_rng(3)
+    feeds = {n: rng.standard_normal((1, S, H, DK)).astype(np.float32) for n in ("q", "k", "v")}
+    got = helpers.run_bct_session(result.model, feeds)[0]
+    q, k, v = (np.transpose(feeds[n], (0, 2, 1, 3)) for n in ("q", "k", "v"))
+    kt = np.ascontiguousarray(np.swapaxes(k, -1, -2)) * np.float32(0.25)
+    scores = spec.block_act_matmul(q, kt, 8, 32, out_fmt=BlockFormat(8, 32, True, ScaleKind.FLOAT16))
+    probs = spec.block_softmax(scores, BlockFormat(8, 32, False, ScaleKind.FLOAT16))
+    np.testing.assert_array_equal(got, spec.block_act_matmul(probs, np.ascontiguousarray(v), 8, 32))
+
+
 def test_passes_alone_keep_float_operands(helpers):
     model = attention_model(helpers)
     config = CompressConfig()
