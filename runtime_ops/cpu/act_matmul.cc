@@ -163,12 +163,16 @@ class ActMatMulCpuKernel : public ActMatMulKernelBase {
       cpu::RowFormat in_fmt = OperandRowFormat<cpu::RowFormat>(in_, a, k);
       in_fmt.simd = simd_;
       const cpu::PackedRows source(in_fmt, a.codes, a.scales, a.zero_points);
+      const int64_t group = std::max<int64_t>(1, std::min<int64_t>(64, 4096 / k));  // rows quantized per call
       ParallelFor(ctx, a_rows, std::max<int64_t>(1, 4096 / k), [&](int64_t begin, int64_t end) {
-        std::vector<float> row(a.quantized ? static_cast<size_t>(k) : 0);
-        for (int64_t i = begin; i < end; ++i) {
-          const float* x = a.x ? a.x + i * k : row.data();
-          if (a.quantized) source.Dequantize(i, row.data());
-          QuantizeRowOfK(x, k, bits, bs, qa.data() + i * k, sa.data() + i * nb);
+        std::vector<float> rows(a.quantized ? static_cast<size_t>(group * k) : 0);
+        for (int64_t i0 = begin; i0 < end; i0 += group) {
+          const int64_t count = std::min(group, end - i0);
+          if (a.quantized) {
+            for (int64_t i = 0; i < count; ++i) source.Dequantize(i0 + i, rows.data() + i * k);
+          }
+          const float* x = a.quantized ? rows.data() : a.x + i0 * k;
+          QuantizeRowsOfK(x, count, k, bits, bs, qa.data() + i0 * k, sa.data() + i0 * nb);
         }
       });
 
@@ -261,8 +265,16 @@ class ActMatMulCpuKernel : public ActMatMulKernelBase {
  private:
   // nl::quantize_act_row of one row along K: AVX-512 where simd_ allows, else the ISA clones.
   void QuantizeRowOfK(const float* x, int64_t k, int bits, int64_t bs, int8_t* q, float* scales) const {
-    if (cpu::QuantizeActRowAvx512(x, k, bits, bs, simd_, q, scales)) return;
-    (baseline_ ? QuantizeActRowBaseline : QuantizeActRow)(x, k, bits, bs, q, scales);
+    QuantizeRowsOfK(x, 1, k, bits, bs, q, scales);
+  }
+
+  // The same for `rows` consecutive rows: q [rows, k], scales [rows, nb].
+  void QuantizeRowsOfK(const float* x, int64_t rows, int64_t k, int bits, int64_t bs, int8_t* q, float* scales) const {
+    if (cpu::QuantizeActRowsAvx512(x, rows, k, bits, bs, simd_, q, scales)) return;
+    const int64_t nb = num_blocks(k, bs);
+    for (int64_t i = 0; i < rows; ++i) {
+      (baseline_ ? QuantizeActRowBaseline : QuantizeActRow)(x + i * k, k, bits, bs, q + i * k, scales + i * nb);
+    }
   }
 
   bool baseline_;  // BCT_ONNX_BASELINE_SIMD: baseline-ISA loops (see ops/nonlinear_families.h)

@@ -371,7 +371,7 @@ class MatMulCpuKernel {
         out_fmt.simd = row_simd_;
         const cpu::MutablePackedRows sink(out_fmt, r.codes, r.scales, r.zero_points);
         ParallelFor(ctx, rows, std::max<int64_t>(1, 8192 / N), [&](int64_t begin, int64_t end) {
-          for (int64_t m = begin; m < end; ++m) sink.Quantize(y + m * N, m);
+          sink.QuantizeRange(y + begin * N, begin, end - begin);
         });
       }
     });

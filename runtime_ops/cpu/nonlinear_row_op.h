@@ -46,17 +46,24 @@ class RowOpCpuKernel : public RowOpKernelBase<Family> {
       const cpu::PackedRows source(in_fmt, x.codes, x.scales, x.zero_points);
       const cpu::MutablePackedRows sink(out_fmt, r.codes, r.scales, r.zero_points);
       const int64_t min_rows = std::max<int64_t>(1, 8192 / d);
+      // A quantized result is computed a group of rows at a time into a buffer, then quantized in one
+      // call (QuantizeRows shares the per-block scale work among the group's blocks).
+      const int64_t group = r.quantized ? std::max<int64_t>(1, std::min<int64_t>(64, 4096 / d)) : 1;
       ParallelFor(ctx, x.rows, min_rows, [&](int64_t begin, int64_t end) {
-        std::vector<float> buffer(r.quantized ? static_cast<size_t>(d) : 0);
-        for (int64_t row = begin; row < end; ++row) {
-          float* y = r.quantized ? buffer.data() : r.y + row * d;
-          if (x.quantized) {
-            source.Dequantize(row, y);
-          } else {
-            std::memcpy(y, x.x + row * d, static_cast<size_t>(d) * sizeof(float));
+        std::vector<float> buffer(r.quantized ? static_cast<size_t>(group * d) : 0);
+        for (int64_t row0 = begin; row0 < end; row0 += group) {
+          const int64_t count = std::min(group, end - row0);
+          for (int64_t i = 0; i < count; ++i) {
+            const int64_t row = row0 + i;
+            float* y = r.quantized ? buffer.data() + i * d : r.y + row * d;
+            if (x.quantized) {
+              source.Dequantize(row, y);
+            } else {
+              std::memcpy(y, x.x + row * d, static_cast<size_t>(d) * sizeof(float));
+            }
+            this->family_.Row(call.params, y, d);
           }
-          this->family_.Row(call.params, y, d);
-          if (r.quantized) sink.Quantize(y, row);
+          if (r.quantized) sink.QuantizeRange(buffer.data(), row0, count);
         }
       });
     });

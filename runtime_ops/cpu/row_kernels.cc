@@ -517,15 +517,32 @@ BCT_AVX512_TARGET void PackRow4Avx512(const uint8_t* codes, int64_t axis_size, i
   }
 }
 
-// Phase 1 of a row's symmetric scales: per block, the element of largest magnitude (first on ties)
-// into extreme[b], or a NaN flag. Integer max over the magnitude bits (the float order for non-NaN).
-BCT_AVX512_TARGET void BlockExtremes(const float* x, int64_t axis_size, int64_t block_size, int64_t b0, int64_t nb,
-                                     float* extreme, uint8_t* has_nan) {
+// Blocks of a run of consecutive rows, numbered flat (block f is block f % nb of row f / nb, as scales
+// and zero points are laid out): walks them in order, giving each block's offset in the rows' floats
+// and its length.
+struct BlockWalk {
+  BlockWalk(const RowFormat& fmt, int64_t f0) : fmt(fmt), row(f0 / fmt.num_blocks), blk(f0 - row * fmt.num_blocks) {}
+  int64_t offset() const { return row * fmt.axis_size + blk * fmt.block_size; }
+  int64_t length() const { return std::min(fmt.axis_size - blk * fmt.block_size, fmt.block_size); }
+  void next() {
+    if (++blk == fmt.num_blocks) {
+      blk = 0;
+      ++row;
+    }
+  }
+  const RowFormat& fmt;
+  int64_t row, blk;
+};
+
+// Phase 1 of symmetric scales: per block, the element of largest magnitude (first on ties) into
+// extreme[k], or a NaN flag. Integer max over the magnitude bits (the float order for non-NaN).
+BCT_AVX512_TARGET void BlockExtremes(const RowFormat& fmt, const float* x, int64_t f0, int64_t count, float* extreme,
+                                     uint8_t* has_nan) {
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
-  for (int64_t k = 0; k < nb; ++k) {
-    const int64_t begin = (b0 + k) * block_size;
-    const int64_t n = std::min(axis_size, begin + block_size) - begin;
-    const float* xb = x + begin;
+  BlockWalk walk(fmt, f0);
+  for (int64_t k = 0; k < count; ++k, walk.next()) {
+    const int64_t n = walk.length();
+    const float* xb = x + walk.offset();
     __m512i vmax = _mm512_setzero_si512();
     for (int64_t i = 0; i < n; i += 16) {
       const __m512i v = _mm512_maskz_loadu_epi32(TailMask(n - i), xb + i);
@@ -548,13 +565,13 @@ BCT_AVX512_TARGET void BlockExtremes(const float* x, int64_t axis_size, int64_t 
   }
 }
 
-// Phase 1 of a row's asymmetric scales: per block lo = min(block, 0), hi = max(block, 0), NaN flag.
-BCT_AVX512_TARGET void BlockRanges(const float* x, int64_t axis_size, int64_t block_size, int64_t b0, int64_t nb,
-                                   float* lo, float* hi, uint8_t* has_nan) {
-  for (int64_t k = 0; k < nb; ++k) {
-    const int64_t begin = (b0 + k) * block_size;
-    const int64_t n = std::min(axis_size, begin + block_size) - begin;
-    const float* xb = x + begin;
+// Phase 1 of asymmetric scales: per block lo = min(block, 0), hi = max(block, 0), NaN flag.
+BCT_AVX512_TARGET void BlockRanges(const RowFormat& fmt, const float* x, int64_t f0, int64_t count, float* lo,
+                                   float* hi, uint8_t* has_nan) {
+  BlockWalk walk(fmt, f0);
+  for (int64_t k = 0; k < count; ++k, walk.next()) {
+    const int64_t n = walk.length();
+    const float* xb = x + walk.offset();
     __m512 vmin = _mm512_setzero_ps();
     __m512 vmax = _mm512_setzero_ps();
     __mmask16 nan = 0;
@@ -589,29 +606,29 @@ BCT_AVX512_TARGET __m512 InverseScales(__m512 scale) {
   return _mm512_mask_blend_ps(zero, _mm512_div_ps(_mm512_set1_ps(1.0f), scale), _mm512_setzero_ps());
 }
 
-// Scales (stored and as inverses) and zero points of blocks [b0, b0 + nb) of a row, nb <= kScaleChunk:
-// the per-block scalar work of QuantizeRow, 16 blocks per vector where the kind is float16 / float32
-// (pow2 and NaN blocks: the scalar rules of block_math.h).
+// Scales (stored and as inverses) and zero points of flat blocks [f0, f0 + count) (see BlockWalk),
+// count <= kScaleChunk: the per-block scalar work of quantization, 16 blocks per vector where the kind
+// is float16 / float32 (pow2 and NaN blocks: the scalar rules of block_math.h).
 constexpr int64_t kScaleChunk = 64;
 
-BCT_AVX512_TARGET void RowScalesAvx512(const RowFormat& fmt, const float* x, int64_t b0, int64_t nb, void* scales,
-                                       uint8_t* zero_points, float* inv, uint8_t* zps) {
+BCT_AVX512_TARGET void ScalesAvx512(const RowFormat& fmt, const float* x, int64_t f0, int64_t count, void* scales,
+                                    uint8_t* zero_points, float* inv, uint8_t* zps) {
   alignas(64) float a[kScaleChunk];
   alignas(64) float c[kScaleChunk];
   uint8_t has_nan[kScaleChunk];
   const int bits = fmt.bits;
   if (fmt.symmetric) {
-    BlockExtremes(x, fmt.axis_size, fmt.block_size, b0, nb, a, has_nan);
+    BlockExtremes(fmt, x, f0, count, a, has_nan);
   } else {
-    BlockRanges(x, fmt.axis_size, fmt.block_size, b0, nb, a, c, has_nan);
+    BlockRanges(fmt, x, f0, count, a, c, has_nan);
   }
   if (fmt.scale_kind != ScaleKind::kPow2) {
     // symmetric: scale = m / -2**(bits-1), computed as m * -2**-(bits-1) (a power of two: the same
     // correctly rounded value); asymmetric: (hi - lo) / (2**bits - 1), zp = clamp(rne(-lo * inv)).
     const float qmax = static_cast<float>((1 << bits) - 1);
     const __m512 neg_inv_half = _mm512_set1_ps(-1.0f / static_cast<float>(1 << (bits - 1)));
-    for (int64_t k = 0; k < nb; k += 16) {
-      const __mmask16 mask = TailMask(nb - k);
+    for (int64_t k = 0; k < count; k += 16) {
+      const __mmask16 mask = TailMask(count - k);
       __m512 scale;
       if (fmt.symmetric) {
         scale = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, a + k), neg_inv_half);
@@ -619,7 +636,7 @@ BCT_AVX512_TARGET void RowScalesAvx512(const RowFormat& fmt, const float* x, int
         scale = _mm512_div_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, c + k), _mm512_maskz_loadu_ps(mask, a + k)),
                               _mm512_set1_ps(qmax));
       }
-      const __m512 vinv = InverseScales(StoreFloatScales(scale, fmt.scale_kind, scales, b0 + k, mask));
+      const __m512 vinv = InverseScales(StoreFloatScales(scale, fmt.scale_kind, scales, f0 + k, mask));
       _mm512_mask_storeu_ps(inv + k, mask, vinv);
       if (!fmt.symmetric) {
         __m512 z = _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_maskz_loadu_ps(mask, a + k)), vinv);
@@ -628,62 +645,68 @@ BCT_AVX512_TARGET void RowScalesAvx512(const RowFormat& fmt, const float* x, int
         z = _mm512_sub_ps(_mm512_add_ps(z, magic), magic);
         const __m512i zi = _mm512_max_epi32(_mm512_cvttps_epi32(z), _mm512_setzero_si512());  // NaN -> 0
         _mm_mask_storeu_epi8(zps + k, mask, _mm512_cvtepi32_epi8(zi));
-        _mm_mask_storeu_epi8(zero_points + b0 + k, mask, _mm512_cvtepi32_epi8(zi));
+        _mm_mask_storeu_epi8(zero_points + f0 + k, mask, _mm512_cvtepi32_epi8(zi));
       }
     }
   }
-  for (int64_t k = 0; k < nb; ++k) {
+  BlockWalk walk(fmt, f0);
+  for (int64_t k = 0; k < count; ++k, walk.next()) {
     if (fmt.scale_kind != ScaleKind::kPow2 && !has_nan[k]) continue;
-    const int64_t begin = (b0 + k) * fmt.block_size;
-    const int64_t n = std::min(fmt.axis_size, begin + fmt.block_size) - begin;
+    const float* xb = x + walk.offset();
+    const int64_t n = walk.length();
     uint8_t zp = 0;
     StoredScale st;
     if (has_nan[k]) {
-      st = fmt.symmetric ? choose_symmetric_scale(x + begin, n, bits, fmt.scale_kind)
-                         : choose_asymmetric_scale(x + begin, n, bits, fmt.scale_kind, &zp);
+      st = fmt.symmetric ? choose_symmetric_scale(xb, n, bits, fmt.scale_kind)
+                         : choose_asymmetric_scale(xb, n, bits, fmt.scale_kind, &zp);
     } else {
       st = fmt.symmetric ? symmetric_scale_of_extreme(a[k], bits, fmt.scale_kind)
                          : asymmetric_scale_of_range(a[k], c[k], bits, fmt.scale_kind, &zp);
     }
-    store_scale(fmt.scale_kind, scales, b0 + k, st);
+    store_scale(fmt.scale_kind, scales, f0 + k, st);
     inv[k] = inverse_scale(st.value);
-    if (!fmt.symmetric) zero_points[b0 + k] = zps[k] = zp;
+    if (!fmt.symmetric) zero_points[f0 + k] = zps[k] = zp;
   }
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void QuantizeRowAvx512(const RowFormat& fmt,
-                                                                                    const float* x, uint8_t* codes,
-                                                                                    void* scales,
-                                                                                    uint8_t* zero_points,
-                                                                                    uint8_t* row_codes) {
-  uint8_t* out = fmt.bits == 8 ? codes : row_codes;
+// Quantizes `rows` consecutive rows x [rows, D]: codes [rows, row_bytes], scales / zero points
+// [rows, nb]. row_codes: scratch of rows * D bytes (unused at 8 bits).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void QuantizeRowsAvx512(
+    const RowFormat& fmt, const float* x, int64_t rows, uint8_t* codes, void* scales, uint8_t* zero_points,
+    uint8_t* row_codes) {
+  uint8_t* out = fmt.bits == 8 ? codes : row_codes;  // 8 bits: row_bytes == D, codes as they are
   alignas(64) float inv[kScaleChunk];
   uint8_t zps[kScaleChunk];
-  for (int64_t b0 = 0; b0 < fmt.num_blocks; b0 += kScaleChunk) {
-    const int64_t nb = std::min(kScaleChunk, fmt.num_blocks - b0);
-    RowScalesAvx512(fmt, x, b0, nb, scales, zero_points, inv, zps);
-    for (int64_t k = 0; k < nb; ++k) {
-      const int64_t begin = (b0 + k) * fmt.block_size;
-      const int64_t n = std::min(fmt.axis_size, begin + fmt.block_size) - begin;
+  const int64_t total = rows * fmt.num_blocks;
+  for (int64_t f0 = 0; f0 < total; f0 += kScaleChunk) {
+    const int64_t count = std::min(kScaleChunk, total - f0);
+    ScalesAvx512(fmt, x, f0, count, scales, zero_points, inv, zps);
+    BlockWalk walk(fmt, f0);
+    for (int64_t k = 0; k < count; ++k, walk.next()) {
+      const int64_t offset = walk.offset();
+      const int64_t n = walk.length();
       const CodeParams p = MakeCodeParams(inv[k], fmt.bits, fmt.symmetric, fmt.symmetric ? 0 : zps[k]);
       for (int64_t i = 0; i < n; i += 16) {
         const __mmask16 mask = TailMask(n - i);
-        const __m128i bytes = _mm512_cvtepi32_epi8(Codes16(_mm512_maskz_loadu_ps(mask, x + begin + i), p));
-        _mm_mask_storeu_epi8(out + begin + i, mask, bytes);
+        const __m128i bytes = _mm512_cvtepi32_epi8(Codes16(_mm512_maskz_loadu_ps(mask, x + offset + i), p));
+        _mm_mask_storeu_epi8(out + offset + i, mask, bytes);
       }
     }
   }
   if (fmt.bits == 8) return;
-  if (fmt.bits == 4) {
-    PackRow4Avx512(row_codes, fmt.axis_size, fmt.row_bytes, codes);
-  } else {
-    PackRow(row_codes, fmt.axis_size, fmt.bits, fmt.row_bytes, codes);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (fmt.bits == 4) {
+      PackRow4Avx512(row_codes + r * fmt.axis_size, fmt.axis_size, fmt.row_bytes, codes + r * fmt.row_bytes);
+    } else {
+      PackRow(row_codes + r * fmt.axis_size, fmt.axis_size, fmt.bits, fmt.row_bytes, codes + r * fmt.row_bytes);
+    }
   }
 }
 
-// nl::quantize_act_row: symmetric, float32 scales, signed codes u - 2**(bits-1).
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void QuantizeActRowAvx512Impl(
-    const float* x, int64_t k, int bits, int64_t block_size, int8_t* q, float* scales) {
+// nl::quantize_act_row for `rows` consecutive rows of k: symmetric, float32 scales, signed codes
+// u - 2**(bits-1) into q [rows, k], scales [rows, nb].
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void QuantizeActRowsAvx512Impl(
+    const float* x, int64_t rows, int64_t k, int bits, int64_t block_size, int8_t* q, float* scales) {
   RowFormat fmt;
   fmt.bits = bits;
   fmt.block_size = block_size;
@@ -694,17 +717,19 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void QuantizeActRo
   const __m512i zp = _mm512_set1_epi32(1 << (bits - 1));
   alignas(64) float inv[kScaleChunk];
   uint8_t unused[kScaleChunk];
-  for (int64_t b0 = 0; b0 < fmt.num_blocks; b0 += kScaleChunk) {
-    const int64_t nb = std::min(kScaleChunk, fmt.num_blocks - b0);
-    RowScalesAvx512(fmt, x, b0, nb, scales, nullptr, inv, unused);
-    for (int64_t j = 0; j < nb; ++j) {
-      const int64_t begin = (b0 + j) * block_size;
-      const int64_t n = std::min(k, begin + block_size) - begin;
+  const int64_t total = rows * fmt.num_blocks;
+  for (int64_t f0 = 0; f0 < total; f0 += kScaleChunk) {
+    const int64_t count = std::min(kScaleChunk, total - f0);
+    ScalesAvx512(fmt, x, f0, count, scales, nullptr, inv, unused);
+    BlockWalk walk(fmt, f0);
+    for (int64_t j = 0; j < count; ++j, walk.next()) {
+      const int64_t offset = walk.offset();
+      const int64_t n = walk.length();
       const CodeParams p = MakeCodeParams(inv[j], bits, true, 0);
       for (int64_t i = 0; i < n; i += 16) {
         const __mmask16 mask = TailMask(n - i);
-        const __m512i c = _mm512_sub_epi32(Codes16(_mm512_maskz_loadu_ps(mask, x + begin + i), p), zp);
-        _mm_mask_storeu_epi8(q + begin + i, mask, _mm512_cvtepi32_epi8(c));
+        const __m512i c = _mm512_sub_epi32(Codes16(_mm512_maskz_loadu_ps(mask, x + offset + i), p), zp);
+        _mm_mask_storeu_epi8(q + offset + i, mask, _mm512_cvtepi32_epi8(c));
       }
     }
   }
@@ -719,7 +744,7 @@ void QuantizeRow(const RowFormat& fmt, const float* x, uint8_t* codes, void* sca
   if (row_codes.size() < static_cast<size_t>(fmt.axis_size)) row_codes.resize(static_cast<size_t>(fmt.axis_size));
 #if BCT_AVX2
   if (ResolveRowSimd(fmt.simd) == RowSimd::kAvx512) {
-    QuantizeRowAvx512(fmt, x, codes, scales, zero_points, row_codes.data());
+    QuantizeRowsAvx512(fmt, x, 1, codes, scales, zero_points, row_codes.data());
     return;
   }
 #endif
@@ -745,15 +770,34 @@ bool ForceBaselineSimd() {
   return force;
 }
 
-bool QuantizeActRowAvx512(const float* x, int64_t k, int bits, int64_t block_size, RowSimd simd, int8_t* q,
-                          float* scales) {
+void QuantizeRows(const RowFormat& fmt, const float* x, int64_t rows, uint8_t* codes, void* scales,
+                  uint8_t* zero_points) {
+  if (rows <= 0) return;
+#if BCT_AVX2
+  if (ResolveRowSimd(fmt.simd) == RowSimd::kAvx512) {
+    thread_local std::vector<uint8_t> row_codes;
+    const size_t need = fmt.bits == 8 ? 0 : static_cast<size_t>(rows * fmt.axis_size);
+    if (row_codes.size() < need) row_codes.resize(need);
+    QuantizeRowsAvx512(fmt, x, rows, codes, scales, zero_points, row_codes.data());
+    return;
+  }
+#endif
+  const std::size_t scale_row_bytes = static_cast<std::size_t>(fmt.num_blocks) * ScaleItemSize(fmt.scale_kind);
+  for (int64_t r = 0; r < rows; ++r) {
+    QuantizeRow(fmt, x + r * fmt.axis_size, codes + r * fmt.row_bytes, static_cast<uint8_t*>(scales) + r * scale_row_bytes,
+                zero_points ? zero_points + r * fmt.num_blocks : nullptr);
+  }
+}
+
+bool QuantizeActRowsAvx512(const float* x, int64_t rows, int64_t k, int bits, int64_t block_size, RowSimd simd,
+                           int8_t* q, float* scales) {
 #if BCT_AVX2
   if (ResolveRowSimd(simd) == RowSimd::kAvx512) {
-    QuantizeActRowAvx512Impl(x, k, bits, block_size, q, scales);
+    QuantizeActRowsAvx512Impl(x, rows, k, bits, block_size, q, scales);
     return true;
   }
 #endif
-  (void)x, (void)k, (void)bits, (void)block_size, (void)simd, (void)q, (void)scales;
+  (void)x, (void)rows, (void)k, (void)bits, (void)block_size, (void)simd, (void)q, (void)scales;
   return false;
 }
 

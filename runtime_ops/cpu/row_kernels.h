@@ -40,6 +40,12 @@ void DequantizeRow(const RowFormat& fmt, const uint8_t* codes, const void* scale
 // asymmetric, zero_points [num_blocks].
 void QuantizeRow(const RowFormat& fmt, const float* x, uint8_t* codes, void* scales, uint8_t* zero_points);
 
+// QuantizeRow of `rows` consecutive rows x [rows, D] into codes [rows, row_bytes], scales and zero
+// points [rows, num_blocks]. The AVX-512 path does the per-block scale work of all the rows' blocks
+// 16 at a time (rows of few blocks, e.g. softmax's, gain most).
+void QuantizeRows(const RowFormat& fmt, const float* x, int64_t rows, uint8_t* codes, void* scales,
+                  uint8_t* zero_points);
+
 // Row-by-row view of a quantized tensor in one RowFormat: codes [rows, row_bytes], scales
 // [rows, num_blocks] (stored form), zero points [rows, num_blocks] or nullptr when symmetric.
 struct PackedRows {
@@ -80,6 +86,12 @@ struct MutablePackedRows {
                 zero_points ? zero_points + row * fmt.num_blocks : nullptr);
   }
 
+  // Quantizes x [count, D] into rows [row, row + count).
+  void QuantizeRange(const float* x, int64_t row, int64_t count) const {
+    QuantizeRows(fmt, x, count, codes + row * fmt.row_bytes, scales + row * scale_row_bytes,
+                 zero_points ? zero_points + row * fmt.num_blocks : nullptr);
+  }
+
   RowFormat fmt;
   uint8_t* codes;
   uint8_t* scales;
@@ -88,10 +100,11 @@ struct MutablePackedRows {
 };
 
 // nl::quantize_act_row (BlockActMatMul's run-time quantization: symmetric, float32 scales, signed
-// codes q = u - 2**(bits-1)) with AVX-512. Returns false, writing nothing, when `simd` does not
-// resolve to kAvx512 (the caller then runs its own loop).
-bool QuantizeActRowAvx512(const float* x, int64_t k, int bits, int64_t block_size, RowSimd simd, int8_t* q,
-                          float* scales);
+// codes q = u - 2**(bits-1)) of `rows` consecutive rows of k values, with AVX-512: q [rows, k],
+// scales [rows, nb]. Returns false, writing nothing, when `simd` does not resolve to kAvx512 (the
+// caller then runs its own loop).
+bool QuantizeActRowsAvx512(const float* x, int64_t rows, int64_t k, int bits, int64_t block_size, RowSimd simd,
+                           int8_t* q, float* scales);
 
 // The level `requested` resolves to on this CPU (kAuto -> the load-time choice; a forced level is
 // capped by what the CPU has).
