@@ -43,10 +43,10 @@ void PackColumn(PackedB& p, int64_t batch, int64_t col, const int8_t* q, const f
     const int64_t len = std::min(p.block_size, p.k - b0);
     int8_t* base = p.codes.data() + ((batch * p.nb + blk) * p.groups * p.n_pad) * 4;
     int32_t sum = 0;
-    for (int64_t i = 0; i < len; ++i) {
-      base[((i / 4) * p.n_pad + col) * 4 + (i % 4)] = q[b0 + i];
-      sum += q[b0 + i];
-    }
+    for (int64_t i = 0; i < len; ++i) sum += q[b0 + i];
+    int64_t i = 0;
+    for (; i + 4 <= len; i += 4) std::memcpy(base + ((i / 4) * p.n_pad + col) * 4, q + b0 + i, 4);
+    for (; i < len; ++i) base[((i / 4) * p.n_pad + col) * 4 + (i % 4)] = q[b0 + i];
     p.sums[static_cast<size_t>((batch * p.nb + blk) * p.n_pad + col)] = sum;
     p.scales[static_cast<size_t>((batch * p.nb + blk) * p.n_pad + col)] = scales[blk];
   }
@@ -72,47 +72,86 @@ void PackBlock(PackedB& p, int64_t batch, int64_t blk, const int8_t* q, const fl
 }
 
 #if defined(__GNUC__) && defined(__x86_64__)
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void DotRow(const PackedB& p, int64_t batch, const int8_t* qa,
-                                                                   const float* sa, uint8_t* scratch, float* y) {
+namespace {
+
+// R output rows at once (R <= 4): each B load feeds R independent vpdpbusd chains.
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void DotRowsT(const PackedB& p, int64_t batch,
+                                                                      const int8_t* qa, int64_t qa_stride,
+                                                                      const float* sa, int64_t sa_stride,
+                                                                      uint8_t* scratch, float* y, int64_t y_stride) {
   // A's codes as unsigned bytes (q + 128), each block zero-padded to whole groups of 4.
   const int64_t group_bytes = p.groups * 4;
-  for (int64_t blk = 0; blk < p.nb; ++blk) {
-    const int64_t b0 = blk * p.block_size;
-    const int64_t len = std::min(p.block_size, p.k - b0);
-    uint8_t* dst = scratch + blk * group_bytes;
-    for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<uint8_t>(qa[b0 + i] + 128);
-    for (int64_t i = len; i < group_bytes; ++i) dst[i] = 0;
+  const int64_t row_scratch = p.nb * group_bytes;
+  for (int r = 0; r < R; ++r) {
+    for (int64_t blk = 0; blk < p.nb; ++blk) {
+      const int64_t b0 = blk * p.block_size;
+      const int64_t len = std::min(p.block_size, p.k - b0);
+      uint8_t* dst = scratch + r * row_scratch + blk * group_bytes;
+      const int8_t* src = qa + r * qa_stride + b0;
+      for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<uint8_t>(src[i] + 128);
+      for (int64_t i = len; i < group_bytes; ++i) dst[i] = 0;
+    }
   }
   const __m512i bias128 = _mm512_set1_epi32(128);
   for (int64_t j0 = 0; j0 < p.n_pad; j0 += 16) {
-    __m512 acc_y = _mm512_setzero_ps();
+    __m512 acc_y[R];
+    for (int r = 0; r < R; ++r) acc_y[r] = _mm512_setzero_ps();
     for (int64_t blk = 0; blk < p.nb; ++blk) {
       const int64_t len = std::min(p.block_size, p.k - blk * p.block_size);
       const int64_t groups = (len + 3) / 4;
       const int8_t* b = p.codes.data() + ((batch * p.nb + blk) * p.groups * p.n_pad + j0) * 4;
       const uint8_t* a = scratch + blk * group_bytes;
-      __m512i acc = _mm512_setzero_si512();
+      __m512i acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
       for (int64_t g = 0; g < groups; ++g) {
-        int32_t a4;
-        std::memcpy(&a4, a + g * 4, 4);
         const __m512i bv = _mm512_loadu_si512(b + g * p.n_pad * 4);
-        acc = _mm512_dpbusd_epi32(acc, _mm512_set1_epi32(a4), bv);
+        for (int r = 0; r < R; ++r) {
+          int32_t a4;
+          std::memcpy(&a4, a + r * row_scratch + g * 4, 4);
+          acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(a4), bv);
+        }
       }
       const size_t at = static_cast<size_t>((batch * p.nb + blk) * p.n_pad + j0);
-      const __m512i sums = _mm512_loadu_si512(p.sums.data() + at);
-      const __m512i dot = _mm512_sub_epi32(acc, _mm512_mullo_epi32(sums, bias128));
-      const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(sa[blk]), _mm512_loadu_ps(p.scales.data() + at));
-      acc_y = _mm512_add_ps(acc_y, _mm512_mul_ps(_mm512_maskz_cvtepi32_ps(0xffff, dot), scale));
+      const __m512i correction = _mm512_mullo_epi32(_mm512_loadu_si512(p.sums.data() + at), bias128);
+      const __m512 sb = _mm512_loadu_ps(p.scales.data() + at);
+      for (int r = 0; r < R; ++r) {
+        const __m512i dot = _mm512_sub_epi32(acc[r], correction);
+        const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(sa[r * sa_stride + blk]), sb);
+        acc_y[r] = _mm512_add_ps(acc_y[r], _mm512_mul_ps(_mm512_maskz_cvtepi32_ps(0xffff, dot), scale));
+      }
     }
     const int64_t left = p.n - j0;
-    if (left >= 16) {
-      _mm512_storeu_ps(y + j0, acc_y);
-    } else {
-      _mm512_mask_storeu_ps(y + j0, static_cast<__mmask16>((1u << left) - 1u), acc_y);
+    for (int r = 0; r < R; ++r) {
+      if (left >= 16) {
+        _mm512_storeu_ps(y + r * y_stride + j0, acc_y[r]);
+      } else {
+        _mm512_mask_storeu_ps(y + r * y_stride + j0, static_cast<__mmask16>((1u << left) - 1u), acc_y[r]);
+      }
     }
   }
 }
+
+}  // namespace
+
+void DotRows(const PackedB& p, int64_t batch, const int8_t* qa, const float* sa, int64_t rows, uint8_t* scratch,
+             float* y, int64_t y_stride) {
+  const int64_t nb = p.nb;
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) DotRowsT<4>(p, batch, qa + r * p.k, p.k, sa + r * nb, nb, scratch, y + r * y_stride, y_stride);
+  switch (rows - r) {
+    case 3: DotRowsT<3>(p, batch, qa + r * p.k, p.k, sa + r * nb, nb, scratch, y + r * y_stride, y_stride); break;
+    case 2: DotRowsT<2>(p, batch, qa + r * p.k, p.k, sa + r * nb, nb, scratch, y + r * y_stride, y_stride); break;
+    case 1: DotRowsT<1>(p, batch, qa + r * p.k, p.k, sa + r * nb, nb, scratch, y + r * y_stride, y_stride); break;
+    default: break;
+  }
+}
+
+void DotRow(const PackedB& p, int64_t batch, const int8_t* qa, const float* sa, uint8_t* scratch, float* y) {
+  DotRowsT<1>(p, batch, qa, p.k, sa, p.nb, scratch, y, p.n);
+}
 #else
+void DotRows(const PackedB&, int64_t, const int8_t*, const float*, int64_t, uint8_t*, float*, int64_t) {}
 void DotRow(const PackedB&, int64_t, const int8_t*, const float*, uint8_t*, float*) {}
 #endif
 
