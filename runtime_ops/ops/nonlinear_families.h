@@ -74,6 +74,15 @@ void SoftmaxRowCpuBaseline(float* y, int64_t n);
 void LayerNormRowCpuBaseline(float* y, int64_t n, const float* scale, const float* bias, float epsilon);
 void RMSNormRowCpuBaseline(float* y, int64_t n, const float* scale, float epsilon);
 
+// The row function a CPU kernel uses, chosen when it is created: explicit AVX-512 code
+// (cpu/nonlinear_avx512.cc; Gelu's exact form only) where the CPU has it and neither
+// BCT_ONNX_BASELINE_SIMD nor BCT_ONNX_ISA (scalar, avx2, avxvnni) says otherwise, else the ISA clones
+// above (or their baseline twins). Same bits on every path.
+using SoftmaxRowFn = void (*)(float* y, int64_t n);
+using GeluRowFn = void (*)(float* y, int64_t n, nl::GeluForm form);
+SoftmaxRowFn SelectSoftmaxRowCpu(bool baseline);
+GeluRowFn SelectGeluRowCpu(bool baseline, nl::GeluForm form);
+
 // BCT_ONNX_BASELINE_SIMD set (and not "0"): use the baseline-ISA CPU loops (read at kernel creation).
 inline bool BaselineSimdRequested() {
   const char* value = std::getenv("BCT_ONNX_BASELINE_SIMD");
@@ -93,14 +102,14 @@ struct GeluFamily {
     } else {
       node.Fail("attribute 'approximate' must be 'none' or 'tanh', got '" + approximate + "'");
     }
+    row = SelectGeluRowCpu(baseline, form);
   }
   struct Params {};
   Params Prepare(const Ort::KernelContext&, const NodeRef&, int64_t) const { return {}; }
-  void Row(const Params&, float* y, int64_t n) const {
-    (baseline ? GeluRowCpuBaseline : GeluRowCpu)(y, n, form);
-  }
+  void Row(const Params&, float* y, int64_t n) const { row(y, n, form); }
   bool baseline;
   nl::GeluForm form = nl::GeluForm::kErf;
+  GeluRowFn row = nullptr;
 };
 
 // BlockSilu: no attributes of its own.
@@ -119,13 +128,15 @@ struct SoftmaxFamily {
   static constexpr const char* kName = "BlockSoftmax";
   static constexpr size_t kExtraInputs = 0;
   static bool ExtraInputOptional(size_t) { return false; }
-  SoftmaxFamily(const OrtKernelInfo* info, const NodeRef& node) : baseline(BaselineSimdRequested()) {
+  SoftmaxFamily(const OrtKernelInfo* info, const NodeRef& node)
+      : baseline(BaselineSimdRequested()), row(SelectSoftmaxRowCpu(baseline)) {
     CheckLastAxis(info, node);
   }
   struct Params {};
   Params Prepare(const Ort::KernelContext&, const NodeRef&, int64_t) const { return {}; }
-  void Row(const Params&, float* y, int64_t n) const { (baseline ? SoftmaxRowCpuBaseline : SoftmaxRowCpu)(y, n); }
+  void Row(const Params&, float* y, int64_t n) const { row(y, n); }
   bool baseline;
+  SoftmaxRowFn row;
 };
 
 // A float32 [D] op-specific input (LayerNorm scale / bias, RMSNorm scale), checked against D. The

@@ -1,0 +1,155 @@
+// AVX-512 row functions of BlockSoftmax and BlockGelu (exact form): the float32 operations of
+// bct/nonlinear_math.h (exp_f32, erf_f32, gelu_erf, row_max, lane_sum), 16 lanes at a time, each
+// operation rounded on its own (no FMA: the library builds with -ffp-contract=off and the code below
+// uses separate multiply and add intrinsics), the selects as masked blends with the scalar code's
+// NaN behaviour. Same bits as the scalar row functions; tests/runtime_ops/test_nonlinear.py checks
+// every path against the numpy spec (BCT_ONNX_ISA forces them).
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "bct/nonlinear_math.h"
+#include "cpu/row_kernels.h"
+#include "ops/nonlinear_families.h"
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define BCT_NL_AVX512 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+// GCC 12 warns about the undefined vector behind masked intrinsics; nothing reads it.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#else
+#define BCT_NL_AVX512 0
+#endif
+
+namespace bct {
+namespace nonlinear {
+namespace {
+
+#if BCT_NL_AVX512
+inline __mmask16 TailMask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+}
+
+// nl::exp_f32 on 16 lanes.
+inline __m512 Exp16(__m512 x) {
+  const __m512 hi = _mm512_set1_ps(nl::kExpHi);
+  const __m512 lo = _mm512_set1_ps(nl::kExpLo);
+  const __m512 magic = _mm512_set1_ps(12582912.0f);
+  // xk = x > hi ? hi : x;  xk = xk >= lo ? xk : lo  (NaN: kept, then lo)
+  __m512 xk = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ), x, hi);
+  xk = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(xk, lo, _CMP_GE_OQ), lo, xk);
+  const __m512 k = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(xk, _mm512_set1_ps(nl::kLog2e)), magic), magic);
+  const __m512 r = _mm512_sub_ps(_mm512_sub_ps(xk, _mm512_mul_ps(k, _mm512_set1_ps(nl::kLn2Hi))),
+                                 _mm512_mul_ps(k, _mm512_set1_ps(nl::kLn2Lo)));
+  const __m512 z = _mm512_mul_ps(r, r);
+  __m512 p = _mm512_set1_ps(nl::kExpP0);
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(nl::kExpP1));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(nl::kExpP2));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(nl::kExpP3));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(nl::kExpP4));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(nl::kExpP5));
+  const __m512 y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p, z), r), _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(k), _mm512_set1_epi32(127)), 23);
+  const __m512 out = _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+  const __m512 clamped = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), out, _mm512_setzero_ps());
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), clamped, x);
+}
+
+// nl::gelu_erf on 16 lanes: (0.5 x) * (1 + erf_f32(x * (1/sqrt 2))).
+inline __m512 GeluErf16(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 sign_mask = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(0x80000000u)));
+  const __m512 u = _mm512_mul_ps(x, _mm512_set1_ps(nl::kInvSqrt2));
+  const __mmask16 negative = _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_LT_OQ);
+  const __m512 a = _mm512_mask_blend_ps(negative, u, _mm512_xor_ps(u, sign_mask));  // u < 0 ? -u : u
+  const __m512 t = _mm512_div_ps(one, _mm512_add_ps(one, _mm512_mul_ps(_mm512_set1_ps(nl::kErfP), a)));
+  __m512 p = _mm512_set1_ps(nl::kErfA5);
+  p = _mm512_add_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(nl::kErfA4));
+  p = _mm512_add_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(nl::kErfA3));
+  p = _mm512_add_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(nl::kErfA2));
+  p = _mm512_add_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(nl::kErfA1));
+  p = _mm512_mul_ps(p, t);
+  const __m512 e = Exp16(_mm512_xor_ps(_mm512_mul_ps(a, a), sign_mask));  // exp_f32(-(a * a))
+  const __m512 v = _mm512_sub_ps(one, _mm512_mul_ps(p, e));
+  const __m512 erf = _mm512_mask_blend_ps(negative, v, _mm512_xor_ps(v, sign_mask));  // u < 0 ? -v : v
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(one, erf));
+}
+
+void GeluErfRowAvx512(float* y, int64_t n, nl::GeluForm) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = TailMask(n - i);
+    _mm512_mask_storeu_ps(y + i, mask, GeluErf16(_mm512_maskz_loadu_ps(mask, y + i)));
+  }
+}
+
+// nl::softmax_row: m = row_max (integer keys, NaN ignored), e = exp_f32(y - m), y = e * (1 / lane_sum(e)).
+void SoftmaxRowAvx512(float* y, int64_t n) {
+  const __m512i minus_inf_key = _mm512_set1_epi32(static_cast<int32_t>(0xff800000u ^ 0x7fffffffu));
+  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+  __m512i best = minus_inf_key;
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = TailMask(n - i);
+    const __m512i u = _mm512_maskz_loadu_epi32(mask, y + i);
+    // key = u ^ (sign ? 0x7fffffff : 0); NaN (magnitude > inf) -> minus_inf_key
+    const __m512i key = _mm512_xor_si512(u, _mm512_and_si512(_mm512_srai_epi32(u, 31), magnitude));
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, magnitude), _mm512_set1_epi32(0x7f800000));
+    best = _mm512_mask_max_epi32(best, static_cast<__mmask16>(mask & ~nan), best, key);
+  }
+  const uint32_t b = static_cast<uint32_t>(_mm512_reduce_max_epi32(best));
+  const float m = float_from_bits(b ^ ((0u - (b >> 31)) & 0x7fffffffu));
+  const __m512 vm = _mm512_set1_ps(m);
+  // exp and the lane sum: lane j of an 8-wide accumulator adds elements j, j + 8, ... in order.
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = TailMask(n - i);
+    const __m512 e = Exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, y + i), vm));
+    _mm512_mask_storeu_ps(y + i, mask, e);
+    acc = _mm256_mask_add_ps(acc, static_cast<__mmask8>(mask & 0xff), acc, _mm512_castps512_ps256(e));
+    acc = _mm256_mask_add_ps(acc, static_cast<__mmask8>(mask >> 8), acc, _mm512_extractf32x8_ps(e, 1));
+  }
+  alignas(32) float lanes[nl::kLanes];
+  _mm256_store_ps(lanes, acc);
+  const __m512 inv = _mm512_set1_ps(fdiv(1.0f, nl::combine_lanes(lanes)));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = TailMask(n - i);
+    _mm512_mask_storeu_ps(y + i, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, y + i), inv));
+  }
+}
+#endif
+
+bool UseAvx512(bool baseline) {
+#if BCT_NL_AVX512
+  return !baseline && cpu::ResolveRowSimd(cpu::RowSimdFromEnvironment()) == cpu::RowSimd::kAvx512;
+#else
+  (void)baseline;
+  return false;
+#endif
+}
+
+}  // namespace
+
+SoftmaxRowFn SelectSoftmaxRowCpu(bool baseline) {
+#if BCT_NL_AVX512
+  if (UseAvx512(baseline)) return SoftmaxRowAvx512;
+#endif
+  return baseline ? SoftmaxRowCpuBaseline : SoftmaxRowCpu;
+}
+
+GeluRowFn SelectGeluRowCpu(bool baseline, nl::GeluForm form) {
+#if BCT_NL_AVX512
+  if (form == nl::GeluForm::kErf && UseAvx512(baseline)) return GeluErfRowAvx512;
+#else
+  (void)form;
+#endif
+  return baseline ? GeluRowCpuBaseline : GeluRowCpu;
+}
+
+}  // namespace nonlinear
+}  // namespace bct
+
+#if BCT_NL_AVX512
+#pragma GCC pop_options
+#endif
