@@ -483,7 +483,8 @@ BCT_AVX512_TARGET __mmask16 TailMask(int64_t left) {
 // code_of for 16 lanes: multiply, clamp (NaN passes), round by the 1.5 * 2**23 trick, add the zero
 // point, convert; a NaN lane converts to INT_MIN, which the max with 0 turns into code 0 (to_u8).
 struct CodeParams {
-  __m512 inv, lo, hi, zp, magic;
+  __m512 inv, lo, hi;
+  __m512i zpi;
 };
 
 BCT_AVX512_TARGET CodeParams MakeCodeParams(float inv, int bits, bool symmetric, uint8_t zero_point) {
@@ -491,15 +492,18 @@ BCT_AVX512_TARGET CodeParams MakeCodeParams(float inv, int bits, bool symmetric,
   const float zp = symmetric ? half : static_cast<float>(zero_point);
   const float lo = symmetric ? -half : -zp;
   const float hi = symmetric ? half - 1.0f : static_cast<float>((1 << bits) - 1) - zp;
-  return CodeParams{_mm512_set1_ps(inv), _mm512_set1_ps(lo), _mm512_set1_ps(hi), _mm512_set1_ps(zp),
-                    _mm512_set1_ps(12582912.0f)};
+  return CodeParams{_mm512_set1_ps(inv), _mm512_set1_ps(lo), _mm512_set1_ps(hi),
+                    _mm512_set1_epi32(static_cast<int>(zp))};
 }
 
 BCT_AVX512_TARGET __m512i Codes16(__m512 v, const CodeParams& p) {
   __m512 q = _mm512_mul_ps(v, p.inv);
   q = _mm512_min_ps(p.hi, _mm512_max_ps(p.lo, q));  // NaN is the second operand: it passes through
-  q = _mm512_sub_ps(_mm512_add_ps(q, p.magic), p.magic);
-  return _mm512_max_epi32(_mm512_cvttps_epi32(_mm512_add_ps(q, p.zp)), _mm512_setzero_si512());
+  // rne(q) + zp: vcvtps2dq with round-to-nearest-even (explicit, not MXCSR) gives rne(q) of the
+  // clamped q exactly, as the 1.5 * 2**23 trick does; the integer zero point added after it equals
+  // the float addition of the spec (both exact). NaN converts to INT_MIN: the max with 0 makes it 0.
+  const __m512i r = _mm512_cvt_roundps_epi32(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_max_epi32(_mm512_add_epi32(r, p.zpi), _mm512_setzero_si512());
 }
 
 // Packs 4-bit codes[0..D) (one per byte; bytes past D read as 0) into row: code 2j in the low
@@ -540,6 +544,24 @@ BCT_AVX512_TARGET void BlockExtremes(const RowFormat& fmt, const float* x, int64
                                      uint8_t* has_nan) {
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
   BlockWalk walk(fmt, f0);
+  if (fmt.block_size <= 32) {
+    // Blocks of at most 32 values: both halves stay in registers for the max and the search.
+    for (int64_t k = 0; k < count; ++k, walk.next()) {
+      const int64_t n = walk.length();
+      const float* xb = x + walk.offset();
+      const __mmask16 m0 = TailMask(n);
+      const __mmask16 m1 = n > 16 ? TailMask(n - 16) : static_cast<__mmask16>(0);
+      const __m512i a0 = _mm512_and_si512(_mm512_maskz_loadu_epi32(m0, xb), abs_mask);
+      const __m512i a1 = _mm512_and_si512(_mm512_maskz_loadu_epi32(m1, xb + 16), abs_mask);
+      const uint32_t top = _mm512_reduce_max_epu32(_mm512_max_epu32(a0, a1));
+      has_nan[k] = top > 0x7f800000u ? 1 : 0;
+      const __m512i vtop = _mm512_set1_epi32(static_cast<int>(top));
+      const uint32_t hits = static_cast<uint32_t>(_mm512_mask_cmpeq_epi32_mask(m0, a0, vtop)) |
+                            (static_cast<uint32_t>(_mm512_mask_cmpeq_epi32_mask(m1, a1, vtop)) << 16);
+      extreme[k] = xb[hits != 0 ? __builtin_ctz(hits) : 0];  // a NaN block finds nothing: scalar rule later
+    }
+    return;
+  }
   for (int64_t k = 0; k < count; ++k, walk.next()) {
     const int64_t n = walk.length();
     const float* xb = x + walk.offset();
