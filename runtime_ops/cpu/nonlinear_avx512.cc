@@ -85,38 +85,62 @@ void GeluErfRowAvx512(float* y, int64_t n, nl::GeluForm) {
   }
 }
 
-// nl::softmax_row: m = row_max (integer keys, NaN ignored), e = exp_f32(y - m), y = e * (1 / lane_sum(e)).
-void SoftmaxRowAvx512(float* y, int64_t n) {
+// nl::softmax_row on R rows of n at once (y rows n apart): m = row_max (integer keys, NaN ignored),
+// e = exp_f32(y - m), y = e * (1 / lane_sum(e)). The rows are independent; interleaving them hides
+// the latency of each row's chain of reductions (max, exp, sum, divide).
+template <int R>
+void SoftmaxRowsT(float* y, int64_t n) {
   const __m512i minus_inf_key = _mm512_set1_epi32(static_cast<int32_t>(0xff800000u ^ 0x7fffffffu));
   const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
-  __m512i best = minus_inf_key;
+  __m512 vm[R];
+  for (int r = 0; r < R; ++r) {
+    __m512i best = minus_inf_key;
+    const float* row = y + r * n;
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 mask = TailMask(n - i);
+      const __m512i u = _mm512_maskz_loadu_epi32(mask, row + i);
+      // key = u ^ (sign ? 0x7fffffff : 0); NaN (magnitude > inf) is left out (-inf)
+      const __m512i key = _mm512_xor_si512(u, _mm512_and_si512(_mm512_srai_epi32(u, 31), magnitude));
+      const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, magnitude), _mm512_set1_epi32(0x7f800000));
+      best = _mm512_mask_max_epi32(best, static_cast<__mmask16>(mask & ~nan), best, key);
+    }
+    const uint32_t b = static_cast<uint32_t>(_mm512_reduce_max_epi32(best));
+    vm[r] = _mm512_set1_ps(float_from_bits(b ^ ((0u - (b >> 31)) & 0x7fffffffu)));
+  }
+  // exp and the lane sums: lane j of an 8-wide accumulator adds elements j, j + 8, ... in order.
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 mask = TailMask(n - i);
-    const __m512i u = _mm512_maskz_loadu_epi32(mask, y + i);
-    // key = u ^ (sign ? 0x7fffffff : 0); NaN (magnitude > inf) -> minus_inf_key
-    const __m512i key = _mm512_xor_si512(u, _mm512_and_si512(_mm512_srai_epi32(u, 31), magnitude));
-    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, magnitude), _mm512_set1_epi32(0x7f800000));
-    best = _mm512_mask_max_epi32(best, static_cast<__mmask16>(mask & ~nan), best, key);
+    for (int r = 0; r < R; ++r) {
+      float* row = y + r * n;
+      const __m512 e = Exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + i), vm[r]));
+      _mm512_mask_storeu_ps(row + i, mask, e);
+      acc[r] = _mm256_mask_add_ps(acc[r], static_cast<__mmask8>(mask & 0xff), acc[r], _mm512_castps512_ps256(e));
+      acc[r] = _mm256_mask_add_ps(acc[r], static_cast<__mmask8>(mask >> 8), acc[r], _mm512_extractf32x8_ps(e, 1));
+    }
   }
-  const uint32_t b = static_cast<uint32_t>(_mm512_reduce_max_epi32(best));
-  const float m = float_from_bits(b ^ ((0u - (b >> 31)) & 0x7fffffffu));
-  const __m512 vm = _mm512_set1_ps(m);
-  // exp and the lane sum: lane j of an 8-wide accumulator adds elements j, j + 8, ... in order.
-  __m256 acc = _mm256_setzero_ps();
+  __m512 inv[R];
+  for (int r = 0; r < R; ++r) {
+    alignas(32) float lanes[nl::kLanes];
+    _mm256_store_ps(lanes, acc[r]);
+    inv[r] = _mm512_set1_ps(fdiv(1.0f, nl::combine_lanes(lanes)));
+  }
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 mask = TailMask(n - i);
-    const __m512 e = Exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, y + i), vm));
-    _mm512_mask_storeu_ps(y + i, mask, e);
-    acc = _mm256_mask_add_ps(acc, static_cast<__mmask8>(mask & 0xff), acc, _mm512_castps512_ps256(e));
-    acc = _mm256_mask_add_ps(acc, static_cast<__mmask8>(mask >> 8), acc, _mm512_extractf32x8_ps(e, 1));
+    for (int r = 0; r < R; ++r) {
+      float* row = y + r * n;
+      _mm512_mask_storeu_ps(row + i, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row + i), inv[r]));
+    }
   }
-  alignas(32) float lanes[nl::kLanes];
-  _mm256_store_ps(lanes, acc);
-  const __m512 inv = _mm512_set1_ps(fdiv(1.0f, nl::combine_lanes(lanes)));
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 mask = TailMask(n - i);
-    _mm512_mask_storeu_ps(y + i, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, y + i), inv));
-  }
+}
+
+void SoftmaxRowAvx512(float* y, int64_t n) { SoftmaxRowsT<1>(y, n); }
+
+void SoftmaxRowsAvx512(float* y, int64_t rows, int64_t n) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) SoftmaxRowsT<4>(y + r * n, n);
+  for (; r < rows; ++r) SoftmaxRowsT<1>(y + r * n, n);
 }
 #endif
 
@@ -130,6 +154,13 @@ bool UseAvx512(bool baseline) {
 }
 
 }  // namespace
+
+SoftmaxRowsFn SelectSoftmaxRowsCpu(bool baseline) {
+#if BCT_NL_AVX512
+  if (UseAvx512(baseline)) return SoftmaxRowsAvx512;
+#endif
+  return nullptr;
+}
 
 SoftmaxRowFn SelectSoftmaxRowCpu(bool baseline) {
 #if BCT_NL_AVX512

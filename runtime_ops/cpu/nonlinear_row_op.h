@@ -28,6 +28,23 @@
 namespace bct {
 namespace nonlinear {
 
+// Family::Rows when the family has it (several rows at once), else Family::Row per row.
+template <class Family, class Params>
+auto RunRowsImpl(const Family& family, const Params& params, float* y, int64_t count, int64_t d, int)
+    -> decltype(family.Rows(params, y, count, d)) {
+  family.Rows(params, y, count, d);
+}
+
+template <class Family, class Params>
+void RunRowsImpl(const Family& family, const Params& params, float* y, int64_t count, int64_t d, long) {
+  for (int64_t i = 0; i < count; ++i) family.Row(params, y + i * d, d);
+}
+
+template <class Family, class Params>
+void RunRows(const Family& family, const Params& params, float* y, int64_t count, int64_t d) {
+  RunRowsImpl(family, params, y, count, d, 0);
+}
+
 template <class Family>
 class RowOpCpuKernel : public RowOpKernelBase<Family> {
  public:
@@ -48,21 +65,20 @@ class RowOpCpuKernel : public RowOpKernelBase<Family> {
       const int64_t min_rows = std::max<int64_t>(1, 8192 / d);
       // A quantized result is computed a group of rows at a time into a buffer, then quantized in one
       // call (QuantizeRows shares the per-block scale work among the group's blocks).
-      const int64_t group = r.quantized ? std::max<int64_t>(1, std::min<int64_t>(64, 4096 / d)) : 1;
+      const int64_t group = std::max<int64_t>(1, std::min<int64_t>(64, 4096 / d));
       ParallelFor(ctx, x.rows, min_rows, [&](int64_t begin, int64_t end) {
         std::vector<float> buffer(r.quantized ? static_cast<size_t>(group * d) : 0);
         for (int64_t row0 = begin; row0 < end; row0 += group) {
           const int64_t count = std::min(group, end - row0);
+          float* y = r.quantized ? buffer.data() : r.y + row0 * d;
           for (int64_t i = 0; i < count; ++i) {
-            const int64_t row = row0 + i;
-            float* y = r.quantized ? buffer.data() + i * d : r.y + row * d;
             if (x.quantized) {
-              source.Dequantize(row, y);
+              source.Dequantize(row0 + i, y + i * d);
             } else {
-              std::memcpy(y, x.x + row * d, static_cast<size_t>(d) * sizeof(float));
+              std::memcpy(y + i * d, x.x + (row0 + i) * d, static_cast<size_t>(d) * sizeof(float));
             }
-            this->family_.Row(call.params, y, d);
           }
+          RunRows(this->family_, call.params, y, count, d);
           if (r.quantized) sink.QuantizeRange(buffer.data(), row0, count);
         }
       });

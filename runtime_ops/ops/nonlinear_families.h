@@ -81,6 +81,10 @@ void RMSNormRowCpuBaseline(float* y, int64_t n, const float* scale, float epsilo
 using SoftmaxRowFn = void (*)(float* y, int64_t n);
 using GeluRowFn = void (*)(float* y, int64_t n, nl::GeluForm form);
 SoftmaxRowFn SelectSoftmaxRowCpu(bool baseline);
+// Several consecutive rows of n (y rows n apart) at once, or nullptr where the CPU path has no such
+// function (the kernel then calls the row function per row).
+using SoftmaxRowsFn = void (*)(float* y, int64_t rows, int64_t n);
+SoftmaxRowsFn SelectSoftmaxRowsCpu(bool baseline);
 GeluRowFn SelectGeluRowCpu(bool baseline, nl::GeluForm form);
 
 // BCT_ONNX_BASELINE_SIMD set (and not "0"): use the baseline-ISA CPU loops (read at kernel creation).
@@ -129,14 +133,23 @@ struct SoftmaxFamily {
   static constexpr size_t kExtraInputs = 0;
   static bool ExtraInputOptional(size_t) { return false; }
   SoftmaxFamily(const OrtKernelInfo* info, const NodeRef& node)
-      : baseline(BaselineSimdRequested()), row(SelectSoftmaxRowCpu(baseline)) {
+      : baseline(BaselineSimdRequested()), row(SelectSoftmaxRowCpu(baseline)), rows(SelectSoftmaxRowsCpu(baseline)) {
     CheckLastAxis(info, node);
   }
   struct Params {};
   Params Prepare(const Ort::KernelContext&, const NodeRef&, int64_t) const { return {}; }
   void Row(const Params&, float* y, int64_t n) const { row(y, n); }
+  // count consecutive rows of n at once (the CPU kernel's groups of rows).
+  void Rows(const Params& params, float* y, int64_t count, int64_t n) const {
+    if (rows != nullptr) {
+      rows(y, count, n);
+      return;
+    }
+    for (int64_t i = 0; i < count; ++i) Row(params, y + i * n, n);
+  }
   bool baseline;
   SoftmaxRowFn row;
+  SoftmaxRowsFn rows;
 };
 
 // A float32 [D] op-specific input (LayerNorm scale / bias, RMSNorm scale), checked against D. The
