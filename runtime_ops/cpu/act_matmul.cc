@@ -168,9 +168,7 @@ class ActMatMulCpuKernel : public ActMatMulKernelBase {
         std::vector<float> rows(a.quantized ? static_cast<size_t>(group * k) : 0);
         for (int64_t i0 = begin; i0 < end; i0 += group) {
           const int64_t count = std::min(group, end - i0);
-          if (a.quantized) {
-            for (int64_t i = 0; i < count; ++i) source.Dequantize(i0 + i, rows.data() + i * k);
-          }
+          if (a.quantized) source.DequantizeRange(i0, count, rows.data());
           const float* x = a.quantized ? rows.data() : a.x + i0 * k;
           QuantizeRowsOfK(x, count, k, bits, bs, qa.data() + i0 * k, sa.data() + i0 * nb);
         }

@@ -71,12 +71,10 @@ class RowOpCpuKernel : public RowOpKernelBase<Family> {
         for (int64_t row0 = begin; row0 < end; row0 += group) {
           const int64_t count = std::min(group, end - row0);
           float* y = r.quantized ? buffer.data() : r.y + row0 * d;
-          for (int64_t i = 0; i < count; ++i) {
-            if (x.quantized) {
-              source.Dequantize(row0 + i, y + i * d);
-            } else {
-              std::memcpy(y + i * d, x.x + (row0 + i) * d, static_cast<size_t>(d) * sizeof(float));
-            }
+          if (x.quantized) {
+            source.DequantizeRange(row0, count, y);
+          } else {
+            std::memcpy(y, x.x + row0 * d, static_cast<size_t>(count * d) * sizeof(float));
           }
           RunRows(this->family_, call.params, y, count, d);
           if (r.quantized) sink.QuantizeRange(buffer.data(), row0, count);

@@ -756,6 +756,27 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void QuantizeActRo
     }
   }
 }
+
+// Dequantizes `rows` consecutive rows of 8-bit codes (row_bytes == D): out [rows, D]. Blocks walked
+// flat (BlockWalk); value = (code - zero_point) * scale, as value_of.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void DequantizeRows8Avx512(
+    const RowFormat& fmt, const uint8_t* codes, const void* scales, const uint8_t* zero_points, int64_t rows,
+    float* out) {
+  const int64_t total = rows * fmt.num_blocks;
+  const __m512 implicit = _mm512_set1_ps(implicit_zero_point(fmt.bits));
+  BlockWalk walk(fmt, 0);
+  for (int64_t f = 0; f < total; ++f, walk.next()) {
+    const int64_t offset = walk.offset();
+    const int64_t n = walk.length();
+    const __m512 scale = _mm512_set1_ps(scale_value(fmt.scale_kind, scales, f));
+    const __m512 zp = zero_points ? _mm512_set1_ps(static_cast<float>(zero_points[f])) : implicit;
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 mask = TailMask(n - i);
+      const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, codes + offset + i)));
+      _mm512_mask_storeu_ps(out + offset + i, mask, _mm512_mul_ps(_mm512_sub_ps(c, zp), scale));
+    }
+  }
+}
 #undef BCT_AVX512_TARGET
 #endif
 
@@ -808,6 +829,21 @@ void QuantizeRows(const RowFormat& fmt, const float* x, int64_t rows, uint8_t* c
   for (int64_t r = 0; r < rows; ++r) {
     QuantizeRow(fmt, x + r * fmt.axis_size, codes + r * fmt.row_bytes, static_cast<uint8_t*>(scales) + r * scale_row_bytes,
                 zero_points ? zero_points + r * fmt.num_blocks : nullptr);
+  }
+}
+
+void DequantizeRows(const RowFormat& fmt, const uint8_t* codes, const void* scales, const uint8_t* zero_points,
+                    int64_t rows, float* out) {
+#if BCT_AVX2
+  if (fmt.bits == 8 && rows > 0 && ResolveRowSimd(fmt.simd) == RowSimd::kAvx512) {
+    DequantizeRows8Avx512(fmt, codes, scales, zero_points, rows, out);
+    return;
+  }
+#endif
+  const std::size_t scale_row_bytes = static_cast<std::size_t>(fmt.num_blocks) * ScaleItemSize(fmt.scale_kind);
+  for (int64_t r = 0; r < rows; ++r) {
+    DequantizeRow(fmt, codes + r * fmt.row_bytes, static_cast<const uint8_t*>(scales) + r * scale_row_bytes,
+                  zero_points ? zero_points + r * fmt.num_blocks : nullptr, out + r * fmt.axis_size);
   }
 }
 

@@ -46,6 +46,11 @@ void QuantizeRow(const RowFormat& fmt, const float* x, uint8_t* codes, void* sca
 void QuantizeRows(const RowFormat& fmt, const float* x, int64_t rows, uint8_t* codes, void* scales,
                   uint8_t* zero_points);
 
+// DequantizeRow of `rows` consecutive rows (codes [rows, row_bytes], scales / zero points
+// [rows, num_blocks]) into out [rows, D]; 8-bit rows have an AVX-512 path over the rows' blocks.
+void DequantizeRows(const RowFormat& fmt, const uint8_t* codes, const void* scales, const uint8_t* zero_points,
+                    int64_t rows, float* out);
+
 // Row-by-row view of a quantized tensor in one RowFormat: codes [rows, row_bytes], scales
 // [rows, num_blocks] (stored form), zero points [rows, num_blocks] or nullptr when symmetric.
 struct PackedRows {
@@ -62,6 +67,12 @@ struct PackedRows {
                   zero_points ? zero_points + row * fmt.num_blocks * zero_point_item_size(fmt.zero_point_kind)
                               : nullptr,
                   out);
+  }
+
+  // Dequantizes rows [row, row + count) into out [count, D].
+  void DequantizeRange(int64_t row, int64_t count, float* out) const {
+    DequantizeRows(fmt, codes + row * fmt.row_bytes, scales + row * scale_row_bytes,
+                   zero_points ? zero_points + row * fmt.num_blocks : nullptr, count, out);
   }
 
   RowFormat fmt;

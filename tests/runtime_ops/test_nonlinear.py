@@ -355,6 +355,7 @@ def test_isa_paths(name: str, isa: str, monkeypatch: pytest.MonkeyPatch) -> None
         ((9, 384), BlockFormat(4, 32, True, ScaleKind.POW2), BlockFormat(4, 32, True, ScaleKind.FLOAT16)),
         ((7, 45), BlockFormat(3, 16, False, ScaleKind.FLOAT32), BlockFormat(5, 17, False, ScaleKind.POW2)),
         ((4, 1), BlockFormat(8, 32, True, ScaleKind.FLOAT32), BlockFormat(4, 32, False, ScaleKind.FLOAT16)),
+        ((70, 40), BlockFormat(8, 16, False, ScaleKind.POW2), BlockFormat(8, 16, False, ScaleKind.POW2)),
     ):
         x = sample(shape, seed=shape[0] + shape[1])
         extras = extras_for(name, shape[-1], np.random.default_rng(shape[1]))
