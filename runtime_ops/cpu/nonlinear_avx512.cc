@@ -33,55 +33,82 @@ inline __mmask16 TailMask(int64_t left) {
   return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
 }
 
-// nl::exp_f32 on 16 lanes.
-inline __m512 Exp16(__m512 x) {
+// nl::exp_f32 on R vectors of 16 lanes, in place. Each step is applied to all R vectors before the
+// next, so R independent dependency chains are in flight (the polynomial is one long chain).
+template <int R>
+inline void ExpR(__m512* x) {
   const __m512 hi = _mm512_set1_ps(nl::kExpHi);
   const __m512 lo = _mm512_set1_ps(nl::kExpLo);
   const __m512 magic = _mm512_set1_ps(12582912.0f);
-  // xk = x > hi ? hi : x;  xk = xk >= lo ? xk : lo  (NaN: kept, then lo)
-  __m512 xk = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ), x, hi);
-  xk = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(xk, lo, _CMP_GE_OQ), lo, xk);
-  const __m512 k = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(xk, _mm512_set1_ps(nl::kLog2e)), magic), magic);
-  const __m512 r = _mm512_sub_ps(_mm512_sub_ps(xk, _mm512_mul_ps(k, _mm512_set1_ps(nl::kLn2Hi))),
-                                 _mm512_mul_ps(k, _mm512_set1_ps(nl::kLn2Lo)));
-  const __m512 z = _mm512_mul_ps(r, r);
-  __m512 p = _mm512_set1_ps(nl::kExpP0);
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(nl::kExpP1));
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(nl::kExpP2));
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(nl::kExpP3));
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(nl::kExpP4));
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(nl::kExpP5));
-  const __m512 y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p, z), r), _mm512_set1_ps(1.0f));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(k), _mm512_set1_epi32(127)), 23);
-  const __m512 out = _mm512_mul_ps(y, _mm512_castsi512_ps(e));
-  const __m512 clamped = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), out, _mm512_setzero_ps());
-  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), clamped, x);
+  __m512 xk[R], k[R], r[R], z[R], p[R];
+  for (int i = 0; i < R; ++i) {
+    // xk = x > hi ? hi : x;  xk = xk >= lo ? xk : lo  (NaN: kept, then lo)
+    xk[i] = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x[i], hi, _CMP_GT_OQ), x[i], hi);
+    xk[i] = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(xk[i], lo, _CMP_GE_OQ), lo, xk[i]);
+    k[i] = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(xk[i], _mm512_set1_ps(nl::kLog2e)), magic), magic);
+  }
+  for (int i = 0; i < R; ++i) {
+    r[i] = _mm512_sub_ps(_mm512_sub_ps(xk[i], _mm512_mul_ps(k[i], _mm512_set1_ps(nl::kLn2Hi))),
+                         _mm512_mul_ps(k[i], _mm512_set1_ps(nl::kLn2Lo)));
+    z[i] = _mm512_mul_ps(r[i], r[i]);
+    p[i] = _mm512_set1_ps(nl::kExpP0);
+  }
+  const float coefficients[5] = {nl::kExpP1, nl::kExpP2, nl::kExpP3, nl::kExpP4, nl::kExpP5};
+  for (int c = 0; c < 5; ++c) {
+    const __m512 coefficient = _mm512_set1_ps(coefficients[c]);
+    for (int i = 0; i < R; ++i) p[i] = _mm512_add_ps(_mm512_mul_ps(p[i], r[i]), coefficient);
+  }
+  for (int i = 0; i < R; ++i) {
+    const __m512 y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p[i], z[i]), r[i]), _mm512_set1_ps(1.0f));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(k[i]), _mm512_set1_epi32(127)), 23);
+    const __m512 out = _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+    const __m512 clamped = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x[i], lo, _CMP_LT_OQ), out, _mm512_setzero_ps());
+    x[i] = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x[i], x[i], _CMP_UNORD_Q), clamped, x[i]);
+  }
 }
 
-// nl::gelu_erf on 16 lanes: (0.5 x) * (1 + erf_f32(x * (1/sqrt 2))).
-inline __m512 GeluErf16(__m512 x) {
+// nl::gelu_erf on R vectors of 16 lanes, in place: (0.5 x) * (1 + erf_f32(x * (1/sqrt 2))).
+template <int R>
+inline void GeluErfR(__m512* x) {
   const __m512 one = _mm512_set1_ps(1.0f);
   const __m512 sign_mask = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(0x80000000u)));
-  const __m512 u = _mm512_mul_ps(x, _mm512_set1_ps(nl::kInvSqrt2));
-  const __mmask16 negative = _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_LT_OQ);
-  const __m512 a = _mm512_mask_blend_ps(negative, u, _mm512_xor_ps(u, sign_mask));  // u < 0 ? -u : u
-  const __m512 t = _mm512_div_ps(one, _mm512_add_ps(one, _mm512_mul_ps(_mm512_set1_ps(nl::kErfP), a)));
-  __m512 p = _mm512_set1_ps(nl::kErfA5);
-  p = _mm512_add_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(nl::kErfA4));
-  p = _mm512_add_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(nl::kErfA3));
-  p = _mm512_add_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(nl::kErfA2));
-  p = _mm512_add_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(nl::kErfA1));
-  p = _mm512_mul_ps(p, t);
-  const __m512 e = Exp16(_mm512_xor_ps(_mm512_mul_ps(a, a), sign_mask));  // exp_f32(-(a * a))
-  const __m512 v = _mm512_sub_ps(one, _mm512_mul_ps(p, e));
-  const __m512 erf = _mm512_mask_blend_ps(negative, v, _mm512_xor_ps(v, sign_mask));  // u < 0 ? -v : v
-  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(one, erf));
+  __mmask16 negative[R];
+  __m512 a[R], t[R], p[R], e[R];
+  for (int i = 0; i < R; ++i) {
+    const __m512 u = _mm512_mul_ps(x[i], _mm512_set1_ps(nl::kInvSqrt2));
+    negative[i] = _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_LT_OQ);
+    a[i] = _mm512_mask_blend_ps(negative[i], u, _mm512_xor_ps(u, sign_mask));  // u < 0 ? -u : u
+    t[i] = _mm512_div_ps(one, _mm512_add_ps(one, _mm512_mul_ps(_mm512_set1_ps(nl::kErfP), a[i])));
+    e[i] = _mm512_xor_ps(_mm512_mul_ps(a[i], a[i]), sign_mask);  // -(a * a)
+    p[i] = _mm512_set1_ps(nl::kErfA5);
+  }
+  ExpR<R>(e);
+  const float coefficients[4] = {nl::kErfA4, nl::kErfA3, nl::kErfA2, nl::kErfA1};
+  for (int c = 0; c < 4; ++c) {
+    const __m512 coefficient = _mm512_set1_ps(coefficients[c]);
+    for (int i = 0; i < R; ++i) p[i] = _mm512_add_ps(_mm512_mul_ps(p[i], t[i]), coefficient);
+  }
+  for (int i = 0; i < R; ++i) {
+    p[i] = _mm512_mul_ps(p[i], t[i]);
+    const __m512 v = _mm512_sub_ps(one, _mm512_mul_ps(p[i], e[i]));
+    const __m512 erf = _mm512_mask_blend_ps(negative[i], v, _mm512_xor_ps(v, sign_mask));  // u < 0 ? -v : v
+    x[i] = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x[i]), _mm512_add_ps(one, erf));
+  }
 }
 
 void GeluErfRowAvx512(float* y, int64_t n, nl::GeluForm) {
-  for (int64_t i = 0; i < n; i += 16) {
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    __m512 v[4];
+    for (int j = 0; j < 4; ++j) v[j] = _mm512_loadu_ps(y + i + 16 * j);
+    GeluErfR<4>(v);
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(y + i + 16 * j, v[j]);
+  }
+  for (; i < n; i += 16) {
     const __mmask16 mask = TailMask(n - i);
-    _mm512_mask_storeu_ps(y + i, mask, GeluErf16(_mm512_maskz_loadu_ps(mask, y + i)));
+    __m512 v = _mm512_maskz_loadu_ps(mask, y + i);
+    GeluErfR<1>(&v);
+    _mm512_mask_storeu_ps(y + i, mask, v);
   }
 }
 
@@ -112,12 +139,13 @@ void SoftmaxRowsT(float* y, int64_t n) {
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 mask = TailMask(n - i);
+    __m512 e[R];
+    for (int r = 0; r < R; ++r) e[r] = _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, y + r * n + i), vm[r]);
+    ExpR<R>(e);
     for (int r = 0; r < R; ++r) {
-      float* row = y + r * n;
-      const __m512 e = Exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + i), vm[r]));
-      _mm512_mask_storeu_ps(row + i, mask, e);
-      acc[r] = _mm256_mask_add_ps(acc[r], static_cast<__mmask8>(mask & 0xff), acc[r], _mm512_castps512_ps256(e));
-      acc[r] = _mm256_mask_add_ps(acc[r], static_cast<__mmask8>(mask >> 8), acc[r], _mm512_extractf32x8_ps(e, 1));
+      _mm512_mask_storeu_ps(y + r * n + i, mask, e[r]);
+      acc[r] = _mm256_mask_add_ps(acc[r], static_cast<__mmask8>(mask & 0xff), acc[r], _mm512_castps512_ps256(e[r]));
+      acc[r] = _mm256_mask_add_ps(acc[r], static_cast<__mmask8>(mask >> 8), acc[r], _mm512_extractf32x8_ps(e[r], 1));
     }
   }
   __m512 inv[R];
