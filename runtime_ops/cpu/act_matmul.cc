@@ -4,6 +4,7 @@
 // broadcasting; the result is stored as float32 or requantized along N (cpu::QuantizeRow).
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "bct/nonlinear_math.h"
@@ -158,8 +159,9 @@ class ActMatMulCpuKernel : public ActMatMulKernelBase {
 
       // Quantize A, row by row along K (dequantizing a quantized operand first).
       const int64_t a_rows = g.a_batches * m;
-      std::vector<int8_t> qa(static_cast<size_t>(a_rows * k));
-      std::vector<float> sa(static_cast<size_t>(a_rows * nb));
+      // Every element is written below: no zero fill.
+      std::unique_ptr<int8_t[]> qa(new int8_t[static_cast<size_t>(std::max<int64_t>(1, a_rows * k))]);
+      std::unique_ptr<float[]> sa(new float[static_cast<size_t>(std::max<int64_t>(1, a_rows * nb))]);
       cpu::RowFormat in_fmt = OperandRowFormat<cpu::RowFormat>(in_, a, k);
       in_fmt.simd = simd_;
       const cpu::PackedRows source(in_fmt, a.codes, a.scales, a.zero_points);
@@ -170,7 +172,7 @@ class ActMatMulCpuKernel : public ActMatMulKernelBase {
           const int64_t count = std::min(group, end - i0);
           if (a.quantized) source.DequantizeRange(i0, count, rows.data());
           const float* x = a.quantized ? rows.data() : a.x + i0 * k;
-          QuantizeRowsOfK(x, count, k, bits, bs, qa.data() + i0 * k, sa.data() + i0 * nb);
+          QuantizeRowsOfK(x, count, k, bits, bs, qa.get() + i0 * k, sa.get() + i0 * nb);
         }
       });
 
@@ -258,10 +260,10 @@ class ActMatMulCpuKernel : public ActMatMulKernelBase {
           const int64_t b_batch = g.b_index[static_cast<size_t>(ob)];
           float* y = r.quantized ? buffer.data() : r.y + row * n;
           if (use_vnni_) {
-            vnni::DotRows(packed, b_batch, qa.data() + a_row * k, sa.data() + a_row * nb, count, scratch.data(), y, n);
+            vnni::DotRows(packed, b_batch, qa.get() + a_row * k, sa.get() + a_row * nb, count, scratch.data(), y, n);
           } else {
             for (int64_t i = 0; i < count; ++i) {
-              (baseline_ ? ActDotRowBaseline : ActDotRow)(qa.data() + (a_row + i) * k, sa.data() + (a_row + i) * nb,
+              (baseline_ ? ActDotRowBaseline : ActDotRow)(qa.get() + (a_row + i) * k, sa.get() + (a_row + i) * nb,
                                                           qkn.data() + b_batch * k * n, sbn.data() + b_batch * nb * n,
                                                           n, k, bs, nb, acc.data(), y + i * n);
             }
