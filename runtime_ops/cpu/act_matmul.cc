@@ -223,9 +223,11 @@ class ActMatMulCpuKernel : public ActMatMulKernelBase {
             const float* src = g.b + (batch * k + b0) * n;
             int8_t* q = use_vnni_ ? block.data() : qkn.data() + (batch * k + b0) * n;
             float* sc = use_vnni_ ? scales.data() : sbn.data() + (batch * nb + blk) * n;
-            (baseline_ ? QuantizeBlockKMajorBaseline : QuantizeBlockKMajor)(src, n, len, bits, best_u.data(),
-                                                                            best_v.data(), inv.data(),
-                                                                            has_nan.data(), q, sc);
+            if (!cpu::QuantizeColumnsAvx512(src, n, len, bits, simd_, q, sc, has_nan.data())) {
+              (baseline_ ? QuantizeBlockKMajorBaseline : QuantizeBlockKMajor)(src, n, len, bits, best_u.data(),
+                                                                              best_v.data(), inv.data(),
+                                                                              has_nan.data(), q, sc);
+            }
             for (int64_t j = 0; j < n; ++j) {
               if (!has_nan[static_cast<size_t>(j)]) continue;
               // A NaN in this column block: the reference scale choice, exactly.

@@ -777,6 +777,43 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void DequantizeRow
     }
   }
 }
+
+// nl::quantize_act_row of every column of a row-major block b [len, n] (len <= block size: one block
+// per column): per column the first element of largest magnitude (strict integer compare of the
+// magnitude bits, in row order) gives scale = m / -2**(bits-1) (as m * -2**-(bits-1), the same
+// value); signed codes into q [len, n], scales [n]; has_nan[j] = 1 where column j holds a NaN (the
+// caller redoes those columns with the scalar rule).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void QuantizeColumnsAvx512Impl(
+    const float* b, int64_t n, int64_t len, int bits, int8_t* q, float* scales, uint8_t* has_nan) {
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  const __m512i inf_bits = _mm512_set1_epi32(0x7f800000);
+  const __m512 neg_inv_half = _mm512_set1_ps(-1.0f / static_cast<float>(1 << (bits - 1)));
+  const __m512i zp = _mm512_set1_epi32(1 << (bits - 1));
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 mask = TailMask(n - j);
+    __m512 best_v = _mm512_maskz_loadu_ps(mask, b + j);
+    __m512i best_u = _mm512_and_si512(_mm512_castps_si512(best_v), abs_mask);
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(best_u, inf_bits);
+    for (int64_t i = 1; i < len; ++i) {
+      const __m512 v = _mm512_maskz_loadu_ps(mask, b + i * n + j);
+      const __m512i u = _mm512_and_si512(_mm512_castps_si512(v), abs_mask);
+      const __mmask16 take = _mm512_cmpgt_epu32_mask(u, best_u);
+      best_u = _mm512_mask_mov_epi32(best_u, take, u);
+      best_v = _mm512_mask_mov_ps(best_v, take, v);
+      nan = static_cast<__mmask16>(nan | _mm512_cmpgt_epu32_mask(u, inf_bits));
+    }
+    const __m512 scale = _mm512_mul_ps(best_v, neg_inv_half);
+    _mm512_mask_storeu_ps(scales + j, mask, scale);
+    _mm_mask_storeu_epi8(has_nan + j, mask, _mm_maskz_set1_epi8(nan, 1));
+    const CodeParams p = MakeCodeParams(0.0f, bits, true, 0);
+    CodeParams pj = p;
+    pj.inv = InverseScales(scale);
+    for (int64_t i = 0; i < len; ++i) {
+      const __m512i c = _mm512_sub_epi32(Codes16(_mm512_maskz_loadu_ps(mask, b + i * n + j), pj), zp);
+      _mm_mask_storeu_epi8(q + i * n + j, mask, _mm512_cvtepi32_epi8(c));
+    }
+  }
+}
 #undef BCT_AVX512_TARGET
 #endif
 
@@ -845,6 +882,18 @@ void DequantizeRows(const RowFormat& fmt, const uint8_t* codes, const void* scal
     DequantizeRow(fmt, codes + r * fmt.row_bytes, static_cast<const uint8_t*>(scales) + r * scale_row_bytes,
                   zero_points ? zero_points + r * fmt.num_blocks : nullptr, out + r * fmt.axis_size);
   }
+}
+
+bool QuantizeColumnsAvx512(const float* b, int64_t n, int64_t len, int bits, RowSimd simd, int8_t* q, float* scales,
+                           uint8_t* has_nan) {
+#if BCT_AVX2
+  if (ResolveRowSimd(simd) == RowSimd::kAvx512) {
+    QuantizeColumnsAvx512Impl(b, n, len, bits, q, scales, has_nan);
+    return true;
+  }
+#endif
+  (void)b, (void)n, (void)len, (void)bits, (void)simd, (void)q, (void)scales, (void)has_nan;
+  return false;
 }
 
 bool QuantizeActRowsAvx512(const float* x, int64_t rows, int64_t k, int bits, int64_t block_size, RowSimd simd,

@@ -117,6 +117,13 @@ struct MutablePackedRows {
 bool QuantizeActRowsAvx512(const float* x, int64_t rows, int64_t k, int bits, int64_t block_size, RowSimd simd,
                            int8_t* q, float* scales);
 
+// nl::quantize_act_row of every column of a row-major block b [len, n] (len <= block_size: one
+// block per column) with AVX-512: signed codes q [len, n], float32 scales [n]; has_nan[j] = 1 where
+// column j holds a NaN (its scale and codes must then be redone with the scalar rule). Returns false,
+// writing nothing, when `simd` does not resolve to kAvx512.
+bool QuantizeColumnsAvx512(const float* b, int64_t n, int64_t len, int bits, RowSimd simd, int8_t* q, float* scales,
+                           uint8_t* has_nan);
+
 // The level `requested` resolves to on this CPU (kAuto -> the load-time choice; a forced level is
 // capped by what the CPU has).
 RowSimd ResolveRowSimd(RowSimd requested);
