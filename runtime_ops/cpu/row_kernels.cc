@@ -872,15 +872,18 @@ void QuantizeRows(const RowFormat& fmt, const float* x, int64_t rows, uint8_t* c
 void DequantizeRows(const RowFormat& fmt, const uint8_t* codes, const void* scales, const uint8_t* zero_points,
                     int64_t rows, float* out) {
 #if BCT_AVX2
-  if (fmt.bits == 8 && rows > 0 && ResolveRowSimd(fmt.simd) == RowSimd::kAvx512) {
+  const bool integer_zero_points = fmt.symmetric || fmt.zero_point_kind == ZeroPointKind::kInteger;
+  if (fmt.bits == 8 && rows > 0 && integer_zero_points && ResolveRowSimd(fmt.simd) == RowSimd::kAvx512) {
     DequantizeRows8Avx512(fmt, codes, scales, zero_points, rows, out);
     return;
   }
 #endif
   const std::size_t scale_row_bytes = static_cast<std::size_t>(fmt.num_blocks) * ScaleItemSize(fmt.scale_kind);
+  const std::size_t zero_point_row_bytes =
+      static_cast<std::size_t>(fmt.num_blocks) * zero_point_item_size(fmt.zero_point_kind);
   for (int64_t r = 0; r < rows; ++r) {
     DequantizeRow(fmt, codes + r * fmt.row_bytes, static_cast<const uint8_t*>(scales) + r * scale_row_bytes,
-                  zero_points ? zero_points + r * fmt.num_blocks : nullptr, out + r * fmt.axis_size);
+                  zero_points ? zero_points + r * zero_point_row_bytes : nullptr, out + r * fmt.axis_size);
   }
 }
 

@@ -46,8 +46,9 @@ void QuantizeRow(const RowFormat& fmt, const float* x, uint8_t* codes, void* sca
 void QuantizeRows(const RowFormat& fmt, const float* x, int64_t rows, uint8_t* codes, void* scales,
                   uint8_t* zero_points);
 
-// DequantizeRow of `rows` consecutive rows (codes [rows, row_bytes], scales / zero points
-// [rows, num_blocks]) into out [rows, D]; 8-bit rows have an AVX-512 path over the rows' blocks.
+// DequantizeRow of `rows` consecutive rows (codes [rows, row_bytes], scales / zero points or float
+// offsets [rows, num_blocks]) into out [rows, D]; 8-bit rows with integer zero points have an
+// AVX-512 path over the rows' blocks.
 void DequantizeRows(const RowFormat& fmt, const uint8_t* codes, const void* scales, const uint8_t* zero_points,
                     int64_t rows, float* out);
 
@@ -72,7 +73,9 @@ struct PackedRows {
   // Dequantizes rows [row, row + count) into out [count, D].
   void DequantizeRange(int64_t row, int64_t count, float* out) const {
     DequantizeRows(fmt, codes + row * fmt.row_bytes, scales + row * scale_row_bytes,
-                   zero_points ? zero_points + row * fmt.num_blocks : nullptr, count, out);
+                   zero_points ? zero_points + row * fmt.num_blocks * zero_point_item_size(fmt.zero_point_kind)
+                               : nullptr,
+                   count, out);
   }
 
   RowFormat fmt;
