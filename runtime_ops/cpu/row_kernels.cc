@@ -630,7 +630,7 @@ BCT_AVX512_TARGET __m512 InverseScales(__m512 scale) {
 
 // Scales (stored and as inverses) and zero points of flat blocks [f0, f0 + count) (see BlockWalk),
 // count <= kScaleChunk: the per-block scalar work of quantization, 16 blocks per vector where the kind
-// is float16 / float32 (pow2 and NaN blocks: the scalar rules of block_math.h).
+// is float16 / float32 (other kinds and NaN blocks: the scalar rules of block_math.h).
 constexpr int64_t kScaleChunk = 64;
 
 BCT_AVX512_TARGET void ScalesAvx512(const RowFormat& fmt, const float* x, int64_t f0, int64_t count, void* scales,
@@ -644,7 +644,9 @@ BCT_AVX512_TARGET void ScalesAvx512(const RowFormat& fmt, const float* x, int64_
   } else {
     BlockRanges(fmt, x, f0, count, a, c, has_nan);
   }
-  if (fmt.scale_kind != ScaleKind::kPow2) {
+  // float16 / float32 scales 16 blocks per vector; other kinds (pow2) block by block below.
+  const bool vector_scales = fmt.scale_kind == ScaleKind::kFloat16 || fmt.scale_kind == ScaleKind::kFloat32;
+  if (vector_scales) {
     // symmetric: scale = m / -2**(bits-1), computed as m * -2**-(bits-1) (a power of two: the same
     // correctly rounded value); asymmetric: (hi - lo) / (2**bits - 1), zp = clamp(rne(-lo * inv)).
     const float qmax = static_cast<float>((1 << bits) - 1);
@@ -673,7 +675,7 @@ BCT_AVX512_TARGET void ScalesAvx512(const RowFormat& fmt, const float* x, int64_
   }
   BlockWalk walk(fmt, f0);
   for (int64_t k = 0; k < count; ++k, walk.next()) {
-    if (fmt.scale_kind != ScaleKind::kPow2 && !has_nan[k]) continue;
+    if (vector_scales && !has_nan[k]) continue;
     const float* xb = x + walk.offset();
     const int64_t n = walk.length();
     uint8_t zp = 0;

@@ -109,7 +109,7 @@ def test_quantize_isa_paths(kit, isa: str, bits: int, monkeypatch: pytest.Monkey
         x = hard_rows(axis_size, seed=bits * 1000 + axis_size)
         many = np.tile(x, (40, 1)) * np.linspace(0.5, 2.0, 40 * x.shape[0], dtype=np.float32)[:, None]
         for symmetric in (True, False):
-            for kind in ScaleKind:
+            for kind in RUNTIME_SCALE_KINDS:
                 fmt = BlockFormat(bits, block_size, symmetric, kind)
                 check_quantize(kit, fmt, x[:1])
                 check_quantize(kit, fmt, many.astype(np.float32))
