@@ -185,14 +185,22 @@ def _calibration(
         if calibration == "text":
             raise BctOnnxError(f"text calibration with the tokenizer in {folder} failed: {error}") from error
         return None, {"method": "none", "reason": f"text calibration not possible: {error}"}
-    tokens = int(sum(int(np.asarray(f["attention_mask"]).sum()) if "attention_mask" in f else f["input_ids"].size for f in feeds.feeds))
     return feeds, {
         "method": "gptq",
         "batches": len(feeds.feeds),
-        "tokens": tokens,
+        "tokens": _token_count(feeds),
         "source": description,
         "tokenizer": str(folder),
     }
+
+
+def _token_count(feeds: Calibration) -> int:
+    """Tokens the calibration batches hold (padding excluded when there is an attention mask)."""
+    total = 0
+    for batch in feeds.feeds:
+        mask = batch.get("attention_mask")
+        total += int(np.asarray(mask).sum()) if mask is not None else int(np.asarray(batch["input_ids"]).size)
+    return total
 
 
 def _max_length(tokenizer: Any, wanted: int) -> int:
