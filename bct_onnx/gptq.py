@@ -37,6 +37,8 @@ from bct_onnx.weight_quantizer import search_scales
 
 # Columns corrected together before the rest of the weight is (the paper's "lazy batch").
 _LAZY_BATCH = 128
+# Bytes of the float64 working copy of weight rows walked at once.
+_CHUNK_BYTES = 1 << 25
 
 ColumnQuantizer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -128,29 +130,44 @@ def gptq_quantize(
     their weights are zeroed, unless keep_dead_inputs (a tied embedding table, whose Gather reads
     those values too): then they are rounded plainly (no error flows into them either way).
     """
-    w = np.array(weight_nk, dtype=np.float64, copy=True)
-    if w.ndim != 2:
-        raise ValueError(f"gptq_quantize expects a 2-D weight [N, K], got shape {w.shape}")
-    k = w.shape[1]
+    weight = np.asarray(weight_nk)
+    if weight.ndim != 2:
+        raise ValueError(f"gptq_quantize expects a 2-D weight [N, K], got shape {weight.shape}")
+    n, k = weight.shape
     if hessian.shape != (k, k):
         raise ValueError(f"gptq_quantize: Hessian shape {hessian.shape} does not match K={k}")
-    with blas_controller().limit(limits=1, user_api="blas"):
-        return _gptq_walk(w, hessian, fmt, damping, scale_search, keep_dead_inputs)
-
-
-def _gptq_walk(
-    w: np.ndarray, hessian: np.ndarray, fmt: BlockFormat, damping: float, scale_search: bool, keep_dead_inputs: bool
-) -> QuantizedTensor:
-    """gptq_quantize's work on a float64 copy w [N, K] of the weight (corrected in place)."""
-    n, k = w.shape
-    hinv, dead = inverse_hessian_factor(hessian, damping)
-    if not keep_dead_inputs:
-        w[:, dead] = 0.0
-
-    bs = fmt.block_size
     codes = np.empty((n, k), dtype=np.uint8)
     scales = np.empty((n, fmt.num_blocks(k)), dtype=fmt.scale_dtype)
     zero_points = None if fmt.zero_point_dtype is None else np.empty(scales.shape, dtype=fmt.zero_point_dtype)
+    # Rows (output columns) are independent: walk them in chunks so the float64 working copy stays
+    # small (an output projection of 49152 x 576 would take 226 MB at once) and cache-friendly.
+    rows = max(1, _CHUNK_BYTES // (8 * k))
+    with blas_controller().limit(limits=1, user_api="blas"):
+        hinv, dead = inverse_hessian_factor(hessian, damping)
+        for r in range(0, n, rows):
+            w = np.array(weight[r : r + rows], dtype=np.float64, copy=True)
+            if not keep_dead_inputs:
+                w[:, dead] = 0.0
+            _gptq_walk(
+                w, hinv, fmt, scale_search, codes[r : r + rows], scales[r : r + rows],
+                None if zero_points is None else zero_points[r : r + rows],
+            )
+    return QuantizedTensor(pack_codes(codes, fmt.bits), scales, zero_points, k, fmt)
+
+
+def _gptq_walk(
+    w: np.ndarray,
+    hinv: np.ndarray,
+    fmt: BlockFormat,
+    scale_search: bool,
+    codes: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray | None,
+) -> None:
+    """The GPTQ walk over a float64 copy w [rows, K] of weight rows (corrected in place), writing
+    their unpacked codes [rows, K], scales and zero points [rows, nb]."""
+    n, k = w.shape
+    bs = fmt.block_size
     batch = bs * max(1, _LAZY_BATCH // bs)  # a multiple of the block size: blocks never straddle batches
     errors = np.empty((n, batch), dtype=np.float64)  # scaled rounding errors of the current batch
 
@@ -178,4 +195,3 @@ def _gptq_walk(
                 w[:, last:stop] -= errors[:, first - start : last - start] @ hinv[first:last, last:stop]
         if stop < k:  # the rest of the weight, once per batch
             w[:, stop:] -= errors[:, : stop - start] @ hinv[start:stop, stop:]
-    return QuantizedTensor(pack_codes(codes, fmt.bits), scales, zero_points, k, fmt)

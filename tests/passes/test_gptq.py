@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from bct_onnx.passes import compress_model
 
+from bct_onnx import gptq
 from bct_onnx.block_format import (
     BlockFormat,
     ScaleKind,
@@ -115,6 +116,22 @@ def test_lazy_batch_gptq_gives_the_codes_of_the_per_column_loop(fmt, scale_searc
     else:
         assert got.zero_points is not None
         np.testing.assert_array_equal(got.zero_points.view(np.uint8), want_zero_points.view(np.uint8))
+
+
+def test_gptq_in_row_chunks_gives_the_same_result(monkeypatch):
+    """Rows are walked in chunks to bound memory; 5-row chunks of 23 rows change nothing."""
+    rng = np.random.default_rng(12)
+    k, n = 96, 23
+    x = _correlated_inputs(rng, 256, k)
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    hessian = x.T.astype(np.float64) @ x
+    fmt = BlockFormat(4, 32, False)
+    whole = gptq_quantize(w, hessian, fmt)
+    monkeypatch.setattr(gptq, "_CHUNK_BYTES", 8 * k * 5)
+    chunked = gptq_quantize(w, hessian, fmt)
+    np.testing.assert_array_equal(chunked.codes, whole.codes)
+    np.testing.assert_array_equal(chunked.scales, whole.scales)
+    np.testing.assert_array_equal(chunked.zero_points, whole.zero_points)
 
 
 def test_inverse_hessian_factor_is_the_cholesky_factor_of_the_inverse():
