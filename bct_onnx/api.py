@@ -151,7 +151,13 @@ def _calibration(
     a tokenizer is found next to the model, in the Hugging Face directory, or given; otherwise plain
     rounding, with the reason.
     """
-    from bct_onnx.calibration import Calibration, CalibrationError, calibration_texts, text_feeds
+    from bct_onnx.calibration import (
+        Calibration,
+        CalibrationError,
+        calibration_texts,
+        load_text_tokenizer,
+        text_feeds,
+    )
 
     if calibration is None or calibration == "none":
         return None, {"method": "none", "reason": "calibration switched off"}
@@ -165,12 +171,7 @@ def _calibration(
             raise BctOnnxError("text calibration needs a tokenizer: pass tokenizer=DIR (CLI: --tokenizer DIR)")
         return None, {"method": "none", "reason": "no tokenizer next to the model; pass --tokenizer DIR to calibrate"}
     try:
-        from transformers import AutoTokenizer
-
-        from bct_onnx.models.export import hub_offline
-
-        with hub_offline():
-            loaded = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        loaded = load_text_tokenizer(folder)
     except (OSError, ValueError) as error:
         if calibration == "text":
             raise BctOnnxError(f"text calibration with the tokenizer in {folder} failed: {error}") from error
