@@ -26,6 +26,7 @@ from bct_onnx import model_io
 from bct_onnx.calibration import Calibration, CalibrationError, calibration_texts, text_feeds
 from bct_onnx.config import SUPPORTED_OPS, CompressConfig
 from bct_onnx.errors import BctOnnxError, ModelFileError
+from bct_onnx.models.export import ExportError, ModelDirError, export_hf_directory, is_hf_model_dir
 from bct_onnx.passes import PipelineResult, compress_model
 from bct_onnx.report import CompileReport, SkippedNode, StepTimer, config_to_dict, versions
 from bct_onnx.tokenizer import find_tokenizer_dir, load_tokenizer
@@ -342,18 +343,12 @@ def _initializers(model: ir.Model) -> Iterator[ir.Value]:
 
 def _is_hf_model_dir(path: Path) -> bool:
     """A directory to export first: a Hugging Face model directory holding no .onnx file yet."""
-    try:
-        from bct_onnx.models.export import is_hf_model_dir
-    except ImportError:  # models/ not installed: only .onnx inputs
-        return False
     # A directory holding an exported .onnx next to its config.json (optimum output) is read as
     # the ONNX model: exporting again would be slow and pointless.
     return is_hf_model_dir(path) and not any(path.glob("*.onnx"))
 
 
 def _export(model_dir: Path, export_dir: Path, task: str | None) -> Path:
-    from bct_onnx.models.export import ExportError, ModelDirError, export_hf_directory
-
     try:
         return export_hf_directory(model_dir, export_dir, task=task)
     except (ExportError, ModelDirError) as exc:

@@ -21,6 +21,7 @@ import onnx
 import onnx_ir as ir
 
 from bct_onnx import ops, runtime
+from bct_onnx.models.text_data import TextDataUnavailable, moby_dick_text
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +70,6 @@ def calibration_texts(source: str = "auto") -> tuple[list[str], int, str]:
     if source in ("auto", "shipped"):
         return calibration_text(), SHIPPED_MAX_TOKENS, "shipped calibration text"
     if source == "moby-dick":
-        from bct_onnx.models.text_data import TextDataUnavailable, moby_dick_text
-
         try:
             text = moby_dick_text()
         except (TextDataUnavailable, OSError) as error:

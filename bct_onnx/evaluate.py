@@ -103,10 +103,6 @@ def load_tokenizer(folder: Path) -> Any:
         raise EvalError(f"cannot load a tokenizer from {folder}: {error}") from error
 
 
-def _session(path: Path, compressed: bool, threads: int | None) -> Any:
-    return runtime.session(path, threads=threads, with_library=compressed, quiet=True)
-
-
 # ------------------------------------------------------------------------------------------- text
 
 
@@ -241,9 +237,8 @@ def fp32_perplexity(
             stored = {}
         if key in stored:
             return float(stored[key]), True
-    result = perplexity_of_ids(
-        ids, onnx_logits_fn(_session(path, False, threads)), window=window, stride=stride
-    )
+    session = runtime.session(path, threads=threads, with_library=False, quiet=True)
+    result = perplexity_of_ids(ids, onnx_logits_fn(session), window=window, stride=stride)
     if use_cache:
         stored[key] = result.perplexity
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -301,7 +296,7 @@ def evaluate(
         )
         seconds["compress"] = time.perf_counter() - start
         start = time.perf_counter()
-        session = _session(out, True, threads)
+        session = runtime.session(out, threads=threads, quiet=True)
         compressed = perplexity_of_ids(ids, onnx_logits_fn(session), window=window, stride=step)
         seconds["compressed eval"] = time.perf_counter() - start
         del session
@@ -467,8 +462,8 @@ def generate(
                     progress=progress,
                 )
                 seconds["compress"] = time.perf_counter() - start
-                fp32 = GreedyDecoder(_session(path, False, threads))
-                compressed = GreedyDecoder(_session(out, True, threads))
+                fp32 = GreedyDecoder(runtime.session(path, threads=threads, with_library=False, quiet=True))
+                compressed = GreedyDecoder(runtime.session(out, threads=threads, quiet=True))
                 start = time.perf_counter()
                 fp32_new = fp32.generate(prompt_ids, max_new_tokens, eos)
                 seconds["fp32 generate"] = time.perf_counter() - start
