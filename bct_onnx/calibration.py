@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
-from bct_onnx import ops
-from bct_onnx.runtime import session_options
+from bct_onnx import ops, runtime
+from bct_onnx.models.text_data import TextDataUnavailable, moby_dick_text
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +70,6 @@ def calibration_texts(source: str = "auto") -> tuple[list[str], int, str]:
     if source in ("auto", "shipped"):
         return calibration_text(), SHIPPED_MAX_TOKENS, "shipped calibration text"
     if source == "moby-dick":
-        from bct_onnx.models.text_data import TextDataUnavailable, moby_dick_text
-
         try:
             text = moby_dick_text()
         except (TextDataUnavailable, OSError) as error:
@@ -98,16 +97,23 @@ def text_windows(text: str, samples: int = SAMPLES, words: int = SAMPLE_WORDS) -
     return [" ".join(tokens[i * words : (i + 1) * words]) for i in sorted(set(picks.tolist()))]
 
 
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+PAST_PREFIX = "past_key_values"  # optimum's KV-cache inputs: fed empty (no past) during calibration
+
+
 def text_feeds(
     model: ir.Model, tokenizer: Any, texts: Sequence[str] | None = None, max_length: int = 128, batch_size: int = 8
 ) -> Calibration:
-    """Calibration batches for a text model from its tokenizer: input_ids, attention_mask,
-    token_type_ids and position_ids, as the graph declares them. Raises CalibrationError naming any
-    other input (e.g. a KV cache) since text alone cannot fill it."""
+    """Calibration batches for a text model (encoder or decoder) from its tokenizer.
+
+    Fills input_ids, attention_mask, token_type_ids and position_ids as the graph declares them, and
+    a decoder's KV-cache inputs (past_key_values.*) with an empty cache (past length 0). Raises
+    CalibrationError naming any other input, since text alone cannot fill it.
+    """
     texts = list(texts) if texts is not None else calibration_text()
-    names = [v.name for v in model.graph.inputs]
-    known = {"input_ids", "attention_mask", "token_type_ids", "position_ids"}
-    unknown = [n for n in names if n not in known]
+    unknown = [
+        v.name for v in model.graph.inputs if v.name not in TEXT_INPUTS and not v.name.startswith(PAST_PREFIX)
+    ]
     if unknown:
         raise CalibrationError(f"cannot build calibration inputs from text for graph inputs {unknown}")
     batches = []
@@ -120,11 +126,14 @@ def text_feeds(
             texts[start : start + batch_size], padding=batch_size > 1, truncation=True, max_length=max_length,
             return_tensors="np",
         )
+        batch, seq = enc["input_ids"].shape
         feeds: dict[str, np.ndarray] = {}
         for value in model.graph.inputs:
+            if value.name.startswith(PAST_PREFIX):
+                feeds[value.name] = _empty_cache(value, batch)
+                continue
             if value.name == "position_ids":
-                seq = enc["input_ids"].shape[1]
-                feeds["position_ids"] = np.broadcast_to(np.arange(seq, dtype=np.int64), enc["input_ids"].shape).copy()
+                feeds["position_ids"] = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
             elif value.name == "token_type_ids" and "token_type_ids" not in enc:
                 feeds[value.name] = np.zeros_like(enc["input_ids"], dtype=np.int64)
             else:
@@ -137,73 +146,12 @@ def text_feeds(
     return Calibration(tuple(batches))
 
 
-class TextTokenizer:
-    """A Hugging Face fast tokenizer read from its tokenizer.json with the ``tokenizers`` library.
-
-    Answers the calls text_feeds makes (``tokenizer(texts, padding=, truncation=, max_length=,
-    return_tensors="np")``, ``pad_token``, ``model_max_length``) with the encodings transformers'
-    fast tokenizer gives, without importing transformers (which imports torch: about 400 MB and
-    seconds of a compile). tests/passes/test_gptq.py checks the encodings against transformers.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        import json
-
-        from tokenizers import Tokenizer
-
-        self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        config: dict[str, Any] = {}
-        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the second one wins
-            path = folder / name
-            if path.is_file():
-                config.update(json.loads(path.read_text(encoding="utf-8")))
-        pad = config.get("pad_token")
-        self.pad_token: str | None = pad.get("content") if isinstance(pad, dict) else pad
-        limit = config.get("model_max_length")
-        self.model_max_length = limit if isinstance(limit, int) else None
-
-    def __call__(
-        self, texts: Sequence[str], padding: bool = False, truncation: bool = True, max_length: int = 128,
-        return_tensors: str = "np",
-    ) -> dict[str, np.ndarray]:
-        tokenizer = self._tokenizer
-        tokenizer.no_padding()
-        tokenizer.no_truncation()
-        if truncation:
-            tokenizer.enable_truncation(max_length)
-        if padding:
-            if self.pad_token is None:
-                raise ValueError("Asking to pad but the tokenizer does not have a padding token.")
-            tokenizer.enable_padding(pad_id=tokenizer.token_to_id(self.pad_token), pad_token=self.pad_token)
-        encodings = tokenizer.encode_batch(list(texts))
-        lengths = {len(e.ids) for e in encodings}
-        if len(lengths) > 1:
-            raise ValueError("texts of different lengths need padding=True")
-        return {
-            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-            "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
-        }
-
-
-def load_text_tokenizer(folder: Path) -> Any:
-    """The tokenizer in folder: a TextTokenizer when it has a tokenizer.json, else transformers'.
-
-    Raises OSError or ValueError when neither can read it.
-    """
-    if (folder / "tokenizer.json").is_file():
-        try:
-            return TextTokenizer(folder)
-        except ImportError:  # no tokenizers library: transformers below says what is missing
-            pass
-        except Exception as error:
-            raise ValueError(f"cannot read {folder / 'tokenizer.json'}: {error}") from error
-    from transformers import AutoTokenizer
-
-    from bct_onnx.models.export import hub_offline
-
-    with hub_offline():
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+def _empty_cache(value: ir.Value, batch: int) -> np.ndarray:
+    """A KV-cache input with ``batch`` rows and no past: symbolic dimensions after the batch are 0."""
+    dims = list(value.shape) if value.shape is not None else []
+    shape = [batch, *(dim if isinstance(dim, int) else 0 for dim in dims[1:])]
+    dtype = value.dtype.numpy() if value.dtype is not None else np.float32
+    return np.zeros(shape, dtype=dtype)
 
 
 def constant_weight_matmuls(model: ir.Model) -> dict[MatMulKey, int]:
@@ -255,7 +203,6 @@ def collect_hessians(model: ir.Model, calibration: Calibration, providers: Itera
     Hessians with one symmetric rank-k update (BLAS syrk), on one BLAS thread (see gptq.py).
     MatMuls reading the same activation share one Hessian array.
     """
-    import onnx
     import onnxruntime as ort
     import scipy.linalg
 
@@ -265,10 +212,9 @@ def collect_hessians(model: ir.Model, calibration: Calibration, providers: Itera
     if not targets:
         return {}
     options = ort.SessionOptions()
-    options.log_severity_level = 3
     options.add_session_config_entry("session.disable_prepacking", "1")
-    if any(node.domain == ops.DOMAIN for node in model.graph):  # already partly compressed
-        options = session_options(options)
+    # An already partly compressed model needs our ops; a float model runs without the library.
+    with_library = any(node.domain == ops.DOMAIN for node in model.graph)
     activations = sorted({act for act, _ in targets})
     sums: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="bct_onnx_calib_") as tmp:
@@ -281,7 +227,7 @@ def collect_hessians(model: ir.Model, calibration: Calibration, providers: Itera
                 proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
         onnx.save(proto, path)
         del proto
-        session = ort.InferenceSession(path, options, providers=list(providers))
+        session = runtime.session(path, list(providers), options, with_library=with_library, quiet=True)
         with blas_controller().limit(limits=1, user_api="blas"):
             for feeds in calibration.feeds:
                 try:

@@ -198,6 +198,33 @@ def test_hessians_are_sums_of_x_transpose_x(helpers):
     assert hessians[("r", "w2")].shape == (96, 96)
 
 
+def test_quantize_matmul_pass_takes_hessians_and_runs_no_inference(helpers, monkeypatch):
+    """The pipeline measures the Hessians; the pass only uses the ones it is handed."""
+    from bct_onnx.passes import QuantizeMatMulPass
+
+    from bct_onnx import runtime
+
+    rng = np.random.default_rng(3)
+    model = _mlp(helpers, rng)
+    calib = Calibration(tuple({"x": _correlated_inputs(rng, 256, 64)} for _ in range(2)))
+    config = CompressConfig(weight_bits=4, act_bits=None, ops=frozenset({"MatMul"}))
+    hessians = collect_hessians(model, calib)
+    expected = compress_model(model, config, calibration=calib).model
+
+    def no_session(*args, **kwargs):
+        raise AssertionError("a pass opened an inference session")
+
+    monkeypatch.setattr(runtime, "session", no_session)
+    only_w1 = {key: h for key, h in hessians.items() if key == ("x", "w1")}
+    result = QuantizeMatMulPass(config, only_w1)(model.clone())
+    assert result.rewritten == {"MatMul": 2, "MatMul weight rounded by GPTQ (calibrated)": 1}
+    full = QuantizeMatMulPass(config, hessians)(model.clone()).model
+    quantized = expected.graph.initializers  # the codes and scales of the pipeline's output
+    assert len(quantized) >= 4
+    for name, value in quantized.items():
+        np.testing.assert_array_equal(full.graph.initializers[name].const_value.numpy(), value.const_value.numpy())
+
+
 def test_text_feeds_names_inputs_text_cannot_fill(helpers):
     text = """<ir_version: 8, opset_import: ["" : 17]>
     g (int64[B, S] input_ids, float[B, 2, P, 8] past_key) => (int64[B, S] y) { y = Identity(input_ids) }"""
@@ -308,38 +335,3 @@ def test_gptq_keeps_a_q4_1_grid_exact():
     np.testing.assert_array_equal(dequantize(quantize_tensor(w, fmt)), w)
     np.testing.assert_array_equal(dequantize(gptq_quantize(w, x.T.astype(np.float64) @ x, fmt)), w)
 
-
-def _tokenizer_dirs():
-    from bct_onnx.models import minilm, smollm2
-    from bct_onnx.models.cache import cache_dir
-
-    dirs = []
-    try:
-        dirs.append(pytest.param(minilm.model_dir(), id="minilm"))
-    except minilm.MiniLMNotInstalledError:
-        pass
-    smollm2_dir = cache_dir() / smollm2.HF_DIR_NAME  # only when already built: building it takes minutes
-    if (smollm2_dir / "tokenizer.json").is_file():
-        dirs.append(pytest.param(smollm2_dir, id="smollm2"))
-    return dirs or [pytest.param(None, marks=pytest.mark.skip(reason="no real tokenizer installed"))]
-
-
-@pytest.mark.parametrize("folder", _tokenizer_dirs())
-def test_text_tokenizer_encodes_as_transformers(folder):
-    """Calibration reads tokenizer.json without transformers; the encodings are transformers' own."""
-    from transformers import AutoTokenizer
-
-    from bct_onnx.calibration import TextTokenizer, calibration_text, load_text_tokenizer
-
-    light = load_text_tokenizer(folder)
-    assert isinstance(light, TextTokenizer)
-    reference = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    assert light.pad_token == reference.pad_token
-    batch = 8 if reference.pad_token is not None else 1
-    texts = calibration_text()
-    for start in range(0, len(texts), batch):
-        chunk = texts[start : start + batch]
-        got = light(chunk, padding=batch > 1, truncation=True, max_length=48, return_tensors="np")
-        want = reference(chunk, padding=batch > 1, truncation=True, max_length=48, return_tensors="np")
-        for name in want:
-            np.testing.assert_array_equal(got[name], want[name], err_msg=f"{name} of texts {start}..")
