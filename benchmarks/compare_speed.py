@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts (ben
 import compare_minilm
 
 import bct_onnx
-from bct_onnx import ops
+from bct_onnx import ops, runtime
 
 logger = logging.getLogger("compare_speed")
 
@@ -171,20 +171,11 @@ def stream_read_gbps(threads: int, megabytes: int, repeats: int = 5) -> float:
 # Variant builders: (model, fp32 path, output path, genai python) -> notes
 
 
-def _options(threads: int) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    return options
-
-
 def build_ort_w4(src: Path, dst: Path) -> dict[str, Any]:
     """MatMul + Gather at accuracy level 4; MatMul only when the GatherBlockQuantized file does not load."""
     try:
         notes = compare_minilm._ort_nbits(("MatMul", "Gather"), accuracy_level=4)(src, dst)
-        ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+        runtime.session(dst, with_library=False, quiet=True)
         return notes
     except Exception as exc:  # noqa: BLE001 - fall back, and say why
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
@@ -490,9 +481,10 @@ def interleaved_medians(
 
 
 def _session(path: Path, custom: bool, threads: int) -> Any:
-    if custom:
-        return bct_onnx.session(path, sess_options=_options(threads))
-    return ort.InferenceSession(str(path), _options(threads), providers=["CPUExecutionProvider"])
+    """A session with `threads` intra-op threads, sequential; our ops registered for bct-onnx files."""
+    options = ort.SessionOptions()
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return runtime.session(path, sess_options=options, threads=threads, with_library=custom, quiet=True)
 
 
 def _short(exc: BaseException) -> str:
