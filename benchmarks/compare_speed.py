@@ -574,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     for name in ("onnxruntime", "onnxruntime.quantization", "root", "bct_onnx"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logger.setLevel(logging.INFO)  # the root logger is at WARNING now: keep this script's progress lines
     variants = [v for v in VARIANTS if not args.variants or v in args.variants.split(",")]
     only = {k.strip() for k in args.only.split(",") if k.strip()}
 
