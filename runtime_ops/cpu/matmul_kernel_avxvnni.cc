@@ -1,6 +1,5 @@
 // BlockMatMul AVX-VNNI kernels (256-bit vpdpbusd, e.g. Intel Alder Lake and later without AVX-512):
-// the kernels of matmul_kernel_avx2_impl.h compiled with VNNI; activations are quantized by the
-// AVX2 quantizer (matmul_kernel_avx2.cc).
+// the kernels of matmul_kernel_avx2_impl.h compiled with VNNI.
 // Standard headers come before the target pragma, so that no standard-library code is compiled
 // (and possibly shared with other files) for the target.
 #include <algorithm>
@@ -9,7 +8,7 @@
 #include <vector>
 
 #include "matmul_kernel.h"
-#if BCT_MATMUL_X86
+#if BCT_X86_SIMD
 
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,avxvnni"))), apply_to = function)
@@ -37,4 +36,4 @@ void TilesAvxVnni(const PackedWeights& p, const ActRows* act, const float* a_pad
 #pragma clang attribute pop
 #endif
 
-#endif  // BCT_MATMUL_X86
+#endif  // BCT_X86_SIMD
