@@ -35,6 +35,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "bct/block_math.h"
@@ -75,6 +76,25 @@ constexpr int kZpOffset = 2;     // u * scale + offset, offset a stored float
 inline int ZeroPointMode(const Shape& shape) {
   if (shape.symmetric) return kZpSymmetric;
   return shape.zero_point_kind == ZeroPointKind::kInteger ? kZpInteger : kZpOffset;
+}
+
+// Calls f(nibble, zp) with std::integral_constant arguments for the weight's storage (nibble codes
+// or bytes) and zero-point mode, so a SIMD path instantiates its templates for each combination once.
+template <class F>
+void ForWeightMode(bool nibble, const Shape& shape, const F& f) {
+  using Nibble = std::integral_constant<bool, true>;
+  using Bytes = std::integral_constant<bool, false>;
+  switch (ZeroPointMode(shape)) {
+    case kZpSymmetric:
+      return nibble ? f(Nibble{}, std::integral_constant<int, kZpSymmetric>{})
+                    : f(Bytes{}, std::integral_constant<int, kZpSymmetric>{});
+    case kZpInteger:
+      return nibble ? f(Nibble{}, std::integral_constant<int, kZpInteger>{})
+                    : f(Bytes{}, std::integral_constant<int, kZpInteger>{});
+    default:
+      return nibble ? f(Nibble{}, std::integral_constant<int, kZpOffset>{})
+                    : f(Bytes{}, std::integral_constant<int, kZpOffset>{});
+  }
 }
 
 // Runs task(i) for i in [0, total), possibly on several threads; returns when all are done.

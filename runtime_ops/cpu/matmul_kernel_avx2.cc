@@ -20,19 +20,8 @@
 #include <immintrin.h>
 
 #define BCT_MATMUL_AVX_VNNI 0
+#define BCT_MATMUL_TILES TilesAvx2
 #include "matmul_kernel_avx2_impl.h"
-
-namespace bct {
-namespace matmul {
-namespace detail {
-void TilesAvx2(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin, int64_t row_end,
-               int64_t tile_begin, int64_t tile_end, const float* bias, float* Y) {
-  Tiles256(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
-}
-
-}  // namespace detail
-}  // namespace matmul
-}  // namespace bct
 
 #if defined(__clang__)
 #pragma clang attribute pop

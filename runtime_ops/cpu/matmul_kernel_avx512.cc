@@ -496,22 +496,10 @@ void RunTiles(const PackedWeights& p, const ActRows* act, const float* a_padded,
 void TilesAvx512(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin, int64_t row_end,
                  int64_t tile_begin, int64_t tile_end, const float* bias, float* Y) {
   // Float mode symmetric weights are stored as signed codes (no zero point left to subtract).
-  const int mode = ZeroPointMode(p.shape);
-  if (p.nibble) {
-    if (mode == kZpSymmetric) {
-      RunTiles<true, kZpSymmetric>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
-    } else if (mode == kZpInteger) {
-      RunTiles<true, kZpInteger>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
-    } else {
-      RunTiles<true, kZpOffset>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
-    }
-  } else if (mode == kZpSymmetric) {
-    RunTiles<false, kZpSymmetric>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
-  } else if (mode == kZpInteger) {
-    RunTiles<false, kZpInteger>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
-  } else {
-    RunTiles<false, kZpOffset>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
-  }
+  ForWeightMode(p.nibble, p.shape, [&](auto nibble, auto zp) {
+    RunTiles<decltype(nibble)::value, decltype(zp)::value>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end,
+                                                           bias, Y);
+  });
 }
 
 }  // namespace detail

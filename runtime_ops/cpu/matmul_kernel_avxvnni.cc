@@ -17,20 +17,8 @@
 #endif
 
 #define BCT_MATMUL_AVX_VNNI 1
+#define BCT_MATMUL_TILES TilesAvxVnni
 #include "matmul_kernel_avx2_impl.h"
-
-namespace bct {
-namespace matmul {
-namespace detail {
-
-void TilesAvxVnni(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin,
-                  int64_t row_end, int64_t tile_begin, int64_t tile_end, const float* bias, float* Y) {
-  Tiles256(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
-}
-
-}  // namespace detail
-}  // namespace matmul
-}  // namespace bct
 
 #if defined(__clang__)
 #pragma clang attribute pop
