@@ -1,66 +1,108 @@
-// One entry per instruction-set path (cpu/isa.h): the functions its kernels run.
+// One entry per instruction-set path (cpu/isa.h): the functions its kernels run. Each path starts
+// from the entry of the path below it and replaces what it has its own version of.
 #include "cpu/kernel_table.h"
 
 namespace bct {
 namespace cpu {
 namespace {
 
-using matmul::detail::TilesAvx2;
-using matmul::detail::TilesAvx512;
-using matmul::detail::TilesAvxVnni;
-
-// field order: isa, quantize_rows, dequantize_rows, quantize_act_rows, quantize_act_columns,
-// act_dot_row, act_dot_vnni, gelu_row, silu_row, softmax_rows, layer_norm_row, rms_norm_row,
-// matmul_tiles, matmul_compact_weights
-constexpr KernelTable kBaselineTable = {
-    Isa::kBaseline,        QuantizeRowsBaseline,         DequantizeRowsBaseline, baseline::QuantizeActRows,
-    baseline::QuantizeActColumns, baseline::ActDotRow,   false,                  baseline::GeluRow,
-    baseline::SiluRow,     baseline::SoftmaxRows,        baseline::LayerNormRow, baseline::RMSNormRow,
-    nullptr,               false};
+KernelTable BaselineEntry() {
+  KernelTable t{};
+  t.isa = Isa::kBaseline;
+  t.quantize_rows = QuantizeRowsBaseline;
+  t.dequantize_rows = DequantizeRowsBaseline;
+  t.quantize_act_rows = baseline::QuantizeActRows;
+  t.quantize_act_columns = baseline::QuantizeActColumns;
+  t.act_dot_row = baseline::ActDotRow;
+  t.act_dot_vnni = false;
+  t.gelu_row = baseline::GeluRow;
+  t.silu_row = baseline::SiluRow;
+  t.softmax_rows = baseline::SoftmaxRows;
+  t.layer_norm_row = baseline::LayerNormRow;
+  t.rms_norm_row = baseline::RMSNormRow;
+  t.matmul_tiles = nullptr;  // the scalar reference path
+  t.matmul_compact_weights = false;
+  return t;
+}
 
 #if BCT_X86_SIMD
-constexpr KernelTable kAvx2Table = {
-    Isa::kAvx2,        QuantizeRowsBaseline,     DequantizeRowsAvx2, avx2::QuantizeActRows,
-    avx2::QuantizeActColumns, avx2::ActDotRow,   false,              avx2::GeluRow,
-    avx2::SiluRow,     avx2::SoftmaxRows,        avx2::LayerNormRow, avx2::RMSNormRow,
-    TilesAvx2,         false};
+KernelTable Avx2Entry() {
+  KernelTable t = BaselineEntry();
+  t.isa = Isa::kAvx2;
+  t.dequantize_rows = DequantizeRowsAvx2;  // quantize_rows: the SSE2 loops are as fast here
+  t.quantize_act_rows = avx2::QuantizeActRows;
+  t.quantize_act_columns = avx2::QuantizeActColumns;
+  t.act_dot_row = avx2::ActDotRow;
+  t.gelu_row = avx2::GeluRow;
+  t.silu_row = avx2::SiluRow;
+  t.softmax_rows = avx2::SoftmaxRows;
+  t.layer_norm_row = avx2::LayerNormRow;
+  t.rms_norm_row = avx2::RMSNormRow;
+  t.matmul_tiles = matmul::detail::TilesAvx2;
+  return t;
+}
 
-constexpr KernelTable kAvxVnniTable = {
-    Isa::kAvxVnni,     QuantizeRowsBaseline,     DequantizeRowsAvx2, avx2::QuantizeActRows,
-    avx2::QuantizeActColumns, avx2::ActDotRow,   false,              avx2::GeluRow,
-    avx2::SiluRow,     avx2::SoftmaxRows,        avx2::LayerNormRow, avx2::RMSNormRow,
-    TilesAvxVnni,      false};
+KernelTable AvxVnniEntry() {
+  KernelTable t = Avx2Entry();
+  t.isa = Isa::kAvxVnni;
+  t.matmul_tiles = matmul::detail::TilesAvxVnni;
+  return t;
+}
 
-// AVX-512 without VNNI: BlockMatMul's 256-bit AVX2 tiles.
-constexpr KernelTable kAvx512Table = {
-    Isa::kAvx512,      QuantizeRowsAvx512,        DequantizeRowsAvx512, QuantizeActRowsAvx512,
-    QuantizeActColumnsAvx512, avx512::ActDotRow,  false,                GeluRowAvx512,
-    avx512::SiluRow,   SoftmaxRowsAvx512,         avx512::LayerNormRow, avx512::RMSNormRow,
-    TilesAvx2,         false};
+// AVX-512 without VNNI keeps BlockMatMul's 256-bit AVX2 tiles.
+KernelTable Avx512Entry() {
+  KernelTable t = Avx2Entry();
+  t.isa = Isa::kAvx512;
+  t.quantize_rows = QuantizeRowsAvx512;
+  t.dequantize_rows = DequantizeRowsAvx512;
+  t.quantize_act_rows = QuantizeActRowsAvx512;
+  t.quantize_act_columns = QuantizeActColumnsAvx512;
+  t.act_dot_row = avx512::ActDotRow;
+  t.gelu_row = GeluRowAvx512;
+  t.silu_row = avx512::SiluRow;
+  t.softmax_rows = SoftmaxRowsAvx512;
+  t.layer_norm_row = avx512::LayerNormRow;
+  t.rms_norm_row = avx512::RMSNormRow;
+  return t;
+}
 
-constexpr KernelTable kAvx512VnniTable = {
-    Isa::kAvx512Vnni,  QuantizeRowsAvx512,        DequantizeRowsAvx512, QuantizeActRowsAvx512,
-    QuantizeActColumnsAvx512, avx512::ActDotRow,  true,                 GeluRowAvx512,
-    avx512::SiluRow,   SoftmaxRowsAvx512,         avx512::LayerNormRow, avx512::RMSNormRow,
-    TilesAvx512,       true};
+KernelTable Avx512VnniEntry() {
+  KernelTable t = Avx512Entry();
+  t.isa = Isa::kAvx512Vnni;
+  t.act_dot_vnni = true;
+  t.matmul_tiles = matmul::detail::TilesAvx512;
+  t.matmul_compact_weights = true;
+  return t;
+}
 
 // No kernel has an AMX-INT8 version yet: the AVX-512 VNNI functions.
-constexpr KernelTable kAmxInt8Table = {
-    Isa::kAmxInt8,     QuantizeRowsAvx512,        DequantizeRowsAvx512, QuantizeActRowsAvx512,
-    QuantizeActColumnsAvx512, avx512::ActDotRow,  true,                 GeluRowAvx512,
-    avx512::SiluRow,   SoftmaxRowsAvx512,         avx512::LayerNormRow, avx512::RMSNormRow,
-    TilesAvx512,       true};
-
-constexpr const KernelTable* kTables[kIsaCount] = {&kBaselineTable, &kAvx2Table,       &kAvxVnniTable,
-                                                   &kAvx512Table,   &kAvx512VnniTable, &kAmxInt8Table};
-#else
-constexpr const KernelTable* kTables[kIsaCount] = {&kBaselineTable, &kBaselineTable, &kBaselineTable,
-                                                   &kBaselineTable, &kBaselineTable, &kBaselineTable};
+KernelTable AmxInt8Entry() {
+  KernelTable t = Avx512VnniEntry();
+  t.isa = Isa::kAmxInt8;
+  return t;
+}
 #endif
+
+struct Tables {
+  KernelTable entries[kIsaCount];
+  Tables() {
+#if BCT_X86_SIMD
+    const KernelTable all[kIsaCount] = {BaselineEntry(), Avx2Entry(),       AvxVnniEntry(),
+                                        Avx512Entry(),   Avx512VnniEntry(), AmxInt8Entry()};
+#else
+    const KernelTable baseline = BaselineEntry();  // no other path is built
+    const KernelTable all[kIsaCount] = {baseline, baseline, baseline, baseline, baseline, baseline};
+#endif
+    for (int i = 0; i < kIsaCount; ++i) entries[i] = all[i];
+  }
+};
 
 }  // namespace
 
-const KernelTable& Kernels(Isa isa) { return *kTables[static_cast<int>(isa)]; }
+const KernelTable& Kernels(Isa isa) {
+  static const Tables tables;
+  return tables.entries[static_cast<int>(isa)];
+}
 
 }  // namespace cpu
 }  // namespace bct
