@@ -49,10 +49,5 @@ bool ParseIsa(const char* name, Isa* isa, std::string* error);
 // ParseIsa(BCT_ONNX_ISA). Kernels call it once, when they are created, so tests can force paths.
 bool IsaFromEnvironment(Isa* isa, std::string* error);
 
-// Capability predicates of a path (what its kernels may use).
-inline bool HasAvx2(Isa isa) { return isa != Isa::kBaseline; }
-inline bool HasAvx512(Isa isa) { return isa == Isa::kAvx512 || isa == Isa::kAvx512Vnni || isa == Isa::kAmxInt8; }
-inline bool HasAvx512Vnni(Isa isa) { return isa == Isa::kAvx512Vnni || isa == Isa::kAmxInt8; }
-
 }  // namespace cpu
 }  // namespace bct

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "bct/nonlinear_math.h"
 #include "cpu/kernel_table.h"
 
 namespace bct {
@@ -211,18 +212,15 @@ void ComputeScalarRows(const PackedWeights& p, const detail::ActRows* act, const
         const float ws = p.scales[n * nb + b];
         const float zw = s.symmetric ? p.implicit_zero_point : p.zero_points[n * nb + b];  // or the offset
         if (act && offsets) {  // a_scale * (w_scale * dot + offset * sum(sa))
-          const int8_t* a = act->codes.data() + m * p.k_padded + b * p.block_padded - k0;
-          int32_t dot = 0;
-          for (int64_t k = k0; k < k1; ++k) dot += static_cast<int32_t>(a[k]) * static_cast<int32_t>(w[k]);
+          const int32_t dot = nl::dot_i8(act->codes.data() + m * p.k_padded + b * p.block_padded, w + k0, k1 - k0);
           const float f = std::fma(zw, act->sums[m * nb + b], static_cast<float>(dot) * ws);
           y = std::fma(f, act->scales[m * nb + b], y);
         } else if (offsets) {
           const float* a = A + m * K;
           for (int64_t k = k0; k < k1; ++k) y = std::fma(a[k], value_with_offset(w[k], ws, zw), y);
         } else if (act) {
-          const int8_t* a = act->codes.data() + m * p.k_padded + b * p.block_padded - k0;
-          int32_t dot = s.symmetric ? act->corr[m * nb + b] : 0;
-          for (int64_t k = k0; k < k1; ++k) dot += static_cast<int32_t>(a[k]) * static_cast<int32_t>(w[k]);
+          const int32_t dot = (s.symmetric ? act->corr[m * nb + b] : 0) +
+                              nl::dot_i8(act->codes.data() + m * p.k_padded + b * p.block_padded, w + k0, k1 - k0);
           float f = static_cast<float>(dot);
           if (!s.symmetric) f = std::fma(-zw, act->sums[m * nb + b], f);
           f *= act->scales[m * nb + b];
