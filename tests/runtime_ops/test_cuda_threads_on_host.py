@@ -1,7 +1,8 @@
 """The CUDA kernels' per-thread code (runtime_ops/cuda/*_threads.h), run on the host, vs the spec.
 
 No GPU is needed: the test helper library libbct_cuda_threads_host.so (built next to the custom-op
-library by a development CMake build, never shipped in wheels) executes every thread of the kernels
+library by a development CMake build, or here from runtime_ops/tests/cuda_threads_on_host.cc when
+the package is installed, as in CI; never shipped in wheels) executes every thread of the kernels
 of every op (BlockQuantize, BlockDequantize, BlockGather, BlockMatMul, BlockActMatMul, and the row
 ops' compute steps, a warp's lanes in turn) one after the other. What it cannot show is the launch
 itself (grid sizes, streams); test_library.py::test_cuda_kernels_match_spec covers that where a GPU
@@ -11,6 +12,10 @@ exists.
 from __future__ import annotations
 
 import ctypes
+import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +45,32 @@ FORMATS = [
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the spec warns on extreme rows
 
 
-HELPER = Path(bct_onnx.library_path()).with_name("libbct_cuda_threads_host.so")
-if not HELPER.is_file():
-    pytest.skip(
-        f"{HELPER.name} is not next to {bct_onnx.library_path()} (built by development CMake builds only; "
-        "run with BCT_ONNX_LIBRARY=<build dir>/libbct_onnx_ops.so)",
-        allow_module_level=True,
-    )
+RUNTIME_OPS = Path(__file__).resolve().parents[2] / "runtime_ops"
+_BUILD_DIR = tempfile.TemporaryDirectory(prefix="bct_cuda_threads_")  # removed when the process ends
+
+
+def _build_helper() -> Path:
+    """The helper next to the library (development CMake builds), else compiled here from the source
+    tree (an installed package, as in CI): the same flags that matter for the bits (-ffp-contract=off)."""
+    beside = Path(bct_onnx.library_path()).with_name("libbct_cuda_threads_host.so")
+    if beside.is_file():
+        return beside
+    source = RUNTIME_OPS / "tests" / "cuda_threads_on_host.cc"
+    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if not source.is_file() or compiler is None:
+        pytest.skip(
+            f"no {beside.name} next to the library and no source tree / C++ compiler to build it",
+            allow_module_level=True,
+        )
+    out = Path(_BUILD_DIR.name) / beside.name
+    cmd = [compiler, "-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared", "-Wall", "-Wextra"]
+    cmd += ["-I", str(RUNTIME_OPS / "include"), "-I", str(RUNTIME_OPS / "cuda"), str(source), "-o", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, f"building {beside.name} failed: {' '.join(cmd)}\n{result.stderr[-3000:]}"
+    return out
+
+
+HELPER = _build_helper()
 
 
 def _helper() -> ctypes.CDLL:
