@@ -16,27 +16,19 @@ namespace bct {
 namespace cuda {
 
 // Thread t of the run-time activation quantizer (both matmuls): block t (row-major over
-// [rows, nb]) of x [rows, k] -> signed codes q (same layout as x), float32 scale, and, when sums is
-// not nullptr, the sum of the block's codes. block_format.quantize_codes with a symmetric float32
-// format, codes minus 2**(bits-1).
+// [rows, nb]) of x [rows, k] -> signed codes q (same layout as x) and float32 scale by
+// nl::quantize_act_row itself, and, when sums is not nullptr, the sum of the block's codes.
 BCT_HD BCT_INLINE void QuantizeActBlockOne(const float* x, int64_t k, int bits, int64_t block_size, int64_t nb,
                                            int64_t t, int8_t* q, float* scales, int32_t* sums) {
-  const int half = 1 << (bits - 1);
   const int64_t row = t / nb;
   const int64_t begin = (t - row * nb) * block_size;
   const int64_t len = (k - begin) < block_size ? (k - begin) : block_size;
-  const float* xb = x + row * k + begin;
-  const float scale = choose_symmetric_scale(xb, len, bits, ScaleKind::kFloat32).value;
-  const float inv = inverse_scale(scale);
   int8_t* qb = q + row * k + begin;
+  nl::quantize_act_row(x + row * k + begin, len, bits, len, qb, scales + t);
+  if (sums == nullptr) return;
   int32_t sum = 0;
-  for (int64_t i = 0; i < len; ++i) {
-    const int code = static_cast<int>(code_of(xb[i], inv, bits, true, 0)) - half;
-    qb[i] = static_cast<int8_t>(code);
-    sum += code;
-  }
-  scales[t] = scale;
-  if (sums != nullptr) sums[t] = sum;
+  for (int64_t i = 0; i < len; ++i) sum += qb[i];
+  sums[t] = sum;
 }
 
 // Thread t of BlockMatMul's unpacking of A codes already in the activation format: block t gets
