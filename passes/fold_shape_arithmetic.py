@@ -7,8 +7,9 @@ size, sequence length, past length), whose value is the same wherever it appears
 dim_param, one value). This pass
   1. replaces ``Gather(Shape(x), i)`` (and ``Shape(x, start=i, end=i+1)``) by a constant when dim i
      of x is static, and by one shared value per symbolic dimension, read once from the graph input
-     that declares it, when dim i of x is that symbolic dimension (shapes from ONNX shape inference
-     with data propagation, on a clone: the model's own value_info is left as it was);
+     that declares it, when dim i of x is that symbolic dimension (shapes declared, else from ONNX
+     shape inference with data propagation kept in value.meta by ensure_shapes, which the pipeline
+     runs once for every pass: the model's own value_info is left as it was);
   2. folds small integer nodes whose inputs are all constant (the chains above, now constant);
   3. merges nodes that compute the same thing from the same inputs (common subexpressions), so the
      per-layer copies collapse into one, and drops what is no longer used.
@@ -17,24 +18,24 @@ The outputs do not change: every replaced value equals the one it replaces for e
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 from bct_onnx.passes.framework import CompressPass, PassReport
-from onnx_ir.passes.common import (
-    CommonSubexpressionEliminationPass,
-    RemoveUnusedNodesPass,
-    ShapeInferencePass,
-)
-
-logger = logging.getLogger(__name__)
+from bct_onnx.passes.graph_patterns import value_shape
+from bct_onnx.passes.infer_shapes import ensure_shapes
+from onnx_ir.passes.common import CommonSubexpressionEliminationPass, RemoveUnusedNodesPass
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 # Integer nodes folded when all inputs are constant and the result is at most this many elements.
 MAX_FOLDED_ELEMENTS = 64
 _INT_TYPES = (ir.DataType.INT64, ir.DataType.INT32, ir.DataType.BOOL)
+# The op types _fold_numpy evaluates.
+_FOLDABLE_OPS = frozenset(
+    {"Unsqueeze", "Squeeze", "Concat", "Gather", "Cast", "Add", "Sub", "Mul", "Div", "Equal", "Less",
+     "Greater", "And", "Or", "Where", "Neg", "Range"}
+)
 
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
@@ -43,18 +44,19 @@ def _const(value: ir.Value | None) -> np.ndarray | None:
     return None if tensor is None else tensor.numpy()
 
 
-def _inferred_shapes(model: ir.Model) -> dict[str, ir.Shape]:
-    """value name -> shape from ONNX shape inference (data propagation on) run on a clone."""
-    clone = model.clone()
-    try:
-        ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(clone)
-    except Exception as error:  # noqa: BLE001 - inference is advisory: without it, static dims only
-        logger.warning("shape inference failed (%s); only declared shapes are used", error)
-    shapes = {}
-    for value in [*clone.graph.inputs, *(o for n in clone.graph for o in n.outputs)]:
-        if value.name and value.shape is not None:
-            shapes[value.name] = value.shape
-    return shapes
+def _small_int_const(value: ir.Value) -> np.ndarray | None:
+    """_const of a small integer/bool constant; None for anything else, without reading the data of
+    large or float tensors (weights)."""
+    if value.const_value is None and value.producer() is None:
+        return None  # a graph input
+    if value.dtype is not None and value.dtype not in _INT_TYPES:
+        return None
+    if value.const_value is not None and value.const_value.size > MAX_FOLDED_ELEMENTS:
+        return None
+    array = _const(value)
+    if array is None or array.size > MAX_FOLDED_ELEMENTS or array.dtype.kind not in "iub":
+        return None
+    return array
 
 
 def _shape_dim_read(node: ir.Node) -> tuple[ir.Value, int, bool] | None:
@@ -130,7 +132,7 @@ class FoldShapeArithmeticPass(CompressPass):
 
     def run(self, model: ir.Model, report: PassReport) -> None:
         graph = model.graph
-        shapes = _inferred_shapes(model)
+        ensure_shapes(model)
         constants: dict[tuple[str, tuple[int, ...], bytes], ir.Value] = {}  # one initializer per value
         shared: dict[tuple[str, bool], ir.Value] = {}  # (dim_param, keep_rank) -> the one value
         sources = self._symbolic_sources(graph)
@@ -139,7 +141,7 @@ class FoldShapeArithmeticPass(CompressPass):
             if read is None:
                 continue
             x, axis, keep_rank = read
-            shape = x.shape if x.shape is not None else shapes.get(x.name or "")
+            shape = value_shape(x)
             if shape is None or not 0 <= axis < len(shape):
                 continue
             dim = shape[axis]
@@ -217,12 +219,12 @@ class FoldShapeArithmeticPass(CompressPass):
     def _fold_constants(self, graph: ir.Graph, constants: dict[Any, ir.Value]) -> int:
         folded = 0
         for node in list(graph):
-            if node.domain not in DEFAULT_DOMAINS or len(node.outputs) != 1 or node.outputs[0].is_graph_output():
+            if node.op_type not in _FOLDABLE_OPS or node.domain not in DEFAULT_DOMAINS:
                 continue
-            arrays = [_const(v) for v in node.inputs if v is not None]
-            if not arrays or any(a is None for a in arrays) or any(a.size > MAX_FOLDED_ELEMENTS for a in arrays):
+            if len(node.outputs) != 1 or node.outputs[0].is_graph_output():
                 continue
-            if any(a.dtype.kind not in "iub" for a in arrays):
+            arrays = [_small_int_const(v) for v in node.inputs if v is not None]
+            if not arrays or any(a is None for a in arrays):
                 continue
             try:
                 result: Any = _fold_numpy(node, arrays)

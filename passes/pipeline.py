@@ -26,6 +26,7 @@ from bct_onnx.passes.fold_quantize_dequantize import (
     FoldQuantizeDequantizePass,
     compressed_activations,
 )
+from bct_onnx.passes.fold_shape_arithmetic import FoldShapeArithmeticPass
 from bct_onnx.passes.framework import CompressPassResult, Skip, check_model_basics
 from bct_onnx.passes.fuse_gelu import FuseGeluPass
 from bct_onnx.passes.fuse_layer_norm import FuseLayerNormPass
@@ -114,11 +115,15 @@ class PipelineResult:
 
 
 def canonicalize_passes() -> list[ir.passes.PassBase]:
-    """The passes that bring an exporter's graph into the form the quantize passes match."""
+    """The passes that bring an exporter's graph into the form the quantize passes match, in order:
+    Constant nodes lifted to initializers, constant weight chains folded, Gemm -> MatMul, then the
+    shape arithmetic folded and shared across layers, so calibration and every quantize pass see
+    the lean graph (a with-past decoder loses most of its nodes there)."""
     return [
         common_passes.LiftConstantsToInitializersPass(),
         FoldConstantWeightsPass(),
         GemmToMatMulPass(),
+        FoldShapeArithmeticPass(),
     ]
 
 

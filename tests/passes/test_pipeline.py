@@ -153,8 +153,52 @@ def test_debug_dir_saves_changed_passes(helpers, tmp_path, monkeypatch):
     saved = sorted(p.name for p in tmp_path.iterdir())
     changed = [f"{i:02d}_{r.name}.onnx" for i, r in enumerate(result.passes, start=1) if r.modified]
     assert saved == sorted(changed)
-    assert "05_QuantizeGatherPass.onnx" in saved
-    onnx.load(str(tmp_path / "04_QuantizeMatMulPass.onnx"))
+    assert "06_QuantizeGatherPass.onnx" in saved
+    onnx.load(str(tmp_path / "05_QuantizeMatMulPass.onnx"))
+
+
+def test_canonicalize_order_folds_shape_arithmetic_before_quantizing(helpers):
+    result = compress_model(tied_model(helpers), CompressConfig())
+    names = [record.name for record in result.passes]
+    assert names[:5] == [
+        "LiftConstantsToInitializersPass",
+        "FoldConstantWeightsPass",
+        "GemmToMatMulPass",
+        "FoldShapeArithmeticPass",
+        "QuantizeMatMulPass",
+    ]
+
+
+def test_default_pipeline_folds_per_layer_shape_reads(helpers):
+    # Two Reshapes whose targets read the static dims of x through Shape -> Gather -> Unsqueeze ->
+    # Concat chains, as exporters write them per layer: both become one constant target.
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[2, 3, 8] x) => (float[2, 3, 2, 4] y0, float[2, 3, 2, 4] y1) {
+      sx0 = Shape(x)
+      b0 = Gather<axis = 0>(sx0, zero)
+      b10 = Unsqueeze(b0, axes)
+      t0 = Concat<axis = 0>(b10, tail)
+      y0 = Reshape(x, t0)
+      sx1 = Shape(x)
+      b1 = Gather<axis = 0>(sx1, zero)
+      b11 = Unsqueeze(b1, axes)
+      t1 = Concat<axis = 0>(b11, tail)
+      x1 = Neg(x)
+      y1 = Reshape(x1, t1)
+    }"""
+    initializers = {
+        "zero": np.array(0, np.int64),
+        "axes": np.array([0], np.int64),
+        "tail": np.array([3, 2, 4], np.int64),
+    }
+    model = helpers.model_from_text(text, initializers)
+    feeds = {"x": RNG.standard_normal((2, 3, 8)).astype(np.float32)}
+    expected = helpers.run_ort(model, feeds)
+    result = compress_model(model, CompressConfig())
+    assert helpers.op_types(result.model) == ["Reshape", "Neg", "Reshape"]
+    assert result.rewritten["static dim read folded"] == 2
+    for want, have in zip(expected, helpers.run_ort(result.model, feeds)):
+        np.testing.assert_array_equal(have, want)
 
 
 def test_debug_dir_saves_input_of_failing_pass(helpers, tmp_path, monkeypatch):
@@ -166,7 +210,7 @@ def test_debug_dir_saves_input_of_failing_pass(helpers, tmp_path, monkeypatch):
     monkeypatch.setitem(pipeline_module.QUANTIZE_PASSES, "Gather", lambda config: BrokenPass())
     with pytest.raises(RuntimeError, match="boom"):
         compress_model(tied_model(helpers), CompressConfig(), debug_dir=tmp_path)
-    failed_input = tmp_path / "05_BrokenPass.input.onnx"
+    failed_input = tmp_path / "06_BrokenPass.input.onnx"
     assert failed_input.is_file()
     ops = [node.op_type for node in onnx.load(str(failed_input)).graph.node]
     assert ops[0] == "Gather" and "Gemm" not in ops and "BlockMatMul" in ops and "MatMul" not in ops
