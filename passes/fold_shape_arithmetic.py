@@ -33,8 +33,25 @@ MAX_FOLDED_ELEMENTS = 64
 _INT_TYPES = (ir.DataType.INT64, ir.DataType.INT32, ir.DataType.BOOL)
 # The op types _fold_numpy evaluates.
 _FOLDABLE_OPS = frozenset(
-    {"Unsqueeze", "Squeeze", "Concat", "Gather", "Cast", "Add", "Sub", "Mul", "Div", "Equal", "Less",
-     "Greater", "And", "Or", "Where", "Neg", "Range"}
+    {
+        "Unsqueeze",
+        "Squeeze",
+        "Concat",
+        "Gather",
+        "Cast",
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Equal",
+        "Less",
+        "Greater",
+        "And",
+        "Or",
+        "Where",
+        "Neg",
+        "Range",
+    }
 )
 
 
@@ -77,7 +94,12 @@ def _shape_dim_read(node: ir.Node) -> tuple[ir.Value, int, bool] | None:
     index = _const(node.inputs[1])
     if shape_node is None or shape_node.op_type != "Shape" or shape_node.domain not in DEFAULT_DOMAINS:
         return None
-    if index is None or index.size != 1 or shape_node.attributes.get("start") or shape_node.attributes.get("end"):
+    if (
+        index is None
+        or index.size != 1
+        or shape_node.attributes.get("start")
+        or shape_node.attributes.get("end")
+    ):
         return None
     axis = node.attributes.get("axis")
     if (axis.as_int() if axis is not None else 0) != 0 or shape_node.inputs[0] is None:
@@ -111,8 +133,16 @@ def _fold_numpy(node: ir.Node, arrays: list[np.ndarray]) -> np.ndarray | None:
         to = node.attributes.get("to")
         target = ir.DataType(to.as_int()) if to is not None else None
         return arrays[0].astype(target.numpy()) if target in _INT_TYPES else None
-    binary = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Equal": np.equal, "Less": np.less,
-              "Greater": np.greater, "And": np.logical_and, "Or": np.logical_or}
+    binary = {
+        "Add": np.add,
+        "Sub": np.subtract,
+        "Mul": np.multiply,
+        "Equal": np.equal,
+        "Less": np.less,
+        "Greater": np.greater,
+        "And": np.logical_and,
+        "Or": np.logical_or,
+    }
     if op in binary and len(arrays) == 2:
         return binary[op](arrays[0], arrays[1])
     if op == "Div" and len(arrays) == 2 and not (arrays[1] == 0).any():
@@ -183,7 +213,9 @@ class FoldShapeArithmeticPass(CompressPass):
             while name in graph.initializers:
                 name += "_"
             value = ir.Value(
-                name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                name=name,
+                shape=ir.Shape(array.shape),
+                type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                 const_value=ir.tensor(array, name=name),
             )
             graph.register_initializer(value)
@@ -195,7 +227,9 @@ class FoldShapeArithmeticPass(CompressPass):
     ) -> ir.Value:
         """Shape(source, start=axis, end=axis+1) (1-D) or its Squeeze (scalar), at the graph's start."""
         name = f"{source.name}.dim{axis}"
-        shape_node = ir.node("Shape", [source], attributes={"start": axis, "end": axis + 1}, name=f"{name}.Shape")
+        shape_node = ir.node(
+            "Shape", [source], attributes={"start": axis, "end": axis + 1}, name=f"{name}.Shape"
+        )
         shape_node.outputs[0].name = name + ("" if keep_rank else ".1d")
         graph.insert_before(next(iter(graph)), shape_node)
         if keep_rank:
