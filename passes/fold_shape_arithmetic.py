@@ -180,10 +180,8 @@ class FoldShapeArithmeticPass(CompressPass):
                 if self._replace(node, self._constant(graph, value, constants)):
                     report.count("static dim read folded")
             elif dim.value is not None and dim.value in sources:
-                key = (dim.value, keep_rank)
-                if key not in shared:
-                    shared[key] = self._shared_dim(graph, *sources[dim.value], keep_rank, constants)
-                if shared[key] is not node.outputs[0] and self._replace(node, shared[key]):
+                read_once = self._shared_dim(graph, dim.value, keep_rank, sources, shared, constants)
+                if read_once is not node.outputs[0] and self._replace(node, read_once):
                     report.count("symbolic dim read shared")
         report.count("integer node folded", self._fold_constants(graph, constants))
         before = sum(1 for _ in graph)
@@ -223,22 +221,36 @@ class FoldShapeArithmeticPass(CompressPass):
         return constants[key]
 
     def _shared_dim(
-        self, graph: ir.Graph, source: ir.Value, axis: int, keep_rank: bool, constants: dict[Any, ir.Value]
+        self,
+        graph: ir.Graph,
+        dim_param: str,
+        keep_rank: bool,
+        sources: dict[str, tuple[ir.Value, int]],
+        shared: dict[tuple[str, bool], ir.Value],
+        constants: dict[Any, ir.Value],
     ) -> ir.Value:
-        """Shape(source, start=axis, end=axis+1) (1-D) or its Squeeze (scalar), at the graph's start."""
+        """The one read of dim_param at the graph's start: Shape(source, start=axis, end=axis+1)
+        (1-D), and its Squeeze (scalar) when asked; both forms share the Shape node."""
+        key = (dim_param, keep_rank)
+        if key in shared:
+            return shared[key]
+        source, axis = sources[dim_param]
         name = f"{source.name}.dim{axis}"
-        shape_node = ir.node(
-            "Shape", [source], attributes={"start": axis, "end": axis + 1}, name=f"{name}.Shape"
-        )
-        shape_node.outputs[0].name = name + ("" if keep_rank else ".1d")
-        graph.insert_before(next(iter(graph)), shape_node)
         if keep_rank:
-            return shape_node.outputs[0]
+            shape_node = ir.node(
+                "Shape", [source], attributes={"start": axis, "end": axis + 1}, name=f"{name}.Shape"
+            )
+            shape_node.outputs[0].name = f"{name}.1d"
+            graph.insert_before(next(iter(graph)), shape_node)
+            shared[key] = shape_node.outputs[0]
+            return shared[key]
+        one_d = self._shared_dim(graph, dim_param, True, sources, shared, constants)
         axes = self._constant(graph, np.array([0], dtype=np.int64), constants)
-        squeeze = ir.node("Squeeze", [shape_node.outputs[0], axes], name=f"{name}.Squeeze")
+        squeeze = ir.node("Squeeze", [one_d, axes], name=f"{name}.Squeeze")
         squeeze.outputs[0].name = name
-        graph.insert_after(shape_node, squeeze)
-        return squeeze.outputs[0]
+        graph.insert_after(one_d.producer(), squeeze)
+        shared[key] = squeeze.outputs[0]
+        return shared[key]
 
     @staticmethod
     def _replace(node: ir.Node, value: ir.Value) -> bool:

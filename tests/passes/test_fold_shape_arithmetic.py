@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 from bct_onnx.passes import FoldShapeArithmeticPass
@@ -90,3 +91,33 @@ def test_tiny_llama_with_past_keeps_its_outputs(tmp_path):
         feeds = families.dummy_inputs(path, sequence_length=sequence, past_length=past)
         for want, have in zip(original.run(None, feeds), rewritten.run(None, feeds)):
             np.testing.assert_array_equal(have, want)
+
+
+def test_one_dim_read_as_scalar_and_as_1d_gets_distinct_names(helpers):
+    # Pythia reads the sequence length both ways, the scalar read first: the scalar read squeezes
+    # the shared 1-D read, and the two get different names.
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[B, S, 8] x) => (float[B, S, 2, 4] y, int64[S] r) {
+      sx = Shape(x)
+      s0 = Gather<axis = 0>(sx, one)
+      s1 = Shape<start = 1, end = 2>(x)
+      b = Shape<start = 0, end = 1>(x)
+      target = Concat<axis = 0>(b, s1, tail)
+      y = Reshape(x, target)
+      r = Range(zero, s0, step)
+    }"""
+    initializers = {
+        "one": np.array(1, np.int64),
+        "zero": np.array(0, np.int64),
+        "step": np.array(1, np.int64),
+        "tail": np.array([2, 4], np.int64),
+    }
+    model = helpers.model_from_text(text, initializers)
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 3, 8)).astype(np.float32)}
+    expected = helpers.run_ort(model, feeds)
+    result = FoldShapeArithmeticPass()(model)
+    assert result.rewritten["symbolic dim read shared"] == 3
+    onnx.checker.check_model(ir.to_proto(model))  # SSA: every value name once
+    assert collections.Counter(helpers.op_types(model))["Shape"] == 2  # one per dim (B, S)
+    for want, have in zip(expected, helpers.run_ort(model, feeds)):
+        np.testing.assert_array_equal(have, want)
