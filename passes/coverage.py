@@ -1,8 +1,9 @@
 """Coverage of a compressed model: which nodes of the target kinds ended up as bct-onnx ops.
 
 ``target_kind_shares(original, compressed)`` counts, per kind, the float nodes of the original
-model (after the same GELU / SiLU / LayerNorm / RMSNorm fusions the pipeline applies, with Gemm
-counted as MatMul and ONNX Swish as Silu) and the ai.bct_onnx nodes of the compressed model. The
+model (after the pipeline's canonicalize passes and the same GELU / SiLU / LayerNorm / RMSNorm
+fusions, with Gemm counted as MatMul and ONNX Swish as Silu) and the ai.bct_onnx nodes of the
+compressed model. The
 README's family x op-kind table is built from it (tests/passes/test_families_e2e.py prints it).
 A Gelu, Silu, Softmax or norm counted here runs as a bct-onnx op; whether its operand and result also
 stay compressed is reported separately (``compressed_activations``).
@@ -19,6 +20,7 @@ from bct_onnx.passes.fuse_layer_norm import FuseLayerNormPass
 from bct_onnx.passes.fuse_rms_norm import FuseRMSNormPass
 from bct_onnx.passes.fuse_silu import FuseSiluPass
 from bct_onnx.passes.infer_shapes import annotate_shapes
+from bct_onnx.passes.pipeline import canonicalize_passes
 from bct_onnx.passes.quantized_weights import FLOAT_DTYPES, constant_tensor
 
 from bct_onnx import ops
@@ -65,6 +67,10 @@ def _is_embedding(node: ir.Node) -> bool:
 
 def _float_counts(model: ir.Model) -> dict[str, int]:
     work = model.clone()
+    # Canonicalized as the pipeline does: FoldShapeArithmeticPass merges nodes that compute the same
+    # thing, e.g. GPT-NeoX's two LayerNorms of one input once exporter-deduplicated weights are one.
+    for canonicalize in canonicalize_passes():
+        work = canonicalize(work).model
     annotate_shapes(work)
     for fusion in (FuseGeluPass(), FuseSiluPass(), FuseLayerNormPass(), FuseRMSNormPass()):
         work = fusion(work).model
