@@ -23,6 +23,7 @@ import onnx_ir as ir
 
 from bct_onnx import model_io
 from bct_onnx.errors import BctOnnxError, ModelFileError
+from bct_onnx.extras import install_hint, module_available, require
 from bct_onnx.report import CompileReport, SkippedNode, StepTimer, config_to_dict, versions
 
 CalibrationArg = Any  # "auto" | "text" | "none" | None | bct_onnx.calibration.Calibration
@@ -164,6 +165,13 @@ def _calibration(
         if calibration == "text":
             raise BctOnnxError("text calibration needs a tokenizer: pass tokenizer=DIR (CLI: --tokenizer DIR)")
         return None, {"method": "none", "reason": "no tokenizer next to the model; pass --tokenizer DIR to calibrate"}
+    if not module_available("transformers"):
+        if calibration == "text" or tokenizer is not None:
+            require("hf", "text calibration with a tokenizer")
+        return None, {
+            "method": "none",
+            "reason": f"a tokenizer is in {folder} but transformers is not installed; to calibrate: {install_hint('hf')}",
+        }
     try:
         from transformers import AutoTokenizer
 
@@ -319,6 +327,7 @@ def compress(
         with timer.step("compress"):
             result = _run_pipeline(model, cfg, prog, debug, feeds)
         compressed = result.model
+        standard_onnx = _standard_onnx(cfg, result)
 
         if output is not None:
             with timer.step("save"):
@@ -356,8 +365,24 @@ def compress(
         exported_from=exported_from,
         calibration=calibration_report,
         versions=versions(),
+        standard_onnx=standard_onnx,
     )
     return CompressResult(compressed, report)
+
+
+def _standard_onnx(cfg: CompressConfig, result: PipelineResult) -> dict[str, Any] | None:
+    """format "qdq": what the file holds and what standard ONNX could not (an error if custom ops remain)."""
+    if cfg.format != "qdq":
+        return None
+    from bct_onnx.passes.convert_to_qdq import qdq_summary
+
+    summary = qdq_summary(dict(result.rewritten), result.model, cfg.ops, cfg.act_bits)
+    if summary["custom_ops_left"]:
+        reasons = "; ".join(str(skip) for skip in result.skipped if skip.op_type.startswith("Block"))
+        raise BctOnnxError(
+            f"format 'qdq': {summary['custom_ops_left']} could not be converted to standard ONNX ({reasons})"
+        )
+    return summary
 
 
 def _initializers(model: ir.Model) -> Iterator[ir.Value]:
@@ -377,6 +402,7 @@ def _is_hf_model_dir(path: Path) -> bool:
 
 
 def _export(model_dir: Path, export_dir: Path, task: str | None) -> Path:
+    require("hf", f"exporting the Hugging Face model directory {model_dir}")
     from bct_onnx.models.export import ExportError, ModelDirError, export_hf_directory
 
     try:

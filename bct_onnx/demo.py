@@ -23,6 +23,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from bct_onnx.extras import require
 from bct_onnx.report import CompileReport, format_bytes
 
 WARMUP_RUNS = 2
@@ -120,6 +121,7 @@ def run_demo(
     out: TextIO | None = None,
 ) -> DemoResult:
     """Run the demo and print its results to ``out`` (default stdout); return the figures."""
+    require("demo", "the demo (all-MiniLM-L6-v2 exported with optimum)")
     import onnxruntime as ort
 
     from bct_onnx import runtime

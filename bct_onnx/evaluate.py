@@ -29,6 +29,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from bct_onnx.errors import BctOnnxError
+from bct_onnx.extras import require
 
 logger = logging.getLogger(__name__)
 
@@ -296,6 +297,7 @@ def evaluate(
 
     keep: write the compressed model here (default: a temporary directory, removed afterwards).
     """
+    require("eval", "perplexity evaluation")
     from bct_onnx.api import compress
     from bct_onnx.models.perplexity import onnx_logits_fn, perplexity_of_ids
     from bct_onnx.report import config_to_dict
@@ -511,6 +513,7 @@ def generate(
     With ``kv_cache`` (and a known model), the KV-cache export is compressed and used; if that fails
     to compress or to run, the no-past export is compressed and each step recomputes the sequence.
     """
+    require("eval", "generation with FP32 and compressed models")
     from bct_onnx.api import compress
 
     if max_new_tokens < 1:

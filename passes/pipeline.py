@@ -19,6 +19,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 from bct_onnx.passes.check_model import CheckModelPass
+from bct_onnx.passes.convert_to_qdq import ConvertToQDQPass
 from bct_onnx.passes.fold_constant_weights import FoldConstantWeightsPass
 from bct_onnx.passes.fold_quantize_dequantize import (
     ActivationSummary,
@@ -133,6 +134,8 @@ def build_passes(config: CompressConfig, calibration: Calibration | None = None)
             quantize.append(factory(config, calibration) if calibrated else factory(config))  # type: ignore[call-arg]
     if any(config.enabled(kind) for kind in ACTIVATION_OPS):
         quantize.append(FoldQuantizeDequantizePass(config))
+    if config.format == "qdq":
+        quantize.append(ConvertToQDQPass())
     cleanup: list[ir.passes.PassBase] = [
         common_passes.RemoveUnusedNodesPass(),
         common_passes.RemoveUnusedOpsetsPass(),
