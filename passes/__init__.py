@@ -4,6 +4,8 @@ Each pass is an onnx-ir in-place pass usable on its own; ``compress_model`` runs
 """
 
 from bct_onnx.passes.check_model import CheckModelPass
+from bct_onnx.passes.convert_opset import ConvertOpsetPass, OpsetConversionError
+from bct_onnx.passes.convert_to_qdq import ConvertToQDQPass
 from bct_onnx.passes.fold_constant_weights import FoldConstantWeightsPass
 from bct_onnx.passes.fold_quantize_dequantize import (
     ActivationSummary,
@@ -51,6 +53,8 @@ __all__ = [
     "CompressPass",
     "CompressPassResult",
     "CompressedTensor",
+    "ConvertOpsetPass",
+    "ConvertToQDQPass",
     "DomainVersionError",
     "FoldConstantWeightsPass",
     "FoldQuantizeDequantizePass",
@@ -61,6 +65,7 @@ __all__ = [
     "GemmToMatMulPass",
     "MissingGraphError",
     "NodeRewritePass",
+    "OpsetConversionError",
     "OpsetTooOldError",
     "PassRecord",
     "PassReport",
