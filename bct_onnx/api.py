@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from bct_onnx import model_io
+from bct_onnx import model_io, model_metadata
 from bct_onnx.errors import BctOnnxError, ModelFileError
 from bct_onnx.extras import install_hint, module_available, require
 from bct_onnx.report import CompileReport, SkippedNode, StepTimer, config_to_dict, versions
@@ -328,6 +328,7 @@ def compress(
             result = _run_pipeline(model, cfg, prog, debug, feeds)
         compressed = result.model
         standard_onnx = _standard_onnx(cfg, result)
+        model_metadata.stamp(compressed, config_to_dict(cfg))
 
         if output is not None:
             with timer.step("save"):
