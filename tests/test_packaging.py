@@ -24,7 +24,7 @@ HEAVY = ("torch", "transformers", "optimum", "sentence_transformers", "onnxscrip
 def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     # cwd is a temporary directory: the source tree must not shadow the installed package.
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", textwrap.dedent(code)], check=False, cwd=cwd, capture_output=True, text=True, timeout=300
     )
 
 
