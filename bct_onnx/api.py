@@ -272,7 +272,7 @@ def compress(
     exported_from: str | None = None
     with contextlib.ExitStack() as stack:
         input_file: Path | None = None
-        if isinstance(input, (onnx.ModelProto, ir.Model)):
+        if isinstance(input, (onnx.ModelProto, ir.Model)) or model_io.is_graphsurgeon_graph(input):
             with timer.step("load"):
                 model = model_io.from_proto(input)
             input_label = "<in-memory model>"
@@ -297,7 +297,8 @@ def compress(
                 model = model_io.load(input_file)
         else:
             raise TypeError(
-                f"input must be a path, an onnx.ModelProto or an onnx_ir.Model, not {type(input).__name__}"
+                "input must be a path, an onnx.ModelProto, an onnx_ir.Model or an onnx_graphsurgeon Graph, "
+                f"not {type(input).__name__}"
             )
 
         # Never write over the input: its .onnx file and every external data file it reads.
