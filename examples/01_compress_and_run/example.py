@@ -3,36 +3,14 @@
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # examples/_common.py
 import numpy as np
-import onnx
 import onnxruntime as ort
-from onnx import helper, numpy_helper
+from _common import build_mlp, run, sample_input
 
 import bct_onnx
-
-
-def build_mlp(path: Path, width: int = 256, hidden: int = 1024) -> Path:
-    rng = np.random.default_rng(0)
-    inits = [
-        numpy_helper.from_array((rng.standard_normal((width, hidden)) / np.sqrt(width)).astype(np.float32), "W1"),
-        numpy_helper.from_array((rng.standard_normal((hidden, width)) / np.sqrt(hidden)).astype(np.float32), "W2"),
-    ]
-    nodes = [
-        helper.make_node("MatMul", ["x", "W1"], ["h"], name="/mlp/fc1/MatMul"),
-        helper.make_node("Relu", ["h"], ["r"]),
-        helper.make_node("MatMul", ["r", "W2"], ["y"], name="/mlp/fc2/MatMul"),
-    ]
-    graph = helper.make_graph(
-        nodes, "mlp",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", width])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", width])],
-        inits,
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
 
 
 def main(out_dir: Path) -> None:
@@ -41,7 +19,7 @@ def main(out_dir: Path) -> None:
     result = bct_onnx.compress(source, target, weight_bits=4, act_bits=8, block_size=32)
     print(result.report.summary())
 
-    x = np.random.default_rng(1).standard_normal((4, 256)).astype(np.float32)
+    x = sample_input()
     (fp32,) = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     (compressed,) = bct_onnx.session(target).run(None, {"x": x})
     relative = np.linalg.norm(compressed - fp32) / np.linalg.norm(fp32)
@@ -49,8 +27,4 @@ def main(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
-        main(Path(sys.argv[1]))
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            main(Path(tmp))
+    run(main)

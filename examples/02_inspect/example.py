@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import sys
-import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # examples/_common.py
+import json
+
+from _common import build_mlp, run
 
 import bct_onnx
 from bct_onnx.inspect import inspect_model
-
-HERE = Path(__file__).resolve().parent
-
-
-def build_mlp(path: Path) -> Path:
-    spec = importlib.util.spec_from_file_location("example01", HERE.parent / "01_compress_and_run" / "example.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_mlp(path)
 
 
 def main(out_dir: Path) -> None:
@@ -34,8 +27,4 @@ def main(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
-        main(Path(sys.argv[1]))
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            main(Path(tmp))
+    run(main)

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # examples/_common.py
 import numpy as np
 import onnx
 import onnxruntime as ort
+from _common import build_mlp, run, sample_input
 
 import bct_onnx
-
-HERE = Path(__file__).resolve().parent
-
-
-def build_mlp(path: Path) -> Path:
-    spec = importlib.util.spec_from_file_location("example01", HERE.parent / "01_compress_and_run" / "example.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_mlp(path)
 
 
 def main(out_dir: Path) -> None:
@@ -31,7 +22,7 @@ def main(out_dir: Path) -> None:
     model = onnx.load(str(target))
     print("ops:", [node.op_type for node in model.graph.node], "opset", model.opset_import[0].version)
 
-    x = np.random.default_rng(1).standard_normal((4, 256)).astype(np.float32)
+    x = sample_input()
     (fp32,) = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     # A plain session: the bct-onnx library is NOT registered.
     (standard,) = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]).run(None, {"x": x})
@@ -40,8 +31,4 @@ def main(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
-        main(Path(sys.argv[1]))
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            main(Path(tmp))
+    run(main)

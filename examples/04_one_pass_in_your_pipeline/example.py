@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # examples/_common.py
 import numpy as np
 import onnx_ir as ir
+from _common import build_mlp, run, sample_input
 from bct_onnx.passes import QuantizeMatMulPass
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 import bct_onnx
 from bct_onnx.config import CompressConfig
-
-HERE = Path(__file__).resolve().parent
-
-
-def build_mlp(path: Path) -> Path:
-    spec = importlib.util.spec_from_file_location("example01", HERE.parent / "01_compress_and_run" / "example.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_mlp(path)
 
 
 def main(out_dir: Path) -> None:
@@ -45,7 +36,7 @@ def main(out_dir: Path) -> None:
     graph = gs.import_onnx(ir.to_proto(result.model))
     graph.cleanup().toposort()
     edited = gs.export_onnx(graph)
-    x = np.random.default_rng(1).standard_normal((4, 256)).astype(np.float32)
+    x = sample_input()
     (before,) = bct_onnx.session(target).run(None, {"x": x})
     (after,) = bct_onnx.session(edited.SerializeToString()).run(None, {"x": x})
     print("graphsurgeon round trip identical:", bool(np.array_equal(before, after)))
@@ -54,8 +45,4 @@ def main(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
-        main(Path(sys.argv[1]))
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            main(Path(tmp))
+    run(main)
