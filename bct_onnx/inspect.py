@@ -86,14 +86,12 @@ class Inspection:
 
     def totals_by_component(self) -> dict[str, dict[str, int]]:
         totals: dict[str, dict[str, int]] = {}
-        seen: set[tuple[str, ...]] = set()
-        for node, key in zip(self.nodes, _weight_keys(self.nodes)):
+        for node in self.nodes:
             entry = totals.setdefault(node.component, {"nodes": 0, "compressed": 0, "bytes": 0, "float_bytes": 0})
             entry["nodes"] += 1
             entry["compressed"] += node.format != "float"
-            if key in seen:
+            if node.shared:  # its weights are counted with the first node reading them
                 continue
-            seen.add(key)
             entry["bytes"] += node.bytes
             entry["float_bytes"] += node.float_bytes
         return dict(sorted(totals.items()))
@@ -192,11 +190,6 @@ def _by_layer(nodes: Iterable[NodeInfo]) -> list[tuple[str, list[NodeInfo]]]:
         return (0, int(digits)) if digits.isdigit() else (1 if item[0] == "-" else 0, -1)
 
     return sorted(groups.items(), key=order)
-
-
-def _weight_keys(nodes: list[NodeInfo]) -> list[tuple[str, ...]]:
-    # nodes sharing weights carry shared=True on all but the first; each node is its own key otherwise
-    return [(node.name, node.op_type) if not node.shared else ("shared", node.name) for node in nodes]
 
 
 def layer_of(*names: str) -> str | None:

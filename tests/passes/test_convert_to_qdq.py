@@ -217,3 +217,29 @@ def test_convert_opset_pass_converts_nodes_and_leaves_newer_models_alone():
     assert result.model.graph.initializers["W"].const_value.numpy().shape == (K, N)
     again = ConvertOpsetPass(18)(result.model)
     assert not again.modified and again.model.opset_imports[""] == 21
+
+
+def test_tied_table_is_stored_once_and_transposed_for_the_matmul():
+    from bct_onnx.passes import ConvertToQDQPass, QuantizeGatherPass, QuantizeMatMulPass
+
+    from bct_onnx.config import CompressConfig
+
+    source = small_model()
+    custom = ir.serde.deserialize_model(source)
+    config = CompressConfig(act_bits=None, embedding_scale_kind=None)
+    for pass_ in (QuantizeMatMulPass(config), QuantizeGatherPass(config)):  # no folding: the tie stays
+        custom = pass_(custom).model
+    gather = next(n for n in custom.graph if n.op_type == "BlockGather")
+    tied = next(n for n in custom.graph if n.op_type == "BlockMatMul" and n.inputs[1] is gather.inputs[1])
+    expected = bct_onnx.session(ir.serde.serialize_model(custom).SerializeToString()).run(None, FEEDS)
+    result = ConvertToQDQPass()(custom)
+    assert result.rewritten["DequantizeLinear shared by a Gather and a MatMul (tied table)"] == 1
+    proto = ir.serde.serialize_model(result.model)
+    dq_nodes = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq_nodes) == 2  # W's and the table's, stored once
+    (transpose,) = [n for n in proto.graph.node if n.op_type == "Transpose" and n.input[0] == dq_nodes[1].output[0]]
+    matmul = next(n for n in proto.graph.node if n.name == tied.name)
+    assert matmul.input[1] == transpose.output[0]
+    got = plain_session(proto, optimize=False).run(None, FEEDS)
+    for want, have in zip(expected, got):
+        np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5)
