@@ -1,0 +1,58 @@
+"""CLI: `compress --format qdq` and `inspect MODEL [--json] [--nodes]`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from bct_onnx import cli
+
+
+def tiny_model(path):
+    rng = np.random.default_rng(7)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["A", "W"], ["Y"], name="/model/layers.0/mlp/MatMul")],
+        "g",
+        [helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [1, 16])],
+        [numpy_helper.from_array(rng.standard_normal((64, 16)).astype(np.float32), "W")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_compress_format_qdq_writes_standard_onnx(tmp_path, capsys):
+    source = tiny_model(tmp_path / "m.onnx")
+    out = tmp_path / "m.qdq.onnx"
+    assert cli.main(["compress", str(source), "-o", str(out), "--format", "qdq", "-q"]) == 0
+    assert "standard ONNX (opset 21" in capsys.readouterr().out
+    model = onnx.load(str(out))
+    assert [n.op_type for n in model.graph.node] == ["DequantizeLinear", "MatMul"]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])  # no library
+    assert session.run(None, {"A": np.ones((1, 64), np.float32)})[0].shape == (1, 16)
+
+
+def test_inspect_text_json_and_nodes(tmp_path, capsys):
+    source = tiny_model(tmp_path / "m.onnx")
+    out = tmp_path / "m.bct.onnx"
+    assert cli.main(["compress", str(source), "-o", str(out), "-q"]) == 0
+    capsys.readouterr()
+    assert cli.main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "bct model" in text and "layer 0" in text
+    assert cli.main(["inspect", str(out), "--nodes"]) == 0
+    assert "BlockMatMul" in capsys.readouterr().out
+    assert cli.main(["inspect", str(source), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["format"] == "float" and data["prediction"]["rewritten"] == {"MatMul": 1}
+    assert data["nodes"][0]["reason"].startswith("compressible")
+
+
+def test_inspect_missing_file_is_a_one_line_error(tmp_path, capsys):
+    assert cli.main(["inspect", str(tmp_path / "nope.onnx")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("bct-onnx: error:") and "nope.onnx" in err[0]
