@@ -152,7 +152,8 @@ class Inspection:
             lines.append(f"float: {len(floats)} node(s)")
             reasons: dict[str, list[str]] = {}
             for node in floats:
-                reasons.setdefault(f"{node.kind}: {node.reason or 'unknown'}", []).append(node.name)
+                reason = node.reason or "not explained (inspect without --no-explain says why)"
+                reasons.setdefault(f"{node.kind}: {reason}", []).append(node.name)
             for reason, names in sorted(reasons.items(), key=lambda kv: -len(kv[1])):
                 example = names[0] if len(names) == 1 else f"{names[0]} and {len(names) - 1} more"
                 lines.append(f"  {len(names):>4} x {reason} (e.g. {example})")
@@ -401,6 +402,9 @@ def _weight_name(node: ir.Node) -> str | None:
     found = _dequantize_source(node.inputs[index])
     if found is not None:
         return found[0].inputs[0].name if found[0].inputs[0] is not None else None
+    producer = node.inputs[index].producer()
+    if producer is not None and producer.op_type == "Transpose" and _const(producer.inputs[0]) is not None:
+        return producer.inputs[0].name  # a tied table read as the output projection
     return node.inputs[index].name
 
 
