@@ -4,7 +4,7 @@ Never a bare bump of the opset number: each node of the default domain goes thro
 version adapters (ReduceMean's ``axes`` attribute becomes an input at 18, and so on). Nodes of
 other domains (ai.bct_onnx) are left as they are. The IR version is raised to the one the new opset
 needs. Tensors are not copied into the result: every initializer keeps its original tensor object
-(an external-data tensor stays a reference to its file).
+(an external-data tensor stays a reference to its file), and none is copied for the conversion.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def convert_opset(model: ir.Model, target: int) -> bool:
         raise OpsetConversionError("the model imports no default ONNX opset")
     if current >= target:
         return False
-    proto = ir.serde.serialize_model(model)
+    proto = _structure_only(model)
     try:
         converted = onnx.version_converter.convert_version(proto, target)
     except Exception as error:  # the converter raises plain RuntimeError / ValidationError
@@ -52,12 +52,45 @@ def convert_opset(model: ir.Model, target: int) -> bool:
     return True
 
 
+_PLACEHOLDER = "bct_onnx.opset_conversion.placeholder"  # never read: the converter only needs structure
+
+
+def _structure_only(model: ir.Model) -> onnx.ModelProto:
+    """The model as a proto whose initializers refer to a placeholder file instead of holding data.
+
+    The version adapters only read node structure, so no tensor byte is copied (models whose
+    tensors exceed protobuf's 2 GB limit convert too); _keep_original_tensors puts them back.
+    """
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None:
+                continue
+            swapped.append((value, tensor))
+            value.const_value = ir.ExternalTensor(
+                _PLACEHOLDER, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=value.name or ""
+            )
+    try:
+        return ir.serde.serialize_model(model)
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
+
+
 def _keep_original_tensors(old: ir.Graph, new: ir.Graph) -> None:
-    for name, value in new.initializers.items():
-        original = old.initializers.get(name)
-        if original is not None and original.const_value is not None:
-            value.const_value = original.const_value
-            value.metadata_props.update(original.metadata_props)
+    """Give every initializer of new (main graph and subgraphs) the tensor object it had in old."""
+    originals: dict[str, ir.Value] = {}
+    for graph in (old, *old.subgraphs()):
+        originals.update(graph.initializers)
+    for graph in (new, *new.subgraphs()):
+        for name, value in graph.initializers.items():
+            original = originals.get(name)
+            if original is not None and original.const_value is not None:
+                value.const_value = original.const_value
+                value.metadata_props.update(original.metadata_props)
+            elif isinstance(value.const_value, ir.ExternalTensor) and value.const_value.location == _PLACEHOLDER:
+                raise OpsetConversionError(f"initializer '{name}' lost its data in the opset conversion")
 
 
 class ConvertOpsetPass(ir.passes.InPlacePass):

@@ -243,3 +243,19 @@ def test_tied_table_is_stored_once_and_transposed_for_the_matmul():
     got = plain_session(proto, optimize=False).run(None, FEEDS)
     for want, have in zip(expected, got):
         np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5)
+
+
+def test_convert_opset_copies_no_tensor_and_keeps_external_data(tmp_path):
+    proto = small_model()
+    want = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    path = tmp_path / "model.onnx"
+    onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="model.data",
+              size_threshold=0)
+    model = ir.load(path)
+    before = {name: value.const_value for name, value in model.graph.initializers.items()}
+    assert all(isinstance(t, ir.ExternalTensor) for t in before.values())
+    assert ConvertOpsetPass(21)(model).modified
+    for name, tensor in before.items():
+        assert model.graph.initializers[name].const_value is tensor  # the same object, still on disk
+    for name, value in model.graph.initializers.items():
+        np.testing.assert_array_equal(value.const_value.numpy(), want[name])
