@@ -153,6 +153,7 @@ class Inspection:
             reasons: dict[str, list[str]] = {}
             for node in floats:
                 reason = node.reason or "not explained (inspect without --no-explain says why)"
+                reason = re.sub(r"'[^']*'", "'...'", reason)  # group reasons that differ by a name
                 reasons.setdefault(f"{node.kind}: {reason}", []).append(node.name)
             for reason, names in sorted(reasons.items(), key=lambda kv: -len(kv[1])):
                 example = names[0] if len(names) == 1 else f"{names[0]} and {len(names) - 1} more"
@@ -470,10 +471,11 @@ def inspect_model(
         explained = []
         for node in nodes:
             if node.format == "float":
-                if node.name in reasons:
-                    node = dataclasses.replace(node, reason=reasons[node.name])
-                elif node.name in would_rewrite:
+                # a node the run rewrote may still carry a note (its result stays float): rewritten wins
+                if node.name in would_rewrite:
                     node = dataclasses.replace(node, reason=f"compressible: compress with {source} would rewrite it")
+                elif node.name in reasons:
+                    node = dataclasses.replace(node, reason=reasons[node.name])
                 else:
                     node = dataclasses.replace(node, reason=f"not an op kind {source} compresses")
             explained.append(node)

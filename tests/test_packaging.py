@@ -129,6 +129,19 @@ def test_demo_without_demo_extra_says_which_extra(tmp_path):
     assert "[demo] extra" in line and "sentence_transformers" in line
 
 
+@pytest.mark.parametrize(
+    "missing,argv,words",
+    [
+        (["rdata"], ["eval", "smollm2", "--tokens", "16"], "[eval] extra (missing: rdata)"),
+        (["gguf"], ["generate", "smollm2", "--prompt", "hi"], "[eval] extra (missing: gguf)"),
+    ],
+)
+def test_eval_and_generate_without_eval_extra_say_which_extra(tmp_path, missing, argv, words):
+    done = run_cli_without(missing, argv, tmp_path)
+    assert done.returncode == 1
+    assert words in one_error_line(done)
+
+
 def test_require_names_missing_modules():
     from bct_onnx.extras import MissingExtraError, missing_modules, require
 
