@@ -293,9 +293,18 @@ _QDQ_BITS = {
 _SCALE_NAMES = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
 
 
-def _code_bits(codes: ir.TensorProtocol) -> int | None:
-    """Width of DequantizeLinear codes: the type's, or for 8-bit containers the width the values use
-    (3, 5, 6 and 7-bit codes have no standard type and are stored in int8 / uint8)."""
+_FORMAT_TAG = re.compile(r"^q(\d+)b\d+")
+
+
+def _code_bits(codes_value: ir.Value, codes: ir.TensorProtocol) -> int | None:
+    """Width of DequantizeLinear codes: from bct-onnx's format tag when present, else the type's, or
+    for 8-bit containers the width the values use (3, 5, 6 and 7-bit codes have no standard type and
+    are stored in int8 / uint8)."""
+    from bct_onnx.passes.quantized_weights import FORMAT_KEY
+
+    tagged = _FORMAT_TAG.match(codes_value.metadata_props.get(FORMAT_KEY, ""))
+    if tagged:
+        return int(tagged.group(1))
     bits = _QDQ_BITS.get(codes.dtype)
     if bits != 8:
         return bits
@@ -341,7 +350,7 @@ def _standard_info(node: ir.Node, base: dict[str, Any], kind: str) -> NodeInfo:
             elements = int(np.prod(codes.shape.numpy()))
             bias = _bias_after(node)
             return NodeInfo(
-                **base, kind=kind, format="qdq", bits=_code_bits(codes),
+                **base, kind=kind, format="qdq", bits=_code_bits(dq.inputs[0], codes),
                 block_size=_attr(dq, "block_size") or None, scale_kind=_SCALE_NAMES.get(scales.dtype, scales.dtype.name.lower()),
                 zero_points=zero_points, bytes=_nbytes(dq.inputs[0], dq.inputs[1], zp, *offsets, bias),
                 float_bytes=4 * elements + _nbytes(bias),

@@ -221,6 +221,8 @@ class ConvertToQDQPass(CompressPass):
         ]
         if standard.zero_points is not None:
             inputs.append(_initializer(graph, f"{base}.zero_points", standard.zero_points))
+        for value in inputs:  # keep the source and block-format tags (inspect reads the true width)
+            value.metadata_props.update(codes_value.metadata_props)
         owner = node.graph
         assert owner is not None
         dq = ir.node(
