@@ -7,26 +7,17 @@ import json
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper, numpy_helper
 
 from bct_onnx import cli
 
 
-def tiny_model(path):
-    rng = np.random.default_rng(7)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["A", "W"], ["Y"], name="/model/layers.0/mlp/MatMul")],
-        "g",
-        [helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT, [1, 64])],
-        [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [1, 16])],
-        [numpy_helper.from_array(rng.standard_normal((64, 16)).astype(np.float32), "W")],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+def save_tiny(path, tiny_model):
+    onnx.save(tiny_model(node_name="/model/layers.0/mlp/MatMul", seed=7), path)
     return path
 
 
-def test_compress_format_qdq_writes_standard_onnx(tmp_path, capsys):
-    source = tiny_model(tmp_path / "m.onnx")
+def test_compress_format_qdq_writes_standard_onnx(tmp_path, capsys, tiny_model):
+    source = save_tiny(tmp_path / "m.onnx", tiny_model)
     out = tmp_path / "m.qdq.onnx"
     assert cli.main(["compress", str(source), "-o", str(out), "--format", "qdq", "-q"]) == 0
     assert "standard ONNX (opset 21" in capsys.readouterr().out
@@ -36,8 +27,8 @@ def test_compress_format_qdq_writes_standard_onnx(tmp_path, capsys):
     assert session.run(None, {"A": np.ones((1, 64), np.float32)})[0].shape == (1, 16)
 
 
-def test_inspect_text_json_and_nodes(tmp_path, capsys):
-    source = tiny_model(tmp_path / "m.onnx")
+def test_inspect_text_json_and_nodes(tmp_path, capsys, tiny_model):
+    source = save_tiny(tmp_path / "m.onnx", tiny_model)
     out = tmp_path / "m.bct.onnx"
     assert cli.main(["compress", str(source), "-o", str(out), "-q"]) == 0
     capsys.readouterr()

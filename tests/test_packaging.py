@@ -12,10 +12,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
 
 REPO = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "transformers", "optimum", "sentence_transformers", "onnxscript", "pandas", "sklearn")
@@ -51,19 +49,6 @@ for argv in (["--help"], ["compress", "--help"]):
     assert heavy_modules_after(help_run, tmp_path) == []
 
 
-def _tiny_model(path: Path) -> Path:
-    weight = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["A", "W"], ["Y"], name="mm")],
-        "g",
-        [helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT, [1, 64])],
-        [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [1, 16])],
-        [numpy_helper.from_array(weight, "W")],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
-
-
 def run_cli_without(missing: list[str], argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     code = f"""
 import sys
@@ -93,8 +78,9 @@ def test_hf_directory_without_hf_extra_says_which_extra(tmp_path):
     assert not (tmp_path / "out.onnx").exists()
 
 
-def test_explicit_tokenizer_without_transformers_is_an_error(tmp_path):
-    model = _tiny_model(tmp_path / "model.onnx")
+def test_explicit_tokenizer_without_transformers_is_an_error(tmp_path, tiny_model):
+    model = tmp_path / "model.onnx"
+    onnx.save(tiny_model(), model)
     tokenizer = tmp_path / "tok"
     tokenizer.mkdir()
     (tokenizer / "tokenizer.json").write_text("{}")
@@ -104,8 +90,9 @@ def test_explicit_tokenizer_without_transformers_is_an_error(tmp_path):
     assert "[hf] extra" in one_error_line(done)
 
 
-def test_tokenizer_found_without_transformers_compresses_uncalibrated(tmp_path):
-    model = _tiny_model(tmp_path / "model.onnx")
+def test_tokenizer_found_without_transformers_compresses_uncalibrated(tmp_path, tiny_model):
+    model = tmp_path / "model.onnx"
+    onnx.save(tiny_model(), model)
     (tmp_path / "tokenizer.json").write_text("{}")  # "auto" finds it next to the model
     done = run_python(
         f"""
