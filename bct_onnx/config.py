@@ -152,7 +152,11 @@ class CompressConfig:
     format: "bct" (custom ops, default) or "qdq": standard ONNX that runs without the library,
         weights and tables as blocked DequantizeLinear (opset 21, 25 for 2-bit); only MatMul and
         Gather are compressed (the other kinds have no standard blockwise form and stay float),
-        and run-time activation quantization is left out (the report says so).
+        and run-time activation quantization is left out (the report says so) unless
+        ``qdq_activations``.
+    qdq_activations: with format "qdq", write the run-time blockwise activation quantization too, as
+        scales computed in the graph + QuantizeLinear/DequantizeLinear (bit for bit the custom ops'
+        activations, but runtimes execute it in float: slower than float activations).
     """
 
     weight_bits: int = 4
@@ -169,8 +173,13 @@ class CompressConfig:
     overrides: tuple[NodeOverride, ...] = ()
     keep_compressed: bool = True
     format: str = "bct"
+    qdq_activations: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.qdq_activations, bool):
+            raise ValueError(f"qdq_activations must be a bool, got {self.qdq_activations!r}")  # noqa: TRY004
+        if self.qdq_activations and self.format != "qdq":
+            raise ValueError("qdq_activations applies to format 'qdq' only (--format qdq)")
         if self.format not in OUTPUT_FORMATS:
             raise ValueError(f"format must be one of {', '.join(OUTPUT_FORMATS)}, got {self.format!r}")
         _check_bits("weight_bits", self.weight_bits, allow_none=False)

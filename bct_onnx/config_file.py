@@ -39,6 +39,7 @@ TOP_LEVEL_KEYS = (
     "weight_scale_search",
     "keep_compressed",
     "format",
+    "qdq_activations",
     "op",
     "override",
 )

@@ -46,6 +46,7 @@ RULE_GATHER = "Gather as DequantizeLinear + Gather"
 RULE_SHARED = "DequantizeLinear shared by a Gather and a MatMul (tied table)"
 RULE_OFFSETS = "float offsets added after DequantizeLinear"
 RULE_ACT_BITS = "not expressible: run-time activation quantization (act_bits) left out, activations stay float"
+RULE_ACT_QDQ = "run-time activation quantization as in-graph scales + QuantizeLinear/DequantizeLinear"
 RULE_OPSET = "ONNX opset converted (onnx.version_converter)"
 CONTAINER_PREFIX = "codes in an 8-bit container: "  # + "<bits>-bit"
 TYPE_PREFIX = "codes as "  # + "int4" ...
@@ -163,7 +164,20 @@ def _compressed_operands(node: ir.Node) -> bool:
 
 
 class ConvertToQDQPass(CompressPass):
-    """Rewrite BlockMatMul / BlockGather with constant codes into DequantizeLinear + MatMul / Gather."""
+    """Rewrite BlockMatMul / BlockGather with constant codes into DequantizeLinear + MatMul / Gather.
+
+    activations: also express a BlockMatMul's run-time activation quantization (act_bits) in
+    standard ops: the block scales computed in the graph (ArgMax of |A| per block, the signed
+    element / -2**(act_bits-1), as block_format.choose_scales), then QuantizeLinear (scale 1 on
+    A / scale, which rounds half to even and saturates) and a blocked DequantizeLinear with those
+    scales: A' is bit for bit block_format.fake_quantize(A). Runtimes execute it in float (slower
+    than float activations; ONNX Runtime's MatMulNBits fusion then re-quantizes A' its own way at
+    accuracy level 4), so it is off by default.
+    """
+
+    def __init__(self, activations: bool = False) -> None:
+        super().__init__()
+        self.activations = activations
 
     def run(self, model: ir.Model, report: PassReport) -> None:
         if not _block_weight_nodes(model):
@@ -317,17 +331,68 @@ class ConvertToQDQPass(CompressPass):
                 new_nodes.append(transpose)
                 weight = transpose.outputs[0]
                 report.count(RULE_SHARED)
-            matmul = ir.node("MatMul", [node.inputs[0], weight], name=name)
+            activation = node.inputs[0]
+            assert activation is not None
+            act_bits = _attr(node, "act_bits")
+            if act_bits and self.activations:
+                act_nodes, activation = _activation_qdq(
+                    model.graph, activation, _attr(node, "K"), act_bits, _attr(node, "block_size"), f"{name}.act"
+                )
+                new_nodes = act_nodes + new_nodes
+                report.count(RULE_ACT_QDQ)
+            elif act_bits:
+                report.count(RULE_ACT_BITS)
+            matmul = ir.node("MatMul", [activation, weight], name=name)
             new_nodes.append(matmul)
             bias = node.inputs[4] if len(node.inputs) > 4 else None
             if bias is not None:
                 new_nodes.append(ir.node("Add", [matmul.outputs[0], bias], name=f"{name}.bias"))
-            if _attr(node, "act_bits"):
-                report.count(RULE_ACT_BITS)
             report.count(RULE_MATMUL)
         old_output = node.outputs[0]
         new_output = new_nodes[-1].outputs[0]
         ir.convenience.replace_nodes_and_values(owner, node, [node], new_nodes, [old_output], [new_output])
+
+
+def _activation_qdq(
+    graph: ir.Graph, a: ir.Value, k: int, bits: int, block_size: int, name: str
+) -> tuple[list[ir.Node], ir.Value]:
+    """Nodes computing block_format.fake_quantize(A, BlockFormat(bits, block_size, True, "float32"))
+    along A's last axis (K) in standard ops, and the value of the result (same shape as A)."""
+    nb = -(-k // block_size)
+    padded = nb * block_size
+    nodes: list[ir.Node] = []
+
+    def add(op: str, inputs: list[ir.Value | None], **attributes: object) -> ir.Value:
+        node = ir.node(op, inputs, attributes=attributes, name=f"{name}.{op}_{len(nodes)}")
+        nodes.append(node)
+        return node.outputs[0]
+
+    def const(label: str, array: np.ndarray) -> ir.Value:
+        return _initializer(graph, f"{name}.{label}", array)
+
+    x = a
+    if padded != k:  # zeros never change a block's largest magnitude
+        x = add("Pad", [x, const("pads", np.array([0, padded - k], np.int64)), None, const("pad_axes", np.array([-1], np.int64))])
+    leading = add("Shape", [x], end=-1)
+    block_shape = add("Concat", [leading, const("block_dims", np.array([nb, block_size], np.int64))], axis=0)
+    blocks = add("Reshape", [x, block_shape])
+    first_largest = add("ArgMax", [add("Abs", [blocks])], axis=-1, keepdims=1, select_last_index=0)
+    signed_max = add("GatherElements", [blocks, first_largest], axis=-1)
+    scale = add("Div", [signed_max, const("code_min", np.array(-(1 << (bits - 1)), np.float32))])
+    zero = const("zero", np.array(0.0, np.float32))
+    inverse = add("Where", [add("Equal", [scale, zero]), zero, add("Reciprocal", [scale])])
+    scaled = add("Mul", [blocks, inverse])
+    zero_point = np.array(0, dtype=_STANDARD_SIGNED.get(bits, np.int8))
+    if bits not in _STANDARD_SIGNED:  # no standard type of this width: saturate first
+        low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        scaled = add("Clip", [scaled, const("low", np.array(low, np.float32)), const("high", np.array(high, np.float32))])
+    codes = add("QuantizeLinear", [scaled, const("unit", np.array(1.0, np.float32)), const("zero_point", zero_point)])
+    values = add("DequantizeLinear", [codes, scale], axis=-1, block_size=block_size)
+    result = add("Reshape", [values, add("Shape", [x])])
+    if padded != k:
+        result = add("Slice", [result, const("starts", np.array([0], np.int64)), const("ends", np.array([k], np.int64)),
+                               const("slice_axes", np.array([-1], np.int64))])
+    return nodes, result
 
 
 def _initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
@@ -363,6 +428,12 @@ def qdq_summary(rules: dict[str, int], model: ir.Model, requested_ops: frozenset
         not_expressible.append(
             f"{rules[RULE_OFFSETS]} tensor(s) with float offsets: DequantizeLinear has integer zero points "
             "only, so an Add of the offsets follows it (exact; ONNX Runtime does not fuse it into MatMulNBits)"
+        )
+    if rules.get(RULE_ACT_QDQ):
+        not_expressible.append(
+            f"run-time blockwise activation quantization (act_bits={act_bits}) of {rules[RULE_ACT_QDQ]} MatMul(s) is "
+            "written as scales computed in the graph + QuantizeLinear/DequantizeLinear (exact, but runtimes run it "
+            "in float: slower than float activations)"
         )
     if rules.get(RULE_ACT_BITS):
         not_expressible.append(

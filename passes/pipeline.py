@@ -143,7 +143,7 @@ def rewrite_passes(
     if any(config.enabled(kind) for kind in ACTIVATION_OPS):
         quantize.append(FoldQuantizeDequantizePass(config))
     if config.format == "qdq":
-        quantize.append(ConvertToQDQPass())
+        quantize.append(ConvertToQDQPass(activations=config.qdq_activations))
     cleanup: list[ir.passes.PassBase] = [
         common_passes.RemoveUnusedNodesPass(),
         common_passes.RemoveUnusedOpsetsPass(),

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 
 from bct_onnx import cli
 
@@ -25,6 +26,20 @@ def test_compress_format_qdq_writes_standard_onnx(tmp_path, capsys, tiny_model):
     assert [n.op_type for n in model.graph.node] == ["DequantizeLinear", "MatMul"]
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])  # no library
     assert session.run(None, {"A": np.ones((1, 64), np.float32)})[0].shape == (1, 16)
+
+
+def test_qdq_activations_flag(tmp_path, capsys, tiny_model):
+    source = save_tiny(tmp_path / "m.onnx", tiny_model)
+    out = tmp_path / "m.qdq.onnx"
+    argv = ["compress", str(source), "-o", str(out), "--format", "qdq", "--qdq-activations", "-q"]
+    assert cli.main(argv) == 0
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert "QuantizeLinear" in ops and ops.count("DequantizeLinear") == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["compress", str(source), "-o", str(tmp_path / "x.onnx"), "--qdq-activations", "-q"])
+    assert exit_.value.code == 2
+    assert "applies to format 'qdq' only" in capsys.readouterr().err
 
 
 def test_inspect_text_json_and_nodes(tmp_path, capsys, tiny_model):

@@ -30,6 +30,7 @@ CONFIG_FLAGS = (
     "embedding_scale_kind",
     "zero_points",
     "format",
+    "qdq_activations",
 )
 
 
@@ -152,6 +153,13 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
         help="bct: bct-onnx custom ops (default; needs the library at run time); qdq: standard ONNX, "
         "weights and tables as opset-21 DequantizeLinear with block_size feeding MatMul/Gather, runs in "
         "plain ONNX Runtime (only MatMul and Gather compressed; the report lists what stayed float)",
+    )
+    parser.add_argument(
+        "--qdq-activations",
+        action="store_true",
+        default=quiet,
+        help="with --format qdq: write the run-time activation quantization too, as in-graph scales + "
+        "QuantizeLinear/DequantizeLinear (exact, but run in float: slower)",
     )
     # Applied after --config, in this order.
     parser.add_argument(

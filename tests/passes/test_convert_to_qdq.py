@@ -259,3 +259,30 @@ def test_convert_opset_copies_no_tensor_and_keeps_external_data(tmp_path):
         assert model.graph.initializers[name].const_value is tensor  # the same object, still on disk
     for name, value in model.graph.initializers.items():
         np.testing.assert_array_equal(value.const_value.numpy(), want[name])
+
+
+@pytest.mark.parametrize("act_bits", [8, 4, 3])
+def test_qdq_activations_are_the_spec_fake_quantization_bit_for_bit(act_bits):
+    from bct_onnx.block_format import fake_quantize
+
+    source = small_model()
+    options = {"calibration": "none", "act_bits": act_bits, "ops": ["MatMul", "Gather"]}
+    custom = bct_onnx.compress(source, **options)
+    qdq = bct_onnx.compress(source, format="qdq", qdq_activations=True, **options)
+    proto = ir.serde.serialize_model(qdq.model)
+    onnx.checker.check_model(proto, full_check=True)
+    assert qdq.report.rules["run-time activation quantization as in-graph scales + QuantizeLinear/DequantizeLinear"] == 2
+    assert sum(n.op_type == "QuantizeLinear" for n in proto.graph.node) == 2
+    # the activation each MatMul reads (A is shared by both MatMuls here) equals the spec's fake quantization
+    matmul_inputs = [n.input[0] for n in proto.graph.node if n.op_type == "MatMul"]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    probe.graph.output.extend(helper.make_tensor_value_info(v, onnx.TensorProto.FLOAT, None) for v in matmul_inputs)
+    got = plain_session(probe, optimize=False).run(matmul_inputs, FEEDS)
+    want = fake_quantize(FEEDS["A"], BlockFormat(act_bits, 32, True, "float32"))
+    assert not np.array_equal(want, FEEDS["A"])
+    for value in got:
+        np.testing.assert_array_equal(value, want)
+    expected = bct_onnx.session(ir.serde.serialize_model(custom.model).SerializeToString()).run(None, FEEDS)
+    for want_out, have in zip(expected, plain_session(proto, optimize=False).run(None, FEEDS)):
+        np.testing.assert_allclose(have, want_out, rtol=1e-5, atol=2e-5)
