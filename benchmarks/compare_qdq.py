@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -25,25 +26,34 @@ import numpy as np
 import onnxruntime as ort
 
 import bct_onnx
-from bct_onnx import model_io
+from bct_onnx import model_io, runtime
 
 CONFIG = {"ops": ["MatMul", "Gather"], "weight_bits": 4, "block_size": 32, "act_bits": 8}
 
 
 def plain_session(path: Path, threads: int, accuracy_level: int | None = None) -> Any:
+    """A session WITHOUT the bct-onnx library."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
     if accuracy_level is not None:
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return runtime.session(path, sess_options=options, threads=threads, with_library=False, quiet=True)
 
 
 def custom_session(path: Path, threads: int) -> Any:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return bct_onnx.session(path, sess_options=options)
+    return runtime.session(path, threads=threads, quiet=True)
+
+
+def interleaved_medians(sessions: dict[str, Any], feeds: dict[str, Any], runs: int) -> dict[str, float]:
+    """Median ms per session, the sessions taking turns (one warm-up run each first)."""
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for session in sessions.values():
+        session.run(None, feeds)
+    for _ in range(runs):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, feeds)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: round(statistics.median(values), 2) for name, values in times.items()}
 
 
 def compress_both(source: Path, out_dir: Path, qdq_from_custom: bool = False) -> dict[str, Any]:
@@ -62,25 +72,36 @@ def compress_both(source: Path, out_dir: Path, qdq_from_custom: bool = False) ->
         if fmt == "qdq":
             sizes["qdq_report"] = result.report.standard_onnx
         sizes[f"{name}_calibration"] = result.report.calibration.get("method")
+    start = time.perf_counter()
+    result = bct_onnx.compress(
+        out_dir / "custom.onnx", out_dir / "qdq_act.onnx", format="qdq", qdq_activations=True, calibration="none"
+    )
+    seconds["qdq + activations (from custom)"] = round(time.perf_counter() - start, 1)
+    sizes["qdq + activations"] = result.report.output_bytes
     sizes["compress_seconds"] = seconds
     return sizes
 
 
-def minilm(threads: int) -> dict[str, Any]:
+def minilm(threads: int, qdq_from_custom: bool) -> dict[str, Any]:
     from bct_onnx.models import minilm as m
 
     sentences = m.sentences()
     tokenizer = m.load_tokenizer()
     with tempfile.TemporaryDirectory(prefix="bct_qdq_minilm_") as tmp:
         source = m.export(Path(tmp) / "fp32")
-        info = compress_both(source, Path(tmp))
+        info = compress_both(source, Path(tmp), qdq_from_custom)
         sessions = {
             "fp32": plain_session(source, threads),
             "custom": custom_session(Path(tmp) / "custom.onnx", threads),
             "qdq (ORT default)": plain_session(Path(tmp) / "qdq.onnx", threads),
             "qdq (accuracy level 0)": plain_session(Path(tmp) / "qdq.onnx", threads, accuracy_level=0),
+            "qdq + activations (accuracy level 0)": plain_session(Path(tmp) / "qdq_act.onnx", threads, accuracy_level=0),
         }
         emb = {name: m.embed(s, sentences, tokenizer=tokenizer) for name, s in sessions.items()}
+        encoded = tokenizer(sentences[:8], padding=True, truncation=True, max_length=256, return_tensors="np")
+        names = {i.name for i in sessions["fp32"].get_inputs()}
+        feeds = {k: v.astype("int64") for k, v in encoded.items() if k in names}
+        latency = interleaved_medians(sessions, feeds, runs=10)
     rows = {}
     for name in sessions:
         if name == "fp32":
@@ -92,7 +113,10 @@ def minilm(threads: int) -> dict[str, Any]:
             "cosine_vs_fp32_min": round(float(vs_fp32.min()), 5),
             "cosine_vs_custom_mean": round(float(vs_custom.mean()), 5),
         }
-    return {"model": "all-MiniLM-L6-v2", "sentences": len(sentences), **info, "rows": rows}
+    return {
+        "model": "all-MiniLM-L6-v2", "sentences": len(sentences), **info, "rows": rows,
+        "latency_ms_batch8_median": latency, "threads": threads,
+    }
 
 
 def smollm2(threads: int, tokens: int, qdq_from_custom: bool) -> dict[str, Any]:
@@ -136,10 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(
         "--qdq-from-custom", action="store_true",
-        help="SmolLM2: make the qdq model by converting the custom-op one (same codes, one GPTQ run)",
+        help="make the qdq model by converting the custom-op one (same codes, one GPTQ run)",
     )
     args = parser.parse_args(argv)
-    data = minilm(args.threads) if args.model == "minilm" else smollm2(args.threads, args.tokens, args.qdq_from_custom)
+    data = minilm(args.threads, args.qdq_from_custom) if args.model == "minilm" else smollm2(args.threads, args.tokens, args.qdq_from_custom)
     data["config"] = CONFIG
     text = json.dumps(data, indent=2)
     print(text)
