@@ -439,8 +439,9 @@ def qdq_summary(rules: dict[str, int], model: ir.Model, requested_ops: frozenset
         not_expressible.append(
             f"run-time blockwise activation quantization (act_bits={act_bits}) of {rules[RULE_ACT_BITS]} MatMul(s): "
             "QuantizeLinear needs its scale as an input and DynamicQuantizeLinear is per tensor, so their "
-            "activations stay float in the file (ONNX Runtime's MatMulNBits fusion quantizes them to int8 "
-            "itself at its default accuracy level 4)"
+            "activations stay float in the file (qdq_activations / --qdq-activations writes it as in-graph "
+            "scales + QuantizeLinear/DequantizeLinear; ONNX Runtime's MatMulNBits fusion quantizes "
+            "activations to int8 itself at its default accuracy level 4)"
         )
     stayed_float = sorted(requested_ops - QDQ_OPS)
     if stayed_float:
