@@ -16,8 +16,9 @@ standard model computes are bit for bit ``block_format.dequantize`` of the custo
 
 What the standard cannot express is counted under a rule starting with ``not expressible:``:
 run-time blockwise activation quantization (``act_bits``: QuantizeLinear needs a scale given as an
-input, DynamicQuantizeLinear is per tensor) leaves those MatMuls' activations float, and
-compressed operands (codes between the nonlinear ops) are not converted at all (the node is
+input, DynamicQuantizeLinear is per tensor) leaves those MatMuls' activations float unless the
+pass is asked to write it as in-graph scales + QuantizeLinear/DequantizeLinear (``activations``),
+and compressed operands (codes between the nonlinear ops) are not converted at all (the node is
 reported as skipped). The model is first converted to the opset the new nodes need
 (ConvertOpsetPass: onnx.version_converter, never a bare bump).
 """
