@@ -383,12 +383,16 @@ def _activation_qdq(
     zero = const("zero", np.array(0.0, np.float32))
     inverse = add("Where", [add("Equal", [scale, zero]), zero, add("Reciprocal", [scale])])
     scaled = add("Mul", [blocks, inverse])
-    zero_point = np.array(0, dtype=_STANDARD_SIGNED.get(bits, np.int8))
-    if bits not in _STANDARD_SIGNED:  # no standard type of this width: saturate first
+    # int8 codes for every width (they live only at run time; ONNX Runtime has no int4 ConstantOfShape)
+    zero_point = np.array(0, dtype=np.int8)
+    if bits < 8:  # saturate to the width first; QuantizeLinear saturates to int8's range
         low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
         scaled = add("Clip", [scaled, const("low", np.array(low, np.float32)), const("high", np.array(high, np.float32))])
     codes = add("QuantizeLinear", [scaled, const("unit", np.array(1.0, np.float32)), const("zero_point", zero_point)])
-    values = add("DequantizeLinear", [codes, scale], axis=-1, block_size=block_size)
+    # An explicit zero point shaped like the scales: without it ONNX Runtime's int8 -> uint8 Q/DQ
+    # rewrite (optimization level >= extended) adds a scalar one, which blocked DequantizeLinear rejects.
+    zero_points = add("ConstantOfShape", [add("Shape", [scale])], value=ir.tensor(zero_point.reshape(1)))
+    values = add("DequantizeLinear", [codes, scale, zero_points], axis=-1, block_size=block_size)
     result = add("Reshape", [values, add("Shape", [x])])
     if padded != k:
         result = add("Slice", [result, const("starts", np.array([0], np.int64)), const("ends", np.array([k], np.int64)),

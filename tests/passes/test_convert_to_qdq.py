@@ -286,3 +286,10 @@ def test_qdq_activations_are_the_spec_fake_quantization_bit_for_bit(act_bits):
     expected = bct_onnx.session(ir.serde.serialize_model(custom.model).SerializeToString()).run(None, FEEDS)
     for want_out, have in zip(expected, plain_session(proto, optimize=False).run(None, FEEDS)):
         np.testing.assert_allclose(have, want_out, rtol=1e-5, atol=2e-5)
+    # ONNX Runtime's graph optimizations (Q/DQ rewrites, MatMulNBits fusion) must accept it too; at
+    # accuracy level 0 the fused MatMul keeps A' as it is.
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    optimized = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    for want_out, have in zip(expected, optimized.run(None, FEEDS)):
+        np.testing.assert_allclose(have, want_out, rtol=1e-5, atol=2e-5)
