@@ -7,6 +7,7 @@ A module is made missing by a None entry in sys.modules (Python then refuses to 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -176,3 +177,21 @@ def test_extras_cover_the_features_and_test_pulls_them_all():
     assert "bct-onnx[hf,demo,eval]" in extras["test"]
     for extra in EXTRA_MODULES:
         assert extra in extras
+
+
+@pytest.mark.parametrize("runtime,wanted,unwanted", [("", "onnxruntime", "onnxruntime-gpu"), ("gpu", "onnxruntime-gpu", "onnxruntime")])
+def test_built_metadata_asks_for_one_onnxruntime_build(tmp_path, runtime, wanted, unwanted):
+    """The package's real metadata (scikit-build-core, no build, no network): one runtime, never both."""
+    pytest.importorskip("scikit_build_core", reason="the build backend is needed to prepare the metadata")
+    report = tmp_path / "report.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-build-isolation", "--no-index",
+         "-q", "--report", str(report), str(REPO)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "BCT_ONNX_RUNTIME": runtime},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    requires = json.loads(report.read_text())["install"][0]["metadata"]["requires_dist"]
+    core = [r for r in requires if "extra ==" not in r]
+    assert wanted in _names(core) and unwanted not in _names(core)
+    assert "torch" not in _names(core) and "transformers" not in _names(core)
