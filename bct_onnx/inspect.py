@@ -281,7 +281,11 @@ def _custom_info(node: ir.Node, base: dict[str, Any]) -> NodeInfo:
         )
     bits = _attr(node, "act_bits") or _attr(node, "out_bits") or _attr(node, "bits") or _attr(node, "in_bits") or None
     block = _attr(node, "block_size") or _attr(node, "out_block_size") or _attr(node, "in_block_size") or None
-    return NodeInfo(**base, kind=kind, format="bct", bits=bits, block_size=block, act_bits=_attr(node, "act_bits") or None)
+    params = _nbytes(*node.inputs)  # constant inputs only: LayerNorm's gamma and beta, say
+    return NodeInfo(
+        **base, kind=kind, format="bct", bits=bits, block_size=block, act_bits=_attr(node, "act_bits") or None,
+        bytes=params, float_bytes=params,
+    )
 
 
 _QDQ_BITS = {
