@@ -109,3 +109,20 @@ def test_layer_and_component_names():
     assert component_of("MatMul", "/model/layers.1/mlp/down_proj/MatMul") == "mlp"
     assert component_of("MatMul", "/lm_head/MatMul") == "lm_head"
     assert component_of("Gather", "x") == "embedding"
+
+
+def test_custom_nonlinear_ops_count_their_parameters():
+    model = onnx.parser.parse_model(f"""<ir_version: 8, opset_import: ["" : 17]>
+g (float[2, 5, {K}] X) => (float[2, 5, {K}] Y) {{
+  Y = LayerNormalization<axis=-1>(X, gamma, beta)
+}}""")
+    model.graph.node[0].name = "/encoder/layer.2/LayerNorm"
+    model.graph.initializer.extend([
+        numpy_helper.from_array(np.ones(K, np.float32), "gamma"),
+        numpy_helper.from_array(np.zeros(K, np.float32), "beta"),
+    ])
+    compressed = bct_onnx.compress(model, calibration="none", ops=["LayerNormalization"])
+    (node,) = inspect_model(compressed.model, explain=False).nodes
+    assert (node.op_type, node.kind, node.format, node.layer, node.component) == (
+        "BlockLayerNorm", "LayerNormalization", "bct", "layer 2", "norm")
+    assert node.bytes == node.float_bytes == 2 * K * 4
