@@ -30,7 +30,7 @@ from bct_onnx.extras import install_hint, module_available, require
 from bct_onnx.models.export import ExportError, ModelDirError, export_hf_directory, is_hf_model_dir
 from bct_onnx.passes import PipelineResult, compress_model
 from bct_onnx.report import CompileReport, SkippedNode, StepTimer, config_to_dict, versions
-from bct_onnx.tokenizer import find_tokenizer_dir, load_tokenizer
+from bct_onnx.tokenizer import find_tokenizer_dir, load_text_tokenizer
 
 CalibrationArg = Any  # "auto" | "text" | "none" | None | bct_onnx.calibration.Calibration
 
@@ -156,7 +156,7 @@ def _calibration(
             "reason": f"a tokenizer is in {folder} but transformers is not installed; to calibrate: {install_hint('hf')}",
         }
     try:
-        loaded = load_tokenizer(folder)
+        loaded = load_text_tokenizer(folder)
     except (OSError, ValueError) as error:
         if calibration == "text":
             raise BctOnnxError(f"text calibration with the tokenizer in {folder} failed: {error}") from error

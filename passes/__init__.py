@@ -13,6 +13,7 @@ from bct_onnx.passes.fold_quantize_dequantize import (
     FoldQuantizeDequantizePass,
     compressed_activations,
 )
+from bct_onnx.passes.fold_shape_arithmetic import FoldShapeArithmeticPass
 from bct_onnx.passes.framework import (
     CompressPass,
     CompressPassResult,
@@ -58,6 +59,7 @@ __all__ = [
     "DomainVersionError",
     "FoldConstantWeightsPass",
     "FoldQuantizeDequantizePass",
+    "FoldShapeArithmeticPass",
     "FuseGeluPass",
     "FuseLayerNormPass",
     "FuseRMSNormPass",
