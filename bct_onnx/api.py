@@ -148,12 +148,15 @@ def _calibration(
         if calibration == "text":
             raise BctOnnxError("text calibration needs a tokenizer: pass tokenizer=DIR (CLI: --tokenizer DIR)")
         return None, {"method": "none", "reason": "no tokenizer next to the model; pass --tokenizer DIR to calibrate"}
-    if not module_available("transformers"):
+    # A tokenizer.json is read with the core's `tokenizers`; other tokenizer files need transformers.
+    readable = (folder / "tokenizer.json").is_file() and module_available("tokenizers")
+    if not readable and not module_available("transformers"):
         if calibration == "text" or tokenizer is not None:
-            require("hf", "text calibration with a tokenizer")
+            require("hf", f"text calibration with the tokenizer in {folder} (no tokenizer.json)")
         return None, {
             "method": "none",
-            "reason": f"a tokenizer is in {folder} but transformers is not installed; to calibrate: {install_hint('hf')}",
+            "reason": f"the tokenizer in {folder} has no tokenizer.json and transformers is not installed; "
+            f"to calibrate: {install_hint('hf')}",
         }
     try:
         loaded = load_text_tokenizer(folder)

@@ -1,7 +1,8 @@
 """Optional dependency groups (pip extras) and the one-line error a feature gives when its group is missing.
 
 ``pip install bct-onnx`` brings only what compressing an .onnx file and running the result need
-(onnx, onnx-ir, onnxruntime, numpy, ml_dtypes, tqdm). Everything else is an extra, declared in
+(onnx, onnx-ir, onnxruntime, numpy, ml_dtypes, tqdm; scipy, threadpoolctl and tokenizers for GPTQ
+calibration). Everything else is an extra, declared in
 pyproject.toml under the same names as here; a feature calls :func:`require` before importing
 anything heavy, so ``import bct_onnx`` and ``bct-onnx --help`` never import torch or transformers.
 """

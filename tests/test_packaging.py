@@ -84,7 +84,7 @@ def test_explicit_tokenizer_without_transformers_is_an_error(tmp_path, tiny_mode
     onnx.save(tiny_model(), model)
     tokenizer = tmp_path / "tok"
     tokenizer.mkdir()
-    (tokenizer / "tokenizer.json").write_text("{}")
+    (tokenizer / "vocab.txt").write_text("[PAD]\n")  # no tokenizer.json: only transformers reads it
     argv = ["compress", str(model), "-o", "out.onnx", "--tokenizer", str(tokenizer), "-q"]
     done = run_cli_without(["transformers"], argv, tmp_path)
     assert done.returncode == 1
@@ -94,7 +94,7 @@ def test_explicit_tokenizer_without_transformers_is_an_error(tmp_path, tiny_mode
 def test_tokenizer_found_without_transformers_compresses_uncalibrated(tmp_path, tiny_model):
     model = tmp_path / "model.onnx"
     onnx.save(tiny_model(), model)
-    (tmp_path / "tokenizer.json").write_text("{}")  # "auto" finds it next to the model
+    (tmp_path / "vocab.txt").write_text("[PAD]\n")  # "auto" finds it next to the model; no tokenizer.json
     done = run_python(
         f"""
 import sys
@@ -107,7 +107,7 @@ print(result.report.calibration["reason"])
     )
     assert done.returncode == 0, done.stderr
     reason = done.stdout.strip().splitlines()[-1]
-    assert "transformers is not installed" in reason and "bct-onnx[hf]" in reason
+    assert "no tokenizer.json and transformers is not installed" in reason and "bct-onnx[hf]" in reason
 
 
 def test_demo_without_demo_extra_says_which_extra(tmp_path):
@@ -160,7 +160,9 @@ def _names(requirements: list[str]) -> list[str]:
 def test_core_dependencies_are_slim_and_gpu_swaps_only_the_runtime():
     project = _pyproject()
     core = project["tool"]["scikit-build"]["metadata"]["dependencies"]["result"]
-    assert set(_names(core)) == {"numpy", "ml_dtypes", "onnx", "onnxruntime", "onnx-ir", "tqdm"}
+    assert set(_names(core)) == {
+        "numpy", "ml_dtypes", "onnx", "onnxruntime", "onnx-ir", "tqdm", "scipy", "threadpoolctl", "tokenizers"
+    }
     (gpu,) = [o for o in project["tool"]["scikit-build"]["overrides"] if o["if"].get("env")]
     assert gpu["if"]["env"] == {"BCT_ONNX_RUNTIME": "gpu"}
     gpu_core = gpu["metadata"]["dependencies"]["result"]
