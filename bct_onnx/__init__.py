@@ -8,11 +8,11 @@ from bct_onnx.report import CompileReport
 from bct_onnx.runtime import library_path, session
 
 __all__ = [
+    "DOMAIN",
     "BlockFormat",
     "CompileReport",
     "CompressConfig",
     "CompressResult",
-    "DOMAIN",
     "ScaleKind",
     "compress",
     "dequantize",

@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 from bct_onnx.models import minilm
 
 # Cosine of ORT vs torch embeddings, per sentence: FP32 export of the same graph differs by

@@ -33,7 +33,6 @@ from bct_onnx.ops import DOMAIN
 from bct_onnx.reference_ops import block_matmul
 
 
-
 def _dequantized(
     codes: np.ndarray,
     scales: np.ndarray,
