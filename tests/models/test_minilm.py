@@ -27,7 +27,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference() -> np.ndarray:
-    sentence_transformers = pytest.importorskip("sentence_transformers")
+    import sentence_transformers  # heavy (torch): only for this fixture
+
     model = sentence_transformers.SentenceTransformer(str(minilm.model_dir()), device="cpu")
     return np.asarray(model.encode(minilm.sentences(), normalize_embeddings=True), dtype=np.float32)
 
