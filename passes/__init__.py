@@ -4,13 +4,13 @@ Each pass is an onnx-ir in-place pass usable on its own; ``compress_model`` runs
 """
 
 from bct_onnx.passes.check_model import CheckModelPass
-from bct_onnx.passes.fold_constant_weights import FoldConstantWeightsPass
-from bct_onnx.passes.fold_quantize_dequantize import (
+from bct_onnx.passes.compress_intermediates import (
     ActivationSummary,
     CompressedTensor,
-    FoldQuantizeDequantizePass,
+    CompressIntermediatesPass,
     compressed_activations,
 )
+from bct_onnx.passes.fold_constant_weights import FoldConstantWeightsPass
 from bct_onnx.passes.framework import (
     CompressPass,
     CompressPassResult,
@@ -48,12 +48,12 @@ __all__ = [
     "QUANTIZE_PASSES",
     "ActivationSummary",
     "CheckModelPass",
+    "CompressIntermediatesPass",
     "CompressPass",
     "CompressPassResult",
     "CompressedTensor",
     "DomainVersionError",
     "FoldConstantWeightsPass",
-    "FoldQuantizeDequantizePass",
     "FuseGeluPass",
     "FuseLayerNormPass",
     "FuseRMSNormPass",

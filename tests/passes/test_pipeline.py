@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import re
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,6 +15,7 @@ from bct_onnx.passes import (
     DomainVersionError,
     OpsetTooOldError,
     PipelineResult,
+    build_passes,
     compress_model,
 )
 from bct_onnx.passes import pipeline as pipeline_module
@@ -275,3 +278,40 @@ def test_debug_snapshots_of_an_external_data_model_carry_their_own_data(tmp_path
         proto = onnx.load(str(snapshot), load_external_data=False)
         locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
         assert locations <= {f"{snapshot.name}.data"}
+
+
+DEFAULT_ORDER = [
+    "LiftConstantsToInitializersPass",
+    "FoldConstantWeightsPass",
+    "GemmToMatMulPass",
+    "QuantizeMatMulPass",
+    "QuantizeGatherPass",
+    "QuantizeActMatMulPass",
+    "FuseGeluPass",
+    "QuantizeGeluPass",
+    "FuseSiluPass",
+    "QuantizeSiluPass",
+    "QuantizeSoftmaxPass",
+    "FuseLayerNormPass",
+    "FuseRMSNormPass",
+    "QuantizeLayerNormPass",
+    "CompressIntermediatesPass",
+    "RemoveUnusedNodesPass",
+    "RemoveUnusedOpsetsPass",
+    "TopologicalSortPass",
+    "CheckModelPass",
+]
+
+
+def test_pass_order_is_pinned():
+    """The order QUANTIZE_PASSES' comment states; a change here is a change of behaviour: say why there."""
+    assert [type(p).__name__ for p in build_passes(CompressConfig())] == DEFAULT_ORDER
+    weights_only = [type(p).__name__ for p in build_passes(CompressConfig(ops=frozenset({"MatMul", "Gather"})))]
+    assert weights_only == [name for name in DEFAULT_ORDER if name not in DEFAULT_ORDER[5:15]]
+
+
+def test_docs_list_the_passes_in_the_order_they_run():
+    text = (Path(__file__).resolve().parents[2] / "docs" / "passes.md").read_text(encoding="utf-8")
+    table = text.split("## Pipeline", 1)[1].split("\n\n", 2)[1]  # the paragraph after the intro
+    listed = [name for row in table.splitlines() for name in re.findall(r"`(\w+Pass)`", row.split("|")[2])]
+    assert listed == DEFAULT_ORDER

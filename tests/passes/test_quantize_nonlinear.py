@@ -1,4 +1,4 @@
-"""QuantizeGelu/Softmax/LayerNorm/ActMatMul passes and FoldQuantizeDequantizePass.
+"""QuantizeGelu/Softmax/LayerNorm/ActMatMul passes and CompressIntermediatesPass.
 
 Exact op types after the passes, near misses with their reasons, the attention chain
 Q x K^T -> scale -> mask -> Softmax -> P x V against the numpy specification, and the activation
@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 from bct_onnx.passes import (
-    FoldQuantizeDequantizePass,
+    CompressIntermediatesPass,
     QuantizeActMatMulPass,
     QuantizeGeluPass,
     QuantizeLayerNormPass,
@@ -433,6 +433,6 @@ def test_fold_respects_weight_only_and_keep_compressed():
         model = ln_gelu_model()
         for pass_ in (QuantizeLayerNormPass(config), QuantizeGeluPass(config), QuantizeSoftmaxPass(config)):
             model = pass_(model).model
-        result = FoldQuantizeDequantizePass(config)(model)
+        result = CompressIntermediatesPass(config)(model)
         assert not result.modified
         assert compressed_activations(result.model).count == 0
