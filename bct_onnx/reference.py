@@ -50,9 +50,10 @@ def _stored_format(bits, block_size, symmetric, scales, zero_points) -> BlockFor
     )
 
 
-def _dequantized(codes, scales, zero_points, bits, block_size, symmetric, axis_size) -> np.ndarray:
-    fmt = _stored_format(bits, block_size, symmetric, scales, zero_points)
-    return dequantize_codes(unpack_codes(codes, fmt.bits, int(axis_size)), scales, zero_points, fmt)
+def _dequantized(codes, scales, zero_points, attrs: dict[str, Any]) -> np.ndarray:
+    """The float32 values of a stored tensor (BlockDequantize, BlockGather) as its attributes describe it."""
+    fmt = _stored_format(attrs["bits"], attrs["block_size"], attrs.get("symmetric"), scales, zero_points)
+    return dequantize_codes(unpack_codes(codes, fmt.bits, int(attrs["axis_size"])), scales, zero_points, fmt)
 
 
 def _operand(x, x_scales, x_zero_points, bits, block_size, symmetric, axis_size):
@@ -88,70 +89,44 @@ class BlockQuantize(_BlockOp):
 
 
 class BlockDequantize(_BlockOp):
-    def _run(
-        self, codes, scales, zero_points=None, bits=None, block_size=None, symmetric=None, axis_size=None
-    ):
-        return (_dequantized(codes, scales, zero_points, bits, block_size, symmetric, axis_size),)
+    def _run(self, codes, scales, zero_points=None, **attrs):
+        return (_dequantized(codes, scales, zero_points, attrs),)
 
 
 class BlockGather(_BlockOp):
-    def _run(
-        self,
-        indices,
-        codes,
-        scales,
-        zero_points=None,
-        bits=None,
-        block_size=None,
-        symmetric=None,
-        axis_size=None,
-    ):
-        table = _dequantized(codes, scales, zero_points, bits, block_size, symmetric, axis_size)
-        return (np.take(table, indices.astype(np.int64), axis=0),)
+    def _run(self, indices, codes, scales, zero_points=None, **attrs):
+        return (np.take(_dequantized(codes, scales, zero_points, attrs), indices.astype(np.int64), axis=0),)
 
 
 class BlockMatMul(_BlockOp):
     """A float or codes (inputs 0, 5, 6: the weight keeps inputs 1..4), Y float or codes."""
 
     def _run(
-        self,
-        A,
-        W_codes,
-        W_scales,
-        W_zero_points=None,
-        bias=None,
-        A_scales=None,
-        A_zero_points=None,
-        K=None,
-        N=None,
-        bits=None,
-        block_size=None,
-        symmetric=None,
-        act_bits=None,
-        in_bits=None,
-        in_block_size=None,
-        in_symmetric=None,
-        in_axis_size=None,
-        out_bits=None,
-        out_block_size=None,
-        out_symmetric=None,
-        out_scale_kind=None,
+        self, A, W_codes, W_scales, W_zero_points=None, bias=None, A_scales=None, A_zero_points=None, **attrs
     ):
-        a = _operand(A, A_scales, A_zero_points, in_bits, in_block_size, in_symmetric, K)
+        k = int(attrs["K"])
+        a = _operand(
+            A,
+            A_scales,
+            A_zero_points,
+            attrs.get("in_bits"),
+            attrs.get("in_block_size"),
+            attrs.get("in_symmetric"),
+            k,
+        )
         y = block_matmul(
             a,
             W_codes,
             W_scales,
             W_zero_points,
-            k=int(K),
-            bits=int(bits),
-            block_size=int(block_size),
-            symmetric=True if symmetric is None else bool(symmetric),
-            act_bits=int(act_bits or 0),
+            k=k,
+            bits=int(attrs["bits"]),
+            block_size=int(attrs["block_size"]),
+            symmetric=bool(attrs.get("symmetric", 1)),
+            act_bits=int(attrs.get("act_bits") or 0),
             bias=bias,
-            out_fmt=_out_format(out_bits, out_block_size, out_symmetric, out_scale_kind),
         )
-        return _result(y)
+        return _out(y, attrs)
 
 
 def _in_operand(x, x_scales, x_zero_points, attrs: dict[str, Any]):

@@ -158,22 +158,6 @@ class QuantizeMatMulPass(NodeRewritePass):
         self.config = config
         self.hessians = dict(hessians) if hessians is not None else {}
 
-    def run(self, model: ir.Model, report: PassReport) -> None:
-        hessians = self.hessians
-        for node in self.candidates(model):
-            if node.graph is None:
-                continue
-            matched = self.match(model, node)
-            if matched is None:
-                continue
-            if isinstance(matched, str):
-                report.skip(node, matched)
-                continue
-            key = (matched.activation.name or "", matched.source.name or "")
-            if key in hessians and _only_matmul_reading(matched):
-                matched = dataclasses.replace(matched, hessian=hessians[key])
-            self.rewrite(model, matched, report)
-
     def match(self, model: ir.Model, node: ir.Node) -> MatMulMatch | str | None:
         activation, weight = node.inputs[0], node.inputs[1]
         if activation is None or weight is None:
@@ -209,7 +193,11 @@ class QuantizeMatMulPass(NodeRewritePass):
             bias_shape = tuple(given.shape.numpy()) if given.shape is not None else None
             if given.is_initializer() and bias_shape == (n,):
                 bias_value = given  # reuse the [N] initializer as it is
-        return MatMulMatch(node, activation, source, tensor, is_transposed, k, n, bias_add, bias_value)
+        matched = MatMulMatch(node, activation, source, tensor, is_transposed, k, n, bias_add, bias_value)
+        hessian = self.hessians.get((activation.name or "", source.name or ""))
+        if hessian is not None and _only_matmul_reading(matched):
+            matched = dataclasses.replace(matched, hessian=hessian)
+        return matched
 
     def rewrite(self, model: ir.Model, matched: MatMulMatch, report: PassReport) -> None:
         graph = model.graph
