@@ -52,9 +52,7 @@ def calibration_text() -> list[str]:
 # Calibration text sources: a path to a UTF-8 file, or one of these names ("auto" = "shipped").
 TEXT_SOURCES = ("auto", "shipped", "moby-dick")
 # Long texts are cut into up to SAMPLES windows of SAMPLE_WORDS words (at most as many tokens each).
-# Measured (2026-11-28): SmolLM2 W4A8 +20.7% perplexity with the shipped lines, +18.8% with 64
-# Moby-Dick windows; all-MiniLM-L6-v2 (short sentences) cosine 0.978 with the shipped lines, 0.976
-# with Moby-Dick windows. Calibrate on text like what the model will see.
+# Calibrate on text like what the model will see (docs/results.md compares the sources).
 SAMPLES = 64
 SAMPLE_WORDS = 256
 SHIPPED_MAX_TOKENS = 128
