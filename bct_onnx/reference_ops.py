@@ -18,6 +18,24 @@ def activation_format(act_bits: int, block_size: int) -> BlockFormat:
     return BlockFormat(bits=act_bits, block_size=block_size, symmetric=True, scale_kind=ScaleKind.FLOAT32)
 
 
+def activation_scales(scales: np.ndarray) -> np.ndarray:
+    """The float32 scales an activation block is multiplied by: the stored scale when finite, NaN when
+    the block held a NaN or an infinity (its scale m / -2**(bits-1) is then NaN or +-inf).
+
+    Every output that uses such a block is NaN, whatever its codes: float matmul gives NaN for a NaN
+    and +-inf or NaN for an infinity, and integer codes cannot carry an infinity (docs/ops.md).
+    """
+    scales = np.asarray(scales, dtype=np.float32)
+    return np.where(np.isfinite(scales), scales, np.float32(np.nan)).astype(np.float32)
+
+
+def quantize_activations(x: np.ndarray, act_bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The run-time activation quantizer of both matmuls along the last axis: unsigned codes of
+    ``quantize_codes(x, activation_format(act_bits, block_size))`` and activation_scales of its scales."""
+    codes, scales, _ = block_format.quantize_codes(x, activation_format(act_bits, block_size))
+    return codes, activation_scales(scales)
+
+
 def matmul_operands(
     a: np.ndarray | QuantizedTensor,
     w_codes: np.ndarray,
@@ -34,7 +52,8 @@ def matmul_operands(
 
     W' is the dequantized weight. A' is A when act_bits == 0; otherwise the values of A's codes from
     ``quantize_codes(A, BlockFormat(act_bits, block_size, True, "float32"))``, (ua - za) * a_scale,
-    computed without rounding.
+    computed without rounding, where a block holding a NaN or an infinity has a_scale NaN
+    (activation_scales): its row of Y is NaN.
 
     A quantized A (a QuantizedTensor along K, BlockMatMul's in_bits > 0) whose format is that
     run-time activation format is used as it is: its codes are A's codes. Any other quantized A is
@@ -69,9 +88,10 @@ def matmul_operands(
     if not act_bits:
         return a.astype(np.float64), weight
     a_fmt = activation_format(act_bits, block_size)
-    if a_codes is None:
-        a_codes, a_scales, _ = block_format.quantize_codes(a, a_fmt)
-    a_scale = np.repeat(a_scales.astype(np.float64), block_size, axis=-1)[..., :k]
+    with np.errstate(invalid="ignore", over="ignore"):
+        if a_codes is None:
+            a_codes, a_scales = quantize_activations(a, act_bits, block_size)
+        a_scale = np.repeat(activation_scales(a_scales).astype(np.float64), block_size, axis=-1)[..., :k]
     return (a_codes.astype(np.float64) - a_fmt.implicit_zero_point) * a_scale, weight
 
 

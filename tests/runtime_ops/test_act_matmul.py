@@ -217,6 +217,24 @@ def test_nan_poisons_only_its_outputs(transpose_b: bool, monkeypatch: pytest.Mon
         assert_bits_equal(y[finite], expected[finite], f"finite outputs (baseline={baseline})")
 
 
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512vnni"])
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_infinity_poisons_its_outputs_with_nan(transpose_b: bool, isa: str, force_isa: Any) -> None:
+    """An infinity in A or B makes every output its block feeds NaN (docs/ops.md), like a NaN."""
+    force_isa(isa)
+    a, b = sample((2, 5, 40), 22), sample((2, 40, 7), 23)
+    a[0, 1, 3] = np.inf
+    a[1, 4, 39] = -np.inf
+    b[1, 30, 2] = -np.inf
+    b_in = np.ascontiguousarray(np.swapaxes(b, -1, -2)) if transpose_b else b
+    expected = ref.act_matmul(a, b, 8, 16)
+    assert np.isnan(expected[0, 1]).all() and np.isnan(expected[1, :, 2]).all() and np.isnan(expected[1, 4]).all()
+    (y,) = run_amm(a, b_in, 8, 16, transpose_b=transpose_b)
+    assert np.array_equal(np.isnan(y), np.isnan(expected)), f"isa={isa}"
+    finite = ~np.isnan(expected)
+    assert_bits_equal(y[finite], expected[finite], f"finite outputs (isa={isa})")
+
+
 @pytest.mark.parametrize(
     "in_fmt",
     [BlockFormat(4, 16, False, ScaleKind.POW2), BlockFormat(8, 32, True, ScaleKind.FLOAT16)],

@@ -366,6 +366,63 @@ def test_empty_rows() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Non-finite activations (docs/ops.md): with act_bits, a block holding a NaN or an infinity makes every
+# output of its row NaN; without, the float matmul's NaN / +-inf.
+
+
+def non_finite_activations(rng: np.random.Generator, k: int) -> np.ndarray:
+    """Rows: finite, a NaN, +inf, -inf, +inf and -inf in different blocks, a NaN in the last (partial) block."""
+    a = rng.standard_normal((6, k)).astype(np.float32)
+    a[1, 5] = np.nan
+    a[2, 40] = np.inf
+    a[3, 3] = -np.inf
+    a[4, 1], a[4, 33] = np.inf, -np.inf
+    a[5, k - 1] = np.nan
+    return a
+
+
+@pytest.mark.parametrize("act_bits", [0, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_non_finite_activations(isa: str, symmetric: bool, act_bits: int) -> None:
+    rng = np.random.default_rng(act_bits + 3 * symmetric)
+    k, n, block_size = 70, 37, 32
+    codes, scales, zero_points = random_weight(rng, n, k, 4, block_size, symmetric, ScaleKind.FLOAT16, exact=False)
+    fmt = {"k": k, "bits": 4, "block_size": block_size, "symmetric": symmetric, "act_bits": act_bits}
+    model = matmul_model(n=n, codes=codes, scales=scales, zero_points=zero_points, bias=None, **fmt)
+    a = non_finite_activations(rng, k)
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = matmul_reference(a, codes, scales, zero_points, **fmt)
+    y = run_matmul(model, a)
+    if act_bits:
+        assert np.isnan(want[1:]).all() and not np.isnan(want[0]).any()
+        assert np.isnan(y[1:]).all(), f"rows with a non-finite activation must be NaN, got {y[1:]}"
+    else:  # float matmul: NaN where the spec has NaN, the spec's signed infinities elsewhere
+        assert np.array_equal(np.isnan(y), np.isnan(want))
+        inf = np.isinf(want)
+        assert inf.any() and np.array_equal(y[inf], want[inf].astype(np.float32))
+    tol = tolerance(a[:1], codes, scales, zero_points, **fmt)[0]
+    assert np.all(np.abs(y[0] - want[0]) <= tol), "the finite row"
+
+
+@pytest.mark.parametrize("act_bits", [4, 8])
+def test_non_finite_own_format_activations(isa: str, act_bits: int) -> None:
+    """A given as codes in the run-time activation format whose blocks have +-inf or NaN scales (BlockQuantize
+    of non-finite data): the same NaN rows as the float A."""
+    rng = np.random.default_rng(act_bits)
+    k, n, block_size = 70, 37, 32
+    codes, scales, _ = random_weight(rng, n, k, 4, block_size, True, ScaleKind.FLOAT16, exact=False)
+    fmt = {"k": k, "bits": 4, "block_size": block_size, "symmetric": True, "act_bits": act_bits}
+    common = {"n": n, "codes": codes, "scales": scales, "zero_points": None, "bias": None, **fmt}
+    a = non_finite_activations(rng, k)
+    with np.errstate(invalid="ignore", over="ignore"):
+        q = quantize(a, activation_format(act_bits, block_size))
+    assert np.isinf(q.scales).any()
+    y = bct_onnx.session(io_model(in_fmt=q.fmt, **common)).run(None, quantized_feeds(q))[0]
+    assert np.isnan(y[1:]).all(), f"rows with a non-finite activation must be NaN, got {y[1:]}"
+    np.testing.assert_array_equal(y[0], run_matmul(io_model(**common), a)[0])
+
+
+# ---------------------------------------------------------------------------------------------
 # CUDA: only where a GPU and onnxruntime-gpu are present
 
 
