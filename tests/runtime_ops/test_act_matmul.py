@@ -242,7 +242,11 @@ def test_infinity_poisons_its_outputs_with_nan(transpose_b: bool, isa: str, forc
     b[1, 30, 2] = -np.inf
     b_in = np.ascontiguousarray(np.swapaxes(b, -1, -2)) if transpose_b else b
     expected = ref.act_matmul(a, b, 8, 16)
-    assert np.isnan(expected[0, 1]).all() and np.isnan(expected[1, :, 2]).all() and np.isnan(expected[1, 4]).all()
+    assert (
+        np.isnan(expected[0, 1]).all()
+        and np.isnan(expected[1, :, 2]).all()
+        and np.isnan(expected[1, 4]).all()
+    )
     (y,) = run_amm(a, b_in, 8, 16, transpose_b=transpose_b)
     assert np.array_equal(np.isnan(y), np.isnan(expected)), f"isa={isa}"
     finite = ~np.isnan(expected)

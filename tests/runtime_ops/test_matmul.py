@@ -386,7 +386,9 @@ def non_finite_activations(rng: np.random.Generator, k: int) -> np.ndarray:
 def test_non_finite_activations(isa: str, symmetric: bool, act_bits: int) -> None:
     rng = np.random.default_rng(act_bits + 3 * symmetric)
     k, n, block_size = 70, 37, 32
-    codes, scales, zero_points = random_weight(rng, n, k, 4, block_size, symmetric, ScaleKind.FLOAT16, exact=False)
+    codes, scales, zero_points = random_weight(
+        rng, n, k, 4, block_size, symmetric, ScaleKind.FLOAT16, exact=False
+    )
     fmt = {"k": k, "bits": 4, "block_size": block_size, "symmetric": symmetric, "act_bits": act_bits}
     model = matmul_model(n=n, codes=codes, scales=scales, zero_points=zero_points, bias=None, **fmt)
     a = non_finite_activations(rng, k)
@@ -493,7 +495,7 @@ A_OK = np.ones((2, 40), np.float32)
         ({"act_bits": 1}, "attribute 'act_bits' must be 0 (float activations) or in 2..8, got 1"),
         ({"act_bits": 9}, "attribute 'act_bits' must be 0 (float activations) or in 2..8, got 9"),
         ({"bits": 9}, "attribute 'bits' must be in 2..8, got 9"),
-        ({"block_size": 0}, "attribute 'block_size' must be >= 1, got 0"),
+        ({"block_size": 0}, "attribute 'block_size' must be in 1..2147483648, got 0"),
         ({"N": None, "n": 12}, "required int attribute 'N' is missing"),
         ({"K": None}, "required int attribute 'K' is missing"),
         ({"symmetric": 2}, "attribute 'symmetric' must be 0 or 1, got 2"),
@@ -923,7 +925,7 @@ def test_bad_quantized_operand() -> None:
     _expect_io_error(
         _io_spec(extra_attrs={"in_block_size": 0}),
         feeds,
-        "attribute 'in_block_size' must be >= 1 when in_bits > 0, got 0",
+        "attribute 'in_block_size' must be in 1..2147483648 when in_bits > 0, got 0",
     )
     _expect_io_error(
         _io_spec(),
