@@ -130,6 +130,51 @@ def matmul_reference(
     return y
 
 
+FLOAT32_SAFE = 2.0**127  # half the float32 maximum: room for the rounding of K float32 additions
+
+
+def matmul_in_range(
+    a: np.ndarray,
+    w_codes: np.ndarray,
+    w_scales: np.ndarray,
+    w_zero_points: np.ndarray | None,
+    *,
+    k: int,
+    bits: int,
+    block_size: int,
+    symmetric: bool,
+    act_bits: int = 0,
+) -> np.ndarray:
+    """Where BlockMatMul's float32 range guarantee holds (docs/ops.md), bool [..., N] for a float A.
+
+    Per output both: (1) (|A'| @ |W'|^T) <= 2**127, so no partial sum of the terms can overflow;
+    (2) for every block, max|A_block| * block_len * c <= 2**127 with c = max(2**bits - 1,
+    (2**bits - 1) * |w_scale| + |offset|): the kernels sum unscaled weight codes times activation
+    values (or integer dot products times a_scale) before the weight scale, and these partial results
+    are bounded so. Outside, an output may be +-inf or NaN where matmul_reference is finite.
+    """
+    a = np.asarray(a, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        a_used, weight = matmul_operands(
+            a, w_codes, w_scales, w_zero_points,
+            k=k, bits=bits, block_size=block_size, symmetric=symmetric, act_bits=act_bits,
+        )  # fmt: skip
+        magnitude = np.abs(a_used) @ np.abs(weight).T
+    nb = -(-k // block_size)
+    blocks = block_format.pad_to_blocks(np.abs(a.astype(np.float64)), BlockFormat(bits, block_size))
+    a_max = blocks.max(axis=-1)  # [..., nb]
+    lengths = np.minimum(block_size, k - block_size * np.arange(nb)).astype(np.float64)
+    codes_max = float((1 << bits) - 1)
+    c = np.full(np.asarray(w_scales).shape, codes_max)  # [N, nb]
+    if w_zero_points is not None and np.asarray(w_zero_points).dtype != np.uint8:
+        scale = np.abs(block_format.scales_to_float32(w_scales, block_format.scale_kind_of(w_scales)))
+        c = np.maximum(
+            c, codes_max * scale.astype(np.float64) + np.abs(np.asarray(w_zero_points, np.float64))
+        )
+    per_block = (a_max * lengths)[..., None, :] * c  # [..., N, nb]
+    return (magnitude <= FLOAT32_SAFE) & np.all(per_block <= FLOAT32_SAFE, axis=-1)
+
+
 def block_matmul(
     a: np.ndarray | QuantizedTensor,
     w_codes: np.ndarray,

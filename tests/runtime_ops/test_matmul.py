@@ -35,7 +35,13 @@ from bct_onnx.block_format import (
     scales_to_float32,
 )
 from bct_onnx.ops import BLOCK_MATMUL, DOMAIN
-from bct_onnx.reference_ops import activation_format, block_matmul, matmul_operands, matmul_reference
+from bct_onnx.reference_ops import (
+    activation_format,
+    block_matmul,
+    matmul_in_range,
+    matmul_operands,
+    matmul_reference,
+)
 
 ISAS = ("scalar", "avx2", "avxvnni", "avx512", "avx512vnni", "amx")
 SCALE_DTYPES = {
@@ -422,6 +428,38 @@ def test_non_finite_own_format_activations(isa: str, act_bits: int) -> None:
     y = bct_onnx.session(io_model(in_fmt=q.fmt, **common)).run(None, quantized_feeds(q))[0]
     assert np.isnan(y[1:]).all(), f"rows with a non-finite activation must be NaN, got {y[1:]}"
     np.testing.assert_array_equal(y[0], run_matmul(io_model(**common), a)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Magnitudes near the float32 maximum: the range guarantee of docs/ops.md (reference_ops.matmul_in_range)
+
+
+@pytest.mark.parametrize("act_bits", [0, 8])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_large_magnitudes_within_the_range_guarantee(isa: str, symmetric: bool, act_bits: int) -> None:
+    """Rows scaled so the guarantee holds by a factor 2 or less: every output finite and within tolerance.
+    A row past it (Y finite near 1e37, but activations times unscaled codes above the float32 maximum) is
+    outside the guarantee, as matmul_in_range says."""
+    rng = np.random.default_rng(act_bits + symmetric)
+    k, n, block_size, bits = 96, 37, 32, 4
+    codes, scales, zero_points = random_weight(
+        rng, n, k, bits, block_size, symmetric, ScaleKind.FLOAT32, exact=False
+    )
+    scales = (scales * 1e-3).astype(np.float32)
+    fmt = {"k": k, "bits": bits, "block_size": block_size, "symmetric": symmetric, "act_bits": act_bits}
+    model = matmul_model(n=n, codes=codes, scales=scales, zero_points=zero_points, bias=None, **fmt)
+    unit = rng.standard_normal((4, k)).astype(np.float32)
+    unit /= np.abs(unit).max(axis=-1, keepdims=True)  # max |a| = 1 per row
+    edge = 2.0**127 / (block_size * ((1 << bits) - 1))  # condition (2) of the guarantee met exactly
+    a = (unit * np.array([[edge * 0.99], [edge / 2], [-edge / 8], [edge * 64]])).astype(np.float32)
+    in_range = matmul_in_range(a, codes, scales, zero_points, **fmt)
+    assert in_range[:3].all() and not in_range[3].any()
+    want = matmul_reference(a, codes, scales, zero_points, **fmt)
+    assert np.isfinite(want).all() and np.abs(want[3]).max() < 2.0**127  # the reference is finite everywhere
+    y = run_matmul(model, a)
+    tol = tolerance(a, codes, scales, zero_points, **fmt)
+    assert np.isfinite(y[:3]).all(), f"isa={isa}: outputs within the range guarantee must be finite"
+    assert np.all(np.abs(y[:3] - want[:3]) <= tol[:3]), f"isa={isa}"
 
 
 # ---------------------------------------------------------------------------------------------
