@@ -50,6 +50,8 @@ class CompileReport:
     exported_from: str | None = None  # the Hugging Face directory, when the input was one
     calibration: dict[str, Any] = dataclasses.field(default_factory=lambda: {"method": "none"})
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    # What the user should know: input repairs, tensors that needed wider scales, ...
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def compression_ratio(self) -> float:
@@ -73,6 +75,7 @@ class CompileReport:
             "rules": dict(sorted(self.rules.items())),
             "passes": self.passes,
             "versions": self.versions,
+            "warnings": self.warnings,
         }
 
     def to_json(self) -> str:
@@ -119,6 +122,7 @@ class CompileReport:
             lines.append(f"skipped: {len(self.skipped)} {nodes} ({shown}{more}; all in the JSON report)")
         else:
             lines.append("skipped: none")
+        lines += [f"warning: {warning}" for warning in self.warnings]
         total = sum(self.timings.values())
         steps = ", ".join(f"{step} {format_seconds(seconds)}" for step, seconds in self.timings.items())
         lines.append(f"time: {format_seconds(total)} ({steps})")
