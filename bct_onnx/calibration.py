@@ -20,6 +20,8 @@ import numpy as np
 import onnx_ir as ir
 
 from bct_onnx import ops
+from bct_onnx.errors import BctOnnxError
+from bct_onnx.external_data import external_tensors
 from bct_onnx.runtime import session_options
 
 logger = logging.getLogger(__name__)
@@ -27,8 +29,12 @@ logger = logging.getLogger(__name__)
 MatMulKey = tuple[str, str]  # (activation input name, weight initializer name)
 
 
-class CalibrationError(ValueError):
-    """Calibration inputs do not fit the model."""
+# ONNX Runtime's session option naming the folder of the external data of a model loaded from bytes.
+EXTERNAL_DATA_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+
+
+class CalibrationError(BctOnnxError, ValueError):
+    """Calibration inputs do not fit the model, or the float model cannot run on them."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,13 +201,22 @@ def collect_hessians(model: ir.Model, calibration: Calibration, providers: Itera
     options.log_severity_level = 3
     if any(node.domain == ops.DOMAIN for node in model.graph):  # already partly compressed
         options = session_options(options)
-    with tempfile.TemporaryDirectory(prefix="bct_onnx_calib_") as tmp:
-        if proto.ByteSize() > (1 << 31) - (1 << 26):  # protobuf's 2 GB limit: go through external data
-            path = os.path.join(tmp, "model.onnx")
-            onnx.save_model(proto, path, save_as_external_data=True, location="model.onnx.data")
-            session = ort.InferenceSession(path, options, providers=list(providers))
-        else:
-            session = ort.InferenceSession(proto.SerializeToString(), options, providers=list(providers))
+    folders = {str(tensor.base_dir) for _, tensor in external_tensors(model)}
+    if len(folders) == 1:
+        # The proto refers to the input's external data by relative paths: ONNX Runtime resolves
+        # them against this folder (else against the working directory, which fails elsewhere).
+        options.add_session_config_entry(EXTERNAL_DATA_FOLDER_KEY, os.path.abspath(folders.pop()))
+    try:
+        with tempfile.TemporaryDirectory(prefix="bct_onnx_calib_") as tmp:
+            if folders or proto.ByteSize() > (1 << 31) - (1 << 26):
+                # Data in several folders, or over protobuf's 2 GB limit: save a copy with its own data.
+                path = os.path.join(tmp, "model.onnx")
+                ir.save(ir.serde.deserialize_model(proto), path, external_data="model.onnx.data")
+                session = ort.InferenceSession(path, options, providers=list(providers))
+            else:
+                session = ort.InferenceSession(proto.SerializeToString(), options, providers=list(providers))
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise CalibrationError(f"ONNX Runtime cannot load the float model for calibration: {exc}") from exc
     sums: dict[str, np.ndarray] = {}
     for feeds in calibration.feeds:
         try:
