@@ -4,12 +4,10 @@ a model that computes NaN where FP32 does not, never a quantized model compresse
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
-from types import ModuleType
 
+import fuzz_cli as fuzz
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -20,18 +18,6 @@ import bct_onnx
 from bct_onnx.calibration import Calibration
 from bct_onnx.errors import InvalidModelError, QuantizedModelError
 
-
-def _load_fuzz_tool() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "tools" / "fuzz_cli.py"
-    spec = importlib.util.spec_from_file_location("fuzz_cli", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("fuzz_cli", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzz = _load_fuzz_tool()
 IDS = np.random.default_rng(1).integers(0, fuzz.VOCAB, size=(2, 5), dtype=np.int64)
 
 

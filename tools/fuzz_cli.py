@@ -24,6 +24,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -674,6 +675,21 @@ def _remove(work: Path) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
+def run_cases(cases: list[Case], keep: Path | None = None, jobs: int = 2, echo: bool = False) -> list[dict[str, object]]:
+    """Run the cases, ``jobs`` at a time (each is a subprocess); results in the order of ``cases``."""
+
+    def run_one(case: Case) -> dict[str, object]:
+        result = run_case(case, keep)
+        if echo:
+            detail = f" ({result['detail']})" if result.get("detail") else ""
+            tail = str(result.get("stderr", "")).splitlines()[-1:] if result["outcome"] != "ok" else []
+            print(f"{case.name:34s} {result['outcome']:14s}{detail} {tail[0][:160] if tail else ''}", flush=True)
+        return result
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(run_one, cases))
+
+
 def ci_cases() -> list[Case]:
     """The fixed set CI runs: every named case and a few seeded random mutations."""
     return named_cases() + [random_case(seed) for seed in range(8)]
@@ -693,19 +709,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", metavar="NAME", help="run only the cases whose name contains NAME")
     parser.add_argument("--json", metavar="PATH", help="write every case's result here")
     parser.add_argument("--keep", metavar="DIR", help="copy each case's work directory here")
+    parser.add_argument("--jobs", type=int, default=2, metavar="N", help="cases run at once (default: 2)")
     args = parser.parse_args(argv)
     cases = ci_cases() + [random_case(seed) for seed in range(args.first_seed, args.first_seed + args.random)]
     if args.minilm:
         cases += minilm_cases()
     if args.only:
         cases = [c for c in cases if args.only in c.name]
-    results = []
-    for case in cases:
-        result = run_case(case, Path(args.keep) if args.keep else None)
-        results.append(result)
-        detail = f" ({result['detail']})" if result.get("detail") else ""
-        tail = str(result.get("stderr", "")).splitlines()[-1:] if result["outcome"] not in ("ok",) else []
-        print(f"{case.name:34s} {result['outcome']:14s}{detail} {tail[0][:160] if tail else ''}", flush=True)
+    keep = Path(args.keep) if args.keep else None
+    results = run_cases(cases, keep, args.jobs, echo=True)
     print()
     print(table(results))
     if args.json:
