@@ -14,10 +14,8 @@ import glob
 import logging
 import os
 import shutil
-import signal
 import stat
 import tempfile
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -25,8 +23,9 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError, EncodeError
 
-from bct_onnx.errors import ModelFileError, OverwriteInputError, TerminatedError
+from bct_onnx.errors import ModelFileError, OverwriteInputError
 from bct_onnx.external_data import check_external_data, share_file_maps
+from bct_onnx.signals import terminate_as_exception
 
 logger = logging.getLogger(__name__)
 
@@ -232,27 +231,6 @@ def _tensors_in_memory(model: ir.Model) -> Iterator[None]:
 TEMP_SUFFIX = ".tmp"
 # Inside every temporary save directory; flock-ed by the saving process until it is done.
 TEMP_LOCK_NAME = ".bct_onnx.lock"
-
-
-@contextlib.contextmanager
-def terminate_as_exception() -> Iterator[None]:
-    """Within: SIGTERM raises TerminatedError, so ``finally`` blocks remove temporary files as on SIGINT.
-
-    A no-op outside the main thread or when SIGTERM already has a handler (the CLI installs one
-    for the whole command).
-    """
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        raise TerminatedError(signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def remove_stale_temp_dirs(output: PathLike) -> list[Path]:
