@@ -10,7 +10,6 @@ negative declared dimensions, and intermediate ``value_info`` shapes that contra
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import tempfile
@@ -21,7 +20,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from bct_onnx import ops
+from bct_onnx import model_io, ops
 from bct_onnx.errors import InvalidModelError, QuantizedModelError
 
 logger = logging.getLogger(__name__)
@@ -149,27 +148,15 @@ def _intermediate_values(model: ir.Model) -> Iterator[ir.Value]:
                 yield value
 
 
-@contextlib.contextmanager
-def _stripped(model: ir.Model) -> Iterator[None]:
-    """Large initializers temporarily replaced by data-less external references (for the checker)."""
-    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
-    try:
-        for graph in model.graphs():
-            for value in graph.initializers.values():
-                tensor = value.const_value
-                if tensor is not None and (isinstance(tensor, ir.ExternalTensor) or tensor.nbytes >= _STRIP_MIN_BYTES):
-                    swapped.append((value, tensor))
-                    value.const_value = ir.ExternalTensor(
-                        _STRIPPED_FILE, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=value.name or ""
-                    )
-        yield
-    finally:
-        for value, tensor in swapped:
-            value.const_value = tensor
+def _data_less(tensor: ir.TensorProtocol) -> ir.TensorProtocol | None:
+    """A reference to the empty stand-in file for external or large tensors (the checker reads none)."""
+    if isinstance(tensor, ir.ExternalTensor) or tensor.nbytes >= _STRIP_MIN_BYTES:
+        return ir.ExternalTensor(_STRIPPED_FILE, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=tensor.name or "")
+    return None
 
 
 def _skeleton(model: ir.Model, keep_intermediate_shapes: bool = True) -> onnx.ModelProto:
-    with _stripped(model):
+    with model_io.initializers_replaced(model, _data_less):
         proto = ir.serde.serialize_model(model)
     if not keep_intermediate_shapes:
         del proto.graph.value_info[:]

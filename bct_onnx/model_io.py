@@ -212,20 +212,30 @@ def external_data_path(output: PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def _tensors_in_memory(model: ir.Model) -> Iterator[None]:
-    """Temporarily replace external initializers by in-memory copies, so a save inlines them."""
+def initializers_replaced(
+    model: ir.Model, replacement: Callable[[ir.TensorProtocol], ir.TensorProtocol | None]
+) -> Iterator[None]:
+    """Within: every initializer holds ``replacement(tensor)`` instead (None keeps it); restored after."""
     swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
     try:
         for graph in model.graphs():
             for value in graph.initializers.values():
                 tensor = value.const_value
-                if isinstance(tensor, ir.ExternalTensor):
+                stand_in = replacement(tensor) if tensor is not None else None
+                if stand_in is not None:
                     swapped.append((value, tensor))
-                    value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name)
+                    value.const_value = stand_in
         yield
     finally:
         for value, tensor in swapped:
             value.const_value = tensor
+
+
+def _tensors_in_memory(model: ir.Model) -> contextlib.AbstractContextManager[None]:
+    """External initializers replaced by in-memory copies, so a save inlines them."""
+    return initializers_replaced(
+        model, lambda t: ir.Tensor(t.numpy(), name=t.name) if isinstance(t, ir.ExternalTensor) else None
+    )
 
 
 TEMP_SUFFIX = ".tmp"

@@ -28,6 +28,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import random
 import resource
@@ -238,7 +239,11 @@ def _quantize_dynamic(work: Path) -> list[str]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     src = _save(base_model(), work / "fp32.onnx")
-    quantize_dynamic(str(src), str(work / "in.onnx"), weight_type=QuantType.QInt8)
+    logging.disable(logging.WARNING)  # its advice to pre-process goes to the root logger
+    try:
+        quantize_dynamic(str(src), str(work / "in.onnx"), weight_type=QuantType.QInt8)
+    finally:
+        logging.disable(logging.NOTSET)
     src.unlink()
     return [str(work / "in.onnx")]
 
