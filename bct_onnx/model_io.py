@@ -176,6 +176,14 @@ def check_target(path: PathLike, protected: Iterable[PathLike], what: str = "out
         raise ModelFileError(f"{what} {target} is {kind}, not a regular file; refusing to replace it")
     if target.is_dir():
         raise ModelFileError(f"{what} {target} is a directory; give a file path such as {target / 'model.onnx'}")
+    _check_folder(target, what)
+
+
+def _check_folder(target: Path, what: str) -> None:
+    """The nearest existing folder above target must be a directory (mkdir would fail otherwise)."""
+    folder = next((parent for parent in target.absolute().parents if parent.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise ModelFileError(f"{what} {target} cannot be written: {folder} is a file, not a directory")
 
 
 def check_output_path(output: PathLike, protected: Iterable[PathLike], what: str = "output") -> None:
@@ -197,6 +205,7 @@ def check_debug_dir(debug_dir: PathLike, protected: Iterable[PathLike]) -> None:
     folder = Path(debug_dir)
     if folder.exists() and not folder.is_dir():
         raise ModelFileError(f"--debug-dir {folder} exists and is not a directory")
+    _check_folder(folder, "--debug-dir")
     for guarded in protected:
         if _same_file(Path(guarded).parent, folder):
             raise OverwriteInputError(

@@ -248,6 +248,12 @@ def test_device_node_is_refused_before_any_write(what: str) -> None:
             model_io.check_target("/dev/null", [], what)
 
 
+def test_output_below_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "plain").write_text("x")
+    with pytest.raises(ModelFileError, match=r"output .*plain/sub/out.onnx cannot be written: .*plain is a file"):
+        model_io.save(model_io.from_proto(_matmul_model()), tmp_path / "plain" / "sub" / "out.onnx")
+
+
 def test_debug_dir_that_is_a_file_or_holds_the_input_is_refused(tmp_path: Path) -> None:
     src = _write(_matmul_model(), tmp_path / "00_input.onnx")
     (tmp_path / "file").write_text("x")

@@ -47,7 +47,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 VOCAB, HIDDEN, FFN = 64, 32, 64
-TIMEOUT_SECONDS = 60
+TIMEOUT_SECONDS = 120  # generous: a loaded 2-core CI machine takes 20 s for a case that needs 3
 MEMORY_LIMIT_BYTES = 4 << 30
 # A compressed output whose relative L2 error to the input model's output exceeds this is wrong, not
 # just coarse: 3-bit weights give about 0.1 on the base model, a NaN scale or a dropped block ~1.
@@ -320,6 +320,11 @@ def _output_is_input_data(work: Path) -> list[str]:
     return _setup_plain(work, "-o", str(work / "in.onnx.data"), external=True)
 
 
+def _output_under_a_file(work: Path) -> list[str]:
+    (work / "plain").write_text("a file, not a folder\n")
+    return _setup_plain(work, "-o", str(work / "plain" / "out.onnx"))
+
+
 def _stale_temp_dir(work: Path) -> list[str]:
     stale = work / "out" / ".out.onnx.k3j9x2.tmp"
     stale.mkdir(parents=True)
@@ -384,6 +389,7 @@ def named_cases() -> list[Case]:
         Case("output-is-fifo", _output_fifo, expect_error=True),
         Case("report-is-fifo", _report_fifo, expect_error=True),
         Case("output-is-input-data", _output_is_input_data, expect_error=True),
+        Case("output-under-a-file", _output_under_a_file, expect_error=True),
         Case("stale-temp-dir", _stale_temp_dir),
         Case("stale-temp-dir-of-killed-save", _stale_locked_temp_dir),
         Case("huge-weights-4bit", _huge_weights),
