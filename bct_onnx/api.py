@@ -289,8 +289,11 @@ def compress(
         if output is not None:
             model_io.check_output_path(output, protected)
         if report is not None:
-            written = [] if output is None else [Path(output), model_io.external_data_path(output)]
-            model_io.check_target(report, [*protected, *written], "report")
+            model_io.check_target(report, protected, "report")
+            if output is not None and Path(report).absolute() in (
+                Path(output).absolute(), model_io.external_data_path(output).absolute()
+            ):
+                raise ModelFileError(f"report {report} is where the output model goes; choose another path")
         if debug is not None:
             model_io.check_debug_dir(debug, protected)
             debug.mkdir(parents=True, exist_ok=True)

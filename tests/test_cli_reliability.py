@@ -92,3 +92,12 @@ def test_sigterm_during_start_up_is_one_line(tmp_path: Path) -> None:
         prelude=_SIGNAL_ON_IMPORT.format(signal="SIGTERM"),
     )
     assert (done.returncode, done.stderr) == (143, "bct-onnx: terminated\n")
+
+
+def test_report_naming_the_output_is_refused(tmp_path: Path) -> None:
+    model = fuzz_cli._save(fuzz_cli.base_model(), tmp_path / "in.onnx")
+    out = tmp_path / "out.onnx"
+    done = _bct_onnx("compress", str(model), "-o", str(out), "--report", str(out), "-q", cwd=tmp_path)
+    assert done.returncode == 1
+    assert f"report {out} is where the output model goes" in _one_error_line(done)
+    assert not out.exists()
