@@ -24,6 +24,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import atexit
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -507,6 +508,7 @@ def minilm_cases() -> list[Case]:
     from bct_onnx.models import minilm
 
     cache = Path(tempfile.mkdtemp(prefix="fuzz_minilm_"))
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)
     exported = minilm.export(cache)
 
     def plain(work: Path) -> list[str]:
@@ -523,15 +525,18 @@ def minilm_cases() -> list[Case]:
     def drop_first_init(proto: onnx.ModelProto) -> None:
         proto.graph.initializer.remove(proto.graph.initializer[0])
 
-    def scale_weights(proto: onnx.ModelProto) -> None:
+    def scale_tables(proto: onnx.ModelProto) -> None:
+        # Embedding tables x1e6: the LayerNorm after them keeps FP32's output as it was, while
+        # float16 / float8 block scales of the tables overflow. (Scaling every weight makes FP32 itself
+        # a one-hot attention whose argmax any rounding flips: no fair test.)
         for tensor in proto.graph.initializer:
-            if len(tensor.dims) == 2 and tensor.data_type == TensorProto.FLOAT:
+            if tensor.name.endswith("_embeddings.weight") and tensor.data_type == TensorProto.FLOAT:
                 tensor.raw_data = (numpy_helper.to_array(tensor) * 1e6).astype(np.float32).tobytes()
 
     return [
         Case("minilm", plain),
         Case("minilm-dropped-initializer", mutated(drop_first_init), expect_error=True),
-        Case("minilm-weights-x1e6", mutated(scale_weights)),
+        Case("minilm-tables-x1e6", mutated(scale_tables)),
     ]
 
 
