@@ -34,6 +34,7 @@ import os
 import random
 import resource
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -727,6 +728,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", metavar="DIR", help="copy each case's work directory here")
     parser.add_argument("--jobs", type=int, default=2, metavar="N", help="cases run at once (default: 2)")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like ^C: the cases running finish and remove their work directories.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     cases = ci_cases() + [random_case(seed) for seed in range(args.first_seed, args.first_seed + args.random)]
     if args.minilm:
         cases += minilm_cases()
