@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import fuzz_cli
+import pytest
 
 
 def _bct_onnx(*args: str, cwd: Path, prelude: str = "") -> subprocess.CompletedProcess[str]:
@@ -76,22 +77,17 @@ sys.meta_path.insert(0, _SignalOnImport())
 """
 
 
-def test_sigint_during_start_up_is_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("signal_name", "status", "line"), [("SIGINT", 130, "bct-onnx: interrupted"), ("SIGTERM", 143, "bct-onnx: terminated")]
+)
+def test_signal_during_start_up_is_one_line(tmp_path: Path, signal_name: str, status: int, line: str) -> None:
     model = fuzz_cli._save(fuzz_cli.base_model(), tmp_path / "in.onnx")
     done = _bct_onnx(
         "compress", str(model), "-o", str(tmp_path / "out.onnx"), cwd=tmp_path,
-        prelude=_SIGNAL_ON_IMPORT.format(signal="SIGINT"),
+        prelude=_SIGNAL_ON_IMPORT.format(signal=signal_name),
     )
-    assert (done.returncode, done.stderr) == (130, "bct-onnx: interrupted\n")
-
-
-def test_sigterm_during_start_up_is_one_line(tmp_path: Path) -> None:
-    model = fuzz_cli._save(fuzz_cli.base_model(), tmp_path / "in.onnx")
-    done = _bct_onnx(
-        "compress", str(model), "-o", str(tmp_path / "out.onnx"), cwd=tmp_path,
-        prelude=_SIGNAL_ON_IMPORT.format(signal="SIGTERM"),
-    )
-    assert (done.returncode, done.stderr) == (143, "bct-onnx: terminated\n")
+    assert (done.returncode, done.stderr) == (status, f"{line}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
 
 
 def test_report_naming_the_output_is_refused(tmp_path: Path) -> None:
