@@ -22,6 +22,7 @@ import numpy as np
 
 MIN_BITS = 2
 MAX_BITS = 8
+MAX_BLOCK_SIZE = 1 << 31  # the ops' limit (runtime_ops kMaxBlockSize): int64 block arithmetic cannot overflow
 POW2_EXPONENT_BIAS = 127  # one-byte exponent, as OCP's E8M0: scale = 2 ** (code - 127)
 POW2_MIN_EXPONENT = -126
 POW2_MAX_EXPONENT = 127
@@ -63,8 +64,10 @@ class BlockFormat:
     def __post_init__(self) -> None:
         if not isinstance(self.bits, (int, np.integer)) or not MIN_BITS <= self.bits <= MAX_BITS:
             raise ValueError(f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {self.bits!r}")
-        if not isinstance(self.block_size, (int, np.integer)) or self.block_size < 1:
-            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+        if not isinstance(self.block_size, (int, np.integer)) or not 1 <= self.block_size <= MAX_BLOCK_SIZE:
+            raise ValueError(
+                f"block_size must be an integer in [1, {MAX_BLOCK_SIZE}], got {self.block_size!r}"
+            )
         object.__setattr__(self, "scale_kind", ScaleKind(self.scale_kind))
         object.__setattr__(self, "zero_point_kind", ZeroPointKind(self.zero_point_kind))
         if self.symmetric and self.zero_point_kind is ZeroPointKind.FLOAT:
@@ -186,7 +189,9 @@ def scale_kind_of(scales: np.ndarray) -> ScaleKind:
     }
     dtype = np.asarray(scales).dtype
     if dtype not in kinds:
-        raise ValueError(f"scales of dtype {dtype} are not a scale kind (float16, float32, uint8, float8_e5m2)")
+        raise ValueError(
+            f"scales of dtype {dtype} are not a scale kind (float16, float32, uint8, float8_e5m2)"
+        )
     return kinds[dtype]
 
 
@@ -300,7 +305,7 @@ def quantize_codes(x: np.ndarray, fmt: BlockFormat) -> tuple[np.ndarray, np.ndar
     blocks = pad_to_blocks(x, fmt)
     scales, zp = choose_scales(blocks, fmt)
     codes = codes_for(blocks, scales, zp, fmt)
-    codes = codes.reshape(codes.shape[:-2] + (-1,))[..., :d]
+    codes = codes.reshape(codes.shape[:-2] + (codes.shape[-2] * codes.shape[-1],))[..., :d]
     return codes, scales, zp
 
 

@@ -21,6 +21,7 @@ import onnx
 import onnx_ir as ir
 
 from bct_onnx import ops, runtime
+from bct_onnx.errors import BctOnnxError
 from bct_onnx.models.text_data import TextDataUnavailable, moby_dick_text
 
 logger = logging.getLogger(__name__)
@@ -28,8 +29,12 @@ logger = logging.getLogger(__name__)
 MatMulKey = tuple[str, str]  # (activation input name, weight initializer name)
 
 
-class CalibrationError(ValueError):
-    """Calibration inputs do not fit the model."""
+# ONNX Runtime's session option naming the folder of the external data of a model loaded from bytes.
+EXTERNAL_DATA_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+
+
+class CalibrationError(BctOnnxError, ValueError):
+    """Calibration inputs do not fit the model, or the float model cannot run on them."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +230,10 @@ def collect_hessians(model: ir.Model, calibration: Calibration, providers: Itera
                 proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
         onnx.save(proto, path)
         del proto
-        session = runtime.session(path, list(providers), options, with_library=with_library, quiet=True)
+        try:
+            session = runtime.session(path, list(providers), options, with_library=with_library, quiet=True)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise CalibrationError(f"ONNX Runtime cannot load the float model for calibration: {exc}") from exc
         with blas_controller().limit(limits=1, user_api="blas"):
             for feeds in calibration.feeds:
                 try:

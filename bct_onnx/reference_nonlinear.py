@@ -27,8 +27,8 @@ from bct_onnx.block_format import (
     ScaleKind,
     dequantize,
     quantize,
-    quantize_codes,
 )
+from bct_onnx.reference_ops import quantize_activations
 
 LANES = 8
 
@@ -190,7 +190,9 @@ def act_matmul(
     A along K (its last axis) and B along K (axis -2, or -1 with transpose_b), symmetric, float32
     scales, exactly ``quantize_codes(., BlockFormat(act_bits, block_size, True, "float32"))``. Per
     output element and block, the integer dot product of the signed codes (u - 2**(bits-1)) is
-    scaled by ``a_scale * b_scale`` and accumulated in float32 in block order, starting from 0.
+    scaled by ``a_scale * b_scale`` and accumulated in float32 in block order, starting from 0. A block
+    holding a NaN or an infinity has scale NaN (reference_ops.activation_scales), so every output
+    using it is NaN.
     Batch dims broadcast like numpy.matmul; both operands need rank >= 2.
     """
     a = _f32(a)
@@ -206,8 +208,9 @@ def act_matmul(
     if a.size == 0 or bt.size == 0:
         return np.zeros(batch + (m, n), np.float32)  # empty, or K = 0 is rejected by the kernels anyway
     zp = 1 << (act_bits - 1)
-    ca, sa, _ = quantize_codes(a, fmt)
-    cb, sb, _ = quantize_codes(bt, fmt)
+    with np.errstate(invalid="ignore", over="ignore"):
+        ca, sa = quantize_activations(a, act_bits, block_size)
+        cb, sb = quantize_activations(bt, act_bits, block_size)
     qa = ca.astype(np.int64) - zp  # [..., M, K]
     qb = cb.astype(np.int64) - zp  # [..., N, K]
     k = a.shape[-1]

@@ -20,6 +20,24 @@ def activation_format(act_bits: int, block_size: int) -> BlockFormat:
     return BlockFormat(bits=act_bits, block_size=block_size, symmetric=True, scale_kind=ScaleKind.FLOAT32)
 
 
+def activation_scales(scales: np.ndarray) -> np.ndarray:
+    """The float32 scales an activation block is multiplied by: the stored scale when finite, NaN when
+    the block held a NaN or an infinity (its scale m / -2**(bits-1) is then NaN or +-inf).
+
+    Every output that uses such a block is NaN, whatever its codes: float matmul gives NaN for a NaN
+    and +-inf or NaN for an infinity, and integer codes cannot carry an infinity (docs/ops.md).
+    """
+    scales = np.asarray(scales, dtype=np.float32)
+    return np.where(np.isfinite(scales), scales, np.float32(np.nan)).astype(np.float32)
+
+
+def quantize_activations(x: np.ndarray, act_bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The run-time activation quantizer of both matmuls along the last axis: unsigned codes of
+    ``quantize_codes(x, activation_format(act_bits, block_size))`` and activation_scales of its scales."""
+    codes, scales, _ = block_format.quantize_codes(x, activation_format(act_bits, block_size))
+    return codes, activation_scales(scales)
+
+
 def matmul_operands(
     a: np.ndarray | QuantizedTensor,
     w_codes: np.ndarray,
@@ -36,7 +54,8 @@ def matmul_operands(
 
     W' is the dequantized weight. A' is A when act_bits == 0; otherwise the values of A's codes from
     ``quantize_codes(A, BlockFormat(act_bits, block_size, True, "float32"))``, (ua - za) * a_scale,
-    computed without rounding.
+    computed without rounding, where a block holding a NaN or an infinity has a_scale NaN
+    (activation_scales): its row of Y is NaN.
 
     A quantized A (a QuantizedTensor along K, BlockMatMul's in_bits > 0) whose format is that
     run-time activation format is used as it is: its codes are A's codes. Any other quantized A is
@@ -71,9 +90,10 @@ def matmul_operands(
     if not act_bits:
         return a.astype(np.float64), weight
     a_fmt = activation_format(act_bits, block_size)
-    if a_codes is None:
-        a_codes, a_scales, _ = block_format.quantize_codes(a, a_fmt)
-    a_scale = np.repeat(a_scales.astype(np.float64), block_size, axis=-1)[..., :k]
+    with np.errstate(invalid="ignore", over="ignore"):
+        if a_codes is None:
+            a_codes, a_scales = quantize_activations(a, act_bits, block_size)
+        a_scale = np.repeat(activation_scales(a_scales).astype(np.float64), block_size, axis=-1)[..., :k]
     return (a_codes.astype(np.float64) - a_fmt.implicit_zero_point) * a_scale, weight
 
 
@@ -110,6 +130,51 @@ def matmul_reference(
     if bias is not None:
         y = y + np.asarray(bias, dtype=np.float64)
     return y
+
+
+FLOAT32_SAFE = 2.0**127  # half the float32 maximum: room for the rounding of K float32 additions
+
+
+def matmul_in_range(
+    a: np.ndarray,
+    w_codes: np.ndarray,
+    w_scales: np.ndarray,
+    w_zero_points: np.ndarray | None,
+    *,
+    k: int,
+    bits: int,
+    block_size: int,
+    symmetric: bool,
+    act_bits: int = 0,
+) -> np.ndarray:
+    """Where BlockMatMul's float32 range guarantee holds (docs/ops.md), bool [..., N] for a float A.
+
+    Per output both: (1) (|A'| @ |W'|^T) <= 2**127, so no partial sum of the terms can overflow;
+    (2) for every block, max|A_block| * block_len * c <= 2**127 with c = max(2**bits - 1,
+    (2**bits - 1) * |w_scale| + |offset|): the kernels sum unscaled weight codes times activation
+    values (or integer dot products times a_scale) before the weight scale, and these partial results
+    are bounded so. Outside, an output may be +-inf or NaN where matmul_reference is finite.
+    """
+    a = np.asarray(a, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        a_used, weight = matmul_operands(
+            a, w_codes, w_scales, w_zero_points,
+            k=k, bits=bits, block_size=block_size, symmetric=symmetric, act_bits=act_bits,
+        )  # fmt: skip
+        magnitude = np.abs(a_used) @ np.abs(weight).T
+    nb = -(-k // block_size)
+    blocks = block_format.pad_to_blocks(np.abs(a.astype(np.float64)), BlockFormat(bits, block_size))
+    a_max = blocks.max(axis=-1)  # [..., nb]
+    lengths = np.minimum(block_size, k - block_size * np.arange(nb)).astype(np.float64)
+    codes_max = float((1 << bits) - 1)
+    c = np.full(np.asarray(w_scales).shape, codes_max)  # [N, nb]
+    if w_zero_points is not None and np.asarray(w_zero_points).dtype != np.uint8:
+        scale = np.abs(block_format.scales_to_float32(w_scales, block_format.scale_kind_of(w_scales)))
+        c = np.maximum(
+            c, codes_max * scale.astype(np.float64) + np.abs(np.asarray(w_zero_points, np.float64))
+        )
+    per_block = (a_max * lengths)[..., None, :] * c  # [..., N, nb]
+    return (magnitude <= FLOAT32_SAFE) & np.all(per_block <= FLOAT32_SAFE, axis=-1)
 
 
 def block_matmul(

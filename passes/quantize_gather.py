@@ -14,6 +14,7 @@ import onnx_ir as ir
 from bct_onnx.passes.framework import NodeRewritePass, PassReport, node_name, register_domain
 from bct_onnx.passes.quantized_weights import (
     FLOAT_DTYPES,
+    RULE_WIDE_SCALES,
     constant_tensor,
     existing_table_quantization,
     quantized_initializers,
@@ -147,3 +148,5 @@ class QuantizeGatherPass(NodeRewritePass):
         report.count(RULE_GATHER)
         if quantized.reused:
             report.count(RULE_SHARED)
+        if quantized.widened:
+            report.count(RULE_WIDE_SCALES)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 import onnx_ir as ir
 from bct_onnx.passes.framework import PassReport, node_name
@@ -69,7 +70,11 @@ class QuantizeLayerNormPass(OperandRewritePass):
             if extra.uses() or extra.is_graph_output():
                 return "the Mean / InvStdDev outputs are used; BlockLayerNorm does not give them"
         eps_attr = node.attributes.get("epsilon")
-        return LayerNormMatch(node, x, d, eps_attr.as_float() if eps_attr is not None else 1e-5)
+        epsilon = eps_attr.as_float() if eps_attr is not None else 1e-5
+        if not (math.isfinite(epsilon) and epsilon >= 0):
+            # ONNX Runtime's float LayerNorm runs with any epsilon; BlockLayerNorm refuses these.
+            return f"epsilon {epsilon} is not a finite number >= 0 (BlockLayerNorm needs one)"
+        return LayerNormMatch(node, x, d, epsilon)
 
     def rewrite(self, model: ir.Model, matched: LayerNormMatch, report: PassReport) -> None:
         node = matched.node

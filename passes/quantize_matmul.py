@@ -18,6 +18,7 @@ import onnx_ir as ir
 from bct_onnx.passes.framework import DEFAULT_DOMAINS, NodeRewritePass, PassReport, node_name, register_domain
 from bct_onnx.passes.quantized_weights import (
     FLOAT_DTYPES,
+    RULE_WIDE_SCALES,
     constant_tensor,
     existing_table_format,
     quantized_initializers,
@@ -267,5 +268,7 @@ class QuantizeMatMulPass(NodeRewritePass):
             report.count(RULE_TRANSPOSED)
         if quantized.reused:
             report.count(RULE_SHARED)
+        if quantized.widened:
+            report.count(RULE_WIDE_SCALES)
         if matched.hessian is not None:
             report.count(RULE_GPTQ)

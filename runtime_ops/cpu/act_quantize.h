@@ -4,7 +4,8 @@
 // The rule is block_format.quantize_codes(x, BlockFormat(bits, block_size, symmetric=True,
 // scale_kind="float32")) with signed codes q = u - 2**(bits-1) (nl::quantize_act_row): per block the
 // first element of largest magnitude m gives scale = m / -2**(bits-1); a block holding a NaN takes
-// choose_symmetric_scale itself. Every path gives the same bits.
+// choose_symmetric_scale itself. The stored scale is act_scale(scale): NaN for a block holding a NaN or
+// an infinity (the codes come from the unmodified scale). Every path gives the same bits.
 #pragma once
 
 #include <cstdint>
@@ -41,7 +42,7 @@ inline void QuantizeActColumnExactly(const float* b, int64_t n, int64_t len, int
   const int zp = 1 << (bits - 1);
   const float scale = choose_symmetric_scale(b + j, len, bits, ScaleKind::kFloat32, n).value;
   const float inv = inverse_scale(scale);
-  scales[j] = scale;
+  scales[j] = act_scale(scale);
   for (int64_t i = 0; i < len; ++i) {
     q[i * n + j] = static_cast<int8_t>(static_cast<int>(code_of(b[i * n + j], inv, bits, true, 0)) - zp);
   }

@@ -100,10 +100,14 @@ class MatMulCpuKernel {
       const float* x = a.x;
       std::unique_ptr<float[]> dequantized;
       matmul::ActivationCodes own;
+      std::vector<float> own_scales;
       const bool use_codes = IsOwnActivationFormat(attrs_, a);
-      if (use_codes) {
+      if (use_codes) {  // scales through act_scale, as the run-time quantizer stores them
+        const float* given = static_cast<const float*>(a.scales);
+        own_scales.resize(static_cast<size_t>(rows * attrs_.num_blocks()));
+        for (size_t i = 0; i < own_scales.size(); ++i) own_scales[i] = act_scale(given[i]);
         own.codes = a.codes;
-        own.scales = static_cast<const float*>(a.scales);
+        own.scales = own_scales.data();
       } else if (a.codes != nullptr) {
         dequantized.reset(new float[static_cast<size_t>(rows * K)]);
         cpu::RowFormat in_fmt = nonlinear::OperandRowFormat<cpu::RowFormat>(attrs_.in, a, K);

@@ -37,7 +37,7 @@ void QuantizeActRows(const float* x, int64_t rows, int64_t k, int bits, int64_t 
         while ((float_bits(xb[first]) & 0x7fffffffu) != top) ++first;
         scale = symmetric_scale_of_extreme(xb[first], bits, ScaleKind::kFloat32).value;
       }
-      out.scales[r * nb + blk] = scale;
+      out.scales[r * nb + blk] = act_scale(scale);
       const float inv = inverse_scale(scale);
       int8_t* qb = out.codes + r * out.row_stride + blk * out.block_stride;
       int32_t sum = 0;
@@ -80,8 +80,9 @@ void QuantizeActColumns(const float* b, int64_t n, int64_t len, int bits, int8_t
       }
     }
     for (int64_t j = 0; j < cols; ++j) {
-      scales[j0 + j] = fdiv(best_v[j], -static_cast<float>(zp));
-      inv[j] = inverse_scale(scales[j0 + j]);
+      const float scale = fdiv(best_v[j], -static_cast<float>(zp));
+      scales[j0 + j] = act_scale(scale);
+      inv[j] = inverse_scale(scale);
     }
     for (int64_t i = 0; i < len; ++i) {
       const float* row = bc + i * n;

@@ -727,6 +727,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void QuantizeActRo
   for (int64_t f0 = 0; f0 < total; f0 += kScaleChunk) {
     const int64_t count = std::min(kScaleChunk, total - f0);
     ScalesAvx512(fmt, x, f0, count, out.scales, nullptr, inv, unused);
+    for (int64_t j = 0; j < count; ++j) out.scales[f0 + j] = act_scale(out.scales[f0 + j]);
     BlockWalk walk(fmt, f0);
     for (int64_t j = 0; j < count; ++j, walk.next()) {
       const int64_t offset = walk.offset();
@@ -790,7 +791,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void QuantizeActCo
       nan = static_cast<__mmask16>(nan | _mm512_cmpgt_epu32_mask(u, inf_bits));
     }
     const __m512 scale = _mm512_mul_ps(best_v, neg_inv_half);
-    _mm512_mask_storeu_ps(scales + j, mask, scale);
+    // act_scale: NaN where the column held a NaN or an infinity (scale - scale is not 0 there).
+    const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_sub_ps(scale, scale), _mm512_setzero_ps(), _CMP_EQ_OQ);
+    _mm512_mask_storeu_ps(scales + j, mask, _mm512_mask_blend_ps(finite, _mm512_set1_ps(std::nanf("")), scale));
     const CodeParams p = MakeCodeParams(0.0f, bits, true, 0);
     CodeParams pj = p;
     pj.inv = InverseScales(scale);

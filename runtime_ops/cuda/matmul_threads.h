@@ -47,7 +47,7 @@ BCT_HD BCT_INLINE void UnpackActBlockOne(const MatMulParams& p, const uint8_t* p
     codes[row * p.K + begin + k] = static_cast<int8_t>(code);
     sum += code;
   }
-  scales[t] = packed_scales[t];
+  scales[t] = act_scale(packed_scales[t]);
   sums[t] = sum;
 }
 

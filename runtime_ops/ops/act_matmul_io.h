@@ -22,15 +22,19 @@ struct ActMatMulAttrs {
   bool transpose_b = false;
 };
 
+constexpr int64_t kMaxActBlockSize = 65536;
+
 inline ActMatMulAttrs ReadActMatMulAttrs(const OrtKernelInfo* info, const NodeRef& node) {
   ActMatMulAttrs a;
   const int64_t bits = AttrInt(info, node, "act_bits");
   if (bits < kMinBits || bits > kMaxBits) node.Fail("attribute 'act_bits' must be in 2..8, got " + std::to_string(bits));
   a.act_bits = static_cast<int>(bits);
   a.block_size = AttrInt(info, node, "block_size");
-  // Block dot products are exact int32 sums of at most block_size products of magnitude <= 2**14.
-  if (a.block_size < 1 || a.block_size > 131072) {
-    node.Fail("attribute 'block_size' must be in 1..131072, got " + std::to_string(a.block_size));
+  // Block dot products are int32 sums of block_size products of magnitude <= 2**14 (-128 * -128):
+  // exact while block_size * 2**14 < 2**31, i.e. block_size < 2**17; the limit is the power of two below.
+  if (a.block_size < 1 || a.block_size > kMaxActBlockSize) {
+    node.Fail("attribute 'block_size' must be in 1.." + std::to_string(kMaxActBlockSize) +
+              " (block dot products are int32), got " + std::to_string(a.block_size));
   }
   a.transpose_b = ReadFlag(info, node, "transpose_b", 0);
   return a;

@@ -62,8 +62,9 @@ inline OperandAttrs ReadOperandAttrs(const OrtKernelInfo* info, const NodeRef& n
   if (a.axis_size < 0) node.Fail("attribute 'in_axis_size' must be >= 0 (0: derive), got " + std::to_string(a.axis_size));
   if (a.bits > 0) {
     a.block_size = AttrInt(info, "in_block_size", 0);
-    if (a.block_size < 1) {
-      node.Fail("attribute 'in_block_size' must be >= 1 when in_bits > 0, got " + std::to_string(a.block_size));
+    if (a.block_size < 1 || a.block_size > kMaxBlockSize) {
+      node.Fail("attribute 'in_block_size' must be in 1.." + std::to_string(kMaxBlockSize) + " when in_bits > 0, got " +
+                std::to_string(a.block_size));
     }
   }
   return a;
@@ -78,8 +79,9 @@ inline ResultAttrs ReadResultAttrs(const OrtKernelInfo* info, const NodeRef& nod
   a.scale_kind = ParseScaleKind(AttrString(info, "out_scale_kind", "float16"), node, "out_scale_kind");
   if (a.bits > 0) {
     a.block_size = AttrInt(info, "out_block_size", 0);
-    if (a.block_size < 1) {
-      node.Fail("attribute 'out_block_size' must be >= 1 when out_bits > 0, got " + std::to_string(a.block_size));
+    if (a.block_size < 1 || a.block_size > kMaxBlockSize) {
+      node.Fail("attribute 'out_block_size' must be in 1.." + std::to_string(kMaxBlockSize) + " when out_bits > 0, got " +
+                std::to_string(a.block_size));
     }
   }
   return a;

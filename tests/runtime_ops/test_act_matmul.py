@@ -198,6 +198,42 @@ def test_nan_poisons_only_its_outputs(transpose_b: bool, monkeypatch: pytest.Mon
         assert_bits_equal(y[finite], expected[finite], f"finite outputs (baseline={baseline})")
 
 
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512vnni"])
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_block_at_the_size_limit(transpose_b: bool, isa: str, force_isa: Any) -> None:
+    """block_size = 65536 (the maximum), all-ones operands: every code is -128, the block dot product is
+    65536 * 2**14 = 2**30, exact in int32; Y = 65536 (2**31 at twice this size wrapped to -131072)."""
+    force_isa(isa)
+    k = 65536
+    a = np.ones((1, 2, k), np.float32)
+    b = np.ones((1, 3, k) if transpose_b else (1, k, 3), np.float32)
+    (y,) = run_amm(a, b, 8, k, transpose_b=transpose_b)
+    assert_bits_equal(y, np.full((1, 2, 3), k, np.float32), f"Y (isa={isa})")
+    assert_bits_equal(y, ref.act_matmul(a, b, 8, k, transpose_b), "the spec")
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512vnni"])
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_infinity_poisons_its_outputs_with_nan(transpose_b: bool, isa: str, force_isa: Any) -> None:
+    """An infinity in A or B makes every output its block feeds NaN (docs/ops.md), like a NaN."""
+    force_isa(isa)
+    a, b = sample((2, 5, 40), 22), sample((2, 40, 7), 23)
+    a[0, 1, 3] = np.inf
+    a[1, 4, 39] = -np.inf
+    b[1, 30, 2] = -np.inf
+    b_in = np.ascontiguousarray(np.swapaxes(b, -1, -2)) if transpose_b else b
+    expected = ref.act_matmul(a, b, 8, 16)
+    assert (
+        np.isnan(expected[0, 1]).all()
+        and np.isnan(expected[1, :, 2]).all()
+        and np.isnan(expected[1, 4]).all()
+    )
+    (y,) = run_amm(a, b_in, 8, 16, transpose_b=transpose_b)
+    assert np.array_equal(np.isnan(y), np.isnan(expected)), f"isa={isa}"
+    finite = ~np.isnan(expected)
+    assert_bits_equal(y[finite], expected[finite], f"finite outputs (isa={isa})")
+
+
 @pytest.mark.parametrize(
     "in_fmt",
     [BlockFormat(4, 16, False, ScaleKind.POW2), BlockFormat(8, 32, True, ScaleKind.FLOAT16)],
@@ -364,7 +400,8 @@ def test_bad_inputs_and_attributes() -> None:
         ([a, None, None, b], {"block_size": 8}, ("'act_bits'",)),
         ([a, None, None, b], {"act_bits": 9, "block_size": 8}, ("'act_bits'",)),
         ([a, None, None, b], {"act_bits": 8, "block_size": 0}, ("'block_size'",)),
-        ([a, None, None, b], {"act_bits": 8, "block_size": 1 << 20}, ("'block_size'", "131072")),
+        ([a, None, None, b], {"act_bits": 8, "block_size": 1 << 20}, ("'block_size'", "65536")),
+        ([a, None, None, b], {"act_bits": 8, "block_size": 131072}, ("'block_size'", "1..65536", "131072")),
         ([a, None, None, b], {"act_bits": 8, "block_size": 8, "transpose_b": 2}, ("'transpose_b'",)),
         ([a, None, None, b.astype(np.float16)], {"act_bits": 8, "block_size": 8}, ("input 'B'", "float32")),
         ([sample((16,), 6), None, None, b], {"act_bits": 8, "block_size": 8}, ("input 'A'", "rank >= 2")),

@@ -129,3 +129,12 @@ def test_quantize_isa_paths_nan_blocks(kit, isa: str, force_isa) -> None:
         kit.assert_bits_equal(got[1][keep], want.scales[keep], "scales of the NaN-free rows")
         kit.assert_bits_equal(got[1][1, :1], want.scales[1, :1], "scale of the NaN-free block")
         assert np.isnan(got[1][1, 1].astype(np.float32)), "the NaN block's scale is NaN, as the spec's"
+
+
+@pytest.mark.parametrize("shape", [(0, 64), (2, 0, 37), (0, 1)])
+@pytest.mark.parametrize(
+    "fmt", [BlockFormat(4, 32, True), BlockFormat(3, 16, False, ScaleKind.FLOAT32)], ids=_fmt_id
+)
+def test_quantize_empty_batch(kit, fmt: BlockFormat, shape: tuple[int, ...]) -> None:
+    """An empty batch gives empty outputs of the spec's shapes and dtypes, as the other ops do."""
+    check_quantize(kit, fmt, np.zeros(shape, np.float32))

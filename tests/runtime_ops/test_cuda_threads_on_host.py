@@ -367,6 +367,50 @@ def test_act_matmul_threads(kit, a_shape, b_shape, bits: int, block_size: int, t
     kit.assert_bits_equal(y, want, "Y")
 
 
+@pytest.mark.parametrize("act_bits", [4, 8])
+def test_non_finite_activation_threads(kit, act_bits: int) -> None:
+    """A block holding a NaN or an infinity makes its row of Y NaN (docs/ops.md): from float A (the
+    quantizer threads) and from A's codes in the activation format (the unpacking threads)."""
+    lib = _helper()
+    rng = np.random.default_rng(act_bits)
+    rows, k, n, block_size = 4, 29, 11, 8
+    codes, scales, _ = _exact_weight(rng, n, k, 4, block_size, True, ScaleKind.FLOAT16)
+    a = _exact_activations(rng, rows, k, block_size, act_bits)
+    a[1, 2], a[2, 20], a[3, 28] = np.nan, np.inf, -np.inf
+    fmt = {"k": k, "bits": 4, "block_size": block_size, "symmetric": True, "act_bits": act_bits}
+    want = matmul_reference(a, codes, scales, None, **fmt).astype(np.float32)
+    assert np.isnan(want[1:]).all() and np.isfinite(want[0]).all()
+    qa = quantize(a, BlockFormat(act_bits, block_size, True, ScaleKind.FLOAT32))
+    for a_in, a_codes, a_scales, what in ((a, None, None, "float A"), (None, qa.codes, qa.scales, "A codes")):
+        y = np.zeros((rows, n), np.float32)
+        lib.bct_host_matmul(
+            k, n, 4, block_size, 1, act_bits, KIND_CODE[ScaleKind.FLOAT16], 0, rows,
+            _ptr(a_in), _ptr(a_codes), _ptr(a_scales), _ptr(codes), _ptr(scales), None, None, _ptr(y),
+        )  # fmt: skip
+        assert np.isnan(y[1:]).all(), f"{what}: rows with a non-finite activation must be NaN, got {y[1:]}"
+        kit.assert_bits_equal(y[0], want[0], f"{what}: the finite row")
+
+
+def test_act_matmul_threads_infinity(kit) -> None:
+    """An infinity in A or B: every output its block feeds is NaN, the others the spec's bits."""
+    lib = _helper()
+    rng = np.random.default_rng(5)
+    m, k, n, bits, block_size = 5, 40, 7, 8, 16
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    a[1, 3], b[30, 2] = np.inf, -np.inf
+    want = nl_ref.act_matmul(a, b, bits, block_size)
+    assert np.isnan(want[1]).all() and np.isnan(want[:, 2]).all()
+    y = np.zeros((m, n), np.float32)
+    one = np.zeros(0, np.int64)
+    lib.bct_host_act_matmul(
+        bits, block_size, 0, m, k, n, 1, 1, 1, 0, _ptr(one), _ptr(one), _ptr(one), _ptr(a), _ptr(b), _ptr(y),
+    )  # fmt: skip
+    assert np.array_equal(np.isnan(y), np.isnan(want))
+    finite = ~np.isnan(want)
+    kit.assert_bits_equal(y[finite], want[finite], "finite outputs")
+
+
 ROW_OPS = {
     "gelu": (0, lambda x, s, b: nl_ref.gelu(x)),
     "gelu-tanh": (1, lambda x, s, b: nl_ref.gelu(x, "tanh")),

@@ -44,8 +44,23 @@ def test_block_size_zero(kit) -> None:
         kit.dequantize_model(SYM4, 8, node_name="dq_bs", block_size=0),
         {"codes": np.zeros((1, 4), np.uint8), "scales": np.ones((1, 1), np.float16)},
         "bct_onnx BlockDequantize node 'dq_bs': ",
-        "attribute 'block_size' must be >= 1, got 0",
+        "attribute 'block_size' must be in 1..2147483648, got 0",
     )
+
+
+@pytest.mark.parametrize("block_size", [2**31 + 1, 2**63 - 1])
+def test_block_size_absurd(kit, block_size: int) -> None:
+    """A block size past the limit is an attribute error, not a failure to allocate (INT64_MAX overflowed
+    the block count into "output 'scales' is required")."""
+    _fails(
+        kit,
+        kit.quantize_model(SYM4, node_name="q_bs", block_size=block_size),
+        {"x": np.ones((2, 64), np.float32)},
+        "bct_onnx BlockQuantize node 'q_bs': ",
+        f"attribute 'block_size' must be in 1..2147483648, got {block_size}",
+    )
+    with pytest.raises(ValueError, match="block_size must be an integer in"):
+        BlockFormat(4, block_size)
 
 
 def test_unknown_scale_kind(kit) -> None:

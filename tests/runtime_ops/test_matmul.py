@@ -35,7 +35,13 @@ from bct_onnx.block_format import (
     scales_to_float32,
 )
 from bct_onnx.ops import BLOCK_MATMUL, DOMAIN
-from bct_onnx.reference_ops import activation_format, block_matmul, matmul_operands, matmul_reference
+from bct_onnx.reference_ops import (
+    activation_format,
+    block_matmul,
+    matmul_in_range,
+    matmul_operands,
+    matmul_reference,
+)
 
 ISAS = ("scalar", "avx2", "avxvnni", "avx512", "avx512vnni", "amx")
 SCALE_DTYPES = {
@@ -366,6 +372,97 @@ def test_empty_rows() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Non-finite activations (docs/ops.md): with act_bits, a block holding a NaN or an infinity makes every
+# output of its row NaN; without, the float matmul's NaN / +-inf.
+
+
+def non_finite_activations(rng: np.random.Generator, k: int) -> np.ndarray:
+    """Rows: finite, a NaN, +inf, -inf, +inf and -inf in different blocks, a NaN in the last (partial) block."""
+    a = rng.standard_normal((6, k)).astype(np.float32)
+    a[1, 5] = np.nan
+    a[2, 40] = np.inf
+    a[3, 3] = -np.inf
+    a[4, 1], a[4, 33] = np.inf, -np.inf
+    a[5, k - 1] = np.nan
+    return a
+
+
+@pytest.mark.parametrize("act_bits", [0, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_non_finite_activations(isa: str, symmetric: bool, act_bits: int) -> None:
+    rng = np.random.default_rng(act_bits + 3 * symmetric)
+    k, n, block_size = 70, 37, 32
+    codes, scales, zero_points = random_weight(
+        rng, n, k, 4, block_size, symmetric, ScaleKind.FLOAT16, exact=False
+    )
+    fmt = {"k": k, "bits": 4, "block_size": block_size, "symmetric": symmetric, "act_bits": act_bits}
+    model = matmul_model(n=n, codes=codes, scales=scales, zero_points=zero_points, bias=None, **fmt)
+    a = non_finite_activations(rng, k)
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = matmul_reference(a, codes, scales, zero_points, **fmt)
+    y = run_matmul(model, a)
+    if act_bits:
+        assert np.isnan(want[1:]).all() and not np.isnan(want[0]).any()
+        assert np.isnan(y[1:]).all(), f"rows with a non-finite activation must be NaN, got {y[1:]}"
+    else:  # float matmul: NaN where the spec has NaN, the spec's signed infinities elsewhere
+        assert np.array_equal(np.isnan(y), np.isnan(want))
+        inf = np.isinf(want)
+        assert inf.any() and np.array_equal(y[inf], want[inf].astype(np.float32))
+    tol = tolerance(a[:1], codes, scales, zero_points, **fmt)[0]
+    assert np.all(np.abs(y[0] - want[0]) <= tol), "the finite row"
+
+
+@pytest.mark.parametrize("act_bits", [4, 8])
+def test_non_finite_own_format_activations(isa: str, act_bits: int) -> None:
+    """A given as codes in the run-time activation format whose blocks have +-inf or NaN scales (BlockQuantize
+    of non-finite data): the same NaN rows as the float A."""
+    rng = np.random.default_rng(act_bits)
+    k, n, block_size = 70, 37, 32
+    codes, scales, _ = random_weight(rng, n, k, 4, block_size, True, ScaleKind.FLOAT16, exact=False)
+    fmt = {"k": k, "bits": 4, "block_size": block_size, "symmetric": True, "act_bits": act_bits}
+    common = {"n": n, "codes": codes, "scales": scales, "zero_points": None, "bias": None, **fmt}
+    a = non_finite_activations(rng, k)
+    with np.errstate(invalid="ignore", over="ignore"):
+        q = quantize(a, activation_format(act_bits, block_size))
+    assert np.isinf(q.scales).any()
+    y = bct_onnx.session(io_model(in_fmt=q.fmt, **common)).run(None, quantized_feeds(q))[0]
+    assert np.isnan(y[1:]).all(), f"rows with a non-finite activation must be NaN, got {y[1:]}"
+    np.testing.assert_array_equal(y[0], run_matmul(io_model(**common), a)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Magnitudes near the float32 maximum: the range guarantee of docs/ops.md (reference_ops.matmul_in_range)
+
+
+@pytest.mark.parametrize("act_bits", [0, 8])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_large_magnitudes_within_the_range_guarantee(isa: str, symmetric: bool, act_bits: int) -> None:
+    """Rows scaled so the guarantee holds by a factor 2 or less: every output finite and within tolerance.
+    A row past it (Y finite near 1e37, but activations times unscaled codes above the float32 maximum) is
+    outside the guarantee, as matmul_in_range says."""
+    rng = np.random.default_rng(act_bits + symmetric)
+    k, n, block_size, bits = 96, 37, 32, 4
+    codes, scales, zero_points = random_weight(
+        rng, n, k, bits, block_size, symmetric, ScaleKind.FLOAT32, exact=False
+    )
+    scales = (scales * 1e-3).astype(np.float32)
+    fmt = {"k": k, "bits": bits, "block_size": block_size, "symmetric": symmetric, "act_bits": act_bits}
+    model = matmul_model(n=n, codes=codes, scales=scales, zero_points=zero_points, bias=None, **fmt)
+    unit = rng.standard_normal((4, k)).astype(np.float32)
+    unit /= np.abs(unit).max(axis=-1, keepdims=True)  # max |a| = 1 per row
+    edge = 2.0**127 / (block_size * ((1 << bits) - 1))  # condition (2) of the guarantee met exactly
+    a = (unit * np.array([[edge * 0.99], [edge / 2], [-edge / 8], [edge * 64]])).astype(np.float32)
+    in_range = matmul_in_range(a, codes, scales, zero_points, **fmt)
+    assert in_range[:3].all() and not in_range[3].any()
+    want = matmul_reference(a, codes, scales, zero_points, **fmt)
+    assert np.isfinite(want).all() and np.abs(want[3]).max() < 2.0**127  # the reference is finite everywhere
+    y = run_matmul(model, a)
+    tol = tolerance(a, codes, scales, zero_points, **fmt)
+    assert np.isfinite(y[:3]).all(), f"isa={isa}: outputs within the range guarantee must be finite"
+    assert np.all(np.abs(y[:3] - want[:3]) <= tol[:3]), f"isa={isa}"
+
+
+# ---------------------------------------------------------------------------------------------
 # CUDA: only where a GPU and onnxruntime-gpu are present
 
 
@@ -436,7 +533,7 @@ A_OK = np.ones((2, 40), np.float32)
         ({"act_bits": 1}, "attribute 'act_bits' must be 0 (float activations) or in 2..8, got 1"),
         ({"act_bits": 9}, "attribute 'act_bits' must be 0 (float activations) or in 2..8, got 9"),
         ({"bits": 9}, "attribute 'bits' must be in 2..8, got 9"),
-        ({"block_size": 0}, "attribute 'block_size' must be >= 1, got 0"),
+        ({"block_size": 0}, "attribute 'block_size' must be in 1..2147483648, got 0"),
         ({"N": None, "n": 12}, "required int attribute 'N' is missing"),
         ({"K": None}, "required int attribute 'K' is missing"),
         ({"symmetric": 2}, "attribute 'symmetric' must be 0 or 1, got 2"),
@@ -866,7 +963,7 @@ def test_bad_quantized_operand() -> None:
     _expect_io_error(
         _io_spec(extra_attrs={"in_block_size": 0}),
         feeds,
-        "attribute 'in_block_size' must be >= 1 when in_bits > 0, got 0",
+        "attribute 'in_block_size' must be in 1..2147483648 when in_bits > 0, got 0",
     )
     _expect_io_error(
         _io_spec(),

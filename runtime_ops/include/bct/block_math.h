@@ -99,6 +99,14 @@ BCT_HD BCT_INLINE float fdiv(float a, float b) {
 
 BCT_HD BCT_INLINE bool is_nan(float x) { return x != x; }
 
+// The scale an activation block is multiplied by: its quantizer's scale when finite, NaN when the
+// block held a NaN or an infinity (the scale is then NaN or +-inf). Every output of a row with such a
+// block is NaN, whatever the codes (reference_ops.activation_scales).
+BCT_HD BCT_INLINE float act_scale(float scale) {
+  const float zero = scale - scale;  // 0 for a finite scale, NaN otherwise
+  return zero == 0.0f ? scale : float_from_bits(0x7fc00000u);
+}
+
 // min/max that propagate NaN like np.minimum / np.maximum.
 BCT_HD BCT_INLINE float nan_min(float a, float b) { return (is_nan(a) || a < b) ? a : b; }
 BCT_HD BCT_INLINE float nan_max(float a, float b) { return (is_nan(a) || a > b) ? a : b; }

@@ -235,7 +235,7 @@ BCT_HD BCT_INLINE void quantize_act_row(const float* x, int64_t k, int bits, int
   for (int64_t b0 = 0, blk = 0; b0 < k; b0 += block_size, ++blk) {
     const int64_t len = (k - b0) < block_size ? (k - b0) : block_size;
     const StoredScale s = choose_symmetric_scale(x + b0, len, bits, ScaleKind::kFloat32);
-    scales[blk] = s.value;
+    scales[blk] = act_scale(s.value);
     const float inv = inverse_scale(s.value);
     for (int64_t i = 0; i < len; ++i) {
       q[b0 + i] = static_cast<int8_t>(static_cast<int>(code_of(x[b0 + i], inv, bits, true, 0)) - zp);

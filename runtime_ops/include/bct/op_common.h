@@ -173,8 +173,12 @@ struct BlockAttrs {
   int64_t axis_size = 0;  // D; 0 when the op does not take axis_size (BlockQuantize)
 };
 
+// The largest block_size of any op (block_format.MAX_BLOCK_SIZE): far beyond any real row, and small
+// enough that block arithmetic on int64 sizes (axis_size + block_size - 1, ...) cannot overflow.
+constexpr int64_t kMaxBlockSize = int64_t{1} << 31;
+
 // Reads bits, block_size, symmetric (default 1) and, when axis_size_name is given, that required
-// attribute (BlockMatMul passes "K"). Fails on bits outside 2..8, block_size < 1, symmetric not 0/1,
+// attribute (BlockMatMul passes "K"). Fails on bits outside 2..8, block_size outside 1..kMaxBlockSize, symmetric not 0/1,
 // axis size < 1.
 inline BlockAttrs ReadBlockAttrs(const OrtKernelInfo* info, const NodeRef& node, const char* axis_size_name) {
   BlockAttrs attrs;
@@ -182,8 +186,9 @@ inline BlockAttrs ReadBlockAttrs(const OrtKernelInfo* info, const NodeRef& node,
   if (bits < 2 || bits > 8) node.Fail("attribute 'bits' must be in 2..8, got " + std::to_string(bits));
   attrs.bits = static_cast<int>(bits);
   attrs.block_size = AttrInt(info, node, "block_size");
-  if (attrs.block_size < 1) {
-    node.Fail("attribute 'block_size' must be >= 1, got " + std::to_string(attrs.block_size));
+  if (attrs.block_size < 1 || attrs.block_size > kMaxBlockSize) {
+    node.Fail("attribute 'block_size' must be in 1.." + std::to_string(kMaxBlockSize) + ", got " +
+              std::to_string(attrs.block_size));
   }
   const int64_t symmetric = AttrInt(info, "symmetric", 1);
   if (symmetric != 0 && symmetric != 1) {
