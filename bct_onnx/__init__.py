@@ -5,7 +5,7 @@ from bct_onnx.block_format import BlockFormat, ScaleKind, dequantize, quantize
 from bct_onnx.config import CompressConfig
 from bct_onnx.ops import DOMAIN
 from bct_onnx.report import CompileReport
-from bct_onnx.runtime import library_path, session
+from bct_onnx.runtime import default_providers, library_path, session, session_options
 
 __all__ = [
     "BlockFormat",
@@ -15,9 +15,11 @@ __all__ = [
     "DOMAIN",
     "ScaleKind",
     "compress",
+    "default_providers",
     "dequantize",
     "library_path",
     "quantize",
     "session",
+    "session_options",
 ]
 __version__ = "0.1.0"

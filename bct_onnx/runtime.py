@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib.resources
+import logging
 import os
 import weakref
 from pathlib import Path
@@ -11,6 +13,10 @@ from typing import Any
 LIBRARY_ENV = "BCT_ONNX_LIBRARY"  # overrides the packaged library (development builds)
 LIBRARY_NAME = "libbct_onnx_ops.so"
 MIN_ORT_VERSION = (1, 21)  # the C API version the library is built against
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
+
+logger = logging.getLogger(__name__)
 
 
 # SessionOptions that already carry our library: ONNX Runtime refuses a second registration of
@@ -76,16 +82,66 @@ def session_options(sess_options: Any = None) -> Any:
     return options
 
 
+def cuda_devices() -> tuple[int, str]:
+    """(number of CUDA GPUs the NVIDIA driver sees, why none when 0), asked through libcuda's C API.
+
+    Cheap and safe without a GPU: no driver library means 0. CUDA_VISIBLE_DEVICES is honoured by
+    the driver itself.
+    """
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0, "no NVIDIA driver (libcuda.so.1 not found)"
+    status = driver.cuInit(0)
+    if status != 0:
+        return 0, f"the NVIDIA driver found no usable GPU (cuInit error {status})"
+    count = ctypes.c_int(0)
+    status = driver.cuDeviceGetCount(ctypes.byref(count))
+    if status != 0 or count.value == 0:
+        return 0, "the NVIDIA driver reports no GPU"
+    return count.value, ""
+
+
+def default_providers() -> list[str]:
+    """Execution providers for a compressed model on this machine: CUDA first when it can run, CPU last.
+
+    CUDA is chosen when onnxruntime is the onnxruntime-gpu build (``pip install bct-onnx[gpu]``)
+    and a GPU is visible; the library's ops then run on CUDA where it has CUDA kernels, on CPU
+    otherwise. The choice and its reason are logged (INFO; WARNING when onnxruntime-gpu is
+    installed but no GPU can be used).
+    """
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if CUDA_PROVIDER not in available:
+        logger.info(
+            "bct-onnx: running on %s: onnxruntime %s has no %s (install bct-onnx[gpu] for onnxruntime-gpu)",
+            CPU_PROVIDER, ort.__version__, CUDA_PROVIDER,
+        )
+        return [CPU_PROVIDER]
+    gpus, reason = cuda_devices()
+    if gpus == 0:
+        logger.warning("bct-onnx: falling back to %s: %s is installed but %s", CPU_PROVIDER, CUDA_PROVIDER, reason)
+        return [CPU_PROVIDER]
+    logger.info("bct-onnx: running on %s (%d GPU%s), %s as fallback", CUDA_PROVIDER, gpus, "s"[: gpus > 1], CPU_PROVIDER)
+    return [CUDA_PROVIDER, CPU_PROVIDER]
+
+
 def session(path: str | os.PathLike[str] | bytes, providers: list[Any] | None = None, sess_options: Any = None) -> Any:
     """An onnxruntime.InferenceSession for a compressed model, with our ops registered.
 
-    providers defaults to the CPU provider. Asking for CUDAExecutionProvider where onnxruntime-gpu
-    finds no GPU falls back to the CPU kernels (ONNX Runtime's own provider fallback).
+    providers defaults to ``default_providers()``: CUDA with onnxruntime-gpu and a visible GPU,
+    CPU otherwise. A requested CUDA provider that ONNX Runtime could not start is logged as a
+    warning (ONNX Runtime then runs everything on CPU).
     """
     import onnxruntime as ort
 
     options = session_options(sess_options)
     if providers is None:
-        providers = ["CPUExecutionProvider"]
+        providers = default_providers()
     model = path if isinstance(path, bytes) else os.fspath(path)
-    return ort.InferenceSession(model, sess_options=options, providers=providers)
+    created = ort.InferenceSession(model, sess_options=options, providers=providers)
+    wanted = [p if isinstance(p, str) else p[0] for p in providers]
+    if CUDA_PROVIDER in wanted and CUDA_PROVIDER not in created.get_providers():
+        logger.warning("bct-onnx: %s could not start; the session runs on %s", CUDA_PROVIDER, created.get_providers())
+    return created
