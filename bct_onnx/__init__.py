@@ -8,11 +8,11 @@ from bct_onnx.report import CompileReport
 from bct_onnx.runtime import default_providers, library_path, session, session_options
 
 __all__ = [
+    "DOMAIN",
     "BlockFormat",
     "CompileReport",
     "CompressConfig",
     "CompressResult",
-    "DOMAIN",
     "ScaleKind",
     "compress",
     "default_providers",

@@ -23,6 +23,8 @@ import onnx_ir as ir
 
 from bct_onnx import model_io
 from bct_onnx.errors import BctOnnxError, ModelFileError
+from bct_onnx.hub import parse_hub_id, resolve_hub_id
+from bct_onnx.output_dir import copy_companions, is_directory_output, model_file
 from bct_onnx.report import CompileReport, SkippedNode, StepTimer, config_to_dict, versions
 
 CalibrationArg = Any  # "auto" | "text" | "none" | None | bct_onnx.calibration.Calibration
@@ -244,8 +246,13 @@ def compress(
 ) -> CompressResult:
     """Compress a model; write it to ``output`` when given.
 
-    input: .onnx path (or a directory holding one .onnx), Hugging Face model directory, or a
-    ModelProto / onnx_ir.Model. The input is never modified (the pipeline works on a clone).
+    input: .onnx path (or a directory holding one .onnx), Hugging Face model directory, Hugging Face
+    Hub id (``org/name[@revision]``, taken from huggingface_hub's cache; downloaded only when not
+    cached and HF_HUB_OFFLINE is unset), or a ModelProto / onnx_ir.Model. The input is never
+    modified (the pipeline works on a clone).
+    output: an .onnx path, or a directory (a path ending with "/" or an existing directory) that
+    gets model.onnx plus the input's config, generation config and tokenizer files, ready for
+    optimum's ORTModelFor... classes (load them with ``session_options=bct_onnx.session_options()``).
     config / overrides: a CompressConfig and field overrides, e.g. ``weight_bits=4, act_bits=None``.
     progress: show tqdm bars on stderr. debug_dir: keep the input model and, where the pipeline
     supports it, the model after every pass that changed it.
@@ -264,12 +271,15 @@ def compress(
     exported_from: str | None = None
     with contextlib.ExitStack() as stack:
         input_file: Path | None = None
+        companion_sources: list[Path] = []  # folders whose config/tokenizer files an output directory gets
         if isinstance(input, (onnx.ModelProto, ir.Model)):
             with timer.step("load"):
                 model = model_io.from_proto(input)
             input_label = "<in-memory model>"
         elif isinstance(input, (str, os.PathLike)):
             source = Path(input)
+            if not source.exists() and isinstance(input, str) and parse_hub_id(input) is not None:
+                source = resolve_hub_id(input)  # a Hub id: its snapshot in huggingface_hub's cache
             if not source.exists():
                 raise ModelFileError(f"input not found: {source}")
             if source.is_dir() and _is_hf_model_dir(source):
@@ -277,6 +287,7 @@ def compress(
                 with timer.step("export"), prog.bar(f"export {source.name}", total=1, tick=True):
                     input_file = _export(source, export_dir, task)
                 exported_from = str(source)
+                companion_sources += [export_dir, source]
             elif source.is_dir() and not any(source.glob("*.onnx")):
                 raise ModelFileError(
                     f"directory {source} contains no .onnx model and is not a Hugging Face model "
@@ -284,6 +295,7 @@ def compress(
                 )
             else:
                 input_file = model_io.resolve_model_file(source)
+                companion_sources.append(input_file.parent)
             input_label = str(input_file) if exported_from is None else str(source)
             with timer.step("load"):
                 model = model_io.load(input_file)
@@ -296,7 +308,9 @@ def compress(
         protected = set(model_io.external_data_files(model))
         if input_file is not None and exported_from is None:
             protected.add(input_file)
+        directory_output = output is not None and is_directory_output(output)
         if output is not None:
+            output = model_file(output)  # DIR/ -> DIR/model.onnx
             model_io.check_output_path(output, protected)  # fail before the slow part
         if debug is not None:
             debug.mkdir(parents=True, exist_ok=True)
@@ -327,6 +341,8 @@ def compress(
                     callback = (lambda tensor, info: pbar.update(1)) if pbar is not None else None
                     model_io.save(compressed, output, protected=protected, callback=callback)
             output_bytes = model_io.file_bytes(output)
+            if directory_output:
+                copy_companions(Path(output).parent, companion_sources)
         else:
             with timer.step("measure"):
                 output_bytes = _serialized_bytes(compressed)
