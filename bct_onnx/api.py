@@ -242,6 +242,7 @@ def compress(
     calibration: CalibrationArg = "auto",
     tokenizer: str | os.PathLike[str] | None = None,
     calibration_text: str = "auto",
+    html_report: str | os.PathLike[str] | None = None,
     **overrides: Any,
 ) -> CompressResult:
     """Compress a model; write it to ``output`` when given.
@@ -263,8 +264,14 @@ def compress(
     calibration_text: where text calibration's words come from: "auto" or "shipped" (the
     public-domain lines shipped in the package), "moby-dick" (Melville's novel from Debian's
     r-cran-tokenizers, fetched once), or the path of a UTF-8 text file of your own.
+    html_report: write a self-contained HTML page of charts here (bct_onnx.html_report; needs the
+    [report] extra): sizes by component and layer, weight and output errors, bits per weight.
     """
     cfg = make_config(config, **overrides)
+    if html_report is not None:
+        from bct_onnx.html_report import check_plotly
+
+        check_plotly()  # a missing extra fails before the slow part
     timer = StepTimer()
     prog = _Progress(progress)
     debug = Path(debug_dir) if debug_dir is not None else None
@@ -333,6 +340,14 @@ def compress(
         with timer.step("compress"):
             result = _run_pipeline(model, cfg, prog, debug, feeds)
         compressed = result.model
+        analysis = None
+        if html_report is not None:
+            from bct_onnx.analysis import analyze
+
+            with timer.step("analyze"):
+                analysis = analyze(
+                    model, compressed, feeds.feeds if feeds is not None else None, calibration_report.get("source", "")
+                )
 
         if output is not None:
             with timer.step("save"):
@@ -373,6 +388,10 @@ def compress(
         calibration=calibration_report,
         versions=versions(),
     )
+    if html_report is not None and analysis is not None:
+        from bct_onnx.html_report import write_html_report
+
+        write_html_report(report, analysis, html_report)
     return CompressResult(compressed, report)
 
 
