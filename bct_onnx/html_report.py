@@ -61,6 +61,14 @@ def _short(node: str) -> str:
     return "/".join(parts[-3:]) if parts else node
 
 
+def _labels(nodes: list[str], layers: list[str]) -> list[str]:
+    """Short axis labels, made unique (layers repeat the same module names) by their layer."""
+    short = [_short(n) for n in nodes]
+    repeated = {label for label in short if short.count(label) > 1}
+    labels = [f"{layer}: {label}" if label in repeated else label for label, layer in zip(short, layers, strict=True)]
+    return [label if labels.count(label) == 1 else node for label, node in zip(labels, nodes, strict=True)]
+
+
 def _size_by_component(go: Any, analysis: ModelAnalysis) -> Any:
     components = sorted({s.component for s in analysis.sizes})
     before = [sum(s.input_bytes or 0 for s in analysis.sizes if s.component == c) for c in components]
@@ -90,11 +98,13 @@ def _size_by_layer(go: Any, analysis: ModelAnalysis) -> Any:
 
 def _weight_error(go: Any, analysis: ModelAnalysis) -> Any:
     fig = go.Figure()
+    all_labels = _labels([e.node for e in analysis.weight_errors], [e.layer for e in analysis.weight_errors])
+    label_of = dict(zip([e.node for e in analysis.weight_errors], all_labels, strict=True))
     for layer in sorted({e.layer for e in analysis.weight_errors}, key=layer_order):
         errors = [e for e in analysis.weight_errors if e.layer == layer]
         fig.add_bar(
             name=layer,
-            x=[_short(e.node) for e in errors],
+            x=[label_of[e.node] for e in errors],
             y=[e.relative_error for e in errors],
             hovertext=[f"{e.node}<br>{e.source}: {e.bits}-bit, block {e.block_size}, {e.elements} values" for e in errors],
         )
@@ -104,7 +114,7 @@ def _weight_error(go: Any, analysis: ModelAnalysis) -> Any:
 
 def _output_error(go: Any, analysis: ModelAnalysis) -> Any:
     errors = analysis.output_errors
-    labels = [_short(e.node) for e in errors]
+    labels = _labels([e.node for e in errors], [e.layer for e in errors])
     fig = go.Figure()
     for op_type in sorted({e.op_type for e in errors}):
         chosen = [(label, e) for label, e in zip(labels, errors, strict=True) if e.op_type == op_type]
@@ -137,12 +147,13 @@ def _layer_output_error(go: Any, analysis: ModelAnalysis) -> Any:
 def _bits(go: Any, analysis: ModelAnalysis) -> Any:
     stored = {s.name: s.output_bytes for s in analysis.sizes}
     errors = analysis.weight_errors
+    labels = _labels([e.node for e in errors], [e.layer for e in errors])
     fig = go.Figure(
         [
-            go.Bar(name="code bits", x=[_short(e.node) for e in errors], y=[e.bits for e in errors]),
+            go.Bar(name="code bits", x=labels, y=[e.bits for e in errors]),
             go.Bar(
                 name="stored bits per value (codes + scales)",
-                x=[_short(e.node) for e in errors],
+                x=labels,
                 y=[8 * stored.get(e.source, 0) / e.elements for e in errors],
             ),
         ]

@@ -101,3 +101,12 @@ def test_html_report_without_plotly_names_the_extra(monkeypatch: pytest.MonkeyPa
     with pytest.raises(bct_onnx.errors.BctOnnxError, match=r"pip install 'bct-onnx\[report\]'"):
         bct_onnx.compress(mlp_path, tmp_path / "out.onnx", calibration="none", html_report=tmp_path / "r.html")
     assert not (tmp_path / "out.onnx").exists()  # failed before compressing
+
+
+def test_axis_labels_are_unique_across_layers() -> None:
+    from bct_onnx.html_report import _labels
+
+    nodes = ["/enc/layer.0/attn/q/MatMul", "/enc/layer.1/attn/q/MatMul", "/embed/words/Gather"]
+    assert _labels(nodes, ["layer 0", "layer 1", "outside layers"]) == [
+        "layer 0: attn/q/MatMul", "layer 1: attn/q/MatMul", "embed/words/Gather"
+    ]
