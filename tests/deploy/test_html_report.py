@@ -20,7 +20,7 @@ from .conftest import mlp_ids
 
 pytest.importorskip("plotly", reason="the [report] extra (plotly) is not installed")
 
-from bct_onnx.html_report import CHART_IDS  # noqa: E402  (needs plotly only when rendering)
+from bct_onnx.html_report import CHART_IDS
 
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
@@ -70,7 +70,7 @@ def test_html_report_renders_without_errors(chromium: str, tmp_path: Path, mlp_p
 
     text = page.read_text(encoding="utf-8")
     assert "<script src=" not in text  # self-contained: plotly.js is inlined, nothing is fetched
-    data = json.loads(re.search(r'<script type="application/json" id="bct-data">(.*?)</script>', text, re.S).group(1))
+    data = json.loads(re.search(r'<script type="application/json" id="bct-data">(.*?)</script>', text, re.DOTALL).group(1))
     assert data["report"]["output_bytes"] == result.report.output_bytes
     assert [e["source"] for e in data["analysis"]["weight_errors"]] == ["embedding", "w1", "w2"]
     assert [e["output"] for e in data["analysis"]["output_errors"]] == ["emb", "hb", "y"]

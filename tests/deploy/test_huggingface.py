@@ -192,10 +192,9 @@ def test_tiny_llama_generates_with_kv_cache_in_optimum(tmp_path: Path) -> None:
 @pytest.mark.slow  # export and compression of the 135M decoder: about 2-3 minutes on a shared 2-core VM
 def test_smollm2_generates_text_in_optimum_and_a_pipeline(tmp_path: Path) -> None:
     import torch
+    from bct_onnx.models import smollm2
     from optimum.onnxruntime import ORTModelForCausalLM
     from transformers import AutoTokenizer, pipeline
-
-    from bct_onnx.models import smollm2
 
     try:
         source = smollm2.hf_dir()
