@@ -8,41 +8,22 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 import bct_onnx
 
-VOCAB, HIDDEN, FFN, OUT = 100, 64, 128, 32
+from ..test_cli import build_mlp as build_plain_mlp
+
+# Exporters' layer paths for the MLP's nodes, so that reports can group them by layer.
+LAYER_NAMES = ("/embed/Gather", "/layers.0/fc1/MatMul", "/layers.0/fc1/Add", "/layers.0/Relu", "/layers.1/fc2/MatMul")
 
 
-def build_mlp(path: Path, seed: int = 0) -> Path:
-    """ids [batch, seq] -> Gather -> MatMul + bias -> Relu -> MatMul -> y [batch, seq, OUT].
-
-    Node names follow exporters' layer paths ("/layers.N/...") so reports can group them by layer.
-    """
-    rng = np.random.default_rng(seed)
-    init = [
-        numpy_helper.from_array(rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32), "embedding"),
-        numpy_helper.from_array((rng.standard_normal((HIDDEN, FFN)) / 8).astype(np.float32), "w1"),
-        numpy_helper.from_array((0.1 * rng.standard_normal(FFN)).astype(np.float32), "b1"),
-        numpy_helper.from_array((rng.standard_normal((FFN, OUT)) / 11).astype(np.float32), "w2"),
-    ]
-    nodes = [
-        helper.make_node("Gather", ["embedding", "ids"], ["emb"], name="/embed/Gather"),
-        helper.make_node("MatMul", ["emb", "w1"], ["h"], name="/layers.0/fc1/MatMul"),
-        helper.make_node("Add", ["h", "b1"], ["hb"], name="/layers.0/fc1/Add"),
-        helper.make_node("Relu", ["hb"], ["act"], name="/layers.0/Relu"),
-        helper.make_node("MatMul", ["act", "w2"], ["y"], name="/layers.1/fc2/MatMul"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", OUT])],
-        initializer=init,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    onnx.checker.check_model(model)
+def build_mlp(path: Path) -> Path:
+    """test_cli's MLP (ids -> Gather -> MatMul + bias -> Relu -> MatMul -> y [batch, seq, 32]), its
+    nodes named like an exporter's."""
+    build_plain_mlp(path)
+    model = onnx.load(str(path))
+    for node, name in zip(model.graph.node, LAYER_NAMES, strict=True):
+        node.name = name
     onnx.save(model, str(path))
     return path
 
