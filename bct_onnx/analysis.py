@@ -203,7 +203,10 @@ def _expose(model: ir.Model, names: Sequence[str]) -> bytes:
     """The model serialized with ``names`` added as float graph outputs."""
     import onnx
 
-    proto = ir.serde.serialize_model(model)
+    from bct_onnx.model_io import _tensors_in_memory
+
+    with _tensors_in_memory(model):  # weights in external files must travel inside the bytes
+        proto = ir.serde.serialize_model(model)
     present = {o.name for o in proto.graph.output}
     for name in names:
         if name not in present:

@@ -85,3 +85,15 @@ def test_analysis_without_inputs_says_why(mlp_path: Path) -> None:
     assert analysis.output_errors == []
     assert analysis.output_error_note.startswith("not measured: no calibration inputs")
     assert len(analysis.weight_errors) == 3
+
+
+def test_output_errors_of_a_model_with_external_data(tmp_path: Path, mlp_path: Path) -> None:
+    """Weights in an external data file still reach the sessions the analysis opens."""
+    external = tmp_path / "external" / "mlp.onnx"
+    external.parent.mkdir()
+    onnx.save(onnx.load(str(mlp_path)), str(external), save_as_external_data=True, size_threshold=0)
+    original = model_io.load(external)
+    result = bct_onnx.compress(external, calibration="none")
+    analysis = analyze(original, result.model, [{"ids": mlp_ids()}], "ids")
+    assert [e.output for e in analysis.output_errors] == ["emb", "hb", "y"]
+    assert all(0 < e.relative_error < 0.3 for e in analysis.output_errors)
