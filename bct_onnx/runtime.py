@@ -107,24 +107,35 @@ def default_providers() -> list[str]:
 
     CUDA is chosen when onnxruntime is the onnxruntime-gpu build (``pip install bct-onnx[gpu]``)
     and a GPU is visible; the library's ops then run on CUDA where it has CUDA kernels, on CPU
-    otherwise. The choice and its reason are logged (INFO; WARNING when onnxruntime-gpu is
-    installed but no GPU can be used).
+    otherwise. The choice and its reason are logged once per process (INFO; WARNING when
+    onnxruntime-gpu is installed but no GPU can be used).
     """
     import onnxruntime as ort
 
     available = ort.get_available_providers()
     if CUDA_PROVIDER not in available:
-        logger.info(
-            "bct-onnx: running on %s: onnxruntime %s has no %s (install bct-onnx[gpu] for onnxruntime-gpu)",
-            CPU_PROVIDER, ort.__version__, CUDA_PROVIDER,
+        _log_once(
+            logging.INFO,
+            f"bct-onnx: running on {CPU_PROVIDER}: onnxruntime {ort.__version__} has no {CUDA_PROVIDER} "
+            "(install bct-onnx[gpu] for onnxruntime-gpu)",
         )
         return [CPU_PROVIDER]
     gpus, reason = cuda_devices()
     if gpus == 0:
-        logger.warning("bct-onnx: falling back to %s: %s is installed but %s", CPU_PROVIDER, CUDA_PROVIDER, reason)
+        _log_once(logging.WARNING, f"bct-onnx: falling back to {CPU_PROVIDER}: {CUDA_PROVIDER} is installed but {reason}")
         return [CPU_PROVIDER]
-    logger.info("bct-onnx: running on %s (%d GPU%s), %s as fallback", CUDA_PROVIDER, gpus, "s"[: gpus > 1], CPU_PROVIDER)
+    plural = "s" if gpus > 1 else ""
+    _log_once(logging.INFO, f"bct-onnx: running on {CUDA_PROVIDER} ({gpus} GPU{plural}), {CPU_PROVIDER} as fallback")
     return [CUDA_PROVIDER, CPU_PROVIDER]
+
+
+_LOGGED: set[str] = set()  # provider messages already logged: every session asks, one line is enough
+
+
+def _log_once(level: int, message: str) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        logger.log(level, message)
 
 
 def session(path: str | os.PathLike[str] | bytes, providers: list[Any] | None = None, sess_options: Any = None) -> Any:

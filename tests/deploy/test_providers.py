@@ -16,12 +16,22 @@ from bct_onnx import runtime
 from .conftest import mlp_ids
 
 
+@pytest.fixture(autouse=True)
+def fresh_provider_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test sees the provider choice logged (it is logged once per process)."""
+    monkeypatch.setattr(runtime, "_LOGGED", set())
+
+
 def test_cpu_build_runs_on_cpu_and_says_why(caplog: pytest.LogCaptureFixture) -> None:
     if runtime.CUDA_PROVIDER in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu is installed here: the CPU-build case cannot be checked")
     with caplog.at_level(logging.INFO, logger="bct_onnx.runtime"):
         assert bct_onnx.default_providers() == ["CPUExecutionProvider"]
     assert "has no CUDAExecutionProvider (install bct-onnx[gpu]" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="bct_onnx.runtime"):
+        assert bct_onnx.default_providers() == ["CPUExecutionProvider"]
+    assert caplog.text == ""  # once per process, not once per session
 
 
 def test_gpu_build_without_gpu_falls_back_to_cpu(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
