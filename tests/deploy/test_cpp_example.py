@@ -88,3 +88,28 @@ def test_cpp_example_reports_a_missing_library(bct_run: Path, tmp_path: Path, co
                          check=False, capture_output=True, text=True, timeout=60)
     assert run.returncode == 1
     assert run.stderr.startswith("bct_run: ") and "nope.so" in run.stderr
+
+
+def test_cpp_example_runs_every_op_family(bct_run: Path, tmp_path: Path) -> None:
+    """A tiny BERT compressed with the defaults (attention MatMuls, Softmax, LayerNorm, GELU too)."""
+    pytest.importorskip("transformers", reason="exporting the tiny BERT needs the [hf] extra")
+    from bct_onnx.models.families import export_tiny
+
+    (exported,) = export_tiny("bert", tmp_path / "bert", with_past=False)
+    compressed = tmp_path / "bert.bct.onnx"
+    bct_onnx.compress(exported, compressed, calibration="none")
+    run = subprocess.run([str(bct_run), str(compressed), bct_onnx.library_path(), "2", "5"],
+                         check=False, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    from_cpp = _parse(run.stdout)
+
+    ids = ((np.arange(10, dtype=np.int64) * 13 + 1) % 100).reshape(2, 5)  # as bct_run fills input_ids
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = bct_onnx.session(compressed, providers=["CPUExecutionProvider"], sess_options=options)
+    names = [o.name for o in session.get_outputs()]
+    from_python = session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})
+    assert list(from_cpp) == names
+    for name, expected in zip(names, from_python, strict=True):
+        np.testing.assert_array_equal(from_cpp[name], expected, err_msg=name)
