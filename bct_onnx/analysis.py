@@ -222,9 +222,7 @@ def output_errors(
     Compared where both graphs have a float tensor of the same name (the passes keep the names of
     the outputs they replace); outputs that stay compressed (codes) are not compared.
     """
-    import onnxruntime as ort
-
-    from bct_onnx.runtime import session_options
+    from bct_onnx import runtime
 
     fp32_names = {
         v.name for node in original.graph for v in node.outputs if v.name and v.dtype in (None, ir.DataType.FLOAT)
@@ -240,8 +238,8 @@ def output_errors(
         return []
     names = [name for _, name in measured]
     cpu = ["CPUExecutionProvider"]
-    fp32 = ort.InferenceSession(_expose(original, names), providers=cpu)
-    ours = ort.InferenceSession(_expose(compressed, names), sess_options=session_options(), providers=cpu)
+    fp32 = runtime.session(_expose(original, names), providers=cpu, with_library=False)
+    ours = runtime.session(_expose(compressed, names), providers=cpu)
     squared_error = np.zeros(len(names))
     squared_norm = np.zeros(len(names))
     for batch in list(feeds)[:max_batches]:

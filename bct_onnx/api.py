@@ -15,24 +15,25 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
+from tqdm import tqdm
 
 from bct_onnx import model_io
+from bct_onnx.calibration import Calibration, CalibrationError, calibration_texts, text_feeds
+from bct_onnx.config import SUPPORTED_OPS, CompressConfig
 from bct_onnx.errors import BctOnnxError, ModelFileError
 from bct_onnx.hub import parse_hub_id, resolve_hub_id
+from bct_onnx.models.export import ExportError, ModelDirError, export_hf_directory, is_hf_model_dir
 from bct_onnx.output_dir import copy_companions, is_directory_output, model_file
+from bct_onnx.passes import PipelineResult, compress_model
 from bct_onnx.report import CompileReport, SkippedNode, StepTimer, config_to_dict, versions
+from bct_onnx.tokenizer import find_tokenizer_dir, load_tokenizer
 
 CalibrationArg = Any  # "auto" | "text" | "none" | None | bct_onnx.calibration.Calibration
-
-if TYPE_CHECKING:
-    from bct_onnx.calibration import Calibration
-    from bct_onnx.config import CompressConfig
-    from bct_onnx.passes import PipelineResult
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +53,6 @@ class CompressResult:
 
 def make_config(config: CompressConfig | None = None, **overrides: Any) -> CompressConfig:
     """``config`` (default: CompressConfig()) with ``overrides`` applied; unknown names are an error."""
-    from bct_onnx.config import CompressConfig
-
     base = config if config is not None else CompressConfig()
     if not overrides:
         return base
@@ -81,8 +80,6 @@ class _Progress:
         if not self.enabled:
             yield None
             return
-        from tqdm import tqdm
-
         with tqdm(total=total, desc=desc, unit=unit, leave=True, dynamic_ncols=True) as pbar:
             stop = threading.Event()
             ticker = threading.Thread(target=_tick, args=(pbar, stop), daemon=True) if tick else None
@@ -116,8 +113,6 @@ def _run_pipeline(
     calibration: Calibration | None = None,
 ) -> Any:
     """bct_onnx.passes.compress_model, with a bar advanced after every pass."""
-    from bct_onnx.passes import compress_model
-
     with progress.bar("compress", unit="pass") as pbar:
         if pbar is None:
             return compress_model(model, config, debug_dir=debug_dir, calibration=calibration)
@@ -128,16 +123,6 @@ def _run_pipeline(
             pbar.set_postfix_str(name, refresh=True)
 
         return compress_model(model, config, progress=pass_done, debug_dir=debug_dir, calibration=calibration)
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
-
-
-def _find_tokenizer_dir(*candidates: Path | None) -> Path | None:
-    for folder in candidates:
-        if folder is not None and folder.is_dir() and any((folder / name).is_file() for name in TOKENIZER_FILES):
-            return folder
-    return None
 
 
 def _calibration(
@@ -153,26 +138,19 @@ def _calibration(
     a tokenizer is found next to the model, in the Hugging Face directory, or given; otherwise plain
     rounding, with the reason.
     """
-    from bct_onnx.calibration import Calibration, CalibrationError, calibration_texts, text_feeds
-
     if calibration is None or calibration == "none":
         return None, {"method": "none", "reason": "calibration switched off"}
     if isinstance(calibration, Calibration):
         return calibration, {"method": "gptq", "batches": len(calibration.feeds), "source": "given inputs"}
     if calibration not in ("auto", "text"):
         raise BctOnnxError(f"calibration must be 'auto', 'text', 'none' or a Calibration, not {calibration!r}")
-    folder = Path(tokenizer) if tokenizer is not None else _find_tokenizer_dir(*folders)
+    folder = Path(tokenizer) if tokenizer is not None else find_tokenizer_dir(*folders)
     if folder is None:
         if calibration == "text":
             raise BctOnnxError("text calibration needs a tokenizer: pass tokenizer=DIR (CLI: --tokenizer DIR)")
         return None, {"method": "none", "reason": "no tokenizer next to the model; pass --tokenizer DIR to calibrate"}
     try:
-        from transformers import AutoTokenizer
-
-        from bct_onnx.models.export import hub_offline
-
-        with hub_offline():
-            loaded = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        loaded = load_tokenizer(folder)
     except (OSError, ValueError) as error:
         if calibration == "text":
             raise BctOnnxError(f"text calibration with the tokenizer in {folder} failed: {error}") from error
@@ -217,8 +195,6 @@ def _rewritten_op_types(rules: dict[str, int]) -> dict[str, int]:
     The quantize passes count one rule named after the op type per rewritten node ("MatMul",
     "Gather") and extra rules for variants ("MatMul+Add(bias)") and canonicalization ("Gemm").
     """
-    from bct_onnx.config import SUPPORTED_OPS
-
     return {rule: count for rule, count in sorted(rules.items()) if rule in SUPPORTED_OPS and count}
 
 
@@ -402,18 +378,12 @@ def _initializers(model: ir.Model) -> Iterator[ir.Value]:
 
 def _is_hf_model_dir(path: Path) -> bool:
     """A directory to export first: a Hugging Face model directory holding no .onnx file yet."""
-    try:
-        from bct_onnx.models.export import is_hf_model_dir
-    except ImportError:  # models/ not installed: only .onnx inputs
-        return False
     # A directory holding an exported .onnx next to its config.json (optimum output) is read as
     # the ONNX model: exporting again would be slow and pointless.
     return is_hf_model_dir(path) and not any(path.glob("*.onnx"))
 
 
 def _export(model_dir: Path, export_dir: Path, task: str | None) -> Path:
-    from bct_onnx.models.export import ExportError, ModelDirError, export_hf_directory
-
     try:
         return export_hf_directory(model_dir, export_dir, task=task)
     except (ExportError, ModelDirError) as exc:

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
-from bct_onnx import ops
-from bct_onnx.runtime import session_options
+from bct_onnx import ops, runtime
+from bct_onnx.models.text_data import TextDataUnavailable, moby_dick_text
 from bct_onnx.text_files import TextFileError, dataset_texts, is_dataset, is_jsonl, jsonl_texts
 
 logger = logging.getLogger(__name__)
@@ -71,8 +72,6 @@ def calibration_texts(source: str = "auto") -> tuple[list[str], int, str]:
     if source in ("auto", "shipped"):
         return calibration_text(), SHIPPED_MAX_TOKENS, "shipped calibration text"
     if source == "moby-dick":
-        from bct_onnx.models.text_data import TextDataUnavailable, moby_dick_text
-
         try:
             text = moby_dick_text()
         except (TextDataUnavailable, OSError) as error:
@@ -106,16 +105,23 @@ def text_windows(text: str, samples: int = SAMPLES, words: int = SAMPLE_WORDS) -
     return [" ".join(tokens[i * words : (i + 1) * words]) for i in sorted(set(picks.tolist()))]
 
 
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+PAST_PREFIX = "past_key_values"  # optimum's KV-cache inputs: fed empty (no past) during calibration
+
+
 def text_feeds(
     model: ir.Model, tokenizer: Any, texts: Sequence[str] | None = None, max_length: int = 128, batch_size: int = 8
 ) -> Calibration:
-    """Calibration batches for a text model from its tokenizer: input_ids, attention_mask,
-    token_type_ids and position_ids, as the graph declares them. Raises CalibrationError naming any
-    other input (e.g. a KV cache) since text alone cannot fill it."""
+    """Calibration batches for a text model (encoder or decoder) from its tokenizer.
+
+    Fills input_ids, attention_mask, token_type_ids and position_ids as the graph declares them, and
+    a decoder's KV-cache inputs (past_key_values.*) with an empty cache (past length 0). Raises
+    CalibrationError naming any other input, since text alone cannot fill it.
+    """
     texts = list(texts) if texts is not None else calibration_text()
-    names = [v.name for v in model.graph.inputs]
-    known = {"input_ids", "attention_mask", "token_type_ids", "position_ids"}
-    unknown = [n for n in names if n not in known]
+    unknown = [
+        v.name for v in model.graph.inputs if v.name not in TEXT_INPUTS and not v.name.startswith(PAST_PREFIX)
+    ]
     if unknown:
         raise CalibrationError(f"cannot build calibration inputs from text for graph inputs {unknown}")
     batches = []
@@ -128,11 +134,14 @@ def text_feeds(
             texts[start : start + batch_size], padding=batch_size > 1, truncation=True, max_length=max_length,
             return_tensors="np",
         )
+        batch, seq = enc["input_ids"].shape
         feeds: dict[str, np.ndarray] = {}
         for value in model.graph.inputs:
+            if value.name.startswith(PAST_PREFIX):
+                feeds[value.name] = _empty_cache(value, batch)
+                continue
             if value.name == "position_ids":
-                seq = enc["input_ids"].shape[1]
-                feeds["position_ids"] = np.broadcast_to(np.arange(seq, dtype=np.int64), enc["input_ids"].shape).copy()
+                feeds["position_ids"] = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
             elif value.name == "token_type_ids" and "token_type_ids" not in enc:
                 feeds[value.name] = np.zeros_like(enc["input_ids"], dtype=np.int64)
             else:
@@ -143,6 +152,14 @@ def text_feeds(
                 feeds[value.name] = feeds[value.name].astype(np.int64)
         batches.append(feeds)
     return Calibration(tuple(batches))
+
+
+def _empty_cache(value: ir.Value, batch: int) -> np.ndarray:
+    """A KV-cache input with ``batch`` rows and no past: symbolic dimensions after the batch are 0."""
+    dims = list(value.shape) if value.shape is not None else []
+    shape = [batch, *(dim if isinstance(dim, int) else 0 for dim in dims[1:])]
+    dtype = value.dtype.numpy() if value.dtype is not None else np.float32
+    return np.zeros(shape, dtype=dtype)
 
 
 def constant_weight_matmuls(model: ir.Model) -> dict[MatMulKey, int]:
@@ -187,9 +204,6 @@ def _transposed_constant(value: ir.Value) -> ir.Value | None:
 
 def collect_hessians(model: ir.Model, calibration: Calibration, providers: Iterable[str] = ("CPUExecutionProvider",)) -> dict[MatMulKey, np.ndarray]:
     """Sum of x^T x over all calibration rows x of each constant-weight MatMul's activation input."""
-    import onnx
-    import onnxruntime as ort
-
     targets = constant_weight_matmuls(model)
     if not targets:
         return {}
@@ -199,17 +213,16 @@ def collect_hessians(model: ir.Model, calibration: Calibration, providers: Itera
     for name in activations:
         if name not in existing:
             proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if any(node.domain == ops.DOMAIN for node in model.graph):  # already partly compressed
-        options = session_options(options)
+    # An already partly compressed model needs our ops; a float model runs without the library.
+    with_library = any(node.domain == ops.DOMAIN for node in model.graph)
     with tempfile.TemporaryDirectory(prefix="bct_onnx_calib_") as tmp:
         if proto.ByteSize() > (1 << 31) - (1 << 26):  # protobuf's 2 GB limit: go through external data
             path = os.path.join(tmp, "model.onnx")
             onnx.save_model(proto, path, save_as_external_data=True, location="model.onnx.data")
-            session = ort.InferenceSession(path, options, providers=list(providers))
+            source: str | bytes = path
         else:
-            session = ort.InferenceSession(proto.SerializeToString(), options, providers=list(providers))
+            source = proto.SerializeToString()
+        session = runtime.session(source, list(providers), with_library=with_library, quiet=True)
     sums: dict[str, np.ndarray] = {}
     for feeds in calibration.feeds:
         try:

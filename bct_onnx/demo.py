@@ -23,6 +23,10 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from bct_onnx import runtime
+from bct_onnx.api import compress
+from bct_onnx.config import CompressConfig
+from bct_onnx.models import minilm
 from bct_onnx.report import CompileReport, format_bytes
 
 WARMUP_RUNS = 2
@@ -94,60 +98,29 @@ def time_interleaved(
     return statistics.median(times_a), statistics.median(times_b)
 
 
-def session_options(threads: int | None) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    return options
-
-
 def run_demo(
+    config: CompressConfig | None = None,
     *,
-    weight_bits: int = 4,
-    act_bits: int | None = 8,
-    block_size: int = 32,
-    embedding_bits: int | None = None,
-    embedding_scale_kind: str | None = None,
-    ops: frozenset[str] | None = None,
-    symmetric: bool = True,
     threads: int | None = None,
     runs: int = 10,
     out_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
     out: TextIO | None = None,
 ) -> DemoResult:
-    """Run the demo and print its results to ``out`` (default stdout); return the figures."""
-    import onnxruntime as ort
-
-    from bct_onnx import runtime
-    from bct_onnx.api import compress, make_config
-    from bct_onnx.models import minilm
-
+    """Run the demo with ``config`` (default: CompressConfig()), print its results to ``out`` (default
+    stdout) and return the figures."""
+    config = config if config is not None else CompressConfig()
     stream = out if out is not None else sys.stdout
 
     def say(text: str = "") -> None:
         print(text, file=stream, flush=True)
 
-    overrides: dict[str, Any] = {
-        "weight_bits": weight_bits,
-        "act_bits": act_bits,
-        "block_size": block_size,
-        "embedding_bits": embedding_bits,
-        "symmetric": symmetric,
-    }
-    if embedding_scale_kind is not None:
-        overrides["embedding_scale_kind"] = embedding_scale_kind
-    if ops is not None:
-        overrides["ops"] = frozenset(ops)
-    config = make_config(**overrides)  # invalid settings fail here, before the slow export
-    act = "float activations" if act_bits is None else f"int{act_bits} activations"
-    emb = weight_bits if embedding_bits is None else embedding_bits
+    act = "float activations" if config.act_bits is None else f"int{config.act_bits} activations"
+    emb = config.weight_bits if config.embedding_bits is None else config.embedding_bits
     say(
-        f"bct-onnx demo: all-MiniLM-L6-v2, {weight_bits}-bit weights, {emb}-bit embeddings, {act}, "
-        f"block {block_size}, {'symmetric' if symmetric else 'asymmetric'}; ops {','.join(sorted(config.ops))}"
+        f"bct-onnx demo: all-MiniLM-L6-v2, {config.weight_bits}-bit weights, {emb}-bit embeddings, {act}, "
+        f"block {config.block_size}, {'symmetric' if config.symmetric else 'asymmetric'}; "
+        f"ops {','.join(sorted(config.ops))}"
     )
     with contextlib.ExitStack() as stack:
         if out_dir is None:
@@ -164,10 +137,8 @@ def run_demo(
         result = compress(fp32_path, compressed_path, config=config, progress=progress)
         report = result.report
 
-        fp32_session = ort.InferenceSession(
-            str(fp32_path), sess_options=session_options(threads), providers=["CPUExecutionProvider"]
-        )
-        bct_session = runtime.session(compressed_path, sess_options=session_options(threads))
+        fp32_session = runtime.session(fp32_path, threads=threads, with_library=False)
+        bct_session = runtime.session(compressed_path, threads=threads)
         used_threads = threads or os.cpu_count() or 1
 
         sentences = minilm.sentences()

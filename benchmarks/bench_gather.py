@@ -88,9 +88,7 @@ def bct_block_gather(table: np.ndarray, fmt: BlockFormat) -> bytes:
 
 
 def time_us(model: bytes, ids: np.ndarray, threads: int, repeat: int, custom: bool) -> float:
-    options = bct_onnx.runtime.session_options() if custom else ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    sess = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+    sess = bct_onnx.session(model, threads=threads, with_library=custom)
     feeds = {"ids": ids}
     for _ in range(20):
         sess.run(None, feeds)

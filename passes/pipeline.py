@@ -13,9 +13,10 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from bct_onnx.passes.check_model import CheckModelPass
@@ -42,7 +43,7 @@ from bct_onnx.passes.quantize_softmax import QuantizeSoftmaxPass
 from onnx_ir.passes import common as common_passes
 
 from bct_onnx import ops
-from bct_onnx.calibration import Calibration
+from bct_onnx.calibration import Calibration, MatMulKey, collect_hessians
 from bct_onnx.config import ACTIVATION_OPS, CompressConfig
 
 logger = logging.getLogger(__name__)
@@ -112,16 +113,23 @@ class PipelineResult:
         return "\n".join(lines)
 
 
-def build_passes(config: CompressConfig, calibration: Calibration | None = None) -> list[ir.passes.PassBase]:
-    """The pass list compress_model runs for config: canonicalize, quantize, cleanup.
-
-    calibration (inputs for the float model) makes QuantizeMatMulPass round weights with GPTQ.
-    """
-    canonicalize: list[ir.passes.PassBase] = [
+def canonicalize_passes() -> list[ir.passes.PassBase]:
+    """The passes that bring an exporter's graph into the form the quantize passes match."""
+    return [
         common_passes.LiftConstantsToInitializersPass(),
         FoldConstantWeightsPass(),
         GemmToMatMulPass(),
     ]
+
+
+def rewrite_passes(
+    config: CompressConfig, hessians: Mapping[MatMulKey, np.ndarray] | None = None
+) -> list[ir.passes.PassBase]:
+    """The quantize passes config enables (each after its fusions), then cleanup.
+
+    hessians (calibration statistics of the canonicalized model, from collect_hessians) make
+    QuantizeMatMulPass round those weights with GPTQ.
+    """
     # Weight passes first; the fusions of the nonlinear ops then see BlockMatMul results, which
     # they do not care about (keeps the weight-only pass list a prefix of the full one).
     quantize: list[ir.passes.PassBase] = []
@@ -129,8 +137,8 @@ def build_passes(config: CompressConfig, calibration: Calibration | None = None)
         if op_type in FUSION_PASSES and config.enabled(op_type):
             quantize += [fusion() for fusion in FUSION_PASSES[op_type]]
         if config.enabled(op_type):
-            calibrated = op_type == "MatMul" and calibration is not None
-            quantize.append(factory(config, calibration) if calibrated else factory(config))  # type: ignore[call-arg]
+            calibrated = op_type == "MatMul" and hessians is not None
+            quantize.append(factory(config, hessians) if calibrated else factory(config))  # type: ignore[call-arg]
     if any(config.enabled(kind) for kind in ACTIVATION_OPS):
         quantize.append(FoldQuantizeDequantizePass(config))
     cleanup: list[ir.passes.PassBase] = [
@@ -139,7 +147,14 @@ def build_passes(config: CompressConfig, calibration: Calibration | None = None)
         common_passes.TopologicalSortPass(),
         CheckModelPass(),
     ]
-    return canonicalize + quantize + cleanup
+    return quantize + cleanup
+
+
+def build_passes(
+    config: CompressConfig, hessians: Mapping[MatMulKey, np.ndarray] | None = None
+) -> list[ir.passes.PassBase]:
+    """The pass list compress_model runs for config: canonicalize, quantize, cleanup."""
+    return canonicalize_passes() + rewrite_passes(config, hessians)
 
 
 def _initializer_bytes(model: ir.Model) -> int:
@@ -184,14 +199,16 @@ def compress_model(
         debug_dir = os.environ.get(DEBUG_DIR_ENV) or None
     debug_path = Path(debug_dir) if debug_dir is not None else None
     work = model.clone()  # quantize passes import the ai.bct_onnx domain when they emit a node
-    passes = build_passes(config, calibration)
+    canonical = canonicalize_passes()
+    total = len(canonical) + len(rewrite_passes(config))
     if any(config.enabled(kind) for kind in ACTIVATION_OPS):
         annotate_shapes(work)  # in value.meta only: the model is not changed
     rewritten: dict[str, int] = {}
     skipped: list[Skip] = []
     records: list[PassRecord] = []
     warnings: list[str] = []
-    for index, pass_ in enumerate(passes, start=1):
+
+    def run(pass_: ir.passes.PassBase, index: int, work: ir.Model) -> ir.Model:
         name = type(pass_).__name__
         snapshot = work.clone() if debug_path is not None else None
         start = time.perf_counter()
@@ -214,7 +231,6 @@ def compress_model(
                     error.add_note(f"bct-onnx debug: the input of {name} is saved at {saved}")
             raise
         seconds = time.perf_counter() - start
-        work = result.model
         pass_rewritten: dict[str, int] = {}
         pass_skipped: list[Skip] = []
         if isinstance(result, CompressPassResult):
@@ -225,9 +241,20 @@ def compress_model(
         records.append(PassRecord(name, result.modified, seconds, dict(pass_rewritten), len(pass_skipped)))
         logger.info("%s: modified=%s in %.3f s %s", name, result.modified, seconds, pass_rewritten or "")
         if debug_path is not None and result.modified:
-            save_snapshot(work, debug_path / f"{index:02d}_{name}.onnx")
+            save_snapshot(result.model, debug_path / f"{index:02d}_{name}.onnx")
         if progress is not None:
-            progress(name, index, len(passes))
+            progress(name, index, total)
+        return result.model
+
+    for index, pass_ in enumerate(canonical, start=1):
+        work = run(pass_, index, work)
+    # Calibration statistics are measured here, on the canonicalized model whose MatMuls the
+    # quantize pass sees, and handed to it: passes run no inference.
+    hessians = None
+    if calibration is not None and config.enabled("MatMul"):
+        hessians = collect_hessians(work, calibration)
+    for index, pass_ in enumerate(rewrite_passes(config, hessians), start=len(canonical) + 1):
+        work = run(pass_, index, work)
     modified = any(record.modified for record in records)
     skipped = _drop_rewritten_later(skipped, work)
     return PipelineResult(work, modified, rewritten, skipped, records, warnings, compressed_activations(work))

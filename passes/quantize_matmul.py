@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -24,7 +25,7 @@ from bct_onnx.passes.quantized_weights import (
 )
 
 from bct_onnx import ops
-from bct_onnx.calibration import Calibration, collect_hessians
+from bct_onnx.calibration import MatMulKey
 from bct_onnx.config import CompressConfig
 
 logger = logging.getLogger(__name__)
@@ -149,15 +150,16 @@ class QuantizeMatMulPass(NodeRewritePass):
 
     op_types = frozenset({"MatMul"})
 
-    def __init__(self, config: CompressConfig, calibration: Calibration | None = None) -> None:
+    def __init__(self, config: CompressConfig, hessians: Mapping[MatMulKey, np.ndarray] | None = None) -> None:
+        """hessians: calibration X^T X per (activation name, weight name), measured by the caller
+        (bct_onnx.calibration.collect_hessians) on the model this pass receives; their weights are
+        rounded by GPTQ. The pass itself runs no inference."""
         super().__init__()
         self.config = config
-        self.calibration = calibration
+        self.hessians = dict(hessians) if hessians is not None else {}
 
     def run(self, model: ir.Model, report: PassReport) -> None:
-        # With calibration, the Hessians are measured on the model this pass receives (after
-        # canonicalization) and travel to rewrite inside each match: nothing is kept on the pass.
-        hessians = collect_hessians(model, self.calibration) if self.calibration is not None else {}
+        hessians = self.hessians
         for node in self.candidates(model):
             if node.graph is None:
                 continue

@@ -443,3 +443,28 @@ def test_console_script_is_installed(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"bct-onnx {bct_onnx.__version__}"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["compress", "in.onnx", "-o", "out.onnx"], ["demo"], ["eval", "m.onnx"], ["generate", "m.onnx", "--prompt", "x"]],
+)
+def test_every_command_reads_the_same_compression_flags(command: list[str]) -> None:
+    from bct_onnx.api import make_config
+    from bct_onnx.cli.flags import config_from_flags
+    from bct_onnx.config_file import apply_controls
+
+    flags = ["--weight-bits", "8", "--act-bits", "none", "--asymmetric", "--op-bits", "Gelu=off"]
+    args = cli.build_parser().parse_args([*command, *flags])
+    expected = apply_controls(make_config(weight_bits=8, act_bits=None, symmetric=False), ["Gelu=off"])
+    assert config_from_flags(args, args.subparser) == expected
+
+
+def test_cli_docstring_lists_every_command() -> None:
+    import argparse
+
+    parser = cli.build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(commands.choices) == {"compress", "demo", "eval", "generate"}
+    for name in commands.choices:
+        assert f"\n  {name} " in (cli.__doc__ or "")

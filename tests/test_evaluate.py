@@ -1,5 +1,5 @@
 """bct_onnx.evaluate without the real model: greedy decoding with and without KV cache agree on a tiny
-Llama, decoder calibration feeds an empty KV cache, and the CLI names a missing model/tokenizer."""
+Llama, text calibration feeds a decoder an empty KV cache, and the CLI names a missing model/tokenizer."""
 
 from __future__ import annotations
 
@@ -7,15 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from bct_onnx.models.families import export_tiny
 
 from bct_onnx import cli, evaluate
+from bct_onnx.calibration import text_feeds
 
 
-def _decoder(path: Path) -> evaluate._Decoder:
-    return evaluate._Decoder(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]))
+def _decoder(path: Path) -> evaluate.GreedyDecoder:
+    return evaluate.GreedyDecoder(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]))
 
 
 def test_kv_cache_and_recompute_decode_the_same_tokens(tmp_path: Path) -> None:
@@ -41,7 +43,7 @@ class _NoPadTokenizer:
 
 def test_decoder_calibration_feeds_an_empty_kv_cache(tmp_path: Path) -> None:
     (past,) = export_tiny("llama", tmp_path, with_past=True)
-    calibration = evaluate.decoder_calibration(past, _NoPadTokenizer())
+    calibration = text_feeds(ir.load(past), _NoPadTokenizer())
     inputs = {i.name for i in onnx.load(str(past), load_external_data=False).graph.input}
     session = ort.InferenceSession(str(past), providers=["CPUExecutionProvider"])
     for feeds in calibration.feeds[:3]:

@@ -91,6 +91,33 @@ def test_hessians_are_sums_of_x_transpose_x(helpers):
     assert hessians[("r", "w2")].shape == (96, 96)
 
 
+def test_quantize_matmul_pass_takes_hessians_and_runs_no_inference(helpers, monkeypatch):
+    """The pipeline measures the Hessians; the pass only uses the ones it is handed."""
+    from bct_onnx.passes import QuantizeMatMulPass
+
+    from bct_onnx import runtime
+
+    rng = np.random.default_rng(3)
+    model = _mlp(helpers, rng)
+    calib = Calibration(tuple({"x": _correlated_inputs(rng, 256, 64)} for _ in range(2)))
+    config = CompressConfig(weight_bits=4, act_bits=None, ops=frozenset({"MatMul"}))
+    hessians = collect_hessians(model, calib)
+    expected = compress_model(model, config, calibration=calib).model
+
+    def no_session(*args, **kwargs):
+        raise AssertionError("a pass opened an inference session")
+
+    monkeypatch.setattr(runtime, "session", no_session)
+    only_w1 = {key: h for key, h in hessians.items() if key == ("x", "w1")}
+    result = QuantizeMatMulPass(config, only_w1)(model.clone())
+    assert result.rewritten == {"MatMul": 2, "MatMul weight rounded by GPTQ (calibrated)": 1}
+    full = QuantizeMatMulPass(config, hessians)(model.clone()).model
+    quantized = expected.graph.initializers  # the codes and scales of the pipeline's output
+    assert len(quantized) >= 4
+    for name, value in quantized.items():
+        np.testing.assert_array_equal(full.graph.initializers[name].const_value.numpy(), value.const_value.numpy())
+
+
 def test_text_feeds_names_inputs_text_cannot_fill(helpers):
     text = """<ir_version: 8, opset_import: ["" : 17]>
     g (int64[B, S] input_ids, float[B, 2, P, 8] past_key) => (int64[B, S] y) { y = Identity(input_ids) }"""
@@ -162,7 +189,7 @@ def test_tied_table_is_gptq_rounded_for_the_output_projection_and_shared(helpers
     test = feeds(256)
     _, expected = helpers.run_ort(model, test)
     emb_c, logits_c = helpers.run_reference(calibrated.model, test)
-    emb_p, logits_p = helpers.run_reference(plain.model, test)
+    _, logits_p = helpers.run_reference(plain.model, test)
     assert np.linalg.norm(logits_c - expected) < 0.9 * np.linalg.norm(logits_p - expected)
     # The dead channel is rounded plainly, not zeroed: the embedding keeps it.
     np.testing.assert_allclose(emb_c[..., 5], 0.3, rtol=0.1)

@@ -1,0 +1,7 @@
+"""`python -m bct_onnx.cli ...` is the `bct-onnx` command."""
+
+import sys
+
+from bct_onnx.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,47 @@
+"""`bct-onnx compress INPUT -o OUTPUT`: compress an .onnx model or a Hugging Face model directory."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from bct_onnx.api import compress
+from bct_onnx.cli import flags
+
+
+def add_parser(sub: Any) -> None:
+    parser = sub.add_parser(
+        "compress",
+        help="compress an .onnx model or a Hugging Face model directory",
+        description="Rewrite every component the config enables (weights, embedding tables, nonlinear "
+        "ops, attention MatMuls) into blockwise-quantized bct-onnx ops.",
+    )
+    parser.add_argument("input", metavar="INPUT", help=".onnx file, or a Hugging Face model directory")
+    parser.add_argument("-o", "--output", required=True, metavar="OUTPUT", help="compressed .onnx to write")
+    flags.add_compression_flags(parser)
+    parser.add_argument("--task", help="optimum export task for a Hugging Face directory (default: inferred)")
+    parser.add_argument("--report", metavar="PATH", help="write the JSON compile report here")
+    parser.add_argument("--debug-dir", metavar="DIR", help="save the input model and intermediate models here")
+    flags.add_calibration_flags(parser)
+    flags.add_common_flags(parser)
+    parser.set_defaults(handler=run, subparser=parser)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    result = compress(
+        args.input,
+        args.output,
+        config=flags.config_from_flags(args, parser),
+        progress=flags.show_progress(args),
+        debug_dir=args.debug_dir,
+        task=args.task,
+        calibration=args.calibration,
+        tokenizer=args.tokenizer,
+        calibration_text=args.calibration_text,
+    )
+    if args.report:
+        result.report.write(args.report)
+    print(result.report.summary())
+    if args.report:
+        print(f"report: {args.report}")
+    return 0
