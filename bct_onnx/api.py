@@ -321,8 +321,15 @@ def compress(
             from bct_onnx.analysis import analyze
 
             with timer.step("analyze"):
+                measure_feeds, measure_report = feeds, calibration_report
+                if feeds is None and calibration in (None, "none"):
+                    # GPTQ was switched off, but the text it would use still shows the output error.
+                    measure_feeds, measure_report = _calibration(
+                        model, "auto", tokenizer, source_dir, model_dir, text_source=calibration_text
+                    )
                 analysis = analyze(
-                    model, compressed, feeds.feeds if feeds is not None else None, calibration_report.get("source", "")
+                    model, compressed, measure_feeds.feeds if measure_feeds is not None else None,
+                    measure_report.get("source", ""),
                 )
 
         if output is not None:

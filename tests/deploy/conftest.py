@@ -43,3 +43,15 @@ def compressed_mlp(tmp_path: Path, mlp_path: Path) -> Path:
     out = tmp_path / "mlp.bct.onnx"
     bct_onnx.compress(mlp_path, out, calibration="none")
     return out
+
+
+def save_word_level_tokenizer(directory: Path, words: int = 50) -> Path:
+    """A tiny fast tokenizer (whitespace words w0..w{words-1}, [UNK] = 0, [PAD] = 1) saved in directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[PAD]": 1, **{f"w{i}": i + 2 for i in range(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(directory)
+    return directory

@@ -9,6 +9,8 @@ import pytest
 
 from bct_onnx import cli
 
+from .conftest import save_word_level_tokenizer
+
 
 def test_compress_into_a_directory_with_an_html_report(
     tmp_path: Path, mlp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -44,13 +46,8 @@ def test_bad_jsonl_calibration_file_is_one_line_error(
 ) -> None:
     """With --calibration text the file is read; a record without "text" names file and line."""
     pytest.importorskip("transformers", reason="text calibration needs the [hf] extra")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
-    vocab = {"[UNK]": 0, **{f"w{i}": i + 1 for i in range(50)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(tmp_path / "tok")
+    save_word_level_tokenizer(tmp_path / "tok")
     calib = tmp_path / "calib.jsonl"
     calib.write_text(json.dumps({"text": "w1 w2 w3"}) + "\n" + json.dumps({"txt": "w4"}) + "\n", encoding="utf-8")
     status = cli.main([

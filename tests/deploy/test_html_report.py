@@ -16,7 +16,7 @@ import pytest
 import bct_onnx
 from bct_onnx.calibration import Calibration
 
-from .conftest import mlp_ids
+from .conftest import mlp_ids, save_word_level_tokenizer
 
 pytest.importorskip("plotly", reason="the [report] extra (plotly) is not installed")
 
@@ -70,7 +70,7 @@ def test_html_report_renders_without_errors(chromium: str, tmp_path: Path, mlp_p
 
     text = page.read_text(encoding="utf-8")
     assert "<script src=" not in text  # self-contained: plotly.js is inlined, nothing is fetched
-    data = json.loads(re.search(r'<script type="application/json" id="bct-data">(.*?)</script>', text, re.DOTALL).group(1))
+    data = _page_data(page)
     assert data["report"]["output_bytes"] == result.report.output_bytes
     assert [e["source"] for e in data["analysis"]["weight_errors"]] == ["embedding", "w1", "w2"]
     assert [e["output"] for e in data["analysis"]["output_errors"]] == ["emb", "hb", "y"]
@@ -110,3 +110,28 @@ def test_axis_labels_are_unique_across_layers() -> None:
     assert _labels(nodes, ["layer 0", "layer 1", "outside layers"]) == [
         "layer 0: attn/q/MatMul", "layer 1: attn/q/MatMul", "embed/words/Gather"
     ]
+
+
+def test_output_error_is_measured_on_text_even_without_gptq(tmp_path: Path) -> None:
+    """--calibration none still measures the output error, on the text GPTQ would have used."""
+    pytest.importorskip("transformers", reason="exporting the tiny BERT needs the [hf] extra")
+    from bct_onnx.models.families import export_tiny
+
+    (exported,) = export_tiny("bert", tmp_path / "bert", with_past=False)
+    save_word_level_tokenizer(exported.parent)
+    page = tmp_path / "report.html"
+    result = bct_onnx.compress(exported, tmp_path / "out.onnx", calibration="none", html_report=page)
+    assert result.report.calibration["method"] == "none"
+    data = _page_data(page)
+    assert data["analysis"]["output_error_note"] == "measured on 2 batch(es) of shipped calibration text"
+    errors = data["analysis"]["output_errors"]
+    assert {e["op_type"] for e in errors} >= {"BlockMatMul", "BlockGather", "BlockLayerNorm"}
+    assert all(0 <= e["relative_error"] < 1 for e in errors)
+    assert {e["layer"] for e in errors} == {"outside layers", "layer 0", "layer 1"}
+
+
+def _page_data(page: Path) -> dict:
+    text = page.read_text(encoding="utf-8")
+    found = re.search(r'<script type="application/json" id="bct-data">(.*?)</script>', text, re.DOTALL)
+    assert found is not None
+    return json.loads(found.group(1))
