@@ -96,6 +96,16 @@ def _size_by_layer(go: Any, analysis: ModelAnalysis) -> Any:
     return fig
 
 
+def _per_weight_layout(fig: Any, labels: list[str], title: str, value_title: str) -> None:
+    """Horizontal bars, one row per weight in graph order (top to bottom), tall enough to read."""
+    fig.update_layout(
+        title=title,
+        xaxis_title=value_title,
+        yaxis={"categoryorder": "array", "categoryarray": labels, "autorange": "reversed", "automargin": True},
+        height=max(460, 150 + 18 * len(labels)),
+    )
+
+
 def _weight_error(go: Any, analysis: ModelAnalysis) -> Any:
     fig = go.Figure()
     all_labels = _labels([e.node for e in analysis.weight_errors], [e.layer for e in analysis.weight_errors])
@@ -104,11 +114,12 @@ def _weight_error(go: Any, analysis: ModelAnalysis) -> Any:
         errors = [e for e in analysis.weight_errors if e.layer == layer]
         fig.add_bar(
             name=layer,
-            x=[label_of[e.node] for e in errors],
-            y=[e.relative_error for e in errors],
+            orientation="h",
+            y=[label_of[e.node] for e in errors],
+            x=[e.relative_error for e in errors],
             hovertext=[f"{e.node}<br>{e.source}: {e.bits}-bit, block {e.block_size}, {e.elements} values" for e in errors],
         )
-    fig.update_layout(yaxis_title="||W' - W|| / ||W||", title="Weight quantization error (relative, per weight)")
+    _per_weight_layout(fig, all_labels, "Weight quantization error (relative, per weight)", "||W' - W|| / ||W||")
     return fig
 
 
@@ -150,15 +161,17 @@ def _bits(go: Any, analysis: ModelAnalysis) -> Any:
     labels = _labels([e.node for e in errors], [e.layer for e in errors])
     fig = go.Figure(
         [
-            go.Bar(name="code bits", x=labels, y=[e.bits for e in errors]),
+            go.Bar(name="code bits", orientation="h", y=labels, x=[e.bits for e in errors]),
             go.Bar(
                 name="stored bits per value (codes + scales)",
-                x=labels,
-                y=[8 * stored.get(e.source, 0) / e.elements for e in errors],
+                orientation="h",
+                y=labels,
+                x=[8 * stored.get(e.source, 0) / e.elements for e in errors],
             ),
         ]
     )
-    fig.update_layout(barmode="group", yaxis_title="bits", title="Bits allocated per weight")
+    fig.update_layout(barmode="group")
+    _per_weight_layout(fig, labels, "Bits allocated per weight", "bits")
     return fig
 
 
