@@ -3,6 +3,7 @@
 from bct_onnx.api import CompressResult, compress
 from bct_onnx.block_format import BlockFormat, ScaleKind, dequantize, quantize
 from bct_onnx.config import CompressConfig
+from bct_onnx.inspect import Inspection, inspect_model
 from bct_onnx.ops import DOMAIN
 from bct_onnx.report import CompileReport
 from bct_onnx.runtime import default_providers, library_path, session, session_options
@@ -13,10 +14,12 @@ __all__ = [
     "CompileReport",
     "CompressConfig",
     "CompressResult",
+    "Inspection",
     "ScaleKind",
     "compress",
     "default_providers",
     "dequantize",
+    "inspect_model",
     "library_path",
     "quantize",
     "session",

@@ -19,6 +19,10 @@ ACTIVATION_OPS: frozenset[str] = frozenset(
 SUPPORTED_OPS: frozenset[str] = WEIGHT_OPS | ACTIVATION_OPS
 DEFAULT_OPS: frozenset[str] = SUPPORTED_OPS  # everything by default
 SETTING_KEYS = ("enabled", "weight_bits", "act_bits", "block_size")
+# Output formats: "bct" (the ai.bct_onnx custom ops; needs the library at run time) or "qdq"
+# (standard ONNX: blocked DequantizeLinear feeding MatMul / Gather; runs in any ONNX runtime).
+OUTPUT_FORMATS = ("bct", "qdq")
+QDQ_OPS: frozenset[str] = WEIGHT_OPS  # the op kinds standard ONNX can hold compressed
 
 
 def _check_bits(field: str, value: object, allow_none: bool) -> None:
@@ -145,6 +149,14 @@ class CompressConfig:
     op_settings: per op kind (a key of SUPPORTED_OPS) OpSettings over the fields above.
     overrides: NodeOverride by node-name pattern, applied in order after op_settings.
     keep_compressed: let intermediate results between compressed ops stay compressed.
+    format: "bct" (custom ops, default) or "qdq": standard ONNX that runs without the library,
+        weights and tables as blocked DequantizeLinear (opset 21, 25 for 2-bit); only MatMul and
+        Gather are compressed (the other kinds have no standard blockwise form and stay float),
+        and run-time activation quantization is left out (the report says so) unless
+        ``qdq_activations``.
+    qdq_activations: with format "qdq", write the run-time blockwise activation quantization too, as
+        scales computed in the graph + QuantizeLinear/DequantizeLinear (bit for bit the custom ops'
+        activations, but runtimes execute it in float: slower than float activations).
     """
 
     weight_bits: int = 4
@@ -160,8 +172,16 @@ class CompressConfig:
     op_settings: Mapping[str, OpSettings] = dataclasses.field(default_factory=dict)
     overrides: tuple[NodeOverride, ...] = ()
     keep_compressed: bool = True
+    format: str = "bct"
+    qdq_activations: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.qdq_activations, bool):
+            raise ValueError(f"qdq_activations must be a bool, got {self.qdq_activations!r}")  # noqa: TRY004
+        if self.qdq_activations and self.format != "qdq":
+            raise ValueError("qdq_activations applies to format 'qdq' only (--format qdq)")
+        if self.format not in OUTPUT_FORMATS:
+            raise ValueError(f"format must be one of {', '.join(OUTPUT_FORMATS)}, got {self.format!r}")
         _check_bits("weight_bits", self.weight_bits, allow_none=False)
         _check_bits("act_bits", self.act_bits, allow_none=True)
         _check_bits("embedding_bits", self.embedding_bits, allow_none=True)
@@ -224,7 +244,12 @@ class CompressConfig:
         return hash((self.weight_bits, self.act_bits, self.block_size, self.ops, self.overrides))
 
     def enabled(self, kind: str) -> bool:
-        """Whether op kind is compressed at all (some nodes may still be switched on by overrides)."""
+        """Whether op kind is compressed at all (some nodes may still be switched on by overrides).
+
+        With format "qdq" only the kinds of QDQ_OPS are: the others have no standard form.
+        """
+        if self.format == "qdq" and kind not in QDQ_OPS:
+            return False
         settings = self.op_settings.get(kind)
         on = kind in self.ops and (settings is None or settings.enabled is not False)
         return on or any(o.settings.enabled and (o.op in (None, kind)) for o in self.overrides)
@@ -248,6 +273,8 @@ class CompressConfig:
             weight_bits = layer.weight_bits or weight_bits
             act_bits = None if weight_only else (layer.act_bits or act_bits)
             block_size = layer.block_size or block_size
+        if self.format == "qdq" and kind not in QDQ_OPS:
+            enabled = False
         scale_kind = self.scale_kind
         if kind == "Gather" and self.embedding_scale_kind is not None:
             scale_kind = self.embedding_scale_kind

@@ -38,6 +38,8 @@ TOP_LEVEL_KEYS = (
     "embedding_scale_kind",
     "weight_scale_search",
     "keep_compressed",
+    "format",
+    "qdq_activations",
     "op",
     "override",
 )

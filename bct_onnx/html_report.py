@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bct_onnx.analysis import ModelAnalysis, layer_order
-from bct_onnx.errors import BctOnnxError
+from bct_onnx.extras import MissingExtraError, install_hint
 from bct_onnx.report import CompileReport, format_bytes, write_text_atomically
 
 # The ids of the chart <div>s, in page order (tests and readers look them up).
@@ -35,12 +35,8 @@ pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; }
 """
 
 
-class ReportDependencyError(BctOnnxError):
-    """plotly is missing."""
-
-
 def check_plotly() -> None:
-    """Raise ReportDependencyError naming the extra when plotly is missing."""
+    """Raise MissingExtraError naming the [report] extra when plotly cannot be imported."""
     _plotly()
 
 
@@ -49,8 +45,8 @@ def _plotly() -> Any:
         import plotly.graph_objects as go
         import plotly.io as pio
     except ImportError as error:
-        raise ReportDependencyError(
-            f"the HTML report needs plotly: pip install 'bct-onnx[report]' ({error})"
+        raise MissingExtraError(
+            f"the HTML report needs the [report] extra (missing: plotly, {error}): {install_hint('report')}"
         ) from error
     return go, pio
 

@@ -4,6 +4,8 @@ Each pass is an onnx-ir in-place pass usable on its own; ``compress_model`` runs
 """
 
 from bct_onnx.passes.check_model import CheckModelPass
+from bct_onnx.passes.convert_opset import ConvertOpsetPass, OpsetConversionError
+from bct_onnx.passes.convert_to_qdq import ConvertToQDQPass
 from bct_onnx.passes.fold_constant_weights import FoldConstantWeightsPass
 from bct_onnx.passes.fold_quantize_dequantize import (
     ActivationSummary,
@@ -11,6 +13,7 @@ from bct_onnx.passes.fold_quantize_dequantize import (
     FoldQuantizeDequantizePass,
     compressed_activations,
 )
+from bct_onnx.passes.fold_shape_arithmetic import FoldShapeArithmeticPass
 from bct_onnx.passes.framework import (
     CompressPass,
     CompressPassResult,
@@ -51,9 +54,12 @@ __all__ = [
     "CompressPass",
     "CompressPassResult",
     "CompressedTensor",
+    "ConvertOpsetPass",
+    "ConvertToQDQPass",
     "DomainVersionError",
     "FoldConstantWeightsPass",
     "FoldQuantizeDequantizePass",
+    "FoldShapeArithmeticPass",
     "FuseGeluPass",
     "FuseLayerNormPass",
     "FuseRMSNormPass",
@@ -61,6 +67,7 @@ __all__ = [
     "GemmToMatMulPass",
     "MissingGraphError",
     "NodeRewritePass",
+    "OpsetConversionError",
     "OpsetTooOldError",
     "PassRecord",
     "PassReport",

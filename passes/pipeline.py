@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from bct_onnx.passes.check_model import CheckModelPass
+from bct_onnx.passes.convert_to_qdq import ConvertToQDQPass
 from bct_onnx.passes.fold_constant_weights import FoldConstantWeightsPass
 from bct_onnx.passes.fold_quantize_dequantize import (
     ActivationSummary,
@@ -141,6 +142,8 @@ def rewrite_passes(
             quantize.append(factory(config, hessians) if calibrated else factory(config))  # type: ignore[call-arg]
     if any(config.enabled(kind) for kind in ACTIVATION_OPS):
         quantize.append(FoldQuantizeDequantizePass(config))
+    if config.format == "qdq":
+        quantize.append(ConvertToQDQPass(activations=config.qdq_activations))
     cleanup: list[ir.passes.PassBase] = [
         common_passes.RemoveUnusedNodesPass(),
         common_passes.RemoveUnusedOpsetsPass(),

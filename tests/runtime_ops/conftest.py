@@ -174,6 +174,56 @@ def assert_bits_equal(actual: np.ndarray, expected: np.ndarray, what: str) -> No
         )
 
 
+# The kernels' instruction-set paths (BCT_ONNX_ISA, runtime_ops/cpu/isa.h) and the CPU flags each needs.
+ISA_NEEDS = {
+    "scalar": set(),
+    "avx2": {"avx2", "fma"},
+    "avxvnni": {"avx2", "fma", "avx_vnni"},
+    "avx512": {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"},
+    "avx512vnni": {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"},
+    "amx": {
+        "avx2",
+        "fma",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512dq",
+        "avx512_vnni",
+        "amx_tile",
+        "amx_int8",
+    },
+}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+CPU_FLAGS = _cpu_flags()
+
+
+@pytest.fixture
+def force_isa(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """force_isa(name): kernels created afterwards run that path (BCT_ONNX_ISA, read at kernel creation);
+    a path this CPU cannot run skips the test with the flags it lacks (a forced path the CPU lacks is
+    an error of the kernel, tested in test_matmul.py)."""
+
+    def force(isa: str) -> None:
+        missing = ISA_NEEDS[isa] - CPU_FLAGS
+        if missing:
+            pytest.skip(f"CPU lacks {sorted(missing)} for the {isa} path")
+        monkeypatch.setenv("BCT_ONNX_ISA", isa)
+
+    return force
+
+
 @pytest.fixture
 def kit() -> types.SimpleNamespace:
     """The builders and checks above, for test modules (importlib mode cannot import conftest)."""
@@ -184,4 +234,6 @@ def kit() -> types.SimpleNamespace:
         run=run,
         assert_bits_equal=assert_bits_equal,
         SCALE_TENSOR_TYPES=SCALE_TENSOR_TYPES,
+        ISA_NEEDS=ISA_NEEDS,
+        CPU_FLAGS=CPU_FLAGS,
     )
