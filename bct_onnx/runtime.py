@@ -113,7 +113,7 @@ def cuda_devices() -> tuple[int, str]:
 def default_providers() -> list[str]:
     """Execution providers for a compressed model on this machine: CUDA first when it can run, CPU last.
 
-    CUDA is chosen when onnxruntime is the onnxruntime-gpu build (``pip install bct-onnx[gpu]``)
+    CUDA is chosen when onnxruntime is the onnxruntime-gpu build (``BCT_ONNX_RUNTIME=gpu pip install .``)
     and a GPU is visible; the library's ops then run on CUDA where it has CUDA kernels, on CPU
     otherwise. The choice and its reason are logged once per process (INFO; WARNING when
     onnxruntime-gpu is installed but no GPU can be used).
@@ -123,7 +123,7 @@ def default_providers() -> list[str]:
         _log_once(
             logging.INFO,
             f"bct-onnx: running on {CPU_PROVIDER}: onnxruntime {ort.__version__} has no {CUDA_PROVIDER} "
-            "(install bct-onnx[gpu] for onnxruntime-gpu)",
+            "(install with BCT_ONNX_RUNTIME=gpu for onnxruntime-gpu)",
         )
         return [CPU_PROVIDER]
     gpus, reason = cuda_devices()

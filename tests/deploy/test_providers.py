@@ -28,7 +28,7 @@ def test_cpu_build_runs_on_cpu_and_says_why(compressed_mlp: Path, caplog: pytest
     with caplog.at_level(logging.INFO, logger="bct_onnx.runtime"):
         session = bct_onnx.session(compressed_mlp)  # providers chosen by default_providers()
     assert session.get_providers() == ["CPUExecutionProvider"]
-    assert "has no CUDAExecutionProvider (install bct-onnx[gpu]" in caplog.text
+    assert "has no CUDAExecutionProvider (install with BCT_ONNX_RUNTIME=gpu for onnxruntime-gpu)" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="bct_onnx.runtime"):
         assert bct_onnx.default_providers() == ["CPUExecutionProvider"]
