@@ -28,9 +28,11 @@ from bct_onnx.config import SUPPORTED_OPS, CompressConfig
 from bct_onnx.errors import BctOnnxError, ModelFileError
 from bct_onnx.extras import install_hint, module_available, require
 from bct_onnx.hub import parse_hub_id, resolve_hub_id
+from bct_onnx.input_check import check_input
 from bct_onnx.models.export import ExportError, ModelDirError, export_hf_directory, is_hf_model_dir
 from bct_onnx.output_dir import copy_companions, is_directory_output, model_file
 from bct_onnx.passes import PipelineResult, compress_model
+from bct_onnx.passes.quantized_weights import RULE_WIDE_SCALES
 from bct_onnx.report import CompileReport, SkippedNode, StepTimer, config_to_dict, versions
 from bct_onnx.tokenizer import find_tokenizer_dir, load_text_tokenizer
 
@@ -229,6 +231,7 @@ def compress(
     calibration: CalibrationArg = "auto",
     tokenizer: str | os.PathLike[str] | None = None,
     calibration_text: str = "auto",
+    report: str | os.PathLike[str] | None = None,
     html_report: str | os.PathLike[str] | None = None,
     **overrides: Any,
 ) -> CompressResult:
@@ -253,6 +256,11 @@ def compress(
     r-cran-tokenizers, fetched once), or the path of a UTF-8 text file of your own.
     html_report: write a self-contained HTML page of charts here (bct_onnx.html_report; needs the
     [report] extra): sizes by component and layer, weight and output errors, bits per weight.
+    report: write the JSON compile report here as well.
+
+    Before any work the input is checked (bct_onnx.input_check): an invalid model, one already
+    quantized or compressed, and every output path (output, its external data file, report, debug
+    directory) that would replace the input or a special file raise a BctOnnxError naming the file.
     """
     cfg = make_config(config, **overrides)
     if html_report is not None:
@@ -270,6 +278,9 @@ def compress(
             with timer.step("load"):
                 model = model_io.from_proto(input)
             input_label = "<in-memory model>"
+            with timer.step("check"):
+                # An onnx_ir.Model is the caller's object: refuse what would need a repair.
+                repairs = check_input(model, input_label, repair=not isinstance(input, ir.Model))
         elif isinstance(input, (str, os.PathLike)):
             source = Path(input)
             if not source.exists() and isinstance(input, str) and parse_hub_id(input) is not None:
@@ -293,6 +304,8 @@ def compress(
             input_label = str(input_file) if exported_from is None else str(source)
             with timer.step("load"):
                 model = model_io.load(input_file)
+            with timer.step("check"):
+                repairs = check_input(model, input_label, input_file)
         else:
             raise TypeError(
                 "input must be a path, an onnx.ModelProto, an onnx_ir.Model or an onnx_graphsurgeon Graph, "
@@ -304,13 +317,21 @@ def compress(
         if input_file is not None and exported_from is None:
             protected.add(input_file)
         directory_output = output is not None and is_directory_output(output)
+        # Fail before the slow part: every file the command writes is checked now.
         if output is not None:
             output = model_file(output)  # DIR/ -> DIR/model.onnx
-            model_io.check_output_path(output, protected)  # fail before the slow part
+            model_io.check_output_path(output, protected)
+        if report is not None:
+            model_io.check_target(report, protected, "report")
+            if output is not None and Path(report).absolute() in (
+                Path(output).absolute(), model_io.external_data_path(output).absolute()
+            ):
+                raise ModelFileError(f"report {report} is where the output model goes; choose another path")
         if debug is not None:
+            model_io.check_debug_dir(debug, protected)
             debug.mkdir(parents=True, exist_ok=True)
             with timer.step("debug"):
-                model_io.save(model, debug / "00_input.onnx")
+                model_io.save(model, debug / "00_input.onnx", protected=protected)
 
         if input_file is not None:
             with timer.step("measure"):
@@ -363,10 +384,16 @@ def compress(
                 ir.external_data.load_to_model(compressed)
         if debug is not None:
             with timer.step("debug"):
-                model_io.save(compressed, debug / "99_output.onnx")
+                model_io.save(compressed, debug / "99_output.onnx", protected=protected)
 
     rules = dict(result.rewritten)
-    report = CompileReport(
+    warnings = [f"input repaired: {repair}" for repair in repairs] + list(result.warnings)
+    if rules.get(RULE_WIDE_SCALES):
+        warnings.append(
+            f"{rules[RULE_WIDE_SCALES]} tensor(s) hold values too large for their configured block scale kind: "
+            "stored with float32 scales instead"
+        )
+    compile_report = CompileReport(
         input=input_label,
         output=str(output) if output is not None else None,
         input_bytes=input_bytes,
@@ -385,12 +412,15 @@ def compress(
         calibration=calibration_report,
         versions=versions(),
         standard_onnx=standard_onnx,
+        warnings=warnings,
     )
     if html_report is not None and analysis is not None:
         from bct_onnx.html_report import write_html_report
 
-        write_html_report(report, analysis, html_report)
-    return CompressResult(compressed, report)
+        write_html_report(compile_report, analysis, html_report)
+    if report is not None:
+        compile_report.write(report)
+    return CompressResult(compressed, compile_report)
 
 
 def _standard_onnx(cfg: CompressConfig, result: PipelineResult) -> dict[str, Any] | None:

@@ -21,6 +21,7 @@ import onnx
 import onnx_ir as ir
 
 from bct_onnx import ops, runtime
+from bct_onnx.errors import BctOnnxError
 from bct_onnx.models.text_data import TextDataUnavailable, moby_dick_text
 from bct_onnx.text_files import TextFileError, dataset_texts, is_dataset, is_jsonl, jsonl_texts
 
@@ -29,8 +30,12 @@ logger = logging.getLogger(__name__)
 MatMulKey = tuple[str, str]  # (activation input name, weight initializer name)
 
 
-class CalibrationError(ValueError):
-    """Calibration inputs do not fit the model."""
+# ONNX Runtime's session option naming the folder of the external data of a model loaded from bytes.
+EXTERNAL_DATA_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+
+
+class CalibrationError(BctOnnxError, ValueError):
+    """Calibration inputs do not fit the model, or the float model cannot run on them."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +58,7 @@ def calibration_text() -> list[str]:
 # Calibration text sources: a path to a UTF-8 file, or one of these names ("auto" = "shipped").
 TEXT_SOURCES = ("auto", "shipped", "moby-dick")
 # Long texts are cut into up to SAMPLES windows of SAMPLE_WORDS words (at most as many tokens each).
-# Measured (2026-11-28): SmolLM2 W4A8 +20.7% perplexity with the shipped lines, +18.8% with 64
-# Moby-Dick windows; all-MiniLM-L6-v2 (short sentences) cosine 0.978 with the shipped lines, 0.976
-# with Moby-Dick windows. Calibrate on text like what the model will see.
+# Calibrate on text like what the model will see (docs/results.md compares the sources).
 SAMPLES = 64
 SAMPLE_WORDS = 256
 SHIPPED_MAX_TOKENS = 128
@@ -235,7 +238,10 @@ def collect_hessians(model: ir.Model, calibration: Calibration, providers: Itera
                 proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
         onnx.save(proto, path)
         del proto
-        session = runtime.session(path, list(providers), options, with_library=with_library, quiet=True)
+        try:
+            session = runtime.session(path, list(providers), options, with_library=with_library, quiet=True)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise CalibrationError(f"ONNX Runtime cannot load the float model for calibration: {exc}") from exc
         with blas_controller().limit(limits=1, user_api="blas"):
             for feeds in calibration.feeds:
                 try:

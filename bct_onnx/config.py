@@ -140,10 +140,8 @@ class CompressConfig:
         weights and tables: activations quantized at run time then keep float16 scales).
     embedding_bits: code width of Gather tables; None = weight_bits.
     embedding_scale_kind: how Gather tables store block scales (default float8e5m2: one byte per
-        block, four steps per octave); None = scale_kind. On all-MiniLM-L6-v2 (4-bit, block 32, every
-        component) float8e5m2 tables give 7.20x at embedding cosine 0.9781, float16 ones 6.99x at
-        0.9783 and pow2 ones 7.20x at 0.9758. A table tied to an output projection is stored once,
-        in the MatMul's scale kind.
+        block, four steps per octave; docs/results.md compares the kinds); None = scale_kind. A table
+        tied to an output projection is stored once, in the MatMul's scale kind.
     weight_scale_search: per block, choose the clipped scale with least squared weight error
         instead of the plain max-based scale (offline only; the stored format is unchanged).
     op_settings: per op kind (a key of SUPPORTED_OPS) OpSettings over the fields above.

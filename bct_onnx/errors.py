@@ -17,3 +17,22 @@ class ModelFileError(BctOnnxError):
 
 class OverwriteInputError(ModelFileError):
     """The output would replace the input model (or one of its external data files)."""
+
+
+class InvalidModelError(ModelFileError):
+    """The input model breaks the ONNX spec or cannot be loaded by ONNX Runtime."""
+
+
+class QuantizedModelError(ModelFileError):
+    """The input is already quantized (by another tool) or already compressed by bct-onnx."""
+
+
+class TerminatedError(BaseException):
+    """SIGTERM arrived: unwinds like KeyboardInterrupt (temporary files removed), exit status 143.
+
+    A BaseException, as KeyboardInterrupt is, so no ``except Exception`` swallows it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum

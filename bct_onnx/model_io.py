@@ -9,9 +9,12 @@ with ``os.replace``. The external data file is named after the output (``model.o
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -22,6 +25,8 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError, EncodeError
 
 from bct_onnx.errors import ModelFileError, OverwriteInputError
+from bct_onnx.external_data import check_external_data, share_file_maps
+from bct_onnx.signals import terminate_as_exception
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +89,8 @@ def load(path: PathLike) -> ir.Model:
     missing = sorted(str(p) for p in external_data_files(model) if not p.is_file())
     if missing:
         raise ModelFileError(f"{file} refers to external data files that do not exist: {', '.join(missing)}")
+    check_external_data(model, file)
+    share_file_maps(model)
     return model
 
 
@@ -149,21 +156,76 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def check_output_path(output: PathLike, protected: Iterable[PathLike]) -> None:
-    """Refuse an output whose .onnx or external data file would replace one of ``protected``."""
-    out = Path(output)
-    targets = [out, external_data_path(out)]
+def _special_kind(path: Path) -> str | None:
+    """'a FIFO', 'a device', ... when path exists and is neither a regular file nor a directory."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        return "a special file"
+    return None
+
+
+def check_target(path: PathLike, protected: Iterable[PathLike], what: str = "output") -> None:
+    """Refuse to write ``path`` (the ``what`` of the command) over a protected file or a special file.
+
+    A FIFO, device or socket is never replaced (``-o /dev/null`` as root would break the system);
+    a directory cannot be a file output.
+    """
+    target = Path(path)
     for guarded in protected:
-        g = Path(guarded)
-        for target in targets:
-            if _same_file(target, g):
-                what = "the input model" if target == out else f"external data file {target.name}"
-                raise OverwriteInputError(
-                    f"refusing to overwrite the input: output {out} would replace {what} ({g}); "
-                    "choose another output path"
-                )
-    if out.exists() and out.is_dir():
-        raise ModelFileError(f"output {out} is a directory; give a file path such as {out / 'model.onnx'}")
+        if _same_file(target, Path(guarded)):
+            raise OverwriteInputError(
+                f"refusing to overwrite the input: {what} {target} would replace {guarded}; choose another path"
+            )
+    kind = _special_kind(target)
+    if kind is not None:
+        raise ModelFileError(f"{what} {target} is {kind}, not a regular file; refusing to replace it")
+    if target.is_dir():
+        raise ModelFileError(f"{what} {target} is a directory; give a file path such as {target / 'model.onnx'}")
+    _check_folder(target, what)
+
+
+def _check_folder(target: Path, what: str) -> None:
+    """The nearest existing folder above target must be a directory (mkdir would fail otherwise)."""
+    folder = next((parent for parent in target.absolute().parents if parent.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise ModelFileError(f"{what} {target} cannot be written: {folder} is a file, not a directory")
+
+
+def check_output_path(output: PathLike, protected: Iterable[PathLike], what: str = "output") -> None:
+    """Refuse an output whose .onnx or external data file would replace a protected or special file."""
+    out = Path(output)
+    protected = list(protected)
+    for guarded in protected:
+        if _same_file(external_data_path(out), Path(guarded)):
+            raise OverwriteInputError(
+                f"refusing to overwrite the input: {what} {out} would write its external data file "
+                f"{external_data_path(out).name} over {guarded}; choose another output path"
+            )
+    check_target(out, protected, what)
+    check_target(external_data_path(out), protected, f"{what}'s external data file")
+
+
+def check_debug_dir(debug_dir: PathLike, protected: Iterable[PathLike]) -> None:
+    """A debug directory must be a directory (or not exist yet) and hold none of the input's files."""
+    folder = Path(debug_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ModelFileError(f"--debug-dir {folder} exists and is not a directory")
+    _check_folder(folder, "--debug-dir")
+    for guarded in protected:
+        if _same_file(Path(guarded).parent, folder):
+            raise OverwriteInputError(
+                f"refusing --debug-dir {folder}: it holds the input file {Path(guarded).name}, which the "
+                "snapshots saved there could replace; choose another directory"
+            )
 
 
 def external_data_path(output: PathLike) -> Path:
@@ -173,20 +235,67 @@ def external_data_path(output: PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def _tensors_in_memory(model: ir.Model) -> Iterator[None]:
-    """Temporarily replace external initializers by in-memory copies, so a save inlines them."""
+def initializers_replaced(
+    model: ir.Model, replacement: Callable[[ir.TensorProtocol], ir.TensorProtocol | None]
+) -> Iterator[None]:
+    """Within: every initializer holds ``replacement(tensor)`` instead (None keeps it); restored after."""
     swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
     try:
         for graph in model.graphs():
             for value in graph.initializers.values():
                 tensor = value.const_value
-                if isinstance(tensor, ir.ExternalTensor):
+                stand_in = replacement(tensor) if tensor is not None else None
+                if stand_in is not None:
                     swapped.append((value, tensor))
-                    value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name)
+                    value.const_value = stand_in
         yield
     finally:
         for value, tensor in swapped:
             value.const_value = tensor
+
+
+def _tensors_in_memory(model: ir.Model) -> contextlib.AbstractContextManager[None]:
+    """External initializers replaced by in-memory copies, so a save inlines them."""
+    return initializers_replaced(
+        model, lambda t: ir.Tensor(t.numpy(), name=t.name) if isinstance(t, ir.ExternalTensor) else None
+    )
+
+
+TEMP_SUFFIX = ".tmp"
+# Inside every temporary save directory; flock-ed by the saving process until it is done.
+TEMP_LOCK_NAME = ".bct_onnx.lock"
+
+
+def remove_stale_temp_dirs(output: PathLike) -> list[Path]:
+    """Remove the ``.<name>.XXXX.tmp/`` directories that killed saves of ``output`` left behind.
+
+    A directory whose lock is free belonged to a process that is gone and is removed; one without a
+    lock file (from a version before the lock) is named in a warning and kept: its writer is unknown.
+    Returns the directories removed.
+    """
+    out = Path(output)
+    removed = []
+    for folder in sorted(out.parent.glob(f".{glob.escape(out.name)}.*{TEMP_SUFFIX}")):
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        try:
+            lock = os.open(folder / TEMP_LOCK_NAME, os.O_RDONLY)
+        except OSError:
+            logger.warning(
+                "%s is a temporary directory left by an interrupted save of %s; remove it if no other "
+                "bct-onnx process is writing %s", folder, out.name, out.name,
+            )
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a save in progress in another process
+            continue
+        finally:
+            os.close(lock)
+        shutil.rmtree(folder, ignore_errors=True)
+        logger.warning("removed %s, left by an interrupted save of %s", folder, out.name)
+        removed.append(folder)
+    return removed
 
 
 def save(
@@ -209,28 +318,32 @@ def save(
     out = Path(path)
     check_output_path(out, protected)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_dirs(out)
     use_external = tensor_bytes(model) > large_model_bytes if external_data is None else external_data
     data_file = external_data_path(out)
-    temp_dir = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    temp_dir = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=TEMP_SUFFIX))
+    lock = os.open(temp_dir / TEMP_LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o600)
     try:
-        temp_model = temp_dir / out.name
-        if use_external:
-            ir.save(
-                model,
-                temp_model,
-                external_data=data_file.name,
-                size_threshold_bytes=size_threshold_bytes,
-                callback=callback,
-            )
-        else:
-            with _tensors_in_memory(model):
-                ir.save(model, temp_model)
-        written = [out]
-        temp_data = temp_dir / data_file.name
-        if use_external and temp_data.exists():
-            os.replace(temp_data, data_file)  # data first: the .onnx never points at missing data
-            written.append(data_file)
-        os.replace(temp_model, out)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held while this process lives: the directory is not stale
+        with terminate_as_exception():
+            temp_model = temp_dir / out.name
+            if use_external:
+                ir.save(
+                    model,
+                    temp_model,
+                    external_data=data_file.name,
+                    size_threshold_bytes=size_threshold_bytes,
+                    callback=callback,
+                )
+            else:
+                with _tensors_in_memory(model):
+                    ir.save(model, temp_model)
+            written = [out]
+            temp_data = temp_dir / data_file.name
+            if use_external and temp_data.exists():
+                os.replace(temp_data, data_file)  # data first: the .onnx never points at missing data
+                written.append(data_file)
+            os.replace(temp_model, out)
     except EncodeError as exc:  # a single-file model over protobuf's 2 GB limit
         raise ModelFileError(
             f"cannot save {out} as one file ({tensor_bytes(model)} bytes of tensors exceed protobuf's "
@@ -238,5 +351,6 @@ def save(
         ) from exc
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
+        os.close(lock)
     logger.info("saved %s (%s)", out, "with external data" if use_external else "single file")
     return written

@@ -52,6 +52,8 @@ class CompileReport:
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
     # format "qdq": opset, code types, and what standard ONNX could not hold (None for "bct")
     standard_onnx: dict[str, Any] | None = None
+    # What the user should know: input repairs, tensors that needed wider scales, ...
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def compression_ratio(self) -> float:
@@ -76,6 +78,7 @@ class CompileReport:
             "passes": self.passes,
             "versions": self.versions,
             "standard_onnx": self.standard_onnx,
+            "warnings": self.warnings,
         }
 
     def to_json(self) -> str:
@@ -122,6 +125,7 @@ class CompileReport:
             lines.append(f"skipped: {len(self.skipped)} {nodes} ({shown}{more}; all in the JSON report)")
         else:
             lines.append("skipped: none")
+        lines += [f"warning: {warning}" for warning in self.warnings]
         total = sum(self.timings.values())
         steps = ", ".join(f"{step} {format_seconds(seconds)}" for step, seconds in self.timings.items())
         lines.append(f"time: {format_seconds(total)} ({steps})")

@@ -1,6 +1,6 @@
 """QuantizeLayerNormPass: ONNX LayerNormalization over the last axis -> ai.bct_onnx BlockLayerNorm.
 
-Float operands first (in_bits = out_bits = 0); FoldQuantizeDequantizePass decides where they
+Float operands first (in_bits = out_bits = 0); CompressIntermediatesPass decides where they
 become compressed. RMS normalization reaches the same stage as BlockRMSNorm through
 FuseRMSNormPass (both are the config's "LayerNormalization" kind). Requires constant float32
 scale (and bias) of shape [D] and no use of the optional Mean / InvStdDev outputs.
@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 import onnx_ir as ir
-from bct_onnx.passes.framework import PassReport
+from bct_onnx.passes.framework import PassReport, node_name
 from bct_onnx.passes.fuse_layer_norm import vector_initializer
-from bct_onnx.passes.graph_patterns import FLOAT, last_dim, node_name, value_rank
-from bct_onnx.passes.nonlinear_ops import (
+from bct_onnx.passes.graph_patterns import FLOAT, last_dim, value_rank
+from bct_onnx.passes.operand_ops import (
     OperandRewritePass,
     operand_inputs,
     operand_skip_reason,
@@ -69,7 +70,11 @@ class QuantizeLayerNormPass(OperandRewritePass):
             if extra.uses() or extra.is_graph_output():
                 return "the Mean / InvStdDev outputs are used; BlockLayerNorm does not give them"
         eps_attr = node.attributes.get("epsilon")
-        return LayerNormMatch(node, x, d, eps_attr.as_float() if eps_attr is not None else 1e-5)
+        epsilon = eps_attr.as_float() if eps_attr is not None else 1e-5
+        if not (math.isfinite(epsilon) and epsilon >= 0):
+            # ONNX Runtime's float LayerNorm runs with any epsilon; BlockLayerNorm refuses these.
+            return f"epsilon {epsilon} is not a finite number >= 0 (BlockLayerNorm needs one)"
+        return LayerNormMatch(node, x, d, epsilon)
 
     def rewrite(self, model: ir.Model, matched: LayerNormMatch, report: PassReport) -> None:
         node = matched.node

@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 SOURCE_KEY = "bct_onnx.source"
 FORMAT_KEY = "bct_onnx.format"
 FLOAT_DTYPES = (ir.DataType.FLOAT,)
+# The rule the quantize passes count for each tensor stored with float32 scales against the config
+# (its values would overflow the configured scale kind); the compile report names it.
+RULE_WIDE_SCALES = "float32 scales (values too large for the configured scale kind)"
 
 
 def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
@@ -56,6 +59,7 @@ class QuantizedInitializers:
     rows: int
     axis_size: int
     reused: bool
+    widened: bool = False  # scales stored as float32: the requested scale kind could not hold them
 
 
 def _unique_name(graph: ir.Graph, base: str) -> str:
@@ -138,6 +142,8 @@ def quantized_initializers(
     (keep_dead_inputs: see gptq_quantize).
     """
     source_name = source.name or "weight"
+    requested = fmt
+    fmt = fitting_format(tensor, fmt)
     tag = format_tag(fmt, transposed) + ("_aw" if importance is not None else "") + ("_gptq" if hessian is not None else "")
     base = f"{source_name}.bct_{tag}"
     codes = _find(graph, f"{base}.codes", source_name, tag)
@@ -146,7 +152,7 @@ def quantized_initializers(
     shape = tuple(tensor.shape.numpy())
     rows, axis_size = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
     if codes is not None and scales is not None and (fmt.symmetric or zero_points is not None):
-        return QuantizedInitializers(codes, scales, zero_points, rows, axis_size, reused=True)
+        return QuantizedInitializers(codes, scales, zero_points, rows, axis_size, reused=True, widened=fmt != requested)
     array = np.asarray(tensor.numpy(), dtype=np.float32)
     if transposed:
         array = np.ascontiguousarray(array.T)
@@ -159,7 +165,41 @@ def quantized_initializers(
     zp_value = None
     if quantized.zero_points is not None:
         zp_value = _register(graph, f"{base}.zero_points", quantized.zero_points, source_name, tag)
-    return QuantizedInitializers(codes, scales, zp_value, rows, axis_size, reused=False)
+    return QuantizedInitializers(codes, scales, zp_value, rows, axis_size, reused=False, widened=fmt != requested)
+
+
+# Largest finite magnitude of the narrow stored kinds (float16, float8e5m2; pow2 offsets are float16).
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+_FLOAT8E5M2_MAX = 57344.0
+
+
+def fitting_format(tensor: ir.TensorProtocol, fmt: BlockFormat) -> BlockFormat:
+    """fmt, or fmt with float32 scales when some block's scale (or float offset) would overflow fmt's kind.
+
+    An infinite scale turns a whole block into NaN at run time where FP32 is finite; float32 scales
+    cost 2-3 more bytes a block for this one tensor only.
+    """
+    if fmt.scale_kind is ScaleKind.FLOAT32:
+        return fmt
+    array = np.asarray(tensor.numpy())
+    if array.size == 0:
+        return fmt
+    amax = float(np.max(np.abs(array)))
+    if not np.isfinite(amax):
+        return fmt  # non-finite weights: FP32 is not finite either
+    # The largest stored scale is amax / 2**(bits-1) (symmetric) or the range / qmax (asymmetric).
+    largest_scale = amax / (1 << (fmt.bits - 1)) if fmt.symmetric else 2 * amax / fmt.qmax
+    limits = {ScaleKind.FLOAT16: _FLOAT16_MAX, ScaleKind.FLOAT8E5M2: _FLOAT8E5M2_MAX}
+    scale_limit = limits.get(fmt.scale_kind, float("inf"))
+    offsets_overflow = fmt.float_offsets and amax >= _FLOAT16_MAX / 2
+    # Half the limit: scale search and float8 rounding away from zero may pick up to 2x more.
+    if largest_scale >= scale_limit / 2 or offsets_overflow:
+        logger.warning(
+            "%s: values up to %.3g need float32 block scales (%s cannot hold %.3g)",
+            tensor.name, amax, fmt.scale_kind.value, largest_scale,
+        )
+        return dataclasses.replace(fmt, scale_kind=ScaleKind.FLOAT32)
+    return fmt
 
 
 def trim_trailing_none(inputs: list[ir.Value | None]) -> list[ir.Value | None]:

@@ -9,11 +9,15 @@ Developers testing a build tree can point BCT_ONNX_LIBRARY at a built library.
 from __future__ import annotations
 
 import importlib
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# The fuzzers in tools/ are scripts, not part of the package; their tests and case builders import them.
+if str(REPO / "tools") not in sys.path:
+    sys.path.insert(0, str(REPO / "tools"))
 
 
 def _installation_problems() -> list[str]:

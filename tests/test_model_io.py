@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -218,3 +222,105 @@ def test_single_file_over_the_protobuf_limit_is_a_clear_error(
     with pytest.raises(ModelFileError, match=r"exceed protobuf's 2 GB limit\): save it with external data"):
         model_io.save(model, tmp_path / "out.onnx", external_data=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
+
+
+# ---- issue 11: special files, stale temporary directories, SIGTERM, one map per data file --------------
+
+def test_fifo_output_and_report_are_refused_and_left_alone(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    model = model_io.from_proto(_matmul_model())
+    with pytest.raises(ModelFileError, match=r"output .*fifo is a FIFO, not a regular file; refusing to replace it"):
+        model_io.save(model, fifo)
+    with pytest.raises(ModelFileError, match=r"report .*fifo is a FIFO"):
+        model_io.check_target(fifo, [], "report")
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo"]
+
+
+@pytest.mark.parametrize("what", ["output", "report"])
+def test_device_node_is_refused_before_any_write(what: str) -> None:
+    """Only the check runs: nothing is ever written to a system path."""
+    with pytest.raises(ModelFileError, match=rf"{what} /dev/null is a device, not a regular file"):
+        if what == "output":
+            model_io.check_output_path("/dev/null", [])
+        else:
+            model_io.check_target("/dev/null", [], what)
+
+
+def test_output_below_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "plain").write_text("x")
+    with pytest.raises(ModelFileError, match=r"output .*plain/sub/out.onnx cannot be written: .*plain is a file"):
+        model_io.save(model_io.from_proto(_matmul_model()), tmp_path / "plain" / "sub" / "out.onnx")
+
+
+def test_debug_dir_that_is_a_file_or_holds_the_input_is_refused(tmp_path: Path) -> None:
+    src = _write(_matmul_model(), tmp_path / "00_input.onnx")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ModelFileError, match="--debug-dir .*file exists and is not a directory"):
+        model_io.check_debug_dir(tmp_path / "file", [src])
+    with pytest.raises(OverwriteInputError, match="it holds the input file 00_input.onnx"):
+        model_io.check_debug_dir(tmp_path, [src])
+    model_io.check_debug_dir(tmp_path / "debug", [src])  # a new folder is fine
+
+
+def test_stale_temp_dirs_of_killed_saves_are_removed_live_and_unknown_ones_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "out.onnx"
+    stale, live, unknown = (tmp_path / f".out.onnx.{tag}.tmp" for tag in ("dead0001", "live0001", "old00001"))
+    for folder in (stale, live, unknown):
+        folder.mkdir()
+        (folder / "out.onnx").write_bytes(b"partial")
+    (stale / model_io.TEMP_LOCK_NAME).touch()
+    (live / model_io.TEMP_LOCK_NAME).touch()
+    held = os.open(live / model_io.TEMP_LOCK_NAME, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # another save in progress
+    try:
+        with caplog.at_level("WARNING", logger="bct_onnx.model_io"):
+            model_io.save(model_io.from_proto(_matmul_model()), out)
+    finally:
+        os.close(held)
+    assert not stale.exists()
+    assert live.is_dir() and unknown.is_dir()
+    assert f"removed {stale}" in caplog.text
+    assert f"{unknown} is a temporary directory left by an interrupted save" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["out.onnx"]
+
+
+_SIGTERM_DURING_SAVE = """
+import os, signal, sys
+from bct_onnx import model_io
+model = model_io.load(sys.argv[1])
+def callback(tensor, info):
+    os.kill(os.getpid(), signal.SIGTERM)
+model_io.save(model, sys.argv[2], external_data=True, size_threshold_bytes=0, callback=callback)
+"""
+
+
+def test_sigterm_during_save_removes_the_temporary_directory(tmp_path: Path) -> None:
+    src = _write(_matmul_model(), tmp_path / "in.onnx")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_DURING_SAVE, str(src), str(out_dir / "out.onnx")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode != 0
+    assert "TerminatedError: terminated by signal 15" in done.stderr
+    assert list(out_dir.iterdir()) == []
+
+
+def test_external_data_file_is_mapped_once(tmp_path: Path) -> None:
+    """onnx-ir maps the whole file once per tensor (9 GB of address space for a 90 MB model)."""
+    proto = _matmul_model()
+    for i in range(20):
+        proto.graph.initializer.append(numpy_helper.from_array(np.full((64, 16), i, np.float32), f"extra{i}"))
+    src = tmp_path / "in.onnx"
+    onnx.save_model(proto, str(src), save_as_external_data=True, location="in.onnx.data", size_threshold=0)
+    model = model_io.load(src)
+    arrays = _initializer_arrays(model)
+    assert all(float(arrays[f"extra{i}"][0, 0]) == i for i in range(20))
+    data_path = str((tmp_path / "in.onnx.data").resolve())
+    maps = [line for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith(data_path)]
+    assert len(maps) == 1, maps

@@ -2,6 +2,6 @@
 
 import sys
 
-from bct_onnx.cli.main import main
+from bct_onnx.cli import main
 
 sys.exit(main())

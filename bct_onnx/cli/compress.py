@@ -56,10 +56,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         calibration=args.calibration,
         tokenizer=args.tokenizer,
         calibration_text=args.calibration_text,
+        report=args.report,  # checked with the output before any work, written at the end
         html_report=args.html,
     )
-    if args.report:
-        result.report.write(args.report)
     print(result.report.summary())
     if args.report:
         print(f"report: {args.report}")

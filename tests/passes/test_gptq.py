@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from bct_onnx.passes import compress_model
+from support import model_from_text, op_types, run_bct_session, run_ort, run_reference
 
 from bct_onnx import gptq
 from bct_onnx.block_format import (
@@ -159,36 +160,36 @@ g (float[B, 64] x) => (float[B, 16] y) {
 }"""
 
 
-def _mlp(helpers, rng):
-    return helpers.model_from_text(
+def _mlp(rng):
+    return model_from_text(
         MLP,
         {"w1": (rng.standard_normal((64, 96)) * 0.1).astype(np.float32),
          "w2": (rng.standard_normal((96, 16)) * 0.1).astype(np.float32)},
     )
 
 
-def test_pipeline_with_calibration_uses_gptq_and_beats_plain_rounding(helpers):
+def test_pipeline_with_calibration_uses_gptq_and_beats_plain_rounding():
     rng = np.random.default_rng(1)
-    model = _mlp(helpers, rng)
+    model = _mlp(rng)
     calib = Calibration(tuple({"x": _correlated_inputs(rng, 256, 64)} for _ in range(2)))
     test_x = _correlated_inputs(rng, 128, 64)
-    (expected,) = helpers.run_ort(model, {"x": test_x})
+    (expected,) = run_ort(model, {"x": test_x})
     config = CompressConfig(weight_bits=4, act_bits=None, ops=frozenset({"MatMul"}))
     calibrated = compress_model(model, config, calibration=calib)
     plain = compress_model(model, config)
     assert calibrated.rewritten["MatMul weight rounded by GPTQ (calibrated)"] == 2
     assert "MatMul weight rounded by GPTQ (calibrated)" not in plain.rewritten
-    assert helpers.op_types(calibrated.model) == ["BlockMatMul", "Relu", "BlockMatMul"]
-    (got_calibrated,) = helpers.run_reference(calibrated.model, {"x": test_x})
-    (got_plain,) = helpers.run_reference(plain.model, {"x": test_x})
+    assert op_types(calibrated.model) == ["BlockMatMul", "Relu", "BlockMatMul"]
+    (got_calibrated,) = run_reference(calibrated.model, {"x": test_x})
+    (got_plain,) = run_reference(plain.model, {"x": test_x})
     assert np.linalg.norm(got_calibrated - expected) < np.linalg.norm(got_plain - expected)
-    (through_ort,) = helpers.run_bct_session(calibrated.model, {"x": test_x})
+    (through_ort,) = run_bct_session(calibrated.model, {"x": test_x})
     np.testing.assert_allclose(through_ort, got_calibrated, rtol=1e-4, atol=1e-4)
 
 
-def test_hessians_are_sums_of_x_transpose_x(helpers):
+def test_hessians_are_sums_of_x_transpose_x():
     rng = np.random.default_rng(2)
-    model = _mlp(helpers, rng)
+    model = _mlp(rng)
     batches = [rng.standard_normal((8, 64)).astype(np.float32) for _ in range(3)]
     hessians = collect_hessians(model, Calibration(tuple({"x": b} for b in batches)))
     stacked = np.concatenate(batches).astype(np.float64)
@@ -198,14 +199,14 @@ def test_hessians_are_sums_of_x_transpose_x(helpers):
     assert hessians[("r", "w2")].shape == (96, 96)
 
 
-def test_quantize_matmul_pass_takes_hessians_and_runs_no_inference(helpers, monkeypatch):
+def test_quantize_matmul_pass_takes_hessians_and_runs_no_inference(monkeypatch):
     """The pipeline measures the Hessians; the pass only uses the ones it is handed."""
     from bct_onnx.passes import QuantizeMatMulPass
 
     from bct_onnx import runtime
 
     rng = np.random.default_rng(3)
-    model = _mlp(helpers, rng)
+    model = _mlp(rng)
     calib = Calibration(tuple({"x": _correlated_inputs(rng, 256, 64)} for _ in range(2)))
     config = CompressConfig(weight_bits=4, act_bits=None, ops=frozenset({"MatMul"}))
     hessians = collect_hessians(model, calib)
@@ -225,10 +226,10 @@ def test_quantize_matmul_pass_takes_hessians_and_runs_no_inference(helpers, monk
         np.testing.assert_array_equal(full.graph.initializers[name].const_value.numpy(), value.const_value.numpy())
 
 
-def test_text_feeds_names_inputs_text_cannot_fill(helpers):
+def test_text_feeds_names_inputs_text_cannot_fill():
     text = """<ir_version: 8, opset_import: ["" : 17]>
     g (int64[B, S] input_ids, float[B, 2, P, 8] past_key) => (int64[B, S] y) { y = Identity(input_ids) }"""
-    model = helpers.model_from_text(text)
+    model = model_from_text(text)
     with pytest.raises(CalibrationError, match="past_key"):
         text_feeds(model, tokenizer=None, texts=["hello"])
 
@@ -251,10 +252,10 @@ class _NoPadTokenizer:
         return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
-def test_text_feeds_without_pad_token_uses_one_text_per_batch(helpers):
+def test_text_feeds_without_pad_token_uses_one_text_per_batch():
     text = """<ir_version: 8, opset_import: ["" : 17]>
     g (int64[B, S] input_ids, int64[B, S] attention_mask) => (int64[B, S] y) { y = Identity(input_ids) }"""
-    model = helpers.model_from_text(text)
+    model = model_from_text(text)
     texts = ["one two three", "four five", "six seven eight nine"]
     calibration = text_feeds(model, _NoPadTokenizer(), texts=texts, batch_size=8)
     assert [batch["input_ids"].shape for batch in calibration.feeds] == [(1, 3), (1, 2), (1, 4)]
@@ -269,11 +270,11 @@ g (int64[B, S] ids, float[B, S, 64] h) => (float[B, S, 64] emb, float[B, S, 300]
 }"""
 
 
-def test_tied_table_is_gptq_rounded_for_the_output_projection_and_shared(helpers):
+def test_tied_table_is_gptq_rounded_for_the_output_projection_and_shared():
     rng = np.random.default_rng(3)
     table = (rng.standard_normal((300, 64)) * 0.05).astype(np.float32)
     table[:, 5] = 0.3  # an input channel never active in calibration: the Gather still needs it
-    model = helpers.model_from_text(TIED_LM, {"table": table})
+    model = model_from_text(TIED_LM, {"table": table})
 
     def feeds(rows):
         h = _correlated_inputs(rng, rows, 64)
@@ -294,13 +295,13 @@ def test_tied_table_is_gptq_rounded_for_the_output_projection_and_shared(helpers
     codes = [v for v in graph.initializers.values() if v.name.endswith(".codes")]
     assert len(codes) == 1
     test = feeds(256)
-    _, expected = helpers.run_ort(model, test)
-    emb_c, logits_c = helpers.run_reference(calibrated.model, test)
-    _, logits_p = helpers.run_reference(plain.model, test)
+    _, expected = run_ort(model, test)
+    emb_c, logits_c = run_reference(calibrated.model, test)
+    _, logits_p = run_reference(plain.model, test)
     assert np.linalg.norm(logits_c - expected) < 0.9 * np.linalg.norm(logits_p - expected)
     # The dead channel is rounded plainly, not zeroed: the embedding keeps it.
     np.testing.assert_allclose(emb_c[..., 5], 0.3, rtol=0.1)
-    through_ort = helpers.run_bct_session(calibrated.model, test)
+    through_ort = run_bct_session(calibrated.model, test)
     np.testing.assert_allclose(through_ort[1], logits_c, rtol=1e-4, atol=1e-4)
 
 

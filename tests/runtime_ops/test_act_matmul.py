@@ -19,6 +19,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
+from support import assert_bits_equal, run
 
 import bct_onnx
 from bct_onnx import block_format as bf
@@ -58,26 +59,6 @@ def node_model(
         graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)], ir_version=9
     )
     return model.SerializeToString(), {n: v for n, v in zip(names, inputs, strict=True) if v is not None}
-
-
-def run(model: bytes, feeds: dict[str, np.ndarray], providers: list[str] | None = None) -> list[np.ndarray]:
-    return bct_onnx.session(model, providers=providers).run(None, feeds)
-
-
-def assert_bits_equal(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    if actual.size == 0:
-        return
-    a = np.ascontiguousarray(actual).view(np.uint8).reshape(actual.size, -1)
-    e = np.ascontiguousarray(expected).view(np.uint8).reshape(expected.size, -1)
-    bad = np.flatnonzero(np.any(a != e, axis=1))
-    if bad.size:
-        i = int(bad[0])
-        raise AssertionError(
-            f"{what}: {bad.size} of {actual.size} differ; first at flat {i}: "
-            f"got {actual.reshape(-1)[i]!r}, expected {expected.reshape(-1)[i]!r}"
-        )
 
 
 def run_amm(

@@ -28,9 +28,7 @@ COMMANDS = (compress, inspect, demo, eval_command, generate)
 # PreconditionError naming the problem.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     BctOnnxError,
-    FileNotFoundError,
-    PermissionError,
-    IsADirectoryError,
+    OSError,  # a missing file, no permission, a full disk, ...: the message names the path
     ExportError,
     ModelDirError,
     LibraryNotFoundError,
