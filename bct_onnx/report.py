@@ -88,14 +88,7 @@ class CompileReport:
         """Write the JSON report (atomically, like the model)."""
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
-        temp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        try:
-            temp.write_text(self.to_json(), encoding="utf-8")
-            os.replace(temp, out)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                temp.unlink()
-        return out
+        return write_text_atomically(out, self.to_json())
 
     def summary(self) -> str:
         """A few lines for a terminal."""
@@ -137,6 +130,19 @@ class CompileReport:
         steps = ", ".join(f"{step} {format_seconds(seconds)}" for step, seconds in self.timings.items())
         lines.append(f"time: {format_seconds(total)} ({steps})")
         return "\n".join(lines)
+
+
+def write_text_atomically(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    out = Path(path)
+    temp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        temp.write_text(text, encoding="utf-8")
+        os.replace(temp, out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+    return out
 
 
 def format_seconds(seconds: float) -> str:
