@@ -123,6 +123,12 @@ def _run_pipeline(
         return compress_model(model, config, progress=pass_done, debug_dir=debug_dir, calibration=calibration)
 
 
+# A budget's first plan counts codes and scales exactly but not the graph's own bytes: when the result
+# is larger than the target, the plan is made again for that many bytes (plus a margin) fewer.
+BUDGET_ATTEMPTS = 3
+BUDGET_MARGIN_BYTES = 4096
+
+
 def _calibration(
     model: ir.Model,
     calibration: CalibrationArg,
@@ -216,6 +222,8 @@ def compress(
     calibration: CalibrationArg = "auto",
     tokenizer: str | os.PathLike[str] | None = None,
     calibration_text: str = "auto",
+    target_ratio: float | None = None,
+    max_error: float | None = None,
     **overrides: Any,
 ) -> CompressResult:
     """Compress a model; write it to ``output`` when given.
@@ -232,6 +240,11 @@ def compress(
     calibration_text: where text calibration's words come from: "auto" or "shipped" (the
     public-domain lines shipped in the package), "moby-dick" (Melville's novel from Debian's
     r-cran-tokenizers, fetched once), or the path of a UTF-8 text file of your own.
+    target_ratio / max_error: a budget instead of bit flags (bct_onnx.budget): bits (2..8) and block
+    size per weight tensor are chosen from each tensor's measured sensitivity (on the calibration
+    batches, or data-free on synthetic token sequences) so that the whole file is at least
+    ``target_ratio`` times smaller and/or the predicted relative output MSE is at most ``max_error``;
+    the config's own bit widths of MatMul weights and tables are then replaced per node.
     """
     cfg = make_config(config, **overrides)
     timer = StepTimer()
@@ -292,8 +305,33 @@ def compress(
             feeds, calibration_report = _calibration(
                 model, calibration, tokenizer, source_dir, model_dir, text_source=calibration_text
             )
+        planner = plan = None
+        if target_ratio is not None or max_error is not None:
+            from bct_onnx.budget import check_goal
+
+            check_goal(target_ratio, max_error)
+            with timer.step("budget"), prog.bar("budget", total=1, tick=True):
+                planner = _budget_planner(model, cfg, input_bytes, feeds)
+                budget = planner.budget_bytes(target_ratio) if target_ratio is not None else None
+                cfg, plan = planner.plan(budget, max_error)
         with timer.step("compress"):
             result = _run_pipeline(model, cfg, prog, debug, feeds)
+        if planner is not None and target_ratio is not None:
+            overshoot = 0
+            for _ in range(BUDGET_ATTEMPTS - 1):
+                with timer.step("budget"):
+                    over = _serialized_bytes(result.model) - planner.budget_bytes(target_ratio, overshoot)
+                if over <= 0:
+                    break
+                # Graph overhead the plan does not count: plan again for that many fewer bytes.
+                overshoot += over + BUDGET_MARGIN_BYTES
+                with timer.step("budget"):
+                    cfg, plan = planner.plan(planner.budget_bytes(target_ratio, overshoot), max_error)
+                with timer.step("compress"):
+                    result = _run_pipeline(model, cfg, prog, debug, feeds)
+        if planner is not None and plan is not None:
+            with timer.step("budget"):
+                plan = planner.measure(plan)
         compressed = result.model
 
         if output is not None:
@@ -331,9 +369,23 @@ def compress(
         },
         exported_from=exported_from,
         calibration=calibration_report,
+        budget=None if plan is None else {**plan.to_dict(), "target_ratio": target_ratio},
         versions=versions(),
     )
     return CompressResult(compressed, report)
+
+
+def _budget_planner(
+    model: ir.Model, config: CompressConfig, input_bytes: int, feeds: Calibration | None
+) -> Any:
+    """A bct_onnx.budget.BudgetPlanner measured on the canonicalized float model."""
+    from bct_onnx.budget import BudgetPlanner
+    from bct_onnx.passes import canonicalize_passes
+
+    canonical = model.clone()
+    for pass_ in canonicalize_passes():
+        canonical = pass_(canonical).model
+    return BudgetPlanner(canonical, config, input_bytes, feeds.feeds if feeds is not None else None)
 
 
 def _initializers(model: ir.Model) -> Iterator[ir.Value]:

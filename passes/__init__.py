@@ -33,6 +33,7 @@ from bct_onnx.passes.pipeline import (
     PassRecord,
     PipelineResult,
     build_passes,
+    canonicalize_passes,
     compress_model,
 )
 from bct_onnx.passes.quantize_act_matmul import QuantizeActMatMulPass
@@ -75,6 +76,7 @@ __all__ = [
     "Skip",
     "UnsupportedModelError",
     "build_passes",
+    "canonicalize_passes",
     "compress_model",
     "compressed_activations",
 ]
