@@ -49,11 +49,22 @@ class CompressResult:
         return iter((self.model, self.report))
 
 
+# Giving a bit width explicitly (and no budget) means that width: it switches a default budget off.
+BIT_WIDTH_FIELDS = frozenset({"weight_bits", "embedding_bits"})
+BUDGET_FIELDS = frozenset({"target_ratio", "max_error"})
+
+
 def make_config(config: CompressConfig | None = None, **overrides: Any) -> CompressConfig:
-    """``config`` (default: CompressConfig()) with ``overrides`` applied; unknown names are an error."""
+    """``config`` (default: CompressConfig()) with ``overrides`` applied; unknown names are an error.
+
+    Overriding weight_bits or embedding_bits without target_ratio / max_error drops the budget, so
+    an explicit bit width is what the model gets.
+    """
     base = config if config is not None else CompressConfig()
     if not overrides:
         return base
+    if BIT_WIDTH_FIELDS & overrides.keys() and not BUDGET_FIELDS & overrides.keys():
+        overrides = {**overrides, "target_ratio": None, "max_error": None}  # explicit widths: no budget
     known = {f.name for f in dataclasses.fields(CompressConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
@@ -222,8 +233,6 @@ def compress(
     calibration: CalibrationArg = "auto",
     tokenizer: str | os.PathLike[str] | None = None,
     calibration_text: str = "auto",
-    target_ratio: float | None = None,
-    max_error: float | None = None,
     **overrides: Any,
 ) -> CompressResult:
     """Compress a model; write it to ``output`` when given.
@@ -240,11 +249,9 @@ def compress(
     calibration_text: where text calibration's words come from: "auto" or "shipped" (the
     public-domain lines shipped in the package), "moby-dick" (Melville's novel from Debian's
     r-cran-tokenizers, fetched once), or the path of a UTF-8 text file of your own.
-    target_ratio / max_error: a budget instead of bit flags (bct_onnx.budget): bits (2..8) and block
-    size per weight tensor are chosen from each tensor's measured sensitivity (on the calibration
-    batches, or data-free on synthetic token sequences) so that the whole file is at least
-    ``target_ratio`` times smaller and/or the predicted relative output MSE is at most ``max_error``;
-    the config's own bit widths of MatMul weights and tables are then replaced per node.
+    A config with ``target_ratio`` / ``max_error`` (a budget, bct_onnx.budget) gets its bits and block
+    sizes per weight tensor from each tensor's sensitivity, measured on the calibration batches or,
+    data-free, on synthetic token sequences.
     """
     cfg = make_config(config, **overrides)
     timer = StepTimer()
@@ -306,10 +313,8 @@ def compress(
                 model, calibration, tokenizer, source_dir, model_dir, text_source=calibration_text
             )
         planner = plan = None
-        if target_ratio is not None or max_error is not None:
-            from bct_onnx.budget import check_goal
-
-            check_goal(target_ratio, max_error)
+        target_ratio, max_error = cfg.target_ratio, cfg.max_error
+        if cfg.budgeted:
             with timer.step("budget"), prog.bar("budget", total=1, tick=True):
                 planner = _budget_planner(model, cfg, input_bytes, feeds)
                 budget = planner.budget_bytes(target_ratio) if target_ratio is not None else None

@@ -74,6 +74,7 @@ class WeightUnit:
     transposed: bool
     scale_kind: ScaleKind
     consumers: tuple[tuple[str, str], ...]
+    pinned: tuple[int, int] | None = None  # (bits, block size) the user's own settings fix for it
 
     @property
     def elements(self) -> int:
@@ -299,10 +300,24 @@ def find_units(model: ir.Model, config: CompressConfig) -> list[WeightUnit]:
             kind = config.scale_kind
         else:
             kind = config.embedding_scale_kind or config.scale_kind
-        units.append(
-            WeightUnit(source, entry["rows"], entry["axis"], entry["transposed"], kind, tuple(entry["consumers"]))
-        )
+        consumers = tuple(entry["consumers"])
+        pinned = next((_pinned_format(config, op, key) for op, key in consumers if _pinned_format(config, op, key)), None)
+        units.append(WeightUnit(source, entry["rows"], entry["axis"], entry["transposed"], kind, consumers, pinned))
     return units
+
+
+def _pinned_format(config: CompressConfig, kind: str, key: str) -> tuple[int, int] | None:
+    """(bits, block size) of a node whose bits or block size the config sets by op kind or override.
+
+    A budget plans only the tensors the user left free; explicit per-op or per-node settings stand.
+    """
+    layers = [config.op_settings[kind]] if kind in config.op_settings else []
+    layers += [o.settings for o in config.overrides if o.matches(kind, key)]
+    pinned_table = kind == "Gather" and config.embedding_bits is not None
+    if pinned_table or any(layer.weight_bits is not None or layer.block_size is not None for layer in layers):
+        settings = config.settings_for(kind, key)
+        return settings.weight_bits, settings.block_size
+    return None
 
 
 def unit_layout(unit: WeightUnit, model: ir.Model) -> np.ndarray:
@@ -363,6 +378,10 @@ def block_sizes(config: CompressConfig, axis_size: int) -> tuple[int, ...]:
 def candidate_formats(unit: WeightUnit, values: np.ndarray, config: CompressConfig) -> list[Candidate]:
     """Every (bits, block size) the budget may give the unit, with bytes and relative error."""
     sample = sample_rows(values)
+    if unit.pinned is not None:
+        bits, block_size = unit.pinned
+        fmt = unit_format(unit, config, bits, block_size)
+        return [Candidate(bits, block_size, format_bytes(unit, fmt), relative_error(sample, fmt, config.weight_scale_search))]
     out = []
     for block_size in block_sizes(config, unit.axis_size):
         for bits in BUDGET_BITS:
@@ -556,22 +575,14 @@ class BudgetPlanner:
         return dataclasses.replace(plan, measured_error=self.swapper.output_error(swapped))
 
 
-def check_goal(target_ratio: float | None, max_error: float | None) -> None:
-    """Raise BudgetError unless the goal is a ratio above 1 and/or a positive error bound."""
-    if target_ratio is None and max_error is None:
-        raise BudgetError("give target_ratio and/or max_error")
-    if target_ratio is not None and not target_ratio > 1.0:
-        raise BudgetError(f"target_ratio must be > 1 (a whole-file compression ratio), got {target_ratio!r}")
-    if max_error is not None and not max_error > 0.0:
-        raise BudgetError(f"max_error must be > 0 ({PROXY}), got {max_error!r}")
-
-
 def apply_plan(config: CompressConfig, units: Sequence[WeightUnit], plan: BudgetPlan) -> CompressConfig:
     """config with a NodeOverride (exact node name) per consumer of every unit, after its own overrides."""
     by_source = {choice.source: choice for choice in plan.choices}
     overrides = list(config.overrides)
     for unit in units:
         choice = by_source[unit.source]
+        if unit.pinned is not None:
+            continue  # the user's settings already give it this format
         for kind, key in unit.consumers:
             overrides.append(
                 NodeOverride(

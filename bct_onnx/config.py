@@ -145,6 +145,14 @@ class CompressConfig:
     op_settings: per op kind (a key of SUPPORTED_OPS) OpSettings over the fields above.
     overrides: NodeOverride by node-name pattern, applied in order after op_settings.
     keep_compressed: let intermediate results between compressed ops stay compressed.
+    target_ratio: a budget instead of bit widths (bct_onnx.budget): bct_onnx.compress chooses bits
+        (2..8) and block size (block_size or twice it) per MatMul weight and table from each tensor's
+        measured sensitivity so that the whole file is at least this many times smaller. weight_bits
+        and embedding_bits then apply only to tensors that op_settings or overrides pin. None: the
+        bit widths above, as given.
+    max_error: a budget by quality: the fewest bytes whose predicted relative output MSE
+        (|y' - y|^2 / |y|^2 of the model's first float output, on calibration or synthetic inputs) is
+        at most this; with target_ratio too, within that size.
     """
 
     weight_bits: int = 4
@@ -160,6 +168,8 @@ class CompressConfig:
     op_settings: Mapping[str, OpSettings] = dataclasses.field(default_factory=dict)
     overrides: tuple[NodeOverride, ...] = ()
     keep_compressed: bool = True
+    target_ratio: float | None = None
+    max_error: float | None = None
 
     def __post_init__(self) -> None:
         _check_bits("weight_bits", self.weight_bits, allow_none=False)
@@ -219,6 +229,18 @@ class CompressConfig:
         object.__setattr__(self, "overrides", overrides)
         if not isinstance(self.keep_compressed, bool):
             raise ValueError(f"keep_compressed must be a bool, got {self.keep_compressed!r}")  # noqa: TRY004
+        for field, low in (("target_ratio", 1.0), ("max_error", 0.0)):
+            value = getattr(self, field)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
+                raise ValueError(f"{field} must be a number > {low:g} or None, got {value!r}")
+            object.__setattr__(self, field, float(value))
+
+    @property
+    def budgeted(self) -> bool:
+        """True when a budget (target_ratio or max_error) chooses the bits of weights and tables."""
+        return self.target_ratio is not None or self.max_error is not None
 
     def __hash__(self) -> int:
         return hash((self.weight_bits, self.act_bits, self.block_size, self.ops, self.overrides))

@@ -17,7 +17,6 @@ from bct_onnx.budget import (
     Candidate,
     _lower_hull,
     allocate,
-    check_goal,
     find_units,
     format_bytes,
     synthetic_feeds,
@@ -87,10 +86,10 @@ def test_allocate_rejects_impossible_goals():
         allocate({"a": _ladder(100)}, {"a": 1.0}, budget_bytes=10)
     with pytest.raises(BudgetError, match="target bytes or a maximum error"):
         allocate({"a": _ladder(100)}, {"a": 1.0})
-    with pytest.raises(BudgetError, match="target_ratio must be > 1"):
-        check_goal(0.5, None)
-    with pytest.raises(BudgetError, match="max_error must be > 0"):
-        check_goal(None, -1.0)
+    with pytest.raises(ValueError, match="target_ratio must be a number > 1"):
+        CompressConfig(target_ratio=0.5)
+    with pytest.raises(ValueError, match="max_error must be a number > 0"):
+        CompressConfig(max_error=-1.0)
 
 
 def _tiny_model(seed: int = 0) -> onnx.ModelProto:
@@ -164,6 +163,7 @@ def test_compress_with_target_ratio_writes_the_planned_bits(tmp_path):
     _, report = bct_onnx.compress(
         path, out, ops=frozenset({"MatMul", "Gather"}), act_bits=None, target_ratio=5.0, calibration="none"
     )
+    assert report.config["target_ratio"] == 5.0
     assert report.compression_ratio >= 5.0
     assert report.budget is not None and report.budget["inputs"] == "synthetic"
     planned = {unit["source"]: unit for unit in report.budget["units"]}
@@ -175,3 +175,22 @@ def test_compress_with_target_ratio_writes_the_planned_bits(tmp_path):
             assert attrs["bits"] == planned[source]["bits"], (name, attrs, planned[source])
             assert attrs["block_size"] == planned[source]["block_size"]
     assert "budget:" in report.summary()
+
+
+def test_explicit_bits_switch_a_budget_off_and_user_overrides_pin_their_tensors():
+    from bct_onnx.api import make_config
+    from bct_onnx.config import NodeOverride, OpSettings
+
+    budgeted = CompressConfig(target_ratio=8.0)
+    assert not make_config(budgeted, weight_bits=8).budgeted
+    assert make_config(budgeted, weight_bits=8, target_ratio=6.0).target_ratio == 6.0
+    assert make_config(budgeted, block_size=64).budgeted
+    pinned = CompressConfig(
+        target_ratio=4.0, overrides=(NodeOverride("down", OpSettings(weight_bits=8), op="MatMul"),)
+    )
+    model = ir.serde.deserialize_model(_tiny_model())
+    units = {u.source: u for u in find_units(model, pinned)}
+    assert units["w2"].pinned == (8, 32) and units["w1"].pinned is None
+    planned, plan = BudgetPlanner(model, pinned, 4 * 3 * 256 * 128).plan(None, 1e-2)
+    assert next(c for c in plan.choices if c.source == "w2").bits == 8
+    assert planned.settings_for("MatMul", "down").weight_bits == 8
