@@ -321,11 +321,12 @@ def compress(
                 cfg, plan = planner.plan(budget, max_error)
         with timer.step("compress"):
             result = _run_pipeline(model, cfg, prog, debug, feeds)
+        attempts = 1
         if planner is not None and target_ratio is not None:
             overshoot = 0
             for _ in range(BUDGET_ATTEMPTS - 1):
                 with timer.step("budget"):
-                    over = _serialized_bytes(result.model) - planner.budget_bytes(target_ratio, overshoot)
+                    over = _serialized_bytes(result.model) - int(input_bytes / target_ratio)
                 if over <= 0:
                     break
                 # Graph overhead the plan does not count: plan again for that many fewer bytes.
@@ -334,6 +335,7 @@ def compress(
                     cfg, plan = planner.plan(planner.budget_bytes(target_ratio, overshoot), max_error)
                 with timer.step("compress"):
                     result = _run_pipeline(model, cfg, prog, debug, feeds)
+                attempts += 1
         if planner is not None and plan is not None:
             with timer.step("budget"):
                 plan = planner.measure(plan)
@@ -374,7 +376,7 @@ def compress(
         },
         exported_from=exported_from,
         calibration=calibration_report,
-        budget=None if plan is None else {**plan.to_dict(), "target_ratio": target_ratio},
+        budget=None if plan is None else {**plan.to_dict(), "target_ratio": target_ratio, "attempts": attempts},
         versions=versions(),
     )
     return CompressResult(compressed, report)

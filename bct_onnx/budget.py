@@ -48,10 +48,14 @@ logger = logging.getLogger(__name__)
 
 BUDGET_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
 REFERENCE_BITS = 3  # sensitivity is measured with each unit at 3 bits: a clear but first-order effect
-SAMPLE_ROWS = 256  # rows of a unit quantized to estimate its relative error per candidate format
-SYNTHETIC_BATCH = 4
+SAMPLE_VALUES = 1 << 15  # values (whole rows, at least 16) sampled to estimate a unit's error per format
+SYNTHETIC_BATCH = 2
 SYNTHETIC_SEQUENCE = 32
 _CHUNK_ELEMENTS = 1 << 22  # rows are fake-quantized in chunks of about this many values
+# The plan counts codes, scales and the float parts exactly; the compressed graph's own bytes (node
+# attributes, initializer names) are an allowance, corrected by a second plan when the file is larger.
+GRAPH_ALLOWANCE = 0.001
+NODE_ALLOWANCE_BYTES = 256
 PROXY = "relative output MSE |y' - y|^2 / |y|^2 of the model's first float output"
 
 
@@ -360,8 +364,9 @@ def relative_error(values: np.ndarray, fmt: BlockFormat, scale_search: bool) -> 
     return float(np.sum(np.square(restored - values, dtype=np.float64))) / max(denominator, 1e-30)
 
 
-def sample_rows(values: np.ndarray, rows: int = SAMPLE_ROWS) -> np.ndarray:
-    """Evenly spaced rows of values (all of them when there are few)."""
+def sample_rows(values: np.ndarray, budget: int = SAMPLE_VALUES) -> np.ndarray:
+    """Evenly spaced rows of values [rows, D], about ``budget`` values (at least 16 rows)."""
+    rows = max(16, budget // max(1, values.shape[1]))
     if values.shape[0] <= rows:
         return values
     return values[np.linspace(0, values.shape[0] - 1, rows).round().astype(np.int64)]
@@ -500,7 +505,7 @@ class BudgetPlanner:
         self.input_bytes = input_bytes
         self.fixed_bytes = input_bytes - sum(unit.float_bytes for unit in self.units)
         self.inputs = "calibration" if feeds else "synthetic"
-        batches = list(feeds)[:4] if feeds else synthetic_feeds(model)
+        batches = list(feeds)[:2] if feeds else synthetic_feeds(model)
         self.swapper = _WeightSwapper(model, self.units, batches)
         self.candidates: dict[str, list[Candidate]] = {}
         self.sensitivities: dict[str, float] = {}
@@ -519,8 +524,12 @@ class BudgetPlanner:
             logger.info("budget: %s sensitivity %.3g", unit.source, self.sensitivities[unit.source])
 
     def budget_bytes(self, target_ratio: float, overshoot: int = 0) -> int:
-        """Whole-file bytes for target_ratio, less ``overshoot`` bytes a previous plan went over."""
-        budget = int(self.input_bytes / target_ratio) - overshoot
+        """Bytes a plan may use for target_ratio: the whole file's share less an allowance for the
+        graph's own growth (GRAPH_ALLOWANCE of it, and NODE_ALLOWANCE_BYTES per rewritten node) and
+        less ``overshoot`` bytes a previous plan went over."""
+        whole = int(self.input_bytes / target_ratio)
+        nodes = sum(len(unit.consumers) for unit in self.units)
+        budget = whole - int(GRAPH_ALLOWANCE * whole) - NODE_ALLOWANCE_BYTES * nodes - overshoot
         if budget <= self.fixed_bytes:
             raise BudgetError(
                 f"target ratio {target_ratio} leaves {budget} bytes, less than the {self.fixed_bytes} bytes "
