@@ -314,11 +314,18 @@ def compress(
             )
         planner = plan = None
         target_ratio, max_error = cfg.target_ratio, cfg.max_error
+        budget_skipped: str | None = None
         if cfg.budgeted:
+            from bct_onnx.budget import BudgetError
+
             with timer.step("budget"), prog.bar("budget", total=1, tick=True):
-                planner = _budget_planner(model, cfg, input_bytes, feeds)
-                budget = planner.budget_bytes(target_ratio) if target_ratio is not None else None
-                cfg, plan = planner.plan(budget, max_error)
+                try:
+                    planner = _budget_planner(model, cfg, input_bytes, feeds)
+                    budget = planner.budget_bytes(target_ratio) if target_ratio is not None else None
+                    cfg, plan = planner.plan(budget, max_error)
+                except BudgetError as error:  # e.g. inputs that cannot be synthesised: the widths as given
+                    planner, budget_skipped = None, str(error)
+                    logger.warning("budget not applied, the config's bit widths are used: %s", error)
         with timer.step("compress"):
             result = _run_pipeline(model, cfg, prog, debug, feeds)
         attempts = 1
@@ -376,7 +383,11 @@ def compress(
         },
         exported_from=exported_from,
         calibration=calibration_report,
-        budget=None if plan is None else {**plan.to_dict(), "target_ratio": target_ratio, "attempts": attempts},
+        budget=(
+            {**plan.to_dict(), "target_ratio": target_ratio, "attempts": attempts}
+            if plan is not None
+            else ({"skipped": budget_skipped} if budget_skipped is not None else None)
+        ),
         versions=versions(),
     )
     return CompressResult(compressed, report)

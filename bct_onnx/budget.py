@@ -463,12 +463,18 @@ class _WeightSwapper:
         options.log_severity_level = 3
         if proto.ByteSize() > (1 << 31) - (1 << 26):
             raise BudgetError("sensitivity measurement of models above 2 GB is not supported yet")
-        self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own exception types
+            raise BudgetError(f"the float model does not load for sensitivity measurement: {error}") from error
         self.feeds = [dict(f) for f in feeds]
         self.reference = [self._run({}, feed) for feed in self.feeds]
 
     def _run(self, weights: Mapping[str, np.ndarray], feed: Mapping[str, np.ndarray]) -> np.ndarray:
-        (out,) = self.session.run([self.output], {**feed, **weights})
+        try:
+            (out,) = self.session.run([self.output], {**feed, **weights})
+        except Exception as error:  # onnxruntime raises its own exception types
+            raise BudgetError(f"running the float model for sensitivity measurement failed: {error}") from error
         return np.asarray(out, dtype=np.float64)
 
     def output_error(self, weights: Mapping[str, np.ndarray]) -> float:

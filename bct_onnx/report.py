@@ -131,6 +131,8 @@ class CompileReport:
 
 def budget_summary(budget: Mapping[str, Any]) -> str:
     """One line: the bits a budget gave how many values, and its predicted / measured error."""
+    if "skipped" in budget:
+        return f"budget: not applied, the config's bit widths are used ({budget['skipped']})"
     counts: dict[str, int] = {}
     for unit in budget.get("units", []):
         key = f"{unit['bits']}-bit b{unit['block_size']}"
