@@ -65,6 +65,8 @@ def make_config(config: CompressConfig | None = None, **overrides: Any) -> Compr
         return base
     if BIT_WIDTH_FIELDS & overrides.keys() and not BUDGET_FIELDS & overrides.keys():
         overrides = {**overrides, "target_ratio": None, "max_error": None}  # explicit widths: no budget
+    if overrides.get("target_ratio") is not None and "budget_floor" not in overrides:
+        overrides = {**overrides, "budget_floor": False}  # an explicit ratio is what the file gets
     known = {f.name for f in dataclasses.fields(CompressConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
@@ -322,7 +324,7 @@ def compress(
                 try:
                     planner = _budget_planner(model, cfg, input_bytes, feeds)
                     budget = planner.budget_bytes(target_ratio) if target_ratio is not None else None
-                    cfg, plan = planner.plan(budget, max_error)
+                    cfg, plan = planner.plan(budget, max_error, floor=cfg.budget_floor)
                 except BudgetError as error:  # e.g. inputs that cannot be synthesised: the widths as given
                     planner, budget_skipped = None, str(error)
                     logger.warning("budget not applied, the config's bit widths are used: %s", error)
@@ -339,7 +341,9 @@ def compress(
                 # Graph overhead the plan does not count: plan again for that many fewer bytes.
                 overshoot += over + BUDGET_MARGIN_BYTES
                 with timer.step("budget"):
-                    cfg, plan = planner.plan(planner.budget_bytes(target_ratio, overshoot), max_error)
+                    cfg, plan = planner.plan(
+                        planner.budget_bytes(target_ratio, overshoot), max_error, floor=cfg.budget_floor
+                    )
                 with timer.step("compress"):
                     result = _run_pipeline(model, cfg, prog, debug, feeds)
                 attempts += 1

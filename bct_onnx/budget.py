@@ -125,6 +125,7 @@ class BudgetPlan:
     predicted_error: float
     inputs: str  # "calibration" or "synthetic"
     measured_error: float | None = None
+    floored: bool = False  # the ratio's plan was replaced by one as good as the fixed widths
 
     @property
     def planned_bytes(self) -> int:
@@ -139,6 +140,7 @@ class BudgetPlan:
             "planned_bytes": self.planned_bytes,
             "predicted_error": self.predicted_error,
             "measured_error": self.measured_error,
+            "floored": self.floored,
             "units": [dataclasses.asdict(choice) for choice in self.choices],
         }
 
@@ -543,15 +545,36 @@ class BudgetPlanner:
             )
         return budget
 
-    def plan(self, budget_bytes: int | None, max_error: float | None) -> tuple[CompressConfig, BudgetPlan]:
-        """The config with per-node overrides and the plan, for a whole-file byte budget and/or error bound."""
+    def fixed_width_error(self) -> float:
+        """Predicted output error of the config's own widths (weight_bits, embedding_bits, block_size)."""
+        total = 0.0
+        for unit in self.units:
+            # A tied table takes its output projection's width (the MatMul pass quantizes it first).
+            kind, key = next((c for c in unit.consumers if c[0] == "MatMul"), unit.consumers[0])
+            settings = self.config.settings_for(kind, key)
+            fmt = unit_format(unit, self.config, settings.weight_bits, settings.block_size)
+            error = relative_error(sample_rows(self.layouts[unit.source]), fmt, self.config.weight_scale_search)
+            total += self.sensitivities[unit.source] * error
+        return total
+
+    def plan(
+        self, budget_bytes: int | None, max_error: float | None, floor: bool = False
+    ) -> tuple[CompressConfig, BudgetPlan]:
+        """The config with per-node overrides and the plan, for a whole-file byte budget and/or error bound.
+
+        floor: when the budget's plan predicts more error than the config's fixed widths, plan
+        instead the fewest bytes that predict no more than they do (see CompressConfig.budget_floor).
+        """
         units = self.units
-        chosen = allocate(
-            self.candidates,
-            self.sensitivities,
-            None if budget_bytes is None else budget_bytes - self.fixed_bytes,
-            max_error,
-        )
+        weights_budget = None if budget_bytes is None else budget_bytes - self.fixed_bytes
+        chosen = allocate(self.candidates, self.sensitivities, weights_budget, max_error)
+        floored = False
+        if floor and budget_bytes is not None:
+            ceiling = self.fixed_width_error()
+            if sum(self.sensitivities[n] * c.relative_error for n, c in chosen.items()) > ceiling:
+                chosen = allocate(self.candidates, self.sensitivities, None, ceiling)
+                floored = True
+                logger.info("budget: the ratio's plan predicts more error than the fixed widths; matching them")
         choices = []
         for unit in units:
             pick = chosen[unit.source]
@@ -576,6 +599,7 @@ class BudgetPlanner:
             self.fixed_bytes,
             sum(choice.predicted_error for choice in choices),
             self.inputs,
+            floored=floored,
         )
         return apply_plan(self.config, units, plan), plan
 

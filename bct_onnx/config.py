@@ -18,6 +18,9 @@ ACTIVATION_OPS: frozenset[str] = frozenset(
 )
 SUPPORTED_OPS: frozenset[str] = WEIGHT_OPS | ACTIVATION_OPS
 DEFAULT_OPS: frozenset[str] = SUPPORTED_OPS  # everything by default
+# The default is a budget: a whole file 8x smaller, bits per weight tensor chosen by measured
+# sensitivity (bct_onnx.budget); docs/results.md has what it costs on all-MiniLM-L6-v2 and SmolLM2.
+DEFAULT_TARGET_RATIO = 8.0
 SETTING_KEYS = ("enabled", "weight_bits", "act_bits", "block_size")
 
 
@@ -133,7 +136,9 @@ class CompressConfig:
         scales: value u * scale + offset, the block minimum, as GGUF's Q4_1 / AWQ / MatMulNBits).
         "float" costs 8 more bits a block (16 with float32 scales) and needs symmetric=False.
     scale_kind: how block scales are stored (float16, float32, pow2, float8e5m2; float8e5m2 is for
-        weights and tables: activations quantized at run time then keep float16 scales).
+        weights and tables: activations quantized at run time then keep float16 scales). Default
+        float8e5m2: one byte a block (4-bit codes in blocks of 32 cost 4.25 bits a value, not 4.5); under
+        a budget the bytes it saves buy more bits where they matter (docs/results.md).
     embedding_bits: code width of Gather tables; None = weight_bits.
     embedding_scale_kind: how Gather tables store block scales (default float8e5m2: one byte per
         block, four steps per octave); None = scale_kind. On all-MiniLM-L6-v2 (4-bit, block 32, every
@@ -153,6 +158,11 @@ class CompressConfig:
     max_error: a budget by quality: the fewest bytes whose predicted relative output MSE
         (|y' - y|^2 / |y|^2 of the model's first float output, on calibration or synthetic inputs) is
         at most this; with target_ratio too, within that size.
+    budget_floor: a target_ratio plan may not predict a larger output error than the fixed widths
+        (weight_bits / embedding_bits everywhere) would; when it does, the plan is instead the fewest
+        bytes that predict no more error than they do. Keeps the default (8x) from trading away
+        quality on models that cannot afford 8x data-free (SmolLM2's tied table); giving
+        target_ratio explicitly switches it off (bct_onnx.compress, the CLI, config files).
     """
 
     weight_bits: int = 4
@@ -161,15 +171,16 @@ class CompressConfig:
     ops: frozenset[str] = DEFAULT_OPS
     symmetric: bool = True
     zero_points: ZeroPointKind = ZeroPointKind.INTEGER
-    scale_kind: ScaleKind = ScaleKind.FLOAT16
+    scale_kind: ScaleKind = ScaleKind.FLOAT8E5M2
     embedding_bits: int | None = None
     embedding_scale_kind: ScaleKind | None = ScaleKind.FLOAT8E5M2
     weight_scale_search: bool = True
     op_settings: Mapping[str, OpSettings] = dataclasses.field(default_factory=dict)
     overrides: tuple[NodeOverride, ...] = ()
     keep_compressed: bool = True
-    target_ratio: float | None = None
+    target_ratio: float | None = DEFAULT_TARGET_RATIO
     max_error: float | None = None
+    budget_floor: bool = True
 
     def __post_init__(self) -> None:
         _check_bits("weight_bits", self.weight_bits, allow_none=False)
@@ -229,6 +240,8 @@ class CompressConfig:
         object.__setattr__(self, "overrides", overrides)
         if not isinstance(self.keep_compressed, bool):
             raise ValueError(f"keep_compressed must be a bool, got {self.keep_compressed!r}")  # noqa: TRY004
+        if not isinstance(self.budget_floor, bool):
+            raise ValueError(f"budget_floor must be a bool, got {self.budget_floor!r}")  # noqa: TRY004
         for field, low in (("target_ratio", 1.0), ("max_error", 0.0)):
             value = getattr(self, field)
             if value is None:

@@ -143,7 +143,8 @@ def budget_summary(budget: Mapping[str, Any]) -> str:
     error = f"predicted output error {budget.get('predicted_error', 0.0):.2e}"
     if measured is not None:
         error += f", measured {measured:.2e}"
-    return f"budget: {mix} of weight values; {error} ({budget.get('inputs')} inputs; per tensor in the JSON)"
+    floor = "; floored: the ratio's plan predicted more error than the fixed widths" if budget.get("floored") else ""
+    return f"budget: {mix} of weight values; {error} ({budget.get('inputs')} inputs{floor}; per tensor in the JSON)"
 
 
 def format_seconds(seconds: float) -> str:

@@ -54,8 +54,17 @@ class Variant:
 VARIANTS: tuple[Variant, ...] = (
     Variant("default", "default flags, no tokenizer (data-free)", {}),
     Variant("tokenizer", "default flags, --tokenizer (GPTQ on shipped text)", {}, tokenizer=True),
-    Variant("f16-scales", "float16 scales for weights and tables, data-free", {"scale_kind": "float16", "embedding_scale_kind": None}),
-    Variant("w8", "8-bit weights, data-free", {"weight_bits": 8}),
+    Variant(
+        "fixed-4bit",
+        "fixed widths: weight_bits=4 (every weight and table 4-bit, no budget), data-free",
+        {"weight_bits": 4},
+    ),
+    Variant(
+        "previous-default",
+        "previous default: weight_bits=4, float16 weight scales, data-free",
+        {"weight_bits": 4, "scale_kind": "float16"},
+    ),
+    Variant("w8", "weight_bits=8, data-free", {"weight_bits": 8}),
 )
 
 

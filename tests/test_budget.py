@@ -129,7 +129,7 @@ def test_find_units_counts_a_tied_table_once_with_both_readers():
     assert not units["table"].transposed and (units["table"].rows, units["table"].axis_size) == (256, 128)
     assert units["w1"].transposed and (units["w1"].rows, units["w1"].axis_size) == (256, 128)
     fmt = unit_format(units["w1"], CompressConfig(), 4, 32)
-    assert format_bytes(units["w1"], fmt) == 256 * (64 + 4 * 2)  # 128 codes of 4 bits + 4 float16 scales
+    assert format_bytes(units["w1"], fmt) == 256 * (64 + 4)  # 128 codes of 4 bits + 4 one-byte scales
 
 
 def test_synthetic_feeds_fill_text_inputs_and_name_the_rest():
@@ -194,3 +194,20 @@ def test_explicit_bits_switch_a_budget_off_and_user_overrides_pin_their_tensors(
     planned, plan = BudgetPlanner(model, pinned, 4 * 3 * 256 * 128).plan(None, 1e-2)
     assert next(c for c in plan.choices if c.source == "w2").bits == 8
     assert planned.settings_for("MatMul", "down").weight_bits == 8
+
+
+def test_budget_floor_keeps_a_plan_no_worse_than_the_fixed_widths():
+    model = ir.serde.deserialize_model(_tiny_model())
+    config = CompressConfig(ops=frozenset({"MatMul", "Gather"}), act_bits=None, weight_bits=4, target_ratio=10.0)
+    planner = BudgetPlanner(model, config, 4 * 3 * 256 * 128)
+    ceiling = planner.fixed_width_error()
+    _, aggressive = planner.plan(planner.budget_bytes(10.0), None)
+    assert aggressive.predicted_error > ceiling and not aggressive.floored  # 10x costs more than 4-bit
+    _, floored = planner.plan(planner.budget_bytes(10.0), None, floor=True)
+    assert floored.floored and floored.predicted_error <= ceiling
+    _, easy = planner.plan(planner.budget_bytes(4.0), None, floor=True)
+    assert not easy.floored  # a roomy budget beats the fixed widths by itself
+    from bct_onnx.api import make_config
+
+    assert not make_config(CompressConfig(), target_ratio=6.0).budget_floor  # explicit ratio: honoured
+    assert CompressConfig().budget_floor
