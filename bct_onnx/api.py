@@ -23,11 +23,12 @@ import onnx_ir as ir
 from tqdm import tqdm
 
 from bct_onnx import model_io
+from bct_onnx.budget import BudgetError, BudgetPlanner
 from bct_onnx.calibration import Calibration, CalibrationError, calibration_texts, text_feeds
 from bct_onnx.config import SUPPORTED_OPS, CompressConfig
 from bct_onnx.errors import BctOnnxError, ModelFileError
 from bct_onnx.models.export import ExportError, ModelDirError, export_hf_directory, is_hf_model_dir
-from bct_onnx.passes import PipelineResult, compress_model
+from bct_onnx.passes import PipelineResult, canonicalize_passes, compress_model
 from bct_onnx.report import CompileReport, SkippedNode, StepTimer, config_to_dict, versions
 from bct_onnx.tokenizer import find_tokenizer_dir, load_tokenizer
 
@@ -318,8 +319,6 @@ def compress(
         target_ratio, max_error = cfg.target_ratio, cfg.max_error
         budget_skipped: str | None = None
         if cfg.budgeted:
-            from bct_onnx.budget import BudgetError
-
             with timer.step("budget"), prog.bar("budget", total=1, tick=True):
                 try:
                     planner = _budget_planner(model, cfg, input_bytes, feeds)
@@ -399,11 +398,8 @@ def compress(
 
 def _budget_planner(
     model: ir.Model, config: CompressConfig, input_bytes: int, feeds: Calibration | None
-) -> Any:
+) -> BudgetPlanner:
     """A bct_onnx.budget.BudgetPlanner measured on the canonicalized float model."""
-    from bct_onnx.budget import BudgetPlanner
-    from bct_onnx.passes import canonicalize_passes
-
     canonical = model.clone()
     for pass_ in canonicalize_passes():
         canonical = pass_(canonical).model

@@ -30,8 +30,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
+from bct_onnx import runtime
 from bct_onnx.block_format import (
     BlockFormat,
     ScaleKind,
@@ -447,9 +449,6 @@ class _WeightSwapper:
     """
 
     def __init__(self, model: ir.Model, units: Sequence[WeightUnit], feeds: Sequence[Mapping[str, np.ndarray]]):
-        import onnx
-        import onnxruntime as ort
-
         proto = ir.serde.serialize_model(model)
         declared = {i.name for i in proto.graph.input}
         by_name = {init.name: init for init in proto.graph.initializer}
@@ -461,12 +460,10 @@ class _WeightSwapper:
         if not outputs:
             raise BudgetError("the model has no float output to measure sensitivity on")
         self.output = outputs[0].name
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
         if proto.ByteSize() > (1 << 31) - (1 << 26):
             raise BudgetError("sensitivity measurement of models above 2 GB is not supported yet")
         try:
-            self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            self.session = runtime.session(proto.SerializeToString(), with_library=False, quiet=True)
         except Exception as error:  # onnxruntime raises its own exception types
             raise BudgetError(f"the float model does not load for sensitivity measurement: {error}") from error
         self.feeds = [dict(f) for f in feeds]
