@@ -401,40 +401,56 @@ def candidate_formats(unit: WeightUnit, values: np.ndarray, config: CompressConf
     return out
 
 
+def _lookup_vocabulary(model: ir.Model) -> dict[str, int]:
+    """Graph input name -> rows of the constant table a Gather looks it up in (token ids)."""
+    found: dict[str, int] = {}
+    for node in model.graph:
+        ids = node.inputs[1] if node.op_type == "Gather" and len(node.inputs) == 2 else None
+        table = _constant(node.inputs[0]) if ids is not None else None
+        if ids is not None and ids.is_graph_input() and table is not None and len(table.shape) == 2:
+            found[ids.name or ""] = int(table.shape[0])
+    return found
+
+
 def synthetic_feeds(
     model: ir.Model, batch: int = SYNTHETIC_BATCH, sequence: int = SYNTHETIC_SEQUENCE, seed: int = 0
 ) -> list[dict[str, np.ndarray]]:
-    """One batch of random token sequences for a text model's inputs (data-free sensitivity).
+    """One batch of synthetic inputs for data-free sensitivity: random token sequences.
 
-    input_ids: uniform over the rows of the embedding table that reads them; attention_mask ones;
-    token_type_ids zeros; position_ids 0..S-1; a KV cache (past_key_values.*) empty. Any other
-    input is an error naming it.
+    Integer inputs that an embedding Gather looks up: uniform over the table's rows;
+    attention_mask ones; token_type_ids zeros; position_ids 0..S-1; a KV cache (past_key_values.*)
+    empty; float inputs standard normal (symbolic dimensions: batch first, then sequence). Any other
+    integer input is an error naming it.
     """
     rng = np.random.default_rng(seed)
-    vocabulary = 1000
-    for node in model.graph:
-        ids = node.inputs[1] if node.op_type == "Gather" and len(node.inputs) == 2 else None
-        if ids is not None and ids.name == "input_ids" and _float_2d(_constant(node.inputs[0])):
-            table = node.inputs[0]
-            assert table is not None and table.const_value is not None
-            vocabulary = int(table.const_value.shape[0])
+    vocabulary = _lookup_vocabulary(model)
     feeds: dict[str, np.ndarray] = {}
     for value in model.graph.inputs:
         name = value.name or ""
         dtype = np.int32 if value.dtype == ir.DataType.INT32 else np.int64
-        if name == "input_ids":
-            feeds[name] = rng.integers(0, vocabulary, size=(batch, sequence)).astype(dtype)
+        shape = value.shape
+        if name in vocabulary:
+            feeds[name] = rng.integers(0, vocabulary[name], size=(batch, sequence)).astype(dtype)
         elif name == "attention_mask":
             feeds[name] = np.ones((batch, sequence), dtype=dtype)
         elif name == "token_type_ids":
             feeds[name] = np.zeros((batch, sequence), dtype=dtype)
         elif name == "position_ids":
             feeds[name] = np.broadcast_to(np.arange(sequence, dtype=dtype), (batch, sequence)).copy()
-        elif name.startswith("past_key_values") and value.shape is not None and len(value.shape) == 4:
-            heads, width = value.shape[1], value.shape[3]
+        elif name.startswith("past_key_values") and shape is not None and len(shape) == 4:
+            heads, width = shape[1], shape[3]
             if not isinstance(heads, int) or not isinstance(width, int):
                 raise BudgetError(f"cannot synthesise graph input '{name}': its heads and width are not static")
             feeds[name] = np.zeros((batch, heads, 0, width), dtype=np.float32)
+        elif value.dtype == ir.DataType.FLOAT and shape is not None:
+            dims, symbolic = [], 0
+            for dim in shape:
+                if isinstance(dim, int):
+                    dims.append(dim)
+                else:
+                    dims.append(batch if symbolic == 0 else sequence)
+                    symbolic += 1
+            feeds[name] = rng.standard_normal(dims).astype(np.float32)
         else:
             raise BudgetError(
                 f"cannot synthesise graph input '{name}' for data-free sensitivity; pass calibration inputs"

@@ -16,7 +16,7 @@ from typing import Any
 
 from bct_onnx.api import make_config
 from bct_onnx.block_format import MAX_BITS, MIN_BITS, ScaleKind, ZeroPointKind
-from bct_onnx.config import DEFAULT_OPS, SUPPORTED_OPS, CompressConfig
+from bct_onnx.config import DEFAULT_OPS, DEFAULT_TARGET_RATIO, SUPPORTED_OPS, CompressConfig
 from bct_onnx.config_file import apply_controls, load_config_file
 
 # CompressConfig fields that have a flag of the same name (dashes for underscores).
@@ -29,6 +29,8 @@ CONFIG_FLAGS = (
     "scale_kind",
     "embedding_scale_kind",
     "zero_points",
+    "target_ratio",
+    "max_error",
 )
 
 
@@ -65,6 +67,28 @@ def positive_int(text: str) -> int:
     return value
 
 
+def ratio_or_none(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 1 or 'none', got {text!r}") from None
+    if not value > 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number > 1 (a whole-file ratio) or 'none', got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0.0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
 def op_types(text: str) -> frozenset[str]:
     ops = frozenset(op.strip() for op in text.split(",") if op.strip())
     if not ops:
@@ -91,7 +115,28 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
     """The block format flags, then per-op-kind and per-node control (docs/config.md)."""
     quiet = argparse.SUPPRESS
     parser.add_argument(
-        "--weight-bits", type=bits, default=quiet, metavar="N", help="weight code width, 2..8 (default: 4)"
+        "--target-ratio",
+        type=ratio_or_none,
+        default=quiet,
+        metavar="R|none",
+        help="a budget: bits (2..8) and block size per weight tensor chosen from measured sensitivity so "
+        f"that the file is R times smaller (default: {DEFAULT_TARGET_RATIO:g}, no worse than 4-bit everywhere "
+        "would be); 'none': the fixed widths of --weight-bits / --embedding-bits (docs/config.md)",
+    )
+    parser.add_argument(
+        "--max-error",
+        type=positive_float,
+        default=quiet,
+        metavar="E",
+        help="a budget by quality: the fewest bytes whose predicted relative output MSE is at most E",
+    )
+    parser.add_argument(
+        "--weight-bits",
+        type=bits,
+        default=quiet,
+        metavar="N",
+        help="weight code width, 2..8, for every weight (switches the default budget off; default: 4 "
+        "where no budget chooses)",
     )
     parser.add_argument(
         "--act-bits",
@@ -112,7 +157,7 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
         type=bits,
         default=quiet,
         metavar="N",
-        help="embedding table bits (default: weight bits)",
+        help="embedding table bits (switches the default budget off; default: weight bits)",
     )
     parser.add_argument(
         "--ops",
@@ -125,7 +170,7 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
         "--scale-kind",
         choices=[kind.value for kind in ScaleKind],
         default=quiet,
-        help="how block scales are stored (default: float16)",
+        help="how block scales are stored (default: float8e5m2, one byte a block; activations keep float16)",
     )
     parser.add_argument(
         "--embedding-scale-kind",
