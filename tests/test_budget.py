@@ -137,8 +137,11 @@ def test_synthetic_feeds_fill_text_inputs_and_name_the_rest():
     (feeds,) = synthetic_feeds(model, batch=2, sequence=5)
     assert feeds["input_ids"].shape == (2, 5) and feeds["input_ids"].max() < 256
     proto = _tiny_model()
-    proto.graph.input.append(helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, [1, 3]))
-    with pytest.raises(BudgetError, match="pixel_values"):
+    proto.graph.input.append(helper.make_tensor_value_info("noise", TensorProto.FLOAT, ["batch", 7]))
+    (feeds,) = synthetic_feeds(ir.serde.deserialize_model(proto), batch=2, sequence=5)
+    assert feeds["noise"].shape == (2, 7) and feeds["noise"].dtype == np.float32
+    proto.graph.input.append(helper.make_tensor_value_info("bucket_index", TensorProto.INT64, [1, 3]))
+    with pytest.raises(BudgetError, match="bucket_index"):
         synthetic_feeds(ir.serde.deserialize_model(proto))
 
 
