@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 from bct_onnx.models import labelled_task, minilm
 
 import bct_onnx
@@ -188,9 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             work.mkdir(parents=True, exist_ok=True)
         fp32_path = plain_onnx(work)
         fp32_bytes = model_io.file_bytes(fp32_path)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = args.threads
-        fp32_session = bct_onnx.session(fp32_path, sess_options=options)
+        fp32_session = bct_onnx.session(fp32_path, threads=args.threads)
         fp32_train, fp32_test = fp32_embeddings(work, fp32_session, task, tokenizer)
         head = labelled_task.train_logistic_head(fp32_train, task.train_labels, len(task.label_names))
         logger.info(
@@ -213,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 row.calibration = str((report.calibration or {}).get("method", ""))
                 row.size_bytes = model_io.file_bytes(dst)
                 row.ratio = fp32_bytes / row.size_bytes
-                session = bct_onnx.session(dst, sess_options=options)
+                session = bct_onnx.session(dst, threads=args.threads)
                 test = minilm.embed(session, list(task.test_texts), tokenizer=tokenizer)
                 result = labelled_task.score(head, fp32_test, test, task.test_labels)
                 row.mean_cosine, row.min_cosine = result.mean_cosine, result.min_cosine
