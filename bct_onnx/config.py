@@ -151,7 +151,7 @@ class CompressConfig:
     overrides: NodeOverride by node-name pattern, applied in order after op_settings.
     keep_compressed: let intermediate results between compressed ops stay compressed.
     target_ratio: a budget instead of bit widths (bct_onnx.budget): bct_onnx.compress chooses bits
-        (2..8) and block size (block_size or twice it) per MatMul weight and table from each tensor's
+        (3..8) and block size (block_size or twice it) per MatMul weight and table from each tensor's
         measured sensitivity so that the whole file is at least this many times smaller. weight_bits
         and embedding_bits then apply only to tensors that op_settings or overrides pin. None: the
         bit widths above, as given.

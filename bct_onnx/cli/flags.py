@@ -119,7 +119,7 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
         type=ratio_or_none,
         default=quiet,
         metavar="R|none",
-        help="a budget: bits (2..8) and block size per weight tensor chosen from measured sensitivity so "
+        help="a budget: bits (3..8) and block size per weight tensor chosen from measured sensitivity so "
         f"that the file is R times smaller (default: {DEFAULT_TARGET_RATIO:g}, no worse than 4-bit everywhere "
         "would be); 'none': the fixed widths of --weight-bits / --embedding-bits (docs/config.md)",
     )
