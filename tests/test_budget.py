@@ -129,7 +129,7 @@ def test_find_units_counts_a_tied_table_once_with_both_readers():
     assert not units["table"].transposed and (units["table"].rows, units["table"].axis_size) == (256, 128)
     assert units["w1"].transposed and (units["w1"].rows, units["w1"].axis_size) == (256, 128)
     fmt = unit_format(units["w1"], CompressConfig(), 4, 32)
-    assert format_bytes(units["w1"], fmt) == 256 * (64 + 4)  # 128 codes of 4 bits + 4 one-byte scales
+    assert format_bytes(units["w1"], fmt) == 256 * (64 + 4 * 2)  # 128 codes of 4 bits + 4 float16 scales
 
 
 def test_synthetic_feeds_fill_text_inputs_and_name_the_rest():
@@ -184,7 +184,7 @@ def test_explicit_bits_switch_a_budget_off_and_user_overrides_pin_their_tensors(
     from bct_onnx.api import make_config
     from bct_onnx.config import NodeOverride, OpSettings
 
-    budgeted = CompressConfig(target_ratio=8.0)
+    budgeted = CompressConfig(target_ratio=8.0, budget_floor=True)
     assert not make_config(budgeted, weight_bits=8).budgeted
     assert make_config(budgeted, weight_bits=8, target_ratio=6.0).target_ratio == 6.0
     assert make_config(budgeted, block_size=64).budgeted
@@ -213,4 +213,3 @@ def test_budget_floor_keeps_a_plan_no_worse_than_the_fixed_widths():
     from bct_onnx.api import make_config
 
     assert not make_config(CompressConfig(), target_ratio=6.0).budget_floor  # explicit ratio: honoured
-    assert CompressConfig().budget_floor

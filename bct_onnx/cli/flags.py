@@ -16,7 +16,7 @@ from typing import Any
 
 from bct_onnx.api import make_config
 from bct_onnx.block_format import MAX_BITS, MIN_BITS, ScaleKind, ZeroPointKind
-from bct_onnx.config import DEFAULT_OPS, DEFAULT_TARGET_RATIO, SUPPORTED_OPS, CompressConfig
+from bct_onnx.config import DEFAULT_OPS, SUPPORTED_OPS, CompressConfig
 from bct_onnx.config_file import apply_controls, load_config_file
 
 # CompressConfig fields that have a flag of the same name (dashes for underscores).
@@ -120,8 +120,8 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
         default=quiet,
         metavar="R|none",
         help="a budget: bits (3..8) and block size per weight tensor chosen from measured sensitivity so "
-        f"that the file is R times smaller (default: {DEFAULT_TARGET_RATIO:g}, no worse than 4-bit everywhere "
-        "would be); 'none': the fixed widths of --weight-bits / --embedding-bits (docs/config.md)",
+        "that the file is R times smaller; 'none' (default): the fixed widths of --weight-bits / "
+        "--embedding-bits (docs/config.md; all-MiniLM-L6-v2: --target-ratio 8 --scale-kind float8e5m2)",
     )
     parser.add_argument(
         "--max-error",
@@ -135,8 +135,7 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
         type=bits,
         default=quiet,
         metavar="N",
-        help="weight code width, 2..8, for every weight (switches the default budget off; default: 4 "
-        "where no budget chooses)",
+        help="weight code width, 2..8, for every weight (switches a budget off; default: 4)",
     )
     parser.add_argument(
         "--act-bits",
@@ -157,7 +156,7 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
         type=bits,
         default=quiet,
         metavar="N",
-        help="embedding table bits (switches the default budget off; default: weight bits)",
+        help="embedding table bits (switches a budget off; default: weight bits)",
     )
     parser.add_argument(
         "--ops",
@@ -170,7 +169,7 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
         "--scale-kind",
         choices=[kind.value for kind in ScaleKind],
         default=quiet,
-        help="how block scales are stored (default: float8e5m2, one byte a block; activations keep float16)",
+        help="how block scales are stored (default: float16; float8e5m2: one byte a block, weights only)",
     )
     parser.add_argument(
         "--embedding-scale-kind",
