@@ -22,15 +22,16 @@ import onnx
 import onnx_ir as ir
 from tqdm import tqdm
 
-from bct_onnx import model_io
+from bct_onnx import model_io, model_metadata
 from bct_onnx.budget import BudgetError, BudgetPlanner
 from bct_onnx.calibration import Calibration, CalibrationError, calibration_texts, text_feeds
 from bct_onnx.config import SUPPORTED_OPS, CompressConfig
 from bct_onnx.errors import BctOnnxError, ModelFileError
+from bct_onnx.extras import install_hint, module_available, require
 from bct_onnx.models.export import ExportError, ModelDirError, export_hf_directory, is_hf_model_dir
 from bct_onnx.passes import PipelineResult, canonicalize_passes, compress_model
 from bct_onnx.report import CompileReport, SkippedNode, StepTimer, config_to_dict, versions
-from bct_onnx.tokenizer import find_tokenizer_dir, load_tokenizer
+from bct_onnx.tokenizer import find_tokenizer_dir, load_text_tokenizer
 
 CalibrationArg = Any  # "auto" | "text" | "none" | None | bct_onnx.calibration.Calibration
 
@@ -167,8 +168,18 @@ def _calibration(
         if calibration == "text":
             raise BctOnnxError("text calibration needs a tokenizer: pass tokenizer=DIR (CLI: --tokenizer DIR)")
         return None, {"method": "none", "reason": "no tokenizer next to the model; pass --tokenizer DIR to calibrate"}
+    # A tokenizer.json is read with the core's `tokenizers`; other tokenizer files need transformers.
+    readable = (folder / "tokenizer.json").is_file() and module_available("tokenizers")
+    if not readable and not module_available("transformers"):
+        if calibration == "text" or tokenizer is not None:
+            require("hf", f"text calibration with the tokenizer in {folder} (no tokenizer.json)")
+        return None, {
+            "method": "none",
+            "reason": f"the tokenizer in {folder} has no tokenizer.json and transformers is not installed; "
+            f"to calibrate: {install_hint('hf')}",
+        }
     try:
-        loaded = load_tokenizer(folder)
+        loaded = load_text_tokenizer(folder)
     except (OSError, ValueError) as error:
         if calibration == "text":
             raise BctOnnxError(f"text calibration with the tokenizer in {folder} failed: {error}") from error
@@ -263,7 +274,7 @@ def compress(
     exported_from: str | None = None
     with contextlib.ExitStack() as stack:
         input_file: Path | None = None
-        if isinstance(input, (onnx.ModelProto, ir.Model)):
+        if isinstance(input, (onnx.ModelProto, ir.Model)) or model_io.is_graphsurgeon_graph(input):
             with timer.step("load"):
                 model = model_io.from_proto(input)
             input_label = "<in-memory model>"
@@ -288,7 +299,8 @@ def compress(
                 model = model_io.load(input_file)
         else:
             raise TypeError(
-                f"input must be a path, an onnx.ModelProto or an onnx_ir.Model, not {type(input).__name__}"
+                "input must be a path, an onnx.ModelProto, an onnx_ir.Model or an onnx_graphsurgeon Graph, "
+                f"not {type(input).__name__}"
             )
 
         # Never write over the input: its .onnx file and every external data file it reads.
@@ -350,6 +362,8 @@ def compress(
             with timer.step("budget"):
                 plan = planner.measure(plan)
         compressed = result.model
+        standard_onnx = _standard_onnx(cfg, result)
+        model_metadata.stamp(compressed, config_to_dict(cfg))
 
         if output is not None:
             with timer.step("save"):
@@ -392,6 +406,7 @@ def compress(
             else ({"skipped": budget_skipped} if budget_skipped is not None else None)
         ),
         versions=versions(),
+        standard_onnx=standard_onnx,
     )
     return CompressResult(compressed, report)
 
@@ -404,6 +419,21 @@ def _budget_planner(
     for pass_ in canonicalize_passes():
         canonical = pass_(canonical).model
     return BudgetPlanner(canonical, config, input_bytes, feeds.feeds if feeds is not None else None)
+
+
+def _standard_onnx(cfg: CompressConfig, result: PipelineResult) -> dict[str, Any] | None:
+    """format "qdq": what the file holds and what standard ONNX could not (an error if custom ops remain)."""
+    if cfg.format != "qdq":
+        return None
+    from bct_onnx.passes.convert_to_qdq import qdq_summary
+
+    summary = qdq_summary(dict(result.rewritten), result.model, cfg.ops, cfg.act_bits)
+    if summary["custom_ops_left"]:
+        reasons = "; ".join(str(skip) for skip in result.skipped if skip.op_type.startswith("Block"))
+        raise BctOnnxError(
+            f"format 'qdq': {summary['custom_ops_left']} could not be converted to standard ONNX ({reasons})"
+        )
+    return summary
 
 
 def _initializers(model: ir.Model) -> Iterator[ir.Value]:
@@ -419,6 +449,7 @@ def _is_hf_model_dir(path: Path) -> bool:
 
 
 def _export(model_dir: Path, export_dir: Path, task: str | None) -> Path:
+    require("hf", f"exporting the Hugging Face model directory {model_dir}")
     try:
         return export_hf_directory(model_dir, export_dir, task=task)
     except (ExportError, ModelDirError) as exc:

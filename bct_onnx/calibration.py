@@ -2,7 +2,7 @@
 
 The float model is run once through ONNX Runtime on a few calibration batches with each such
 MatMul's activation input exposed as an extra graph output; the Hessians are summed in float64.
-Only what GPTQ needs is kept ([K, K] per MatMul), never the activations themselves.
+Only what GPTQ needs is kept ([K, K] float32 per activation), never the activations themselves.
 """
 
 from __future__ import annotations
@@ -52,9 +52,7 @@ def calibration_text() -> list[str]:
 # Calibration text sources: a path to a UTF-8 file, or one of these names ("auto" = "shipped").
 TEXT_SOURCES = ("auto", "shipped", "moby-dick")
 # Long texts are cut into up to SAMPLES windows of SAMPLE_WORDS words (at most as many tokens each).
-# Measured (2026-11-28): SmolLM2 W4A8 +20.7% perplexity with the shipped lines, +18.8% with 64
-# Moby-Dick windows; all-MiniLM-L6-v2 (short sentences) cosine 0.978 with the shipped lines, 0.976
-# with Moby-Dick windows. Calibrate on text like what the model will see.
+# Calibrate on text like what the model will see (docs/results.md compares the sources).
 SAMPLES = 64
 SAMPLE_WORDS = 256
 SHIPPED_MAX_TOKENS = 128
@@ -195,40 +193,68 @@ def _transposed_constant(value: ir.Value) -> ir.Value | None:
 
 
 def collect_hessians(model: ir.Model, calibration: Calibration, providers: Iterable[str] = ("CPUExecutionProvider",)) -> dict[MatMulKey, np.ndarray]:
-    """Sum of x^T x over all calibration rows x of each constant-weight MatMul's activation input."""
+    """Sum of x^T x over all calibration rows x of each constant-weight MatMul's activation input.
+
+    One pass over the calibration batches with every such activation exposed as a graph output.
+    The session reads the model from a temporary file with external data (no in-memory copies of
+    the serialized model) without prepacked weight copies; each batch adds its rows to the float32
+    Hessians with one symmetric rank-k update (BLAS syrk), on one BLAS thread (see gptq.py).
+    MatMuls reading the same activation share one Hessian array.
+    """
+    import onnxruntime as ort
+    import scipy.linalg
+
+    from bct_onnx.gptq import blas_controller
+
     targets = constant_weight_matmuls(model)
     if not targets:
         return {}
-    proto = ir.serde.serialize_model(model)
-    existing = {o.name for o in proto.graph.output}
-    activations = sorted({act for act, _ in targets})
-    for name in activations:
-        if name not in existing:
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_prepacking", "1")
     # An already partly compressed model needs our ops; a float model runs without the library.
     with_library = any(node.domain == ops.DOMAIN for node in model.graph)
-    with tempfile.TemporaryDirectory(prefix="bct_onnx_calib_") as tmp:
-        if proto.ByteSize() > (1 << 31) - (1 << 26):  # protobuf's 2 GB limit: go through external data
-            path = os.path.join(tmp, "model.onnx")
-            onnx.save_model(proto, path, save_as_external_data=True, location="model.onnx.data")
-            source: str | bytes = path
-        else:
-            source = proto.SerializeToString()
-        session = runtime.session(source, list(providers), with_library=with_library, quiet=True)
+    activations = sorted({act for act, _ in targets})
     sums: dict[str, np.ndarray] = {}
-    for feeds in calibration.feeds:
-        try:
-            outputs = session.run(activations, dict(feeds))
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise CalibrationError(f"running the float model on calibration inputs failed: {exc}") from exc
-        for name, value in zip(activations, outputs):
-            x = np.asarray(value, dtype=np.float64)
-            x = x.reshape(-1, x.shape[-1])
-            sums[name] = sums.get(name, 0) + x.T @ x
+    with tempfile.TemporaryDirectory(prefix="bct_onnx_calib_") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        ir.save(model, path, external_data="model.onnx.data", max_workers=1, max_in_flight_bytes=1 << 26)
+        proto = onnx.load(path, load_external_data=False)
+        existing = {o.name for o in proto.graph.output}
+        for name in activations:
+            if name not in existing:
+                proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        onnx.save(proto, path)
+        del proto
+        session = runtime.session(path, list(providers), options, with_library=with_library, quiet=True)
+        with blas_controller().limit(limits=1, user_api="blas"):
+            for feeds in calibration.feeds:
+                try:
+                    outputs = session.run(activations, dict(feeds))
+                except Exception as exc:  # onnxruntime raises its own exception types
+                    raise CalibrationError(f"running the float model on calibration inputs failed: {exc}") from exc
+                for name, value in zip(activations, outputs):
+                    rows = np.asarray(value, dtype=np.float32).reshape(-1, value.shape[-1])
+                    total = sums.get(name)
+                    if total is None:  # Fortran order: syrk updates it in place
+                        total = sums[name] = np.zeros((rows.shape[1], rows.shape[1]), np.float32, order="F")
+                    # upper triangle of total += rows^T rows (rows.T is a Fortran-ordered view: no copy)
+                    scipy.linalg.blas.ssyrk(1.0, rows.T, beta=1.0, c=total, trans=0, overwrite_c=1)
+                    del rows, value
+                del outputs
+        del session
+    symmetric = {name: _symmetric_from_upper(total) for name, total in sums.items()}
+    del sums
     hessians = {}
     for (act, weight), k in targets.items():
-        h = sums.get(act)
+        h = symmetric.get(act)
         if h is not None and h.shape == (k, k):
             hessians[(act, weight)] = h
     logger.info("calibration: Hessians for %d MatMul weights from %d batches", len(hessians), len(calibration.feeds))
     return hessians
+
+
+def _symmetric_from_upper(upper: np.ndarray) -> np.ndarray:
+    """The full symmetric matrix whose upper triangle is given (C order)."""
+    full = np.triu(upper)
+    full += np.triu(upper, 1).T
+    return full

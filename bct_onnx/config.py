@@ -23,6 +23,10 @@ DEFAULT_OPS: frozenset[str] = SUPPORTED_OPS  # everything by default
 # (docs/results.md), so budgets stay opt-in until data-free rounding carries an LM to 8x.
 DEFAULT_TARGET_RATIO: float | None = None
 SETTING_KEYS = ("enabled", "weight_bits", "act_bits", "block_size")
+# Output formats: "bct" (the ai.bct_onnx custom ops; needs the library at run time) or "qdq"
+# (standard ONNX: blocked DequantizeLinear feeding MatMul / Gather; runs in any ONNX runtime).
+OUTPUT_FORMATS = ("bct", "qdq")
+QDQ_OPS: frozenset[str] = WEIGHT_OPS  # the op kinds standard ONNX can hold compressed
 
 
 def _check_bits(field: str, value: object, allow_none: bool) -> None:
@@ -142,10 +146,8 @@ class CompressConfig:
         budget the bytes it saves buy more bits where they matter (docs/results.md).
     embedding_bits: code width of Gather tables; None = weight_bits.
     embedding_scale_kind: how Gather tables store block scales (default float8e5m2: one byte per
-        block, four steps per octave); None = scale_kind. On all-MiniLM-L6-v2 (4-bit, block 32, every
-        component) float8e5m2 tables give 7.20x at embedding cosine 0.9781, float16 ones 6.99x at
-        0.9783 and pow2 ones 7.20x at 0.9758. A table tied to an output projection is stored once,
-        in the MatMul's scale kind.
+        block, four steps per octave; docs/results.md compares the kinds); None = scale_kind. A table
+        tied to an output projection is stored once, in the MatMul's scale kind.
     weight_scale_search: per block, choose the clipped scale with least squared weight error
         instead of the plain max-based scale (offline only; the stored format is unchanged).
     op_settings: per op kind (a key of SUPPORTED_OPS) OpSettings over the fields above.
@@ -161,9 +163,17 @@ class CompressConfig:
         at most this; with target_ratio too, within that size.
     budget_floor: a target_ratio plan may not predict a larger output error than the fixed widths
         (weight_bits / embedding_bits everywhere) would; when it does, the plan is instead the fewest
-        bytes that predict no more error than they do. Keeps the default (8x) from trading away
-        quality on models that cannot afford 8x data-free (SmolLM2's tied table); giving
-        target_ratio explicitly switches it off (bct_onnx.compress, the CLI, config files).
+        bytes that predict no more error than they do (a guard; the proxy can miss, see
+        docs/results.md on SmolLM2). Giving target_ratio explicitly switches it off
+        (bct_onnx.compress, the CLI, config files).
+    format: "bct" (custom ops, default) or "qdq": standard ONNX that runs without the library,
+        weights and tables as blocked DequantizeLinear (opset 21, 25 for 2-bit); only MatMul and
+        Gather are compressed (the other kinds have no standard blockwise form and stay float),
+        and run-time activation quantization is left out (the report says so) unless
+        ``qdq_activations``.
+    qdq_activations: with format "qdq", write the run-time blockwise activation quantization too, as
+        scales computed in the graph + QuantizeLinear/DequantizeLinear (bit for bit the custom ops'
+        activations, but runtimes execute it in float: slower than float activations).
     """
 
     weight_bits: int = 4
@@ -182,8 +192,16 @@ class CompressConfig:
     target_ratio: float | None = DEFAULT_TARGET_RATIO
     max_error: float | None = None
     budget_floor: bool = True
+    format: str = "bct"
+    qdq_activations: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.qdq_activations, bool):
+            raise ValueError(f"qdq_activations must be a bool, got {self.qdq_activations!r}")  # noqa: TRY004
+        if self.qdq_activations and self.format != "qdq":
+            raise ValueError("qdq_activations applies to format 'qdq' only (--format qdq)")
+        if self.format not in OUTPUT_FORMATS:
+            raise ValueError(f"format must be one of {', '.join(OUTPUT_FORMATS)}, got {self.format!r}")
         _check_bits("weight_bits", self.weight_bits, allow_none=False)
         _check_bits("act_bits", self.act_bits, allow_none=True)
         _check_bits("embedding_bits", self.embedding_bits, allow_none=True)
@@ -260,7 +278,12 @@ class CompressConfig:
         return hash((self.weight_bits, self.act_bits, self.block_size, self.ops, self.overrides))
 
     def enabled(self, kind: str) -> bool:
-        """Whether op kind is compressed at all (some nodes may still be switched on by overrides)."""
+        """Whether op kind is compressed at all (some nodes may still be switched on by overrides).
+
+        With format "qdq" only the kinds of QDQ_OPS are: the others have no standard form.
+        """
+        if self.format == "qdq" and kind not in QDQ_OPS:
+            return False
         settings = self.op_settings.get(kind)
         on = kind in self.ops and (settings is None or settings.enabled is not False)
         return on or any(o.settings.enabled and (o.op in (None, kind)) for o in self.overrides)
@@ -284,6 +307,8 @@ class CompressConfig:
             weight_bits = layer.weight_bits or weight_bits
             act_bits = None if weight_only else (layer.act_bits or act_bits)
             block_size = layer.block_size or block_size
+        if self.format == "qdq" and kind not in QDQ_OPS:
+            enabled = False
         scale_kind = self.scale_kind
         if kind == "Gather" and self.embedding_scale_kind is not None:
             scale_kind = self.embedding_scale_kind

@@ -40,6 +40,8 @@ TOP_LEVEL_KEYS = (
     "keep_compressed",
     "target_ratio",
     "max_error",
+    "format",
+    "qdq_activations",
     "op",
     "override",
 )

@@ -26,6 +26,7 @@ import numpy as np
 from bct_onnx import runtime
 from bct_onnx.api import compress
 from bct_onnx.config import CompressConfig
+from bct_onnx.extras import require
 from bct_onnx.models import minilm
 from bct_onnx.report import CompileReport, format_bytes
 
@@ -109,6 +110,7 @@ def run_demo(
 ) -> DemoResult:
     """Run the demo with ``config`` (default: CompressConfig()), print its results to ``out`` (default
     stdout) and return the figures."""
+    require("demo", "the demo (all-MiniLM-L6-v2 exported with optimum)")
     config = config if config is not None else CompressConfig()
     stream = out if out is not None else sys.stdout
 

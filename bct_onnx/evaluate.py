@@ -32,6 +32,7 @@ from bct_onnx.api import compress
 from bct_onnx.calibration import CalibrationError, calibration_texts
 from bct_onnx.config import CompressConfig
 from bct_onnx.errors import BctOnnxError
+from bct_onnx.extras import require
 from bct_onnx.models import smollm2
 from bct_onnx.models.cache import cache_dir
 from bct_onnx.models.perplexity import onnx_logits_fn, perplexity_of_ids, tokenize_for_perplexity
@@ -268,6 +269,7 @@ def evaluate(
 
     keep: write the compressed model here (default: a temporary directory, removed afterwards).
     """
+    require("eval", "perplexity evaluation")
     step = stride if stride is not None else window // 2
     if window < 2 or not 1 <= step < window:
         raise EvalError(f"need window >= 2 and 1 <= stride < window, got window {window}, stride {step}")
@@ -436,6 +438,7 @@ def generate(
     to compress or to run, the no-past export is compressed and each step recomputes the sequence.
     Calibration of the KV-cache export feeds it an empty cache (bct_onnx.calibration.text_feeds).
     """
+    require("eval", "generation with FP32 and compressed models")
     if max_new_tokens < 1:
         raise EvalError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     seconds: dict[str, float] = {}

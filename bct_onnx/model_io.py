@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import onnx
 import onnx_ir as ir
@@ -86,13 +87,26 @@ def load(path: PathLike) -> ir.Model:
     return model
 
 
-def from_proto(model: onnx.ModelProto | ir.Model) -> ir.Model:
-    """An onnx-ir model from an onnx ModelProto (an ir.Model is returned as is)."""
+def is_graphsurgeon_graph(model: object) -> bool:
+    """True for an onnx_graphsurgeon Graph (checked by type, without importing graphsurgeon)."""
+    kind = type(model)
+    return kind.__name__ == "Graph" and kind.__module__.startswith("onnx_graphsurgeon")
+
+
+def from_proto(model: Any) -> ir.Model:
+    """An onnx-ir model from an onnx ModelProto or an onnx-graphsurgeon Graph (an ir.Model is returned
+    as is). A graphsurgeon graph is converted at the edge, with gs.export_onnx."""
     if isinstance(model, ir.Model):
         return model
     if isinstance(model, onnx.ModelProto):
         return ir.serde.deserialize_model(model)
-    raise TypeError(f"expected an onnx.ModelProto or onnx_ir.Model, got {type(model).__name__}")
+    if is_graphsurgeon_graph(model):
+        import onnx_graphsurgeon as gs
+
+        return ir.serde.deserialize_model(gs.export_onnx(model))
+    raise TypeError(
+        f"expected an onnx.ModelProto, an onnx_ir.Model or an onnx_graphsurgeon Graph, got {type(model).__name__}"
+    )
 
 
 def tensor_bytes(model: ir.Model) -> int:

@@ -13,3 +13,17 @@ BLOCK_SOFTMAX = "BlockSoftmax"
 BLOCK_LAYER_NORM = "BlockLayerNorm"
 BLOCK_RMS_NORM = "BlockRMSNorm"
 BLOCK_ACT_MATMUL = "BlockActMatMul"
+
+# Every operator of the domain (bct_onnx.reference has one evaluator class per name).
+OP_TYPES = (
+    BLOCK_QUANTIZE,
+    BLOCK_DEQUANTIZE,
+    BLOCK_MATMUL,
+    BLOCK_GATHER,
+    BLOCK_GELU,
+    BLOCK_SILU,
+    BLOCK_SOFTMAX,
+    BLOCK_LAYER_NORM,
+    BLOCK_RMS_NORM,
+    BLOCK_ACT_MATMUL,
+)

@@ -7,6 +7,8 @@ accurate value (exactly equal on data whose sums are exact in float32).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from bct_onnx import block_format
@@ -116,30 +118,15 @@ def block_matmul(
     w_scales: np.ndarray,
     w_zero_points: np.ndarray | None,
     *,
-    k: int,
-    bits: int,
-    block_size: int,
-    symmetric: bool,
-    act_bits: int = 0,
-    bias: np.ndarray | None = None,
     out_fmt: BlockFormat | None = None,
+    **matmul_args: Any,
 ) -> np.ndarray | QuantizedTensor:
     """BlockMatMul with its operand convention (docs/ops.md): A float or quantized (see matmul_operands),
-    Y float32 (out_fmt None) or ``block_format.quantize(Y, out_fmt)`` along N.
+    Y float32 (out_fmt None) or ``block_format.quantize(Y, out_fmt)`` along N; matmul_args are
+    matmul_reference's keyword arguments (k, bits, block_size, symmetric, act_bits, bias).
 
     Y here is matmul_reference rounded once to float32; the kernels' float32 Y may differ from it by
     accumulation order (tolerance in docs/ops.md), and the requantization of a given Y is exact.
     """
-    y = matmul_reference(
-        a,
-        w_codes,
-        w_scales,
-        w_zero_points,
-        k=k,
-        bits=bits,
-        block_size=block_size,
-        symmetric=symmetric,
-        act_bits=act_bits,
-        bias=bias,
-    ).astype(np.float32)
+    y = matmul_reference(a, w_codes, w_scales, w_zero_points, **matmul_args).astype(np.float32)
     return y if out_fmt is None else block_format.quantize(y, out_fmt)

@@ -51,6 +51,8 @@ class CompileReport:
     calibration: dict[str, Any] = dataclasses.field(default_factory=lambda: {"method": "none"})
     budget: dict[str, Any] | None = None  # bct_onnx.budget's plan, when a budget chose the bits
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    # format "qdq": opset, code types, and what standard ONNX could not hold (None for "bct")
+    standard_onnx: dict[str, Any] | None = None
 
     @property
     def compression_ratio(self) -> float:
@@ -75,6 +77,7 @@ class CompileReport:
             "rules": dict(sorted(self.rules.items())),
             "passes": self.passes,
             "versions": self.versions,
+            "standard_onnx": self.standard_onnx,
         }
 
     def to_json(self) -> str:
@@ -110,6 +113,13 @@ class CompileReport:
             lines.append(budget_summary(self.budget))
         rewritten = ", ".join(f"{op} {n}" for op, n in sorted(self.rewritten.items()) if n) or "nothing"
         lines.append(f"rewritten: {rewritten}")
+        if self.standard_onnx is not None:
+            types = ", ".join(f"{name} {n}" for name, n in self.standard_onnx["code_types"].items()) or "none"
+            lines.append(
+                f"standard ONNX (opset {self.standard_onnx['opset']}, runs without the bct-onnx library): "
+                f"DequantizeLinear codes {types}"
+            )
+            lines += [f"  not expressible: {text}" for text in self.standard_onnx["not_expressible"]]
         if self.skipped:
             reasons: dict[str, int] = {}
             for skip in self.skipped:

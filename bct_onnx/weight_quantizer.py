@@ -28,8 +28,7 @@ from bct_onnx.block_format import (
 
 # Ratios of the block's range tried by the search; 1.0 (the plain spec scale) first. Ratios below 1
 # clip outliers; 1.0625 and 8/7 widen a symmetric scale so that the largest value of the opposite sign
-# is not clipped at +2**(bits-1)-1. On all-MiniLM-L6-v2 (4-bit, block 32, weight-only) the search moves
-# the sentence-embedding cosine to FP32 from 0.965 to 0.969; grids reaching below 0.8 gave the same.
+# is not clipped at +2**(bits-1)-1 (docs/results.md: what the search gains, and that finer grids do not).
 # Float-offset blocks (value = u * scale + offset) search clipped *ranges* instead: the block's
 # [min, max] shrunk from below, from above or both (OFFSET_SHRINKS), since scaling the extremes
 # toward 0 clips nothing in a block far from 0.

@@ -74,7 +74,7 @@ def ort_block_gather(table: np.ndarray, block_size: int) -> bytes:
 def bct_block_gather(table: np.ndarray, fmt: BlockFormat) -> bytes:
     q = quantize(table, fmt)
     node = helper.make_node(
-        "BlockGather",
+        bct_onnx.ops.BLOCK_GATHER,
         ["ids", "codes", "scales"],
         ["y"],
         domain=bct_onnx.DOMAIN,

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper
 
 import bct_onnx
 from bct_onnx import block_format as bf
-from bct_onnx.ops import DOMAIN
+from bct_onnx.ops import BLOCK_ACT_MATMUL, BLOCK_GELU, BLOCK_LAYER_NORM, BLOCK_SOFTMAX, DOMAIN
 
 
 def model(
@@ -71,13 +71,13 @@ def row_op_cases(rows: int, d: int) -> list[tuple[str, Any, Any, Any]]:
     q_out = dict(out_bits=8, out_block_size=32, out_symmetric=0)
     cases = []
     for name, onnx_op, onnx_attrs, our_op, extra, our_attrs, opset in [
-        ("Gelu", "Gelu", {}, "BlockGelu", {}, {}, 20),
-        ("Softmax", "Softmax", {"axis": -1}, "BlockSoftmax", {}, {}, 13),
+        ("Gelu", "Gelu", {}, BLOCK_GELU, {}, {}, 20),
+        ("Softmax", "Softmax", {"axis": -1}, BLOCK_SOFTMAX, {}, {}, 13),
         (
             "LayerNorm",
             "LayerNormalization",
             {"axis": -1, "epsilon": 1e-5},
-            "BlockLayerNorm",
+            BLOCK_LAYER_NORM,
             {"scale": scale, "bias": bias},
             {"epsilon": 1e-5},
             17,
@@ -131,7 +131,7 @@ def act_matmul_case(heads: int, seq: int, head_dim: int) -> tuple[str, Any, Any,
     ours = model(
         [
             helper.make_node(
-                "BlockActMatMul", ["q", "", "", "k"], ["y"], domain=DOMAIN, act_bits=8, block_size=32
+                BLOCK_ACT_MATMUL, ["q", "", "", "k"], ["y"], domain=DOMAIN, act_bits=8, block_size=32
             )
         ],
         {"q": q, "k": k},
@@ -141,7 +141,7 @@ def act_matmul_case(heads: int, seq: int, head_dim: int) -> tuple[str, Any, Any,
     ours_q = model(
         [
             helper.make_node(
-                "BlockActMatMul",
+                BLOCK_ACT_MATMUL,
                 ["q", "", "", "k"],
                 ["yc", "ys"],
                 domain=DOMAIN,

@@ -99,7 +99,11 @@ def build_ort_int8(src: Path, dst: Path) -> dict[str, Any]:
     return _op_counts(dst, ("MatMulInteger", "DynamicQuantizeLinear", "MatMul", "Gather"))
 
 
-def _ort_nbits(op_types: tuple[str, ...]) -> Callable[[Path, Path], dict[str, Any]]:
+def _ort_nbits(
+    op_types: tuple[str, ...], accuracy_level: int | None = None
+) -> Callable[[Path, Path], dict[str, Any]]:
+    """MatMulNBitsQuantizer, 4-bit block 32 symmetric, on op_types (accuracy_level None: its default)."""
+
     def build(src: Path, dst: Path) -> dict[str, Any]:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -115,6 +119,7 @@ def _ort_nbits(op_types: tuple[str, ...]) -> Callable[[Path, Path], dict[str, An
                 is_symmetric=True,
                 op_types_to_quantize=op_types,
                 quant_axes=(("MatMul", 0), ("Gather", 1)),
+                accuracy_level=accuracy_level,
             )
             quantizer.process()
             quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)

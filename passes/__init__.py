@@ -4,13 +4,16 @@ Each pass is an onnx-ir in-place pass usable on its own; ``compress_model`` runs
 """
 
 from bct_onnx.passes.check_model import CheckModelPass
-from bct_onnx.passes.fold_constant_weights import FoldConstantWeightsPass
-from bct_onnx.passes.fold_quantize_dequantize import (
+from bct_onnx.passes.compress_intermediates import (
     ActivationSummary,
     CompressedTensor,
-    FoldQuantizeDequantizePass,
+    CompressIntermediatesPass,
     compressed_activations,
 )
+from bct_onnx.passes.convert_opset import ConvertOpsetPass, OpsetConversionError
+from bct_onnx.passes.convert_to_qdq import ConvertToQDQPass
+from bct_onnx.passes.fold_constant_weights import FoldConstantWeightsPass
+from bct_onnx.passes.fold_shape_arithmetic import FoldShapeArithmeticPass
 from bct_onnx.passes.framework import (
     CompressPass,
     CompressPassResult,
@@ -49,12 +52,15 @@ __all__ = [
     "QUANTIZE_PASSES",
     "ActivationSummary",
     "CheckModelPass",
+    "CompressIntermediatesPass",
     "CompressPass",
     "CompressPassResult",
     "CompressedTensor",
+    "ConvertOpsetPass",
+    "ConvertToQDQPass",
     "DomainVersionError",
     "FoldConstantWeightsPass",
-    "FoldQuantizeDequantizePass",
+    "FoldShapeArithmeticPass",
     "FuseGeluPass",
     "FuseLayerNormPass",
     "FuseRMSNormPass",
@@ -62,6 +68,7 @@ __all__ = [
     "GemmToMatMulPass",
     "MissingGraphError",
     "NodeRewritePass",
+    "OpsetConversionError",
     "OpsetTooOldError",
     "PassRecord",
     "PassReport",

@@ -23,7 +23,7 @@ from bct_onnx.passes.quantized_weights import FLOAT_DTYPES, constant_tensor
 
 from bct_onnx import ops
 
-# The five kinds of issue 3 plus SiLU, the activation of the Llama family.
+# The op kinds bct-onnx compresses: MatMul, Gather, GELU, SiLU (the Llama family), Softmax, the norms.
 TARGET_KINDS = ("MatMul", "Gather", "Gelu", "Silu", "Softmax", "LayerNormalization")
 
 _FLOAT_KIND = {

@@ -88,6 +88,14 @@ def node_label(node: ir.Node) -> str:
     return "<unnamed>"
 
 
+def node_name(node: ir.Node, fallback: str = "") -> str:
+    """The node's name, else its first output's name, else fallback: what config overrides match,
+    and the base name of the nodes and initializers a rewrite makes from it."""
+    if node.name:
+        return node.name
+    return node.outputs[0].name if node.outputs and node.outputs[0].name else fallback
+
+
 def graph_fingerprint(model: ir.Model) -> tuple[Any, ...]:
     """Identity of everything a pass may change: nodes (and their wiring), initializers, opsets.
 

@@ -4,7 +4,7 @@ Canonical form: ``BlockGelu`` with in_bits = out_bits = 0 and ``approximate`` no
 Gelu needs opset 20 (exports here are opset 14..17 and bct-onnx never bumps the opset) and
 com.microsoft's would tie the model to ORT's contrib ops; BlockGelu with float operands is exactly
 GELU (erf/tanh from fixed float32 polynomials, docs/ops.md) and is the node QuantizeGeluPass and
-FoldQuantizeDequantizePass later give compressed operands. A native opset-20 ``Gelu`` node is
+CompressIntermediatesPass later give compressed operands. A native opset-20 ``Gelu`` node is
 rewritten by QuantizeGeluPass.
 
 Rules, anchored at the Erf / Tanh node:
@@ -24,7 +24,7 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-from bct_onnx.passes.framework import NodeRewritePass, PassReport, register_domain
+from bct_onnx.passes.framework import NodeRewritePass, PassReport, node_name, register_domain
 from bct_onnx.passes.graph_patterns import (
     FLOAT,
     SAMPLE_POINTS,
@@ -32,7 +32,6 @@ from bct_onnx.passes.graph_patterns import (
     collect_expression,
     is_op,
     matches_function,
-    node_name,
     replace_pattern,
     sole_user,
 )

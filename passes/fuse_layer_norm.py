@@ -19,13 +19,12 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-from bct_onnx.passes.framework import NodeRewritePass, PassReport, onnx_opset, register_domain
+from bct_onnx.passes.framework import NodeRewritePass, PassReport, node_name, onnx_opset, register_domain
 from bct_onnx.passes.graph_patterns import (
     FLOAT,
     close,
     is_op,
     last_dim,
-    node_name,
     other_input,
     reduces_last_axis,
     replace_pattern,

@@ -9,7 +9,7 @@ write ``hidden.to(torch.float32)`` and cast back)::
     out = Mul(y, weight)                                          (weight optional, constant [D])
 
 ONNX has RMSNormalization only from opset 23, so the canonical node is BlockRMSNorm with float
-operands; QuantizeLayerNormPass and FoldQuantizeDequantizePass decide its operand formats later.
+operands; QuantizeLayerNormPass and CompressIntermediatesPass decide its operand formats later.
 """
 
 from __future__ import annotations
@@ -18,14 +18,13 @@ import dataclasses
 import logging
 
 import onnx_ir as ir
-from bct_onnx.passes.framework import NodeRewritePass, PassReport, register_domain
+from bct_onnx.passes.framework import NodeRewritePass, PassReport, node_name, register_domain
 from bct_onnx.passes.fuse_layer_norm import AffineTail, affine_tail, sqrt_plus_epsilon, vector_initializer
 from bct_onnx.passes.graph_patterns import (
     FLOAT,
     close,
     is_op,
     last_dim,
-    node_name,
     other_input,
     producer,
     reduces_last_axis,

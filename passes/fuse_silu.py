@@ -1,7 +1,7 @@
 """FuseSiluPass: ``Mul(x, Sigmoid(x))`` (Llama-family exports of SiLU) -> one BlockSilu (float in/out).
 
 Canonical form: ``BlockSilu`` with in_bits = out_bits = 0, which is exactly SiLU (exp from the fixed
-float32 polynomial, docs/ops.md) and is the node FoldQuantizeDequantizePass later gives compressed
+float32 polynomial, docs/ops.md) and is the node CompressIntermediatesPass later gives compressed
 operands. ONNX's own ``Swish`` needs opset 24 and is rewritten by QuantizeSiluPass.
 
 Rule, anchored at the Sigmoid node: its result is read by exactly one node, a Mul, whose other
@@ -17,11 +17,10 @@ import dataclasses
 import logging
 
 import onnx_ir as ir
-from bct_onnx.passes.framework import NodeRewritePass, PassReport, register_domain
+from bct_onnx.passes.framework import NodeRewritePass, PassReport, node_name, register_domain
 from bct_onnx.passes.graph_patterns import (
     FLOAT,
     is_op,
-    node_name,
     other_input,
     replace_pattern,
     same_float,

@@ -15,7 +15,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 from bct_onnx.passes.fold_constant_weights import SHARED_SOURCE_MIN_ELEMENTS
-from bct_onnx.passes.framework import NodeRewritePass, PassReport
+from bct_onnx.passes.framework import NodeRewritePass, PassReport, node_name
 from bct_onnx.passes.quantized_weights import constant_tensor
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class GemmToMatMulPass(NodeRewritePass):
     def rewrite(self, model: ir.Model, matched: GemmMatch, report: PassReport) -> None:
         graph = model.graph
         gemm = matched.gemm
-        name = gemm.name or (gemm.outputs[0].name or "Gemm")
+        name = node_name(gemm, "Gemm")
         dtype = matched.b_tensor.dtype
         np_dtype = dtype.numpy()
         new_nodes: list[ir.Node] = []

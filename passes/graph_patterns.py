@@ -1,4 +1,4 @@
-"""Small graph-matching helpers shared by the fusion and quantize passes of the nonlinear ops.
+"""Small graph-matching helpers shared by the fusion and quantize passes of the activation ops.
 
 Matchers walk from an anchor node (Erf, Tanh, ReduceMean, Softmax ...) through producers and sole
 consumers; these helpers answer the recurring questions (is this value a scalar constant, which
@@ -17,6 +17,8 @@ import onnx_ir as ir
 from bct_onnx.passes.framework import DEFAULT_DOMAINS
 from bct_onnx.passes.infer_shapes import SHAPE_KEY, TYPE_KEY
 from bct_onnx.passes.quantized_weights import constant_tensor
+
+from bct_onnx import ops
 
 FLOAT = ir.DataType.FLOAT
 
@@ -66,7 +68,7 @@ def other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:
     return None
 
 
-_FLOAT_RESULT_OPS = frozenset({"BlockMatMul", "BlockGather", "BlockDequantize"})
+_FLOAT_RESULT_OPS = frozenset({ops.BLOCK_MATMUL, ops.BLOCK_GATHER, ops.BLOCK_DEQUANTIZE})
 
 
 def value_dtype(value: ir.Value | None) -> ir.DataType | None:
@@ -84,7 +86,7 @@ def value_dtype(value: ir.Value | None) -> ir.DataType | None:
     if is_op(node, "Cast"):
         to = node.attributes.get("to")
         return ir.DataType(to.as_int()) if to is not None else None
-    if node.domain == "ai.bct_onnx" and node.op_type in _FLOAT_RESULT_OPS:
+    if node.domain == ops.DOMAIN and node.op_type in _FLOAT_RESULT_OPS:
         return FLOAT
     return None
 
@@ -159,8 +161,8 @@ def last_dim(value: ir.Value | None) -> int | None:
         if isinstance(dim, int):
             return dim
     node = value.producer() if value is not None else None
-    if node is not None and node.domain == "ai.bct_onnx" and value is node.outputs[0]:
-        attr = node.attributes.get({"BlockMatMul": "N", "BlockGather": "axis_size"}.get(node.op_type, ""))
+    if node is not None and node.domain == ops.DOMAIN and value is node.outputs[0]:
+        attr = node.attributes.get({ops.BLOCK_MATMUL: "N", ops.BLOCK_GATHER: "axis_size"}.get(node.op_type, ""))
         if attr is not None:
             return attr.as_int()
     return None
@@ -290,7 +292,3 @@ def replace_pattern(
     ir.convenience.replace_nodes_and_values(
         last.graph, last, list(dict.fromkeys(old_nodes)), new_nodes, [old_value], [new_value]
     )
-
-
-def node_name(node: ir.Node, fallback: str) -> str:
-    return node.name or (node.outputs[0].name if node.outputs and node.outputs[0].name else fallback)

@@ -1,9 +1,9 @@
 """annotate_shapes: inferred shapes for the matchers, kept out of the model.
 
-The nonlinear rules need ranks and last dimensions that exporters often leave out. Writing ONNX
+The activation rules need ranks and last dimensions that exporters often leave out. Writing ONNX
 shape inference's results into the model is harmful: ONNX Runtime trusts value_info when it plans
-buffers, and symbolic dims that the inference unified wrongly made sessions fail ("Shape mismatch
-attempting to re-use buffer", measured on tiny Pythia and BART). So the inferred shape of a value
+buffers, and symbolic dims that the inference unified wrongly make sessions fail ("Shape mismatch
+attempting to re-use buffer", e.g. on the tiny Pythia and BART exports). So the inferred shape of a value
 that has none is put in ``value.meta`` (onnx-ir's in-memory metadata, never serialized) under
 SHAPE_KEY, and ``graph_patterns.value_shape`` reads it; the model itself is unchanged.
 """

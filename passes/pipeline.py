@@ -20,12 +20,13 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from bct_onnx.passes.check_model import CheckModelPass
-from bct_onnx.passes.fold_constant_weights import FoldConstantWeightsPass
-from bct_onnx.passes.fold_quantize_dequantize import (
+from bct_onnx.passes.compress_intermediates import (
     ActivationSummary,
-    FoldQuantizeDequantizePass,
+    CompressIntermediatesPass,
     compressed_activations,
 )
+from bct_onnx.passes.convert_to_qdq import ConvertToQDQPass
+from bct_onnx.passes.fold_constant_weights import FoldConstantWeightsPass
 from bct_onnx.passes.framework import CompressPassResult, Skip, check_model_basics
 from bct_onnx.passes.fuse_gelu import FuseGeluPass
 from bct_onnx.passes.fuse_layer_norm import FuseLayerNormPass
@@ -52,13 +53,18 @@ DEBUG_DIR_ENV = "BCT_ONNX_DEBUG_DIR"
 # Debug snapshots larger than this keep their tensors in a side file (protobuf's 2 GB limit).
 _EXTERNAL_DATA_BYTES = 1 << 30
 
-# The quantize pass of each op type, in the order they run (tables before MatMuls, so a table tied
-# to the output projection is quantized in its Gather layout first and reused). QuantizeMatMulPass
-# reports attention's activation x activation MatMuls as skipped; QuantizeActMatMulPass then
-# rewrites them, and compress_model drops the skips of nodes a later pass rewrote.
+# The pass order, stated here only (docs/passes.md shows it; tests/passes/test_pipeline.py pins it):
+# canonicalize_passes(), then per op kind in this dict's order its fusions (FUSION_PASSES) and its
+# quantize pass, each only when config enables the kind, then CompressIntermediatesPass when an
+# activation kind is enabled, then cleanup. Why this order:
+# - MatMul before Gather: a table tied to the output projection is quantized (GPTQ-rounded when
+#   calibrated) for the MatMul in the Gather's layout, and the embedding Gather reuses those codes.
+# - QuantizeMatMulPass reports attention's activation x activation MatMuls as skipped;
+#   QuantizeActMatMulPass then rewrites them, and compress_model drops the skips of nodes a later
+#   pass rewrote.
+# - The weight passes come first, so the weight-only pass list is a prefix of the full one; the
+#   fusions of the activation kinds then see BlockMatMul results, which they do not mind.
 QUANTIZE_PASSES: dict[str, Callable[[CompressConfig], ir.passes.PassBase]] = {
-    # MatMul before Gather: a tied table is quantized (GPTQ-rounded when calibrated) for the output
-    # projection, and the embedding Gather shares those codes.
     "MatMul": QuantizeMatMulPass,
     "Gather": QuantizeGatherPass,
     "AttentionMatMul": QuantizeActMatMulPass,
@@ -125,13 +131,11 @@ def canonicalize_passes() -> list[ir.passes.PassBase]:
 def rewrite_passes(
     config: CompressConfig, hessians: Mapping[MatMulKey, np.ndarray] | None = None
 ) -> list[ir.passes.PassBase]:
-    """The quantize passes config enables (each after its fusions), then cleanup.
+    """The quantize passes config enables (each after its fusions), then cleanup (order: see QUANTIZE_PASSES).
 
     hessians (calibration statistics of the canonicalized model, from collect_hessians) make
     QuantizeMatMulPass round those weights with GPTQ.
     """
-    # Weight passes first; the fusions of the nonlinear ops then see BlockMatMul results, which
-    # they do not care about (keeps the weight-only pass list a prefix of the full one).
     quantize: list[ir.passes.PassBase] = []
     for op_type, factory in QUANTIZE_PASSES.items():
         if op_type in FUSION_PASSES and config.enabled(op_type):
@@ -140,7 +144,9 @@ def rewrite_passes(
             calibrated = op_type == "MatMul" and hessians is not None
             quantize.append(factory(config, hessians) if calibrated else factory(config))  # type: ignore[call-arg]
     if any(config.enabled(kind) for kind in ACTIVATION_OPS):
-        quantize.append(FoldQuantizeDequantizePass(config))
+        quantize.append(CompressIntermediatesPass(config))
+    if config.format == "qdq":
+        quantize.append(ConvertToQDQPass(activations=config.qdq_activations))
     cleanup: list[ir.passes.PassBase] = [
         common_passes.RemoveUnusedNodesPass(),
         common_passes.RemoveUnusedOpsetsPass(),

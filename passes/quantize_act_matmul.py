@@ -23,14 +23,13 @@ import dataclasses
 import logging
 
 import onnx_ir as ir
-from bct_onnx.passes.framework import PassReport
+from bct_onnx.passes.framework import PassReport, node_name
 from bct_onnx.passes.graph_patterns import FLOAT, is_op, producer, sole_user, value_rank, value_shape
-from bct_onnx.passes.nonlinear_ops import (
+from bct_onnx.passes.operand_ops import (
     OperandRewritePass,
     is_ours,
     operand_inputs,
     replace_with_ours,
-    settings_name,
 )
 from bct_onnx.passes.quantized_weights import constant_tensor
 
@@ -146,7 +145,7 @@ class QuantizeActMatMulPass(OperandRewritePass):
             role = RULE_QK
         else:
             return "activation x activation MatMul that is not attention's Q x K^T or probabilities x V"
-        settings = self.config.settings_for("AttentionMatMul", settings_name(node))
+        settings = self.config.settings_for("AttentionMatMul", node_name(node))
         if not settings.enabled:
             return "AttentionMatMul compression is disabled for this node by the config"
         if settings.act_bits is None:

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 
 import onnx_ir as ir
-from bct_onnx.passes.framework import NodeRewritePass, PassReport, register_domain
+from bct_onnx.passes.framework import NodeRewritePass, PassReport, node_name, register_domain
 from bct_onnx.passes.quantized_weights import (
     FLOAT_DTYPES,
     constant_tensor,
@@ -71,7 +71,7 @@ class QuantizeGatherPass(NodeRewritePass):
         data, indices = node.inputs[0], node.inputs[1]
         if data is None or indices is None:
             return "Gather with a missing input"
-        if not self.config.settings_for("Gather", node.name or node.outputs[0].name or "").enabled:
+        if not self.config.settings_for("Gather", node_name(node)).enabled:
             return (
                 None
                 if _is_index_arithmetic(data)
@@ -105,7 +105,7 @@ class QuantizeGatherPass(NodeRewritePass):
     def rewrite(self, model: ir.Model, matched: GatherMatch, report: PassReport) -> None:
         graph = model.graph
         gather = matched.gather
-        fmt = self.config.settings_for("Gather", gather.name or gather.outputs[0].name or "").weight_format
+        fmt = self.config.settings_for("Gather", node_name(gather)).weight_format
         # A tied table (also the output projection) is quantized first by QuantizeMatMulPass, in the
         # MatMul's format and GPTQ-rounded when calibrated: with equal bits, block size and symmetry
         # the Gather reads that copy, so the table is stored once.
@@ -124,7 +124,7 @@ class QuantizeGatherPass(NodeRewritePass):
                 transposed=False,
                 scale_search=self.config.weight_scale_search,
             )
-        name = matched.gather.name or (matched.gather.outputs[0].name or "Gather")
+        name = node_name(matched.gather, "Gather")
         new_node = ir.node(
             ops.BLOCK_GATHER,
             trim_trailing_none([matched.indices, quantized.codes, quantized.scales, quantized.zero_points]),

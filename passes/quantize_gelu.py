@@ -1,7 +1,7 @@
 """QuantizeGeluPass: ONNX Gelu (opset 20) -> ai.bct_onnx BlockGelu with float operands.
 
 The erf/tanh decompositions older exports write are fused into the same BlockGelu by
-FuseGeluPass. Operands stay float32 here (in_bits = out_bits = 0); FoldQuantizeDequantizePass
+FuseGeluPass. Operands stay float32 here (in_bits = out_bits = 0); CompressIntermediatesPass
 makes the result compressed where every reader takes codes.
 """
 
@@ -11,7 +11,7 @@ import logging
 
 import onnx_ir as ir
 from bct_onnx.passes.framework import PassReport
-from bct_onnx.passes.nonlinear_ops import OperandRewritePass, operand_skip_reason, replace_with_ours
+from bct_onnx.passes.operand_ops import OperandRewritePass, operand_skip_reason, replace_with_ours
 
 from bct_onnx import ops
 

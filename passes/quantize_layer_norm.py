@@ -1,6 +1,6 @@
 """QuantizeLayerNormPass: ONNX LayerNormalization over the last axis -> ai.bct_onnx BlockLayerNorm.
 
-Float operands first (in_bits = out_bits = 0); FoldQuantizeDequantizePass decides where they
+Float operands first (in_bits = out_bits = 0); CompressIntermediatesPass decides where they
 become compressed. RMS normalization reaches the same stage as BlockRMSNorm through
 FuseRMSNormPass (both are the config's "LayerNormalization" kind). Requires constant float32
 scale (and bias) of shape [D] and no use of the optional Mean / InvStdDev outputs.
@@ -12,10 +12,10 @@ import dataclasses
 import logging
 
 import onnx_ir as ir
-from bct_onnx.passes.framework import PassReport
+from bct_onnx.passes.framework import PassReport, node_name
 from bct_onnx.passes.fuse_layer_norm import vector_initializer
-from bct_onnx.passes.graph_patterns import FLOAT, last_dim, node_name, value_rank
-from bct_onnx.passes.nonlinear_ops import (
+from bct_onnx.passes.graph_patterns import FLOAT, last_dim, value_rank
+from bct_onnx.passes.operand_ops import (
     OperandRewritePass,
     operand_inputs,
     operand_skip_reason,

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
-from bct_onnx.passes.framework import DEFAULT_DOMAINS, NodeRewritePass, PassReport, register_domain
+from bct_onnx.passes.framework import DEFAULT_DOMAINS, NodeRewritePass, PassReport, node_name, register_domain
 from bct_onnx.passes.quantized_weights import (
     FLOAT_DTYPES,
     constant_tensor,
@@ -158,22 +158,6 @@ class QuantizeMatMulPass(NodeRewritePass):
         self.config = config
         self.hessians = dict(hessians) if hessians is not None else {}
 
-    def run(self, model: ir.Model, report: PassReport) -> None:
-        hessians = self.hessians
-        for node in self.candidates(model):
-            if node.graph is None:
-                continue
-            matched = self.match(model, node)
-            if matched is None:
-                continue
-            if isinstance(matched, str):
-                report.skip(node, matched)
-                continue
-            key = (matched.activation.name or "", matched.source.name or "")
-            if key in hessians and _only_matmul_reading(matched):
-                matched = dataclasses.replace(matched, hessian=hessians[key])
-            self.rewrite(model, matched, report)
-
     def match(self, model: ir.Model, node: ir.Node) -> MatMulMatch | str | None:
         activation, weight = node.inputs[0], node.inputs[1]
         if activation is None or weight is None:
@@ -182,7 +166,7 @@ class QuantizeMatMulPass(NodeRewritePass):
         if isinstance(found, str):
             return found
         source, tensor, is_transposed = found
-        if not self.config.settings_for("MatMul", node.name or node.outputs[0].name or "").enabled:
+        if not self.config.settings_for("MatMul", node_name(node)).enabled:
             return "MatMul compression is disabled for this node by the config"
         if tensor.dtype not in FLOAT_DTYPES:
             return f"weight dtype {tensor.dtype.name} is not FLOAT (float32)"
@@ -209,20 +193,22 @@ class QuantizeMatMulPass(NodeRewritePass):
             bias_shape = tuple(given.shape.numpy()) if given.shape is not None else None
             if given.is_initializer() and bias_shape == (n,):
                 bias_value = given  # reuse the [N] initializer as it is
-        return MatMulMatch(node, activation, source, tensor, is_transposed, k, n, bias_add, bias_value)
+        matched = MatMulMatch(node, activation, source, tensor, is_transposed, k, n, bias_add, bias_value)
+        hessian = self.hessians.get((activation.name or "", source.name or ""))
+        if hessian is not None and _only_matmul_reading(matched):
+            matched = dataclasses.replace(matched, hessian=hessian)
+        return matched
 
     def rewrite(self, model: ir.Model, matched: MatMulMatch, report: PassReport) -> None:
         graph = model.graph
         config = self.config
         matmul = matched.matmul
-        settings = config.settings_for(
-            "MatMul", matmul.name or matmul.outputs[0].name or ""
-        )  # per-node overrides
+        settings = config.settings_for("MatMul", node_name(matmul))  # per-node overrides
         fmt = settings.weight_format
         if matched.source_is_transposed:
-            # A table tied to the output projection was quantized for its Gather first, maybe with
-            # another scale kind (tables default to power-of-two scales): with equal bits and block
-            # size, reuse it in that format so the table is stored once.
+            # The table may already be stored in its Gather layout (by another reader, or by
+            # QuantizeGatherPass run on its own before this pass), maybe with another scale kind:
+            # with equal bits and block size, reuse it in that format so the table is stored once.
             fmt = existing_table_format(graph, matched.source, fmt) or fmt
         quantized = quantized_initializers(
             graph,
@@ -235,7 +221,7 @@ class QuantizeMatMulPass(NodeRewritePass):
             hessian=matched.hessian,
             keep_dead_inputs=matched.source_is_transposed,
         )
-        name = matched.matmul.name or (matched.matmul.outputs[0].name or "MatMul")
+        name = node_name(matched.matmul, "MatMul")
         bias: ir.Value | None = None
         if isinstance(matched.bias, ir.Value):
             bias = matched.bias

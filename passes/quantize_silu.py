@@ -1,7 +1,7 @@
 """QuantizeSiluPass: ONNX Swish with alpha 1 (opset 24) -> ai.bct_onnx BlockSilu with float operands.
 
 The ``Mul(x, Sigmoid(x))`` older exports write (Llama family) is fused into the same BlockSilu by
-FuseSiluPass. Operands stay float32 here (in_bits = out_bits = 0); FoldQuantizeDequantizePass
+FuseSiluPass. Operands stay float32 here (in_bits = out_bits = 0); CompressIntermediatesPass
 makes the result compressed where every reader takes codes.
 """
 
@@ -11,7 +11,7 @@ import logging
 
 import onnx_ir as ir
 from bct_onnx.passes.framework import PassReport
-from bct_onnx.passes.nonlinear_ops import OperandRewritePass, operand_skip_reason, replace_with_ours
+from bct_onnx.passes.operand_ops import OperandRewritePass, operand_skip_reason, replace_with_ours
 
 from bct_onnx import ops
 

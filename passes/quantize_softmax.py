@@ -3,7 +3,7 @@
 Attention softmax is recognised and counted by what precedes it: a scale (Mul/Div by a constant),
 an additive mask or position bias (Add of another tensor), or the raw Q x K^T product. The scale
 and the mask stay separate float nodes (BlockSoftmax has no scale or mask input); the result's
-codes are one-signed, so FoldQuantizeDequantizePass stores them asymmetric when they stay
+codes are one-signed, so CompressIntermediatesPass stores them asymmetric when they stay
 compressed (e.g. into BlockActMatMul for probabilities x V).
 """
 
@@ -15,7 +15,7 @@ import logging
 import onnx_ir as ir
 from bct_onnx.passes.framework import PassReport, onnx_opset
 from bct_onnx.passes.graph_patterns import is_op, producer, scalar, value_rank
-from bct_onnx.passes.nonlinear_ops import OperandRewritePass, is_ours, operand_skip_reason, replace_with_ours
+from bct_onnx.passes.operand_ops import OperandRewritePass, is_ours, operand_skip_reason, replace_with_ours
 
 from bct_onnx import ops
 

@@ -8,13 +8,6 @@
 #include "bct/op_common.h"
 #include "ops/ops.h"
 
-#if defined(BCT_HAVE_MATMUL) && BCT_HAVE_MATMUL
-#include "bct/matmul_op.h"
-#endif
-#if defined(BCT_HAVE_NONLINEAR) && BCT_HAVE_NONLINEAR
-#include "bct/nonlinear_ops.h"
-#endif
-
 #if defined(_WIN32)
 #define BCT_EXPORT __declspec(dllexport)
 #else
@@ -36,20 +29,19 @@ OrtStatus* OlderRuntimeError(const OrtApiBase* api_base) {
   return nullptr;  // no API answers at all: nothing can be reported
 }
 
+// Every op family of the domain (ops/ops.h).
+using AppendOps = void (*)(Ort::CustomOpDomain& domain);
+constexpr AppendOps kOpFamilies[] = {
+    bct::AppendQuantizeCpuOps, bct::AppendDequantizeCpuOps, bct::AppendGatherCpuOps,
+    bct::AppendMatMulCpuOps,   bct::AppendActMatMulCpuOps,  bct::AppendNonlinearRowCpuOps,
+#if defined(BCT_WITH_CUDA) && BCT_WITH_CUDA
+    bct::AppendBlockCudaOps,   bct::AppendMatMulCudaOps,    bct::AppendNonlinearCudaOps,
+#endif
+};
+
 Ort::CustomOpDomain* BuildDomain() {
   auto* domain = new Ort::CustomOpDomain(bct::kDomain);  // intentionally never freed
-  bct::AppendQuantizeCpuOps(*domain);
-  bct::AppendDequantizeCpuOps(*domain);
-  bct::AppendGatherCpuOps(*domain);
-#if defined(BCT_WITH_CUDA) && BCT_WITH_CUDA
-  bct::AppendBlockCudaOps(*domain);
-#endif
-#if defined(BCT_HAVE_MATMUL) && BCT_HAVE_MATMUL
-  bct::AppendMatMulOps(*domain);
-#endif
-#if defined(BCT_HAVE_NONLINEAR) && BCT_HAVE_NONLINEAR
-  bct::AppendNonlinearOps(*domain);
-#endif
+  for (AppendOps append : kOpFamilies) append(*domain);
   return domain;
 }
 

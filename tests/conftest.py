@@ -64,3 +64,26 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
             f"(e.g. {newer[0].relative_to(REPO)}); rebuild it (pip install .) before trusting kernel results"
         )
     return lines
+
+
+def tiny_matmul_model(k: int = 64, n: int = 16, node_name: str = "mm", seed: int = 0):
+    """A one-MatMul float ONNX model (input "A" [1, k], output "Y" [1, n]) at opset 17."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    weight = np.random.default_rng(seed).standard_normal((k, n)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["A", "W"], ["Y"], name=node_name)],
+        "g",
+        [helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [1, n])],
+        [numpy_helper.from_array(weight, "W")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.fixture
+def tiny_model():
+    """tiny_matmul_model as a fixture: call it with the keyword arguments you need."""
+    return tiny_matmul_model

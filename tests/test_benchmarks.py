@@ -84,3 +84,34 @@ def test_fidelity_minilm_smoke(
     assert 0.0 <= row["accuracy"] <= 1.0 and row["drop_points"] == pytest.approx(
         100 * (row["fp32_accuracy"] - row["accuracy"])
     )
+
+
+def test_compare_speed_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny models, one round: every asked column timed or saying why, the GEMV line, the marked
+    section of the results file replaced (text around it kept), nothing written to the CWD."""
+    pytest.importorskip("optimum")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    results = tmp_path / "results.md"
+    compare = _load("compare_speed")
+    results.write_text(f"# before\n\n{compare.BEGIN_MARK}\nold table\n{compare.END_MARK}\n\n# after\n")
+    out = tmp_path / "speed.json"
+    argv = [
+        "--tiny", "--runs", "1", "--warmup", "0", "--only", "minilm,smollm2",
+        "--variants", "fp32,ort-int8,genai-int4,bct-default",
+        "--genai-venv", str(tmp_path / "no-venv"), "--results", str(results), "--json", str(out),
+    ]
+    assert compare.main(argv) == 0
+    assert os.listdir(cwd) == []
+    text = results.read_text()
+    assert text.startswith("# before\n") and text.rstrip().endswith("# after") and "old table" not in text
+    assert text.count(compare.BEGIN_MARK) == 1 and "| bct default (every component) |" in text
+    payload = json.loads(out.read_text())
+    assert len(payload["table"]) == 3  # the encoder case and the two decoder cases
+    for case, cells in payload["table"].items():
+        for key in ("fp32", "ort-int8", "bct-default"):
+            assert cells[key]["error"] is None and cells[key]["ms"] > 0, (case, key, cells[key])
+        reason = cells["genai-int4"]["error"]
+        assert ("decoders" in reason) if "BERT" in case else ("no onnxruntime-genai venv" in reason), reason
+    assert any("GB/s of weights" in line for line in payload["gemv"])

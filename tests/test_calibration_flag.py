@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bct_onnx.models import minilm
 from onnx import TensorProto, helper, numpy_helper, save_model
 
 import bct_onnx
 from bct_onnx import cli
 from bct_onnx.calibration import Calibration
-from bct_onnx.models import minilm
 
 VOCAB, HIDDEN, OUT = 30522, 64, 32  # MiniLM's vocabulary size: its tokenizer's ids index the table
 GPTQ_RULE = "MatMul weight rounded by GPTQ (calibrated)"

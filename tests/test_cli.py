@@ -489,6 +489,6 @@ def test_cli_docstring_lists_every_command() -> None:
 
     parser = cli.build_parser()
     (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    assert set(commands.choices) == {"compress", "demo", "eval", "generate"}
+    assert set(commands.choices) == {"compress", "inspect", "demo", "eval", "generate"}
     for name in commands.choices:
         assert f"\n  {name} " in (cli.__doc__ or "")

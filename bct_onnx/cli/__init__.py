@@ -2,6 +2,7 @@
 
 Commands, one module each:
   compress   compress an .onnx model or a Hugging Face model directory (cli/compress.py)
+  inspect    what is inside a model: format, bits, block size, bytes per node or layer (cli/inspect.py)
   demo       compress all-MiniLM-L6-v2 and compare it with FP32: size, cosine, latency (cli/demo.py)
   eval       a decoder's perplexity, FP32 vs compressed, on Jane Austen (cli/eval.py)
   generate   greedy text from a decoder, FP32 and compressed side by side (cli/generate.py)

@@ -16,7 +16,7 @@ from typing import Any
 
 from bct_onnx.api import make_config
 from bct_onnx.block_format import MAX_BITS, MIN_BITS, ScaleKind, ZeroPointKind
-from bct_onnx.config import DEFAULT_OPS, SUPPORTED_OPS, CompressConfig
+from bct_onnx.config import DEFAULT_OPS, OUTPUT_FORMATS, SUPPORTED_OPS, CompressConfig
 from bct_onnx.config_file import apply_controls, load_config_file
 
 # CompressConfig fields that have a flag of the same name (dashes for underscores).
@@ -31,6 +31,8 @@ CONFIG_FLAGS = (
     "zero_points",
     "target_ratio",
     "max_error",
+    "format",
+    "qdq_activations",
 )
 
 
@@ -187,6 +189,21 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
         default=quiet,
         help="with --asymmetric: 'integer' uint8 zero points (default) or 'float' offsets, value = code * scale "
         "+ offset (float16; float32 with --scale-kind float32), as GGUF Q4_1",
+    )
+    parser.add_argument(
+        "--format",
+        choices=OUTPUT_FORMATS,
+        default=quiet,
+        help="bct: bct-onnx custom ops (default; needs the library at run time); qdq: standard ONNX, "
+        "weights and tables as opset-21 DequantizeLinear with block_size feeding MatMul/Gather, runs in "
+        "plain ONNX Runtime (only MatMul and Gather compressed; the report lists what stayed float)",
+    )
+    parser.add_argument(
+        "--qdq-activations",
+        action="store_true",
+        default=quiet,
+        help="with --format qdq: write the run-time activation quantization too, as in-graph scales + "
+        "QuantizeLinear/DequantizeLinear (exact, but run in float: slower)",
     )
     # Applied after --config, in this order.
     parser.add_argument(

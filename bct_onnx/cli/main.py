@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from onnx_ir.passes import PreconditionError
 
 from bct_onnx import __version__
-from bct_onnx.cli import compress, demo, generate
+from bct_onnx.cli import compress, demo, generate, inspect
 from bct_onnx.cli import eval as eval_command
 from bct_onnx.errors import BctOnnxError
 from bct_onnx.models.export import ExportError, ModelDirError
@@ -21,7 +21,7 @@ PROG = "bct-onnx"
 
 # The command modules, in the order `bct-onnx --help` lists them; each has add_parser(subparsers),
 # which sets the handler run(args, parser) -> exit status.
-COMMANDS = (compress, demo, eval_command, generate)
+COMMANDS = (compress, inspect, demo, eval_command, generate)
 
 # Errors that mean "fix your input": one line on stderr and exit status 1. A model a pass cannot
 # handle (no graph, opset too old, ...) raises bct_onnx.passes.UnsupportedModelError, an onnx-ir

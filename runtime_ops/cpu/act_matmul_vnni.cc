@@ -1,32 +1,23 @@
 // AVX-512 VNNI block dot products of BlockActMatMul (see act_matmul_vnni.h). Compiled for the
-// baseline ISA; only DotRow uses AVX-512, through a target attribute, and is called only when
-// Available() says the CPU has it.
+// baseline ISA; the AVX-512 functions have target attributes and run only on the paths whose
+// kernel table sets act_dot_vnni.
 #include "cpu/act_matmul_vnni.h"
 
+#include "cpu/isa.h"
+
+#if BCT_X86_SIMD
 #include <immintrin.h>
+#endif
 
 // GCC 12 warns about the undefined vector behind masked intrinsics; nothing reads it.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 
 namespace bct {
 namespace nonlinear {
 namespace vnni {
-
-bool Available() {
-#if defined(__GNUC__) && defined(__x86_64__)
-  const char* baseline = std::getenv("BCT_ONNX_BASELINE_SIMD");
-  if (baseline != nullptr && baseline[0] != '\0' && std::strcmp(baseline, "0") != 0) return false;
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vnni");
-#else
-  return false;
-#endif
-}
 
 void InitPackedB(PackedB& p, int64_t batches, int64_t n, int64_t k, int64_t block_size) {
   p.n = n;
@@ -55,7 +46,7 @@ void PackColumn(PackedB& p, int64_t batch, int64_t col, const int8_t* q, const f
   }
 }
 
-#if defined(__GNUC__) && defined(__x86_64__)
+#if BCT_X86_SIMD
 // PackBlock with AVX-512: four k rows of 16 columns interleaved into 64 bytes per step.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void PackBlockAvx512(
     PackedB& p, int64_t batch, int64_t blk, const int8_t* q, const float* scales) {
@@ -87,8 +78,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void Pack
 #endif
 
 void PackBlock(PackedB& p, int64_t batch, int64_t blk, const int8_t* q, const float* scales) {
-#if defined(__GNUC__) && defined(__x86_64__)
-  PackBlockAvx512(p, batch, blk, q, scales);  // PackedB is only used where Available() holds
+#if BCT_X86_SIMD
+  PackBlockAvx512(p, batch, blk, q, scales);  // PackedB is only used on paths with AVX-512 VNNI
 #else
   const int64_t len = std::min(p.block_size, p.k - blk * p.block_size);
   int8_t* base = p.codes.data() + ((batch * p.nb + blk) * p.groups * p.n_pad) * 4;
@@ -109,7 +100,7 @@ void PackBlock(PackedB& p, int64_t batch, int64_t blk, const int8_t* q, const fl
 #endif
 }
 
-#if defined(__GNUC__) && defined(__x86_64__)
+#if BCT_X86_SIMD
 namespace {
 
 // R output rows at once (R <= 4): each B load feeds R independent vpdpbusd chains.

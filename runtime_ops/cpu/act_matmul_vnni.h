@@ -1,4 +1,5 @@
-// BlockActMatMul's block dot products with AVX-512 VNNI (vpdpbusd), bit-identical to nl::act_dot:
+// BlockActMatMul's block dot products with AVX-512 VNNI (vpdpbusd), bit-identical to nl::act_dot
+// (used where Kernels(isa).act_dot_vnni says so, cpu/kernel_table.h):
 // the integer block sums are exact either way, and the float32 part (y += float(dot) * (sa * sb) in
 // block order from 0) runs the same IEEE operations, 16 columns at a time.
 //
@@ -12,9 +13,6 @@
 namespace bct {
 namespace nonlinear {
 namespace vnni {
-
-// True when this CPU has AVX-512 F/BW/VNNI and BCT_ONNX_BASELINE_SIMD is not set.
-bool Available();
 
 // B's quantized codes of one batch in the VNNI layout: per block, ceil(block/4) groups of 4 k values;
 // per group, n_pad columns of 4 bytes (k = 4g .. 4g+3 of the block, zero-padded), n_pad = ceil(N/16)*16.

@@ -2,14 +2,15 @@
 #include "bct/op_common.h"
 #include "ops/block_io.h"
 #include "ops/ops.h"
-#include "row_kernels.h"
+#include "cpu/kernel_table.h"
+#include "cpu/row_kernels.h"
 
 namespace bct {
 namespace {
 
 class DequantizeCpuKernel : public DequantizeKernelBase {
  public:
-  using DequantizeKernelBase::DequantizeKernelBase;
+  DequantizeCpuKernel(const OrtKernelInfo* info, const NodeRef& node) : DequantizeKernelBase(info, node), isa_(cpu::KernelIsa(node_)) {}
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
@@ -17,7 +18,7 @@ class DequantizeCpuKernel : public DequantizeKernelBase {
       const DequantizeCall c = PrepareDequantize(ctx, node_, attrs_);
       const RowsGeometry& g = c.g;
       cpu::RowFormat fmt = BlockRowFormat<cpu::RowFormat>(attrs_, g);
-      fmt.simd = simd_;
+      fmt.isa = isa_;
       const cpu::PackedRows source(fmt, c.codes.As<uint8_t>(), c.scales.data,
                                    c.zero_points.present ? c.zero_points.As<uint8_t>() : nullptr);
       const int64_t min_rows = std::max<int64_t>(1, 16384 / g.axis_size);
@@ -28,7 +29,7 @@ class DequantizeCpuKernel : public DequantizeKernelBase {
   }
 
  private:
-  cpu::RowSimd simd_ = cpu::RowSimdFromEnvironment();  // BCT_ONNX_ISA / BCT_ONNX_BASELINE_SIMD at creation
+  cpu::Isa isa_;  // chosen at creation (BCT_ONNX_ISA, BCT_ONNX_BASELINE_SIMD)
 };
 
 }  // namespace

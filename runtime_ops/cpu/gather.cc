@@ -1,24 +1,27 @@
 // BlockGather on CPU: rows of a blockwise table, dequantized (an embedding lookup).
 // Indices are validated first (so an error names the offending value); rows are then decoded in
-// parallel over ORT's intra-op threads with the SIMD row loops of row_kernels.cc.
+// parallel over ORT's intra-op threads with the row loops of the kernel's path (cpu/row_kernels.h).
 #include "bct/op_common.h"
 #include "ops/block_io.h"
 #include "ops/ops.h"
-#include "row_kernels.h"
+#include "cpu/kernel_table.h"
+#include "cpu/row_kernels.h"
 
 namespace bct {
 namespace {
 
 class GatherCpuKernel : public DequantizeKernelBase {
  public:
-  using DequantizeKernelBase::DequantizeKernelBase;
+  GatherCpuKernel(const OrtKernelInfo* info, const NodeRef& node) : DequantizeKernelBase(info, node), isa_(cpu::KernelIsa(node_)) {}
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
       Ort::KernelContext ctx(context);
       const GatherCall c = PrepareGather(ctx, node_, attrs_);
       const RowsGeometry& g = c.g;
-      const cpu::PackedRows table(BlockRowFormat<cpu::RowFormat>(attrs_, g), c.codes.As<uint8_t>(), c.scales.data,
+      cpu::RowFormat fmt = BlockRowFormat<cpu::RowFormat>(attrs_, g);
+      fmt.isa = isa_;
+      const cpu::PackedRows table(fmt, c.codes.As<uint8_t>(), c.scales.data,
                                   c.zero_points.present ? c.zero_points.As<uint8_t>() : nullptr);
       const int64_t min_rows = std::max<int64_t>(1, 32768 / g.axis_size);
       ParallelFor(ctx, static_cast<int64_t>(c.rows.size()), min_rows, [&](int64_t begin, int64_t end) {
@@ -26,6 +29,9 @@ class GatherCpuKernel : public DequantizeKernelBase {
       });
     });
   }
+
+ private:
+  cpu::Isa isa_;  // chosen at creation (BCT_ONNX_ISA, BCT_ONNX_BASELINE_SIMD)
 };
 
 }  // namespace

@@ -1,10 +1,13 @@
-// BlockMatMul kernel: instruction-set selection, weight repacking, the scalar reference path and
-// the work split. See matmul_kernel.h for the layouts.
+// BlockMatMul kernel: weight repacking, the scalar reference path and the work split; the
+// instruction-set paths come from Kernels(isa) (cpu/kernel_table.h). See matmul_kernel.h for the layouts.
 #include "matmul_kernel.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+
+#include "bct/nonlinear_math.h"
+#include "cpu/kernel_table.h"
 
 namespace bct {
 namespace matmul {
@@ -28,22 +31,6 @@ void UnpackRow(const uint8_t* row, int64_t row_bytes, int bits, int64_t K, uint8
   }
 }
 
-#if BCT_MATMUL_X86
-bool CpuHasAvx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
-
-bool CpuHasAvxVnni() { return CpuHasAvx2() && __builtin_cpu_supports("avxvnni"); }
-
-bool CpuHasAvx512Vnni() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512vnni") && CpuHasAvx2();
-}
-#else
-bool CpuHasAvx2() { return false; }
-bool CpuHasAvxVnni() { return false; }
-bool CpuHasAvx512Vnni() { return false; }
-#endif
-
 // Zero point (as float) or float offset of block index i of asymmetric weights.
 float ZeroPointAt(const Shape& shape, const WeightInputs& weights, int64_t i) {
   if (shape.zero_point_kind == ZeroPointKind::kInteger) return static_cast<float>(weights.zero_points[i]);
@@ -52,70 +39,11 @@ float ZeroPointAt(const Shape& shape, const WeightInputs& weights, int64_t i) {
 
 }  // namespace
 
-const char* IsaName(Isa isa) {
-  switch (isa) {
-    case Isa::kScalar:
-      return "scalar";
-    case Isa::kAvx2:
-      return "avx2";
-    case Isa::kAvx512Vnni:
-      return "avx512vnni";
-    case Isa::kAvxVnni:
-      return "avxvnni";
-  }
-  return "unknown";
-}
-
-Isa BestIsa() {
-  if (CpuHasAvx512Vnni()) return Isa::kAvx512Vnni;
-  if (CpuHasAvxVnni()) return Isa::kAvxVnni;
-  if (CpuHasAvx2()) return Isa::kAvx2;
-  return Isa::kScalar;
-}
-
-bool IsaFromName(const char* name, Isa* isa, std::string* error) {
-  const std::string value = name ? name : "";
-  if (value.empty() || value == "auto") {
-    *isa = BestIsa();
-    return true;
-  }
-  if (value == "scalar") {
-    *isa = Isa::kScalar;
-    return true;
-  }
-  if (value == "avx2") {
-    if (!CpuHasAvx2()) {
-      *error = "BCT_ONNX_ISA=avx2 but this CPU lacks AVX2/FMA";
-      return false;
-    }
-    *isa = Isa::kAvx2;
-    return true;
-  }
-  if (value == "avxvnni") {
-    if (!CpuHasAvxVnni()) {
-      *error = "BCT_ONNX_ISA=avxvnni but this CPU lacks AVX2/FMA/AVX-VNNI";
-      return false;
-    }
-    *isa = Isa::kAvxVnni;
-    return true;
-  }
-  if (value == "avx512vnni") {
-    if (!CpuHasAvx512Vnni()) {
-      *error = "BCT_ONNX_ISA=avx512vnni but this CPU lacks AVX-512 F/BW/VL/DQ/VNNI";
-      return false;
-    }
-    *isa = Isa::kAvx512Vnni;
-    return true;
-  }
-  *error = "BCT_ONNX_ISA='" + value + "' is not one of auto, scalar, avx2, avxvnni, avx512vnni";
-  return false;
-}
-
 void SerialFor(std::size_t total, const std::function<void(std::size_t)>& task) {
   for (std::size_t i = 0; i < total; ++i) task(i);
 }
 
-std::unique_ptr<PackedWeights> Pack(const Shape& shape, const WeightInputs& weights, Isa isa) {
+std::unique_ptr<PackedWeights> Pack(const Shape& shape, const WeightInputs& weights, cpu::Isa isa) {
   auto p = std::make_unique<PackedWeights>();
   p->shape = shape;
   p->isa = isa;
@@ -125,7 +53,8 @@ std::unique_ptr<PackedWeights> Pack(const Shape& shape, const WeightInputs& weig
   p->implicit_zero_point = static_cast<float>(1 << (shape.bits - 1));
   std::vector<uint8_t> row(static_cast<size_t>(K));
 
-  if (isa == Isa::kScalar) {
+  const cpu::KernelTable& kernels = cpu::Kernels(isa);
+  if (kernels.matmul_tiles == nullptr) {
     p->block_padded = bs;
     p->k_padded = K;
     p->codes.resize(static_cast<size_t>(N * K));
@@ -155,7 +84,7 @@ std::unique_ptr<PackedWeights> Pack(const Shape& shape, const WeightInputs& weig
   p->nibble = nibble;
   p->signed_codes = signed_codes;
   p->codes.assign(static_cast<size_t>(tiles * tile_bytes), 0);
-  const bool compact = isa == Isa::kAvx512Vnni;
+  const bool compact = kernels.matmul_compact_weights;
   const size_t params = static_cast<size_t>(tiles * nb * kTileCols);
   // float8e5m2 scales are float16 values (their upper byte): widened to float16 bits exactly.
   p->half_scales =
@@ -216,33 +145,6 @@ std::unique_ptr<PackedWeights> Pack(const Shape& shape, const WeightInputs& weig
 
 namespace detail {
 
-// The reference activation quantizer: block_format.quantize_codes with a symmetric float32 format.
-void QuantizeRowsScalar(const PackedWeights& p, const float* A, int64_t row_begin, int64_t row_end, ActRows* out) {
-  const Shape& s = p.shape;
-  const int64_t K = s.K, nb = p.num_blocks, bkp = p.block_padded, kp = p.k_padded;
-  const int half = 1 << (s.act_bits - 1);
-  const int32_t zw = static_cast<int32_t>(p.implicit_zero_point);
-  for (int64_t m = row_begin; m < row_end; ++m) {
-    const float* a = A + m * K;
-    int8_t* codes = out->codes.data() + m * kp;
-    std::memset(codes, 0, static_cast<size_t>(kp));
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t k0 = b * s.block_size, len = std::min<int64_t>(s.block_size, K - k0);
-      const float scale = choose_symmetric_scale(a + k0, len, s.act_bits, ScaleKind::kFloat32).value;
-      const float inv = inverse_scale(scale);
-      int32_t sum = 0;
-      for (int64_t k = 0; k < len; ++k) {
-        const int32_t code = static_cast<int32_t>(code_of(a[k0 + k], inv, s.act_bits, true, 0)) - half;
-        codes[b * bkp + k] = static_cast<int8_t>(code);
-        sum += code;
-      }
-      out->scales[m * nb + b] = scale;
-      out->corr[m * nb + b] = -zw * sum;
-      out->sums[m * nb + b] = static_cast<float>(sum);
-    }
-  }
-}
-
 // Signed codes sa = ua - 2**(act_bits-1) of packed rows, in the padded block layout, with the block
 // sums QuantizeRowsScalar computes; scales are copied.
 void UnpackRows(const PackedWeights& p, const ActivationCodes& in, int64_t row_begin, int64_t row_end, ActRows* out) {
@@ -275,6 +177,27 @@ void UnpackRows(const PackedWeights& p, const ActivationCodes& in, int64_t row_b
 
 namespace {
 
+// Quantizes rows [row_begin, row_end) of A with the run-time activation quantizer of the path, into
+// the padded block layout, with the block sums the integer kernels correct by.
+void QuantizeActivations(const PackedWeights& p, const float* A, int64_t row_begin, int64_t row_end,
+                         detail::ActRows* out) {
+  const Shape& s = p.shape;
+  const int64_t nb = p.num_blocks;
+  cpu::ActCodes codes;
+  codes.codes = out->codes.data() + row_begin * p.k_padded;
+  codes.row_stride = p.k_padded;
+  codes.block_stride = p.block_padded;
+  codes.scales = out->scales.data() + row_begin * nb;
+  codes.sums = out->corr.data() + row_begin * nb;
+  cpu::Kernels(p.isa).quantize_act_rows(A + row_begin * s.K, row_end - row_begin, s.K, s.act_bits, s.block_size, codes);
+  const int32_t zw = static_cast<int32_t>(p.implicit_zero_point);
+  for (int64_t i = row_begin * nb; i < row_end * nb; ++i) {
+    const int32_t sum = out->corr[i];
+    out->sums[i] = static_cast<float>(sum);
+    out->corr[i] = -zw * sum;
+  }
+}
+
 void ComputeScalarRows(const PackedWeights& p, const detail::ActRows* act, const float* A, int64_t row_begin,
                        int64_t row_end, const float* bias, float* Y) {
   const Shape& s = p.shape;
@@ -289,18 +212,15 @@ void ComputeScalarRows(const PackedWeights& p, const detail::ActRows* act, const
         const float ws = p.scales[n * nb + b];
         const float zw = s.symmetric ? p.implicit_zero_point : p.zero_points[n * nb + b];  // or the offset
         if (act && offsets) {  // a_scale * (w_scale * dot + offset * sum(sa))
-          const int8_t* a = act->codes.data() + m * p.k_padded + b * p.block_padded - k0;
-          int32_t dot = 0;
-          for (int64_t k = k0; k < k1; ++k) dot += static_cast<int32_t>(a[k]) * static_cast<int32_t>(w[k]);
+          const int32_t dot = nl::dot_i8(act->codes.data() + m * p.k_padded + b * p.block_padded, w + k0, k1 - k0);
           const float f = std::fma(zw, act->sums[m * nb + b], static_cast<float>(dot) * ws);
           y = std::fma(f, act->scales[m * nb + b], y);
         } else if (offsets) {
           const float* a = A + m * K;
           for (int64_t k = k0; k < k1; ++k) y = std::fma(a[k], value_with_offset(w[k], ws, zw), y);
         } else if (act) {
-          const int8_t* a = act->codes.data() + m * p.k_padded + b * p.block_padded - k0;
-          int32_t dot = s.symmetric ? act->corr[m * nb + b] : 0;
-          for (int64_t k = k0; k < k1; ++k) dot += static_cast<int32_t>(a[k]) * static_cast<int32_t>(w[k]);
+          const int32_t dot = (s.symmetric ? act->corr[m * nb + b] : 0) +
+                              nl::dot_i8(act->codes.data() + m * p.k_padded + b * p.block_padded, w + k0, k1 - k0);
           float f = static_cast<float>(dot);
           if (!s.symmetric) f = std::fma(-zw, act->sums[m * nb + b], f);
           f *= act->scales[m * nb + b];
@@ -335,11 +255,7 @@ void Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
     auto quantize = [&](std::size_t task) {
       const int64_t r0 = static_cast<int64_t>(task) * rows_per_task, r1 = std::min(M, r0 + rows_per_task);
       if (act_codes != nullptr) return detail::UnpackRows(p, *act_codes, r0, r1, &act);
-#if BCT_MATMUL_X86
-      if (p.isa == Isa::kAvx512Vnni) return detail::QuantizeRowsAvx512(p, A, r0, r1, &act);
-      if (p.isa == Isa::kAvx2 || p.isa == Isa::kAvxVnni) return detail::QuantizeRowsAvx2(p, A, r0, r1, &act);
-#endif
-      detail::QuantizeRowsScalar(p, A, r0, r1, &act);
+      QuantizeActivations(p, A, r0, r1, &act);
     };
     if (tasks > 1) {
       parallel_for(static_cast<std::size_t>(tasks), quantize);
@@ -348,7 +264,8 @@ void Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
     }
   }
 
-  if (p.isa == Isa::kScalar) {
+  const matmul::TilesFn tiles = cpu::Kernels(p.isa).matmul_tiles;
+  if (tiles == nullptr) {
     const int64_t rows_per_task = std::max<int64_t>(1, std::min<int64_t>(8, M));
     const int64_t tasks = (M + rows_per_task - 1) / rows_per_task;
     parallel_for(static_cast<std::size_t>(tasks), [&](std::size_t task) {
@@ -392,15 +309,7 @@ void Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
     const int64_t rc = static_cast<int64_t>(task) / tile_chunks, tc = static_cast<int64_t>(task) % tile_chunks;
     const int64_t r0 = rc * rows_per_task, r1 = std::min(M, r0 + rows_per_task);
     const int64_t t0 = tc * tiles_per_task, t1 = std::min(p.num_tiles, t0 + tiles_per_task);
-#if BCT_MATMUL_X86
-    if (p.isa == Isa::kAvx512Vnni) {
-      detail::TilesAvx512(p, act_ptr, a_padded, r0, r1, t0, t1, bias, Y);
-    } else if (p.isa == Isa::kAvxVnni) {
-      detail::TilesAvxVnni(p, act_ptr, a_padded, r0, r1, t0, t1, bias, Y);
-    } else {
-      detail::TilesAvx2(p, act_ptr, a_padded, r0, r1, t0, t1, bias, Y);
-    }
-#endif
+    tiles(p, act_ptr, a_padded, r0, r1, t0, t1, bias, Y);
   });
 }
 

@@ -35,29 +35,14 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "bct/block_math.h"
-
-// The SIMD paths exist on x86 only; elsewhere the scalar path is the only one (the SIMD files
-// compile to nothing).
-#if defined(__x86_64__) || defined(__i386__)
-#define BCT_MATMUL_X86 1
-#else
-#define BCT_MATMUL_X86 0
-#endif
+#include "cpu/isa.h"
 
 namespace bct {
 namespace matmul {
-
-enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2, kAvxVnni = 3 };
-
-const char* IsaName(Isa isa);
-// Best instruction set this CPU supports.
-Isa BestIsa();
-// Instruction set chosen by the value of BCT_ONNX_ISA (nullptr or "" or "auto": BestIsa()).
-// Returns false with a message when the value is unknown or the CPU lacks the requested set.
-bool IsaFromName(const char* name, Isa* isa, std::string* error);
 
 using ScaleKind = ::bct::ScaleKind;  // float16, float32, or pow2 exponent bytes
 
@@ -93,6 +78,25 @@ inline int ZeroPointMode(const Shape& shape) {
   return shape.zero_point_kind == ZeroPointKind::kInteger ? kZpInteger : kZpOffset;
 }
 
+// Calls f(nibble, zp) with std::integral_constant arguments for the weight's storage (nibble codes
+// or bytes) and zero-point mode, so a SIMD path instantiates its templates for each combination once.
+template <class F>
+void ForWeightMode(bool nibble, const Shape& shape, const F& f) {
+  using Nibble = std::integral_constant<bool, true>;
+  using Bytes = std::integral_constant<bool, false>;
+  switch (ZeroPointMode(shape)) {
+    case kZpSymmetric:
+      return nibble ? f(Nibble{}, std::integral_constant<int, kZpSymmetric>{})
+                    : f(Bytes{}, std::integral_constant<int, kZpSymmetric>{});
+    case kZpInteger:
+      return nibble ? f(Nibble{}, std::integral_constant<int, kZpInteger>{})
+                    : f(Bytes{}, std::integral_constant<int, kZpInteger>{});
+    default:
+      return nibble ? f(Nibble{}, std::integral_constant<int, kZpOffset>{})
+                    : f(Bytes{}, std::integral_constant<int, kZpOffset>{});
+  }
+}
+
 // Runs task(i) for i in [0, total), possibly on several threads; returns when all are done.
 using ParallelFor = std::function<void(std::size_t total, const std::function<void(std::size_t)>& task)>;
 
@@ -102,7 +106,7 @@ void SerialFor(std::size_t total, const std::function<void(std::size_t)>& task);
 // Weights repacked for one instruction set. Immutable after Pack, so Compute may run concurrently.
 struct PackedWeights {
   Shape shape;
-  Isa isa = Isa::kScalar;
+  cpu::Isa isa = cpu::Isa::kBaseline;  // the path (cpu/kernel_table.h: its tiles; none: the scalar path)
   int64_t num_blocks = 0;
   int64_t block_padded = 0;  // SIMD: min(block_size, K) rounded up to 8; scalar: block_size
   int64_t k_padded = 0;      // num_blocks * block_padded
@@ -125,7 +129,7 @@ struct PackedWeights {
 };
 
 // Validates nothing beyond what it needs (the op validates); the inputs must match shape.
-std::unique_ptr<PackedWeights> Pack(const Shape& shape, const WeightInputs& weights, Isa isa);
+std::unique_ptr<PackedWeights> Pack(const Shape& shape, const WeightInputs& weights, cpu::Isa isa);
 
 // Activation rows already quantized in the kernel's own run-time format (act_bits, block_size,
 // symmetric, float32 scales): what quantizing A would give, so the kernel uses them as they are.
@@ -150,14 +154,11 @@ struct ActRows {  // quantized activations of M rows, in the padded block layout
   std::vector<float> sums;      // [M][num_blocks] float(sum(sa)) (asymmetric weights)
 };
 
-void QuantizeRowsScalar(const PackedWeights& p, const float* A, int64_t row_begin, int64_t row_end, ActRows* out);
-void QuantizeRowsAvx2(const PackedWeights& p, const float* A, int64_t row_begin, int64_t row_end, ActRows* out);
-void QuantizeRowsAvx512(const PackedWeights& p, const float* A, int64_t row_begin, int64_t row_end, ActRows* out);
 // Fills out from codes already in the activation format (the fast path of a quantized input).
 void UnpackRows(const PackedWeights& p, const ActivationCodes& in, int64_t row_begin, int64_t row_end, ActRows* out);
 
-// Computes rows [row_begin, row_end) x tiles [tile_begin, tile_end) of Y.
-// Integer mode reads act; float mode reads a_padded ([M][k_padded] floats).
+// Computes rows [row_begin, row_end) x tiles [tile_begin, tile_end) of Y: the SIMD paths' entries
+// of Kernels(isa).matmul_tiles. Integer mode reads act; float mode reads a_padded ([M][k_padded] floats).
 void TilesAvx2(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin,
                int64_t row_end, int64_t tile_begin, int64_t tile_end, const float* bias, float* Y);
 void TilesAvx512(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin,
@@ -166,5 +167,9 @@ void TilesAvxVnni(const PackedWeights& p, const ActRows* act, const float* a_pad
                   int64_t row_end, int64_t tile_begin, int64_t tile_end, const float* bias, float* Y);
 
 }  // namespace detail
+
+using TilesFn = void (*)(const PackedWeights& p, const detail::ActRows* act, const float* a_padded, int64_t row_begin,
+                         int64_t row_end, int64_t tile_begin, int64_t tile_end, const float* bias, float* Y);
+
 }  // namespace matmul
 }  // namespace bct

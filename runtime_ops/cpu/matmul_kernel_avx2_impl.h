@@ -17,8 +17,8 @@
 
 #include "matmul_kernel.h"
 
-#ifndef BCT_MATMUL_AVX_VNNI
-#error "define BCT_MATMUL_AVX_VNNI (0 or 1) before including matmul_kernel_avx2_impl.h"
+#if !defined(BCT_MATMUL_AVX_VNNI) || !defined(BCT_MATMUL_TILES)
+#error "define BCT_MATMUL_AVX_VNNI (0 or 1) and BCT_MATMUL_TILES (the entry's name) before including matmul_kernel_avx2_impl.h"
 #endif
 
 namespace bct {
@@ -56,6 +56,16 @@ inline void StoreTile(const PackedWeights& p, __m256 (&facc)[R][2], int64_t row0
     const int64_t cols = N - col0;
     if (cols <= 0) continue;
     for (int r = 0; r < R; ++r) StoreHalf(Y + (row0 + r) * N + col0, bias ? bias + col0 : nullptr, cols, facc[r][h]);
+  }
+}
+
+// Scales and zero points (or offsets) of block b of a tile, as two halves of 8 columns.
+template <int kZp>
+inline void LoadTileParams(const PackedWeights& p, int64_t tile, int64_t b, __m256 (&ws)[2], __m256 (&zw)[2]) {
+  for (int h = 0; h < 2; ++h) {
+    const int64_t at = (tile * p.num_blocks + b) * 16 + h * 8;
+    ws[h] = _mm256_loadu_ps(p.scales.data() + at);
+    zw[h] = kZp == kZpSymmetric ? _mm256_setzero_ps() : _mm256_loadu_ps(p.zero_points.data() + at);
   }
 }
 
@@ -176,11 +186,7 @@ void FloatTile(const PackedWeights& p, const float* a_padded, int64_t row0, int6
   for (int r = 0; r < R; ++r) ar[r] = a_padded + (row0 + r) * kp;
   for (int64_t b = 0; b < nb; ++b) {
     __m256 ws[2], zw[2];
-    for (int h = 0; h < 2; ++h) {
-      const int64_t at = (tile * nb + b) * 16 + h * 8;
-      ws[h] = _mm256_loadu_ps(p.scales.data() + at);
-      zw[h] = kZp == kZpSymmetric ? _mm256_setzero_ps() : _mm256_loadu_ps(p.zero_points.data() + at);
-    }
+    LoadTileParams<kZp>(p, tile, b, ws, zw);
     const uint8_t* wb = p.codes.data() + tile * p.tile_bytes + b * groups * 64;
     for (int64_t g = 0; g < groups; ++g) {
       __m256i raw[2];
@@ -249,11 +255,7 @@ void DequantizeTile(const PackedWeights& p, int64_t tile, float* out) {
   const uint8_t* codes = p.codes.data() + tile * p.tile_bytes;
   for (int64_t b = 0; b < nb; ++b) {
     __m256 ws[2], zw[2];
-    for (int h = 0; h < 2; ++h) {
-      const int64_t at = (tile * nb + b) * 16 + h * 8;
-      ws[h] = _mm256_loadu_ps(p.scales.data() + at);
-      zw[h] = kZp == kZpSymmetric ? _mm256_setzero_ps() : _mm256_loadu_ps(p.zero_points.data() + at);
-    }
+    LoadTileParams<kZp>(p, tile, b, ws, zw);
     for (int64_t g = 0; g < groups; ++g) {
       __m256i raw[2];
       for (int h = 0; h < 2; ++h) {
@@ -289,28 +291,17 @@ void RunTiles(const PackedWeights& p, const ActRows* act, const float* a_padded,
   }
 }
 
-// Computes rows [row_begin, row_end) x tiles [tile_begin, tile_end) of Y.
-void Tiles256(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin, int64_t row_end,
-              int64_t tile_begin, int64_t tile_end, const float* bias, float* Y) {
-  const int mode = ZeroPointMode(p.shape);
-  if (p.nibble) {
-    if (mode == kZpSymmetric) {
-      RunTiles<true, kZpSymmetric>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
-    } else if (mode == kZpInteger) {
-      RunTiles<true, kZpInteger>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
-    } else {
-      RunTiles<true, kZpOffset>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
-    }
-  } else if (mode == kZpSymmetric) {
-    RunTiles<false, kZpSymmetric>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
-  } else if (mode == kZpInteger) {
-    RunTiles<false, kZpInteger>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
-  } else {
-    RunTiles<false, kZpOffset>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
-  }
+}  // namespace
+
+// The path's entry of Kernels(isa).matmul_tiles (named by the including file).
+void BCT_MATMUL_TILES(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin,
+                      int64_t row_end, int64_t tile_begin, int64_t tile_end, const float* bias, float* Y) {
+  ForWeightMode(p.nibble, p.shape, [&](auto nibble, auto zp) {
+    RunTiles<decltype(nibble)::value, decltype(zp)::value>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end,
+                                                           bias, Y);
+  });
 }
 
-}  // namespace
 }  // namespace detail
 }  // namespace matmul
 }  // namespace bct

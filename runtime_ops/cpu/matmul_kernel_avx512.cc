@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "matmul_kernel.h"
-#if BCT_MATMUL_X86
+#if BCT_X86_SIMD
 
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma"))), \
@@ -491,82 +491,15 @@ void RunTiles(const PackedWeights& p, const ActRows* act, const float* a_padded,
   for (; t < tile_end; ++t) SmallRows<1, kNibble, kZp>(p, act, a_padded, row_begin, row_end, t, bias, Y);
 }
 
-// First element of largest magnitude in x[0, len), as np.argmax(np.abs(x)) picks it.
-inline float FirstMaxAbs(const float* x, int64_t len) {
-  const __m512 sign = _mm512_set1_ps(-0.0f);
-  __m512 vmax = _mm512_setzero_ps();
-  for (int64_t k = 0; k < len; k += 16) {
-    const __mmask16 m = len - k >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (len - k)) - 1u);
-    vmax = _mm512_max_ps(vmax, _mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(m, x + k)));
-  }
-  const float amax = _mm512_reduce_max_ps(vmax);
-  const __m512 target = _mm512_set1_ps(amax);
-  for (int64_t k = 0; k < len; k += 16) {
-    const __mmask16 m = len - k >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (len - k)) - 1u);
-    const __m512 v = _mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(m, x + k));
-    const __mmask16 hit = _mm512_mask_cmp_ps_mask(m, v, target, _CMP_EQ_OQ);
-    if (hit) return x[k + __builtin_ctz(hit)];
-  }
-  return 0.f;  // all NaN: the scalar reference also keeps 0
-}
-
 }  // namespace
-
-void QuantizeRowsAvx512(const PackedWeights& p, const float* A, int64_t row_begin, int64_t row_end, ActRows* out) {
-  const Shape& s = p.shape;
-  const int64_t K = s.K, nb = p.num_blocks, bkp = p.block_padded, kp = p.k_padded;
-  const int qmax = (1 << (s.act_bits - 1)) - 1, qmin = -(1 << (s.act_bits - 1));
-  const float divisor = static_cast<float>(qmin);
-  const int32_t zw = static_cast<int32_t>(p.implicit_zero_point);
-  const __m512i vmin = _mm512_set1_epi32(qmin), vmax = _mm512_set1_epi32(qmax);
-  for (int64_t m = row_begin; m < row_end; ++m) {
-    const float* a = A + m * K;
-    int8_t* codes = out->codes.data() + m * kp;
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t k0 = b * s.block_size, len = std::min<int64_t>(s.block_size, K - k0);
-      const float scale = FirstMaxAbs(a + k0, len) / divisor;
-      const float inv = scale == 0.f ? 0.f : 1.0f / scale;
-      const __m512 vinv = _mm512_set1_ps(inv);
-      __m512i vsum = _mm512_setzero_si512();
-      int8_t* dst = codes + b * bkp;
-      for (int64_t k = 0; k < bkp; k += 16) {
-        const int64_t left = len - k;
-        const __mmask16 m16 = left >= 16 ? static_cast<__mmask16>(0xffff)
-                                         : static_cast<__mmask16>(left > 0 ? (1u << left) - 1u : 0u);
-        const __m512 x = _mm512_maskz_loadu_ps(m16, a + k0 + k);
-        __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(x, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        q = _mm512_maskz_max_epi32(m16, _mm512_min_epi32(q, vmax), vmin);
-        vsum = _mm512_add_epi32(vsum, q);
-        const int64_t store = std::min<int64_t>(16, bkp - k);
-        _mm_mask_storeu_epi8(dst + k, static_cast<__mmask16>((1u << store) - 1u), _mm512_cvtepi32_epi8(q));
-      }
-      const int32_t sum = _mm512_reduce_add_epi32(vsum);
-      out->scales[m * nb + b] = scale;
-      out->corr[m * nb + b] = -zw * sum;
-      out->sums[m * nb + b] = static_cast<float>(sum);
-    }
-  }
-}
 
 void TilesAvx512(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin, int64_t row_end,
                  int64_t tile_begin, int64_t tile_end, const float* bias, float* Y) {
   // Float mode symmetric weights are stored as signed codes (no zero point left to subtract).
-  const int mode = ZeroPointMode(p.shape);
-  if (p.nibble) {
-    if (mode == kZpSymmetric) {
-      RunTiles<true, kZpSymmetric>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
-    } else if (mode == kZpInteger) {
-      RunTiles<true, kZpInteger>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
-    } else {
-      RunTiles<true, kZpOffset>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
-    }
-  } else if (mode == kZpSymmetric) {
-    RunTiles<false, kZpSymmetric>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
-  } else if (mode == kZpInteger) {
-    RunTiles<false, kZpInteger>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
-  } else {
-    RunTiles<false, kZpOffset>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end, bias, Y);
-  }
+  ForWeightMode(p.nibble, p.shape, [&](auto nibble, auto zp) {
+    RunTiles<decltype(nibble)::value, decltype(zp)::value>(p, act, a_padded, row_begin, row_end, tile_begin, tile_end,
+                                                           bias, Y);
+  });
 }
 
 }  // namespace detail
@@ -577,4 +510,4 @@ void TilesAvx512(const PackedWeights& p, const ActRows* act, const float* a_padd
 #pragma clang attribute pop
 #endif
 
-#endif  // BCT_MATMUL_X86
+#endif  // BCT_X86_SIMD

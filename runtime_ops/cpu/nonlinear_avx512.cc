@@ -4,31 +4,24 @@
 // uses separate multiply and add intrinsics), the selects as masked blends with the scalar code's
 // NaN behaviour. Same bits as the scalar row functions; tests/runtime_ops/test_nonlinear.py checks
 // every path against the numpy spec (BCT_ONNX_ISA forces them).
-#include <immintrin.h>
-
 #include <cstdint>
 #include <cstring>
 
-#include "bct/nonlinear_math.h"
-#include "cpu/row_kernels.h"
-#include "ops/nonlinear_families.h"
+#include <immintrin.h>
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#define BCT_NL_AVX512 1
-#pragma GCC push_options
+#include "bct/nonlinear_math.h"
+#include "cpu/kernel_table.h"
+
+#if BCT_X86_SIMD
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
 // GCC 12 warns about the undefined vector behind masked intrinsics; nothing reads it.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
-#else
-#define BCT_NL_AVX512 0
-#endif
 
 namespace bct {
-namespace nonlinear {
+namespace cpu {
 namespace {
 
-#if BCT_NL_AVX512
 inline __mmask16 TailMask(int64_t left) {
   return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
 }
@@ -96,7 +89,7 @@ inline void GeluErfR(__m512* x) {
   }
 }
 
-void GeluErfRowAvx512(float* y, int64_t n, nl::GeluForm) {
+void GeluErfRowAvx512(float* y, int64_t n) {
   int64_t i = 0;
   for (; i + 64 <= n; i += 64) {
     __m512 v[4];
@@ -163,52 +156,25 @@ void SoftmaxRowsT(float* y, int64_t n) {
   }
 }
 
-void SoftmaxRowAvx512(float* y, int64_t n) { SoftmaxRowsT<1>(y, n); }
+}  // namespace
 
 void SoftmaxRowsAvx512(float* y, int64_t rows, int64_t n) {
   int64_t r = 0;
   for (; r + 4 <= rows; r += 4) SoftmaxRowsT<4>(y + r * n, n);
   for (; r < rows; ++r) SoftmaxRowsT<1>(y + r * n, n);
 }
-#endif
 
-bool UseAvx512(bool baseline) {
-#if BCT_NL_AVX512
-  return !baseline && cpu::ResolveRowSimd(cpu::RowSimdFromEnvironment()) == cpu::RowSimd::kAvx512;
-#else
-  (void)baseline;
-  return false;
-#endif
+// The exact form explicitly; the tanh form as the portable code compiled for AVX-512.
+void GeluRowAvx512(float* y, int64_t n, nl::GeluForm form) {
+  if (form == nl::GeluForm::kErf) {
+    GeluErfRowAvx512(y, n);
+  } else {
+    avx512::GeluRow(y, n, form);
+  }
 }
 
-}  // namespace
-
-SoftmaxRowsFn SelectSoftmaxRowsCpu(bool baseline) {
-#if BCT_NL_AVX512
-  if (UseAvx512(baseline)) return SoftmaxRowsAvx512;
-#endif
-  return nullptr;
-}
-
-SoftmaxRowFn SelectSoftmaxRowCpu(bool baseline) {
-#if BCT_NL_AVX512
-  if (UseAvx512(baseline)) return SoftmaxRowAvx512;
-#endif
-  return baseline ? SoftmaxRowCpuBaseline : SoftmaxRowCpu;
-}
-
-GeluRowFn SelectGeluRowCpu(bool baseline, nl::GeluForm form) {
-#if BCT_NL_AVX512
-  if (form == nl::GeluForm::kErf && UseAvx512(baseline)) return GeluErfRowAvx512;
-#else
-  (void)form;
-#endif
-  return baseline ? GeluRowCpuBaseline : GeluRowCpu;
-}
-
-}  // namespace nonlinear
+}  // namespace cpu
 }  // namespace bct
 
-#if BCT_NL_AVX512
-#pragma GCC pop_options
-#endif
+#endif  // BCT_X86_SIMD
+

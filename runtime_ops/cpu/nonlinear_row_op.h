@@ -1,17 +1,10 @@
 // CPU kernel template of the row-wise compressed nonlinear ops (BlockGelu, BlockSilu, BlockSoftmax,
 // BlockLayerNorm, BlockRMSNorm): for every row of the last axis, in parallel,
-//   load (copy float32, or cpu::DequantizeRow) -> Family::Row (bct/nonlinear_math.h) -> store
-//   (into Y, or cpu::QuantizeRow into codes / scales / zero points).
-// The families (and RowOpSchema, the op declaration shared with CUDA) are in ops/nonlinear_families.h.
-// A Family supplies kName, its extra inputs (after the operand's three slots) and the row function:
-//   struct Family {
-//     static constexpr const char* kName; static constexpr size_t kExtraInputs;
-//     static bool ExtraInputOptional(size_t extra_index);
-//     Family(const OrtKernelInfo*, const NodeRef&);            // reads op attributes
-//     struct Params {...};
-//     Params Prepare(const Ort::KernelContext&, const NodeRef&, int64_t axis_size) const;  // extra inputs
-//     void Row(const Params&, float* y, int64_t axis_size) const;
-//   };
+//   load (copy float32, or cpu::DequantizeRows) -> the family's row function -> store
+//   (into Y, or cpu::QuantizeRows into codes / scales / zero points),
+// in groups of rows. The families (and RowOpSchema, the op declaration shared with CUDA) are in
+// ops/nonlinear_families.h; RunRowsCpu below calls each family's row function from the kernel's
+// table (cpu/kernel_table.h), as SetOp in cuda/nonlinear_ops_cuda.cc picks the CUDA one.
 #pragma once
 
 #include <algorithm>
@@ -23,32 +16,39 @@
 #include "ops/block_io.h"
 #include "ops/nonlinear_families.h"
 #include "ops/nonlinear_io.h"
-#include "row_kernels.h"
+#include "cpu/kernel_table.h"
+#include "cpu/row_kernels.h"
 
 namespace bct {
 namespace nonlinear {
 
-// Family::Rows when the family has it (several rows at once), else Family::Row per row.
-template <class Family, class Params>
-auto RunRowsImpl(const Family& family, const Params& params, float* y, int64_t count, int64_t d, int)
-    -> decltype(family.Rows(params, y, count, d)) {
-  family.Rows(params, y, count, d);
+// `count` consecutive rows of d (y rows d apart), in place, with the family's row function.
+inline void RunRowsCpu(const cpu::KernelTable& k, const GeluFamily& f, const GeluFamily::Params&, float* y,
+                       int64_t count, int64_t d) {
+  for (int64_t i = 0; i < count; ++i) k.gelu_row(y + i * d, d, f.form);
 }
-
-template <class Family, class Params>
-void RunRowsImpl(const Family& family, const Params& params, float* y, int64_t count, int64_t d, long) {
-  for (int64_t i = 0; i < count; ++i) family.Row(params, y + i * d, d);
+inline void RunRowsCpu(const cpu::KernelTable& k, const SiluFamily&, const SiluFamily::Params&, float* y,
+                       int64_t count, int64_t d) {
+  for (int64_t i = 0; i < count; ++i) k.silu_row(y + i * d, d);
 }
-
-template <class Family, class Params>
-void RunRows(const Family& family, const Params& params, float* y, int64_t count, int64_t d) {
-  RunRowsImpl(family, params, y, count, d, 0);
+inline void RunRowsCpu(const cpu::KernelTable& k, const SoftmaxFamily&, const SoftmaxFamily::Params&, float* y,
+                       int64_t count, int64_t d) {
+  k.softmax_rows(y, count, d);
+}
+inline void RunRowsCpu(const cpu::KernelTable& k, const LayerNormFamily& f, const LayerNormFamily::Params& p,
+                       float* y, int64_t count, int64_t d) {
+  for (int64_t i = 0; i < count; ++i) k.layer_norm_row(y + i * d, d, p.scale, p.bias, f.epsilon);
+}
+inline void RunRowsCpu(const cpu::KernelTable& k, const RMSNormFamily& f, const RMSNormFamily::Params& p, float* y,
+                       int64_t count, int64_t d) {
+  for (int64_t i = 0; i < count; ++i) k.rms_norm_row(y + i * d, d, p.scale, f.epsilon);
 }
 
 template <class Family>
 class RowOpCpuKernel : public RowOpKernelBase<Family> {
  public:
-  using RowOpKernelBase<Family>::RowOpKernelBase;
+  RowOpCpuKernel(const OrtKernelInfo* info, const NodeRef& node)
+      : RowOpKernelBase<Family>(info, node), isa_(cpu::KernelIsa(this->node_)), kernels_(cpu::Kernels(isa_)) {}
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(this->node_, [&] {
@@ -59,7 +59,7 @@ class RowOpCpuKernel : public RowOpKernelBase<Family> {
       const int64_t d = x.axis_size;
       cpu::RowFormat in_fmt = OperandRowFormat<cpu::RowFormat>(this->in_, x, d);
       cpu::RowFormat out_fmt = ResultRowFormat<cpu::RowFormat>(this->out_, r);
-      in_fmt.simd = out_fmt.simd = simd_;
+      in_fmt.isa = out_fmt.isa = isa_;
       const cpu::PackedRows source(in_fmt, x.codes, x.scales, x.zero_points);
       const cpu::MutablePackedRows sink(out_fmt, r.codes, r.scales, r.zero_points);
       const int64_t min_rows = std::max<int64_t>(1, 8192 / d);
@@ -76,7 +76,7 @@ class RowOpCpuKernel : public RowOpKernelBase<Family> {
           } else {
             std::memcpy(y, x.x + row0 * d, static_cast<size_t>(count * d) * sizeof(float));
           }
-          RunRows(this->family_, call.params, y, count, d);
+          RunRowsCpu(kernels_, this->family_, call.params, y, count, d);
           if (r.quantized) sink.QuantizeRange(buffer.data(), row0, count);
         }
       });
@@ -84,9 +84,8 @@ class RowOpCpuKernel : public RowOpKernelBase<Family> {
   }
 
  private:
-  // SIMD level of the dequantize / quantize row loops, from the environment at kernel creation
-  // (BCT_ONNX_BASELINE_SIMD, BCT_ONNX_ISA), so tests can force each path.
-  cpu::RowSimd simd_ = cpu::RowSimdFromEnvironment();
+  cpu::Isa isa_;  // chosen at creation (BCT_ONNX_ISA, BCT_ONNX_BASELINE_SIMD), so tests can force each path
+  const cpu::KernelTable& kernels_;
 };
 
 }  // namespace nonlinear

@@ -2,14 +2,15 @@
 #include "bct/op_common.h"
 #include "ops/block_io.h"
 #include "ops/ops.h"
-#include "row_kernels.h"
+#include "cpu/kernel_table.h"
+#include "cpu/row_kernels.h"
 
 namespace bct {
 namespace {
 
 class QuantizeCpuKernel : public QuantizeKernelBase {
  public:
-  using QuantizeKernelBase::QuantizeKernelBase;
+  QuantizeCpuKernel(const OrtKernelInfo* info, const NodeRef& node) : QuantizeKernelBase(info, node), isa_(cpu::KernelIsa(node_)) {}
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
@@ -17,7 +18,7 @@ class QuantizeCpuKernel : public QuantizeKernelBase {
       const QuantizeCall c = PrepareQuantize(ctx, node_, attrs_);
       const RowsGeometry& g = c.g;
       cpu::RowFormat fmt = BlockRowFormat<cpu::RowFormat>(attrs_.block, g);
-      fmt.simd = simd_;
+      fmt.isa = isa_;
       const cpu::MutablePackedRows sink(fmt, c.out.codes, c.out.scales, c.out.zero_points);
       const float* x_data = c.x.As<float>();
       const int64_t min_rows = std::max<int64_t>(1, 8192 / g.axis_size);
@@ -28,7 +29,7 @@ class QuantizeCpuKernel : public QuantizeKernelBase {
   }
 
  private:
-  cpu::RowSimd simd_ = cpu::RowSimdFromEnvironment();  // BCT_ONNX_ISA / BCT_ONNX_BASELINE_SIMD at creation
+  cpu::Isa isa_;  // chosen at creation (BCT_ONNX_ISA, BCT_ONNX_BASELINE_SIMD)
 };
 
 }  // namespace
@@ -37,7 +38,5 @@ void AppendQuantizeCpuOps(Ort::CustomOpDomain& domain) {
   static BlockCustomOp<QuantizeSchema, QuantizeCpuKernel> op(nullptr);
   domain.Add(&op);
 }
-
-const char* CpuSimdName() { return cpu::SimdName(); }
 
 }  // namespace bct

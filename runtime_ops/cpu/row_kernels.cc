@@ -1,10 +1,14 @@
+// The row loops of every path: baseline (SSE2), AVX2 and AVX-512 functions (target attributes,
+// chosen at run time through Kernels(isa), cpu/kernel_table.h), and the AVX-512 activation quantizer.
 #include "row_kernels.h"
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
+
+#include "cpu/kernel_table.h"
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the row loops assume a little-endian host");
 
@@ -15,13 +19,10 @@ static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the row loops assume a
 #define BCT_SSE2 0
 #endif
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if BCT_X86_SIMD
 #include <immintrin.h>
 // GCC 12 warns about the undefined vector behind masked loads (_mm512_maskz_*); nothing reads it.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#define BCT_AVX2 1  // compiled with a target attribute, chosen at run time
-#else
-#define BCT_AVX2 0
 #endif
 
 namespace bct {
@@ -104,7 +105,7 @@ inline void DequantizeSpan4(const uint8_t* codes, int64_t begin, int64_t end, fl
   if (i < end) out[i] = value_of(codes[i / 2] & 0x0fu, zero_point, scale);
 }
 
-#if BCT_AVX2
+#if BCT_X86_SIMD
 // AVX2 (no FMA: a separate subtract and multiply, exactly as value_of) versions of the two fast
 // paths; 32 codes per iteration.
 __attribute__((target("avx2"), always_inline)) inline void Store8x4(__m128i bytes16, __m256 zp, __m256 scale, float* out) {
@@ -172,22 +173,7 @@ __attribute__((target("avx2"))) void DequantizeSpanGenericAvx2(const uint8_t* co
   for (; i < end; ++i) out[i] = value_of(get_code(codes, i, bits, row_nbytes), zero_point, scale);
 }
 
-bool HasAvx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
-}
-
-bool HasAvx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && HasAvx2();
-  return has;
-}
-#else
-bool HasAvx2() { return false; }
-bool HasAvx512() { return false; }
 #endif
-
-RowSimd CpuRowSimd() { return HasAvx512() ? RowSimd::kAvx512 : (HasAvx2() ? RowSimd::kAvx2 : RowSimd::kBaseline); }
 
 // Float scales and zero points of blocks [b0, b0 + n) of a row.
 inline void BlockParams(const RowFormat& fmt, const void* scales, const uint8_t* zero_points, int64_t b0, int64_t n,
@@ -238,7 +224,7 @@ inline void Chunk4(const uint8_t* codes, int64_t begin, int64_t end, int64_t blo
   BCT_FOR_BLOCKS_OF_CHUNK(DequantizeSpan4)
 }
 
-#if BCT_AVX2
+#if BCT_X86_SIMD
 __attribute__((target("avx2"))) void Chunk8Avx2(const uint8_t* codes, int64_t begin, int64_t end,
                                                 int64_t block_size, const float* scales, const float* zps,
                                                 float* out) {
@@ -302,10 +288,9 @@ void DequantizeRowWithOffsets(const RowFormat& fmt, const uint8_t* codes, const 
   }
 }
 
-}  // namespace
-
-void DequantizeRow(const RowFormat& fmt, const uint8_t* codes, const void* scales, const uint8_t* zero_points,
-                   float* out) {
+// One row; avx2: the AVX2 spans (the caller checked the CPU).
+void DequantizeRowOn(const RowFormat& fmt, const uint8_t* codes, const void* scales, const uint8_t* zero_points,
+                     float* out, bool avx2) {
   if (!fmt.symmetric && fmt.zero_point_kind != ZeroPointKind::kInteger) {
     DequantizeRowWithOffsets(fmt, codes, scales, zero_points, out);
     return;
@@ -316,8 +301,8 @@ void DequantizeRow(const RowFormat& fmt, const uint8_t* codes, const void* scale
   float scale_buf[kChunk];
   float zp_buf[kChunk];
   const bool fast4 = fmt.bits == 4 && fmt.block_size % 2 == 0;
-#if BCT_AVX2
-  const bool avx2 = ResolveRowSimd(fmt.simd) >= RowSimd::kAvx2;
+#if !BCT_X86_SIMD
+  (void)avx2;
 #endif
   for (int64_t b0 = 0; b0 < fmt.num_blocks; b0 += kChunk) {
     const int64_t n = std::min(kChunk, fmt.num_blocks - b0);
@@ -325,7 +310,7 @@ void DequantizeRow(const RowFormat& fmt, const uint8_t* codes, const void* scale
     const int64_t begin = b0 * fmt.block_size;
     const int64_t end = std::min(fmt.axis_size, (b0 + n) * fmt.block_size);
     if (fmt.bits == 8) {
-#if BCT_AVX2
+#if BCT_X86_SIMD
       if (avx2) {
         Chunk8Avx2(codes, begin, end, fmt.block_size, scale_buf, zp_buf, out);
         continue;
@@ -333,7 +318,7 @@ void DequantizeRow(const RowFormat& fmt, const uint8_t* codes, const void* scale
 #endif
       Chunk8(codes, begin, end, fmt.block_size, scale_buf, zp_buf, out);
     } else if (fast4) {
-#if BCT_AVX2
+#if BCT_X86_SIMD
       if (avx2) {
         Chunk4Avx2(codes, begin, end, fmt.block_size, scale_buf, zp_buf, out);
         continue;
@@ -344,7 +329,7 @@ void DequantizeRow(const RowFormat& fmt, const uint8_t* codes, const void* scale
       for (int64_t k = 0; k < n; ++k) {
         const int64_t block_begin = begin + k * fmt.block_size;
         const int64_t block_end = std::min(end, block_begin + fmt.block_size);
-#if BCT_AVX2
+#if BCT_X86_SIMD
         if (avx2) {
           DequantizeSpanGenericAvx2(codes, fmt.row_bytes, fmt.bits, block_begin, block_end, zp_buf[k], scale_buf[k],
                                     out);
@@ -356,8 +341,6 @@ void DequantizeRow(const RowFormat& fmt, const uint8_t* codes, const void* scale
     }
   }
 }
-
-namespace {
 
 // Block scale search, vectorised where the data has no NaN (NaN blocks take the exact scalar rule).
 inline StoredScale SymmetricScale(const float* x, int64_t n, int bits, ScaleKind kind) {
@@ -470,8 +453,7 @@ inline void PackRow(const uint8_t* codes, int64_t axis_size, int bits, int64_t r
   for (; i < axis_size; ++i) put_code(row, i, bits, codes[i]);
 }
 
-
-#if BCT_AVX2
+#if BCT_X86_SIMD
 // AVX-512 versions of SymmetricScale / AsymmetricScale / BlockCodes (16 lanes, masked tails): the
 // same comparisons and float32 operations, so the same bits. NaN blocks take the scalar rules.
 #define BCT_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"), always_inline)) inline
@@ -695,7 +677,7 @@ BCT_AVX512_TARGET void ScalesAvx512(const RowFormat& fmt, const float* x, int64_
 
 // Quantizes `rows` consecutive rows x [rows, D]: codes [rows, row_bytes], scales / zero points
 // [rows, nb]. row_codes: scratch of rows * D bytes (unused at 8 bits).
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void QuantizeRowsAvx512(
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void QuantizeRowsAvx512Impl(
     const RowFormat& fmt, const float* x, int64_t rows, uint8_t* codes, void* scales, uint8_t* zero_points,
     uint8_t* row_codes) {
   uint8_t* out = fmt.bits == 8 ? codes : row_codes;  // 8 bits: row_bytes == D, codes as they are
@@ -727,10 +709,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void QuantizeRowsA
   }
 }
 
-// nl::quantize_act_row for `rows` consecutive rows of k: symmetric, float32 scales, signed codes
-// u - 2**(bits-1) into q [rows, k], scales [rows, nb].
+// The activation quantizer (cpu/act_quantize.h) for `rows` consecutive rows of k: the scale work of
+// ScalesAvx512 (symmetric, float32 scales), then signed codes u - 2**(bits-1) and their block sums.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void QuantizeActRowsAvx512Impl(
-    const float* x, int64_t rows, int64_t k, int bits, int64_t block_size, int8_t* q, float* scales) {
+    const float* x, int64_t rows, int64_t k, int bits, int64_t block_size, const ActCodes& out) {
   RowFormat fmt;
   fmt.bits = bits;
   fmt.block_size = block_size;
@@ -744,17 +726,21 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void QuantizeActRo
   const int64_t total = rows * fmt.num_blocks;
   for (int64_t f0 = 0; f0 < total; f0 += kScaleChunk) {
     const int64_t count = std::min(kScaleChunk, total - f0);
-    ScalesAvx512(fmt, x, f0, count, scales, nullptr, inv, unused);
+    ScalesAvx512(fmt, x, f0, count, out.scales, nullptr, inv, unused);
     BlockWalk walk(fmt, f0);
     for (int64_t j = 0; j < count; ++j, walk.next()) {
       const int64_t offset = walk.offset();
       const int64_t n = walk.length();
+      int8_t* q = out.codes + walk.row * out.row_stride + walk.blk * out.block_stride;
       const CodeParams p = MakeCodeParams(inv[j], bits, true, 0);
+      __m512i sum = _mm512_setzero_si512();
       for (int64_t i = 0; i < n; i += 16) {
         const __mmask16 mask = TailMask(n - i);
-        const __m512i c = _mm512_sub_epi32(Codes16(_mm512_maskz_loadu_ps(mask, x + offset + i), p), zp);
-        _mm_mask_storeu_epi8(q + offset + i, mask, _mm512_cvtepi32_epi8(c));
+        const __m512i c = _mm512_maskz_sub_epi32(mask, Codes16(_mm512_maskz_loadu_ps(mask, x + offset + i), p), zp);
+        sum = _mm512_add_epi32(sum, c);
+        _mm_mask_storeu_epi8(q + i, mask, _mm512_cvtepi32_epi8(c));
       }
+      if (out.sums != nullptr) out.sums[f0 + j] = _mm512_reduce_add_epi32(sum);
     }
   }
 }
@@ -780,13 +766,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void DequantizeRow
   }
 }
 
-// nl::quantize_act_row of every column of a row-major block b [len, n] (len <= block size: one block
-// per column): per column the first element of largest magnitude (strict integer compare of the
-// magnitude bits, in row order) gives scale = m / -2**(bits-1) (as m * -2**-(bits-1), the same
-// value); signed codes into q [len, n], scales [n]; has_nan[j] = 1 where column j holds a NaN (the
-// caller redoes those columns with the scalar rule).
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void QuantizeColumnsAvx512Impl(
-    const float* b, int64_t n, int64_t len, int bits, int8_t* q, float* scales, uint8_t* has_nan) {
+// The K-major activation quantizer (cpu/act_quantize.h) of a row-major block b [len, n]: per column
+// the first element of largest magnitude (strict integer compare of the magnitude bits, in row
+// order) gives scale = m / -2**(bits-1) (as m * -2**-(bits-1), the same value); signed codes into
+// q [len, n], scales [n]; a column holding a NaN is redone with the reference rule.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void QuantizeActColumnsAvx512Impl(
+    const float* b, int64_t n, int64_t len, int bits, int8_t* q, float* scales) {
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
   const __m512i inf_bits = _mm512_set1_epi32(0x7f800000);
   const __m512 neg_inv_half = _mm512_set1_ps(-1.0f / static_cast<float>(1 << (bits - 1)));
@@ -806,7 +791,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void QuantizeColum
     }
     const __m512 scale = _mm512_mul_ps(best_v, neg_inv_half);
     _mm512_mask_storeu_ps(scales + j, mask, scale);
-    _mm_mask_storeu_epi8(has_nan + j, mask, _mm_maskz_set1_epi8(nan, 1));
     const CodeParams p = MakeCodeParams(0.0f, bits, true, 0);
     CodeParams pj = p;
     pj.inv = InverseScales(scale);
@@ -814,22 +798,17 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void QuantizeColum
       const __m512i c = _mm512_sub_epi32(Codes16(_mm512_maskz_loadu_ps(mask, b + i * n + j), pj), zp);
       _mm_mask_storeu_epi8(q + i * n + j, mask, _mm512_cvtepi32_epi8(c));
     }
+    for (unsigned bits_left = nan; bits_left != 0; bits_left &= bits_left - 1) {
+      QuantizeActColumnExactly(b, n, len, bits, j + __builtin_ctz(bits_left), q, scales);
+    }
   }
 }
 #undef BCT_AVX512_TARGET
 #endif
 
-}  // namespace
-
-void QuantizeRow(const RowFormat& fmt, const float* x, uint8_t* codes, void* scales, uint8_t* zero_points) {
-  thread_local std::vector<uint8_t> row_codes;
-  if (row_codes.size() < static_cast<size_t>(fmt.axis_size)) row_codes.resize(static_cast<size_t>(fmt.axis_size));
-#if BCT_AVX2
-  if (ResolveRowSimd(fmt.simd) == RowSimd::kAvx512) {
-    QuantizeRowsAvx512(fmt, x, 1, codes, scales, zero_points, row_codes.data());
-    return;
-  }
-#endif
+// QuantizeRows' baseline path, one row: SSE2 scale search and codes, then packing.
+void QuantizeRowSse2(const RowFormat& fmt, const float* x, uint8_t* codes, void* scales, uint8_t* zero_points,
+                     uint8_t* row_codes) {
   for (int64_t b = 0; b < fmt.num_blocks; ++b) {
     const int64_t begin = b * fmt.block_size;
     const int64_t n = std::min(fmt.axis_size, begin + fmt.block_size) - begin;
@@ -839,104 +818,89 @@ void QuantizeRow(const RowFormat& fmt, const float* x, uint8_t* codes, void* sca
                                         : AsymmetricScale(xb, n, fmt.bits, fmt.scale_kind, &zp);
     store_scale(fmt.scale_kind, scales, b, s);
     if (!fmt.symmetric) zero_points[b] = zp;
-    BlockCodes(xb, n, inverse_scale(s.value), fmt.bits, fmt.symmetric, zp, row_codes.data() + begin);
+    BlockCodes(xb, n, inverse_scale(s.value), fmt.bits, fmt.symmetric, zp, row_codes + begin);
   }
-  PackRow(row_codes.data(), fmt.axis_size, fmt.bits, fmt.row_bytes, codes);
+  PackRow(row_codes, fmt.axis_size, fmt.bits, fmt.row_bytes, codes);
 }
 
-bool ForceBaselineSimd() {
-  static const bool force = [] {
-    const char* value = std::getenv("BCT_ONNX_BASELINE_SIMD");
-    return value != nullptr && value[0] != '\0' && value[0] != '0';
-  }();
-  return force;
+// Scratch of n bytes for unpacked codes, per thread.
+uint8_t* RowCodesScratch(size_t n) {
+  thread_local std::vector<uint8_t> row_codes;
+  if (row_codes.size() < n) row_codes.resize(n);
+  return row_codes.data();
 }
 
-void QuantizeRows(const RowFormat& fmt, const float* x, int64_t rows, uint8_t* codes, void* scales,
-                  uint8_t* zero_points) {
-  if (rows <= 0) return;
-#if BCT_AVX2
-  if (ResolveRowSimd(fmt.simd) == RowSimd::kAvx512) {
-    thread_local std::vector<uint8_t> row_codes;
-    const size_t need = fmt.bits == 8 ? 0 : static_cast<size_t>(rows * fmt.axis_size);
-    if (row_codes.size() < need) row_codes.resize(need);
-    QuantizeRowsAvx512(fmt, x, rows, codes, scales, zero_points, row_codes.data());
-    return;
-  }
-#endif
-  const std::size_t scale_row_bytes = static_cast<std::size_t>(fmt.num_blocks) * ScaleItemSize(fmt.scale_kind);
-  for (int64_t r = 0; r < rows; ++r) {
-    QuantizeRow(fmt, x + r * fmt.axis_size, codes + r * fmt.row_bytes, static_cast<uint8_t*>(scales) + r * scale_row_bytes,
-                zero_points ? zero_points + r * fmt.num_blocks : nullptr);
-  }
-}
-
-void DequantizeRows(const RowFormat& fmt, const uint8_t* codes, const void* scales, const uint8_t* zero_points,
-                    int64_t rows, float* out) {
-#if BCT_AVX2
-  const bool integer_zero_points = fmt.symmetric || fmt.zero_point_kind == ZeroPointKind::kInteger;
-  if (fmt.bits == 8 && rows > 0 && integer_zero_points && ResolveRowSimd(fmt.simd) == RowSimd::kAvx512) {
-    DequantizeRows8Avx512(fmt, codes, scales, zero_points, rows, out);
-    return;
-  }
-#endif
+void DequantizeRowsOn(const RowFormat& fmt, const uint8_t* codes, const void* scales, const uint8_t* zero_points,
+                      int64_t rows, float* out, bool avx2) {
   const std::size_t scale_row_bytes = static_cast<std::size_t>(fmt.num_blocks) * ScaleItemSize(fmt.scale_kind);
   const std::size_t zero_point_row_bytes =
       static_cast<std::size_t>(fmt.num_blocks) * zero_point_item_size(fmt.zero_point_kind);
   for (int64_t r = 0; r < rows; ++r) {
-    DequantizeRow(fmt, codes + r * fmt.row_bytes, static_cast<const uint8_t*>(scales) + r * scale_row_bytes,
-                  zero_points ? zero_points + r * zero_point_row_bytes : nullptr, out + r * fmt.axis_size);
+    DequantizeRowOn(fmt, codes + r * fmt.row_bytes, static_cast<const uint8_t*>(scales) + r * scale_row_bytes,
+                    zero_points ? zero_points + r * zero_point_row_bytes : nullptr, out + r * fmt.axis_size, avx2);
   }
 }
 
-bool QuantizeColumnsAvx512(const float* b, int64_t n, int64_t len, int bits, RowSimd simd, int8_t* q, float* scales,
-                           uint8_t* has_nan) {
-#if BCT_AVX2
-  if (ResolveRowSimd(simd) == RowSimd::kAvx512) {
-    QuantizeColumnsAvx512Impl(b, n, len, bits, q, scales, has_nan);
-    return true;
+}  // namespace
+
+void QuantizeRowsBaseline(const RowFormat& fmt, const float* x, int64_t rows, uint8_t* codes, void* scales,
+                          uint8_t* zero_points) {
+  uint8_t* row_codes = RowCodesScratch(static_cast<size_t>(fmt.axis_size));
+  const std::size_t scale_row_bytes = static_cast<std::size_t>(fmt.num_blocks) * ScaleItemSize(fmt.scale_kind);
+  for (int64_t r = 0; r < rows; ++r) {
+    QuantizeRowSse2(fmt, x + r * fmt.axis_size, codes + r * fmt.row_bytes,
+                    static_cast<uint8_t*>(scales) + r * scale_row_bytes,
+                    zero_points ? zero_points + r * fmt.num_blocks : nullptr, row_codes);
   }
+}
+
+void DequantizeRowsBaseline(const RowFormat& fmt, const uint8_t* codes, const void* scales, const uint8_t* zero_points,
+                            int64_t rows, float* out) {
+  DequantizeRowsOn(fmt, codes, scales, zero_points, rows, out, false);
+}
+
+#if BCT_X86_SIMD
+void DequantizeRowsAvx2(const RowFormat& fmt, const uint8_t* codes, const void* scales, const uint8_t* zero_points,
+                        int64_t rows, float* out) {
+  DequantizeRowsOn(fmt, codes, scales, zero_points, rows, out, true);
+}
+
+void QuantizeRowsAvx512(const RowFormat& fmt, const float* x, int64_t rows, uint8_t* codes, void* scales,
+                        uint8_t* zero_points) {
+  if (rows <= 0) return;
+  uint8_t* row_codes = RowCodesScratch(fmt.bits == 8 ? 0 : static_cast<size_t>(rows * fmt.axis_size));
+  QuantizeRowsAvx512Impl(fmt, x, rows, codes, scales, zero_points, row_codes);
+}
+
+// 8-bit rows with integer zero points walk all the rows' blocks with AVX-512; others as AVX2.
+void DequantizeRowsAvx512(const RowFormat& fmt, const uint8_t* codes, const void* scales, const uint8_t* zero_points,
+                          int64_t rows, float* out) {
+  const bool integer_zero_points = fmt.symmetric || fmt.zero_point_kind == ZeroPointKind::kInteger;
+  if (fmt.bits == 8 && rows > 0 && integer_zero_points) {
+    DequantizeRows8Avx512(fmt, codes, scales, zero_points, rows, out);
+    return;
+  }
+  DequantizeRowsOn(fmt, codes, scales, zero_points, rows, out, true);
+}
+
+void QuantizeActRowsAvx512(const float* x, int64_t rows, int64_t k, int bits, int64_t block_size,
+                           const ActCodes& out) {
+  QuantizeActRowsAvx512Impl(x, rows, k, bits, block_size, out);
+}
+
+void QuantizeActColumnsAvx512(const float* b, int64_t n, int64_t len, int bits, int8_t* q, float* scales) {
+  QuantizeActColumnsAvx512Impl(b, n, len, bits, q, scales);
+}
 #endif
-  (void)b, (void)n, (void)len, (void)bits, (void)simd, (void)q, (void)scales, (void)has_nan;
-  return false;
+
+void QuantizeRows(const RowFormat& fmt, const float* x, int64_t rows, uint8_t* codes, void* scales,
+                  uint8_t* zero_points) {
+  Kernels(fmt.isa).quantize_rows(fmt, x, rows, codes, scales, zero_points);
 }
 
-bool QuantizeActRowsAvx512(const float* x, int64_t rows, int64_t k, int bits, int64_t block_size, RowSimd simd,
-                           int8_t* q, float* scales) {
-#if BCT_AVX2
-  if (ResolveRowSimd(simd) == RowSimd::kAvx512) {
-    QuantizeActRowsAvx512Impl(x, rows, k, bits, block_size, q, scales);
-    return true;
-  }
-#endif
-  (void)x, (void)rows, (void)k, (void)bits, (void)block_size, (void)simd, (void)q, (void)scales;
-  return false;
-}
-
-RowSimd ResolveRowSimd(RowSimd requested) {
-  static const RowSimd cpu = CpuRowSimd();
-  static const RowSimd automatic = ForceBaselineSimd() ? RowSimd::kBaseline : cpu;
-  if (requested == RowSimd::kAuto) return automatic;
-  return static_cast<int>(requested) < static_cast<int>(cpu) ? requested : cpu;
-}
-
-RowSimd RowSimdFromEnvironment() {
-  const char* baseline = std::getenv("BCT_ONNX_BASELINE_SIMD");
-  if (baseline != nullptr && baseline[0] != '\0' && std::strcmp(baseline, "0") != 0) return RowSimd::kBaseline;
-  const char* isa = std::getenv("BCT_ONNX_ISA");
-  if (isa == nullptr) return RowSimd::kAuto;
-  if (std::strcmp(isa, "scalar") == 0) return RowSimd::kBaseline;
-  if (std::strcmp(isa, "avx2") == 0 || std::strcmp(isa, "avxvnni") == 0) return RowSimd::kAvx2;
-  if (std::strcmp(isa, "avx512vnni") == 0) return RowSimd::kAvx512;
-  return RowSimd::kAuto;
-}
-
-const char* SimdName() {
-  switch (ResolveRowSimd(RowSimd::kAuto)) {
-    case RowSimd::kAvx512: return "avx512";
-    case RowSimd::kAvx2: return "avx2";
-    default: return BCT_SSE2 ? "sse2" : "";
-  }
+void DequantizeRows(const RowFormat& fmt, const uint8_t* codes, const void* scales, const uint8_t* zero_points,
+                    int64_t rows, float* out) {
+  Kernels(fmt.isa).dequantize_rows(fmt, codes, scales, zero_points, rows, out);
 }
 
 }  // namespace cpu

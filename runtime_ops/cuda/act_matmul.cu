@@ -5,6 +5,8 @@
 
 #include "bct/block_math.h"
 #include "bct/nonlinear_math.h"
+#include "launch_grid.cuh"
+#include "matmul_threads.h"
 #include "nonlinear_launch.h"
 #include "nonlinear_rows.cuh"
 
@@ -12,28 +14,13 @@ namespace bct {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
-
-inline unsigned Grid(int64_t n) {
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(blocks < 65535 * 16 ? (blocks > 0 ? blocks : 1) : 65535 * 16);
-}
-
+// Grid-stride loops over the thread bodies of matmul_threads.h.
 // x [rows, k] -> signed codes q [rows, k], float32 scales [rows, nb]; one thread per (row, block).
 __global__ void QuantizeActKernel(const float* x, int64_t rows, int64_t k, int bits, int64_t block_size,
                                   int64_t nb, int8_t* q, float* scales) {
-  const int zp = 1 << (bits - 1);
   for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < rows * nb;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = t / nb, blk = t - row * nb;
-    const int64_t begin = blk * block_size;
-    const int64_t len = (k - begin) < block_size ? (k - begin) : block_size;
-    const float* xb = x + row * k + begin;
-    const StoredScale s = choose_symmetric_scale(xb, len, bits, ScaleKind::kFloat32);
-    scales[t] = s.value;
-    const float inv = inverse_scale(s.value);
-    int8_t* qb = q + row * k + begin;
-    for (int64_t i = 0; i < len; ++i) qb[i] = static_cast<int8_t>(static_cast<int>(code_of(xb[i], inv, bits, true, 0)) - zp);
+    QuantizeActBlockOne(x, k, bits, block_size, nb, t, q, scales, nullptr);
   }
 }
 
@@ -41,9 +28,7 @@ __global__ void QuantizeActKernel(const float* x, int64_t rows, int64_t k, int b
 __global__ void TransposeKernel(const float* b, int64_t batches, int64_t k, int64_t n, float* bt) {
   for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < batches * n * k;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t batch = t / (n * k), rest = t - batch * n * k;
-    const int64_t col = rest / k, i = rest - col * k;
-    bt[t] = b[batch * k * n + i * n + col];
+    bt[t] = TransposeOne(b, k, n, t);
   }
 }
 
@@ -52,18 +37,7 @@ __global__ void DotKernel(ActMatMulArgs args, const int8_t* qa, const float* sa,
   const int64_t total = args.out_batches * args.m * args.n;
   for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t ob = t / (args.m * args.n), rest = t - ob * args.m * args.n;
-    const int64_t mi = rest / args.n, j = rest - mi * args.n;
-    int64_t coords = ob, a_batch = 0, b_batch = 0;
-    for (int d = args.batch_rank - 1; d >= 0; --d) {
-      const int64_t c = coords % args.out_dims[d];
-      coords /= args.out_dims[d];
-      a_batch += c * args.a_strides[d];
-      b_batch += c * args.b_strides[d];
-    }
-    const int64_t a_row = a_batch * args.m + mi, b_row = b_batch * args.n + j;
-    y[t] = nl::act_dot(qa + a_row * args.k, sa + a_row * nb, qb + b_row * args.k, sb + b_row * nb, args.k,
-                       args.block_size);
+    y[t] = ActDotOne(args, qa, sa, qb, sb, nb, t);
   }
 }
 
@@ -116,26 +90,26 @@ const char* LaunchActMatMul(const ActMatMulArgs& a, void* stream) {
   int8_t* qa = scratch.Get<int8_t>(a_rows * a.k, &err);
   float* sa = scratch.Get<float>(a_rows * nb, &err);
   if (err != nullptr) return err;
-  QuantizeActKernel<<<Grid(a_rows * nb), kThreads, 0, s>>>(a_float, a_rows, a.k, a.act_bits, a.block_size, nb, qa, sa);
+  QuantizeActKernel<<<GridFor(a_rows * nb), kThreads, 0, s>>>(a_float, a_rows, a.k, a.act_bits, a.block_size, nb, qa, sa);
   if ((err = LastCudaError()) != nullptr) return err;
 
   const float* bt = a.b;
   if (!a.transpose_b) {
     float* tmp = scratch.Get<float>(b_rows * a.k, &err);
     if (err != nullptr) return err;
-    TransposeKernel<<<Grid(b_rows * a.k), kThreads, 0, s>>>(a.b, a.b_batches, a.k, a.n, tmp);
+    TransposeKernel<<<GridFor(b_rows * a.k), kThreads, 0, s>>>(a.b, a.b_batches, a.k, a.n, tmp);
     if ((err = LastCudaError()) != nullptr) return err;
     bt = tmp;
   }
   int8_t* qb = scratch.Get<int8_t>(b_rows * a.k, &err);
   float* sb = scratch.Get<float>(b_rows * nb, &err);
   if (err != nullptr) return err;
-  QuantizeActKernel<<<Grid(b_rows * nb), kThreads, 0, s>>>(bt, b_rows, a.k, a.act_bits, a.block_size, nb, qb, sb);
+  QuantizeActKernel<<<GridFor(b_rows * nb), kThreads, 0, s>>>(bt, b_rows, a.k, a.act_bits, a.block_size, nb, qb, sb);
   if ((err = LastCudaError()) != nullptr) return err;
 
   float* y = a.out_quantized ? scratch.Get<float>(out_total, &err) : a.y;
   if (err != nullptr) return err;
-  DotKernel<<<Grid(out_total), kThreads, 0, s>>>(a, qa, sa, qb, sb, nb, y);
+  DotKernel<<<GridFor(out_total), kThreads, 0, s>>>(a, qa, sa, qb, sb, nb, y);
   if ((err = LastCudaError()) != nullptr) return err;
   if (a.out_quantized) {
     err = LaunchQuantize(a.out_fmt, y, a.out_batches * a.m, a.out_codes, a.out_scales, a.out_zero_points, stream);

@@ -6,17 +6,11 @@
 #include "bct/block_math.h"
 #include "block_launch.h"
 #include "block_threads.h"
+#include "launch_grid.cuh"
 
 namespace bct {
 namespace cuda {
 namespace {
-
-constexpr int kThreads = 256;
-
-inline unsigned GridFor(int64_t n) {
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(blocks < 65535 * 16 ? (blocks > 0 ? blocks : 1) : 65535 * 16);
-}
 
 __global__ void DequantizeKernel(RowFormat fmt, const uint8_t* codes, const void* scales,
                                  const uint8_t* zero_points, int64_t total, float* out) {

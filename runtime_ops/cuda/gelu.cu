@@ -2,6 +2,7 @@
 #include <cuda_runtime.h>
 
 #include "nonlinear_launch.h"
+#include "launch_grid.cuh"
 #include "nonlinear_rows.cuh"
 
 namespace bct {
@@ -11,7 +12,7 @@ namespace {
 __global__ void GeluKernel(bool tanh_form, float* y, int64_t total) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    y[i] = tanh_form ? nl::gelu_tanh(y[i]) : nl::gelu_erf(y[i]);
+    y[i] = GeluOne(tanh_form, y[i]);
   }
 }
 
@@ -20,10 +21,7 @@ __global__ void GeluKernel(bool tanh_form, float* y, int64_t total) {
 const char* LaunchGeluRows(RowOp op, float* y, int64_t rows, int64_t d, void* stream) {
   const int64_t total = rows * d;
   if (total == 0) return nullptr;
-  constexpr int kThreads = 256;
-  int64_t blocks = (total + kThreads - 1) / kThreads;
-  if (blocks > 65535 * 16) blocks = 65535 * 16;
-  GeluKernel<<<static_cast<unsigned>(blocks), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+  GeluKernel<<<GridFor(total), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       op == RowOp::kGeluTanh, y, total);
   return LastCudaError();
 }

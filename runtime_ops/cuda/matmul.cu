@@ -9,129 +9,38 @@
 
 #include "bct/block_math.h"
 #include "block_launch.h"
+#include "launch_grid.cuh"
 #include "matmul_launch.h"
+#include "matmul_threads.h"
 
 namespace bct {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
-
-inline unsigned GridFor(int64_t n) {
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(blocks < 65535 * 16 ? (blocks > 0 ? blocks : 1) : 65535 * 16);
-}
-
-// One thread per (row, block) of A: block_format.quantize_codes(A, BlockFormat(act_bits, block_size,
-// True, "float32")), stored as signed codes sa = code - 2**(act_bits-1), with the block's scale and sum(sa).
+// Grid-stride loops over the thread bodies of matmul_threads.h.
 __global__ void QuantizeActivationsKernel(MatMulParams p, const float* a, int64_t total_blocks, int8_t* codes,
                                           float* scales, int32_t* sums) {
-  const int half = 1 << (p.act_bits - 1);
   for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total_blocks;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = t / p.num_blocks;
-    const int64_t b = t - row * p.num_blocks;
-    const int64_t begin = b * p.block_size;
-    const int64_t len = begin + p.block_size < p.K ? p.block_size : p.K - begin;
-    const float* x = a + row * p.K + begin;
-    const float scale = choose_symmetric_scale(x, len, p.act_bits, ScaleKind::kFloat32).value;
-    const float inv = inverse_scale(scale);
-    int32_t sum = 0;
-    for (int64_t k = 0; k < len; ++k) {
-      const int code = static_cast<int>(code_of(x[k], inv, p.act_bits, true, 0)) - half;
-      codes[row * p.K + begin + k] = static_cast<int8_t>(code);
-      sum += code;
-    }
-    scales[t] = scale;
-    sums[t] = sum;
+    QuantizeActBlockOne(a, p.K, p.act_bits, p.block_size, p.num_blocks, t, codes, scales, sums);
   }
 }
 
-// One thread per (row, block) of packed codes already in the activation format: signed codes,
-// the block's scale (float32) and sum(sa), as QuantizeActivationsKernel would have produced.
 __global__ void UnpackActivationsKernel(MatMulParams p, const uint8_t* packed, const float* packed_scales,
                                         int64_t total_blocks, int8_t* codes, float* scales, int32_t* sums) {
-  const int half = 1 << (p.act_bits - 1);
-  const int64_t rb = row_bytes(p.K, p.act_bits);
   for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total_blocks;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = t / p.num_blocks;
-    const int64_t b = t - row * p.num_blocks;
-    const int64_t begin = b * p.block_size;
-    const int64_t len = begin + p.block_size < p.K ? p.block_size : p.K - begin;
-    const uint8_t* src = packed + row * rb;
-    int32_t sum = 0;
-    for (int64_t k = 0; k < len; ++k) {
-      const int code = static_cast<int>(get_code(src, begin + k, p.act_bits, rb)) - half;
-      codes[row * p.K + begin + k] = static_cast<int8_t>(code);
-      sum += code;
-    }
-    scales[t] = packed_scales[t];
-    sums[t] = sum;
+    UnpackActBlockOne(p, packed, packed_scales, t, codes, scales, sums);
   }
 }
 
 __global__ void MatMulKernel(MatMulParams p, const float* a, const int8_t* a_codes, const float* a_scales,
                              const int32_t* a_sums, int64_t rows, const uint8_t* codes, const void* scales,
                              const uint8_t* zero_points, const float* bias, float* y) {
-  const ScaleKind kind = static_cast<ScaleKind>(p.scale_kind);
   const int64_t total = rows * p.N;
   for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = t / p.N;
-    const int64_t n = t - row * p.N;
-    const uint8_t* w = codes + n * p.row_bytes;
-    float acc = 0.0f;
-    for (int64_t b = 0; b < p.num_blocks; ++b) {
-      const int64_t begin = b * p.block_size;
-      const int64_t end = begin + p.block_size < p.K ? begin + p.block_size : p.K;
-      const int64_t block_index = n * p.num_blocks + b;
-      const float ws = scale_value(kind, scales, block_index);
-      const ZeroPointKind zp_kind = static_cast<ZeroPointKind>(p.zero_point_kind);
-      if (!p.symmetric && zp_kind != ZeroPointKind::kInteger) {  // u * scale + offset
-        const float offset = offset_value(zp_kind, zero_points, block_index);
-        if (p.act_bits > 0) {
-          const int8_t* sa = a_codes + row * p.K;
-          int32_t dot = 0;
-          for (int64_t k = begin; k < end; ++k) {
-            dot += static_cast<int32_t>(sa[k]) * static_cast<int32_t>(get_code(w, k, p.bits, p.row_bytes));
-          }
-          const float sum = static_cast<float>(a_sums[row * p.num_blocks + b]);
-          const float f = fmaf(offset, sum, fmul(static_cast<float>(dot), ws));
-          acc = fmaf(f, a_scales[row * p.num_blocks + b], acc);
-        } else {
-          const float* x = a + row * p.K;
-          for (int64_t k = begin; k < end; ++k) {
-            acc = fmaf(x[k], value_with_offset(get_code(w, k, p.bits, p.row_bytes), ws, offset), acc);
-          }
-        }
-        continue;
-      }
-      const int zw = p.symmetric ? (1 << (p.bits - 1)) : static_cast<int>(zero_points[block_index]);
-      if (p.act_bits > 0) {
-        const int8_t* sa = a_codes + row * p.K;
-        int32_t dot = 0;
-        for (int64_t k = begin; k < end; ++k) {
-          dot += static_cast<int32_t>(sa[k]) * static_cast<int32_t>(get_code(w, k, p.bits, p.row_bytes));
-        }
-        const int32_t sum = a_sums[row * p.num_blocks + b];
-        float f;
-        if (p.symmetric) {
-          f = static_cast<float>(dot - zw * sum);
-        } else {
-          f = fmaf(-static_cast<float>(zw), static_cast<float>(sum), static_cast<float>(dot));
-        }
-        f = fmul(f, a_scales[row * p.num_blocks + b]);
-        acc = fmaf(f, ws, acc);
-      } else {
-        const float* x = a + row * p.K;
-        const float zero_point = static_cast<float>(zw);
-        for (int64_t k = begin; k < end; ++k) {
-          acc = fmaf(x[k], value_of(get_code(w, k, p.bits, p.row_bytes), zero_point, ws), acc);
-        }
-      }
-    }
-    y[t] = bias != nullptr ? fadd(acc, bias[n]) : acc;
+    y[t] = MatMulOne(p, a, a_codes, a_scales, a_sums, codes, scales, zero_points, bias, t);
   }
 }
 

@@ -10,6 +10,7 @@
 #include "ops/act_matmul_io.h"
 #include "ops/block_io.h"
 #include "ops/nonlinear_families.h"
+#include "ops/ops.h"
 #include "ops/nonlinear_io.h"
 
 namespace bct {
@@ -130,8 +131,10 @@ class ActMatMulCudaKernel : public ActMatMulKernelBase {
 };
 
 }  // namespace
+}  // namespace nonlinear
 
 void AppendNonlinearCudaOps(Ort::CustomOpDomain& domain) {
+  using namespace nonlinear;  // NOLINT: the families, schemas and kernels of this file
   static BlockCustomOp<RowOpSchema<GeluFamily>, RowOpCudaKernel<GeluFamily>> gelu(kCudaProvider);
   static BlockCustomOp<RowOpSchema<SiluFamily>, RowOpCudaKernel<SiluFamily>> silu(kCudaProvider);
   static BlockCustomOp<RowOpSchema<SoftmaxFamily>, RowOpCudaKernel<SoftmaxFamily>> softmax(kCudaProvider);
@@ -146,5 +149,4 @@ void AppendNonlinearCudaOps(Ort::CustomOpDomain& domain) {
   domain.Add(&act_matmul);
 }
 
-}  // namespace nonlinear
 }  // namespace bct

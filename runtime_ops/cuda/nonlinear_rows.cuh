@@ -1,12 +1,14 @@
 // Device helpers shared by the row-wise nonlinear kernels (gelu.cu, softmax.cu, norm.cu): one warp
-// per row, with row sums in exactly the lane order of bct/nonlinear_math.h (lane j of the spec is
-// thread j of the warp, adding elements j, j+8, ... in order), so results match the CPU bit for bit.
+// per row (DeviceWarp, for the row functions of row_threads.h), with row sums in exactly the lane
+// order of bct/nonlinear_math.h (lane j of the spec is thread j of the warp, adding elements j,
+// j+8, ... in order), so results match the CPU bit for bit.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include "bct/block_math.h"
 #include "bct/nonlinear_math.h"
+#include "row_threads.h"
 
 namespace bct {
 namespace cuda {
@@ -42,44 +44,36 @@ inline cudaError_t FreeScratch(void* p, cudaStream_t stream, bool async) {
   return async ? cudaFreeAsync(p, stream) : cudaFree(p);
 }
 
-// nl::lane_sum of v[0..n) computed by a whole warp; every lane gets the result.
-__device__ __forceinline__ float WarpLaneSum(const float* v, int64_t n) {
-  const int lane = threadIdx.x & 31;
-  float acc = 0.0f;
-  if (lane < nl::kLanes) {
-    for (int64_t i = lane; i < n; i += nl::kLanes) acc = fadd(acc, v[i]);
+// The warp of a row function (row_threads.h) on the device: this thread is one lane; reductions
+// combine the lanes' parts with shuffles, and every lane gets the result.
+struct DeviceWarp {
+  __device__ float Max(const float* v, int64_t n) const {
+    float m = RowMaxPart(v, n, threadIdx.x & 31);
+    for (int offset = 16; offset > 0; offset >>= 1) m = CombineMax(m, __shfl_xor_sync(0xffffffffu, m, offset));
+    return m;
   }
-  float lanes[nl::kLanes];
-  for (int j = 0; j < nl::kLanes; ++j) lanes[j] = __shfl_sync(0xffffffffu, acc, j);
-  return nl::combine_lanes(lanes);
-}
+  __device__ float LaneSum(const float* v, int64_t n) const {
+    const int lane = threadIdx.x & 31;
+    return Combine(lane < nl::kLanes ? LaneSumPart(v, n, lane) : 0.0f);
+  }
+  __device__ float LaneSumSq(const float* v, int64_t n, float c) const {
+    const int lane = threadIdx.x & 31;
+    return Combine(lane < nl::kLanes ? LaneSumSqPart(v, n, c, lane) : 0.0f);
+  }
+  template <class F>
+  __device__ void ForLanes(const F& f) const {
+    f(static_cast<int>(threadIdx.x & 31));
+    __syncwarp();
+  }
 
-// nl::lane_sum_sq of v[0..n) about c, by a whole warp.
-__device__ __forceinline__ float WarpLaneSumSq(const float* v, int64_t n, float c) {
-  const int lane = threadIdx.x & 31;
-  float acc = 0.0f;
-  if (lane < nl::kLanes) {
-    for (int64_t i = lane; i < n; i += nl::kLanes) {
-      const float d = fsub(v[i], c);
-      acc = fadd(acc, fmul(d, d));
-    }
+ private:
+  // nl::combine_lanes of spec lanes 0..7 (threads 0..7 of the warp).
+  __device__ static float Combine(float part) {
+    float lanes[nl::kLanes];
+    for (int j = 0; j < nl::kLanes; ++j) lanes[j] = __shfl_sync(0xffffffffu, part, j);
+    return nl::combine_lanes(lanes);
   }
-  float lanes[nl::kLanes];
-  for (int j = 0; j < nl::kLanes; ++j) lanes[j] = __shfl_sync(0xffffffffu, acc, j);
-  return nl::combine_lanes(lanes);
-}
-
-// Max of v[0..n) ignoring NaNs (-inf if none), by a whole warp (order does not matter for max).
-__device__ __forceinline__ float WarpMax(const float* v, int64_t n) {
-  const int lane = threadIdx.x & 31;
-  float m = -__builtin_huge_valf();
-  for (int64_t i = lane; i < n; i += 32) m = v[i] > m ? v[i] : m;
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const float other = __shfl_xor_sync(0xffffffffu, m, offset);
-    m = other > m ? other : m;
-  }
-  return m;
-}
+};
 
 }  // namespace cuda
 }  // namespace bct

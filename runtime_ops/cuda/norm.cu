@@ -11,34 +11,16 @@ namespace {
 
 __global__ void LayerNormKernel(const float* scale, const float* bias, float epsilon, float* y, int64_t rows,
                                 int64_t d) {
-  const int lane = threadIdx.x & 31;
-  const float count = static_cast<float>(d);
   for (int64_t row = blockIdx.x * static_cast<int64_t>(kRowsPerBlock) + (threadIdx.x >> 5); row < rows;
        row += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
-    float* v = y + row * d;
-    const float mean = fdiv(WarpLaneSum(v, d), count);
-    const float var = fdiv(WarpLaneSumSq(v, d, mean), count);
-    const float inv = fdiv(1.0f, nl::fsqrt(fadd(var, epsilon)));
-    __syncwarp();
-    for (int64_t i = lane; i < d; i += 32) {
-      const float t = fmul(fmul(fsub(v[i], mean), inv), scale[i]);
-      v[i] = bias != nullptr ? fadd(t, bias[i]) : t;
-    }
-    __syncwarp();
+    LayerNormRow(DeviceWarp{}, scale, bias, epsilon, y + row * d, d);
   }
 }
 
 __global__ void RMSNormKernel(const float* scale, float epsilon, float* y, int64_t rows, int64_t d) {
-  const int lane = threadIdx.x & 31;
-  const float count = static_cast<float>(d);
   for (int64_t row = blockIdx.x * static_cast<int64_t>(kRowsPerBlock) + (threadIdx.x >> 5); row < rows;
        row += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
-    float* v = y + row * d;
-    const float ms = fdiv(WarpLaneSumSq(v, d, 0.0f), count);
-    const float inv = fdiv(1.0f, nl::fsqrt(fadd(ms, epsilon)));
-    __syncwarp();
-    for (int64_t i = lane; i < d; i += 32) v[i] = fmul(fmul(v[i], inv), scale[i]);
-    __syncwarp();
+    RMSNormRow(DeviceWarp{}, scale, epsilon, y + row * d, d);
   }
 }
 

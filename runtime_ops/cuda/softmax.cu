@@ -10,16 +10,9 @@ namespace cuda {
 namespace {
 
 __global__ void SoftmaxKernel(float* y, int64_t rows, int64_t d) {
-  const int lane = threadIdx.x & 31;
   for (int64_t row = blockIdx.x * static_cast<int64_t>(kRowsPerBlock) + (threadIdx.x >> 5); row < rows;
        row += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
-    float* v = y + row * d;
-    const float m = WarpMax(v, d);
-    for (int64_t i = lane; i < d; i += 32) v[i] = nl::exp_f32(fsub(v[i], m));
-    __syncwarp();
-    const float inv = fdiv(1.0f, WarpLaneSum(v, d));
-    for (int64_t i = lane; i < d; i += 32) v[i] = fmul(v[i], inv);
-    __syncwarp();
+    SoftmaxRow(DeviceWarp{}, y + row * d, d);
   }
 }
 

@@ -1,10 +1,8 @@
-// The five row-wise nonlinear op families (docs/ops.md): their attributes, their op-specific inputs
-// and their row function. Shared by the CPU kernels (cpu/nonlinear_row_op.h calls Row) and the CUDA
-// kernels (which read Params and run the same bct/nonlinear_math.h row functions on the device).
+// The five row-wise nonlinear op families (docs/ops.md): their attributes and their op-specific
+// inputs. Shared by the CPU kernels (cpu/nonlinear_row_op.h: RunRowsCpu runs each family's row
+// function from the kernel's table) and the CUDA kernels (SetOp in cuda/nonlinear_ops_cuda.cc).
 #pragma once
 
-#include <cstdlib>
-#include <cstring>
 #include <string>
 #include <utility>
 
@@ -58,46 +56,11 @@ struct RowOpSchema {
   }
 };
 
-// CPU row entry points (cpu/gelu.cc, cpu/silu.cc, cpu/softmax.cc, cpu/norm.cc): the nl:: row functions compiled
-// once per x86 instruction set (GCC target_clones) with the same float32 operations, so the result
-// is the same bits on every CPU. The *Baseline twins are the same source compiled for baseline
-// x86-64 only: kernels created while BCT_ONNX_BASELINE_SIMD is set use them, which lets the tests
-// check the code every CPU without AVX2 runs. The CUDA kernels call neither.
-void GeluRowCpu(float* y, int64_t n, nl::GeluForm form);
-void SiluRowCpu(float* y, int64_t n);
-void SoftmaxRowCpu(float* y, int64_t n);
-void LayerNormRowCpu(float* y, int64_t n, const float* scale, const float* bias, float epsilon);
-void RMSNormRowCpu(float* y, int64_t n, const float* scale, float epsilon);
-void GeluRowCpuBaseline(float* y, int64_t n, nl::GeluForm form);
-void SiluRowCpuBaseline(float* y, int64_t n);
-void SoftmaxRowCpuBaseline(float* y, int64_t n);
-void LayerNormRowCpuBaseline(float* y, int64_t n, const float* scale, const float* bias, float epsilon);
-void RMSNormRowCpuBaseline(float* y, int64_t n, const float* scale, float epsilon);
-
-// The row function a CPU kernel uses, chosen when it is created: explicit AVX-512 code
-// (cpu/nonlinear_avx512.cc; Gelu's exact form only) where the CPU has it and neither
-// BCT_ONNX_BASELINE_SIMD nor BCT_ONNX_ISA (scalar, avx2, avxvnni) says otherwise, else the ISA clones
-// above (or their baseline twins). Same bits on every path.
-using SoftmaxRowFn = void (*)(float* y, int64_t n);
-using GeluRowFn = void (*)(float* y, int64_t n, nl::GeluForm form);
-SoftmaxRowFn SelectSoftmaxRowCpu(bool baseline);
-// Several consecutive rows of n (y rows n apart) at once, or nullptr where the CPU path has no such
-// function (the kernel then calls the row function per row).
-using SoftmaxRowsFn = void (*)(float* y, int64_t rows, int64_t n);
-SoftmaxRowsFn SelectSoftmaxRowsCpu(bool baseline);
-GeluRowFn SelectGeluRowCpu(bool baseline, nl::GeluForm form);
-
-// BCT_ONNX_BASELINE_SIMD set (and not "0"): use the baseline-ISA CPU loops (read at kernel creation).
-inline bool BaselineSimdRequested() {
-  const char* value = std::getenv("BCT_ONNX_BASELINE_SIMD");
-  return value != nullptr && value[0] != '\0' && std::strcmp(value, "0") != 0;
-}
-
 struct GeluFamily {
   static constexpr const char* kName = "BlockGelu";
   static constexpr size_t kExtraInputs = 0;
   static bool ExtraInputOptional(size_t) { return false; }
-  GeluFamily(const OrtKernelInfo* info, const NodeRef& node) : baseline(BaselineSimdRequested()) {
+  GeluFamily(const OrtKernelInfo* info, const NodeRef& node) {
     const std::string approximate = AttrString(info, "approximate", "none");
     if (approximate == "none") {
       form = nl::GeluForm::kErf;
@@ -106,14 +69,10 @@ struct GeluFamily {
     } else {
       node.Fail("attribute 'approximate' must be 'none' or 'tanh', got '" + approximate + "'");
     }
-    row = SelectGeluRowCpu(baseline, form);
   }
   struct Params {};
   Params Prepare(const Ort::KernelContext&, const NodeRef&, int64_t) const { return {}; }
-  void Row(const Params&, float* y, int64_t n) const { row(y, n, form); }
-  bool baseline;
   nl::GeluForm form = nl::GeluForm::kErf;
-  GeluRowFn row = nullptr;
 };
 
 // BlockSilu: no attributes of its own.
@@ -121,35 +80,18 @@ struct SiluFamily {
   static constexpr const char* kName = "BlockSilu";
   static constexpr size_t kExtraInputs = 0;
   static bool ExtraInputOptional(size_t) { return false; }
-  SiluFamily(const OrtKernelInfo*, const NodeRef&) : baseline(BaselineSimdRequested()) {}
+  SiluFamily(const OrtKernelInfo*, const NodeRef&) {}
   struct Params {};
   Params Prepare(const Ort::KernelContext&, const NodeRef&, int64_t) const { return {}; }
-  void Row(const Params&, float* y, int64_t n) const { (baseline ? SiluRowCpuBaseline : SiluRowCpu)(y, n); }
-  bool baseline;
 };
 
 struct SoftmaxFamily {
   static constexpr const char* kName = "BlockSoftmax";
   static constexpr size_t kExtraInputs = 0;
   static bool ExtraInputOptional(size_t) { return false; }
-  SoftmaxFamily(const OrtKernelInfo* info, const NodeRef& node)
-      : baseline(BaselineSimdRequested()), row(SelectSoftmaxRowCpu(baseline)), rows(SelectSoftmaxRowsCpu(baseline)) {
-    CheckLastAxis(info, node);
-  }
+  SoftmaxFamily(const OrtKernelInfo* info, const NodeRef& node) { CheckLastAxis(info, node); }
   struct Params {};
   Params Prepare(const Ort::KernelContext&, const NodeRef&, int64_t) const { return {}; }
-  void Row(const Params&, float* y, int64_t n) const { row(y, n); }
-  // count consecutive rows of n at once (the CPU kernel's groups of rows).
-  void Rows(const Params& params, float* y, int64_t count, int64_t n) const {
-    if (rows != nullptr) {
-      rows(y, count, n);
-      return;
-    }
-    for (int64_t i = 0; i < count; ++i) Row(params, y + i * n, n);
-  }
-  bool baseline;
-  SoftmaxRowFn row;
-  SoftmaxRowsFn rows;
 };
 
 // A float32 [D] op-specific input (LayerNorm scale / bias, RMSNorm scale), checked against D. The
@@ -174,7 +116,7 @@ struct LayerNormFamily {
   static constexpr size_t kExtraInputs = 2;  // scale, bias (optional)
   static bool ExtraInputOptional(size_t extra) { return extra == 1; }
   LayerNormFamily(const OrtKernelInfo* info, const NodeRef& node)
-      : epsilon(ReadEpsilon(info, node, 1e-5f)), baseline(BaselineSimdRequested()) {
+      : epsilon(ReadEpsilon(info, node, 1e-5f)) {
     CheckLastAxis(info, node);
   }
   struct Params {
@@ -184,11 +126,7 @@ struct LayerNormFamily {
   Params Prepare(const Ort::KernelContext& ctx, const NodeRef& node, int64_t d) const {
     return Params{ReadVectorInput(ctx, node, 3, "scale", d, false), ReadVectorInput(ctx, node, 4, "bias", d, true)};
   }
-  void Row(const Params& p, float* y, int64_t n) const {
-    (baseline ? LayerNormRowCpuBaseline : LayerNormRowCpu)(y, n, p.scale, p.bias, epsilon);
-  }
   float epsilon;
-  bool baseline;
 };
 
 struct RMSNormFamily {
@@ -196,7 +134,7 @@ struct RMSNormFamily {
   static constexpr size_t kExtraInputs = 1;  // scale
   static bool ExtraInputOptional(size_t) { return false; }
   RMSNormFamily(const OrtKernelInfo* info, const NodeRef& node)
-      : epsilon(ReadEpsilon(info, node, 1e-5f)), baseline(BaselineSimdRequested()) {
+      : epsilon(ReadEpsilon(info, node, 1e-5f)) {
     CheckLastAxis(info, node);
   }
   struct Params {
@@ -205,11 +143,7 @@ struct RMSNormFamily {
   Params Prepare(const Ort::KernelContext& ctx, const NodeRef& node, int64_t d) const {
     return Params{ReadVectorInput(ctx, node, 3, "scale", d, false)};
   }
-  void Row(const Params& p, float* y, int64_t n) const {
-    (baseline ? RMSNormRowCpuBaseline : RMSNormRowCpu)(y, n, p.scale, epsilon);
-  }
   float epsilon;
-  bool baseline;
 };
 
 // What the CPU and CUDA kernels of a row op family share: the node, its in_* / out_* attributes and
@@ -242,21 +176,6 @@ class RowOpKernelBase {
   ResultAttrs out_;
   Family family_;
 };
-
-}  // namespace nonlinear
-}  // namespace bct
-
-namespace bct {
-namespace nonlinear {
-
-// Per-family registration (cpu/gelu.cc, cpu/silu.cc, cpu/softmax.cc, cpu/norm.cc, cpu/act_matmul.cc and the
-// CUDA counterparts), called by bct::AppendNonlinearOps (ops/nonlinear_register.cc).
-void AppendGeluCpuOps(Ort::CustomOpDomain& domain);
-void AppendSiluCpuOps(Ort::CustomOpDomain& domain);
-void AppendSoftmaxCpuOps(Ort::CustomOpDomain& domain);
-void AppendNormCpuOps(Ort::CustomOpDomain& domain);
-void AppendActMatMulCpuOps(Ort::CustomOpDomain& domain);
-void AppendNonlinearCudaOps(Ort::CustomOpDomain& domain);
 
 }  // namespace nonlinear
 }  // namespace bct

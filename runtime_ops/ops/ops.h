@@ -1,19 +1,22 @@
-// Entry points register.cc calls to put each op family's kernels into the domain.
+// The registration hooks of every op family: each adds its kernels to the ai.bct_onnx domain.
+// register.cc lists them in its one table (CPU hooks always; CUDA hooks in CUDA builds).
 #pragma once
 
 #include "bct/op_common.h"
 
 namespace bct {
 
-// CPU kernels of BlockQuantize, BlockDequantize, BlockGather (runtime_ops/cpu/).
-void AppendQuantizeCpuOps(Ort::CustomOpDomain& domain);
-void AppendDequantizeCpuOps(Ort::CustomOpDomain& domain);
-void AppendGatherCpuOps(Ort::CustomOpDomain& domain);
+// CPU kernels (runtime_ops/cpu/).
+void AppendQuantizeCpuOps(Ort::CustomOpDomain& domain);         // BlockQuantize
+void AppendDequantizeCpuOps(Ort::CustomOpDomain& domain);       // BlockDequantize
+void AppendGatherCpuOps(Ort::CustomOpDomain& domain);           // BlockGather
+void AppendMatMulCpuOps(Ort::CustomOpDomain& domain);           // BlockMatMul
+void AppendActMatMulCpuOps(Ort::CustomOpDomain& domain);        // BlockActMatMul
+void AppendNonlinearRowCpuOps(Ort::CustomOpDomain& domain);     // BlockGelu, BlockSilu, BlockSoftmax, BlockLayerNorm, BlockRMSNorm
 
-// CUDA kernels of the same ops, on CUDAExecutionProvider (runtime_ops/cuda/; only with BCT_WITH_CUDA).
-void AppendBlockCudaOps(Ort::CustomOpDomain& domain);
-
-// What the library was built with, for diagnostics.
-const char* CpuSimdName();
+// CUDAExecutionProvider kernels under the same names (runtime_ops/cuda/; CUDA builds only).
+void AppendBlockCudaOps(Ort::CustomOpDomain& domain);      // BlockQuantize, BlockDequantize, BlockGather
+void AppendMatMulCudaOps(Ort::CustomOpDomain& domain);     // BlockMatMul
+void AppendNonlinearCudaOps(Ort::CustomOpDomain& domain);  // the five row ops and BlockActMatMul
 
 }  // namespace bct

@@ -1,11 +1,16 @@
-// Test helper (not shipped): runs every thread of the CUDA kernels of BlockQuantize,
-// BlockDequantize and BlockGather on the host, one after the other, through the same per-thread
-// functions the kernels call (cuda/block_threads.h). tests/runtime_ops/test_cuda_threads_on_host.py
-// loads this library with ctypes and compares its results with the numpy specification, so the
-// kernels' indexing, packing and rounding are checked on machines without a GPU.
+// Test helper (not shipped): runs every thread of the CUDA kernels of every op on the host, one
+// after the other over the kernels' grids, through the same per-thread functions the kernels call
+// (cuda/block_threads.h: BlockQuantize, BlockDequantize, BlockGather; cuda/matmul_threads.h:
+// BlockMatMul, BlockActMatMul; cuda/row_threads.h: the row ops, a warp's 32 lanes in turn).
+// tests/runtime_ops/test_cuda_threads_on_host.py loads this library with ctypes and compares its
+// results with the numpy specification, so the kernels' indexing, packing and rounding are checked
+// on machines without a GPU.
 #include <cstdint>
+#include <vector>
 
 #include "block_threads.h"
+#include "matmul_threads.h"
+#include "row_threads.h"
 
 namespace {
 
@@ -68,6 +73,116 @@ __attribute__((visibility("default"))) void bct_host_dequantize_offsets(int bits
   for (int64_t k = 0; k < rows * axis_size; ++k) {
     const int64_t row = k / axis_size;
     out[k] = bct::cuda::DequantizeOne(fmt, codes, scales, offset_bytes, row, k - row * axis_size);
+  }
+}
+
+// BlockMatMul as matmul.cu launches it: with act_bits > 0, the activation threads (quantizing a, or
+// unpacking a_packed / a_packed_scales, codes already in the activation format), then one thread
+// per output element. zero_point_kind: 0 uint8 zero points, 1 float16 / 2 float32 offsets.
+__attribute__((visibility("default"))) void bct_host_matmul(int64_t k, int64_t n, int bits, int64_t block_size,
+                                                            int symmetric, int act_bits, int scale_kind,
+                                                            int zero_point_kind, int64_t rows, const float* a,
+                                                            const uint8_t* a_packed, const float* a_packed_scales,
+                                                            const uint8_t* codes, const void* scales,
+                                                            const uint8_t* zero_points, const float* bias, float* y) {
+  const bct::cuda::MatMulParams p{k,          n, bits, block_size, symmetric != 0, act_bits, scale_kind,
+                                  bct::row_bytes(k, bits), bct::num_blocks(k, block_size), zero_point_kind};
+  std::vector<int8_t> a_codes;
+  std::vector<float> a_scales;
+  std::vector<int32_t> a_sums;
+  if (act_bits > 0) {
+    const int64_t total_blocks = rows * p.num_blocks;
+    a_codes.resize(static_cast<size_t>(rows * k));
+    a_scales.resize(static_cast<size_t>(total_blocks));
+    a_sums.resize(static_cast<size_t>(total_blocks));
+    for (int64_t t = 0; t < total_blocks; ++t) {
+      if (a_packed != nullptr) {
+        bct::cuda::UnpackActBlockOne(p, a_packed, a_packed_scales, t, a_codes.data(), a_scales.data(), a_sums.data());
+      } else {
+        bct::cuda::QuantizeActBlockOne(a, k, act_bits, block_size, p.num_blocks, t, a_codes.data(), a_scales.data(),
+                                       a_sums.data());
+      }
+    }
+  }
+  for (int64_t t = 0; t < rows * n; ++t) {
+    y[t] = bct::cuda::MatMulOne(p, a, act_bits > 0 ? a_codes.data() : nullptr, a_scales.data(), a_sums.data(), codes,
+                                scales, zero_points, bias, t);
+  }
+}
+
+// BlockActMatMul (float operands) as act_matmul.cu launches it: quantize A's rows, transpose B
+// (unless transpose_b), quantize B^T's rows, then one thread per output element. Batches: output
+// batch o has coordinates out_dims (row-major, batch_rank of them); its A / B batch is
+// sum(coordinate * stride), stride 0 on broadcast dims.
+__attribute__((visibility("default"))) void bct_host_act_matmul(int act_bits, int64_t block_size, int transpose_b,
+                                                                int64_t m, int64_t k, int64_t n, int64_t a_batches,
+                                                                int64_t b_batches, int64_t out_batches, int batch_rank,
+                                                                const int64_t* out_dims, const int64_t* a_strides,
+                                                                const int64_t* b_strides, const float* a,
+                                                                const float* b, float* y) {
+  bct::cuda::ActMatMulArgs args;
+  args.act_bits = act_bits;
+  args.block_size = block_size;
+  args.transpose_b = transpose_b != 0;
+  args.m = m;
+  args.k = k;
+  args.n = n;
+  args.a_batches = a_batches;
+  args.b_batches = b_batches;
+  args.out_batches = out_batches;
+  args.batch_rank = batch_rank;
+  for (int d = 0; d < batch_rank; ++d) {
+    args.out_dims[d] = out_dims[d];
+    args.a_strides[d] = a_strides[d];
+    args.b_strides[d] = b_strides[d];
+  }
+  const int64_t nb = bct::num_blocks(k, block_size);
+  const int64_t a_rows = a_batches * m, b_rows = b_batches * n;
+  std::vector<int8_t> qa(static_cast<size_t>(a_rows * k)), qb(static_cast<size_t>(b_rows * k));
+  std::vector<float> sa(static_cast<size_t>(a_rows * nb)), sb(static_cast<size_t>(b_rows * nb));
+  for (int64_t t = 0; t < a_rows * nb; ++t) {
+    bct::cuda::QuantizeActBlockOne(a, k, act_bits, block_size, nb, t, qa.data(), sa.data(), nullptr);
+  }
+  std::vector<float> bt;
+  const float* b_rows_k = b;
+  if (!args.transpose_b) {
+    bt.resize(static_cast<size_t>(b_rows * k));
+    for (int64_t t = 0; t < b_rows * k; ++t) bt[static_cast<size_t>(t)] = bct::cuda::TransposeOne(b, k, n, t);
+    b_rows_k = bt.data();
+  }
+  for (int64_t t = 0; t < b_rows * nb; ++t) {
+    bct::cuda::QuantizeActBlockOne(b_rows_k, k, act_bits, block_size, nb, t, qb.data(), sb.data(), nullptr);
+  }
+  for (int64_t t = 0; t < out_batches * m * n; ++t) {
+    y[t] = bct::cuda::ActDotOne(args, qa.data(), sa.data(), qb.data(), sb.data(), nb, t);
+  }
+}
+
+// The compute step of a row op, in place on y [rows, d], as the kernels run it: op 0 Gelu (exact),
+// 1 Gelu (tanh), 2 Silu (one thread per element); 3 Softmax, 4 LayerNorm (scale, bias or nullptr),
+// 5 RMSNorm (scale) (one warp per row).
+__attribute__((visibility("default"))) int bct_host_row_op(int op, int64_t rows, int64_t d, float* y,
+                                                           const float* scale, const float* bias, float epsilon) {
+  const bct::cuda::HostWarp warp;
+  switch (op) {
+    case 0:
+    case 1:
+      for (int64_t i = 0; i < rows * d; ++i) y[i] = bct::cuda::GeluOne(op == 1, y[i]);
+      return 0;
+    case 2:
+      for (int64_t i = 0; i < rows * d; ++i) y[i] = bct::cuda::SiluOne(y[i]);
+      return 0;
+    case 3:
+      for (int64_t r = 0; r < rows; ++r) bct::cuda::SoftmaxRow(warp, y + r * d, d);
+      return 0;
+    case 4:
+      for (int64_t r = 0; r < rows; ++r) bct::cuda::LayerNormRow(warp, scale, bias, epsilon, y + r * d, d);
+      return 0;
+    case 5:
+      for (int64_t r = 0; r < rows; ++r) bct::cuda::RMSNormRow(warp, scale, epsilon, y + r * d, d);
+      return 0;
+    default:
+      return -1;
   }
 }
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import sys
 from pathlib import Path
 
 import pytest
-
 from bct_onnx.models.export import (
     ExportError,
     ModelDirError,

@@ -8,7 +8,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-
 from bct_onnx.models.families import FAMILIES, VOCAB, dummy_inputs, export_tiny, get_family, run_dummy
 
 # ORT vs torch on the same FP32 weights: only summation order differs. Tiny random models give

@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 from bct_onnx.models import minilm
 
 # Cosine of ORT vs torch embeddings, per sentence: FP32 export of the same graph differs by
@@ -28,7 +27,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference() -> np.ndarray:
-    sentence_transformers = pytest.importorskip("sentence_transformers")
+    import sentence_transformers  # heavy (torch): only for this fixture
+
     model = sentence_transformers.SentenceTransformer(str(minilm.model_dir()), device="cpu")
     return np.asarray(model.encode(minilm.sentences(), normalize_embeddings=True), dtype=np.float32)
 

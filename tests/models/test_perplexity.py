@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-
 from bct_onnx.models import minilm
 from bct_onnx.models.families import VOCAB, export_tiny
 from bct_onnx.models.perplexity import onnx_logits_fn, perplexity, perplexity_of_ids

@@ -9,7 +9,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-
 from bct_onnx.models import minilm, smollm2, text_data
 from bct_onnx.models.perplexity import onnx_logits_fn, perplexity_of_ids, tokenize_for_perplexity
 

@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from bct_onnx.models import text_data
 
 

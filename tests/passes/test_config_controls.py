@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from bct_onnx.passes import compress_model
+from support import model_from_text, op_types
 
 from bct_onnx.config import SUPPORTED_OPS, CompressConfig, NodeOverride, OpSettings
 from bct_onnx.config_file import (
@@ -57,8 +58,7 @@ def test_settings_resolve_kind_then_overrides_in_order(tmp_path):
     assert later.settings_for("MatMul", "/attn/q").weight_bits == 3
 
 
-def test_yaml_config_if_pyyaml(tmp_path):
-    pytest.importorskip("yaml", reason="PyYAML not installed: YAML configs unavailable (TOML still works)")
+def test_yaml_config(tmp_path):  # PyYAML is in the test extra
     path = tmp_path / "c.yaml"
     path.write_text(
         "weight_bits: 8\nop:\n  Softmax:\n    enabled: false\noverride:\n  - pattern: '*q_proj*'\n    weight_bits: 4\n"
@@ -123,7 +123,7 @@ def test_cli_strings():
         parse_override("*:bits=8")
 
 
-def test_overrides_reach_the_nodes(helpers):
+def test_overrides_reach_the_nodes():
     text = """<ir_version: 8, opset_import: ["" : 17]>
     g (float[2, 64] x) => (float[2, 64] y) {
       a = MatMul(x, w1)
@@ -137,15 +137,15 @@ def test_overrides_reach_the_nodes(helpers):
     config = apply_controls(
         CompressConfig(), ["MatMul=4"], ["y:weight_bits=8,act_bits=none", "a:block_size=16"]
     )
-    result = compress_model(helpers.model_from_text(text, inits), config)
+    result = compress_model(model_from_text(text, inits), config)
     first, second = list(result.model.graph)
     assert (first.attributes["bits"].as_int(), first.attributes["block_size"].as_int()) == (4, 16)
     assert first.attributes["act_bits"].as_int() == 8
     assert (second.attributes["bits"].as_int(), second.attributes["act_bits"].as_int()) == (8, 0)
     off = compress_model(
-        helpers.model_from_text(text, inits), apply_controls(CompressConfig(), [], ["y:enabled=false"])
+        model_from_text(text, inits), apply_controls(CompressConfig(), [], ["y:enabled=false"])
     )
-    assert helpers.op_types(off.model) == ["BlockMatMul", "MatMul"]
+    assert op_types(off.model) == ["BlockMatMul", "MatMul"]
     assert [s.reason for s in off.skipped] == ["MatMul compression is disabled for this node by the config"]
 
 

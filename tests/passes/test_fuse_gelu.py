@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from bct_onnx.passes import FuseGeluPass
+from support import model_from_text, op_types, run_bct_session, run_ort
 
 from bct_onnx.ops import DOMAIN
 
@@ -58,8 +59,8 @@ TANH_BLOOM = """
 """
 
 
-def build(helpers, body: str, extra: dict | None = None, signature: str = SIG):
-    return helpers.model_from_text(f"{HEADER}\n{signature} {{{body}}}", {**C, **(extra or {})})
+def build(body: str, extra: dict | None = None, signature: str = SIG):
+    return model_from_text(f"{HEADER}\n{signature} {{{body}}}", {**C, **(extra or {})})
 
 
 @pytest.mark.parametrize(
@@ -72,17 +73,17 @@ def build(helpers, body: str, extra: dict | None = None, signature: str = SIG):
     ],
     ids=["erf-bert", "erf-half-first", "tanh-gpt2", "tanh-bloom"],
 )
-def test_fuses_exporter_spellings(helpers, body, approximate, rule):
-    model = build(helpers, body)
+def test_fuses_exporter_spellings(body, approximate, rule):
+    model = build(body)
     x = np.random.default_rng(0).standard_normal((2, 5, 16)).astype(np.float32) * 3
-    expected = helpers.run_ort(model, {"x": x})[0]
+    expected = run_ort(model, {"x": x})[0]
     result = FuseGeluPass()(model)
     assert result.modified and result.rewritten == {rule: 1, "Gelu": 1} and result.skipped == []
-    assert helpers.op_types(result.model) == ["BlockGelu"]
+    assert op_types(result.model) == ["BlockGelu"]
     node = next(iter(result.model.graph))
     assert node.domain == DOMAIN and node.attributes["approximate"].as_string() == approximate
     assert node.inputs[0].name == "x" and result.model.graph.outputs[0].name == "y"
-    got = helpers.run_bct_session(result.model, {"x": x})[0]
+    got = run_bct_session(result.model, {"x": x})[0]
     # BlockGelu (float operands) vs the exporter's float32 graph: erf/tanh polynomials, docs/ops.md
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6 * 3 * 4)
 
@@ -109,19 +110,19 @@ def test_fuses_exporter_spellings(helpers, body, approximate, rule):
     ],
     ids=["wrong-cubic", "erf-of-x-over-2", "quarter-not-half", "other-tensor-in-product"],
 )
-def test_near_misses_keep_nodes_and_say_why(helpers, body, extra, reason):
-    model = build(helpers, body, extra)
-    before = helpers.op_types(model)
+def test_near_misses_keep_nodes_and_say_why(body, extra, reason):
+    model = build(body, extra)
+    before = op_types(model)
     result = FuseGeluPass()(model)
     assert not result.modified and result.rewritten == {}
-    assert helpers.op_types(result.model) == before
+    assert op_types(result.model) == before
     anchor = "Erf" if "Erf" in before else "Tanh"
     assert [(s.op_type, s.reason) for s in result.skipped] == [(anchor, reason)]
 
 
-def test_intermediate_read_elsewhere_is_not_fused(helpers):
+def test_intermediate_read_elsewhere_is_not_fused():
     signature = "g (float[2, 5, 16] x) => (float[2, 5, 16] y, float[2, 5, 16] a)"
-    model = build(helpers, ERF_BERT, signature=signature)
+    model = build(ERF_BERT, signature=signature)
     result = FuseGeluPass()(model)
     assert not result.modified
     assert [s.reason for s in result.skipped] == [
@@ -129,10 +130,10 @@ def test_intermediate_read_elsewhere_is_not_fused(helpers):
     ]
 
 
-def test_erf_of_a_non_float_is_reported(helpers):
+def test_erf_of_a_non_float_is_reported():
     text = f"""{HEADER}
     g (double[4] x) => (double[4] y) {{
       y = Erf(x)
     }}"""
-    result = FuseGeluPass()(helpers.model_from_text(text))
+    result = FuseGeluPass()(model_from_text(text))
     assert [s.reason for s in result.skipped] == ["Erf on DOUBLE; BlockGelu takes float32"]

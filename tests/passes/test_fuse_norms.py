@@ -6,6 +6,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 from bct_onnx.passes import FuseLayerNormPass, FuseRMSNormPass
+from support import model_from_text, op_types, run_bct_session, run_ort
 
 D = 24
 RNG = np.random.default_rng(7)
@@ -60,32 +61,32 @@ RMS_DIV = """
 """
 
 
-def build(helpers, body: str, opset: int = 17, extra: dict | None = None):
+def build(body: str, opset: int = 17, extra: dict | None = None):
     text = f'<ir_version: 8, opset_import: ["" : {opset}]>\ng (float[2, 3, {D}] x) => (float[2, 3, {D}] y) {{{body}}}'
-    return helpers.model_from_text(text, {**CONSTS, **(extra or {})})
+    return model_from_text(text, {**CONSTS, **(extra or {})})
 
 
-def test_layer_norm_fuses_into_onnx_layer_normalization(helpers):
-    model = build(helpers, LAYER_NORM)
-    expected = helpers.run_ort(model, {"x": X})[0]
+def test_layer_norm_fuses_into_onnx_layer_normalization():
+    model = build(LAYER_NORM)
+    expected = run_ort(model, {"x": X})[0]
     result = FuseLayerNormPass()(model)
     assert result.rewritten == {"fuse LayerNormalization": 1} and result.skipped == []
-    assert helpers.op_types(result.model) == ["LayerNormalization"]
+    assert op_types(result.model) == ["LayerNormalization"]
     node = next(iter(result.model.graph))
     assert node.attributes["axis"].as_int() == -1
     assert node.attributes["epsilon"].as_float() == pytest.approx(1e-5)
     assert node.inputs[1].name == "gamma" and node.inputs[2].name == "beta"
-    got = helpers.run_ort(result.model, {"x": X})[0]  # standard op: plain onnxruntime
+    got = run_ort(result.model, {"x": X})[0]  # standard op: plain onnxruntime
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)
 
 
-def test_layer_norm_before_opset_17_becomes_block_layer_norm(helpers):
-    model = build(helpers, LAYER_NORM, opset=13)
-    expected = helpers.run_ort(model, {"x": X})[0]
+def test_layer_norm_before_opset_17_becomes_block_layer_norm():
+    model = build(LAYER_NORM, opset=13)
+    expected = run_ort(model, {"x": X})[0]
     result = FuseLayerNormPass()(model)
-    assert helpers.op_types(result.model) == ["BlockLayerNorm"]
+    assert op_types(result.model) == ["BlockLayerNorm"]
     assert result.model.opset_imports[""] == 13  # never bumped
-    got = helpers.run_bct_session(result.model, {"x": X})[0]
+    got = run_bct_session(result.model, {"x": X})[0]
     np.testing.assert_allclose(got, expected, rtol=0, atol=4e-6)
 
 
@@ -108,12 +109,12 @@ def test_layer_norm_before_opset_17_becomes_block_layer_norm(helpers):
     ],
     ids=["wrong-axis", "cube", "div-of-x", "eps-not-constant"],
 )
-def test_layer_norm_near_misses(helpers, edit, reason):
+def test_layer_norm_near_misses(edit, reason):
     body = LAYER_NORM.replace(*edit)
-    model = build(helpers, body, extra={"three": np.float32(3.0)})
-    before = helpers.op_types(model)
+    model = build(body, extra={"three": np.float32(3.0)})
+    before = op_types(model)
     result = FuseLayerNormPass()(model)
-    assert not result.modified and helpers.op_types(result.model) == before
+    assert not result.modified and op_types(result.model) == before
     assert [(s.op_type, s.reason) for s in result.skipped] == [("ReduceMean", reason)]
 
 
@@ -122,17 +123,17 @@ def test_layer_norm_near_misses(helpers, edit, reason):
     [(RMS_LLAMA, GAMMA), (RMS_RECIPROCAL, GAMMA), (RMS_DIV, np.ones(D, np.float32))],
     ids=["llama-casts", "reciprocal", "div-no-weight"],
 )
-def test_rms_norm_fuses_into_block_rms_norm(helpers, body, scale):
-    model = build(helpers, body)
-    expected = helpers.run_ort(model, {"x": X})[0]
+def test_rms_norm_fuses_into_block_rms_norm(body, scale):
+    model = build(body)
+    expected = run_ort(model, {"x": X})[0]
     result = FuseRMSNormPass()(model)
     assert result.rewritten == {"fuse RMSNorm": 1, "LayerNormalization": 1} and result.skipped == []
-    assert helpers.op_types(result.model) == ["BlockRMSNorm"]  # the no-op Casts go with the pattern
+    assert op_types(result.model) == ["BlockRMSNorm"]  # the no-op Casts go with the pattern
     node = next(iter(result.model.graph))
     assert node.inputs[0].name == "x" and node.inputs[1] is None and node.inputs[2] is None
     np.testing.assert_array_equal(node.inputs[3].const_value.numpy(), scale)
     assert node.attributes["epsilon"].as_float() == pytest.approx(1e-5)
-    got = helpers.run_bct_session(result.model, {"x": X})[0]
+    got = run_bct_session(result.model, {"x": X})[0]
     np.testing.assert_allclose(got, expected, rtol=0, atol=4e-6)
 
 
@@ -149,20 +150,20 @@ def test_rms_norm_fuses_into_block_rms_norm(helpers, body, scale):
     ],
     ids=["div-two", "pow-one", "wrong-axis", "mul-not-x"],
 )
-def test_rms_norm_near_misses(helpers, edit, reason):
-    model = build(helpers, RMS_LLAMA.replace(*edit))
-    before = helpers.op_types(model)
+def test_rms_norm_near_misses(edit, reason):
+    model = build(RMS_LLAMA.replace(*edit))
+    before = op_types(model)
     result = FuseRMSNormPass()(model)
-    assert not result.modified and helpers.op_types(result.model) == before
+    assert not result.modified and op_types(result.model) == before
     assert [(s.op_type, s.reason) for s in result.skipped] == [("ReduceMean", reason)]
 
 
-def test_plain_mean_is_not_a_norm(helpers):
+def test_plain_mean_is_not_a_norm():
     text = f"""<ir_version: 8, opset_import: ["" : 17]>
     g (float[2, 3, {D}] x) => (float[2, 3, 1] y) {{
       y = ReduceMean<axes = [-1]>(x)
     }}"""
-    model = helpers.model_from_text(text)
+    model = model_from_text(text)
     for fusion in (FuseLayerNormPass(), FuseRMSNormPass()):
         result = fusion(model)
         assert not result.modified and result.skipped == []  # not a candidate: nothing to report

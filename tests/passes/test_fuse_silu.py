@@ -8,6 +8,7 @@ import onnx_ir as ir
 import pytest
 from bct_onnx.passes import FuseSiluPass, QuantizeSiluPass, compress_model
 from bct_onnx.passes.coverage import target_kind_shares
+from support import model_from_text, op_types, run_bct_session, run_ort
 
 from bct_onnx import reference_nonlinear as spec
 from bct_onnx.block_format import BlockFormat, ScaleKind
@@ -18,8 +19,8 @@ HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
 SIG = "g (float[2, 5, 16] x) => (float[2, 5, 16] y)"
 
 
-def build(helpers, body: str, signature: str = SIG, initializers: dict | None = None):
-    return helpers.model_from_text(f"{HEADER}\n{signature} {{{body}}}", initializers)
+def build(body: str, signature: str = SIG, initializers: dict | None = None):
+    return model_from_text(f"{HEADER}\n{signature} {{{body}}}", initializers)
 
 
 def feeds(shape=(2, 5, 16), seed=0) -> dict[str, np.ndarray]:
@@ -31,18 +32,18 @@ def feeds(shape=(2, 5, 16), seed=0) -> dict[str, np.ndarray]:
     ["s = Sigmoid(x)\n  y = Mul(x, s)", "s = Sigmoid(x)\n  y = Mul(s, x)"],
     ids=["x-times-sigmoid", "sigmoid-times-x"],
 )
-def test_fuses_either_operand_order(helpers, body):
-    model = build(helpers, body)
+def test_fuses_either_operand_order(body):
+    model = build(body)
     x = feeds()
-    expected = helpers.run_ort(model, x)[0]
+    expected = run_ort(model, x)[0]
     result = FuseSiluPass()(model)
     assert result.modified and result.rewritten == {"fuse Silu(Sigmoid*Mul)": 1, "Silu": 1}
     assert result.skipped == []
-    assert helpers.op_types(result.model) == ["BlockSilu"]
+    assert op_types(result.model) == ["BlockSilu"]
     node = next(iter(result.model.graph))
     assert node.domain == DOMAIN and dict(node.attributes) == {}
     assert node.inputs[0].name == "x" and result.model.graph.outputs[0].name == "y"
-    got = helpers.run_bct_session(result.model, x)[0]
+    got = run_bct_session(result.model, x)[0]
     np.testing.assert_array_equal(got, spec.silu(x["x"]))  # the op is the spec, bit for bit
     xd = x["x"].astype(np.float64)
     np.testing.assert_allclose(got, xd / (1 + np.exp(-xd)), rtol=2e-7, atol=0)  # docs/ops.md: 3 ulp
@@ -51,12 +52,12 @@ def test_fuses_either_operand_order(helpers, body):
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
 
 
-def test_x_read_elsewhere_is_still_fused(helpers):
+def test_x_read_elsewhere_is_still_fused():
     """x itself may have other readers (the residual, Llama's up projection): only s must be private."""
     signature = "g (float[2, 5, 16] x) => (float[2, 5, 16] y, float[2, 5, 16] z)"
-    model = build(helpers, "s = Sigmoid(x)\n  y = Mul(x, s)\n  z = Relu(x)", signature)
+    model = build("s = Sigmoid(x)\n  y = Mul(x, s)\n  z = Relu(x)", signature)
     result = FuseSiluPass()(model)
-    assert helpers.op_types(result.model) == ["BlockSilu", "Relu"]
+    assert op_types(result.model) == ["BlockSilu", "Relu"]
 
 
 @pytest.mark.parametrize(
@@ -90,22 +91,22 @@ def test_x_read_elsewhere_is_still_fused(helpers):
     ],
     ids=["other-tensor", "quick-gelu", "sigmoid-read-elsewhere", "sigmoid-graph-output", "add", "square"],
 )
-def test_near_misses_keep_nodes_and_say_why(helpers, body, signature, reason):
-    model = build(helpers, body, signature, {"k": np.float32(1.702)})
-    before = helpers.op_types(model)
+def test_near_misses_keep_nodes_and_say_why(body, signature, reason):
+    model = build(body, signature, {"k": np.float32(1.702)})
+    before = op_types(model)
     result = FuseSiluPass()(model)
     assert not result.modified and result.rewritten == {}
-    assert helpers.op_types(result.model) == before
+    assert op_types(result.model) == before
     assert [(s.op_type, s.reason) for s in result.skipped] == [("Sigmoid", reason)]
 
 
-def test_sigmoid_of_a_non_float_is_reported(helpers):
+def test_sigmoid_of_a_non_float_is_reported():
     text = f"""{HEADER}
     g (double[4] x) => (double[4] y) {{
       s = Sigmoid(x)
       y = Mul(x, s)
     }}"""
-    result = FuseSiluPass()(helpers.model_from_text(text))
+    result = FuseSiluPass()(model_from_text(text))
     assert [s.reason for s in result.skipped] == ["Sigmoid on DOUBLE; BlockSilu takes float32"]
 
 
@@ -116,16 +117,16 @@ g (float[2, 5, 16] x) => (float[2, 5, 16] y, float[2, 5, 16] z) {
 }"""
 
 
-def test_onnx_swish_alpha_one_becomes_block_silu(helpers):
-    model = helpers.model_from_text(SWISH, check=False)
+def test_onnx_swish_alpha_one_becomes_block_silu():
+    model = model_from_text(SWISH, check=False)
     result = QuantizeSiluPass(CompressConfig())(model)
     assert result.rewritten == {"Silu": 1}
-    assert helpers.op_types(result.model) == ["BlockSilu", "Swish"]
+    assert op_types(result.model) == ["BlockSilu", "Swish"]
     assert [s.reason for s in result.skipped] == [
         "alpha=1.7020000219345093 is not 1 (BlockSilu is x * sigmoid(x))"
     ]
     off = CompressConfig(op_settings={"Silu": OpSettings(enabled=False)})
-    assert QuantizeSiluPass(off)(helpers.model_from_text(SWISH, check=False)).rewritten == {}
+    assert QuantizeSiluPass(off)(model_from_text(SWISH, check=False)).rewritten == {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,20 +144,20 @@ g (float[2, 5, {D}] x) => (float[2, 5, {D}] y) {{
 }}"""
 
 
-def llama_mlp(helpers):
+def llama_mlp():
     rng = np.random.default_rng(3)
     inits = {
         "w_gate": (rng.standard_normal((D, F)) / np.sqrt(D)).astype(np.float32),
         "w_up": (rng.standard_normal((D, F)) / np.sqrt(D)).astype(np.float32),
         "w_down": (rng.standard_normal((F, D)) / np.sqrt(F)).astype(np.float32),
     }
-    return helpers.model_from_text(LLAMA_MLP, inits)
+    return model_from_text(LLAMA_MLP, inits)
 
 
-def test_llama_mlp_is_compressed_and_matches_float(helpers):
-    model = llama_mlp(helpers)
+def test_llama_mlp_is_compressed_and_matches_float():
+    model = llama_mlp()
     result = compress_model(model, CompressConfig())
-    assert helpers.op_types(result.model) == ["BlockMatMul", "BlockMatMul", "BlockSilu", "Mul", "BlockMatMul"]
+    assert op_types(result.model) == ["BlockMatMul", "BlockMatMul", "BlockSilu", "Mul", "BlockMatMul"]
     assert result.rewritten["fuse Silu(Sigmoid*Mul)"] == 1 and result.rewritten["Silu"] == 1
     gate, _, silu, _, _ = list(result.model.graph)
     # gate -> SiLU passes codes (the MatMul's result in the SiLU's format); the SiLU result is read
@@ -167,8 +168,8 @@ def test_llama_mlp_is_compressed_and_matches_float(helpers):
     reasons = [s.reason for s in result.skipped if s.op_type == "BlockSilu"]
     assert reasons == ["result stays float32: read by Mul '<unnamed, output h>', which needs float32"]
     x = (np.random.default_rng(4).standard_normal((2, 5, D))).astype(np.float32)
-    got = helpers.run_bct_session(result.model, {"x": x})[0]
-    expected = helpers.run_ort(model, {"x": x})[0]
+    got = run_bct_session(result.model, {"x": x})[0]
+    expected = run_ort(model, {"x": x})[0]
     # 4-bit weights, 8-bit activations, block 32: stated tolerance on this random MLP (|y| ~ 0.5)
     cos = float(np.dot(got.ravel(), expected.ravel()) / (np.linalg.norm(got) * np.linalg.norm(expected)))
     assert cos >= 0.98, cos
@@ -177,7 +178,7 @@ def test_llama_mlp_is_compressed_and_matches_float(helpers):
     assert (shares["Silu"].original, shares["Silu"].compressed) == (1, 1)
 
 
-def test_llama_mlp_silu_feeds_codes_to_a_compressed_reader(helpers):
+def test_llama_mlp_silu_feeds_codes_to_a_compressed_reader():
     """SiLU -> MatMul directly (no gate product): the SiLU result passes codes in the reading
     MatMul's own activation format (symmetric int8, float32 scales), used by it as they are."""
     text = f"""{HEADER}
@@ -188,7 +189,7 @@ def test_llama_mlp_silu_feeds_codes_to_a_compressed_reader(helpers):
       y = MatMul(act, w_down)
     }}"""
     rng = np.random.default_rng(5)
-    model = helpers.model_from_text(
+    model = model_from_text(
         text,
         {
             "w_gate": (rng.standard_normal((D, F)) / np.sqrt(D)).astype(np.float32),
@@ -196,27 +197,27 @@ def test_llama_mlp_silu_feeds_codes_to_a_compressed_reader(helpers):
         },
     )
     result = compress_model(model, CompressConfig())
-    assert helpers.op_types(result.model) == ["BlockMatMul", "BlockSilu", "BlockMatMul"]
+    assert op_types(result.model) == ["BlockMatMul", "BlockSilu", "BlockMatMul"]
     _, silu, down = list(result.model.graph)
     silu_attrs = {name: attr.value for name, attr in silu.attributes.items()}
     assert silu_attrs["out_bits"] == 8 and silu_attrs["out_symmetric"] == 1
     assert silu_attrs["out_scale_kind"] == "float32"
     assert {name: a.value for name, a in down.attributes.items()}["in_symmetric"] == 1
     x = (np.random.default_rng(6).standard_normal((2, 5, D))).astype(np.float32)
-    got = helpers.run_bct_session(result.model, {"x": x})[0]
+    got = run_bct_session(result.model, {"x": x})[0]
     # the SiLU step is the spec's: run the gate BlockMatMul alone and apply block_silu to it
-    expected = helpers.run_ort(model, {"x": x})[0]
+    expected = run_ort(model, {"x": x})[0]
     cos = float(np.dot(got.ravel(), expected.ravel()) / (np.linalg.norm(got) * np.linalg.norm(expected)))
     assert cos >= 0.98, cos
 
 
-def test_silu_disabled_keeps_sigmoid_mul(helpers):
+def test_silu_disabled_keeps_sigmoid_mul():
     config = CompressConfig(ops=frozenset({"MatMul"}))
-    result = compress_model(llama_mlp(helpers), config)
-    assert "Sigmoid" in helpers.op_types(result.model) and "BlockSilu" not in helpers.op_types(result.model)
+    result = compress_model(llama_mlp(), config)
+    assert "Sigmoid" in op_types(result.model) and "BlockSilu" not in op_types(result.model)
 
 
-def test_per_node_override_keeps_one_silu_result_float(helpers):
+def test_per_node_override_keeps_one_silu_result_float():
     """A SiLU switched off by a node override keeps a float result, and the report says so. (Like a
     fused BlockGelu, its operand may still arrive as codes from a compressed producer.)"""
     text = f"""{HEADER}
@@ -227,7 +228,7 @@ def test_per_node_override_keeps_one_silu_result_float(helpers):
     }}"""
     w = (np.random.default_rng(8).standard_normal((D, D)) / np.sqrt(D)).astype(np.float32)
     config = CompressConfig(overrides=(NodeOverride("act", OpSettings(enabled=False), op="Silu"),))
-    result = compress_model(helpers.model_from_text(text, {"w_down": w}), config)
+    result = compress_model(model_from_text(text, {"w_down": w}), config)
     silu = next(n for n in result.model.graph if n.op_type == "BlockSilu")
     assert isinstance(silu, ir.Node) and "out_bits" not in silu.attributes
     assert [s.reason for s in result.skipped if s.op_type == "BlockSilu"] == [
@@ -235,7 +236,7 @@ def test_per_node_override_keeps_one_silu_result_float(helpers):
     ]
 
 
-def test_block_silu_quantized_in_out_against_spec(helpers):
+def test_block_silu_quantized_in_out_against_spec():
     """A BlockSilu with quantized operand and result, as the fold pass writes it, against the spec."""
     from bct_onnx import block_format as bf
 
@@ -246,8 +247,8 @@ def test_block_silu_quantized_in_out_against_spec(helpers):
       yc, ys, yz = ai.bct_onnx.BlockSilu<in_bits = 8, in_block_size = 32, in_axis_size = 64, out_bits = 8,
           out_block_size = 32, out_symmetric = 0, out_scale_kind = "float16">(c, s, "")
     }"""
-    model = helpers.model_from_text(text, check=False)
-    yc, ys, yz = helpers.run_bct_session(model, {"c": q.codes, "s": q.scales})
+    model = model_from_text(text, check=False)
+    yc, ys, yz = run_bct_session(model, {"c": q.codes, "s": q.scales})
     expected = spec.block_silu(q, BlockFormat(8, 32, False, ScaleKind.FLOAT16))
     np.testing.assert_array_equal(yc, expected.codes)
     np.testing.assert_array_equal(ys, expected.scales)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import re
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,9 +15,11 @@ from bct_onnx.passes import (
     DomainVersionError,
     OpsetTooOldError,
     PipelineResult,
+    build_passes,
     compress_model,
 )
 from bct_onnx.passes import pipeline as pipeline_module
+from support import model_from_text, op_types, run_bct_session, run_ort, run_reference
 
 from bct_onnx.config import CompressConfig
 from bct_onnx.ops import DOMAIN
@@ -38,7 +42,7 @@ g (int64[1, S] ids) => (float[1, S, {V}] logits) {{
 }}"""
 
 
-def tied_model(helpers) -> ir.Model:
+def tied_model() -> ir.Model:
     inits = {
         "wte": RNG.standard_normal((V, D)).astype(np.float32),
         "flat_shape": np.array([-1, D], np.int64),
@@ -48,16 +52,16 @@ def tied_model(helpers) -> ir.Model:
         "proj_wt": RNG.standard_normal((D, HIDDEN)).astype(np.float32) * 0.1,
         "proj_b": RNG.standard_normal(D).astype(np.float32),
     }
-    return helpers.model_from_text(TIED, inits)
+    return model_from_text(TIED, inits)
 
 
-def test_tied_decoder_end_to_end(helpers):
-    model = tied_model(helpers)
+def test_tied_decoder_end_to_end():
+    model = tied_model()
     ids = np.array([[1, 7, 99, 0, 42]], np.int64)
-    (expected,) = helpers.run_ort(model, {"ids": ids})
+    (expected,) = run_ort(model, {"ids": ids})
     result = compress_model(model, CompressConfig(act_bits=None))
     assert isinstance(result, PipelineResult) and result.modified
-    assert helpers.op_types(result.model) == [
+    assert op_types(result.model) == [
         "BlockGather",
         "Reshape",
         "BlockMatMul",
@@ -82,14 +86,14 @@ def test_tied_decoder_end_to_end(helpers):
     floats = [v.name for v in graph.initializers.values() if v.dtype == ir.DataType.FLOAT]
     assert sorted(floats) == ["fc_b", "proj_b"]
     assert result.model.opset_imports == {"": 17, DOMAIN: 1}
-    (actual,) = helpers.run_reference(result.model, {"ids": ids})
+    (actual,) = run_reference(result.model, {"ids": ids})
     assert np.abs(actual - expected).max() / np.abs(expected).max() < 0.2
-    (session_out,) = helpers.run_bct_session(result.model, {"ids": ids})
+    (session_out,) = run_bct_session(result.model, {"ids": ids})
     np.testing.assert_allclose(session_out, actual, rtol=1e-4, atol=1e-4)
 
 
-def test_untied_formats_quantize_the_table_once_per_layout(helpers):
-    result = compress_model(tied_model(helpers), CompressConfig(embedding_bits=8))
+def test_untied_formats_quantize_the_table_once_per_layout():
+    result = compress_model(tied_model(), CompressConfig(embedding_bits=8))
     graph = result.model.graph
     gather, lm_head = graph.node(0), graph.node(6)
     assert gather.attributes["bits"].value == 8 and lm_head.attributes["bits"].value == 4
@@ -97,9 +101,9 @@ def test_untied_formats_quantize_the_table_once_per_layout(helpers):
     assert "shared quantized weight" not in result.rewritten
 
 
-def test_input_model_and_file_untouched_and_second_run_is_a_no_op(helpers, tmp_path):
+def test_input_model_and_file_untouched_and_second_run_is_a_no_op(tmp_path):
     path = tmp_path / "model.onnx"
-    ir.save(tied_model(helpers), path)
+    ir.save(tied_model(), path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     model = ir.load(path)
     before = ir.to_proto(model).SerializeToString()
@@ -112,9 +116,9 @@ def test_input_model_and_file_untouched_and_second_run_is_a_no_op(helpers, tmp_p
     assert second.rewritten == {} and second.skipped == []
 
 
-def test_external_data_model(helpers, tmp_path):
+def test_external_data_model(tmp_path):
     path = tmp_path / "big.onnx"
-    ir.save(tied_model(helpers), path, external_data="big.onnx.data")
+    ir.save(tied_model(), path, external_data="big.onnx.data")
     data_digest = hashlib.sha256((tmp_path / "big.onnx.data").read_bytes()).hexdigest()
     model = ir.load(path)
     assert isinstance(model.graph.initializers["wte"].const_value, ir.ExternalTensor)
@@ -126,19 +130,19 @@ def test_external_data_model(helpers, tmp_path):
     assert hashlib.sha256((tmp_path / "big.onnx.data").read_bytes()).hexdigest() == data_digest
 
 
-def test_only_configured_ops_are_quantized(helpers):
-    result = compress_model(tied_model(helpers), CompressConfig(ops=frozenset({"Gather"})))
-    assert helpers.op_types(result.model).count("BlockGather") == 1
-    assert "BlockMatMul" not in helpers.op_types(result.model)
+def test_only_configured_ops_are_quantized():
+    result = compress_model(tied_model(), CompressConfig(ops=frozenset({"Gather"})))
+    assert op_types(result.model).count("BlockGather") == 1
+    assert "BlockMatMul" not in op_types(result.model)
 
 
-def test_skips_are_summed_with_reasons(helpers):
+def test_skips_are_summed_with_reasons():
     text = """<ir_version: 8, opset_import: ["" : 17]>
     g (float[2, 8] q, float[2, 8] k) => (float[2, 2] s) {
       kt = Transpose(k)
       s = MatMul(q, kt)
     }"""
-    result = compress_model(helpers.model_from_text(text), CompressConfig())
+    result = compress_model(model_from_text(text), CompressConfig())
     assert not result.modified
     assert [(s.op_type, s.reason.split(":")[0]) for s in result.skipped] == [
         ("MatMul", "weight (input B) is computed at run time (produced by Transpose)")
@@ -147,9 +151,9 @@ def test_skips_are_summed_with_reasons(helpers):
     assert DOMAIN not in result.model.opset_imports
 
 
-def test_debug_dir_saves_changed_passes(helpers, tmp_path, monkeypatch):
+def test_debug_dir_saves_changed_passes(tmp_path, monkeypatch):
     monkeypatch.setenv(DEBUG_DIR_ENV, str(tmp_path))
-    result = compress_model(tied_model(helpers), CompressConfig())
+    result = compress_model(tied_model(), CompressConfig())
     saved = sorted(p.name for p in tmp_path.iterdir())
     changed = [f"{i:02d}_{r.name}.onnx" for i, r in enumerate(result.passes, start=1) if r.modified]
     assert saved == sorted(changed)
@@ -157,7 +161,7 @@ def test_debug_dir_saves_changed_passes(helpers, tmp_path, monkeypatch):
     onnx.load(str(tmp_path / "04_QuantizeMatMulPass.onnx"))
 
 
-def test_debug_dir_saves_input_of_failing_pass(helpers, tmp_path, monkeypatch):
+def test_debug_dir_saves_input_of_failing_pass(tmp_path, monkeypatch):
     class BrokenPass(ir.passes.InPlacePass):
         def call(self, model: ir.Model) -> ir.passes.PassResult:
             model.graph.remove(model.graph.node(0))  # half-done work must not leak into the snapshot
@@ -165,37 +169,37 @@ def test_debug_dir_saves_input_of_failing_pass(helpers, tmp_path, monkeypatch):
 
     monkeypatch.setitem(pipeline_module.QUANTIZE_PASSES, "Gather", lambda config: BrokenPass())
     with pytest.raises(RuntimeError, match="boom"):
-        compress_model(tied_model(helpers), CompressConfig(), debug_dir=tmp_path)
+        compress_model(tied_model(), CompressConfig(), debug_dir=tmp_path)
     failed_input = tmp_path / "05_BrokenPass.input.onnx"
     assert failed_input.is_file()
     ops = [node.op_type for node in onnx.load(str(failed_input)).graph.node]
     assert ops[0] == "Gather" and "Gemm" not in ops and "BlockMatMul" in ops and "MatMul" not in ops
 
 
-def test_opset_too_old_is_refused_not_bumped(helpers):
+def test_opset_too_old_is_refused_not_bumped():
     text = """<ir_version: 5, opset_import: ["" : 9]>
     g (float[2, 8] a) => (float[2, 4] y) { y = MatMul(a, w) }"""
-    model = helpers.model_from_text(text, {"w": np.ones((8, 4), np.float32)})
+    model = model_from_text(text, {"w": np.ones((8, 4), np.float32)})
     with pytest.raises(OpsetTooOldError, match="opset 9; this pass needs >= 11"):
         compress_model(model, CompressConfig())
     assert model.opset_imports[""] == 9
 
 
-def test_conflicting_domain_version_is_refused(helpers):
-    model = tied_model(helpers)
+def test_conflicting_domain_version_is_refused():
+    model = tied_model()
     model.opset_imports[DOMAIN] = 7
     with pytest.raises(DomainVersionError, match="ai.bct_onnx version 7"):
         compress_model(model, CompressConfig())
 
 
-def test_progress_callback(helpers):
+def test_progress_callback():
     calls = []
-    compress_model(tied_model(helpers), CompressConfig(), progress=lambda *args: calls.append(args))
+    compress_model(tied_model(), CompressConfig(), progress=lambda *args: calls.append(args))
     assert [c[1:] for c in calls] == [(i, len(calls)) for i in range(1, len(calls) + 1)]
     assert calls[-1][0] == "CheckModelPass"
 
 
-def test_input_that_already_fails_the_checker_is_reported_not_blamed(helpers):
+def test_input_that_already_fails_the_checker_is_reported_not_blamed():
     # torch.onnx's dynamo exporter, asked for opset 17, writes Split with num_outputs (an opset-18
     # attribute); the checker rejects that model before and after our passes.
     text = """<ir_version: 8, opset_import: ["" : 17]>
@@ -203,15 +207,15 @@ def test_input_that_already_fails_the_checker_is_reported_not_blamed(helpers):
       h = MatMul(a, w)
       y, z = Split <axis = 1, num_outputs = 2> (h)
     }"""
-    model = helpers.model_from_text(text, {"w": np.ones((8, 8), np.float32)}, check=False)
+    model = model_from_text(text, {"w": np.ones((8, 8), np.float32)}, check=False)
     result = compress_model(model, CompressConfig())
-    assert helpers.op_types(result.model) == ["BlockMatMul", "Split"]
+    assert op_types(result.model) == ["BlockMatMul", "Split"]
     assert len(result.warnings) == 1
     assert result.warnings[0].startswith("the input model already fails the ONNX checker")
     assert "num_outputs" in result.warnings[0]
 
 
-def test_checker_failure_caused_by_a_pass_is_raised(helpers, monkeypatch):
+def test_checker_failure_caused_by_a_pass_is_raised(monkeypatch):
     class BreakingPass(ir.passes.InPlacePass):
         def call(self, model: ir.Model) -> ir.passes.PassResult:
             node = next(node for node in model.graph if node.op_type == "Relu")
@@ -220,10 +224,10 @@ def test_checker_failure_caused_by_a_pass_is_raised(helpers, monkeypatch):
 
     monkeypatch.setitem(pipeline_module.QUANTIZE_PASSES, "MatMul", lambda config: BreakingPass())
     with pytest.raises(onnx.checker.ValidationError, match="bogus"):
-        compress_model(tied_model(helpers), CompressConfig())
+        compress_model(tied_model(), CompressConfig())
 
 
-def test_if_branches_reading_outer_weights_are_compressed_and_share_codes(helpers):
+def test_if_branches_reading_outer_weights_are_compressed_and_share_codes():
     # optimum's merged decoders: an If whose two branches read the same outer-scope weights.
     text = """<ir_version: 8, opset_import: ["" : 17]>
     g (bool cond, float[2, 16] a) => (float[2, 8] y) {
@@ -238,7 +242,7 @@ def test_if_branches_reading_outer_weights_are_compressed_and_share_codes(helper
     }"""
     w = RNG.standard_normal((16, 8)).astype(np.float32)
     b = RNG.standard_normal(8).astype(np.float32)
-    model = helpers.model_from_text(text, {"w": w, "b": b})
+    model = model_from_text(text, {"w": w, "b": b})
     a = RNG.standard_normal((2, 16)).astype(np.float32)
     result = compress_model(model, CompressConfig(act_bits=None))
     assert result.rewritten == {
@@ -256,15 +260,15 @@ def test_if_branches_reading_outer_weights_are_compressed_and_share_codes(helper
     assert "w" not in result.model.graph.initializers  # the float weight is gone
     for cond in (True, False):
         feeds = {"cond": np.array(cond), "a": a}
-        (expected,) = helpers.run_ort(helpers.model_from_text(text, {"w": w, "b": b}), feeds)
-        (actual,) = helpers.run_reference(result.model, feeds)
+        (expected,) = run_ort(model_from_text(text, {"w": w, "b": b}), feeds)
+        (actual,) = run_reference(result.model, feeds)
         assert np.abs(actual - expected).max() / np.abs(expected).max() < 0.2
 
 
-def test_debug_snapshots_of_an_external_data_model_carry_their_own_data(helpers, tmp_path):
+def test_debug_snapshots_of_an_external_data_model_carry_their_own_data(tmp_path):
     source = tmp_path / "source"
     source.mkdir()
-    ir.save(tied_model(helpers), source / "m.onnx", external_data="m.onnx.data")
+    ir.save(tied_model(), source / "m.onnx", external_data="m.onnx.data")
     debug = tmp_path / "debug"
     compress_model(ir.load(source / "m.onnx"), CompressConfig(), debug_dir=debug)
     snapshots = sorted(debug.glob("*.onnx"))
@@ -274,3 +278,40 @@ def test_debug_snapshots_of_an_external_data_model_carry_their_own_data(helpers,
         proto = onnx.load(str(snapshot), load_external_data=False)
         locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
         assert locations <= {f"{snapshot.name}.data"}
+
+
+DEFAULT_ORDER = [
+    "LiftConstantsToInitializersPass",
+    "FoldConstantWeightsPass",
+    "GemmToMatMulPass",
+    "QuantizeMatMulPass",
+    "QuantizeGatherPass",
+    "QuantizeActMatMulPass",
+    "FuseGeluPass",
+    "QuantizeGeluPass",
+    "FuseSiluPass",
+    "QuantizeSiluPass",
+    "QuantizeSoftmaxPass",
+    "FuseLayerNormPass",
+    "FuseRMSNormPass",
+    "QuantizeLayerNormPass",
+    "CompressIntermediatesPass",
+    "RemoveUnusedNodesPass",
+    "RemoveUnusedOpsetsPass",
+    "TopologicalSortPass",
+    "CheckModelPass",
+]
+
+
+def test_pass_order_is_pinned():
+    """The order QUANTIZE_PASSES' comment states; a change here is a change of behaviour: say why there."""
+    assert [type(p).__name__ for p in build_passes(CompressConfig())] == DEFAULT_ORDER
+    weights_only = [type(p).__name__ for p in build_passes(CompressConfig(ops=frozenset({"MatMul", "Gather"})))]
+    assert weights_only == [name for name in DEFAULT_ORDER if name not in DEFAULT_ORDER[5:15]]
+
+
+def test_docs_list_the_passes_in_the_order_they_run():
+    text = (Path(__file__).resolve().parents[2] / "docs" / "passes.md").read_text(encoding="utf-8")
+    table = text.split("## Pipeline", 1)[1].split("\n\n", 2)[1]  # the paragraph after the intro
+    listed = [name for row in table.splitlines() for name in re.findall(r"`(\w+Pass)`", row.split("|")[2])]
+    assert listed == DEFAULT_ORDER

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from bct_onnx.passes import QuantizeGatherPass
+from support import model_from_text, op_types, run_bct_session, run_reference
 
 from bct_onnx.block_format import dequantize
 from bct_onnx.config import CompressConfig
@@ -24,13 +25,13 @@ def table(v: int = 50, d: int = 40) -> np.ndarray:
 
 
 @pytest.mark.parametrize("embedding_bits", [None, 8, 3])
-def test_embedding_lookup_becomes_block_gather(helpers, embedding_bits):
+def test_embedding_lookup_becomes_block_gather(embedding_bits):
     e = table()
-    model = helpers.model_from_text(EMBEDDING, {"E": e})
+    model = model_from_text(EMBEDDING, {"E": e})
     config = CompressConfig(weight_bits=4, embedding_bits=embedding_bits, symmetric=embedding_bits != 3)
     result = QuantizeGatherPass(config)(model)
     assert result.modified
-    assert helpers.op_types(result.model) == ["BlockGather"]
+    assert op_types(result.model) == ["BlockGather"]
     assert result.rewritten == {"Gather": 1}
     assert result.skipped == []
     node = next(iter(result.model.graph))
@@ -43,22 +44,22 @@ def test_embedding_lookup_becomes_block_gather(helpers, embedding_bits):
     assert len(node.inputs) == (3 if embedding_bits != 3 else 4)
     # Numerics: rows of the dequantized table, bit-exact, including negative indices.
     ids = np.array([[0, 49, -1, 7], [3, -50, 2, 2]], dtype=np.int64)
-    (y,) = helpers.run_reference(result.model, {"ids": ids})
+    (y,) = run_reference(result.model, {"ids": ids})
     expected = dequantize(quantize_tensor(e, config.embedding_format))[ids]
     np.testing.assert_array_equal(y, expected)
     assert np.abs(y - e[ids]).max() < np.abs(e).max() * (0.3 if bits < 4 else 0.15)
 
 
-def test_ort_session_matches_reference(helpers):
-    model = helpers.model_from_text(EMBEDDING, {"E": table()})
+def test_ort_session_matches_reference():
+    model = model_from_text(EMBEDDING, {"E": table()})
     compressed = QuantizeGatherPass(CompressConfig())(model).model
     ids = np.array([[0, 49, -1, 7]], dtype=np.int64)
-    (y_ref,) = helpers.run_reference(compressed, {"ids": ids})
-    (y_ort,) = helpers.run_bct_session(compressed, {"ids": ids})
+    (y_ref,) = run_reference(compressed, {"ids": ids})
+    (y_ort,) = run_bct_session(compressed, {"ids": ids})
     np.testing.assert_array_equal(y_ort, y_ref)  # dequantized rows: a function of rounding alone
 
 
-def test_shape_gathers_are_left_alone_without_a_report(helpers):
+def test_shape_gathers_are_left_alone_without_a_report():
     text = f"""{HEADER}
     g (float[B, S, 8] x) => (int64 n, int64[2] m) {{
       s = Shape(x)
@@ -70,10 +71,10 @@ def test_shape_gathers_are_left_alone_without_a_report(helpers):
         "dims": np.array([4, 5, 6], np.int64),
         "pick": np.array([0, 2], np.int64),
     }
-    model = helpers.model_from_text(text, inits)
+    model = model_from_text(text, inits)
     result = QuantizeGatherPass(CompressConfig())(model)
     assert not result.modified
-    assert helpers.op_types(result.model) == ["Shape", "Gather", "Gather"]
+    assert op_types(result.model) == ["Shape", "Gather", "Gather"]
     assert result.skipped == []
 
 
@@ -108,17 +109,17 @@ def test_shape_gathers_are_left_alone_without_a_report(helpers):
     ],
     ids=["axis1", "graph-input", "computed", "rank3", "float16"],
 )
-def test_near_misses_are_skipped_with_reason(helpers, text, inits, reason):
-    model = helpers.model_from_text(f"{HEADER}\n{text}", inits)
-    before = helpers.op_types(model)
+def test_near_misses_are_skipped_with_reason(text, inits, reason):
+    model = model_from_text(f"{HEADER}\n{text}", inits)
+    before = op_types(model)
     result = QuantizeGatherPass(CompressConfig())(model)
     assert not result.modified
-    assert helpers.op_types(result.model) == before
+    assert op_types(result.model) == before
     assert [(s.op_type, s.reason) for s in result.skipped] == [("Gather", reason)]
 
 
-def test_second_run_does_not_modify(helpers):
-    model = helpers.model_from_text(EMBEDDING, {"E": table()})
+def test_second_run_does_not_modify():
+    model = model_from_text(EMBEDDING, {"E": table()})
     first = QuantizeGatherPass(CompressConfig())(model)
     second = QuantizeGatherPass(CompressConfig())(first.model)
     assert first.modified and not second.modified
@@ -126,10 +127,10 @@ def test_second_run_does_not_modify(helpers):
 
 
 @pytest.mark.parametrize("scale_kind", ["float16", "pow2", "float32"])
-def test_float_offsets_table(helpers, scale_kind):
+def test_float_offsets_table(scale_kind):
     """zero_points="float": the table stores float offsets (float32 with float32 scales), ORT = spec bit for bit."""
     e = np.abs(table(50, 45)) + 1.0  # one-signed rows, D = 45: a partial last block
-    model = helpers.model_from_text(EMBEDDING.replace("40", "45"), {"E": e})
+    model = model_from_text(EMBEDDING.replace("40", "45"), {"E": e})
     config = CompressConfig(symmetric=False, zero_points="float", scale_kind=scale_kind, embedding_scale_kind=None)
     compressed = QuantizeGatherPass(config)(model).model
     node = next(iter(compressed.graph))
@@ -140,16 +141,16 @@ def test_float_offsets_table(helpers, scale_kind):
     )
     assert ".bct_q4b32f_" in node.inputs[1].name  # the tag tells float offsets from integer zero points
     ids = np.array([[0, 49, -1, 7]], dtype=np.int64)
-    (y_ref,) = helpers.run_reference(compressed, {"ids": ids})
+    (y_ref,) = run_reference(compressed, {"ids": ids})
     np.testing.assert_array_equal(y_ref, dequantize(quantize_tensor(e, config.embedding_format))[ids])
-    (y_ort,) = helpers.run_bct_session(compressed, {"ids": ids})
+    (y_ort,) = run_bct_session(compressed, {"ids": ids})
     np.testing.assert_array_equal(y_ort, y_ref)
     integer = QuantizeGatherPass(CompressConfig(symmetric=False, scale_kind=scale_kind, embedding_scale_kind=None))(
-        helpers.model_from_text(EMBEDDING.replace("40", "45"), {"E": e})
+        model_from_text(EMBEDDING.replace("40", "45"), {"E": e})
     ).model
     every = np.arange(50, dtype=np.int64)[None]
-    (y_int,) = helpers.run_reference(integer, {"ids": every})
-    (y_all,) = helpers.run_reference(compressed, {"ids": every})
+    (y_int,) = run_reference(integer, {"ids": every})
+    (y_all,) = run_reference(compressed, {"ids": every})
     assert (
         np.abs(y_all - e[every]).mean() < 0.85 * np.abs(y_int - e[every]).mean()
     )  # range [1, 4], not [0, 4]

@@ -6,6 +6,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 from bct_onnx.passes import QuantizeMatMulPass
+from support import model_from_text, op_types, run_bct_session, run_ort, run_reference
 
 from bct_onnx.block_format import BlockFormat, dequantize_codes, unpack_codes
 from bct_onnx.config import CompressConfig
@@ -20,7 +21,7 @@ def weights(*shape: int) -> np.ndarray:
     return RNG.standard_normal(shape).astype(np.float32)
 
 
-def linear_model(helpers, k: int = 40, n: int = 24, bias_shape: tuple[int, ...] | None | str = "[N]"):
+def linear_model(k: int = 40, n: int = 24, bias_shape: tuple[int, ...] | None | str = "[N]"):
     if bias_shape == "[N]":
         bias_shape = (n,)
     body = "  mm = MatMul(A, W)\n  Y = Add(mm, Bias)\n" if bias_shape else "  Y = MatMul(A, W)\n"
@@ -28,14 +29,14 @@ def linear_model(helpers, k: int = 40, n: int = 24, bias_shape: tuple[int, ...] 
     inits = {"W": weights(k, n)}
     if bias_shape:
         inits["Bias"] = weights(*bias_shape)
-    return helpers.model_from_text(text, inits), inits
+    return model_from_text(text, inits), inits
 
 
-def test_rewrites_matmul_and_fuses_bias(helpers):
-    model, inits = linear_model(helpers)
+def test_rewrites_matmul_and_fuses_bias():
+    model, inits = linear_model()
     result = QuantizeMatMulPass(CompressConfig(act_bits=None))(model)
     assert result.modified
-    assert helpers.op_types(result.model) == ["BlockMatMul"]
+    assert op_types(result.model) == ["BlockMatMul"]
     assert result.rewritten == {"MatMul": 1, "MatMul+Add(bias)": 1}
     assert result.skipped == []
     node = next(iter(result.model.graph))
@@ -70,8 +71,8 @@ def test_rewrites_matmul_and_fuses_bias(helpers):
         (5, 16, "float", "float32"),
     ],
 )
-def test_numerics_match_spec(helpers, act_bits, weight_bits, block_size, symmetric, scale_kind):
-    model, inits = linear_model(helpers, k=45, n=10)
+def test_numerics_match_spec(act_bits, weight_bits, block_size, symmetric, scale_kind):
+    model, inits = linear_model(k=45, n=10)
     config = CompressConfig(
         weight_bits=weight_bits,
         act_bits=act_bits,
@@ -81,9 +82,9 @@ def test_numerics_match_spec(helpers, act_bits, weight_bits, block_size, symmetr
         zero_points="float" if symmetric == "float" else "integer",
     )
     a = RNG.standard_normal((2, 3, 45)).astype(np.float32)
-    (y_float,) = helpers.run_ort(model, {"A": a})
+    (y_float,) = run_ort(model, {"A": a})
     compressed = QuantizeMatMulPass(config)(model.clone()).model
-    (y_ref,) = helpers.run_reference(compressed, {"A": a})
+    (y_ref,) = run_reference(compressed, {"A": a})
     # Independent expectation: dequantized weight, fake-quantized activation, float64 accumulation.
     node = next(iter(compressed.graph))
     fmt = config.weight_format
@@ -121,56 +122,56 @@ def test_numerics_match_spec(helpers, act_bits, weight_bits, block_size, symmetr
     ],
     ids=["default", "weight-only-partial-block", "asym3", "float-offsets4", "pow2-a4", "w8-f32-b7"],
 )
-def test_ort_session_matches_reference(helpers, k, config):
-    model, _ = linear_model(helpers, k=k, n=48)
+def test_ort_session_matches_reference(k, config):
+    model, _ = linear_model(k=k, n=48)
     compressed = QuantizeMatMulPass(config)(model).model
     a = RNG.standard_normal((2, 5, k)).astype(np.float32)
-    (y_ref,) = helpers.run_reference(compressed, {"A": a})
-    (y_ort,) = helpers.run_bct_session(compressed, {"A": a})
+    (y_ref,) = run_reference(compressed, {"A": a})
+    (y_ort,) = run_bct_session(compressed, {"A": a})
     # Float accumulation order differs between numpy (float64) and the kernel: stated tolerance.
     np.testing.assert_allclose(y_ort, y_ref, rtol=1e-4, atol=1e-4)
 
 
-def test_partial_block_and_k_of_one(helpers):
-    model, _ = linear_model(helpers, k=1, n=3, bias_shape=None)
+def test_partial_block_and_k_of_one():
+    model, _ = linear_model(k=1, n=3, bias_shape=None)
     result = QuantizeMatMulPass(CompressConfig())(model)
-    assert helpers.op_types(result.model) == ["BlockMatMul"]
+    assert op_types(result.model) == ["BlockMatMul"]
     node = next(iter(result.model.graph))
     assert node.attributes["K"].value == 1
     assert node.inputs[1].const_value.shape == (3, 1)
 
 
-def test_bias_rank2_broadcast_fused_when_activation_rank_allows(helpers):
-    model, inits = linear_model(helpers, bias_shape=(1, 24))
+def test_bias_rank2_broadcast_fused_when_activation_rank_allows():
+    model, inits = linear_model(bias_shape=(1, 24))
     result = QuantizeMatMulPass(CompressConfig())(model)
-    assert helpers.op_types(result.model) == ["BlockMatMul"]
+    assert op_types(result.model) == ["BlockMatMul"]
     bias = next(iter(result.model.graph)).inputs[4]
     assert bias.const_value.shape == (24,)
     np.testing.assert_array_equal(bias.const_value.numpy(), inits["Bias"].reshape(24))
 
 
-def test_bias_not_fused_when_matmul_output_has_two_consumers(helpers):
+def test_bias_not_fused_when_matmul_output_has_two_consumers():
     text = f"""{HEADER}
     g (float[B, 8] A) => (float[B, 4] Y, float[B, 4] Z) {{
       mm = MatMul(A, W)
       Y = Add(mm, Bias)
       Z = Relu(mm)
     }}"""
-    model = helpers.model_from_text(text, {"W": weights(8, 4), "Bias": weights(4)})
+    model = model_from_text(text, {"W": weights(8, 4), "Bias": weights(4)})
     result = QuantizeMatMulPass(CompressConfig())(model)
-    assert helpers.op_types(result.model) == ["BlockMatMul", "Add", "Relu"]
+    assert op_types(result.model) == ["BlockMatMul", "Add", "Relu"]
     assert result.rewritten == {"MatMul": 1}
 
 
-def test_bias_not_fused_when_it_is_a_graph_output_or_not_constant(helpers):
+def test_bias_not_fused_when_it_is_a_graph_output_or_not_constant():
     text = f"""{HEADER}
     g (float[B, 8] A, float[4] C) => (float[B, 4] Y, float[B, 4] mm) {{
       mm = MatMul(A, W)
       Y = Add(mm, C)
     }}"""
-    model = helpers.model_from_text(text, {"W": weights(8, 4)})
+    model = model_from_text(text, {"W": weights(8, 4)})
     result = QuantizeMatMulPass(CompressConfig())(model)
-    assert helpers.op_types(result.model) == ["BlockMatMul", "Add"]
+    assert op_types(result.model) == ["BlockMatMul", "Add"]
     assert [v.name for v in result.model.graph.outputs] == ["Y", "mm"]
 
 
@@ -203,69 +204,69 @@ def test_bias_not_fused_when_it_is_a_graph_output_or_not_constant(helpers):
     ],
     ids=["graph-input-weight", "attention", "double", "rank3"],
 )
-def test_near_misses_are_skipped_with_reason(helpers, text, inits, reason):
-    model = helpers.model_from_text(f"{HEADER}\n{text}", inits)
-    before = helpers.op_types(model)
+def test_near_misses_are_skipped_with_reason(text, inits, reason):
+    model = model_from_text(f"{HEADER}\n{text}", inits)
+    before = op_types(model)
     result = QuantizeMatMulPass(CompressConfig())(model)
     assert not result.modified
     assert result.rewritten == {}
-    assert helpers.op_types(result.model) == before
+    assert op_types(result.model) == before
     assert [(s.op_type, s.reason) for s in result.skipped] == [("MatMul", reason)]
     assert DOMAIN not in result.model.opset_imports
 
 
-def test_initializer_that_is_also_graph_input_is_not_constant(helpers):
-    model, _ = linear_model(helpers, bias_shape=None)
+def test_initializer_that_is_also_graph_input_is_not_constant():
+    model, _ = linear_model(bias_shape=None)
     model.graph.inputs.append(model.graph.initializers["W"])
     result = QuantizeMatMulPass(CompressConfig())(model)
-    assert helpers.op_types(result.model) == ["MatMul"]
+    assert op_types(result.model) == ["MatMul"]
     assert result.skipped[0].reason == "weight (input B) 'W' is a graph input, not a constant"
 
 
-def test_transposed_constant_weight_is_quantized_without_copy(helpers):
+def test_transposed_constant_weight_is_quantized_without_copy():
     text = f"""{HEADER}
     g (float[B, 16] A) => (float[B, 10] Y) {{
       WT = Transpose <perm = [1, 0]> (T)
       Y = MatMul(A, WT)
     }}"""
     table = weights(10, 16)
-    model = helpers.model_from_text(text, {"T": table})
+    model = model_from_text(text, {"T": table})
     result = QuantizeMatMulPass(CompressConfig(act_bits=None))(model)
-    assert helpers.op_types(result.model) == ["Transpose", "BlockMatMul"]  # dead Transpose: cleanup's job
+    assert op_types(result.model) == ["Transpose", "BlockMatMul"]  # dead Transpose: cleanup's job
     assert result.rewritten == {"MatMul": 1, "MatMul(Transpose(weight))": 1}
     node = result.model.graph.node(1)
     assert (node.attributes["K"].value, node.attributes["N"].value) == (16, 10)
     expected = quantize_tensor(table, CompressConfig().weight_format)
     np.testing.assert_array_equal(node.inputs[1].const_value.numpy(), expected.codes)
     a = RNG.standard_normal((3, 16)).astype(np.float32)
-    (y,) = helpers.run_reference(result.model, {"A": a})
-    (y_float,) = helpers.run_ort(helpers.model_from_text(text, {"T": table}), {"A": a})
+    (y,) = run_reference(result.model, {"A": a})
+    (y_float,) = run_ort(model_from_text(text, {"T": table}), {"A": a})
     assert np.abs(y - y_float).max() / np.abs(y_float).max() < 0.3
 
 
-def test_second_run_does_not_modify(helpers):
-    model, _ = linear_model(helpers)
+def test_second_run_does_not_modify():
+    model, _ = linear_model()
     first = QuantizeMatMulPass(CompressConfig())(model)
     second = QuantizeMatMulPass(CompressConfig())(first.model)
     assert first.modified and not second.modified
     assert second.rewritten == {} and second.skipped == []
 
 
-def test_weight_shared_by_two_matmuls_is_quantized_once(helpers):
+def test_weight_shared_by_two_matmuls_is_quantized_once():
     text = f"""{HEADER}
     g (float[B, 8] A, float[B, 8] C) => (float[B, 4] Y, float[B, 4] Z) {{
       Y = MatMul(A, W)
       Z = MatMul(C, W)
     }}"""
-    model = helpers.model_from_text(text, {"W": weights(8, 4)})
+    model = model_from_text(text, {"W": weights(8, 4)})
     result = QuantizeMatMulPass(CompressConfig())(model)
-    assert helpers.op_types(result.model) == ["BlockMatMul", "BlockMatMul"]
+    assert op_types(result.model) == ["BlockMatMul", "BlockMatMul"]
     assert result.rewritten == {"MatMul": 2, "shared quantized weight": 1}
     first, second = result.model.graph
     assert first.inputs[1] is second.inputs[1] and first.inputs[2] is second.inputs[2]
 
 
-def test_scale_search_weights_channels_by_the_preceding_layer_norm(helpers):
+def test_scale_search_weights_channels_by_the_preceding_layer_norm():
     # After LayerNormalization, E[a_k^2] ~ gamma_k^2 + beta_k^2: the scale search weighs each input
     # channel's error by it (only when the weight has this one reader).
     k, n = 64, 32
@@ -278,7 +279,7 @@ def test_scale_search_weights_channels_by_the_preceding_layer_norm(helpers):
     }}"""
     w = weights(k, n)
     inits = {"gamma": gamma, "beta": np.zeros(k, np.float32), "W": w}
-    result = QuantizeMatMulPass(CompressConfig(act_bits=None))(helpers.model_from_text(text, inits))
+    result = QuantizeMatMulPass(CompressConfig(act_bits=None))(model_from_text(text, inits))
     node = result.model.graph.node(1)
     assert node.op_type == "BlockMatMul"
     fmt = CompressConfig().weight_format
@@ -302,7 +303,7 @@ def test_scale_search_weights_channels_by_the_preceding_layer_norm(helpers):
     assert err_aware < err_plain
 
 
-def test_shared_weight_is_not_importance_weighted(helpers):
+def test_shared_weight_is_not_importance_weighted():
     text = f"""{HEADER}
     g (float[B, 8] x, float[B, 8] c) => (float[B, 4] Y, float[B, 4] Z) {{
       h = LayerNormalization <axis = -1> (x, gamma)
@@ -310,7 +311,7 @@ def test_shared_weight_is_not_importance_weighted(helpers):
       Z = MatMul(c, W)
     }}"""
     inits = {"gamma": np.array([9, 1, 1, 1, 1, 1, 1, 1], np.float32), "W": weights(8, 4)}
-    result = QuantizeMatMulPass(CompressConfig())(helpers.model_from_text(text, inits))
+    result = QuantizeMatMulPass(CompressConfig())(model_from_text(text, inits))
     first, second = (n for n in result.model.graph if n.op_type == "BlockMatMul")
     assert first.inputs[1] is second.inputs[1]
     plain = quantize_tensor(inits["W"].T, CompressConfig().weight_format)

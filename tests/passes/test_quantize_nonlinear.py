@@ -1,4 +1,4 @@
-"""QuantizeGelu/Softmax/LayerNorm/ActMatMul passes and FoldQuantizeDequantizePass.
+"""QuantizeGelu/Softmax/LayerNorm/ActMatMul passes and CompressIntermediatesPass.
 
 Exact op types after the passes, near misses with their reasons, the attention chain
 Q x K^T -> scale -> mask -> Softmax -> P x V against the numpy specification, and the activation
@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 from bct_onnx.passes import (
-    FoldQuantizeDequantizePass,
+    CompressIntermediatesPass,
     QuantizeActMatMulPass,
     QuantizeGeluPass,
     QuantizeLayerNormPass,
@@ -19,6 +19,7 @@ from bct_onnx.passes import (
     compress_model,
     compressed_activations,
 )
+from support import model_from_text, op_types, run_bct_session, run_ort, run_reference
 
 from bct_onnx import reference_nonlinear as spec
 from bct_onnx.block_format import BlockFormat, ScaleKind
@@ -52,14 +53,14 @@ def attention_feeds() -> dict[str, np.ndarray]:
     return feeds
 
 
-def attention_model(helpers):
-    return helpers.model_from_text(ATTENTION, {"root": np.float32(np.sqrt(DK))})
+def attention_model():
+    return model_from_text(ATTENTION, {"root": np.float32(np.sqrt(DK))})
 
 
-def test_attention_chain_is_compressed_and_matches_the_spec(helpers):
-    model = attention_model(helpers)
+def test_attention_chain_is_compressed_and_matches_the_spec():
+    model = attention_model()
     result = compress_model(model, CompressConfig())
-    assert helpers.op_types(result.model) == [
+    assert op_types(result.model) == [
         "BlockActMatMul",
         "Div",
         "Add",
@@ -104,13 +105,13 @@ def test_attention_chain_is_compressed_and_matches_the_spec(helpers):
     assert summary.bytes_saved_per_token() == pytest.approx(S * (32 - 8.75) / 8)
 
     feeds = attention_feeds()
-    got = helpers.run_bct_session(result.model, feeds)[0]
+    got = run_bct_session(result.model, feeds)[0]
     scores = spec.block_act_matmul(feeds["q"], feeds["k"], 8, 32, transpose_b=True)
     masked = (scores / np.float32(np.sqrt(DK))).astype(np.float32) + feeds["mask"]
     probs = spec.block_softmax(masked, BlockFormat(8, 32, False, ScaleKind.FLOAT16))
     expected = spec.block_act_matmul(probs, feeds["v"], 8, 32)
     np.testing.assert_array_equal(got, expected)  # bit-exact: every step is the spec's float32 op
-    reference = helpers.run_ort(model, feeds)[0]
+    reference = run_ort(model, feeds)[0]
     np.testing.assert_allclose(got, reference, rtol=0, atol=0.05)  # 8-bit operands, |y| <~ 3
 
 
@@ -126,11 +127,11 @@ g (float[1, {S}, {H}, {DK}] q, float[1, {S}, {H}, {DK}] k, float[1, {S}, {H}, {D
 }}"""
 
 
-def test_bert_layout_transposes_keep_the_last_axis(helpers):
+def test_bert_layout_transposes_keep_the_last_axis():
     """BERT's K^T = Transpose<[0, 2, 3, 1]>(k) * scalar becomes Transpose<[0, 2, 1, 3]>(k) * scalar
     read with transpose_b=1 (a row-copying Transpose); V's Transpose<[0, 2, 1, 3]> already copies
     rows and stays, read with transpose_b=0. Same bits as the spec on the original layout."""
-    model = helpers.model_from_text(BERT_ATTENTION, {"root": np.float32(0.25)})
+    model = model_from_text(BERT_ATTENTION, {"root": np.float32(0.25)})
     result = compress_model(model, CompressConfig())
     nodes = list(result.model.graph)
     transposes = [list(n.attributes["perm"].value) for n in nodes if n.op_type == "Transpose"]
@@ -141,7 +142,7 @@ def test_bert_layout_transposes_keep_the_last_axis(helpers):
     assert result.rewritten["AttentionMatMul transpose_b (Transpose folded)"] == 1
     rng = np.random.default_rng(3)
     feeds = {n: rng.standard_normal((1, S, H, DK)).astype(np.float32) for n in ("q", "k", "v")}
-    got = helpers.run_bct_session(result.model, feeds)[0]
+    got = run_bct_session(result.model, feeds)[0]
     q, k, v = (np.transpose(feeds[n], (0, 2, 1, 3)) for n in ("q", "k", "v"))
     kt = np.ascontiguousarray(np.swapaxes(k, -1, -2)) * np.float32(0.25)
     scores = spec.block_act_matmul(q, kt, 8, 32, out_fmt=BlockFormat(8, 32, True, ScaleKind.FLOAT16))
@@ -149,67 +150,67 @@ def test_bert_layout_transposes_keep_the_last_axis(helpers):
     np.testing.assert_array_equal(got, spec.block_act_matmul(probs, np.ascontiguousarray(v), 8, 32))
 
 
-def test_passes_alone_keep_float_operands(helpers):
-    model = attention_model(helpers)
+def test_passes_alone_keep_float_operands():
+    model = attention_model()
     config = CompressConfig()
     for pass_ in (QuantizeActMatMulPass(config), QuantizeSoftmaxPass(config)):
         model = pass_(model).model
-    assert helpers.op_types(model) == ["BlockActMatMul", "Div", "Add", "BlockSoftmax", "BlockActMatMul"]
+    assert op_types(model) == ["BlockActMatMul", "Div", "Add", "BlockSoftmax", "BlockActMatMul"]
     for node in model.graph:
         assert "in_bits" not in node.attributes and "out_bits" not in node.attributes
     feeds = attention_feeds()
-    got = helpers.run_bct_session(model, feeds)[0]
+    got = run_bct_session(model, feeds)[0]
     scores = spec.block_act_matmul(feeds["q"], feeds["k"], 8, 32, transpose_b=True)
     masked = (scores / np.float32(np.sqrt(DK))).astype(np.float32) + feeds["mask"]
     np.testing.assert_array_equal(got, spec.block_act_matmul(spec.softmax(masked), feeds["v"], 8, 32))
 
 
-def test_weight_only_config_keeps_attention_float_and_says_why(helpers):
-    result = QuantizeActMatMulPass(CompressConfig(act_bits=None))(attention_model(helpers))
+def test_weight_only_config_keeps_attention_float_and_says_why():
+    result = QuantizeActMatMulPass(CompressConfig(act_bits=None))(attention_model())
     assert not result.modified
     assert {s.reason for s in result.skipped} == {
         "act_bits is none (weight-only): attention MatMuls need activation bits"
     }
 
 
-def test_activation_product_that_is_not_attention_is_left_alone(helpers):
+def test_activation_product_that_is_not_attention_is_left_alone():
     text = """<ir_version: 8, opset_import: ["" : 17]>
     g (float[1, 4, 1] freq, float[1, 1, 6] pos) => (float[1, 4, 6] y) {
       y = MatMul(freq, pos)
     }"""
-    result = QuantizeActMatMulPass(CompressConfig())(helpers.model_from_text(text))
+    result = QuantizeActMatMulPass(CompressConfig())(model_from_text(text))
     assert not result.modified
     assert [s.reason for s in result.skipped] == [
         "activation x activation MatMul that is not attention's Q x K^T or probabilities x V"
     ]
 
 
-def test_per_node_override_disables_one_softmax(helpers):
+def test_per_node_override_disables_one_softmax():
     config = CompressConfig(overrides=(NodeOverride("prob?", OpSettings(enabled=False), op="Softmax"),))
-    result = QuantizeSoftmaxPass(config)(attention_model(helpers))
+    result = QuantizeSoftmaxPass(config)(attention_model())
     assert not result.modified
     assert [s.reason for s in result.skipped] == [
         "Softmax compression is disabled for this node by the config"
     ]
 
 
-def test_softmax_not_over_last_axis_is_reported(helpers):
+def test_softmax_not_over_last_axis_is_reported():
     text = """<ir_version: 8, opset_import: ["" : 17]>
     g (float[2, 3, 4] x) => (float[2, 3, 4] y) {
       y = Softmax<axis = 1>(x)
     }"""
-    result = QuantizeSoftmaxPass(CompressConfig())(helpers.model_from_text(text))
+    result = QuantizeSoftmaxPass(CompressConfig())(model_from_text(text))
     assert [s.reason for s in result.skipped] == [
         "softmax over axis 1 of a rank-3 input; BlockSoftmax is over the last axis"
     ]
 
 
-def test_opset_12_softmax_default_axis_is_not_the_last(helpers):
+def test_opset_12_softmax_default_axis_is_not_the_last():
     text = """<ir_version: 7, opset_import: ["" : 12]>
     g (float[2, 3, 4] x) => (float[2, 3, 4] y) {
       y = Softmax(x)
     }"""
-    result = QuantizeSoftmaxPass(CompressConfig())(helpers.model_from_text(text))
+    result = QuantizeSoftmaxPass(CompressConfig())(model_from_text(text))
     assert not result.modified
     assert "coerced to 2-D" in result.skipped[0].reason
 
@@ -222,17 +223,17 @@ g (float[2, 5, 64] x) => (float[2, 5, 64] y) {
 }"""
 
 
-def ln_gelu_model(helpers):
-    return helpers.model_from_text(
+def ln_gelu_model():
+    return model_from_text(
         LN_GELU,
         {"gamma": (1 + 0.1 * RNG.standard_normal(64)).astype(np.float32), "beta": np.zeros(64, np.float32)},
     )
 
 
-def test_chain_layer_norm_gelu_softmax_stays_compressed(helpers):
-    model = ln_gelu_model(helpers)
+def test_chain_layer_norm_gelu_softmax_stays_compressed():
+    model = ln_gelu_model()
     result = compress_model(model, CompressConfig(op_settings={"Gelu": OpSettings(act_bits=6)}))
-    assert helpers.op_types(result.model) == ["BlockLayerNorm", "BlockGelu", "BlockSoftmax"]
+    assert op_types(result.model) == ["BlockLayerNorm", "BlockGelu", "BlockSoftmax"]
     ln, gelu, softmax = list(result.model.graph)
     assert attrs(ln)["out_bits"] == 8 and attrs(ln)["out_symmetric"] == 1
     assert attrs(gelu)["in_bits"] == 8 and attrs(gelu)["out_bits"] == 6 and attrs(gelu)["out_symmetric"] == 0
@@ -242,7 +243,7 @@ def test_chain_layer_norm_gelu_softmax_stays_compressed(helpers):
     ]
     assert result.activations is not None and result.activations.count == 2
     x = RNG.standard_normal((2, 5, 64)).astype(np.float32)
-    got = helpers.run_bct_session(result.model, {"x": x})[0]
+    got = run_bct_session(result.model, {"x": x})[0]
     gamma = ln.inputs[3].const_value.numpy()
     n = spec.block_layer_norm(
         x, gamma, np.zeros(64, np.float32), 1e-5, BlockFormat(8, 32, True, ScaleKind.FLOAT16)
@@ -251,13 +252,13 @@ def test_chain_layer_norm_gelu_softmax_stays_compressed(helpers):
     np.testing.assert_array_equal(got, spec.block_softmax(g))
 
 
-def test_quantize_passes_report_what_they_cannot_take(helpers):
+def test_quantize_passes_report_what_they_cannot_take():
     text = """<ir_version: 10, opset_import: ["" : 20]>
     g (float[2, 5, 8] x, float[8] gamma) => (float[2, 5, 8] y, float[2, 5, 1] mean) {
       n, mean = LayerNormalization<axis = -1>(x, gamma)
       y = Gelu<approximate = "sigmoid">(n)
     }"""
-    model = helpers.model_from_text(text, check=False)
+    model = model_from_text(text, check=False)
     ln = QuantizeLayerNormPass(CompressConfig())(model)
     assert [s.reason for s in ln.skipped] == ["scale is not a constant float32 tensor of 8 elements"]
     gelu = QuantizeGeluPass(CompressConfig())(model)
@@ -271,23 +272,23 @@ g (float[2, 5, 64] x) => (float[2, 5, 16] y) {
 }"""
 
 
-def ln_matmul_model(helpers):
+def ln_matmul_model():
     rng = np.random.default_rng(21)  # the same model on every call
     inits = {
         "gamma": (1 + 0.1 * rng.standard_normal(64)).astype(np.float32),
         "beta": (0.1 * rng.standard_normal(64)).astype(np.float32),
         "w": rng.standard_normal((64, 16)).astype(np.float32),
     }
-    return helpers.model_from_text(LN_MATMUL, inits)
+    return model_from_text(LN_MATMUL, inits)
 
 
-def test_layer_norm_feeds_block_matmul_codes_in_its_own_activation_format(helpers):
+def test_layer_norm_feeds_block_matmul_codes_in_its_own_activation_format():
     """LayerNorm -> MatMul passes codes in the MatMul's run-time activation format (8-bit, block 32,
     symmetric, float32 scales): the MatMul skips its own quantization and its result is bit for bit
     the one of the float edge."""
-    model = ln_matmul_model(helpers)
+    model = ln_matmul_model()
     result = compress_model(model, CompressConfig())
-    assert helpers.op_types(result.model) == ["BlockLayerNorm", "BlockMatMul"]
+    assert op_types(result.model) == ["BlockLayerNorm", "BlockMatMul"]
     ln, mm = list(result.model.graph)
     assert attrs(ln) == {
         "epsilon": pytest.approx(1e-5),
@@ -317,16 +318,16 @@ def test_layer_norm_feeds_block_matmul_codes_in_its_own_activation_format(helper
     assert summary.bytes_saved_per_token() == pytest.approx(64 * (32 - 9) / 8)
 
     x = RNG.standard_normal((2, 5, 64)).astype(np.float32)
-    got = helpers.run_bct_session(result.model, {"x": x})[0]
-    float_edge = compress_model(ln_matmul_model(helpers), CompressConfig(keep_compressed=False)).model
-    np.testing.assert_array_equal(got, helpers.run_bct_session(float_edge, {"x": x})[0])
-    np.testing.assert_allclose(got, helpers.run_reference(result.model, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    got = run_bct_session(result.model, {"x": x})[0]
+    float_edge = compress_model(ln_matmul_model(), CompressConfig(keep_compressed=False)).model
+    np.testing.assert_array_equal(got, run_bct_session(float_edge, {"x": x})[0])
+    np.testing.assert_allclose(got, run_reference(result.model, {"x": x})[0], rtol=1e-5, atol=1e-5)
 
 
-def test_weight_only_block_matmul_keeps_its_float_input(helpers):
+def test_weight_only_block_matmul_keeps_its_float_input():
     config = CompressConfig(overrides=(NodeOverride("y", OpSettings(), op="MatMul", act_bits_none=True),))
-    result = compress_model(ln_matmul_model(helpers), config)
-    assert helpers.op_types(result.model) == ["BlockLayerNorm", "BlockMatMul"]
+    result = compress_model(ln_matmul_model(), config)
+    assert op_types(result.model) == ["BlockLayerNorm", "BlockMatMul"]
     assert "out_bits" not in attrs(next(iter(result.model.graph)))
     assert attrs(list(result.model.graph)[1])["act_bits"] == 0
     assert [s.reason for s in result.skipped] == [
@@ -345,7 +346,7 @@ g (float[2, 5, 64] x) => (float[2, 5, 32] y) {
 }"""
 
 
-def ffn_model(helpers):
+def ffn_model():
     inits = {
         "gamma": (1 + 0.1 * RNG.standard_normal(64)).astype(np.float32),
         "beta": (0.1 * RNG.standard_normal(64)).astype(np.float32),
@@ -353,16 +354,16 @@ def ffn_model(helpers):
         "b1": (0.1 * RNG.standard_normal(128)).astype(np.float32),
         "w2": (RNG.standard_normal((128, 32)) / 11).astype(np.float32),
     }
-    return helpers.model_from_text(FFN, inits)
+    return model_from_text(FFN, inits)
 
 
-def test_layer_norm_matmul_gelu_matmul_chain_passes_codes(helpers):
+def test_layer_norm_matmul_gelu_matmul_chain_passes_codes():
     """LN -> MatMul -> Gelu -> MatMul: every intermediate is codes and scales. LN -> MatMul in the
     MatMul's own format, MatMul -> Gelu in the MatMul kind's format (8-bit, float16 scales),
     Gelu -> MatMul in the reading MatMul's own format too (so it uses the codes as they are)."""
-    model = ffn_model(helpers)
+    model = ffn_model()
     result = compress_model(model, CompressConfig())
-    assert helpers.op_types(result.model) == ["BlockLayerNorm", "BlockMatMul", "BlockGelu", "BlockMatMul"]
+    assert op_types(result.model) == ["BlockLayerNorm", "BlockMatMul", "BlockGelu", "BlockMatMul"]
     ln, mm1, gelu, mm2 = list(result.model.graph)
     operand = ("in_bits", "in_block_size", "in_symmetric", "in_axis_size")
     result_attrs = ("out_bits", "out_block_size", "out_symmetric", "out_scale_kind")
@@ -418,20 +419,20 @@ def test_layer_norm_matmul_gelu_matmul_chain_passes_codes(helpers):
     assert summary.bytes_saved_per_token() == pytest.approx(928)
 
     x = RNG.standard_normal((2, 5, 64)).astype(np.float32)
-    got = helpers.run_bct_session(result.model, {"x": x})[0]
-    spec_y = helpers.run_reference(result.model, {"x": x})[0]
+    got = run_bct_session(result.model, {"x": x})[0]
+    spec_y = run_reference(result.model, {"x": x})[0]
     # Same formulas; the float32 matmul results may differ from the float64 spec by accumulation
     # order, which can move a requantized code by one step (8-bit, |y| <~ 3).
     np.testing.assert_allclose(got, spec_y, rtol=0, atol=0.02)
-    reference = helpers.run_ort(model, {"x": x})[0]
+    reference = run_ort(model, {"x": x})[0]
     np.testing.assert_allclose(got, reference, rtol=0, atol=0.5)  # 4-bit random weights
 
 
-def test_fold_respects_weight_only_and_keep_compressed(helpers):
+def test_fold_respects_weight_only_and_keep_compressed():
     for config in (CompressConfig(act_bits=None), CompressConfig(keep_compressed=False)):
-        model = ln_gelu_model(helpers)
+        model = ln_gelu_model()
         for pass_ in (QuantizeLayerNormPass(config), QuantizeGeluPass(config), QuantizeSoftmaxPass(config)):
             model = pass_(model).model
-        result = FoldQuantizeDequantizePass(config)(model)
+        result = CompressIntermediatesPass(config)(model)
         assert not result.modified
         assert compressed_activations(result.model).count == 0

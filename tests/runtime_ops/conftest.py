@@ -13,11 +13,10 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
+from support import assert_bits_equal, run
 
-import bct_onnx
 from bct_onnx.block_format import BlockFormat, ScaleKind
 from bct_onnx.ops import BLOCK_DEQUANTIZE, BLOCK_GATHER, BLOCK_QUANTIZE, DOMAIN
 
@@ -143,40 +142,59 @@ def gather_model(
     )
 
 
-def ort_feed(value: np.ndarray) -> Any:
-    """value as ONNX Runtime takes it: float8e5m2 arrays (ml_dtypes) go in as typed OrtValues."""
-    if isinstance(value, np.ndarray) and value.dtype == np.dtype(ml_dtypes.float8_e5m2):
-        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
-            np.ascontiguousarray(value).view(np.uint8), onnx_element_type=TensorProto.FLOAT8E5M2
-        )
-    return value
+# The kernels' instruction-set paths (BCT_ONNX_ISA, runtime_ops/cpu/isa.h) and the CPU flags each needs.
+ISA_NEEDS = {
+    "scalar": set(),
+    "avx2": {"avx2", "fma"},
+    "avxvnni": {"avx2", "fma", "avx_vnni"},
+    "avx512": {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"},
+    "avx512vnni": {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"},
+    "amx": {
+        "avx2",
+        "fma",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512dq",
+        "avx512_vnni",
+        "amx_tile",
+        "amx_int8",
+    },
+}
 
 
-def run(model: bytes, feeds: dict[str, np.ndarray], providers: list[str] | None = None) -> list[np.ndarray]:
-    return bct_onnx.session(model, providers=providers).run(None, {k: ort_feed(v) for k, v in feeds.items()})
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
-def assert_bits_equal(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
-    """Same dtype, shape and raw bits (so -0.0 != 0.0 and NaNs compare by payload)."""
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    a = np.ascontiguousarray(actual).view(np.uint8)
-    e = np.ascontiguousarray(expected).view(np.uint8)
-    if not np.array_equal(a, e):
-        flat_a = np.ascontiguousarray(actual).reshape(-1)
-        flat_e = np.ascontiguousarray(expected).reshape(-1)
-        differs = np.any(a.reshape(flat_a.size, -1) != e.reshape(flat_e.size, -1), axis=1)
-        bad = np.flatnonzero(differs)
-        i = int(bad[0])
-        raise AssertionError(
-            f"{what}: {bad.size} of {flat_a.size} elements differ; first at flat {i}: "
-            f"got {flat_a[i]!r}, expected {flat_e[i]!r}"
-        )
+CPU_FLAGS = _cpu_flags()
+
+
+@pytest.fixture
+def force_isa(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """force_isa(name): kernels created afterwards run that path (BCT_ONNX_ISA, read at kernel creation);
+    a path this CPU cannot run skips the test with the flags it lacks (a forced path the CPU lacks is
+    an error of the kernel, tested in test_matmul.py)."""
+
+    def force(isa: str) -> None:
+        missing = ISA_NEEDS[isa] - CPU_FLAGS
+        if missing:
+            pytest.skip(f"CPU lacks {sorted(missing)} for the {isa} path")
+        monkeypatch.setenv("BCT_ONNX_ISA", isa)
+
+    return force
 
 
 @pytest.fixture
 def kit() -> types.SimpleNamespace:
-    """The builders and checks above, for test modules (importlib mode cannot import conftest)."""
+    """The builders above and the checks of tests/support.py, for test modules."""
     return types.SimpleNamespace(
         quantize_model=quantize_model,
         dequantize_model=dequantize_model,
@@ -184,4 +202,6 @@ def kit() -> types.SimpleNamespace:
         run=run,
         assert_bits_equal=assert_bits_equal,
         SCALE_TENSOR_TYPES=SCALE_TENSOR_TYPES,
+        ISA_NEEDS=ISA_NEEDS,
+        CPU_FLAGS=CPU_FLAGS,
     )

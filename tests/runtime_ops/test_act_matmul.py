@@ -19,6 +19,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
+from support import assert_bits_equal, run
 
 import bct_onnx
 from bct_onnx import block_format as bf
@@ -60,26 +61,6 @@ def node_model(
     return model.SerializeToString(), {n: v for n, v in zip(names, inputs, strict=True) if v is not None}
 
 
-def run(model: bytes, feeds: dict[str, np.ndarray], providers: list[str] | None = None) -> list[np.ndarray]:
-    return bct_onnx.session(model, providers=providers).run(None, feeds)
-
-
-def assert_bits_equal(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    if actual.size == 0:
-        return
-    a = np.ascontiguousarray(actual).view(np.uint8).reshape(actual.size, -1)
-    e = np.ascontiguousarray(expected).view(np.uint8).reshape(expected.size, -1)
-    bad = np.flatnonzero(np.any(a != e, axis=1))
-    if bad.size:
-        i = int(bad[0])
-        raise AssertionError(
-            f"{what}: {bad.size} of {actual.size} differ; first at flat {i}: "
-            f"got {actual.reshape(-1)[i]!r}, expected {expected.reshape(-1)[i]!r}"
-        )
-
-
 def run_amm(
     a: np.ndarray | QuantizedTensor,
     b: np.ndarray,
@@ -89,7 +70,7 @@ def run_amm(
     out_fmt: BlockFormat | None = None,
     providers: list[str] | None = None,
 ) -> list[np.ndarray]:
-    attrs: dict[str, Any] = dict(act_bits=act_bits, block_size=block_size, transpose_b=int(transpose_b))
+    attrs: dict[str, Any] = {"act_bits": act_bits, "block_size": block_size, "transpose_b": int(transpose_b)}
     if isinstance(a, QuantizedTensor):
         f = a.fmt
         inputs = [a.codes, a.scales, a.zero_points, b]
@@ -158,12 +139,12 @@ def test_generic_cpu_path(case: tuple[Any, ...], monkeypatch: pytest.MonkeyPatch
     assert_bits_equal(y, ref.act_matmul(a, b, bits, bs), "Y")
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512vnni"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avxvnni", "avx512", "avx512vnni"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_isa_paths(case: tuple[Any, ...], isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_isa_paths(case: tuple[Any, ...], isa: str, force_isa: Any) -> None:
     """BCT_ONNX_ISA forces the row-quantization path (scalar/SSE2, AVX2, AVX-512), with and without
     transpose_b, float and quantized A and Y: same bits."""
-    monkeypatch.setenv("BCT_ONNX_ISA", isa)
+    force_isa(isa)
     a_shape, b_shape, bits, bs = case
     a, b = sample(a_shape, 5), sample(b_shape, 6)
     (y,) = run_amm(a, b, bits, bs)
@@ -374,21 +355,21 @@ def expect_error(model: bytes, feeds: dict[str, np.ndarray], node_name: str, *fr
 def test_bad_inputs_and_attributes() -> None:
     a, b = sample((3, 16), 1), sample((16, 4), 2)
     cases: list[tuple[list[Any], dict[str, Any], tuple[str, ...]]] = [
-        ([a, None, None, sample((15, 4), 3)], dict(act_bits=8, block_size=8), ("input 'B'", "K = 16")),
+        ([a, None, None, sample((15, 4), 3)], {"act_bits": 8, "block_size": 8}, ("input 'B'", "K = 16")),
         (
             [sample((2, 3, 16), 4), None, None, sample((3, 16, 4), 5)],
-            dict(act_bits=8, block_size=8),
+            {"act_bits": 8, "block_size": 8},
             ("do not broadcast",),
         ),
-        ([a, None, None, b], dict(block_size=8), ("'act_bits'",)),
-        ([a, None, None, b], dict(act_bits=9, block_size=8), ("'act_bits'",)),
-        ([a, None, None, b], dict(act_bits=8, block_size=0), ("'block_size'",)),
-        ([a, None, None, b], dict(act_bits=8, block_size=1 << 20), ("'block_size'", "131072")),
-        ([a, None, None, b], dict(act_bits=8, block_size=8, transpose_b=2), ("'transpose_b'",)),
-        ([a, None, None, b.astype(np.float16)], dict(act_bits=8, block_size=8), ("input 'B'", "float32")),
-        ([sample((16,), 6), None, None, b], dict(act_bits=8, block_size=8), ("input 'A'", "rank >= 2")),
-        ([a, None, None, sample((4,), 7)], dict(act_bits=8, block_size=8), ("input 'B'", "rank >= 2")),
-        ([a, None, None, b], dict(act_bits=8, block_size=8, in_bits=4), ("'in_block_size'",)),
+        ([a, None, None, b], {"block_size": 8}, ("'act_bits'",)),
+        ([a, None, None, b], {"act_bits": 9, "block_size": 8}, ("'act_bits'",)),
+        ([a, None, None, b], {"act_bits": 8, "block_size": 0}, ("'block_size'",)),
+        ([a, None, None, b], {"act_bits": 8, "block_size": 1 << 20}, ("'block_size'", "131072")),
+        ([a, None, None, b], {"act_bits": 8, "block_size": 8, "transpose_b": 2}, ("'transpose_b'",)),
+        ([a, None, None, b.astype(np.float16)], {"act_bits": 8, "block_size": 8}, ("input 'B'", "float32")),
+        ([sample((16,), 6), None, None, b], {"act_bits": 8, "block_size": 8}, ("input 'A'", "rank >= 2")),
+        ([a, None, None, sample((4,), 7)], {"act_bits": 8, "block_size": 8}, ("input 'B'", "rank >= 2")),
+        ([a, None, None, b], {"act_bits": 8, "block_size": 8, "in_bits": 4}, ("'in_block_size'",)),
     ]
     for i, (inputs, attrs, fragments) in enumerate(cases):
         model, feeds = node_model(inputs, 1, node_name=f"amm{i}", **attrs)

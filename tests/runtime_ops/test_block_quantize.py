@@ -95,16 +95,16 @@ def test_quantize_nonfinite_input_does_not_crash(kit) -> None:
 
 
 # The row loops' instruction-set paths, forced per kernel through BCT_ONNX_ISA (read when a session
-# creates the kernel; a level the CPU lacks is capped to what it has): scalar/SSE2, AVX2, AVX-512.
-ROW_ISAS = ["scalar", "avx2", "avx512vnni"]
+# creates the kernel; a path the CPU lacks is skipped): scalar/SSE2, AVX2, AVX-512 (with and without VNNI).
+ROW_ISAS = ["scalar", "avx2", "avx512", "avx512vnni"]
 
 
 @pytest.mark.parametrize("isa", ROW_ISAS)
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
-def test_quantize_isa_paths(kit, isa: str, bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quantize_isa_paths(kit, isa: str, bits: int, force_isa) -> None:
     """Every path on partial blocks (D=37, 100 with blocks of 32; 1-element rows), odd block sizes,
     one-row and many-row inputs, every zero-point mode and scale kind; NaN-free hard rows."""
-    monkeypatch.setenv("BCT_ONNX_ISA", isa)
+    force_isa(isa)
     for axis_size, block_size in ((37, 32), (100, 32), (1, 32), (77, 3), (64, 16), (45, 17)):
         x = hard_rows(axis_size, seed=bits * 1000 + axis_size)
         many = np.tile(x, (40, 1)) * np.linspace(0.5, 2.0, 40 * x.shape[0], dtype=np.float32)[:, None]
@@ -116,9 +116,9 @@ def test_quantize_isa_paths(kit, isa: str, bits: int, monkeypatch: pytest.Monkey
 
 
 @pytest.mark.parametrize("isa", ROW_ISAS)
-def test_quantize_isa_paths_nan_blocks(kit, isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quantize_isa_paths_nan_blocks(kit, isa: str, force_isa) -> None:
     """A NaN block takes the scalar scale rule on every path; the other blocks stay exact."""
-    monkeypatch.setenv("BCT_ONNX_ISA", isa)
+    force_isa(isa)
     x = hard_rows(64, seed=5)[:4].copy()
     x[1, 40] = np.nan
     for fmt in (BlockFormat(8, 32, True, ScaleKind.FLOAT16), BlockFormat(4, 32, False, ScaleKind.FLOAT32)):

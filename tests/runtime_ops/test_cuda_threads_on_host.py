@@ -1,22 +1,37 @@
-"""The CUDA kernels' per-thread code (runtime_ops/cuda/block_threads.h), run on the host, vs the spec.
+"""The CUDA kernels' per-thread code (runtime_ops/cuda/*_threads.h), run on the host, vs the spec.
 
 No GPU is needed: the test helper library libbct_cuda_threads_host.so (built next to the custom-op
-library by a development CMake build, never shipped in wheels) executes every thread of the
-BlockQuantize, BlockDequantize and BlockGather kernels one after the other. What it cannot show is
-the launch itself (grid sizes, streams); test_library.py::test_cuda_kernels_match_spec covers that
-where a GPU exists.
+library by a development CMake build, or here from runtime_ops/tests/cuda_threads_on_host.cc when
+the package is installed, as in CI; never shipped in wheels) executes every thread of the kernels
+of every op (BlockQuantize, BlockDequantize, BlockGather, BlockMatMul, BlockActMatMul, and the row
+ops' compute steps, a warp's lanes in turn) one after the other. What it cannot show is the launch
+itself (grid sizes, streams); test_library.py::test_cuda_kernels_match_spec covers that where a GPU
+exists.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import bct_onnx
-from bct_onnx.block_format import RUNTIME_SCALE_KINDS, BlockFormat, ScaleKind, dequantize, quantize
+from bct_onnx import reference_nonlinear as nl_ref
+from bct_onnx.block_format import (
+    RUNTIME_SCALE_KINDS,
+    BlockFormat,
+    ScaleKind,
+    dequantize,
+    pack_codes,
+    quantize,
+)
+from bct_onnx.reference_ops import matmul_reference
 
 KIND_CODE = {ScaleKind.FLOAT16: 0, ScaleKind.FLOAT32: 1, ScaleKind.POW2: 2, ScaleKind.FLOAT8E5M2: 3}
 FORMATS = [
@@ -30,13 +45,32 @@ FORMATS = [
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the spec warns on extreme rows
 
 
-HELPER = Path(bct_onnx.library_path()).with_name("libbct_cuda_threads_host.so")
-if not HELPER.is_file():
-    pytest.skip(
-        f"{HELPER.name} is not next to {bct_onnx.library_path()} (built by development CMake builds only; "
-        "run with BCT_ONNX_LIBRARY=<build dir>/libbct_onnx_ops.so)",
-        allow_module_level=True,
-    )
+RUNTIME_OPS = Path(__file__).resolve().parents[2] / "runtime_ops"
+_BUILD_DIR = tempfile.TemporaryDirectory(prefix="bct_cuda_threads_")  # removed when the process ends
+
+
+def _build_helper() -> Path:
+    """The helper next to the library (development CMake builds), else compiled here from the source
+    tree (an installed package, as in CI): the same flags that matter for the bits (-ffp-contract=off)."""
+    beside = Path(bct_onnx.library_path()).with_name("libbct_cuda_threads_host.so")
+    if beside.is_file():
+        return beside
+    source = RUNTIME_OPS / "tests" / "cuda_threads_on_host.cc"
+    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if not source.is_file() or compiler is None:
+        pytest.skip(
+            f"no {beside.name} next to the library and no source tree / C++ compiler to build it",
+            allow_module_level=True,
+        )
+    out = Path(_BUILD_DIR.name) / beside.name
+    cmd = [compiler, "-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared", "-Wall", "-Wextra"]
+    cmd += ["-I", str(RUNTIME_OPS / "include"), "-I", str(RUNTIME_OPS / "cuda"), str(source), "-o", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, f"building {beside.name} failed: {' '.join(cmd)}\n{result.stderr[-3000:]}"
+    return out
+
+
+HELPER = _build_helper()
 
 
 def _helper() -> ctypes.CDLL:
@@ -91,6 +125,12 @@ def _helper() -> ctypes.CDLL:
         ptr,
         ptr,
     ]
+    lib.bct_host_matmul.argtypes = [i64, i64, ctypes.c_int, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.bct_host_matmul.argtypes += [ctypes.c_int, i64] + [ptr] * 8
+    lib.bct_host_act_matmul.argtypes = [ctypes.c_int, i64, ctypes.c_int, i64, i64, i64, i64, i64, i64]
+    lib.bct_host_act_matmul.argtypes += [ctypes.c_int] + [ptr] * 6
+    lib.bct_host_row_op.argtypes = [ctypes.c_int, i64, i64, ptr, ptr, ptr, ctypes.c_float]
+    lib.bct_host_row_op.restype = ctypes.c_int
     return lib
 
 
@@ -188,3 +228,167 @@ def test_dequantize_float_offsets_threads(kit, bits: int, kind: ScaleKind) -> No
         _ptr(out),
     )
     kit.assert_bits_equal(out, want, "dequantized")
+
+
+# ---------------------------------------------------------------------------------------------
+# BlockMatMul: exact data (power-of-two scales, activations whose blocks have a unique largest
+# element +-2**(act_bits-1) * 2**e), so the float64 reference is the float32 result bit for bit.
+
+
+def _exact_weight(
+    rng: np.random.Generator, n: int, k: int, bits: int, block_size: int, symmetric: bool, kind
+):
+    nb = -(-k // block_size)
+    codes = rng.integers(0, 1 << bits, (n, k)).astype(np.uint8)
+    exponents = rng.integers(-1, 2, (n, nb))
+    if kind is ScaleKind.POW2:
+        scales = (exponents + 127).astype(np.uint8)
+    else:
+        scales = np.ldexp(1.0, exponents).astype(np.float16 if kind is ScaleKind.FLOAT16 else np.float32)
+    zero_points = None if symmetric else rng.integers(0, 1 << bits, (n, nb)).astype(np.uint8)
+    return pack_codes(codes, bits), scales, zero_points
+
+
+def _exact_activations(
+    rng: np.random.Generator, rows: int, k: int, block_size: int, act_bits: int
+) -> np.ndarray:
+    if act_bits == 0:
+        return rng.integers(-8, 9, (rows, k)).astype(np.float32)
+    half = 1 << (act_bits - 1)
+    a = rng.integers(-(half - 1), half, (rows, k)).astype(np.float64)
+    for b0 in range(0, k, block_size):
+        width = min(block_size, k - b0)
+        e = np.ldexp(1.0, rng.integers(-1, 1, rows))
+        a[:, b0 : b0 + width] *= e[:, None]
+        a[np.arange(rows), b0 + rng.integers(0, width, rows)] = (
+            np.where(rng.random(rows) < 0.5, -half, half) * e
+        )
+    return a.astype(np.float32)
+
+
+@pytest.mark.parametrize("act_bits", [0, 4, 8])
+@pytest.mark.parametrize(
+    "kind", [ScaleKind.FLOAT16, ScaleKind.FLOAT32, ScaleKind.POW2], ids=lambda k: k.value
+)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_matmul_threads(kit, bits: int, symmetric: bool, kind: ScaleKind, act_bits: int) -> None:
+    """Every output element's thread (and, with act_bits, every activation block's), K=29 in blocks
+    of 8 (a partial last block), with and without bias: the spec's values bit for bit."""
+    lib = _helper()
+    rng = np.random.default_rng(bits * 100 + symmetric * 10 + act_bits)
+    rows, k, n, block_size = 6, 29, 11, 8
+    codes, scales, zero_points = _exact_weight(rng, n, k, bits, block_size, symmetric, kind)
+    a = _exact_activations(rng, rows, k, block_size, act_bits)
+    bias = (rng.integers(-8, 9, n) / 2).astype(np.float32) if bits % 2 else None
+    fmt = {"k": k, "bits": bits, "block_size": block_size, "symmetric": symmetric, "act_bits": act_bits}
+    want = matmul_reference(a, codes, scales, zero_points, bias=bias, **fmt)
+    assert np.array_equal(want.astype(np.float32).astype(np.float64), want), "test data not exact in float32"
+    y = np.full((rows, n), np.nan, np.float32)
+    lib.bct_host_matmul(
+        k, n, bits, block_size, int(symmetric), act_bits, KIND_CODE[kind], 0, rows,
+        _ptr(a), None, None, _ptr(codes), _ptr(scales), _ptr(zero_points), _ptr(bias), _ptr(y),
+    )  # fmt: skip
+    kit.assert_bits_equal(y, want.astype(np.float32), "Y")
+    if act_bits:  # A given as codes in the activation format: the unpacking threads, same Y
+        qa = quantize(a, BlockFormat(act_bits, block_size, True, ScaleKind.FLOAT32))
+        y2 = np.full((rows, n), np.nan, np.float32)
+        lib.bct_host_matmul(
+            k, n, bits, block_size, int(symmetric), act_bits, KIND_CODE[kind], 0, rows,
+            None, _ptr(qa.codes), _ptr(qa.scales), _ptr(codes), _ptr(scales), _ptr(zero_points), _ptr(bias), _ptr(y2),
+        )  # fmt: skip
+        kit.assert_bits_equal(y2, want.astype(np.float32), "Y from activation codes")
+
+
+@pytest.mark.parametrize("offset_dtype", [np.float16, np.float32], ids=["f16-offsets", "f32-offsets"])
+@pytest.mark.parametrize("act_bits", [0, 8])
+def test_matmul_threads_float_offsets(kit, offset_dtype: type, act_bits: int) -> None:
+    """Float-offset weights (value u * scale + offset): exact data, the spec's values bit for bit."""
+    lib = _helper()
+    rng = np.random.default_rng(act_bits + 7)
+    rows, k, n, block_size, bits = 5, 21, 9, 8, 4
+    codes, scales, _ = _exact_weight(rng, n, k, bits, block_size, True, ScaleKind.FLOAT16)
+    offsets = (rng.integers(-4, 5, (n, -(-k // block_size))) / 2).astype(offset_dtype)
+    a = _exact_activations(rng, rows, k, block_size, act_bits)
+    want = matmul_reference(a, codes, scales, offsets, k=k, bits=bits, block_size=block_size, symmetric=False,
+                            act_bits=act_bits)  # fmt: skip
+    assert np.array_equal(want.astype(np.float32).astype(np.float64), want), "test data not exact in float32"
+    y = np.full((rows, n), np.nan, np.float32)
+    zero_point_kind = 1 if offset_dtype is np.float16 else 2
+    lib.bct_host_matmul(
+        k, n, bits, block_size, 0, act_bits, KIND_CODE[ScaleKind.FLOAT16], zero_point_kind, rows,
+        _ptr(a), None, None, _ptr(codes), _ptr(scales), _ptr(offsets), None, _ptr(y),
+    )  # fmt: skip
+    kit.assert_bits_equal(y, want.astype(np.float32), "Y")
+
+
+# ---------------------------------------------------------------------------------------------
+# BlockActMatMul and the row ops: random data, the spec of bct_onnx.reference_nonlinear bit for bit.
+
+
+@pytest.mark.parametrize("transpose_b", [False, True], ids=["b", "b-transposed"])
+@pytest.mark.parametrize(
+    ("a_shape", "b_shape", "bits", "block_size"),
+    [
+        ((2, 3, 5, 40), (1, 3, 40, 7), 8, 16),
+        ((4, 9, 33), (33, 6), 4, 8),
+        ((1, 2, 3, 64), (1, 2, 64, 5), 8, 32),
+    ],
+    ids=["broadcast-batch", "no-b-batch", "heads"],
+)
+def test_act_matmul_threads(kit, a_shape, b_shape, bits: int, block_size: int, transpose_b: bool) -> None:
+    lib = _helper()
+    rng = np.random.default_rng(len(a_shape) * 10 + bits)
+    a = rng.standard_normal(a_shape).astype(np.float32)
+    b = rng.standard_normal(b_shape).astype(np.float32)
+    want = nl_ref.act_matmul(a, b, bits, block_size)
+    m, k = a_shape[-2:]
+    n = b_shape[-1]
+    out_batch = np.broadcast_shapes(a_shape[:-2], b_shape[:-2])
+    rank = len(out_batch)
+
+    def strides(shape: tuple[int, ...]) -> np.ndarray:
+        dims = (1,) * (rank - len(shape)) + tuple(shape)
+        step = np.cumprod((1,) + dims[::-1])[:-1][::-1]  # row-major strides in batch units
+        return np.where(np.array(dims) == 1, 0, step).astype(np.int64)
+
+    b_in = np.ascontiguousarray(np.swapaxes(b, -1, -2)) if transpose_b else b
+    out_dims, a_strides, b_strides = (
+        np.array(out_batch, np.int64),
+        strides(a_shape[:-2]),
+        strides(b_shape[:-2]),
+    )
+    y = np.full(want.shape, np.nan, np.float32)
+    lib.bct_host_act_matmul(
+        bits, block_size, int(transpose_b), m, k, n,
+        int(np.prod(a_shape[:-2])), int(np.prod(b_shape[:-2])), int(np.prod(out_batch)), rank,
+        _ptr(out_dims), _ptr(a_strides), _ptr(b_strides), _ptr(a), _ptr(b_in), _ptr(y),
+    )  # fmt: skip
+    kit.assert_bits_equal(y, want, "Y")
+
+
+ROW_OPS = {
+    "gelu": (0, lambda x, s, b: nl_ref.gelu(x)),
+    "gelu-tanh": (1, lambda x, s, b: nl_ref.gelu(x, "tanh")),
+    "silu": (2, lambda x, s, b: nl_ref.silu(x)),
+    "softmax": (3, lambda x, s, b: nl_ref.softmax(x)),
+    "layer-norm": (4, lambda x, s, b: nl_ref.layer_norm(x, s, b, 1e-5)),
+    "layer-norm-no-bias": (4, lambda x, s, b: nl_ref.layer_norm(x, s, None, 1e-5)),
+    "rms-norm": (5, lambda x, s, b: nl_ref.rms_norm(x, s, 1e-5)),
+}
+
+
+@pytest.mark.parametrize("d", [1, 7, 40, 100, 384])
+@pytest.mark.parametrize("name", list(ROW_OPS))
+def test_row_op_threads(kit, name: str, d: int) -> None:
+    """Rows shorter and longer than a warp, not multiples of 8 or 32, large and NaN-free values."""
+    lib = _helper()
+    op, spec = ROW_OPS[name]
+    rng = np.random.default_rng(d + op)
+    x = (rng.standard_normal((5, d)) * np.array([1, 4, 0.01, 30, 1])[:, None]).astype(np.float32)
+    scale = rng.standard_normal(d).astype(np.float32)
+    bias = None if name == "layer-norm-no-bias" else rng.standard_normal(d).astype(np.float32)
+    want = spec(x, scale, bias)
+    y = x.copy()
+    assert lib.bct_host_row_op(op, x.shape[0], d, _ptr(y), _ptr(scale), _ptr(bias), 1e-5) == 0
+    kit.assert_bits_equal(y, np.asarray(want, np.float32), name)

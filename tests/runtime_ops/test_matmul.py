@@ -37,7 +37,7 @@ from bct_onnx.block_format import (
 from bct_onnx.ops import BLOCK_MATMUL, DOMAIN
 from bct_onnx.reference_ops import activation_format, block_matmul, matmul_operands, matmul_reference
 
-ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni")
+ISAS = ("scalar", "avx2", "avxvnni", "avx512", "avx512vnni", "amx")
 SCALE_DTYPES = {
     ScaleKind.FLOAT16: np.float16,
     ScaleKind.FLOAT32: np.float32,
@@ -47,33 +47,10 @@ SCALE_DTYPES = {
 U = 2.0**-24  # float32 unit roundoff
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-_FLAGS = _cpu_flags()
-_ISA_NEEDS = {
-    "scalar": set(),
-    "avx2": {"avx2", "fma"},
-    "avxvnni": {"avx2", "fma", "avx_vnni"},
-    "avx512vnni": {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"},
-}
-
-
 @pytest.fixture(params=ISAS)
-def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+def isa(request: pytest.FixtureRequest, force_isa: Any) -> str:
     """Each kernel path in turn; a path this CPU cannot run is skipped with the reason."""
-    missing = _ISA_NEEDS[request.param] - _FLAGS
-    if missing:
-        pytest.skip(f"CPU lacks {sorted(missing)} for the {request.param} path")
-    monkeypatch.setenv("BCT_ONNX_ISA", request.param)
+    force_isa(request.param)
     return request.param
 
 
@@ -546,7 +523,20 @@ def test_bad_inputs_at_run_time() -> None:
 
 def test_bad_isa_name(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BCT_ONNX_ISA", "sse9")
-    _expect_error(_valid(), A_OK, "BCT_ONNX_ISA='sse9' is not one of auto, scalar, avx2, avxvnni, avx512vnni")
+    _expect_error(
+        _valid(),
+        A_OK,
+        "BCT_ONNX_ISA='sse9' is not one of auto, scalar, avx2, avxvnni, avx512, avx512vnni, amx",
+    )
+
+
+def test_isa_the_cpu_lacks(kit, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forcing a path this CPU cannot run is a clear error of the kernel, not a silent fallback."""
+    lacking = [isa for isa, needs in kit.ISA_NEEDS.items() if needs - kit.CPU_FLAGS]
+    if not lacking:
+        pytest.skip("this CPU runs every path")
+    monkeypatch.setenv("BCT_ONNX_ISA", lacking[0])
+    _expect_error(_valid(), A_OK, f"BCT_ONNX_ISA={lacking[0]} but this CPU lacks ")
 
 
 def test_isa_env_is_restored() -> None:

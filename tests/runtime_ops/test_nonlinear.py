@@ -20,6 +20,7 @@ import onnxruntime as ort
 import pytest
 import scipy.special
 from onnx import TensorProto, helper
+from support import assert_bits_equal, run
 
 import bct_onnx
 from bct_onnx import block_format as bf
@@ -126,36 +127,16 @@ def node_model(
     return model.SerializeToString(), feeds
 
 
-def run(model: bytes, feeds: dict[str, np.ndarray], providers: list[str] | None = None) -> list[np.ndarray]:
-    return bct_onnx.session(model, providers=providers).run(None, feeds)
-
-
-def assert_bits_equal(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    if actual.size == 0:
-        return
-    a = np.ascontiguousarray(actual).view(np.uint8).reshape(actual.size, -1)
-    e = np.ascontiguousarray(expected).view(np.uint8).reshape(expected.size, -1)
-    bad = np.flatnonzero(np.any(a != e, axis=1))
-    if bad.size:
-        i = int(bad[0])
-        raise AssertionError(
-            f"{what}: {bad.size} of {actual.size} differ; first at flat {i}: "
-            f"got {actual.reshape(-1)[i]!r}, expected {expected.reshape(-1)[i]!r}"
-        )
-
-
 def operand_inputs(x: np.ndarray | QuantizedTensor) -> tuple[list[np.ndarray | None], dict[str, Any]]:
     """Inputs 0..2 and in_* attributes of an operand."""
     if isinstance(x, QuantizedTensor):
         f = x.fmt
-        attrs = dict(
-            in_bits=f.bits,
-            in_block_size=f.block_size,
-            in_symmetric=int(f.symmetric),
-            in_axis_size=x.axis_size,
-        )
+        attrs = {
+            "in_bits": f.bits,
+            "in_block_size": f.block_size,
+            "in_symmetric": int(f.symmetric),
+            "in_axis_size": x.axis_size,
+        }
         return [x.codes, x.scales, x.zero_points], attrs
     return [x, None, None], {}
 
@@ -164,12 +145,12 @@ def result_attrs(fmt: BlockFormat | None) -> tuple[int, dict[str, Any]]:
     """Number of outputs and out_* attributes of a result format."""
     if fmt is None:
         return 1, {}
-    attrs = dict(
-        out_bits=fmt.bits,
-        out_block_size=fmt.block_size,
-        out_symmetric=int(fmt.symmetric),
-        out_scale_kind=fmt.scale_kind.value,
-    )
+    attrs = {
+        "out_bits": fmt.bits,
+        "out_block_size": fmt.block_size,
+        "out_symmetric": int(fmt.symmetric),
+        "out_scale_kind": fmt.scale_kind.value,
+    }
     return (2 if fmt.symmetric else 3), attrs
 
 
@@ -342,16 +323,20 @@ def test_baseline_cpu_path(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     check_against_spec(name, x, extras, out_fmt, run_op(name, x, extras, out_fmt))
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512vnni"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avxvnni", "avx512", "avx512vnni"])
 @pytest.mark.parametrize("name", list(OPS))
-def test_isa_paths(name: str, isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_isa_paths(name: str, isa: str, force_isa: Any) -> None:
     """BCT_ONNX_ISA (read when a kernel is created) forces the dequantize / quantize row loops' path
-    (scalar/SSE2, AVX2, AVX-512; capped by the CPU): same bits on partial blocks, 1-element and odd
+    (scalar/SSE2, AVX2, AVX-512; a path the CPU lacks is skipped): same bits on partial blocks, 1-element and odd
     rows, one row and many rows, 4-, 8- and 3-bit operands."""
-    monkeypatch.setenv("BCT_ONNX_ISA", isa)
+    force_isa(isa)
     for shape, in_fmt, out_fmt in (
         ((1, 71), BlockFormat(8, 32, True, ScaleKind.FLOAT16), BlockFormat(8, 32, False, ScaleKind.FLOAT16)),
-        ((300, 71), BlockFormat(8, 32, False, ScaleKind.FLOAT16), BlockFormat(8, 32, True, ScaleKind.FLOAT32)),
+        (
+            (300, 71),
+            BlockFormat(8, 32, False, ScaleKind.FLOAT16),
+            BlockFormat(8, 32, True, ScaleKind.FLOAT32),
+        ),
         ((9, 384), BlockFormat(4, 32, True, ScaleKind.POW2), BlockFormat(4, 32, True, ScaleKind.FLOAT16)),
         ((7, 45), BlockFormat(3, 16, False, ScaleKind.FLOAT32), BlockFormat(5, 17, False, ScaleKind.POW2)),
         ((4, 1), BlockFormat(8, 32, True, ScaleKind.FLOAT32), BlockFormat(4, 32, False, ScaleKind.FLOAT16)),
@@ -571,13 +556,13 @@ def expect_error(
 def test_bad_attributes() -> None:
     x = sample((2, 16))
     cases = [
-        (dict(in_bits=9, in_block_size=8), "'in_bits'"),
-        (dict(out_bits=1, out_block_size=8), "'out_bits'"),
-        (dict(in_bits=4), "'in_block_size'"),
-        (dict(out_bits=4, out_block_size=0), "'out_block_size'"),
-        (dict(out_bits=4, out_block_size=8, out_scale_kind="bfloat16"), "'out_scale_kind'"),
-        (dict(out_symmetric=2), "'out_symmetric'"),
-        (dict(axis=0), "'axis'"),
+        ({"in_bits": 9, "in_block_size": 8}, "'in_bits'"),
+        ({"out_bits": 1, "out_block_size": 8}, "'out_bits'"),
+        ({"in_bits": 4}, "'in_block_size'"),
+        ({"out_bits": 4, "out_block_size": 0}, "'out_block_size'"),
+        ({"out_bits": 4, "out_block_size": 8, "out_scale_kind": "bfloat16"}, "'out_scale_kind'"),
+        ({"out_symmetric": 2}, "'out_symmetric'"),
+        ({"axis": 0}, "'axis'"),
     ]
     for attrs, fragment in cases:
         model, feeds = node_model("BlockSoftmax", [x, None, None], 1, node_name="sm", **attrs)
@@ -616,28 +601,28 @@ def test_bad_inputs() -> None:
         (
             "BlockSoftmax",
             [q.codes, q.scales, None],
-            dict(in_bits=4, in_block_size=8, in_symmetric=0, in_axis_size=16),
+            {"in_bits": 4, "in_block_size": 8, "in_symmetric": 0, "in_axis_size": 16},
             ("'X_zero_points'", "required"),
         ),
         # zero points given although symmetric
         (
             "BlockSoftmax",
             [q.codes, q.scales, q.zero_points],
-            dict(in_bits=4, in_block_size=8, in_axis_size=16),
+            {"in_bits": 4, "in_block_size": 8, "in_axis_size": 16},
             ("'X_zero_points'", "absent"),
         ),
         # scales with the wrong number of blocks
         (
             "BlockSoftmax",
             [q.codes, q.scales[:, :1], q.zero_points],
-            dict(in_bits=4, in_block_size=8, in_symmetric=0, in_axis_size=16),
+            {"in_bits": 4, "in_block_size": 8, "in_symmetric": 0, "in_axis_size": 16},
             ("'X_scales'", "shape"),
         ),
         # codes that do not match in_axis_size
         (
             "BlockSoftmax",
             [q.codes, q.scales, q.zero_points],
-            dict(in_bits=4, in_block_size=8, in_symmetric=0, in_axis_size=20),
+            {"in_bits": 4, "in_block_size": 8, "in_symmetric": 0, "in_axis_size": 20},
             ("input 'X'", "row_bytes"),
         ),
         # D cannot be derived: 6 bytes = 48 bits is a multiple of 3, 16 codes of 3 bits take 6 bytes -> ok;
@@ -645,14 +630,14 @@ def test_bad_inputs() -> None:
         (
             "BlockSoftmax",
             [np.zeros((2, 7), np.uint8), np.ones((2, 3), np.float16), None],
-            dict(in_bits=3, in_block_size=8),
+            {"in_bits": 3, "in_block_size": 8},
             ("'in_axis_size'",),
         ),
         # float scales of a quantized input of the wrong dtype
         (
             "BlockSoftmax",
             [qs.codes, qs.scales.astype(np.int64), None],
-            dict(in_bits=3, in_block_size=8, in_axis_size=16),
+            {"in_bits": 3, "in_block_size": 8, "in_axis_size": 16},
             ("'X_scales'",),
         ),
         # float input with scales given
@@ -661,7 +646,7 @@ def test_bad_inputs() -> None:
         (
             "BlockSoftmax",
             [x, np.ones((2, 2), np.float16), None],
-            dict(in_bits=4, in_block_size=8),
+            {"in_bits": 4, "in_block_size": 8},
             ("input 'X'", "uint8"),
         ),
     ]

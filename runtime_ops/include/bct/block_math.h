@@ -263,14 +263,17 @@ BCT_HD BCT_INLINE StoredScale symmetric_scale_of_extreme(float m, int bits, Scal
 // wins like np.argmax) gives scale = m / -2**(bits-1); POW2: smallest 2**e with |m| / qmax <= 2**e.
 // A block shorter than block_size was padded with zeros by the spec; zeros never win over the
 // first element, and an empty block (n == 0) does not occur.
-BCT_HD BCT_INLINE StoredScale choose_symmetric_scale(const float* x, int64_t n, int bits, ScaleKind kind) {
+// The block's elements are x[0], x[stride], ... (stride > 1: a column of a row-major matrix).
+BCT_HD BCT_INLINE StoredScale choose_symmetric_scale(const float* x, int64_t n, int bits, ScaleKind kind,
+                                                     int64_t stride = 1) {
   float m = 0.0f;
   float best = -1.0f;
   for (int64_t i = 0; i < n; ++i) {
-    const float a = float_from_bits(float_bits(x[i]) & 0x7fffffffu);  // np.abs
+    const float v = x[i * stride];
+    const float a = float_from_bits(float_bits(v) & 0x7fffffffu);  // np.abs
     if (a > best || (is_nan(a) && !is_nan(best))) {
       best = a;
-      m = x[i];
+      m = v;
     }
   }
   return symmetric_scale_of_extreme(m, bits, kind);

@@ -243,8 +243,10 @@ BCT_HD BCT_INLINE void quantize_act_row(const float* x, int64_t k, int bits, int
   }
 }
 
-// Integer dot product of two signed code rows of length n (exact in int32 for n <= 2**17).
-BCT_HD BCT_INLINE int32_t dot_i8(const int8_t* a, const int8_t* b, int64_t n) {
+// The int8 block dot: signed codes a [n] x codes b [n] (int8, or uint8 weight codes), exact in
+// int32 while n * max|a| * max|b| < 2**31.
+template <class Code>
+BCT_HD BCT_INLINE int32_t dot_i8(const int8_t* a, const Code* b, int64_t n) {
   int32_t acc = 0;
   for (int64_t i = 0; i < n; ++i) acc += static_cast<int32_t>(a[i]) * static_cast<int32_t>(b[i]);
   return acc;

@@ -1,6 +1,9 @@
-"""What the compressed nonlinear ops and BlockActMatMul look like to the passes: kinds, operand slots.
+"""The operand ops as the passes see them: op kinds, operand slots, the shared rewrite steps.
 
-Shared by the quantize passes, FoldQuantizeDequantizePass and the coverage count, so the operand
+The operand ops are the ai.bct_onnx ops whose input 0 and output 0 may be float or codes: BlockGelu,
+BlockSilu, BlockSoftmax, BlockLayerNorm, BlockRMSNorm (elementwise and row ops) and BlockActMatMul.
+
+Shared by the quantize passes, CompressIntermediatesPass and the coverage count, so the operand
 convention of docs/ops.md (input/output 0..2 = value or codes, scales, zero points; op-specific
 inputs from slot 3 on) is written down once.
 """
@@ -8,7 +11,7 @@ inputs from slot 3 on) is written down once.
 from __future__ import annotations
 
 import onnx_ir as ir
-from bct_onnx.passes.framework import NodeRewritePass, PassReport, node_label, register_domain
+from bct_onnx.passes.framework import NodeRewritePass, PassReport, node_name, register_domain
 from bct_onnx.passes.graph_patterns import FLOAT, replace_pattern, value_dtype
 
 from bct_onnx import ops
@@ -47,11 +50,6 @@ def operand_inputs(x: ir.Value, extra: list[ir.Value | None]) -> list[ir.Value |
     return inputs
 
 
-def settings_name(node: ir.Node) -> str:
-    """The name overrides match against."""
-    return node_label(node) if node.name else (node.outputs[0].name or "")
-
-
 class OperandRewritePass(NodeRewritePass):
     """Base of the passes rewriting an ONNX op into an operand op, configured per node."""
 
@@ -70,7 +68,7 @@ def operand_skip_reason(
     x = node.inputs[0]
     if x is None:
         return f"{node.op_type} with a missing input"
-    if not config.settings_for(kind, settings_name(node)).enabled:
+    if not config.settings_for(kind, node_name(node)).enabled:
         return f"{kind} compression is disabled for this node by the config"
     dtype = value_dtype(x) if inferred_dtype else x.dtype
     if dtype is not None and dtype != FLOAT:

@@ -1,4 +1,4 @@
-"""FoldQuantizeDequantizePass: intermediate results between compressed ops stay compressed.
+"""CompressIntermediatesPass: intermediate results between compressed ops stay compressed.
 
 After the quantize passes every compressed nonlinear op, BlockActMatMul and BlockMatMul has float
 operands, as if each edge between two of them were ``requantize -> dequantize`` folded away. This
@@ -32,17 +32,16 @@ import logging
 from typing import Any
 
 import onnx_ir as ir
-from bct_onnx.passes.framework import CompressPass, PassReport, Skip, node_label
+from bct_onnx.passes.framework import CompressPass, PassReport, Skip, node_label, node_name
 from bct_onnx.passes.graph_patterns import last_dim, strip_float_cast, value_rank, value_shape
 from bct_onnx.passes.infer_shapes import SHAPE_KEY, ensure_shapes
-from bct_onnx.passes.nonlinear_ops import (
+from bct_onnx.passes.operand_ops import (
     ASYMMETRIC_RESULTS,
     KIND_OF_OP,
     OPERAND_OPS,
     OPERAND_SLOTS,
     int_attr,
     is_ours,
-    settings_name,
 )
 
 from bct_onnx import ops
@@ -209,7 +208,7 @@ def _declare_rank(operand: ir.Value | None, result_shape: ir.Shape | None) -> No
         operand.type = ir.TensorType(ir.DataType.FLOAT)
 
 
-class FoldQuantizeDequantizePass(CompressPass):
+class CompressIntermediatesPass(CompressPass):
     """Give compressed ops quantized results/operands wherever all readers of an edge accept them."""
 
     def __init__(self, config: CompressConfig) -> None:
@@ -218,7 +217,7 @@ class FoldQuantizeDequantizePass(CompressPass):
 
     def _format(self, node: ir.Node) -> BlockFormat | str:
         kind = _KIND[node.op_type]
-        settings = self.config.settings_for(kind, settings_name(node))
+        settings = self.config.settings_for(kind, node_name(node))
         if not settings.enabled:
             return f"{kind} compression is disabled for this node by the config"
         fmt = settings.act_format(symmetric=node.op_type not in ASYMMETRIC_RESULTS)
@@ -413,8 +412,8 @@ def compressed_activations(model: ir.Model) -> ActivationSummary:
 
 __all__ = [
     "ActivationSummary",
+    "CompressIntermediatesPass",
     "CompressedTensor",
-    "FoldQuantizeDequantizePass",
     "Skip",
     "compressed_activations",
 ]

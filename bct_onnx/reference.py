@@ -1,0 +1,245 @@
+"""Run a compressed model in numpy, without the compiled library: onnx.reference plus our ops.
+
+``OPS`` holds one ``onnx.reference`` op class per operator of the ``ai.bct_onnx`` domain, computed by
+the numpy specification (``block_format``, ``reference_ops``, ``reference_nonlinear``), with the
+operand convention of docs/ops.md (float or blockwise-quantized inputs and outputs). Standard ONNX
+ops are onnx.reference's own::
+
+    from bct_onnx import reference
+    outputs = reference.run(model, {"input_ids": ids})  # model: path, ModelProto or onnx_ir.Model
+
+Slow (numpy, one node at a time): meant for checking a kernel or a small model, not for serving.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
+
+from bct_onnx import ops
+from bct_onnx import reference_nonlinear as spec_nonlinear
+from bct_onnx.block_format import (
+    BlockFormat,
+    QuantizedTensor,
+    ScaleKind,
+    ZeroPointKind,
+    dequantize_codes,
+    quantize,
+    scale_kind_of,
+    unpack_codes,
+)
+from bct_onnx.reference_ops import block_matmul
+
+__all__ = ["OPS", "evaluator", "run"]
+
+
+def _stored_format(bits, block_size, symmetric, scales, zero_points) -> BlockFormat:
+    """The format of stored codes; the dtypes of scales and zero points tell their kinds."""
+    float_offsets = zero_points is not None and zero_points.dtype != np.uint8
+    return BlockFormat(
+        int(bits),
+        int(block_size),
+        True if symmetric is None else bool(symmetric),
+        scale_kind_of(scales),
+        ZeroPointKind.FLOAT if float_offsets else ZeroPointKind.INTEGER,
+    )
+
+
+def _dequantized(codes, scales, zero_points, attrs: dict[str, Any]) -> np.ndarray:
+    """The float32 values of a stored tensor (BlockDequantize, BlockGather) as its attributes describe it."""
+    fmt = _stored_format(attrs["bits"], attrs["block_size"], attrs.get("symmetric"), scales, zero_points)
+    return dequantize_codes(unpack_codes(codes, fmt.bits, int(attrs["axis_size"])), scales, zero_points, fmt)
+
+
+def _operand(x, x_scales, x_zero_points, bits, block_size, symmetric, axis_size):
+    """Inputs 0..2 of an op with the operand convention: float x, or a QuantizedTensor (in_bits > 0)."""
+    if not bits:
+        return x
+    d = int(axis_size) if axis_size else x.shape[-1] * 8 // int(bits)
+    fmt = _stored_format(bits, block_size, symmetric, x_scales, x_zero_points)
+    return QuantizedTensor(x, x_scales, x_zero_points, d, fmt)
+
+
+def _out_format(bits, block_size, symmetric, scale_kind) -> BlockFormat | None:
+    """The format of a quantized result (out_bits > 0), None for a float result."""
+    if not bits:
+        return None
+    sym = True if symmetric is None else bool(symmetric)
+    return BlockFormat(int(bits), int(block_size), sym, ScaleKind(scale_kind or "float16"))
+
+
+def _result(y: np.ndarray | QuantizedTensor) -> tuple[np.ndarray, ...]:
+    if isinstance(y, QuantizedTensor):
+        return (y.codes, y.scales) + (() if y.zero_points is None else (y.zero_points,))
+    return (y,)
+
+
+class _BlockOp(OpRun):
+    op_domain = ops.DOMAIN
+
+
+class BlockQuantize(_BlockOp):
+    def _run(self, X, bits=None, block_size=None, symmetric=None, scale_kind=None):
+        return _result(quantize(X, _out_format(bits, block_size, symmetric, scale_kind)))
+
+
+class BlockDequantize(_BlockOp):
+    def _run(self, codes, scales, zero_points=None, **attrs):
+        return (_dequantized(codes, scales, zero_points, attrs),)
+
+
+class BlockGather(_BlockOp):
+    def _run(self, indices, codes, scales, zero_points=None, **attrs):
+        return (np.take(_dequantized(codes, scales, zero_points, attrs), indices.astype(np.int64), axis=0),)
+
+
+class BlockMatMul(_BlockOp):
+    """A float or codes (inputs 0, 5, 6: the weight keeps inputs 1..4), Y float or codes."""
+
+    def _run(
+        self, A, W_codes, W_scales, W_zero_points=None, bias=None, A_scales=None, A_zero_points=None, **attrs
+    ):
+        k = int(attrs["K"])
+        a = _operand(
+            A,
+            A_scales,
+            A_zero_points,
+            attrs.get("in_bits"),
+            attrs.get("in_block_size"),
+            attrs.get("in_symmetric"),
+            k,
+        )
+        y = block_matmul(
+            a,
+            W_codes,
+            W_scales,
+            W_zero_points,
+            k=k,
+            bits=int(attrs["bits"]),
+            block_size=int(attrs["block_size"]),
+            symmetric=bool(attrs.get("symmetric", 1)),
+            act_bits=int(attrs.get("act_bits") or 0),
+            bias=bias,
+        )
+        return _out(y, attrs)
+
+
+def _in_operand(x, x_scales, x_zero_points, attrs: dict[str, Any]):
+    """The operand of inputs 0..2 as the node's in_* attributes describe it."""
+    return _operand(
+        x,
+        x_scales,
+        x_zero_points,
+        attrs.get("in_bits"),
+        attrs.get("in_block_size"),
+        attrs.get("in_symmetric"),
+        attrs.get("in_axis_size"),
+    )
+
+
+def _out(y: np.ndarray, attrs: dict[str, Any]) -> tuple[np.ndarray, ...]:
+    """The float32 result y stored as the node's out_* attributes ask."""
+    fmt = _out_format(
+        attrs.get("out_bits"),
+        attrs.get("out_block_size"),
+        attrs.get("out_symmetric"),
+        attrs.get("out_scale_kind"),
+    )
+    return _result(spec_nonlinear.store_result(y, fmt))
+
+
+def _last_axis(axis, op_type: str) -> None:
+    if axis is not None and int(axis) != -1:
+        raise ValueError(f"{op_type}: axis must be -1, got {axis}")
+
+
+class BlockGelu(_BlockOp):
+    def _run(self, X, X_scales=None, X_zero_points=None, approximate=None, **attrs):
+        x = spec_nonlinear.load_operand(_in_operand(X, X_scales, X_zero_points, attrs))
+        return _out(spec_nonlinear.gelu(x, approximate or "none"), attrs)
+
+
+class BlockSilu(_BlockOp):
+    def _run(self, X, X_scales=None, X_zero_points=None, **attrs):
+        x = spec_nonlinear.load_operand(_in_operand(X, X_scales, X_zero_points, attrs))
+        return _out(spec_nonlinear.silu(x), attrs)
+
+
+class BlockSoftmax(_BlockOp):
+    def _run(self, X, X_scales=None, X_zero_points=None, axis=None, **attrs):
+        _last_axis(axis, ops.BLOCK_SOFTMAX)
+        x = spec_nonlinear.load_operand(_in_operand(X, X_scales, X_zero_points, attrs))
+        return _out(spec_nonlinear.softmax(x), attrs)
+
+
+class BlockLayerNorm(_BlockOp):
+    def _run(
+        self, X, X_scales=None, X_zero_points=None, scale=None, bias=None, epsilon=None, axis=None, **attrs
+    ):
+        _last_axis(axis, ops.BLOCK_LAYER_NORM)
+        x = spec_nonlinear.load_operand(_in_operand(X, X_scales, X_zero_points, attrs))
+        return _out(
+            spec_nonlinear.layer_norm(x, scale, bias, 1e-5 if epsilon is None else float(epsilon)), attrs
+        )
+
+
+class BlockRMSNorm(_BlockOp):
+    def _run(self, X, X_scales=None, X_zero_points=None, scale=None, epsilon=None, axis=None, **attrs):
+        _last_axis(axis, ops.BLOCK_RMS_NORM)
+        x = spec_nonlinear.load_operand(_in_operand(X, X_scales, X_zero_points, attrs))
+        eps = 1e-5 if epsilon is None else float(epsilon)  # the kernel's default (docs/ops.md)
+        return _out(spec_nonlinear.rms_norm(x, scale, eps), attrs)
+
+
+class BlockActMatMul(_BlockOp):
+    def _run(
+        self,
+        A,
+        A_scales=None,
+        A_zero_points=None,
+        B=None,
+        act_bits=None,
+        block_size=None,
+        transpose_b=None,
+        **attrs,
+    ):
+        a = spec_nonlinear.load_operand(_in_operand(A, A_scales, A_zero_points, attrs))
+        y = spec_nonlinear.act_matmul(a, B, int(act_bits), int(block_size), bool(transpose_b or 0))
+        return _out(y, attrs)
+
+
+OPS: tuple[type[OpRun], ...] = (
+    BlockQuantize,
+    BlockDequantize,
+    BlockMatMul,
+    BlockGather,
+    BlockGelu,
+    BlockSilu,
+    BlockSoftmax,
+    BlockLayerNorm,
+    BlockRMSNorm,
+    BlockActMatMul,
+)
+if {op.__name__ for op in OPS} != set(ops.OP_TYPES):  # onnx.reference finds an op by its class name
+    raise ImportError(f"bct_onnx.reference covers {sorted(op.__name__ for op in OPS)}, not {ops.OP_TYPES}")
+
+
+def evaluator(model: str | os.PathLike[str] | onnx.ModelProto | Any, **options: Any) -> ReferenceEvaluator:
+    """An onnx.reference.ReferenceEvaluator of model (a path, a ModelProto or an onnx_ir.Model) with our ops."""
+    if not isinstance(model, (str, os.PathLike, onnx.ModelProto)):
+        import onnx_ir as ir
+
+        model = ir.to_proto(model)
+    return ReferenceEvaluator(model, new_ops=list(OPS), **options)
+
+
+def run(
+    model: str | os.PathLike[str] | onnx.ModelProto | Any, feeds: dict[str, np.ndarray]
+) -> list[np.ndarray]:
+    """Every output of model for feeds, computed in numpy (see evaluator)."""
+    return [np.asarray(out) for out in evaluator(model).run(None, feeds)]

@@ -1,0 +1,82 @@
+"""What the tests share: models from ONNX text, runs through ONNX Runtime and the numpy reference, checks.
+
+Imported as ``support`` (pyproject's pytest ``pythonpath`` puts tests/ on sys.path; importlib mode
+cannot import a conftest). The numpy side is ``bct_onnx.reference``, the library's own evaluator.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx.parser
+import onnx_ir as ir
+import onnxruntime as ort
+from onnx import TensorProto
+
+import bct_onnx
+from bct_onnx import reference
+
+
+def model_from_text(
+    text: str, initializers: dict[str, np.ndarray] | None = None, check: bool = True
+) -> ir.Model:
+    """An onnx_ir model from ONNX text plus named numpy initializers (onnx-checked unless check=False)."""
+    proto = onnx.parser.parse_model(text)
+    for name, array in (initializers or {}).items():
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(array), name))
+    if check:
+        onnx.checker.check_model(proto)
+    return ir.from_proto(proto)
+
+
+def op_types(model: ir.Model) -> list[str]:
+    """The op types of the main graph's nodes, in order."""
+    return [node.op_type for node in model.graph]
+
+
+def run_reference(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Evaluate a model (standard ops and ours) in numpy: bct_onnx.reference."""
+    return reference.run(model, feeds)
+
+
+def run_ort(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run a model of standard ops only with plain onnxruntime."""
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def run_bct_session(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run a compressed model through onnxruntime with the custom-op library (tests/conftest.py checks it)."""
+    return bct_onnx.session(ir.to_proto(model).SerializeToString()).run(None, feeds)
+
+
+def ort_feed(value: np.ndarray) -> np.ndarray | ort.OrtValue:
+    """value as ONNX Runtime takes it: float8e5m2 arrays (ml_dtypes) go in as typed OrtValues."""
+    if isinstance(value, np.ndarray) and value.dtype == np.dtype(ml_dtypes.float8_e5m2):
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+            np.ascontiguousarray(value).view(np.uint8), onnx_element_type=TensorProto.FLOAT8E5M2
+        )
+    return value
+
+
+def run(model: bytes, feeds: dict[str, np.ndarray], providers: list[str] | None = None) -> list[np.ndarray]:
+    """Run serialized model bytes through bct_onnx.session (float8e5m2 feeds allowed)."""
+    return bct_onnx.session(model, providers=providers).run(None, {k: ort_feed(v) for k, v in feeds.items()})
+
+
+def assert_bits_equal(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
+    """Same dtype, shape and raw bits (so -0.0 != 0.0 and NaNs compare by payload)."""
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    if actual.size == 0:
+        return
+    a = np.ascontiguousarray(actual).view(np.uint8).reshape(actual.size, -1)
+    e = np.ascontiguousarray(expected).view(np.uint8).reshape(expected.size, -1)
+    bad = np.flatnonzero(np.any(a != e, axis=1))
+    if bad.size:
+        i = int(bad[0])
+        raise AssertionError(
+            f"{what}: {bad.size} of {actual.size} elements differ; first at flat {i}: "
+            f"got {actual.reshape(-1)[i]!r}, expected {expected.reshape(-1)[i]!r}"
+        )
