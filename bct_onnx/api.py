@@ -346,6 +346,7 @@ def compress(
             overshoot = 0
             for _ in range(BUDGET_ATTEMPTS - 1):
                 with timer.step("budget"):
+                    model_metadata.stamp(result.model, config_to_dict(cfg))  # its bytes count too
                     over = _serialized_bytes(result.model) - int(input_bytes / target_ratio)
                 if over <= 0:
                     break
