@@ -23,6 +23,7 @@ import onnx_ir as ir
 from tqdm import tqdm
 
 from bct_onnx import model_io, model_metadata
+from bct_onnx.budget import BudgetError, BudgetPlanner
 from bct_onnx.calibration import Calibration, CalibrationError, calibration_texts, text_feeds
 from bct_onnx.config import SUPPORTED_OPS, CompressConfig
 from bct_onnx.errors import BctOnnxError, ModelFileError
@@ -31,7 +32,7 @@ from bct_onnx.hub import parse_hub_id, resolve_hub_id
 from bct_onnx.input_check import check_input
 from bct_onnx.models.export import ExportError, ModelDirError, export_hf_directory, is_hf_model_dir
 from bct_onnx.output_dir import copy_companions, is_directory_output, model_file
-from bct_onnx.passes import PipelineResult, compress_model
+from bct_onnx.passes import PipelineResult, canonicalize_passes, compress_model
 from bct_onnx.passes.quantized_weights import RULE_WIDE_SCALES
 from bct_onnx.report import CompileReport, SkippedNode, StepTimer, config_to_dict, versions
 from bct_onnx.tokenizer import find_tokenizer_dir, load_text_tokenizer
@@ -54,11 +55,24 @@ class CompressResult:
         return iter((self.model, self.report))
 
 
+# Giving a bit width explicitly (and no budget) means that width: it switches a default budget off.
+BIT_WIDTH_FIELDS = frozenset({"weight_bits", "embedding_bits"})
+BUDGET_FIELDS = frozenset({"target_ratio", "max_error"})
+
+
 def make_config(config: CompressConfig | None = None, **overrides: Any) -> CompressConfig:
-    """``config`` (default: CompressConfig()) with ``overrides`` applied; unknown names are an error."""
+    """``config`` (default: CompressConfig()) with ``overrides`` applied; unknown names are an error.
+
+    Overriding weight_bits or embedding_bits without target_ratio / max_error drops the budget, so
+    an explicit bit width is what the model gets.
+    """
     base = config if config is not None else CompressConfig()
     if not overrides:
         return base
+    if BIT_WIDTH_FIELDS & overrides.keys() and not BUDGET_FIELDS & overrides.keys():
+        overrides = {**overrides, "target_ratio": None, "max_error": None}  # explicit widths: no budget
+    if overrides.get("target_ratio") is not None and "budget_floor" not in overrides:
+        overrides = {**overrides, "budget_floor": False}  # an explicit ratio is what the file gets
     known = {f.name for f in dataclasses.fields(CompressConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
@@ -126,6 +140,12 @@ def _run_pipeline(
             pbar.set_postfix_str(name, refresh=True)
 
         return compress_model(model, config, progress=pass_done, debug_dir=debug_dir, calibration=calibration)
+
+
+# A budget's first plan counts codes and scales exactly but not the graph's own bytes: when the result
+# is larger than the target, the plan is made again for that many bytes (plus a margin) fewer.
+BUDGET_ATTEMPTS = 3
+BUDGET_MARGIN_BYTES = 4096
 
 
 def _calibration(
@@ -261,6 +281,10 @@ def compress(
     Before any work the input is checked (bct_onnx.input_check): an invalid model, one already
     quantized or compressed, and every output path (output, its external data file, report, debug
     directory) that would replace the input or a special file raise a BctOnnxError naming the file.
+
+    A config with ``target_ratio`` / ``max_error`` (a budget, bct_onnx.budget) gets its bits and block
+    sizes per weight tensor from each tensor's sensitivity, measured on the calibration batches or,
+    data-free, on synthetic token sequences.
     """
     cfg = make_config(config, **overrides)
     if html_report is not None:
@@ -346,8 +370,41 @@ def compress(
             feeds, calibration_report = _calibration(
                 model, calibration, tokenizer, source_dir, model_dir, text_source=calibration_text
             )
+        planner = plan = None
+        target_ratio, max_error = cfg.target_ratio, cfg.max_error
+        budget_skipped: str | None = None
+        if cfg.budgeted:
+            with timer.step("budget"), prog.bar("budget", total=1, tick=True):
+                try:
+                    planner = _budget_planner(model, cfg, input_bytes, feeds)
+                    budget = planner.budget_bytes(target_ratio) if target_ratio is not None else None
+                    cfg, plan = planner.plan(budget, max_error, floor=cfg.budget_floor)
+                except BudgetError as error:  # e.g. inputs that cannot be synthesised: the widths as given
+                    planner, budget_skipped = None, str(error)
+                    logger.warning("budget not applied, the config's bit widths are used: %s", error)
         with timer.step("compress"):
             result = _run_pipeline(model, cfg, prog, debug, feeds)
+        attempts = 1
+        if planner is not None and target_ratio is not None:
+            overshoot = 0
+            for _ in range(BUDGET_ATTEMPTS - 1):
+                with timer.step("budget"):
+                    model_metadata.stamp(result.model, config_to_dict(cfg))  # its bytes count too
+                    over = _serialized_bytes(result.model) - int(input_bytes / target_ratio)
+                if over <= 0:
+                    break
+                # Graph overhead the plan does not count: plan again for that many fewer bytes.
+                overshoot += over + BUDGET_MARGIN_BYTES
+                with timer.step("budget"):
+                    cfg, plan = planner.plan(
+                        planner.budget_bytes(target_ratio, overshoot), max_error, floor=cfg.budget_floor
+                    )
+                with timer.step("compress"):
+                    result = _run_pipeline(model, cfg, prog, debug, feeds)
+                attempts += 1
+        if planner is not None and plan is not None:
+            with timer.step("budget"):
+                plan = planner.measure(plan)
         compressed = result.model
         analysis = None
         if html_report is not None:
@@ -410,6 +467,11 @@ def compress(
         },
         exported_from=exported_from,
         calibration=calibration_report,
+        budget=(
+            {**plan.to_dict(), "target_ratio": target_ratio, "attempts": attempts}
+            if plan is not None
+            else ({"skipped": budget_skipped} if budget_skipped is not None else None)
+        ),
         versions=versions(),
         standard_onnx=standard_onnx,
         warnings=warnings,
@@ -421,6 +483,16 @@ def compress(
     if report is not None:
         compile_report.write(report)
     return CompressResult(compressed, compile_report)
+
+
+def _budget_planner(
+    model: ir.Model, config: CompressConfig, input_bytes: int, feeds: Calibration | None
+) -> BudgetPlanner:
+    """A bct_onnx.budget.BudgetPlanner measured on the canonicalized float model."""
+    canonical = model.clone()
+    for pass_ in canonicalize_passes():
+        canonical = pass_(canonical).model
+    return BudgetPlanner(canonical, config, input_bytes, feeds.feeds if feeds is not None else None)
 
 
 def _standard_onnx(cfg: CompressConfig, result: PipelineResult) -> dict[str, Any] | None:
