@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from bct_onnx.inspect import Inspection, inspect_model
     from bct_onnx.ops import DOMAIN
     from bct_onnx.report import CompileReport
-    from bct_onnx.runtime import library_path, session
+    from bct_onnx.runtime import default_providers, library_path, session, session_options
 
 _EXPORTS = {
     "BlockFormat": "bct_onnx.block_format",
@@ -33,6 +33,8 @@ _EXPORTS = {
     "library_path": "bct_onnx.runtime",
     "quantize": "bct_onnx.block_format",
     "session": "bct_onnx.runtime",
+    "session_options": "bct_onnx.runtime",
+    "default_providers": "bct_onnx.runtime",
 }
 
 __all__ = [
@@ -44,11 +46,13 @@ __all__ = [
     "Inspection",
     "ScaleKind",
     "compress",
+    "default_providers",
     "dequantize",
     "inspect_model",
     "library_path",
     "quantize",
     "session",
+    "session_options",
 ]
 __version__ = "0.1.0"
 

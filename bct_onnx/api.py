@@ -23,13 +23,16 @@ import onnx_ir as ir
 from tqdm import tqdm
 
 from bct_onnx import model_io, model_metadata
+from bct_onnx.budget import BudgetError, BudgetPlanner
 from bct_onnx.calibration import Calibration, CalibrationError, calibration_texts, text_feeds
 from bct_onnx.config import SUPPORTED_OPS, CompressConfig
 from bct_onnx.errors import BctOnnxError, ModelFileError
 from bct_onnx.extras import install_hint, module_available, require
+from bct_onnx.hub import parse_hub_id, resolve_hub_id
 from bct_onnx.input_check import check_input
 from bct_onnx.models.export import ExportError, ModelDirError, export_hf_directory, is_hf_model_dir
-from bct_onnx.passes import PipelineResult, compress_model
+from bct_onnx.output_dir import copy_companions, is_directory_output, model_file
+from bct_onnx.passes import PipelineResult, canonicalize_passes, compress_model
 from bct_onnx.passes.quantized_weights import RULE_WIDE_SCALES
 from bct_onnx.report import CompileReport, SkippedNode, StepTimer, config_to_dict, versions
 from bct_onnx.tokenizer import find_tokenizer_dir, load_text_tokenizer
@@ -52,11 +55,24 @@ class CompressResult:
         return iter((self.model, self.report))
 
 
+# Giving a bit width explicitly (and no budget) means that width: it switches a default budget off.
+BIT_WIDTH_FIELDS = frozenset({"weight_bits", "embedding_bits"})
+BUDGET_FIELDS = frozenset({"target_ratio", "max_error"})
+
+
 def make_config(config: CompressConfig | None = None, **overrides: Any) -> CompressConfig:
-    """``config`` (default: CompressConfig()) with ``overrides`` applied; unknown names are an error."""
+    """``config`` (default: CompressConfig()) with ``overrides`` applied; unknown names are an error.
+
+    Overriding weight_bits or embedding_bits without target_ratio / max_error drops the budget, so
+    an explicit bit width is what the model gets.
+    """
     base = config if config is not None else CompressConfig()
     if not overrides:
         return base
+    if BIT_WIDTH_FIELDS & overrides.keys() and not BUDGET_FIELDS & overrides.keys():
+        overrides = {**overrides, "target_ratio": None, "max_error": None}  # explicit widths: no budget
+    if overrides.get("target_ratio") is not None and "budget_floor" not in overrides:
+        overrides = {**overrides, "budget_floor": False}  # an explicit ratio is what the file gets
     known = {f.name for f in dataclasses.fields(CompressConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
@@ -124,6 +140,12 @@ def _run_pipeline(
             pbar.set_postfix_str(name, refresh=True)
 
         return compress_model(model, config, progress=pass_done, debug_dir=debug_dir, calibration=calibration)
+
+
+# A budget's first plan counts codes and scales exactly but not the graph's own bytes: when the result
+# is larger than the target, the plan is made again for that many bytes (plus a margin) fewer.
+BUDGET_ATTEMPTS = 3
+BUDGET_MARGIN_BYTES = 4096
 
 
 def _calibration(
@@ -230,12 +252,18 @@ def compress(
     tokenizer: str | os.PathLike[str] | None = None,
     calibration_text: str = "auto",
     report: str | os.PathLike[str] | None = None,
+    html_report: str | os.PathLike[str] | None = None,
     **overrides: Any,
 ) -> CompressResult:
     """Compress a model; write it to ``output`` when given.
 
-    input: .onnx path (or a directory holding one .onnx), Hugging Face model directory, or a
-    ModelProto / onnx_ir.Model. The input is never modified (the pipeline works on a clone).
+    input: .onnx path (or a directory holding one .onnx), Hugging Face model directory, Hugging Face
+    Hub id (``org/name[@revision]``, taken from huggingface_hub's cache; downloaded only when not
+    cached and HF_HUB_OFFLINE is unset), or a ModelProto / onnx_ir.Model. The input is never
+    modified (the pipeline works on a clone).
+    output: an .onnx path, or a directory (a path ending with "/" or an existing directory) that
+    gets model.onnx plus the input's config, generation config and tokenizer files, ready for
+    optimum's ORTModelFor... classes (load them with ``session_options=bct_onnx.session_options()``).
     config / overrides: a CompressConfig and field overrides, e.g. ``weight_bits=4, act_bits=None``.
     progress: show tqdm bars on stderr. debug_dir: keep the input model and, where the pipeline
     supports it, the model after every pass that changed it.
@@ -246,19 +274,30 @@ def compress(
     calibration_text: where text calibration's words come from: "auto" or "shipped" (the
     public-domain lines shipped in the package), "moby-dick" (Melville's novel from Debian's
     r-cran-tokenizers, fetched once), or the path of a UTF-8 text file of your own.
+    html_report: write a self-contained HTML page of charts here (bct_onnx.html_report; needs the
+    [report] extra): sizes by component and layer, weight and output errors, bits per weight.
     report: write the JSON compile report here as well.
 
     Before any work the input is checked (bct_onnx.input_check): an invalid model, one already
     quantized or compressed, and every output path (output, its external data file, report, debug
     directory) that would replace the input or a special file raise a BctOnnxError naming the file.
+
+    A config with ``target_ratio`` / ``max_error`` (a budget, bct_onnx.budget) gets its bits and block
+    sizes per weight tensor from each tensor's sensitivity, measured on the calibration batches or,
+    data-free, on synthetic token sequences.
     """
     cfg = make_config(config, **overrides)
+    if html_report is not None:
+        from bct_onnx.html_report import check_plotly
+
+        check_plotly()  # a missing extra fails before the slow part
     timer = StepTimer()
     prog = _Progress(progress)
     debug = Path(debug_dir) if debug_dir is not None else None
     exported_from: str | None = None
     with contextlib.ExitStack() as stack:
         input_file: Path | None = None
+        companion_sources: list[Path] = []  # folders whose config/tokenizer files an output directory gets
         if isinstance(input, (onnx.ModelProto, ir.Model)) or model_io.is_graphsurgeon_graph(input):
             with timer.step("load"):
                 model = model_io.from_proto(input)
@@ -268,6 +307,8 @@ def compress(
                 repairs = check_input(model, input_label, repair=not isinstance(input, ir.Model))
         elif isinstance(input, (str, os.PathLike)):
             source = Path(input)
+            if not source.exists() and isinstance(input, str) and parse_hub_id(input) is not None:
+                source = resolve_hub_id(input)  # a Hub id: its snapshot in huggingface_hub's cache
             if not source.exists():
                 raise ModelFileError(f"input not found: {source}")
             if source.is_dir() and _is_hf_model_dir(source):
@@ -275,6 +316,7 @@ def compress(
                 with timer.step("export"), prog.bar(f"export {source.name}", total=1, tick=True):
                     input_file = _export(source, export_dir, task)
                 exported_from = str(source)
+                companion_sources += [export_dir, source]
             elif source.is_dir() and not any(source.glob("*.onnx")):
                 raise ModelFileError(
                     f"directory {source} contains no .onnx model and is not a Hugging Face model "
@@ -282,6 +324,7 @@ def compress(
                 )
             else:
                 input_file = model_io.resolve_model_file(source)
+                companion_sources.append(input_file.parent)
             input_label = str(input_file) if exported_from is None else str(source)
             with timer.step("load"):
                 model = model_io.load(input_file)
@@ -297,8 +340,10 @@ def compress(
         protected = set(model_io.external_data_files(model))
         if input_file is not None and exported_from is None:
             protected.add(input_file)
+        directory_output = output is not None and is_directory_output(output)
         # Fail before the slow part: every file the command writes is checked now.
         if output is not None:
+            output = model_file(output)  # DIR/ -> DIR/model.onnx
             model_io.check_output_path(output, protected)
         if report is not None:
             model_io.check_target(report, protected, "report")
@@ -325,9 +370,57 @@ def compress(
             feeds, calibration_report = _calibration(
                 model, calibration, tokenizer, source_dir, model_dir, text_source=calibration_text
             )
+        planner = plan = None
+        target_ratio, max_error = cfg.target_ratio, cfg.max_error
+        budget_skipped: str | None = None
+        if cfg.budgeted:
+            with timer.step("budget"), prog.bar("budget", total=1, tick=True):
+                try:
+                    planner = _budget_planner(model, cfg, input_bytes, feeds)
+                    budget = planner.budget_bytes(target_ratio) if target_ratio is not None else None
+                    cfg, plan = planner.plan(budget, max_error, floor=cfg.budget_floor)
+                except BudgetError as error:  # e.g. inputs that cannot be synthesised: the widths as given
+                    planner, budget_skipped = None, str(error)
+                    logger.warning("budget not applied, the config's bit widths are used: %s", error)
         with timer.step("compress"):
             result = _run_pipeline(model, cfg, prog, debug, feeds)
+        attempts = 1
+        if planner is not None and target_ratio is not None:
+            overshoot = 0
+            for _ in range(BUDGET_ATTEMPTS - 1):
+                with timer.step("budget"):
+                    model_metadata.stamp(result.model, config_to_dict(cfg))  # its bytes count too
+                    over = _serialized_bytes(result.model) - int(input_bytes / target_ratio)
+                if over <= 0:
+                    break
+                # Graph overhead the plan does not count: plan again for that many fewer bytes.
+                overshoot += over + BUDGET_MARGIN_BYTES
+                with timer.step("budget"):
+                    cfg, plan = planner.plan(
+                        planner.budget_bytes(target_ratio, overshoot), max_error, floor=cfg.budget_floor
+                    )
+                with timer.step("compress"):
+                    result = _run_pipeline(model, cfg, prog, debug, feeds)
+                attempts += 1
+        if planner is not None and plan is not None:
+            with timer.step("budget"):
+                plan = planner.measure(plan)
         compressed = result.model
+        analysis = None
+        if html_report is not None:
+            from bct_onnx.analysis import analyze
+
+            with timer.step("analyze"):
+                measure_feeds, measure_report = feeds, calibration_report
+                if feeds is None and calibration in (None, "none"):
+                    # GPTQ was switched off, but the text it would use still shows the output error.
+                    measure_feeds, measure_report = _calibration(
+                        model, "auto", tokenizer, source_dir, model_dir, text_source=calibration_text
+                    )
+                analysis = analyze(
+                    model, compressed, measure_feeds.feeds if measure_feeds is not None else None,
+                    measure_report.get("source", ""),
+                )
         standard_onnx = _standard_onnx(cfg, result)
         model_metadata.stamp(compressed, config_to_dict(cfg))
 
@@ -338,6 +431,8 @@ def compress(
                     callback = (lambda tensor, info: pbar.update(1)) if pbar is not None else None
                     model_io.save(compressed, output, protected=protected, callback=callback)
             output_bytes = model_io.file_bytes(output)
+            if directory_output:
+                copy_companions(Path(output).parent, companion_sources)
         else:
             with timer.step("measure"):
                 output_bytes = _serialized_bytes(compressed)
@@ -372,13 +467,32 @@ def compress(
         },
         exported_from=exported_from,
         calibration=calibration_report,
+        budget=(
+            {**plan.to_dict(), "target_ratio": target_ratio, "attempts": attempts}
+            if plan is not None
+            else ({"skipped": budget_skipped} if budget_skipped is not None else None)
+        ),
         versions=versions(),
         standard_onnx=standard_onnx,
         warnings=warnings,
     )
+    if html_report is not None and analysis is not None:
+        from bct_onnx.html_report import write_html_report
+
+        write_html_report(compile_report, analysis, html_report)
     if report is not None:
         compile_report.write(report)
     return CompressResult(compressed, compile_report)
+
+
+def _budget_planner(
+    model: ir.Model, config: CompressConfig, input_bytes: int, feeds: Calibration | None
+) -> BudgetPlanner:
+    """A bct_onnx.budget.BudgetPlanner measured on the canonicalized float model."""
+    canonical = model.clone()
+    for pass_ in canonicalize_passes():
+        canonical = pass_(canonical).model
+    return BudgetPlanner(canonical, config, input_bytes, feeds.feeds if feeds is not None else None)
 
 
 def _standard_onnx(cfg: CompressConfig, result: PipelineResult) -> dict[str, Any] | None:

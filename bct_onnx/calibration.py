@@ -23,6 +23,7 @@ import onnx_ir as ir
 from bct_onnx import ops, runtime
 from bct_onnx.errors import BctOnnxError
 from bct_onnx.models.text_data import TextDataUnavailable, moby_dick_text
+from bct_onnx.text_files import TextFileError, dataset_texts, is_dataset, is_jsonl, jsonl_texts
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ def calibration_texts(source: str = "auto") -> tuple[list[str], int, str]:
 
     "auto" / "shipped": the public-domain lines inside the package; "moby-dick": windows of
     Melville's novel from Debian's r-cran-tokenizers (fetched once with apt-get download, then
-    cached); anything else: windows of a UTF-8 text file.
+    cached); a .jsonl file: its records' "text" fields; a .parquet / .arrow file or a
+    save_to_disk directory: its "text" column (needs `datasets`); any other file: windows of UTF-8 text.
     """
     if source in ("auto", "shipped"):
         return calibration_text(), SHIPPED_MAX_TOKENS, "shipped calibration text"
@@ -79,6 +81,12 @@ def calibration_texts(source: str = "auto") -> tuple[list[str], int, str]:
             raise CalibrationError(f"calibration text moby-dick is not available: {error}") from error
         return text_windows(text), SAMPLE_WORDS, "Moby-Dick (Debian r-cran-tokenizers)"
     path = Path(source)
+    if is_jsonl(path) or is_dataset(path):
+        try:
+            records = jsonl_texts(path, SAMPLES) if is_jsonl(path) else dataset_texts(path, SAMPLES)
+        except TextFileError as error:
+            raise CalibrationError(str(error)) from error
+        return records, SAMPLE_WORDS, f"{len(records)} records of {path}"
     if not path.is_file():
         raise CalibrationError(
             f"calibration text {source!r} is neither a file nor one of {', '.join(TEXT_SOURCES)}"

@@ -18,6 +18,10 @@ ACTIVATION_OPS: frozenset[str] = frozenset(
 )
 SUPPORTED_OPS: frozenset[str] = WEIGHT_OPS | ACTIVATION_OPS
 DEFAULT_OPS: frozenset[str] = SUPPORTED_OPS  # everything by default
+# The default budget (None: fixed widths). 8.0 (with scale_kind float8e5m2) takes all-MiniLM-L6-v2 to
+# 8.00x at cosine 0.978 data-free but SmolLM2 to +67% perplexity against +34% with fixed 4-bit widths
+# (docs/results.md), so budgets stay opt-in until data-free rounding carries an LM to 8x.
+DEFAULT_TARGET_RATIO: float | None = None
 SETTING_KEYS = ("enabled", "weight_bits", "act_bits", "block_size")
 # Output formats: "bct" (the ai.bct_onnx custom ops; needs the library at run time) or "qdq"
 # (standard ONNX: blocked DequantizeLinear feeding MatMul / Gather; runs in any ONNX runtime).
@@ -137,7 +141,9 @@ class CompressConfig:
         scales: value u * scale + offset, the block minimum, as GGUF's Q4_1 / AWQ / MatMulNBits).
         "float" costs 8 more bits a block (16 with float32 scales) and needs symmetric=False.
     scale_kind: how block scales are stored (float16, float32, pow2, float8e5m2; float8e5m2 is for
-        weights and tables: activations quantized at run time then keep float16 scales).
+        weights and tables: activations quantized at run time then keep float16 scales). float8e5m2
+        costs one byte a block (4-bit codes in blocks of 32: 4.25 bits a value, not 4.5); under a
+        budget the bytes it saves buy more bits where they matter (docs/results.md).
     embedding_bits: code width of Gather tables; None = weight_bits.
     embedding_scale_kind: how Gather tables store block scales (default float8e5m2: one byte per
         block, four steps per octave; docs/results.md compares the kinds); None = scale_kind. A table
@@ -147,6 +153,19 @@ class CompressConfig:
     op_settings: per op kind (a key of SUPPORTED_OPS) OpSettings over the fields above.
     overrides: NodeOverride by node-name pattern, applied in order after op_settings.
     keep_compressed: let intermediate results between compressed ops stay compressed.
+    target_ratio: a budget instead of bit widths (bct_onnx.budget): bct_onnx.compress chooses bits
+        (3..8) and block size (block_size or twice it) per MatMul weight and table from each tensor's
+        measured sensitivity so that the whole file is at least this many times smaller. weight_bits
+        and embedding_bits then apply only to tensors that op_settings or overrides pin. None: the
+        bit widths above, as given.
+    max_error: a budget by quality: the fewest bytes whose predicted relative output MSE
+        (|y' - y|^2 / |y|^2 of the model's first float output, on calibration or synthetic inputs) is
+        at most this; with target_ratio too, within that size.
+    budget_floor: a target_ratio plan may not predict a larger output error than the fixed widths
+        (weight_bits / embedding_bits everywhere) would; when it does, the plan is instead the fewest
+        bytes that predict no more error than they do (a guard; the proxy can miss, see
+        docs/results.md on SmolLM2). Giving target_ratio explicitly switches it off
+        (bct_onnx.compress, the CLI, config files).
     format: "bct" (custom ops, default) or "qdq": standard ONNX that runs without the library,
         weights and tables as blocked DequantizeLinear (opset 21, 25 for 2-bit); only MatMul and
         Gather are compressed (the other kinds have no standard blockwise form and stay float),
@@ -170,6 +189,9 @@ class CompressConfig:
     op_settings: Mapping[str, OpSettings] = dataclasses.field(default_factory=dict)
     overrides: tuple[NodeOverride, ...] = ()
     keep_compressed: bool = True
+    target_ratio: float | None = DEFAULT_TARGET_RATIO
+    max_error: float | None = None
+    budget_floor: bool = True
     format: str = "bct"
     qdq_activations: bool = False
 
@@ -237,6 +259,20 @@ class CompressConfig:
         object.__setattr__(self, "overrides", overrides)
         if not isinstance(self.keep_compressed, bool):
             raise ValueError(f"keep_compressed must be a bool, got {self.keep_compressed!r}")  # noqa: TRY004
+        if not isinstance(self.budget_floor, bool):
+            raise ValueError(f"budget_floor must be a bool, got {self.budget_floor!r}")  # noqa: TRY004
+        for field, low in (("target_ratio", 1.0), ("max_error", 0.0)):
+            value = getattr(self, field)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
+                raise ValueError(f"{field} must be a number > {low:g} or None, got {value!r}")
+            object.__setattr__(self, field, float(value))
+
+    @property
+    def budgeted(self) -> bool:
+        """True when a budget (target_ratio or max_error) chooses the bits of weights and tables."""
+        return self.target_ratio is not None or self.max_error is not None
 
     def __hash__(self) -> int:
         return hash((self.weight_bits, self.act_bits, self.block_size, self.ops, self.overrides))

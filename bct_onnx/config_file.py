@@ -38,6 +38,8 @@ TOP_LEVEL_KEYS = (
     "embedding_scale_kind",
     "weight_scale_search",
     "keep_compressed",
+    "target_ratio",
+    "max_error",
     "format",
     "qdq_activations",
     "op",
@@ -129,7 +131,8 @@ def config_from_mapping(
         if key not in data:
             continue
         value = data[key]
-        if key in ("act_bits", "embedding_bits") and isinstance(value, str) and value.lower() in _NONE_WORDS:
+        nullable = ("act_bits", "embedding_bits", "target_ratio", "max_error")
+        if key in nullable and isinstance(value, str) and value.lower() in _NONE_WORDS:
             value = None
         if key == "ops":
             if isinstance(value, str) or not isinstance(value, Sequence):
@@ -169,6 +172,8 @@ def config_from_mapping(
             raise ConfigFileError(f"{_where(source, f'{prefix}.pattern')}: {error}") from None
     fields["op_settings"] = op_settings
     fields["overrides"] = tuple(overrides)
+    if {"weight_bits", "embedding_bits"} & fields.keys() and not {"target_ratio", "max_error"} & fields.keys():
+        fields.update(target_ratio=None, max_error=None)  # the file's own widths, not a default budget
     try:
         return dataclasses.replace(base, **fields)
     except (ValueError, TypeError) as error:

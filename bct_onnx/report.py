@@ -49,6 +49,7 @@ class CompileReport:
     )
     exported_from: str | None = None  # the Hugging Face directory, when the input was one
     calibration: dict[str, Any] = dataclasses.field(default_factory=lambda: {"method": "none"})
+    budget: dict[str, Any] | None = None  # bct_onnx.budget's plan, when a budget chose the bits
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
     # format "qdq": opset, code types, and what standard ONNX could not hold (None for "bct")
     standard_onnx: dict[str, Any] | None = None
@@ -73,6 +74,7 @@ class CompileReport:
             "skipped": [dataclasses.asdict(s) for s in self.skipped],
             "config": self.config,
             "calibration": self.calibration,
+            "budget": self.budget,
             "timings": {step: round(seconds, 4) for step, seconds in self.timings.items()},
             "rules": dict(sorted(self.rules.items())),
             "passes": self.passes,
@@ -88,14 +90,7 @@ class CompileReport:
         """Write the JSON report (atomically, like the model)."""
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
-        temp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        try:
-            temp.write_text(self.to_json(), encoding="utf-8")
-            os.replace(temp, out)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                temp.unlink()
-        return out
+        return write_text_atomically(out, self.to_json())
 
     def summary(self) -> str:
         """A few lines for a terminal."""
@@ -110,6 +105,8 @@ class CompileReport:
             lines.append(f"calibration: GPTQ on {self.calibration.get('batches')} batches of {self.calibration.get('source')}")
         elif self.calibration.get("reason"):
             lines.append(f"calibration: none ({self.calibration['reason']})")
+        if self.budget is not None:
+            lines.append(budget_summary(self.budget))
         rewritten = ", ".join(f"{op} {n}" for op, n in sorted(self.rewritten.items()) if n) or "nothing"
         lines.append(f"rewritten: {rewritten}")
         if self.standard_onnx is not None:
@@ -137,6 +134,37 @@ class CompileReport:
         steps = ", ".join(f"{step} {format_seconds(seconds)}" for step, seconds in self.timings.items())
         lines.append(f"time: {format_seconds(total)} ({steps})")
         return "\n".join(lines)
+
+
+def write_text_atomically(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    out = Path(path)
+    temp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        temp.write_text(text, encoding="utf-8")
+        os.replace(temp, out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+    return out
+
+
+def budget_summary(budget: Mapping[str, Any]) -> str:
+    """One line: the bits a budget gave how many values, and its predicted / measured error."""
+    if "skipped" in budget:
+        return f"budget: not applied, the config's bit widths are used ({budget['skipped']})"
+    counts: dict[str, int] = {}
+    for unit in budget.get("units", []):
+        key = f"{unit['bits']}-bit b{unit['block_size']}"
+        counts[key] = counts.get(key, 0) + int(unit["elements"])
+    total = max(1, sum(counts.values()))
+    mix = ", ".join(f"{key} {100 * n / total:.0f}%" for key, n in sorted(counts.items()))
+    measured = budget.get("measured_error")
+    error = f"predicted output error {budget.get('predicted_error', 0.0):.2e}"
+    if measured is not None:
+        error += f", measured {measured:.2e}"
+    floor = "; floored: the ratio's plan predicted more error than the fixed widths" if budget.get("floored") else ""
+    return f"budget: {mix} of weight values; {error} ({budget.get('inputs')} inputs{floor}; per tensor in the JSON)"
 
 
 def format_seconds(seconds: float) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib.resources
+import logging
 import os
 import weakref
 from pathlib import Path
@@ -13,6 +15,10 @@ import onnxruntime as ort
 LIBRARY_ENV = "BCT_ONNX_LIBRARY"  # overrides the packaged library (development builds)
 LIBRARY_NAME = "libbct_onnx_ops.so"
 MIN_ORT_VERSION = (1, 21)  # the C API version the library is built against
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
+
+logger = logging.getLogger(__name__)
 
 
 # SessionOptions that already carry our library: ONNX Runtime refuses a second registration of
@@ -84,6 +90,60 @@ def session_options(
     return options
 
 
+def cuda_devices() -> tuple[int, str]:
+    """(number of CUDA GPUs the NVIDIA driver sees, why none when 0), asked through libcuda's C API.
+
+    Cheap and safe without a GPU: no driver library means 0. CUDA_VISIBLE_DEVICES is honoured by
+    the driver itself.
+    """
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0, "no NVIDIA driver (libcuda.so.1 not found)"
+    status = driver.cuInit(0)
+    if status != 0:
+        return 0, f"the NVIDIA driver found no usable GPU (cuInit error {status})"
+    count = ctypes.c_int(0)
+    status = driver.cuDeviceGetCount(ctypes.byref(count))
+    if status != 0 or count.value == 0:
+        return 0, "the NVIDIA driver reports no GPU"
+    return count.value, ""
+
+
+def default_providers() -> list[str]:
+    """Execution providers for a compressed model on this machine: CUDA first when it can run, CPU last.
+
+    CUDA is chosen when onnxruntime is the onnxruntime-gpu build (``BCT_ONNX_RUNTIME=gpu pip install .``)
+    and a GPU is visible; the library's ops then run on CUDA where it has CUDA kernels, on CPU
+    otherwise. The choice and its reason are logged once per process (INFO; WARNING when
+    onnxruntime-gpu is installed but no GPU can be used).
+    """
+    available = ort.get_available_providers()
+    if CUDA_PROVIDER not in available:
+        _log_once(
+            logging.INFO,
+            f"bct-onnx: running on {CPU_PROVIDER}: onnxruntime {ort.__version__} has no {CUDA_PROVIDER} "
+            "(install with BCT_ONNX_RUNTIME=gpu for onnxruntime-gpu)",
+        )
+        return [CPU_PROVIDER]
+    gpus, reason = cuda_devices()
+    if gpus == 0:
+        _log_once(logging.WARNING, f"bct-onnx: falling back to {CPU_PROVIDER}: {CUDA_PROVIDER} is installed but {reason}")
+        return [CPU_PROVIDER]
+    plural = "s" if gpus > 1 else ""
+    _log_once(logging.INFO, f"bct-onnx: running on {CUDA_PROVIDER} ({gpus} GPU{plural}), {CPU_PROVIDER} as fallback")
+    return [CUDA_PROVIDER, CPU_PROVIDER]
+
+
+_LOGGED: set[str] = set()  # provider messages already logged: every session asks, one line is enough
+
+
+def _log_once(level: int, message: str) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        logger.log(level, message)
+
+
 def session(
     model: str | os.PathLike[str] | bytes,
     providers: list[Any] | None = None,
@@ -95,13 +155,17 @@ def session(
 ) -> Any:
     """An onnxruntime.InferenceSession for a model file or serialized bytes, with our ops registered.
 
-    Every session bct-onnx opens comes from here. providers defaults to the CPU provider; asking for
-    CUDAExecutionProvider where onnxruntime-gpu finds no GPU falls back to the CPU kernels (ONNX
-    Runtime's own provider fallback). with_library=False: a plain float model (no custom ops needed).
-    threads, quiet: see session_options.
+    Every session bct-onnx opens comes from here. providers defaults to ``default_providers()``:
+    CUDA with onnxruntime-gpu and a visible GPU, CPU otherwise; a requested CUDA provider that ONNX
+    Runtime could not start is logged as a warning (ONNX Runtime then runs everything on CPU).
+    with_library=False: a plain float model (no custom ops needed). threads, quiet: see session_options.
     """
     options = session_options(sess_options, threads=threads, with_library=with_library, quiet=quiet)
     if providers is None:
-        providers = ["CPUExecutionProvider"]
+        providers = default_providers()
     source = model if isinstance(model, bytes) else os.fspath(model)
-    return ort.InferenceSession(source, sess_options=options, providers=providers)
+    created = ort.InferenceSession(source, sess_options=options, providers=providers)
+    wanted = [p if isinstance(p, str) else p[0] for p in providers]
+    if CUDA_PROVIDER in wanted and CUDA_PROVIDER not in created.get_providers():
+        logger.warning("bct-onnx: %s could not start; the session runs on %s", CUDA_PROVIDER, created.get_providers())
+    return created

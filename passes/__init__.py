@@ -36,6 +36,7 @@ from bct_onnx.passes.pipeline import (
     PassRecord,
     PipelineResult,
     build_passes,
+    canonicalize_passes,
     compress_model,
 )
 from bct_onnx.passes.quantize_act_matmul import QuantizeActMatMulPass
@@ -82,6 +83,7 @@ __all__ = [
     "Skip",
     "UnsupportedModelError",
     "build_passes",
+    "canonicalize_passes",
     "compress_model",
     "compressed_activations",
 ]

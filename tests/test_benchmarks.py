@@ -56,6 +56,36 @@ def test_compare_minilm_smoke(
     assert row["batch_ms"] > 0 and row["single_ms"] > 0
 
 
+def test_fidelity_minilm_smoke(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A plain .onnx (no tokenizer beside it) compressed with fixed widths, scored on a few task sentences."""
+    pytest.importorskip("optimum")
+    from bct_onnx.models import minilm
+    from bct_onnx.models.text_data import TextDataUnavailable, austen_lines
+
+    try:
+        minilm.model_dir()
+        austen_lines("emma")
+    except (minilm.MiniLMNotInstalledError, TextDataUnavailable) as err:
+        pytest.skip(str(err))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    out = tmp_path / "rows.json"
+    fidelity = _load("fidelity_minilm")
+    args = ["--variants", "fixed-4bit", "--train-per-novel", "6", "--test-per-novel", "2", "--json", str(out)]
+    assert fidelity.main(args) == 0
+    assert os.listdir(cwd) == []
+    assert "| fixed widths: weight_bits=4" in capsys.readouterr().out
+    (row,) = json.loads(out.read_text())
+    assert row["error"] is None and row["calibration"] == "none"  # no tokenizer next to the plain file
+    assert 6.5 < row["ratio"] < 8.0 and row["mean_cosine"] > 0.9
+    assert 0.0 <= row["accuracy"] <= 1.0 and row["drop_points"] == pytest.approx(
+        100 * (row["fp32_accuracy"] - row["accuracy"])
+    )
+
+
 def test_compare_speed_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tiny models, one round: every asked column timed or saying why, the GEMV line, the marked
     section of the results file replaced (text around it kept), nothing written to the CWD."""

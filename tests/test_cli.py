@@ -201,6 +201,30 @@ def test_compress_in_process_weight_only_4bit(
     assert rel_error(run_compressed(out), run_fp32(mlp)) <= REL_TOL_W4
 
 
+def test_compress_target_ratio_flag_plans_bits_per_tensor(
+    mlp: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "budget.onnx"
+    report_path = tmp_path / "budget.json"
+    code, stdout, stderr = run_main(
+        capsys, "compress", str(mlp), "-o", str(out), "--target-ratio", "5", "--act-bits", "none",
+        "--calibration", "none", "--report", str(report_path),
+    )
+    assert code == 0, stderr
+    report = json.loads(report_path.read_text())
+    assert report["config"]["target_ratio"] == 5.0 and not report["config"]["budget_floor"]
+    assert report["compression_ratio"] >= 5.0
+    units = report["budget"]["units"]
+    assert units and all(2 <= unit["bits"] <= 8 for unit in units)
+    assert "budget:" in stdout
+    args = cli.build_parser().parse_args(["compress", "in.onnx", "-o", "o.onnx", "--target-ratio", "none"])
+    from bct_onnx.cli.flags import config_from_flags
+
+    assert not config_from_flags(args, args.subparser).budgeted
+    code, _, stderr = run_main(capsys, "compress", str(mlp), "-o", str(out), "--target-ratio", "0.5")
+    assert code == 2 and "--target-ratio" in stderr
+
+
 def test_compress_float_offsets_flag(mlp: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--asymmetric --zero-points float: weights and tables store float16 offsets; ORT runs the model."""
     out = tmp_path / "f.onnx"

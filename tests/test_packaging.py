@@ -176,7 +176,7 @@ def test_extras_cover_the_features_and_test_pulls_them_all():
     extras = _pyproject()["project"]["optional-dependencies"]
     assert {"hf", "demo", "eval", "test"} <= set(extras)
     assert {"torch", "transformers", "optimum-onnx"} <= set(_names(extras["hf"]))
-    assert "bct-onnx[hf,demo,eval]" in extras["test"]
+    assert "bct-onnx[hf,demo,eval,report]" in extras["test"]
     for extra in EXTRA_MODULES:
         assert extra in extras
 

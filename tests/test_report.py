@@ -60,7 +60,7 @@ def test_config_with_overrides_is_json() -> None:
     assert data["overrides"][0]["pattern"] == "fc*"
     assert data["overrides"][0]["settings"]["weight_bits"] == 8
     assert data["ops"] == sorted(config.ops)
-    assert data["scale_kind"] == "float16"
+    assert data["scale_kind"] == "float16" and data["target_ratio"] is None
 
 
 def test_write_is_atomic_and_leaves_no_temp(tmp_path: Path) -> None:

@@ -16,11 +16,29 @@ def add_parser(sub: Any) -> None:
         description="Rewrite every component the config enables (weights, embedding tables, nonlinear "
         "ops, attention MatMuls) into blockwise-quantized bct-onnx ops.",
     )
-    parser.add_argument("input", metavar="INPUT", help=".onnx file, or a Hugging Face model directory")
-    parser.add_argument("-o", "--output", required=True, metavar="OUTPUT", help="compressed .onnx to write")
+    parser.add_argument(
+        "input",
+        metavar="INPUT",
+        help=".onnx file, Hugging Face model directory, or Hub id org/name[@revision] (from the "
+        "huggingface_hub cache; downloaded only when not cached and HF_HUB_OFFLINE is unset)",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUTPUT",
+        help="compressed .onnx to write, or DIR/ (trailing slash, or an existing directory): DIR/model.onnx "
+        "with the model's config, generation config and tokenizer files, loadable by optimum's ORTModelFor...",
+    )
     flags.add_compression_flags(parser)
     parser.add_argument("--task", help="optimum export task for a Hugging Face directory (default: inferred)")
     parser.add_argument("--report", metavar="PATH", help="write the JSON compile report here")
+    parser.add_argument(
+        "--html",
+        metavar="PATH",
+        help="write a self-contained HTML report with charts here (size by component and layer, weight "
+        "and output errors against FP32, bits per weight); needs pip install 'bct-onnx[report]'",
+    )
     parser.add_argument("--debug-dir", metavar="DIR", help="save the input model and intermediate models here")
     flags.add_calibration_flags(parser)
     flags.add_common_flags(parser)
@@ -39,8 +57,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         tokenizer=args.tokenizer,
         calibration_text=args.calibration_text,
         report=args.report,  # checked with the output before any work, written at the end
+        html_report=args.html,
     )
     print(result.report.summary())
     if args.report:
         print(f"report: {args.report}")
+    if args.html:
+        print(f"html report: {args.html}")
     return 0

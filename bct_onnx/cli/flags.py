@@ -29,6 +29,8 @@ CONFIG_FLAGS = (
     "scale_kind",
     "embedding_scale_kind",
     "zero_points",
+    "target_ratio",
+    "max_error",
     "format",
     "qdq_activations",
 )
@@ -67,6 +69,28 @@ def positive_int(text: str) -> int:
     return value
 
 
+def ratio_or_none(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 1 or 'none', got {text!r}") from None
+    if not value > 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number > 1 (a whole-file ratio) or 'none', got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0.0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
 def op_types(text: str) -> frozenset[str]:
     ops = frozenset(op.strip() for op in text.split(",") if op.strip())
     if not ops:
@@ -93,7 +117,27 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
     """The block format flags, then per-op-kind and per-node control (docs/config.md)."""
     quiet = argparse.SUPPRESS
     parser.add_argument(
-        "--weight-bits", type=bits, default=quiet, metavar="N", help="weight code width, 2..8 (default: 4)"
+        "--target-ratio",
+        type=ratio_or_none,
+        default=quiet,
+        metavar="R|none",
+        help="a budget: bits (3..8) and block size per weight tensor chosen from measured sensitivity so "
+        "that the file is R times smaller; 'none' (default): the fixed widths of --weight-bits / "
+        "--embedding-bits (docs/config.md; all-MiniLM-L6-v2: --target-ratio 8 --scale-kind float8e5m2)",
+    )
+    parser.add_argument(
+        "--max-error",
+        type=positive_float,
+        default=quiet,
+        metavar="E",
+        help="a budget by quality: the fewest bytes whose predicted relative output MSE is at most E",
+    )
+    parser.add_argument(
+        "--weight-bits",
+        type=bits,
+        default=quiet,
+        metavar="N",
+        help="weight code width, 2..8, for every weight (switches a budget off; default: 4)",
     )
     parser.add_argument(
         "--act-bits",
@@ -114,7 +158,7 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
         type=bits,
         default=quiet,
         metavar="N",
-        help="embedding table bits (default: weight bits)",
+        help="embedding table bits (switches a budget off; default: weight bits)",
     )
     parser.add_argument(
         "--ops",
@@ -127,7 +171,7 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
         "--scale-kind",
         choices=[kind.value for kind in ScaleKind],
         default=quiet,
-        help="how block scales are stored (default: float16)",
+        help="how block scales are stored (default: float16; float8e5m2: one byte a block, weights only)",
     )
     parser.add_argument(
         "--embedding-scale-kind",
@@ -203,8 +247,9 @@ def add_calibration_flags(parser: argparse.ArgumentParser) -> None:
         metavar="SOURCE",
         default="auto",
         help="text that GPTQ calibrates on: shipped (public-domain lines inside the package; also auto, "
-        "the default), moby-dick (Debian r-cran-tokenizers, fetched once), or a UTF-8 text file, cut "
-        "into 64 windows of 256 words",
+        "the default), moby-dick (Debian r-cran-tokenizers, fetched once), a .jsonl file (the \"text\" "
+        "field of each record), a .parquet / .arrow file or save_to_disk directory with a \"text\" column "
+        "(only when the datasets package is installed), or a UTF-8 text file, cut into 64 windows of 256 words",
     )
 
 

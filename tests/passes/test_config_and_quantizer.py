@@ -16,6 +16,7 @@ def test_defaults():
     assert config.ops == SUPPORTED_OPS  # everything by default (issue 3, item 4)
     assert config.symmetric and config.scale_kind is ScaleKind.FLOAT16 and config.weight_scale_search
     assert config.weight_format == BlockFormat(4, 32, True, ScaleKind.FLOAT16)
+    assert config.target_ratio is None and config.max_error is None and not config.budgeted  # opt-in
     # tables: one-byte float8e5m2 scales (activations never use them: they are chosen offline)
     assert config.embedding_format == BlockFormat(4, 32, True, ScaleKind.FLOAT8E5M2)
     assert config.settings_for("Gather", "emb").act_format(True).scale_kind is ScaleKind.FLOAT16
@@ -24,6 +25,7 @@ def test_defaults():
     assert pow2_tables.embedding_format == BlockFormat(4, 32, True, ScaleKind.POW2)  # one-byte scales
     assert pow2_tables.settings_for("Gather", "emb").scale_kind is ScaleKind.POW2
     assert pow2_tables.settings_for("MatMul", "fc").scale_kind is ScaleKind.FLOAT16
+    assert config.settings_for("MatMul", "fc").act_format(True).scale_kind is ScaleKind.FLOAT16
     assert CompressConfig(embedding_bits=8).embedding_format.bits == 8
     assert CompressConfig(scale_kind="pow2").scale_kind is ScaleKind.POW2
 
