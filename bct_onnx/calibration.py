@@ -197,6 +197,20 @@ def _transposed_constant(value: ir.Value) -> ir.Value | None:
     return inner
 
 
+def model_session(model: ir.Model, providers: Iterable[str] = ("CPUExecutionProvider",)) -> Any:
+    """An ONNX Runtime session of an in-memory model of any size, opened from any working directory.
+
+    The model is saved to a temporary file with external data first (onnx_ir reads a model's own
+    external tensors from their folder, never from the working directory). An already partly
+    compressed model needs our ops; a float model runs without the library.
+    """
+    with_library = any(node.domain == ops.DOMAIN for node in model.graph)
+    with tempfile.TemporaryDirectory(prefix="bct_onnx_session_") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        ir.save(model, path, external_data="model.onnx.data")
+        return runtime.session(path, list(providers), with_library=with_library, quiet=True)
+
+
 def collect_hessians(model: ir.Model, calibration: Calibration, providers: Iterable[str] = ("CPUExecutionProvider",)) -> dict[MatMulKey, np.ndarray]:
     """Sum of x^T x over all calibration rows x of each constant-weight MatMul's activation input.
 

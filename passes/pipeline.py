@@ -41,6 +41,7 @@ from bct_onnx.passes.quantize_layer_norm import QuantizeLayerNormPass
 from bct_onnx.passes.quantize_matmul import QuantizeMatMulPass
 from bct_onnx.passes.quantize_silu import QuantizeSiluPass
 from bct_onnx.passes.quantize_softmax import QuantizeSoftmaxPass
+from bct_onnx.passes.rotate_residual_stream import RotateResidualStreamPass
 from onnx_ir.passes import common as common_passes
 
 from bct_onnx import ops
@@ -119,13 +120,21 @@ class PipelineResult:
         return "\n".join(lines)
 
 
-def canonicalize_passes() -> list[ir.passes.PassBase]:
-    """The passes that bring an exporter's graph into the form the quantize passes match."""
-    return [
+def canonicalize_passes(config: CompressConfig) -> list[ir.passes.PassBase]:
+    """The passes that bring an exporter's graph into the form the quantize passes match.
+
+    With config.rotation, a pre-RMSNorm residual stream is also rotated here, so that calibration
+    statistics are measured on the weights the quantize passes will see.
+    """
+    passes: list[ir.passes.PassBase] = [
         common_passes.LiftConstantsToInitializersPass(),
         FoldConstantWeightsPass(),
         GemmToMatMulPass(),
     ]
+    if config.rotation:
+        # The rotation folds RMSNorm scales, so it needs the norms fused first.
+        passes += [FuseRMSNormPass(), RotateResidualStreamPass()]
+    return passes
 
 
 def rewrite_passes(
@@ -160,7 +169,7 @@ def build_passes(
     config: CompressConfig, hessians: Mapping[MatMulKey, np.ndarray] | None = None
 ) -> list[ir.passes.PassBase]:
     """The pass list compress_model runs for config: canonicalize, quantize, cleanup."""
-    return canonicalize_passes() + rewrite_passes(config, hessians)
+    return canonicalize_passes(config) + rewrite_passes(config, hessians)
 
 
 def _initializer_bytes(model: ir.Model) -> int:
@@ -205,7 +214,7 @@ def compress_model(
         debug_dir = os.environ.get(DEBUG_DIR_ENV) or None
     debug_path = Path(debug_dir) if debug_dir is not None else None
     work = model.clone()  # quantize passes import the ai.bct_onnx domain when they emit a node
-    canonical = canonicalize_passes()
+    canonical = canonicalize_passes(config)
     total = len(canonical) + len(rewrite_passes(config))
     if any(config.enabled(kind) for kind in ACTIVATION_OPS):
         annotate_shapes(work)  # in value.meta only: the model is not changed
