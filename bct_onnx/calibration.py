@@ -42,10 +42,15 @@ class Calibration:
     """Calibration batches: each a dict of input name -> numpy array, as fed to ONNX Runtime."""
 
     feeds: tuple[Mapping[str, np.ndarray], ...]
+    # GPTQ's damping (a fraction of the Hessian's mean diagonal added to it). Made-up inputs
+    # (bct_onnx.synthetic_calibration) describe the real ones loosely: more damping trusts them less.
+    damping: float = 0.01
 
     def __post_init__(self) -> None:
         if not self.feeds:
             raise CalibrationError("calibration needs at least one batch of inputs")
+        if not self.damping > 0:
+            raise CalibrationError(f"calibration damping must be > 0, got {self.damping!r}")
 
 
 def calibration_text() -> list[str]:

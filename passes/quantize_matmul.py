@@ -52,6 +52,7 @@ class MatMulMatch:
     bias_add: ir.Node | None
     bias: np.ndarray | ir.Value | None  # an [N] float32 initializer value, or values to register
     hessian: np.ndarray | None = None  # calibration X^T X of the activation [K, K]: GPTQ rounding
+    damping: float = 0.01  # GPTQ damping of that Hessian
 
 
 def _weight_source(weight: ir.Value) -> tuple[ir.Value, ir.TensorProtocol, bool] | str:
@@ -220,6 +221,7 @@ class QuantizeMatMulPass(NodeRewritePass):
             scale_search=config.weight_scale_search,
             importance=_input_importance(matched) if config.weight_scale_search and matched.hessian is None else None,
             hessian=matched.hessian,
+            damping=matched.damping,
             keep_dead_inputs=matched.source_is_transposed,
         )
         name = node_name(matched.matmul, "MatMul")
