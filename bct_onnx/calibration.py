@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 MatMulKey = tuple[str, str]  # (activation input name, weight initializer name)
 
 
+DEFAULT_DAMPING = 0.01  # GPTQ's damping for calibration on real inputs (text through a tokenizer)
+
 # ONNX Runtime's session option naming the folder of the external data of a model loaded from bytes.
 EXTERNAL_DATA_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
@@ -44,7 +46,7 @@ class Calibration:
     feeds: tuple[Mapping[str, np.ndarray], ...]
     # GPTQ's damping (a fraction of the Hessian's mean diagonal added to it). Made-up inputs
     # (bct_onnx.synthetic_calibration) describe the real ones loosely: more damping trusts them less.
-    damping: float = 0.01
+    damping: float = DEFAULT_DAMPING
 
     def __post_init__(self) -> None:
         if not self.feeds:

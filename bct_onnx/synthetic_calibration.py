@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+
 import numpy as np
 import onnx_ir as ir
 

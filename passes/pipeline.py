@@ -45,7 +45,7 @@ from bct_onnx.passes.rotate_residual_stream import RotateResidualStreamPass
 from onnx_ir.passes import common as common_passes
 
 from bct_onnx import ops
-from bct_onnx.calibration import Calibration, MatMulKey, collect_hessians
+from bct_onnx.calibration import DEFAULT_DAMPING, Calibration, MatMulKey, collect_hessians
 from bct_onnx.config import ACTIVATION_OPS, CompressConfig
 
 logger = logging.getLogger(__name__)
@@ -138,12 +138,14 @@ def canonicalize_passes(config: CompressConfig) -> list[ir.passes.PassBase]:
 
 
 def rewrite_passes(
-    config: CompressConfig, hessians: Mapping[MatMulKey, np.ndarray] | None = None
+    config: CompressConfig,
+    hessians: Mapping[MatMulKey, np.ndarray] | None = None,
+    damping: float = DEFAULT_DAMPING,
 ) -> list[ir.passes.PassBase]:
     """The quantize passes config enables (each after its fusions), then cleanup (order: see QUANTIZE_PASSES).
 
     hessians (calibration statistics of the canonicalized model, from collect_hessians) make
-    QuantizeMatMulPass round those weights with GPTQ.
+    QuantizeMatMulPass round those weights with GPTQ, at that damping.
     """
     quantize: list[ir.passes.PassBase] = []
     for op_type, factory in QUANTIZE_PASSES.items():
@@ -151,7 +153,7 @@ def rewrite_passes(
             quantize += [fusion() for fusion in FUSION_PASSES[op_type]]
         if config.enabled(op_type):
             calibrated = op_type == "MatMul" and hessians is not None
-            quantize.append(factory(config, hessians) if calibrated else factory(config))  # type: ignore[call-arg]
+            quantize.append(factory(config, hessians, damping) if calibrated else factory(config))  # type: ignore[call-arg]
     if any(config.enabled(kind) for kind in ACTIVATION_OPS):
         quantize.append(CompressIntermediatesPass(config))
     if config.format == "qdq":
@@ -268,7 +270,8 @@ def compress_model(
     hessians = None
     if calibration is not None and config.enabled("MatMul"):
         hessians = collect_hessians(work, calibration)
-    for index, pass_ in enumerate(rewrite_passes(config, hessians), start=len(canonical) + 1):
+    damping = calibration.damping if calibration is not None else DEFAULT_DAMPING
+    for index, pass_ in enumerate(rewrite_passes(config, hessians, damping), start=len(canonical) + 1):
         work = run(pass_, index, work)
     modified = any(record.modified for record in records)
     skipped = _drop_rewritten_later(skipped, work)

@@ -134,7 +134,7 @@ def quantized_initializers(
     importance: np.ndarray | None = None,
     hessian: np.ndarray | None = None,
     keep_dead_inputs: bool = False,
-    damping: float = 0.01,
+    damping: float = 0.01,  # bct_onnx.calibration.DEFAULT_DAMPING
 ) -> QuantizedInitializers:
     """Quantize a constant 2-D tensor (its transpose when transposed) along the last axis, once per graph.
 

@@ -135,10 +135,10 @@ def test_shared_writer_weight_is_refused(helpers):
     assert "without its own constant [K, 64] weight" in result.skipped[0].reason
 
 
-def test_pipeline_rotates_by_default_and_can_be_switched_off(helpers):
+def test_pipeline_rotates_when_asked_and_not_by_default(helpers):
     model = helpers.model_from_text(decoder(tied=False), CONSTS)
-    on = compress_model(model, CompressConfig(act_bits=None, ops=frozenset({"MatMul"})))
-    off = compress_model(model, CompressConfig(act_bits=None, ops=frozenset({"MatMul"}), rotation=False))
+    on = compress_model(model, CompressConfig(act_bits=None, ops=frozenset({"MatMul"}), rotation=True))
+    off = compress_model(model, CompressConfig(act_bits=None, ops=frozenset({"MatMul"})))
     assert on.rewritten["residual stream rotated (Hadamard)"] == 1
     assert on.rewritten["RMSNorm scale folded into rotated readers"] == 2
     assert "residual stream rotated (Hadamard)" not in off.rewritten
