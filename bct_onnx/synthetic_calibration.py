@@ -71,6 +71,15 @@ def decoder_logits_output(model: ir.Model, vocab: int) -> str | None:
     return None
 
 
+def _batch_shape(model: ir.Model, settings: SyntheticSettings) -> tuple[int | None, int]:
+    """(rows per batch or None for the settings' choice, sequence length): fixed dims of input_ids win."""
+    ids = next(value for value in model.graph.inputs if value.name == "input_ids")
+    shape = ids.shape
+    rows = shape[0] if shape is not None and len(shape) == 2 and isinstance(shape[0], int) else None
+    length = shape[1] if shape is not None and len(shape) == 2 and isinstance(shape[1], int) else settings.length
+    return rows, length
+
+
 def _feeds(model: ir.Model, ids: np.ndarray) -> dict[str, np.ndarray]:
     feeds: dict[str, np.ndarray] = {}
     for value in model.graph.inputs:
@@ -95,11 +104,12 @@ def _feeds(model: ir.Model, ids: np.ndarray) -> dict[str, np.ndarray]:
 def random_token_calibration(model: ir.Model, settings: SyntheticSettings = SyntheticSettings()) -> Calibration:
     """Batches of ids drawn uniformly from the model's vocabulary."""
     vocab = vocabulary_size(model)
+    fixed_rows, length = _batch_shape(model, settings)
     rng = np.random.default_rng(settings.seed)
     batches = []
-    for start in range(0, settings.sequences, settings.batch_size):
-        rows = min(settings.batch_size, settings.sequences - start)
-        ids = rng.integers(0, vocab, size=(rows, settings.length), dtype=np.int64)
+    for start in range(0, settings.sequences, fixed_rows or settings.batch_size):
+        rows = fixed_rows or min(settings.batch_size, settings.sequences - start)
+        ids = rng.integers(0, vocab, size=(rows, length), dtype=np.int64)
         batches.append(_feeds(model, ids))
     return Calibration(tuple(batches), damping=SYNTHETIC_DAMPING)
 
@@ -127,12 +137,13 @@ def self_generated_calibration(
     logits_name = decoder_logits_output(model, vocab)
     if logits_name is None:
         raise CalibrationError("the model has no output over its vocabulary (logits): not a decoder")
+    fixed_rows, length = _batch_shape(model, settings)
     rng = np.random.default_rng(settings.seed)
     session = model_session(model, providers)
     batches = []
-    for start in range(0, settings.sequences, settings.batch_size):
-        rows = min(settings.batch_size, settings.sequences - start)
-        ids = rng.integers(0, vocab, size=(rows, settings.length), dtype=np.int64)
+    for start in range(0, settings.sequences, fixed_rows or settings.batch_size):
+        rows = fixed_rows or min(settings.batch_size, settings.sequences - start)
+        ids = rng.integers(0, vocab, size=(rows, length), dtype=np.int64)
         for _ in range(settings.rounds):
             (logits,) = session.run([logits_name], _feeds(model, ids))
             # Position p's logits predict token p + 1; the first token stays a random pick.
@@ -165,6 +176,7 @@ def data_free_calibration(model: ir.Model) -> tuple[Calibration | None, str]:
     vocab = vocabulary_size(model)
     if decoder_logits_output(model, vocab) is not None:
         return None, "a decoder: made-up sequences did not beat plain rounding"
-    settings = SyntheticSettings()
-    description = f"random token ids ({settings.sequences} sequences of {settings.length} from a vocabulary of {vocab})"
-    return random_token_calibration(model, settings), description
+    calibration = random_token_calibration(model)
+    length = calibration.feeds[0]["input_ids"].shape[1]
+    sequences = sum(len(batch["input_ids"]) for batch in calibration.feeds)
+    return calibration, f"random token ids ({sequences} sequences of {length} from a vocabulary of {vocab})"
