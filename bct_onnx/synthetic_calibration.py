@@ -27,8 +27,8 @@ from bct_onnx.calibration import Calibration, CalibrationError, model_session
 logger = logging.getLogger(__name__)
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
-# GPTQ damping for made-up inputs. all-MiniLM-L6-v2 (every component, 32 random sequences of 32 ids):
-# embedding cosine 0.968 at GPTQ's usual 0.01, 0.973 at 0.1, 0.974 at 0.3, 0.973 at 1.0 (docs/results.md).
+# GPTQ damping for made-up inputs: they describe real inputs loosely, so their Hessians are trusted
+# less than text's (0.01). Chosen by a sweep on all-MiniLM-L6-v2 (docs/results.md, data-free quality).
 SYNTHETIC_DAMPING = 0.3
 RANDOM = "random"
 SELF_GENERATED = "self-generated"
@@ -169,9 +169,9 @@ def synthetic_calibration(
 def data_free_calibration(model: ir.Model) -> tuple[Calibration | None, str]:
     """The calibration bct-onnx runs without a tokenizer: (batches or None, what was decided and why).
 
-    Encoders: GPTQ on random token ids. Decoders (an output over the vocabulary): none, since on
-    SmolLM2-135M GPTQ on self-generated or random sequences was worse than plain rounding with
-    clipped-scale search (docs/results.md). Raises CalibrationError when no ids can be made up.
+    Encoders: GPTQ on random token ids. Decoders (an output over the vocabulary): none, since GPTQ on
+    self-generated or random sequences did not beat plain rounding with clipped-scale search on
+    SmolLM2-135M (docs/results.md, data-free quality). Raises CalibrationError when no ids can be made up.
     """
     vocab = vocabulary_size(model)
     if decoder_logits_output(model, vocab) is not None:
