@@ -40,6 +40,7 @@ TOP_LEVEL_KEYS = (
     "keep_compressed",
     "format",
     "qdq_activations",
+    "rotation",
     "op",
     "override",
 )
