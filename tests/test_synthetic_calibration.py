@@ -114,3 +114,17 @@ def test_compress_without_tokenizer_rounds_a_decoder_plainly_and_says_why():
     result = bct_onnx.compress(decoder(), ops=frozenset({"MatMul"}), act_bits=None)
     report = result.report.calibration
     assert report["method"] == "none" and "decoder" in report["reason"] and "--tokenizer" in report["reason"]
+
+
+def test_external_data_model_calibrates_from_any_working_directory(tmp_path, monkeypatch):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    onnx.save_model(
+        ir.to_proto(encoder()), folder / "m.onnx", save_as_external_data=True, location="m.onnx.data", size_threshold=0
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = bct_onnx.compress(folder / "m.onnx", ops=frozenset({"MatMul"}), act_bits=None)
+    assert result.report.calibration["method"] == "gptq"
+    assert result.report.rules.get("MatMul weight rounded by GPTQ (calibrated)") == 1
