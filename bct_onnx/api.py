@@ -171,7 +171,7 @@ def _calibration(
     if folder is None:
         if calibration == "text":
             raise BctOnnxError("text calibration needs a tokenizer: pass tokenizer=DIR (CLI: --tokenizer DIR)")
-        return None, {"method": "none", "reason": "no tokenizer next to the model; pass --tokenizer DIR to calibrate"}
+        return _data_free_calibration(model)
     # A tokenizer.json is read with the core's `tokenizers`; other tokenizer files need transformers.
     readable = (folder / "tokenizer.json").is_file() and module_available("tokenizers")
     if not readable and not module_available("transformers"):
@@ -204,6 +204,28 @@ def _calibration(
         "tokens": _token_count(feeds),
         "source": description,
         "tokenizer": str(folder),
+    }
+
+
+def _data_free_calibration(model: ir.Model) -> tuple[Calibration | None, dict[str, Any]]:
+    """No tokenizer: GPTQ on token ids made up from the model file alone, where that measurably wins."""
+    from bct_onnx.calibration import CalibrationError
+    from bct_onnx.synthetic_calibration import data_free_calibration
+
+    hint = "pass --tokenizer DIR to calibrate GPTQ on real text"
+    try:
+        feeds, description = data_free_calibration(model)
+    except CalibrationError as error:
+        return None, {"method": "none", "reason": f"no tokenizer next to the model and no data-free calibration ({error}); {hint}"}
+    if feeds is None:
+        return None, {"method": "none", "reason": f"no tokenizer next to the model ({description}); {hint}"}
+    return feeds, {
+        "method": "gptq",
+        "batches": len(feeds.feeds),
+        "tokens": _token_count(feeds),
+        "source": f"{description} (data-free: no tokenizer found)",
+        "damping": feeds.damping,
+        "tokenizer_would_add": f"{hint}: its Hessians then describe real inputs (docs/results.md, data-free quality)",
     }
 
 

@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 MatMulKey = tuple[str, str]  # (activation input name, weight initializer name)
 
 
+DEFAULT_DAMPING = 0.01  # GPTQ's damping for calibration on real inputs (text through a tokenizer)
+
 # ONNX Runtime's session option naming the folder of the external data of a model loaded from bytes.
 EXTERNAL_DATA_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
@@ -43,10 +45,15 @@ class Calibration:
     """Calibration batches: each a dict of input name -> numpy array, as fed to ONNX Runtime."""
 
     feeds: tuple[Mapping[str, np.ndarray], ...]
+    # GPTQ's damping (a fraction of the Hessian's mean diagonal added to it). Made-up inputs
+    # (bct_onnx.synthetic_calibration) describe the real ones loosely: more damping trusts them less.
+    damping: float = DEFAULT_DAMPING
 
     def __post_init__(self) -> None:
         if not self.feeds:
             raise CalibrationError("calibration needs at least one batch of inputs")
+        if not self.damping > 0:
+            raise CalibrationError(f"calibration damping must be > 0, got {self.damping!r}")
 
 
 def calibration_text() -> list[str]:
@@ -203,6 +210,20 @@ def _transposed_constant(value: ir.Value) -> ir.Value | None:
     if inner is None or inner.const_value is None or inner.is_graph_input():
         return None
     return inner
+
+
+def model_session(model: ir.Model, providers: Iterable[str] = ("CPUExecutionProvider",)) -> Any:
+    """An ONNX Runtime session of an in-memory model of any size, opened from any working directory.
+
+    The model is saved to a temporary file with external data first (onnx_ir reads a model's own
+    external tensors from their folder, never from the working directory). An already partly
+    compressed model needs our ops; a float model runs without the library.
+    """
+    with_library = any(node.domain == ops.DOMAIN for node in model.graph)
+    with tempfile.TemporaryDirectory(prefix="bct_onnx_session_") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        ir.save(model, path, external_data="model.onnx.data")
+        return runtime.session(path, list(providers), with_library=with_library, quiet=True)
 
 
 def collect_hessians(model: ir.Model, calibration: Calibration, providers: Iterable[str] = ("CPUExecutionProvider",)) -> dict[MatMulKey, np.ndarray]:

@@ -150,6 +150,10 @@ class CompressConfig:
         tied to an output projection is stored once, in the MatMul's scale kind.
     weight_scale_search: per block, choose the clipped scale with least squared weight error
         instead of the plain max-based scale (offline only; the stored format is unchanged).
+    rotation: rotate a pre-RMSNorm decoder's residual stream by a randomized Hadamard matrix folded
+        into the weights on both sides (passes/rotate_residual_stream.py; other models are left alone).
+        Off by default: on SmolLM2-135M, whose float weights are dequantized from a 4-bit GGUF grid
+        that the rotation mixes away, it costs more than it gains (docs/results.md).
     op_settings: per op kind (a key of SUPPORTED_OPS) OpSettings over the fields above.
     overrides: NodeOverride by node-name pattern, applied in order after op_settings.
     keep_compressed: let intermediate results between compressed ops stay compressed.
@@ -186,6 +190,7 @@ class CompressConfig:
     embedding_bits: int | None = None
     embedding_scale_kind: ScaleKind | None = ScaleKind.FLOAT8E5M2
     weight_scale_search: bool = True
+    rotation: bool = False
     op_settings: Mapping[str, OpSettings] = dataclasses.field(default_factory=dict)
     overrides: tuple[NodeOverride, ...] = ()
     keep_compressed: bool = True
@@ -257,6 +262,8 @@ class CompressConfig:
         if not all(isinstance(o, NodeOverride) for o in overrides):
             raise ValueError(f"overrides must be NodeOverride objects, got {self.overrides!r}")
         object.__setattr__(self, "overrides", overrides)
+        if not isinstance(self.rotation, bool):
+            raise ValueError(f"rotation must be a bool, got {self.rotation!r}")  # noqa: TRY004
         if not isinstance(self.keep_compressed, bool):
             raise ValueError(f"keep_compressed must be a bool, got {self.keep_compressed!r}")  # noqa: TRY004
         if not isinstance(self.budget_floor, bool):

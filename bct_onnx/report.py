@@ -103,6 +103,8 @@ class CompileReport:
         )
         if self.calibration.get("method") == "gptq":
             lines.append(f"calibration: GPTQ on {self.calibration.get('batches')} batches of {self.calibration.get('source')}")
+            if self.calibration.get("tokenizer_would_add"):
+                lines.append(f"  {self.calibration['tokenizer_would_add']}")
         elif self.calibration.get("reason"):
             lines.append(f"calibration: none ({self.calibration['reason']})")
         if self.budget is not None:

@@ -46,6 +46,7 @@ from bct_onnx.passes.quantize_layer_norm import QuantizeLayerNormPass
 from bct_onnx.passes.quantize_matmul import QuantizeMatMulPass
 from bct_onnx.passes.quantize_silu import QuantizeSiluPass
 from bct_onnx.passes.quantize_softmax import QuantizeSoftmaxPass
+from bct_onnx.passes.rotate_residual_stream import RotateResidualStreamPass
 
 __all__ = [
     "DEBUG_DIR_ENV",
@@ -80,6 +81,7 @@ __all__ = [
     "QuantizeMatMulPass",
     "QuantizeSiluPass",
     "QuantizeSoftmaxPass",
+    "RotateResidualStreamPass",
     "Skip",
     "UnsupportedModelError",
     "build_passes",

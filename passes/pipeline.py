@@ -42,10 +42,11 @@ from bct_onnx.passes.quantize_layer_norm import QuantizeLayerNormPass
 from bct_onnx.passes.quantize_matmul import QuantizeMatMulPass
 from bct_onnx.passes.quantize_silu import QuantizeSiluPass
 from bct_onnx.passes.quantize_softmax import QuantizeSoftmaxPass
+from bct_onnx.passes.rotate_residual_stream import RotateResidualStreamPass
 from onnx_ir.passes import common as common_passes
 
 from bct_onnx import ops
-from bct_onnx.calibration import Calibration, MatMulKey, collect_hessians
+from bct_onnx.calibration import DEFAULT_DAMPING, Calibration, MatMulKey, collect_hessians
 from bct_onnx.config import ACTIVATION_OPS, CompressConfig
 
 logger = logging.getLogger(__name__)
@@ -124,24 +125,34 @@ class PipelineResult:
         return "\n".join(lines)
 
 
-def canonicalize_passes() -> list[ir.passes.PassBase]:
+def canonicalize_passes(config: CompressConfig | None = None) -> list[ir.passes.PassBase]:
     """The passes that bring an exporter's graph into the form the quantize passes match (order:
-    the comment above QUANTIZE_PASSES)."""
-    return [
+    the comment above QUANTIZE_PASSES).
+
+    With config.rotation, a pre-RMSNorm residual stream is also rotated here, so that calibration
+    statistics are measured on the weights the quantize passes will see.
+    """
+    passes: list[ir.passes.PassBase] = [
         common_passes.LiftConstantsToInitializersPass(),
         FoldConstantWeightsPass(),
         GemmToMatMulPass(),
         FoldShapeArithmeticPass(),
     ]
+    if config is not None and config.rotation:
+        # The rotation folds RMSNorm scales, so it needs the norms fused first.
+        passes += [FuseRMSNormPass(), RotateResidualStreamPass()]
+    return passes
 
 
 def rewrite_passes(
-    config: CompressConfig, hessians: Mapping[MatMulKey, np.ndarray] | None = None
+    config: CompressConfig,
+    hessians: Mapping[MatMulKey, np.ndarray] | None = None,
+    damping: float = DEFAULT_DAMPING,
 ) -> list[ir.passes.PassBase]:
     """The quantize passes config enables (each after its fusions), then cleanup (order: see QUANTIZE_PASSES).
 
     hessians (calibration statistics of the canonicalized model, from collect_hessians) make
-    QuantizeMatMulPass round those weights with GPTQ.
+    QuantizeMatMulPass round those weights with GPTQ, at that damping.
     """
     quantize: list[ir.passes.PassBase] = []
     for op_type, factory in QUANTIZE_PASSES.items():
@@ -149,7 +160,7 @@ def rewrite_passes(
             quantize += [fusion() for fusion in FUSION_PASSES[op_type]]
         if config.enabled(op_type):
             calibrated = op_type == "MatMul" and hessians is not None
-            quantize.append(factory(config, hessians) if calibrated else factory(config))  # type: ignore[call-arg]
+            quantize.append(factory(config, hessians, damping) if calibrated else factory(config))  # type: ignore[call-arg]
     if any(config.enabled(kind) for kind in ACTIVATION_OPS):
         quantize.append(CompressIntermediatesPass(config))
     if config.format == "qdq":
@@ -167,7 +178,7 @@ def build_passes(
     config: CompressConfig, hessians: Mapping[MatMulKey, np.ndarray] | None = None
 ) -> list[ir.passes.PassBase]:
     """The pass list compress_model runs for config: canonicalize, quantize, cleanup."""
-    return canonicalize_passes() + rewrite_passes(config, hessians)
+    return canonicalize_passes(config) + rewrite_passes(config, hessians)
 
 
 def _initializer_bytes(model: ir.Model) -> int:
@@ -212,7 +223,7 @@ def compress_model(
         debug_dir = os.environ.get(DEBUG_DIR_ENV) or None
     debug_path = Path(debug_dir) if debug_dir is not None else None
     work = model.clone()  # quantize passes import the ai.bct_onnx domain when they emit a node
-    canonical = canonicalize_passes()
+    canonical = canonicalize_passes(config)
     total = len(canonical) + len(rewrite_passes(config))
     if any(config.enabled(kind) for kind in ACTIVATION_OPS):
         annotate_shapes(work)  # in value.meta only: the model is not changed
@@ -266,7 +277,8 @@ def compress_model(
     hessians = None
     if calibration is not None and config.enabled("MatMul"):
         hessians = collect_hessians(work, calibration)
-    for index, pass_ in enumerate(rewrite_passes(config, hessians), start=len(canonical) + 1):
+    damping = calibration.damping if calibration is not None else DEFAULT_DAMPING
+    for index, pass_ in enumerate(rewrite_passes(config, hessians, damping), start=len(canonical) + 1):
         work = run(pass_, index, work)
     modified = any(record.modified for record in records)
     skipped = _drop_rewritten_later(skipped, work)

@@ -26,7 +26,7 @@ from bct_onnx.passes.quantized_weights import (
 )
 
 from bct_onnx import ops
-from bct_onnx.calibration import MatMulKey
+from bct_onnx.calibration import DEFAULT_DAMPING, MatMulKey
 from bct_onnx.config import CompressConfig
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class MatMulMatch:
     bias_add: ir.Node | None
     bias: np.ndarray | ir.Value | None  # an [N] float32 initializer value, or values to register
     hessian: np.ndarray | None = None  # calibration X^T X of the activation [K, K]: GPTQ rounding
+    damping: float = DEFAULT_DAMPING  # GPTQ damping of that Hessian
 
 
 def _weight_source(weight: ir.Value) -> tuple[ir.Value, ir.TensorProtocol, bool] | str:
@@ -151,13 +152,19 @@ class QuantizeMatMulPass(NodeRewritePass):
 
     op_types = frozenset({"MatMul"})
 
-    def __init__(self, config: CompressConfig, hessians: Mapping[MatMulKey, np.ndarray] | None = None) -> None:
+    def __init__(
+        self,
+        config: CompressConfig,
+        hessians: Mapping[MatMulKey, np.ndarray] | None = None,
+        damping: float = DEFAULT_DAMPING,
+    ) -> None:
         """hessians: calibration X^T X per (activation name, weight name), measured by the caller
         (bct_onnx.calibration.collect_hessians) on the model this pass receives; their weights are
-        rounded by GPTQ. The pass itself runs no inference."""
+        rounded by GPTQ with that damping (Calibration.damping). The pass itself runs no inference."""
         super().__init__()
         self.config = config
         self.hessians = dict(hessians) if hessians is not None else {}
+        self.damping = damping
 
     def match(self, model: ir.Model, node: ir.Node) -> MatMulMatch | str | None:
         activation, weight = node.inputs[0], node.inputs[1]
@@ -197,7 +204,7 @@ class QuantizeMatMulPass(NodeRewritePass):
         matched = MatMulMatch(node, activation, source, tensor, is_transposed, k, n, bias_add, bias_value)
         hessian = self.hessians.get((activation.name or "", source.name or ""))
         if hessian is not None and _only_matmul_reading(matched):
-            matched = dataclasses.replace(matched, hessian=hessian)
+            matched = dataclasses.replace(matched, hessian=hessian, damping=self.damping)
         return matched
 
     def rewrite(self, model: ir.Model, matched: MatMulMatch, report: PassReport) -> None:
@@ -220,6 +227,7 @@ class QuantizeMatMulPass(NodeRewritePass):
             scale_search=config.weight_scale_search,
             importance=_input_importance(matched) if config.weight_scale_search and matched.hessian is None else None,
             hessian=matched.hessian,
+            damping=matched.damping,
             keep_dead_inputs=matched.source_is_transposed,
         )
         name = node_name(matched.matmul, "MatMul")

@@ -134,12 +134,13 @@ def quantized_initializers(
     importance: np.ndarray | None = None,
     hessian: np.ndarray | None = None,
     keep_dead_inputs: bool = False,
+    damping: float = 0.01,  # bct_onnx.calibration.DEFAULT_DAMPING
 ) -> QuantizedInitializers:
     """Quantize a constant 2-D tensor (its transpose when transposed) along the last axis, once per graph.
 
     Reuses initializers made earlier from the same source in the same layout and format. With a
     calibration hessian ([D, D] of the consumer's inputs) the codes are chosen by GPTQ
-    (keep_dead_inputs: see gptq_quantize).
+    (keep_dead_inputs, damping: see gptq_quantize).
     """
     source_name = source.name or "weight"
     requested = fmt
@@ -157,7 +158,9 @@ def quantized_initializers(
     if transposed:
         array = np.ascontiguousarray(array.T)
     if hessian is not None:
-        quantized = gptq_quantize(array, hessian, fmt, scale_search=scale_search, keep_dead_inputs=keep_dead_inputs)
+        quantized = gptq_quantize(
+            array, hessian, fmt, damping=damping, scale_search=scale_search, keep_dead_inputs=keep_dead_inputs
+        )
     else:
         quantized = quantize_tensor(array, fmt, scale_search=scale_search, importance=importance)
     codes = _register(graph, f"{base}.codes", quantized.codes, source_name, tag)

@@ -67,14 +67,15 @@ def test_auto_calibrates_with_the_tokenizer_next_to_the_model(tmp_path: Path) ->
     assert "calibration: GPTQ" in report.summary()
 
 
-def test_none_and_missing_tokenizer_fall_back_to_plain_rounding(tmp_path: Path) -> None:
+def test_none_switches_off_and_a_missing_tokenizer_calibrates_data_free(tmp_path: Path) -> None:
     model = _text_model(tmp_path / "with", with_tokenizer=True)
     _, off = bct_onnx.compress(model, calibration="none", ops=frozenset({"MatMul"}))
     assert off.calibration == {"method": "none", "reason": "calibration switched off"}
     assert GPTQ_RULE not in off.rules
     bare = _text_model(tmp_path / "bare", with_tokenizer=False)
     _, auto = bct_onnx.compress(bare, ops=frozenset({"MatMul"}))
-    assert auto.calibration["method"] == "none" and "--tokenizer" in auto.calibration["reason"]
+    assert auto.calibration["method"] == "gptq" and "random token ids" in auto.calibration["source"]
+    assert "--tokenizer" in auto.calibration["tokenizer_would_add"] and auto.rules[GPTQ_RULE] >= 1
     _, given = bct_onnx.compress(bare, ops=frozenset({"MatMul"}), tokenizer=minilm.model_dir())
     assert given.calibration["method"] == "gptq"
 

@@ -492,3 +492,12 @@ def test_cli_docstring_lists_every_command() -> None:
     assert set(commands.choices) == {"compress", "inspect", "demo", "eval", "generate"}
     for name in commands.choices:
         assert f"\n  {name} " in (cli.__doc__ or "")
+
+
+def test_rotate_flag_switches_the_rotation_on() -> None:
+    from bct_onnx.cli.flags import config_from_flags
+
+    args = cli.build_parser().parse_args(["compress", "in.onnx", "-o", "out.onnx", "--rotate"])
+    assert config_from_flags(args, args.subparser).rotation is True
+    args = cli.build_parser().parse_args(["compress", "in.onnx", "-o", "out.onnx"])
+    assert config_from_flags(args, args.subparser).rotation is False

@@ -205,6 +205,12 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
         help="with --format qdq: write the run-time activation quantization too, as in-graph scales + "
         "QuantizeLinear/DequantizeLinear (exact, but run in float: slower)",
     )
+    parser.add_argument(
+        "--rotate",
+        action="store_true",
+        help="rotate a pre-RMSNorm decoder's residual stream by a randomized Hadamard matrix folded into "
+        "the weights (QuaRot-style; off by default, see docs/results.md)",
+    )
     # Applied after --config, in this order.
     parser.add_argument(
         "--config",
@@ -237,7 +243,9 @@ def add_calibration_flags(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "text", "none"),
         default="auto",
         help="GPTQ rounding of MatMul weights calibrated on text (--calibration-text): auto (when a "
-        "tokenizer is found next to the model or in the HF directory, or given; default), text (required), none",
+        "tokenizer is found next to the model or in the HF directory, or given; default: without one, "
+        "encoders are calibrated on random token ids, data-free, and decoders rounded plainly), text "
+        "(required), none",
     )
     parser.add_argument(
         "--tokenizer", metavar="DIR", help="tokenizer directory (default: next to the model or in the HF directory)"
@@ -283,6 +291,8 @@ def config_from_flags(args: argparse.Namespace, parser: argparse.ArgumentParser)
     fields: dict[str, Any] = {name: given[name] for name in CONFIG_FLAGS if name in given}
     if given.get("asymmetric"):
         fields["symmetric"] = False
+    if given.get("rotate"):
+        fields["rotation"] = True
     try:
         return apply_controls(make_config(base, **fields), args.op_bits, args.override)
     except (ValueError, TypeError) as exc:

@@ -160,3 +160,9 @@ def test_zero_points_key_reaches_weight_and_table_formats(tmp_path):
     assert not CompressConfig(symmetric=False).weight_format.float_offsets  # integer zero points by default
     f32 = CompressConfig(symmetric=False, zero_points="float", scale_kind="float32")
     assert f32.weight_format.zero_point_dtype == np.float32
+
+
+def test_config_file_switches_the_rotation_on(tmp_path):
+    path = tmp_path / "rotate.toml"
+    path.write_text("rotation = true\n", encoding="utf-8")
+    assert load_config_file(path).rotation is True
