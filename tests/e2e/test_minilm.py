@@ -218,7 +218,9 @@ def test_budget_on_a_plain_onnx_reaches_8x_data_free(fp32: tuple[Path, np.ndarra
     (plain / "model.onnx").write_bytes(fp32_path.read_bytes())  # no tokenizer files beside it
     out = tmp_path / "default.onnx"
     _, report = bct_onnx.compress(plain / "model.onnx", out, target_ratio=8.0, scale_kind="float8e5m2")
-    assert report.calibration["method"] == "none" and report.budget is not None
+    # No tokenizer beside the file: only data-free calibration (GPTQ on made-up ids) may run.
+    assert report.budget is not None
+    assert report.calibration["method"] == "none" or "data-free" in report.calibration["source"]
     tokenizer = minilm.load_tokenizer()
     reference = minilm.embed(
         ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"]), sentences, tokenizer=tokenizer
