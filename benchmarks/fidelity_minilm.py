@@ -1,8 +1,8 @@
 """all-MiniLM-L6-v2 fidelity as a new user meets it: a plain .onnx, then ratio, cosine and task accuracy.
 
 Exports the model (optimum feature-extraction) and copies only model.onnx into a folder of its own,
-so that bct-onnx finds no tokenizer beside it (data-free: calibration "auto" falls back to plain
-rounding). Each variant is compressed from that file, either data-free or with ``--tokenizer``
+so that bct-onnx finds no tokenizer beside it (data-free: calibration "auto" then runs GPTQ on
+made-up token ids, bct_onnx.synthetic_calibration). Each variant is compressed from that file, either data-free or with ``--tokenizer``
 (GPTQ on the shipped calibration text). Quality is measured on text the compressor never sees:
 the labelled task of models/labelled_task.py (sentences of Jane Austen's six novels labelled by
 novel, Debian r-cran-janeaustenr): a logistic-regression head trained on FP32 embeddings of the

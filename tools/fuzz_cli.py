@@ -283,6 +283,7 @@ def _compressed_twice(work: Path) -> list[str]:
     done = subprocess.run(
         [sys.executable, "-m", "bct_onnx", "compress", str(src), "-o", str(work / "in.onnx"), "-q",
          "--weight-bits", "8"], check=False, capture_output=True, text=True, timeout=TIMEOUT_SECONDS,
+        cwd=work,  # never a checkout's root: `-m` would import its source bct_onnx, not the installed one
     )
     if done.returncode != 0:
         raise RuntimeError(f"first compress failed: {done.stderr.strip()[-300:]}")
@@ -594,6 +595,7 @@ def _check_output(input_path: Path, output: Path) -> str | None:
     done = subprocess.run(
         [sys.executable, "-c", _CHECK_OUTPUT, str(input_path), str(output), str(Path(__file__).parent), str(WRONG_ERROR)],
         check=False, capture_output=True, text=True, timeout=TIMEOUT_SECONDS, preexec_fn=_limit_memory,
+        cwd=output.parent,  # `-c` puts the working directory first on sys.path: keep it out of a checkout
     )
     if done.returncode != 0:
         return (done.stdout + done.stderr).strip().splitlines()[-1][:300] if (done.stdout + done.stderr).strip() else f"exit {done.returncode}"
