@@ -97,6 +97,10 @@ void ForWeightMode(bool nibble, const Shape& shape, const F& f) {
   }
 }
 
+// Activations of at most this many rows are decode-shaped: the kernels stream the packed weight codes
+// once for all rows (work split over N only); more rows take the prefill kernels (split over M and N).
+constexpr int64_t kDecodeRows = 8;
+
 // Runs task(i) for i in [0, total), possibly on several threads; returns when all are done.
 using ParallelFor = std::function<void(std::size_t total, const std::function<void(std::size_t)>& task)>;
 
