@@ -52,7 +52,6 @@ logger = logging.getLogger(__name__)
 
 # (M, K, N): BERT-base prefill of 128 tokens, MiniLM batch 8 x 64 tokens, a decode GEMV.
 SHAPES = ((128, 768, 768), (128, 768, 3072), (128, 3072, 768), (512, 384, 1536), (1, 4096, 4096))
-GEMV_K = 4096
 OPSET = 17
 BASELINE = "ORT int8 quantize_dynamic"
 
@@ -214,7 +213,15 @@ def bench_shapes(args: argparse.Namespace, threads: int, have_library: bool) -> 
         for case, t in zip(cases, times):
             ms = statistics.median(t)
             results.append(
-                {"M": m, "K": k, "N": n, "case": case.label, "median_ms": ms, "min_ms": min(t), "vs_int8": ms / base}
+                {
+                    "M": m,
+                    "K": k,
+                    "N": n,
+                    "case": case.label,
+                    "median_ms": ms,
+                    "min_ms": min(t),
+                    "vs_int8": ms / base,
+                }
             )
     return results
 
@@ -227,17 +234,19 @@ def bench_gemv(args: argparse.Namespace, threads: int, have_library: bool) -> li
     clock = _clock(args.clock)
     feeds_rng = np.random.default_rng(1)
     labels, calls, nbytes = [], [], []
-    stream, stream_bytes = _stream_read(threads, 256)
+    stream, stream_bytes = _stream_read(
+        threads, max(1, min(256, args.gemv_layers * args.gemv_k**2 // (1 << 21)))
+    )
     labels.append("STREAM-like read")
     calls.append(stream)
     nbytes.append(stream_bytes)
     kinds = (("bct", "BCT BlockMatMul 4b b32 act int8"), ("ort", "ORT MatMulNBits 4b b32 acc4"))
     for rows in rows_list:
-        feed = {"A": feeds_rng.standard_normal((rows, GEMV_K)).astype(np.float32)}
+        feed = {"A": feeds_rng.standard_normal((rows, args.gemv_k)).astype(np.float32)}
         for kind, label in kinds:
             if kind == "bct" and not have_library:
                 continue
-            model, size = compare_speed.gemv_chain(args.gemv_layers, GEMV_K, kind, rows=rows)
+            model, size = compare_speed.gemv_chain(args.gemv_layers, args.gemv_k, kind, rows=rows)
             session = _session(model, threads, kind == "bct")
             labels.append(f"M={rows} {label}")
             calls.append(lambda s=session, f=feed: s.run(None, f))
@@ -249,7 +258,12 @@ def bench_gemv(args: argparse.Namespace, threads: int, have_library: bool) -> li
         gbps = size / (statistics.median(t) / 1e3) / 1e9
         per = args.gemv_layers if label != "STREAM-like read" else 1
         rows_out.append(
-            {"case": label, "median_ms": statistics.median(t) / per, "gbps": gbps, "of_stream": gbps / stream_gbps}
+            {
+                "case": label,
+                "median_ms": statistics.median(t) / per,
+                "gbps": gbps,
+                "of_stream": gbps / stream_gbps,
+            }
         )
     return rows_out
 
@@ -259,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2; --clock cpu: 1)")
     parser.add_argument("--repeat", type=int, default=100, help="timed runs per case (default 100)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
-    parser.add_argument("--rounds", type=int, default=5, help="cases take turns in this many rounds (default 5)")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="cases take turns in this many rounds (default 5)"
+    )
     parser.add_argument(
         "--clock",
         choices=("wall", "cpu"),
@@ -274,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         "--gemv-rows", default="1,4,8", help="rows of the bandwidth chains, comma-separated ('' skips them)"
     )
     parser.add_argument("--gemv-layers", type=int, default=16, help="distinct weights per chain (default 16)")
+    parser.add_argument(
+        "--gemv-k", type=int, default=4096, help="K = N of the chains' weights (default 4096)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -308,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if gemv:
         print(
-            f"\nDecode: chains of {args.gemv_layers} distinct 4-bit block-32 K=N={GEMV_K} weights (read from "
+            f"\nDecode: chains of {args.gemv_layers} distinct 4-bit block-32 K=N={args.gemv_k} weights (read from "
             f"memory), ms per product and GB/s of weight bytes, next to the read bandwidth in the same rounds\n"
         )
         print(f"| {'case':<42} | {'ms':>7} | {'GB/s':>6} | {'of read':>7} |")
