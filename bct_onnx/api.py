@@ -32,7 +32,13 @@ from bct_onnx.extras import install_hint, module_available, require
 from bct_onnx.hub import parse_hub_id, resolve_hub_id
 from bct_onnx.input_check import check_input
 from bct_onnx.models.export import ExportError, ModelDirError, export_hf_directory, is_hf_model_dir
-from bct_onnx.output_dir import copy_companions, is_directory_output, model_file
+from bct_onnx.output_dir import (
+    add_feature_extraction_output,
+    copy_companions,
+    is_directory_output,
+    model_file,
+    sentence_transformers_folder,
+)
 from bct_onnx.passes import PipelineResult, canonicalize_passes, compress_model
 from bct_onnx.passes.pipeline import save_snapshot
 from bct_onnx.passes.quantized_weights import RULE_WIDE_SCALES
@@ -506,6 +512,8 @@ def compress(
                 )
         standard_onnx = _standard_onnx(cfg, result)
         model_metadata.stamp(compressed, config_to_dict(cfg))
+        if directory_output and sentence_transformers_folder(companion_sources) is not None:
+            add_feature_extraction_output(compressed)  # SentenceTransformer(DIR, backend="onnx") loads it
 
         if output is not None:
             with timer.step("save"):
