@@ -23,6 +23,7 @@ from onnx.reference.op_run import OpRun
 
 from bct_onnx import ops
 from bct_onnx import reference_nonlinear as spec_nonlinear
+from bct_onnx import reference_fused as spec_fused
 from bct_onnx.block_format import (
     BlockFormat,
     QuantizedTensor,
@@ -126,7 +127,10 @@ class BlockMatMul(_BlockOp):
             act_bits=int(attrs.get("act_bits") or 0),
             bias=bias,
         )
-        return _out(y, attrs)
+        epilogue = attrs.get("epilogue") or "none"
+        if isinstance(epilogue, bytes):
+            epilogue = epilogue.decode()
+        return _out(spec_fused.matmul_epilogue(y, epilogue), attrs)
 
 
 def _in_operand(x, x_scales, x_zero_points, attrs: dict[str, Any]):

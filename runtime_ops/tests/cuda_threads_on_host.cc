@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "bct/epilogue.h"
 #include "block_threads.h"
 #include "matmul_threads.h"
 #include "row_threads.h"
@@ -156,6 +157,14 @@ __attribute__((visibility("default"))) void bct_host_act_matmul(int act_bits, in
   for (int64_t t = 0; t < out_batches * m * n; ++t) {
     y[t] = bct::cuda::ActDotOne(args, qa.data(), sa.data(), qb.data(), sb.data(), nb, t);
   }
+}
+
+// BlockMatMul's epilogue as matmul_epilogue.cu runs it: one thread per element of out
+// [rows, epilogue_width(epilogue, n)] from the product p [rows, n]; epilogue as bct::Epilogue.
+__attribute__((visibility("default"))) void bct_host_matmul_epilogue(int epilogue, int64_t rows, int64_t n,
+                                                                     const float* p, float* out) {
+  const auto e = static_cast<bct::Epilogue>(epilogue);
+  for (int64_t t = 0; t < rows * bct::epilogue_width(e, n); ++t) out[t] = bct::EpilogueOne(e, p, n, t);
 }
 
 // The compute step of a row op, in place on y [rows, d], as the kernels run it: op 0 Gelu (exact),
