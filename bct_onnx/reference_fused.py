@@ -61,7 +61,8 @@ def block_matmul_epilogue(
 
 
 def concat_gate_up(
-    gate: tuple[np.ndarray, np.ndarray, np.ndarray | None], up: tuple[np.ndarray, np.ndarray, np.ndarray | None]
+    gate: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+    up: tuple[np.ndarray, np.ndarray, np.ndarray | None],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The weight of a silu_gate BlockMatMul: gate's (codes, scales, zero points) rows, then up's."""
     codes = np.concatenate([gate[0], up[0]], axis=0)

@@ -35,7 +35,9 @@ def _weight(rng: np.random.Generator, n: int, k: int, bits: int = 4, block_size:
     return pack_codes(codes, bits), scales
 
 
-def _node(name: str, a: str, w: str, n: int, k: int, act_bits: int, outputs: list[str], bias: str = "", **attrs: Any):
+def _node(
+    name: str, a: str, w: str, n: int, k: int, act_bits: int, outputs: list[str], bias: str = "", **attrs: Any
+):
     return helper.make_node(
         BLOCK_MATMUL, [a, f"{w}_codes", f"{w}_scales", "", bias], outputs, domain=DOMAIN, name=name,
         K=k, N=n, bits=4, block_size=32, symmetric=1, act_bits=act_bits, **attrs,
@@ -80,10 +82,14 @@ def test_epilogue_is_the_spec_applied_to_the_unfused_product(
     w_codes, w_scales = _weight(rng, n, k)
     bias = (rng.standard_normal(n) * 0.5).astype(np.float32)
     fmt = OUT_FORMATS[out]
-    outputs = ["P", "Y"] + (["Y_scales"] if fmt else []) + (["Y_zero_points"] if fmt and not fmt.symmetric else [])
+    outputs = (
+        ["P", "Y"] + (["Y_scales"] if fmt else []) + (["Y_zero_points"] if fmt and not fmt.symmetric else [])
+    )
     nodes = [
         _node("unfused", "A", "W", n, k, act_bits, ["P"], bias="bias"),
-        _node("fused", "A", "W", n, k, act_bits, outputs[1:], bias="bias", epilogue=epilogue, **_out_attrs(fmt)),
+        _node(
+            "fused", "A", "W", n, k, act_bits, outputs[1:], bias="bias", epilogue=epilogue, **_out_attrs(fmt)
+        ),
     ]
     sess = _session(nodes, outputs, {"W_codes": w_codes, "W_scales": w_scales, "bias": bias})
     a = (rng.standard_normal((2, 5, k)) * 2).astype(np.float32)
@@ -110,7 +116,9 @@ def test_epilogue_is_the_spec_applied_to_the_unfused_product(
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("act_bits", [0, 8])
-def test_silu_gate_over_concatenated_weights_equals_the_unfused_chain(isa: str, act_bits: int, force_isa: Any) -> None:
+def test_silu_gate_over_concatenated_weights_equals_the_unfused_chain(
+    isa: str, act_bits: int, force_isa: Any
+) -> None:
     """Gate and up BlockMatMuls + SiLU + Mul (the graph before FuseMatMulEpiloguePass) against one node."""
     force_isa(isa)
     rng = np.random.default_rng(11)
@@ -135,11 +143,19 @@ def test_epilogue_reads_quantized_operand_and_reports_bad_attributes() -> None:
     k, n = 32, 6
     w_codes, w_scales = _weight(rng, n, k)
     inits = {"W_codes": w_codes, "W_scales": w_scales}
-    with pytest.raises(Exception, match=re.escape("bct_onnx BlockMatMul node 'odd': attribute 'epilogue' silu_gate needs an even N")):
+    with pytest.raises(
+        Exception,
+        match=re.escape("bct_onnx BlockMatMul node 'odd': attribute 'epilogue' silu_gate needs an even N"),
+    ):
         bad = _weight(rng, 5, k)
         _session([_node("odd", "A", "W", 5, k, 0, ["Y"], epilogue="silu_gate")], ["Y"],
                  {"W_codes": bad[0], "W_scales": bad[1]}).run(None, {"A": np.zeros((1, k), np.float32)})  # fmt: skip
-    with pytest.raises(Exception, match=re.escape("attribute 'epilogue' must be 'none', 'gelu', 'gelu_tanh' or 'silu_gate', got 'relu'")):
+    with pytest.raises(
+        Exception,
+        match=re.escape(
+            "attribute 'epilogue' must be 'none', 'gelu', 'gelu_tanh' or 'silu_gate', got 'relu'"
+        ),
+    ):
         _session([_node("bad", "A", "W", n, k, 0, ["Y"], epilogue="relu")], ["Y"], inits).run(
             None, {"A": np.zeros((1, k), np.float32)}
         )
@@ -159,7 +175,9 @@ def test_epilogue_reads_quantized_operand_and_reports_bad_attributes() -> None:
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
         initializer=[numpy_helper.from_array(v, key) for key, v in inits.items()],
     )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)], ir_version=9)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)], ir_version=9
+    )
     y = bct_onnx.session(model.SerializeToString()).run(
         None, {"A": qa.codes, "A_scales": qa.scales, "A_zero_points": qa.zero_points}
     )[0]
