@@ -200,6 +200,31 @@ class BlockRMSNorm(_BlockOp):
         return _out(spec_nonlinear.rms_norm(x, scale, eps), attrs)
 
 
+def _with_sum(result, total: np.ndarray, attrs: dict[str, Any]) -> tuple[np.ndarray, ...]:
+    """Outputs 0..2 as _out gives them, zero-point slot padded, then the float32 sum as output 3."""
+    outputs = _out(result, attrs)
+    return (*outputs, *([np.zeros(0, np.uint8)] * (3 - len(outputs))), total)
+
+
+class BlockAddLayerNorm(_BlockOp):
+    def _run(
+        self, X, X_scales=None, X_zero_points=None, skip=None, scale=None, bias=None, epsilon=None, axis=None,
+        **attrs,
+    ):  # fmt: skip
+        _last_axis(axis, ops.BLOCK_ADD_LAYER_NORM)
+        total = spec_fused.add_skip(_in_operand(X, X_scales, X_zero_points, attrs), skip)
+        eps = 1e-5 if epsilon is None else float(epsilon)
+        return _with_sum(spec_nonlinear.layer_norm(total, scale, bias, eps), total, attrs)[: len(self.output)]
+
+
+class BlockAddRMSNorm(_BlockOp):
+    def _run(self, X, X_scales=None, X_zero_points=None, skip=None, scale=None, epsilon=None, axis=None, **attrs):
+        _last_axis(axis, ops.BLOCK_ADD_RMS_NORM)
+        total = spec_fused.add_skip(_in_operand(X, X_scales, X_zero_points, attrs), skip)
+        eps = 1e-5 if epsilon is None else float(epsilon)
+        return _with_sum(spec_nonlinear.rms_norm(total, scale, eps), total, attrs)[: len(self.output)]
+
+
 class BlockActMatMul(_BlockOp):
     def _run(
         self,
@@ -228,6 +253,8 @@ OPS: tuple[type[OpRun], ...] = (
     BlockLayerNorm,
     BlockRMSNorm,
     BlockActMatMul,
+    BlockAddLayerNorm,
+    BlockAddRMSNorm,
 )
 if {op.__name__ for op in OPS} != set(ops.OP_TYPES):  # onnx.reference finds an op by its class name
     raise ImportError(f"bct_onnx.reference covers {sorted(op.__name__ for op in OPS)}, not {ops.OP_TYPES}")

@@ -3,6 +3,8 @@ kernels' order (docs/ops.md says where a fused op is bit-exact to that chain and
 
 - BlockMatMul's ``epilogue`` attribute: BlockMatMul (float Y) -> GELU, or -> SiLU(gate) * up for a
   weight holding the gate rows, then the up rows (Llama's MLP), -> optional requantization.
+- BlockAddLayerNorm / BlockAddRMSNorm: dequantize the operand -> Add (float32) the residual ->
+  BlockLayerNorm / BlockRMSNorm's compute step -> optional requantization; the sum is a second output.
 """
 
 from __future__ import annotations
@@ -71,3 +73,28 @@ def concat_gate_up(
         raise ValueError("gate and up weights must both have zero points or neither")
     zero_points = None if gate[2] is None else np.concatenate([gate[2], up[2]], axis=0)
     return codes, scales, zero_points
+
+
+def add_skip(x: np.ndarray | QuantizedTensor, skip: np.ndarray) -> np.ndarray:
+    """The residual sum of the Add + norm ops: load_operand(x) + skip in float32 (ONNX Add)."""
+    v = nl.load_operand(x)
+    skip = np.asarray(skip, np.float32)
+    if skip.shape != v.shape:
+        raise ValueError(f"skip must have the operand's shape {v.shape} (no broadcasting), got {skip.shape}")
+    return (v + skip).astype(np.float32)
+
+
+def block_add_layer_norm(
+    x, skip, scale, bias=None, epsilon: float = 1e-5, out_fmt: BlockFormat | None = None
+) -> tuple[np.ndarray | QuantizedTensor, np.ndarray]:
+    """BlockAddLayerNorm: (the normalized result, stored as out_fmt asks; the float32 sum x + skip)."""
+    v = add_skip(x, skip)
+    return nl.store_result(nl.layer_norm(v, scale, bias, epsilon), out_fmt), v
+
+
+def block_add_rms_norm(
+    x, skip, scale, epsilon: float = 1e-5, out_fmt: BlockFormat | None = None
+) -> tuple[np.ndarray | QuantizedTensor, np.ndarray]:
+    """BlockAddRMSNorm: (the normalized result, stored as out_fmt asks; the float32 sum x + skip)."""
+    v = add_skip(x, skip)
+    return nl.store_result(nl.rms_norm(v, scale, epsilon), out_fmt), v

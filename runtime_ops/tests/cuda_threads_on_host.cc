@@ -167,6 +167,24 @@ __attribute__((visibility("default"))) void bct_host_matmul_epilogue(int epilogu
   for (int64_t t = 0; t < rows * bct::epilogue_width(e, n); ++t) out[t] = bct::EpilogueOne(e, p, n, t);
 }
 
+// The compute step of BlockAddLayerNorm (op 4) / BlockAddRMSNorm (op 5) as norm.cu runs it: each
+// warp adds its row of skip (keeping the sum in sum unless nullptr), then the norm row.
+__attribute__((visibility("default"))) int bct_host_add_norm(int op, int64_t rows, int64_t d, float* y,
+                                                             const float* skip, float* sum, const float* scale,
+                                                             const float* bias, float epsilon) {
+  const bct::cuda::HostWarp warp;
+  if (op != 4 && op != 5) return -1;
+  for (int64_t r = 0; r < rows; ++r) {
+    bct::cuda::AddSkipRow(warp, skip + r * d, sum != nullptr ? sum + r * d : nullptr, y + r * d, d);
+    if (op == 4) {
+      bct::cuda::LayerNormRow(warp, scale, bias, epsilon, y + r * d, d);
+    } else {
+      bct::cuda::RMSNormRow(warp, scale, epsilon, y + r * d, d);
+    }
+  }
+  return 0;
+}
+
 // The compute step of a row op, in place on y [rows, d], as the kernels run it: op 0 Gelu (exact),
 // 1 Gelu (tanh), 2 Silu (one thread per element); 3 Softmax, 4 LayerNorm (scale, bias or nullptr),
 // 5 RMSNorm (scale) (one warp per row).
