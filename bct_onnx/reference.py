@@ -203,7 +203,7 @@ class BlockRMSNorm(_BlockOp):
 def _with_sum(result, total: np.ndarray, attrs: dict[str, Any]) -> tuple[np.ndarray, ...]:
     """Outputs 0..2 as _out gives them, zero-point slot padded, then the float32 sum as output 3."""
     outputs = _out(result, attrs)
-    return (*outputs, *([np.zeros(0, np.uint8)] * (3 - len(outputs))), total)
+    return (*outputs, *([np.zeros(0, np.uint8)] * (3 - len(outputs))), total)  # slot 2 omitted (named by evaluator)
 
 
 class BlockAddLayerNorm(_BlockOp):
@@ -266,7 +266,27 @@ def evaluator(model: str | os.PathLike[str] | onnx.ModelProto | Any, **options: 
         import onnx_ir as ir
 
         model = ir.to_proto(model)
-    return ReferenceEvaluator(model, new_ops=list(OPS), **options)
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(os.fspath(model))
+    return ReferenceEvaluator(_name_omitted_outputs(model), new_ops=list(OPS), **options)
+
+
+def _name_omitted_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose omitted outputs before a present one (the Add + norm ops' zero-point slot before
+    the sum) have names: onnx.reference would bind a value to the name '', which omitted inputs read."""
+    if not any(
+        "" in list(node.output)[:-1] for node in model.graph.node if node.domain == ops.DOMAIN
+    ):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    count = 0
+    for node in copy.graph.node:
+        for index, name in enumerate(node.output):
+            if not name and node.domain == ops.DOMAIN and index < len(node.output) - 1:
+                node.output[index] = f"__bct_omitted_output_{count}"
+                count += 1
+    return copy
 
 
 def run(

@@ -76,12 +76,19 @@ def concat_gate_up(
 
 
 def add_skip(x: np.ndarray | QuantizedTensor, skip: np.ndarray) -> np.ndarray:
-    """The residual sum of the Add + norm ops: load_operand(x) + skip in float32 (ONNX Add)."""
+    """The residual sum of the Add + norm ops: load_operand(x) + skip in float32 (ONNX Add). skip has
+    x's shape or broadcasts to it over leading dims only (SkipLayerNormalization's [1, S, D] or [S, D]):
+    without its leading 1s, its shape is a suffix of x's."""
     v = nl.load_operand(x)
     skip = np.asarray(skip, np.float32)
-    if skip.shape != v.shape:
-        raise ValueError(f"skip must have the operand's shape {v.shape} (no broadcasting), got {skip.shape}")
-    return (v + skip).astype(np.float32)
+    dims = list(skip.shape)
+    while len(dims) > 1 and dims[0] == 1:
+        dims.pop(0)
+    if not dims or len(dims) > v.ndim or tuple(dims) != v.shape[v.ndim - len(dims) :]:
+        raise ValueError(
+            f"skip must have the operand's shape {v.shape} or broadcast to it over leading dims, got {skip.shape}"
+        )
+    return (v + skip.reshape(dims)).astype(np.float32)
 
 
 def block_add_layer_norm(

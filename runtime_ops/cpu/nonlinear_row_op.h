@@ -43,8 +43,11 @@ inline void RunRowsCpu(const cpu::KernelTable& k, const RMSNormFamily& f, const 
 
 // The Add of the Add + norm ops: y += skip (float32, one rounding each), copied to the sum output.
 inline void AddSkipRows(const AddParams& p, float* y, int64_t row0, int64_t count, int64_t d) {
-  const float* skip = p.skip + row0 * d;
-  for (int64_t i = 0; i < count * d; ++i) y[i] = y[i] + skip[i];
+  for (int64_t i = 0; i < count; ++i) {
+    const float* skip = p.skip + ((row0 + i) % p.skip_rows) * d;
+    float* row = y + i * d;
+    for (int64_t j = 0; j < d; ++j) row[j] = row[j] + skip[j];
+  }
   if (p.sum != nullptr) std::memcpy(p.sum + row0 * d, y, static_cast<size_t>(count * d) * sizeof(float));
 }
 inline void RunRowsCpu(const cpu::KernelTable& k, const AddLayerNormFamily& f, const AddLayerNormFamily::Params& p,

@@ -64,6 +64,7 @@ void SetOp(cuda::RowOpArgs& args, const AddLayerNormFamily& family, const AddLay
   args.bias = p.bias;
   args.epsilon = family.epsilon;
   args.skip = p.add.skip;
+  args.skip_rows = p.add.skip_rows;
   args.sum = p.add.sum;
 }
 void SetOp(cuda::RowOpArgs& args, const AddRMSNormFamily& family, const AddRMSNormFamily::Params& p) {
@@ -71,6 +72,7 @@ void SetOp(cuda::RowOpArgs& args, const AddRMSNormFamily& family, const AddRMSNo
   args.scale = p.scale;
   args.epsilon = family.epsilon;
   args.skip = p.add.skip;
+  args.skip_rows = p.add.skip_rows;
   args.sum = p.add.sum;
 }
 

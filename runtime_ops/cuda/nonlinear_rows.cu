@@ -36,7 +36,8 @@ const char* LaunchRowOp(const RowOpArgs& a, void* stream) {
       case RowOp::kSilu: err = LaunchSiluRows(buffer, a.rows, a.d, stream); break;
       case RowOp::kSoftmax: err = LaunchSoftmaxRows(buffer, a.rows, a.d, stream); break;
       default:
-        err = LaunchNormRows(a.op, a.scale, a.bias, a.epsilon, a.skip, a.sum, buffer, a.rows, a.d, stream);
+        err = LaunchNormRows(a.op, a.scale, a.bias, a.epsilon, a.skip, a.skip_rows, a.sum, buffer, a.rows, a.d,
+                             stream);
         break;
     }
   }

@@ -3,6 +3,7 @@
 // function from the kernel's table) and the CUDA kernels (SetOp in cuda/nonlinear_ops_cuda.cc).
 #pragma once
 
+#include <algorithm>
 #include <string>
 #include <utility>
 
@@ -157,15 +158,25 @@ struct RMSNormFamily {
   float epsilon;
 };
 
-// The residual input of the Add + norm ops: float32 with the operand's logical shape [..., D].
-inline const float* ReadSkipInput(const Ort::KernelContext& ctx, const NodeRef& node, const Operand& x) {
+// The residual input of the Add + norm ops: float32 with the operand's logical shape [..., D], or
+// broadcast over leading dims as in ONNX Runtime's SkipLayerNormalization (e.g. [1, S, D] or [S, D]
+// for [B, S, D]): without its leading 1s, skip's shape is a suffix of the operand's. Sets *rows to
+// the number of skip rows (operand row r reads skip row r % rows).
+inline const float* ReadSkipInput(const Ort::KernelContext& ctx, const NodeRef& node, const Operand& x,
+                                  int64_t* rows) {
   const InputTensor in = GetInput(ctx, 3);
   if (!in.present) node.Fail("input 'skip' is required");
   ExpectDtype(node, "skip", in, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
-  if (in.shape != x.shape) {
-    node.Fail("input 'skip' must have the operand's shape " + ShapeString(x.shape) + " (no broadcasting), got " +
-              ShapeString(in.shape));
+  size_t first = 0;
+  while (first + 1 < in.shape.size() && in.shape[first] == 1) ++first;
+  const size_t kept = in.shape.size() - first;
+  bool suffix = !in.shape.empty() && kept <= x.shape.size();
+  for (size_t i = 0; suffix && i < kept; ++i) suffix = in.shape[first + i] == x.shape[x.shape.size() - kept + i];
+  if (!suffix) {
+    node.Fail("input 'skip' must have the operand's shape " + ShapeString(x.shape) +
+              " or broadcast to it over leading dims (e.g. [1, S, D]), got " + ShapeString(in.shape));
   }
+  *rows = std::max<int64_t>(1, in.size / std::max<int64_t>(1, x.axis_size));
   return in.As<float>();
 }
 
@@ -180,7 +191,8 @@ inline float* AllocateSum(const Ort::KernelContext& ctx, const NodeRef& node, co
 // SkipSimplifiedLayerNormalization): v = x + skip (float32), output 3 = v, then the norm of v.
 struct AddParams {
   const float* skip;
-  float* sum;  // nullptr: the node has no output 3
+  int64_t skip_rows;  // operand row r adds skip row r % skip_rows
+  float* sum;         // nullptr: the node has no output 3
 };
 
 struct AddLayerNormFamily {
@@ -198,9 +210,9 @@ struct AddLayerNormFamily {
   };
   Params Prepare(const Ort::KernelContext& ctx, const NodeRef& node, const Operand& x) const {
     const int64_t d = x.axis_size;
-    return Params{{ReadSkipInput(ctx, node, x), AllocateSum(ctx, node, x)},
-                  ReadVectorInput(ctx, node, 4, "scale", d, false),
-                  ReadVectorInput(ctx, node, 5, "bias", d, true)};
+    AddParams add{nullptr, 1, AllocateSum(ctx, node, x)};
+    add.skip = ReadSkipInput(ctx, node, x, &add.skip_rows);
+    return Params{add, ReadVectorInput(ctx, node, 4, "scale", d, false), ReadVectorInput(ctx, node, 5, "bias", d, true)};
   }
   float epsilon;
 };
@@ -218,8 +230,9 @@ struct AddRMSNormFamily {
     const float* scale;
   };
   Params Prepare(const Ort::KernelContext& ctx, const NodeRef& node, const Operand& x) const {
-    return Params{{ReadSkipInput(ctx, node, x), AllocateSum(ctx, node, x)},
-                  ReadVectorInput(ctx, node, 4, "scale", x.axis_size, false)};
+    AddParams add{nullptr, 1, AllocateSum(ctx, node, x)};
+    add.skip = ReadSkipInput(ctx, node, x, &add.skip_rows);
+    return Params{add, ReadVectorInput(ctx, node, 4, "scale", x.axis_size, false)};
   }
   float epsilon;
 };

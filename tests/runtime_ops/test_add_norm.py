@@ -169,8 +169,22 @@ def test_equals_the_unfused_add_then_norm(norm: str) -> None:
     assert_bits_equal(got["sum"], v, "sum")
 
 
-def test_skip_shape_mismatch_is_an_error() -> None:
-    x, skip, scale, _ = _data((4, 32), seed=1)
-    message = "bct_onnx BlockAddRMSNorm node 'n': input 'skip' must have the operand's shape [4, 32] (no broadcasting), got [1, 32]"
+@pytest.mark.parametrize("norm", sorted(NORMS))
+@pytest.mark.parametrize("skip_shape", [(1, 7, 24), (7, 24), (24,)])
+def test_skip_broadcast_over_leading_dims(norm: str, skip_shape: tuple[int, ...]) -> None:
+    """SkipLayerNormalization's broadcast: skip [1, S, D] / [S, D] / [D] for an operand [B, S, D]."""
+    x, skip, scale, bias = _data((3, 7, 24), seed=4)
+    skip = np.ascontiguousarray(skip[0].reshape(-1)[: int(np.prod(skip_shape))].reshape(skip_shape))
+    got = run_add_norm(norm, x, skip, scale, bias, FORMATS["asym4"])
+    check(norm, x, skip, scale, bias, FORMATS["asym4"], got)
+    np.testing.assert_array_equal(got["sum"], (x + skip).astype(np.float32))
+
+
+def test_skip_that_does_not_broadcast_over_leading_dims_is_an_error() -> None:
+    x, skip, scale, _ = _data((4, 3, 32), seed=1)
+    message = (
+        "bct_onnx BlockAddRMSNorm node 'n': input 'skip' must have the operand's shape [4, 3, 32] or broadcast "
+        "to it over leading dims (e.g. [1, S, D]), got [4, 1, 32]"
+    )
     with pytest.raises(Exception, match=re.escape(message)):
-        run_add_norm("rms", x, skip[:1], scale, None, None)
+        run_add_norm("rms", x, skip[:, :1], scale, None, None)
