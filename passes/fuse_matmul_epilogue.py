@@ -71,10 +71,15 @@ def _attrs(node: ir.Node) -> dict[str, Any]:
     return {name: attr.value for name, attr in node.attributes.items()}
 
 
+def _producing_matmul(value: ir.Value | None) -> ir.Node | None:
+    node = value.producer() if value is not None else None
+    return node if node is not None and is_ours(node, ops.BLOCK_MATMUL) else None
+
+
 def _plain_matmul(value: ir.Value | None, reader: ir.Node) -> ir.Node | str:
     """The BlockMatMul producing value, read only by reader and free of epilogue and codes, or why not."""
-    node = value.producer() if value is not None else None
-    if node is None or not is_ours(node, ops.BLOCK_MATMUL):
+    node = _producing_matmul(value)
+    if node is None or value is None:
         return f"its operand '{value.name if value is not None else ''}' is not a BlockMatMul result"
     if node.attributes.get("epilogue") is not None:
         return f"BlockMatMul '{node_label(node)}' already has an epilogue"
@@ -132,6 +137,8 @@ class FuseMatMulEpiloguePass(NodeRewritePass):
                 yield node
 
     def match(self, model: ir.Model, node: ir.Node) -> GeluMatch | SiluGateMatch | str | None:
+        if _producing_matmul(node.inputs[0]) is None:
+            return None  # not after a MatMul: not this pass's business (no report)
         if int_attr(node, "in_bits") or int_attr(node, "out_bits"):
             return (
                 "its operand or result is already compressed (the pass runs before CompressIntermediatesPass)"
