@@ -30,8 +30,10 @@ from bct_onnx.passes.convert_to_qdq import ConvertToQDQPass
 from bct_onnx.passes.fold_constant_weights import FoldConstantWeightsPass
 from bct_onnx.passes.fold_shape_arithmetic import FoldShapeArithmeticPass
 from bct_onnx.passes.framework import NODE_PROGRESS, CompressPassResult, Skip, check_model_basics
+from bct_onnx.passes.fuse_add_norm import FuseAddNormPass
 from bct_onnx.passes.fuse_gelu import FuseGeluPass
 from bct_onnx.passes.fuse_layer_norm import FuseLayerNormPass
+from bct_onnx.passes.fuse_matmul_epilogue import FuseMatMulEpiloguePass
 from bct_onnx.passes.fuse_rms_norm import FuseRMSNormPass
 from bct_onnx.passes.fuse_silu import FuseSiluPass
 from bct_onnx.passes.gemm_to_matmul import GemmToMatMulPass
@@ -71,6 +73,10 @@ _EXTERNAL_DATA_BYTES = 1 << 30
 #   pass rewrote.
 # - The weight passes come first, so the weight-only pass list is a prefix of the full one; the
 #   fusions of the activation kinds then see BlockMatMul results, which they do not mind.
+# - With config.fuse_ops, FuseMatMulEpiloguePass runs before CompressIntermediatesPass (it folds a
+#   GELU / SiLU gating into the MatMul while the edge is float, so the fused result then gets the
+#   next MatMul's codes) and FuseAddNormPass after it (the norm's result format, chosen for the
+#   MatMuls reading it, is kept; the Add's operands stay float32).
 QUANTIZE_PASSES: dict[str, Callable[[CompressConfig], ir.passes.PassBase]] = {
     "MatMul": QuantizeMatMulPass,
     "Gather": QuantizeGatherPass,
@@ -167,7 +173,11 @@ def rewrite_passes(
             calibrated = op_type == "MatMul" and hessians is not None
             quantize.append(factory(config, hessians, damping) if calibrated else factory(config))  # type: ignore[call-arg]
     if any(config.enabled(kind) for kind in ACTIVATION_OPS):
+        if config.fuse_ops and config.format == "bct":
+            quantize.append(FuseMatMulEpiloguePass())
         quantize.append(CompressIntermediatesPass(config))
+        if config.fuse_ops and config.format == "bct":
+            quantize.append(FuseAddNormPass())
     if config.format == "qdq":
         quantize.append(ConvertToQDQPass(activations=config.qdq_activations))
     cleanup: list[ir.passes.PassBase] = [
