@@ -13,6 +13,7 @@ BLOCK_SOFTMAX = "BlockSoftmax"
 BLOCK_LAYER_NORM = "BlockLayerNorm"
 BLOCK_RMS_NORM = "BlockRMSNorm"
 BLOCK_ACT_MATMUL = "BlockActMatMul"
+BLOCK_ATTENTION = "BlockAttention"
 
 # Every operator of the domain (bct_onnx.reference has one evaluator class per name).
 OP_TYPES = (
@@ -26,4 +27,5 @@ OP_TYPES = (
     BLOCK_LAYER_NORM,
     BLOCK_RMS_NORM,
     BLOCK_ACT_MATMUL,
+    BLOCK_ATTENTION,
 )

@@ -130,6 +130,18 @@ __attribute__((flatten)) void LayerNormRow(float* y, int64_t n, const float* sca
 __attribute__((flatten)) void RMSNormRow(float* y, int64_t n, const float* scale, float epsilon) {
   nl::rms_norm_row(y, n, scale, epsilon);
 }
+__attribute__((flatten)) void AttentionRows(const int8_t* q, const float* qs, int64_t rows, int64_t row0, int64_t sq,
+                                            int64_t sk, bool causal, const nl::AttentionKeys& kv, float scale,
+                                            const float* mask, int64_t mask_row_stride, int64_t mask_key_stride,
+                                            float* y) {
+  float tile[nl::kAttentionKeyTile];
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = row0 + r;
+    const float* mask_row = mask != nullptr ? mask + i * mask_row_stride : nullptr;
+    nl::attention_row(q + r * kv.dh, qs + r * kv.nb, kv, nl::attention_visible_keys(i, sq, sk, causal), scale,
+                      mask_row, mask_key_stride, tile, y + r * kv.dh);
+  }
+}
 
 }  // namespace BCT_PORTABLE_PATH
 }  // namespace cpu

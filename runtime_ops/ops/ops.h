@@ -12,6 +12,7 @@ void AppendDequantizeCpuOps(Ort::CustomOpDomain& domain);       // BlockDequanti
 void AppendGatherCpuOps(Ort::CustomOpDomain& domain);           // BlockGather
 void AppendMatMulCpuOps(Ort::CustomOpDomain& domain);           // BlockMatMul
 void AppendActMatMulCpuOps(Ort::CustomOpDomain& domain);        // BlockActMatMul
+void AppendAttentionCpuOps(Ort::CustomOpDomain& domain);       // BlockAttention
 void AppendNonlinearRowCpuOps(Ort::CustomOpDomain& domain);     // BlockGelu, BlockSilu, BlockSoftmax, BlockLayerNorm, BlockRMSNorm
 
 // CUDAExecutionProvider kernels under the same names (runtime_ops/cuda/; CUDA builds only).
