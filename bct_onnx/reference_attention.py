@@ -5,7 +5,8 @@ kernels agree with it bit for bit. Per query row: the scores of a tile of ``KEY_
 BlockActMatMul's (Q and K quantized blockwise along head_dim, integer block dots scaled by
 ``q_scale * k_scale`` and summed in float32 in block order), times ``scale``, plus the additive mask;
 then an online softmax (running max m, running sum l, running output acc, rescaled by exp(m - m_new)
-when a tile raises the max) accumulates p * V key by key, and the row ends as acc * (1 / l). The
+when a tile raises the max) adds the tile's p (summed in 8 interleaved lanes, reference_nonlinear.lane_sum)
+to l and accumulates p * V key by key, and the row ends as acc * (1 / l). The
 probability matrix is never formed. Against the unfused chain BlockActMatMul -> scale/mask ->
 BlockSoftmax -> BlockActMatMul the scores are the same bits; the difference is the chain's
 quantization of P and V (here P and V stay float32): ``chain_tolerance`` bounds it.
@@ -22,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from bct_onnx.block_format import QuantizedTensor, dequantize, scales_to_float32, unpack_codes
-from bct_onnx.reference_nonlinear import exp_f32
+from bct_onnx.reference_nonlinear import exp_f32, lane_sum
 from bct_onnx.reference_ops import activation_scales, quantize_activations
 
 KEY_TILE = 64  # keys per online-softmax step: the row max is taken over a tile, then p * V key by key
@@ -104,10 +105,14 @@ def attention(
             l_sum = np.where(rescale, l_sum * corr, l_sum).astype(np.float32)
             acc = np.where(rescale[..., None], acc * corr[..., None], acc).astype(np.float32)
             m = np.where(live, m_new, m)
+            # p of the tile (0 where a key is not visible or the tile adds nothing: the lane sums and
+            # the kernels' shorter tiles then agree, as adding +0 changes no sum of p >= 0).
+            p_tile = exp_f32(s[..., tile] - m[..., None])
+            p_tile = np.where(live[..., None] & visible[None, None, :, tile], p_tile, F(0)).astype(np.float32)
+            l_sum = np.where(live, l_sum + lane_sum(p_tile), l_sum).astype(np.float32)
             for j in range(tile.start, tile.stop):
                 take = live & visible[None, None, :, j]
-                p = exp_f32(s[..., j] - m)
-                l_sum = np.where(take, l_sum + p, l_sum).astype(np.float32)
+                p = p_tile[..., j - tile.start]
                 acc = np.where(take[..., None], acc + p[..., None] * values[:, :, j, None, :], acc).astype(
                     np.float32
                 )

@@ -1,14 +1,18 @@
 // BlockAttention on CPU (docs/ops.md): Q and K quantized along the head size (the activation
 // quantizer of cpu/act_quantize.h, or K's own codes when they are in the op's symmetric blocks), V as
-// float32 rows (dequantized when given as codes), then per query row the streaming attention of
-// bct/attention_math.h through Kernels(isa).attention_rows. Tasks are runs of query rows of one
-// (batch, query head) over ONNX Runtime's intra-op threads; query heads of a group share their KV head.
+// float32 rows (dequantized when given as codes). K is laid out once per call as BlockActMatMul lays
+// out B (VNNI-packed, or K-major), so a task (a run of up to 16 query rows of one batch and query
+// head; query heads of a group share their KV head) computes its strip of block dots [rows, Sk] with
+// BlockActMatMul's dot kernels (the same values as nl::act_dot), then runs the streaming softmax x V of
+// bct/attention_math.h over it through Kernels(isa).attention_rows. Only a strip of dots per task is
+// stored, never the probability matrix.
 #include <algorithm>
 #include <memory>
 #include <vector>
 
 #include "bct/attention_math.h"
 #include "bct/op_common.h"
+#include "cpu/act_matmul_vnni.h"
 #include "cpu/kernel_table.h"
 #include "cpu/row_kernels.h"
 #include "ops/attention_io.h"
@@ -76,19 +80,55 @@ class AttentionCpuKernel : public AttentionKernelBase {
       });
       const float* values = g.v.quantized ? v_float.get() : g.v.x;
 
+      // K in BlockActMatMul's B layout, one batch per KV head: VNNI-packed or K-major [dh, sk] / [nb, sk].
+      const int64_t kv_heads = g.batch * g.kv_heads;
+      const bool vnni_dots = kernels_.act_dot_vnni;
+      vnni::PackedB packed;
+      std::vector<int8_t> k_major(vnni_dots ? 0 : static_cast<size_t>(kv_rows * dh));
+      std::vector<float> k_major_scales(vnni_dots ? 0 : static_cast<size_t>(kv_rows * nb));
+      if (vnni_dots) vnni::InitPackedB(packed, kv_heads, g.sk, dh, bs);
+      ParallelFor(ctx, kv_rows, 256, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t head = r / g.sk, key = r % g.sk;
+          if (vnni_dots) {
+            vnni::PackColumn(packed, head, key, kq.get() + r * dh, ks.get() + r * nb);
+            continue;
+          }
+          int8_t* col = k_major.data() + head * dh * g.sk + key;
+          for (int64_t d = 0; d < dh; ++d) col[d * g.sk] = kq[static_cast<size_t>(r * dh + d)];
+          float* sc = k_major_scales.data() + head * nb * g.sk + key;
+          for (int64_t b = 0; b < nb; ++b) sc[b * g.sk] = ks[static_cast<size_t>(r * nb + b)];
+        }
+      });
+
       // Query rows in runs of at most `run` rows inside one (batch, query head).
       const int64_t per_group = g.q_heads / g.kv_heads;
       const int64_t run = std::max<int64_t>(1, std::min<int64_t>(g.sq, 16));
       const int64_t runs_per_head = (g.sq + run - 1) / run;
       const int64_t tasks = g.batch * g.q_heads * runs_per_head;
       const int64_t work = std::max<int64_t>(1, g.sk * dh * run);
-      ParallelFor(ctx, tasks, std::max<int64_t>(1, 32768 / work), [&](int64_t begin, int64_t end) {
+      ParallelFor(ctx, tasks, std::max<int64_t>(1, 65536 / work), [&](int64_t begin, int64_t end) {
+        std::vector<float> dots(static_cast<size_t>(run * g.sk));
+        std::vector<int32_t> acc(vnni_dots ? 0 : static_cast<size_t>(g.sk));
+        std::vector<uint8_t> scratch(vnni_dots ? static_cast<size_t>(4 * nb * packed.groups * 4) : 0);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t head_index = task / runs_per_head;  // b * Hq + h
           const int64_t b = head_index / g.q_heads, h = head_index % g.q_heads;
           const int64_t i0 = (task % runs_per_head) * run;
           const int64_t rows = std::min(run, g.sq - i0);
           const int64_t kv_head = b * g.kv_heads + h / per_group;
+          const int64_t row = head_index * g.sq + i0;
+          const int8_t* q_codes = qq.get() + row * dh;
+          const float* q_scales = qs.get() + row * nb;
+          if (vnni_dots) {
+            vnni::DotRows(packed, kv_head, q_codes, q_scales, rows, scratch.data(), dots.data(), g.sk);
+          } else {
+            for (int64_t r = 0; r < rows; ++r) {
+              kernels_.act_dot_row(q_codes + r * dh, q_scales + r * nb, k_major.data() + kv_head * dh * g.sk,
+                                   k_major_scales.data() + kv_head * nb * g.sk, g.sk, dh, bs, nb, acc.data(),
+                                   dots.data() + r * g.sk);
+            }
+          }
           nl::AttentionKeys kv;
           kv.codes = kq.get() + kv_head * g.sk * dh;
           kv.scales = ks.get() + kv_head * g.sk * nb;
@@ -97,8 +137,7 @@ class AttentionCpuKernel : public AttentionKernelBase {
           kv.nb = nb;
           kv.block_size = bs;
           const float* mask = g.mask != nullptr ? g.mask + b * g.mask_strides[0] + h * g.mask_strides[1] : nullptr;
-          const int64_t row = head_index * g.sq + i0;
-          kernels_.attention_rows(qq.get() + row * dh, qs.get() + row * nb, rows, i0, g.sq, g.sk, attrs_.causal, kv,
+          kernels_.attention_rows(q_codes, q_scales, dots.data(), rows, i0, g.sq, g.sk, attrs_.causal, kv,
                                   attrs_.scale, mask, g.mask_strides[2], g.mask_strides[3], y + row * dh);
         }
       });

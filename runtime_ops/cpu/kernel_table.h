@@ -43,11 +43,12 @@ using LayerNormRowFn = void (*)(float* y, int64_t n, const float* scale, const f
 using RMSNormRowFn = void (*)(float* y, int64_t n, const float* scale, float epsilon);
 
 // BlockAttention (bct/attention_math.h): `rows` consecutive query rows i = row0 .. of one (batch,
-// query head), codes q [rows, dh] and scales qs [rows, nb], over the keys of one KV head; mask
-// nullptr or read at mask[i * mask_row_stride + j * mask_key_stride]; y [rows, dh].
-using AttentionRowsFn = void (*)(const int8_t* q, const float* qs, int64_t rows, int64_t row0, int64_t sq,
-                                 int64_t sk, bool causal, const nl::AttentionKeys& kv, float scale, const float* mask,
-                                 int64_t mask_row_stride, int64_t mask_key_stride, float* y);
+// query head), codes q [rows, dh] and scales qs [rows, nb], over the keys of one KV head, with their
+// block dots already computed, dots [rows, sk]; mask nullptr or read at
+// mask[i * mask_row_stride + j * mask_key_stride]; y [rows, dh].
+using AttentionRowsFn = void (*)(const int8_t* q, const float* qs, const float* dots, int64_t rows, int64_t row0,
+                                 int64_t sq, int64_t sk, bool causal, const nl::AttentionKeys& kv, float scale,
+                                 const float* mask, int64_t mask_row_stride, int64_t mask_key_stride, float* y);
 
 struct KernelTable {
   Isa isa;
@@ -104,8 +105,8 @@ void SoftmaxRowsAvx512(float* y, int64_t rows, int64_t n);
   void SoftmaxRows(float* y, int64_t rows, int64_t n);                                                          \
   void LayerNormRow(float* y, int64_t n, const float* scale, const float* bias, float epsilon);                 \
   void RMSNormRow(float* y, int64_t n, const float* scale, float epsilon);                                      \
-  void AttentionRows(const int8_t* q, const float* qs, int64_t rows, int64_t row0, int64_t sq, int64_t sk,      \
-                     bool causal, const nl::AttentionKeys& kv, float scale, const float* mask,                 \
+  void AttentionRows(const int8_t* q, const float* qs, const float* dots, int64_t rows, int64_t row0, int64_t sq, \
+                     int64_t sk, bool causal, const nl::AttentionKeys& kv, float scale, const float* mask,     \
                      int64_t mask_row_stride, int64_t mask_key_stride, float* y);                              \
   }
 BCT_DECLARE_PORTABLE_KERNELS(baseline)
