@@ -25,6 +25,7 @@ from bct_onnx.passes.framework import (
     Skip,
     UnsupportedModelError,
 )
+from bct_onnx.passes.fuse_attention import FuseAttentionPass
 from bct_onnx.passes.fuse_gelu import FuseGeluPass
 from bct_onnx.passes.fuse_layer_norm import FuseLayerNormPass
 from bct_onnx.passes.fuse_rms_norm import FuseRMSNormPass
@@ -62,6 +63,7 @@ __all__ = [
     "DomainVersionError",
     "FoldConstantWeightsPass",
     "FoldShapeArithmeticPass",
+    "FuseAttentionPass",
     "FuseGeluPass",
     "FuseLayerNormPass",
     "FuseRMSNormPass",
