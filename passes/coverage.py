@@ -46,6 +46,8 @@ _BCT_KIND = {
     ops.BLOCK_LAYER_NORM: "LayerNormalization",
     ops.BLOCK_RMS_NORM: "LayerNormalization",
 }
+# Fused ops that stand for several target nodes: BlockAttention is Q x K^T, Softmax and P x V.
+_BCT_COVERS = {ops.BLOCK_ATTENTION: ("MatMul", "Softmax", "MatMul")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,16 +83,25 @@ def _float_counts(model: ir.Model) -> dict[str, int]:
                 counts[_FLOAT_KIND[node.op_type]] += 1
             elif node.op_type == "Gather" and _is_embedding(node):
                 counts["Gather"] += 1
-        elif node.domain == ops.DOMAIN and node.op_type in _BCT_KIND:  # fused, still float operands
-            counts[_BCT_KIND[node.op_type]] += 1
+        elif node.domain == ops.DOMAIN:  # fused, still float operands
+            for kind in _bct_kinds(node):
+                counts[kind] += 1
     return counts
+
+
+def _bct_kinds(node: ir.Node) -> tuple[str, ...]:
+    """The target kinds an ai.bct_onnx node stands for (none, one, or several for a fused op)."""
+    if node.op_type in _BCT_COVERS:
+        return _BCT_COVERS[node.op_type]
+    return (_BCT_KIND[node.op_type],) if node.op_type in _BCT_KIND else ()
 
 
 def bct_counts(model: ir.Model) -> dict[str, int]:
     counts = dict.fromkeys(TARGET_KINDS, 0)
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.domain == ops.DOMAIN and node.op_type in _BCT_KIND:
-            counts[_BCT_KIND[node.op_type]] += 1
+        if node.domain == ops.DOMAIN:
+            for kind in _bct_kinds(node):
+                counts[kind] += 1
     return counts
 
 

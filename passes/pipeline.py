@@ -298,14 +298,19 @@ def compress_model(
 
 def _drop_rewritten_later(skipped: list[Skip], model: ir.Model) -> list[Skip]:
     """One reason per node (the first pass's), none for nodes a later pass rewrote (attention MatMuls)."""
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
     seen = {
         (node.name, "MatMul")
-        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+        for node in nodes
         if node.domain == ops.DOMAIN and node.op_type == ops.BLOCK_ACT_MATMUL and node.name
     }
+    # MatMuls fused away by a later pass (FuseAttentionPass: Q x K^T and P x V into BlockAttention).
+    float_matmuls = {node.name for node in nodes if node.op_type == "MatMul" and node.domain in ("", "ai.onnx")}
+    fused = any(node.domain == ops.DOMAIN and node.op_type == ops.BLOCK_ATTENTION for node in nodes)
     kept = []
     for skip in skipped:
-        if (skip.node, skip.op_type) not in seen:
+        gone = fused and skip.op_type == "MatMul" and skip.node not in float_matmuls and "at run time" in skip.reason
+        if (skip.node, skip.op_type) not in seen and not gone:
             kept.append(skip)
             seen.add((skip.node, skip.op_type))
     return kept
