@@ -32,10 +32,10 @@ import onnx_ir as ir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts (benchmarks/ is no package)
 import compare_speed
+from bct_onnx.passes import compress_model
 
 from bct_onnx import ops, runtime
 from bct_onnx.config import CompressConfig
-from bct_onnx.passes import compress_model
 
 logger = logging.getLogger("compare_attention")
 VARIANTS = ("fp32", "unfused", "fused")
@@ -109,9 +109,10 @@ def _smollm2_export(work: Path, with_past: bool) -> Path:
 
 
 def smollm2_case(work: Path, threads: int, runs: int, ppl_tokens: int) -> dict[str, dict[str, Any]]:
-    from bct_onnx.evaluate import evaluation_ids
     from bct_onnx.models import smollm2
     from bct_onnx.models.perplexity import onnx_logits_fn, perplexity_of_ids
+
+    from bct_onnx.evaluate import evaluation_ids
 
     hf = smollm2.hf_dir()
     head_dim = compare_speed._head_dim(hf)
