@@ -37,6 +37,7 @@ constexpr AppendOps kOpFamilies[] = {
     bct::AppendAttentionCpuOps,
 #if defined(BCT_WITH_CUDA) && BCT_WITH_CUDA
     bct::AppendBlockCudaOps,   bct::AppendMatMulCudaOps,    bct::AppendNonlinearCudaOps,
+    bct::AppendAttentionCudaOps,
 #endif
 };
 

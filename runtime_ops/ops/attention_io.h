@@ -30,14 +30,7 @@ struct AttentionAttrs {
 
 inline AttentionAttrs ReadAttentionAttrs(const OrtKernelInfo* info, const NodeRef& node) {
   AttentionAttrs a;
-  const int64_t bits = AttrInt(info, node, "act_bits");
-  if (bits < kMinBits || bits > kMaxBits) node.Fail("attribute 'act_bits' must be in 2..8, got " + std::to_string(bits));
-  a.act_bits = static_cast<int>(bits);
-  a.block_size = AttrInt(info, node, "block_size");
-  if (a.block_size < 1 || a.block_size > kMaxActBlockSize) {
-    node.Fail("attribute 'block_size' must be in 1.." + std::to_string(kMaxActBlockSize) +
-              " (block dot products are int32), got " + std::to_string(a.block_size));
-  }
+  ReadActFormat(info, node, &a.act_bits, &a.block_size);
   a.scale = AttrFloat(info, "scale", 1.0f);
   if (!(a.scale == a.scale) || a.scale == 1.0f / 0.0f || a.scale == -1.0f / 0.0f) {
     node.Fail("attribute 'scale' must be finite");

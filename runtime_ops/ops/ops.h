@@ -19,5 +19,6 @@ void AppendNonlinearRowCpuOps(Ort::CustomOpDomain& domain);     // BlockGelu, Bl
 void AppendBlockCudaOps(Ort::CustomOpDomain& domain);      // BlockQuantize, BlockDequantize, BlockGather
 void AppendMatMulCudaOps(Ort::CustomOpDomain& domain);     // BlockMatMul
 void AppendNonlinearCudaOps(Ort::CustomOpDomain& domain);  // the five row ops and BlockActMatMul
+void AppendAttentionCudaOps(Ort::CustomOpDomain& domain);  // BlockAttention
 
 }  // namespace bct

@@ -43,16 +43,19 @@ g (float[{B}, {HQ}, {S}, {DK}] q, float[{B}, {HKV}, {KV}, {DK}] k, float[{B}, {H
 }}"""
 
 
+LLAMA_INITIALIZERS = {
+    "two": np.array([2], np.int64),
+    "kv_shape": np.array([B, HKV, HQ // HKV, KV, DK], np.int64),
+    "q_heads_shape": np.array([B, HQ, KV, DK], np.int64),
+    "root_scale": np.float32(DK**-0.25),
+    "zero": np.float32(0.0),
+}
+
+
 def llama_model() -> ir.Model:
     return model_from_text(
         LLAMA,
-        {
-            "two": np.array([2], np.int64),
-            "kv_shape": np.array([B, HKV, HQ // HKV, KV, DK], np.int64),
-            "q_heads_shape": np.array([B, HQ, KV, DK], np.int64),
-            "root_scale": np.float32(DK**-0.25),
-            "zero": np.float32(0.0),
-        },
+        LLAMA_INITIALIZERS,
     )
 
 
@@ -159,13 +162,7 @@ def test_dynamic_scale_on_k_is_a_skip_with_its_reason():
     text = text.replace("ks = Mul(kt, root_scale)", "ks = Mul(kt, s)")
     model = model_from_text(
         text,
-        {
-            "two": np.array([2], np.int64),
-            "kv_shape": np.array([B, HKV, HQ // HKV, KV, DK], np.int64),
-            "q_heads_shape": np.array([B, HQ, KV, DK], np.int64),
-            "root_scale": np.float32(DK**-0.25),
-            "zero": np.float32(0.0),
-        },
+        LLAMA_INITIALIZERS,
     )
     result = FuseAttentionPass(CompressConfig())(model)
     assert not result.modified
@@ -187,13 +184,7 @@ def test_probabilities_read_elsewhere_are_a_skip():
     )
     model = model_from_text(
         text,
-        {
-            "two": np.array([2], np.int64),
-            "kv_shape": np.array([B, HKV, HQ // HKV, KV, DK], np.int64),
-            "q_heads_shape": np.array([B, HQ, KV, DK], np.int64),
-            "root_scale": np.float32(DK**-0.25),
-            "zero": np.float32(0.0),
-        },
+        LLAMA_INITIALIZERS,
     )
     result = FuseAttentionPass(CompressConfig())(model)
     assert [s.reason for s in result.skipped] == ["attention probabilities are a graph output"]
