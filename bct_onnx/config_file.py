@@ -44,6 +44,7 @@ TOP_LEVEL_KEYS = (
     "format",
     "qdq_activations",
     "rotation",
+    "fuse_attention",
     "op",
     "override",
 )

@@ -26,6 +26,7 @@ from bct_onnx.passes.framework import (
     UnsupportedModelError,
 )
 from bct_onnx.passes.fuse_add_norm import FuseAddNormPass
+from bct_onnx.passes.fuse_attention import FuseAttentionPass
 from bct_onnx.passes.fuse_gelu import FuseGeluPass
 from bct_onnx.passes.fuse_layer_norm import FuseLayerNormPass
 from bct_onnx.passes.fuse_matmul_epilogue import FuseMatMulEpiloguePass
@@ -65,6 +66,7 @@ __all__ = [
     "FoldConstantWeightsPass",
     "FoldShapeArithmeticPass",
     "FuseAddNormPass",
+    "FuseAttentionPass",
     "FuseGeluPass",
     "FuseLayerNormPass",
     "FuseMatMulEpiloguePass",

@@ -130,6 +130,7 @@ OrtStatusPtr InferResult(OrtShapeInferContext* ctx, const InferDims& logical) {
 }  // namespace bct
 
 #include "ops/act_matmul_io.h"
+#include "ops/attention_io.h"
 
 namespace bct {
 namespace nonlinear {
@@ -168,6 +169,15 @@ OrtStatusPtr ORT_API_CALL ActMatMulSchema::InferOutputShape(const OrtCustomOp*, 
     out.dims.push_back(b.dims[n_index]);
     out.symbols.push_back(b.symbols[n_index]);
     return InferResult(ctx, out);
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+// BlockAttention: Y has Q's shape, float32.
+OrtStatusPtr ORT_API_CALL AttentionSchema::InferOutputShape(const OrtCustomOp*, OrtShapeInferContext* ctx) noexcept {
+  try {
+    return InferResult(ctx, InferInputDims(ctx, 0));
   } catch (...) {
     return nullptr;
   }
