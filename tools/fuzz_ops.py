@@ -37,12 +37,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 import onnx
 import onnxruntime as ort  # imported before the children fork: each case then starts in milliseconds
 from fuzz_common import run_forked, table
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from bct_onnx import ops, reference, reference_ops
 from bct_onnx.block_format import (
@@ -57,7 +56,7 @@ from bct_onnx.block_format import (
 from bct_onnx.runtime import session
 
 NODE = "fuzz_node"
-TIMEOUT_SECONDS = 60.0
+TIMEOUT_SECONDS = 60.0  # a case needs about a second; a 2-core machine under heavy load, much more
 CI_SEEDS = 400
 OUTCOMES = ("ok", "clean-error", "unclear-error", "refused", "wrong-result", "crash", "hang")
 FAILURES = ("unclear-error", "refused", "wrong-result", "crash", "hang", "fuzzer-error")
@@ -67,16 +66,6 @@ ISA_FLAGS = {
     "avx2": {"avx2", "fma"},
     "avx512": {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"},
     "avx512vnni": {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"},
-}
-ONNX_TYPES = {
-    np.dtype(np.float32): TensorProto.FLOAT,
-    np.dtype(np.float64): TensorProto.DOUBLE,
-    np.dtype(np.float16): TensorProto.FLOAT16,
-    np.dtype(np.uint8): TensorProto.UINT8,
-    np.dtype(np.int8): TensorProto.INT8,
-    np.dtype(np.int32): TensorProto.INT32,
-    np.dtype(np.int64): TensorProto.INT64,
-    np.dtype(ml_dtypes.float8_e5m2): TensorProto.FLOAT8E5M2,
 }
 OTHER_DTYPES = (np.float64, np.float16, np.int32, np.int64, np.uint8, np.int8, np.float32)
 SCALE_KINDS = (ScaleKind.FLOAT16, ScaleKind.FLOAT32, ScaleKind.POW2)
@@ -113,7 +102,7 @@ class OpCase:
                 inits.append(numpy_helper.from_array(value, name))
             else:
                 shape = list(value.shape) if self.declare_shapes else None
-                inputs.append(helper.make_tensor_value_info(name, ONNX_TYPES[value.dtype], shape))
+                inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), shape))
         outputs = [helper.make_value_info(o, onnx.TypeProto()) for o in self.outputs]
         graph = helper.make_graph([node], "fuzz", inputs, outputs, initializer=inits)
         return helper.make_model(
@@ -553,7 +542,8 @@ def _matmul_check(case: OpCase, got: list[np.ndarray], want: list[np.ndarray]) -
         if values.get("bias") is not None:
             magnitude = magnitude + np.abs(values["bias"].astype(np.float64))
         tolerance = (k + 4) * 2.0**-24 * magnitude
-        tolerance = np.where(np.isnan(tolerance), 0.0, tolerance)  # a NaN operand: exact agreement
+        # plus one rounding of a subnormal per term: the relative bound does not hold below 2**-126
+        tolerance = np.where(np.isnan(tolerance), 0.0, tolerance) + (k + 4) * 2.0**-149
         if attrs.get("out_bits"):  # requantized Y: compare the values, one code step apart at most
             fmt = BlockFormat(int(attrs["out_bits"]), int(attrs["out_block_size"]), bool(attrs.get("out_symmetric", 1)),
                               ScaleKind(attrs.get("out_scale_kind") or "float16"))
@@ -639,7 +629,14 @@ def run_cases(cases: list[OpCase], jobs: int = 2, echo: bool = False) -> list[di
         if echo and result["outcome"] not in ("ok", "clean-error"):
             print(f"{result['outcome']:13s} {case.name}  {result.get('detail', '')[:200]}", flush=True)
 
-    return run_forked(run_case, cases, jobs=jobs, timeout=TIMEOUT_SECONDS, on_result=show)
+    results = run_forked(run_case, cases, jobs=jobs, timeout=TIMEOUT_SECONDS)
+    # A case that took the whole timeout on a loaded machine runs once more, alone, with twice the time.
+    again = [i for i, r in enumerate(results) if r["outcome"] == "hang"]
+    for i, result in zip(again, run_forked(run_case, [cases[i] for i in again], jobs=1, timeout=2 * TIMEOUT_SECONDS)):
+        results[i] = result
+    for case, result in zip(cases, results):
+        show(case, result)
+    return results
 
 
 def ci_cases() -> list[OpCase]:
