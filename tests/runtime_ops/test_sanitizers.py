@@ -21,13 +21,16 @@ FUZZ_SEEDS = 200  # of the CI set's 400: the sanitized kernels run about 3x slow
 OP_TESTS = [
     "tests/runtime_ops/test_errors.py",
     "tests/runtime_ops/test_block_quantize.py",
-    "tests/runtime_ops/test_block_dequantize.py",
     "tests/runtime_ops/test_block_gather.py",
     "tests/runtime_ops/test_act_matmul.py",
 ]
-# BlockMatMul's and the nonlinear ops' suites are large: their edge cases (sizes, empty, non-finite,
-# magnitudes, bad inputs) on every path.
+# Large suites: their edge cases (sizes, empty, non-finite, magnitudes, bad inputs, the fast paths) on
+# every path; the fuzzer covers the random sweeps (float offsets included).
 OP_TESTS_SELECTED = [
+    (
+        "tests/runtime_ops/test_block_dequantize.py",
+        "of_quantize or fast_paths or bad or rank1 or extreme or picks_kind or float32_offsets",
+    ),
     (
         "tests/runtime_ops/test_matmul.py",
         "exact_block_sizes or empty or non_finite or magnitudes or beyond or bad or ranks_and_rows or exact_k_below",
