@@ -43,6 +43,7 @@ TOP_LEVEL_KEYS = (
     "format",
     "qdq_activations",
     "rotation",
+    "kind_defaults",
     "op",
     "override",
 )

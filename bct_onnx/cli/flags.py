@@ -211,6 +211,12 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
         help="rotate a pre-RMSNorm decoder's residual stream by a randomized Hadamard matrix folded into "
         "the weights (QuaRot-style; off by default, see docs/results.md)",
     )
+    parser.add_argument(
+        "--no-kind-defaults",
+        action="store_true",
+        help="take the flags as they are: no decoder defaults (decoders otherwise get float8e5m2 weight "
+        "scales and one more bit on a tied embedding / output table; docs/results.md)",
+    )
     # Applied after --config, in this order.
     parser.add_argument(
         "--config",
@@ -293,6 +299,8 @@ def config_from_flags(args: argparse.Namespace, parser: argparse.ArgumentParser)
         fields["symmetric"] = False
     if given.get("rotate"):
         fields["rotation"] = True
+    if given.get("no_kind_defaults"):
+        fields["kind_defaults"] = False
     try:
         return apply_controls(make_config(base, **fields), args.op_bits, args.override)
     except (ValueError, TypeError) as exc:
