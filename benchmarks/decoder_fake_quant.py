@@ -40,6 +40,9 @@ PLANS: dict[str, tuple[BlockFormat, BlockFormat, list[tuple[str, BlockFormat]]]]
     "t5-down-asym": (fmt(5), fmt(4), [("down_proj", fmt(4, symmetric=False))]),
     "t5-v6": (fmt(5), fmt(4), [("v_proj", fmt(6))]),  # the decoder default
     "t5-v8": (fmt(5), fmt(4), [("v_proj", fmt(8))]),
+    "t6-v6-q3-k3-gate3": (fmt(6), fmt(4), [("v_proj", fmt(6)), ("(q_proj|k_proj|gate_proj)", fmt(3))]),
+    "t6-v6-q3-k3-o3": (fmt(6), fmt(4), [("v_proj", fmt(6)), ("(q_proj|k_proj|o_proj)", fmt(3))]),
+    "t5-v8-q3-k3": (fmt(5), fmt(4), [("v_proj", fmt(8)), ("(q_proj|k_proj)", fmt(3))]),
     "t5-v5-ends5": (fmt(5), fmt(4), [("v_proj", fmt(5)), (r"layers\.(0|29)\.", fmt(5))]),
 }
 GROUPS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", r"layers\.(0|1)\.", r"layers\.(28|29)\.")
