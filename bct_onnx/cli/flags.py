@@ -171,7 +171,8 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
         "--scale-kind",
         choices=[kind.value for kind in ScaleKind],
         default=quiet,
-        help="how block scales are stored (default: float16; float8e5m2: one byte a block, weights only)",
+        help="how block scales are stored (default: float16, decoders float8e5m2 unless --no-kind-defaults; "
+        "float8e5m2: one byte a block, weights only)",
     )
     parser.add_argument(
         "--embedding-scale-kind",
