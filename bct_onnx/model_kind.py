@@ -45,14 +45,16 @@ def _exact(key: str) -> str:
 def apply_kind_defaults(model: ir.Model, config: CompressConfig) -> tuple[CompressConfig, dict[str, Any]]:
     """config with the defaults of the model's kind on fields still at their class defaults, and a note.
 
-    Nothing changes when config.kind_defaults is off, when a budget chooses the bits, or for encoders.
+    Nothing changes when config.kind_defaults is off, when a budget chooses the bits, for asymmetric
+    formats (the decoder plan was measured with symmetric codes; config files such as
+    docs/configs/smollm2-w4a8.toml keep their measured meaning), or for encoders.
     A tied table or weight that the user's op settings or overrides already pin keeps its format.
     """
     from bct_onnx.budget import find_units
 
     kind = model_kind(model)
     note: dict[str, Any] = {"kind": kind, "changed": []}
-    if kind != DECODER or not config.kind_defaults or config.budgeted:
+    if kind != DECODER or not config.kind_defaults or config.budgeted or not config.symmetric:
         return config, note
     changed: list[str] = note["changed"]
     fields: dict[str, Any] = {}

@@ -93,7 +93,7 @@ def test_decoder_widens_the_weights_its_rules_name():
 
 def test_encoder_off_switch_budget_and_explicit_choices_are_left_alone():
     assert apply_kind_defaults(encoder(), CompressConfig())[0] == CompressConfig()
-    for config in (CompressConfig(kind_defaults=False), CompressConfig(target_ratio=6.0)):
+    for config in (CompressConfig(kind_defaults=False), CompressConfig(target_ratio=6.0), CompressConfig(symmetric=False)):
         assert apply_kind_defaults(tied_decoder(), config)[0] is config
     model = tied_decoder()
     explicit, _ = apply_kind_defaults(model, CompressConfig(scale_kind="pow2", embedding_bits=8))
