@@ -218,6 +218,11 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
         help="take the flags as they are: no decoder defaults (decoders otherwise get float8e5m2 weight "
         "scales and one more bit on a tied embedding / output table; docs/results.md)",
     )
+    parser.add_argument(
+        "--no-fuse-attention",
+        action="store_true",
+        help="keep attention as BlockActMatMul + BlockSoftmax instead of one BlockAttention op",
+    )
     # Applied after --config, in this order.
     parser.add_argument(
         "--config",
@@ -302,6 +307,8 @@ def config_from_flags(args: argparse.Namespace, parser: argparse.ArgumentParser)
         fields["rotation"] = True
     if given.get("no_kind_defaults"):
         fields["kind_defaults"] = False
+    if given.get("no_fuse_attention"):
+        fields["fuse_attention"] = False
     try:
         return apply_controls(make_config(base, **fields), args.op_bits, args.override)
     except (ValueError, TypeError) as exc:
