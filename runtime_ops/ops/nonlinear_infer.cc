@@ -97,6 +97,12 @@ static InferDims AssumedRank3() {
   return d;
 }
 
+OrtStatusPtr InferFloatOutput(OrtShapeInferContext* ctx, size_t index, const InferDims& inferred) {
+  const InferDims logical = inferred.known ? inferred : AssumedRank3();  // as InferResult below
+  return SetOutput(ctx, index, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, logical, logical.dims.back(),
+                   logical.symbols.back());
+}
+
 OrtStatusPtr InferResult(OrtShapeInferContext* ctx, const InferDims& inferred) {
   // An operand of unknown rank: the outputs still need their dtypes (ONNX Runtime would otherwise type
   // them like an input, and the kernel would refuse its own output), so they get a transformer's rank 3
@@ -135,6 +141,7 @@ OrtStatusPtr InferResult(OrtShapeInferContext* ctx, const InferDims& inferred) {
 }  // namespace bct
 
 #include "ops/act_matmul_io.h"
+#include "ops/attention_io.h"
 
 namespace bct {
 namespace nonlinear {
@@ -173,6 +180,15 @@ OrtStatusPtr ORT_API_CALL ActMatMulSchema::InferOutputShape(const OrtCustomOp*, 
     out.dims.push_back(b.dims[n_index]);
     out.symbols.push_back(b.symbols[n_index]);
     return InferResult(ctx, out);
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+// BlockAttention: Y has Q's shape, float32.
+OrtStatusPtr ORT_API_CALL AttentionSchema::InferOutputShape(const OrtCustomOp*, OrtShapeInferContext* ctx) noexcept {
+  try {
+    return InferResult(ctx, InferInputDims(ctx, 0));
   } catch (...) {
     return nullptr;
   }

@@ -330,6 +330,7 @@ DEFAULT_ORDER = [
     "FoldShapeArithmeticPass",
     "QuantizeMatMulPass",
     "QuantizeGatherPass",
+    "FuseAttentionPass",
     "QuantizeActMatMulPass",
     "FuseGeluPass",
     "QuantizeGeluPass",
@@ -339,7 +340,9 @@ DEFAULT_ORDER = [
     "FuseLayerNormPass",
     "FuseRMSNormPass",
     "QuantizeLayerNormPass",
+    "FuseMatMulEpiloguePass",
     "CompressIntermediatesPass",
+    "FuseAddNormPass",
     "RemoveUnusedNodesPass",
     "RemoveUnusedOpsetsPass",
     "TopologicalSortPass",
@@ -353,7 +356,7 @@ def test_pass_order_is_pinned():
     weights_only = [
         type(p).__name__ for p in build_passes(CompressConfig(ops=frozenset({"MatMul", "Gather"})))
     ]
-    assert weights_only == [name for name in DEFAULT_ORDER if name not in DEFAULT_ORDER[6:16]]
+    assert weights_only == [name for name in DEFAULT_ORDER if name not in DEFAULT_ORDER[6:19]]
 
 
 def test_docs_list_the_passes_in_the_order_they_run():
