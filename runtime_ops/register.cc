@@ -35,6 +35,7 @@ constexpr AppendOps kOpFamilies[] = {
     bct::AppendQuantizeCpuOps, bct::AppendDequantizeCpuOps, bct::AppendGatherCpuOps,
     bct::AppendMatMulCpuOps,   bct::AppendActMatMulCpuOps,  bct::AppendNonlinearRowCpuOps,
     bct::AppendAttentionCpuOps,
+    bct::AppendAddNormCpuOps,
 #if defined(BCT_WITH_CUDA) && BCT_WITH_CUDA
     bct::AppendBlockCudaOps,   bct::AppendMatMulCudaOps,    bct::AppendNonlinearCudaOps,
     bct::AppendAttentionCudaOps,
