@@ -12,8 +12,9 @@ alike; compare ratios, not milliseconds across runs):
                transformers than bct-onnx pins, so it runs in a venv of its own (--genai-venv; made
                with --setup-genai); without it the column says why
   bct-default  bct-onnx default config (every component compressed)
-  bct-unfused  bct-onnx default config without the fused ops (fuse_ops=False: no MatMul epilogues,
-               no residual Add + norm ops), to measure what the fusions give
+  bct-unfused  bct-onnx default config without the fused ops (fuse_ops=False, fuse_attention=False:
+               no MatMul epilogues, no residual Add + norm ops, no BlockAttention), to measure what
+               the fusions give
   bct-mm-gather  bct-onnx ops=MatMul,Gather
 
 on: all-MiniLM-L6-v2 (real weights) batch 8 x 64 tokens; a BERT-base-shaped encoder (random
@@ -248,7 +249,7 @@ def build_variant(
         return Path(notes.pop("path")), notes
     overrides: dict[str, Any] = {
         "bct-default": {},
-        "bct-unfused": {"fuse_ops": False},
+        "bct-unfused": {"fuse_ops": False, "fuse_attention": False},
         "bct-mm-gather": {"ops": frozenset({"MatMul", "Gather"})},
     }[key]
     _, report = bct_onnx.compress(model.fp32, dst, **overrides)
