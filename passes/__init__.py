@@ -10,6 +10,7 @@ from bct_onnx.passes.compress_intermediates import (
     CompressIntermediatesPass,
     compressed_activations,
 )
+from bct_onnx.passes.compress_kv_cache import CompressKVCachePass
 from bct_onnx.passes.convert_opset import ConvertOpsetPass, OpsetConversionError
 from bct_onnx.passes.convert_to_qdq import ConvertToQDQPass
 from bct_onnx.passes.fold_constant_weights import FoldConstantWeightsPass
@@ -54,6 +55,7 @@ __all__ = [
     "ActivationSummary",
     "CheckModelPass",
     "CompressIntermediatesPass",
+    "CompressKVCachePass",
     "CompressPass",
     "CompressPassResult",
     "CompressedTensor",

@@ -25,6 +25,7 @@ from bct_onnx.passes.compress_intermediates import (
     CompressIntermediatesPass,
     compressed_activations,
 )
+from bct_onnx.passes.compress_kv_cache import CompressKVCachePass
 from bct_onnx.passes.convert_to_qdq import ConvertToQDQPass
 from bct_onnx.passes.fold_constant_weights import FoldConstantWeightsPass
 from bct_onnx.passes.fold_shape_arithmetic import FoldShapeArithmeticPass
@@ -70,6 +71,9 @@ _EXTERNAL_DATA_BYTES = 1 << 30
 #   pass rewrote.
 # - The weight passes come first, so the weight-only pass list is a prefix of the full one; the
 #   fusions of the activation kinds then see BlockMatMul results, which they do not mind.
+# - CompressKVCachePass (config.kv_cache_bits) runs after CompressIntermediatesPass: it changes graph
+#   inputs and outputs only, and its BlockDequantize hands attention the float cache the passes
+#   before it saw.
 QUANTIZE_PASSES: dict[str, Callable[[CompressConfig], ir.passes.PassBase]] = {
     "MatMul": QuantizeMatMulPass,
     "Gather": QuantizeGatherPass,
@@ -163,6 +167,8 @@ def rewrite_passes(
             quantize.append(factory(config, hessians, damping) if calibrated else factory(config))  # type: ignore[call-arg]
     if any(config.enabled(kind) for kind in ACTIVATION_OPS):
         quantize.append(CompressIntermediatesPass(config))
+    if config.compresses_kv_cache:
+        quantize.append(CompressKVCachePass(config))
     if config.format == "qdq":
         quantize.append(ConvertToQDQPass(activations=config.qdq_activations))
     cleanup: list[ir.passes.PassBase] = [

@@ -329,6 +329,7 @@ DEFAULT_ORDER = [
     "FuseRMSNormPass",
     "QuantizeLayerNormPass",
     "CompressIntermediatesPass",
+    "CompressKVCachePass",
     "RemoveUnusedNodesPass",
     "RemoveUnusedOpsetsPass",
     "TopologicalSortPass",
@@ -343,6 +344,10 @@ def test_pass_order_is_pinned():
         type(p).__name__ for p in build_passes(CompressConfig(ops=frozenset({"MatMul", "Gather"})))
     ]
     assert weights_only == [name for name in DEFAULT_ORDER if name not in DEFAULT_ORDER[6:16]]
+    float_cache = [type(p).__name__ for p in build_passes(CompressConfig(kv_cache_bits=None))]
+    assert float_cache == [name for name in DEFAULT_ORDER if name != "CompressKVCachePass"]
+    qdq = [type(p).__name__ for p in build_passes(CompressConfig(format="qdq"))]
+    assert "CompressKVCachePass" not in qdq
 
 
 def test_docs_list_the_passes_in_the_order_they_run():
