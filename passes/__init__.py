@@ -41,6 +41,7 @@ from bct_onnx.passes.pipeline import (
     compress_model,
 )
 from bct_onnx.passes.quantize_act_matmul import QuantizeActMatMulPass
+from bct_onnx.passes.quantize_fused_ops import QuantizeFusedOpsPass
 from bct_onnx.passes.quantize_gather import QuantizeGatherPass
 from bct_onnx.passes.quantize_gelu import QuantizeGeluPass
 from bct_onnx.passes.quantize_layer_norm import QuantizeLayerNormPass
@@ -77,6 +78,7 @@ __all__ = [
     "PassReport",
     "PipelineResult",
     "QuantizeActMatMulPass",
+    "QuantizeFusedOpsPass",
     "QuantizeGatherPass",
     "QuantizeGeluPass",
     "QuantizeLayerNormPass",

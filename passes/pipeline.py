@@ -37,6 +37,7 @@ from bct_onnx.passes.fuse_silu import FuseSiluPass
 from bct_onnx.passes.gemm_to_matmul import GemmToMatMulPass
 from bct_onnx.passes.infer_shapes import annotate_shapes
 from bct_onnx.passes.quantize_act_matmul import QuantizeActMatMulPass
+from bct_onnx.passes.quantize_fused_ops import QuantizeFusedOpsPass
 from bct_onnx.passes.quantize_gather import QuantizeGatherPass
 from bct_onnx.passes.quantize_gelu import QuantizeGeluPass
 from bct_onnx.passes.quantize_layer_norm import QuantizeLayerNormPass
@@ -66,6 +67,9 @@ _EXTERNAL_DATA_BYTES = 1 << 30
 #   shape arithmetic collapses to one copy: SmolLM2 compresses to 1,700 nodes instead of 6,692).
 # - MatMul before Gather: a table tied to the output projection is quantized (GPTQ-rounded when
 #   calibrated) for the MatMul in the Gather's layout, and the embedding Gather reuses those codes.
+# - QuantizeFusedOpsPass follows the weight passes: the weights ONNX Runtime's fused ops hold
+#   (Attention's QKV, EmbedLayerNormalization's word table) in a graph its transformer optimizer
+#   already fused; it only runs where those com.microsoft nodes exist.
 # - QuantizeMatMulPass reports attention's activation x activation MatMuls as skipped;
 #   QuantizeActMatMulPass then rewrites them, and compress_model drops the skips of nodes a later
 #   pass rewrote.
@@ -165,6 +169,8 @@ def rewrite_passes(
         if config.enabled(op_type):
             calibrated = op_type == "MatMul" and hessians is not None
             quantize.append(factory(config, hessians, damping) if calibrated else factory(config))  # type: ignore[call-arg]
+        if op_type == "Gather" and config.format == "bct" and (config.enabled("MatMul") or config.enabled("Gather")):
+            quantize.append(QuantizeFusedOpsPass(config))
     if any(config.enabled(kind) for kind in ACTIVATION_OPS):
         quantize.append(CompressIntermediatesPass(config))
     if config.compresses_kv_cache:

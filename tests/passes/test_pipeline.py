@@ -319,6 +319,7 @@ DEFAULT_ORDER = [
     "FoldShapeArithmeticPass",
     "QuantizeMatMulPass",
     "QuantizeGatherPass",
+    "QuantizeFusedOpsPass",
     "QuantizeActMatMulPass",
     "FuseGeluPass",
     "QuantizeGeluPass",
@@ -343,7 +344,7 @@ def test_pass_order_is_pinned():
     weights_only = [
         type(p).__name__ for p in build_passes(CompressConfig(ops=frozenset({"MatMul", "Gather"})))
     ]
-    assert weights_only == [name for name in DEFAULT_ORDER if name not in DEFAULT_ORDER[6:16]]
+    assert weights_only == [name for name in DEFAULT_ORDER if name not in DEFAULT_ORDER[7:17]]
     float_cache = [type(p).__name__ for p in build_passes(CompressConfig(kv_cache_bits=None))]
     assert float_cache == [name for name in DEFAULT_ORDER if name != "CompressKVCachePass"]
     qdq = [type(p).__name__ for p in build_passes(CompressConfig(format="qdq"))]
