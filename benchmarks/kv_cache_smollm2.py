@@ -23,14 +23,14 @@ import onnx_ir as ir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts (benchmarks/ is no package)
 import compare_speed
+from bct_onnx.models import families
+from bct_onnx.models.perplexity import onnx_cached_logits_fn, perplexity_of_ids
+from bct_onnx.passes import CompressKVCachePass
 
 import bct_onnx
 from bct_onnx import kv_cache
 from bct_onnx.config import CompressConfig
 from bct_onnx.evaluate import evaluation_ids, known_model_export, load_tokenizer
-from bct_onnx.models import families
-from bct_onnx.models.perplexity import onnx_cached_logits_fn, perplexity_of_ids
-from bct_onnx.passes import CompressKVCachePass
 from bct_onnx.tokenizer import find_tokenizer_dir
 
 

@@ -124,7 +124,9 @@ class QuantizeFusedOpsPass(NodeRewritePass):
             node.replace_input_with(matched.slot, dequantize.outputs[0])
             report.count(RULE_ATTENTION)
         else:
-            graph.insert_before(node, self._gathered_table(node, stored, attributes, quantized.axis_size, base))
+            graph.insert_before(
+                node, self._gathered_table(node, stored, attributes, quantized.axis_size, base)
+            )
             report.count(RULE_EMBED)
         register_domain(model)
         if quantized.widened:
@@ -149,7 +151,9 @@ class QuantizeFusedOpsPass(NodeRewritePass):
             nodes.append(new)
             return new.outputs[0]
 
-        rows = ir.node(ops.BLOCK_GATHER, [ids, *stored], attributes, domain=ops.DOMAIN, name=f"{base}.word_rows")
+        rows = ir.node(
+            ops.BLOCK_GATHER, [ids, *stored], attributes, domain=ops.DOMAIN, name=f"{base}.word_rows"
+        )
         rows.outputs[0].name = f"{base}.word_rows_output"
         nodes.append(rows)
         flat_shape = const("flat_shape", np.array([-1, width], np.int64))
@@ -159,7 +163,9 @@ class QuantizeFusedOpsPass(NodeRewritePass):
             assert value.producer() is not None
             nodes.append(value.producer())  # type: ignore[arg-type]
         table = add("Reshape", [rows.outputs[0], flat_shape], "word_table")
-        count = add("Cast", [add("Size", [ids], "token_count")], "token_count_int32", to=int(ir.DataType.INT32))
+        count = add(
+            "Cast", [add("Size", [ids], "token_count")], "token_count_int32", to=int(ir.DataType.INT32)
+        )
         positions = add("Range", [zero, count, one], "row_ids")
         row_ids = add("Reshape", [positions, add("Shape", [ids], "ids_shape")], "row_ids_shaped")
         node.replace_input_with(0, row_ids)
