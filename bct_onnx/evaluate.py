@@ -33,7 +33,7 @@ from bct_onnx.calibration import CalibrationError, calibration_texts
 from bct_onnx.config import CompressConfig
 from bct_onnx.errors import BctOnnxError
 from bct_onnx.extras import require
-from bct_onnx.kv_cache import bytes_per_token, empty_cache
+from bct_onnx.kv_cache import bytes_per_token, empty_cache, session_formats
 from bct_onnx.models import smollm2
 from bct_onnx.models.cache import cache_dir
 from bct_onnx.models.perplexity import (
@@ -209,7 +209,6 @@ class EvalResult:
                 f"time         {times}",
             ]
         )
-
 
     def _cache_lines(self) -> list[str]:
         if self.kv_step is None:
@@ -420,6 +419,15 @@ class GreedyDecoder:
         return new
 
 
+def _cache_note(fp32: GreedyDecoder, compressed: GreedyDecoder) -> str:
+    """What the compressed model's cache holds, and its bytes per token against FP32's."""
+    session = compressed.session
+    formats = session_formats(session)
+    kind = f"{next(iter(formats.values())).bits}-bit codes" if formats else "float"
+    ours, theirs = bytes_per_token(session.get_inputs()), bytes_per_token(fp32.session.get_inputs())
+    return f"KV-cache export, compressed cache {kind}: {ours:,} bytes per token (FP32 {theirs:,})"
+
+
 @dataclasses.dataclass
 class GenerateResult:
     prompt: str
@@ -438,7 +446,9 @@ class GenerateResult:
         return dataclasses.asdict(self)
 
     def summary(self) -> str:
-        mode = "KV cache" if self.kv_cache else f"no KV cache, recomputing ({self.kv_cache_note})"
+        mode = (
+            f"{self.kv_cache_note}" if self.kv_cache else f"no KV cache, recomputing ({self.kv_cache_note})"
+        )
         times = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
         return "\n".join(
             [
@@ -523,7 +533,11 @@ def generate(
                 compressed_tokens=len(comp_new),
                 kv_cache=compressed.uses_cache,
                 kv_cache_note=note
-                or ("KV-cache export" if with_past else "no KV cache asked for, or the graph has none"),
+                or (
+                    _cache_note(fp32, compressed)
+                    if with_past
+                    else "no KV cache asked for, or the graph has none"
+                ),
                 fp32_bytes=report.input_bytes,
                 compressed_bytes=report.output_bytes,
                 calibration=dict(report.calibration or {}),

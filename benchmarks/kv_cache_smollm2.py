@@ -44,18 +44,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--past", type=int, default=128)
     parser.add_argument("--calibration", default="auto", choices=("auto", "none"))
     parser.add_argument("--tiny", action="store_true", help="a tiny random Llama instead (a smoke run)")
+    parser.add_argument("--no-perplexity", action="store_true", help="sizes and decode-step times only")
+    parser.add_argument(
+        "--work", type=Path, help="keep the models here; a compressed model found here is reused"
+    )
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bct_kv_bench_") as tmp:
-        work = Path(tmp)
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         if args.tiny:
             fp32 = families.export_tiny("llama", work / "tiny", with_past=True)[0]
         else:
             fp32 = known_model_export("smollm2", with_past=True)
         tokenizer_dir = find_tokenizer_dir(fp32.parent)
-        start = time.perf_counter()
-        bct_onnx.compress(fp32, work / "bct_float_cache.onnx", kv_cache_bits=None, calibration=args.calibration)
-        print(f"compress (float cache): {time.perf_counter() - start:.1f} s", flush=True)
+        if not (work / "bct_float_cache.onnx").is_file():
+            start = time.perf_counter()
+            bct_onnx.compress(
+                fp32, work / "bct_float_cache.onnx", kv_cache_bits=None, calibration=args.calibration
+            )
+            print(f"compress (float cache): {time.perf_counter() - start:.1f} s", flush=True)
         paths = {"FP32": fp32, "bct, float cache": work / "bct_float_cache.onnx"}
         for bits in (8, 4):
             model = ir.load(paths["bct, float cache"])
@@ -70,13 +78,17 @@ def main(argv: list[str] | None = None) -> int:
         per_token = {label: kv_cache.bytes_per_token(s.get_inputs()) for label, s in sessions.items()}
 
         ppl: dict[str, float] = {}
-        if tokenizer_dir is not None and not args.tiny:
+        if tokenizer_dir is not None and not args.tiny and not args.no_perplexity:
             ids = evaluation_ids(load_tokenizer(tokenizer_dir), args.tokens, calibration_text="auto")
             for label, session in sessions.items():
                 start = time.perf_counter()
                 fn = onnx_cached_logits_fn(session, args.kv_step)
-                ppl[label] = perplexity_of_ids(ids, fn, window=args.window, stride=args.window // 2).perplexity
-                print(f"perplexity {label}: {ppl[label]:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+                ppl[label] = perplexity_of_ids(
+                    ids, fn, window=args.window, stride=args.window // 2
+                ).perplexity
+                print(
+                    f"perplexity {label}: {ppl[label]:.4f} ({time.perf_counter() - start:.0f} s)", flush=True
+                )
 
         head_dim = next(
             fmt.head_dim for fmt in kv_cache.session_formats(sessions["bct, 8-bit cache"]).values()

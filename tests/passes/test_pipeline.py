@@ -220,8 +220,19 @@ def test_opset_too_old_is_refused_not_bumped():
 def test_conflicting_domain_version_is_refused():
     model = tied_model()
     model.opset_imports[DOMAIN] = 7
+    first = next(iter(model.graph))
+    model.graph.insert_before(first, ir.node("BlockQuantize", [first.inputs[0]], domain=DOMAIN, num_outputs=2))
     with pytest.raises(DomainVersionError, match="ai.bct_onnx version 7"):
         compress_model(model, CompressConfig())
+
+
+def test_an_unused_import_of_the_domain_is_replaced():
+    # ONNX Runtime's transformer optimizer, in a process that registered the library, imports every
+    # custom domain it knows at version 1000, with no node in it.
+    model = tied_model()
+    model.opset_imports[DOMAIN] = 1000
+    result = compress_model(model, CompressConfig())
+    assert result.model.opset_imports[DOMAIN] == 1
 
 
 def test_progress_callback():
