@@ -178,3 +178,28 @@ def test_onnx_checker_accepts_the_rewritten_graph() -> None:
     outputs = {v.name: v for v in model.graph.outputs}
     assert list(outputs[f"{PRESENT}.codes"].shape) == ["batch", HEADS, "total", HEAD_DIM]  # 8-bit: 24 bytes
     assert list(outputs[f"{PRESENT}.scales"].shape) == ["batch", HEADS, "total", 1]
+
+
+def test_output_directory_for_optimum_keeps_a_float_cache(tmp_path: Path) -> None:
+    from bct_onnx.models.families import build_tiny
+
+    import bct_onnx
+
+    source = build_tiny("llama", tmp_path / "llama")
+    to_dir = bct_onnx.compress(
+        source, f"{tmp_path / 'dir'}/", task="text-generation-with-past", calibration="none"
+    )
+    assert any("the KV cache stays float" in warning for warning in to_dir.report.warnings)
+    to_file = bct_onnx.compress(
+        source, tmp_path / "file.onnx", task="text-generation-with-past", calibration="none"
+    )
+    assert not any("KV cache" in warning for warning in to_file.report.warnings)
+    types = {
+        name: {
+            i.name: i.type for i in session(str(path)).get_inputs() if i.name.startswith(kv_cache.PAST_PREFIX)
+        }
+        for name, path in (("dir", tmp_path / "dir" / "model.onnx"), ("file", tmp_path / "file.onnx"))
+    }
+    assert set(types["dir"].values()) == {"tensor(float)"}
+    assert set(types["file"].values()) == {"tensor(uint8)", "tensor(float16)"}
+    assert len(types["file"]) == 2 * len(types["dir"])
