@@ -123,7 +123,11 @@ def _annotate_matmul_result(node: ir.Node) -> None:
     a_shape = value_shape(node.inputs[0]) if node.inputs else None
     if a_shape is None or len(a_shape) == 0:
         return
-    value.meta[SHAPE_KEY] = ir.Shape([*list(a_shape)[:-1], int_attr(node, "N")])
+    n = int_attr(node, "N")
+    epilogue = node.attributes.get("epilogue")
+    if epilogue is not None and epilogue.as_string() == "silu_gate":
+        n //= 2  # gate and up rows give one output column each pair
+    value.meta[SHAPE_KEY] = ir.Shape([*list(a_shape)[:-1], n])
 
 
 def _operand_shape_hint(producer_node: ir.Node, value: ir.Value) -> ir.Shape | None:

@@ -89,6 +89,12 @@ OrtStatusPtr SetOutput(OrtShapeInferContext* ctx, size_t index, ONNXTensorElemen
 
 }  // namespace
 
+OrtStatusPtr InferFloatOutput(OrtShapeInferContext* ctx, size_t index, const InferDims& logical) {
+  if (!logical.known) return nullptr;
+  return SetOutput(ctx, index, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, logical, logical.dims.back(),
+                   logical.symbols.back());
+}
+
 OrtStatusPtr InferResult(OrtShapeInferContext* ctx, const InferDims& logical) {
   if (!logical.known) return nullptr;
   const OrtApi& api = Ort::GetApi();
@@ -124,6 +130,7 @@ OrtStatusPtr InferResult(OrtShapeInferContext* ctx, const InferDims& logical) {
 }  // namespace bct
 
 #include "ops/act_matmul_io.h"
+#include "ops/attention_io.h"
 
 namespace bct {
 namespace nonlinear {
@@ -162,6 +169,15 @@ OrtStatusPtr ORT_API_CALL ActMatMulSchema::InferOutputShape(const OrtCustomOp*, 
     out.dims.push_back(b.dims[n_index]);
     out.symbols.push_back(b.symbols[n_index]);
     return InferResult(ctx, out);
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+// BlockAttention: Y has Q's shape, float32.
+OrtStatusPtr ORT_API_CALL AttentionSchema::InferOutputShape(const OrtCustomOp*, OrtShapeInferContext* ctx) noexcept {
+  try {
+    return InferResult(ctx, InferInputDims(ctx, 0));
   } catch (...) {
     return nullptr;
   }

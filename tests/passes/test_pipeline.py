@@ -342,6 +342,7 @@ DEFAULT_ORDER = [
     "QuantizeMatMulPass",
     "QuantizeGatherPass",
     "QuantizeFusedOpsPass",
+    "FuseAttentionPass",
     "QuantizeActMatMulPass",
     "FuseGeluPass",
     "QuantizeGeluPass",
@@ -351,7 +352,9 @@ DEFAULT_ORDER = [
     "FuseLayerNormPass",
     "FuseRMSNormPass",
     "QuantizeLayerNormPass",
+    "FuseMatMulEpiloguePass",
     "CompressIntermediatesPass",
+    "FuseAddNormPass",
     "CompressKVCachePass",
     "RemoveUnusedNodesPass",
     "RemoveUnusedOpsetsPass",
@@ -366,7 +369,7 @@ def test_pass_order_is_pinned():
     weights_only = [
         type(p).__name__ for p in build_passes(CompressConfig(ops=frozenset({"MatMul", "Gather"})))
     ]
-    assert weights_only == [name for name in DEFAULT_ORDER if name not in DEFAULT_ORDER[7:17]]
+    assert weights_only == [name for name in DEFAULT_ORDER if name not in DEFAULT_ORDER[7:20]]
     float_cache = [type(p).__name__ for p in build_passes(CompressConfig(kv_cache_bits=None))]
     assert float_cache == [name for name in DEFAULT_ORDER if name != "CompressKVCachePass"]
     qdq = [type(p).__name__ for p in build_passes(CompressConfig(format="qdq"))]
