@@ -9,8 +9,10 @@ axis=2)`` and returns ``present`` as a graph output. The pass replaces that by
     present.scales = Concat(past.scales, new.scales, axis=2)
     present_values = BlockDequantize(present.codes, present.scales) # what attention reads
 
-so old tokens are never requantized (one row per token and head). Shape reads of the cache that
-stop before head_dim (the past length) read the codes input instead. The format (bits, block size,
+so old tokens are never requantized (one row per token and head). A BlockAttention (FuseAttentionPass)
+whose K and V are both such caches reads their codes and scales directly (its kv_bits inputs), so
+no BlockDequantize runs. Shape reads of the cache that stop before head_dim (the past length) read
+the codes input instead. The format (bits, block size,
 head_dim per input) is stamped in the model's metadata (bct_onnx.kv_cache; docs/kv_cache.md).
 A cache input read any other way, or a Concat on another axis, is skipped with the reason.
 """
@@ -37,6 +39,8 @@ from bct_onnx.kv_cache import (
 logger = logging.getLogger(__name__)
 
 RULE = "KV cache input"
+RULE_ATTENTION = "BlockAttention reads the cache codes"
+_K_SLOT, _V_SLOT = 1, 4  # BlockAttention: K value/codes, scales, zero points at 1..3; V at 4..6
 
 
 class _Skip(Exception):
@@ -91,6 +95,7 @@ class CompressKVCachePass(CompressPass):
         if formats:
             register_domain(model)
             write_formats(model.metadata_props, formats)
+            _attend_to_codes(graph, report)
 
     def _match(self, past: ir.Value, outputs: set[int]) -> tuple[ir.Node, list[ir.Node], int]:
         if past.dtype != ir.DataType.FLOAT:
@@ -199,6 +204,50 @@ class CompressKVCachePass(CompressPass):
         graph.inputs.pop(index)
         graph.inputs.insert(index, past_scales)
         graph.inputs.insert(index, past_codes)
+
+
+def _cache_codes(value: ir.Value | None) -> tuple[ir.Node, KVCacheFormat] | None:
+    """The cache BlockDequantize behind value and its format, when value is one."""
+    node = value.producer() if value is not None else None
+    if node is None or node.domain != ops.DOMAIN or node.op_type != ops.BLOCK_DEQUANTIZE:
+        return None
+    if not node.name.endswith(".kv_dequantize"):
+        return None
+    attrs = {name: attr.as_int() for name, attr in node.attributes.items()}
+    return node, KVCacheFormat(attrs["bits"], attrs["block_size"], attrs["axis_size"])
+
+
+def _attend_to_codes(graph: ir.Graph, report: PassReport) -> None:
+    """BlockAttention nodes with float K and V from two caches of one format read their codes instead."""
+    for node in list(graph):
+        if node.domain != ops.DOMAIN or node.op_type != ops.BLOCK_ATTENTION:
+            continue
+        attr = node.attributes.get("kv_bits")
+        if attr is not None and attr.as_int() != 0:
+            continue
+        inputs = list(node.inputs) + [None] * (8 - len(node.inputs))
+        key, value = _cache_codes(inputs[_K_SLOT]), _cache_codes(inputs[_V_SLOT])
+        if key is None or value is None or key[1] != value[1]:
+            continue
+        fmt = key[1]
+        inputs[_K_SLOT : _K_SLOT + 3] = [key[0].inputs[0], key[0].inputs[1], None]
+        inputs[_V_SLOT : _V_SLOT + 3] = [value[0].inputs[0], value[0].inputs[1], None]
+        while inputs and inputs[-1] is None:
+            inputs.pop()
+        attributes = {name: attr.value for name, attr in node.attributes.items()}
+        attributes.update(kv_bits=fmt.bits, kv_block_size=fmt.block_size, kv_symmetric=1)
+        new = ir.node(
+            node.op_type,
+            inputs,
+            attributes,
+            domain=node.domain,
+            name=node.name,
+            num_outputs=len(node.outputs),
+        )
+        ir.convenience.replace_nodes_and_values(
+            graph, node, [node], [new], list(node.outputs), list(new.outputs)
+        )
+        report.count(RULE_ATTENTION)
 
 
 def _cache_skip(past: ir.Value, reason: str) -> Skip:

@@ -156,6 +156,11 @@ def test_tiny_decoder_decodes_through_a_compressed_cache(family: str, tmp_path: 
         result = compress_model(ir.load(past_path), CompressConfig(kv_cache_bits=bits, weight_bits=8))
         layers = sum(1 for v in fp32.get_inputs() if v.name.startswith(kv_cache.PAST_PREFIX))
         assert result.rewritten.get("KV cache input", 0) == (0 if bits is None else layers)
+        # FuseAttentionPass made one BlockAttention per layer: it reads K and V codes, no BlockDequantize.
+        assert result.rewritten.get("BlockAttention reads the cache codes", 0) == (
+            0 if bits is None else layers // 2
+        )
+        assert not any(node.op_type == "BlockDequantize" for node in result.model.graph)
         out = tmp_path / f"kv{bits}.onnx"
         ir.save(result.model, out)
         sess = session(str(out))
