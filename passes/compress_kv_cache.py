@@ -247,6 +247,11 @@ def _attend_to_codes(graph: ir.Graph, report: PassReport) -> None:
         ir.convenience.replace_nodes_and_values(
             graph, node, [node], [new], list(node.outputs), list(new.outputs)
         )
+        for dequantize, _ in (key, value):
+            if not dequantize.outputs[0].uses() and dequantize.graph is not None:
+                graph.remove(
+                    dequantize, safe=True
+                )  # the pass is usable alone, without the pipeline's cleanup
         report.count(RULE_ATTENTION)
 
 
