@@ -412,8 +412,10 @@ def make_models(work: Path, tiny: bool, only: set[str]) -> list[Callable[[], Mod
 # GEMV bandwidth
 
 
-def _gemv_chain(layers: int, k: int, kind: str) -> tuple[onnx.ModelProto, int]:
-    """A chain of `layers` M=1 4-bit GEMVs with distinct random weights; (model, weight bytes)."""
+def gemv_chain(layers: int, k: int, kind: str, rows: int = 1) -> tuple[onnx.ModelProto, int]:
+    """A chain of `layers` 4-bit block-32 [rows, k] x [k, k] products with distinct random weights (so
+    that they are read from memory, not cache); kind "bct" (BlockMatMul, int8 activations) or "ort"
+    (MatMulNBits accuracy level 4); (model, weight bytes)."""
     rng = np.random.default_rng(0)
     nodes, inits, nbytes = [], [], 0
     blocks = k // 32
@@ -462,8 +464,8 @@ def _gemv_chain(layers: int, k: int, kind: str) -> tuple[onnx.ModelProto, int]:
     graph = helper.make_graph(
         nodes,
         "gemv",
-        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, k])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [rows, k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [rows, k])],
         initializer=inits,
     )
     domain = (ops.DOMAIN, ops.DOMAIN_VERSION) if kind == "bct" else ("com.microsoft", 1)
@@ -652,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         gemv_lines = []
         chains = []
         for kind, label in (("bct", "bct-onnx BlockMatMul (int8 act)"), ("ort", "ORT MatMulNBits acc4")):
-            model_proto, nbytes = _gemv_chain(layers, k, kind)
+            model_proto, nbytes = gemv_chain(layers, k, kind)
             path = work / f"gemv-{kind}.onnx"
             onnx.save(model_proto, path)
             chains.append((label, _session(path, kind == "bct", args.threads), nbytes))
