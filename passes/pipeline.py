@@ -278,8 +278,12 @@ def compress_model(
     if calibration is not None and config.enabled("MatMul"):
         hessians = collect_hessians(work, calibration)
     damping = calibration.damping if calibration is not None else DEFAULT_DAMPING
-    for index, pass_ in enumerate(rewrite_passes(config, hessians, damping), start=len(canonical) + 1):
-        work = run(pass_, index, work)
+    try:
+        for index, pass_ in enumerate(rewrite_passes(config, hessians, damping), start=len(canonical) + 1):
+            work = run(pass_, index, work)
+    finally:
+        if hessians is not None:
+            hessians.close()  # its files on disk
     modified = any(record.modified for record in records)
     skipped = _drop_rewritten_later(skipped, work)
     return PipelineResult(work, modified, rewritten, skipped, records, warnings, compressed_activations(work))
