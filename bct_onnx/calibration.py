@@ -7,7 +7,9 @@ Only what GPTQ needs is kept ([K, K] float32 per activation), never the activati
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import heapq
 import logging
 import os
@@ -226,7 +228,7 @@ def model_session(model: ir.Model, providers: Iterable[str] = ("CPUExecutionProv
 
 # A calibration session holds at most about this many bytes of weights, or the largest weight when
 # that is larger: the float model runs in segments (consecutive nodes in topological order).
-SEGMENT_BYTES = 256 << 20
+SEGMENT_BYTES = 64 << 20
 
 
 class HessianStore(Mapping[MatMulKey, np.ndarray]):
@@ -402,6 +404,9 @@ def _run_segments(
     last_segment = max((i for i, acts in enumerate(targets_in) if acts), default=-1)
     options = ort.SessionOptions()
     options.add_session_config_entry("session.disable_prepacking", "1")
+    # Calibration batches are short: spinning worker threads would burn CPU waiting for work.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.enable_cpu_mem_arena = False  # its blocks outlive the session in the heap: RSS grew per segment
     with_library = any(node.domain == ops.DOMAIN for node in graph.node)
     kept: dict[str, list[np.ndarray]] = {}  # value name -> one array per batch
     feeds = [dict(batch) for batch in calibration.feeds]
@@ -413,26 +418,52 @@ def _run_segments(
             later = {name for name in produced if last_reader.get(name, -1) > index}
             acts = sorted(targets_in[index])
             outputs = sorted(later | (set(acts) & produced))
-            session = _segment_session(proto, folder, index, segment, inputs, outputs, kept, options, providers, with_library)
-            sums: dict[str, np.ndarray] = {}
+            # No outputs needed: the segment's Hessians (if any) are of its inputs, nothing need run.
+            session = (
+                _segment_session(proto, folder, index, segment, inputs, outputs, kept, options, providers, with_library)
+                if outputs
+                else None
+            )
+            sums = _HessianSums()
             for b, batch in enumerate(feeds):
                 run_feeds = {name: (batch[name] if name in graph_inputs else kept[name][b]) for name in inputs}
                 try:
-                    values = dict(zip(outputs, session.run(outputs, run_feeds)))
+                    values = dict(zip(outputs, session.run(outputs, run_feeds))) if session is not None else {}
                 except Exception as exc:  # onnxruntime raises its own exception types
                     raise CalibrationError(f"running the float model on calibration inputs failed: {exc}") from exc
                 for name in acts:
-                    _add_rows(sums, name, values[name] if name in values else run_feeds[name])
+                    sums.add(name, values[name] if name in values else run_feeds[name])
                 for name in later:
                     kept.setdefault(name, []).append(values[name])
                 del values, run_feeds
             del session
-            for name, total in sums.items():
+            for name, hessian in sums.finished():
                 if not store.has(name):
-                    store.add(name, _symmetric_from_upper(total))
+                    store.add(name, hessian)
             del sums
             for name in [name for name in kept if last_reader.get(name, -1) <= index]:
                 del kept[name]
+            release_freed_memory()
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand memory that was freed back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    A session's weights and a segment's Hessians are large malloc blocks; once freed, glibc keeps
+    them in the heap, so without this every segment would raise the process's RSS a little more.
+    """
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    if trim is not None:
+        trim(0)
 
 
 def _segment_session(
@@ -468,16 +499,46 @@ def _segment_session(
         raise CalibrationError(f"ONNX Runtime cannot load the float model for calibration: {exc}") from exc
 
 
-def _add_rows(sums: dict[str, np.ndarray], name: str, value: np.ndarray) -> None:
-    """sums[name] (upper triangle) += rows^T rows over the rows of value [..., K]."""
-    import scipy.linalg
+# Rows of one activation gathered over batches before one rank-k update of its Hessian: a batch of a
+# few dozen tokens would make syrk read and write the whole [K, K] matrix for a handful of rows.
+PENDING_ROW_BYTES = 2 << 20
 
-    rows = np.asarray(value, dtype=np.float32).reshape(-1, value.shape[-1])
-    total = sums.get(name)
-    if total is None:  # Fortran order: syrk updates it in place
-        total = sums[name] = np.zeros((rows.shape[1], rows.shape[1]), np.float32, order="F")
-    # upper triangle of total += rows^T rows (rows.T is a Fortran-ordered view: no copy)
-    scipy.linalg.blas.ssyrk(1.0, rows.T, beta=1.0, c=total, trans=0, overwrite_c=1)
+
+class _HessianSums:
+    """Upper triangles of x^T x per activation, updated with one syrk per PENDING_ROW_BYTES of rows."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, np.ndarray] = {}
+        self._pending: dict[str, list[np.ndarray]] = {}
+        self._pending_bytes: dict[str, int] = {}
+
+    def add(self, name: str, value: np.ndarray) -> None:
+        rows = np.asarray(value, dtype=np.float32).reshape(-1, value.shape[-1])
+        self._pending.setdefault(name, []).append(rows)
+        self._pending_bytes[name] = self._pending_bytes.get(name, 0) + rows.nbytes
+        if self._pending_bytes[name] >= PENDING_ROW_BYTES:
+            self._flush(name)
+
+    def finished(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(activation, full symmetric sum) with every pending row included, each sum dropped as it goes."""
+        for name in list(self._pending):
+            self._flush(name)
+        for name in list(self.totals):
+            yield name, _symmetric_from_upper(self.totals.pop(name))
+
+    def _flush(self, name: str) -> None:
+        import scipy.linalg
+
+        parts = self._pending.pop(name, [])
+        self._pending_bytes.pop(name, None)
+        if not parts:
+            return
+        rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        total = self.totals.get(name)
+        if total is None:  # Fortran order: syrk updates it in place
+            total = self.totals[name] = np.zeros((rows.shape[1], rows.shape[1]), np.float32, order="F")
+        # upper triangle of total += rows^T rows (rows.T is a Fortran-ordered view: no copy)
+        scipy.linalg.blas.ssyrk(1.0, rows.T, beta=1.0, c=total, trans=0, overwrite_c=1)
 
 
 def _symmetric_from_upper(upper: np.ndarray) -> np.ndarray:
