@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError, EncodeError
 
 from bct_onnx.errors import ModelFileError, OverwriteInputError
 from bct_onnx.external_data import check_external_data, stream_external_tensors
-from bct_onnx.inline_data import WireFormatError, detached_model_bytes
+from bct_onnx.inline_data import WireFormatError, detached_model_bytes, write_inline
 from bct_onnx.signals import terminate_as_exception
 
 logger = logging.getLogger(__name__)
@@ -379,8 +379,7 @@ def save(
                     callback=callback,
                 )
             else:
-                with _tensors_in_memory(model):
-                    ir.save(model, temp_model)
+                write_inline(model, temp_model)  # weights written one at a time, not copied twice first
             written = [out]
             temp_data = temp_dir / data_file.name
             if use_external and temp_data.exists():
