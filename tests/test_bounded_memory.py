@@ -151,3 +151,17 @@ def test_compile_peak_memory_is_bounded_by_a_layer_group_not_the_model(tmp_path,
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     growth = measured["peak"] - measured["base"]
     assert growth < FIXED_MB + 0.4 * model_mb, f"peak {measured['peak']:.0f} MB, base {measured['base']:.0f} MB, model {model_mb:.0f} MB"
+
+
+def test_the_report_times_the_calibration_statistics(tmp_path):
+    from bct_onnx.passes import compress_model
+    from bct_onnx.passes.pipeline import CALIBRATION_RECORD
+
+    from bct_onnx.config import CompressConfig
+
+    model = model_io.load(build(tmp_path / "model.onnx", TINY))
+    calib = Calibration(({"input_ids": np.arange(12).reshape(1, 12) % TINY.vocab},))
+    result = compress_model(model, CompressConfig(ops=frozenset({"MatMul"})), calibration=calib)
+    records = {record.name: record for record in result.passes}
+    assert records[CALIBRATION_RECORD].seconds > 0
+    assert result.rewritten["MatMul weight rounded by GPTQ (calibrated)"] == 7 * TINY.layers + 1
