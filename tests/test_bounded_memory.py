@@ -165,3 +165,14 @@ def test_the_report_times_the_calibration_statistics(tmp_path):
     records = {record.name: record for record in result.passes}
     assert records[CALIBRATION_RECORD].seconds > 0
     assert result.rewritten["MatMul weight rounded by GPTQ (calibrated)"] == 7 * TINY.layers + 1
+
+
+def test_compile_memory_benchmark_smoke(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "compile_memory.py")
+    result = subprocess.run(
+        [sys.executable, script, "--synthetic", "64,96,2,4,128", "--workdir", str(tmp_path), "--calibration", "none"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = result.stdout.strip().splitlines()[-1].split("|")
+    assert row[4].strip() == "none" and float(row[5]) > 0 and row[6].strip().endswith("x")
