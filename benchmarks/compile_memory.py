@@ -1,6 +1,6 @@
 """Peak memory and time of `bct-onnx compress`, each run in a child process, against the model's size.
 
-    python benchmarks/compile_memory.py MODEL.onnx [MODEL.onnx ...] [--calibration none] [-- extra CLI flags]
+    python benchmarks/compile_memory.py MODEL.onnx [MODEL.onnx ...] [--calibration none] [other bct-onnx compress flags]
     python benchmarks/compile_memory.py --synthetic 2048,5632,18,16,49152 --workdir /tmp/big --calibration none
 
 --synthetic hidden,intermediate,layers,heads,vocab builds a Llama-shaped model of that size first
@@ -53,8 +53,7 @@ def main() -> None:
     parser.add_argument("--synthetic", help="hidden,intermediate,layers,heads,vocab of a synthetic Llama to build")
     parser.add_argument("--workdir", type=Path, default=None, help="where the synthetic model and outputs go")
     parser.add_argument("--calibration", default="auto")
-    parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more bct-onnx compress flags")
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()  # flags it does not know go to bct-onnx compress
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bct_compile_memory_"))
     workdir.mkdir(parents=True, exist_ok=True)
     models = list(args.models)
@@ -65,7 +64,7 @@ def main() -> None:
         shape = LlamaShape(hidden, intermediate, layers, heads, vocab)
         print(f"building {shape} ({shape.total_bytes() / 2**30:.2f} GiB, layer {shape.layer_bytes() / 2**20:.0f} MiB)")
         models.append(build(workdir / "synthetic" / "model.onnx", shape))
-    flags = ["--calibration", args.calibration, *[flag for flag in args.extra if flag != "--"]]
+    flags = ["--calibration", args.calibration, *[flag for flag in extra if flag != "--"]]
     print("| model | model MB | output MB | calibration | peak RSS MB | peak / model | CPU s | wall s | slowest passes (s) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for model in models:
