@@ -32,6 +32,7 @@ from bct_onnx.extras import install_hint, module_available, require
 from bct_onnx.hub import parse_hub_id, resolve_hub_id
 from bct_onnx.input_check import check_input
 from bct_onnx.kv_cache import PAST_PREFIX
+from bct_onnx.model_kind import apply_kind_defaults
 from bct_onnx.models.export import ExportError, ModelDirError, export_hf_directory, is_hf_model_dir
 from bct_onnx.output_dir import (
     add_feature_extraction_output,
@@ -471,6 +472,8 @@ def compress(
             feeds, calibration_report = _calibration(
                 model, calibration, tokenizer, source_dir, model_dir, text_source=calibration_text
             )
+        with timer.step("calibrate"):
+            cfg, kind_note = apply_kind_defaults(model, cfg)
         planner = plan = None
         target_ratio, max_error = cfg.target_ratio, cfg.max_error
         budget_skipped: str | None = None
@@ -572,6 +575,7 @@ def compress(
         },
         exported_from=exported_from,
         calibration=calibration_report,
+        model_kind=kind_note,
         budget=(
             {**plan.to_dict(), "target_ratio": target_ratio, "attempts": attempts}
             if plan is not None

@@ -44,6 +44,7 @@ TOP_LEVEL_KEYS = (
     "format",
     "qdq_activations",
     "rotation",
+    "kind_defaults",
     "fuse_attention",
     "kv_cache_bits",
     "kv_cache_block_size",

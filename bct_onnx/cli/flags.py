@@ -173,7 +173,8 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
         "--scale-kind",
         choices=[kind.value for kind in ScaleKind],
         default=quiet,
-        help="how block scales are stored (default: float16; float8e5m2: one byte a block, weights only)",
+        help="how block scales are stored (default: float16, decoders float8e5m2 unless --no-kind-defaults; "
+        "float8e5m2: one byte a block, weights only)",
     )
     parser.add_argument(
         "--embedding-scale-kind",
@@ -227,6 +228,12 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="rotate a pre-RMSNorm decoder's residual stream by a randomized Hadamard matrix folded into "
         "the weights (QuaRot-style; off by default, see docs/results.md)",
+    )
+    parser.add_argument(
+        "--no-kind-defaults",
+        action="store_true",
+        help="take the flags as they are: no decoder defaults (decoders otherwise get float8e5m2 weight "
+        "scales and one more bit on a tied embedding / output table; docs/results.md)",
     )
     parser.add_argument(
         "--no-fuse-attention",
@@ -315,6 +322,8 @@ def config_from_flags(args: argparse.Namespace, parser: argparse.ArgumentParser)
         fields["symmetric"] = False
     if given.get("rotate"):
         fields["rotation"] = True
+    if given.get("no_kind_defaults"):
+        fields["kind_defaults"] = False
     if given.get("no_fuse_attention"):
         fields["fuse_attention"] = False
     try:
