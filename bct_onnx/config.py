@@ -196,6 +196,10 @@ class CompressConfig:
     qdq_activations: with format "qdq", write the run-time blockwise activation quantization too, as
         scales computed in the graph + QuantizeLinear/DequantizeLinear (bit for bit the custom ops'
         activations, but runtimes execute it in float: slower than float activations).
+    kv_cache_bits: a decoder export's KV cache (past_key_values.* / present.*) crosses steps as
+        symmetric codes of this width (2..8) with float16 scales, blocks along head_dim
+        (docs/kv_cache.md); None keeps it float. Format "bct" only.
+    kv_cache_block_size: head_dim elements per block of the KV cache.
     """
 
     weight_bits: int = 4
@@ -219,6 +223,8 @@ class CompressConfig:
     budget_floor: bool = True
     format: str = "bct"
     qdq_activations: bool = False
+    kv_cache_bits: int | None = 8
+    kv_cache_block_size: int = 32
     kind_defaults: bool = True
 
     def __post_init__(self) -> None:
@@ -231,6 +237,8 @@ class CompressConfig:
         _check_bits("weight_bits", self.weight_bits, allow_none=False)
         _check_bits("act_bits", self.act_bits, allow_none=True)
         _check_bits("embedding_bits", self.embedding_bits, allow_none=True)
+        _check_bits("kv_cache_bits", self.kv_cache_bits, allow_none=True)
+        _check_block_size("kv_cache_block_size", self.kv_cache_block_size, allow_none=False)
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
         if not isinstance(self.symmetric, bool):
@@ -302,6 +310,11 @@ class CompressConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
                 raise ValueError(f"{field} must be a number > {low:g} or None, got {value!r}")
             object.__setattr__(self, field, float(value))
+
+    @property
+    def compresses_kv_cache(self) -> bool:
+        """Whether a decoder's KV cache is stored as codes (format "bct" and kv_cache_bits set)."""
+        return self.kv_cache_bits is not None and self.format == "bct"
 
     @property
     def budgeted(self) -> bool:

@@ -118,6 +118,36 @@ def test_compare_speed_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert any("GB/s of weights" in line for line in payload["gemv"])
 
 
+def test_bench_matmul_smoke(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One small GEMM shape against ORT int8 and a small bandwidth chain, one timed run each: the CPU
+    model and ISA lines, every case row, the JSON, nothing written to the CWD."""
+    from bct_onnx import runtime
+
+    try:
+        runtime.library_path()
+    except runtime.LibraryNotFoundError as err:
+        pytest.skip(str(err))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    out = tmp_path / "matmul.json"
+    bench = _load("bench_matmul")
+    argv = ["--shapes", "16x64x48", "--repeat", "1", "--warmup", "0", "--rounds", "1", "--clock", "cpu"]
+    argv += ["--gemv-rows", "1,2", "--gemv-layers", "2", "--gemv-k", "256", "--json", str(out)]
+    assert bench.main(argv) == 0
+    assert os.listdir(cwd) == []
+    text = capsys.readouterr().out
+    assert "CPU: " in text and "ISA paths: bct-onnx BlockMatMul: " in text
+    payload = json.loads(out.read_text())
+    assert {row["case"] for row in payload["results"]} == {case.label for case in bench.CASES}
+    assert all(row["median_ms"] > 0 for row in payload["results"])
+    cases = [row["case"] for row in payload["gemv"]]
+    assert cases[0] == "STREAM-like read" and "M=2 BCT BlockMatMul 4b b32 act int8" in cases
+    assert all(row["gbps"] > 0 for row in payload["gemv"])
+
+
 def test_decoder_fake_quant_default_plan_is_the_decoder_default() -> None:
     """The plan the benchmark calls the decoder default gives each SmolLM2 weight what bct-onnx gives it."""
     from bct_onnx.config import (

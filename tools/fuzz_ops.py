@@ -37,11 +37,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnxruntime as ort  # imported before the children fork: each case then starts in milliseconds
 from fuzz_common import run_forked, table
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from bct_onnx import ops, reference, reference_ops
 from bct_onnx.block_format import (
@@ -128,9 +129,11 @@ def _floats(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _fmt(r: random.Random, symmetric: bool | None = None, offsets: bool = False) -> BlockFormat:
+    """A random format; ``offsets``: a stored weight or table, which may also have float offsets and
+    float8e5m2 scales."""
     sym = r.random() < 0.6 if symmetric is None else symmetric
     kind = ZeroPointKind.FLOAT if (offsets and not sym and r.random() < 0.5) else ZeroPointKind.INTEGER
-    scale_kind = r.choice(SCALE_KINDS)
+    scale_kind = r.choice(SCALE_KINDS + ((ScaleKind.FLOAT8E5M2,) if offsets else ()))
     if kind is ZeroPointKind.FLOAT and scale_kind is ScaleKind.POW2:
         scale_kind = ScaleKind.FLOAT16
     return BlockFormat(r.randint(2, 8), r.choice([1, 3, 4, 8, 16, 32, 64]), sym, scale_kind, kind)
@@ -582,6 +585,15 @@ def _block_steps(scales: np.ndarray, fmt: BlockFormat, n: int) -> np.ndarray:
     return np.repeat(s, fmt.block_size, axis=-1)[..., :n]
 
 
+def _ort_feed(value: np.ndarray) -> Any:
+    """float8e5m2 arrays (ml_dtypes) go into ONNX Runtime as typed OrtValues."""
+    if value.dtype == np.dtype(ml_dtypes.float8_e5m2):
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+            np.ascontiguousarray(value).view(np.uint8), onnx_element_type=TensorProto.FLOAT8E5M2
+        )
+    return value
+
+
 def _names_the_node(message: str) -> bool:
     return NODE in message
 
@@ -595,7 +607,8 @@ def run_case(case: OpCase) -> dict[str, Any]:
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.log_severity_level = 4
-        got = session(model.SerializeToString(), ["CPUExecutionProvider"], options).run(None, case.feeds())
+        feeds = {name: _ort_feed(value) for name, value in case.feeds().items()}
+        got = session(model.SerializeToString(), ["CPUExecutionProvider"], options).run(None, feeds)
     except Exception as exc:  # noqa: BLE001  # classified below
         message = str(exc).strip()
         result["detail"] = message.splitlines()[-1][:300] if message else type(exc).__name__

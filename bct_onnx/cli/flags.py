@@ -33,6 +33,8 @@ CONFIG_FLAGS = (
     "max_error",
     "format",
     "qdq_activations",
+    "kv_cache_bits",
+    "kv_cache_block_size",
 )
 
 
@@ -205,6 +207,21 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
         default=quiet,
         help="with --format qdq: write the run-time activation quantization too, as in-graph scales + "
         "QuantizeLinear/DequantizeLinear (exact, but run in float: slower)",
+    )
+    parser.add_argument(
+        "--kv-cache-bits",
+        type=bits_or_none,
+        default=quiet,
+        metavar="N|none",
+        help="a decoder's KV cache crosses steps as N-bit blockwise codes + float16 scales (default: 8; 4 "
+        "halves it again), or 'none' for a float cache (docs/kv_cache.md)",
+    )
+    parser.add_argument(
+        "--kv-cache-block-size",
+        type=positive_int,
+        default=quiet,
+        metavar="N",
+        help="head_dim elements per block of the KV cache (default: 32)",
     )
     parser.add_argument(
         "--rotate",

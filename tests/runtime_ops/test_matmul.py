@@ -23,6 +23,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from support import assert_bits_equal
 
 import bct_onnx
 from bct_onnx.block_format import (
@@ -313,6 +314,29 @@ def test_many_tiles_gemv_and_prefill(isa: str) -> None:
                 want = matmul_reference(a, codes, scales, zero_points, **fmt)
                 tol = tolerance(a, codes, scales, zero_points, **fmt)
                 assert np.all(np.abs(got - want) <= tol), f"isa={isa} sym={symmetric} act={act_bits} M={m}"
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_integer_mode_same_bits_as_scalar_for_every_row_count(
+    isa: str, bits: int, symmetric: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Integer mode on random (inexact) data: every row count of the decode kernels (M = 1..8: register
+    blocks of 1-2 rows x 4 tiles and 4 rows x 2 tiles, reading packed codes) and of the prefill kernel
+    (M = 9, 16, 37) gives exactly the scalar path's bits; N = 16 * 9 + 5 leaves tile remainders."""
+    rng = np.random.default_rng(bits + 2 * symmetric)
+    k, n = 256, 16 * 9 + 5
+    codes, scales, zero_points = random_weight(rng, n, k, bits, 32, symmetric, ScaleKind.FLOAT16, exact=False)
+    fmt = {"k": k, "bits": bits, "block_size": 32, "symmetric": symmetric, "act_bits": 8}
+    model = matmul_model(n=n, codes=codes, scales=scales, zero_points=zero_points, bias=None, **fmt)
+    a = rng.standard_normal((37, k)).astype(np.float32)
+    session = bct_onnx.session(model)
+    monkeypatch.setenv("BCT_ONNX_ISA", "scalar")
+    reference = bct_onnx.session(model)
+    for m in (*range(1, 10), 16, 37):
+        got = session.run(None, {"A": a[:m]})[0]
+        want = reference.run(None, {"A": a[:m]})[0]
+        assert_bits_equal(got, want, f"isa={isa} bits={bits} symmetric={symmetric} M={m}")
 
 
 def test_weights_as_graph_inputs(isa: str) -> None:
