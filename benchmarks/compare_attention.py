@@ -8,11 +8,12 @@ order) and reports node counts and accuracy:
 
   minilm       all-MiniLM-L6-v2, batch 8 x 64 tokens (real sentences, padded: the key-padding mask
                is exercised); cosine of the mean-pooled embeddings to FP32 over the shipped sentences
+  op           the op alone against the chain, at MiniLM's, a decode step's and a prefill's shapes
   smollm2      SmolLM2-135M exported with KV cache: one decode step after 128 tokens of Austen text
                (the past comes from FP32's own prefill); cosine of the step's logits to FP32, and
                perplexity of the no-KV-cache export on the same book (prefill attention, causal mask)
 
-    python benchmarks/compare_attention.py [--threads 2] [--runs 30] [--only minilm,smollm2]
+    python benchmarks/compare_attention.py [--threads 2] [--runs 30] [--only op,minilm,smollm2]
         [--ppl-tokens 1024]
 
 Prints a markdown table with the CPU model and ISA; docs/results.md keeps the figures of a run.
@@ -21,6 +22,7 @@ Prints a markdown table with the CPU model and ISA; docs/results.md keeps the fi
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 import tempfile
@@ -49,6 +51,8 @@ def compress_both(src: Path, work: Path, stem: str) -> dict[str, Path]:
         result = compress_model(model, CompressConfig(fuse_attention=fuse))
         paths[key] = work / f"{stem}-{key}.onnx"
         ir.save(result.model, str(paths[key]), external_data=f"{stem}-{key}.onnx.data")
+        del result
+        gc.collect()  # one model in memory at a time (SmolLM2 FP32 is 0.5 GB)
     return paths
 
 
@@ -126,9 +130,14 @@ def smollm2_case(work: Path, threads: int, runs: int, ppl_tokens: int) -> dict[s
     step["input_ids"] = ids[None, 128:129]
     medians = compare_speed.interleaved_medians([(sess[k], step) for k in VARIANTS], runs, 3)
     logits = {k: sess[k].run(["logits"], step)[0].reshape(-1).astype(np.float64) for k in VARIANTS}
+    del sess
+    gc.collect()
     plain_paths = compress_both(_smollm2_export(work, False), work, "smollm2")
     plain = sessions(plain_paths, threads)
-    ppl = {k: perplexity_of_ids(ids[:ppl_tokens], onnx_logits_fn(plain[k]), window=256).perplexity for k in VARIANTS}
+    ppl = {
+        k: perplexity_of_ids(ids[:ppl_tokens], onnx_logits_fn(plain[k]), window=256).perplexity
+        for k in VARIANTS
+    }
     rows: dict[str, dict[str, Any]] = {}
     for key, ms in zip(VARIANTS, medians, strict=True):
         nodes, fused = node_counts(past_paths[key])
@@ -147,8 +156,112 @@ def smollm2_case(work: Path, threads: int, runs: int, ppl_tokens: int) -> dict[s
     return rows
 
 
+def _op_models(dh: int, scale: float) -> tuple[bytes, bytes]:
+    """One BlockAttention node, and the unfused chain it replaces (P kept as 8-bit codes, as the pipeline does)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    dims = {
+        "q": ["b", "h", "s", dh],
+        "k": ["b", "h", "t", dh],
+        "v": ["b", "h", "t", dh],
+        "mask": ["b", 1, 1, "t"],
+    }
+
+    def model(nodes: list[Any], inputs: list[str]) -> bytes:
+        graph = helper.make_graph(
+            nodes,
+            "g",
+            [helper.make_tensor_value_info(n, TensorProto.FLOAT, dims[n]) for n in inputs],
+            [helper.make_value_info("y", onnx.TypeProto())],
+            [helper.make_tensor("scale", TensorProto.FLOAT, [1], [scale])],
+        )
+        opsets = [helper.make_opsetid("", 17), helper.make_opsetid(ops.DOMAIN, 1)]
+        return helper.make_model(graph, opset_imports=opsets, ir_version=9).SerializeToString()
+
+    act = {"act_bits": 8, "block_size": 32}
+    fused = model(
+        [
+            helper.make_node(
+                ops.BLOCK_ATTENTION,
+                ["q", "k", "", "", "v", "", "", "mask"],
+                ["y"],
+                domain=ops.DOMAIN,
+                scale=scale,
+                **act,
+            )
+        ],
+        ["q", "k", "v", "mask"],
+    )
+    chain = model(
+        [
+            helper.make_node(
+                ops.BLOCK_ACT_MATMUL, ["q", "", "", "k"], ["s"], domain=ops.DOMAIN, transpose_b=1, **act
+            ),
+            helper.make_node("Mul", ["s", "scale"], ["s2"]),
+            helper.make_node("Add", ["s2", "mask"], ["s3"]),
+            helper.make_node(
+                ops.BLOCK_SOFTMAX,
+                ["s3"],
+                ["pc", "ps", "pz"],
+                domain=ops.DOMAIN,
+                out_bits=8,
+                out_block_size=32,
+                out_symmetric=0,
+                out_scale_kind="float16",
+            ),
+            helper.make_node(
+                ops.BLOCK_ACT_MATMUL,
+                ["pc", "ps", "pz", "v"],
+                ["y"],
+                domain=ops.DOMAIN,
+                in_bits=8,
+                in_block_size=32,
+                in_symmetric=0,
+                **act,
+            ),
+        ],
+        ["q", "k", "v", "mask"],
+    )
+    return fused, chain
+
+
+def op_case(threads: int, runs: int) -> str:
+    """The op alone against the chain it replaces (K, V already repeated to Hq heads for the chain)."""
+    lines = [
+        "**the op alone** (one node vs BlockActMatMul -> Mul -> Add -> BlockSoftmax -> BlockActMatMul)",
+        "",
+    ]
+    lines += [
+        "| shape B x Hq (Hkv) x Sq x Sk x Dh | fused ms | chain ms | fused / chain |",
+        "|---|---|---|---|",
+    ]
+    rng = np.random.default_rng(0)
+    for b, hq, hkv, sq, sk, dh in ((8, 12, 12, 64, 64, 32), (1, 9, 3, 1, 129, 64), (1, 9, 3, 128, 128, 64)):
+        fused, chain = _op_models(dh, dh**-0.5)
+        q = rng.standard_normal((b, hq, sq, dh)).astype(np.float32)
+        k, v = (rng.standard_normal((b, hkv, sk, dh)).astype(np.float32) for _ in range(2))
+        mask = np.zeros((b, 1, 1, sk), np.float32)
+        rep = hq // hkv
+        runs_ = [
+            (runtime.session(fused, threads=threads, quiet=True), {"q": q, "k": k, "v": v, "mask": mask}),
+            (
+                runtime.session(chain, threads=threads, quiet=True),
+                {"q": q, "k": np.repeat(k, rep, 1), "v": np.repeat(v, rep, 1), "mask": mask},
+            ),
+        ]
+        fused_ms, chain_ms = compare_speed.interleaved_medians(runs_, runs, 3)
+        shape = f"{b} x {hq} ({hkv}) x {sq} x {sk} x {dh}"
+        lines.append(f"| {shape} | {fused_ms:.3f} | {chain_ms:.3f} | {fused_ms / chain_ms:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(title: str, rows: dict[str, dict[str, Any]]) -> str:
-    lines = [f"**{title}**", "", "| variant | median ms | ratio to unfused | nodes | BlockAttention | accuracy |"]
+    lines = [
+        f"**{title}**",
+        "",
+        "| variant | median ms | ratio to unfused | nodes | BlockAttention | accuracy |",
+    ]
     lines.append("|---|---|---|---|---|---|")
     base = rows["unfused"]["ms"]
     for key in VARIANTS:
@@ -161,10 +274,12 @@ def markdown(title: str, rows: dict[str, dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--only", default="minilm,smollm2")
+    parser.add_argument("--only", default="op,minilm,smollm2")
     parser.add_argument("--ppl-tokens", type=int, default=1024)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -175,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     only = set(args.only.split(","))
     with tempfile.TemporaryDirectory(prefix="bct_attention_") as tmp:
         work = Path(tmp)
+        if "op" in only:
+            print(op_case(args.threads, args.runs))
         if "minilm" in only:
             print(markdown("all-MiniLM-L6-v2, batch 8 x 64", minilm_case(work, args.threads, args.runs)))
         if "smollm2" in only:

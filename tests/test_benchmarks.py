@@ -146,3 +146,24 @@ def test_bench_matmul_smoke(
     cases = [row["case"] for row in payload["gemv"]]
     assert cases[0] == "STREAM-like read" and "M=2 BCT BlockMatMul 4b b32 act int8" in cases
     assert all(row["gbps"] > 0 for row in payload["gemv"])
+
+
+def test_decoder_fake_quant_default_plan_is_the_decoder_default() -> None:
+    """The plan the benchmark calls the decoder default gives each SmolLM2 weight what bct-onnx gives it."""
+    from bct_onnx.config import (
+        DECODER_SCALE_KIND,
+        DECODER_TIED_TABLE_EXTRA_BITS,
+        DECODER_WIDER_WEIGHTS,
+        CompressConfig,
+    )
+
+    bench = _load("decoder_fake_quant")
+    format_of = bench.plan_function("t5-v6")
+    base = CompressConfig().weight_bits
+    table = format_of("model.embed_tokens.weight")
+    assert (table.bits, table.scale_kind) == (base + DECODER_TIED_TABLE_EXTRA_BITS, DECODER_SCALE_KIND)
+    v_proj = format_of("model.layers.3.self_attn.v_proj.weight")
+    q_proj = format_of("model.layers.3.self_attn.q_proj.weight")
+    assert (q_proj.bits, q_proj.scale_kind, q_proj.symmetric) == (base, DECODER_SCALE_KIND, True)
+    assert v_proj.bits == base + dict(DECODER_WIDER_WEIGHTS)["/v_proj/"]
+    assert bench.plan_function("8bit:down_proj")("model.layers.0.mlp.down_proj.weight").bits == 8
