@@ -80,9 +80,16 @@ void IntTiles(const PackedWeights& p, const uint8_t* codes, int64_t tile_stride,
   const int64_t nb = p.num_blocks, bkp = p.block_padded, kp = p.k_padded;
   const int64_t groups = kGroups ? kGroups : (kNibble ? bkp / 8 : bkp / 4);
   const __m512i low4 = _mm512_set1_epi8(0x0f);
+  // Register blocks of more than 12 tiles (4 rows x 4 tiles, decode) keep the integer accumulators in
+  // registers and the float ones in L1: a load and a store per block, off the vector pipes.
+  constexpr bool kFaccInMemory = R * T > 12;
+  alignas(64) float fmem[kFaccInMemory ? R * T * 16 : 16];
   __m512 facc[R][T];
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) facc[r][t] = _mm512_setzero_ps();
+    for (int t = 0; t < T; ++t) {
+      facc[r][t] = _mm512_setzero_ps();
+      if (kFaccInMemory) _mm512_store_ps(fmem + (r * T + t) * 16, facc[r][t]);
+    }
   for (int64_t b = 0; b < nb; ++b) {
     __m512i acc[R][T];
     const int8_t* ab[R];
@@ -129,17 +136,28 @@ void IntTiles(const PackedWeights& p, const uint8_t* codes, int64_t tile_stride,
       const __m512 as = _mm512_set1_ps(act.scales[(row0 + r) * nb + b]);
       const __m512 sum = kZp == kZpSymmetric ? _mm512_setzero_ps() : _mm512_set1_ps(act.sums[(row0 + r) * nb + b]);
       for (int t = 0; t < T; ++t) {
-        __m512 f = _mm512_cvtepi32_ps(acc[r][t]);
+        float* const mem = fmem + (r * T + t) * 16;
+        const __m512 y = kFaccInMemory ? _mm512_load_ps(mem) : facc[r][t];
+        __m512 f = _mm512_cvtepi32_ps(acc[r][t]), out;
         if (kZp == kZpOffset) {  // a_scale * (w_scale * dot + offset * sum(sa))
           f = _mm512_fmadd_ps(zw[t], sum, _mm512_mul_ps(f, ws[t]));
-          facc[r][t] = _mm512_fmadd_ps(f, as, facc[r][t]);
-          continue;
+          out = _mm512_fmadd_ps(f, as, y);
+        } else {
+          if (kZp != kZpSymmetric) f = _mm512_fnmadd_ps(zw[t], sum, f);
+          f = _mm512_mul_ps(f, as);
+          out = _mm512_fmadd_ps(f, ws[t], y);
         }
-        if (kZp != kZpSymmetric) f = _mm512_fnmadd_ps(zw[t], sum, f);
-        f = _mm512_mul_ps(f, as);
-        facc[r][t] = _mm512_fmadd_ps(f, ws[t], facc[r][t]);
+        if (kFaccInMemory) {
+          _mm512_store_ps(mem, out);
+        } else {
+          facc[r][t] = out;
+        }
       }
     }
+  }
+  if (kFaccInMemory) {
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) facc[r][t] = _mm512_load_ps(fmem + (r * T + t) * 16);
   }
   StoreTiles<R, T>(p, facc, row0, tile0, bias, Y);
 }
@@ -429,7 +447,7 @@ struct SmallRowsBody {
   }
 };
 
-constexpr int kSmallRows = 4;        // register blocks of the kernels reading packed codes: 4 x 2 or 2 x 4 tiles
+constexpr int kSmallRows = 4;        // register blocks of the kernels reading packed codes: up to 4 rows
 constexpr int kFloatPrefillRows = 4;  // float mode: from this many rows on, tiles are dequantized once and reused
 constexpr int kIntPrefillRows = kDecodeRows + 1;  // integer mode: ... nibble tiles expanded to bytes once
 constexpr int kIntRows = 6;           // register block of the integer prefill kernel (6 x 2 tiles)
@@ -464,7 +482,7 @@ void FloatPrefill(const PackedWeights& p, const float* a_padded, int64_t row_beg
 template <int T, bool kNibble, int kZp>
 void SmallRows(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin, int64_t row_end,
                int64_t tile0, const float* bias, float* Y) {
-  ForRowBlocks<(T >= 4 ? 2 : kSmallRows)>(row_begin, row_end, SmallRowsBody<T, kNibble, kZp>{p, act, a_padded, tile0, bias, Y});
+  ForRowBlocks<kSmallRows>(row_begin, row_end, SmallRowsBody<T, kNibble, kZp>{p, act, a_padded, tile0, bias, Y});
 }
 
 template <bool kNibble, int kZp>
@@ -487,10 +505,10 @@ void RunTiles(const PackedWeights& p, const ActRows* act, const float* a_padded,
     }
     return;
   }
-  // One to three rows: four tiles at once (register blocks of up to 2 x 4 tiles), for enough
-  // independent accumulator chains.
+  // Float mode, one row, and integer mode: four tiles at once (integer register blocks up to 4 rows x
+  // 4 tiles), for enough independent accumulator chains and each code byte loaded once per 4 rows.
   const int64_t rows = row_end - row_begin;
-  if (rows < 2 || (act && rows < kSmallRows)) {
+  if (rows < 2 || act) {
     for (; t + 4 <= tile_end; t += 4) SmallRows<4, kNibble, kZp>(p, act, a_padded, row_begin, row_end, t, bias, Y);
   }
   for (; t + 2 <= tile_end; t += 2) SmallRows<2, kNibble, kZp>(p, act, a_padded, row_begin, row_end, t, bias, Y);

@@ -322,7 +322,7 @@ def test_integer_mode_same_bits_as_scalar_for_every_row_count(
     isa: str, bits: int, symmetric: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Integer mode on random (inexact) data: every row count of the decode kernels (M = 1..8: register
-    blocks of 1-2 rows x 4 tiles and 4 rows x 2 tiles, reading packed codes) and of the prefill kernel
+    blocks of up to 4 rows x 4 tiles, reading packed codes) and of the prefill kernel
     (M = 9, 16, 37) gives exactly the scalar path's bits; N = 16 * 9 + 5 leaves tile remainders."""
     rng = np.random.default_rng(bits + 2 * symmetric)
     k, n = 256, 16 * 9 + 5
