@@ -32,7 +32,14 @@ import logging
 from typing import Any
 
 import onnx_ir as ir
-from bct_onnx.passes.framework import CompressPass, PassReport, Skip, node_label, node_name
+from bct_onnx.passes.framework import (
+    FLOAT_RESULT_REASON,
+    CompressPass,
+    PassReport,
+    Skip,
+    node_label,
+    node_name,
+)
 from bct_onnx.passes.graph_patterns import last_dim, strip_float_cast, value_rank, value_shape
 from bct_onnx.passes.infer_shapes import SHAPE_KEY, ensure_shapes
 from bct_onnx.passes.operand_ops import (
@@ -263,7 +270,7 @@ class CompressIntermediatesPass(CompressPass):
             if problem is None and d is None and isinstance(fmt, BlockFormat) and fmt.bits != 8:
                 problem = f"last dimension unknown and {fmt.bits}-bit rows may not fill whole bytes"
             if problem is not None:
-                report.skip(candidate, f"result stays float32: {problem}")
+                report.skip(candidate, FLOAT_RESULT_REASON + problem)
                 continue
             assert isinstance(fmt, BlockFormat)
             fmt = _edge_format(candidate, value, fmt)
