@@ -259,6 +259,42 @@ def base_act_matmul(r, rng) -> OpCase:
     return OpCase("", ops.BLOCK_ACT_MATMUL, inputs, attrs, _out_attrs(r, attrs))
 
 
+def _add_norm(op_type: str, with_bias: bool) -> Any:
+    """BlockAddLayerNorm / BlockAddRMSNorm: the operand, skip (X's shape or a suffix of it), the norm's
+    inputs; the sum as output 3 now and then (after a quantized result's three slots)."""
+    def build(r, rng) -> OpCase:
+        x = _floats(rng, _batch(r) + (r.randint(1, 4), r.randint(1, 70)))
+        attrs: dict[str, Any] = {}
+        inputs = _operand(r, rng, "X", x, attrs)
+        skip = _floats(rng, x.shape[r.randint(0, x.ndim - 1):])
+        inputs += [("skip", skip)] + _norm_extra(with_bias)(r, rng, x.shape[-1], attrs)
+        outputs = _out_attrs(r, attrs)
+        if len(outputs) == 3 and r.random() < 0.5:
+            outputs.append("sum")
+        return OpCase("", op_type, inputs, attrs, outputs)
+    return build
+
+
+def base_attention(r, rng) -> OpCase:
+    b, hkv, sk, dh = r.randint(1, 2), r.randint(1, 2), r.randint(1, 9), r.randint(1, 40)
+    hq, sq = hkv * r.randint(1, 2), r.randint(1, sk)
+    q = _floats(rng, (b, hq, sq, dh))
+    k, v = _floats(rng, (b, hkv, sk, dh)), _floats(rng, (b, hkv, sk, dh))
+    attrs: dict[str, Any] = dict(act_bits=r.randint(2, 8), block_size=r.choice([1, 4, 16, 32, 64]),
+                                 scale=r.choice([1.0, 0.125, None]), causal=r.choice([0, 1, None]))
+    kv = [("K", k), ("K_scales", None), ("K_zero_points", None), ("V", v), ("V_scales", None), ("V_zero_points", None)]
+    if r.random() < 0.5:  # a compressed KV cache
+        fmt = _fmt(r)
+        qk, qv = quantize(k, fmt), quantize(v, fmt)
+        attrs.update(kv_bits=fmt.bits, kv_block_size=fmt.block_size, kv_symmetric=int(fmt.symmetric))
+        kv = [("K", qk.codes), ("K_scales", qk.scales), ("K_zero_points", qk.zero_points),
+              ("V", qv.codes), ("V_scales", qv.scales), ("V_zero_points", qv.zero_points)]
+    mask = None
+    if r.random() < 0.5:
+        mask = np.where(rng.random((b, 1, 1, sk)) < 0.2, -np.inf, 0.0).astype(np.float32)
+    return OpCase("", ops.BLOCK_ATTENTION, [("Q", q), *kv, ("mask", mask)], attrs, ["Y"])
+
+
 BASES = {
     ops.BLOCK_QUANTIZE: base_quantize,
     ops.BLOCK_DEQUANTIZE: base_dequantize,
@@ -270,6 +306,9 @@ BASES = {
     ops.BLOCK_LAYER_NORM: _row_op(ops.BLOCK_LAYER_NORM, _norm_extra(True)),
     ops.BLOCK_RMS_NORM: _row_op(ops.BLOCK_RMS_NORM, _norm_extra(False)),
     ops.BLOCK_ACT_MATMUL: base_act_matmul,
+    ops.BLOCK_ADD_LAYER_NORM: _add_norm(ops.BLOCK_ADD_LAYER_NORM, True),
+    ops.BLOCK_ADD_RMS_NORM: _add_norm(ops.BLOCK_ADD_RMS_NORM, False),
+    ops.BLOCK_ATTENTION: base_attention,
 }
 if set(BASES) != set(ops.OP_TYPES):
     raise ImportError(f"fuzz_ops has no base case for {sorted(set(ops.OP_TYPES) - set(BASES))}")
@@ -322,8 +361,13 @@ def mutate_magnitude(case: OpCase, r: random.Random) -> str:
 def mutate_empty(case: OpCase, r: random.Random) -> str:
     """A zero leading (batch) dim on the run-time operands, consistently: still a valid call."""
     per_row = {ops.BLOCK_GATHER: ["indices"], ops.BLOCK_MATMUL: ["A", "A_scales", "A_zero_points"],
-               ops.BLOCK_ACT_MATMUL: ["A", "A_scales", "A_zero_points"]}.get(case.op_type)
-    names = per_row or [n for n in ("X", "X_scales", "X_zero_points", "codes", "scales", "zero_points") if n]
+               ops.BLOCK_ACT_MATMUL: ["A", "A_scales", "A_zero_points"],
+               ops.BLOCK_ATTENTION: ["Q", "K", "K_scales", "K_zero_points", "V", "V_scales", "V_zero_points",
+                                     "mask"]}.get(case.op_type)
+    names = per_row or ["X", "X_scales", "X_zero_points", "codes", "scales", "zero_points"]
+    values = dict(case.inputs)
+    if values.get("skip") is not None and values.get("X") is not None and values["skip"].ndim == values["X"].ndim:
+        names.append("skip")  # the add-norms' skip of X's full shape shares its batch
     if case.op_type == ops.BLOCK_ACT_MATMUL:
         batch_nd = case.inputs[0][1].ndim - 2 if case.inputs[0][1] is not None else 0
         if batch_nd == 0 or r.random() < 0.5:  # M = 0
@@ -426,6 +470,9 @@ OPTIONAL_ATTRIBUTES = {
     ops.BLOCK_LAYER_NORM: ["axis", "epsilon", *_OPERAND],
     ops.BLOCK_RMS_NORM: ["axis", "epsilon", *_OPERAND],
     ops.BLOCK_ACT_MATMUL: ["transpose_b", *_OPERAND],
+    ops.BLOCK_ADD_LAYER_NORM: ["axis", "epsilon", *_OPERAND],
+    ops.BLOCK_ADD_RMS_NORM: ["axis", "epsilon", *_OPERAND],
+    ops.BLOCK_ATTENTION: ["scale", "causal", "kv_bits", "kv_block_size", "kv_symmetric"],
 }
 BAD_INTS = [-(2**63), -(2**31) - 1, -1, 0, 1, 9, 65537, 2**31, 2**31 + 1, 2**40, 2**63 - 1]
 
