@@ -22,8 +22,8 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from bct_onnx import ops
-from bct_onnx import reference_attention as spec_attention
 from bct_onnx import reference_fused as spec_fused
+from bct_onnx import reference_attention as spec_attention
 from bct_onnx import reference_nonlinear as spec_nonlinear
 from bct_onnx.block_format import (
     BlockFormat,
@@ -275,9 +275,9 @@ OPS: tuple[type[OpRun], ...] = (
     BlockLayerNorm,
     BlockRMSNorm,
     BlockActMatMul,
-    BlockAttention,
     BlockAddLayerNorm,
     BlockAddRMSNorm,
+    BlockAttention,
 )
 if {op.__name__ for op in OPS} != set(ops.OP_TYPES):  # onnx.reference finds an op by its class name
     raise ImportError(f"bct_onnx.reference covers {sorted(op.__name__ for op in OPS)}, not {ops.OP_TYPES}")

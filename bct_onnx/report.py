@@ -67,6 +67,8 @@ class CompileReport:
     )
     exported_from: str | None = None  # the Hugging Face directory, when the input was one
     calibration: dict[str, Any] = dataclasses.field(default_factory=lambda: {"method": "none"})
+    # bct_onnx.model_kind: {"kind": decoder/encoder, "changed": the kind's defaults that applied}
+    model_kind: dict[str, Any] = dataclasses.field(default_factory=dict)
     budget: dict[str, Any] | None = None  # bct_onnx.budget's plan, when a budget chose the bits
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
     # format "qdq": opset, code types, and what standard ONNX could not hold (None for "bct")
@@ -92,6 +94,7 @@ class CompileReport:
             "skipped": [dataclasses.asdict(s) for s in self.skipped],
             "config": self.config,
             "calibration": self.calibration,
+            "model_kind": self.model_kind,
             "budget": self.budget,
             "timings": {step: round(seconds, 4) for step, seconds in self.timings.items()},
             "rules": dict(sorted(self.rules.items())),
@@ -125,6 +128,8 @@ class CompileReport:
                 lines.append(f"  {self.calibration['tokenizer_would_add']}")
         elif self.calibration.get("reason"):
             lines.append(f"calibration: none ({self.calibration['reason']})")
+        if self.model_kind.get("changed"):
+            lines.append(f"{self.model_kind['kind']} defaults: {', '.join(self.model_kind['changed'])}")
         if self.budget is not None:
             lines.append(budget_summary(self.budget))
         rewritten = ", ".join(f"{op} {n}" for op, n in sorted(self.rewritten.items()) if n) or "nothing"

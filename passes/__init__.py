@@ -10,6 +10,7 @@ from bct_onnx.passes.compress_intermediates import (
     CompressIntermediatesPass,
     compressed_activations,
 )
+from bct_onnx.passes.compress_kv_cache import CompressKVCachePass
 from bct_onnx.passes.convert_opset import ConvertOpsetPass, OpsetConversionError
 from bct_onnx.passes.convert_to_qdq import ConvertToQDQPass
 from bct_onnx.passes.fold_constant_weights import FoldConstantWeightsPass
@@ -43,6 +44,7 @@ from bct_onnx.passes.pipeline import (
     compress_model,
 )
 from bct_onnx.passes.quantize_act_matmul import QuantizeActMatMulPass
+from bct_onnx.passes.quantize_fused_ops import QuantizeFusedOpsPass
 from bct_onnx.passes.quantize_gather import QuantizeGatherPass
 from bct_onnx.passes.quantize_gelu import QuantizeGeluPass
 from bct_onnx.passes.quantize_layer_norm import QuantizeLayerNormPass
@@ -57,6 +59,7 @@ __all__ = [
     "ActivationSummary",
     "CheckModelPass",
     "CompressIntermediatesPass",
+    "CompressKVCachePass",
     "CompressPass",
     "CompressPassResult",
     "CompressedTensor",
@@ -81,6 +84,7 @@ __all__ = [
     "PassReport",
     "PipelineResult",
     "QuantizeActMatMulPass",
+    "QuantizeFusedOpsPass",
     "QuantizeGatherPass",
     "QuantizeGeluPass",
     "QuantizeLayerNormPass",

@@ -48,10 +48,10 @@ _BCT_KIND = {
     ops.BLOCK_ADD_LAYER_NORM: "LayerNormalization",
     ops.BLOCK_ADD_RMS_NORM: "LayerNormalization",
 }
-# Fused ops that stand for several target nodes: BlockAttention is Q x K^T, Softmax and P x V.
-_BCT_COVERS = {ops.BLOCK_ATTENTION: ("MatMul", "Softmax", "MatMul")}
 # A BlockMatMul's epilogue is the activation it absorbed (FuseMatMulEpiloguePass): (kind, extra MatMuls).
 _EPILOGUE_KINDS = {"gelu": ("Gelu", 0), "gelu_tanh": ("Gelu", 0), "silu_gate": ("Silu", 1)}
+# Fused ops that stand for several target nodes: BlockAttention is Q x K^T, Softmax and P x V.
+_BCT_COVERS = {ops.BLOCK_ATTENTION: ("MatMul", "Softmax", "MatMul")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +97,13 @@ def _bct_kinds(node: ir.Node) -> tuple[str, ...]:
     """The target kinds an ai.bct_onnx node stands for (none, one, or several for a fused op)."""
     if node.op_type in _BCT_COVERS:
         return _BCT_COVERS[node.op_type]
-    return (_BCT_KIND[node.op_type],) if node.op_type in _BCT_KIND else ()
+    if node.op_type not in _BCT_KIND:
+        return ()
+    epilogue = node.attributes.get("epilogue") if node.op_type == ops.BLOCK_MATMUL else None
+    if epilogue is not None and epilogue.as_string() in _EPILOGUE_KINDS:
+        kind, extra_matmuls = _EPILOGUE_KINDS[epilogue.as_string()]
+        return ("MatMul", kind) + ("MatMul",) * extra_matmuls  # gate and up: two MatMuls of the original
+    return (_BCT_KIND[node.op_type],)
 
 
 def bct_counts(model: ir.Model) -> dict[str, int]:
@@ -106,11 +112,6 @@ def bct_counts(model: ir.Model) -> dict[str, int]:
         if node.domain == ops.DOMAIN:
             for kind in _bct_kinds(node):
                 counts[kind] += 1
-            epilogue = node.attributes.get("epilogue") if node.op_type == ops.BLOCK_MATMUL else None
-            if epilogue is not None and epilogue.as_string() in _EPILOGUE_KINDS:
-                kind, extra_matmuls = _EPILOGUE_KINDS[epilogue.as_string()]
-                counts[kind] += 1
-                counts["MatMul"] += extra_matmuls  # gate and up: two MatMuls of the original
     return counts
 
 

@@ -26,6 +26,7 @@ from bct_onnx.passes.compress_intermediates import (
     CompressIntermediatesPass,
     compressed_activations,
 )
+from bct_onnx.passes.compress_kv_cache import CompressKVCachePass
 from bct_onnx.passes.convert_to_qdq import ConvertToQDQPass
 from bct_onnx.passes.fold_constant_weights import FoldConstantWeightsPass
 from bct_onnx.passes.fold_shape_arithmetic import FoldShapeArithmeticPass
@@ -41,6 +42,7 @@ from bct_onnx.passes.gemm_to_matmul import GemmToMatMulPass
 from bct_onnx.passes.infer_shapes import annotate_shapes
 from bct_onnx.passes.operand_ops import OperandRewritePass
 from bct_onnx.passes.quantize_act_matmul import QuantizeActMatMulPass
+from bct_onnx.passes.quantize_fused_ops import QuantizeFusedOpsPass
 from bct_onnx.passes.quantize_gather import QuantizeGatherPass
 from bct_onnx.passes.quantize_gelu import QuantizeGeluPass
 from bct_onnx.passes.quantize_layer_norm import QuantizeLayerNormPass
@@ -70,6 +72,9 @@ _EXTERNAL_DATA_BYTES = 1 << 30
 #   shape arithmetic collapses to one copy: SmolLM2 compresses to 1,700 nodes instead of 6,692).
 # - MatMul before Gather: a table tied to the output projection is quantized (GPTQ-rounded when
 #   calibrated) for the MatMul in the Gather's layout, and the embedding Gather reuses those codes.
+# - QuantizeFusedOpsPass follows the weight passes: the weights ONNX Runtime's fused ops hold
+#   (Attention's QKV, EmbedLayerNormalization's word table) in a graph its transformer optimizer
+#   already fused; it only runs where those com.microsoft nodes exist.
 # - QuantizeMatMulPass reports attention's activation x activation MatMuls as skipped;
 #   QuantizeActMatMulPass then rewrites them, and compress_model drops the skips of nodes a later
 #   pass rewrote.
@@ -82,6 +87,9 @@ _EXTERNAL_DATA_BYTES = 1 << 30
 #   GELU / SiLU gating into the MatMul while the edge is float, so the fused result then gets the
 #   next MatMul's codes) and FuseAddNormPass after it (the norm's result format, chosen for the
 #   MatMuls reading it, is kept; the Add's operands stay float32).
+# - CompressKVCachePass (config.kv_cache_bits) runs after CompressIntermediatesPass: it changes graph
+#   inputs and outputs only, and its BlockDequantize hands attention the float cache the passes
+#   before it saw.
 QUANTIZE_PASSES: dict[str, Callable[[CompressConfig], ir.passes.PassBase]] = {
     "MatMul": QuantizeMatMulPass,
     "Gather": QuantizeGatherPass,
@@ -106,6 +114,10 @@ ProgressCallback = Callable[[str, int, int], None]
 NodeProgressCallback = Callable[[str, int, int], None]
 """node_progress(pass_name, candidates_done, candidates_total), called inside a node-rewrite pass
 before each candidate node (per MatMul while GPTQ rounds them)."""
+
+
+# The name under which the pipeline's per-pass records time the calibration Hessians' collection.
+CALIBRATION_RECORD = "CollectHessians (calibration)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,12 +195,16 @@ def rewrite_passes(
         if config.enabled(op_type):
             calibrated = op_type == "MatMul" and hessians is not None
             quantize.append(factory(config, hessians, damping) if calibrated else factory(config))  # type: ignore[call-arg]
+        if op_type == "Gather" and config.format == "bct" and (config.enabled("MatMul") or config.enabled("Gather")):
+            quantize.append(QuantizeFusedOpsPass(config))
     if any(config.enabled(kind) for kind in ACTIVATION_OPS):
         if config.fuse_ops and config.format == "bct":
             quantize.append(FuseMatMulEpiloguePass())
         quantize.append(CompressIntermediatesPass(config))
         if config.fuse_ops and config.format == "bct":
             quantize.append(FuseAddNormPass())
+    if config.compresses_kv_cache:
+        quantize.append(CompressKVCachePass(config))
     if config.format == "qdq":
         quantize.append(ConvertToQDQPass(activations=config.qdq_activations))
     cleanup: list[ir.passes.PassBase] = [
@@ -332,10 +348,17 @@ def compress_model(
     # quantize pass sees, and handed to it: passes run no inference.
     hessians = None
     if calibration is not None and config.enabled("MatMul"):
+        start = time.perf_counter()
         hessians = collect_hessians(work, calibration)
+        # Not a pass, but often the longest step before GPTQ: the report times it like one.
+        records.append(PassRecord(CALIBRATION_RECORD, False, time.perf_counter() - start, {}, 0))
     damping = calibration.damping if calibration is not None else DEFAULT_DAMPING
-    for index, pass_ in enumerate(rewrite_passes(config, hessians, damping), start=len(canonical) + 1):
-        work = run(pass_, index, work)
+    try:
+        for index, pass_ in enumerate(rewrite_passes(config, hessians, damping), start=len(canonical) + 1):
+            work = run(pass_, index, work)
+    finally:
+        if hessians is not None:
+            hessians.close()  # its files on disk
     modified = any(record.modified for record in records)
     skipped = _drop_rewritten_later(skipped, work)
     return PipelineResult(work, modified, rewritten, skipped, records, warnings, compressed_activations(work))

@@ -9,8 +9,8 @@
 #include <cstdint>
 #include <vector>
 
-#include "attention_threads.h"
 #include "bct/epilogue.h"
+#include "attention_threads.h"
 #include "block_threads.h"
 #include "matmul_threads.h"
 #include "row_threads.h"
