@@ -22,8 +22,8 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from bct_onnx import ops
-from bct_onnx import reference_fused as spec_fused
 from bct_onnx import reference_attention as spec_attention
+from bct_onnx import reference_fused as spec_fused
 from bct_onnx import reference_nonlinear as spec_nonlinear
 from bct_onnx.block_format import (
     BlockFormat,
