@@ -14,7 +14,7 @@ order) and reports node counts and accuracy:
                perplexity of the no-KV-cache export on the same book (prefill attention, causal mask)
 
     python benchmarks/compare_attention.py [--threads 2] [--runs 30] [--only op,minilm,smollm2]
-        [--ppl-tokens 1024]
+        [--ppl-tokens 1024] [--ppl-window 256]
 
 Prints a markdown table with the CPU model and ISA; docs/results.md keeps the figures of a run.
 """
@@ -112,7 +112,9 @@ def _smollm2_export(work: Path, with_past: bool) -> Path:
     return smollm2.export(work / ("smollm2-past" if with_past else "smollm2"), with_past=with_past)
 
 
-def smollm2_case(work: Path, threads: int, runs: int, ppl_tokens: int) -> dict[str, dict[str, Any]]:
+def smollm2_case(
+    work: Path, threads: int, runs: int, ppl_tokens: int, window: int = 256
+) -> dict[str, dict[str, Any]]:
     from bct_onnx.models import smollm2
     from bct_onnx.models.perplexity import onnx_logits_fn, perplexity_of_ids
 
@@ -135,7 +137,7 @@ def smollm2_case(work: Path, threads: int, runs: int, ppl_tokens: int) -> dict[s
     plain_paths = compress_both(_smollm2_export(work, False), work, "smollm2")
     plain = sessions(plain_paths, threads)
     ppl = {
-        k: perplexity_of_ids(ids[:ppl_tokens], onnx_logits_fn(plain[k]), window=256).perplexity
+        k: perplexity_of_ids(ids[:ppl_tokens], onnx_logits_fn(plain[k]), window=window).perplexity
         for k in VARIANTS
     }
     rows: dict[str, dict[str, Any]] = {}
@@ -151,7 +153,7 @@ def smollm2_case(work: Path, threads: int, runs: int, ppl_tokens: int) -> dict[s
         }
     rows["_note"] = {
         "text": f"decode step after 128 tokens of Austen (past from FP32's prefill); perplexity of the "
-        f"no-KV-cache export, {ppl_tokens} tokens, window 256 (stride 128)"
+        f"no-KV-cache export, {ppl_tokens} tokens, window {window} (stride {window // 2})"
     }
     return rows
 
@@ -281,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--only", default="op,minilm,smollm2")
     parser.add_argument("--ppl-tokens", type=int, default=1024)
+    parser.add_argument("--ppl-window", type=int, default=256)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     flags = compare_speed.cpu_flags()
@@ -295,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         if "minilm" in only:
             print(markdown("all-MiniLM-L6-v2, batch 8 x 64", minilm_case(work, args.threads, args.runs)))
         if "smollm2" in only:
-            rows = smollm2_case(work, args.threads, args.runs, args.ppl_tokens)
+            rows = smollm2_case(work, args.threads, args.runs, args.ppl_tokens, args.ppl_window)
             print(markdown("SmolLM2-135M, decode step after 128 tokens (KV cache)", rows))
     runtime.library_path()  # the library every custom-op session above loaded
     return 0
