@@ -30,6 +30,7 @@ from bct_onnx.errors import BctOnnxError, ModelFileError
 from bct_onnx.extras import install_hint, module_available, require
 from bct_onnx.hub import parse_hub_id, resolve_hub_id
 from bct_onnx.input_check import check_input
+from bct_onnx.model_defaults import apply_model_kind_defaults, model_kind
 from bct_onnx.models.export import ExportError, ModelDirError, export_hf_directory, is_hf_model_dir
 from bct_onnx.output_dir import copy_companions, is_directory_output, model_file
 from bct_onnx.passes import PipelineResult, canonicalize_passes, compress_model
@@ -61,12 +62,14 @@ BUDGET_FIELDS = frozenset({"target_ratio", "max_error"})
 
 
 def make_config(config: CompressConfig | None = None, **overrides: Any) -> CompressConfig:
-    """``config`` (default: CompressConfig()) with ``overrides`` applied; unknown names are an error.
+    """``config`` (default: the generic defaults) with ``overrides`` applied; unknown names are an error.
 
     Overriding weight_bits or embedding_bits without target_ratio / max_error drops the budget, so
-    an explicit bit width is what the model gets.
+    an explicit bit width is what the model gets. With no ``config`` (or one made here), the result
+    records the fields named (explicit_fields): bct_onnx.compress fills the others from the model
+    kind's defaults (bct_onnx/model_defaults.py).
     """
-    base = config if config is not None else CompressConfig()
+    base = config if config is not None else CompressConfig(explicit_fields=frozenset())
     if not overrides:
         return base
     if BIT_WIDTH_FIELDS & overrides.keys() and not BUDGET_FIELDS & overrides.keys():
@@ -80,6 +83,8 @@ def make_config(config: CompressConfig | None = None, **overrides: Any) -> Compr
     if "ops" in overrides and overrides["ops"] is not None and not isinstance(overrides["ops"], frozenset):
         ops = overrides["ops"]
         overrides["ops"] = frozenset([ops] if isinstance(ops, str) else ops)
+    if base.explicit_fields is not None and "explicit_fields" not in overrides:
+        overrides["explicit_fields"] = base.explicit_fields | overrides.keys()
     return dataclasses.replace(base, **overrides)
 
 
@@ -154,6 +159,7 @@ def _calibration(
     tokenizer: str | os.PathLike[str] | None,
     *folders: Path | None,
     text_source: str = "auto",
+    budgeted: bool = False,
 ) -> tuple[Calibration | None, dict[str, Any]]:
     """The calibration to run GPTQ with, and what the report says about it.
 
@@ -171,7 +177,7 @@ def _calibration(
     if folder is None:
         if calibration == "text":
             raise BctOnnxError("text calibration needs a tokenizer: pass tokenizer=DIR (CLI: --tokenizer DIR)")
-        return _data_free_calibration(model)
+        return _data_free_calibration(model, budgeted)
     # A tokenizer.json is read with the core's `tokenizers`; other tokenizer files need transformers.
     readable = (folder / "tokenizer.json").is_file() and module_available("tokenizers")
     if not readable and not module_available("transformers"):
@@ -207,12 +213,17 @@ def _calibration(
     }
 
 
-def _data_free_calibration(model: ir.Model) -> tuple[Calibration | None, dict[str, Any]]:
-    """No tokenizer: GPTQ on token ids made up from the model file alone, where that measurably wins."""
+def _data_free_calibration(model: ir.Model, budgeted: bool = False) -> tuple[Calibration | None, dict[str, Any]]:
+    """No tokenizer: GPTQ on token ids made up from the model file alone, where that measurably wins.
+
+    ``budgeted``: a budget will measure sensitivities on these inputs too (the report says so).
+    """
     from bct_onnx.calibration import CalibrationError
     from bct_onnx.synthetic_calibration import data_free_calibration
 
     hint = "pass --tokenizer DIR to calibrate GPTQ on real text"
+    if budgeted:
+        hint = "pass --tokenizer DIR to calibrate GPTQ and the budget's sensitivities on real text"
     try:
         feeds, description = data_free_calibration(model)
     except CalibrationError as error:
@@ -386,11 +397,14 @@ def compress(
             with timer.step("measure"):
                 input_bytes = _serialized_bytes(model)
 
+        kind = model_kind(model)
+        cfg, kind_defaults = apply_model_kind_defaults(cfg, kind)
         with timer.step("calibrate"):
             source_dir = Path(exported_from) if exported_from is not None else None
             model_dir = input_file.parent if input_file is not None else None
             feeds, calibration_report = _calibration(
-                model, calibration, tokenizer, source_dir, model_dir, text_source=calibration_text
+                model, calibration, tokenizer, source_dir, model_dir, text_source=calibration_text,
+                budgeted=cfg.budgeted,
             )
         planner = plan = None
         target_ratio, max_error = cfg.target_ratio, cfg.max_error
@@ -494,6 +508,7 @@ def compress(
             if plan is not None
             else ({"skipped": budget_skipped} if budget_skipped is not None else None)
         ),
+        model_kind={"kind": kind.value, "applied": config_to_dict(kind_defaults)},
         versions=versions(),
         standard_onnx=standard_onnx,
         warnings=warnings,

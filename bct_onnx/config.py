@@ -18,9 +18,8 @@ ACTIVATION_OPS: frozenset[str] = frozenset(
 )
 SUPPORTED_OPS: frozenset[str] = WEIGHT_OPS | ACTIVATION_OPS
 DEFAULT_OPS: frozenset[str] = SUPPORTED_OPS  # everything by default
-# The default budget (None: fixed widths). 8.0 (with scale_kind float8e5m2) takes all-MiniLM-L6-v2 to
-# 8.00x at cosine 0.978 data-free but SmolLM2 to +67% perplexity against +34% with fixed 4-bit widths
-# (docs/results.md), so budgets stay opt-in until data-free rounding carries an LM to 8x.
+# The generic default budget (None: fixed widths). Encoders get an 8x budget by default through
+# bct_onnx/model_defaults.py, the one place where model kinds differ.
 DEFAULT_TARGET_RATIO: float | None = None
 SETTING_KEYS = ("enabled", "weight_bits", "act_bits", "block_size")
 # Output formats: "bct" (the ai.bct_onnx custom ops; needs the library at run time) or "qdq"
@@ -178,6 +177,10 @@ class CompressConfig:
     qdq_activations: with format "qdq", write the run-time blockwise activation quantization too, as
         scales computed in the graph + QuantizeLinear/DequantizeLinear (bit for bit the custom ops'
         activations, but runtimes execute it in float: slower than float activations).
+    explicit_fields: the fields the caller named (bct_onnx.compress keywords, CLI flags, config-file
+        keys; set by make_config). bct_onnx.compress fills the others from the model kind's defaults
+        (bct_onnx/model_defaults.py: encoders get an 8x budget with float8e5m2 scales). None (a
+        config built directly): used exactly as given. Not part of equality or the report.
     """
 
     weight_bits: int = 4
@@ -199,8 +202,17 @@ class CompressConfig:
     budget_floor: bool = True
     format: str = "bct"
     qdq_activations: bool = False
+    explicit_fields: frozenset[str] | None = dataclasses.field(
+        default=None, compare=False, repr=False, metadata={"report": False}
+    )
 
     def __post_init__(self) -> None:
+        if self.explicit_fields is not None:
+            names = frozenset(self.explicit_fields)
+            unknown = sorted(names - {f.name for f in dataclasses.fields(self)})
+            if unknown:
+                raise ValueError(f"explicit_fields names unknown config fields: {unknown}")
+            object.__setattr__(self, "explicit_fields", names)
         if not isinstance(self.qdq_activations, bool):
             raise ValueError(f"qdq_activations must be a bool, got {self.qdq_activations!r}")  # noqa: TRY004
         if self.qdq_activations and self.format != "qdq":

@@ -50,6 +50,8 @@ class CompileReport:
     exported_from: str | None = None  # the Hugging Face directory, when the input was one
     calibration: dict[str, Any] = dataclasses.field(default_factory=lambda: {"method": "none"})
     budget: dict[str, Any] | None = None  # bct_onnx.budget's plan, when a budget chose the bits
+    # bct_onnx.model_defaults: the model kind found and the defaults it gave to fields left unset
+    model_kind: dict[str, Any] | None = None
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
     # format "qdq": opset, code types, and what standard ONNX could not hold (None for "bct")
     standard_onnx: dict[str, Any] | None = None
@@ -73,6 +75,7 @@ class CompileReport:
             "rewritten": dict(sorted(self.rewritten.items())),
             "skipped": [dataclasses.asdict(s) for s in self.skipped],
             "config": self.config,
+            "model_kind": self.model_kind,
             "calibration": self.calibration,
             "budget": self.budget,
             "timings": {step: round(seconds, 4) for step, seconds in self.timings.items()},
@@ -101,6 +104,9 @@ class CompileReport:
             f"size: {format_bytes(self.input_bytes)} -> {format_bytes(self.output_bytes)} "
             f"({self.compression_ratio:.2f}x smaller)"
         )
+        if self.model_kind is not None and self.model_kind.get("applied"):
+            applied = ", ".join(f"{name} {value}" for name, value in self.model_kind["applied"].items())
+            lines.append(f"defaults for an {self.model_kind['kind']}: {applied} (bct_onnx/model_defaults.py)")
         if self.calibration.get("method") == "gptq":
             lines.append(f"calibration: GPTQ on {self.calibration.get('batches')} batches of {self.calibration.get('source')}")
             if self.calibration.get("tokenizer_would_add"):
@@ -166,7 +172,8 @@ def budget_summary(budget: Mapping[str, Any]) -> str:
     if measured is not None:
         error += f", measured {measured:.2e}"
     floor = "; floored: the ratio's plan predicted more error than the fixed widths" if budget.get("floored") else ""
-    return f"budget: {mix} of weight values; {error} ({budget.get('inputs')} inputs{floor}; per tensor in the JSON)"
+    target = f"target {budget['target_ratio']:g}x: " if budget.get("target_ratio") is not None else ""
+    return f"budget: {target}{mix} of weight values; {error} ({budget.get('inputs')} inputs{floor}; per tensor in the JSON)"
 
 
 def format_seconds(seconds: float) -> str:
@@ -195,7 +202,11 @@ def config_to_dict(config: Any) -> dict[str, Any]:
         if isinstance(value, Mapping):
             return {str(k): plain(v) for k, v in value.items()}
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            return {
+                f.name: plain(getattr(value, f.name))
+                for f in dataclasses.fields(value)
+                if f.metadata.get("report", True)
+            }
         if value is None or isinstance(value, (str, int, float, bool)):
             return value
         return str(value)  # anything else JSON cannot hold (a compiled pattern, a path ...)
