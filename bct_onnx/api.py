@@ -22,7 +22,7 @@ import onnx
 import onnx_ir as ir
 from tqdm import tqdm
 
-from bct_onnx import model_io, model_metadata
+from bct_onnx import code_entropy, model_io, model_metadata
 from bct_onnx.budget import BudgetError, BudgetPlanner
 from bct_onnx.calibration import Calibration, CalibrationError, calibration_texts, text_feeds
 from bct_onnx.config import SUPPORTED_OPS, CompressConfig
@@ -509,6 +509,7 @@ def compress(
             else ({"skipped": budget_skipped} if budget_skipped is not None else None)
         ),
         model_kind={"kind": kind.value, "applied": config_to_dict(kind_defaults)},
+        entropy_coding=code_entropy.coded_summary(compressed) if cfg.entropy_code else None,
         versions=versions(),
         standard_onnx=standard_onnx,
         warnings=warnings,

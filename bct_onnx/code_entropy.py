@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 
 from bct_onnx.block_format import MAX_BITS, MIN_BITS, pack_codes, unpack_codes
 
@@ -132,9 +134,11 @@ def encode(codes: np.ndarray, bits: int, chunk_symbols: int = DEFAULT_CHUNK_SYMB
     if chunk_symbols < 1:
         raise EntropyCodeError(f"chunk_symbols must be >= 1, got {chunk_symbols}")
     symbols = codes.reshape(-1).astype(np.int64)
+    if symbols.size == 0:
+        raise EntropyCodeError("no codes to encode (an empty tensor)")
     if symbols.size and (symbols.min() < 0 or symbols.max() >= 1 << bits):
         raise EntropyCodeError(f"codes must be in 0..{(1 << bits) - 1}")
-    lengths = code_lengths(np.bincount(symbols, minlength=1 << bits)) if symbols.size else np.zeros(1 << bits, np.uint8)
+    lengths = code_lengths(np.bincount(symbols, minlength=1 << bits))
     rev = _reversed(canonical_codes(lengths), lengths.astype(np.int64))
     sym_len = lengths.astype(np.int64)[symbols]
     sym_code = rev[symbols]
@@ -271,3 +275,40 @@ def bits_per_value(stream: np.ndarray) -> float:
     """Stored bits per code of a stream (header, table and offsets included)."""
     header = read_header(stream)
     return 8 * np.asarray(stream).size / max(1, header.symbols)
+
+
+def is_coded(node: ir.Node) -> bool:
+    """True when a BlockMatMul / BlockGather node's codes input holds a stream (codes_coding)."""
+    attr = node.attributes.get("codes_coding")
+    return attr is not None and attr.as_string() == CODING
+
+
+def coded_summary(model: ir.Model) -> dict[str, Any] | None:
+    """Bits per stored code of the model's entropy-coded tensors, packed and coded (None: none coded).
+
+    "values": codes in coded tensors; "bits_before": packed bits a value (bits, plus row padding);
+    "bits_after": stream bits a value (header, code lengths and chunk offsets included).
+    """
+    seen: set[str] = set()
+    values = packed_bytes = stream_bytes = tensors = 0
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        codes = node.inputs[1] if len(node.inputs) > 1 else None
+        if not is_coded(node) or codes is None or codes.const_value is None or codes.name in seen:
+            continue
+        seen.add(codes.name or "")
+        stream = codes.const_value.numpy()
+        header = read_header(stream)
+        tensors += 1
+        values += header.symbols
+        packed_bytes += header.rows * ((header.row_length * header.bits + 7) // 8)
+        stream_bytes += stream.size
+    if not tensors:
+        return None
+    return {
+        "tensors": tensors,
+        "values": values,
+        "packed_bytes": packed_bytes,
+        "coded_bytes": stream_bytes,
+        "bits_before": round(8 * packed_bytes / values, 4),
+        "bits_after": round(8 * stream_bytes / values, 4),
+    }

@@ -177,6 +177,9 @@ class CompressConfig:
     qdq_activations: with format "qdq", write the run-time blockwise activation quantization too, as
         scales computed in the graph + QuantizeLinear/DequantizeLinear (bit for bit the custom ops'
         activations, but runtimes execute it in float: slower than float activations).
+    entropy_code: store every MatMul weight's and table's codes entropy-coded (canonical Huffman per
+        tensor, bct_onnx/code_entropy.py, docs/block_format.md) where that is smaller: lossless, the
+        kernels decode them once at session creation into the layout they read. Format "bct" only.
     explicit_fields: the fields the caller named (bct_onnx.compress keywords, CLI flags, config-file
         keys; set by make_config). bct_onnx.compress fills the others from the model kind's defaults
         (bct_onnx/model_defaults.py: encoders get an 8x budget with float8e5m2 scales). None (a
@@ -202,6 +205,7 @@ class CompressConfig:
     budget_floor: bool = True
     format: str = "bct"
     qdq_activations: bool = False
+    entropy_code: bool = False
     explicit_fields: frozenset[str] | None = dataclasses.field(
         default=None, compare=False, repr=False, metadata={"report": False}
     )
@@ -217,6 +221,10 @@ class CompressConfig:
             raise ValueError(f"qdq_activations must be a bool, got {self.qdq_activations!r}")  # noqa: TRY004
         if self.qdq_activations and self.format != "qdq":
             raise ValueError("qdq_activations applies to format 'qdq' only (--format qdq)")
+        if not isinstance(self.entropy_code, bool):
+            raise ValueError(f"entropy_code must be a bool, got {self.entropy_code!r}")  # noqa: TRY004
+        if self.entropy_code and self.format != "bct":
+            raise ValueError("entropy_code applies to format 'bct' only (standard ONNX cannot hold the coded codes)")
         if self.format not in OUTPUT_FORMATS:
             raise ValueError(f"format must be one of {', '.join(OUTPUT_FORMATS)}, got {self.format!r}")
         _check_bits("weight_bits", self.weight_bits, allow_none=False)

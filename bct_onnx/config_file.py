@@ -42,6 +42,7 @@ TOP_LEVEL_KEYS = (
     "max_error",
     "format",
     "qdq_activations",
+    "entropy_code",
     "rotation",
     "op",
     "override",

@@ -52,6 +52,8 @@ class CompileReport:
     budget: dict[str, Any] | None = None  # bct_onnx.budget's plan, when a budget chose the bits
     # bct_onnx.model_defaults: the model kind found and the defaults it gave to fields left unset
     model_kind: dict[str, Any] | None = None
+    # bct_onnx.code_entropy.coded_summary of the output (None: codes not entropy-coded)
+    entropy_coding: dict[str, Any] | None = None
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
     # format "qdq": opset, code types, and what standard ONNX could not hold (None for "bct")
     standard_onnx: dict[str, Any] | None = None
@@ -78,6 +80,7 @@ class CompileReport:
             "model_kind": self.model_kind,
             "calibration": self.calibration,
             "budget": self.budget,
+            "entropy_coding": self.entropy_coding,
             "timings": {step: round(seconds, 4) for step, seconds in self.timings.items()},
             "rules": dict(sorted(self.rules.items())),
             "passes": self.passes,
@@ -115,6 +118,8 @@ class CompileReport:
             lines.append(f"calibration: none ({self.calibration['reason']})")
         if self.budget is not None:
             lines.append(budget_summary(self.budget))
+        if self.entropy_coding is not None:
+            lines.append(entropy_coding_line(self.entropy_coding))
         rewritten = ", ".join(f"{op} {n}" for op, n in sorted(self.rewritten.items()) if n) or "nothing"
         lines.append(f"rewritten: {rewritten}")
         if self.standard_onnx is not None:
@@ -178,6 +183,15 @@ def budget_summary(budget: Mapping[str, Any]) -> str:
 
 def format_seconds(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds >= 1 else f"{seconds * 1e3:.0f} ms"
+
+
+def entropy_coding_line(summary: dict[str, Any]) -> str:
+    """One line on entropy-coded codes: tensors, bits a value packed -> coded, bytes."""
+    return (
+        f"entropy-coded codes: {summary['tensors']} tensor(s), {summary['bits_before']:.3f} -> "
+        f"{summary['bits_after']:.3f} bits a value ({format_bytes(summary['packed_bytes'])} packed -> "
+        f"{format_bytes(summary['coded_bytes'])}; decoded once at session creation)"
+    )
 
 
 def format_bytes(n: int) -> str:
