@@ -8,7 +8,9 @@ import numpy as np
 import onnx
 import onnx.parser
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
+from bct_onnx.models import families
 
 import bct_onnx
 from bct_onnx.api import make_config
@@ -53,6 +55,14 @@ def test_model_kind_from_the_graph():
     assert model_kind(encoder()) is ModelKind.ENCODER
     assert model_kind(decoder()) is ModelKind.DECODER
     assert model_kind(mlp()) is ModelKind.OTHER
+
+
+def test_ids_reshaped_before_the_embedding_still_make_a_text_model():
+    """T5 and BART encoders export input_ids -> Reshape -> Gather."""
+    body = "  shape = Constant<value: tensor = int64[2] {-1, 7}>()\n  flat = Reshape(input_ids, shape)\n" + ENCODER_BODY.replace(
+        "Gather(table, input_ids)", "Gather(table, flat)"
+    )
+    assert model_kind(_model(body, f"float[N, 7, {D}] hidden")) is ModelKind.ENCODER
 
 
 def test_encoder_defaults_are_an_8x_budget_with_one_byte_scales():
@@ -114,3 +124,26 @@ def test_compress_applies_the_encoder_defaults_and_reports_them(tmp_path):
     assert "defaults for" not in report.summary()
     _, report = bct_onnx.compress(encoder(), config=CompressConfig(), calibration="none")
     assert report.model_kind["applied"] == {} and report.config["target_ratio"] is None
+
+
+# The bound of tests/passes/test_families_e2e.py (every float output's cosine to FP32), which the
+# encoder defaults must keep on every seed family's encoder graph.
+MIN_FAMILY_COSINE = 0.97
+
+
+@pytest.mark.parametrize("name", [n for n, f in families.FAMILIES.items() if f.kind != "decoder"])
+def test_encoder_defaults_keep_the_family_bounds(name, tmp_path):
+    graphs = [p for p in families.export_tiny(name, tmp_path, with_past=False) if p.name in ("model.onnx", "encoder_model.onnx")]
+    assert graphs, f"{name}: no encoder graph exported"
+    for path in graphs:
+        out = tmp_path / f"{path.stem}.bct.onnx"
+        _, report = bct_onnx.compress(path, out)
+        assert report.model_kind["kind"] == "encoder" and report.config["scale_kind"] == "float8e5m2"
+        feeds = families.dummy_inputs(path)
+        reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        names = [o.name for o in reference.get_outputs()]
+        for output, a, b in zip(names, reference.run(names, feeds), bct_onnx.session(out).run(names, feeds)):
+            if a.dtype.kind == "f" and a.size:
+                a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+                cosine = a64 @ b64 / (np.linalg.norm(a64) * np.linalg.norm(b64))
+                assert cosine >= MIN_FAMILY_COSINE, f"{name} {path.name} {output}: cosine {cosine:.4f}"

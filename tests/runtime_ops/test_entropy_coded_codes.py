@@ -114,7 +114,7 @@ def test_decoded_layout_is_the_spec(kit) -> None:
 
 
 def _session_error(model: bytes) -> str:
-    with pytest.raises(Exception) as error:  # noqa: PT011 - onnxruntime raises its own exception types
+    with pytest.raises(Exception) as error:
         bct_onnx.session(model)
     return str(error.value)
 
