@@ -224,6 +224,9 @@ def _data_free_calibration(model: ir.Model, budgeted: bool = False) -> tuple[Cal
     hint = "pass --tokenizer DIR to calibrate GPTQ on real text"
     if budgeted:
         hint = "pass --tokenizer DIR to calibrate GPTQ and the budget's sensitivities on real text"
+        gain = "all-MiniLM-L6-v2 at 8x: embedding cosine 0.982 data-free, 0.984 with its tokenizer"
+    else:
+        gain = "its Hessians then describe real inputs"
     try:
         feeds, description = data_free_calibration(model)
     except CalibrationError as error:
@@ -236,7 +239,7 @@ def _data_free_calibration(model: ir.Model, budgeted: bool = False) -> tuple[Cal
         "tokens": _token_count(feeds),
         "source": f"{description} (data-free: no tokenizer found)",
         "damping": feeds.damping,
-        "tokenizer_would_add": f"{hint}: its Hessians then describe real inputs (docs/results.md, data-free quality)",
+        "tokenizer_would_add": f"{hint} ({gain}; docs/results.md)",
     }
 
 
@@ -409,6 +412,7 @@ def compress(
         planner = plan = None
         target_ratio, max_error = cfg.target_ratio, cfg.max_error
         budget_skipped: str | None = None
+        budget_short: str | None = None
         if cfg.budgeted:
             with timer.step("budget"), prog.bar("budget", total=1, tick=True):
                 try:
@@ -432,9 +436,14 @@ def compress(
                 # Graph overhead the plan does not count: plan again for that many fewer bytes.
                 overshoot += over + BUDGET_MARGIN_BYTES
                 with timer.step("budget"):
-                    cfg, plan = planner.plan(
-                        planner.budget_bytes(target_ratio, overshoot), max_error, floor=cfg.budget_floor
-                    )
+                    try:
+                        cfg, plan = planner.plan(
+                            planner.budget_bytes(target_ratio, overshoot), max_error, floor=cfg.budget_floor
+                        )
+                    except BudgetError as error:  # the smallest formats still overshoot: keep this plan
+                        budget_short = f"target ratio {target_ratio:g} not reached: {error}"
+                        logger.warning("%s", budget_short)
+                        break
                 with timer.step("compress"):
                     result = _run_pipeline(model, cfg, prog, debug, feeds)
                 attempts += 1
@@ -481,6 +490,8 @@ def compress(
 
     rules = dict(result.rewritten)
     warnings = [f"input repaired: {repair}" for repair in repairs] + list(result.warnings)
+    if budget_short is not None:
+        warnings.append(budget_short)
     if rules.get(RULE_WIDE_SCALES):
         warnings.append(
             f"{rules[RULE_WIDE_SCALES]} tensor(s) hold values too large for their configured block scale kind: "
