@@ -48,6 +48,17 @@ def _compress(path: Path, out: Path, **overrides: Any) -> tuple[float, dict[str,
     return time.perf_counter() - start, report.timings, report
 
 
+def _row(inputs: str, label: str, report: Any, cosines: np.ndarray, seconds: float, timings: dict[str, float]) -> str:
+    """One table row: inputs, config, ratio, mean (min) cosine, compress time with its longer steps."""
+    steps = ", ".join(f"{k} {v:.1f}" for k, v in timings.items() if v >= 0.5)
+    row = (
+        f"| {inputs} | {label} | {report.compression_ratio:.2f}x | {cosines.mean():.4f} ({cosines.min():.4f}) | "
+        f"{seconds:.0f} s ({steps}) |"
+    )
+    logger.info(row)
+    return row
+
+
 def moby_dick_sentences(count: int, min_words: int = 8, max_words: int = 40) -> list[str]:
     """Every ``len // count``-th sentence of Moby-Dick that has min_words..max_words words."""
     text = re.sub(r"\s+", " ", moby_dick_text())
@@ -71,12 +82,7 @@ def run_minilm(work: Path, sentences: int) -> list[str]:
         seconds, timings, report = _compress(plain / "model.onnx", out, **overrides)
         got = minilm.embed(bct_onnx.session(out), texts, tokenizer=tokenizer)
         cos = (got * reference).sum(axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(reference, axis=1))
-        steps = ", ".join(f"{k} {v:.1f}" for k, v in timings.items() if v >= 0.5)
-        rows.append(
-            f"| MiniLM, {len(texts)} Moby-Dick sentences | {label} | {report.compression_ratio:.2f}x | "
-            f"{cos.mean():.4f} ({cos.min():.4f}) | {seconds:.0f} s ({steps}) |"
-        )
-        logger.info(rows[-1])
+        rows.append(_row(f"MiniLM, {len(texts)} Moby-Dick sentences", label, report, cos, seconds, timings))
     return rows
 
 
@@ -101,13 +107,8 @@ def run_bert_base(work: Path) -> list[str]:
         out = work / f"bert_{len(rows)}.onnx"
         seconds, timings, report = _compress(fp32, out, **overrides)
         (got,) = bct_onnx.session(out).run(["last_hidden_state"], feeds)
-        tokens = [_cosine(a, b) for a, b in zip(reference.reshape(-1, 768), got.reshape(-1, 768))]
-        steps = ", ".join(f"{k} {v:.1f}" for k, v in timings.items() if v >= 0.5)
-        rows.append(
-            f"| BERT-base shape, random weights, 4 x 128 random ids | {label} | {report.compression_ratio:.2f}x | "
-            f"{np.mean(tokens):.4f} ({np.min(tokens):.4f}) per token | {seconds:.0f} s ({steps}) |"
-        )
-        logger.info(rows[-1])
+        tokens = np.array([_cosine(a, b) for a, b in zip(reference.reshape(-1, 768), got.reshape(-1, 768))])
+        rows.append(_row("BERT-base shape, random weights, 4 x 128 random ids (per token)", label, report, tokens, seconds, timings))
     return rows
 
 
