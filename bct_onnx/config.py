@@ -156,6 +156,9 @@ class CompressConfig:
     op_settings: per op kind (a key of SUPPORTED_OPS) OpSettings over the fields above.
     overrides: NodeOverride by node-name pattern, applied in order after op_settings.
     keep_compressed: let intermediate results between compressed ops stay compressed.
+    fuse_ops: fuse a MatMul with the GELU or SiLU gating after it (BlockMatMul's epilogue) and a
+        residual Add with the norm after it (BlockAddLayerNorm / BlockAddRMSNorm): bit-exact to the
+        unfused ops on float edges, fewer nodes and passes over memory (docs/passes.md).
     target_ratio: a budget instead of bit widths (bct_onnx.budget): bct_onnx.compress chooses bits
         (3..8) and block size (block_size or twice it) per MatMul weight and table from each tensor's
         measured sensitivity so that the whole file is at least this many times smaller. weight_bits
@@ -200,6 +203,7 @@ class CompressConfig:
     op_settings: Mapping[str, OpSettings] = dataclasses.field(default_factory=dict)
     overrides: tuple[NodeOverride, ...] = ()
     keep_compressed: bool = True
+    fuse_ops: bool = True
     target_ratio: float | None = DEFAULT_TARGET_RATIO
     max_error: float | None = None
     budget_floor: bool = True
@@ -286,6 +290,8 @@ class CompressConfig:
             raise ValueError(f"rotation must be a bool, got {self.rotation!r}")  # noqa: TRY004
         if not isinstance(self.keep_compressed, bool):
             raise ValueError(f"keep_compressed must be a bool, got {self.keep_compressed!r}")  # noqa: TRY004
+        if not isinstance(self.fuse_ops, bool):
+            raise ValueError(f"fuse_ops must be a bool, got {self.fuse_ops!r}")  # noqa: TRY004
         if not isinstance(self.budget_floor, bool):
             raise ValueError(f"budget_floor must be a bool, got {self.budget_floor!r}")  # noqa: TRY004
         for field, low in (("target_ratio", 1.0), ("max_error", 0.0)):

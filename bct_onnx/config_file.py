@@ -38,6 +38,7 @@ TOP_LEVEL_KEYS = (
     "embedding_scale_kind",
     "weight_scale_search",
     "keep_compressed",
+    "fuse_ops",
     "target_ratio",
     "max_error",
     "format",

@@ -22,6 +22,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from bct_onnx import code_entropy, ops
+from bct_onnx import reference_fused as spec_fused
 from bct_onnx import reference_nonlinear as spec_nonlinear
 from bct_onnx.block_format import (
     BlockFormat,
@@ -139,7 +140,10 @@ class BlockMatMul(_BlockOp):
             act_bits=int(attrs.get("act_bits") or 0),
             bias=bias,
         )
-        return _out(y, attrs)
+        epilogue = attrs.get("epilogue") or "none"
+        if isinstance(epilogue, bytes):
+            epilogue = epilogue.decode()
+        return _out(spec_fused.matmul_epilogue(y, epilogue), attrs)
 
 
 def _in_operand(x, x_scales, x_zero_points, attrs: dict[str, Any]):
@@ -209,6 +213,31 @@ class BlockRMSNorm(_BlockOp):
         return _out(spec_nonlinear.rms_norm(x, scale, eps), attrs)
 
 
+def _with_sum(result, total: np.ndarray, attrs: dict[str, Any]) -> tuple[np.ndarray, ...]:
+    """Outputs 0..2 as _out gives them, zero-point slot padded, then the float32 sum as output 3."""
+    outputs = _out(result, attrs)
+    return (*outputs, *([np.zeros(0, np.uint8)] * (3 - len(outputs))), total)  # slot 2 omitted (named by evaluator)
+
+
+class BlockAddLayerNorm(_BlockOp):
+    def _run(
+        self, X, X_scales=None, X_zero_points=None, skip=None, scale=None, bias=None, epsilon=None, axis=None,
+        **attrs,
+    ):  # fmt: skip
+        _last_axis(axis, ops.BLOCK_ADD_LAYER_NORM)
+        total = spec_fused.add_skip(_in_operand(X, X_scales, X_zero_points, attrs), skip)
+        eps = 1e-5 if epsilon is None else float(epsilon)
+        return _with_sum(spec_nonlinear.layer_norm(total, scale, bias, eps), total, attrs)[: len(self.output)]
+
+
+class BlockAddRMSNorm(_BlockOp):
+    def _run(self, X, X_scales=None, X_zero_points=None, skip=None, scale=None, epsilon=None, axis=None, **attrs):
+        _last_axis(axis, ops.BLOCK_ADD_RMS_NORM)
+        total = spec_fused.add_skip(_in_operand(X, X_scales, X_zero_points, attrs), skip)
+        eps = 1e-5 if epsilon is None else float(epsilon)
+        return _with_sum(spec_nonlinear.rms_norm(total, scale, eps), total, attrs)[: len(self.output)]
+
+
 class BlockActMatMul(_BlockOp):
     def _run(
         self,
@@ -237,6 +266,8 @@ OPS: tuple[type[OpRun], ...] = (
     BlockLayerNorm,
     BlockRMSNorm,
     BlockActMatMul,
+    BlockAddLayerNorm,
+    BlockAddRMSNorm,
 )
 if {op.__name__ for op in OPS} != set(ops.OP_TYPES):  # onnx.reference finds an op by its class name
     raise ImportError(f"bct_onnx.reference covers {sorted(op.__name__ for op in OPS)}, not {ops.OP_TYPES}")
@@ -248,7 +279,27 @@ def evaluator(model: str | os.PathLike[str] | onnx.ModelProto | Any, **options: 
         import onnx_ir as ir
 
         model = ir.to_proto(model)
-    return ReferenceEvaluator(model, new_ops=list(OPS), **options)
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(os.fspath(model))
+    return ReferenceEvaluator(_name_omitted_outputs(model), new_ops=list(OPS), **options)
+
+
+def _name_omitted_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose omitted outputs before a present one (the Add + norm ops' zero-point slot before
+    the sum) have names: onnx.reference would bind a value to the name '', which omitted inputs read."""
+    if not any(
+        "" in list(node.output)[:-1] for node in model.graph.node if node.domain == ops.DOMAIN
+    ):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    count = 0
+    for node in copy.graph.node:
+        for index, name in enumerate(node.output):
+            if not name and node.domain == ops.DOMAIN and index < len(node.output) - 1:
+                node.output[index] = f"__bct_omitted_output_{count}"
+                count += 1
+    return copy
 
 
 def run(

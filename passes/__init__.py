@@ -26,8 +26,10 @@ from bct_onnx.passes.framework import (
     Skip,
     UnsupportedModelError,
 )
+from bct_onnx.passes.fuse_add_norm import FuseAddNormPass
 from bct_onnx.passes.fuse_gelu import FuseGeluPass
 from bct_onnx.passes.fuse_layer_norm import FuseLayerNormPass
+from bct_onnx.passes.fuse_matmul_epilogue import FuseMatMulEpiloguePass
 from bct_onnx.passes.fuse_rms_norm import FuseRMSNormPass
 from bct_onnx.passes.fuse_silu import FuseSiluPass
 from bct_onnx.passes.gemm_to_matmul import GemmToMatMulPass
@@ -64,8 +66,10 @@ __all__ = [
     "EntropyCodeWeightsPass",
     "FoldConstantWeightsPass",
     "FoldShapeArithmeticPass",
+    "FuseAddNormPass",
     "FuseGeluPass",
     "FuseLayerNormPass",
+    "FuseMatMulEpiloguePass",
     "FuseRMSNormPass",
     "FuseSiluPass",
     "GemmToMatMulPass",

@@ -45,7 +45,11 @@ _BCT_KIND = {
     ops.BLOCK_SOFTMAX: "Softmax",
     ops.BLOCK_LAYER_NORM: "LayerNormalization",
     ops.BLOCK_RMS_NORM: "LayerNormalization",
+    ops.BLOCK_ADD_LAYER_NORM: "LayerNormalization",
+    ops.BLOCK_ADD_RMS_NORM: "LayerNormalization",
 }
+# A BlockMatMul's epilogue is the activation it absorbed (FuseMatMulEpiloguePass): (kind, extra MatMuls).
+_EPILOGUE_KINDS = {"gelu": ("Gelu", 0), "gelu_tanh": ("Gelu", 0), "silu_gate": ("Silu", 1)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +95,11 @@ def bct_counts(model: ir.Model) -> dict[str, int]:
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if node.domain == ops.DOMAIN and node.op_type in _BCT_KIND:
             counts[_BCT_KIND[node.op_type]] += 1
+            epilogue = node.attributes.get("epilogue") if node.op_type == ops.BLOCK_MATMUL else None
+            if epilogue is not None and epilogue.as_string() in _EPILOGUE_KINDS:
+                kind, extra_matmuls = _EPILOGUE_KINDS[epilogue.as_string()]
+                counts[kind] += 1
+                counts["MatMul"] += extra_matmuls  # gate and up: two MatMuls of the original
     return counts
 
 

@@ -34,6 +34,7 @@ using AppendOps = void (*)(Ort::CustomOpDomain& domain);
 constexpr AppendOps kOpFamilies[] = {
     bct::AppendQuantizeCpuOps, bct::AppendDequantizeCpuOps, bct::AppendGatherCpuOps,
     bct::AppendMatMulCpuOps,   bct::AppendActMatMulCpuOps,  bct::AppendNonlinearRowCpuOps,
+    bct::AppendAddNormCpuOps,
 #if defined(BCT_WITH_CUDA) && BCT_WITH_CUDA
     bct::AppendBlockCudaOps,   bct::AppendMatMulCudaOps,    bct::AppendNonlinearCudaOps,
 #endif

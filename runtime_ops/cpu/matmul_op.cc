@@ -9,6 +9,7 @@
 #include "bct/block_math.h"
 #include "bct/op_common.h"
 #include "cpu/kernel_table.h"
+#include "cpu/matmul_epilogue.h"
 #include "cpu/matmul_kernel.h"
 #include "cpu/row_kernels.h"
 #include "ops/coded_codes.h"
@@ -117,19 +118,39 @@ class MatMulCpuKernel {
         });
         x = dequantized.get();
       }
-      // Y: float32 into the output, or into a buffer that is then quantized along N.
-      std::unique_ptr<float[]> buffer(r.quantized ? new float[static_cast<size_t>(rows * N)] : nullptr);
-      float* y = r.quantized ? buffer.get() : r.y;
-      matmul::Compute(*packed, x, rows, call.bias.present ? call.bias.As<float>() : nullptr, y, parallel_for,
+      // P, the product (bias included): straight into Y when Y is float with N columns, else into a
+      // buffer from which the epilogue and the requantization read.
+      const Epilogue epilogue = attrs_.epilogue;
+      const int64_t width = attrs_.out_width();
+      const bool product_in_y = !r.quantized && width == N;
+      std::unique_ptr<float[]> buffer(product_in_y ? nullptr : new float[static_cast<size_t>(rows * N)]);
+      float* p = product_in_y ? r.y : buffer.get();
+      matmul::Compute(*packed, x, rows, call.bias.present ? call.bias.As<float>() : nullptr, p, parallel_for,
                       use_codes ? &own : nullptr);
+      if (!r.quantized && epilogue == Epilogue::kNone) return;
+      cpu::RowFormat out_fmt;
       if (r.quantized) {
-        cpu::RowFormat out_fmt = nonlinear::ResultRowFormat<cpu::RowFormat>(attrs_.out, r);
+        out_fmt = nonlinear::ResultRowFormat<cpu::RowFormat>(attrs_.out, r);
         out_fmt.isa = isa_;
-        const cpu::MutablePackedRows sink(out_fmt, r.codes, r.scales, r.zero_points);
-        ParallelFor(ctx, rows, std::max<int64_t>(1, 8192 / N), [&](int64_t begin, int64_t end) {
-          sink.QuantizeRange(y + begin * N, begin, end - begin);
-        });
       }
+      const cpu::MutablePackedRows sink(out_fmt, r.codes, r.scales, r.zero_points);
+      const cpu::KernelTable& kernels = cpu::Kernels(isa_);
+      // Rows in groups: epilogue into Y (float) or a group buffer, then one QuantizeRange per group.
+      const int64_t group = std::max<int64_t>(1, std::min<int64_t>(64, 4096 / width));
+      ParallelFor(ctx, rows, std::max<int64_t>(1, 8192 / N), [&](int64_t begin, int64_t end) {
+        std::vector<float> staged(r.quantized && epilogue != Epilogue::kNone ? static_cast<size_t>(group * width) : 0);
+        for (int64_t row0 = begin; row0 < end; row0 += group) {
+          const int64_t count = std::min(group, end - row0);
+          const float* rows_p = p + row0 * N;
+          const float* y = rows_p;
+          if (epilogue != Epilogue::kNone) {
+            float* out = r.quantized ? staged.data() : r.y + row0 * width;
+            cpu::ApplyEpilogueRows(kernels, epilogue, rows_p, count, N, out);
+            y = out;
+          }
+          if (r.quantized) sink.QuantizeRange(y, row0, count);
+        }
+      });
     });
   }
 

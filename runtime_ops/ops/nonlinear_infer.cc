@@ -89,6 +89,12 @@ OrtStatusPtr SetOutput(OrtShapeInferContext* ctx, size_t index, ONNXTensorElemen
 
 }  // namespace
 
+OrtStatusPtr InferFloatOutput(OrtShapeInferContext* ctx, size_t index, const InferDims& logical) {
+  if (!logical.known) return nullptr;
+  return SetOutput(ctx, index, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, logical, logical.dims.back(),
+                   logical.symbols.back());
+}
+
 OrtStatusPtr InferResult(OrtShapeInferContext* ctx, const InferDims& logical) {
   if (!logical.known) return nullptr;
   const OrtApi& api = Ort::GetApi();

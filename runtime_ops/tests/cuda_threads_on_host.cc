@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "bct/epilogue.h"
 #include "block_threads.h"
 #include "matmul_threads.h"
 #include "row_threads.h"
@@ -156,6 +157,32 @@ __attribute__((visibility("default"))) void bct_host_act_matmul(int act_bits, in
   for (int64_t t = 0; t < out_batches * m * n; ++t) {
     y[t] = bct::cuda::ActDotOne(args, qa.data(), sa.data(), qb.data(), sb.data(), nb, t);
   }
+}
+
+// BlockMatMul's epilogue as matmul_epilogue.cu runs it: one thread per element of out
+// [rows, epilogue_width(epilogue, n)] from the product p [rows, n]; epilogue as bct::Epilogue.
+__attribute__((visibility("default"))) void bct_host_matmul_epilogue(int epilogue, int64_t rows, int64_t n,
+                                                                     const float* p, float* out) {
+  const auto e = static_cast<bct::Epilogue>(epilogue);
+  for (int64_t t = 0; t < rows * bct::epilogue_width(e, n); ++t) out[t] = bct::EpilogueOne(e, p, n, t);
+}
+
+// The compute step of BlockAddLayerNorm (op 4) / BlockAddRMSNorm (op 5) as norm.cu runs it: each
+// warp adds its row of skip (keeping the sum in sum unless nullptr), then the norm row.
+__attribute__((visibility("default"))) int bct_host_add_norm(int op, int64_t rows, int64_t d, float* y,
+                                                             const float* skip, float* sum, const float* scale,
+                                                             const float* bias, float epsilon) {
+  const bct::cuda::HostWarp warp;
+  if (op != 4 && op != 5) return -1;
+  for (int64_t r = 0; r < rows; ++r) {
+    bct::cuda::AddSkipRow(warp, skip + r * d, sum != nullptr ? sum + r * d : nullptr, y + r * d, d);
+    if (op == 4) {
+      bct::cuda::LayerNormRow(warp, scale, bias, epsilon, y + r * d, d);
+    } else {
+      bct::cuda::RMSNormRow(warp, scale, epsilon, y + r * d, d);
+    }
+  }
+  return 0;
 }
 
 // The compute step of a row op, in place on y [rows, d], as the kernels run it: op 0 Gelu (exact),

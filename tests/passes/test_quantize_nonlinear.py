@@ -360,9 +360,11 @@ def ffn_model():
 def test_layer_norm_matmul_gelu_matmul_chain_passes_codes():
     """LN -> MatMul -> Gelu -> MatMul: every intermediate is codes and scales. LN -> MatMul in the
     MatMul's own format, MatMul -> Gelu in the MatMul kind's format (8-bit, float16 scales),
-    Gelu -> MatMul in the reading MatMul's own format too (so it uses the codes as they are)."""
+    Gelu -> MatMul in the reading MatMul's own format too (so it uses the codes as they are).
+    Unfused (fuse_ops off); by default MatMul -> Gelu is one BlockMatMul with a gelu epilogue
+    (tests/passes/test_fused_ops_passes.py)."""
     model = ffn_model()
-    result = compress_model(model, CompressConfig())
+    result = compress_model(model, CompressConfig(fuse_ops=False))
     assert op_types(result.model) == ["BlockLayerNorm", "BlockMatMul", "BlockGelu", "BlockMatMul"]
     ln, mm1, gelu, mm2 = list(result.model.graph)
     operand = ("in_bits", "in_block_size", "in_symmetric", "in_axis_size")

@@ -31,6 +31,7 @@ from bct_onnx.block_format import (
     pack_codes,
     quantize,
 )
+from bct_onnx.reference_fused import EPILOGUES, add_skip, matmul_epilogue
 from bct_onnx.reference_ops import matmul_reference
 
 KIND_CODE = {ScaleKind.FLOAT16: 0, ScaleKind.FLOAT32: 1, ScaleKind.POW2: 2, ScaleKind.FLOAT8E5M2: 3}
@@ -131,6 +132,9 @@ def _helper() -> ctypes.CDLL:
     lib.bct_host_act_matmul.argtypes += [ctypes.c_int] + [ptr] * 6
     lib.bct_host_row_op.argtypes = [ctypes.c_int, i64, i64, ptr, ptr, ptr, ctypes.c_float]
     lib.bct_host_row_op.restype = ctypes.c_int
+    lib.bct_host_matmul_epilogue.argtypes = [ctypes.c_int, i64, i64, ptr, ptr]
+    lib.bct_host_add_norm.argtypes = [ctypes.c_int, i64, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_float]
+    lib.bct_host_add_norm.restype = ctypes.c_int
     return lib
 
 
@@ -436,3 +440,39 @@ def test_row_op_threads(kit, name: str, d: int) -> None:
     y = x.copy()
     assert lib.bct_host_row_op(op, x.shape[0], d, _ptr(y), _ptr(scale), _ptr(bias), 1e-5) == 0
     kit.assert_bits_equal(y, np.asarray(want, np.float32), name)
+
+
+@pytest.mark.parametrize("n", [2, 14, 80, 768])
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+def test_matmul_epilogue_threads(kit, epilogue: str, n: int) -> None:
+    """BlockMatMul's epilogue kernel (one thread per output element) against the spec, on the product
+    of the MatMul kernel: large, small, zero and -inf / NaN-free values; silu_gate halves the width."""
+    lib = _helper()
+    rng = np.random.default_rng(n)
+    p = (rng.standard_normal((4, n)) * np.array([1, 8, 0.01, 60])[:, None]).astype(np.float32)
+    p[0, 0] = 0.0
+    want = matmul_epilogue(p, epilogue)
+    out = np.full(want.shape, np.nan, np.float32)
+    lib.bct_host_matmul_epilogue(EPILOGUES.index(epilogue), p.shape[0], n, _ptr(p), _ptr(out))
+    kit.assert_bits_equal(out, want, epilogue)
+
+
+@pytest.mark.parametrize("d", [1, 7, 40, 384])
+@pytest.mark.parametrize("name", ["layer-norm", "layer-norm-no-bias", "rms-norm"])
+def test_add_norm_threads(kit, name: str, d: int) -> None:
+    """BlockAddLayerNorm / BlockAddRMSNorm's warp per row: the sum (output 3) and the normalized row."""
+    lib = _helper()
+    op, spec = ROW_OPS[name]
+    rng = np.random.default_rng(d)
+    x = (rng.standard_normal((5, d)) * np.array([1, 4, 0.01, 30, 1])[:, None]).astype(np.float32)
+    skip = (rng.standard_normal((5, d)) * 2).astype(np.float32)
+    scale = rng.standard_normal(d).astype(np.float32)
+    bias = None if name == "layer-norm-no-bias" else rng.standard_normal(d).astype(np.float32)
+    total = add_skip(x, skip)
+    y, out_sum = x.copy(), np.full_like(x, np.nan)
+    assert (
+        lib.bct_host_add_norm(op, 5, d, _ptr(y), _ptr(skip), _ptr(out_sum), _ptr(scale), _ptr(bias), 1e-5)
+        == 0
+    )
+    kit.assert_bits_equal(out_sum, total, f"{name} sum")
+    kit.assert_bits_equal(y, np.asarray(spec(total, scale, bias), np.float32), name)
