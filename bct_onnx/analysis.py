@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from bct_onnx import block_format, code_entropy, ops
 from bct_onnx.block_format import BlockFormat, ZeroPointKind
+from bct_onnx.kv_cache import compress_feeds, read_formats
 from bct_onnx.passes.quantized_weights import FORMAT_KEY, SOURCE_KEY
 
 logger = logging.getLogger(__name__)
@@ -245,9 +246,10 @@ def output_errors(
     ours = runtime.session(_expose(compressed, names), providers=cpu)
     squared_error = np.zeros(len(names))
     squared_norm = np.zeros(len(names))
+    cache_formats = read_formats(compressed.metadata_props)  # a compressed KV cache takes codes
     for batch in list(feeds)[:max_batches]:
         reference = fp32.run(names, dict(batch))
-        result = ours.run(names, dict(batch))
+        result = ours.run(names, compress_feeds(batch, cache_formats))
         for i, (y, y_ref) in enumerate(zip(result, reference, strict=True)):
             diff = np.asarray(y, dtype=np.float64) - np.asarray(y_ref, dtype=np.float64)
             squared_error[i] += float(np.sum(diff * diff))

@@ -31,7 +31,9 @@ from bct_onnx.errors import BctOnnxError, ModelFileError
 from bct_onnx.extras import install_hint, module_available, require
 from bct_onnx.hub import parse_hub_id, resolve_hub_id
 from bct_onnx.input_check import check_input
+from bct_onnx.kv_cache import PAST_PREFIX
 from bct_onnx.model_defaults import apply_model_kind_defaults, model_kind
+from bct_onnx.model_kind import apply_kind_defaults
 from bct_onnx.models.export import ExportError, ModelDirError, export_hf_directory, is_hf_model_dir
 from bct_onnx.output_dir import (
     add_feature_extraction_output,
@@ -443,6 +445,17 @@ def compress(
         if input_file is not None and exported_from is None:
             protected.add(input_file)
         directory_output = output is not None and is_directory_output(output)
+        float_cache_note = None
+        if directory_output and cfg.compresses_kv_cache and any(
+            (value.name or "").startswith(PAST_PREFIX) for value in model.graph.inputs
+        ):
+            # optimum's ORTModelForCausalLM allocates and feeds a float cache: the directory keeps one.
+            cfg = dataclasses.replace(cfg, kv_cache_bits=None)
+            float_cache_note = (
+                "output directory (for optimum's ORTModelForCausalLM, which feeds a float cache): the KV "
+                "cache stays float; write a .onnx file to get a compressed cache (docs/kv_cache.md)"
+            )
+            logger.info(float_cache_note)
         # Fail before the slow part: every file the command writes is checked now.
         if output is not None:
             output = model_file(output)  # DIR/ -> DIR/model.onnx
@@ -476,6 +489,8 @@ def compress(
                 model, calibration, tokenizer, source_dir, model_dir, text_source=calibration_text,
                 budgeted=cfg.budgeted,
             )
+        with timer.step("calibrate"):
+            cfg, kind_note = apply_kind_defaults(model, cfg)
         planner = plan = None
         target_ratio, max_error = cfg.target_ratio, cfg.max_error
         budget_skipped: str | None = None
@@ -561,6 +576,8 @@ def compress(
     warnings = [f"input repaired: {repair}" for repair in repairs] + list(result.warnings)
     if budget_short is not None:
         warnings.append(budget_short)
+    if float_cache_note is not None:
+        warnings.append(float_cache_note)
     if rules.get(RULE_WIDE_SCALES):
         warnings.append(
             f"{rules[RULE_WIDE_SCALES]} tensor(s) hold values too large for their configured block scale kind: "
@@ -588,7 +605,7 @@ def compress(
             if plan is not None
             else ({"skipped": budget_skipped} if budget_skipped is not None else None)
         ),
-        model_kind={"kind": kind.value, "applied": config_to_dict(kind_defaults)},
+        model_kind={"kind": kind.value, "applied": config_to_dict(kind_defaults), "changed": kind_note["changed"]},
         entropy_coding=code_entropy.coded_summary(compressed) if cfg.entropy_code else None,
         versions=versions(),
         standard_onnx=standard_onnx,

@@ -27,13 +27,14 @@ import heapq
 import logging
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
-from bct_onnx import runtime
+from bct_onnx import model_io, runtime
 from bct_onnx.block_format import (
     BlockFormat,
     ScaleKind,
@@ -461,6 +462,22 @@ def synthetic_feeds(
     return [feeds]
 
 
+def _external_data_options(model: ir.Model) -> Any:
+    """Session options that let ONNX Runtime find the model's external (or in-file) weights when the
+    model is opened from bytes: their folder, given explicitly (else ORT looks in the working directory)."""
+    import onnxruntime as ort
+
+    folders = {
+        str(Path(value.const_value.base_dir).absolute())
+        for value in model.graph.initializers.values()
+        if isinstance(value.const_value, ir.ExternalTensor)
+    }
+    options = ort.SessionOptions()
+    if len(folders) == 1:
+        options.add_session_config_entry(model_io.EXTERNAL_DATA_FOLDER_KEY, folders.pop())
+    return options
+
+
 class _WeightSwapper:
     """The float model in one ONNX Runtime session whose unit weights can be replaced per run.
 
@@ -482,7 +499,9 @@ class _WeightSwapper:
         if proto.ByteSize() > (1 << 31) - (1 << 26):
             raise BudgetError("sensitivity measurement of models above 2 GB is not supported yet")
         try:
-            self.session = runtime.session(proto.SerializeToString(), with_library=False, quiet=True)
+            self.session = runtime.session(
+                proto.SerializeToString(), sess_options=_external_data_options(model), with_library=False, quiet=True
+            )
         except Exception as error:  # onnxruntime raises its own exception types
             raise BudgetError(f"the float model does not load for sensitivity measurement: {error}") from error
         self.feeds = [dict(f) for f in feeds]

@@ -7,11 +7,14 @@ Only what GPTQ needs is kept ([K, K] float32 per activation), never the activati
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
+import heapq
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -31,9 +34,6 @@ MatMulKey = tuple[str, str]  # (activation input name, weight initializer name)
 
 
 DEFAULT_DAMPING = 0.01  # GPTQ's damping for calibration on real inputs (text through a tokenizer)
-
-# ONNX Runtime's session option naming the folder of the external data of a model loaded from bytes.
-EXTERNAL_DATA_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 
 class CalibrationError(BctOnnxError, ValueError):
@@ -226,68 +226,319 @@ def model_session(model: ir.Model, providers: Iterable[str] = ("CPUExecutionProv
         return runtime.session(path, list(providers), with_library=with_library, quiet=True)
 
 
-def collect_hessians(model: ir.Model, calibration: Calibration, providers: Iterable[str] = ("CPUExecutionProvider",)) -> dict[MatMulKey, np.ndarray]:
+# A calibration session holds at most about this many bytes of weights, or the largest weight when
+# that is larger: the float model runs in segments (consecutive nodes in topological order).
+SEGMENT_BYTES = 64 << 20
+
+
+class HessianStore(Mapping[MatMulKey, np.ndarray]):
+    """Hessians written to a temporary folder as they are finished, read back one at a time on access.
+
+    A decoder's Hessians together can outweigh its weights (SmolLM2-135M: 0.4 GB of float32 [K, K]
+    arrays for a 0.54 GB model); on disk they cost no memory until QuantizeMatMulPass asks for one.
+    close() removes the folder.
+    """
+
+    def __init__(self) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix="bct_onnx_hessians_")
+        self._files: dict[str, Path] = {}  # activation name -> its Hessian's .npy file
+        self._keys: dict[MatMulKey, str] = {}
+
+    def add(self, activation: str, hessian: np.ndarray) -> None:
+        path = Path(self._folder.name) / f"{len(self._files)}.npy"
+        np.save(path, hessian)
+        self._files[activation] = path
+
+    def has(self, activation: str) -> bool:
+        return activation in self._files
+
+    def bind(self, key: MatMulKey, k: int) -> None:
+        """Make key (activation, weight) read its activation's Hessian when that is [k, k]."""
+        path = self._files.get(key[0])
+        if path is not None and _npy_shape(path) == (k, k):
+            self._keys[key] = key[0]
+
+    def __getitem__(self, key: MatMulKey) -> np.ndarray:
+        return np.load(self._files[self._keys[key]])
+
+    def __iter__(self) -> Iterator[MatMulKey]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def close(self) -> None:
+        self._folder.cleanup()
+
+
+def _npy_shape(path: Path) -> tuple[int, ...]:
+    return tuple(np.load(path, mmap_mode="r").shape)  # the header only: no data is read
+
+
+def collect_hessians(
+    model: ir.Model,
+    calibration: Calibration,
+    providers: Iterable[str] = ("CPUExecutionProvider",),
+    segment_bytes: int = SEGMENT_BYTES,
+) -> HessianStore:
     """Sum of x^T x over all calibration rows x of each constant-weight MatMul's activation input.
 
-    One pass over the calibration batches with every such activation exposed as a graph output.
-    The session reads the model from a temporary file with external data (no in-memory copies of
-    the serialized model) without prepacked weight copies; each batch adds its rows to the float32
-    Hessians with one symmetric rank-k update (BLAS syrk), on one BLAS thread (see gptq.py).
-    MatMuls reading the same activation share one Hessian array.
+    The model is saved once to a temporary file with external data and run segment by segment:
+    consecutive nodes (topological order) holding at most ``segment_bytes`` of weights (or the
+    largest weight) form one ONNX Runtime session, run on every calibration batch; the values
+    crossing into later segments are kept (for all batches) until their last reader has run, and
+    the Hessians of the segment's MatMuls are finished and written to disk before the next segment
+    loads. So memory holds one segment's weights, its Hessians and the activations between
+    segments, never the whole float model. Each batch adds its rows to the float32 Hessians with one
+    symmetric rank-k update (BLAS syrk), on one BLAS thread (see gptq.py). MatMuls reading the same
+    activation share one Hessian.
     """
+    targets = constant_weight_matmuls(model)
+    store = HessianStore()
+    if not targets:
+        return store
+    try:
+        with tempfile.TemporaryDirectory(prefix="bct_onnx_calib_") as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            ir.save(model, path, external_data="model.onnx.data", max_workers=1, max_in_flight_bytes=1 << 26)
+            proto = onnx.load(path, load_external_data=False)
+            _run_segments(proto, tmp, targets, calibration, list(providers), segment_bytes, store)
+    except BaseException:
+        store.close()
+        raise
+    for key, k in targets.items():
+        store.bind(key, k)
+    logger.info("calibration: Hessians for %d MatMul weights from %d batches", len(store), len(calibration.feeds))
+    return store
+
+
+def _node_names(node: onnx.NodeProto) -> tuple[list[str], list[str]]:
+    """(names the node reads, names it writes); empty optional inputs left out."""
+    return [name for name in node.input if name], [name for name in node.output if name]
+
+
+def _has_subgraphs(graph: onnx.GraphProto) -> bool:
+    return any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for node in graph.node for attr in node.attribute)
+
+
+def _topological_order(graph: onnx.GraphProto) -> list[int]:
+    """Node indices in a topological order that keeps the file's order where it already is one."""
+    producer = {name: i for i, node in enumerate(graph.node) for name in _node_names(node)[1]}
+    waiting = [sum(1 for name in set(_node_names(node)[0]) if name in producer) for node in graph.node]
+    readers: dict[int, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        for name in set(_node_names(node)[0]):
+            if name in producer:
+                readers.setdefault(producer[name], []).append(i)
+    ready = [i for i, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for reader in readers.get(i, ()):
+            waiting[reader] -= 1
+            if waiting[reader] == 0:
+                heapq.heappush(ready, reader)
+    if len(order) != len(graph.node):
+        raise CalibrationError("the float model's graph has a cycle; it cannot be run for calibration")
+    return order
+
+
+def _segments(graph: onnx.GraphProto, segment_bytes: int) -> list[list[int]]:
+    """Node indices cut into runs of consecutive nodes (topological order) of bounded weight bytes."""
+    sizes = {tensor.name: _tensor_bytes(tensor) for tensor in graph.initializer}
+    if _has_subgraphs(graph):  # subgraphs read outer values implicitly: run the model whole
+        return [_topological_order(graph)]
+    budget = max([segment_bytes, *sizes.values()])
+    segments: list[list[int]] = [[]]
+    held: set[str] = set()
+    for i in _topological_order(graph):
+        weights = {name for name in _node_names(graph.node[i])[0] if name in sizes} - held
+        if segments[-1] and sum(sizes[name] for name in held | weights) > budget:
+            segments.append([])
+            held = set()
+        segments[-1].append(i)
+        held |= {name for name in _node_names(graph.node[i])[0] if name in sizes}
+    return segments
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    for entry in tensor.external_data:
+        if entry.key == "length":
+            return int(entry.value)
+    return tensor.ByteSize()
+
+
+def _run_segments(
+    proto: onnx.ModelProto,
+    folder: str,
+    targets: dict[MatMulKey, int],
+    calibration: Calibration,
+    providers: list[str],
+    segment_bytes: int,
+    store: HessianStore,
+) -> None:
+    """Run the saved float model segment by segment on every batch, adding finished Hessians to store."""
     import onnxruntime as ort
-    import scipy.linalg
 
     from bct_onnx.gptq import blas_controller
 
-    targets = constant_weight_matmuls(model)
-    if not targets:
-        return {}
+    graph = proto.graph
+    segments = _segments(graph, segment_bytes)
+    wanted = {act for act, _ in targets}
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    graph_inputs = {value.name for value in graph.input} - initializers.keys()
+    # The last segment that reads each value: a kept value is dropped after it.
+    last_reader: dict[str, int] = {}
+    targets_in: list[set[str]] = []
+    for index, segment in enumerate(segments):
+        acts = set()
+        for i in segment:
+            node = graph.node[i]
+            for name in _node_names(node)[0]:
+                last_reader[name] = index
+            if node.op_type == "MatMul" and len(node.input) == 2 and node.input[0] in wanted:
+                acts.add(node.input[0])
+        targets_in.append(acts)
+    last_segment = max((i for i, acts in enumerate(targets_in) if acts), default=-1)
     options = ort.SessionOptions()
     options.add_session_config_entry("session.disable_prepacking", "1")
-    # An already partly compressed model needs our ops; a float model runs without the library.
-    with_library = any(node.domain == ops.DOMAIN for node in model.graph)
-    activations = sorted({act for act, _ in targets})
-    sums: dict[str, np.ndarray] = {}
-    with tempfile.TemporaryDirectory(prefix="bct_onnx_calib_") as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        ir.save(model, path, external_data="model.onnx.data", max_workers=1, max_in_flight_bytes=1 << 26)
-        proto = onnx.load(path, load_external_data=False)
-        existing = {o.name for o in proto.graph.output}
-        for name in activations:
-            if name not in existing:
-                proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-        onnx.save(proto, path)
-        del proto
-        try:
-            session = runtime.session(path, list(providers), options, with_library=with_library, quiet=True)
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise CalibrationError(f"ONNX Runtime cannot load the float model for calibration: {exc}") from exc
-        with blas_controller().limit(limits=1, user_api="blas"):
-            for feeds in calibration.feeds:
+    # Calibration batches are short: spinning worker threads would burn CPU waiting for work.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.enable_cpu_mem_arena = False  # its blocks outlive the session in the heap: RSS grew per segment
+    with_library = any(node.domain == ops.DOMAIN for node in graph.node)
+    kept: dict[str, list[np.ndarray]] = {}  # value name -> one array per batch
+    feeds = [dict(batch) for batch in calibration.feeds]
+    with blas_controller().limit(limits=1, user_api="blas"):
+        for index, segment in enumerate(segments[: last_segment + 1]):
+            produced = {name for i in segment for name in _node_names(graph.node[i])[1]}
+            read = [name for i in segment for name in _node_names(graph.node[i])[0]]
+            inputs = sorted({name for name in read if name not in produced and name not in initializers})
+            later = {name for name in produced if last_reader.get(name, -1) > index}
+            acts = sorted(targets_in[index])
+            outputs = sorted(later | (set(acts) & produced))
+            # No outputs needed: the segment's Hessians (if any) are of its inputs, nothing need run.
+            session = (
+                _segment_session(proto, folder, index, segment, inputs, outputs, kept, options, providers, with_library)
+                if outputs
+                else None
+            )
+            sums = _HessianSums()
+            for b, batch in enumerate(feeds):
+                run_feeds = {name: (batch[name] if name in graph_inputs else kept[name][b]) for name in inputs}
                 try:
-                    outputs = session.run(activations, dict(feeds))
+                    values = dict(zip(outputs, session.run(outputs, run_feeds))) if session is not None else {}
                 except Exception as exc:  # onnxruntime raises its own exception types
                     raise CalibrationError(f"running the float model on calibration inputs failed: {exc}") from exc
-                for name, value in zip(activations, outputs):
-                    rows = np.asarray(value, dtype=np.float32).reshape(-1, value.shape[-1])
-                    total = sums.get(name)
-                    if total is None:  # Fortran order: syrk updates it in place
-                        total = sums[name] = np.zeros((rows.shape[1], rows.shape[1]), np.float32, order="F")
-                    # upper triangle of total += rows^T rows (rows.T is a Fortran-ordered view: no copy)
-                    scipy.linalg.blas.ssyrk(1.0, rows.T, beta=1.0, c=total, trans=0, overwrite_c=1)
-                    del rows, value
-                del outputs
-        del session
-    symmetric = {name: _symmetric_from_upper(total) for name, total in sums.items()}
-    del sums
-    hessians = {}
-    for (act, weight), k in targets.items():
-        h = symmetric.get(act)
-        if h is not None and h.shape == (k, k):
-            hessians[(act, weight)] = h
-    logger.info("calibration: Hessians for %d MatMul weights from %d batches", len(hessians), len(calibration.feeds))
-    return hessians
+                for name in acts:
+                    sums.add(name, values[name] if name in values else run_feeds[name])
+                for name in later:
+                    kept.setdefault(name, []).append(values[name])
+                del values, run_feeds
+            del session
+            for name, hessian in sums.finished():
+                if not store.has(name):
+                    store.add(name, hessian)
+            del sums
+            for name in [name for name in kept if last_reader.get(name, -1) <= index]:
+                del kept[name]
+            release_freed_memory()
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand memory that was freed back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    A session's weights and a segment's Hessians are large malloc blocks; once freed, glibc keeps
+    them in the heap, so without this every segment would raise the process's RSS a little more.
+    """
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    if trim is not None:
+        trim(0)
+
+
+def _segment_session(
+    proto: onnx.ModelProto, folder: str, index: int, segment: list[int], inputs: list[str], outputs: list[str],
+    kept: dict[str, list[np.ndarray]], options: Any, providers: list[str], with_library: bool,
+) -> Any:
+    """An ONNX Runtime session of the nodes in segment (weights read from the saved data file)."""
+    graph = proto.graph
+    used = {name for i in segment for name in graph.node[i].input}
+    part = onnx.ModelProto()
+    part.ir_version = proto.ir_version
+    part.opset_import.extend(proto.opset_import)
+    part.functions.extend(proto.functions)
+    part.graph.name = f"{graph.name}_segment{index}"
+    part.graph.node.extend(graph.node[i] for i in segment)
+    part.graph.initializer.extend(t for t in graph.initializer if t.name in used)
+    declared = {value.name: value for value in graph.input}
+    for name in inputs:
+        if name in declared:
+            part.graph.input.append(declared[name])
+        else:
+            array = kept[name][0]
+            elem = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+            part.graph.input.append(onnx.helper.make_tensor_value_info(name, elem, None))
+    for name in outputs:
+        part.graph.output.append(onnx.ValueInfoProto(name=name))
+    path = os.path.join(folder, f"segment{index}.onnx")
+    onnx.save(part, path)
+    del part
+    try:
+        return runtime.session(path, providers, options, with_library=with_library, quiet=True)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise CalibrationError(f"ONNX Runtime cannot load the float model for calibration: {exc}") from exc
+
+
+# Rows of one activation gathered over batches before one rank-k update of its Hessian: a batch of a
+# few dozen tokens would make syrk read and write the whole [K, K] matrix for a handful of rows.
+PENDING_ROW_BYTES = 2 << 20
+
+
+class _HessianSums:
+    """Upper triangles of x^T x per activation, updated with one syrk per PENDING_ROW_BYTES of rows."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, np.ndarray] = {}
+        self._pending: dict[str, list[np.ndarray]] = {}
+        self._pending_bytes: dict[str, int] = {}
+
+    def add(self, name: str, value: np.ndarray) -> None:
+        rows = np.asarray(value, dtype=np.float32).reshape(-1, value.shape[-1])
+        self._pending.setdefault(name, []).append(rows)
+        self._pending_bytes[name] = self._pending_bytes.get(name, 0) + rows.nbytes
+        if self._pending_bytes[name] >= PENDING_ROW_BYTES:
+            self._flush(name)
+
+    def finished(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(activation, full symmetric sum) with every pending row included, each sum dropped as it goes."""
+        for name in list(self._pending):
+            self._flush(name)
+        for name in list(self.totals):
+            yield name, _symmetric_from_upper(self.totals.pop(name))
+
+    def _flush(self, name: str) -> None:
+        import scipy.linalg
+
+        parts = self._pending.pop(name, [])
+        self._pending_bytes.pop(name, None)
+        if not parts:
+            return
+        rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        total = self.totals.get(name)
+        if total is None:  # Fortran order: syrk updates it in place
+            total = self.totals[name] = np.zeros((rows.shape[1], rows.shape[1]), np.float32, order="F")
+        # upper triangle of total += rows^T rows (rows.T is a Fortran-ordered view: no copy)
+        scipy.linalg.blas.ssyrk(1.0, rows.T, beta=1.0, c=total, trans=0, overwrite_c=1)
 
 
 def _symmetric_from_upper(upper: np.ndarray) -> np.ndarray:

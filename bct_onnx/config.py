@@ -21,6 +21,16 @@ DEFAULT_OPS: frozenset[str] = SUPPORTED_OPS  # everything by default
 # The generic default budget (None: fixed widths). Encoders get an 8x budget by default through
 # bct_onnx/model_defaults.py, the one place where model kinds differ.
 DEFAULT_TARGET_RATIO: float | None = None
+# Defaults by kind of model, applied by bct_onnx.model_kind (which decides the kind from the graph: a
+# decoder has an output over its vocabulary) to fields still at the class defaults below, unless
+# kind_defaults is off or a budget chooses the bits. Encoders: the class defaults as they are.
+# Decoders (SmolLM2-135M, docs/results.md "decoder defaults"): one-byte float8e5m2 weight scales pay
+# for one more bit on the embedding table tied to the output projection, which carries most of the
+# 4-bit loss, and the value projections: about 7.1x, where 4-bit with float16 scales is 7.0x.
+DECODER_SCALE_KIND = ScaleKind.FLOAT8E5M2
+DECODER_TIED_TABLE_EXTRA_BITS = 1
+# (node-name regex, extra bits): Llama-style value projections (optimum names them .../v_proj/MatMul)
+DECODER_WIDER_WEIGHTS: tuple[tuple[str, int], ...] = ((r"/v_proj/", 2),)
 SETTING_KEYS = ("enabled", "weight_bits", "act_bits", "block_size")
 # Output formats: "bct" (the ai.bct_onnx custom ops; needs the library at run time) or "qdq"
 # (standard ONNX: blocked DequantizeLinear feeding MatMul / Gather; runs in any ONNX runtime).
@@ -153,6 +163,9 @@ class CompressConfig:
         into the weights on both sides (passes/rotate_residual_stream.py; other models are left alone).
         Off by default: on SmolLM2-135M, whose float weights are dequantized from a 4-bit GGUF grid
         that the rotation mixes away, it costs more than it gains (docs/results.md).
+    fuse_attention: rewrite attention (Q x K^T -> scale / mask -> Softmax -> x V) into one
+        BlockAttention op with Q x K^T's AttentionMatMul settings (passes/fuse_attention.py); False
+        leaves it to BlockActMatMul + BlockSoftmax.
     op_settings: per op kind (a key of SUPPORTED_OPS) OpSettings over the fields above.
     overrides: NodeOverride by node-name pattern, applied in order after op_settings.
     keep_compressed: let intermediate results between compressed ops stay compressed.
@@ -177,6 +190,8 @@ class CompressConfig:
         Gather are compressed (the other kinds have no standard blockwise form and stay float),
         and run-time activation quantization is left out (the report says so) unless
         ``qdq_activations``.
+    kind_defaults: let the kind of model adjust fields still at their defaults (DECODER_* above:
+        decoders get float8e5m2 weight scales and a wider tied table); off: the fields as they are.
     qdq_activations: with format "qdq", write the run-time blockwise activation quantization too, as
         scales computed in the graph + QuantizeLinear/DequantizeLinear (bit for bit the custom ops'
         activations, but runtimes execute it in float: slower than float activations).
@@ -187,6 +202,10 @@ class CompressConfig:
         keys; set by make_config). bct_onnx.compress fills the others from the model kind's defaults
         (bct_onnx/model_defaults.py: encoders get an 8x budget with float8e5m2 scales). None (a
         config built directly): used exactly as given. Not part of equality or the report.
+    kv_cache_bits: a decoder export's KV cache (past_key_values.* / present.*) crosses steps as
+        symmetric codes of this width (2..8) with float16 scales, blocks along head_dim
+        (docs/kv_cache.md); None keeps it float. Format "bct" only.
+    kv_cache_block_size: head_dim elements per block of the KV cache.
     """
 
     weight_bits: int = 4
@@ -200,6 +219,7 @@ class CompressConfig:
     embedding_scale_kind: ScaleKind | None = ScaleKind.FLOAT8E5M2
     weight_scale_search: bool = True
     rotation: bool = False
+    fuse_attention: bool = True
     op_settings: Mapping[str, OpSettings] = dataclasses.field(default_factory=dict)
     overrides: tuple[NodeOverride, ...] = ()
     keep_compressed: bool = True
@@ -213,6 +233,9 @@ class CompressConfig:
     explicit_fields: frozenset[str] | None = dataclasses.field(
         default=None, compare=False, repr=False, metadata={"report": False}
     )
+    kv_cache_bits: int | None = 8
+    kv_cache_block_size: int = 32
+    kind_defaults: bool = True
 
     def __post_init__(self) -> None:
         if self.explicit_fields is not None:
@@ -234,6 +257,8 @@ class CompressConfig:
         _check_bits("weight_bits", self.weight_bits, allow_none=False)
         _check_bits("act_bits", self.act_bits, allow_none=True)
         _check_bits("embedding_bits", self.embedding_bits, allow_none=True)
+        _check_bits("kv_cache_bits", self.kv_cache_bits, allow_none=True)
+        _check_block_size("kv_cache_block_size", self.kv_cache_block_size, allow_none=False)
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
         if not isinstance(self.symmetric, bool):
@@ -288,8 +313,12 @@ class CompressConfig:
         object.__setattr__(self, "overrides", overrides)
         if not isinstance(self.rotation, bool):
             raise ValueError(f"rotation must be a bool, got {self.rotation!r}")  # noqa: TRY004
+        if not isinstance(self.fuse_attention, bool):
+            raise ValueError(f"fuse_attention must be a bool, got {self.fuse_attention!r}")  # noqa: TRY004
         if not isinstance(self.keep_compressed, bool):
             raise ValueError(f"keep_compressed must be a bool, got {self.keep_compressed!r}")  # noqa: TRY004
+        if not isinstance(self.kind_defaults, bool):
+            raise ValueError(f"kind_defaults must be a bool, got {self.kind_defaults!r}")  # noqa: TRY004
         if not isinstance(self.fuse_ops, bool):
             raise ValueError(f"fuse_ops must be a bool, got {self.fuse_ops!r}")  # noqa: TRY004
         if not isinstance(self.budget_floor, bool):
@@ -301,6 +330,11 @@ class CompressConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
                 raise ValueError(f"{field} must be a number > {low:g} or None, got {value!r}")
             object.__setattr__(self, field, float(value))
+
+    @property
+    def compresses_kv_cache(self) -> bool:
+        """Whether a decoder's KV cache is stored as codes (format "bct" and kv_cache_bits set)."""
+        return self.kv_cache_bits is not None and self.format == "bct"
 
     @property
     def budgeted(self) -> bool:

@@ -45,6 +45,10 @@ TOP_LEVEL_KEYS = (
     "qdq_activations",
     "entropy_code",
     "rotation",
+    "kind_defaults",
+    "fuse_attention",
+    "kv_cache_bits",
+    "kv_cache_block_size",
     "op",
     "override",
 )
@@ -138,7 +142,7 @@ def config_from_mapping(
         if key not in data:
             continue
         value = data[key]
-        nullable = ("act_bits", "embedding_bits", "target_ratio", "max_error")
+        nullable = ("act_bits", "embedding_bits", "target_ratio", "max_error", "kv_cache_bits")
         if key in nullable and isinstance(value, str) and value.lower() in _NONE_WORDS:
             value = None
         if key == "ops":

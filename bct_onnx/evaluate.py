@@ -33,9 +33,16 @@ from bct_onnx.calibration import CalibrationError, calibration_texts
 from bct_onnx.config import CompressConfig
 from bct_onnx.errors import BctOnnxError
 from bct_onnx.extras import require
+from bct_onnx.kv_cache import bytes_per_token, empty_cache, session_formats
 from bct_onnx.models import smollm2
 from bct_onnx.models.cache import cache_dir
-from bct_onnx.models.perplexity import onnx_logits_fn, perplexity_of_ids, tokenize_for_perplexity
+from bct_onnx.models.perplexity import (
+    onnx_cached_logits_fn,
+    onnx_logits_fn,
+    perplexity_of_ids,
+    step_feeds,
+    tokenize_for_perplexity,
+)
 from bct_onnx.models.text_data import TextDataUnavailable, austen_text
 from bct_onnx.report import config_to_dict, format_bytes
 from bct_onnx.tokenizer import find_tokenizer_dir
@@ -164,6 +171,9 @@ class EvalResult:
     calibration: dict[str, Any]
     config: dict[str, Any]
     seconds: dict[str, float]
+    kv_step: int | None = None  # tokens per call through the KV cache; None: no cache
+    fp32_cache_bytes_per_token: int | None = None
+    compressed_cache_bytes_per_token: int | None = None
 
     @property
     def relative_change(self) -> float:
@@ -189,6 +199,7 @@ class EvalResult:
                 f"model        {self.model} ({self.fp32_path})",
                 f"text         {self.text}: {self.tokens} tokens, window {self.window}, stride {self.stride}",
                 f"calibration  {cal}",
+                *self._cache_lines(),
                 f"FP32         perplexity {self.fp32_ppl:.4f}   {format_bytes(self.fp32_bytes)}",
                 f"compressed   perplexity {self.compressed_ppl:.4f}   {format_bytes(self.compressed_bytes)}",
                 (
@@ -199,22 +210,38 @@ class EvalResult:
             ]
         )
 
+    def _cache_lines(self) -> list[str]:
+        if self.kv_step is None:
+            return ["KV cache     none (each window in one call)"]
+        line = (
+            f"KV cache     {self.kv_step} token(s) per call; bytes per token: FP32 "
+            f"{self.fp32_cache_bytes_per_token}, compressed {self.compressed_cache_bytes_per_token}"
+        )
+        return [line]
 
-def _fp32_cache_key(path: Path, tokenizer_dir: Path, book: str, tokens: int, window: int, stride: int) -> str:
+
+def _fp32_cache_key(
+    path: Path, tokenizer_dir: Path, book: str, tokens: int, window: int, stride: int, kv_step: int | None
+) -> str:
     stat = path.stat()
-    raw = json.dumps(
-        [
-            str(path.resolve()),
-            stat.st_size,
-            stat.st_mtime_ns,
-            str(tokenizer_dir.resolve()),
-            book,
-            tokens,
-            window,
-            stride,
-        ]
-    )
+    fields: list[Any] = [
+        str(path.resolve()),
+        stat.st_size,
+        stat.st_mtime_ns,
+        str(tokenizer_dir.resolve()),
+        book,
+        tokens,
+        window,
+        stride,
+    ]
+    if kv_step is not None:  # keys of the no-cache path stay as they were
+        fields.append(f"kv_step={kv_step}")
+    raw = json.dumps(fields)
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+
+def _logits_fn(session: Any, kv_step: int | None) -> Any:
+    return onnx_logits_fn(session) if kv_step is None else onnx_cached_logits_fn(session, kv_step)
 
 
 def fp32_perplexity(
@@ -226,10 +253,14 @@ def fp32_perplexity(
     stride: int,
     threads: int | None = None,
     use_cache: bool = True,
+    kv_step: int | None = None,
 ) -> tuple[float, bool]:
-    """(FP32 perplexity, whether it came from the cache). Cached per model file (size, mtime) and text."""
+    """(FP32 perplexity, whether it came from the cache). Cached per model file (size, mtime) and text.
+
+    kv_step: score through the with-past graph's KV cache, that many tokens per call (None: no cache).
+    """
     cache = cache_dir() / "eval_fp32_perplexity.json"
-    key = _fp32_cache_key(path, tokenizer_dir, book, int(ids.size), window, stride)
+    key = _fp32_cache_key(path, tokenizer_dir, book, int(ids.size), window, stride, kv_step)
     stored: dict[str, Any] = {}
     if use_cache and cache.is_file():
         try:
@@ -239,7 +270,7 @@ def fp32_perplexity(
         if key in stored:
             return float(stored[key]), True
     session = runtime.session(path, threads=threads, with_library=False, quiet=True)
-    result = perplexity_of_ids(ids, onnx_logits_fn(session), window=window, stride=stride)
+    result = perplexity_of_ids(ids, _logits_fn(session, kv_step), window=window, stride=stride)
     if use_cache:
         stored[key] = result.perplexity
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -264,10 +295,15 @@ def evaluate(
     keep: str | os.PathLike[str] | None = None,
     fp32_cache: bool = True,
     progress: bool = False,
+    kv_cache: bool = False,
+    kv_step: int = 1,
 ) -> EvalResult:
     """Compress ``model`` with ``config`` and compare its perplexity with FP32 on Austen text.
 
     keep: write the compressed model here (default: a temporary directory, removed afterwards).
+    kv_cache: score through the with-past export (a known model's, or MODEL itself), feeding each
+    window ``kv_step`` tokens per call and the cache back, so predictions attend over the stored
+    cache: float in FP32, codes when the config compresses it (config.kv_cache_bits).
     """
     require("eval", "perplexity evaluation")
     step = stride if stride is not None else window // 2
@@ -275,13 +311,18 @@ def evaluate(
         raise EvalError(f"need window >= 2 and 1 <= stride < window, got window {window}, stride {step}")
     if tokens < 2:
         raise EvalError(f"need at least 2 tokens, got {tokens}")
+    if kv_step < 1:
+        raise EvalError(f"need kv_step >= 1, got {kv_step}")
+    step_tokens = kv_step if kv_cache else None
     seconds: dict[str, float] = {}
-    path, tokenizer_dir = resolve_model(model, tokenizer)
+    path, tokenizer_dir = resolve_model(model, tokenizer, with_past=kv_cache)
     tok = load_tokenizer(tokenizer_dir)
     ids = evaluation_ids(tok, tokens, book, calibration_text if calibration not in (None, "none") else None)
 
     start = time.perf_counter()
-    fp32_ppl, cached = fp32_perplexity(path, tokenizer_dir, ids, book, window, step, threads, fp32_cache)
+    fp32_ppl, cached = fp32_perplexity(
+        path, tokenizer_dir, ids, book, window, step, threads, fp32_cache, kv_step=step_tokens
+    )
     seconds["fp32 eval (cached)" if cached else "fp32 eval"] = time.perf_counter() - start
 
     with tempfile.TemporaryDirectory(prefix="bct_onnx_eval_") as tmp:
@@ -299,8 +340,12 @@ def evaluate(
         seconds["compress"] = time.perf_counter() - start
         start = time.perf_counter()
         session = runtime.session(out, threads=threads, quiet=True)
-        compressed = perplexity_of_ids(ids, onnx_logits_fn(session), window=window, stride=step)
+        compressed = perplexity_of_ids(ids, _logits_fn(session, step_tokens), window=window, stride=step)
         seconds["compressed eval"] = time.perf_counter() - start
+        cache_bytes = None
+        if step_tokens is not None:
+            fp32_inputs = runtime.session(path, threads=1, with_library=False, quiet=True).get_inputs()
+            cache_bytes = (bytes_per_token(fp32_inputs), bytes_per_token(session.get_inputs()))
         del session
     report = result.report
     return EvalResult(
@@ -318,6 +363,9 @@ def evaluate(
         calibration=dict(report.calibration or {}),
         config=config_to_dict(config if config is not None else CompressConfig()),
         seconds={k: round(v, 2) for k, v in seconds.items()},
+        kv_step=step_tokens,
+        fp32_cache_bytes_per_token=cache_bytes[0] if cache_bytes else None,
+        compressed_cache_bytes_per_token=cache_bytes[1] if cache_bytes else None,
     )
 
 
@@ -346,43 +394,38 @@ class GreedyDecoder:
     def uses_cache(self) -> bool:
         return bool(self.past)
 
-    def _feeds(self, ids: np.ndarray, start: int, total: int) -> dict[str, np.ndarray]:
-        feeds: dict[str, np.ndarray] = {"input_ids": ids}
-        if "attention_mask" in self.inputs:
-            feeds["attention_mask"] = np.ones((1, total), dtype=np.int64)
-        if "position_ids" in self.inputs:
-            feeds["position_ids"] = np.arange(start, start + ids.shape[1], dtype=np.int64)[None, :]
-        return feeds
-
     def generate(self, prompt_ids: np.ndarray, max_new_tokens: int, eos: int | None) -> list[int]:
         ids = [int(t) for t in prompt_ids]
         new: list[int] = []
         cache: dict[str, np.ndarray] | None = None
         if self.uses_cache:
-            cache = {}
-            for p in self.past:
-                shape = [
-                    1 if not isinstance(d, int) and "batch" in str(d) else 0 if not isinstance(d, int) else d
-                    for d in p.shape
-                ]
-                cache[p.name] = np.zeros(shape, dtype=np.float32)
+            cache = empty_cache(self.past)  # float, or codes + scales (bct_onnx.kv_cache)
         for _ in range(max_new_tokens):
             if cache is not None:
                 done = len(ids) - (1 if new else len(ids))
                 chunk = np.asarray([ids[done:]], dtype=np.int64)
-                feeds = {**self._feeds(chunk, done, len(ids)), **cache}
+                feeds = {**step_feeds(set(self.inputs), chunk, done), **cache}
                 outputs = self.session.run([self.logits_name, *self.present], feeds)
                 logits = outputs[0]
                 cache = dict(zip([p.name for p in self.past], outputs[1:], strict=True))
             else:
                 chunk = np.asarray([ids], dtype=np.int64)
-                (logits,) = self.session.run([self.logits_name], self._feeds(chunk, 0, len(ids)))
+                (logits,) = self.session.run([self.logits_name], step_feeds(set(self.inputs), chunk, 0))
             token = int(np.argmax(logits[0, -1]))
             ids.append(token)
             new.append(token)
             if eos is not None and token == eos:
                 break
         return new
+
+
+def _cache_note(fp32: GreedyDecoder, compressed: GreedyDecoder) -> str:
+    """What the compressed model's cache holds, and its bytes per token against FP32's."""
+    session = compressed.session
+    formats = session_formats(session)
+    kind = f"{next(iter(formats.values())).bits}-bit codes" if formats else "float"
+    ours, theirs = bytes_per_token(session.get_inputs()), bytes_per_token(fp32.session.get_inputs())
+    return f"KV-cache export, compressed cache {kind}: {ours:,} bytes per token (FP32 {theirs:,})"
 
 
 @dataclasses.dataclass
@@ -403,7 +446,9 @@ class GenerateResult:
         return dataclasses.asdict(self)
 
     def summary(self) -> str:
-        mode = "KV cache" if self.kv_cache else f"no KV cache, recomputing ({self.kv_cache_note})"
+        mode = (
+            f"{self.kv_cache_note}" if self.kv_cache else f"no KV cache, recomputing ({self.kv_cache_note})"
+        )
         times = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
         return "\n".join(
             [
@@ -488,7 +533,11 @@ def generate(
                 compressed_tokens=len(comp_new),
                 kv_cache=compressed.uses_cache,
                 kv_cache_note=note
-                or ("KV-cache export" if with_past else "no KV cache asked for, or the graph has none"),
+                or (
+                    _cache_note(fp32, compressed)
+                    if with_past
+                    else "no KV cache asked for, or the graph has none"
+                ),
                 fp32_bytes=report.input_bytes,
                 compressed_bytes=report.output_bytes,
                 calibration=dict(report.calibration or {}),

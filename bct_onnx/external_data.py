@@ -1,8 +1,9 @@
-"""External data of a loaded model: checked once up front, and each data file memory-mapped once.
+"""External data of a loaded model: checked once up front, then read tensor by tensor on demand.
 
 onnx-ir maps the whole data file again for every tensor that lives in it (a 90 MB model of 100
-tensors takes 9 GB of address space and fails under a ``ulimit -v``); ``share_file_maps`` swaps
-the model's external tensors for ones that share one read-only map per file.
+tensors takes 9 GB of address space and fails under a ``ulimit -v``) and keeps every array it
+read; ``stream_external_tensors`` swaps the model's external tensors for ones that read their
+bytes with pread when asked and keep nothing, so a compile holds one weight at a time.
 ``check_external_data`` turns every bad reference (absolute, escaping the model's folder, a symlink
 out of it, past the end of the file, a length that does not match the tensor) into one error naming
 the tensor and the file, before anything reads the data.
@@ -10,7 +11,6 @@ the tensor and the file, before anything reads the data.
 
 from __future__ import annotations
 
-import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,57 +74,61 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-class _FileMaps:
-    """One read-only map per data file, shared by every tensor of one loaded model."""
+class StreamedTensor(ir.ExternalTensor):
+    """An ExternalTensor read from its file on every access, never cached nor memory-mapped.
 
-    def __init__(self) -> None:
-        self._maps: dict[str, mmap.mmap] = {}
+    onnx-ir's ExternalTensor maps its file and keeps the array: every weight a pass reads stays in
+    the process (as file-backed resident pages) until the model is gone, so the peak RSS of a
+    compile reaches the model's size. Here ``numpy()`` returns a fresh array (read with pread)
+    that is freed once the caller drops it, and ``tofile`` (saving) copies inside the kernel.
+    """
 
-    def get(self, path: str) -> mmap.mmap:
-        key = os.path.realpath(path)
-        found = self._maps.get(key)
-        if found is None or found.closed:
-            with open(key, "rb") as file:
-                found = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-            self._maps[key] = found
-        return found
-
-    def __len__(self) -> int:
-        return len(self._maps)
-
-
-class SharedMapTensor(ir.ExternalTensor):
-    """An ExternalTensor that reads through its model's shared map of the data file."""
-
-    def __init__(self, *args: Any, file_maps: _FileMaps, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._file_maps = file_maps
-
-    def _load(self) -> None:
-        if self.size == 0 or self.dtype.bitwidth in _SUB_BYTE_BITS:
-            super()._load()
-            return
+    def _read(self) -> np.ndarray:
         self._check_validity()
         self._check_path_containment()
-        self.raw = self._file_maps.get(self.path)
+        offset, length = self.offset or 0, self.length if self.length is not None else self.nbytes
+        buffer = np.empty(length, dtype=np.uint8)
+        with open(self.path, "rb", buffering=0) as file:
+            done = 0
+            while done < length:
+                count = os.preadv(file.fileno(), [memoryview(buffer)[done:]], offset + done)
+                if count <= 0:
+                    raise OSError(f"external data file {self.path} ends before byte {offset + length} of {self.name!r}")
+                done += count
+        return buffer
+
+    def _streamable(self) -> bool:
+        return self.size > 0 and self.dtype.bitwidth not in _SUB_BYTE_BITS
+
+    def numpy(self) -> np.ndarray:
+        if not self._streamable():
+            return super().numpy()
         dtype = np.dtype(self.dtype.numpy()).newbyteorder("<")
-        array = np.frombuffer(self.raw, dtype=dtype, offset=self.offset or 0, count=self.size)
-        self._array = array.reshape(self.shape.numpy())
+        return self._read().view(dtype).reshape(self.shape.numpy())
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        array = self.numpy()
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+    def tobytes(self) -> bytes:
+        if not self._streamable():
+            return super().tobytes()
+        return self._read().tobytes()
 
     def release(self) -> None:
-        """Drop this tensor's view; the shared map stays open for the other tensors."""
-        self._array = None
-        self.raw = None
+        """Nothing to drop: no array or map is kept (onnx-ir's release would close a map)."""
+        if self._streamable():
+            return
+        super().release()
 
 
-def share_file_maps(model: ir.Model) -> int:
-    """Make the model's external tensors share one map per data file; return how many were swapped."""
-    file_maps = _FileMaps()
+def stream_external_tensors(model: ir.Model) -> int:
+    """Make the model's external tensors read on demand (StreamedTensor); return how many were swapped."""
     swapped = 0
     for value, tensor in list(external_tensors(model)):
-        if isinstance(tensor, SharedMapTensor):
+        if isinstance(tensor, StreamedTensor):
             continue
-        value.const_value = SharedMapTensor(
+        value.const_value = StreamedTensor(
             tensor.location,
             tensor.offset,
             tensor.length,
@@ -134,7 +138,6 @@ def share_file_maps(model: ir.Model) -> int:
             doc_string=tensor.doc_string,
             metadata_props=dict(tensor.metadata_props),
             base_dir=tensor.base_dir,
-            file_maps=file_maps,
         )
         swapped += 1
     return swapped

@@ -136,48 +136,53 @@ def gptq_quantize(
     n, k = weight.shape
     if hessian.shape != (k, k):
         raise ValueError(f"gptq_quantize: Hessian shape {hessian.shape} does not match K={k}")
-    codes = np.empty((n, k), dtype=np.uint8)
+    codes = np.empty((n, fmt.row_bytes(k)), dtype=np.uint8)
     scales = np.empty((n, fmt.num_blocks(k)), dtype=fmt.scale_dtype)
     zero_points = None if fmt.zero_point_dtype is None else np.empty(scales.shape, dtype=fmt.zero_point_dtype)
     # Rows (output columns) are independent: walk them in chunks so the float64 working copy stays
-    # small (an output projection of 49152 x 576 would take 226 MB at once) and cache-friendly.
+    # small (an output projection of 49152 x 576 would take 226 MB at once) and cache-friendly; the
+    # chunk's codes are packed before the next one (unpacked codes of the whole weight, and
+    # pack_codes' bit planes of them, would take 10x the packed bytes).
     rows = max(1, _CHUNK_BYTES // (8 * k))
     with blas_controller().limit(limits=1, user_api="blas"):
         hinv, dead = inverse_hessian_factor(hessian, damping)
         for r in range(0, n, rows):
-            w = np.array(weight[r : r + rows], dtype=np.float64, copy=True)
+            # K-major: a column of the weight (one input channel over the chunk's rows) is contiguous.
+            w_t = np.array(weight[r : r + rows].T, dtype=np.float64, order="C")
             if not keep_dead_inputs:
-                w[:, dead] = 0.0
+                w_t[dead] = 0.0
+            codes_t = np.empty(w_t.shape, dtype=np.uint8)
             _gptq_walk(
-                w, hinv, fmt, scale_search, codes[r : r + rows], scales[r : r + rows],
+                w_t, hinv, fmt, scale_search, codes_t, scales[r : r + rows],
                 None if zero_points is None else zero_points[r : r + rows],
             )
-    return QuantizedTensor(pack_codes(codes, fmt.bits), scales, zero_points, k, fmt)
+            codes[r : r + rows] = pack_codes(codes_t.T, fmt.bits)
+    return QuantizedTensor(codes, scales, zero_points, k, fmt)
 
 
 def _gptq_walk(
-    w: np.ndarray,
+    w_t: np.ndarray,
     hinv: np.ndarray,
     fmt: BlockFormat,
     scale_search: bool,
-    codes: np.ndarray,
+    codes_t: np.ndarray,
     scales: np.ndarray,
     zero_points: np.ndarray | None,
 ) -> None:
-    """The GPTQ walk over a float64 copy w [rows, K] of weight rows (corrected in place), writing
-    their unpacked codes [rows, K], scales and zero points [rows, nb]."""
-    n, k = w.shape
+    """The GPTQ walk over a K-major float64 copy w_t [K, rows] of weight rows (corrected in place),
+    writing their unpacked codes codes_t [K, rows], scales and zero points [rows, nb]."""
+    k, n = w_t.shape
     bs = fmt.block_size
     batch = bs * max(1, _LAZY_BATCH // bs)  # a multiple of the block size: blocks never straddle batches
-    errors = np.empty((n, batch), dtype=np.float64)  # scaled rounding errors of the current batch
+    errors = np.empty((batch, n), dtype=np.float64)  # scaled rounding errors of the current batch
 
     for start in range(0, k, batch):
         stop = min(k, start + batch)
         for first in range(start, stop, bs):
             last = min(first + bs, k)
             b = first // bs
-            block = w[:, first:last]  # a view: corrections inside the block land in w
-            padded = pad_to_blocks(block.astype(np.float32), fmt)
+            block = w_t[first:last]  # a view: corrections inside the block land in w_t
+            padded = pad_to_blocks(block.T.astype(np.float32), fmt)
             s, zp = search_scales(padded, fmt) if scale_search else choose_scales(padded, fmt)
             scales[:, b] = s[:, 0]
             if zero_points is not None:
@@ -186,12 +191,12 @@ def _gptq_walk(
             quantize_column = _column_quantizer(scales[:, b], None if zp is None else zero_points[:, b], fmt)
             for col in range(first, last):
                 i = col - first
-                codes[:, col], dequantized = quantize_column(block[:, i].astype(np.float32))
-                err = (block[:, i] - dequantized) / hinv[col, col]
-                errors[:, col - start] = err
+                codes_t[col], dequantized = quantize_column(block[i].astype(np.float32))
+                err = (block[i] - dequantized) / hinv[col, col]
+                errors[col - start] = err
                 if col + 1 < last:
-                    block[:, i + 1 :] -= np.outer(err, hinv[col, col + 1 : last])
+                    block[i + 1 :] -= np.outer(hinv[col, col + 1 : last], err)
             if last < stop:  # the rest of the batch, once per block
-                w[:, last:stop] -= errors[:, first - start : last - start] @ hinv[first:last, last:stop]
+                w_t[last:stop] -= hinv[first:last, last:stop].T @ errors[first - start : last - start]
         if stop < k:  # the rest of the weight, once per batch
-            w[:, stop:] -= errors[:, : stop - start] @ hinv[start:stop, stop:]
+            w_t[stop:] -= hinv[start:stop, stop:].T @ errors[: stop - start]

@@ -8,8 +8,10 @@ directly (``explicit_fields`` None) is used exactly as given.
 
 Why encoders differ: an 8x budget with one-byte float8e5m2 scales takes all-MiniLM-L6-v2 to 8.0x at
 a higher cosine than fixed 4-bit widths at 7.2x, data-free (docs/results.md), while the same budget
-costs a decoder (SmolLM2-135M) far more perplexity than fixed widths do. The decoder entry is owned
-by the decoder defaults' work (issue 9); keep both kinds' differences here, nowhere else.
+costs a decoder (SmolLM2-135M) far more perplexity than fixed widths do. Decoders' own adjustments
+(float8e5m2 scales, a wider tied table and value projections: bct_onnx/model_kind.py, DECODER_* in
+bct_onnx/config.py) run after these, on configs without a budget; ``kind_defaults=False`` switches
+both off.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def apply_model_kind_defaults(config: CompressConfig, kind: ModelKind) -> tuple[
     A config built directly (explicit_fields None) comes back unchanged. The result's explicit_fields
     is None: it is resolved, what the pipeline runs and the model's metadata records.
     """
-    if config.explicit_fields is None:
+    if config.explicit_fields is None or not config.kind_defaults:
         return config, {}
     applied = {
         name: value

@@ -25,7 +25,8 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError, EncodeError
 
 from bct_onnx.errors import ModelFileError, OverwriteInputError
-from bct_onnx.external_data import check_external_data, share_file_maps
+from bct_onnx.external_data import check_external_data, stream_external_tensors
+from bct_onnx.inline_data import WireFormatError, detached_model_bytes, write_inline
 from bct_onnx.signals import terminate_as_exception
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ LARGE_MODEL_BYTES = 1_800_000_000
 # With external data, tensors smaller than this stay inside the .onnx file (shapes, scalars).
 EXTERNAL_TENSOR_MIN_BYTES = 1024
 EXTERNAL_DATA_SUFFIX = ".data"
+# ONNX Runtime's session option naming the folder of the external data of a model opened from bytes.
+EXTERNAL_DATA_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 SaveCallback = Callable[[ir.TensorProtocol, ir.external_data.CallbackInfo], None]
 
@@ -71,14 +74,17 @@ def external_data_files(model: ir.Model) -> set[Path]:
 
 
 def load(path: PathLike) -> ir.Model:
-    """Load an ONNX model (a file, or a directory holding one) with its external data (memory-mapped).
+    """Load an ONNX model (a file, or a directory holding one); its weights stay in their files.
+
+    Weights, external or inline, are read on demand (bct_onnx.external_data.StreamedTensor), so a
+    loaded model takes the memory of its graph, not of its weights.
 
     Raises ModelFileError naming the file when it is missing, not an ONNX model, or refers to
     external data files that do not exist.
     """
     file = resolve_model_file(path)
     try:
-        model = ir.load(file)
+        model = _load_detached(file)
     except DecodeError as exc:
         raise ModelFileError(f"{file} is not an ONNX model (cannot parse it: {exc})") from exc
     except (RuntimeError, ValueError, TypeError, UnicodeDecodeError) as exc:
@@ -90,7 +96,22 @@ def load(path: PathLike) -> ir.Model:
     if missing:
         raise ModelFileError(f"{file} refers to external data files that do not exist: {', '.join(missing)}")
     check_external_data(model, file)
-    share_file_maps(model)
+    stream_external_tensors(model)
+    return model
+
+
+def _load_detached(file: Path) -> ir.Model:
+    """The model in ``file``, its large inline weights left in the file (bct_onnx.inline_data).
+
+    A file the wire-format walk cannot handle is parsed the ordinary way (whose errors name the problem).
+    """
+    try:
+        proto = onnx.ModelProto.FromString(detached_model_bytes(file)[0])
+    except (WireFormatError, OSError, ValueError):
+        return ir.load(file)
+    model = ir.serde.deserialize_model(proto)
+    del proto
+    ir.external_data.set_base_dir(model.graph, file.parent)
     return model
 
 
@@ -129,7 +150,7 @@ def tensor_bytes(model: ir.Model) -> int:
 def file_bytes(path: PathLike) -> int:
     """Size of a saved model: the .onnx file plus every external data file it refers to."""
     file = Path(path)
-    proto = onnx.load(str(file), load_external_data=False)
+    proto = _proto_without_weights(file)
     locations: set[Path] = set()
     graphs = [proto.graph]
     while graphs:
@@ -144,7 +165,29 @@ def file_bytes(path: PathLike) -> int:
                 if attr.type == onnx.AttributeProto.GRAPH:
                     graphs.append(attr.g)
                 graphs.extend(attr.graphs)
+    locations.discard(file.resolve())  # inline weights, referred to in place by the detached proto
     return file.stat().st_size + sum(p.stat().st_size for p in locations)
+
+
+def _proto_without_weights(file: Path) -> onnx.ModelProto:
+    """The ModelProto in file, its large inline weights detached (not read into memory)."""
+    detached = model_bytes_without_weights(file)
+    if detached is None:
+        return onnx.load(str(file), load_external_data=False)
+    return onnx.ModelProto.FromString(detached)
+
+
+def model_bytes_without_weights(file: Path) -> bytes | None:
+    """The model in file serialized with its large inline weights as references into file itself.
+
+    ONNX Runtime opens these bytes with the session option ``EXTERNAL_DATA_FOLDER_KEY`` set to the
+    file's folder and maps the weights from the file instead of copying them. None when the file is
+    not a protobuf message the wire-format walk handles (parse it the ordinary way to learn why).
+    """
+    try:
+        return detached_model_bytes(file)[0]
+    except (WireFormatError, OSError, ValueError):
+        return None
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -336,8 +379,7 @@ def save(
                     callback=callback,
                 )
             else:
-                with _tensors_in_memory(model):
-                    ir.save(model, temp_model)
+                write_inline(model, temp_model)  # weights written one at a time, not copied twice first
             written = [out]
             temp_data = temp_dir / data_file.name
             if use_external and temp_data.exists():

@@ -15,6 +15,7 @@ BLOCK_RMS_NORM = "BlockRMSNorm"
 BLOCK_ACT_MATMUL = "BlockActMatMul"
 BLOCK_ADD_LAYER_NORM = "BlockAddLayerNorm"
 BLOCK_ADD_RMS_NORM = "BlockAddRMSNorm"
+BLOCK_ATTENTION = "BlockAttention"
 
 # Every operator of the domain (bct_onnx.reference has one evaluator class per name).
 OP_TYPES = (
@@ -30,4 +31,5 @@ OP_TYPES = (
     BLOCK_ACT_MATMUL,
     BLOCK_ADD_LAYER_NORM,
     BLOCK_ADD_RMS_NORM,
+    BLOCK_ATTENTION,
 )

@@ -22,6 +22,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from bct_onnx import code_entropy, ops
+from bct_onnx import reference_attention as spec_attention
 from bct_onnx import reference_fused as spec_fused
 from bct_onnx import reference_nonlinear as spec_nonlinear
 from bct_onnx.block_format import (
@@ -255,6 +256,27 @@ class BlockActMatMul(_BlockOp):
         return _out(y, attrs)
 
 
+class BlockAttention(_BlockOp):
+    """Q float32; K and V float32 or codes along the head size (kv_* attributes); optional mask."""
+
+    def _run(
+        self, Q, K, K_scales=None, K_zero_points=None, V=None, V_scales=None, V_zero_points=None, mask=None, **attrs
+    ):
+        dh = int(Q.shape[-1])
+        kv = [attrs.get("kv_bits"), attrs.get("kv_block_size"), attrs.get("kv_symmetric"), dh]
+        y = spec_attention.attention(
+            Q,
+            _operand(K, K_scales, K_zero_points, *kv),
+            _operand(V, V_scales, V_zero_points, *kv),
+            act_bits=int(attrs["act_bits"]),
+            block_size=int(attrs["block_size"]),
+            scale=float(attrs.get("scale", 1.0)),
+            mask=mask,
+            causal=bool(attrs.get("causal") or 0),
+        )
+        return (y,)
+
+
 OPS: tuple[type[OpRun], ...] = (
     BlockQuantize,
     BlockDequantize,
@@ -268,6 +290,7 @@ OPS: tuple[type[OpRun], ...] = (
     BlockActMatMul,
     BlockAddLayerNorm,
     BlockAddRMSNorm,
+    BlockAttention,
 )
 if {op.__name__ for op in OPS} != set(ops.OP_TYPES):  # onnx.reference finds an op by its class name
     raise ImportError(f"bct_onnx.reference covers {sorted(op.__name__ for op in OPS)}, not {ops.OP_TYPES}")

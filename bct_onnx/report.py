@@ -67,9 +67,10 @@ class CompileReport:
     )
     exported_from: str | None = None  # the Hugging Face directory, when the input was one
     calibration: dict[str, Any] = dataclasses.field(default_factory=lambda: {"method": "none"})
+    # {"kind": encoder/decoder/other, "applied": fields bct_onnx.model_defaults set (encoders),
+    #  "changed": bct_onnx.model_kind's decoder adjustments that applied}
+    model_kind: dict[str, Any] = dataclasses.field(default_factory=dict)
     budget: dict[str, Any] | None = None  # bct_onnx.budget's plan, when a budget chose the bits
-    # bct_onnx.model_defaults: the model kind found and the defaults it gave to fields left unset
-    model_kind: dict[str, Any] | None = None
     # bct_onnx.code_entropy.coded_summary of the output (None: codes not entropy-coded)
     entropy_coding: dict[str, Any] | None = None
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -125,7 +126,7 @@ class CompileReport:
             f"size: {format_bytes(self.input_bytes)} -> {format_bytes(self.output_bytes)} "
             f"({self.compression_ratio:.2f}x smaller)"
         )
-        if self.model_kind is not None and self.model_kind.get("applied"):
+        if self.model_kind.get("applied"):
             applied = ", ".join(f"{name} {value}" for name, value in self.model_kind["applied"].items())
             lines.append(f"defaults for an {self.model_kind['kind']}: {applied} (bct_onnx/model_defaults.py)")
         if self.calibration.get("method") == "gptq":
@@ -134,6 +135,8 @@ class CompileReport:
                 lines.append(f"  {self.calibration['tokenizer_would_add']}")
         elif self.calibration.get("reason"):
             lines.append(f"calibration: none ({self.calibration['reason']})")
+        if self.model_kind.get("changed"):
+            lines.append(f"{self.model_kind['kind']} defaults: {', '.join(self.model_kind['changed'])}")
         if self.budget is not None:
             lines.append(budget_summary(self.budget))
         if self.entropy_coding is not None:

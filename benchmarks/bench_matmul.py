@@ -1,11 +1,23 @@
 """BlockMatMul against ONNX Runtime's own MatMul paths, side by side in one run.
 
-Each case is a one-node model with a constant weight, run with the same session settings
-(intra-op threads, sequential execution, all graph optimizations). Reported: the median (and the
-minimum) of warm runs (after warm-up calls) in milliseconds and the ratio of medians to ONNX
-Runtime's FP32 MatMul in the same run; the cases take turns so a busy machine slows all alike. Weights stay the same between calls (warm caches), as in a model run on one machine.
+Two parts, both timed in one process with interleaved rounds (every round runs each case in turn,
+so load on a shared machine slows all alike; compare ratios, not milliseconds across runs):
 
-    python benchmarks/bench_matmul.py [--threads 2] [--repeat 200] [--json out.json]
+1. Products of one node with a constant weight, on the shapes that matter: prefill GEMMs
+   (BERT-base 128 x 768 x 768, 128 x 768 x 3072, 128 x 3072 x 768; MiniLM batch 8 x 64 tokens,
+   512 x 384 x 1536) and a decode GEMV (1 x 4096 x 4096), against ONNX Runtime's FP32 MatMul,
+   MatMulNBits 4-bit block 32 (accuracy level 4) and int8 `quantize_dynamic` (DynamicQuantizeLinear
+   + MatMulInteger). Reported: median and minimum ms, ratio to ORT int8.
+2. Decode bandwidth: chains of distinct 4-bit K=N=4096 weights (read from memory, not cache) for
+   M = 1, 4, 8 rows: GB/s of weight bytes, next to a STREAM-like read (numpy sums over as many
+   threads) measured in the same rounds.
+
+Prints the CPU model and the ISA paths (bct-onnx's BlockMatMul path, MLAS's int8 path).
+`--clock cpu` times the calling thread's CPU time with one intra-op thread instead of wall time:
+on a machine shared with other jobs that measures the kernels, not the scheduler.
+
+    python benchmarks/bench_matmul.py [--threads 2] [--repeat 100] [--clock wall|cpu]
+        [--only TEXT] [--shapes 128x768x3072,...] [--gemv-rows 1,4,8] [--json out.json]
 
 Needs the compiled custom-op library (installed package, or BCT_ONNX_LIBRARY); without it only
 the ONNX Runtime rows are measured, and the output says so.
@@ -17,9 +29,11 @@ import argparse
 import dataclasses
 import json
 import logging
-import platform
+import os
 import statistics
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,12 +43,17 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts (benchmarks/ is no package)
+import compare_speed
+
 from bct_onnx import block_format, ops, runtime
 
 logger = logging.getLogger(__name__)
 
-SHAPES = ((1, 768, 3072), (128, 768, 3072), (1, 4096, 4096))
+# (M, K, N): BERT-base prefill of 128 tokens, MiniLM batch 8 x 64 tokens, a decode GEMV.
+SHAPES = ((128, 768, 768), (128, 768, 3072), (128, 3072, 768), (512, 384, 1536), (1, 4096, 4096))
 OPSET = 17
+BASELINE = "ORT int8 quantize_dynamic"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,11 +109,11 @@ def int8_dynamic(weight: np.ndarray, m: int) -> onnx.ModelProto:
         return onnx.load(dst)
 
 
-def block_matmul(act_bits: int) -> Callable[[np.ndarray, int], onnx.ModelProto]:
+def block_matmul(bits: int, act_bits: int) -> Callable[[np.ndarray, int], onnx.ModelProto]:
     def build(weight: np.ndarray, m: int) -> onnx.ModelProto:
         k, n = weight.shape
         fmt = block_format.BlockFormat(
-            bits=4, block_size=32, symmetric=True, scale_kind=block_format.ScaleKind.FLOAT16
+            bits=bits, block_size=32, symmetric=True, scale_kind=block_format.ScaleKind.FLOAT16
         )
         q = block_format.quantize(np.ascontiguousarray(weight.T), fmt)
         node = helper.make_node(
@@ -104,7 +123,7 @@ def block_matmul(act_bits: int) -> Callable[[np.ndarray, int], onnx.ModelProto]:
             domain=ops.DOMAIN,
             K=k,
             N=n,
-            bits=4,
+            bits=bits,
             block_size=32,
             symmetric=1,
             act_bits=act_bits,
@@ -117,11 +136,11 @@ def block_matmul(act_bits: int) -> Callable[[np.ndarray, int], onnx.ModelProto]:
 
 CASES = (
     Case("ORT FP32 MatMul", fp32_matmul),
-    Case("ORT MatMulNBits 4b b32 acc0", matmul_nbits(0)),
     Case("ORT MatMulNBits 4b b32 acc4", matmul_nbits(4)),
-    Case("ORT int8 quantize_dynamic", int8_dynamic),
-    Case("BCT BlockMatMul 4b b32 act float", block_matmul(0), needs_library=True),
-    Case("BCT BlockMatMul 4b b32 act int8", block_matmul(8), needs_library=True),
+    Case(BASELINE, int8_dynamic),
+    Case("BCT BlockMatMul 4b b32 act float", block_matmul(4, 0), needs_library=True),
+    Case("BCT BlockMatMul 4b b32 act int8", block_matmul(4, 8), needs_library=True),
+    Case("BCT BlockMatMul 8b b32 act int8", block_matmul(8, 8), needs_library=True),
 )
 
 
@@ -129,58 +148,70 @@ def _session(model: onnx.ModelProto, threads: int, with_library: bool) -> ort.In
     return runtime.session(model.SerializeToString(), threads=threads, with_library=with_library)
 
 
-def _interleaved_medians(
-    sessions: list[ort.InferenceSession], feed: dict[str, np.ndarray], warmup: int, repeat: int, rounds: int
-) -> list[tuple[float, float]]:
-    """(median, min) ms per session; the sessions take turns in `rounds` rounds so that load changes
-    on a shared machine hit every case alike."""
-    for sess in sessions:
+def _clock(kind: str) -> Callable[[], float]:
+    """Seconds: wall time, or the calling thread's CPU time (one intra-op thread runs on it)."""
+    return time.thread_time if kind == "cpu" else time.perf_counter
+
+
+def _interleaved(
+    calls: list[Callable[[], object]], warmup: int, repeat: int, rounds: int, clock: Callable[[], float]
+) -> list[list[float]]:
+    """Times in ms per call; the calls take turns in `rounds` rounds (a rotating start) so that load
+    changes on a shared machine hit every case alike."""
+    for call in calls:
         for _ in range(warmup):
-            sess.run(None, feed)
-    times: list[list[float]] = [[] for _ in sessions]
+            call()
+    times: list[list[float]] = [[] for _ in calls]
     per_round = max(1, repeat // rounds)
-    for _ in range(rounds):
-        for i, sess in enumerate(sessions):
+    for r in range(rounds):
+        for j in range(len(calls)):
+            i = (r + j) % len(calls)
             for _ in range(per_round):
-                start = time.perf_counter()
-                sess.run(None, feed)
-                times[i].append((time.perf_counter() - start) * 1e3)
-    return [(statistics.median(t), min(t)) for t in times]
+                start = clock()
+                calls[i]()
+                times[i].append((clock() - start) * 1e3)
+    return times
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
-    parser.add_argument("--repeat", type=int, default=200, help="timed runs per case (default 200)")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed runs first (default 20)")
-    parser.add_argument(
-        "--rounds", type=int, default=5, help="cases take turns in this many rounds (default 5)"
-    )
-    parser.add_argument(
-        "--only", default="", help="run only cases whose label contains this text (FP32 always runs)"
-    )
-    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+def _stream_read(threads: int, megabytes: int) -> tuple[Callable[[], object], int]:
+    """A STREAM-like read (numpy sums of disjoint parts, one thread each) and the bytes it reads."""
+    data = np.ones(megabytes * (1 << 20) // 4, dtype=np.float32)
+    parts = np.array_split(data, threads)
 
-    try:
-        runtime.library_path()
-        have_library = True
-    except runtime.LibraryNotFoundError as err:
-        logger.warning("custom-op library not found, BlockMatMul rows skipped: %s", err)
-        have_library = False
+    def run() -> None:
+        if threads == 1:
+            np.add.reduce(data)
+            return
+        workers = [threading.Thread(target=np.add.reduce, args=(part,)) for part in parts]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
 
+    return run, data.nbytes
+
+
+def _parse_shapes(text: str) -> tuple[tuple[int, int, int], ...]:
+    if not text:
+        return SHAPES
+    return tuple(tuple(int(v) for v in item.lower().split("x")) for item in text.split(","))  # type: ignore[misc]
+
+
+def bench_shapes(args: argparse.Namespace, threads: int, have_library: bool) -> list[dict]:
     rng = np.random.default_rng(0)
+    clock = _clock(args.clock)
     results = []
-    for m, k, n in SHAPES:
+    for m, k, n in _parse_shapes(args.shapes):
         weight = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
         feed = {"A": rng.standard_normal((m, k)).astype(np.float32)}
         cases = [c for c in CASES if (have_library or not c.needs_library)]
-        cases = [c for i, c in enumerate(cases) if i == 0 or args.only in c.label]
-        sessions = [_session(c.build(weight, m), args.threads, c.needs_library) for c in cases]
-        medians = _interleaved_medians(sessions, feed, args.warmup, args.repeat, args.rounds)
-        base = medians[0][0]
-        for case, (ms, best) in zip(cases, medians):
+        cases = [c for c in cases if c.label == BASELINE or args.only in c.label]
+        sessions = [_session(c.build(weight, m), threads, c.needs_library) for c in cases]
+        calls = [lambda s=s, f=feed: s.run(None, f) for s in sessions]
+        times = _interleaved(calls, args.warmup, args.repeat, args.rounds, clock)
+        base = statistics.median(times[[c.label for c in cases].index(BASELINE)])
+        for case, t in zip(cases, times):
+            ms = statistics.median(t)
             results.append(
                 {
                     "M": m,
@@ -188,34 +219,134 @@ def main(argv: list[str] | None = None) -> int:
                     "N": n,
                     "case": case.label,
                     "median_ms": ms,
-                    "min_ms": best,
-                    "vs_fp32": base / ms,
+                    "min_ms": min(t),
+                    "vs_int8": ms / base,
                 }
             )
+    return results
 
-    print(
-        f"\nonnxruntime {ort.__version__}, {args.threads} intra-op threads, median of {args.repeat} warm runs "
-        f"({args.rounds} interleaved rounds)"
+
+def bench_gemv(args: argparse.Namespace, threads: int, have_library: bool) -> list[dict]:
+    """GB/s of weights for chains of distinct weights, and the read bandwidth in the same rounds."""
+    rows_list = [int(v) for v in args.gemv_rows.split(",") if v.strip()]
+    if not rows_list:
+        return []
+    clock = _clock(args.clock)
+    feeds_rng = np.random.default_rng(1)
+    labels, calls, nbytes = [], [], []
+    stream, stream_bytes = _stream_read(
+        threads, max(1, min(256, args.gemv_layers * args.gemv_k**2 // (1 << 21)))
     )
-    print(
-        f"| {'M x K x N':<16} | {'case':<34} | {'median ms':>9} | {'min ms':>8} | {'speed-up vs FP32':>16} |"
+    labels.append("STREAM-like read")
+    calls.append(stream)
+    nbytes.append(stream_bytes)
+    kinds = (("bct", "BCT BlockMatMul 4b b32 act int8"), ("ort", "ORT MatMulNBits 4b b32 acc4"))
+    for rows in rows_list:
+        feed = {"A": feeds_rng.standard_normal((rows, args.gemv_k)).astype(np.float32)}
+        for kind, label in kinds:
+            if kind == "bct" and not have_library:
+                continue
+            model, size = compare_speed.gemv_chain(args.gemv_layers, args.gemv_k, kind, rows=rows)
+            session = _session(model, threads, kind == "bct")
+            labels.append(f"M={rows} {label}")
+            calls.append(lambda s=session, f=feed: s.run(None, f))
+            nbytes.append(size)
+    times = _interleaved(calls, 2, max(len(calls), args.repeat // 4), args.rounds, clock)
+    stream_gbps = stream_bytes / (statistics.median(times[0]) / 1e3) / 1e9
+    rows_out = []
+    for label, t, size in zip(labels, times, nbytes):
+        gbps = size / (statistics.median(t) / 1e3) / 1e9
+        per = args.gemv_layers if label != "STREAM-like read" else 1
+        rows_out.append(
+            {
+                "case": label,
+                "median_ms": statistics.median(t) / per,
+                "gbps": gbps,
+                "of_stream": gbps / stream_gbps,
+            }
+        )
+    return rows_out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2; --clock cpu: 1)")
+    parser.add_argument("--repeat", type=int, default=100, help="timed runs per case (default 100)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="cases take turns in this many rounds (default 5)"
     )
-    print(f"|{'-' * 18}|{'-' * 36}|{'-' * 11}|{'-' * 10}|{'-' * 18}|")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time, or CPU time of the calling thread with one intra-op thread (default wall)",
+    )
+    parser.add_argument(
+        "--only", default="", help="run only cases whose label contains this text (ORT int8 always runs)"
+    )
+    parser.add_argument("--shapes", default="", help="comma-separated MxKxN (default: the shapes above)")
+    parser.add_argument(
+        "--gemv-rows", default="1,4,8", help="rows of the bandwidth chains, comma-separated ('' skips them)"
+    )
+    parser.add_argument("--gemv-layers", type=int, default=16, help="distinct weights per chain (default 16)")
+    parser.add_argument(
+        "--gemv-k", type=int, default=4096, help="K = N of the chains' weights (default 4096)"
+    )
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("onnxruntime", "onnxruntime.quantization", "root", "bct_onnx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    try:
+        runtime.library_path()
+        have_library = True
+    except runtime.LibraryNotFoundError as err:
+        logger.warning("custom-op library not found, BlockMatMul rows skipped: %s", err)
+        have_library = False
+    threads = 1 if args.clock == "cpu" else args.threads
+    flags = compare_speed.cpu_flags()
+    results = bench_shapes(args, threads, have_library)
+    gemv = bench_gemv(args, threads, have_library)
+
+    clock = "CPU time of the calling thread" if args.clock == "cpu" else "wall time"
+    print(f"\nCPU: {compare_speed.cpu_model()} ({os.cpu_count()} logical CPUs); flags: {' '.join(flags)}")
+    print(f"ISA paths: {compare_speed.isa_paths(flags)}")
+    print(
+        f"onnxruntime {ort.__version__}, {threads} intra-op threads, {clock}, median of {args.repeat} warm runs "
+        f"({args.rounds} interleaved rounds)\n"
+    )
+    print(f"| {'M x K x N':<16} | {'case':<34} | {'median ms':>9} | {'min ms':>8} | {'/ ORT int8':>10} |")
+    print(f"|{'-' * 18}|{'-' * 36}|{'-' * 11}|{'-' * 10}|{'-' * 12}|")
     for row in results:
         shape = f"{row['M']} x {row['K']} x {row['N']}"
         print(
             f"| {shape:<16} | {row['case']:<34} | {row['median_ms']:>9.3f} | {row['min_ms']:>8.3f} "
-            f"| {row['vs_fp32']:>15.2f}x |"
+            f"| {row['vs_int8']:>9.2f}x |"
         )
+    if gemv:
+        print(
+            f"\nDecode: chains of {args.gemv_layers} distinct 4-bit block-32 K=N={args.gemv_k} weights (read from "
+            f"memory), ms per product and GB/s of weight bytes, next to the read bandwidth in the same rounds\n"
+        )
+        print(f"| {'case':<42} | {'ms':>7} | {'GB/s':>6} | {'of read':>7} |")
+        print(f"|{'-' * 44}|{'-' * 9}|{'-' * 8}|{'-' * 9}|")
+        for row in gemv:
+            print(
+                f"| {row['case']:<42} | {row['median_ms']:>7.3f} | {row['gbps']:>6.1f} | {row['of_stream']:>6.0%} |"
+            )
     if args.json:
         meta = {
             "onnxruntime": ort.__version__,
-            "threads": args.threads,
+            "threads": threads,
+            "clock": args.clock,
             "repeat": args.repeat,
             "rounds": args.rounds,
-            "machine": platform.processor() or platform.machine(),
+            "cpu": compare_speed.cpu_model(),
+            "isa": compare_speed.isa_paths(flags),
         }
-        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"meta": meta, "results": results, "gemv": gemv}, indent=2) + "\n")
         logger.info("wrote %s", args.json)
     return 0
 

@@ -12,8 +12,9 @@ alike; compare ratios, not milliseconds across runs):
                transformers than bct-onnx pins, so it runs in a venv of its own (--genai-venv; made
                with --setup-genai); without it the column says why
   bct-default  bct-onnx default config (every component compressed)
-  bct-unfused  bct-onnx default config without the fused ops (fuse_ops=False: no MatMul epilogues,
-               no residual Add + norm ops), to measure what the fusions give
+  bct-unfused  bct-onnx default config without the fused ops (fuse_ops=False, fuse_attention=False:
+               no MatMul epilogues, no residual Add + norm ops, no BlockAttention), to measure what
+               the fusions give
   bct-mm-gather  bct-onnx ops=MatMul,Gather
 
 on: all-MiniLM-L6-v2 (real weights) batch 8 x 64 tokens; a BERT-base-shaped encoder (random
@@ -61,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts (ben
 import compare_minilm
 
 import bct_onnx
-from bct_onnx import ops, runtime
+from bct_onnx import kv_cache, ops, runtime
 
 logger = logging.getLogger("compare_speed")
 
@@ -248,7 +249,7 @@ def build_variant(
         return Path(notes.pop("path")), notes
     overrides: dict[str, Any] = {
         "bct-default": {},
-        "bct-unfused": {"fuse_ops": False},
+        "bct-unfused": {"fuse_ops": False, "fuse_attention": False},
         "bct-mm-gather": {"ops": frozenset({"MatMul", "Gather"})},
     }[key]
     _, report = bct_onnx.compress(model.fp32, dst, **overrides)
@@ -269,11 +270,16 @@ def _declared_dims(session: Any, name: str) -> list[Any]:
 def decoder_feeds(
     session: Any, new_tokens: int, past: int, head_dim: int, seed: int = 0
 ) -> dict[str, np.ndarray]:
-    """input_ids, attention_mask, position_ids and past_key_values.* as the graph declares them."""
+    """input_ids, attention_mask, position_ids and past_key_values.* as the graph declares them (a
+    compressed cache gets the codes and scales of the same random floats, bct_onnx.kv_cache)."""
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
+    formats = kv_cache.session_formats(session)
+    float_names = {kv_cache.codes_name(n): n for n in formats} | {kv_cache.scales_name(n): None for n in formats}
     for declared in session.get_inputs():
-        name = declared.name
+        name = float_names.get(declared.name, declared.name)
+        if name is None:
+            continue  # scales: made with their codes
         if name == "input_ids":
             feeds[name] = rng.integers(0, 100, (1, new_tokens), dtype=np.int64)
         elif name == "attention_mask":
@@ -287,7 +293,7 @@ def decoder_feeds(
             raise ValueError(f"decoder input {name!r} is not one this benchmark knows how to fill")
         if declared.type == "tensor(int32)":
             feeds[name] = feeds[name].astype(np.int32)
-    return feeds
+    return kv_cache.compress_feeds(feeds, formats)
 
 
 def encoder_feeds(
@@ -406,8 +412,10 @@ def make_models(work: Path, tiny: bool, only: set[str]) -> list[Callable[[], Mod
 # GEMV bandwidth
 
 
-def _gemv_chain(layers: int, k: int, kind: str) -> tuple[onnx.ModelProto, int]:
-    """A chain of `layers` M=1 4-bit GEMVs with distinct random weights; (model, weight bytes)."""
+def gemv_chain(layers: int, k: int, kind: str, rows: int = 1) -> tuple[onnx.ModelProto, int]:
+    """A chain of `layers` 4-bit block-32 [rows, k] x [k, k] products with distinct random weights (so
+    that they are read from memory, not cache); kind "bct" (BlockMatMul, int8 activations) or "ort"
+    (MatMulNBits accuracy level 4); (model, weight bytes)."""
     rng = np.random.default_rng(0)
     nodes, inits, nbytes = [], [], 0
     blocks = k // 32
@@ -456,8 +464,8 @@ def _gemv_chain(layers: int, k: int, kind: str) -> tuple[onnx.ModelProto, int]:
     graph = helper.make_graph(
         nodes,
         "gemv",
-        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, k])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [rows, k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [rows, k])],
         initializer=inits,
     )
     domain = (ops.DOMAIN, ops.DOMAIN_VERSION) if kind == "bct" else ("com.microsoft", 1)
@@ -646,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         gemv_lines = []
         chains = []
         for kind, label in (("bct", "bct-onnx BlockMatMul (int8 act)"), ("ort", "ORT MatMulNBits acc4")):
-            model_proto, nbytes = _gemv_chain(layers, k, kind)
+            model_proto, nbytes = gemv_chain(layers, k, kind)
             path = work / f"gemv-{kind}.onnx"
             onnx.save(model_proto, path)
             chains.append((label, _session(path, kind == "bct", args.threads), nbytes))

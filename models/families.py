@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 from bct_onnx.models.export import DEFAULT_OPSET, export_hf_files
 
-from bct_onnx import runtime
+from bct_onnx import kv_cache, runtime
 
 logger = logging.getLogger(__name__)
 
@@ -380,8 +380,9 @@ def dummy_inputs(
 
     Recognises optimum's names: ids (random tokens below the vocab size), attention masks (ones
     over past + current positions), position ids (continuing after the past), token type ids
-    (zeros), ``past_key_values.*`` (small random floats, ``past_length`` long), encoder hidden
-    states (random floats) and ``use_cache_branch`` (True when ``past_length`` > 0).
+    (zeros), ``past_key_values.*`` (small random floats, ``past_length`` long; a compressed cache
+    gets those floats' codes and scales, bct_onnx.kv_cache), encoder hidden states (random floats)
+    and ``use_cache_branch`` (True when ``past_length`` > 0).
     """
     model_path = Path(path)
     session = runtime.session(model_path, with_library=False)
@@ -400,8 +401,19 @@ def dummy_inputs(
     }
     vocab = _vocab_size(model_path, outputs)
     rng = np.random.default_rng(seed)
+    cache_formats = kv_cache.session_formats(session)
+    compressed_cache = {kv_cache.codes_name(n): n for n in cache_formats}
+    compressed_cache.update({kv_cache.scales_name(n): n for n in cache_formats})
     feeds: dict[str, np.ndarray] = {}
     for declared in inputs:
+        float_name = compressed_cache.get(declared.name)
+        if float_name is not None:
+            if declared.name == kv_cache.codes_name(float_name):
+                fmt = cache_formats[float_name]
+                float_shape = [batch_size, declared.shape[1], past, fmt.head_dim]
+                past_values = (0.5 * rng.standard_normal(float_shape)).astype(np.float32)
+                feeds.update(kv_cache.compress_feeds({float_name: past_values}, cache_formats))
+            continue
         dtype = _NUMPY_TYPES.get(declared.type)
         if dtype is None:
             raise ValueError(f"{model_path}: input {declared.name!r} has unsupported type {declared.type}")

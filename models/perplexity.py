@@ -1,4 +1,5 @@
-"""Perplexity of a decoder-only ONNX export (no KV cache) on a text, in numpy.
+"""Perplexity of a decoder-only ONNX export on a text, in numpy: without KV cache (the whole window per
+call), or through a with-past export that carries its cache (float or compressed) from step to step.
 
 Teacher forcing over strided windows, as in the transformers perplexity guide: each window of
 ``window`` tokens starts ``stride`` tokens after the previous one and scores only the tokens no
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from bct_onnx import runtime
+from bct_onnx import kv_cache, runtime
 
 LogitsFn = Callable[[np.ndarray], np.ndarray]
 
@@ -60,6 +61,51 @@ def onnx_logits_fn(session_or_path: Any) -> LogitsFn:
             raise ValueError(f"cannot feed decoder inputs {sorted(unknown)}")
         (logits,) = session.run([logits_name], feeds)
         return np.asarray(logits)
+
+    return run
+
+
+def step_feeds(inputs: set[str], ids: np.ndarray, start: int) -> dict[str, np.ndarray]:
+    """Decoder feeds for ids (1, S) at positions start..start+S-1 after ``start`` cached tokens."""
+    feeds: dict[str, np.ndarray] = {"input_ids": ids}
+    if "attention_mask" in inputs:
+        feeds["attention_mask"] = np.ones((1, start + ids.shape[1]), dtype=np.int64)
+    if "position_ids" in inputs:
+        feeds["position_ids"] = np.arange(start, start + ids.shape[1], dtype=np.int64)[None, :]
+    return feeds
+
+
+def onnx_cached_logits_fn(session_or_path: Any, step_tokens: int = 1) -> LogitsFn:
+    """Logits (1, T, vocab) for ids (1, T) from a with-past decoder graph, ``step_tokens`` tokens per call.
+
+    Each window starts from an empty cache; every later call reads the cache the previous calls wrote
+    (present.* fed back as past_key_values.*), float or compressed (bct_onnx.kv_cache), so with
+    step_tokens=1 every prediction is a decode step that attends over the stored cache.
+    """
+    if step_tokens < 1:
+        raise ValueError(f"step_tokens must be >= 1, got {step_tokens}")
+    session = _session(session_or_path)
+    declared = session.get_inputs()
+    inputs = {i.name for i in declared}
+    past = [i.name for i in declared if i.name.startswith(kv_cache.PAST_PREFIX)]
+    if not past:
+        raise ValueError(f"the KV-cache perplexity path needs past_key_values inputs; this graph has {sorted(inputs)}")
+    output_names = [o.name for o in session.get_outputs()]
+    present = [name.replace(kv_cache.PAST_PREFIX, kv_cache.PRESENT_PREFIX, 1) for name in past]
+    missing = sorted(set(present) - set(output_names))
+    if missing:
+        raise ValueError(f"the graph lacks cache outputs {missing[:2]} for its inputs")
+    logits_name = "logits" if "logits" in output_names else output_names[0]
+
+    def run(ids: np.ndarray) -> np.ndarray:
+        cache = kv_cache.empty_cache(declared)
+        pieces = []
+        for start in range(0, ids.shape[1], step_tokens):
+            chunk = ids[:, start : start + step_tokens]
+            outputs = session.run([logits_name, *present], {**step_feeds(inputs, chunk, start), **cache})
+            pieces.append(np.asarray(outputs[0]))
+            cache = dict(zip(past, outputs[1:], strict=True))
+        return np.concatenate(pieces, axis=1)
 
     return run
 

@@ -10,6 +10,7 @@ from bct_onnx.passes.compress_intermediates import (
     CompressIntermediatesPass,
     compressed_activations,
 )
+from bct_onnx.passes.compress_kv_cache import CompressKVCachePass
 from bct_onnx.passes.convert_opset import ConvertOpsetPass, OpsetConversionError
 from bct_onnx.passes.convert_to_qdq import ConvertToQDQPass
 from bct_onnx.passes.entropy_code_weights import EntropyCodeWeightsPass
@@ -27,6 +28,7 @@ from bct_onnx.passes.framework import (
     UnsupportedModelError,
 )
 from bct_onnx.passes.fuse_add_norm import FuseAddNormPass
+from bct_onnx.passes.fuse_attention import FuseAttentionPass
 from bct_onnx.passes.fuse_gelu import FuseGeluPass
 from bct_onnx.passes.fuse_layer_norm import FuseLayerNormPass
 from bct_onnx.passes.fuse_matmul_epilogue import FuseMatMulEpiloguePass
@@ -43,6 +45,7 @@ from bct_onnx.passes.pipeline import (
     compress_model,
 )
 from bct_onnx.passes.quantize_act_matmul import QuantizeActMatMulPass
+from bct_onnx.passes.quantize_fused_ops import QuantizeFusedOpsPass
 from bct_onnx.passes.quantize_gather import QuantizeGatherPass
 from bct_onnx.passes.quantize_gelu import QuantizeGeluPass
 from bct_onnx.passes.quantize_layer_norm import QuantizeLayerNormPass
@@ -57,6 +60,7 @@ __all__ = [
     "ActivationSummary",
     "CheckModelPass",
     "CompressIntermediatesPass",
+    "CompressKVCachePass",
     "CompressPass",
     "CompressPassResult",
     "CompressedTensor",
@@ -67,6 +71,7 @@ __all__ = [
     "FoldConstantWeightsPass",
     "FoldShapeArithmeticPass",
     "FuseAddNormPass",
+    "FuseAttentionPass",
     "FuseGeluPass",
     "FuseLayerNormPass",
     "FuseMatMulEpiloguePass",
@@ -81,6 +86,7 @@ __all__ = [
     "PassReport",
     "PipelineResult",
     "QuantizeActMatMulPass",
+    "QuantizeFusedOpsPass",
     "QuantizeGatherPass",
     "QuantizeGeluPass",
     "QuantizeLayerNormPass",

@@ -140,16 +140,26 @@ def check_model_basics(model: ir.Model, pass_name: str, min_opset: int = MIN_ONN
             "Convert it first (onnx.version_converter); bct-onnx never changes the opset itself."
         )
     custom = model.opset_imports.get(ops.DOMAIN)
-    if custom is not None and custom != ops.DOMAIN_VERSION:
+    if custom is not None and custom != ops.DOMAIN_VERSION and uses_domain(model):
         raise DomainVersionError(
             f"{pass_name}: the model imports {ops.DOMAIN} version {custom}; "
             f"this package emits version {ops.DOMAIN_VERSION}"
         )
 
 
+def uses_domain(model: ir.Model) -> bool:
+    """Whether a node of the model (subgraphs included) is in the ai.bct_onnx domain."""
+    return any(node.domain == ops.DOMAIN for node in ir.traversal.RecursiveGraphIterator(model.graph))
+
+
 def register_domain(model: ir.Model) -> None:
-    """Import the ai.bct_onnx domain (adding a custom domain is not an opset change)."""
-    model.opset_imports.setdefault(ops.DOMAIN, ops.DOMAIN_VERSION)
+    """Import the ai.bct_onnx domain (adding a custom domain is not an opset change).
+
+    An import no node used (check_model_basics let it through) is replaced: ONNX Runtime's
+    transformer optimizer, run in a process that registered the library, imports every custom
+    domain it knows at version 1000.
+    """
+    model.opset_imports[ops.DOMAIN] = ops.DOMAIN_VERSION
 
 
 class CompressPass(ir.passes.InPlacePass, abc.ABC):

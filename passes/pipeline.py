@@ -26,12 +26,14 @@ from bct_onnx.passes.compress_intermediates import (
     CompressIntermediatesPass,
     compressed_activations,
 )
+from bct_onnx.passes.compress_kv_cache import CompressKVCachePass
 from bct_onnx.passes.convert_to_qdq import ConvertToQDQPass
 from bct_onnx.passes.entropy_code_weights import EntropyCodeWeightsPass
 from bct_onnx.passes.fold_constant_weights import FoldConstantWeightsPass
 from bct_onnx.passes.fold_shape_arithmetic import FoldShapeArithmeticPass
 from bct_onnx.passes.framework import NODE_PROGRESS, CompressPassResult, Skip, check_model_basics
 from bct_onnx.passes.fuse_add_norm import FuseAddNormPass
+from bct_onnx.passes.fuse_attention import FuseAttentionPass
 from bct_onnx.passes.fuse_gelu import FuseGeluPass
 from bct_onnx.passes.fuse_layer_norm import FuseLayerNormPass
 from bct_onnx.passes.fuse_matmul_epilogue import FuseMatMulEpiloguePass
@@ -39,7 +41,9 @@ from bct_onnx.passes.fuse_rms_norm import FuseRMSNormPass
 from bct_onnx.passes.fuse_silu import FuseSiluPass
 from bct_onnx.passes.gemm_to_matmul import GemmToMatMulPass
 from bct_onnx.passes.infer_shapes import annotate_shapes
+from bct_onnx.passes.operand_ops import OperandRewritePass
 from bct_onnx.passes.quantize_act_matmul import QuantizeActMatMulPass
+from bct_onnx.passes.quantize_fused_ops import QuantizeFusedOpsPass
 from bct_onnx.passes.quantize_gather import QuantizeGatherPass
 from bct_onnx.passes.quantize_gelu import QuantizeGeluPass
 from bct_onnx.passes.quantize_layer_norm import QuantizeLayerNormPass
@@ -69,15 +73,24 @@ _EXTERNAL_DATA_BYTES = 1 << 30
 #   shape arithmetic collapses to one copy: SmolLM2 compresses to 1,700 nodes instead of 6,692).
 # - MatMul before Gather: a table tied to the output projection is quantized (GPTQ-rounded when
 #   calibrated) for the MatMul in the Gather's layout, and the embedding Gather reuses those codes.
+# - QuantizeFusedOpsPass follows the weight passes: the weights ONNX Runtime's fused ops hold
+#   (Attention's QKV, EmbedLayerNormalization's word table) in a graph its transformer optimizer
+#   already fused; it only runs where those com.microsoft nodes exist.
 # - QuantizeMatMulPass reports attention's activation x activation MatMuls as skipped;
 #   QuantizeActMatMulPass then rewrites them, and compress_model drops the skips of nodes a later
 #   pass rewrote.
+# - FuseAttentionPass runs before QuantizeActMatMulPass and QuantizeSoftmaxPass, on the float
+#   MatMul -> scale/mask -> Softmax -> MatMul chain; it takes Q x K^T's AttentionMatMul settings
+#   (config.fuse_attention=False leaves the chain to those two passes).
 # - The weight passes come first, so the weight-only pass list is a prefix of the full one; the
 #   fusions of the activation kinds then see BlockMatMul results, which they do not mind.
 # - With config.fuse_ops, FuseMatMulEpiloguePass runs before CompressIntermediatesPass (it folds a
 #   GELU / SiLU gating into the MatMul while the edge is float, so the fused result then gets the
 #   next MatMul's codes) and FuseAddNormPass after it (the norm's result format, chosen for the
 #   MatMuls reading it, is kept; the Add's operands stay float32).
+# - CompressKVCachePass (config.kv_cache_bits) runs after CompressIntermediatesPass: it changes graph
+#   inputs and outputs only, and its BlockDequantize hands attention the float cache the passes
+#   before it saw.
 QUANTIZE_PASSES: dict[str, Callable[[CompressConfig], ir.passes.PassBase]] = {
     "MatMul": QuantizeMatMulPass,
     "Gather": QuantizeGatherPass,
@@ -89,7 +102,8 @@ QUANTIZE_PASSES: dict[str, Callable[[CompressConfig], ir.passes.PassBase]] = {
 }
 # Fusions that turn an exporter's decomposition into the node the op kind's quantize pass handles;
 # they run only when that kind is compressed.
-FUSION_PASSES: dict[str, list[Callable[[], ir.passes.PassBase]]] = {
+FUSION_PASSES: dict[str, list[type[ir.passes.PassBase]]] = {
+    "AttentionMatMul": [FuseAttentionPass],
     "Gelu": [FuseGeluPass],
     "Silu": [FuseSiluPass],
     "LayerNormalization": [FuseLayerNormPass, FuseRMSNormPass],
@@ -101,6 +115,10 @@ ProgressCallback = Callable[[str, int, int], None]
 NodeProgressCallback = Callable[[str, int, int], None]
 """node_progress(pass_name, candidates_done, candidates_total), called inside a node-rewrite pass
 before each candidate node (per MatMul while GPTQ rounds them)."""
+
+
+# The name under which the pipeline's per-pass records time the calibration Hessians' collection.
+CALIBRATION_RECORD = "CollectHessians (calibration)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,16 +187,25 @@ def rewrite_passes(
     quantize: list[ir.passes.PassBase] = []
     for op_type, factory in QUANTIZE_PASSES.items():
         if op_type in FUSION_PASSES and config.enabled(op_type):
-            quantize += [fusion() for fusion in FUSION_PASSES[op_type]]
+            for fusion in FUSION_PASSES[op_type]:
+                if issubclass(fusion, OperandRewritePass):  # configured per node
+                    if fusion is not FuseAttentionPass or config.fuse_attention:
+                        quantize.append(fusion(config))  # type: ignore[call-arg]
+                else:
+                    quantize.append(fusion())
         if config.enabled(op_type):
             calibrated = op_type == "MatMul" and hessians is not None
             quantize.append(factory(config, hessians, damping) if calibrated else factory(config))  # type: ignore[call-arg]
+        if op_type == "Gather" and config.format == "bct" and (config.enabled("MatMul") or config.enabled("Gather")):
+            quantize.append(QuantizeFusedOpsPass(config))
     if any(config.enabled(kind) for kind in ACTIVATION_OPS):
         if config.fuse_ops and config.format == "bct":
             quantize.append(FuseMatMulEpiloguePass())
         quantize.append(CompressIntermediatesPass(config))
         if config.fuse_ops and config.format == "bct":
             quantize.append(FuseAddNormPass())
+    if config.compresses_kv_cache:
+        quantize.append(CompressKVCachePass(config))
     if config.format == "qdq":
         quantize.append(ConvertToQDQPass(activations=config.qdq_activations))
     if config.entropy_code:
@@ -324,10 +351,17 @@ def compress_model(
     # quantize pass sees, and handed to it: passes run no inference.
     hessians = None
     if calibration is not None and config.enabled("MatMul"):
+        start = time.perf_counter()
         hessians = collect_hessians(work, calibration)
+        # Not a pass, but often the longest step before GPTQ: the report times it like one.
+        records.append(PassRecord(CALIBRATION_RECORD, False, time.perf_counter() - start, {}, 0))
     damping = calibration.damping if calibration is not None else DEFAULT_DAMPING
-    for index, pass_ in enumerate(rewrite_passes(config, hessians, damping), start=len(canonical) + 1):
-        work = run(pass_, index, work)
+    try:
+        for index, pass_ in enumerate(rewrite_passes(config, hessians, damping), start=len(canonical) + 1):
+            work = run(pass_, index, work)
+    finally:
+        if hessians is not None:
+            hessians.close()  # its files on disk
     modified = any(record.modified for record in records)
     skipped = _drop_rewritten_later(skipped, work)
     return PipelineResult(work, modified, rewritten, skipped, records, warnings, compressed_activations(work))
@@ -335,14 +369,19 @@ def compress_model(
 
 def _drop_rewritten_later(skipped: list[Skip], model: ir.Model) -> list[Skip]:
     """One reason per node (the first pass's), none for nodes a later pass rewrote (attention MatMuls)."""
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
     seen = {
         (node.name, "MatMul")
-        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+        for node in nodes
         if node.domain == ops.DOMAIN and node.op_type == ops.BLOCK_ACT_MATMUL and node.name
     }
+    # MatMuls fused away by a later pass (FuseAttentionPass: Q x K^T and P x V into BlockAttention).
+    float_matmuls = {node.name for node in nodes if node.op_type == "MatMul" and node.domain in ("", "ai.onnx")}
+    fused = any(node.domain == ops.DOMAIN and node.op_type == ops.BLOCK_ATTENTION for node in nodes)
     kept = []
     for skip in skipped:
-        if (skip.node, skip.op_type) not in seen:
+        gone = fused and skip.op_type == "MatMul" and skip.node not in float_matmuls and "at run time" in skip.reason
+        if (skip.node, skip.op_type) not in seen and not gone:
             kept.append(skip)
             seen.add((skip.node, skip.op_type))
     return kept

@@ -163,7 +163,8 @@ class QuantizeMatMulPass(NodeRewritePass):
         rounded by GPTQ with that damping (Calibration.damping). The pass itself runs no inference."""
         super().__init__()
         self.config = config
-        self.hessians = dict(hessians) if hessians is not None else {}
+        # Kept as given: a HessianStore reads each Hessian from disk only when its MatMul is rewritten.
+        self.hessians: Mapping[MatMulKey, np.ndarray] = hessians if hessians is not None else {}
         self.damping = damping
 
     def match(self, model: ir.Model, node: ir.Node) -> MatMulMatch | str | None:

@@ -62,6 +62,10 @@ class QuantizedInitializers:
     widened: bool = False  # scales stored as float32: the requested scale kind could not hold them
 
 
+# Largest weight quantized from a transposed copy rather than a view.
+_TRANSPOSE_COPY_BYTES = 64 << 20
+
+
 def _unique_name(graph: ir.Graph, base: str) -> str:
     name, n = base, 1
     while name in graph.initializers:
@@ -144,7 +148,9 @@ def quantized_initializers(
     """
     source_name = source.name or "weight"
     requested = fmt
-    fmt = fitting_format(tensor, fmt)
+    # Read once (a streamed weight is read from its file on every access) and dropped on return.
+    array = np.asarray(tensor.numpy(), dtype=np.float32)
+    fmt = fitting_format(array, fmt, tensor.name)
     tag = format_tag(fmt, transposed) + ("_aw" if importance is not None else "") + ("_gptq" if hessian is not None else "")
     base = f"{source_name}.bct_{tag}"
     codes = _find(graph, f"{base}.codes", source_name, tag)
@@ -154,9 +160,10 @@ def quantized_initializers(
     rows, axis_size = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
     if codes is not None and scales is not None and (fmt.symmetric or zero_points is not None):
         return QuantizedInitializers(codes, scales, zero_points, rows, axis_size, reused=True, widened=fmt != requested)
-    array = np.asarray(tensor.numpy(), dtype=np.float32)
     if transposed:
-        array = np.ascontiguousarray(array.T)
+        # A contiguous copy quantizes about 2x faster; a large weight stays a view (the quantizers copy
+        # it chunk by chunk), so memory never holds it twice.
+        array = np.ascontiguousarray(array.T) if array.nbytes <= _TRANSPOSE_COPY_BYTES else array.T
     if hessian is not None:
         quantized = gptq_quantize(
             array, hessian, fmt, damping=damping, scale_search=scale_search, keep_dead_inputs=keep_dead_inputs
@@ -176,7 +183,7 @@ _FLOAT16_MAX = float(np.finfo(np.float16).max)
 _FLOAT8E5M2_MAX = 57344.0
 
 
-def fitting_format(tensor: ir.TensorProtocol, fmt: BlockFormat) -> BlockFormat:
+def fitting_format(array: np.ndarray, fmt: BlockFormat, name: str | None = None) -> BlockFormat:
     """fmt, or fmt with float32 scales when some block's scale (or float offset) would overflow fmt's kind.
 
     An infinite scale turns a whole block into NaN at run time where FP32 is finite; float32 scales
@@ -184,10 +191,9 @@ def fitting_format(tensor: ir.TensorProtocol, fmt: BlockFormat) -> BlockFormat:
     """
     if fmt.scale_kind is ScaleKind.FLOAT32:
         return fmt
-    array = np.asarray(tensor.numpy())
     if array.size == 0:
         return fmt
-    amax = float(np.max(np.abs(array)))
+    amax = max(float(np.max(array)), -float(np.min(array)))  # max |x| without an |x| copy of the weight
     if not np.isfinite(amax):
         return fmt  # non-finite weights: FP32 is not finite either
     # The largest stored scale is amax / 2**(bits-1) (symmetric) or the range / qmax (asymmetric).
@@ -199,7 +205,7 @@ def fitting_format(tensor: ir.TensorProtocol, fmt: BlockFormat) -> BlockFormat:
     if largest_scale >= scale_limit / 2 or offsets_overflow:
         logger.warning(
             "%s: values up to %.3g need float32 block scales (%s cannot hold %.3g)",
-            tensor.name, amax, fmt.scale_kind.value, largest_scale,
+            name, amax, fmt.scale_kind.value, largest_scale,
         )
         return dataclasses.replace(fmt, scale_kind=ScaleKind.FLOAT32)
     return fmt

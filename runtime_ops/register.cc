@@ -35,8 +35,10 @@ constexpr AppendOps kOpFamilies[] = {
     bct::AppendQuantizeCpuOps, bct::AppendDequantizeCpuOps, bct::AppendGatherCpuOps,
     bct::AppendMatMulCpuOps,   bct::AppendActMatMulCpuOps,  bct::AppendNonlinearRowCpuOps,
     bct::AppendAddNormCpuOps,
+    bct::AppendAttentionCpuOps,
 #if defined(BCT_WITH_CUDA) && BCT_WITH_CUDA
     bct::AppendBlockCudaOps,   bct::AppendMatMulCudaOps,    bct::AppendNonlinearCudaOps,
+    bct::AppendAttentionCudaOps,
 #endif
 };
 

@@ -142,3 +142,52 @@ def test_entropy_coding_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     out = capsys.readouterr().out
     assert "coded tensors: 2," in out and "outputs identical on random token ids: True" in out
     assert "4.000 ->" in out and "session creation, median of 1 interleaved" in out
+def test_bench_matmul_smoke(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One small GEMM shape against ORT int8 and a small bandwidth chain, one timed run each: the CPU
+    model and ISA lines, every case row, the JSON, nothing written to the CWD."""
+    from bct_onnx import runtime
+
+    try:
+        runtime.library_path()
+    except runtime.LibraryNotFoundError as err:
+        pytest.skip(str(err))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    out = tmp_path / "matmul.json"
+    bench = _load("bench_matmul")
+    argv = ["--shapes", "16x64x48", "--repeat", "1", "--warmup", "0", "--rounds", "1", "--clock", "cpu"]
+    argv += ["--gemv-rows", "1,2", "--gemv-layers", "2", "--gemv-k", "256", "--json", str(out)]
+    assert bench.main(argv) == 0
+    assert os.listdir(cwd) == []
+    text = capsys.readouterr().out
+    assert "CPU: " in text and "ISA paths: bct-onnx BlockMatMul: " in text
+    payload = json.loads(out.read_text())
+    assert {row["case"] for row in payload["results"]} == {case.label for case in bench.CASES}
+    assert all(row["median_ms"] > 0 for row in payload["results"])
+    cases = [row["case"] for row in payload["gemv"]]
+    assert cases[0] == "STREAM-like read" and "M=2 BCT BlockMatMul 4b b32 act int8" in cases
+    assert all(row["gbps"] > 0 for row in payload["gemv"])
+
+
+def test_decoder_fake_quant_default_plan_is_the_decoder_default() -> None:
+    """The plan the benchmark calls the decoder default gives each SmolLM2 weight what bct-onnx gives it."""
+    from bct_onnx.config import (
+        DECODER_SCALE_KIND,
+        DECODER_TIED_TABLE_EXTRA_BITS,
+        DECODER_WIDER_WEIGHTS,
+        CompressConfig,
+    )
+
+    bench = _load("decoder_fake_quant")
+    format_of = bench.plan_function("t5-v6")
+    base = CompressConfig().weight_bits
+    table = format_of("model.embed_tokens.weight")
+    assert (table.bits, table.scale_kind) == (base + DECODER_TIED_TABLE_EXTRA_BITS, DECODER_SCALE_KIND)
+    v_proj = format_of("model.layers.3.self_attn.v_proj.weight")
+    q_proj = format_of("model.layers.3.self_attn.q_proj.weight")
+    assert (q_proj.bits, q_proj.scale_kind, q_proj.symmetric) == (base, DECODER_SCALE_KIND, True)
+    assert v_proj.bits == base + dict(DECODER_WIDER_WEIGHTS)["/v_proj/"]
+    assert bench.plan_function("8bit:down_proj")("model.layers.0.mlp.down_proj.weight").bits == 8

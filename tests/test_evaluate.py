@@ -74,3 +74,13 @@ def test_calibration_text_that_overlaps_the_evaluation_text_is_refused(tmp_path:
     other.write_text(" ".join(f"v{i}" for i in range(5000)), encoding="utf-8")
     evaluate._check_no_overlap(novel, str(other))
     evaluate._check_no_overlap(novel, "shipped")
+
+
+def test_perplexity_through_the_kv_cache_equals_the_no_cache_path(tmp_path: Path) -> None:
+    (plain,) = export_tiny("llama", tmp_path / "plain", with_past=False)
+    (past,) = export_tiny("llama", tmp_path / "past", with_past=True)
+    ids = np.random.default_rng(2).integers(0, 200, 40)
+    whole, _ = evaluate.fp32_perplexity(plain, tmp_path, ids, "test", 16, 8, use_cache=False)
+    for step in (1, 3):
+        cached, _ = evaluate.fp32_perplexity(past, tmp_path, ids, "test", 16, 8, use_cache=False, kv_step=step)
+        assert cached == pytest.approx(whole, rel=1e-5)

@@ -112,17 +112,18 @@ def test_explicit_fields_stay_out_of_equality_and_the_report():
 
 def test_compress_applies_the_encoder_defaults_and_reports_them(tmp_path):
     _, report = bct_onnx.compress(encoder(), calibration="none")
-    assert report.model_kind == {
-        "kind": "encoder", "applied": {"target_ratio": 8.0, "scale_kind": "float8e5m2", "budget_floor": False}
-    }
+    assert report.model_kind["kind"] == "encoder" and report.model_kind["changed"] == []
+    assert report.model_kind["applied"] == {"target_ratio": 8.0, "scale_kind": "float8e5m2", "budget_floor": False}
     assert report.config["target_ratio"] == 8.0 and report.config["scale_kind"] == "float8e5m2"
     assert report.budget is not None and report.budget["target_ratio"] == 8.0
     assert "defaults for an encoder: target_ratio 8.0, scale_kind float8e5m2" in report.summary()
     assert "budget: target 8x:" in report.summary()
     _, report = bct_onnx.compress(decoder(), calibration="none")
-    assert report.model_kind == {"kind": "decoder", "applied": {}} and report.budget is None
+    assert report.model_kind["kind"] == "decoder" and report.model_kind["applied"] == {} and report.budget is None
     assert "defaults for" not in report.summary()
     _, report = bct_onnx.compress(encoder(), config=CompressConfig(), calibration="none")
+    assert report.model_kind["applied"] == {} and report.config["target_ratio"] is None
+    _, report = bct_onnx.compress(encoder(), calibration="none", kind_defaults=False)
     assert report.model_kind["applied"] == {} and report.config["target_ratio"] is None
 
 

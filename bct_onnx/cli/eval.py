@@ -18,7 +18,7 @@ def add_parser(sub: Any) -> None:
         description="Compress a decoder and compare its perplexity with FP32 on an Austen novel "
         "(Debian r-cran-janeaustenr); calibration (GPTQ) uses the shipped non-Austen text.",
     )
-    parser.add_argument("model", metavar="MODEL", help=f"{MODEL_HELP} without KV cache")
+    parser.add_argument("model", metavar="MODEL", help=f"{MODEL_HELP} (without KV cache unless --kv-cache)")
     flags.add_compression_flags(parser)
     flags.add_calibration_flags(parser)
     flags.add_threads_flag(parser)
@@ -36,6 +36,19 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--keep", metavar="PATH", help="also write the compressed model here")
     parser.add_argument(
         "--no-fp32-cache", action="store_true", help="recompute the FP32 perplexity even if cached"
+    )
+    parser.add_argument(
+        "--kv-cache",
+        action="store_true",
+        help="score through the with-past export, feeding its KV cache back (float in FP32, compressed as "
+        "--kv-cache-bits says in the compressed model)",
+    )
+    parser.add_argument(
+        "--kv-step",
+        type=flags.positive_int,
+        default=1,
+        metavar="N",
+        help="with --kv-cache: tokens per call (default: 1, every prediction a decode step)",
     )
     flags.add_common_flags(parser)
     parser.set_defaults(handler=run, subparser=parser)
@@ -56,6 +69,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         keep=args.keep,
         fp32_cache=not args.no_fp32_cache,
         progress=flags.show_progress(args),
+        kv_cache=args.kv_cache,
+        kv_step=args.kv_step,
     )
     print(result.summary(), flush=True)
     if args.json:

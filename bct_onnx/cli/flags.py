@@ -34,6 +34,8 @@ CONFIG_FLAGS = (
     "format",
     "qdq_activations",
     "entropy_code",
+    "kv_cache_bits",
+    "kv_cache_block_size",
 )
 
 
@@ -172,7 +174,8 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
         "--scale-kind",
         choices=[kind.value for kind in ScaleKind],
         default=quiet,
-        help="how block scales are stored (default: float16; float8e5m2: one byte a block, weights only)",
+        help="how block scales are stored (default: float16, decoders float8e5m2 unless --no-kind-defaults; "
+        "float8e5m2: one byte a block, weights only)",
     )
     parser.add_argument(
         "--embedding-scale-kind",
@@ -214,10 +217,36 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
         "once at session creation; docs/block_format.md): a smaller file, a slower session start",
     )
     parser.add_argument(
+        "--kv-cache-bits",
+        type=bits_or_none,
+        default=quiet,
+        metavar="N|none",
+        help="a decoder's KV cache crosses steps as N-bit blockwise codes + float16 scales (default: 8; 4 "
+        "halves it again), or 'none' for a float cache (docs/kv_cache.md)",
+    )
+    parser.add_argument(
+        "--kv-cache-block-size",
+        type=positive_int,
+        default=quiet,
+        metavar="N",
+        help="head_dim elements per block of the KV cache (default: 32)",
+    )
+    parser.add_argument(
         "--rotate",
         action="store_true",
         help="rotate a pre-RMSNorm decoder's residual stream by a randomized Hadamard matrix folded into "
         "the weights (QuaRot-style; off by default, see docs/results.md)",
+    )
+    parser.add_argument(
+        "--no-kind-defaults",
+        action="store_true",
+        help="take the flags as they are: no decoder defaults (decoders otherwise get float8e5m2 weight "
+        "scales and one more bit on a tied embedding / output table; docs/results.md)",
+    )
+    parser.add_argument(
+        "--no-fuse-attention",
+        action="store_true",
+        help="keep attention as BlockActMatMul + BlockSoftmax instead of one BlockAttention op",
     )
     # Applied after --config, in this order.
     parser.add_argument(
@@ -301,6 +330,10 @@ def config_from_flags(args: argparse.Namespace, parser: argparse.ArgumentParser)
         fields["symmetric"] = False
     if given.get("rotate"):
         fields["rotation"] = True
+    if given.get("no_kind_defaults"):
+        fields["kind_defaults"] = False
+    if given.get("no_fuse_attention"):
+        fields["fuse_attention"] = False
     try:
         return apply_controls(make_config(base, **fields), args.op_bits, args.override)
     except (ValueError, TypeError) as exc:

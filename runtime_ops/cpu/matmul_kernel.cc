@@ -293,8 +293,9 @@ void Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
   // Tasks: row chunks times tile chunks, many more tasks than threads so that ONNX Runtime's pool
   // (which hands out tasks one at a time) balances the load on a busy machine. A prefill task expands
   // its tiles once for its row chunk: 32 rows for the cheap nibble expansion of the integer mode,
-  // 128 for the float mode's dequantization. GEMV tasks cover whole register blocks of 4 tiles.
-  const bool gemv = M < 4;
+  // 128 for the float mode's dequantization. Decode tasks take all rows and whole register blocks of
+  // 4 tiles, so each weight byte is read once.
+  const bool gemv = M <= kDecodeRows;
   const int64_t rows_per_task = gemv ? M : std::min<int64_t>(M, quantized ? 32 : 128);
   const int64_t row_chunks = (M + rows_per_task - 1) / rows_per_task;
   const int64_t work_tasks = std::max<int64_t>(1, M * s.K * s.N / (1 << 18));  // >= 256K MACs a task

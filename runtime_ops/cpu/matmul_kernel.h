@@ -11,7 +11,12 @@
 // act_bits in 2..8: each row of A is quantized per block exactly as
 //   block_format.quantize_codes(A, BlockFormat(act_bits, block_size, True, "float32")); per block the
 //   integer dot product sum(sa * (uw - zw)) (sa = signed activation code) is scaled by
-//   a_scale * w_scale and accumulated in fp32.
+//   a_scale * w_scale and accumulated in fp32. AVX-512 VNNI: up to kDecodeRows rows (decode) stream the
+//   packed codes once, nibbles unpacked in registers, split over N only; more rows (prefill) expand a
+//   pair of nibble tiles to bytes once per 32-row chunk and run a 6-row x 32-column vpdpbusd
+//   micro-kernel, the block's scale product applied in the K-block epilogue (cvt, mul, fma: the spec's
+//   order, so the bits equal the scalar path's). Both end in StoreTiles, which adds the bias and
+//   writes the float tile.
 // Float-offset weights (value u * scale + offset, zero_point_kind float16/float32): float mode
 //   dequantizes u * scale + offset (two roundings) wherever it reads a weight (the nibble vpermps GEMV
 //   is not used for them); integer mode adds a_scale * (w_scale * dot(sa, uw) + offset * sum(sa)).
@@ -96,6 +101,10 @@ void ForWeightMode(bool nibble, const Shape& shape, const F& f) {
                     : f(Bytes{}, std::integral_constant<int, kZpOffset>{});
   }
 }
+
+// Activations of at most this many rows are decode-shaped: the kernels stream the packed weight codes
+// once for all rows (work split over N only); more rows take the prefill kernels (split over M and N).
+constexpr int64_t kDecodeRows = 8;
 
 // Runs task(i) for i in [0, total), possibly on several threads; returns when all are done.
 using ParallelFor = std::function<void(std::size_t total, const std::function<void(std::size_t)>& task)>;

@@ -429,8 +429,10 @@ struct SmallRowsBody {
   }
 };
 
-constexpr int kPrefillRows = 4;  // from this many rows on, tiles are expanded once and reused
-constexpr int kIntRows = 6;      // register block of the integer prefill kernel (6 x 2 tiles)
+constexpr int kSmallRows = 4;        // register blocks of the kernels reading packed codes: 4 x 2 or 2 x 4 tiles
+constexpr int kFloatPrefillRows = 4;  // float mode: from this many rows on, tiles are dequantized once and reused
+constexpr int kIntPrefillRows = kDecodeRows + 1;  // integer mode: ... nibble tiles expanded to bytes once
+constexpr int kIntRows = 6;           // register block of the integer prefill kernel (6 x 2 tiles)
 constexpr int kFloatRows = 8;    // register block of the float prefill kernel (8 x 2 tiles)
 
 template <int T, bool kNibble, int kZp>
@@ -457,18 +459,19 @@ void FloatPrefill(const PackedWeights& p, const float* a_padded, int64_t row_beg
   ForRowBlocks<kFloatRows>(row_begin, row_end, FloatPrefillBody<T>{p, scratch.data(), a_padded, tile0, bias, Y});
 }
 
-// Few rows (GEMV): codes are read packed, straight from the repacked weights.
+// Few rows (decode): codes are read packed, straight from the repacked weights, nibbles unpacked in
+// registers.
 template <int T, bool kNibble, int kZp>
 void SmallRows(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin, int64_t row_end,
                int64_t tile0, const float* bias, float* Y) {
-  ForRowBlocks<kPrefillRows>(row_begin, row_end, SmallRowsBody<T, kNibble, kZp>{p, act, a_padded, tile0, bias, Y});
+  ForRowBlocks<(T >= 4 ? 2 : kSmallRows)>(row_begin, row_end, SmallRowsBody<T, kNibble, kZp>{p, act, a_padded, tile0, bias, Y});
 }
 
 template <bool kNibble, int kZp>
 void RunTiles(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin, int64_t row_end,
               int64_t tile_begin, int64_t tile_end, const float* bias, float* Y) {
   int64_t t = tile_begin;
-  if (row_end - row_begin >= kPrefillRows) {
+  if (row_end - row_begin >= (act ? kIntPrefillRows : kFloatPrefillRows)) {
     for (; t < tile_end; t += 2) {
       if (t + 2 <= tile_end) {
         if (act) {
@@ -484,7 +487,10 @@ void RunTiles(const PackedWeights& p, const ActRows* act, const float* a_padded,
     }
     return;
   }
-  if (row_end - row_begin < 2) {  // GEMV: four tiles at once for independent accumulator chains
+  // One to three rows: four tiles at once (register blocks of up to 2 x 4 tiles), for enough
+  // independent accumulator chains.
+  const int64_t rows = row_end - row_begin;
+  if (rows < 2 || (act && rows < kSmallRows)) {
     for (; t + 4 <= tile_end; t += 4) SmallRows<4, kNibble, kZp>(p, act, a_padded, row_begin, row_end, t, bias, Y);
   }
   for (; t + 2 <= tile_end; t += 2) SmallRows<2, kNibble, kZp>(p, act, a_padded, row_begin, row_end, t, bias, Y);

@@ -14,12 +14,12 @@
 namespace bct {
 namespace nonlinear {
 
-// Optional float attribute with a default.
+// Optional float attribute with a default (an error when of another type, e.g. epsilon=1 as an int).
 inline float AttrFloat(const OrtKernelInfo* info, const char* name, float default_value) {
   float value = 0.0f;
   const OrtApi& api = Ort::GetApi();
   if (OrtStatus* status = api.KernelInfoGetAttribute_float(info, name, &value)) {
-    api.ReleaseStatus(status);
+    AttrReadFailed(status, name, "a float");
     return default_value;
   }
   return value;

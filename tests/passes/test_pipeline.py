@@ -231,8 +231,19 @@ def test_opset_too_old_is_refused_not_bumped():
 def test_conflicting_domain_version_is_refused():
     model = tied_model()
     model.opset_imports[DOMAIN] = 7
+    first = next(iter(model.graph))
+    model.graph.insert_before(first, ir.node("BlockQuantize", [first.inputs[0]], domain=DOMAIN, num_outputs=2))
     with pytest.raises(DomainVersionError, match="ai.bct_onnx version 7"):
         compress_model(model, CompressConfig())
+
+
+def test_an_unused_import_of_the_domain_is_replaced():
+    # ONNX Runtime's transformer optimizer, in a process that registered the library, imports every
+    # custom domain it knows at version 1000, with no node in it.
+    model = tied_model()
+    model.opset_imports[DOMAIN] = 1000
+    result = compress_model(model, CompressConfig())
+    assert result.model.opset_imports[DOMAIN] == 1
 
 
 def test_progress_callback():
@@ -330,6 +341,8 @@ DEFAULT_ORDER = [
     "FoldShapeArithmeticPass",
     "QuantizeMatMulPass",
     "QuantizeGatherPass",
+    "QuantizeFusedOpsPass",
+    "FuseAttentionPass",
     "QuantizeActMatMulPass",
     "FuseGeluPass",
     "QuantizeGeluPass",
@@ -342,6 +355,7 @@ DEFAULT_ORDER = [
     "FuseMatMulEpiloguePass",
     "CompressIntermediatesPass",
     "FuseAddNormPass",
+    "CompressKVCachePass",
     "RemoveUnusedNodesPass",
     "RemoveUnusedOpsetsPass",
     "TopologicalSortPass",
@@ -355,7 +369,11 @@ def test_pass_order_is_pinned():
     weights_only = [
         type(p).__name__ for p in build_passes(CompressConfig(ops=frozenset({"MatMul", "Gather"})))
     ]
-    assert weights_only == [name for name in DEFAULT_ORDER if name not in DEFAULT_ORDER[6:18]]
+    assert weights_only == [name for name in DEFAULT_ORDER if name not in DEFAULT_ORDER[7:20]]
+    float_cache = [type(p).__name__ for p in build_passes(CompressConfig(kv_cache_bits=None))]
+    assert float_cache == [name for name in DEFAULT_ORDER if name != "CompressKVCachePass"]
+    qdq = [type(p).__name__ for p in build_passes(CompressConfig(format="qdq"))]
+    assert "CompressKVCachePass" not in qdq
 
 
 def test_docs_list_the_passes_in_the_order_they_run():

@@ -59,7 +59,7 @@ def attention_model():
 
 def test_attention_chain_is_compressed_and_matches_the_spec():
     model = attention_model()
-    result = compress_model(model, CompressConfig())
+    result = compress_model(model, CompressConfig(fuse_attention=False))  # the unfused chain
     assert op_types(result.model) == [
         "BlockActMatMul",
         "Div",
@@ -132,7 +132,7 @@ def test_bert_layout_transposes_keep_the_last_axis():
     read with transpose_b=1 (a row-copying Transpose); V's Transpose<[0, 2, 1, 3]> already copies
     rows and stays, read with transpose_b=0. Same bits as the spec on the original layout."""
     model = model_from_text(BERT_ATTENTION, {"root": np.float32(0.25)})
-    result = compress_model(model, CompressConfig())
+    result = compress_model(model, CompressConfig(fuse_attention=False))
     nodes = list(result.model.graph)
     transposes = [list(n.attributes["perm"].value) for n in nodes if n.op_type == "Transpose"]
     assert transposes == [[0, 2, 1, 3]] * 3

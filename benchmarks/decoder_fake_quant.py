@@ -1,0 +1,117 @@
+"""SmolLM2-135M in torch with weights fake-quantized by the block format: which tensors carry the 4-bit loss.
+
+Each plan maps weight names to a BlockFormat (rounded by bct_onnx.weight_quantizer with its scale search,
+read back by block_format.dequantize, so the weights equal what the compressed model stores); the tied
+embedding / output table is one tensor. Activations stay float (on this model weight-only and every
+component cost the same, docs/results.md). Reports perplexity and mean KL(FP32 || plan) of the
+next-token distributions on non-overlapping windows of a text: Moby-Dick (never the Austen evaluation
+text) for choosing, an Austen novel only to check.
+
+    python benchmarks/decoder_fake_quant.py --text moby-dick --tokens 1024 --plan w4 --plan t5-v6
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import re
+import sys
+import time
+from collections.abc import Callable
+
+from bct_onnx.block_format import BlockFormat, dequantize
+from bct_onnx.weight_quantizer import quantize_tensor
+
+
+def fmt(bits: int, kind: str = "float8e5m2", symmetric: bool = True, block: int = 32) -> BlockFormat:
+    return BlockFormat(bits, block, symmetric, kind)
+
+
+# name -> (format of the tied table, format of other weights, [(name regex, format)])
+PLANS: dict[str, tuple[BlockFormat, BlockFormat, list[tuple[str, BlockFormat]]]] = {
+    "w4": (fmt(4, "float16"), fmt(4, "float16"), []),  # the previous default, 7.0x
+    "w4-f8": (fmt(4), fmt(4), []),
+    "t8": (fmt(8, "float16"), fmt(4, "float16"), []),
+    "t5-f16": (fmt(5, "float16"), fmt(4, "float16"), []),
+    "t5": (fmt(5), fmt(4), []),
+    "t6": (fmt(6), fmt(4), []),
+    "t5-asym": (fmt(5), fmt(4, symmetric=False), []),
+    "t6-b64": (fmt(6), fmt(4, block=64), []),
+    "t5-down-asym": (fmt(5), fmt(4), [("down_proj", fmt(4, symmetric=False))]),
+    "t5-v6": (fmt(5), fmt(4), [("v_proj", fmt(6))]),  # the decoder default
+    "t5-v8": (fmt(5), fmt(4), [("v_proj", fmt(8))]),
+    "t6-v6-q3-k3-gate3": (fmt(6), fmt(4), [("v_proj", fmt(6)), ("(q_proj|k_proj|gate_proj)", fmt(3))]),
+    "t6-v6-q3-k3-o3": (fmt(6), fmt(4), [("v_proj", fmt(6)), ("(q_proj|k_proj|o_proj)", fmt(3))]),
+    "t5-v8-q3-k3": (fmt(5), fmt(4), [("v_proj", fmt(8)), ("(q_proj|k_proj)", fmt(3))]),
+    "t5-v5-ends5": (fmt(5), fmt(4), [("v_proj", fmt(5)), (r"layers\.(0|29)\.", fmt(5))]),
+}
+GROUPS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", r"layers\.(0|1)\.", r"layers\.(28|29)\.")
+for _group in GROUPS:  # one group at 8 bits, the rest as "w4": per-group sensitivity
+    PLANS[f"8bit:{_group}"] = (fmt(4, "float16"), fmt(4, "float16"), [(_group, fmt(8, "float16"))])
+PLANS["8bit:table"] = PLANS["t8"]
+
+
+def plan_function(name: str) -> Callable[[str], BlockFormat]:
+    table, default, rules = PLANS[name]
+
+    def format_of(weight: str) -> BlockFormat:
+        if "embed_tokens" in weight:
+            return table
+        return next((f for pattern, f in rules if re.search(pattern, weight)), default)
+
+    return format_of
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+    from bct_onnx.models import smollm2, text_data
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--text", default="moby-dick", help="moby-dick or an Austen book (e.g. emma)")
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--plan", action="append", choices=sorted(PLANS), default=[])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = smollm2.load_torch_model()
+    tokenizer = smollm2.load_tokenizer()
+    # Moby-Dick from its middle (past the front matter); an Austen book from its start.
+    text = text_data.moby_dick_text()[200_000:260_000] if args.text == "moby-dick" else text_data.austen_text(args.text)
+    ids = tokenizer(text)["input_ids"][: args.tokens // args.window * args.window]
+    batch = torch.tensor(ids).reshape(-1, args.window)
+    originals = {n: p.detach().clone() for n, p in model.named_parameters() if p.ndim == 2}
+    params = dict(model.named_parameters())
+
+    @functools.cache
+    def rounded(weight: str, f: BlockFormat) -> torch.Tensor:
+        w = originals[weight].numpy()
+        return torch.from_numpy(dequantize(quantize_tensor(w, f)).reshape(w.shape))
+
+    def log_probs() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.log_softmax(model(batch).logits.float(), -1)
+
+    def perplexity(lp: torch.Tensor) -> float:
+        return float((-lp[:, :-1].gather(-1, batch[:, 1:, None]).mean()).exp())
+
+    reference = log_probs()
+    fp32 = perplexity(reference)
+    print(f"FP32 perplexity {fp32:.3f} on {batch.numel()} tokens of {args.text}", flush=True)
+    print("| plan | perplexity | change | KL | seconds |\n|---|---|---|---|---|", flush=True)
+    for name in args.plan or ["w4"]:
+        start = time.perf_counter()
+        format_of = plan_function(name)
+        for weight, original in originals.items():
+            params[weight].data = rounded(weight, format_of(weight))
+        lp = log_probs()
+        kl = float((reference.exp() * (reference - lp)).sum(-1).mean())
+        ppl = perplexity(lp)
+        for weight, original in originals.items():
+            params[weight].data = original
+        print(f"| {name} | {ppl:.3f} | {100 * (ppl / fp32 - 1):+.2f}% | {kl:.4f} | {time.perf_counter() - start:.0f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Defaults by kind of model: decoders (an output over the vocabulary) get config.DECODER_*, encoders not."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.parser
+import onnx_ir as ir
+
+import bct_onnx
+from bct_onnx.block_format import ScaleKind
+from bct_onnx.config import (
+    DECODER_SCALE_KIND,
+    DECODER_TIED_TABLE_EXTRA_BITS,
+    DECODER_WIDER_WEIGHTS,
+    CompressConfig,
+    NodeOverride,
+    OpSettings,
+)
+from bct_onnx.model_kind import DECODER, ENCODER, apply_kind_defaults, model_kind
+
+V, D = 64, 32
+RNG = np.random.default_rng(5)
+ARRAYS = {
+    "table": RNG.standard_normal((V, D)).astype(np.float32),
+    "w_mid": RNG.standard_normal((D, D)).astype(np.float32),
+}
+
+
+V_PROJ = "/model/layers.0/self_attn/v_proj/MatMul"  # optimum's name of a Llama value projection
+
+
+def _model(body: str, outputs: str, mid_name: str = "") -> ir.Model:
+    text = f'<ir_version: 8, opset_import: ["" : 17]>\ng (int64[N, S] input_ids) => ({outputs}) {{{body}}}'
+    proto = onnx.parser.parse_model(text)
+    proto.graph.node[1].name = mid_name
+    for name, array in ARRAYS.items():
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+    onnx.checker.check_model(proto)
+    return ir.from_proto(proto)
+
+
+def tied_decoder(mid_name: str = "") -> ir.Model:
+    """Embedding table tied to the output projection (read through a Transpose), as optimum exports it."""
+    return _model(
+        "  e = Gather <axis = 0> (table, input_ids)\n  h = MatMul(e, w_mid)\n"
+        "  table_t = Transpose <perm = [1, 0]> (table)\n  logits = MatMul(h, table_t)\n",
+        f"float[N, S, {V}] logits",
+        mid_name,
+    )
+
+
+def encoder() -> ir.Model:
+    return _model("  e = Gather <axis = 0> (table, input_ids)\n  h = MatMul(e, w_mid)\n", f"float[N, S, {D}] h")
+
+
+def _table_bits(config: CompressConfig, model: ir.Model) -> dict[str, int]:
+    """Weight bits of every node reading the table, by op kind."""
+    bits = {}
+    for node in model.graph:
+        if node.op_type == "Gather":
+            bits["Gather"] = config.settings_for("Gather", node.name or node.outputs[0].name).weight_bits
+        if node.op_type == "MatMul" and node.inputs[1].name == "table_t":
+            bits["MatMul"] = config.settings_for("MatMul", node.name or node.outputs[0].name).weight_bits
+    return bits
+
+
+def test_kind_is_decided_by_an_output_over_the_vocabulary():
+    assert model_kind(tied_decoder()) == DECODER
+    assert model_kind(encoder()) == ENCODER
+
+
+def test_decoder_gets_one_byte_scales_and_a_wider_tied_table():
+    model = tied_decoder()
+    config, note = apply_kind_defaults(model, CompressConfig())
+    assert config.scale_kind is DECODER_SCALE_KIND
+    wide = 4 + DECODER_TIED_TABLE_EXTRA_BITS
+    assert _table_bits(config, model) == {"Gather": wide, "MatMul": wide}
+    # the other weight keeps the configured width
+    mid = next(n for n in model.graph if n.op_type == "MatMul" and n.inputs[1].name == "w_mid")
+    assert config.settings_for("MatMul", mid.name or mid.outputs[0].name).weight_bits == 4
+    assert note["kind"] == DECODER
+    assert note["changed"] == [f"weight scales {DECODER_SCALE_KIND.value}", f"table: {wide}-bit"]
+
+
+def test_decoder_widens_the_weights_its_rules_name():
+    model = tied_decoder(V_PROJ)
+    config, note = apply_kind_defaults(model, CompressConfig())
+    extra = next(bits for pattern, bits in DECODER_WIDER_WEIGHTS if pattern in V_PROJ)
+    assert config.settings_for("MatMul", V_PROJ).weight_bits == 4 + extra
+    assert f"w_mid: {4 + extra}-bit" in note["changed"]
+
+
+def test_encoder_off_switch_budget_and_explicit_choices_are_left_alone():
+    assert apply_kind_defaults(encoder(), CompressConfig())[0] == CompressConfig()
+    for config in (CompressConfig(kind_defaults=False), CompressConfig(target_ratio=6.0), CompressConfig(symmetric=False)):
+        assert apply_kind_defaults(tied_decoder(), config)[0] is config
+    model = tied_decoder()
+    explicit, _ = apply_kind_defaults(model, CompressConfig(scale_kind="pow2", embedding_bits=8))
+    assert explicit.scale_kind is ScaleKind.POW2
+    assert _table_bits(explicit, model) == {"Gather": 8, "MatMul": 4}
+    pinned_config = CompressConfig(overrides=(NodeOverride("*", OpSettings(weight_bits=6), op="MatMul"),))
+    pinned, _ = apply_kind_defaults(model, pinned_config)
+    assert pinned.overrides == pinned_config.overrides  # the user's override already sets the table's width
+
+
+def test_compressed_decoder_stores_the_tied_table_once_at_the_wider_width(tmp_path):
+    model_path = tmp_path / "decoder.onnx"
+    ir.save(tied_decoder(), model_path)
+    out = tmp_path / "out.onnx"
+    result = bct_onnx.compress(model_path, out, calibration="none")
+    assert result.report.model_kind["kind"] == DECODER
+    compressed = onnx.load(out)
+    table_codes = [t for t in compressed.graph.initializer if t.name.startswith("table.") and t.name.endswith(".codes")]
+    assert len(table_codes) == 1  # shared by the Gather and the output projection
+    wide = 4 + DECODER_TIED_TABLE_EXTRA_BITS
+    assert tuple(table_codes[0].dims) == (V, D * wide // 8)
+    bits = {n.op_type: a.i for n in compressed.graph.node for a in n.attribute if a.name == "bits" and "table" in " ".join(n.input)}
+    assert set(bits.values()) == {wide}
+    assert "decoder defaults" in result.report.summary()
