@@ -18,9 +18,8 @@ ACTIVATION_OPS: frozenset[str] = frozenset(
 )
 SUPPORTED_OPS: frozenset[str] = WEIGHT_OPS | ACTIVATION_OPS
 DEFAULT_OPS: frozenset[str] = SUPPORTED_OPS  # everything by default
-# The default budget (None: fixed widths). 8.0 (with scale_kind float8e5m2) takes all-MiniLM-L6-v2 to
-# 8.00x at cosine 0.978 data-free but SmolLM2 to +67% perplexity against +34% with fixed 4-bit widths
-# (docs/results.md), so budgets stay opt-in until data-free rounding carries an LM to 8x.
+# The generic default budget (None: fixed widths). Encoders get an 8x budget by default through
+# bct_onnx/model_defaults.py, the one place where model kinds differ.
 DEFAULT_TARGET_RATIO: float | None = None
 # Defaults by kind of model, applied by bct_onnx.model_kind (which decides the kind from the graph: a
 # decoder has an output over its vocabulary) to fields still at the class defaults below, unless
@@ -196,6 +195,13 @@ class CompressConfig:
     qdq_activations: with format "qdq", write the run-time blockwise activation quantization too, as
         scales computed in the graph + QuantizeLinear/DequantizeLinear (bit for bit the custom ops'
         activations, but runtimes execute it in float: slower than float activations).
+    entropy_code: store every MatMul weight's and table's codes entropy-coded (canonical Huffman per
+        tensor, bct_onnx/code_entropy.py, docs/block_format.md) where that is smaller: lossless, the
+        kernels decode them once at session creation into the layout they read. Format "bct" only.
+    explicit_fields: the fields the caller named (bct_onnx.compress keywords, CLI flags, config-file
+        keys; set by make_config). bct_onnx.compress fills the others from the model kind's defaults
+        (bct_onnx/model_defaults.py: encoders get an 8x budget with float8e5m2 scales). None (a
+        config built directly): used exactly as given. Not part of equality or the report.
     kv_cache_bits: a decoder export's KV cache (past_key_values.* / present.*) crosses steps as
         symmetric codes of this width (2..8) with float16 scales, blocks along head_dim
         (docs/kv_cache.md); None keeps it float. Format "bct" only.
@@ -223,15 +229,29 @@ class CompressConfig:
     budget_floor: bool = True
     format: str = "bct"
     qdq_activations: bool = False
+    entropy_code: bool = False
+    explicit_fields: frozenset[str] | None = dataclasses.field(
+        default=None, compare=False, repr=False, metadata={"report": False}
+    )
     kv_cache_bits: int | None = 8
     kv_cache_block_size: int = 32
     kind_defaults: bool = True
 
     def __post_init__(self) -> None:
+        if self.explicit_fields is not None:
+            names = frozenset(self.explicit_fields)
+            unknown = sorted(names - {f.name for f in dataclasses.fields(self)})
+            if unknown:
+                raise ValueError(f"explicit_fields names unknown config fields: {unknown}")
+            object.__setattr__(self, "explicit_fields", names)
         if not isinstance(self.qdq_activations, bool):
             raise ValueError(f"qdq_activations must be a bool, got {self.qdq_activations!r}")  # noqa: TRY004
         if self.qdq_activations and self.format != "qdq":
             raise ValueError("qdq_activations applies to format 'qdq' only (--format qdq)")
+        if not isinstance(self.entropy_code, bool):
+            raise ValueError(f"entropy_code must be a bool, got {self.entropy_code!r}")  # noqa: TRY004
+        if self.entropy_code and self.format != "bct":
+            raise ValueError("entropy_code applies to format 'bct' only (standard ONNX cannot hold the coded codes)")
         if self.format not in OUTPUT_FORMATS:
             raise ValueError(f"format must be one of {', '.join(OUTPUT_FORMATS)}, got {self.format!r}")
         _check_bits("weight_bits", self.weight_bits, allow_none=False)

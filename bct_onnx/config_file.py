@@ -43,6 +43,7 @@ TOP_LEVEL_KEYS = (
     "max_error",
     "format",
     "qdq_activations",
+    "entropy_code",
     "rotation",
     "kind_defaults",
     "fuse_attention",
@@ -121,8 +122,12 @@ def _op_kind(source: str, key: str, kind: Any) -> str:
 def config_from_mapping(
     data: Mapping[str, Any], source: str, base: CompressConfig | None = None
 ) -> CompressConfig:
-    """A CompressConfig from parsed file contents (base's fields where the file says nothing)."""
-    base = base if base is not None else CompressConfig()
+    """A CompressConfig from parsed file contents (base's fields where the file says nothing).
+
+    With no base, fields the file leaves unset take the model kind's defaults in bct_onnx.compress
+    (explicit_fields: bct_onnx/model_defaults.py).
+    """
+    base = base if base is not None else CompressConfig(explicit_fields=frozenset())
     if not isinstance(data, Mapping):
         raise ConfigFileError(
             f"{source}: the file must hold a table/mapping at the top, got {type(data).__name__}"
@@ -180,6 +185,8 @@ def config_from_mapping(
     fields["overrides"] = tuple(overrides)
     if {"weight_bits", "embedding_bits"} & fields.keys() and not {"target_ratio", "max_error"} & fields.keys():
         fields.update(target_ratio=None, max_error=None)  # the file's own widths, not a default budget
+    if base.explicit_fields is not None:
+        fields["explicit_fields"] = base.explicit_fields | (fields.keys() - {"op_settings", "overrides"})
     try:
         return dataclasses.replace(base, **fields)
     except (ValueError, TypeError) as error:

@@ -21,9 +21,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from bct_onnx import model_io, model_metadata, ops
+from bct_onnx import code_entropy, model_io, model_metadata, ops
 from bct_onnx.block_format import scale_kind_of
-from bct_onnx.report import format_bytes
+from bct_onnx.report import entropy_coding_line, format_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ class Inspection:
     opset: int | None
     nodes: list[NodeInfo]
     prediction: dict[str, Any] | None = None  # float model: what compress would do (default config)
+    entropy_coding: dict[str, Any] | None = None  # code_entropy.coded_summary: bits a value before/after
 
     def totals_by_component(self) -> dict[str, dict[str, int]]:
         totals: dict[str, dict[str, int]] = {}
@@ -110,6 +111,7 @@ class Inspection:
             "totals_by_component": self.totals_by_component(),
             "nodes": [dataclasses.asdict(node) for node in self.nodes],
             "prediction": self.prediction,
+            "entropy_coding": self.entropy_coding,
         }
 
     def to_json(self) -> str:
@@ -147,6 +149,9 @@ class Inspection:
                 f"{component:12} {entry['nodes']:>5} {entry['compressed']:>10} {format_bytes(entry['bytes']):>10} "
                 f"{format_bytes(entry['float_bytes']):>11}"
             )
+        if self.entropy_coding is not None:
+            lines.append("")
+            lines.append(entropy_coding_line(self.entropy_coding))
         floats = self.stayed_float()
         if floats:
             lines.append("")
@@ -271,6 +276,8 @@ def _custom_info(node: ir.Node, base: dict[str, Any]) -> NodeInfo:
         else:
             codes = _const(node.inputs[1])
             rows = int(codes.shape[0]) if codes is not None else 0
+            if codes is not None and code_entropy.is_coded(node):  # a stream: its header knows the rows
+                rows = code_entropy.read_header(codes.numpy()).rows
             cols = _attr(node, "axis_size")
         bias = node.inputs[4] if node.op_type == ops.BLOCK_MATMUL and len(node.inputs) > 4 else None
         return NodeInfo(
@@ -480,7 +487,7 @@ def inspect_model(
         source = "the given config"
         if config is None:
             config, source = _config_for(made_by)
-        config = dataclasses.replace(config, weight_scale_search=False)
+        config = dataclasses.replace(config, weight_scale_search=False, entropy_code=False)
         reasons, would_rewrite, rules, after = _reasons(loaded, config)
         explained = []
         for node in nodes:
@@ -505,7 +512,7 @@ def inspect_model(
                 "weight_bytes_after": after,
             }
     opset = loaded.opset_imports.get("", loaded.opset_imports.get("ai.onnx"))
-    return Inspection(label, file_bytes, kind, made_by, opset, nodes, prediction)
+    return Inspection(label, file_bytes, kind, made_by, opset, nodes, prediction, code_entropy.coded_summary(loaded))
 
 
 def _config_for(made_by: dict[str, Any] | None) -> tuple[Any, str]:

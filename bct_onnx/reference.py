@@ -21,7 +21,7 @@ import onnx
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
-from bct_onnx import ops
+from bct_onnx import code_entropy, ops
 from bct_onnx import reference_attention as spec_attention
 from bct_onnx import reference_fused as spec_fused
 from bct_onnx import reference_nonlinear as spec_nonlinear
@@ -52,8 +52,21 @@ def _stored_format(bits, block_size, symmetric, scales, zero_points) -> BlockFor
     )
 
 
+def _packed(codes, attrs: dict[str, Any], row_length: int) -> np.ndarray:
+    """Packed codes of a BlockMatMul / BlockGather codes input (decoded when codes_coding says so)."""
+    coding = attrs.get("codes_coding") or "none"
+    if isinstance(coding, bytes):
+        coding = coding.decode()
+    if coding == "none":
+        return codes
+    if coding != code_entropy.CODING:
+        raise ValueError(f"codes_coding must be 'none' or '{code_entropy.CODING}', got {coding!r}")
+    return code_entropy.decode_packed(codes, int(attrs["bits"]), row_length)
+
+
 def _dequantized(codes, scales, zero_points, attrs: dict[str, Any]) -> np.ndarray:
     """The float32 values of a stored tensor (BlockDequantize, BlockGather) as its attributes describe it."""
+    codes = _packed(codes, attrs, int(attrs["axis_size"]))
     fmt = _stored_format(attrs["bits"], attrs["block_size"], attrs.get("symmetric"), scales, zero_points)
     return dequantize_codes(unpack_codes(codes, fmt.bits, int(attrs["axis_size"])), scales, zero_points, fmt)
 
@@ -118,7 +131,7 @@ class BlockMatMul(_BlockOp):
         )
         y = block_matmul(
             a,
-            W_codes,
+            _packed(W_codes, attrs, k),
             W_scales,
             W_zero_points,
             k=k,

@@ -67,9 +67,12 @@ class CompileReport:
     )
     exported_from: str | None = None  # the Hugging Face directory, when the input was one
     calibration: dict[str, Any] = dataclasses.field(default_factory=lambda: {"method": "none"})
-    # bct_onnx.model_kind: {"kind": decoder/encoder, "changed": the kind's defaults that applied}
+    # {"kind": encoder/decoder/other, "applied": fields bct_onnx.model_defaults set (encoders),
+    #  "changed": bct_onnx.model_kind's decoder adjustments that applied}
     model_kind: dict[str, Any] = dataclasses.field(default_factory=dict)
     budget: dict[str, Any] | None = None  # bct_onnx.budget's plan, when a budget chose the bits
+    # bct_onnx.code_entropy.coded_summary of the output (None: codes not entropy-coded)
+    entropy_coding: dict[str, Any] | None = None
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
     # format "qdq": opset, code types, and what standard ONNX could not hold (None for "bct")
     standard_onnx: dict[str, Any] | None = None
@@ -93,9 +96,10 @@ class CompileReport:
             "rewritten": dict(sorted(self.rewritten.items())),
             "skipped": [dataclasses.asdict(s) for s in self.skipped],
             "config": self.config,
-            "calibration": self.calibration,
             "model_kind": self.model_kind,
+            "calibration": self.calibration,
             "budget": self.budget,
+            "entropy_coding": self.entropy_coding,
             "timings": {step: round(seconds, 4) for step, seconds in self.timings.items()},
             "rules": dict(sorted(self.rules.items())),
             "passes": self.passes,
@@ -122,6 +126,9 @@ class CompileReport:
             f"size: {format_bytes(self.input_bytes)} -> {format_bytes(self.output_bytes)} "
             f"({self.compression_ratio:.2f}x smaller)"
         )
+        if self.model_kind.get("applied"):
+            applied = ", ".join(f"{name} {value}" for name, value in self.model_kind["applied"].items())
+            lines.append(f"defaults for an {self.model_kind['kind']}: {applied} (bct_onnx/model_defaults.py)")
         if self.calibration.get("method") == "gptq":
             lines.append(f"calibration: GPTQ on {self.calibration.get('batches')} batches of {self.calibration.get('source')}")
             if self.calibration.get("tokenizer_would_add"):
@@ -132,6 +139,8 @@ class CompileReport:
             lines.append(f"{self.model_kind['kind']} defaults: {', '.join(self.model_kind['changed'])}")
         if self.budget is not None:
             lines.append(budget_summary(self.budget))
+        if self.entropy_coding is not None:
+            lines.append(entropy_coding_line(self.entropy_coding))
         rewritten = ", ".join(f"{op} {n}" for op, n in sorted(self.rewritten.items()) if n) or "nothing"
         lines.append(f"rewritten: {rewritten}")
         if self.standard_onnx is not None:
@@ -183,11 +192,21 @@ def budget_summary(budget: Mapping[str, Any]) -> str:
     if measured is not None:
         error += f", measured {measured:.2e}"
     floor = "; floored: the ratio's plan predicted more error than the fixed widths" if budget.get("floored") else ""
-    return f"budget: {mix} of weight values; {error} ({budget.get('inputs')} inputs{floor}; per tensor in the JSON)"
+    target = f"target {budget['target_ratio']:g}x: " if budget.get("target_ratio") is not None else ""
+    return f"budget: {target}{mix} of weight values; {error} ({budget.get('inputs')} inputs{floor}; per tensor in the JSON)"
 
 
 def format_seconds(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds >= 1 else f"{seconds * 1e3:.0f} ms"
+
+
+def entropy_coding_line(summary: dict[str, Any]) -> str:
+    """One line on entropy-coded codes: tensors, bits a value packed -> coded, bytes."""
+    return (
+        f"entropy-coded codes: {summary['tensors']} tensor(s), {summary['bits_before']:.3f} -> "
+        f"{summary['bits_after']:.3f} bits a value ({format_bytes(summary['packed_bytes'])} packed -> "
+        f"{format_bytes(summary['coded_bytes'])}; decoded once at session creation)"
+    )
 
 
 def format_bytes(n: int) -> str:
@@ -212,7 +231,11 @@ def config_to_dict(config: Any) -> dict[str, Any]:
         if isinstance(value, Mapping):
             return {str(k): plain(v) for k, v in value.items()}
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            return {
+                f.name: plain(getattr(value, f.name))
+                for f in dataclasses.fields(value)
+                if f.metadata.get("report", True)
+            }
         if value is None or isinstance(value, (str, int, float, bool)):
             return value
         return str(value)  # anything else JSON cannot hold (a compiled pattern, a path ...)

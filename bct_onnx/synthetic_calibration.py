@@ -26,6 +26,8 @@ from bct_onnx.calibration import Calibration, CalibrationError, model_session
 
 logger = logging.getLogger(__name__)
 
+# Ops that pass token ids on unchanged in value (only their shape or integer type changes).
+ID_RESHAPING_OPS = frozenset({"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Cast", "Identity"})
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 # GPTQ damping for made-up inputs: they describe real inputs loosely, so their Hessians are trusted
 # less than text's (0.01). Chosen by a sweep on all-MiniLM-L6-v2 (docs/results.md, data-free quality).
@@ -49,16 +51,21 @@ class SyntheticSettings:
 
 
 def vocabulary_size(model: ir.Model) -> int:
-    """Rows of the constant table that a Gather reads with the graph input ``input_ids``."""
+    """Rows of the constant table that a Gather reads with the graph input ``input_ids`` (maybe reshaped)."""
     ids = next((value for value in model.graph.inputs if value.name == "input_ids"), None)
     if ids is None:
         raise CalibrationError("the model has no graph input named input_ids: no token ids to make up")
-    for use in ids.uses():
+    pending, seen = list(ids.uses()), set()
+    while pending:
+        use = pending.pop(0)
         node = use.node
         if node.op_type == "Gather" and use.idx == 1 and node.inputs[0] is not None:
             table = node.inputs[0].const_value
             if table is not None and len(table.shape) == 2:
                 return int(table.shape[0])
+        elif node.op_type in ID_RESHAPING_OPS and use.idx == 0 and id(node) not in seen:
+            seen.add(id(node))  # T5 and BART encoders reshape input_ids before the embedding Gather
+            pending += [u for output in node.outputs for u in output.uses()]
     raise CalibrationError("no Gather reads input_ids from a constant 2-D embedding table: vocabulary size unknown")
 
 

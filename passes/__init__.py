@@ -13,6 +13,7 @@ from bct_onnx.passes.compress_intermediates import (
 from bct_onnx.passes.compress_kv_cache import CompressKVCachePass
 from bct_onnx.passes.convert_opset import ConvertOpsetPass, OpsetConversionError
 from bct_onnx.passes.convert_to_qdq import ConvertToQDQPass
+from bct_onnx.passes.entropy_code_weights import EntropyCodeWeightsPass
 from bct_onnx.passes.fold_constant_weights import FoldConstantWeightsPass
 from bct_onnx.passes.fold_shape_arithmetic import FoldShapeArithmeticPass
 from bct_onnx.passes.framework import (
@@ -66,6 +67,7 @@ __all__ = [
     "ConvertOpsetPass",
     "ConvertToQDQPass",
     "DomainVersionError",
+    "EntropyCodeWeightsPass",
     "FoldConstantWeightsPass",
     "FoldShapeArithmeticPass",
     "FuseAddNormPass",

@@ -28,6 +28,7 @@ from bct_onnx.passes.compress_intermediates import (
 )
 from bct_onnx.passes.compress_kv_cache import CompressKVCachePass
 from bct_onnx.passes.convert_to_qdq import ConvertToQDQPass
+from bct_onnx.passes.entropy_code_weights import EntropyCodeWeightsPass
 from bct_onnx.passes.fold_constant_weights import FoldConstantWeightsPass
 from bct_onnx.passes.fold_shape_arithmetic import FoldShapeArithmeticPass
 from bct_onnx.passes.framework import NODE_PROGRESS, CompressPassResult, Skip, check_model_basics
@@ -207,6 +208,8 @@ def rewrite_passes(
         quantize.append(CompressKVCachePass(config))
     if config.format == "qdq":
         quantize.append(ConvertToQDQPass(activations=config.qdq_activations))
+    if config.entropy_code:
+        quantize.append(EntropyCodeWeightsPass())
     cleanup: list[ir.passes.PassBase] = [
         common_passes.RemoveUnusedNodesPass(),
         common_passes.RemoveUnusedOpsetsPass(),

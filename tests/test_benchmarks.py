@@ -118,6 +118,30 @@ def test_compare_speed_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert any("GB/s of weights" in line for line in payload["gemv"])
 
 
+def test_entropy_coding_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/entropy_coding.py on a tiny compressed encoder: bits a value, sizes, identical outputs."""
+    import numpy as np
+    import onnx
+    import onnx.parser
+
+    import bct_onnx
+
+    rng = np.random.default_rng(0)
+    proto = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]>\n'
+        "g (int64[N, S] input_ids) => (float[N, S, 64] y) {\n  e = Gather(table, input_ids)\n  y = MatMul(e, w)\n}"
+    )
+    proto.graph.initializer.extend([
+        onnx.numpy_helper.from_array(rng.standard_normal((1000, 64)).astype(np.float32), "table"),
+        onnx.numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "w"),
+    ])
+    fp32, compressed = tmp_path / "fp32.onnx", tmp_path / "bct.onnx"
+    onnx.save(proto, fp32)
+    bct_onnx.compress(fp32, compressed, calibration="none", weight_bits=4)
+    assert _load("entropy_coding").main([str(compressed), "--fp32", str(fp32), "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "coded tensors: 2," in out and "outputs identical on random token ids: True" in out
+    assert "4.000 ->" in out and "session creation, median of 1 interleaved" in out
 def test_bench_matmul_smoke(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -33,6 +33,7 @@ CONFIG_FLAGS = (
     "max_error",
     "format",
     "qdq_activations",
+    "entropy_code",
     "kv_cache_bits",
     "kv_cache_block_size",
 )
@@ -207,6 +208,13 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
         default=quiet,
         help="with --format qdq: write the run-time activation quantization too, as in-graph scales + "
         "QuantizeLinear/DequantizeLinear (exact, but run in float: slower)",
+    )
+    parser.add_argument(
+        "--entropy-code",
+        action="store_true",
+        default=quiet,
+        help="store weight and table codes entropy-coded (lossless canonical Huffman per tensor, decoded "
+        "once at session creation; docs/block_format.md): a smaller file, a slower session start",
     )
     parser.add_argument(
         "--kv-cache-bits",

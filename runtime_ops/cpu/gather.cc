@@ -3,6 +3,7 @@
 // parallel over ORT's intra-op threads with the row loops of the kernel's path (cpu/row_kernels.h).
 #include "bct/op_common.h"
 #include "ops/block_io.h"
+#include "ops/coded_codes.h"
 #include "ops/ops.h"
 #include "cpu/kernel_table.h"
 #include "cpu/row_kernels.h"
@@ -12,12 +13,17 @@ namespace {
 
 class GatherCpuKernel : public DequantizeKernelBase {
  public:
-  GatherCpuKernel(const OrtKernelInfo* info, const NodeRef& node) : DequantizeKernelBase(info, node), isa_(cpu::KernelIsa(node_)) {}
+  GatherCpuKernel(const OrtKernelInfo* info, const NodeRef& node) : DequantizeKernelBase(info, node), isa_(cpu::KernelIsa(node_)) {
+    if (ReadCodesCoded(info, node_)) {  // the table's codes, decoded once and kept
+      decoded_ = DecodeConstantCodes(info, node_, 1, "codes", attrs_.bits, -1, attrs_.axis_size);
+      coded_ = true;
+    }
+  }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
       Ort::KernelContext ctx(context);
-      const GatherCall c = PrepareGather(ctx, node_, attrs_);
+      const GatherCall c = PrepareGather(ctx, node_, attrs_, coded_ ? &decoded_.view : nullptr);
       const RowsGeometry& g = c.g;
       cpu::RowFormat fmt = BlockRowFormat<cpu::RowFormat>(attrs_, g);
       fmt.isa = isa_;
@@ -32,6 +38,8 @@ class GatherCpuKernel : public DequantizeKernelBase {
 
  private:
   cpu::Isa isa_;  // chosen at creation (BCT_ONNX_ISA, BCT_ONNX_BASELINE_SIMD)
+  bool coded_ = false;
+  DecodedCodes decoded_;  // codes_coding "huffman": the packed table
 };
 
 }  // namespace

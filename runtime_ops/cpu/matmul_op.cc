@@ -13,27 +13,13 @@
 #include "cpu/matmul_epilogue.h"
 #include "cpu/matmul_kernel.h"
 #include "cpu/row_kernels.h"
+#include "ops/coded_codes.h"
 #include "ops/matmul_io.h"
 #include "ops/ops.h"
 
 namespace bct {
 namespace matmul_op {
 namespace {
-
-InputTensor ConstantInput(const Ort::ConstKernelInfo& info, size_t index) {
-  InputTensor in;
-  if (index >= info.GetInputCount()) return in;
-  int is_constant = 0;
-  Ort::ConstValue value = info.GetTensorConstantInput(index, &is_constant);
-  if (!is_constant || value == nullptr) return in;
-  auto type_shape = value.GetTensorTypeAndShapeInfo();
-  in.present = true;
-  in.dtype = type_shape.GetElementType();
-  in.shape = type_shape.GetShape();
-  in.size = static_cast<int64_t>(type_shape.GetElementCount());
-  in.data = value.GetTensorRawData();
-  return in;
-}
 
 // True when the node wires an input at index (an empty name means an omitted optional input).
 bool InputWired(const Ort::ConstKernelInfo& info, size_t index) {
@@ -124,10 +110,23 @@ class MatMulCpuKernel {
     if (!attrs_.block.symmetric && !zero_points_wired) {
       node_.Fail("input 'W_zero_points' is required when attribute 'symmetric' is 0");
     }
-    const InputTensor codes = ConstantInput(kernel_info, kCodes);
     const InputTensor scales = ConstantInput(kernel_info, kScales);
     const InputTensor zero_points = ConstantInput(kernel_info, kZeroPoints);
-    if (codes.present && scales.present && (attrs_.block.symmetric || zero_points.present)) {
+    const bool constant_scales = scales.present && (attrs_.block.symmetric || zero_points.present);
+    if (ReadCodesCoded(info, node_)) {
+      // Decoded once, repacked into the kernel's layout, then freed: the view stays for validation.
+      DecodedCodes decoded = DecodeConstantCodes(info, node_, kCodes, "W_codes", attrs_.block.bits, attrs_.N, attrs_.K());
+      if (!constant_scales) {
+        node_.Fail("inputs 'W_scales' (and 'W_zero_points') must be constant initializers when 'codes_coding' is set");
+      }
+      packed_ = PackWeights(decoded.view, scales, zero_points);
+      coded_view_ = decoded.view;
+      coded_view_.data = nullptr;
+      coded_ = true;
+      return;
+    }
+    const InputTensor codes = ConstantInput(kernel_info, kCodes);
+    if (codes.present && constant_scales) {
       packed_ = PackWeights(codes, scales, zero_points);  // once: constant initializers
     }
   }
@@ -137,7 +136,7 @@ class MatMulCpuKernel {
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
       Ort::KernelContext ctx(context);
-      const MatMulCall call = PrepareCall(ctx, node_, attrs_);
+      const MatMulCall call = PrepareCall(ctx, node_, attrs_, coded_ ? &coded_view_ : nullptr);
       const Activation& a = call.a;
       const nonlinear::Result& r = call.r;
       const int64_t rows = a.rows;
@@ -227,6 +226,8 @@ class MatMulCpuKernel {
   MatMulAttrs attrs_;
   cpu::Isa isa_;  // chosen at creation (BCT_ONNX_ISA, BCT_ONNX_BASELINE_SIMD)
   std::unique_ptr<matmul::PackedWeights> packed_;
+  bool coded_ = false;       // W_codes entropy-coded: packed_ holds them, decoded at creation
+  InputTensor coded_view_;  // their shape for each call's validation (no data: packed_ is used)
 };
 
 }  // namespace

@@ -6,6 +6,8 @@
 #include <vector>
 
 #include "block_launch.h"
+#include "device_bytes.h"
+#include "ops/coded_codes.h"
 #include "bct/op_common.h"
 #include "ops/block_io.h"
 #include "ops/ops.h"
@@ -31,19 +33,32 @@ class DequantizeCudaKernel : public DequantizeKernelBase {
 
 class GatherCudaKernel : public DequantizeKernelBase {
  public:
-  using DequantizeKernelBase::DequantizeKernelBase;
+  GatherCudaKernel(const OrtKernelInfo* info, const NodeRef& node) : DequantizeKernelBase(info, node) {
+    if (ReadCodesCoded(info, node_)) {  // the table decoded on the host once, then kept on the device
+      const DecodedCodes decoded = DecodeConstantCodes(info, node_, 1, "codes", attrs_.bits, -1, attrs_.axis_size);
+      CheckLaunch(node_, device_codes_.Upload(decoded.packed.data(), decoded.packed.size()));
+      coded_view_ = decoded.view;
+      coded_view_.data = device_codes_.data();
+      coded_ = true;
+    }
+  }
   static bool InputOnHost(size_t index) { return index == 0; }  // indices
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
       Ort::KernelContext ctx(context);
-      const GatherCall c = PrepareGather(ctx, node_, attrs_);
+      const GatherCall c = PrepareGather(ctx, node_, attrs_, coded_ ? &coded_view_ : nullptr);
       CheckLaunch(node_, cuda::LaunchGather(BlockRowFormat<cuda::RowFormat>(attrs_, c.g), c.rows.data(),
                                             static_cast<int64_t>(c.rows.size()), c.codes.As<uint8_t>(), c.scales.data,
                                             c.zero_points.present ? c.zero_points.As<uint8_t>() : nullptr, c.y,
                                             ctx.GetGPUComputeStream()));
     });
   }
+
+ private:
+  bool coded_ = false;  // codes entropy-coded: decoded into device_codes_ at creation
+  cuda::DeviceBytes device_codes_;
+  InputTensor coded_view_;
 };
 
 class QuantizeCudaKernel : public QuantizeKernelBase {

@@ -1,7 +1,9 @@
 // BlockMatMul on CUDAExecutionProvider (docs/ops.md, ops/matmul_io.h): the validation of the CPU
 // kernel, then the launcher of cuda/matmul.cu on the stream ONNX Runtime gives the kernel.
 #include "bct/op_common.h"
+#include "device_bytes.h"
 #include "matmul_launch.h"
+#include "ops/coded_codes.h"
 #include "ops/matmul_io.h"
 #include "ops/ops.h"
 
@@ -11,14 +13,23 @@ namespace {
 
 class MatMulCudaKernel {
  public:
-  MatMulCudaKernel(const OrtKernelInfo* info, const NodeRef& node) : node_(node), attrs_(ReadMatMulAttrs(info, node)) {}
+  MatMulCudaKernel(const OrtKernelInfo* info, const NodeRef& node) : node_(node), attrs_(ReadMatMulAttrs(info, node)) {
+    if (ReadCodesCoded(info, node_)) {  // decoded on the host once, then kept on the device
+      const DecodedCodes decoded =
+          DecodeConstantCodes(info, node_, kCodes, "W_codes", attrs_.block.bits, attrs_.N, attrs_.K());
+      CheckLaunch(node_, device_codes_.Upload(decoded.packed.data(), decoded.packed.size()));
+      coded_view_ = decoded.view;
+      coded_view_.data = device_codes_.data();
+      coded_ = true;
+    }
+  }
 
   static bool InputOnHost(size_t) { return false; }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
       Ort::KernelContext ctx(context);
-      const MatMulCall call = PrepareCall(ctx, node_, attrs_);
+      const MatMulCall call = PrepareCall(ctx, node_, attrs_, coded_ ? &coded_view_ : nullptr);
       const Activation& a = call.a;
       const nonlinear::Result& r = call.r;
       const InputTensor& codes = call.codes;
@@ -56,6 +67,9 @@ class MatMulCudaKernel {
  private:
   NodeRef node_;
   MatMulAttrs attrs_;
+  bool coded_ = false;         // W_codes entropy-coded: decoded into device_codes_ at creation
+  cuda::DeviceBytes device_codes_;
+  InputTensor coded_view_;     // device_codes_ as the W_codes every call validates and reads
 };
 }  // namespace
 }  // namespace matmul_op

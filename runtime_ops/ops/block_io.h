@@ -272,10 +272,12 @@ struct GatherCall {
   float* y = nullptr;
 };
 
-inline GatherCall PrepareGather(const Ort::KernelContext& ctx, const NodeRef& node, const BlockAttrs& attrs) {
+// decoded_codes: the kernel's decoded table codes when they are entropy-coded (ops/coded_codes.h).
+inline GatherCall PrepareGather(const Ort::KernelContext& ctx, const NodeRef& node, const BlockAttrs& attrs,
+                                const InputTensor* decoded_codes = nullptr) {
   GatherCall c;
   const InputTensor indices = GetInput(ctx, 0);
-  c.codes = GetInput(ctx, 1);
+  c.codes = decoded_codes != nullptr ? *decoded_codes : GetInput(ctx, 1);
   c.scales = GetInput(ctx, 2);
   c.zero_points = GetInput(ctx, 3);
   c.g = CheckQuantizedRows(node, attrs, c.codes, c.scales, c.zero_points, /*table=*/true);

@@ -252,7 +252,6 @@ inline Activation CheckActivation(const NodeRef& node, const MatMulAttrs& attrs,
   return act;
 }
 
-// An input of the kernel info as an InputTensor when it is a constant initializer (else absent).
 inline std::vector<int64_t> OutputShape(const Activation& a, int64_t n) {
   std::vector<int64_t> shape = a.lead;
   shape.push_back(n);
@@ -269,10 +268,13 @@ struct MatMulCall {
   nonlinear::Result r;
 };
 
-inline MatMulCall PrepareCall(const Ort::KernelContext& ctx, const NodeRef& node, const MatMulAttrs& attrs) {
+// decoded_codes: the kernel's decoded W_codes when they are entropy-coded (ops/coded_codes.h), used
+// in place of the input (which holds the stream).
+inline MatMulCall PrepareCall(const Ort::KernelContext& ctx, const NodeRef& node, const MatMulAttrs& attrs,
+                              const InputTensor* decoded_codes = nullptr) {
   MatMulCall c;
   c.a = CheckActivation(node, attrs, GetInput(ctx, kA), GetInput(ctx, kAScales), GetInput(ctx, kAZeroPoints));
-  c.codes = GetInput(ctx, kCodes);
+  c.codes = decoded_codes != nullptr ? *decoded_codes : GetInput(ctx, kCodes);
   c.scales = GetInput(ctx, kScales);
   c.zero_points = GetInput(ctx, kZeroPoints);
   c.bias = GetInput(ctx, kBias);

@@ -284,6 +284,22 @@ inline InputTensor GetInput(const Ort::KernelContext& ctx, size_t index) {
   return in;
 }
 
+// An input of the kernel info as an InputTensor when it is a constant initializer (else absent).
+inline InputTensor ConstantInput(const Ort::ConstKernelInfo& info, size_t index) {
+  InputTensor in;
+  if (index >= info.GetInputCount()) return in;
+  int is_constant = 0;
+  Ort::ConstValue value = info.GetTensorConstantInput(index, &is_constant);
+  if (!is_constant || value == nullptr) return in;
+  auto type_shape = value.GetTensorTypeAndShapeInfo();
+  in.present = true;
+  in.dtype = type_shape.GetElementType();
+  in.shape = type_shape.GetShape();
+  in.size = static_cast<int64_t>(type_shape.GetElementCount());
+  in.data = value.GetTensorRawData();
+  return in;
+}
+
 // Fails unless the input has the given dtype.
 inline void ExpectDtype(const NodeRef& node, const char* input_name, const InputTensor& in,
                         ONNXTensorElementDataType dtype) {

@@ -1,0 +1,80 @@
+"""Defaults per model kind: the one place where encoders and decoders get different default settings.
+
+``CompressConfig``'s own field defaults are the generic ones. When a config comes from
+``bct_onnx.compress`` keywords, CLI flags or a config file (``make_config`` records the fields the
+caller named in ``CompressConfig.explicit_fields``), ``bct_onnx.compress`` looks at the model and fills
+every field the caller left unset from ``MODEL_KIND_DEFAULTS[kind]``. A ``CompressConfig`` built
+directly (``explicit_fields`` None) is used exactly as given.
+
+Why encoders differ: an 8x budget with one-byte float8e5m2 scales takes all-MiniLM-L6-v2 to 8.0x at
+a higher cosine than fixed 4-bit widths at 7.2x, data-free (docs/results.md), while the same budget
+costs a decoder (SmolLM2-135M) far more perplexity than fixed widths do. Decoders' own adjustments
+(float8e5m2 scales, a wider tied table and value projections: bct_onnx/model_kind.py, DECODER_* in
+bct_onnx/config.py) run after these, on configs without a budget; ``kind_defaults=False`` switches
+both off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import onnx_ir as ir
+
+from bct_onnx.block_format import ScaleKind
+from bct_onnx.config import CompressConfig
+
+
+class ModelKind(enum.Enum):
+    """What a graph is, as far as its defaults go."""
+
+    ENCODER = "encoder"  # token ids in, hidden states / embeddings / class scores out
+    DECODER = "decoder"  # an output over the vocabulary (a language-model head)
+    OTHER = "other"  # no token-id input read by an embedding Gather (vision, audio, a bare MLP ...)
+
+
+MODEL_KIND_DEFAULTS: Mapping[ModelKind, Mapping[str, Any]] = MappingProxyType({
+    ModelKind.ENCODER: MappingProxyType({
+        "target_ratio": 8.0,
+        "scale_kind": ScaleKind.FLOAT8E5M2,
+        "budget_floor": False,  # the ratio is the promise: 8x measured at cosine >= 0.975 data-free
+    }),
+    ModelKind.DECODER: MappingProxyType({}),
+    ModelKind.OTHER: MappingProxyType({}),
+})
+
+
+def model_kind(model: ir.Model) -> ModelKind:
+    """ENCODER / DECODER / OTHER from the graph alone (same test as data-free calibration's).
+
+    A graph input ``input_ids`` read by a Gather of a constant 2-D table makes a text model; an output
+    whose last axis is that table's row count (logits over the vocabulary) makes it a decoder (a
+    masked-LM head counts as one too). The encoder graph of an encoder-decoder export is an encoder.
+    """
+    from bct_onnx.calibration import CalibrationError
+    from bct_onnx.synthetic_calibration import decoder_logits_output, vocabulary_size
+
+    try:
+        vocab = vocabulary_size(model)
+    except CalibrationError:
+        return ModelKind.OTHER
+    return ModelKind.DECODER if decoder_logits_output(model, vocab) is not None else ModelKind.ENCODER
+
+
+def apply_model_kind_defaults(config: CompressConfig, kind: ModelKind) -> tuple[CompressConfig, dict[str, Any]]:
+    """(config with ``kind``'s defaults in every field the caller left unset, the fields so set).
+
+    A config built directly (explicit_fields None) comes back unchanged. The result's explicit_fields
+    is None: it is resolved, what the pipeline runs and the model's metadata records.
+    """
+    if config.explicit_fields is None or not config.kind_defaults:
+        return config, {}
+    applied = {
+        name: value
+        for name, value in MODEL_KIND_DEFAULTS[kind].items()
+        if name not in config.explicit_fields and getattr(config, name) != value
+    }
+    return dataclasses.replace(config, explicit_fields=None, **applied), applied
