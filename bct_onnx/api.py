@@ -32,8 +32,7 @@ from bct_onnx.extras import install_hint, module_available, require
 from bct_onnx.hub import parse_hub_id, resolve_hub_id
 from bct_onnx.input_check import check_input
 from bct_onnx.kv_cache import PAST_PREFIX
-from bct_onnx.model_defaults import apply_model_kind_defaults, model_kind
-from bct_onnx.model_kind import apply_kind_defaults
+from bct_onnx.model_defaults import apply_decoder_plan, apply_model_kind_defaults, model_kind
 from bct_onnx.models.export import ExportError, ModelDirError, export_hf_directory, is_hf_model_dir
 from bct_onnx.output_dir import (
     add_feature_extraction_output,
@@ -490,7 +489,7 @@ def compress(
                 budgeted=cfg.budgeted,
             )
         with timer.step("calibrate"):
-            cfg, kind_note = apply_kind_defaults(model, cfg)
+            cfg, kind_note = apply_decoder_plan(model, cfg, kind)
         planner = plan = None
         target_ratio, max_error = cfg.target_ratio, cfg.max_error
         budget_skipped: str | None = None

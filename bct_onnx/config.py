@@ -21,7 +21,7 @@ DEFAULT_OPS: frozenset[str] = SUPPORTED_OPS  # everything by default
 # The generic default budget (None: fixed widths). Encoders get an 8x budget by default through
 # bct_onnx/model_defaults.py, the one place where model kinds differ.
 DEFAULT_TARGET_RATIO: float | None = None
-# Defaults by kind of model, applied by bct_onnx.model_kind (which decides the kind from the graph: a
+# Defaults by kind of model, applied by bct_onnx.model_defaults.apply_decoder_plan (which decides the kind from the graph: a
 # decoder has an output over its vocabulary) to fields still at the class defaults below, unless
 # kind_defaults is off or a budget chooses the bits. Encoders: the class defaults as they are.
 # Decoders (SmolLM2-135M, docs/results.md "decoder defaults"): one-byte float8e5m2 weight scales pay

@@ -8,24 +8,32 @@ directly (``explicit_fields`` None) is used exactly as given.
 
 Why encoders differ: an 8x budget with one-byte float8e5m2 scales takes all-MiniLM-L6-v2 to 8.0x at
 a higher cosine than fixed 4-bit widths at 7.2x, data-free (docs/results.md), while the same budget
-costs a decoder (SmolLM2-135M) far more perplexity than fixed widths do. Decoders' own adjustments
-(float8e5m2 scales, a wider tied table and value projections: bct_onnx/model_kind.py, DECODER_* in
-bct_onnx/config.py) run after these, on configs without a budget; ``kind_defaults=False`` switches
-both off.
+costs a decoder (SmolLM2-135M) far more perplexity than fixed widths do. Decoders get their own plan
+instead (``apply_decoder_plan``: float8e5m2 scales, a wider tied table and value projections, the
+DECODER_* values in bct_onnx/config.py), on configs without a budget; ``kind_defaults=False``
+switches both off.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
 import onnx_ir as ir
 
-from bct_onnx.block_format import ScaleKind
-from bct_onnx.config import CompressConfig
+from bct_onnx.block_format import MAX_BITS, ScaleKind
+from bct_onnx.config import (
+    DECODER_SCALE_KIND,
+    DECODER_TIED_TABLE_EXTRA_BITS,
+    DECODER_WIDER_WEIGHTS,
+    CompressConfig,
+    NodeOverride,
+    OpSettings,
+)
 
 
 class ModelKind(enum.Enum):
@@ -78,3 +86,53 @@ def apply_model_kind_defaults(config: CompressConfig, kind: ModelKind) -> tuple[
         if name not in config.explicit_fields and getattr(config, name) != value
     }
     return dataclasses.replace(config, explicit_fields=None, **applied), applied
+
+
+def _exact(key: str) -> str:
+    return "re:^" + re.escape(key) + "$"
+
+
+def apply_decoder_plan(
+    model: ir.Model, config: CompressConfig, kind: ModelKind | None = None
+) -> tuple[CompressConfig, dict[str, Any]]:
+    """A decoder's adjustments (DECODER_* in bct_onnx.config) on fields still at their class
+    defaults, and a note {"kind": ..., "changed": [...]}: float8e5m2 weight scales, and per-tensor
+    overrides widening the tied table and the value projections (measured: docs/results.md).
+
+    Nothing changes when config.kind_defaults is off, when a budget chooses the bits, for asymmetric
+    formats (the decoder plan was measured with symmetric codes; config files such as
+    docs/configs/smollm2-w4a8.toml keep their measured meaning), or for encoders.
+    A tied table or weight that the user's op settings or overrides already pin keeps its format.
+    """
+    from bct_onnx.budget import find_units
+
+    kind = model_kind(model) if kind is None else kind
+    note: dict[str, Any] = {"kind": kind.value, "changed": []}
+    if kind is not ModelKind.DECODER or not config.kind_defaults or config.budgeted or not config.symmetric:
+        return config, note
+    changed: list[str] = note["changed"]
+    fields: dict[str, Any] = {}
+    if config.scale_kind is ScaleKind.FLOAT16 and DECODER_SCALE_KIND is not ScaleKind.FLOAT16:
+        fields["scale_kind"] = DECODER_SCALE_KIND
+        changed.append(f"weight scales {DECODER_SCALE_KIND.value}")
+    overrides = list(config.overrides)
+    for unit in find_units(model, config):
+        if unit.pinned is not None:
+            continue
+        kinds = {op for op, _ in unit.consumers}
+        if kinds == {"MatMul", "Gather"} and config.embedding_bits is None:
+            extra = DECODER_TIED_TABLE_EXTRA_BITS
+        else:
+            extra = next(
+                (bits for pattern, bits in DECODER_WIDER_WEIGHTS if all(re.search(pattern, key) for _, key in unit.consumers)),
+                0,
+            )
+        if not extra:
+            continue
+        bits = min(MAX_BITS, config.weight_bits + extra)
+        for op, key in unit.consumers:
+            overrides.append(NodeOverride(_exact(key), OpSettings(weight_bits=bits), op=op))
+        changed.append(f"{unit.source}: {bits}-bit")
+    if len(overrides) != len(config.overrides):
+        fields["overrides"] = tuple(overrides)
+    return (dataclasses.replace(config, **fields) if fields else config), note

@@ -68,7 +68,7 @@ class CompileReport:
     exported_from: str | None = None  # the Hugging Face directory, when the input was one
     calibration: dict[str, Any] = dataclasses.field(default_factory=lambda: {"method": "none"})
     # {"kind": encoder/decoder/other, "applied": fields bct_onnx.model_defaults set (encoders),
-    #  "changed": bct_onnx.model_kind's decoder adjustments that applied}
+    #  "changed": bct_onnx.model_defaults.apply_decoder_plan's adjustments that applied}
     model_kind: dict[str, Any] = dataclasses.field(default_factory=dict)
     budget: dict[str, Any] | None = None  # bct_onnx.budget's plan, when a budget chose the bits
     # bct_onnx.code_entropy.coded_summary of the output (None: codes not entropy-coded)

@@ -17,7 +17,7 @@ from bct_onnx.config import (
     NodeOverride,
     OpSettings,
 )
-from bct_onnx.model_kind import DECODER, ENCODER, apply_kind_defaults, model_kind
+from bct_onnx.model_defaults import ModelKind, apply_decoder_plan, model_kind
 
 V, D = 64, 32
 RNG = np.random.default_rng(5)
@@ -66,41 +66,41 @@ def _table_bits(config: CompressConfig, model: ir.Model) -> dict[str, int]:
 
 
 def test_kind_is_decided_by_an_output_over_the_vocabulary():
-    assert model_kind(tied_decoder()) == DECODER
-    assert model_kind(encoder()) == ENCODER
+    assert model_kind(tied_decoder()) is ModelKind.DECODER
+    assert model_kind(encoder()) is ModelKind.ENCODER
 
 
 def test_decoder_gets_one_byte_scales_and_a_wider_tied_table():
     model = tied_decoder()
-    config, note = apply_kind_defaults(model, CompressConfig())
+    config, note = apply_decoder_plan(model, CompressConfig())
     assert config.scale_kind is DECODER_SCALE_KIND
     wide = 4 + DECODER_TIED_TABLE_EXTRA_BITS
     assert _table_bits(config, model) == {"Gather": wide, "MatMul": wide}
     # the other weight keeps the configured width
     mid = next(n for n in model.graph if n.op_type == "MatMul" and n.inputs[1].name == "w_mid")
     assert config.settings_for("MatMul", mid.name or mid.outputs[0].name).weight_bits == 4
-    assert note["kind"] == DECODER
+    assert note["kind"] == ModelKind.DECODER.value
     assert note["changed"] == [f"weight scales {DECODER_SCALE_KIND.value}", f"table: {wide}-bit"]
 
 
 def test_decoder_widens_the_weights_its_rules_name():
     model = tied_decoder(V_PROJ)
-    config, note = apply_kind_defaults(model, CompressConfig())
+    config, note = apply_decoder_plan(model, CompressConfig())
     extra = next(bits for pattern, bits in DECODER_WIDER_WEIGHTS if pattern in V_PROJ)
     assert config.settings_for("MatMul", V_PROJ).weight_bits == 4 + extra
     assert f"w_mid: {4 + extra}-bit" in note["changed"]
 
 
 def test_encoder_off_switch_budget_and_explicit_choices_are_left_alone():
-    assert apply_kind_defaults(encoder(), CompressConfig())[0] == CompressConfig()
+    assert apply_decoder_plan(encoder(), CompressConfig())[0] == CompressConfig()
     for config in (CompressConfig(kind_defaults=False), CompressConfig(target_ratio=6.0), CompressConfig(symmetric=False)):
-        assert apply_kind_defaults(tied_decoder(), config)[0] is config
+        assert apply_decoder_plan(tied_decoder(), config)[0] is config
     model = tied_decoder()
-    explicit, _ = apply_kind_defaults(model, CompressConfig(scale_kind="pow2", embedding_bits=8))
+    explicit, _ = apply_decoder_plan(model, CompressConfig(scale_kind="pow2", embedding_bits=8))
     assert explicit.scale_kind is ScaleKind.POW2
     assert _table_bits(explicit, model) == {"Gather": 8, "MatMul": 4}
     pinned_config = CompressConfig(overrides=(NodeOverride("*", OpSettings(weight_bits=6), op="MatMul"),))
-    pinned, _ = apply_kind_defaults(model, pinned_config)
+    pinned, _ = apply_decoder_plan(model, pinned_config)
     assert pinned.overrides == pinned_config.overrides  # the user's override already sets the table's width
 
 
@@ -109,7 +109,7 @@ def test_compressed_decoder_stores_the_tied_table_once_at_the_wider_width(tmp_pa
     ir.save(tied_decoder(), model_path)
     out = tmp_path / "out.onnx"
     result = bct_onnx.compress(model_path, out, calibration="none")
-    assert result.report.model_kind["kind"] == DECODER
+    assert result.report.model_kind["kind"] == ModelKind.DECODER.value
     compressed = onnx.load(out)
     table_codes = [t for t in compressed.graph.initializer if t.name.startswith("table.") and t.name.endswith(".codes")]
     assert len(table_codes) == 1  # shared by the Gather and the output projection
