@@ -13,6 +13,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,15 @@ from bct_onnx.extras import install_hint, module_available, require
 from bct_onnx.hub import parse_hub_id, resolve_hub_id
 from bct_onnx.input_check import check_input
 from bct_onnx.models.export import ExportError, ModelDirError, export_hf_directory, is_hf_model_dir
-from bct_onnx.output_dir import copy_companions, is_directory_output, model_file
+from bct_onnx.output_dir import (
+    add_feature_extraction_output,
+    copy_companions,
+    is_directory_output,
+    model_file,
+    sentence_transformers_folder,
+)
 from bct_onnx.passes import PipelineResult, canonicalize_passes, compress_model
+from bct_onnx.passes.pipeline import save_snapshot
 from bct_onnx.passes.quantized_weights import RULE_WIDE_SCALES
 from bct_onnx.report import CompileReport, SkippedNode, StepTimer, config_to_dict, versions
 from bct_onnx.tokenizer import find_tokenizer_dir, load_text_tokenizer
@@ -127,19 +135,35 @@ def _serialized_bytes(model: ir.Model) -> int:
 
 def _run_pipeline(
     model: ir.Model, config: CompressConfig, progress: _Progress, debug_dir: Path | None,
-    calibration: Calibration | None = None,
+    calibration: Calibration | None = None, debug_weights: bool = False,
 ) -> Any:
-    """bct_onnx.passes.compress_model, with a bar advanced after every pass."""
+    """bct_onnx.passes.compress_model, with a bar advanced after every pass and moving inside one."""
     with progress.bar("compress", unit="pass") as pbar:
         if pbar is None:
-            return compress_model(model, config, debug_dir=debug_dir, calibration=calibration)
+            return compress_model(
+                model, config, debug_dir=debug_dir, calibration=calibration, debug_weights=debug_weights
+            )
 
         def pass_done(name: str, done: int, total: int) -> None:
             pbar.total = total
             pbar.n = done
             pbar.set_postfix_str(name, refresh=True)
 
-        return compress_model(model, config, progress=pass_done, debug_dir=debug_dir, calibration=calibration)
+        shown = [0.0]
+
+        def node_done(name: str, done: int, total: int) -> None:
+            now = time.monotonic()
+            if now - shown[0] >= NODE_PROGRESS_SECONDS or done == 0:
+                shown[0] = now
+                pbar.set_postfix_str(f"{name} {done}/{total} nodes", refresh=True)
+
+        return compress_model(
+            model, config, progress=pass_done, debug_dir=debug_dir, calibration=calibration,
+            node_progress=node_done, debug_weights=debug_weights,
+        )
+
+
+NODE_PROGRESS_SECONDS = 0.25  # redraw the bar's node count at most this often
 
 
 # A budget's first plan counts codes and scales exactly but not the graph's own bytes: when the result
@@ -167,7 +191,11 @@ def _calibration(
         return calibration, {"method": "gptq", "batches": len(calibration.feeds), "source": "given inputs"}
     if calibration not in ("auto", "text"):
         raise BctOnnxError(f"calibration must be 'auto', 'text', 'none' or a Calibration, not {calibration!r}")
+    if tokenizer is not None and not Path(tokenizer).is_dir():
+        raise BctOnnxError(f"--tokenizer {tokenizer}: no such directory (give the folder that holds tokenizer.json)")
     folder = Path(tokenizer) if tokenizer is not None else find_tokenizer_dir(*folders)
+    # An explicit tokenizer that cannot be used is the caller's error, never a silent fallback.
+    explicit = calibration == "text" or tokenizer is not None
     if folder is None:
         if calibration == "text":
             raise BctOnnxError("text calibration needs a tokenizer: pass tokenizer=DIR (CLI: --tokenizer DIR)")
@@ -185,8 +213,8 @@ def _calibration(
     try:
         loaded = load_text_tokenizer(folder)
     except (OSError, ValueError) as error:
-        if calibration == "text":
-            raise BctOnnxError(f"text calibration with the tokenizer in {folder} failed: {error}") from error
+        if explicit:
+            raise BctOnnxError(f"cannot load the tokenizer in {folder}: {_first_line(error)}") from error
         return None, {"method": "none", "reason": f"text calibration not possible: {error}"}
     try:
         texts, max_tokens, description = calibration_texts(text_source)
@@ -195,8 +223,8 @@ def _calibration(
     try:
         feeds = text_feeds(model, loaded, texts, max_length=_max_length(loaded, max_tokens))
     except (CalibrationError, ValueError) as error:
-        if calibration == "text":
-            raise BctOnnxError(f"text calibration with the tokenizer in {folder} failed: {error}") from error
+        if explicit:
+            raise BctOnnxError(f"text calibration with the tokenizer in {folder} failed: {_first_line(error)}") from error
         return None, {"method": "none", "reason": f"text calibration not possible: {error}"}
     return feeds, {
         "method": "gptq",
@@ -205,6 +233,35 @@ def _calibration(
         "source": description,
         "tokenizer": str(folder),
     }
+
+
+def _save_debug(model: ir.Model, path: Path, weights: bool, protected: set[Path]) -> None:
+    """The input or output model in the debug directory, its large tensors left out unless weights."""
+    if weights:
+        model_io.save(model, path, protected=protected)
+    else:
+        model_io.check_output_path(path, protected)
+        save_snapshot(model, path, weights=False)
+
+
+def _check_overrides_match(model: ir.Model, cfg: CompressConfig, label: str) -> None:
+    """An override whose pattern names no node is a typo, not a no-op: say so before compressing."""
+    if not cfg.overrides:
+        return
+    names = [node.name or "" for node in ir.traversal.RecursiveGraphIterator(model.graph)]
+    for override in cfg.overrides:
+        if not any(override.matches(override.op or "", name) for name in names if name):
+            examples = ", ".join(repr(name) for name in names[:3] if name)
+            raise BctOnnxError(
+                f"override pattern {override.pattern!r} matches no node of {label} "
+                f"({len(names)} nodes; names look like {examples or 'nothing: the nodes have no names'})"
+            )
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message (transformers' loaders append pages of hints)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _data_free_calibration(model: ir.Model) -> tuple[Calibration | None, dict[str, Any]]:
@@ -275,6 +332,7 @@ def compress(
     calibration_text: str = "auto",
     report: str | os.PathLike[str] | None = None,
     html_report: str | os.PathLike[str] | None = None,
+    debug_weights: bool = False,
     **overrides: Any,
 ) -> CompressResult:
     """Compress a model; write it to ``output`` when given.
@@ -288,7 +346,8 @@ def compress(
     optimum's ORTModelFor... classes (load them with ``session_options=bct_onnx.session_options()``).
     config / overrides: a CompressConfig and field overrides, e.g. ``weight_bits=4, act_bits=None``.
     progress: show tqdm bars on stderr. debug_dir: keep the input model and, where the pipeline
-    supports it, the model after every pass that changed it.
+    supports it, the model after every pass that changed it; tensors over 1 KiB are left out
+    (references to a file that is not written) unless ``debug_weights``.
     calibration: "auto" (default: GPTQ rounding of MatMul weights, calibrated on public-domain
     text, whenever a tokenizer is found next to the model or in the Hugging Face directory, or given
     as ``tokenizer``), "text" (the same, an error without a tokenizer), "none" (plain rounding), or
@@ -321,6 +380,8 @@ def compress(
         input_file: Path | None = None
         companion_sources: list[Path] = []  # folders whose config/tokenizer files an output directory gets
         if isinstance(input, (onnx.ModelProto, ir.Model)) or model_io.is_graphsurgeon_graph(input):
+            if task is not None:
+                raise BctOnnxError(f"task={task!r} applies to Hugging Face model directories, not to an in-memory model")
             with timer.step("load"):
                 model = model_io.from_proto(input)
             input_label = "<in-memory model>"
@@ -345,6 +406,11 @@ def compress(
                     "directory (no config.json naming a model_type)"
                 )
             else:
+                if task is not None:
+                    raise BctOnnxError(
+                        f"--task {task}: the task picks what optimum exports from a Hugging Face model "
+                        f"directory; {source} is already an ONNX model (drop --task)"
+                    )
                 input_file = model_io.resolve_model_file(source)
                 companion_sources.append(input_file.parent)
             input_label = str(input_file) if exported_from is None else str(source)
@@ -377,7 +443,7 @@ def compress(
             model_io.check_debug_dir(debug, protected)
             debug.mkdir(parents=True, exist_ok=True)
             with timer.step("debug"):
-                model_io.save(model, debug / "00_input.onnx", protected=protected)
+                _save_debug(model, debug / "00_input.onnx", debug_weights, protected)
 
         if input_file is not None:
             with timer.step("measure"):
@@ -385,6 +451,7 @@ def compress(
         else:
             with timer.step("measure"):
                 input_bytes = _serialized_bytes(model)
+        _check_overrides_match(model, cfg, input_label)  # before the slow steps
 
         with timer.step("calibrate"):
             source_dir = Path(exported_from) if exported_from is not None else None
@@ -405,7 +472,7 @@ def compress(
                     planner, budget_skipped = None, str(error)
                     logger.warning("budget not applied, the config's bit widths are used: %s", error)
         with timer.step("compress"):
-            result = _run_pipeline(model, cfg, prog, debug, feeds)
+            result = _run_pipeline(model, cfg, prog, debug, feeds, debug_weights)
         attempts = 1
         if planner is not None and target_ratio is not None:
             overshoot = 0
@@ -422,7 +489,7 @@ def compress(
                         planner.budget_bytes(target_ratio, overshoot), max_error, floor=cfg.budget_floor
                     )
                 with timer.step("compress"):
-                    result = _run_pipeline(model, cfg, prog, debug, feeds)
+                    result = _run_pipeline(model, cfg, prog, debug, feeds, debug_weights)
                 attempts += 1
         if planner is not None and plan is not None:
             with timer.step("budget"):
@@ -445,6 +512,8 @@ def compress(
                 )
         standard_onnx = _standard_onnx(cfg, result)
         model_metadata.stamp(compressed, config_to_dict(cfg))
+        if directory_output and sentence_transformers_folder(companion_sources) is not None:
+            add_feature_extraction_output(compressed)  # SentenceTransformer(DIR, backend="onnx") loads it
 
         if output is not None:
             with timer.step("save"):
@@ -463,7 +532,7 @@ def compress(
                 ir.external_data.load_to_model(compressed)
         if debug is not None:
             with timer.step("debug"):
-                model_io.save(compressed, debug / "99_output.onnx", protected=protected)
+                _save_debug(compressed, debug / "99_output.onnx", debug_weights, protected)
 
     rules = dict(result.rewritten)
     warnings = [f"input repaired: {repair}" for repair in repairs] + list(result.warnings)

@@ -154,9 +154,15 @@ class CompressConfig:
         into the weights on both sides (passes/rotate_residual_stream.py; other models are left alone).
         Off by default: on SmolLM2-135M, whose float weights are dequantized from a 4-bit GGUF grid
         that the rotation mixes away, it costs more than it gains (docs/results.md).
+    fuse_attention: rewrite attention (Q x K^T -> scale / mask -> Softmax -> x V) into one
+        BlockAttention op with Q x K^T's AttentionMatMul settings (passes/fuse_attention.py); False
+        leaves it to BlockActMatMul + BlockSoftmax.
     op_settings: per op kind (a key of SUPPORTED_OPS) OpSettings over the fields above.
     overrides: NodeOverride by node-name pattern, applied in order after op_settings.
     keep_compressed: let intermediate results between compressed ops stay compressed.
+    fuse_ops: fuse a MatMul with the GELU or SiLU gating after it (BlockMatMul's epilogue) and a
+        residual Add with the norm after it (BlockAddLayerNorm / BlockAddRMSNorm): bit-exact to the
+        unfused ops on float edges, fewer nodes and passes over memory (docs/passes.md).
     target_ratio: a budget instead of bit widths (bct_onnx.budget): bct_onnx.compress chooses bits
         (3..8) and block size (block_size or twice it) per MatMul weight and table from each tensor's
         measured sensitivity so that the whole file is at least this many times smaller. weight_bits
@@ -191,9 +197,11 @@ class CompressConfig:
     embedding_scale_kind: ScaleKind | None = ScaleKind.FLOAT8E5M2
     weight_scale_search: bool = True
     rotation: bool = False
+    fuse_attention: bool = True
     op_settings: Mapping[str, OpSettings] = dataclasses.field(default_factory=dict)
     overrides: tuple[NodeOverride, ...] = ()
     keep_compressed: bool = True
+    fuse_ops: bool = True
     target_ratio: float | None = DEFAULT_TARGET_RATIO
     max_error: float | None = None
     budget_floor: bool = True
@@ -264,8 +272,12 @@ class CompressConfig:
         object.__setattr__(self, "overrides", overrides)
         if not isinstance(self.rotation, bool):
             raise ValueError(f"rotation must be a bool, got {self.rotation!r}")  # noqa: TRY004
+        if not isinstance(self.fuse_attention, bool):
+            raise ValueError(f"fuse_attention must be a bool, got {self.fuse_attention!r}")  # noqa: TRY004
         if not isinstance(self.keep_compressed, bool):
             raise ValueError(f"keep_compressed must be a bool, got {self.keep_compressed!r}")  # noqa: TRY004
+        if not isinstance(self.fuse_ops, bool):
+            raise ValueError(f"fuse_ops must be a bool, got {self.fuse_ops!r}")  # noqa: TRY004
         if not isinstance(self.budget_floor, bool):
             raise ValueError(f"budget_floor must be a bool, got {self.budget_floor!r}")  # noqa: TRY004
         for field, low in (("target_ratio", 1.0), ("max_error", 0.0)):

@@ -38,11 +38,13 @@ TOP_LEVEL_KEYS = (
     "embedding_scale_kind",
     "weight_scale_search",
     "keep_compressed",
+    "fuse_ops",
     "target_ratio",
     "max_error",
     "format",
     "qdq_activations",
     "rotation",
+    "fuse_attention",
     "op",
     "override",
 )

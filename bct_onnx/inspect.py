@@ -33,6 +33,7 @@ _CUSTOM_KIND = {
     ops.BLOCK_MATMUL: "MatMul",
     ops.BLOCK_GATHER: "Gather",
     ops.BLOCK_ACT_MATMUL: "AttentionMatMul",
+    ops.BLOCK_ATTENTION: "Attention",
     ops.BLOCK_GELU: "Gelu",
     ops.BLOCK_SILU: "Silu",
     ops.BLOCK_SOFTMAX: "Softmax",
@@ -209,7 +210,7 @@ def component_of(kind: str, *names: str) -> str:
             return component
     if kind == "Gather":
         return "embedding"
-    if kind in ("Softmax", "AttentionMatMul"):
+    if kind in ("Softmax", "AttentionMatMul", "Attention"):
         return "attention"
     if kind in ("Gelu", "Silu"):
         return "mlp"

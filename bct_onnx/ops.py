@@ -13,6 +13,9 @@ BLOCK_SOFTMAX = "BlockSoftmax"
 BLOCK_LAYER_NORM = "BlockLayerNorm"
 BLOCK_RMS_NORM = "BlockRMSNorm"
 BLOCK_ACT_MATMUL = "BlockActMatMul"
+BLOCK_ADD_LAYER_NORM = "BlockAddLayerNorm"
+BLOCK_ADD_RMS_NORM = "BlockAddRMSNorm"
+BLOCK_ATTENTION = "BlockAttention"
 
 # Every operator of the domain (bct_onnx.reference has one evaluator class per name).
 OP_TYPES = (
@@ -26,4 +29,7 @@ OP_TYPES = (
     BLOCK_LAYER_NORM,
     BLOCK_RMS_NORM,
     BLOCK_ACT_MATMUL,
+    BLOCK_ADD_LAYER_NORM,
+    BLOCK_ADD_RMS_NORM,
+    BLOCK_ATTENTION,
 )

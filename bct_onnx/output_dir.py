@@ -5,11 +5,14 @@ that loaders expect beside it (config, generation config, tokenizer), so that op
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+
+import onnx_ir as ir
 
 from bct_onnx.errors import ModelFileError
 
@@ -34,6 +37,15 @@ COMPANION_FILES = (
     "chat_template.json",
     "preprocessor_config.json",
 )
+
+
+# A sentence-transformers folder: these files plus the module folders modules.json lists (pooling,
+# normalisation) let SentenceTransformer(DIR, backend="onnx") rebuild the pipeline around model.onnx.
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+# sentence-transformers' exporter names the token states "token_embeddings"; optimum's
+# ORTModelForFeatureExtraction (which sentence-transformers' ONNX backend drives) reads this name.
+FEATURE_EXTRACTION_OUTPUT = "last_hidden_state"
+SENTENCE_TRANSFORMERS_OUTPUT = "token_embeddings"
 
 
 def is_directory_output(output: str | os.PathLike[str]) -> bool:
@@ -69,13 +81,57 @@ def copy_companions(directory: Path, sources: Iterable[Path | None]) -> list[str
     """
     copied: list[str] = []
     folders = [Path(s) for s in sources if s is not None and Path(s).is_dir()]
-    for name in COMPANION_FILES:
+    for name in COMPANION_FILES + SENTENCE_TRANSFORMERS_FILES:
         for folder in folders:
             source = folder / name
             if source.is_file() and source.resolve() != (directory / name).resolve():
                 shutil.copyfile(source, directory / name)
                 copied.append(name)
                 break
+    modules = sentence_transformers_folder(folders)
+    if modules is not None:
+        for module in _module_folders(modules):
+            if not (directory / module).exists():
+                shutil.copytree(modules / module, directory / module)
+                copied.append(module + "/")
     if copied:
         logger.info("copied %s into %s", ", ".join(copied), directory)
     return copied
+
+
+def sentence_transformers_folder(sources: Iterable[Path | None]) -> Path | None:
+    """The first of sources that is a sentence-transformers model folder (has modules.json), or None."""
+    for source in sources:
+        if source is not None and (Path(source) / "modules.json").is_file():
+            return Path(source)
+    return None
+
+
+def _module_folders(folder: Path) -> list[str]:
+    """The module subfolders modules.json lists (e.g. 1_Pooling), only plain names inside folder."""
+    try:
+        entries = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        logger.warning("ignoring %s: %s", folder / "modules.json", error)
+        return []
+    names = [entry.get("path", "") for entry in entries if isinstance(entry, dict)]
+    return [name for name in names if name and Path(name).name == name and (folder / name).is_dir()]
+
+
+def add_feature_extraction_output(model: ir.Model) -> bool:
+    """Give a sentence-transformers export the token-state output name optimum reads.
+
+    Adds ``last_hidden_state`` as an Identity of ``token_embeddings`` (the existing outputs stay,
+    so the file keeps working for callers that read them). Returns whether it was added.
+    """
+    outputs = {value.name: value for value in model.graph.outputs}
+    token_states = outputs.get(SENTENCE_TRANSFORMERS_OUTPUT)
+    if token_states is None or FEATURE_EXTRACTION_OUTPUT in outputs:
+        return False
+    alias = ir.node("Identity", [token_states], name=f"{FEATURE_EXTRACTION_OUTPUT}_alias")
+    alias.outputs[0].name = FEATURE_EXTRACTION_OUTPUT
+    alias.outputs[0].dtype = token_states.dtype
+    alias.outputs[0].shape = token_states.shape
+    model.graph.append(alias)
+    model.graph.outputs.append(alias.outputs[0])
+    return True

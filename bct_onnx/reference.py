@@ -22,6 +22,8 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from bct_onnx import ops
+from bct_onnx import reference_fused as spec_fused
+from bct_onnx import reference_attention as spec_attention
 from bct_onnx import reference_nonlinear as spec_nonlinear
 from bct_onnx.block_format import (
     BlockFormat,
@@ -126,7 +128,10 @@ class BlockMatMul(_BlockOp):
             act_bits=int(attrs.get("act_bits") or 0),
             bias=bias,
         )
-        return _out(y, attrs)
+        epilogue = attrs.get("epilogue") or "none"
+        if isinstance(epilogue, bytes):
+            epilogue = epilogue.decode()
+        return _out(spec_fused.matmul_epilogue(y, epilogue), attrs)
 
 
 def _in_operand(x, x_scales, x_zero_points, attrs: dict[str, Any]):
@@ -196,6 +201,31 @@ class BlockRMSNorm(_BlockOp):
         return _out(spec_nonlinear.rms_norm(x, scale, eps), attrs)
 
 
+def _with_sum(result, total: np.ndarray, attrs: dict[str, Any]) -> tuple[np.ndarray, ...]:
+    """Outputs 0..2 as _out gives them, zero-point slot padded, then the float32 sum as output 3."""
+    outputs = _out(result, attrs)
+    return (*outputs, *([np.zeros(0, np.uint8)] * (3 - len(outputs))), total)  # slot 2 omitted (named by evaluator)
+
+
+class BlockAddLayerNorm(_BlockOp):
+    def _run(
+        self, X, X_scales=None, X_zero_points=None, skip=None, scale=None, bias=None, epsilon=None, axis=None,
+        **attrs,
+    ):  # fmt: skip
+        _last_axis(axis, ops.BLOCK_ADD_LAYER_NORM)
+        total = spec_fused.add_skip(_in_operand(X, X_scales, X_zero_points, attrs), skip)
+        eps = 1e-5 if epsilon is None else float(epsilon)
+        return _with_sum(spec_nonlinear.layer_norm(total, scale, bias, eps), total, attrs)[: len(self.output)]
+
+
+class BlockAddRMSNorm(_BlockOp):
+    def _run(self, X, X_scales=None, X_zero_points=None, skip=None, scale=None, epsilon=None, axis=None, **attrs):
+        _last_axis(axis, ops.BLOCK_ADD_RMS_NORM)
+        total = spec_fused.add_skip(_in_operand(X, X_scales, X_zero_points, attrs), skip)
+        eps = 1e-5 if epsilon is None else float(epsilon)
+        return _with_sum(spec_nonlinear.rms_norm(total, scale, eps), total, attrs)[: len(self.output)]
+
+
 class BlockActMatMul(_BlockOp):
     def _run(
         self,
@@ -213,6 +243,27 @@ class BlockActMatMul(_BlockOp):
         return _out(y, attrs)
 
 
+class BlockAttention(_BlockOp):
+    """Q float32; K and V float32 or codes along the head size (kv_* attributes); optional mask."""
+
+    def _run(
+        self, Q, K, K_scales=None, K_zero_points=None, V=None, V_scales=None, V_zero_points=None, mask=None, **attrs
+    ):
+        dh = int(Q.shape[-1])
+        kv = [attrs.get("kv_bits"), attrs.get("kv_block_size"), attrs.get("kv_symmetric"), dh]
+        y = spec_attention.attention(
+            Q,
+            _operand(K, K_scales, K_zero_points, *kv),
+            _operand(V, V_scales, V_zero_points, *kv),
+            act_bits=int(attrs["act_bits"]),
+            block_size=int(attrs["block_size"]),
+            scale=float(attrs.get("scale", 1.0)),
+            mask=mask,
+            causal=bool(attrs.get("causal") or 0),
+        )
+        return (y,)
+
+
 OPS: tuple[type[OpRun], ...] = (
     BlockQuantize,
     BlockDequantize,
@@ -224,6 +275,9 @@ OPS: tuple[type[OpRun], ...] = (
     BlockLayerNorm,
     BlockRMSNorm,
     BlockActMatMul,
+    BlockAddLayerNorm,
+    BlockAddRMSNorm,
+    BlockAttention,
 )
 if {op.__name__ for op in OPS} != set(ops.OP_TYPES):  # onnx.reference finds an op by its class name
     raise ImportError(f"bct_onnx.reference covers {sorted(op.__name__ for op in OPS)}, not {ops.OP_TYPES}")
@@ -235,7 +289,27 @@ def evaluator(model: str | os.PathLike[str] | onnx.ModelProto | Any, **options: 
         import onnx_ir as ir
 
         model = ir.to_proto(model)
-    return ReferenceEvaluator(model, new_ops=list(OPS), **options)
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(os.fspath(model))
+    return ReferenceEvaluator(_name_omitted_outputs(model), new_ops=list(OPS), **options)
+
+
+def _name_omitted_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose omitted outputs before a present one (the Add + norm ops' zero-point slot before
+    the sum) have names: onnx.reference would bind a value to the name '', which omitted inputs read."""
+    if not any(
+        "" in list(node.output)[:-1] for node in model.graph.node if node.domain == ops.DOMAIN
+    ):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    count = 0
+    for node in copy.graph.node:
+        for index, name in enumerate(node.output):
+            if not name and node.domain == ops.DOMAIN and index < len(node.output) - 1:
+                node.output[index] = f"__bct_omitted_output_{count}"
+                count += 1
+    return copy
 
 
 def run(

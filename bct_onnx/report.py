@@ -13,6 +13,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from bct_onnx.passes.framework import FLOAT_RESULT_REASON
+
 REPORT_VERSION = 1
 
 
@@ -23,6 +25,22 @@ class SkippedNode:
     node: str
     op_type: str
     reason: str
+
+
+def _skip_line(label: str, noun: str, skips: list[SkippedNode], prefix: str) -> str:
+    """'label: N nodes (top 3 reasons grouped by their wording; all in the JSON report)'."""
+    if not skips:
+        return f"{label}: none"
+    reasons: dict[str, int] = {}
+    for skip in skips:
+        reason = re.sub(r"'[^']*'", "'...'", skip.reason[len(prefix):])  # group reasons that differ by a name
+        reason = reason if len(reason) <= 60 else reason[:57] + "..."
+        reasons[f"{skip.op_type}: {reason}"] = reasons.get(f"{skip.op_type}: {reason}", 0) + 1
+    top = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = "; ".join(f"{reason} (x{n})" for reason, n in top[:3])
+    more = f"; {len(top) - 3} more reasons" if len(top) > 3 else ""
+    nouns = noun if len(skips) == 1 else noun + "s"
+    return f"{label}: {len(skips)} {nouns} ({shown}{more}; all in the JSON report)"
 
 
 @dataclasses.dataclass
@@ -118,19 +136,13 @@ class CompileReport:
                 f"DequantizeLinear codes {types}"
             )
             lines += [f"  not expressible: {text}" for text in self.standard_onnx["not_expressible"]]
-        if self.skipped:
-            reasons: dict[str, int] = {}
-            for skip in self.skipped:
-                reason = re.sub(r"'[^']*'", "'...'", skip.reason)  # group reasons that differ by a name
-                reason = reason if len(reason) <= 60 else reason[:57] + "..."
-                reasons[f"{skip.op_type}: {reason}"] = reasons.get(f"{skip.op_type}: {reason}", 0) + 1
-            top = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))
-            shown = "; ".join(f"{reason} (x{n})" for reason, n in top[:3])
-            more = f"; {len(top) - 3} more reasons" if len(top) > 3 else ""
-            nodes = "node" if len(self.skipped) == 1 else "nodes"
-            lines.append(f"skipped: {len(self.skipped)} {nodes} ({shown}{more}; all in the JSON report)")
-        else:
-            lines.append("skipped: none")
+        # A rewritten node whose result stays float32 (its reader needs floats) is not a node left
+        # uncompressed: the summary says the two apart.
+        float_results = [skip for skip in self.skipped if skip.reason.startswith(FLOAT_RESULT_REASON)]
+        not_rewritten = [skip for skip in self.skipped if not skip.reason.startswith(FLOAT_RESULT_REASON)]
+        lines.append(_skip_line("not rewritten", "node", not_rewritten, ""))
+        if float_results:
+            lines.append(_skip_line("compressed, result kept float32", "node", float_results, FLOAT_RESULT_REASON))
         lines += [f"warning: {warning}" for warning in self.warnings]
         total = sum(self.timings.values())
         steps = ", ".join(f"{step} {format_seconds(seconds)}" for step, seconds in self.timings.items())

@@ -12,6 +12,8 @@ alike; compare ratios, not milliseconds across runs):
                transformers than bct-onnx pins, so it runs in a venv of its own (--genai-venv; made
                with --setup-genai); without it the column says why
   bct-default  bct-onnx default config (every component compressed)
+  bct-unfused  bct-onnx default config without the fused ops (fuse_ops=False: no MatMul epilogues,
+               no residual Add + norm ops), to measure what the fusions give
   bct-mm-gather  bct-onnx ops=MatMul,Gather
 
 on: all-MiniLM-L6-v2 (real weights) batch 8 x 64 tokens; a BERT-base-shaped encoder (random
@@ -83,13 +85,14 @@ CPU_FLAGS = (
     "amx_int8",
     "amx_bf16",
 )
-VARIANTS = ("fp32", "ort-int8", "ort-w4", "genai-int4", "bct-default", "bct-mm-gather")
+VARIANTS = ("fp32", "ort-int8", "ort-w4", "genai-int4", "bct-default", "bct-unfused", "bct-mm-gather")
 LABELS = {
     "fp32": "FP32",
     "ort-int8": "ORT int8 dynamic",
     "ort-w4": "ORT MatMulNBits 4-bit b32 acc4",
     "genai-int4": "onnxruntime-genai int4",
     "bct-default": "bct default (every component)",
+    "bct-unfused": "bct default, fuse_ops off",
     "bct-mm-gather": "bct MatMul+Gather",
 }
 
@@ -243,7 +246,11 @@ def build_variant(
     if key == "genai-int4":
         notes = build_genai(model, dst, genai_python)
         return Path(notes.pop("path")), notes
-    overrides: dict[str, Any] = {} if key == "bct-default" else {"ops": frozenset({"MatMul", "Gather"})}
+    overrides: dict[str, Any] = {
+        "bct-default": {},
+        "bct-unfused": {"fuse_ops": False},
+        "bct-mm-gather": {"ops": frozenset({"MatMul", "Gather"})},
+    }[key]
     _, report = bct_onnx.compress(model.fp32, dst, **overrides)
     return dst, {
         "calibration": report.calibration.get("method"),

@@ -25,8 +25,11 @@ from bct_onnx.passes.framework import (
     Skip,
     UnsupportedModelError,
 )
+from bct_onnx.passes.fuse_add_norm import FuseAddNormPass
+from bct_onnx.passes.fuse_attention import FuseAttentionPass
 from bct_onnx.passes.fuse_gelu import FuseGeluPass
 from bct_onnx.passes.fuse_layer_norm import FuseLayerNormPass
+from bct_onnx.passes.fuse_matmul_epilogue import FuseMatMulEpiloguePass
 from bct_onnx.passes.fuse_rms_norm import FuseRMSNormPass
 from bct_onnx.passes.fuse_silu import FuseSiluPass
 from bct_onnx.passes.gemm_to_matmul import GemmToMatMulPass
@@ -62,8 +65,11 @@ __all__ = [
     "DomainVersionError",
     "FoldConstantWeightsPass",
     "FoldShapeArithmeticPass",
+    "FuseAddNormPass",
+    "FuseAttentionPass",
     "FuseGeluPass",
     "FuseLayerNormPass",
+    "FuseMatMulEpiloguePass",
     "FuseRMSNormPass",
     "FuseSiluPass",
     "GemmToMatMulPass",

@@ -32,7 +32,14 @@ import logging
 from typing import Any
 
 import onnx_ir as ir
-from bct_onnx.passes.framework import CompressPass, PassReport, Skip, node_label, node_name
+from bct_onnx.passes.framework import (
+    FLOAT_RESULT_REASON,
+    CompressPass,
+    PassReport,
+    Skip,
+    node_label,
+    node_name,
+)
 from bct_onnx.passes.graph_patterns import last_dim, strip_float_cast, value_rank, value_shape
 from bct_onnx.passes.infer_shapes import SHAPE_KEY, ensure_shapes
 from bct_onnx.passes.operand_ops import (
@@ -116,7 +123,11 @@ def _annotate_matmul_result(node: ir.Node) -> None:
     a_shape = value_shape(node.inputs[0]) if node.inputs else None
     if a_shape is None or len(a_shape) == 0:
         return
-    value.meta[SHAPE_KEY] = ir.Shape([*list(a_shape)[:-1], int_attr(node, "N")])
+    n = int_attr(node, "N")
+    epilogue = node.attributes.get("epilogue")
+    if epilogue is not None and epilogue.as_string() == "silu_gate":
+        n //= 2  # gate and up rows give one output column each pair
+    value.meta[SHAPE_KEY] = ir.Shape([*list(a_shape)[:-1], n])
 
 
 def _operand_shape_hint(producer_node: ir.Node, value: ir.Value) -> ir.Shape | None:
@@ -259,7 +270,7 @@ class CompressIntermediatesPass(CompressPass):
             if problem is None and d is None and isinstance(fmt, BlockFormat) and fmt.bits != 8:
                 problem = f"last dimension unknown and {fmt.bits}-bit rows may not fill whole bytes"
             if problem is not None:
-                report.skip(candidate, f"result stays float32: {problem}")
+                report.skip(candidate, FLOAT_RESULT_REASON + problem)
                 continue
             assert isinstance(fmt, BlockFormat)
             fmt = _edge_format(candidate, value, fmt)

@@ -45,7 +45,13 @@ _BCT_KIND = {
     ops.BLOCK_SOFTMAX: "Softmax",
     ops.BLOCK_LAYER_NORM: "LayerNormalization",
     ops.BLOCK_RMS_NORM: "LayerNormalization",
+    ops.BLOCK_ADD_LAYER_NORM: "LayerNormalization",
+    ops.BLOCK_ADD_RMS_NORM: "LayerNormalization",
 }
+# A BlockMatMul's epilogue is the activation it absorbed (FuseMatMulEpiloguePass): (kind, extra MatMuls).
+_EPILOGUE_KINDS = {"gelu": ("Gelu", 0), "gelu_tanh": ("Gelu", 0), "silu_gate": ("Silu", 1)}
+# Fused ops that stand for several target nodes: BlockAttention is Q x K^T, Softmax and P x V.
+_BCT_COVERS = {ops.BLOCK_ATTENTION: ("MatMul", "Softmax", "MatMul")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,16 +87,31 @@ def _float_counts(model: ir.Model) -> dict[str, int]:
                 counts[_FLOAT_KIND[node.op_type]] += 1
             elif node.op_type == "Gather" and _is_embedding(node):
                 counts["Gather"] += 1
-        elif node.domain == ops.DOMAIN and node.op_type in _BCT_KIND:  # fused, still float operands
-            counts[_BCT_KIND[node.op_type]] += 1
+        elif node.domain == ops.DOMAIN:  # fused, still float operands
+            for kind in _bct_kinds(node):
+                counts[kind] += 1
     return counts
+
+
+def _bct_kinds(node: ir.Node) -> tuple[str, ...]:
+    """The target kinds an ai.bct_onnx node stands for (none, one, or several for a fused op)."""
+    if node.op_type in _BCT_COVERS:
+        return _BCT_COVERS[node.op_type]
+    if node.op_type not in _BCT_KIND:
+        return ()
+    epilogue = node.attributes.get("epilogue") if node.op_type == ops.BLOCK_MATMUL else None
+    if epilogue is not None and epilogue.as_string() in _EPILOGUE_KINDS:
+        kind, extra_matmuls = _EPILOGUE_KINDS[epilogue.as_string()]
+        return ("MatMul", kind) + ("MatMul",) * extra_matmuls  # gate and up: two MatMuls of the original
+    return (_BCT_KIND[node.op_type],)
 
 
 def bct_counts(model: ir.Model) -> dict[str, int]:
     counts = dict.fromkeys(TARGET_KINDS, 0)
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.domain == ops.DOMAIN and node.op_type in _BCT_KIND:
-            counts[_BCT_KIND[node.op_type]] += 1
+        if node.domain == ops.DOMAIN:
+            for kind in _bct_kinds(node):
+                counts[kind] += 1
     return counts
 
 

@@ -11,9 +11,10 @@ are declared as ``match`` (returns a match object, a Skip, or None for "not my b
 from __future__ import annotations
 
 import abc
+import contextvars
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import onnx_ir as ir
@@ -25,6 +26,15 @@ from bct_onnx import ops
 logger = logging.getLogger(__name__)
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
+# Reason prefix of a Skip for a node that WAS rewritten but whose result stays float32 (its reader
+# needs floats): reports list these apart from nodes left uncompressed.
+FLOAT_RESULT_REASON = "result stays float32: "
+
+# Set by the pipeline while a pass runs: node_progress(candidates_done, candidates_total), so a
+# bar can move inside a long pass (GPTQ rounds one MatMul per candidate).
+NODE_PROGRESS: contextvars.ContextVar[Callable[[int, int], None] | None] = contextvars.ContextVar(
+    "bct_onnx_node_progress", default=None
+)
 MIN_ONNX_OPSET = 11  # Gemm's C is optional from 11 on; older models need a version converter first
 
 
@@ -196,7 +206,11 @@ class NodeRewritePass(CompressPass):
     def run(self, model: ir.Model, report: PassReport) -> None:
         if self.needs_shapes:
             ensure_shapes(model)
-        for node in self.candidates(model):
+        nodes = list(self.candidates(model))
+        node_progress = NODE_PROGRESS.get()
+        for done, node in enumerate(nodes, start=1):
+            if node_progress is not None:
+                node_progress(done - 1, len(nodes))
             if node.graph is None:
                 continue  # removed by an earlier rewrite of this call
             matched = self.match(model, node)

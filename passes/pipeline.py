@@ -10,6 +10,7 @@ from one file.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -28,13 +29,17 @@ from bct_onnx.passes.compress_intermediates import (
 from bct_onnx.passes.convert_to_qdq import ConvertToQDQPass
 from bct_onnx.passes.fold_constant_weights import FoldConstantWeightsPass
 from bct_onnx.passes.fold_shape_arithmetic import FoldShapeArithmeticPass
-from bct_onnx.passes.framework import CompressPassResult, Skip, check_model_basics
+from bct_onnx.passes.framework import NODE_PROGRESS, CompressPassResult, Skip, check_model_basics
+from bct_onnx.passes.fuse_add_norm import FuseAddNormPass
+from bct_onnx.passes.fuse_attention import FuseAttentionPass
 from bct_onnx.passes.fuse_gelu import FuseGeluPass
 from bct_onnx.passes.fuse_layer_norm import FuseLayerNormPass
+from bct_onnx.passes.fuse_matmul_epilogue import FuseMatMulEpiloguePass
 from bct_onnx.passes.fuse_rms_norm import FuseRMSNormPass
 from bct_onnx.passes.fuse_silu import FuseSiluPass
 from bct_onnx.passes.gemm_to_matmul import GemmToMatMulPass
 from bct_onnx.passes.infer_shapes import annotate_shapes
+from bct_onnx.passes.operand_ops import OperandRewritePass
 from bct_onnx.passes.quantize_act_matmul import QuantizeActMatMulPass
 from bct_onnx.passes.quantize_gather import QuantizeGatherPass
 from bct_onnx.passes.quantize_gelu import QuantizeGeluPass
@@ -68,8 +73,15 @@ _EXTERNAL_DATA_BYTES = 1 << 30
 # - QuantizeMatMulPass reports attention's activation x activation MatMuls as skipped;
 #   QuantizeActMatMulPass then rewrites them, and compress_model drops the skips of nodes a later
 #   pass rewrote.
+# - FuseAttentionPass runs before QuantizeActMatMulPass and QuantizeSoftmaxPass, on the float
+#   MatMul -> scale/mask -> Softmax -> MatMul chain; it takes Q x K^T's AttentionMatMul settings
+#   (config.fuse_attention=False leaves the chain to those two passes).
 # - The weight passes come first, so the weight-only pass list is a prefix of the full one; the
 #   fusions of the activation kinds then see BlockMatMul results, which they do not mind.
+# - With config.fuse_ops, FuseMatMulEpiloguePass runs before CompressIntermediatesPass (it folds a
+#   GELU / SiLU gating into the MatMul while the edge is float, so the fused result then gets the
+#   next MatMul's codes) and FuseAddNormPass after it (the norm's result format, chosen for the
+#   MatMuls reading it, is kept; the Add's operands stay float32).
 QUANTIZE_PASSES: dict[str, Callable[[CompressConfig], ir.passes.PassBase]] = {
     "MatMul": QuantizeMatMulPass,
     "Gather": QuantizeGatherPass,
@@ -81,7 +93,8 @@ QUANTIZE_PASSES: dict[str, Callable[[CompressConfig], ir.passes.PassBase]] = {
 }
 # Fusions that turn an exporter's decomposition into the node the op kind's quantize pass handles;
 # they run only when that kind is compressed.
-FUSION_PASSES: dict[str, list[Callable[[], ir.passes.PassBase]]] = {
+FUSION_PASSES: dict[str, list[type[ir.passes.PassBase]]] = {
+    "AttentionMatMul": [FuseAttentionPass],
     "Gelu": [FuseGeluPass],
     "Silu": [FuseSiluPass],
     "LayerNormalization": [FuseLayerNormPass, FuseRMSNormPass],
@@ -89,6 +102,10 @@ FUSION_PASSES: dict[str, list[Callable[[], ir.passes.PassBase]]] = {
 
 ProgressCallback = Callable[[str, int, int], None]
 """progress(pass_name, passes_done, passes_total), called after each pass."""
+
+NodeProgressCallback = Callable[[str, int, int], None]
+"""node_progress(pass_name, candidates_done, candidates_total), called inside a node-rewrite pass
+before each candidate node (per MatMul while GPTQ rounds them)."""
 
 
 # The name under which the pipeline's per-pass records time the calibration Hessians' collection.
@@ -161,12 +178,21 @@ def rewrite_passes(
     quantize: list[ir.passes.PassBase] = []
     for op_type, factory in QUANTIZE_PASSES.items():
         if op_type in FUSION_PASSES and config.enabled(op_type):
-            quantize += [fusion() for fusion in FUSION_PASSES[op_type]]
+            for fusion in FUSION_PASSES[op_type]:
+                if issubclass(fusion, OperandRewritePass):  # configured per node
+                    if fusion is not FuseAttentionPass or config.fuse_attention:
+                        quantize.append(fusion(config))  # type: ignore[call-arg]
+                else:
+                    quantize.append(fusion())
         if config.enabled(op_type):
             calibrated = op_type == "MatMul" and hessians is not None
             quantize.append(factory(config, hessians, damping) if calibrated else factory(config))  # type: ignore[call-arg]
     if any(config.enabled(kind) for kind in ACTIVATION_OPS):
+        if config.fuse_ops and config.format == "bct":
+            quantize.append(FuseMatMulEpiloguePass())
         quantize.append(CompressIntermediatesPass(config))
+        if config.fuse_ops and config.format == "bct":
+            quantize.append(FuseAddNormPass())
     if config.format == "qdq":
         quantize.append(ConvertToQDQPass(activations=config.qdq_activations))
     cleanup: list[ir.passes.PassBase] = [
@@ -193,13 +219,25 @@ def _initializer_bytes(model: ir.Model) -> int:
     return total
 
 
-def save_snapshot(model: ir.Model, path: Path) -> Path:
+# Debug snapshots without weights keep tensors up to this size (shapes, axes, small constants) and
+# store larger ones as references to this file, which is never written: the graph stays readable
+# (Netron, onnx.load(..., load_external_data=False)) and a snapshot of a 5 GB model costs kilobytes.
+OMITTED_WEIGHTS_FILE = "weights-omitted.bin"
+SNAPSHOT_KEEP_BYTES = 1024
+
+
+def save_snapshot(model: ir.Model, path: Path, weights: bool = True) -> Path:
     """Save model to path, with its own side file when large or when it reads external data.
 
     External tensors refer to a file next to the source model; a copy saved elsewhere must carry
-    its own side file, or its references would dangle.
+    its own side file, or its references would dangle. weights=False: tensors over
+    SNAPSHOT_KEEP_BYTES are written as references to OMITTED_WEIGHTS_FILE, which does not exist.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not weights:
+        model = without_weights(model)
+        ir.save(model, path)
+        return path
     reads_external = any(
         isinstance(value.const_value, ir.ExternalTensor) for value in model.graph.initializers.values()
     )
@@ -210,12 +248,27 @@ def save_snapshot(model: ir.Model, path: Path) -> Path:
     return path
 
 
+def without_weights(model: ir.Model) -> ir.Model:
+    """A copy of model whose large initializers point at OMITTED_WEIGHTS_FILE instead of holding data."""
+    copy = model.clone()
+    for name, value in copy.graph.initializers.items():
+        tensor = value.const_value
+        if tensor is None or tensor.nbytes <= SNAPSHOT_KEEP_BYTES:
+            continue
+        value.const_value = ir.ExternalTensor(
+            OMITTED_WEIGHTS_FILE, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=name, base_dir=""
+        )
+    return copy
+
+
 def compress_model(
     model: ir.Model,
     config: CompressConfig,
     progress: ProgressCallback | None = None,
     debug_dir: str | os.PathLike[str] | None = None,
     calibration: Calibration | None = None,
+    node_progress: NodeProgressCallback | None = None,
+    debug_weights: bool = False,
 ) -> PipelineResult:
     """Compress a copy of model per config; the input model is left untouched.
 
@@ -240,6 +293,7 @@ def compress_model(
         name = type(pass_).__name__
         snapshot = work.clone() if debug_path is not None else None
         start = time.perf_counter()
+        hook = NODE_PROGRESS.set(functools.partial(node_progress, name) if node_progress is not None else None)
         try:
             result = pass_(work)
         except onnx.checker.ValidationError as error:
@@ -258,6 +312,8 @@ def compress_model(
                 if hasattr(error, "add_note"):  # Python >= 3.11
                     error.add_note(f"bct-onnx debug: the input of {name} is saved at {saved}")
             raise
+        finally:
+            NODE_PROGRESS.reset(hook)
         seconds = time.perf_counter() - start
         pass_rewritten: dict[str, int] = {}
         pass_skipped: list[Skip] = []
@@ -269,7 +325,7 @@ def compress_model(
         records.append(PassRecord(name, result.modified, seconds, dict(pass_rewritten), len(pass_skipped)))
         logger.info("%s: modified=%s in %.3f s %s", name, result.modified, seconds, pass_rewritten or "")
         if debug_path is not None and result.modified:
-            save_snapshot(result.model, debug_path / f"{index:02d}_{name}.onnx")
+            save_snapshot(result.model, debug_path / f"{index:02d}_{name}.onnx", weights=debug_weights)
         if progress is not None:
             progress(name, index, total)
         return result.model
@@ -298,14 +354,19 @@ def compress_model(
 
 def _drop_rewritten_later(skipped: list[Skip], model: ir.Model) -> list[Skip]:
     """One reason per node (the first pass's), none for nodes a later pass rewrote (attention MatMuls)."""
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
     seen = {
         (node.name, "MatMul")
-        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+        for node in nodes
         if node.domain == ops.DOMAIN and node.op_type == ops.BLOCK_ACT_MATMUL and node.name
     }
+    # MatMuls fused away by a later pass (FuseAttentionPass: Q x K^T and P x V into BlockAttention).
+    float_matmuls = {node.name for node in nodes if node.op_type == "MatMul" and node.domain in ("", "ai.onnx")}
+    fused = any(node.domain == ops.DOMAIN and node.op_type == ops.BLOCK_ATTENTION for node in nodes)
     kept = []
     for skip in skipped:
-        if (skip.node, skip.op_type) not in seen:
+        gone = fused and skip.op_type == "MatMul" and skip.node not in float_matmuls and "at run time" in skip.reason
+        if (skip.node, skip.op_type) not in seen and not gone:
             kept.append(skip)
             seen.add((skip.node, skip.op_type))
     return kept

@@ -34,8 +34,11 @@ using AppendOps = void (*)(Ort::CustomOpDomain& domain);
 constexpr AppendOps kOpFamilies[] = {
     bct::AppendQuantizeCpuOps, bct::AppendDequantizeCpuOps, bct::AppendGatherCpuOps,
     bct::AppendMatMulCpuOps,   bct::AppendActMatMulCpuOps,  bct::AppendNonlinearRowCpuOps,
+    bct::AppendAddNormCpuOps,
+    bct::AppendAttentionCpuOps,
 #if defined(BCT_WITH_CUDA) && BCT_WITH_CUDA
     bct::AppendBlockCudaOps,   bct::AppendMatMulCudaOps,    bct::AppendNonlinearCudaOps,
+    bct::AppendAttentionCudaOps,
 #endif
 };
 

@@ -88,7 +88,7 @@ def rel_error(y: np.ndarray, ref: np.ndarray) -> float:
 
 
 def custom_op_types(path: Path) -> list[str]:
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)  # debug snapshots leave weights out
     return sorted(n.op_type for n in model.graph.node if n.domain == bct_onnx.DOMAIN)
 
 
@@ -501,3 +501,60 @@ def test_rotate_flag_switches_the_rotation_on() -> None:
     assert config_from_flags(args, args.subparser).rotation is True
     args = cli.build_parser().parse_args(["compress", "in.onnx", "-o", "out.onnx"])
     assert config_from_flags(args, args.subparser).rotation is False
+
+
+def test_debug_dir_holds_graphs_not_weights_unless_asked(
+    mlp: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def debug_bytes(*extra: str) -> int:
+        debug = tmp_path / f"debug{len(extra)}"
+        code, _, stderr = run_main(
+            capsys, "compress", str(mlp), "-o", str(tmp_path / "o.onnx"), "--debug-dir", str(debug), *extra
+        )
+        assert code == 0, stderr
+        return sum(p.stat().st_size for p in debug.iterdir())
+
+    bounded, full = debug_bytes(), debug_bytes("--debug-weights")
+    assert bounded * 4 < full  # the MLP's weights dominate every snapshot
+
+
+def test_explicit_tokenizer_that_cannot_load_is_an_error(
+    mlp: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "tok"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text("{")
+    out = tmp_path / "o.onnx"
+    code, _, stderr = run_main(capsys, "compress", str(mlp), "-o", str(out), "--tokenizer", str(broken))
+    assert code == 1 and stderr.count("\n") == 1
+    assert f"cannot load the tokenizer in {broken}" in stderr and not out.exists()
+    code, _, stderr = run_main(capsys, "compress", str(mlp), "-o", str(out), "--tokenizer", str(tmp_path / "nope"))
+    assert code == 1 and "no such directory" in stderr and not out.exists()
+
+
+def test_override_that_matches_no_node_is_an_error(
+    mlp: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "o.onnx"
+    code, _, stderr = run_main(
+        capsys, "compress", str(mlp), "-o", str(out), "--override", "no_such_layer*:weight_bits=8"
+    )
+    assert code == 1 and "override pattern 'no_such_layer*' matches no node" in stderr and not out.exists()
+
+
+def test_task_on_an_onnx_input_is_an_error(mlp: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, stderr = run_main(capsys, "compress", str(mlp), "-o", str(tmp_path / "o.onnx"), "--task", "fill-mask")
+    assert code == 1 and "--task fill-mask" in stderr and "already an ONNX model" in stderr
+
+
+def test_progress_moves_inside_a_pass_per_node(mlp: Path) -> None:
+    from bct_onnx.passes import compress_model
+    from bct_onnx.passes.framework import NODE_PROGRESS
+
+    seen: list[tuple[str, int, int]] = []
+    model = bct_onnx.model_io.load(mlp)
+    compress_model(model, bct_onnx.CompressConfig(), node_progress=lambda *event: seen.append(event))
+    matmul = [(done, total) for name, done, total in seen if name == "QuantizeMatMulPass"]
+    assert matmul and matmul[0][0] == 0 and all(total == matmul[0][1] for _, total in matmul)
+    assert [done for done, _ in matmul] == list(range(matmul[0][1]))
+    assert NODE_PROGRESS.get() is None  # reset after the pipeline

@@ -96,21 +96,77 @@ def test_reference_covers_every_op_of_the_domain():
 
 
 def test_compressed_block_runs_in_numpy_as_in_onnx_runtime():
+    """Every op of the domain but the explicit (de)quantize ops is emitted by the default (fused) or
+    the unfused pipeline (or, for the Add + norm ops, residual_model below), and both run in numpy as
+    in ONNX Runtime."""
     model = block_model()
     feeds = {"ids": RNG.integers(0, V, (1, S)).astype(np.int64)}
     (fp32,) = run_ort(model, feeds)
+    emitted: set[str] = set()
+    for config in (CompressConfig(), CompressConfig(fuse_ops=False, fuse_attention=False)):
+        compressed = compress_model(model, config).model
+        emitted |= {node.op_type for node in compressed.graph if node.domain == ops.DOMAIN}
+        (numpy_y,) = reference.run(compressed, feeds)
+        (ort_y,) = run_bct_session(compressed, feeds)
+        assert numpy_y.dtype == ort_y.dtype == np.float32 and numpy_y.shape == ort_y.shape == fp32.shape
+        # Equal bit for bit on the machines tried; a MatMul sum rounded differently may move one 8-bit
+        # code of a later op by a step: the RMSNorm output (unit mean square) then moves by a few hundredths.
+        np.testing.assert_allclose(numpy_y, ort_y, rtol=0, atol=0.05)
+        assert np.mean(numpy_y != ort_y) < 0.05
+        cosine = float(np.sum(numpy_y * fp32) / (np.linalg.norm(numpy_y) * np.linalg.norm(fp32)))
+        assert cosine > 0.97  # and both are the compressed model, not something else
+    fused_norms = {ops.BLOCK_ADD_LAYER_NORM, ops.BLOCK_ADD_RMS_NORM}  # residual_model below
+    assert emitted == set(ops.OP_TYPES) - {ops.BLOCK_QUANTIZE, ops.BLOCK_DEQUANTIZE} - fused_norms, emitted
+
+
+RESIDUAL = f"""<ir_version: 8, opset_import: ["" : 17]>
+g (int64[1, {S}] ids) => (float[1, {S}, {D}] y, float[1, {S}, {D}] stream) {{
+  h = Gather(emb, ids)
+  a = MatMul(h, wa)
+  r1 = Add(a, h)
+  ln = LayerNormalization<axis = -1, epsilon = 1e-5>(r1, ln_scale, ln_bias)
+  b = MatMul(ln, wb)
+  stream = Add(r1, b)
+  sq = Pow(stream, two)
+  ms = ReduceMean<axes = [-1]>(sq)
+  me = Add(ms, eps)
+  r = Sqrt(me)
+  inv = Div(one, r)
+  n = Mul(stream, inv)
+  normed = Mul(rms_scale, n)
+  y = MatMul(normed, wc)
+}}"""
+
+
+def test_fused_residual_norms_run_in_numpy_as_in_onnx_runtime():
+    """BlockAddLayerNorm (post-norm) and BlockAddRMSNorm (pre-norm, its sum a graph output)."""
+    inits = {
+        "emb": RNG.standard_normal((V, D)).astype(np.float32),
+        "wa": (RNG.standard_normal((D, D)) / 8).astype(np.float32),
+        "wb": (RNG.standard_normal((D, D)) / 8).astype(np.float32),
+        "wc": (RNG.standard_normal((D, D)) / 8).astype(np.float32),
+        "ln_scale": (1 + 0.1 * RNG.standard_normal(D)).astype(np.float32),
+        "ln_bias": (0.1 * RNG.standard_normal(D)).astype(np.float32),
+        "rms_scale": (1 + 0.1 * RNG.standard_normal(D)).astype(np.float32),
+        "two": np.float32(2.0),
+        "one": np.float32(1.0),
+        "eps": np.float32(1e-5),
+    }
+    model = model_from_text(RESIDUAL, inits)
+    feeds = {"ids": RNG.integers(0, V, (1, S)).astype(np.int64)}
     compressed = compress_model(model, CompressConfig()).model
     emitted = {node.op_type for node in compressed.graph if node.domain == ops.DOMAIN}
-    assert emitted == set(ops.OP_TYPES) - {ops.BLOCK_QUANTIZE, ops.BLOCK_DEQUANTIZE}, emitted
-    (numpy_y,) = reference.run(compressed, feeds)
-    (ort_y,) = run_bct_session(compressed, feeds)
-    assert numpy_y.dtype == ort_y.dtype == np.float32 and numpy_y.shape == ort_y.shape == fp32.shape
-    # Equal bit for bit on the machines tried; a MatMul sum rounded differently may move one 8-bit code
-    # of a later op by a step: the RMSNorm output (unit mean square) then moves by a few hundredths.
-    np.testing.assert_allclose(numpy_y, ort_y, rtol=0, atol=0.05)
-    assert np.mean(numpy_y != ort_y) < 0.05
-    cosine = float(np.sum(numpy_y * fp32) / (np.linalg.norm(numpy_y) * np.linalg.norm(fp32)))
-    assert cosine > 0.97  # and both are the compressed model, not something else
+    assert {ops.BLOCK_ADD_LAYER_NORM, ops.BLOCK_ADD_RMS_NORM} <= emitted, emitted
+    assert not {ops.BLOCK_LAYER_NORM, ops.BLOCK_RMS_NORM} & emitted, emitted
+    numpy_out = reference.run(compressed, feeds)
+    ort_out = run_bct_session(compressed, feeds)
+    fp32 = run_ort(model, feeds)
+    for name, numpy_y, ort_y, float_y in zip(("y", "stream"), numpy_out, ort_out, fp32, strict=True):
+        assert numpy_y.shape == ort_y.shape == float_y.shape, name
+        # The MatMuls' float sums may round differently (docs/ops.md tolerance); the fused ops add no more.
+        np.testing.assert_allclose(numpy_y, ort_y, rtol=0, atol=0.05, err_msg=name)
+        cosine = float(np.sum(numpy_y * float_y) / (np.linalg.norm(numpy_y) * np.linalg.norm(float_y)))
+        assert cosine > 0.97, name
 
 
 def test_reference_accepts_a_saved_file(tmp_path):
@@ -129,7 +185,9 @@ def test_quantize_and_dequantize_match_the_library_bit_for_bit(symmetric):
     x = RNG.standard_normal((3, 40)).astype(np.float32)
     outputs = ["codes", "scales"] + ([] if symmetric else ["zero_points"])
     attrs = {"bits": fmt.bits, "block_size": fmt.block_size, "symmetric": int(symmetric)}
-    quant = helper.make_node(ops.BLOCK_QUANTIZE, ["x"], outputs, domain=ops.DOMAIN, scale_kind="float16", **attrs)
+    quant = helper.make_node(
+        ops.BLOCK_QUANTIZE, ["x"], outputs, domain=ops.DOMAIN, scale_kind="float16", **attrs
+    )
     dequant = helper.make_node(ops.BLOCK_DEQUANTIZE, outputs, ["y"], domain=ops.DOMAIN, axis_size=40, **attrs)
     graph = helper.make_graph(
         [quant, dequant],

@@ -43,7 +43,7 @@ def test_summary_lines() -> None:
     assert lines[1] == "size: 90.0 MB -> 12.0 MB (7.50x smaller)"
     assert lines[2] == "rewritten: Gather 3, MatMul 36"
     assert lines[3] == (
-        "skipped: 1 node (MatMul: weight is computed at run time (x1); all in the JSON report)"
+        "not rewritten: 1 node (MatMul: weight is computed at run time (x1); all in the JSON report)"
     )
     assert lines[4] == "time: 2.8 s (load 200 ms, compress 2.5 s, save 50 ms)"
 
@@ -51,7 +51,7 @@ def test_summary_lines() -> None:
 def test_nothing_rewritten_nothing_skipped() -> None:
     lines = _report(rewritten={}, skipped=[]).summary().splitlines()
     assert lines[2] == "rewritten: nothing"
-    assert lines[3] == "skipped: none"
+    assert lines[3] == "not rewritten: none"
 
 
 def test_config_with_overrides_is_json() -> None:
@@ -79,7 +79,17 @@ def test_summary_groups_reasons_that_differ_by_a_node_name() -> None:
     skipped = [
         SkippedNode(f"n{i}", "BlockGelu", f"result stays float32: read by Add 'add_{i}'") for i in range(4)
     ]
-    line = _report(skipped=skipped).summary().splitlines()[3]
+    line = _report(skipped=skipped).summary().splitlines()[4]
     assert line == (
-        "skipped: 4 nodes (BlockGelu: result stays float32: read by Add '...' (x4); all in the JSON report)"
+        "compressed, result kept float32: 4 nodes (BlockGelu: read by Add '...' (x4); all in the JSON report)"
     )
+
+
+def test_summary_tells_nodes_left_float_from_rewritten_nodes_with_float_results() -> None:
+    skipped = [
+        SkippedNode("mm", "MatMul", "weight is computed at run time"),
+        SkippedNode("ln", "BlockLayerNorm", "result stays float32: read by Add 'add'"),
+    ]
+    lines = _report(skipped=skipped).summary().splitlines()
+    assert lines[3].startswith("not rewritten: 1 node (MatMul: weight is computed")
+    assert lines[4].startswith("compressed, result kept float32: 1 node (BlockLayerNorm: read by Add")

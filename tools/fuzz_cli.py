@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import concurrent.futures
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import random
-import resource
 import shutil
 import signal
 import stat
@@ -40,17 +38,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnx
+from fuzz_common import limit_memory, run_threaded
+from fuzz_common import table as outcome_table
 from onnx import TensorProto, helper, numpy_helper
 
 VOCAB, HIDDEN, FFN = 64, 32, 64
 TIMEOUT_SECONDS = 120  # generous: a loaded 2-core CI machine takes 20 s for a case that needs 3
-MEMORY_LIMIT_BYTES = 4 << 30
 # A compressed output whose relative L2 error to the input model's output exceeds this is wrong, not
 # just coarse: 3-bit weights give about 0.1 on the base model, a NaN scale or a dropped block ~1.
 WRONG_ERROR = 0.5
@@ -544,10 +542,6 @@ def minilm_cases() -> list[Case]:
 
 # ---- running and classifying ----------------------------------------------------------------------------
 
-def _limit_memory() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
-
-
 def _snapshot(root: Path) -> dict[str, tuple[str, int, str]]:
     """Every entry under root: kind, size and content hash (regular files), never following FIFOs."""
     found = {}
@@ -594,7 +588,7 @@ def _check_output(input_path: Path, output: Path) -> str | None:
     """None when the output loads, runs and is finite where the input is; else why not."""
     done = subprocess.run(
         [sys.executable, "-c", _CHECK_OUTPUT, str(input_path), str(output), str(Path(__file__).parent), str(WRONG_ERROR)],
-        check=False, capture_output=True, text=True, timeout=TIMEOUT_SECONDS, preexec_fn=_limit_memory,
+        check=False, capture_output=True, text=True, timeout=TIMEOUT_SECONDS, preexec_fn=limit_memory,
         cwd=output.parent,  # `-c` puts the working directory first on sys.path: keep it out of a checkout
     )
     if done.returncode != 0:
@@ -622,7 +616,7 @@ def run_case(case: Case, keep: Path | None = None) -> dict[str, object]:
         start = time.monotonic()
         try:
             done = subprocess.run(
-                command, check=False, capture_output=True, text=True, timeout=TIMEOUT_SECONDS, preexec_fn=_limit_memory,
+                command, check=False, capture_output=True, text=True, timeout=TIMEOUT_SECONDS, preexec_fn=limit_memory,
                 cwd=work, stdin=subprocess.DEVNULL,
             )
         except subprocess.TimeoutExpired:
@@ -705,8 +699,7 @@ def run_cases(cases: list[Case], keep: Path | None = None, jobs: int = 2, echo: 
             print(f"{case.name:34s} {result['outcome']:14s}{detail} {tail[0][:160] if tail else ''}", flush=True)
         return result
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        return list(pool.map(run_one, cases))
+    return run_threaded(run_one, cases, jobs)
 
 
 def ci_cases() -> list[Case]:
@@ -715,9 +708,7 @@ def ci_cases() -> list[Case]:
 
 
 def table(results: list[dict[str, object]]) -> str:
-    counts = Counter(str(r["outcome"]) for r in results)
-    rows = [f"| {name} | {counts.get(name, 0)} |" for name in (*OUTCOMES, "skipped") if counts.get(name)]
-    return "\n".join(["| outcome | cases |", "|---|---|", *rows, f"| total | {len(results)} |"])
+    return outcome_table(results, (*OUTCOMES, "skipped"))
 
 
 def main(argv: list[str] | None = None) -> int:

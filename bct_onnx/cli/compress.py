@@ -31,7 +31,9 @@ def add_parser(sub: Any) -> None:
         "with the model's config, generation config and tokenizer files, loadable by optimum's ORTModelFor...",
     )
     flags.add_compression_flags(parser)
-    parser.add_argument("--task", help="optimum export task for a Hugging Face directory (default: inferred)")
+    parser.add_argument(
+        "--task", help="optimum export task for a Hugging Face directory (default: inferred; an error for .onnx input)"
+    )
     parser.add_argument("--report", metavar="PATH", help="write the JSON compile report here")
     parser.add_argument(
         "--html",
@@ -39,7 +41,15 @@ def add_parser(sub: Any) -> None:
         help="write a self-contained HTML report with charts here (size by component and layer, weight "
         "and output errors against FP32, bits per weight); needs pip install 'bct-onnx[report]'",
     )
-    parser.add_argument("--debug-dir", metavar="DIR", help="save the input model and intermediate models here")
+    parser.add_argument(
+        "--debug-dir",
+        metavar="DIR",
+        help="save the input model and the model after each pass that changed it here (graphs only: "
+        "tensors over 1 KiB are left out unless --debug-weights)",
+    )
+    parser.add_argument(
+        "--debug-weights", action="store_true", help="with --debug-dir: keep every tensor (one model's size per file)"
+    )
     flags.add_calibration_flags(parser)
     flags.add_common_flags(parser)
     parser.set_defaults(handler=run, subparser=parser)
@@ -58,6 +68,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         calibration_text=args.calibration_text,
         report=args.report,  # checked with the output before any work, written at the end
         html_report=args.html,
+        debug_weights=args.debug_weights,
     )
     print(result.report.summary())
     if args.report:

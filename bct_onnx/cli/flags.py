@@ -211,6 +211,11 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
         help="rotate a pre-RMSNorm decoder's residual stream by a randomized Hadamard matrix folded into "
         "the weights (QuaRot-style; off by default, see docs/results.md)",
     )
+    parser.add_argument(
+        "--no-fuse-attention",
+        action="store_true",
+        help="keep attention as BlockActMatMul + BlockSoftmax instead of one BlockAttention op",
+    )
     # Applied after --config, in this order.
     parser.add_argument(
         "--config",
@@ -293,6 +298,8 @@ def config_from_flags(args: argparse.Namespace, parser: argparse.ArgumentParser)
         fields["symmetric"] = False
     if given.get("rotate"):
         fields["rotation"] = True
+    if given.get("no_fuse_attention"):
+        fields["fuse_attention"] = False
     try:
         return apply_controls(make_config(base, **fields), args.op_bits, args.override)
     except (ValueError, TypeError) as exc:

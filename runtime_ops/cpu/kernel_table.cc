@@ -20,6 +20,7 @@ KernelTable BaselineEntry() {
   t.softmax_rows = baseline::SoftmaxRows;
   t.layer_norm_row = baseline::LayerNormRow;
   t.rms_norm_row = baseline::RMSNormRow;
+  t.attention_rows = baseline::AttentionRows;
   t.matmul_tiles = nullptr;  // the scalar reference path
   t.matmul_compact_weights = false;
   return t;
@@ -38,6 +39,7 @@ KernelTable Avx2Entry() {
   t.softmax_rows = avx2::SoftmaxRows;
   t.layer_norm_row = avx2::LayerNormRow;
   t.rms_norm_row = avx2::RMSNormRow;
+  t.attention_rows = avx2::AttentionRows;
   t.matmul_tiles = matmul::detail::TilesAvx2;
   return t;
 }
@@ -63,6 +65,7 @@ KernelTable Avx512Entry() {
   t.softmax_rows = SoftmaxRowsAvx512;
   t.layer_norm_row = avx512::LayerNormRow;
   t.rms_norm_row = avx512::RMSNormRow;
+  t.attention_rows = avx512::AttentionRows;
   return t;
 }
 

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <string>
 
+#include "bct/attention_math.h"
 #include "bct/nonlinear_math.h"
 #include "cpu/act_quantize.h"
 #include "cpu/isa.h"
@@ -41,6 +42,14 @@ using SoftmaxRowsFn = void (*)(float* y, int64_t rows, int64_t n);
 using LayerNormRowFn = void (*)(float* y, int64_t n, const float* scale, const float* bias, float epsilon);
 using RMSNormRowFn = void (*)(float* y, int64_t n, const float* scale, float epsilon);
 
+// BlockAttention (bct/attention_math.h): `rows` consecutive query rows i = row0 .. of one (batch,
+// query head), codes q [rows, dh] and scales qs [rows, nb], over the keys of one KV head, with their
+// block dots already computed, dots [rows, sk]; mask nullptr or read at
+// mask[i * mask_row_stride + j * mask_key_stride]; y [rows, dh].
+using AttentionRowsFn = void (*)(const int8_t* q, const float* qs, const float* dots, int64_t rows, int64_t row0,
+                                 int64_t sq, int64_t sk, bool causal, const nl::AttentionKeys& kv, float scale,
+                                 const float* mask, int64_t mask_row_stride, int64_t mask_key_stride, float* y);
+
 struct KernelTable {
   Isa isa;
   QuantizeRowsFn quantize_rows;
@@ -54,6 +63,7 @@ struct KernelTable {
   SoftmaxRowsFn softmax_rows;
   LayerNormRowFn layer_norm_row;
   RMSNormRowFn rms_norm_row;
+  AttentionRowsFn attention_rows;
   matmul::TilesFn matmul_tiles;  // nullptr: BlockMatMul's scalar reference path
   bool matmul_compact_weights;   // float16 scales / uint8 zero points kept as stored (the AVX-512 tiles)
 };
@@ -95,6 +105,9 @@ void SoftmaxRowsAvx512(float* y, int64_t rows, int64_t n);
   void SoftmaxRows(float* y, int64_t rows, int64_t n);                                                          \
   void LayerNormRow(float* y, int64_t n, const float* scale, const float* bias, float epsilon);                 \
   void RMSNormRow(float* y, int64_t n, const float* scale, float epsilon);                                      \
+  void AttentionRows(const int8_t* q, const float* qs, const float* dots, int64_t rows, int64_t row0, int64_t sq, \
+                     int64_t sk, bool causal, const nl::AttentionKeys& kv, float scale, const float* mask,     \
+                     int64_t mask_row_stride, int64_t mask_key_stride, float* y);                              \
   }
 BCT_DECLARE_PORTABLE_KERNELS(baseline)
 BCT_DECLARE_PORTABLE_KERNELS(avx2)

@@ -2,6 +2,7 @@
 // at kernel creation when the weights are constant initializers, and the kernel of
 // cpu/matmul_kernel.h on the path chosen at creation (cpu/isa.h).
 #include <algorithm>
+#include <cmath>
 #include <memory>
 #include <string>
 #include <vector>
@@ -9,6 +10,7 @@
 #include "bct/block_math.h"
 #include "bct/op_common.h"
 #include "cpu/kernel_table.h"
+#include "cpu/matmul_epilogue.h"
 #include "cpu/matmul_kernel.h"
 #include "cpu/row_kernels.h"
 #include "ops/matmul_io.h"
@@ -55,6 +57,58 @@ matmul::ParallelFor OrtParallelFor(const Ort::KernelContext& ctx) {
       for (int64_t i = begin; i < end; ++i) task(static_cast<std::size_t>(i));
     });
   };
+}
+
+bool AllFinite(const float* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (!std::isfinite(v[i])) return false;
+  }
+  return true;
+}
+
+// Rows of Y that overflowed although their A is finite (docs/ops.md, "Range"): the kernels sum
+// activation values times unscaled weight codes (or integer dot products times a_scale) before the
+// weight scale, so a partial sum can overflow (even to the wrong sign) where Y itself is in range.
+// Such a row is computed again from A scaled by 2**-e (e: the exponent of its largest |value|), and
+// its non-finite outputs are replaced by that result times 2**e. Scaling by a power of two changes
+// no rounding in the normal range (run-time quantization included: same codes, scales times 2**-e),
+// so the recomputed outputs are what float32 arithmetic of unlimited range gives, rounded once at the
+// end. Outputs that were finite are never touched: normal results keep their bits; the cost for them
+// is one scan of Y.
+void RecomputeOverflowedRows(const matmul::PackedWeights& packed, const float* x, const matmul::ActivationCodes* own,
+                             int64_t rows, int64_t K, int64_t N, int64_t num_blocks, int64_t act_row_bytes,
+                             const float* bias, float* y) {
+  std::vector<float> row, scales, bias_scaled, y_row;
+  for (int64_t m = 0; m < rows; ++m) {
+    float* out = y + m * N;
+    if (AllFinite(out, N)) continue;
+    const float* values = own != nullptr ? own->scales + m * num_blocks : x + m * K;
+    const int64_t count = own != nullptr ? num_blocks : K;
+    if (!AllFinite(values, count)) continue;  // a non-finite A: NaN / inf as docs/ops.md states
+    float largest = 0.f;
+    for (int64_t i = 0; i < count; ++i) largest = std::max(largest, std::fabs(values[i]));
+    int e = 0;
+    std::frexp(largest, &e);
+    if (e <= 0) continue;  // A is not what overflows (weights or bias are): nothing to rescale
+    std::vector<float>& scaled = own != nullptr ? scales : row;
+    scaled.resize(static_cast<size_t>(count));
+    for (int64_t i = 0; i < count; ++i) scaled[i] = std::ldexp(values[i], -e);
+    if (bias != nullptr) {
+      bias_scaled.resize(static_cast<size_t>(N));
+      for (int64_t n = 0; n < N; ++n) bias_scaled[n] = std::ldexp(bias[n], -e);
+    }
+    y_row.resize(static_cast<size_t>(N));
+    matmul::ActivationCodes own_row;
+    if (own != nullptr) {
+      own_row.codes = own->codes + m * act_row_bytes;
+      own_row.scales = scales.data();
+    }
+    matmul::Compute(packed, own != nullptr ? nullptr : row.data(), 1, bias != nullptr ? bias_scaled.data() : nullptr,
+                    y_row.data(), matmul::SerialFor, own != nullptr ? &own_row : nullptr);
+    for (int64_t n = 0; n < N; ++n) {
+      if (!std::isfinite(out[n])) out[n] = std::ldexp(y_row[n], e);
+    }
+  }
 }
 
 // One call's validated inputs and allocated result, shared by the CPU and CUDA kernels.
@@ -118,19 +172,42 @@ class MatMulCpuKernel {
         });
         x = dequantized.get();
       }
-      // Y: float32 into the output, or into a buffer that is then quantized along N.
-      std::unique_ptr<float[]> buffer(r.quantized ? new float[static_cast<size_t>(rows * N)] : nullptr);
-      float* y = r.quantized ? buffer.get() : r.y;
-      matmul::Compute(*packed, x, rows, call.bias.present ? call.bias.As<float>() : nullptr, y, parallel_for,
+      // P, the product (bias included): straight into Y when Y is float with N columns, else into a
+      // buffer from which the epilogue and the requantization read.
+      const Epilogue epilogue = attrs_.epilogue;
+      const int64_t width = attrs_.out_width();
+      const bool product_in_y = !r.quantized && width == N;
+      std::unique_ptr<float[]> buffer(product_in_y ? nullptr : new float[static_cast<size_t>(rows * N)]);
+      float* p = product_in_y ? r.y : buffer.get();
+      matmul::Compute(*packed, x, rows, call.bias.present ? call.bias.As<float>() : nullptr, p, parallel_for,
                       use_codes ? &own : nullptr);
+      RecomputeOverflowedRows(*packed, x, use_codes ? &own : nullptr, rows, K, N, attrs_.num_blocks(),
+                              use_codes ? row_bytes(K, attrs_.act_bits) : 0,
+                              call.bias.present ? call.bias.As<float>() : nullptr, p);
+      if (!r.quantized && epilogue == Epilogue::kNone) return;
+      cpu::RowFormat out_fmt;
       if (r.quantized) {
-        cpu::RowFormat out_fmt = nonlinear::ResultRowFormat<cpu::RowFormat>(attrs_.out, r);
+        out_fmt = nonlinear::ResultRowFormat<cpu::RowFormat>(attrs_.out, r);
         out_fmt.isa = isa_;
-        const cpu::MutablePackedRows sink(out_fmt, r.codes, r.scales, r.zero_points);
-        ParallelFor(ctx, rows, std::max<int64_t>(1, 8192 / N), [&](int64_t begin, int64_t end) {
-          sink.QuantizeRange(y + begin * N, begin, end - begin);
-        });
       }
+      const cpu::MutablePackedRows sink(out_fmt, r.codes, r.scales, r.zero_points);
+      const cpu::KernelTable& kernels = cpu::Kernels(isa_);
+      // Rows in groups: epilogue into Y (float) or a group buffer, then one QuantizeRange per group.
+      const int64_t group = std::max<int64_t>(1, std::min<int64_t>(64, 4096 / width));
+      ParallelFor(ctx, rows, std::max<int64_t>(1, 8192 / N), [&](int64_t begin, int64_t end) {
+        std::vector<float> staged(r.quantized && epilogue != Epilogue::kNone ? static_cast<size_t>(group * width) : 0);
+        for (int64_t row0 = begin; row0 < end; row0 += group) {
+          const int64_t count = std::min(group, end - row0);
+          const float* rows_p = p + row0 * N;
+          const float* y = rows_p;
+          if (epilogue != Epilogue::kNone) {
+            float* out = r.quantized ? staged.data() : r.y + row0 * width;
+            cpu::ApplyEpilogueRows(kernels, epilogue, rows_p, count, N, out);
+            y = out;
+          }
+          if (r.quantized) sink.QuantizeRange(y, row0, count);
+        }
+      });
     });
   }
 

@@ -22,25 +22,42 @@
 namespace bct {
 namespace nonlinear {
 
-// `count` consecutive rows of d (y rows d apart), in place, with the family's row function.
-inline void RunRowsCpu(const cpu::KernelTable& k, const GeluFamily& f, const GeluFamily::Params&, float* y,
-                       int64_t count, int64_t d) {
+// `count` consecutive rows of d (y rows d apart; the first is row `row0` of the operand), in place,
+// with the family's row function.
+inline void RunRowsCpu(const cpu::KernelTable& k, const GeluFamily& f, const GeluFamily::Params&, float* y, int64_t, int64_t count, int64_t d) {
   for (int64_t i = 0; i < count; ++i) k.gelu_row(y + i * d, d, f.form);
 }
-inline void RunRowsCpu(const cpu::KernelTable& k, const SiluFamily&, const SiluFamily::Params&, float* y,
-                       int64_t count, int64_t d) {
+inline void RunRowsCpu(const cpu::KernelTable& k, const SiluFamily&, const SiluFamily::Params&, float* y, int64_t, int64_t count, int64_t d) {
   for (int64_t i = 0; i < count; ++i) k.silu_row(y + i * d, d);
 }
-inline void RunRowsCpu(const cpu::KernelTable& k, const SoftmaxFamily&, const SoftmaxFamily::Params&, float* y,
-                       int64_t count, int64_t d) {
+inline void RunRowsCpu(const cpu::KernelTable& k, const SoftmaxFamily&, const SoftmaxFamily::Params&, float* y, int64_t, int64_t count, int64_t d) {
   k.softmax_rows(y, count, d);
 }
 inline void RunRowsCpu(const cpu::KernelTable& k, const LayerNormFamily& f, const LayerNormFamily::Params& p,
-                       float* y, int64_t count, int64_t d) {
+                       float* y, int64_t, int64_t count, int64_t d) {
   for (int64_t i = 0; i < count; ++i) k.layer_norm_row(y + i * d, d, p.scale, p.bias, f.epsilon);
 }
-inline void RunRowsCpu(const cpu::KernelTable& k, const RMSNormFamily& f, const RMSNormFamily::Params& p, float* y,
-                       int64_t count, int64_t d) {
+inline void RunRowsCpu(const cpu::KernelTable& k, const RMSNormFamily& f, const RMSNormFamily::Params& p, float* y, int64_t, int64_t count, int64_t d) {
+  for (int64_t i = 0; i < count; ++i) k.rms_norm_row(y + i * d, d, p.scale, f.epsilon);
+}
+
+// The Add of the Add + norm ops: y += skip (float32, one rounding each), copied to the sum output.
+inline void AddSkipRows(const AddParams& p, float* y, int64_t row0, int64_t count, int64_t d) {
+  for (int64_t i = 0; i < count; ++i) {
+    const float* skip = p.skip + ((row0 + i) % p.skip_rows) * d;
+    float* row = y + i * d;
+    for (int64_t j = 0; j < d; ++j) row[j] = row[j] + skip[j];
+  }
+  if (p.sum != nullptr) std::memcpy(p.sum + row0 * d, y, static_cast<size_t>(count * d) * sizeof(float));
+}
+inline void RunRowsCpu(const cpu::KernelTable& k, const AddLayerNormFamily& f, const AddLayerNormFamily::Params& p,
+                       float* y, int64_t row0, int64_t count, int64_t d) {
+  AddSkipRows(p.add, y, row0, count, d);
+  for (int64_t i = 0; i < count; ++i) k.layer_norm_row(y + i * d, d, p.scale, p.bias, f.epsilon);
+}
+inline void RunRowsCpu(const cpu::KernelTable& k, const AddRMSNormFamily& f, const AddRMSNormFamily::Params& p,
+                       float* y, int64_t row0, int64_t count, int64_t d) {
+  AddSkipRows(p.add, y, row0, count, d);
   for (int64_t i = 0; i < count; ++i) k.rms_norm_row(y + i * d, d, p.scale, f.epsilon);
 }
 
@@ -76,7 +93,7 @@ class RowOpCpuKernel : public RowOpKernelBase<Family> {
           } else {
             std::memcpy(y, x.x + row0 * d, static_cast<size_t>(count * d) * sizeof(float));
           }
-          RunRowsCpu(kernels_, this->family_, call.params, y, count, d);
+          RunRowsCpu(kernels_, this->family_, call.params, y, row0, count, d);
           if (r.quantized) sink.QuantizeRange(buffer.data(), row0, count);
         }
       });

@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "bct/attention_math.h"
 #include "bct/block_math.h"
 #include "bct/nonlinear_math.h"
 #include "cpu/act_quantize.h"

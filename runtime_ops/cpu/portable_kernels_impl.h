@@ -130,6 +130,83 @@ __attribute__((flatten)) void LayerNormRow(float* y, int64_t n, const float* sca
 __attribute__((flatten)) void RMSNormRow(float* y, int64_t n, const float* scale, float epsilon) {
   nl::rms_norm_row(y, n, scale, epsilon);
 }
+// BlockAttention's rows (bct/attention_math.h), four at a time: each runs its own tile steps, then
+// the four p x V accumulations advance together key by key, so four independent add chains are in
+// flight instead of one; for head sizes 32 and 64 the four output rows stay in registers over a tile
+// (the same operations per row, in the same order: the same bits).
+constexpr int kAttentionRows = 4;
+
+template <int64_t kDh>
+inline void AccumulateTileFixed(const float (*p)[nl::kAttentionKeyTile], const int64_t* len, int n, int64_t tile_len,
+                                const float* values, float* y, int64_t y_stride) {
+  float acc[kAttentionRows][kDh];
+  for (int r = 0; r < kAttentionRows; ++r) {
+    for (int64_t d = 0; d < kDh; ++d) acc[r][d] = r < n ? y[r * y_stride + d] : 0.0f;
+  }
+  for (int64_t t = 0; t < tile_len; ++t) {
+    const float* v = values + t * kDh;
+    for (int r = 0; r < kAttentionRows; ++r) {
+      if (t >= len[r]) continue;
+      const float pr = p[r][t];
+      for (int64_t d = 0; d < kDh; ++d) acc[r][d] = fadd(acc[r][d], fmul(pr, v[d]));
+    }
+  }
+  for (int r = 0; r < n; ++r) {
+    for (int64_t d = 0; d < kDh; ++d) y[r * y_stride + d] = acc[r][d];
+  }
+}
+
+inline void AccumulateTile(const float (*p)[nl::kAttentionKeyTile], const int64_t* len, int n, int64_t tile_len,
+                           const float* values, int64_t dh, float* y) {
+  if (dh == 32) return AccumulateTileFixed<32>(p, len, n, tile_len, values, y, dh);
+  if (dh == 64) return AccumulateTileFixed<64>(p, len, n, tile_len, values, y, dh);
+  for (int64_t t = 0; t < tile_len; ++t) {
+    const float* v = values + t * dh;
+    for (int r = 0; r < n; ++r) {
+      if (t >= len[r]) continue;
+      const float pr = p[r][t];
+      float* yr = y + r * dh;
+      for (int64_t d = 0; d < dh; ++d) yr[d] = fadd(yr[d], fmul(pr, v[d]));
+    }
+  }
+}
+
+__attribute__((flatten)) void AttentionRows(const int8_t* q, const float* qs, const float* dots, int64_t rows,
+                                            int64_t row0, int64_t sq, int64_t sk, bool causal,
+                                            const nl::AttentionKeys& kv, float scale, const float* mask,
+                                            int64_t mask_row_stride, int64_t mask_key_stride, float* y) {
+  const int64_t dh = kv.dh;
+  float tiles[kAttentionRows][nl::kAttentionKeyTile];
+  for (int64_t r0 = 0; r0 < rows; r0 += kAttentionRows) {
+    const int n = static_cast<int>(std::min<int64_t>(kAttentionRows, rows - r0));
+    nl::AttentionRowState st[kAttentionRows];
+    int64_t keys[kAttentionRows] = {0, 0, 0, 0};
+    int64_t most = 0;
+    for (int r = 0; r < n; ++r) {
+      st[r] = nl::attention_row_start(y + (r0 + r) * dh, dh);
+      keys[r] = nl::attention_visible_keys(row0 + r0 + r, sq, sk, causal);
+      most = std::max(most, keys[r]);
+    }
+    for (int64_t t0 = 0; t0 < most; t0 += nl::kAttentionKeyTile) {
+      int64_t len[kAttentionRows] = {0, 0, 0, 0};
+      for (int r = 0; r < n; ++r) {
+        const int64_t i = row0 + r0 + r;
+        const int64_t left = keys[r] - t0;
+        len[r] = left <= 0 ? 0 : std::min<int64_t>(left, nl::kAttentionKeyTile);
+        if (len[r] == 0) continue;
+        const float* mask_row = mask != nullptr ? mask + i * mask_row_stride : nullptr;
+        if (!nl::attention_tile_probs(st[r], q + (r0 + r) * dh, qs + (r0 + r) * kv.nb, kv,
+                                      dots != nullptr ? dots + (r0 + r) * sk : nullptr, t0, len[r], scale, mask_row,
+                                      mask_key_stride, tiles[r], y + (r0 + r) * dh)) {
+          len[r] = 0;
+        }
+      }
+      const int64_t tile_len = *std::max_element(len, len + kAttentionRows);
+      AccumulateTile(tiles, len, n, tile_len, kv.values + t0 * dh, dh, y + r0 * dh);
+    }
+    for (int r = 0; r < n; ++r) nl::attention_row_finish(st[r], y + (r0 + r) * dh, dh);
+  }
+}
 
 }  // namespace BCT_PORTABLE_PATH
 }  // namespace cpu

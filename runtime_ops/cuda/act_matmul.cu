@@ -41,35 +41,6 @@ __global__ void DotKernel(ActMatMulArgs args, const int8_t* qa, const float* sa,
   }
 }
 
-// Scratch allocations (AllocScratch), freed on the stream when the launcher returns.
-class Scratch {
- public:
-  explicit Scratch(cudaStream_t stream) : stream_(stream) {}
-  ~Scratch() {
-    for (int i = 0; i < count_; ++i) FreeScratch(ptrs_[i], stream_, async_[i]);
-  }
-  template <class T>
-  T* Get(int64_t n, const char** err) {
-    void* p = nullptr;
-    if (*err != nullptr) return nullptr;
-    bool async = true;
-    const cudaError_t alloc = AllocScratch(&p, static_cast<size_t>(n > 0 ? n : 1) * sizeof(T), stream_, &async);
-    if (alloc != cudaSuccess) {
-      *err = cudaGetErrorString(alloc);
-      return nullptr;
-    }
-    ptrs_[count_] = p;
-    async_[count_++] = async;
-    return static_cast<T*>(p);
-  }
-
- private:
-  cudaStream_t stream_;
-  void* ptrs_[8] = {};
-  bool async_[8] = {};
-  int count_ = 0;
-};
-
 }  // namespace
 
 const char* LaunchActMatMul(const ActMatMulArgs& a, void* stream) {

@@ -89,13 +89,16 @@ const char* LaunchBlockMatMulIo(const MatMulParams& params, const MatMulIo& io, 
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (rows <= 0 || params.N <= 0) return nullptr;
   const bool in_quantized = io.a_codes != nullptr;
-  if (!in_quantized && !io.out_quantized) {
+  const bool has_epilogue = io.epilogue != Epilogue::kNone;
+  if (!in_quantized && !io.out_quantized && !has_epilogue) {
     return LaunchBlockMatMul(params, io.a, rows, codes, scales, zero_points, bias, io.y, stream);
   }
-  // One stream-ordered scratch allocation: Y (when requantized), then A's float values (when
-  // dequantized) or A's signed codes, scales and sums (own format).
+  // One stream-ordered scratch allocation: Y (when requantized), the product (when an epilogue
+  // follows), then A's float values (when dequantized) or A's signed codes, scales and sums (own format).
   const int64_t total_blocks = rows * params.num_blocks;
-  const size_t y_bytes = io.out_quantized ? static_cast<size_t>(rows * params.N) * sizeof(float) : 0;
+  const int64_t width = epilogue_width(io.epilogue, params.N);
+  const size_t y_bytes = io.out_quantized ? static_cast<size_t>(rows * width) * sizeof(float) : 0;
+  const size_t p_bytes = has_epilogue ? static_cast<size_t>(rows * params.N) * sizeof(float) : 0;
   size_t a_bytes = 0;
   const size_t code_bytes = (static_cast<size_t>(rows * params.K) + 3) / 4 * 4;
   if (in_quantized && io.own_format) {
@@ -104,11 +107,12 @@ const char* LaunchBlockMatMulIo(const MatMulParams& params, const MatMulIo& io, 
     a_bytes = static_cast<size_t>(rows * params.K) * sizeof(float);
   }
   void* scratch = nullptr;
-  cudaError_t err = cudaMallocAsync(&scratch, y_bytes + a_bytes + 4, s);
+  cudaError_t err = cudaMallocAsync(&scratch, y_bytes + p_bytes + a_bytes + 4, s);
   if (err != cudaSuccess) return cudaGetErrorString(err);
   char* base = static_cast<char*>(scratch);
-  float* y = io.out_quantized ? reinterpret_cast<float*>(base) : io.y;
-  char* a_base = base + y_bytes;
+  float* y = io.out_quantized ? reinterpret_cast<float*>(base) : io.y;  // Y [rows, width]
+  float* product = has_epilogue ? reinterpret_cast<float*>(base + y_bytes) : y;  // [rows, N]
+  char* a_base = base + y_bytes + p_bytes;
   const char* error = nullptr;
   if (in_quantized && io.own_format) {
     int8_t* a_codes = reinterpret_cast<int8_t*>(a_base);
@@ -119,7 +123,7 @@ const char* LaunchBlockMatMulIo(const MatMulParams& params, const MatMulIo& io, 
     err = cudaGetLastError();
     if (err == cudaSuccess) {
       MatMulKernel<<<GridFor(rows * params.N), kThreads, 0, s>>>(params, nullptr, a_codes, a_scales, a_sums, rows,
-                                                                 codes, scales, zero_points, bias, y);
+                                                                 codes, scales, zero_points, bias, product);
       err = cudaGetLastError();
     }
     if (err != cudaSuccess) error = cudaGetErrorString(err);
@@ -130,8 +134,9 @@ const char* LaunchBlockMatMulIo(const MatMulParams& params, const MatMulIo& io, 
       error = LaunchDequantize(io.in_fmt, io.a_codes, io.a_scales, io.a_zero_points, rows, deq, stream);
       a = deq;
     }
-    if (error == nullptr) error = LaunchBlockMatMul(params, a, rows, codes, scales, zero_points, bias, y, stream);
+    if (error == nullptr) error = LaunchBlockMatMul(params, a, rows, codes, scales, zero_points, bias, product, stream);
   }
+  if (error == nullptr && has_epilogue) error = LaunchMatMulEpilogue(io.epilogue, product, rows, params.N, y, stream);
   if (error == nullptr && io.out_quantized) {
     error = LaunchQuantize(io.out_fmt, y, rows, io.out_codes, io.out_scales, io.out_zero_points, stream);
   }

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "bct/epilogue.h"
 #include "block_launch.h"
 
 namespace bct {
@@ -37,7 +38,8 @@ struct MatMulIo {
   const uint8_t* a_zero_points = nullptr;  // nullptr when symmetric
   RowFormat in_fmt{};
   bool own_format = false;  // a_codes are in the run-time activation format: used without dequantizing
-  float* y = nullptr;       // float Y [rows, N] (out_bits = 0)
+  Epilogue epilogue = Epilogue::kNone;  // applied to the product [rows, N] (bct/epilogue.h)
+  float* y = nullptr;       // float Y [rows, epilogue_width(epilogue, N)] (out_bits = 0)
   bool out_quantized = false;
   RowFormat out_fmt{};
   uint8_t* out_codes = nullptr;
@@ -45,7 +47,12 @@ struct MatMulIo {
   uint8_t* out_zero_points = nullptr;
 };
 
-// As LaunchBlockMatMul, with A float or quantized and Y float or requantized along N.
+// out [rows, epilogue_width(e, n)] from the product p [rows, n] (cuda/matmul_epilogue.cu); out must not
+// overlap p.
+const char* LaunchMatMulEpilogue(Epilogue e, const float* p, int64_t rows, int64_t n, float* out, void* stream);
+
+// As LaunchBlockMatMul, with A float or quantized, the epilogue applied, and Y float or requantized
+// along its last axis.
 const char* LaunchBlockMatMulIo(const MatMulParams& params, const MatMulIo& io, int64_t rows, const uint8_t* codes,
                                 const void* scales, const uint8_t* zero_points, const float* bias, void* stream);
 

@@ -38,6 +38,7 @@ class MatMulCudaKernel {
       io.a_zero_points = a.zero_points;
       io.own_format = IsOwnActivationFormat(attrs_, a);
       io.in_fmt = nonlinear::OperandRowFormat<cuda::RowFormat>(attrs_.in, a, attrs_.K());
+      io.epilogue = attrs_.epilogue;
       io.y = r.y;
       io.out_quantized = r.quantized;
       io.out_fmt = nonlinear::ResultRowFormat<cuda::RowFormat>(attrs_.out, r);

@@ -40,6 +40,9 @@ struct RowOpArgs : OperandIo {
   float epsilon = 0.0f;
   const float* scale = nullptr;  // LayerNorm / RMSNorm [d]
   const float* bias = nullptr;   // LayerNorm [d] or nullptr
+  const float* skip = nullptr;   // Add + norm: the residual [skip_rows, d] added before the norm, or nullptr
+  int64_t skip_rows = 1;         // row r adds skip row r % skip_rows (broadcast over leading dims)
+  float* sum = nullptr;          // Add + norm: x + skip [rows, d] (output 3), or nullptr
   int64_t rows = 0;
   int64_t d = 0;
   const float* x = nullptr;
@@ -52,8 +55,9 @@ const char* LaunchRowOp(const RowOpArgs& args, void* stream);
 const char* LaunchGeluRows(RowOp op, float* y, int64_t rows, int64_t d, void* stream);
 const char* LaunchSiluRows(float* y, int64_t rows, int64_t d, void* stream);
 const char* LaunchSoftmaxRows(float* y, int64_t rows, int64_t d, void* stream);
-const char* LaunchNormRows(RowOp op, const float* scale, const float* bias, float epsilon, float* y, int64_t rows,
-                           int64_t d, void* stream);
+// With skip, each row first becomes y + skip (kept in sum when not nullptr): the Add + norm ops.
+const char* LaunchNormRows(RowOp op, const float* scale, const float* bias, float epsilon, const float* skip,
+                           int64_t skip_rows, float* sum, float* y, int64_t rows, int64_t d, void* stream);
 
 constexpr int kMaxBatchRank = 8;
 

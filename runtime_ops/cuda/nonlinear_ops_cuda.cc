@@ -1,4 +1,5 @@
-// BlockGelu, BlockSilu, BlockSoftmax, BlockLayerNorm, BlockRMSNorm and BlockActMatMul on
+// BlockGelu, BlockSilu, BlockSoftmax, BlockLayerNorm, BlockRMSNorm, BlockAddLayerNorm,
+// BlockAddRMSNorm and BlockActMatMul on
 // CUDAExecutionProvider. Validation is the CPU kernels' (ops/nonlinear_io.h, ops/nonlinear_families.h,
 // ops/act_matmul_io.h); the work is done by the launchers of gelu.cu, silu.cu, softmax.cu, norm.cu,
 // nonlinear_rows.cu and act_matmul.cu on the stream ONNX Runtime gives the kernel.
@@ -55,6 +56,24 @@ void SetOp(cuda::RowOpArgs& args, const RMSNormFamily& family, const RMSNormFami
   args.op = cuda::RowOp::kRMSNorm;
   args.scale = p.scale;
   args.epsilon = family.epsilon;
+}
+
+void SetOp(cuda::RowOpArgs& args, const AddLayerNormFamily& family, const AddLayerNormFamily::Params& p) {
+  args.op = cuda::RowOp::kLayerNorm;
+  args.scale = p.scale;
+  args.bias = p.bias;
+  args.epsilon = family.epsilon;
+  args.skip = p.add.skip;
+  args.skip_rows = p.add.skip_rows;
+  args.sum = p.add.sum;
+}
+void SetOp(cuda::RowOpArgs& args, const AddRMSNormFamily& family, const AddRMSNormFamily::Params& p) {
+  args.op = cuda::RowOp::kRMSNorm;
+  args.scale = p.scale;
+  args.epsilon = family.epsilon;
+  args.skip = p.add.skip;
+  args.skip_rows = p.add.skip_rows;
+  args.sum = p.add.sum;
 }
 
 template <class Family>
@@ -140,12 +159,17 @@ void AppendNonlinearCudaOps(Ort::CustomOpDomain& domain) {
   static BlockCustomOp<RowOpSchema<SoftmaxFamily>, RowOpCudaKernel<SoftmaxFamily>> softmax(kCudaProvider);
   static BlockCustomOp<RowOpSchema<LayerNormFamily>, RowOpCudaKernel<LayerNormFamily>> layer_norm(kCudaProvider);
   static BlockCustomOp<RowOpSchema<RMSNormFamily>, RowOpCudaKernel<RMSNormFamily>> rms_norm(kCudaProvider);
+  static BlockCustomOp<RowOpSchema<AddLayerNormFamily>, RowOpCudaKernel<AddLayerNormFamily>> add_layer_norm(
+      kCudaProvider);
+  static BlockCustomOp<RowOpSchema<AddRMSNormFamily>, RowOpCudaKernel<AddRMSNormFamily>> add_rms_norm(kCudaProvider);
   static BlockCustomOp<ActMatMulSchema, ActMatMulCudaKernel> act_matmul(kCudaProvider);
   domain.Add(&gelu);
   domain.Add(&silu);
   domain.Add(&softmax);
   domain.Add(&layer_norm);
   domain.Add(&rms_norm);
+  domain.Add(&add_layer_norm);
+  domain.Add(&add_rms_norm);
   domain.Add(&act_matmul);
 }
 

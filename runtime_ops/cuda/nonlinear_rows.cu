@@ -35,7 +35,10 @@ const char* LaunchRowOp(const RowOpArgs& a, void* stream) {
       case RowOp::kGeluTanh: err = LaunchGeluRows(a.op, buffer, a.rows, a.d, stream); break;
       case RowOp::kSilu: err = LaunchSiluRows(buffer, a.rows, a.d, stream); break;
       case RowOp::kSoftmax: err = LaunchSoftmaxRows(buffer, a.rows, a.d, stream); break;
-      default: err = LaunchNormRows(a.op, a.scale, a.bias, a.epsilon, buffer, a.rows, a.d, stream); break;
+      default:
+        err = LaunchNormRows(a.op, a.scale, a.bias, a.epsilon, a.skip, a.skip_rows, a.sum, buffer, a.rows, a.d,
+                             stream);
+        break;
     }
   }
   if (err == nullptr && a.out_quantized) {

@@ -64,6 +64,21 @@ BCT_HD void SoftmaxRow(const Warp& warp, float* v, int64_t d) {
   });
 }
 
+// The Add of BlockAddLayerNorm / BlockAddRMSNorm: v = v + skip, one rounding per element, copied to
+// sum (output 3) when given; the norm row then runs on v.
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
+#endif
+template <class Warp>
+BCT_HD void AddSkipRow(const Warp& warp, const float* skip, float* sum, float* v, int64_t d) {
+  warp.ForLanes([&](int lane) {
+    for (int64_t i = lane; i < d; i += kWarpLanes) {
+      v[i] = fadd(v[i], skip[i]);
+      if (sum != nullptr) sum[i] = v[i];
+    }
+  });
+}
+
 #if defined(__CUDACC__)
 #pragma nv_exec_check_disable
 #endif

@@ -24,18 +24,24 @@ struct ActMatMulAttrs {
 
 constexpr int64_t kMaxActBlockSize = 65536;
 
-inline ActMatMulAttrs ReadActMatMulAttrs(const OrtKernelInfo* info, const NodeRef& node) {
-  ActMatMulAttrs a;
+// act_bits (2..8) and block_size (1..kMaxActBlockSize) of the run-time activation quantizer
+// (BlockActMatMul, BlockAttention).
+inline void ReadActFormat(const OrtKernelInfo* info, const NodeRef& node, int* act_bits, int64_t* block_size) {
   const int64_t bits = AttrInt(info, node, "act_bits");
   if (bits < kMinBits || bits > kMaxBits) node.Fail("attribute 'act_bits' must be in 2..8, got " + std::to_string(bits));
-  a.act_bits = static_cast<int>(bits);
-  a.block_size = AttrInt(info, node, "block_size");
+  *act_bits = static_cast<int>(bits);
+  *block_size = AttrInt(info, node, "block_size");
   // Block dot products are int32 sums of block_size products of magnitude <= 2**14 (-128 * -128):
   // exact while block_size * 2**14 < 2**31, i.e. block_size < 2**17; the limit is the power of two below.
-  if (a.block_size < 1 || a.block_size > kMaxActBlockSize) {
+  if (*block_size < 1 || *block_size > kMaxActBlockSize) {
     node.Fail("attribute 'block_size' must be in 1.." + std::to_string(kMaxActBlockSize) +
-              " (block dot products are int32), got " + std::to_string(a.block_size));
+              " (block dot products are int32), got " + std::to_string(*block_size));
   }
+}
+
+inline ActMatMulAttrs ReadActMatMulAttrs(const OrtKernelInfo* info, const NodeRef& node) {
+  ActMatMulAttrs a;
+  ReadActFormat(info, node, &a.act_bits, &a.block_size);
   a.transpose_b = ReadFlag(info, node, "transpose_b", 0);
   return a;
 }

@@ -8,7 +8,9 @@
 // in_symmetric=0) of a quantized A (the operand convention of docs/ops.md with A's scales and zero
 // points as trailing inputs 5 and 6, so the weight inputs keep their positions).
 // Outputs: Y float32 [..., N], or with out_bits > 0 codes [..., row_bytes(N)], scales, zero points
-// (iff out_symmetric=0): exactly block_format.quantize of the float result along N.
+// (iff out_symmetric=0): exactly block_format.quantize of the float result along N. Attribute
+// `epilogue` (bct/epilogue.h) applies GELU or SiLU gating to the product first; with `silu_gate`
+// Y has N / 2 columns.
 #pragma once
 
 #include <algorithm>
@@ -17,6 +19,7 @@
 #include <vector>
 
 #include "bct/block_math.h"
+#include "bct/epilogue.h"
 #include "bct/op_common.h"
 #include "ops/block_io.h"
 #include "ops/nonlinear_io.h"
@@ -40,6 +43,7 @@ inline OrtStatusPtr ORT_API_CALL InferMatMulOutput(const OrtCustomOp*, OrtShapeI
     nonlinear::InferDims dims = nonlinear::InferInputDims(ctx, kA);
     int64_t n = -1;
     InferIntAttr(ctx, "N", &n);
+    if (n > 0 && InferStringAttr(ctx, "epilogue", "none") == "silu_gate") n /= 2;
     if (!dims.known) {
       // A's rank is unknown (seen in T5's decoder): the outputs still need their dtypes (ONNX
       // Runtime would otherwise type them like the last input), so they get a transformer's rank 3
@@ -75,11 +79,31 @@ struct MatMulAttrs {
   int act_bits = 0;
   nonlinear::OperandAttrs in;   // in_bits, in_block_size, in_symmetric (A's encoding)
   nonlinear::ResultAttrs out;   // out_bits, out_block_size, out_symmetric, out_scale_kind (Y's)
+  Epilogue epilogue = Epilogue::kNone;
+
+  int64_t out_width() const { return epilogue_width(epilogue, N); }  // Y's last dim
 
   int64_t K() const { return block.axis_size; }
   int64_t row_bytes() const { return bct::row_bytes(block.axis_size, block.bits); }
   int64_t num_blocks() const { return bct::num_blocks(block.axis_size, block.block_size); }
 };
+
+// Attribute `epilogue`: none | gelu | gelu_tanh | silu_gate (N even: gate rows, then up rows).
+inline Epilogue ReadEpilogue(const OrtKernelInfo* info, const NodeRef& node, int64_t n) {
+  const std::string name = AttrString(info, "epilogue", "none");
+  if (name == "none") return Epilogue::kNone;
+  if (name == "gelu") return Epilogue::kGelu;
+  if (name == "gelu_tanh") return Epilogue::kGeluTanh;
+  if (name == "silu_gate") {
+    if (n % 2 != 0) {
+      node.Fail("attribute 'epilogue' silu_gate needs an even N (gate rows, then up rows), got N = " +
+                std::to_string(n));
+    }
+    return Epilogue::kSiluGate;
+  }
+  node.Fail("attribute 'epilogue' must be 'none', 'gelu', 'gelu_tanh' or 'silu_gate', got '" + name + "'");
+  return Epilogue::kNone;
+}
 
 inline MatMulAttrs ReadMatMulAttrs(const OrtKernelInfo* info, const NodeRef& node) {
   MatMulAttrs attrs;
@@ -93,6 +117,7 @@ inline MatMulAttrs ReadMatMulAttrs(const OrtKernelInfo* info, const NodeRef& nod
   attrs.act_bits = static_cast<int>(act_bits);
   attrs.in = nonlinear::ReadOperandAttrs(info, node);
   attrs.out = nonlinear::ReadResultAttrs(info, node);
+  attrs.epilogue = ReadEpilogue(info, node, attrs.N);
   if (attrs.in.axis_size != 0 && attrs.in.axis_size != attrs.K()) {
     node.Fail("attribute 'in_axis_size' must be 0 or K = " + std::to_string(attrs.K()) + ", got " +
               std::to_string(attrs.in.axis_size));
@@ -253,7 +278,7 @@ inline MatMulCall PrepareCall(const Ort::KernelContext& ctx, const NodeRef& node
   c.bias = GetInput(ctx, kBias);
   c.weight_scale_kind = CheckWeights(node, attrs, c.codes, c.scales, c.zero_points, &c.weight_zero_point_kind);
   CheckBias(node, attrs, c.bias);
-  c.r = nonlinear::AllocateResult(ctx, node, attrs.out, OutputShape(c.a, attrs.N));
+  c.r = nonlinear::AllocateResult(ctx, node, attrs.out, OutputShape(c.a, attrs.out_width()));
   return c;
 }
 

@@ -89,8 +89,25 @@ OrtStatusPtr SetOutput(OrtShapeInferContext* ctx, size_t index, ONNXTensorElemen
 
 }  // namespace
 
-OrtStatusPtr InferResult(OrtShapeInferContext* ctx, const InferDims& logical) {
-  if (!logical.known) return nullptr;
+static InferDims AssumedRank3() {
+  InferDims d;
+  d.known = true;
+  d.dims = {-1, -1, -1};
+  d.symbols = {"", "", ""};
+  return d;
+}
+
+OrtStatusPtr InferFloatOutput(OrtShapeInferContext* ctx, size_t index, const InferDims& inferred) {
+  const InferDims logical = inferred.known ? inferred : AssumedRank3();  // as InferResult below
+  return SetOutput(ctx, index, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, logical, logical.dims.back(),
+                   logical.symbols.back());
+}
+
+OrtStatusPtr InferResult(OrtShapeInferContext* ctx, const InferDims& inferred) {
+  // An operand of unknown rank: the outputs still need their dtypes (ONNX Runtime would otherwise type
+  // them like an input, and the kernel would refuse its own output), so they get a transformer's rank 3
+  // with unknown dims; the kernel's shapes win at run time (ONNX Runtime warns if the rank differs).
+  const InferDims logical = inferred.known ? inferred : AssumedRank3();
   const OrtApi& api = Ort::GetApi();
   int64_t bits = 0, block_size = 0, symmetric = 1;
   InferIntAttr(ctx, "out_bits", &bits);
@@ -124,6 +141,7 @@ OrtStatusPtr InferResult(OrtShapeInferContext* ctx, const InferDims& logical) {
 }  // namespace bct
 
 #include "ops/act_matmul_io.h"
+#include "ops/attention_io.h"
 
 namespace bct {
 namespace nonlinear {
@@ -132,7 +150,7 @@ OrtStatusPtr ORT_API_CALL ActMatMulSchema::InferOutputShape(const OrtCustomOp*, 
   try {
     const InferDims a = InferOperandDims(ctx);
     const InferDims b = InferInputDims(ctx, 3);
-    if (!a.known || !b.known || a.dims.size() < 2 || b.dims.size() < 2) return nullptr;
+    if (!a.known || !b.known || a.dims.size() < 2 || b.dims.size() < 2) return InferResult(ctx, InferDims{});
     int64_t transpose_b = 0;
     InferIntAttr(ctx, "transpose_b", &transpose_b);
     const size_t ra = a.dims.size() - 2, rb = b.dims.size() - 2, rank = std::max(ra, rb);
@@ -162,6 +180,15 @@ OrtStatusPtr ORT_API_CALL ActMatMulSchema::InferOutputShape(const OrtCustomOp*, 
     out.dims.push_back(b.dims[n_index]);
     out.symbols.push_back(b.symbols[n_index]);
     return InferResult(ctx, out);
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+// BlockAttention: Y has Q's shape, float32.
+OrtStatusPtr ORT_API_CALL AttentionSchema::InferOutputShape(const OrtCustomOp*, OrtShapeInferContext* ctx) noexcept {
+  try {
+    return InferResult(ctx, InferInputDims(ctx, 0));
   } catch (...) {
     return nullptr;
   }

@@ -12,6 +12,7 @@
 // Host code only (ORT headers). Validation failures name the input or attribute at fault.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -236,7 +237,7 @@ inline Result AllocateResult(const Ort::KernelContext& ctx, const NodeRef& node,
       node.Fail("output 'Y' is required");
     }
     r.y = static_cast<float*>(data);
-    for (size_t i = 1; i < outputs; ++i) {
+    for (size_t i = 1; i < std::min<size_t>(outputs, 3); ++i) {  // slots 1, 2 (3 on: op-specific)
       if (ctx.GetOutput(i, std::vector<int64_t>{0}) != nullptr) {
         node.Fail(std::string("output '") + (i == 1 ? "Y_scales" : "Y_zero_points") +
                   "' must be absent when out_bits=0");
@@ -282,6 +283,8 @@ struct InferDims {
 InferDims InferInputDims(OrtShapeInferContext* ctx, size_t index);
 // Logical dims [..., D] of the main operand from input 0 and the in_* attributes (D may be -1).
 InferDims InferOperandDims(OrtShapeInferContext* ctx);
+// Sets output index to float32 of logical dims [..., D].
+OrtStatusPtr InferFloatOutput(OrtShapeInferContext* ctx, size_t index, const InferDims& logical);
 // Sets outputs 0..2 for a result of logical dims [..., D] from the out_* attributes.
 OrtStatusPtr InferResult(OrtShapeInferContext* ctx, const InferDims& logical);
 

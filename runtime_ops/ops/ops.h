@@ -12,11 +12,14 @@ void AppendDequantizeCpuOps(Ort::CustomOpDomain& domain);       // BlockDequanti
 void AppendGatherCpuOps(Ort::CustomOpDomain& domain);           // BlockGather
 void AppendMatMulCpuOps(Ort::CustomOpDomain& domain);           // BlockMatMul
 void AppendActMatMulCpuOps(Ort::CustomOpDomain& domain);        // BlockActMatMul
+void AppendAttentionCpuOps(Ort::CustomOpDomain& domain);       // BlockAttention
 void AppendNonlinearRowCpuOps(Ort::CustomOpDomain& domain);     // BlockGelu, BlockSilu, BlockSoftmax, BlockLayerNorm, BlockRMSNorm
+void AppendAddNormCpuOps(Ort::CustomOpDomain& domain);          // BlockAddLayerNorm, BlockAddRMSNorm
 
 // CUDAExecutionProvider kernels under the same names (runtime_ops/cuda/; CUDA builds only).
 void AppendBlockCudaOps(Ort::CustomOpDomain& domain);      // BlockQuantize, BlockDequantize, BlockGather
 void AppendMatMulCudaOps(Ort::CustomOpDomain& domain);     // BlockMatMul
-void AppendNonlinearCudaOps(Ort::CustomOpDomain& domain);  // the five row ops and BlockActMatMul
+void AppendNonlinearCudaOps(Ort::CustomOpDomain& domain);  // the seven row ops (Add + norm included), BlockActMatMul
+void AppendAttentionCudaOps(Ort::CustomOpDomain& domain);  // BlockAttention
 
 }  // namespace bct

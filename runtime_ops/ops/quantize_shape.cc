@@ -38,11 +38,19 @@ OrtStatusPtr ORT_API_CALL QuantizeSchema::InferOutputShape(const OrtCustomOp* /*
     if (OrtStatus* s = api.ShapeInferContext_GetInputTypeShape(ctx, 0, &input)) return s;
     size_t rank = 0;
     if (OrtStatus* s = api.GetDimensionsCount(input, &rank)) return s;
-    if (rank == 0) return nullptr;  // unknown rank (or a scalar, which the kernel rejects)
     std::vector<int64_t> dims(rank);
     std::vector<const char*> symbols(rank, nullptr);
-    if (OrtStatus* s = api.GetDimensions(input, dims.data(), rank)) return s;
-    if (OrtStatus* s = api.GetSymbolicDimensions(input, symbols.data(), rank)) return s;
+    if (rank == 0) {
+      // Unknown rank (or a scalar, which the kernel rejects): the outputs still need their dtypes
+      // (ONNX Runtime would type them like X, and the kernel would refuse its own outputs), so they
+      // get a transformer's rank 3 with unknown dims; the kernel's shapes win at run time.
+      rank = 3;
+      dims.assign(rank, -1);
+      symbols.assign(rank, nullptr);
+    } else {
+      if (OrtStatus* s = api.GetDimensions(input, dims.data(), rank)) return s;
+      if (OrtStatus* s = api.GetSymbolicDimensions(input, symbols.data(), rank)) return s;
+    }
     std::vector<std::string> fresh(rank);  // keeps names alive while outputs are set
     for (size_t d = 0; d < rank; ++d) {
       if (symbols[d] == nullptr) symbols[d] = "";

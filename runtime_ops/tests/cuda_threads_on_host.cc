@@ -1,13 +1,16 @@
 // Test helper (not shipped): runs every thread of the CUDA kernels of every op on the host, one
 // after the other over the kernels' grids, through the same per-thread functions the kernels call
 // (cuda/block_threads.h: BlockQuantize, BlockDequantize, BlockGather; cuda/matmul_threads.h:
-// BlockMatMul, BlockActMatMul; cuda/row_threads.h: the row ops, a warp's 32 lanes in turn).
+// BlockMatMul, BlockActMatMul; cuda/row_threads.h: the row ops, a warp's 32 lanes in turn;
+// cuda/attention_threads.h: BlockAttention).
 // tests/runtime_ops/test_cuda_threads_on_host.py loads this library with ctypes and compares its
 // results with the numpy specification, so the kernels' indexing, packing and rounding are checked
 // on machines without a GPU.
 #include <cstdint>
 #include <vector>
 
+#include "bct/epilogue.h"
+#include "attention_threads.h"
 #include "block_threads.h"
 #include "matmul_threads.h"
 #include "row_threads.h"
@@ -158,6 +161,32 @@ __attribute__((visibility("default"))) void bct_host_act_matmul(int act_bits, in
   }
 }
 
+// BlockMatMul's epilogue as matmul_epilogue.cu runs it: one thread per element of out
+// [rows, epilogue_width(epilogue, n)] from the product p [rows, n]; epilogue as bct::Epilogue.
+__attribute__((visibility("default"))) void bct_host_matmul_epilogue(int epilogue, int64_t rows, int64_t n,
+                                                                     const float* p, float* out) {
+  const auto e = static_cast<bct::Epilogue>(epilogue);
+  for (int64_t t = 0; t < rows * bct::epilogue_width(e, n); ++t) out[t] = bct::EpilogueOne(e, p, n, t);
+}
+
+// The compute step of BlockAddLayerNorm (op 4) / BlockAddRMSNorm (op 5) as norm.cu runs it: each
+// warp adds its row of skip (keeping the sum in sum unless nullptr), then the norm row.
+__attribute__((visibility("default"))) int bct_host_add_norm(int op, int64_t rows, int64_t d, float* y,
+                                                             const float* skip, float* sum, const float* scale,
+                                                             const float* bias, float epsilon) {
+  const bct::cuda::HostWarp warp;
+  if (op != 4 && op != 5) return -1;
+  for (int64_t r = 0; r < rows; ++r) {
+    bct::cuda::AddSkipRow(warp, skip + r * d, sum != nullptr ? sum + r * d : nullptr, y + r * d, d);
+    if (op == 4) {
+      bct::cuda::LayerNormRow(warp, scale, bias, epsilon, y + r * d, d);
+    } else {
+      bct::cuda::RMSNormRow(warp, scale, epsilon, y + r * d, d);
+    }
+  }
+  return 0;
+}
+
 // The compute step of a row op, in place on y [rows, d], as the kernels run it: op 0 Gelu (exact),
 // 1 Gelu (tanh), 2 Silu (one thread per element); 3 Softmax, 4 LayerNorm (scale, bias or nullptr),
 // 5 RMSNorm (scale) (one warp per row).
@@ -183,6 +212,80 @@ __attribute__((visibility("default"))) int bct_host_row_op(int op, int64_t rows,
       return 0;
     default:
       return -1;
+  }
+}
+
+// BlockAttention as cuda/attention.cu runs it. kv_bits 0: k, v float32; else k, v are codes with
+// scales (scale_kind) and zero points (nullptr when symmetric) in blocks of kv_block_size along dh.
+// mask nullptr or with strides mask_strides[4].
+__attribute__((visibility("default"))) void bct_host_attention(
+    int act_bits, int64_t block_size, float scale, int causal, int64_t batch, int64_t q_heads, int64_t kv_heads,
+    int64_t sq, int64_t sk, int64_t dh, const float* q, int kv_bits, int64_t kv_block_size, int kv_symmetric,
+    int scale_kind, const void* k, const void* k_scales, const uint8_t* k_zero_points, const void* v,
+    const void* v_scales, const uint8_t* v_zero_points, const float* mask, const int64_t* mask_strides, float* y) {
+  bct::cuda::AttentionArgs a;
+  a.act_bits = act_bits;
+  a.block_size = block_size;
+  a.scale = scale;
+  a.causal = causal != 0;
+  a.batch = batch;
+  a.q_heads = q_heads;
+  a.kv_heads = kv_heads;
+  a.sq = sq;
+  a.sk = sk;
+  a.dh = dh;
+  a.q = q;
+  a.kv_quantized = kv_bits > 0;
+  a.k_direct = kv_bits > 0 && kv_symmetric != 0 && kv_block_size == block_size;
+  if (a.kv_quantized) {
+    a.kv_fmt = Format(kv_bits, kv_block_size, kv_symmetric, scale_kind, dh);
+    a.k_codes = static_cast<const uint8_t*>(k);
+    a.k_scales = k_scales;
+    a.k_zero_points = k_zero_points;
+    a.v_codes = static_cast<const uint8_t*>(v);
+    a.v_scales = v_scales;
+    a.v_zero_points = v_zero_points;
+  } else {
+    a.k = static_cast<const float*>(k);
+    a.v = static_cast<const float*>(v);
+  }
+  a.mask = mask;
+  for (int i = 0; i < 4; ++i) a.mask_strides[i] = mask != nullptr ? mask_strides[i] : 0;
+  a.y = y;
+  const int64_t nb = bct::num_blocks(dh, block_size);
+  const int64_t q_rows = batch * q_heads * sq, kv_rows = batch * kv_heads * sk;
+  std::vector<int8_t> qq(static_cast<size_t>(q_rows * dh)), kq(static_cast<size_t>(kv_rows * dh));
+  std::vector<float> qs(static_cast<size_t>(q_rows * nb)), ks(static_cast<size_t>(kv_rows * nb));
+  for (int64_t t = 0; t < q_rows * nb; ++t) {
+    bct::cuda::QuantizeActBlockOne(q, dh, act_bits, block_size, nb, t, qq.data(), qs.data(), nullptr);
+  }
+  std::vector<float> k_float, values;
+  if (a.kv_quantized) {
+    values.resize(static_cast<size_t>(kv_rows * dh));
+    for (int64_t t = 0; t < kv_rows * dh; ++t) {
+      values[static_cast<size_t>(t)] = bct::cuda::AttentionDequantizeOne(a, a.v_codes, a.v_scales, a.v_zero_points, t);
+    }
+  }
+  if (a.k_direct) {
+    for (int64_t r = 0; r < kv_rows; ++r) bct::cuda::AttentionKeyCodesOne(a, r, kq.data(), ks.data());
+  } else {
+    const float* k_rows = a.k;
+    if (a.kv_quantized) {
+      k_float.resize(static_cast<size_t>(kv_rows * dh));
+      for (int64_t t = 0; t < kv_rows * dh; ++t) {
+        k_float[static_cast<size_t>(t)] =
+            bct::cuda::AttentionDequantizeOne(a, a.k_codes, a.k_scales, a.k_zero_points, t);
+      }
+      k_rows = k_float.data();
+    }
+    for (int64_t t = 0; t < kv_rows * nb; ++t) {
+      bct::cuda::QuantizeActBlockOne(k_rows, dh, act_bits, block_size, nb, t, kq.data(), ks.data(), nullptr);
+    }
+  }
+  float tile[bct::nl::kAttentionKeyTile];
+  const float* v_rows = a.kv_quantized ? values.data() : a.v;
+  for (int64_t row = 0; row < q_rows; ++row) {
+    bct::cuda::AttentionRowOne(a, qq.data(), qs.data(), kq.data(), ks.data(), v_rows, row, tile);
   }
 }
 

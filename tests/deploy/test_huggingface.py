@@ -158,6 +158,29 @@ def test_minilm_output_directory_loads_in_optimum(tmp_path: Path) -> None:
     np.testing.assert_array_equal(hidden, direct)
 
 
+def test_sentence_transformers_folder_loads_in_its_onnx_backend(tmp_path: Path) -> None:
+    """all-MiniLM-L6-v2 as shipped (a sentence-transformers folder: pooling module, modules.json)
+    -> DIR/ -> SentenceTransformer(DIR, backend="onnx"), whose embeddings are the compressed model's."""
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    from bct_onnx.models import minilm
+
+    out = tmp_path / "minilm-st"
+    bct_onnx.compress(minilm.model_dir(), f"{out}/", calibration="none")
+    names = {p.name for p in out.iterdir()}
+    assert {"modules.json", "sentence_bert_config.json", "1_Pooling", "model.onnx"} <= names
+    model = sentence_transformers.SentenceTransformer(
+        str(out), backend="onnx", model_kwargs={"session_options": bct_onnx.session_options()}
+    )
+    sentences = ["The compressed encoder still reads.", "A second, longer sentence pads the first one out."]
+    embedded = model.encode(sentences)
+    tokenizer_feeds = model.tokenize(sentences)
+    session = bct_onnx.session(out / "model.onnx")
+    feeds = {i.name: np.asarray(tokenizer_feeds[i.name]) for i in session.get_inputs()}
+    direct = session.run(["sentence_embedding"], feeds)[0]  # the export's own pooling, in the graph
+    cosine = (embedded * direct).sum(1) / np.linalg.norm(embedded, axis=1) / np.linalg.norm(direct, axis=1)
+    assert embedded.shape == (2, 384) and cosine.min() > 0.9999, cosine
+
+
 def test_tiny_llama_generates_with_kv_cache_in_optimum(tmp_path: Path) -> None:
     from bct_onnx.models.families import build_tiny
     from optimum.onnxruntime import ORTModelForCausalLM

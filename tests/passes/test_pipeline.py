@@ -19,6 +19,7 @@ from bct_onnx.passes import (
     compress_model,
 )
 from bct_onnx.passes import pipeline as pipeline_module
+from bct_onnx.passes.pipeline import OMITTED_WEIGHTS_FILE
 from support import model_from_text, op_types, run_bct_session, run_ort, run_reference
 
 from bct_onnx.config import CompressConfig
@@ -158,7 +159,17 @@ def test_debug_dir_saves_changed_passes(tmp_path, monkeypatch):
     changed = [f"{i:02d}_{r.name}.onnx" for i, r in enumerate(result.passes, start=1) if r.modified]
     assert saved == sorted(changed)
     assert "06_QuantizeGatherPass.onnx" in saved
-    onnx.load(str(tmp_path / "05_QuantizeMatMulPass.onnx"))
+    # Graphs only by default: large tensors point at a file that is never written.
+    proto = onnx.load(str(tmp_path / "05_QuantizeMatMulPass.onnx"), load_external_data=False)
+    omitted = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    assert omitted == {OMITTED_WEIGHTS_FILE}
+    assert not (tmp_path / OMITTED_WEIGHTS_FILE).exists()
+
+
+def test_debug_weights_keeps_every_tensor(tmp_path):
+    compress_model(tied_model(), CompressConfig(), debug_dir=tmp_path, debug_weights=True)
+    for snapshot in sorted(tmp_path.glob("*.onnx")):
+        onnx.checker.check_model(str(snapshot), full_check=True)
 
 
 def test_default_pipeline_folds_per_layer_shape_reads(helpers):
@@ -302,7 +313,7 @@ def test_debug_snapshots_of_an_external_data_model_carry_their_own_data(tmp_path
     source.mkdir()
     ir.save(tied_model(), source / "m.onnx", external_data="m.onnx.data")
     debug = tmp_path / "debug"
-    compress_model(ir.load(source / "m.onnx"), CompressConfig(), debug_dir=debug)
+    compress_model(ir.load(source / "m.onnx"), CompressConfig(), debug_dir=debug, debug_weights=True)
     snapshots = sorted(debug.glob("*.onnx"))
     assert snapshots
     for snapshot in snapshots:
@@ -319,6 +330,7 @@ DEFAULT_ORDER = [
     "FoldShapeArithmeticPass",
     "QuantizeMatMulPass",
     "QuantizeGatherPass",
+    "FuseAttentionPass",
     "QuantizeActMatMulPass",
     "FuseGeluPass",
     "QuantizeGeluPass",
@@ -328,7 +340,9 @@ DEFAULT_ORDER = [
     "FuseLayerNormPass",
     "FuseRMSNormPass",
     "QuantizeLayerNormPass",
+    "FuseMatMulEpiloguePass",
     "CompressIntermediatesPass",
+    "FuseAddNormPass",
     "RemoveUnusedNodesPass",
     "RemoveUnusedOpsetsPass",
     "TopologicalSortPass",
@@ -342,7 +356,7 @@ def test_pass_order_is_pinned():
     weights_only = [
         type(p).__name__ for p in build_passes(CompressConfig(ops=frozenset({"MatMul", "Gather"})))
     ]
-    assert weights_only == [name for name in DEFAULT_ORDER if name not in DEFAULT_ORDER[6:16]]
+    assert weights_only == [name for name in DEFAULT_ORDER if name not in DEFAULT_ORDER[6:19]]
 
 
 def test_docs_list_the_passes_in_the_order_they_run():

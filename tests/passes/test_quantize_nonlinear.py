@@ -59,7 +59,7 @@ def attention_model():
 
 def test_attention_chain_is_compressed_and_matches_the_spec():
     model = attention_model()
-    result = compress_model(model, CompressConfig())
+    result = compress_model(model, CompressConfig(fuse_attention=False))  # the unfused chain
     assert op_types(result.model) == [
         "BlockActMatMul",
         "Div",
@@ -132,7 +132,7 @@ def test_bert_layout_transposes_keep_the_last_axis():
     read with transpose_b=1 (a row-copying Transpose); V's Transpose<[0, 2, 1, 3]> already copies
     rows and stays, read with transpose_b=0. Same bits as the spec on the original layout."""
     model = model_from_text(BERT_ATTENTION, {"root": np.float32(0.25)})
-    result = compress_model(model, CompressConfig())
+    result = compress_model(model, CompressConfig(fuse_attention=False))
     nodes = list(result.model.graph)
     transposes = [list(n.attributes["perm"].value) for n in nodes if n.op_type == "Transpose"]
     assert transposes == [[0, 2, 1, 3]] * 3
@@ -360,9 +360,11 @@ def ffn_model():
 def test_layer_norm_matmul_gelu_matmul_chain_passes_codes():
     """LN -> MatMul -> Gelu -> MatMul: every intermediate is codes and scales. LN -> MatMul in the
     MatMul's own format, MatMul -> Gelu in the MatMul kind's format (8-bit, float16 scales),
-    Gelu -> MatMul in the reading MatMul's own format too (so it uses the codes as they are)."""
+    Gelu -> MatMul in the reading MatMul's own format too (so it uses the codes as they are).
+    Unfused (fuse_ops off); by default MatMul -> Gelu is one BlockMatMul with a gelu epilogue
+    (tests/passes/test_fused_ops_passes.py)."""
     model = ffn_model()
-    result = compress_model(model, CompressConfig())
+    result = compress_model(model, CompressConfig(fuse_ops=False))
     assert op_types(result.model) == ["BlockLayerNorm", "BlockMatMul", "BlockGelu", "BlockMatMul"]
     ln, mm1, gelu, mm2 = list(result.model.graph)
     operand = ("in_bits", "in_block_size", "in_symmetric", "in_axis_size")

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import bct_onnx
+from bct_onnx import reference_attention
 from bct_onnx import reference_nonlinear as nl_ref
 from bct_onnx.block_format import (
     RUNTIME_SCALE_KINDS,
@@ -31,6 +32,7 @@ from bct_onnx.block_format import (
     pack_codes,
     quantize,
 )
+from bct_onnx.reference_fused import EPILOGUES, add_skip, matmul_epilogue
 from bct_onnx.reference_ops import matmul_reference
 
 KIND_CODE = {ScaleKind.FLOAT16: 0, ScaleKind.FLOAT32: 1, ScaleKind.POW2: 2, ScaleKind.FLOAT8E5M2: 3}
@@ -131,6 +133,12 @@ def _helper() -> ctypes.CDLL:
     lib.bct_host_act_matmul.argtypes += [ctypes.c_int] + [ptr] * 6
     lib.bct_host_row_op.argtypes = [ctypes.c_int, i64, i64, ptr, ptr, ptr, ctypes.c_float]
     lib.bct_host_row_op.restype = ctypes.c_int
+    lib.bct_host_matmul_epilogue.argtypes = [ctypes.c_int, i64, i64, ptr, ptr]
+    lib.bct_host_add_norm.argtypes = [ctypes.c_int, i64, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_float]
+    lib.bct_host_add_norm.restype = ctypes.c_int
+    lib.bct_host_attention.argtypes = [ctypes.c_int, i64, ctypes.c_float, ctypes.c_int] + [i64] * 6 + [ptr]
+    # kv_bits, kv_block_size, kv_symmetric, scale_kind; K, K scales, K zero points, V, ...; mask, strides, y
+    lib.bct_host_attention.argtypes += [ctypes.c_int, i64, ctypes.c_int, ctypes.c_int] + [ptr] * 6 + [ptr] * 3
     return lib
 
 
@@ -436,3 +444,100 @@ def test_row_op_threads(kit, name: str, d: int) -> None:
     y = x.copy()
     assert lib.bct_host_row_op(op, x.shape[0], d, _ptr(y), _ptr(scale), _ptr(bias), 1e-5) == 0
     kit.assert_bits_equal(y, np.asarray(want, np.float32), name)
+
+
+@pytest.mark.parametrize("n", [2, 14, 80, 768])
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+def test_matmul_epilogue_threads(kit, epilogue: str, n: int) -> None:
+    """BlockMatMul's epilogue kernel (one thread per output element) against the spec, on the product
+    of the MatMul kernel: large, small, zero and -inf / NaN-free values; silu_gate halves the width."""
+    lib = _helper()
+    rng = np.random.default_rng(n)
+    p = (rng.standard_normal((4, n)) * np.array([1, 8, 0.01, 60])[:, None]).astype(np.float32)
+    p[0, 0] = 0.0
+    want = matmul_epilogue(p, epilogue)
+    out = np.full(want.shape, np.nan, np.float32)
+    lib.bct_host_matmul_epilogue(EPILOGUES.index(epilogue), p.shape[0], n, _ptr(p), _ptr(out))
+    kit.assert_bits_equal(out, want, epilogue)
+
+
+@pytest.mark.parametrize("d", [1, 7, 40, 384])
+@pytest.mark.parametrize("name", ["layer-norm", "layer-norm-no-bias", "rms-norm"])
+def test_add_norm_threads(kit, name: str, d: int) -> None:
+    """BlockAddLayerNorm / BlockAddRMSNorm's warp per row: the sum (output 3) and the normalized row."""
+    lib = _helper()
+    op, spec = ROW_OPS[name]
+    rng = np.random.default_rng(d)
+    x = (rng.standard_normal((5, d)) * np.array([1, 4, 0.01, 30, 1])[:, None]).astype(np.float32)
+    skip = (rng.standard_normal((5, d)) * 2).astype(np.float32)
+    scale = rng.standard_normal(d).astype(np.float32)
+    bias = None if name == "layer-norm-no-bias" else rng.standard_normal(d).astype(np.float32)
+    total = add_skip(x, skip)
+    y, out_sum = x.copy(), np.full_like(x, np.nan)
+    assert (
+        lib.bct_host_add_norm(op, 5, d, _ptr(y), _ptr(skip), _ptr(out_sum), _ptr(scale), _ptr(bias), 1e-5)
+        == 0
+    )
+    kit.assert_bits_equal(out_sum, total, f"{name} sum")
+    kit.assert_bits_equal(y, np.asarray(spec(total, scale, bias), np.float32), name)
+
+
+# BlockAttention: (B, Hq, Hkv, Sq, Sk, Dh, act_bits, block_size, causal, mask kind, K/V format or None)
+ATTENTION_CASES = [
+    (2, 4, 4, 9, 9, 32, 8, 32, False, "padding", None),
+    (1, 9, 3, 1, 129, 64, 8, 32, True, None, None),
+    (1, 6, 2, 70, 70, 40, 6, 16, True, "rows", None),
+    (1, 9, 3, 1, 80, 64, 8, 32, True, None, BlockFormat(8, 32, True, ScaleKind.FLOAT16)),
+    (1, 4, 2, 3, 50, 64, 8, 32, False, "rows", BlockFormat(4, 16, False, ScaleKind.POW2)),
+]
+_SCALE_KIND_CODE = {ScaleKind.FLOAT16: 0, ScaleKind.FLOAT32: 1, ScaleKind.POW2: 2}
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "x".join(str(v) for v in c[:6]) + f"_{c[-1]}")
+def test_attention_threads(kit, case) -> None:
+    """Every thread of BlockAttention's CUDA kernels, run on the host, gives the spec's bits."""
+
+    b, hq, hkv, sq, sk, dh, act_bits, block_size, causal, mask_kind, fmt = case
+    rng = np.random.default_rng(sk)
+    q = (1.5 * rng.standard_normal((b, hq, sq, dh))).astype(np.float32)
+    k = (1.5 * rng.standard_normal((b, hkv, sk, dh))).astype(np.float32)
+    v = rng.standard_normal((b, hkv, sk, dh)).astype(np.float32)
+    mask, strides = None, np.zeros(4, np.int64)
+    if mask_kind == "padding":
+        mask = np.zeros((b, 1, 1, sk), np.float32)
+        mask[-1, ..., sk // 2 :] = np.finfo(np.float32).min
+        strides = np.array([sk, 0, 0, 1], np.int64)
+    elif mask_kind == "rows":
+        mask = rng.standard_normal((sq, sk)).astype(np.float32)
+        strides = np.array([0, 0, sk, 1], np.int64)
+    k_in, v_in = (quantize(k, fmt), quantize(v, fmt)) if fmt is not None else (k, v)
+    scale = float(dh) ** -0.5
+    want = reference_attention.attention(
+        q, k_in, v_in, act_bits=act_bits, block_size=block_size, scale=scale, mask=mask, causal=causal
+    )
+    y = np.empty_like(want)
+    lib = _helper()
+    if fmt is None:
+        kv_args = [0, 0, 1, 0, _ptr(k), None, None, _ptr(v), None, None]
+    else:
+        kv_args = [fmt.bits, fmt.block_size, int(fmt.symmetric), _SCALE_KIND_CODE[fmt.scale_kind]]
+        kv_args += [_ptr(k_in.codes), _ptr(k_in.scales), _ptr(k_in.zero_points)]
+        kv_args += [_ptr(v_in.codes), _ptr(v_in.scales), _ptr(v_in.zero_points)]
+    lib.bct_host_attention(
+        act_bits,
+        block_size,
+        scale,
+        int(causal),
+        b,
+        hq,
+        hkv,
+        sq,
+        sk,
+        dh,
+        _ptr(q),
+        *kv_args,
+        _ptr(mask),
+        _ptr(strides),
+        _ptr(y),
+    )
+    kit.assert_bits_equal(y, want, "Y")

@@ -241,3 +241,56 @@ def test_error_does_not_poison_the_session(kit, table) -> None:
         sess.run(None, {"indices": np.array([99], np.int64)})
     (y,) = sess.run(None, {"indices": np.array([1], np.int64)})
     assert y.shape == (1, 16)
+
+
+# --- attributes of the wrong type, operands of unknown rank (found by tools/fuzz_ops.py) ---------
+
+
+def _one_node(op_type: str, inputs: dict[str, np.ndarray], n_outputs: int = 1, shapes: bool = True, **attrs) -> bytes:
+    """One node of our domain; graph inputs declared with their shapes (or rank unknown), outputs untyped."""
+    node = helper.make_node(op_type, list(inputs), [f"y{i}" for i in range(n_outputs)], domain=bct_onnx.ops.DOMAIN,
+                            name="typed_node", **attrs)
+    graph = helper.make_graph(
+        [node], "g",
+        [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape) if shapes else None)
+         for n, v in inputs.items()],
+        [helper.make_value_info(f"y{i}", onnx.TypeProto()) for i in range(n_outputs)],
+    )  # fmt: skip
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(bct_onnx.ops.DOMAIN, 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=9).SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("op_type", "attrs", "message"),
+    [
+        ("BlockQuantize", {"bits": 4, "block_size": 8, "symmetric": ""}, "attribute 'symmetric' must be an int"),
+        ("BlockQuantize", {"bits": 4.0, "block_size": 8}, "attribute 'bits' must be an int"),
+        ("BlockQuantize", {"bits": 4, "block_size": 8, "scale_kind": 1}, "attribute 'scale_kind' must be a string"),
+        ("BlockLayerNorm", {"epsilon": 1}, "attribute 'epsilon' must be a float"),
+        ("BlockSoftmax", {"out_bits": "4"}, "attribute 'out_bits' must be an int"),
+    ],
+)
+def test_attribute_of_the_wrong_type(kit, op_type: str, attrs: dict, message: str) -> None:
+    """An attribute of another type is an error naming it (it was read as absent: the default)."""
+    inputs = {"x": np.ones((2, 8), np.float32)}
+    if op_type == "BlockLayerNorm":
+        inputs["scale"] = np.ones(8, np.float32)
+    proto = onnx.load_from_string(_one_node(op_type, inputs, n_outputs=2 if op_type == "BlockQuantize" else 1, **attrs))
+    if op_type == "BlockLayerNorm":  # X, absent X_scales and X_zero_points, scale
+        proto.graph.node[0].input[:] = ["x", "", "", "scale"]
+    model = proto.SerializeToString()
+    _fails(kit, model, inputs, f"bct_onnx {op_type} node 'typed_node': ", message)
+
+
+def test_operand_of_unknown_rank() -> None:
+    """An input declared without a shape: the outputs still get their dtypes (float32 Y of a quantized
+    operand was typed uint8 like the codes, and the kernel refused its own output)."""
+    q = quantize(np.linspace(-2, 2, 24, dtype=np.float32).reshape(3, 8), SYM4)
+    attrs = {"in_bits": 4, "in_block_size": 8, "in_axis_size": 8}
+    model = _one_node("BlockGelu", {"x": q.codes, "x_scales": q.scales}, shapes=False, **attrs)
+    (y,) = bct_onnx.session(model).run(None, {"x": q.codes, "x_scales": q.scales})
+    assert y.dtype == np.float32 and y.shape == (3, 8)
+    model = _one_node("BlockQuantize", {"x": np.ones((2, 5), np.float32)}, n_outputs=2, shapes=False, bits=4,
+                      block_size=8, scale_kind="float32")
+    codes, scales = bct_onnx.session(model).run(None, {"x": np.ones((2, 5), np.float32)})
+    assert codes.dtype == np.uint8 and scales.dtype == np.float32 and scales.shape == (2, 1)

@@ -437,9 +437,10 @@ def test_non_finite_own_format_activations(isa: str, act_bits: int) -> None:
 @pytest.mark.parametrize("act_bits", [0, 8])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 def test_large_magnitudes_within_the_range_guarantee(isa: str, symmetric: bool, act_bits: int) -> None:
-    """Rows scaled so the guarantee holds by a factor 2 or less: every output finite and within tolerance.
-    A row past it (Y finite near 1e37, but activations times unscaled codes above the float32 maximum) is
-    outside the guarantee, as matmul_in_range says."""
+    """Rows up to 64 times past the point where activations times unscaled codes overflow float32 (Y
+    near 1e37, the case of issue 11 finding 7, which gave inf or an infinity of the wrong sign): every
+    output finite and within tolerance. A row whose exact Y is beyond the float32 range is +-inf with
+    the reference's sign."""
     rng = np.random.default_rng(act_bits + symmetric)
     k, n, block_size, bits = 96, 37, 32, 4
     codes, scales, zero_points = random_weight(
@@ -448,18 +449,41 @@ def test_large_magnitudes_within_the_range_guarantee(isa: str, symmetric: bool, 
     scales = (scales * 1e-3).astype(np.float32)
     fmt = {"k": k, "bits": bits, "block_size": block_size, "symmetric": symmetric, "act_bits": act_bits}
     model = matmul_model(n=n, codes=codes, scales=scales, zero_points=zero_points, bias=None, **fmt)
-    unit = rng.standard_normal((4, k)).astype(np.float32)
+    unit = rng.standard_normal((6, k)).astype(np.float32)
     unit /= np.abs(unit).max(axis=-1, keepdims=True)  # max |a| = 1 per row
-    edge = 2.0**127 / (block_size * ((1 << bits) - 1))  # condition (2) of the guarantee met exactly
-    a = (unit * np.array([[edge * 0.99], [edge / 2], [-edge / 8], [edge * 64]])).astype(np.float32)
-    in_range = matmul_in_range(a, codes, scales, zero_points, **fmt)
-    assert in_range[:3].all() and not in_range[3].any()
-    want = matmul_reference(a, codes, scales, zero_points, **fmt)
-    assert np.isfinite(want).all() and np.abs(want[3]).max() < 2.0**127  # the reference is finite everywhere
+    edge = 2.0**127 / (block_size * ((1 << bits) - 1))  # beyond it, a * code sums can overflow
+    rows = np.array([[edge * 0.99], [edge / 2], [-edge / 8], [edge * 64], [-edge * 256], [3.0e38 / 4]])
+    a = (unit * rows).astype(np.float32)
+    assert matmul_in_range(a, codes, scales, zero_points, **fmt).all()
+    with np.errstate(over="ignore"):
+        want = matmul_reference(a, codes, scales, zero_points, **fmt)
+        want32 = want.astype(np.float32)
+    assert np.isfinite(want32).all() and np.abs(want[3:]).max() > 2.0**110
     y = run_matmul(model, a)
     tol = tolerance(a, codes, scales, zero_points, **fmt)
-    assert np.isfinite(y[:3]).all(), f"isa={isa}: outputs within the range guarantee must be finite"
-    assert np.all(np.abs(y[:3] - want[:3]) <= tol[:3]), f"isa={isa}"
+    assert np.isfinite(y).all(), f"isa={isa}: outputs whose reference is finite must be finite"
+    assert np.all(np.abs(y - want) <= tol), f"isa={isa}"
+
+
+@pytest.mark.parametrize("act_bits", [0, 8])
+def test_beyond_the_float32_range_gives_the_right_infinity(isa: str, act_bits: int) -> None:
+    """A row whose partial sums overflow to +inf before its larger negative half comes in (exact Y
+    about -6e40): -inf, not NaN; the other output's exact Y is 0 and comes out within tolerance
+    (+inf + -inf = NaN before the fix)."""
+    k, block_size, bits = 64, 16, 4
+    codes = np.full((2, k), 15, np.uint8)  # symmetric: code 15 is +7
+    codes[0, :32] = 9  # +1: output 0 is 3e38 * (32 * 1 - 32 * 7)
+    packed = pack_codes(codes, bits)
+    scales = np.ones((2, k // block_size), np.float32)
+    fmt = {"k": k, "bits": bits, "block_size": block_size, "symmetric": True, "act_bits": act_bits}
+    model = matmul_model(n=2, codes=packed, scales=scales, zero_points=None, bias=None, **fmt)
+    a = np.full((1, k), 3.0e38, np.float32)
+    a[0, 32:] = -3.0e38
+    want = matmul_reference(a, packed, scales, None, **fmt)
+    y = run_matmul(model, a)
+    assert want[0, 0] < -3.5e38 and y[0, 0] == -np.inf, f"isa={isa}: got {y[0, 0]}"
+    tol = tolerance(a, packed, scales, None, **fmt)[0, 1]  # 5e33: float32(3e38) sums are not exact
+    assert want[0, 1] == 0 and abs(y[0, 1]) <= tol, f"isa={isa}: got {y[0, 1]}"
 
 
 # ---------------------------------------------------------------------------------------------

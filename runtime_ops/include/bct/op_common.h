@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <cstdint>
 #include <exception>
 #include <new>
@@ -126,39 +127,53 @@ inline void CheckLaunch(const NodeRef& node, const char* error) {
 // ---------------------------------------------------------------------------------------------
 // Attributes
 
-// Required int attribute; fails naming it when absent.
+// Releases a failed attribute read's status; throws when the attribute exists with another type
+// (ONNX Runtime: "Attribute name and type don't match"), so a wrong type is an error naming the
+// attribute instead of a silent default. Returns normally when the attribute is absent.
+inline void AttrReadFailed(OrtStatus* status, const char* name, const char* type) {
+  const OrtApi& api = Ort::GetApi();
+  const char* message = api.GetErrorMessage(status);
+  const bool other_type = message != nullptr && std::strstr(message, "type don't match") != nullptr;
+  api.ReleaseStatus(status);
+  if (other_type) {
+    throw Ort::Exception(std::string("attribute '") + name + "' must be " + type + ", got another type",
+                         ORT_INVALID_ARGUMENT);
+  }
+}
+
+// Required int attribute; fails naming it when absent or of another type.
 inline int64_t AttrInt(const OrtKernelInfo* info, const NodeRef& node, const char* name) {
   int64_t value = 0;
   const OrtApi& api = Ort::GetApi();
   if (OrtStatus* status = api.KernelInfoGetAttribute_int64(info, name, &value)) {
-    api.ReleaseStatus(status);
+    AttrReadFailed(status, name, "an int");
     node.Fail(std::string("required int attribute '") + name + "' is missing");
   }
   return value;
 }
 
-// Optional int attribute with a default.
+// Optional int attribute with a default (an error when of another type).
 inline int64_t AttrInt(const OrtKernelInfo* info, const char* name, int64_t default_value) {
   int64_t value = 0;
   const OrtApi& api = Ort::GetApi();
   if (OrtStatus* status = api.KernelInfoGetAttribute_int64(info, name, &value)) {
-    api.ReleaseStatus(status);
+    AttrReadFailed(status, name, "an int");
     return default_value;
   }
   return value;
 }
 
-// Optional string attribute with a default.
+// Optional string attribute with a default (an error when of another type).
 inline std::string AttrString(const OrtKernelInfo* info, const char* name, const std::string& default_value) {
   const OrtApi& api = Ort::GetApi();
   size_t size = 0;
   if (OrtStatus* status = api.KernelInfoGetAttribute_string(info, name, nullptr, &size)) {
-    api.ReleaseStatus(status);
+    AttrReadFailed(status, name, "a string");
     return default_value;
   }
   std::string out(size, '\0');
   if (OrtStatus* status = api.KernelInfoGetAttribute_string(info, name, out.data(), &size)) {
-    api.ReleaseStatus(status);
+    AttrReadFailed(status, name, "a string");
     return default_value;
   }
   out.resize(size > 0 ? size - 1 : 0);

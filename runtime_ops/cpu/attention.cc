@@ -1,0 +1,178 @@
+// BlockAttention on CPU (docs/ops.md): Q and K quantized along the head size (the activation
+// quantizer of cpu/act_quantize.h, or K's own codes when they are in the op's symmetric blocks), V as
+// float32 rows (dequantized when given as codes). K is laid out once per call as BlockActMatMul lays
+// out B (VNNI-packed, or K-major), so a task (a run of up to 16 query rows of one batch and query
+// head; query heads of a group share their KV head) computes its strip of block dots [rows, Sk] with
+// BlockActMatMul's dot kernels (the same values as nl::act_dot), then runs the streaming softmax x V of
+// bct/attention_math.h over it through Kernels(isa).attention_rows. Only a strip of dots per task is
+// stored, never the probability matrix.
+#include <algorithm>
+#include <memory>
+#include <vector>
+
+#include "bct/attention_math.h"
+#include "bct/op_common.h"
+#include "cpu/act_matmul_vnni.h"
+#include "cpu/kernel_table.h"
+#include "cpu/row_kernels.h"
+#include "ops/attention_io.h"
+#include "ops/ops.h"
+
+namespace bct {
+namespace nonlinear {
+namespace {
+
+template <class T>
+std::unique_ptr<T[]> Buffer(int64_t count) {
+  return std::unique_ptr<T[]>(new T[static_cast<size_t>(std::max<int64_t>(1, count))]);
+}
+
+class AttentionCpuKernel : public AttentionKernelBase {
+ public:
+  AttentionCpuKernel(const OrtKernelInfo* info, const NodeRef& node)
+      : AttentionKernelBase(info, node), isa_(cpu::KernelIsa(node_)), kernels_(cpu::Kernels(isa_)) {}
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return Guard(node_, [&] {
+      Ort::KernelContext ctx(context);
+      const AttentionGeometry g = CheckAttention(ctx, node_, attrs_);
+      const std::vector<int64_t> out_shape = {g.batch, g.q_heads, g.sq, g.dh};
+      float* y = ctx.GetOutput(0, out_shape).GetTensorMutableData<float>();
+      const int64_t dh = g.dh, bs = attrs_.block_size;
+      const int64_t nb = num_blocks(dh, bs);
+      const int64_t q_rows = g.batch * g.q_heads * g.sq, kv_rows = g.batch * g.kv_heads * g.sk;
+      if (q_rows == 0) return;
+      const int64_t group = std::max<int64_t>(1, std::min<int64_t>(64, 4096 / dh));  // rows per quantizer call
+
+      auto qq = Buffer<int8_t>(q_rows * dh);
+      auto qs = Buffer<float>(q_rows * nb);
+      ParallelFor(ctx, q_rows, group, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; r += group) {
+          const int64_t count = std::min(group, end - r);
+          QuantizeRows(g.q + r * dh, count, dh, qq.get() + r * dh, qs.get() + r * nb);
+        }
+      });
+
+      // K as signed codes [rows, dh] + float32 scales [rows, nb]; V as float32 rows.
+      auto kq = Buffer<int8_t>(kv_rows * dh);
+      auto ks = Buffer<float>(kv_rows * nb);
+      const bool direct = KeyCodesDirect();
+      const cpu::PackedRows k_rows(RowFormatOf(g.k, dh), g.k.codes, g.k.scales, g.k.zero_points);
+      const cpu::PackedRows v_rows(RowFormatOf(g.v, dh), g.v.codes, g.v.scales, g.v.zero_points);
+      std::unique_ptr<float[]> v_float = g.v.quantized ? Buffer<float>(kv_rows * dh) : nullptr;
+      ParallelFor(ctx, kv_rows, group, [&](int64_t begin, int64_t end) {
+        std::vector<float> rows(g.k.quantized && !direct ? static_cast<size_t>(group * dh) : 0);
+        for (int64_t r = begin; r < end; r += group) {
+          const int64_t count = std::min(group, end - r);
+          if (direct) {
+            for (int64_t t = r; t < r + count; ++t) {
+              nl::signed_codes_of_row(g.k.codes + t * g.k.row_bytes, dh, attrs_.kv_bits, g.k.row_bytes, g.k.scale_kind,
+                                      g.k.scales, t * nb, nb, kq.get() + t * dh, ks.get() + t * nb);
+            }
+          } else if (g.k.quantized) {
+            k_rows.DequantizeRange(r, count, rows.data());
+            QuantizeRows(rows.data(), count, dh, kq.get() + r * dh, ks.get() + r * nb);
+          } else {
+            QuantizeRows(g.k.x + r * dh, count, dh, kq.get() + r * dh, ks.get() + r * nb);
+          }
+          if (g.v.quantized) v_rows.DequantizeRange(r, count, v_float.get() + r * dh);
+        }
+      });
+      const float* values = g.v.quantized ? v_float.get() : g.v.x;
+
+      // K in BlockActMatMul's B layout, one batch per KV head: VNNI-packed or K-major [dh, sk] / [nb, sk].
+      const int64_t kv_heads = g.batch * g.kv_heads;
+      const bool vnni_dots = kernels_.act_dot_vnni;
+      vnni::PackedB packed;
+      std::vector<int8_t> k_major(vnni_dots ? 0 : static_cast<size_t>(kv_rows * dh));
+      std::vector<float> k_major_scales(vnni_dots ? 0 : static_cast<size_t>(kv_rows * nb));
+      if (vnni_dots) vnni::InitPackedB(packed, kv_heads, g.sk, dh, bs);
+      ParallelFor(ctx, kv_rows, 256, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t head = r / g.sk, key = r % g.sk;
+          if (vnni_dots) {
+            vnni::PackColumn(packed, head, key, kq.get() + r * dh, ks.get() + r * nb);
+            continue;
+          }
+          int8_t* col = k_major.data() + head * dh * g.sk + key;
+          for (int64_t d = 0; d < dh; ++d) col[d * g.sk] = kq[static_cast<size_t>(r * dh + d)];
+          float* sc = k_major_scales.data() + head * nb * g.sk + key;
+          for (int64_t b = 0; b < nb; ++b) sc[b * g.sk] = ks[static_cast<size_t>(r * nb + b)];
+        }
+      });
+
+      // Query rows in runs of at most `run` rows inside one (batch, query head).
+      const int64_t per_group = g.q_heads / g.kv_heads;
+      const int64_t run = std::max<int64_t>(1, std::min<int64_t>(g.sq, 16));
+      const int64_t runs_per_head = (g.sq + run - 1) / run;
+      const int64_t tasks = g.batch * g.q_heads * runs_per_head;
+      const int64_t work = std::max<int64_t>(1, g.sk * dh * run);
+      ParallelFor(ctx, tasks, std::max<int64_t>(1, 65536 / work), [&](int64_t begin, int64_t end) {
+        std::vector<float> dots(static_cast<size_t>(run * g.sk));
+        std::vector<int32_t> acc(vnni_dots ? 0 : static_cast<size_t>(g.sk));
+        std::vector<uint8_t> scratch(vnni_dots ? static_cast<size_t>(4 * nb * packed.groups * 4) : 0);
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t head_index = task / runs_per_head;  // b * Hq + h
+          const int64_t b = head_index / g.q_heads, h = head_index % g.q_heads;
+          const int64_t i0 = (task % runs_per_head) * run;
+          const int64_t rows = std::min(run, g.sq - i0);
+          const int64_t kv_head = b * g.kv_heads + h / per_group;
+          const int64_t row = head_index * g.sq + i0;
+          const int8_t* q_codes = qq.get() + row * dh;
+          const float* q_scales = qs.get() + row * nb;
+          if (vnni_dots) {
+            vnni::DotRows(packed, kv_head, q_codes, q_scales, rows, scratch.data(), dots.data(), g.sk);
+          } else {
+            for (int64_t r = 0; r < rows; ++r) {
+              kernels_.act_dot_row(q_codes + r * dh, q_scales + r * nb, k_major.data() + kv_head * dh * g.sk,
+                                   k_major_scales.data() + kv_head * nb * g.sk, g.sk, dh, bs, nb, acc.data(),
+                                   dots.data() + r * g.sk);
+            }
+          }
+          nl::AttentionKeys kv;
+          kv.codes = kq.get() + kv_head * g.sk * dh;
+          kv.scales = ks.get() + kv_head * g.sk * nb;
+          kv.values = values + kv_head * g.sk * dh;
+          kv.dh = dh;
+          kv.nb = nb;
+          kv.block_size = bs;
+          const float* mask = g.mask != nullptr ? g.mask + b * g.mask_strides[0] + h * g.mask_strides[1] : nullptr;
+          kernels_.attention_rows(q_codes, q_scales, dots.data(), rows, i0, g.sq, g.sk, attrs_.causal, kv,
+                                  attrs_.scale, mask, g.mask_strides[2], g.mask_strides[3], y + row * dh);
+        }
+      });
+    });
+  }
+
+ private:
+  void QuantizeRows(const float* x, int64_t rows, int64_t k, int8_t* q, float* scales) const {
+    cpu::ActCodes out;
+    out.codes = q;
+    out.row_stride = k;
+    out.block_stride = attrs_.block_size;
+    out.scales = scales;
+    kernels_.quantize_act_rows(x, rows, k, attrs_.act_bits, attrs_.block_size, out);
+  }
+
+  cpu::RowFormat RowFormatOf(const AttentionKV& kv, int64_t dh) const {
+    cpu::RowFormat fmt = MakeRowFormat<cpu::RowFormat>(attrs_.kv_bits > 0 ? attrs_.kv_bits : 8,
+                                                       attrs_.kv_bits > 0 ? attrs_.kv_block_size : 1,
+                                                       attrs_.kv_symmetric, kv.scale_kind, dh, kv.row_bytes,
+                                                       kv.num_blocks);
+    fmt.isa = isa_;
+    return fmt;
+  }
+
+  cpu::Isa isa_;  // chosen at creation (BCT_ONNX_ISA, BCT_ONNX_BASELINE_SIMD)
+  const cpu::KernelTable& kernels_;
+};
+
+}  // namespace
+}  // namespace nonlinear
+
+void AppendAttentionCpuOps(Ort::CustomOpDomain& domain) {
+  static BlockCustomOp<nonlinear::AttentionSchema, nonlinear::AttentionCpuKernel> op(nullptr);
+  domain.Add(&op);
+}
+
+}  // namespace bct

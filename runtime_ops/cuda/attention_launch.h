@@ -1,0 +1,42 @@
+// Plain C++ launcher of BlockAttention's CUDA kernels (cuda/attention.cu); all the host side
+// (cuda/attention_op_cuda.cc, compiled with the ORT headers) sees of them. Pointers are device
+// pointers; stream is a cudaStream_t; returns nullptr on success or the first CUDA error string.
+#pragma once
+
+#include <cstdint>
+
+#include "block_launch.h"
+
+namespace bct {
+namespace cuda {
+
+// Q [batch, q_heads, sq, dh] float32; K, V [batch, kv_heads, sk, dh] float32 or codes in kv_fmt (axis
+// dh); k_direct: K's codes are symmetric in the op's blocks and are used as they are; mask nullptr or
+// read at mask[b * s0 + h * s1 + i * s2 + j * s3]; y [batch, q_heads, sq, dh].
+struct AttentionArgs {
+  int act_bits = 8;
+  int64_t block_size = 32;
+  float scale = 1.0f;
+  bool causal = false;
+  int64_t batch = 0, q_heads = 0, kv_heads = 0, sq = 0, sk = 0, dh = 0;
+  const float* q = nullptr;
+  bool kv_quantized = false;
+  bool k_direct = false;
+  RowFormat kv_fmt{};
+  const float* k = nullptr;
+  const uint8_t* k_codes = nullptr;
+  const void* k_scales = nullptr;
+  const uint8_t* k_zero_points = nullptr;
+  const float* v = nullptr;
+  const uint8_t* v_codes = nullptr;
+  const void* v_scales = nullptr;
+  const uint8_t* v_zero_points = nullptr;
+  const float* mask = nullptr;
+  int64_t mask_strides[4] = {0, 0, 0, 0};
+  float* y = nullptr;
+};
+
+const char* LaunchAttention(const AttentionArgs& args, void* stream);
+
+}  // namespace cuda
+}  // namespace bct

@@ -1,0 +1,210 @@
+// BlockAttention (docs/ops.md): attributes, validation and shape inference shared by its CPU and
+// CUDA kernels. Inputs: 0 Q float32 [B, Hq, Sq, Dh]; 1..3 K (float32 [B, Hkv, Sk, Dh], or with
+// kv_bits > 0 uint8 codes [B, Hkv, Sk, row_bytes(Dh)], scales [B, Hkv, Sk, nb] of any scale kind
+// and zero points iff kv_symmetric = 0); 4..6 V in the same form as K; 7 an optional float32 additive
+// mask broadcastable to [B, Hq, Sq, Sk]. Output: float32 [B, Hq, Sq, Dh].
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "bct/op_common.h"
+#include "ops/act_matmul_io.h"
+#include "ops/block_io.h"
+#include "ops/nonlinear_families.h"
+#include "ops/nonlinear_io.h"
+
+namespace bct {
+namespace nonlinear {
+
+struct AttentionAttrs {
+  int act_bits = 8;
+  int64_t block_size = 32;
+  float scale = 1.0f;
+  bool causal = false;
+  int kv_bits = 0;  // 0: K and V are float32
+  int64_t kv_block_size = 0;
+  bool kv_symmetric = true;
+};
+
+inline AttentionAttrs ReadAttentionAttrs(const OrtKernelInfo* info, const NodeRef& node) {
+  AttentionAttrs a;
+  ReadActFormat(info, node, &a.act_bits, &a.block_size);
+  a.scale = AttrFloat(info, "scale", 1.0f);
+  if (!(a.scale == a.scale) || a.scale == 1.0f / 0.0f || a.scale == -1.0f / 0.0f) {
+    node.Fail("attribute 'scale' must be finite");
+  }
+  a.causal = ReadFlag(info, node, "causal", 0);
+  const int64_t kv_bits = AttrInt(info, "kv_bits", 0);
+  CheckBitsAttr(node, "kv_bits", kv_bits);
+  a.kv_bits = static_cast<int>(kv_bits);
+  a.kv_symmetric = ReadFlag(info, node, "kv_symmetric", 1);
+  if (a.kv_bits > 0) {
+    a.kv_block_size = AttrInt(info, "kv_block_size", 0);
+    if (a.kv_block_size < 1 || a.kv_block_size > kMaxActBlockSize) {
+      node.Fail("attribute 'kv_block_size' must be in 1.." + std::to_string(kMaxActBlockSize) +
+                " when kv_bits > 0, got " + std::to_string(a.kv_block_size));
+    }
+  }
+  return a;
+}
+
+// K or V of one call: float rows, or packed codes along Dh.
+struct AttentionKV {
+  bool quantized = false;
+  const float* x = nullptr;
+  const uint8_t* codes = nullptr;
+  const void* scales = nullptr;
+  const uint8_t* zero_points = nullptr;
+  ScaleKind scale_kind = ScaleKind::kFloat32;
+  int64_t row_bytes = 0;
+  int64_t num_blocks = 0;
+};
+
+struct AttentionGeometry {
+  int64_t batch = 0, q_heads = 0, kv_heads = 0, sq = 0, sk = 0, dh = 0;
+  const float* q = nullptr;
+  AttentionKV k, v;
+  const float* mask = nullptr;
+  int64_t mask_strides[4] = {0, 0, 0, 0};  // elements per step of b, h, i, j (0: broadcast)
+};
+
+inline AttentionKV ReadAttentionKV(const Ort::KernelContext& ctx, const NodeRef& node, const AttentionAttrs& attrs,
+                                   size_t first, const char* name, int64_t batch, int64_t dh,
+                                   std::vector<int64_t>* shape) {
+  const std::string scales_name = std::string(name) + "_scales";
+  const std::string zp_name = std::string(name) + "_zero_points";
+  const InputTensor x = GetInput(ctx, first);
+  const InputTensor scales = GetInput(ctx, first + 1);
+  const InputTensor zero_points = GetInput(ctx, first + 2);
+  AttentionKV kv;
+  if (!x.present) node.Fail(std::string("input '") + name + "' is required");
+  if (x.shape.size() != 4) node.Fail(std::string("input '") + name + "' must have rank 4, got shape " + ShapeString(x.shape));
+  if (x.shape[0] != batch) {
+    node.Fail(std::string("input '") + name + "' batch " + std::to_string(x.shape[0]) + " differs from Q's " +
+              std::to_string(batch));
+  }
+  *shape = x.shape;
+  if (attrs.kv_bits == 0) {
+    ExpectDtype(node, name, x, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    if (scales.present || zero_points.present) {
+      node.Fail("inputs '" + scales_name + "' and '" + zp_name + "' must be absent (empty names) when kv_bits=0");
+    }
+    if (x.shape[3] != dh) {
+      node.Fail(std::string("input '") + name + "' last dim must be Q's head size " + std::to_string(dh) + ", got shape " +
+                ShapeString(x.shape));
+    }
+    kv.x = x.As<float>();
+    return kv;
+  }
+  kv.quantized = true;
+  ExpectDtype(node, name, x, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
+  kv.row_bytes = row_bytes(dh, attrs.kv_bits);
+  kv.num_blocks = num_blocks(dh, attrs.kv_block_size);
+  if (x.shape[3] != kv.row_bytes) {
+    node.Fail(std::string("input '") + name + "' last dim must be row_bytes(Dh " + std::to_string(dh) + ", kv_bits " +
+              std::to_string(attrs.kv_bits) + ") = " + std::to_string(kv.row_bytes) + ", got shape " +
+              ShapeString(x.shape));
+  }
+  if (!scales.present) node.Fail("input '" + scales_name + "' is required when kv_bits > 0");
+  kv.scale_kind = ScaleKindOfInput(scales, node, scales_name.c_str(), "pow2");
+  const std::vector<int64_t> block_shape = {x.shape[0], x.shape[1], x.shape[2], kv.num_blocks};
+  if (scales.shape != block_shape) {
+    node.Fail("input '" + scales_name + "' must have shape " + ShapeString(block_shape) + ", got " +
+              ShapeString(scales.shape));
+  }
+  if (attrs.kv_symmetric) {
+    if (zero_points.present) node.Fail("input '" + zp_name + "' must be absent when kv_symmetric=1");
+  } else {
+    if (!zero_points.present) node.Fail("input '" + zp_name + "' is required when kv_symmetric=0");
+    ExpectDtype(node, zp_name.c_str(), zero_points, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
+    if (zero_points.shape != block_shape) {
+      node.Fail("input '" + zp_name + "' must have shape " + ShapeString(block_shape) + ", got " +
+                ShapeString(zero_points.shape));
+    }
+    kv.zero_points = zero_points.As<uint8_t>();
+  }
+  kv.codes = x.As<uint8_t>();
+  kv.scales = scales.data;
+  return kv;
+}
+
+inline AttentionGeometry CheckAttention(const Ort::KernelContext& ctx, const NodeRef& node,
+                                        const AttentionAttrs& attrs) {
+  AttentionGeometry g;
+  const InputTensor q = GetInput(ctx, 0);
+  if (!q.present) node.Fail("input 'Q' is required");
+  ExpectDtype(node, "Q", q, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  if (q.shape.size() != 4) node.Fail("input 'Q' must have rank 4 [B, Hq, Sq, Dh], got shape " + ShapeString(q.shape));
+  g.batch = q.shape[0];
+  g.q_heads = q.shape[1];
+  g.sq = q.shape[2];
+  g.dh = q.shape[3];
+  if (g.dh < 1) node.Fail("input 'Q' head size must be >= 1, got shape " + ShapeString(q.shape));
+  g.q = q.As<float>();
+  std::vector<int64_t> k_shape, v_shape;
+  g.k = ReadAttentionKV(ctx, node, attrs, 1, "K", g.batch, g.dh, &k_shape);
+  g.v = ReadAttentionKV(ctx, node, attrs, 4, "V", g.batch, g.dh, &v_shape);
+  if (k_shape != v_shape) {
+    node.Fail("inputs 'K' " + ShapeString(k_shape) + " and 'V' " + ShapeString(v_shape) + " must have the same shape");
+  }
+  g.kv_heads = k_shape[1];
+  g.sk = k_shape[2];
+  if (g.kv_heads < 1 || g.q_heads % g.kv_heads != 0) {
+    node.Fail("Q's heads " + std::to_string(g.q_heads) + " must be a multiple of K's heads " +
+              std::to_string(g.kv_heads) + " (grouped-query attention)");
+  }
+  if (attrs.causal && g.sq > g.sk) {
+    node.Fail("causal=1 needs Sq <= Sk (queries are the last Sq positions), got Sq " + std::to_string(g.sq) +
+              ", Sk " + std::to_string(g.sk));
+  }
+  const InputTensor mask = GetInput(ctx, 7);
+  if (mask.present) {
+    ExpectDtype(node, "mask", mask, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    const int64_t full[4] = {g.batch, g.q_heads, g.sq, g.sk};
+    if (mask.shape.size() > 4) node.Fail("input 'mask' must have rank <= 4, got shape " + ShapeString(mask.shape));
+    const size_t offset = 4 - mask.shape.size();
+    int64_t stride = 1;
+    for (size_t i = 4; i-- > 0;) {
+      const int64_t dim = i >= offset ? mask.shape[i - offset] : 1;
+      if (dim != 1 && dim != full[i]) {
+        node.Fail("input 'mask' " + ShapeString(mask.shape) + " does not broadcast to [B, Hq, Sq, Sk] = " +
+                  ShapeString(std::vector<int64_t>(full, full + 4)));
+      }
+      g.mask_strides[i] = dim == 1 ? 0 : stride;
+      stride *= dim;
+    }
+    g.mask = mask.As<float>();
+  }
+  return g;
+}
+
+struct AttentionSchema {
+  static constexpr const char* kName = "BlockAttention";
+  static constexpr size_t kInputCount = 8;
+  static constexpr size_t kOutputCount = 1;
+  static bool InputOptional(size_t index) { return index == 2 || index == 3 || index == 5 || index == 6 || index == 7; }
+  static bool OutputOptional(size_t) { return false; }
+  static ONNXTensorElementDataType OutputType(size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  static OrtStatusPtr ORT_API_CALL InferOutputShape(const OrtCustomOp*, OrtShapeInferContext* ctx) noexcept;
+};
+
+// What the CPU and CUDA kernels share: the node and its attributes (read at kernel creation).
+class AttentionKernelBase {
+ public:
+  AttentionKernelBase(const OrtKernelInfo* info, const NodeRef& node)
+      : node_(node), attrs_(ReadAttentionAttrs(info, node_)) {}
+
+  static bool InputOnHost(size_t) { return false; }
+
+ protected:
+  // K codes usable as they are for the block dots: symmetric, in the op's blocks along Dh.
+  bool KeyCodesDirect() const { return attrs_.kv_bits > 0 && attrs_.kv_symmetric && attrs_.kv_block_size == attrs_.block_size; }
+
+  NodeRef node_;
+  AttentionAttrs attrs_;
+};
+
+}  // namespace nonlinear
+}  // namespace bct
