@@ -58,6 +58,9 @@ def sanitized_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
     configure = [
         "cmake", "-S", str(REPO / "runtime_ops"), "-B", str(build), "-DCMAKE_BUILD_TYPE=Debug",
         "-DBCT_WITH_CUDA=OFF", "-DBCT_SANITIZE=address,undefined", "-DBCT_BUILD_TEST_HELPERS=OFF",
+        # Warnings stay warnings here: at -O1 with the sanitizers GCC 12 flags its own AVX-512 header
+        # (_mm512_undefined_ps in avx512fintrin.h) as -Wuninitialized; CI's release build keeps BCT_WERROR.
+        "-DBCT_WERROR=OFF",
     ]
     if shutil.which("ninja"):
         configure += ["-G", "Ninja"] if not (build / "CMakeCache.txt").exists() else []
