@@ -220,7 +220,9 @@ def rotary(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 def _heads_first(x: np.ndarray, heads: int) -> np.ndarray:
     """[B, S, H * Dh] -> [B, H, S, Dh]."""
     b, s, width = x.shape
-    return np.ascontiguousarray(np.asarray(x, np.float32).reshape(b, s, heads, width // heads).transpose(0, 2, 1, 3))
+    return np.ascontiguousarray(
+        np.asarray(x, np.float32).reshape(b, s, heads, width // heads).transpose(0, 2, 1, 3)
+    )
 
 
 def _append(past, new: np.ndarray, fmt: BlockFormat | None):
@@ -266,14 +268,25 @@ def attention_step(
     if packed:
         if q_heads is None:
             raise ValueError("q_heads is needed when Q is [B, S, Hq * Dh]")
-        q, k_new, v_new = _heads_first(q, q_heads), _heads_first(k_new, kv_heads), _heads_first(v_new, kv_heads)
+        q, k_new, v_new = (
+            _heads_first(q, q_heads),
+            _heads_first(k_new, kv_heads),
+            _heads_first(v_new, kv_heads),
+        )
     q, k_new, v_new = (np.asarray(t, np.float32) for t in (q, k_new, v_new))
     if cos is not None and sin is not None:
         q, k_new = rotary(q, cos, sin), rotary(k_new, cos, sin)
     fmt = past_k.fmt if isinstance(past_k, QuantizedTensor) else None
     present_k, present_v = _append(past_k, k_new, fmt), _append(past_v, v_new, fmt)
     y = attention(
-        q, present_k, present_v, act_bits=act_bits, block_size=block_size, scale=scale, mask=mask, causal=causal
+        q,
+        present_k,
+        present_v,
+        act_bits=act_bits,
+        block_size=block_size,
+        scale=scale,
+        mask=mask,
+        causal=causal,
     )
     if packed:
         b, h, s, dh = y.shape

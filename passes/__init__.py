@@ -29,6 +29,7 @@ from bct_onnx.passes.framework import (
 )
 from bct_onnx.passes.fuse_add_norm import FuseAddNormPass
 from bct_onnx.passes.fuse_attention import FuseAttentionPass
+from bct_onnx.passes.fuse_attention_step import FuseAttentionStepPass
 from bct_onnx.passes.fuse_gelu import FuseGeluPass
 from bct_onnx.passes.fuse_layer_norm import FuseLayerNormPass
 from bct_onnx.passes.fuse_matmul_epilogue import FuseMatMulEpiloguePass
@@ -72,6 +73,7 @@ __all__ = [
     "FoldShapeArithmeticPass",
     "FuseAddNormPass",
     "FuseAttentionPass",
+    "FuseAttentionStepPass",
     "FuseGeluPass",
     "FuseLayerNormPass",
     "FuseMatMulEpiloguePass",

@@ -34,6 +34,7 @@ from bct_onnx.passes.fold_shape_arithmetic import FoldShapeArithmeticPass
 from bct_onnx.passes.framework import NODE_PROGRESS, CompressPassResult, Skip, check_model_basics
 from bct_onnx.passes.fuse_add_norm import FuseAddNormPass
 from bct_onnx.passes.fuse_attention import FuseAttentionPass
+from bct_onnx.passes.fuse_attention_step import FuseAttentionStepPass
 from bct_onnx.passes.fuse_gelu import FuseGeluPass
 from bct_onnx.passes.fuse_layer_norm import FuseLayerNormPass
 from bct_onnx.passes.fuse_matmul_epilogue import FuseMatMulEpiloguePass
@@ -91,6 +92,8 @@ _EXTERNAL_DATA_BYTES = 1 << 30
 # - CompressKVCachePass (config.kv_cache_bits) runs after CompressIntermediatesPass: it changes graph
 #   inputs and outputs only, and its BlockDequantize hands attention the float cache the passes
 #   before it saw.
+# - FuseAttentionStepPass comes last: it folds the cache append (CompressKVCachePass's BlockQuantize
+#   and Concats, or a float cache's Concat), rotary and the head split / merge into BlockAttention.
 QUANTIZE_PASSES: dict[str, Callable[[CompressConfig], ir.passes.PassBase]] = {
     "MatMul": QuantizeMatMulPass,
     "Gather": QuantizeGatherPass,
@@ -196,7 +199,11 @@ def rewrite_passes(
         if config.enabled(op_type):
             calibrated = op_type == "MatMul" and hessians is not None
             quantize.append(factory(config, hessians, damping) if calibrated else factory(config))  # type: ignore[call-arg]
-        if op_type == "Gather" and config.format == "bct" and (config.enabled("MatMul") or config.enabled("Gather")):
+        if (
+            op_type == "Gather"
+            and config.format == "bct"
+            and (config.enabled("MatMul") or config.enabled("Gather"))
+        ):
             quantize.append(QuantizeFusedOpsPass(config))
     if any(config.enabled(kind) for kind in ACTIVATION_OPS):
         if config.fuse_ops and config.format == "bct":
@@ -206,6 +213,8 @@ def rewrite_passes(
             quantize.append(FuseAddNormPass())
     if config.compresses_kv_cache:
         quantize.append(CompressKVCachePass(config))
+    if config.fuse_attention and config.enabled("AttentionMatMul") and config.format == "bct":
+        quantize.append(FuseAttentionStepPass())
     if config.format == "qdq":
         quantize.append(ConvertToQDQPass(activations=config.qdq_activations))
     if config.entropy_code:
@@ -308,7 +317,9 @@ def compress_model(
         name = type(pass_).__name__
         snapshot = work.clone() if debug_path is not None else None
         start = time.perf_counter()
-        hook = NODE_PROGRESS.set(functools.partial(node_progress, name) if node_progress is not None else None)
+        hook = NODE_PROGRESS.set(
+            functools.partial(node_progress, name) if node_progress is not None else None
+        )
         try:
             result = pass_(work)
         except onnx.checker.ValidationError as error:
@@ -376,11 +387,18 @@ def _drop_rewritten_later(skipped: list[Skip], model: ir.Model) -> list[Skip]:
         if node.domain == ops.DOMAIN and node.op_type == ops.BLOCK_ACT_MATMUL and node.name
     }
     # MatMuls fused away by a later pass (FuseAttentionPass: Q x K^T and P x V into BlockAttention).
-    float_matmuls = {node.name for node in nodes if node.op_type == "MatMul" and node.domain in ("", "ai.onnx")}
+    float_matmuls = {
+        node.name for node in nodes if node.op_type == "MatMul" and node.domain in ("", "ai.onnx")
+    }
     fused = any(node.domain == ops.DOMAIN and node.op_type == ops.BLOCK_ATTENTION for node in nodes)
     kept = []
     for skip in skipped:
-        gone = fused and skip.op_type == "MatMul" and skip.node not in float_matmuls and "at run time" in skip.reason
+        gone = (
+            fused
+            and skip.op_type == "MatMul"
+            and skip.node not in float_matmuls
+            and "at run time" in skip.reason
+        )
         if (skip.node, skip.op_type) not in seen and not gone:
             kept.append(skip)
             seen.add((skip.node, skip.op_type))

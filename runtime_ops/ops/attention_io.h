@@ -5,7 +5,7 @@
 // mask broadcastable to [B, Hq, Sq, Sk]. Output: float32 [B, Hq, Sq, Dh].
 // The decoder step: with 8 K_new and 9 V_new (float32), inputs 1..6 are the past cache, the op
 // appends the new rows (quantized when the cache holds codes) and emits the present cache as outputs
-// 1..4 (K, K scales, V, V scales; the scales only with codes); 10 cos and 11 sin [Bc, Sq, R] or
+// 1 K, 2 V and, with codes, 3 K scales, 4 V scales; 10 cos and 11 sin [Bc, Sq, R] or
 // [Bc, 1, Sq, R] apply rotary to Q and K_new first; Q, K_new, V_new and Y may be [B, S, H * Dh]
 // (attribute q_heads gives Hq; Hkv is the past's).
 #pragma once
@@ -262,7 +262,8 @@ inline AttentionGeometry CheckAttention(const Ort::KernelContext& ctx, const Nod
   return g;
 }
 
-// The present cache (outputs 1..4) of a step: [B, Hkv, past + Sq, *] in the past's types.
+// The present cache of a step (outputs 1 K, 2 V, 3 K scales, 4 V scales): [B, Hkv, past + Sq, *] in the
+// past's types.
 struct AttentionPresent {
   void* k = nullptr;  // float32 rows, or codes
   void* k_scales = nullptr;
@@ -271,19 +272,19 @@ struct AttentionPresent {
 };
 
 inline AttentionPresent PresentOutputs(Ort::KernelContext& ctx, const NodeRef& node, const AttentionGeometry& g) {
-  const size_t needed = g.k.quantized ? 5 : 4;
+  const size_t needed = g.k.quantized ? 5 : 3;
   if (ctx.GetOutputCount() < needed) {
     node.Fail("the step inputs need the present cache outputs (" + std::to_string(needed - 1) +
-              " after Y: K, K scales, V, V scales; float caches leave the scales empty)");
+              " after Y: K, V and with codes K scales, V scales)");
   }
   const int64_t width = g.k.quantized ? g.k.row_bytes : g.dh;
   const std::vector<int64_t> rows = {g.batch, g.kv_heads, g.sk, width};
   const std::vector<int64_t> blocks = {g.batch, g.kv_heads, g.sk, g.k.num_blocks};
   AttentionPresent p;
   p.k = ctx.GetOutput(1, rows).GetTensorMutableRawData();
-  p.v = ctx.GetOutput(3, rows).GetTensorMutableRawData();
+  p.v = ctx.GetOutput(2, rows).GetTensorMutableRawData();
   if (g.k.quantized) {
-    p.k_scales = ctx.GetOutput(2, blocks).GetTensorMutableRawData();
+    p.k_scales = ctx.GetOutput(3, blocks).GetTensorMutableRawData();
     p.v_scales = ctx.GetOutput(4, blocks).GetTensorMutableRawData();
   }
   return p;

@@ -186,12 +186,12 @@ OrtStatusPtr ORT_API_CALL ActMatMulSchema::InferOutputShape(const OrtCustomOp*, 
 }
 
 // BlockAttention: Y has Q's shape, float32; the present cache (outputs 1..4, with the step inputs)
-// has the type of the past (inputs 1, 2, 4, 5) and its dims but the sequence length.
+// has the type of the past (inputs 1, 4, 2, 5) and its dims but the sequence length.
 OrtStatusPtr ORT_API_CALL AttentionSchema::InferOutputShape(const OrtCustomOp*, OrtShapeInferContext* ctx) noexcept {
   try {
     if (OrtStatus* s = InferResult(ctx, InferInputDims(ctx, 0))) return s;
     const OrtApi& api = Ort::GetApi();
-    const size_t past_of[4] = {1, 2, 4, 5};
+    const size_t past_of[4] = {1, 4, 2, 5};  // present K, V, K scales, V scales
     for (size_t out = 1; out <= 4; ++out) {
       OrtTensorTypeAndShapeInfo* info = nullptr;  // owned by ctx
       ONNXTensorElementDataType dtype = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;

@@ -20,9 +20,12 @@ from bct_onnx import reference_attention as ref
 from bct_onnx.block_format import BlockFormat, QuantizedTensor, ScaleKind, quantize
 from bct_onnx.ops import DOMAIN
 
-ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
-              np.dtype(np.uint8): TensorProto.UINT8}
-OUTPUTS = ["y", "present_k", "present_k_scales", "present_v", "present_v_scales"]
+ONNX_TYPES = {
+    np.dtype(np.float32): TensorProto.FLOAT,
+    np.dtype(np.float16): TensorProto.FLOAT16,
+    np.dtype(np.uint8): TensorProto.UINT8,
+}
+OUTPUTS = ["y", "present_k", "present_v", "present_k_scales", "present_v_scales"]
 
 
 def step_model(inputs: list[np.ndarray | None], float_cache: bool, **attrs: Any) -> tuple[bytes, dict]:
@@ -30,7 +33,7 @@ def step_model(inputs: list[np.ndarray | None], float_cache: bool, **attrs: Any)
     names = [f"in{i}" if v is not None else "" for i, v in enumerate(inputs)]
     while names and names[-1] == "":
         names.pop()
-    outputs = ["y", "present_k", "", "present_v"] if float_cache else OUTPUTS
+    outputs = OUTPUTS[:3] if float_cache else OUTPUTS
     node = helper.make_node("BlockAttention", names, outputs, domain=DOMAIN, name="attn", **attrs)
     in_info = [
         helper.make_tensor_value_info(n, ONNX_TYPES[v.dtype], [f"d{i}_{j}" for j in range(v.ndim)])
@@ -76,7 +79,11 @@ def case_inputs(case: tuple[Any, ...], seed: int = 0) -> dict[str, Any]:
     if fmt is not None:
         past_k, past_v = quantize(past_k, fmt), quantize(past_v, fmt)
     shape = (lambda h: (b, sq, h * dh)) if packed else (lambda h: (b, h, sq, dh))
-    q, k_new, v_new = sample(shape(hq), seed + 2, 1.5), sample(shape(hkv), seed + 3, 1.5), sample(shape(hkv), seed + 4)
+    q, k_new, v_new = (
+        sample(shape(hq), seed + 2, 1.5),
+        sample(shape(hkv), seed + 3, 1.5),
+        sample(shape(hkv), seed + 4),
+    )
     cos = sin = None
     if rot:
         positions = np.arange(past, past + sq)[None].repeat(b, 0) + np.arange(b)[:, None]
@@ -84,11 +91,23 @@ def case_inputs(case: tuple[Any, ...], seed: int = 0) -> dict[str, Any]:
     sk = past + sq
     visible = np.arange(sk)[None, :] <= np.arange(sq)[:, None] + past
     mask = np.where(visible, 0.0, np.finfo(np.float32).min).astype(np.float32)[None, None]
-    return dict(q=q, k_new=k_new, v_new=v_new, past_k=past_k, past_v=past_v, mask=mask, cos=cos, sin=sin,
-                q_heads=hq if packed else None, cos4=cos4)
+    return dict(
+        q=q,
+        k_new=k_new,
+        v_new=v_new,
+        past_k=past_k,
+        past_v=past_v,
+        mask=mask,
+        cos=cos,
+        sin=sin,
+        q_heads=hq if packed else None,
+        cos4=cos4,
+    )
 
 
-def run_step(args: dict[str, Any], act_bits: int = 8, block_size: int = 32, scale: float = 0.125) -> list[np.ndarray]:
+def run_step(
+    args: dict[str, Any], act_bits: int = 8, block_size: int = 32, scale: float = 0.125
+) -> list[np.ndarray]:
     attrs: dict[str, Any] = {"act_bits": act_bits, "block_size": block_size, "scale": scale}
     if args["q_heads"]:
         attrs["q_heads"] = args["q_heads"]
@@ -109,8 +128,17 @@ def run_step(args: dict[str, Any], act_bits: int = 8, block_size: int = 32, scal
 
 def spec(args: dict[str, Any], act_bits: int = 8, block_size: int = 32, scale: float = 0.125):
     return ref.attention_step(
-        args["q"], args["k_new"], args["v_new"], args["past_k"], args["past_v"], act_bits=act_bits,
-        block_size=block_size, scale=scale, mask=args["mask"], cos=args["cos"], sin=args["sin"],
+        args["q"],
+        args["k_new"],
+        args["v_new"],
+        args["past_k"],
+        args["past_v"],
+        act_bits=act_bits,
+        block_size=block_size,
+        scale=scale,
+        mask=args["mask"],
+        cos=args["cos"],
+        sin=args["sin"],
         q_heads=args["q_heads"],
     )
 
@@ -121,8 +149,13 @@ def assert_matches_spec(got: list[np.ndarray], args: dict[str, Any], what: str) 
     if isinstance(present_k, QuantizedTensor):
         assert len(got) == 5
         for i, (name, expected) in enumerate(
-            [("K codes", present_k.codes), ("K scales", present_k.scales), ("V codes", present_v.codes),
-             ("V scales", present_v.scales)], start=1,
+            [
+                ("K codes", present_k.codes),
+                ("V codes", present_v.codes),
+                ("K scales", present_k.scales),
+                ("V scales", present_v.scales),
+            ],
+            start=1,
         ):
             assert_bits_equal(got[i], expected, f"{what}: present {name}")
     else:
@@ -144,7 +177,7 @@ def test_past_rows_are_kept_and_new_rows_are_quantized_on_their_own() -> None:
     got = run_step(args)
     past = args["past_k"]
     np.testing.assert_array_equal(got[1][:, :, :128], past.codes)
-    np.testing.assert_array_equal(got[2][:, :, :128], past.scales)
+    np.testing.assert_array_equal(got[3][:, :, :128], past.scales)
     rotated = ref.rotary(ref._heads_first(args["k_new"], 3), args["cos"], args["sin"])
     fresh = quantize(rotated, past.fmt)
     np.testing.assert_array_equal(got[1][:, :, 128:], fresh.codes)
