@@ -32,7 +32,11 @@ BCT_HD BCT_INLINE void signed_codes_of_row(const uint8_t* row, int64_t dh, int b
                                            ScaleKind kind, const void* scales, int64_t first_block, int64_t nb,
                                            int8_t* q, float* q_scales) {
   const int zp = 1 << (bits - 1);
-  for (int64_t i = 0; i < dh; ++i) q[i] = static_cast<int8_t>(static_cast<int>(get_code(row, i, bits, row_nbytes)) - zp);
+  if (bits == 8) {  // one code per byte: u - 128 is the byte with its top bit flipped (vectorises)
+    for (int64_t i = 0; i < dh; ++i) q[i] = static_cast<int8_t>(row[i] ^ 0x80u);
+  } else {
+    for (int64_t i = 0; i < dh; ++i) q[i] = static_cast<int8_t>(static_cast<int>(get_code(row, i, bits, row_nbytes)) - zp);
+  }
   for (int64_t b = 0; b < nb; ++b) q_scales[b] = act_scale(scale_value(kind, scales, first_block + b));
 }
 
