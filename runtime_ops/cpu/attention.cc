@@ -97,12 +97,16 @@ class AttentionCpuKernel : public AttentionKernelBase {
       std::vector<float> k_major_scales(vnni_dots ? 0 : static_cast<size_t>(kv_rows * nb));
       if (vnni_dots) vnni::InitPackedB(packed, kv_heads, g.sk, dh, bs);
       ParallelFor(ctx, kv_rows, 256, [&](int64_t begin, int64_t end) {
+        if (vnni_dots) {  // runs of keys inside one head
+          for (int64_t r = begin; r < end;) {
+            const int64_t head = r / g.sk, key = r % g.sk, count = std::min(end - r, g.sk - key);
+            vnni::PackRows(packed, head, key, count, kq.get() + r * dh, ks.get() + r * nb);
+            r += count;
+          }
+          return;
+        }
         for (int64_t r = begin; r < end; ++r) {
           const int64_t head = r / g.sk, key = r % g.sk;
-          if (vnni_dots) {
-            vnni::PackColumn(packed, head, key, kq.get() + r * dh, ks.get() + r * nb);
-            continue;
-          }
           int8_t* col = k_major.data() + head * dh * g.sk + key;
           for (int64_t d = 0; d < dh; ++d) col[d * g.sk] = kq[static_cast<size_t>(r * dh + d)];
           float* sc = k_major_scales.data() + head * nb * g.sk + key;
