@@ -53,6 +53,7 @@ from bct_onnx.passes.quantize_layer_norm import QuantizeLayerNormPass
 from bct_onnx.passes.quantize_matmul import QuantizeMatMulPass
 from bct_onnx.passes.quantize_silu import QuantizeSiluPass
 from bct_onnx.passes.quantize_softmax import QuantizeSoftmaxPass
+from bct_onnx.passes.remove_noop_casts import RemoveNoOpCastsPass
 from bct_onnx.passes.rotate_residual_stream import RotateResidualStreamPass
 
 __all__ = [
@@ -95,6 +96,7 @@ __all__ = [
     "QuantizeMatMulPass",
     "QuantizeSiluPass",
     "QuantizeSoftmaxPass",
+    "RemoveNoOpCastsPass",
     "RotateResidualStreamPass",
     "Skip",
     "UnsupportedModelError",

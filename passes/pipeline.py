@@ -51,6 +51,7 @@ from bct_onnx.passes.quantize_layer_norm import QuantizeLayerNormPass
 from bct_onnx.passes.quantize_matmul import QuantizeMatMulPass
 from bct_onnx.passes.quantize_silu import QuantizeSiluPass
 from bct_onnx.passes.quantize_softmax import QuantizeSoftmaxPass
+from bct_onnx.passes.remove_noop_casts import RemoveNoOpCastsPass
 from bct_onnx.passes.rotate_residual_stream import RotateResidualStreamPass
 from onnx_ir.passes import common as common_passes
 
@@ -94,6 +95,8 @@ _EXTERNAL_DATA_BYTES = 1 << 30
 #   before it saw.
 # - FuseAttentionStepPass comes last: it folds the cache append (CompressKVCachePass's BlockQuantize
 #   and Concats, or a float cache's Concat), rotary and the head split / merge into BlockAttention.
+# - RemoveNoOpCastsPass before cleanup: Casts to their input's own dtype (RMSNorm's .to(float32)),
+#   once the passes have given every value its dtype.
 QUANTIZE_PASSES: dict[str, Callable[[CompressConfig], ir.passes.PassBase]] = {
     "MatMul": QuantizeMatMulPass,
     "Gather": QuantizeGatherPass,
@@ -215,6 +218,7 @@ def rewrite_passes(
         quantize.append(CompressKVCachePass(config))
     if config.fuse_attention and config.enabled("AttentionMatMul") and config.format == "bct":
         quantize.append(FuseAttentionStepPass())
+    quantize.append(RemoveNoOpCastsPass())
     if config.format == "qdq":
         quantize.append(ConvertToQDQPass(activations=config.qdq_activations))
     if config.entropy_code:

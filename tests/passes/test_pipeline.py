@@ -357,6 +357,7 @@ DEFAULT_ORDER = [
     "FuseAddNormPass",
     "CompressKVCachePass",
     "FuseAttentionStepPass",
+    "RemoveNoOpCastsPass",
     "RemoveUnusedNodesPass",
     "RemoveUnusedOpsetsPass",
     "TopologicalSortPass",
