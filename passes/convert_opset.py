@@ -89,10 +89,7 @@ def _keep_original_tensors(old: ir.Graph, new: ir.Graph) -> None:
             if original is not None and original.const_value is not None:
                 value.const_value = original.const_value
                 value.metadata_props.update(original.metadata_props)
-            elif (
-                isinstance(value.const_value, ir.ExternalTensor)
-                and value.const_value.location == _PLACEHOLDER
-            ):
+            elif isinstance(value.const_value, ir.ExternalTensor) and value.const_value.location == _PLACEHOLDER:
                 raise OpsetConversionError(f"initializer '{name}' lost its data in the opset conversion")
 
 

@@ -46,9 +46,7 @@ RULE_MATMUL = "MatMul as DequantizeLinear + MatMul"
 RULE_GATHER = "Gather as DequantizeLinear + Gather"
 RULE_SHARED = "DequantizeLinear shared by a Gather and a MatMul (tied table)"
 RULE_OFFSETS = "float offsets added after DequantizeLinear"
-RULE_ACT_BITS = (
-    "not expressible: run-time activation quantization (act_bits) left out, activations stay float"
-)
+RULE_ACT_BITS = "not expressible: run-time activation quantization (act_bits) left out, activations stay float"
 RULE_ACT_QDQ = "run-time activation quantization as in-graph scales + QuantizeLinear/DequantizeLinear"
 RULE_OPSET = "ONNX opset converted (onnx.version_converter)"
 CONTAINER_PREFIX = "codes in an 8-bit container: "  # + "<bits>-bit"
@@ -80,9 +78,7 @@ class StandardBlockTensor:
         return np.dtype(self.codes.dtype).name
 
 
-def block_format_of(
-    bits: int, block_size: int, symmetric: bool, scales: np.ndarray, zero_points: np.ndarray | None
-) -> BlockFormat:
+def block_format_of(bits: int, block_size: int, symmetric: bool, scales: np.ndarray, zero_points: np.ndarray | None) -> BlockFormat:
     """The BlockFormat of stored tensors, the scale kind and zero-point kind read from their dtypes."""
     offsets = zero_points is not None and zero_points.dtype != np.uint8
     kind = ZeroPointKind.FLOAT if offsets else ZeroPointKind.INTEGER
@@ -119,9 +115,7 @@ def standard_block_tensor(
         scale32 = np.ascontiguousarray(scale32.T)
         zp = None if zp is None else np.ascontiguousarray(zp.T)
         offsets = None if offsets is None else np.ascontiguousarray(offsets.T)
-    return StandardBlockTensor(
-        q, scale32, zp, offsets, 0 if transposed else 1, fmt.block_size, fmt.bits, container
-    )
+    return StandardBlockTensor(q, scale32, zp, offsets, 0 if transposed else 1, fmt.block_size, fmt.bits, container)
 
 
 def dequantize_linear(t: StandardBlockTensor) -> np.ndarray:
@@ -130,14 +124,10 @@ def dequantize_linear(t: StandardBlockTensor) -> np.ndarray:
     scale = np.repeat(t.scales, t.block_size, axis=t.axis).take(range(blocked), axis=t.axis)
     values = t.codes.astype(np.float32)
     if t.zero_points is not None:
-        values = values - np.repeat(t.zero_points, t.block_size, axis=t.axis).take(
-            range(blocked), axis=t.axis
-        ).astype(np.float32)
+        values = values - np.repeat(t.zero_points, t.block_size, axis=t.axis).take(range(blocked), axis=t.axis).astype(np.float32)
     values = (values * scale).astype(np.float32)
     if t.offsets is not None:
-        values = (
-            values + np.repeat(t.offsets, t.block_size, axis=t.axis).take(range(blocked), axis=t.axis)
-        ).astype(np.float32)
+        values = (values + np.repeat(t.offsets, t.block_size, axis=t.axis).take(range(blocked), axis=t.axis)).astype(np.float32)
     return values
 
 
@@ -171,11 +161,7 @@ def _array(value: ir.Value | None) -> np.ndarray | None:
 
 def _compressed_operands(node: ir.Node) -> bool:
     """True when the node reads or writes codes (a folded activation) instead of float tensors."""
-    return (
-        len(node.outputs) > 1
-        or any(_attr(node, name) for name in ("in_bits", "out_bits"))
-        or len(node.inputs) > 5
-    )
+    return len(node.outputs) > 1 or any(_attr(node, name) for name in ("in_bits", "out_bits")) or len(node.inputs) > 5
 
 
 class ConvertToQDQPass(CompressPass):
@@ -203,9 +189,7 @@ class ConvertToQDQPass(CompressPass):
         model.ir_version = max(model.ir_version, min_ir_version(onnx_opset(model) or target))
         dequantized: dict[tuple[str, bool], ir.Value] = {}  # (codes name, transposed) -> weight value
         nodes = _block_weight_nodes(model)  # after the conversion: the new graph's nodes
-        gather_codes = {
-            n.inputs[1].name for n in nodes if n.op_type == ops.BLOCK_GATHER and n.inputs[1] is not None
-        }
+        gather_codes = {n.inputs[1].name for n in nodes if n.op_type == ops.BLOCK_GATHER and n.inputs[1] is not None}
         for node in nodes:
             reason = self._check(node)
             if reason is not None:
@@ -241,13 +225,7 @@ class ConvertToQDQPass(CompressPass):
         packed, scales = _array(codes_value), _array(node.inputs[2])
         assert packed is not None and scales is not None
         zero_points = _array(node.inputs[3]) if len(node.inputs) > 3 else None
-        fmt = block_format_of(
-            _attr(node, "bits"),
-            _attr(node, "block_size"),
-            bool(_attr(node, "symmetric", 1)),
-            scales,
-            zero_points,
-        )
+        fmt = block_format_of(_attr(node, "bits"), _attr(node, "block_size"), bool(_attr(node, "symmetric", 1)), scales, zero_points)
         axis_size = _attr(node, "K") if node.op_type == ops.BLOCK_MATMUL else _attr(node, "axis_size")
         standard = standard_block_tensor(packed, scales, zero_points, fmt, axis_size, transposed)
         base = (codes_value.name or "weight").removesuffix(".codes") + (".qdq_t" if transposed else ".qdq")
@@ -275,9 +253,7 @@ class ConvertToQDQPass(CompressPass):
             weight = self._add_offsets(graph, owner, node, weight, standard, f"{base}.offsets")
             report.count(RULE_OFFSETS)
         report.count(
-            CONTAINER_PREFIX + f"{standard.bits}-bit"
-            if standard.container
-            else TYPE_PREFIX + standard.type_name
+            CONTAINER_PREFIX + f"{standard.bits}-bit" if standard.container else TYPE_PREFIX + standard.type_name
         )
         dequantized[key] = weight
         return weight
@@ -311,14 +287,10 @@ class ConvertToQDQPass(CompressPass):
             blocks_shape, offsets = [nb, standard.block_size, other], standard.offsets[:, None, :]
         else:
             blocks_shape, offsets = [other, nb, standard.block_size], standard.offsets[:, :, None]
-        reshape = ir.node(
-            "Reshape", [value, _initializer(graph, f"{name}.block_shape", np.array(blocks_shape, np.int64))]
-        )
+        reshape = ir.node("Reshape", [value, _initializer(graph, f"{name}.block_shape", np.array(blocks_shape, np.int64))])
         add = ir.node("Add", [reshape.outputs[0], _initializer(graph, name, np.ascontiguousarray(offsets))])
         full = [padded, other] if standard.axis == 0 else [other, padded]
-        back = ir.node(
-            "Reshape", [add.outputs[0], _initializer(graph, f"{name}.shape", np.array(full, np.int64))]
-        )
+        back = ir.node("Reshape", [add.outputs[0], _initializer(graph, f"{name}.shape", np.array(full, np.int64))])
         nodes += [reshape, add, back]
         value = back.outputs[0]
         if padded != blocked:
@@ -356,9 +328,7 @@ class ConvertToQDQPass(CompressPass):
             weight = self._weight(model, node, transposed=not shared, dequantized=dequantized, report=report)
             new_nodes = []
             if shared:  # the table's [N, K] layout feeds the Gather too: transpose it for the MatMul
-                transpose = ir.node(
-                    "Transpose", [weight], attributes={"perm": [1, 0]}, name=f"{name}.Transpose"
-                )
+                transpose = ir.node("Transpose", [weight], attributes={"perm": [1, 0]}, name=f"{name}.Transpose")
                 new_nodes.append(transpose)
                 weight = transpose.outputs[0]
                 report.count(RULE_SHARED)
@@ -367,12 +337,7 @@ class ConvertToQDQPass(CompressPass):
             act_bits = _attr(node, "act_bits")
             if act_bits and self.activations:
                 act_nodes, activation = _activation_qdq(
-                    model.graph,
-                    activation,
-                    _attr(node, "K"),
-                    act_bits,
-                    _attr(node, "block_size"),
-                    f"{name}.act",
+                    model.graph, activation, _attr(node, "K"), act_bits, _attr(node, "block_size"), f"{name}.act"
                 )
                 new_nodes = act_nodes + new_nodes
                 report.count(RULE_ACT_QDQ)
@@ -408,15 +373,7 @@ def _activation_qdq(
 
     x = a
     if padded != k:  # zeros never change a block's largest magnitude
-        x = add(
-            "Pad",
-            [
-                x,
-                const("pads", np.array([0, padded - k], np.int64)),
-                None,
-                const("pad_axes", np.array([-1], np.int64)),
-            ],
-        )
+        x = add("Pad", [x, const("pads", np.array([0, padded - k], np.int64)), None, const("pad_axes", np.array([-1], np.int64))])
     leading = add("Shape", [x], end=-1)
     block_shape = add("Concat", [leading, const("block_dims", np.array([nb, block_size], np.int64))], axis=0)
     blocks = add("Reshape", [x, block_shape])
@@ -430,28 +387,16 @@ def _activation_qdq(
     zero_point = np.array(0, dtype=np.int8)
     if bits < 8:  # saturate to the width first; QuantizeLinear saturates to int8's range
         low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-        scaled = add(
-            "Clip",
-            [scaled, const("low", np.array(low, np.float32)), const("high", np.array(high, np.float32))],
-        )
-    codes = add(
-        "QuantizeLinear", [scaled, const("unit", np.array(1.0, np.float32)), const("zero_point", zero_point)]
-    )
+        scaled = add("Clip", [scaled, const("low", np.array(low, np.float32)), const("high", np.array(high, np.float32))])
+    codes = add("QuantizeLinear", [scaled, const("unit", np.array(1.0, np.float32)), const("zero_point", zero_point)])
     # An explicit zero point shaped like the scales: without it ONNX Runtime's int8 -> uint8 Q/DQ
     # rewrite (optimization level >= extended) adds a scalar one, which blocked DequantizeLinear rejects.
     zero_points = add("ConstantOfShape", [add("Shape", [scale])], value=ir.tensor(zero_point.reshape(1)))
     values = add("DequantizeLinear", [codes, scale, zero_points], axis=-1, block_size=block_size)
     result = add("Reshape", [values, add("Shape", [x])])
     if padded != k:
-        result = add(
-            "Slice",
-            [
-                result,
-                const("starts", np.array([0], np.int64)),
-                const("ends", np.array([k], np.int64)),
-                const("slice_axes", np.array([-1], np.int64)),
-            ],
-        )
+        result = add("Slice", [result, const("starts", np.array([0], np.int64)), const("ends", np.array([k], np.int64)),
+                               const("slice_axes", np.array([-1], np.int64))])
     return nodes, result
 
 
@@ -461,16 +406,12 @@ def _initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
     while name in graph.initializers:
         name, n = f"{base}_{n}", n + 1
     tensor = ir.tensor(array, name=name)
-    value = ir.Value(
-        name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
-    )
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
     return value
 
 
-def qdq_summary(
-    rules: dict[str, int], model: ir.Model, requested_ops: frozenset[str], act_bits: int | None
-) -> dict[str, object]:
+def qdq_summary(rules: dict[str, int], model: ir.Model, requested_ops: frozenset[str], act_bits: int | None) -> dict[str, object]:
     """What a "qdq" compression wrote and what standard ONNX could not hold (for the compile report).
 
     rules: the pipeline's rule counts; requested_ops: the op kinds the config asked for.
@@ -478,9 +419,7 @@ def qdq_summary(
     from bct_onnx.config import QDQ_OPS
 
     code_types = {
-        rule.removeprefix(TYPE_PREFIX): count
-        for rule, count in sorted(rules.items())
-        if rule.startswith(TYPE_PREFIX)
+        rule.removeprefix(TYPE_PREFIX): count for rule, count in sorted(rules.items()) if rule.startswith(TYPE_PREFIX)
     }
     not_expressible: list[str] = []
     for rule, count in sorted(rules.items()):
@@ -511,10 +450,10 @@ def qdq_summary(
         )
     stayed_float = sorted(requested_ops - QDQ_OPS)
     if stayed_float:
-        not_expressible.append(f"{', '.join(stayed_float)}: no standard blockwise form; these ops stay float")
-    remaining = sorted(
-        {n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.domain == ops.DOMAIN}
-    )
+        not_expressible.append(
+            f"{', '.join(stayed_float)}: no standard blockwise form; these ops stay float"
+        )
+    remaining = sorted({n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.domain == ops.DOMAIN})
     return {
         "opset": onnx_opset(model),
         "opset_converted": bool(rules.get(RULE_OPSET)),

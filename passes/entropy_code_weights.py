@@ -57,10 +57,7 @@ class EntropyCodeWeightsPass(CompressPass):
             stream = code_entropy.encode_packed(packed, bits, row_length, self.chunk_symbols)
             if stream.nbytes >= packed.nbytes:
                 for node in nodes:
-                    report.skip(
-                        node,
-                        f"entropy coding does not shrink its codes ({stream.nbytes} >= {packed.nbytes} bytes)",
-                    )
+                    report.skip(node, f"entropy coding does not shrink its codes ({stream.nbytes} >= {packed.nbytes} bytes)")
                 continue
             codes.const_value = ir.tensor(stream, name=codes.name)
             codes.shape = ir.Shape([stream.size])

@@ -162,9 +162,7 @@ def last_dim(value: ir.Value | None) -> int | None:
             return dim
     node = value.producer() if value is not None else None
     if node is not None and node.domain == ops.DOMAIN and value is node.outputs[0]:
-        attr = node.attributes.get(
-            {ops.BLOCK_MATMUL: "N", ops.BLOCK_GATHER: "axis_size"}.get(node.op_type, "")
-        )
+        attr = node.attributes.get({ops.BLOCK_MATMUL: "N", ops.BLOCK_GATHER: "axis_size"}.get(node.op_type, ""))
         if attr is not None:
             return attr.as_int()
     return None

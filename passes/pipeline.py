@@ -202,11 +202,7 @@ def rewrite_passes(
         if config.enabled(op_type):
             calibrated = op_type == "MatMul" and hessians is not None
             quantize.append(factory(config, hessians, damping) if calibrated else factory(config))  # type: ignore[call-arg]
-        if (
-            op_type == "Gather"
-            and config.format == "bct"
-            and (config.enabled("MatMul") or config.enabled("Gather"))
-        ):
+        if op_type == "Gather" and config.format == "bct" and (config.enabled("MatMul") or config.enabled("Gather")):
             quantize.append(QuantizeFusedOpsPass(config))
     if any(config.enabled(kind) for kind in ACTIVATION_OPS):
         if config.fuse_ops and config.format == "bct":
@@ -321,9 +317,7 @@ def compress_model(
         name = type(pass_).__name__
         snapshot = work.clone() if debug_path is not None else None
         start = time.perf_counter()
-        hook = NODE_PROGRESS.set(
-            functools.partial(node_progress, name) if node_progress is not None else None
-        )
+        hook = NODE_PROGRESS.set(functools.partial(node_progress, name) if node_progress is not None else None)
         try:
             result = pass_(work)
         except onnx.checker.ValidationError as error:
@@ -391,18 +385,11 @@ def _drop_rewritten_later(skipped: list[Skip], model: ir.Model) -> list[Skip]:
         if node.domain == ops.DOMAIN and node.op_type == ops.BLOCK_ACT_MATMUL and node.name
     }
     # MatMuls fused away by a later pass (FuseAttentionPass: Q x K^T and P x V into BlockAttention).
-    float_matmuls = {
-        node.name for node in nodes if node.op_type == "MatMul" and node.domain in ("", "ai.onnx")
-    }
+    float_matmuls = {node.name for node in nodes if node.op_type == "MatMul" and node.domain in ("", "ai.onnx")}
     fused = any(node.domain == ops.DOMAIN and node.op_type == ops.BLOCK_ATTENTION for node in nodes)
     kept = []
     for skip in skipped:
-        gone = (
-            fused
-            and skip.op_type == "MatMul"
-            and skip.node not in float_matmuls
-            and "at run time" in skip.reason
-        )
+        gone = fused and skip.op_type == "MatMul" and skip.node not in float_matmuls and "at run time" in skip.reason
         if (skip.node, skip.op_type) not in seen and not gone:
             kept.append(skip)
             seen.add((skip.node, skip.op_type))

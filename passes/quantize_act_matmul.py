@@ -124,9 +124,7 @@ class ActMatMulMatch:
     a: ir.Value
     b: ir.Value
     role: str
-    transpose: (
-        ir.Node | None
-    )  # a Transpose producing B (maybe through a scalar Mul/Div) to fold into transpose_b
+    transpose: ir.Node | None  # a Transpose producing B (maybe through a scalar Mul/Div) to fold into transpose_b
     act_bits: int
     block_size: int
 
@@ -158,9 +156,7 @@ class QuantizeActMatMulPass(OperandRewritePass):
             rank = value_rank(value)
             if rank is None or rank < 2:
                 return f"{what} has rank {rank}; BlockActMatMul needs known ranks >= 2"
-        return ActMatMulMatch(
-            node, a, b, role, _foldable_transpose(node, b), settings.act_bits, settings.block_size
-        )
+        return ActMatMulMatch(node, a, b, role, _foldable_transpose(node, b), settings.act_bits, settings.block_size)
 
     def rewrite(self, model: ir.Model, matched: ActMatMulMatch, report: PassReport) -> None:
         node = matched.node

@@ -46,9 +46,7 @@ def _tied_to_matmul(table: ir.Value) -> bool:
         reader = use.node
         if reader.op_type == "MatMul":
             return True
-        if reader.op_type == "Transpose" and any(
-            u.node.op_type == "MatMul" for u in reader.outputs[0].uses()
-        ):
+        if reader.op_type == "Transpose" and any(u.node.op_type == "MatMul" for u in reader.outputs[0].uses()):
             return True
     return False
 

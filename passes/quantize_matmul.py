@@ -226,9 +226,7 @@ class QuantizeMatMulPass(NodeRewritePass):
             fmt,
             transposed=not matched.source_is_transposed,
             scale_search=config.weight_scale_search,
-            importance=_input_importance(matched)
-            if config.weight_scale_search and matched.hessian is None
-            else None,
+            importance=_input_importance(matched) if config.weight_scale_search and matched.hessian is None else None,
             hessian=matched.hessian,
             damping=matched.damping,
             keep_dead_inputs=matched.source_is_transposed,

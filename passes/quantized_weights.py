@@ -151,11 +151,7 @@ def quantized_initializers(
     # Read once (a streamed weight is read from its file on every access) and dropped on return.
     array = np.asarray(tensor.numpy(), dtype=np.float32)
     fmt = fitting_format(array, fmt, tensor.name)
-    tag = (
-        format_tag(fmt, transposed)
-        + ("_aw" if importance is not None else "")
-        + ("_gptq" if hessian is not None else "")
-    )
+    tag = format_tag(fmt, transposed) + ("_aw" if importance is not None else "") + ("_gptq" if hessian is not None else "")
     base = f"{source_name}.bct_{tag}"
     codes = _find(graph, f"{base}.codes", source_name, tag)
     scales = _find(graph, f"{base}.scales", source_name, tag)
@@ -163,9 +159,7 @@ def quantized_initializers(
     shape = tuple(tensor.shape.numpy())
     rows, axis_size = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
     if codes is not None and scales is not None and (fmt.symmetric or zero_points is not None):
-        return QuantizedInitializers(
-            codes, scales, zero_points, rows, axis_size, reused=True, widened=fmt != requested
-        )
+        return QuantizedInitializers(codes, scales, zero_points, rows, axis_size, reused=True, widened=fmt != requested)
     if transposed:
         # A contiguous copy quantizes about 2x faster; a large weight stays a view (the quantizers copy
         # it chunk by chunk), so memory never holds it twice.
@@ -181,9 +175,7 @@ def quantized_initializers(
     zp_value = None
     if quantized.zero_points is not None:
         zp_value = _register(graph, f"{base}.zero_points", quantized.zero_points, source_name, tag)
-    return QuantizedInitializers(
-        codes, scales, zp_value, rows, axis_size, reused=False, widened=fmt != requested
-    )
+    return QuantizedInitializers(codes, scales, zp_value, rows, axis_size, reused=False, widened=fmt != requested)
 
 
 # Largest finite magnitude of the narrow stored kinds (float16, float8e5m2; pow2 offsets are float16).
@@ -213,10 +205,7 @@ def fitting_format(array: np.ndarray, fmt: BlockFormat, name: str | None = None)
     if largest_scale >= scale_limit / 2 or offsets_overflow:
         logger.warning(
             "%s: values up to %.3g need float32 block scales (%s cannot hold %.3g)",
-            name,
-            amax,
-            fmt.scale_kind.value,
-            largest_scale,
+            name, amax, fmt.scale_kind.value, largest_scale,
         )
         return dataclasses.replace(fmt, scale_kind=ScaleKind.FLOAT32)
     return fmt

@@ -82,18 +82,9 @@ def _writer(branch: ir.Value, dim: int) -> Writer | str:
     bias_add = None
     if is_op(node, "Add"):
         assert node is not None
-        inner = [
-            v
-            for v in node.inputs
-            if v is not None and v.producer() is not None and is_op(v.producer(), "MatMul")
-        ]
+        inner = [v for v in node.inputs if v is not None and v.producer() is not None and is_op(v.producer(), "MatMul")]
         bias = [v for v in node.inputs if constant_tensor(v) is not None]
-        if (
-            len(inner) != 1
-            or len(bias) != 1
-            or constant_tensor(bias[0]).size != dim
-            or not _single_use(inner[0])
-        ):  # type: ignore[union-attr]
+        if len(inner) != 1 or len(bias) != 1 or constant_tensor(bias[0]).size != dim or not _single_use(inner[0]):  # type: ignore[union-attr]
             return f"the branch added to the stream comes from Add '{node_label(node)}', not MatMul + bias"
         bias_add, node = node, inner[0].producer()
     if node is None or not is_op(node, "MatMul"):
@@ -101,15 +92,11 @@ def _writer(branch: ir.Value, dim: int) -> Writer | str:
         return f"a branch added to the residual stream comes from {what}, not a MatMul with a constant weight"
     weight = _constant_2d(node.inputs[1])
     if weight is None or weight.shape[1] != dim or not _single_use(node.inputs[1]):  # type: ignore[arg-type]
-        return (
-            f"MatMul '{node_label(node)}' writes into the stream without its own constant [K, {dim}] weight"
-        )
+        return f"MatMul '{node_label(node)}' writes into the stream without its own constant [K, {dim}] weight"
     return Writer(node, bias_add)
 
 
-def _foldable_readers(
-    norm: ir.Node, dim: int
-) -> tuple[list[tuple[ir.Node, np.ndarray]], list[ir.Node]] | None:
+def _foldable_readers(norm: ir.Node, dim: int) -> tuple[list[tuple[ir.Node, np.ndarray]], list[ir.Node]] | None:
     """(MatMuls reading the norm's result with the scale each sees, Muls by a [D] constant on the way).
 
     The result may pass through Shape (ignored), no-op float Casts and Muls by a constant [D] vector
@@ -254,9 +241,7 @@ def _initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
         name, i = f"{base}_{i}", i + 1
     array = np.ascontiguousarray(array, dtype=np.float32)
     value = ir.Value(
-        name=name,
-        shape=ir.Shape(array.shape),
-        type=ir.TensorType(ir.DataType.FLOAT),
+        name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT),
         const_value=ir.tensor(array, name=name),
     )
     graph.register_initializer(value)
@@ -314,9 +299,7 @@ class RotateResidualStreamPass(CompressPass):
             assert weight is not None
             _replace_constant(graph, writer.matmul, 1, weight @ q)
             if writer.bias_add is not None:
-                index = next(
-                    i for i, v in enumerate(writer.bias_add.inputs) if constant_tensor(v) is not None
-                )
+                index = next(i for i, v in enumerate(writer.bias_add.inputs) if constant_tensor(v) is not None)
                 bias = np.asarray(constant_tensor(writer.bias_add.inputs[index]).numpy(), dtype=np.float64)  # type: ignore[union-attr]
                 _replace_constant(graph, writer.bias_add, index, (bias.reshape(-1) @ q).reshape(bias.shape))
             report.count(RULE_WRITER)
