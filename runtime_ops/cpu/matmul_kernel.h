@@ -45,6 +45,7 @@
 
 #include "bct/block_math.h"
 #include "cpu/isa.h"
+#include "cpu/weight_memory.h"
 
 namespace bct {
 namespace matmul {
@@ -124,16 +125,16 @@ struct PackedWeights {
   bool nibble = false;       // SIMD: bits <= 4 (two codes a byte)
   bool signed_codes = false; // codes stored as (code - zero_point) two's complement (float symmetric)
   float implicit_zero_point = 0.f;
-  std::vector<uint8_t> codes;  // SIMD: [num_tiles][tile_bytes]; scalar: [N][K] one code a byte
+  cpu::WeightVector<uint8_t> codes;  // SIMD: [num_tiles][tile_bytes]; scalar: [N][K] one code a byte
   // Weight scales and zero points, SIMD: [num_tiles][num_blocks][16]; scalar: [N][num_blocks].
   // The AVX-512 path keeps float16 scales as float16 (scales_half) and integer zero points as bytes
   // (zero_points_u8), converting in registers: fewer bytes per weight for the memory-bound GEMV.
   // Otherwise scales and zero points are float32 (scales, zero_points); float offsets are always
   // float32 in zero_points (every path); unused vectors stay empty.
-  std::vector<float> scales;
-  std::vector<uint16_t> scales_half;
-  std::vector<float> zero_points;
-  std::vector<uint8_t> zero_points_u8;
+  cpu::WeightVector<float> scales;
+  cpu::WeightVector<uint16_t> scales_half;
+  cpu::WeightVector<float> zero_points;
+  cpu::WeightVector<uint8_t> zero_points_u8;
   bool half_scales = false;
 };
 
