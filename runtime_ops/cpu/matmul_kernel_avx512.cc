@@ -71,13 +71,12 @@ template <bool kNibble, int kZp>
 void DequantizeTile(const PackedWeights& p, int64_t tile, float* out) {
   constexpr int kGroupK = kNibble ? 8 : 4;
   const int64_t nb = p.num_blocks, groups = p.block_padded / kGroupK;
-  const uint8_t* codes = p.codes.data() + tile * p.tile_bytes;
   for (int64_t b = 0; b < nb; ++b) {
-    const int64_t at = (tile * nb + b) * 16;
-    const __m512 ws = LoadWeightScales(p, at);
-    const __m512 zw = kZp == kZpSymmetric ? _mm512_setzero_ps() : LoadZw<kZp>(p, at);
+    const uint8_t* codes = BlockCodes(p, tile, b);
+    const __m512 ws = LoadWeightScales(p, tile, b);
+    const __m512 zw = kZp == kZpSymmetric ? _mm512_setzero_ps() : LoadZw<kZp>(p, tile, b);
     for (int64_t g = 0; g < groups; ++g) {
-      const __m512i raw = _mm512_loadu_si512(codes + (b * groups + g) * 64);
+      const __m512i raw = _mm512_loadu_si512(codes + g * 64);
       DequantizeGroup<kNibble, kZp>(raw, ws, zw, out + (b * p.block_padded + g * kGroupK) * 16,
                                      std::make_integer_sequence<int, kGroupK>{});
     }
@@ -87,26 +86,27 @@ void DequantizeTile(const PackedWeights& p, int64_t tile, float* out) {
 // Expands one tile of nibble codes into the byte layout (groups of 4 k, one byte a code).
 void UnpackNibbleTile(const PackedWeights& p, int64_t tile, uint8_t* out) {
   const __m512i low4 = _mm512_set1_epi8(0x0f);
-  const uint8_t* codes = p.codes.data() + tile * p.tile_bytes;
-  const int64_t groups = p.k_padded / 8;
-  for (int64_t g = 0; g < groups; ++g) {
-    const __m512i raw = _mm512_loadu_si512(codes + g * 64);
-    _mm512_storeu_si512(out + g * 128, _mm512_and_si512(raw, low4));
-    _mm512_storeu_si512(out + g * 128 + 64, _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4));
+  const int64_t groups = p.block_padded / 8;
+  for (int64_t b = 0; b < p.num_blocks; ++b) {
+    const uint8_t* codes = BlockCodes(p, tile, b);
+    for (int64_t g = 0; g < groups; ++g, out += 128) {
+      const __m512i raw = _mm512_loadu_si512(codes + g * 64);
+      _mm512_storeu_si512(out, _mm512_and_si512(raw, low4));
+      _mm512_storeu_si512(out + 64, _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4));
+    }
   }
 }
 
 template <int T, int kZp>
 struct IntPrefillBody {
   const PackedWeights& p;
-  const uint8_t* codes;
-  int64_t stride;
+  const TileCodes<T>& codes;
   const ActRows& act;
   int64_t tile0;
   const float* bias;
   float* Y;
   template <int R>
-  void Run(int64_t r) const { IntTilesAnyGroups<R, T, false, kZp>(p, codes, stride, act, r, tile0, bias, Y); }
+  void Run(int64_t r) const { IntTilesAnyGroups<R, T, false, kZp>(p, codes, act, r, tile0, bias, Y); }
 };
 
 template <int T>
@@ -129,16 +129,18 @@ constexpr int kFloatRows = 8;    // register block of the float prefill kernel (
 template <int T, bool kNibble, int kZp>
 void IntPrefill(const PackedWeights& p, const ActRows& act, int64_t row_begin, int64_t row_end, int64_t tile0,
                 const float* bias, float* Y) {
-  const uint8_t* codes = p.codes.data() + tile0 * p.tile_bytes;
-  int64_t stride = p.tile_bytes;
+  TileCodes<T> codes = PackedTileCodes<T>(p, tile0);
   thread_local std::vector<uint8_t> scratch;
-  if (kNibble) {
-    stride = p.k_padded * 16;
+  if (kNibble) {  // expanded to bytes: [T][k_padded][16]
+    const int64_t stride = p.k_padded * 16;
     scratch.resize(static_cast<size_t>(T * stride));
-    for (int t = 0; t < T; ++t) UnpackNibbleTile(p, tile0 + t, scratch.data() + t * stride);
-    codes = scratch.data();
+    for (int t = 0; t < T; ++t) {
+      UnpackNibbleTile(p, tile0 + t, scratch.data() + t * stride);
+      codes.base[t] = scratch.data() + t * stride;
+      codes.block_stride[t] = p.block_padded * 16;
+    }
   }
-  ForRowBlocks<kIntRows>(row_begin, row_end, IntPrefillBody<T, kZp>{p, codes, stride, act, tile0, bias, Y});
+  ForRowBlocks<kIntRows>(row_begin, row_end, IntPrefillBody<T, kZp>{p, codes, act, tile0, bias, Y});
 }
 
 template <int T, bool kNibble, int kZp>
