@@ -336,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
             f"from the median and from the fastest chain (on a shared machine: the rounds where no other job "
             f"took a core)\n"
         )
-        print(f"| {'case':<42} | {'ms':>7} | {'GB/s':>6} | {'of read':>7} | {'best GB/s':>9} | {'of best read':>12} |")
+        print(
+            f"| {'case':<42} | {'ms':>7} | {'GB/s':>6} | {'of read':>7} | {'best GB/s':>9} | {'of best read':>12} |"
+        )
         print(f"|{'-' * 44}|{'-' * 9}|{'-' * 8}|{'-' * 9}|{'-' * 11}|{'-' * 14}|")
         for row in gemv:
             print(
