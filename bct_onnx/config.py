@@ -146,9 +146,11 @@ class CompressConfig:
     ops: ONNX op types to compress (subset of SUPPORTED_OPS).
     symmetric: implicit zero point for weights and tables (no zero-point tensors stored).
     zero_points: what asymmetric (symmetric=False) weights and tables store per block: "integer"
-        (uint8 zero point, value (u - zp) * scale) or "float" (float16 offset, float32 with float32
-        scales: value u * scale + offset, the block minimum, as GGUF's Q4_1 / AWQ / MatMulNBits).
-        "float" costs 8 more bits a block (16 with float32 scales) and needs symmetric=False.
+        (uint8 zero point, value (u - zp) * scale), "packed" (the same integer zero points stored at
+        the code width, packed like codes: 4-bit, two a byte) or "float" (float16 offset, float32
+        with float32 scales: value u * scale + offset, the block minimum, as GGUF's Q4_1 / AWQ /
+        MatMulNBits). "integer" costs 8 bits a block, "packed" `bits` bits; "float" costs 8 more
+        bits a block than "integer" (16 with float32 scales) and needs symmetric=False.
     scale_kind: how block scales are stored (float16, float32, pow2, float8e5m2; float8e5m2 is for
         weights and tables: activations quantized at run time then keep float16 scales). float8e5m2
         costs one byte a block (4-bit codes in blocks of 32: 4.25 bits a value, not 4.5); under a
