@@ -5,8 +5,8 @@ move the axis they quantize along to the end first; a MatMul weight [K, N] is st
 transpose [N, K]). A partial last block is legal. Every block has one scale and, when
 asymmetric, either one integer zero point (value ``(u - zero_point) * scale``) or one float
 offset (value ``u * scale + offset``, GGUF Q4_1 style). Integer zero points are stored one byte a
-block, or (``ZeroPointKind.PACKED``) packed at the code width like a row of codes, one row of
-zero points per row of blocks (``pack_zero_points``; 4-bit: two a byte). Codes are unsigned integers ``u`` of
+block, or (``ZeroPointKind.PACKED``) packed at the code width into one dense stream in the order of
+the scales, like a row of codes (``pack_zero_points``; 4-bit: two a byte). Codes are unsigned integers ``u`` of
 ``bits`` bits (2..8); symmetric blocks use the implicit zero point ``2 ** (bits - 1)``. Each row of
 codes is packed densely, little-endian, least significant bit first: code ``i`` of a row occupies
 bits ``[i * bits, (i + 1) * bits)`` of that row's bytes, so a row of ``D`` codes takes
@@ -158,8 +158,7 @@ class QuantizedTensor:
     def nbytes(self) -> int:
         zp = 0 if self.zero_points is None else self.zero_points.nbytes
         if self.zero_points is not None and self.fmt.packed_zero_points:
-            rows = self.zero_points.size // max(1, self.zero_points.shape[-1])
-            zp = rows * self.fmt.row_bytes(self.zero_points.shape[-1])
+            zp = self.fmt.row_bytes(self.zero_points.size)
         return self.codes.nbytes + self.scales.nbytes + zp
 
 
@@ -349,25 +348,29 @@ def unpack_codes(packed: np.ndarray, bits: int, axis_size: int) -> np.ndarray:
 
 
 def pack_zero_points(zero_points: np.ndarray, bits: int) -> np.ndarray:
-    """Integer zero points [..., num_blocks] packed at the code width like a row of codes:
-    bytes [..., ceil(num_blocks * bits / 8)]. Each must be below 2**bits (ValueError otherwise)."""
+    """Integer zero points [..., num_blocks] packed at the code width into one dense 1-D stream, in
+    the order of the scales, exactly like one row of codes: uint8 [ceil(count * bits / 8)]. Each
+    must be below 2**bits (ValueError otherwise)."""
     zero_points = np.asarray(zero_points)
     if zero_points.dtype != np.uint8:
         raise ValueError(f"zero points to pack must be uint8, got {zero_points.dtype}")
     if zero_points.size and int(zero_points.max()) >= 1 << bits:
         raise ValueError(f"zero point {int(zero_points.max())} does not fit in {bits} bits (0..{(1 << bits) - 1})")
-    return pack_codes(zero_points, bits)
+    return pack_codes(zero_points.reshape(1, -1), bits)[0]
 
 
-def unpack_zero_points(packed: np.ndarray, bits: int, num_blocks: int) -> np.ndarray:
-    """Inverse of pack_zero_points: bytes [..., ceil(num_blocks * bits / 8)] -> uint8 [..., num_blocks]."""
+def unpack_zero_points(packed: np.ndarray, bits: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of pack_zero_points: the stream uint8 [ceil(count * bits / 8)] -> uint8 zero points of
+    ``shape`` (the scales' shape)."""
     packed = np.asarray(packed, dtype=np.uint8)
-    expected = -(-num_blocks * bits // 8)
-    if packed.ndim == 0 or packed.shape[-1] != expected:
+    count = int(np.prod(shape))
+    expected = -(-count * bits // 8)
+    if packed.shape != (expected,):
         raise ValueError(
-            f"packed zero points need a last dim of ceil({num_blocks} * {bits} / 8) = {expected}, got shape {packed.shape}"
+            f"packed zero points of {count} blocks at {bits} bits must have shape ({expected},) "
+            f"(ceil({count} * {bits} / 8)), got {packed.shape}"
         )
-    return unpack_codes(packed, bits, num_blocks)
+    return unpack_codes(packed[None], bits, count)[0].reshape(shape)
 
 
 def quantize(x: np.ndarray, fmt: BlockFormat) -> QuantizedTensor:

@@ -57,6 +57,10 @@ PLANS: dict[str, tuple[BlockFormat, BlockFormat, list[tuple[str, BlockFormat]]]]
     "t5-v5-mlp-a4": (fmt(5), fmt(4), [("v_proj", fmt(5)), ("(gate_proj|up_proj)", fmt(4, symmetric=False))]),
     "t5a-v6": (fmt(5, symmetric=False), fmt(4), [("v_proj", fmt(6))]),
     "t5-v6a": (fmt(5), fmt(4), [("v_proj", fmt(6, symmetric=False))]),
+    "t5a-v5": (fmt(5, symmetric=False), fmt(4), [("v_proj", fmt(5))]),
+    "t5a64-v6": (fmt(5, symmetric=False, block=64), fmt(4), [("v_proj", fmt(6))]),
+    "t5a64-v6-up-a4": (fmt(5, symmetric=False, block=64), fmt(4), [("v_proj", fmt(6)), ("up_proj", fmt(4, symmetric=False))]),
+    "t4a-v6": (fmt(4, symmetric=False), fmt(4), [("v_proj", fmt(6))]),
 }
 # Bits of a compressed file besides the linear weights and the table (norm weights, graph, metadata):
 # the decoder default's measured 7.04x file minus its weight bits.

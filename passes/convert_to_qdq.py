@@ -225,7 +225,7 @@ class ConvertToQDQPass(CompressPass):
             return dequantized[key]
         packed, scales = _array(codes_value), _array(node.inputs[2])
         assert packed is not None and scales is not None
-        zero_points = node_zero_points(node, _array(node.inputs[3]) if len(node.inputs) > 3 else None)
+        zero_points = node_zero_points(node, _array(node.inputs[3]) if len(node.inputs) > 3 else None, scales)
         fmt = block_format_of(_attr(node, "bits"), _attr(node, "block_size"), bool(_attr(node, "symmetric", 1)), scales, zero_points)
         axis_size = _attr(node, "K") if node.op_type == ops.BLOCK_MATMUL else _attr(node, "axis_size")
         standard = standard_block_tensor(packed, scales, zero_points, fmt, axis_size, transposed)

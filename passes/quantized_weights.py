@@ -17,7 +17,6 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from bct_onnx import ops
 from bct_onnx.block_format import BlockFormat, ScaleKind, unpack_zero_points
 from bct_onnx.gptq import gptq_quantize
 from bct_onnx.weight_quantizer import quantize_tensor
@@ -40,15 +39,13 @@ def zero_point_attributes(fmt: BlockFormat) -> dict[str, int]:
     return {ZERO_POINTS_PACKED: 1} if fmt.packed_zero_points else {}
 
 
-def node_zero_points(node: ir.Node, zero_points: np.ndarray | None) -> np.ndarray | None:
-    """One zero point a block of a BlockMatMul / BlockGather / BlockDequantize node's constant
-    zero points (unpacked when the node's zero_points_packed attribute says they are packed)."""
+def node_zero_points(node: ir.Node, zero_points: np.ndarray | None, scales: np.ndarray) -> np.ndarray | None:
+    """One zero point a block (the scales' shape) of a BlockMatMul / BlockGather / BlockDequantize
+    node's constant zero points (unpacked when the node's zero_points_packed attribute is set)."""
     attr = node.attributes.get(ZERO_POINTS_PACKED)
     if zero_points is None or attr is None or not attr.as_int():
         return zero_points
-    row_length = node.attributes["K" if node.op_type == ops.BLOCK_MATMUL else "axis_size"].as_int()
-    block_size = node.attributes["block_size"].as_int()
-    return unpack_zero_points(zero_points, node.attributes["bits"].as_int(), -(-row_length // block_size))
+    return unpack_zero_points(zero_points, node.attributes["bits"].as_int(), scales.shape)
 
 
 def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:

@@ -22,21 +22,23 @@ from bct_onnx.weight_quantizer import quantize_tensor
 def test_round_trip(bits, num_blocks):
     zp = np.random.default_rng(bits).integers(0, 1 << bits, (3, 4, num_blocks)).astype(np.uint8)
     packed = pack_zero_points(zp, bits)
-    assert packed.shape == (3, 4, -(-num_blocks * bits // 8)) and packed.dtype == np.uint8
-    np.testing.assert_array_equal(packed, pack_codes(zp, bits))  # laid out exactly like a row of codes
-    np.testing.assert_array_equal(unpack_zero_points(packed, bits, num_blocks), zp)
+    assert packed.shape == (-(-zp.size * bits // 8),) and packed.dtype == np.uint8  # no padding between rows
+    np.testing.assert_array_equal(packed, pack_codes(zp.reshape(1, -1), bits)[0])  # laid out like one row of codes
+    np.testing.assert_array_equal(unpack_zero_points(packed, bits, zp.shape), zp)
 
 
 def test_4_bit_zero_points_are_two_a_byte_first_block_in_the_low_nibble():
-    packed = pack_zero_points(np.array([[1, 2, 15]], np.uint8), 4)
-    np.testing.assert_array_equal(packed, [[0x21, 0x0F]])
+    packed = pack_zero_points(np.array([[1, 2, 15], [4, 5, 6]], np.uint8), 4)
+    np.testing.assert_array_equal(packed, [0x21, 0x4F, 0x65])
 
 
 def test_zero_point_out_of_range_and_wrong_length_are_refused():
     with pytest.raises(ValueError, match="zero point 16 does not fit in 4 bits"):
         pack_zero_points(np.array([[3, 16]], np.uint8), 4)
-    with pytest.raises(ValueError, match=r"ceil\(5 \* 3 / 8\) = 2, got shape \(4, 5\)"):
-        unpack_zero_points(np.zeros((4, 5), np.uint8), 3, 5)
+    with pytest.raises(ValueError, match=r"must have shape \(8,\) \(ceil\(20 \* 3 / 8\)\), got \(4, 5\)"):
+        unpack_zero_points(np.zeros((4, 5), np.uint8), 3, (4, 5))
+    with pytest.raises(ValueError, match=r"got \(7,\)"):
+        unpack_zero_points(np.zeros(7, np.uint8), 3, (4, 5))
 
 
 @pytest.mark.parametrize("scale_kind", [ScaleKind.FLOAT16, ScaleKind.FLOAT8E5M2])
@@ -56,4 +58,4 @@ def test_packed_format_rounds_as_integer_and_stores_fewer_bits(scale_kind):
         np.testing.assert_array_equal(dequantize(a), dequantize(b))
         assert a.stored_zero_points is a.zero_points
         np.testing.assert_array_equal(b.stored_zero_points, pack_zero_points(b.zero_points, 4))
-        assert a.nbytes - b.nbytes == 6 * 4 - 6 * 2  # 4 blocks a row: 4 bytes -> 2 bytes
+        assert a.nbytes - b.nbytes == 24 - 12  # 6 rows of 4 blocks: 24 bytes -> 12

@@ -13,8 +13,7 @@ class DequantizeCpuKernel : public DequantizeKernelBase {
  public:
   DequantizeCpuKernel(const OrtKernelInfo* info, const NodeRef& node) : DequantizeKernelBase(info, node), isa_(cpu::KernelIsa(node_)) {
     if (ReadZeroPointsPacked(info, node_, attrs_.symmetric)) {  // unpacked once and kept
-      unpacked_zero_points_ = UnpackConstantZeroPoints(info, node_, 2, "zero_points", attrs_.bits,
-                                                       num_blocks(attrs_.axis_size, attrs_.block_size));
+      unpacked_zero_points_ = UnpackConstantZeroPoints(info, node_, 2, "zero_points", 1, "scales", attrs_.bits);
       zero_points_packed_ = true;
     }
   }

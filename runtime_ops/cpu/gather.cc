@@ -20,8 +20,7 @@ class GatherCpuKernel : public DequantizeKernelBase {
       coded_ = true;
     }
     if (ReadZeroPointsPacked(info, node_, attrs_.symmetric)) {  // unpacked once and kept
-      unpacked_zero_points_ = UnpackConstantZeroPoints(info, node_, 3, "zero_points", attrs_.bits,
-                                                       num_blocks(attrs_.axis_size, attrs_.block_size));
+      unpacked_zero_points_ = UnpackConstantZeroPoints(info, node_, 3, "zero_points", 2, "scales", attrs_.bits);
       zero_points_packed_ = true;
     }
   }

@@ -113,7 +113,7 @@ class MatMulCpuKernel {
     }
     if (ReadZeroPointsPacked(info, node_, attrs_.block.symmetric)) {  // unpacked once, here
       unpacked_zero_points_ =
-          UnpackConstantZeroPoints(info, node_, kZeroPoints, "W_zero_points", attrs_.block.bits, attrs_.num_blocks());
+          UnpackConstantZeroPoints(info, node_, kZeroPoints, "W_zero_points", kScales, "W_scales", attrs_.block.bits);
       zero_points_packed_ = true;
     }
     const InputTensor scales = ConstantInput(kernel_info, kScales);

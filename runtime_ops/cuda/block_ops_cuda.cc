@@ -22,8 +22,8 @@ class DeviceZeroPoints {
  public:
   void Load(const OrtKernelInfo* info, const NodeRef& node, const BlockAttrs& attrs, size_t index) {
     if (!ReadZeroPointsPacked(info, node, attrs.symmetric)) return;
-    const UnpackedZeroPoints unpacked = UnpackConstantZeroPoints(info, node, index, "zero_points", attrs.bits,
-                                                                 num_blocks(attrs.axis_size, attrs.block_size));
+    const UnpackedZeroPoints unpacked =
+        UnpackConstantZeroPoints(info, node, index, "zero_points", index - 1, "scales", attrs.bits);
     CheckLaunch(node, bytes_.Upload(unpacked.values.data(), unpacked.values.size()));
     view_ = unpacked.view;
     view_.data = bytes_.data();

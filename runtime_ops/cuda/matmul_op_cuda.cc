@@ -25,7 +25,7 @@ class MatMulCudaKernel {
     }
     if (ReadZeroPointsPacked(info, node_, attrs_.block.symmetric)) {  // unpacked on the host once, then kept on the device
       const UnpackedZeroPoints unpacked =
-          UnpackConstantZeroPoints(info, node_, kZeroPoints, "W_zero_points", attrs_.block.bits, attrs_.num_blocks());
+          UnpackConstantZeroPoints(info, node_, kZeroPoints, "W_zero_points", kScales, "W_scales", attrs_.block.bits);
       CheckLaunch(node_, device_zero_points_.Upload(unpacked.values.data(), unpacked.values.size()));
       zero_points_view_ = unpacked.view;
       zero_points_view_.data = device_zero_points_.data();

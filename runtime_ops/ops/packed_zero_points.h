@@ -1,7 +1,8 @@
 // Integer zero points packed at the code width (attribute zero_points_packed = 1 on BlockMatMul,
-// BlockGather and BlockDequantize, docs/ops.md): the constant zero-points input holds, per row of
-// blocks, ceil(num_blocks * bits / 8) bytes packed like a row of codes (4-bit: two a byte). Kernels
-// unpack them once, at creation, into the one-byte-a-block layout they read, so no kernel changes.
+// BlockGather and BlockDequantize, docs/ops.md): the constant zero-points input is one dense stream
+// uint8 [ceil(count * bits / 8)] of the zero points of every block, in the order of the (constant)
+// scales, packed like one row of codes (4-bit: two a byte). Kernels unpack them once, at creation,
+// into the one-byte-a-block layout they read, so no kernel changes.
 #pragma once
 
 #include <cstdint>
@@ -25,45 +26,46 @@ inline bool ReadZeroPointsPacked(const OrtKernelInfo* info, const NodeRef& node,
 }
 
 // The unpacked zero points of a kernel whose zero-points input is packed: one byte a block, and the
-// view every call validates in place of the packed input (shape [..., num_blocks]; data is set by the
+// view every call validates in place of the packed input (the scales' shape; data is set by the
 // kernel: host bytes on CPU, the device copy on CUDA).
 struct UnpackedZeroPoints {
   std::vector<uint8_t> values;
   InputTensor view;
 };
 
-// Unpacks the constant input `index` (named input_name) of zero points packed at `bits` bits, rows of
-// num_blocks. Fails naming the input when it is not a constant uint8 initializer or its last dim is
-// not ceil(num_blocks * bits / 8).
+// Unpacks the constant input `index` (named input_name) of zero points packed at `bits` bits, one a
+// block of the constant scales input `scales_index` (scales_name). Fails naming the input when either
+// is not a constant initializer or the stream's shape is not [ceil(count * bits / 8)].
 inline UnpackedZeroPoints UnpackConstantZeroPoints(const OrtKernelInfo* info, const NodeRef& node, size_t index,
-                                                   const char* input_name, int bits, int64_t num_blocks_per_row) {
-  const InputTensor packed = ConstantInput(Ort::ConstKernelInfo(info), index);
+                                                   const char* input_name, size_t scales_index,
+                                                   const char* scales_name, int bits) {
+  const Ort::ConstKernelInfo kernel_info(info);
+  const InputTensor packed = ConstantInput(kernel_info, index);
+  const InputTensor scales = ConstantInput(kernel_info, scales_index);
   const std::string name = std::string("input '") + input_name + "'";
   if (!packed.present) {
     node.Fail(name + " must be a constant initializer when attribute 'zero_points_packed' is 1");
   }
+  if (!scales.present) {
+    node.Fail(std::string("input '") + scales_name +
+              "' must be a constant initializer when attribute 'zero_points_packed' is 1 (it gives the zero points' shape)");
+  }
   ExpectDtype(node, input_name, packed, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
-  ExpectMinRank(node, input_name, packed, 1);
-  const int64_t packed_row = row_bytes(num_blocks_per_row, bits);
-  if (packed.shape.back() != packed_row) {
-    node.Fail(name + " (zero_points_packed=1) last dim must be ceil(num_blocks * bits / 8) = ceil(" +
-              std::to_string(num_blocks_per_row) + " * " + std::to_string(bits) + " / 8) = " +
-              std::to_string(packed_row) + ", got shape " + ShapeString(packed.shape));
+  const int64_t count = scales.size;
+  const int64_t stream_bytes = row_bytes(count, bits);
+  if (packed.shape.size() != 1 || packed.shape[0] != stream_bytes) {
+    node.Fail(name + " (zero_points_packed=1) must have shape [ceil(" + std::to_string(count) + " blocks * " +
+              std::to_string(bits) + " bits / 8)] = [" + std::to_string(stream_bytes) + "] for '" + scales_name +
+              "' of shape " + ShapeString(scales.shape) + ", got shape " + ShapeString(packed.shape));
   }
-  const int64_t rows = packed_row == 0 ? 0 : packed.size / packed_row;
   UnpackedZeroPoints unpacked;
-  unpacked.values.resize(static_cast<size_t>(rows * num_blocks_per_row));
+  unpacked.values.resize(static_cast<size_t>(count));
   const uint8_t* bytes = packed.As<uint8_t>();
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint8_t* row = bytes + r * packed_row;
-    uint8_t* out = unpacked.values.data() + r * num_blocks_per_row;
-    for (int64_t b = 0; b < num_blocks_per_row; ++b) out[b] = static_cast<uint8_t>(get_code(row, b, bits, packed_row));
-  }
+  for (int64_t b = 0; b < count; ++b) unpacked.values[b] = static_cast<uint8_t>(get_code(bytes, b, bits, stream_bytes));
   unpacked.view.present = true;
   unpacked.view.dtype = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
-  unpacked.view.shape = packed.shape;
-  unpacked.view.shape.back() = num_blocks_per_row;
-  unpacked.view.size = rows * num_blocks_per_row;
+  unpacked.view.shape = scales.shape;
+  unpacked.view.size = count;
   unpacked.view.data = unpacked.values.data();
   return unpacked;
 }

@@ -336,7 +336,7 @@ def test_packed_zero_points_store_the_integer_zero_points_at_the_code_width(bits
         np.testing.assert_array_equal(node_packed.inputs[i].const_value.numpy(), node_plain.inputs[i].const_value.numpy())
     zp = node_plain.inputs[3].const_value.numpy()
     stored = node_packed.inputs[3].const_value.numpy()
-    assert stored.shape == (24, -(-zp.shape[1] * bits // 8))
+    assert stored.shape == (-(-zp.size * bits // 8),)
     np.testing.assert_array_equal(stored, pack_zero_points(zp, bits))
     a = RNG.standard_normal((2, 5, k)).astype(np.float32)
     (y_plain,) = run_bct_session(plain, {"A": a})

@@ -46,7 +46,7 @@ def _asymmetric(bits: int, block_size: int, rows: int, axis_size: int, seed: int
 def test_matmul_with_packed_zero_points_equals_unpacked(force_isa, isa, bits, block_size, k, n, act_bits) -> None:
     force_isa(isa)
     _, q = _asymmetric(bits, block_size, n, k, seed=bits * 10 + k)
-    assert q.zero_points is not None and q.stored_zero_points.shape == (n, -(-q.zero_points.shape[1] * bits // 8))
+    assert q.zero_points is not None and q.stored_zero_points.shape == (-(-q.zero_points.size * bits // 8),)
     common = dict(k=k, n=n, bits=bits, block_size=block_size, symmetric=False, act_bits=act_bits, codes=q.codes,
                   scales=q.scales, bias=np.linspace(-1, 1, n, dtype=np.float32))
     a = np.random.default_rng(1).standard_normal((3, 5, k)).astype(np.float32)
@@ -107,14 +107,17 @@ def _session_error(model: bytes) -> str:
 
 
 def test_wrong_packed_length_names_node_and_input() -> None:
-    _, q = _asymmetric(4, 32, 12, 96, seed=4)  # 3 blocks: ceil(3 * 4 / 8) = 2 bytes a row
+    _, q = _asymmetric(4, 32, 12, 96, seed=4)  # 12 rows of 3 blocks: ceil(36 * 4 / 8) = 18 bytes
     common = dict(k=96, n=12, bits=4, block_size=32, symmetric=False, act_bits=0, codes=q.codes, scales=q.scales,
                   bias=None, node_name="proj")
     message = _session_error(matmul_model(zero_points=q.zero_points, zero_points_packed=1, **common))
-    assert "proj" in message and "'W_zero_points'" in message and "ceil(3 * 4 / 8) = 2" in message, message
-    fmt, t = _asymmetric(3, 16, 5, 70, seed=5)
+    assert "proj" in message and "'W_zero_points'" in message and "= [18]" in message, message
+    assert "got shape [12, 3]" in message, message
+    message = _session_error(matmul_model(zero_points=q.stored_zero_points[:-1], zero_points_packed=1, **common))
+    assert "proj" in message and "'W_zero_points'" in message and "got shape [17]" in message, message
+    fmt, t = _asymmetric(3, 16, 5, 70, seed=5)  # 5 rows of 5 blocks: ceil(25 * 3 / 8) = 10 bytes
     message = _session_error(_dequantize_model(fmt, t, t.zero_points, node_name="deq", zero_points_packed=1))
-    assert "deq" in message and "'zero_points'" in message and "ceil(5 * 3 / 8) = 2" in message, message
+    assert "deq" in message and "'zero_points'" in message and "= [10]" in message, message
 
 
 def test_packed_zero_points_must_be_constant() -> None:
