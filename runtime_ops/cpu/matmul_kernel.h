@@ -172,6 +172,10 @@ void TilesAvx2(const PackedWeights& p, const ActRows* act, const float* a_padded
                int64_t row_end, int64_t tile_begin, int64_t tile_end, const float* bias, float* Y);
 void TilesAvx512(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin,
                  int64_t row_end, int64_t tile_begin, int64_t tile_end, const float* bias, float* Y);
+// TilesAvx512's few-row (decode) kernels, matmul_gemv_avx512.cc: rows [row_begin, row_end) at most
+// kDecodeRows in integer mode, 3 in float mode.
+void DecodeTilesAvx512(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin,
+                       int64_t row_end, int64_t tile_begin, int64_t tile_end, const float* bias, float* Y);
 void TilesAvxVnni(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin,
                   int64_t row_end, int64_t tile_begin, int64_t tile_end, const float* bias, float* Y);
 
