@@ -39,11 +39,17 @@ class ScaleKind(str, enum.Enum):
     # one byte: ONNX FLOAT8E5M2 (sign, 5 exponent, 2 mantissa bits: the upper byte of a float16),
     # four steps per octave instead of pow2's one; for weights and tables (chosen offline)
     FLOAT8E5M2 = "float8e5m2"
+    # one byte: ONNX FLOAT8E4M3FN (3 mantissa bits, no infinities, largest 448) times one float32
+    # factor per tensor, chosen so the tensor's largest scale lands at 448; weights and tables only
+    FLOAT8E4M3 = "float8e4m3"
 
 
 # The scale kinds kernels can choose at run time (BlockQuantize, compressed activations);
-# float8e5m2 is chosen offline only (weights, tables).
+# float8e5m2 and float8e4m3 are chosen offline only (weights, tables).
 RUNTIME_SCALE_KINDS: tuple[ScaleKind, ...] = (ScaleKind.FLOAT16, ScaleKind.FLOAT32, ScaleKind.POW2)
+# The scale kinds the kernels read as stored; the ops widen float8e4m3 scales (with their factor) to
+# float32 once, at session creation (docs/ops.md: scale_factor).
+KERNEL_SCALE_KINDS: tuple[ScaleKind, ...] = tuple(kind for kind in ScaleKind if kind is not ScaleKind.FLOAT8E4M3)
 
 
 class ZeroPointKind(str, enum.Enum):
@@ -125,6 +131,7 @@ class BlockFormat:
             ScaleKind.FLOAT32: np.dtype(np.float32),
             ScaleKind.POW2: np.dtype(np.uint8),
             ScaleKind.FLOAT8E5M2: np.dtype(ml_dtypes.float8_e5m2),
+            ScaleKind.FLOAT8E4M3: np.dtype(ml_dtypes.float8_e4m3fn),
         }[self.scale_kind]
 
     def storage_bits_per_value(self) -> float:
@@ -146,6 +153,7 @@ class QuantizedTensor:
     zero_points: np.ndarray | None
     axis_size: int
     fmt: BlockFormat
+    scale_factor: float | None = None  # float8e4m3 scales only: scale = e4m3(byte) * scale_factor
 
     @property
     def stored_zero_points(self) -> np.ndarray | None:
@@ -207,11 +215,12 @@ def scale_kind_of(scales: np.ndarray) -> ScaleKind:
         np.dtype(np.float32): ScaleKind.FLOAT32,
         np.dtype(np.uint8): ScaleKind.POW2,
         np.dtype(ml_dtypes.float8_e5m2): ScaleKind.FLOAT8E5M2,
+        np.dtype(ml_dtypes.float8_e4m3fn): ScaleKind.FLOAT8E4M3,
     }
     dtype = np.asarray(scales).dtype
     if dtype not in kinds:
         raise ValueError(
-            f"scales of dtype {dtype} are not a scale kind (float16, float32, uint8, float8_e5m2)"
+            f"scales of dtype {dtype} are not a scale kind (float16, float32, uint8, float8_e5m2, float8_e4m3fn)"
         )
     return kinds[dtype]
 
@@ -226,10 +235,54 @@ def float8e5m2_at_least(value: np.ndarray) -> np.ndarray:
     return bits.view(ml_dtypes.float8_e5m2)
 
 
-def scales_to_float32(scales: np.ndarray, scale_kind: ScaleKind) -> np.ndarray:
-    """Stored scales -> the float32 scale the arithmetic uses."""
+FLOAT8E4M3_MAX = 448.0
+
+
+def float8e4m3_at_least(value: np.ndarray) -> np.ndarray:
+    """float32 values -> the float8e4m3fn of the same sign nearest to each that is not smaller in
+    magnitude (round away from zero), saturating at +-448 (e4m3fn has no infinity; 0 stays 0)."""
+    value = np.clip(np.asarray(value, dtype=np.float32), -FLOAT8E4M3_MAX, FLOAT8E4M3_MAX)
+    nearest = value.astype(ml_dtypes.float8_e4m3fn)  # round to nearest even
+    short = np.abs(nearest.astype(np.float32)) < np.abs(value)
+    bits = nearest.view(np.uint8) + short.astype(np.uint8)
+    return bits.view(ml_dtypes.float8_e4m3fn)
+
+
+def check_scale_factor(scale_kind: ScaleKind, scale_factor: float | None) -> np.float32 | None:
+    """The float32 per-tensor factor of float8e4m3 scales (finite, > 0); None for other kinds, which
+    take none (ValueError when one is missing, given to another kind, or not finite and positive)."""
+    if ScaleKind(scale_kind) is not ScaleKind.FLOAT8E4M3:
+        if scale_factor is not None:
+            raise ValueError(f"scale_factor is for float8e4m3 scales only, not {ScaleKind(scale_kind).value}")
+        return None
+    if scale_factor is None:
+        raise ValueError("float8e4m3 scales need a scale_factor (scale = e4m3(byte) * scale_factor)")
+    with np.errstate(over="ignore"):
+        factor = np.float32(scale_factor)
+    if not np.isfinite(factor) or factor <= 0:
+        raise ValueError(f"scale_factor must be finite and > 0 in float32, got {scale_factor!r}")
+    return factor
+
+
+def float8e4m3_scale_factor(x: np.ndarray, fmt: BlockFormat) -> float:
+    """The per-tensor factor of float8e4m3 scales for x [..., D]: the largest float32 spec scale of
+    its blocks over 448 (e4m3fn's largest value), so the largest scale is stored near 448 and no scale
+    but those of nearly-zero blocks is subnormal; 1.0 for an all-zero tensor."""
+    plain = dataclasses.replace(fmt, scale_kind=ScaleKind.FLOAT32)
+    scales, _ = choose_scales(pad_to_blocks(np.asarray(x, dtype=np.float32), plain), plain)
+    largest = np.float32(np.abs(scales).max()) if scales.size else np.float32(0.0)
+    factor = np.float32(largest / np.float32(FLOAT8E4M3_MAX))
+    return float(factor) if np.isfinite(factor) and factor > 0 else 1.0
+
+
+def scales_to_float32(scales: np.ndarray, scale_kind: ScaleKind, scale_factor: float | None = None) -> np.ndarray:
+    """Stored scales -> the float32 scale the arithmetic uses (float8e4m3: the byte's value times the
+    float32 scale_factor, one float32 multiply)."""
+    factor = check_scale_factor(scale_kind, scale_factor)
     if ScaleKind(scale_kind) is ScaleKind.POW2:
         return np.ldexp(np.float32(1.0), scales.astype(np.int32) - POW2_EXPONENT_BIAS).astype(np.float32)
+    if factor is not None:
+        return (scales.astype(np.float32) * factor).astype(np.float32)
     return scales.astype(np.float32)
 
 
@@ -240,7 +293,9 @@ def _inverse(scale: np.ndarray) -> np.ndarray:
     return np.where(scale == 0, np.float32(0.0), inv).astype(np.float32)
 
 
-def choose_scales(blocks: np.ndarray, fmt: BlockFormat) -> tuple[np.ndarray, np.ndarray | None]:
+def choose_scales(
+    blocks: np.ndarray, fmt: BlockFormat, scale_factor: float | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Stored scales (and zero points) for blocks [..., nb, block_size] of float32 values.
 
     Symmetric: the element of largest magnitude ``m`` (first one on ties) maps to the most negative
@@ -251,10 +306,13 @@ def choose_scales(blocks: np.ndarray, fmt: BlockFormat) -> tuple[np.ndarray, np.
     Float offsets: offset = the block minimum rounded to the offset dtype, step =
     ``max(max(x) - offset, 0) / (2**bits - 1)`` stored in the scale kind (POW2: smallest power of two
     >= step, e = 0 for a zero step); the second result is then the offsets array.
+    float8e5m2 and float8e4m3 round the scale away from zero; float8e4m3 stores scale / scale_factor
+    (saturating at 448), so the scale the arithmetic sees is the stored byte times scale_factor.
     """
+    factor = check_scale_factor(fmt.scale_kind, scale_factor)
     blocks = blocks.astype(np.float32, copy=False)
     if fmt.float_offsets:
-        return _choose_offset_scales(blocks, fmt)
+        return _choose_offset_scales(blocks, fmt, factor)
     if fmt.symmetric:
         idx = np.argmax(np.abs(blocks), axis=-1)
         m = np.take_along_axis(blocks, idx[..., None], axis=-1)[..., 0]
@@ -267,28 +325,34 @@ def choose_scales(blocks: np.ndarray, fmt: BlockFormat) -> tuple[np.ndarray, np.
         scale = (m / np.float32(-(1 << (fmt.bits - 1)))).astype(np.float32)
         if fmt.scale_kind is ScaleKind.FLOAT8E5M2:  # rounded away from zero: m never leaves the code range
             return float8e5m2_at_least(scale), None
+        if factor is not None:
+            return float8e4m3_at_least(scale / factor), None
         return scale.astype(fmt.scale_dtype), None
     lo = np.minimum(blocks.min(axis=-1), np.float32(0.0))
     hi = np.maximum(blocks.max(axis=-1), np.float32(0.0))
     step = ((hi - lo) / np.float32(fmt.qmax)).astype(np.float32)
-    stored = _stored_step(step, fmt)
-    inv = _inverse(scales_to_float32(stored, fmt.scale_kind))
+    stored = _stored_step(step, fmt, factor)
+    inv = _inverse(scales_to_float32(stored, fmt.scale_kind, factor))
     zp = np.clip(round_half_to_even(-lo * inv), 0, fmt.qmax).astype(np.uint8)
     return stored, zp
 
 
-def _stored_step(step: np.ndarray, fmt: BlockFormat) -> np.ndarray:
+def _stored_step(step: np.ndarray, fmt: BlockFormat, factor: np.float32 | None = None) -> np.ndarray:
     """A non-negative float32 step stored in fmt's scale kind (pow2: smallest 2**e >= step, e = 0 for
-    0; float8e5m2: smallest float8e5m2 >= step)."""
+    0; float8e5m2: smallest float8e5m2 >= step; float8e4m3: smallest e4m3 >= step / factor, at most 448)."""
     if fmt.scale_kind is ScaleKind.POW2:
         e = np.where(step > 0, pow2_exponent_at_least(np.where(step > 0, step, np.float32(1.0))), 0)
         return (e + POW2_EXPONENT_BIAS).astype(np.uint8)
     if fmt.scale_kind is ScaleKind.FLOAT8E5M2:
         return float8e5m2_at_least(step)
+    if factor is not None:
+        return float8e4m3_at_least(step / factor)
     return step.astype(fmt.scale_dtype)
 
 
-def _choose_offset_scales(blocks: np.ndarray, fmt: BlockFormat) -> tuple[np.ndarray, np.ndarray]:
+def _choose_offset_scales(
+    blocks: np.ndarray, fmt: BlockFormat, factor: np.float32 | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Stored scales and float offsets of float-offset blocks [..., nb, block_size] (float32)."""
     assert fmt.zero_point_dtype is not None
     lo = blocks.min(axis=-1)
@@ -297,14 +361,18 @@ def _choose_offset_scales(blocks: np.ndarray, fmt: BlockFormat) -> tuple[np.ndar
     with np.errstate(invalid="ignore", over="ignore"):
         step = ((hi - offsets.astype(np.float32)) / np.float32(fmt.qmax)).astype(np.float32)
     step = np.where(step > 0, step, np.float32(0.0)).astype(np.float32)  # offset rounded above every value
-    return _stored_step(step, fmt), offsets
+    return _stored_step(step, fmt, factor), offsets
 
 
 def codes_for(
-    blocks: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, fmt: BlockFormat
+    blocks: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray | None,
+    fmt: BlockFormat,
+    scale_factor: float | None = None,
 ) -> np.ndarray:
     """Unsigned codes [..., nb, block_size] of blocks for given stored scales and zero points."""
-    inv = _inverse(scales_to_float32(scales, fmt.scale_kind))[..., None]
+    inv = _inverse(scales_to_float32(scales, fmt.scale_kind, scale_factor))[..., None]
     if fmt.float_offsets:
         assert zero_points is not None
         shifted = blocks.astype(np.float32, copy=False) - zero_points[..., None].astype(np.float32)
@@ -319,13 +387,16 @@ def codes_for(
     return q.astype(np.uint8)
 
 
-def quantize_codes(x: np.ndarray, fmt: BlockFormat) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Unpacked unsigned codes [..., D], stored scales [..., nb], zero points (or None) of x [..., D]."""
+def quantize_codes(
+    x: np.ndarray, fmt: BlockFormat, scale_factor: float | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Unpacked unsigned codes [..., D], stored scales [..., nb], zero points (or None) of x [..., D]
+    (float8e4m3: for the given scale_factor, see float8e4m3_scale_factor)."""
     x = np.asarray(x, dtype=np.float32)
     d = x.shape[-1]
     blocks = pad_to_blocks(x, fmt)
-    scales, zp = choose_scales(blocks, fmt)
-    codes = codes_for(blocks, scales, zp, fmt)
+    scales, zp = choose_scales(blocks, fmt, scale_factor)
+    codes = codes_for(blocks, scales, zp, fmt, scale_factor)
     codes = codes.reshape(codes.shape[:-2] + (codes.shape[-2] * codes.shape[-1],))[..., :d]
     return codes, scales, zp
 
@@ -373,20 +444,30 @@ def unpack_zero_points(packed: np.ndarray, bits: int, shape: tuple[int, ...]) ->
     return unpack_codes(packed[None], bits, count)[0].reshape(shape)
 
 
+def default_scale_factor(x: np.ndarray, fmt: BlockFormat) -> float | None:
+    """The scale_factor the spec stores with x quantized in fmt: float8e4m3_scale_factor, or None."""
+    return float8e4m3_scale_factor(x, fmt) if fmt.scale_kind is ScaleKind.FLOAT8E4M3 else None
+
+
 def quantize(x: np.ndarray, fmt: BlockFormat) -> QuantizedTensor:
     """Blockwise-quantize x [..., D] along its last axis and pack the codes."""
     x = np.asarray(x, dtype=np.float32)
-    codes, scales, zp = quantize_codes(x, fmt)
-    return QuantizedTensor(pack_codes(codes, fmt.bits), scales, zp, x.shape[-1], fmt)
+    factor = default_scale_factor(x, fmt)
+    codes, scales, zp = quantize_codes(x, fmt, factor)
+    return QuantizedTensor(pack_codes(codes, fmt.bits), scales, zp, x.shape[-1], fmt, factor)
 
 
 def dequantize_codes(
-    codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, fmt: BlockFormat
+    codes: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray | None,
+    fmt: BlockFormat,
+    scale_factor: float | None = None,
 ) -> np.ndarray:
     """float32 values [..., D] of unpacked codes [..., D]: (u - zero_point) * scale, or u * scale + offset."""
     d = codes.shape[-1]
     nb = fmt.num_blocks(d)
-    scale = np.repeat(scales_to_float32(scales, fmt.scale_kind), fmt.block_size, axis=-1)[..., :d]
+    scale = np.repeat(scales_to_float32(scales, fmt.scale_kind, scale_factor), fmt.block_size, axis=-1)[..., :d]
     if fmt.float_offsets:
         assert zero_points is not None and zero_points.shape[-1] == nb
         offset = np.repeat(zero_points.astype(np.float32), fmt.block_size, axis=-1)[..., :d]
@@ -403,10 +484,11 @@ def dequantize_codes(
 def dequantize(q: QuantizedTensor) -> np.ndarray:
     """float32 values [..., D] of a packed QuantizedTensor."""
     codes = unpack_codes(q.codes, q.fmt.bits, q.axis_size)
-    return dequantize_codes(codes, q.scales, q.zero_points, q.fmt)
+    return dequantize_codes(codes, q.scales, q.zero_points, q.fmt, q.scale_factor)
 
 
 def fake_quantize(x: np.ndarray, fmt: BlockFormat) -> np.ndarray:
     """quantize then dequantize (the value the runtime will see), without packing."""
-    codes, scales, zp = quantize_codes(x, fmt)
-    return dequantize_codes(codes, scales, zp, fmt)
+    factor = default_scale_factor(x, fmt)
+    codes, scales, zp = quantize_codes(x, fmt, factor)
+    return dequantize_codes(codes, scales, zp, fmt, factor)

@@ -20,6 +20,7 @@ from bct_onnx.block_format import (
     _pad_to_blocks,
     choose_scales,
     codes_for,
+    default_scale_factor,
     pack_codes,
     pad_to_blocks,
     round_half_to_even,
@@ -66,12 +67,13 @@ def _block_squared_error(
     zero_points: np.ndarray | None,
     fmt: BlockFormat,
     importance: np.ndarray | None = None,
+    scale_factor: float | None = None,
 ) -> np.ndarray:
     """Squared error per block [..., nb] of quantizing blocks with the given stored scales.
 
     Same arithmetic as ``codes_for`` followed by ``dequantize_codes``, without forming codes.
     """
-    scale = scales_to_float32(scales, fmt.scale_kind)[..., None]
+    scale = scales_to_float32(scales, fmt.scale_kind, scale_factor)[..., None]
     if fmt.float_offsets:
         assert zero_points is not None
         offset = zero_points.astype(np.float32)[..., None]
@@ -98,24 +100,27 @@ def search_scales(
     fmt: BlockFormat,
     ratios: tuple[float, ...] | None = None,
     importance: np.ndarray | None = None,
+    scale_factor: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Stored scales and zero points [..., nb] minimising each block's squared error over ratios.
 
-    Float-offset formats search OFFSET_SHRINKS (ratios do not apply to them).
+    Float-offset formats search OFFSET_SHRINKS (ratios do not apply to them). One-byte float scales
+    are rounded to their grid before each candidate's error is measured, so the search sees the
+    scale the runtime will use (float8e4m3: for the tensor's scale_factor).
     """
     if fmt.float_offsets:
-        return _search_offset_ranges(blocks.astype(np.float32, copy=False), fmt, importance)
+        return _search_offset_ranges(blocks.astype(np.float32, copy=False), fmt, importance, scale_factor)
     if ratios is None:
         ratios = POW2_RATIOS if fmt.scale_kind is ScaleKind.POW2 else CLIP_RATIOS
     blocks = blocks.astype(np.float32, copy=False)
     extremes = _extremes(blocks, fmt)
-    best_scales, best_zp = choose_scales(extremes, fmt)
-    best_err = _block_squared_error(blocks, best_scales, best_zp, fmt, importance)
+    best_scales, best_zp = choose_scales(extremes, fmt, scale_factor)
+    best_err = _block_squared_error(blocks, best_scales, best_zp, fmt, importance, scale_factor)
     for ratio in ratios:
         if ratio == 1.0:
             continue
-        scales, zp = choose_scales(extremes * np.float32(ratio), fmt)
-        err = _block_squared_error(blocks, scales, zp, fmt, importance)
+        scales, zp = choose_scales(extremes * np.float32(ratio), fmt, scale_factor)
+        err = _block_squared_error(blocks, scales, zp, fmt, importance, scale_factor)
         better = err < best_err
         if not better.any():
             continue
@@ -127,23 +132,23 @@ def search_scales(
 
 
 def _search_offset_ranges(
-    blocks: np.ndarray, fmt: BlockFormat, importance: np.ndarray | None
+    blocks: np.ndarray, fmt: BlockFormat, importance: np.ndarray | None, scale_factor: float | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """search_scales for float-offset blocks: the spec's [min, max] and shrunk ranges, least error wins."""
     lo = blocks.min(axis=-1)
     hi = blocks.max(axis=-1)
     span = hi - lo
-    best_scales, first_offsets = choose_scales(np.stack([lo, hi], axis=-1), fmt)
+    best_scales, first_offsets = choose_scales(np.stack([lo, hi], axis=-1), fmt, scale_factor)
     assert first_offsets is not None
     best_offsets: np.ndarray = first_offsets
-    best_err = _block_squared_error(blocks, best_scales, best_offsets, fmt, importance)
+    best_err = _block_squared_error(blocks, best_scales, best_offsets, fmt, importance, scale_factor)
     for bottom, top in OFFSET_SHRINKS:
         if bottom == 0.0 and top == 0.0:
             continue
         extremes = np.stack([lo + np.float32(bottom) * span, hi - np.float32(top) * span], axis=-1)
-        scales, offsets = choose_scales(extremes.astype(np.float32), fmt)
+        scales, offsets = choose_scales(extremes.astype(np.float32), fmt, scale_factor)
         assert offsets is not None
-        err = _block_squared_error(blocks, scales, offsets, fmt, importance)
+        err = _block_squared_error(blocks, scales, offsets, fmt, importance, scale_factor)
         better = err < best_err
         if not better.any():
             continue
@@ -174,18 +179,21 @@ def quantize_tensor(
     elif fmt.float_offsets and d % fmt.block_size:
         # Float-offset padding repeats the last value: give it no weight in the scale search.
         weights = _pad_to_blocks(np.ones((1, d), dtype=np.float32), fmt.block_size)[0]
+    factor = default_scale_factor(x, fmt)
     step = max(1, _CHUNK_ELEMENTS // max(1, nb * fmt.block_size))
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         blocks = pad_to_blocks(x[start:stop], fmt)
         scales, zp = (
-            search_scales(blocks, fmt, importance=weights) if scale_search else choose_scales(blocks, fmt)
+            search_scales(blocks, fmt, importance=weights, scale_factor=factor)
+            if scale_search
+            else choose_scales(blocks, fmt, factor)
         )
-        codes = codes_for(blocks, scales, zp, fmt)
+        codes = codes_for(blocks, scales, zp, fmt, factor)
         codes = codes.reshape(stop - start, -1)[:, :d]
         codes_out[start:stop] = pack_codes(codes, fmt.bits)
         scales_out[start:stop] = scales
         if zp_out is not None:
             assert zp is not None
             zp_out[start:stop] = zp
-    return QuantizedTensor(codes_out, scales_out, zp_out, d, fmt)
+    return QuantizedTensor(codes_out, scales_out, zp_out, d, fmt, factor)

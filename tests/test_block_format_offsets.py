@@ -12,6 +12,7 @@ from bct_onnx.block_format import (
     BlockFormat,
     ScaleKind,
     ZeroPointKind,
+    default_scale_factor,
     dequantize,
     fake_quantize,
     quantize,
@@ -89,10 +90,11 @@ def test_codes_rule_and_error_bound(bits: int, kind: ScaleKind) -> None:
     """codes = clamp(rne((x - offset) / scale)); the block minimum is the offset; errors within half a step."""
     fmt = BlockFormat(bits, 16, False, kind, "float")
     x = np.random.default_rng(bits).standard_normal((5, 16 * 4 + 7)).astype(np.float32) + 3.0  # one-signed
-    codes, scales, offsets = quantize_codes(x, fmt)
+    factor = default_scale_factor(x, fmt)
+    codes, scales, offsets = quantize_codes(x, fmt, factor)
     assert offsets is not None
     y = fake_quantize(x, fmt)
-    step = np.repeat(scales_to_float32(scales, kind), 16, axis=-1)[:, : x.shape[1]]
+    step = np.repeat(scales_to_float32(scales, kind, factor), 16, axis=-1)[:, : x.shape[1]]
     off = np.repeat(offsets.astype(np.float32), 16, axis=-1)[:, : x.shape[1]]
     half_ulp = np.abs(off) * 2.0**-11 if fmt.zero_point_dtype == np.float16 else np.abs(off) * 2.0**-24
     # within half a step inside the range; an offset rounded up may clip the minimum by < half an ulp
@@ -119,11 +121,11 @@ def test_constant_block(kind: ScaleKind) -> None:
     fmt = BlockFormat(3, 4, False, kind, "float")
     x = np.full((2, 4), 3.3, np.float32)
     q = quantize(x, fmt)
-    codes, _, _ = quantize_codes(x, fmt)
+    codes, _, _ = quantize_codes(x, fmt, q.scale_factor)
     assert np.all(codes == 0)
     expect_scale = 1.0 if kind is ScaleKind.POW2 else 0.0
     np.testing.assert_array_equal(
-        scales_to_float32(q.scales, kind), np.full((2, 1), expect_scale, np.float32)
+        scales_to_float32(q.scales, kind, q.scale_factor), np.full((2, 1), expect_scale, np.float32)
     )
     np.testing.assert_array_equal(dequantize(q), np.full((2, 4), np.float32(q.zero_points[0, 0]), np.float32))
 

@@ -3,6 +3,7 @@
 #include "ops/block_io.h"
 #include "ops/ops.h"
 #include "ops/packed_zero_points.h"
+#include "ops/scale_factor.h"
 #include "cpu/kernel_table.h"
 #include "cpu/row_kernels.h"
 
@@ -16,12 +17,18 @@ class DequantizeCpuKernel : public DequantizeKernelBase {
       unpacked_zero_points_ = UnpackConstantZeroPoints(info, node_, 2, "zero_points", 1, "scales", attrs_.bits);
       zero_points_packed_ = true;
     }
+    float factor = 0.0f;
+    if (ReadScaleFactor(info, node_, &factor)) {  // float8e4m3 scales, widened once and kept
+      widened_scales_ = WidenConstantScales(info, node_, 1, "scales", factor);
+      scales_widened_ = true;
+    }
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
       Ort::KernelContext ctx(context);
-      const DequantizeCall c = PrepareDequantize(ctx, node_, attrs_, zero_points_packed_ ? &unpacked_zero_points_.view : nullptr);
+      const DequantizeCall c = PrepareDequantize(ctx, node_, attrs_, zero_points_packed_ ? &unpacked_zero_points_.view : nullptr,
+                                                 scales_widened_ ? &widened_scales_.view : nullptr);
       const RowsGeometry& g = c.g;
       cpu::RowFormat fmt = BlockRowFormat<cpu::RowFormat>(attrs_, g);
       fmt.isa = isa_;
@@ -38,6 +45,8 @@ class DequantizeCpuKernel : public DequantizeKernelBase {
   cpu::Isa isa_;  // chosen at creation (BCT_ONNX_ISA, BCT_ONNX_BASELINE_SIMD)
   bool zero_points_packed_ = false;
   UnpackedZeroPoints unpacked_zero_points_;  // zero_points_packed = 1: one byte a block
+  bool scales_widened_ = false;
+  WidenedScales widened_scales_;  // scale_factor set: float32 scales
 };
 
 }  // namespace

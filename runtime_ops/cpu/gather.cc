@@ -6,6 +6,7 @@
 #include "ops/coded_codes.h"
 #include "ops/ops.h"
 #include "ops/packed_zero_points.h"
+#include "ops/scale_factor.h"
 #include "cpu/kernel_table.h"
 #include "cpu/row_kernels.h"
 
@@ -23,13 +24,19 @@ class GatherCpuKernel : public DequantizeKernelBase {
       unpacked_zero_points_ = UnpackConstantZeroPoints(info, node_, 3, "zero_points", 2, "scales", attrs_.bits);
       zero_points_packed_ = true;
     }
+    float factor = 0.0f;
+    if (ReadScaleFactor(info, node_, &factor)) {  // float8e4m3 scales, widened once and kept
+      widened_scales_ = WidenConstantScales(info, node_, 2, "scales", factor);
+      scales_widened_ = true;
+    }
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
       Ort::KernelContext ctx(context);
       const GatherCall c = PrepareGather(ctx, node_, attrs_, coded_ ? &decoded_.view : nullptr,
-                                            zero_points_packed_ ? &unpacked_zero_points_.view : nullptr);
+                                            zero_points_packed_ ? &unpacked_zero_points_.view : nullptr,
+                                            scales_widened_ ? &widened_scales_.view : nullptr);
       const RowsGeometry& g = c.g;
       cpu::RowFormat fmt = BlockRowFormat<cpu::RowFormat>(attrs_, g);
       fmt.isa = isa_;
@@ -48,6 +55,8 @@ class GatherCpuKernel : public DequantizeKernelBase {
   DecodedCodes decoded_;  // codes_coding "huffman": the packed table
   bool zero_points_packed_ = false;
   UnpackedZeroPoints unpacked_zero_points_;  // zero_points_packed = 1: one byte a block
+  bool scales_widened_ = false;
+  WidenedScales widened_scales_;  // scale_factor set: float32 scales
 };
 
 }  // namespace

@@ -17,6 +17,7 @@
 #include "ops/matmul_io.h"
 #include "ops/ops.h"
 #include "ops/packed_zero_points.h"
+#include "ops/scale_factor.h"
 
 namespace bct {
 namespace matmul_op {
@@ -116,7 +117,12 @@ class MatMulCpuKernel {
           UnpackConstantZeroPoints(info, node_, kZeroPoints, "W_zero_points", kScales, "W_scales", attrs_.block.bits);
       zero_points_packed_ = true;
     }
-    const InputTensor scales = ConstantInput(kernel_info, kScales);
+    float factor = 0.0f;
+    if (ReadScaleFactor(info, node_, &factor)) {  // float8e4m3 W_scales, widened once, here
+      widened_scales_ = WidenConstantScales(info, node_, kScales, "W_scales", factor);
+      scales_widened_ = true;
+    }
+    const InputTensor scales = scales_widened_ ? widened_scales_.view : ConstantInput(kernel_info, kScales);
     const InputTensor zero_points =
         zero_points_packed_ ? unpacked_zero_points_.view : ConstantInput(kernel_info, kZeroPoints);
     const bool constant_scales = scales.present && (attrs_.block.symmetric || zero_points.present);
@@ -140,6 +146,10 @@ class MatMulCpuKernel {
       std::vector<uint8_t>().swap(unpacked_zero_points_.values);
       unpacked_zero_points_.view.data = nullptr;
     }
+    if (scales_widened_ && packed_ != nullptr) {  // packed_ holds them too
+      std::vector<float>().swap(widened_scales_.values);
+      widened_scales_.view.data = nullptr;
+    }
   }
 
   static bool InputOnHost(size_t) { return false; }
@@ -148,7 +158,8 @@ class MatMulCpuKernel {
     return Guard(node_, [&] {
       Ort::KernelContext ctx(context);
       const MatMulCall call = PrepareCall(ctx, node_, attrs_, coded_ ? &coded_view_ : nullptr,
-                                          zero_points_packed_ ? &unpacked_zero_points_.view : nullptr);
+                                          zero_points_packed_ ? &unpacked_zero_points_.view : nullptr,
+                                          scales_widened_ ? &widened_scales_.view : nullptr);
       const Activation& a = call.a;
       const nonlinear::Result& r = call.r;
       const int64_t rows = a.rows;
@@ -242,6 +253,8 @@ class MatMulCpuKernel {
   InputTensor coded_view_;  // their shape for each call's validation (no data: packed_ is used)
   bool zero_points_packed_ = false;  // W_zero_points packed at the code width: unpacked at creation
   UnpackedZeroPoints unpacked_zero_points_;
+  bool scales_widened_ = false;  // W_scales float8e4m3 with a scale_factor: widened at creation
+  WidenedScales widened_scales_;
 };
 
 }  // namespace

@@ -12,6 +12,7 @@
 #include "ops/block_io.h"
 #include "ops/ops.h"
 #include "ops/packed_zero_points.h"
+#include "ops/scale_factor.h"
 
 namespace bct {
 namespace {
@@ -37,16 +38,39 @@ class DeviceZeroPoints {
   InputTensor view_;
 };
 
+// float8e4m3 scales with a scale_factor: widened to float32 on the host at kernel creation and kept
+// on the device, as the view every call validates and reads.
+class DeviceScales {
+ public:
+  void Load(const OrtKernelInfo* info, const NodeRef& node, size_t index) {
+    float factor = 0.0f;
+    if (!ReadScaleFactor(info, node, &factor)) return;
+    const WidenedScales widened = WidenConstantScales(info, node, index, "scales", factor);
+    CheckLaunch(node, bytes_.Upload(reinterpret_cast<const uint8_t*>(widened.values.data()),
+                                    widened.values.size() * sizeof(float)));
+    view_ = widened.view;
+    view_.data = bytes_.data();
+    loaded_ = true;
+  }
+  const InputTensor* view() const { return loaded_ ? &view_ : nullptr; }
+
+ private:
+  bool loaded_ = false;
+  cuda::DeviceBytes bytes_;
+  InputTensor view_;
+};
+
 class DequantizeCudaKernel : public DequantizeKernelBase {
  public:
   DequantizeCudaKernel(const OrtKernelInfo* info, const NodeRef& node) : DequantizeKernelBase(info, node) {
     zero_points_.Load(info, node_, attrs_, 2);
+    scales_.Load(info, node_, 1);
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
       Ort::KernelContext ctx(context);
-      const DequantizeCall c = PrepareDequantize(ctx, node_, attrs_, zero_points_.view());
+      const DequantizeCall c = PrepareDequantize(ctx, node_, attrs_, zero_points_.view(), scales_.view());
       CheckLaunch(node_, cuda::LaunchDequantize(BlockRowFormat<cuda::RowFormat>(attrs_, c.g), c.codes.As<uint8_t>(),
                                                 c.scales.data,
                                                 c.zero_points.present ? c.zero_points.As<uint8_t>() : nullptr,
@@ -56,6 +80,7 @@ class DequantizeCudaKernel : public DequantizeKernelBase {
 
  private:
   DeviceZeroPoints zero_points_;
+  DeviceScales scales_;
 };
 
 class GatherCudaKernel : public DequantizeKernelBase {
@@ -69,13 +94,15 @@ class GatherCudaKernel : public DequantizeKernelBase {
       coded_ = true;
     }
     zero_points_.Load(info, node_, attrs_, 3);
+    scales_.Load(info, node_, 2);
   }
   static bool InputOnHost(size_t index) { return index == 0; }  // indices
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
       Ort::KernelContext ctx(context);
-      const GatherCall c = PrepareGather(ctx, node_, attrs_, coded_ ? &coded_view_ : nullptr, zero_points_.view());
+      const GatherCall c =
+          PrepareGather(ctx, node_, attrs_, coded_ ? &coded_view_ : nullptr, zero_points_.view(), scales_.view());
       CheckLaunch(node_, cuda::LaunchGather(BlockRowFormat<cuda::RowFormat>(attrs_, c.g), c.rows.data(),
                                             static_cast<int64_t>(c.rows.size()), c.codes.As<uint8_t>(), c.scales.data,
                                             c.zero_points.present ? c.zero_points.As<uint8_t>() : nullptr, c.y,
@@ -88,6 +115,7 @@ class GatherCudaKernel : public DequantizeKernelBase {
   cuda::DeviceBytes device_codes_;
   InputTensor coded_view_;
   DeviceZeroPoints zero_points_;
+  DeviceScales scales_;
 };
 
 class QuantizeCudaKernel : public QuantizeKernelBase {

@@ -7,6 +7,7 @@
 #include "ops/matmul_io.h"
 #include "ops/ops.h"
 #include "ops/packed_zero_points.h"
+#include "ops/scale_factor.h"
 
 namespace bct {
 namespace matmul_op {
@@ -31,6 +32,15 @@ class MatMulCudaKernel {
       zero_points_view_.data = device_zero_points_.data();
       zero_points_packed_ = true;
     }
+    float factor = 0.0f;
+    if (ReadScaleFactor(info, node_, &factor)) {  // float8e4m3 W_scales: widened on the host once, kept on the device
+      const WidenedScales widened = WidenConstantScales(info, node_, kScales, "W_scales", factor);
+      CheckLaunch(node_, device_scales_.Upload(reinterpret_cast<const uint8_t*>(widened.values.data()),
+                                               widened.values.size() * sizeof(float)));
+      scales_view_ = widened.view;
+      scales_view_.data = device_scales_.data();
+      scales_widened_ = true;
+    }
   }
 
   static bool InputOnHost(size_t) { return false; }
@@ -39,7 +49,8 @@ class MatMulCudaKernel {
     return Guard(node_, [&] {
       Ort::KernelContext ctx(context);
       const MatMulCall call = PrepareCall(ctx, node_, attrs_, coded_ ? &coded_view_ : nullptr,
-                                          zero_points_packed_ ? &zero_points_view_ : nullptr);
+                                          zero_points_packed_ ? &zero_points_view_ : nullptr,
+                                          scales_widened_ ? &scales_view_ : nullptr);
       const Activation& a = call.a;
       const nonlinear::Result& r = call.r;
       const InputTensor& codes = call.codes;
@@ -83,6 +94,9 @@ class MatMulCudaKernel {
   bool zero_points_packed_ = false;  // W_zero_points packed at the code width: unpacked into device_zero_points_
   cuda::DeviceBytes device_zero_points_;
   InputTensor zero_points_view_;  // device_zero_points_ as the W_zero_points every call validates and reads
+  bool scales_widened_ = false;  // W_scales float8e4m3 with a scale_factor: widened into device_scales_
+  cuda::DeviceBytes device_scales_;
+  InputTensor scales_view_;  // device_scales_ as the float32 W_scales every call validates and reads
 };
 }  // namespace
 }  // namespace matmul_op

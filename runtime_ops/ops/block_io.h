@@ -116,6 +116,10 @@ inline ScaleKind ScaleKindOfInput(const InputTensor& scales, const NodeRef& node
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return ScaleKind::kFloat32;
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return ScaleKind::kPow2;
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT8E5M2: return ScaleKind::kFloat8E5M2;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT8E4M3FN:
+      node.Fail(std::string("input '") + input_name +
+                "' is float8e4m3fn: that needs attribute 'scale_factor' (scale = e4m3 * scale_factor) and a "
+                "constant initializer");
     default:
       node.Fail(std::string("input '") + input_name + "' must be float16, float32, float8e5m2 or uint8 (" +
                 uint8_note + "), got " + DtypeName(scales.dtype));
@@ -253,12 +257,14 @@ struct DequantizeCall {
 };
 
 // unpacked_zero_points: the kernel's zero points when they are packed at the code width
-// (ops/packed_zero_points.h), used in place of the input.
+// (ops/packed_zero_points.h), used in place of the input; widened_scales likewise for float8e4m3
+// scales with a scale_factor (ops/scale_factor.h).
 inline DequantizeCall PrepareDequantize(const Ort::KernelContext& ctx, const NodeRef& node, const BlockAttrs& attrs,
-                                        const InputTensor* unpacked_zero_points = nullptr) {
+                                        const InputTensor* unpacked_zero_points = nullptr,
+                                        const InputTensor* widened_scales = nullptr) {
   DequantizeCall c;
   c.codes = GetInput(ctx, 0);
-  c.scales = GetInput(ctx, 1);
+  c.scales = widened_scales != nullptr ? *widened_scales : GetInput(ctx, 1);
   c.zero_points = unpacked_zero_points != nullptr ? *unpacked_zero_points : GetInput(ctx, 2);
   c.g = CheckQuantizedRows(node, attrs, c.codes, c.scales, c.zero_points, /*table=*/false);
   c.y = GetOutput<float>(ctx, node, 0, "Y", WithLastDim(c.codes.shape, c.g.axis_size),
@@ -276,14 +282,16 @@ struct GatherCall {
 };
 
 // decoded_codes: the kernel's decoded table codes when they are entropy-coded (ops/coded_codes.h);
-// unpacked_zero_points: its zero points when they are packed at the code width (ops/packed_zero_points.h).
+// unpacked_zero_points: its zero points when they are packed at the code width (ops/packed_zero_points.h);
+// widened_scales: its float8e4m3 scales with a scale_factor, widened to float32 (ops/scale_factor.h).
 inline GatherCall PrepareGather(const Ort::KernelContext& ctx, const NodeRef& node, const BlockAttrs& attrs,
                                 const InputTensor* decoded_codes = nullptr,
-                                const InputTensor* unpacked_zero_points = nullptr) {
+                                const InputTensor* unpacked_zero_points = nullptr,
+                                const InputTensor* widened_scales = nullptr) {
   GatherCall c;
   const InputTensor indices = GetInput(ctx, 0);
   c.codes = decoded_codes != nullptr ? *decoded_codes : GetInput(ctx, 1);
-  c.scales = GetInput(ctx, 2);
+  c.scales = widened_scales != nullptr ? *widened_scales : GetInput(ctx, 2);
   c.zero_points = unpacked_zero_points != nullptr ? *unpacked_zero_points : GetInput(ctx, 3);
   c.g = CheckQuantizedRows(node, attrs, c.codes, c.scales, c.zero_points, /*table=*/true);
   c.rows = NormalizeIndices(node, indices, c.codes.shape[0]);

@@ -25,9 +25,11 @@ SCALE_TENSOR_TYPES = {
     ScaleKind.FLOAT32: TensorProto.FLOAT,
     ScaleKind.POW2: TensorProto.UINT8,
     ScaleKind.FLOAT8E5M2: TensorProto.FLOAT8E5M2,
+    ScaleKind.FLOAT8E4M3: TensorProto.FLOAT8E4M3FN,
 }
 NUMPY_TO_ONNX = {
     np.dtype(ml_dtypes.float8_e5m2): TensorProto.FLOAT8E5M2,
+    np.dtype(ml_dtypes.float8_e4m3fn): TensorProto.FLOAT8E4M3FN,
     np.dtype(np.float32): TensorProto.FLOAT,
     np.dtype(np.float64): TensorProto.DOUBLE,
     np.dtype(np.float16): TensorProto.FLOAT16,

@@ -240,6 +240,7 @@ inline const char* DtypeName(ONNXTensorElementDataType dtype) {
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64: return "uint64";
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return "bfloat16";
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT8E5M2: return "float8e5m2";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT8E4M3FN: return "float8e4m3fn";
     default: return "an unsupported type";
   }
 }
