@@ -186,6 +186,8 @@ def weight_errors(original: ir.Model, compressed: ir.Model) -> list[WeightError]
         if code_entropy.is_coded(node):  # entropy-coded codes: their packed layout first
             row_length = node.attributes["K" if node.op_type == ops.BLOCK_MATMUL else "axis_size"].as_int()
             codes = code_entropy.decode_packed(codes, node.attributes["bits"].as_int(), row_length)
+        factor = node.attributes.get("scale_factor")
+        scales = block_format.widen_scales(scales, None if factor is None else factor.as_float())
         zero_points = node_zero_points(node, parts[2].const_value.numpy() if len(parts) > 2 else None, scales)
         fmt = _weight_format(node, scales, zero_points)
         reference = np.asarray(source.const_value.numpy(), dtype=np.float32)

@@ -286,6 +286,14 @@ def scales_to_float32(scales: np.ndarray, scale_kind: ScaleKind, scale_factor: f
     return scales.astype(np.float32)
 
 
+def widen_scales(scales: np.ndarray, scale_factor: float | None) -> np.ndarray:
+    """What the ops do at creation for a node with a scale_factor attribute: float8e4m3 scales ->
+    their float32 values (scale kind float32); scales unchanged when scale_factor is None."""
+    if scale_factor is None:
+        return scales
+    return scales_to_float32(np.asarray(scales), ScaleKind.FLOAT8E4M3, scale_factor)
+
+
 def _inverse(scale: np.ndarray) -> np.ndarray:
     """1 / scale in float32, with 0 for a zero scale (an all-zero block)."""
     with np.errstate(divide="ignore"):

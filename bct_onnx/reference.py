@@ -35,6 +35,7 @@ from bct_onnx.block_format import (
     scale_kind_of,
     unpack_codes,
     unpack_zero_points,
+    widen_scales,
 )
 from bct_onnx.reference_ops import block_matmul
 
@@ -75,6 +76,7 @@ def _zero_points(zero_points, scales, attrs: dict[str, Any]):
 def _dequantized(codes, scales, zero_points, attrs: dict[str, Any]) -> np.ndarray:
     """The float32 values of a stored tensor (BlockDequantize, BlockGather) as its attributes describe it."""
     codes = _packed(codes, attrs, int(attrs["axis_size"]))
+    scales = widen_scales(scales, attrs.get("scale_factor"))
     zero_points = _zero_points(zero_points, scales, attrs)
     fmt = _stored_format(attrs["bits"], attrs["block_size"], attrs.get("symmetric"), scales, zero_points)
     return dequantize_codes(unpack_codes(codes, fmt.bits, int(attrs["axis_size"])), scales, zero_points, fmt)
@@ -129,6 +131,7 @@ class BlockMatMul(_BlockOp):
         self, A, W_codes, W_scales, W_zero_points=None, bias=None, A_scales=None, A_zero_points=None, **attrs
     ):
         k = int(attrs["K"])
+        W_scales = widen_scales(W_scales, attrs.get("scale_factor"))
         a = _operand(
             A,
             A_scales,

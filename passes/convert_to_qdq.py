@@ -36,7 +36,14 @@ from bct_onnx.passes.framework import CompressPass, PassReport, onnx_opset
 from bct_onnx.passes.quantized_weights import node_zero_points
 
 from bct_onnx import ops
-from bct_onnx.block_format import BlockFormat, ZeroPointKind, scale_kind_of, scales_to_float32, unpack_codes
+from bct_onnx.block_format import (
+    BlockFormat,
+    ZeroPointKind,
+    scale_kind_of,
+    scales_to_float32,
+    unpack_codes,
+    widen_scales,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +232,8 @@ class ConvertToQDQPass(CompressPass):
             return dequantized[key]
         packed, scales = _array(codes_value), _array(node.inputs[2])
         assert packed is not None and scales is not None
+        factor = node.attributes.get("scale_factor")  # float8e4m3 scales: their float32 values, as the ops use
+        scales = widen_scales(scales, None if factor is None else factor.as_float())
         zero_points = node_zero_points(node, _array(node.inputs[3]) if len(node.inputs) > 3 else None, scales)
         fmt = block_format_of(_attr(node, "bits"), _attr(node, "block_size"), bool(_attr(node, "symmetric", 1)), scales, zero_points)
         axis_size = _attr(node, "K") if node.op_type == ops.BLOCK_MATMUL else _attr(node, "axis_size")

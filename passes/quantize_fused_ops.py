@@ -28,6 +28,7 @@ from bct_onnx.passes.quantized_weights import (
     RULE_WIDE_SCALES,
     constant_tensor,
     quantized_initializers,
+    scale_attributes,
     trim_trailing_none,
     zero_point_attributes,
 )
@@ -111,6 +112,7 @@ class QuantizeFusedOpsPass(NodeRewritePass):
             "block_size": fmt.block_size,
             "symmetric": int(fmt.symmetric),
             **zero_point_attributes(fmt),
+            **scale_attributes(quantized.scales),
             "axis_size": quantized.axis_size,
         }
         stored = trim_trailing_none([quantized.codes, quantized.scales, quantized.zero_points])

@@ -18,6 +18,7 @@ from bct_onnx.passes.quantized_weights import (
     constant_tensor,
     existing_table_quantization,
     quantized_initializers,
+    scale_attributes,
     trim_trailing_none,
     zero_point_attributes,
 )
@@ -135,6 +136,7 @@ class QuantizeGatherPass(NodeRewritePass):
                 "block_size": fmt.block_size,
                 "symmetric": int(fmt.symmetric),
                 **zero_point_attributes(fmt),
+                **scale_attributes(quantized.scales),
                 "axis_size": quantized.axis_size,
             },
             domain=ops.DOMAIN,

@@ -22,6 +22,7 @@ from bct_onnx.passes.quantized_weights import (
     constant_tensor,
     existing_table_format,
     quantized_initializers,
+    scale_attributes,
     trim_trailing_none,
     zero_point_attributes,
 )
@@ -259,6 +260,7 @@ class QuantizeMatMulPass(NodeRewritePass):
                 "block_size": fmt.block_size,
                 "symmetric": int(fmt.symmetric),
                 **zero_point_attributes(fmt),
+                **scale_attributes(quantized.scales),
                 "act_bits": settings.act_bits or 0,
             },
             domain=ops.DOMAIN,

@@ -32,11 +32,19 @@ RULE_WIDE_SCALES = "float32 scales (values too large for the configured scale ki
 
 
 ZERO_POINTS_PACKED = "zero_points_packed"  # node attribute: the zero-points input is packed at the code width
+SCALE_FACTOR = "scale_factor"  # node attribute: float8e4m3 scales' per-tensor factor
+SCALE_FACTOR_KEY = "bct_onnx.scale_factor"  # on a float8e4m3 scales initializer: its factor (repr of a float)
 
 
 def zero_point_attributes(fmt: BlockFormat) -> dict[str, int]:
     """The node attributes that describe fmt's stored zero points (none unless they are packed)."""
     return {ZERO_POINTS_PACKED: 1} if fmt.packed_zero_points else {}
+
+
+def scale_attributes(scales: ir.Value) -> dict[str, float]:
+    """The node attributes a reader of these scales needs: scale_factor for float8e4m3 scales."""
+    factor = scales.metadata_props.get(SCALE_FACTOR_KEY)
+    return {} if factor is None else {SCALE_FACTOR: float(factor)}
 
 
 def node_zero_points(node: ir.Node, zero_points: np.ndarray | None, scales: np.ndarray) -> np.ndarray | None:
@@ -184,6 +192,10 @@ def quantized_initializers(
         # it chunk by chunk), so memory never holds it twice.
         array = np.ascontiguousarray(array.T) if array.nbytes <= _TRANSPOSE_COPY_BYTES else array.T
     if hessian is not None:
+        if fmt.scale_kind is ScaleKind.FLOAT8E4M3:
+            raise ValueError(
+                f"{source_name}: GPTQ does not choose float8e4m3 scales yet; use float8e5m2 scales or --calibration none"
+            )
         quantized = gptq_quantize(
             array, hessian, fmt, damping=damping, scale_search=scale_search, keep_dead_inputs=keep_dead_inputs
         )
@@ -191,6 +203,8 @@ def quantized_initializers(
         quantized = quantize_tensor(array, fmt, scale_search=scale_search, importance=importance)
     codes = _register(graph, f"{base}.codes", quantized.codes, source_name, tag)
     scales = _register(graph, f"{base}.scales", quantized.scales, source_name, tag)
+    if quantized.scale_factor is not None:
+        scales.metadata_props[SCALE_FACTOR_KEY] = repr(float(quantized.scale_factor))
     zp_value = None
     if quantized.zero_points is not None:
         zp_value = _register(graph, f"{base}.zero_points", quantized.stored_zero_points, source_name, tag)
