@@ -7,7 +7,14 @@ import fnmatch
 import re
 from collections.abc import Mapping
 
-from bct_onnx.block_format import MAX_BITS, MIN_BITS, BlockFormat, ScaleKind, ZeroPointKind
+from bct_onnx.block_format import (
+    MAX_BITS,
+    MIN_BITS,
+    RUNTIME_SCALE_KINDS,
+    BlockFormat,
+    ScaleKind,
+    ZeroPointKind,
+)
 
 # Op kinds that have a quantize pass. "LayerNormalization" covers RMS normalization too;
 # "AttentionMatMul" is a MatMul of two run-time activations (Q x K^T, probabilities x V); "Silu" is
@@ -141,9 +148,9 @@ class NodeSettings:
         """Format of a compressed activation of this node (None: stays float)."""
         if self.act_bits is None:
             return None
-        # Kernels choose activation scales at run time; float8e5m2 is for weights and tables only,
-        # so activations of such a config keep float16 scales.
-        kind = ScaleKind.FLOAT16 if self.scale_kind is ScaleKind.FLOAT8E5M2 else self.scale_kind
+        # Kernels choose activation scales at run time; float8e5m2 and float8e4m3 are for weights and
+        # tables only, so activations of such a config keep float16 scales.
+        kind = self.scale_kind if self.scale_kind in RUNTIME_SCALE_KINDS else ScaleKind.FLOAT16
         return BlockFormat(self.act_bits, self.block_size, symmetric, kind)
 
 

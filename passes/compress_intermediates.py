@@ -61,7 +61,7 @@ logger = logging.getLogger(__name__)
 RULE = "intermediate kept compressed"
 RULE_BYTES = "activation bytes saved per token (static last dims)"
 RULE_CAST = "no-op float Cast after a compressed op removed"
-_SCALE_BITS = {ScaleKind.FLOAT16: 16, ScaleKind.FLOAT32: 32, ScaleKind.POW2: 8, ScaleKind.FLOAT8E5M2: 8}
+_SCALE_BITS = {ScaleKind.FLOAT16: 16, ScaleKind.FLOAT32: 32, ScaleKind.POW2: 8, ScaleKind.FLOAT8E5M2: 8, ScaleKind.FLOAT8E4M3: 8}
 # Ops whose result can be given as codes (out_bits) and whose operand 0 can be read as codes (in_bits).
 PRODUCERS = OPERAND_OPS | {ops.BLOCK_MATMUL}
 _KIND = {**KIND_OF_OP, ops.BLOCK_MATMUL: "MatMul"}
