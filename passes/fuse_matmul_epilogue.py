@@ -97,6 +97,10 @@ def _gate_up_problem(gate: ir.Node, up: ir.Node) -> str | None:
     for name in (*_SHARED_ATTRS, "N"):
         if int_attr(gate, name, -1) != int_attr(up, name, -1):
             return f"the gate and up MatMuls differ in attribute '{name}'"
+    gate_factor, up_factor = gate.attributes.get("scale_factor"), up.attributes.get("scale_factor")
+    if (None if gate_factor is None else gate_factor.as_float()) != (None if up_factor is None else up_factor.as_float()):
+        # float8e4m3 scales: one factor per node, and each weight has its own
+        return "the gate and up MatMuls differ in attribute 'scale_factor'"
     for index in _WEIGHT_INPUTS:
         g = gate.inputs[index] if index < len(gate.inputs) else None
         u = up.inputs[index] if index < len(up.inputs) else None

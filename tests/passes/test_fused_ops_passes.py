@@ -5,6 +5,8 @@ edge; within the codes' rounding where it removes an intermediate quantization);
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -184,3 +186,21 @@ def test_passes_leave_a_graph_without_patterns_alone(pass_):
     model = model_from_text(f"{HEADER}\ng (float[2, {D}] x) => (float[2, {D}] y) {{\n  y = Relu(x)\n}}")
     result = pass_()(model)
     assert not result.modified and result.rewritten == {} and result.skipped == []
+
+
+def test_gate_up_with_float8e4m3_scales_of_different_factors_stays_unfused():
+    """Each float8e4m3 weight has its own scale_factor and a node holds one: concatenating gate and
+    up would read up's scales with gate's factor, so they stay two MatMuls (and say why)."""
+    model = llama_model()
+    feeds = {name: RNG.standard_normal((1, 8, D)).astype(np.float32) for name in ("x", "attn")}
+    config = CompressConfig(target_ratio=None, scale_kind="float8e4m3")
+    fused = compress_model(model, config)
+    unfused = compress_model(model, dataclasses.replace(config, fuse_ops=False))
+    assert "fuse gate/up MatMul + SiLU gating epilogue" not in fused.rewritten
+    matmuls = [n for n in fused.model.graph if n.op_type == "BlockMatMul"]
+    assert len(matmuls) == 3 and len({n.attributes["scale_factor"].as_float() for n in matmuls}) == 3
+    (y_fused,) = run_bct_session(fused.model, feeds)
+    (y_unfused,) = run_bct_session(unfused.model, feeds)
+    (y_fp32,) = run_ort(model, feeds)
+    np.testing.assert_allclose(y_fused, y_unfused, atol=0.05)
+    assert _cosine(y_fused, y_fp32) > 0.99
