@@ -17,20 +17,19 @@
 namespace bct {
 namespace {
 
-// Zero points packed at the code width (zero_points_packed = 1): unpacked on the host at kernel
-// creation and kept on the device, one byte a block, as the view every call validates and reads.
-class DeviceZeroPoints {
+// An input made on the host at kernel creation (packed zero points unpacked, float8e4m3 scales
+// widened) and kept on the device, as the view every call validates and reads in place of the input.
+class DeviceInput {
  public:
-  void Load(const OrtKernelInfo* info, const NodeRef& node, const BlockAttrs& attrs, size_t index) {
-    if (!ReadZeroPointsPacked(info, node, attrs.symmetric)) return;
-    const UnpackedZeroPoints unpacked =
-        UnpackConstantZeroPoints(info, node, index, "zero_points", index - 1, "scales", attrs.bits);
-    CheckLaunch(node, bytes_.Upload(unpacked.values.data(), unpacked.values.size()));
-    view_ = unpacked.view;
+  const InputTensor* view() const { return loaded_ ? &view_ : nullptr; }
+
+ protected:
+  void Keep(const NodeRef& node, const void* host, size_t bytes, const InputTensor& view) {
+    CheckLaunch(node, bytes_.Upload(static_cast<const uint8_t*>(host), bytes));
+    view_ = view;
     view_.data = bytes_.data();
     loaded_ = true;
   }
-  const InputTensor* view() const { return loaded_ ? &view_ : nullptr; }
 
  private:
   bool loaded_ = false;
@@ -38,26 +37,26 @@ class DeviceZeroPoints {
   InputTensor view_;
 };
 
-// float8e4m3 scales with a scale_factor: widened to float32 on the host at kernel creation and kept
-// on the device, as the view every call validates and reads.
-class DeviceScales {
+// Zero points packed at the code width (zero_points_packed = 1): one byte a block on the device.
+class DeviceZeroPoints : public DeviceInput {
+ public:
+  void Load(const OrtKernelInfo* info, const NodeRef& node, const BlockAttrs& attrs, size_t index) {
+    if (!ReadZeroPointsPacked(info, node, attrs.symmetric)) return;
+    const UnpackedZeroPoints unpacked =
+        UnpackConstantZeroPoints(info, node, index, "zero_points", index - 1, "scales", attrs.bits);
+    Keep(node, unpacked.values.data(), unpacked.values.size(), unpacked.view);
+  }
+};
+
+// float8e4m3 scales with a scale_factor: float32 scales on the device.
+class DeviceScales : public DeviceInput {
  public:
   void Load(const OrtKernelInfo* info, const NodeRef& node, size_t index) {
     float factor = 0.0f;
     if (!ReadScaleFactor(info, node, &factor)) return;
     const WidenedScales widened = WidenConstantScales(info, node, index, "scales", factor);
-    CheckLaunch(node, bytes_.Upload(reinterpret_cast<const uint8_t*>(widened.values.data()),
-                                    widened.values.size() * sizeof(float)));
-    view_ = widened.view;
-    view_.data = bytes_.data();
-    loaded_ = true;
+    Keep(node, widened.values.data(), widened.values.size() * sizeof(float), widened.view);
   }
-  const InputTensor* view() const { return loaded_ ? &view_ : nullptr; }
-
- private:
-  bool loaded_ = false;
-  cuda::DeviceBytes bytes_;
-  InputTensor view_;
 };
 
 class DequantizeCudaKernel : public DequantizeKernelBase {
