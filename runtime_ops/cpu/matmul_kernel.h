@@ -150,7 +150,9 @@ struct ActivationCodes {
 // Y[M, N] = A[M, K] x W'^T (+ bias[N] when bias != nullptr). A and Y are dense row-major.
 // With act_codes (integer mode only), A is not read: the rows' codes and scales are used directly,
 // giving the same Y as A whose quantization they are.
-void Compute(const PackedWeights& packed, const float* A, int64_t M, const float* bias, float* Y,
+// Returns true when every output is finite (each task checks the part of Y it wrote while it is still
+// in cache), so that the caller looks for overflowed rows only when there are some.
+bool Compute(const PackedWeights& packed, const float* A, int64_t M, const float* bias, float* Y,
              const ParallelFor& parallel_for, const ActivationCodes* act_codes = nullptr);
 
 // Internal entry points of the instruction-set specific files (see matmul_kernel.cc).

@@ -96,6 +96,30 @@ void UnpackNibbleTile(const PackedWeights& p, int64_t tile, uint8_t* out) {
   }
 }
 
+// body.template Run<rows>(row) for a run-time rows in 1..kMax.
+template <int kMax, class Body>
+void RunRowBlock(int64_t rows, int64_t row, const Body& body) {
+  if constexpr (kMax > 1) {
+    if (rows < kMax) return RunRowBlock<kMax - 1>(rows, row, body);
+  }
+  body.template Run<kMax>(row);
+}
+
+// Cuts [row_begin, row_end) into the fewest register blocks of at most kMax rows, all of nearly the
+// same size (32 rows: 6, 6, 5, 5, 5, 5), rather than full blocks and a thin remainder that would
+// read the weights again for 2 rows.
+template <int kMax, class Body>
+void BalancedRowBlocks(int64_t row_begin, int64_t row_end, const Body& body) {
+  const int64_t n = row_end - row_begin;
+  if (n <= 0) return;
+  const int64_t blocks = (n + kMax - 1) / kMax, base = n / blocks, extra = n % blocks;
+  for (int64_t i = 0, r = row_begin; i < blocks; ++i) {
+    const int64_t rows = base + (i < extra ? 1 : 0);
+    RunRowBlock<kMax>(rows, r, body);
+    r += rows;
+  }
+}
+
 template <int T, int kZp>
 struct IntPrefillBody {
   const PackedWeights& p;
@@ -138,7 +162,7 @@ void IntPrefill(const PackedWeights& p, const ActRows& act, int64_t row_begin, i
     for (int t = 0; t < T; ++t) UnpackNibbleTile(p, tile0 + t, scratch.data() + t * stride);
     codes = scratch.data();
   }
-  ForRowBlocks<kIntRows>(row_begin, row_end, IntPrefillBody<T, kZp>{p, codes, stride, act, tile0, bias, Y});
+  BalancedRowBlocks<kIntRows>(row_begin, row_end, IntPrefillBody<T, kZp>{p, codes, stride, act, tile0, bias, Y});
 }
 
 template <int T, bool kNibble, int kZp>
@@ -147,7 +171,7 @@ void FloatPrefill(const PackedWeights& p, const float* a_padded, int64_t row_beg
   thread_local std::vector<float> scratch;
   scratch.resize(static_cast<size_t>(T * p.k_padded * 16));
   for (int t = 0; t < T; ++t) DequantizeTile<kNibble, kZp>(p, tile0 + t, scratch.data() + t * p.k_padded * 16);
-  ForRowBlocks<kFloatRows>(row_begin, row_end, FloatPrefillBody<T>{p, scratch.data(), a_padded, tile0, bias, Y});
+  BalancedRowBlocks<kFloatRows>(row_begin, row_end, FloatPrefillBody<T>{p, scratch.data(), a_padded, tile0, bias, Y});
 }
 
 template <bool kNibble, int kZp>

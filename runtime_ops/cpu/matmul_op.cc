@@ -59,8 +59,8 @@ bool AllFinite(const float* v, int64_t n) {
 // its non-finite outputs are replaced by that result times 2**e. Scaling by a power of two changes
 // no rounding in the normal range (run-time quantization included: same codes, scales times 2**-e),
 // so the recomputed outputs are what float32 arithmetic of unlimited range gives, rounded once at the
-// end. Outputs that were finite are never touched: normal results keep their bits; the cost for them
-// is one scan of Y.
+// end. Outputs that were finite are never touched: normal results keep their bits. Called only when
+// matmul::Compute reports a non-finite output, so a normal call pays no scan of Y here.
 void RecomputeOverflowedRows(const matmul::PackedWeights& packed, const float* x, const matmul::ActivationCodes* own,
                              int64_t rows, int64_t K, int64_t N, int64_t num_blocks, int64_t act_row_bytes,
                              const float* bias, float* y) {
@@ -178,11 +178,13 @@ class MatMulCpuKernel {
       const bool product_in_y = !r.quantized && width == N;
       std::unique_ptr<float[]> buffer(product_in_y ? nullptr : new float[static_cast<size_t>(rows * N)]);
       float* p = product_in_y ? r.y : buffer.get();
-      matmul::Compute(*packed, x, rows, call.bias.present ? call.bias.As<float>() : nullptr, p, parallel_for,
-                      use_codes ? &own : nullptr);
-      RecomputeOverflowedRows(*packed, x, use_codes ? &own : nullptr, rows, K, N, attrs_.num_blocks(),
-                              use_codes ? row_bytes(K, attrs_.act_bits) : 0,
-                              call.bias.present ? call.bias.As<float>() : nullptr, p);
+      const bool finite = matmul::Compute(*packed, x, rows, call.bias.present ? call.bias.As<float>() : nullptr, p,
+                                          parallel_for, use_codes ? &own : nullptr);
+      if (!finite) {
+        RecomputeOverflowedRows(*packed, x, use_codes ? &own : nullptr, rows, K, N, attrs_.num_blocks(),
+                                use_codes ? row_bytes(K, attrs_.act_bits) : 0,
+                                call.bias.present ? call.bias.As<float>() : nullptr, p);
+      }
       if (!r.quantized && epilogue == Epilogue::kNone) return;
       cpu::RowFormat out_fmt;
       if (r.quantized) {
