@@ -309,9 +309,9 @@ bool Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
   }
 
   // Tasks: row chunks times tile chunks, many more tasks than threads so that ONNX Runtime's pool
-  // (which hands out tasks one at a time) balances the load on a busy machine. A prefill task expands
-  // its tiles once for its row chunk: 32 rows for the cheap nibble expansion of the integer mode,
-  // 128 for the float mode's dequantization. Decode tasks take all rows and whole register blocks of
+  // (which hands out tasks one at a time) balances the load on a busy machine. Integer prefill tasks
+  // take 32 rows (8 register blocks of 4 rows) and whole blocks of 4 tiles; float prefill tasks
+  // dequantize their tiles once for 128 rows. Decode tasks take all rows and whole register blocks of
   // 4 tiles, so each weight byte is read once.
   const bool gemv = M <= kDecodeRows;
   const int64_t rows_per_task = gemv ? M : std::min<int64_t>(M, quantized ? 32 : 128);
@@ -319,7 +319,7 @@ bool Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
   const int64_t work_tasks = std::max<int64_t>(1, M * s.K * s.N / (1 << 18));  // >= 256K MACs a task
   const int64_t target_tasks = std::min<int64_t>(gemv ? 32 : 64, work_tasks);
   const int64_t tile_chunks_wanted = std::max<int64_t>(1, target_tasks / row_chunks);
-  const int64_t tile_multiple = gemv ? 4 : 2;
+  const int64_t tile_multiple = gemv || quantized ? 4 : 2;
   int64_t tiles_per_task = (p.num_tiles + tile_chunks_wanted - 1) / tile_chunks_wanted;
   tiles_per_task = (tiles_per_task + tile_multiple - 1) / tile_multiple * tile_multiple;
   const int64_t tile_chunks = (p.num_tiles + tiles_per_task - 1) / tiles_per_task;

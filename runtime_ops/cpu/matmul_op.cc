@@ -196,13 +196,18 @@ class MatMulCpuKernel {
       // Rows in groups: epilogue into Y (float) or a group buffer, then one QuantizeRange per group.
       const int64_t group = std::max<int64_t>(1, std::min<int64_t>(64, 4096 / width));
       ParallelFor(ctx, rows, std::max<int64_t>(1, 8192 / N), [&](int64_t begin, int64_t end) {
-        std::vector<float> staged(r.quantized && epilogue != Epilogue::kNone ? static_cast<size_t>(group * width) : 0);
+        // Quantized Y: the epilogue writes into the product buffer itself when the widths agree (GELU in
+        // place), else into a group buffer (SiLU gating halves the width and reads both halves).
+        const bool in_place = width == N;
+        std::vector<float> staged(r.quantized && epilogue != Epilogue::kNone && !in_place
+                                      ? static_cast<size_t>(group * width)
+                                      : 0);
         for (int64_t row0 = begin; row0 < end; row0 += group) {
           const int64_t count = std::min(group, end - row0);
           const float* rows_p = p + row0 * N;
           const float* y = rows_p;
           if (epilogue != Epilogue::kNone) {
-            float* out = r.quantized ? staged.data() : r.y + row0 * width;
+            float* out = !r.quantized ? r.y + row0 * width : in_place ? p + row0 * N : staged.data();
             cpu::ApplyEpilogueRows(kernels, epilogue, rows_p, count, N, out);
             y = out;
           }
