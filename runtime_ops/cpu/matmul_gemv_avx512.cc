@@ -67,10 +67,10 @@ void FloatTiles(const PackedWeights& p, const float* a_padded, int64_t row0, int
     __m512 ws[T], zw[T];
     const uint8_t* wb[T];
     for (int t = 0; t < T; ++t) {
-      const int64_t at = ((tile0 + t) * nb + b) * 16;
-      ws[t] = LoadWeightScales(p, at);
-      zw[t] = kZp == kZpSymmetric ? _mm512_setzero_ps() : LoadZw<kZp>(p, at);
-      wb[t] = p.codes.data() + (tile0 + t) * p.tile_bytes + b * groups * 64;
+      const uint8_t* params = BlockParams(p, tile0 + t, b);
+      ws[t] = LoadWeightScales(p, params);
+      zw[t] = kZp == kZpSymmetric ? _mm512_setzero_ps() : LoadZw<kZp>(p, params);
+      wb[t] = BlockCodes(p, tile0 + t, b);
     }
     for (int64_t g = 0; g < groups; ++g) {
       __m512i raw[T];
@@ -126,16 +126,16 @@ void FloatLutTiles(const PackedWeights& p, const float* a_padded, int64_t row0, 
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < T; ++t) bacc[r][t] = _mm512_setzero_ps();
     const uint8_t* wb[T];
-    for (int t = 0; t < T; ++t) wb[t] = p.codes.data() + (tile0 + t) * p.tile_bytes + b * groups * 64;
+    for (int t = 0; t < T; ++t) wb[t] = BlockCodes(p, tile0 + t, b);
     for (int64_t g = 0; g < groups; ++g) {
       __m512i raw[T];
       for (int t = 0; t < T; ++t) raw[t] = _mm512_loadu_si512(wb[t] + g * 64);
       LutGroup<R, T>(raw, table, ar, b * bkp + g * 8, bacc, std::make_integer_sequence<int, 8>{});
     }
     for (int t = 0; t < T; ++t) {
-      const int64_t at = ((tile0 + t) * nb + b) * 16;
-      const __m512 ws = LoadWeightScales(p, at);
-      const __m512 zw = kZp == kZpSymmetric ? _mm512_setzero_ps() : LoadZw<kZp>(p, at);
+      const uint8_t* params = BlockParams(p, tile0 + t, b);
+      const __m512 ws = LoadWeightScales(p, params);
+      const __m512 zw = kZp == kZpSymmetric ? _mm512_setzero_ps() : LoadZw<kZp>(p, params);
       for (int r = 0; r < R; ++r) {
         __m512 block = bacc[r][t];
         if (kZp != kZpSymmetric) {
@@ -164,8 +164,7 @@ struct SmallRowsBody {
   template <int R>
   void Run(int64_t r) const {
     if (act) {
-      IntTilesAnyGroups<R, T, kNibble, kZp>(p, p.codes.data() + tile0 * p.tile_bytes, p.tile_bytes, *act, r, tile0,
-                                             bias, Y);
+      IntTilesAnyGroups<R, T, kNibble, kZp>(p, PackedTileCodes<T>(p, tile0), *act, r, tile0, bias, Y);
     } else {
       if constexpr (kNibble && kZp != kZpOffset) {  // float offsets: per-element u * scale + offset
         FloatLutTiles<R, T, kZp>(p, a_padded, r, tile0, bias, Y);

@@ -71,13 +71,13 @@ template <bool kNibble, int kZp>
 void DequantizeTile(const PackedWeights& p, int64_t tile, float* out) {
   constexpr int kGroupK = kNibble ? 8 : 4;
   const int64_t nb = p.num_blocks, groups = p.block_padded / kGroupK;
-  const uint8_t* codes = p.codes.data() + tile * p.tile_bytes;
   for (int64_t b = 0; b < nb; ++b) {
-    const int64_t at = (tile * nb + b) * 16;
-    const __m512 ws = LoadWeightScales(p, at);
-    const __m512 zw = kZp == kZpSymmetric ? _mm512_setzero_ps() : LoadZw<kZp>(p, at);
+    const uint8_t* codes = BlockCodes(p, tile, b);
+    const uint8_t* params = BlockParams(p, tile, b);
+    const __m512 ws = LoadWeightScales(p, params);
+    const __m512 zw = kZp == kZpSymmetric ? _mm512_setzero_ps() : LoadZw<kZp>(p, params);
     for (int64_t g = 0; g < groups; ++g) {
-      const __m512i raw = _mm512_loadu_si512(codes + (b * groups + g) * 64);
+      const __m512i raw = _mm512_loadu_si512(codes + g * 64);
       DequantizeGroup<kNibble, kZp>(raw, ws, zw, out + (b * p.block_padded + g * kGroupK) * 16,
                                      std::make_integer_sequence<int, kGroupK>{});
     }
@@ -114,15 +114,13 @@ void BalancedRowBlocks(int64_t row_begin, int64_t row_end, const Body& body) {
 template <int T, bool kNibble, int kZp>
 struct IntPrefillBody {
   const PackedWeights& p;
+  const TileCodes<T>& codes;
   const ActRows& act;
   int64_t tile0;
   const float* bias;
   float* Y;
   template <int R>
-  void Run(int64_t r) const {
-    IntTilesAnyGroups<R, T, kNibble, kZp>(p, p.codes.data() + tile0 * p.tile_bytes, p.tile_bytes, act, r, tile0, bias,
-                                          Y);
-  }
+  void Run(int64_t r) const { IntTilesAnyGroups<R, T, kNibble, kZp>(p, codes, act, r, tile0, bias, Y); }
 };
 
 template <int T>
@@ -145,7 +143,8 @@ constexpr int kFloatRows = 8;         // register block of the float prefill ker
 template <int T, bool kNibble, int kZp>
 void IntPrefill(const PackedWeights& p, const ActRows& act, int64_t row_begin, int64_t row_end, int64_t tile0,
                 const float* bias, float* Y) {
-  BalancedRowBlocks<kIntRows>(row_begin, row_end, IntPrefillBody<T, kNibble, kZp>{p, act, tile0, bias, Y});
+  const TileCodes<T> codes = PackedTileCodes<T>(p, tile0);
+  BalancedRowBlocks<kIntRows>(row_begin, row_end, IntPrefillBody<T, kNibble, kZp>{p, codes, act, tile0, bias, Y});
 }
 
 template <int T, bool kNibble, int kZp>

@@ -28,25 +28,42 @@ inline __mmask16 ColumnMask(const PackedWeights& p, int64_t tile) {
   return static_cast<__mmask16>((1u << cols) - 1u);
 }
 
-// 16 weight scales (one tile's columns, one block) as float32; float16 storage converts exactly.
-inline __m512 LoadWeightScales(const PackedWeights& p, int64_t at) {
-  if (p.half_scales) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.scales_half.data() + at)));
-  }
-  return _mm512_loadu_ps(p.scales.data() + at);
+// 16 weight scales (one tile's columns, one block) as float32, from block parameters in the code
+// stream (BlockParams); float16 storage converts exactly.
+inline __m512 LoadWeightScales(const PackedWeights& p, const uint8_t* params) {
+  if (p.half_scales) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(params)));
+  return _mm512_loadu_ps(params);
 }
 
-// 16 zero points (asymmetric weights) as float32.
-inline __m512 LoadZeroPoints(const PackedWeights& p, int64_t at) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.zero_points_u8.data() + at));
-  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
-}
-
-// 16 zero points (integer mode, from bytes) or float offsets (kZpOffset, float32) as float32.
+// 16 zero points (integer mode, from bytes) or float offsets (kZpOffset, float32) as float32; they
+// follow the scales in the block parameters.
 template <int kZp>
-inline __m512 LoadZw(const PackedWeights& p, int64_t at) {
-  if (kZp == kZpOffset) return _mm512_loadu_ps(p.zero_points.data() + at);
-  return LoadZeroPoints(p, at);
+inline __m512 LoadZw(const PackedWeights& p, const uint8_t* params) {
+  const uint8_t* zero_points = params + (p.half_scales ? 32 : 64);
+  if (kZp == kZpOffset) return _mm512_loadu_ps(zero_points);
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zero_points))));
+}
+
+// Where the integer kernel reads T tiles: tile t's codes for block b at codes[t] + b * code_stride[t]
+// (the packed weights or an expanded copy), its block parameters at params[t] + b * param_stride[t].
+template <int T>
+struct TileCodes {
+  const uint8_t* codes[T];
+  int64_t code_stride[T];
+  const uint8_t* params[T];
+  int64_t param_stride[T];
+};
+
+// The packed weights' own codes of tiles [tile0, tile0 + T).
+template <int T>
+TileCodes<T> PackedTileCodes(const PackedWeights& p, int64_t tile0) {
+  TileCodes<T> tiles;
+  for (int t = 0; t < T; ++t) {
+    tiles.codes[t] = BlockCodes(p, tile0 + t, 0);
+    tiles.params[t] = BlockParams(p, tile0 + t, 0);
+    tiles.code_stride[t] = tiles.param_stride[t] = PanelBlockBytes(p, tile0 + t);
+  }
+  return tiles;
 }
 
 template <int R, int T>
@@ -61,12 +78,13 @@ inline void StoreTiles(const PackedWeights& p, __m512 (&facc)[R][T], int64_t row
   }
 }
 
-// Integer mode: R rows x T tiles of 16 columns.
-// codes: the first tile's codes; tile t's codes start tile_stride bytes further per tile.
+constexpr int64_t kPrefetchBlocks = 2;
+
+// Integer mode: R rows x T tiles of 16 columns, the codes read where `codes` says.
 // kGroups: groups per block when known at compile time (the loop is then unrolled), else 0.
 template <int R, int T, bool kNibble, int kZp, int kGroups>
-void IntTiles(const PackedWeights& p, const uint8_t* codes, int64_t tile_stride, const ActRows& act, int64_t row0,
-              int64_t tile0, const float* bias, float* Y) {
+void IntTiles(const PackedWeights& p, const TileCodes<T>& codes, const ActRows& act, int64_t row0, int64_t tile0,
+              const float* bias, float* Y) {
   const int64_t nb = p.num_blocks, bkp = p.block_padded, kp = p.k_padded;
   const int64_t groups = kGroups ? kGroups : (kNibble ? bkp / 8 : bkp / 4);
   const __m512i low4 = _mm512_set1_epi8(0x0f);
@@ -89,7 +107,16 @@ void IntTiles(const PackedWeights& p, const uint8_t* codes, int64_t tile_stride,
       ab[r] = act.codes.data() + (row0 + r) * kp + b * bkp;
     }
     const uint8_t* wb[T];
-    for (int t = 0; t < T; ++t) wb[t] = codes + t * tile_stride + b * groups * 64;
+    for (int t = 0; t < T; ++t) wb[t] = codes.codes[t] + b * codes.code_stride[t];
+    // Decode with several rows is bound by the dot products, not by memory: the hardware prefetcher
+    // then runs too little ahead of the slowly read stream, so the panel's block kPrefetchBlocks ahead
+    // is fetched explicitly. (One row streams faster without: the prefetches only add work.)
+    if constexpr (kNibble && R > 1) {
+      if (b + kPrefetchBlocks < nb) {
+        const char* ahead = reinterpret_cast<const char*>(codes.codes[0] + (b + kPrefetchBlocks) * codes.code_stride[0]);
+        for (int64_t c = 0; c < codes.code_stride[0]; c += 64) _mm_prefetch(ahead + c, _MM_HINT_T0);
+      }
+    }
 #pragma GCC unroll 16
     for (int64_t g = 0; g < groups; ++g) {
       if (kNibble) {
@@ -118,9 +145,9 @@ void IntTiles(const PackedWeights& p, const uint8_t* codes, int64_t tile_stride,
     }
     __m512 ws[T], zw[T];
     for (int t = 0; t < T; ++t) {
-      const int64_t at = ((tile0 + t) * nb + b) * 16;
-      ws[t] = LoadWeightScales(p, at);
-      if (kZp != kZpSymmetric) zw[t] = LoadZw<kZp>(p, at);
+      const uint8_t* params = codes.params[t] + b * codes.param_stride[t];
+      ws[t] = LoadWeightScales(p, params);
+      if (kZp != kZpSymmetric) zw[t] = LoadZw<kZp>(p, params);
     }
     for (int r = 0; r < R; ++r) {
       const __m512 as = _mm512_set1_ps(act.scales[(row0 + r) * nb + b]);
@@ -154,17 +181,17 @@ void IntTiles(const PackedWeights& p, const uint8_t* codes, int64_t tile_stride,
 
 // IntTiles with the group count of this weight's blocks as a compile-time constant when common.
 template <int R, int T, bool kNibble, int kZp>
-void IntTilesAnyGroups(const PackedWeights& p, const uint8_t* codes, int64_t tile_stride, const ActRows& act,
-                       int64_t row0, int64_t tile0, const float* bias, float* Y) {
+void IntTilesAnyGroups(const PackedWeights& p, const TileCodes<T>& codes, const ActRows& act, int64_t row0,
+                       int64_t tile0, const float* bias, float* Y) {
   switch (kNibble ? p.block_padded / 8 : p.block_padded / 4) {
     case 4:
-      return IntTiles<R, T, kNibble, kZp, 4>(p, codes, tile_stride, act, row0, tile0, bias, Y);
+      return IntTiles<R, T, kNibble, kZp, 4>(p, codes, act, row0, tile0, bias, Y);
     case 8:
-      return IntTiles<R, T, kNibble, kZp, 8>(p, codes, tile_stride, act, row0, tile0, bias, Y);
+      return IntTiles<R, T, kNibble, kZp, 8>(p, codes, act, row0, tile0, bias, Y);
     case 16:
-      return IntTiles<R, T, kNibble, kZp, 16>(p, codes, tile_stride, act, row0, tile0, bias, Y);
+      return IntTiles<R, T, kNibble, kZp, 16>(p, codes, act, row0, tile0, bias, Y);
     default:
-      return IntTiles<R, T, kNibble, kZp, 0>(p, codes, tile_stride, act, row0, tile0, bias, Y);
+      return IntTiles<R, T, kNibble, kZp, 0>(p, codes, act, row0, tile0, bias, Y);
   }
 }
 
