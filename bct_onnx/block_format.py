@@ -310,12 +310,22 @@ def quantize_codes(x: np.ndarray, fmt: BlockFormat) -> tuple[np.ndarray, np.ndar
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Dense little-endian packing of unsigned codes [..., D] into bytes [..., ceil(D*bits/8)]."""
+    """Dense little-endian packing of unsigned codes [..., D] into bytes [..., ceil(D*bits/8)].
+
+    Eight codes of ``bits`` bits fill exactly ``bits`` bytes: each group of eight is assembled in a
+    little-endian uint64 (code i at bit i * bits) whose first ``bits`` bytes are the group's bytes.
+    """
     codes = np.asarray(codes)
     d = codes.shape[-1]
-    bit_planes = (codes[..., :, None].astype(np.uint16) >> np.arange(bits, dtype=np.uint16)) & 1
-    bit_stream = bit_planes.reshape(codes.shape[:-1] + (d * bits,)).astype(np.uint8)
-    return np.packbits(bit_stream, axis=-1, bitorder="little")
+    groups = -(-d // 8)
+    if groups * 8 != d:  # zero codes complete the last group; its extra bytes are cut below
+        codes = np.concatenate([codes, np.zeros(codes.shape[:-1] + (groups * 8 - d,), codes.dtype)], axis=-1)
+    eight = codes.reshape(codes.shape[:-1] + (groups, 8))
+    word = np.zeros(eight.shape[:-1], dtype="<u8")
+    for i in range(8):
+        word |= eight[..., i].astype("<u8") << np.uint64(bits * i)
+    packed = word[..., None].view(np.uint8)[..., :bits]  # [..., groups, bits]
+    return packed.reshape(codes.shape[:-1] + (groups * bits,))[..., : -(-d * bits // 8)]
 
 
 def unpack_codes(packed: np.ndarray, bits: int, axis_size: int) -> np.ndarray:

@@ -17,7 +17,7 @@ those of the textbook per-column loop (up to floating-point summation order).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import weakref
 
 import numpy as np
 import scipy.linalg
@@ -30,7 +30,6 @@ from bct_onnx.block_format import (
     choose_scales,
     pack_codes,
     pad_to_blocks,
-    round_half_to_even,
     scales_to_float32,
 )
 from bct_onnx.weight_quantizer import search_scales
@@ -39,9 +38,6 @@ from bct_onnx.weight_quantizer import search_scales
 _LAZY_BATCH = 128
 # Bytes of the float64 working copy of weight rows walked at once.
 _CHUNK_BYTES = 1 << 25
-
-ColumnQuantizer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-
 
 @functools.cache
 def blas_controller() -> ThreadpoolController:
@@ -57,61 +53,105 @@ def inverse_hessian_factor(hessian: np.ndarray, damping: float = 0.01) -> tuple[
     U is computed without forming H^-1: with J the reversal permutation and J H J = L L^T,
     H^-1 = (J L^-1 J)^T (J L^-1 J) and J L^-1 J is upper triangular with a positive diagonal, so it
     is the Cholesky factor (one Cholesky and one triangular inverse, a third of inv + cholesky).
+    Both run in float64 through LAPACK (potrf, trtri), in place on one reversed copy of H.
     """
-    h = np.array(hessian, dtype=np.float64, copy=True)
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    mean_diag = float(np.mean(np.diag(h)))
+    h = np.array(hessian[::-1, ::-1], dtype=np.float64, order="F")  # J H J, the copy LAPACK works on
+    diagonal = np.diag_indices_from(h)
+    dead = h[diagonal][::-1] == 0
+    h[diagonal] = np.where(h[diagonal] == 0, 1.0, h[diagonal])
+    mean_diag = float(np.mean(h[diagonal]))
     damp = damping * (mean_diag if mean_diag > 0 else 1.0)
-    h[np.diag_indices_from(h)] += damp
+    h[diagonal] += damp
     for _ in range(4):  # grow the damping until H is positive definite
-        try:
-            lower = np.linalg.cholesky(h[::-1, ::-1])
-        except np.linalg.LinAlgError:
-            h[np.diag_indices_from(h)] += damp
-            damp *= 10
-            continue
-        inverse_lower, info = scipy.linalg.lapack.dtrtri(lower, lower=1)
+        lower, info = scipy.linalg.lapack.dpotrf(h, lower=1, clean=1)
         if info == 0:
-            return np.ascontiguousarray(inverse_lower[::-1, ::-1]), dead
-        h[np.diag_indices_from(h)] += damp
+            inverse_lower, info = scipy.linalg.lapack.dtrtri(lower, lower=1, overwrite_c=1)
+            if info == 0:
+                return np.ascontiguousarray(inverse_lower[::-1, ::-1]), dead
+        h[diagonal] += damp
         damp *= 10
     raise np.linalg.LinAlgError("GPTQ: the calibration Hessian is not positive definite even after damping")
 
 
-def _column_quantizer(scales: np.ndarray, zero_points: np.ndarray | None, fmt: BlockFormat) -> ColumnQuantizer:
-    """Codes and dequantized values of one float32 column [N] of a block with stored scales [N].
+class _FactorOfLastHessian:
+    """inverse_hessian_factor of the last Hessian array asked for, while that array lives.
 
-    The arithmetic of block_format.codes_for followed by dequantize_codes, with the per-block work
-    (float32 scale, its inverse, zero point) done once instead of once per column.
+    MatMuls reading one activation (a layer's q, k and v projections; its gate and up projections)
+    are handed one Hessian object (calibration.HessianStore returns the array it loaded last), so
+    its factor is computed once. Hessians are never modified in place once measured.
     """
-    scale = scales_to_float32(scales, fmt.scale_kind)
-    inverse = _inverse(scale)
-    if fmt.float_offsets:
-        assert zero_points is not None
-        offset = zero_points.astype(np.float32)
 
-        def quantize_offset(column: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            q = round_half_to_even(np.clip((column - offset) * inverse, 0, fmt.qmax))
-            return q.astype(np.uint8), (q * scale).astype(np.float32) + offset
+    def __init__(self) -> None:
+        self._hessian: weakref.ref[np.ndarray] | None = None
+        self._damping = 0.0
+        self._factor: tuple[np.ndarray, np.ndarray] | None = None
 
-        return quantize_offset
-    if fmt.symmetric:
-        implicit_zero = np.float32(fmt.implicit_zero_point)
+    def get(self, hessian: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray]:
+        if self._factor is not None and self._hessian is not None and self._hessian() is hessian and self._damping == damping:
+            return self._factor
+        self._factor = None  # drop the old factor before computing the new one
+        factor = inverse_hessian_factor(hessian, damping)
+        try:
+            self._hessian = weakref.ref(hessian, self._forget)
+        except TypeError:  # not weak-referenceable (an array subclass or a view's owner): no caching
+            return factor
+        self._damping, self._factor = damping, factor
+        return factor
 
-        def quantize_symmetric(column: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            q = np.clip(round_half_to_even(column * inverse), fmt.qmin, fmt.qmax)
-            return (q + implicit_zero).astype(np.uint8), q * scale
+    def _forget(self, _: object) -> None:
+        self._hessian, self._factor = None, None
 
-        return quantize_symmetric
-    assert zero_points is not None
-    zero = zero_points.astype(np.float32)
 
-    def quantize_asymmetric(column: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        q = np.clip(round_half_to_even(column * inverse) + zero, 0, fmt.qmax)
-        return q.astype(np.uint8), (q - zero) * scale
+_LAST_FACTOR = _FactorOfLastHessian()
 
-    return quantize_asymmetric
+
+class _BlockRounder:
+    """Rounds the columns [n] of one quantization block (n weight rows) with the block's stored scales.
+
+    The arithmetic of block_format.codes_for followed by dequantize_codes, in float32, written into
+    preallocated arrays: the per-block work (float32 scale, its inverse, zero point) is done once,
+    and each column costs a few in-place numpy calls. A column's rounded *level* is codes_for's
+    value before its final cast, so the block's codes are formed once, after its last column.
+    """
+
+    def __init__(self, scales: np.ndarray, zero_points: np.ndarray | None, fmt: BlockFormat) -> None:
+        self.fmt = fmt
+        self.scale = scales_to_float32(scales, fmt.scale_kind)
+        self.inverse = _inverse(self.scale)
+        self.zero = None if fmt.symmetric else np.asarray(zero_points).astype(np.float32)
+        self.low = np.float32(fmt.qmin)  # 0 unless symmetric
+        self.high = np.float32(fmt.qmax)
+
+    def round(self, column: np.ndarray, level: np.ndarray, value: np.ndarray) -> None:
+        """level = the column's rounded level, value = its dequantized float32 value (all [n])."""
+        if self.zero is None:  # symmetric: q = clip(rne(x / scale), qmin, qmax); value = q * scale
+            np.multiply(column, self.inverse, out=level, dtype=np.float32)
+            np.rint(level, out=level)
+            np.maximum(level, self.low, out=level)
+            np.minimum(level, self.high, out=level)
+            np.multiply(level, self.scale, out=value)
+        elif self.fmt.float_offsets:  # q = rne(clip((x - offset) / scale, 0, qmax)); value = q * scale + offset
+            np.subtract(column, self.zero, out=level, dtype=np.float32)
+            np.multiply(level, self.inverse, out=level)
+            np.maximum(level, self.low, out=level)
+            np.minimum(level, self.high, out=level)
+            np.rint(level, out=level)
+            np.multiply(level, self.scale, out=value)
+            np.add(value, self.zero, out=value)
+        else:  # integer zero point: q = clip(rne(x / scale) + zero, 0, qmax); value = (q - zero) * scale
+            np.multiply(column, self.inverse, out=level, dtype=np.float32)
+            np.rint(level, out=level)
+            np.add(level, self.zero, out=level)
+            np.maximum(level, self.low, out=level)
+            np.minimum(level, self.high, out=level)
+            np.subtract(level, self.zero, out=value)
+            np.multiply(value, self.scale, out=value)
+
+    def codes(self, levels: np.ndarray) -> np.ndarray:
+        """Unsigned codes of rounded levels."""
+        if self.zero is None:
+            levels = levels + np.float32(self.fmt.implicit_zero_point)
+        return levels.astype(np.uint8)
 
 
 def gptq_quantize(
@@ -145,7 +185,7 @@ def gptq_quantize(
     # pack_codes' bit planes of them, would take 10x the packed bytes).
     rows = max(1, _CHUNK_BYTES // (8 * k))
     with blas_controller().limit(limits=1, user_api="blas"):
-        hinv, dead = inverse_hessian_factor(hessian, damping)
+        hinv, dead = _LAST_FACTOR.get(hessian, damping)
         for r in range(0, n, rows):
             # K-major: a column of the weight (one input channel over the chunk's rows) is contiguous.
             w_t = np.array(weight[r : r + rows].T, dtype=np.float64, order="C")
@@ -169,12 +209,15 @@ def _gptq_walk(
     scales: np.ndarray,
     zero_points: np.ndarray | None,
 ) -> None:
-    """The GPTQ walk over a K-major float64 copy w_t [K, rows] of weight rows (corrected in place),
+    """The GPTQ walk over a K-major working copy w_t [K, rows] of weight rows (corrected in place),
     writing their unpacked codes codes_t [K, rows], scales and zero points [rows, nb]."""
     k, n = w_t.shape
     bs = fmt.block_size
     batch = bs * max(1, _LAZY_BATCH // bs)  # a multiple of the block size: blocks never straddle batches
-    errors = np.empty((batch, n), dtype=np.float64)  # scaled rounding errors of the current batch
+    errors = np.empty((batch, n), dtype=w_t.dtype)  # scaled rounding errors of the current batch
+    levels = np.empty((bs, n), dtype=np.float32)  # rounded levels of the current block
+    value = np.empty(n, dtype=np.float32)  # dequantized values of the current column
+    inverse_diagonal = 1.0 / np.diag(hinv)
 
     for start in range(0, k, batch):
         stop = min(k, start + batch)
@@ -188,14 +231,16 @@ def _gptq_walk(
             if zero_points is not None:
                 assert zp is not None
                 zero_points[:, b] = zp[:, 0]
-            quantize_column = _column_quantizer(scales[:, b], None if zp is None else zero_points[:, b], fmt)
+            rounder = _BlockRounder(scales[:, b], None if zp is None else zero_points[:, b], fmt)
             for col in range(first, last):
                 i = col - first
-                codes_t[col], dequantized = quantize_column(block[i].astype(np.float32))
-                err = (block[i] - dequantized) / hinv[col, col]
-                errors[col - start] = err
-                if col + 1 < last:
-                    block[i + 1 :] -= np.outer(hinv[col, col + 1 : last], err)
+                err = errors[col - start]
+                rounder.round(block[i], levels[i], value)
+                np.subtract(block[i], value, out=err)
+                np.multiply(err, inverse_diagonal[col], out=err)
+                if col + 1 < last:  # block[i + 1:] -= outer(hinv[col, col + 1:last], err), in place
+                    scipy.linalg.blas.dger(-1.0, err, hinv[col, col + 1 : last], a=block[i + 1 :].T, overwrite_a=1)
+            codes_t[first:last] = rounder.codes(levels[: last - first])
             if last < stop:  # the rest of the batch, once per block
                 w_t[last:stop] -= hinv[first:last, last:stop].T @ errors[first - start : last - start]
         if stop < k:  # the rest of the weight, once per batch
