@@ -214,9 +214,8 @@ def scales_to_float32(scales: np.ndarray, scale_kind: ScaleKind) -> np.ndarray:
 
 def _inverse(scale: np.ndarray) -> np.ndarray:
     """1 / scale in float32, with 0 for a zero scale (an all-zero block)."""
-    with np.errstate(divide="ignore"):
-        inv = np.float32(1.0) / scale
-    return np.where(scale == 0, np.float32(0.0), inv).astype(np.float32)
+    scale = np.asarray(scale, dtype=np.float32)  # every caller's scale is float32 already
+    return np.divide(np.float32(1.0), scale, out=np.zeros_like(scale), where=scale != 0)
 
 
 def choose_scales(blocks: np.ndarray, fmt: BlockFormat) -> tuple[np.ndarray, np.ndarray | None]:
@@ -237,16 +236,7 @@ def choose_scales(blocks: np.ndarray, fmt: BlockFormat) -> tuple[np.ndarray, np.
     if fmt.symmetric:
         idx = np.argmax(np.abs(blocks), axis=-1)
         m = np.take_along_axis(blocks, idx[..., None], axis=-1)[..., 0]
-        if fmt.scale_kind is ScaleKind.POW2:
-            amax = np.abs(m)
-            ratio = amax / np.float32(fmt.qmax)
-            e = pow2_exponent_at_least(np.where(amax > 0, ratio, np.float32(1.0)))
-            e = np.where(amax > 0, e, 0)
-            return (e + POW2_EXPONENT_BIAS).astype(np.uint8), None
-        scale = (m / np.float32(-(1 << (fmt.bits - 1)))).astype(np.float32)
-        if fmt.scale_kind is ScaleKind.FLOAT8E5M2:  # rounded away from zero: m never leaves the code range
-            return float8e5m2_at_least(scale), None
-        return scale.astype(fmt.scale_dtype), None
+        return symmetric_scales(m, fmt), None
     lo = np.minimum(blocks.min(axis=-1), np.float32(0.0))
     hi = np.maximum(blocks.max(axis=-1), np.float32(0.0))
     step = ((hi - lo) / np.float32(fmt.qmax)).astype(np.float32)
@@ -254,6 +244,20 @@ def choose_scales(blocks: np.ndarray, fmt: BlockFormat) -> tuple[np.ndarray, np.
     inv = _inverse(scales_to_float32(stored, fmt.scale_kind))
     zp = np.clip(round_half_to_even(-lo * inv), 0, fmt.qmax).astype(np.uint8)
     return stored, zp
+
+
+def symmetric_scales(m: np.ndarray, fmt: BlockFormat) -> np.ndarray:
+    """Stored symmetric scales of blocks whose element of largest magnitude is m (float32 [...])."""
+    if fmt.scale_kind is ScaleKind.POW2:
+        amax = np.abs(m)
+        ratio = amax / np.float32(fmt.qmax)
+        e = pow2_exponent_at_least(np.where(amax > 0, ratio, np.float32(1.0)))
+        e = np.where(amax > 0, e, 0)
+        return (e + POW2_EXPONENT_BIAS).astype(np.uint8)
+    scale = (m / np.float32(-(1 << (fmt.bits - 1)))).astype(np.float32)
+    if fmt.scale_kind is ScaleKind.FLOAT8E5M2:  # rounded away from zero: m never leaves the code range
+        return float8e5m2_at_least(scale)
+    return scale.astype(fmt.scale_dtype)
 
 
 def _stored_step(step: np.ndarray, fmt: BlockFormat) -> np.ndarray:

@@ -48,28 +48,38 @@ def blas_controller() -> ThreadpoolController:
 
 
 def inverse_hessian_factor(hessian: np.ndarray, damping: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
-    """Upper Cholesky factor U of the dampened H^-1 (H^-1 = U^T U), and the mask of dead inputs.
+    """Upper Cholesky factor U of the dampened H^-1 (H^-1 = U^T U, float64), and the mask of dead inputs.
 
     U is computed without forming H^-1: with J the reversal permutation and J H J = L L^T,
     H^-1 = (J L^-1 J)^T (J L^-1 J) and J L^-1 J is upper triangular with a positive diagonal, so it
     is the Cholesky factor (one Cholesky and one triangular inverse, a third of inv + cholesky).
-    Both run in float64 through LAPACK (potrf, trtri), in place on one reversed copy of H.
+    Both run through LAPACK (potrf, trtri) in float32, as in the GPTQ paper's code (2.5x faster than
+    float64 at K = 1536; the codes differ in about 0.3% of the bytes, the layer's output error by
+    noise: docs/results.md), and in float64 when float32 cannot factor the dampened H.
     """
-    h = np.array(hessian[::-1, ::-1], dtype=np.float64, order="F")  # J H J, the copy LAPACK works on
+    h = np.array(hessian[::-1, ::-1], dtype=np.float64, order="F")  # J H J
     diagonal = np.diag_indices_from(h)
     dead = h[diagonal][::-1] == 0
     h[diagonal] = np.where(h[diagonal] == 0, 1.0, h[diagonal])
     mean_diag = float(np.mean(h[diagonal]))
     damp = damping * (mean_diag if mean_diag > 0 else 1.0)
     h[diagonal] += damp
-    for _ in range(4):  # grow the damping until H is positive definite
-        lower, info = scipy.linalg.lapack.dpotrf(h, lower=1, clean=1)
-        if info == 0:
-            inverse_lower, info = scipy.linalg.lapack.dtrtri(lower, lower=1, overwrite_c=1)
-            if info == 0:
-                return np.ascontiguousarray(inverse_lower[::-1, ::-1]), dead
-        h[diagonal] += damp
-        damp *= 10
+    lapack = scipy.linalg.lapack
+    # One BLAS thread, also when called on its own: multithreaded LAPACK rounds differently.
+    with blas_controller().limit(limits=1, user_api="blas"):
+        for _ in range(4):  # grow the damping until H is positive definite
+            for potrf, trtri, dtype in (
+                (lapack.spotrf, lapack.strtri, np.float32),
+                (lapack.dpotrf, lapack.dtrtri, np.float64),
+            ):
+                lower, info = potrf(h.astype(dtype, order="F"), lower=1, clean=1, overwrite_a=1)
+                if info != 0:
+                    continue
+                inverse_lower, info = trtri(lower, lower=1, overwrite_c=1)
+                if info == 0 and np.isfinite(inverse_lower).all():
+                    return np.ascontiguousarray(inverse_lower[::-1, ::-1], dtype=np.float64), dead
+            h[diagonal] += damp
+            damp *= 10
     raise np.linalg.LinAlgError("GPTQ: the calibration Hessian is not positive definite even after damping")
 
 
