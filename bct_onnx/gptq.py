@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import weakref
+from typing import Protocol
 
 import numpy as np
 import scipy.linalg
@@ -93,20 +94,25 @@ class _FactorOfLastHessian:
 
     def __init__(self) -> None:
         self._hessian: weakref.ref[np.ndarray] | None = None
-        self._damping = 0.0
+        self._key: tuple[float, bool] = (0.0, False)
         self._factor: tuple[np.ndarray, np.ndarray] | None = None
 
-    def get(self, hessian: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray]:
-        if self._factor is not None and self._hessian is not None and self._hessian() is hessian and self._damping == damping:
+    def get(self, hessian: np.ndarray, damping: float, order: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """inverse_hessian_factor of hessian with its rows and columns in order (None: as they are);
+        the dead mask in the original order."""
+        key = (damping, order is not None)  # the order is a function of the Hessian
+        if self._factor is not None and self._hessian is not None and self._hessian() is hessian and self._key == key:
             return self._factor
         self._factor = None  # drop the old factor before computing the new one
-        factor = inverse_hessian_factor(hessian, damping)
+        factor, dead = inverse_hessian_factor(hessian if order is None else hessian[np.ix_(order, order)], damping)
+        if order is not None:
+            dead = dead[np.argsort(order)]
         try:
             self._hessian = weakref.ref(hessian, self._forget)
         except TypeError:  # not weak-referenceable (an array subclass or a view's owner): no caching
-            return factor
-        self._damping, self._factor = damping, factor
-        return factor
+            return factor, dead
+        self._key, self._factor = key, (factor, dead)
+        return factor, dead
 
     def _forget(self, _: object) -> None:
         self._hessian, self._factor = None, None
@@ -157,10 +163,11 @@ class _BlockRounder:
             np.subtract(level, self.zero, out=value)
             np.multiply(value, self.scale, out=value)
 
-    def codes(self, levels: np.ndarray) -> np.ndarray:
-        """Unsigned codes of rounded levels."""
-        if self.zero is None:
-            levels = levels + np.float32(self.fmt.implicit_zero_point)
+    @staticmethod
+    def codes_of(levels: np.ndarray, fmt: BlockFormat) -> np.ndarray:
+        """Unsigned codes of rounded levels (of any blocks of fmt)."""
+        if fmt.symmetric:
+            levels = levels + np.float32(fmt.implicit_zero_point)
         return levels.astype(np.uint8)
 
 
@@ -172,6 +179,7 @@ def gptq_quantize(
     damping: float = 0.01,
     scale_search: bool = True,
     keep_dead_inputs: bool = False,
+    act_order: bool = False,
 ) -> QuantizedTensor:
     """Quantize a transposed MatMul weight [N, K] (rows are output columns) along K with GPTQ.
 
@@ -179,6 +187,11 @@ def gptq_quantize(
     Inputs never active in calibration (zero Hessian diagonal) contribute nothing to the output, so
     their weights are zeroed, unless keep_dead_inputs (a tied embedding table, whose Gather reads
     those values too): then they are rounded plainly (no error flows into them either way).
+
+    act_order walks the input channels in order of decreasing Hessian diagonal (the paper's
+    "act-order") with "static groups": every block's scale is chosen from the weights before the
+    walk, so blocks stay the format's consecutive channels. Otherwise channels go in order and a
+    block's scale is chosen from the corrected weights when the walk reaches the block.
     """
     weight = np.asarray(weight_nk)
     if weight.ndim != 2:
@@ -189,38 +202,93 @@ def gptq_quantize(
     codes = np.empty((n, fmt.row_bytes(k)), dtype=np.uint8)
     scales = np.empty((n, fmt.num_blocks(k)), dtype=fmt.scale_dtype)
     zero_points = None if fmt.zero_point_dtype is None else np.empty(scales.shape, dtype=fmt.zero_point_dtype)
+    order = np.argsort(-np.diag(hessian), kind="stable") if act_order else None
     # Rows (output columns) are independent: walk them in chunks so the float64 working copy stays
     # small (an output projection of 49152 x 576 would take 226 MB at once) and cache-friendly; the
     # chunk's codes are packed before the next one (unpacked codes of the whole weight, and
     # pack_codes' bit planes of them, would take 10x the packed bytes).
     rows = max(1, _CHUNK_BYTES // (8 * k))
     with blas_controller().limit(limits=1, user_api="blas"):
-        hinv, dead = _LAST_FACTOR.get(hessian, damping)
+        hinv, dead = _LAST_FACTOR.get(hessian, damping, order)
         for r in range(0, n, rows):
             # K-major: a column of the weight (one input channel over the chunk's rows) is contiguous.
             w_t = np.array(weight[r : r + rows].T, dtype=np.float64, order="C")
             if not keep_dead_inputs:
                 w_t[dead] = 0.0
+            chunk_scales = scales[r : r + rows]
+            chunk_zero_points = None if zero_points is None else zero_points[r : r + rows]
+            if order is None:
+                rounders: _Rounders = _ScalesWhenReached(fmt, scale_search, chunk_scales, chunk_zero_points)
+            else:
+                rounders = _StaticScales(w_t, order, fmt, scale_search, chunk_scales, chunk_zero_points)
+                w_t = w_t[order]
             codes_t = np.empty(w_t.shape, dtype=np.uint8)
-            _gptq_walk(
-                w_t, hinv, fmt, scale_search, codes_t, scales[r : r + rows],
-                None if zero_points is None else zero_points[r : r + rows],
-            )
+            _gptq_walk(w_t, hinv, fmt, rounders, codes_t)
+            if order is not None:
+                codes_t[order] = codes_t.copy()  # back to the weight's channel order
             codes[r : r + rows] = pack_codes(codes_t.T, fmt.bits)
     return QuantizedTensor(codes, scales, zero_points, k, fmt)
 
 
-def _gptq_walk(
-    w_t: np.ndarray,
-    hinv: np.ndarray,
-    fmt: BlockFormat,
-    scale_search: bool,
-    codes_t: np.ndarray,
-    scales: np.ndarray,
-    zero_points: np.ndarray | None,
-) -> None:
-    """The GPTQ walk over a K-major working copy w_t [K, rows] of weight rows (corrected in place),
-    writing their unpacked codes codes_t [K, rows], scales and zero points [rows, nb]."""
+class _Rounders(Protocol):
+    def __call__(self, first: int, block: np.ndarray) -> list[_BlockRounder]:
+        """The rounder of every column of the walk's block of channels [first, first + len(block))."""
+        ...
+
+
+class _ScalesWhenReached:
+    """Each block's scale chosen from the corrected weights when the walk reaches the block (written
+    into scales and zero_points [rows, nb])."""
+
+    def __init__(
+        self, fmt: BlockFormat, scale_search: bool, scales: np.ndarray, zero_points: np.ndarray | None
+    ) -> None:
+        self.fmt, self.scale_search, self.scales, self.zero_points = fmt, scale_search, scales, zero_points
+
+    def __call__(self, first: int, block: np.ndarray) -> list[_BlockRounder]:
+        fmt = self.fmt
+        b = first // fmt.block_size
+        padded = pad_to_blocks(block.T.astype(np.float32), fmt)
+        s, zp = search_scales(padded, fmt) if self.scale_search else choose_scales(padded, fmt)
+        self.scales[:, b] = s[:, 0]
+        if self.zero_points is not None:
+            assert zp is not None
+            self.zero_points[:, b] = zp[:, 0]
+        return [_BlockRounder(self.scales[:, b], None if zp is None else self.zero_points[:, b], fmt)] * len(block)
+
+
+class _StaticScales:
+    """Every block's scale chosen before the walk from the weights w_t [K, rows] (K-major, channel
+    order), for a walk over the channels in ``order``."""
+
+    def __init__(
+        self,
+        w_t: np.ndarray,
+        order: np.ndarray,
+        fmt: BlockFormat,
+        scale_search: bool,
+        scales: np.ndarray,
+        zero_points: np.ndarray | None,
+    ) -> None:
+        padded = pad_to_blocks(w_t.T.astype(np.float32), fmt)
+        s, zp = search_scales(padded, fmt) if scale_search else choose_scales(padded, fmt)
+        scales[:] = s
+        if zero_points is not None:
+            assert zp is not None
+            zero_points[:] = zp
+        self.blocks = [
+            _BlockRounder(scales[:, b], None if zero_points is None else zero_points[:, b], fmt)
+            for b in range(scales.shape[1])
+        ]
+        self.block_of_step = order // fmt.block_size  # the block of the walk's i-th channel
+
+    def __call__(self, first: int, block: np.ndarray) -> list[_BlockRounder]:
+        return [self.blocks[b] for b in self.block_of_step[first : first + len(block)]]
+
+
+def _gptq_walk(w_t: np.ndarray, hinv: np.ndarray, fmt: BlockFormat, rounders: _Rounders, codes_t: np.ndarray) -> None:
+    """The GPTQ walk over a K-major working copy w_t [K, rows] of weight rows (corrected in place; in
+    walk order, hinv's order) writing their unpacked codes codes_t [K, rows] (in walk order)."""
     k, n = w_t.shape
     bs = fmt.block_size
     batch = bs * max(1, _LAZY_BATCH // bs)  # a multiple of the block size: blocks never straddle batches
@@ -233,24 +301,17 @@ def _gptq_walk(
         stop = min(k, start + batch)
         for first in range(start, stop, bs):
             last = min(first + bs, k)
-            b = first // bs
             block = w_t[first:last]  # a view: corrections inside the block land in w_t
-            padded = pad_to_blocks(block.T.astype(np.float32), fmt)
-            s, zp = search_scales(padded, fmt) if scale_search else choose_scales(padded, fmt)
-            scales[:, b] = s[:, 0]
-            if zero_points is not None:
-                assert zp is not None
-                zero_points[:, b] = zp[:, 0]
-            rounder = _BlockRounder(scales[:, b], None if zp is None else zero_points[:, b], fmt)
+            column_rounders = rounders(first, block)
             for col in range(first, last):
                 i = col - first
                 err = errors[col - start]
-                rounder.round(block[i], levels[i], value)
+                column_rounders[i].round(block[i], levels[i], value)
                 np.subtract(block[i], value, out=err)
                 np.multiply(err, inverse_diagonal[col], out=err)
                 if col + 1 < last:  # block[i + 1:] -= outer(hinv[col, col + 1:last], err), in place
                     scipy.linalg.blas.dger(-1.0, err, hinv[col, col + 1 : last], a=block[i + 1 :].T, overwrite_a=1)
-            codes_t[first:last] = rounder.codes(levels[: last - first])
+            codes_t[first:last] = _BlockRounder.codes_of(levels[: last - first], fmt)
             if last < stop:  # the rest of the batch, once per block
                 w_t[last:stop] -= hinv[first:last, last:stop].T @ errors[first - start : last - start]
         if stop < k:  # the rest of the weight, once per batch
