@@ -11,7 +11,11 @@ The walk is the paper's lazy-batch form, two levels deep: a column's error reach
 quantization block at once (a rank-1 update of at most ``block_size`` columns), the rest of its
 lazy batch once per block (one matmul) and the rest of the weight once per batch (one matmul).
 Each column still sees every earlier column's correction before it is rounded, so the codes are
-those of the textbook per-column loop (up to floating-point summation order).
+those of the textbook per-column loop (up to floating-point summation order). The matmuls are
+float64 BLAS; a column costs a few in-place numpy calls on preallocated float32 arrays and one BLAS
+rank-1 update; the inverse-Hessian factor is float32 LAPACK, computed once per Hessian. With
+act_order the walk takes the channels by decreasing Hessian diagonal, the blocks' scales fixed
+beforehand (gptq_quantize).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from bct_onnx.weight_quantizer import search_scales
 _LAZY_BATCH = 128
 # Bytes of the float64 working copy of weight rows walked at once.
 _CHUNK_BYTES = 1 << 25
+
 
 @functools.cache
 def blas_controller() -> ThreadpoolController:
