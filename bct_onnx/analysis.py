@@ -21,7 +21,7 @@ import onnx_ir as ir
 from bct_onnx import block_format, code_entropy, ops
 from bct_onnx.block_format import BlockFormat, ZeroPointKind
 from bct_onnx.kv_cache import compress_feeds, read_formats
-from bct_onnx.passes.quantized_weights import FORMAT_KEY, SOURCE_KEY
+from bct_onnx.passes.quantized_weights import FORMAT_KEY, SOURCE_KEY, node_zero_points
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def weight_errors(original: ir.Model, compressed: ir.Model) -> list[WeightError]
         if code_entropy.is_coded(node):  # entropy-coded codes: their packed layout first
             row_length = node.attributes["K" if node.op_type == ops.BLOCK_MATMUL else "axis_size"].as_int()
             codes = code_entropy.decode_packed(codes, node.attributes["bits"].as_int(), row_length)
-        zero_points = parts[2].const_value.numpy() if len(parts) > 2 else None
+        zero_points = node_zero_points(node, parts[2].const_value.numpy() if len(parts) > 2 else None, scales)
         fmt = _weight_format(node, scales, zero_points)
         reference = np.asarray(source.const_value.numpy(), dtype=np.float32)
         if "t" in tag.split("_"):  # stored transposed: [N, K] from a [K, N] MatMul weight

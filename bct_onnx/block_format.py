@@ -4,7 +4,9 @@ A tensor is cut into blocks of ``block_size`` consecutive elements along its las
 move the axis they quantize along to the end first; a MatMul weight [K, N] is stored as its
 transpose [N, K]). A partial last block is legal. Every block has one scale and, when
 asymmetric, either one integer zero point (value ``(u - zero_point) * scale``) or one float
-offset (value ``u * scale + offset``, GGUF Q4_1 style). Codes are unsigned integers ``u`` of
+offset (value ``u * scale + offset``, GGUF Q4_1 style). Integer zero points are stored one byte a
+block, or (``ZeroPointKind.PACKED``) packed at the code width into one dense stream in the order of
+the scales, like a row of codes (``pack_zero_points``; 4-bit: two a byte). Codes are unsigned integers ``u`` of
 ``bits`` bits (2..8); symmetric blocks use the implicit zero point ``2 ** (bits - 1)``. Each row of
 codes is packed densely, little-endian, least significant bit first: code ``i`` of a row occupies
 bits ``[i * bits, (i + 1) * bits)`` of that row's bytes, so a row of ``D`` codes takes
@@ -48,6 +50,7 @@ class ZeroPointKind(str, enum.Enum):
     """What an asymmetric block stores besides its scale (symmetric blocks store neither)."""
 
     INTEGER = "integer"  # uint8 zero point: value = (u - zero_point) * scale
+    PACKED = "packed"  # the same integer zero points, stored packed at the code width (pack_zero_points)
     FLOAT = "float"  # float offset (the block minimum): value = u * scale + offset
 
 
@@ -80,16 +83,22 @@ class BlockFormat:
 
     @property
     def zero_point_dtype(self) -> np.dtype | None:
-        """dtype of the zero_points array: uint8 zero points, float16/float32 offsets, None if symmetric.
+        """dtype of the zero_points array: uint8 zero points (packed or not), float16/float32 offsets,
+        None if symmetric.
 
         Offsets are float16 next to float16 and pow2 scales (2 bytes a block, as GGUF's Q4_1 ``m``)
         and float32 next to float32 scales.
         """
         if self.symmetric:
             return None
-        if self.zero_point_kind is ZeroPointKind.INTEGER:
+        if self.zero_point_kind is not ZeroPointKind.FLOAT:
             return np.dtype(np.uint8)
         return np.dtype(np.float32) if self.scale_kind is ScaleKind.FLOAT32 else np.dtype(np.float16)
+
+    @property
+    def packed_zero_points(self) -> bool:
+        """True when integer zero points are stored packed at the code width (pack_zero_points)."""
+        return not self.symmetric and self.zero_point_kind is ZeroPointKind.PACKED
 
     @property
     def qmin(self) -> int:
@@ -121,13 +130,16 @@ class BlockFormat:
     def storage_bits_per_value(self) -> float:
         """Average storage per element for long rows: codes plus the block's scale and zero point/offset."""
         zp_dtype = self.zero_point_dtype
-        extra = self.scale_dtype.itemsize * 8 + (0 if zp_dtype is None else zp_dtype.itemsize * 8)
-        return self.bits + extra / self.block_size
+        zp_bits = 0 if zp_dtype is None else (self.bits if self.packed_zero_points else zp_dtype.itemsize * 8)
+        return self.bits + (self.scale_dtype.itemsize * 8 + zp_bits) / self.block_size
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizedTensor:
-    """Packed codes [..., row_bytes], scales [..., num_blocks], zero points or offsets (asymmetric only)."""
+    """Packed codes [..., row_bytes], scales [..., num_blocks], zero points or offsets (asymmetric only).
+
+    Zero points are held one a block here whatever the format stores (``stored_zero_points``).
+    """
 
     codes: np.ndarray
     scales: np.ndarray
@@ -136,8 +148,17 @@ class QuantizedTensor:
     fmt: BlockFormat
 
     @property
+    def stored_zero_points(self) -> np.ndarray | None:
+        """The zero points as the format stores them: packed at the code width for PACKED formats."""
+        if self.zero_points is None or not self.fmt.packed_zero_points:
+            return self.zero_points
+        return pack_zero_points(self.zero_points, self.fmt.bits)
+
+    @property
     def nbytes(self) -> int:
         zp = 0 if self.zero_points is None else self.zero_points.nbytes
+        if self.zero_points is not None and self.fmt.packed_zero_points:
+            zp = self.fmt.row_bytes(self.zero_points.size)
         return self.codes.nbytes + self.scales.nbytes + zp
 
 
@@ -338,6 +359,32 @@ def unpack_codes(packed: np.ndarray, bits: int, axis_size: int) -> np.ndarray:
     bit_stream = np.unpackbits(packed, axis=-1, count=axis_size * bits, bitorder="little")
     bit_planes = bit_stream.reshape(packed.shape[:-1] + (axis_size, bits)).astype(np.uint16)
     return (bit_planes << np.arange(bits, dtype=np.uint16)).sum(axis=-1).astype(np.uint8)
+
+
+def pack_zero_points(zero_points: np.ndarray, bits: int) -> np.ndarray:
+    """Integer zero points [..., num_blocks] packed at the code width into one dense 1-D stream, in
+    the order of the scales, exactly like one row of codes: uint8 [ceil(count * bits / 8)]. Each
+    must be below 2**bits (ValueError otherwise)."""
+    zero_points = np.asarray(zero_points)
+    if zero_points.dtype != np.uint8:
+        raise ValueError(f"zero points to pack must be uint8, got {zero_points.dtype}")
+    if zero_points.size and int(zero_points.max()) >= 1 << bits:
+        raise ValueError(f"zero point {int(zero_points.max())} does not fit in {bits} bits (0..{(1 << bits) - 1})")
+    return pack_codes(zero_points.reshape(1, -1), bits)[0]
+
+
+def unpack_zero_points(packed: np.ndarray, bits: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of pack_zero_points: the stream uint8 [ceil(count * bits / 8)] -> uint8 zero points of
+    ``shape`` (the scales' shape)."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    count = int(np.prod(shape))
+    expected = -(-count * bits // 8)
+    if packed.shape != (expected,):
+        raise ValueError(
+            f"packed zero points of {count} blocks at {bits} bits must have shape ({expected},) "
+            f"(ceil({count} * {bits} / 8)), got {packed.shape}"
+        )
+    return unpack_codes(packed[None], bits, count)[0].reshape(shape)
 
 
 def quantize(x: np.ndarray, fmt: BlockFormat) -> QuantizedTensor:

@@ -29,6 +29,9 @@ DEFAULT_TARGET_RATIO: float | None = None
 # 4-bit loss, and the value projections: about 7.1x, where 4-bit with float16 scales is 7.0x.
 DECODER_SCALE_KIND = ScaleKind.FLOAT8E5M2
 DECODER_TIED_TABLE_EXTRA_BITS = 1
+# The tied table's zero points below 8 bits: integer zero points packed at the code width (asymmetric
+# blocks; a 5-bit table costs 5.41 bits a value instead of 5.25), or None for symmetric blocks.
+DECODER_TIED_TABLE_ZERO_POINTS: ZeroPointKind | None = ZeroPointKind.PACKED
 # (node-name regex, extra bits): Llama-style value projections (optimum names them .../v_proj/MatMul)
 DECODER_WIDER_WEIGHTS: tuple[tuple[str, int], ...] = ((r"/v_proj/", 2),)
 SETTING_KEYS = ("enabled", "weight_bits", "act_bits", "block_size")
@@ -61,16 +64,24 @@ class OpSettings:
     act_bits: MatMul: activations quantized at run time; Gelu/Silu/Softmax/LayerNormalization: width of
     their compressed operand/result when it stays compressed; AttentionMatMul: its act_bits.
     block_size: elements per block of the weights and activations concerned.
+    symmetric, zero_points: of the weights / tables concerned (programmatic; the decoder plan stores
+    its tied table with packed integer zero points).
     """
 
     enabled: bool | None = None
     weight_bits: int | None = None
     act_bits: int | None = None
     block_size: int | None = None
+    symmetric: bool | None = None
+    zero_points: ZeroPointKind | None = None
 
     def __post_init__(self) -> None:
         if self.enabled is not None and not isinstance(self.enabled, bool):
             raise ValueError(f"enabled must be true or false, got {self.enabled!r}")
+        if self.symmetric is not None and not isinstance(self.symmetric, bool):
+            raise ValueError(f"symmetric must be true or false, got {self.symmetric!r}")
+        if self.zero_points is not None:
+            object.__setattr__(self, "zero_points", ZeroPointKind(self.zero_points))
         _check_bits("weight_bits", self.weight_bits, allow_none=True)
         _check_bits("act_bits", self.act_bits, allow_none=True)
         _check_block_size("block_size", self.block_size, allow_none=True)
@@ -146,9 +157,11 @@ class CompressConfig:
     ops: ONNX op types to compress (subset of SUPPORTED_OPS).
     symmetric: implicit zero point for weights and tables (no zero-point tensors stored).
     zero_points: what asymmetric (symmetric=False) weights and tables store per block: "integer"
-        (uint8 zero point, value (u - zp) * scale) or "float" (float16 offset, float32 with float32
-        scales: value u * scale + offset, the block minimum, as GGUF's Q4_1 / AWQ / MatMulNBits).
-        "float" costs 8 more bits a block (16 with float32 scales) and needs symmetric=False.
+        (uint8 zero point, value (u - zp) * scale), "packed" (the same integer zero points stored at
+        the code width, packed like codes: 4-bit, two a byte) or "float" (float16 offset, float32
+        with float32 scales: value u * scale + offset, the block minimum, as GGUF's Q4_1 / AWQ /
+        MatMulNBits). "integer" costs 8 bits a block, "packed" `bits` bits; "float" costs 8 more
+        bits a block than "integer" (16 with float32 scales) and needs symmetric=False.
     scale_kind: how block scales are stored (float16, float32, pow2, float8e5m2; float8e5m2 is for
         weights and tables: activations quantized at run time then keep float16 scales). float8e5m2
         costs one byte a block (4-bit codes in blocks of 32: 4.25 bits a value, not 4.5); under a
@@ -365,6 +378,7 @@ class CompressConfig:
             weight_bits = self.embedding_bits
         act_bits = self.act_bits
         block_size = self.block_size
+        symmetric, zero_points = self.symmetric, self.zero_points
         layers: list[tuple[OpSettings, bool]] = []
         if kind in self.op_settings:
             layers.append((self.op_settings[kind], False))
@@ -374,14 +388,14 @@ class CompressConfig:
             weight_bits = layer.weight_bits or weight_bits
             act_bits = None if weight_only else (layer.act_bits or act_bits)
             block_size = layer.block_size or block_size
+            symmetric = symmetric if layer.symmetric is None else layer.symmetric
+            zero_points = zero_points if layer.zero_points is None else layer.zero_points
         if self.format == "qdq" and kind not in QDQ_OPS:
             enabled = False
         scale_kind = self.scale_kind
         if kind == "Gather" and self.embedding_scale_kind is not None:
             scale_kind = self.embedding_scale_kind
-        return NodeSettings(
-            enabled, weight_bits, act_bits, block_size, self.symmetric, scale_kind, self.zero_points
-        )
+        return NodeSettings(enabled, weight_bits, act_bits, block_size, symmetric, scale_kind, zero_points)
 
     @property
     def weight_format(self) -> BlockFormat:

@@ -65,7 +65,7 @@ class NodeInfo:
     bits: int | None = None  # weight / table code width, or the compressed operand width
     block_size: int | None = None
     scale_kind: str | None = None
-    zero_points: str | None = None  # None (symmetric), "integer" or "float"
+    zero_points: str | None = None  # None (symmetric), "integer", "packed" (integer at the code width) or "float"
     act_bits: int | None = None  # run-time activation bits (MatMul, AttentionMatMul)
     bytes: int = 0  # weight storage of this node (codes, scales, zero points, bias; 0 for activation ops)
     float_bytes: int = 0  # the same weights in float32
@@ -269,6 +269,8 @@ def _custom_info(node: ir.Node, base: dict[str, Any]) -> NodeInfo:
         zero_points = None
         if zp_tensor is not None:
             zero_points = "integer" if zp_tensor.dtype == ir.DataType.UINT8 else "float"
+            if _attr(node, "zero_points_packed"):
+                zero_points = "packed"
         scale_kind = scale_kind_of(np.empty(0, scales.dtype.numpy())).value if scales is not None else None
         bits = _attr(node, "bits")
         if node.op_type == ops.BLOCK_MATMUL:

@@ -29,6 +29,7 @@ from bct_onnx.block_format import MAX_BITS, ScaleKind
 from bct_onnx.config import (
     DECODER_SCALE_KIND,
     DECODER_TIED_TABLE_EXTRA_BITS,
+    DECODER_TIED_TABLE_ZERO_POINTS,
     DECODER_WIDER_WEIGHTS,
     CompressConfig,
     NodeOverride,
@@ -97,7 +98,8 @@ def apply_decoder_plan(
 ) -> tuple[CompressConfig, dict[str, Any]]:
     """A decoder's adjustments (DECODER_* in bct_onnx.config) on fields still at their class
     defaults, and a note {"kind": ..., "changed": [...]}: float8e5m2 weight scales, and per-tensor
-    overrides widening the tied table and the value projections (measured: docs/results.md).
+    overrides widening the tied table (asymmetric, integer zero points packed at the code width) and
+    the value projections (measured: docs/results.md).
 
     Nothing changes when config.kind_defaults is off, when a budget chooses the bits, for asymmetric
     formats (the decoder plan was measured with symmetric codes; config files such as
@@ -120,7 +122,8 @@ def apply_decoder_plan(
         if unit.pinned is not None:
             continue
         kinds = {op for op, _ in unit.consumers}
-        if kinds == {"MatMul", "Gather"} and config.embedding_bits is None:
+        tied_table = kinds == {"MatMul", "Gather"} and config.embedding_bits is None
+        if tied_table:
             extra = DECODER_TIED_TABLE_EXTRA_BITS
         else:
             extra = next(
@@ -130,9 +133,14 @@ def apply_decoder_plan(
         if not extra:
             continue
         bits = min(MAX_BITS, config.weight_bits + extra)
+        settings = OpSettings(weight_bits=bits)
+        described = f"{unit.source}: {bits}-bit"
+        if tied_table and DECODER_TIED_TABLE_ZERO_POINTS is not None and bits < MAX_BITS:
+            settings = OpSettings(weight_bits=bits, symmetric=False, zero_points=DECODER_TIED_TABLE_ZERO_POINTS)
+            described += f", {DECODER_TIED_TABLE_ZERO_POINTS.value} integer zero points"
         for op, key in unit.consumers:
-            overrides.append(NodeOverride(_exact(key), OpSettings(weight_bits=bits), op=op))
-        changed.append(f"{unit.source}: {bits}-bit")
+            overrides.append(NodeOverride(_exact(key), settings, op=op))
+        changed.append(described)
     if len(overrides) != len(config.overrides):
         fields["overrides"] = tuple(overrides)
     return (dataclasses.replace(config, **fields) if fields else config), note

@@ -34,6 +34,7 @@ from bct_onnx.block_format import (
     quantize,
     scale_kind_of,
     unpack_codes,
+    unpack_zero_points,
 )
 from bct_onnx.reference_ops import block_matmul
 
@@ -64,9 +65,17 @@ def _packed(codes, attrs: dict[str, Any], row_length: int) -> np.ndarray:
     return code_entropy.decode_packed(codes, int(attrs["bits"]), row_length)
 
 
+def _zero_points(zero_points, scales, attrs: dict[str, Any]):
+    """One zero point a block (unpacked when zero_points_packed says they are stored packed)."""
+    if zero_points is None or not attrs.get("zero_points_packed"):
+        return zero_points
+    return unpack_zero_points(zero_points, int(attrs["bits"]), np.shape(scales))
+
+
 def _dequantized(codes, scales, zero_points, attrs: dict[str, Any]) -> np.ndarray:
     """The float32 values of a stored tensor (BlockDequantize, BlockGather) as its attributes describe it."""
     codes = _packed(codes, attrs, int(attrs["axis_size"]))
+    zero_points = _zero_points(zero_points, scales, attrs)
     fmt = _stored_format(attrs["bits"], attrs["block_size"], attrs.get("symmetric"), scales, zero_points)
     return dequantize_codes(unpack_codes(codes, fmt.bits, int(attrs["axis_size"])), scales, zero_points, fmt)
 
@@ -133,7 +142,7 @@ class BlockMatMul(_BlockOp):
             a,
             _packed(W_codes, attrs, k),
             W_scales,
-            W_zero_points,
+            _zero_points(W_zero_points, W_scales, attrs),
             k=k,
             bits=int(attrs["bits"]),
             block_size=int(attrs["block_size"]),

@@ -16,13 +16,25 @@ float32 [B, Hq, Sq, Dh] with Hq a multiple of Hkv (grouped-query attention: quer
 head h // (Hq // Hkv)). K codes in the run-time format (symmetric, block_size of the op) are used as
 they are, with their stored scales widened to float32; other K codes are dequantized and quantized
 again. V codes are dequantized (block_format.dequantize).
+
+``attention_step`` is the decoder form (one layer of a with-past decoder in one op): rotary embedding
+of Q and the new keys, the KV-cache append (the new rows quantized into the cache's codes), then
+``attention`` over the present cache; Q, the new K and V may come as [B, S, H * Dh] and the result
+then goes back the same way.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from bct_onnx.block_format import QuantizedTensor, dequantize, scales_to_float32, unpack_codes
+from bct_onnx.block_format import (
+    BlockFormat,
+    QuantizedTensor,
+    dequantize,
+    quantize,
+    scales_to_float32,
+    unpack_codes,
+)
 from bct_onnx.reference_nonlinear import exp_f32, lane_sum
 from bct_onnx.reference_ops import activation_scales, quantize_activations
 
@@ -186,3 +198,97 @@ def attention_probabilities(q, k, *, act_bits: int, block_size: int, scale: floa
     s = s - np.max(s, axis=-1, keepdims=True)
     e = np.exp(s)
     return e / np.sum(e, axis=-1, keepdims=True)
+
+
+def rotary(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotary embedding, rotate_half form, on the first R = cos.shape[-1] elements of x's last axis (R
+    even, <= Dh; the rest passes through, as partial rotary): x * cos + rotate_half(x) * sin with
+    rotate_half(x) = concat(-x[R/2:R], x[:R/2]), each operation rounded in float32 (the Mul, Slice, Neg,
+    Concat, Mul, Add that exporters write). x [B, H, S, Dh]; cos, sin [B or 1, S, R]."""
+    x = np.asarray(x, np.float32)
+    rot = cos.shape[-1]
+    half = rot // 2
+    c = np.asarray(cos, np.float32)[:, None]
+    s = np.asarray(sin, np.float32)[:, None]
+    part = x[..., :rot]
+    turned = np.concatenate([-part[..., half:], part[..., :half]], axis=-1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        out = ((part * c).astype(np.float32) + (turned * s).astype(np.float32)).astype(np.float32)
+    return np.concatenate([out, x[..., rot:]], axis=-1)
+
+
+def _heads_first(x: np.ndarray, heads: int) -> np.ndarray:
+    """[B, S, H * Dh] -> [B, H, S, Dh]."""
+    b, s, width = x.shape
+    return np.ascontiguousarray(
+        np.asarray(x, np.float32).reshape(b, s, heads, width // heads).transpose(0, 2, 1, 3)
+    )
+
+
+def _append(past, new: np.ndarray, fmt: BlockFormat | None):
+    """The present cache: past with the new rows appended along the sequence axis (quantized on their own
+    into fmt's codes when the cache is compressed)."""
+    if fmt is None:
+        return np.concatenate([np.asarray(past, np.float32), new], axis=2)
+    q = quantize(new, fmt)
+    return QuantizedTensor(
+        np.concatenate([past.codes, q.codes], axis=2),
+        np.concatenate([past.scales, q.scales.astype(past.scales.dtype)], axis=2),
+        None,
+        new.shape[-1],
+        fmt,
+    )
+
+
+def attention_step(
+    q: np.ndarray,
+    k_new: np.ndarray,
+    v_new: np.ndarray,
+    past_k: np.ndarray | QuantizedTensor,
+    past_v: np.ndarray | QuantizedTensor,
+    *,
+    act_bits: int,
+    block_size: int,
+    scale: float,
+    mask: np.ndarray | None = None,
+    causal: bool = False,
+    cos: np.ndarray | None = None,
+    sin: np.ndarray | None = None,
+    q_heads: int | None = None,
+):
+    """BlockAttention with new keys and values (docs/ops.md): -> (Y, present K, present V).
+
+    Q [B, Hq, S, Dh] and K_new, V_new [B, Hkv, S, Dh], or all three [B, S, H * Dh] (q_heads gives Hq;
+    Hkv is the past's heads; Y is then [B, S, Hq * Dh]). With cos and sin, Q and K_new get
+    ``rotary`` first. The present cache is past + new along axis 2: float32 when the past is, else the
+    new rows quantized with the past's format (symmetric; blockwise along Dh) and appended to its codes.
+    Attention then reads the present cache exactly as ``attention`` does."""
+    packed = np.asarray(q).ndim == 3
+    kv_heads = (past_k.codes if isinstance(past_k, QuantizedTensor) else np.asarray(past_k)).shape[1]
+    if packed:
+        if q_heads is None:
+            raise ValueError("q_heads is needed when Q is [B, S, Hq * Dh]")
+        q, k_new, v_new = (
+            _heads_first(q, q_heads),
+            _heads_first(k_new, kv_heads),
+            _heads_first(v_new, kv_heads),
+        )
+    q, k_new, v_new = (np.asarray(t, np.float32) for t in (q, k_new, v_new))
+    if cos is not None and sin is not None:
+        q, k_new = rotary(q, cos, sin), rotary(k_new, cos, sin)
+    fmt = past_k.fmt if isinstance(past_k, QuantizedTensor) else None
+    present_k, present_v = _append(past_k, k_new, fmt), _append(past_v, v_new, fmt)
+    y = attention(
+        q,
+        present_k,
+        present_v,
+        act_bits=act_bits,
+        block_size=block_size,
+        scale=scale,
+        mask=mask,
+        causal=causal,
+    )
+    if packed:
+        b, h, s, dh = y.shape
+        y = np.ascontiguousarray(y.transpose(0, 2, 1, 3).reshape(b, s, h * dh))
+    return y, present_k, present_v

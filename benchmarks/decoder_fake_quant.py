@@ -44,11 +44,38 @@ PLANS: dict[str, tuple[BlockFormat, BlockFormat, list[tuple[str, BlockFormat]]]]
     "t6-v6-q3-k3-o3": (fmt(6), fmt(4), [("v_proj", fmt(6)), ("(q_proj|k_proj|o_proj)", fmt(3))]),
     "t5-v8-q3-k3": (fmt(5), fmt(4), [("v_proj", fmt(8)), ("(q_proj|k_proj)", fmt(3))]),
     "t5-v5-ends5": (fmt(5), fmt(4), [("v_proj", fmt(5)), (r"layers\.(0|29)\.", fmt(5))]),
+    # Integer zero points for 4-bit weights (the "a" suffix; sized as 4-bit zero points packed two a byte).
+    "t5-a4-v6": (fmt(5), fmt(4, symmetric=False), [("v_proj", fmt(6))]),
+    "t5-a4-v5a": (fmt(5), fmt(4, symmetric=False), [("v_proj", fmt(5, symmetric=False))]),
+    "t4a-a4-v6": (fmt(4, symmetric=False), fmt(4, symmetric=False), [("v_proj", fmt(6))]),
+    "t4a-a4-v8": (fmt(4, symmetric=False), fmt(4, symmetric=False), [("v_proj", fmt(8))]),
+    "t5-v6-mlp-a4": (fmt(5), fmt(4), [("v_proj", fmt(6)), ("(gate_proj|up_proj)", fmt(4, symmetric=False))]),
+    "t5-v6-attn-a4": (fmt(5), fmt(4), [("v_proj", fmt(6)), ("(q_proj|k_proj|o_proj)", fmt(4, symmetric=False))]),
+    "t5-v6-down-a4": (fmt(5), fmt(4), [("v_proj", fmt(6)), ("down_proj", fmt(4, symmetric=False))]),
+    "t5-v6-up-a4": (fmt(5), fmt(4), [("v_proj", fmt(6)), ("up_proj", fmt(4, symmetric=False))]),
+    "t5-v6-gate-a4": (fmt(5), fmt(4), [("v_proj", fmt(6)), ("gate_proj", fmt(4, symmetric=False))]),
+    "t5-v5-mlp-a4": (fmt(5), fmt(4), [("v_proj", fmt(5)), ("(gate_proj|up_proj)", fmt(4, symmetric=False))]),
+    "t5a-v6": (fmt(5, symmetric=False), fmt(4), [("v_proj", fmt(6))]),
+    "t5-v6a": (fmt(5), fmt(4), [("v_proj", fmt(6, symmetric=False))]),
+    "t5a-v5": (fmt(5, symmetric=False), fmt(4), [("v_proj", fmt(5))]),
+    "t5a64-v6": (fmt(5, symmetric=False, block=64), fmt(4), [("v_proj", fmt(6))]),
+    "t5a64-v6-up-a4": (fmt(5, symmetric=False, block=64), fmt(4), [("v_proj", fmt(6)), ("up_proj", fmt(4, symmetric=False))]),
+    "t4a-v6": (fmt(4, symmetric=False), fmt(4), [("v_proj", fmt(6))]),
 }
+# Bits of a compressed file besides the linear weights and the table (norm weights, graph, metadata):
+# the decoder default's measured 7.04x file minus its weight bits.
+OTHER_MBIT = 5.0
 GROUPS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", r"layers\.(0|1)\.", r"layers\.(28|29)\.")
 for _group in GROUPS:  # one group at 8 bits, the rest as "w4": per-group sensitivity
     PLANS[f"8bit:{_group}"] = (fmt(4, "float16"), fmt(4, "float16"), [(_group, fmt(8, "float16"))])
 PLANS["8bit:table"] = PLANS["t8"]
+
+
+def stored_bits(f: BlockFormat) -> float:
+    """Bits a value of f with integer zero points packed at the code width (bits a zero point = bits)."""
+    if f.symmetric or f.float_offsets:
+        return f.storage_bits_per_value()
+    return f.bits + (f.scale_dtype.itemsize * 8 + f.bits) / f.block_size
 
 
 def plan_function(name: str) -> Callable[[str], BlockFormat]:
@@ -98,10 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     reference = log_probs()
     fp32 = perplexity(reference)
     print(f"FP32 perplexity {fp32:.3f} on {batch.numel()} tokens of {args.text}", flush=True)
-    print("| plan | perplexity | change | KL | seconds |\n|---|---|---|---|---|", flush=True)
+    counts = {n: w.numel() for n, w in originals.items()}
+    total = sum(counts.values())
+    print("| plan | weight Mbit | est. ratio | perplexity | change | KL | seconds |\n|---|---|---|---|---|---|---|", flush=True)
     for name in args.plan or ["w4"]:
         start = time.perf_counter()
         format_of = plan_function(name)
+        mbit = sum(c * stored_bits(format_of(n)) for n, c in counts.items()) / 1e6
         for weight, original in originals.items():
             params[weight].data = rounded(weight, format_of(weight))
         lp = log_probs()
@@ -109,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         ppl = perplexity(lp)
         for weight, original in originals.items():
             params[weight].data = original
-        print(f"| {name} | {ppl:.3f} | {100 * (ppl / fp32 - 1):+.2f}% | {kl:.4f} | {time.perf_counter() - start:.0f} |", flush=True)
+        print(f"| {name} | {mbit:.1f} | {32 * total / 1e6 / (mbit + OTHER_MBIT):.2f}x | {ppl:.3f} | {100 * (ppl / fp32 - 1):+.2f}% | {kl:.4f} | {time.perf_counter() - start:.0f} |", flush=True)
     return 0
 
 

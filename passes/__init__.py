@@ -29,6 +29,7 @@ from bct_onnx.passes.framework import (
 )
 from bct_onnx.passes.fuse_add_norm import FuseAddNormPass
 from bct_onnx.passes.fuse_attention import FuseAttentionPass
+from bct_onnx.passes.fuse_attention_step import FuseAttentionStepPass
 from bct_onnx.passes.fuse_gelu import FuseGeluPass
 from bct_onnx.passes.fuse_layer_norm import FuseLayerNormPass
 from bct_onnx.passes.fuse_matmul_epilogue import FuseMatMulEpiloguePass
@@ -52,6 +53,7 @@ from bct_onnx.passes.quantize_layer_norm import QuantizeLayerNormPass
 from bct_onnx.passes.quantize_matmul import QuantizeMatMulPass
 from bct_onnx.passes.quantize_silu import QuantizeSiluPass
 from bct_onnx.passes.quantize_softmax import QuantizeSoftmaxPass
+from bct_onnx.passes.remove_noop_casts import RemoveNoOpCastsPass
 from bct_onnx.passes.rotate_residual_stream import RotateResidualStreamPass
 
 __all__ = [
@@ -72,6 +74,7 @@ __all__ = [
     "FoldShapeArithmeticPass",
     "FuseAddNormPass",
     "FuseAttentionPass",
+    "FuseAttentionStepPass",
     "FuseGeluPass",
     "FuseLayerNormPass",
     "FuseMatMulEpiloguePass",
@@ -93,6 +96,7 @@ __all__ = [
     "QuantizeMatMulPass",
     "QuantizeSiluPass",
     "QuantizeSoftmaxPass",
+    "RemoveNoOpCastsPass",
     "RotateResidualStreamPass",
     "Skip",
     "UnsupportedModelError",

@@ -33,6 +33,7 @@ import numpy as np
 import onnx_ir as ir
 from bct_onnx.passes.convert_opset import convert_opset, min_ir_version
 from bct_onnx.passes.framework import CompressPass, PassReport, onnx_opset
+from bct_onnx.passes.quantized_weights import node_zero_points
 
 from bct_onnx import ops
 from bct_onnx.block_format import BlockFormat, ZeroPointKind, scale_kind_of, scales_to_float32, unpack_codes
@@ -224,7 +225,7 @@ class ConvertToQDQPass(CompressPass):
             return dequantized[key]
         packed, scales = _array(codes_value), _array(node.inputs[2])
         assert packed is not None and scales is not None
-        zero_points = _array(node.inputs[3]) if len(node.inputs) > 3 else None
+        zero_points = node_zero_points(node, _array(node.inputs[3]) if len(node.inputs) > 3 else None, scales)
         fmt = block_format_of(_attr(node, "bits"), _attr(node, "block_size"), bool(_attr(node, "symmetric", 1)), scales, zero_points)
         axis_size = _attr(node, "K") if node.op_type == ops.BLOCK_MATMUL else _attr(node, "axis_size")
         standard = standard_block_tensor(packed, scales, zero_points, fmt, axis_size, transposed)

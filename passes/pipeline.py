@@ -34,6 +34,7 @@ from bct_onnx.passes.fold_shape_arithmetic import FoldShapeArithmeticPass
 from bct_onnx.passes.framework import NODE_PROGRESS, CompressPassResult, Skip, check_model_basics
 from bct_onnx.passes.fuse_add_norm import FuseAddNormPass
 from bct_onnx.passes.fuse_attention import FuseAttentionPass
+from bct_onnx.passes.fuse_attention_step import FuseAttentionStepPass
 from bct_onnx.passes.fuse_gelu import FuseGeluPass
 from bct_onnx.passes.fuse_layer_norm import FuseLayerNormPass
 from bct_onnx.passes.fuse_matmul_epilogue import FuseMatMulEpiloguePass
@@ -50,6 +51,7 @@ from bct_onnx.passes.quantize_layer_norm import QuantizeLayerNormPass
 from bct_onnx.passes.quantize_matmul import QuantizeMatMulPass
 from bct_onnx.passes.quantize_silu import QuantizeSiluPass
 from bct_onnx.passes.quantize_softmax import QuantizeSoftmaxPass
+from bct_onnx.passes.remove_noop_casts import RemoveNoOpCastsPass
 from bct_onnx.passes.rotate_residual_stream import RotateResidualStreamPass
 from onnx_ir.passes import common as common_passes
 
@@ -91,6 +93,10 @@ _EXTERNAL_DATA_BYTES = 1 << 30
 # - CompressKVCachePass (config.kv_cache_bits) runs after CompressIntermediatesPass: it changes graph
 #   inputs and outputs only, and its BlockDequantize hands attention the float cache the passes
 #   before it saw.
+# - FuseAttentionStepPass comes last: it folds the cache append (CompressKVCachePass's BlockQuantize
+#   and Concats, or a float cache's Concat), rotary and the head split / merge into BlockAttention.
+# - RemoveNoOpCastsPass before cleanup: Casts to their input's own dtype (RMSNorm's .to(float32)),
+#   once the passes have given every value its dtype.
 QUANTIZE_PASSES: dict[str, Callable[[CompressConfig], ir.passes.PassBase]] = {
     "MatMul": QuantizeMatMulPass,
     "Gather": QuantizeGatherPass,
@@ -206,6 +212,9 @@ def rewrite_passes(
             quantize.append(FuseAddNormPass())
     if config.compresses_kv_cache:
         quantize.append(CompressKVCachePass(config))
+    if config.fuse_attention and config.enabled("AttentionMatMul") and config.format == "bct":
+        quantize.append(FuseAttentionStepPass())
+    quantize.append(RemoveNoOpCastsPass())
     if config.format == "qdq":
         quantize.append(ConvertToQDQPass(activations=config.qdq_activations))
     if config.entropy_code:

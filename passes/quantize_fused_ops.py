@@ -29,6 +29,7 @@ from bct_onnx.passes.quantized_weights import (
     constant_tensor,
     quantized_initializers,
     trim_trailing_none,
+    zero_point_attributes,
 )
 
 from bct_onnx import ops
@@ -109,6 +110,7 @@ class QuantizeFusedOpsPass(NodeRewritePass):
             "bits": fmt.bits,
             "block_size": fmt.block_size,
             "symmetric": int(fmt.symmetric),
+            **zero_point_attributes(fmt),
             "axis_size": quantized.axis_size,
         }
         stored = trim_trailing_none([quantized.codes, quantized.scales, quantized.zero_points])

@@ -19,6 +19,7 @@ from bct_onnx.passes.quantized_weights import (
     existing_table_quantization,
     quantized_initializers,
     trim_trailing_none,
+    zero_point_attributes,
 )
 
 from bct_onnx import ops
@@ -133,6 +134,7 @@ class QuantizeGatherPass(NodeRewritePass):
                 "bits": fmt.bits,
                 "block_size": fmt.block_size,
                 "symmetric": int(fmt.symmetric),
+                **zero_point_attributes(fmt),
                 "axis_size": quantized.axis_size,
             },
             domain=ops.DOMAIN,

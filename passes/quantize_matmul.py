@@ -23,6 +23,7 @@ from bct_onnx.passes.quantized_weights import (
     existing_table_format,
     quantized_initializers,
     trim_trailing_none,
+    zero_point_attributes,
 )
 
 from bct_onnx import ops
@@ -257,6 +258,7 @@ class QuantizeMatMulPass(NodeRewritePass):
                 "bits": fmt.bits,
                 "block_size": fmt.block_size,
                 "symmetric": int(fmt.symmetric),
+                **zero_point_attributes(fmt),
                 "act_bits": settings.act_bits or 0,
             },
             domain=ops.DOMAIN,

@@ -1,7 +1,8 @@
 """Constant lookup and quantized-initializer creation shared by the quantize passes.
 
 A quantized tensor is stored as initializers named after its source initializer and its format
-(``<source>.bct_<tag>.codes`` / ``.scales`` / ``.zero_points``, the last holding uint8 zero points
+(``<source>.bct_<tag>.codes`` / ``.scales`` / ``.zero_points``, the last holding uint8 zero points,
+packed at the code width for ``ZeroPointKind.PACKED`` (its readers get ``zero_points_packed = 1``),
 or float16/float32 offsets as the format says) and tagged in metadata_props. A
 second consumer that needs the same source in the same layout and format (a tied embedding table
 read by a Gather and by the output projection) finds and reuses them: the graph is the cache, so
@@ -16,7 +17,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from bct_onnx.block_format import BlockFormat, ScaleKind
+from bct_onnx.block_format import BlockFormat, ScaleKind, unpack_zero_points
 from bct_onnx.gptq import gptq_quantize
 from bct_onnx.weight_quantizer import quantize_tensor
 
@@ -28,6 +29,23 @@ FLOAT_DTYPES = (ir.DataType.FLOAT,)
 # The rule the quantize passes count for each tensor stored with float32 scales against the config
 # (its values would overflow the configured scale kind); the compile report names it.
 RULE_WIDE_SCALES = "float32 scales (values too large for the configured scale kind)"
+
+
+ZERO_POINTS_PACKED = "zero_points_packed"  # node attribute: the zero-points input is packed at the code width
+
+
+def zero_point_attributes(fmt: BlockFormat) -> dict[str, int]:
+    """The node attributes that describe fmt's stored zero points (none unless they are packed)."""
+    return {ZERO_POINTS_PACKED: 1} if fmt.packed_zero_points else {}
+
+
+def node_zero_points(node: ir.Node, zero_points: np.ndarray | None, scales: np.ndarray) -> np.ndarray | None:
+    """One zero point a block (the scales' shape) of a BlockMatMul / BlockGather / BlockDequantize
+    node's constant zero points (unpacked when the node's zero_points_packed attribute is set)."""
+    attr = node.attributes.get(ZERO_POINTS_PACKED)
+    if zero_points is None or attr is None or not attr.as_int():
+        return zero_points
+    return unpack_zero_points(zero_points, node.attributes["bits"].as_int(), scales.shape)
 
 
 def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
@@ -45,7 +63,8 @@ def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
 
 def format_tag(fmt: BlockFormat, transposed: bool) -> str:
     kind = fmt.scale_kind.value
-    zero_points = "s" if fmt.symmetric else ("f" if fmt.float_offsets else "a")  # f: float offsets
+    # f: float offsets, p: integer zero points packed at the code width
+    zero_points = "s" if fmt.symmetric else ("f" if fmt.float_offsets else ("p" if fmt.packed_zero_points else "a"))
     return f"q{fmt.bits}b{fmt.block_size}{zero_points}_{kind}{'_t' if transposed else ''}"
 
 
@@ -174,7 +193,7 @@ def quantized_initializers(
     scales = _register(graph, f"{base}.scales", quantized.scales, source_name, tag)
     zp_value = None
     if quantized.zero_points is not None:
-        zp_value = _register(graph, f"{base}.zero_points", quantized.zero_points, source_name, tag)
+        zp_value = _register(graph, f"{base}.zero_points", quantized.stored_zero_points, source_name, tag)
     return QuantizedInitializers(codes, scales, zp_value, rows, axis_size, reused=False, widened=fmt != requested)
 
 

@@ -6,16 +6,19 @@ cannot import a conftest). The numpy side is ``bct_onnx.reference``, the library
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_dtypes
 import numpy as np
 import onnx
 import onnx.parser
 import onnx_ir as ir
 import onnxruntime as ort
-from onnx import TensorProto
+from onnx import TensorProto, helper, numpy_helper
 
 import bct_onnx
 from bct_onnx import reference
+from bct_onnx.ops import BLOCK_MATMUL, DOMAIN
 
 
 def model_from_text(
@@ -80,3 +83,38 @@ def assert_bits_equal(actual: np.ndarray, expected: np.ndarray, what: str) -> No
             f"{what}: {bad.size} of {actual.size} elements differ; first at flat {i}: "
             f"got {actual.reshape(-1)[i]!r}, expected {expected.reshape(-1)[i]!r}"
         )
+
+
+def weight_matmul_model(
+    *, k: int, n: int, bits: int, block_size: int, symmetric: bool, act_bits: int, codes: np.ndarray,
+    scales: np.ndarray, zero_points: np.ndarray | None, bias: np.ndarray | None, constant_weights: bool = True,
+    node_name: str = "mm", **attrs: Any,
+) -> bytes:
+    """One BlockMatMul; weights as initializers (constant) or graph inputs; extra attributes as given."""
+    weights = {"W_codes": codes, "W_scales": scales, "W_zero_points": zero_points, "bias": bias}
+    names = [name if value is not None else "" for name, value in weights.items()]
+    while names[-1] == "":
+        names.pop()
+    node = helper.make_node(
+        BLOCK_MATMUL, ["A", *names], ["Y"], domain=DOMAIN, name=node_name, K=k, N=n, bits=bits,
+        block_size=block_size, symmetric=int(symmetric), act_bits=act_bits, **attrs,
+    )
+    present = {name: value for name, value in weights.items() if value is not None}
+    inputs = [helper.make_tensor_value_info("A", TensorProto.FLOAT, None)]
+    if not constant_weights:
+        inputs += [
+            helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v.dtype), None)
+            for name, v in present.items()
+        ]
+    inits = [numpy_helper.from_array(v, name) for name, v in present.items()] if constant_weights else []
+    graph = helper.make_graph(
+        [node], "g", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], initializer=inits
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)], ir_version=9
+    )
+    return model.SerializeToString()
+
+
+def run_matmul(model: bytes, a: np.ndarray) -> np.ndarray:
+    return bct_onnx.session(model).run(None, {"A": a})[0]

@@ -8,10 +8,11 @@ import onnx.parser
 import onnx_ir as ir
 
 import bct_onnx
-from bct_onnx.block_format import ScaleKind
+from bct_onnx.block_format import ScaleKind, ZeroPointKind, unpack_zero_points
 from bct_onnx.config import (
     DECODER_SCALE_KIND,
     DECODER_TIED_TABLE_EXTRA_BITS,
+    DECODER_TIED_TABLE_ZERO_POINTS,
     DECODER_WIDER_WEIGHTS,
     CompressConfig,
     NodeOverride,
@@ -54,15 +55,20 @@ def encoder() -> ir.Model:
     return _model("  e = Gather <axis = 0> (table, input_ids)\n  h = MatMul(e, w_mid)\n", f"float[N, S, {D}] h")
 
 
-def _table_bits(config: CompressConfig, model: ir.Model) -> dict[str, int]:
-    """Weight bits of every node reading the table, by op kind."""
-    bits = {}
+def _table_settings(config: CompressConfig, model: ir.Model) -> dict[str, object]:
+    """Settings of every node reading the table, by op kind."""
+    settings = {}
     for node in model.graph:
         if node.op_type == "Gather":
-            bits["Gather"] = config.settings_for("Gather", node.name or node.outputs[0].name).weight_bits
+            settings["Gather"] = config.settings_for("Gather", node.name or node.outputs[0].name)
         if node.op_type == "MatMul" and node.inputs[1].name == "table_t":
-            bits["MatMul"] = config.settings_for("MatMul", node.name or node.outputs[0].name).weight_bits
-    return bits
+            settings["MatMul"] = config.settings_for("MatMul", node.name or node.outputs[0].name)
+    return settings
+
+
+def _table_bits(config: CompressConfig, model: ir.Model) -> dict[str, int]:
+    """Weight bits of every node reading the table, by op kind."""
+    return {kind: settings.weight_bits for kind, settings in _table_settings(config, model).items()}
 
 
 def test_kind_is_decided_by_an_output_over_the_vocabulary():
@@ -80,7 +86,21 @@ def test_decoder_gets_one_byte_scales_and_a_wider_tied_table():
     mid = next(n for n in model.graph if n.op_type == "MatMul" and n.inputs[1].name == "w_mid")
     assert config.settings_for("MatMul", mid.name or mid.outputs[0].name).weight_bits == 4
     assert note["kind"] == ModelKind.DECODER.value
-    assert note["changed"] == [f"weight scales {DECODER_SCALE_KIND.value}", f"table: {wide}-bit"]
+    assert DECODER_TIED_TABLE_ZERO_POINTS is ZeroPointKind.PACKED
+    for settings in _table_settings(config, model).values():  # asymmetric, zero points packed
+        assert not settings.symmetric and settings.weight_format.packed_zero_points
+    assert config.settings_for("MatMul", mid.name or mid.outputs[0].name).symmetric
+    assert note["changed"] == [
+        f"weight scales {DECODER_SCALE_KIND.value}",
+        f"table: {wide}-bit, packed integer zero points",
+    ]
+
+
+def test_8_bit_tied_table_stays_symmetric():
+    model = tied_decoder()
+    config, note = apply_decoder_plan(model, CompressConfig(weight_bits=8))
+    assert {(s.weight_bits, s.symmetric) for s in _table_settings(config, model).values()} == {(8, True)}
+    assert "table: 8-bit" in note["changed"]
 
 
 def test_decoder_widens_the_weights_its_rules_name():
@@ -115,6 +135,18 @@ def test_compressed_decoder_stores_the_tied_table_once_at_the_wider_width(tmp_pa
     assert len(table_codes) == 1  # shared by the Gather and the output projection
     wide = 4 + DECODER_TIED_TABLE_EXTRA_BITS
     assert tuple(table_codes[0].dims) == (V, D * wide // 8)
-    bits = {n.op_type: a.i for n in compressed.graph.node for a in n.attribute if a.name == "bits" and "table" in " ".join(n.input)}
-    assert set(bits.values()) == {wide}
+    readers = [n for n in compressed.graph.node if any(name.startswith("table") for name in n.input[1:])]
+    assert {n.op_type for n in readers} == {"BlockGather", "BlockMatMul"}
+    for node in readers:
+        attrs = {a.name: a.i for a in node.attribute}
+        assert (attrs["bits"], attrs["symmetric"], attrs["zero_points_packed"]) == (wide, 0, 1)
+    zero_points = next(t for t in compressed.graph.initializer if t.name.startswith("table.") and t.name.endswith(".zero_points"))
+    blocks = V * -(-D // 32)
+    assert tuple(zero_points.dims) == (-(-blocks * wide // 8),)  # one stream at the code width
+    stored = onnx.numpy_helper.to_array(zero_points)
+    assert unpack_zero_points(stored, wide, (V, -(-D // 32))).max() < 1 << wide
+    # the session unpacks them: the compressed decoder runs
+    ids = np.array([[1, 5, 63, 0]], np.int64)
+    (logits,) = bct_onnx.session(out).run(None, {"input_ids": ids})
+    assert logits.shape == (1, 4, V) and np.isfinite(logits).all()
     assert "decoder defaults" in result.report.summary()

@@ -191,8 +191,9 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
         "--zero-points",
         choices=[kind.value for kind in ZeroPointKind],
         default=quiet,
-        help="with --asymmetric: 'integer' uint8 zero points (default) or 'float' offsets, value = code * scale "
-        "+ offset (float16; float32 with --scale-kind float32), as GGUF Q4_1",
+        help="with --asymmetric: 'integer' uint8 zero points (default), 'packed' (the same zero points stored at "
+        "the code width: 4-bit, two a byte) or 'float' offsets, value = code * scale + offset (float16; float32 "
+        "with --scale-kind float32), as GGUF Q4_1",
     )
     parser.add_argument(
         "--format",

@@ -47,6 +47,48 @@ void PackColumn(PackedB& p, int64_t batch, int64_t col, const int8_t* q, const f
 }
 
 #if BCT_X86_SIMD
+// PackRows with AVX-512: per block and group of 4 k values, the 4 bytes of 16 rows gathered into 64
+// bytes; the block sums by vpdpbusd with ones.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void PackRowsAvx512(
+    PackedB& p, int64_t batch, int64_t col0, int64_t count, const int8_t* q, const float* scales) {
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t j0 = 0; j0 < count; j0 += 16) {
+    const int64_t left = count - j0;
+    const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+    const __m512i rows = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(p.k)));
+    const __m512i row_scales = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(p.nb)));
+    const int8_t* q0 = q + j0 * p.k;
+    for (int64_t blk = 0; blk < p.nb; ++blk) {
+      const int64_t b0 = blk * p.block_size;
+      int8_t* base = p.codes.data() + ((batch * p.nb + blk) * p.groups * p.n_pad + col0 + j0) * 4;
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t g = 0; g < p.groups; ++g) {
+        const __m512i words =
+            _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, rows, q0 + b0 + 4 * g, 1);
+        sum = _mm512_dpbusd_epi32(sum, ones, words);
+        _mm512_mask_storeu_epi32(base + g * p.n_pad * 4, mask, words);
+      }
+      const int64_t at = (batch * p.nb + blk) * p.n_pad + col0 + j0;
+      _mm512_mask_storeu_epi32(p.sums.data() + at, mask, sum);
+      _mm512_mask_storeu_ps(p.scales.data() + at, mask,
+                            _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, row_scales, scales + j0 * p.nb + blk, 4));
+    }
+  }
+}
+#endif
+
+void PackRows(PackedB& p, int64_t batch, int64_t col0, int64_t count, const int8_t* q, const float* scales) {
+#if BCT_X86_SIMD
+  if (p.k % p.block_size == 0 && p.block_size % 4 == 0 && p.k < (1 << 24)) {  // whole groups of 4 in every block
+    PackRowsAvx512(p, batch, col0, count, q, scales);
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < count; ++j) PackColumn(p, batch, col0 + j, q + j * p.k, scales + j * p.nb);
+}
+
+#if BCT_X86_SIMD
 // PackBlock with AVX-512: four k rows of 16 columns interleaved into 64 bytes per step.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void PackBlockAvx512(
     PackedB& p, int64_t batch, int64_t blk, const int8_t* q, const float* scales) {

@@ -28,6 +28,10 @@ void InitPackedB(PackedB& packed, int64_t batches, int64_t n, int64_t k, int64_t
 // Stores the signed codes q [k] and scales [nb] of column `col` of batch `batch`.
 void PackColumn(PackedB& packed, int64_t batch, int64_t col, const int8_t* q, const float* scales);
 
+// Stores `count` columns from col0 on of batch `batch` at once: signed codes q [count, k] (one row per
+// column) and scales [count, nb]; the same bytes as PackColumn column by column.
+void PackRows(PackedB& packed, int64_t batch, int64_t col0, int64_t count, const int8_t* q, const float* scales);
+
 // Stores block `blk` of batch `batch` for all columns at once: signed codes q [len][n] (k-major)
 // and scales [n].
 void PackBlock(PackedB& packed, int64_t batch, int64_t blk, const int8_t* q, const float* scales);

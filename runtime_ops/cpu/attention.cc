@@ -35,14 +35,23 @@ class AttentionCpuKernel : public AttentionKernelBase {
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
       Ort::KernelContext ctx(context);
-      const AttentionGeometry g = CheckAttention(ctx, node_, attrs_);
-      const std::vector<int64_t> out_shape = {g.batch, g.q_heads, g.sq, g.dh};
-      float* y = ctx.GetOutput(0, out_shape).GetTensorMutableData<float>();
+      AttentionGeometry g = CheckAttention(ctx, node_, attrs_);
+      float* y_out = ctx.GetOutput(0, g.y_shape).GetTensorMutableData<float>();
       const int64_t dh = g.dh, bs = attrs_.block_size;
       const int64_t nb = num_blocks(dh, bs);
       const int64_t q_rows = g.batch * g.q_heads * g.sq, kv_rows = g.batch * g.kv_heads * g.sk;
-      if (q_rows == 0) return;
       const int64_t group = std::max<int64_t>(1, std::min<int64_t>(64, 4096 / dh));  // rows per quantizer call
+      std::unique_ptr<float[]> q_step, y_heads;
+      if (g.step) {
+        q_step = Buffer<float>(q_rows * dh);
+        AppendStep(ctx, &g, q_step.get());
+      }
+      if (q_rows == 0) return;
+      float* y = y_out;
+      if (g.step && g.step_dims.packed) {
+        y_heads = Buffer<float>(q_rows * dh);
+        y = y_heads.get();
+      }
 
       auto qq = Buffer<int8_t>(q_rows * dh);
       auto qs = Buffer<float>(q_rows * nb);
@@ -88,12 +97,16 @@ class AttentionCpuKernel : public AttentionKernelBase {
       std::vector<float> k_major_scales(vnni_dots ? 0 : static_cast<size_t>(kv_rows * nb));
       if (vnni_dots) vnni::InitPackedB(packed, kv_heads, g.sk, dh, bs);
       ParallelFor(ctx, kv_rows, 256, [&](int64_t begin, int64_t end) {
+        if (vnni_dots) {  // runs of keys inside one head
+          for (int64_t r = begin; r < end;) {
+            const int64_t head = r / g.sk, key = r % g.sk, count = std::min(end - r, g.sk - key);
+            vnni::PackRows(packed, head, key, count, kq.get() + r * dh, ks.get() + r * nb);
+            r += count;
+          }
+          return;
+        }
         for (int64_t r = begin; r < end; ++r) {
           const int64_t head = r / g.sk, key = r % g.sk;
-          if (vnni_dots) {
-            vnni::PackColumn(packed, head, key, kq.get() + r * dh, ks.get() + r * nb);
-            continue;
-          }
           int8_t* col = k_major.data() + head * dh * g.sk + key;
           for (int64_t d = 0; d < dh; ++d) col[d * g.sk] = kq[static_cast<size_t>(r * dh + d)];
           float* sc = k_major_scales.data() + head * nb * g.sk + key;
@@ -141,10 +154,70 @@ class AttentionCpuKernel : public AttentionKernelBase {
                                   attrs_.scale, mask, g.mask_strides[2], g.mask_strides[3], y + row * dh);
         }
       });
+      if (y != y_out) {  // [B, Hq, Sq, Dh] -> [B, Sq, Hq * Dh]
+        for (int64_t r = 0; r < q_rows; ++r) {
+          const int64_t i = r % g.sq, bh = r / g.sq;
+          std::copy(y + r * dh, y + (r + 1) * dh,
+                    y_out + nl::step_row_offset(g.step_dims, g.q_heads, bh / g.q_heads, bh % g.q_heads, i));
+        }
+      }
     });
   }
 
  private:
+  // The step (inputs 8..11): Q's rows heads first with rotary into q_rows_out; the present cache
+  // (outputs 1..4) as the past's rows followed by the new ones (rotary on K, quantized when the cache
+  // holds codes); g then reads Q and the present cache as a plain BlockAttention would.
+  void AppendStep(Ort::KernelContext& ctx, AttentionGeometry* gp, float* q_rows_out) const {
+    AttentionGeometry& g = *gp;
+    const nl::AttentionStepDims& d = g.step_dims;
+    const AttentionPresent present = PresentOutputs(ctx, node_, g);
+    const int64_t dh = g.dh, q_rows = g.batch * g.q_heads * g.sq;
+    for (int64_t r = 0; r < q_rows; ++r) nl::step_input_row(d, g.q, g.q_heads, r, true, g.cos, g.sin, q_rows_out + r * dh);
+    const bool codes = g.k.quantized;
+    const int64_t row_nbytes = codes ? g.k.row_bytes : dh * static_cast<int64_t>(sizeof(float));
+    const int64_t scale_nbytes = codes ? g.k.num_blocks * static_cast<int64_t>(ScaleItemSize(g.k.scale_kind)) : 0;
+    const int64_t heads = g.batch * g.kv_heads;
+    ParallelFor(ctx, heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> row(static_cast<size_t>(dh));
+      for (int64_t bh = begin; bh < end; ++bh) {
+        for (int which = 0; which < 2; ++which) {
+          const AttentionKV& past = which == 0 ? g.k : g.v;
+          const float* fresh = which == 0 ? g.k_new : g.v_new;
+          auto* dst = static_cast<uint8_t*>(which == 0 ? present.k : present.v);
+          auto* dst_scales = static_cast<uint8_t*>(which == 0 ? present.k_scales : present.v_scales);
+          const auto* src = codes ? past.codes : reinterpret_cast<const uint8_t*>(past.x);
+          std::copy(src + bh * d.past * row_nbytes, src + (bh + 1) * d.past * row_nbytes, dst + bh * g.sk * row_nbytes);
+          if (codes) {
+            const auto* src_scales = static_cast<const uint8_t*>(past.scales);
+            std::copy(src_scales + bh * d.past * scale_nbytes, src_scales + (bh + 1) * d.past * scale_nbytes,
+                      dst_scales + bh * g.sk * scale_nbytes);
+          }
+          for (int64_t i = 0; i < g.sq; ++i) {
+            const int64_t t = bh * g.sk + d.past + i;  // present row
+            nl::step_input_row(d, fresh, g.kv_heads, bh * g.sq + i, which == 0, g.cos, g.sin, row.data());
+            if (codes) {
+              nl::quantize_cache_row(row.data(), dh, attrs_.kv_bits, attrs_.kv_block_size, g.k.scale_kind, row_nbytes,
+                                     dst + t * row_nbytes, dst_scales, t * g.k.num_blocks);
+            } else {
+              std::copy(row.begin(), row.end(), reinterpret_cast<float*>(dst) + t * dh);
+            }
+          }
+        }
+      }
+    });
+    g.q = q_rows_out;
+    for (AttentionKV* kv : {&g.k, &g.v}) {
+      const bool is_k = kv == &g.k;
+      if (codes) {
+        kv->codes = static_cast<const uint8_t*>(is_k ? present.k : present.v);
+        kv->scales = is_k ? present.k_scales : present.v_scales;
+      } else {
+        kv->x = static_cast<const float*>(is_k ? present.k : present.v);
+      }
+    }
+  }
+
   void QuantizeRows(const float* x, int64_t rows, int64_t k, int8_t* q, float* scales) const {
     cpu::ActCodes out;
     out.codes = q;

@@ -5,6 +5,7 @@
 #include "ops/block_io.h"
 #include "ops/coded_codes.h"
 #include "ops/ops.h"
+#include "ops/packed_zero_points.h"
 #include "cpu/kernel_table.h"
 #include "cpu/row_kernels.h"
 
@@ -18,12 +19,17 @@ class GatherCpuKernel : public DequantizeKernelBase {
       decoded_ = DecodeConstantCodes(info, node_, 1, "codes", attrs_.bits, -1, attrs_.axis_size);
       coded_ = true;
     }
+    if (ReadZeroPointsPacked(info, node_, attrs_.symmetric)) {  // unpacked once and kept
+      unpacked_zero_points_ = UnpackConstantZeroPoints(info, node_, 3, "zero_points", 2, "scales", attrs_.bits);
+      zero_points_packed_ = true;
+    }
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
       Ort::KernelContext ctx(context);
-      const GatherCall c = PrepareGather(ctx, node_, attrs_, coded_ ? &decoded_.view : nullptr);
+      const GatherCall c = PrepareGather(ctx, node_, attrs_, coded_ ? &decoded_.view : nullptr,
+                                            zero_points_packed_ ? &unpacked_zero_points_.view : nullptr);
       const RowsGeometry& g = c.g;
       cpu::RowFormat fmt = BlockRowFormat<cpu::RowFormat>(attrs_, g);
       fmt.isa = isa_;
@@ -40,6 +46,8 @@ class GatherCpuKernel : public DequantizeKernelBase {
   cpu::Isa isa_;  // chosen at creation (BCT_ONNX_ISA, BCT_ONNX_BASELINE_SIMD)
   bool coded_ = false;
   DecodedCodes decoded_;  // codes_coding "huffman": the packed table
+  bool zero_points_packed_ = false;
+  UnpackedZeroPoints unpacked_zero_points_;  // zero_points_packed = 1: one byte a block
 };
 
 }  // namespace

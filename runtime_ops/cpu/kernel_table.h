@@ -65,7 +65,7 @@ struct KernelTable {
   RMSNormRowFn rms_norm_row;
   AttentionRowsFn attention_rows;
   matmul::TilesFn matmul_tiles;  // nullptr: BlockMatMul's scalar reference path
-  bool matmul_compact_weights;   // float16 scales / uint8 zero points kept as stored (the AVX-512 tiles)
+  bool matmul_compact_weights;   // streamed layout (matmul_kernel.h), float16 scales / uint8 zero points as stored
 };
 
 // The table of a path (any Isa value; the caller made sure the CPU runs it).

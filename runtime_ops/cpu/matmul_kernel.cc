@@ -15,6 +15,7 @@ namespace matmul {
 namespace {
 
 constexpr int kTileCols = 16;
+constexpr int64_t kStreamedPanelTiles = 4;  // the AVX-512 decode kernel's register block of tiles
 
 // Unpacks the K codes of one densely packed row.
 void UnpackRow(const uint8_t* row, int64_t row_bytes, int bits, int64_t K, uint8_t* out) {
@@ -75,68 +76,73 @@ std::unique_ptr<PackedWeights> Pack(const Shape& shape, const WeightInputs& weig
   const bool nibble = shape.bits <= 4;
   const int64_t group_k = nibble ? 8 : 4;
   const int64_t tiles = (N + kTileCols - 1) / kTileCols;
-  const int64_t tile_bytes = k_padded / group_k * 64;
   const bool signed_codes = shape.act_bits == 0 && shape.symmetric;
+  const bool streamed = kernels.matmul_compact_weights;
+  const int zp_mode = ZeroPointMode(shape);
   p->block_padded = bkp;
   p->k_padded = k_padded;
   p->num_tiles = tiles;
-  p->tile_bytes = tile_bytes;
+  p->block_code_bytes = bkp / group_k * 64;
+  p->tile_bytes = nb * p->block_code_bytes;
   p->nibble = nibble;
   p->signed_codes = signed_codes;
-  p->codes.assign(static_cast<size_t>(tiles * tile_bytes), 0);
-  const bool compact = kernels.matmul_compact_weights;
-  const size_t params = static_cast<size_t>(tiles * nb * kTileCols);
   // float8e5m2 scales are float16 values (their upper byte): widened to float16 bits exactly.
   p->half_scales =
-      compact && (weights.scale_kind == ScaleKind::kFloat16 || weights.scale_kind == ScaleKind::kFloat8E5M2);
-  if (p->half_scales) {
-    p->scales_half.assign(params, 0);
+      streamed && (weights.scale_kind == ScaleKind::kFloat16 || weights.scale_kind == ScaleKind::kFloat8E5M2);
+  const int64_t scale_bytes = p->half_scales ? 2 * kTileCols : 4 * kTileCols;
+  const int64_t zero_point_bytes = zp_mode == kZpSymmetric ? 0 : zp_mode == kZpInteger ? kTileCols : 4 * kTileCols;
+  if (streamed) {
+    p->panel_tiles = kStreamedPanelTiles;
+    p->param_bytes = scale_bytes + zero_point_bytes;
   } else {
+    const size_t params = static_cast<size_t>(tiles * nb * kTileCols);
     p->scales.assign(params, 0.f);
+    if (!shape.symmetric) p->zero_points.assign(params, 0.f);
   }
-  const bool zero_points_u8 = compact && ZeroPointMode(shape) == kZpInteger;
-  if (!shape.symmetric) {
-    if (zero_points_u8) {
-      p->zero_points_u8.assign(params, 0);
-    } else {
-      p->zero_points.assign(params, 0.f);
-    }
-  }
+  const int64_t last_panel = (tiles - 1) / p->panel_tiles * p->panel_tiles;  // its first tile
+  p->codes.assign(static_cast<size_t>(BlockCodesOffset(*p, last_panel, 0) + nb * PanelBlockBytes(*p, last_panel)), 0);
   const int zw = 1 << (shape.bits - 1);
+  const uint32_t mask = nibble ? 0xfu : 0xffu;
+  const uint32_t offset = signed_codes ? static_cast<uint32_t>(zw) : 0u;
   for (int64_t n = 0; n < N; ++n) {
     const int64_t tile = n / kTileCols, col = n % kTileCols;
     UnpackRow(weights.codes + n * row_bytes, row_bytes, shape.bits, K, row.data());
-    uint8_t* dst = p->codes.data() + tile * tile_bytes + col * 4;
-    const uint32_t mask = nibble ? 0xfu : 0xffu;
-    const uint32_t offset = signed_codes ? static_cast<uint32_t>(zw) : 0u;
     for (int64_t k0 = 0, block = 0; k0 < K; k0 += bs, ++block) {
+      uint8_t* dst = p->codes.data() + BlockCodesOffset(*p, tile, block) + col * 4;
       const int64_t len = std::min<int64_t>(bs, K - k0);
       for (int64_t kk = 0; kk < len; ++kk) {
-        const int64_t kp = block * bkp + kk;
         const uint32_t v = (static_cast<uint32_t>(row[k0 + kk]) - offset) & mask;  // two's complement if signed
         if (nibble) {
-          uint8_t& byte = dst[(kp >> 3) * 64 + (kp & 3)];
-          byte = static_cast<uint8_t>(byte | ((kp & 4) ? v << 4 : v));
+          uint8_t& byte = dst[(kk >> 3) * 64 + (kk & 3)];
+          byte = static_cast<uint8_t>(byte | ((kk & 4) ? v << 4 : v));
         } else {
-          dst[(kp >> 2) * 64 + (kp & 3)] = static_cast<uint8_t>(v);
+          dst[(kk >> 2) * 64 + (kk & 3)] = static_cast<uint8_t>(v);
         }
       }
     }
     for (int64_t b = 0; b < nb; ++b) {
-      const int64_t at = (tile * nb + b) * kTileCols + col;
-      if (p->half_scales && weights.scale_kind == ScaleKind::kFloat8E5M2) {
-        p->scales_half[at] = static_cast<uint16_t>(static_cast<const uint8_t*>(weights.scales)[n * nb + b] << 8);
-      } else if (p->half_scales) {
-        p->scales_half[at] = static_cast<const uint16_t*>(weights.scales)[n * nb + b];
-      } else {
-        p->scales[at] = scale_value(weights.scale_kind, weights.scales, n * nb + b);
+      const int64_t in = n * nb + b;
+      if (!streamed) {
+        const int64_t at = (tile * nb + b) * kTileCols + col;
+        p->scales[at] = scale_value(weights.scale_kind, weights.scales, in);
+        if (!shape.symmetric) p->zero_points[at] = ZeroPointAt(shape, weights, in);
+        continue;
       }
-      if (!shape.symmetric) {
-        if (zero_points_u8) {
-          p->zero_points_u8[at] = weights.zero_points[n * nb + b];
-        } else {
-          p->zero_points[at] = ZeroPointAt(shape, weights, n * nb + b);
-        }
+      uint8_t* params = p->codes.data() + BlockParamsOffset(*p, tile, b);
+      if (p->half_scales) {
+        const uint16_t half = weights.scale_kind == ScaleKind::kFloat8E5M2
+                                  ? static_cast<uint16_t>(static_cast<const uint8_t*>(weights.scales)[in] << 8)
+                                  : static_cast<const uint16_t*>(weights.scales)[in];
+        std::memcpy(params + col * 2, &half, 2);
+      } else {
+        const float scale = scale_value(weights.scale_kind, weights.scales, in);
+        std::memcpy(params + col * 4, &scale, 4);
+      }
+      if (zp_mode == kZpInteger) {
+        params[scale_bytes + col] = weights.zero_points[in];
+      } else if (zp_mode == kZpOffset) {
+        const float zero_point = ZeroPointAt(shape, weights, in);
+        std::memcpy(params + scale_bytes + col * 4, &zero_point, 4);
       }
     }
   }

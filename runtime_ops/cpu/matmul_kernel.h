@@ -45,6 +45,7 @@
 
 #include "bct/block_math.h"
 #include "cpu/isa.h"
+#include "cpu/weight_memory.h"
 
 namespace bct {
 namespace matmul {
@@ -113,6 +114,15 @@ using ParallelFor = std::function<void(std::size_t total, const std::function<vo
 void SerialFor(std::size_t total, const std::function<void(std::size_t)>& task);
 
 // Weights repacked for one instruction set. Immutable after Pack, so Compute may run concurrently.
+//
+// SIMD code layout: panels of panel_tiles tiles; per panel, block after block, the codes of each of
+// its tiles for the block (block_code_bytes each), then (streamed layout, param_bytes > 0) each
+// tile's block parameters: 16 scales (float16 when half_scales, else float32), then 16 zero points
+// (uint8 for integer zero points, float32 for float offsets) when asymmetric, the parameter region
+// padded to 64 bytes. The last panel may hold fewer tiles. With panel_tiles = 1 and no parameters
+// in the stream this is [num_tiles][tile_bytes] (the AVX2 / AVX-VNNI paths, whose scales and zero
+// points are float32 arrays of their own). The AVX-512 path streams 4 tiles with their parameters:
+// a decode GEMV then reads one sequential stream of weight bytes.
 struct PackedWeights {
   Shape shape;
   cpu::Isa isa = cpu::Isa::kBaseline;  // the path (cpu/kernel_table.h: its tiles; none: the scalar path)
@@ -120,22 +130,49 @@ struct PackedWeights {
   int64_t block_padded = 0;  // SIMD: min(block_size, K) rounded up to 8; scalar: block_size
   int64_t k_padded = 0;      // num_blocks * block_padded
   int64_t num_tiles = 0;     // SIMD: ceil(N / 16)
-  int64_t tile_bytes = 0;    // SIMD: code bytes of one tile
+  int64_t tile_bytes = 0;    // SIMD: code bytes of one tile (num_blocks * block_code_bytes)
+  int64_t block_code_bytes = 0;  // SIMD: code bytes of one tile for one block
+  int64_t panel_tiles = 1;       // SIMD: tiles interleaved block by block
+  int64_t param_bytes = 0;       // SIMD: bytes of one tile's block parameters in the stream (0: none)
+  bool half_scales = false;      // streamed scales are float16 (else float32)
   bool nibble = false;       // SIMD: bits <= 4 (two codes a byte)
   bool signed_codes = false; // codes stored as (code - zero_point) two's complement (float symmetric)
   float implicit_zero_point = 0.f;
-  std::vector<uint8_t> codes;  // SIMD: [num_tiles][tile_bytes]; scalar: [N][K] one code a byte
-  // Weight scales and zero points, SIMD: [num_tiles][num_blocks][16]; scalar: [N][num_blocks].
-  // The AVX-512 path keeps float16 scales as float16 (scales_half) and integer zero points as bytes
-  // (zero_points_u8), converting in registers: fewer bytes per weight for the memory-bound GEMV.
-  // Otherwise scales and zero points are float32 (scales, zero_points); float offsets are always
-  // float32 in zero_points (every path); unused vectors stay empty.
-  std::vector<float> scales;
-  std::vector<uint16_t> scales_half;
-  std::vector<float> zero_points;
-  std::vector<uint8_t> zero_points_u8;
-  bool half_scales = false;
+  cpu::WeightVector<uint8_t> codes;  // SIMD: the layout above; scalar: [N][K] one code a byte
+  // Weight scales and zero points when not in the stream, float32 (float offsets too); SIMD:
+  // [num_tiles][num_blocks][16]; scalar: [N][num_blocks]. Unused vectors stay empty.
+  cpu::WeightVector<float> scales;
+  cpu::WeightVector<float> zero_points;
 };
+
+// Tiles in the panel of `tile` (panel_tiles except in a last, partial panel).
+inline int64_t TilesInPanel(const PackedWeights& p, int64_t tile) {
+  const int64_t first = tile / p.panel_tiles * p.panel_tiles;
+  return p.num_tiles - first < p.panel_tiles ? p.num_tiles - first : p.panel_tiles;
+}
+
+// Bytes of one block of the panel of `tile`: from a tile's codes for block b to its codes for b + 1.
+inline int64_t PanelBlockBytes(const PackedWeights& p, int64_t tile) {
+  const int64_t tiles = TilesInPanel(p, tile);
+  return tiles * p.block_code_bytes + (tiles * p.param_bytes + 63) / 64 * 64;
+}
+
+// Byte offsets in p.codes of a tile's codes for one block, and of its block parameters.
+inline int64_t BlockCodesOffset(const PackedWeights& p, int64_t tile, int64_t block) {
+  const int64_t panel = tile / p.panel_tiles;
+  const int64_t full_panel = p.panel_tiles * p.block_code_bytes + (p.panel_tiles * p.param_bytes + 63) / 64 * 64;
+  return panel * p.num_blocks * full_panel + block * PanelBlockBytes(p, tile) + tile % p.panel_tiles * p.block_code_bytes;
+}
+inline int64_t BlockParamsOffset(const PackedWeights& p, int64_t tile, int64_t block) {
+  return BlockCodesOffset(p, tile, block) + (TilesInPanel(p, tile) - tile % p.panel_tiles) * p.block_code_bytes +
+         tile % p.panel_tiles * p.param_bytes;
+}
+inline const uint8_t* BlockCodes(const PackedWeights& p, int64_t tile, int64_t block) {
+  return p.codes.data() + BlockCodesOffset(p, tile, block);
+}
+inline const uint8_t* BlockParams(const PackedWeights& p, int64_t tile, int64_t block) {
+  return p.codes.data() + BlockParamsOffset(p, tile, block);
+}
 
 // Validates nothing beyond what it needs (the op validates); the inputs must match shape.
 std::unique_ptr<PackedWeights> Pack(const Shape& shape, const WeightInputs& weights, cpu::Isa isa);
@@ -172,6 +209,10 @@ void TilesAvx2(const PackedWeights& p, const ActRows* act, const float* a_padded
                int64_t row_end, int64_t tile_begin, int64_t tile_end, const float* bias, float* Y);
 void TilesAvx512(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin,
                  int64_t row_end, int64_t tile_begin, int64_t tile_end, const float* bias, float* Y);
+// TilesAvx512's few-row (decode) kernels, matmul_gemv_avx512.cc: rows [row_begin, row_end) at most
+// kDecodeRows in integer mode, 3 in float mode.
+void DecodeTilesAvx512(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin,
+                       int64_t row_end, int64_t tile_begin, int64_t tile_end, const float* bias, float* Y);
 void TilesAvxVnni(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin,
                   int64_t row_end, int64_t tile_begin, int64_t tile_end, const float* bias, float* Y);
 

@@ -16,6 +16,7 @@
 #include "ops/coded_codes.h"
 #include "ops/matmul_io.h"
 #include "ops/ops.h"
+#include "ops/packed_zero_points.h"
 
 namespace bct {
 namespace matmul_op {
@@ -110,8 +111,14 @@ class MatMulCpuKernel {
     if (!attrs_.block.symmetric && !zero_points_wired) {
       node_.Fail("input 'W_zero_points' is required when attribute 'symmetric' is 0");
     }
+    if (ReadZeroPointsPacked(info, node_, attrs_.block.symmetric)) {  // unpacked once, here
+      unpacked_zero_points_ =
+          UnpackConstantZeroPoints(info, node_, kZeroPoints, "W_zero_points", kScales, "W_scales", attrs_.block.bits);
+      zero_points_packed_ = true;
+    }
     const InputTensor scales = ConstantInput(kernel_info, kScales);
-    const InputTensor zero_points = ConstantInput(kernel_info, kZeroPoints);
+    const InputTensor zero_points =
+        zero_points_packed_ ? unpacked_zero_points_.view : ConstantInput(kernel_info, kZeroPoints);
     const bool constant_scales = scales.present && (attrs_.block.symmetric || zero_points.present);
     if (ReadCodesCoded(info, node_)) {
       // Decoded once, repacked into the kernel's layout, then freed: the view stays for validation.
@@ -123,11 +130,15 @@ class MatMulCpuKernel {
       coded_view_ = decoded.view;
       coded_view_.data = nullptr;
       coded_ = true;
-      return;
+    } else {
+      const InputTensor codes = ConstantInput(kernel_info, kCodes);
+      if (codes.present && constant_scales) {
+        packed_ = PackWeights(codes, scales, zero_points);  // once: constant initializers
+      }
     }
-    const InputTensor codes = ConstantInput(kernel_info, kCodes);
-    if (codes.present && constant_scales) {
-      packed_ = PackWeights(codes, scales, zero_points);  // once: constant initializers
+    if (zero_points_packed_ && packed_ != nullptr) {  // packed_ holds them: keep only the view's shape
+      std::vector<uint8_t>().swap(unpacked_zero_points_.values);
+      unpacked_zero_points_.view.data = nullptr;
     }
   }
 
@@ -136,7 +147,8 @@ class MatMulCpuKernel {
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
       Ort::KernelContext ctx(context);
-      const MatMulCall call = PrepareCall(ctx, node_, attrs_, coded_ ? &coded_view_ : nullptr);
+      const MatMulCall call = PrepareCall(ctx, node_, attrs_, coded_ ? &coded_view_ : nullptr,
+                                          zero_points_packed_ ? &unpacked_zero_points_.view : nullptr);
       const Activation& a = call.a;
       const nonlinear::Result& r = call.r;
       const int64_t rows = a.rows;
@@ -228,6 +240,8 @@ class MatMulCpuKernel {
   std::unique_ptr<matmul::PackedWeights> packed_;
   bool coded_ = false;       // W_codes entropy-coded: packed_ holds them, decoded at creation
   InputTensor coded_view_;  // their shape for each call's validation (no data: packed_ is used)
+  bool zero_points_packed_ = false;  // W_zero_points packed at the code width: unpacked at creation
+  UnpackedZeroPoints unpacked_zero_points_;
 };
 
 }  // namespace

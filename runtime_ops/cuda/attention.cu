@@ -48,6 +48,34 @@ __global__ void AttentionKernel(AttentionArgs a, const int8_t* qq, const float* 
   }
 }
 
+__global__ void StepQKernel(AttentionStepArgs s, int64_t rows, float* q_out) {
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < rows;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    AttentionStepQRowOne(s, r, q_out);
+  }
+}
+
+__global__ void StepNewRowsKernel(AttentionStepArgs s, int64_t rows, float* fresh) {
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < rows;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    AttentionStepNewRowOne(s, t, fresh);
+  }
+}
+
+__global__ void StepPresentKernel(AttentionStepArgs s, int64_t rows, const float* fresh) {
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < rows;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    AttentionStepPresentRowOne(s, t, fresh);
+  }
+}
+
+__global__ void StepYKernel(AttentionStepArgs s, int64_t rows, const float* y_heads, float* y) {
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < rows;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    AttentionStepYRowOne(s, r, y_heads, y);
+  }
+}
+
 }  // namespace
 
 const char* LaunchAttention(const AttentionArgs& a, void* stream) {
@@ -90,6 +118,48 @@ const char* LaunchAttention(const AttentionArgs& a, void* stream) {
   }
   AttentionKernel<<<GridFor(q_rows), kThreads, 0, s>>>(a, qq, qs, kq, ks, values, q_rows);
   return LastCudaError();
+}
+
+const char* LaunchAttentionStep(AttentionArgs a, const AttentionStepArgs& s, float* y, void* stream) {
+  const nl::AttentionStepDims& d = s.dims;
+  const int64_t q_rows = d.batch * d.q_heads * d.sq, new_rows = 2 * d.batch * d.kv_heads * d.sq;
+  const int64_t present_rows = 2 * d.batch * d.kv_heads * (d.past + d.sq);
+  auto st = static_cast<cudaStream_t>(stream);
+  const char* err = nullptr;
+  Scratch scratch(st);
+  float* q_rot = scratch.Get<float>(q_rows * d.dh, &err);
+  float* fresh = scratch.Get<float>(new_rows * d.dh, &err);
+  float* y_heads = d.packed ? scratch.Get<float>(q_rows * d.dh, &err) : y;
+  if (err != nullptr) return err;
+  if (q_rows > 0) {
+    StepQKernel<<<GridFor(q_rows), kThreads, 0, st>>>(s, q_rows, q_rot);
+    if ((err = LastCudaError()) != nullptr) return err;
+  }
+  if (new_rows > 0) {
+    StepNewRowsKernel<<<GridFor(new_rows), kThreads, 0, st>>>(s, new_rows, fresh);
+    if ((err = LastCudaError()) != nullptr) return err;
+  }
+  if (present_rows > 0) {
+    StepPresentKernel<<<GridFor(present_rows), kThreads, 0, st>>>(s, present_rows, fresh);
+    if ((err = LastCudaError()) != nullptr) return err;
+  }
+  a.q = q_rot;
+  if (s.codes) {
+    a.k_codes = static_cast<const uint8_t*>(s.present_k);
+    a.k_scales = s.present_k_scales;
+    a.v_codes = static_cast<const uint8_t*>(s.present_v);
+    a.v_scales = s.present_v_scales;
+  } else {
+    a.k = static_cast<const float*>(s.present_k);
+    a.v = static_cast<const float*>(s.present_v);
+  }
+  a.y = y_heads;
+  if ((err = LaunchAttention(a, stream)) != nullptr) return err;
+  if (d.packed && q_rows > 0) {
+    StepYKernel<<<GridFor(q_rows), kThreads, 0, st>>>(s, q_rows, y_heads, y);
+    err = LastCudaError();
+  }
+  return err;
 }
 
 }  // namespace cuda

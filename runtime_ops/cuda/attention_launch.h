@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "bct/attention_math.h"
 #include "block_launch.h"
 
 namespace bct {
@@ -37,6 +38,35 @@ struct AttentionArgs {
 };
 
 const char* LaunchAttention(const AttentionArgs& args, void* stream);
+
+// The decoder step (BlockAttention with K_new / V_new): Q [B, Hq, Sq, Dh] or [B, Sq, Hq * Dh] before
+// rotary, the new rows, cos / sin (nullptr: no rotary), the past cache (float rows, or symmetric codes
+// with scales of scale_kind) and the present cache to write ([B, Hkv, past + Sq, *]).
+struct AttentionStepArgs {
+  nl::AttentionStepDims dims{};
+  const float* q = nullptr;
+  const float* k_new = nullptr;
+  const float* v_new = nullptr;
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+  bool codes = false;
+  int bits = 8;
+  int64_t kv_block_size = 32;
+  int scale_kind = 0;  // bct::ScaleKind as int
+  int64_t row_bytes = 0, num_blocks = 0;
+  const void* past_k = nullptr;
+  const void* past_v = nullptr;
+  const void* past_k_scales = nullptr;
+  const void* past_v_scales = nullptr;
+  void* present_k = nullptr;
+  void* present_v = nullptr;
+  void* present_k_scales = nullptr;
+  void* present_v_scales = nullptr;
+};
+
+// a: the attention of LaunchAttention over the present cache (its q, k / v pointers and y are set
+// here from s and y); y: the op's output, in s.dims' layout.
+const char* LaunchAttentionStep(AttentionArgs a, const AttentionStepArgs& s, float* y, void* stream);
 
 }  // namespace cuda
 }  // namespace bct

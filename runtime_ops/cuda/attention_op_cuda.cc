@@ -20,6 +20,7 @@ class AttentionCudaKernel : public AttentionKernelBase {
     return Guard(node_, [&] {
       Ort::KernelContext ctx(context);
       const AttentionGeometry g = CheckAttention(ctx, node_, attrs_);
+      float* y = ctx.GetOutput(0, g.y_shape).GetTensorMutableData<float>();
       cuda::AttentionArgs args;
       args.act_bits = attrs_.act_bits;
       args.block_size = attrs_.block_size;
@@ -48,9 +49,34 @@ class AttentionCudaKernel : public AttentionKernelBase {
       args.v_zero_points = g.v.zero_points;
       args.mask = g.mask;
       for (int i = 0; i < 4; ++i) args.mask_strides[i] = g.mask_strides[i];
-      const std::vector<int64_t> out_shape = {g.batch, g.q_heads, g.sq, g.dh};
-      args.y = ctx.GetOutput(0, out_shape).GetTensorMutableData<float>();
-      CheckLaunch(node_, cuda::LaunchAttention(args, ctx.GetGPUComputeStream()));
+      if (!g.step) {
+        args.y = y;
+        CheckLaunch(node_, cuda::LaunchAttention(args, ctx.GetGPUComputeStream()));
+        return;
+      }
+      const AttentionPresent present = PresentOutputs(ctx, node_, g);
+      cuda::AttentionStepArgs s;
+      s.dims = g.step_dims;
+      s.q = g.q;
+      s.k_new = g.k_new;
+      s.v_new = g.v_new;
+      s.cos = g.cos;
+      s.sin = g.sin;
+      s.codes = g.k.quantized;
+      s.bits = attrs_.kv_bits;
+      s.kv_block_size = attrs_.kv_block_size;
+      s.scale_kind = static_cast<int>(g.k.scale_kind);
+      s.row_bytes = g.k.row_bytes;
+      s.num_blocks = g.k.num_blocks;
+      s.past_k = g.k.quantized ? static_cast<const void*>(g.k.codes) : g.k.x;
+      s.past_v = g.v.quantized ? static_cast<const void*>(g.v.codes) : g.v.x;
+      s.past_k_scales = g.k.scales;
+      s.past_v_scales = g.v.scales;
+      s.present_k = present.k;
+      s.present_v = present.v;
+      s.present_k_scales = present.k_scales;
+      s.present_v_scales = present.v_scales;
+      CheckLaunch(node_, cuda::LaunchAttentionStep(args, s, y, ctx.GetGPUComputeStream()));
     });
   }
 };

@@ -55,5 +55,64 @@ BCT_HD BCT_INLINE void AttentionRowOne(const AttentionArgs& a, const int8_t* qq,
                     a.scale, mask, a.mask_strides[3], tile, a.y + row * a.dh);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The decoder step's kernels (cuda/attention.cu LaunchAttentionStep), one thread each.
+
+// Thread r of the Q kernel: Q row r of [B, Hq, Sq] with rotary, into q_out [r, dh].
+BCT_HD BCT_INLINE void AttentionStepQRowOne(const AttentionStepArgs& s, int64_t r, float* q_out) {
+  nl::step_input_row(s.dims, s.q, s.dims.q_heads, r, true, s.cos, s.sin, q_out + r * s.dims.dh);
+}
+
+// Thread t of the new-rows kernel (n = B * Hkv * Sq rows each of K and V): t < n is K row t with
+// rotary, else V row t - n; into fresh [2n, dh].
+BCT_HD BCT_INLINE void AttentionStepNewRowOne(const AttentionStepArgs& s, int64_t t, float* fresh) {
+  const int64_t n = s.dims.batch * s.dims.kv_heads * s.dims.sq;
+  const bool key = t < n;
+  nl::step_input_row(s.dims, key ? s.k_new : s.v_new, s.dims.kv_heads, key ? t : t - n, key, s.cos, s.sin,
+                     fresh + t * s.dims.dh);
+}
+
+// Thread t of the present kernel (rows = B * Hkv * (past + Sq) each of K and V): present row t of K
+// (t < rows) or V: the past row copied, or the new row from fresh appended (quantized with codes).
+BCT_HD BCT_INLINE void AttentionStepPresentRowOne(const AttentionStepArgs& s, int64_t t, const float* fresh) {
+  const nl::AttentionStepDims& d = s.dims;
+  const int64_t total = d.past + d.sq, rows = d.batch * d.kv_heads * total;
+  const bool key = t < rows;
+  const int64_t row = key ? t : t - rows;
+  const int64_t bh = row / total, j = row % total;
+  const int64_t row_nbytes = s.codes ? s.row_bytes : d.dh * static_cast<int64_t>(sizeof(float));
+  const auto* past = static_cast<const uint8_t*>(key ? s.past_k : s.past_v);
+  auto* present = static_cast<uint8_t*>(key ? s.present_k : s.present_v);
+  const ScaleKind kind = static_cast<ScaleKind>(s.scale_kind);
+  const int64_t scale_nbytes = s.codes ? s.num_blocks * static_cast<int64_t>(ScaleItemSize(kind)) : 0;
+  if (j < d.past) {
+    const int64_t from = bh * d.past + j;
+    for (int64_t b = 0; b < row_nbytes; ++b) present[row * row_nbytes + b] = past[from * row_nbytes + b];
+    if (s.codes) {
+      const auto* past_scales = static_cast<const uint8_t*>(key ? s.past_k_scales : s.past_v_scales);
+      auto* present_scales = static_cast<uint8_t*>(key ? s.present_k_scales : s.present_v_scales);
+      for (int64_t b = 0; b < scale_nbytes; ++b) present_scales[row * scale_nbytes + b] = past_scales[from * scale_nbytes + b];
+    }
+    return;
+  }
+  const int64_t n = d.batch * d.kv_heads * d.sq;
+  const float* x = fresh + ((key ? 0 : n) + bh * d.sq + (j - d.past)) * d.dh;
+  if (s.codes) {
+    nl::quantize_cache_row(x, d.dh, s.bits, s.kv_block_size, kind, s.row_bytes, present + row * s.row_bytes,
+                           key ? s.present_k_scales : s.present_v_scales, row * s.num_blocks);
+  } else {
+    float* out = reinterpret_cast<float*>(present) + row * d.dh;
+    for (int64_t e = 0; e < d.dh; ++e) out[e] = x[e];
+  }
+}
+
+// Thread r of the packed-Y kernel: row r of y_heads [B, Hq, Sq, Dh] into y [B, Sq, Hq * Dh].
+BCT_HD BCT_INLINE void AttentionStepYRowOne(const AttentionStepArgs& s, int64_t r, const float* y_heads, float* y) {
+  const nl::AttentionStepDims& d = s.dims;
+  const int64_t i = r % d.sq, bh = r / d.sq;
+  float* out = y + nl::step_row_offset(d, d.q_heads, bh / d.q_heads, bh % d.q_heads, i);
+  for (int64_t e = 0; e < d.dh; ++e) out[e] = y_heads[r * d.dh + e];
+}
+
 }  // namespace cuda
 }  // namespace bct

@@ -11,24 +11,51 @@
 #include "bct/op_common.h"
 #include "ops/block_io.h"
 #include "ops/ops.h"
+#include "ops/packed_zero_points.h"
 
 namespace bct {
 namespace {
 
+// Zero points packed at the code width (zero_points_packed = 1): unpacked on the host at kernel
+// creation and kept on the device, one byte a block, as the view every call validates and reads.
+class DeviceZeroPoints {
+ public:
+  void Load(const OrtKernelInfo* info, const NodeRef& node, const BlockAttrs& attrs, size_t index) {
+    if (!ReadZeroPointsPacked(info, node, attrs.symmetric)) return;
+    const UnpackedZeroPoints unpacked =
+        UnpackConstantZeroPoints(info, node, index, "zero_points", index - 1, "scales", attrs.bits);
+    CheckLaunch(node, bytes_.Upload(unpacked.values.data(), unpacked.values.size()));
+    view_ = unpacked.view;
+    view_.data = bytes_.data();
+    loaded_ = true;
+  }
+  const InputTensor* view() const { return loaded_ ? &view_ : nullptr; }
+
+ private:
+  bool loaded_ = false;
+  cuda::DeviceBytes bytes_;
+  InputTensor view_;
+};
+
 class DequantizeCudaKernel : public DequantizeKernelBase {
  public:
-  using DequantizeKernelBase::DequantizeKernelBase;
+  DequantizeCudaKernel(const OrtKernelInfo* info, const NodeRef& node) : DequantizeKernelBase(info, node) {
+    zero_points_.Load(info, node_, attrs_, 2);
+  }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
       Ort::KernelContext ctx(context);
-      const DequantizeCall c = PrepareDequantize(ctx, node_, attrs_);
+      const DequantizeCall c = PrepareDequantize(ctx, node_, attrs_, zero_points_.view());
       CheckLaunch(node_, cuda::LaunchDequantize(BlockRowFormat<cuda::RowFormat>(attrs_, c.g), c.codes.As<uint8_t>(),
                                                 c.scales.data,
                                                 c.zero_points.present ? c.zero_points.As<uint8_t>() : nullptr,
                                                 c.g.rows, c.y, ctx.GetGPUComputeStream()));
     });
   }
+
+ private:
+  DeviceZeroPoints zero_points_;
 };
 
 class GatherCudaKernel : public DequantizeKernelBase {
@@ -41,13 +68,14 @@ class GatherCudaKernel : public DequantizeKernelBase {
       coded_view_.data = device_codes_.data();
       coded_ = true;
     }
+    zero_points_.Load(info, node_, attrs_, 3);
   }
   static bool InputOnHost(size_t index) { return index == 0; }  // indices
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
       Ort::KernelContext ctx(context);
-      const GatherCall c = PrepareGather(ctx, node_, attrs_, coded_ ? &coded_view_ : nullptr);
+      const GatherCall c = PrepareGather(ctx, node_, attrs_, coded_ ? &coded_view_ : nullptr, zero_points_.view());
       CheckLaunch(node_, cuda::LaunchGather(BlockRowFormat<cuda::RowFormat>(attrs_, c.g), c.rows.data(),
                                             static_cast<int64_t>(c.rows.size()), c.codes.As<uint8_t>(), c.scales.data,
                                             c.zero_points.present ? c.zero_points.As<uint8_t>() : nullptr, c.y,
@@ -59,6 +87,7 @@ class GatherCudaKernel : public DequantizeKernelBase {
   bool coded_ = false;  // codes entropy-coded: decoded into device_codes_ at creation
   cuda::DeviceBytes device_codes_;
   InputTensor coded_view_;
+  DeviceZeroPoints zero_points_;
 };
 
 class QuantizeCudaKernel : public QuantizeKernelBase {

@@ -6,6 +6,7 @@
 #include "ops/coded_codes.h"
 #include "ops/matmul_io.h"
 #include "ops/ops.h"
+#include "ops/packed_zero_points.h"
 
 namespace bct {
 namespace matmul_op {
@@ -22,6 +23,14 @@ class MatMulCudaKernel {
       coded_view_.data = device_codes_.data();
       coded_ = true;
     }
+    if (ReadZeroPointsPacked(info, node_, attrs_.block.symmetric)) {  // unpacked on the host once, then kept on the device
+      const UnpackedZeroPoints unpacked =
+          UnpackConstantZeroPoints(info, node_, kZeroPoints, "W_zero_points", kScales, "W_scales", attrs_.block.bits);
+      CheckLaunch(node_, device_zero_points_.Upload(unpacked.values.data(), unpacked.values.size()));
+      zero_points_view_ = unpacked.view;
+      zero_points_view_.data = device_zero_points_.data();
+      zero_points_packed_ = true;
+    }
   }
 
   static bool InputOnHost(size_t) { return false; }
@@ -29,7 +38,8 @@ class MatMulCudaKernel {
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
       Ort::KernelContext ctx(context);
-      const MatMulCall call = PrepareCall(ctx, node_, attrs_, coded_ ? &coded_view_ : nullptr);
+      const MatMulCall call = PrepareCall(ctx, node_, attrs_, coded_ ? &coded_view_ : nullptr,
+                                          zero_points_packed_ ? &zero_points_view_ : nullptr);
       const Activation& a = call.a;
       const nonlinear::Result& r = call.r;
       const InputTensor& codes = call.codes;
@@ -70,6 +80,9 @@ class MatMulCudaKernel {
   bool coded_ = false;         // W_codes entropy-coded: decoded into device_codes_ at creation
   cuda::DeviceBytes device_codes_;
   InputTensor coded_view_;     // device_codes_ as the W_codes every call validates and reads
+  bool zero_points_packed_ = false;  // W_zero_points packed at the code width: unpacked into device_zero_points_
+  cuda::DeviceBytes device_zero_points_;
+  InputTensor zero_points_view_;  // device_zero_points_ as the W_zero_points every call validates and reads
 };
 }  // namespace
 }  // namespace matmul_op

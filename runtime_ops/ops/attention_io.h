@@ -3,12 +3,18 @@
 // kv_bits > 0 uint8 codes [B, Hkv, Sk, row_bytes(Dh)], scales [B, Hkv, Sk, nb] of any scale kind
 // and zero points iff kv_symmetric = 0); 4..6 V in the same form as K; 7 an optional float32 additive
 // mask broadcastable to [B, Hq, Sq, Sk]. Output: float32 [B, Hq, Sq, Dh].
+// The decoder step: with 8 K_new and 9 V_new (float32), inputs 1..6 are the past cache, the op
+// appends the new rows (quantized when the cache holds codes) and emits the present cache as outputs
+// 1 K, 2 V and, with codes, 3 K scales, 4 V scales; 10 cos and 11 sin [Bc, Sq, R] or
+// [Bc, 1, Sq, R] apply rotary to Q and K_new first; Q, K_new, V_new and Y may be [B, S, H * Dh]
+// (attribute q_heads gives Hq; Hkv is the past's).
 #pragma once
 
 #include <cstdint>
 #include <string>
 #include <vector>
 
+#include "bct/attention_math.h"
 #include "bct/op_common.h"
 #include "ops/act_matmul_io.h"
 #include "ops/block_io.h"
@@ -26,6 +32,7 @@ struct AttentionAttrs {
   int kv_bits = 0;  // 0: K and V are float32
   int64_t kv_block_size = 0;
   bool kv_symmetric = true;
+  int64_t q_heads = 0;  // > 0: Q may be [B, Sq, q_heads * Dh]
 };
 
 inline AttentionAttrs ReadAttentionAttrs(const OrtKernelInfo* info, const NodeRef& node) {
@@ -40,6 +47,8 @@ inline AttentionAttrs ReadAttentionAttrs(const OrtKernelInfo* info, const NodeRe
   CheckBitsAttr(node, "kv_bits", kv_bits);
   a.kv_bits = static_cast<int>(kv_bits);
   a.kv_symmetric = ReadFlag(info, node, "kv_symmetric", 1);
+  a.q_heads = AttrInt(info, "q_heads", 0);
+  if (a.q_heads < 0) node.Fail("attribute 'q_heads' must be >= 0, got " + std::to_string(a.q_heads));
   if (a.kv_bits > 0) {
     a.kv_block_size = AttrInt(info, "kv_block_size", 0);
     if (a.kv_block_size < 1 || a.kv_block_size > kMaxActBlockSize) {
@@ -65,9 +74,17 @@ struct AttentionKV {
 struct AttentionGeometry {
   int64_t batch = 0, q_heads = 0, kv_heads = 0, sq = 0, sk = 0, dh = 0;
   const float* q = nullptr;
-  AttentionKV k, v;
+  AttentionKV k, v;  // with a step: the past cache (sk counts past and new rows)
   const float* mask = nullptr;
   int64_t mask_strides[4] = {0, 0, 0, 0};  // elements per step of b, h, i, j (0: broadcast)
+  // The decoder step (inputs 8..11): new keys / values, rotary tables.
+  bool step = false;
+  nl::AttentionStepDims step_dims{};
+  const float* k_new = nullptr;
+  const float* v_new = nullptr;
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+  std::vector<int64_t> y_shape;
 };
 
 inline AttentionKV ReadAttentionKV(const Ort::KernelContext& ctx, const NodeRef& node, const AttentionAttrs& attrs,
@@ -130,27 +147,92 @@ inline AttentionKV ReadAttentionKV(const Ort::KernelContext& ctx, const NodeRef&
   return kv;
 }
 
+// The step inputs 8..11 (g's Q and past K / V already read): new rows [B, Hkv, Sq, Dh] or
+// [B, Sq, Hkv * Dh], rotary tables [Bc, Sq, R] or [Bc, 1, Sq, R].
+inline void ReadAttentionStep(const Ort::KernelContext& ctx, const NodeRef& node, const AttentionAttrs& attrs,
+                              bool packed, AttentionGeometry* g) {
+  if (attrs.kv_bits > 0 && !attrs.kv_symmetric) node.Fail("the step inputs need a symmetric cache (kv_symmetric=1)");
+  if (g->k.quantized && g->k.scale_kind == ScaleKind::kFloat8E5M2) {
+    node.Fail("the step inputs need past scales of float16, float32 or uint8 pow2, not float8e5m2");
+  }
+  const std::vector<int64_t> new_shape =
+      packed ? std::vector<int64_t>{g->batch, g->sq, g->kv_heads * g->dh} : std::vector<int64_t>{g->batch, g->kv_heads, g->sq, g->dh};
+  const char* names[2] = {"K_new", "V_new"};
+  const float* rows[2] = {nullptr, nullptr};
+  for (size_t n = 0; n < 2; ++n) {
+    const InputTensor x = GetInput(ctx, 8 + n);
+    if (!x.present) node.Fail(std::string("input '") + names[n] + "' is required with 'K_new'");
+    ExpectDtype(node, names[n], x, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    if (x.shape != new_shape) {
+      node.Fail(std::string("input '") + names[n] + "' must have shape " + ShapeString(new_shape) + " (the queries' batch and " +
+                "length, the past's heads), got " + ShapeString(x.shape));
+    }
+    rows[n] = x.As<float>();
+  }
+  g->k_new = rows[0];
+  g->v_new = rows[1];
+  nl::AttentionStepDims& d = g->step_dims;
+  d = nl::AttentionStepDims{g->batch, g->q_heads, g->kv_heads, g->sq, g->sk, g->dh, packed, 0, 0};
+  const InputTensor cos = GetInput(ctx, 10);
+  const InputTensor sin = GetInput(ctx, 11);
+  if (cos.present != sin.present) node.Fail("inputs 'cos' and 'sin' go together");
+  if (cos.present) {
+    ExpectDtype(node, "cos", cos, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    ExpectDtype(node, "sin", sin, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    if (cos.shape != sin.shape) node.Fail("inputs 'cos' " + ShapeString(cos.shape) + " and 'sin' " + ShapeString(sin.shape) + " differ");
+    const std::vector<int64_t>& c = cos.shape;
+    const bool rank4 = c.size() == 4 && c[1] == 1;
+    const size_t lead = rank4 ? 2 : 1;
+    if (!(c.size() == 3 || rank4) || (c[0] != 1 && c[0] != g->batch) || c[lead] != g->sq || c[lead + 1] < 2 ||
+        c[lead + 1] % 2 != 0 || c[lead + 1] > g->dh) {
+      node.Fail("input 'cos' must be [B or 1, Sq, R] or [B or 1, 1, Sq, R] with R even and <= Dh " + std::to_string(g->dh) +
+                " (Sq " + std::to_string(g->sq) + "), got " + ShapeString(c));
+    }
+    d.rot = c[lead + 1];
+    d.cos_batch_stride = c[0] == 1 ? 0 : g->sq * d.rot;
+    g->cos = cos.As<float>();
+    g->sin = sin.As<float>();
+  }
+  g->sk = d.past + g->sq;
+}
+
 inline AttentionGeometry CheckAttention(const Ort::KernelContext& ctx, const NodeRef& node,
                                         const AttentionAttrs& attrs) {
   AttentionGeometry g;
   const InputTensor q = GetInput(ctx, 0);
   if (!q.present) node.Fail("input 'Q' is required");
   ExpectDtype(node, "Q", q, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
-  if (q.shape.size() != 4) node.Fail("input 'Q' must have rank 4 [B, Hq, Sq, Dh], got shape " + ShapeString(q.shape));
-  g.batch = q.shape[0];
-  g.q_heads = q.shape[1];
-  g.sq = q.shape[2];
-  g.dh = q.shape[3];
+  const bool packed = q.shape.size() == 3;
+  g.step = GetInput(ctx, 8).present;
+  if (packed) {
+    if (!g.step) node.Fail("input 'Q' of rank 3 [B, S, Hq * Dh] needs the step inputs 'K_new' and 'V_new'");
+    if (attrs.q_heads < 1 || q.shape[2] % attrs.q_heads != 0 || q.shape[2] == 0) {
+      node.Fail("input 'Q' [B, S, Hq * Dh] " + ShapeString(q.shape) + " needs attribute 'q_heads' dividing its last dim, got " +
+                std::to_string(attrs.q_heads));
+    }
+    g.batch = q.shape[0];
+    g.q_heads = attrs.q_heads;
+    g.sq = q.shape[1];
+    g.dh = q.shape[2] / attrs.q_heads;
+  } else {
+    if (q.shape.size() != 4) node.Fail("input 'Q' must have rank 4 [B, Hq, Sq, Dh] (or 3 with a step), got shape " + ShapeString(q.shape));
+    g.batch = q.shape[0];
+    g.q_heads = q.shape[1];
+    g.sq = q.shape[2];
+    g.dh = q.shape[3];
+  }
   if (g.dh < 1) node.Fail("input 'Q' head size must be >= 1, got shape " + ShapeString(q.shape));
   g.q = q.As<float>();
+  g.y_shape = q.shape;
   std::vector<int64_t> k_shape, v_shape;
-  g.k = ReadAttentionKV(ctx, node, attrs, 1, "K", g.batch, g.dh, &k_shape);
-  g.v = ReadAttentionKV(ctx, node, attrs, 4, "V", g.batch, g.dh, &v_shape);
+  g.k = ReadAttentionKV(ctx, node, attrs, 1, g.step ? "past_K" : "K", g.batch, g.dh, &k_shape);
+  g.v = ReadAttentionKV(ctx, node, attrs, 4, g.step ? "past_V" : "V", g.batch, g.dh, &v_shape);
   if (k_shape != v_shape) {
     node.Fail("inputs 'K' " + ShapeString(k_shape) + " and 'V' " + ShapeString(v_shape) + " must have the same shape");
   }
   g.kv_heads = k_shape[1];
   g.sk = k_shape[2];
+  if (g.step) ReadAttentionStep(ctx, node, attrs, packed, &g);
   if (g.kv_heads < 1 || g.q_heads % g.kv_heads != 0) {
     node.Fail("Q's heads " + std::to_string(g.q_heads) + " must be a multiple of K's heads " +
               std::to_string(g.kv_heads) + " (grouped-query attention)");
@@ -180,13 +262,44 @@ inline AttentionGeometry CheckAttention(const Ort::KernelContext& ctx, const Nod
   return g;
 }
 
+// The present cache of a step (outputs 1 K, 2 V, 3 K scales, 4 V scales): [B, Hkv, past + Sq, *] in the
+// past's types.
+struct AttentionPresent {
+  void* k = nullptr;  // float32 rows, or codes
+  void* k_scales = nullptr;
+  void* v = nullptr;
+  void* v_scales = nullptr;
+};
+
+inline AttentionPresent PresentOutputs(Ort::KernelContext& ctx, const NodeRef& node, const AttentionGeometry& g) {
+  const size_t needed = g.k.quantized ? 5 : 3;
+  if (ctx.GetOutputCount() < needed) {
+    node.Fail("the step inputs need the present cache outputs (" + std::to_string(needed - 1) +
+              " after Y: K, V and with codes K scales, V scales)");
+  }
+  const int64_t width = g.k.quantized ? g.k.row_bytes : g.dh;
+  const std::vector<int64_t> rows = {g.batch, g.kv_heads, g.sk, width};
+  const std::vector<int64_t> blocks = {g.batch, g.kv_heads, g.sk, g.k.num_blocks};
+  AttentionPresent p;
+  p.k = ctx.GetOutput(1, rows).GetTensorMutableRawData();
+  p.v = ctx.GetOutput(2, rows).GetTensorMutableRawData();
+  if (g.k.quantized) {
+    p.k_scales = ctx.GetOutput(3, blocks).GetTensorMutableRawData();
+    p.v_scales = ctx.GetOutput(4, blocks).GetTensorMutableRawData();
+  }
+  return p;
+}
+
 struct AttentionSchema {
   static constexpr const char* kName = "BlockAttention";
-  static constexpr size_t kInputCount = 8;
-  static constexpr size_t kOutputCount = 1;
-  static bool InputOptional(size_t index) { return index == 2 || index == 3 || index == 5 || index == 6 || index == 7; }
-  static bool OutputOptional(size_t) { return false; }
-  static ONNXTensorElementDataType OutputType(size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  static constexpr size_t kInputCount = 12;
+  static constexpr size_t kOutputCount = 5;
+  static bool InputOptional(size_t index) { return index != 0 && index != 1 && index != 4; }
+  static bool OutputOptional(size_t index) { return index > 0; }
+  // The present cache's types follow the past's (set by InferOutputShape).
+  static ONNXTensorElementDataType OutputType(size_t index) {
+    return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  }
   static OrtStatusPtr ORT_API_CALL InferOutputShape(const OrtCustomOp*, OrtShapeInferContext* ctx) noexcept;
 };
 

@@ -252,11 +252,14 @@ struct DequantizeCall {
   float* y = nullptr;
 };
 
-inline DequantizeCall PrepareDequantize(const Ort::KernelContext& ctx, const NodeRef& node, const BlockAttrs& attrs) {
+// unpacked_zero_points: the kernel's zero points when they are packed at the code width
+// (ops/packed_zero_points.h), used in place of the input.
+inline DequantizeCall PrepareDequantize(const Ort::KernelContext& ctx, const NodeRef& node, const BlockAttrs& attrs,
+                                        const InputTensor* unpacked_zero_points = nullptr) {
   DequantizeCall c;
   c.codes = GetInput(ctx, 0);
   c.scales = GetInput(ctx, 1);
-  c.zero_points = GetInput(ctx, 2);
+  c.zero_points = unpacked_zero_points != nullptr ? *unpacked_zero_points : GetInput(ctx, 2);
   c.g = CheckQuantizedRows(node, attrs, c.codes, c.scales, c.zero_points, /*table=*/false);
   c.y = GetOutput<float>(ctx, node, 0, "Y", WithLastDim(c.codes.shape, c.g.axis_size),
                          ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
@@ -272,14 +275,16 @@ struct GatherCall {
   float* y = nullptr;
 };
 
-// decoded_codes: the kernel's decoded table codes when they are entropy-coded (ops/coded_codes.h).
+// decoded_codes: the kernel's decoded table codes when they are entropy-coded (ops/coded_codes.h);
+// unpacked_zero_points: its zero points when they are packed at the code width (ops/packed_zero_points.h).
 inline GatherCall PrepareGather(const Ort::KernelContext& ctx, const NodeRef& node, const BlockAttrs& attrs,
-                                const InputTensor* decoded_codes = nullptr) {
+                                const InputTensor* decoded_codes = nullptr,
+                                const InputTensor* unpacked_zero_points = nullptr) {
   GatherCall c;
   const InputTensor indices = GetInput(ctx, 0);
   c.codes = decoded_codes != nullptr ? *decoded_codes : GetInput(ctx, 1);
   c.scales = GetInput(ctx, 2);
-  c.zero_points = GetInput(ctx, 3);
+  c.zero_points = unpacked_zero_points != nullptr ? *unpacked_zero_points : GetInput(ctx, 3);
   c.g = CheckQuantizedRows(node, attrs, c.codes, c.scales, c.zero_points, /*table=*/true);
   c.rows = NormalizeIndices(node, indices, c.codes.shape[0]);
   std::vector<int64_t> out_shape = indices.shape;

@@ -269,14 +269,16 @@ struct MatMulCall {
 };
 
 // decoded_codes: the kernel's decoded W_codes when they are entropy-coded (ops/coded_codes.h), used
-// in place of the input (which holds the stream).
+// in place of the input (which holds the stream); unpacked_zero_points likewise for W_zero_points
+// packed at the code width (ops/packed_zero_points.h).
 inline MatMulCall PrepareCall(const Ort::KernelContext& ctx, const NodeRef& node, const MatMulAttrs& attrs,
-                              const InputTensor* decoded_codes = nullptr) {
+                              const InputTensor* decoded_codes = nullptr,
+                              const InputTensor* unpacked_zero_points = nullptr) {
   MatMulCall c;
   c.a = CheckActivation(node, attrs, GetInput(ctx, kA), GetInput(ctx, kAScales), GetInput(ctx, kAZeroPoints));
   c.codes = decoded_codes != nullptr ? *decoded_codes : GetInput(ctx, kCodes);
   c.scales = GetInput(ctx, kScales);
-  c.zero_points = GetInput(ctx, kZeroPoints);
+  c.zero_points = unpacked_zero_points != nullptr ? *unpacked_zero_points : GetInput(ctx, kZeroPoints);
   c.bias = GetInput(ctx, kBias);
   c.weight_scale_kind = CheckWeights(node, attrs, c.codes, c.scales, c.zero_points, &c.weight_zero_point_kind);
   CheckBias(node, attrs, c.bias);

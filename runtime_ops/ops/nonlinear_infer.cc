@@ -185,10 +185,32 @@ OrtStatusPtr ORT_API_CALL ActMatMulSchema::InferOutputShape(const OrtCustomOp*, 
   }
 }
 
-// BlockAttention: Y has Q's shape, float32.
+// BlockAttention: Y has Q's shape, float32; the present cache (outputs 1..4, with the step inputs)
+// has the type of the past (inputs 1, 4, 2, 5) and its dims but the sequence length.
 OrtStatusPtr ORT_API_CALL AttentionSchema::InferOutputShape(const OrtCustomOp*, OrtShapeInferContext* ctx) noexcept {
   try {
-    return InferResult(ctx, InferInputDims(ctx, 0));
+    if (OrtStatus* s = InferResult(ctx, InferInputDims(ctx, 0))) return s;
+    const OrtApi& api = Ort::GetApi();
+    const size_t past_of[4] = {1, 4, 2, 5};  // present K, V, K scales, V scales
+    for (size_t out = 1; out <= 4; ++out) {
+      OrtTensorTypeAndShapeInfo* info = nullptr;  // owned by ctx
+      ONNXTensorElementDataType dtype = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+      if (OrtStatus* s = api.ShapeInferContext_GetInputTypeShape(ctx, past_of[out - 1], &info)) {
+        api.ReleaseStatus(s);
+        continue;
+      }
+      if (info == nullptr) continue;
+      if (OrtStatus* s = api.GetTensorElementType(info, &dtype)) {
+        api.ReleaseStatus(s);
+        continue;
+      }
+      InferDims past = InferInputDims(ctx, past_of[out - 1]);
+      if (!past.known || past.dims.size() != 4) past = InferDims{{-1, -1, -1, -1}, {"", "", "", ""}, true};
+      past.dims[2] = -1;
+      past.symbols[2] = "";
+      if (OrtStatus* s = SetOutput(ctx, out, dtype, past, past.dims[3], past.symbols[3])) api.ReleaseStatus(s);
+    }
+    return nullptr;
   } catch (...) {
     return nullptr;
   }

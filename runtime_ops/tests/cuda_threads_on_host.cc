@@ -289,4 +289,50 @@ __attribute__((visibility("default"))) void bct_host_attention(
   }
 }
 
+// BlockAttention's decoder step as cuda/attention.cu's LaunchAttentionStep runs it: the step's
+// thread bodies, then bct_host_attention over the present cache (kv_bits 0: float cache), then the
+// packed-Y rows. Q, K_new, V_new in the layout `packed` says; cos / sin nullptr or [Bc, Sq, rot].
+__attribute__((visibility("default"))) void bct_host_attention_step(
+    int act_bits, int64_t block_size, float scale, int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t sq,
+    int64_t past, int64_t dh, int packed, int64_t rot, int64_t cos_batch_stride, const float* q, const float* k_new,
+    const float* v_new, const float* cos, const float* sin, int kv_bits, int64_t kv_block_size, int scale_kind,
+    const void* past_k, const void* past_k_scales, const void* past_v, const void* past_v_scales, const float* mask,
+    const int64_t* mask_strides, void* present_k, void* present_k_scales, void* present_v, void* present_v_scales,
+    float* y) {
+  bct::cuda::AttentionStepArgs s;
+  s.dims = bct::nl::AttentionStepDims{batch, q_heads, kv_heads, sq, past, dh, packed != 0, rot, cos_batch_stride};
+  s.q = q;
+  s.k_new = k_new;
+  s.v_new = v_new;
+  s.cos = cos;
+  s.sin = sin;
+  s.codes = kv_bits > 0;
+  s.bits = kv_bits;
+  s.kv_block_size = kv_block_size;
+  s.scale_kind = scale_kind;
+  s.row_bytes = s.codes ? bct::row_bytes(dh, kv_bits) : 0;
+  s.num_blocks = s.codes ? bct::num_blocks(dh, kv_block_size) : 0;
+  s.past_k = past_k;
+  s.past_v = past_v;
+  s.past_k_scales = past_k_scales;
+  s.past_v_scales = past_v_scales;
+  s.present_k = present_k;
+  s.present_v = present_v;
+  s.present_k_scales = present_k_scales;
+  s.present_v_scales = present_v_scales;
+  const int64_t q_rows = batch * q_heads * sq, new_rows = 2 * batch * kv_heads * sq;
+  const int64_t present_rows = 2 * batch * kv_heads * (past + sq);
+  std::vector<float> q_rot(static_cast<size_t>(q_rows * dh)), fresh(static_cast<size_t>(new_rows * dh));
+  std::vector<float> y_heads(static_cast<size_t>(q_rows * dh));
+  for (int64_t r = 0; r < q_rows; ++r) bct::cuda::AttentionStepQRowOne(s, r, q_rot.data());
+  for (int64_t t = 0; t < new_rows; ++t) bct::cuda::AttentionStepNewRowOne(s, t, fresh.data());
+  for (int64_t t = 0; t < present_rows; ++t) bct::cuda::AttentionStepPresentRowOne(s, t, fresh.data());
+  bct_host_attention(act_bits, block_size, scale, 0, batch, q_heads, kv_heads, sq, past + sq, dh, q_rot.data(), kv_bits,
+                     kv_block_size, 1, scale_kind, present_k, present_k_scales, nullptr, present_v, present_v_scales,
+                     nullptr, mask, mask_strides, packed != 0 ? y_heads.data() : y);
+  if (packed != 0) {
+    for (int64_t r = 0; r < q_rows; ++r) bct::cuda::AttentionStepYRowOne(s, r, y_heads.data(), y);
+  }
+}
+
 }  // extern "C"

@@ -82,7 +82,7 @@ def test_yaml_config(tmp_path):  # PyYAML is in the test extra
         ),
         ("[op.MatMul]\nenabled = 'maybe'\n", "key 'op.MatMul.enabled': 'maybe' is not true/false"),
         ("weight_bits = 1\n", "weight_bits must be an integer in [2, 8], got 1"),
-        ('symmetric = false\nzero_points = "fraction"\n', "zero_points must be one of integer, float"),
+        ('symmetric = false\nzero_points = "fraction"\n', "zero_points must be one of integer, packed, float"),
         ('zero_points = "float"\n', "zero_points='float' (float offsets) applies to asymmetric weights"),
         ("weight_bits = ", "not valid TOML"),
     ],

@@ -106,8 +106,14 @@ FEEDS = {"A": RNG.standard_normal((2, 3, K)).astype(np.float32), "ids": RNG.inte
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"weight_bits": 2}, {"weight_bits": 3, "symmetric": False}, {"symmetric": False, "zero_points": "float"}],
-    ids=["int4", "int2", "3bit-asym", "float-offsets"],
+    [
+        {},
+        {"weight_bits": 2},
+        {"weight_bits": 3, "symmetric": False},
+        {"symmetric": False, "zero_points": "float"},
+        {"weight_bits": 3, "symmetric": False, "zero_points": "packed"},
+    ],
+    ids=["int4", "int2", "3bit-asym", "float-offsets", "3bit-packed-zero-points"],
 )
 def test_qdq_model_runs_without_the_library_and_matches_the_custom_model(options):
     source = small_model()
@@ -154,6 +160,7 @@ def test_qdq_model_runs_without_the_library_and_matches_the_custom_model(options
 def _custom_weights(model: ir.Model) -> dict[str, np.ndarray]:
     """node name -> the float weight the custom op uses ([K, N] for BlockMatMul, [V, D] for BlockGather)."""
     from bct_onnx.passes.convert_to_qdq import block_format_of
+    from bct_onnx.passes.quantized_weights import node_zero_points
 
     found = {}
     for node in model.graph:
@@ -162,6 +169,7 @@ def _custom_weights(model: ir.Model) -> dict[str, np.ndarray]:
         attrs = {name: attr.value for name, attr in node.attributes.items()}
         codes, scales = node.inputs[1].const_value.numpy(), node.inputs[2].const_value.numpy()
         zp = node.inputs[3].const_value.numpy() if len(node.inputs) > 3 and node.inputs[3] is not None else None
+        zp = node_zero_points(node, zp, scales)  # packed at the code width: one a block
         fmt = block_format_of(attrs["bits"], attrs["block_size"], bool(attrs["symmetric"]), scales, zp)
         axis_size = attrs["K"] if node.op_type == "BlockMatMul" else attrs["axis_size"]
         from bct_onnx.block_format import QuantizedTensor

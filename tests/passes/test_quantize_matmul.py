@@ -119,8 +119,9 @@ def test_numerics_match_spec(act_bits, weight_bits, block_size, symmetric, scale
         (45, CompressConfig(weight_bits=4, symmetric=False, zero_points="float", block_size=16)),
         (100, CompressConfig(scale_kind="pow2", act_bits=4)),
         (37, CompressConfig(weight_bits=8, scale_kind="float32", block_size=7)),
+        (45, CompressConfig(weight_bits=3, symmetric=False, zero_points="packed", block_size=16)),
     ],
-    ids=["default", "weight-only-partial-block", "asym3", "float-offsets4", "pow2-a4", "w8-f32-b7"],
+    ids=["default", "weight-only-partial-block", "asym3", "float-offsets4", "pow2-a4", "w8-f32-b7", "packed-zp3"],
 )
 def test_ort_session_matches_reference(k, config):
     model, _ = linear_model(k=k, n=48)
@@ -316,3 +317,30 @@ def test_shared_weight_is_not_importance_weighted():
     assert first.inputs[1] is second.inputs[1]
     plain = quantize_tensor(inits["W"].T, CompressConfig().weight_format)
     np.testing.assert_array_equal(first.inputs[1].const_value.numpy(), plain.codes)
+
+
+@pytest.mark.parametrize("bits,block_size,k", [(4, 32, 160), (3, 16, 45), (5, 8, 40)])
+def test_packed_zero_points_store_the_integer_zero_points_at_the_code_width(bits, block_size, k):
+    """zero_points="packed": the same codes, scales and zero points as "integer", the zero points packed
+    (block_format.pack_zero_points), the node marked zero_points_packed=1, and the same outputs bit for bit."""
+    from bct_onnx.block_format import pack_zero_points
+
+    model, _ = linear_model(k=k, n=24)
+    common = dict(weight_bits=bits, block_size=block_size, symmetric=False, scale_kind="float8e5m2")
+    plain = QuantizeMatMulPass(CompressConfig(**common))(model.clone()).model
+    packed = QuantizeMatMulPass(CompressConfig(**common, zero_points="packed"))(model.clone()).model
+    node_plain, node_packed = next(iter(plain.graph)), next(iter(packed.graph))
+    assert node_packed.attributes["zero_points_packed"].as_int() == 1
+    assert "zero_points_packed" not in node_plain.attributes
+    for i in (1, 2):
+        np.testing.assert_array_equal(node_packed.inputs[i].const_value.numpy(), node_plain.inputs[i].const_value.numpy())
+    zp = node_plain.inputs[3].const_value.numpy()
+    stored = node_packed.inputs[3].const_value.numpy()
+    assert stored.shape == (-(-zp.size * bits // 8),)
+    np.testing.assert_array_equal(stored, pack_zero_points(zp, bits))
+    a = RNG.standard_normal((2, 5, k)).astype(np.float32)
+    (y_plain,) = run_bct_session(plain, {"A": a})
+    (y_packed,) = run_bct_session(packed, {"A": a})
+    np.testing.assert_array_equal(y_packed.view(np.uint32), y_plain.view(np.uint32))
+    (y_ref,) = run_reference(packed, {"A": a})
+    np.testing.assert_allclose(y_packed, y_ref, rtol=1e-4, atol=1e-4)

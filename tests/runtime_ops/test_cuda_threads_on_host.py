@@ -139,6 +139,13 @@ def _helper() -> ctypes.CDLL:
     lib.bct_host_attention.argtypes = [ctypes.c_int, i64, ctypes.c_float, ctypes.c_int] + [i64] * 6 + [ptr]
     # kv_bits, kv_block_size, kv_symmetric, scale_kind; K, K scales, K zero points, V, ...; mask, strides, y
     lib.bct_host_attention.argtypes += [ctypes.c_int, i64, ctypes.c_int, ctypes.c_int] + [ptr] * 6 + [ptr] * 3
+    # act_bits, block_size, scale, B, Hq, Hkv, Sq, past, Dh, packed, rot, cos batch stride; Q, K_new, V_new,
+    # cos, sin; kv_bits, kv_block_size, scale_kind; past K, K scales, V, V scales; mask, strides;
+    # present K, K scales, V, V scales; Y
+    lib.bct_host_attention_step.argtypes = (
+        [ctypes.c_int, i64, ctypes.c_float] + [i64] * 6 + [ctypes.c_int, i64, i64]
+    )
+    lib.bct_host_attention_step.argtypes += [ptr] * 5 + [ctypes.c_int, i64, ctypes.c_int] + [ptr] * 11
     return lib
 
 
@@ -541,3 +548,94 @@ def test_attention_threads(kit, case) -> None:
         _ptr(y),
     )
     kit.assert_bits_equal(y, want, "Y")
+
+
+# The decoder step: (B, Hq, Hkv, Sq, past, Dh, rotary width (0: none), packed layout, K/V format or None)
+ATTENTION_STEP_CASES = [
+    (1, 9, 3, 1, 40, 64, 64, True, BlockFormat(8, 32, True, ScaleKind.FLOAT16)),
+    (2, 4, 2, 3, 9, 64, 16, False, BlockFormat(4, 32, True, ScaleKind.FLOAT16)),
+    (1, 6, 3, 2, 7, 40, 40, True, None),
+]
+
+
+@pytest.mark.parametrize(
+    "case", ATTENTION_STEP_CASES, ids=lambda c: "x".join(str(v) for v in c[:7]) + f"_{c[-1]}"
+)
+def test_attention_step_threads(kit, case) -> None:
+    """The decoder step's CUDA thread bodies (rotary, cache append, packed Y), run on the host, give
+    the spec's bits for Y and each present output."""
+    b, hq, hkv, sq, past, dh, rot, packed, fmt = case
+    rng = np.random.default_rng(past)
+    shape = (lambda h: (b, sq, h * dh)) if packed else (lambda h: (b, h, sq, dh))
+    q = (1.5 * rng.standard_normal(shape(hq))).astype(np.float32)
+    k_new = (1.5 * rng.standard_normal(shape(hkv))).astype(np.float32)
+    v_new = rng.standard_normal(shape(hkv)).astype(np.float32)
+    past_k = (1.5 * rng.standard_normal((b, hkv, past, dh))).astype(np.float32)
+    past_v = rng.standard_normal((b, hkv, past, dh)).astype(np.float32)
+    cos = sin = None
+    if rot:
+        angles = rng.uniform(0, 6.3, (b, sq, rot)).astype(np.float32)
+        cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    sk = past + sq
+    visible = np.arange(sk)[None, :] <= np.arange(sq)[:, None] + past
+    mask = np.where(visible, 0.0, np.finfo(np.float32).min).astype(np.float32)
+    strides = np.array([0, 0, sk, 1], np.int64)
+    k_in, v_in = (quantize(past_k, fmt), quantize(past_v, fmt)) if fmt is not None else (past_k, past_v)
+    want_y, want_k, want_v = reference_attention.attention_step(
+        q,
+        k_new,
+        v_new,
+        k_in,
+        v_in,
+        act_bits=8,
+        block_size=32,
+        scale=0.125,
+        mask=mask,
+        cos=cos,
+        sin=sin,
+        q_heads=hq if packed else None,
+    )
+    y = np.empty_like(want_y)
+    if fmt is None:
+        kv = [0, 0, 0, _ptr(past_k), None, _ptr(past_v), None]
+        got_k, got_v = np.empty_like(want_k), np.empty_like(want_v)
+        present = [_ptr(got_k), None, _ptr(got_v), None]
+    else:
+        kv = [fmt.bits, fmt.block_size, _SCALE_KIND_CODE[fmt.scale_kind]]
+        kv += [_ptr(k_in.codes), _ptr(k_in.scales), _ptr(v_in.codes), _ptr(v_in.scales)]
+        got_k = [np.empty_like(want_k.codes), np.empty_like(want_k.scales)]
+        got_v = [np.empty_like(want_v.codes), np.empty_like(want_v.scales)]
+        present = [_ptr(got_k[0]), _ptr(got_k[1]), _ptr(got_v[0]), _ptr(got_v[1])]
+    _helper().bct_host_attention_step(
+        8,
+        32,
+        0.125,
+        b,
+        hq,
+        hkv,
+        sq,
+        past,
+        dh,
+        int(packed),
+        rot,
+        sq * rot if rot else 0,
+        _ptr(q),
+        _ptr(k_new),
+        _ptr(v_new),
+        _ptr(cos),
+        _ptr(sin),
+        *kv,
+        _ptr(mask),
+        _ptr(strides),
+        *present,
+        _ptr(y),
+    )
+    kit.assert_bits_equal(y, want_y, "Y")
+    if fmt is None:
+        kit.assert_bits_equal(got_k, want_k, "present K")
+        kit.assert_bits_equal(got_v, want_v, "present V")
+    else:
+        kit.assert_bits_equal(got_k[0], want_k.codes, "present K codes")
+        kit.assert_bits_equal(got_k[1], want_k.scales, "present K scales")
+        kit.assert_bits_equal(got_v[0], want_v.codes, "present V codes")
+        kit.assert_bits_equal(got_v[1], want_v.scales, "present V scales")

@@ -7,51 +7,14 @@ creation with a message naming node, input and problem.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from support import run_matmul
+from support import weight_matmul_model as matmul_model
 
 import bct_onnx
 from bct_onnx import code_entropy
 from bct_onnx.block_format import BlockFormat, ScaleKind, quantize, unpack_codes
-from bct_onnx.ops import BLOCK_MATMUL, DOMAIN
-
-
-def matmul_model(
-    *, k: int, n: int, bits: int, block_size: int, symmetric: bool, act_bits: int, codes: np.ndarray,
-    scales: np.ndarray, zero_points: np.ndarray | None, bias: np.ndarray | None, constant_weights: bool = True,
-    node_name: str = "mm", **attrs: Any,
-) -> bytes:
-    """One BlockMatMul; weights as initializers (constant) or graph inputs."""
-    weights = {"W_codes": codes, "W_scales": scales, "W_zero_points": zero_points, "bias": bias}
-    names = [name if value is not None else "" for name, value in weights.items()]
-    while names[-1] == "":
-        names.pop()
-    node = helper.make_node(
-        BLOCK_MATMUL, ["A", *names], ["Y"], domain=DOMAIN, name=node_name, K=k, N=n, bits=bits,
-        block_size=block_size, symmetric=int(symmetric), act_bits=act_bits, **attrs,
-    )
-    present = {name: value for name, value in weights.items() if value is not None}
-    inputs = [helper.make_tensor_value_info("A", TensorProto.FLOAT, None)]
-    if not constant_weights:
-        inputs += [
-            helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v.dtype), None)
-            for name, v in present.items()
-        ]
-    inits = [numpy_helper.from_array(v, name) for name, v in present.items()] if constant_weights else []
-    graph = helper.make_graph(
-        [node], "g", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], initializer=inits
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)], ir_version=9
-    )
-    return model.SerializeToString()
-
-
-def run_matmul(model: bytes, a: np.ndarray) -> np.ndarray:
-    return bct_onnx.session(model).run(None, {"A": a})[0]
 
 CASES = [(4, 32, 96, 40), (3, 16, 37, 23), (8, 32, 64, 9), (2, 8, 50, 17), (5, 6, 41, 11)]  # bits, block, K, N
 

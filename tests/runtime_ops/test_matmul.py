@@ -316,6 +316,43 @@ def test_many_tiles_gemv_and_prefill(isa: str) -> None:
                 assert np.all(np.abs(got - want) <= tol), f"isa={isa} sym={symmetric} act={act_bits} M={m}"
 
 
+@pytest.mark.parametrize("act_bits", [0, 8])
+@pytest.mark.parametrize("kind", list(ScaleKind), ids=lambda kind: kind.value)
+@pytest.mark.parametrize("zero_points", ["sym", "asym", "offsets"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_exact_across_weight_panels(
+    isa: str, bits: int, zero_points: str, kind: ScaleKind, act_bits: int
+) -> None:
+    """N = 16 * 9 + 7: two full panels of 4 tiles and a partial one of 2 (the AVX-512 layout interleaves
+    the codes and block parameters of 4 tiles), for every scale kind and zero-point mode; M = 1, 5 (decode
+    kernels) and 12 (prefill)."""
+    rng = np.random.default_rng(bits * 31 + act_bits + 7 * list(ScaleKind).index(kind) + len(zero_points))
+    k, n, block_size = 40, 16 * 9 + 7, 16
+    if zero_points == "offsets":
+        codes, scales, zps = offset_weight(rng, n, k, bits, block_size, kind, exact=True)
+    else:
+        codes, scales, zps = random_weight(
+            rng, n, k, bits, block_size, zero_points == "sym", kind, exact=True
+        )
+    fmt = {
+        "k": k,
+        "bits": bits,
+        "block_size": block_size,
+        "symmetric": zero_points == "sym",
+        "act_bits": act_bits,
+    }
+    model = matmul_model(n=n, codes=codes, scales=scales, zero_points=zps, bias=None, **fmt)
+    for m in (1, 5, 12):
+        a = exact_activations(rng, (m, k), block_size, act_bits)
+        want = matmul_reference(a, codes, scales, zps, **fmt)
+        assert np.array_equal(want.astype(np.float32).astype(np.float64), want), (
+            "test data not exact in float32"
+        )
+        np.testing.assert_array_equal(
+            run_matmul(model, a), want.astype(np.float32), err_msg=f"isa={isa} M={m}"
+        )
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_integer_mode_same_bits_as_scalar_for_every_row_count(

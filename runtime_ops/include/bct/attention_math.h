@@ -32,7 +32,11 @@ BCT_HD BCT_INLINE void signed_codes_of_row(const uint8_t* row, int64_t dh, int b
                                            ScaleKind kind, const void* scales, int64_t first_block, int64_t nb,
                                            int8_t* q, float* q_scales) {
   const int zp = 1 << (bits - 1);
-  for (int64_t i = 0; i < dh; ++i) q[i] = static_cast<int8_t>(static_cast<int>(get_code(row, i, bits, row_nbytes)) - zp);
+  if (bits == 8) {  // one code per byte: u - 128 is the byte with its top bit flipped (vectorises)
+    for (int64_t i = 0; i < dh; ++i) q[i] = static_cast<int8_t>(row[i] ^ 0x80u);
+  } else {
+    for (int64_t i = 0; i < dh; ++i) q[i] = static_cast<int8_t>(static_cast<int>(get_code(row, i, bits, row_nbytes)) - zp);
+  }
   for (int64_t b = 0; b < nb; ++b) q_scales[b] = act_scale(scale_value(kind, scales, first_block + b));
 }
 
@@ -134,6 +138,65 @@ BCT_HD BCT_INLINE int64_t attention_visible_keys(int64_t i, int64_t sq, int64_t 
   if (!causal) return sk;
   const int64_t visible = i + 1 + (sk - sq);
   return visible < 0 ? 0 : (visible > sk ? sk : visible);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The decoder step (BlockAttention with new keys and values, reference_attention.attention_step):
+// rotary embedding of Q and the new keys, the new rows appended to the cache (quantized when the
+// cache holds codes), and Q / K_new / V_new / Y in [B, S, H * Dh] ("packed") or [B, H, S, Dh].
+
+struct AttentionStepDims {
+  int64_t batch, q_heads, kv_heads, sq, past, dh;
+  bool packed;              // Q, K_new, V_new and Y are [B, S, H * Dh]
+  int64_t rot;              // rotary width R (0: no rotary); cos / sin rows [Bc, Sq, R]
+  int64_t cos_batch_stride; // elements between the batches of cos / sin (0: one batch for all)
+};
+
+// Offset of the row (batch b, head h of `heads`, position i) in a [B, H, S, Dh] or [B, S, H * Dh] tensor.
+BCT_HD BCT_INLINE int64_t step_row_offset(const AttentionStepDims& d, int64_t heads, int64_t b, int64_t h,
+                                          int64_t i) {
+  return d.packed ? ((b * d.sq + i) * heads + h) * d.dh : ((b * heads + h) * d.sq + i) * d.dh;
+}
+
+// Rotary embedding, rotate_half form, of one row: out = x * cos + rotate_half(x) * sin on the first
+// rot elements (rotate_half(x) = [-x[rot/2:rot], x[:rot/2]]), the rest copied; each operation
+// rounded on its own, as the exporters' Mul / Neg / Mul / Add nodes are.
+BCT_HD BCT_INLINE void rotary_row(const float* x, const float* cos, const float* sin, int64_t rot, int64_t dh,
+                                  float* out) {
+  const int64_t half = rot / 2;
+  for (int64_t d = 0; d < half; ++d) out[d] = fadd(fmul(x[d], cos[d]), fmul(-x[d + half], sin[d]));
+  for (int64_t d = half; d < rot; ++d) out[d] = fadd(fmul(x[d], cos[d]), fmul(x[d - half], sin[d]));
+  for (int64_t d = rot; d < dh; ++d) out[d] = x[d];
+}
+
+// Row r of [B, heads, Sq] (heads first) of the step input x (Q or K_new: rotary applied when
+// rotate and d.rot > 0; V_new: copied) into out [dh].
+BCT_HD BCT_INLINE void step_input_row(const AttentionStepDims& d, const float* x, int64_t heads, int64_t r,
+                                      bool rotate, const float* cos, const float* sin, float* out) {
+  const int64_t i = r % d.sq, bh = r / d.sq;
+  const int64_t b = bh / heads, h = bh % heads;
+  const float* src = x + step_row_offset(d, heads, b, h, i);
+  if (rotate && d.rot > 0) {
+    const int64_t c = b * d.cos_batch_stride + i * d.rot;
+    rotary_row(src, cos + c, sin + c, d.rot, d.dh, out);
+  } else {
+    for (int64_t e = 0; e < d.dh; ++e) out[e] = src[e];
+  }
+}
+
+// One cache row x [dh] as symmetric codes (row of row_nbytes bytes) and scales at scales[first_block..]:
+// BlockQuantize's arithmetic (block_format.quantize): the scale of each block from its extreme, its
+// stored form, then codes from the stored scale's inverse.
+BCT_HD BCT_INLINE void quantize_cache_row(const float* x, int64_t dh, int bits, int64_t block_size, ScaleKind kind,
+                                          int64_t row_nbytes, uint8_t* row, void* scales, int64_t first_block) {
+  for (int64_t byte = 0; byte < row_nbytes; ++byte) row[byte] = 0;
+  for (int64_t begin = 0, blk = 0; begin < dh; begin += block_size, ++blk) {
+    const int64_t n = (dh - begin) < block_size ? (dh - begin) : block_size;
+    const StoredScale s = choose_symmetric_scale(x + begin, n, bits, kind);
+    store_scale(kind, scales, first_block + blk, s);
+    const float inv = inverse_scale(s.value);
+    for (int64_t e = 0; e < n; ++e) put_code(row, begin + e, bits, code_of(x[begin + e], inv, bits, true, 0));
+  }
 }
 
 }  // namespace nl

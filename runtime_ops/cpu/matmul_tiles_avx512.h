@@ -1,0 +1,218 @@
+// Helpers of the BlockMatMul AVX-512 VNNI kernels shared by the decode file (matmul_gemv_avx512.cc)
+// and the prefill file (matmul_kernel_avx512.cc): scale and zero-point loads, the tile store, the
+// integer register-block kernel and the row blocking. The including file includes the standard
+// headers and <immintrin.h> after setting the AVX-512 target; everything here has internal linkage.
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <utility>
+
+#include "matmul_kernel.h"
+
+namespace bct {
+namespace matmul {
+namespace detail {
+namespace {
+
+inline int32_t Load32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline __mmask16 ColumnMask(const PackedWeights& p, int64_t tile) {
+  const int64_t cols = std::min<int64_t>(16, p.shape.N - tile * 16);
+  return static_cast<__mmask16>((1u << cols) - 1u);
+}
+
+// 16 weight scales (one tile's columns, one block) as float32, from the block parameters in the code
+// stream; float16 storage converts exactly.
+inline __m512 LoadWeightScales(const PackedWeights& p, int64_t tile, int64_t block) {
+  const uint8_t* params = BlockParams(p, tile, block);
+  if (p.half_scales) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(params)));
+  return _mm512_loadu_ps(params);
+}
+
+// 16 zero points (integer mode, from bytes) or float offsets (kZpOffset, float32) as float32; they
+// follow the scales in the block parameters.
+template <int kZp>
+inline __m512 LoadZw(const PackedWeights& p, int64_t tile, int64_t block) {
+  const uint8_t* zero_points = BlockParams(p, tile, block) + (p.half_scales ? 32 : 64);
+  if (kZp == kZpOffset) return _mm512_loadu_ps(zero_points);
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zero_points))));
+}
+
+// Where the integer kernel reads the codes of T tiles: tile t's codes for block b start at
+// base[t] + b * block_stride[t].
+template <int T>
+struct TileCodes {
+  const uint8_t* base[T];
+  int64_t block_stride[T];
+};
+
+// The packed weights' own codes of tiles [tile0, tile0 + T).
+template <int T>
+TileCodes<T> PackedTileCodes(const PackedWeights& p, int64_t tile0) {
+  TileCodes<T> codes;
+  for (int t = 0; t < T; ++t) {
+    codes.base[t] = BlockCodes(p, tile0 + t, 0);
+    codes.block_stride[t] = PanelBlockBytes(p, tile0 + t);
+  }
+  return codes;
+}
+
+template <int R, int T>
+inline void StoreTiles(const PackedWeights& p, __m512 (&facc)[R][T], int64_t row0, int64_t tile0, const float* bias,
+                       float* Y) {
+  const int64_t N = p.shape.N;
+  for (int t = 0; t < T; ++t) {
+    const __mmask16 mask = ColumnMask(p, tile0 + t);
+    const int64_t col0 = (tile0 + t) * 16;
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + col0) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(Y + (row0 + r) * N + col0, mask, _mm512_add_ps(facc[r][t], b));
+  }
+}
+
+// Integer mode: R rows x T tiles of 16 columns, the codes read where `codes` says.
+// kGroups: groups per block when known at compile time (the loop is then unrolled), else 0.
+template <int R, int T, bool kNibble, int kZp, int kGroups>
+void IntTiles(const PackedWeights& p, const TileCodes<T>& codes, const ActRows& act, int64_t row0, int64_t tile0,
+              const float* bias, float* Y) {
+  const int64_t nb = p.num_blocks, bkp = p.block_padded, kp = p.k_padded;
+  const int64_t groups = kGroups ? kGroups : (kNibble ? bkp / 8 : bkp / 4);
+  const __m512i low4 = _mm512_set1_epi8(0x0f);
+  // Register blocks of more than 12 tiles (4 rows x 4 tiles, decode) keep the integer accumulators in
+  // registers and the float ones in L1: a load and a store per block, off the vector pipes.
+  constexpr bool kFaccInMemory = R * T > 12;
+  alignas(64) float fmem[kFaccInMemory ? R * T * 16 : 16];
+  __m512 facc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) {
+      facc[r][t] = _mm512_setzero_ps();
+      if (kFaccInMemory) _mm512_store_ps(fmem + (r * T + t) * 16, facc[r][t]);
+    }
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i acc[R][T];
+    const int8_t* ab[R];
+    for (int r = 0; r < R; ++r) {
+      const __m512i init = kZp == kZpSymmetric ? _mm512_set1_epi32(act.corr[(row0 + r) * nb + b]) : _mm512_setzero_si512();
+      for (int t = 0; t < T; ++t) acc[r][t] = init;
+      ab[r] = act.codes.data() + (row0 + r) * kp + b * bkp;
+    }
+    const uint8_t* wb[T];
+    for (int t = 0; t < T; ++t) wb[t] = codes.base[t] + b * codes.block_stride[t];
+#pragma GCC unroll 16
+    for (int64_t g = 0; g < groups; ++g) {
+      if (kNibble) {
+        __m512i lo[T], hi[T];
+        for (int t = 0; t < T; ++t) {
+          const __m512i raw = _mm512_loadu_si512(wb[t] + g * 64);
+          lo[t] = _mm512_and_si512(raw, low4);
+          hi[t] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+        }
+        for (int r = 0; r < R; ++r) {
+          const __m512i a0 = _mm512_set1_epi32(Load32(ab[r] + g * 8));
+          const __m512i a1 = _mm512_set1_epi32(Load32(ab[r] + g * 8 + 4));
+          for (int t = 0; t < T; ++t) {
+            acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], lo[t], a0);
+            acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], hi[t], a1);
+          }
+        }
+      } else {
+        __m512i w[T];
+        for (int t = 0; t < T; ++t) w[t] = _mm512_loadu_si512(wb[t] + g * 64);
+        for (int r = 0; r < R; ++r) {
+          const __m512i a = _mm512_set1_epi32(Load32(ab[r] + g * 4));
+          for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], w[t], a);
+        }
+      }
+    }
+    __m512 ws[T], zw[T];
+    for (int t = 0; t < T; ++t) {
+      ws[t] = LoadWeightScales(p, tile0 + t, b);
+      if (kZp != kZpSymmetric) zw[t] = LoadZw<kZp>(p, tile0 + t, b);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 as = _mm512_set1_ps(act.scales[(row0 + r) * nb + b]);
+      const __m512 sum = kZp == kZpSymmetric ? _mm512_setzero_ps() : _mm512_set1_ps(act.sums[(row0 + r) * nb + b]);
+      for (int t = 0; t < T; ++t) {
+        float* const mem = fmem + (r * T + t) * 16;
+        const __m512 y = kFaccInMemory ? _mm512_load_ps(mem) : facc[r][t];
+        __m512 f = _mm512_cvtepi32_ps(acc[r][t]), out;
+        if (kZp == kZpOffset) {  // a_scale * (w_scale * dot + offset * sum(sa))
+          f = _mm512_fmadd_ps(zw[t], sum, _mm512_mul_ps(f, ws[t]));
+          out = _mm512_fmadd_ps(f, as, y);
+        } else {
+          if (kZp != kZpSymmetric) f = _mm512_fnmadd_ps(zw[t], sum, f);
+          f = _mm512_mul_ps(f, as);
+          out = _mm512_fmadd_ps(f, ws[t], y);
+        }
+        if (kFaccInMemory) {
+          _mm512_store_ps(mem, out);
+        } else {
+          facc[r][t] = out;
+        }
+      }
+    }
+  }
+  if (kFaccInMemory) {
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) facc[r][t] = _mm512_load_ps(fmem + (r * T + t) * 16);
+  }
+  StoreTiles<R, T>(p, facc, row0, tile0, bias, Y);
+}
+
+// IntTiles with the group count of this weight's blocks as a compile-time constant when common.
+template <int R, int T, bool kNibble, int kZp>
+void IntTilesAnyGroups(const PackedWeights& p, const TileCodes<T>& codes, const ActRows& act, int64_t row0,
+                       int64_t tile0, const float* bias, float* Y) {
+  switch (kNibble ? p.block_padded / 8 : p.block_padded / 4) {
+    case 4:
+      return IntTiles<R, T, kNibble, kZp, 4>(p, codes, act, row0, tile0, bias, Y);
+    case 8:
+      return IntTiles<R, T, kNibble, kZp, 8>(p, codes, act, row0, tile0, bias, Y);
+    case 16:
+      return IntTiles<R, T, kNibble, kZp, 16>(p, codes, act, row0, tile0, bias, Y);
+    default:
+      return IntTiles<R, T, kNibble, kZp, 0>(p, codes, act, row0, tile0, bias, Y);
+  }
+}
+
+// Extracts code j of each lane of a group as int32 (signed codes sign-extended).
+template <int J, bool kNibble, bool kSigned>
+inline __m512i Extract(__m512i raw) {
+  constexpr int kWidth = kNibble ? 4 : 8;
+  constexpr int kPos = kNibble ? (J < 4 ? 8 * J : 8 * (J - 4) + 4) : 8 * J;
+  if (kSigned) {
+    const __m512i up = (32 - kPos - kWidth) ? _mm512_slli_epi32(raw, 32 - kPos - kWidth) : raw;
+    return _mm512_srai_epi32(up, 32 - kWidth);
+  }
+  const __m512i down = kPos ? _mm512_srli_epi32(raw, kPos) : raw;
+  return (kPos + kWidth == 32) ? down : _mm512_and_si512(down, _mm512_set1_epi32((1 << kWidth) - 1));
+}
+
+// Calls body.template Run<R>(row) over [row_begin, row_end) in register blocks of kMax rows, then
+// smaller blocks for the remainder.
+template <int kMax, class Body>
+void ForRowBlocks(int64_t row_begin, int64_t row_end, const Body& body) {
+  int64_t r = row_begin;
+  for (; r + kMax <= row_end; r += kMax) body.template Run<kMax>(r);
+  const int64_t left = row_end - r;
+  if constexpr (kMax > 1) {
+    if (left > 0) {
+      if (left >= kMax / 2 + (kMax & 1)) {
+        ForRowBlocks<kMax / 2 + (kMax & 1)>(r, row_end, body);
+      } else {
+        ForRowBlocks<kMax / 2>(r, row_end, body);
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace detail
+}  // namespace matmul
+}  // namespace bct

@@ -1,0 +1,208 @@
+"""BlockAttention's decoder step (new K / V appended to the cache in the op, rotary, [B, S, H * Dh]
+layout) against its spec, bct_onnx.reference_attention.attention_step.
+
+Tolerances: 0 everywhere, compared as raw bits: the kernel (every CPU path) against the spec for Y and
+each present output on its own; the spec's rotary against transformers' apply_rotary_pos_emb (the
+same float32 Mul / Add per element).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from support import assert_bits_equal, run
+
+from bct_onnx import reference_attention as ref
+from bct_onnx.block_format import BlockFormat, QuantizedTensor, ScaleKind, quantize
+from bct_onnx.ops import DOMAIN
+
+ONNX_TYPES = {
+    np.dtype(np.float32): TensorProto.FLOAT,
+    np.dtype(np.float16): TensorProto.FLOAT16,
+    np.dtype(np.uint8): TensorProto.UINT8,
+}
+OUTPUTS = ["y", "present_k", "present_v", "present_k_scales", "present_v_scales"]
+
+
+def step_model(inputs: list[np.ndarray | None], float_cache: bool, **attrs: Any) -> tuple[bytes, dict]:
+    """One BlockAttention node with inputs Q, past K (3), past V (3), mask, K_new, V_new, cos, sin."""
+    names = [f"in{i}" if v is not None else "" for i, v in enumerate(inputs)]
+    while names and names[-1] == "":
+        names.pop()
+    outputs = OUTPUTS[:3] if float_cache else OUTPUTS
+    node = helper.make_node("BlockAttention", names, outputs, domain=DOMAIN, name="attn", **attrs)
+    in_info = [
+        helper.make_tensor_value_info(n, ONNX_TYPES[v.dtype], [f"d{i}_{j}" for j in range(v.ndim)])
+        for i, (n, v) in enumerate(zip(names, inputs, strict=False))
+        if v is not None
+    ]
+    out_info = [helper.make_value_info(n, onnx.TypeProto()) for n in outputs if n]
+    graph = helper.make_graph([node], "g", in_info, out_info)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)], ir_version=9
+    )
+    return model.SerializeToString(), {n: v for n, v in zip(names, inputs, strict=False) if v is not None}
+
+
+def sample(shape: tuple[int, ...], seed: int, spread: float = 1.0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(shape) * spread).astype(np.float32)
+
+
+def rotary_tables(batch: int, positions: np.ndarray, rot: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [batch, S, rot] as Llama's rotary embedding computes them (base 10000)."""
+    inv = 1.0 / (10000 ** (np.arange(0, rot, 2, dtype=np.float32) / rot))
+    angles = positions[:, :, None].astype(np.float32) * inv[None, None, :]
+    emb = np.concatenate([angles, angles], axis=-1)
+    emb = np.broadcast_to(emb, (batch, positions.shape[1], rot))
+    return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+
+
+# (name, B, Hq, Hkv, Sq, past, Dh, kv_bits (0: float cache), rot (0: none), packed, cos rank 4)
+CASES = [
+    ("decode_gqa_codes8_packed", 1, 9, 3, 1, 128, 64, 8, 64, True, False),
+    ("decode_codes4_partial_rotary", 1, 4, 2, 1, 40, 64, 4, 16, True, True),
+    ("prefill_no_past_causal_mask", 1, 6, 2, 5, 0, 64, 8, 64, True, False),
+    ("chunk_batch2_heads_first", 2, 4, 4, 3, 17, 32, 8, 32, False, True),
+    ("float_cache_packed", 2, 6, 3, 2, 9, 40, 0, 40, True, False),
+    ("no_rotary_codes6", 1, 2, 1, 1, 33, 48, 6, 0, True, False),
+]
+
+
+def case_inputs(case: tuple[Any, ...], seed: int = 0) -> dict[str, Any]:
+    _, b, hq, hkv, sq, past, dh, kv_bits, rot, packed, cos4 = case
+    fmt = BlockFormat(kv_bits, 32, True, ScaleKind.FLOAT16) if kv_bits else None
+    past_k, past_v = sample((b, hkv, past, dh), seed, 1.5), sample((b, hkv, past, dh), seed + 1)
+    if fmt is not None:
+        past_k, past_v = quantize(past_k, fmt), quantize(past_v, fmt)
+    shape = (lambda h: (b, sq, h * dh)) if packed else (lambda h: (b, h, sq, dh))
+    q, k_new, v_new = (
+        sample(shape(hq), seed + 2, 1.5),
+        sample(shape(hkv), seed + 3, 1.5),
+        sample(shape(hkv), seed + 4),
+    )
+    cos = sin = None
+    if rot:
+        positions = np.arange(past, past + sq)[None].repeat(b, 0) + np.arange(b)[:, None]
+        cos, sin = rotary_tables(b, positions, rot)
+    sk = past + sq
+    visible = np.arange(sk)[None, :] <= np.arange(sq)[:, None] + past
+    mask = np.where(visible, 0.0, np.finfo(np.float32).min).astype(np.float32)[None, None]
+    return dict(
+        q=q,
+        k_new=k_new,
+        v_new=v_new,
+        past_k=past_k,
+        past_v=past_v,
+        mask=mask,
+        cos=cos,
+        sin=sin,
+        q_heads=hq if packed else None,
+        cos4=cos4,
+    )
+
+
+def run_step(
+    args: dict[str, Any], act_bits: int = 8, block_size: int = 32, scale: float = 0.125
+) -> list[np.ndarray]:
+    attrs: dict[str, Any] = {"act_bits": act_bits, "block_size": block_size, "scale": scale}
+    if args["q_heads"]:
+        attrs["q_heads"] = args["q_heads"]
+    kv: list[np.ndarray | None] = []
+    for x in (args["past_k"], args["past_v"]):
+        if isinstance(x, QuantizedTensor):
+            kv += [x.codes, x.scales, None]
+            attrs.update(kv_bits=x.fmt.bits, kv_block_size=x.fmt.block_size, kv_symmetric=1)
+        else:
+            kv += [x, None, None]
+    cos, sin = args["cos"], args["sin"]
+    if cos is not None and args["cos4"]:
+        cos, sin = cos[:, None], sin[:, None]
+    inputs = [args["q"], *kv, args["mask"], args["k_new"], args["v_new"], cos, sin]
+    model, feeds = step_model(inputs, not isinstance(args["past_k"], QuantizedTensor), **attrs)
+    return run(model, feeds)
+
+
+def spec(args: dict[str, Any], act_bits: int = 8, block_size: int = 32, scale: float = 0.125):
+    return ref.attention_step(
+        args["q"],
+        args["k_new"],
+        args["v_new"],
+        args["past_k"],
+        args["past_v"],
+        act_bits=act_bits,
+        block_size=block_size,
+        scale=scale,
+        mask=args["mask"],
+        cos=args["cos"],
+        sin=args["sin"],
+        q_heads=args["q_heads"],
+    )
+
+
+def assert_matches_spec(got: list[np.ndarray], args: dict[str, Any], what: str) -> None:
+    y, present_k, present_v = spec(args)
+    assert_bits_equal(got[0], y, f"{what}: Y")
+    if isinstance(present_k, QuantizedTensor):
+        assert len(got) == 5
+        for i, (name, expected) in enumerate(
+            [
+                ("K codes", present_k.codes),
+                ("V codes", present_v.codes),
+                ("K scales", present_k.scales),
+                ("V scales", present_v.scales),
+            ],
+            start=1,
+        ):
+            assert_bits_equal(got[i], expected, f"{what}: present {name}")
+    else:
+        assert len(got) == 3
+        assert_bits_equal(got[1], present_k, f"{what}: present K")
+        assert_bits_equal(got[2], present_v, f"{what}: present V")
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512vnni"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+def test_every_isa_path_gives_the_spec_bits(case: tuple[Any, ...], isa: str, force_isa: Any) -> None:
+    force_isa(isa)
+    args = case_inputs(case)
+    assert_matches_spec(run_step(args), args, f"{case[0]} [{isa}]")
+
+
+def test_past_rows_are_kept_and_new_rows_are_quantized_on_their_own() -> None:
+    args = case_inputs(CASES[0])
+    got = run_step(args)
+    past = args["past_k"]
+    np.testing.assert_array_equal(got[1][:, :, :128], past.codes)
+    np.testing.assert_array_equal(got[3][:, :, :128], past.scales)
+    rotated = ref.rotary(ref._heads_first(args["k_new"], 3), args["cos"], args["sin"])
+    fresh = quantize(rotated, past.fmt)
+    np.testing.assert_array_equal(got[1][:, :, 128:], fresh.codes)
+
+
+def test_spec_rotary_is_transformers_rotary_bit_for_bit() -> None:
+    torch = pytest.importorskip("torch")
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    q, k = sample((2, 4, 5, 64), 0, 2.0), sample((2, 2, 5, 64), 1, 2.0)
+    cos, sin = rotary_tables(2, np.arange(10, 15)[None].repeat(2, 0), 64)
+    tq, tk = apply_rotary_pos_emb(*(torch.from_numpy(x) for x in (q, k, cos, sin)))
+    assert_bits_equal(ref.rotary(q, cos, sin), tq.numpy(), "rotary Q")
+    assert_bits_equal(ref.rotary(k, cos, sin), tk.numpy(), "rotary K")
+
+
+def test_packed_q_needs_q_heads() -> None:
+    args = case_inputs(CASES[0])
+    args["q_heads"] = None
+    with pytest.raises(Exception, match="q_heads"):
+        run_step(args)
+
+
+def test_new_rows_of_another_length_are_refused() -> None:
+    args = case_inputs(CASES[0])
+    args["k_new"] = np.concatenate([args["k_new"], args["k_new"]], axis=1)
+    with pytest.raises(Exception, match="K_new"):
+        run_step(args)
