@@ -350,7 +350,8 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     for i in range(8):
         word |= eight[..., i].astype("<u8") << np.uint64(bits * i)
     packed = word[..., None].view(np.uint8)[..., :bits]  # [..., groups, bits]
-    return packed.reshape(codes.shape[:-1] + (groups * bits,))[..., : -(-d * bits // 8)]
+    # C-contiguous, as callers hand the bytes to kernels by pointer (a partial last group is cut off)
+    return np.ascontiguousarray(packed.reshape(codes.shape[:-1] + (groups * bits,))[..., : -(-d * bits // 8)])
 
 
 def unpack_codes(packed: np.ndarray, bits: int, axis_size: int) -> np.ndarray:

@@ -28,6 +28,7 @@ def test_pack_codes_is_the_documented_bit_layout(bits: int, d: int) -> None:
     rng = np.random.default_rng(bits * 100 + d)
     codes = rng.integers(0, 1 << bits, (3, d)).astype(np.uint8)
     packed = pack_codes(codes, bits)
+    assert packed.flags.c_contiguous  # kernels read the bytes by pointer
     np.testing.assert_array_equal(packed, _pack_bit_by_bit(codes, bits))
     np.testing.assert_array_equal(unpack_codes(packed, bits, d), codes)
 
