@@ -24,6 +24,7 @@ from bct_onnx.block_format import (
     pad_to_blocks,
     round_half_to_even,
     scales_to_float32,
+    symmetric_scales,
 )
 
 # Ratios of the block's range tried by the search; 1.0 (the plain spec scale) first. Ratios below 1
@@ -114,7 +115,10 @@ def search_scales(
     for ratio in ratios:
         if ratio == 1.0:
             continue
-        scales, zp = choose_scales(extremes * np.float32(ratio), fmt)
+        if fmt.symmetric:  # choose_scales of the one-element blocks extremes * ratio, without its argmax
+            scales, zp = symmetric_scales(extremes[..., 0] * np.float32(ratio), fmt), None
+        else:
+            scales, zp = choose_scales(extremes * np.float32(ratio), fmt)
         err = _block_squared_error(blocks, scales, zp, fmt, importance)
         better = err < best_err
         if not better.any():
