@@ -451,6 +451,9 @@ class FuseAttentionStepPass(CompressPass):
     layer into its BlockAttention (three rules, in that order; each needs the one before)."""
 
     def run(self, model: ir.Model, report: PassReport) -> None:
+        # Dead readers of the cache (the grouped-query Expand chain FuseAttentionPass left behind)
+        # would otherwise look like other uses of the present cache.
+        ir.passes.common.RemoveUnusedNodesPass()(model)
         graph = model.graph
         head_dims = {
             codes_name(name): fmt.head_dim for name, fmt in read_formats(model.metadata_props).items()

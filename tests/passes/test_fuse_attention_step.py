@@ -93,3 +93,13 @@ def test_a_cache_read_elsewhere_is_left_with_the_reason(tmp_path, monkeypatch) -
     result = FuseAttentionStepPass()(model)
     reasons = [s.reason for s in result.skipped]
     assert any("read by other nodes" in r for r in reasons), reasons
+
+
+def test_the_pipeline_fuses_the_step(tmp_path) -> None:
+    """compress_model runs the pass after CompressKVCachePass, dead GQA expansions notwithstanding."""
+    fp32 = export_tiny("llama", tmp_path / "llama", with_past=True)[0]
+    model = compress_model(ir.load(fp32), CompressConfig()).model
+    counts = Counter(n.op_type for n in model.graph)
+    assert counts["BlockQuantize"] == 0 and counts["Neg"] == 0
+    attention = [n for n in model.graph if n.op_type == ops.BLOCK_ATTENTION]
+    assert attention and all(len(n.outputs) == 5 and "q_heads" in n.attributes for n in attention)
