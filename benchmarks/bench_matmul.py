@@ -10,7 +10,8 @@ so load on a shared machine slows all alike; compare ratios, not milliseconds ac
    + MatMulInteger). Reported: median and minimum ms, ratio to ORT int8.
 2. Decode bandwidth: chains of distinct 4-bit K=N=4096 weights (read from memory, not cache) for
    M = 1, 4, 8 rows: GB/s of weight bytes, next to a STREAM-like read (numpy sums over as many
-   threads) measured in the same rounds.
+   threads) measured in the same rounds; from the median and from the fastest chain (on a shared
+   machine the fastest rounds are those where no other job took a core; `--clock cpu` is steadier).
 
 Prints the CPU model and the ISA paths (bct-onnx's BlockMatMul path, MLAS's int8 path).
 `--clock cpu` times the calling thread's CPU time with one intra-op thread instead of wall time:

@@ -7,7 +7,7 @@ component cost the same, docs/results.md). Reports perplexity and mean KL(FP32 |
 next-token distributions on non-overlapping windows of a text: Moby-Dick (never the Austen evaluation
 text) for choosing, an Austen novel only to check.
 
-    python benchmarks/decoder_fake_quant.py --text moby-dick --tokens 1024 --plan w4 --plan t5-v6
+    python benchmarks/decoder_fake_quant.py --text moby-dick --tokens 1024 --plan t5-v6 --plan t5a-v6
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from bct_onnx.block_format import BlockFormat, dequantize
 from bct_onnx.weight_quantizer import quantize_tensor
 
 
-def fmt(bits: int, kind: str = "float8e5m2", symmetric: bool = True, block: int = 32) -> BlockFormat:
-    return BlockFormat(bits, block, symmetric, kind)
+def fmt(bits: int, kind: str = "float8e5m2", symmetric: bool = True, block: int = 32, zero_points: str = "packed") -> BlockFormat:
+    """A plan's format; asymmetric ones store integer zero points, packed at the code width unless named."""
+    return BlockFormat(bits, block, symmetric, kind, zero_points)
 
 
 # name -> (format of the tied table, format of other weights, [(name regex, format)])
@@ -35,16 +36,16 @@ PLANS: dict[str, tuple[BlockFormat, BlockFormat, list[tuple[str, BlockFormat]]]]
     "t5-f16": (fmt(5, "float16"), fmt(4, "float16"), []),
     "t5": (fmt(5), fmt(4), []),
     "t6": (fmt(6), fmt(4), []),
-    "t5-asym": (fmt(5), fmt(4, symmetric=False), []),
+    "t5-asym": (fmt(5), fmt(4, symmetric=False, zero_points="integer"), []),  # uint8 zero points
     "t6-b64": (fmt(6), fmt(4, block=64), []),
-    "t5-down-asym": (fmt(5), fmt(4), [("down_proj", fmt(4, symmetric=False))]),
-    "t5-v6": (fmt(5), fmt(4), [("v_proj", fmt(6))]),  # the decoder default
+    "t5-down-asym": (fmt(5), fmt(4), [("down_proj", fmt(4, symmetric=False, zero_points="integer"))]),
+    "t5-v6": (fmt(5), fmt(4), [("v_proj", fmt(6))]),  # the decoder default before packed zero points
     "t5-v8": (fmt(5), fmt(4), [("v_proj", fmt(8))]),
     "t6-v6-q3-k3-gate3": (fmt(6), fmt(4), [("v_proj", fmt(6)), ("(q_proj|k_proj|gate_proj)", fmt(3))]),
     "t6-v6-q3-k3-o3": (fmt(6), fmt(4), [("v_proj", fmt(6)), ("(q_proj|k_proj|o_proj)", fmt(3))]),
     "t5-v8-q3-k3": (fmt(5), fmt(4), [("v_proj", fmt(8)), ("(q_proj|k_proj)", fmt(3))]),
     "t5-v5-ends5": (fmt(5), fmt(4), [("v_proj", fmt(5)), (r"layers\.(0|29)\.", fmt(5))]),
-    # Integer zero points for 4-bit weights (the "a" suffix; sized as 4-bit zero points packed two a byte).
+    # "a": asymmetric, integer zero points packed at the code width (4-bit: two a byte).
     "t5-a4-v6": (fmt(5), fmt(4, symmetric=False), [("v_proj", fmt(6))]),
     "t5-a4-v5a": (fmt(5), fmt(4, symmetric=False), [("v_proj", fmt(5, symmetric=False))]),
     "t4a-a4-v6": (fmt(4, symmetric=False), fmt(4, symmetric=False), [("v_proj", fmt(6))]),
@@ -55,7 +56,7 @@ PLANS: dict[str, tuple[BlockFormat, BlockFormat, list[tuple[str, BlockFormat]]]]
     "t5-v6-up-a4": (fmt(5), fmt(4), [("v_proj", fmt(6)), ("up_proj", fmt(4, symmetric=False))]),
     "t5-v6-gate-a4": (fmt(5), fmt(4), [("v_proj", fmt(6)), ("gate_proj", fmt(4, symmetric=False))]),
     "t5-v5-mlp-a4": (fmt(5), fmt(4), [("v_proj", fmt(5)), ("(gate_proj|up_proj)", fmt(4, symmetric=False))]),
-    "t5a-v6": (fmt(5, symmetric=False), fmt(4), [("v_proj", fmt(6))]),
+    "t5a-v6": (fmt(5, symmetric=False), fmt(4), [("v_proj", fmt(6))]),  # the decoder default
     "t5-v6a": (fmt(5), fmt(4), [("v_proj", fmt(6, symmetric=False))]),
     "t5a-v5": (fmt(5, symmetric=False), fmt(4), [("v_proj", fmt(5))]),
     "t5a64-v6": (fmt(5, symmetric=False, block=64), fmt(4), [("v_proj", fmt(6))]),
@@ -69,13 +70,6 @@ GROUPS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 for _group in GROUPS:  # one group at 8 bits, the rest as "w4": per-group sensitivity
     PLANS[f"8bit:{_group}"] = (fmt(4, "float16"), fmt(4, "float16"), [(_group, fmt(8, "float16"))])
 PLANS["8bit:table"] = PLANS["t8"]
-
-
-def stored_bits(f: BlockFormat) -> float:
-    """Bits a value of f with integer zero points packed at the code width (bits a zero point = bits)."""
-    if f.symmetric or f.float_offsets:
-        return f.storage_bits_per_value()
-    return f.bits + (f.scale_dtype.itemsize * 8 + f.bits) / f.block_size
 
 
 def plan_function(name: str) -> Callable[[str], BlockFormat]:
@@ -131,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.plan or ["w4"]:
         start = time.perf_counter()
         format_of = plan_function(name)
-        mbit = sum(c * stored_bits(format_of(n)) for n, c in counts.items()) / 1e6
+        mbit = sum(c * format_of(n).storage_bits_per_value() for n, c in counts.items()) / 1e6
         for weight, original in originals.items():
             params[weight].data = rounded(weight, format_of(weight))
         lp = log_probs()

@@ -177,15 +177,17 @@ def test_decoder_fake_quant_default_plan_is_the_decoder_default() -> None:
     from bct_onnx.config import (
         DECODER_SCALE_KIND,
         DECODER_TIED_TABLE_EXTRA_BITS,
+        DECODER_TIED_TABLE_ZERO_POINTS,
         DECODER_WIDER_WEIGHTS,
         CompressConfig,
     )
 
     bench = _load("decoder_fake_quant")
-    format_of = bench.plan_function("t5-v6")
+    format_of = bench.plan_function("t5a-v6")
     base = CompressConfig().weight_bits
     table = format_of("model.embed_tokens.weight")
     assert (table.bits, table.scale_kind) == (base + DECODER_TIED_TABLE_EXTRA_BITS, DECODER_SCALE_KIND)
+    assert (table.symmetric, table.zero_point_kind) == (False, DECODER_TIED_TABLE_ZERO_POINTS)
     v_proj = format_of("model.layers.3.self_attn.v_proj.weight")
     q_proj = format_of("model.layers.3.self_attn.q_proj.weight")
     assert (q_proj.bits, q_proj.scale_kind, q_proj.symmetric) == (base, DECODER_SCALE_KIND, True)

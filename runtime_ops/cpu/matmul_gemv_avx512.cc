@@ -67,8 +67,9 @@ void FloatTiles(const PackedWeights& p, const float* a_padded, int64_t row0, int
     __m512 ws[T], zw[T];
     const uint8_t* wb[T];
     for (int t = 0; t < T; ++t) {
-      ws[t] = LoadWeightScales(p, tile0 + t, b);
-      zw[t] = kZp == kZpSymmetric ? _mm512_setzero_ps() : LoadZw<kZp>(p, tile0 + t, b);
+      const uint8_t* params = BlockParams(p, tile0 + t, b);
+      ws[t] = LoadWeightScales(p, params);
+      zw[t] = kZp == kZpSymmetric ? _mm512_setzero_ps() : LoadZw<kZp>(p, params);
       wb[t] = BlockCodes(p, tile0 + t, b);
     }
     for (int64_t g = 0; g < groups; ++g) {
@@ -132,8 +133,9 @@ void FloatLutTiles(const PackedWeights& p, const float* a_padded, int64_t row0, 
       LutGroup<R, T>(raw, table, ar, b * bkp + g * 8, bacc, std::make_integer_sequence<int, 8>{});
     }
     for (int t = 0; t < T; ++t) {
-      const __m512 ws = LoadWeightScales(p, tile0 + t, b);
-      const __m512 zw = kZp == kZpSymmetric ? _mm512_setzero_ps() : LoadZw<kZp>(p, tile0 + t, b);
+      const uint8_t* params = BlockParams(p, tile0 + t, b);
+      const __m512 ws = LoadWeightScales(p, params);
+      const __m512 zw = kZp == kZpSymmetric ? _mm512_setzero_ps() : LoadZw<kZp>(p, params);
       for (int r = 0; r < R; ++r) {
         __m512 block = bacc[r][t];
         if (kZp != kZpSymmetric) {

@@ -15,7 +15,7 @@ namespace matmul {
 namespace {
 
 constexpr int kTileCols = 16;
-constexpr int64_t kStreamedPanelTiles = 4;  // the AVX-512 decode kernel's register block of tiles
+constexpr int kStreamedPanelShift = 2;  // panels of 4 tiles: the AVX-512 decode kernel's register block
 
 // Unpacks the K codes of one densely packed row.
 void UnpackRow(const uint8_t* row, int64_t row_bytes, int bits, int64_t K, uint8_t* out) {
@@ -92,14 +92,15 @@ std::unique_ptr<PackedWeights> Pack(const Shape& shape, const WeightInputs& weig
   const int64_t scale_bytes = p->half_scales ? 2 * kTileCols : 4 * kTileCols;
   const int64_t zero_point_bytes = zp_mode == kZpSymmetric ? 0 : zp_mode == kZpInteger ? kTileCols : 4 * kTileCols;
   if (streamed) {
-    p->panel_tiles = kStreamedPanelTiles;
+    p->panel_shift = kStreamedPanelShift;
+    p->panel_tiles = int64_t{1} << kStreamedPanelShift;
     p->param_bytes = scale_bytes + zero_point_bytes;
   } else {
     const size_t params = static_cast<size_t>(tiles * nb * kTileCols);
     p->scales.assign(params, 0.f);
     if (!shape.symmetric) p->zero_points.assign(params, 0.f);
   }
-  const int64_t last_panel = (tiles - 1) / p->panel_tiles * p->panel_tiles;  // its first tile
+  const int64_t last_panel = (tiles - 1) >> p->panel_shift << p->panel_shift;  // its first tile
   p->codes.assign(static_cast<size_t>(BlockCodesOffset(*p, last_panel, 0) + nb * PanelBlockBytes(*p, last_panel)), 0);
   const int zw = 1 << (shape.bits - 1);
   const uint32_t mask = nibble ? 0xfu : 0xffu;

@@ -132,7 +132,8 @@ struct PackedWeights {
   int64_t num_tiles = 0;     // SIMD: ceil(N / 16)
   int64_t tile_bytes = 0;    // SIMD: code bytes of one tile (num_blocks * block_code_bytes)
   int64_t block_code_bytes = 0;  // SIMD: code bytes of one tile for one block
-  int64_t panel_tiles = 1;       // SIMD: tiles interleaved block by block
+  int64_t panel_tiles = 1;       // SIMD: tiles interleaved block by block (1 << panel_shift)
+  int panel_shift = 0;
   int64_t param_bytes = 0;       // SIMD: bytes of one tile's block parameters in the stream (0: none)
   bool half_scales = false;      // streamed scales are float16 (else float32)
   bool nibble = false;       // SIMD: bits <= 4 (two codes a byte)
@@ -147,7 +148,7 @@ struct PackedWeights {
 
 // Tiles in the panel of `tile` (panel_tiles except in a last, partial panel).
 inline int64_t TilesInPanel(const PackedWeights& p, int64_t tile) {
-  const int64_t first = tile / p.panel_tiles * p.panel_tiles;
+  const int64_t first = tile >> p.panel_shift << p.panel_shift;
   return p.num_tiles - first < p.panel_tiles ? p.num_tiles - first : p.panel_tiles;
 }
 
@@ -159,13 +160,14 @@ inline int64_t PanelBlockBytes(const PackedWeights& p, int64_t tile) {
 
 // Byte offsets in p.codes of a tile's codes for one block, and of its block parameters.
 inline int64_t BlockCodesOffset(const PackedWeights& p, int64_t tile, int64_t block) {
-  const int64_t panel = tile / p.panel_tiles;
+  const int64_t panel = tile >> p.panel_shift, in_panel = tile & (p.panel_tiles - 1);
   const int64_t full_panel = p.panel_tiles * p.block_code_bytes + (p.panel_tiles * p.param_bytes + 63) / 64 * 64;
-  return panel * p.num_blocks * full_panel + block * PanelBlockBytes(p, tile) + tile % p.panel_tiles * p.block_code_bytes;
+  return panel * p.num_blocks * full_panel + block * PanelBlockBytes(p, tile) + in_panel * p.block_code_bytes;
 }
 inline int64_t BlockParamsOffset(const PackedWeights& p, int64_t tile, int64_t block) {
-  return BlockCodesOffset(p, tile, block) + (TilesInPanel(p, tile) - tile % p.panel_tiles) * p.block_code_bytes +
-         tile % p.panel_tiles * p.param_bytes;
+  const int64_t in_panel = tile & (p.panel_tiles - 1);
+  return BlockCodesOffset(p, tile, block) + (TilesInPanel(p, tile) - in_panel) * p.block_code_bytes +
+         in_panel * p.param_bytes;
 }
 inline const uint8_t* BlockCodes(const PackedWeights& p, int64_t tile, int64_t block) {
   return p.codes.data() + BlockCodesOffset(p, tile, block);

@@ -73,8 +73,9 @@ void DequantizeTile(const PackedWeights& p, int64_t tile, float* out) {
   const int64_t nb = p.num_blocks, groups = p.block_padded / kGroupK;
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* codes = BlockCodes(p, tile, b);
-    const __m512 ws = LoadWeightScales(p, tile, b);
-    const __m512 zw = kZp == kZpSymmetric ? _mm512_setzero_ps() : LoadZw<kZp>(p, tile, b);
+    const uint8_t* params = BlockParams(p, tile, b);
+    const __m512 ws = LoadWeightScales(p, params);
+    const __m512 zw = kZp == kZpSymmetric ? _mm512_setzero_ps() : LoadZw<kZp>(p, params);
     for (int64_t g = 0; g < groups; ++g) {
       const __m512i raw = _mm512_loadu_si512(codes + g * 64);
       DequantizeGroup<kNibble, kZp>(raw, ws, zw, out + (b * p.block_padded + g * kGroupK) * 16,
@@ -136,8 +137,8 @@ void IntPrefill(const PackedWeights& p, const ActRows& act, int64_t row_begin, i
     scratch.resize(static_cast<size_t>(T * stride));
     for (int t = 0; t < T; ++t) {
       UnpackNibbleTile(p, tile0 + t, scratch.data() + t * stride);
-      codes.base[t] = scratch.data() + t * stride;
-      codes.block_stride[t] = p.block_padded * 16;
+      codes.codes[t] = scratch.data() + t * stride;
+      codes.code_stride[t] = p.block_padded * 16;
     }
   }
   ForRowBlocks<kIntRows>(row_begin, row_end, IntPrefillBody<T, kZp>{p, codes, act, tile0, bias, Y});

@@ -28,10 +28,9 @@ inline __mmask16 ColumnMask(const PackedWeights& p, int64_t tile) {
   return static_cast<__mmask16>((1u << cols) - 1u);
 }
 
-// 16 weight scales (one tile's columns, one block) as float32, from the block parameters in the code
-// stream; float16 storage converts exactly.
-inline __m512 LoadWeightScales(const PackedWeights& p, int64_t tile, int64_t block) {
-  const uint8_t* params = BlockParams(p, tile, block);
+// 16 weight scales (one tile's columns, one block) as float32, from block parameters in the code
+// stream (BlockParams); float16 storage converts exactly.
+inline __m512 LoadWeightScales(const PackedWeights& p, const uint8_t* params) {
   if (p.half_scales) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(params)));
   return _mm512_loadu_ps(params);
 }
@@ -39,29 +38,32 @@ inline __m512 LoadWeightScales(const PackedWeights& p, int64_t tile, int64_t blo
 // 16 zero points (integer mode, from bytes) or float offsets (kZpOffset, float32) as float32; they
 // follow the scales in the block parameters.
 template <int kZp>
-inline __m512 LoadZw(const PackedWeights& p, int64_t tile, int64_t block) {
-  const uint8_t* zero_points = BlockParams(p, tile, block) + (p.half_scales ? 32 : 64);
+inline __m512 LoadZw(const PackedWeights& p, const uint8_t* params) {
+  const uint8_t* zero_points = params + (p.half_scales ? 32 : 64);
   if (kZp == kZpOffset) return _mm512_loadu_ps(zero_points);
   return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zero_points))));
 }
 
-// Where the integer kernel reads the codes of T tiles: tile t's codes for block b start at
-// base[t] + b * block_stride[t].
+// Where the integer kernel reads T tiles: tile t's codes for block b at codes[t] + b * code_stride[t]
+// (the packed weights or an expanded copy), its block parameters at params[t] + b * param_stride[t].
 template <int T>
 struct TileCodes {
-  const uint8_t* base[T];
-  int64_t block_stride[T];
+  const uint8_t* codes[T];
+  int64_t code_stride[T];
+  const uint8_t* params[T];
+  int64_t param_stride[T];
 };
 
 // The packed weights' own codes of tiles [tile0, tile0 + T).
 template <int T>
 TileCodes<T> PackedTileCodes(const PackedWeights& p, int64_t tile0) {
-  TileCodes<T> codes;
+  TileCodes<T> tiles;
   for (int t = 0; t < T; ++t) {
-    codes.base[t] = BlockCodes(p, tile0 + t, 0);
-    codes.block_stride[t] = PanelBlockBytes(p, tile0 + t);
+    tiles.codes[t] = BlockCodes(p, tile0 + t, 0);
+    tiles.params[t] = BlockParams(p, tile0 + t, 0);
+    tiles.code_stride[t] = tiles.param_stride[t] = PanelBlockBytes(p, tile0 + t);
   }
-  return codes;
+  return tiles;
 }
 
 template <int R, int T>
@@ -75,6 +77,8 @@ inline void StoreTiles(const PackedWeights& p, __m512 (&facc)[R][T], int64_t row
     for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(Y + (row0 + r) * N + col0, mask, _mm512_add_ps(facc[r][t], b));
   }
 }
+
+constexpr int64_t kPrefetchBlocks = 2;
 
 // Integer mode: R rows x T tiles of 16 columns, the codes read where `codes` says.
 // kGroups: groups per block when known at compile time (the loop is then unrolled), else 0.
@@ -103,7 +107,16 @@ void IntTiles(const PackedWeights& p, const TileCodes<T>& codes, const ActRows& 
       ab[r] = act.codes.data() + (row0 + r) * kp + b * bkp;
     }
     const uint8_t* wb[T];
-    for (int t = 0; t < T; ++t) wb[t] = codes.base[t] + b * codes.block_stride[t];
+    for (int t = 0; t < T; ++t) wb[t] = codes.codes[t] + b * codes.code_stride[t];
+    // Decode with several rows is bound by the dot products, not by memory: the hardware prefetcher
+    // then runs too little ahead of the slowly read stream, so the panel's block kPrefetchBlocks ahead
+    // is fetched explicitly. (One row streams faster without: the prefetches only add work.)
+    if constexpr (kNibble && R > 1) {
+      if (b + kPrefetchBlocks < nb) {
+        const char* ahead = reinterpret_cast<const char*>(codes.codes[0] + (b + kPrefetchBlocks) * codes.code_stride[0]);
+        for (int64_t c = 0; c < codes.code_stride[0]; c += 64) _mm_prefetch(ahead + c, _MM_HINT_T0);
+      }
+    }
 #pragma GCC unroll 16
     for (int64_t g = 0; g < groups; ++g) {
       if (kNibble) {
@@ -132,8 +145,9 @@ void IntTiles(const PackedWeights& p, const TileCodes<T>& codes, const ActRows& 
     }
     __m512 ws[T], zw[T];
     for (int t = 0; t < T; ++t) {
-      ws[t] = LoadWeightScales(p, tile0 + t, b);
-      if (kZp != kZpSymmetric) zw[t] = LoadZw<kZp>(p, tile0 + t, b);
+      const uint8_t* params = codes.params[t] + b * codes.param_stride[t];
+      ws[t] = LoadWeightScales(p, params);
+      if (kZp != kZpSymmetric) zw[t] = LoadZw<kZp>(p, params);
     }
     for (int r = 0; r < R; ++r) {
       const __m512 as = _mm512_set1_ps(act.scales[(row0 + r) * nb + b]);
