@@ -296,9 +296,8 @@ def widen_scales(scales: np.ndarray, scale_factor: float | None) -> np.ndarray:
 
 def _inverse(scale: np.ndarray) -> np.ndarray:
     """1 / scale in float32, with 0 for a zero scale (an all-zero block)."""
-    with np.errstate(divide="ignore"):
-        inv = np.float32(1.0) / scale
-    return np.where(scale == 0, np.float32(0.0), inv).astype(np.float32)
+    scale = np.asarray(scale, dtype=np.float32)  # every caller's scale is float32 already
+    return np.divide(np.float32(1.0), scale, out=np.zeros_like(scale), where=scale != 0)
 
 
 def choose_scales(
@@ -324,18 +323,7 @@ def choose_scales(
     if fmt.symmetric:
         idx = np.argmax(np.abs(blocks), axis=-1)
         m = np.take_along_axis(blocks, idx[..., None], axis=-1)[..., 0]
-        if fmt.scale_kind is ScaleKind.POW2:
-            amax = np.abs(m)
-            ratio = amax / np.float32(fmt.qmax)
-            e = pow2_exponent_at_least(np.where(amax > 0, ratio, np.float32(1.0)))
-            e = np.where(amax > 0, e, 0)
-            return (e + POW2_EXPONENT_BIAS).astype(np.uint8), None
-        scale = (m / np.float32(-(1 << (fmt.bits - 1)))).astype(np.float32)
-        if fmt.scale_kind is ScaleKind.FLOAT8E5M2:  # rounded away from zero: m never leaves the code range
-            return float8e5m2_at_least(scale), None
-        if factor is not None:
-            return float8e4m3_at_least(scale / factor), None
-        return scale.astype(fmt.scale_dtype), None
+        return symmetric_scales(m, fmt, factor), None
     lo = np.minimum(blocks.min(axis=-1), np.float32(0.0))
     hi = np.maximum(blocks.max(axis=-1), np.float32(0.0))
     step = ((hi - lo) / np.float32(fmt.qmax)).astype(np.float32)
@@ -343,6 +331,23 @@ def choose_scales(
     inv = _inverse(scales_to_float32(stored, fmt.scale_kind, factor))
     zp = np.clip(round_half_to_even(-lo * inv), 0, fmt.qmax).astype(np.uint8)
     return stored, zp
+
+
+def symmetric_scales(m: np.ndarray, fmt: BlockFormat, factor: np.float32 | None = None) -> np.ndarray:
+    """Stored symmetric scales of blocks whose element of largest magnitude is m (float32 [...]);
+    float8e4m3: for the float32 scale factor (check_scale_factor)."""
+    if fmt.scale_kind is ScaleKind.POW2:
+        amax = np.abs(m)
+        ratio = amax / np.float32(fmt.qmax)
+        e = pow2_exponent_at_least(np.where(amax > 0, ratio, np.float32(1.0)))
+        e = np.where(amax > 0, e, 0)
+        return (e + POW2_EXPONENT_BIAS).astype(np.uint8)
+    scale = (m / np.float32(-(1 << (fmt.bits - 1)))).astype(np.float32)
+    if fmt.scale_kind is ScaleKind.FLOAT8E5M2:  # rounded away from zero: m never leaves the code range
+        return float8e5m2_at_least(scale)
+    if factor is not None:
+        return float8e4m3_at_least(scale / factor)
+    return scale.astype(fmt.scale_dtype)
 
 
 def _stored_step(step: np.ndarray, fmt: BlockFormat, factor: np.float32 | None = None) -> np.ndarray:
@@ -410,12 +415,23 @@ def quantize_codes(
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Dense little-endian packing of unsigned codes [..., D] into bytes [..., ceil(D*bits/8)]."""
+    """Dense little-endian packing of unsigned codes [..., D] into bytes [..., ceil(D*bits/8)].
+
+    Eight codes of ``bits`` bits fill exactly ``bits`` bytes: each group of eight is assembled in a
+    little-endian uint64 (code i at bit i * bits) whose first ``bits`` bytes are the group's bytes.
+    """
     codes = np.asarray(codes)
     d = codes.shape[-1]
-    bit_planes = (codes[..., :, None].astype(np.uint16) >> np.arange(bits, dtype=np.uint16)) & 1
-    bit_stream = bit_planes.reshape(codes.shape[:-1] + (d * bits,)).astype(np.uint8)
-    return np.packbits(bit_stream, axis=-1, bitorder="little")
+    groups = -(-d // 8)
+    if groups * 8 != d:  # zero codes complete the last group; its extra bytes are cut below
+        codes = np.concatenate([codes, np.zeros(codes.shape[:-1] + (groups * 8 - d,), codes.dtype)], axis=-1)
+    eight = codes.reshape(codes.shape[:-1] + (groups, 8))
+    word = np.zeros(eight.shape[:-1], dtype="<u8")
+    for i in range(8):
+        word |= eight[..., i].astype("<u8") << np.uint64(bits * i)
+    packed = word[..., None].view(np.uint8)[..., :bits]  # [..., groups, bits]
+    # C-contiguous, as callers hand the bytes to kernels by pointer (a partial last group is cut off)
+    return np.ascontiguousarray(packed.reshape(codes.shape[:-1] + (groups * bits,))[..., : -(-d * bits // 8)])
 
 
 def unpack_codes(packed: np.ndarray, bits: int, axis_size: int) -> np.ndarray:

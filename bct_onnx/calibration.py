@@ -243,6 +243,7 @@ class HessianStore(Mapping[MatMulKey, np.ndarray]):
         self._folder = tempfile.TemporaryDirectory(prefix="bct_onnx_hessians_")
         self._files: dict[str, Path] = {}  # activation name -> its Hessian's .npy file
         self._keys: dict[MatMulKey, str] = {}
+        self._last: tuple[Path, np.ndarray] | None = None  # the Hessian read last
 
     def add(self, activation: str, hessian: np.ndarray) -> None:
         path = Path(self._folder.name) / f"{len(self._files)}.npy"
@@ -259,7 +260,15 @@ class HessianStore(Mapping[MatMulKey, np.ndarray]):
             self._keys[key] = key[0]
 
     def __getitem__(self, key: MatMulKey) -> np.ndarray:
-        return np.load(self._files[self._keys[key]])
+        # MatMuls reading one activation get the same array object, one after the other, and GPTQ
+        # factors it once (gptq._FactorOfLastHessian); read-only, since it is shared.
+        path = self._files[self._keys[key]]
+        if self._last is None or self._last[0] != path:
+            self._last = None  # drop the previous Hessian before reading the next
+            array = np.load(path)
+            array.flags.writeable = False
+            self._last = (path, array)
+        return self._last[1]
 
     def __iter__(self) -> Iterator[MatMulKey]:
         return iter(self._keys)
@@ -268,6 +277,7 @@ class HessianStore(Mapping[MatMulKey, np.ndarray]):
         return len(self._keys)
 
     def close(self) -> None:
+        self._last = None
         self._folder.cleanup()
 
 
@@ -403,7 +413,6 @@ def _run_segments(
         targets_in.append(acts)
     last_segment = max((i for i, acts in enumerate(targets_in) if acts), default=-1)
     options = ort.SessionOptions()
-    options.add_session_config_entry("session.disable_prepacking", "1")
     # Calibration batches are short: spinning worker threads would burn CPU waiting for work.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.enable_cpu_mem_arena = False  # its blocks outlive the session in the heap: RSS grew per segment

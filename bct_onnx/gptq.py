@@ -11,13 +11,18 @@ The walk is the paper's lazy-batch form, two levels deep: a column's error reach
 quantization block at once (a rank-1 update of at most ``block_size`` columns), the rest of its
 lazy batch once per block (one matmul) and the rest of the weight once per batch (one matmul).
 Each column still sees every earlier column's correction before it is rounded, so the codes are
-those of the textbook per-column loop (up to floating-point summation order).
+those of the textbook per-column loop (up to floating-point summation order). The matmuls are
+float64 BLAS; a column costs a few in-place numpy calls on preallocated float32 arrays and one BLAS
+rank-1 update; the inverse-Hessian factor is float32 LAPACK, computed once per Hessian. With
+act_order the walk takes the channels by decreasing Hessian diagonal, the blocks' scales fixed
+beforehand (gptq_quantize).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import weakref
+from typing import Protocol
 
 import numpy as np
 import scipy.linalg
@@ -30,7 +35,6 @@ from bct_onnx.block_format import (
     choose_scales,
     pack_codes,
     pad_to_blocks,
-    round_half_to_even,
     scales_to_float32,
 )
 from bct_onnx.weight_quantizer import search_scales
@@ -39,8 +43,6 @@ from bct_onnx.weight_quantizer import search_scales
 _LAZY_BATCH = 128
 # Bytes of the float64 working copy of weight rows walked at once.
 _CHUNK_BYTES = 1 << 25
-
-ColumnQuantizer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 @functools.cache
@@ -52,66 +54,126 @@ def blas_controller() -> ThreadpoolController:
 
 
 def inverse_hessian_factor(hessian: np.ndarray, damping: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
-    """Upper Cholesky factor U of the dampened H^-1 (H^-1 = U^T U), and the mask of dead inputs.
+    """Upper Cholesky factor U of the dampened H^-1 (H^-1 = U^T U, float64), and the mask of dead inputs.
 
     U is computed without forming H^-1: with J the reversal permutation and J H J = L L^T,
     H^-1 = (J L^-1 J)^T (J L^-1 J) and J L^-1 J is upper triangular with a positive diagonal, so it
     is the Cholesky factor (one Cholesky and one triangular inverse, a third of inv + cholesky).
+    Both run through LAPACK (potrf, trtri) in float32, as in the GPTQ paper's code (2.5x faster than
+    float64 at K = 1536; the codes differ in about 0.3% of the bytes, the layer's output error by
+    noise: docs/results.md), and in float64 when float32 cannot factor the dampened H.
     """
-    h = np.array(hessian, dtype=np.float64, copy=True)
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    mean_diag = float(np.mean(np.diag(h)))
+    h = np.array(hessian[::-1, ::-1], dtype=np.float64, order="F")  # J H J
+    diagonal = np.diag_indices_from(h)
+    dead = h[diagonal][::-1] == 0
+    h[diagonal] = np.where(h[diagonal] == 0, 1.0, h[diagonal])
+    mean_diag = float(np.mean(h[diagonal]))
     damp = damping * (mean_diag if mean_diag > 0 else 1.0)
-    h[np.diag_indices_from(h)] += damp
-    for _ in range(4):  # grow the damping until H is positive definite
-        try:
-            lower = np.linalg.cholesky(h[::-1, ::-1])
-        except np.linalg.LinAlgError:
-            h[np.diag_indices_from(h)] += damp
+    h[diagonal] += damp
+    lapack = scipy.linalg.lapack
+    # One BLAS thread, also when called on its own: multithreaded LAPACK rounds differently.
+    with blas_controller().limit(limits=1, user_api="blas"):
+        for _ in range(4):  # grow the damping until H is positive definite
+            for potrf, trtri, dtype in (
+                (lapack.spotrf, lapack.strtri, np.float32),
+                (lapack.dpotrf, lapack.dtrtri, np.float64),
+            ):
+                lower, info = potrf(h.astype(dtype, order="F"), lower=1, clean=1, overwrite_a=1)
+                if info != 0:
+                    continue
+                inverse_lower, info = trtri(lower, lower=1, overwrite_c=1)
+                if info == 0 and np.isfinite(inverse_lower).all():
+                    return np.ascontiguousarray(inverse_lower[::-1, ::-1], dtype=np.float64), dead
+            h[diagonal] += damp
             damp *= 10
-            continue
-        inverse_lower, info = scipy.linalg.lapack.dtrtri(lower, lower=1)
-        if info == 0:
-            return np.ascontiguousarray(inverse_lower[::-1, ::-1]), dead
-        h[np.diag_indices_from(h)] += damp
-        damp *= 10
     raise np.linalg.LinAlgError("GPTQ: the calibration Hessian is not positive definite even after damping")
 
 
-def _column_quantizer(scales: np.ndarray, zero_points: np.ndarray | None, fmt: BlockFormat) -> ColumnQuantizer:
-    """Codes and dequantized values of one float32 column [N] of a block with stored scales [N].
+class _FactorOfLastHessian:
+    """inverse_hessian_factor of the last Hessian array asked for, while that array lives.
 
-    The arithmetic of block_format.codes_for followed by dequantize_codes, with the per-block work
-    (float32 scale, its inverse, zero point) done once instead of once per column.
+    MatMuls reading one activation (a layer's q, k and v projections; its gate and up projections)
+    are handed one Hessian object (calibration.HessianStore returns the array it loaded last), so
+    its factor is computed once. Hessians are never modified in place once measured.
     """
-    scale = scales_to_float32(scales, fmt.scale_kind)
-    inverse = _inverse(scale)
-    if fmt.float_offsets:
-        assert zero_points is not None
-        offset = zero_points.astype(np.float32)
 
-        def quantize_offset(column: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            q = round_half_to_even(np.clip((column - offset) * inverse, 0, fmt.qmax))
-            return q.astype(np.uint8), (q * scale).astype(np.float32) + offset
+    def __init__(self) -> None:
+        self._hessian: weakref.ref[np.ndarray] | None = None
+        self._key: tuple[float, bool] = (0.0, False)
+        self._factor: tuple[np.ndarray, np.ndarray] | None = None
 
-        return quantize_offset
-    if fmt.symmetric:
-        implicit_zero = np.float32(fmt.implicit_zero_point)
+    def get(self, hessian: np.ndarray, damping: float, order: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """inverse_hessian_factor of hessian with its rows and columns in order (None: as they are);
+        the dead mask in the original order."""
+        key = (damping, order is not None)  # the order is a function of the Hessian
+        if self._factor is not None and self._hessian is not None and self._hessian() is hessian and self._key == key:
+            return self._factor
+        self._factor = None  # drop the old factor before computing the new one
+        factor, dead = inverse_hessian_factor(hessian if order is None else hessian[np.ix_(order, order)], damping)
+        if order is not None:
+            dead = dead[np.argsort(order)]
+        try:
+            self._hessian = weakref.ref(hessian, self._forget)
+        except TypeError:  # not weak-referenceable (an array subclass or a view's owner): no caching
+            return factor, dead
+        self._key, self._factor = key, (factor, dead)
+        return factor, dead
 
-        def quantize_symmetric(column: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            q = np.clip(round_half_to_even(column * inverse), fmt.qmin, fmt.qmax)
-            return (q + implicit_zero).astype(np.uint8), q * scale
+    def _forget(self, _: object) -> None:
+        self._hessian, self._factor = None, None
 
-        return quantize_symmetric
-    assert zero_points is not None
-    zero = zero_points.astype(np.float32)
 
-    def quantize_asymmetric(column: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        q = np.clip(round_half_to_even(column * inverse) + zero, 0, fmt.qmax)
-        return q.astype(np.uint8), (q - zero) * scale
+_LAST_FACTOR = _FactorOfLastHessian()
 
-    return quantize_asymmetric
+
+class _BlockRounder:
+    """Rounds the columns [n] of one quantization block (n weight rows) with the block's stored scales.
+
+    The arithmetic of block_format.codes_for followed by dequantize_codes, in float32, written into
+    preallocated arrays: the per-block work (float32 scale, its inverse, zero point) is done once,
+    and each column costs a few in-place numpy calls. A column's rounded *level* is codes_for's
+    value before its final cast, so the block's codes are formed once, after its last column.
+    """
+
+    def __init__(self, scales: np.ndarray, zero_points: np.ndarray | None, fmt: BlockFormat) -> None:
+        self.fmt = fmt
+        self.scale = scales_to_float32(scales, fmt.scale_kind)
+        self.inverse = _inverse(self.scale)
+        self.zero = None if fmt.symmetric else np.asarray(zero_points).astype(np.float32)
+        self.low = np.float32(fmt.qmin)  # 0 unless symmetric
+        self.high = np.float32(fmt.qmax)
+
+    def round(self, column: np.ndarray, level: np.ndarray, value: np.ndarray) -> None:
+        """level = the column's rounded level, value = its dequantized float32 value (all [n])."""
+        if self.zero is None:  # symmetric: q = clip(rne(x / scale), qmin, qmax); value = q * scale
+            np.multiply(column, self.inverse, out=level, dtype=np.float32)
+            np.rint(level, out=level)
+            np.maximum(level, self.low, out=level)
+            np.minimum(level, self.high, out=level)
+            np.multiply(level, self.scale, out=value)
+        elif self.fmt.float_offsets:  # q = rne(clip((x - offset) / scale, 0, qmax)); value = q * scale + offset
+            np.subtract(column, self.zero, out=level, dtype=np.float32)
+            np.multiply(level, self.inverse, out=level)
+            np.maximum(level, self.low, out=level)
+            np.minimum(level, self.high, out=level)
+            np.rint(level, out=level)
+            np.multiply(level, self.scale, out=value)
+            np.add(value, self.zero, out=value)
+        else:  # integer zero point: q = clip(rne(x / scale) + zero, 0, qmax); value = (q - zero) * scale
+            np.multiply(column, self.inverse, out=level, dtype=np.float32)
+            np.rint(level, out=level)
+            np.add(level, self.zero, out=level)
+            np.maximum(level, self.low, out=level)
+            np.minimum(level, self.high, out=level)
+            np.subtract(level, self.zero, out=value)
+            np.multiply(value, self.scale, out=value)
+
+    @staticmethod
+    def codes_of(levels: np.ndarray, fmt: BlockFormat) -> np.ndarray:
+        """Unsigned codes of rounded levels (of any blocks of fmt)."""
+        if fmt.symmetric:
+            levels = levels + np.float32(fmt.implicit_zero_point)
+        return levels.astype(np.uint8)
 
 
 def gptq_quantize(
@@ -122,6 +184,7 @@ def gptq_quantize(
     damping: float = 0.01,
     scale_search: bool = True,
     keep_dead_inputs: bool = False,
+    act_order: bool = False,
 ) -> QuantizedTensor:
     """Quantize a transposed MatMul weight [N, K] (rows are output columns) along K with GPTQ.
 
@@ -129,6 +192,11 @@ def gptq_quantize(
     Inputs never active in calibration (zero Hessian diagonal) contribute nothing to the output, so
     their weights are zeroed, unless keep_dead_inputs (a tied embedding table, whose Gather reads
     those values too): then they are rounded plainly (no error flows into them either way).
+
+    act_order walks the input channels in order of decreasing Hessian diagonal (the paper's
+    "act-order") with "static groups": every block's scale is chosen from the weights before the
+    walk, so blocks stay the format's consecutive channels. Otherwise channels go in order and a
+    block's scale is chosen from the corrected weights when the walk reaches the block.
     """
     weight = np.asarray(weight_nk)
     if weight.ndim != 2:
@@ -139,63 +207,116 @@ def gptq_quantize(
     codes = np.empty((n, fmt.row_bytes(k)), dtype=np.uint8)
     scales = np.empty((n, fmt.num_blocks(k)), dtype=fmt.scale_dtype)
     zero_points = None if fmt.zero_point_dtype is None else np.empty(scales.shape, dtype=fmt.zero_point_dtype)
+    order = np.argsort(-np.diag(hessian), kind="stable") if act_order else None
     # Rows (output columns) are independent: walk them in chunks so the float64 working copy stays
     # small (an output projection of 49152 x 576 would take 226 MB at once) and cache-friendly; the
     # chunk's codes are packed before the next one (unpacked codes of the whole weight, and
     # pack_codes' bit planes of them, would take 10x the packed bytes).
     rows = max(1, _CHUNK_BYTES // (8 * k))
     with blas_controller().limit(limits=1, user_api="blas"):
-        hinv, dead = inverse_hessian_factor(hessian, damping)
+        hinv, dead = _LAST_FACTOR.get(hessian, damping, order)
         for r in range(0, n, rows):
             # K-major: a column of the weight (one input channel over the chunk's rows) is contiguous.
             w_t = np.array(weight[r : r + rows].T, dtype=np.float64, order="C")
             if not keep_dead_inputs:
                 w_t[dead] = 0.0
+            chunk_scales = scales[r : r + rows]
+            chunk_zero_points = None if zero_points is None else zero_points[r : r + rows]
+            if order is None:
+                rounders: _Rounders = _ScalesWhenReached(fmt, scale_search, chunk_scales, chunk_zero_points)
+            else:
+                rounders = _StaticScales(w_t, order, fmt, scale_search, chunk_scales, chunk_zero_points)
+                w_t = w_t[order]
             codes_t = np.empty(w_t.shape, dtype=np.uint8)
-            _gptq_walk(
-                w_t, hinv, fmt, scale_search, codes_t, scales[r : r + rows],
-                None if zero_points is None else zero_points[r : r + rows],
-            )
+            _gptq_walk(w_t, hinv, fmt, rounders, codes_t)
+            if order is not None:
+                codes_t[order] = codes_t.copy()  # back to the weight's channel order
             codes[r : r + rows] = pack_codes(codes_t.T, fmt.bits)
     return QuantizedTensor(codes, scales, zero_points, k, fmt)
 
 
-def _gptq_walk(
-    w_t: np.ndarray,
-    hinv: np.ndarray,
-    fmt: BlockFormat,
-    scale_search: bool,
-    codes_t: np.ndarray,
-    scales: np.ndarray,
-    zero_points: np.ndarray | None,
-) -> None:
-    """The GPTQ walk over a K-major float64 copy w_t [K, rows] of weight rows (corrected in place),
-    writing their unpacked codes codes_t [K, rows], scales and zero points [rows, nb]."""
+class _Rounders(Protocol):
+    def __call__(self, first: int, block: np.ndarray) -> list[_BlockRounder]:
+        """The rounder of every column of the walk's block of channels [first, first + len(block))."""
+        ...
+
+
+class _ScalesWhenReached:
+    """Each block's scale chosen from the corrected weights when the walk reaches the block (written
+    into scales and zero_points [rows, nb])."""
+
+    def __init__(
+        self, fmt: BlockFormat, scale_search: bool, scales: np.ndarray, zero_points: np.ndarray | None
+    ) -> None:
+        self.fmt, self.scale_search, self.scales, self.zero_points = fmt, scale_search, scales, zero_points
+
+    def __call__(self, first: int, block: np.ndarray) -> list[_BlockRounder]:
+        fmt = self.fmt
+        b = first // fmt.block_size
+        padded = pad_to_blocks(block.T.astype(np.float32), fmt)
+        s, zp = search_scales(padded, fmt) if self.scale_search else choose_scales(padded, fmt)
+        self.scales[:, b] = s[:, 0]
+        if self.zero_points is not None:
+            assert zp is not None
+            self.zero_points[:, b] = zp[:, 0]
+        return [_BlockRounder(self.scales[:, b], None if zp is None else self.zero_points[:, b], fmt)] * len(block)
+
+
+class _StaticScales:
+    """Every block's scale chosen before the walk from the weights w_t [K, rows] (K-major, channel
+    order), for a walk over the channels in ``order``."""
+
+    def __init__(
+        self,
+        w_t: np.ndarray,
+        order: np.ndarray,
+        fmt: BlockFormat,
+        scale_search: bool,
+        scales: np.ndarray,
+        zero_points: np.ndarray | None,
+    ) -> None:
+        padded = pad_to_blocks(w_t.T.astype(np.float32), fmt)
+        s, zp = search_scales(padded, fmt) if scale_search else choose_scales(padded, fmt)
+        scales[:] = s
+        if zero_points is not None:
+            assert zp is not None
+            zero_points[:] = zp
+        self.blocks = [
+            _BlockRounder(scales[:, b], None if zero_points is None else zero_points[:, b], fmt)
+            for b in range(scales.shape[1])
+        ]
+        self.block_of_step = order // fmt.block_size  # the block of the walk's i-th channel
+
+    def __call__(self, first: int, block: np.ndarray) -> list[_BlockRounder]:
+        return [self.blocks[b] for b in self.block_of_step[first : first + len(block)]]
+
+
+def _gptq_walk(w_t: np.ndarray, hinv: np.ndarray, fmt: BlockFormat, rounders: _Rounders, codes_t: np.ndarray) -> None:
+    """The GPTQ walk over a K-major working copy w_t [K, rows] of weight rows (corrected in place; in
+    walk order, hinv's order) writing their unpacked codes codes_t [K, rows] (in walk order)."""
     k, n = w_t.shape
     bs = fmt.block_size
     batch = bs * max(1, _LAZY_BATCH // bs)  # a multiple of the block size: blocks never straddle batches
-    errors = np.empty((batch, n), dtype=np.float64)  # scaled rounding errors of the current batch
+    errors = np.empty((batch, n), dtype=w_t.dtype)  # scaled rounding errors of the current batch
+    levels = np.empty((bs, n), dtype=np.float32)  # rounded levels of the current block
+    value = np.empty(n, dtype=np.float32)  # dequantized values of the current column
+    inverse_diagonal = 1.0 / np.diag(hinv)
 
     for start in range(0, k, batch):
         stop = min(k, start + batch)
         for first in range(start, stop, bs):
             last = min(first + bs, k)
-            b = first // bs
             block = w_t[first:last]  # a view: corrections inside the block land in w_t
-            padded = pad_to_blocks(block.T.astype(np.float32), fmt)
-            s, zp = search_scales(padded, fmt) if scale_search else choose_scales(padded, fmt)
-            scales[:, b] = s[:, 0]
-            if zero_points is not None:
-                assert zp is not None
-                zero_points[:, b] = zp[:, 0]
-            quantize_column = _column_quantizer(scales[:, b], None if zp is None else zero_points[:, b], fmt)
+            column_rounders = rounders(first, block)
             for col in range(first, last):
                 i = col - first
-                codes_t[col], dequantized = quantize_column(block[i].astype(np.float32))
-                err = (block[i] - dequantized) / hinv[col, col]
-                errors[col - start] = err
-                if col + 1 < last:
-                    block[i + 1 :] -= np.outer(hinv[col, col + 1 : last], err)
+                err = errors[col - start]
+                column_rounders[i].round(block[i], levels[i], value)
+                np.subtract(block[i], value, out=err)
+                np.multiply(err, inverse_diagonal[col], out=err)
+                if col + 1 < last:  # block[i + 1:] -= outer(hinv[col, col + 1:last], err), in place
+                    scipy.linalg.blas.dger(-1.0, err, hinv[col, col + 1 : last], a=block[i + 1 :].T, overwrite_a=1)
+            codes_t[first:last] = _BlockRounder.codes_of(levels[: last - first], fmt)
             if last < stop:  # the rest of the batch, once per block
                 w_t[last:stop] -= hinv[first:last, last:stop].T @ errors[first - start : last - start]
         if stop < k:  # the rest of the weight, once per batch

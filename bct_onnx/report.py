@@ -161,6 +161,10 @@ class CompileReport:
         total = sum(self.timings.values())
         steps = ", ".join(f"{step} {format_seconds(seconds)}" for step, seconds in self.timings.items())
         lines.append(f"time: {format_seconds(total)} ({steps})")
+        slowest = sorted(self.passes, key=lambda record: -float(record.get("seconds", 0.0)))[:3]
+        if slowest:
+            shown = ", ".join(f"{record['name']} {format_seconds(float(record['seconds']))}" for record in slowest)
+            lines.append(f"slowest passes: {shown} (every pass in the JSON report)")
         return "\n".join(lines)
 
 

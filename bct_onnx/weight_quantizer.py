@@ -18,6 +18,7 @@ from bct_onnx.block_format import (
     ScaleKind,
     _inverse,
     _pad_to_blocks,
+    check_scale_factor,
     choose_scales,
     codes_for,
     default_scale_factor,
@@ -25,6 +26,7 @@ from bct_onnx.block_format import (
     pad_to_blocks,
     round_half_to_even,
     scales_to_float32,
+    symmetric_scales,
 )
 
 # Ratios of the block's range tried by the search; 1.0 (the plain spec scale) first. Ratios below 1
@@ -113,13 +115,17 @@ def search_scales(
     if ratios is None:
         ratios = POW2_RATIOS if fmt.scale_kind is ScaleKind.POW2 else CLIP_RATIOS
     blocks = blocks.astype(np.float32, copy=False)
+    factor = check_scale_factor(fmt.scale_kind, scale_factor)
     extremes = _extremes(blocks, fmt)
     best_scales, best_zp = choose_scales(extremes, fmt, scale_factor)
     best_err = _block_squared_error(blocks, best_scales, best_zp, fmt, importance, scale_factor)
     for ratio in ratios:
         if ratio == 1.0:
             continue
-        scales, zp = choose_scales(extremes * np.float32(ratio), fmt, scale_factor)
+        if fmt.symmetric:  # choose_scales of the one-element blocks extremes * ratio, without its argmax
+            scales, zp = symmetric_scales(extremes[..., 0] * np.float32(ratio), fmt, factor), None
+        else:
+            scales, zp = choose_scales(extremes * np.float32(ratio), fmt, scale_factor)
         err = _block_squared_error(blocks, scales, zp, fmt, importance, scale_factor)
         better = err < best_err
         if not better.any():

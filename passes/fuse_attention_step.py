@@ -29,6 +29,7 @@ import onnx_ir as ir
 from bct_onnx.passes.framework import CompressPass, PassReport
 from bct_onnx.passes.fuse_attention import static_value
 from bct_onnx.passes.graph_patterns import is_op, last_dim, producer, sole_user
+from bct_onnx.passes.infer_shapes import ensure_shapes
 
 from bct_onnx import ops
 from bct_onnx.kv_cache import codes_name, read_formats
@@ -378,6 +379,17 @@ def _shape_entries(reshape: ir.Node) -> list[int | None] | None:
     return entries
 
 
+def _width(value: ir.Value | None) -> int | None:
+    """The static last dim of value, also through a bias Add / scale Mul of a BlockMatMul result (whose
+    inferred shape a compressed graph loaded from a file no longer carries)."""
+    width = last_dim(value)
+    node = producer(value, "Add", "Mul")
+    if width is not None or node is None:
+        return width
+    widths = {last_dim(v) for v in node.inputs} - {None, 1}
+    return widths.pop() if len(widths) == 1 else None
+
+
 def _split_heads(value: ir.Value, heads: int | None, dh: int) -> tuple[ir.Value, int]:
     """value = Transpose(Reshape(x [B, S, H * Dh], [B, S, H, Dh]), [0, 2, 1, 3]) -> (x, H)."""
     transpose = producer(value, "Transpose")
@@ -385,7 +397,7 @@ def _split_heads(value: ir.Value, heads: int | None, dh: int) -> tuple[ir.Value,
         raise _NoFit("an input is not a Transpose [0, 2, 1, 3] of the head split")
     reshape = producer(transpose.inputs[0], "Reshape")
     x = reshape.inputs[0] if reshape is not None else None
-    width = last_dim(x)
+    width = _width(x)
     if reshape is None or x is None or width is None or width % dh != 0:
         raise _NoFit("an input's head split is not a Reshape of a [B, S, H * Dh] tensor of static width")
     entries = _shape_entries(reshape)
@@ -398,7 +410,7 @@ def _split_heads(value: ir.Value, heads: int | None, dh: int) -> tuple[ir.Value,
         or (heads and h != heads)
     ):
         raise _NoFit(f"an input's head split Reshape has shape entries {entries}, not [B, S, H, {dh}]")
-    if any(e is not None and e != 0 for e in entries[:2]):
+    if any(e is not None and e not in (0, -1) for e in entries[:2]):
         raise _NoFit(f"an input's head split Reshape has constant leading entries {entries[:2]}")
     return x, h
 
@@ -414,7 +426,7 @@ def _merge_heads(value: ir.Value, width: int) -> ir.Value:
     entries = _shape_entries(reshape)  # type: ignore[arg-type]
     if entries is None or len(entries) != 3 or entries[2] not in (-1, width):
         raise _NoFit(f"the result's Reshape has shape entries {entries}, not [B, S, H * Dh]")
-    if any(e is not None and e != 0 for e in entries[:2]):
+    if any(e is not None and e not in (0, -1) for e in entries[:2]):
         raise _NoFit(f"the result's Reshape has constant leading entries {entries[:2]}")
     return reshape.outputs[0]  # type: ignore[union-attr]
 
@@ -448,9 +460,14 @@ def _fuse_layout(graph: ir.Graph, node: ir.Node, dh: int) -> ir.Node:
 
 class FuseAttentionStepPass(CompressPass):
     """Fold the KV-cache append, rotary embedding and head split / merge of each with-past decoder
-    layer into its BlockAttention (three rules, in that order; each needs the one before)."""
+    layer into its BlockAttention (three rules, in that order; each needs the one before, rotary only
+    where Q is not straight from the head split)."""
 
     def run(self, model: ir.Model, report: PassReport) -> None:
+        # Dead readers of the cache (the grouped-query Expand chain FuseAttentionPass left behind)
+        # would otherwise look like other uses of the present cache.
+        ir.passes.common.RemoveUnusedNodesPass()(model)
+        ensure_shapes(model)  # widths of the head split's input (a bias Add after BlockMatMul)
         graph = model.graph
         head_dims = {
             codes_name(name): fmt.head_dim for name, fmt in read_formats(model.metadata_props).items()
@@ -464,8 +481,9 @@ class FuseAttentionStepPass(CompressPass):
                 dh = _head_dim(node, head_dims)
                 node = _fuse_append(graph, node)
                 report.count(RULE_APPEND)
-                node = _fuse_rotary(graph, node, dh)
-                report.count(RULE_ROTARY)
+                if producer(_inputs(node)[0], "Transpose") is None:  # else Q comes straight from the split
+                    node = _fuse_rotary(graph, node, dh)
+                    report.count(RULE_ROTARY)
                 node = _fuse_layout(graph, node, dh)
                 report.count(RULE_LAYOUT)
             except _NoFit as reason:

@@ -48,6 +48,21 @@ def test_summary_lines() -> None:
     assert lines[4] == "time: 2.8 s (load 200 ms, compress 2.5 s, save 50 ms)"
 
 
+def test_summary_names_the_slowest_passes() -> None:
+    passes = [
+        {"name": "FoldShapeArithmeticPass", "modified": True, "seconds": 0.3, "rewritten": {}, "skipped": 0},
+        {"name": "CollectHessians (calibration)", "modified": False, "seconds": 7.7, "rewritten": {}, "skipped": 0},
+        {"name": "QuantizeMatMulPass", "modified": True, "seconds": 22.7, "rewritten": {}, "skipped": 0},
+        {"name": "TopologicalSortPass", "modified": False, "seconds": 0.02, "rewritten": {}, "skipped": 0},
+    ]
+    lines = _report(passes=passes).summary().splitlines()
+    assert lines[5] == (
+        "slowest passes: QuantizeMatMulPass 22.7 s, CollectHessians (calibration) 7.7 s, "
+        "FoldShapeArithmeticPass 300 ms (every pass in the JSON report)"
+    )
+    assert len(_report().summary().splitlines()) == 5  # no passes recorded, no line
+
+
 def test_nothing_rewritten_nothing_skipped() -> None:
     lines = _report(rewritten={}, skipped=[]).summary().splitlines()
     assert lines[2] == "rewritten: nothing"

@@ -3,6 +3,7 @@
 #include "matmul_kernel.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 
@@ -242,12 +243,28 @@ void ComputeScalarRows(const PackedWeights& p, const detail::ActRows* act, const
   }
 }
 
+// True when Y[r0:r1, c0:c1] (row stride N) holds no infinity or NaN: an exponent of all ones is the
+// only way to exceed 0x7f7fffff once the sign is cleared (a loop the compiler vectorises).
+bool RegionFinite(const float* Y, int64_t N, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+  int32_t bad = 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* row = Y + r * N;
+    for (int64_t c = c0; c < c1; ++c) {
+      uint32_t bits;
+      std::memcpy(&bits, row + c, sizeof(bits));
+      bad |= static_cast<int32_t>(bits & 0x7fffffffu) > 0x7f7fffff;
+    }
+  }
+  return bad == 0;
+}
+
 }  // namespace
 
-void Compute(const PackedWeights& p, const float* A, int64_t M, const float* bias, float* Y,
+bool Compute(const PackedWeights& p, const float* A, int64_t M, const float* bias, float* Y,
              const ParallelFor& parallel_for, const ActivationCodes* act_codes) {
   const Shape& s = p.shape;
-  if (M <= 0 || s.N <= 0) return;
+  if (M <= 0 || s.N <= 0) return true;
+  std::atomic<bool> finite{true};
   const bool quantized = s.act_bits > 0;
   detail::ActRows act;
   if (quantized) {
@@ -276,10 +293,11 @@ void Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
     const int64_t rows_per_task = std::max<int64_t>(1, std::min<int64_t>(8, M));
     const int64_t tasks = (M + rows_per_task - 1) / rows_per_task;
     parallel_for(static_cast<std::size_t>(tasks), [&](std::size_t task) {
-      const int64_t r0 = static_cast<int64_t>(task) * rows_per_task;
-      ComputeScalarRows(p, quantized ? &act : nullptr, A, r0, std::min(M, r0 + rows_per_task), bias, Y);
+      const int64_t r0 = static_cast<int64_t>(task) * rows_per_task, r1 = std::min(M, r0 + rows_per_task);
+      ComputeScalarRows(p, quantized ? &act : nullptr, A, r0, r1, bias, Y);
+      if (!RegionFinite(Y, s.N, r0, r1, 0, s.N)) finite.store(false, std::memory_order_relaxed);
     });
-    return;
+    return finite.load();
   }
 
   // Float mode reads activations in the padded block layout; copy only when padding exists.
@@ -298,9 +316,9 @@ void Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
   }
 
   // Tasks: row chunks times tile chunks, many more tasks than threads so that ONNX Runtime's pool
-  // (which hands out tasks one at a time) balances the load on a busy machine. A prefill task expands
-  // its tiles once for its row chunk: 32 rows for the cheap nibble expansion of the integer mode,
-  // 128 for the float mode's dequantization. Decode tasks take all rows and whole register blocks of
+  // (which hands out tasks one at a time) balances the load on a busy machine. Integer prefill tasks
+  // take 32 rows (8 register blocks of 4 rows) and whole blocks of 4 tiles; float prefill tasks
+  // dequantize their tiles once for 128 rows. Decode tasks take all rows and whole register blocks of
   // 4 tiles, so each weight byte is read once.
   const bool gemv = M <= kDecodeRows;
   const int64_t rows_per_task = gemv ? M : std::min<int64_t>(M, quantized ? 32 : 128);
@@ -308,7 +326,7 @@ void Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
   const int64_t work_tasks = std::max<int64_t>(1, M * s.K * s.N / (1 << 18));  // >= 256K MACs a task
   const int64_t target_tasks = std::min<int64_t>(gemv ? 32 : 64, work_tasks);
   const int64_t tile_chunks_wanted = std::max<int64_t>(1, target_tasks / row_chunks);
-  const int64_t tile_multiple = gemv ? 4 : 2;
+  const int64_t tile_multiple = gemv || quantized ? 4 : 2;
   int64_t tiles_per_task = (p.num_tiles + tile_chunks_wanted - 1) / tile_chunks_wanted;
   tiles_per_task = (tiles_per_task + tile_multiple - 1) / tile_multiple * tile_multiple;
   const int64_t tile_chunks = (p.num_tiles + tiles_per_task - 1) / tiles_per_task;
@@ -318,7 +336,11 @@ void Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
     const int64_t r0 = rc * rows_per_task, r1 = std::min(M, r0 + rows_per_task);
     const int64_t t0 = tc * tiles_per_task, t1 = std::min(p.num_tiles, t0 + tiles_per_task);
     tiles(p, act_ptr, a_padded, r0, r1, t0, t1, bias, Y);
+    if (!RegionFinite(Y, s.N, r0, r1, t0 * kTileCols, std::min(s.N, t1 * kTileCols))) {
+      finite.store(false, std::memory_order_relaxed);
+    }
   });
+  return finite.load();
 }
 
 }  // namespace matmul

@@ -12,11 +12,11 @@
 //   block_format.quantize_codes(A, BlockFormat(act_bits, block_size, True, "float32")); per block the
 //   integer dot product sum(sa * (uw - zw)) (sa = signed activation code) is scaled by
 //   a_scale * w_scale and accumulated in fp32. AVX-512 VNNI: up to kDecodeRows rows (decode) stream the
-//   packed codes once, nibbles unpacked in registers, split over N only; more rows (prefill) expand a
-//   pair of nibble tiles to bytes once per 32-row chunk and run a 6-row x 32-column vpdpbusd
-//   micro-kernel, the block's scale product applied in the K-block epilogue (cvt, mul, fma: the spec's
-//   order, so the bits equal the scalar path's). Both end in StoreTiles, which adds the bias and
-//   writes the float tile.
+//   packed codes once, nibbles unpacked in registers, split over N only; more rows (prefill) run a
+//   4-row x 64-column vpdpbusd micro-kernel on the same packed codes (nibbles unpacked in registers,
+//   no per-call copy), in tasks of 32 rows x 4-tile blocks, the block's scale product applied in the
+//   K-block epilogue (cvt, mul, fma: the spec's order, so the bits equal the scalar path's). Both end
+//   in StoreTiles, which adds the bias and writes the float tile.
 // Float-offset weights (value u * scale + offset, zero_point_kind float16/float32): float mode
 //   dequantizes u * scale + offset (two roundings) wherever it reads a weight (the nibble vpermps GEMV
 //   is not used for them); integer mode adds a_scale * (w_scale * dot(sa, uw) + offset * sum(sa)).
@@ -189,7 +189,9 @@ struct ActivationCodes {
 // Y[M, N] = A[M, K] x W'^T (+ bias[N] when bias != nullptr). A and Y are dense row-major.
 // With act_codes (integer mode only), A is not read: the rows' codes and scales are used directly,
 // giving the same Y as A whose quantization they are.
-void Compute(const PackedWeights& packed, const float* A, int64_t M, const float* bias, float* Y,
+// Returns true when every output is finite (each task checks the part of Y it wrote while it is still
+// in cache), so that the caller looks for overflowed rows only when there are some.
+bool Compute(const PackedWeights& packed, const float* A, int64_t M, const float* bias, float* Y,
              const ParallelFor& parallel_for, const ActivationCodes* act_codes = nullptr);
 
 // Internal entry points of the instruction-set specific files (see matmul_kernel.cc).

@@ -84,21 +84,34 @@ void DequantizeTile(const PackedWeights& p, int64_t tile, float* out) {
   }
 }
 
-// Expands one tile of nibble codes into the byte layout (groups of 4 k, one byte a code).
-void UnpackNibbleTile(const PackedWeights& p, int64_t tile, uint8_t* out) {
-  const __m512i low4 = _mm512_set1_epi8(0x0f);
-  const int64_t groups = p.block_padded / 8;
-  for (int64_t b = 0; b < p.num_blocks; ++b) {
-    const uint8_t* codes = BlockCodes(p, tile, b);
-    for (int64_t g = 0; g < groups; ++g, out += 128) {
-      const __m512i raw = _mm512_loadu_si512(codes + g * 64);
-      _mm512_storeu_si512(out, _mm512_and_si512(raw, low4));
-      _mm512_storeu_si512(out + 64, _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4));
-    }
+// body.template Run<rows>(row) for a run-time rows in 1..kMax.
+template <int kMax, class Body>
+void RunRowBlock(int64_t rows, int64_t row, const Body& body) {
+  if constexpr (kMax > 1) {
+    if (rows < kMax) return RunRowBlock<kMax - 1>(rows, row, body);
+  }
+  body.template Run<kMax>(row);
+}
+
+// Cuts [row_begin, row_end) into the fewest register blocks of at most kMax rows, all of nearly the
+// same size (30 rows in blocks of at most 4: 4, 4, 4, 4, 4, 4, 3, 3), rather than full blocks and a
+// thin remainder that would read the weights again for 1 or 2 rows.
+template <int kMax, class Body>
+void BalancedRowBlocks(int64_t row_begin, int64_t row_end, const Body& body) {
+  const int64_t n = row_end - row_begin;
+  if (n <= 0) return;
+  const int64_t blocks = (n + kMax - 1) / kMax, base = n / blocks, extra = n % blocks;
+  for (int64_t i = 0, r = row_begin; i < blocks; ++i) {
+    const int64_t rows = base + (i < extra ? 1 : 0);
+    RunRowBlock<kMax>(rows, r, body);
+    r += rows;
   }
 }
 
-template <int T, int kZp>
+// Integer mode: register blocks of up to kIntRows rows x T tiles read the packed codes straight from
+// the weights repacked at creation (nibbles unpacked in registers: an AND and a shift per 64 bytes,
+// no per-call copy); 4 x 4 keeps the 16 integer accumulators in registers and the float ones in L1.
+template <int T, bool kNibble, int kZp>
 struct IntPrefillBody {
   const PackedWeights& p;
   const TileCodes<T>& codes;
@@ -107,7 +120,7 @@ struct IntPrefillBody {
   const float* bias;
   float* Y;
   template <int R>
-  void Run(int64_t r) const { IntTilesAnyGroups<R, T, false, kZp>(p, codes, act, r, tile0, bias, Y); }
+  void Run(int64_t r) const { IntTilesAnyGroups<R, T, kNibble, kZp>(p, codes, act, r, tile0, bias, Y); }
 };
 
 template <int T>
@@ -123,25 +136,15 @@ struct FloatPrefillBody {
 };
 
 constexpr int kFloatPrefillRows = 4;  // float mode: from this many rows on, tiles are dequantized once and reused
-constexpr int kIntPrefillRows = kDecodeRows + 1;  // integer mode: ... nibble tiles expanded to bytes once
-constexpr int kIntRows = 6;           // register block of the integer prefill kernel (6 x 2 tiles)
-constexpr int kFloatRows = 8;    // register block of the float prefill kernel (8 x 2 tiles)
+constexpr int kIntPrefillRows = kDecodeRows + 1;  // integer mode: from this many rows on (fewer: decode kernels)
+constexpr int kIntRows = 4;           // register block of the integer prefill kernel (4 rows x 4 tiles)
+constexpr int kFloatRows = 8;         // register block of the float prefill kernel (8 x 2 tiles)
 
 template <int T, bool kNibble, int kZp>
 void IntPrefill(const PackedWeights& p, const ActRows& act, int64_t row_begin, int64_t row_end, int64_t tile0,
                 const float* bias, float* Y) {
-  TileCodes<T> codes = PackedTileCodes<T>(p, tile0);
-  thread_local std::vector<uint8_t> scratch;
-  if (kNibble) {  // expanded to bytes: [T][k_padded][16]
-    const int64_t stride = p.k_padded * 16;
-    scratch.resize(static_cast<size_t>(T * stride));
-    for (int t = 0; t < T; ++t) {
-      UnpackNibbleTile(p, tile0 + t, scratch.data() + t * stride);
-      codes.codes[t] = scratch.data() + t * stride;
-      codes.code_stride[t] = p.block_padded * 16;
-    }
-  }
-  ForRowBlocks<kIntRows>(row_begin, row_end, IntPrefillBody<T, kZp>{p, codes, act, tile0, bias, Y});
+  const TileCodes<T> codes = PackedTileCodes<T>(p, tile0);
+  BalancedRowBlocks<kIntRows>(row_begin, row_end, IntPrefillBody<T, kNibble, kZp>{p, codes, act, tile0, bias, Y});
 }
 
 template <int T, bool kNibble, int kZp>
@@ -150,25 +153,21 @@ void FloatPrefill(const PackedWeights& p, const float* a_padded, int64_t row_beg
   thread_local std::vector<float> scratch;
   scratch.resize(static_cast<size_t>(T * p.k_padded * 16));
   for (int t = 0; t < T; ++t) DequantizeTile<kNibble, kZp>(p, tile0 + t, scratch.data() + t * p.k_padded * 16);
-  ForRowBlocks<kFloatRows>(row_begin, row_end, FloatPrefillBody<T>{p, scratch.data(), a_padded, tile0, bias, Y});
+  BalancedRowBlocks<kFloatRows>(row_begin, row_end, FloatPrefillBody<T>{p, scratch.data(), a_padded, tile0, bias, Y});
 }
 
 template <bool kNibble, int kZp>
 void RunTiles(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin, int64_t row_end,
               int64_t tile_begin, int64_t tile_end, const float* bias, float* Y) {
-  for (int64_t t = tile_begin; t < tile_end; t += 2) {
-    if (t + 2 <= tile_end) {
-      if (act) {
-        IntPrefill<2, kNibble, kZp>(p, *act, row_begin, row_end, t, bias, Y);
-      } else {
-        FloatPrefill<2, kNibble, kZp>(p, a_padded, row_begin, row_end, t, bias, Y);
-      }
-    } else if (act) {
-      IntPrefill<1, kNibble, kZp>(p, *act, row_begin, row_end, t, bias, Y);
-    } else {
-      FloatPrefill<1, kNibble, kZp>(p, a_padded, row_begin, row_end, t, bias, Y);
-    }
+  int64_t t = tile_begin;
+  if (act) {
+    for (; t + 4 <= tile_end; t += 4) IntPrefill<4, kNibble, kZp>(p, *act, row_begin, row_end, t, bias, Y);
+    for (; t + 2 <= tile_end; t += 2) IntPrefill<2, kNibble, kZp>(p, *act, row_begin, row_end, t, bias, Y);
+    if (t < tile_end) IntPrefill<1, kNibble, kZp>(p, *act, row_begin, row_end, t, bias, Y);
+    return;
   }
+  for (; t + 2 <= tile_end; t += 2) FloatPrefill<2, kNibble, kZp>(p, a_padded, row_begin, row_end, t, bias, Y);
+  if (t < tile_end) FloatPrefill<1, kNibble, kZp>(p, a_padded, row_begin, row_end, t, bias, Y);
 }
 
 }  // namespace

@@ -61,8 +61,8 @@ bool AllFinite(const float* v, int64_t n) {
 // its non-finite outputs are replaced by that result times 2**e. Scaling by a power of two changes
 // no rounding in the normal range (run-time quantization included: same codes, scales times 2**-e),
 // so the recomputed outputs are what float32 arithmetic of unlimited range gives, rounded once at the
-// end. Outputs that were finite are never touched: normal results keep their bits; the cost for them
-// is one scan of Y.
+// end. Outputs that were finite are never touched: normal results keep their bits. Called only when
+// matmul::Compute reports a non-finite output, so a normal call pays no scan of Y here.
 void RecomputeOverflowedRows(const matmul::PackedWeights& packed, const float* x, const matmul::ActivationCodes* own,
                              int64_t rows, int64_t K, int64_t N, int64_t num_blocks, int64_t act_row_bytes,
                              const float* bias, float* y) {
@@ -201,11 +201,13 @@ class MatMulCpuKernel {
       const bool product_in_y = !r.quantized && width == N;
       std::unique_ptr<float[]> buffer(product_in_y ? nullptr : new float[static_cast<size_t>(rows * N)]);
       float* p = product_in_y ? r.y : buffer.get();
-      matmul::Compute(*packed, x, rows, call.bias.present ? call.bias.As<float>() : nullptr, p, parallel_for,
-                      use_codes ? &own : nullptr);
-      RecomputeOverflowedRows(*packed, x, use_codes ? &own : nullptr, rows, K, N, attrs_.num_blocks(),
-                              use_codes ? row_bytes(K, attrs_.act_bits) : 0,
-                              call.bias.present ? call.bias.As<float>() : nullptr, p);
+      const bool finite = matmul::Compute(*packed, x, rows, call.bias.present ? call.bias.As<float>() : nullptr, p,
+                                          parallel_for, use_codes ? &own : nullptr);
+      if (!finite) {
+        RecomputeOverflowedRows(*packed, x, use_codes ? &own : nullptr, rows, K, N, attrs_.num_blocks(),
+                                use_codes ? row_bytes(K, attrs_.act_bits) : 0,
+                                call.bias.present ? call.bias.As<float>() : nullptr, p);
+      }
       if (!r.quantized && epilogue == Epilogue::kNone) return;
       cpu::RowFormat out_fmt;
       if (r.quantized) {
@@ -217,13 +219,18 @@ class MatMulCpuKernel {
       // Rows in groups: epilogue into Y (float) or a group buffer, then one QuantizeRange per group.
       const int64_t group = std::max<int64_t>(1, std::min<int64_t>(64, 4096 / width));
       ParallelFor(ctx, rows, std::max<int64_t>(1, 8192 / N), [&](int64_t begin, int64_t end) {
-        std::vector<float> staged(r.quantized && epilogue != Epilogue::kNone ? static_cast<size_t>(group * width) : 0);
+        // Quantized Y: the epilogue writes into the product buffer itself when the widths agree (GELU in
+        // place), else into a group buffer (SiLU gating halves the width and reads both halves).
+        const bool in_place = width == N;
+        std::vector<float> staged(r.quantized && epilogue != Epilogue::kNone && !in_place
+                                      ? static_cast<size_t>(group * width)
+                                      : 0);
         for (int64_t row0 = begin; row0 < end; row0 += group) {
           const int64_t count = std::min(group, end - row0);
           const float* rows_p = p + row0 * N;
           const float* y = rows_p;
           if (epilogue != Epilogue::kNone) {
-            float* out = r.quantized ? staged.data() : r.y + row0 * width;
+            float* out = !r.quantized ? r.y + row0 * width : in_place ? p + row0 * N : staged.data();
             cpu::ApplyEpilogueRows(kernels, epilogue, rows_p, count, N, out);
             y = out;
           }
