@@ -33,6 +33,7 @@ from bct_onnx.block_format import (
     QuantizedTensor,
     _inverse,
     choose_scales,
+    default_scale_factor,
     pack_codes,
     pad_to_blocks,
     scales_to_float32,
@@ -135,9 +136,11 @@ class _BlockRounder:
     value before its final cast, so the block's codes are formed once, after its last column.
     """
 
-    def __init__(self, scales: np.ndarray, zero_points: np.ndarray | None, fmt: BlockFormat) -> None:
+    def __init__(
+        self, scales: np.ndarray, zero_points: np.ndarray | None, fmt: BlockFormat, scale_factor: float | None = None
+    ) -> None:
         self.fmt = fmt
-        self.scale = scales_to_float32(scales, fmt.scale_kind)
+        self.scale = scales_to_float32(scales, fmt.scale_kind, scale_factor)
         self.inverse = _inverse(self.scale)
         self.zero = None if fmt.symmetric else np.asarray(zero_points).astype(np.float32)
         self.low = np.float32(fmt.qmin)  # 0 unless symmetric
@@ -208,6 +211,8 @@ def gptq_quantize(
     scales = np.empty((n, fmt.num_blocks(k)), dtype=fmt.scale_dtype)
     zero_points = None if fmt.zero_point_dtype is None else np.empty(scales.shape, dtype=fmt.zero_point_dtype)
     order = np.argsort(-np.diag(hessian), kind="stable") if act_order else None
+    # float8e4m3: one factor for the whole weight, from its values before any correction
+    factor = default_scale_factor(weight, fmt)
     # Rows (output columns) are independent: walk them in chunks so the float64 working copy stays
     # small (an output projection of 49152 x 576 would take 226 MB at once) and cache-friendly; the
     # chunk's codes are packed before the next one (unpacked codes of the whole weight, and
@@ -223,16 +228,16 @@ def gptq_quantize(
             chunk_scales = scales[r : r + rows]
             chunk_zero_points = None if zero_points is None else zero_points[r : r + rows]
             if order is None:
-                rounders: _Rounders = _ScalesWhenReached(fmt, scale_search, chunk_scales, chunk_zero_points)
+                rounders: _Rounders = _ScalesWhenReached(fmt, scale_search, chunk_scales, chunk_zero_points, factor)
             else:
-                rounders = _StaticScales(w_t, order, fmt, scale_search, chunk_scales, chunk_zero_points)
+                rounders = _StaticScales(w_t, order, fmt, scale_search, chunk_scales, chunk_zero_points, factor)
                 w_t = w_t[order]
             codes_t = np.empty(w_t.shape, dtype=np.uint8)
             _gptq_walk(w_t, hinv, fmt, rounders, codes_t)
             if order is not None:
                 codes_t[order] = codes_t.copy()  # back to the weight's channel order
             codes[r : r + rows] = pack_codes(codes_t.T, fmt.bits)
-    return QuantizedTensor(codes, scales, zero_points, k, fmt)
+    return QuantizedTensor(codes, scales, zero_points, k, fmt, factor)
 
 
 class _Rounders(Protocol):
@@ -246,20 +251,30 @@ class _ScalesWhenReached:
     into scales and zero_points [rows, nb])."""
 
     def __init__(
-        self, fmt: BlockFormat, scale_search: bool, scales: np.ndarray, zero_points: np.ndarray | None
+        self,
+        fmt: BlockFormat,
+        scale_search: bool,
+        scales: np.ndarray,
+        zero_points: np.ndarray | None,
+        scale_factor: float | None = None,
     ) -> None:
         self.fmt, self.scale_search, self.scales, self.zero_points = fmt, scale_search, scales, zero_points
+        self.scale_factor = scale_factor
 
     def __call__(self, first: int, block: np.ndarray) -> list[_BlockRounder]:
         fmt = self.fmt
         b = first // fmt.block_size
         padded = pad_to_blocks(block.T.astype(np.float32), fmt)
-        s, zp = search_scales(padded, fmt) if self.scale_search else choose_scales(padded, fmt)
+        factor = self.scale_factor
+        s, zp = (
+            search_scales(padded, fmt, scale_factor=factor) if self.scale_search else choose_scales(padded, fmt, factor)
+        )
         self.scales[:, b] = s[:, 0]
         if self.zero_points is not None:
             assert zp is not None
             self.zero_points[:, b] = zp[:, 0]
-        return [_BlockRounder(self.scales[:, b], None if zp is None else self.zero_points[:, b], fmt)] * len(block)
+        zero = None if zp is None else self.zero_points[:, b]
+        return [_BlockRounder(self.scales[:, b], zero, fmt, factor)] * len(block)
 
 
 class _StaticScales:
@@ -274,15 +289,17 @@ class _StaticScales:
         scale_search: bool,
         scales: np.ndarray,
         zero_points: np.ndarray | None,
+        scale_factor: float | None = None,
     ) -> None:
         padded = pad_to_blocks(w_t.T.astype(np.float32), fmt)
-        s, zp = search_scales(padded, fmt) if scale_search else choose_scales(padded, fmt)
+        factor = scale_factor
+        s, zp = search_scales(padded, fmt, scale_factor=factor) if scale_search else choose_scales(padded, fmt, factor)
         scales[:] = s
         if zero_points is not None:
             assert zp is not None
             zero_points[:] = zp
         self.blocks = [
-            _BlockRounder(scales[:, b], None if zero_points is None else zero_points[:, b], fmt)
+            _BlockRounder(scales[:, b], None if zero_points is None else zero_points[:, b], fmt, factor)
             for b in range(scales.shape[1])
         ]
         self.block_of_step = order // fmt.block_size  # the block of the walk's i-th channel

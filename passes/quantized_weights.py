@@ -192,10 +192,6 @@ def quantized_initializers(
         # it chunk by chunk), so memory never holds it twice.
         array = np.ascontiguousarray(array.T) if array.nbytes <= _TRANSPOSE_COPY_BYTES else array.T
     if hessian is not None:
-        if fmt.scale_kind is ScaleKind.FLOAT8E4M3:
-            raise ValueError(
-                f"{source_name}: GPTQ does not choose float8e4m3 scales yet; use float8e5m2 scales or --calibration none"
-            )
         quantized = gptq_quantize(
             array, hessian, fmt, damping=damping, scale_search=scale_search, keep_dead_inputs=keep_dead_inputs
         )

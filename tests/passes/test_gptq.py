@@ -34,7 +34,7 @@ def _correlated_inputs(rng: np.random.Generator, rows: int, k: int, seed: int = 
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("scale_kind", [ScaleKind.FLOAT16, ScaleKind.POW2])
+@pytest.mark.parametrize("scale_kind", [ScaleKind.FLOAT16, ScaleKind.POW2, ScaleKind.FLOAT8E4M3])
 def test_gptq_lowers_output_error_and_stays_in_format(symmetric, scale_kind):
     rng = np.random.default_rng(0)
     k, n = 200, 48  # K not a multiple of the block size: a partial last block
@@ -47,6 +47,7 @@ def test_gptq_lowers_output_error_and_stays_in_format(symmetric, scale_kind):
     assert gptq.scales.dtype == fmt.scale_dtype
     assert (gptq.zero_points is None) == symmetric
     assert unpack_codes(gptq.codes, 4, k).max() <= 15
+    assert gptq.scale_factor == plain.scale_factor  # float8e4m3: the factor of the uncorrected weight
     err_gptq = np.linalg.norm(x @ (dequantize(gptq) - w).T)
     err_plain = np.linalg.norm(x @ (dequantize(plain) - w).T)
     assert err_gptq < 0.9 * err_plain, (err_gptq, err_plain)
