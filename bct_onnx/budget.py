@@ -40,6 +40,7 @@ from bct_onnx.block_format import (
     ScaleKind,
     choose_scales,
     codes_for,
+    default_scale_factor,
     dequantize_codes,
     pad_to_blocks,
 )
@@ -356,12 +357,15 @@ def fake_quantize(values: np.ndarray, fmt: BlockFormat, scale_search: bool) -> n
     """values [rows, D] quantized along D as the passes quantize them, then dequantized (no packing)."""
     d = values.shape[-1]
     out = np.empty_like(values, dtype=np.float32)
+    factor = default_scale_factor(values, fmt)  # float8e4m3: one factor for the whole tensor
     step = max(1, _CHUNK_ELEMENTS // max(1, d))
     for start in range(0, values.shape[0], step):
         blocks = pad_to_blocks(values[start : start + step], fmt)
-        scales, zero_points = search_scales(blocks, fmt) if scale_search else choose_scales(blocks, fmt)
-        codes = codes_for(blocks, scales, zero_points, fmt).reshape(blocks.shape[0], -1)[:, :d]
-        out[start : start + step] = dequantize_codes(codes, scales, zero_points, fmt)
+        scales, zero_points = (
+            search_scales(blocks, fmt, scale_factor=factor) if scale_search else choose_scales(blocks, fmt, factor)
+        )
+        codes = codes_for(blocks, scales, zero_points, fmt, factor).reshape(blocks.shape[0], -1)[:, :d]
+        out[start : start + step] = dequantize_codes(codes, scales, zero_points, fmt, factor)
     return out
 
 

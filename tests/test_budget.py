@@ -213,3 +213,15 @@ def test_budget_floor_keeps_a_plan_no_worse_than_the_fixed_widths():
     from bct_onnx.api import make_config
 
     assert not make_config(CompressConfig(), target_ratio=6.0).budget_floor  # explicit ratio: honoured
+
+
+def test_fake_quantize_of_float8e4m3_is_the_weight_quantizer():
+    """The budget measures what the passes store: one float8e4m3 factor for the whole tensor."""
+    from bct_onnx.block_format import BlockFormat, dequantize
+    from bct_onnx.budget import fake_quantize
+    from bct_onnx.weight_quantizer import quantize_tensor
+
+    values = (np.random.default_rng(3).standard_normal((70, 96)) * np.geomspace(1e-3, 10, 70)[:, None]).astype(np.float32)
+    fmt = BlockFormat(4, 32, True, "float8e4m3")
+    for search in (True, False):
+        np.testing.assert_array_equal(fake_quantize(values, fmt, search), dequantize(quantize_tensor(values, fmt, search)))
