@@ -169,8 +169,9 @@ class CompressConfig:
         with float32 scales: value u * scale + offset, the block minimum, as GGUF's Q4_1 / AWQ /
         MatMulNBits). "integer" costs 8 bits a block, "packed" `bits` bits; "float" costs 8 more
         bits a block than "integer" (16 with float32 scales) and needs symmetric=False.
-    scale_kind: how block scales are stored (float16, float32, pow2, float8e5m2; float8e5m2 is for
-        weights and tables: activations quantized at run time then keep float16 scales). float8e5m2
+    scale_kind: how block scales are stored (float16, float32, pow2, float8e5m2, float8e4m3; the
+        float8 kinds are for weights and tables: activations quantized at run time then keep float16
+        scales; float8e4m3 adds one float32 factor per tensor, docs/block_format.md). float8e5m2
         costs one byte a block (4-bit codes in blocks of 32: 4.25 bits a value, not 4.5); under a
         budget the bytes it saves buy more bits where they matter (docs/results.md).
     embedding_bits: code width of Gather tables; None = weight_bits.

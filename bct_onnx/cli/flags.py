@@ -175,7 +175,8 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
         choices=[kind.value for kind in ScaleKind],
         default=quiet,
         help="how block scales are stored (default: float16, decoders float8e5m2 unless --no-kind-defaults; "
-        "float8e5m2: one byte a block, weights only)",
+        "float8e5m2: one byte a block, weights only; float8e4m3: the same with 3 mantissa bits and a "
+        "per-tensor factor, measured no better, docs/results.md)",
     )
     parser.add_argument(
         "--embedding-scale-kind",
