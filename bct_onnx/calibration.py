@@ -33,7 +33,10 @@ logger = logging.getLogger(__name__)
 MatMulKey = tuple[str, str]  # (activation input name, weight initializer name)
 
 
-DEFAULT_DAMPING = 0.01  # GPTQ's damping for calibration on real inputs (text through a tokenizer)
+DEFAULT_DAMPING = 0.01  # GPTQ's damping (the paper's) for calibration inputs given by the caller
+# GPTQ's damping for text calibration (text_feeds): the shipped text (about 7k tokens) describes an
+# evaluation text loosely, so GPTQ trusts its Hessians less (docs/results.md, "Calibration text and Hessians").
+TEXT_DAMPING = 0.1
 
 
 class CalibrationError(BctOnnxError, ValueError):
@@ -56,10 +59,19 @@ class Calibration:
             raise CalibrationError(f"calibration damping must be > 0, got {self.damping!r}")
 
 
+# Shipped calibration lines: short public-domain quotations, then original paragraphs of prose
+# (about 120 tokens each) that give the Hessians longer contexts and more tokens than the inputs of
+# a decoder's down projection (docs/results.md, "Calibration text and Hessians").
+SHIPPED_TEXT_FILES = ("data/calibration_text.txt", "data/calibration_prose.txt")
+
+
 def calibration_text() -> list[str]:
-    """Public-domain English lines shipped for calibration (never the demo's evaluation sentences)."""
-    text = resources.files("bct_onnx").joinpath("data/calibration_text.txt").read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    """English lines shipped for calibration (never the demo's or eval's evaluation text)."""
+    lines = []
+    for name in SHIPPED_TEXT_FILES:
+        text = resources.files("bct_onnx").joinpath(name).read_text(encoding="utf-8")
+        lines += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return lines
 
 
 # Calibration text sources: a path to a UTF-8 file, or one of these names ("auto" = "shipped").
@@ -134,34 +146,66 @@ def text_feeds(
     ]
     if unknown:
         raise CalibrationError(f"cannot build calibration inputs from text for graph inputs {unknown}")
-    batches = []
     if getattr(tokenizer, "pad_token", "") is None:
-        # Decoder tokenizers often have no pad token (SmolLM2, GPT-2): one text per batch needs no
-        # padding, and no pad rows enter the Hessians.
-        batch_size = 1
-    for start in range(0, len(texts), batch_size):
-        enc = tokenizer(
-            texts[start : start + batch_size], padding=batch_size > 1, truncation=True, max_length=max_length,
-            return_tensors="np",
-        )
-        batch, seq = enc["input_ids"].shape
-        feeds: dict[str, np.ndarray] = {}
-        for value in model.graph.inputs:
-            if value.name.startswith(PAST_PREFIX):
-                feeds[value.name] = _empty_cache(value, batch)
-                continue
-            if value.name == "position_ids":
-                feeds["position_ids"] = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
-            elif value.name == "token_type_ids" and "token_type_ids" not in enc:
-                feeds[value.name] = np.zeros_like(enc["input_ids"], dtype=np.int64)
-            else:
-                feeds[value.name] = np.asarray(enc[value.name])
-            if value.dtype == ir.DataType.INT32:
-                feeds[value.name] = feeds[value.name].astype(np.int32)
-            else:
-                feeds[value.name] = feeds[value.name].astype(np.int64)
-        batches.append(feeds)
-    return Calibration(tuple(batches))
+        # Decoder tokenizers often have no pad token (SmolLM2, GPT-2): the texts are packed into
+        # sequences of equal length instead, so no pad rows enter the Hessians (packed_token_ids).
+        encodings = [
+            {"input_ids": rows, "attention_mask": np.ones_like(rows)}
+            for rows in packed_token_ids(tokenizer, texts, max_length, batch_size)
+        ]
+    else:
+        encodings = [
+            tokenizer(texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length,
+                      return_tensors="np")
+            for start in range(0, len(texts), batch_size)
+        ]
+    return Calibration(tuple(_text_batch(model, enc) for enc in encodings), damping=TEXT_DAMPING)
+
+
+def packed_token_ids(tokenizer: Any, texts: Sequence[str], length: int, batch_size: int) -> list[np.ndarray]:
+    """The texts' tokens (each text up to ``length`` tokens, ended by a newline) run together and cut
+    into sequences of ``length``, ``batch_size`` a batch: [rows, length] arrays, the last one shorter.
+
+    Packing, as GPTQ cuts its calibration corpus into segments, fills every position up to ``length``
+    whatever the texts' lengths, and one batch runs many texts: short texts one at a time cost one
+    run of the model per text.
+    """
+    pieces = [
+        np.asarray(tokenizer([text + "\n"], padding=False, truncation=True, max_length=length, return_tensors="np")[
+            "input_ids"
+        ]).reshape(-1)
+        for text in texts
+    ]
+    ids = np.concatenate(pieces).astype(np.int64) if pieces else np.zeros(0, np.int64)
+    if ids.size == 0:
+        raise CalibrationError("the calibration texts hold no tokens")
+    full = ids.size // length
+    sequences = [ids[i * length : (i + 1) * length] for i in range(full)]
+    batches = [np.stack(sequences[i : i + batch_size]) for i in range(0, full, batch_size)]
+    if ids.size > full * length:
+        batches.append(ids[full * length :].reshape(1, -1))
+    return batches
+
+
+def _text_batch(model: ir.Model, enc: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The graph's inputs for one tokenized batch (input_ids, attention_mask [, token_type_ids])."""
+    batch, seq = enc["input_ids"].shape
+    feeds: dict[str, np.ndarray] = {}
+    for value in model.graph.inputs:
+        if value.name.startswith(PAST_PREFIX):
+            feeds[value.name] = _empty_cache(value, batch)
+            continue
+        if value.name == "position_ids":
+            feeds["position_ids"] = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
+        elif value.name == "token_type_ids" and "token_type_ids" not in enc:
+            feeds[value.name] = np.zeros_like(enc["input_ids"], dtype=np.int64)
+        else:
+            feeds[value.name] = np.asarray(enc[value.name])
+        if value.dtype == ir.DataType.INT32:
+            feeds[value.name] = feeds[value.name].astype(np.int32)
+        else:
+            feeds[value.name] = feeds[value.name].astype(np.int64)
+    return feeds
 
 
 def _empty_cache(value: ir.Value, batch: int) -> np.ndarray:

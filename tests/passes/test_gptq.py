@@ -18,7 +18,7 @@ from bct_onnx.block_format import (
     pad_to_blocks,
     unpack_codes,
 )
-from bct_onnx.calibration import Calibration, CalibrationError, collect_hessians, text_feeds
+from bct_onnx.calibration import TEXT_DAMPING, Calibration, CalibrationError, collect_hessians, text_feeds
 from bct_onnx.config import CompressConfig
 from bct_onnx.gptq import gptq_quantize, inverse_hessian_factor
 from bct_onnx.weight_quantizer import quantize_tensor, search_scales
@@ -290,14 +290,21 @@ class _NoPadTokenizer:
         return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
-def test_text_feeds_without_pad_token_uses_one_text_per_batch():
+def test_text_feeds_without_pad_token_packs_texts_into_equal_sequences():
     text = """<ir_version: 8, opset_import: ["" : 17]>
     g (int64[B, S] input_ids, int64[B, S] attention_mask) => (int64[B, S] y) { y = Identity(input_ids) }"""
     model = model_from_text(text)
     texts = ["one two three", "four five", "six seven eight nine"]
-    calibration = text_feeds(model, _NoPadTokenizer(), texts=texts, batch_size=8)
-    assert [batch["input_ids"].shape for batch in calibration.feeds] == [(1, 3), (1, 2), (1, 4)]
+    calibration = text_feeds(model, _NoPadTokenizer(), texts=texts, max_length=4, batch_size=2)
+    # The tokens (here: word lengths) of all texts run together, cut into rows of 4, two rows a batch;
+    # the 9th token is a batch of its own: no padding anywhere.
+    ids = [batch["input_ids"].tolist() for batch in calibration.feeds]
+    assert ids == [[[3, 3, 5, 4], [4, 3, 5, 5]], [[4]]]
     assert all(batch["attention_mask"].all() for batch in calibration.feeds)
+    assert calibration.damping == TEXT_DAMPING
+    # Each text keeps at most max_length tokens before packing.
+    (only,) = text_feeds(model, _NoPadTokenizer(), texts=["a bb ccc dddd eeeee"], max_length=3).feeds
+    assert only["input_ids"].tolist() == [[1, 2, 3]]
 
 
 TIED_LM = """<ir_version: 8, opset_import: ["" : 17]>
