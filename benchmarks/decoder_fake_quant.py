@@ -18,6 +18,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from fractions import Fraction
 
 import numpy as np
 
@@ -74,7 +75,7 @@ for _group in GROUPS:  # one group at 8 bits, the rest as "w4": per-group sensit
 PLANS["8bit:table"] = PLANS["t8"]
 
 
-IMPORTANCE_MODES = ("none", "gamma", "gamma-notable", "random[:BxL[:seed]]", "text")
+IMPORTANCE_MODES = ("none", "gamma", "gamma-notable", "random[:BxL[:seed]]", "text", "MODE^power")
 
 
 def _silu_square_mean(std: np.ndarray) -> np.ndarray:
@@ -135,6 +136,15 @@ def measured_importance(model, ids) -> dict[str, np.ndarray]:
 
 
 def channel_importance(model, mode: str, text_ids) -> dict[str, np.ndarray]:
+    """Importance per weight name; a suffix "^p" raises every importance to the power p (then mean 1)."""
+    if "^" in mode:
+        base, power = mode.rsplit("^", 1)
+        raised = {k: v.astype(np.float64) ** float(power) for k, v in channel_importance(model, base, text_ids).items()}
+        return {k: (v / v.mean()).astype(np.float32) for k, v in raised.items()}
+    return _channel_importance(model, mode, text_ids)
+
+
+def _channel_importance(model, mode: str, text_ids) -> dict[str, np.ndarray]:
     import torch
 
     if mode == "none":
@@ -176,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", action="append", choices=sorted(PLANS), default=[])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
+        "--clip-ratios",
+        help="comma-separated clip ratios of the scale search instead of weight_quantizer.CLIP_RATIOS (1.0 first)",
+    )
+    parser.add_argument(
         "--importance",
         action="append",
         default=[],
@@ -184,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.clip_ratios:
+        import bct_onnx.weight_quantizer as wq
+
+        wq.CLIP_RATIOS = tuple(float(Fraction(r)) for r in args.clip_ratios.split(","))
     model = smollm2.load_torch_model()
     tokenizer = smollm2.load_tokenizer()
     # Moby-Dick from its middle (past the front matter); an Austen book from its start.
