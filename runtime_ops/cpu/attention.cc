@@ -5,7 +5,9 @@
 // head; query heads of a group share their KV head) computes its strip of block dots [rows, Sk] with
 // BlockActMatMul's dot kernels (the same values as nl::act_dot), then runs the streaming softmax x V of
 // bct/attention_math.h over it through Kernels(isa).attention_rows. Only a strip of dots per task is
-// stored, never the probability matrix.
+// stored, never the probability matrix. An encoder's [B, S, H * Dh] Q, K, V and Y are used in place:
+// rows are quantized in storage order, a task gathers its run of query codes, keys and values are
+// read H rows apart and Y rows written H * Dh floats apart.
 #include <algorithm>
 #include <memory>
 #include <vector>
@@ -41,17 +43,15 @@ class AttentionCpuKernel : public AttentionKernelBase {
       const int64_t nb = num_blocks(dh, bs);
       const int64_t q_rows = g.batch * g.q_heads * g.sq, kv_rows = g.batch * g.kv_heads * g.sk;
       const int64_t group = std::max<int64_t>(1, std::min<int64_t>(64, 4096 / dh));  // rows per quantizer call
-      std::unique_ptr<float[]> q_step, y_heads;
+      std::unique_ptr<float[]> q_step;
       if (g.step) {
         q_step = Buffer<float>(q_rows * dh);
         AppendStep(ctx, &g, q_step.get());
       }
       if (q_rows == 0) return;
-      float* y = y_out;
-      if (g.step && g.step_dims.packed) {
-        y_heads = Buffer<float>(q_rows * dh);
-        y = y_heads.get();
-      }
+      // Q, K, V rows in storage order: heads first, or [B, S, H * Dh] (g.packed); Y packed also for a
+      // packed step (whose Q and present cache are heads first).
+      const bool y_packed = g.packed || (g.step && g.step_dims.packed);
 
       auto qq = Buffer<int8_t>(q_rows * dh);
       auto qs = Buffer<float>(q_rows * nb);
@@ -96,21 +96,25 @@ class AttentionCpuKernel : public AttentionKernelBase {
       std::vector<int8_t> k_major(vnni_dots ? 0 : static_cast<size_t>(kv_rows * dh));
       std::vector<float> k_major_scales(vnni_dots ? 0 : static_cast<size_t>(kv_rows * nb));
       if (vnni_dots) vnni::InitPackedB(packed, kv_heads, g.sk, dh, bs);
+      auto key_row = [&](int64_t head, int64_t key) {  // storage row of key `key` of head b * Hkv + h
+        return nl::attention_row_index(g.packed, g.kv_heads, g.sk, head / g.kv_heads, head % g.kv_heads, key);
+      };
       ParallelFor(ctx, kv_rows, 256, [&](int64_t begin, int64_t end) {
-        if (vnni_dots) {  // runs of keys inside one head
+        if (vnni_dots) {  // runs of keys inside one head (single keys when packed)
           for (int64_t r = begin; r < end;) {
-            const int64_t head = r / g.sk, key = r % g.sk, count = std::min(end - r, g.sk - key);
-            vnni::PackRows(packed, head, key, count, kq.get() + r * dh, ks.get() + r * nb);
+            const int64_t head = r / g.sk, key = r % g.sk;
+            const int64_t count = g.packed ? 1 : std::min(end - r, g.sk - key), src = key_row(head, key);
+            vnni::PackRows(packed, head, key, count, kq.get() + src * dh, ks.get() + src * nb);
             r += count;
           }
           return;
         }
         for (int64_t r = begin; r < end; ++r) {
-          const int64_t head = r / g.sk, key = r % g.sk;
+          const int64_t head = r / g.sk, key = r % g.sk, src = key_row(head, key);
           int8_t* col = k_major.data() + head * dh * g.sk + key;
-          for (int64_t d = 0; d < dh; ++d) col[d * g.sk] = kq[static_cast<size_t>(r * dh + d)];
+          for (int64_t d = 0; d < dh; ++d) col[d * g.sk] = kq[static_cast<size_t>(src * dh + d)];
           float* sc = k_major_scales.data() + head * nb * g.sk + key;
-          for (int64_t b = 0; b < nb; ++b) sc[b * g.sk] = ks[static_cast<size_t>(r * nb + b)];
+          for (int64_t b = 0; b < nb; ++b) sc[b * g.sk] = ks[static_cast<size_t>(src * nb + b)];
         }
       });
 
@@ -124,15 +128,26 @@ class AttentionCpuKernel : public AttentionKernelBase {
         std::vector<float> dots(static_cast<size_t>(run * g.sk));
         std::vector<int32_t> acc(vnni_dots ? 0 : static_cast<size_t>(g.sk));
         std::vector<uint8_t> scratch(vnni_dots ? static_cast<size_t>(4 * nb * packed.groups * 4) : 0);
+        std::vector<int8_t> run_codes(g.packed ? static_cast<size_t>(run * dh) : 0);
+        std::vector<float> run_scales(g.packed ? static_cast<size_t>(run * nb) : 0);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t head_index = task / runs_per_head;  // b * Hq + h
           const int64_t b = head_index / g.q_heads, h = head_index % g.q_heads;
           const int64_t i0 = (task % runs_per_head) * run;
           const int64_t rows = std::min(run, g.sq - i0);
-          const int64_t kv_head = b * g.kv_heads + h / per_group;
-          const int64_t row = head_index * g.sq + i0;
+          const int64_t kv_h = h / per_group, kv_head = b * g.kv_heads + kv_h;
+          const int64_t row = nl::attention_row_index(g.packed, g.q_heads, g.sq, b, h, i0);
           const int8_t* q_codes = qq.get() + row * dh;
           const float* q_scales = qs.get() + row * nb;
+          if (g.packed) {  // the run's rows are q_heads rows apart: gather them for the dot kernels
+            for (int64_t r = 0; r < rows; ++r) {
+              const int64_t src = row + r * g.q_heads;
+              std::copy(qq.get() + src * dh, qq.get() + (src + 1) * dh, run_codes.data() + r * dh);
+              std::copy(qs.get() + src * nb, qs.get() + (src + 1) * nb, run_scales.data() + r * nb);
+            }
+            q_codes = run_codes.data();
+            q_scales = run_scales.data();
+          }
           if (vnni_dots) {
             vnni::DotRows(packed, kv_head, q_codes, q_scales, rows, scratch.data(), dots.data(), g.sk);
           } else {
@@ -142,25 +157,22 @@ class AttentionCpuKernel : public AttentionKernelBase {
                                    dots.data() + r * g.sk);
             }
           }
+          const int64_t key0 = nl::attention_row_index(g.packed, g.kv_heads, g.sk, b, kv_h, 0);
           nl::AttentionKeys kv;
-          kv.codes = kq.get() + kv_head * g.sk * dh;
-          kv.scales = ks.get() + kv_head * g.sk * nb;
-          kv.values = values + kv_head * g.sk * dh;
+          kv.codes = kq.get() + key0 * dh;
+          kv.scales = ks.get() + key0 * nb;
+          kv.values = values + key0 * dh;
           kv.dh = dh;
           kv.nb = nb;
           kv.block_size = bs;
+          kv.key_step = g.packed ? g.kv_heads : 1;
           const float* mask = g.mask != nullptr ? g.mask + b * g.mask_strides[0] + h * g.mask_strides[1] : nullptr;
+          const int64_t y_row = nl::attention_row_index(y_packed, g.q_heads, g.sq, b, h, i0);
           kernels_.attention_rows(q_codes, q_scales, dots.data(), rows, i0, g.sq, g.sk, attrs_.causal, kv,
-                                  attrs_.scale, mask, g.mask_strides[2], g.mask_strides[3], y + row * dh);
+                                  attrs_.scale, mask, g.mask_strides[2], g.mask_strides[3], y_out + y_row * dh,
+                                  y_packed ? g.q_heads * dh : dh);
         }
       });
-      if (y != y_out) {  // [B, Hq, Sq, Dh] -> [B, Sq, Hq * Dh]
-        for (int64_t r = 0; r < q_rows; ++r) {
-          const int64_t i = r % g.sq, bh = r / g.sq;
-          std::copy(y + r * dh, y + (r + 1) * dh,
-                    y_out + nl::step_row_offset(g.step_dims, g.q_heads, bh / g.q_heads, bh % g.q_heads, i));
-        }
-      }
     });
   }
 
