@@ -58,6 +58,10 @@ REFERENCE_BITS = 3  # sensitivity is measured with each unit at 3 bits: a clear 
 SAMPLE_VALUES = 1 << 15  # values (whole rows, at least 16) sampled to estimate a unit's error per format
 SYNTHETIC_BATCH = 2
 SYNTHETIC_SEQUENCE = 32
+# Calibration tokens the sensitivities are measured on (every unit runs the model on them once):
+# whole batches up to this many, else the first rows of the first batch (a decoder's packed batch
+# holds 1024 tokens; an encoder's first two batches of 8 shipped lines hold about 500).
+MEASURE_TOKENS = 512
 _CHUNK_ELEMENTS = 1 << 22  # rows are fake-quantized in chunks of about this many values
 # The plan counts codes, scales and the float parts exactly; the compressed graph's own bytes (node
 # attributes, initializer names) are an allowance, corrected by a second plan when the file is larger.
@@ -420,6 +424,34 @@ def _lookup_vocabulary(model: ir.Model) -> dict[str, int]:
     return found
 
 
+def measurement_batches(feeds: Sequence[Mapping[str, np.ndarray]], tokens: int) -> list[dict[str, np.ndarray]]:
+    """The first calibration batches holding at most ``tokens`` tokens (attention mask ones, else
+    input_ids elements), at most two; when the first batch alone holds more, its first rows that
+    fit (at least one). Every input of a batch has its rows on the first axis."""
+    picked: list[dict[str, np.ndarray]] = []
+    total = 0
+    for batch in list(feeds)[:2]:
+        counts = _row_tokens(batch)
+        if total + int(counts.sum()) <= tokens:
+            picked.append(dict(batch))
+            total += int(counts.sum())
+            continue
+        if not picked:
+            rows = max(1, int(np.searchsorted(np.cumsum(counts), tokens, side="right")))
+            picked.append({name: np.asarray(value)[:rows] for name, value in batch.items()})
+        break
+    return picked
+
+
+def _row_tokens(batch: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Tokens of each row of a batch: its attention mask's ones, else its input_ids' length."""
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        return np.asarray(mask).reshape(len(mask), -1).sum(axis=1)
+    ids = np.asarray(batch["input_ids"] if "input_ids" in batch else next(iter(batch.values())))
+    return np.full(len(ids), ids[0].size)
+
+
 def synthetic_feeds(
     model: ir.Model, batch: int = SYNTHETIC_BATCH, sequence: int = SYNTHETIC_SEQUENCE, seed: int = 0
 ) -> list[dict[str, np.ndarray]]:
@@ -552,7 +584,7 @@ class BudgetPlanner:
         self.input_bytes = input_bytes
         self.fixed_bytes = input_bytes - sum(unit.float_bytes for unit in self.units)
         self.inputs = "calibration" if feeds else "synthetic"
-        batches = list(feeds)[:2] if feeds else synthetic_feeds(model)
+        batches = measurement_batches(feeds, MEASURE_TOKENS) if feeds else synthetic_feeds(model)
         self.swapper = _WeightSwapper(model, self.units, batches)
         self.candidates: dict[str, list[Candidate]] = {}
         self.sensitivities: dict[str, float] = {}

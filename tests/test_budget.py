@@ -19,6 +19,7 @@ from bct_onnx.budget import (
     allocate,
     find_units,
     format_bytes,
+    measurement_batches,
     synthetic_feeds,
     unit_format,
 )
@@ -130,6 +131,28 @@ def test_find_units_counts_a_tied_table_once_with_both_readers():
     assert units["w1"].transposed and (units["w1"].rows, units["w1"].axis_size) == (256, 128)
     fmt = unit_format(units["w1"], CompressConfig(), 4, 32)
     assert format_bytes(units["w1"], fmt) == 256 * (64 + 4 * 2)  # 128 codes of 4 bits + 4 float16 scales
+
+
+def test_sensitivities_are_measured_on_a_bounded_number_of_calibration_tokens():
+    def batch(rows, seq, real):
+        mask = np.zeros((rows, seq), np.int64)
+        mask[:, :real] = 1
+        ids = np.arange(rows * seq).reshape(rows, seq)
+        return {"input_ids": ids, "attention_mask": mask, "past": np.zeros((rows, 2, 0, 4), np.float32)}
+
+    # Padded batches (an encoder's): whole batches while their real tokens fit, at most two.
+    padded = [batch(8, 80, 40), batch(8, 50, 20), batch(8, 50, 20)]
+    picked = measurement_batches(padded, 512)
+    assert [b["input_ids"].shape for b in picked] == [(8, 80), (8, 50)]
+    assert measurement_batches(padded, 400)[0] is not padded[0]
+    assert [b["input_ids"].shape for b in measurement_batches(padded, 400)] == [(8, 80)]
+    # A decoder's packed batch of 8 x 128 tokens: its first 4 rows, every input cut alike.
+    (packed,) = measurement_batches([batch(8, 128, 128)] * 2, 512)
+    assert packed["input_ids"].shape == (4, 128) and packed["past"].shape == (4, 2, 0, 4)
+    np.testing.assert_array_equal(packed["input_ids"], np.arange(512).reshape(4, 128))
+    # Never empty: one row even when a single row holds more than the budget.
+    (one,) = measurement_batches([{"input_ids": np.zeros((3, 700), np.int64)}], 512)
+    assert one["input_ids"].shape == (1, 700)
 
 
 def test_synthetic_feeds_fill_text_inputs_and_name_the_rest():
