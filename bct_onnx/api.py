@@ -387,8 +387,8 @@ def compress(
     progress: show tqdm bars on stderr. debug_dir: keep the input model and, where the pipeline
     supports it, the model after every pass that changed it; tensors over 1 KiB are left out
     (references to a file that is not written) unless ``debug_weights``.
-    calibration: "auto" (default: GPTQ rounding of MatMul weights, calibrated on public-domain
-    text, whenever a tokenizer is found next to the model or in the Hugging Face directory, or given
+    calibration: "auto" (default: GPTQ rounding of MatMul weights, calibrated on English text
+    shipped in the package, whenever a tokenizer is found next to the model or in the Hugging Face directory, or given
     as ``tokenizer``; without one, data-free: see "data-free"), "text" (the same, an error without a
     tokenizer), "data-free" (what a model without a tokenizer gets, even when one is found: encoders
     GPTQ on random token ids, decoders a scale search weighted by each input channel's mean square
@@ -396,7 +396,7 @@ def compress(
     bct_onnx.calibration.Calibration of your own input batches (an
     bct_onnx.channel_importance.ImportanceCalibration: only their channel mean squares are used).
     calibration_text: where text calibration's words come from: "auto" or "shipped" (the
-    public-domain lines shipped in the package), "moby-dick" (Melville's novel from Debian's
+    public-domain quotations and original prose shipped in the package), "moby-dick" (Melville's novel from Debian's
     r-cran-tokenizers, fetched once), or the path of a UTF-8 text file of your own.
     html_report: write a self-contained HTML page of charts here (bct_onnx.html_report; needs the
     [report] extra): sizes by component and layer, weight and output errors, bits per weight.

@@ -86,8 +86,8 @@ SHIPPED_MAX_TOKENS = 128
 def calibration_texts(source: str = "auto") -> tuple[list[str], int, str]:
     """(texts, max tokens per text, description) of a calibration source.
 
-    "auto" / "shipped": the public-domain lines inside the package; "moby-dick": windows of
-    Melville's novel from Debian's r-cran-tokenizers (fetched once with apt-get download, then
+    "auto" / "shipped": public-domain quotations and original prose inside the package; "moby-dick":
+    windows of Melville's novel from Debian's r-cran-tokenizers (fetched once with apt-get download, then
     cached); a .jsonl file: its records' "text" fields; a .parquet / .arrow file or a
     save_to_disk directory: its "text" column (needs `datasets`); any other file: windows of UTF-8 text.
     """

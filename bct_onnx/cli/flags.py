@@ -294,7 +294,7 @@ def add_calibration_flags(parser: argparse.ArgumentParser) -> None:
         "--calibration-text",
         metavar="SOURCE",
         default="auto",
-        help="text that GPTQ calibrates on: shipped (public-domain lines inside the package; also auto, "
+        help="text that GPTQ calibrates on: shipped (public-domain quotations and original prose inside the package; also auto, "
         "the default), moby-dick (Debian r-cran-tokenizers, fetched once), a .jsonl file (the \"text\" "
         "field of each record), a .parquet / .arrow file or save_to_disk directory with a \"text\" column "
         "(only when the datasets package is installed), or a UTF-8 text file, cut into 64 windows of 256 words",
