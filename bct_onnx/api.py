@@ -246,6 +246,7 @@ def _calibration(
         "tokens": _token_count(feeds),
         "source": description,
         "tokenizer": str(folder),
+        "damping": feeds.damping,
     }
 
 

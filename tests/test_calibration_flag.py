@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper, save_model
 
 import bct_onnx
 from bct_onnx import cli
-from bct_onnx.calibration import Calibration
+from bct_onnx.calibration import TEXT_DAMPING, Calibration
 
 VOCAB, HIDDEN, OUT = 30522, 64, 32  # MiniLM's vocabulary size: its tokenizer's ids index the table
 GPTQ_RULE = "MatMul weight rounded by GPTQ (calibrated)"
@@ -63,6 +63,7 @@ def test_auto_calibrates_with_the_tokenizer_next_to_the_model(tmp_path: Path) ->
     _, report = bct_onnx.compress(model, tmp_path / "out.onnx", ops=frozenset({"MatMul", "Gather"}))
     assert report.calibration["method"] == "gptq"
     assert report.calibration["tokenizer"] == str(model.parent)
+    assert report.calibration["damping"] == TEXT_DAMPING
     assert report.rules[GPTQ_RULE] == 1
     assert "calibration: GPTQ" in report.summary()
 
