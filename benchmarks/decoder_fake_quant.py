@@ -66,6 +66,8 @@ PLANS: dict[str, tuple[BlockFormat, BlockFormat, list[tuple[str, BlockFormat]]]]
     "t5a64-v6": (fmt(5, symmetric=False, block=64), fmt(4), [("v_proj", fmt(6))]),
     "t5a64-v6-up-a4": (fmt(5, symmetric=False, block=64), fmt(4), [("v_proj", fmt(6)), ("up_proj", fmt(4, symmetric=False))]),
     "t4a-v6": (fmt(4, symmetric=False), fmt(4), [("v_proj", fmt(6))]),
+    "t5a-v5-up-a4": (fmt(5, symmetric=False), fmt(4), [("v_proj", fmt(5)), ("up_proj", fmt(4, symmetric=False))]),
+    "t5a-v5-gate-a4": (fmt(5, symmetric=False), fmt(4), [("v_proj", fmt(5)), ("gate_proj", fmt(4, symmetric=False))]),
 }
 # Bits of a compressed file besides the linear weights and the table (norm weights, graph, metadata):
 # the decoder default's measured 7.04x file minus its weight bits.
@@ -76,7 +78,7 @@ for _group in GROUPS:  # one group at 8 bits, the rest as "w4": per-group sensit
 PLANS["8bit:table"] = PLANS["t8"]
 
 
-IMPORTANCE_MODES = ("none", "gamma", "gamma-notable", "random[:BxL[:seed]]", "text", "MODE^power", "gptq-full", "gptq-mean")
+IMPORTANCE_MODES = ("none", "gamma", "gamma-notable", "random[:BxL[:seed]]", "text", "MODE^power", "gptq-full[@damping]", "gptq-mean[@damping]")
 
 
 def _silu_square_mean(std: np.ndarray) -> np.ndarray:
@@ -152,6 +154,7 @@ def gptq_hessians(model, mode: str) -> dict[str, np.ndarray]:
 
     ids = torch.randint(0, model.config.vocab_size, (4, 128), generator=torch.Generator().manual_seed(0))
     stats = linear_input_stats(model, ids)
+    mode = mode.split("@")[0]  # "@damping" applies to the rounding, not to the Hessian
     if mode == "gptq-full":
         return {k: h.astype(np.float32) for k, (h, _) in stats.items()}
     if mode == "gptq-mean":
@@ -246,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     def rounded(weight: str, f: BlockFormat, mode: str) -> torch.Tensor:
         w = originals[weight].numpy()
         if mode in hessians:
-            q = gptq_quantize(w, hessians[mode][weight], f, damping=GPTQ_DAMPING, keep_dead_inputs=True)
+            damping = float(mode.split("@")[1]) if "@" in mode else GPTQ_DAMPING
+            q = gptq_quantize(w, hessians[mode][weight], f, damping=damping, keep_dead_inputs=True)
         else:
             q = quantize_tensor(w, f, importance=importances[mode].get(weight))
         return torch.from_numpy(dequantize(q).reshape(w.shape))
