@@ -153,7 +153,7 @@ def test_compressed_decoder_stores_the_tied_table_once_at_the_wider_width(tmp_pa
 
 
 def test_tied_table_block_size_and_asymmetric_weights_of_the_plan(monkeypatch):
-    import bct_onnx.model_defaults as model_defaults
+    from bct_onnx import model_defaults
 
     monkeypatch.setattr(model_defaults, "DECODER_TIED_TABLE_BLOCK_SIZE", 16)
     monkeypatch.setattr(model_defaults, "DECODER_ASYMMETRIC_WEIGHTS", (r"/up_proj/",))
