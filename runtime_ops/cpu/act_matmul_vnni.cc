@@ -50,15 +50,15 @@ void PackColumn(PackedB& p, int64_t batch, int64_t col, const int8_t* q, const f
 // PackRows with AVX-512: per block and group of 4 k values, the 4 bytes of 16 rows gathered into 64
 // bytes; the block sums by vpdpbusd with ones.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void PackRowsAvx512(
-    PackedB& p, int64_t batch, int64_t col0, int64_t count, const int8_t* q, const float* scales) {
+    PackedB& p, int64_t batch, int64_t col0, int64_t count, const int8_t* q, const float* scales, int64_t row_step) {
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i ones = _mm512_set1_epi8(1);
   for (int64_t j0 = 0; j0 < count; j0 += 16) {
     const int64_t left = count - j0;
     const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
-    const __m512i rows = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(p.k)));
-    const __m512i row_scales = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(p.nb)));
-    const int8_t* q0 = q + j0 * p.k;
+    const __m512i rows = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(p.k * row_step)));
+    const __m512i row_scales = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(p.nb * row_step)));
+    const int8_t* q0 = q + j0 * row_step * p.k;
     for (int64_t blk = 0; blk < p.nb; ++blk) {
       const int64_t b0 = blk * p.block_size;
       int8_t* base = p.codes.data() + ((batch * p.nb + blk) * p.groups * p.n_pad + col0 + j0) * 4;
@@ -72,20 +72,25 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void Pack
       const int64_t at = (batch * p.nb + blk) * p.n_pad + col0 + j0;
       _mm512_mask_storeu_epi32(p.sums.data() + at, mask, sum);
       _mm512_mask_storeu_ps(p.scales.data() + at, mask,
-                            _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, row_scales, scales + j0 * p.nb + blk, 4));
+                            _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, row_scales,
+                                                     scales + j0 * row_step * p.nb + blk, 4));
     }
   }
 }
 #endif
 
-void PackRows(PackedB& p, int64_t batch, int64_t col0, int64_t count, const int8_t* q, const float* scales) {
+void PackRows(PackedB& p, int64_t batch, int64_t col0, int64_t count, const int8_t* q, const float* scales,
+              int64_t row_step) {
 #if BCT_X86_SIMD
-  if (p.k % p.block_size == 0 && p.block_size % 4 == 0 && p.k < (1 << 24)) {  // whole groups of 4 in every block
-    PackRowsAvx512(p, batch, col0, count, q, scales);
+  // whole groups of 4 in every block; gather offsets (16 rows row_step apart) within int32
+  if (p.k % p.block_size == 0 && p.block_size % 4 == 0 && 16 * row_step * p.k < (1 << 30)) {
+    PackRowsAvx512(p, batch, col0, count, q, scales, row_step);
     return;
   }
 #endif
-  for (int64_t j = 0; j < count; ++j) PackColumn(p, batch, col0 + j, q + j * p.k, scales + j * p.nb);
+  for (int64_t j = 0; j < count; ++j) {
+    PackColumn(p, batch, col0 + j, q + j * row_step * p.k, scales + j * row_step * p.nb);
+  }
 }
 
 #if BCT_X86_SIMD

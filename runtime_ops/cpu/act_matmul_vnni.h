@@ -29,8 +29,10 @@ void InitPackedB(PackedB& packed, int64_t batches, int64_t n, int64_t k, int64_t
 void PackColumn(PackedB& packed, int64_t batch, int64_t col, const int8_t* q, const float* scales);
 
 // Stores `count` columns from col0 on of batch `batch` at once: signed codes q [count, k] (one row per
-// column) and scales [count, nb]; the same bytes as PackColumn column by column.
-void PackRows(PackedB& packed, int64_t batch, int64_t col0, int64_t count, const int8_t* q, const float* scales);
+// column; rows row_step rows of k codes apart) and scales [count, nb] (rows row_step rows of nb apart);
+// the same bytes as PackColumn column by column.
+void PackRows(PackedB& packed, int64_t batch, int64_t col0, int64_t count, const int8_t* q, const float* scales,
+              int64_t row_step = 1);
 
 // Stores block `blk` of batch `batch` for all columns at once: signed codes q [len][n] (k-major)
 // and scales [n].

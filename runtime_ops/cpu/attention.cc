@@ -6,8 +6,8 @@
 // BlockActMatMul's dot kernels (the same values as nl::act_dot), then runs the streaming softmax x V of
 // bct/attention_math.h over it through Kernels(isa).attention_rows. Only a strip of dots per task is
 // stored, never the probability matrix. An encoder's [B, S, H * Dh] Q, K, V and Y are used in place:
-// rows are quantized in storage order, a task gathers its run of query codes, keys and values are
-// read H rows apart and Y rows written H * Dh floats apart.
+// Q and K rows are quantized in storage order, a task gathers its run of query codes, K is packed
+// from rows H apart, V is copied heads first, and Y rows are written H * Dh floats apart.
 #include <algorithm>
 #include <memory>
 #include <vector>
@@ -68,7 +68,8 @@ class AttentionCpuKernel : public AttentionKernelBase {
       const bool direct = KeyCodesDirect();
       const cpu::PackedRows k_rows(RowFormatOf(g.k, dh), g.k.codes, g.k.scales, g.k.zero_points);
       const cpu::PackedRows v_rows(RowFormatOf(g.v, dh), g.v.codes, g.v.scales, g.v.zero_points);
-      std::unique_ptr<float[]> v_float = g.v.quantized ? Buffer<float>(kv_rows * dh) : nullptr;
+      // V heads first for the p x V loops (packed rows H * Dh apart would alias in the L1 cache).
+      std::unique_ptr<float[]> v_float = g.v.quantized || g.packed ? Buffer<float>(kv_rows * dh) : nullptr;
       ParallelFor(ctx, kv_rows, group, [&](int64_t begin, int64_t end) {
         std::vector<float> rows(g.k.quantized && !direct ? static_cast<size_t>(group * dh) : 0);
         for (int64_t r = begin; r < end; r += group) {
@@ -85,9 +86,14 @@ class AttentionCpuKernel : public AttentionKernelBase {
             QuantizeRows(g.k.x + r * dh, count, dh, kq.get() + r * dh, ks.get() + r * nb);
           }
           if (g.v.quantized) v_rows.DequantizeRange(r, count, v_float.get() + r * dh);
+          for (int64_t t = r; g.packed && t < r + count; ++t) {  // storage row (b, j, h) -> (b, h, j)
+            const int64_t h = t % g.kv_heads, bj = t / g.kv_heads;
+            const int64_t to = (bj / g.sk * g.kv_heads + h) * g.sk + bj % g.sk;
+            std::copy(g.v.x + t * dh, g.v.x + (t + 1) * dh, v_float.get() + to * dh);
+          }
         }
       });
-      const float* values = g.v.quantized ? v_float.get() : g.v.x;
+      const float* values = g.v.quantized || g.packed ? v_float.get() : g.v.x;
 
       // K in BlockActMatMul's B layout, one batch per KV head: VNNI-packed or K-major [dh, sk] / [nb, sk].
       const int64_t kv_heads = g.batch * g.kv_heads;
@@ -100,11 +106,12 @@ class AttentionCpuKernel : public AttentionKernelBase {
         return nl::attention_row_index(g.packed, g.kv_heads, g.sk, head / g.kv_heads, head % g.kv_heads, key);
       };
       ParallelFor(ctx, kv_rows, 256, [&](int64_t begin, int64_t end) {
-        if (vnni_dots) {  // runs of keys inside one head (single keys when packed)
+        if (vnni_dots) {  // runs of keys inside one head
           for (int64_t r = begin; r < end;) {
             const int64_t head = r / g.sk, key = r % g.sk;
-            const int64_t count = g.packed ? 1 : std::min(end - r, g.sk - key), src = key_row(head, key);
-            vnni::PackRows(packed, head, key, count, kq.get() + src * dh, ks.get() + src * nb);
+            const int64_t count = std::min(end - r, g.sk - key), src = key_row(head, key);
+            vnni::PackRows(packed, head, key, count, kq.get() + src * dh, ks.get() + src * nb,
+                           g.packed ? g.kv_heads : 1);
             r += count;
           }
           return;
@@ -161,7 +168,7 @@ class AttentionCpuKernel : public AttentionKernelBase {
           nl::AttentionKeys kv;
           kv.codes = kq.get() + key0 * dh;
           kv.scales = ks.get() + key0 * nb;
-          kv.values = values + key0 * dh;
+          kv.values = values + kv_head * g.sk * dh;  // heads first (copied when packed)
           kv.dh = dh;
           kv.nb = nb;
           kv.block_size = bs;

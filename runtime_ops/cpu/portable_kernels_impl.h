@@ -176,7 +176,7 @@ __attribute__((flatten)) void AttentionRows(const int8_t* q, const float* qs, co
                                             const nl::AttentionKeys& kv, float scale, const float* mask,
                                             int64_t mask_row_stride, int64_t mask_key_stride, float* y,
                                             int64_t y_stride) {
-  const int64_t dh = kv.dh, value_stride = kv.key_step * dh;
+  const int64_t dh = kv.dh, value_stride = kv.value_step * dh;
   float tiles[kAttentionRows][nl::kAttentionKeyTile];
   for (int64_t r0 = 0; r0 < rows; r0 += kAttentionRows) {
     const int n = static_cast<int>(std::min<int64_t>(kAttentionRows, rows - r0));
