@@ -143,12 +143,24 @@ inline void AccumulateTileFixed(const float (*p)[nl::kAttentionKeyTile], const i
   for (int r = 0; r < kAttentionRows; ++r) {
     for (int64_t d = 0; d < kDh; ++d) acc[r][d] = r < n ? y[r * y_stride + d] : 0.0f;
   }
-  for (int64_t t = 0; t < tile_len; ++t) {
-    const float* v = values + t * value_stride;
-    for (int r = 0; r < kAttentionRows; ++r) {
-      if (t >= len[r]) continue;
-      const float pr = p[r][t];
-      for (int64_t d = 0; d < kDh; ++d) acc[r][d] = fadd(acc[r][d], fmul(pr, v[d]));
+  bool every_key = n == kAttentionRows;  // all four rows take every key of the tile (an encoder's tiles)
+  for (int r = 0; r < n; ++r) every_key = every_key && len[r] == tile_len;
+  if (every_key) {  // the same operations without the per-row key checks
+    for (int64_t t = 0; t < tile_len; ++t) {
+      const float* v = values + t * value_stride;
+      for (int r = 0; r < kAttentionRows; ++r) {
+        const float pr = p[r][t];
+        for (int64_t d = 0; d < kDh; ++d) acc[r][d] = fadd(acc[r][d], fmul(pr, v[d]));
+      }
+    }
+  } else {
+    for (int64_t t = 0; t < tile_len; ++t) {
+      const float* v = values + t * value_stride;
+      for (int r = 0; r < kAttentionRows; ++r) {
+        if (t >= len[r]) continue;
+        const float pr = p[r][t];
+        for (int64_t d = 0; d < kDh; ++d) acc[r][d] = fadd(acc[r][d], fmul(pr, v[d]));
+      }
     }
   }
   for (int r = 0; r < n; ++r) {
