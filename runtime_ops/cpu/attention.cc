@@ -7,7 +7,7 @@
 // bct/attention_math.h over it through Kernels(isa).attention_rows. Only a strip of dots per task is
 // stored, never the probability matrix. An encoder's [B, S, H * Dh] Q, K, V and Y are used in place:
 // Q and K rows are quantized in storage order, a task gathers its run of query codes, K is packed
-// from rows H apart, V is copied heads first, and Y rows are written H * Dh floats apart.
+// from rows H apart, V rows are read H rows apart and Y rows written H * Dh floats apart.
 #include <algorithm>
 #include <memory>
 #include <vector>
@@ -69,7 +69,7 @@ class AttentionCpuKernel : public AttentionKernelBase {
       const cpu::PackedRows k_rows(RowFormatOf(g.k, dh), g.k.codes, g.k.scales, g.k.zero_points);
       const cpu::PackedRows v_rows(RowFormatOf(g.v, dh), g.v.codes, g.v.scales, g.v.zero_points);
       // V heads first for the p x V loops (packed rows H * Dh apart would alias in the L1 cache).
-      std::unique_ptr<float[]> v_float = g.v.quantized || g.packed ? Buffer<float>(kv_rows * dh) : nullptr;
+      std::unique_ptr<float[]> v_float = g.v.quantized ? Buffer<float>(kv_rows * dh) : nullptr;
       ParallelFor(ctx, kv_rows, group, [&](int64_t begin, int64_t end) {
         std::vector<float> rows(g.k.quantized && !direct ? static_cast<size_t>(group * dh) : 0);
         for (int64_t r = begin; r < end; r += group) {
@@ -86,14 +86,9 @@ class AttentionCpuKernel : public AttentionKernelBase {
             QuantizeRows(g.k.x + r * dh, count, dh, kq.get() + r * dh, ks.get() + r * nb);
           }
           if (g.v.quantized) v_rows.DequantizeRange(r, count, v_float.get() + r * dh);
-          for (int64_t t = r; g.packed && t < r + count; ++t) {  // storage row (b, j, h) -> (b, h, j)
-            const int64_t h = t % g.kv_heads, bj = t / g.kv_heads;
-            const int64_t to = (bj / g.sk * g.kv_heads + h) * g.sk + bj % g.sk;
-            std::copy(g.v.x + t * dh, g.v.x + (t + 1) * dh, v_float.get() + to * dh);
-          }
         }
       });
-      const float* values = g.v.quantized || g.packed ? v_float.get() : g.v.x;
+      const float* values = g.v.quantized ? v_float.get() : g.v.x;
 
       // K in BlockActMatMul's B layout, one batch per KV head: VNNI-packed or K-major [dh, sk] / [nb, sk].
       const int64_t kv_heads = g.batch * g.kv_heads;
@@ -168,11 +163,12 @@ class AttentionCpuKernel : public AttentionKernelBase {
           nl::AttentionKeys kv;
           kv.codes = kq.get() + key0 * dh;
           kv.scales = ks.get() + key0 * nb;
-          kv.values = values + kv_head * g.sk * dh;  // heads first (copied when packed)
+          kv.values = values + key0 * dh;
           kv.dh = dh;
           kv.nb = nb;
           kv.block_size = bs;
           kv.key_step = g.packed ? g.kv_heads : 1;
+          kv.value_step = kv.key_step;
           const float* mask = g.mask != nullptr ? g.mask + b * g.mask_strides[0] + h * g.mask_strides[1] : nullptr;
           const int64_t y_row = nl::attention_row_index(y_packed, g.q_heads, g.sq, b, h, i0);
           kernels_.attention_rows(q_codes, q_scales, dots.data(), rows, i0, g.sq, g.sk, attrs_.causal, kv,
