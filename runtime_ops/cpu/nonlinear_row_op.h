@@ -1,15 +1,15 @@
 // CPU kernel template of the row-wise compressed nonlinear ops (BlockGelu, BlockSilu, BlockSoftmax,
-// BlockLayerNorm, BlockRMSNorm): for every row of the last axis, in parallel,
-//   load (copy float32, or cpu::DequantizeRows) -> the family's row function -> store
-//   (into Y, or cpu::QuantizeRows into codes / scales / zero points),
-// in groups of rows. The families (and RowOpSchema, the op declaration shared with CUDA) are in
+// BlockLayerNorm, BlockRMSNorm, and the Add + norm ops): for every row of the last axis, in parallel,
+//   load (read float32, or cpu::DequantizeRows; the Add + norm ops add the residual here) -> the
+//   family's row function -> store (into Y, or cpu::QuantizeRows into codes / scales / zero points),
+// in groups of rows. A quantized result's group is staged in per-thread scratch (cpu/thread_scratch.h):
+// a call allocates nothing, and one row (a decoder step) runs on the calling thread. The families (and RowOpSchema, the op declaration shared with CUDA) are in
 // ops/nonlinear_families.h; RunRowsCpu below calls each family's row function from the kernel's
 // table (cpu/kernel_table.h), as SetOp in cuda/nonlinear_ops_cuda.cc picks the CUDA one.
 #pragma once
 
 #include <algorithm>
 #include <cstring>
-#include <vector>
 
 #include "bct/nonlinear_math.h"
 #include "bct/op_common.h"
@@ -18,6 +18,7 @@
 #include "ops/nonlinear_io.h"
 #include "cpu/kernel_table.h"
 #include "cpu/row_kernels.h"
+#include "cpu/thread_scratch.h"
 
 namespace bct {
 namespace nonlinear {
@@ -41,23 +42,42 @@ inline void RunRowsCpu(const cpu::KernelTable& k, const RMSNormFamily& f, const 
   for (int64_t i = 0; i < count; ++i) k.rms_norm_row(y + i * d, d, p.scale, f.epsilon);
 }
 
-// The Add of the Add + norm ops: y += skip (float32, one rounding each), copied to the sum output.
-inline void AddSkipRows(const AddParams& p, float* y, int64_t row0, int64_t count, int64_t d) {
+// Loads `count` float32 rows of the operand (src: the input, or y itself when it was dequantized
+// there) into y, before the row function runs in place on y.
+template <class Params>
+inline void LoadRows(const Params&, const float* src, float* y, int64_t, int64_t count, int64_t d) {
+  if (src != y) std::memcpy(y, src, static_cast<size_t>(count * d) * sizeof(float));
+}
+
+// The Add of the Add + norm ops, fused into the load: y = src + skip (float32, one rounding each),
+// also written to the sum output.
+inline void AddSkipRows(const AddParams& p, const float* src, float* y, int64_t row0, int64_t count, int64_t d) {
   for (int64_t i = 0; i < count; ++i) {
     const float* skip = p.skip + ((row0 + i) % p.skip_rows) * d;
+    const float* in = src + i * d;
     float* row = y + i * d;
-    for (int64_t j = 0; j < d; ++j) row[j] = row[j] + skip[j];
+    if (p.sum != nullptr) {
+      float* sum = p.sum + (row0 + i) * d;
+      for (int64_t j = 0; j < d; ++j) sum[j] = row[j] = in[j] + skip[j];
+    } else {
+      for (int64_t j = 0; j < d; ++j) row[j] = in[j] + skip[j];
+    }
   }
-  if (p.sum != nullptr) std::memcpy(p.sum + row0 * d, y, static_cast<size_t>(count * d) * sizeof(float));
+}
+inline void LoadRows(const AddLayerNormFamily::Params& p, const float* src, float* y, int64_t row0, int64_t count,
+                     int64_t d) {
+  AddSkipRows(p.add, src, y, row0, count, d);
+}
+inline void LoadRows(const AddRMSNormFamily::Params& p, const float* src, float* y, int64_t row0, int64_t count,
+                     int64_t d) {
+  AddSkipRows(p.add, src, y, row0, count, d);
 }
 inline void RunRowsCpu(const cpu::KernelTable& k, const AddLayerNormFamily& f, const AddLayerNormFamily::Params& p,
-                       float* y, int64_t row0, int64_t count, int64_t d) {
-  AddSkipRows(p.add, y, row0, count, d);
+                       float* y, int64_t, int64_t count, int64_t d) {
   for (int64_t i = 0; i < count; ++i) k.layer_norm_row(y + i * d, d, p.scale, p.bias, f.epsilon);
 }
 inline void RunRowsCpu(const cpu::KernelTable& k, const AddRMSNormFamily& f, const AddRMSNormFamily::Params& p,
-                       float* y, int64_t row0, int64_t count, int64_t d) {
-  AddSkipRows(p.add, y, row0, count, d);
+                       float* y, int64_t, int64_t count, int64_t d) {
   for (int64_t i = 0; i < count; ++i) k.rms_norm_row(y + i * d, d, p.scale, f.epsilon);
 }
 
@@ -84,17 +104,20 @@ class RowOpCpuKernel : public RowOpKernelBase<Family> {
       // call (QuantizeRows shares the per-block scale work among the group's blocks).
       const int64_t group = std::max<int64_t>(1, std::min<int64_t>(64, 4096 / d));
       ParallelFor(ctx, x.rows, min_rows, [&](int64_t begin, int64_t end) {
-        std::vector<float> buffer(r.quantized ? static_cast<size_t>(group * d) : 0);
+        float* buffer =
+            r.quantized ? cpu::ThreadScratch<float, cpu::ScratchSlot::kRowGroup>(static_cast<size_t>(group * d)) : nullptr;
         for (int64_t row0 = begin; row0 < end; row0 += group) {
           const int64_t count = std::min(group, end - row0);
-          float* y = r.quantized ? buffer.data() : r.y + row0 * d;
+          float* y = r.quantized ? buffer : r.y + row0 * d;
+          const float* src = y;
           if (x.quantized) {
             source.DequantizeRange(row0, count, y);
           } else {
-            std::memcpy(y, x.x + row0 * d, static_cast<size_t>(count * d) * sizeof(float));
+            src = x.x + row0 * d;
           }
+          LoadRows(call.params, src, y, row0, count, d);
           RunRowsCpu(kernels_, this->family_, call.params, y, row0, count, d);
-          if (r.quantized) sink.QuantizeRange(buffer.data(), row0, count);
+          if (r.quantized) sink.QuantizeRange(buffer, row0, count);
         }
       });
     });

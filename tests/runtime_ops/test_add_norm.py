@@ -5,6 +5,7 @@ the operand float or quantized; and bit-exact to the unfused Add -> BlockLayerNo
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper
 from support import assert_bits_equal, run
 
+import bct_onnx
 from bct_onnx.block_format import BlockFormat, QuantizedTensor, ScaleKind, quantize
 from bct_onnx.ops import BLOCK_ADD_LAYER_NORM, BLOCK_ADD_RMS_NORM, BLOCK_LAYER_NORM, BLOCK_RMS_NORM, DOMAIN
 from bct_onnx.reference_fused import block_add_layer_norm, block_add_rms_norm
@@ -188,3 +190,61 @@ def test_skip_that_does_not_broadcast_over_leading_dims_is_an_error() -> None:
     )
     with pytest.raises(Exception, match=re.escape(message)):
         run_add_norm("rms", x, skip[:, :1], scale, None, None)
+
+
+SCRATCH_SHAPES = [(1, 1, 576), (3, 70, 96), (1, 1, 40), (2, 5, 576), (1, 300, 24), (1, 1, 576)]
+
+
+def _session_feeds(norm: str, shape: tuple[int, ...], seed: int, out_fmt: BlockFormat | None):
+    x, skip, scale, bias = _data(shape, seed)
+    feeds = {"X": x, "skip": skip, "scale": scale}
+    if norm == "layer":
+        feeds["bias"] = bias
+    return feeds, (x, skip, scale, bias if norm == "layer" else None, out_fmt)
+
+
+def _one_session(norm: str, out_fmt: BlockFormat | None):
+    """One session of the op (ranks known, dims symbolic) that calls may feed any shape."""
+    x, skip, scale, bias = _data((1, 1, 8), 0)
+    feeds = {"X": x, "skip": skip, "scale": scale, "bias": bias} if norm == "layer" else {
+        "X": x, "skip": skip, "scale": scale}  # fmt: skip
+    attrs: dict[str, Any] = {"epsilon": 1e-5}
+    outputs = ["Y"]
+    if out_fmt is not None:
+        outputs += ["Y_scales", "Y_zero_points" if not out_fmt.symmetric else ""]
+        attrs.update(out_bits=out_fmt.bits, out_block_size=out_fmt.block_size, out_symmetric=int(out_fmt.symmetric),
+                     out_scale_kind=out_fmt.scale_kind.value)  # fmt: skip
+    outputs += [""] * (3 - len(outputs)) + ["sum"]
+    names = ["X", "", "", "skip", "scale"] + (["bias"] if norm == "layer" else [])
+    model = _model(NORMS[norm], names, feeds, outputs, **attrs)
+    session = bct_onnx.session(model)
+    return lambda f: dict(zip([o for o in outputs if o], session.run(None, f), strict=True))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("norm", sorted(NORMS))
+@pytest.mark.parametrize("out", ["float", "own8", "asym4"])
+def test_one_session_many_shapes(isa: str, norm: str, out: str, force_isa: Any) -> None:
+    """The per-thread scratch of the row loops is reused across calls: one session fed one row (a
+    decoder step), many rows (several parallel groups) and other widths in turn, bit-exact each time."""
+    force_isa(isa)
+    call = _one_session(norm, FORMATS[out])
+    for i, shape in enumerate(SCRATCH_SHAPES):
+        feeds, spec = _session_feeds(norm, shape, seed=i, out_fmt=FORMATS[out])
+        check(norm, *spec, call(feeds))
+
+
+@pytest.mark.parametrize("norm", sorted(NORMS))
+def test_concurrent_calls_with_different_shapes(norm: str) -> None:
+    """Calls of one kernel in flight at once on several threads (ONNX Runtime allows concurrent Run):
+    each thread's scratch is its own, so every result is still bit-exact."""
+    call = _one_session(norm, FORMATS["own8"])
+    jobs = [(shape, 100 * round_ + i) for round_ in range(6) for i, shape in enumerate(SCRATCH_SHAPES)]
+
+    def work(job: tuple[tuple[int, ...], int]) -> None:
+        shape, seed = job
+        feeds, spec = _session_feeds(norm, shape, seed=seed, out_fmt=FORMATS["own8"])
+        check(norm, *spec, call(feeds))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(work, jobs))
