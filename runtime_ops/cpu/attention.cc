@@ -68,7 +68,6 @@ class AttentionCpuKernel : public AttentionKernelBase {
       const bool direct = KeyCodesDirect();
       const cpu::PackedRows k_rows(RowFormatOf(g.k, dh), g.k.codes, g.k.scales, g.k.zero_points);
       const cpu::PackedRows v_rows(RowFormatOf(g.v, dh), g.v.codes, g.v.scales, g.v.zero_points);
-      // V heads first for the p x V loops (packed rows H * Dh apart would alias in the L1 cache).
       std::unique_ptr<float[]> v_float = g.v.quantized ? Buffer<float>(kv_rows * dh) : nullptr;
       ParallelFor(ctx, kv_rows, group, [&](int64_t begin, int64_t end) {
         std::vector<float> rows(g.k.quantized && !direct ? static_cast<size_t>(group * dh) : 0);
