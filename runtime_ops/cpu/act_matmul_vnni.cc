@@ -211,14 +211,14 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void DotRowsT(const Packe
 }  // namespace
 
 void DotRows(const PackedB& p, int64_t batch, const int8_t* qa, const float* sa, int64_t rows, uint8_t* scratch,
-             float* y, int64_t y_stride) {
-  const int64_t nb = p.nb;
+             float* y, int64_t y_stride, int64_t row_step) {
+  const int64_t qs = row_step * p.k, ss = row_step * p.nb;  // strides of A's codes and scales
   int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) DotRowsT<4>(p, batch, qa + r * p.k, p.k, sa + r * nb, nb, scratch, y + r * y_stride, y_stride);
+  for (; r + 4 <= rows; r += 4) DotRowsT<4>(p, batch, qa + r * qs, qs, sa + r * ss, ss, scratch, y + r * y_stride, y_stride);
   switch (rows - r) {
-    case 3: DotRowsT<3>(p, batch, qa + r * p.k, p.k, sa + r * nb, nb, scratch, y + r * y_stride, y_stride); break;
-    case 2: DotRowsT<2>(p, batch, qa + r * p.k, p.k, sa + r * nb, nb, scratch, y + r * y_stride, y_stride); break;
-    case 1: DotRowsT<1>(p, batch, qa + r * p.k, p.k, sa + r * nb, nb, scratch, y + r * y_stride, y_stride); break;
+    case 3: DotRowsT<3>(p, batch, qa + r * qs, qs, sa + r * ss, ss, scratch, y + r * y_stride, y_stride); break;
+    case 2: DotRowsT<2>(p, batch, qa + r * qs, qs, sa + r * ss, ss, scratch, y + r * y_stride, y_stride); break;
+    case 1: DotRowsT<1>(p, batch, qa + r * qs, qs, sa + r * ss, ss, scratch, y + r * y_stride, y_stride); break;
     default: break;
   }
 }
@@ -227,7 +227,7 @@ void DotRow(const PackedB& p, int64_t batch, const int8_t* qa, const float* sa, 
   DotRowsT<1>(p, batch, qa, p.k, sa, p.nb, scratch, y, p.n);
 }
 #else
-void DotRows(const PackedB&, int64_t, const int8_t*, const float*, int64_t, uint8_t*, float*, int64_t) {}
+void DotRows(const PackedB&, int64_t, const int8_t*, const float*, int64_t, uint8_t*, float*, int64_t, int64_t) {}
 void DotRow(const PackedB&, int64_t, const int8_t*, const float*, uint8_t*, float*) {}
 #endif
 

@@ -42,10 +42,11 @@ void PackBlock(PackedB& packed, int64_t batch, int64_t blk, const int8_t* q, con
 // nb * groups * 4 bytes.
 void DotRow(const PackedB& packed, int64_t batch, const int8_t* qa, const float* sa, uint8_t* scratch, float* y);
 
-// `rows` consecutive output rows (A rows qa [rows, k], sa [rows, nb]; y rows y_stride apart), four
-// at a time so that each load of B feeds four dot-product chains. scratch needs 4 * nb * groups * 4 bytes.
+// `rows` output rows (A rows qa [rows, k], sa [rows, nb], row_step rows apart; y rows y_stride apart),
+// four at a time so that each load of B feeds four dot-product chains. scratch needs 4 * nb * groups * 4
+// bytes.
 void DotRows(const PackedB& packed, int64_t batch, const int8_t* qa, const float* sa, int64_t rows, uint8_t* scratch,
-             float* y, int64_t y_stride);
+             float* y, int64_t y_stride, int64_t row_step = 1);
 
 }  // namespace vnni
 }  // namespace nonlinear

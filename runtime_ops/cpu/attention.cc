@@ -6,8 +6,8 @@
 // BlockActMatMul's dot kernels (the same values as nl::act_dot), then runs the streaming softmax x V of
 // bct/attention_math.h over it through Kernels(isa).attention_rows. Only a strip of dots per task is
 // stored, never the probability matrix. An encoder's [B, S, H * Dh] Q, K, V and Y are used in place:
-// Q and K rows are quantized in storage order, a task gathers its run of query codes, K is packed
-// from rows H apart, V rows are read H rows apart and Y rows written H * Dh floats apart.
+// Q and K rows are quantized in storage order; the dots read a run's query rows and K is packed from
+// rows H apart, V rows are read H rows apart and Y rows written H * Dh floats apart.
 #include <algorithm>
 #include <memory>
 #include <vector>
@@ -129,8 +129,6 @@ class AttentionCpuKernel : public AttentionKernelBase {
         std::vector<float> dots(static_cast<size_t>(run * g.sk));
         std::vector<int32_t> acc(vnni_dots ? 0 : static_cast<size_t>(g.sk));
         std::vector<uint8_t> scratch(vnni_dots ? static_cast<size_t>(4 * nb * packed.groups * 4) : 0);
-        std::vector<int8_t> run_codes(g.packed ? static_cast<size_t>(run * dh) : 0);
-        std::vector<float> run_scales(g.packed ? static_cast<size_t>(run * nb) : 0);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t head_index = task / runs_per_head;  // b * Hq + h
           const int64_t b = head_index / g.q_heads, h = head_index % g.q_heads;
@@ -140,20 +138,13 @@ class AttentionCpuKernel : public AttentionKernelBase {
           const int64_t row = nl::attention_row_index(g.packed, g.q_heads, g.sq, b, h, i0);
           const int8_t* q_codes = qq.get() + row * dh;
           const float* q_scales = qs.get() + row * nb;
-          if (g.packed) {  // the run's rows are q_heads rows apart: gather them for the dot kernels
-            for (int64_t r = 0; r < rows; ++r) {
-              const int64_t src = row + r * g.q_heads;
-              std::copy(qq.get() + src * dh, qq.get() + (src + 1) * dh, run_codes.data() + r * dh);
-              std::copy(qs.get() + src * nb, qs.get() + (src + 1) * nb, run_scales.data() + r * nb);
-            }
-            q_codes = run_codes.data();
-            q_scales = run_scales.data();
-          }
+          const int64_t q_step = g.packed ? g.q_heads : 1;  // rows between the run's query rows
           if (vnni_dots) {
-            vnni::DotRows(packed, kv_head, q_codes, q_scales, rows, scratch.data(), dots.data(), g.sk);
+            vnni::DotRows(packed, kv_head, q_codes, q_scales, rows, scratch.data(), dots.data(), g.sk, q_step);
           } else {
             for (int64_t r = 0; r < rows; ++r) {
-              kernels_.act_dot_row(q_codes + r * dh, q_scales + r * nb, k_major.data() + kv_head * dh * g.sk,
+              kernels_.act_dot_row(q_codes + r * q_step * dh, q_scales + r * q_step * nb,
+                                   k_major.data() + kv_head * dh * g.sk,
                                    k_major_scales.data() + kv_head * nb * g.sk, g.sk, dh, bs, nb, acc.data(),
                                    dots.data() + r * g.sk);
             }
@@ -170,7 +161,7 @@ class AttentionCpuKernel : public AttentionKernelBase {
           kv.value_step = kv.key_step;
           const float* mask = g.mask != nullptr ? g.mask + b * g.mask_strides[0] + h * g.mask_strides[1] : nullptr;
           const int64_t y_row = nl::attention_row_index(y_packed, g.q_heads, g.sq, b, h, i0);
-          kernels_.attention_rows(q_codes, q_scales, dots.data(), rows, i0, g.sq, g.sk, attrs_.causal, kv,
+          kernels_.attention_rows(nullptr, nullptr, dots.data(), rows, i0, g.sq, g.sk, attrs_.causal, kv,
                                   attrs_.scale, mask, g.mask_strides[2], g.mask_strides[3], y_out + y_row * dh,
                                   y_packed ? g.q_heads * dh : dh);
         }

@@ -208,7 +208,9 @@ __attribute__((flatten)) void AttentionRows(const int8_t* q, const float* qs, co
         len[r] = left <= 0 ? 0 : std::min<int64_t>(left, nl::kAttentionKeyTile);
         if (len[r] == 0) continue;
         const float* mask_row = mask != nullptr ? mask + i * mask_row_stride : nullptr;
-        if (!nl::attention_tile_probs(st[r], q + (r0 + r) * dh, qs + (r0 + r) * kv.nb, kv,
+        const bool with_q = dots == nullptr;  // else q and qs are not read (and may be nullptr)
+        if (!nl::attention_tile_probs(st[r], with_q ? q + (r0 + r) * dh : nullptr,
+                                      with_q ? qs + (r0 + r) * kv.nb : nullptr, kv,
                                       dots != nullptr ? dots + (r0 + r) * sk : nullptr, t0, len[r], scale, mask_row,
                                       mask_key_stride, tiles[r], y + (r0 + r) * y_stride)) {
           len[r] = 0;
