@@ -79,11 +79,12 @@ class AttentionCpuKernel : public AttentionKernelBase {
         }
       });
 
+      // Three steps over the keys and queries, written for ranges so that they run either as three
+      // parallel loops or, for a decoder step, as one task per KV head (below).
+      // 1. K rows r in [begin, end) as signed codes kq + float32 scales ks; V rows as float32 rows.
       const cpu::PackedRows k_rows(RowFormatOf(g.k, dh), g.k.codes, g.k.scales, g.k.zero_points);
       const cpu::PackedRows v_rows(RowFormatOf(g.v, dh), g.v.codes, g.v.scales, g.v.zero_points);
-      // Each parallel loop hands out at least ~kMinTaskValues values of work per task: a decoder step's
-      // loops are a few microseconds, less than waking the thread pool costs, and run on this thread.
-      ParallelFor(ctx, kv_rows, std::max(group, kMinTaskValues / dh), [&](int64_t begin, int64_t end) {
+      auto prepare_keys = [&](int64_t begin, int64_t end) {
         float* rows = g.k.quantized && !direct
                           ? cpu::ThreadScratch<float, cpu::ScratchSlot::kAttentionTask>(static_cast<size_t>(group * dh))
                           : nullptr;
@@ -102,16 +103,16 @@ class AttentionCpuKernel : public AttentionKernelBase {
           }
           if (g.v.quantized) v_rows.DequantizeRange(r, count, v_float + r * dh);
         }
-      });
+      };
       const float* values = g.v.quantized ? v_float : g.v.x;
 
-      // K in BlockActMatMul's B layout, one batch per KV head: VNNI-packed or K-major [dh, sk] / [nb, sk].
-      // The packed form lives in the calling thread's own PackedB, whose storage later calls reuse (a
-      // reference, so that the tasks on other threads read this one).
+      // 2. K rows [begin, end) in BlockActMatMul's B layout, one batch per KV head: VNNI-packed or K-major
+      // [dh, sk] / [nb, sk]. The packed form lives in the calling thread's own PackedB, whose storage
+      // later calls reuse (a reference, so that the tasks on other threads read this one).
       const int64_t kv_heads = g.batch * g.kv_heads;
       vnni::PackedB& packed = CallPackedB();
       if (vnni_dots) vnni::InitPackedB(packed, kv_heads, g.sk, dh, bs);
-      ParallelFor(ctx, kv_rows, 2 * kMinTaskValues / dh, [&](int64_t begin, int64_t end) {
+      auto pack_keys = [&](int64_t begin, int64_t end) {
         if (vnni_dots) {  // runs of keys inside one head
           for (int64_t r = begin; r < end;) {
             const int64_t head = r / g.sk, key = r % g.sk, count = std::min(end - r, g.sk - key);
@@ -127,21 +128,20 @@ class AttentionCpuKernel : public AttentionKernelBase {
           float* sc = k_major_scales + head * nb * g.sk + key;
           for (int64_t b = 0; b < nb; ++b) sc[b * g.sk] = ks[r * nb + b];
         }
-      });
+      };
 
-      // Tasks: runs of up to 16 query rows inside one (batch, query head); or, for a decoder step (one
-      // query row per head) whose mask is the same for every head, the query heads of one KV head
-      // together, as rows 0.. of one run (one query row sees all sk keys even when causal, and the mask
-      // row does not move), so the group's rows share each load of K and V. Either way every row runs
-      // the same operations: the same bits.
+      // 3. Query tasks [begin, end): runs of up to 16 query rows inside one (batch, query head); or, for a
+      // decoder step (one query row per head) whose mask is the same for every head, the query heads of
+      // one KV head together, as rows 0.. of one run (one query row sees all sk keys even when causal,
+      // and the mask row does not move), so the group's rows share each load of K and V; task t is then
+      // KV head t. Either way every row runs the same operations: the same bits.
       const int64_t per_group = g.q_heads / g.kv_heads;
       const bool heads_together = g.sq == 1 && g.mask_strides[1] == 0 && per_group > 1;
       const int64_t heads_per_task = heads_together ? per_group : 1;
       const int64_t run = heads_together ? per_group : std::max<int64_t>(1, std::min<int64_t>(g.sq, 16));
       const int64_t runs_per_head = heads_together ? 1 : (g.sq + run - 1) / run;
       const int64_t tasks = g.batch * (g.q_heads / heads_per_task) * runs_per_head;
-      const int64_t work = std::max<int64_t>(1, g.sk * dh * run);
-      ParallelFor(ctx, tasks, std::max<int64_t>(1, 4 * kMinTaskValues / work), [&](int64_t begin, int64_t end) {
+      auto run_tasks = [&](int64_t begin, int64_t end) {
         cpu::ScratchPlan task_plan;
         const size_t at_dots = task_plan.Add<float>(run * g.sk);
         const size_t at_acc = task_plan.Add<int32_t>(vnni_dots ? 0 : g.sk);
@@ -178,7 +178,23 @@ class AttentionCpuKernel : public AttentionKernelBase {
           kernels_.attention_rows(q_codes, q_scales, dots, rows, i0, g.sq, g.sk, attrs_.causal, kv, attrs_.scale, mask,
                                   g.mask_strides[2], g.mask_strides[3], y + row * dh);
         }
-      });
+      };
+
+      // Each parallel loop hands out at least ~kMinTaskValues values of work per task: smaller loops cost
+      // less than waking the thread pool does, and run on this thread.
+      if (heads_together) {  // a decoder step: one parallel section, a task per KV head doing 1 to 3
+        const int64_t head_work = g.sk * dh * (per_group + 2);
+        ParallelFor(ctx, kv_heads, std::max<int64_t>(1, kMinTaskValues / head_work), [&](int64_t begin, int64_t end) {
+          prepare_keys(begin * g.sk, end * g.sk);
+          pack_keys(begin * g.sk, end * g.sk);
+          run_tasks(begin, end);
+        });
+      } else {
+        ParallelFor(ctx, kv_rows, std::max(group, kMinTaskValues / dh), [&](int64_t b, int64_t e) { prepare_keys(b, e); });
+        ParallelFor(ctx, kv_rows, 2 * kMinTaskValues / dh, [&](int64_t b, int64_t e) { pack_keys(b, e); });
+        const int64_t work = std::max<int64_t>(1, g.sk * dh * run);
+        ParallelFor(ctx, tasks, std::max<int64_t>(1, 4 * kMinTaskValues / work), [&](int64_t b, int64_t e) { run_tasks(b, e); });
+      }
       if (y != y_out) {  // [B, Hq, Sq, Dh] -> [B, Sq, Hq * Dh]
         for (int64_t r = 0; r < q_rows; ++r) {
           const int64_t i = r % g.sq, bh = r / g.sq;
