@@ -46,6 +46,8 @@ class AttentionCpuKernel : public AttentionKernelBase {
       const int64_t group = std::max<int64_t>(1, std::min<int64_t>(64, 4096 / dh));  // rows per quantizer call
       const bool direct = KeyCodesDirect();
       const bool vnni_dots = kernels_.act_dot_vnni;
+      // 8-bit keys in the op's own blocks are packed for the VNNI dots straight from the cache's codes.
+      const bool pack_codes = vnni_dots && direct && attrs_.kv_bits == 8;
       const bool packed_y = g.step && g.step_dims.packed;
 
       // The call's buffers, in per-thread scratch of the calling thread (cpu/thread_scratch.h): a decoder
@@ -55,7 +57,7 @@ class AttentionCpuKernel : public AttentionKernelBase {
       const size_t at_y_heads = plan.Add<float>(packed_y ? q_rows * dh : 0);
       const size_t at_qq = plan.Add<int8_t>(q_rows * dh);
       const size_t at_qs = plan.Add<float>(q_rows * nb);
-      const size_t at_kq = plan.Add<int8_t>(kv_rows * dh);
+      const size_t at_kq = plan.Add<int8_t>(pack_codes ? 0 : kv_rows * dh);
       const size_t at_ks = plan.Add<float>(kv_rows * nb);
       const size_t at_values = plan.Add<float>(g.v.quantized ? kv_rows * dh : 0);
       const size_t at_k_major = plan.Add<int8_t>(vnni_dots ? 0 : kv_rows * dh);
@@ -90,7 +92,9 @@ class AttentionCpuKernel : public AttentionKernelBase {
                           : nullptr;
         for (int64_t r = begin; r < end; r += group) {
           const int64_t count = std::min(group, end - r);
-          if (direct) {
+          if (pack_codes) {  // the VNNI packing reads the cache's codes itself: only the scales here
+            for (int64_t t = r * nb; t < (r + count) * nb; ++t) ks[t] = act_scale(scale_value(g.k.scale_kind, g.k.scales, t));
+          } else if (direct) {
             for (int64_t t = r; t < r + count; ++t) {
               nl::signed_codes_of_row(g.k.codes + t * g.k.row_bytes, dh, attrs_.kv_bits, g.k.row_bytes, g.k.scale_kind,
                                       g.k.scales, t * nb, nb, kq + t * dh, ks + t * nb);
@@ -116,7 +120,11 @@ class AttentionCpuKernel : public AttentionKernelBase {
         if (vnni_dots) {  // runs of keys inside one head
           for (int64_t r = begin; r < end;) {
             const int64_t head = r / g.sk, key = r % g.sk, count = std::min(end - r, g.sk - key);
-            vnni::PackRows(packed, head, key, count, kq + r * dh, ks + r * nb);
+            if (pack_codes) {
+              vnni::PackCodeRows(packed, head, key, count, g.k.codes + r * dh, ks + r * nb);
+            } else {
+              vnni::PackRows(packed, head, key, count, kq + r * dh, ks + r * nb);
+            }
             r += count;
           }
           return;
@@ -167,8 +175,8 @@ class AttentionCpuKernel : public AttentionKernelBase {
                                    k_major_scales + kv_head * nb * g.sk, g.sk, dh, bs, nb, acc, dots + r * g.sk);
             }
           }
-          nl::AttentionKeys kv;
-          kv.codes = kq + kv_head * g.sk * dh;
+          nl::AttentionKeys kv;  // the dots are given: attention_rows reads no key codes (none with pack_codes)
+          kv.codes = pack_codes ? nullptr : kq + kv_head * g.sk * dh;
           kv.scales = ks + kv_head * g.sk * nb;
           kv.values = values + kv_head * g.sk * dh;
           kv.dh = dh;

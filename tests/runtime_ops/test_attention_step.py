@@ -245,3 +245,22 @@ def test_concurrent_steps_of_different_shapes() -> None:
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         list(pool.map(work, jobs))
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx512vnni"])
+@pytest.mark.parametrize(
+    ("dh", "block_size", "past"), [(128, 32, 37), (80, 16, 20), (64, 64, 130), (24, 8, 5)]
+)
+def test_8bit_cache_of_other_head_sizes_and_blocks(
+    dh: int, block_size: int, past: int, isa: str, force_isa: Any
+) -> None:
+    """8-bit cache codes in the op's own blocks are packed for the VNNI dots straight from the cache (16
+    groups of 4 codes of 16 keys at a time): head sizes of several and of partial 16-group chunks, blocks
+    of 8 to 64, key counts that are not multiples of 16; the spec's bits."""
+    force_isa(isa)
+    fmt = BlockFormat(8, block_size, True, ScaleKind.FLOAT16)
+    args = case_inputs(("decode", 1, 6, 2, 1, past, dh, 8, dh, True, False), seed=dh)
+    past_k, past_v = sample((1, 2, past, dh), dh, 1.5), sample((1, 2, past, dh), dh + 1)
+    args["past_k"], args["past_v"] = quantize(past_k, fmt), quantize(past_v, fmt)
+    y, *_ = spec(args, block_size=block_size)
+    assert_bits_equal(run_step(args, block_size=block_size)[0], y, f"dh {dh} block {block_size} [{isa}]")
