@@ -5,7 +5,9 @@
 // head; query heads of a group share their KV head) computes its strip of block dots [rows, Sk] with
 // BlockActMatMul's dot kernels (the same values as nl::act_dot), then runs the streaming softmax x V of
 // bct/attention_math.h over it through Kernels(isa).attention_rows. Only a strip of dots per task is
-// stored, never the probability matrix.
+// stored, never the probability matrix. A decoder step (one query row per head) runs the query heads
+// of a KV head as one task, and one task per KV head does all of that head's work (one parallel
+// section); its buffers are per-thread scratch (cpu/thread_scratch.h), so a step allocates nothing.
 #include <algorithm>
 
 #include "bct/attention_math.h"
