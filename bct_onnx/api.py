@@ -26,6 +26,7 @@ from tqdm import tqdm
 from bct_onnx import code_entropy, model_io, model_metadata
 from bct_onnx.budget import BudgetError, BudgetPlanner
 from bct_onnx.calibration import Calibration, CalibrationError, calibration_texts, text_feeds
+from bct_onnx.channel_importance import IMPORTANCE_METHOD, ImportanceCalibration, random_token_importance
 from bct_onnx.config import SUPPORTED_OPS, CompressConfig
 from bct_onnx.errors import BctOnnxError, ModelFileError
 from bct_onnx.extras import install_hint, module_available, require
@@ -47,7 +48,7 @@ from bct_onnx.passes.quantized_weights import RULE_WIDE_SCALES
 from bct_onnx.report import CompileReport, SkippedNode, StepTimer, config_to_dict, versions
 from bct_onnx.tokenizer import find_tokenizer_dir, load_text_tokenizer
 
-CalibrationArg = Any  # "auto" | "text" | "none" | None | bct_onnx.calibration.Calibration
+CalibrationArg = Any  # "auto" | "text" | "data-free" | "none" | None | bct_onnx.calibration.Calibration
 
 logger = logging.getLogger(__name__)
 
@@ -194,10 +195,16 @@ def _calibration(
     """
     if calibration is None or calibration == "none":
         return None, {"method": "none", "reason": "calibration switched off"}
+    if isinstance(calibration, ImportanceCalibration):
+        return calibration, {"method": IMPORTANCE_METHOD, "batches": len(calibration.feeds), "source": "given inputs"}
     if isinstance(calibration, Calibration):
         return calibration, {"method": "gptq", "batches": len(calibration.feeds), "source": "given inputs"}
+    if calibration == "data-free":
+        return _data_free_calibration(model, budgeted)
     if calibration not in ("auto", "text"):
-        raise BctOnnxError(f"calibration must be 'auto', 'text', 'none' or a Calibration, not {calibration!r}")
+        raise BctOnnxError(
+            f"calibration must be 'auto', 'text', 'data-free', 'none' or a Calibration, not {calibration!r}"
+        )
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise BctOnnxError(f"--tokenizer {tokenizer}: no such directory (give the folder that holds tokenizer.json)")
     folder = Path(tokenizer) if tokenizer is not None else find_tokenizer_dir(*folders)
@@ -287,6 +294,8 @@ def _data_free_calibration(model: ir.Model, budgeted: bool = False) -> tuple[Cal
         gain = "its Hessians then describe real inputs"
     try:
         feeds, description = data_free_calibration(model)
+        if feeds is None and not budgeted:
+            return _data_free_importance(model, description, hint)
     except CalibrationError as error:
         return None, {"method": "none", "reason": f"no tokenizer next to the model and no data-free calibration ({error}); {hint}"}
     if feeds is None:
@@ -298,6 +307,21 @@ def _data_free_calibration(model: ir.Model, budgeted: bool = False) -> tuple[Cal
         "source": f"{description} (data-free: no tokenizer found)",
         "damping": feeds.damping,
         "tokenizer_would_add": f"{hint} ({gain}; docs/results.md)",
+    }
+
+
+def _data_free_importance(model: ir.Model, why_no_gptq: str, hint: str) -> tuple[Calibration, dict[str, Any]]:
+    """A decoder without a tokenizer: no GPTQ (why_no_gptq), but its scale search weighs each input
+    channel by the mean square measured on random token ids (bct_onnx.channel_importance)."""
+    feeds = random_token_importance(model)
+    length = feeds.feeds[0]["input_ids"].shape[1]
+    return feeds, {
+        "method": IMPORTANCE_METHOD,
+        "batches": len(feeds.feeds),
+        "tokens": _token_count(feeds),
+        "source": f"random token ids ({len(feeds.feeds)} sequences of {length}; data-free: no tokenizer found)",
+        "reason": f"no GPTQ ({why_no_gptq}); scale search weighted by each MatMul input channel's mean square",
+        "tokenizer_would_add": f"{hint} (SmolLM2-135M at 7.0x: docs/results.md)",
     }
 
 
@@ -365,8 +389,12 @@ def compress(
     (references to a file that is not written) unless ``debug_weights``.
     calibration: "auto" (default: GPTQ rounding of MatMul weights, calibrated on public-domain
     text, whenever a tokenizer is found next to the model or in the Hugging Face directory, or given
-    as ``tokenizer``), "text" (the same, an error without a tokenizer), "none" (plain rounding), or
-    a bct_onnx.calibration.Calibration of your own input batches.
+    as ``tokenizer``; without one, data-free: see "data-free"), "text" (the same, an error without a
+    tokenizer), "data-free" (what a model without a tokenizer gets, even when one is found: encoders
+    GPTQ on random token ids, decoders a scale search weighted by each input channel's mean square
+    on random token ids, bct_onnx.channel_importance), "none" (plain rounding), or a
+    bct_onnx.calibration.Calibration of your own input batches (an
+    bct_onnx.channel_importance.ImportanceCalibration: only their channel mean squares are used).
     calibration_text: where text calibration's words come from: "auto" or "shipped" (the
     public-domain lines shipped in the package), "moby-dick" (Melville's novel from Debian's
     r-cran-tokenizers, fetched once), or the path of a UTF-8 text file of your own.

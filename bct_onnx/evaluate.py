@@ -317,7 +317,7 @@ def evaluate(
     seconds: dict[str, float] = {}
     path, tokenizer_dir = resolve_model(model, tokenizer, with_past=kv_cache)
     tok = load_tokenizer(tokenizer_dir)
-    ids = evaluation_ids(tok, tokens, book, calibration_text if calibration not in (None, "none") else None)
+    ids = evaluation_ids(tok, tokens, book, calibration_text if calibration not in (None, "none", "data-free") else None)
 
     start = time.perf_counter()
     fp32_ppl, cached = fp32_perplexity(

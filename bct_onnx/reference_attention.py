@@ -81,13 +81,34 @@ def attention(
     scale: float,
     mask: np.ndarray | None = None,
     causal: bool = False,
+    q_heads: int | None = None,
 ) -> np.ndarray:
     """BlockAttention: softmax(scale * (Q x K^T) + mask, causal) x V -> [B, Hq, Sq, Dh] float32.
 
     causal: query i (of Sq, the last Sq of the Sk positions) sees keys j <= i + Sk - Sq. A row with
     no key it may see, or whose scores are all -inf, is 0. A NaN score (a NaN or an infinity in a block
     of the query or of a key it sees, or a NaN mask) makes the row NaN (the float32 NaN 0x7fc00000).
+
+    An encoder's layout: Q [B, Sq, Hq * Dh] (q_heads gives Hq) with float32 K, V [B, Sk, Hkv * Dh]
+    gives Y [B, Sq, Hq * Dh]; the values are those of the heads-first layout (every quantization
+    block lies inside one head's row either way).
     """
+    if np.asarray(q).ndim == 3:
+        if q_heads is None:
+            raise ValueError("q_heads is needed when Q is [B, S, Hq * Dh]")
+        dh = np.asarray(q).shape[-1] // q_heads
+        k, v = (np.asarray(t, np.float32) for t in (k, v))
+        y = attention(
+            _heads_first(q, q_heads),
+            _heads_first(k, k.shape[-1] // dh),
+            _heads_first(v, v.shape[-1] // dh),
+            act_bits=act_bits,
+            block_size=block_size,
+            scale=scale,
+            mask=mask,
+            causal=causal,
+        )
+        return _heads_last(y)
     q = np.asarray(q, dtype=np.float32)
     batch, heads, sq, dh = q.shape
     s = scores(q, k, act_bits, block_size)
@@ -225,6 +246,12 @@ def _heads_first(x: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
+def _heads_last(y: np.ndarray) -> np.ndarray:
+    """[B, H, S, Dh] -> [B, S, H * Dh]."""
+    b, h, s, dh = y.shape
+    return np.ascontiguousarray(y.transpose(0, 2, 1, 3).reshape(b, s, h * dh))
+
+
 def _append(past, new: np.ndarray, fmt: BlockFormat | None):
     """The present cache: past with the new rows appended along the sequence axis (quantized on their own
     into fmt's codes when the cache is compressed)."""
@@ -289,6 +316,5 @@ def attention_step(
         causal=causal,
     )
     if packed:
-        b, h, s, dh = y.shape
-        y = np.ascontiguousarray(y.transpose(0, 2, 1, 3).reshape(b, s, h * dh))
+        y = _heads_last(y)
     return y, present_k, present_v

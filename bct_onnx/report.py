@@ -133,6 +133,13 @@ class CompileReport:
             lines.append(f"calibration: GPTQ on {self.calibration.get('batches')} batches of {self.calibration.get('source')}")
             if self.calibration.get("tokenizer_would_add"):
                 lines.append(f"  {self.calibration['tokenizer_would_add']}")
+        elif self.calibration.get("method") == "channel-importance":
+            lines.append(
+                f"calibration: channel importance (data-free) on {self.calibration.get('batches')} batches of "
+                f"{self.calibration.get('source')}: {self.calibration.get('reason', '')}"
+            )
+            if self.calibration.get("tokenizer_would_add"):
+                lines.append(f"  {self.calibration['tokenizer_would_add']}")
         elif self.calibration.get("reason"):
             lines.append(f"calibration: none ({self.calibration['reason']})")
         if self.model_kind.get("changed"):

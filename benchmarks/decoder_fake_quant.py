@@ -18,6 +18,9 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from fractions import Fraction
+
+import numpy as np
 
 from bct_onnx.block_format import BlockFormat, dequantize
 from bct_onnx.weight_quantizer import quantize_tensor
@@ -72,6 +75,95 @@ for _group in GROUPS:  # one group at 8 bits, the rest as "w4": per-group sensit
 PLANS["8bit:table"] = PLANS["t8"]
 
 
+IMPORTANCE_MODES = ("none", "gamma", "gamma-notable", "random[:BxL[:seed]]", "text", "MODE^power")
+
+
+def _silu_square_mean(std: np.ndarray) -> np.ndarray:
+    """E[silu(g)^2] for g ~ N(0, std^2), by quadrature over a standard normal."""
+    z = np.linspace(-6, 6, 241, dtype=np.float64)
+    pdf = np.exp(-0.5 * z * z)
+    pdf /= pdf.sum()
+    g = std[:, None] * z[None, :]
+    return ((g / (1 + np.exp(-g))) ** 2 * pdf).sum(-1)
+
+
+def gamma_importance(model) -> dict[str, np.ndarray]:
+    """Data-free input-channel importance per weight: norm gamma^2 for q/k/v/gate/up (and the table as the
+    output projection), the value projection's output variance for o_proj, E[silu(gate)^2] * var(up) for
+    down_proj, both under inputs gamma * z with z of unit variance."""
+    out: dict[str, np.ndarray] = {}
+    cfg = model.config
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    for i, layer in enumerate(model.model.layers):
+        pre = f"model.layers.{i}."
+        g_attn = layer.input_layernorm.weight.detach().double().numpy() ** 2
+        g_mlp = layer.post_attention_layernorm.weight.detach().double().numpy() ** 2
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            out[f"{pre}self_attn.{proj}.weight"] = g_attn
+        for proj in ("gate_proj", "up_proj"):
+            out[f"{pre}mlp.{proj}.weight"] = g_mlp
+        wv = layer.self_attn.v_proj.weight.detach().double().numpy()
+        v_var = (wv**2) @ g_attn  # [kv_heads * head_dim]
+        head_dim = wv.shape[0] // cfg.num_key_value_heads
+        out[f"{pre}self_attn.o_proj.weight"] = np.repeat(v_var.reshape(-1, head_dim), group, axis=0).reshape(-1)
+        up_var = (layer.mlp.up_proj.weight.detach().double().numpy() ** 2) @ g_mlp
+        gate_var = (layer.mlp.gate_proj.weight.detach().double().numpy() ** 2) @ g_mlp
+        out[f"{pre}mlp.down_proj.weight"] = up_var * _silu_square_mean(np.sqrt(gate_var))
+    out["model.embed_tokens.weight"] = model.model.norm.weight.detach().double().numpy() ** 2
+    return {k: (v / v.mean()).astype(np.float32) for k, v in out.items()}
+
+
+def measured_importance(model, ids) -> dict[str, np.ndarray]:
+    """Mean square of each Linear's input channels on ids (the diagonal of X^T X / n)."""
+    import torch
+
+    sums: dict[str, np.ndarray] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            weight = "model.embed_tokens.weight" if name == "lm_head" else f"{name}.weight"
+
+            def hook(_m, inputs, _o, weight=weight):
+                x = inputs[0].detach().double().reshape(-1, inputs[0].shape[-1])
+                sums[weight] = (x * x).mean(0).numpy()
+
+            hooks.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    return {k: (v / v.mean()).astype(np.float32) for k, v in sums.items()}
+
+
+def channel_importance(model, mode: str, text_ids) -> dict[str, np.ndarray]:
+    """Importance per weight name; a suffix "^p" raises every importance to the power p (then mean 1)."""
+    if "^" in mode:
+        base, power = mode.rsplit("^", 1)
+        raised = {k: v.astype(np.float64) ** float(power) for k, v in channel_importance(model, base, text_ids).items()}
+        return {k: (v / v.mean()).astype(np.float32) for k, v in raised.items()}
+    return _channel_importance(model, mode, text_ids)
+
+
+def _channel_importance(model, mode: str, text_ids) -> dict[str, np.ndarray]:
+    import torch
+
+    if mode == "none":
+        return {}
+    if mode == "gamma":
+        return gamma_importance(model)
+    if mode == "gamma-notable":
+        return {k: v for k, v in gamma_importance(model).items() if "embed_tokens" not in k}
+    if mode.startswith("random"):
+        parts = mode.split(":")
+        b, length = (int(v) for v in (parts[1] if len(parts) > 1 else "4x128").split("x"))
+        seed = int(parts[2]) if len(parts) > 2 else 0
+        ids = torch.randint(0, model.config.vocab_size, (b, length), generator=torch.Generator().manual_seed(seed))
+        return measured_importance(model, ids)
+    if mode == "text":
+        return measured_importance(model, text_ids)
+    raise ValueError(f"unknown importance mode {mode!r}: one of {', '.join(IMPORTANCE_MODES)}")
+
+
 def plan_function(name: str) -> Callable[[str], BlockFormat]:
     table, default, rules = PLANS[name]
 
@@ -93,8 +185,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--plan", action="append", choices=sorted(PLANS), default=[])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--clip-ratios",
+        help="comma-separated clip ratios of the scale search instead of weight_quantizer.CLIP_RATIOS (1.0 first)",
+    )
+    parser.add_argument(
+        "--importance",
+        action="append",
+        default=[],
+        help="per-input-channel weights of the scale search: none, gamma (data-free: norm weights and"
+        " proxies), random[:BxL[:seed]] (mean square inputs on B random-id sequences of L tokens, default 4x128), text (on the first window of the text itself: an oracle)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.clip_ratios:
+        import bct_onnx.weight_quantizer as wq
+
+        wq.CLIP_RATIOS = tuple(float(Fraction(r)) for r in args.clip_ratios.split(","))
     model = smollm2.load_torch_model()
     tokenizer = smollm2.load_tokenizer()
     # Moby-Dick from its middle (past the front matter); an Austen book from its start.
@@ -104,10 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     originals = {n: p.detach().clone() for n, p in model.named_parameters() if p.ndim == 2}
     params = dict(model.named_parameters())
 
+    importances = {mode: channel_importance(model, mode, batch[:1]) for mode in args.importance or ["none"]}
+
     @functools.cache
-    def rounded(weight: str, f: BlockFormat) -> torch.Tensor:
+    def rounded(weight: str, f: BlockFormat, mode: str) -> torch.Tensor:
         w = originals[weight].numpy()
-        return torch.from_numpy(dequantize(quantize_tensor(w, f)).reshape(w.shape))
+        return torch.from_numpy(dequantize(quantize_tensor(w, f, importance=importances[mode].get(weight))).reshape(w.shape))
 
     def log_probs() -> torch.Tensor:
         with torch.no_grad():
@@ -122,18 +231,18 @@ def main(argv: list[str] | None = None) -> int:
     counts = {n: w.numel() for n, w in originals.items()}
     total = sum(counts.values())
     print("| plan | weight Mbit | est. ratio | perplexity | change | KL | seconds |\n|---|---|---|---|---|---|---|", flush=True)
-    for name in args.plan or ["w4"]:
+    for name, mode in [(p, m) for p in args.plan or ["w4"] for m in importances]:
         start = time.perf_counter()
         format_of = plan_function(name)
         mbit = sum(c * format_of(n).storage_bits_per_value() for n, c in counts.items()) / 1e6
         for weight, original in originals.items():
-            params[weight].data = rounded(weight, format_of(weight))
+            params[weight].data = rounded(weight, format_of(weight), mode)
         lp = log_probs()
         kl = float((reference.exp() * (reference - lp)).sum(-1).mean())
         ppl = perplexity(lp)
         for weight, original in originals.items():
             params[weight].data = original
-        print(f"| {name} | {mbit:.1f} | {32 * total / 1e6 / (mbit + OTHER_MBIT):.2f}x | {ppl:.3f} | {100 * (ppl / fp32 - 1):+.2f}% | {kl:.4f} | {time.perf_counter() - start:.0f} |", flush=True)
+        print(f"| {name} {mode} | {mbit:.1f} | {32 * total / 1e6 / (mbit + OTHER_MBIT):.2f}x | {ppl:.3f} | {100 * (ppl / fp32 - 1):+.2f}% | {kl:.4f} | {time.perf_counter() - start:.0f} |", flush=True)
     return 0
 
 

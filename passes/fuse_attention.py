@@ -11,6 +11,10 @@ Q [B, Hq, Sq, Dh], K and V [B, Hkv, Sk, Dh]:
 - scalar factors on Q, on K^T (SDPA exports scale both by sqrt(scale)) and on the scores go into the
   `scale` attribute when their value is static (a constant, or arithmetic on static dims of a Shape,
   as 1 / sqrt(head_size)); a dynamic factor on Q stays in the graph, one on K^T is a skip.
+When Q, K and V are all an encoder's head split of [B, S, H * Dh] tensors (head_layout.split_heads; K
+also as BERT's Transpose [0, 2, 3, 1] of the Reshape) and the result is only merged back (Transpose ->
+Reshape [B, S, H * Dh]), the op reads and writes [B, S, H * Dh] itself (attribute q_heads) and those
+Reshape / Transpose nodes go; otherwise it reads [B, H, S, Dh].
 Q x K^T keeps the settings (act_bits, block_size) of QuantizeActMatMulPass's AttentionMatMul kind.
 The fused op keeps P and V in float32 where the unfused chain quantizes both, so it is at least as
 accurate (reference_attention.chain_tolerance bounds the difference), and it never stores P.
@@ -24,7 +28,16 @@ import logging
 import numpy as np
 import onnx_ir as ir
 from bct_onnx.passes.framework import PassReport, node_name, onnx_opset
-from bct_onnx.passes.graph_patterns import FLOAT, is_op, producer, sole_user, value_rank, value_shape
+from bct_onnx.passes.graph_patterns import (
+    FLOAT,
+    is_op,
+    producer,
+    sole_user,
+    static_value,
+    value_rank,
+    value_shape,
+)
+from bct_onnx.passes.head_layout import NoFit, merge_heads, split_heads, split_reshape
 from bct_onnx.passes.operand_ops import OperandRewritePass, replace_with_ours
 from bct_onnx.passes.quantized_weights import constant_tensor
 
@@ -34,87 +47,9 @@ logger = logging.getLogger(__name__)
 
 RULE = "Attention (fused)"
 RULE_GQA = "Attention: grouped-query expansion folded"
+RULE_LAYOUT = "Attention: head split / merge in the op"
 RULE_MASK = "Attention: additive mask"
 RULE_SCALE = "Attention: static scale folded"
-
-_STATIC_DEPTH = 12
-
-
-def _shape_dims(node: ir.Node) -> list[int | None] | None:
-    """Dims a Shape node gives (its start / end attributes applied), None where symbolic."""
-    source = node.inputs[0]
-    shape = value_shape(source) if source is not None else None
-    if shape is None:
-        return None
-    dims = [d if isinstance(d, int) else None for d in shape]
-    start = node.attributes["start"].as_int() if "start" in node.attributes else 0
-    end = node.attributes["end"].as_int() if "end" in node.attributes else len(dims)
-    return dims[start:end]
-
-
-def _index_list(node: ir.Node, index: int, depth: int) -> list[int] | None | bool:
-    """Static ints of optional input ``index``: a list, None when absent, False when not static."""
-    if index >= len(node.inputs) or node.inputs[index] is None:
-        return None
-    value = static_value(node.inputs[index], depth)
-    return False if value is None else [int(v) for v in np.asarray(value).reshape(-1)]
-
-
-def static_value(value: ir.Value | None, depth: int = _STATIC_DEPTH) -> np.ndarray | None:
-    """The value of a small tensor computed only from constants and static dims, or None.
-
-    Covers what exporters write for 1 / sqrt(head_size) (Shape -> Slice or Gather -> Cast -> Sqrt ->
-    Div -> Sqrt) and plain constants. A symbolic dim anywhere in what is read makes it None."""
-    if value is None or depth <= 0:
-        return None
-    tensor = constant_tensor(value)
-    if tensor is not None:
-        return np.asarray(tensor.numpy())
-    node = value.producer()
-    if not is_op(node, "Cast", "Sqrt", "Reciprocal", "Div", "Mul", "Slice", "Gather", "Squeeze"):
-        return None
-    assert node is not None
-    if node.op_type in ("Slice", "Gather"):
-        shape_node = producer(node.inputs[0], "Shape")
-        if shape_node is not None:
-            dims = _shape_dims(shape_node)
-        else:
-            base = static_value(node.inputs[0], depth - 1)
-            dims = None if base is None or base.ndim != 1 else [int(d) for d in base]
-        if dims is None:
-            return None
-        if node.op_type == "Gather":
-            index = static_value(node.inputs[1], depth - 1)
-            if index is None or "axis" in node.attributes and node.attributes["axis"].as_int() != 0:
-                return None
-            picked = [dims[int(i)] for i in np.asarray(index).reshape(-1)]
-            shape = np.asarray(index).shape
-        else:
-            starts, ends = _index_list(node, 1, depth - 1), _index_list(node, 2, depth - 1)
-            axes, steps = _index_list(node, 3, depth - 1), _index_list(node, 4, depth - 1)
-            if not starts or not ends or axes is False or steps is False or axes not in (None, [0], [-1]):
-                return None
-            if steps not in (None, [1]):
-                return None
-            picked = dims[starts[0] : ends[0]]
-            shape = (len(picked),)
-        if not picked or any(d is None for d in picked):
-            return None
-        return np.asarray(picked, dtype=np.int64).reshape(shape)
-    inputs = [static_value(v, depth - 1) for v in node.inputs]
-    if not inputs or any(x is None for x in inputs):
-        return None
-    with np.errstate(all="ignore"):
-        if node.op_type == "Cast":
-            return np.asarray(inputs[0]).astype(ir.DataType(node.attributes["to"].as_int()).numpy())
-        if node.op_type == "Sqrt":
-            return np.sqrt(inputs[0])
-        if node.op_type == "Reciprocal":
-            return np.reciprocal(inputs[0])
-        if node.op_type == "Squeeze":
-            return np.asarray(inputs[0]).reshape(()) if np.asarray(inputs[0]).size == 1 else None
-        a, b = inputs[0], inputs[1]
-        return np.asarray(a / b if node.op_type == "Div" else a * b)
 
 
 def _scalar_factor(node: ir.Node, data: ir.Value) -> tuple[float | None, bool]:
@@ -169,6 +104,34 @@ def unrepeated_kv(value: ir.Value, model: ir.Model) -> ir.Value | None:
 
 
 @dataclasses.dataclass(frozen=True)
+class PackedLayout:
+    """Q, K, V as [B, S, H * Dh] tensors and the merge nodes that end the chain."""
+
+    q: ir.Value
+    k: ir.Value
+    v: ir.Value
+    q_heads: int
+    merge: list[ir.Node]
+
+
+def packed_layout(
+    q: ir.Value, k: ir.Value, k_split_only: bool, v: ir.Value, result: ir.Value
+) -> PackedLayout | None:
+    """The encoder's [B, S, H * Dh] sources of Q, K (k_split_only: k is the Reshape, as BERT's K^T
+    transposes it itself), V, and the merge of the result; None when any of them is not there."""
+    try:
+        qx, hq, dh = split_heads(q, None, None)
+        kx, hk, _ = split_reshape(k, None, dh) if k_split_only else split_heads(k, None, dh)
+        vx, _, _ = split_heads(v, hk, dh)
+        _, merge = merge_heads(result, hq * dh)
+    except NoFit:
+        return None
+    if hq % hk != 0:
+        return None
+    return PackedLayout(qx, kx, vx, hq, merge)
+
+
+@dataclasses.dataclass(frozen=True)
 class AttentionMatch:
     chain: list[ir.Node]  # the nodes from Q x K^T to P x V that the op replaces
     q: ir.Value
@@ -180,6 +143,7 @@ class AttentionMatch:
     gqa: bool
     act_bits: int
     block_size: int
+    layout: PackedLayout | None
 
 
 class FuseAttentionPass(OperandRewritePass):
@@ -299,34 +263,54 @@ class FuseAttentionPass(OperandRewritePass):
                 return f"attention {what} dtype {t.dtype.name} is not float32"
         if not np.isfinite(scale) or scale == 0:
             return f"attention scale {scale} is not a finite nonzero number"
+        layout = None if gqa else packed_layout(q, k, k_transpose is not None, v, pv.outputs[0])
+        if layout is not None:
+            chain += layout.merge
         return AttentionMatch(
-            chain, q, k, k_transpose, v, mask, float(scale), gqa, settings.act_bits, settings.block_size
+            chain,
+            q,
+            k,
+            k_transpose,
+            v,
+            mask,
+            float(scale),
+            gqa,
+            settings.act_bits,
+            settings.block_size,
+            layout,
         )
 
     def rewrite(self, model: ir.Model, matched: AttentionMatch, report: PassReport) -> None:
         new_nodes: list[ir.Node] = []
-        k = matched.k
-        qk, pv = matched.chain[0], matched.chain[-1]
-        if matched.k_transpose is not None:
+        q, k, v = matched.q, matched.k, matched.v
+        qk = matched.chain[0]
+        pv = next(n for n in reversed(matched.chain) if n.op_type == "MatMul")
+        attributes: dict[str, int | float] = {
+            "act_bits": matched.act_bits,
+            "block_size": matched.block_size,
+            "scale": matched.scale,
+        }
+        if matched.layout is not None:
+            q, k, v = matched.layout.q, matched.layout.k, matched.layout.v
+            attributes["q_heads"] = matched.layout.q_heads
+        elif matched.k_transpose is not None:
             t = ir.node("Transpose", [k], attributes={"perm": matched.k_transpose}, name=f"{node_name(qk)}/K")
             new_nodes.append(t)
             k = t.outputs[0]
-        inputs: list[ir.Value | None] = [matched.q, k, None, None, matched.v]
+        inputs: list[ir.Value | None] = [q, k, None, None, v]
         if matched.mask is not None:
             inputs += [None, None, matched.mask]
         fused = ir.node(
             ops.BLOCK_ATTENTION,
             inputs,
-            attributes={
-                "act_bits": matched.act_bits,
-                "block_size": matched.block_size,
-                "scale": matched.scale,
-            },
+            attributes=attributes,
             domain=ops.DOMAIN,
             name=pv.name,
         )
         new_nodes.append(fused)
         replace_with_ours(model, matched.chain, new_nodes, report, RULE)
+        if matched.layout is not None:
+            report.count(RULE_LAYOUT)
         if matched.gqa:
             report.count(RULE_GQA)
         if matched.mask is not None:

@@ -27,8 +27,9 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 from bct_onnx.passes.framework import CompressPass, PassReport
-from bct_onnx.passes.fuse_attention import static_value
-from bct_onnx.passes.graph_patterns import is_op, last_dim, producer, sole_user
+from bct_onnx.passes.graph_patterns import is_op, producer, static_value
+from bct_onnx.passes.head_layout import NoFit as _NoFit
+from bct_onnx.passes.head_layout import merge_heads, split_heads
 from bct_onnx.passes.infer_shapes import ensure_shapes
 
 from bct_onnx import ops
@@ -41,10 +42,6 @@ RULE_LAYOUT = "Attention step: head split / merge in the op"
 _K, _V, _MASK, _K_NEW, _V_NEW, _COS, _SIN = 1, 4, 7, 8, 9, 10, 11
 _INPUTS = 12
 _LAST_AXIS = (-1, 3)
-
-
-class _NoFit(Exception):
-    """A rule does not apply; the message says why."""
 
 
 def _inputs(node: ir.Node) -> list[ir.Value | None]:
@@ -358,79 +355,6 @@ def _same_outputs(node: ir.Node) -> list[tuple[ir.Value, int]]:
 # layout
 
 
-def _shape_entries(reshape: ir.Node) -> list[int | None] | None:
-    """The entries of a Reshape's shape: ints where constant, None where computed at run time."""
-    shape = reshape.inputs[1] if len(reshape.inputs) > 1 else None
-    if shape is None:
-        return None
-    whole = static_value(shape)
-    if whole is not None:
-        return [int(v) for v in whole.reshape(-1)]
-    concat = producer(shape, "Concat")
-    if concat is None:
-        return None
-    entries: list[int | None] = []
-    for part in concat.inputs:
-        value = static_value(part)
-        if value is None:
-            entries.append(None)  # one run-time dim (an Unsqueeze of a Gather of a Shape)
-        else:
-            entries.extend(int(v) for v in value.reshape(-1))
-    return entries
-
-
-def _width(value: ir.Value | None) -> int | None:
-    """The static last dim of value, also through a bias Add / scale Mul of a BlockMatMul result (whose
-    inferred shape a compressed graph loaded from a file no longer carries)."""
-    width = last_dim(value)
-    node = producer(value, "Add", "Mul")
-    if width is not None or node is None:
-        return width
-    widths = {last_dim(v) for v in node.inputs} - {None, 1}
-    return widths.pop() if len(widths) == 1 else None
-
-
-def _split_heads(value: ir.Value, heads: int | None, dh: int) -> tuple[ir.Value, int]:
-    """value = Transpose(Reshape(x [B, S, H * Dh], [B, S, H, Dh]), [0, 2, 1, 3]) -> (x, H)."""
-    transpose = producer(value, "Transpose")
-    if transpose is None or list(transpose.attributes["perm"].as_ints()) != [0, 2, 1, 3]:
-        raise _NoFit("an input is not a Transpose [0, 2, 1, 3] of the head split")
-    reshape = producer(transpose.inputs[0], "Reshape")
-    x = reshape.inputs[0] if reshape is not None else None
-    width = _width(x)
-    if reshape is None or x is None or width is None or width % dh != 0:
-        raise _NoFit("an input's head split is not a Reshape of a [B, S, H * Dh] tensor of static width")
-    entries = _shape_entries(reshape)
-    h = width // dh
-    if (
-        entries is None
-        or len(entries) != 4
-        or entries[3] != dh
-        or entries[2] not in (-1, h)
-        or (heads and h != heads)
-    ):
-        raise _NoFit(f"an input's head split Reshape has shape entries {entries}, not [B, S, H, {dh}]")
-    if any(e is not None and e not in (0, -1) for e in entries[:2]):
-        raise _NoFit(f"an input's head split Reshape has constant leading entries {entries[:2]}")
-    return x, h
-
-
-def _merge_heads(value: ir.Value, width: int) -> ir.Value:
-    """value read only by Transpose [0, 2, 1, 3] -> Reshape [B, S, H * Dh]: that Reshape's result."""
-    transpose = sole_user(value)
-    if not is_op(transpose, "Transpose") or list(transpose.attributes["perm"].as_ints()) != [0, 2, 1, 3]:  # type: ignore[union-attr]
-        raise _NoFit("the result is not read by one Transpose [0, 2, 1, 3]")
-    reshape = sole_user(transpose.outputs[0])  # type: ignore[union-attr]
-    if not is_op(reshape, "Reshape") or reshape.inputs[0] is not transpose.outputs[0]:  # type: ignore[union-attr]
-        raise _NoFit("the result's Transpose is not read by one Reshape")
-    entries = _shape_entries(reshape)  # type: ignore[arg-type]
-    if entries is None or len(entries) != 3 or entries[2] not in (-1, width):
-        raise _NoFit(f"the result's Reshape has shape entries {entries}, not [B, S, H * Dh]")
-    if any(e is not None and e not in (0, -1) for e in entries[:2]):
-        raise _NoFit(f"the result's Reshape has constant leading entries {entries[:2]}")
-    return reshape.outputs[0]  # type: ignore[union-attr]
-
-
 def _fuse_layout(graph: ir.Graph, node: ir.Node, dh: int) -> ir.Node:
     inputs = _inputs(node)
     if _attr_int(node, "q_heads", 0):
@@ -438,10 +362,10 @@ def _fuse_layout(graph: ir.Graph, node: ir.Node, dh: int) -> ir.Node:
     q, k, v = inputs[0], inputs[_K_NEW], inputs[_V_NEW]
     if q is None or k is None or v is None:
         raise _NoFit("no new keys")
-    qx, hq = _split_heads(q, None, dh)
-    kx, hk = _split_heads(k, None, dh)
-    vx, _ = _split_heads(v, hk, dh)
-    merged = _merge_heads(node.outputs[0], hq * dh)
+    qx, hq, _ = split_heads(q, None, dh)
+    kx, hk, _ = split_heads(k, None, dh)
+    vx, _, _ = split_heads(v, hk, dh)
+    merged, merge_nodes = merge_heads(node.outputs[0], hq * dh)
     old = [q, k, v]
     inputs[0], inputs[_K_NEW], inputs[_V_NEW] = qx, kx, vx
     attributes = {name: attr.value for name, attr in node.attributes.items()}
@@ -449,11 +373,7 @@ def _fuse_layout(graph: ir.Graph, node: ir.Node, dh: int) -> ir.Node:
     replaced = [(merged, 0)] + [
         (out, i) for i, out in enumerate(node.outputs) if i > 0 and out.is_graph_output()
     ]
-    transpose = sole_user(node.outputs[0])
-    assert transpose is not None
-    reshape = sole_user(transpose.outputs[0])
-    assert reshape is not None
-    new = _rebuild(graph, node, inputs, attributes, len(node.outputs), replaced, [transpose, reshape])
+    new = _rebuild(graph, node, inputs, attributes, len(node.outputs), replaced, merge_nodes)
     _remove_dead(graph, old)
     return new
 

@@ -162,7 +162,9 @@ def last_dim(value: ir.Value | None) -> int | None:
             return dim
     node = value.producer() if value is not None else None
     if node is not None and node.domain == ops.DOMAIN and value is node.outputs[0]:
-        attr = node.attributes.get({ops.BLOCK_MATMUL: "N", ops.BLOCK_GATHER: "axis_size"}.get(node.op_type, ""))
+        attr = node.attributes.get(
+            {ops.BLOCK_MATMUL: "N", ops.BLOCK_GATHER: "axis_size"}.get(node.op_type, "")
+        )
         if attr is not None:
             return attr.as_int()
     return None
@@ -292,3 +294,83 @@ def replace_pattern(
     ir.convenience.replace_nodes_and_values(
         last.graph, last, list(dict.fromkeys(old_nodes)), new_nodes, [old_value], [new_value]
     )
+
+
+_STATIC_DEPTH = 12
+
+
+def _shape_dims(node: ir.Node) -> list[int | None] | None:
+    """Dims a Shape node gives (its start / end attributes applied), None where symbolic."""
+    source = node.inputs[0]
+    shape = value_shape(source) if source is not None else None
+    if shape is None:
+        return None
+    dims = [d if isinstance(d, int) else None for d in shape]
+    start = node.attributes["start"].as_int() if "start" in node.attributes else 0
+    end = node.attributes["end"].as_int() if "end" in node.attributes else len(dims)
+    return dims[start:end]
+
+
+def _index_list(node: ir.Node, index: int, depth: int) -> list[int] | None | bool:
+    """Static ints of optional input ``index``: a list, None when absent, False when not static."""
+    if index >= len(node.inputs) or node.inputs[index] is None:
+        return None
+    value = static_value(node.inputs[index], depth)
+    return False if value is None else [int(v) for v in np.asarray(value).reshape(-1)]
+
+
+def static_value(value: ir.Value | None, depth: int = _STATIC_DEPTH) -> np.ndarray | None:
+    """The value of a small tensor computed only from constants and static dims, or None.
+
+    Covers what exporters write for 1 / sqrt(head_size) (Shape -> Slice or Gather -> Cast -> Sqrt ->
+    Div -> Sqrt) and plain constants. A symbolic dim anywhere in what is read makes it None."""
+    if value is None or depth <= 0:
+        return None
+    tensor = constant_tensor(value)
+    if tensor is not None:
+        return np.asarray(tensor.numpy())
+    node = value.producer()
+    if not is_op(node, "Cast", "Sqrt", "Reciprocal", "Div", "Mul", "Slice", "Gather", "Squeeze"):
+        return None
+    assert node is not None
+    if node.op_type in ("Slice", "Gather"):
+        shape_node = producer(node.inputs[0], "Shape")
+        if shape_node is not None:
+            dims = _shape_dims(shape_node)
+        else:
+            base = static_value(node.inputs[0], depth - 1)
+            dims = None if base is None or base.ndim != 1 else [int(d) for d in base]
+        if dims is None:
+            return None
+        if node.op_type == "Gather":
+            index = static_value(node.inputs[1], depth - 1)
+            if index is None or "axis" in node.attributes and node.attributes["axis"].as_int() != 0:
+                return None
+            picked = [dims[int(i)] for i in np.asarray(index).reshape(-1)]
+            shape = np.asarray(index).shape
+        else:
+            starts, ends = _index_list(node, 1, depth - 1), _index_list(node, 2, depth - 1)
+            axes, steps = _index_list(node, 3, depth - 1), _index_list(node, 4, depth - 1)
+            if not starts or not ends or axes is False or steps is False or axes not in (None, [0], [-1]):
+                return None
+            if steps not in (None, [1]):
+                return None
+            picked = dims[starts[0] : ends[0]]
+            shape = (len(picked),)
+        if not picked or any(d is None for d in picked):
+            return None
+        return np.asarray(picked, dtype=np.int64).reshape(shape)
+    inputs = [static_value(v, depth - 1) for v in node.inputs]
+    if not inputs or any(x is None for x in inputs):
+        return None
+    with np.errstate(all="ignore"):
+        if node.op_type == "Cast":
+            return np.asarray(inputs[0]).astype(ir.DataType(node.attributes["to"].as_int()).numpy())
+        if node.op_type == "Sqrt":
+            return np.sqrt(inputs[0])
+        if node.op_type == "Reciprocal":
+            return np.reciprocal(inputs[0])
+        if node.op_type == "Squeeze":
+            return np.asarray(inputs[0]).reshape(()) if np.asarray(inputs[0]).size == 1 else None
+        a, b = inputs[0], inputs[1]
+        return np.asarray(a / b if node.op_type == "Div" else a * b)

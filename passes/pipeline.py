@@ -57,6 +57,7 @@ from onnx_ir.passes import common as common_passes
 
 from bct_onnx import ops
 from bct_onnx.calibration import DEFAULT_DAMPING, Calibration, MatMulKey, collect_hessians
+from bct_onnx.channel_importance import ImportanceCalibration, collect_channel_importance
 from bct_onnx.config import ACTIVATION_OPS, CompressConfig
 
 logger = logging.getLogger(__name__)
@@ -184,11 +185,13 @@ def rewrite_passes(
     config: CompressConfig,
     hessians: Mapping[MatMulKey, np.ndarray] | None = None,
     damping: float = DEFAULT_DAMPING,
+    importances: Mapping[MatMulKey, np.ndarray] | None = None,
 ) -> list[ir.passes.PassBase]:
     """The quantize passes config enables (each after its fusions), then cleanup (order: see QUANTIZE_PASSES).
 
     hessians (calibration statistics of the canonicalized model, from collect_hessians) make
-    QuantizeMatMulPass round those weights with GPTQ, at that damping.
+    QuantizeMatMulPass round those weights with GPTQ, at that damping; importances (per-channel
+    mean squares, from collect_channel_importance) weigh its scale search instead.
     """
     quantize: list[ir.passes.PassBase] = []
     for op_type, factory in QUANTIZE_PASSES.items():
@@ -200,8 +203,10 @@ def rewrite_passes(
                 else:
                     quantize.append(fusion())
         if config.enabled(op_type):
-            calibrated = op_type == "MatMul" and hessians is not None
-            quantize.append(factory(config, hessians, damping) if calibrated else factory(config))  # type: ignore[call-arg]
+            if op_type == "MatMul" and (hessians is not None or importances is not None):
+                quantize.append(QuantizeMatMulPass(config, hessians, damping, importances))
+            else:
+                quantize.append(factory(config))
         if op_type == "Gather" and config.format == "bct" and (config.enabled("MatMul") or config.enabled("Gather")):
             quantize.append(QuantizeFusedOpsPass(config))
     if any(config.enabled(kind) for kind in ACTIVATION_OPS):
@@ -358,15 +363,18 @@ def compress_model(
         work = run(pass_, index, work)
     # Calibration statistics are measured here, on the canonicalized model whose MatMuls the
     # quantize pass sees, and handed to it: passes run no inference.
-    hessians = None
+    hessians = importances = None
     if calibration is not None and config.enabled("MatMul"):
         start = time.perf_counter()
-        hessians = collect_hessians(work, calibration)
+        if isinstance(calibration, ImportanceCalibration):
+            importances = collect_channel_importance(work, calibration)
+        else:
+            hessians = collect_hessians(work, calibration)
         # Not a pass, but often the longest step before GPTQ: the report times it like one.
         records.append(PassRecord(CALIBRATION_RECORD, False, time.perf_counter() - start, {}, 0))
     damping = calibration.damping if calibration is not None else DEFAULT_DAMPING
     try:
-        for index, pass_ in enumerate(rewrite_passes(config, hessians, damping), start=len(canonical) + 1):
+        for index, pass_ in enumerate(rewrite_passes(config, hessians, damping, importances), start=len(canonical) + 1):
             work = run(pass_, index, work)
     finally:
         if hessians is not None:

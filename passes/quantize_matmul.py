@@ -38,6 +38,7 @@ RULE_BIAS = "MatMul+Add(bias)"
 RULE_TRANSPOSED = "MatMul(Transpose(weight))"
 RULE_SHARED = "shared quantized weight"
 RULE_GPTQ = "MatMul weight rounded by GPTQ (calibrated)"
+RULE_IMPORTANCE = "MatMul weight scales searched with measured channel importance"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,7 @@ class MatMulMatch:
     bias: np.ndarray | ir.Value | None  # an [N] float32 initializer value, or values to register
     hessian: np.ndarray | None = None  # calibration X^T X of the activation [K, K]: GPTQ rounding
     damping: float = DEFAULT_DAMPING  # GPTQ damping of that Hessian
+    importance: np.ndarray | None = None  # measured mean square of each input channel [K]: weighted scale search
 
 
 def _weight_source(weight: ir.Value) -> tuple[ir.Value, ir.TensorProtocol, bool] | str:
@@ -149,6 +151,16 @@ def _input_importance(matched: MatMulMatch) -> np.ndarray | None:
     return imp / max(float(imp.mean()), 1e-12)
 
 
+def _scale_search_importance(matched: MatMulMatch) -> np.ndarray | None:
+    """Per-input-channel weights of the scale search: measured ones, else a LayerNormalization's, else none.
+
+    GPTQ-rounded weights (a Hessian) get none: GPTQ itself weighs the error by the Hessian.
+    """
+    if matched.hessian is not None:
+        return None
+    return matched.importance if matched.importance is not None else _input_importance(matched)
+
+
 class QuantizeMatMulPass(NodeRewritePass):
     """Rewrite MatMul with a constant 2-D float32 weight into BlockMatMul (+ fused bias)."""
 
@@ -159,15 +171,20 @@ class QuantizeMatMulPass(NodeRewritePass):
         config: CompressConfig,
         hessians: Mapping[MatMulKey, np.ndarray] | None = None,
         damping: float = DEFAULT_DAMPING,
+        importances: Mapping[MatMulKey, np.ndarray] | None = None,
     ) -> None:
         """hessians: calibration X^T X per (activation name, weight name), measured by the caller
         (bct_onnx.calibration.collect_hessians) on the model this pass receives; their weights are
-        rounded by GPTQ with that damping (Calibration.damping). The pass itself runs no inference."""
+        rounded by GPTQ with that damping (Calibration.damping). importances: measured mean square
+        of each input channel [K] per (activation name, weight name)
+        (bct_onnx.channel_importance.collect_channel_importance): the scale search of weights without
+        a Hessian weighs each channel's error by it. The pass itself runs no inference."""
         super().__init__()
         self.config = config
         # Kept as given: a HessianStore reads each Hessian from disk only when its MatMul is rewritten.
         self.hessians: Mapping[MatMulKey, np.ndarray] = hessians if hessians is not None else {}
         self.damping = damping
+        self.importances: Mapping[MatMulKey, np.ndarray] = importances if importances is not None else {}
 
     def match(self, model: ir.Model, node: ir.Node) -> MatMulMatch | str | None:
         activation, weight = node.inputs[0], node.inputs[1]
@@ -205,9 +222,13 @@ class QuantizeMatMulPass(NodeRewritePass):
             if given.is_initializer() and bias_shape == (n,):
                 bias_value = given  # reuse the [N] initializer as it is
         matched = MatMulMatch(node, activation, source, tensor, is_transposed, k, n, bias_add, bias_value)
-        hessian = self.hessians.get((activation.name or "", source.name or ""))
+        key = (activation.name or "", source.name or "")
+        hessian = self.hessians.get(key)
         if hessian is not None and _only_matmul_reading(matched):
             matched = dataclasses.replace(matched, hessian=hessian, damping=self.damping)
+        importance = self.importances.get(key)
+        if importance is not None and matched.hessian is None and importance.shape == (k,) and _only_matmul_reading(matched):
+            matched = dataclasses.replace(matched, importance=importance)
         return matched
 
     def rewrite(self, model: ir.Model, matched: MatMulMatch, report: PassReport) -> None:
@@ -228,7 +249,7 @@ class QuantizeMatMulPass(NodeRewritePass):
             fmt,
             transposed=not matched.source_is_transposed,
             scale_search=config.weight_scale_search,
-            importance=_input_importance(matched) if config.weight_scale_search and matched.hessian is None else None,
+            importance=_scale_search_importance(matched) if config.weight_scale_search else None,
             hessian=matched.hessian,
             damping=matched.damping,
             keep_dead_inputs=matched.source_is_transposed,
@@ -285,3 +306,5 @@ class QuantizeMatMulPass(NodeRewritePass):
             report.count(RULE_WIDE_SCALES)
         if matched.hessian is not None:
             report.count(RULE_GPTQ)
+        elif matched.importance is not None and config.weight_scale_search:
+            report.count(RULE_IMPORTANCE)

@@ -110,10 +110,13 @@ def test_compress_without_tokenizer_calibrates_an_encoder_on_random_ids():
     assert result.report.rules.get("MatMul weight rounded by GPTQ (calibrated)") == 1
 
 
-def test_compress_without_tokenizer_rounds_a_decoder_plainly_and_says_why():
+def test_compress_without_tokenizer_gives_a_decoder_no_gptq_and_says_why():
+    # No GPTQ for a decoder; its scale search is weighted by channel importance (tests/test_channel_importance.py).
     result = bct_onnx.compress(decoder(), ops=frozenset({"MatMul"}), act_bits=None)
     report = result.report.calibration
-    assert report["method"] == "none" and "decoder" in report["reason"] and "--tokenizer" in report["reason"]
+    assert report["method"] == "channel-importance" and "decoder" in report["reason"]
+    assert "--tokenizer" in report["tokenizer_would_add"]
+    assert "MatMul weight rounded by GPTQ (calibrated)" not in result.report.rules
 
 
 def test_external_data_model_calibrates_from_any_working_directory(tmp_path, monkeypatch):

@@ -279,12 +279,13 @@ def add_calibration_flags(parser: argparse.ArgumentParser) -> None:
     """--calibration, --tokenizer and --calibration-text (GPTQ rounding of MatMul weights)."""
     parser.add_argument(
         "--calibration",
-        choices=("auto", "text", "none"),
+        choices=("auto", "text", "data-free", "none"),
         default="auto",
         help="GPTQ rounding of MatMul weights calibrated on text (--calibration-text): auto (when a "
         "tokenizer is found next to the model or in the HF directory, or given; default: without one, "
-        "encoders are calibrated on random token ids, data-free, and decoders rounded plainly), text "
-        "(required), none",
+        "data-free: encoders get GPTQ on random token ids, decoders a scale search weighted by each "
+        "input channel's mean square on random token ids), text (required), data-free (what a model "
+        "without a tokenizer gets, even when one is found), none (plain rounding)",
     )
     parser.add_argument(
         "--tokenizer", metavar="DIR", help="tokenizer directory (default: next to the model or in the HF directory)"

@@ -5,9 +5,12 @@
 // head; query heads of a group share their KV head) computes its strip of block dots [rows, Sk] with
 // BlockActMatMul's dot kernels (the same values as nl::act_dot), then runs the streaming softmax x V of
 // bct/attention_math.h over it through Kernels(isa).attention_rows. Only a strip of dots per task is
-// stored, never the probability matrix. A decoder step (one query row per head) runs the query heads
-// of a KV head as one task, and one task per KV head does all of that head's work (one parallel
-// section); its buffers are per-thread scratch (cpu/thread_scratch.h), so a step allocates nothing.
+// stored, never the probability matrix. An encoder's [B, S, H * Dh] Q, K, V and Y are used in place:
+// rows are quantized in storage order, a task gathers its run of query codes, keys and values are
+// read H rows apart and Y rows written H * Dh floats apart. A decoder step (one query row per head)
+// runs the query heads of a KV head as one task, and one task per KV head does all of that head's work
+// (one parallel section). The buffers are per-thread scratch (cpu/thread_scratch.h): a step allocates
+// nothing.
 #include <algorithm>
 
 #include "bct/attention_math.h"
@@ -50,13 +53,14 @@ class AttentionCpuKernel : public AttentionKernelBase {
       const bool vnni_dots = kernels_.act_dot_vnni;
       // 8-bit keys in the op's own blocks are packed for the VNNI dots straight from the cache's codes.
       const bool pack_codes = vnni_dots && direct && attrs_.kv_bits == 8;
-      const bool packed_y = g.step && g.step_dims.packed;
+      // Q, K, V rows in storage order: heads first, or [B, S, H * Dh] (g.packed); Y packed also for a
+      // packed step (whose Q and present cache are heads first).
+      const bool y_packed = g.packed || (g.step && g.step_dims.packed);
 
       // The call's buffers, in per-thread scratch of the calling thread (cpu/thread_scratch.h): a decoder
       // step allocates nothing. K as signed codes [rows, dh] + float32 scales [rows, nb]; V as float32 rows.
       cpu::ScratchPlan plan;
       const size_t at_q_step = plan.Add<float>(g.step ? q_rows * dh : 0);
-      const size_t at_y_heads = plan.Add<float>(packed_y ? q_rows * dh : 0);
       const size_t at_qq = plan.Add<int8_t>(q_rows * dh);
       const size_t at_qs = plan.Add<float>(q_rows * nb);
       const size_t at_kq = plan.Add<int8_t>(pack_codes ? 0 : kv_rows * dh);
@@ -67,7 +71,6 @@ class AttentionCpuKernel : public AttentionKernelBase {
       uint8_t* base = plan.Carve<cpu::ScratchSlot::kAttentionCall>();
       if (g.step) AppendStep(ctx, &g, cpu::ScratchPlan::At<float>(base, at_q_step));
       if (q_rows == 0) return;
-      float* y = packed_y ? cpu::ScratchPlan::At<float>(base, at_y_heads) : y_out;
       int8_t* qq = cpu::ScratchPlan::At<int8_t>(base, at_qq);
       float* qs = cpu::ScratchPlan::At<float>(base, at_qs);
       int8_t* kq = cpu::ScratchPlan::At<int8_t>(base, at_kq);
@@ -118,35 +121,39 @@ class AttentionCpuKernel : public AttentionKernelBase {
       const int64_t kv_heads = g.batch * g.kv_heads;
       vnni::PackedB& packed = CallPackedB();
       if (vnni_dots) vnni::InitPackedB(packed, kv_heads, g.sk, dh, bs);
+      auto key_row = [&](int64_t head, int64_t key) {  // storage row of key `key` of head b * Hkv + h
+        return nl::attention_row_index(g.packed, g.kv_heads, g.sk, head / g.kv_heads, head % g.kv_heads, key);
+      };
       auto pack_keys = [&](int64_t begin, int64_t end) {
-        if (vnni_dots) {  // runs of keys inside one head
+        if (vnni_dots) {  // runs of keys inside one head (single keys when packed)
           for (int64_t r = begin; r < end;) {
-            const int64_t head = r / g.sk, key = r % g.sk, count = std::min(end - r, g.sk - key);
+            const int64_t head = r / g.sk, key = r % g.sk;
+            const int64_t count = g.packed ? 1 : std::min(end - r, g.sk - key), src = key_row(head, key);
             if (pack_codes) {
-              vnni::PackCodeRows(packed, head, key, count, g.k.codes + r * dh, ks + r * nb);
+              vnni::PackCodeRows(packed, head, key, count, g.k.codes + src * dh, ks + src * nb);
             } else {
-              vnni::PackRows(packed, head, key, count, kq + r * dh, ks + r * nb);
+              vnni::PackRows(packed, head, key, count, kq + src * dh, ks + src * nb);
             }
             r += count;
           }
           return;
         }
         for (int64_t r = begin; r < end; ++r) {
-          const int64_t head = r / g.sk, key = r % g.sk;
+          const int64_t head = r / g.sk, key = r % g.sk, src = key_row(head, key);
           int8_t* col = k_major + head * dh * g.sk + key;
-          for (int64_t d = 0; d < dh; ++d) col[d * g.sk] = kq[r * dh + d];
+          for (int64_t d = 0; d < dh; ++d) col[d * g.sk] = kq[src * dh + d];
           float* sc = k_major_scales + head * nb * g.sk + key;
-          for (int64_t b = 0; b < nb; ++b) sc[b * g.sk] = ks[r * nb + b];
+          for (int64_t b = 0; b < nb; ++b) sc[b * g.sk] = ks[src * nb + b];
         }
       };
 
       // 3. Query tasks [begin, end): runs of up to 16 query rows inside one (batch, query head); or, for a
-      // decoder step (one query row per head) whose mask is the same for every head, the query heads of
-      // one KV head together, as rows 0.. of one run (one query row sees all sk keys even when causal,
-      // and the mask row does not move), so the group's rows share each load of K and V; task t is then
-      // KV head t. Either way every row runs the same operations: the same bits.
+      // decoder step (heads-first keys, one query row per head) whose mask is the same for every head,
+      // the query heads of one KV head together, as rows 0.. of one run (one query row sees all sk keys
+      // even when causal, and the mask row does not move), so the group's rows share each load of K and
+      // V; task t is then KV head t. Either way every row runs the same operations: the same bits.
       const int64_t per_group = g.q_heads / g.kv_heads;
-      const bool heads_together = g.sq == 1 && g.mask_strides[1] == 0 && per_group > 1;
+      const bool heads_together = !g.packed && g.sq == 1 && g.mask_strides[1] == 0 && per_group > 1;
       const int64_t heads_per_task = heads_together ? per_group : 1;
       const int64_t run = heads_together ? per_group : std::max<int64_t>(1, std::min<int64_t>(g.sq, 16));
       const int64_t runs_per_head = heads_together ? 1 : (g.sq + run - 1) / run;
@@ -156,19 +163,32 @@ class AttentionCpuKernel : public AttentionKernelBase {
         const size_t at_dots = task_plan.Add<float>(run * g.sk);
         const size_t at_acc = task_plan.Add<int32_t>(vnni_dots ? 0 : g.sk);
         const size_t at_scratch = task_plan.Add<uint8_t>(vnni_dots ? 4 * nb * packed.groups * 4 : 0);
+        const size_t at_run_codes = task_plan.Add<int8_t>(g.packed ? run * dh : 0);
+        const size_t at_run_scales = task_plan.Add<float>(g.packed ? run * nb : 0);
         uint8_t* task_base = task_plan.Carve<cpu::ScratchSlot::kAttentionTask>();
         float* dots = cpu::ScratchPlan::At<float>(task_base, at_dots);
         int32_t* acc = cpu::ScratchPlan::At<int32_t>(task_base, at_acc);
         uint8_t* scratch = cpu::ScratchPlan::At<uint8_t>(task_base, at_scratch);
+        int8_t* run_codes = cpu::ScratchPlan::At<int8_t>(task_base, at_run_codes);
+        float* run_scales = cpu::ScratchPlan::At<float>(task_base, at_run_scales);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t head_index = (task / runs_per_head) * heads_per_task;  // b * Hq + h (first head)
           const int64_t b = head_index / g.q_heads, h = head_index % g.q_heads;
           const int64_t i0 = (task % runs_per_head) * run;
           const int64_t rows = heads_together ? per_group : std::min(run, g.sq - i0);
-          const int64_t kv_head = b * g.kv_heads + h / per_group;
-          const int64_t row = head_index * g.sq + i0;
+          const int64_t kv_h = h / per_group, kv_head = b * g.kv_heads + kv_h;
+          const int64_t row = nl::attention_row_index(g.packed, g.q_heads, g.sq, b, h, i0);
           const int8_t* q_codes = qq + row * dh;
           const float* q_scales = qs + row * nb;
+          if (g.packed) {  // the run's rows are q_heads rows apart: gather them for the dot kernels
+            for (int64_t r = 0; r < rows; ++r) {
+              const int64_t src = row + r * g.q_heads;
+              std::copy(qq + src * dh, qq + (src + 1) * dh, run_codes + r * dh);
+              std::copy(qs + src * nb, qs + (src + 1) * nb, run_scales + r * nb);
+            }
+            q_codes = run_codes;
+            q_scales = run_scales;
+          }
           if (vnni_dots) {
             vnni::DotRows(packed, kv_head, q_codes, q_scales, rows, scratch, dots, g.sk);
           } else {
@@ -177,16 +197,22 @@ class AttentionCpuKernel : public AttentionKernelBase {
                                    k_major_scales + kv_head * nb * g.sk, g.sk, dh, bs, nb, acc, dots + r * g.sk);
             }
           }
+          const int64_t key0 = nl::attention_row_index(g.packed, g.kv_heads, g.sk, b, kv_h, 0);
           nl::AttentionKeys kv;  // the dots are given: attention_rows reads no key codes (none with pack_codes)
-          kv.codes = pack_codes ? nullptr : kq + kv_head * g.sk * dh;
-          kv.scales = ks + kv_head * g.sk * nb;
-          kv.values = values + kv_head * g.sk * dh;
+          kv.codes = pack_codes ? nullptr : kq + key0 * dh;
+          kv.scales = ks + key0 * nb;
+          kv.values = values + key0 * dh;
           kv.dh = dh;
           kv.nb = nb;
           kv.block_size = bs;
+          kv.key_step = g.packed ? g.kv_heads : 1;
           const float* mask = g.mask != nullptr ? g.mask + b * g.mask_strides[0] + h * g.mask_strides[1] : nullptr;
+          // Y rows of the run: consecutive positions (H * Dh floats apart when packed), or with the heads
+          // together consecutive heads of position 0, Dh floats apart in either layout.
+          const int64_t y_row = nl::attention_row_index(y_packed, g.q_heads, g.sq, b, h, i0);
+          const int64_t y_stride = y_packed && !heads_together ? g.q_heads * dh : dh;
           kernels_.attention_rows(q_codes, q_scales, dots, rows, i0, g.sq, g.sk, attrs_.causal, kv, attrs_.scale, mask,
-                                  g.mask_strides[2], g.mask_strides[3], y + row * dh);
+                                  g.mask_strides[2], g.mask_strides[3], y_out + y_row * dh, y_stride);
         }
       };
 
@@ -204,13 +230,6 @@ class AttentionCpuKernel : public AttentionKernelBase {
         ParallelFor(ctx, kv_rows, 2 * kMinTaskValues / dh, [&](int64_t b, int64_t e) { pack_keys(b, e); });
         const int64_t work = std::max<int64_t>(1, g.sk * dh * run);
         ParallelFor(ctx, tasks, std::max<int64_t>(1, 4 * kMinTaskValues / work), [&](int64_t b, int64_t e) { run_tasks(b, e); });
-      }
-      if (y != y_out) {  // [B, Hq, Sq, Dh] -> [B, Sq, Hq * Dh]
-        for (int64_t r = 0; r < q_rows; ++r) {
-          const int64_t i = r % g.sq, bh = r / g.sq;
-          std::copy(y + r * dh, y + (r + 1) * dh,
-                    y_out + nl::step_row_offset(g.step_dims, g.q_heads, bh / g.q_heads, bh % g.q_heads, i));
-        }
       }
     });
   }

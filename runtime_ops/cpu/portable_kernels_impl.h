@@ -138,13 +138,13 @@ constexpr int kAttentionRows = 4;
 
 template <int64_t kDh>
 inline void AccumulateTileFixed(const float (*p)[nl::kAttentionKeyTile], const int64_t* len, int n, int64_t tile_len,
-                                const float* values, float* y, int64_t y_stride) {
+                                const float* values, int64_t value_stride, float* y, int64_t y_stride) {
   float acc[kAttentionRows][kDh];
   for (int r = 0; r < kAttentionRows; ++r) {
     for (int64_t d = 0; d < kDh; ++d) acc[r][d] = r < n ? y[r * y_stride + d] : 0.0f;
   }
   for (int64_t t = 0; t < tile_len; ++t) {
-    const float* v = values + t * kDh;
+    const float* v = values + t * value_stride;
     for (int r = 0; r < kAttentionRows; ++r) {
       if (t >= len[r]) continue;
       const float pr = p[r][t];
@@ -157,15 +157,15 @@ inline void AccumulateTileFixed(const float (*p)[nl::kAttentionKeyTile], const i
 }
 
 inline void AccumulateTile(const float (*p)[nl::kAttentionKeyTile], const int64_t* len, int n, int64_t tile_len,
-                           const float* values, int64_t dh, float* y) {
-  if (dh == 32) return AccumulateTileFixed<32>(p, len, n, tile_len, values, y, dh);
-  if (dh == 64) return AccumulateTileFixed<64>(p, len, n, tile_len, values, y, dh);
+                           const float* values, int64_t value_stride, int64_t dh, float* y, int64_t y_stride) {
+  if (dh == 32) return AccumulateTileFixed<32>(p, len, n, tile_len, values, value_stride, y, y_stride);
+  if (dh == 64) return AccumulateTileFixed<64>(p, len, n, tile_len, values, value_stride, y, y_stride);
   for (int64_t t = 0; t < tile_len; ++t) {
-    const float* v = values + t * dh;
+    const float* v = values + t * value_stride;
     for (int r = 0; r < n; ++r) {
       if (t >= len[r]) continue;
       const float pr = p[r][t];
-      float* yr = y + r * dh;
+      float* yr = y + r * y_stride;
       for (int64_t d = 0; d < dh; ++d) yr[d] = fadd(yr[d], fmul(pr, v[d]));
     }
   }
@@ -174,8 +174,9 @@ inline void AccumulateTile(const float (*p)[nl::kAttentionKeyTile], const int64_
 __attribute__((flatten)) void AttentionRows(const int8_t* q, const float* qs, const float* dots, int64_t rows,
                                             int64_t row0, int64_t sq, int64_t sk, bool causal,
                                             const nl::AttentionKeys& kv, float scale, const float* mask,
-                                            int64_t mask_row_stride, int64_t mask_key_stride, float* y) {
-  const int64_t dh = kv.dh;
+                                            int64_t mask_row_stride, int64_t mask_key_stride, float* y,
+                                            int64_t y_stride) {
+  const int64_t dh = kv.dh, value_stride = kv.key_step * dh;
   float tiles[kAttentionRows][nl::kAttentionKeyTile];
   for (int64_t r0 = 0; r0 < rows; r0 += kAttentionRows) {
     const int n = static_cast<int>(std::min<int64_t>(kAttentionRows, rows - r0));
@@ -183,7 +184,7 @@ __attribute__((flatten)) void AttentionRows(const int8_t* q, const float* qs, co
     int64_t keys[kAttentionRows] = {0, 0, 0, 0};
     int64_t most = 0;
     for (int r = 0; r < n; ++r) {
-      st[r] = nl::attention_row_start(y + (r0 + r) * dh, dh);
+      st[r] = nl::attention_row_start(y + (r0 + r) * y_stride, dh);
       keys[r] = nl::attention_visible_keys(row0 + r0 + r, sq, sk, causal);
       most = std::max(most, keys[r]);
     }
@@ -197,14 +198,14 @@ __attribute__((flatten)) void AttentionRows(const int8_t* q, const float* qs, co
         const float* mask_row = mask != nullptr ? mask + i * mask_row_stride : nullptr;
         if (!nl::attention_tile_probs(st[r], q + (r0 + r) * dh, qs + (r0 + r) * kv.nb, kv,
                                       dots != nullptr ? dots + (r0 + r) * sk : nullptr, t0, len[r], scale, mask_row,
-                                      mask_key_stride, tiles[r], y + (r0 + r) * dh)) {
+                                      mask_key_stride, tiles[r], y + (r0 + r) * y_stride)) {
           len[r] = 0;
         }
       }
       const int64_t tile_len = *std::max_element(len, len + kAttentionRows);
-      AccumulateTile(tiles, len, n, tile_len, kv.values + t0 * dh, dh, y + r0 * dh);
+      AccumulateTile(tiles, len, n, tile_len, kv.values + t0 * value_stride, value_stride, dh, y + r0 * y_stride, y_stride);
     }
-    for (int r = 0; r < n; ++r) nl::attention_row_finish(st[r], y + (r0 + r) * dh, dh);
+    for (int r = 0; r < n; ++r) nl::attention_row_finish(st[r], y + (r0 + r) * y_stride, dh);
   }
 }
 

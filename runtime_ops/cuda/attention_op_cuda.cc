@@ -32,6 +32,7 @@ class AttentionCudaKernel : public AttentionKernelBase {
       args.sq = g.sq;
       args.sk = g.sk;
       args.dh = g.dh;
+      args.packed = g.packed;
       args.q = g.q;
       args.kv_quantized = g.k.quantized;
       args.k_direct = KeyCodesDirect();

@@ -32,7 +32,8 @@ BCT_HD BCT_INLINE float AttentionDequantizeOne(const AttentionArgs& a, const uin
 }
 
 // Thread `row` of the attention kernel: query row `row` of [batch, q_heads, sq] (signed codes qq,
-// scales qs) over its KV head's keys (kq, ks) and values [batch * kv_heads, sk, dh]; tile: scratch of
+// scales qs, in Q's storage order) over its KV head's keys (kq, ks) and values (in K's and V's order:
+// [batch * kv_heads, sk, dh], or [batch, sk, kv_heads, dh] when a.packed); tile: scratch of
 // nl::kAttentionKeyTile floats. Writes a.y's row.
 BCT_HD BCT_INLINE void AttentionRowOne(const AttentionArgs& a, const int8_t* qq, const float* qs, const int8_t* kq,
                                        const float* ks, const float* values, int64_t row, float* tile) {
@@ -40,19 +41,22 @@ BCT_HD BCT_INLINE void AttentionRowOne(const AttentionArgs& a, const int8_t* qq,
   const int64_t i = row % a.sq;
   const int64_t head_index = row / a.sq;
   const int64_t b = head_index / a.q_heads, h = head_index % a.q_heads;
-  const int64_t kv_head = b * a.kv_heads + h / (a.q_heads / a.kv_heads);
+  const int64_t kv_h = h / (a.q_heads / a.kv_heads);
+  const int64_t key0 = nl::attention_row_index(a.packed, a.kv_heads, a.sk, b, kv_h, 0);
+  const int64_t stored = nl::attention_row_index(a.packed, a.q_heads, a.sq, b, h, i);  // Q's and Y's row
   nl::AttentionKeys kv;
-  kv.codes = kq + kv_head * a.sk * a.dh;
-  kv.scales = ks + kv_head * a.sk * nb;
-  kv.values = values + kv_head * a.sk * a.dh;
+  kv.codes = kq + key0 * a.dh;
+  kv.scales = ks + key0 * nb;
+  kv.values = values + key0 * a.dh;
   kv.dh = a.dh;
   kv.nb = nb;
   kv.block_size = a.block_size;
+  kv.key_step = a.packed ? a.kv_heads : 1;
   const float* mask = a.mask != nullptr
                           ? a.mask + b * a.mask_strides[0] + h * a.mask_strides[1] + i * a.mask_strides[2]
                           : nullptr;
-  nl::attention_row(qq + row * a.dh, qs + row * nb, kv, nullptr, nl::attention_visible_keys(i, a.sq, a.sk, a.causal),
-                    a.scale, mask, a.mask_strides[3], tile, a.y + row * a.dh);
+  nl::attention_row(qq + stored * a.dh, qs + stored * nb, kv, nullptr, nl::attention_visible_keys(i, a.sq, a.sk, a.causal),
+                    a.scale, mask, a.mask_strides[3], tile, a.y + stored * a.dh);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -8,6 +8,9 @@
 // 1 K, 2 V and, with codes, 3 K scales, 4 V scales; 10 cos and 11 sin [Bc, Sq, R] or
 // [Bc, 1, Sq, R] apply rotary to Q and K_new first; Q, K_new, V_new and Y may be [B, S, H * Dh]
 // (attribute q_heads gives Hq; Hkv is the past's).
+// Without the step, a Q of rank 3 [B, Sq, Hq * Dh] (q_heads gives Hq) takes float32 K and V
+// [B, Sk, Hkv * Dh] (Hkv = their last dim / Dh) and gives Y [B, Sq, Hq * Dh]: an encoder's head
+// split / merge in the op.
 #pragma once
 
 #include <cstdint>
@@ -75,6 +78,7 @@ struct AttentionGeometry {
   int64_t batch = 0, q_heads = 0, kv_heads = 0, sq = 0, sk = 0, dh = 0;
   const float* q = nullptr;
   AttentionKV k, v;  // with a step: the past cache (sk counts past and new rows)
+  bool packed = false;  // no step; Q, K, V and Y are [B, S, H * Dh]
   const float* mask = nullptr;
   int64_t mask_strides[4] = {0, 0, 0, 0};  // elements per step of b, h, i, j (0: broadcast)
   // The decoder step (inputs 8..11): new keys / values, rotary tables.
@@ -87,8 +91,10 @@ struct AttentionGeometry {
   std::vector<int64_t> y_shape;
 };
 
+// K or V: [B, Hkv, Sk, Dh] (or its codes), or with packed float32 [B, Sk, Hkv * Dh]; *shape gets
+// [B, Hkv, Sk, last dim] either way.
 inline AttentionKV ReadAttentionKV(const Ort::KernelContext& ctx, const NodeRef& node, const AttentionAttrs& attrs,
-                                   size_t first, const char* name, int64_t batch, int64_t dh,
+                                   size_t first, const char* name, int64_t batch, int64_t dh, bool packed,
                                    std::vector<int64_t>* shape) {
   const std::string scales_name = std::string(name) + "_scales";
   const std::string zp_name = std::string(name) + "_zero_points";
@@ -97,6 +103,22 @@ inline AttentionKV ReadAttentionKV(const Ort::KernelContext& ctx, const NodeRef&
   const InputTensor zero_points = GetInput(ctx, first + 2);
   AttentionKV kv;
   if (!x.present) node.Fail(std::string("input '") + name + "' is required");
+  if (packed) {
+    if (attrs.kv_bits != 0) {
+      node.Fail(std::string("input '") + name + "' [B, S, H * Dh] (Q of rank 3, no step) must be float32: kv_bits must be 0");
+    }
+    if (scales.present || zero_points.present) {
+      node.Fail("inputs '" + scales_name + "' and '" + zp_name + "' must be absent (empty names) when Q has rank 3");
+    }
+    ExpectDtype(node, name, x, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    if (x.shape.size() != 3 || x.shape[0] != batch || x.shape[2] % dh != 0 || x.shape[2] == 0) {
+      node.Fail(std::string("input '") + name + "' must be [B " + std::to_string(batch) + ", S, H * Dh] with Dh " +
+                std::to_string(dh) + " as Q has rank 3, got shape " + ShapeString(x.shape));
+    }
+    *shape = {x.shape[0], x.shape[2] / dh, x.shape[1], dh};
+    kv.x = x.As<float>();
+    return kv;
+  }
   if (x.shape.size() != 4) node.Fail(std::string("input '") + name + "' must have rank 4, got shape " + ShapeString(x.shape));
   if (x.shape[0] != batch) {
     node.Fail(std::string("input '") + name + "' batch " + std::to_string(x.shape[0]) + " differs from Q's " +
@@ -205,7 +227,7 @@ inline AttentionGeometry CheckAttention(const Ort::KernelContext& ctx, const Nod
   const bool packed = q.shape.size() == 3;
   g.step = GetInput(ctx, 8).present;
   if (packed) {
-    if (!g.step) node.Fail("input 'Q' of rank 3 [B, S, Hq * Dh] needs the step inputs 'K_new' and 'V_new'");
+    g.packed = !g.step;
     if (attrs.q_heads < 1 || q.shape[2] % attrs.q_heads != 0 || q.shape[2] == 0) {
       node.Fail("input 'Q' [B, S, Hq * Dh] " + ShapeString(q.shape) + " needs attribute 'q_heads' dividing its last dim, got " +
                 std::to_string(attrs.q_heads));
@@ -215,7 +237,7 @@ inline AttentionGeometry CheckAttention(const Ort::KernelContext& ctx, const Nod
     g.sq = q.shape[1];
     g.dh = q.shape[2] / attrs.q_heads;
   } else {
-    if (q.shape.size() != 4) node.Fail("input 'Q' must have rank 4 [B, Hq, Sq, Dh] (or 3 with a step), got shape " + ShapeString(q.shape));
+    if (q.shape.size() != 4) node.Fail("input 'Q' must have rank 4 [B, Hq, Sq, Dh] or 3 [B, Sq, Hq * Dh], got shape " + ShapeString(q.shape));
     g.batch = q.shape[0];
     g.q_heads = q.shape[1];
     g.sq = q.shape[2];
@@ -225,8 +247,8 @@ inline AttentionGeometry CheckAttention(const Ort::KernelContext& ctx, const Nod
   g.q = q.As<float>();
   g.y_shape = q.shape;
   std::vector<int64_t> k_shape, v_shape;
-  g.k = ReadAttentionKV(ctx, node, attrs, 1, g.step ? "past_K" : "K", g.batch, g.dh, &k_shape);
-  g.v = ReadAttentionKV(ctx, node, attrs, 4, g.step ? "past_V" : "V", g.batch, g.dh, &v_shape);
+  g.k = ReadAttentionKV(ctx, node, attrs, 1, g.step ? "past_K" : "K", g.batch, g.dh, g.packed, &k_shape);
+  g.v = ReadAttentionKV(ctx, node, attrs, 4, g.step ? "past_V" : "V", g.batch, g.dh, g.packed, &v_shape);
   if (k_shape != v_shape) {
     node.Fail("inputs 'K' " + ShapeString(k_shape) + " and 'V' " + ShapeString(v_shape) + " must have the same shape");
   }

@@ -217,13 +217,15 @@ __attribute__((visibility("default"))) int bct_host_row_op(int op, int64_t rows,
 
 // BlockAttention as cuda/attention.cu runs it. kv_bits 0: k, v float32; else k, v are codes with
 // scales (scale_kind) and zero points (nullptr when symmetric) in blocks of kv_block_size along dh.
-// mask nullptr or with strides mask_strides[4].
+// mask nullptr or with strides mask_strides[4]. packed: q, float k, v and y are [B, S, H * dh].
 __attribute__((visibility("default"))) void bct_host_attention(
     int act_bits, int64_t block_size, float scale, int causal, int64_t batch, int64_t q_heads, int64_t kv_heads,
     int64_t sq, int64_t sk, int64_t dh, const float* q, int kv_bits, int64_t kv_block_size, int kv_symmetric,
     int scale_kind, const void* k, const void* k_scales, const uint8_t* k_zero_points, const void* v,
-    const void* v_scales, const uint8_t* v_zero_points, const float* mask, const int64_t* mask_strides, float* y) {
+    const void* v_scales, const uint8_t* v_zero_points, const float* mask, const int64_t* mask_strides, float* y,
+    int packed) {
   bct::cuda::AttentionArgs a;
+  a.packed = packed != 0;
   a.act_bits = act_bits;
   a.block_size = block_size;
   a.scale = scale;
@@ -329,7 +331,7 @@ __attribute__((visibility("default"))) void bct_host_attention_step(
   for (int64_t t = 0; t < present_rows; ++t) bct::cuda::AttentionStepPresentRowOne(s, t, fresh.data());
   bct_host_attention(act_bits, block_size, scale, 0, batch, q_heads, kv_heads, sq, past + sq, dh, q_rot.data(), kv_bits,
                      kv_block_size, 1, scale_kind, present_k, present_k_scales, nullptr, present_v, present_v_scales,
-                     nullptr, mask, mask_strides, packed != 0 ? y_heads.data() : y);
+                     nullptr, mask, mask_strides, packed != 0 ? y_heads.data() : y, 0);
   if (packed != 0) {
     for (int64_t r = 0; r < q_rows; ++r) bct::cuda::AttentionStepYRowOne(s, r, y_heads.data(), y);
   }

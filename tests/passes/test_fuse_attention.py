@@ -150,6 +150,89 @@ def test_bert_layout_and_a_scale_computed_from_the_head_size():
     np.testing.assert_allclose(got, run_ort(model, feeds)[0], rtol=0, atol=0.05)
 
 
+# BERT / MiniLM as optimum exports them: Q, K, V are [B, S, H * Dh] split into heads by Reshape (its
+# shape partly computed at run time) -> Transpose, and the result is merged back by Transpose -> Reshape.
+BERT_SPLIT = f"""<ir_version: 8, opset_import: ["" : 17]>
+g (float[2, {S}, {4 * DK}] q, float[2, {S}, {4 * DK}] k, float[2, {S}, {4 * DK}] v, float[2, 1, 1, {S}] mask)
+  => (float[2, {S}, {4 * DK}] y) {{
+  shape = Shape(q)
+  batch = Gather<axis = 0>(shape, zero_i)
+  batch1 = Unsqueeze(batch, zero_1d)
+  seq = Gather<axis = 0>(shape, one_i)
+  seq1 = Unsqueeze(seq, zero_1d)
+  split = Concat<axis = 0>(batch1, minus_one, heads_dh)
+  qr = Reshape(q, split)
+  kr = Reshape(k, split)
+  vr = Reshape(v, split)
+  qt = Transpose<perm = [0, 2, 1, 3]>(qr)
+  kt = Transpose<perm = [0, 2, 3, 1]>(kr)
+  vt = Transpose<perm = [0, 2, 1, 3]>(vr)
+  qs = Mul(qt, root_scale)
+  ks = Mul(kt, root_scale)
+  scores = MatMul(qs, ks)
+  masked = Add(scores, mask)
+  probs = Softmax<axis = -1>(masked)
+  heads = MatMul(probs, vt)
+  merged = Transpose<perm = [0, 2, 1, 3]>(heads)
+  width = Concat<axis = 0>(batch1, seq1, hidden)
+  y = Reshape(merged, width)
+}}"""
+
+BERT_SPLIT_INITIALIZERS = {
+    "zero_i": np.array(0, np.int64),
+    "one_i": np.array(1, np.int64),
+    "zero_1d": np.array([0], np.int64),
+    "minus_one": np.array([-1], np.int64),
+    "heads_dh": np.array([4, DK], np.int64),
+    "hidden": np.array([4 * DK], np.int64),
+    "root_scale": np.float32(DK**-0.25),
+}
+
+
+def test_bert_head_split_and_merge_go_into_the_op():
+    """The op reads Q, K, V [B, S, H * Dh] and writes Y [B, S, H * Dh] (q_heads = 4): no Reshape,
+    Transpose or shape arithmetic is left; Y is the spec's, and near the float model's."""
+    model = model_from_text(BERT_SPLIT, BERT_SPLIT_INITIALIZERS)
+    result = compress_model(model, CompressConfig())
+    assert op_types(result.model) == ["BlockAttention"]
+    assert result.rewritten["Attention: head split / merge in the op"] == 1
+    node = fused_node(result.model)
+    assert [v.name if v is not None else "" for v in node.inputs] == ["q", "k", "", "", "v", "", "", "mask"]
+    assert node.attributes["q_heads"].value == 4
+    assert node.outputs[0].name == "y"
+    rng = np.random.default_rng(2)
+    feeds = {n: rng.standard_normal((2, S, 4 * DK)).astype(np.float32) for n in ("q", "k", "v")}
+    feeds["mask"] = np.zeros((2, 1, 1, S), np.float32)
+    feeds["mask"][1, ..., -2:] = np.finfo(np.float32).min
+    got = run_bct_session(result.model, feeds)[0]
+    scale = node.attributes["scale"].value
+    assert scale == pytest.approx(DK**-0.5, rel=1e-6)
+    want = ref.attention(
+        feeds["q"],
+        feeds["k"],
+        feeds["v"],
+        act_bits=8,
+        block_size=32,
+        scale=scale,
+        mask=feeds["mask"],
+        q_heads=4,
+    )
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(got, run_ort(model, feeds)[0], rtol=0, atol=0.05)
+
+
+def test_result_read_without_the_merge_keeps_the_heads_first_layout():
+    """A result that is not merged back (here a graph output [B, H, S, Dh]) keeps Q, K, V heads first."""
+    text = BERT_SPLIT.replace(
+        f"=> (float[2, {S}, {4 * DK}] y)", f"=> (float[2, {S}, {4 * DK}] y, float[2, 4, {S}, {DK}] heads)"
+    )
+    result = compress_model(model_from_text(text, BERT_SPLIT_INITIALIZERS), CompressConfig())
+    node = fused_node(result.model)
+    assert "q_heads" not in node.attributes
+    assert "Attention: head split / merge in the op" not in result.rewritten
+    assert node.inputs[0].producer().op_type == "Transpose"
+
+
 def test_off_by_config_leaves_the_chain_to_the_act_matmul_and_softmax_passes():
     result = compress_model(llama_model(), CompressConfig(fuse_attention=False))
     types = op_types(result.model)

@@ -50,13 +50,17 @@ def attention_model(inputs: list[np.ndarray | None], **attrs: Any) -> tuple[byte
     return model.SerializeToString(), feeds
 
 
-def run_attention(q, k, v, *, act_bits, block_size, scale, mask=None, causal=False) -> np.ndarray:
+def run_attention(
+    q, k, v, *, act_bits, block_size, scale, mask=None, causal=False, q_heads=None
+) -> np.ndarray:
     attrs: dict[str, Any] = {
         "act_bits": act_bits,
         "block_size": block_size,
         "scale": scale,
         "causal": int(causal),
     }
+    if q_heads is not None:
+        attrs["q_heads"] = q_heads
     kv_inputs: list[np.ndarray | None] = []
     for x in (k, v):
         if isinstance(x, QuantizedTensor):
@@ -218,6 +222,68 @@ def test_bad_inputs_name_the_input(change: dict[str, Any], message: str) -> None
     with pytest.raises(Exception, match="bct_onnx BlockAttention node 'attn': .*") as info:
         run_attention(**args)
     assert message in str(info.value)
+
+
+def packed(x: np.ndarray) -> np.ndarray:
+    """[B, H, S, Dh] -> [B, S, H * Dh] (an encoder's tensors before the head split)."""
+    b, h, s, dh = x.shape
+    return np.ascontiguousarray(x.transpose(0, 2, 1, 3).reshape(b, s, h * dh))
+
+
+def packed_case(case: tuple[Any, ...], seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(heads-first args, the same in [B, S, H * Dh] with q_heads)."""
+    args = case_inputs(case, seed)
+    packed_args = dict(args, q=packed(args["q"]), k=packed(args["k"]), v=packed(args["v"]), q_heads=case[2])
+    return args, packed_args
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512vnni"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_packed_layout_gives_the_spec_bits_on_every_isa_path(
+    case: tuple[Any, ...], isa: str, force_isa: Any
+) -> None:
+    """Q, K, V [B, S, H * Dh] in, Y [B, S, H * Dh] out (an encoder's head split / merge in the op):
+    the spec's bits, which are the heads-first op's bits in the packed layout."""
+    force_isa(isa)
+    args, packed_args = packed_case(case, seed=50)
+    y = run_attention(**packed_args)
+    want = ref.attention(**packed_args)
+    assert y.shape == packed_args["q"].shape
+    assert_bits_equal(y, want, "Y")
+    assert_bits_equal(want, packed(ref.attention(**args)), "spec packed vs heads first")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(k=np.zeros((2, 20, 4, 32), np.float32)), "input 'K' must be [B 2, S, H * Dh] with Dh 32"),
+        (dict(v=np.zeros((2, 20, 100), np.float32)), "input 'V' must be [B 2, S, H * Dh] with Dh 32"),
+        (dict(q_heads=3), "needs attribute 'q_heads' dividing its last dim, got 3"),
+        (dict(q_heads=None), "needs attribute 'q_heads' dividing its last dim, got 0"),
+    ],
+)
+def test_packed_layout_bad_inputs_name_the_input(change: dict[str, Any], message: str) -> None:
+    _, args = packed_case(CASES[0], seed=0)
+    args.update(change)
+    with pytest.raises(Exception, match="bct_onnx BlockAttention node 'attn': .*") as info:
+        run_attention(**args)
+    assert message in str(info.value)
+
+
+def test_packed_layout_needs_float_k_and_v() -> None:
+    _, args = packed_case(CASES[0], seed=0)
+    fmt = BlockFormat(8, 32, True, ScaleKind.FLOAT16)
+    codes = bf.quantize(args["k"].reshape(2, 20, 4, 32), fmt)
+    model, feeds = attention_model(
+        [args["q"], codes.codes.reshape(2, 20, -1), codes.scales.reshape(2, 20, -1), None, args["v"]],
+        act_bits=8,
+        block_size=32,
+        q_heads=4,
+        kv_bits=8,
+        kv_block_size=32,
+    )
+    with pytest.raises(Exception, match="must be float32: kv_bits must be 0"):
+        run(model, feeds)
 
 
 def test_causal_needs_sq_at_most_sk() -> None:

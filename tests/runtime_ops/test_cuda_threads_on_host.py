@@ -140,6 +140,7 @@ def _helper() -> ctypes.CDLL:
     lib.bct_host_attention.argtypes = [ctypes.c_int, i64, ctypes.c_float, ctypes.c_int] + [i64] * 6 + [ptr]
     # kv_bits, kv_block_size, kv_symmetric, scale_kind; K, K scales, K zero points, V, ...; mask, strides, y
     lib.bct_host_attention.argtypes += [ctypes.c_int, i64, ctypes.c_int, ctypes.c_int] + [ptr] * 6 + [ptr] * 3
+    lib.bct_host_attention.argtypes += [ctypes.c_int]  # packed: Q, K, V, Y [B, S, H * Dh]
     # act_bits, block_size, scale, B, Hq, Hkv, Sq, past, Dh, packed, rot, cos batch stride; Q, K_new, V_new,
     # cos, sin; kv_bits, kv_block_size, scale_kind; past K, K scales, V, V scales; mask, strides;
     # present K, K scales, V, V scales; Y
@@ -490,14 +491,24 @@ def test_add_norm_threads(kit, name: str, d: int) -> None:
     kit.assert_bits_equal(y, np.asarray(spec(total, scale, bias), np.float32), name)
 
 
-# BlockAttention: (B, Hq, Hkv, Sq, Sk, Dh, act_bits, block_size, causal, mask kind, K/V format or None)
+# BlockAttention: (B, Hq, Hkv, Sq, Sk, Dh, act_bits, block_size, causal, mask kind, K/V format, "packed"
+# (Q, K, V, Y [B, S, H * Dh]) or None)
 ATTENTION_CASES = [
     (2, 4, 4, 9, 9, 32, 8, 32, False, "padding", None),
     (1, 9, 3, 1, 129, 64, 8, 32, True, None, None),
     (1, 6, 2, 70, 70, 40, 6, 16, True, "rows", None),
     (1, 9, 3, 1, 80, 64, 8, 32, True, None, BlockFormat(8, 32, True, ScaleKind.FLOAT16)),
     (1, 4, 2, 3, 50, 64, 8, 32, False, "rows", BlockFormat(4, 16, False, ScaleKind.POW2)),
+    (2, 4, 4, 9, 9, 32, 8, 32, False, "padding", "packed"),
+    (1, 6, 2, 70, 70, 40, 6, 16, True, "rows", "packed"),
 ]
+
+
+def _packed(x: np.ndarray) -> np.ndarray:
+    b, h, s, dh = x.shape
+    return np.ascontiguousarray(x.transpose(0, 2, 1, 3).reshape(b, s, h * dh))
+
+
 _SCALE_KIND_CODE = {ScaleKind.FLOAT16: 0, ScaleKind.FLOAT32: 1, ScaleKind.POW2: 2}
 
 
@@ -506,6 +517,8 @@ def test_attention_threads(kit, case) -> None:
     """Every thread of BlockAttention's CUDA kernels, run on the host, gives the spec's bits."""
 
     b, hq, hkv, sq, sk, dh, act_bits, block_size, causal, mask_kind, fmt = case
+    packed = fmt == "packed"
+    fmt = None if packed else fmt
     rng = np.random.default_rng(sk)
     q = (1.5 * rng.standard_normal((b, hq, sq, dh))).astype(np.float32)
     k = (1.5 * rng.standard_normal((b, hkv, sk, dh))).astype(np.float32)
@@ -520,8 +533,19 @@ def test_attention_threads(kit, case) -> None:
         strides = np.array([0, 0, sk, 1], np.int64)
     k_in, v_in = (quantize(k, fmt), quantize(v, fmt)) if fmt is not None else (k, v)
     scale = float(dh) ** -0.5
+    if packed:
+        q, k_in, v_in = _packed(q), _packed(k), _packed(v)
+        k, v = k_in, v_in
     want = reference_attention.attention(
-        q, k_in, v_in, act_bits=act_bits, block_size=block_size, scale=scale, mask=mask, causal=causal
+        q,
+        k_in,
+        v_in,
+        act_bits=act_bits,
+        block_size=block_size,
+        scale=scale,
+        mask=mask,
+        causal=causal,
+        q_heads=hq if packed else None,
     )
     y = np.empty_like(want)
     lib = _helper()
@@ -547,6 +571,7 @@ def test_attention_threads(kit, case) -> None:
         _ptr(mask),
         _ptr(strides),
         _ptr(y),
+        int(packed),
     )
     kit.assert_bits_equal(y, want, "Y")
 

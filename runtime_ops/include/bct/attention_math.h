@@ -16,7 +16,8 @@ namespace nl {
 
 constexpr int64_t kAttentionKeyTile = 64;
 
-// The keys of one KV head: signed Q x K^T codes [sk, dh] with float32 scales [sk, nb], V [sk, dh].
+// The keys of one KV head: signed Q x K^T codes [sk, dh] with float32 scales [sk, nb], V [sk, dh];
+// key j's rows are j * key_step rows from the first (1: heads first [B, H, S, *]; H: [B, S, H * *]).
 struct AttentionKeys {
   const int8_t* codes;
   const float* scales;
@@ -24,7 +25,15 @@ struct AttentionKeys {
   int64_t dh;
   int64_t nb;
   int64_t block_size;
+  int64_t key_step = 1;
 };
+
+// Row (b, h, i) of a tensor of `heads` heads and `seq` positions, [B, H, S, *] (heads first) or
+// [B, S, H * *] (packed), counted in rows of its last dim (the head size, or the blocks of a row).
+BCT_HD BCT_INLINE int64_t attention_row_index(bool packed, int64_t heads, int64_t seq, int64_t b, int64_t h,
+                                              int64_t i) {
+  return packed ? (b * seq + i) * heads + h : (b * heads + h) * seq + i;
+}
 
 // Stored symmetric codes of one row (a compressed K in the op's block format) as signed int8 codes
 // q = u - 2**(bits-1), and its scales widened to float32 (NaN for a non-finite scale, as act_scale).
@@ -67,7 +76,8 @@ BCT_HD BCT_INLINE bool attention_tile_probs(AttentionRowState& st, const int8_t*
   } else {
     for (int64_t t = 0; t < len; ++t) {
       const int64_t j = t0 + t;
-      tile[t] = fmul(act_dot(q, q_scales, kv.codes + j * dh, kv.scales + j * kv.nb, dh, kv.block_size), scale);
+      const int64_t row = j * kv.key_step;
+      tile[t] = fmul(act_dot(q, q_scales, kv.codes + row * dh, kv.scales + row * kv.nb, dh, kv.block_size), scale);
     }
   }
   if (mask != nullptr) {
@@ -95,10 +105,12 @@ BCT_HD BCT_INLINE bool attention_tile_probs(AttentionRowState& st, const int8_t*
   return true;
 }
 
-// y += p[t] * v[t] for the keys of a tile, in key order (values: the tile's first V row).
-BCT_HD BCT_INLINE void attention_tile_values(const float* p, int64_t len, const float* values, int64_t dh, float* y) {
+// y += p[t] * v[t] for the keys of a tile, in key order (values: the tile's first V row; rows
+// value_stride floats apart).
+BCT_HD BCT_INLINE void attention_tile_values(const float* p, int64_t len, const float* values, int64_t value_stride,
+                                             int64_t dh, float* y) {
   for (int64_t t = 0; t < len; ++t) {
-    const float* v = values + t * dh;
+    const float* v = values + t * value_stride;
     for (int64_t d = 0; d < dh; ++d) y[d] = fadd(y[d], fmul(p[t], v[d]));
   }
 }
@@ -127,7 +139,7 @@ BCT_HD BCT_INLINE void attention_row(const int8_t* q, const float* q_scales, con
   for (int64_t t0 = 0; t0 < keys; t0 += kAttentionKeyTile) {
     const int64_t len = (keys - t0) < kAttentionKeyTile ? (keys - t0) : kAttentionKeyTile;
     if (attention_tile_probs(st, q, q_scales, kv, dots, t0, len, scale, mask, mask_stride, tile, y)) {
-      attention_tile_values(tile, len, kv.values + t0 * kv.dh, kv.dh, y);
+      attention_tile_values(tile, len, kv.values + t0 * kv.key_step * kv.dh, kv.key_step * kv.dh, kv.dh, y);
     }
   }
   attention_row_finish(st, y, kv.dh);
