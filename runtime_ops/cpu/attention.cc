@@ -231,6 +231,8 @@ class AttentionCpuKernel : public AttentionKernelBase {
         const int64_t work = std::max<int64_t>(1, g.sk * dh * run);
         ParallelFor(ctx, tasks, std::max<int64_t>(1, 4 * kMinTaskValues / work), [&](int64_t b, int64_t e) { run_tasks(b, e); });
       }
+      cpu::ScratchPlan::Trim<cpu::ScratchSlot::kAttentionCall>();
+      if (packed.codes.capacity() > cpu::kKeptScratchBytes) packed = vnni::PackedB();
     });
   }
 

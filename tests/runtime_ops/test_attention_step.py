@@ -264,3 +264,11 @@ def test_8bit_cache_of_other_head_sizes_and_blocks(
     args["past_k"], args["past_v"] = quantize(past_k, fmt), quantize(past_v, fmt)
     y, *_ = spec(args, block_size=block_size)
     assert_bits_equal(run_step(args, block_size=block_size)[0], y, f"dh {dh} block {block_size} [{isa}]")
+
+
+def test_a_large_step_then_small_ones() -> None:
+    """A call whose buffers exceed what a thread keeps (8 MB: V of 8 KV heads x 16385 keys as float32)
+    gives them back at its end; the calls after it, smaller, still give the spec's bits."""
+    for case in [("long_past", 1, 8, 8, 1, 16384, 64, 8, 64, True, False), *CASES[:2]]:
+        args = case_inputs(case, seed=7)
+        assert_matches_spec(run_step(args), args, case[0])
