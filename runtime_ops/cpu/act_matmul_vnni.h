@@ -34,6 +34,11 @@ void PackColumn(PackedB& packed, int64_t batch, int64_t col, const int8_t* q, co
 void PackRows(PackedB& packed, int64_t batch, int64_t col0, int64_t count, const int8_t* q, const float* scales,
               int64_t row_step = 1);
 
+// PackRows from unsigned 8-bit codes u [count, k] (row stride k), whose signed codes are q = u - 128
+// (BlockAttention's 8-bit symmetric KV cache as stored); the same bytes as PackRows of q.
+void PackCodeRows(PackedB& packed, int64_t batch, int64_t col0, int64_t count, const uint8_t* codes,
+                  const float* scales);
+
 // Stores block `blk` of batch `batch` for all columns at once: signed codes q [len][n] (k-major)
 // and scales [n].
 void PackBlock(PackedB& packed, int64_t batch, int64_t blk, const int8_t* q, const float* scales);
