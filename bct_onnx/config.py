@@ -41,6 +41,10 @@ DECODER_TIED_TABLE_EXTRA_BITS = 1
 DECODER_TIED_TABLE_ZERO_POINTS: ZeroPointKind | None = ZeroPointKind.PACKED
 # (node-name regex, extra bits): Llama-style value projections (optimum names them .../v_proj/MatMul)
 DECODER_WIDER_WEIGHTS: tuple[tuple[str, int], ...] = ((r"/v_proj/", 2),)
+# The tied table's block size (None: the config's), and node-name regexes of weights stored asymmetric
+# with packed integer zero points at their width (none by default).
+DECODER_TIED_TABLE_BLOCK_SIZE: int | None = None
+DECODER_ASYMMETRIC_WEIGHTS: tuple[str, ...] = ()
 SETTING_KEYS = ("enabled", "weight_bits", "act_bits", "block_size")
 # Output formats: "bct" (the ai.bct_onnx custom ops; needs the library at run time) or "qdq"
 # (standard ONNX: blocked DequantizeLinear feeding MatMul / Gather; runs in any ONNX runtime).

@@ -27,13 +27,16 @@ import onnx_ir as ir
 
 from bct_onnx.block_format import MAX_BITS, ScaleKind
 from bct_onnx.config import (
+    DECODER_ASYMMETRIC_WEIGHTS,
     DECODER_SCALE_KIND,
+    DECODER_TIED_TABLE_BLOCK_SIZE,
     DECODER_TIED_TABLE_EXTRA_BITS,
     DECODER_TIED_TABLE_ZERO_POINTS,
     DECODER_WIDER_WEIGHTS,
     CompressConfig,
     NodeOverride,
     OpSettings,
+    ZeroPointKind,
 )
 
 
@@ -93,6 +96,11 @@ def _exact(key: str) -> str:
     return "re:^" + re.escape(key) + "$"
 
 
+def _matches(consumers: Any, patterns: tuple[str, ...]) -> bool:
+    """True when one of the node-name regexes matches every (op, node name) consumer of a weight."""
+    return any(all(re.search(pattern, key) for _, key in consumers) for pattern in patterns)
+
+
 def apply_decoder_plan(
     model: ir.Model, config: CompressConfig, kind: ModelKind | None = None
 ) -> tuple[CompressConfig, dict[str, Any]]:
@@ -126,11 +134,9 @@ def apply_decoder_plan(
         if tied_table:
             extra = DECODER_TIED_TABLE_EXTRA_BITS
         else:
-            extra = next(
-                (bits for pattern, bits in DECODER_WIDER_WEIGHTS if all(re.search(pattern, key) for _, key in unit.consumers)),
-                0,
-            )
-        if not extra:
+            extra = next((bits for pattern, bits in DECODER_WIDER_WEIGHTS if _matches(unit.consumers, (pattern,))), 0)
+        asymmetric = not tied_table and _matches(unit.consumers, DECODER_ASYMMETRIC_WEIGHTS)
+        if not extra and not asymmetric:
             continue
         bits = min(MAX_BITS, config.weight_bits + extra)
         settings = OpSettings(weight_bits=bits)
@@ -138,6 +144,12 @@ def apply_decoder_plan(
         if tied_table and DECODER_TIED_TABLE_ZERO_POINTS is not None and bits < MAX_BITS:
             settings = OpSettings(weight_bits=bits, symmetric=False, zero_points=DECODER_TIED_TABLE_ZERO_POINTS)
             described += f", {DECODER_TIED_TABLE_ZERO_POINTS.value} integer zero points"
+        if asymmetric and bits < MAX_BITS:
+            settings = OpSettings(weight_bits=bits, symmetric=False, zero_points=ZeroPointKind.PACKED)
+            described += ", packed integer zero points"
+        if tied_table and DECODER_TIED_TABLE_BLOCK_SIZE is not None:
+            settings = dataclasses.replace(settings, block_size=DECODER_TIED_TABLE_BLOCK_SIZE)
+            described += f", blocks of {DECODER_TIED_TABLE_BLOCK_SIZE}"
         for op, key in unit.consumers:
             overrides.append(NodeOverride(_exact(key), settings, op=op))
         changed.append(described)

@@ -23,6 +23,7 @@ from fractions import Fraction
 import numpy as np
 
 from bct_onnx.block_format import BlockFormat, dequantize
+from bct_onnx.gptq import gptq_quantize
 from bct_onnx.weight_quantizer import quantize_tensor
 
 
@@ -65,6 +66,8 @@ PLANS: dict[str, tuple[BlockFormat, BlockFormat, list[tuple[str, BlockFormat]]]]
     "t5a64-v6": (fmt(5, symmetric=False, block=64), fmt(4), [("v_proj", fmt(6))]),
     "t5a64-v6-up-a4": (fmt(5, symmetric=False, block=64), fmt(4), [("v_proj", fmt(6)), ("up_proj", fmt(4, symmetric=False))]),
     "t4a-v6": (fmt(4, symmetric=False), fmt(4), [("v_proj", fmt(6))]),
+    "t5a-v5-up-a4": (fmt(5, symmetric=False), fmt(4), [("v_proj", fmt(5)), ("up_proj", fmt(4, symmetric=False))]),
+    "t5a-v5-gate-a4": (fmt(5, symmetric=False), fmt(4), [("v_proj", fmt(5)), ("gate_proj", fmt(4, symmetric=False))]),
 }
 # Bits of a compressed file besides the linear weights and the table (norm weights, graph, metadata):
 # the decoder default's measured 7.04x file minus its weight bits.
@@ -75,7 +78,7 @@ for _group in GROUPS:  # one group at 8 bits, the rest as "w4": per-group sensit
 PLANS["8bit:table"] = PLANS["t8"]
 
 
-IMPORTANCE_MODES = ("none", "gamma", "gamma-notable", "random[:BxL[:seed]]", "text", "MODE^power")
+IMPORTANCE_MODES = ("none", "gamma", "gamma-notable", "random[:BxL[:seed]]", "text", "MODE^power", "gptq-full[@damping]", "gptq-mean[@damping]")
 
 
 def _silu_square_mean(std: np.ndarray) -> np.ndarray:
@@ -113,26 +116,53 @@ def gamma_importance(model) -> dict[str, np.ndarray]:
     return {k: (v / v.mean()).astype(np.float32) for k, v in out.items()}
 
 
-def measured_importance(model, ids) -> dict[str, np.ndarray]:
-    """Mean square of each Linear's input channels on ids (the diagonal of X^T X / n)."""
+def linear_input_stats(model, ids) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per weight name (the tied table as lm_head): (X^T X / n, mean of X) of its Linear's input rows on ids."""
     import torch
 
-    sums: dict[str, np.ndarray] = {}
+    stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     hooks = []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
             weight = "model.embed_tokens.weight" if name == "lm_head" else f"{name}.weight"
 
             def hook(_m, inputs, _o, weight=weight):
-                x = inputs[0].detach().double().reshape(-1, inputs[0].shape[-1])
-                sums[weight] = (x * x).mean(0).numpy()
+                x = inputs[0].detach().double().reshape(-1, inputs[0].shape[-1]).numpy()
+                stats[weight] = (x.T @ x / len(x), x.mean(0))
 
             hooks.append(module.register_forward_hook(hook))
     with torch.no_grad():
         model(ids)
     for h in hooks:
         h.remove()
-    return {k: (v / v.mean()).astype(np.float32) for k, v in sums.items()}
+    return stats
+
+
+def measured_importance(model, ids) -> dict[str, np.ndarray]:
+    """Mean square of each Linear's input channels on ids (the diagonal of X^T X / n)."""
+    stats = linear_input_stats(model, ids)
+    return {k: (np.diag(h) / np.diag(h).mean()).astype(np.float32) for k, (h, _) in stats.items()}
+
+
+GPTQ_DAMPING = 0.3  # synthetic_calibration.SYNTHETIC_DAMPING
+
+
+def gptq_hessians(model, mode: str) -> dict[str, np.ndarray]:
+    """GPTQ Hessians per weight from 4 random-id sequences of 128: "gptq-full" X^T X as measured,
+    "gptq-mean" only its diagonal and mean: diag(E[x^2] - mu^2) + mu mu^T (the common-mode part)."""
+    import torch
+
+    ids = torch.randint(0, model.config.vocab_size, (4, 128), generator=torch.Generator().manual_seed(0))
+    stats = linear_input_stats(model, ids)
+    mode = mode.split("@")[0]  # "@damping" applies to the rounding, not to the Hessian
+    if mode == "gptq-full":
+        return {k: h.astype(np.float32) for k, (h, _) in stats.items()}
+    if mode == "gptq-mean":
+        out = {}
+        for k, (h, mu) in stats.items():
+            out[k] = (np.diag(np.diag(h) - mu * mu) + np.outer(mu, mu)).astype(np.float32)
+        return out
+    raise ValueError(f"unknown GPTQ mode {mode!r}: gptq-full or gptq-mean")
 
 
 def channel_importance(model, mode: str, text_ids) -> dict[str, np.ndarray]:
@@ -211,12 +241,19 @@ def main(argv: list[str] | None = None) -> int:
     originals = {n: p.detach().clone() for n, p in model.named_parameters() if p.ndim == 2}
     params = dict(model.named_parameters())
 
-    importances = {mode: channel_importance(model, mode, batch[:1]) for mode in args.importance or ["none"]}
+    modes = args.importance or ["none"]
+    importances = {mode: channel_importance(model, mode, batch[:1]) for mode in modes if not mode.startswith("gptq")}
+    hessians = {mode: gptq_hessians(model, mode) for mode in modes if mode.startswith("gptq")}
 
     @functools.cache
     def rounded(weight: str, f: BlockFormat, mode: str) -> torch.Tensor:
         w = originals[weight].numpy()
-        return torch.from_numpy(dequantize(quantize_tensor(w, f, importance=importances[mode].get(weight))).reshape(w.shape))
+        if mode in hessians:
+            damping = float(mode.split("@")[1]) if "@" in mode else GPTQ_DAMPING
+            q = gptq_quantize(w, hessians[mode][weight], f, damping=damping, keep_dead_inputs=True)
+        else:
+            q = quantize_tensor(w, f, importance=importances[mode].get(weight))
+        return torch.from_numpy(dequantize(q).reshape(w.shape))
 
     def log_probs() -> torch.Tensor:
         with torch.no_grad():
@@ -231,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = {n: w.numel() for n, w in originals.items()}
     total = sum(counts.values())
     print("| plan | weight Mbit | est. ratio | perplexity | change | KL | seconds |\n|---|---|---|---|---|---|---|", flush=True)
-    for name, mode in [(p, m) for p in args.plan or ["w4"] for m in importances]:
+    for name, mode in [(p, m) for p in args.plan or ["w4"] for m in modes]:
         start = time.perf_counter()
         format_of = plan_function(name)
         mbit = sum(c * format_of(n).storage_bits_per_value() for n, c in counts.items()) / 1e6

@@ -99,9 +99,21 @@ def test_compare_speed_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     results.write_text(f"# before\n\n{compare.BEGIN_MARK}\nold table\n{compare.END_MARK}\n\n# after\n")
     out = tmp_path / "speed.json"
     argv = [
-        "--tiny", "--runs", "1", "--warmup", "0", "--only", "minilm,smollm2",
-        "--variants", "fp32,ort-int8,genai-int4,bct-default",
-        "--genai-venv", str(tmp_path / "no-venv"), "--results", str(results), "--json", str(out),
+        "--tiny",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--only",
+        "minilm,smollm2",
+        "--variants",
+        "fp32,ort-int8,genai-int4,bct-default",
+        "--genai-venv",
+        str(tmp_path / "no-venv"),
+        "--results",
+        str(results),
+        "--json",
+        str(out),
     ]
     assert compare.main(argv) == 0
     assert os.listdir(cwd) == []
@@ -131,10 +143,12 @@ def test_entropy_coding_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         '<ir_version: 8, opset_import: ["" : 17]>\n'
         "g (int64[N, S] input_ids) => (float[N, S, 64] y) {\n  e = Gather(table, input_ids)\n  y = MatMul(e, w)\n}"
     )
-    proto.graph.initializer.extend([
-        onnx.numpy_helper.from_array(rng.standard_normal((1000, 64)).astype(np.float32), "table"),
-        onnx.numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "w"),
-    ])
+    proto.graph.initializer.extend(
+        [
+            onnx.numpy_helper.from_array(rng.standard_normal((1000, 64)).astype(np.float32), "table"),
+            onnx.numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "w"),
+        ]
+    )
     fp32, compressed = tmp_path / "fp32.onnx", tmp_path / "bct.onnx"
     onnx.save(proto, fp32)
     bct_onnx.compress(fp32, compressed, calibration="none", weight_bits=4)
@@ -142,6 +156,8 @@ def test_entropy_coding_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     out = capsys.readouterr().out
     assert "coded tensors: 2," in out and "outputs identical on random token ids: True" in out
     assert "4.000 ->" in out and "session creation, median of 1 interleaved" in out
+
+
 def test_bench_matmul_smoke(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -193,3 +209,33 @@ def test_decoder_fake_quant_default_plan_is_the_decoder_default() -> None:
     assert (q_proj.bits, q_proj.scale_kind, q_proj.symmetric) == (base, DECODER_SCALE_KIND, True)
     assert v_proj.bits == base + dict(DECODER_WIDER_WEIGHTS)["/v_proj/"]
     assert bench.plan_function("8bit:down_proj")("model.layers.0.mlp.down_proj.weight").bits == 8
+
+
+def test_profile_ops_shares_add_up_to_the_profiled_node_time(tmp_path: Path) -> None:
+    """op_shares sums ORT's per-node kernel times by op type over the runs after the warm-up."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, save
+
+    profile_ops = _load("profile_ops")
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Add", ["r", "x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 64])],
+    )
+    model = tmp_path / "m.onnx"
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "profile")
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    for _ in range(5):
+        session.run(None, {"x": np.ones((64, 64), np.float32)})
+    profile = Path(session.end_profiling())
+    times, calls, runs = profile_ops.op_shares(profile, skip_runs=2)
+    assert runs == 3
+    assert set(times) == {"Relu", "Add"} and calls == {"Relu": 3, "Add": 3}
+    assert all(t > 0 for t in times.values())
+    with pytest.raises(SystemExit, match="5 runs profiled, need more than 5"):
+        profile_ops.op_shares(profile, skip_runs=5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnx.parser
@@ -130,3 +132,18 @@ def test_given_importance_calibration_is_reported_as_such():
 def test_a_budget_keeps_its_own_data_free_path():
     result = bct_onnx.compress(decoder(), ops=frozenset({"MatMul"}), act_bits=None, target_ratio=3.0)
     assert result.report.calibration["method"] == "none"
+
+
+def test_cli_data_free_ignores_a_tokenizer_beside_the_model(tmp_path, capsys):
+    from bct_onnx import cli
+
+    path = tmp_path / "model.onnx"
+    ir.save(decoder(), path)
+    (tmp_path / "tokenizer.json").write_text("{}")  # found beside the model, but never read
+    report_path = tmp_path / "r.json"
+    argv = ["compress", str(path), "-o", str(tmp_path / "o.onnx"), "--ops", "MatMul", "--act-bits", "none", "-q"]
+    code = cli.main([*argv, "--calibration", "data-free", "--report", str(report_path)])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(report_path.read_text())
+    assert report["calibration"]["method"] == IMPORTANCE_METHOD
+    assert report["rules"][RULE_IMPORTANCE] == 2

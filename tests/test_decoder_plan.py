@@ -150,3 +150,29 @@ def test_compressed_decoder_stores_the_tied_table_once_at_the_wider_width(tmp_pa
     (logits,) = bct_onnx.session(out).run(None, {"input_ids": ids})
     assert logits.shape == (1, 4, V) and np.isfinite(logits).all()
     assert "decoder defaults" in result.report.summary()
+
+
+def test_tied_table_block_size_and_asymmetric_weights_of_the_plan(monkeypatch):
+    from bct_onnx import model_defaults
+
+    monkeypatch.setattr(model_defaults, "DECODER_TIED_TABLE_BLOCK_SIZE", 16)
+    monkeypatch.setattr(model_defaults, "DECODER_ASYMMETRIC_WEIGHTS", (r"/up_proj/",))
+    up = "/model/layers.0/mlp/up_proj/MatMul"
+    model = tied_decoder(mid_name=up)
+    config, note = apply_decoder_plan(model, CompressConfig())
+    table = _table_settings(config, model)
+    assert {s.block_size for s in table.values()} == {16}
+    assert {s.symmetric for s in table.values()} == {False}
+    mid = config.settings_for("MatMul", up)
+    assert (mid.weight_bits, mid.symmetric, mid.zero_points) == (4, False, ZeroPointKind.PACKED)
+    assert mid.block_size == CompressConfig().block_size
+    assert any("w_mid: 4-bit, packed integer zero points" in c for c in note["changed"])
+    assert any("blocks of 16" in c for c in note["changed"])
+
+
+def test_by_default_only_the_tied_table_is_asymmetric_in_the_configs_blocks():
+    up = "/model/layers.0/mlp/up_proj/MatMul"
+    model = tied_decoder(mid_name=up)
+    config, _ = apply_decoder_plan(model, CompressConfig())
+    assert config.settings_for("MatMul", up).symmetric is True
+    assert {s.block_size for s in _table_settings(config, model).values()} == {CompressConfig().block_size}

@@ -50,15 +50,15 @@ void PackColumn(PackedB& p, int64_t batch, int64_t col, const int8_t* q, const f
 // PackRows with AVX-512: per block and group of 4 k values, the 4 bytes of 16 rows gathered into 64
 // bytes; the block sums by vpdpbusd with ones.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void PackRowsAvx512(
-    PackedB& p, int64_t batch, int64_t col0, int64_t count, const int8_t* q, const float* scales) {
+    PackedB& p, int64_t batch, int64_t col0, int64_t count, const int8_t* q, const float* scales, int64_t row_step) {
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i ones = _mm512_set1_epi8(1);
   for (int64_t j0 = 0; j0 < count; j0 += 16) {
     const int64_t left = count - j0;
     const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
-    const __m512i rows = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(p.k)));
-    const __m512i row_scales = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(p.nb)));
-    const int8_t* q0 = q + j0 * p.k;
+    const __m512i rows = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(p.k * row_step)));
+    const __m512i row_scales = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(p.nb * row_step)));
+    const int8_t* q0 = q + j0 * row_step * p.k;
     for (int64_t blk = 0; blk < p.nb; ++blk) {
       const int64_t b0 = blk * p.block_size;
       int8_t* base = p.codes.data() + ((batch * p.nb + blk) * p.groups * p.n_pad + col0 + j0) * 4;
@@ -72,20 +72,107 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void Pack
       const int64_t at = (batch * p.nb + blk) * p.n_pad + col0 + j0;
       _mm512_mask_storeu_epi32(p.sums.data() + at, mask, sum);
       _mm512_mask_storeu_ps(p.scales.data() + at, mask,
-                            _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, row_scales, scales + j0 * p.nb + blk, 4));
+                            _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, row_scales,
+                                                     scales + j0 * row_step * p.nb + blk, 4));
     }
   }
 }
 #endif
 
-void PackRows(PackedB& p, int64_t batch, int64_t col0, int64_t count, const int8_t* q, const float* scales) {
+void PackRows(PackedB& p, int64_t batch, int64_t col0, int64_t count, const int8_t* q, const float* scales,
+              int64_t row_step) {
 #if BCT_X86_SIMD
-  if (p.k % p.block_size == 0 && p.block_size % 4 == 0 && p.k < (1 << 24)) {  // whole groups of 4 in every block
-    PackRowsAvx512(p, batch, col0, count, q, scales);
+  // whole groups of 4 in every block; gather offsets (16 rows row_step apart) within int32
+  if (p.k % p.block_size == 0 && p.block_size % 4 == 0 && 16 * row_step * p.k < (1 << 30)) {
+    PackRowsAvx512(p, batch, col0, count, q, scales, row_step);
     return;
   }
 #endif
-  for (int64_t j = 0; j < count; ++j) PackColumn(p, batch, col0 + j, q + j * p.k, scales + j * p.nb);
+  for (int64_t j = 0; j < count; ++j) {
+    PackColumn(p, batch, col0 + j, q + j * row_step * p.k, scales + j * row_step * p.nb);
+  }
+}
+
+#if BCT_X86_SIMD
+// 16 x 16 32-bit transpose in registers: afterwards r[i] lane j holds what r[j] lane i held.
+__attribute__((target("avx512f"), always_inline)) static inline void Transpose16x16(__m512i* r) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 16; i += 8) {
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0xdd);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
+  }
+}
+
+// PackCodeRows with AVX-512: 16 rows at a time, 16 groups of 4 codes of each loaded at once, made
+// signed (u ^ 0x80 is the byte of u - 128) and transposed, so that register d holds group d of the 16
+// rows: the bytes PackRowsAvx512 gathers, with the same block sums (vpdpbusd with ones).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void PackCodeRowsAvx512(
+    PackedB& p, int64_t batch, int64_t col0, int64_t count, const uint8_t* codes, const float* scales) {
+  const int64_t words = p.k / 4;  // groups of 4 codes in a row; p.groups of them in each block
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i ones = _mm512_set1_epi8(1);
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i row_scales = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(p.nb)));
+  for (int64_t j0 = 0; j0 < count; j0 += 16) {
+    const int64_t keys = std::min<int64_t>(16, count - j0);
+    const __mmask16 key_mask = keys == 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << keys) - 1u);
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t w0 = 0; w0 < words; w0 += 16) {
+      const int64_t n = std::min<int64_t>(16, words - w0);
+      const __mmask16 word_mask = n == 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
+      __m512i r[16];
+      for (int64_t j = 0; j < 16; ++j) {
+        r[j] = j < keys ? _mm512_xor_si512(_mm512_maskz_loadu_epi32(word_mask, codes + (j0 + j) * p.k + w0 * 4), flip)
+                        : _mm512_setzero_si512();
+      }
+      Transpose16x16(r);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t word = w0 + i, blk = word / p.groups, g = word % p.groups;
+        sum = _mm512_dpbusd_epi32(sum, ones, r[i]);
+        _mm512_mask_storeu_epi32(p.codes.data() + ((batch * p.nb + blk) * p.groups * p.n_pad + col0 + j0 + g * p.n_pad) * 4,
+                                 key_mask, r[i]);
+        if (g == p.groups - 1) {  // the block's last group: its sums and scales
+          const int64_t at = (batch * p.nb + blk) * p.n_pad + col0 + j0;
+          _mm512_mask_storeu_epi32(p.sums.data() + at, key_mask, sum);
+          _mm512_mask_storeu_ps(p.scales.data() + at, key_mask,
+                                _mm512_mask_i32gather_ps(_mm512_setzero_ps(), key_mask, row_scales,
+                                                         scales + j0 * p.nb + blk, 4));
+          sum = _mm512_setzero_si512();
+        }
+      }
+    }
+  }
+}
+#endif
+
+void PackCodeRows(PackedB& p, int64_t batch, int64_t col0, int64_t count, const uint8_t* codes, const float* scales) {
+#if BCT_X86_SIMD
+  if (p.k % p.block_size == 0 && p.block_size % 4 == 0 && p.k < (1 << 24)) {  // whole groups of 4 in every block
+    PackCodeRowsAvx512(p, batch, col0, count, codes, scales);
+    return;
+  }
+#endif
+  std::vector<int8_t> q(static_cast<size_t>(p.k));
+  for (int64_t j = 0; j < count; ++j) {
+    for (int64_t i = 0; i < p.k; ++i) q[static_cast<size_t>(i)] = static_cast<int8_t>(codes[j * p.k + i] ^ 0x80u);
+    PackColumn(p, batch, col0 + j, q.data(), scales + j * p.nb);
+  }
 }
 
 #if BCT_X86_SIMD
@@ -206,14 +293,14 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void DotRowsT(const Packe
 }  // namespace
 
 void DotRows(const PackedB& p, int64_t batch, const int8_t* qa, const float* sa, int64_t rows, uint8_t* scratch,
-             float* y, int64_t y_stride) {
-  const int64_t nb = p.nb;
+             float* y, int64_t y_stride, int64_t row_step) {
+  const int64_t qs = row_step * p.k, ss = row_step * p.nb;  // strides of A's codes and scales
   int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) DotRowsT<4>(p, batch, qa + r * p.k, p.k, sa + r * nb, nb, scratch, y + r * y_stride, y_stride);
+  for (; r + 4 <= rows; r += 4) DotRowsT<4>(p, batch, qa + r * qs, qs, sa + r * ss, ss, scratch, y + r * y_stride, y_stride);
   switch (rows - r) {
-    case 3: DotRowsT<3>(p, batch, qa + r * p.k, p.k, sa + r * nb, nb, scratch, y + r * y_stride, y_stride); break;
-    case 2: DotRowsT<2>(p, batch, qa + r * p.k, p.k, sa + r * nb, nb, scratch, y + r * y_stride, y_stride); break;
-    case 1: DotRowsT<1>(p, batch, qa + r * p.k, p.k, sa + r * nb, nb, scratch, y + r * y_stride, y_stride); break;
+    case 3: DotRowsT<3>(p, batch, qa + r * qs, qs, sa + r * ss, ss, scratch, y + r * y_stride, y_stride); break;
+    case 2: DotRowsT<2>(p, batch, qa + r * qs, qs, sa + r * ss, ss, scratch, y + r * y_stride, y_stride); break;
+    case 1: DotRowsT<1>(p, batch, qa + r * qs, qs, sa + r * ss, ss, scratch, y + r * y_stride, y_stride); break;
     default: break;
   }
 }
@@ -222,7 +309,7 @@ void DotRow(const PackedB& p, int64_t batch, const int8_t* qa, const float* sa, 
   DotRowsT<1>(p, batch, qa, p.k, sa, p.nb, scratch, y, p.n);
 }
 #else
-void DotRows(const PackedB&, int64_t, const int8_t*, const float*, int64_t, uint8_t*, float*, int64_t) {}
+void DotRows(const PackedB&, int64_t, const int8_t*, const float*, int64_t, uint8_t*, float*, int64_t, int64_t) {}
 void DotRow(const PackedB&, int64_t, const int8_t*, const float*, uint8_t*, float*) {}
 #endif
 

@@ -29,8 +29,15 @@ void InitPackedB(PackedB& packed, int64_t batches, int64_t n, int64_t k, int64_t
 void PackColumn(PackedB& packed, int64_t batch, int64_t col, const int8_t* q, const float* scales);
 
 // Stores `count` columns from col0 on of batch `batch` at once: signed codes q [count, k] (one row per
-// column) and scales [count, nb]; the same bytes as PackColumn column by column.
-void PackRows(PackedB& packed, int64_t batch, int64_t col0, int64_t count, const int8_t* q, const float* scales);
+// column; rows row_step rows of k codes apart) and scales [count, nb] (rows row_step rows of nb apart);
+// the same bytes as PackColumn column by column.
+void PackRows(PackedB& packed, int64_t batch, int64_t col0, int64_t count, const int8_t* q, const float* scales,
+              int64_t row_step = 1);
+
+// PackRows from unsigned 8-bit codes u [count, k] (row stride k), whose signed codes are q = u - 128
+// (BlockAttention's 8-bit symmetric KV cache as stored); the same bytes as PackRows of q.
+void PackCodeRows(PackedB& packed, int64_t batch, int64_t col0, int64_t count, const uint8_t* codes,
+                  const float* scales);
 
 // Stores block `blk` of batch `batch` for all columns at once: signed codes q [len][n] (k-major)
 // and scales [n].
@@ -40,10 +47,11 @@ void PackBlock(PackedB& packed, int64_t batch, int64_t blk, const int8_t* q, con
 // nb * groups * 4 bytes.
 void DotRow(const PackedB& packed, int64_t batch, const int8_t* qa, const float* sa, uint8_t* scratch, float* y);
 
-// `rows` consecutive output rows (A rows qa [rows, k], sa [rows, nb]; y rows y_stride apart), four
-// at a time so that each load of B feeds four dot-product chains. scratch needs 4 * nb * groups * 4 bytes.
+// `rows` output rows (A rows qa [rows, k], sa [rows, nb], row_step rows apart; y rows y_stride apart),
+// four at a time so that each load of B feeds four dot-product chains. scratch needs 4 * nb * groups * 4
+// bytes.
 void DotRows(const PackedB& packed, int64_t batch, const int8_t* qa, const float* sa, int64_t rows, uint8_t* scratch,
-             float* y, int64_t y_stride);
+             float* y, int64_t y_stride, int64_t row_step = 1);
 
 }  // namespace vnni
 }  // namespace nonlinear

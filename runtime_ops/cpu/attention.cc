@@ -6,17 +6,19 @@
 // BlockActMatMul's dot kernels (the same values as nl::act_dot), then runs the streaming softmax x V of
 // bct/attention_math.h over it through Kernels(isa).attention_rows. Only a strip of dots per task is
 // stored, never the probability matrix. An encoder's [B, S, H * Dh] Q, K, V and Y are used in place:
-// rows are quantized in storage order, a task gathers its run of query codes, keys and values are
-// read H rows apart and Y rows written H * Dh floats apart.
+// Q and K rows are quantized in storage order; the dots read a run's query rows and K is packed from
+// rows H apart, V rows are read H rows apart and Y rows written H * Dh floats apart. A decoder step (one
+// query row per head) runs the query heads of a KV head as one task, and one task per KV head does all
+// of that head's work (one parallel section). The buffers are per-thread scratch
+// (cpu/thread_scratch.h): a step allocates nothing.
 #include <algorithm>
-#include <memory>
-#include <vector>
 
 #include "bct/attention_math.h"
 #include "bct/op_common.h"
 #include "cpu/act_matmul_vnni.h"
 #include "cpu/kernel_table.h"
 #include "cpu/row_kernels.h"
+#include "cpu/thread_scratch.h"
 #include "ops/attention_io.h"
 #include "ops/ops.h"
 
@@ -24,9 +26,13 @@ namespace bct {
 namespace nonlinear {
 namespace {
 
-template <class T>
-std::unique_ptr<T[]> Buffer(int64_t count) {
-  return std::unique_ptr<T[]>(new T[static_cast<size_t>(std::max<int64_t>(1, count))]);
+// Least work (in values) per task of the parallel loops.
+constexpr int64_t kMinTaskValues = 32768;
+
+// The calling thread's packed keys (cpu/act_matmul_vnni.h); one call at a time holds it.
+vnni::PackedB& CallPackedB() {
+  thread_local vnni::PackedB packed;
+  return packed;
 }
 
 class AttentionCpuKernel : public AttentionKernelBase {
@@ -43,136 +49,179 @@ class AttentionCpuKernel : public AttentionKernelBase {
       const int64_t nb = num_blocks(dh, bs);
       const int64_t q_rows = g.batch * g.q_heads * g.sq, kv_rows = g.batch * g.kv_heads * g.sk;
       const int64_t group = std::max<int64_t>(1, std::min<int64_t>(64, 4096 / dh));  // rows per quantizer call
-      std::unique_ptr<float[]> q_step;
-      if (g.step) {
-        q_step = Buffer<float>(q_rows * dh);
-        AppendStep(ctx, &g, q_step.get());
-      }
-      if (q_rows == 0) return;
+      const bool direct = KeyCodesDirect();
+      const bool vnni_dots = kernels_.act_dot_vnni;
+      // 8-bit keys in the op's own blocks are packed for the VNNI dots straight from the cache's codes.
+      const bool pack_codes = vnni_dots && direct && attrs_.kv_bits == 8 && !g.packed;  // heads-first cache codes
       // Q, K, V rows in storage order: heads first, or [B, S, H * Dh] (g.packed); Y packed also for a
       // packed step (whose Q and present cache are heads first).
       const bool y_packed = g.packed || (g.step && g.step_dims.packed);
 
-      auto qq = Buffer<int8_t>(q_rows * dh);
-      auto qs = Buffer<float>(q_rows * nb);
+      // The call's buffers, in per-thread scratch of the calling thread (cpu/thread_scratch.h): a decoder
+      // step allocates nothing. K as signed codes [rows, dh] + float32 scales [rows, nb]; V as float32 rows.
+      cpu::ScratchPlan plan;
+      const size_t at_q_step = plan.Add<float>(g.step ? q_rows * dh : 0);
+      const size_t at_qq = plan.Add<int8_t>(q_rows * dh);
+      const size_t at_qs = plan.Add<float>(q_rows * nb);
+      const size_t at_kq = plan.Add<int8_t>(pack_codes ? 0 : kv_rows * dh);
+      const size_t at_ks = plan.Add<float>(kv_rows * nb);
+      const size_t at_values = plan.Add<float>(g.v.quantized ? kv_rows * dh : 0);
+      const size_t at_k_major = plan.Add<int8_t>(vnni_dots ? 0 : kv_rows * dh);
+      const size_t at_k_major_scales = plan.Add<float>(vnni_dots ? 0 : kv_rows * nb);
+      uint8_t* base = plan.Carve<cpu::ScratchSlot::kAttentionCall>();
+      if (g.step) AppendStep(ctx, &g, cpu::ScratchPlan::At<float>(base, at_q_step));
+      if (q_rows == 0) return;
+      int8_t* qq = cpu::ScratchPlan::At<int8_t>(base, at_qq);
+      float* qs = cpu::ScratchPlan::At<float>(base, at_qs);
+      int8_t* kq = cpu::ScratchPlan::At<int8_t>(base, at_kq);
+      float* ks = cpu::ScratchPlan::At<float>(base, at_ks);
+      float* v_float = cpu::ScratchPlan::At<float>(base, at_values);
+      int8_t* k_major = cpu::ScratchPlan::At<int8_t>(base, at_k_major);
+      float* k_major_scales = cpu::ScratchPlan::At<float>(base, at_k_major_scales);
+
       ParallelFor(ctx, q_rows, group, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; r += group) {
           const int64_t count = std::min(group, end - r);
-          QuantizeRows(g.q + r * dh, count, dh, qq.get() + r * dh, qs.get() + r * nb);
+          QuantizeRows(g.q + r * dh, count, dh, qq + r * dh, qs + r * nb);
         }
       });
 
-      // K as signed codes [rows, dh] + float32 scales [rows, nb]; V as float32 rows.
-      auto kq = Buffer<int8_t>(kv_rows * dh);
-      auto ks = Buffer<float>(kv_rows * nb);
-      const bool direct = KeyCodesDirect();
+      // Three steps over the keys and queries, written for ranges so that they run either as three
+      // parallel loops or, for a decoder step, as one task per KV head (below).
+      // 1. K rows r in [begin, end) as signed codes kq + float32 scales ks; V rows as float32 rows.
       const cpu::PackedRows k_rows(RowFormatOf(g.k, dh), g.k.codes, g.k.scales, g.k.zero_points);
       const cpu::PackedRows v_rows(RowFormatOf(g.v, dh), g.v.codes, g.v.scales, g.v.zero_points);
-      std::unique_ptr<float[]> v_float = g.v.quantized ? Buffer<float>(kv_rows * dh) : nullptr;
-      ParallelFor(ctx, kv_rows, group, [&](int64_t begin, int64_t end) {
-        std::vector<float> rows(g.k.quantized && !direct ? static_cast<size_t>(group * dh) : 0);
+      auto prepare_keys = [&](int64_t begin, int64_t end) {
+        float* rows = g.k.quantized && !direct
+                          ? cpu::ThreadScratch<float, cpu::ScratchSlot::kAttentionTask>(static_cast<size_t>(group * dh))
+                          : nullptr;
         for (int64_t r = begin; r < end; r += group) {
           const int64_t count = std::min(group, end - r);
-          if (direct) {
+          if (pack_codes) {  // the VNNI packing reads the cache's codes itself: only the scales here
+            for (int64_t t = r * nb; t < (r + count) * nb; ++t) ks[t] = act_scale(scale_value(g.k.scale_kind, g.k.scales, t));
+          } else if (direct) {
             for (int64_t t = r; t < r + count; ++t) {
               nl::signed_codes_of_row(g.k.codes + t * g.k.row_bytes, dh, attrs_.kv_bits, g.k.row_bytes, g.k.scale_kind,
-                                      g.k.scales, t * nb, nb, kq.get() + t * dh, ks.get() + t * nb);
+                                      g.k.scales, t * nb, nb, kq + t * dh, ks + t * nb);
             }
           } else if (g.k.quantized) {
-            k_rows.DequantizeRange(r, count, rows.data());
-            QuantizeRows(rows.data(), count, dh, kq.get() + r * dh, ks.get() + r * nb);
+            k_rows.DequantizeRange(r, count, rows);
+            QuantizeRows(rows, count, dh, kq + r * dh, ks + r * nb);
           } else {
-            QuantizeRows(g.k.x + r * dh, count, dh, kq.get() + r * dh, ks.get() + r * nb);
+            QuantizeRows(g.k.x + r * dh, count, dh, kq + r * dh, ks + r * nb);
           }
-          if (g.v.quantized) v_rows.DequantizeRange(r, count, v_float.get() + r * dh);
+          if (g.v.quantized) v_rows.DequantizeRange(r, count, v_float + r * dh);
         }
-      });
-      const float* values = g.v.quantized ? v_float.get() : g.v.x;
+      };
+      const float* values = g.v.quantized ? v_float : g.v.x;
 
-      // K in BlockActMatMul's B layout, one batch per KV head: VNNI-packed or K-major [dh, sk] / [nb, sk].
+      // 2. K rows [begin, end) in BlockActMatMul's B layout, one batch per KV head: VNNI-packed or K-major
+      // [dh, sk] / [nb, sk]. The packed form lives in the calling thread's own PackedB, whose storage
+      // later calls reuse (a reference, so that the tasks on other threads read this one).
       const int64_t kv_heads = g.batch * g.kv_heads;
-      const bool vnni_dots = kernels_.act_dot_vnni;
-      vnni::PackedB packed;
-      std::vector<int8_t> k_major(vnni_dots ? 0 : static_cast<size_t>(kv_rows * dh));
-      std::vector<float> k_major_scales(vnni_dots ? 0 : static_cast<size_t>(kv_rows * nb));
+      vnni::PackedB& packed = CallPackedB();
       if (vnni_dots) vnni::InitPackedB(packed, kv_heads, g.sk, dh, bs);
       auto key_row = [&](int64_t head, int64_t key) {  // storage row of key `key` of head b * Hkv + h
         return nl::attention_row_index(g.packed, g.kv_heads, g.sk, head / g.kv_heads, head % g.kv_heads, key);
       };
-      ParallelFor(ctx, kv_rows, 256, [&](int64_t begin, int64_t end) {
-        if (vnni_dots) {  // runs of keys inside one head (single keys when packed)
+      auto pack_keys = [&](int64_t begin, int64_t end) {
+        if (vnni_dots) {  // runs of keys inside one head, read H rows apart when packed
           for (int64_t r = begin; r < end;) {
             const int64_t head = r / g.sk, key = r % g.sk;
-            const int64_t count = g.packed ? 1 : std::min(end - r, g.sk - key), src = key_row(head, key);
-            vnni::PackRows(packed, head, key, count, kq.get() + src * dh, ks.get() + src * nb);
+            const int64_t count = std::min(end - r, g.sk - key), src = key_row(head, key);
+            if (pack_codes) {
+              vnni::PackCodeRows(packed, head, key, count, g.k.codes + src * dh, ks + src * nb);
+            } else {
+              vnni::PackRows(packed, head, key, count, kq + src * dh, ks + src * nb, g.packed ? g.kv_heads : 1);
+            }
             r += count;
           }
           return;
         }
         for (int64_t r = begin; r < end; ++r) {
           const int64_t head = r / g.sk, key = r % g.sk, src = key_row(head, key);
-          int8_t* col = k_major.data() + head * dh * g.sk + key;
-          for (int64_t d = 0; d < dh; ++d) col[d * g.sk] = kq[static_cast<size_t>(src * dh + d)];
-          float* sc = k_major_scales.data() + head * nb * g.sk + key;
-          for (int64_t b = 0; b < nb; ++b) sc[b * g.sk] = ks[static_cast<size_t>(src * nb + b)];
+          int8_t* col = k_major + head * dh * g.sk + key;
+          for (int64_t d = 0; d < dh; ++d) col[d * g.sk] = kq[src * dh + d];
+          float* sc = k_major_scales + head * nb * g.sk + key;
+          for (int64_t b = 0; b < nb; ++b) sc[b * g.sk] = ks[src * nb + b];
         }
-      });
+      };
 
-      // Query rows in runs of at most `run` rows inside one (batch, query head).
+      // 3. Query tasks [begin, end): runs of up to 16 query rows inside one (batch, query head); or, for a
+      // decoder step (heads-first keys, one query row per head) whose mask is the same for every head,
+      // the query heads of one KV head together, as rows 0.. of one run (one query row sees all sk keys
+      // even when causal, and the mask row does not move), so the group's rows share each load of K and
+      // V; task t is then KV head t. Either way every row runs the same operations: the same bits.
       const int64_t per_group = g.q_heads / g.kv_heads;
-      const int64_t run = std::max<int64_t>(1, std::min<int64_t>(g.sq, 16));
-      const int64_t runs_per_head = (g.sq + run - 1) / run;
-      const int64_t tasks = g.batch * g.q_heads * runs_per_head;
-      const int64_t work = std::max<int64_t>(1, g.sk * dh * run);
-      ParallelFor(ctx, tasks, std::max<int64_t>(1, 65536 / work), [&](int64_t begin, int64_t end) {
-        std::vector<float> dots(static_cast<size_t>(run * g.sk));
-        std::vector<int32_t> acc(vnni_dots ? 0 : static_cast<size_t>(g.sk));
-        std::vector<uint8_t> scratch(vnni_dots ? static_cast<size_t>(4 * nb * packed.groups * 4) : 0);
-        std::vector<int8_t> run_codes(g.packed ? static_cast<size_t>(run * dh) : 0);
-        std::vector<float> run_scales(g.packed ? static_cast<size_t>(run * nb) : 0);
+      const bool heads_together = !g.packed && g.sq == 1 && g.mask_strides[1] == 0 && per_group > 1;
+      const int64_t heads_per_task = heads_together ? per_group : 1;
+      const int64_t run = heads_together ? per_group : std::max<int64_t>(1, std::min<int64_t>(g.sq, 16));
+      const int64_t runs_per_head = heads_together ? 1 : (g.sq + run - 1) / run;
+      const int64_t tasks = g.batch * (g.q_heads / heads_per_task) * runs_per_head;
+      auto run_tasks = [&](int64_t begin, int64_t end) {
+        cpu::ScratchPlan task_plan;
+        const size_t at_dots = task_plan.Add<float>(run * g.sk);
+        const size_t at_acc = task_plan.Add<int32_t>(vnni_dots ? 0 : g.sk);
+        const size_t at_scratch = task_plan.Add<uint8_t>(vnni_dots ? 4 * nb * packed.groups * 4 : 0);
+        uint8_t* task_base = task_plan.Carve<cpu::ScratchSlot::kAttentionTask>();
+        float* dots = cpu::ScratchPlan::At<float>(task_base, at_dots);
+        int32_t* acc = cpu::ScratchPlan::At<int32_t>(task_base, at_acc);
+        uint8_t* scratch = cpu::ScratchPlan::At<uint8_t>(task_base, at_scratch);
         for (int64_t task = begin; task < end; ++task) {
-          const int64_t head_index = task / runs_per_head;  // b * Hq + h
+          const int64_t head_index = (task / runs_per_head) * heads_per_task;  // b * Hq + h (first head)
           const int64_t b = head_index / g.q_heads, h = head_index % g.q_heads;
           const int64_t i0 = (task % runs_per_head) * run;
-          const int64_t rows = std::min(run, g.sq - i0);
+          const int64_t rows = heads_together ? per_group : std::min(run, g.sq - i0);
           const int64_t kv_h = h / per_group, kv_head = b * g.kv_heads + kv_h;
           const int64_t row = nl::attention_row_index(g.packed, g.q_heads, g.sq, b, h, i0);
-          const int8_t* q_codes = qq.get() + row * dh;
-          const float* q_scales = qs.get() + row * nb;
-          if (g.packed) {  // the run's rows are q_heads rows apart: gather them for the dot kernels
-            for (int64_t r = 0; r < rows; ++r) {
-              const int64_t src = row + r * g.q_heads;
-              std::copy(qq.get() + src * dh, qq.get() + (src + 1) * dh, run_codes.data() + r * dh);
-              std::copy(qs.get() + src * nb, qs.get() + (src + 1) * nb, run_scales.data() + r * nb);
-            }
-            q_codes = run_codes.data();
-            q_scales = run_scales.data();
-          }
+          const int8_t* q_codes = qq + row * dh;
+          const float* q_scales = qs + row * nb;
+          const int64_t q_step = g.packed ? g.q_heads : 1;  // rows between the run's query rows
           if (vnni_dots) {
-            vnni::DotRows(packed, kv_head, q_codes, q_scales, rows, scratch.data(), dots.data(), g.sk);
+            vnni::DotRows(packed, kv_head, q_codes, q_scales, rows, scratch, dots, g.sk, q_step);
           } else {
             for (int64_t r = 0; r < rows; ++r) {
-              kernels_.act_dot_row(q_codes + r * dh, q_scales + r * nb, k_major.data() + kv_head * dh * g.sk,
-                                   k_major_scales.data() + kv_head * nb * g.sk, g.sk, dh, bs, nb, acc.data(),
-                                   dots.data() + r * g.sk);
+              kernels_.act_dot_row(q_codes + r * q_step * dh, q_scales + r * q_step * nb, k_major + kv_head * dh * g.sk,
+                                   k_major_scales + kv_head * nb * g.sk, g.sk, dh, bs, nb, acc, dots + r * g.sk);
             }
           }
           const int64_t key0 = nl::attention_row_index(g.packed, g.kv_heads, g.sk, b, kv_h, 0);
-          nl::AttentionKeys kv;
-          kv.codes = kq.get() + key0 * dh;
-          kv.scales = ks.get() + key0 * nb;
+          nl::AttentionKeys kv;  // the dots are given: attention_rows reads no key codes (none with pack_codes)
+          kv.codes = pack_codes ? nullptr : kq + key0 * dh;
+          kv.scales = ks + key0 * nb;
           kv.values = values + key0 * dh;
           kv.dh = dh;
           kv.nb = nb;
           kv.block_size = bs;
           kv.key_step = g.packed ? g.kv_heads : 1;
+          kv.value_step = kv.key_step;
           const float* mask = g.mask != nullptr ? g.mask + b * g.mask_strides[0] + h * g.mask_strides[1] : nullptr;
+          // Y rows of the run: consecutive positions (H * Dh floats apart when packed), or with the heads
+          // together consecutive heads of position 0, Dh floats apart in either layout.
           const int64_t y_row = nl::attention_row_index(y_packed, g.q_heads, g.sq, b, h, i0);
-          kernels_.attention_rows(q_codes, q_scales, dots.data(), rows, i0, g.sq, g.sk, attrs_.causal, kv,
-                                  attrs_.scale, mask, g.mask_strides[2], g.mask_strides[3], y_out + y_row * dh,
-                                  y_packed ? g.q_heads * dh : dh);
+          const int64_t y_stride = y_packed && !heads_together ? g.q_heads * dh : dh;
+          kernels_.attention_rows(nullptr, nullptr, dots, rows, i0, g.sq, g.sk, attrs_.causal, kv, attrs_.scale, mask,
+                                  g.mask_strides[2], g.mask_strides[3], y_out + y_row * dh, y_stride);
         }
-      });
+      };
+
+      // Each parallel loop hands out at least ~kMinTaskValues values of work per task: smaller loops cost
+      // less than waking the thread pool does, and run on this thread.
+      if (heads_together) {  // a decoder step: one parallel section, a task per KV head doing 1 to 3
+        const int64_t head_work = g.sk * dh * (per_group + 2);
+        ParallelFor(ctx, kv_heads, std::max<int64_t>(1, kMinTaskValues / head_work), [&](int64_t begin, int64_t end) {
+          prepare_keys(begin * g.sk, end * g.sk);
+          pack_keys(begin * g.sk, end * g.sk);
+          run_tasks(begin, end);
+        });
+      } else {
+        ParallelFor(ctx, kv_rows, std::max(group, kMinTaskValues / dh), [&](int64_t b, int64_t e) { prepare_keys(b, e); });
+        ParallelFor(ctx, kv_rows, 2 * kMinTaskValues / dh, [&](int64_t b, int64_t e) { pack_keys(b, e); });
+        const int64_t work = std::max<int64_t>(1, g.sk * dh * run);
+        ParallelFor(ctx, tasks, std::max<int64_t>(1, 4 * kMinTaskValues / work), [&](int64_t b, int64_t e) { run_tasks(b, e); });
+      }
+      cpu::ScratchPlan::Trim<cpu::ScratchSlot::kAttentionCall>();
+      if (packed.codes.capacity() > cpu::kKeptScratchBytes) packed = vnni::PackedB();
     });
   }
 
@@ -190,8 +239,9 @@ class AttentionCpuKernel : public AttentionKernelBase {
     const int64_t row_nbytes = codes ? g.k.row_bytes : dh * static_cast<int64_t>(sizeof(float));
     const int64_t scale_nbytes = codes ? g.k.num_blocks * static_cast<int64_t>(ScaleItemSize(g.k.scale_kind)) : 0;
     const int64_t heads = g.batch * g.kv_heads;
-    ParallelFor(ctx, heads, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> row(static_cast<size_t>(dh));
+    // Per KV head: the past rows copied, the new rows rotated and quantized (~8x a copied value each).
+    ParallelFor(ctx, heads, std::max<int64_t>(1, kMinTaskValues / (dh * (g.sk + 8 * g.sq))), [&](int64_t begin, int64_t end) {
+      float* row = cpu::ThreadScratch<float, cpu::ScratchSlot::kAttentionTask>(static_cast<size_t>(dh));
       for (int64_t bh = begin; bh < end; ++bh) {
         for (int which = 0; which < 2; ++which) {
           const AttentionKV& past = which == 0 ? g.k : g.v;
@@ -207,12 +257,12 @@ class AttentionCpuKernel : public AttentionKernelBase {
           }
           for (int64_t i = 0; i < g.sq; ++i) {
             const int64_t t = bh * g.sk + d.past + i;  // present row
-            nl::step_input_row(d, fresh, g.kv_heads, bh * g.sq + i, which == 0, g.cos, g.sin, row.data());
+            nl::step_input_row(d, fresh, g.kv_heads, bh * g.sq + i, which == 0, g.cos, g.sin, row);
             if (codes) {
-              nl::quantize_cache_row(row.data(), dh, attrs_.kv_bits, attrs_.kv_block_size, g.k.scale_kind, row_nbytes,
+              nl::quantize_cache_row(row, dh, attrs_.kv_bits, attrs_.kv_block_size, g.k.scale_kind, row_nbytes,
                                      dst + t * row_nbytes, dst_scales, t * g.k.num_blocks);
             } else {
-              std::copy(row.begin(), row.end(), reinterpret_cast<float*>(dst) + t * dh);
+              std::copy(row, row + dh, reinterpret_cast<float*>(dst) + t * dh);
             }
           }
         }

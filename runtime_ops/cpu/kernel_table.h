@@ -44,7 +44,7 @@ using RMSNormRowFn = void (*)(float* y, int64_t n, const float* scale, float eps
 
 // BlockAttention (bct/attention_math.h): `rows` consecutive query rows i = row0 .. of one (batch,
 // query head), codes q [rows, dh] and scales qs [rows, nb], over the keys of one KV head, with their
-// block dots already computed, dots [rows, sk]; mask nullptr or read at
+// block dots already computed, dots [rows, sk] (then q and qs are not read and may be nullptr); mask nullptr or read at
 // mask[i * mask_row_stride + j * mask_key_stride]; y [rows, dh] with rows y_stride floats apart.
 using AttentionRowsFn = void (*)(const int8_t* q, const float* qs, const float* dots, int64_t rows, int64_t row0,
                                  int64_t sq, int64_t sk, bool causal, const nl::AttentionKeys& kv, float scale,

@@ -143,12 +143,24 @@ inline void AccumulateTileFixed(const float (*p)[nl::kAttentionKeyTile], const i
   for (int r = 0; r < kAttentionRows; ++r) {
     for (int64_t d = 0; d < kDh; ++d) acc[r][d] = r < n ? y[r * y_stride + d] : 0.0f;
   }
-  for (int64_t t = 0; t < tile_len; ++t) {
-    const float* v = values + t * value_stride;
-    for (int r = 0; r < kAttentionRows; ++r) {
-      if (t >= len[r]) continue;
-      const float pr = p[r][t];
-      for (int64_t d = 0; d < kDh; ++d) acc[r][d] = fadd(acc[r][d], fmul(pr, v[d]));
+  bool every_key = n == kAttentionRows;  // all four rows take every key of the tile (an encoder's tiles)
+  for (int r = 0; r < n; ++r) every_key = every_key && len[r] == tile_len;
+  if (every_key) {  // the same operations without the per-row key checks
+    for (int64_t t = 0; t < tile_len; ++t) {
+      const float* v = values + t * value_stride;
+      for (int r = 0; r < kAttentionRows; ++r) {
+        const float pr = p[r][t];
+        for (int64_t d = 0; d < kDh; ++d) acc[r][d] = fadd(acc[r][d], fmul(pr, v[d]));
+      }
+    }
+  } else {
+    for (int64_t t = 0; t < tile_len; ++t) {
+      const float* v = values + t * value_stride;
+      for (int r = 0; r < kAttentionRows; ++r) {
+        if (t >= len[r]) continue;
+        const float pr = p[r][t];
+        for (int64_t d = 0; d < kDh; ++d) acc[r][d] = fadd(acc[r][d], fmul(pr, v[d]));
+      }
     }
   }
   for (int r = 0; r < n; ++r) {
@@ -176,7 +188,7 @@ __attribute__((flatten)) void AttentionRows(const int8_t* q, const float* qs, co
                                             const nl::AttentionKeys& kv, float scale, const float* mask,
                                             int64_t mask_row_stride, int64_t mask_key_stride, float* y,
                                             int64_t y_stride) {
-  const int64_t dh = kv.dh, value_stride = kv.key_step * dh;
+  const int64_t dh = kv.dh, value_stride = kv.value_step * dh;
   float tiles[kAttentionRows][nl::kAttentionKeyTile];
   for (int64_t r0 = 0; r0 < rows; r0 += kAttentionRows) {
     const int n = static_cast<int>(std::min<int64_t>(kAttentionRows, rows - r0));
@@ -196,7 +208,9 @@ __attribute__((flatten)) void AttentionRows(const int8_t* q, const float* qs, co
         len[r] = left <= 0 ? 0 : std::min<int64_t>(left, nl::kAttentionKeyTile);
         if (len[r] == 0) continue;
         const float* mask_row = mask != nullptr ? mask + i * mask_row_stride : nullptr;
-        if (!nl::attention_tile_probs(st[r], q + (r0 + r) * dh, qs + (r0 + r) * kv.nb, kv,
+        const bool with_q = dots == nullptr;  // else q and qs are not read (and may be nullptr)
+        if (!nl::attention_tile_probs(st[r], with_q ? q + (r0 + r) * dh : nullptr,
+                                      with_q ? qs + (r0 + r) * kv.nb : nullptr, kv,
                                       dots != nullptr ? dots + (r0 + r) * sk : nullptr, t0, len[r], scale, mask_row,
                                       mask_key_stride, tiles[r], y + (r0 + r) * y_stride)) {
           len[r] = 0;

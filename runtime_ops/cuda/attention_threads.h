@@ -52,6 +52,7 @@ BCT_HD BCT_INLINE void AttentionRowOne(const AttentionArgs& a, const int8_t* qq,
   kv.nb = nb;
   kv.block_size = a.block_size;
   kv.key_step = a.packed ? a.kv_heads : 1;
+  kv.value_step = kv.key_step;
   const float* mask = a.mask != nullptr
                           ? a.mask + b * a.mask_strides[0] + h * a.mask_strides[1] + i * a.mask_strides[2]
                           : nullptr;

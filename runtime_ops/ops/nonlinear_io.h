@@ -217,10 +217,13 @@ inline bool AllocateOutput(const Ort::KernelContext& ctx, const NodeRef& node, s
   if (index >= ctx.GetOutputCount()) return false;
   Ort::UnownedValue value = ctx.GetOutput(index, shape);
   if (value == nullptr) return false;
-  const ONNXTensorElementDataType got = value.GetTensorTypeAndShapeInfo().GetElementType();
-  if (got != dtype) {
-    node.Fail(std::string("output '") + name + "' is declared " + DtypeName(got) + " in the graph but is " +
-              DtypeName(dtype));
+  if (!node.OutputChecked(index)) {  // once per kernel: the graph's type does not change between calls
+    const ONNXTensorElementDataType got = value.GetTensorTypeAndShapeInfo().GetElementType();
+    if (got != dtype) {
+      node.Fail(std::string("output '") + name + "' is declared " + DtypeName(got) + " in the graph but is " +
+                DtypeName(dtype));
+    }
+    node.SetOutputChecked(index);
   }
   *data = value.GetTensorMutableRawData();
   return true;

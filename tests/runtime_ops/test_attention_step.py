@@ -8,6 +8,7 @@ same float32 Mul / Add per element).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -109,6 +110,8 @@ def run_step(
     args: dict[str, Any], act_bits: int = 8, block_size: int = 32, scale: float = 0.125
 ) -> list[np.ndarray]:
     attrs: dict[str, Any] = {"act_bits": act_bits, "block_size": block_size, "scale": scale}
+    if args.get("causal"):
+        attrs["causal"] = 1
     if args["q_heads"]:
         attrs["q_heads"] = args["q_heads"]
     kv: list[np.ndarray | None] = []
@@ -137,6 +140,7 @@ def spec(args: dict[str, Any], act_bits: int = 8, block_size: int = 32, scale: f
         block_size=block_size,
         scale=scale,
         mask=args["mask"],
+        causal=bool(args.get("causal")),
         cos=args["cos"],
         sin=args["sin"],
         q_heads=args["q_heads"],
@@ -206,3 +210,65 @@ def test_new_rows_of_another_length_are_refused() -> None:
     args["k_new"] = np.concatenate([args["k_new"], args["k_new"]], axis=1)
     with pytest.raises(Exception, match="K_new"):
         run_step(args)
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512vnni"])
+@pytest.mark.parametrize("mask_kind", ["shared", "per_head", "none_causal"])
+def test_decode_step_with_the_query_heads_of_a_kv_head_together(
+    mask_kind: str, isa: str, force_isa: Any
+) -> None:
+    """One query row per head: with a mask shared by the heads (or none), the kernel runs the query heads
+    of one KV head as one task (5 here: more than its 4-row batches), else head by head; batch 2,
+    causal or not, the same bits as the spec either way."""
+    force_isa(isa)
+    case = ("decode_batch2_gqa5", 2, 10, 2, 1, 70, 64, 8, 64, True, False)
+    args = case_inputs(case, seed=3)
+    sk = 71
+    if mask_kind == "per_head":  # [B, Hq, 1, Sk]: each head hides other keys
+        hidden = np.random.default_rng(5).random((2, 10, 1, sk)) < 0.3
+        args["mask"] = np.where(hidden, np.float32(-1e4), np.float32(0.0)).astype(np.float32)
+    elif mask_kind == "none_causal":
+        args["mask"] = None
+        args["causal"] = True
+    assert_matches_spec(run_step(args), args, f"{case[0]} {mask_kind} [{isa}]")
+
+
+def test_concurrent_steps_of_different_shapes() -> None:
+    """Steps in flight on several threads at once (the call's buffers are per-thread scratch, reused
+    across calls and shapes): every result still the spec's bits."""
+    jobs = [(case, seed) for seed in range(3) for case in CASES]
+
+    def work(job: tuple[tuple[Any, ...], int]) -> None:
+        case, seed = job
+        args = case_inputs(case, seed=seed)
+        assert_matches_spec(run_step(args), args, f"{case[0]} seed {seed}")
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(work, jobs))
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx512vnni"])
+@pytest.mark.parametrize(
+    ("dh", "block_size", "past"), [(128, 32, 37), (80, 16, 20), (64, 64, 130), (24, 8, 5)]
+)
+def test_8bit_cache_of_other_head_sizes_and_blocks(
+    dh: int, block_size: int, past: int, isa: str, force_isa: Any
+) -> None:
+    """8-bit cache codes in the op's own blocks are packed for the VNNI dots straight from the cache (16
+    groups of 4 codes of 16 keys at a time): head sizes of several and of partial 16-group chunks, blocks
+    of 8 to 64, key counts that are not multiples of 16; the spec's bits."""
+    force_isa(isa)
+    fmt = BlockFormat(8, block_size, True, ScaleKind.FLOAT16)
+    args = case_inputs(("decode", 1, 6, 2, 1, past, dh, 8, dh, True, False), seed=dh)
+    past_k, past_v = sample((1, 2, past, dh), dh, 1.5), sample((1, 2, past, dh), dh + 1)
+    args["past_k"], args["past_v"] = quantize(past_k, fmt), quantize(past_v, fmt)
+    y, *_ = spec(args, block_size=block_size)
+    assert_bits_equal(run_step(args, block_size=block_size)[0], y, f"dh {dh} block {block_size} [{isa}]")
+
+
+def test_a_large_step_then_small_ones() -> None:
+    """A call whose buffers exceed what a thread keeps (8 MB: V of 8 KV heads x 16385 keys as float32)
+    gives them back at its end; the calls after it, smaller, still give the spec's bits."""
+    for case in [("long_past", 1, 8, 8, 1, 16384, 64, 8, 64, True, False), *CASES[:2]]:
+        args = case_inputs(case, seed=7)
+        assert_matches_spec(run_step(args), args, case[0])

@@ -96,6 +96,21 @@ def test_dequantize_extreme_scales(kit) -> None:
     check_dequantize(kit, QuantizedTensor(q.codes, scales2, None, 16, fmt2))
 
 
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_dequantize_8bit_special_scales_every_path(kit, isa: str, symmetric: bool, force_isa) -> None:
+    """8-bit rows, whose AVX-512 path widens the float16 scales of 16 blocks at once: subnormal,
+    infinite, zero and NaN scales (quiet and signalling payloads), 21 blocks a row (a partial last
+    block), the spec's bits on every path."""
+    force_isa(isa)
+    fmt = BlockFormat(8, 16, symmetric, ScaleKind.FLOAT16)
+    q = random_tensor(fmt, (3,), 16 * 20 + 5, seed=4)
+    special = [0x0001, 0x7C00, 0xFC00, 0x7E00, 0x7C01, 0xFD23, 0x8000, 0x0000, 0x03FF, 0x7BFF]
+    scales = np.ascontiguousarray(q.scales).view(np.uint16).copy()
+    scales.reshape(-1)[1 : 1 + 5 * len(special) : 5] = special
+    check_dequantize(kit, QuantizedTensor(q.codes, scales.view(np.float16), q.zero_points, q.axis_size, fmt))
+
+
 def test_dequantize_scale_input_type_picks_kind(kit) -> None:
     """The kernel reads the scale kind from the dtype alone: float32 scales on a float16-declared format."""
     fmt16 = BlockFormat(4, 8, True, ScaleKind.FLOAT16)

@@ -17,7 +17,8 @@ namespace nl {
 constexpr int64_t kAttentionKeyTile = 64;
 
 // The keys of one KV head: signed Q x K^T codes [sk, dh] with float32 scales [sk, nb], V [sk, dh];
-// key j's rows are j * key_step rows from the first (1: heads first [B, H, S, *]; H: [B, S, H * *]).
+// key j's code and scale rows are j * key_step rows from the first, its V row j * value_step rows
+// (1: heads first [B, H, S, *]; H: [B, S, H * *]).
 struct AttentionKeys {
   const int8_t* codes;
   const float* scales;
@@ -26,6 +27,7 @@ struct AttentionKeys {
   int64_t nb;
   int64_t block_size;
   int64_t key_step = 1;
+  int64_t value_step = 1;
 };
 
 // Row (b, h, i) of a tensor of `heads` heads and `seq` positions, [B, H, S, *] (heads first) or
@@ -139,7 +141,7 @@ BCT_HD BCT_INLINE void attention_row(const int8_t* q, const float* q_scales, con
   for (int64_t t0 = 0; t0 < keys; t0 += kAttentionKeyTile) {
     const int64_t len = (keys - t0) < kAttentionKeyTile ? (keys - t0) : kAttentionKeyTile;
     if (attention_tile_probs(st, q, q_scales, kv, dots, t0, len, scale, mask, mask_stride, tile, y)) {
-      attention_tile_values(tile, len, kv.values + t0 * kv.key_step * kv.dh, kv.key_step * kv.dh, kv.dh, y);
+      attention_tile_values(tile, len, kv.values + t0 * kv.value_step * kv.dh, kv.value_step * kv.dh, kv.dh, y);
     }
   }
   attention_row_finish(st, y, kv.dh);

@@ -89,9 +89,28 @@ class NodeRef {
     throw OpError(Message(problem), code);
   }
 
+  // Outputs whose element type the node's kernel has checked: the graph fixes them for the session, so
+  // a check that passed once is not repeated on every call (outputs 0..31; a bit each).
+  bool OutputChecked(size_t index) const {
+    return index < 32 && ((checked_outputs_.load(std::memory_order_relaxed) >> index) & 1u) != 0;
+  }
+  void SetOutputChecked(size_t index) const {
+    if (index < 32) checked_outputs_.fetch_or(uint32_t{1} << index, std::memory_order_relaxed);
+  }
+
+  NodeRef(const NodeRef& other)
+      : op_type_(other.op_type_), name_(other.name_), checked_outputs_(other.checked_outputs_.load()) {}
+  NodeRef& operator=(const NodeRef& other) {
+    op_type_ = other.op_type_;
+    name_ = other.name_;
+    checked_outputs_.store(other.checked_outputs_.load());
+    return *this;
+  }
+
  private:
   std::string op_type_;
   std::string name_;
+  mutable std::atomic<uint32_t> checked_outputs_{0};
 };
 
 // A status for ORT to own (nullptr means success).
