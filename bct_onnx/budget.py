@@ -59,8 +59,9 @@ SAMPLE_VALUES = 1 << 15  # values (whole rows, at least 16) sampled to estimate 
 SYNTHETIC_BATCH = 2
 SYNTHETIC_SEQUENCE = 32
 # Calibration tokens the sensitivities are measured on (every unit runs the model on them once):
-# whole batches up to this many, else the first rows of the first batch (a decoder's packed batch
-# holds 8 rows of 512 shipped tokens; an encoder's first two batches of 8 shipped lines about 500).
+# whole batches up to this many, else the first rows of the first batch, at least one (a decoder's
+# packed rows hold 1024 shipped tokens, so it measures on its first row; an encoder's first two
+# batches of 8 shipped lines hold about 500).
 MEASURE_TOKENS = 512
 _CHUNK_ELEMENTS = 1 << 22  # rows are fake-quantized in chunks of about this many values
 # The plan counts codes, scales and the float parts exactly; the compressed graph's own bytes (node

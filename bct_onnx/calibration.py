@@ -80,9 +80,11 @@ TEXT_SOURCES = ("auto", "shipped", "moby-dick")
 # Calibrate on text like what the model will see (docs/results.md compares the sources).
 SAMPLES = 64
 SAMPLE_WORDS = 256
-# The shipped lines are under 150 tokens each; a decoder's packed rows of 512 tokens give its attention
-# the longer contexts it sees in use (docs/results.md, "Calibration text and Hessians").
-SHIPPED_MAX_TOKENS = 512
+# The shipped lines are under 150 tokens each; a decoder's packed rows of 1024 tokens give its attention
+# the longer contexts it sees in use, and fewer row starts (whose first positions carry outsized
+# activations) weigh on its Hessians (docs/results.md, "Calibration text and Hessians": rows of 128,
+# 512, 1024 and 2048 compared on two texts).
+SHIPPED_MAX_TOKENS = 1024
 
 
 def calibration_texts(source: str = "auto") -> tuple[list[str], int, str]:
