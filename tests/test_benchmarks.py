@@ -261,6 +261,9 @@ def test_profile_ops_shares_add_up_to_the_profiled_node_time(tmp_path: Path) -> 
     assert len(walls) == 3 and all(w > 0 for w in walls)
     assert {op for _, op in nodes} == {"Relu", "Add"} and all(count == 3 for _, count in nodes.values())
     assert sum(us for us, _ in nodes.values()) == pytest.approx(sum(times.values()))
+    fastest, _ = profile_ops.node_times(profile, skip_runs=2, fastest=True)
+    assert fastest.keys() == nodes.keys()
+    assert all(0 < fastest[key][0] <= nodes[key][0] and fastest[key][1] == 3 for key in nodes)
 
 
 def test_profile_ops_names_weight_shapes() -> None:
