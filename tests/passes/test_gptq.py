@@ -18,7 +18,14 @@ from bct_onnx.block_format import (
     pad_to_blocks,
     unpack_codes,
 )
-from bct_onnx.calibration import TEXT_DAMPING, Calibration, CalibrationError, collect_hessians, text_feeds
+from bct_onnx.calibration import (
+    PACKED_BATCH_TOKENS,
+    TEXT_DAMPING,
+    Calibration,
+    CalibrationError,
+    collect_hessians,
+    text_feeds,
+)
 from bct_onnx.config import CompressConfig
 from bct_onnx.gptq import gptq_quantize, inverse_hessian_factor
 from bct_onnx.weight_quantizer import quantize_tensor, search_scales
@@ -269,6 +276,31 @@ def test_hessians_are_sums_of_x_transpose_x():
     assert hessians[("r", "w2")].shape == (96, 96)
 
 
+def test_calibration_runs_only_the_nodes_its_hessians_need(monkeypatch):
+    """ONNX Runtime would run a node nobody reads (a decoder's output projection): it is left out of the
+    calibration sessions, and the Hessian of its input is still measured."""
+    import onnx
+
+    from bct_onnx import calibration
+
+    rng = np.random.default_rng(2)
+    model = _mlp(rng)
+    run_nodes = []
+    session = calibration.runtime.session
+
+    def recording_session(path, *args, **kwargs):
+        run_nodes.extend(node.output[0] for node in onnx.load(path, load_external_data=False).graph.node)
+        return session(path, *args, **kwargs)
+
+    monkeypatch.setattr(calibration.runtime, "session", recording_session)
+    batch = rng.standard_normal((8, 64)).astype(np.float32)
+    hessians = collect_hessians(model, Calibration(({"x": batch},)))
+    assert sorted(run_nodes) == ["h", "r"]  # not y = MatMul(r, w2)
+    relu = np.maximum(batch @ model.graph.initializers["w1"].const_value.numpy(), 0).astype(np.float64)
+    expected = relu.T @ relu
+    np.testing.assert_allclose(hessians[("r", "w2")], expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
 def test_quantize_matmul_pass_takes_hessians_and_runs_no_inference(monkeypatch):
     """The pipeline measures the Hessians; the pass only uses the ones it is handed."""
     from bct_onnx.passes import QuantizeMatMulPass
@@ -337,6 +369,11 @@ def test_text_feeds_without_pad_token_packs_texts_into_equal_sequences():
     # Each text keeps at most max_length tokens before packing.
     (only,) = text_feeds(model, _NoPadTokenizer(), texts=["a bb ccc dddd eeeee"], max_length=3).feeds
     assert only["input_ids"].tolist() == [[1, 2, 3]]
+    # Long rows run a few at a time (at most PACKED_BATCH_TOKENS tokens a batch): a batch's attention
+    # scores grow with its rows, its Hessian sums do not care.
+    length = PACKED_BATCH_TOKENS // 2
+    long_rows = text_feeds(model, _NoPadTokenizer(), texts=["word " * length] * 3, max_length=length)
+    assert [batch["input_ids"].shape for batch in long_rows.feeds] == [(2, length), (1, length)]
 
 
 TIED_LM = """<ir_version: 8, opset_import: ["" : 17]>
