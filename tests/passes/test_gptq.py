@@ -205,6 +205,35 @@ def test_gptq_in_row_chunks_gives_the_same_result(monkeypatch):
         np.testing.assert_array_equal(chunked.zero_points, whole.zero_points)
 
 
+def test_gptq_on_threads_gives_the_codes_of_one_thread(monkeypatch):
+    """Chunks of rows walked on several threads at once (sharing one inverse-Hessian factor) give the
+    codes, scales and zero points of one thread."""
+    import threading
+
+    rng = np.random.default_rng(13)
+    k, n = 96, 23
+    x = _correlated_inputs(rng, 256, k)
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    hessian = x.T.astype(np.float64) @ x
+    fmt = BlockFormat(4, 32, False)
+    monkeypatch.setattr(gptq, "GPTQ_THREADS", 1)
+    one = gptq_quantize(w, hessian, fmt)
+    together = threading.Barrier(3, timeout=30)  # broken unless the 3 chunks are walked at the same time
+    walk = gptq._gptq_walk
+
+    def walk_together(*args):
+        together.wait()
+        walk(*args)
+
+    monkeypatch.setattr(gptq, "_gptq_walk", walk_together)
+    monkeypatch.setattr(gptq, "GPTQ_THREADS", 3)
+    monkeypatch.setattr(gptq, "_MIN_THREAD_ROWS", 4)  # 3 chunks of 8, 8 and 7 rows
+    threaded = gptq_quantize(w, hessian, fmt)
+    np.testing.assert_array_equal(threaded.codes, one.codes)
+    np.testing.assert_array_equal(threaded.scales, one.scales)
+    np.testing.assert_array_equal(threaded.zero_points, one.zero_points)
+
+
 def test_inverse_hessian_factor_is_the_cholesky_factor_of_the_inverse():
     rng = np.random.default_rng(5)
     x = _correlated_inputs(rng, 256, 96)
