@@ -187,14 +187,18 @@ def test_weighted_scale_search_lowers_the_output_error_on_held_out_rows():
     assert errors[1] < 0.97 * errors[0], errors
 
 
-def test_gptq_in_row_chunks_gives_the_same_result(monkeypatch):
-    """Rows are walked in chunks to bound memory; 5-row chunks of 23 rows change nothing."""
-    rng = np.random.default_rng(12)
-    k, n = 96, 23
+def _rows_case(seed: int, k: int = 96, n: int = 23) -> tuple[np.ndarray, np.ndarray, BlockFormat]:
+    """A weight [n, k], the Hessian of correlated inputs and an asymmetric 4-bit format."""
+    rng = np.random.default_rng(seed)
     x = _correlated_inputs(rng, 256, k)
     w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
-    hessian = x.T.astype(np.float64) @ x
-    fmt = BlockFormat(4, 32, False)
+    return w, x.T.astype(np.float64) @ x, BlockFormat(4, 32, False)
+
+
+def test_gptq_in_row_chunks_gives_the_same_result(monkeypatch):
+    """Rows are walked in chunks to bound memory; 5-row chunks of 23 rows change nothing."""
+    w, hessian, fmt = _rows_case(12)
+    k = w.shape[1]
     for act_order in (False, True):
         whole = gptq_quantize(w, hessian, fmt, act_order=act_order)
         with monkeypatch.context() as patch:
@@ -210,12 +214,7 @@ def test_gptq_on_threads_gives_the_codes_of_one_thread(monkeypatch):
     codes, scales and zero points of one thread."""
     import threading
 
-    rng = np.random.default_rng(13)
-    k, n = 96, 23
-    x = _correlated_inputs(rng, 256, k)
-    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
-    hessian = x.T.astype(np.float64) @ x
-    fmt = BlockFormat(4, 32, False)
+    w, hessian, fmt = _rows_case(13)
     monkeypatch.setattr(gptq, "GPTQ_THREADS", 1)
     one = gptq_quantize(w, hessian, fmt)
     together = threading.Barrier(3, timeout=30)  # broken unless the 3 chunks are walked at the same time
