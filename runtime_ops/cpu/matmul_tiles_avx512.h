@@ -82,7 +82,9 @@ constexpr int64_t kPrefetchBlocks = 2;
 
 // Integer mode: R rows x T tiles of 16 columns, the codes read where `codes` says.
 // kGroups: groups per block when known at compile time (the loop is then unrolled), else 0.
-template <int R, int T, bool kNibble, int kZp, int kGroups>
+// kStreamed: the codes are read once (decode), so the panel's next blocks are prefetched; prefill
+// re-reads a task's tiles for every register block of rows, from cache.
+template <int R, int T, bool kNibble, int kZp, int kGroups, bool kStreamed>
 void IntTiles(const PackedWeights& p, const TileCodes<T>& codes, const ActRows& act, int64_t row0, int64_t tile0,
               const float* bias, float* Y) {
   const int64_t nb = p.num_blocks, bkp = p.block_padded, kp = p.k_padded;
@@ -111,7 +113,7 @@ void IntTiles(const PackedWeights& p, const TileCodes<T>& codes, const ActRows& 
     // Decode with several rows is bound by the dot products, not by memory: the hardware prefetcher
     // then runs too little ahead of the slowly read stream, so the panel's block kPrefetchBlocks ahead
     // is fetched explicitly. (One row streams faster without: the prefetches only add work.)
-    if constexpr (kNibble && R > 1) {
+    if constexpr (kStreamed && kNibble && R > 1) {
       if (b + kPrefetchBlocks < nb) {
         const char* ahead = reinterpret_cast<const char*>(codes.codes[0] + (b + kPrefetchBlocks) * codes.code_stride[0]);
         for (int64_t c = 0; c < codes.code_stride[0]; c += 64) _mm_prefetch(ahead + c, _MM_HINT_T0);
@@ -180,18 +182,18 @@ void IntTiles(const PackedWeights& p, const TileCodes<T>& codes, const ActRows& 
 }
 
 // IntTiles with the group count of this weight's blocks as a compile-time constant when common.
-template <int R, int T, bool kNibble, int kZp>
+template <int R, int T, bool kNibble, int kZp, bool kStreamed = true>
 void IntTilesAnyGroups(const PackedWeights& p, const TileCodes<T>& codes, const ActRows& act, int64_t row0,
                        int64_t tile0, const float* bias, float* Y) {
   switch (kNibble ? p.block_padded / 8 : p.block_padded / 4) {
     case 4:
-      return IntTiles<R, T, kNibble, kZp, 4>(p, codes, act, row0, tile0, bias, Y);
+      return IntTiles<R, T, kNibble, kZp, 4, kStreamed>(p, codes, act, row0, tile0, bias, Y);
     case 8:
-      return IntTiles<R, T, kNibble, kZp, 8>(p, codes, act, row0, tile0, bias, Y);
+      return IntTiles<R, T, kNibble, kZp, 8, kStreamed>(p, codes, act, row0, tile0, bias, Y);
     case 16:
-      return IntTiles<R, T, kNibble, kZp, 16>(p, codes, act, row0, tile0, bias, Y);
+      return IntTiles<R, T, kNibble, kZp, 16, kStreamed>(p, codes, act, row0, tile0, bias, Y);
     default:
-      return IntTiles<R, T, kNibble, kZp, 0>(p, codes, act, row0, tile0, bias, Y);
+      return IntTiles<R, T, kNibble, kZp, 0, kStreamed>(p, codes, act, row0, tile0, bias, Y);
   }
 }
 
