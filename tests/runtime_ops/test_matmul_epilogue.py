@@ -225,7 +225,10 @@ def test_prefill_rows_requantized_in_chunks_equal_the_requantized_product(
             helper.make_tensor_value_info("Aq", TensorProto.UINT8, None),
             helper.make_tensor_value_info("Aq_scales", TensorProto.FLOAT, None),
         ],
-        [helper.make_value_info(name, helper.TypeProto()) for name in ["P", *outputs, *(f"q{o}" for o in outputs)]],
+        [
+            helper.make_value_info(name, helper.TypeProto())
+            for name in ["P", *outputs, *(f"q{o}" for o in outputs)]
+        ],
         initializer=[
             numpy_helper.from_array(w_codes, "W_codes"),
             numpy_helper.from_array(w_scales, "W_scales"),
