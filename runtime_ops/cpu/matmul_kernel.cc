@@ -307,9 +307,10 @@ bool Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
       if (act_codes != nullptr) return detail::UnpackRows(p, *act_codes, r0, r1, &act);
       QuantizeActivations(p, A, r0, r1, &act);
     };
-    if (tasks > 1) {
+    // Row-chunked prefill (sink_rows > 0) quantizes each task's rows in the task itself, below.
+    if (sink_rows == 0 && tasks > 1) {
       parallel_for(static_cast<std::size_t>(tasks), quantize);
-    } else {
+    } else if (sink_rows == 0) {
       quantize(0);
     }
   }
@@ -345,6 +346,11 @@ bool Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
     const int64_t tasks = (M + sink_rows - 1) / sink_rows;
     parallel_for(static_cast<std::size_t>(tasks), [&](std::size_t task) {
       const int64_t r0 = static_cast<int64_t>(task) * sink_rows, r1 = std::min(M, r0 + sink_rows);
+      if (act_codes != nullptr) {
+        detail::UnpackRows(p, *act_codes, r0, r1, &act);
+      } else {
+        QuantizeActivations(p, A, r0, r1, &act);
+      }
       thread_local std::vector<float> scratch;
       scratch.resize(static_cast<size_t>(sink_rows * s.N));
       // The kernels address row r of Y at Y + r * N: an address r0 rows before the scratch puts row r0
