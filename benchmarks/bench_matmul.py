@@ -7,7 +7,9 @@ so load on a shared machine slows all alike; compare ratios, not milliseconds ac
    (BERT-base 128 x 768 x 768, 128 x 768 x 3072, 128 x 3072 x 768; MiniLM batch 8 x 64 tokens,
    512 x 384 x 1536) and a decode GEMV (1 x 4096 x 4096), against ONNX Runtime's FP32 MatMul,
    MatMulNBits 4-bit block 32 (accuracy level 4) and int8 `quantize_dynamic` (DynamicQuantizeLinear
-   + MatMulInteger). Reported: median and minimum ms, ratio to ORT int8.
+   + MatMulInteger); `--shapes encoder` takes every GEMM of the MiniLM and BERT-base benchmarks.
+   BlockMatMul with activations int8 also runs with Y as int8 codes, the form its product takes
+   between the ops of a compressed model. Reported: median and minimum ms, ratio to ORT int8.
 2. Decode bandwidth: chains of distinct 4-bit K=N=4096 weights (read from memory, not cache) for
    M = 1, 4, 8 rows: GB/s of weight bytes, next to a STREAM-like read (numpy sums over as many
    threads) measured in the same rounds; from the median and from the fastest chain (on a shared
@@ -18,7 +20,7 @@ Prints the CPU model and the ISA paths (bct-onnx's BlockMatMul path, MLAS's int8
 on a machine shared with other jobs that measures the kernels, not the scheduler.
 
     python benchmarks/bench_matmul.py [--threads 2] [--repeat 100] [--clock wall|cpu]
-        [--only TEXT] [--shapes 128x768x3072,...] [--gemv-rows 1,4,8] [--json out.json]
+        [--only TEXT] [--shapes 128x768x3072,...|encoder] [--gemv-rows 1,4,8] [--json out.json]
 
 Needs the compiled custom-op library (installed package, or BCT_ONNX_LIBRARY); without it only
 the ONNX Runtime rows are measured, and the output says so.
@@ -53,6 +55,15 @@ logger = logging.getLogger(__name__)
 
 # (M, K, N): BERT-base prefill of 128 tokens, MiniLM batch 8 x 64 tokens, a decode GEMV.
 SHAPES = ((128, 768, 768), (128, 768, 3072), (128, 3072, 768), (512, 384, 1536), (1, 4096, 4096))
+# --shapes encoder: every GEMM of the two encoder benchmarks (MiniLM batch 8 x 64, BERT-base 1 x 128).
+ENCODER_SHAPES = (
+    (512, 384, 384),
+    (512, 384, 1536),
+    (512, 1536, 384),
+    (128, 768, 768),
+    (128, 768, 3072),
+    (128, 3072, 768),
+)
 OPSET = 17
 BASELINE = "ORT int8 quantize_dynamic"
 
@@ -66,14 +77,25 @@ class Case:
     needs_library: bool = False
 
 
-def _model(nodes, inits, m: int, k: int, n: int, domains: Sequence[tuple[str, int]] = ()) -> onnx.ModelProto:
+def _model(
+    nodes,
+    inits,
+    m: int,
+    k: int,
+    n: int,
+    domains: Sequence[tuple[str, int]] = (),
+    outputs: Sequence[str] = ("Y",),
+) -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes,
         "bench",
         [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [m, n])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [m, n])]
+        + [helper.make_value_info(name, helper.TypeProto()) for name in outputs[1:]],
         initializer=inits,
     )
+    if len(outputs) > 1:  # quantized Y: element types and shapes left to the op's inference
+        graph.output[0].CopyFrom(helper.make_value_info("Y", helper.TypeProto()))
     imports = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, v) for d, v in domains]
     return helper.make_model(graph, opset_imports=imports)
 
@@ -110,17 +132,26 @@ def int8_dynamic(weight: np.ndarray, m: int) -> onnx.ModelProto:
         return onnx.load(dst)
 
 
-def block_matmul(bits: int, act_bits: int) -> Callable[[np.ndarray, int], onnx.ModelProto]:
+def block_matmul(bits: int, act_bits: int, out_bits: int = 0) -> Callable[[np.ndarray, int], onnx.ModelProto]:
+    """BlockMatMul of symmetric block-32 weights; out_bits > 0: Y as codes of that width (block 32,
+    symmetric, float32 scales), as between the ops of a compressed model."""
+
     def build(weight: np.ndarray, m: int) -> onnx.ModelProto:
         k, n = weight.shape
         fmt = block_format.BlockFormat(
             bits=bits, block_size=32, symmetric=True, scale_kind=block_format.ScaleKind.FLOAT16
         )
         q = block_format.quantize(np.ascontiguousarray(weight.T), fmt)
+        outputs = ["Y", "Y_scales"] if out_bits else ["Y"]
+        out_attrs = (
+            {"out_bits": out_bits, "out_block_size": 32, "out_symmetric": 1, "out_scale_kind": "float32"}
+            if out_bits
+            else {}
+        )
         node = helper.make_node(
             ops.BLOCK_MATMUL,
             ["A", "W_codes", "W_scales"],
-            ["Y"],
+            outputs,
             domain=ops.DOMAIN,
             K=k,
             N=n,
@@ -128,9 +159,10 @@ def block_matmul(bits: int, act_bits: int) -> Callable[[np.ndarray, int], onnx.M
             block_size=32,
             symmetric=1,
             act_bits=act_bits,
+            **out_attrs,
         )
         inits = [numpy_helper.from_array(q.codes, "W_codes"), numpy_helper.from_array(q.scales, "W_scales")]
-        return _model([node], inits, m, k, n, [(ops.DOMAIN, ops.DOMAIN_VERSION)])
+        return _model([node], inits, m, k, n, [(ops.DOMAIN, ops.DOMAIN_VERSION)], outputs)
 
     return build
 
@@ -142,6 +174,7 @@ CASES = (
     Case("BCT BlockMatMul 4b b32 act float", block_matmul(4, 0), needs_library=True),
     Case("BCT BlockMatMul 4b b32 act int8", block_matmul(4, 8), needs_library=True),
     Case("BCT BlockMatMul 8b b32 act int8", block_matmul(8, 8), needs_library=True),
+    Case("BCT BlockMatMul 4b b32 act int8, Y int8 codes", block_matmul(4, 8, out_bits=8), needs_library=True),
 )
 
 
@@ -195,6 +228,8 @@ def _stream_read(threads: int, megabytes: int) -> tuple[Callable[[], object], in
 def _parse_shapes(text: str) -> tuple[tuple[int, int, int], ...]:
     if not text:
         return SHAPES
+    if text == "encoder":
+        return ENCODER_SHAPES
     return tuple(tuple(int(v) for v in item.lower().split("x")) for item in text.split(","))  # type: ignore[misc]
 
 
@@ -290,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", default="", help="run only cases whose label contains this text (ORT int8 always runs)"
     )
-    parser.add_argument("--shapes", default="", help="comma-separated MxKxN (default: the shapes above)")
+    parser.add_argument(
+        "--shapes", default="", help='comma-separated MxKxN, or "encoder" (default: the shapes above)'
+    )
     parser.add_argument(
         "--gemv-rows", default="1,4,8", help="rows of the bandwidth chains, comma-separated ('' skips them)"
     )

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 
 #include "bct/nonlinear_math.h"
@@ -260,10 +261,35 @@ bool RegionFinite(const float* Y, int64_t N, int64_t r0, int64_t r1, int64_t c0,
 
 }  // namespace
 
+namespace {
+
+// Rows a task of the row-chunked integer prefill takes (all tiles): at most 32, at least 16 so that
+// the prefill kernels run, and about 8 tasks for the pool otherwise; 0 when the shape does not take
+// that path (decode, float mode, the scalar path, or too few rows for two tasks).
+int64_t SinkRowsPerTask(const PackedWeights& p, int64_t M) {
+  if (p.shape.act_bits == 0 || cpu::Kernels(p.isa).matmul_tiles == nullptr || M < 32) return 0;
+  const int64_t eighth = (M + 7) / 8;
+  return std::min<int64_t>(32, std::max<int64_t>(16, (eighth + 3) / 4 * 4));
+}
+
+}  // namespace
+
 bool Compute(const PackedWeights& p, const float* A, int64_t M, const float* bias, float* Y,
-             const ParallelFor& parallel_for, const ActivationCodes* act_codes) {
+             const ParallelFor& parallel_for, const ActivationCodes* act_codes, const RowSink* sink) {
   const Shape& s = p.shape;
   if (M <= 0 || s.N <= 0) return true;
+  const int64_t sink_rows = sink != nullptr ? SinkRowsPerTask(p, M) : 0;
+  if (sink != nullptr && sink_rows == 0) {  // the product as usual, then the sink over row chunks
+    std::vector<float> product(static_cast<size_t>(M * s.N));
+    const bool finite = Compute(p, A, M, bias, product.data(), parallel_for, act_codes);
+    const int64_t rows_per_task = std::max<int64_t>(1, 8192 / s.N);
+    parallel_for(static_cast<std::size_t>((M + rows_per_task - 1) / rows_per_task), [&](std::size_t task) {
+      const int64_t r0 = static_cast<int64_t>(task) * rows_per_task, r1 = std::min(M, r0 + rows_per_task);
+      float* rows = product.data() + r0 * s.N;
+      (*sink)(r0, r1, rows, finite || RegionFinite(rows, s.N, 0, r1 - r0, 0, s.N));
+    });
+    return finite;
+  }
   std::atomic<bool> finite{true};
   const bool quantized = s.act_bits > 0;
   detail::ActRows act;
@@ -281,9 +307,10 @@ bool Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
       if (act_codes != nullptr) return detail::UnpackRows(p, *act_codes, r0, r1, &act);
       QuantizeActivations(p, A, r0, r1, &act);
     };
-    if (tasks > 1) {
+    // Row-chunked prefill (sink_rows > 0) quantizes each task's rows in the task itself, below.
+    if (sink_rows == 0 && tasks > 1) {
       parallel_for(static_cast<std::size_t>(tasks), quantize);
-    } else {
+    } else if (sink_rows == 0) {
       quantize(0);
     }
   }
@@ -313,6 +340,31 @@ bool Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
       }
     }
     a_padded = padded.data();
+  }
+
+  if (sink_rows > 0) {
+    const int64_t tasks = (M + sink_rows - 1) / sink_rows;
+    parallel_for(static_cast<std::size_t>(tasks), [&](std::size_t task) {
+      const int64_t r0 = static_cast<int64_t>(task) * sink_rows, r1 = std::min(M, r0 + sink_rows);
+      if (act_codes != nullptr) {
+        detail::UnpackRows(p, *act_codes, r0, r1, &act);
+      } else {
+        QuantizeActivations(p, A, r0, r1, &act);
+      }
+      thread_local std::vector<float> scratch;
+      scratch.resize(static_cast<size_t>(sink_rows * s.N));
+      // The kernels address row r of Y at Y + r * N: an address r0 rows before the scratch puts row r0
+      // at its start (integer arithmetic: no pointer outside the buffer is formed and dereferenced).
+      float* y = reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(scratch.data()) -
+                                          static_cast<uintptr_t>(r0 * s.N) * sizeof(float));
+      for (int64_t t0 = 0; t0 < p.num_tiles; t0 += 4) {  // 4-tile panels: each read from L1 for all rows
+        tiles(p, &act, a_padded, r0, r1, t0, std::min(p.num_tiles, t0 + 4), bias, y);
+      }
+      const bool rows_finite = RegionFinite(scratch.data(), s.N, 0, r1 - r0, 0, s.N);
+      if (!rows_finite) finite.store(false, std::memory_order_relaxed);
+      (*sink)(r0, r1, scratch.data(), rows_finite);
+    });
+    return finite.load();
   }
 
   // Tasks: row chunks times tile chunks, many more tasks than threads so that ONNX Runtime's pool

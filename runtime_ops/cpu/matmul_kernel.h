@@ -186,13 +186,22 @@ struct ActivationCodes {
   const float* scales = nullptr;   // [M, num_blocks]
 };
 
+// Takes finished rows [row_begin, row_end) of Y (rows: their values, row stride N, writable scratch
+// the sink may overwrite) on the thread that computed them; finite is false when one of them is not.
+using RowSink = std::function<void(int64_t row_begin, int64_t row_end, float* rows, bool finite)>;
+
 // Y[M, N] = A[M, K] x W'^T (+ bias[N] when bias != nullptr). A and Y are dense row-major.
 // With act_codes (integer mode only), A is not read: the rows' codes and scales are used directly,
 // giving the same Y as A whose quantization they are.
 // Returns true when every output is finite (each task checks the part of Y it wrote while it is still
 // in cache), so that the caller looks for overflowed rows only when there are some.
+// With a sink, Y must be nullptr: every row of Y is handed to the sink once instead (in chunks, in any
+// order, possibly concurrently). Integer prefill then computes whole rows per task into a per-thread
+// buffer and hands them over while they are in cache, so a product that is requantized is never
+// written to and read back from memory.
 bool Compute(const PackedWeights& packed, const float* A, int64_t M, const float* bias, float* Y,
-             const ParallelFor& parallel_for, const ActivationCodes* act_codes = nullptr);
+             const ParallelFor& parallel_for, const ActivationCodes* act_codes = nullptr,
+             const RowSink* sink = nullptr);
 
 // Internal entry points of the instruction-set specific files (see matmul_kernel.cc).
 namespace detail {

@@ -120,7 +120,7 @@ struct IntPrefillBody {
   const float* bias;
   float* Y;
   template <int R>
-  void Run(int64_t r) const { IntTilesAnyGroups<R, T, kNibble, kZp>(p, codes, act, r, tile0, bias, Y); }
+  void Run(int64_t r) const { IntTilesAnyGroups<R, T, kNibble, kZp, false>(p, codes, act, r, tile0, bias, Y); }
 };
 
 template <int T>

@@ -210,20 +210,12 @@ class MatMulCpuKernel {
         x = dequantized.get();
       }
       // P, the product (bias included): straight into Y when Y is float with N columns, else into a
-      // buffer from which the epilogue and the requantization read.
+      // buffer from which the epilogue reads; when Y is quantized, rows of P go from the kernel (still
+      // in cache) to the epilogue and the requantization.
       const Epilogue epilogue = attrs_.epilogue;
       const int64_t width = attrs_.out_width();
-      const bool product_in_y = !r.quantized && width == N;
-      std::unique_ptr<float[]> buffer(product_in_y ? nullptr : new float[static_cast<size_t>(rows * N)]);
-      float* p = product_in_y ? r.y : buffer.get();
-      const bool finite = matmul::Compute(*packed, x, rows, call.bias.present ? call.bias.As<float>() : nullptr, p,
-                                          parallel_for, use_codes ? &own : nullptr);
-      if (!finite) {
-        RecomputeOverflowedRows(*packed, x, use_codes ? &own : nullptr, rows, K, N, attrs_.num_blocks(),
-                                use_codes ? row_bytes(K, attrs_.act_bits) : 0,
-                                call.bias.present ? call.bias.As<float>() : nullptr, p);
-      }
-      if (!r.quantized && epilogue == Epilogue::kNone) return;
+      const float* bias = call.bias.present ? call.bias.As<float>() : nullptr;
+      const int64_t act_row_bytes = use_codes ? row_bytes(K, attrs_.act_bits) : 0;
       cpu::RowFormat out_fmt;
       if (r.quantized) {
         out_fmt = nonlinear::ResultRowFormat<cpu::RowFormat>(attrs_.out, r);
@@ -231,27 +223,54 @@ class MatMulCpuKernel {
       }
       const cpu::MutablePackedRows sink(out_fmt, r.codes, r.scales, r.zero_points);
       const cpu::KernelTable& kernels = cpu::Kernels(isa_);
-      // Rows in groups: epilogue into Y (float) or a group buffer, then one QuantizeRange per group.
+      // Product rows [begin, end) at rows_p (row stride N): epilogue into Y (float) or into the rows
+      // themselves (GELU in place) or a group buffer (SiLU gating halves the width and reads both
+      // halves), then one QuantizeRange per group of rows.
       const int64_t group = std::max<int64_t>(1, std::min<int64_t>(64, 4096 / width));
-      ParallelFor(ctx, rows, std::max<int64_t>(1, 8192 / N), [&](int64_t begin, int64_t end) {
-        // Quantized Y: the epilogue writes into the product buffer itself when the widths agree (GELU in
-        // place), else into a group buffer (SiLU gating halves the width and reads both halves).
+      auto finish_rows = [&](int64_t begin, int64_t end, float* rows_p) {
         const bool in_place = width == N;
         std::vector<float> staged(r.quantized && epilogue != Epilogue::kNone && !in_place
                                       ? static_cast<size_t>(group * width)
                                       : 0);
         for (int64_t row0 = begin; row0 < end; row0 += group) {
           const int64_t count = std::min(group, end - row0);
-          const float* rows_p = p + row0 * N;
-          const float* y = rows_p;
+          float* group_p = rows_p + (row0 - begin) * N;
+          const float* y = group_p;
           if (epilogue != Epilogue::kNone) {
-            float* out = !r.quantized ? r.y + row0 * width : in_place ? p + row0 * N : staged.data();
-            cpu::ApplyEpilogueRows(kernels, epilogue, rows_p, count, N, out);
+            float* out = !r.quantized ? r.y + row0 * width : in_place ? group_p : staged.data();
+            cpu::ApplyEpilogueRows(kernels, epilogue, group_p, count, N, out);
             y = out;
           }
           if (r.quantized) sink.QuantizeRange(y, row0, count);
         }
-      });
+      };
+      if (r.quantized) {
+        const matmul::RowSink rows_done = [&](int64_t begin, int64_t end, float* rows_p, bool finite) {
+          if (!finite) {
+            matmul::ActivationCodes own_rows;
+            if (use_codes) {
+              own_rows.codes = own.codes + begin * act_row_bytes;
+              own_rows.scales = own.scales + begin * attrs_.num_blocks();
+            }
+            RecomputeOverflowedRows(*packed, use_codes ? nullptr : x + begin * K, use_codes ? &own_rows : nullptr,
+                                    end - begin, K, N, attrs_.num_blocks(), act_row_bytes, bias, rows_p);
+          }
+          finish_rows(begin, end, rows_p);
+        };
+        matmul::Compute(*packed, x, rows, bias, nullptr, parallel_for, use_codes ? &own : nullptr, &rows_done);
+        return;
+      }
+      const bool product_in_y = width == N;
+      std::unique_ptr<float[]> buffer(product_in_y ? nullptr : new float[static_cast<size_t>(rows * N)]);
+      float* p = product_in_y ? r.y : buffer.get();
+      const bool finite = matmul::Compute(*packed, x, rows, bias, p, parallel_for, use_codes ? &own : nullptr);
+      if (!finite) {
+        RecomputeOverflowedRows(*packed, x, use_codes ? &own : nullptr, rows, K, N, attrs_.num_blocks(), act_row_bytes,
+                                bias, p);
+      }
+      if (epilogue == Epilogue::kNone) return;
+      ParallelFor(ctx, rows, std::max<int64_t>(1, 8192 / N),
+                  [&](int64_t begin, int64_t end) { finish_rows(begin, end, p + begin * N); });
     });
   }
 

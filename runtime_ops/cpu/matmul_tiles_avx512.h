@@ -83,7 +83,9 @@ constexpr int64_t kBytePrefetchBlocks = 4;
 
 // Integer mode: R rows x T tiles of 16 columns, the codes read where `codes` says.
 // kGroups: groups per block when known at compile time (the loop is then unrolled), else 0.
-template <int R, int T, bool kNibble, int kZp, int kGroups>
+// kStreamed: the codes are read once (decode), so the panel's next blocks are prefetched; prefill
+// re-reads a task's tiles for every register block of rows, from cache.
+template <int R, int T, bool kNibble, int kZp, int kGroups, bool kStreamed>
 void IntTiles(const PackedWeights& p, const TileCodes<T>& codes, const ActRows& act, int64_t row0, int64_t tile0,
               const float* bias, float* Y) {
   const int64_t nb = p.num_blocks, bkp = p.block_padded, kp = p.k_padded;
@@ -114,7 +116,7 @@ void IntTiles(const PackedWeights& p, const TileCodes<T>& codes, const ActRows& 
     // is fetched explicitly. One row of nibble codes streams faster without (the prefetches only add
     // work); one row of byte codes (5..8 bits: a panel block is twice as long) streams about twice as
     // fast with them, fetched kBytePrefetchBlocks ahead (the tied 5-bit output table of a decoder).
-    if constexpr (!kNibble || R > 1) {
+    if constexpr (kStreamed && (!kNibble || R > 1)) {
       constexpr int64_t kAhead = kNibble ? kPrefetchBlocks : kBytePrefetchBlocks;
       if (b + kAhead < nb) {
         const char* ahead = reinterpret_cast<const char*>(codes.codes[0] + (b + kAhead) * codes.code_stride[0]);
@@ -184,18 +186,18 @@ void IntTiles(const PackedWeights& p, const TileCodes<T>& codes, const ActRows& 
 }
 
 // IntTiles with the group count of this weight's blocks as a compile-time constant when common.
-template <int R, int T, bool kNibble, int kZp>
+template <int R, int T, bool kNibble, int kZp, bool kStreamed = true>
 void IntTilesAnyGroups(const PackedWeights& p, const TileCodes<T>& codes, const ActRows& act, int64_t row0,
                        int64_t tile0, const float* bias, float* Y) {
   switch (kNibble ? p.block_padded / 8 : p.block_padded / 4) {
     case 4:
-      return IntTiles<R, T, kNibble, kZp, 4>(p, codes, act, row0, tile0, bias, Y);
+      return IntTiles<R, T, kNibble, kZp, 4, kStreamed>(p, codes, act, row0, tile0, bias, Y);
     case 8:
-      return IntTiles<R, T, kNibble, kZp, 8>(p, codes, act, row0, tile0, bias, Y);
+      return IntTiles<R, T, kNibble, kZp, 8, kStreamed>(p, codes, act, row0, tile0, bias, Y);
     case 16:
-      return IntTiles<R, T, kNibble, kZp, 16>(p, codes, act, row0, tile0, bias, Y);
+      return IntTiles<R, T, kNibble, kZp, 16, kStreamed>(p, codes, act, row0, tile0, bias, Y);
     default:
-      return IntTiles<R, T, kNibble, kZp, 0>(p, codes, act, row0, tile0, bias, Y);
+      return IntTiles<R, T, kNibble, kZp, 0, kStreamed>(p, codes, act, row0, tile0, bias, Y);
   }
 }
 

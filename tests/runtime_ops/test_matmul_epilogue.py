@@ -184,3 +184,70 @@ def test_epilogue_reads_quantized_operand_and_reports_bad_attributes() -> None:
     spec = block_matmul_epilogue(qa, w_codes, w_scales, None, epilogue="gelu", k=k, bits=4, block_size=32,
                                  symmetric=True, act_bits=8)  # fmt: skip
     np.testing.assert_allclose(y, spec, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("epilogue", ["none", "gelu", "silu_gate"])
+@pytest.mark.parametrize("out", ["own", "asym16", "pow2"])
+@pytest.mark.parametrize("rows", [40, 69])
+def test_prefill_rows_requantized_in_chunks_equal_the_requantized_product(
+    isa: str, epilogue: str, out: str, rows: int, force_isa: Any
+) -> None:
+    """Prefill with quantized Y (integer mode): rows of the product go from the kernel to the epilogue
+    and the requantization in chunks of rows (69: a partial last chunk), never through a full product
+    buffer. Bit for bit the spec applied to the float product of an unfused node, with A given as float
+    and as codes of the kernel's own format, and one row whose partial sums overflow float32 (recomputed
+    inside its chunk)."""
+    force_isa(isa)
+    rng = np.random.default_rng(rows)
+    k, n = 96, 80
+    w_codes, w_scales = _weight(rng, n, k)
+    bias = (rng.standard_normal(n) * 0.5).astype(np.float32)
+    fmt = OUT_FORMATS[out]
+    own = BlockFormat(8, 32, True, ScaleKind.FLOAT32)
+    outputs = ["Y", "Y_scales"] + ([] if fmt.symmetric else ["Y_zero_points"])
+    extra = {} if epilogue == "none" else {"epilogue": epilogue}
+    in_attrs = {"in_bits": 8, "in_block_size": 32, "in_symmetric": 1}
+    nodes = [
+        _node("unfused", "A", "W", n, k, 8, ["P"], bias="bias"),
+        _node("fused", "A", "W", n, k, 8, outputs, bias="bias", **extra, **_out_attrs(fmt)),
+        helper.make_node(
+            BLOCK_MATMUL, ["Aq", "W_codes", "W_scales", "", "bias", "Aq_scales"], [f"q{o}" for o in outputs],
+            domain=DOMAIN, name="fused_codes", K=k, N=n, bits=4, block_size=32, symmetric=1, act_bits=8,
+            **extra, **_out_attrs(fmt), **in_attrs,
+        ),
+    ]  # fmt: skip
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("A", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("Aq", TensorProto.UINT8, None),
+            helper.make_tensor_value_info("Aq_scales", TensorProto.FLOAT, None),
+        ],
+        [
+            helper.make_value_info(name, helper.TypeProto())
+            for name in ["P", *outputs, *(f"q{o}" for o in outputs)]
+        ],
+        initializer=[
+            numpy_helper.from_array(w_codes, "W_codes"),
+            numpy_helper.from_array(w_scales, "W_scales"),
+            numpy_helper.from_array(bias, "bias"),
+        ],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)], ir_version=9
+    )
+    sess = bct_onnx.session(model.SerializeToString())
+    a = (rng.standard_normal((rows, k)) * 2).astype(np.float32)
+    a[rows - 3] *= np.float32(2.0**121)  # |Y| ~1e36 but the unscaled integer-dot sums overflow
+    aq = quantize(a, own)
+    p, *results = sess.run(None, {"A": a, "Aq": aq.codes, "Aq_scales": aq.scales})
+    assert np.isfinite(p).all()
+    want = nl.store_result(p if epilogue == "none" else matmul_epilogue(p, epilogue), fmt)
+    half = len(outputs)
+    for label, got in (("float A", results[:half]), ("codes A", results[half:])):
+        assert_bits_equal(got[0], want.codes, f"{label}: codes")  # each output on its own
+        assert_bits_equal(got[1], want.scales, f"{label}: scales")
+        if not fmt.symmetric:
+            assert_bits_equal(got[2], want.zero_points, f"{label}: zero points")
