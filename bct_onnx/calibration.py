@@ -85,6 +85,10 @@ SAMPLE_WORDS = 256
 # activations) weigh on its Hessians (docs/results.md, "Calibration text and Hessians": rows of 128,
 # 512, 1024 and 2048 compared on two texts).
 SHIPPED_MAX_TOKENS = 1024
+# Tokens of packed rows per calibration batch: the Hessians are sums over rows, so the batching changes
+# nothing but float32 rounding, while a decoder's attention scores (rows x heads x length^2 floats, 36 MiB
+# a row of 1024 tokens for SmolLM2's 9 heads, several alive at once) grow with the rows of a run.
+PACKED_BATCH_TOKENS = 1024
 
 
 def calibration_texts(source: str = "auto") -> tuple[list[str], int, str]:
@@ -153,9 +157,10 @@ def text_feeds(
     if getattr(tokenizer, "pad_token", "") is None:
         # Decoder tokenizers often have no pad token (SmolLM2, GPT-2): the texts are packed into
         # sequences of equal length instead, so no pad rows enter the Hessians (packed_token_ids).
+        rows_per_batch = min(batch_size, max(1, PACKED_BATCH_TOKENS // max_length))
         encodings = [
             {"input_ids": rows, "attention_mask": np.ones_like(rows)}
-            for rows in packed_token_ids(tokenizer, texts, max_length, batch_size)
+            for rows in packed_token_ids(tokenizer, texts, max_length, rows_per_batch)
         ]
     else:
         encodings = [
@@ -274,7 +279,7 @@ def model_session(model: ir.Model, providers: Iterable[str] = ("CPUExecutionProv
         return runtime.session(path, list(providers), with_library=with_library, quiet=True)
 
 
-# A calibration session holds at most about this many bytes of weights, or the largest weight when
+# A calibration session holds at most about this many bytes of weights, or one node's weights when
 # that is larger: the float model runs in segments (consecutive nodes in topological order).
 SEGMENT_BYTES = 64 << 20
 
@@ -342,8 +347,8 @@ def collect_hessians(
     """Sum of x^T x over all calibration rows x of each constant-weight MatMul's activation input.
 
     The model is saved once to a temporary file with external data and run segment by segment:
-    consecutive nodes (topological order) holding at most ``segment_bytes`` of weights (or the
-    largest weight) form one ONNX Runtime session, run on every calibration batch; the values
+    consecutive nodes (topological order) holding at most ``segment_bytes`` of weights (or one node's
+    weights when they are more) form one ONNX Runtime session, run on every calibration batch; the values
     crossing into later segments are kept (for all batches) until their last reader has run, and
     the Hessians of the segment's MatMuls are finished and written to disk before the next segment
     loads. So memory holds one segment's weights, its Hessians and the activations between
@@ -403,17 +408,35 @@ def _topological_order(graph: onnx.GraphProto) -> list[int]:
     return order
 
 
-def _segments(graph: onnx.GraphProto, segment_bytes: int) -> list[list[int]]:
-    """Node indices cut into runs of consecutive nodes (topological order) of bounded weight bytes."""
+def _needed_nodes(graph: onnx.GraphProto, order: list[int], wanted: set[str]) -> list[int]:
+    """The nodes of order (topological) that the values in wanted depend on, in that order.
+
+    ONNX Runtime runs every node of a session, also those whose outputs nobody reads: a decoder's
+    output projection (49152 x 576 for SmolLM2, a sixth of the forward's FLOPs and a logits tensor
+    of 0.2 GB per 1024 tokens) would run for nothing, since no Hessian needs the logits.
+    """
+    needed_values = set(wanted)
+    kept = []
+    for i in reversed(order):
+        reads, writes = _node_names(graph.node[i])
+        if any(name in needed_values for name in writes):
+            kept.append(i)
+            needed_values.update(reads)
+    return kept[::-1]
+
+
+def _segments(graph: onnx.GraphProto, segment_bytes: int, wanted: set[str]) -> list[list[int]]:
+    """The nodes the values in wanted depend on, cut into runs of consecutive nodes (topological
+    order) holding at most segment_bytes of weights, or one node's weights when they are more."""
     sizes = {tensor.name: _tensor_bytes(tensor) for tensor in graph.initializer}
     if _has_subgraphs(graph):  # subgraphs read outer values implicitly: run the model whole
         return [_topological_order(graph)]
-    budget = max([segment_bytes, *sizes.values()])
     segments: list[list[int]] = [[]]
     held: set[str] = set()
-    for i in _topological_order(graph):
+    for i in _needed_nodes(graph, _topological_order(graph), wanted):
         weights = {name for name in _node_names(graph.node[i])[0] if name in sizes} - held
-        if segments[-1] and sum(sizes[name] for name in held | weights) > budget:
+        # A node whose own weights are more than segment_bytes (an embedding table) gets a segment of its own.
+        if segments[-1] and sum(sizes[name] for name in held | weights) > segment_bytes:
             segments.append([])
             held = set()
         segments[-1].append(i)
@@ -443,27 +466,33 @@ def _run_segments(
     from bct_onnx.gptq import blas_controller
 
     graph = proto.graph
-    segments = _segments(graph, segment_bytes)
     wanted = {act for act, _ in targets}
+    segments = _segments(graph, segment_bytes, wanted)
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     graph_inputs = {value.name for value in graph.input} - initializers.keys()
     # The last segment that reads each value: a kept value is dropped after it.
     last_reader: dict[str, int] = {}
-    targets_in: list[set[str]] = []
+    # The activations whose Hessians each segment finishes: those it computes (graph inputs: the first).
+    targets_in: list[set[str]] = [set() for _ in segments]
+    targets_in[0] = wanted & graph_inputs
     for index, segment in enumerate(segments):
-        acts = set()
         for i in segment:
-            node = graph.node[i]
-            for name in _node_names(node)[0]:
+            reads, writes = _node_names(graph.node[i])
+            for name in reads:
                 last_reader[name] = index
-            if node.op_type == "MatMul" and len(node.input) == 2 and node.input[0] in wanted:
-                acts.add(node.input[0])
-        targets_in.append(acts)
+            targets_in[index].update(wanted.intersection(writes))
     last_segment = max((i for i, acts in enumerate(targets_in) if acts), default=-1)
     options = ort.SessionOptions()
     # Calibration batches are short: spinning worker threads would burn CPU waiting for work.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.enable_cpu_mem_arena = False  # its blocks outlive the session in the heap: RSS grew per segment
+    # The arena reuses a run's large intermediates (a decoder's attention scores) from node to node and
+    # from batch to batch; without it each is a fresh mmap whose pages the kernel zeroes on first touch
+    # (SmolLM2 on 7k tokens: about a third more CPU time, most of it in the kernel). Its blocks are freed
+    # with the session; release_freed_memory hands them back to the OS after each segment.
+    options.enable_cpu_mem_arena = True
+    # No memory pattern (one block planned for all of a run's intermediates): the arena alone reuses
+    # them, and a segment's peak is about a sixth lower (SmolLM2: 0.58 against 0.70 GB).
+    options.enable_mem_pattern = False
     with_library = any(node.domain == ops.DOMAIN for node in graph.node)
     kept: dict[str, list[np.ndarray]] = {}  # value name -> one array per batch
     feeds = [dict(batch) for batch in calibration.feeds]
@@ -489,9 +518,11 @@ def _run_segments(
                 except Exception as exc:  # onnxruntime raises its own exception types
                     raise CalibrationError(f"running the float model on calibration inputs failed: {exc}") from exc
                 for name in acts:
-                    sums.add(name, values[name] if name in values else run_feeds[name])
+                    sums.add(name, values[name] if name in values else batch[name])
                 for name in later:
-                    kept.setdefault(name, []).append(values[name])
+                    # A copy: ONNX Runtime's outputs may live in the session's arena and would keep all of
+                    # it (hundreds of MB for a decoder's segment) after the session is gone.
+                    kept.setdefault(name, []).append(np.array(values[name], copy=True))
                 del values, run_feeds
             del session
             for name, hessian in sums.finished():

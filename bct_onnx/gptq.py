@@ -21,7 +21,9 @@ beforehand (gptq_quantize).
 from __future__ import annotations
 
 import functools
+import os
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
@@ -44,6 +46,12 @@ from bct_onnx.weight_quantizer import search_scales
 _LAZY_BATCH = 128
 # Bytes of the float64 working copy of weight rows walked at once.
 _CHUNK_BYTES = 1 << 25
+# Threads walking chunks of rows at once. Rows are independent, so the codes do not depend on it; the
+# walk's numpy calls on a column of a few hundred rows or more release the GIL, and BLAS runs on one
+# thread per call (blas_controller), so two threads use both cores of a small machine.
+GPTQ_THREADS = min(2, os.cpu_count() or 1)
+# Fewer rows than this per thread: one thread (a column's numpy calls would be mostly interpreter time).
+_MIN_THREAD_ROWS = 256
 
 
 @functools.cache
@@ -223,28 +231,39 @@ def gptq_quantize(
     # chunk's codes are packed before the next one (unpacked codes of the whole weight, and
     # pack_codes' bit planes of them, would take 10x the packed bytes).
     rows = max(1, _CHUNK_BYTES // (8 * k))
+    if n >= 2 * _MIN_THREAD_ROWS:  # one chunk per thread at least: the threads share the rows
+        rows = min(rows, -(-n // GPTQ_THREADS))
+
+    def quantize_rows(r: int) -> None:
+        # K-major: a column of the weight (one input channel over the chunk's rows) is contiguous.
+        w_t = np.array(weight[r : r + rows].T, dtype=np.float64, order="C")
+        if not keep_dead_inputs:
+            w_t[dead] = 0.0
+        chunk_scales = scales[r : r + rows]
+        chunk_zero_points = None if zero_points is None else zero_points[r : r + rows]
+        if order is None:
+            rounders: _Rounders = _ScalesWhenReached(
+                fmt, scale_search, chunk_scales, chunk_zero_points, factor,
+                _obs_weights(hinv) if weighted_scales and not keep_dead_inputs else None,
+            )
+        else:
+            rounders = _StaticScales(w_t, order, fmt, scale_search, chunk_scales, chunk_zero_points, factor)
+            w_t = w_t[order]
+        codes_t = np.empty(w_t.shape, dtype=np.uint8)
+        _gptq_walk(w_t, hinv, fmt, rounders, codes_t)
+        if order is not None:
+            codes_t[order] = codes_t.copy()  # back to the weight's channel order
+        codes[r : r + rows] = pack_codes(codes_t.T, fmt.bits)
+
     with blas_controller().limit(limits=1, user_api="blas"):
         hinv, dead = _LAST_FACTOR.get(hessian, damping, order)
-        for r in range(0, n, rows):
-            # K-major: a column of the weight (one input channel over the chunk's rows) is contiguous.
-            w_t = np.array(weight[r : r + rows].T, dtype=np.float64, order="C")
-            if not keep_dead_inputs:
-                w_t[dead] = 0.0
-            chunk_scales = scales[r : r + rows]
-            chunk_zero_points = None if zero_points is None else zero_points[r : r + rows]
-            if order is None:
-                rounders: _Rounders = _ScalesWhenReached(
-                    fmt, scale_search, chunk_scales, chunk_zero_points, factor,
-                    _obs_weights(hinv) if weighted_scales and not keep_dead_inputs else None,
-                )
-            else:
-                rounders = _StaticScales(w_t, order, fmt, scale_search, chunk_scales, chunk_zero_points, factor)
-                w_t = w_t[order]
-            codes_t = np.empty(w_t.shape, dtype=np.uint8)
-            _gptq_walk(w_t, hinv, fmt, rounders, codes_t)
-            if order is not None:
-                codes_t[order] = codes_t.copy()  # back to the weight's channel order
-            codes[r : r + rows] = pack_codes(codes_t.T, fmt.bits)
+        starts = range(0, n, rows)
+        if GPTQ_THREADS > 1 and len(starts) > 1:
+            with ThreadPoolExecutor(min(GPTQ_THREADS, len(starts))) as pool:
+                list(pool.map(quantize_rows, starts))  # list(): re-raise a chunk's exception here
+        else:
+            for r in starts:
+                quantize_rows(r)
     return QuantizedTensor(codes, scales, zero_points, k, fmt, factor)
 
 

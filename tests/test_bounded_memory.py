@@ -91,7 +91,7 @@ def test_segmented_hessians_equal_the_whole_model_run(tmp_path, monkeypatch):
     whole = collect_hessians(model, calib, segment_bytes=1 << 40)
     assert len(opened) == 1
     opened.clear()
-    parts = collect_hessians(model, calib, segment_bytes=0)  # each segment: the largest weight's bytes
+    parts = collect_hessians(model, calib, segment_bytes=0)  # each segment: one node with weights (and the nodes without)
     assert len(opened) > TINY.layers  # several sessions: the model never ran whole
     assert set(parts) == set(whole) and len(whole) == 7 * TINY.layers + 1  # every MatMul weight
     for key in whole:

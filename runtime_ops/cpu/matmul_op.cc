@@ -150,6 +150,14 @@ class MatMulCpuKernel {
       std::vector<float>().swap(widened_scales_.values);
       widened_scales_.view.data = nullptr;
     }
+    if (packed_ != nullptr) {  // constant weights: each call validates these views, not the inputs
+      constant_weights_ = {coded_ ? coded_view_ : ConstantInput(kernel_info, kCodes),
+                           scales_widened_ ? widened_scales_.view : scales,
+                           zero_points_packed_ ? unpacked_zero_points_.view : zero_points};
+      for (InputTensor* view : {&constant_weights_.codes, &constant_weights_.scales, &constant_weights_.zero_points}) {
+        view->data = nullptr;  // packed_ is what the kernel reads
+      }
+    }
   }
 
   static bool InputOnHost(size_t) { return false; }
@@ -157,9 +165,16 @@ class MatMulCpuKernel {
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(node_, [&] {
       Ort::KernelContext ctx(context);
-      const MatMulCall call = PrepareCall(ctx, node_, attrs_, coded_ ? &coded_view_ : nullptr,
-                                          zero_points_packed_ ? &unpacked_zero_points_.view : nullptr,
-                                          scales_widened_ ? &widened_scales_.view : nullptr);
+      // Constant weights were validated and packed at creation: a decoder step makes hundreds of calls,
+      // so their inputs are not fetched through the C API again (the views keep their dtype and shape).
+      const bool constant = packed_ != nullptr;
+      const InputTensor* codes_view = constant ? &constant_weights_.codes : coded_ ? &coded_view_ : nullptr;
+      const InputTensor* zero_points_view = constant              ? &constant_weights_.zero_points
+                                            : zero_points_packed_ ? &unpacked_zero_points_.view
+                                                                  : nullptr;
+      const InputTensor* scales_view =
+          constant ? &constant_weights_.scales : scales_widened_ ? &widened_scales_.view : nullptr;
+      const MatMulCall call = PrepareCall(ctx, node_, attrs_, codes_view, zero_points_view, scales_view);
       const Activation& a = call.a;
       const nonlinear::Result& r = call.r;
       const int64_t rows = a.rows;
@@ -281,6 +296,9 @@ class MatMulCpuKernel {
   UnpackedZeroPoints unpacked_zero_points_;
   bool scales_widened_ = false;  // W_scales float8e4m3 with a scale_factor: widened at creation
   WidenedScales widened_scales_;
+  struct {
+    InputTensor codes, scales, zero_points;
+  } constant_weights_;  // with packed_: the weight inputs' dtype and shape (no data), for each call's checks
 };
 
 }  // namespace

@@ -18,7 +18,14 @@ from bct_onnx.block_format import (
     pad_to_blocks,
     unpack_codes,
 )
-from bct_onnx.calibration import TEXT_DAMPING, Calibration, CalibrationError, collect_hessians, text_feeds
+from bct_onnx.calibration import (
+    PACKED_BATCH_TOKENS,
+    TEXT_DAMPING,
+    Calibration,
+    CalibrationError,
+    collect_hessians,
+    text_feeds,
+)
 from bct_onnx.config import CompressConfig
 from bct_onnx.gptq import gptq_quantize, inverse_hessian_factor
 from bct_onnx.weight_quantizer import quantize_tensor, search_scales
@@ -180,14 +187,18 @@ def test_weighted_scale_search_lowers_the_output_error_on_held_out_rows():
     assert errors[1] < 0.97 * errors[0], errors
 
 
-def test_gptq_in_row_chunks_gives_the_same_result(monkeypatch):
-    """Rows are walked in chunks to bound memory; 5-row chunks of 23 rows change nothing."""
-    rng = np.random.default_rng(12)
-    k, n = 96, 23
+def _rows_case(seed: int, k: int = 96, n: int = 23) -> tuple[np.ndarray, np.ndarray, BlockFormat]:
+    """A weight [n, k], the Hessian of correlated inputs and an asymmetric 4-bit format."""
+    rng = np.random.default_rng(seed)
     x = _correlated_inputs(rng, 256, k)
     w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
-    hessian = x.T.astype(np.float64) @ x
-    fmt = BlockFormat(4, 32, False)
+    return w, x.T.astype(np.float64) @ x, BlockFormat(4, 32, False)
+
+
+def test_gptq_in_row_chunks_gives_the_same_result(monkeypatch):
+    """Rows are walked in chunks to bound memory; 5-row chunks of 23 rows change nothing."""
+    w, hessian, fmt = _rows_case(12)
+    k = w.shape[1]
     for act_order in (False, True):
         whole = gptq_quantize(w, hessian, fmt, act_order=act_order)
         with monkeypatch.context() as patch:
@@ -196,6 +207,30 @@ def test_gptq_in_row_chunks_gives_the_same_result(monkeypatch):
         np.testing.assert_array_equal(chunked.codes, whole.codes)
         np.testing.assert_array_equal(chunked.scales, whole.scales)
         np.testing.assert_array_equal(chunked.zero_points, whole.zero_points)
+
+
+def test_gptq_on_threads_gives_the_codes_of_one_thread(monkeypatch):
+    """Chunks of rows walked on several threads at once (sharing one inverse-Hessian factor) give the
+    codes, scales and zero points of one thread."""
+    import threading
+
+    w, hessian, fmt = _rows_case(13)
+    monkeypatch.setattr(gptq, "GPTQ_THREADS", 1)
+    one = gptq_quantize(w, hessian, fmt)
+    together = threading.Barrier(3, timeout=30)  # broken unless the 3 chunks are walked at the same time
+    walk = gptq._gptq_walk
+
+    def walk_together(*args):
+        together.wait()
+        walk(*args)
+
+    monkeypatch.setattr(gptq, "_gptq_walk", walk_together)
+    monkeypatch.setattr(gptq, "GPTQ_THREADS", 3)
+    monkeypatch.setattr(gptq, "_MIN_THREAD_ROWS", 4)  # 3 chunks of 8, 8 and 7 rows
+    threaded = gptq_quantize(w, hessian, fmt)
+    np.testing.assert_array_equal(threaded.codes, one.codes)
+    np.testing.assert_array_equal(threaded.scales, one.scales)
+    np.testing.assert_array_equal(threaded.zero_points, one.zero_points)
 
 
 def test_inverse_hessian_factor_is_the_cholesky_factor_of_the_inverse():
@@ -269,6 +304,31 @@ def test_hessians_are_sums_of_x_transpose_x():
     assert hessians[("r", "w2")].shape == (96, 96)
 
 
+def test_calibration_runs_only_the_nodes_its_hessians_need(monkeypatch):
+    """ONNX Runtime would run a node nobody reads (a decoder's output projection): it is left out of the
+    calibration sessions, and the Hessian of its input is still measured."""
+    import onnx
+
+    from bct_onnx import calibration
+
+    rng = np.random.default_rng(2)
+    model = _mlp(rng)
+    run_nodes = []
+    session = calibration.runtime.session
+
+    def recording_session(path, *args, **kwargs):
+        run_nodes.extend(node.output[0] for node in onnx.load(path, load_external_data=False).graph.node)
+        return session(path, *args, **kwargs)
+
+    monkeypatch.setattr(calibration.runtime, "session", recording_session)
+    batch = rng.standard_normal((8, 64)).astype(np.float32)
+    hessians = collect_hessians(model, Calibration(({"x": batch},)))
+    assert sorted(run_nodes) == ["h", "r"]  # not y = MatMul(r, w2)
+    relu = np.maximum(batch @ model.graph.initializers["w1"].const_value.numpy(), 0).astype(np.float64)
+    expected = relu.T @ relu
+    np.testing.assert_allclose(hessians[("r", "w2")], expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
 def test_quantize_matmul_pass_takes_hessians_and_runs_no_inference(monkeypatch):
     """The pipeline measures the Hessians; the pass only uses the ones it is handed."""
     from bct_onnx.passes import QuantizeMatMulPass
@@ -337,6 +397,11 @@ def test_text_feeds_without_pad_token_packs_texts_into_equal_sequences():
     # Each text keeps at most max_length tokens before packing.
     (only,) = text_feeds(model, _NoPadTokenizer(), texts=["a bb ccc dddd eeeee"], max_length=3).feeds
     assert only["input_ids"].tolist() == [[1, 2, 3]]
+    # Long rows run a few at a time (at most PACKED_BATCH_TOKENS tokens a batch): a batch's attention
+    # scores grow with its rows, its Hessian sums do not care.
+    length = PACKED_BATCH_TOKENS // 2
+    long_rows = text_feeds(model, _NoPadTokenizer(), texts=["word " * length] * 3, max_length=length)
+    assert [batch["input_ids"].shape for batch in long_rows.feeds] == [(2, length), (1, length)]
 
 
 TIED_LM = """<ir_version: 8, opset_import: ["" : 17]>
