@@ -137,18 +137,14 @@ struct FloatPrefillBody {
 
 constexpr int kFloatPrefillRows = 4;  // float mode: from this many rows on, tiles are dequantized once and reused
 constexpr int kIntPrefillRows = kDecodeRows + 1;  // integer mode: from this many rows on (fewer: decode kernels)
-// Register blocks of the integer prefill kernel: nibble codes 4 rows x 4 tiles; byte codes (5..8 bits)
-// 6 rows x 2 tiles, whose 12 integer and 12 float accumulators stay in registers (4 x 4 spills there).
-constexpr int kIntRows = 4;
-constexpr int kIntByteRows = 6;
+constexpr int kIntRows = 4;           // register block of the integer prefill kernel (4 rows x 4 tiles)
 constexpr int kFloatRows = 8;         // register block of the float prefill kernel (8 x 2 tiles)
 
 template <int T, bool kNibble, int kZp>
 void IntPrefill(const PackedWeights& p, const ActRows& act, int64_t row_begin, int64_t row_end, int64_t tile0,
                 const float* bias, float* Y) {
   const TileCodes<T> codes = PackedTileCodes<T>(p, tile0);
-  BalancedRowBlocks<kNibble ? kIntRows : kIntByteRows>(row_begin, row_end,
-                                                       IntPrefillBody<T, kNibble, kZp>{p, codes, act, tile0, bias, Y});
+  BalancedRowBlocks<kIntRows>(row_begin, row_end, IntPrefillBody<T, kNibble, kZp>{p, codes, act, tile0, bias, Y});
 }
 
 template <int T, bool kNibble, int kZp>
@@ -165,7 +161,7 @@ void RunTiles(const PackedWeights& p, const ActRows* act, const float* a_padded,
               int64_t tile_begin, int64_t tile_end, const float* bias, float* Y) {
   int64_t t = tile_begin;
   if (act) {
-    for (; kNibble && t + 4 <= tile_end; t += 4) IntPrefill<4, kNibble, kZp>(p, *act, row_begin, row_end, t, bias, Y);
+    for (; t + 4 <= tile_end; t += 4) IntPrefill<4, kNibble, kZp>(p, *act, row_begin, row_end, t, bias, Y);
     for (; t + 2 <= tile_end; t += 2) IntPrefill<2, kNibble, kZp>(p, *act, row_begin, row_end, t, bias, Y);
     if (t < tile_end) IntPrefill<1, kNibble, kZp>(p, *act, row_begin, row_end, t, bias, Y);
     return;
