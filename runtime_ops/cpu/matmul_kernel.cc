@@ -263,13 +263,13 @@ bool RegionFinite(const float* Y, int64_t N, int64_t r0, int64_t r1, int64_t c0,
 
 namespace {
 
-// Rows a task of the row-chunked integer prefill takes (all tiles): at most 32, at least 16 so that
-// the prefill kernels run, and about 8 tasks for the pool otherwise; 0 when the shape does not take
-// that path (decode, float mode, the scalar path, or too few rows for two tasks).
+// Rows a task of the row-chunked integer prefill takes (all tiles, so each task reads every weight):
+// 32 from 128 rows on (at least 4 tasks), else 16 (more than kDecodeRows, so the prefill kernels
+// run); 0 when the shape does not take that path (decode, float mode, the scalar path, or too few
+// rows for two tasks).
 int64_t SinkRowsPerTask(const PackedWeights& p, int64_t M) {
   if (p.shape.act_bits == 0 || cpu::Kernels(p.isa).matmul_tiles == nullptr || M < 32) return 0;
-  const int64_t eighth = (M + 7) / 8;
-  return std::min<int64_t>(32, std::max<int64_t>(16, (eighth + 3) / 4 * 4));
+  return M >= 128 ? 32 : 16;
 }
 
 }  // namespace

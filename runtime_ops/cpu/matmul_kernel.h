@@ -14,7 +14,8 @@
 //   a_scale * w_scale and accumulated in fp32. AVX-512 VNNI: up to kDecodeRows rows (decode) stream the
 //   packed codes once, nibbles unpacked in registers, split over N only; more rows (prefill) run a
 //   4-row x 64-column vpdpbusd micro-kernel on the same packed codes (nibbles unpacked in registers,
-//   no per-call copy), in tasks of 32 rows x 4-tile blocks, the block's scale product applied in the
+//   no per-call copy), in tasks of 32 rows x 4-tile blocks (or whole rows when Y is handed to a
+//   RowSink), the block's scale product applied in the
 //   K-block epilogue (cvt, mul, fma: the spec's order, so the bits equal the scalar path's). Both end
 //   in StoreTiles, which adds the bias and writes the float tile.
 // Float-offset weights (value u * scale + offset, zero_point_kind float16/float32): float mode
