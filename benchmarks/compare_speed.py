@@ -111,8 +111,9 @@ class Model:
 
 @dataclasses.dataclass
 class Cell:
-    ms: float = float("nan")
+    ms: float = float("nan")  # median
     error: str | None = None
+    spread: tuple[float, float] | None = None  # first and third quartile of the rounds, ms
 
 
 # ------------------------------------------------------------------------------------------------
@@ -477,10 +478,11 @@ def gemv_chain(layers: int, k: int, kind: str, rows: int = 1) -> tuple[onnx.Mode
 # Timing and output
 
 
-def interleaved_medians(
+def interleaved_times(
     runs: list[tuple[Any, dict[str, np.ndarray]]], rounds: int, warmup: int
-) -> list[float]:
-    """Median ms per (session, feeds); each round runs every one once, starting at a rotating offset."""
+) -> list[list[float]]:
+    """ms of every round per (session, feeds); each round runs every one once, starting at a rotating
+    offset, so round r of every run saw about the same load."""
     for session, feeds in runs:
         for _ in range(warmup):
             session.run(None, feeds)
@@ -492,7 +494,35 @@ def interleaved_medians(
             start = time.perf_counter()
             session.run(None, feeds)
             times[i].append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(t) for t in times]
+    return times
+
+
+def interleaved_medians(
+    runs: list[tuple[Any, dict[str, np.ndarray]]], rounds: int, warmup: int
+) -> list[float]:
+    """Median ms per (session, feeds) of interleaved_times."""
+    return [statistics.median(t) for t in interleaved_times(runs, rounds, warmup)]
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """First and third quartile (both the value itself for a single value)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4)
+    return q[0], q[2]
+
+
+def paired_ratio_note(case: str, times: dict[str, list[float]], ours: str, peer: str) -> str | None:
+    """The per-round ratio ours / peer (both ran in the same round, so load shared by the round
+    cancels): median and quartiles, or None when either did not run."""
+    if ours not in times or peer not in times:
+        return None
+    ratios = [a / b for a, b in zip(times[ours], times[peer])]
+    low, high = quartiles(ratios)
+    return (
+        f"- {case}: {LABELS[ours]} / {LABELS[peer]} per interleaved round: median "
+        f"{statistics.median(ratios):.2f}x (quartiles {low:.2f}-{high:.2f}x, {len(ratios)} rounds)"
+    )
 
 
 def _session(path: Path, custom: bool, threads: int) -> Any:
@@ -518,7 +548,12 @@ def markdown(header: str, table: dict[str, dict[str, Cell]], gemv: list[str], no
         row = []
         for variant in VARIANTS:
             cell = cells.get(variant, Cell(error="not run"))
-            row.append(f"{cell.ms:.1f} ms" if cell.error is None else f"n/a ({cell.error})")
+            if cell.error is not None:
+                row.append(f"n/a ({cell.error})")
+            elif cell.spread is not None:
+                row.append(f"{cell.ms:.1f} ms ({cell.spread[0]:.1f}-{cell.spread[1]:.1f})")
+            else:
+                row.append(f"{cell.ms:.1f} ms")
         peers = [
             cells[v].ms for v in ("ort-int8", "ort-w4", "genai-int4") if v in cells and cells[v].error is None
         ]
@@ -553,6 +588,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     parser.add_argument("--runs", type=int, default=20, help="timed interleaved rounds per case (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs per session first (default 3)")
+    parser.add_argument(
+        "--decode-rounds-factor",
+        type=int,
+        default=5,
+        help="the decode step gets this many times --runs rounds (default 5): it is short and noisy",
+    )
     parser.add_argument(
         "--only", default="", help="comma-separated models: minilm, bert-base, smollm2 (default all)"
     )
@@ -602,6 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     table: dict[str, dict[str, Cell]] = {}
     nodes: dict[str, dict[str, int]] = {}
     notes: list[str] = []
+    ratio_notes: list[str] = []
     with contextlib.ExitStack() as stack:
         work = args.out_dir or Path(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="bct_compare_speed_"))
@@ -642,11 +684,18 @@ def main(argv: list[str] | None = None) -> int:
                         runs.append((key, session, feeds))
                     except Exception as exc:  # noqa: BLE001
                         cells[key] = Cell(error="run: " + _short(exc))
-                logger.info("timing %s: %d variants, %d rounds", case, len(runs), args.runs)
-                medians = interleaved_medians([(s, f) for _, s, f in runs], args.runs, args.warmup)
-                for (key, _, _), ms in zip(runs, medians):
-                    cells[key] = Cell(ms=ms)
+                # A decode step is short and moves most with the load of a shared machine: more rounds.
+                rounds = args.runs * (args.decode_rounds_factor if "decode step" in case else 1)
+                logger.info("timing %s: %d variants, %d rounds", case, len(runs), rounds)
+                times = interleaved_times([(s, f) for _, s, f in runs], rounds, args.warmup)
+                for (key, _, _), samples in zip(runs, times):
+                    cells[key] = Cell(ms=statistics.median(samples), spread=quartiles(samples))
                 table[case] = cells
+                by_key = {key: samples for (key, _, _), samples in zip(runs, times)}
+                for peer in ("genai-int4", "ort-int8"):
+                    note = paired_ratio_note(case, by_key, "bct-default", peer)
+                    if note:
+                        ratio_notes.append(note)
             sessions.clear()
 
         k = 256 if args.tiny else 4096
@@ -678,14 +727,15 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"Run at commit {commit}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {elapsed:.0f} s: "
         f"`python benchmarks/compare_speed.py{' --tiny' if args.tiny else ''}`; onnxruntime {ort.__version__}, "
-        f"{args.threads} intra-op threads, median of {args.runs} interleaved warm rounds.\n"
+        f"{args.threads} intra-op threads, median (quartiles) of {args.runs} interleaved warm rounds "
+        f"({args.runs * args.decode_rounds_factor} for the decode step).\n"
         f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); flags: {' '.join(flags) or 'unknown'}.\n"
         f"ISA paths: {isa_paths(flags)}."
     )
     node_note = "Graph nodes: " + "; ".join(
         f"{model}: " + ", ".join(f"{k} {n}" for k, n in counts.items()) for model, counts in nodes.items()
     )
-    section = markdown(header, table, gemv_lines, [node_note, *notes])
+    section = markdown(header, table, gemv_lines, [*ratio_notes, "", node_note, *notes])
     print(section)
     if not args.no_results:
         write_results(args.results, section)
@@ -700,6 +750,7 @@ def main(argv: list[str] | None = None) -> int:
             "table": {
                 case: {k: dataclasses.asdict(c) for k, c in cells.items()} for case, cells in table.items()
             },
+            "paired_ratios": ratio_notes,
             "gemv": gemv_lines,
             "nodes": nodes,
             "notes": notes,

@@ -3,9 +3,13 @@
 Runs the model (a bct-onnx file with the custom-op library registered, or any ONNX file) with
 `--threads` intra-op threads (default 1: per-node times add up to the run), discards the warm-up runs,
 and prints each op type's share of the summed node time, its calls per run and the graph's node
-counts. Profiling files go to a temporary directory.
+counts; matrix products (BlockMatMul, MatMulNBits, MatMul with a constant weight) are split by their
+K x N weight shape. The wall time of a run next to its summed node time shows what ONNX Runtime
+spends between nodes (dispatch, allocation, output copies). Profiling files go to a temporary
+directory.
 
     python benchmarks/profile_ops.py MODEL.onnx --model minilm|bert-base [--threads 1] [--runs 20]
+    python benchmarks/profile_ops.py MODEL.onnx --model smollm2 --case decode|prefill [--top 10]
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import onnx
 import onnxruntime as ort
@@ -28,38 +34,80 @@ from bct_onnx import runtime
 
 def op_shares(profile: Path, skip_runs: int) -> tuple[dict[str, float], dict[str, int], int]:
     """(microseconds per op type, node events per op type, runs) over the runs after skip_runs."""
-    events = json.loads(profile.read_text())
-    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
-    if len(runs) <= skip_runs:
-        raise SystemExit(f"{profile}: {len(runs)} runs profiled, need more than {skip_runs}")
-    start = runs[skip_runs]["ts"]
+    nodes, _ = node_times(profile, skip_runs)
     times: dict[str, float] = collections.defaultdict(float)
     calls: dict[str, int] = collections.defaultdict(int)
+    for (_, op), (us, count) in nodes.items():
+        times[op] += us
+        calls[op] += count
+    return times, calls, len(_runs(profile_events(profile), skip_runs))
+
+
+def profile_events(profile: Path) -> list[dict[str, Any]]:
+    return json.loads(profile.read_text())
+
+
+def _runs(events: list[dict[str, Any]], skip_runs: int) -> list[dict[str, Any]]:
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    if len(runs) <= skip_runs:
+        raise SystemExit(f"profile: {len(runs)} runs profiled, need more than {skip_runs}")
+    return runs[skip_runs:]
+
+
+def node_times(profile: Path, skip_runs: int) -> tuple[dict[tuple[str, str], tuple[float, int]], list[float]]:
+    """({(node name, op type): (microseconds, calls)}, wall microseconds of each run) after skip_runs."""
+    events = profile_events(profile)
+    runs = _runs(events, skip_runs)
+    start = runs[0]["ts"]
+    times: dict[tuple[str, str], list[float]] = {}
     for e in events:
         if e.get("cat") != "Node" or e["ts"] < start or not e["name"].endswith("_kernel_time"):
             continue
-        op = e.get("args", {}).get("op_name", "?")
-        times[op] += e["dur"]
-        calls[op] += 1
-    return times, calls, len(runs) - skip_runs
+        key = (e["name"][: -len("_kernel_time")], e.get("args", {}).get("op_name", "?"))
+        entry = times.setdefault(key, [0.0, 0])
+        entry[0] += e["dur"]
+        entry[1] += 1
+    return {k: (v[0], int(v[1])) for k, v in times.items()}, [float(r["dur"]) for r in runs]
+
+
+def weight_shapes(model: onnx.ModelProto) -> dict[str, str]:
+    """Node name -> "KxN" (with " b<bits>" when the node says) for the matrix products with a weight
+    (K and N attributes, or a constant B)."""
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    shapes = {}
+    for node in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if "K" in attrs and "N" in attrs:
+            shapes[node.name] = f"{attrs['K']}x{attrs['N']}" + (
+                f" b{attrs['bits']}" if "bits" in attrs else ""
+            )
+        elif node.op_type == "MatMul" and len(node.input) > 1 and len(inits.get(node.input[1], ())) == 2:
+            shapes[node.name] = "x".join(str(d) for d in inits[node.input[1]])
+    return shapes
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path)
     parser.add_argument(
-        "--model-key", "--model", dest="key", choices=["minilm", "bert-base"], default="minilm"
+        "--model-key", "--model", dest="key", choices=["minilm", "bert-base", "smollm2"], default="minilm"
+    )
+    parser.add_argument(
+        "--case",
+        choices=["first", "decode", "prefill"],
+        default="first",
+        help="which of the model's cases (smollm2: decode step after 128 tokens, or prefill 128)",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--top", type=int, default=0, help="also list the N slowest nodes")
     args = parser.parse_args(argv)
+    proto = onnx.load(args.model, load_external_data=False)
     with tempfile.TemporaryDirectory() as tmp:
         (maker,) = compare_speed.make_models(Path(tmp), tiny=False, only={args.key})
         model = maker()
-        custom = any(
-            o.domain == "ai.bct_onnx" for o in onnx.load(args.model, load_external_data=False).opset_import
-        )
+        custom = any(o.domain == "ai.bct_onnx" for o in proto.opset_import)
         options = ort.SessionOptions()
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.enable_profiling = True
@@ -67,19 +115,40 @@ def main(argv: list[str] | None = None) -> int:
         session = runtime.session(
             args.model, sess_options=options, threads=args.threads, with_library=custom, quiet=True
         )
-        label, make_feeds = model.cases[0]
+        wanted = {"first": 0, "decode": 0, "prefill": 1}[args.case]
+        if args.case != "first" and args.key != "smollm2":
+            raise SystemExit(f"--case {args.case}: only for --model smollm2")
+        label, make_feeds = model.cases[wanted]
         feeds = make_feeds(session)
         for _ in range(args.warmup + args.runs):
             session.run(None, feeds)
-        times, calls, runs = op_shares(Path(session.end_profiling()), args.warmup)
+        nodes, walls = node_times(Path(session.end_profiling()), args.warmup)
+    runs = len(walls)
+    shapes = weight_shapes(proto)
+    times: dict[str, float] = collections.defaultdict(float)
+    calls: dict[str, int] = collections.defaultdict(int)
+    for (name, op), (us, count) in nodes.items():
+        group = f"{op} {shapes[name]}" if name in shapes else op
+        times[group] += us
+        calls[group] += count
     total = sum(times.values())
-    nodes = collections.Counter(n.op_type for n in onnx.load(args.model, load_external_data=False).graph.node)
+    counts = collections.Counter(n.op_type for n in proto.graph.node)
     print(
-        f"{args.model.name}: {label}, {args.threads} thread(s), {runs} runs, node time {total / runs / 1e3:.2f} ms per run"
+        f"{args.model.name}: {label}, {args.threads} thread(s), {runs} runs, node time "
+        f"{total / runs / 1e3:.3f} ms per run, wall time median {statistics.median(walls) / 1e3:.3f} ms "
+        f"(between nodes {(statistics.median(walls) - total / runs) / 1e3:.3f} ms)"
     )
-    for op, us in sorted(times.items(), key=lambda kv: -kv[1]):
-        print(f"  {op:24s} {100 * us / total:5.1f}%  {us / runs / 1e3:7.3f} ms  {calls[op] // runs:4d} calls")
-    print(f"graph nodes: {sum(nodes.values())}: " + ", ".join(f"{k} {v}" for k, v in nodes.most_common()))
+    for group, us in sorted(times.items(), key=lambda kv: -kv[1]):
+        per_call = us / calls[group]
+        print(
+            f"  {group:32s} {100 * us / total:5.1f}%  {us / runs / 1e3:7.3f} ms  {calls[group] // runs:4d} calls"
+            f"  {per_call:8.1f} us/call"
+        )
+    if args.top:
+        print(f"slowest {args.top} nodes (us per run):")
+        for (name, op), (us, _) in sorted(nodes.items(), key=lambda kv: -kv[1][0])[: args.top]:
+            print(f"  {us / runs:8.1f}  {op:20s} {name}")
+    print(f"graph nodes: {sum(counts.values())}: " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
     return 0
 
 

@@ -128,6 +128,24 @@ def test_compare_speed_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         reason = cells["genai-int4"]["error"]
         assert ("decoders" in reason) if "BERT" in case else ("no onnxruntime-genai venv" in reason), reason
     assert any("GB/s of weights" in line for line in payload["gemv"])
+    for case, cells in payload["table"].items():
+        low, high = cells["bct-default"]["spread"]
+        assert low <= cells["bct-default"]["ms"] <= high, (case, cells["bct-default"])
+    assert any(
+        "bct default (every component) / ORT int8 dynamic per interleaved round" in line
+        for line in payload["paired_ratios"]
+    )
+
+
+def test_compare_speed_paired_ratio_is_per_round() -> None:
+    """The decode ratio is taken round by round (a slow round slows both), then its median and quartiles."""
+    compare = _load("compare_speed")
+    times = {"bct-default": [10.0, 20.0, 30.0, 12.0, 11.0], "genai-int4": [20.0, 40.0, 60.0, 24.0, 11.0]}
+    note = compare.paired_ratio_note("decode", times, "bct-default", "genai-int4")
+    assert note is not None and "median 0.50x" in note and "5 rounds" in note
+    assert compare.quartiles([0.5, 0.5, 0.5, 0.5, 1.0]) == (0.5, 0.75)
+    assert compare.quartiles([3.0]) == (3.0, 3.0)
+    assert compare.paired_ratio_note("decode", times, "bct-default", "ort-int8") is None
 
 
 def test_entropy_coding_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -239,3 +257,29 @@ def test_profile_ops_shares_add_up_to_the_profiled_node_time(tmp_path: Path) -> 
     assert all(t > 0 for t in times.values())
     with pytest.raises(SystemExit, match="5 runs profiled, need more than 5"):
         profile_ops.op_shares(profile, skip_runs=5)
+    nodes, walls = profile_ops.node_times(profile, skip_runs=2)
+    assert len(walls) == 3 and all(w > 0 for w in walls)
+    assert {op for _, op in nodes} == {"Relu", "Add"} and all(count == 3 for _, count in nodes.values())
+    assert sum(us for us, _ in nodes.values()) == pytest.approx(sum(times.values()))
+
+
+def test_profile_ops_names_weight_shapes() -> None:
+    """Matrix products are grouped by their K x N weight (and bits when the node says)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    profile_ops = _load("profile_ops")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["y"], name="float_mm"),
+            helper.make_node(
+                "BlockMatMul", ["y", "c", "s"], ["z"], name="block_mm", domain="ai.bct_onnx", K=8, N=3, bits=5
+            ),
+            helper.make_node("Relu", ["z"], ["r"], name="relu"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, 3])],
+        initializer=[numpy_helper.from_array(np.ones((4, 8), np.float32), "w")],
+    )
+    assert profile_ops.weight_shapes(helper.make_model(graph)) == {"float_mm": "4x8", "block_mm": "8x3 b5"}

@@ -247,6 +247,26 @@ def test_exact_block_sizes(isa: str, block_size: int, act_bits: int) -> None:
     np.testing.assert_array_equal(got, want.astype(np.float32), err_msg=f"isa={isa}")
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("bits,symmetric", [(5, False), (6, True), (8, True)], ids=["5asym", "6sym", "8sym"])
+def test_exact_decode_byte_codes_many_blocks(isa: str, bits: int, symmetric: bool, rows: int) -> None:
+    """Decode rows on byte codes (5..8 bits) with more blocks than the kernels prefetch ahead: K=330
+    (10 full blocks of 32 and one of 10), N=70 (a partial panel of tiles), integer activations."""
+    rng = np.random.default_rng(bits * 10 + rows)
+    k, n, block_size = 330, 70, 32
+    codes, scales, zero_points = random_weight(
+        rng, n, k, bits, block_size, symmetric, ScaleKind.FLOAT16, exact=True
+    )
+    a = exact_activations(rng, (rows, k), block_size, 8)
+    fmt = {"k": k, "bits": bits, "block_size": block_size, "symmetric": symmetric, "act_bits": 8}
+    got = run_matmul(
+        matmul_model(n=n, codes=codes, scales=scales, zero_points=zero_points, bias=None, **fmt), a
+    )
+    want = matmul_reference(a, codes, scales, zero_points, **fmt)
+    assert np.array_equal(want.astype(np.float32).astype(np.float64), want), "test data not exact in float32"
+    np.testing.assert_array_equal(got, want.astype(np.float32), err_msg=f"isa={isa}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Random data with the stated tolerance
 
