@@ -27,7 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
-import scipy.linalg
 from threadpoolctl import ThreadpoolController
 
 from bct_onnx.block_format import (
@@ -72,6 +71,8 @@ def inverse_hessian_factor(hessian: np.ndarray, damping: float = 0.01) -> tuple[
     float64 at K = 1536; the codes differ in about 0.3% of the bytes, the layer's output error by
     noise: docs/results.md), and in float64 when float32 cannot factor the dampened H.
     """
+    import scipy.linalg  # here, not at import: 0.3 s of every CLI start that never calibrates
+
     h = np.array(hessian[::-1, ::-1], dtype=np.float64, order="F")  # J H J
     diagonal = np.diag_indices_from(h)
     dead = h[diagonal][::-1] == 0
@@ -354,6 +355,8 @@ class _StaticScales:
 def _gptq_walk(w_t: np.ndarray, hinv: np.ndarray, fmt: BlockFormat, rounders: _Rounders, codes_t: np.ndarray) -> None:
     """The GPTQ walk over a K-major working copy w_t [K, rows] of weight rows (corrected in place; in
     walk order, hinv's order) writing their unpacked codes codes_t [K, rows] (in walk order)."""
+    import scipy.linalg
+
     k, n = w_t.shape
     bs = fmt.block_size
     batch = bs * max(1, _LAZY_BATCH // bs)  # a multiple of the block size: blocks never straddle batches

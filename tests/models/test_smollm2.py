@@ -69,9 +69,8 @@ def test_fp32_export_perplexity_equals_torch(
 
 
 @pytest.mark.slow
-def test_kv_cache_export_steps_like_torch(hf_dir: Path, torch_model: Any, tmp_path: Path) -> None:
-    path = smollm2.export(tmp_path, with_past=True)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def test_kv_cache_export_steps_like_torch(hf_dir: Path, torch_model: Any, smollm2_past_export: Path) -> None:
+    session = ort.InferenceSession(str(smollm2_past_export), providers=["CPUExecutionProvider"])
     tokenizer = smollm2.load_tokenizer()
     ids = tokenize_for_perplexity(tokenizer, "Call me Ishmael. Some years ago, never mind how long", None)[
         None, :

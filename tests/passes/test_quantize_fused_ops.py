@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
-import pytest
 from bct_onnx.models import families, minilm
 from bct_onnx.passes import QuantizeFusedOpsPass, compress_model
 
@@ -73,12 +72,8 @@ def compress_and_compare(fused: Path, feeds: dict[str, np.ndarray], tmp_path: Pa
     return result.model, {"ratio": ratio, **cosines}
 
 
-def test_minilm_fused_by_ort_optimizer_compresses_without_unfusing(tmp_path: Path) -> None:
-    try:
-        exported = minilm.export(tmp_path / "minilm")
-    except minilm.MiniLMNotInstalledError as error:
-        pytest.skip(f"MiniLM not available: {error}")
-    fused = ort_fused(exported, 12, 384, tmp_path / "minilm_fused.onnx")
+def test_minilm_fused_by_ort_optimizer_compresses_without_unfusing(tmp_path: Path, minilm_export: Path) -> None:
+    fused = ort_fused(minilm_export, 12, 384, tmp_path / "minilm_fused.onnx")
     tokenizer = minilm.load_tokenizer()
     encoded = tokenizer(minilm.sentences()[:8], padding=True, return_tensors="np")
     feeds = {name: np.asarray(encoded[name], np.int64) for name in ("input_ids", "attention_mask")}
