@@ -263,13 +263,13 @@ bool RegionFinite(const float* Y, int64_t N, int64_t r0, int64_t r1, int64_t c0,
 
 namespace {
 
-// Rows a task of the row-chunked integer prefill takes (all tiles, so each task reads every weight):
-// 32 from 128 rows on (at least 4 tasks), else 16 (more than kDecodeRows, so the prefill kernels
-// run); 0 when the shape does not take that path (decode, float mode, the scalar path, or too few
-// rows for two tasks).
-int64_t SinkRowsPerTask(const PackedWeights& p, int64_t M) {
+// Rows a task of the row-chunked integer prefill takes (all tiles, so each task reads every weight,
+// from cache): 32 from 256 rows on, else 16 (more than kDecodeRows, so the prefill kernels run, and
+// at least 8 tasks from 128 rows on, for ORT's pool to balance); 0 when the shape does not take that
+// path (decode, float mode, the scalar path, or too few rows for two tasks).
+int64_t RowChunkRows(const PackedWeights& p, int64_t M) {
   if (p.shape.act_bits == 0 || cpu::Kernels(p.isa).matmul_tiles == nullptr || M < 32) return 0;
-  return M >= 128 ? 32 : 16;
+  return M >= 256 ? 32 : 16;
 }
 
 }  // namespace
@@ -278,8 +278,10 @@ bool Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
              const ParallelFor& parallel_for, const ActivationCodes* act_codes, const RowSink* sink) {
   const Shape& s = p.shape;
   if (M <= 0 || s.N <= 0) return true;
-  const int64_t sink_rows = sink != nullptr ? SinkRowsPerTask(p, M) : 0;
-  if (sink != nullptr && sink_rows == 0) {  // the product as usual, then the sink over row chunks
+  // Integer prefill runs in row chunks: each task quantizes its own rows (in parallel, while they are
+  // in cache) and computes them against all tiles, into Y or (with a sink) per-thread scratch.
+  const int64_t chunk_rows = RowChunkRows(p, M);
+  if (sink != nullptr && chunk_rows == 0) {  // the product as usual, then the sink over row chunks
     std::vector<float> product(static_cast<size_t>(M * s.N));
     const bool finite = Compute(p, A, M, bias, product.data(), parallel_for, act_codes);
     const int64_t rows_per_task = std::max<int64_t>(1, 8192 / s.N);
@@ -307,10 +309,10 @@ bool Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
       if (act_codes != nullptr) return detail::UnpackRows(p, *act_codes, r0, r1, &act);
       QuantizeActivations(p, A, r0, r1, &act);
     };
-    // Row-chunked prefill (sink_rows > 0) quantizes each task's rows in the task itself, below.
-    if (sink_rows == 0 && tasks > 1) {
+    // Row-chunked prefill (chunk_rows > 0) quantizes each task's rows in the task itself, below.
+    if (chunk_rows == 0 && tasks > 1) {
       parallel_for(static_cast<std::size_t>(tasks), quantize);
-    } else if (sink_rows == 0) {
+    } else if (chunk_rows == 0) {
       quantize(0);
     }
   }
@@ -342,36 +344,41 @@ bool Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
     a_padded = padded.data();
   }
 
-  if (sink_rows > 0) {
-    const int64_t tasks = (M + sink_rows - 1) / sink_rows;
+  if (chunk_rows > 0) {
+    const int64_t tasks = (M + chunk_rows - 1) / chunk_rows;
     parallel_for(static_cast<std::size_t>(tasks), [&](std::size_t task) {
-      const int64_t r0 = static_cast<int64_t>(task) * sink_rows, r1 = std::min(M, r0 + sink_rows);
+      const int64_t r0 = static_cast<int64_t>(task) * chunk_rows, r1 = std::min(M, r0 + chunk_rows);
       if (act_codes != nullptr) {
         detail::UnpackRows(p, *act_codes, r0, r1, &act);
       } else {
         QuantizeActivations(p, A, r0, r1, &act);
       }
-      thread_local std::vector<float> scratch;
-      scratch.resize(static_cast<size_t>(sink_rows * s.N));
-      // The kernels address row r of Y at Y + r * N: an address r0 rows before the scratch puts row r0
-      // at its start (integer arithmetic: no pointer outside the buffer is formed and dereferenced).
-      float* y = reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(scratch.data()) -
-                                          static_cast<uintptr_t>(r0 * s.N) * sizeof(float));
+      float* y = Y;
+      float* rows = Y + r0 * s.N;
+      if (sink != nullptr) {
+        thread_local std::vector<float> scratch;
+        scratch.resize(static_cast<size_t>(chunk_rows * s.N));
+        rows = scratch.data();
+        // The kernels address row r of Y at Y + r * N: an address r0 rows before the scratch puts row
+        // r0 at its start (integer arithmetic: no pointer outside the buffer is formed and dereferenced).
+        y = reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(scratch.data()) -
+                                     static_cast<uintptr_t>(r0 * s.N) * sizeof(float));
+      }
       for (int64_t t0 = 0; t0 < p.num_tiles; t0 += 4) {  // 4-tile panels: each read from L1 for all rows
         tiles(p, &act, a_padded, r0, r1, t0, std::min(p.num_tiles, t0 + 4), bias, y);
       }
-      const bool rows_finite = RegionFinite(scratch.data(), s.N, 0, r1 - r0, 0, s.N);
+      const bool rows_finite = RegionFinite(rows, s.N, 0, r1 - r0, 0, s.N);
       if (!rows_finite) finite.store(false, std::memory_order_relaxed);
-      (*sink)(r0, r1, scratch.data(), rows_finite);
+      if (sink != nullptr) (*sink)(r0, r1, rows, rows_finite);
     });
     return finite.load();
   }
 
   // Tasks: row chunks times tile chunks, many more tasks than threads so that ONNX Runtime's pool
-  // (which hands out tasks one at a time) balances the load on a busy machine. Integer prefill tasks
-  // take 32 rows (8 register blocks of 4 rows) and whole blocks of 4 tiles; float prefill tasks
-  // dequantize their tiles once for 128 rows. Decode tasks take all rows and whole register blocks of
-  // 4 tiles, so each weight byte is read once.
+  // (which hands out tasks one at a time) balances the load on a busy machine. Integer tasks of fewer
+  // than 32 rows take them all and whole blocks of 4 tiles; float prefill tasks dequantize their tiles
+  // once for 128 rows. Decode tasks take all rows and whole register blocks of 4 tiles, so each
+  // weight byte is read once.
   const bool gemv = M <= kDecodeRows;
   const int64_t rows_per_task = gemv ? M : std::min<int64_t>(M, quantized ? 32 : 128);
   const int64_t row_chunks = (M + rows_per_task - 1) / rows_per_task;
