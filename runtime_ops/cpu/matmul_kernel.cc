@@ -10,6 +10,9 @@
 
 #include "bct/nonlinear_math.h"
 #include "cpu/kernel_table.h"
+#if BCT_X86_SIMD
+#include <emmintrin.h>  // SSE2: part of x86-64 itself
+#endif
 
 namespace bct {
 namespace matmul {
@@ -162,6 +165,30 @@ void UnpackRows(const PackedWeights& p, const ActivationCodes& in, int64_t row_b
   const int64_t rb = row_bytes(K, s.act_bits);
   const int half = 1 << (s.act_bits - 1);
   const int32_t zw = static_cast<int32_t>(p.implicit_zero_point);
+#if BCT_X86_SIMD
+  if (s.act_bits == 8 && s.block_size % 16 == 0 && K % s.block_size == 0) {  // no padding: 16 codes at a time
+    // sa = u - 128 is the byte u ^ 0x80; the block sum is sum(u) - 128 * block_size (psadbw sums bytes).
+    const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
+    for (int64_t m = row_begin; m < row_end; ++m) {
+      const uint8_t* row = in.codes + m * rb;
+      int8_t* codes = out->codes.data() + m * kp;
+      for (int64_t b = 0; b < nb; ++b) {
+        __m128i sums = _mm_setzero_si128();
+        for (int64_t k = b * s.block_size; k < (b + 1) * s.block_size; k += 16) {
+          const __m128i u = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k));
+          sums = _mm_add_epi64(sums, _mm_sad_epu8(u, _mm_setzero_si128()));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm_xor_si128(u, flip));
+        }
+        const int32_t sum = _mm_cvtsi128_si32(sums) + _mm_cvtsi128_si32(_mm_unpackhi_epi64(sums, sums)) -
+                            half * static_cast<int32_t>(s.block_size);
+        out->scales[m * nb + b] = in.scales[m * nb + b];
+        out->corr[m * nb + b] = -zw * sum;
+        out->sums[m * nb + b] = static_cast<float>(sum);
+      }
+    }
+    return;
+  }
+#endif
   std::vector<uint8_t> row(static_cast<size_t>(K));
   for (int64_t m = row_begin; m < row_end; ++m) {
     UnpackRow(in.codes + m * rb, rb, s.act_bits, K, row.data());
