@@ -78,9 +78,10 @@ std::unique_ptr<PackedWeights> Pack(const Shape& shape, const WeightInputs& weig
   const int64_t tiles = (N + kTileCols - 1) / kTileCols;
   const bool signed_codes = shape.act_bits == 0 && shape.symmetric;
   const bool streamed = kernels.matmul_compact_weights;
-  // 5..7-bit integer-mode weights on the streamed path: nibbles plus high bit planes (a decoder's
-  // 5-bit output table is its largest read of a decode step).
-  const int high_planes = streamed && shape.act_bits > 0 && shape.bits > 4 && shape.bits < 8 ? shape.bits - 4 : 0;
+  // 5-bit integer-mode weights on the streamed path: nibbles plus one high bit plane, 5/8 of the bytes
+  // (a decoder's 5-bit output table is the largest read of its decode step). Two planes (6 bits) cost
+  // more in the kernel than the bytes they save on a decoder's small 6-bit projections.
+  const int high_planes = streamed && shape.act_bits > 0 && shape.bits == 5 ? 1 : 0;
   const bool nibble = shape.bits <= 4 || high_planes > 0;
   const int64_t group_k = nibble ? 8 : 4;
   const int64_t groups = bkp / group_k;

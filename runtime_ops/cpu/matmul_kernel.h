@@ -29,7 +29,7 @@
 //   nibble storage (bits <= 4): a group is 8 k; byte j of a lane holds k = 8g + j in its low nibble
 //                               and k = 8g + 4 + j in its high nibble;
 //   byte storage (bits 5..8):   a group is 4 k; byte j of a lane holds k = 4g + j.
-//   high bit planes (5..7 bits, AVX-512 streamed layout, integer mode): nibble storage of the low 4
+//   high bit planes (5 bits, AVX-512 streamed layout, integer mode): nibble storage of the low 4
 //                               bits, then per block, for plane q (code bit 4 + q) and group g, two
 //                               64-bit masks at groups * 64 + (q * groups + g) * 16 (+8): bit i is
 //                               that bit of the code in byte i of the group's low (then high) nibbles.
@@ -143,8 +143,8 @@ struct PackedWeights {
   int64_t param_bytes = 0;       // SIMD: bytes of one tile's block parameters in the stream (0: none)
   bool half_scales = false;      // streamed scales are float16 (else float32)
   bool nibble = false;       // SIMD: bits <= 4 (two codes a byte), or nibbles with high_planes
-  // Streamed layout, integer mode, 5..7 bits: the low 4 bits of each code as nibble storage, then
-  // high_planes = bits - 4 bit planes (see "High bit planes" above), not one byte a code.
+  // Streamed layout, integer mode, 5 bits: the low 4 bits of each code as nibble storage, then
+  // high_planes (bits - 4) bit planes ("high bit planes" above), not one byte a code.
   int high_planes = 0;
   bool signed_codes = false; // codes stored as (code - zero_point) two's complement (float symmetric)
   float implicit_zero_point = 0.f;

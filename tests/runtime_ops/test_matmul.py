@@ -271,7 +271,7 @@ def test_exact_decode_byte_codes_many_blocks(isa: str, bits: int, symmetric: boo
 @pytest.mark.parametrize("block_size", [32, 16, 64, 12])
 @pytest.mark.parametrize("bits,symmetric", [(5, False), (5, True), (6, True), (7, False)], ids=str)
 def test_exact_high_bit_planes(isa: str, bits: int, symmetric: bool, block_size: int, rows: int) -> None:
-    """5..7-bit weights with integer activations (on AVX-512 stored as nibbles plus high bit planes):
+    """5..7-bit weights with integer activations (5 bits on AVX-512: nibbles plus a high bit plane):
     every code value in every nibble position, decode (1..8 rows) and prefill row counts, blocks of
     2, 4 and 8 groups and one padded to 16, K ending in a partial block, N=70 (a partial panel)."""
     rng = np.random.default_rng(bits * 100 + block_size + rows)
