@@ -75,18 +75,24 @@ std::unique_ptr<PackedWeights> Pack(const Shape& shape, const WeightInputs& weig
 
   const int64_t bkp = (std::min<int64_t>(bs, K) + 7) / 8 * 8;  // no block is longer than K
   const int64_t k_padded = nb * bkp;
-  const bool nibble = shape.bits <= 4;
-  const int64_t group_k = nibble ? 8 : 4;
   const int64_t tiles = (N + kTileCols - 1) / kTileCols;
   const bool signed_codes = shape.act_bits == 0 && shape.symmetric;
   const bool streamed = kernels.matmul_compact_weights;
+  // 5-bit integer-mode weights on the streamed path: nibbles plus one high bit plane, 5/8 of the bytes
+  // (a decoder's 5-bit output table is the largest read of its decode step). Two planes (6 bits) cost
+  // more in the kernel than the bytes they save on a decoder's small 6-bit projections.
+  const int high_planes = streamed && shape.act_bits > 0 && shape.bits == 5 ? 1 : 0;
+  const bool nibble = shape.bits <= 4 || high_planes > 0;
+  const int64_t group_k = nibble ? 8 : 4;
+  const int64_t groups = bkp / group_k;
   const int zp_mode = ZeroPointMode(shape);
   p->block_padded = bkp;
   p->k_padded = k_padded;
   p->num_tiles = tiles;
-  p->block_code_bytes = bkp / group_k * 64;
+  p->block_code_bytes = groups * 64 + high_planes * groups * 16;
   p->tile_bytes = nb * p->block_code_bytes;
   p->nibble = nibble;
+  p->high_planes = high_planes;
   p->signed_codes = signed_codes;
   // float8e5m2 scales are float16 values (their upper byte): widened to float16 bits exactly.
   p->half_scales =
@@ -118,6 +124,12 @@ std::unique_ptr<PackedWeights> Pack(const Shape& shape, const WeightInputs& weig
         if (nibble) {
           uint8_t& byte = dst[(kk >> 3) * 64 + (kk & 3)];
           byte = static_cast<uint8_t>(byte | ((kk & 4) ? v << 4 : v));
+          const int64_t bit = col * 4 + (kk & 3);  // the code's byte in the group's nibble vector
+          for (int q = 0; q < high_planes; ++q) {
+            if ((row[k0 + kk] >> (4 + q) & 1) == 0) continue;
+            uint8_t* masks = dst - col * 4 + groups * 64 + (q * groups + (kk >> 3)) * 16 + ((kk & 4) ? 8 : 0);
+            masks[bit >> 3] = static_cast<uint8_t>(masks[bit >> 3] | (1u << (bit & 7)));
+          }
         } else {
           dst[(kk >> 2) * 64 + (kk & 3)] = static_cast<uint8_t>(v);
         }

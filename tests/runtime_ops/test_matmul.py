@@ -267,6 +267,28 @@ def test_exact_decode_byte_codes_many_blocks(isa: str, bits: int, symmetric: boo
     np.testing.assert_array_equal(got, want.astype(np.float32), err_msg=f"isa={isa}")
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8, 12, 40])
+@pytest.mark.parametrize("block_size", [32, 16, 64, 12])
+@pytest.mark.parametrize("bits,symmetric", [(5, False), (5, True), (6, True), (7, False)], ids=str)
+def test_exact_high_bit_planes(isa: str, bits: int, symmetric: bool, block_size: int, rows: int) -> None:
+    """5..7-bit weights with integer activations (5 bits on AVX-512: nibbles plus a high bit plane):
+    every code value in every nibble position, decode (1..8 rows) and prefill row counts, blocks of
+    2, 4 and 8 groups and one padded to 16, K ending in a partial block, N=70 (a partial panel)."""
+    rng = np.random.default_rng(bits * 100 + block_size + rows)
+    k, n = 3 * block_size + 7, 70
+    codes, scales, zero_points = random_weight(
+        rng, n, k, bits, block_size, symmetric, ScaleKind.FLOAT16, exact=True
+    )
+    a = exact_activations(rng, (rows, k), block_size, 8)
+    fmt = {"k": k, "bits": bits, "block_size": block_size, "symmetric": symmetric, "act_bits": 8}
+    got = run_matmul(
+        matmul_model(n=n, codes=codes, scales=scales, zero_points=zero_points, bias=None, **fmt), a
+    )
+    want = matmul_reference(a, codes, scales, zero_points, **fmt)
+    assert np.array_equal(want.astype(np.float32).astype(np.float64), want), "test data not exact in float32"
+    np.testing.assert_array_equal(got, want.astype(np.float32), err_msg=f"isa={isa}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Random data with the stated tolerance
 
