@@ -57,7 +57,13 @@ _MIN_THREAD_ROWS = 256
 def blas_controller() -> ThreadpoolController:
     """The process's BLAS thread pools. GPTQ and the Hessian sums run on one BLAS thread: their
     matrices are small (K <= a few thousand) and OpenBLAS's spinning threads make Cholesky and
-    triangular inversion about 8x slower on a machine whose cores are busy (measured on 2 cores)."""
+    triangular inversion about 8x slower on a machine whose cores are busy (measured on 2 cores).
+
+    scipy's OpenBLAS (a library of its own, beside numpy's) is loaded first: a controller only
+    limits the libraries loaded when it is made, and an unlimited scipy made every rank-1 update of
+    the GPTQ walk wake a second BLAS thread (20x slower on a busy machine)."""
+    import scipy.linalg  # noqa: F401  (loads scipy's BLAS; here, not at import: see inverse_hessian_factor)
+
     return ThreadpoolController()
 
 
