@@ -14,8 +14,8 @@
 //   a_scale * w_scale and accumulated in fp32. AVX-512 VNNI: up to kDecodeRows rows (decode) stream the
 //   packed codes once, nibbles unpacked in registers, split over N only; more rows (prefill) run a
 //   4-row x 64-column vpdpbusd micro-kernel on the same packed codes (nibbles unpacked in registers,
-//   no per-call copy), in tasks of 32 rows x 4-tile blocks (or whole rows when Y is handed to a
-//   RowSink), the block's scale product applied in the
+//   no per-call copy), in tasks of 16 or 32 whole rows that quantize their own rows first (so the
+//   quantization runs in parallel too), the block's scale product applied in the
 //   K-block epilogue (cvt, mul, fma: the spec's order, so the bits equal the scalar path's). Both end
 //   in StoreTiles, which adds the bias and writes the float tile.
 // Float-offset weights (value u * scale + offset, zero_point_kind float16/float32): float mode
@@ -205,9 +205,9 @@ using RowSink = std::function<void(int64_t row_begin, int64_t row_end, float* ro
 // Returns true when every output is finite (each task checks the part of Y it wrote while it is still
 // in cache), so that the caller looks for overflowed rows only when there are some.
 // With a sink, Y must be nullptr: every row of Y is handed to the sink once instead (in chunks, in any
-// order, possibly concurrently). Integer prefill then computes whole rows per task into a per-thread
-// buffer and hands them over while they are in cache, so a product that is requantized is never
-// written to and read back from memory.
+// order, possibly concurrently). Integer prefill computes whole rows per task, then into a per-thread
+// buffer, handed over while they are in cache, so a product that is requantized is never written to
+// and read back from memory.
 bool Compute(const PackedWeights& packed, const float* A, int64_t M, const float* bias, float* Y,
              const ParallelFor& parallel_for, const ActivationCodes* act_codes = nullptr,
              const RowSink* sink = nullptr);

@@ -515,3 +515,28 @@ def test_hessian_store_hands_out_one_read_only_array_per_activation():
         assert store[("x", "q")] is not q  # read again once another activation was read
     finally:
         store.close()
+
+
+def test_blas_controller_limits_scipy_blas_loaded_after_numpy():
+    """GPTQ's BLAS limit covers scipy's own OpenBLAS even when scipy was not imported before the
+    controller was made (a CLI process imports it lazily): an unlimited scipy made every rank-1
+    update of the walk wake a second thread. A fresh process, since this one has scipy loaded.
+    (pip's numpy and scipy each bring an OpenBLAS: two libraries to limit.)"""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy\n"
+        "assert 'scipy.linalg' not in sys.modules\n"
+        "from bct_onnx.gptq import blas_controller\n"
+        "controller = blas_controller()\n"
+        "import scipy.linalg  # what the walk and the Hessian sums call\n"
+        "from threadpoolctl import threadpool_info\n"
+        "loaded = {lib['filepath'] for lib in threadpool_info() if lib['user_api'] == 'blas'}\n"
+        "limited = {lib.filepath for lib in controller.select(user_api='blas').lib_controllers}\n"
+        "assert loaded <= limited, (loaded, limited)\n"
+        "with controller.limit(limits=1, user_api='blas'):\n"
+        "    assert all(lib['num_threads'] == 1 for lib in threadpool_info() if lib['user_api'] == 'blas')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
