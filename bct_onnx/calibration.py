@@ -15,6 +15,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -353,8 +354,8 @@ def collect_hessians(
     the Hessians of the segment's MatMuls are finished and written to disk before the next segment
     loads. So memory holds one segment's weights, its Hessians and the activations between
     segments, never the whole float model. Each batch adds its rows to the float32 Hessians with one
-    symmetric rank-k update (BLAS syrk), on one BLAS thread (see gptq.py). MatMuls reading the same
-    activation share one Hessian.
+    symmetric rank-k update (BLAS syrk) on one BLAS thread (see gptq.py), on a worker thread while ONNX
+    Runtime runs the next batch. MatMuls reading the same activation share one Hessian.
     """
     targets = constant_weight_matmuls(model)
     store = HessianStore()
@@ -496,7 +497,7 @@ def _run_segments(
     with_library = any(node.domain == ops.DOMAIN for node in graph.node)
     kept: dict[str, list[np.ndarray]] = {}  # value name -> one array per batch
     feeds = [dict(batch) for batch in calibration.feeds]
-    with blas_controller().limit(limits=1, user_api="blas"):
+    with blas_controller().limit(limits=1, user_api="blas"), ThreadPoolExecutor(1) as accumulator:
         for index, segment in enumerate(segments[: last_segment + 1]):
             produced = {name for i in segment for name in _node_names(graph.node[i])[1]}
             read = [name for i in segment for name in _node_names(graph.node[i])[0]]
@@ -511,20 +512,28 @@ def _run_segments(
                 else None
             )
             sums = _HessianSums()
+            # One batch's rank-k updates run on the worker while ONNX Runtime runs the next batch:
+            # the one worker takes them in order, so the sums are those of a serial loop.
+            adding: Future[None] | None = None
             for b, batch in enumerate(feeds):
                 run_feeds = {name: (batch[name] if name in graph_inputs else kept[name][b]) for name in inputs}
                 try:
                     values = dict(zip(outputs, session.run(outputs, run_feeds))) if session is not None else {}
                 except Exception as exc:  # onnxruntime raises its own exception types
                     raise CalibrationError(f"running the float model on calibration inputs failed: {exc}") from exc
-                for name in acts:
-                    sums.add(name, values[name] if name in values else batch[name])
+                if adding is not None:
+                    adding.result()  # at most one batch's activations wait for the worker
+                adding = accumulator.submit(
+                    sums.add_all, [(name, values[name] if name in values else batch[name]) for name in acts]
+                )
                 for name in later:
                     # A copy: ONNX Runtime's outputs may live in the session's arena and would keep all of
                     # it (hundreds of MB for a decoder's segment) after the session is gone.
                     kept.setdefault(name, []).append(np.array(values[name], copy=True))
                 del values, run_feeds
-            del session
+            if adding is not None:
+                adding.result()
+            del session, adding
             for name, hessian in sums.finished():
                 if not store.has(name):
                     store.add(name, hessian)
@@ -599,6 +608,10 @@ class _HessianSums:
         self.totals: dict[str, np.ndarray] = {}
         self._pending: dict[str, list[np.ndarray]] = {}
         self._pending_bytes: dict[str, int] = {}
+
+    def add_all(self, values: list[tuple[str, np.ndarray]]) -> None:
+        for name, value in values:
+            self.add(name, value)
 
     def add(self, name: str, value: np.ndarray) -> None:
         rows = np.asarray(value, dtype=np.float32).reshape(-1, value.shape[-1])

@@ -304,6 +304,32 @@ def test_hessians_are_sums_of_x_transpose_x():
     assert hessians[("r", "w2")].shape == (96, 96)
 
 
+def test_hessian_updates_on_the_worker_thread_equal_the_serial_sums(monkeypatch):
+    """Each batch's rank-k updates run on a worker while ONNX Runtime runs the next batch: one worker,
+    in batch order, so the float32 sums are bit-identical to adding the batches one after the other;
+    an error on the worker reaches the caller."""
+    from bct_onnx import calibration
+
+    monkeypatch.setattr(calibration, "PENDING_ROW_BYTES", 1)  # one syrk per batch
+    rng = np.random.default_rng(4)
+    model = _mlp(rng)
+    batches = [(rng.standard_normal((int(rng.integers(1, 40)), 64)) * 10 ** rng.uniform(-2, 2)).astype(np.float32)
+               for _ in range(9)]
+    hessians = collect_hessians(model, Calibration(tuple({"x": b} for b in batches)))
+    serial = calibration._HessianSums()
+    for b in batches:
+        serial.add("x", b)
+    ((_, want),) = serial.finished()
+    np.testing.assert_array_equal(hessians[("x", "w1")], want)
+
+    def failing_add(self, name, value):
+        raise RuntimeError("syrk failed")
+
+    monkeypatch.setattr(calibration._HessianSums, "add", failing_add)
+    with pytest.raises(RuntimeError, match="syrk failed"):
+        collect_hessians(model, Calibration(tuple({"x": b} for b in batches)))
+
+
 def test_calibration_runs_only_the_nodes_its_hessians_need(monkeypatch):
     """ONNX Runtime would run a node nobody reads (a decoder's output projection): it is left out of the
     calibration sessions, and the Hessian of its input is still measured."""
