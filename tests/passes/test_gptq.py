@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from bct_onnx.passes import compress_model
@@ -328,6 +330,61 @@ def test_hessian_updates_on_the_worker_thread_equal_the_serial_sums(monkeypatch)
     monkeypatch.setattr(calibration._HessianSums, "add", failing_add)
     with pytest.raises(RuntimeError, match="syrk failed"):
         collect_hessians(model, Calibration(tuple({"x": b} for b in batches)))
+
+
+def test_background_hessians_are_handed_out_as_their_segments_finish(monkeypatch):
+    """collect_hessians(background=True) returns at once; asking for a Hessian still to come waits for
+    it (the same array as a run in the foreground); an error on the collection's thread reaches the
+    caller; close() stops a collection still running."""
+    import threading
+
+    from bct_onnx import calibration
+
+    rng = np.random.default_rng(6)
+    model = _mlp(rng)
+    calib = Calibration(tuple({"x": rng.standard_normal((8, 64)).astype(np.float32)} for _ in range(3)))
+    foreground = collect_hessians(model, calib)
+    want = {key: np.array(foreground[key]) for key in foreground}
+    foreground.close()
+
+    release = threading.Event()
+    add = calibration.HessianStore.add
+
+    def held_add(self, activation, hessian):
+        if activation == "r":
+            release.wait(timeout=30)  # the second MatMul's Hessian comes only when released
+        add(self, activation, hessian)
+
+    monkeypatch.setattr(calibration.HessianStore, "add", held_add)
+    store = collect_hessians(model, calib, segment_bytes=1, background=True)  # x's segment, then r's
+    try:
+        np.testing.assert_array_equal(store[("x", "w1")], want[("x", "w1")])
+        assert not store.has("r")  # still held
+        threading.Timer(0.2, release.set).start()
+        np.testing.assert_array_equal(store[("r", "w2")], want[("r", "w2")])  # waits for it
+        assert store.wait() > 0 and sorted(store) == sorted(want)
+        assert store.get(("y", "nothing")) is None
+    finally:
+        store.close()
+    monkeypatch.setattr(calibration.HessianStore, "add", add)
+
+    def failing_add(self, name, value):
+        raise RuntimeError("syrk failed")
+
+    monkeypatch.setattr(calibration._HessianSums, "add", failing_add)
+    store = collect_hessians(model, calib, background=True)
+    try:
+        with pytest.raises(CalibrationError, match="syrk failed"):
+            store[("x", "w1")]
+        with pytest.raises(CalibrationError, match="syrk failed"):
+            store.wait()
+    finally:
+        store.close()
+    store = collect_hessians(model, calib, background=True)
+    folder = store._folder.name
+    store.close()
+    assert store._thread is not None and not store._thread.is_alive()
+    assert not os.path.exists(folder)
 
 
 def test_calibration_runs_only_the_nodes_its_hessians_need(monkeypatch):
