@@ -623,3 +623,37 @@ def test_blas_controller_limits_scipy_blas_loaded_after_numpy():
     )
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        BlockFormat(4, 32, True, ScaleKind.FLOAT8E5M2),
+        BlockFormat(6, 32, True, ScaleKind.FLOAT16),
+        BlockFormat(5, 32, False, ScaleKind.FLOAT8E5M2, "packed"),
+        BlockFormat(3, 16, False, ScaleKind.POW2),
+        BlockFormat(4, 32, True, ScaleKind.FLOAT8E4M3),
+    ],
+    ids=lambda fmt: f"{fmt.bits}b{fmt.block_size}-{'sym' if fmt.symmetric else 'asym'}-{fmt.scale_kind.value}",
+)
+def test_scale_search_over_several_ratios_at_once_equals_one_at_a_time(fmt, monkeypatch):
+    """search_scales tries its clip ratios in groups along a new axis (GPTQ's block columns are small):
+    the same stored scales and zero points as one ratio at a time, ties to the earlier ratio included."""
+    from bct_onnx import weight_quantizer
+    from bct_onnx.block_format import float8e4m3_scale_factor
+
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal((300, 64)) * rng.uniform(1e-3, 3, (300, 1))).astype(np.float32)
+    x[0] = 0.0  # an all-zero block: every ratio ties
+    x[1, :32] = np.linspace(-1, 1, 32)  # an evenly spread block: near ties between ratios
+    blocks = pad_to_blocks(x, fmt)
+    factor = float8e4m3_scale_factor(x, fmt) if fmt.scale_kind is ScaleKind.FLOAT8E4M3 else None
+    for importance in (None, rng.uniform(0, 2, fmt.block_size).astype(np.float32)):
+        grouped = search_scales(blocks, fmt, importance=importance, scale_factor=factor)
+        monkeypatch.setattr(weight_quantizer, "_SEARCH_GROUP_ELEMENTS", 1)
+        single = search_scales(blocks, fmt, importance=importance, scale_factor=factor)
+        monkeypatch.undo()
+        np.testing.assert_array_equal(grouped[0].view(np.uint8), single[0].view(np.uint8))
+        assert (grouped[1] is None) == fmt.symmetric
+        if grouped[1] is not None:
+            np.testing.assert_array_equal(grouped[1], single[1])
