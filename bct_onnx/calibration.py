@@ -14,7 +14,10 @@ import heapq
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -289,19 +292,37 @@ class HessianStore(Mapping[MatMulKey, np.ndarray]):
 
     A decoder's Hessians together can outweigh its weights (SmolLM2-135M: 0.4 GB of float32 [K, K]
     arrays for a 0.54 GB model); on disk they cost no memory until QuantizeMatMulPass asks for one.
-    close() removes the folder.
+    While a background collection runs (collect_hessians(background=True)), asking for a Hessian still
+    to come waits for it, so GPTQ rounds the first layers while the float model runs the last ones.
+    close() stops a collection still running and removes the folder.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, targets: Mapping[MatMulKey, int] | None = None) -> None:
+        """targets: (activation, weight) -> K of the MatMuls whose Hessians will be added (bound
+        to their activation's Hessian when it is added and is [K, K]); others are bound by bind()."""
         self._folder = tempfile.TemporaryDirectory(prefix="bct_onnx_hessians_")
         self._files: dict[str, Path] = {}  # activation name -> its Hessian's .npy file
         self._keys: dict[MatMulKey, str] = {}
         self._last: tuple[Path, np.ndarray] | None = None  # the Hessian read last
+        self._targets: dict[str, list[tuple[MatMulKey, int]]] = {}
+        for key, k in (targets or {}).items():
+            self._targets.setdefault(key[0], []).append((key, k))
+        self._changed = threading.Condition()
+        self._running = False  # a background collection adds Hessians
+        self._cancelled = False
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self.seconds = 0.0  # wall time of the collection
 
     def add(self, activation: str, hessian: np.ndarray) -> None:
         path = Path(self._folder.name) / f"{len(self._files)}.npy"
         np.save(path, hessian)
-        self._files[activation] = path
+        with self._changed:
+            self._files[activation] = path
+            for key, k in self._targets.get(activation, ()):
+                if hessian.shape == (k, k):
+                    self._keys[key] = activation
+            self._changed.notify_all()
 
     def has(self, activation: str) -> bool:
         return activation in self._files
@@ -313,9 +334,13 @@ class HessianStore(Mapping[MatMulKey, np.ndarray]):
             self._keys[key] = key[0]
 
     def __getitem__(self, key: MatMulKey) -> np.ndarray:
+        with self._changed:  # a Hessian still to come: wait for it (or for the collection's end)
+            while self._running and key[0] in self._targets and key[0] not in self._files:
+                self._changed.wait()
+            self._raise_error()
+            path = self._files[self._keys[key]]
         # MatMuls reading one activation get the same array object, one after the other, and GPTQ
         # factors it once (gptq._FactorOfLastHessian); read-only, since it is shared.
-        path = self._files[self._keys[key]]
         if self._last is None or self._last[0] != path:
             self._last = None  # drop the previous Hessian before reading the next
             array = np.load(path)
@@ -324,14 +349,59 @@ class HessianStore(Mapping[MatMulKey, np.ndarray]):
         return self._last[1]
 
     def __iter__(self) -> Iterator[MatMulKey]:
+        self.wait()
         return iter(self._keys)
 
     def __len__(self) -> int:
+        self.wait()
         return len(self._keys)
 
+    def wait(self) -> float:
+        """Wait for a background collection to end; raise its error, if any. The collection's seconds."""
+        with self._changed:
+            while self._running:
+                self._changed.wait()
+            self._raise_error()
+        return self.seconds
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise CalibrationError(f"calibration failed: {self._error}") from self._error
+
+    def _start(self, collect: Callable[[], None]) -> None:
+        """Run collect() on a thread of its own; Hessians asked for meanwhile are waited for."""
+        self._running = True
+        self._thread = threading.Thread(target=self._collect, args=(collect,), name="bct_onnx_hessians", daemon=True)
+        self._thread.start()
+
+    def _collect(self, collect: Callable[[], None]) -> None:
+        start = time.perf_counter()
+        try:
+            collect()
+        except _Cancelled:
+            pass
+        except Exception as error:  # noqa: BLE001  (handed to the thread that asks for a Hessian)
+            self._error = error
+        finally:
+            with self._changed:
+                self.seconds = time.perf_counter() - start
+                self._running = False
+                self._changed.notify_all()
+
+    def _check_cancelled(self) -> None:
+        if self._cancelled:
+            raise _Cancelled
+
     def close(self) -> None:
+        self._cancelled = True
+        if self._thread is not None:
+            self._thread.join()
         self._last = None
         self._folder.cleanup()
+
+
+class _Cancelled(Exception):
+    """The store was closed while its background collection ran."""
 
 
 def _npy_shape(path: Path) -> tuple[int, ...]:
@@ -343,6 +413,7 @@ def collect_hessians(
     calibration: Calibration,
     providers: Iterable[str] = ("CPUExecutionProvider",),
     segment_bytes: int = SEGMENT_BYTES,
+    background: bool = False,
 ) -> HessianStore:
     """Sum of x^T x over all calibration rows x of each constant-weight MatMul's activation input.
 
@@ -353,25 +424,44 @@ def collect_hessians(
     the Hessians of the segment's MatMuls are finished and written to disk before the next segment
     loads. So memory holds one segment's weights, its Hessians and the activations between
     segments, never the whole float model. Each batch adds its rows to the float32 Hessians with one
-    symmetric rank-k update (BLAS syrk), on one BLAS thread (see gptq.py). MatMuls reading the same
-    activation share one Hessian.
+    symmetric rank-k update (BLAS syrk) on one BLAS thread (see gptq.py), on a worker thread while ONNX
+    Runtime runs the next batch. MatMuls reading the same activation share one Hessian.
+
+    background: return once the model is saved and run the segments on a thread: the store hands
+    out each Hessian as soon as its segment has finished (HessianStore.wait() waits for the end).
+    The model may be changed meanwhile; its saved copy is what runs.
     """
     targets = constant_weight_matmuls(model)
-    store = HessianStore()
+    store = HessianStore(targets)
     if not targets:
         return store
+    folder = tempfile.TemporaryDirectory(prefix="bct_onnx_calib_")
     try:
-        with tempfile.TemporaryDirectory(prefix="bct_onnx_calib_") as tmp:
-            path = os.path.join(tmp, "model.onnx")
-            ir.save(model, path, external_data="model.onnx.data", max_workers=1, max_in_flight_bytes=1 << 26)
-            proto = onnx.load(path, load_external_data=False)
-            _run_segments(proto, tmp, targets, calibration, list(providers), segment_bytes, store)
+        path = os.path.join(folder.name, "model.onnx")
+        ir.save(model, path, external_data="model.onnx.data", max_workers=1, max_in_flight_bytes=1 << 26)
+        proto = onnx.load(path, load_external_data=False)
+    except BaseException:
+        folder.cleanup()
+        store.close()
+        raise
+
+    def collect() -> None:
+        try:
+            _run_segments(proto, folder.name, targets, calibration, list(providers), segment_bytes, store)
+        finally:
+            folder.cleanup()
+        logger.info("calibration: Hessians for %d MatMul weights from %d batches", len(store._keys), len(calibration.feeds))
+
+    if background:
+        store._start(collect)
+        return store
+    start = time.perf_counter()
+    try:
+        collect()
     except BaseException:
         store.close()
         raise
-    for key, k in targets.items():
-        store.bind(key, k)
-    logger.info("calibration: Hessians for %d MatMul weights from %d batches", len(store), len(calibration.feeds))
+    store.seconds = time.perf_counter() - start
     return store
 
 
@@ -496,7 +586,7 @@ def _run_segments(
     with_library = any(node.domain == ops.DOMAIN for node in graph.node)
     kept: dict[str, list[np.ndarray]] = {}  # value name -> one array per batch
     feeds = [dict(batch) for batch in calibration.feeds]
-    with blas_controller().limit(limits=1, user_api="blas"):
+    with blas_controller().limit(limits=1, user_api="blas"), ThreadPoolExecutor(1) as accumulator:
         for index, segment in enumerate(segments[: last_segment + 1]):
             produced = {name for i in segment for name in _node_names(graph.node[i])[1]}
             read = [name for i in segment for name in _node_names(graph.node[i])[0]]
@@ -511,20 +601,29 @@ def _run_segments(
                 else None
             )
             sums = _HessianSums()
+            # One batch's rank-k updates run on the worker while ONNX Runtime runs the next batch:
+            # the one worker takes them in order, so the sums are those of a serial loop.
+            adding: Future[None] | None = None
             for b, batch in enumerate(feeds):
+                store._check_cancelled()
                 run_feeds = {name: (batch[name] if name in graph_inputs else kept[name][b]) for name in inputs}
                 try:
                     values = dict(zip(outputs, session.run(outputs, run_feeds))) if session is not None else {}
                 except Exception as exc:  # onnxruntime raises its own exception types
                     raise CalibrationError(f"running the float model on calibration inputs failed: {exc}") from exc
-                for name in acts:
-                    sums.add(name, values[name] if name in values else batch[name])
+                if adding is not None:
+                    adding.result()  # at most one batch's activations wait for the worker
+                adding = accumulator.submit(
+                    sums.add_all, [(name, values[name] if name in values else batch[name]) for name in acts]
+                )
                 for name in later:
                     # A copy: ONNX Runtime's outputs may live in the session's arena and would keep all of
                     # it (hundreds of MB for a decoder's segment) after the session is gone.
                     kept.setdefault(name, []).append(np.array(values[name], copy=True))
                 del values, run_feeds
-            del session
+            if adding is not None:
+                adding.result()
+            del session, adding
             for name, hessian in sums.finished():
                 if not store.has(name):
                     store.add(name, hessian)
@@ -599,6 +698,10 @@ class _HessianSums:
         self.totals: dict[str, np.ndarray] = {}
         self._pending: dict[str, list[np.ndarray]] = {}
         self._pending_bytes: dict[str, int] = {}
+
+    def add_all(self, values: list[tuple[str, np.ndarray]]) -> None:
+        for name, value in values:
+            self.add(name, value)
 
     def add(self, name: str, value: np.ndarray) -> None:
         rows = np.asarray(value, dtype=np.float32).reshape(-1, value.shape[-1])

@@ -48,6 +48,8 @@ OFFSET_SHRINKS: tuple[tuple[float, float], ...] = tuple(
 POW2_RATIOS: tuple[float, ...] = (1.0, 0.5)
 # Rows are processed in chunks of about this many elements to bound temporary memory.
 _CHUNK_ELEMENTS = 1 << 22
+# search_scales tries as many clip ratios at once as keep its temporaries under this many elements.
+_SEARCH_GROUP_ELEMENTS = 1 << 21
 
 
 def _extremes(blocks: np.ndarray, fmt: BlockFormat) -> np.ndarray:
@@ -119,21 +121,25 @@ def search_scales(
     extremes = _extremes(blocks, fmt)
     best_scales, best_zp = choose_scales(extremes, fmt, scale_factor)
     best_err = _block_squared_error(blocks, best_scales, best_zp, fmt, importance, scale_factor)
-    for ratio in ratios:
-        if ratio == 1.0:
-            continue
+    others = [ratio for ratio in ratios if ratio != 1.0]
+    # Several ratios' candidates at once along a new leading axis (the same elementwise arithmetic, so
+    # the same errors): few rows of blocks (GPTQ's one block column) cost numpy calls, not arithmetic.
+    group = max(1, _SEARCH_GROUP_ELEMENTS // max(1, blocks.size))
+    for first in range(0, len(others), group):
+        ratio = np.array(others[first : first + group], np.float32).reshape((-1,) + (1,) * (extremes.ndim - 1))
         if fmt.symmetric:  # choose_scales of the one-element blocks extremes * ratio, without its argmax
-            scales, zp = symmetric_scales(extremes[..., 0] * np.float32(ratio), fmt, factor), None
+            scales, zp = symmetric_scales(extremes[..., 0] * ratio, fmt, factor), None
         else:
-            scales, zp = choose_scales(extremes * np.float32(ratio), fmt, scale_factor)
-        err = _block_squared_error(blocks, scales, zp, fmt, importance, scale_factor)
-        better = err < best_err
-        if not better.any():
-            continue
-        best_err = np.where(better, err, best_err)
-        best_scales = np.where(better, scales, best_scales)
-        if best_zp is not None and zp is not None:
-            best_zp = np.where(better, zp, best_zp)
+            scales, zp = choose_scales(extremes * ratio[..., None], fmt, scale_factor)
+        errors = _block_squared_error(blocks, scales, zp, fmt, importance, scale_factor)
+        for i, err in enumerate(errors):  # in the ratios' order: ties keep the earlier candidate
+            better = err < best_err
+            if not better.any():
+                continue
+            best_err = np.where(better, err, best_err)
+            best_scales = np.where(better, scales[i], best_scales)
+            if best_zp is not None and zp is not None:
+                best_zp = np.where(better, zp[i], best_zp)
     return best_scales, best_zp
 
 

@@ -364,18 +364,23 @@ def compress_model(
     # Calibration statistics are measured here, on the canonicalized model whose MatMuls the
     # quantize pass sees, and handed to it: passes run no inference.
     hessians = importances = None
+    calibration_index = len(records)
     if calibration is not None and config.enabled("MatMul"):
         start = time.perf_counter()
         if isinstance(calibration, ImportanceCalibration):
             importances = collect_channel_importance(work, calibration)
+            # Not a pass, but often the longest step before GPTQ: the report times it like one.
+            records.append(PassRecord(CALIBRATION_RECORD, False, time.perf_counter() - start, {}, 0))
         else:
-            hessians = collect_hessians(work, calibration)
-        # Not a pass, but often the longest step before GPTQ: the report times it like one.
-        records.append(PassRecord(CALIBRATION_RECORD, False, time.perf_counter() - start, {}, 0))
+            # In the background: GPTQ rounds each weight as soon as its Hessian is measured, while
+            # the float model runs the later layers (the two share the machine's cores).
+            hessians = collect_hessians(work, calibration, background=True)
     damping = calibration.damping if calibration is not None else DEFAULT_DAMPING
     try:
         for index, pass_ in enumerate(rewrite_passes(config, hessians, damping, importances), start=len(canonical) + 1):
             work = run(pass_, index, work)
+        if hessians is not None:  # its wall time, overlapping QuantizeMatMulPass's
+            records.insert(calibration_index, PassRecord(CALIBRATION_RECORD, False, hessians.wait(), {}, 0))
     finally:
         if hessians is not None:
             hessians.close()  # its files on disk

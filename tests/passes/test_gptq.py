@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from bct_onnx.passes import compress_model
@@ -304,6 +306,87 @@ def test_hessians_are_sums_of_x_transpose_x():
     assert hessians[("r", "w2")].shape == (96, 96)
 
 
+def test_hessian_updates_on_the_worker_thread_equal_the_serial_sums(monkeypatch):
+    """Each batch's rank-k updates run on a worker while ONNX Runtime runs the next batch: one worker,
+    in batch order, so the float32 sums are bit-identical to adding the batches one after the other;
+    an error on the worker reaches the caller."""
+    from bct_onnx import calibration
+
+    monkeypatch.setattr(calibration, "PENDING_ROW_BYTES", 1)  # one syrk per batch
+    rng = np.random.default_rng(4)
+    model = _mlp(rng)
+    batches = [(rng.standard_normal((int(rng.integers(1, 40)), 64)) * 10 ** rng.uniform(-2, 2)).astype(np.float32)
+               for _ in range(9)]
+    hessians = collect_hessians(model, Calibration(tuple({"x": b} for b in batches)))
+    serial = calibration._HessianSums()
+    for b in batches:
+        serial.add("x", b)
+    ((_, want),) = serial.finished()
+    np.testing.assert_array_equal(hessians[("x", "w1")], want)
+
+    def failing_add(self, name, value):
+        raise RuntimeError("syrk failed")
+
+    monkeypatch.setattr(calibration._HessianSums, "add", failing_add)
+    with pytest.raises(RuntimeError, match="syrk failed"):
+        collect_hessians(model, Calibration(tuple({"x": b} for b in batches)))
+
+
+def test_background_hessians_are_handed_out_as_their_segments_finish(monkeypatch):
+    """collect_hessians(background=True) returns at once; asking for a Hessian still to come waits for
+    it (the same array as a run in the foreground); an error on the collection's thread reaches the
+    caller; close() stops a collection still running."""
+    import threading
+
+    from bct_onnx import calibration
+
+    rng = np.random.default_rng(6)
+    model = _mlp(rng)
+    calib = Calibration(tuple({"x": rng.standard_normal((8, 64)).astype(np.float32)} for _ in range(3)))
+    foreground = collect_hessians(model, calib)
+    want = {key: np.array(foreground[key]) for key in foreground}
+    foreground.close()
+
+    release = threading.Event()
+    add = calibration.HessianStore.add
+
+    def held_add(self, activation, hessian):
+        if activation == "r":
+            release.wait(timeout=30)  # the second MatMul's Hessian comes only when released
+        add(self, activation, hessian)
+
+    monkeypatch.setattr(calibration.HessianStore, "add", held_add)
+    store = collect_hessians(model, calib, segment_bytes=1, background=True)  # x's segment, then r's
+    try:
+        np.testing.assert_array_equal(store[("x", "w1")], want[("x", "w1")])
+        assert not store.has("r")  # still held
+        threading.Timer(0.2, release.set).start()
+        np.testing.assert_array_equal(store[("r", "w2")], want[("r", "w2")])  # waits for it
+        assert store.wait() > 0 and sorted(store) == sorted(want)
+        assert store.get(("y", "nothing")) is None
+    finally:
+        store.close()
+    monkeypatch.setattr(calibration.HessianStore, "add", add)
+
+    def failing_add(self, name, value):
+        raise RuntimeError("syrk failed")
+
+    monkeypatch.setattr(calibration._HessianSums, "add", failing_add)
+    store = collect_hessians(model, calib, background=True)
+    try:
+        with pytest.raises(CalibrationError, match="syrk failed"):
+            store[("x", "w1")]
+        with pytest.raises(CalibrationError, match="syrk failed"):
+            store.wait()
+    finally:
+        store.close()
+    store = collect_hessians(model, calib, background=True)
+    folder = store._folder.name
+    store.close()
+    assert store._thread is not None and not store._thread.is_alive()
+    assert not os.path.exists(folder)
+
+
 def test_calibration_runs_only_the_nodes_its_hessians_need(monkeypatch):
     """ONNX Runtime would run a node nobody reads (a decoder's output projection): it is left out of the
     calibration sessions, and the Hessian of its input is still measured."""
@@ -540,3 +623,37 @@ def test_blas_controller_limits_scipy_blas_loaded_after_numpy():
     )
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        BlockFormat(4, 32, True, ScaleKind.FLOAT8E5M2),
+        BlockFormat(6, 32, True, ScaleKind.FLOAT16),
+        BlockFormat(5, 32, False, ScaleKind.FLOAT8E5M2, "packed"),
+        BlockFormat(3, 16, False, ScaleKind.POW2),
+        BlockFormat(4, 32, True, ScaleKind.FLOAT8E4M3),
+    ],
+    ids=lambda fmt: f"{fmt.bits}b{fmt.block_size}-{'sym' if fmt.symmetric else 'asym'}-{fmt.scale_kind.value}",
+)
+def test_scale_search_over_several_ratios_at_once_equals_one_at_a_time(fmt, monkeypatch):
+    """search_scales tries its clip ratios in groups along a new axis (GPTQ's block columns are small):
+    the same stored scales and zero points as one ratio at a time, ties to the earlier ratio included."""
+    from bct_onnx import weight_quantizer
+    from bct_onnx.block_format import float8e4m3_scale_factor
+
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal((300, 64)) * rng.uniform(1e-3, 3, (300, 1))).astype(np.float32)
+    x[0] = 0.0  # an all-zero block: every ratio ties
+    x[1, :32] = np.linspace(-1, 1, 32)  # an evenly spread block: near ties between ratios
+    blocks = pad_to_blocks(x, fmt)
+    factor = float8e4m3_scale_factor(x, fmt) if fmt.scale_kind is ScaleKind.FLOAT8E4M3 else None
+    for importance in (None, rng.uniform(0, 2, fmt.block_size).astype(np.float32)):
+        grouped = search_scales(blocks, fmt, importance=importance, scale_factor=factor)
+        monkeypatch.setattr(weight_quantizer, "_SEARCH_GROUP_ELEMENTS", 1)
+        single = search_scales(blocks, fmt, importance=importance, scale_factor=factor)
+        monkeypatch.undo()
+        np.testing.assert_array_equal(grouped[0].view(np.uint8), single[0].view(np.uint8))
+        assert (grouped[1] is None) == fmt.symmetric
+        if grouped[1] is not None:
+            np.testing.assert_array_equal(grouped[1], single[1])
