@@ -267,13 +267,14 @@ def test_exact_decode_byte_codes_many_blocks(isa: str, bits: int, symmetric: boo
     np.testing.assert_array_equal(got, want.astype(np.float32), err_msg=f"isa={isa}")
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 12, 40])
+@pytest.mark.parametrize("rows", [1, 3, 8, 12, 40, 520])
 @pytest.mark.parametrize("block_size", [32, 16, 64, 12])
 @pytest.mark.parametrize("bits,symmetric", [(5, False), (5, True), (6, True), (7, False)], ids=str)
 def test_exact_high_bit_planes(isa: str, bits: int, symmetric: bool, block_size: int, rows: int) -> None:
     """5..7-bit weights with integer activations (5 bits on AVX-512: nibbles plus a high bit plane):
-    every code value in every nibble position, decode (1..8 rows) and prefill row counts, blocks of
-    2, 4 and 8 groups and one padded to 16, K ending in a partial block, N=70 (a partial panel)."""
+    every code value in every nibble position, decode (1..8 rows) and prefill row counts (40: tasks of
+    16 rows; 520: of 64, the last one 8 rows), blocks of 2, 4 and 8 groups and one padded to 16, K
+    ending in a partial block, N=70 (a partial panel)."""
     rng = np.random.default_rng(bits * 100 + block_size + rows)
     k, n = 3 * block_size + 7, 70
     codes, scales, zero_points = random_weight(
