@@ -247,13 +247,10 @@ def test_exact_block_sizes(isa: str, block_size: int, act_bits: int) -> None:
     np.testing.assert_array_equal(got, want.astype(np.float32), err_msg=f"isa={isa}")
 
 
-@pytest.mark.parametrize("rows", [1, 2])
-@pytest.mark.parametrize("bits,symmetric", [(5, False), (6, True), (8, True)], ids=["5asym", "6sym", "8sym"])
-def test_exact_decode_byte_codes_many_blocks(isa: str, bits: int, symmetric: bool, rows: int) -> None:
-    """Decode rows on byte codes (5..8 bits) with more blocks than the kernels prefetch ahead: K=330
-    (10 full blocks of 32 and one of 10), N=70 (a partial panel of tiles), integer activations."""
-    rng = np.random.default_rng(bits * 10 + rows)
-    k, n, block_size = 330, 70, 32
+def _check_exact_integer_rows(
+    rng: np.random.Generator, isa: str, *, k: int, n: int, bits: int, block_size: int, symmetric: bool, rows: int
+) -> None:
+    """BlockMatMul on exact weights (float16 scales) and exact 8-bit activations equals the spec bit for bit."""
     codes, scales, zero_points = random_weight(
         rng, n, k, bits, block_size, symmetric, ScaleKind.FLOAT16, exact=True
     )
@@ -265,6 +262,15 @@ def test_exact_decode_byte_codes_many_blocks(isa: str, bits: int, symmetric: boo
     want = matmul_reference(a, codes, scales, zero_points, **fmt)
     assert np.array_equal(want.astype(np.float32).astype(np.float64), want), "test data not exact in float32"
     np.testing.assert_array_equal(got, want.astype(np.float32), err_msg=f"isa={isa}")
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("bits,symmetric", [(5, False), (6, True), (8, True)], ids=["5asym", "6sym", "8sym"])
+def test_exact_decode_byte_codes_many_blocks(isa: str, bits: int, symmetric: bool, rows: int) -> None:
+    """Decode rows on byte codes (5..8 bits) with more blocks than the kernels prefetch ahead: K=330
+    (10 full blocks of 32 and one of 10), N=70 (a partial panel of tiles), integer activations."""
+    rng = np.random.default_rng(bits * 10 + rows)
+    _check_exact_integer_rows(rng, isa, k=330, n=70, bits=bits, block_size=32, symmetric=symmetric, rows=rows)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 12, 40, 520])
@@ -276,18 +282,9 @@ def test_exact_high_bit_planes(isa: str, bits: int, symmetric: bool, block_size:
     16 rows; 520: of 64, the last one 8 rows), blocks of 2, 4 and 8 groups and one padded to 16, K
     ending in a partial block, N=70 (a partial panel)."""
     rng = np.random.default_rng(bits * 100 + block_size + rows)
-    k, n = 3 * block_size + 7, 70
-    codes, scales, zero_points = random_weight(
-        rng, n, k, bits, block_size, symmetric, ScaleKind.FLOAT16, exact=True
+    _check_exact_integer_rows(
+        rng, isa, k=3 * block_size + 7, n=70, bits=bits, block_size=block_size, symmetric=symmetric, rows=rows
     )
-    a = exact_activations(rng, (rows, k), block_size, 8)
-    fmt = {"k": k, "bits": bits, "block_size": block_size, "symmetric": symmetric, "act_bits": 8}
-    got = run_matmul(
-        matmul_model(n=n, codes=codes, scales=scales, zero_points=zero_points, bias=None, **fmt), a
-    )
-    want = matmul_reference(a, codes, scales, zero_points, **fmt)
-    assert np.array_equal(want.astype(np.float32).astype(np.float64), want), "test data not exact in float32"
-    np.testing.assert_array_equal(got, want.astype(np.float32), err_msg=f"isa={isa}")
 
 
 # ---------------------------------------------------------------------------------------------
