@@ -519,7 +519,7 @@ def compress(
                 budgeted=cfg.budgeted,
             )
         with timer.step("calibrate"):
-            cfg, kind_note = apply_decoder_plan(model, cfg, kind)
+            cfg, kind_note = apply_decoder_plan(model, cfg, kind, gptq=calibration_report.get("method") == "gptq")
         planner = plan = None
         target_ratio, max_error = cfg.target_ratio, cfg.max_error
         budget_skipped: str | None = None

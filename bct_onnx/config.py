@@ -35,6 +35,11 @@ DEFAULT_TARGET_RATIO: float | None = None
 # for one more bit on the embedding table tied to the output projection, which carries most of the
 # 4-bit loss, and the value projections: about 7.1x, where 4-bit with float16 scales is 7.0x.
 DECODER_SCALE_KIND = ScaleKind.FLOAT8E5M2
+# The weight scales of a decoder whose MatMul weights GPTQ rounds (calibration "gptq": a tokenizer was
+# found or given, or the caller's inputs): float8e4m3 with one float32 factor per tensor, at the same
+# size (3 mantissa bits: finer scales that GPTQ's error feedback uses; plain rounding does better
+# with float8e5m2, docs/results.md "SmolLM2 calibrated fidelity ... (session 11)").
+DECODER_GPTQ_SCALE_KIND = ScaleKind.FLOAT8E4M3
 DECODER_TIED_TABLE_EXTRA_BITS = 1
 # The tied table's zero points below 8 bits: integer zero points packed at the code width (asymmetric
 # blocks; a 5-bit table costs 5.41 bits a value instead of 5.25), or None for symmetric blocks.
@@ -216,7 +221,8 @@ class CompressConfig:
         and run-time activation quantization is left out (the report says so) unless
         ``qdq_activations``.
     kind_defaults: let the kind of model adjust fields still at their defaults (DECODER_* above:
-        decoders get float8e5m2 weight scales and a wider tied table); off: the fields as they are.
+        decoders get one-byte weight scales, float8e4m3 under GPTQ and float8e5m2 otherwise, and a
+        wider tied table); off: the fields as they are.
     qdq_activations: with format "qdq", write the run-time blockwise activation quantization too, as
         scales computed in the graph + QuantizeLinear/DequantizeLinear (bit for bit the custom ops'
         activations, but runtimes execute it in float: slower than float activations).

@@ -204,6 +204,7 @@ def gptq_quantize(
     keep_dead_inputs: bool = False,
     act_order: bool = False,
     weighted_scales: bool = True,
+    scale_factor: float | None = None,
 ) -> QuantizedTensor:
     """Quantize a transposed MatMul weight [N, K] (rows are output columns) along K with GPTQ.
 
@@ -220,6 +221,8 @@ def gptq_quantize(
     rounding error by the loss GPTQ counts for it, 1 / [H^-1]_kk (_obs_weights), not equally: on
     SmolLM2-135M it lowers every layer's output error on held-out text (docs/results.md). Not with
     keep_dead_inputs: a tied table's Gather reads every channel, however little the MatMul uses it.
+    scale_factor: float8e4m3 scales' per-tensor factor (None: the weight's own, from its values before
+    any correction).
     """
     weight = np.asarray(weight_nk)
     if weight.ndim != 2:
@@ -232,7 +235,7 @@ def gptq_quantize(
     zero_points = None if fmt.zero_point_dtype is None else np.empty(scales.shape, dtype=fmt.zero_point_dtype)
     order = np.argsort(-np.diag(hessian), kind="stable") if act_order else None
     # float8e4m3: one factor for the whole weight, from its values before any correction
-    factor = default_scale_factor(weight, fmt)
+    factor = default_scale_factor(weight, fmt) if scale_factor is None else scale_factor
     # Rows (output columns) are independent: walk them in chunks so the float64 working copy stays
     # small (an output projection of 49152 x 576 would take 226 MB at once) and cache-friendly; the
     # chunk's codes are packed before the next one (unpacked codes of the whole weight, and

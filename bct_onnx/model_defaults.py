@@ -9,9 +9,9 @@ directly (``explicit_fields`` None) is used exactly as given.
 Why encoders differ: an 8x budget with one-byte float8e5m2 scales takes all-MiniLM-L6-v2 to 8.0x at
 a higher cosine than fixed 4-bit widths at 7.2x, data-free (docs/results.md), while the same budget
 costs a decoder (SmolLM2-135M) far more perplexity than fixed widths do. Decoders get their own plan
-instead (``apply_decoder_plan``: float8e5m2 scales, a wider tied table and value projections, the
-DECODER_* values in bct_onnx/config.py), on configs without a budget; ``kind_defaults=False``
-switches both off.
+instead (``apply_decoder_plan``: one-byte weight scales, float8e4m3 when GPTQ rounds the weights and
+float8e5m2 otherwise, a wider tied table and value projections, the DECODER_* values in
+bct_onnx/config.py), on configs without a budget; ``kind_defaults=False`` switches both off.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import onnx_ir as ir
 from bct_onnx.block_format import MAX_BITS, ScaleKind
 from bct_onnx.config import (
     DECODER_ASYMMETRIC_WEIGHTS,
+    DECODER_GPTQ_SCALE_KIND,
     DECODER_SCALE_KIND,
     DECODER_TIED_TABLE_BLOCK_SIZE,
     DECODER_TIED_TABLE_EXTRA_BITS,
@@ -102,10 +103,11 @@ def _matches(consumers: Any, patterns: tuple[str, ...]) -> bool:
 
 
 def apply_decoder_plan(
-    model: ir.Model, config: CompressConfig, kind: ModelKind | None = None
+    model: ir.Model, config: CompressConfig, kind: ModelKind | None = None, gptq: bool = False
 ) -> tuple[CompressConfig, dict[str, Any]]:
     """A decoder's adjustments (DECODER_* in bct_onnx.config) on fields still at their class
-    defaults, and a note {"kind": ..., "changed": [...]}: float8e5m2 weight scales, and per-tensor
+    defaults, and a note {"kind": ..., "changed": [...]}: one-byte weight scales (float8e5m2, or
+    DECODER_GPTQ_SCALE_KIND when ``gptq``: the MatMul weights will be rounded by GPTQ), and per-tensor
     overrides widening the tied table (asymmetric, integer zero points packed at the code width) and
     the value projections (measured: docs/results.md).
 
@@ -122,9 +124,10 @@ def apply_decoder_plan(
         return config, note
     changed: list[str] = note["changed"]
     fields: dict[str, Any] = {}
-    if config.scale_kind is ScaleKind.FLOAT16 and DECODER_SCALE_KIND is not ScaleKind.FLOAT16:
-        fields["scale_kind"] = DECODER_SCALE_KIND
-        changed.append(f"weight scales {DECODER_SCALE_KIND.value}")
+    scale_kind = DECODER_GPTQ_SCALE_KIND if gptq else DECODER_SCALE_KIND
+    if config.scale_kind is ScaleKind.FLOAT16 and scale_kind is not ScaleKind.FLOAT16:
+        fields["scale_kind"] = scale_kind
+        changed.append(f"weight scales {scale_kind.value}")
     overrides = list(config.overrides)
     for unit in find_units(model, config):
         if unit.pinned is not None:

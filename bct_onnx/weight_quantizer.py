@@ -171,9 +171,14 @@ def _search_offset_ranges(
 
 
 def quantize_tensor(
-    x: np.ndarray, fmt: BlockFormat, scale_search: bool = True, importance: np.ndarray | None = None
+    x: np.ndarray,
+    fmt: BlockFormat,
+    scale_search: bool = True,
+    importance: np.ndarray | None = None,
+    scale_factor: float | None = None,
 ) -> QuantizedTensor:
     """Blockwise-quantize a 2-D x [rows, D] along its last axis; with scale_search, per-block clipped scales.
+    scale_factor: float8e4m3 scales' per-tensor factor (None: x's own).
 
     Without scale_search this equals ``block_format.quantize(x, fmt)``.
     """
@@ -191,7 +196,7 @@ def quantize_tensor(
     elif fmt.float_offsets and d % fmt.block_size:
         # Float-offset padding repeats the last value: give it no weight in the scale search.
         weights = _pad_to_blocks(np.ones((1, d), dtype=np.float32), fmt.block_size)[0]
-    factor = default_scale_factor(x, fmt)
+    factor = default_scale_factor(x, fmt) if scale_factor is None else scale_factor
     step = max(1, _CHUNK_ELEMENTS // max(1, nb * fmt.block_size))
     for start in range(0, rows, step):
         stop = min(rows, start + step)

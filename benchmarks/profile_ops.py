@@ -5,8 +5,9 @@ Runs the model (a bct-onnx file with the custom-op library registered, or any ON
 and prints each op type's share of the summed node time, its calls per run and the graph's node
 counts; matrix products (BlockMatMul, MatMulNBits, MatMul with a constant weight) are split by their
 K x N weight shape. The wall time of a run next to its summed node time shows what ONNX Runtime
-spends between nodes (dispatch, allocation, output copies). Profiling files go to a temporary
-directory.
+spends between nodes (dispatch, allocation, output copies); so does the fastest and the median run
+split into its nodes' time in that run and the rest (with --fastest the first line's "between nodes"
+also holds the nodes' slower calls). Profiling files go to a temporary directory.
 
     python benchmarks/profile_ops.py MODEL.onnx --model minilm|bert-base [--threads 1] [--runs 20]
     python benchmarks/profile_ops.py MODEL.onnx --model smollm2 --case decode|prefill [--top 10]
@@ -73,6 +74,23 @@ def node_times(
     return result, [float(r["dur"]) for r in runs]
 
 
+def run_breakdown(profile: Path, skip_runs: int) -> list[tuple[float, float, float]]:
+    """(wall, summed node time, time between nodes) in microseconds of each run after skip_runs, from
+    the node events inside the run: what a run spends outside its nodes (dispatch, allocation) apart
+    from its nodes' own time, whatever that time was in this run."""
+    events = profile_events(profile)
+    nodes = sorted(
+        (e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")),
+        key=lambda e: e["ts"],
+    )
+    result = []
+    for run in _runs(events, skip_runs):
+        begin, end = run["ts"], run["ts"] + run["dur"]
+        busy = sum(float(e["dur"]) for e in nodes if begin <= e["ts"] <= end)
+        result.append((float(run["dur"]), busy, float(run["dur"]) - busy))
+    return result
+
+
 def weight_shapes(model: onnx.ModelProto) -> dict[str, str]:
     """Node name -> "KxN" (with " b<bits>" when the node says) for the matrix products with a weight
     (K and N attributes, or a constant B)."""
@@ -130,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         feeds = make_feeds(session)
         for _ in range(args.warmup + args.runs):
             session.run(None, feeds)
-        nodes, walls = node_times(Path(session.end_profiling()), args.warmup, fastest=args.fastest)
+        profile = Path(session.end_profiling())
+        nodes, walls = node_times(profile, args.warmup, fastest=args.fastest)
+        breakdown = sorted(run_breakdown(profile, args.warmup))
     runs = len(walls)
     shapes = weight_shapes(proto)
     times: dict[str, float] = collections.defaultdict(float)
@@ -147,6 +167,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{total / runs / 1e3:.3f} ms per run, wall time median {statistics.median(walls) / 1e3:.3f} ms "
         f"(between nodes {(statistics.median(walls) - total / runs) / 1e3:.3f} ms)"
     )
+    for label, (wall, busy, between) in (
+        ("fastest", breakdown[0]),
+        ("median", breakdown[len(breakdown) // 2]),
+    ):
+        print(
+            f"  {label} run: {wall / 1e3:.3f} ms = nodes {busy / 1e3:.3f} ms (their time in that run) "
+            f"+ between and around nodes {between / 1e3:.3f} ms"
+        )
     for group, us in sorted(times.items(), key=lambda kv: -kv[1]):
         per_call = us / calls[group]
         print(

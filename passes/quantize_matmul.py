@@ -28,6 +28,7 @@ from bct_onnx.passes.quantized_weights import (
 )
 
 from bct_onnx import ops
+from bct_onnx.block_format import BlockFormat, ScaleKind, float8e4m3_scale_factor
 from bct_onnx.calibration import DEFAULT_DAMPING, MatMulKey
 from bct_onnx.config import CompressConfig
 
@@ -161,6 +162,40 @@ def _scale_search_importance(matched: MatMulMatch) -> np.ndarray | None:
     return matched.importance if matched.importance is not None else _input_importance(matched)
 
 
+def _shared_scale_factor(matched: MatMulMatch, fmt: BlockFormat, config: CompressConfig) -> float | None:
+    """float8e4m3 scales: one scale_factor for the MatMuls reading this activation with a weight in fmt
+    (a layer's q/k/v, its gate/up), the largest any of them needs, so that FuseMatMulEpiloguePass can
+    concatenate gate and up; None (each weight its own factor) for other scale kinds.
+
+    A sibling rewritten earlier holds the factor its group got while every weight was still float; it
+    is taken when it has the same width and is no smaller than this weight's own (never saturating).
+    """
+    if fmt.scale_kind is not ScaleKind.FLOAT8E4M3 or matched.source_is_transposed:
+        return None
+
+    def needed(tensor: ir.TensorProtocol) -> float:
+        return float8e4m3_scale_factor(np.asarray(tensor.numpy(), dtype=np.float32).T, fmt)
+
+    own = needed(matched.source_tensor)
+    group = [own]
+    for use in matched.activation.uses():
+        node = use.node
+        if use.idx != 0 or node is matched.matmul:
+            continue
+        if node.domain == ops.DOMAIN and node.op_type == ops.BLOCK_MATMUL:
+            factor = node.attributes.get("scale_factor")
+            width = tuple(node.attributes[a].as_int() for a in ("bits", "block_size", "symmetric") if a in node.attributes)
+            if factor is not None and factor.as_float() >= own and width == (fmt.bits, fmt.block_size, int(fmt.symmetric)):
+                return factor.as_float()
+        elif node.op_type == "MatMul" and node.domain in DEFAULT_DOMAINS and node.inputs[1] is not None:
+            found = _weight_source(node.inputs[1])
+            if isinstance(found, str) or found[2] or len(found[1].shape) != 2:
+                continue
+            if config.settings_for("MatMul", node_name(node)).weight_format == fmt:
+                group.append(needed(found[1]))
+    return max(group)
+
+
 class QuantizeMatMulPass(NodeRewritePass):
     """Rewrite MatMul with a constant 2-D float32 weight into BlockMatMul (+ fused bias)."""
 
@@ -253,6 +288,7 @@ class QuantizeMatMulPass(NodeRewritePass):
             hessian=matched.hessian,
             damping=matched.damping,
             keep_dead_inputs=matched.source_is_transposed,
+            scale_factor=_shared_scale_factor(matched, fmt, config),
         )
         name = node_name(matched.matmul, "MatMul")
         bias: ir.Value | None = None

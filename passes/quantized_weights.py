@@ -166,12 +166,14 @@ def quantized_initializers(
     hessian: np.ndarray | None = None,
     keep_dead_inputs: bool = False,
     damping: float = 0.01,  # bct_onnx.calibration.DEFAULT_DAMPING
+    scale_factor: float | None = None,
 ) -> QuantizedInitializers:
     """Quantize a constant 2-D tensor (its transpose when transposed) along the last axis, once per graph.
 
     Reuses initializers made earlier from the same source in the same layout and format. With a
     calibration hessian ([D, D] of the consumer's inputs) the codes are chosen by GPTQ
-    (keep_dead_inputs, damping: see gptq_quantize).
+    (keep_dead_inputs, damping: see gptq_quantize). scale_factor: float8e4m3 scales' per-tensor factor
+    (None: the tensor's own, block_format.float8e4m3_scale_factor).
     """
     source_name = source.name or "weight"
     requested = fmt
@@ -193,10 +195,11 @@ def quantized_initializers(
         array = np.ascontiguousarray(array.T) if array.nbytes <= _TRANSPOSE_COPY_BYTES else array.T
     if hessian is not None:
         quantized = gptq_quantize(
-            array, hessian, fmt, damping=damping, scale_search=scale_search, keep_dead_inputs=keep_dead_inputs
+            array, hessian, fmt, damping=damping, scale_search=scale_search, keep_dead_inputs=keep_dead_inputs,
+            scale_factor=scale_factor,
         )
     else:
-        quantized = quantize_tensor(array, fmt, scale_search=scale_search, importance=importance)
+        quantized = quantize_tensor(array, fmt, scale_search=scale_search, importance=importance, scale_factor=scale_factor)
     codes = _register(graph, f"{base}.codes", quantized.codes, source_name, tag)
     scales = _register(graph, f"{base}.scales", quantized.scales, source_name, tag)
     if quantized.scale_factor is not None:

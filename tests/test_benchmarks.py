@@ -137,6 +137,36 @@ def test_compare_speed_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     )
 
 
+def test_compare_speed_bound_run_gives_the_outputs_of_run() -> None:
+    """bound_run binds the feeds and outputs once: each call recomputes into the bound outputs (the
+    feeds' buffers are read at every call), and interleaved_times times either form."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    compare = _load("compare_speed")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["sum"]), helper.make_node("Mul", ["a", "b"], ["product"])],
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in ("a", "b")],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in ("sum", "product")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.full((2, 3), 3.0, np.float32)}
+    run = compare.bound_run(session, feeds)
+    outputs = [value.numpy() for value in run.values[len(feeds) :]]
+    for out in outputs:
+        out[...] = -1.0
+    feeds["b"][...] = 2.0  # bound by reference: the next call reads the new values
+    run()
+    np.testing.assert_array_equal(outputs[0], feeds["a"] + 2.0)
+    np.testing.assert_array_equal(outputs[1], feeds["a"] * 2.0)
+    for bind in (False, True):
+        times = compare.interleaved_times([(session, feeds)], rounds=3, warmup=1, bind=bind)
+        assert len(times) == 1 and len(times[0]) == 3 and all(t > 0 for t in times[0])
+
+
 def test_compare_speed_paired_ratio_is_per_round() -> None:
     """The decode ratio is taken round by round (a slow round slows both), then its median and quartiles."""
     compare = _load("compare_speed")
@@ -264,6 +294,10 @@ def test_profile_ops_shares_add_up_to_the_profiled_node_time(tmp_path: Path) -> 
     fastest, _ = profile_ops.node_times(profile, skip_runs=2, fastest=True)
     assert fastest.keys() == nodes.keys()
     assert all(0 < fastest[key][0] <= nodes[key][0] and fastest[key][1] == 3 for key in nodes)
+    breakdown = profile_ops.run_breakdown(profile, skip_runs=2)
+    assert [wall for wall, _, _ in breakdown] == walls
+    assert sum(busy for _, busy, _ in breakdown) == pytest.approx(sum(us for us, _ in nodes.values()))
+    assert all(busy > 0 and between == pytest.approx(wall - busy) for wall, busy, between in breakdown)
 
 
 def test_profile_ops_names_weight_shapes() -> None:

@@ -9,7 +9,9 @@ import onnx_ir as ir
 
 import bct_onnx
 from bct_onnx.block_format import ScaleKind, ZeroPointKind, unpack_zero_points
+from bct_onnx.calibration import Calibration
 from bct_onnx.config import (
+    DECODER_GPTQ_SCALE_KIND,
     DECODER_SCALE_KIND,
     DECODER_TIED_TABLE_EXTRA_BITS,
     DECODER_TIED_TABLE_ZERO_POINTS,
@@ -94,6 +96,32 @@ def test_decoder_gets_one_byte_scales_and_a_wider_tied_table():
         f"weight scales {DECODER_SCALE_KIND.value}",
         f"table: {wide}-bit, packed integer zero points",
     ]
+
+
+def test_gptq_rounded_decoder_gets_the_gptq_scale_kind():
+    model = tied_decoder()
+    config, note = apply_decoder_plan(model, CompressConfig(), gptq=True)
+    assert DECODER_GPTQ_SCALE_KIND is not DECODER_SCALE_KIND
+    assert config.scale_kind is DECODER_GPTQ_SCALE_KIND
+    assert note["changed"][0] == f"weight scales {DECODER_GPTQ_SCALE_KIND.value}"
+    assert apply_decoder_plan(model, CompressConfig(scale_kind="pow2"), gptq=True)[0].scale_kind is ScaleKind.POW2
+
+
+def test_compress_picks_the_scale_kind_by_calibration_method(tmp_path):
+    """GPTQ-rounded weights (here: the caller's calibration inputs) get DECODER_GPTQ_SCALE_KIND, plain
+    rounding DECODER_SCALE_KIND; the tied table is stored once in the MatMul's kind either way."""
+    model_path = tmp_path / "decoder.onnx"
+    ir.save(tied_decoder(), model_path)
+    feeds = Calibration(({"input_ids": np.random.default_rng(0).integers(0, V, (2, 16)).astype(np.int64)},))
+    for calibration, kind in ((feeds, DECODER_GPTQ_SCALE_KIND), ("none", DECODER_SCALE_KIND)):
+        result = bct_onnx.compress(model_path, tmp_path / "out.onnx", calibration=calibration)
+        assert result.report.config["scale_kind"] == kind.value, calibration
+        assert f"weight scales {kind.value}" in result.report.model_kind["changed"]
+        compressed = onnx.load(tmp_path / "out.onnx")
+        assert len([t for t in compressed.graph.initializer if t.name.startswith("table.") and t.name.endswith(".codes")]) == 1
+        ids = np.array([[1, 5, 63, 0]], np.int64)
+        (logits,) = bct_onnx.session(tmp_path / "out.onnx").run(None, {"input_ids": ids})
+        assert np.isfinite(logits).all()
 
 
 def test_8_bit_tied_table_stays_symmetric():

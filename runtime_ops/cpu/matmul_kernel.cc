@@ -10,6 +10,9 @@
 
 #include "bct/nonlinear_math.h"
 #include "cpu/kernel_table.h"
+#if BCT_X86_SIMD
+#include <immintrin.h>  // SSE2 (part of x86-64 itself); AVX-512 only in functions with that target
+#endif
 
 namespace bct {
 namespace matmul {
@@ -75,18 +78,24 @@ std::unique_ptr<PackedWeights> Pack(const Shape& shape, const WeightInputs& weig
 
   const int64_t bkp = (std::min<int64_t>(bs, K) + 7) / 8 * 8;  // no block is longer than K
   const int64_t k_padded = nb * bkp;
-  const bool nibble = shape.bits <= 4;
-  const int64_t group_k = nibble ? 8 : 4;
   const int64_t tiles = (N + kTileCols - 1) / kTileCols;
   const bool signed_codes = shape.act_bits == 0 && shape.symmetric;
   const bool streamed = kernels.matmul_compact_weights;
+  // 5-bit integer-mode weights on the streamed path: nibbles plus one high bit plane, 5/8 of the bytes
+  // (a decoder's 5-bit output table is the largest read of its decode step). Two planes (6 bits) cost
+  // more in the kernel than the bytes they save on a decoder's small 6-bit projections.
+  const int high_planes = streamed && shape.act_bits > 0 && shape.bits == 5 ? 1 : 0;
+  const bool nibble = shape.bits <= 4 || high_planes > 0;
+  const int64_t group_k = nibble ? 8 : 4;
+  const int64_t groups = bkp / group_k;
   const int zp_mode = ZeroPointMode(shape);
   p->block_padded = bkp;
   p->k_padded = k_padded;
   p->num_tiles = tiles;
-  p->block_code_bytes = bkp / group_k * 64;
+  p->block_code_bytes = groups * 64 + high_planes * groups * 16;
   p->tile_bytes = nb * p->block_code_bytes;
   p->nibble = nibble;
+  p->high_planes = high_planes;
   p->signed_codes = signed_codes;
   // float8e5m2 scales are float16 values (their upper byte): widened to float16 bits exactly.
   p->half_scales =
@@ -118,6 +127,12 @@ std::unique_ptr<PackedWeights> Pack(const Shape& shape, const WeightInputs& weig
         if (nibble) {
           uint8_t& byte = dst[(kk >> 3) * 64 + (kk & 3)];
           byte = static_cast<uint8_t>(byte | ((kk & 4) ? v << 4 : v));
+          const int64_t bit = col * 4 + (kk & 3);  // the code's byte in the group's nibble vector
+          for (int q = 0; q < high_planes; ++q) {
+            if ((row[k0 + kk] >> (4 + q) & 1) == 0) continue;
+            uint8_t* masks = dst - col * 4 + groups * 64 + (q * groups + (kk >> 3)) * 16 + ((kk & 4) ? 8 : 0);
+            masks[bit >> 3] = static_cast<uint8_t>(masks[bit >> 3] | (1u << (bit & 7)));
+          }
         } else {
           dst[(kk >> 2) * 64 + (kk & 3)] = static_cast<uint8_t>(v);
         }
@@ -162,6 +177,30 @@ void UnpackRows(const PackedWeights& p, const ActivationCodes& in, int64_t row_b
   const int64_t rb = row_bytes(K, s.act_bits);
   const int half = 1 << (s.act_bits - 1);
   const int32_t zw = static_cast<int32_t>(p.implicit_zero_point);
+#if BCT_X86_SIMD
+  if (s.act_bits == 8 && s.block_size % 16 == 0 && K % s.block_size == 0) {  // no padding: 16 codes at a time
+    // sa = u - 128 is the byte u ^ 0x80; the block sum is sum(u) - 128 * block_size (psadbw sums bytes).
+    const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
+    for (int64_t m = row_begin; m < row_end; ++m) {
+      const uint8_t* row = in.codes + m * rb;
+      int8_t* codes = out->codes.data() + m * kp;
+      for (int64_t b = 0; b < nb; ++b) {
+        __m128i sums = _mm_setzero_si128();
+        for (int64_t k = b * s.block_size; k < (b + 1) * s.block_size; k += 16) {
+          const __m128i u = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k));
+          sums = _mm_add_epi64(sums, _mm_sad_epu8(u, _mm_setzero_si128()));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm_xor_si128(u, flip));
+        }
+        const int32_t sum = _mm_cvtsi128_si32(sums) + _mm_cvtsi128_si32(_mm_unpackhi_epi64(sums, sums)) -
+                            half * static_cast<int32_t>(s.block_size);
+        out->scales[m * nb + b] = in.scales[m * nb + b];
+        out->corr[m * nb + b] = -zw * sum;
+        out->sums[m * nb + b] = static_cast<float>(sum);
+      }
+    }
+    return;
+  }
+#endif
   std::vector<uint8_t> row(static_cast<size_t>(K));
   for (int64_t m = row_begin; m < row_end; ++m) {
     UnpackRow(in.codes + m * rb, rb, s.act_bits, K, row.data());
@@ -246,7 +285,7 @@ void ComputeScalarRows(const PackedWeights& p, const detail::ActRows* act, const
 
 // True when Y[r0:r1, c0:c1] (row stride N) holds no infinity or NaN: an exponent of all ones is the
 // only way to exceed 0x7f7fffff once the sign is cleared (a loop the compiler vectorises).
-bool RegionFinite(const float* Y, int64_t N, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+bool RegionFiniteBaseline(const float* Y, int64_t N, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
   int32_t bad = 0;
   for (int64_t r = r0; r < r1; ++r) {
     const float* row = Y + r * N;
@@ -259,17 +298,52 @@ bool RegionFinite(const float* Y, int64_t N, int64_t r0, int64_t r1, int64_t c0,
   return bad == 0;
 }
 
+#if BCT_X86_SIMD
+// The same test 16 floats at a time (the baseline loop is SSE2 at best): every prefill product is
+// scanned once, so this is a few percent of a GEMM.
+__attribute__((target("avx512f"))) bool RegionFiniteAvx512(const float* Y, int64_t N, int64_t r0, int64_t r1,
+                                                           int64_t c0, int64_t c1) {
+  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+  const __m512i largest = _mm512_set1_epi32(0x7f7fffff);
+  __mmask16 bad = 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* row = Y + r * N;
+    int64_t c = c0;
+    for (; c + 16 <= c1; c += 16) {
+      const __m512i v = _mm512_loadu_si512(row + c);
+      bad = static_cast<__mmask16>(bad | _mm512_cmpgt_epi32_mask(_mm512_and_si512(v, magnitude), largest));
+    }
+    if (c < c1) {
+      const __mmask16 tail = static_cast<__mmask16>((1u << (c1 - c)) - 1u);
+      const __m512i v = _mm512_maskz_loadu_epi32(tail, row + c);
+      bad = static_cast<__mmask16>(bad | _mm512_mask_cmpgt_epi32_mask(tail, _mm512_and_si512(v, magnitude), largest));
+    }
+  }
+  return bad == 0;
+}
+#endif
+
+// RegionFinite on the widest vectors the kernel's path may use.
+bool RegionFinite(const PackedWeights& p, const float* Y, int64_t N, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+#if BCT_X86_SIMD
+  if (p.isa == cpu::Isa::kAvx512 || p.isa == cpu::Isa::kAvx512Vnni || p.isa == cpu::Isa::kAmxInt8) {
+    return RegionFiniteAvx512(Y, N, r0, r1, c0, c1);
+  }
+#endif
+  return RegionFiniteBaseline(Y, N, r0, r1, c0, c1);
+}
+
 }  // namespace
 
 namespace {
 
-// Rows a task of the row-chunked integer prefill takes (all tiles, so each task reads every weight):
-// 32 from 128 rows on (at least 4 tasks), else 16 (more than kDecodeRows, so the prefill kernels
-// run); 0 when the shape does not take that path (decode, float mode, the scalar path, or too few
-// rows for two tasks).
-int64_t SinkRowsPerTask(const PackedWeights& p, int64_t M) {
+// Rows a task of the row-chunked integer prefill takes (all tiles, so each task reads every weight,
+// from cache): 32 from 256 rows on, else 16 (more than kDecodeRows, so the prefill kernels run, and
+// at least 8 tasks from 128 rows on, for ORT's pool to balance); 0 when the shape does not take that
+// path (decode, float mode, the scalar path, or too few rows for two tasks).
+int64_t RowChunkRows(const PackedWeights& p, int64_t M) {
   if (p.shape.act_bits == 0 || cpu::Kernels(p.isa).matmul_tiles == nullptr || M < 32) return 0;
-  return M >= 128 ? 32 : 16;
+  return M >= 256 ? 32 : 16;
 }
 
 }  // namespace
@@ -278,15 +352,17 @@ bool Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
              const ParallelFor& parallel_for, const ActivationCodes* act_codes, const RowSink* sink) {
   const Shape& s = p.shape;
   if (M <= 0 || s.N <= 0) return true;
-  const int64_t sink_rows = sink != nullptr ? SinkRowsPerTask(p, M) : 0;
-  if (sink != nullptr && sink_rows == 0) {  // the product as usual, then the sink over row chunks
+  // Integer prefill runs in row chunks: each task quantizes its own rows (in parallel, while they are
+  // in cache) and computes them against all tiles, into Y or (with a sink) per-thread scratch.
+  const int64_t chunk_rows = RowChunkRows(p, M);
+  if (sink != nullptr && chunk_rows == 0) {  // the product as usual, then the sink over row chunks
     std::vector<float> product(static_cast<size_t>(M * s.N));
     const bool finite = Compute(p, A, M, bias, product.data(), parallel_for, act_codes);
     const int64_t rows_per_task = std::max<int64_t>(1, 8192 / s.N);
     parallel_for(static_cast<std::size_t>((M + rows_per_task - 1) / rows_per_task), [&](std::size_t task) {
       const int64_t r0 = static_cast<int64_t>(task) * rows_per_task, r1 = std::min(M, r0 + rows_per_task);
       float* rows = product.data() + r0 * s.N;
-      (*sink)(r0, r1, rows, finite || RegionFinite(rows, s.N, 0, r1 - r0, 0, s.N));
+      (*sink)(r0, r1, rows, finite || RegionFinite(p, rows, s.N, 0, r1 - r0, 0, s.N));
     });
     return finite;
   }
@@ -307,10 +383,10 @@ bool Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
       if (act_codes != nullptr) return detail::UnpackRows(p, *act_codes, r0, r1, &act);
       QuantizeActivations(p, A, r0, r1, &act);
     };
-    // Row-chunked prefill (sink_rows > 0) quantizes each task's rows in the task itself, below.
-    if (sink_rows == 0 && tasks > 1) {
+    // Row-chunked prefill (chunk_rows > 0) quantizes each task's rows in the task itself, below.
+    if (chunk_rows == 0 && tasks > 1) {
       parallel_for(static_cast<std::size_t>(tasks), quantize);
-    } else if (sink_rows == 0) {
+    } else if (chunk_rows == 0) {
       quantize(0);
     }
   }
@@ -322,7 +398,7 @@ bool Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
     parallel_for(static_cast<std::size_t>(tasks), [&](std::size_t task) {
       const int64_t r0 = static_cast<int64_t>(task) * rows_per_task, r1 = std::min(M, r0 + rows_per_task);
       ComputeScalarRows(p, quantized ? &act : nullptr, A, r0, r1, bias, Y);
-      if (!RegionFinite(Y, s.N, r0, r1, 0, s.N)) finite.store(false, std::memory_order_relaxed);
+      if (!RegionFinite(p, Y, s.N, r0, r1, 0, s.N)) finite.store(false, std::memory_order_relaxed);
     });
     return finite.load();
   }
@@ -342,36 +418,41 @@ bool Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
     a_padded = padded.data();
   }
 
-  if (sink_rows > 0) {
-    const int64_t tasks = (M + sink_rows - 1) / sink_rows;
+  if (chunk_rows > 0) {
+    const int64_t tasks = (M + chunk_rows - 1) / chunk_rows;
     parallel_for(static_cast<std::size_t>(tasks), [&](std::size_t task) {
-      const int64_t r0 = static_cast<int64_t>(task) * sink_rows, r1 = std::min(M, r0 + sink_rows);
+      const int64_t r0 = static_cast<int64_t>(task) * chunk_rows, r1 = std::min(M, r0 + chunk_rows);
       if (act_codes != nullptr) {
         detail::UnpackRows(p, *act_codes, r0, r1, &act);
       } else {
         QuantizeActivations(p, A, r0, r1, &act);
       }
-      thread_local std::vector<float> scratch;
-      scratch.resize(static_cast<size_t>(sink_rows * s.N));
-      // The kernels address row r of Y at Y + r * N: an address r0 rows before the scratch puts row r0
-      // at its start (integer arithmetic: no pointer outside the buffer is formed and dereferenced).
-      float* y = reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(scratch.data()) -
-                                          static_cast<uintptr_t>(r0 * s.N) * sizeof(float));
+      float* y = Y;
+      float* rows = Y + r0 * s.N;
+      if (sink != nullptr) {
+        thread_local std::vector<float> scratch;
+        scratch.resize(static_cast<size_t>(chunk_rows * s.N));
+        rows = scratch.data();
+        // The kernels address row r of Y at Y + r * N: an address r0 rows before the scratch puts row
+        // r0 at its start (integer arithmetic: no pointer outside the buffer is formed and dereferenced).
+        y = reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(scratch.data()) -
+                                     static_cast<uintptr_t>(r0 * s.N) * sizeof(float));
+      }
       for (int64_t t0 = 0; t0 < p.num_tiles; t0 += 4) {  // 4-tile panels: each read from L1 for all rows
         tiles(p, &act, a_padded, r0, r1, t0, std::min(p.num_tiles, t0 + 4), bias, y);
       }
-      const bool rows_finite = RegionFinite(scratch.data(), s.N, 0, r1 - r0, 0, s.N);
+      const bool rows_finite = RegionFinite(p, rows, s.N, 0, r1 - r0, 0, s.N);
       if (!rows_finite) finite.store(false, std::memory_order_relaxed);
-      (*sink)(r0, r1, scratch.data(), rows_finite);
+      if (sink != nullptr) (*sink)(r0, r1, rows, rows_finite);
     });
     return finite.load();
   }
 
   // Tasks: row chunks times tile chunks, many more tasks than threads so that ONNX Runtime's pool
-  // (which hands out tasks one at a time) balances the load on a busy machine. Integer prefill tasks
-  // take 32 rows (8 register blocks of 4 rows) and whole blocks of 4 tiles; float prefill tasks
-  // dequantize their tiles once for 128 rows. Decode tasks take all rows and whole register blocks of
-  // 4 tiles, so each weight byte is read once.
+  // (which hands out tasks one at a time) balances the load on a busy machine. Integer tasks of fewer
+  // than 32 rows take them all and whole blocks of 4 tiles; float prefill tasks dequantize their tiles
+  // once for 128 rows. Decode tasks take all rows and whole register blocks of 4 tiles, so each
+  // weight byte is read once.
   const bool gemv = M <= kDecodeRows;
   const int64_t rows_per_task = gemv ? M : std::min<int64_t>(M, quantized ? 32 : 128);
   const int64_t row_chunks = (M + rows_per_task - 1) / rows_per_task;
@@ -388,7 +469,7 @@ bool Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
     const int64_t r0 = rc * rows_per_task, r1 = std::min(M, r0 + rows_per_task);
     const int64_t t0 = tc * tiles_per_task, t1 = std::min(p.num_tiles, t0 + tiles_per_task);
     tiles(p, act_ptr, a_padded, r0, r1, t0, t1, bias, Y);
-    if (!RegionFinite(Y, s.N, r0, r1, t0 * kTileCols, std::min(s.N, t1 * kTileCols))) {
+    if (!RegionFinite(p, Y, s.N, r0, r1, t0 * kTileCols, std::min(s.N, t1 * kTileCols))) {
       finite.store(false, std::memory_order_relaxed);
     }
   });

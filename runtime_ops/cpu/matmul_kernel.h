@@ -14,8 +14,8 @@
 //   a_scale * w_scale and accumulated in fp32. AVX-512 VNNI: up to kDecodeRows rows (decode) stream the
 //   packed codes once, nibbles unpacked in registers, split over N only; more rows (prefill) run a
 //   4-row x 64-column vpdpbusd micro-kernel on the same packed codes (nibbles unpacked in registers,
-//   no per-call copy), in tasks of 32 rows x 4-tile blocks (or whole rows when Y is handed to a
-//   RowSink), the block's scale product applied in the
+//   no per-call copy), in tasks of 16 or 32 whole rows that quantize their own rows first (so the
+//   quantization runs in parallel too), the block's scale product applied in the
 //   K-block epilogue (cvt, mul, fma: the spec's order, so the bits equal the scalar path's). Both end
 //   in StoreTiles, which adds the bias and writes the float tile.
 // Float-offset weights (value u * scale + offset, zero_point_kind float16/float32): float mode
@@ -29,6 +29,11 @@
 //   nibble storage (bits <= 4): a group is 8 k; byte j of a lane holds k = 8g + j in its low nibble
 //                               and k = 8g + 4 + j in its high nibble;
 //   byte storage (bits 5..8):   a group is 4 k; byte j of a lane holds k = 4g + j.
+//   high bit planes (5 bits, AVX-512 streamed layout, integer mode): nibble storage of the low 4
+//                               bits, then per block, for plane q (code bit 4 + q) and group g, two
+//                               64-bit masks at groups * 64 + (q * groups + g) * 16 (+8): bit i is
+//                               that bit of the code in byte i of the group's low (then high) nibbles.
+//                               A block reads (4 + planes) / 8 of the bytes of byte storage.
 // Codes are unsigned, except float mode with symmetric weights, which stores code - 2**(bits-1) in
 // two's complement (so no zero point is left to subtract). Each block is padded to
 // min(block_size, K) rounded up to 8 k with code 0 (activations are padded with 0, so padded positions
@@ -137,7 +142,10 @@ struct PackedWeights {
   int panel_shift = 0;
   int64_t param_bytes = 0;       // SIMD: bytes of one tile's block parameters in the stream (0: none)
   bool half_scales = false;      // streamed scales are float16 (else float32)
-  bool nibble = false;       // SIMD: bits <= 4 (two codes a byte)
+  bool nibble = false;       // SIMD: bits <= 4 (two codes a byte), or nibbles with high_planes
+  // Streamed layout, integer mode, 5 bits: the low 4 bits of each code as nibble storage, then
+  // high_planes (bits - 4) bit planes ("high bit planes" above), not one byte a code.
+  int high_planes = 0;
   bool signed_codes = false; // codes stored as (code - zero_point) two's complement (float symmetric)
   float implicit_zero_point = 0.f;
   cpu::WeightVector<uint8_t> codes;  // SIMD: the layout above; scalar: [N][K] one code a byte
@@ -197,9 +205,9 @@ using RowSink = std::function<void(int64_t row_begin, int64_t row_end, float* ro
 // Returns true when every output is finite (each task checks the part of Y it wrote while it is still
 // in cache), so that the caller looks for overflowed rows only when there are some.
 // With a sink, Y must be nullptr: every row of Y is handed to the sink once instead (in chunks, in any
-// order, possibly concurrently). Integer prefill then computes whole rows per task into a per-thread
-// buffer and hands them over while they are in cache, so a product that is requantized is never
-// written to and read back from memory.
+// order, possibly concurrently). Integer prefill computes whole rows per task, then into a per-thread
+// buffer, handed over while they are in cache, so a product that is requantized is never written to
+// and read back from memory.
 bool Compute(const PackedWeights& packed, const float* A, int64_t M, const float* bias, float* Y,
              const ParallelFor& parallel_for, const ActivationCodes* act_codes = nullptr,
              const RowSink* sink = nullptr);

@@ -85,12 +85,15 @@ constexpr int64_t kBytePrefetchBlocks = 4;
 // kGroups: groups per block when known at compile time (the loop is then unrolled), else 0.
 // kStreamed: the codes are read once (decode), so the panel's next blocks are prefetched; prefill
 // re-reads a task's tiles for every register block of rows, from cache.
-template <int R, int T, bool kNibble, int kZp, int kGroups, bool kStreamed>
+// kPlanes: nibble codes with p.high_planes high bit planes (matmul_kernel.h), each added to its
+// nibble in registers by a masked byte add, so the dot products see the whole code.
+template <int R, int T, bool kNibble, int kZp, int kGroups, bool kStreamed, bool kPlanes = false>
 void IntTiles(const PackedWeights& p, const TileCodes<T>& codes, const ActRows& act, int64_t row0, int64_t tile0,
               const float* bias, float* Y) {
   const int64_t nb = p.num_blocks, bkp = p.block_padded, kp = p.k_padded;
   const int64_t groups = kGroups ? kGroups : (kNibble ? bkp / 8 : bkp / 4);
   const __m512i low4 = _mm512_set1_epi8(0x0f);
+  const int planes = kPlanes ? p.high_planes : 0;
   // Register blocks of more than 12 tiles (4 rows x 4 tiles, decode) keep the integer accumulators in
   // registers and the float ones in L1: a load and a store per block, off the vector pipes.
   constexpr bool kFaccInMemory = R * T > 12;
@@ -131,6 +134,17 @@ void IntTiles(const PackedWeights& p, const TileCodes<T>& codes, const ActRows& 
           const __m512i raw = _mm512_loadu_si512(wb[t] + g * 64);
           lo[t] = _mm512_and_si512(raw, low4);
           hi[t] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+          if constexpr (kPlanes) {
+            for (int q = 0; q < planes; ++q) {
+              const uint8_t* masks = wb[t] + groups * 64 + (q * groups + g) * 16;
+              uint64_t low_bits, high_bits;
+              std::memcpy(&low_bits, masks, sizeof(low_bits));
+              std::memcpy(&high_bits, masks + 8, sizeof(high_bits));
+              const __m512i bit = _mm512_set1_epi8(static_cast<char>(16 << q));
+              lo[t] = _mm512_mask_add_epi8(lo[t], _cvtu64_mask64(low_bits), lo[t], bit);
+              hi[t] = _mm512_mask_add_epi8(hi[t], _cvtu64_mask64(high_bits), hi[t], bit);
+            }
+          }
         }
         for (int r = 0; r < R; ++r) {
           const __m512i a0 = _mm512_set1_epi32(Load32(ab[r] + g * 8));
@@ -186,19 +200,29 @@ void IntTiles(const PackedWeights& p, const TileCodes<T>& codes, const ActRows& 
 }
 
 // IntTiles with the group count of this weight's blocks as a compile-time constant when common.
+template <int R, int T, bool kNibble, int kZp, bool kStreamed, bool kPlanes>
+void IntTilesGroups(const PackedWeights& p, const TileCodes<T>& codes, const ActRows& act, int64_t row0,
+                    int64_t tile0, const float* bias, float* Y) {
+  switch (kNibble ? p.block_padded / 8 : p.block_padded / 4) {
+    case 4:
+      return IntTiles<R, T, kNibble, kZp, 4, kStreamed, kPlanes>(p, codes, act, row0, tile0, bias, Y);
+    case 8:
+      return IntTiles<R, T, kNibble, kZp, 8, kStreamed, kPlanes>(p, codes, act, row0, tile0, bias, Y);
+    case 16:
+      return IntTiles<R, T, kNibble, kZp, 16, kStreamed, kPlanes>(p, codes, act, row0, tile0, bias, Y);
+    default:
+      return IntTiles<R, T, kNibble, kZp, 0, kStreamed, kPlanes>(p, codes, act, row0, tile0, bias, Y);
+  }
+}
+
+// Also chooses the high-bit-plane kernels for nibble codes that have planes (5..7 bits).
 template <int R, int T, bool kNibble, int kZp, bool kStreamed = true>
 void IntTilesAnyGroups(const PackedWeights& p, const TileCodes<T>& codes, const ActRows& act, int64_t row0,
                        int64_t tile0, const float* bias, float* Y) {
-  switch (kNibble ? p.block_padded / 8 : p.block_padded / 4) {
-    case 4:
-      return IntTiles<R, T, kNibble, kZp, 4, kStreamed>(p, codes, act, row0, tile0, bias, Y);
-    case 8:
-      return IntTiles<R, T, kNibble, kZp, 8, kStreamed>(p, codes, act, row0, tile0, bias, Y);
-    case 16:
-      return IntTiles<R, T, kNibble, kZp, 16, kStreamed>(p, codes, act, row0, tile0, bias, Y);
-    default:
-      return IntTiles<R, T, kNibble, kZp, 0, kStreamed>(p, codes, act, row0, tile0, bias, Y);
+  if constexpr (kNibble) {
+    if (p.high_planes > 0) return IntTilesGroups<R, T, true, kZp, kStreamed, true>(p, codes, act, row0, tile0, bias, Y);
   }
+  IntTilesGroups<R, T, kNibble, kZp, kStreamed, false>(p, codes, act, row0, tile0, bias, Y);
 }
 
 // Extracts code j of each lane of a group as int32 (signed codes sign-extended).

@@ -488,6 +488,27 @@ BCT_AVX512_TARGET __m512i Codes16(__m512 v, const CodeParams& p) {
   return _mm512_max_epi32(_mm512_add_epi32(r, p.zpi), _mm512_setzero_si512());
 }
 
+// Codes16 minus the zero point of symmetric codes: the signed code u - 2**(bits-1). The clamp keeps
+// rne(q) >= -2**(bits-1), so max(rne(q) + zp, 0) - zp is max(rne(q), -zp) (a NaN lane's INT_MIN too).
+BCT_AVX512_TARGET __m512i SignedCodes16(__m512 v, const CodeParams& p) {
+  __m512 q = _mm512_mul_ps(v, p.inv);
+  q = _mm512_min_ps(p.hi, _mm512_max_ps(p.lo, q));
+  const __m512i r = _mm512_cvt_roundps_epi32(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_max_epi32(r, _mm512_sub_epi32(_mm512_setzero_si512(), p.zpi));
+}
+
+// Stores the 32 codes c0 (values 0..15) and c1 (16..31) as 32 bytes, each in [-128, 127] (signed) or
+// [0, 255] (kUnsigned): two saturating packs (exact in that range) interleave 128-bit lanes, one dword
+// permute restores the order.
+template <bool kUnsigned>
+BCT_AVX512_TARGET void StoreCodes32(__m512i c0, __m512i c1, void* q) {
+  const __m512i words = _mm512_packs_epi32(c0, c1);  // lane l: c0[4l..4l+3], c1[4l..4l+3] as int16
+  // lane l dword 0: c0[4l..4l+3], dword 1: c1[4l..4l+3] as bytes
+  const __m512i bytes = kUnsigned ? _mm512_packus_epi16(words, words) : _mm512_packs_epi16(words, words);
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+  _mm256_storeu_si256(static_cast<__m256i*>(q), _mm512_castsi512_si256(_mm512_permutexvar_epi32(order, bytes)));
+}
+
 // Packs 4-bit codes[0..D) (one per byte; bytes past D read as 0) into row: code 2j in the low
 // nibble of byte j, code 2j+1 in the high nibble.
 BCT_AVX512_TARGET void PackRow4Avx512(const uint8_t* codes, int64_t axis_size, int64_t row_nbytes, uint8_t* row) {
@@ -692,6 +713,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void QuantizeRowsA
       const int64_t offset = walk.offset();
       const int64_t n = walk.length();
       const CodeParams p = MakeCodeParams(inv[k], fmt.bits, fmt.symmetric, fmt.symmetric ? 0 : zps[k]);
+      if (n == 32) {  // a whole block of 32: two vectors packed to bytes at once
+        StoreCodes32<true>(Codes16(_mm512_loadu_ps(x + offset), p), Codes16(_mm512_loadu_ps(x + offset + 16), p),
+                           out + offset);
+        continue;
+      }
       for (int64_t i = 0; i < n; i += 16) {
         const __mmask16 mask = TailMask(n - i);
         const __m128i bytes = _mm512_cvtepi32_epi8(Codes16(_mm512_maskz_loadu_ps(mask, x + offset + i), p));
@@ -734,6 +760,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void QuantizeActRo
       const int64_t n = walk.length();
       int8_t* q = out.codes + walk.row * out.row_stride + walk.blk * out.block_stride;
       const CodeParams p = MakeCodeParams(inv[j], bits, true, 0);
+      if (n == 32) {  // a whole block of 32 (the common case): two vectors packed to bytes at once
+        const __m512i c0 = SignedCodes16(_mm512_loadu_ps(x + offset), p);
+        const __m512i c1 = SignedCodes16(_mm512_loadu_ps(x + offset + 16), p);
+        StoreCodes32<false>(c0, c1, q);
+        if (out.sums != nullptr) out.sums[f0 + j] = _mm512_reduce_add_epi32(_mm512_add_epi32(c0, c1));
+        continue;
+      }
       __m512i sum = _mm512_setzero_si512();
       for (int64_t i = 0; i < n; i += 16) {
         const __mmask16 mask = TailMask(n - i);

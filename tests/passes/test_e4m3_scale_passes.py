@@ -9,8 +9,8 @@ import pytest
 from bct_onnx.passes import QuantizeGatherPass, QuantizeMatMulPass
 from support import model_from_text, run_bct_session, run_reference
 
-from bct_onnx.block_format import dequantize
-from bct_onnx.config import CompressConfig
+from bct_onnx.block_format import dequantize, float8e4m3_scale_factor
+from bct_onnx.config import CompressConfig, NodeOverride, OpSettings
 from bct_onnx.weight_quantizer import quantize_tensor
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
@@ -49,3 +49,35 @@ def test_gather_table_is_the_spec_bit_for_bit():
     (y_ref,) = run_reference(compressed, {"ids": ids})
     np.testing.assert_array_equal(y_ort, dequantize(spec)[ids])
     np.testing.assert_array_equal(y_ref, dequantize(spec)[ids])
+
+
+def test_matmuls_reading_one_activation_in_one_format_share_the_largest_factor():
+    """q/k/v-like MatMuls of one activation get one scale_factor (the largest any needs); one with
+    another width keeps its own; the codes are the spec's with that factor."""
+    k, n = 64, 16
+    scales = {"Q": 1.0, "K": 3.0, "V": 0.5, "O": 2.0}
+    ws = {name: (RNG.standard_normal((k, n)) * scale).astype(np.float32) for name, scale in scales.items()}
+    text = f"""{HEADER}
+g (float[2, {k}] A) => (float[2, {n}] q, float[2, {n}] kk, float[2, {n}] v, float[2, {n}] o) {{
+  q = MatMul (A, Q)
+  kk = MatMul (A, K)
+  v = MatMul (A, V)
+  o = MatMul (A, O)
+}}"""
+    six_bits = NodeOverride("re:^o$", OpSettings(weight_bits=6))
+    config = CompressConfig(scale_kind="float8e4m3", act_bits=None, overrides=(six_bits,))
+    model = model_from_text(text, ws)
+    for node, name in zip(model.graph, ("q", "k", "v", "o")):
+        node.name = name
+    compressed = QuantizeMatMulPass(config)(model).model
+    factors = {node.name: node.attributes["scale_factor"].as_float() for node in compressed.graph}
+    four = config.weight_format
+    shared = max(float8e4m3_scale_factor(ws[name].T, four) for name in "QKV")
+    assert factors["q"] == factors["k"] == factors["v"] == np.float32(shared)
+    six = config.settings_for("MatMul", "o").weight_format
+    assert factors["o"] == np.float32(float8e4m3_scale_factor(ws["O"].T, six))
+    node = next(n for n in compressed.graph if n.name == "v")
+    spec = quantize_tensor(ws["V"].T, four, scale_factor=shared)
+    assert spec.scale_factor == shared
+    np.testing.assert_array_equal(node.inputs[1].const_value.numpy(), spec.codes)
+    np.testing.assert_array_equal(node.inputs[2].const_value.numpy().view(np.uint8), spec.scales.view(np.uint8))

@@ -14,6 +14,7 @@ from bct_onnx.passes import FuseAddNormPass, FuseMatMulEpiloguePass, compress_mo
 from support import model_from_text, run_bct_session, run_ort
 
 from bct_onnx import ops
+from bct_onnx.block_format import float8e4m3_scale_factor
 from bct_onnx.config import CompressConfig
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
@@ -188,17 +189,25 @@ def test_passes_leave_a_graph_without_patterns_alone(pass_):
     assert not result.modified and result.rewritten == {} and result.skipped == []
 
 
-def test_gate_up_with_float8e4m3_scales_of_different_factors_stays_unfused():
-    """Each float8e4m3 weight has its own scale_factor and a node holds one: concatenating gate and
-    up would read up's scales with gate's factor, so they stay two MatMuls (and say why)."""
+def test_gate_up_with_float8e4m3_scales_share_one_factor_and_fuse():
+    """A node holds one float8e4m3 scale_factor: MatMuls reading one activation in one format (gate
+    and up) get one factor, the largest either needs, so they still fuse; the down projection reading
+    another activation keeps its own factor."""
     model = llama_model()
+    weights = {name: model.graph.initializers[name].const_value.numpy() for name in ("wg", "wu", "wdn")}
     feeds = {name: RNG.standard_normal((1, 8, D)).astype(np.float32) for name in ("x", "attn")}
     config = CompressConfig(target_ratio=None, scale_kind="float8e4m3")
+    own = {name: float8e4m3_scale_factor(w.T, config.weight_format) for name, w in weights.items()}
+    assert own["wg"] != own["wu"]
     fused = compress_model(model, config)
     unfused = compress_model(model, dataclasses.replace(config, fuse_ops=False))
-    assert "fuse gate/up MatMul + SiLU gating epilogue" not in fused.rewritten
-    matmuls = [n for n in fused.model.graph if n.op_type == "BlockMatMul"]
-    assert len(matmuls) == 3 and len({n.attributes["scale_factor"].as_float() for n in matmuls}) == 3
+    assert fused.rewritten["fuse gate/up MatMul + SiLU gating epilogue"] == 1
+    factors = {n.inputs[0].name: n.attributes["scale_factor"].as_float() for n in fused.model.graph if n.op_type == "BlockMatMul"}
+    gate_up = next(n for n in fused.model.graph if n.attributes.get("epilogue") is not None)
+    assert gate_up.attributes["scale_factor"].as_float() == np.float32(max(own["wg"], own["wu"]))
+    assert sorted(factors.values()) == sorted(np.float32([max(own["wg"], own["wu"]), own["wdn"]]).tolist())
+    unfused_factors = [n.attributes["scale_factor"].as_float() for n in unfused.model.graph if n.op_type == "BlockMatMul"]
+    assert sorted(unfused_factors) == sorted(np.float32([max(own["wg"], own["wu"])] * 2 + [own["wdn"]]).tolist())
     (y_fused,) = run_bct_session(fused.model, feeds)
     (y_unfused,) = run_bct_session(unfused.model, feeds)
     (y_fp32,) = run_ort(model, feeds)

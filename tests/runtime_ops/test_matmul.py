@@ -267,6 +267,28 @@ def test_exact_decode_byte_codes_many_blocks(isa: str, bits: int, symmetric: boo
     np.testing.assert_array_equal(got, want.astype(np.float32), err_msg=f"isa={isa}")
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8, 12, 40])
+@pytest.mark.parametrize("block_size", [32, 16, 64, 12])
+@pytest.mark.parametrize("bits,symmetric", [(5, False), (5, True), (6, True), (7, False)], ids=str)
+def test_exact_high_bit_planes(isa: str, bits: int, symmetric: bool, block_size: int, rows: int) -> None:
+    """5..7-bit weights with integer activations (5 bits on AVX-512: nibbles plus a high bit plane):
+    every code value in every nibble position, decode (1..8 rows) and prefill row counts, blocks of
+    2, 4 and 8 groups and one padded to 16, K ending in a partial block, N=70 (a partial panel)."""
+    rng = np.random.default_rng(bits * 100 + block_size + rows)
+    k, n = 3 * block_size + 7, 70
+    codes, scales, zero_points = random_weight(
+        rng, n, k, bits, block_size, symmetric, ScaleKind.FLOAT16, exact=True
+    )
+    a = exact_activations(rng, (rows, k), block_size, 8)
+    fmt = {"k": k, "bits": bits, "block_size": block_size, "symmetric": symmetric, "act_bits": 8}
+    got = run_matmul(
+        matmul_model(n=n, codes=codes, scales=scales, zero_points=zero_points, bias=None, **fmt), a
+    )
+    want = matmul_reference(a, codes, scales, zero_points, **fmt)
+    assert np.array_equal(want.astype(np.float32).astype(np.float64), want), "test data not exact in float32"
+    np.testing.assert_array_equal(got, want.astype(np.float32), err_msg=f"isa={isa}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Random data with the stated tolerance
 
@@ -928,19 +950,26 @@ def assert_same_quantized(got: QuantizedTensor, want: QuantizedTensor, context: 
 @pytest.mark.parametrize("act_bits", [2, 4, 5, 8])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize(
+    "k, block_size, rows",
+    [(75, 16, (2, 5)), (96, 32, (3, 13)), (64, 16, (1, 7))],
+    ids=["partial-block", "whole-blocks-39-rows", "whole-blocks-7-rows"],
+)
 def test_own_format_codes_give_the_float_result_bit_for_bit(
-    isa: str, bits: int, symmetric: bool, act_bits: int
+    isa: str, bits: int, symmetric: bool, act_bits: int, k: int, block_size: int, rows: tuple[int, int]
 ) -> None:
     """A quantized by BlockQuantize's spec in the kernel's own activation format (act_bits, block_size,
     symmetric, float32 scales) gives exactly the Y of the float A: the kernel skips its quantization,
-    which is deterministic. Random data (not exact), K with a partial block, N with a partial tile."""
-    rng = np.random.default_rng(bits * 100 + act_bits * 10 + symmetric)
-    k, n, block_size = 75, 37, 16
+    which is deterministic. Random data (not exact), N with a partial tile; K with a partial block, or
+    whole blocks (8-bit codes then take the kernels' unpadded fast path) with 7 rows (decode kernels)
+    or 39 (the row-chunked prefill)."""
+    rng = np.random.default_rng(bits * 100 + act_bits * 10 + symmetric + k)
+    n = 37
     codes, scales, zero_points = random_weight(
         rng, n, k, bits, block_size, symmetric, ScaleKind.FLOAT16, exact=False
     )
     bias = rng.standard_normal(n).astype(np.float32)
-    a = rng.standard_normal((2, 5, k)).astype(np.float32)
+    a = rng.standard_normal((*rows, k)).astype(np.float32)
     a[..., ::7] *= 9
     fmt = {"k": k, "bits": bits, "block_size": block_size, "symmetric": symmetric, "act_bits": act_bits}
     common = {"n": n, "codes": codes, "scales": scales, "zero_points": zero_points, "bias": bias, **fmt}
@@ -948,7 +977,7 @@ def test_own_format_codes_give_the_float_result_bit_for_bit(
     own = activation_format(act_bits, block_size)
     q = quantize(a, own)
     from_codes = bct_onnx.session(io_model(in_fmt=own, **common)).run(None, quantized_feeds(q))[0]
-    assert from_codes.shape == (2, 5, n)
+    assert from_codes.shape == (*rows, n)
     np.testing.assert_array_equal(from_codes, from_float, err_msg=f"isa={isa}")
 
 
