@@ -322,7 +322,7 @@ def _data_free_importance(model: ir.Model, why_no_gptq: str, hint: str) -> tuple
         "tokens": _token_count(feeds),
         "source": f"random token ids ({len(feeds.feeds)} sequences of {length}; data-free: no tokenizer found)",
         "reason": f"no GPTQ ({why_no_gptq}); scale search weighted by each MatMul input channel's mean square",
-        "tokenizer_would_add": f"{hint} (on SmolLM2-135M at 7.0x: perplexity +9.7% on Pride and Prejudice "
+        "tokenizer_would_add": f"{hint} (on SmolLM2-135M at 7.0x: perplexity +7.4% on Pride and Prejudice "
         "against +13.3% data-free; docs/results.md)",
     }
 
