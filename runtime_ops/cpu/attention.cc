@@ -8,10 +8,12 @@
 // stored, never the probability matrix. An encoder's [B, S, H * Dh] Q, K, V and Y are used in place:
 // Q and K rows are quantized in storage order; the dots read a run's query rows and K is packed from
 // rows H apart, V rows are read H rows apart and Y rows written H * Dh floats apart. A decoder step (one
-// query row per head) runs the query heads of a KV head as one task, and one task per KV head does all
-// of that head's work (one parallel section). The buffers are per-thread scratch
-// (cpu/thread_scratch.h): a step allocates nothing.
+// query row per head) runs the query heads of a KV head together, in one parallel section of two tasks
+// per KV head (each appends, prepares and packs half the head's keys; the second to finish runs the
+// head's queries). The buffers are per-thread scratch (cpu/thread_scratch.h): a step allocates nothing.
 #include <algorithm>
+#include <atomic>
+#include <new>
 
 #include "bct/attention_math.h"
 #include "bct/op_common.h"
@@ -56,6 +58,12 @@ class AttentionCpuKernel : public AttentionKernelBase {
       // Q, K, V rows in storage order: heads first, or [B, S, H * Dh] (g.packed); Y packed also for a
       // packed step (whose Q and present cache are heads first).
       const bool y_packed = g.packed || (g.step && g.step_dims.packed);
+      // A decoder step (one query row per head, heads-first keys) whose mask is the same for every head
+      // runs the query heads of a KV head together (step 3 below) in one parallel section, which also
+      // appends the new rows to the present cache; any other step appends them first.
+      const int64_t per_group = g.q_heads / g.kv_heads;
+      const bool heads_together = !g.packed && g.sq == 1 && g.mask_strides[1] == 0 && per_group > 1;
+      const int64_t kv_heads = g.batch * g.kv_heads;
 
       // The call's buffers, in per-thread scratch of the calling thread (cpu/thread_scratch.h): a decoder
       // step allocates nothing. K as signed codes [rows, dh] + float32 scales [rows, nb]; V as float32 rows.
@@ -68,8 +76,16 @@ class AttentionCpuKernel : public AttentionKernelBase {
       const size_t at_values = plan.Add<float>(g.v.quantized ? kv_rows * dh : 0);
       const size_t at_k_major = plan.Add<int8_t>(vnni_dots ? 0 : kv_rows * dh);
       const size_t at_k_major_scales = plan.Add<float>(vnni_dots ? 0 : kv_rows * nb);
+      const size_t at_chunks_done = plan.Add<std::atomic<int32_t>>(heads_together ? kv_heads : 0);
       uint8_t* base = plan.Carve<cpu::ScratchSlot::kAttentionCall>();
-      if (g.step) AppendStep(ctx, &g, cpu::ScratchPlan::At<float>(base, at_q_step));
+      StepCache step;
+      if (g.step) step = BeginStep(ctx, &g, cpu::ScratchPlan::At<float>(base, at_q_step));
+      if (g.step && (!heads_together || q_rows == 0)) {
+        // Past rows copied, new rows rotated and quantized (~8x a copied value each).
+        const int64_t head_work = g.dh * (g.sk + 8 * g.sq);
+        ParallelFor(ctx, g.batch * g.kv_heads, std::max<int64_t>(1, kMinTaskValues / head_work),
+                    [&](int64_t b, int64_t e) { AppendRows(g, step, b * g.sk, e * g.sk); });
+      }
       if (q_rows == 0) return;
       int8_t* qq = cpu::ScratchPlan::At<int8_t>(base, at_qq);
       float* qs = cpu::ScratchPlan::At<float>(base, at_qs);
@@ -118,7 +134,6 @@ class AttentionCpuKernel : public AttentionKernelBase {
       // 2. K rows [begin, end) in BlockActMatMul's B layout, one batch per KV head: VNNI-packed or K-major
       // [dh, sk] / [nb, sk]. The packed form lives in the calling thread's own PackedB, whose storage
       // later calls reuse (a reference, so that the tasks on other threads read this one).
-      const int64_t kv_heads = g.batch * g.kv_heads;
       vnni::PackedB& packed = CallPackedB();
       if (vnni_dots) vnni::InitPackedB(packed, kv_heads, g.sk, dh, bs);
       auto key_row = [&](int64_t head, int64_t key) {  // storage row of key `key` of head b * Hkv + h
@@ -148,12 +163,10 @@ class AttentionCpuKernel : public AttentionKernelBase {
       };
 
       // 3. Query tasks [begin, end): runs of up to 16 query rows inside one (batch, query head); or, for a
-      // decoder step (heads-first keys, one query row per head) whose mask is the same for every head,
-      // the query heads of one KV head together, as rows 0.. of one run (one query row sees all sk keys
-      // even when causal, and the mask row does not move), so the group's rows share each load of K and
-      // V; task t is then KV head t. Either way every row runs the same operations: the same bits.
-      const int64_t per_group = g.q_heads / g.kv_heads;
-      const bool heads_together = !g.packed && g.sq == 1 && g.mask_strides[1] == 0 && per_group > 1;
+      // decoder step with the heads together, the query heads of one KV head, as rows 0.. of one run (one
+      // query row sees all sk keys even when causal, and the mask row does not move), so the group's rows
+      // share each load of K and V; task t is then KV head t. Either way every row runs the same
+      // operations: the same bits.
       const int64_t heads_per_task = heads_together ? per_group : 1;
       const int64_t run = heads_together ? per_group : std::max<int64_t>(1, std::min<int64_t>(g.sq, 16));
       const int64_t runs_per_head = heads_together ? 1 : (g.sq + run - 1) / run;
@@ -207,12 +220,25 @@ class AttentionCpuKernel : public AttentionKernelBase {
 
       // Each parallel loop hands out at least ~kMinTaskValues values of work per task: smaller loops cost
       // less than waking the thread pool does, and run on this thread.
-      if (heads_together) {  // a decoder step: one parallel section, a task per KV head doing 1 to 3
-        const int64_t head_work = g.sk * dh * (per_group + 2);
-        ParallelFor(ctx, kv_heads, std::max<int64_t>(1, kMinTaskValues / head_work), [&](int64_t begin, int64_t end) {
-          prepare_keys(begin * g.sk, end * g.sk);
-          pack_keys(begin * g.sk, end * g.sk);
-          run_tasks(begin, end);
+      if (heads_together) {
+        // A decoder step in one parallel section of kKeyChunks tasks per KV head, each appending, preparing
+        // and packing a chunk of its keys; the task that completes a head's last chunk then runs that head's
+        // query rows (the counter's acquire-release makes the other chunks' keys visible to it). So two
+        // threads share 3 KV heads evenly where a task per head would leave one idle a third of the time.
+        constexpr int64_t kKeyChunks = 2;
+        auto* chunks_done = cpu::ScratchPlan::At<std::atomic<int32_t>>(base, at_chunks_done);
+        for (int64_t h = 0; h < kv_heads; ++h) new (chunks_done + h) std::atomic<int32_t>(0);
+        const int64_t chunk_work = std::max<int64_t>(1, g.sk * dh * (per_group + 2) / kKeyChunks);
+        ParallelFor(ctx, kv_heads * kKeyChunks, std::max<int64_t>(1, kMinTaskValues / chunk_work), [&](int64_t b, int64_t e) {
+          for (int64_t unit = b; unit < e; ++unit) {
+            const int64_t head = unit / kKeyChunks, chunk = unit % kKeyChunks;
+            const int64_t first = head * g.sk + g.sk * chunk / kKeyChunks;
+            const int64_t last = head * g.sk + g.sk * (chunk + 1) / kKeyChunks;
+            if (g.step) AppendRows(g, step, first, last);
+            prepare_keys(first, last);
+            pack_keys(first, last);
+            if (chunks_done[head].fetch_add(1, std::memory_order_acq_rel) == kKeyChunks - 1) run_tasks(head, head + 1);
+          }
         });
       } else {
         ParallelFor(ctx, kv_rows, std::max(group, kMinTaskValues / dh), [&](int64_t b, int64_t e) { prepare_keys(b, e); });
@@ -226,57 +252,78 @@ class AttentionCpuKernel : public AttentionKernelBase {
   }
 
  private:
+  // A step's present cache (outputs 1..4) and the past it copies (inputs 1..6).
+  struct StepCache {
+    AttentionPresent present;
+    AttentionKV past_k, past_v;
+    int64_t row_nbytes = 0, scale_nbytes = 0;  // one cache row's bytes, and its scales' bytes (codes)
+  };
+
   // The step (inputs 8..11): Q's rows heads first with rotary into q_rows_out; the present cache
-  // (outputs 1..4) as the past's rows followed by the new ones (rotary on K, quantized when the cache
-  // holds codes); g then reads Q and the present cache as a plain BlockAttention would.
-  void AppendStep(Ort::KernelContext& ctx, AttentionGeometry* gp, float* q_rows_out) const {
+  // outputs, which g then reads as a plain BlockAttention reads K and V (AppendRows fills them: the
+  // past's rows followed by the new ones).
+  StepCache BeginStep(Ort::KernelContext& ctx, AttentionGeometry* gp, float* q_rows_out) const {
     AttentionGeometry& g = *gp;
-    const nl::AttentionStepDims& d = g.step_dims;
-    const AttentionPresent present = PresentOutputs(ctx, node_, g);
-    const int64_t dh = g.dh, q_rows = g.batch * g.q_heads * g.sq;
-    for (int64_t r = 0; r < q_rows; ++r) nl::step_input_row(d, g.q, g.q_heads, r, true, g.cos, g.sin, q_rows_out + r * dh);
+    StepCache c;
+    c.present = PresentOutputs(ctx, node_, g);
+    c.past_k = g.k;
+    c.past_v = g.v;
     const bool codes = g.k.quantized;
-    const int64_t row_nbytes = codes ? g.k.row_bytes : dh * static_cast<int64_t>(sizeof(float));
-    const int64_t scale_nbytes = codes ? g.k.num_blocks * static_cast<int64_t>(ScaleItemSize(g.k.scale_kind)) : 0;
-    const int64_t heads = g.batch * g.kv_heads;
-    // Per KV head: the past rows copied, the new rows rotated and quantized (~8x a copied value each).
-    ParallelFor(ctx, heads, std::max<int64_t>(1, kMinTaskValues / (dh * (g.sk + 8 * g.sq))), [&](int64_t begin, int64_t end) {
-      float* row = cpu::ThreadScratch<float, cpu::ScratchSlot::kAttentionTask>(static_cast<size_t>(dh));
-      for (int64_t bh = begin; bh < end; ++bh) {
-        for (int which = 0; which < 2; ++which) {
-          const AttentionKV& past = which == 0 ? g.k : g.v;
-          const float* fresh = which == 0 ? g.k_new : g.v_new;
-          auto* dst = static_cast<uint8_t*>(which == 0 ? present.k : present.v);
-          auto* dst_scales = static_cast<uint8_t*>(which == 0 ? present.k_scales : present.v_scales);
-          const auto* src = codes ? past.codes : reinterpret_cast<const uint8_t*>(past.x);
-          std::copy(src + bh * d.past * row_nbytes, src + (bh + 1) * d.past * row_nbytes, dst + bh * g.sk * row_nbytes);
-          if (codes) {
-            const auto* src_scales = static_cast<const uint8_t*>(past.scales);
-            std::copy(src_scales + bh * d.past * scale_nbytes, src_scales + (bh + 1) * d.past * scale_nbytes,
-                      dst_scales + bh * g.sk * scale_nbytes);
-          }
-          for (int64_t i = 0; i < g.sq; ++i) {
-            const int64_t t = bh * g.sk + d.past + i;  // present row
-            nl::step_input_row(d, fresh, g.kv_heads, bh * g.sq + i, which == 0, g.cos, g.sin, row);
-            if (codes) {
-              nl::quantize_cache_row(row, dh, attrs_.kv_bits, attrs_.kv_block_size, g.k.scale_kind, row_nbytes,
-                                     dst + t * row_nbytes, dst_scales, t * g.k.num_blocks);
-            } else {
-              std::copy(row, row + dh, reinterpret_cast<float*>(dst) + t * dh);
-            }
-          }
-        }
-      }
-    });
+    c.row_nbytes = codes ? g.k.row_bytes : g.dh * static_cast<int64_t>(sizeof(float));
+    c.scale_nbytes = codes ? g.k.num_blocks * static_cast<int64_t>(ScaleItemSize(g.k.scale_kind)) : 0;
+    const int64_t q_rows = g.batch * g.q_heads * g.sq;
+    for (int64_t r = 0; r < q_rows; ++r) {
+      nl::step_input_row(g.step_dims, g.q, g.q_heads, r, true, g.cos, g.sin, q_rows_out + r * g.dh);
+    }
     g.q = q_rows_out;
     for (AttentionKV* kv : {&g.k, &g.v}) {
       const bool is_k = kv == &g.k;
       if (codes) {
-        kv->codes = static_cast<const uint8_t*>(is_k ? present.k : present.v);
-        kv->scales = is_k ? present.k_scales : present.v_scales;
+        kv->codes = static_cast<const uint8_t*>(is_k ? c.present.k : c.present.v);
+        kv->scales = is_k ? c.present.k_scales : c.present.v_scales;
       } else {
-        kv->x = static_cast<const float*>(is_k ? present.k : present.v);
+        kv->x = static_cast<const float*>(is_k ? c.present.k : c.present.v);
       }
+    }
+    return c;
+  }
+
+  // Present rows [begin, end) of [B * Hkv, Sk] of K and V: a past row copied, a new row rotated (K) and
+  // quantized when the cache holds codes. Any ranges that tile the rows give the same bytes.
+  void AppendRows(const AttentionGeometry& g, const StepCache& c, int64_t begin, int64_t end) const {
+    const nl::AttentionStepDims& d = g.step_dims;
+    const int64_t dh = g.dh, rb = c.row_nbytes, sb = c.scale_nbytes;
+    const bool codes = g.k.quantized;
+    float* row = cpu::ThreadScratch<float, cpu::ScratchSlot::kAttentionTask>(static_cast<size_t>(dh));
+    for (int64_t t = begin; t < end;) {
+      const int64_t bh = t / g.sk, j0 = t % g.sk;
+      const int64_t j1 = std::min(g.sk, j0 + (end - t));  // this head's rows [j0, j1)
+      const int64_t copied = std::max<int64_t>(0, std::min(j1, d.past) - j0);  // past rows among them
+      for (int which = 0; which < 2; ++which) {
+        const AttentionKV& past = which == 0 ? c.past_k : c.past_v;
+        const float* fresh = which == 0 ? g.k_new : g.v_new;
+        auto* dst = static_cast<uint8_t*>(which == 0 ? c.present.k : c.present.v);
+        auto* dst_scales = static_cast<uint8_t*>(which == 0 ? c.present.k_scales : c.present.v_scales);
+        if (copied > 0) {
+          const auto* src = (codes ? past.codes : reinterpret_cast<const uint8_t*>(past.x)) + (bh * d.past + j0) * rb;
+          std::copy(src, src + copied * rb, dst + t * rb);
+          if (codes) {
+            const auto* src_scales = static_cast<const uint8_t*>(past.scales) + (bh * d.past + j0) * sb;
+            std::copy(src_scales, src_scales + copied * sb, dst_scales + t * sb);
+          }
+        }
+        for (int64_t j = j0 + copied; j < j1; ++j) {  // new rows: position i = j - past
+          const int64_t present_row = bh * g.sk + j;
+          nl::step_input_row(d, fresh, g.kv_heads, bh * g.sq + (j - d.past), which == 0, g.cos, g.sin, row);
+          if (codes) {
+            nl::quantize_cache_row(row, dh, attrs_.kv_bits, attrs_.kv_block_size, g.k.scale_kind, rb,
+                                   dst + present_row * rb, dst_scales, present_row * g.k.num_blocks);
+          } else {
+            std::copy(row, row + dh, reinterpret_cast<float*>(dst) + present_row * dh);
+          }
+        }
+      }
+      t += j1 - j0;
     }
   }
 

@@ -272,3 +272,17 @@ def test_a_large_step_then_small_ones() -> None:
     for case in [("long_past", 1, 8, 8, 1, 16384, 64, 8, 64, True, False), *CASES[:2]]:
         args = case_inputs(case, seed=7)
         assert_matches_spec(run_step(args), args, case[0])
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512vnni"])
+@pytest.mark.parametrize("kv_bits", [0, 8, 4])
+@pytest.mark.parametrize("past", [0, 1, 2, 37])
+def test_decode_step_appends_in_key_chunks(past: int, kv_bits: int, isa: str, force_isa: Any) -> None:
+    """A decoder step with the query heads together appends its new row, prepares and packs the keys in
+    two chunks per KV head, and the chunk that completes a head runs its queries: with 0, 1, 2 or 37 past
+    rows (a chunk empty, one holding only the new row, a past/new boundary inside a chunk), batch 2
+    (chunks of different heads and batches), a float, 8-bit or 4-bit cache; every output the spec's bits."""
+    force_isa(isa)
+    case = ("decode_chunks", 2, 6, 2, 1, past, 64, kv_bits, 64, True, False)
+    args = case_inputs(case, seed=past + kv_bits)
+    assert_matches_spec(run_step(args), args, f"past {past} kv_bits {kv_bits} [{isa}]")
