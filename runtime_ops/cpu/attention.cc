@@ -24,12 +24,43 @@
 #include "ops/attention_io.h"
 #include "ops/ops.h"
 
+#if BCT_X86_SIMD
+#include <immintrin.h>
+#endif
+
 namespace bct {
 namespace nonlinear {
 namespace {
 
 // Least work (in values) per task of the parallel loops.
 constexpr int64_t kMinTaskValues = 32768;
+
+#if BCT_X86_SIMD
+// act_scale(float16 scale) of n stored scales, 16 at a time: the conversion is exact, and a non-finite
+// scale becomes the NaN act_scale gives (x - x is 0 only for a finite x).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void ActScalesOfHalvesAvx512(const uint16_t* in, int64_t n,
+                                                                                   float* out) {
+  const __m512 nan = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fc00000));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 x = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, in + i));
+    const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_sub_ps(x, x), _mm512_setzero_ps(), _CMP_EQ_OQ);
+    _mm512_mask_storeu_ps(out + i, m, _mm512_mask_blend_ps(finite, nan, x));
+  }
+}
+#endif
+
+// act_scale(scale_value(kind, scales, first + i)) for i < n; the AVX-512 paths convert float16 scales
+// in vectors.
+void ActScalesOf(cpu::Isa isa, ScaleKind kind, const void* scales, int64_t first, int64_t n, float* out) {
+#if BCT_X86_SIMD
+  if (kind == ScaleKind::kFloat16 && isa >= cpu::Isa::kAvx512) {
+    ActScalesOfHalvesAvx512(static_cast<const uint16_t*>(scales) + first, n, out);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) out[i] = act_scale(scale_value(kind, scales, first + i));
+}
 
 // The calling thread's packed keys (cpu/act_matmul_vnni.h); one call at a time holds it.
 vnni::PackedB& CallPackedB() {
@@ -114,7 +145,7 @@ class AttentionCpuKernel : public AttentionKernelBase {
         for (int64_t r = begin; r < end; r += group) {
           const int64_t count = std::min(group, end - r);
           if (pack_codes) {  // the VNNI packing reads the cache's codes itself: only the scales here
-            for (int64_t t = r * nb; t < (r + count) * nb; ++t) ks[t] = act_scale(scale_value(g.k.scale_kind, g.k.scales, t));
+            ActScalesOf(isa_, g.k.scale_kind, g.k.scales, r * nb, count * nb, ks + r * nb);
           } else if (direct) {
             for (int64_t t = r; t < r + count; ++t) {
               nl::signed_codes_of_row(g.k.codes + t * g.k.row_bytes, dh, attrs_.kv_bits, g.k.row_bytes, g.k.scale_kind,

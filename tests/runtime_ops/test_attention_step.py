@@ -286,3 +286,28 @@ def test_decode_step_appends_in_key_chunks(past: int, kv_bits: int, isa: str, fo
     case = ("decode_chunks", 2, 6, 2, 1, past, 64, kv_bits, 64, True, False)
     args = case_inputs(case, seed=past + kv_bits)
     assert_matches_spec(run_step(args), args, f"past {past} kv_bits {kv_bits} [{isa}]")
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx512", "avx512vnni"])
+def test_cache_key_scales_that_are_not_finite_or_subnormal(isa: str, force_isa: Any) -> None:
+    """Key scales of the 8-bit cache widened to float32 (in vectors on the AVX-512 paths): float16
+    subnormals exactly, an infinite or NaN scale as act_scale's NaN, which makes the rows of the query
+    heads that see that key NaN; every output the spec's bits, 17+ keys so a vector tail is partial."""
+    force_isa(isa)
+    args = case_inputs(("decode_odd_scales", 1, 6, 2, 1, 40, 64, 8, 64, True, False), seed=11)
+    scales = args["past_k"].scales.copy()
+    scales[0, 0, 3, 1] = np.float16(np.inf)
+    scales[0, 0, 7, 0] = np.float16(-np.inf)
+    scales[0, 1, 38, 1] = np.float16(np.nan)
+    scales[0, 1, :30, 0] = np.float16(2.0**-20)  # subnormal in float16
+    args["past_k"] = QuantizedTensor(args["past_k"].codes, scales, None, 64, args["past_k"].fmt)
+    got = run_step(args)
+    assert np.all(np.isnan(got[0])), "every query head sees a key with a non-finite scale"
+    assert_matches_spec(got, args, f"odd scales [{isa}]")
+    clean = case_inputs(("decode_odd_scales", 1, 6, 2, 1, 40, 64, 8, 64, True, False), seed=11)
+    scales = clean["past_k"].scales.copy()
+    scales[0, 1, :30, 0] = np.float16(2.0**-20)
+    clean["past_k"] = QuantizedTensor(clean["past_k"].codes, scales, None, 64, clean["past_k"].fmt)
+    got = run_step(clean)
+    assert not np.any(np.isnan(got[0]))
+    assert_matches_spec(got, clean, f"subnormal scales [{isa}]")
