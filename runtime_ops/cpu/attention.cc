@@ -1,6 +1,6 @@
 // BlockAttention on CPU (docs/ops.md): Q and K quantized along the head size (the activation
 // quantizer of cpu/act_quantize.h, or K's own codes when they are in the op's symmetric blocks), V as
-// float32 rows (dequantized when given as codes). K is laid out once per call as BlockActMatMul lays
+// float32 rows (dequantized when given as codes; a decoder step reads an 8-bit cache's V codes as they are). K is laid out once per call as BlockActMatMul lays
 // out B (VNNI-packed, or K-major), so a task (a run of up to 16 query rows of one batch and query
 // head; query heads of a group share their KV head) computes its strip of block dots [rows, Sk] with
 // BlockActMatMul's dot kernels (the same values as nl::act_dot), then runs the streaming softmax x V of
@@ -36,30 +36,33 @@ namespace {
 constexpr int64_t kMinTaskValues = 32768;
 
 #if BCT_X86_SIMD
-// act_scale(float16 scale) of n stored scales, 16 at a time: the conversion is exact, and a non-finite
-// scale becomes the NaN act_scale gives (x - x is 0 only for a finite x).
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void ActScalesOfHalvesAvx512(const uint16_t* in, int64_t n,
-                                                                                   float* out) {
+// n float16 scales as float32, 16 at a time (the conversion is exact); with act, a non-finite scale
+// becomes the NaN act_scale gives (x - x is 0 only for a finite x).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void HalvesToFloatAvx512(const uint16_t* in, int64_t n, bool act,
+                                                                               float* out) {
   const __m512 nan = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fc00000));
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1);
-    const __m512 x = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, in + i));
-    const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_sub_ps(x, x), _mm512_setzero_ps(), _CMP_EQ_OQ);
-    _mm512_mask_storeu_ps(out + i, m, _mm512_mask_blend_ps(finite, nan, x));
+    __m512 x = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, in + i));
+    if (act) x = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(_mm512_sub_ps(x, x), _mm512_setzero_ps(), _CMP_EQ_OQ), nan, x);
+    _mm512_mask_storeu_ps(out + i, m, x);
   }
 }
 #endif
 
-// act_scale(scale_value(kind, scales, first + i)) for i < n; the AVX-512 paths convert float16 scales
-// in vectors.
-void ActScalesOf(cpu::Isa isa, ScaleKind kind, const void* scales, int64_t first, int64_t n, float* out) {
+// scale_value(kind, scales, first + i) for i < n, through act_scale when act (the scales of Q x K^T's
+// operands); the AVX-512 paths convert float16 scales in vectors.
+void ScalesOf(cpu::Isa isa, ScaleKind kind, const void* scales, int64_t first, int64_t n, bool act, float* out) {
 #if BCT_X86_SIMD
   if (kind == ScaleKind::kFloat16 && isa >= cpu::Isa::kAvx512) {
-    ActScalesOfHalvesAvx512(static_cast<const uint16_t*>(scales) + first, n, out);
+    HalvesToFloatAvx512(static_cast<const uint16_t*>(scales) + first, n, act, out);
     return;
   }
 #endif
-  for (int64_t i = 0; i < n; ++i) out[i] = act_scale(scale_value(kind, scales, first + i));
+  for (int64_t i = 0; i < n; ++i) {
+    const float value = scale_value(kind, scales, first + i);
+    out[i] = act ? act_scale(value) : value;
+  }
 }
 
 // The calling thread's packed keys (cpu/act_matmul_vnni.h); one call at a time holds it.
@@ -95,16 +98,22 @@ class AttentionCpuKernel : public AttentionKernelBase {
       const int64_t per_group = g.q_heads / g.kv_heads;
       const bool heads_together = !g.packed && g.sq == 1 && g.mask_strides[1] == 0 && per_group > 1;
       const int64_t kv_heads = g.batch * g.kv_heads;
+      // There V in 8-bit symmetric codes is read as codes by attention_rows (no float32 copy of V).
+      const int64_t value_nb = g.v.num_blocks;
+      const bool value_codes = heads_together && g.v.quantized && attrs_.kv_bits == 8 && attrs_.kv_symmetric &&
+                               g.v.zero_points == nullptr && g.v.row_bytes == dh && dh <= nl::kAttentionMaxValueCodesDh;
 
       // The call's buffers, in per-thread scratch of the calling thread (cpu/thread_scratch.h): a decoder
-      // step allocates nothing. K as signed codes [rows, dh] + float32 scales [rows, nb]; V as float32 rows.
+      // step allocates nothing. K as signed codes [rows, dh] + float32 scales [rows, nb]; V as float32 rows,
+      // or only its scales as float32 when attention_rows reads V's codes (value_codes).
       cpu::ScratchPlan plan;
       const size_t at_q_step = plan.Add<float>(g.step ? q_rows * dh : 0);
       const size_t at_qq = plan.Add<int8_t>(q_rows * dh);
       const size_t at_qs = plan.Add<float>(q_rows * nb);
       const size_t at_kq = plan.Add<int8_t>(pack_codes ? 0 : kv_rows * dh);
       const size_t at_ks = plan.Add<float>(kv_rows * nb);
-      const size_t at_values = plan.Add<float>(g.v.quantized ? kv_rows * dh : 0);
+      const size_t at_values = plan.Add<float>(g.v.quantized && !value_codes ? kv_rows * dh : 0);
+      const size_t at_value_scales = plan.Add<float>(value_codes ? kv_rows * value_nb : 0);
       const size_t at_k_major = plan.Add<int8_t>(vnni_dots ? 0 : kv_rows * dh);
       const size_t at_k_major_scales = plan.Add<float>(vnni_dots ? 0 : kv_rows * nb);
       const size_t at_chunks_done = plan.Add<std::atomic<int32_t>>(heads_together ? kv_heads : 0);
@@ -123,6 +132,7 @@ class AttentionCpuKernel : public AttentionKernelBase {
       int8_t* kq = cpu::ScratchPlan::At<int8_t>(base, at_kq);
       float* ks = cpu::ScratchPlan::At<float>(base, at_ks);
       float* v_float = cpu::ScratchPlan::At<float>(base, at_values);
+      float* v_scales = cpu::ScratchPlan::At<float>(base, at_value_scales);
       int8_t* k_major = cpu::ScratchPlan::At<int8_t>(base, at_k_major);
       float* k_major_scales = cpu::ScratchPlan::At<float>(base, at_k_major_scales);
 
@@ -145,7 +155,7 @@ class AttentionCpuKernel : public AttentionKernelBase {
         for (int64_t r = begin; r < end; r += group) {
           const int64_t count = std::min(group, end - r);
           if (pack_codes) {  // the VNNI packing reads the cache's codes itself: only the scales here
-            ActScalesOf(isa_, g.k.scale_kind, g.k.scales, r * nb, count * nb, ks + r * nb);
+            ScalesOf(isa_, g.k.scale_kind, g.k.scales, r * nb, count * nb, true, ks + r * nb);
           } else if (direct) {
             for (int64_t t = r; t < r + count; ++t) {
               nl::signed_codes_of_row(g.k.codes + t * g.k.row_bytes, dh, attrs_.kv_bits, g.k.row_bytes, g.k.scale_kind,
@@ -157,7 +167,11 @@ class AttentionCpuKernel : public AttentionKernelBase {
           } else {
             QuantizeRows(g.k.x + r * dh, count, dh, kq + r * dh, ks + r * nb);
           }
-          if (g.v.quantized) v_rows.DequantizeRange(r, count, v_float + r * dh);
+          if (value_codes) {
+            ScalesOf(isa_, g.v.scale_kind, g.v.scales, r * value_nb, count * value_nb, false, v_scales + r * value_nb);
+          } else if (g.v.quantized) {
+            v_rows.DequantizeRange(r, count, v_float + r * dh);
+          }
         }
       };
       const float* values = g.v.quantized ? v_float : g.v.x;
@@ -233,7 +247,15 @@ class AttentionCpuKernel : public AttentionKernelBase {
           nl::AttentionKeys kv;  // the dots are given: attention_rows reads no key codes (none with pack_codes)
           kv.codes = pack_codes ? nullptr : kq + key0 * dh;
           kv.scales = ks + key0 * nb;
-          kv.values = values + key0 * dh;
+          if (value_codes) {
+            kv.values = nullptr;
+            kv.value_codes = g.v.codes + key0 * dh;
+            kv.value_scales = v_scales + key0 * value_nb;
+            kv.value_nb = value_nb;
+            kv.value_block_size = attrs_.kv_block_size;
+          } else {
+            kv.values = values + key0 * dh;
+          }
           kv.dh = dh;
           kv.nb = nb;
           kv.block_size = bs;
