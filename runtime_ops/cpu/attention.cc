@@ -7,7 +7,9 @@
 // bct/attention_math.h over it through Kernels(isa).attention_rows. Only a strip of dots per task is
 // stored, never the probability matrix. An encoder's [B, S, H * Dh] Q, K, V and Y are used in place:
 // Q and K rows are quantized in storage order; the dots read a run's query rows and K is packed from
-// rows H apart, V rows are read H rows apart and Y rows written H * Dh floats apart. A decoder step (one
+// rows H apart, V rows are read H rows apart and Y rows written H * Dh floats apart; Q, K and V may be
+// parts of one packed projection [B, S, (Hq + 2 Hkv) * Dh] (their rows then further apart, the quantized
+// Q and K rows stored as if they were not). A decoder step (one
 // query row per head) runs the query heads of a KV head as one task, and one task per KV head does all
 // of that head's work (one parallel section). The buffers are per-thread scratch
 // (cpu/thread_scratch.h): a step allocates nothing.
@@ -82,7 +84,7 @@ class AttentionCpuKernel : public AttentionKernelBase {
       ParallelFor(ctx, q_rows, group, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; r += group) {
           const int64_t count = std::min(group, end - r);
-          QuantizeRows(g.q + r * dh, count, dh, qq + r * dh, qs + r * nb);
+          QuantizeStoredRows(g, g.q, g.q_heads, g.q_stride, r, count, qq, qs);
         }
       });
 
@@ -108,7 +110,7 @@ class AttentionCpuKernel : public AttentionKernelBase {
             k_rows.DequantizeRange(r, count, rows);
             QuantizeRows(rows, count, dh, kq + r * dh, ks + r * nb);
           } else {
-            QuantizeRows(g.k.x + r * dh, count, dh, kq + r * dh, ks + r * nb);
+            QuantizeStoredRows(g, g.k.x, g.kv_heads, g.k_stride, r, count, kq, ks);
           }
           if (g.v.quantized) v_rows.DequantizeRange(r, count, v_float + r * dh);
         }
@@ -189,12 +191,12 @@ class AttentionCpuKernel : public AttentionKernelBase {
           nl::AttentionKeys kv;  // the dots are given: attention_rows reads no key codes (none with pack_codes)
           kv.codes = pack_codes ? nullptr : kq + key0 * dh;
           kv.scales = ks + key0 * nb;
-          kv.values = values + key0 * dh;
+          kv.values = values + (g.packed ? b * g.sk * g.v_stride + kv_h : key0) * dh;
           kv.dh = dh;
           kv.nb = nb;
           kv.block_size = bs;
           kv.key_step = g.packed ? g.kv_heads : 1;
-          kv.value_step = kv.key_step;
+          kv.value_step = g.packed ? g.v_stride : 1;
           const float* mask = g.mask != nullptr ? g.mask + b * g.mask_strides[0] + h * g.mask_strides[1] : nullptr;
           // Y rows of the run: consecutive positions (H * Dh floats apart when packed), or with the heads
           // together consecutive heads of position 0, Dh floats apart in either layout.
@@ -277,6 +279,22 @@ class AttentionCpuKernel : public AttentionKernelBase {
       } else {
         kv->x = static_cast<const float*>(is_k ? present.k : present.v);
       }
+    }
+  }
+
+  // Rows [r, r + count) of Q or K in storage order (packed: position r / heads, head r % heads, read
+  // `stride` rows of Dh apart per position) quantized into rows r.. of q / scales.
+  void QuantizeStoredRows(const AttentionGeometry& g, const float* x, int64_t heads, int64_t stride, int64_t r,
+                          int64_t count, int8_t* q, float* scales) const {
+    const int64_t dh = g.dh, nb = num_blocks(dh, attrs_.block_size);
+    if (!g.packed || stride == heads) {
+      QuantizeRows(x + r * dh, count, dh, q + r * dh, scales + r * nb);
+      return;
+    }
+    for (const int64_t end = r + count; r < end;) {
+      const int64_t position = r / heads, head = r % heads, n = std::min(end - r, heads - head);
+      QuantizeRows(x + (position * stride + head) * dh, n, dh, q + r * dh, scales + r * nb);
+      r += n;
     }
   }
 
