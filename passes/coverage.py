@@ -116,7 +116,11 @@ def _packed_projections(node: ir.Node) -> int:
         if use.idx != 0 or reader.domain != ops.DOMAIN or reader.op_type != ops.BLOCK_ATTENTION:
             continue
         kv_heads = reader.attributes.get("kv_heads")
-        if kv_heads is not None and kv_heads.as_int() > 0 and (len(reader.inputs) < 2 or reader.inputs[1] is None):
+        if (
+            kv_heads is not None
+            and kv_heads.as_int() > 0
+            and (len(reader.inputs) < 2 or reader.inputs[1] is None)
+        ):
             return 2 if len(reader.inputs) > 4 and reader.inputs[4] is not None else 3
     return 1
 
