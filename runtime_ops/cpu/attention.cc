@@ -7,9 +7,10 @@
 // bct/attention_math.h over it through Kernels(isa).attention_rows. Only a strip of dots per task is
 // stored, never the probability matrix. An encoder's [B, S, H * Dh] Q, K, V and Y are used in place:
 // Q and K rows are quantized in storage order; the dots read a run's query rows and K is packed from
-// rows H apart, V rows are read H rows apart and Y rows written H * Dh floats apart; Q, K and V may be
-// parts of one packed projection [B, S, (Hq + 2 Hkv) * Dh] (their rows then further apart, the quantized
-// Q and K rows stored as if they were not). A decoder step (one
+// rows H apart, V rows are read H rows apart and Y rows written H * Dh floats apart. Q and K (and V) may
+// be parts of one packed projection [B, S, (Hq + Hkv [+ Hkv]) * Dh]: Q's and K's rows are then quantized
+// together into one buffer laid out as the projection (a position's Q rows, then its K rows), and read
+// from there as from the packed tensors with more rows per position. A decoder step (one
 // query row per head) runs the query heads of a KV head as one task, and one task per KV head does all
 // of that head's work (one parallel section). The buffers are per-thread scratch
 // (cpu/thread_scratch.h): a step allocates nothing.
@@ -58,15 +59,25 @@ class AttentionCpuKernel : public AttentionKernelBase {
       // Q, K, V rows in storage order: heads first, or [B, S, H * Dh] (g.packed); Y packed also for a
       // packed step (whose Q and present cache are heads first).
       const bool y_packed = g.packed || (g.step && g.step_dims.packed);
+      // Q and K of one projection (g.k_in_q): their codes in one buffer, rows as in the projection (V's
+      // rows of a Q, K, V projection left unused); rows of codes between positions of Q and of K.
+      const bool qk_together = g.k_in_q;
+      const int64_t positions = g.batch * g.sq;
+      const int64_t q_code_stride = qk_together ? g.q_stride : g.q_heads;
+      const int64_t k_code_stride = qk_together ? g.k_stride : g.kv_heads;
+      auto code_row = [&](int64_t stride, int64_t heads, int64_t seq, int64_t b, int64_t h, int64_t i) {
+        return g.packed ? (b * seq + i) * stride + h : (b * heads + h) * seq + i;
+      };
 
       // The call's buffers, in per-thread scratch of the calling thread (cpu/thread_scratch.h): a decoder
       // step allocates nothing. K as signed codes [rows, dh] + float32 scales [rows, nb]; V as float32 rows.
       cpu::ScratchPlan plan;
       const size_t at_q_step = plan.Add<float>(g.step ? q_rows * dh : 0);
-      const size_t at_qq = plan.Add<int8_t>(q_rows * dh);
-      const size_t at_qs = plan.Add<float>(q_rows * nb);
-      const size_t at_kq = plan.Add<int8_t>(pack_codes ? 0 : kv_rows * dh);
-      const size_t at_ks = plan.Add<float>(kv_rows * nb);
+      const int64_t q_code_rows = qk_together ? positions * g.q_stride : q_rows;
+      const size_t at_qq = plan.Add<int8_t>(q_code_rows * dh);
+      const size_t at_qs = plan.Add<float>(q_code_rows * nb);
+      const size_t at_kq = plan.Add<int8_t>(pack_codes || qk_together ? 0 : kv_rows * dh);
+      const size_t at_ks = plan.Add<float>(qk_together ? 0 : kv_rows * nb);
       const size_t at_values = plan.Add<float>(g.v.quantized ? kv_rows * dh : 0);
       const size_t at_k_major = plan.Add<int8_t>(vnni_dots ? 0 : kv_rows * dh);
       const size_t at_k_major_scales = plan.Add<float>(vnni_dots ? 0 : kv_rows * nb);
@@ -75,18 +86,35 @@ class AttentionCpuKernel : public AttentionKernelBase {
       if (q_rows == 0) return;
       int8_t* qq = cpu::ScratchPlan::At<int8_t>(base, at_qq);
       float* qs = cpu::ScratchPlan::At<float>(base, at_qs);
-      int8_t* kq = cpu::ScratchPlan::At<int8_t>(base, at_kq);
-      float* ks = cpu::ScratchPlan::At<float>(base, at_ks);
+      int8_t* kq = qk_together ? qq + g.q_heads * dh : cpu::ScratchPlan::At<int8_t>(base, at_kq);
+      float* ks = qk_together ? qs + g.q_heads * nb : cpu::ScratchPlan::At<float>(base, at_ks);
       float* v_float = cpu::ScratchPlan::At<float>(base, at_values);
       int8_t* k_major = cpu::ScratchPlan::At<int8_t>(base, at_k_major);
       float* k_major_scales = cpu::ScratchPlan::At<float>(base, at_k_major_scales);
 
-      ParallelFor(ctx, q_rows, group, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; r += group) {
-          const int64_t count = std::min(group, end - r);
-          QuantizeStoredRows(g, g.q, g.q_heads, g.q_stride, r, count, qq, qs);
-        }
-      });
+      if (qk_together) {  // each position's Q and K rows: contiguous, and all of them without V
+        const int64_t qk_rows = g.q_heads + g.kv_heads;
+        const bool contiguous = g.q_stride == qk_rows;
+        ParallelFor(ctx, positions, std::max<int64_t>(1, group / qk_rows), [&](int64_t begin, int64_t end) {
+          if (contiguous) {
+            for (int64_t r = begin * qk_rows; r < end * qk_rows; r += group) {
+              QuantizeRows(g.q + r * dh, std::min(group, end * qk_rows - r), dh, qq + r * dh, qs + r * nb);
+            }
+            return;
+          }
+          for (int64_t p = begin; p < end; ++p) {
+            const int64_t r = p * g.q_stride;
+            QuantizeRows(g.q + r * dh, qk_rows, dh, qq + r * dh, qs + r * nb);
+          }
+        });
+      } else {
+        ParallelFor(ctx, q_rows, group, [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; r += group) {
+            const int64_t count = std::min(group, end - r);
+            QuantizeRows(g.q + r * dh, count, dh, qq + r * dh, qs + r * nb);
+          }
+        });
+      }
 
       // Three steps over the keys and queries, written for ranges so that they run either as three
       // parallel loops or, for a decoder step, as one task per KV head (below).
@@ -110,7 +138,7 @@ class AttentionCpuKernel : public AttentionKernelBase {
             k_rows.DequantizeRange(r, count, rows);
             QuantizeRows(rows, count, dh, kq + r * dh, ks + r * nb);
           } else {
-            QuantizeStoredRows(g, g.k.x, g.kv_heads, g.k_stride, r, count, kq, ks);
+            QuantizeRows(g.k.x + r * dh, count, dh, kq + r * dh, ks + r * nb);
           }
           if (g.v.quantized) v_rows.DequantizeRange(r, count, v_float + r * dh);
         }
@@ -124,7 +152,7 @@ class AttentionCpuKernel : public AttentionKernelBase {
       vnni::PackedB& packed = CallPackedB();
       if (vnni_dots) vnni::InitPackedB(packed, kv_heads, g.sk, dh, bs);
       auto key_row = [&](int64_t head, int64_t key) {  // storage row of key `key` of head b * Hkv + h
-        return nl::attention_row_index(g.packed, g.kv_heads, g.sk, head / g.kv_heads, head % g.kv_heads, key);
+        return code_row(k_code_stride, g.kv_heads, g.sk, head / g.kv_heads, head % g.kv_heads, key);
       };
       auto pack_keys = [&](int64_t begin, int64_t end) {
         if (vnni_dots) {  // runs of keys inside one head, read H rows apart when packed
@@ -134,7 +162,7 @@ class AttentionCpuKernel : public AttentionKernelBase {
             if (pack_codes) {
               vnni::PackCodeRows(packed, head, key, count, g.k.codes + src * dh, ks + src * nb);
             } else {
-              vnni::PackRows(packed, head, key, count, kq + src * dh, ks + src * nb, g.packed ? g.kv_heads : 1);
+              vnni::PackRows(packed, head, key, count, kq + src * dh, ks + src * nb, g.packed ? k_code_stride : 1);
             }
             r += count;
           }
@@ -175,10 +203,10 @@ class AttentionCpuKernel : public AttentionKernelBase {
           const int64_t i0 = (task % runs_per_head) * run;
           const int64_t rows = heads_together ? per_group : std::min(run, g.sq - i0);
           const int64_t kv_h = h / per_group, kv_head = b * g.kv_heads + kv_h;
-          const int64_t row = nl::attention_row_index(g.packed, g.q_heads, g.sq, b, h, i0);
+          const int64_t row = code_row(q_code_stride, g.q_heads, g.sq, b, h, i0);
           const int8_t* q_codes = qq + row * dh;
           const float* q_scales = qs + row * nb;
-          const int64_t q_step = g.packed ? g.q_heads : 1;  // rows between the run's query rows
+          const int64_t q_step = g.packed ? q_code_stride : 1;  // rows between the run's query rows
           if (vnni_dots) {
             vnni::DotRows(packed, kv_head, q_codes, q_scales, rows, scratch, dots, g.sk, q_step);
           } else {
@@ -187,7 +215,7 @@ class AttentionCpuKernel : public AttentionKernelBase {
                                    k_major_scales + kv_head * nb * g.sk, g.sk, dh, bs, nb, acc, dots + r * g.sk);
             }
           }
-          const int64_t key0 = nl::attention_row_index(g.packed, g.kv_heads, g.sk, b, kv_h, 0);
+          const int64_t key0 = code_row(k_code_stride, g.kv_heads, g.sk, b, kv_h, 0);
           nl::AttentionKeys kv;  // the dots are given: attention_rows reads no key codes (none with pack_codes)
           kv.codes = pack_codes ? nullptr : kq + key0 * dh;
           kv.scales = ks + key0 * nb;
@@ -195,7 +223,7 @@ class AttentionCpuKernel : public AttentionKernelBase {
           kv.dh = dh;
           kv.nb = nb;
           kv.block_size = bs;
-          kv.key_step = g.packed ? g.kv_heads : 1;
+          kv.key_step = g.packed ? k_code_stride : 1;
           kv.value_step = g.packed ? g.v_stride : 1;
           const float* mask = g.mask != nullptr ? g.mask + b * g.mask_strides[0] + h * g.mask_strides[1] : nullptr;
           // Y rows of the run: consecutive positions (H * Dh floats apart when packed), or with the heads
@@ -217,7 +245,9 @@ class AttentionCpuKernel : public AttentionKernelBase {
           run_tasks(begin, end);
         });
       } else {
-        ParallelFor(ctx, kv_rows, std::max(group, kMinTaskValues / dh), [&](int64_t b, int64_t e) { prepare_keys(b, e); });
+        if (!qk_together) {  // (with Q and K together, the keys are quantized and V is float32 rows)
+          ParallelFor(ctx, kv_rows, std::max(group, kMinTaskValues / dh), [&](int64_t b, int64_t e) { prepare_keys(b, e); });
+        }
         ParallelFor(ctx, kv_rows, 2 * kMinTaskValues / dh, [&](int64_t b, int64_t e) { pack_keys(b, e); });
         const int64_t work = std::max<int64_t>(1, g.sk * dh * run);
         ParallelFor(ctx, tasks, std::max<int64_t>(1, 4 * kMinTaskValues / work), [&](int64_t b, int64_t e) { run_tasks(b, e); });
@@ -279,22 +309,6 @@ class AttentionCpuKernel : public AttentionKernelBase {
       } else {
         kv->x = static_cast<const float*>(is_k ? present.k : present.v);
       }
-    }
-  }
-
-  // Rows [r, r + count) of Q or K in storage order (packed: position r / heads, head r % heads, read
-  // `stride` rows of Dh apart per position) quantized into rows r.. of q / scales.
-  void QuantizeStoredRows(const AttentionGeometry& g, const float* x, int64_t heads, int64_t stride, int64_t r,
-                          int64_t count, int8_t* q, float* scales) const {
-    const int64_t dh = g.dh, nb = num_blocks(dh, attrs_.block_size);
-    if (!g.packed || stride == heads) {
-      QuantizeRows(x + r * dh, count, dh, q + r * dh, scales + r * nb);
-      return;
-    }
-    for (const int64_t end = r + count; r < end;) {
-      const int64_t position = r / heads, head = r % heads, n = std::min(end - r, heads - head);
-      QuantizeRows(x + (position * stride + head) * dh, n, dh, q + r * dh, scales + r * nb);
-      r += n;
     }
   }
 

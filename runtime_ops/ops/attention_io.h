@@ -88,6 +88,7 @@ struct AttentionGeometry {
   // packed: rows of Dh between consecutive positions of Q, K and V (their heads, or more when they
   // are parts of one packed projection, attribute kv_heads)
   int64_t q_stride = 0, k_stride = 0, v_stride = 0;
+  bool k_in_q = false;  // K's heads follow Q's in one tensor (attribute kv_heads, K absent)
   const float* mask = nullptr;
   int64_t mask_strides[4] = {0, 0, 0, 0};  // elements per step of b, h, i, j (0: broadcast)
   // The decoder step (inputs 8..11): new keys / values, rotary tables.
@@ -266,6 +267,7 @@ inline AttentionGeometry CheckAttention(const Ort::KernelContext& ctx, const Nod
     g.q_stride = g.k_stride = heads;
   }
   if (g.dh < 1) node.Fail("input 'Q' head size must be >= 1, got shape " + ShapeString(q.shape));
+  g.k_in_q = k_in_q;
   g.q = q.As<float>();
   g.y_shape = q.shape;
   if (k_in_q) g.y_shape[2] = attrs.q_heads * g.dh;
