@@ -29,12 +29,11 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import onnx_ir as ir
 from bct_onnx.passes.framework import NodeRewritePass, PassReport, node_label, node_name
 from bct_onnx.passes.graph_patterns import FLOAT, replace_pattern, sole_user
 from bct_onnx.passes.operand_ops import int_attr, is_ours
-from bct_onnx.passes.quantized_weights import constant_tensor
+from bct_onnx.passes.quantized_weights import concat_initializer, constant_tensor
 
 from bct_onnx import ops
 
@@ -98,26 +97,6 @@ def packing_problem(first: ir.Node, other: ir.Node) -> str | None:
     return None
 
 
-def _concat_initializer(graph: ir.Graph, values: list[ir.Value], suffix: str) -> ir.Value:
-    """A new initializer: the rows of values one after the other (axis 0, the N axis of every weight input)."""
-    arrays = []
-    for value in values:
-        tensor = constant_tensor(value)
-        assert tensor is not None
-        arrays.append(np.asarray(tensor.numpy()))
-    array = np.concatenate(arrays, axis=0)
-    base = f"{values[0].name}.{suffix}"
-    name, n = base, 1
-    while name in graph.initializers:
-        name, n = f"{base}_{n}", n + 1
-    tensor = ir.tensor(array, name=name)
-    value = ir.Value(
-        name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
-    )
-    graph.register_initializer(value)
-    return value
-
-
 class PackSharedInputMatMulsPass(NodeRewritePass):
     """Pack the Q and K BlockMatMuls of an encoder's BlockAttention into one BlockMatMul."""
 
@@ -155,7 +134,7 @@ class PackSharedInputMatMulsPass(NodeRewritePass):
             parts = [_input(mm, index) for mm in matched.matmuls]
             present = [p for p in parts if p is not None]
             inputs.append(
-                _concat_initializer(model.graph, present, suffix) if len(present) == len(parts) else None
+                concat_initializer(model.graph, present, suffix) if len(present) == len(parts) else None
             )
         inputs += list(first.inputs[5:])
         while inputs and inputs[-1] is None:
