@@ -659,6 +659,27 @@ def test_scale_search_over_several_ratios_at_once_equals_one_at_a_time(fmt, monk
             np.testing.assert_array_equal(grouped[1], single[1])
 
 
+
+def test_first_least_error_is_what_one_at_a_time_replacement_keeps():
+    """The grouped search picks, per block, the candidate a strict one-at-a-time replacement ends with:
+    the first least error on ties, never a NaN error, and the first candidate while its own is NaN."""
+    from bct_onnx.weight_quantizer import _first_least
+
+    nan, inf = np.float32(np.nan), np.float32(np.inf)
+    errors = np.array([[2, 1, nan, nan, inf, 1],
+                       [1, 1, 1, 0, inf, nan],
+                       [1, 0, 0, nan, inf, 1]], np.float32)
+    expected = []
+    for column in errors.T:
+        best = 0
+        for i in range(1, len(column)):
+            if column[i] < column[best]:
+                best = i
+        expected.append(best)
+    assert expected == [1, 2, 0, 0, 0, 0]
+    np.testing.assert_array_equal(_first_least(errors)[0], expected)
+
+
 ATTENTION = """
 <ir_version: 8, opset_import: ["" : 17]>
 attention (float[B, 4, 8] x, float[B, 4, 4] bias) => (float[B, 4, 8] y) {
