@@ -20,9 +20,12 @@ beforehand (gptq_quantize).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 import weakref
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -51,6 +54,38 @@ _CHUNK_BYTES = 1 << 25
 GPTQ_THREADS = min(2, os.cpu_count() or 1)
 # Fewer rows than this per thread: one thread (a column's numpy calls would be mostly interpreter time).
 _MIN_THREAD_ROWS = 256
+
+
+class _CoreSharing:
+    """How many jobs (calibration.collect_hessians running in the background) keep the cores busy beside GPTQ.
+
+    While one runs, GPTQ walks each weight on one thread in one chunk of rows: the float model's forward
+    and the Hessian updates already use the cores, and a second GPTQ thread would only add its own cost
+    (SmolLM2's weights: about a sixth more CPU on two threads, twice the per-column calls with two
+    chunks) without finishing sooner. Alone, GPTQ uses GPTQ_THREADS.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs = 0
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """Count a job that keeps the cores busy while the block runs."""
+        with self._lock:
+            self._jobs += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._jobs -= 1
+
+    def threads(self) -> int:
+        """The threads GPTQ walks a weight's rows on now."""
+        return 1 if self._jobs else GPTQ_THREADS
+
+
+CORE_SHARING = _CoreSharing()
 
 
 @functools.cache
@@ -241,8 +276,9 @@ def gptq_quantize(
     # chunk's codes are packed before the next one (unpacked codes of the whole weight, and
     # pack_codes' bit planes of them, would take 10x the packed bytes).
     rows = max(1, _CHUNK_BYTES // (8 * k))
+    threads = CORE_SHARING.threads()
     if n >= 2 * _MIN_THREAD_ROWS:  # one chunk per thread at least: the threads share the rows
-        rows = min(rows, -(-n // GPTQ_THREADS))
+        rows = min(rows, -(-n // threads))
 
     def quantize_rows(r: int) -> None:
         # K-major: a column of the weight (one input channel over the chunk's rows) is contiguous.
@@ -268,8 +304,8 @@ def gptq_quantize(
     with blas_controller().limit(limits=1, user_api="blas"):
         hinv, dead = _LAST_FACTOR.get(hessian, damping, order)
         starts = range(0, n, rows)
-        if GPTQ_THREADS > 1 and len(starts) > 1:
-            with ThreadPoolExecutor(min(GPTQ_THREADS, len(starts))) as pool:
+        if threads > 1 and len(starts) > 1:
+            with ThreadPoolExecutor(min(threads, len(starts))) as pool:
                 list(pool.map(quantize_rows, starts))  # list(): re-raise a chunk's exception here
         else:
             for r in starts:

@@ -235,6 +235,48 @@ def test_gptq_on_threads_gives_the_codes_of_one_thread(monkeypatch):
     np.testing.assert_array_equal(threaded.zero_points, one.zero_points)
 
 
+
+def test_gptq_walks_on_one_thread_while_hessians_are_collected(monkeypatch):
+    """While a background Hessian collection keeps the cores busy, GPTQ walks a weight in one chunk on
+    one thread (same codes); the collection marks the cores busy for its whole run, and only then."""
+    w, hessian, fmt = _rows_case(14)
+    monkeypatch.setattr(gptq, "GPTQ_THREADS", 3)
+    monkeypatch.setattr(gptq, "_MIN_THREAD_ROWS", 4)
+    walked_rows = []
+    walk = gptq._gptq_walk
+
+    def recording_walk(w_t, *args):
+        walked_rows.append(w_t.shape[1])
+        walk(w_t, *args)
+
+    monkeypatch.setattr(gptq, "_gptq_walk", recording_walk)
+    threaded = gptq_quantize(w, hessian, fmt)
+    assert walked_rows == [8, 8, 7]
+    walked_rows.clear()
+    with gptq.CORE_SHARING.busy():
+        assert gptq.CORE_SHARING.threads() == 1
+        shared = gptq_quantize(w, hessian, fmt)
+    assert walked_rows == [23] and gptq.CORE_SHARING.threads() == 3
+    np.testing.assert_array_equal(shared.codes, threaded.codes)
+    np.testing.assert_array_equal(shared.scales, threaded.scales)
+
+    from bct_onnx import calibration
+
+    seen = []
+    run_segments = calibration._run_segments
+
+    def recording_segments(*args):
+        seen.append(gptq.CORE_SHARING.threads())
+        run_segments(*args)
+
+    monkeypatch.setattr(calibration, "_run_segments", recording_segments)
+    rng = np.random.default_rng(15)
+    store = collect_hessians(_mlp(rng), Calibration(({"x": _correlated_inputs(rng, 64, 64)},)), background=True)
+    store.wait()
+    store.close()
+    assert seen == [1] and gptq.CORE_SHARING.threads() == 3
+
+
 def test_inverse_hessian_factor_is_the_cholesky_factor_of_the_inverse():
     rng = np.random.default_rng(5)
     x = _correlated_inputs(rng, 256, 96)
@@ -657,6 +699,27 @@ def test_scale_search_over_several_ratios_at_once_equals_one_at_a_time(fmt, monk
         assert (grouped[1] is None) == fmt.symmetric
         if grouped[1] is not None:
             np.testing.assert_array_equal(grouped[1], single[1])
+
+
+
+def test_first_least_error_is_what_one_at_a_time_replacement_keeps():
+    """The grouped search picks, per block, the candidate a strict one-at-a-time replacement ends with:
+    the first least error on ties, never a NaN error, and the first candidate while its own is NaN."""
+    from bct_onnx.weight_quantizer import _first_least
+
+    nan, inf = np.float32(np.nan), np.float32(np.inf)
+    errors = np.array([[2, 1, nan, nan, inf, 1],
+                       [1, 1, 1, 0, inf, nan],
+                       [1, 0, 0, nan, inf, 1]], np.float32)
+    expected = []
+    for column in errors.T:
+        best = 0
+        for i in range(1, len(column)):
+            if column[i] < column[best]:
+                best = i
+        expected.append(best)
+    assert expected == [1, 2, 0, 0, 0, 0]
+    np.testing.assert_array_equal(_first_least(errors)[0], expected)
 
 
 ATTENTION = """
