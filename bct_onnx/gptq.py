@@ -114,13 +114,16 @@ def inverse_hessian_factor(hessian: np.ndarray, damping: float = 0.01) -> tuple[
     """
     import scipy.linalg  # here, not at import: 0.3 s of every CLI start that never calibrates
 
-    h = np.array(hessian[::-1, ::-1], dtype=np.float64, order="F")  # J H J
-    diagonal = np.diag_indices_from(h)
-    dead = h[diagonal][::-1] == 0
-    h[diagonal] = np.where(h[diagonal] == 0, 1.0, h[diagonal])
-    mean_diag = float(np.mean(h[diagonal]))
+    # J H J in float32 for the first attempt, the dampened diagonal summed in float64 and rounded once (as
+    # the float64 matrix cast to float32 would be); the float64 matrix is built only if float32 fails.
+    h32 = np.array(hessian[::-1, ::-1], dtype=np.float32, order="F")
+    diagonal = np.diag_indices_from(h32)
+    h_diagonal = np.diagonal(hessian).astype(np.float64)[::-1].copy()
+    dead = h_diagonal[::-1] == 0
+    h_diagonal[h_diagonal == 0] = 1.0
+    mean_diag = float(np.mean(h_diagonal))
     damp = damping * (mean_diag if mean_diag > 0 else 1.0)
-    h[diagonal] += damp
+    h_diagonal += damp
     lapack = scipy.linalg.lapack
     # One BLAS thread, also when called on its own: multithreaded LAPACK rounds differently.
     with blas_controller().limit(limits=1, user_api="blas"):
@@ -129,13 +132,19 @@ def inverse_hessian_factor(hessian: np.ndarray, damping: float = 0.01) -> tuple[
                 (lapack.spotrf, lapack.strtri, np.float32),
                 (lapack.dpotrf, lapack.dtrtri, np.float64),
             ):
-                lower, info = potrf(h.astype(dtype, order="F"), lower=1, clean=1, overwrite_a=1)
+                if dtype is np.float32:
+                    h32[diagonal] = h_diagonal.astype(np.float32)
+                    h = h32
+                else:
+                    h = np.array(hessian[::-1, ::-1], dtype=np.float64, order="F")
+                    h[diagonal] = h_diagonal
+                lower, info = potrf(h, lower=1, clean=1, overwrite_a=0)
                 if info != 0:
                     continue
                 inverse_lower, info = trtri(lower, lower=1, overwrite_c=1)
                 if info == 0 and np.isfinite(inverse_lower).all():
                     return np.ascontiguousarray(inverse_lower[::-1, ::-1], dtype=np.float64), dead
-            h[diagonal] += damp
+            h_diagonal += damp
             damp *= 10
     raise np.linalg.LinAlgError("GPTQ: the calibration Hessian is not positive definite even after damping")
 

@@ -776,3 +776,33 @@ def test_calibration_leaves_out_softmax_nan_guards_and_keeps_the_model_hessians(
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
     hessians.close()
+
+
+def _factor_from_float64_copy(hessian: np.ndarray, damping: float) -> np.ndarray:
+    """inverse_hessian_factor's float32 attempt as first written: J H J built in float64, dampened, cast."""
+    import scipy.linalg
+
+    h = np.array(hessian[::-1, ::-1], dtype=np.float64, order="F")
+    diagonal = np.diag_indices_from(h)
+    h[diagonal] = np.where(h[diagonal] == 0, 1.0, h[diagonal])
+    h[diagonal] += damping * float(np.mean(h[diagonal]))
+    lower, info = scipy.linalg.lapack.spotrf(h.astype(np.float32, order="F"), lower=1, clean=1)
+    assert info == 0
+    inverse_lower, info = scipy.linalg.lapack.strtri(lower, lower=1)
+    assert info == 0
+    return np.ascontiguousarray(inverse_lower[::-1, ::-1], dtype=np.float64)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_inverse_hessian_factor_builds_float32_input_exactly_as_the_float64_copy(dtype):
+    """The float32 attempt starts from J H J in float32 with the dampened diagonal summed in float64 and
+    rounded once: bit for bit the float64 matrix cast to float32 (a dead input included)."""
+    rng = np.random.default_rng(16)
+    x = _correlated_inputs(rng, 256, 80)
+    x[:, 5] = 0.0
+    hessian = (x.T.astype(np.float64) @ x).astype(dtype)
+    with gptq.blas_controller().limit(limits=1, user_api="blas"):
+        expected = _factor_from_float64_copy(hessian, 0.1)
+    factor, dead = inverse_hessian_factor(hessian, 0.1)
+    np.testing.assert_array_equal(factor, expected)
+    assert np.flatnonzero(dead).tolist() == [5]
