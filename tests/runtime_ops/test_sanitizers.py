@@ -17,8 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from bct_onnx.ops import OP_TYPES
+
 REPO = Path(__file__).resolve().parents[2]
-FUZZ_SEEDS = 200  # of the CI set's 400: the sanitized kernels run about 3x slower
+# Seeds cycle over ops x the 4 CPU paths: twice round = every op on every path twice (the unsanitized CI set
+# runs 400; sanitized kernels run about 3x slower, and the suite keeps near 10 minutes).
+FUZZ_SEEDS = 2 * len(OP_TYPES) * 4
 # The op tests run under the sanitizers, in one pytest process (each start under ASan costs seconds):
 # file -> -k selection (None: all of it). Kept: every test that forces a CPU path, the edge cases
 # (sizes, partial and oversized blocks, empty, non-finite, magnitudes, bad inputs and attributes, the
