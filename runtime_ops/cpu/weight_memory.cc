@@ -10,6 +10,18 @@
 #include <sys/mman.h>
 #endif
 
+// Under AddressSanitizer every weight keeps an allocation of its own, so that its bounds are checked.
+#if defined(__SANITIZE_ADDRESS__)
+#define BCT_POOLED_WEIGHTS 0
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define BCT_POOLED_WEIGHTS 0
+#endif
+#endif
+#ifndef BCT_POOLED_WEIGHTS
+#define BCT_POOLED_WEIGHTS 1
+#endif
+
 namespace bct {
 namespace cpu {
 namespace {
@@ -83,13 +95,17 @@ ChunkPool& Pool() {
 }  // namespace
 
 void* AllocateWeightBytes(std::size_t bytes) {
-  return bytes >= kHugePage ? AllocateHugePages(bytes) : Pool().Allocate(bytes);
+  if (bytes >= kHugePage) return AllocateHugePages(bytes);
+  if (!BCT_POOLED_WEIGHTS) return ::operator new(bytes, std::align_val_t(kPieceAlignment));
+  return Pool().Allocate(bytes);
 }
 
 void FreeWeightBytes(void* p, std::size_t bytes) noexcept {
   if (p == nullptr) return;
   if (bytes >= kHugePage) {
     FreeHugePages(p, bytes);
+  } else if (!BCT_POOLED_WEIGHTS) {
+    ::operator delete(p, bytes, std::align_val_t(kPieceAlignment));
   } else {
     Pool().Free(p);
   }
