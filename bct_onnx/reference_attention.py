@@ -73,8 +73,8 @@ def scores(q: np.ndarray, k, act_bits: int, block_size: int) -> np.ndarray:
 
 def attention(
     q: np.ndarray,
-    k: np.ndarray | QuantizedTensor,
-    v: np.ndarray | QuantizedTensor,
+    k: np.ndarray | QuantizedTensor | None,
+    v: np.ndarray | QuantizedTensor | None,
     *,
     act_bits: int,
     block_size: int,
@@ -82,6 +82,7 @@ def attention(
     mask: np.ndarray | None = None,
     causal: bool = False,
     q_heads: int | None = None,
+    kv_heads: int | None = None,
 ) -> np.ndarray:
     """BlockAttention: softmax(scale * (Q x K^T) + mask, causal) x V -> [B, Hq, Sq, Dh] float32.
 
@@ -91,8 +92,30 @@ def attention(
 
     An encoder's layout: Q [B, Sq, Hq * Dh] (q_heads gives Hq) with float32 K, V [B, Sk, Hkv * Dh]
     gives Y [B, Sq, Hq * Dh]; the values are those of the heads-first layout (every quantization
-    block lies inside one head's row either way).
+    block lies inside one head's row either way). One packed projection: with kv_heads (Hkv) and k
+    None, Q's [B, S, *] tensor holds Q's heads then K's (v [B, S, Hkv * Dh]), or with v None too Q's,
+    K's and V's heads; the op reads them in place, with the values of the three tensors.
     """
+    if k is None:
+        if kv_heads is None or q_heads is None or np.asarray(q).ndim != 3:
+            raise ValueError("K absent needs Q [B, S, (Hq + Hkv [+ Hkv]) * Dh] with q_heads and kv_heads")
+        q = np.asarray(q, dtype=np.float32)
+        heads = q_heads + (2 if v is None else 1) * kv_heads
+        dh = q.shape[-1] // heads
+        q, k, rest = np.split(q, [q_heads * dh, (q_heads + kv_heads) * dh], axis=-1)
+        return attention(
+            q,
+            k,
+            rest if v is None else v,
+            act_bits=act_bits,
+            block_size=block_size,
+            scale=scale,
+            mask=mask,
+            causal=causal,
+            q_heads=q_heads,
+        )
+    if v is None:
+        raise ValueError("V absent needs K absent too (Q, K and V in one tensor)")
     if np.asarray(q).ndim == 3:
         if q_heads is None:
             raise ValueError("q_heads is needed when Q is [B, S, Hq * Dh]")

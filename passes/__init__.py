@@ -36,6 +36,7 @@ from bct_onnx.passes.fuse_matmul_epilogue import FuseMatMulEpiloguePass
 from bct_onnx.passes.fuse_rms_norm import FuseRMSNormPass
 from bct_onnx.passes.fuse_silu import FuseSiluPass
 from bct_onnx.passes.gemm_to_matmul import GemmToMatMulPass
+from bct_onnx.passes.pack_shared_input_matmuls import PackSharedInputMatMulsPass
 from bct_onnx.passes.pipeline import (
     DEBUG_DIR_ENV,
     QUANTIZE_PASSES,
@@ -85,6 +86,7 @@ __all__ = [
     "NodeRewritePass",
     "OpsetConversionError",
     "OpsetTooOldError",
+    "PackSharedInputMatMulsPass",
     "PassRecord",
     "PassReport",
     "PipelineResult",

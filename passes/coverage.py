@@ -103,7 +103,26 @@ def _bct_kinds(node: ir.Node) -> tuple[str, ...]:
     if epilogue is not None and epilogue.as_string() in _EPILOGUE_KINDS:
         kind, extra_matmuls = _EPILOGUE_KINDS[epilogue.as_string()]
         return ("MatMul", kind) + ("MatMul",) * extra_matmuls  # gate and up: two MatMuls of the original
+    if node.op_type == ops.BLOCK_MATMUL:
+        return ("MatMul",) * _packed_projections(node)
     return (_BCT_KIND[node.op_type],)
+
+
+def _packed_projections(node: ir.Node) -> int:
+    """The original MatMuls a BlockMatMul computes: 2 or 3 for the Q, K [, V] projection that
+    PackSharedInputMatMulsPass packs (read by BlockAttention as Q with K, and maybe V, absent), else 1."""
+    for use in node.outputs[0].uses():
+        reader = use.node
+        if use.idx != 0 or reader.domain != ops.DOMAIN or reader.op_type != ops.BLOCK_ATTENTION:
+            continue
+        kv_heads = reader.attributes.get("kv_heads")
+        if (
+            kv_heads is not None
+            and kv_heads.as_int() > 0
+            and (len(reader.inputs) < 2 or reader.inputs[1] is None)
+        ):
+            return 2 if len(reader.inputs) > 4 and reader.inputs[4] is not None else 3
+    return 1
 
 
 def bct_counts(model: ir.Model) -> dict[str, int]:

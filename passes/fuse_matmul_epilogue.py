@@ -24,12 +24,11 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import onnx_ir as ir
 from bct_onnx.passes.framework import NodeRewritePass, PassReport, node_label, node_name
 from bct_onnx.passes.graph_patterns import is_op, other_input, replace_pattern, sole_user
 from bct_onnx.passes.operand_ops import int_attr, is_ours
-from bct_onnx.passes.quantized_weights import constant_tensor
+from bct_onnx.passes.quantized_weights import concat_initializer, constant_tensor
 
 from bct_onnx import ops
 
@@ -116,22 +115,6 @@ def _gate_up_problem(gate: ir.Node, up: ir.Node) -> str | None:
     return None
 
 
-def _concat_initializer(graph: ir.Graph, gate: ir.Value, up: ir.Value) -> ir.Value:
-    """A new initializer: gate's rows, then up's (axis 0)."""
-    gt, ut = constant_tensor(gate), constant_tensor(up)
-    assert gt is not None and ut is not None
-    array = np.concatenate([np.asarray(gt.numpy()), np.asarray(ut.numpy())], axis=0)
-    name, n = f"{gate.name}.gate_up", 1
-    while name in graph.initializers:
-        name, n = f"{gate.name}.gate_up_{n}", n + 1
-    tensor = ir.tensor(array, name=name)
-    value = ir.Value(
-        name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
-    )
-    graph.register_initializer(value)
-    return value
-
-
 class FuseMatMulEpiloguePass(NodeRewritePass):
     """Fold BlockGelu, and SiLU gating of two BlockMatMuls, into a BlockMatMul epilogue."""
 
@@ -184,7 +167,9 @@ class FuseMatMulEpiloguePass(NodeRewritePass):
         for index in _WEIGHT_INPUTS:
             g = gate.inputs[index] if index < len(gate.inputs) else None
             u = up.inputs[index] if index < len(up.inputs) else None
-            inputs.append(None if g is None or u is None else _concat_initializer(model.graph, g, u))
+            inputs.append(
+                None if g is None or u is None else concat_initializer(model.graph, [g, u], "gate_up")
+            )
         inputs += list(gate.inputs[5:])
         while inputs and inputs[-1] is None:
             inputs.pop()

@@ -43,6 +43,7 @@ from bct_onnx.passes.fuse_silu import FuseSiluPass
 from bct_onnx.passes.gemm_to_matmul import GemmToMatMulPass
 from bct_onnx.passes.infer_shapes import annotate_shapes
 from bct_onnx.passes.operand_ops import OperandRewritePass
+from bct_onnx.passes.pack_shared_input_matmuls import PackSharedInputMatMulsPass
 from bct_onnx.passes.quantize_act_matmul import QuantizeActMatMulPass
 from bct_onnx.passes.quantize_fused_ops import QuantizeFusedOpsPass
 from bct_onnx.passes.quantize_gather import QuantizeGatherPass
@@ -96,6 +97,9 @@ _EXTERNAL_DATA_BYTES = 1 << 30
 #   before it saw.
 # - FuseAttentionStepPass comes last: it folds the cache append (CompressKVCachePass's BlockQuantize
 #   and Concats, or a float cache's Concat), rotary and the head split / merge into BlockAttention.
+# - PackSharedInputMatMulsPass (config.fuse_ops) after every attention fusion and format choice: it
+#   packs the Q, K (and V) BlockMatMuls of an encoder's BlockAttention into one, which the op reads in
+#   place; the MatMuls' attributes (formats, codes in and out) must be final to be compared.
 # - RemoveNoOpCastsPass before cleanup: Casts to their input's own dtype (RMSNorm's .to(float32)),
 #   once the passes have given every value its dtype.
 QUANTIZE_PASSES: dict[str, Callable[[CompressConfig], ir.passes.PassBase]] = {
@@ -219,6 +223,8 @@ def rewrite_passes(
         quantize.append(CompressKVCachePass(config))
     if config.fuse_attention and config.enabled("AttentionMatMul") and config.format == "bct":
         quantize.append(FuseAttentionStepPass())
+        if config.fuse_ops:
+            quantize.append(PackSharedInputMatMulsPass())
     quantize.append(RemoveNoOpCastsPass())
     if config.format == "qdq":
         quantize.append(ConvertToQDQPass(activations=config.qdq_activations))

@@ -69,6 +69,26 @@ def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
         return None
 
 
+def concat_initializer(graph: ir.Graph, values: list[ir.Value], suffix: str) -> ir.Value:
+    """A new initializer holding the constants of values one after the other along axis 0 (the N axis
+    of a BlockMatMul's weight inputs), named after the first with suffix: several MatMuls' weights as
+    one's."""
+    arrays = []
+    for value in values:
+        tensor = constant_tensor(value)
+        if tensor is None:
+            raise ValueError(f"'{value.name}' is not a constant initializer")
+        arrays.append(np.asarray(tensor.numpy()))
+    array = np.concatenate(arrays, axis=0)
+    name = _unique_name(graph, f"{values[0].name}.{suffix}")
+    tensor = ir.tensor(array, name=name)
+    value = ir.Value(
+        name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
+    )
+    graph.register_initializer(value)
+    return value
+
+
 def format_tag(fmt: BlockFormat, transposed: bool) -> str:
     kind = fmt.scale_kind.value
     # f: float offsets, p: integer zero points packed at the code width

@@ -7,10 +7,13 @@
 // bct/attention_math.h over it through Kernels(isa).attention_rows. Only a strip of dots per task is
 // stored, never the probability matrix. An encoder's [B, S, H * Dh] Q, K, V and Y are used in place:
 // Q and K rows are quantized in storage order; the dots read a run's query rows and K is packed from
-// rows H apart, V rows are read H rows apart and Y rows written H * Dh floats apart. A decoder step (one
-// query row per head) runs the query heads of a KV head together, in one parallel section of two tasks
-// per KV head (each appends, prepares and packs half the head's keys; the second to finish runs the
-// head's queries). The buffers are per-thread scratch (cpu/thread_scratch.h): a step allocates nothing.
+// rows H apart, V rows are read H rows apart and Y rows written H * Dh floats apart. Q and K (and V) may
+// be parts of one packed projection [B, S, (Hq + Hkv [+ Hkv]) * Dh]: Q's and K's rows are then quantized
+// together into one buffer laid out as the projection (a position's Q rows, then its K rows), and read
+// from there as from the packed tensors with more rows per position. A decoder step (one query row per
+// head) runs the query heads of a KV head together, in one parallel section of two tasks per KV head
+// (each appends, prepares and packs half the head's keys; the second to finish runs the head's queries).
+// The buffers are per-thread scratch (cpu/thread_scratch.h): a step allocates nothing.
 #include <algorithm>
 #include <atomic>
 #include <new>
@@ -102,16 +105,26 @@ class AttentionCpuKernel : public AttentionKernelBase {
       const int64_t value_nb = g.v.num_blocks;
       const bool value_codes = heads_together && g.v.quantized && attrs_.kv_bits == 8 && attrs_.kv_symmetric &&
                                g.v.zero_points == nullptr && g.v.row_bytes == dh && dh <= nl::kAttentionMaxValueCodesDh;
+      // Q and K of one projection (g.k_in_q): their codes in one buffer, rows as in the projection (V's
+      // rows of a Q, K, V projection left unused); rows of codes between positions of Q and of K.
+      const bool qk_together = g.k_in_q;
+      const int64_t positions = g.batch * g.sq;
+      const int64_t q_code_stride = qk_together ? g.q_stride : g.q_heads;
+      const int64_t k_code_stride = qk_together ? g.k_stride : g.kv_heads;
+      auto code_row = [&](int64_t stride, int64_t heads, int64_t seq, int64_t b, int64_t h, int64_t i) {
+        return g.packed ? (b * seq + i) * stride + h : (b * heads + h) * seq + i;
+      };
 
       // The call's buffers, in per-thread scratch of the calling thread (cpu/thread_scratch.h): a decoder
       // step allocates nothing. K as signed codes [rows, dh] + float32 scales [rows, nb]; V as float32 rows,
       // or only its scales as float32 when attention_rows reads V's codes (value_codes).
       cpu::ScratchPlan plan;
       const size_t at_q_step = plan.Add<float>(g.step ? q_rows * dh : 0);
-      const size_t at_qq = plan.Add<int8_t>(q_rows * dh);
-      const size_t at_qs = plan.Add<float>(q_rows * nb);
-      const size_t at_kq = plan.Add<int8_t>(pack_codes ? 0 : kv_rows * dh);
-      const size_t at_ks = plan.Add<float>(kv_rows * nb);
+      const int64_t q_code_rows = qk_together ? positions * g.q_stride : q_rows;
+      const size_t at_qq = plan.Add<int8_t>(q_code_rows * dh);
+      const size_t at_qs = plan.Add<float>(q_code_rows * nb);
+      const size_t at_kq = plan.Add<int8_t>(pack_codes || qk_together ? 0 : kv_rows * dh);
+      const size_t at_ks = plan.Add<float>(qk_together ? 0 : kv_rows * nb);
       const size_t at_values = plan.Add<float>(g.v.quantized && !value_codes ? kv_rows * dh : 0);
       const size_t at_value_scales = plan.Add<float>(value_codes ? kv_rows * value_nb : 0);
       const size_t at_k_major = plan.Add<int8_t>(vnni_dots ? 0 : kv_rows * dh);
@@ -129,19 +142,36 @@ class AttentionCpuKernel : public AttentionKernelBase {
       if (q_rows == 0) return;
       int8_t* qq = cpu::ScratchPlan::At<int8_t>(base, at_qq);
       float* qs = cpu::ScratchPlan::At<float>(base, at_qs);
-      int8_t* kq = cpu::ScratchPlan::At<int8_t>(base, at_kq);
-      float* ks = cpu::ScratchPlan::At<float>(base, at_ks);
+      int8_t* kq = qk_together ? qq + g.q_heads * dh : cpu::ScratchPlan::At<int8_t>(base, at_kq);
+      float* ks = qk_together ? qs + g.q_heads * nb : cpu::ScratchPlan::At<float>(base, at_ks);
       float* v_float = cpu::ScratchPlan::At<float>(base, at_values);
       float* v_scales = cpu::ScratchPlan::At<float>(base, at_value_scales);
       int8_t* k_major = cpu::ScratchPlan::At<int8_t>(base, at_k_major);
       float* k_major_scales = cpu::ScratchPlan::At<float>(base, at_k_major_scales);
 
-      ParallelFor(ctx, q_rows, group, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; r += group) {
-          const int64_t count = std::min(group, end - r);
-          QuantizeRows(g.q + r * dh, count, dh, qq + r * dh, qs + r * nb);
-        }
-      });
+      if (qk_together) {  // each position's Q and K rows: contiguous, and all of them without V
+        const int64_t qk_rows = g.q_heads + g.kv_heads;
+        const bool contiguous = g.q_stride == qk_rows;
+        ParallelFor(ctx, positions, std::max<int64_t>(1, group / qk_rows), [&](int64_t begin, int64_t end) {
+          if (contiguous) {
+            for (int64_t r = begin * qk_rows; r < end * qk_rows; r += group) {
+              QuantizeRows(g.q + r * dh, std::min(group, end * qk_rows - r), dh, qq + r * dh, qs + r * nb);
+            }
+            return;
+          }
+          for (int64_t p = begin; p < end; ++p) {
+            const int64_t r = p * g.q_stride;
+            QuantizeRows(g.q + r * dh, qk_rows, dh, qq + r * dh, qs + r * nb);
+          }
+        });
+      } else {
+        ParallelFor(ctx, q_rows, group, [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; r += group) {
+            const int64_t count = std::min(group, end - r);
+            QuantizeRows(g.q + r * dh, count, dh, qq + r * dh, qs + r * nb);
+          }
+        });
+      }
 
       // Three steps over the keys and queries, written for ranges so that they run either as three
       // parallel loops or, for a decoder step, as one task per KV head (below).
@@ -182,7 +212,7 @@ class AttentionCpuKernel : public AttentionKernelBase {
       vnni::PackedB& packed = CallPackedB();
       if (vnni_dots) vnni::InitPackedB(packed, kv_heads, g.sk, dh, bs);
       auto key_row = [&](int64_t head, int64_t key) {  // storage row of key `key` of head b * Hkv + h
-        return nl::attention_row_index(g.packed, g.kv_heads, g.sk, head / g.kv_heads, head % g.kv_heads, key);
+        return code_row(k_code_stride, g.kv_heads, g.sk, head / g.kv_heads, head % g.kv_heads, key);
       };
       auto pack_keys = [&](int64_t begin, int64_t end) {
         if (vnni_dots) {  // runs of keys inside one head, read H rows apart when packed
@@ -192,7 +222,7 @@ class AttentionCpuKernel : public AttentionKernelBase {
             if (pack_codes) {
               vnni::PackCodeRows(packed, head, key, count, g.k.codes + src * dh, ks + src * nb);
             } else {
-              vnni::PackRows(packed, head, key, count, kq + src * dh, ks + src * nb, g.packed ? g.kv_heads : 1);
+              vnni::PackRows(packed, head, key, count, kq + src * dh, ks + src * nb, g.packed ? k_code_stride : 1);
             }
             r += count;
           }
@@ -231,10 +261,10 @@ class AttentionCpuKernel : public AttentionKernelBase {
           const int64_t i0 = (task % runs_per_head) * run;
           const int64_t rows = heads_together ? per_group : std::min(run, g.sq - i0);
           const int64_t kv_h = h / per_group, kv_head = b * g.kv_heads + kv_h;
-          const int64_t row = nl::attention_row_index(g.packed, g.q_heads, g.sq, b, h, i0);
+          const int64_t row = code_row(q_code_stride, g.q_heads, g.sq, b, h, i0);
           const int8_t* q_codes = qq + row * dh;
           const float* q_scales = qs + row * nb;
-          const int64_t q_step = g.packed ? g.q_heads : 1;  // rows between the run's query rows
+          const int64_t q_step = g.packed ? q_code_stride : 1;  // rows between the run's query rows
           if (vnni_dots) {
             vnni::DotRows(packed, kv_head, q_codes, q_scales, rows, scratch, dots, g.sk, q_step);
           } else {
@@ -243,24 +273,24 @@ class AttentionCpuKernel : public AttentionKernelBase {
                                    k_major_scales + kv_head * nb * g.sk, g.sk, dh, bs, nb, acc, dots + r * g.sk);
             }
           }
-          const int64_t key0 = nl::attention_row_index(g.packed, g.kv_heads, g.sk, b, kv_h, 0);
+          const int64_t key0 = code_row(k_code_stride, g.kv_heads, g.sk, b, kv_h, 0);
           nl::AttentionKeys kv;  // the dots are given: attention_rows reads no key codes (none with pack_codes)
           kv.codes = pack_codes ? nullptr : kq + key0 * dh;
           kv.scales = ks + key0 * nb;
-          if (value_codes) {
+          if (value_codes) {  // a decoder step (never packed): V's codes, read a tile at a time
             kv.values = nullptr;
             kv.value_codes = g.v.codes + key0 * dh;
             kv.value_scales = v_scales + key0 * value_nb;
             kv.value_nb = value_nb;
             kv.value_block_size = attrs_.kv_block_size;
           } else {
-            kv.values = values + key0 * dh;
+            kv.values = values + (g.packed ? b * g.sk * g.v_stride + kv_h : key0) * dh;
           }
           kv.dh = dh;
           kv.nb = nb;
           kv.block_size = bs;
-          kv.key_step = g.packed ? g.kv_heads : 1;
-          kv.value_step = kv.key_step;
+          kv.key_step = g.packed ? k_code_stride : 1;
+          kv.value_step = g.packed ? g.v_stride : 1;
           const float* mask = g.mask != nullptr ? g.mask + b * g.mask_strides[0] + h * g.mask_strides[1] : nullptr;
           // Y rows of the run: consecutive positions (H * Dh floats apart when packed), or with the heads
           // together consecutive heads of position 0, Dh floats apart in either layout.
@@ -294,7 +324,9 @@ class AttentionCpuKernel : public AttentionKernelBase {
           }
         });
       } else {
-        ParallelFor(ctx, kv_rows, std::max(group, kMinTaskValues / dh), [&](int64_t b, int64_t e) { prepare_keys(b, e); });
+        if (!qk_together) {  // (with Q and K together, the keys are quantized and V is float32 rows)
+          ParallelFor(ctx, kv_rows, std::max(group, kMinTaskValues / dh), [&](int64_t b, int64_t e) { prepare_keys(b, e); });
+        }
         ParallelFor(ctx, kv_rows, 2 * kMinTaskValues / dh, [&](int64_t b, int64_t e) { pack_keys(b, e); });
         const int64_t work = std::max<int64_t>(1, g.sk * dh * run);
         ParallelFor(ctx, tasks, std::max<int64_t>(1, 4 * kMinTaskValues / work), [&](int64_t b, int64_t e) { run_tasks(b, e); });

@@ -48,6 +48,13 @@ __global__ void AttentionKernel(AttentionArgs a, const int8_t* qq, const float* 
   }
 }
 
+__global__ void UnpackKernel(AttentionArgs a, int64_t total, float* out) {
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    AttentionUnpackOne(a, t, out);
+  }
+}
+
 __global__ void StepQKernel(AttentionStepArgs s, int64_t rows, float* q_out) {
   for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < rows;
        r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -85,6 +92,19 @@ const char* LaunchAttention(const AttentionArgs& a, void* stream) {
   const int64_t nb = (a.dh + a.block_size - 1) / a.block_size;
   const char* err = nullptr;
   Scratch scratch(s);
+  if (AttentionStrided(a)) {  // parts of one packed projection: copied apart, then as plain packed Q, K, V
+    const int64_t q_n = q_rows * a.dh, kv_n = kv_rows * a.dh;
+    float* rows = scratch.Get<float>(q_n + 2 * kv_n, &err);
+    if (err != nullptr) return err;
+    UnpackKernel<<<GridFor(q_n + 2 * kv_n), kThreads, 0, s>>>(a, q_n + 2 * kv_n, rows);
+    if ((err = LastCudaError()) != nullptr) return err;
+    AttentionArgs plain = a;
+    plain.q = rows;
+    plain.k = rows + q_n;
+    plain.v = rows + q_n + kv_n;
+    plain.q_stride = plain.k_stride = plain.v_stride = 0;
+    return LaunchAttention(plain, stream);
+  }
   int8_t* qq = scratch.Get<int8_t>(q_rows * a.dh, &err);
   float* qs = scratch.Get<float>(q_rows * nb, &err);
   int8_t* kq = scratch.Get<int8_t>(kv_rows * a.dh, &err);

@@ -14,7 +14,9 @@ namespace cuda {
 // Q [batch, q_heads, sq, dh] float32; K, V [batch, kv_heads, sk, dh] float32 or codes in kv_fmt (axis
 // dh); k_direct: K's codes are symmetric in the op's blocks and are used as they are; mask nullptr or
 // read at mask[b * s0 + h * s1 + i * s2 + j * s3]; y [batch, q_heads, sq, dh]. packed: Q, float K,
-// V and y are [batch, s, heads * dh] instead (an encoder's head split / merge in the op).
+// V and y are [batch, s, heads * dh] instead (an encoder's head split / merge in the op); then Q, K and
+// V rows of one position lie q_stride, k_stride, v_stride rows of dh apart (0: their heads; more when
+// they are parts of one packed projection).
 struct AttentionArgs {
   int act_bits = 8;
   int64_t block_size = 32;
@@ -22,6 +24,7 @@ struct AttentionArgs {
   bool causal = false;
   int64_t batch = 0, q_heads = 0, kv_heads = 0, sq = 0, sk = 0, dh = 0;
   bool packed = false;
+  int64_t q_stride = 0, k_stride = 0, v_stride = 0;
   const float* q = nullptr;
   bool kv_quantized = false;
   bool k_direct = false;

@@ -33,6 +33,9 @@ class AttentionCudaKernel : public AttentionKernelBase {
       args.sk = g.sk;
       args.dh = g.dh;
       args.packed = g.packed;
+      args.q_stride = g.q_stride;
+      args.k_stride = g.k_stride;
+      args.v_stride = g.v_stride;
       args.q = g.q;
       args.kv_quantized = g.k.quantized;
       args.k_direct = KeyCodesDirect();

@@ -60,6 +60,27 @@ BCT_HD BCT_INLINE void AttentionRowOne(const AttentionArgs& a, const int8_t* qq,
                     a.scale, mask, a.mask_strides[3], tile, a.y + stored * a.dh);
 }
 
+// Whether a.packed Q, K or V rows lie further apart than their heads (parts of one packed projection).
+BCT_HD BCT_INLINE bool AttentionStrided(const AttentionArgs& a) {
+  return a.packed && ((a.q_stride != 0 && a.q_stride != a.q_heads) || (a.k_stride != 0 && a.k_stride != a.kv_heads) ||
+                      (a.v_stride != 0 && a.v_stride != a.kv_heads));
+}
+
+// Thread t of the unpack kernel (AttentionStrided): element t of Q [B, Sq, Hq * Dh], then of K, then of
+// V [B, Sk, Hkv * Dh], each without gaps, into out (the three one after the other).
+BCT_HD BCT_INLINE void AttentionUnpackOne(const AttentionArgs& a, int64_t t, float* out) {
+  const int64_t q_n = a.batch * a.sq * a.q_heads * a.dh, kv_n = a.batch * a.sk * a.kv_heads * a.dh;
+  const float* src = a.q;
+  int64_t heads = a.q_heads, stride = a.q_stride, e = t;
+  if (t >= q_n + kv_n) {
+    src = a.v, heads = a.kv_heads, stride = a.v_stride, e = t - q_n - kv_n;
+  } else if (t >= q_n) {
+    src = a.k, heads = a.kv_heads, stride = a.k_stride, e = t - q_n;
+  }
+  const int64_t width = heads * a.dh, position = e / width;
+  out[t] = src[position * (stride != 0 ? stride : heads) * a.dh + e % width];
+}
+
 // ---------------------------------------------------------------------------------------------
 // The decoder step's kernels (cuda/attention.cu LaunchAttentionStep), one thread each.
 

@@ -10,7 +10,9 @@
 // (attribute q_heads gives Hq; Hkv is the past's).
 // Without the step, a Q of rank 3 [B, Sq, Hq * Dh] (q_heads gives Hq) takes float32 K and V
 // [B, Sk, Hkv * Dh] (Hkv = their last dim / Dh) and gives Y [B, Sq, Hq * Dh]: an encoder's head
-// split / merge in the op.
+// split / merge in the op. With attribute kv_heads and K absent, Q's tensor is [B, S, (Hq + Hkv) * Dh]
+// holding K's heads after Q's (V given as [B, S, Hkv * Dh]), or with V absent too
+// [B, S, (Hq + 2 Hkv) * Dh] holding Q, K, V: one packed projection read in place.
 #pragma once
 
 #include <cstdint>
@@ -36,6 +38,7 @@ struct AttentionAttrs {
   int64_t kv_block_size = 0;
   bool kv_symmetric = true;
   int64_t q_heads = 0;  // > 0: Q may be [B, Sq, q_heads * Dh]
+  int64_t kv_heads = 0;  // > 0 with K absent: K (and V when absent) are heads of Q's tensor
 };
 
 inline AttentionAttrs ReadAttentionAttrs(const OrtKernelInfo* info, const NodeRef& node) {
@@ -52,6 +55,9 @@ inline AttentionAttrs ReadAttentionAttrs(const OrtKernelInfo* info, const NodeRe
   a.kv_symmetric = ReadFlag(info, node, "kv_symmetric", 1);
   a.q_heads = AttrInt(info, "q_heads", 0);
   if (a.q_heads < 0) node.Fail("attribute 'q_heads' must be >= 0, got " + std::to_string(a.q_heads));
+  a.kv_heads = AttrInt(info, "kv_heads", 0);
+  if (a.kv_heads < 0) node.Fail("attribute 'kv_heads' must be >= 0, got " + std::to_string(a.kv_heads));
+  if (a.kv_heads > 0 && a.q_heads < 1) node.Fail("attribute 'kv_heads' needs attribute 'q_heads'");
   if (a.kv_bits > 0) {
     a.kv_block_size = AttrInt(info, "kv_block_size", 0);
     if (a.kv_block_size < 1 || a.kv_block_size > kMaxActBlockSize) {
@@ -79,6 +85,10 @@ struct AttentionGeometry {
   const float* q = nullptr;
   AttentionKV k, v;  // with a step: the past cache (sk counts past and new rows)
   bool packed = false;  // no step; Q, K, V and Y are [B, S, H * Dh]
+  // packed: rows of Dh between consecutive positions of Q, K and V (their heads, or more when they
+  // are parts of one packed projection, attribute kv_heads)
+  int64_t q_stride = 0, k_stride = 0, v_stride = 0;
+  bool k_in_q = false;  // K's heads follow Q's in one tensor (attribute kv_heads, K absent)
   const float* mask = nullptr;
   int64_t mask_strides[4] = {0, 0, 0, 0};  // elements per step of b, h, i, j (0: broadcast)
   // The decoder step (inputs 8..11): new keys / values, rotary tables.
@@ -226,9 +236,12 @@ inline AttentionGeometry CheckAttention(const Ort::KernelContext& ctx, const Nod
   ExpectDtype(node, "Q", q, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
   const bool packed = q.shape.size() == 3;
   g.step = GetInput(ctx, 8).present;
+  // K (and V) as heads of Q's tensor: an encoder's packed projection (attribute kv_heads).
+  const bool k_in_q = packed && !g.step && !GetInput(ctx, 1).present && attrs.kv_heads > 0;
+  const bool v_in_q = k_in_q && !GetInput(ctx, 4).present;
   if (packed) {
     g.packed = !g.step;
-    if (attrs.q_heads < 1 || q.shape[2] % attrs.q_heads != 0 || q.shape[2] == 0) {
+    if (attrs.q_heads < 1 || (!k_in_q && q.shape[2] % attrs.q_heads != 0) || q.shape[2] == 0) {
       node.Fail("input 'Q' [B, S, Hq * Dh] " + ShapeString(q.shape) + " needs attribute 'q_heads' dividing its last dim, got " +
                 std::to_string(attrs.q_heads));
     }
@@ -243,17 +256,48 @@ inline AttentionGeometry CheckAttention(const Ort::KernelContext& ctx, const Nod
     g.sq = q.shape[2];
     g.dh = q.shape[3];
   }
+  if (k_in_q) {  // Q's tensor holds Q's heads, then K's [, then V's]
+    const int64_t heads = attrs.q_heads + (v_in_q ? 2 : 1) * attrs.kv_heads;
+    if (q.shape[2] % heads != 0) {
+      node.Fail("input 'Q' " + ShapeString(q.shape) + " holding Q" + (v_in_q ? ", K and V" : " and K") +
+                " (K absent) needs a last dim divisible by " + std::to_string(heads) + " heads (q_heads " +
+                std::to_string(attrs.q_heads) + ", kv_heads " + std::to_string(attrs.kv_heads) + ")");
+    }
+    g.dh = q.shape[2] / heads;
+    g.q_stride = g.k_stride = heads;
+  }
   if (g.dh < 1) node.Fail("input 'Q' head size must be >= 1, got shape " + ShapeString(q.shape));
+  g.k_in_q = k_in_q;
   g.q = q.As<float>();
   g.y_shape = q.shape;
+  if (k_in_q) g.y_shape[2] = attrs.q_heads * g.dh;
   std::vector<int64_t> k_shape, v_shape;
-  g.k = ReadAttentionKV(ctx, node, attrs, 1, g.step ? "past_K" : "K", g.batch, g.dh, g.packed, &k_shape);
-  g.v = ReadAttentionKV(ctx, node, attrs, 4, g.step ? "past_V" : "V", g.batch, g.dh, g.packed, &v_shape);
+  if (k_in_q) {
+    g.k.x = g.q + attrs.q_heads * g.dh;
+    k_shape = {g.batch, attrs.kv_heads, g.sq, g.dh};
+  } else {
+    g.k = ReadAttentionKV(ctx, node, attrs, 1, g.step ? "past_K" : "K", g.batch, g.dh, g.packed, &k_shape);
+  }
+  if (v_in_q) {
+    g.v.x = g.k.x + attrs.kv_heads * g.dh;
+    v_shape = k_shape;
+    g.v_stride = g.q_stride;
+  } else {
+    g.v = ReadAttentionKV(ctx, node, attrs, 4, g.step ? "past_V" : "V", g.batch, g.dh, g.packed, &v_shape);
+  }
   if (k_shape != v_shape) {
     node.Fail("inputs 'K' " + ShapeString(k_shape) + " and 'V' " + ShapeString(v_shape) + " must have the same shape");
   }
   g.kv_heads = k_shape[1];
   g.sk = k_shape[2];
+  if (g.packed && !k_in_q) {
+    if (attrs.kv_heads > 0 && attrs.kv_heads != g.kv_heads) {
+      node.Fail("attribute 'kv_heads' " + std::to_string(attrs.kv_heads) + " differs from K's heads " + std::to_string(g.kv_heads));
+    }
+    g.q_stride = g.q_heads;
+    g.k_stride = g.kv_heads;
+  }
+  if (g.packed && !v_in_q) g.v_stride = g.kv_heads;
   if (g.step) ReadAttentionStep(ctx, node, attrs, packed, &g);
   if (g.kv_heads < 1 || g.q_heads % g.kv_heads != 0) {
     node.Fail("Q's heads " + std::to_string(g.q_heads) + " must be a multiple of K's heads " +
@@ -316,7 +360,8 @@ struct AttentionSchema {
   static constexpr const char* kName = "BlockAttention";
   static constexpr size_t kInputCount = 12;
   static constexpr size_t kOutputCount = 5;
-  static bool InputOptional(size_t index) { return index != 0 && index != 1 && index != 4; }
+  // K and V may be parts of Q's tensor (attribute kv_heads); CheckAttention asks for them otherwise.
+  static bool InputOptional(size_t index) { return index != 0; }
   static bool OutputOptional(size_t index) { return index > 0; }
   // The present cache's types follow the past's (set by InferOutputShape).
   static ONNXTensorElementDataType OutputType(size_t index) {

@@ -189,7 +189,19 @@ OrtStatusPtr ORT_API_CALL ActMatMulSchema::InferOutputShape(const OrtCustomOp*, 
 // has the type of the past (inputs 1, 4, 2, 5) and its dims but the sequence length.
 OrtStatusPtr ORT_API_CALL AttentionSchema::InferOutputShape(const OrtCustomOp*, OrtShapeInferContext* ctx) noexcept {
   try {
-    if (OrtStatus* s = InferResult(ctx, InferInputDims(ctx, 0))) return s;
+    InferDims y = InferInputDims(ctx, 0);
+    int64_t q_heads = 0, kv_heads = 0;
+    InferIntAttr(ctx, "q_heads", &q_heads);
+    InferIntAttr(ctx, "kv_heads", &kv_heads);
+    if (y.known && y.dims.size() == 3 && kv_heads > 0 && !InferInputDims(ctx, 1).known) {
+      // Q's tensor also holds K (and V, when absent): Y has Q's heads only.
+      const InferDims v = InferInputDims(ctx, 4);
+      const int64_t heads = q_heads + (v.known ? 1 : 2) * kv_heads;
+      const bool fits = y.dims[2] > 0 && heads > 0 && y.dims[2] % heads == 0;
+      y.dims[2] = fits ? q_heads * (y.dims[2] / heads) : -1;
+      y.symbols[2] = "";
+    }
+    if (OrtStatus* s = InferResult(ctx, y)) return s;
     const OrtApi& api = Ort::GetApi();
     const size_t past_of[4] = {1, 4, 2, 5};  // present K, V, K scales, V scales
     for (size_t out = 1; out <= 4; ++out) {

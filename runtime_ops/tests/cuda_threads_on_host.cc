@@ -217,7 +217,8 @@ __attribute__((visibility("default"))) int bct_host_row_op(int op, int64_t rows,
 
 // BlockAttention as cuda/attention.cu runs it. kv_bits 0: k, v float32; else k, v are codes with
 // scales (scale_kind) and zero points (nullptr when symmetric) in blocks of kv_block_size along dh.
-// mask nullptr or with strides mask_strides[4]. packed: q, float k, v and y are [B, S, H * dh].
+// mask nullptr or with strides mask_strides[4]. packed: q, float k, v and y are [B, S, H * dh]; packed 2:
+// q is Q, K and V as one [B, S, (Hq + 2 Hkv) * dh] projection (k, v unused), y [B, S, Hq * dh].
 __attribute__((visibility("default"))) void bct_host_attention(
     int act_bits, int64_t block_size, float scale, int causal, int64_t batch, int64_t q_heads, int64_t kv_heads,
     int64_t sq, int64_t sk, int64_t dh, const float* q, int kv_bits, int64_t kv_block_size, int kv_symmetric,
@@ -256,6 +257,19 @@ __attribute__((visibility("default"))) void bct_host_attention(
   a.y = y;
   const int64_t nb = bct::num_blocks(dh, block_size);
   const int64_t q_rows = batch * q_heads * sq, kv_rows = batch * kv_heads * sk;
+  std::vector<float> unpacked;
+  if (packed == 2) {  // Q, K, V as one [B, S, (Hq + 2 Hkv) * Dh] projection at q: the unpack threads first
+    a.q_stride = a.k_stride = a.v_stride = q_heads + 2 * kv_heads;
+    a.k = q + q_heads * dh;
+    a.v = q + (q_heads + kv_heads) * dh;
+    if (!bct::cuda::AttentionStrided(a)) return;  // leaves y unwritten: the test fails
+    unpacked.resize(static_cast<size_t>((q_rows + 2 * kv_rows) * dh));
+    for (int64_t t = 0; t < (q_rows + 2 * kv_rows) * dh; ++t) bct::cuda::AttentionUnpackOne(a, t, unpacked.data());
+    a.q = q = unpacked.data();
+    a.k = unpacked.data() + q_rows * dh;
+    a.v = unpacked.data() + (q_rows + kv_rows) * dh;
+    a.q_stride = a.k_stride = a.v_stride = 0;
+  }
   std::vector<int8_t> qq(static_cast<size_t>(q_rows * dh)), kq(static_cast<size_t>(kv_rows * dh));
   std::vector<float> qs(static_cast<size_t>(q_rows * nb)), ks(static_cast<size_t>(kv_rows * nb));
   for (int64_t t = 0; t < q_rows * nb; ++t) {

@@ -357,6 +357,7 @@ DEFAULT_ORDER = [
     "FuseAddNormPass",
     "CompressKVCachePass",
     "FuseAttentionStepPass",
+    "PackSharedInputMatMulsPass",
     "RemoveNoOpCastsPass",
     "RemoveUnusedNodesPass",
     "RemoveUnusedOpsetsPass",
@@ -372,7 +373,7 @@ def test_pass_order_is_pinned():
         type(p).__name__ for p in build_passes(CompressConfig(ops=frozenset({"MatMul", "Gather"})))
     ]
     assert weights_only == [
-        name for name in DEFAULT_ORDER if name not in DEFAULT_ORDER[7:20] and name != "FuseAttentionStepPass"
+        name for name in DEFAULT_ORDER if name not in DEFAULT_ORDER[7:20] and name not in ("FuseAttentionStepPass", "PackSharedInputMatMulsPass")
     ]
     float_cache = [type(p).__name__ for p in build_passes(CompressConfig(kv_cache_bits=None))]
     assert float_cache == [name for name in DEFAULT_ORDER if name != "CompressKVCachePass"]

@@ -51,7 +51,7 @@ def attention_model(inputs: list[np.ndarray | None], **attrs: Any) -> tuple[byte
 
 
 def run_attention(
-    q, k, v, *, act_bits, block_size, scale, mask=None, causal=False, q_heads=None
+    q, k, v, *, act_bits, block_size, scale, mask=None, causal=False, q_heads=None, kv_heads=None
 ) -> np.ndarray:
     attrs: dict[str, Any] = {
         "act_bits": act_bits,
@@ -61,9 +61,13 @@ def run_attention(
     }
     if q_heads is not None:
         attrs["q_heads"] = q_heads
+    if kv_heads is not None:
+        attrs["kv_heads"] = kv_heads
     kv_inputs: list[np.ndarray | None] = []
     for x in (k, v):
-        if isinstance(x, QuantizedTensor):
+        if x is None:  # a part of Q's tensor (kv_heads)
+            kv_inputs += [None, None, None]
+        elif isinstance(x, QuantizedTensor):
             kv_inputs += [x.codes, x.scales, x.zero_points]
             attrs.update(
                 kv_bits=x.fmt.bits, kv_block_size=x.fmt.block_size, kv_symmetric=int(x.fmt.symmetric)
@@ -267,6 +271,55 @@ def test_packed_layout_bad_inputs_name_the_input(change: dict[str, Any], message
     args.update(change)
     with pytest.raises(Exception, match="bct_onnx BlockAttention node 'attn': .*") as info:
         run_attention(**args)
+    assert message in str(info.value)
+
+
+# Q, K, V of one length (an encoder's self-attention): the cases one projection can give.
+SELF_CASES = [case for case in CASES if case[4] == case[5]]
+
+
+def projection_case(case: tuple[Any, ...], seed: int, with_v: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(packed args, the same with K, and V when with_v, as heads of Q's tensor: attribute kv_heads)."""
+    _, args = packed_case(case, seed)
+    parts = [args["q"], args["k"]] + ([args["v"]] if with_v else [])
+    one = dict(args, q=np.concatenate(parts, axis=-1), k=None, kv_heads=case[3])
+    if with_v:
+        one["v"] = None
+    return args, one
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512vnni"])
+@pytest.mark.parametrize("with_v", [True, False], ids=["qkv", "qk"])
+@pytest.mark.parametrize("case", SELF_CASES, ids=case_id)
+def test_one_projection_gives_the_separate_tensors_bits_on_every_isa_path(
+    case: tuple[Any, ...], with_v: bool, isa: str, force_isa: Any
+) -> None:
+    """Q and K (and V) as parts of one [B, S, (Hq + Hkv [+ Hkv]) * Dh] tensor (the packed projection
+    PackSharedInputMatMulsPass makes), read in place: the bits of the op given them apart."""
+    force_isa(isa)
+    args, one = projection_case(case, seed=60, with_v=with_v)
+    y = run_attention(**one)
+    want = ref.attention(**args)
+    assert y.shape == args["q"].shape
+    assert_bits_equal(y, want, "Y")
+    assert_bits_equal(ref.attention(**one), want, "spec one projection vs apart")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            dict(kv_heads=5),
+            "holding Q and K (K absent) needs a last dim divisible by 9 heads (q_heads 4, kv_heads 5)",
+        ),
+        (dict(kv_heads=None), "input 'K' is required"),
+    ],
+)
+def test_one_projection_bad_inputs_name_the_input(change: dict[str, Any], message: str) -> None:
+    _, one = projection_case(CASES[0], seed=0, with_v=False)
+    one.update(change)
+    with pytest.raises(Exception, match="bct_onnx BlockAttention node 'attn': .*") as info:
+        run_attention(**one)
     assert message in str(info.value)
 
 

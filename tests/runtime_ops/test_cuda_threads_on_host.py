@@ -492,7 +492,7 @@ def test_add_norm_threads(kit, name: str, d: int) -> None:
 
 
 # BlockAttention: (B, Hq, Hkv, Sq, Sk, Dh, act_bits, block_size, causal, mask kind, K/V format, "packed"
-# (Q, K, V, Y [B, S, H * Dh]) or None)
+# (Q, K, V, Y [B, S, H * Dh]), "qkv" (Q, K, V as one [B, S, (Hq + 2 Hkv) * Dh] tensor) or None)
 ATTENTION_CASES = [
     (2, 4, 4, 9, 9, 32, 8, 32, False, "padding", None),
     (1, 9, 3, 1, 129, 64, 8, 32, True, None, None),
@@ -501,6 +501,8 @@ ATTENTION_CASES = [
     (1, 4, 2, 3, 50, 64, 8, 32, False, "rows", BlockFormat(4, 16, False, ScaleKind.POW2)),
     (2, 4, 4, 9, 9, 32, 8, 32, False, "padding", "packed"),
     (1, 6, 2, 70, 70, 40, 6, 16, True, "rows", "packed"),
+    (2, 4, 4, 9, 9, 32, 8, 32, False, "padding", "qkv"),
+    (1, 6, 2, 70, 70, 40, 6, 16, True, "rows", "qkv"),
 ]
 
 
@@ -517,7 +519,7 @@ def test_attention_threads(kit, case) -> None:
     """Every thread of BlockAttention's CUDA kernels, run on the host, gives the spec's bits."""
 
     b, hq, hkv, sq, sk, dh, act_bits, block_size, causal, mask_kind, fmt = case
-    packed = fmt == "packed"
+    packed, qkv = fmt in ("packed", "qkv"), fmt == "qkv"
     fmt = None if packed else fmt
     rng = np.random.default_rng(sk)
     q = (1.5 * rng.standard_normal((b, hq, sq, dh))).astype(np.float32)
@@ -536,6 +538,9 @@ def test_attention_threads(kit, case) -> None:
     if packed:
         q, k_in, v_in = _packed(q), _packed(k), _packed(v)
         k, v = k_in, v_in
+    if qkv:
+        q = np.concatenate([q, k, v], axis=-1)
+        k_in = v_in = None
     want = reference_attention.attention(
         q,
         k_in,
@@ -546,8 +551,9 @@ def test_attention_threads(kit, case) -> None:
         mask=mask,
         causal=causal,
         q_heads=hq if packed else None,
+        kv_heads=hkv if qkv else None,
     )
-    y = np.empty_like(want)
+    y = np.full_like(want, np.nan)
     lib = _helper()
     if fmt is None:
         kv_args = [0, 0, 1, 0, _ptr(k), None, None, _ptr(v), None, None]
@@ -571,7 +577,7 @@ def test_attention_threads(kit, case) -> None:
         _ptr(mask),
         _ptr(strides),
         _ptr(y),
-        int(packed),
+        2 if qkv else int(packed),
     )
     kit.assert_bits_equal(y, want, "Y")
 
