@@ -572,6 +572,10 @@ def _run_segments(
                 last_reader[name] = index
             targets_in[index].update(wanted.intersection(writes))
     last_segment = max((i for i, acts in enumerate(targets_in) if acts), default=-1)
+    readers: dict[str, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        for name in set(_node_names(node)[0]):
+            readers.setdefault(name, []).append(i)
     options = ort.SessionOptions()
     # Calibration batches are short: spinning worker threads would burn CPU waiting for work.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -594,12 +598,17 @@ def _run_segments(
             later = {name for name in produced if last_reader.get(name, -1) > index}
             acts = sorted(targets_in[index])
             outputs = sorted(later | (set(acts) & produced))
+            guards = _softmax_nan_guards(graph, segment, readers, set(outputs) | wanted, folder)
+            checks = [name for name in guards.checks if name not in outputs]
             # No outputs needed: the segment's Hessians (if any) are of its inputs, nothing need run.
             session = (
-                _segment_session(proto, folder, index, segment, inputs, outputs, kept, options, providers, with_library)
+                _segment_session(
+                    proto, folder, index, segment, inputs, outputs + checks, kept, options, providers, with_library, guards
+                )
                 if outputs
                 else None
             )
+            exact_session = None  # the segment as the model has it, for a batch whose softmax gave NaN
             sums = _HessianSums()
             # One batch's rank-k updates run on the worker while ONNX Runtime runs the next batch:
             # the one worker takes them in order, so the sums are those of a serial loop.
@@ -608,7 +617,13 @@ def _run_segments(
                 store._check_cancelled()
                 run_feeds = {name: (batch[name] if name in graph_inputs else kept[name][b]) for name in inputs}
                 try:
-                    values = dict(zip(outputs, session.run(outputs, run_feeds))) if session is not None else {}
+                    values = {} if session is None else dict(zip(outputs + checks, session.run(outputs + checks, run_feeds)))
+                    if values and any(np.isnan(values[name]).any() for name in guards.checks):
+                        if exact_session is None:
+                            exact_session = _segment_session(
+                                proto, folder, index, segment, inputs, outputs, kept, options, providers, with_library
+                            )
+                        values = dict(zip(outputs, exact_session.run(outputs, run_feeds)))
                 except Exception as exc:  # onnxruntime raises its own exception types
                     raise CalibrationError(f"running the float model on calibration inputs failed: {exc}") from exc
                 if adding is not None:
@@ -623,7 +638,7 @@ def _run_segments(
                 del values, run_feeds
             if adding is not None:
                 adding.result()
-            del session, adding
+            del session, exact_session, adding
             for name, hessian in sums.finished():
                 if not store.has(name):
                     store.add(name, hessian)
@@ -653,19 +668,103 @@ def release_freed_memory() -> None:
         trim(0)
 
 
+@dataclasses.dataclass(frozen=True)
+class _NanGuards:
+    """Where(IsNaN(p), 0, p) guards on Softmax outputs p that a segment's session leaves out.
+
+    A softmax row is NaN only when every score in it is masked (-inf) or a score is NaN; exporters zero
+    such rows (transformers' SDPA path), at the cost of two passes over every score matrix (a decoder's
+    9 x 1024 x 1024 per layer: an eighth of the calibration forward). Without the guard a NaN row would
+    reach its MatMul's output (NaN times anything is NaN), so those outputs (checks) are inspected on
+    every batch and a batch that shows one is run again on the segment as the model has it: the
+    Hessians are the model's either way.
+    """
+
+    rewired: dict[str, str]  # the guard's output -> the Softmax output it passes through
+    dropped: frozenset[int]  # node indices (the Where nodes, and IsNaN nodes read by nothing else)
+    checks: tuple[str, ...]  # outputs of the MatMuls that read a guard's output
+
+
+_NO_GUARDS = _NanGuards({}, frozenset(), ())
+
+
+def _softmax_nan_guards(
+    graph: onnx.GraphProto, segment: list[int], readers: Mapping[str, list[int]], kept_names: set[str], folder: str
+) -> _NanGuards:
+    """The guards of segment that can be left out: Where(IsNaN(p), 0, p) with p a Softmax output computed
+    in the segment, read only by MatMuls of the segment and by no other segment or output (kept_names)."""
+    in_segment = set(segment)
+    producer = {name: i for i in segment for name in _node_names(graph.node[i])[1]}
+    rewired: dict[str, str] = {}
+    dropped: set[int] = set()
+    checks: list[str] = []
+    for i in segment:
+        node = graph.node[i]
+        if node.op_type != "Where" or node.domain not in ("", "ai.onnx") or len(node.input) != 3:
+            continue
+        condition, fill, probabilities = node.input
+        output = node.output[0]
+        test = graph.node[producer[condition]] if condition in producer else None
+        softmax = graph.node[producer[probabilities]] if probabilities in producer else None
+        if test is None or test.op_type != "IsNaN" or test.domain not in ("", "ai.onnx") or list(test.input) != [probabilities]:
+            continue
+        if softmax is None or softmax.op_type != "Softmax" or softmax.domain not in ("", "ai.onnx"):
+            continue
+        matmuls = readers.get(output, [])
+        if output in kept_names or not matmuls or not all(
+            j in in_segment and graph.node[j].op_type == "MatMul" and graph.node[j].domain in ("", "ai.onnx")
+            for j in matmuls
+        ):
+            continue
+        if not _is_scalar_zero(graph, fill, folder):
+            continue
+        rewired[output] = probabilities
+        dropped.add(i)
+        if readers.get(condition, []) == [i] and condition not in kept_names:
+            dropped.add(producer[condition])
+        checks += [graph.node[j].output[0] for j in matmuls]
+    if not rewired:
+        return _NO_GUARDS
+    return _NanGuards(rewired, frozenset(dropped), tuple(dict.fromkeys(checks)))
+
+
+def _is_scalar_zero(graph: onnx.GraphProto, name: str, folder: str) -> bool:
+    """Whether name is an initializer (or Constant node output) holding the single value 0."""
+    tensor = next((t for t in graph.initializer if t.name == name), None)
+    if tensor is None:
+        node = next((n for n in graph.node if n.op_type == "Constant" and list(n.output) == [name]), None)
+        attribute = next((a for a in node.attribute if a.name == "value"), None) if node is not None else None
+        tensor = attribute.t if attribute is not None and attribute.type == onnx.AttributeProto.TENSOR else None
+    if tensor is None or int(np.prod(tensor.dims, dtype=np.int64)) != 1:
+        return False
+    return bool(onnx.numpy_helper.to_array(tensor, base_dir=folder).reshape(-1)[0] == 0)
+
+
 def _segment_session(
     proto: onnx.ModelProto, folder: str, index: int, segment: list[int], inputs: list[str], outputs: list[str],
     kept: dict[str, list[np.ndarray]], options: Any, providers: list[str], with_library: bool,
+    guards: _NanGuards = _NO_GUARDS,
 ) -> Any:
-    """An ONNX Runtime session of the nodes in segment (weights read from the saved data file)."""
+    """An ONNX Runtime session of the nodes in segment (weights read from the saved data file), the
+    NaN guards given left out."""
     graph = proto.graph
-    used = {name for i in segment for name in graph.node[i].input}
+    nodes = []
+    for i in segment:
+        if i in guards.dropped:
+            continue
+        node = graph.node[i]
+        if any(name in guards.rewired for name in node.input):
+            node = onnx.NodeProto()
+            node.CopyFrom(graph.node[i])
+            node.input[:] = [guards.rewired.get(name, name) for name in node.input]
+        nodes.append(node)
+    used = {name for node in nodes for name in node.input}
     part = onnx.ModelProto()
     part.ir_version = proto.ir_version
     part.opset_import.extend(proto.opset_import)
     part.functions.extend(proto.functions)
     part.graph.name = f"{graph.name}_segment{index}"
-    part.graph.node.extend(graph.node[i] for i in segment)
+    part.graph.node.extend(nodes)
     part.graph.initializer.extend(t for t in graph.initializer if t.name in used)
     declared = {value.name: value for value in graph.input}
     for name in inputs:
@@ -677,7 +776,7 @@ def _segment_session(
             part.graph.input.append(onnx.helper.make_tensor_value_info(name, elem, None))
     for name in outputs:
         part.graph.output.append(onnx.ValueInfoProto(name=name))
-    path = os.path.join(folder, f"segment{index}.onnx")
+    path = os.path.join(folder, f"segment{index}{'_guarded' if guards.rewired else ''}.onnx")
     onnx.save(part, path)
     del part
     try:

@@ -11,16 +11,20 @@ so load on a shared machine slows all alike; compare ratios, not milliseconds ac
    BlockMatMul with activations int8 also runs with Y as int8 codes, the form its product takes
    between the ops of a compressed model. Reported: median and minimum ms, ratio to ORT int8.
 2. Decode bandwidth: chains of distinct 4-bit K=N=4096 weights (read from memory, not cache) for
-   M = 1, 4, 8 rows: GB/s of weight bytes, next to a STREAM-like read (numpy sums over as many
-   threads) measured in the same rounds; from the median and from the fastest chain (on a shared
-   machine the fastest rounds are those where no other job took a core; `--clock cpu` is steadier).
+   M = 1, 4, 8 rows, and sets of distinct weights of any K x N x bits (--gemv-shapes, e.g. SmolLM2's
+   decode products): GB/s of weight bytes, next to a STREAM-like read of as many threads
+   (compare_speed.StreamRead: numpy byte max, persistent threads) timed in the same rounds; from the
+   median and from the fastest round (on a shared machine the fastest rounds are those where no other
+   job took a core; `--clock cpu` is steadier). --gemv-threads 1,2 times several thread counts side by
+   side, --compare-library another build of the custom-op library (before / after a change).
 
 Prints the CPU model and the ISA paths (bct-onnx's BlockMatMul path, MLAS's int8 path).
 `--clock cpu` times the calling thread's CPU time with one intra-op thread instead of wall time:
 on a machine shared with other jobs that measures the kernels, not the scheduler.
 
     python benchmarks/bench_matmul.py [--threads 2] [--repeat 100] [--clock wall|cpu]
-        [--only TEXT] [--shapes 128x768x3072,...|encoder] [--gemv-rows 1,4,8] [--json out.json]
+        [--only TEXT] [--shapes 128x768x3072,...|encoder] [--gemv-rows 1,4,8] [--gemv-threads 1,2]
+        [--gemv-shapes 576x576x4,...] [--compare-library OTHER.so] [--json out.json]
 
 Needs the compiled custom-op library (installed package, or BCT_ONNX_LIBRARY); without it only
 the ONNX Runtime rows are measured, and the output says so.
@@ -29,6 +33,7 @@ the ONNX Runtime rows are measured, and the output says so.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -36,7 +41,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -64,6 +68,9 @@ ENCODER_SHAPES = (
     (128, 768, 3072),
     (128, 3072, 768),
 )
+# SmolLM2-135M's decode products (K x N x bits as bct-onnx's default compresses them): q and o, k, v,
+# the packed gate/up, down, and the tied 5-bit asymmetric output table.
+SMOLLM2_DECODE_SHAPES = "576x576x4,576x192x4,576x192x6,576x3072x4,1536x576x4,576x49152x5a"
 OPSET = 17
 BASELINE = "ORT int8 quantize_dynamic"
 
@@ -207,24 +214,6 @@ def _interleaved(
     return times
 
 
-def _stream_read(threads: int, megabytes: int) -> tuple[Callable[[], object], int]:
-    """A STREAM-like read (numpy sums of disjoint parts, one thread each) and the bytes it reads."""
-    data = np.ones(megabytes * (1 << 20) // 4, dtype=np.float32)
-    parts = np.array_split(data, threads)
-
-    def run() -> None:
-        if threads == 1:
-            np.add.reduce(data)
-            return
-        workers = [threading.Thread(target=np.add.reduce, args=(part,)) for part in parts]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
-
-    return run, data.nbytes
-
-
 def _parse_shapes(text: str) -> tuple[tuple[int, int, int], ...]:
     if not text:
         return SHAPES
@@ -262,47 +251,158 @@ def bench_shapes(args: argparse.Namespace, threads: int, have_library: bool) -> 
     return results
 
 
-def bench_gemv(args: argparse.Namespace, threads: int, have_library: bool) -> list[dict]:
-    """GB/s of weights for chains of distinct weights, and the read bandwidth in the same rounds."""
+def gemv_set(
+    k: int, n: int, bits: int, symmetric: bool, rows: int, min_bytes: int
+) -> tuple[onnx.ModelProto, int, int]:
+    """BlockMatMul [rows, k] x [k, n] (bits-bit block-32 weights, int8 activations) over distinct
+    weights, at least min_bytes of them (so that they are read from memory, not cache), one after the
+    other on the same input, their outputs concatenated; (model, weight bytes of one product, products).
+    Any K x N, unlike compare_speed.gemv_chain (whose products feed each other, so K = N)."""
+    rng = np.random.default_rng(k * n + bits)
+    blocks = (k + 31) // 32
+    codes = rng.integers(0, 256, (n, (k * bits + 7) // 8), dtype=np.uint8)
+    scales = np.full((n, blocks), 1 / (5 * np.sqrt(k)), np.float16)
+    zero_points = rng.integers(0, 1 << bits, (n, blocks), dtype=np.uint8)
+    per = codes.nbytes + scales.nbytes + (0 if symmetric else zero_points.nbytes)
+    products = max(2, -(-min_bytes // per))
+    nodes, inits = [], []
+    for i in range(products):
+        weights = [
+            numpy_helper.from_array(codes, f"w{i}.codes"),
+            numpy_helper.from_array(scales, f"w{i}.scales"),
+        ]
+        if not symmetric:
+            weights.append(numpy_helper.from_array(zero_points, f"w{i}.zero_points"))
+        inits += weights
+        nodes.append(
+            helper.make_node(
+                ops.BLOCK_MATMUL,
+                ["A"] + [w.name for w in weights],
+                [f"y{i}"],
+                domain=ops.DOMAIN,
+                K=k,
+                N=n,
+                bits=bits,
+                block_size=32,
+                symmetric=int(symmetric),
+                act_bits=8,
+            )
+        )
+    nodes.append(helper.make_node("Concat", [f"y{i}" for i in range(products)], ["Y"], axis=0))
+    model = _model(nodes, inits, rows, k, n, [(ops.DOMAIN, ops.DOMAIN_VERSION)])
+    model.graph.output[0].CopyFrom(
+        helper.make_tensor_value_info("Y", TensorProto.FLOAT, [rows * products, n])
+    )
+    return model, per, products
+
+
+def _parse_gemv_shapes(text: str) -> list[tuple[int, int, int, bool]]:
+    """KxNxBITS items, BITS with a trailing "a" for asymmetric weights (uint8 zero points)."""
+    shapes = []
+    for item in (v.strip().lower() for v in text.split(",") if v.strip()):
+        k, n, bits = item.split("x")
+        shapes.append((int(k), int(n), int(bits.rstrip("a")), not bits.endswith("a")))
+    return shapes
+
+
+def _library_session(model: onnx.ModelProto, threads: int, library: Path | None) -> ort.InferenceSession:
+    """A session with our ops from the installed library, or from `library` (another build)."""
+    if library is None:
+        return _session(model, threads, True)
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library))
+    return runtime.session(
+        model.SerializeToString(), sess_options=options, threads=threads, with_library=False
+    )
+
+
+def bench_gemv(args: argparse.Namespace, threads_list: list[int], have_library: bool) -> list[dict]:
+    """GB/s of weights for products over distinct weights (read from memory), for every row count,
+    thread count and library build, and the read bandwidth of each thread count, all in the same rounds."""
     rows_list = [int(v) for v in args.gemv_rows.split(",") if v.strip()]
     if not rows_list:
         return []
     clock = _clock(args.clock)
     feeds_rng = np.random.default_rng(1)
-    labels, calls, nbytes = [], [], []
-    stream, stream_bytes = _stream_read(
-        threads, max(1, min(256, args.gemv_layers * args.gemv_k**2 // (1 << 21)))
-    )
-    labels.append("STREAM-like read")
-    calls.append(stream)
-    nbytes.append(stream_bytes)
-    kinds = (("bct", "BCT BlockMatMul 4b b32 act int8"), ("ort", "ORT MatMulNBits 4b b32 acc4"))
-    for rows in rows_list:
-        feed = {"A": feeds_rng.standard_normal((rows, args.gemv_k)).astype(np.float32)}
-        for kind, label in kinds:
-            if kind == "bct" and not have_library:
-                continue
-            model, size = compare_speed.gemv_chain(args.gemv_layers, args.gemv_k, kind, rows=rows)
-            session = _session(model, threads, kind == "bct")
-            labels.append(f"M={rows} {label}")
-            calls.append(lambda s=session, f=feed: s.run(None, f))
-            nbytes.append(size)
-    times = _interleaved(calls, 2, max(len(calls), args.repeat // 4), args.rounds, clock)
-    stream_gbps = stream_bytes / (statistics.median(times[0]) / 1e3) / 1e9
-    stream_best_gbps = stream_bytes / (min(times[0]) / 1e3) / 1e9
+    libraries: list[Path | None] = [None, *args.compare_library] if have_library else []
+    megabytes = max(1, min(256, args.gemv_layers * args.gemv_k**2 // (1 << 21)))
+
+    def lib_label(library: Path | None) -> str:
+        return "" if library is None else f" [{library.name}]"
+
+    cases: list[dict] = []  # label, call, bytes of one product, products per call, threads
+    with contextlib.ExitStack() as stack:
+        for threads in threads_list:
+            read = stack.enter_context(contextlib.closing(compare_speed.StreamRead(threads, megabytes)))
+            cases.append(
+                {
+                    "case": f"STREAM-like read, {threads} thr",
+                    "call": read,
+                    "bytes": read.nbytes,
+                    "per": 1,
+                    "threads": threads,
+                    "read": True,
+                }
+            )
+        for rows in rows_list:
+            feed = {"A": feeds_rng.standard_normal((rows, args.gemv_k)).astype(np.float32)}
+            for threads in threads_list:
+                runs = [("ort", "ORT MatMulNBits 4b b32 acc4", None)]
+                runs += [
+                    ("bct", "BCT BlockMatMul 4b b32 act int8" + lib_label(lib), lib) for lib in libraries
+                ]
+                for kind, label, lib in runs:
+                    model, size = compare_speed.gemv_chain(args.gemv_layers, args.gemv_k, kind, rows=rows)
+                    session = (
+                        _library_session(model, threads, lib)
+                        if kind == "bct"
+                        else _session(model, threads, False)
+                    )
+                    cases.append(
+                        {
+                            "case": f"M={rows} {args.gemv_k}x{args.gemv_k} {threads} thr {label}",
+                            "call": lambda s=session, f=feed: s.run(None, f),
+                            "bytes": size // args.gemv_layers,
+                            "per": args.gemv_layers,
+                            "threads": threads,
+                        }
+                    )
+        for k, n, bits, symmetric in _parse_gemv_shapes(args.gemv_shapes) if libraries else []:
+            for rows in rows_list:
+                model, size, products = gemv_set(k, n, bits, symmetric, rows, args.gemv_set_mb << 20)
+                feed = {"A": feeds_rng.standard_normal((rows, k)).astype(np.float32)}
+                for threads in threads_list:
+                    for lib in libraries:
+                        session = _library_session(model, threads, lib)
+                        shape = f"{k}x{n} {bits}b{'' if symmetric else ' asym'}"
+                        cases.append(
+                            {
+                                "case": f"M={rows} {shape} {threads} thr BCT{lib_label(lib)}",
+                                "call": lambda s=session, f=feed: s.run(None, f),
+                                "bytes": size,
+                                "per": products,
+                                "threads": threads,
+                            }
+                        )
+        times = _interleaved(
+            [c["call"] for c in cases], 2, max(len(cases), args.repeat // 4), args.rounds, clock
+        )
+    read_times = {c["threads"]: t for c, t in zip(cases, times) if c.get("read")}
     rows_out = []
-    for label, t, size in zip(labels, times, nbytes):
-        gbps = size / (statistics.median(t) / 1e3) / 1e9
-        best_gbps = size / (min(t) / 1e3) / 1e9
-        per = args.gemv_layers if label != "STREAM-like read" else 1
+    for case, t in zip(cases, times):
+        total = case["bytes"] * case["per"]
+        gbps, best_gbps = total / (statistics.median(t) / 1e3) / 1e9, total / (min(t) / 1e3) / 1e9
+        read = read_times[case["threads"]]
+        read_bytes = next(c["bytes"] for c in cases if c.get("read") and c["threads"] == case["threads"])
         rows_out.append(
             {
-                "case": label,
-                "median_ms": statistics.median(t) / per,
+                "case": case["case"],
+                "threads": case["threads"],
+                "median_ms": statistics.median(t) / case["per"],
                 "gbps": gbps,
-                "of_stream": gbps / stream_gbps,
+                "of_stream": gbps / (read_bytes / (statistics.median(read) / 1e3) / 1e9),
                 "best_gbps": best_gbps,
-                "best_of_stream": best_gbps / stream_best_gbps,
+                "best_of_stream": best_gbps / (read_bytes / (min(read) / 1e3) / 1e9),
             }
         )
     return rows_out
@@ -311,6 +411,11 @@ def bench_gemv(args: argparse.Namespace, threads: int, have_library: bool) -> li
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2; --clock cpu: 1)")
+    parser.add_argument(
+        "--gemv-threads",
+        default="",
+        help="intra-op thread counts of the bandwidth part, comma-separated, side by side (default --threads)",
+    )
     parser.add_argument("--repeat", type=int, default=100, help="timed runs per case (default 100)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
     parser.add_argument(
@@ -335,6 +440,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--gemv-k", type=int, default=4096, help="K = N of the chains' weights (default 4096)"
     )
+    parser.add_argument(
+        "--gemv-shapes",
+        default="",
+        help="also BlockMatMul over distinct KxNxBITS weights (BITS + 'a': asymmetric), e.g. SmolLM2's "
+        f"decode shapes {SMOLLM2_DECODE_SHAPES}",
+    )
+    parser.add_argument(
+        "--gemv-set-mb", type=int, default=64, help="weights of each --gemv-shapes set, MB (default 64)"
+    )
+    parser.add_argument(
+        "--compare-library",
+        type=Path,
+        action="append",
+        default=[],
+        help="another build of the custom-op library (e.g. main's) timed in the same rounds; repeatable",
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -348,9 +469,12 @@ def main(argv: list[str] | None = None) -> int:
         logger.warning("custom-op library not found, BlockMatMul rows skipped: %s", err)
         have_library = False
     threads = 1 if args.clock == "cpu" else args.threads
+    gemv_threads = [int(v) for v in args.gemv_threads.split(",") if v.strip()] or [threads]
+    if args.clock == "cpu":
+        gemv_threads = [1]
     flags = compare_speed.cpu_flags()
     results = bench_shapes(args, threads, have_library)
-    gemv = bench_gemv(args, threads, have_library)
+    gemv = bench_gemv(args, gemv_threads, have_library)
 
     clock = "CPU time of the calling thread" if args.clock == "cpu" else "wall time"
     print(f"\nCPU: {compare_speed.cpu_model()} ({os.cpu_count()} logical CPUs); flags: {' '.join(flags)}")
@@ -369,18 +493,20 @@ def main(argv: list[str] | None = None) -> int:
         )
     if gemv:
         print(
-            f"\nDecode: chains of {args.gemv_layers} distinct 4-bit block-32 K=N={args.gemv_k} weights (read from "
-            f"memory), ms per product and GB/s of weight bytes, next to the read bandwidth in the same rounds; "
-            f"from the median and from the fastest chain (on a shared machine: the rounds where no other job "
-            f"took a core)\n"
+            f"\nDecode: chains of {args.gemv_layers} distinct 4-bit block-32 K=N={args.gemv_k} weights, and sets "
+            f"of distinct weights of --gemv-shapes (read from memory); ms per product and GB/s of weight bytes, "
+            f"next to the read bandwidth of as many threads (numpy byte max) in the same rounds; from the "
+            f"median and from the fastest round (on a shared machine: the rounds where no other job took a "
+            f"core)\n"
         )
+        width = max(len(row["case"]) for row in gemv)
         print(
-            f"| {'case':<42} | {'ms':>7} | {'GB/s':>6} | {'of read':>7} | {'best GB/s':>9} | {'of best read':>12} |"
+            f"| {'case':<{width}} | {'ms':>7} | {'GB/s':>6} | {'of read':>7} | {'best GB/s':>9} | {'of best read':>12} |"
         )
-        print(f"|{'-' * 44}|{'-' * 9}|{'-' * 8}|{'-' * 9}|{'-' * 11}|{'-' * 14}|")
+        print(f"|{'-' * (width + 2)}|{'-' * 9}|{'-' * 8}|{'-' * 9}|{'-' * 11}|{'-' * 14}|")
         for row in gemv:
             print(
-                f"| {row['case']:<42} | {row['median_ms']:>7.3f} | {row['gbps']:>6.1f} | {row['of_stream']:>6.0%} "
+                f"| {row['case']:<{width}} | {row['median_ms']:>7.3f} | {row['gbps']:>6.1f} | {row['of_stream']:>6.0%} "
                 f"| {row['best_gbps']:>9.1f} | {row['best_of_stream']:>11.0%} |"
             )
     if args.json:

@@ -224,6 +224,7 @@ def test_bench_matmul_smoke(
     bench = _load("bench_matmul")
     argv = ["--shapes", "16x64x48", "--repeat", "1", "--warmup", "0", "--rounds", "1", "--clock", "cpu"]
     argv += ["--gemv-rows", "1,2", "--gemv-layers", "2", "--gemv-k", "256", "--json", str(out)]
+    argv += ["--gemv-shapes", "64x48x5a", "--gemv-set-mb", "1"]
     assert bench.main(argv) == 0
     assert os.listdir(cwd) == []
     text = capsys.readouterr().out
@@ -232,8 +233,48 @@ def test_bench_matmul_smoke(
     assert {row["case"] for row in payload["results"]} == {case.label for case in bench.CASES}
     assert all(row["median_ms"] > 0 for row in payload["results"])
     cases = [row["case"] for row in payload["gemv"]]
-    assert cases[0] == "STREAM-like read" and "M=2 BCT BlockMatMul 4b b32 act int8" in cases
+    assert (
+        cases[0] == "STREAM-like read, 1 thr" and "M=2 256x256 1 thr BCT BlockMatMul 4b b32 act int8" in cases
+    )
+    assert "M=1 64x48 5b asym 1 thr BCT" in cases
     assert all(row["gbps"] > 0 for row in payload["gemv"])
+
+
+def test_stream_read_reads_every_part_on_each_call_and_ends_its_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """StreamRead: a call returns only once every thread has read its part (each part once a call, the
+    parts covering the array); one thread reads on the caller; close() ends the threads."""
+    import contextlib
+    import threading
+    import time
+
+    compare = _load("compare_speed")
+    seen: list[tuple[int, int]] = []
+    real_max = compare.np.max
+
+    def slow_max(part):  # the read of a part takes a while: an early return would miss it
+        time.sleep(0.02)
+        seen.append((part.ctypes.data, part.size))
+        return real_max(part)
+
+    monkeypatch.setattr(compare.np, "max", slow_max)
+    before = threading.active_count()
+    with contextlib.closing(compare.StreamRead(1, 1)) as read:
+        assert threading.active_count() == before
+        read()
+        assert seen == [(read.data.ctypes.data, 1 << 20)]
+    read = compare.StreamRead(2, 2)
+    assert read.nbytes == 2 << 20 and threading.active_count() == before + 2
+    for call in range(1, 4):
+        seen.clear()
+        read()
+        assert sorted(seen) == [
+            (read.data.ctypes.data, 1 << 20),
+            (read.data.ctypes.data + (1 << 20), 1 << 20),
+        ], call
+    read.close()
+    assert threading.active_count() == before
 
 
 def test_decoder_fake_quant_default_plan_is_the_decoder_default() -> None:

@@ -1,6 +1,6 @@
 // BlockAttention on CPU (docs/ops.md): Q and K quantized along the head size (the activation
 // quantizer of cpu/act_quantize.h, or K's own codes when they are in the op's symmetric blocks), V as
-// float32 rows (dequantized when given as codes). K is laid out once per call as BlockActMatMul lays
+// float32 rows (dequantized when given as codes; a decoder step reads an 8-bit cache's V codes as they are). K is laid out once per call as BlockActMatMul lays
 // out B (VNNI-packed, or K-major), so a task (a run of up to 16 query rows of one batch and query
 // head; query heads of a group share their KV head) computes its strip of block dots [rows, Sk] with
 // BlockActMatMul's dot kernels (the same values as nl::act_dot), then runs the streaming softmax x V of
@@ -11,10 +11,12 @@
 // be parts of one packed projection [B, S, (Hq + Hkv [+ Hkv]) * Dh]: Q's and K's rows are then quantized
 // together into one buffer laid out as the projection (a position's Q rows, then its K rows), and read
 // from there as from the packed tensors with more rows per position. A decoder step (one
-// query row per head) runs the query heads of a KV head as one task, and one task per KV head does all
-// of that head's work (one parallel section). The buffers are per-thread scratch
-// (cpu/thread_scratch.h): a step allocates nothing.
+// query row per head) runs the query heads of a KV head together, in one parallel section of two tasks
+// per KV head (each appends, prepares and packs half the head's keys; the second to finish runs the
+// head's queries). The buffers are per-thread scratch (cpu/thread_scratch.h): a step allocates nothing.
 #include <algorithm>
+#include <atomic>
+#include <new>
 
 #include "bct/attention_math.h"
 #include "bct/op_common.h"
@@ -25,12 +27,46 @@
 #include "ops/attention_io.h"
 #include "ops/ops.h"
 
+#if BCT_X86_SIMD
+#include <immintrin.h>
+#endif
+
 namespace bct {
 namespace nonlinear {
 namespace {
 
 // Least work (in values) per task of the parallel loops.
 constexpr int64_t kMinTaskValues = 32768;
+
+#if BCT_X86_SIMD
+// n float16 scales as float32, 16 at a time (the conversion is exact); with act, a non-finite scale
+// becomes the NaN act_scale gives (x - x is 0 only for a finite x).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void HalvesToFloatAvx512(const uint16_t* in, int64_t n, bool act,
+                                                                               float* out) {
+  const __m512 nan = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fc00000));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    __m512 x = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, in + i));
+    if (act) x = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(_mm512_sub_ps(x, x), _mm512_setzero_ps(), _CMP_EQ_OQ), nan, x);
+    _mm512_mask_storeu_ps(out + i, m, x);
+  }
+}
+#endif
+
+// scale_value(kind, scales, first + i) for i < n, through act_scale when act (the scales of Q x K^T's
+// operands); the AVX-512 paths convert float16 scales in vectors.
+void ScalesOf(cpu::Isa isa, ScaleKind kind, const void* scales, int64_t first, int64_t n, bool act, float* out) {
+#if BCT_X86_SIMD
+  if (kind == ScaleKind::kFloat16 && isa >= cpu::Isa::kAvx512) {
+    HalvesToFloatAvx512(static_cast<const uint16_t*>(scales) + first, n, act, out);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) {
+    const float value = scale_value(kind, scales, first + i);
+    out[i] = act ? act_scale(value) : value;
+  }
+}
 
 // The calling thread's packed keys (cpu/act_matmul_vnni.h); one call at a time holds it.
 vnni::PackedB& CallPackedB() {
@@ -68,9 +104,20 @@ class AttentionCpuKernel : public AttentionKernelBase {
       auto code_row = [&](int64_t stride, int64_t heads, int64_t seq, int64_t b, int64_t h, int64_t i) {
         return g.packed ? (b * seq + i) * stride + h : (b * heads + h) * seq + i;
       };
+      // A decoder step (one query row per head, heads-first keys) whose mask is the same for every head
+      // runs the query heads of a KV head together (step 3 below) in one parallel section, which also
+      // appends the new rows to the present cache; any other step appends them first.
+      const int64_t per_group = g.q_heads / g.kv_heads;
+      const bool heads_together = !g.packed && g.sq == 1 && g.mask_strides[1] == 0 && per_group > 1;
+      const int64_t kv_heads = g.batch * g.kv_heads;
+      // There V in 8-bit symmetric codes is read as codes by attention_rows (no float32 copy of V).
+      const int64_t value_nb = g.v.num_blocks;
+      const bool value_codes = heads_together && g.v.quantized && attrs_.kv_bits == 8 && attrs_.kv_symmetric &&
+                               g.v.zero_points == nullptr && g.v.row_bytes == dh && dh <= nl::kAttentionMaxValueCodesDh;
 
       // The call's buffers, in per-thread scratch of the calling thread (cpu/thread_scratch.h): a decoder
-      // step allocates nothing. K as signed codes [rows, dh] + float32 scales [rows, nb]; V as float32 rows.
+      // step allocates nothing. K as signed codes [rows, dh] + float32 scales [rows, nb]; V as float32 rows,
+      // or only its scales as float32 when attention_rows reads V's codes (value_codes).
       cpu::ScratchPlan plan;
       const size_t at_q_step = plan.Add<float>(g.step ? q_rows * dh : 0);
       const int64_t q_code_rows = qk_together ? positions * g.q_stride : q_rows;
@@ -78,17 +125,27 @@ class AttentionCpuKernel : public AttentionKernelBase {
       const size_t at_qs = plan.Add<float>(q_code_rows * nb);
       const size_t at_kq = plan.Add<int8_t>(pack_codes || qk_together ? 0 : kv_rows * dh);
       const size_t at_ks = plan.Add<float>(qk_together ? 0 : kv_rows * nb);
-      const size_t at_values = plan.Add<float>(g.v.quantized ? kv_rows * dh : 0);
+      const size_t at_values = plan.Add<float>(g.v.quantized && !value_codes ? kv_rows * dh : 0);
+      const size_t at_value_scales = plan.Add<float>(value_codes ? kv_rows * value_nb : 0);
       const size_t at_k_major = plan.Add<int8_t>(vnni_dots ? 0 : kv_rows * dh);
       const size_t at_k_major_scales = plan.Add<float>(vnni_dots ? 0 : kv_rows * nb);
+      const size_t at_chunks_done = plan.Add<std::atomic<int32_t>>(heads_together ? kv_heads : 0);
       uint8_t* base = plan.Carve<cpu::ScratchSlot::kAttentionCall>();
-      if (g.step) AppendStep(ctx, &g, cpu::ScratchPlan::At<float>(base, at_q_step));
+      StepCache step;
+      if (g.step) step = BeginStep(ctx, &g, cpu::ScratchPlan::At<float>(base, at_q_step));
+      if (g.step && (!heads_together || q_rows == 0)) {
+        // Past rows copied, new rows rotated and quantized (~8x a copied value each).
+        const int64_t head_work = g.dh * (g.sk + 8 * g.sq);
+        ParallelFor(ctx, g.batch * g.kv_heads, std::max<int64_t>(1, kMinTaskValues / head_work),
+                    [&](int64_t b, int64_t e) { AppendRows(g, step, b * g.sk, e * g.sk); });
+      }
       if (q_rows == 0) return;
       int8_t* qq = cpu::ScratchPlan::At<int8_t>(base, at_qq);
       float* qs = cpu::ScratchPlan::At<float>(base, at_qs);
       int8_t* kq = qk_together ? qq + g.q_heads * dh : cpu::ScratchPlan::At<int8_t>(base, at_kq);
       float* ks = qk_together ? qs + g.q_heads * nb : cpu::ScratchPlan::At<float>(base, at_ks);
       float* v_float = cpu::ScratchPlan::At<float>(base, at_values);
+      float* v_scales = cpu::ScratchPlan::At<float>(base, at_value_scales);
       int8_t* k_major = cpu::ScratchPlan::At<int8_t>(base, at_k_major);
       float* k_major_scales = cpu::ScratchPlan::At<float>(base, at_k_major_scales);
 
@@ -128,7 +185,7 @@ class AttentionCpuKernel : public AttentionKernelBase {
         for (int64_t r = begin; r < end; r += group) {
           const int64_t count = std::min(group, end - r);
           if (pack_codes) {  // the VNNI packing reads the cache's codes itself: only the scales here
-            for (int64_t t = r * nb; t < (r + count) * nb; ++t) ks[t] = act_scale(scale_value(g.k.scale_kind, g.k.scales, t));
+            ScalesOf(isa_, g.k.scale_kind, g.k.scales, r * nb, count * nb, true, ks + r * nb);
           } else if (direct) {
             for (int64_t t = r; t < r + count; ++t) {
               nl::signed_codes_of_row(g.k.codes + t * g.k.row_bytes, dh, attrs_.kv_bits, g.k.row_bytes, g.k.scale_kind,
@@ -140,7 +197,11 @@ class AttentionCpuKernel : public AttentionKernelBase {
           } else {
             QuantizeRows(g.k.x + r * dh, count, dh, kq + r * dh, ks + r * nb);
           }
-          if (g.v.quantized) v_rows.DequantizeRange(r, count, v_float + r * dh);
+          if (value_codes) {
+            ScalesOf(isa_, g.v.scale_kind, g.v.scales, r * value_nb, count * value_nb, false, v_scales + r * value_nb);
+          } else if (g.v.quantized) {
+            v_rows.DequantizeRange(r, count, v_float + r * dh);
+          }
         }
       };
       const float* values = g.v.quantized ? v_float : g.v.x;
@@ -148,7 +209,6 @@ class AttentionCpuKernel : public AttentionKernelBase {
       // 2. K rows [begin, end) in BlockActMatMul's B layout, one batch per KV head: VNNI-packed or K-major
       // [dh, sk] / [nb, sk]. The packed form lives in the calling thread's own PackedB, whose storage
       // later calls reuse (a reference, so that the tasks on other threads read this one).
-      const int64_t kv_heads = g.batch * g.kv_heads;
       vnni::PackedB& packed = CallPackedB();
       if (vnni_dots) vnni::InitPackedB(packed, kv_heads, g.sk, dh, bs);
       auto key_row = [&](int64_t head, int64_t key) {  // storage row of key `key` of head b * Hkv + h
@@ -178,12 +238,10 @@ class AttentionCpuKernel : public AttentionKernelBase {
       };
 
       // 3. Query tasks [begin, end): runs of up to 16 query rows inside one (batch, query head); or, for a
-      // decoder step (heads-first keys, one query row per head) whose mask is the same for every head,
-      // the query heads of one KV head together, as rows 0.. of one run (one query row sees all sk keys
-      // even when causal, and the mask row does not move), so the group's rows share each load of K and
-      // V; task t is then KV head t. Either way every row runs the same operations: the same bits.
-      const int64_t per_group = g.q_heads / g.kv_heads;
-      const bool heads_together = !g.packed && g.sq == 1 && g.mask_strides[1] == 0 && per_group > 1;
+      // decoder step with the heads together, the query heads of one KV head, as rows 0.. of one run (one
+      // query row sees all sk keys even when causal, and the mask row does not move), so the group's rows
+      // share each load of K and V; task t is then KV head t. Either way every row runs the same
+      // operations: the same bits.
       const int64_t heads_per_task = heads_together ? per_group : 1;
       const int64_t run = heads_together ? per_group : std::max<int64_t>(1, std::min<int64_t>(g.sq, 16));
       const int64_t runs_per_head = heads_together ? 1 : (g.sq + run - 1) / run;
@@ -219,7 +277,15 @@ class AttentionCpuKernel : public AttentionKernelBase {
           nl::AttentionKeys kv;  // the dots are given: attention_rows reads no key codes (none with pack_codes)
           kv.codes = pack_codes ? nullptr : kq + key0 * dh;
           kv.scales = ks + key0 * nb;
-          kv.values = values + (g.packed ? b * g.sk * g.v_stride + kv_h : key0) * dh;
+          if (value_codes) {
+            kv.values = nullptr;
+            kv.value_codes = g.v.codes + key0 * dh;
+            kv.value_scales = v_scales + key0 * value_nb;
+            kv.value_nb = value_nb;
+            kv.value_block_size = attrs_.kv_block_size;
+          } else {
+            kv.values = values + (g.packed ? b * g.sk * g.v_stride + kv_h : key0) * dh;
+          }
           kv.dh = dh;
           kv.nb = nb;
           kv.block_size = bs;
@@ -237,12 +303,25 @@ class AttentionCpuKernel : public AttentionKernelBase {
 
       // Each parallel loop hands out at least ~kMinTaskValues values of work per task: smaller loops cost
       // less than waking the thread pool does, and run on this thread.
-      if (heads_together) {  // a decoder step: one parallel section, a task per KV head doing 1 to 3
-        const int64_t head_work = g.sk * dh * (per_group + 2);
-        ParallelFor(ctx, kv_heads, std::max<int64_t>(1, kMinTaskValues / head_work), [&](int64_t begin, int64_t end) {
-          prepare_keys(begin * g.sk, end * g.sk);
-          pack_keys(begin * g.sk, end * g.sk);
-          run_tasks(begin, end);
+      if (heads_together) {
+        // A decoder step in one parallel section of kKeyChunks tasks per KV head, each appending, preparing
+        // and packing a chunk of its keys; the task that completes a head's last chunk then runs that head's
+        // query rows (the counter's acquire-release makes the other chunks' keys visible to it). So two
+        // threads share 3 KV heads evenly where a task per head would leave one idle a third of the time.
+        constexpr int64_t kKeyChunks = 2;
+        auto* chunks_done = cpu::ScratchPlan::At<std::atomic<int32_t>>(base, at_chunks_done);
+        for (int64_t h = 0; h < kv_heads; ++h) new (chunks_done + h) std::atomic<int32_t>(0);
+        const int64_t chunk_work = std::max<int64_t>(1, g.sk * dh * (per_group + 2) / kKeyChunks);
+        ParallelFor(ctx, kv_heads * kKeyChunks, std::max<int64_t>(1, kMinTaskValues / chunk_work), [&](int64_t b, int64_t e) {
+          for (int64_t unit = b; unit < e; ++unit) {
+            const int64_t head = unit / kKeyChunks, chunk = unit % kKeyChunks;
+            const int64_t first = head * g.sk + g.sk * chunk / kKeyChunks;
+            const int64_t last = head * g.sk + g.sk * (chunk + 1) / kKeyChunks;
+            if (g.step) AppendRows(g, step, first, last);
+            prepare_keys(first, last);
+            pack_keys(first, last);
+            if (chunks_done[head].fetch_add(1, std::memory_order_acq_rel) == kKeyChunks - 1) run_tasks(head, head + 1);
+          }
         });
       } else {
         if (!qk_together) {  // (with Q and K together, the keys are quantized and V is float32 rows)
@@ -258,57 +337,78 @@ class AttentionCpuKernel : public AttentionKernelBase {
   }
 
  private:
+  // A step's present cache (outputs 1..4) and the past it copies (inputs 1..6).
+  struct StepCache {
+    AttentionPresent present;
+    AttentionKV past_k, past_v;
+    int64_t row_nbytes = 0, scale_nbytes = 0;  // one cache row's bytes, and its scales' bytes (codes)
+  };
+
   // The step (inputs 8..11): Q's rows heads first with rotary into q_rows_out; the present cache
-  // (outputs 1..4) as the past's rows followed by the new ones (rotary on K, quantized when the cache
-  // holds codes); g then reads Q and the present cache as a plain BlockAttention would.
-  void AppendStep(Ort::KernelContext& ctx, AttentionGeometry* gp, float* q_rows_out) const {
+  // outputs, which g then reads as a plain BlockAttention reads K and V (AppendRows fills them: the
+  // past's rows followed by the new ones).
+  StepCache BeginStep(Ort::KernelContext& ctx, AttentionGeometry* gp, float* q_rows_out) const {
     AttentionGeometry& g = *gp;
-    const nl::AttentionStepDims& d = g.step_dims;
-    const AttentionPresent present = PresentOutputs(ctx, node_, g);
-    const int64_t dh = g.dh, q_rows = g.batch * g.q_heads * g.sq;
-    for (int64_t r = 0; r < q_rows; ++r) nl::step_input_row(d, g.q, g.q_heads, r, true, g.cos, g.sin, q_rows_out + r * dh);
+    StepCache c;
+    c.present = PresentOutputs(ctx, node_, g);
+    c.past_k = g.k;
+    c.past_v = g.v;
     const bool codes = g.k.quantized;
-    const int64_t row_nbytes = codes ? g.k.row_bytes : dh * static_cast<int64_t>(sizeof(float));
-    const int64_t scale_nbytes = codes ? g.k.num_blocks * static_cast<int64_t>(ScaleItemSize(g.k.scale_kind)) : 0;
-    const int64_t heads = g.batch * g.kv_heads;
-    // Per KV head: the past rows copied, the new rows rotated and quantized (~8x a copied value each).
-    ParallelFor(ctx, heads, std::max<int64_t>(1, kMinTaskValues / (dh * (g.sk + 8 * g.sq))), [&](int64_t begin, int64_t end) {
-      float* row = cpu::ThreadScratch<float, cpu::ScratchSlot::kAttentionTask>(static_cast<size_t>(dh));
-      for (int64_t bh = begin; bh < end; ++bh) {
-        for (int which = 0; which < 2; ++which) {
-          const AttentionKV& past = which == 0 ? g.k : g.v;
-          const float* fresh = which == 0 ? g.k_new : g.v_new;
-          auto* dst = static_cast<uint8_t*>(which == 0 ? present.k : present.v);
-          auto* dst_scales = static_cast<uint8_t*>(which == 0 ? present.k_scales : present.v_scales);
-          const auto* src = codes ? past.codes : reinterpret_cast<const uint8_t*>(past.x);
-          std::copy(src + bh * d.past * row_nbytes, src + (bh + 1) * d.past * row_nbytes, dst + bh * g.sk * row_nbytes);
-          if (codes) {
-            const auto* src_scales = static_cast<const uint8_t*>(past.scales);
-            std::copy(src_scales + bh * d.past * scale_nbytes, src_scales + (bh + 1) * d.past * scale_nbytes,
-                      dst_scales + bh * g.sk * scale_nbytes);
-          }
-          for (int64_t i = 0; i < g.sq; ++i) {
-            const int64_t t = bh * g.sk + d.past + i;  // present row
-            nl::step_input_row(d, fresh, g.kv_heads, bh * g.sq + i, which == 0, g.cos, g.sin, row);
-            if (codes) {
-              nl::quantize_cache_row(row, dh, attrs_.kv_bits, attrs_.kv_block_size, g.k.scale_kind, row_nbytes,
-                                     dst + t * row_nbytes, dst_scales, t * g.k.num_blocks);
-            } else {
-              std::copy(row, row + dh, reinterpret_cast<float*>(dst) + t * dh);
-            }
-          }
-        }
-      }
-    });
+    c.row_nbytes = codes ? g.k.row_bytes : g.dh * static_cast<int64_t>(sizeof(float));
+    c.scale_nbytes = codes ? g.k.num_blocks * static_cast<int64_t>(ScaleItemSize(g.k.scale_kind)) : 0;
+    const int64_t q_rows = g.batch * g.q_heads * g.sq;
+    for (int64_t r = 0; r < q_rows; ++r) {
+      nl::step_input_row(g.step_dims, g.q, g.q_heads, r, true, g.cos, g.sin, q_rows_out + r * g.dh);
+    }
     g.q = q_rows_out;
     for (AttentionKV* kv : {&g.k, &g.v}) {
       const bool is_k = kv == &g.k;
       if (codes) {
-        kv->codes = static_cast<const uint8_t*>(is_k ? present.k : present.v);
-        kv->scales = is_k ? present.k_scales : present.v_scales;
+        kv->codes = static_cast<const uint8_t*>(is_k ? c.present.k : c.present.v);
+        kv->scales = is_k ? c.present.k_scales : c.present.v_scales;
       } else {
-        kv->x = static_cast<const float*>(is_k ? present.k : present.v);
+        kv->x = static_cast<const float*>(is_k ? c.present.k : c.present.v);
       }
+    }
+    return c;
+  }
+
+  // Present rows [begin, end) of [B * Hkv, Sk] of K and V: a past row copied, a new row rotated (K) and
+  // quantized when the cache holds codes. Any ranges that tile the rows give the same bytes.
+  void AppendRows(const AttentionGeometry& g, const StepCache& c, int64_t begin, int64_t end) const {
+    const nl::AttentionStepDims& d = g.step_dims;
+    const int64_t dh = g.dh, rb = c.row_nbytes, sb = c.scale_nbytes;
+    const bool codes = g.k.quantized;
+    float* row = cpu::ThreadScratch<float, cpu::ScratchSlot::kAttentionTask>(static_cast<size_t>(dh));
+    for (int64_t t = begin; t < end;) {
+      const int64_t bh = t / g.sk, j0 = t % g.sk;
+      const int64_t j1 = std::min(g.sk, j0 + (end - t));  // this head's rows [j0, j1)
+      const int64_t copied = std::max<int64_t>(0, std::min(j1, d.past) - j0);  // past rows among them
+      for (int which = 0; which < 2; ++which) {
+        const AttentionKV& past = which == 0 ? c.past_k : c.past_v;
+        const float* fresh = which == 0 ? g.k_new : g.v_new;
+        auto* dst = static_cast<uint8_t*>(which == 0 ? c.present.k : c.present.v);
+        auto* dst_scales = static_cast<uint8_t*>(which == 0 ? c.present.k_scales : c.present.v_scales);
+        if (copied > 0) {
+          const auto* src = (codes ? past.codes : reinterpret_cast<const uint8_t*>(past.x)) + (bh * d.past + j0) * rb;
+          std::copy(src, src + copied * rb, dst + t * rb);
+          if (codes) {
+            const auto* src_scales = static_cast<const uint8_t*>(past.scales) + (bh * d.past + j0) * sb;
+            std::copy(src_scales, src_scales + copied * sb, dst_scales + t * sb);
+          }
+        }
+        for (int64_t j = j0 + copied; j < j1; ++j) {  // new rows: position i = j - past
+          const int64_t present_row = bh * g.sk + j;
+          nl::step_input_row(d, fresh, g.kv_heads, bh * g.sq + (j - d.past), which == 0, g.cos, g.sin, row);
+          if (codes) {
+            nl::quantize_cache_row(row, dh, attrs_.kv_bits, attrs_.kv_block_size, g.k.scale_kind, rb,
+                                   dst + present_row * rb, dst_scales, present_row * g.k.num_blocks);
+          } else {
+            std::copy(row, row + dh, reinterpret_cast<float*>(dst) + present_row * dh);
+          }
+        }
+      }
+      t += j1 - j0;
     }
   }
 

@@ -347,6 +347,24 @@ int64_t RowChunkRows(const PackedWeights& p, int64_t M) {
   return M >= 256 ? 32 : 16;
 }
 
+// Decode (M <= kDecodeRows) work split: tasks of whole 4-tile register blocks, so each weight byte is
+// read once, by one task. A task streams at least kDecodeTaskBytes / M weight bytes (more rows do more
+// arithmetic per byte), so a GEMV that reads its weights in a few microseconds runs on the calling
+// thread rather than paying a fork/join of the pool; a larger one is cut into that many nearly equal
+// tasks (an even count when few, at most kDecodeMaxTasks), which the pool hands out one at a time,
+// so two threads finish within one task of each other.
+constexpr int64_t kDecodeTaskBytes = int64_t{128} << 10;
+constexpr int64_t kDecodeMaxTasks = 64;
+
+int64_t DecodeTasks(const PackedWeights& p, int64_t M, int64_t blocks) {
+  // Bytes a 16-column tile streams: its codes and, per block, its scales (and zero points).
+  const int64_t tile_bytes = p.tile_bytes + p.num_blocks * (p.param_bytes > 0 ? p.param_bytes : 64);
+  int64_t tasks = std::min(blocks, p.num_tiles * tile_bytes * M / kDecodeTaskBytes);
+  if (tasks <= 1) return 1;
+  if (tasks < 8) tasks += tasks & 1;
+  return std::min({tasks, blocks, kDecodeMaxTasks});
+}
+
 }  // namespace
 
 bool Compute(const PackedWeights& p, const float* A, int64_t M, const float* bias, float* Y,
@@ -449,22 +467,32 @@ bool Compute(const PackedWeights& p, const float* A, int64_t M, const float* bia
     return finite.load();
   }
 
+  const detail::ActRows* act_ptr = quantized ? &act : nullptr;
+  if (M <= kDecodeRows) {  // decode: all rows, tasks of whole register blocks (DecodeTasks)
+    const int64_t blocks = (p.num_tiles + 3) / 4, tasks = DecodeTasks(p, M, blocks);
+    parallel_for(static_cast<std::size_t>(tasks), [&](std::size_t task) {
+      const int64_t i = static_cast<int64_t>(task);
+      const int64_t t0 = blocks * i / tasks * 4, t1 = std::min(p.num_tiles, blocks * (i + 1) / tasks * 4);
+      tiles(p, act_ptr, a_padded, 0, M, t0, t1, bias, Y);
+      if (!RegionFinite(p, Y, s.N, 0, M, t0 * kTileCols, std::min(s.N, t1 * kTileCols))) {
+        finite.store(false, std::memory_order_relaxed);
+      }
+    });
+    return finite.load();
+  }
   // Tasks: row chunks times tile chunks, many more tasks than threads so that ONNX Runtime's pool
   // (which hands out tasks one at a time) balances the load on a busy machine. Integer tasks of fewer
   // than 32 rows take them all and whole blocks of 4 tiles; float prefill tasks dequantize their tiles
-  // once for 128 rows. Decode tasks take all rows and whole register blocks of 4 tiles, so each
-  // weight byte is read once.
-  const bool gemv = M <= kDecodeRows;
-  const int64_t rows_per_task = gemv ? M : std::min<int64_t>(M, quantized ? 32 : 128);
+  // once for 128 rows.
+  const int64_t rows_per_task = std::min<int64_t>(M, quantized ? 32 : 128);
   const int64_t row_chunks = (M + rows_per_task - 1) / rows_per_task;
   const int64_t work_tasks = std::max<int64_t>(1, M * s.K * s.N / (1 << 18));  // >= 256K MACs a task
-  const int64_t target_tasks = std::min<int64_t>(gemv ? 32 : 64, work_tasks);
+  const int64_t target_tasks = std::min<int64_t>(64, work_tasks);
   const int64_t tile_chunks_wanted = std::max<int64_t>(1, target_tasks / row_chunks);
-  const int64_t tile_multiple = gemv || quantized ? 4 : 2;
+  const int64_t tile_multiple = quantized ? 4 : 2;
   int64_t tiles_per_task = (p.num_tiles + tile_chunks_wanted - 1) / tile_chunks_wanted;
   tiles_per_task = (tiles_per_task + tile_multiple - 1) / tile_multiple * tile_multiple;
   const int64_t tile_chunks = (p.num_tiles + tiles_per_task - 1) / tiles_per_task;
-  const detail::ActRows* act_ptr = quantized ? &act : nullptr;
   parallel_for(static_cast<std::size_t>(row_chunks * tile_chunks), [&](std::size_t task) {
     const int64_t rc = static_cast<int64_t>(task) / tile_chunks, tc = static_cast<int64_t>(task) % tile_chunks;
     const int64_t r0 = rc * rows_per_task, r1 = std::min(M, r0 + rows_per_task);

@@ -183,12 +183,31 @@ inline void AccumulateTile(const float (*p)[nl::kAttentionKeyTile], const int64_
   }
 }
 
+// Rows [t0, t0 + count) of V given as 8-bit symmetric cache codes (nl::AttentionKeys) into out [count, dh]:
+// (code - 128) * scale, block_format.dequantize's float32 values.
+inline void DequantizeValueCodes(const nl::AttentionKeys& kv, int64_t t0, int64_t count, float* out) {
+  const int64_t dh = kv.dh, bs = kv.value_block_size;
+  for (int64_t t = 0; t < count; ++t) {
+    const uint8_t* row = kv.value_codes + (t0 + t) * dh;
+    const float* scales = kv.value_scales + (t0 + t) * kv.value_nb;
+    float* o = out + t * dh;
+    for (int64_t b0 = 0, blk = 0; b0 < dh; b0 += bs, ++blk) {
+      const int64_t end = std::min(dh, b0 + bs);
+      const float s = scales[blk];
+      for (int64_t d = b0; d < end; ++d) o[d] = fmul(fsub(static_cast<float>(row[d]), 128.0f), s);
+    }
+  }
+}
+
 __attribute__((flatten)) void AttentionRows(const int8_t* q, const float* qs, const float* dots, int64_t rows,
                                             int64_t row0, int64_t sq, int64_t sk, bool causal,
                                             const nl::AttentionKeys& kv, float scale, const float* mask,
                                             int64_t mask_row_stride, int64_t mask_key_stride, float* y,
                                             int64_t y_stride) {
-  const int64_t dh = kv.dh, value_stride = kv.value_step * dh;
+  const int64_t dh = kv.dh;
+  // V as cache codes: a tile's rows dequantized into tile_values (in L1) before its p x V.
+  const int64_t value_stride = kv.value_codes != nullptr ? dh : kv.value_step * dh;
+  alignas(64) float tile_values[nl::kAttentionKeyTile * nl::kAttentionMaxValueCodesDh];
   float tiles[kAttentionRows][nl::kAttentionKeyTile];
   for (int64_t r0 = 0; r0 < rows; r0 += kAttentionRows) {
     const int n = static_cast<int>(std::min<int64_t>(kAttentionRows, rows - r0));
@@ -217,7 +236,12 @@ __attribute__((flatten)) void AttentionRows(const int8_t* q, const float* qs, co
         }
       }
       const int64_t tile_len = *std::max_element(len, len + kAttentionRows);
-      AccumulateTile(tiles, len, n, tile_len, kv.values + t0 * value_stride, value_stride, dh, y + r0 * y_stride, y_stride);
+      const float* values = kv.values + t0 * value_stride;
+      if (kv.value_codes != nullptr) {
+        DequantizeValueCodes(kv, t0, tile_len, tile_values);
+        values = tile_values;
+      }
+      AccumulateTile(tiles, len, n, tile_len, values, value_stride, dh, y + r0 * y_stride, y_stride);
     }
     for (int r = 0; r < n; ++r) nl::attention_row_finish(st[r], y + (r0 + r) * y_stride, dh);
   }

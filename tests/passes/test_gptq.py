@@ -657,3 +657,59 @@ def test_scale_search_over_several_ratios_at_once_equals_one_at_a_time(fmt, monk
         assert (grouped[1] is None) == fmt.symmetric
         if grouped[1] is not None:
             np.testing.assert_array_equal(grouped[1], single[1])
+
+
+ATTENTION = """
+<ir_version: 8, opset_import: ["" : 17]>
+attention (float[B, 4, 8] x, float[B, 4, 4] bias) => (float[B, 4, 8] y) {
+    k = MatMul(x, wk)
+    v = MatMul(x, wv)
+    scores = Add(k, bias)
+    p = Softmax<axis = -1>(scores)
+    nan = IsNaN(p)
+    guarded = Where(nan, zero, p)
+    a = MatMul(guarded, v)
+    y = MatMul(a, wo)
+}
+"""
+
+
+def test_calibration_leaves_out_softmax_nan_guards_and_keeps_the_model_hessians(monkeypatch):
+    """Where(IsNaN(p), 0, p) after a Softmax costs two passes over every score matrix: the calibration
+    session leaves it out, and a batch with a fully masked row (NaN without the guard) is run again
+    on the model's own graph, so the Hessians are the model's on every batch."""
+    import onnx
+
+    from bct_onnx import calibration
+
+    rng = np.random.default_rng(5)
+    weights = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in
+               (("wk", (8, 4)), ("wv", (8, 8)), ("wo", (8, 8)))}
+    model = model_from_text(ATTENTION, {**weights, "zero": np.zeros((), np.float32)})
+    sessions = []
+    session = calibration.runtime.session
+
+    def recording_session(path, *args, **kwargs):
+        sessions.append([node.op_type for node in onnx.load(path, load_external_data=False).graph.node])
+        return session(path, *args, **kwargs)
+
+    monkeypatch.setattr(calibration.runtime, "session", recording_session)
+    x = [rng.standard_normal((3, 4, 8)).astype(np.float32) for _ in range(2)]
+    bias = [np.zeros((3, 4, 4), np.float32), np.zeros((3, 4, 4), np.float32)]
+    bias[1][1, 2, :] = -np.inf  # one fully masked row: softmax gives NaN, the guard zeroes it
+    hessians = collect_hessians(model, Calibration(tuple({"x": xi, "bias": bi} for xi, bi in zip(x, bias))))
+    # the guarded session first, then (for the masked batch) the model's own segment
+    assert sessions == [["MatMul", "MatMul", "Add", "Softmax", "MatMul"],
+                        ["MatMul", "MatMul", "Add", "Softmax", "IsNaN", "Where", "MatMul"]]
+    expected = np.zeros((8, 8))
+    for xi, bi in zip(x, bias):
+        scores = xi @ weights["wk"] + bi
+        with np.errstate(invalid="ignore"):
+            p = np.exp(scores - scores.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+        a = (np.nan_to_num(p, nan=0.0) @ (xi @ weights["wv"])).reshape(-1, 8).astype(np.float64)
+        expected += a.T @ a
+    got = hessians[("a", "wo")]
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    hessians.close()

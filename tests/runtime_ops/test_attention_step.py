@@ -249,14 +249,17 @@ def test_concurrent_steps_of_different_shapes() -> None:
 
 @pytest.mark.parametrize("isa", ["scalar", "avx512vnni"])
 @pytest.mark.parametrize(
-    ("dh", "block_size", "past"), [(128, 32, 37), (80, 16, 20), (64, 64, 130), (24, 8, 5)]
+    ("dh", "block_size", "past"),
+    [(128, 32, 37), (80, 16, 20), (64, 64, 130), (24, 8, 5), (40, 32, 9), (160, 32, 11)],
 )
 def test_8bit_cache_of_other_head_sizes_and_blocks(
     dh: int, block_size: int, past: int, isa: str, force_isa: Any
 ) -> None:
     """8-bit cache codes in the op's own blocks are packed for the VNNI dots straight from the cache (16
     groups of 4 codes of 16 keys at a time): head sizes of several and of partial 16-group chunks, blocks
-    of 8 to 64, key counts that are not multiples of 16; the spec's bits."""
+    of 8 to 64, key counts that are not multiples of 16; the spec's bits. V's codes are read as they are
+    (a tile dequantized at a time) up to head size 128, a partial last block included (40 = 32 + 8); 160
+    takes the dequantized copy of V."""
     force_isa(isa)
     fmt = BlockFormat(8, block_size, True, ScaleKind.FLOAT16)
     args = case_inputs(("decode", 1, 6, 2, 1, past, dh, 8, dh, True, False), seed=dh)
@@ -272,3 +275,42 @@ def test_a_large_step_then_small_ones() -> None:
     for case in [("long_past", 1, 8, 8, 1, 16384, 64, 8, 64, True, False), *CASES[:2]]:
         args = case_inputs(case, seed=7)
         assert_matches_spec(run_step(args), args, case[0])
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512vnni"])
+@pytest.mark.parametrize("kv_bits", [0, 8, 4])
+@pytest.mark.parametrize("past", [0, 1, 2, 37])
+def test_decode_step_appends_in_key_chunks(past: int, kv_bits: int, isa: str, force_isa: Any) -> None:
+    """A decoder step with the query heads together appends its new row, prepares and packs the keys in
+    two chunks per KV head, and the chunk that completes a head runs its queries: with 0, 1, 2 or 37 past
+    rows (a chunk empty, one holding only the new row, a past/new boundary inside a chunk), batch 2
+    (chunks of different heads and batches), a float, 8-bit or 4-bit cache; every output the spec's bits."""
+    force_isa(isa)
+    case = ("decode_chunks", 2, 6, 2, 1, past, 64, kv_bits, 64, True, False)
+    args = case_inputs(case, seed=past + kv_bits)
+    assert_matches_spec(run_step(args), args, f"past {past} kv_bits {kv_bits} [{isa}]")
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx512", "avx512vnni"])
+def test_cache_key_scales_that_are_not_finite_or_subnormal(isa: str, force_isa: Any) -> None:
+    """Key scales of the 8-bit cache widened to float32 (in vectors on the AVX-512 paths): float16
+    subnormals exactly, an infinite or NaN scale as act_scale's NaN, which makes the rows of the query
+    heads that see that key NaN; every output the spec's bits, 17+ keys so a vector tail is partial."""
+    force_isa(isa)
+    args = case_inputs(("decode_odd_scales", 1, 6, 2, 1, 40, 64, 8, 64, True, False), seed=11)
+    scales = args["past_k"].scales.copy()
+    scales[0, 0, 3, 1] = np.float16(np.inf)
+    scales[0, 0, 7, 0] = np.float16(-np.inf)
+    scales[0, 1, 38, 1] = np.float16(np.nan)
+    scales[0, 1, :30, 0] = np.float16(2.0**-20)  # subnormal in float16
+    args["past_k"] = QuantizedTensor(args["past_k"].codes, scales, None, 64, args["past_k"].fmt)
+    got = run_step(args)
+    assert np.all(np.isnan(got[0])), "every query head sees a key with a non-finite scale"
+    assert_matches_spec(got, args, f"odd scales [{isa}]")
+    clean = case_inputs(("decode_odd_scales", 1, 6, 2, 1, 40, 64, 8, 64, True, False), seed=11)
+    scales = clean["past_k"].scales.copy()
+    scales[0, 1, :30, 0] = np.float16(2.0**-20)
+    clean["past_k"] = QuantizedTensor(clean["past_k"].codes, scales, None, 64, clean["past_k"].fmt)
+    got = run_step(clean)
+    assert not np.any(np.isnan(got[0]))
+    assert_matches_spec(got, clean, f"subnormal scales [{isa}]")

@@ -287,6 +287,29 @@ def test_exact_high_bit_planes(isa: str, bits: int, symmetric: bool, block_size:
     )
 
 
+@pytest.mark.parametrize("act_bits", [8, 0])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (5, False), (8, True)], ids=["4sym", "5asym", "8sym"])
+def test_exact_decode_split_over_two_threads(
+    isa: str, bits: int, symmetric: bool, rows: int, act_bits: int
+) -> None:
+    """Decode products large enough to be split over N on two intra-op threads: K=1024, N=16*37+5 (38
+    tiles, 10 register blocks of 4 with a partial last one), split into 2..10 tasks of unequal block
+    counts depending on bits and rows; every column equals the spec bit for bit."""
+    rng = np.random.default_rng(bits * 7 + rows + act_bits)
+    k, n, block_size = 1024, 16 * 37 + 5, 32
+    codes, scales, zero_points = random_weight(
+        rng, n, k, bits, block_size, symmetric, ScaleKind.FLOAT16, exact=True
+    )
+    a = exact_activations(rng, (rows, k), block_size, act_bits)
+    fmt = {"k": k, "bits": bits, "block_size": block_size, "symmetric": symmetric, "act_bits": act_bits}
+    model = matmul_model(n=n, codes=codes, scales=scales, zero_points=zero_points, bias=None, **fmt)
+    got = bct_onnx.session(model, threads=2).run(None, {"A": a})[0]
+    want = matmul_reference(a, codes, scales, zero_points, **fmt)
+    assert np.array_equal(want.astype(np.float32).astype(np.float64), want), "test data not exact in float32"
+    np.testing.assert_array_equal(got, want.astype(np.float32), err_msg=f"isa={isa} rows={rows}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Random data with the stated tolerance
 

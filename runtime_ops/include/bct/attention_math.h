@@ -15,10 +15,14 @@ namespace bct {
 namespace nl {
 
 constexpr int64_t kAttentionKeyTile = 64;
+constexpr int64_t kAttentionMaxValueCodesDh = 128;
 
 // The keys of one KV head: signed Q x K^T codes [sk, dh] with float32 scales [sk, nb], V [sk, dh];
 // key j's code and scale rows are j * key_step rows from the first, its V row j * value_step rows
-// (1: heads first [B, H, S, *]; H: [B, S, H * *]).
+// (1: heads first [B, H, S, *]; H: [B, S, H * *]). The CPU kernels also take V as 8-bit symmetric
+// cache codes (values nullptr; heads first; dh <= kAttentionMaxValueCodesDh): value_codes [sk, dh] with
+// float32 scales [sk, value_nb] of blocks of value_block_size, each value (code - 128) * scale as
+// block_format.dequantize gives it.
 struct AttentionKeys {
   const int8_t* codes;
   const float* scales;
@@ -28,6 +32,10 @@ struct AttentionKeys {
   int64_t block_size;
   int64_t key_step = 1;
   int64_t value_step = 1;
+  const uint8_t* value_codes = nullptr;
+  const float* value_scales = nullptr;
+  int64_t value_nb = 0;
+  int64_t value_block_size = 0;
 };
 
 // Row (b, h, i) of a tensor of `heads` heads and `seq` positions, [B, H, S, *] (heads first) or
