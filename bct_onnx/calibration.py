@@ -375,9 +375,12 @@ class HessianStore(Mapping[MatMulKey, np.ndarray]):
         self._thread.start()
 
     def _collect(self, collect: Callable[[], None]) -> None:
+        from bct_onnx.gptq import CORE_SHARING
+
         start = time.perf_counter()
         try:
-            collect()
+            with CORE_SHARING.busy():  # GPTQ, rounding the Hessians handed out meanwhile, takes one thread
+                collect()
         except _Cancelled:
             pass
         except Exception as error:  # noqa: BLE001  (handed to the thread that asks for a Hessian)

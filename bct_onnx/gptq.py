@@ -20,9 +20,12 @@ beforehand (gptq_quantize).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 import weakref
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -53,6 +56,38 @@ GPTQ_THREADS = min(2, os.cpu_count() or 1)
 _MIN_THREAD_ROWS = 256
 
 
+class _CoreSharing:
+    """How many jobs (calibration.collect_hessians running in the background) keep the cores busy beside GPTQ.
+
+    While one runs, GPTQ walks each weight on one thread in one chunk of rows: the float model's forward
+    and the Hessian updates already use the cores, and a second GPTQ thread would only add its own cost
+    (SmolLM2's weights: about a sixth more CPU on two threads, twice the per-column calls with two
+    chunks) without finishing sooner. Alone, GPTQ uses GPTQ_THREADS.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs = 0
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """Count a job that keeps the cores busy while the block runs."""
+        with self._lock:
+            self._jobs += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._jobs -= 1
+
+    def threads(self) -> int:
+        """The threads GPTQ walks a weight's rows on now."""
+        return 1 if self._jobs else GPTQ_THREADS
+
+
+CORE_SHARING = _CoreSharing()
+
+
 @functools.cache
 def blas_controller() -> ThreadpoolController:
     """The process's BLAS thread pools. GPTQ and the Hessian sums run on one BLAS thread: their
@@ -79,13 +114,16 @@ def inverse_hessian_factor(hessian: np.ndarray, damping: float = 0.01) -> tuple[
     """
     import scipy.linalg  # here, not at import: 0.3 s of every CLI start that never calibrates
 
-    h = np.array(hessian[::-1, ::-1], dtype=np.float64, order="F")  # J H J
-    diagonal = np.diag_indices_from(h)
-    dead = h[diagonal][::-1] == 0
-    h[diagonal] = np.where(h[diagonal] == 0, 1.0, h[diagonal])
-    mean_diag = float(np.mean(h[diagonal]))
+    # J H J in float32 for the first attempt, the dampened diagonal summed in float64 and rounded once (as
+    # the float64 matrix cast to float32 would be); the float64 matrix is built only if float32 fails.
+    h32 = np.array(hessian[::-1, ::-1], dtype=np.float32, order="F")
+    diagonal = np.diag_indices_from(h32)
+    h_diagonal = np.diagonal(hessian).astype(np.float64)[::-1].copy()
+    dead = h_diagonal[::-1] == 0
+    h_diagonal[h_diagonal == 0] = 1.0
+    mean_diag = float(np.mean(h_diagonal))
     damp = damping * (mean_diag if mean_diag > 0 else 1.0)
-    h[diagonal] += damp
+    h_diagonal += damp
     lapack = scipy.linalg.lapack
     # One BLAS thread, also when called on its own: multithreaded LAPACK rounds differently.
     with blas_controller().limit(limits=1, user_api="blas"):
@@ -94,13 +132,19 @@ def inverse_hessian_factor(hessian: np.ndarray, damping: float = 0.01) -> tuple[
                 (lapack.spotrf, lapack.strtri, np.float32),
                 (lapack.dpotrf, lapack.dtrtri, np.float64),
             ):
-                lower, info = potrf(h.astype(dtype, order="F"), lower=1, clean=1, overwrite_a=1)
+                if dtype is np.float32:
+                    h32[diagonal] = h_diagonal.astype(np.float32)
+                    h = h32
+                else:
+                    h = np.array(hessian[::-1, ::-1], dtype=np.float64, order="F")
+                    h[diagonal] = h_diagonal
+                lower, info = potrf(h, lower=1, clean=1, overwrite_a=0)
                 if info != 0:
                     continue
                 inverse_lower, info = trtri(lower, lower=1, overwrite_c=1)
                 if info == 0 and np.isfinite(inverse_lower).all():
                     return np.ascontiguousarray(inverse_lower[::-1, ::-1], dtype=np.float64), dead
-            h[diagonal] += damp
+            h_diagonal += damp
             damp *= 10
     raise np.linalg.LinAlgError("GPTQ: the calibration Hessian is not positive definite even after damping")
 
@@ -241,8 +285,9 @@ def gptq_quantize(
     # chunk's codes are packed before the next one (unpacked codes of the whole weight, and
     # pack_codes' bit planes of them, would take 10x the packed bytes).
     rows = max(1, _CHUNK_BYTES // (8 * k))
+    threads = CORE_SHARING.threads()
     if n >= 2 * _MIN_THREAD_ROWS:  # one chunk per thread at least: the threads share the rows
-        rows = min(rows, -(-n // GPTQ_THREADS))
+        rows = min(rows, -(-n // threads))
 
     def quantize_rows(r: int) -> None:
         # K-major: a column of the weight (one input channel over the chunk's rows) is contiguous.
@@ -268,8 +313,8 @@ def gptq_quantize(
     with blas_controller().limit(limits=1, user_api="blas"):
         hinv, dead = _LAST_FACTOR.get(hessian, damping, order)
         starts = range(0, n, rows)
-        if GPTQ_THREADS > 1 and len(starts) > 1:
-            with ThreadPoolExecutor(min(GPTQ_THREADS, len(starts))) as pool:
+        if threads > 1 and len(starts) > 1:
+            with ThreadPoolExecutor(min(threads, len(starts))) as pool:
                 list(pool.map(quantize_rows, starts))  # list(): re-raise a chunk's exception here
         else:
             for r in starts:

@@ -119,28 +119,48 @@ def search_scales(
     blocks = blocks.astype(np.float32, copy=False)
     factor = check_scale_factor(fmt.scale_kind, scale_factor)
     extremes = _extremes(blocks, fmt)
-    best_scales, best_zp = choose_scales(extremes, fmt, scale_factor)
-    best_err = _block_squared_error(blocks, best_scales, best_zp, fmt, importance, scale_factor)
-    others = [ratio for ratio in ratios if ratio != 1.0]
+    # The plain spec scale (ratio 1) first: on equal errors the earlier candidate wins.
+    candidates = [1.0] + [ratio for ratio in ratios if ratio != 1.0]
+    best_scales: np.ndarray | None = None
+    best_zp: np.ndarray | None = None
+    best_err: np.ndarray | None = None
     # Several ratios' candidates at once along a new leading axis (the same elementwise arithmetic, so
     # the same errors): few rows of blocks (GPTQ's one block column) cost numpy calls, not arithmetic.
     group = max(1, _SEARCH_GROUP_ELEMENTS // max(1, blocks.size))
-    for first in range(0, len(others), group):
-        ratio = np.array(others[first : first + group], np.float32).reshape((-1,) + (1,) * (extremes.ndim - 1))
+    for first in range(0, len(candidates), group):
+        ratio = np.array(candidates[first : first + group], np.float32).reshape((-1,) + (1,) * (extremes.ndim - 1))
         if fmt.symmetric:  # choose_scales of the one-element blocks extremes * ratio, without its argmax
             scales, zp = symmetric_scales(extremes[..., 0] * ratio, fmt, factor), None
         else:
             scales, zp = choose_scales(extremes * ratio[..., None], fmt, scale_factor)
         errors = _block_squared_error(blocks, scales, zp, fmt, importance, scale_factor)
-        for i, err in enumerate(errors):  # in the ratios' order: ties keep the earlier candidate
-            better = err < best_err
-            if not better.any():
-                continue
-            best_err = np.where(better, err, best_err)
-            best_scales = np.where(better, scales[i], best_scales)
-            if best_zp is not None and zp is not None:
-                best_zp = np.where(better, zp[i], best_zp)
+        pick = _first_least(errors)
+        err = np.take_along_axis(errors, pick, axis=0)[0]
+        group_scales = np.take_along_axis(scales, pick, axis=0)[0]
+        group_zp = None if zp is None else np.take_along_axis(zp, pick, axis=0)[0]
+        if best_err is None:
+            best_err, best_scales, best_zp = err, group_scales, group_zp
+            continue
+        better = err < best_err
+        if not better.any():
+            continue
+        best_err = np.where(better, err, best_err)
+        best_scales = np.where(better, group_scales, best_scales)
+        if best_zp is not None and group_zp is not None:
+            best_zp = np.where(better, group_zp, best_zp)
+    assert best_scales is not None
     return best_scales, best_zp
+
+
+def _first_least(errors: np.ndarray) -> np.ndarray:
+    """Index [1, ...] along axis 0 of each block's candidate that one-at-a-time replacement (a candidate
+    replaces the best so far when its error is strictly less) ends with: the first least error, NaN
+    errors never chosen, and the first candidate kept while its own error is NaN."""
+    nan = np.isnan(errors)
+    pick = np.argmin(np.where(nan, np.float32(np.inf), errors) if nan.any() else errors, axis=0)
+    if nan.any():
+        pick = np.where(nan[0], 0, pick)
+    return pick[None]
 
 
 def _search_offset_ranges(

@@ -185,8 +185,27 @@ CASES = (
 )
 
 
+# ONNX Runtime's intra-op workers spin while waiting for work (its default). On a machine whose cores
+# are taken by other jobs a spinning worker uses up its share of the CPU and is seldom running when a
+# parallel loop starts, so the calling thread does the loop alone: sampled with perf during 2-thread
+# 4096 x 4096 GEMV chains here, the worker spent 3% of its samples in the BlockMatMul kernel and the
+# rest spinning; without spinning, 97% in the kernel, as many samples as the calling thread (ONNX
+# Runtime's MatMulNBits alike: no kernel samples on the worker with spinning). --no-spinning turns
+# it off for every session of the run, ours and ONNX Runtime's alike.
+SPINNING = {"enabled": True}
+
+
+def _session_options() -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    if not SPINNING["enabled"]:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 def _session(model: onnx.ModelProto, threads: int, with_library: bool) -> ort.InferenceSession:
-    return runtime.session(model.SerializeToString(), threads=threads, with_library=with_library)
+    return runtime.session(
+        model.SerializeToString(), sess_options=_session_options(), threads=threads, with_library=with_library
+    )
 
 
 def _clock(kind: str) -> Callable[[], float]:
@@ -309,7 +328,7 @@ def _library_session(model: onnx.ModelProto, threads: int, library: Path | None)
     """A session with our ops from the installed library, or from `library` (another build)."""
     if library is None:
         return _session(model, threads, True)
-    options = ort.SessionOptions()
+    options = _session_options()
     options.register_custom_ops_library(str(library))
     return runtime.session(
         model.SerializeToString(), sess_options=options, threads=threads, with_library=False
@@ -456,8 +475,14 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="another build of the custom-op library (e.g. main's) timed in the same rounds; repeatable",
     )
+    parser.add_argument(
+        "--no-spinning",
+        action="store_true",
+        help="intra-op threads block instead of spinning while idle, in every session (see SPINNING)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    SPINNING["enabled"] = not args.no_spinning
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("onnxruntime", "onnxruntime.quantization", "root", "bct_onnx"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -480,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nCPU: {compare_speed.cpu_model()} ({os.cpu_count()} logical CPUs); flags: {' '.join(flags)}")
     print(f"ISA paths: {compare_speed.isa_paths(flags)}")
     print(
-        f"onnxruntime {ort.__version__}, {threads} intra-op threads, {clock}, median of {args.repeat} warm runs "
+        f"onnxruntime {ort.__version__}, {threads} intra-op threads"
+        f"{' (not spinning)' if args.no_spinning else ''}, {clock}, median of {args.repeat} warm runs "
         f"({args.rounds} interleaved rounds)\n"
     )
     print(f"| {'M x K x N':<16} | {'case':<34} | {'median ms':>9} | {'min ms':>8} | {'/ ORT int8':>10} |")
@@ -513,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = {
             "onnxruntime": ort.__version__,
             "threads": threads,
+            "spinning": not args.no_spinning,
             "clock": args.clock,
             "repeat": args.repeat,
             "rounds": args.rounds,

@@ -10,10 +10,10 @@
 // rows H apart, V rows are read H rows apart and Y rows written H * Dh floats apart. Q and K (and V) may
 // be parts of one packed projection [B, S, (Hq + Hkv [+ Hkv]) * Dh]: Q's and K's rows are then quantized
 // together into one buffer laid out as the projection (a position's Q rows, then its K rows), and read
-// from there as from the packed tensors with more rows per position. A decoder step (one
-// query row per head) runs the query heads of a KV head together, in one parallel section of two tasks
-// per KV head (each appends, prepares and packs half the head's keys; the second to finish runs the
-// head's queries). The buffers are per-thread scratch (cpu/thread_scratch.h): a step allocates nothing.
+// from there as from the packed tensors with more rows per position. A decoder step (one query row per
+// head) runs the query heads of a KV head together, in one parallel section of two tasks per KV head
+// (each appends, prepares and packs half the head's keys; the second to finish runs the head's queries).
+// The buffers are per-thread scratch (cpu/thread_scratch.h): a step allocates nothing.
 #include <algorithm>
 #include <atomic>
 #include <new>
@@ -95,15 +95,6 @@ class AttentionCpuKernel : public AttentionKernelBase {
       // Q, K, V rows in storage order: heads first, or [B, S, H * Dh] (g.packed); Y packed also for a
       // packed step (whose Q and present cache are heads first).
       const bool y_packed = g.packed || (g.step && g.step_dims.packed);
-      // Q and K of one projection (g.k_in_q): their codes in one buffer, rows as in the projection (V's
-      // rows of a Q, K, V projection left unused); rows of codes between positions of Q and of K.
-      const bool qk_together = g.k_in_q;
-      const int64_t positions = g.batch * g.sq;
-      const int64_t q_code_stride = qk_together ? g.q_stride : g.q_heads;
-      const int64_t k_code_stride = qk_together ? g.k_stride : g.kv_heads;
-      auto code_row = [&](int64_t stride, int64_t heads, int64_t seq, int64_t b, int64_t h, int64_t i) {
-        return g.packed ? (b * seq + i) * stride + h : (b * heads + h) * seq + i;
-      };
       // A decoder step (one query row per head, heads-first keys) whose mask is the same for every head
       // runs the query heads of a KV head together (step 3 below) in one parallel section, which also
       // appends the new rows to the present cache; any other step appends them first.
@@ -114,6 +105,15 @@ class AttentionCpuKernel : public AttentionKernelBase {
       const int64_t value_nb = g.v.num_blocks;
       const bool value_codes = heads_together && g.v.quantized && attrs_.kv_bits == 8 && attrs_.kv_symmetric &&
                                g.v.zero_points == nullptr && g.v.row_bytes == dh && dh <= nl::kAttentionMaxValueCodesDh;
+      // Q and K of one projection (g.k_in_q): their codes in one buffer, rows as in the projection (V's
+      // rows of a Q, K, V projection left unused); rows of codes between positions of Q and of K.
+      const bool qk_together = g.k_in_q;
+      const int64_t positions = g.batch * g.sq;
+      const int64_t q_code_stride = qk_together ? g.q_stride : g.q_heads;
+      const int64_t k_code_stride = qk_together ? g.k_stride : g.kv_heads;
+      auto code_row = [&](int64_t stride, int64_t heads, int64_t seq, int64_t b, int64_t h, int64_t i) {
+        return g.packed ? (b * seq + i) * stride + h : (b * heads + h) * seq + i;
+      };
 
       // The call's buffers, in per-thread scratch of the calling thread (cpu/thread_scratch.h): a decoder
       // step allocates nothing. K as signed codes [rows, dh] + float32 scales [rows, nb]; V as float32 rows,
@@ -277,7 +277,7 @@ class AttentionCpuKernel : public AttentionKernelBase {
           nl::AttentionKeys kv;  // the dots are given: attention_rows reads no key codes (none with pack_codes)
           kv.codes = pack_codes ? nullptr : kq + key0 * dh;
           kv.scales = ks + key0 * nb;
-          if (value_codes) {
+          if (value_codes) {  // a decoder step (never packed): V's codes, read a tile at a time
             kv.values = nullptr;
             kv.value_codes = g.v.codes + key0 * dh;
             kv.value_scales = v_scales + key0 * value_nb;

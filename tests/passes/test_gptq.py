@@ -235,6 +235,48 @@ def test_gptq_on_threads_gives_the_codes_of_one_thread(monkeypatch):
     np.testing.assert_array_equal(threaded.zero_points, one.zero_points)
 
 
+
+def test_gptq_walks_on_one_thread_while_hessians_are_collected(monkeypatch):
+    """While a background Hessian collection keeps the cores busy, GPTQ walks a weight in one chunk on
+    one thread (same codes); the collection marks the cores busy for its whole run, and only then."""
+    w, hessian, fmt = _rows_case(14)
+    monkeypatch.setattr(gptq, "GPTQ_THREADS", 3)
+    monkeypatch.setattr(gptq, "_MIN_THREAD_ROWS", 4)
+    walked_rows = []
+    walk = gptq._gptq_walk
+
+    def recording_walk(w_t, *args):
+        walked_rows.append(w_t.shape[1])
+        walk(w_t, *args)
+
+    monkeypatch.setattr(gptq, "_gptq_walk", recording_walk)
+    threaded = gptq_quantize(w, hessian, fmt)
+    assert walked_rows == [8, 8, 7]
+    walked_rows.clear()
+    with gptq.CORE_SHARING.busy():
+        assert gptq.CORE_SHARING.threads() == 1
+        shared = gptq_quantize(w, hessian, fmt)
+    assert walked_rows == [23] and gptq.CORE_SHARING.threads() == 3
+    np.testing.assert_array_equal(shared.codes, threaded.codes)
+    np.testing.assert_array_equal(shared.scales, threaded.scales)
+
+    from bct_onnx import calibration
+
+    seen = []
+    run_segments = calibration._run_segments
+
+    def recording_segments(*args):
+        seen.append(gptq.CORE_SHARING.threads())
+        run_segments(*args)
+
+    monkeypatch.setattr(calibration, "_run_segments", recording_segments)
+    rng = np.random.default_rng(15)
+    store = collect_hessians(_mlp(rng), Calibration(({"x": _correlated_inputs(rng, 64, 64)},)), background=True)
+    store.wait()
+    store.close()
+    assert seen == [1] and gptq.CORE_SHARING.threads() == 3
+
+
 def test_inverse_hessian_factor_is_the_cholesky_factor_of_the_inverse():
     rng = np.random.default_rng(5)
     x = _correlated_inputs(rng, 256, 96)
@@ -659,6 +701,27 @@ def test_scale_search_over_several_ratios_at_once_equals_one_at_a_time(fmt, monk
             np.testing.assert_array_equal(grouped[1], single[1])
 
 
+
+def test_first_least_error_is_what_one_at_a_time_replacement_keeps():
+    """The grouped search picks, per block, the candidate a strict one-at-a-time replacement ends with:
+    the first least error on ties, never a NaN error, and the first candidate while its own is NaN."""
+    from bct_onnx.weight_quantizer import _first_least
+
+    nan, inf = np.float32(np.nan), np.float32(np.inf)
+    errors = np.array([[2, 1, nan, nan, inf, 1],
+                       [1, 1, 1, 0, inf, nan],
+                       [1, 0, 0, nan, inf, 1]], np.float32)
+    expected = []
+    for column in errors.T:
+        best = 0
+        for i in range(1, len(column)):
+            if column[i] < column[best]:
+                best = i
+        expected.append(best)
+    assert expected == [1, 2, 0, 0, 0, 0]
+    np.testing.assert_array_equal(_first_least(errors)[0], expected)
+
+
 ATTENTION = """
 <ir_version: 8, opset_import: ["" : 17]>
 attention (float[B, 4, 8] x, float[B, 4, 4] bias) => (float[B, 4, 8] y) {
@@ -713,3 +776,33 @@ def test_calibration_leaves_out_softmax_nan_guards_and_keeps_the_model_hessians(
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
     hessians.close()
+
+
+def _factor_from_float64_copy(hessian: np.ndarray, damping: float) -> np.ndarray:
+    """inverse_hessian_factor's float32 attempt as first written: J H J built in float64, dampened, cast."""
+    import scipy.linalg
+
+    h = np.array(hessian[::-1, ::-1], dtype=np.float64, order="F")
+    diagonal = np.diag_indices_from(h)
+    h[diagonal] = np.where(h[diagonal] == 0, 1.0, h[diagonal])
+    h[diagonal] += damping * float(np.mean(h[diagonal]))
+    lower, info = scipy.linalg.lapack.spotrf(h.astype(np.float32, order="F"), lower=1, clean=1)
+    assert info == 0
+    inverse_lower, info = scipy.linalg.lapack.strtri(lower, lower=1)
+    assert info == 0
+    return np.ascontiguousarray(inverse_lower[::-1, ::-1], dtype=np.float64)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_inverse_hessian_factor_builds_float32_input_exactly_as_the_float64_copy(dtype):
+    """The float32 attempt starts from J H J in float32 with the dampened diagonal summed in float64 and
+    rounded once: bit for bit the float64 matrix cast to float32 (a dead input included)."""
+    rng = np.random.default_rng(16)
+    x = _correlated_inputs(rng, 256, 80)
+    x[:, 5] = 0.0
+    hessian = (x.T.astype(np.float64) @ x).astype(dtype)
+    with gptq.blas_controller().limit(limits=1, user_api="blas"):
+        expected = _factor_from_float64_copy(hessian, 0.1)
+    factor, dead = inverse_hessian_factor(hessian, 0.1)
+    np.testing.assert_array_equal(factor, expected)
+    assert np.flatnonzero(dead).tolist() == [5]

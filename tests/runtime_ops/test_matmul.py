@@ -1297,3 +1297,58 @@ def test_bad_float_offsets() -> None:
         A_OK,
         "input 'W_zero_points' must be absent when attribute 'symmetric' is 1",
     )
+
+
+def _anon_huge_pages_kb() -> int | None:
+    """AnonHugePages of this process (kB), or None where /proc does not say."""
+    try:
+        with open("/proc/self/smaps_rollup") as smaps:
+            text = smaps.read()
+    except OSError:
+        return None
+    found = re.search(r"AnonHugePages:\s+(\d+) kB", text)
+    return int(found.group(1)) if found else None
+
+
+def test_small_weights_share_pooled_memory_across_sessions() -> None:
+    """Weights under 2 MiB are pieces of shared huge-page chunks (cpu/weight_memory.cc): sessions created
+    on four threads at once and dropped in another order than created (pieces freed out of order, chunks
+    given back and reused) still give the reference bits, and while they live the process holds them in
+    huge pages where transparent huge pages are enabled (one session's 40 weights of 0.2 MB: > 2 MiB)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    k, n, block_size = 576, 576, 32
+    fmt = {"k": k, "bits": 4, "block_size": block_size, "symmetric": True, "act_bits": 8}
+    rng = np.random.default_rng(5)
+    weights = [random_weight(rng, n, k, 4, block_size, True, ScaleKind.FLOAT16, exact=True) for _ in range(6)]
+    a = exact_activations(rng, (1, k), block_size, 8)
+    wants = [matmul_reference(a, c, s, z, bias=None, **fmt).astype(np.float32) for c, s, z in weights]
+    models = [matmul_model(n=n, codes=c, scales=s, zero_points=z, bias=None, **fmt) for c, s, z in weights]
+
+    def open_and_run(i: int) -> tuple[int, Any]:
+        session = bct_onnx.session(models[i])
+        np.testing.assert_array_equal(session.run(None, {"A": a})[0], wants[i], err_msg=f"weight {i}")
+        return i, session
+
+    for _ in range(3):
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            sessions = dict(pool.map(open_and_run, range(6)))
+        for i in (3, 0, 5):  # dropped out of creation order; the rest run again
+            del sessions[i]
+        for i, session in sessions.items():
+            got = session.run(None, {"A": a})[0]
+            np.testing.assert_array_equal(got, wants[i], err_msg=f"weight {i} again")
+        sessions.clear()
+
+    thp = "/sys/kernel/mm/transparent_hugepage/enabled"
+    enabled = False
+    if os.path.exists(thp):
+        with open(thp) as mode:
+            enabled = "[never]" not in mode.read()
+    before = _anon_huge_pages_kb()
+    if not enabled or before is None:
+        pytest.skip("no transparent huge pages here: pooled weights work (above) without them")
+    layers = [open_and_run(i % 6)[1] for i in range(40)]
+    grown = _anon_huge_pages_kb() - before
+    del layers
+    assert grown >= 2048, f"40 weights of {weights[0][0].nbytes} bytes took {grown} kB of huge pages"
