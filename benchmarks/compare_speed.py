@@ -552,8 +552,18 @@ def interleaved_times(
     return interleaved_call_times(calls, rounds, warmup)
 
 
-def interleaved_call_times(calls: list[Callable[[], object]], rounds: int, warmup: int) -> list[list[float]]:
-    """ms of every round per call, the calls taking turns as in interleaved_times."""
+# ONNX Runtime's pool workers spin for tens of ms after a parallel section (session.intra_op.allow_spinning):
+# back to back, the previous session's spinning worker holds a core while the next session runs, which
+# measured MiniLM batch 8 at ~55 ms for whichever variant followed a spinning one and ~28 ms otherwise.
+# A pause before each timed call lets them block, so every variant runs on idle cores (as one session would).
+SETTLE_SECONDS = 0.05
+
+
+def interleaved_call_times(
+    calls: list[Callable[[], object]], rounds: int, warmup: int, settle: float = SETTLE_SECONDS
+) -> list[list[float]]:
+    """ms of every round per call, the calls taking turns as in interleaved_times, each after settle seconds
+    of idling (other sessions' spinning workers gone to sleep)."""
     for call in calls:
         for _ in range(warmup):
             call()
@@ -561,6 +571,7 @@ def interleaved_call_times(calls: list[Callable[[], object]], rounds: int, warmu
     for r in range(rounds):
         for j in range(len(calls)):
             i = (r + j) % len(calls)
+            time.sleep(settle)
             start = time.perf_counter()
             calls[i]()
             times[i].append((time.perf_counter() - start) * 1e3)

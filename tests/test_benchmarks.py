@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -361,3 +362,20 @@ def test_profile_ops_names_weight_shapes() -> None:
         initializer=[numpy_helper.from_array(np.ones((4, 8), np.float32), "w")],
     )
     assert profile_ops.weight_shapes(helper.make_model(graph)) == {"float_mm": "4x8", "block_mm": "8x3 b5"}
+
+
+def test_interleaved_calls_each_start_after_the_settle_pause() -> None:
+    """Each timed call starts settle seconds after the previous one ended, so the previous session's
+    spinning pool workers have blocked (back to back they held a core and doubled the next variant's time)."""
+    compare = _load("compare_speed")
+    ends: list[float] = []
+    starts: list[float] = []
+
+    def call() -> None:
+        starts.append(time.perf_counter())
+        ends.append(time.perf_counter())
+
+    times = compare.interleaved_call_times([call, call], rounds=3, warmup=0, settle=0.02)
+    assert [len(t) for t in times] == [3, 3]
+    gaps = [start - end for end, start in zip(ends, starts[1:])]
+    assert len(gaps) == 5 and min(gaps) >= 0.02
