@@ -28,7 +28,11 @@ import onnx_ir as ir
 from bct_onnx.passes.framework import NodeRewritePass, PassReport, node_label, node_name
 from bct_onnx.passes.graph_patterns import is_op, other_input, replace_pattern, sole_user
 from bct_onnx.passes.operand_ops import int_attr, is_ours
-from bct_onnx.passes.quantized_weights import concat_initializer, constant_tensor
+from bct_onnx.passes.quantized_weights import (
+    BLOCK_MATMUL_WEIGHT_INPUTS,
+    concat_initializer,
+    weight_stacking_problem,
+)
 
 from bct_onnx import ops
 
@@ -36,8 +40,6 @@ logger = logging.getLogger(__name__)
 
 RULE_GELU = "fuse MatMul + GELU epilogue"
 RULE_SILU_GATE = "fuse gate/up MatMul + SiLU gating epilogue"
-# BlockMatMul's inputs: A, W_codes, W_scales, W_zero_points, bias, A_scales, A_zero_points.
-_WEIGHT_INPUTS = (1, 2, 3, 4)
 # Attributes gate and up must share for one node to compute both (N is summed; names differ).
 _SHARED_ATTRS = (
     "K",
@@ -100,19 +102,7 @@ def _gate_up_problem(gate: ir.Node, up: ir.Node) -> str | None:
     if (None if gate_factor is None else gate_factor.as_float()) != (None if up_factor is None else up_factor.as_float()):
         # float8e4m3 scales: one factor per node, and each weight has its own
         return "the gate and up MatMuls differ in attribute 'scale_factor'"
-    for index in _WEIGHT_INPUTS:
-        g = gate.inputs[index] if index < len(gate.inputs) else None
-        u = up.inputs[index] if index < len(up.inputs) else None
-        if (g is None) != (u is None):
-            return f"the gate and up MatMuls differ in which of inputs 1..4 they have (input {index})"
-        if g is None or u is None:
-            continue
-        gt, ut = constant_tensor(g), constant_tensor(u)
-        if gt is None or ut is None:
-            return f"input {index} of the gate or up MatMul is not a constant initializer"
-        if gt.dtype != ut.dtype:
-            return f"the gate and up MatMuls store input {index} as {gt.dtype.name} and {ut.dtype.name}"
-    return None
+    return weight_stacking_problem(gate, up, "the gate and up MatMuls")
 
 
 class FuseMatMulEpiloguePass(NodeRewritePass):
@@ -164,7 +154,7 @@ class FuseMatMulEpiloguePass(NodeRewritePass):
             return
         gate, up = matched.gate, matched.up
         inputs: list[ir.Value | None] = [gate.inputs[0]]
-        for index in _WEIGHT_INPUTS:
+        for index in BLOCK_MATMUL_WEIGHT_INPUTS:
             g = gate.inputs[index] if index < len(gate.inputs) else None
             u = up.inputs[index] if index < len(up.inputs) else None
             inputs.append(

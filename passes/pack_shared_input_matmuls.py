@@ -33,15 +33,17 @@ import onnx_ir as ir
 from bct_onnx.passes.framework import NodeRewritePass, PassReport, node_label, node_name
 from bct_onnx.passes.graph_patterns import FLOAT, replace_pattern, sole_user
 from bct_onnx.passes.operand_ops import int_attr, is_ours
-from bct_onnx.passes.quantized_weights import concat_initializer, constant_tensor
+from bct_onnx.passes.quantized_weights import (
+    BLOCK_MATMUL_WEIGHT_INPUTS,
+    concat_initializer,
+    weight_stacking_problem,
+)
 
 from bct_onnx import ops
 
 logger = logging.getLogger(__name__)
 
 RULE = "pack Q, K MatMuls into one (attention reads it in place)"
-# BlockMatMul's inputs: A, W_codes, W_scales, W_zero_points, bias, A_scales, A_zero_points.
-_WEIGHT_INPUTS = (1, 2, 3, 4)
 # BlockAttention's step inputs (K_new, V_new, cos, sin): a decoder step, not this pass's.
 _STEP_INPUTS = range(8, 12)
 
@@ -83,18 +85,7 @@ def packing_problem(first: ir.Node, other: ir.Node) -> str | None:
     for name in sorted((set(mine) | set(theirs)) - {"N"}):
         if mine.get(name) != theirs.get(name):
             return f"'{node_label(first)}' and '{node_label(other)}' differ in attribute '{name}'"
-    for index in _WEIGHT_INPUTS:
-        a, b = _input(first, index), _input(other, index)
-        if (a is None) != (b is None):
-            return f"'{node_label(first)}' and '{node_label(other)}' differ in having input {index}"
-        if a is None or b is None:
-            continue
-        at, bt = constant_tensor(a), constant_tensor(b)
-        if at is None or bt is None:
-            return f"input {index} of '{node_label(first)}' or '{node_label(other)}' is not a constant initializer"
-        if at.dtype != bt.dtype or tuple(at.shape)[1:] != tuple(bt.shape)[1:]:
-            return f"'{node_label(first)}' and '{node_label(other)}' store input {index} differently"
-    return None
+    return weight_stacking_problem(first, other, f"'{node_label(first)}' and '{node_label(other)}'")
 
 
 class PackSharedInputMatMulsPass(NodeRewritePass):
@@ -130,7 +121,7 @@ class PackSharedInputMatMulsPass(NodeRewritePass):
         first, attention = matched.matmuls[0], matched.attention
         suffix = "qk"
         inputs: list[ir.Value | None] = [first.inputs[0]]
-        for index in _WEIGHT_INPUTS:
+        for index in BLOCK_MATMUL_WEIGHT_INPUTS:
             parts = [_input(mm, index) for mm in matched.matmuls]
             present = [p for p in parts if p is not None]
             inputs.append(

@@ -69,6 +69,29 @@ def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
         return None
 
 
+# BlockMatMul's weight inputs: W_codes, W_scales, W_zero_points, bias.
+BLOCK_MATMUL_WEIGHT_INPUTS = (1, 2, 3, 4)
+
+
+def weight_stacking_problem(first: ir.Node, other: ir.Node, pair: str) -> str | None:
+    """Why the weight inputs of two BlockMatMuls cannot be stacked along N into one node's (one has an
+    input the other lacks, one is not a constant, or they are stored differently), or None. pair names
+    the two in the message."""
+    for index in BLOCK_MATMUL_WEIGHT_INPUTS:
+        a = first.inputs[index] if index < len(first.inputs) else None
+        b = other.inputs[index] if index < len(other.inputs) else None
+        if (a is None) != (b is None):
+            return f"{pair} differ in which of inputs 1..4 they have (input {index})"
+        if a is None or b is None:
+            continue
+        at, bt = constant_tensor(a), constant_tensor(b)
+        if at is None or bt is None:
+            return f"input {index} of {pair} is not a constant initializer"
+        if at.dtype != bt.dtype or tuple(at.shape)[1:] != tuple(bt.shape)[1:]:
+            return f"{pair} store input {index} differently ({at.dtype.name} {tuple(at.shape)}, {bt.dtype.name} {tuple(bt.shape)})"
+    return None
+
+
 def concat_initializer(graph: ir.Graph, values: list[ir.Value], suffix: str) -> ir.Value:
     """A new initializer holding the constants of values one after the other along axis 0 (the N axis
     of a BlockMatMul's weight inputs), named after the first with suffix: several MatMuls' weights as

@@ -46,7 +46,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void HalvesToFloatAvx512(co
   const __m512 nan = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fc00000));
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1);
-    __m512 x = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, in + i));
+    __m512 x = _mm512_maskz_cvtph_ps(m, _mm256_maskz_loadu_epi16(m, in + i));  // maskz: GCC 12 warns on cvtph_ps
     if (act) x = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(_mm512_sub_ps(x, x), _mm512_setzero_ps(), _CMP_EQ_OQ), nan, x);
     _mm512_mask_storeu_ps(out + i, m, x);
   }
