@@ -481,9 +481,18 @@ def collect_hessians(
         store.close()
         raise
 
+    try:
+        # Planned here, not on the collection's thread: this Python work would contend for the GIL with
+        # the caller's (canonicalization) and delay the first session.
+        plan = _plan_segments(proto, data_folder, {activation for activation, _ in targets}, segment_bytes)
+    except BaseException:
+        folder.cleanup()
+        store.close()
+        raise
+
     def collect() -> None:
         try:
-            _run_segments(proto, data_folder, targets, calibration, list(providers), segment_bytes, store)
+            _run_segments(proto, data_folder, plan, calibration, list(providers), store)
         finally:
             folder.cleanup()
         logger.info("calibration: Hessians for %d MatMul weights from %d batches", len(store._keys), len(calibration.feeds))
@@ -613,33 +622,39 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int:
     return tensor.ByteSize()
 
 
-def _run_segments(
-    proto: onnx.ModelProto,
-    folder: str,
-    targets: dict[MatMulKey, int],
-    calibration: Calibration,
-    providers: list[str],
-    segment_bytes: int,
-    store: HessianStore,
-) -> None:
-    """Run the float model segment by segment on every batch, adding finished Hessians to store; folder
-    holds the data files of proto's external tensors."""
-    import onnxruntime as ort
+@dataclasses.dataclass(frozen=True)
+class _Segment:
+    """One calibration session's part of the graph, and what crosses its borders."""
 
-    from bct_onnx.gptq import blas_controller
+    nodes: list[int]
+    inputs: list[str]  # values it reads that graph inputs or earlier segments give
+    outputs: list[str]  # values later segments read, and the activations of its Hessians it computes
+    later: set[str]  # its values that later segments read: kept for every batch
+    acts: list[str]  # the activations whose Hessians it finishes
+    guards: _NanGuards
+    checks: list[str]  # outputs inspected for NaN, besides outputs (guards.checks)
 
+
+@dataclasses.dataclass(frozen=True)
+class _SegmentPlan:
+    segments: list[_Segment]  # up to the last one that finishes a Hessian
+    graph_inputs: set[str]
+    last_reader: dict[str, int]  # value name -> index of the last segment reading it
+
+
+def _plan_segments(proto: onnx.ModelProto, folder: str, wanted: set[str], segment_bytes: int) -> _SegmentPlan:
+    """Cut the graph into segments (_segments) and work out what each one reads, keeps and finishes."""
     graph = proto.graph
-    wanted = {act for act, _ in targets}
-    segments = _segments(graph, segment_bytes, wanted)
-    initializers = {tensor.name: tensor for tensor in graph.initializer}
-    graph_inputs = {value.name for value in graph.input} - initializers.keys()
+    node_sets = _segments(graph, segment_bytes, wanted)
+    initializers = {tensor.name for tensor in graph.initializer}
+    graph_inputs = {value.name for value in graph.input} - initializers
     # The last segment that reads each value: a kept value is dropped after it.
     last_reader: dict[str, int] = {}
     # The activations whose Hessians each segment finishes: those it computes (graph inputs: the first).
-    targets_in: list[set[str]] = [set() for _ in segments]
+    targets_in: list[set[str]] = [set() for _ in node_sets]
     targets_in[0] = wanted & graph_inputs
-    for index, segment in enumerate(segments):
-        for i in segment:
+    for index, nodes in enumerate(node_sets):
+        for i in nodes:
             reads, writes = _node_names(graph.node[i])
             for name in reads:
                 last_reader[name] = index
@@ -649,6 +664,35 @@ def _run_segments(
     for i, node in enumerate(graph.node):
         for name in set(_node_names(node)[0]):
             readers.setdefault(name, []).append(i)
+    segments = []
+    for index, nodes in enumerate(node_sets[: last_segment + 1]):
+        produced = {name for i in nodes for name in _node_names(graph.node[i])[1]}
+        read = [name for i in nodes for name in _node_names(graph.node[i])[0]]
+        inputs = sorted({name for name in read if name not in produced and name not in initializers})
+        later = {name for name in produced if last_reader.get(name, -1) > index}
+        acts = sorted(targets_in[index])
+        outputs = sorted(later | (set(acts) & produced))
+        guards = _softmax_nan_guards(graph, nodes, readers, set(outputs) | wanted, folder)
+        checks = [name for name in guards.checks if name not in outputs]
+        segments.append(_Segment(nodes, inputs, outputs, later, acts, guards, checks))
+    return _SegmentPlan(segments, graph_inputs, last_reader)
+
+
+def _run_segments(
+    proto: onnx.ModelProto,
+    folder: str,
+    plan: _SegmentPlan,
+    calibration: Calibration,
+    providers: list[str],
+    store: HessianStore,
+) -> None:
+    """Run the float model segment by segment (plan) on every batch, adding finished Hessians to store;
+    folder holds the data files of proto's external tensors."""
+    import onnxruntime as ort
+
+    from bct_onnx.gptq import blas_controller
+
+    graph = proto.graph
     options = ort.SessionOptions()
     # Calibration batches are short: spinning worker threads would burn CPU waiting for work.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -665,16 +709,11 @@ def _run_segments(
     with_library = any(node.domain == ops.DOMAIN for node in graph.node)
     kept: dict[str, list[np.ndarray]] = {}  # value name -> one array per batch
     feeds = [dict(batch) for batch in calibration.feeds]
+    graph_inputs, last_reader = plan.graph_inputs, plan.last_reader
     with blas_controller().limit(limits=1, user_api="blas"), ThreadPoolExecutor(1) as accumulator:
-        for index, segment in enumerate(segments[: last_segment + 1]):
-            produced = {name for i in segment for name in _node_names(graph.node[i])[1]}
-            read = [name for i in segment for name in _node_names(graph.node[i])[0]]
-            inputs = sorted({name for name in read if name not in produced and name not in initializers})
-            later = {name for name in produced if last_reader.get(name, -1) > index}
-            acts = sorted(targets_in[index])
-            outputs = sorted(later | (set(acts) & produced))
-            guards = _softmax_nan_guards(graph, segment, readers, set(outputs) | wanted, folder)
-            checks = [name for name in guards.checks if name not in outputs]
+        for index, part in enumerate(plan.segments):
+            segment, inputs, outputs, later, acts = part.nodes, part.inputs, part.outputs, part.later, part.acts
+            guards, checks = part.guards, part.checks
             # No outputs needed: the segment's Hessians (if any) are of its inputs, nothing need run.
             session = (
                 _segment_session(

@@ -185,3 +185,25 @@ def test_hessians_are_measured_again_when_canonicalization_gives_a_matmul_a_new_
 def test_no_early_forward_where_its_hessians_would_not_serve(tmp_path, config, calib):
     path = build(tmp_path / "model.onnx", TINY)
     assert start_hessians(model_io.load(path), config, _calibration(TINY) if calib else None, path) is None
+
+
+def test_background_collection_plans_its_segments_on_the_calling_thread(tmp_path, monkeypatch):
+    """The plan is Python work: on the collection's thread it would contend with the caller's for the GIL
+    and delay the first session; the collection's thread only runs sessions and sums."""
+    import threading
+
+    path = build(tmp_path / "model.onnx", TINY)
+    planned_on = []
+    plan = calibration._plan_segments
+
+    def recording_plan(*args, **kwargs):
+        planned_on.append(threading.current_thread())
+        return plan(*args, **kwargs)
+
+    monkeypatch.setattr(calibration, "_plan_segments", recording_plan)
+    store = collect_hessians(model_io.load(path), _calibration(TINY), model_file=path, background=True)
+    try:
+        assert planned_on == [threading.current_thread()]
+        assert len(store) == 7 * TINY.layers + 1
+    finally:
+        store.close()
