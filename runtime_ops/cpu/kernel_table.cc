@@ -65,7 +65,7 @@ KernelTable Avx512Entry() {
   t.softmax_rows = SoftmaxRowsAvx512;
   t.layer_norm_row = avx512::LayerNormRow;
   t.rms_norm_row = avx512::RMSNormRow;
-  t.attention_rows = avx512::AttentionRows;
+  t.attention_rows = AttentionRowsAvx512;
   return t;
 }
 

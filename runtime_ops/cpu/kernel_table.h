@@ -93,6 +93,10 @@ void QuantizeActColumnsAvx512(const float*, int64_t, int64_t, int, int8_t*, floa
 // cpu/nonlinear_avx512.cc (explicit AVX-512 where auto-vectorisation falls short)
 void GeluRowAvx512(float* y, int64_t n, nl::GeluForm form);
 void SoftmaxRowsAvx512(float* y, int64_t rows, int64_t n);
+// cpu/attention_avx512.cc
+void AttentionRowsAvx512(const int8_t* q, const float* qs, const float* dots, int64_t rows, int64_t row0, int64_t sq,
+                         int64_t sk, bool causal, const nl::AttentionKeys& kv, float scale, const float* mask,
+                         int64_t mask_row_stride, int64_t mask_key_stride, float* y, int64_t y_stride);
 
 // cpu/portable_kernels_{baseline,avx2,avx512}.cc: cpu/portable_kernels_impl.h compiled for each path.
 #define BCT_DECLARE_PORTABLE_KERNELS(path)                                                                      \

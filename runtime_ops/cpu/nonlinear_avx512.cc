@@ -18,46 +18,14 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
+#include "cpu/exp_avx512.h"  // after the target pragma: its inline functions are AVX-512 code
+
 namespace bct {
 namespace cpu {
 namespace {
 
 inline __mmask16 TailMask(int64_t left) {
   return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
-}
-
-// nl::exp_f32 on R vectors of 16 lanes, in place. Each step is applied to all R vectors before the
-// next, so R independent dependency chains are in flight (the polynomial is one long chain).
-template <int R>
-inline void ExpR(__m512* x) {
-  const __m512 hi = _mm512_set1_ps(nl::kExpHi);
-  const __m512 lo = _mm512_set1_ps(nl::kExpLo);
-  const __m512 magic = _mm512_set1_ps(12582912.0f);
-  __m512 xk[R], k[R], r[R], z[R], p[R];
-  for (int i = 0; i < R; ++i) {
-    // xk = x > hi ? hi : x;  xk = xk >= lo ? xk : lo  (NaN: kept, then lo)
-    xk[i] = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x[i], hi, _CMP_GT_OQ), x[i], hi);
-    xk[i] = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(xk[i], lo, _CMP_GE_OQ), lo, xk[i]);
-    k[i] = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(xk[i], _mm512_set1_ps(nl::kLog2e)), magic), magic);
-  }
-  for (int i = 0; i < R; ++i) {
-    r[i] = _mm512_sub_ps(_mm512_sub_ps(xk[i], _mm512_mul_ps(k[i], _mm512_set1_ps(nl::kLn2Hi))),
-                         _mm512_mul_ps(k[i], _mm512_set1_ps(nl::kLn2Lo)));
-    z[i] = _mm512_mul_ps(r[i], r[i]);
-    p[i] = _mm512_set1_ps(nl::kExpP0);
-  }
-  const float coefficients[5] = {nl::kExpP1, nl::kExpP2, nl::kExpP3, nl::kExpP4, nl::kExpP5};
-  for (int c = 0; c < 5; ++c) {
-    const __m512 coefficient = _mm512_set1_ps(coefficients[c]);
-    for (int i = 0; i < R; ++i) p[i] = _mm512_add_ps(_mm512_mul_ps(p[i], r[i]), coefficient);
-  }
-  for (int i = 0; i < R; ++i) {
-    const __m512 y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p[i], z[i]), r[i]), _mm512_set1_ps(1.0f));
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(k[i]), _mm512_set1_epi32(127)), 23);
-    const __m512 out = _mm512_mul_ps(y, _mm512_castsi512_ps(e));
-    const __m512 clamped = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x[i], lo, _CMP_LT_OQ), out, _mm512_setzero_ps());
-    x[i] = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x[i], x[i], _CMP_UNORD_Q), clamped, x[i]);
-  }
 }
 
 // nl::gelu_erf on R vectors of 16 lanes, in place: (0.5 x) * (1 + erf_f32(x * (1/sqrt 2))).
@@ -75,7 +43,7 @@ inline void GeluErfR(__m512* x) {
     e[i] = _mm512_xor_ps(_mm512_mul_ps(a[i], a[i]), sign_mask);  // -(a * a)
     p[i] = _mm512_set1_ps(nl::kErfA5);
   }
-  ExpR<R>(e);
+  avx512_math::ExpR<R>(e);
   const float coefficients[4] = {nl::kErfA4, nl::kErfA3, nl::kErfA2, nl::kErfA1};
   for (int c = 0; c < 4; ++c) {
     const __m512 coefficient = _mm512_set1_ps(coefficients[c]);
@@ -134,7 +102,7 @@ void SoftmaxRowsT(float* y, int64_t n) {
     const __mmask16 mask = TailMask(n - i);
     __m512 e[R];
     for (int r = 0; r < R; ++r) e[r] = _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, y + r * n + i), vm[r]);
-    ExpR<R>(e);
+    avx512_math::ExpR<R>(e);
     for (int r = 0; r < R; ++r) {
       _mm512_mask_storeu_ps(y + r * n + i, mask, e[r]);
       acc[r] = _mm256_mask_add_ps(acc[r], static_cast<__mmask8>(mask & 0xff), acc[r], _mm512_castps512_ps256(e[r]));
