@@ -18,59 +18,14 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
+#include "cpu/exp_avx512.h"  // after the target pragma: its inline functions are AVX-512 code
+
 namespace bct {
 namespace cpu {
 namespace {
 
 inline __mmask16 TailMask(int64_t left) {
   return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
-}
-
-// exp_f32's arithmetic on R vectors of clamped arguments xk: y and 2**k (as float bits), whose
-// product is exp_f32 before its final selects. Each step is applied to all R vectors before the next,
-// so R independent dependency chains are in flight (the polynomial is one long chain).
-template <int R>
-inline void ExpOfClampedR(const __m512* xk, __m512* y, __m512* two_k) {
-  const __m512 magic = _mm512_set1_ps(12582912.0f);
-  __m512 k[R], r[R], z[R], p[R];
-  for (int i = 0; i < R; ++i) {
-    k[i] = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(xk[i], _mm512_set1_ps(nl::kLog2e)), magic), magic);
-  }
-  for (int i = 0; i < R; ++i) {
-    r[i] = _mm512_sub_ps(_mm512_sub_ps(xk[i], _mm512_mul_ps(k[i], _mm512_set1_ps(nl::kLn2Hi))),
-                         _mm512_mul_ps(k[i], _mm512_set1_ps(nl::kLn2Lo)));
-    z[i] = _mm512_mul_ps(r[i], r[i]);
-    p[i] = _mm512_set1_ps(nl::kExpP0);
-  }
-  const float coefficients[5] = {nl::kExpP1, nl::kExpP2, nl::kExpP3, nl::kExpP4, nl::kExpP5};
-  for (int c = 0; c < 5; ++c) {
-    const __m512 coefficient = _mm512_set1_ps(coefficients[c]);
-    for (int i = 0; i < R; ++i) p[i] = _mm512_add_ps(_mm512_mul_ps(p[i], r[i]), coefficient);
-  }
-  for (int i = 0; i < R; ++i) {
-    y[i] = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p[i], z[i]), r[i]), _mm512_set1_ps(1.0f));
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(k[i]), _mm512_set1_epi32(127)), 23);
-    two_k[i] = _mm512_castsi512_ps(e);
-  }
-}
-
-// nl::exp_f32 on R vectors of 16 lanes, in place.
-template <int R>
-inline void ExpR(__m512* x) {
-  const __m512 hi = _mm512_set1_ps(nl::kExpHi);
-  const __m512 lo = _mm512_set1_ps(nl::kExpLo);
-  __m512 xk[R], y[R], two_k[R];
-  for (int i = 0; i < R; ++i) {
-    // xk = x > hi ? hi : x;  xk = xk >= lo ? xk : lo  (NaN: kept, then lo)
-    xk[i] = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x[i], hi, _CMP_GT_OQ), x[i], hi);
-    xk[i] = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(xk[i], lo, _CMP_GE_OQ), lo, xk[i]);
-  }
-  ExpOfClampedR<R>(xk, y, two_k);
-  for (int i = 0; i < R; ++i) {
-    const __m512 out = _mm512_mul_ps(y[i], two_k[i]);
-    const __m512 clamped = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x[i], lo, _CMP_LT_OQ), out, _mm512_setzero_ps());
-    x[i] = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x[i], x[i], _CMP_UNORD_Q), clamped, x[i]);
-  }
 }
 
 // erf_f32's polynomial in t, times t: p = (((a5 t + a4) t + a3) t + a2) t + a1, then p * t.
@@ -99,7 +54,7 @@ inline void GeluErfR(__m512* x) {
     t[i] = _mm512_div_ps(one, _mm512_add_ps(one, _mm512_mul_ps(_mm512_set1_ps(nl::kErfP), a[i])));
     e[i] = _mm512_xor_ps(_mm512_mul_ps(a[i], a[i]), sign_mask);  // -(a * a)
   }
-  ExpR<R>(e);
+  avx512_math::ExpR<R>(e);
   ErfPolyR<R>(t, p);
   for (int i = 0; i < R; ++i) {
     const __m512 v = _mm512_sub_ps(one, _mm512_mul_ps(p[i], e[i]));
@@ -119,7 +74,7 @@ inline void GeluErfNoNanR(__m512* x) {
   const __m512 one = _mm512_set1_ps(1.0f);
   const __m512 sign_mask = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(0x80000000u)));
   const __m512 lo = _mm512_set1_ps(nl::kExpLo);
-  __m512 sign[R], t[R], p[R], e[R], xk[R], y[R], two_k[R];
+  __m512 sign[R], t[R], p[R], e[R], xk[R], y[R], k[R];
   for (int i = 0; i < R; ++i) {
     const __m512 u = _mm512_mul_ps(x[i], _mm512_set1_ps(nl::kInvSqrt2));
     sign[i] = _mm512_and_ps(u, sign_mask);
@@ -128,10 +83,10 @@ inline void GeluErfNoNanR(__m512* x) {
     e[i] = _mm512_xor_ps(_mm512_mul_ps(a, a), sign_mask);  // -(a * a)
     xk[i] = _mm512_max_ps(e[i], lo);  // e >= lo ? e : lo (equal values where e == lo)
   }
-  ExpOfClampedR<R>(xk, y, two_k);
+  avx512_math::ExpOfClampedR<R>(xk, y, k);
   for (int i = 0; i < R; ++i) {
     const __mmask16 in_range = _mm512_cmp_ps_mask(e[i], lo, _CMP_GE_OQ);  // e < lo gives 0
-    e[i] = _mm512_maskz_mul_ps(in_range, y[i], two_k[i]);
+    e[i] = _mm512_maskz_scalef_ps(in_range, y[i], k[i]);
   }
   ErfPolyR<R>(t, p);
   for (int i = 0; i < R; ++i) {
@@ -194,7 +149,7 @@ void SoftmaxRowsT(float* y, int64_t n) {
     const __mmask16 mask = TailMask(n - i);
     __m512 e[R];
     for (int r = 0; r < R; ++r) e[r] = _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, y + r * n + i), vm[r]);
-    ExpR<R>(e);
+    avx512_math::ExpR<R>(e);
     for (int r = 0; r < R; ++r) {
       _mm512_mask_storeu_ps(y + r * n + i, mask, e[r]);
       acc[r] = _mm256_mask_add_ps(acc[r], static_cast<__mmask8>(mask & 0xff), acc[r], _mm512_castps512_ps256(e[r]));
