@@ -18,8 +18,8 @@ KernelTable BaselineEntry() {
   t.gelu_row = baseline::GeluRow;
   t.silu_row = baseline::SiluRow;
   t.softmax_rows = baseline::SoftmaxRows;
-  t.layer_norm_row = baseline::LayerNormRow;
-  t.rms_norm_row = baseline::RMSNormRow;
+  t.layer_norm_rows = baseline::LayerNormRows;
+  t.rms_norm_rows = baseline::RMSNormRows;
   t.attention_rows = baseline::AttentionRows;
   t.matmul_tiles = nullptr;  // the scalar reference path
   t.matmul_compact_weights = false;
@@ -37,8 +37,8 @@ KernelTable Avx2Entry() {
   t.gelu_row = avx2::GeluRow;
   t.silu_row = avx2::SiluRow;
   t.softmax_rows = avx2::SoftmaxRows;
-  t.layer_norm_row = avx2::LayerNormRow;
-  t.rms_norm_row = avx2::RMSNormRow;
+  t.layer_norm_rows = avx2::LayerNormRows;
+  t.rms_norm_rows = avx2::RMSNormRows;
   t.attention_rows = avx2::AttentionRows;
   t.matmul_tiles = matmul::detail::TilesAvx2;
   return t;
@@ -63,9 +63,9 @@ KernelTable Avx512Entry() {
   t.gelu_row = GeluRowAvx512;
   t.silu_row = avx512::SiluRow;
   t.softmax_rows = SoftmaxRowsAvx512;
-  t.layer_norm_row = avx512::LayerNormRow;
-  t.rms_norm_row = avx512::RMSNormRow;
-  t.attention_rows = avx512::AttentionRows;
+  t.layer_norm_rows = LayerNormRowsAvx512;
+  t.rms_norm_rows = RMSNormRowsAvx512;
+  t.attention_rows = AttentionRowsAvx512;
   return t;
 }
 

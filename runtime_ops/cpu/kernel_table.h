@@ -34,13 +34,14 @@ using DequantizeRowsFn = void (*)(const RowFormat& fmt, const uint8_t* codes, co
 using ActDotRowFn = void (*)(const int8_t* qa, const float* sa, const int8_t* qkn, const float* sbn, int64_t n,
                              int64_t k, int64_t block_size, int64_t nb, int32_t* acc, float* y);
 
-// Row functions of the nonlinear ops (bct/nonlinear_math.h), in place on y [n] (softmax: `rows`
-// consecutive rows of n).
+// Row functions of the nonlinear ops (bct/nonlinear_math.h), in place on y [n] (softmax and the
+// norms: `rows` consecutive rows of n).
 using GeluRowFn = void (*)(float* y, int64_t n, nl::GeluForm form);
 using SiluRowFn = void (*)(float* y, int64_t n);
 using SoftmaxRowsFn = void (*)(float* y, int64_t rows, int64_t n);
-using LayerNormRowFn = void (*)(float* y, int64_t n, const float* scale, const float* bias, float epsilon);
-using RMSNormRowFn = void (*)(float* y, int64_t n, const float* scale, float epsilon);
+using LayerNormRowsFn = void (*)(float* y, int64_t rows, int64_t n, const float* scale, const float* bias,
+                                 float epsilon);
+using RMSNormRowsFn = void (*)(float* y, int64_t rows, int64_t n, const float* scale, float epsilon);
 
 // BlockAttention (bct/attention_math.h): `rows` consecutive query rows i = row0 .. of one (batch,
 // query head), codes q [rows, dh] and scales qs [rows, nb], over the keys of one KV head, with their
@@ -62,8 +63,8 @@ struct KernelTable {
   GeluRowFn gelu_row;
   SiluRowFn silu_row;
   SoftmaxRowsFn softmax_rows;
-  LayerNormRowFn layer_norm_row;
-  RMSNormRowFn rms_norm_row;
+  LayerNormRowsFn layer_norm_rows;
+  RMSNormRowsFn rms_norm_rows;
   AttentionRowsFn attention_rows;
   matmul::TilesFn matmul_tiles;  // nullptr: BlockMatMul's scalar reference path
   bool matmul_compact_weights;   // streamed layout (matmul_kernel.h), float16 scales / uint8 zero points as stored
@@ -93,6 +94,13 @@ void QuantizeActColumnsAvx512(const float*, int64_t, int64_t, int, int8_t*, floa
 // cpu/nonlinear_avx512.cc (explicit AVX-512 where auto-vectorisation falls short)
 void GeluRowAvx512(float* y, int64_t n, nl::GeluForm form);
 void SoftmaxRowsAvx512(float* y, int64_t rows, int64_t n);
+// cpu/norm_avx512.cc
+void LayerNormRowsAvx512(float* y, int64_t rows, int64_t n, const float* scale, const float* bias, float epsilon);
+void RMSNormRowsAvx512(float* y, int64_t rows, int64_t n, const float* scale, float epsilon);
+// cpu/attention_avx512.cc
+void AttentionRowsAvx512(const int8_t* q, const float* qs, const float* dots, int64_t rows, int64_t row0, int64_t sq,
+                         int64_t sk, bool causal, const nl::AttentionKeys& kv, float scale, const float* mask,
+                         int64_t mask_row_stride, int64_t mask_key_stride, float* y, int64_t y_stride);
 
 // cpu/portable_kernels_{baseline,avx2,avx512}.cc: cpu/portable_kernels_impl.h compiled for each path.
 #define BCT_DECLARE_PORTABLE_KERNELS(path)                                                                      \
@@ -104,8 +112,8 @@ void SoftmaxRowsAvx512(float* y, int64_t rows, int64_t n);
   void GeluRow(float* y, int64_t n, nl::GeluForm form);                                                         \
   void SiluRow(float* y, int64_t n);                                                                            \
   void SoftmaxRows(float* y, int64_t rows, int64_t n);                                                          \
-  void LayerNormRow(float* y, int64_t n, const float* scale, const float* bias, float epsilon);                 \
-  void RMSNormRow(float* y, int64_t n, const float* scale, float epsilon);                                      \
+  void LayerNormRows(float* y, int64_t rows, int64_t n, const float* scale, const float* bias, float epsilon);  \
+  void RMSNormRows(float* y, int64_t rows, int64_t n, const float* scale, float epsilon);                       \
   void AttentionRows(const int8_t* q, const float* qs, const float* dots, int64_t rows, int64_t row0, int64_t sq, \
                      int64_t sk, bool causal, const nl::AttentionKeys& kv, float scale, const float* mask,     \
                      int64_t mask_row_stride, int64_t mask_key_stride, float* y, int64_t y_stride);            \

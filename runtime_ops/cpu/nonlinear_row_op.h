@@ -36,10 +36,10 @@ inline void RunRowsCpu(const cpu::KernelTable& k, const SoftmaxFamily&, const So
 }
 inline void RunRowsCpu(const cpu::KernelTable& k, const LayerNormFamily& f, const LayerNormFamily::Params& p,
                        float* y, int64_t, int64_t count, int64_t d) {
-  for (int64_t i = 0; i < count; ++i) k.layer_norm_row(y + i * d, d, p.scale, p.bias, f.epsilon);
+  k.layer_norm_rows(y, count, d, p.scale, p.bias, f.epsilon);
 }
 inline void RunRowsCpu(const cpu::KernelTable& k, const RMSNormFamily& f, const RMSNormFamily::Params& p, float* y, int64_t, int64_t count, int64_t d) {
-  for (int64_t i = 0; i < count; ++i) k.rms_norm_row(y + i * d, d, p.scale, f.epsilon);
+  k.rms_norm_rows(y, count, d, p.scale, f.epsilon);
 }
 
 // Loads `count` float32 rows of the operand (src: the input, or y itself when it was dequantized
@@ -74,11 +74,11 @@ inline void LoadRows(const AddRMSNormFamily::Params& p, const float* src, float*
 }
 inline void RunRowsCpu(const cpu::KernelTable& k, const AddLayerNormFamily& f, const AddLayerNormFamily::Params& p,
                        float* y, int64_t, int64_t count, int64_t d) {
-  for (int64_t i = 0; i < count; ++i) k.layer_norm_row(y + i * d, d, p.scale, p.bias, f.epsilon);
+  k.layer_norm_rows(y, count, d, p.scale, p.bias, f.epsilon);
 }
 inline void RunRowsCpu(const cpu::KernelTable& k, const AddRMSNormFamily& f, const AddRMSNormFamily::Params& p,
                        float* y, int64_t, int64_t count, int64_t d) {
-  for (int64_t i = 0; i < count; ++i) k.rms_norm_row(y + i * d, d, p.scale, f.epsilon);
+  k.rms_norm_rows(y, count, d, p.scale, f.epsilon);
 }
 
 template <class Family>

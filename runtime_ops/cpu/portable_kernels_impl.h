@@ -124,11 +124,12 @@ __attribute__((flatten)) void SiluRow(float* y, int64_t n) { nl::silu_row(y, n);
 __attribute__((flatten)) void SoftmaxRows(float* y, int64_t rows, int64_t n) {
   for (int64_t r = 0; r < rows; ++r) nl::softmax_row(y + r * n, n);
 }
-__attribute__((flatten)) void LayerNormRow(float* y, int64_t n, const float* scale, const float* bias, float epsilon) {
-  nl::layer_norm_row(y, n, scale, bias, epsilon);
+__attribute__((flatten)) void LayerNormRows(float* y, int64_t rows, int64_t n, const float* scale, const float* bias,
+                                            float epsilon) {
+  for (int64_t r = 0; r < rows; ++r) nl::layer_norm_row(y + r * n, n, scale, bias, epsilon);
 }
-__attribute__((flatten)) void RMSNormRow(float* y, int64_t n, const float* scale, float epsilon) {
-  nl::rms_norm_row(y, n, scale, epsilon);
+__attribute__((flatten)) void RMSNormRows(float* y, int64_t rows, int64_t n, const float* scale, float epsilon) {
+  for (int64_t r = 0; r < rows; ++r) nl::rms_norm_row(y + r * n, n, scale, epsilon);
 }
 // BlockAttention's rows (bct/attention_math.h), four at a time: each runs its own tile steps, then
 // the four p x V accumulations advance together key by key, so four independent add chains are in

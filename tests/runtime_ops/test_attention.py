@@ -97,6 +97,11 @@ CASES = [
     ("prefill_gqa_causal", 1, 6, 2, 70, 70, 64, 8, 32, None, True),
     ("chunk_causal_full_mask", 2, 2, 1, 5, 77, 24, 6, 32, "full", True),
     ("bits4_partial_block", 1, 2, 2, 7, 130, 40, 4, 32, "rows", False),
+    # the AVX-512 rows: head sizes of 5 and 8 vectors, runs not a multiple of the row group, a mask
+    # broadcast over keys (key stride 0), causal rows of one group that see different key counts
+    ("encoder_dh80_rows67", 2, 3, 3, 67, 67, 80, 8, 16, "padding", False),
+    ("prefill_dh128_causal", 1, 4, 2, 37, 37, 128, 8, 32, None, True),
+    ("dh48_mask_per_query", 2, 2, 2, 13, 150, 48, 8, 32, "per_query", False),
 ]
 
 
@@ -112,6 +117,8 @@ def case_inputs(case: tuple[Any, ...], seed: int = 0) -> dict[str, Any]:
         mask = sample((b, hq, sq, sk), seed + 4)
     elif mask_kind == "rows":
         mask = sample((sq, sk), seed + 5)
+    elif mask_kind == "per_query":
+        mask = sample((b, 1, sq, 1), seed + 6)
     return dict(
         q=q, k=k, v=v, mask=mask, causal=causal, act_bits=act_bits, block_size=bs, scale=float(dh) ** -0.5
     )
@@ -206,6 +213,26 @@ def test_row_with_no_live_key_is_zero_and_nan_stays_in_its_row() -> None:
     assert np.all(y[0, :, 3] == 0)
     assert np.all(np.isnan(y[1, 2, 5]))
     assert np.isfinite(np.delete(y.reshape(-1, 32), [1 * 80 + 2 * 20 + 5], axis=0)).all()
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512vnni"])
+def test_extreme_scores_give_the_spec_bits_on_every_isa_path(isa: str, force_isa: Any) -> None:
+    """Masks of +-inf and float32's extremes over several key tiles: rows that see nothing in a tile,
+    a max that rises in the third tile, a +inf score (inf - inf: a NaN row), a NaN mask entry."""
+    force_isa(isa)
+    args = case_inputs(("extreme", 2, 3, 3, 9, 150, 64, 8, 32, None, False), seed=70)
+    mask = np.zeros((2, 3, 9, 150), np.float32)
+    big = np.finfo(np.float32).max
+    mask[0, 0, 0, :70] = -np.inf  # the first tile (and part of the second) sees nothing
+    mask[0, 1, 1, 130:] = 50.0  # the max rises in the last tile: l and y rescaled
+    mask[0, 2, 2, 5] = np.inf  # +inf score: s - m = inf - inf
+    mask[1, 0, 3, 100] = np.nan  # a NaN mask entry poisons its row
+    mask[1, 1, 4, :] = -big  # every score near float32's lowest
+    mask[1, 2, 5, 64:] = -np.inf  # only the first tile is live
+    args.update(mask=mask)
+    y = run_attention(**args)
+    assert_bits_equal(y, ref.attention(**args), "Y")
+    assert np.isnan(y[0, 2, 2]).all() and np.isnan(y[1, 0, 3]).all()
 
 
 @pytest.mark.parametrize(
