@@ -128,6 +128,13 @@ __attribute__((flatten)) void LayerNormRows(float* y, int64_t rows, int64_t n, c
                                             float epsilon) {
   for (int64_t r = 0; r < rows; ++r) nl::layer_norm_row(y + r * n, n, scale, bias, epsilon);
 }
+void AddRow(const float* a, const float* b, int64_t n, float* y, float* sum) {
+  if (sum != nullptr) {
+    for (int64_t j = 0; j < n; ++j) sum[j] = y[j] = fadd(a[j], b[j]);
+  } else {
+    for (int64_t j = 0; j < n; ++j) y[j] = fadd(a[j], b[j]);
+  }
+}
 __attribute__((flatten)) void RMSNormRows(float* y, int64_t rows, int64_t n, const float* scale, float epsilon) {
   for (int64_t r = 0; r < rows; ++r) nl::rms_norm_row(y + r * n, n, scale, epsilon);
 }
