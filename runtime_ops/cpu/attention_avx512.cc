@@ -133,13 +133,16 @@ inline bool TileProbs(nl::AttentionRowState& st, float m_tile, int64_t len, floa
 }
 
 // y_r += p_r[t] * v[t] for t < len[r], key by key, for the R rows of a group (outputs y [R][kMaxDh],
-// NV vectors of 16 each, the last one masked by last); keys all rows take run for every row at once.
+// NV vectors of 16 each, the last one masked by last; a row not yet started reads y_r as +0, as
+// nl::attention_row_start sets it); keys all rows take run for every row at once.
 template <int R, int NV>
-inline void AccumulateValues(const float (*p)[kTile], const int64_t* len, const float* values, int64_t value_stride,
-                             __mmask16 last, float (*y)[kMaxDh]) {
+inline void AccumulateValues(const float (*p)[kTile], const int64_t* len, const bool* started, const float* values,
+                             int64_t value_stride, __mmask16 last, float (*y)[kMaxDh]) {
   __m512 acc[R][NV];
   BCT_UNROLL for (int r = 0; r < R; ++r) {
-    BCT_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_load_ps(y[r] + 16 * v);
+    BCT_UNROLL for (int v = 0; v < NV; ++v) {
+      acc[r][v] = started[r] ? _mm512_load_ps(y[r] + 16 * v) : _mm512_setzero_ps();
+    }
   }
   int64_t common = len[0];
   BCT_UNROLL for (int r = 1; r < R; ++r) common = std::min(common, len[r]);
@@ -167,7 +170,7 @@ inline void AccumulateValues(const float (*p)[kTile], const int64_t* len, const 
   }
 }
 
-using AccumulateFn = void (*)(const float (*)[kTile], const int64_t*, const float*, int64_t, __mmask16,
+using AccumulateFn = void (*)(const float (*)[kTile], const int64_t*, const bool*, const float*, int64_t, __mmask16,
                               float (*)[kMaxDh]);
 
 // Rows of a group for NV vectors per row: R * NV accumulators plus NV values within the 32 registers.
@@ -236,11 +239,11 @@ void AttentionRowsAvx512(const int8_t* q, const float* qs, const float* dots, in
     const int n = static_cast<int>(std::min<int64_t>(group, rows - r0));
     const AccumulateFn accumulate = Accumulator(vectors, n);
     nl::AttentionRowState st[kMaxRows];
+    bool started[kMaxRows] = {false, false, false, false};  // out[r] is +0 until the row's first live tile
     int64_t keys[kMaxRows] = {0, 0, 0, 0};
     int64_t most = 0;
     for (int r = 0; r < n; ++r) {
       st[r] = nl::AttentionRowState{float_from_bits(0xff800000u), 0.0f, false};  // nl::attention_row_start
-      BCT_UNROLL for (int64_t v = 0; v < kMaxDh / 16; ++v) _mm512_store_ps(out[r] + 16 * v, _mm512_setzero_ps());
       keys[r] = nl::attention_visible_keys(row0 + r0 + r, sq, sk, causal);
       most = std::max(most, keys[r]);
     }
@@ -267,7 +270,8 @@ void AttentionRowsAvx512(const int8_t* q, const float* qs, const float* dots, in
       } else {
         values = kv.values + t0 * value_stride;
       }
-      accumulate(tiles, len, values, value_stride, last, out);
+      accumulate(tiles, len, started, values, value_stride, last, out);
+      for (int r = 0; r < n; ++r) started[r] = started[r] || len[r] > 0;
     }
     for (int r = 0; r < n; ++r) {  // nl::attention_row_finish
       float* yr = y + (r0 + r) * y_stride;
