@@ -21,11 +21,13 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
-#include "cpu/exp_avx512.h"  // after the target pragma: its inline functions are AVX-512 code
+#include "cpu/avx512_math.h"  // after the target pragma: its inline functions are AVX-512 code
 
 namespace bct {
 namespace cpu {
 namespace {
+
+using avx512_math::TailMask;
 
 constexpr int64_t kTile = nl::kAttentionKeyTile;  // 64 keys: four vectors of 16
 constexpr int kTileVectors = static_cast<int>(kTile / 16);
@@ -35,10 +37,6 @@ constexpr int kMaxRows = 4;
 // Loops over the registers of a group, unrolled before scalar replacement so the arrays of vectors
 // stay in registers (GCC keeps a memory copy of them otherwise).
 #define BCT_UNROLL _Pragma("GCC unroll 8")
-
-inline __mmask16 TailMask(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
-}
 
 // nl::exp_f32 of R vectors x that are <= 0 or a quiet NaN (s - m of a tile: m is the largest non-NaN
 // score): the clamp at kExpHi is then a no-op, and a NaN lane needs no select, as every operation
@@ -201,22 +199,6 @@ AccumulateFn Accumulator(int64_t vectors, int rows) {
   }
 }
 
-// V rows [t0, t0 + count) given as 8-bit symmetric cache codes into out [count, dh]: (code - 128) * scale,
-// block_format.dequantize's values (as the portable rows compute them).
-void DequantizeValueCodes(const nl::AttentionKeys& kv, int64_t t0, int64_t count, float* out) {
-  const int64_t dh = kv.dh, bs = kv.value_block_size;
-  for (int64_t t = 0; t < count; ++t) {
-    const uint8_t* row = kv.value_codes + (t0 + t) * dh;
-    const float* scales = kv.value_scales + (t0 + t) * kv.value_nb;
-    float* o = out + t * dh;
-    for (int64_t b0 = 0, blk = 0; b0 < dh; b0 += bs, ++blk) {
-      const int64_t end = std::min(dh, b0 + bs);
-      const float s = scales[blk];
-      for (int64_t d = b0; d < end; ++d) o[d] = fmul(fsub(static_cast<float>(row[d]), 128.0f), s);
-    }
-  }
-}
-
 }  // namespace
 
 void AttentionRowsAvx512(const int8_t* q, const float* qs, const float* dots, int64_t rows, int64_t row0, int64_t sq,
@@ -266,7 +248,7 @@ void AttentionRowsAvx512(const int8_t* q, const float* qs, const float* dots, in
       if (tile_len == 0) continue;
       const float* values = tile_values;
       if (kv.value_codes != nullptr) {
-        DequantizeValueCodes(kv, t0, tile_len, tile_values);
+        avx512::DequantizeValueCodes(kv, t0, tile_len, tile_values);
       } else {
         values = kv.values + t0 * value_stride;
       }

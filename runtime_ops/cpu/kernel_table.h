@@ -121,6 +121,7 @@ void AttentionRowsAvx512(const int8_t* q, const float* qs, const float* dots, in
   void AttentionRows(const int8_t* q, const float* qs, const float* dots, int64_t rows, int64_t row0, int64_t sq, \
                      int64_t sk, bool causal, const nl::AttentionKeys& kv, float scale, const float* mask,     \
                      int64_t mask_row_stride, int64_t mask_key_stride, float* y, int64_t y_stride);            \
+  void DequantizeValueCodes(const nl::AttentionKeys& kv, int64_t t0, int64_t count, float* out);               \
   }
 BCT_DECLARE_PORTABLE_KERNELS(baseline)
 BCT_DECLARE_PORTABLE_KERNELS(avx2)

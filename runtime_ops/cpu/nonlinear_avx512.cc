@@ -18,15 +18,14 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
-#include "cpu/exp_avx512.h"  // after the target pragma: its inline functions are AVX-512 code
+#include "cpu/avx512_math.h"  // after the target pragma: its inline functions are AVX-512 code
 
 namespace bct {
 namespace cpu {
 namespace {
 
-inline __mmask16 TailMask(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
-}
+using avx512_math::ExpR;
+using avx512_math::TailMask;
 
 // nl::gelu_erf on R vectors of 16 lanes, in place: (0.5 x) * (1 + erf_f32(x * (1/sqrt 2))).
 template <int R>
@@ -43,7 +42,7 @@ inline void GeluErfR(__m512* x) {
     e[i] = _mm512_xor_ps(_mm512_mul_ps(a[i], a[i]), sign_mask);  // -(a * a)
     p[i] = _mm512_set1_ps(nl::kErfA5);
   }
-  avx512_math::ExpR<R>(e);
+  ExpR<R>(e);
   const float coefficients[4] = {nl::kErfA4, nl::kErfA3, nl::kErfA2, nl::kErfA1};
   for (int c = 0; c < 4; ++c) {
     const __m512 coefficient = _mm512_set1_ps(coefficients[c]);
@@ -102,7 +101,7 @@ void SoftmaxRowsT(float* y, int64_t n) {
     const __mmask16 mask = TailMask(n - i);
     __m512 e[R];
     for (int r = 0; r < R; ++r) e[r] = _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, y + r * n + i), vm[r]);
-    avx512_math::ExpR<R>(e);
+    ExpR<R>(e);
     for (int r = 0; r < R; ++r) {
       _mm512_mask_storeu_ps(y + r * n + i, mask, e[r]);
       acc[r] = _mm256_mask_add_ps(acc[r], static_cast<__mmask8>(mask & 0xff), acc[r], _mm512_castps512_ps256(e[r]));

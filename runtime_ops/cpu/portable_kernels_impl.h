@@ -193,7 +193,7 @@ inline void AccumulateTile(const float (*p)[nl::kAttentionKeyTile], const int64_
 
 // Rows [t0, t0 + count) of V given as 8-bit symmetric cache codes (nl::AttentionKeys) into out [count, dh]:
 // (code - 128) * scale, block_format.dequantize's float32 values.
-inline void DequantizeValueCodes(const nl::AttentionKeys& kv, int64_t t0, int64_t count, float* out) {
+void DequantizeValueCodes(const nl::AttentionKeys& kv, int64_t t0, int64_t count, float* out) {
   const int64_t dh = kv.dh, bs = kv.value_block_size;
   for (int64_t t = 0; t < count; ++t) {
     const uint8_t* row = kv.value_codes + (t0 + t) * dh;
