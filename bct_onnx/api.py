@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from bct_onnx import code_entropy, model_io, model_metadata
 from bct_onnx.budget import BudgetError, BudgetPlanner
-from bct_onnx.calibration import Calibration, CalibrationError, calibration_texts, text_feeds
+from bct_onnx.calibration import Calibration, CalibrationError, HessianStore, calibration_texts, text_feeds
 from bct_onnx.channel_importance import IMPORTANCE_METHOD, ImportanceCalibration, random_token_importance
 from bct_onnx.config import SUPPORTED_OPS, CompressConfig
 from bct_onnx.errors import BctOnnxError, ModelFileError
@@ -43,7 +43,7 @@ from bct_onnx.output_dir import (
     sentence_transformers_folder,
 )
 from bct_onnx.passes import PipelineResult, canonicalize_passes, compress_model
-from bct_onnx.passes.pipeline import save_snapshot
+from bct_onnx.passes.pipeline import save_snapshot, start_hessians
 from bct_onnx.passes.quantized_weights import RULE_WIDE_SCALES
 from bct_onnx.report import CompileReport, SkippedNode, StepTimer, config_to_dict, versions
 from bct_onnx.tokenizer import find_tokenizer_dir, load_text_tokenizer
@@ -142,13 +142,14 @@ def _serialized_bytes(model: ir.Model) -> int:
 
 def _run_pipeline(
     model: ir.Model, config: CompressConfig, progress: _Progress, debug_dir: Path | None,
-    calibration: Calibration | None = None, debug_weights: bool = False,
+    calibration: Calibration | None = None, debug_weights: bool = False, hessians: HessianStore | None = None,
 ) -> Any:
     """bct_onnx.passes.compress_model, with a bar advanced after every pass and moving inside one."""
     with progress.bar("compress", unit="pass") as pbar:
         if pbar is None:
             return compress_model(
-                model, config, debug_dir=debug_dir, calibration=calibration, debug_weights=debug_weights
+                model, config, debug_dir=debug_dir, calibration=calibration, debug_weights=debug_weights,
+                hessians=hessians,
             )
 
         def pass_done(name: str, done: int, total: int) -> None:
@@ -166,7 +167,7 @@ def _run_pipeline(
 
         return compress_model(
             model, config, progress=pass_done, debug_dir=debug_dir, calibration=calibration,
-            node_progress=node_done, debug_weights=debug_weights,
+            node_progress=node_done, debug_weights=debug_weights, hessians=hessians,
         )
 
 
@@ -520,6 +521,13 @@ def compress(
             )
         with timer.step("calibrate"):
             cfg, kind_note = apply_decoder_plan(model, cfg, kind, gptq=calibration_report.get("method") == "gptq")
+        hessians = None
+        if input_file is not None and not repairs and not cfg.budgeted:
+            # The float model's forward starts now, on the input file, while the pipeline canonicalizes.
+            with timer.step("calibrate"):
+                hessians = start_hessians(model, cfg, feeds, input_file)
+            if hessians is not None:
+                stack.callback(hessians.close)  # compress_model closes it; this, if it never runs
         planner = plan = None
         target_ratio, max_error = cfg.target_ratio, cfg.max_error
         budget_skipped: str | None = None
@@ -534,7 +542,7 @@ def compress(
                     planner, budget_skipped = None, str(error)
                     logger.warning("budget not applied, the config's bit widths are used: %s", error)
         with timer.step("compress"):
-            result = _run_pipeline(model, cfg, prog, debug, feeds, debug_weights)
+            result = _run_pipeline(model, cfg, prog, debug, feeds, debug_weights, hessians)
         attempts = 1
         if planner is not None and target_ratio is not None:
             overshoot = 0

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from bct_onnx import ops, runtime
+from bct_onnx import model_io, ops, runtime
 from bct_onnx.errors import BctOnnxError
 from bct_onnx.models.text_data import TextDataUnavailable, moby_dick_text
 from bct_onnx.text_files import TextFileError, dataset_texts, is_dataset, is_jsonl, jsonl_texts
@@ -327,6 +327,32 @@ class HessianStore(Mapping[MatMulKey, np.ndarray]):
     def has(self, activation: str) -> bool:
         return activation in self._files
 
+    def retarget(self, targets: Mapping[MatMulKey, int]) -> str | None:
+        """Hand out Hessians to the MatMuls of a model derived from the measured one instead (its
+        canonical form, whose passes keep the meaning of every value they keep); None when done, else
+        why not (an activation not measured here, or measured with another K): the store is unchanged.
+
+        The Hessian depends on the activation alone, so (activation, weight) keys whose weight was
+        renamed or folded still find it by the activation's name.
+        """
+        measured = {activation: k for activation, keys in self._targets.items() for _, k in keys}
+        for (activation, _), k in targets.items():
+            if activation not in measured:
+                return f"activation {activation!r} was not measured"
+            if measured[activation] != k:
+                return f"activation {activation!r} was measured with K={measured[activation]}, not {k}"
+        with self._changed:
+            self._targets = {}
+            for key, k in targets.items():
+                self._targets.setdefault(key[0], []).append((key, k))
+            self._keys = {}
+            for activation, path in self._files.items():
+                for key, k in self._targets.get(activation, ()):
+                    if _npy_shape(path) == (k, k):
+                        self._keys[key] = activation
+            self._changed.notify_all()
+        return None
+
     def bind(self, key: MatMulKey, k: int) -> None:
         """Make key (activation, weight) read its activation's Hessian when that is [k, k]."""
         path = self._files.get(key[0])
@@ -417,6 +443,7 @@ def collect_hessians(
     providers: Iterable[str] = ("CPUExecutionProvider",),
     segment_bytes: int = SEGMENT_BYTES,
     background: bool = False,
+    model_file: str | os.PathLike[str] | None = None,
 ) -> HessianStore:
     """Sum of x^T x over all calibration rows x of each constant-weight MatMul's activation input.
 
@@ -433,6 +460,9 @@ def collect_hessians(
     background: return once the model is saved and run the segments on a thread: the store hands
     out each Hessian as soon as its segment has finished (HessianStore.wait() waits for the end).
     The model may be changed meanwhile; its saved copy is what runs.
+    model_file: the file model was loaded from, unchanged since (model_io.load): its graph is read from
+    the file and the sessions map its weights from there, so nothing is saved (a 0.5 GB model is not
+    written again before the first batch can run).
     """
     targets = constant_weight_matmuls(model)
     store = HessianStore(targets)
@@ -440,9 +470,12 @@ def collect_hessians(
         return store
     folder = tempfile.TemporaryDirectory(prefix="bct_onnx_calib_")
     try:
-        path = os.path.join(folder.name, "model.onnx")
-        ir.save(model, path, external_data="model.onnx.data", max_workers=1, max_in_flight_bytes=1 << 26)
-        proto = onnx.load(path, load_external_data=False)
+        if model_file is not None:
+            proto, data_folder = _file_graph(Path(model_file)), str(Path(model_file).absolute().parent)
+        else:
+            path = os.path.join(folder.name, "model.onnx")
+            ir.save(model, path, external_data="model.onnx.data", max_workers=1, max_in_flight_bytes=1 << 26)
+            proto, data_folder = onnx.load(path, load_external_data=False), folder.name
     except BaseException:
         folder.cleanup()
         store.close()
@@ -450,7 +483,7 @@ def collect_hessians(
 
     def collect() -> None:
         try:
-            _run_segments(proto, folder.name, targets, calibration, list(providers), segment_bytes, store)
+            _run_segments(proto, data_folder, targets, calibration, list(providers), segment_bytes, store)
         finally:
             folder.cleanup()
         logger.info("calibration: Hessians for %d MatMul weights from %d batches", len(store._keys), len(calibration.feeds))
@@ -466,6 +499,14 @@ def collect_hessians(
         raise
     store.seconds = time.perf_counter() - start
     return store
+
+
+def _file_graph(model_file: Path) -> onnx.ModelProto:
+    """The model in model_file, its large inline weights as references into the file (not read)."""
+    detached = model_io.model_bytes_without_weights(model_file)
+    if detached is None:
+        return onnx.load(str(model_file), load_external_data=False)
+    return onnx.ModelProto.FromString(detached)
 
 
 def _node_names(node: onnx.NodeProto) -> tuple[list[str], list[str]]:
@@ -520,21 +561,49 @@ def _needed_nodes(graph: onnx.GraphProto, order: list[int], wanted: set[str]) ->
 
 def _segments(graph: onnx.GraphProto, segment_bytes: int, wanted: set[str]) -> list[list[int]]:
     """The nodes the values in wanted depend on, cut into runs of consecutive nodes (topological
-    order) holding at most segment_bytes of weights, or one node's weights when they are more."""
+    order) holding at most segment_limit(...) of weights, or one node's weights when they are more."""
     sizes = {tensor.name: _tensor_bytes(tensor) for tensor in graph.initializer}
     if _has_subgraphs(graph):  # subgraphs read outer values implicitly: run the model whole
         return [_topological_order(graph)]
+    order = _needed_nodes(graph, _topological_order(graph), wanted)
+    # The forward's work per node, as the weight bytes of its MatMuls (a Gather's table costs no FLOPs).
+    work = [
+        0 if graph.node[i].op_type == "Gather" else sum(sizes[name] for name in set(_node_names(graph.node[i])[0]) if name in sizes)
+        for i in order
+    ]
     segments: list[list[int]] = [[]]
     held: set[str] = set()
-    for i in _needed_nodes(graph, _topological_order(graph), wanted):
+    done, current = 0, 0  # work in the segments closed, and in the current one
+    limit = segment_limit(done, sum(work), segment_bytes)
+    for i, node_work in zip(order, work):
         weights = {name for name in _node_names(graph.node[i])[0] if name in sizes} - held
-        # A node whose own weights are more than segment_bytes (an embedding table) gets a segment of its own.
-        if segments[-1] and sum(sizes[name] for name in held | weights) > segment_bytes:
+        # A node whose own weights are more than the limit (an embedding table) gets a segment of its own.
+        if segments[-1] and sum(sizes[name] for name in held | weights) > limit:
+            done, current = done + current, 0
+            limit = segment_limit(done, sum(work) - done, segment_bytes)
             segments.append([])
             held = set()
         segments[-1].append(i)
         held |= {name for name in _node_names(graph.node[i])[0] if name in sizes}
+        current += node_work
     return segments
+
+
+# The smallest segment limit: about one decoder layer of a small model (SmolLM2-135M's: 14 MB).
+SMALLEST_SEGMENT_BYTES = 16 << 20
+
+
+def segment_limit(done: int, rest: int, segment_bytes: int = SEGMENT_BYTES) -> int:
+    """The weight bytes the next segment may hold, with done bytes of MatMul weights run in the
+    segments before it and rest still to run (it included): segment_bytes at most, and no more than
+    done (nor than half of rest) once above SMALLEST_SEGMENT_BYTES.
+
+    A segment's Hessians are finished only when it has run on every batch: small first segments let
+    GPTQ start on the first layers soon after the forward does, and small last segments leave it
+    little to round once the forward has ended. The middle segments are large: each one is a session
+    to create.
+    """
+    return min(segment_bytes, max(SMALLEST_SEGMENT_BYTES, min(done, rest // 2)))
 
 
 def _tensor_bytes(tensor: onnx.TensorProto) -> int:
@@ -553,7 +622,8 @@ def _run_segments(
     segment_bytes: int,
     store: HessianStore,
 ) -> None:
-    """Run the saved float model segment by segment on every batch, adding finished Hessians to store."""
+    """Run the float model segment by segment on every batch, adding finished Hessians to store; folder
+    holds the data files of proto's external tensors."""
     import onnxruntime as ort
 
     from bct_onnx.gptq import blas_controller
@@ -590,6 +660,8 @@ def _run_segments(
     # No memory pattern (one block planned for all of a run's intermediates): the arena alone reuses
     # them, and a segment's peak is about a sixth lower (SmolLM2: 0.58 against 0.70 GB).
     options.enable_mem_pattern = False
+    # Sessions are opened from bytes: their weights are mapped from the data files in this folder.
+    options.add_session_config_entry(model_io.EXTERNAL_DATA_FOLDER_KEY, folder)
     with_library = any(node.domain == ops.DOMAIN for node in graph.node)
     kept: dict[str, list[np.ndarray]] = {}  # value name -> one array per batch
     feeds = [dict(batch) for batch in calibration.feeds]
@@ -606,7 +678,7 @@ def _run_segments(
             # No outputs needed: the segment's Hessians (if any) are of its inputs, nothing need run.
             session = (
                 _segment_session(
-                    proto, folder, index, segment, inputs, outputs + checks, kept, options, providers, with_library, guards
+                    proto, index, segment, inputs, outputs + checks, kept, options, providers, with_library, guards
                 )
                 if outputs
                 else None
@@ -624,7 +696,7 @@ def _run_segments(
                     if values and any(np.isnan(values[name]).any() for name in guards.checks):
                         if exact_session is None:
                             exact_session = _segment_session(
-                                proto, folder, index, segment, inputs, outputs, kept, options, providers, with_library
+                                proto, index, segment, inputs, outputs, kept, options, providers, with_library
                             )
                         values = dict(zip(outputs, exact_session.run(outputs, run_feeds)))
                 except Exception as exc:  # onnxruntime raises its own exception types
@@ -744,12 +816,12 @@ def _is_scalar_zero(graph: onnx.GraphProto, name: str, folder: str) -> bool:
 
 
 def _segment_session(
-    proto: onnx.ModelProto, folder: str, index: int, segment: list[int], inputs: list[str], outputs: list[str],
+    proto: onnx.ModelProto, index: int, segment: list[int], inputs: list[str], outputs: list[str],
     kept: dict[str, list[np.ndarray]], options: Any, providers: list[str], with_library: bool,
     guards: _NanGuards = _NO_GUARDS,
 ) -> Any:
-    """An ONNX Runtime session of the nodes in segment (weights read from the saved data file), the
-    NaN guards given left out."""
+    """An ONNX Runtime session of the nodes in segment (weights mapped from the data files in the folder
+    that options names), the NaN guards given left out."""
     graph = proto.graph
     nodes = []
     for i in segment:
@@ -779,11 +851,10 @@ def _segment_session(
             part.graph.input.append(onnx.helper.make_tensor_value_info(name, elem, None))
     for name in outputs:
         part.graph.output.append(onnx.ValueInfoProto(name=name))
-    path = os.path.join(folder, f"segment{index}{'_guarded' if guards.rewired else ''}.onnx")
-    onnx.save(part, path)
+    data = part.SerializeToString()
     del part
     try:
-        return runtime.session(path, providers, options, with_library=with_library, quiet=True)
+        return runtime.session(data, providers, options, with_library=with_library, quiet=True)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise CalibrationError(f"ONNX Runtime cannot load the float model for calibration: {exc}") from exc
 

@@ -58,7 +58,14 @@ from bct_onnx.passes.rotate_residual_stream import RotateResidualStreamPass
 from onnx_ir.passes import common as common_passes
 
 from bct_onnx import ops
-from bct_onnx.calibration import DEFAULT_DAMPING, Calibration, MatMulKey, collect_hessians
+from bct_onnx.calibration import (
+    DEFAULT_DAMPING,
+    Calibration,
+    HessianStore,
+    MatMulKey,
+    collect_hessians,
+    constant_weight_matmuls,
+)
 from bct_onnx.channel_importance import ImportanceCalibration, collect_channel_importance
 from bct_onnx.config import ACTIVATION_OPS, CompressConfig
 
@@ -189,6 +196,29 @@ def canonicalize_passes(config: CompressConfig | None = None) -> list[ir.passes.
     return passes
 
 
+def canonicalization_keeps_values(config: CompressConfig) -> bool:
+    """Whether every value that canonicalize_passes(config) keeps holds what it held before (no rotation
+    of the residual stream): statistics measured on the input model then hold for its canonical form."""
+    return not config.rotation
+
+
+def start_hessians(
+    model: ir.Model, config: CompressConfig, calibration: Calibration | None, model_file: str | os.PathLike[str]
+) -> HessianStore | None:
+    """Start measuring GPTQ's Hessians on model as loaded from model_file (unchanged since), in the
+    background, before compress_model canonicalizes it; None when compress_model would not use them.
+
+    The float model's forward is most of a calibrated compile: started here, it runs while the input
+    is canonicalized, and its weights are mapped from the input file instead of a saved copy. Hand the
+    store to compress_model (hessians=), which closes it.
+    """
+    if calibration is None or isinstance(calibration, ImportanceCalibration) or not config.enabled("MatMul"):
+        return None
+    if not canonicalization_keeps_values(config):
+        return None
+    return collect_hessians(model, calibration, background=True, model_file=model_file)
+
+
 def rewrite_passes(
     config: CompressConfig,
     hessians: Mapping[MatMulKey, np.ndarray] | None = None,
@@ -309,12 +339,33 @@ def compress_model(
     calibration: Calibration | None = None,
     node_progress: NodeProgressCallback | None = None,
     debug_weights: bool = False,
+    hessians: HessianStore | None = None,
 ) -> PipelineResult:
     """Compress a copy of model per config; the input model is left untouched.
+
+    hessians: calibration's Hessians already being measured on model (start_hessians); they are used
+    when they fit its canonical form (measured again otherwise). The store is closed at the end.
 
     Raises an UnsupportedModelError (an onnx_ir PreconditionError) naming the problem when the
     model cannot be handled (no graph, ONNX opset too old, conflicting ai.bct_onnx version).
     """
+    try:
+        return _compress_model(model, config, progress, debug_dir, calibration, node_progress, debug_weights, hessians)
+    finally:
+        if hessians is not None:
+            hessians.close()
+
+
+def _compress_model(
+    model: ir.Model,
+    config: CompressConfig,
+    progress: ProgressCallback | None,
+    debug_dir: str | os.PathLike[str] | None,
+    calibration: Calibration | None,
+    node_progress: NodeProgressCallback | None,
+    debug_weights: bool,
+    early_hessians: HessianStore | None,
+) -> PipelineResult:
     check_model_basics(model, "compress_model")
     if debug_dir is None:
         debug_dir = os.environ.get(DEBUG_DIR_ENV) or None
@@ -383,9 +434,21 @@ def compress_model(
             # Not a pass, but often the longest step before GPTQ: the report times it like one.
             records.append(PassRecord(CALIBRATION_RECORD, False, time.perf_counter() - start, {}, 0))
         else:
+            if early_hessians is not None:
+                reason = (
+                    early_hessians.retarget(constant_weight_matmuls(work))
+                    if canonicalization_keeps_values(config)
+                    else "the canonical passes change values (rotation)"
+                )
+                if reason is None:
+                    hessians = early_hessians
+                else:
+                    logger.info("Hessians of the input model do not fit its canonical form (%s): measured again", reason)
+                    early_hessians.close()
             # In the background: GPTQ rounds each weight as soon as its Hessian is measured, while
             # the float model runs the later layers (the two share the machine's cores).
-            hessians = collect_hessians(work, calibration, background=True)
+            if hessians is None:
+                hessians = collect_hessians(work, calibration, background=True)
     damping = calibration.damping if calibration is not None else DEFAULT_DAMPING
     try:
         for index, pass_ in enumerate(rewrite_passes(config, hessians, damping, importances), start=len(canonical) + 1):
@@ -393,8 +456,8 @@ def compress_model(
         if hessians is not None:  # its wall time, overlapping QuantizeMatMulPass's
             records.insert(calibration_index, PassRecord(CALIBRATION_RECORD, False, hessians.wait(), {}, 0))
     finally:
-        if hessians is not None:
-            hessians.close()  # its files on disk
+        if hessians is not None and hessians is not early_hessians:
+            hessians.close()  # its files on disk (compress_model closes the early store)
     modified = any(record.modified for record in records)
     skipped = _drop_rewritten_later(skipped, work)
     return PipelineResult(work, modified, rewritten, skipped, records, warnings, compressed_activations(work))

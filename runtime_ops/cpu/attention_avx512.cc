@@ -27,6 +27,7 @@ namespace bct {
 namespace cpu {
 namespace {
 
+using avx512_math::ExpOfClampedR;
 using avx512_math::TailMask;
 
 constexpr int64_t kTile = nl::kAttentionKeyTile;  // 64 keys: four vectors of 16
@@ -40,33 +41,16 @@ constexpr int kMaxRows = 4;
 
 // nl::exp_f32 of R vectors x that are <= 0 or a quiet NaN (s - m of a tile: m is the largest non-NaN
 // score): the clamp at kExpHi is then a no-op, and a NaN lane needs no select, as every operation
-// below returns its NaN operand (the same bits as exp_f32's `return x`). k = rint(x log2 e) by
-// vrndscaleps (a zero k's sign changes no result), y * 2**k by vscalefps (k in [-126, 0]: the same
-// correctly rounded product).
+// returns its NaN operand (the same bits as exp_f32's `return x`).
 template <int R>
 inline void ExpOfNonPositive(__m512* x) {
   const __m512 lo = _mm512_set1_ps(nl::kExpLo);
-  __m512 xk[R], k[R], r[R], z[R], p[R];
+  __m512 xk[R], y[R], k[R];
+  BCT_UNROLL for (int i = 0; i < R; ++i) xk[i] = _mm512_max_ps(lo, x[i]);  // second operand: a NaN x stays
+  ExpOfClampedR<R>(xk, y, k);
   BCT_UNROLL for (int i = 0; i < R; ++i) {
-    xk[i] = _mm512_max_ps(lo, x[i]);  // second operand: a NaN x stays
-    k[i] = _mm512_roundscale_ps(_mm512_mul_ps(xk[i], _mm512_set1_ps(nl::kLog2e)),
-                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  }
-  BCT_UNROLL for (int i = 0; i < R; ++i) {
-    r[i] = _mm512_sub_ps(_mm512_sub_ps(xk[i], _mm512_mul_ps(k[i], _mm512_set1_ps(nl::kLn2Hi))),
-                         _mm512_mul_ps(k[i], _mm512_set1_ps(nl::kLn2Lo)));
-    z[i] = _mm512_mul_ps(r[i], r[i]);
-    p[i] = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(nl::kExpP0), r[i]), _mm512_set1_ps(nl::kExpP1));
-  }
-  const float coefficients[4] = {nl::kExpP2, nl::kExpP3, nl::kExpP4, nl::kExpP5};
-  BCT_UNROLL for (int c = 0; c < 4; ++c) {
-    const __m512 coefficient = _mm512_set1_ps(coefficients[c]);
-    BCT_UNROLL for (int i = 0; i < R; ++i) p[i] = _mm512_add_ps(_mm512_mul_ps(p[i], r[i]), coefficient);
-  }
-  BCT_UNROLL for (int i = 0; i < R; ++i) {
-    const __m512 y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p[i], z[i]), r[i]), _mm512_set1_ps(1.0f));
     // x < lo: 0 (ordered compare: a NaN lane keeps its NaN)
-    x[i] = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x[i], lo, _CMP_NLT_UQ), _mm512_scalef_ps(y, k[i]));
+    x[i] = _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x[i], lo, _CMP_NLT_UQ), y[i], k[i]);
   }
 }
 

@@ -18,18 +18,16 @@ inline __mmask16 TailMask(int64_t left) {
   return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
 }
 
-// nl::exp_f32 on R vectors of 16 lanes, in place. Each step is applied to all R vectors before the
-// next, so R independent dependency chains are in flight (the polynomial is one long chain). The clamps
-// are min / max (a NaN lane's intermediate values do not matter: it returns x), and y * 2**k is
-// vscalefps (k is an integer in [-126, 127]: the same correctly rounded product).
+// exp_f32's arithmetic on R vectors of arguments xk already clamped to [kExpLo, kExpHi]: y and k, an
+// integer in [-126, 127] as float, whose product y * 2**k (vscalefps: the same correctly rounded
+// product as a multiply by 2**k) is exp_f32 before its final selects. Each step is applied to all R
+// vectors before the next, so R independent dependency chains are in flight (the polynomial is one
+// long chain).
 template <int R>
-inline void ExpR(__m512* x) {
-  const __m512 hi = _mm512_set1_ps(nl::kExpHi);
-  const __m512 lo = _mm512_set1_ps(nl::kExpLo);
+inline void ExpOfClampedR(const __m512* xk, __m512* y, __m512* k) {
   const __m512 magic = _mm512_set1_ps(12582912.0f);
-  __m512 xk[R], k[R], r[R], z[R], p[R];
+  __m512 r[R], z[R], p[R];
   for (int i = 0; i < R; ++i) {
-    xk[i] = _mm512_max_ps(_mm512_min_ps(x[i], hi), lo);  // x > hi ? hi : x, then >= lo ? . : lo
     k[i] = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(xk[i], _mm512_set1_ps(nl::kLog2e)), magic), magic);
   }
   for (int i = 0; i < R; ++i) {
@@ -44,8 +42,21 @@ inline void ExpR(__m512* x) {
     for (int i = 0; i < R; ++i) p[i] = _mm512_add_ps(_mm512_mul_ps(p[i], r[i]), coefficient);
   }
   for (int i = 0; i < R; ++i) {
-    const __m512 y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p[i], z[i]), r[i]), _mm512_set1_ps(1.0f));
-    const __m512 out = _mm512_scalef_ps(y, k[i]);
+    y[i] = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p[i], z[i]), r[i]), _mm512_set1_ps(1.0f));
+  }
+}
+
+// nl::exp_f32 on R vectors of 16 lanes, in place. The clamps are min / max (a NaN lane's intermediate
+// values do not matter: it returns x).
+template <int R>
+inline void ExpR(__m512* x) {
+  const __m512 hi = _mm512_set1_ps(nl::kExpHi);
+  const __m512 lo = _mm512_set1_ps(nl::kExpLo);
+  __m512 xk[R], y[R], k[R];
+  for (int i = 0; i < R; ++i) xk[i] = _mm512_max_ps(_mm512_min_ps(x[i], hi), lo);  // x > hi ? hi : x, then >= lo
+  ExpOfClampedR<R>(xk, y, k);
+  for (int i = 0; i < R; ++i) {
+    const __m512 out = _mm512_scalef_ps(y[i], k[i]);
     const __m512 clamped = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x[i], lo, _CMP_NLT_UQ), out);  // x < lo: 0
     x[i] = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x[i], x[i], _CMP_UNORD_Q), clamped, x[i]);
   }

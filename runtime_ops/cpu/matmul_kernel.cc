@@ -343,7 +343,6 @@ namespace {
 // path (decode, float mode, the scalar path, or too few rows for two tasks).
 int64_t RowChunkRows(const PackedWeights& p, int64_t M) {
   if (p.shape.act_bits == 0 || cpu::Kernels(p.isa).matmul_tiles == nullptr || M < 32) return 0;
-  if (p.high_planes > 0 && M >= 512) return 64;  // each task expands the weights to bytes once: fewer tasks
   return M >= 256 ? 32 : 16;
 }
 

@@ -45,6 +45,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -153,6 +154,14 @@ struct PackedWeights {
   // [num_tiles][num_blocks][16]; scalar: [N][num_blocks]. Unused vectors stay empty.
   cpu::WeightVector<float> scales;
   cpu::WeightVector<float> zero_points;
+  // high_planes weights as byte storage for the prefill kernels, [num_tiles][num_blocks][block_padded
+  // / 8 * 128] (per group of 8 k: the low, then the high nibbles with their plane bits, 64 bytes each),
+  // block parameters staying in `codes`: built once, on the first prefill call (the AVX-512 path's
+  // PrefillBytes, under prefill_bytes_once, so concurrent calls wait for one expansion), then read by
+  // every prefill call; decode keeps streaming `codes`. Costs one byte a weight (1.6x the packed
+  // 5-bit codes), only in kernels that run prefill.
+  mutable std::once_flag prefill_bytes_once;
+  mutable cpu::WeightVector<uint8_t> prefill_bytes;
 };
 
 // Tiles in the panel of `tile` (panel_tiles except in a last, partial panel).

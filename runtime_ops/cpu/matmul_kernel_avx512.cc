@@ -6,6 +6,7 @@
 // (and possibly shared with other files) for the target.
 #include <algorithm>
 #include <cstring>
+#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -140,43 +141,51 @@ constexpr int kIntPrefillRows = kDecodeRows + 1;  // integer mode: from this man
 constexpr int kIntRows = 4;           // register block of the integer prefill kernel (4 rows x 4 tiles)
 constexpr int kFloatRows = 8;         // register block of the float prefill kernel (8 x 2 tiles)
 
-// Nibble codes with high bit planes (5-bit weights, matmul_kernel.h): the T tiles' codes are expanded
-// once for the task's rows into byte storage (the low and the high nibbles of each group of 8 k, their
-// plane bits added as the decode kernels add them, are the two byte groups of those 8 k), so the row
-// blocks run the byte kernel on the same integer codes (the same bits) without adding plane bits each.
+// Nibble codes with high bit planes (5-bit weights, matmul_kernel.h) expanded into byte storage (the
+// low and the high nibbles of each group of 8 k, their plane bits added as the decode kernels add
+// them, are the two byte groups of those 8 k), so the prefill row blocks run the byte kernel on the
+// same integer codes (the same bits) without adding plane bits for every row block. Expanded once per
+// weight, on the first prefill call (p.prefill_bytes); returns the bytes of tile 0.
+const uint8_t* PrefillBytes(const PackedWeights& p) {
+  std::call_once(p.prefill_bytes_once, [&p] {
+    const int64_t nb = p.num_blocks, groups = p.block_padded / 8, block_bytes = groups * 128;
+    p.prefill_bytes.resize(static_cast<size_t>(p.num_tiles * nb * block_bytes));
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    for (int64_t tile = 0; tile < p.num_tiles; ++tile) {
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* wb = BlockCodes(p, tile, b);
+        uint8_t* dst = p.prefill_bytes.data() + (tile * nb + b) * block_bytes;
+        for (int64_t g = 0; g < groups; ++g) {
+          const __m512i raw = _mm512_loadu_si512(wb + g * 64);
+          __m512i lo = _mm512_and_si512(raw, low4);
+          __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+          for (int q = 0; q < p.high_planes; ++q) {
+            const uint8_t* masks = wb + groups * 64 + (q * groups + g) * 16;
+            uint64_t low_bits, high_bits;
+            std::memcpy(&low_bits, masks, sizeof(low_bits));
+            std::memcpy(&high_bits, masks + 8, sizeof(high_bits));
+            const __m512i bit = _mm512_set1_epi8(static_cast<char>(16 << q));
+            lo = _mm512_mask_add_epi8(lo, _cvtu64_mask64(low_bits), lo, bit);
+            hi = _mm512_mask_add_epi8(hi, _cvtu64_mask64(high_bits), hi, bit);
+          }
+          _mm512_storeu_si512(dst + g * 128, lo);
+          _mm512_storeu_si512(dst + g * 128 + 64, hi);
+        }
+      }
+    }
+  });
+  return p.prefill_bytes.data();
+}
+
 template <int T, int kZp>
 void IntPrefillPlanes(const PackedWeights& p, const ActRows& act, int64_t row_begin, int64_t row_end, int64_t tile0,
                       const float* bias, float* Y) {
-  const int64_t nb = p.num_blocks, groups = p.block_padded / 8, block_bytes = groups * 128;
-  thread_local std::vector<float> scratch;  // bytes, in the vector type FloatPrefill uses
-  scratch.resize(static_cast<size_t>(T * nb * block_bytes / 4));
-  uint8_t* expanded = reinterpret_cast<uint8_t*>(scratch.data());
-  const __m512i low4 = _mm512_set1_epi8(0x0f);
+  const int64_t tile_bytes = p.num_blocks * (p.block_padded / 8) * 128;
+  const uint8_t* bytes = PrefillBytes(p);
   TileCodes<T> codes = PackedTileCodes<T>(p, tile0);
   for (int t = 0; t < T; ++t) {
-    uint8_t* tile = expanded + t * nb * block_bytes;
-    for (int64_t b = 0; b < nb; ++b) {
-      const uint8_t* wb = codes.codes[t] + b * codes.code_stride[t];
-      uint8_t* dst = tile + b * block_bytes;
-      for (int64_t g = 0; g < groups; ++g) {
-        const __m512i raw = _mm512_loadu_si512(wb + g * 64);
-        __m512i lo = _mm512_and_si512(raw, low4);
-        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
-        for (int q = 0; q < p.high_planes; ++q) {
-          const uint8_t* masks = wb + groups * 64 + (q * groups + g) * 16;
-          uint64_t low_bits, high_bits;
-          std::memcpy(&low_bits, masks, sizeof(low_bits));
-          std::memcpy(&high_bits, masks + 8, sizeof(high_bits));
-          const __m512i bit = _mm512_set1_epi8(static_cast<char>(16 << q));
-          lo = _mm512_mask_add_epi8(lo, _cvtu64_mask64(low_bits), lo, bit);
-          hi = _mm512_mask_add_epi8(hi, _cvtu64_mask64(high_bits), hi, bit);
-        }
-        _mm512_storeu_si512(dst + g * 128, lo);
-        _mm512_storeu_si512(dst + g * 128 + 64, hi);
-      }
-    }
-    codes.codes[t] = tile;
-    codes.code_stride[t] = block_bytes;  // the block parameters stay where the packed stream has them
+    codes.codes[t] = bytes + (tile0 + t) * tile_bytes;
+    codes.code_stride[t] = tile_bytes / p.num_blocks;  // the block parameters stay where the packed stream has them
   }
   BalancedRowBlocks<kIntRows>(row_begin, row_end, IntPrefillBody<T, false, kZp>{p, codes, act, tile0, bias, Y});
 }

@@ -251,7 +251,7 @@ def test_gptq_walks_on_one_thread_while_hessians_are_collected(monkeypatch):
 
     monkeypatch.setattr(gptq, "_gptq_walk", recording_walk)
     threaded = gptq_quantize(w, hessian, fmt)
-    assert walked_rows == [8, 8, 7]
+    assert sorted(walked_rows) == [7, 8, 8]  # chunks walked on three threads, in any order
     walked_rows.clear()
     with gptq.CORE_SHARING.busy():
         assert gptq.CORE_SHARING.threads() == 1
@@ -441,9 +441,9 @@ def test_calibration_runs_only_the_nodes_its_hessians_need(monkeypatch):
     run_nodes = []
     session = calibration.runtime.session
 
-    def recording_session(path, *args, **kwargs):
-        run_nodes.extend(node.output[0] for node in onnx.load(path, load_external_data=False).graph.node)
-        return session(path, *args, **kwargs)
+    def recording_session(data, *args, **kwargs):
+        run_nodes.extend(node.output[0] for node in onnx.ModelProto.FromString(data).graph.node)
+        return session(data, *args, **kwargs)
 
     monkeypatch.setattr(calibration.runtime, "session", recording_session)
     batch = rng.standard_normal((8, 64)).astype(np.float32)
@@ -752,9 +752,9 @@ def test_calibration_leaves_out_softmax_nan_guards_and_keeps_the_model_hessians(
     sessions = []
     session = calibration.runtime.session
 
-    def recording_session(path, *args, **kwargs):
-        sessions.append([node.op_type for node in onnx.load(path, load_external_data=False).graph.node])
-        return session(path, *args, **kwargs)
+    def recording_session(data, *args, **kwargs):
+        sessions.append([node.op_type for node in onnx.ModelProto.FromString(data).graph.node])
+        return session(data, *args, **kwargs)
 
     monkeypatch.setattr(calibration.runtime, "session", recording_session)
     x = [rng.standard_normal((3, 4, 8)).astype(np.float32) for _ in range(2)]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from typing import Any
 
 import ml_dtypes
@@ -279,12 +280,44 @@ def test_exact_decode_byte_codes_many_blocks(isa: str, bits: int, symmetric: boo
 def test_exact_high_bit_planes(isa: str, bits: int, symmetric: bool, block_size: int, rows: int) -> None:
     """5..7-bit weights with integer activations (5 bits on AVX-512: nibbles plus a high bit plane):
     every code value in every nibble position, decode (1..8 rows) and prefill row counts (40: tasks of
-    16 rows; 520: of 64, the last one 8 rows), blocks of 2, 4 and 8 groups and one padded to 16, K
+    16 rows; 520: of 32, the last one 8 rows; prefill reads the codes expanded to bytes once), blocks of 2, 4 and 8 groups and one padded to 16, K
     ending in a partial block, N=70 (a partial panel)."""
     rng = np.random.default_rng(bits * 100 + block_size + rows)
     _check_exact_integer_rows(
         rng, isa, k=3 * block_size + 7, n=70, bits=bits, block_size=block_size, symmetric=symmetric, rows=rows
     )
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_exact_high_bit_planes_first_calls_concurrent(isa: str, symmetric: bool) -> None:
+    """5-bit weights are expanded to bytes on a kernel's first prefill call: eight Run calls on one new
+    session (prefill of 13..520 rows and decode rows, on two intra-op threads each), started together,
+    all equal the spec bit for bit (a call that read a half-expanded weight would not)."""
+    rng = np.random.default_rng(51 + symmetric)
+    k, n, block_size = 3 * 32 + 7, 16 * 9 + 3, 32
+    codes, scales, zero_points = random_weight(rng, n, k, 5, block_size, symmetric, ScaleKind.FLOAT16, exact=True)
+    fmt = {"k": k, "bits": 5, "block_size": block_size, "symmetric": symmetric, "act_bits": 8}
+    session = bct_onnx.session(
+        matmul_model(n=n, codes=codes, scales=scales, zero_points=zero_points, bias=None, **fmt), threads=2
+    )
+    feeds = [exact_activations(rng, (rows, k), block_size, 8) for rows in (520, 13, 64, 2, 200, 33, 520, 7)]
+    results: list[np.ndarray | None] = [None] * len(feeds)
+    start = threading.Barrier(len(feeds))
+
+    def run(i: int) -> None:
+        start.wait()
+        results[i] = session.run(None, {"A": feeds[i]})[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(feeds))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for a, got in zip(feeds, results):
+        want = matmul_reference(a, codes, scales, zero_points, **fmt)
+        assert np.array_equal(want.astype(np.float32).astype(np.float64), want), "test data not exact in float32"
+        assert got is not None
+        np.testing.assert_array_equal(got, want.astype(np.float32), err_msg=f"isa={isa} rows={len(a)}")
 
 
 @pytest.mark.parametrize("act_bits", [8, 0])

@@ -385,6 +385,34 @@ def test_special_values() -> None:
     assert y[0, 1] == 0.0 and y[0, 3] == 0.0
 
 
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avxvnni", "avx512", "avx512vnni"])
+def test_gelu_special_values_in_whole_vectors(isa: str, force_isa: Any) -> None:
+    """GELU's AVX-512 row function takes a shorter sequence of operations for 64 values without NaN and
+    the full one when one of them is NaN: signed zeros, infinities, huge and subnormal values and the
+    values around exp's lower clamp (-(x / sqrt 2)**2 = -87.3 near |x| = 13.2), in rows of 64 with and
+    without a NaN, give the spec's bits on every path (a NaN where the spec has a NaN: NaN payloads
+    differ from numpy's on every path)."""
+    force_isa(isa)
+    rng = np.random.default_rng(23)
+    special = np.array(
+        [0.0, -0.0, np.inf, -np.inf, 1e30, -1e30, 1e-40, -1e-40, 1.4e-45, -1.4e-45, 3.0, -3.0], np.float32
+    )
+    near_clamp = np.linspace(12.9, 13.5, 26, dtype=np.float32)
+    row = np.concatenate([special, near_clamp, -near_clamp]).astype(np.float32)
+    x = np.stack([row, row, rng.standard_normal(64).astype(np.float32) * 8])
+    x[1, 37] = np.float32("nan")
+    x[2, 5] = -np.float32("nan")
+    out_fmt = BlockFormat(8, 32, True, ScaleKind.FLOAT32)
+    for name in ("gelu", "gelu_tanh"):
+        y = spec_float(name, x, [])
+        expected = ref.store_result(y, out_fmt)
+        outputs = run_op(name, x, [], None) + run_op(name, x, [], out_fmt)
+        for got, want, what in zip(outputs, (y, expected.codes, expected.scales), ("Y", "codes", "scales")):
+            nan = np.isnan(want)
+            assert np.array_equal(np.isnan(got), nan), f"{name} {what}: NaN positions"
+            assert_bits_equal(np.where(nan, 0, got), np.where(nan, 0, want), f"{name} {what}")
+
+
 @pytest.mark.parametrize("name", ["gelu", "silu", "softmax", "layer_norm", "rms_norm"])
 def test_codes_vs_exact_math_within_one_step(name: str) -> None:
     """The polynomial math moves codes of exact math by at most one step, rarely."""
