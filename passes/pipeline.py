@@ -424,7 +424,8 @@ def _compress_model(
     for index, pass_ in enumerate(canonical, start=1):
         work = run(pass_, index, work)
     # Calibration statistics are measured here, on the canonicalized model whose MatMuls the
-    # quantize pass sees, and handed to it: passes run no inference.
+    # quantize pass sees, and handed to it: passes run no inference. Hessians already being measured
+    # on the input model (start_hessians) are of the same values when canonicalization kept them.
     hessians = importances = None
     calibration_index = len(records)
     if calibration is not None and config.enabled("MatMul"):
