@@ -11,11 +11,13 @@ already has the expanded shape (it is the v of ``shape = Shape(v)``, or its decl
 shape equals the node's result shape, every dim known). Such a path computes, from the unexpanded x,
 the same values on fewer elements, and the end broadcasts them back: the outputs do not change. The
 shapes recorded for the values on the paths are cleared (they shrink) and inferred again. An Expand
-read any other way stays, with the reason in the report. It runs after FuseAttentionPass, whose
+read any other way stays (``expand_paths`` says why). It runs after FuseAttentionPass, whose
 BlockAttention is the mask's broadcasting reader.
 """
 
 from __future__ import annotations
+
+import logging
 
 import onnx_ir as ir
 from bct_onnx.passes.framework import DEFAULT_DOMAINS, CompressPass, PassReport
@@ -23,6 +25,8 @@ from bct_onnx.passes.graph_patterns import SHAPE_KEY, value_shape
 from bct_onnx.passes.infer_shapes import annotate_shapes, ensure_shapes
 
 from bct_onnx import ops
+
+logger = logging.getLogger(__name__)
 
 RULE = "Expand read only through broadcasting nodes (removed)"
 # docs/ops.md: BlockAttention's inputs Q, K, K scales, K zero points, V, V scales, V zero points, mask.
@@ -138,30 +142,40 @@ def _paths_end_broadcasting(
     return chain, None
 
 
+def expand_paths(node: ir.Node) -> tuple[list[ir.Value], str | None]:
+    """For an Expand node: (the values computed from its result on the paths, None) when it can go,
+    else ([], the reason it stays)."""
+    source = node.inputs[0] if node.inputs else None
+    if source is None or len(node.inputs) != 2:
+        return [], "not an Expand of an input by a shape"
+    source_shape = value_shape(source)
+    return _paths_end_broadcasting(
+        node.outputs[0], 0 if source_shape is None else len(source_shape), _shape_source(node.inputs[1])
+    )
+
+
 class RemoveBroadcastExpandsPass(CompressPass):
-    """Drop Expands (main graph) whose every reader broadcasts the unexpanded input the same way."""
+    """Drop Expands (main graph) whose every reader broadcasts the unexpanded input the same way.
+
+    An Expand that stays is not reported as skipped (nothing was left uncompressed); its reason is
+    logged at debug level.
+    """
 
     def run(self, model: ir.Model, report: PassReport) -> None:
         graph = model.graph
         ensure_shapes(model)
         removed = 0
         for node in list(graph):
-            if node.op_type != "Expand" or node.domain not in DEFAULT_DOMAINS or len(node.inputs) != 2:
+            if node.op_type != "Expand" or node.domain not in DEFAULT_DOMAINS:
                 continue
-            source, result = node.inputs[0], node.outputs[0]
-            if source is None:
-                continue
-            source_shape = value_shape(source)
-            chain, why_not = _paths_end_broadcasting(
-                result, 0 if source_shape is None else len(source_shape), _shape_source(node.inputs[1])
-            )
+            chain, why_not = expand_paths(node)
             if why_not is not None:
-                report.skip(node, why_not)
+                logger.debug("Expand '%s' stays: %s", node.name, why_not)
                 continue
             for value in chain[1:]:  # they shrink: their recorded shapes no longer hold
                 value.shape = None
                 value.meta.pop(SHAPE_KEY, None)
-            result.replace_all_uses_with(source)
+            node.outputs[0].replace_all_uses_with(node.inputs[0])
             graph.remove(node, safe=True)
             report.count(RULE)
             removed += 1
