@@ -481,9 +481,18 @@ def collect_hessians(
         store.close()
         raise
 
+    try:
+        # Planned here, not on the collection's thread: this Python work would contend for the GIL with
+        # the caller's (canonicalization) and delay the first session.
+        plan = _plan_segments(proto, data_folder, {activation for activation, _ in targets}, segment_bytes)
+    except BaseException:
+        folder.cleanup()
+        store.close()
+        raise
+
     def collect() -> None:
         try:
-            _run_segments(proto, data_folder, targets, calibration, list(providers), segment_bytes, store)
+            _run_segments(proto, data_folder, plan, calibration, list(providers), store)
         finally:
             folder.cleanup()
         logger.info("calibration: Hessians for %d MatMul weights from %d batches", len(store._keys), len(calibration.feeds))
@@ -613,33 +622,39 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int:
     return tensor.ByteSize()
 
 
-def _run_segments(
-    proto: onnx.ModelProto,
-    folder: str,
-    targets: dict[MatMulKey, int],
-    calibration: Calibration,
-    providers: list[str],
-    segment_bytes: int,
-    store: HessianStore,
-) -> None:
-    """Run the float model segment by segment on every batch, adding finished Hessians to store; folder
-    holds the data files of proto's external tensors."""
-    import onnxruntime as ort
+@dataclasses.dataclass(frozen=True)
+class _Segment:
+    """One calibration session's part of the graph, and what crosses its borders."""
 
-    from bct_onnx.gptq import blas_controller
+    nodes: list[int]
+    inputs: list[str]  # values it reads that graph inputs or earlier segments give
+    outputs: list[str]  # values later segments read, and the activations of its Hessians it computes
+    later: set[str]  # its values that later segments read: kept for every batch
+    acts: list[str]  # the activations whose Hessians it finishes
+    guards: _NanGuards
+    checks: list[str]  # outputs inspected for NaN, besides outputs (guards.checks)
 
+
+@dataclasses.dataclass(frozen=True)
+class _SegmentPlan:
+    segments: list[_Segment]  # up to the last one that finishes a Hessian
+    graph_inputs: set[str]
+    last_reader: dict[str, int]  # value name -> index of the last segment reading it
+
+
+def _plan_segments(proto: onnx.ModelProto, folder: str, wanted: set[str], segment_bytes: int) -> _SegmentPlan:
+    """Cut the graph into segments (_segments) and work out what each one reads, keeps and finishes."""
     graph = proto.graph
-    wanted = {act for act, _ in targets}
-    segments = _segments(graph, segment_bytes, wanted)
-    initializers = {tensor.name: tensor for tensor in graph.initializer}
-    graph_inputs = {value.name for value in graph.input} - initializers.keys()
+    node_sets = _segments(graph, segment_bytes, wanted)
+    initializers = {tensor.name for tensor in graph.initializer}
+    graph_inputs = {value.name for value in graph.input} - initializers
     # The last segment that reads each value: a kept value is dropped after it.
     last_reader: dict[str, int] = {}
     # The activations whose Hessians each segment finishes: those it computes (graph inputs: the first).
-    targets_in: list[set[str]] = [set() for _ in segments]
+    targets_in: list[set[str]] = [set() for _ in node_sets]
     targets_in[0] = wanted & graph_inputs
-    for index, segment in enumerate(segments):
-        for i in segment:
+    for index, nodes in enumerate(node_sets):
+        for i in nodes:
             reads, writes = _node_names(graph.node[i])
             for name in reads:
                 last_reader[name] = index
@@ -649,32 +664,62 @@ def _run_segments(
     for i, node in enumerate(graph.node):
         for name in set(_node_names(node)[0]):
             readers.setdefault(name, []).append(i)
+    segments = []
+    for index, nodes in enumerate(node_sets[: last_segment + 1]):
+        produced = {name for i in nodes for name in _node_names(graph.node[i])[1]}
+        read = [name for i in nodes for name in _node_names(graph.node[i])[0]]
+        inputs = sorted({name for name in read if name not in produced and name not in initializers})
+        later = {name for name in produced if last_reader.get(name, -1) > index}
+        acts = sorted(targets_in[index])
+        outputs = sorted(later | (set(acts) & produced))
+        guards = _softmax_nan_guards(graph, nodes, readers, set(outputs) | wanted, folder)
+        checks = [name for name in guards.checks if name not in outputs]
+        segments.append(_Segment(nodes, inputs, outputs, later, acts, guards, checks))
+    return _SegmentPlan(segments, graph_inputs, last_reader)
+
+
+def _run_segments(
+    proto: onnx.ModelProto,
+    folder: str,
+    plan: _SegmentPlan,
+    calibration: Calibration,
+    providers: list[str],
+    store: HessianStore,
+) -> None:
+    """Run the float model segment by segment (plan) on every batch, adding finished Hessians to store;
+    folder holds the data files of proto's external tensors."""
+    import onnxruntime as ort
+
+    from bct_onnx.gptq import blas_controller
+
+    graph = proto.graph
     options = ort.SessionOptions()
     # Calibration batches are short: spinning worker threads would burn CPU waiting for work.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # The arena reuses a run's large intermediates (a decoder's attention scores) from node to node and
     # from batch to batch; without it each is a fresh mmap whose pages the kernel zeroes on first touch
-    # (SmolLM2 on 7k tokens: about a third more CPU time, most of it in the kernel). Its blocks are freed
-    # with the session; release_freed_memory hands them back to the OS after each segment.
+    # (SmolLM2 on 7k tokens: about a third more CPU time, most of it in the kernel).
     options.enable_cpu_mem_arena = True
     # No memory pattern (one block planned for all of a run's intermediates): the arena alone reuses
     # them, and a segment's peak is about a sixth lower (SmolLM2: 0.58 against 0.70 GB).
     options.enable_mem_pattern = False
     # Sessions are opened from bytes: their weights are mapped from the data files in this folder.
     options.add_session_config_entry(model_io.EXTERNAL_DATA_FOLDER_KEY, folder)
+    # One arena for every segment's session (registered once on ONNX Runtime's environment): each new
+    # session would otherwise grow an arena of its own and fault in its pages again (SmolLM2: about
+    # 0.8 s of system time over 12 segments). The last run hands what it no longer uses back.
+    _register_shared_arena(ort)
+    options.add_session_config_entry("session.use_env_allocators", "1")
+    shrink = ort.RunOptions()
+    shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
     with_library = any(node.domain == ops.DOMAIN for node in graph.node)
     kept: dict[str, list[np.ndarray]] = {}  # value name -> one array per batch
     feeds = [dict(batch) for batch in calibration.feeds]
+    graph_inputs, last_reader = plan.graph_inputs, plan.last_reader
     with blas_controller().limit(limits=1, user_api="blas"), ThreadPoolExecutor(1) as accumulator:
-        for index, segment in enumerate(segments[: last_segment + 1]):
-            produced = {name for i in segment for name in _node_names(graph.node[i])[1]}
-            read = [name for i in segment for name in _node_names(graph.node[i])[0]]
-            inputs = sorted({name for name in read if name not in produced and name not in initializers})
-            later = {name for name in produced if last_reader.get(name, -1) > index}
-            acts = sorted(targets_in[index])
-            outputs = sorted(later | (set(acts) & produced))
-            guards = _softmax_nan_guards(graph, segment, readers, set(outputs) | wanted, folder)
-            checks = [name for name in guards.checks if name not in outputs]
+        for index, part in enumerate(plan.segments):
+            segment, inputs, outputs, later, acts = part.nodes, part.inputs, part.outputs, part.later, part.acts
+            guards, checks = part.guards, part.checks
             # No outputs needed: the segment's Hessians (if any) are of its inputs, nothing need run.
             session = (
                 _segment_session(
@@ -692,7 +737,8 @@ def _run_segments(
                 store._check_cancelled()
                 run_feeds = {name: (batch[name] if name in graph_inputs else kept[name][b]) for name in inputs}
                 try:
-                    values = {} if session is None else dict(zip(outputs + checks, session.run(outputs + checks, run_feeds)))
+                    last_run = index == len(plan.segments) - 1 and b == len(feeds) - 1
+                    values = {} if session is None else dict(zip(outputs + checks, session.run(outputs + checks, run_feeds, shrink if last_run else None)))
                     if values and any(np.isnan(values[name]).any() for name in guards.checks):
                         if exact_session is None:
                             exact_session = _segment_session(
@@ -721,6 +767,24 @@ def _run_segments(
             for name in [name for name in kept if last_reader.get(name, -1) <= index]:
                 del kept[name]
             release_freed_memory()
+
+
+_ARENA_LOCK = threading.Lock()
+_ARENA_REGISTERED: list[bool] = []  # one entry once registered
+
+
+def _register_shared_arena(ort: Any) -> None:
+    """Register a CPU arena on ONNX Runtime's environment (once per process) for the calibration
+    sessions (session.use_env_allocators); it grows by what is asked (no power-of-two rounding)."""
+    with _ARENA_LOCK:
+        if _ARENA_REGISTERED:
+            return
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        try:
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg({"arena_extend_strategy": 1}))
+        except Exception as error:  # noqa: BLE001  (one registered before, by the caller: the sessions use it)
+            logger.debug("ONNX Runtime's shared CPU allocator not registered: %s", error)
+        _ARENA_REGISTERED.append(True)
 
 
 @functools.cache

@@ -185,3 +185,56 @@ def test_hessians_are_measured_again_when_canonicalization_gives_a_matmul_a_new_
 def test_no_early_forward_where_its_hessians_would_not_serve(tmp_path, config, calib):
     path = build(tmp_path / "model.onnx", TINY)
     assert start_hessians(model_io.load(path), config, _calibration(TINY) if calib else None, path) is None
+
+
+def test_background_collection_plans_its_segments_on_the_calling_thread(tmp_path, monkeypatch):
+    """The plan is Python work: on the collection's thread it would contend with the caller's for the GIL
+    and delay the first session; the collection's thread only runs sessions and sums."""
+    import threading
+
+    path = build(tmp_path / "model.onnx", TINY)
+    planned_on = []
+    plan = calibration._plan_segments
+
+    def recording_plan(*args, **kwargs):
+        planned_on.append(threading.current_thread())
+        return plan(*args, **kwargs)
+
+    monkeypatch.setattr(calibration, "_plan_segments", recording_plan)
+    store = collect_hessians(model_io.load(path), _calibration(TINY), model_file=path, background=True)
+    try:
+        assert planned_on == [threading.current_thread()]
+        assert len(store) == 7 * TINY.layers + 1
+    finally:
+        store.close()
+
+
+def test_segment_sessions_share_one_arena_handed_back_after_the_last_run(tmp_path, monkeypatch):
+    """Every calibration session allocates from ONNX Runtime's shared arena (no arena of its own to fault
+    in again per segment), and only the collection's very last run asks the arena to shrink."""
+    path = build(tmp_path / "model.onnx", TINY)
+    shared, shrinks = [], []
+    session = calibration.runtime.session
+
+    class RecordingSession:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def run(self, outputs, feeds, run_options=None):
+            entry = run_options.get_run_config_entry("memory.enable_memory_arena_shrinkage") if run_options else None
+            shrinks.append(entry)
+            return self.inner.run(outputs, feeds, run_options)
+
+    def recording_session(data, providers, options, **kwargs):
+        shared.append(options.get_session_config_entry("session.use_env_allocators"))
+        return RecordingSession(session(data, providers, options, **kwargs))
+
+    monkeypatch.setattr(calibration.runtime, "session", recording_session)
+    calib = _calibration(TINY)
+    store = collect_hessians(model_io.load(path), calib, model_file=path, segment_bytes=2 * TINY.layer_bytes())
+    try:
+        assert len(shared) > 2 and set(shared) == {"1"}
+        assert shrinks[-1] == "cpu:0" and set(shrinks[:-1]) == {None}
+        assert len(shrinks) == len(calib.feeds) * len(shared)  # every segment ran every batch
+    finally:
+        store.close()
