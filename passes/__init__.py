@@ -54,6 +54,7 @@ from bct_onnx.passes.quantize_layer_norm import QuantizeLayerNormPass
 from bct_onnx.passes.quantize_matmul import QuantizeMatMulPass
 from bct_onnx.passes.quantize_silu import QuantizeSiluPass
 from bct_onnx.passes.quantize_softmax import QuantizeSoftmaxPass
+from bct_onnx.passes.remove_broadcast_expands import RemoveBroadcastExpandsPass
 from bct_onnx.passes.remove_noop_casts import RemoveNoOpCastsPass
 from bct_onnx.passes.rotate_residual_stream import RotateResidualStreamPass
 
@@ -98,6 +99,7 @@ __all__ = [
     "QuantizeMatMulPass",
     "QuantizeSiluPass",
     "QuantizeSoftmaxPass",
+    "RemoveBroadcastExpandsPass",
     "RemoveNoOpCastsPass",
     "RotateResidualStreamPass",
     "Skip",

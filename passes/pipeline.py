@@ -52,6 +52,7 @@ from bct_onnx.passes.quantize_layer_norm import QuantizeLayerNormPass
 from bct_onnx.passes.quantize_matmul import QuantizeMatMulPass
 from bct_onnx.passes.quantize_silu import QuantizeSiluPass
 from bct_onnx.passes.quantize_softmax import QuantizeSoftmaxPass
+from bct_onnx.passes.remove_broadcast_expands import RemoveBroadcastExpandsPass
 from bct_onnx.passes.remove_noop_casts import RemoveNoOpCastsPass
 from bct_onnx.passes.rotate_residual_stream import RotateResidualStreamPass
 from onnx_ir.passes import common as common_passes
@@ -107,6 +108,9 @@ _EXTERNAL_DATA_BYTES = 1 << 30
 # - PackSharedInputMatMulsPass (config.fuse_ops) after every attention fusion and format choice: it
 #   packs the Q, K (and V) BlockMatMuls of an encoder's BlockAttention into one, which the op reads in
 #   place; the MatMuls' attributes (formats, codes in and out) must be final to be compared.
+# - RemoveBroadcastExpandsPass after the attention fusions: BlockAttention broadcasts its mask, so an
+#   encoder's mask is no longer expanded to [B, 1, S, S] (exported shapes do not prove it for the Add
+#   the op replaced).
 # - RemoveNoOpCastsPass before cleanup: Casts to their input's own dtype (RMSNorm's .to(float32)),
 #   once the passes have given every value its dtype.
 QUANTIZE_PASSES: dict[str, Callable[[CompressConfig], ir.passes.PassBase]] = {
@@ -255,6 +259,7 @@ def rewrite_passes(
         quantize.append(FuseAttentionStepPass())
         if config.fuse_ops:
             quantize.append(PackSharedInputMatMulsPass())
+    quantize.append(RemoveBroadcastExpandsPass())
     quantize.append(RemoveNoOpCastsPass())
     if config.format == "qdq":
         quantize.append(ConvertToQDQPass(activations=config.qdq_activations))

@@ -232,7 +232,60 @@ void PackBlock(PackedB& p, int64_t batch, int64_t blk, const int8_t* q, const fl
 #if BCT_X86_SIMD
 namespace {
 
-// R output rows at once (R <= 4): each B load feeds R independent vpdpbusd chains.
+// C strips of 16 columns from j0 on, R output rows (R <= 4): each B load feeds R independent
+// vpdpbusd chains and each broadcast of A's four codes feeds C.
+template <int R, int C>
+__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline void DotStrips(
+    const PackedB& p, int64_t batch, int64_t j0, const float* sa, int64_t sa_stride, const uint8_t* scratch,
+    int64_t row_scratch, int64_t group_bytes, float* y, int64_t y_stride) {
+  const __m512i bias128 = _mm512_set1_epi32(128);
+  __m512 acc_y[R][C];
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) acc_y[r][c] = _mm512_setzero_ps();
+  }
+  for (int64_t blk = 0; blk < p.nb; ++blk) {
+    const int64_t len = std::min(p.block_size, p.k - blk * p.block_size);
+    const int64_t groups = (len + 3) / 4;
+    const int8_t* b = p.codes.data() + ((batch * p.nb + blk) * p.groups * p.n_pad + j0) * 4;
+    const uint8_t* a = scratch + blk * group_bytes;
+    __m512i acc[R][C];
+    for (int r = 0; r < R; ++r) {
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_si512();
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512i bv[C];
+      for (int c = 0; c < C; ++c) bv[c] = _mm512_loadu_si512(b + g * p.n_pad * 4 + c * 64);
+      for (int r = 0; r < R; ++r) {
+        int32_t a4;
+        std::memcpy(&a4, a + r * row_scratch + g * 4, 4);
+        const __m512i av = _mm512_set1_epi32(a4);
+        for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], av, bv[c]);
+      }
+    }
+    for (int c = 0; c < C; ++c) {
+      const size_t at = static_cast<size_t>((batch * p.nb + blk) * p.n_pad + j0 + 16 * c);
+      const __m512i correction = _mm512_mullo_epi32(_mm512_loadu_si512(p.sums.data() + at), bias128);
+      const __m512 sb = _mm512_loadu_ps(p.scales.data() + at);
+      for (int r = 0; r < R; ++r) {
+        const __m512i dot = _mm512_sub_epi32(acc[r][c], correction);
+        const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(sa[r * sa_stride + blk]), sb);
+        acc_y[r][c] = _mm512_add_ps(acc_y[r][c], _mm512_mul_ps(_mm512_maskz_cvtepi32_ps(0xffff, dot), scale));
+      }
+    }
+  }
+  for (int c = 0; c < C; ++c) {
+    const int64_t left = p.n - (j0 + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      if (left >= 16) {
+        _mm512_storeu_ps(y + r * y_stride + j0 + 16 * c, acc_y[r][c]);
+      } else {
+        _mm512_mask_storeu_ps(y + r * y_stride + j0 + 16 * c, static_cast<__mmask16>((1u << left) - 1u), acc_y[r][c]);
+      }
+    }
+  }
+}
+
+// R output rows at once (R <= 4), two strips of 16 columns at a time (then one).
 template <int R>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void DotRowsT(const PackedB& p, int64_t batch,
                                                                       const int8_t* qa, int64_t qa_stride,
@@ -251,43 +304,11 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void DotRowsT(const Packe
       for (int64_t i = len; i < group_bytes; ++i) dst[i] = 0;
     }
   }
-  const __m512i bias128 = _mm512_set1_epi32(128);
-  for (int64_t j0 = 0; j0 < p.n_pad; j0 += 16) {
-    __m512 acc_y[R];
-    for (int r = 0; r < R; ++r) acc_y[r] = _mm512_setzero_ps();
-    for (int64_t blk = 0; blk < p.nb; ++blk) {
-      const int64_t len = std::min(p.block_size, p.k - blk * p.block_size);
-      const int64_t groups = (len + 3) / 4;
-      const int8_t* b = p.codes.data() + ((batch * p.nb + blk) * p.groups * p.n_pad + j0) * 4;
-      const uint8_t* a = scratch + blk * group_bytes;
-      __m512i acc[R];
-      for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
-      for (int64_t g = 0; g < groups; ++g) {
-        const __m512i bv = _mm512_loadu_si512(b + g * p.n_pad * 4);
-        for (int r = 0; r < R; ++r) {
-          int32_t a4;
-          std::memcpy(&a4, a + r * row_scratch + g * 4, 4);
-          acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(a4), bv);
-        }
-      }
-      const size_t at = static_cast<size_t>((batch * p.nb + blk) * p.n_pad + j0);
-      const __m512i correction = _mm512_mullo_epi32(_mm512_loadu_si512(p.sums.data() + at), bias128);
-      const __m512 sb = _mm512_loadu_ps(p.scales.data() + at);
-      for (int r = 0; r < R; ++r) {
-        const __m512i dot = _mm512_sub_epi32(acc[r], correction);
-        const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(sa[r * sa_stride + blk]), sb);
-        acc_y[r] = _mm512_add_ps(acc_y[r], _mm512_mul_ps(_mm512_maskz_cvtepi32_ps(0xffff, dot), scale));
-      }
-    }
-    const int64_t left = p.n - j0;
-    for (int r = 0; r < R; ++r) {
-      if (left >= 16) {
-        _mm512_storeu_ps(y + r * y_stride + j0, acc_y[r]);
-      } else {
-        _mm512_mask_storeu_ps(y + r * y_stride + j0, static_cast<__mmask16>((1u << left) - 1u), acc_y[r]);
-      }
-    }
+  int64_t j0 = 0;
+  for (; j0 + 32 <= p.n_pad; j0 += 32) {
+    DotStrips<R, 2>(p, batch, j0, sa, sa_stride, scratch, row_scratch, group_bytes, y, y_stride);
   }
+  if (j0 < p.n_pad) DotStrips<R, 1>(p, batch, j0, sa, sa_stride, scratch, row_scratch, group_bytes, y, y_stride);
 }
 
 }  // namespace

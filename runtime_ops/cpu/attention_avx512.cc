@@ -21,11 +21,14 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
-#include "cpu/exp_avx512.h"  // after the target pragma: its inline functions are AVX-512 code
+#include "cpu/avx512_math.h"  // after the target pragma: its inline functions are AVX-512 code
 
 namespace bct {
 namespace cpu {
 namespace {
+
+using avx512_math::ExpOfClampedR;
+using avx512_math::TailMask;
 
 constexpr int64_t kTile = nl::kAttentionKeyTile;  // 64 keys: four vectors of 16
 constexpr int kTileVectors = static_cast<int>(kTile / 16);
@@ -36,39 +39,18 @@ constexpr int kMaxRows = 4;
 // stay in registers (GCC keeps a memory copy of them otherwise).
 #define BCT_UNROLL _Pragma("GCC unroll 8")
 
-inline __mmask16 TailMask(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
-}
-
 // nl::exp_f32 of R vectors x that are <= 0 or a quiet NaN (s - m of a tile: m is the largest non-NaN
 // score): the clamp at kExpHi is then a no-op, and a NaN lane needs no select, as every operation
-// below returns its NaN operand (the same bits as exp_f32's `return x`). k = rint(x log2 e) by
-// vrndscaleps (a zero k's sign changes no result), y * 2**k by vscalefps (k in [-126, 0]: the same
-// correctly rounded product).
+// returns its NaN operand (the same bits as exp_f32's `return x`).
 template <int R>
 inline void ExpOfNonPositive(__m512* x) {
   const __m512 lo = _mm512_set1_ps(nl::kExpLo);
-  __m512 xk[R], k[R], r[R], z[R], p[R];
+  __m512 xk[R], y[R], k[R];
+  BCT_UNROLL for (int i = 0; i < R; ++i) xk[i] = _mm512_max_ps(lo, x[i]);  // second operand: a NaN x stays
+  ExpOfClampedR<R>(xk, y, k);
   BCT_UNROLL for (int i = 0; i < R; ++i) {
-    xk[i] = _mm512_max_ps(lo, x[i]);  // second operand: a NaN x stays
-    k[i] = _mm512_roundscale_ps(_mm512_mul_ps(xk[i], _mm512_set1_ps(nl::kLog2e)),
-                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  }
-  BCT_UNROLL for (int i = 0; i < R; ++i) {
-    r[i] = _mm512_sub_ps(_mm512_sub_ps(xk[i], _mm512_mul_ps(k[i], _mm512_set1_ps(nl::kLn2Hi))),
-                         _mm512_mul_ps(k[i], _mm512_set1_ps(nl::kLn2Lo)));
-    z[i] = _mm512_mul_ps(r[i], r[i]);
-    p[i] = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(nl::kExpP0), r[i]), _mm512_set1_ps(nl::kExpP1));
-  }
-  const float coefficients[4] = {nl::kExpP2, nl::kExpP3, nl::kExpP4, nl::kExpP5};
-  BCT_UNROLL for (int c = 0; c < 4; ++c) {
-    const __m512 coefficient = _mm512_set1_ps(coefficients[c]);
-    BCT_UNROLL for (int i = 0; i < R; ++i) p[i] = _mm512_add_ps(_mm512_mul_ps(p[i], r[i]), coefficient);
-  }
-  BCT_UNROLL for (int i = 0; i < R; ++i) {
-    const __m512 y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p[i], z[i]), r[i]), _mm512_set1_ps(1.0f));
     // x < lo: 0 (ordered compare: a NaN lane keeps its NaN)
-    x[i] = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x[i], lo, _CMP_NLT_UQ), _mm512_scalef_ps(y, k[i]));
+    x[i] = _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x[i], lo, _CMP_NLT_UQ), y[i], k[i]);
   }
 }
 
@@ -133,13 +115,16 @@ inline bool TileProbs(nl::AttentionRowState& st, float m_tile, int64_t len, floa
 }
 
 // y_r += p_r[t] * v[t] for t < len[r], key by key, for the R rows of a group (outputs y [R][kMaxDh],
-// NV vectors of 16 each, the last one masked by last); keys all rows take run for every row at once.
+// NV vectors of 16 each, the last one masked by last; a row not yet started reads y_r as +0, as
+// nl::attention_row_start sets it); keys all rows take run for every row at once.
 template <int R, int NV>
-inline void AccumulateValues(const float (*p)[kTile], const int64_t* len, const float* values, int64_t value_stride,
-                             __mmask16 last, float (*y)[kMaxDh]) {
+inline void AccumulateValues(const float (*p)[kTile], const int64_t* len, const bool* started, const float* values,
+                             int64_t value_stride, __mmask16 last, float (*y)[kMaxDh]) {
   __m512 acc[R][NV];
   BCT_UNROLL for (int r = 0; r < R; ++r) {
-    BCT_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_load_ps(y[r] + 16 * v);
+    BCT_UNROLL for (int v = 0; v < NV; ++v) {
+      acc[r][v] = started[r] ? _mm512_load_ps(y[r] + 16 * v) : _mm512_setzero_ps();
+    }
   }
   int64_t common = len[0];
   BCT_UNROLL for (int r = 1; r < R; ++r) common = std::min(common, len[r]);
@@ -167,7 +152,7 @@ inline void AccumulateValues(const float (*p)[kTile], const int64_t* len, const 
   }
 }
 
-using AccumulateFn = void (*)(const float (*)[kTile], const int64_t*, const float*, int64_t, __mmask16,
+using AccumulateFn = void (*)(const float (*)[kTile], const int64_t*, const bool*, const float*, int64_t, __mmask16,
                               float (*)[kMaxDh]);
 
 // Rows of a group for NV vectors per row: R * NV accumulators plus NV values within the 32 registers.
@@ -198,22 +183,6 @@ AccumulateFn Accumulator(int64_t vectors, int rows) {
   }
 }
 
-// V rows [t0, t0 + count) given as 8-bit symmetric cache codes into out [count, dh]: (code - 128) * scale,
-// block_format.dequantize's values (as the portable rows compute them).
-void DequantizeValueCodes(const nl::AttentionKeys& kv, int64_t t0, int64_t count, float* out) {
-  const int64_t dh = kv.dh, bs = kv.value_block_size;
-  for (int64_t t = 0; t < count; ++t) {
-    const uint8_t* row = kv.value_codes + (t0 + t) * dh;
-    const float* scales = kv.value_scales + (t0 + t) * kv.value_nb;
-    float* o = out + t * dh;
-    for (int64_t b0 = 0, blk = 0; b0 < dh; b0 += bs, ++blk) {
-      const int64_t end = std::min(dh, b0 + bs);
-      const float s = scales[blk];
-      for (int64_t d = b0; d < end; ++d) o[d] = fmul(fsub(static_cast<float>(row[d]), 128.0f), s);
-    }
-  }
-}
-
 }  // namespace
 
 void AttentionRowsAvx512(const int8_t* q, const float* qs, const float* dots, int64_t rows, int64_t row0, int64_t sq,
@@ -236,11 +205,11 @@ void AttentionRowsAvx512(const int8_t* q, const float* qs, const float* dots, in
     const int n = static_cast<int>(std::min<int64_t>(group, rows - r0));
     const AccumulateFn accumulate = Accumulator(vectors, n);
     nl::AttentionRowState st[kMaxRows];
+    bool started[kMaxRows] = {false, false, false, false};  // out[r] is +0 until the row's first live tile
     int64_t keys[kMaxRows] = {0, 0, 0, 0};
     int64_t most = 0;
     for (int r = 0; r < n; ++r) {
       st[r] = nl::AttentionRowState{float_from_bits(0xff800000u), 0.0f, false};  // nl::attention_row_start
-      BCT_UNROLL for (int64_t v = 0; v < kMaxDh / 16; ++v) _mm512_store_ps(out[r] + 16 * v, _mm512_setzero_ps());
       keys[r] = nl::attention_visible_keys(row0 + r0 + r, sq, sk, causal);
       most = std::max(most, keys[r]);
     }
@@ -263,11 +232,12 @@ void AttentionRowsAvx512(const int8_t* q, const float* qs, const float* dots, in
       if (tile_len == 0) continue;
       const float* values = tile_values;
       if (kv.value_codes != nullptr) {
-        DequantizeValueCodes(kv, t0, tile_len, tile_values);
+        avx512::DequantizeValueCodes(kv, t0, tile_len, tile_values);
       } else {
         values = kv.values + t0 * value_stride;
       }
-      accumulate(tiles, len, values, value_stride, last, out);
+      accumulate(tiles, len, started, values, value_stride, last, out);
+      for (int r = 0; r < n; ++r) started[r] = started[r] || len[r] > 0;
     }
     for (int r = 0; r < n; ++r) {  // nl::attention_row_finish
       float* yr = y + (r0 + r) * y_stride;

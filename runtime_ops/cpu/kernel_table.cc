@@ -20,6 +20,7 @@ KernelTable BaselineEntry() {
   t.softmax_rows = baseline::SoftmaxRows;
   t.layer_norm_rows = baseline::LayerNormRows;
   t.rms_norm_rows = baseline::RMSNormRows;
+  t.add_row = baseline::AddRow;
   t.attention_rows = baseline::AttentionRows;
   t.matmul_tiles = nullptr;  // the scalar reference path
   t.matmul_compact_weights = false;
@@ -39,6 +40,7 @@ KernelTable Avx2Entry() {
   t.softmax_rows = avx2::SoftmaxRows;
   t.layer_norm_rows = avx2::LayerNormRows;
   t.rms_norm_rows = avx2::RMSNormRows;
+  t.add_row = avx2::AddRow;
   t.attention_rows = avx2::AttentionRows;
   t.matmul_tiles = matmul::detail::TilesAvx2;
   return t;
@@ -65,6 +67,7 @@ KernelTable Avx512Entry() {
   t.softmax_rows = SoftmaxRowsAvx512;
   t.layer_norm_rows = LayerNormRowsAvx512;
   t.rms_norm_rows = RMSNormRowsAvx512;
+  t.add_row = avx512::AddRow;
   t.attention_rows = AttentionRowsAvx512;
   return t;
 }

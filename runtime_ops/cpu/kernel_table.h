@@ -42,6 +42,8 @@ using SoftmaxRowsFn = void (*)(float* y, int64_t rows, int64_t n);
 using LayerNormRowsFn = void (*)(float* y, int64_t rows, int64_t n, const float* scale, const float* bias,
                                  float epsilon);
 using RMSNormRowsFn = void (*)(float* y, int64_t rows, int64_t n, const float* scale, float epsilon);
+// y = a + b on one row of n (also into sum unless it is nullptr): the residual Add of the Add + norm ops.
+using AddRowFn = void (*)(const float* a, const float* b, int64_t n, float* y, float* sum);
 
 // BlockAttention (bct/attention_math.h): `rows` consecutive query rows i = row0 .. of one (batch,
 // query head), codes q [rows, dh] and scales qs [rows, nb], over the keys of one KV head, with their
@@ -65,6 +67,7 @@ struct KernelTable {
   SoftmaxRowsFn softmax_rows;
   LayerNormRowsFn layer_norm_rows;
   RMSNormRowsFn rms_norm_rows;
+  AddRowFn add_row;
   AttentionRowsFn attention_rows;
   matmul::TilesFn matmul_tiles;  // nullptr: BlockMatMul's scalar reference path
   bool matmul_compact_weights;   // streamed layout (matmul_kernel.h), float16 scales / uint8 zero points as stored
@@ -114,9 +117,11 @@ void AttentionRowsAvx512(const int8_t* q, const float* qs, const float* dots, in
   void SoftmaxRows(float* y, int64_t rows, int64_t n);                                                          \
   void LayerNormRows(float* y, int64_t rows, int64_t n, const float* scale, const float* bias, float epsilon);  \
   void RMSNormRows(float* y, int64_t rows, int64_t n, const float* scale, float epsilon);                       \
+  void AddRow(const float* a, const float* b, int64_t n, float* y, float* sum);                                 \
   void AttentionRows(const int8_t* q, const float* qs, const float* dots, int64_t rows, int64_t row0, int64_t sq, \
                      int64_t sk, bool causal, const nl::AttentionKeys& kv, float scale, const float* mask,     \
                      int64_t mask_row_stride, int64_t mask_key_stride, float* y, int64_t y_stride);            \
+  void DequantizeValueCodes(const nl::AttentionKeys& kv, int64_t t0, int64_t count, float* out);               \
   }
 BCT_DECLARE_PORTABLE_KERNELS(baseline)
 BCT_DECLARE_PORTABLE_KERNELS(avx2)

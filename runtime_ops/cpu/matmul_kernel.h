@@ -14,7 +14,7 @@
 //   a_scale * w_scale and accumulated in fp32. AVX-512 VNNI: up to kDecodeRows rows (decode) stream the
 //   packed codes once, nibbles unpacked in registers, split over N only; more rows (prefill) run a
 //   4-row x 64-column vpdpbusd micro-kernel on the same packed codes (nibbles unpacked in registers,
-//   no per-call copy), in tasks of 16 or 32 whole rows that quantize their own rows first (so the
+//   no per-call copy; 5-bit codes with a high bit plane from bytes expanded once, prefill_bytes), in tasks of 16 or 32 whole rows that quantize their own rows first (so the
 //   quantization runs in parallel too), the block's scale product applied in the
 //   K-block epilogue (cvt, mul, fma: the spec's order, so the bits equal the scalar path's). Both end
 //   in StoreTiles, which adds the bias and writes the float tile.

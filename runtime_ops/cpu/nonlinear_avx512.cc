@@ -18,15 +18,15 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
-#include "cpu/exp_avx512.h"  // after the target pragma: its inline functions are AVX-512 code
+#include "cpu/avx512_math.h"  // after the target pragma: its inline functions are AVX-512 code
 
 namespace bct {
 namespace cpu {
 namespace {
 
-inline __mmask16 TailMask(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
-}
+using avx512_math::ExpOfClampedR;
+using avx512_math::ExpR;
+using avx512_math::TailMask;
 
 // erf_f32's polynomial in t, times t: p = (((a5 t + a4) t + a3) t + a2) t + a1, then p * t.
 template <int R>
@@ -54,7 +54,7 @@ inline void GeluErfR(__m512* x) {
     t[i] = _mm512_div_ps(one, _mm512_add_ps(one, _mm512_mul_ps(_mm512_set1_ps(nl::kErfP), a[i])));
     e[i] = _mm512_xor_ps(_mm512_mul_ps(a[i], a[i]), sign_mask);  // -(a * a)
   }
-  avx512_math::ExpR<R>(e);
+  ExpR<R>(e);
   ErfPolyR<R>(t, p);
   for (int i = 0; i < R; ++i) {
     const __m512 v = _mm512_sub_ps(one, _mm512_mul_ps(p[i], e[i]));
@@ -83,7 +83,7 @@ inline void GeluErfNoNanR(__m512* x) {
     e[i] = _mm512_xor_ps(_mm512_mul_ps(a, a), sign_mask);  // -(a * a)
     xk[i] = _mm512_max_ps(e[i], lo);  // e >= lo ? e : lo (equal values where e == lo)
   }
-  avx512_math::ExpOfClampedR<R>(xk, y, k);
+  ExpOfClampedR<R>(xk, y, k);
   for (int i = 0; i < R; ++i) {
     const __mmask16 in_range = _mm512_cmp_ps_mask(e[i], lo, _CMP_GE_OQ);  // e < lo gives 0
     e[i] = _mm512_maskz_scalef_ps(in_range, y[i], k[i]);
@@ -149,7 +149,7 @@ void SoftmaxRowsT(float* y, int64_t n) {
     const __mmask16 mask = TailMask(n - i);
     __m512 e[R];
     for (int r = 0; r < R; ++r) e[r] = _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, y + r * n + i), vm[r]);
-    avx512_math::ExpR<R>(e);
+    ExpR<R>(e);
     for (int r = 0; r < R; ++r) {
       _mm512_mask_storeu_ps(y + r * n + i, mask, e[r]);
       acc[r] = _mm256_mask_add_ps(acc[r], static_cast<__mmask8>(mask & 0xff), acc[r], _mm512_castps512_ps256(e[r]));

@@ -45,32 +45,27 @@ inline void RunRowsCpu(const cpu::KernelTable& k, const RMSNormFamily& f, const 
 // Loads `count` float32 rows of the operand (src: the input, or y itself when it was dequantized
 // there) into y, before the row function runs in place on y.
 template <class Params>
-inline void LoadRows(const Params&, const float* src, float* y, int64_t, int64_t count, int64_t d) {
+inline void LoadRows(const cpu::KernelTable&, const Params&, const float* src, float* y, int64_t, int64_t count,
+                     int64_t d) {
   if (src != y) std::memcpy(y, src, static_cast<size_t>(count * d) * sizeof(float));
 }
 
 // The Add of the Add + norm ops, fused into the load: y = src + skip (float32, one rounding each),
-// also written to the sum output.
-inline void AddSkipRows(const AddParams& p, const float* src, float* y, int64_t row0, int64_t count, int64_t d) {
+// also written to the sum output; the table's add_row (compiled per path) adds each row.
+inline void AddSkipRows(const cpu::KernelTable& k, const AddParams& p, const float* src, float* y, int64_t row0,
+                        int64_t count, int64_t d) {
   for (int64_t i = 0; i < count; ++i) {
     const float* skip = p.skip + ((row0 + i) % p.skip_rows) * d;
-    const float* in = src + i * d;
-    float* row = y + i * d;
-    if (p.sum != nullptr) {
-      float* sum = p.sum + (row0 + i) * d;
-      for (int64_t j = 0; j < d; ++j) sum[j] = row[j] = in[j] + skip[j];
-    } else {
-      for (int64_t j = 0; j < d; ++j) row[j] = in[j] + skip[j];
-    }
+    k.add_row(src + i * d, skip, d, y + i * d, p.sum != nullptr ? p.sum + (row0 + i) * d : nullptr);
   }
 }
-inline void LoadRows(const AddLayerNormFamily::Params& p, const float* src, float* y, int64_t row0, int64_t count,
-                     int64_t d) {
-  AddSkipRows(p.add, src, y, row0, count, d);
+inline void LoadRows(const cpu::KernelTable& k, const AddLayerNormFamily::Params& p, const float* src, float* y,
+                     int64_t row0, int64_t count, int64_t d) {
+  AddSkipRows(k, p.add, src, y, row0, count, d);
 }
-inline void LoadRows(const AddRMSNormFamily::Params& p, const float* src, float* y, int64_t row0, int64_t count,
-                     int64_t d) {
-  AddSkipRows(p.add, src, y, row0, count, d);
+inline void LoadRows(const cpu::KernelTable& k, const AddRMSNormFamily::Params& p, const float* src, float* y,
+                     int64_t row0, int64_t count, int64_t d) {
+  AddSkipRows(k, p.add, src, y, row0, count, d);
 }
 inline void RunRowsCpu(const cpu::KernelTable& k, const AddLayerNormFamily& f, const AddLayerNormFamily::Params& p,
                        float* y, int64_t, int64_t count, int64_t d) {
@@ -115,7 +110,7 @@ class RowOpCpuKernel : public RowOpKernelBase<Family> {
           } else {
             src = x.x + row0 * d;
           }
-          LoadRows(call.params, src, y, row0, count, d);
+          LoadRows(kernels_, call.params, src, y, row0, count, d);
           RunRowsCpu(kernels_, this->family_, call.params, y, row0, count, d);
           if (r.quantized) sink.QuantizeRange(buffer, row0, count);
         }

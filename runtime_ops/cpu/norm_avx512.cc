@@ -16,18 +16,18 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
+#include "cpu/avx512_math.h"  // after the target pragma: its inline functions are AVX-512 code
+
 namespace bct {
 namespace cpu {
 namespace {
+
+using avx512_math::TailMask;
 
 // Loops over the rows of a group, unrolled so that their arrays of vectors stay in registers.
 #define BCT_UNROLL _Pragma("GCC unroll 4")
 
 constexpr int kRows = 4;
-
-inline __mmask16 TailMask(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
-}
 
 // acc (8 lanes) += the 16 values of v that mask selects, the low 8 first: lane j takes elements j
 // and j + 8 of the vector, in that order.

@@ -128,6 +128,13 @@ __attribute__((flatten)) void LayerNormRows(float* y, int64_t rows, int64_t n, c
                                             float epsilon) {
   for (int64_t r = 0; r < rows; ++r) nl::layer_norm_row(y + r * n, n, scale, bias, epsilon);
 }
+void AddRow(const float* a, const float* b, int64_t n, float* y, float* sum) {
+  if (sum != nullptr) {
+    for (int64_t j = 0; j < n; ++j) sum[j] = y[j] = fadd(a[j], b[j]);
+  } else {
+    for (int64_t j = 0; j < n; ++j) y[j] = fadd(a[j], b[j]);
+  }
+}
 __attribute__((flatten)) void RMSNormRows(float* y, int64_t rows, int64_t n, const float* scale, float epsilon) {
   for (int64_t r = 0; r < rows; ++r) nl::rms_norm_row(y + r * n, n, scale, epsilon);
 }
@@ -186,7 +193,7 @@ inline void AccumulateTile(const float (*p)[nl::kAttentionKeyTile], const int64_
 
 // Rows [t0, t0 + count) of V given as 8-bit symmetric cache codes (nl::AttentionKeys) into out [count, dh]:
 // (code - 128) * scale, block_format.dequantize's float32 values.
-inline void DequantizeValueCodes(const nl::AttentionKeys& kv, int64_t t0, int64_t count, float* out) {
+void DequantizeValueCodes(const nl::AttentionKeys& kv, int64_t t0, int64_t count, float* out) {
   const int64_t dh = kv.dh, bs = kv.value_block_size;
   for (int64_t t = 0; t < count; ++t) {
     const uint8_t* row = kv.value_codes + (t0 + t) * dh;

@@ -358,6 +358,7 @@ DEFAULT_ORDER = [
     "CompressKVCachePass",
     "FuseAttentionStepPass",
     "PackSharedInputMatMulsPass",
+    "RemoveBroadcastExpandsPass",
     "RemoveNoOpCastsPass",
     "RemoveUnusedNodesPass",
     "RemoveUnusedOpsetsPass",

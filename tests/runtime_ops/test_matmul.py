@@ -274,6 +274,18 @@ def test_exact_decode_byte_codes_many_blocks(isa: str, bits: int, symmetric: boo
     _check_exact_integer_rows(rng, isa, k=330, n=70, bits=bits, block_size=32, symmetric=symmetric, rows=rows)
 
 
+@pytest.mark.parametrize("block_size", [32, 16, 64, 128, 12, 40])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_exact_one_row_nibble_codes(isa: str, symmetric: bool, block_size: int) -> None:
+    """The one-row decode GEMV on 4-bit codes (read tile by tile on AVX-512): blocks of 2..16 groups
+    (12 and 40 pad to group counts the kernel knows only at run time), K ending in a partial block,
+    N=70 (a full panel of 4 tiles and a partial one), integer activations."""
+    rng = np.random.default_rng(block_size + 1000 * symmetric)
+    _check_exact_integer_rows(
+        rng, isa, k=3 * block_size + 7, n=70, bits=4, block_size=block_size, symmetric=symmetric, rows=1
+    )
+
+
 @pytest.mark.parametrize("rows", [1, 3, 8, 12, 40, 520])
 @pytest.mark.parametrize("block_size", [32, 16, 64, 12])
 @pytest.mark.parametrize("bits,symmetric", [(5, False), (5, True), (6, True), (7, False)], ids=str)

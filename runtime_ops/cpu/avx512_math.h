@@ -1,15 +1,22 @@
-// nl::exp_f32 in AVX-512 registers, shared by the AVX-512 row functions (cpu/nonlinear_avx512.cc) and
-// BlockAttention's AVX-512 rows (cpu/attention_avx512.cc). Include it after the file's
-// `#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")`: every function here is AVX-512 code.
+// Helpers of the AVX-512 row functions (cpu/nonlinear_avx512.cc, cpu/norm_avx512.cc) and BlockAttention's
+// AVX-512 rows (cpu/attention_avx512.cc): tail masks and nl::exp_f32 in registers. Include it after the
+// file's `#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")`: every function here is AVX-512 code.
 #pragma once
 
 #include <immintrin.h>
+
+#include <cstdint>
 
 #include "bct/nonlinear_math.h"
 
 namespace bct {
 namespace cpu {
 namespace avx512_math {
+
+// The lanes of a vector of 16 that hold elements when `left` elements remain (all from 16 on).
+inline __mmask16 TailMask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+}
 
 // exp_f32's arithmetic on R vectors of arguments xk already clamped to [kExpLo, kExpHi]: y and k, an
 // integer in [-126, 127] as float, whose product y * 2**k (vscalefps: the same correctly rounded
