@@ -268,8 +268,12 @@ def setup_genai(venv: Path) -> Path:
     python = venv / "bin" / "python"
     if not python.is_file():
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    # The builder loads the model with torch and writes with onnx-ir; the base interpreter may have
+    # neither. torch first, pinned, so that nothing pulls a CUDA build (its CPU build lies on disk).
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
     subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "onnxruntime-genai", "transformers>=4.58"], check=True
+        [str(python), "-m", "pip", "install", "-q", "onnxruntime-genai", "transformers>=4.58", "onnx-ir"],
+        check=True,
     )
     return python
 
