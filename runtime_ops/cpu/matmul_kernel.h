@@ -13,9 +13,9 @@
 //   integer dot product sum(sa * (uw - zw)) (sa = signed activation code) is scaled by
 //   a_scale * w_scale and accumulated in fp32. AVX-512 VNNI: up to kDecodeRows rows (decode) stream the
 //   packed codes once, nibbles unpacked in registers, split over N only; more rows (prefill) run an
-//   8-row x 32-column vpdpbusd micro-kernel on byte codes (5..8-bit weights as packed; nibble codes,
-//   with their high bit plane if any, from bytes expanded once per weight, prefill_bytes: no unpack
-//   op competes with the dot products) and on activations interleaved per 8-row block, in tasks of
+//   8-row x 32-column vpdpbusd micro-kernel on the same packed codes (nibbles unpacked in registers,
+//   no per-call copy; 5-bit codes with a high bit plane from bytes expanded once, prefill_bytes) and
+//   on activations interleaved per 8-row block, in tasks of
 //   16 or 32 whole rows that quantize their own rows first (so the quantization runs in parallel
 //   too), the block's scale product applied in the K-block epilogue (cvt, mul, fma: the spec's order,
 //   so the bits equal the scalar path's). Both end in StoreTiles, which adds the bias and writes the
@@ -156,13 +156,13 @@ struct PackedWeights {
   // [num_tiles][num_blocks][16]; scalar: [N][num_blocks]. Unused vectors stay empty.
   cpu::WeightVector<float> scales;
   cpu::WeightVector<float> zero_points;
-  // Nibble weights (bits <= 4, or high_planes) as byte storage for the integer prefill kernel: the
-  // panels of `codes`, per block each tile's byte codes (per group of 8 k: the low, then the high
-  // nibbles with their plane bits, 64 bytes each; block_padded * 16 bytes a tile), then the panel's
-  // block parameters copied from `codes`. Built once, on the first prefill call (the AVX-512 path's
-  // PrefillBytes, under prefill_bytes_once, so concurrent calls wait for one expansion), then read by
-  // every prefill call; decode keeps streaming `codes`. Costs one byte a weight (2x the packed 4-bit
-  // codes, 1.6x the 5-bit ones), only in kernels that run prefill.
+  // high_planes weights as byte storage for the integer prefill kernel: the panels of `codes`, per
+  // block each tile's byte codes (per group of 8 k: the low, then the high nibbles with their plane
+  // bits, 64 bytes each; block_padded * 16 bytes a tile), then the panel's block parameters copied
+  // from `codes`. Built once, on the first prefill call (the AVX-512 path's PrefillBytes, under
+  // prefill_bytes_once, so concurrent calls wait for one expansion), then read by every prefill call;
+  // decode keeps streaming `codes`. Costs one byte a weight (1.6x the packed 5-bit codes), only in
+  // kernels that run prefill.
   mutable std::once_flag prefill_bytes_once;
   mutable cpu::WeightVector<uint8_t> prefill_bytes;
 };

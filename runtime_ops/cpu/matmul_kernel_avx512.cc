@@ -125,19 +125,20 @@ constexpr int kFloatPrefillRows = 4;  // float mode: from this many rows on, til
 constexpr int kIntPrefillRows = kDecodeRows + 1;  // integer mode: from this many rows on (fewer: decode kernels)
 constexpr int kFloatRows = 8;         // register block of the float prefill kernel (8 x 2 tiles)
 
-// Integer prefill. The register block is kIntRows rows x 2 tiles: per group of 4 k, 2 weight loads and
-// kIntRows broadcasts feed 2 * kIntRows vpdpbusd, and the block epilogue (cvt, mul, fma per row and
-// tile, the spec's order) is the only other vector arithmetic when the weights are bytes. vpdpbusd
-// issues twice a cycle here, on the ports that also run every other vector op, so each op that is not
-// a dot product (a nibble unpack, a scale) costs one; the codes are therefore read as bytes:
-// weights of 5..8 bits as packed, nibble codes (4 bits and less, or 5 bits with a high bit plane)
-// from a copy expanded to bytes once per weight (PrefillBytes). The kernel reads the weights through
-// one pointer (a panel's tiles sit a fixed stride apart, their block parameters after them) and the
-// activations of its rows from a copy interleaved per group of 4 k (PackedActs), so that the whole
-// block is addressed from three registers.
+// Integer prefill. The register block is kIntRows rows x 2 tiles: vpdpbusd issues twice a cycle here,
+// on the two ports that also run every other vector op, so each op that is not a dot product costs
+// one; 8 rows share each tile's nibble unpack (3 ops per 64 bytes: 0.75 an output vector and block
+// of 32, against 3 at 4 rows x 4 tiles), and the block epilogue (cvt, mul, fma per row and tile, the
+// spec's order) stays. The kernel reads the weights through one pointer (a panel's tiles sit a fixed
+// stride apart, their block parameters after them) and the activations of its rows from a copy
+// interleaved per group of 4 k (PackedActs): the whole block is addressed from three registers.
+// Nibble codes are read as packed (bits <= 4); 5-bit codes with a high bit plane from bytes expanded
+// once per weight (PrefillBytes). 4-bit codes expanded to bytes (no unpack) ran 10-15% faster on one
+// product whose weights stay in cache, but no faster in a model, where each product reads its weights
+// from memory (twice as many bytes): not done.
 constexpr int kIntRows = 8;
 
-// Where the prefill kernel reads tiles [tile0, tile0 + T) (all in one panel): tile t's byte codes for
+// Where the prefill kernel reads tiles [tile0, tile0 + T) (all in one panel): tile t's codes for
 // block b at codes + b * block_stride + t * tile_stride, its block parameters (the packed stream's
 // format) at params + b * block_stride + t * p.param_bytes.
 struct PrefillView {
@@ -147,9 +148,8 @@ struct PrefillView {
   int64_t tile_stride;
 };
 
-// Byte codes of tile `tile` (the packed weights' own when they are bytes, else the expanded copy):
-// panels of the packed layout's tiles, per block the tiles' byte codes (block_padded * 16 bytes each)
-// then the block parameters copied from the packed stream.
+// The expanded copy of nibbles with high bit planes: panels of the packed layout's tiles, per block the
+// tiles' byte codes (block_padded * 16 bytes each) then the block parameters copied from the stream.
 inline int64_t ExpandedPanelBlockBytes(const PackedWeights& p, int64_t tile) {
   const int64_t tiles = TilesInPanel(p, tile);
   return tiles * p.block_padded * 16 + (tiles * p.param_bytes + 63) / 64 * 64;
@@ -160,8 +160,8 @@ inline int64_t ExpandedOffset(const PackedWeights& p, int64_t tile, int64_t bloc
   return panel * p.num_blocks * full + block * ExpandedPanelBlockBytes(p, tile) + in_panel * p.block_padded * 16;
 }
 
-// Nibble codes (with their high bit planes when the weight has them: matmul_kernel.h) expanded into
-// byte storage once per weight, on the first prefill call (p.prefill_bytes): the low and the high
+// Nibble codes with high bit planes (5-bit weights, matmul_kernel.h) expanded into byte storage once
+// per weight, on the first prefill call (p.prefill_bytes): the low and the high
 // nibbles of each group of 8 k, plane bits added as the decode kernels add them, are the two byte
 // groups of those 8 k, so the byte kernel sees the same integer codes.
 const uint8_t* PrefillBytes(const PackedWeights& p) {
@@ -201,9 +201,10 @@ const uint8_t* PrefillBytes(const PackedWeights& p) {
   return p.prefill_bytes.data();
 }
 
-// The byte codes of tiles [tile0, tile0 + T) (one panel).
+// The codes of tiles [tile0, tile0 + T) (one panel): nibbles or bytes as packed, or the bytes expanded
+// from nibbles with high bit planes.
 PrefillView PrefillTiles(const PackedWeights& p, int64_t tile0) {
-  if (!p.nibble) {
+  if (p.high_planes == 0) {
     return {BlockCodes(p, tile0, 0), BlockParams(p, tile0, 0), PanelBlockBytes(p, tile0), p.block_code_bytes};
   }
   const uint8_t* bytes = PrefillBytes(p);
@@ -243,11 +244,12 @@ void PackActs(const PackedWeights& p, const ActRows& act, int64_t row0, int64_t 
 // R rows (R <= kIntRows) x T tiles of Y from byte codes; kGroups: groups of 4 k per block when known
 // at compile time, else 0. Per block the integer dot products, then the epilogue of IntTiles (the same
 // operations in the same order, so the same bits).
-template <int R, int T, int kZp, int kGroups>
+template <int R, int T, bool kNibble, int kZp, int kGroups>
 void PrefillKernel(const PackedWeights& p, const PrefillView& w, const PackedActs& a, int64_t row0, int64_t tile0,
                    const float* bias, float* Y) {
   const int64_t nb = p.num_blocks, groups = kGroups ? kGroups : p.block_padded / 4;
   const int64_t ts = w.tile_stride, stride = w.block_stride, param_bytes = p.param_bytes;
+  const __m512i low4 = _mm512_set1_epi8(0x0f);
   constexpr bool kFaccInMemory = R * T > 12;
   alignas(64) float fmem[kFaccInMemory ? R * T * 16 : 16];
   __m512 facc[R][T];
@@ -265,13 +267,33 @@ void PrefillKernel(const PackedWeights& p, const PrefillView& w, const PackedAct
       const __m512i init = kZp == kZpSymmetric ? _mm512_set1_epi32(a.corr[b * kIntRows + r]) : _mm512_setzero_si512();
       for (int t = 0; t < T; ++t) acc[r][t] = init;
     }
+    if constexpr (kNibble) {  // 8 k a group: the low nibbles hold 4 k, the high ones the next 4
+#pragma GCC unroll 8
+      for (int64_t g = 0; g < groups / 2; ++g) {
+        __m512i lo[T], hi[T];
+        for (int t = 0; t < T; ++t) {
+          const __m512i raw = _mm512_loadu_si512(wb + t * ts + g * 64);
+          lo[t] = _mm512_and_si512(raw, low4);
+          hi[t] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+        }
+        for (int r = 0; r < R; ++r) {
+          const __m512i a0 = _mm512_set1_epi32(ac[2 * g * kIntRows + r]);
+          const __m512i a1 = _mm512_set1_epi32(ac[(2 * g + 1) * kIntRows + r]);
+          for (int t = 0; t < T; ++t) {
+            acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], lo[t], a0);
+            acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], hi[t], a1);
+          }
+        }
+      }
+    } else {
 #pragma GCC unroll 16
-    for (int64_t g = 0; g < groups; ++g) {
-      __m512i wv[T];
-      for (int t = 0; t < T; ++t) wv[t] = _mm512_loadu_si512(wb + t * ts + g * 64);
-      for (int r = 0; r < R; ++r) {
-        const __m512i av = _mm512_set1_epi32(ac[g * kIntRows + r]);
-        for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], wv[t], av);
+      for (int64_t g = 0; g < groups; ++g) {
+        __m512i wv[T];
+        for (int t = 0; t < T; ++t) wv[t] = _mm512_loadu_si512(wb + t * ts + g * 64);
+        for (int r = 0; r < R; ++r) {
+          const __m512i av = _mm512_set1_epi32(ac[g * kIntRows + r]);
+          for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], wv[t], av);
+        }
       }
     }
     __m512 ws[T], zw[T];
@@ -309,20 +331,20 @@ void PrefillKernel(const PackedWeights& p, const PrefillView& w, const PackedAct
   StoreTiles<R, T>(p, facc, row0, tile0, bias, Y);
 }
 
-template <int R, int T, int kZp>
+template <int R, int T, bool kNibble, int kZp>
 void PrefillKernelGroups(const PackedWeights& p, const PrefillView& w, const PackedActs& a, int64_t row0,
                          int64_t tile0, const float* bias, float* Y) {
   switch (p.block_padded / 4) {
     case 8:
-      return PrefillKernel<R, T, kZp, 8>(p, w, a, row0, tile0, bias, Y);
+      return PrefillKernel<R, T, kNibble, kZp, 8>(p, w, a, row0, tile0, bias, Y);
     case 16:
-      return PrefillKernel<R, T, kZp, 16>(p, w, a, row0, tile0, bias, Y);
+      return PrefillKernel<R, T, kNibble, kZp, 16>(p, w, a, row0, tile0, bias, Y);
     default:
-      return PrefillKernel<R, T, kZp, 0>(p, w, a, row0, tile0, bias, Y);
+      return PrefillKernel<R, T, kNibble, kZp, 0>(p, w, a, row0, tile0, bias, Y);
   }
 }
 
-template <int T, int kZp>
+template <int T, bool kNibble, int kZp>
 struct IntPrefillBody {
   const PackedWeights& p;
   const PrefillView& w;
@@ -331,19 +353,19 @@ struct IntPrefillBody {
   const float* bias;
   float* Y;
   template <int R>
-  void Run(int64_t r) const { PrefillKernelGroups<R, T, kZp>(p, w, a, r, tile0, bias, Y); }
+  void Run(int64_t r) const { PrefillKernelGroups<R, T, kNibble, kZp>(p, w, a, r, tile0, bias, Y); }
 };
 
 // Rows [row_begin, row_end) x tiles [tile_begin, tile_end) (whole panels, or the tiles of one): the
 // rows in nearly equal register blocks of at most kIntRows, each block's activations interleaved once,
 // then tile pair after tile pair, every row block against the pair's codes (from L1 or L2).
-template <int kZp>
+template <bool kNibble, int kZp>
 void IntPrefill(const PackedWeights& p, const ActRows& act, int64_t row_begin, int64_t row_end, int64_t tile_begin,
                 int64_t tile_end, const float* bias, float* Y) {
   constexpr int64_t kMaxRows = 64;  // rows whose activations are interleaved at once
   if (row_end - row_begin > kMaxRows) {
     for (int64_t r = row_begin; r < row_end; r += kMaxRows) {
-      IntPrefill<kZp>(p, act, r, std::min(row_end, r + kMaxRows), tile_begin, tile_end, bias, Y);
+      IntPrefill<kNibble, kZp>(p, act, r, std::min(row_end, r + kMaxRows), tile_begin, tile_end, bias, Y);
     }
     return;
   }
@@ -365,9 +387,9 @@ void IntPrefill(const PackedWeights& p, const ActRows& act, int64_t row_begin, i
     for (int64_t i = 0; i < blocks; ++i) {
       const PackedActs& a = packs[static_cast<size_t>(i)];
       if (pair) {
-        RunRowBlock<kIntRows>(count[i], first[i], IntPrefillBody<2, kZp>{p, w, a, t, bias, Y});
+        RunRowBlock<kIntRows>(count[i], first[i], IntPrefillBody<2, kNibble, kZp>{p, w, a, t, bias, Y});
       } else {
-        RunRowBlock<kIntRows>(count[i], first[i], IntPrefillBody<1, kZp>{p, w, a, t, bias, Y});
+        RunRowBlock<kIntRows>(count[i], first[i], IntPrefillBody<1, kNibble, kZp>{p, w, a, t, bias, Y});
       }
     }
     t += pair ? 2 : 1;
@@ -387,7 +409,11 @@ template <bool kNibble, int kZp>
 void RunTiles(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin, int64_t row_end,
               int64_t tile_begin, int64_t tile_end, const float* bias, float* Y) {
   int64_t t = tile_begin;
-  if (act) return IntPrefill<kZp>(p, *act, row_begin, row_end, tile_begin, tile_end, bias, Y);
+  if (act) {
+    // Nibble codes with high bit planes run the byte kernel on their expanded copy.
+    if (kNibble && p.high_planes > 0) return IntPrefill<false, kZp>(p, *act, row_begin, row_end, tile_begin, tile_end, bias, Y);
+    return IntPrefill<kNibble, kZp>(p, *act, row_begin, row_end, tile_begin, tile_end, bias, Y);
+  }
   for (; t + 2 <= tile_end; t += 2) FloatPrefill<2, kNibble, kZp>(p, a_padded, row_begin, row_end, t, bias, Y);
   if (t < tile_end) FloatPrefill<1, kNibble, kZp>(p, a_padded, row_begin, row_end, t, bias, Y);
 }

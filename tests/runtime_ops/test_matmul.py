@@ -303,10 +303,10 @@ def test_exact_high_bit_planes(isa: str, bits: int, symmetric: bool, block_size:
 @pytest.mark.parametrize("bits", [5, 4])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 def test_exact_high_bit_planes_first_calls_concurrent(isa: str, symmetric: bool, bits: int) -> None:
-    """5-bit (nibbles and a bit plane) and 4-bit weights are expanded to bytes on a kernel's first
-    prefill call: eight Run calls on one new session (prefill of 13..520 rows and decode rows, on two
-    intra-op threads each), started together, all equal the spec bit for bit (a call that read a
-    half-expanded weight would not)."""
+    """5-bit weights (nibbles and a bit plane) are expanded to bytes on a kernel's first prefill call
+    (4-bit ones, read as packed, for comparison): eight Run calls on one new session (prefill of
+    13..520 rows and decode rows, on two intra-op threads each), started together, all equal the spec
+    bit for bit (a call that read a half-expanded weight would not)."""
     rng = np.random.default_rng(51 + symmetric + 2 * bits)
     k, n, block_size = 3 * 32 + 7, 16 * 9 + 3, 32
     codes, scales, zero_points = random_weight(rng, n, k, bits, block_size, symmetric, ScaleKind.FLOAT16, exact=True)
@@ -471,7 +471,7 @@ def test_integer_mode_same_bits_as_scalar_for_every_row_count(
 ) -> None:
     """Integer mode on random (inexact) data: every row count of the decode kernels (M = 1..8: register
     blocks of up to 4 rows x 4 tiles, reading packed codes) and of the prefill kernel (8 rows x 2
-    tiles on byte codes; M = 9, 16, 37) gives exactly the scalar path's bits; N = 16 * 9 + 5 leaves tile remainders."""
+    tiles; M = 9, 16, 37) gives exactly the scalar path's bits; N = 16 * 9 + 5 leaves tile remainders."""
     rng = np.random.default_rng(bits + 2 * symmetric)
     k, n = 256, 16 * 9 + 5
     codes, scales, zero_points = random_weight(rng, n, k, bits, 32, symmetric, ScaleKind.FLOAT16, exact=False)
@@ -493,8 +493,8 @@ def test_integer_mode_same_bits_as_scalar_for_every_row_count(
 def test_integer_prefill_same_bits_as_scalar(
     isa: str, bits: int, symmetric: bool, block_size: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The integer prefill kernel (AVX-512: register blocks of up to 8 rows x 2 tiles on byte codes,
-    nibble codes expanded to bytes once, activations interleaved per row block) on random (inexact)
+    """The integer prefill kernel (AVX-512: register blocks of up to 8 rows x 2 tiles on packed nibble
+    or byte codes, activations interleaved per row block) on random (inexact)
     data gives exactly the scalar path's bits: every register-block height (M = 9..17 split into
     nearly equal blocks of at most 8 rows), tasks of 16 and 32 rows with a short last one (M = 40, 100),
     N = 16 * 9 + 5 (two 4-tile panels, a pair and a single tile of the last), K ending in a partial
