@@ -150,6 +150,7 @@ struct PackedWeights {
   // high_planes (bits - 4) bit planes ("high bit planes" above), not one byte a code.
   int high_planes = 0;
   bool signed_codes = false; // codes stored as (code - zero_point) two's complement (float symmetric)
+  bool gfni = false;         // AVX-512 prefill: high nibbles unpacked by vgf2p8affineqb (cpu::UseGfni at Pack)
   float implicit_zero_point = 0.f;
   cpu::WeightVector<uint8_t> codes;  // SIMD: the layout above; scalar: [N][K] one code a byte
   // Weight scales and zero points when not in the stream, float32 (float offsets too); SIMD:

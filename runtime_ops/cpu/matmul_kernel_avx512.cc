@@ -244,7 +244,17 @@ void PackActs(const PackedWeights& p, const ActRows& act, int64_t row0, int64_t 
 // R rows (R <= kIntRows) x T tiles of Y from byte codes; kGroups: groups of 4 k per block when known
 // at compile time, else 0. Per block the integer dot products, then the epilogue of IntTiles (the same
 // operations in the same order, so the same bits).
-template <int R, int T, bool kNibble, int kZp, int kGroups>
+// The high nibble of each byte, as a byte: one vgf2p8affineqb (GFNI; only when p.gfni) with the matrix
+// whose output bit i (i < 4) is input bit i + 4, for the shift and the and. Inline assembly, so the
+// file needs no GFNI target (nothing else here may use it).
+inline __m512i HighNibbles(__m512i raw) {
+  const __m512i matrix = _mm512_set1_epi64(0x1020408000000000LL);
+  __m512i out;
+  __asm__("vgf2p8affineqb $0, %2, %1, %0" : "=v"(out) : "v"(raw), "v"(matrix));
+  return out;
+}
+
+template <int R, int T, bool kNibble, int kZp, int kGroups, bool kGfni>
 void PrefillKernel(const PackedWeights& p, const PrefillView& w, const PackedActs& a, int64_t row0, int64_t tile0,
                    const float* bias, float* Y) {
   const int64_t nb = p.num_blocks, groups = kGroups ? kGroups : p.block_padded / 4;
@@ -274,7 +284,7 @@ void PrefillKernel(const PackedWeights& p, const PrefillView& w, const PackedAct
         for (int t = 0; t < T; ++t) {
           const __m512i raw = _mm512_loadu_si512(wb + t * ts + g * 64);
           lo[t] = _mm512_and_si512(raw, low4);
-          hi[t] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+          hi[t] = kGfni ? HighNibbles(raw) : _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
         }
         for (int r = 0; r < R; ++r) {
           const __m512i a0 = _mm512_set1_epi32(ac[2 * g * kIntRows + r]);
@@ -331,16 +341,16 @@ void PrefillKernel(const PackedWeights& p, const PrefillView& w, const PackedAct
   StoreTiles<R, T>(p, facc, row0, tile0, bias, Y);
 }
 
-template <int R, int T, bool kNibble, int kZp>
+template <int R, int T, bool kNibble, int kZp, bool kGfni>
 void PrefillKernelGroups(const PackedWeights& p, const PrefillView& w, const PackedActs& a, int64_t row0,
                          int64_t tile0, const float* bias, float* Y) {
   switch (p.block_padded / 4) {
     case 8:
-      return PrefillKernel<R, T, kNibble, kZp, 8>(p, w, a, row0, tile0, bias, Y);
+      return PrefillKernel<R, T, kNibble, kZp, 8, kGfni>(p, w, a, row0, tile0, bias, Y);
     case 16:
-      return PrefillKernel<R, T, kNibble, kZp, 16>(p, w, a, row0, tile0, bias, Y);
+      return PrefillKernel<R, T, kNibble, kZp, 16, kGfni>(p, w, a, row0, tile0, bias, Y);
     default:
-      return PrefillKernel<R, T, kNibble, kZp, 0>(p, w, a, row0, tile0, bias, Y);
+      return PrefillKernel<R, T, kNibble, kZp, 0, kGfni>(p, w, a, row0, tile0, bias, Y);
   }
 }
 
@@ -353,7 +363,12 @@ struct IntPrefillBody {
   const float* bias;
   float* Y;
   template <int R>
-  void Run(int64_t r) const { PrefillKernelGroups<R, T, kNibble, kZp>(p, w, a, r, tile0, bias, Y); }
+  void Run(int64_t r) const {
+    if constexpr (kNibble) {
+      if (p.gfni) return PrefillKernelGroups<R, T, true, kZp, true>(p, w, a, r, tile0, bias, Y);
+    }
+    PrefillKernelGroups<R, T, kNibble, kZp, false>(p, w, a, r, tile0, bias, Y);
+  }
 };
 
 // Rows [row_begin, row_end) x tiles [tile_begin, tile_end) (whole panels, or the tiles of one): the

@@ -487,14 +487,16 @@ def test_integer_mode_same_bits_as_scalar_for_every_row_count(
         assert_bits_equal(got, want, f"isa={isa} bits={bits} symmetric={symmetric} M={m}")
 
 
+@pytest.mark.parametrize("gfni", ["gfni", "no-gfni"])
 @pytest.mark.parametrize("block_size", [32, 16, 64, 12])
 @pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 def test_integer_prefill_same_bits_as_scalar(
-    isa: str, bits: int, symmetric: bool, block_size: int, monkeypatch: pytest.MonkeyPatch
+    isa: str, bits: int, symmetric: bool, block_size: int, gfni: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The integer prefill kernel (AVX-512: register blocks of up to 8 rows x 2 tiles on packed nibble
-    or byte codes, activations interleaved per row block) on random (inexact)
+    or byte codes, high nibbles unpacked by GFNI where the CPU has it or, with BCT_ONNX_NO_GFNI, by a
+    shift and an and; activations interleaved per row block) on random (inexact)
     data gives exactly the scalar path's bits: every register-block height (M = 9..17 split into
     nearly equal blocks of at most 8 rows), tasks of 16 and 32 rows with a short last one (M = 40, 100),
     N = 16 * 9 + 5 (two 4-tile panels, a pair and a single tile of the last), K ending in a partial
@@ -507,6 +509,8 @@ def test_integer_prefill_same_bits_as_scalar(
     fmt = {"k": k, "bits": bits, "block_size": block_size, "symmetric": symmetric, "act_bits": 8}
     model = matmul_model(n=n, codes=codes, scales=scales, zero_points=zero_points, bias=None, **fmt)
     a = rng.standard_normal((100, k)).astype(np.float32)
+    if gfni == "no-gfni":
+        monkeypatch.setenv("BCT_ONNX_NO_GFNI", "1")
     session = bct_onnx.session(model)
     monkeypatch.setenv("BCT_ONNX_ISA", "scalar")
     reference = bct_onnx.session(model)
