@@ -12,12 +12,12 @@
 //   block_format.quantize_codes(A, BlockFormat(act_bits, block_size, True, "float32")); per block the
 //   integer dot product sum(sa * (uw - zw)) (sa = signed activation code) is scaled by
 //   a_scale * w_scale and accumulated in fp32. AVX-512 VNNI: up to kDecodeRows rows (decode) stream the
-//   packed codes once, nibbles unpacked in registers, split over N only; more rows (prefill) run an
-//   8-row x 32-column vpdpbusd micro-kernel on the same packed codes (nibbles unpacked in registers,
-//   no per-call copy; 5-bit codes with a high bit plane from bytes expanded once, prefill_bytes) and
-//   on activations interleaved per 8-row block, in tasks of
-//   16 or 32 whole rows that quantize their own rows first (so the quantization runs in parallel
-//   too), the block's scale product applied in the K-block epilogue (cvt, mul, fma: the spec's order,
+//   packed codes once, nibbles unpacked in registers, split over N only; more rows (prefill) run a
+//   vpdpbusd micro-kernel on the same packed codes, no per-call copy: 8 rows x 32 columns on nibbles
+//   (unpacked in registers, by GFNI where the CPU has it) with activations interleaved per 8-row
+//   block, 4 rows x 64 columns on bytes (5-bit codes with a high bit plane from bytes expanded once,
+//   prefill_bytes), in tasks of 16 or 32 whole rows that quantize their own rows first (so the
+//   quantization runs in parallel too), the block's scale product applied in the K-block epilogue (cvt, mul, fma: the spec's order,
 //   so the bits equal the scalar path's). Both end in StoreTiles, which adds the bias and writes the
 //   float tile.
 // Float-offset weights (value u * scale + offset, zero_point_kind float16/float32): float mode

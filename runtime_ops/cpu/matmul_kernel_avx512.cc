@@ -125,17 +125,19 @@ constexpr int kFloatPrefillRows = 4;  // float mode: from this many rows on, til
 constexpr int kIntPrefillRows = kDecodeRows + 1;  // integer mode: from this many rows on (fewer: decode kernels)
 constexpr int kFloatRows = 8;         // register block of the float prefill kernel (8 x 2 tiles)
 
-// Integer prefill. The register block is kIntRows rows x 2 tiles: vpdpbusd issues twice a cycle here,
-// on the two ports that also run every other vector op, so each op that is not a dot product costs
-// one; 8 rows share each tile's nibble unpack (3 ops per 64 bytes: 0.75 an output vector and block
-// of 32, against 3 at 4 rows x 4 tiles), and the block epilogue (cvt, mul, fma per row and tile, the
-// spec's order) stays. The kernel reads the weights through one pointer (a panel's tiles sit a fixed
-// stride apart, their block parameters after them) and the activations of its rows from a copy
-// interleaved per group of 4 k (PackedActs): the whole block is addressed from three registers.
-// Nibble codes are read as packed (bits <= 4); 5-bit codes with a high bit plane from bytes expanded
-// once per weight (PrefillBytes). 4-bit codes expanded to bytes (no unpack) ran 10-15% faster on one
-// product whose weights stay in cache, but no faster in a model, where each product reads its weights
-// from memory (twice as many bytes): not done.
+// Integer prefill on nibble codes (bits <= 4). The register block is kIntRows rows x 2 tiles: vpdpbusd
+// issues twice a cycle here, on the two ports that also run every other vector op, so each op that is
+// not a dot product costs one; 8 rows share each tile's nibble unpack (an and and a shift-and, or one
+// GFNI op, per 64 bytes: at most 0.75 ops an output vector and block of 32, against 3 at 4 rows x 4
+// tiles), and the block epilogue (cvt, mul, fma per row and tile, the spec's order) stays. The kernel
+// reads the weights through one pointer (a panel's tiles sit a fixed stride apart, their block
+// parameters after them) and the activations of its rows from a copy interleaved per group of 4 k
+// (PackedActs): the whole block is addressed from three registers. The codes are read as packed:
+// 4-bit codes expanded to bytes (no unpack) ran 10-15% faster on one product whose weights stay in
+// cache, but no faster in a model, where each product reads its weights from memory (twice as many
+// bytes). Byte codes (6..8 bits, and 5-bit codes with a high bit plane, expanded once per weight by
+// PrefillBytes) have no unpack to share: they keep the 4-row x 4-tile IntTiles kernel (BytePrefill),
+// which ran 3-5% faster on them than this one (BERT-base's and MiniLM's 5-bit products).
 constexpr int kIntRows = 8;
 
 // Where the prefill kernel reads tiles [tile0, tile0 + T) (all in one panel): tile t's codes for
@@ -241,9 +243,6 @@ void PackActs(const PackedWeights& p, const ActRows& act, int64_t row0, int64_t 
   }
 }
 
-// R rows (R <= kIntRows) x T tiles of Y from byte codes; kGroups: groups of 4 k per block when known
-// at compile time, else 0. Per block the integer dot products, then the epilogue of IntTiles (the same
-// operations in the same order, so the same bits).
 // The high nibble of each byte, as a byte: one vgf2p8affineqb (GFNI; only when p.gfni) with the matrix
 // whose output bit i (i < 4) is input bit i + 4, for the shift and the and. Inline assembly, so the
 // file needs no GFNI target (nothing else here may use it).
@@ -254,7 +253,10 @@ inline __m512i HighNibbles(__m512i raw) {
   return out;
 }
 
-template <int R, int T, bool kNibble, int kZp, int kGroups, bool kGfni>
+// R rows (R <= kIntRows) x T tiles of Y from nibble codes; kGroups: groups of 4 k per block when known
+// at compile time, else 0; kGfni: high nibbles by HighNibbles. Per block the integer dot products,
+// then the epilogue of IntTiles (the same operations in the same order, so the same bits).
+template <int R, int T, int kZp, int kGroups, bool kGfni>
 void PrefillKernel(const PackedWeights& p, const PrefillView& w, const PackedActs& a, int64_t row0, int64_t tile0,
                    const float* bias, float* Y) {
   const int64_t nb = p.num_blocks, groups = kGroups ? kGroups : p.block_padded / 4;
@@ -277,32 +279,21 @@ void PrefillKernel(const PackedWeights& p, const PrefillView& w, const PackedAct
       const __m512i init = kZp == kZpSymmetric ? _mm512_set1_epi32(a.corr[b * kIntRows + r]) : _mm512_setzero_si512();
       for (int t = 0; t < T; ++t) acc[r][t] = init;
     }
-    if constexpr (kNibble) {  // 8 k a group: the low nibbles hold 4 k, the high ones the next 4
+    // 8 k a group: the low nibbles hold 4 k, the high ones the next 4
 #pragma GCC unroll 8
-      for (int64_t g = 0; g < groups / 2; ++g) {
-        __m512i lo[T], hi[T];
-        for (int t = 0; t < T; ++t) {
-          const __m512i raw = _mm512_loadu_si512(wb + t * ts + g * 64);
-          lo[t] = _mm512_and_si512(raw, low4);
-          hi[t] = kGfni ? HighNibbles(raw) : _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
-        }
-        for (int r = 0; r < R; ++r) {
-          const __m512i a0 = _mm512_set1_epi32(ac[2 * g * kIntRows + r]);
-          const __m512i a1 = _mm512_set1_epi32(ac[(2 * g + 1) * kIntRows + r]);
-          for (int t = 0; t < T; ++t) {
-            acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], lo[t], a0);
-            acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], hi[t], a1);
-          }
-        }
+    for (int64_t g = 0; g < groups / 2; ++g) {
+      __m512i lo[T], hi[T];
+      for (int t = 0; t < T; ++t) {
+        const __m512i raw = _mm512_loadu_si512(wb + t * ts + g * 64);
+        lo[t] = _mm512_and_si512(raw, low4);
+        hi[t] = kGfni ? HighNibbles(raw) : _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
       }
-    } else {
-#pragma GCC unroll 16
-      for (int64_t g = 0; g < groups; ++g) {
-        __m512i wv[T];
-        for (int t = 0; t < T; ++t) wv[t] = _mm512_loadu_si512(wb + t * ts + g * 64);
-        for (int r = 0; r < R; ++r) {
-          const __m512i av = _mm512_set1_epi32(ac[g * kIntRows + r]);
-          for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], wv[t], av);
+      for (int r = 0; r < R; ++r) {
+        const __m512i a0 = _mm512_set1_epi32(ac[2 * g * kIntRows + r]);
+        const __m512i a1 = _mm512_set1_epi32(ac[(2 * g + 1) * kIntRows + r]);
+        for (int t = 0; t < T; ++t) {
+          acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], lo[t], a0);
+          acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], hi[t], a1);
         }
       }
     }
@@ -341,20 +332,20 @@ void PrefillKernel(const PackedWeights& p, const PrefillView& w, const PackedAct
   StoreTiles<R, T>(p, facc, row0, tile0, bias, Y);
 }
 
-template <int R, int T, bool kNibble, int kZp, bool kGfni>
+template <int R, int T, int kZp, bool kGfni>
 void PrefillKernelGroups(const PackedWeights& p, const PrefillView& w, const PackedActs& a, int64_t row0,
                          int64_t tile0, const float* bias, float* Y) {
   switch (p.block_padded / 4) {
     case 8:
-      return PrefillKernel<R, T, kNibble, kZp, 8, kGfni>(p, w, a, row0, tile0, bias, Y);
+      return PrefillKernel<R, T, kZp, 8, kGfni>(p, w, a, row0, tile0, bias, Y);
     case 16:
-      return PrefillKernel<R, T, kNibble, kZp, 16, kGfni>(p, w, a, row0, tile0, bias, Y);
+      return PrefillKernel<R, T, kZp, 16, kGfni>(p, w, a, row0, tile0, bias, Y);
     default:
-      return PrefillKernel<R, T, kNibble, kZp, 0, kGfni>(p, w, a, row0, tile0, bias, Y);
+      return PrefillKernel<R, T, kZp, 0, kGfni>(p, w, a, row0, tile0, bias, Y);
   }
 }
 
-template <int T, bool kNibble, int kZp>
+template <int T, int kZp>
 struct IntPrefillBody {
   const PackedWeights& p;
   const PrefillView& w;
@@ -364,23 +355,21 @@ struct IntPrefillBody {
   float* Y;
   template <int R>
   void Run(int64_t r) const {
-    if constexpr (kNibble) {
-      if (p.gfni) return PrefillKernelGroups<R, T, true, kZp, true>(p, w, a, r, tile0, bias, Y);
-    }
-    PrefillKernelGroups<R, T, kNibble, kZp, false>(p, w, a, r, tile0, bias, Y);
+    if (p.gfni) return PrefillKernelGroups<R, T, kZp, true>(p, w, a, r, tile0, bias, Y);
+    PrefillKernelGroups<R, T, kZp, false>(p, w, a, r, tile0, bias, Y);
   }
 };
 
 // Rows [row_begin, row_end) x tiles [tile_begin, tile_end) (whole panels, or the tiles of one): the
 // rows in nearly equal register blocks of at most kIntRows, each block's activations interleaved once,
 // then tile pair after tile pair, every row block against the pair's codes (from L1 or L2).
-template <bool kNibble, int kZp>
+template <int kZp>
 void IntPrefill(const PackedWeights& p, const ActRows& act, int64_t row_begin, int64_t row_end, int64_t tile_begin,
                 int64_t tile_end, const float* bias, float* Y) {
   constexpr int64_t kMaxRows = 64;  // rows whose activations are interleaved at once
   if (row_end - row_begin > kMaxRows) {
     for (int64_t r = row_begin; r < row_end; r += kMaxRows) {
-      IntPrefill<kNibble, kZp>(p, act, r, std::min(row_end, r + kMaxRows), tile_begin, tile_end, bias, Y);
+      IntPrefill<kZp>(p, act, r, std::min(row_end, r + kMaxRows), tile_begin, tile_end, bias, Y);
     }
     return;
   }
@@ -402,9 +391,9 @@ void IntPrefill(const PackedWeights& p, const ActRows& act, int64_t row_begin, i
     for (int64_t i = 0; i < blocks; ++i) {
       const PackedActs& a = packs[static_cast<size_t>(i)];
       if (pair) {
-        RunRowBlock<kIntRows>(count[i], first[i], IntPrefillBody<2, kNibble, kZp>{p, w, a, t, bias, Y});
+        RunRowBlock<kIntRows>(count[i], first[i], IntPrefillBody<2, kZp>{p, w, a, t, bias, Y});
       } else {
-        RunRowBlock<kIntRows>(count[i], first[i], IntPrefillBody<1, kNibble, kZp>{p, w, a, t, bias, Y});
+        RunRowBlock<kIntRows>(count[i], first[i], IntPrefillBody<1, kZp>{p, w, a, t, bias, Y});
       }
     }
     t += pair ? 2 : 1;
@@ -420,14 +409,54 @@ void FloatPrefill(const PackedWeights& p, const float* a_padded, int64_t row_beg
   BalancedRowBlocks<kFloatRows>(row_begin, row_end, FloatPrefillBody<T>{p, scratch.data(), a_padded, tile0, bias, Y});
 }
 
+// Byte codes (packed 6..8-bit ones, or the expanded copy of 5-bit nibbles with a high bit plane):
+// register blocks of up to 4 rows x T tiles of one panel on IntTiles (main's kernel, read from cache
+// for every block of rows), rows split into nearly equal blocks.
+template <int T, int kZp>
+struct BytePrefillBody {
+  const PackedWeights& p;
+  const TileCodes<T>& codes;
+  const ActRows& act;
+  int64_t tile0;
+  const float* bias;
+  float* Y;
+  template <int R>
+  void Run(int64_t r) const { IntTilesAnyGroups<R, T, false, kZp, false>(p, codes, act, r, tile0, bias, Y); }
+};
+
+template <int T, int kZp>
+void BytePrefill(const PackedWeights& p, const ActRows& act, int64_t row_begin, int64_t row_end, int64_t tile0,
+                 const float* bias, float* Y) {
+  const PrefillView w = PrefillTiles(p, tile0);
+  TileCodes<T> codes;
+  for (int t = 0; t < T; ++t) {
+    codes.codes[t] = w.codes + t * w.tile_stride;
+    codes.params[t] = w.params + t * p.param_bytes;
+    codes.code_stride[t] = codes.param_stride[t] = w.block_stride;
+  }
+  BalancedRowBlocks<4>(row_begin, row_end, BytePrefillBody<T, kZp>{p, codes, act, tile0, bias, Y});
+}
+
 template <bool kNibble, int kZp>
 void RunTiles(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin, int64_t row_end,
               int64_t tile_begin, int64_t tile_end, const float* bias, float* Y) {
   int64_t t = tile_begin;
   if (act) {
-    // Nibble codes with high bit planes run the byte kernel on their expanded copy.
-    if (kNibble && p.high_planes > 0) return IntPrefill<false, kZp>(p, *act, row_begin, row_end, tile_begin, tile_end, bias, Y);
-    return IntPrefill<kNibble, kZp>(p, *act, row_begin, row_end, tile_begin, tile_end, bias, Y);
+    if (kNibble && p.high_planes == 0) return IntPrefill<kZp>(p, *act, row_begin, row_end, tile_begin, tile_end, bias, Y);
+    while (t < tile_end) {  // byte codes: up to 4 tiles of one panel at a time
+      const int64_t left = std::min(tile_end - t, TilesInPanel(p, t) - (t & (p.panel_tiles - 1)));
+      if (left >= 4) {
+        BytePrefill<4, kZp>(p, *act, row_begin, row_end, t, bias, Y);
+        t += 4;
+      } else if (left >= 2) {
+        BytePrefill<2, kZp>(p, *act, row_begin, row_end, t, bias, Y);
+        t += 2;
+      } else {
+        BytePrefill<1, kZp>(p, *act, row_begin, row_end, t, bias, Y);
+        t += 1;
+      }
+    }
+    return;
   }
   for (; t + 2 <= tile_end; t += 2) FloatPrefill<2, kNibble, kZp>(p, a_padded, row_begin, row_end, t, bias, Y);
   if (t < tile_end) FloatPrefill<1, kNibble, kZp>(p, a_padded, row_begin, row_end, t, bias, Y);

@@ -471,7 +471,7 @@ def test_integer_mode_same_bits_as_scalar_for_every_row_count(
 ) -> None:
     """Integer mode on random (inexact) data: every row count of the decode kernels (M = 1..8: register
     blocks of up to 4 rows x 4 tiles, reading packed codes) and of the prefill kernel (8 rows x 2
-    tiles; M = 9, 16, 37) gives exactly the scalar path's bits; N = 16 * 9 + 5 leaves tile remainders."""
+    tiles on nibbles; M = 9, 16, 37) gives exactly the scalar path's bits; N = 16 * 9 + 5 leaves tile remainders."""
     rng = np.random.default_rng(bits + 2 * symmetric)
     k, n = 256, 16 * 9 + 5
     codes, scales, zero_points = random_weight(rng, n, k, bits, 32, symmetric, ScaleKind.FLOAT16, exact=False)
@@ -494,11 +494,11 @@ def test_integer_mode_same_bits_as_scalar_for_every_row_count(
 def test_integer_prefill_same_bits_as_scalar(
     isa: str, bits: int, symmetric: bool, block_size: int, gfni: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The integer prefill kernel (AVX-512: register blocks of up to 8 rows x 2 tiles on packed nibble
-    or byte codes, high nibbles unpacked by GFNI where the CPU has it or, with BCT_ONNX_NO_GFNI, by a
-    shift and an and; activations interleaved per row block) on random (inexact)
+    """The integer prefill kernels (AVX-512: register blocks of up to 8 rows x 2 tiles on packed nibble
+    codes, high nibbles unpacked by GFNI where the CPU has it or, with BCT_ONNX_NO_GFNI, by a shift and
+    an and, activations interleaved per row block; 4 rows x 4 tiles on byte codes) on random (inexact)
     data gives exactly the scalar path's bits: every register-block height (M = 9..17 split into
-    nearly equal blocks of at most 8 rows), tasks of 16 and 32 rows with a short last one (M = 40, 100),
+    nearly equal blocks of at most 8 or 4 rows), tasks of 16 and 32 rows with a short last one (M = 40, 100),
     N = 16 * 9 + 5 (two 4-tile panels, a pair and a single tile of the last), K ending in a partial
     block, blocks of 2..16 groups (12: a group count known only at run time)."""
     rng = np.random.default_rng(bits * 1000 + block_size * 2 + symmetric)
