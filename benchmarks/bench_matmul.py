@@ -139,9 +139,12 @@ def int8_dynamic(weight: np.ndarray, m: int) -> onnx.ModelProto:
         return onnx.load(dst)
 
 
-def block_matmul(bits: int, act_bits: int, out_bits: int = 0) -> Callable[[np.ndarray, int], onnx.ModelProto]:
+def block_matmul(
+    bits: int, act_bits: int, out_bits: int = 0, epilogue: str = ""
+) -> Callable[[np.ndarray, int], onnx.ModelProto]:
     """BlockMatMul of symmetric block-32 weights; out_bits > 0: Y as codes of that width (block 32,
-    symmetric, float32 scales), as between the ops of a compressed model."""
+    symmetric, float32 scales), as between the ops of a compressed model; epilogue: e.g. "gelu" (the
+    FFN-up product of an encoder)."""
 
     def build(weight: np.ndarray, m: int) -> onnx.ModelProto:
         k, n = weight.shape
@@ -155,6 +158,8 @@ def block_matmul(bits: int, act_bits: int, out_bits: int = 0) -> Callable[[np.nd
             if out_bits
             else {}
         )
+        if epilogue:
+            out_attrs["epilogue"] = epilogue
         node = helper.make_node(
             ops.BLOCK_MATMUL,
             ["A", "W_codes", "W_scales"],
@@ -182,6 +187,11 @@ CASES = (
     Case("BCT BlockMatMul 4b b32 act int8", block_matmul(4, 8), needs_library=True),
     Case("BCT BlockMatMul 8b b32 act int8", block_matmul(8, 8), needs_library=True),
     Case("BCT BlockMatMul 4b b32 act int8, Y int8 codes", block_matmul(4, 8, out_bits=8), needs_library=True),
+    Case(
+        "BCT BlockMatMul 4b b32 act int8, GELU, Y int8 codes",
+        block_matmul(4, 8, out_bits=8, epilogue="gelu"),
+        needs_library=True,
+    ),
 )
 
 
@@ -250,7 +260,14 @@ def bench_shapes(args: argparse.Namespace, threads: int, have_library: bool) -> 
         feed = {"A": rng.standard_normal((m, k)).astype(np.float32)}
         cases = [c for c in CASES if (have_library or not c.needs_library)]
         cases = [c for c in cases if c.label == BASELINE or args.only in c.label]
-        sessions = [_session(c.build(weight, m), threads, c.needs_library) for c in cases]
+        models = [c.build(weight, m) for c in cases]
+        sessions = [_session(model, threads, c.needs_library) for c, model in zip(cases, models)]
+        # --compare-library: every BlockMatMul case again on the other build, in the same rounds
+        for library in args.compare_library if have_library else []:
+            for case, model in list(zip(cases, models)):
+                if case.needs_library:
+                    cases.append(dataclasses.replace(case, label=f"{case.label} [{library.name}]"))
+                    sessions.append(_library_session(model, threads, library))
         calls = [lambda s=s, f=feed: s.run(None, f) for s in sessions]
         times = _interleaved(calls, args.warmup, args.repeat, args.rounds, clock)
         base = statistics.median(times[[c.label for c in cases].index(BASELINE)])

@@ -13,7 +13,7 @@ namespace cpu {
 namespace {
 
 struct CpuFeatures {
-  bool avx2 = false, avx_vnni = false, avx512 = false, avx512_vnni = false, amx_int8 = false;
+  bool avx2 = false, avx_vnni = false, avx512 = false, avx512_vnni = false, amx_int8 = false, gfni = false;
 };
 
 #if BCT_X86_SIMD
@@ -40,6 +40,7 @@ CpuFeatures Detect() {
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
   __asm__ __volatile__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(0));
   const bool amx_cpu = (edx >> 24 & 1u) && (edx >> 25 & 1u);
+  f.gfni = (ecx >> 8 & 1u) != 0;  // CPUID leaf 7 ECX bit 8
   f.amx_int8 = f.avx512_vnni && amx_cpu && RequestAmxTileData();
   return f;
 }
@@ -76,6 +77,11 @@ bool CpuSupports(Isa isa) {
     case Isa::kAmxInt8: return f.amx_int8;
   }
   return false;
+}
+
+bool UseGfni() {
+  const char* off = std::getenv("BCT_ONNX_NO_GFNI");
+  return Features().gfni && (off == nullptr || std::strcmp(off, "0") == 0 || *off == '\0');
 }
 
 Isa BestIsa() {

@@ -38,6 +38,11 @@ const char* IsaName(Isa isa);
 // True when this CPU (and, for AMX, the OS) can run the path.
 bool CpuSupports(Isa isa);
 
+// True when this CPU has GFNI (the AVX-512 BlockMatMul prefill kernel unpacks high nibbles with one
+// vgf2p8affineqb instead of a shift and an and) and BCT_ONNX_NO_GFNI is not set (not "0"): read when a
+// kernel packs its weights, so tests run both forms on one CPU.
+bool UseGfni();
+
 // The path chosen when nothing is forced: the best this CPU supports.
 Isa BestIsa();
 

@@ -13,11 +13,13 @@
 //   integer dot product sum(sa * (uw - zw)) (sa = signed activation code) is scaled by
 //   a_scale * w_scale and accumulated in fp32. AVX-512 VNNI: up to kDecodeRows rows (decode) stream the
 //   packed codes once, nibbles unpacked in registers, split over N only; more rows (prefill) run a
-//   4-row x 64-column vpdpbusd micro-kernel on the same packed codes (nibbles unpacked in registers,
-//   no per-call copy; 5-bit codes with a high bit plane from bytes expanded once, prefill_bytes), in tasks of 16 or 32 whole rows that quantize their own rows first (so the
-//   quantization runs in parallel too), the block's scale product applied in the
-//   K-block epilogue (cvt, mul, fma: the spec's order, so the bits equal the scalar path's). Both end
-//   in StoreTiles, which adds the bias and writes the float tile.
+//   vpdpbusd micro-kernel on the same packed codes, no per-call copy: 8 rows x 32 columns on nibbles
+//   (unpacked in registers, by GFNI where the CPU has it) with activations interleaved per 8-row
+//   block, 4 rows x 64 columns on bytes (5-bit codes with a high bit plane from bytes expanded once,
+//   prefill_bytes), in tasks of 16 or 32 whole rows that quantize their own rows first (so the
+//   quantization runs in parallel too), the block's scale product applied in the K-block epilogue (cvt, mul, fma: the spec's order,
+//   so the bits equal the scalar path's). Both end in StoreTiles, which adds the bias and writes the
+//   float tile.
 // Float-offset weights (value u * scale + offset, zero_point_kind float16/float32): float mode
 //   dequantizes u * scale + offset (two roundings) wherever it reads a weight (the nibble vpermps GEMV
 //   is not used for them); integer mode adds a_scale * (w_scale * dot(sa, uw) + offset * sum(sa)).
@@ -148,18 +150,20 @@ struct PackedWeights {
   // high_planes (bits - 4) bit planes ("high bit planes" above), not one byte a code.
   int high_planes = 0;
   bool signed_codes = false; // codes stored as (code - zero_point) two's complement (float symmetric)
+  bool gfni = false;         // AVX-512 prefill: high nibbles unpacked by vgf2p8affineqb (cpu::UseGfni at Pack)
   float implicit_zero_point = 0.f;
   cpu::WeightVector<uint8_t> codes;  // SIMD: the layout above; scalar: [N][K] one code a byte
   // Weight scales and zero points when not in the stream, float32 (float offsets too); SIMD:
   // [num_tiles][num_blocks][16]; scalar: [N][num_blocks]. Unused vectors stay empty.
   cpu::WeightVector<float> scales;
   cpu::WeightVector<float> zero_points;
-  // high_planes weights as byte storage for the prefill kernels, [num_tiles][num_blocks][block_padded
-  // / 8 * 128] (per group of 8 k: the low, then the high nibbles with their plane bits, 64 bytes each),
-  // block parameters staying in `codes`: built once, on the first prefill call (the AVX-512 path's
-  // PrefillBytes, under prefill_bytes_once, so concurrent calls wait for one expansion), then read by
-  // every prefill call; decode keeps streaming `codes`. Costs one byte a weight (1.6x the packed
-  // 5-bit codes), only in kernels that run prefill.
+  // high_planes weights as byte storage for the integer prefill kernel: the panels of `codes`, per
+  // block each tile's byte codes (per group of 8 k: the low, then the high nibbles with their plane
+  // bits, 64 bytes each; block_padded * 16 bytes a tile), then the panel's block parameters copied
+  // from `codes`. Built once, on the first prefill call (the AVX-512 path's PrefillBytes, under
+  // prefill_bytes_once, so concurrent calls wait for one expansion), then read by every prefill call;
+  // decode keeps streaming `codes`. Costs one byte a weight (1.6x the packed 5-bit codes), only in
+  // kernels that run prefill.
   mutable std::once_flag prefill_bytes_once;
   mutable cpu::WeightVector<uint8_t> prefill_bytes;
 };

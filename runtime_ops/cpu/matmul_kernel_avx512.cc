@@ -109,21 +109,6 @@ void BalancedRowBlocks(int64_t row_begin, int64_t row_end, const Body& body) {
   }
 }
 
-// Integer mode: register blocks of up to kIntRows rows x T tiles read the packed codes straight from
-// the weights repacked at creation (nibbles unpacked in registers: an AND and a shift per 64 bytes,
-// no per-call copy); 4 x 4 keeps the 16 integer accumulators in registers and the float ones in L1.
-template <int T, bool kNibble, int kZp>
-struct IntPrefillBody {
-  const PackedWeights& p;
-  const TileCodes<T>& codes;
-  const ActRows& act;
-  int64_t tile0;
-  const float* bias;
-  float* Y;
-  template <int R>
-  void Run(int64_t r) const { IntTilesAnyGroups<R, T, kNibble, kZp, false>(p, codes, act, r, tile0, bias, Y); }
-};
-
 template <int T>
 struct FloatPrefillBody {
   const PackedWeights& p;
@@ -138,23 +123,60 @@ struct FloatPrefillBody {
 
 constexpr int kFloatPrefillRows = 4;  // float mode: from this many rows on, tiles are dequantized once and reused
 constexpr int kIntPrefillRows = kDecodeRows + 1;  // integer mode: from this many rows on (fewer: decode kernels)
-constexpr int kIntRows = 4;           // register block of the integer prefill kernel (4 rows x 4 tiles)
 constexpr int kFloatRows = 8;         // register block of the float prefill kernel (8 x 2 tiles)
 
-// Nibble codes with high bit planes (5-bit weights, matmul_kernel.h) expanded into byte storage (the
-// low and the high nibbles of each group of 8 k, their plane bits added as the decode kernels add
-// them, are the two byte groups of those 8 k), so the prefill row blocks run the byte kernel on the
-// same integer codes (the same bits) without adding plane bits for every row block. Expanded once per
-// weight, on the first prefill call (p.prefill_bytes); returns the bytes of tile 0.
+// Integer prefill on nibble codes (bits <= 4). The register block is kIntRows rows x 2 tiles: vpdpbusd
+// issues twice a cycle here, on the two ports that also run every other vector op, so each op that is
+// not a dot product costs one; 8 rows share each tile's nibble unpack (an and and a shift-and, or one
+// GFNI op, per 64 bytes: at most 0.75 ops an output vector and block of 32, against 3 at 4 rows x 4
+// tiles), and the block epilogue (cvt, mul, fma per row and tile, the spec's order) stays. The kernel
+// reads the weights through one pointer (a panel's tiles sit a fixed stride apart, their block
+// parameters after them) and the activations of its rows from a copy interleaved per group of 4 k
+// (PackedActs): the whole block is addressed from three registers. The codes are read as packed:
+// 4-bit codes expanded to bytes (no unpack) ran 10-15% faster on one product whose weights stay in
+// cache, but no faster in a model, where each product reads its weights from memory (twice as many
+// bytes). Byte codes (6..8 bits, and 5-bit codes with a high bit plane, expanded once per weight by
+// PrefillBytes) have no unpack to share: they keep the 4-row x 4-tile IntTiles kernel (BytePrefill),
+// which ran 3-5% faster on them than this one (BERT-base's and MiniLM's 5-bit products).
+constexpr int kIntRows = 8;
+
+// Where the prefill kernel reads tiles [tile0, tile0 + T) (all in one panel): tile t's codes for
+// block b at codes + b * block_stride + t * tile_stride, its block parameters (the packed stream's
+// format) at params + b * block_stride + t * p.param_bytes.
+struct PrefillView {
+  const uint8_t* codes;
+  const uint8_t* params;
+  int64_t block_stride;
+  int64_t tile_stride;
+};
+
+// The expanded copy of nibbles with high bit planes: panels of the packed layout's tiles, per block the
+// tiles' byte codes (block_padded * 16 bytes each) then the block parameters copied from the stream.
+inline int64_t ExpandedPanelBlockBytes(const PackedWeights& p, int64_t tile) {
+  const int64_t tiles = TilesInPanel(p, tile);
+  return tiles * p.block_padded * 16 + (tiles * p.param_bytes + 63) / 64 * 64;
+}
+inline int64_t ExpandedOffset(const PackedWeights& p, int64_t tile, int64_t block) {
+  const int64_t panel = tile >> p.panel_shift, in_panel = tile & (p.panel_tiles - 1);
+  const int64_t full = p.panel_tiles * p.block_padded * 16 + (p.panel_tiles * p.param_bytes + 63) / 64 * 64;
+  return panel * p.num_blocks * full + block * ExpandedPanelBlockBytes(p, tile) + in_panel * p.block_padded * 16;
+}
+
+// Nibble codes with high bit planes (5-bit weights, matmul_kernel.h) expanded into byte storage once
+// per weight, on the first prefill call (p.prefill_bytes): the low and the high
+// nibbles of each group of 8 k, plane bits added as the decode kernels add them, are the two byte
+// groups of those 8 k, so the byte kernel sees the same integer codes.
 const uint8_t* PrefillBytes(const PackedWeights& p) {
   std::call_once(p.prefill_bytes_once, [&p] {
-    const int64_t nb = p.num_blocks, groups = p.block_padded / 8, block_bytes = groups * 128;
-    p.prefill_bytes.resize(static_cast<size_t>(p.num_tiles * nb * block_bytes));
+    const int64_t nb = p.num_blocks, groups = p.block_padded / 8;
+    const int64_t last_panel = (p.num_tiles - 1) >> p.panel_shift << p.panel_shift;
+    p.prefill_bytes.assign(static_cast<size_t>(ExpandedOffset(p, last_panel, 0) + nb * ExpandedPanelBlockBytes(p, last_panel)), 0);
     const __m512i low4 = _mm512_set1_epi8(0x0f);
     for (int64_t tile = 0; tile < p.num_tiles; ++tile) {
+      const int64_t in_panel = tile & (p.panel_tiles - 1), tiles = TilesInPanel(p, tile);
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* wb = BlockCodes(p, tile, b);
-        uint8_t* dst = p.prefill_bytes.data() + (tile * nb + b) * block_bytes;
+        uint8_t* dst = p.prefill_bytes.data() + ExpandedOffset(p, tile, b);
         for (int64_t g = 0; g < groups; ++g) {
           const __m512i raw = _mm512_loadu_si512(wb + g * 64);
           __m512i lo = _mm512_and_si512(raw, low4);
@@ -171,33 +193,211 @@ const uint8_t* PrefillBytes(const PackedWeights& p) {
           _mm512_storeu_si512(dst + g * 128, lo);
           _mm512_storeu_si512(dst + g * 128 + 64, hi);
         }
+        if (in_panel == 0) {  // the panel's block parameters, after its tiles' codes
+          std::memcpy(dst + tiles * p.block_padded * 16, BlockParams(p, tile, b),
+                      static_cast<size_t>(tiles * p.param_bytes));
+        }
       }
     }
   });
   return p.prefill_bytes.data();
 }
 
-template <int T, int kZp>
-void IntPrefillPlanes(const PackedWeights& p, const ActRows& act, int64_t row_begin, int64_t row_end, int64_t tile0,
-                      const float* bias, float* Y) {
-  const int64_t tile_bytes = p.num_blocks * (p.block_padded / 8) * 128;
-  const uint8_t* bytes = PrefillBytes(p);
-  TileCodes<T> codes = PackedTileCodes<T>(p, tile0);
-  for (int t = 0; t < T; ++t) {
-    codes.codes[t] = bytes + (tile0 + t) * tile_bytes;
-    codes.code_stride[t] = tile_bytes / p.num_blocks;  // the block parameters stay where the packed stream has them
+// The codes of tiles [tile0, tile0 + T) (one panel): nibbles or bytes as packed, or the bytes expanded
+// from nibbles with high bit planes.
+PrefillView PrefillTiles(const PackedWeights& p, int64_t tile0) {
+  if (p.high_planes == 0) {
+    return {BlockCodes(p, tile0, 0), BlockParams(p, tile0, 0), PanelBlockBytes(p, tile0), p.block_code_bytes};
   }
-  BalancedRowBlocks<kIntRows>(row_begin, row_end, IntPrefillBody<T, false, kZp>{p, codes, act, tile0, bias, Y});
+  const uint8_t* bytes = PrefillBytes(p);
+  const int64_t tiles = TilesInPanel(p, tile0), in_panel = tile0 & (p.panel_tiles - 1);
+  const uint8_t* codes = bytes + ExpandedOffset(p, tile0, 0);
+  const uint8_t* params = codes + (tiles - in_panel) * p.block_padded * 16 + in_panel * p.param_bytes;
+  return {codes, params, ExpandedPanelBlockBytes(p, tile0), p.block_padded * 16};
 }
 
-template <int T, bool kNibble, int kZp>
-void IntPrefill(const PackedWeights& p, const ActRows& act, int64_t row_begin, int64_t row_end, int64_t tile0,
-                const float* bias, float* Y) {
-  if constexpr (kNibble) {
-    if (p.high_planes > 0) return IntPrefillPlanes<T, kZp>(p, act, row_begin, row_end, tile0, bias, Y);
+// The activations of up to kIntRows rows interleaved for the kernel: the codes of group g (4 k) of
+// block b of row r at codes[(b * groups + g) * kIntRows + r], per block and row the a_scale, the
+// symmetric-weight correction and the code sum (ActRows' values).
+struct PackedActs {
+  std::vector<int32_t> codes;
+  std::vector<float> scales;
+  std::vector<int32_t> corr;
+  std::vector<float> sums;
+};
+
+void PackActs(const PackedWeights& p, const ActRows& act, int64_t row0, int64_t rows, PackedActs* out) {
+  const int64_t nb = p.num_blocks, groups = p.block_padded / 4, kp = p.k_padded;
+  out->codes.resize(static_cast<size_t>(nb * groups * kIntRows));
+  out->scales.resize(static_cast<size_t>(nb * kIntRows));
+  out->corr.resize(static_cast<size_t>(nb * kIntRows));
+  out->sums.resize(static_cast<size_t>(nb * kIntRows));
+  for (int64_t r = 0; r < rows; ++r) {
+    const int8_t* row = act.codes.data() + (row0 + r) * kp;
+    for (int64_t i = 0; i < nb * groups; ++i) out->codes[i * kIntRows + r] = Load32(row + i * 4);
+    for (int64_t b = 0; b < nb; ++b) {
+      out->scales[b * kIntRows + r] = act.scales[(row0 + r) * nb + b];
+      out->corr[b * kIntRows + r] = act.corr[(row0 + r) * nb + b];
+      out->sums[b * kIntRows + r] = act.sums[(row0 + r) * nb + b];
+    }
   }
-  const TileCodes<T> codes = PackedTileCodes<T>(p, tile0);
-  BalancedRowBlocks<kIntRows>(row_begin, row_end, IntPrefillBody<T, kNibble, kZp>{p, codes, act, tile0, bias, Y});
+}
+
+// The high nibble of each byte, as a byte: one vgf2p8affineqb (GFNI; only when p.gfni) with the matrix
+// whose output bit i (i < 4) is input bit i + 4, for the shift and the and. Inline assembly, so the
+// file needs no GFNI target (nothing else here may use it).
+inline __m512i HighNibbles(__m512i raw) {
+  const __m512i matrix = _mm512_set1_epi64(0x1020408000000000LL);
+  __m512i out;
+  __asm__("vgf2p8affineqb $0, %2, %1, %0" : "=v"(out) : "v"(raw), "v"(matrix));
+  return out;
+}
+
+// R rows (R <= kIntRows) x T tiles of Y from nibble codes; kGroups: groups of 4 k per block when known
+// at compile time, else 0; kGfni: high nibbles by HighNibbles. Per block the integer dot products,
+// then the epilogue of IntTiles (the same operations in the same order, so the same bits).
+template <int R, int T, int kZp, int kGroups, bool kGfni>
+void PrefillKernel(const PackedWeights& p, const PrefillView& w, const PackedActs& a, int64_t row0, int64_t tile0,
+                   const float* bias, float* Y) {
+  const int64_t nb = p.num_blocks, groups = kGroups ? kGroups : p.block_padded / 4;
+  const int64_t ts = w.tile_stride, stride = w.block_stride, param_bytes = p.param_bytes;
+  const __m512i low4 = _mm512_set1_epi8(0x0f);
+  constexpr bool kFaccInMemory = R * T > 12;
+  alignas(64) float fmem[kFaccInMemory ? R * T * 16 : 16];
+  __m512 facc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) {
+      facc[r][t] = _mm512_setzero_ps();
+      if (kFaccInMemory) _mm512_store_ps(fmem + (r * T + t) * 16, facc[r][t]);
+    }
+  const int32_t* ac = a.codes.data();
+  const uint8_t* wb = w.codes;
+  const uint8_t* pb = w.params;
+  for (int64_t b = 0; b < nb; ++b, ac += groups * kIntRows, wb += stride, pb += stride) {
+    __m512i acc[R][T];
+    for (int r = 0; r < R; ++r) {
+      const __m512i init = kZp == kZpSymmetric ? _mm512_set1_epi32(a.corr[b * kIntRows + r]) : _mm512_setzero_si512();
+      for (int t = 0; t < T; ++t) acc[r][t] = init;
+    }
+    // 8 k a group: the low nibbles hold 4 k, the high ones the next 4
+#pragma GCC unroll 8
+    for (int64_t g = 0; g < groups / 2; ++g) {
+      __m512i lo[T], hi[T];
+      for (int t = 0; t < T; ++t) {
+        const __m512i raw = _mm512_loadu_si512(wb + t * ts + g * 64);
+        lo[t] = _mm512_and_si512(raw, low4);
+        hi[t] = kGfni ? HighNibbles(raw) : _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512i a0 = _mm512_set1_epi32(ac[2 * g * kIntRows + r]);
+        const __m512i a1 = _mm512_set1_epi32(ac[(2 * g + 1) * kIntRows + r]);
+        for (int t = 0; t < T; ++t) {
+          acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], lo[t], a0);
+          acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], hi[t], a1);
+        }
+      }
+    }
+    __m512 ws[T], zw[T];
+    for (int t = 0; t < T; ++t) {
+      ws[t] = LoadWeightScales(p, pb + t * param_bytes);
+      if (kZp != kZpSymmetric) zw[t] = LoadZw<kZp>(p, pb + t * param_bytes);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 as = _mm512_set1_ps(a.scales[b * kIntRows + r]);
+      const __m512 sum = kZp == kZpSymmetric ? _mm512_setzero_ps() : _mm512_set1_ps(a.sums[b * kIntRows + r]);
+      for (int t = 0; t < T; ++t) {
+        float* const mem = fmem + (r * T + t) * 16;
+        const __m512 y = kFaccInMemory ? _mm512_load_ps(mem) : facc[r][t];
+        __m512 f = _mm512_cvtepi32_ps(acc[r][t]), out;
+        if (kZp == kZpOffset) {  // a_scale * (w_scale * dot + offset * sum(sa))
+          f = _mm512_fmadd_ps(zw[t], sum, _mm512_mul_ps(f, ws[t]));
+          out = _mm512_fmadd_ps(f, as, y);
+        } else {
+          if (kZp != kZpSymmetric) f = _mm512_fnmadd_ps(zw[t], sum, f);
+          f = _mm512_mul_ps(f, as);
+          out = _mm512_fmadd_ps(f, ws[t], y);
+        }
+        if (kFaccInMemory) {
+          _mm512_store_ps(mem, out);
+        } else {
+          facc[r][t] = out;
+        }
+      }
+    }
+  }
+  if (kFaccInMemory) {
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) facc[r][t] = _mm512_load_ps(fmem + (r * T + t) * 16);
+  }
+  StoreTiles<R, T>(p, facc, row0, tile0, bias, Y);
+}
+
+template <int R, int T, int kZp, bool kGfni>
+void PrefillKernelGroups(const PackedWeights& p, const PrefillView& w, const PackedActs& a, int64_t row0,
+                         int64_t tile0, const float* bias, float* Y) {
+  switch (p.block_padded / 4) {
+    case 8:
+      return PrefillKernel<R, T, kZp, 8, kGfni>(p, w, a, row0, tile0, bias, Y);
+    case 16:
+      return PrefillKernel<R, T, kZp, 16, kGfni>(p, w, a, row0, tile0, bias, Y);
+    default:
+      return PrefillKernel<R, T, kZp, 0, kGfni>(p, w, a, row0, tile0, bias, Y);
+  }
+}
+
+template <int T, int kZp>
+struct IntPrefillBody {
+  const PackedWeights& p;
+  const PrefillView& w;
+  const PackedActs& a;
+  int64_t tile0;
+  const float* bias;
+  float* Y;
+  template <int R>
+  void Run(int64_t r) const {
+    if (p.gfni) return PrefillKernelGroups<R, T, kZp, true>(p, w, a, r, tile0, bias, Y);
+    PrefillKernelGroups<R, T, kZp, false>(p, w, a, r, tile0, bias, Y);
+  }
+};
+
+// Rows [row_begin, row_end) x tiles [tile_begin, tile_end) (whole panels, or the tiles of one): the
+// rows in nearly equal register blocks of at most kIntRows, each block's activations interleaved once,
+// then tile pair after tile pair, every row block against the pair's codes (from L1 or L2).
+template <int kZp>
+void IntPrefill(const PackedWeights& p, const ActRows& act, int64_t row_begin, int64_t row_end, int64_t tile_begin,
+                int64_t tile_end, const float* bias, float* Y) {
+  constexpr int64_t kMaxRows = 64;  // rows whose activations are interleaved at once
+  if (row_end - row_begin > kMaxRows) {
+    for (int64_t r = row_begin; r < row_end; r += kMaxRows) {
+      IntPrefill<kZp>(p, act, r, std::min(row_end, r + kMaxRows), tile_begin, tile_end, bias, Y);
+    }
+    return;
+  }
+  const int64_t n = row_end - row_begin, blocks = (n + kIntRows - 1) / kIntRows;
+  const int64_t base = n / blocks, extra = n % blocks;
+  thread_local std::vector<PackedActs> packs;
+  if (static_cast<int64_t>(packs.size()) < blocks) packs.resize(static_cast<size_t>(blocks));
+  int64_t first[kMaxRows / kIntRows], count[kMaxRows / kIntRows];
+  for (int64_t i = 0, r = row_begin; i < blocks; ++i) {
+    count[i] = base + (i < extra ? 1 : 0);
+    first[i] = r;
+    PackActs(p, act, r, count[i], &packs[static_cast<size_t>(i)]);
+    r += count[i];
+  }
+  for (int64_t t = tile_begin; t < tile_end;) {
+    const int64_t in_panel = t & (p.panel_tiles - 1);
+    const bool pair = t + 1 < tile_end && in_panel + 1 < TilesInPanel(p, t);
+    const PrefillView w = PrefillTiles(p, t);
+    for (int64_t i = 0; i < blocks; ++i) {
+      const PackedActs& a = packs[static_cast<size_t>(i)];
+      if (pair) {
+        RunRowBlock<kIntRows>(count[i], first[i], IntPrefillBody<2, kZp>{p, w, a, t, bias, Y});
+      } else {
+        RunRowBlock<kIntRows>(count[i], first[i], IntPrefillBody<1, kZp>{p, w, a, t, bias, Y});
+      }
+    }
+    t += pair ? 2 : 1;
+  }
 }
 
 template <int T, bool kNibble, int kZp>
@@ -209,14 +409,53 @@ void FloatPrefill(const PackedWeights& p, const float* a_padded, int64_t row_beg
   BalancedRowBlocks<kFloatRows>(row_begin, row_end, FloatPrefillBody<T>{p, scratch.data(), a_padded, tile0, bias, Y});
 }
 
+// Byte codes (packed 6..8-bit ones, or the expanded copy of 5-bit nibbles with a high bit plane):
+// register blocks of up to 4 rows x T tiles of one panel on IntTiles (main's kernel, read from cache
+// for every block of rows), rows split into nearly equal blocks.
+template <int T, int kZp>
+struct BytePrefillBody {
+  const PackedWeights& p;
+  const TileCodes<T>& codes;
+  const ActRows& act;
+  int64_t tile0;
+  const float* bias;
+  float* Y;
+  template <int R>
+  void Run(int64_t r) const { IntTilesAnyGroups<R, T, false, kZp, false>(p, codes, act, r, tile0, bias, Y); }
+};
+
+template <int T, int kZp>
+void BytePrefill(const PackedWeights& p, const ActRows& act, int64_t row_begin, int64_t row_end, int64_t tile0,
+                 const float* bias, float* Y) {
+  const PrefillView w = PrefillTiles(p, tile0);
+  TileCodes<T> codes;
+  for (int t = 0; t < T; ++t) {
+    codes.codes[t] = w.codes + t * w.tile_stride;
+    codes.params[t] = w.params + t * p.param_bytes;
+    codes.code_stride[t] = codes.param_stride[t] = w.block_stride;
+  }
+  BalancedRowBlocks<4>(row_begin, row_end, BytePrefillBody<T, kZp>{p, codes, act, tile0, bias, Y});
+}
+
 template <bool kNibble, int kZp>
 void RunTiles(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin, int64_t row_end,
               int64_t tile_begin, int64_t tile_end, const float* bias, float* Y) {
   int64_t t = tile_begin;
   if (act) {
-    for (; t + 4 <= tile_end; t += 4) IntPrefill<4, kNibble, kZp>(p, *act, row_begin, row_end, t, bias, Y);
-    for (; t + 2 <= tile_end; t += 2) IntPrefill<2, kNibble, kZp>(p, *act, row_begin, row_end, t, bias, Y);
-    if (t < tile_end) IntPrefill<1, kNibble, kZp>(p, *act, row_begin, row_end, t, bias, Y);
+    if (kNibble && p.high_planes == 0) return IntPrefill<kZp>(p, *act, row_begin, row_end, tile_begin, tile_end, bias, Y);
+    while (t < tile_end) {  // byte codes: up to 4 tiles of one panel at a time
+      const int64_t left = std::min(tile_end - t, TilesInPanel(p, t) - (t & (p.panel_tiles - 1)));
+      if (left >= 4) {
+        BytePrefill<4, kZp>(p, *act, row_begin, row_end, t, bias, Y);
+        t += 4;
+      } else if (left >= 2) {
+        BytePrefill<2, kZp>(p, *act, row_begin, row_end, t, bias, Y);
+        t += 2;
+      } else {
+        BytePrefill<1, kZp>(p, *act, row_begin, row_end, t, bias, Y);
+        t += 1;
+      }
+    }
     return;
   }
   for (; t + 2 <= tile_end; t += 2) FloatPrefill<2, kNibble, kZp>(p, a_padded, row_begin, row_end, t, bias, Y);

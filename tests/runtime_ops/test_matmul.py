@@ -300,15 +300,17 @@ def test_exact_high_bit_planes(isa: str, bits: int, symmetric: bool, block_size:
     )
 
 
+@pytest.mark.parametrize("bits", [5, 4])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-def test_exact_high_bit_planes_first_calls_concurrent(isa: str, symmetric: bool) -> None:
-    """5-bit weights are expanded to bytes on a kernel's first prefill call: eight Run calls on one new
-    session (prefill of 13..520 rows and decode rows, on two intra-op threads each), started together,
-    all equal the spec bit for bit (a call that read a half-expanded weight would not)."""
-    rng = np.random.default_rng(51 + symmetric)
+def test_exact_high_bit_planes_first_calls_concurrent(isa: str, symmetric: bool, bits: int) -> None:
+    """5-bit weights (nibbles and a bit plane) are expanded to bytes on a kernel's first prefill call
+    (4-bit ones, read as packed, for comparison): eight Run calls on one new session (prefill of
+    13..520 rows and decode rows, on two intra-op threads each), started together, all equal the spec
+    bit for bit (a call that read a half-expanded weight would not)."""
+    rng = np.random.default_rng(51 + symmetric + 2 * bits)
     k, n, block_size = 3 * 32 + 7, 16 * 9 + 3, 32
-    codes, scales, zero_points = random_weight(rng, n, k, 5, block_size, symmetric, ScaleKind.FLOAT16, exact=True)
-    fmt = {"k": k, "bits": 5, "block_size": block_size, "symmetric": symmetric, "act_bits": 8}
+    codes, scales, zero_points = random_weight(rng, n, k, bits, block_size, symmetric, ScaleKind.FLOAT16, exact=True)
+    fmt = {"k": k, "bits": bits, "block_size": block_size, "symmetric": symmetric, "act_bits": 8}
     session = bct_onnx.session(
         matmul_model(n=n, codes=codes, scales=scales, zero_points=zero_points, bias=None, **fmt), threads=2
     )
@@ -468,8 +470,8 @@ def test_integer_mode_same_bits_as_scalar_for_every_row_count(
     isa: str, bits: int, symmetric: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Integer mode on random (inexact) data: every row count of the decode kernels (M = 1..8: register
-    blocks of up to 4 rows x 4 tiles, reading packed codes) and of the prefill kernel
-    (M = 9, 16, 37) gives exactly the scalar path's bits; N = 16 * 9 + 5 leaves tile remainders."""
+    blocks of up to 4 rows x 4 tiles, reading packed codes) and of the prefill kernel (8 rows x 2
+    tiles on nibbles; M = 9, 16, 37) gives exactly the scalar path's bits; N = 16 * 9 + 5 leaves tile remainders."""
     rng = np.random.default_rng(bits + 2 * symmetric)
     k, n = 256, 16 * 9 + 5
     codes, scales, zero_points = random_weight(rng, n, k, bits, 32, symmetric, ScaleKind.FLOAT16, exact=False)
@@ -480,6 +482,39 @@ def test_integer_mode_same_bits_as_scalar_for_every_row_count(
     monkeypatch.setenv("BCT_ONNX_ISA", "scalar")
     reference = bct_onnx.session(model)
     for m in (*range(1, 10), 16, 37):
+        got = session.run(None, {"A": a[:m]})[0]
+        want = reference.run(None, {"A": a[:m]})[0]
+        assert_bits_equal(got, want, f"isa={isa} bits={bits} symmetric={symmetric} M={m}")
+
+
+@pytest.mark.parametrize("gfni", ["gfni", "no-gfni"])
+@pytest.mark.parametrize("block_size", [32, 16, 64, 12])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_integer_prefill_same_bits_as_scalar(
+    isa: str, bits: int, symmetric: bool, block_size: int, gfni: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The integer prefill kernels (AVX-512: register blocks of up to 8 rows x 2 tiles on packed nibble
+    codes, high nibbles unpacked by GFNI where the CPU has it or, with BCT_ONNX_NO_GFNI, by a shift and
+    an and, activations interleaved per row block; 4 rows x 4 tiles on byte codes) on random (inexact)
+    data gives exactly the scalar path's bits: every register-block height (M = 9..17 split into
+    nearly equal blocks of at most 8 or 4 rows), tasks of 16 and 32 rows with a short last one (M = 40, 100),
+    N = 16 * 9 + 5 (two 4-tile panels, a pair and a single tile of the last), K ending in a partial
+    block, blocks of 2..16 groups (12: a group count known only at run time)."""
+    rng = np.random.default_rng(bits * 1000 + block_size * 2 + symmetric)
+    k, n = 4 * block_size + 5, 16 * 9 + 5
+    codes, scales, zero_points = random_weight(
+        rng, n, k, bits, block_size, symmetric, ScaleKind.FLOAT16, exact=False
+    )
+    fmt = {"k": k, "bits": bits, "block_size": block_size, "symmetric": symmetric, "act_bits": 8}
+    model = matmul_model(n=n, codes=codes, scales=scales, zero_points=zero_points, bias=None, **fmt)
+    a = rng.standard_normal((100, k)).astype(np.float32)
+    if gfni == "no-gfni":
+        monkeypatch.setenv("BCT_ONNX_NO_GFNI", "1")
+    session = bct_onnx.session(model)
+    monkeypatch.setenv("BCT_ONNX_ISA", "scalar")
+    reference = bct_onnx.session(model)
+    for m in (*range(9, 18), 40, 100):
         got = session.run(None, {"A": a[:m]})[0]
         want = reference.run(None, {"A": a[:m]})[0]
         assert_bits_equal(got, want, f"isa={isa} bits={bits} symmetric={symmetric} M={m}")
