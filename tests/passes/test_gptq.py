@@ -702,6 +702,46 @@ def test_scale_search_over_several_ratios_at_once_equals_one_at_a_time(fmt, monk
 
 
 
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        BlockFormat(4, 32, True, ScaleKind.FLOAT8E4M3),
+        BlockFormat(5, 32, False, ScaleKind.FLOAT8E4M3, "packed"),
+        BlockFormat(4, 32, False, ScaleKind.FLOAT16, "float"),
+        BlockFormat(3, 16, False, ScaleKind.POW2),
+    ],
+    ids=lambda fmt: f"{fmt.bits}b{fmt.block_size}-{'sym' if fmt.symmetric else 'asym'}-{fmt.scale_kind.value}"
+    + ("-offsets" if fmt.float_offsets else ""),
+)
+def test_block_errors_a_few_rows_at_a_time_equal_all_rows_at_once(fmt, monkeypatch):
+    """_block_squared_error takes the rows of blocks a few at a time (its temporaries in cache): the
+    same errors, bit for bit, as all rows at once, for candidates along a leading axis and for a
+    column-major block column (GPTQ's) with and without importance; and search_scales' shortcut for
+    asymmetric candidates (asymmetric_scales of min * ratio, max * ratio) equals choose_scales of the
+    blocks' [min, max] * ratio."""
+    from bct_onnx import weight_quantizer
+    from bct_onnx.block_format import asymmetric_scales, float8e4m3_scale_factor
+
+    rng = np.random.default_rng(21)
+    x = (rng.standard_normal((700, 96)) * rng.uniform(1e-3, 3, (700, 1))).astype(np.float32)
+    factor = float8e4m3_scale_factor(x, fmt) if fmt.scale_kind is ScaleKind.FLOAT8E4M3 else None
+    ratio = np.array(weight_quantizer.CLIP_RATIOS, np.float32).reshape(-1, 1, 1)
+    for blocks in (pad_to_blocks(x, fmt), pad_to_blocks(np.asfortranarray(x[:, : fmt.block_size]), fmt)):
+        lo, hi = blocks.min(axis=-1), blocks.max(axis=-1)
+        scales, zp = choose_scales(np.stack([lo, hi], axis=-1) * ratio[..., None], fmt, factor)
+        if not fmt.symmetric and not fmt.float_offsets:
+            shortcut = asymmetric_scales(lo * ratio, hi * ratio, fmt, None if factor is None else np.float32(factor))
+            np.testing.assert_array_equal(shortcut[0].view(np.uint8), scales.view(np.uint8))
+            np.testing.assert_array_equal(shortcut[1], zp)
+        for importance in (None, rng.uniform(0, 2, fmt.block_size).astype(np.float32)):
+            monkeypatch.setattr(weight_quantizer, "_ERROR_CHUNK_ELEMENTS", 1 << 40)
+            whole = weight_quantizer._block_squared_error(blocks, scales, zp, fmt, importance, factor)
+            monkeypatch.setattr(weight_quantizer, "_ERROR_CHUNK_ELEMENTS", 1000)
+            parts = weight_quantizer._block_squared_error(blocks, scales, zp, fmt, importance, factor)
+            assert parts.shape == whole.shape == ratio.shape[:1] + blocks.shape[:-1]
+            np.testing.assert_array_equal(parts, whole)
+
+
 def test_first_least_error_is_what_one_at_a_time_replacement_keeps():
     """The grouped search picks, per block, the candidate a strict one-at-a-time replacement ends with:
     the first least error on ties, never a NaN error, and the first candidate while its own is NaN."""
