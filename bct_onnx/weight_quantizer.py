@@ -87,10 +87,10 @@ def _block_squared_error(
     shape = np.broadcast_shapes(*(part.shape for part in parts))
     if len(shape) < 3 or shape[-3] <= 1:
         return _squared_error(blocks, scale, zp, fmt, importance)
-    rows = shape[-3]
-    step = max(1, _ERROR_CHUNK_ELEMENTS // max(1, int(np.prod(shape, dtype=np.int64)) // rows))
-    if step >= rows:
+    rows, size = shape[-3], int(np.prod(shape, dtype=np.int64))
+    if size <= 4 * _ERROR_CHUNK_ELEMENTS:  # in cache already: one pass costs fewer numpy calls
         return _squared_error(blocks, scale, zp, fmt, importance)
+    step = max(1, _ERROR_CHUNK_ELEMENTS // max(1, size // rows))
 
     def rows_of(part: np.ndarray | None, start: int) -> np.ndarray | None:
         if part is None or part.ndim < 3 or part.shape[-3] == 1:

@@ -736,7 +736,7 @@ def test_block_errors_a_few_rows_at_a_time_equal_all_rows_at_once(fmt, monkeypat
         for importance in (None, rng.uniform(0, 2, fmt.block_size).astype(np.float32)):
             monkeypatch.setattr(weight_quantizer, "_ERROR_CHUNK_ELEMENTS", 1 << 40)
             whole = weight_quantizer._block_squared_error(blocks, scales, zp, fmt, importance, factor)
-            monkeypatch.setattr(weight_quantizer, "_ERROR_CHUNK_ELEMENTS", 1000)
+            monkeypatch.setattr(weight_quantizer, "_ERROR_CHUNK_ELEMENTS", 1000)  # rows one or two at a time
             parts = weight_quantizer._block_squared_error(blocks, scales, zp, fmt, importance, factor)
             assert parts.shape == whole.shape == ratio.shape[:1] + blocks.shape[:-1]
             np.testing.assert_array_equal(parts, whole)
