@@ -120,13 +120,18 @@ def _squared_error(
         if importance is not None:
             return np.einsum("...i,...i,...i->...", diff, diff, np.broadcast_to(importance, diff.shape))
         return np.einsum("...i,...i->...", diff, diff)
-    q = round_half_to_even(blocks * _inverse(scale))
+    # round_half_to_even(blocks * inverse), the clip, q * scale - blocks: in place on one temporary
+    diff = np.multiply(blocks, _inverse(scale), dtype=np.float32)
+    np.rint(diff, out=diff)
     if fmt.symmetric:
-        q = np.clip(q, fmt.qmin, fmt.qmax)
+        np.clip(diff, fmt.qmin, fmt.qmax, out=diff)
     else:
         assert zp is not None
-        q = np.clip(q + zp, 0, fmt.qmax) - zp
-    diff = q * scale - blocks
+        np.add(diff, zp, out=diff)
+        np.clip(diff, 0, fmt.qmax, out=diff)
+        np.subtract(diff, zp, out=diff)
+    np.multiply(diff, scale, out=diff)
+    np.subtract(diff, blocks, out=diff)
     if importance is not None:
         return np.einsum("...i,...i,...i->...", diff, diff, np.broadcast_to(importance, diff.shape))
     return np.einsum("...i,...i->...", diff, diff)

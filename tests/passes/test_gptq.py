@@ -715,8 +715,9 @@ def test_scale_search_over_several_ratios_at_once_equals_one_at_a_time(fmt, monk
 )
 def test_block_errors_a_few_rows_at_a_time_equal_all_rows_at_once(fmt, monkeypatch):
     """_block_squared_error takes the rows of blocks a few at a time (its temporaries in cache): the
-    same errors, bit for bit, as all rows at once, for candidates along a leading axis and for a
-    column-major block column (GPTQ's) with and without importance; and search_scales' shortcut for
+    same errors, bit for bit, as all rows at once and as the arithmetic with a new array per step, for
+    candidates along a leading axis and for a column-major block column (GPTQ's) with and without
+    importance; and search_scales' shortcut for
     asymmetric candidates (asymmetric_scales of min * ratio, max * ratio) equals choose_scales of the
     blocks' [min, max] * ratio."""
     from bct_onnx import weight_quantizer
@@ -740,6 +741,21 @@ def test_block_errors_a_few_rows_at_a_time_equal_all_rows_at_once(fmt, monkeypat
             parts = weight_quantizer._block_squared_error(blocks, scales, zp, fmt, importance, factor)
             assert parts.shape == whole.shape == ratio.shape[:1] + blocks.shape[:-1]
             np.testing.assert_array_equal(parts, whole)
+            # the arithmetic as first written (a new array per step), bit for bit
+            from bct_onnx.block_format import _inverse, round_half_to_even, scales_to_float32
+
+            scale = scales_to_float32(scales, fmt.scale_kind, factor)[..., None]
+            offset = None if zp is None else zp.astype(np.float32)[..., None]
+            if fmt.float_offsets:
+                q = round_half_to_even(np.clip((blocks - offset) * _inverse(scale), 0, fmt.qmax))
+                diff = (q * scale + offset) - blocks
+            else:
+                q = round_half_to_even(blocks * _inverse(scale))
+                q = np.clip(q, fmt.qmin, fmt.qmax) if fmt.symmetric else np.clip(q + offset, 0, fmt.qmax) - offset
+                diff = q * scale - blocks
+            expected = (np.einsum("...i,...i->...", diff, diff) if importance is None else
+                        np.einsum("...i,...i,...i->...", diff, diff, np.broadcast_to(importance, diff.shape)))
+            np.testing.assert_array_equal(whole, expected)
 
 
 def test_first_least_error_is_what_one_at_a_time_replacement_keeps():
