@@ -758,6 +758,20 @@ def test_block_errors_a_few_rows_at_a_time_equal_all_rows_at_once(fmt, monkeypat
             np.testing.assert_array_equal(whole, expected)
 
 
+@pytest.mark.parametrize("shape", [(5, 7), (64, 64), (130, 70), (576, 200)])
+def test_tiled_copy_equals_one_copy(shape):
+    """gptq._tiled_copy copies tile by tile: the values, dtype and order of np.array for the copies GPTQ
+    makes (a reversed matrix into Fortran order, a transpose into C order with a cast)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape).astype(np.float32)
+    for source, dtype, order in ((x[::-1, ::-1], np.float32, "F"), (x.T, np.float64, "C"), (x[::-1, ::-1], np.float64, "C")):
+        got = gptq._tiled_copy(source, dtype, order)
+        expected = np.array(source, dtype=dtype, order=order)
+        assert got.dtype == expected.dtype and got.flags.f_contiguous == expected.flags.f_contiguous
+        assert got.flags.c_contiguous == expected.flags.c_contiguous
+        np.testing.assert_array_equal(got, expected)
+
+
 def test_first_least_error_is_what_one_at_a_time_replacement_keeps():
     """The grouped search picks, per block, the candidate a strict one-at-a-time replacement ends with:
     the first least error on ties, never a NaN error, and the first candidate while its own is NaN."""
