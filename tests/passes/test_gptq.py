@@ -876,3 +876,83 @@ def test_inverse_hessian_factor_builds_float32_input_exactly_as_the_float64_copy
     factor, dead = inverse_hessian_factor(hessian, 0.1)
     np.testing.assert_array_equal(factor, expected)
     assert np.flatnonzero(dead).tolist() == [5]
+
+
+CAUSAL_ATTENTION = """
+<ir_version: 8, opset_import: ["" : 17]>
+attention (float[B, T, 8] x, bool[B, T, T] mask) => (float[B, T, 8] y) {
+    q = MatMul(x, wq)
+    k = MatMul(x, wk)
+    kt = Transpose<perm = [0, 2, 1]>(k)
+    v = MatMul(x, wv)
+    scores = MatMul(q, kt)
+    bias = Where(mask, zero, ninf)
+    masked = Add(scores, bias)
+    p = Softmax<axis = -1>(masked)
+    nan = IsNaN(p)
+    guarded = Where(nan, zero, p)
+    a = MatMul(guarded, v)
+    y = MatMul(a, wo)
+}
+"""
+
+
+def test_calibration_computes_causal_attention_in_blocks_and_keeps_the_model_hessians(monkeypatch):
+    """A causal attention (Softmax(q kt + Where(mask, 0, -inf)) v) runs in blocks of CAUSAL_BLOCK query
+    rows against the keys up to each block's end; a batch whose mask is not causal (a query row sees a
+    later key) is run again on the model's own segment, and so is every batch after it. The Hessians
+    are the model's either way (up to float rounding)."""
+    import onnx
+
+    from bct_onnx import calibration
+
+    monkeypatch.setattr(calibration, "CAUSAL_BLOCK", 16)
+    rng = np.random.default_rng(12)
+    weights = {name: rng.standard_normal((8, 8)).astype(np.float32) for name in ("wq", "wk", "wv", "wo")}
+    model = model_from_text(
+        CAUSAL_ATTENTION,
+        {**weights, "zero": np.zeros((), np.float32), "ninf": np.array(-np.inf, np.float32)},
+    )
+    sessions = []
+    session = calibration.runtime.session
+
+    def recording_session(data, *args, **kwargs):
+        sessions.append([node.op_type for node in onnx.ModelProto.FromString(data).graph.node])
+        return session(data, *args, **kwargs)
+
+    monkeypatch.setattr(calibration.runtime, "session", recording_session)
+    lengths = (40, 37, 9)  # 3, 3 and 1 blocks of 16 rows (the last block takes the rest)
+    x = [rng.standard_normal((2, t, 8)).astype(np.float32) for t in lengths]
+    causal = [np.broadcast_to(np.tril(np.ones((t, t), bool)), (2, t, t)).copy() for t in lengths]
+    causal[1][1, 5:, 3] = False  # a masked key inside the causal part: still causal
+
+    def expected_hessian(xs, masks):
+        expected = np.zeros((8, 8))
+        for xi, mi in zip(xs, masks):
+            scores = (xi @ weights["wq"]) @ (xi @ weights["wk"]).transpose(0, 2, 1) + np.where(mi, 0, -np.inf)
+            p = np.exp(scores - scores.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            a = (p @ (xi @ weights["wv"])).reshape(-1, 8).astype(np.float64)
+            expected += a.T @ a
+        return expected
+
+    hessians = collect_hessians(model, Calibration(tuple({"x": xi, "mask": mi} for xi, mi in zip(x, causal))))
+    got = hessians[("a", "wo")]
+    expected = expected_hessian(x, causal)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    hessians.close()
+    (blocked,) = sessions
+    assert blocked.count("Softmax") == 3 and "IsNaN" not in blocked and blocked.count("Concat") == 1
+    # two blocks slice kt and v (the last sees every key), every block slices q and the mask
+    assert blocked.count("Slice") == 2 * 2 + 3 * 2
+
+    sessions.clear()
+    full = [np.ones_like(m) for m in causal]  # not causal: every row sees every key
+    mixed = [causal[0], full[1], causal[2]]
+    hessians = collect_hessians(model, Calibration(tuple({"x": xi, "mask": mi} for xi, mi in zip(x, mixed))))
+    got = hessians[("a", "wo")]
+    expected = expected_hessian(x, mixed)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    hessians.close()
+    # the blocked session, then the model's own segment from the second batch on
+    assert [s.count("Softmax") for s in sessions] == [3, 1] and "IsNaN" in sessions[1]
