@@ -310,6 +310,9 @@ def gptq_quantize(
     threads = CORE_SHARING.threads()
     if n >= 2 * _MIN_THREAD_ROWS:  # one chunk per thread at least: the threads share the rows
         rows = min(rows, -(-n // threads))
+        # as many chunks per thread (the output projection's 49152 rows: 8 chunks, not 7 for 2 threads)
+        chunks = threads * -(-n // (threads * rows))
+        rows = -(-n // chunks)
 
     def quantize_rows(r: int) -> None:
         # K-major: a column of the weight (one input channel over the chunk's rows) is contiguous.
