@@ -792,6 +792,23 @@ def test_first_least_error_is_what_one_at_a_time_replacement_keeps():
     np.testing.assert_array_equal(_first_least(errors)[0], expected)
 
 
+def _recorded_sessions(monkeypatch) -> list[list[str]]:
+    """The op types of every calibration session opened from now on, one list per session."""
+    import onnx
+
+    from bct_onnx import calibration
+
+    sessions: list[list[str]] = []
+    session = calibration.runtime.session
+
+    def recording_session(data, *args, **kwargs):
+        sessions.append([node.op_type for node in onnx.ModelProto.FromString(data).graph.node])
+        return session(data, *args, **kwargs)
+
+    monkeypatch.setattr(calibration.runtime, "session", recording_session)
+    return sessions
+
+
 ATTENTION = """
 <ir_version: 8, opset_import: ["" : 17]>
 attention (float[B, 4, 8] x, float[B, 4, 4] bias) => (float[B, 4, 8] y) {
@@ -811,22 +828,13 @@ def test_calibration_leaves_out_softmax_nan_guards_and_keeps_the_model_hessians(
     """Where(IsNaN(p), 0, p) after a Softmax costs two passes over every score matrix: the calibration
     session leaves it out, and a batch with a fully masked row (NaN without the guard) is run again
     on the model's own graph, so the Hessians are the model's on every batch."""
-    import onnx
 
-    from bct_onnx import calibration
 
     rng = np.random.default_rng(5)
     weights = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in
                (("wk", (8, 4)), ("wv", (8, 8)), ("wo", (8, 8)))}
     model = model_from_text(ATTENTION, {**weights, "zero": np.zeros((), np.float32)})
-    sessions = []
-    session = calibration.runtime.session
-
-    def recording_session(data, *args, **kwargs):
-        sessions.append([node.op_type for node in onnx.ModelProto.FromString(data).graph.node])
-        return session(data, *args, **kwargs)
-
-    monkeypatch.setattr(calibration.runtime, "session", recording_session)
+    sessions = _recorded_sessions(monkeypatch)
     x = [rng.standard_normal((3, 4, 8)).astype(np.float32) for _ in range(2)]
     bias = [np.zeros((3, 4, 4), np.float32), np.zeros((3, 4, 4), np.float32)]
     bias[1][1, 2, :] = -np.inf  # one fully masked row: softmax gives NaN, the guard zeroes it
@@ -902,7 +910,6 @@ def test_calibration_computes_causal_attention_in_blocks_and_keeps_the_model_hes
     rows against the keys up to each block's end; a batch whose mask is not causal (a query row sees a
     later key) is run again on the model's own segment, and so is every batch after it. The Hessians
     are the model's either way (up to float rounding)."""
-    import onnx
 
     from bct_onnx import calibration
 
@@ -913,14 +920,7 @@ def test_calibration_computes_causal_attention_in_blocks_and_keeps_the_model_hes
         CAUSAL_ATTENTION,
         {**weights, "zero": np.zeros((), np.float32), "ninf": np.array(-np.inf, np.float32)},
     )
-    sessions = []
-    session = calibration.runtime.session
-
-    def recording_session(data, *args, **kwargs):
-        sessions.append([node.op_type for node in onnx.ModelProto.FromString(data).graph.node])
-        return session(data, *args, **kwargs)
-
-    monkeypatch.setattr(calibration.runtime, "session", recording_session)
+    sessions = _recorded_sessions(monkeypatch)
     lengths = (40, 37, 9)  # 3, 3 and 1 blocks of 16 rows (the last block takes the rest)
     x = [rng.standard_normal((2, t, 8)).astype(np.float32) for t in lengths]
     causal = [np.broadcast_to(np.tril(np.ones((t, t), bool)), (2, t, t)).copy() for t in lengths]
