@@ -324,8 +324,16 @@ def choose_scales(
         idx = np.argmax(np.abs(blocks), axis=-1)
         m = np.take_along_axis(blocks, idx[..., None], axis=-1)[..., 0]
         return symmetric_scales(m, fmt, factor), None
-    lo = np.minimum(blocks.min(axis=-1), np.float32(0.0))
-    hi = np.maximum(blocks.max(axis=-1), np.float32(0.0))
+    return asymmetric_scales(blocks.min(axis=-1), blocks.max(axis=-1), fmt, factor)
+
+
+def asymmetric_scales(
+    low: np.ndarray, high: np.ndarray, fmt: BlockFormat, factor: np.float32 | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """choose_scales of asymmetric blocks (integer zero points) whose minimum and maximum are low and
+    high (float32 [...]); float8e4m3: for the float32 scale factor (check_scale_factor)."""
+    lo = np.minimum(low, np.float32(0.0))
+    hi = np.maximum(high, np.float32(0.0))
     step = ((hi - lo) / np.float32(fmt.qmax)).astype(np.float32)
     stored = _stored_step(step, fmt, factor)
     inv = _inverse(scales_to_float32(stored, fmt.scale_kind, factor))

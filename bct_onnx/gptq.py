@@ -116,7 +116,7 @@ def inverse_hessian_factor(hessian: np.ndarray, damping: float = 0.01) -> tuple[
 
     # J H J in float32 for the first attempt, the dampened diagonal summed in float64 and rounded once (as
     # the float64 matrix cast to float32 would be); the float64 matrix is built only if float32 fails.
-    h32 = np.array(hessian[::-1, ::-1], dtype=np.float32, order="F")
+    h32 = _tiled_copy(hessian[::-1, ::-1], np.float32, "F")
     diagonal = np.diag_indices_from(h32)
     h_diagonal = np.diagonal(hessian).astype(np.float64)[::-1].copy()
     dead = h_diagonal[::-1] == 0
@@ -143,10 +143,32 @@ def inverse_hessian_factor(hessian: np.ndarray, damping: float = 0.01) -> tuple[
                     continue
                 inverse_lower, info = trtri(lower, lower=1, overwrite_c=1)
                 if info == 0 and np.isfinite(inverse_lower).all():
-                    return np.ascontiguousarray(inverse_lower[::-1, ::-1], dtype=np.float64), dead
+                    return _tiled_copy(inverse_lower[::-1, ::-1], np.float64, "C"), dead
             h_diagonal += damp
             damp *= 10
     raise np.linalg.LinAlgError("GPTQ: the calibration Hessian is not positive definite even after damping")
+
+
+# Rows and columns of the tiles _tiled_copy copies at once.
+_COPY_TILE = 64
+
+
+def _tiled_copy(source: np.ndarray, dtype: type, order: str) -> np.ndarray:
+    """np.array(source, dtype=dtype, order=order) of a 2-D array, copied tile by tile.
+
+    A copy whose source is laid out across the destination's order (a transpose, a reversed
+    Hessian into Fortran order) reads one element per cache line when done in one pass; in tiles of
+    _COPY_TILE x _COPY_TILE both sides stay in cache (K = 1536: 33 -> 13 ms). The same values.
+    """
+    rows, columns = source.shape
+    out = np.empty(source.shape, dtype=dtype, order=order)
+    if rows * columns <= _COPY_TILE * _COPY_TILE:
+        out[...] = source
+        return out
+    for i in range(0, rows, _COPY_TILE):
+        for j in range(0, columns, _COPY_TILE):
+            out[i : i + _COPY_TILE, j : j + _COPY_TILE] = source[i : i + _COPY_TILE, j : j + _COPY_TILE]
+    return out
 
 
 class _FactorOfLastHessian:
@@ -288,10 +310,13 @@ def gptq_quantize(
     threads = CORE_SHARING.threads()
     if n >= 2 * _MIN_THREAD_ROWS:  # one chunk per thread at least: the threads share the rows
         rows = min(rows, -(-n // threads))
+        # as many chunks per thread (the output projection's 49152 rows: 8 chunks, not 7 for 2 threads)
+        chunks = threads * -(-n // (threads * rows))
+        rows = -(-n // chunks)
 
     def quantize_rows(r: int) -> None:
         # K-major: a column of the weight (one input channel over the chunk's rows) is contiguous.
-        w_t = np.array(weight[r : r + rows].T, dtype=np.float64, order="C")
+        w_t = _tiled_copy(weight[r : r + rows].T, np.float64, "C")
         if not keep_dead_inputs:
             w_t[dead] = 0.0
         chunk_scales = scales[r : r + rows]

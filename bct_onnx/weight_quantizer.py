@@ -18,6 +18,7 @@ from bct_onnx.block_format import (
     ScaleKind,
     _inverse,
     _pad_to_blocks,
+    asymmetric_scales,
     check_scale_factor,
     choose_scales,
     codes_for,
@@ -75,25 +76,62 @@ def _block_squared_error(
 ) -> np.ndarray:
     """Squared error per block [..., nb] of quantizing blocks with the given stored scales.
 
-    Same arithmetic as ``codes_for`` followed by ``dequantize_codes``, without forming codes.
+    Same arithmetic as ``codes_for`` followed by ``dequantize_codes``, without forming codes. Rows of
+    blocks (the axis before nb) are taken a few at a time (_ERROR_CHUNK_ELEMENTS): the elementwise
+    steps then pass over temporaries in cache, not over candidates x rows x block_size floats in memory
+    (GPTQ's output projection of 49152 rows: 3x faster), with the same arithmetic for every element.
     """
     scale = scales_to_float32(scales, fmt.scale_kind, scale_factor)[..., None]
+    zp = None if zero_points is None else zero_points.astype(np.float32)[..., None]
+    parts = [blocks, scale] + ([] if zp is None else [zp]) + ([] if importance is None else [np.asarray(importance)])
+    shape = np.broadcast_shapes(*(part.shape for part in parts))
+    if len(shape) < 3 or shape[-3] <= 1:
+        return _squared_error(blocks, scale, zp, fmt, importance)
+    rows, size = shape[-3], int(np.prod(shape, dtype=np.int64))
+    if size <= 4 * _ERROR_CHUNK_ELEMENTS:  # in cache already: one pass costs fewer numpy calls
+        return _squared_error(blocks, scale, zp, fmt, importance)
+    step = max(1, _ERROR_CHUNK_ELEMENTS // max(1, size // rows))
+
+    def rows_of(part: np.ndarray | None, start: int) -> np.ndarray | None:
+        if part is None or part.ndim < 3 or part.shape[-3] == 1:
+            return part
+        return part[..., start : start + step, :, :]
+
+    errors = np.empty(shape[:-1], np.float32)
+    for start in range(0, rows, step):
+        errors[..., start : start + step, :] = _squared_error(
+            rows_of(blocks, start), rows_of(scale, start), rows_of(zp, start), fmt, rows_of(importance, start)
+        )
+    return errors
+
+
+# _block_squared_error's temporaries hold about this many elements at once (a few hundred KB: in cache).
+_ERROR_CHUNK_ELEMENTS = 1 << 16
+
+
+def _squared_error(
+    blocks: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, fmt: BlockFormat, importance: np.ndarray | None
+) -> np.ndarray:
+    """_block_squared_error of float32 scales [..., nb, 1] (zero points or offsets zp, float32 [..., nb, 1])."""
     if fmt.float_offsets:
-        assert zero_points is not None
-        offset = zero_points.astype(np.float32)[..., None]
-        q = round_half_to_even(np.clip((blocks - offset) * _inverse(scale), 0, fmt.qmax))
-        diff = (q * scale + offset) - blocks
+        assert zp is not None
+        q = round_half_to_even(np.clip((blocks - zp) * _inverse(scale), 0, fmt.qmax))
+        diff = (q * scale + zp) - blocks
         if importance is not None:
             return np.einsum("...i,...i,...i->...", diff, diff, np.broadcast_to(importance, diff.shape))
         return np.einsum("...i,...i->...", diff, diff)
-    q = round_half_to_even(blocks * _inverse(scale))
+    # round_half_to_even(blocks * inverse), the clip, q * scale - blocks: in place on one temporary
+    diff = np.multiply(blocks, _inverse(scale), dtype=np.float32)
+    np.rint(diff, out=diff)
     if fmt.symmetric:
-        q = np.clip(q, fmt.qmin, fmt.qmax)
+        np.clip(diff, fmt.qmin, fmt.qmax, out=diff)
     else:
-        assert zero_points is not None
-        zp = zero_points.astype(np.float32)[..., None]
-        q = np.clip(q + zp, 0, fmt.qmax) - zp
-    diff = q * scale - blocks
+        assert zp is not None
+        np.add(diff, zp, out=diff)
+        np.clip(diff, 0, fmt.qmax, out=diff)
+        np.subtract(diff, zp, out=diff)
+    np.multiply(diff, scale, out=diff)
+    np.subtract(diff, blocks, out=diff)
     if importance is not None:
         return np.einsum("...i,...i,...i->...", diff, diff, np.broadcast_to(importance, diff.shape))
     return np.einsum("...i,...i->...", diff, diff)
@@ -131,8 +169,8 @@ def search_scales(
         ratio = np.array(candidates[first : first + group], np.float32).reshape((-1,) + (1,) * (extremes.ndim - 1))
         if fmt.symmetric:  # choose_scales of the one-element blocks extremes * ratio, without its argmax
             scales, zp = symmetric_scales(extremes[..., 0] * ratio, fmt, factor), None
-        else:
-            scales, zp = choose_scales(extremes * ratio[..., None], fmt, scale_factor)
+        else:  # choose_scales of the blocks [min, max] * ratio: min * ratio is their minimum (ratio > 0)
+            scales, zp = asymmetric_scales(extremes[..., 0] * ratio, extremes[..., 1] * ratio, fmt, factor)
         errors = _block_squared_error(blocks, scales, zp, fmt, importance, scale_factor)
         pick = _first_least(errors)
         err = np.take_along_axis(errors, pick, axis=0)[0]

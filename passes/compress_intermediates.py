@@ -37,6 +37,7 @@ from bct_onnx.passes.framework import (
     CompressPass,
     PassReport,
     Skip,
+    iter_nodes,
     node_label,
     node_name,
 )
@@ -246,7 +247,7 @@ class CompressIntermediatesPass(CompressPass):
         rejected: dict[int, ir.Node] = {}
         while True:
             candidate = None
-            for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            for node in iter_nodes(model.graph):  # RecursiveGraphIterator's order
                 if id(node) in rejected or not is_ours(node, *PRODUCERS) or int_attr(node, "out_bits"):
                     continue
                 candidate = node

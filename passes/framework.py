@@ -106,6 +106,34 @@ def node_name(node: ir.Node, fallback: str = "") -> str:
     return node.outputs[0].name if node.outputs and node.outputs[0].name else fallback
 
 
+def all_nodes(graph: ir.Graph | ir.Function) -> list[ir.Node]:
+    """The nodes of graph and of its subgraphs (If/Loop/Scan bodies), in the order of
+    ir.traversal.RecursiveGraphIterator: each node, then the nodes of its subgraphs (iter_nodes).
+
+    2-4x faster on a graph of a few thousand nodes (SmolLM2: 7365 nodes): only a node with an
+    attribute can hold a subgraph, and the iterator's generators and protocol checks cost more than
+    the nodes. The passes walk the graph several times each (fingerprints before and after,
+    candidates, postconditions).
+    """
+    return list(iter_nodes(graph))
+
+
+def iter_nodes(graph: ir.Graph | ir.Function) -> Iterator[ir.Node]:
+    """all_nodes one at a time, for a walk that stops at the first node it wants."""
+    for node in graph:
+        yield node
+        attributes = node.attributes
+        if attributes:
+            # Attributes is a UserDict: its dict's values, not the mapping view's (8x slower).
+            for attr in getattr(attributes, "data", attributes).values():
+                kind = getattr(attr, "type", None)
+                if kind is ir.AttributeType.GRAPH and isinstance(attr, ir.Attr):
+                    yield from iter_nodes(attr.value)
+                elif kind is ir.AttributeType.GRAPHS and isinstance(attr, ir.Attr):
+                    for subgraph in attr.value:
+                        yield from iter_nodes(subgraph)
+
+
 def graph_fingerprint(model: ir.Model) -> tuple[Any, ...]:
     """Identity of everything a pass may change: nodes (and their wiring), initializers, opsets.
 
@@ -113,8 +141,8 @@ def graph_fingerprint(model: ir.Model) -> tuple[Any, ...]:
     initializer or opset import changed (passes replace nodes rather than edit them in place).
     """
     items: list[Any] = []
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        items.append((id(node), tuple(id(v) for v in node.inputs), tuple(id(v) for v in node.outputs)))
+    for node in all_nodes(model.graph):
+        items.append((id(node), tuple(map(id, node.inputs)), tuple(map(id, node.outputs))))
     initializers = tuple((name, id(value.const_value)) for name, value in model.graph.initializers.items())
     outputs = tuple(id(v) for v in model.graph.outputs)
     return (tuple(items), initializers, outputs, tuple(sorted(model.opset_imports.items())))
@@ -149,7 +177,7 @@ def check_model_basics(model: ir.Model, pass_name: str, min_opset: int = MIN_ONN
 
 def uses_domain(model: ir.Model) -> bool:
     """Whether a node of the model (subgraphs included) is in the ai.bct_onnx domain."""
-    return any(node.domain == ops.DOMAIN for node in ir.traversal.RecursiveGraphIterator(model.graph))
+    return any(node.domain == ops.DOMAIN for node in all_nodes(model.graph))
 
 
 def register_domain(model: ir.Model) -> None:
@@ -171,7 +199,7 @@ class CompressPass(ir.passes.InPlacePass, abc.ABC):
         check_model_basics(model, type(self).__name__, self.min_opset)
 
     def ensures(self, model: ir.Model) -> None:
-        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for node in all_nodes(model.graph):
             if node.domain == ops.DOMAIN and model.opset_imports.get(ops.DOMAIN) != ops.DOMAIN_VERSION:
                 raise ir.passes.PostconditionError(
                     f"{type(self).__name__}: node '{node_label(node)}' is in {ops.DOMAIN} "
@@ -209,7 +237,7 @@ class NodeRewritePass(CompressPass):
     needs_shapes: ClassVar[bool] = False
 
     def candidates(self, model: ir.Model) -> Iterator[ir.Node]:
-        for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+        for node in all_nodes(model.graph):
             if node.op_type in self.op_types and node.domain in DEFAULT_DOMAINS:
                 yield node
 

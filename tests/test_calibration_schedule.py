@@ -238,3 +238,58 @@ def test_segment_sessions_share_one_arena_handed_back_after_the_last_run(tmp_pat
         assert len(shrinks) == len(calib.feeds) * len(shared)  # every segment ran every batch
     finally:
         store.close()
+
+
+def test_compress_collects_garbage_rarely_and_restores_the_thresholds(tmp_path, monkeypatch):
+    """The model's graph lives through the whole call: compress raises the youngest generation's
+    threshold while it runs (fewer full collections walking it) and puts the thresholds back after."""
+    import gc
+
+    path = build(tmp_path / "model.onnx", TINY)
+    before = gc.get_threshold()
+    seen = []
+    run_pipeline = api._run_pipeline
+
+    def recording(*args, **kwargs):
+        seen.append(gc.get_threshold())
+        return run_pipeline(*args, **kwargs)
+
+    monkeypatch.setattr(api, "_run_pipeline", recording)
+    api.compress(path, tmp_path / "out.onnx", calibration="none", ops=frozenset({"MatMul"}))
+    assert seen == [(api.GC_THRESHOLD, *before[1:])]
+    assert gc.get_threshold() == before
+    gc.disable()
+    try:
+        with api._rare_garbage_collection():
+            assert gc.get_threshold() == before  # switched off or rare already: left alone
+    finally:
+        gc.enable()
+
+
+def test_background_forward_leaves_a_core_to_gptq(tmp_path, monkeypatch):
+    """In the background (GPTQ rounds on the calling thread meanwhile) the calibration sessions run on
+    one core fewer than the machine has (at least one); measured on its own, ONNX Runtime's default."""
+    path = build(tmp_path / "model.onnx", TINY)
+    model = model_io.load(path)
+    threads = []
+    session = calibration.runtime.session
+
+    def recording_session(data, providers, options, *args, **kwargs):
+        threads.append(options.intra_op_num_threads)
+        return session(data, providers, options, *args, **kwargs)
+
+    monkeypatch.setattr(calibration.runtime, "session", recording_session)
+    monkeypatch.setattr(calibration.os, "cpu_count", lambda: 4)
+    store = calibration.collect_hessians(model, _calibration(TINY), background=True)
+    store.wait()
+    store.close()
+    assert threads and set(threads) == {3}
+    threads.clear()
+    monkeypatch.setattr(calibration.os, "cpu_count", lambda: 1)
+    store = calibration.collect_hessians(model, _calibration(TINY), background=True)
+    store.wait()
+    store.close()
+    assert threads and set(threads) == {1}
+    threads.clear()
+    calibration.collect_hessians(model, _calibration(TINY)).close()
+    assert threads and set(threads) == {0}  # 0: ONNX Runtime's default

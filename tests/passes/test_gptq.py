@@ -702,6 +702,76 @@ def test_scale_search_over_several_ratios_at_once_equals_one_at_a_time(fmt, monk
 
 
 
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        BlockFormat(4, 32, True, ScaleKind.FLOAT8E4M3),
+        BlockFormat(5, 32, False, ScaleKind.FLOAT8E4M3, "packed"),
+        BlockFormat(4, 32, False, ScaleKind.FLOAT16, "float"),
+        BlockFormat(3, 16, False, ScaleKind.POW2),
+    ],
+    ids=lambda fmt: f"{fmt.bits}b{fmt.block_size}-{'sym' if fmt.symmetric else 'asym'}-{fmt.scale_kind.value}"
+    + ("-offsets" if fmt.float_offsets else ""),
+)
+def test_block_errors_a_few_rows_at_a_time_equal_all_rows_at_once(fmt, monkeypatch):
+    """_block_squared_error takes the rows of blocks a few at a time (its temporaries in cache): the
+    same errors, bit for bit, as all rows at once and as the arithmetic with a new array per step, for
+    candidates along a leading axis and for a column-major block column (GPTQ's) with and without
+    importance; and search_scales' shortcut for
+    asymmetric candidates (asymmetric_scales of min * ratio, max * ratio) equals choose_scales of the
+    blocks' [min, max] * ratio."""
+    from bct_onnx import weight_quantizer
+    from bct_onnx.block_format import asymmetric_scales, float8e4m3_scale_factor
+
+    rng = np.random.default_rng(21)
+    x = (rng.standard_normal((700, 96)) * rng.uniform(1e-3, 3, (700, 1))).astype(np.float32)
+    factor = float8e4m3_scale_factor(x, fmt) if fmt.scale_kind is ScaleKind.FLOAT8E4M3 else None
+    ratio = np.array(weight_quantizer.CLIP_RATIOS, np.float32).reshape(-1, 1, 1)
+    for blocks in (pad_to_blocks(x, fmt), pad_to_blocks(np.asfortranarray(x[:, : fmt.block_size]), fmt)):
+        lo, hi = blocks.min(axis=-1), blocks.max(axis=-1)
+        scales, zp = choose_scales(np.stack([lo, hi], axis=-1) * ratio[..., None], fmt, factor)
+        if not fmt.symmetric and not fmt.float_offsets:
+            shortcut = asymmetric_scales(lo * ratio, hi * ratio, fmt, None if factor is None else np.float32(factor))
+            np.testing.assert_array_equal(shortcut[0].view(np.uint8), scales.view(np.uint8))
+            np.testing.assert_array_equal(shortcut[1], zp)
+        for importance in (None, rng.uniform(0, 2, fmt.block_size).astype(np.float32)):
+            monkeypatch.setattr(weight_quantizer, "_ERROR_CHUNK_ELEMENTS", 1 << 40)
+            whole = weight_quantizer._block_squared_error(blocks, scales, zp, fmt, importance, factor)
+            monkeypatch.setattr(weight_quantizer, "_ERROR_CHUNK_ELEMENTS", 1000)  # rows one or two at a time
+            parts = weight_quantizer._block_squared_error(blocks, scales, zp, fmt, importance, factor)
+            assert parts.shape == whole.shape == ratio.shape[:1] + blocks.shape[:-1]
+            np.testing.assert_array_equal(parts, whole)
+            # the arithmetic as first written (a new array per step), bit for bit
+            from bct_onnx.block_format import _inverse, round_half_to_even, scales_to_float32
+
+            scale = scales_to_float32(scales, fmt.scale_kind, factor)[..., None]
+            offset = None if zp is None else zp.astype(np.float32)[..., None]
+            if fmt.float_offsets:
+                q = round_half_to_even(np.clip((blocks - offset) * _inverse(scale), 0, fmt.qmax))
+                diff = (q * scale + offset) - blocks
+            else:
+                q = round_half_to_even(blocks * _inverse(scale))
+                q = np.clip(q, fmt.qmin, fmt.qmax) if fmt.symmetric else np.clip(q + offset, 0, fmt.qmax) - offset
+                diff = q * scale - blocks
+            expected = (np.einsum("...i,...i->...", diff, diff) if importance is None else
+                        np.einsum("...i,...i,...i->...", diff, diff, np.broadcast_to(importance, diff.shape)))
+            np.testing.assert_array_equal(whole, expected)
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (64, 64), (130, 70), (576, 200)])
+def test_tiled_copy_equals_one_copy(shape):
+    """gptq._tiled_copy copies tile by tile: the values, dtype and order of np.array for the copies GPTQ
+    makes (a reversed matrix into Fortran order, a transpose into C order with a cast)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape).astype(np.float32)
+    for source, dtype, order in ((x[::-1, ::-1], np.float32, "F"), (x.T, np.float64, "C"), (x[::-1, ::-1], np.float64, "C")):
+        got = gptq._tiled_copy(source, dtype, order)
+        expected = np.array(source, dtype=dtype, order=order)
+        assert got.dtype == expected.dtype and got.flags.f_contiguous == expected.flags.f_contiguous
+        assert got.flags.c_contiguous == expected.flags.c_contiguous
+        np.testing.assert_array_equal(got, expected)
+
+
 def test_first_least_error_is_what_one_at_a_time_replacement_keeps():
     """The grouped search picks, per block, the candidate a strict one-at-a-time replacement ends with:
     the first least error on ties, never a NaN error, and the first candidate while its own is NaN."""
@@ -720,6 +790,23 @@ def test_first_least_error_is_what_one_at_a_time_replacement_keeps():
         expected.append(best)
     assert expected == [1, 2, 0, 0, 0, 0]
     np.testing.assert_array_equal(_first_least(errors)[0], expected)
+
+
+def _recorded_sessions(monkeypatch) -> list[list[str]]:
+    """The op types of every calibration session opened from now on, one list per session."""
+    import onnx
+
+    from bct_onnx import calibration
+
+    sessions: list[list[str]] = []
+    session = calibration.runtime.session
+
+    def recording_session(data, *args, **kwargs):
+        sessions.append([node.op_type for node in onnx.ModelProto.FromString(data).graph.node])
+        return session(data, *args, **kwargs)
+
+    monkeypatch.setattr(calibration.runtime, "session", recording_session)
+    return sessions
 
 
 ATTENTION = """
@@ -741,22 +828,13 @@ def test_calibration_leaves_out_softmax_nan_guards_and_keeps_the_model_hessians(
     """Where(IsNaN(p), 0, p) after a Softmax costs two passes over every score matrix: the calibration
     session leaves it out, and a batch with a fully masked row (NaN without the guard) is run again
     on the model's own graph, so the Hessians are the model's on every batch."""
-    import onnx
 
-    from bct_onnx import calibration
 
     rng = np.random.default_rng(5)
     weights = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in
                (("wk", (8, 4)), ("wv", (8, 8)), ("wo", (8, 8)))}
     model = model_from_text(ATTENTION, {**weights, "zero": np.zeros((), np.float32)})
-    sessions = []
-    session = calibration.runtime.session
-
-    def recording_session(data, *args, **kwargs):
-        sessions.append([node.op_type for node in onnx.ModelProto.FromString(data).graph.node])
-        return session(data, *args, **kwargs)
-
-    monkeypatch.setattr(calibration.runtime, "session", recording_session)
+    sessions = _recorded_sessions(monkeypatch)
     x = [rng.standard_normal((3, 4, 8)).astype(np.float32) for _ in range(2)]
     bias = [np.zeros((3, 4, 4), np.float32), np.zeros((3, 4, 4), np.float32)]
     bias[1][1, 2, :] = -np.inf  # one fully masked row: softmax gives NaN, the guard zeroes it
@@ -806,3 +884,75 @@ def test_inverse_hessian_factor_builds_float32_input_exactly_as_the_float64_copy
     factor, dead = inverse_hessian_factor(hessian, 0.1)
     np.testing.assert_array_equal(factor, expected)
     assert np.flatnonzero(dead).tolist() == [5]
+
+
+CAUSAL_ATTENTION = """
+<ir_version: 8, opset_import: ["" : 17]>
+attention (float[B, T, 8] x, bool[B, T, T] mask) => (float[B, T, 8] y) {
+    q = MatMul(x, wq)
+    k = MatMul(x, wk)
+    kt = Transpose<perm = [0, 2, 1]>(k)
+    v = MatMul(x, wv)
+    scores = MatMul(q, kt)
+    bias = Where(mask, zero, ninf)
+    masked = Add(scores, bias)
+    p = Softmax<axis = -1>(masked)
+    nan = IsNaN(p)
+    guarded = Where(nan, zero, p)
+    a = MatMul(guarded, v)
+    y = MatMul(a, wo)
+}
+"""
+
+
+def test_calibration_computes_causal_attention_in_blocks_and_keeps_the_model_hessians(monkeypatch):
+    """A causal attention (Softmax(q kt + Where(mask, 0, -inf)) v) runs in blocks of CAUSAL_BLOCK query
+    rows against the keys up to each block's end; a batch whose mask is not causal (a query row sees a
+    later key) is run again on the model's own segment, and so is every batch after it. The Hessians
+    are the model's either way (up to float rounding)."""
+
+    from bct_onnx import calibration
+
+    monkeypatch.setattr(calibration, "CAUSAL_BLOCK", 16)
+    rng = np.random.default_rng(12)
+    weights = {name: rng.standard_normal((8, 8)).astype(np.float32) for name in ("wq", "wk", "wv", "wo")}
+    model = model_from_text(
+        CAUSAL_ATTENTION,
+        {**weights, "zero": np.zeros((), np.float32), "ninf": np.array(-np.inf, np.float32)},
+    )
+    sessions = _recorded_sessions(monkeypatch)
+    lengths = (40, 37, 9)  # 3, 3 and 1 blocks of 16 rows (the last block takes the rest)
+    x = [rng.standard_normal((2, t, 8)).astype(np.float32) for t in lengths]
+    causal = [np.broadcast_to(np.tril(np.ones((t, t), bool)), (2, t, t)).copy() for t in lengths]
+    causal[1][1, 5:, 3] = False  # a masked key inside the causal part: still causal
+
+    def expected_hessian(xs, masks):
+        expected = np.zeros((8, 8))
+        for xi, mi in zip(xs, masks):
+            scores = (xi @ weights["wq"]) @ (xi @ weights["wk"]).transpose(0, 2, 1) + np.where(mi, 0, -np.inf)
+            p = np.exp(scores - scores.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            a = (p @ (xi @ weights["wv"])).reshape(-1, 8).astype(np.float64)
+            expected += a.T @ a
+        return expected
+
+    hessians = collect_hessians(model, Calibration(tuple({"x": xi, "mask": mi} for xi, mi in zip(x, causal))))
+    got = hessians[("a", "wo")]
+    expected = expected_hessian(x, causal)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    hessians.close()
+    (blocked,) = sessions
+    assert blocked.count("Softmax") == 3 and "IsNaN" not in blocked and blocked.count("Concat") == 1
+    # two blocks slice kt and v (the last sees every key), every block slices q and the mask
+    assert blocked.count("Slice") == 2 * 2 + 3 * 2
+
+    sessions.clear()
+    full = [np.ones_like(m) for m in causal]  # not causal: every row sees every key
+    mixed = [causal[0], full[1], causal[2]]
+    hessians = collect_hessians(model, Calibration(tuple({"x": xi, "mask": mi} for xi, mi in zip(x, mixed))))
+    got = hessians[("a", "wo")]
+    expected = expected_hessian(x, mixed)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    hessians.close()
+    # the blocked session, then the model's own segment from the second batch on
+    assert [s.count("Softmax") for s in sessions] == [3, 1] and "IsNaN" in sessions[1]

@@ -391,3 +391,30 @@ def test_docs_list_the_passes_in_the_order_they_run():
     default_rows = [cells for cells in rows if not cells[1].strip().startswith(("format", "option"))]
     listed = [name for cells in default_rows for name in re.findall(r"`(\w+Pass)`", cells[2])]
     assert listed == DEFAULT_ORDER
+
+
+def test_all_nodes_is_the_recursive_iteration():
+    """framework.all_nodes (the passes' fast walk) gives the nodes of ir.traversal.RecursiveGraphIterator,
+    in its order: each node, then the nodes of its subgraphs (nested If branches included)."""
+    from bct_onnx.passes.framework import all_nodes, iter_nodes
+
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (bool cond, float[2, 16] a) => (float[2, 8] y, float[2, 16] z) {
+      z = Relu(a)
+      y = If (cond) <
+        then_branch = t () => (float[2, 8] y_then) {
+          inner = If (cond) <
+            then_branch = t2 () => (float[2, 8] y2) { y2 = MatMul(a, w) },
+            else_branch = e2 () => (float[2, 8] y3) { t3 = Neg(a)  y3 = MatMul(t3, w) }
+          >
+          y_then = Identity(inner)
+        },
+        else_branch = e () => (float[2, 8] y_else) { y_else = MatMul(a, w) }
+      >
+    }"""
+    model = model_from_text(text, {"w": RNG.standard_normal((16, 8)).astype(np.float32)})
+    expected = list(ir.traversal.RecursiveGraphIterator(model.graph))
+    got = all_nodes(model.graph)
+    assert list(iter_nodes(model.graph)) == got
+    assert [node.op_type for node in got] == ["Relu", "If", "If", "MatMul", "Neg", "MatMul", "Identity", "MatMul"]
+    assert len(got) == len(expected) and all(a is b for a, b in zip(got, expected))
