@@ -18,8 +18,10 @@
                              apply_to = function)
 #elif defined(__GNUC__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")
-// GCC 12 warns about _mm512_undefined_* inside its own reduce intrinsics.
+// GCC 12 warns about _mm512_undefined_* inside its own intrinsics (the reduces; _mm512_cvtepi32_ps once
+// ScaleBlockInto is inlined here).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 #include <immintrin.h>
@@ -302,28 +304,8 @@ void PrefillKernel(const PackedWeights& p, const PrefillView& w, const PackedAct
       ws[t] = LoadWeightScales(p, pb + t * param_bytes);
       if (kZp != kZpSymmetric) zw[t] = LoadZw<kZp>(p, pb + t * param_bytes);
     }
-    for (int r = 0; r < R; ++r) {
-      const __m512 as = _mm512_set1_ps(a.scales[b * kIntRows + r]);
-      const __m512 sum = kZp == kZpSymmetric ? _mm512_setzero_ps() : _mm512_set1_ps(a.sums[b * kIntRows + r]);
-      for (int t = 0; t < T; ++t) {
-        float* const mem = fmem + (r * T + t) * 16;
-        const __m512 y = kFaccInMemory ? _mm512_load_ps(mem) : facc[r][t];
-        __m512 f = _mm512_cvtepi32_ps(acc[r][t]), out;
-        if (kZp == kZpOffset) {  // a_scale * (w_scale * dot + offset * sum(sa))
-          f = _mm512_fmadd_ps(zw[t], sum, _mm512_mul_ps(f, ws[t]));
-          out = _mm512_fmadd_ps(f, as, y);
-        } else {
-          if (kZp != kZpSymmetric) f = _mm512_fnmadd_ps(zw[t], sum, f);
-          f = _mm512_mul_ps(f, as);
-          out = _mm512_fmadd_ps(f, ws[t], y);
-        }
-        if (kFaccInMemory) {
-          _mm512_store_ps(mem, out);
-        } else {
-          facc[r][t] = out;
-        }
-      }
-    }
+    ScaleBlockInto<R, T, kZp, kFaccInMemory>(acc, ws, zw, a.scales.data() + b * kIntRows,
+                                             a.sums.data() + b * kIntRows, 1, facc, fmem);
   }
   if (kFaccInMemory) {
     for (int r = 0; r < R; ++r)

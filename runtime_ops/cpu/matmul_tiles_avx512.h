@@ -78,6 +78,37 @@ inline void StoreTiles(const PackedWeights& p, __m512 (&facc)[R][T], int64_t row
   }
 }
 
+// The format's scaling of one block's R x T integer dot products into the float sums (facc, or fmem
+// when they live in L1), in the spec's order and roundings; every integer kernel calls this one formula.
+// Row r's activation scale is scales[r * stride], its code sum sums[r * stride] (asymmetric weights only).
+template <int R, int T, int kZp, bool kFaccInMemory>
+inline void ScaleBlockInto(const __m512i (&acc)[R][T], const __m512 (&ws)[T], const __m512 (&zw)[T],
+                           const float* scales, const float* sums, int64_t stride, __m512 (&facc)[R][T],
+                           float* fmem) {
+  for (int r = 0; r < R; ++r) {
+    const __m512 as = _mm512_set1_ps(scales[r * stride]);
+    const __m512 sum = kZp == kZpSymmetric ? _mm512_setzero_ps() : _mm512_set1_ps(sums[r * stride]);
+    for (int t = 0; t < T; ++t) {
+      float* const mem = fmem + (r * T + t) * 16;
+      const __m512 y = kFaccInMemory ? _mm512_load_ps(mem) : facc[r][t];
+      __m512 f = _mm512_cvtepi32_ps(acc[r][t]), out;
+      if (kZp == kZpOffset) {  // a_scale * (w_scale * dot + offset * sum(sa))
+        f = _mm512_fmadd_ps(zw[t], sum, _mm512_mul_ps(f, ws[t]));
+        out = _mm512_fmadd_ps(f, as, y);
+      } else {
+        if (kZp != kZpSymmetric) f = _mm512_fnmadd_ps(zw[t], sum, f);
+        f = _mm512_mul_ps(f, as);
+        out = _mm512_fmadd_ps(f, ws[t], y);
+      }
+      if (kFaccInMemory) {
+        _mm512_store_ps(mem, out);
+      } else {
+        facc[r][t] = out;
+      }
+    }
+  }
+}
+
 constexpr int64_t kPrefetchBlocks = 2;
 constexpr int64_t kBytePrefetchBlocks = 4;
 
@@ -185,28 +216,8 @@ void IntTiles(const PackedWeights& p, const TileCodes<T>& codes, const ActRows& 
       ws[t] = LoadWeightScales(p, params);
       if (kZp != kZpSymmetric) zw[t] = LoadZw<kZp>(p, params);
     }
-    for (int r = 0; r < R; ++r) {
-      const __m512 as = _mm512_set1_ps(act.scales[(row0 + r) * nb + b]);
-      const __m512 sum = kZp == kZpSymmetric ? _mm512_setzero_ps() : _mm512_set1_ps(act.sums[(row0 + r) * nb + b]);
-      for (int t = 0; t < T; ++t) {
-        float* const mem = fmem + (r * T + t) * 16;
-        const __m512 y = kFaccInMemory ? _mm512_load_ps(mem) : facc[r][t];
-        __m512 f = _mm512_cvtepi32_ps(acc[r][t]), out;
-        if (kZp == kZpOffset) {  // a_scale * (w_scale * dot + offset * sum(sa))
-          f = _mm512_fmadd_ps(zw[t], sum, _mm512_mul_ps(f, ws[t]));
-          out = _mm512_fmadd_ps(f, as, y);
-        } else {
-          if (kZp != kZpSymmetric) f = _mm512_fnmadd_ps(zw[t], sum, f);
-          f = _mm512_mul_ps(f, as);
-          out = _mm512_fmadd_ps(f, ws[t], y);
-        }
-        if (kFaccInMemory) {
-          _mm512_store_ps(mem, out);
-        } else {
-          facc[r][t] = out;
-        }
-      }
-    }
+    ScaleBlockInto<R, T, kZp, kFaccInMemory>(acc, ws, zw, act.scales.data() + row0 * nb + b,
+                                             act.sums.data() + row0 * nb + b, nb, facc, fmem);
   }
   if (kFaccInMemory) {
     for (int r = 0; r < R; ++r)
