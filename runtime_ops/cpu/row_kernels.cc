@@ -764,6 +764,26 @@ BCT_AVX512_TARGET void SymmetricCodes8Block32(const float* x, float inv, uint8_t
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_xor_si256(s, _mm256_set1_epi8(static_cast<char>(0x80))));
 }
 
+// SignedCodes16 and StoreCodes32<false> of a whole block of 32 values at 8 bits for a finite inv (the
+// saturating packs clamp, as in SymmetricCodes8Block32); returns the sum of the 32 signed codes, from
+// the bytes: sum(s) = sum(s xor 0x80) - 32 * 128, the unsigned sum by vpsadbw.
+BCT_AVX512_TARGET int32_t SignedCodes8Block32(const float* x, float inv, int8_t* q) {
+  const __m512 vinv = _mm512_set1_ps(inv);
+  const __m512i r0 =
+      _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x), vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512i r1 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 16), vinv),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512i words = _mm512_packs_epi32(r0, r1);
+  const __m512i bytes = _mm512_packs_epi16(words, words);
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m256i s = _mm512_castsi512_si256(_mm512_permutexvar_epi32(order, bytes));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), s);
+  const __m256i u = _mm256_xor_si256(s, _mm256_set1_epi8(static_cast<char>(0x80)));
+  const __m256i quads = _mm256_sad_epu8(u, _mm256_setzero_si256());
+  const __m128i pair = _mm_add_epi64(_mm256_castsi256_si128(quads), _mm256_extracti128_si256(quads, 1));
+  return static_cast<int32_t>(_mm_cvtsi128_si64(_mm_add_epi64(pair, _mm_unpackhi_epi64(pair, pair)))) - 32 * 128;
+}
+
 // Quantizes `rows` consecutive rows x [rows, D]: codes [rows, row_bytes], scales / zero points
 // [rows, nb]. row_codes: scratch of rows * D bytes (unused at 8 bits).
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void QuantizeRowsAvx512Impl(
@@ -832,6 +852,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void QuantizeActRo
       const int64_t offset = walk.offset();
       const int64_t n = walk.length();
       int8_t* q = out.codes + walk.row * out.row_stride + walk.blk * out.block_stride;
+      if (bits == 8 && n == 32 && std::isfinite(inv[j])) {
+        const int32_t sum = SignedCodes8Block32(x + offset, inv[j], q);
+        if (out.sums != nullptr) out.sums[f0 + j] = sum;
+        continue;
+      }
       const CodeParams p = MakeCodeParams(inv[j], bits, true, 0);
       if (n == 32) {  // a whole block of 32 (the common case): two vectors packed to bytes at once
         const __m512i c0 = SignedCodes16(_mm512_loadu_ps(x + offset), p);
