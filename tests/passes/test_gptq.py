@@ -758,6 +758,20 @@ def test_block_errors_a_few_rows_at_a_time_equal_all_rows_at_once(fmt, monkeypat
             np.testing.assert_array_equal(whole, expected)
 
 
+@pytest.mark.parametrize("k", [1, 5, 64, 65, 130, 200])
+def test_symmetric_from_upper_mirrors_the_upper_triangle_tile_by_tile(k):
+    """calibration._symmetric_from_upper (tiles of 64) gives np.triu(u) + np.triu(u, 1).T of a Fortran-
+    ordered syrk sum whose lower triangle is garbage, in C order, for sizes around the tile's."""
+    from bct_onnx import calibration
+
+    rng = np.random.default_rng(k)
+    upper = np.asfortranarray(rng.standard_normal((k, k)).astype(np.float32))
+    got = calibration._symmetric_from_upper(upper)
+    expected = np.triu(upper) + np.triu(upper, 1).T
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(got, got.T)
+
 @pytest.mark.parametrize("shape", [(5, 7), (64, 64), (130, 70), (576, 200)])
 def test_tiled_copy_equals_one_copy(shape):
     """gptq._tiled_copy copies tile by tile: the values, dtype and order of np.array for the copies GPTQ
