@@ -190,6 +190,100 @@ def search_scales(
     return best_scales, best_zp
 
 
+def search_block_column(
+    columns: np.ndarray,
+    fmt: BlockFormat,
+    importance: np.ndarray | None = None,
+    scale_factor: float | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """search_scales of one block per row given K-major, as GPTQ's walk holds its weight rows: columns
+    [L <= block_size, rows] (element j of row r's block at [j, r]; any float dtype, cast to float32 as
+    search_scales casts), importance [block_size]. Stored scales and zero points [rows]: those of
+    search_scales(pad_to_blocks(columns.T), fmt, importance=importance, scale_factor=...)[..., 0].
+
+    With a float32 importance and integer codes, the candidates' errors are formed along the block's
+    elements (axis 0) with no transposed copy of the rows, and summed with one reduce over that leading
+    axis: element by element in order, in float32, as einsum's three-operand sum is (the same errors bit
+    for bit, so the same picks), where search_scales' elementwise steps pass over candidates x rows x
+    block_size floats laid out along the block. Otherwise the rows are handed to search_scales.
+    """
+    columns = np.asarray(columns)
+    length, rows = columns.shape
+    bs = fmt.block_size
+    weights = None if importance is None else np.asarray(importance)
+    if (
+        fmt.float_offsets or weights is None or weights.dtype != np.float32 or weights.shape != (bs,)
+        or length > bs or length == 0
+    ):
+        scales, zp = search_scales(
+            pad_to_blocks(columns.T.astype(np.float32), fmt), fmt, importance=importance, scale_factor=scale_factor
+        )
+        return scales[:, 0], None if zp is None else zp[:, 0]
+    if length == bs:
+        x = columns.astype(np.float32)
+    else:  # the spec's zero padding of a partial block
+        x = np.zeros((bs, rows), np.float32)
+        x[:length] = columns
+    factor = check_scale_factor(fmt.scale_kind, scale_factor)
+    ratios = POW2_RATIOS if fmt.scale_kind is ScaleKind.POW2 else CLIP_RATIOS
+    ratio = np.array([1.0] + [r for r in ratios if r != 1.0], np.float32)[:, None]  # [candidates, 1]
+    if fmt.symmetric:  # the block's element of largest magnitude (the first of equals), as _extremes
+        largest = np.take_along_axis(x, np.argmax(np.abs(x), axis=0)[None], axis=0)
+        scales, zp = symmetric_scales(largest * ratio, fmt, factor), None
+    else:
+        scales, zp = asymmetric_scales(x.min(axis=0) * ratio, x.max(axis=0) * ratio, fmt, factor)
+    # A candidate whose stored scale (and zero point) equals the first's or its predecessor's has that
+    # one's error, and the earlier of equal errors wins: its error is left at +inf, never computed.
+    # Clip ratios a few percent apart mostly round to one one-byte scale: about a third remain.
+    later, later_zp = scales[1:], None if zp is None else zp[1:]
+    repeated = _same_stored(later, later_zp, scales[:1], None if zp is None else zp[:1])
+    repeated |= _same_stored(later, later_zp, scales[:-1], None if zp is None else zp[:-1])
+    needed = np.ones(scales.shape, np.bool_)
+    needed[1:] = ~repeated
+    which, row = np.nonzero(needed)  # the candidates and rows whose errors are computed
+    errors = np.full(scales.shape, np.inf, np.float32)
+    errors[which, row] = _column_errors(
+        x[:, row], scales[which, row], None if zp is None else zp[which, row], fmt, weights, scale_factor
+    )
+    pick = _first_least(errors)
+    best = np.take_along_axis(scales, pick, axis=0)[0]
+    return best, None if zp is None else np.take_along_axis(zp, pick, axis=0)[0]
+
+
+def _same_stored(scales: np.ndarray, zp: np.ndarray | None, other: np.ndarray, other_zp: np.ndarray | None) -> np.ndarray:
+    """Whether stored scales (and zero points) are bit for bit other's; bytes are compared, so equal NaN
+    scales count as equal (their errors are equal too)."""
+    view = np.dtype(f"u{scales.dtype.itemsize}")
+    same = scales.view(view) == other.view(view)
+    if zp is not None:
+        same &= zp == other_zp
+    return same
+
+
+def _column_errors(
+    x: np.ndarray, scales: np.ndarray, zp: np.ndarray | None, fmt: BlockFormat, weights: np.ndarray,
+    scale_factor: float | None,
+) -> np.ndarray:
+    """_squared_error's arithmetic for K-major blocks x [block_size, n] with stored scales (zero points)
+    [n], the weighted squares summed along axis 0 in order (einsum's three-operand sum): errors [n]."""
+    scale = scales_to_float32(scales, fmt.scale_kind, scale_factor)
+    diff = np.multiply(x, _inverse(scale), dtype=np.float32)
+    np.rint(diff, out=diff)
+    if fmt.symmetric:
+        np.clip(diff, fmt.qmin, fmt.qmax, out=diff)
+    else:
+        assert zp is not None
+        zero = zp.astype(np.float32)
+        np.add(diff, zero, out=diff)
+        np.clip(diff, 0, fmt.qmax, out=diff)
+        np.subtract(diff, zero, out=diff)
+    np.multiply(diff, scale, out=diff)
+    np.subtract(diff, x, out=diff)
+    np.multiply(diff, diff, out=diff)
+    np.multiply(diff, weights[:, None], out=diff)
+    return np.add.reduce(diff, axis=0)
+
+
 def _first_least(errors: np.ndarray) -> np.ndarray:
     """Index [1, ...] along axis 0 of each block's candidate that one-at-a-time replacement (a candidate
     replaces the best so far when its error is strictly less) ends with: the first least error, NaN
