@@ -10,6 +10,10 @@ spec-conform QuantizedTensor; ``block_format.dequantize`` reads it back.
 
 from __future__ import annotations
 
+import logging
+import threading
+from typing import Any
+
 import numpy as np
 
 from bct_onnx.block_format import (
@@ -29,6 +33,8 @@ from bct_onnx.block_format import (
     scales_to_float32,
     symmetric_scales,
 )
+
+logger = logging.getLogger(__name__)
 
 # Ratios of the block's range tried by the search; 1.0 (the plain spec scale) first. Ratios below 1
 # clip outliers; 1.0625 and 8/7 widen a symmetric scale so that the largest value of the opposite sign
@@ -201,11 +207,11 @@ def search_block_column(
     search_scales casts), importance [block_size]. Stored scales and zero points [rows]: those of
     search_scales(pad_to_blocks(columns.T), fmt, importance=importance, scale_factor=...)[..., 0].
 
-    With a float32 importance and integer codes, the candidates' errors are formed along the block's
-    elements (axis 0) with no transposed copy of the rows, and summed with one reduce over that leading
-    axis: element by element in order, in float32, as einsum's three-operand sum is (the same errors bit
-    for bit, so the same picks), where search_scales' elementwise steps pass over candidates x rows x
-    block_size floats laid out along the block. Otherwise the rows are handed to search_scales.
+    With a float32 importance and integer codes, every candidate's errors come from the custom-op
+    library's BlockScaleErrors (block_scale_errors, its numpy specification, when the library is not
+    there): the same errors bit for bit, so the same picks, without search_scales' numpy passes over
+    candidates x rows x block_size floats (GPTQ's search: about a third of its time). Otherwise the
+    rows are handed to search_scales.
     """
     columns = np.asarray(columns)
     length, rows = columns.shape
@@ -220,7 +226,7 @@ def search_block_column(
         )
         return scales[:, 0], None if zp is None else zp[:, 0]
     if length == bs:
-        x = columns.astype(np.float32)
+        x = np.ascontiguousarray(columns, dtype=np.float32)
     else:  # the spec's zero padding of a partial block
         x = np.zeros((bs, rows), np.float32)
         x[:length] = columns
@@ -232,56 +238,111 @@ def search_block_column(
         scales, zp = symmetric_scales(largest * ratio, fmt, factor), None
     else:
         scales, zp = asymmetric_scales(x.min(axis=0) * ratio, x.max(axis=0) * ratio, fmt, factor)
-    # A candidate whose stored scale (and zero point) equals the first's or its predecessor's has that
-    # one's error, and the earlier of equal errors wins: its error is left at +inf, never computed.
-    # Clip ratios a few percent apart mostly round to one one-byte scale: about a third remain.
-    later, later_zp = scales[1:], None if zp is None else zp[1:]
-    repeated = _same_stored(later, later_zp, scales[:1], None if zp is None else zp[:1])
-    repeated |= _same_stored(later, later_zp, scales[:-1], None if zp is None else zp[:-1])
-    needed = np.ones(scales.shape, np.bool_)
-    needed[1:] = ~repeated
-    which, row = np.nonzero(needed)  # the candidates and rows whose errors are computed
-    errors = np.full(scales.shape, np.inf, np.float32)
-    errors[which, row] = _column_errors(
-        x[:, row], scales[which, row], None if zp is None else zp[which, row], fmt, weights, scale_factor
-    )
+    scale = scales_to_float32(scales, fmt.scale_kind, scale_factor)  # [candidates, rows]
+    zero = None if zp is None else zp.astype(np.float32)
+    errors = _runtime_scale_errors(x, scale, zero, weights, fmt)
+    if errors is None:
+        errors = block_scale_errors(x, scale, zero, weights, fmt)
     pick = _first_least(errors)
     best = np.take_along_axis(scales, pick, axis=0)[0]
     return best, None if zp is None else np.take_along_axis(zp, pick, axis=0)[0]
 
 
-def _same_stored(scales: np.ndarray, zp: np.ndarray | None, other: np.ndarray, other_zp: np.ndarray | None) -> np.ndarray:
-    """Whether stored scales (and zero points) are bit for bit other's; bytes are compared, so equal NaN
-    scales count as equal (their errors are equal too)."""
-    view = np.dtype(f"u{scales.dtype.itemsize}")
-    same = scales.view(view) == other.view(view)
-    if zp is not None:
-        same &= zp == other_zp
-    return same
-
-
-def _column_errors(
-    x: np.ndarray, scales: np.ndarray, zp: np.ndarray | None, fmt: BlockFormat, weights: np.ndarray,
-    scale_factor: float | None,
+def block_scale_errors(
+    x: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, importance: np.ndarray, fmt: BlockFormat
 ) -> np.ndarray:
-    """_squared_error's arithmetic for K-major blocks x [block_size, n] with stored scales (zero points)
-    [n], the weighted squares summed along axis 0 in order (einsum's three-operand sum): errors [n]."""
-    scale = scales_to_float32(scales, fmt.scale_kind, scale_factor)
-    diff = np.multiply(x, _inverse(scale), dtype=np.float32)
+    """The numpy specification of the BlockScaleErrors op: the errors [C, N] of _squared_error for
+    K-major blocks x [L, N] (float32), candidate float32 scales [C, N] (and float32 zero points [C, N],
+    None when fmt is symmetric) and importance [L]: the elementwise steps in float32, then
+    sum_i ((d_i * d_i) * importance_i) over the block's elements in order from 0 (einsum's
+    three-operand sum: the same bits, tests/passes/test_gptq.py)."""
+    diff = np.multiply(x[:, None, :], _inverse(scale), dtype=np.float32)  # [L, C, N]
     np.rint(diff, out=diff)
     if fmt.symmetric:
         np.clip(diff, fmt.qmin, fmt.qmax, out=diff)
     else:
-        assert zp is not None
-        zero = zp.astype(np.float32)
+        assert zero is not None
         np.add(diff, zero, out=diff)
         np.clip(diff, 0, fmt.qmax, out=diff)
         np.subtract(diff, zero, out=diff)
     np.multiply(diff, scale, out=diff)
-    np.subtract(diff, x, out=diff)
+    np.subtract(diff, x[:, None, :], out=diff)
     np.multiply(diff, diff, out=diff)
-    np.multiply(diff, weights[:, None], out=diff)
-    return np.add.reduce(diff, axis=0)
+    np.multiply(diff, importance[:, None, None], out=diff)
+    return np.add.reduce(diff, axis=0)  # axis 0 outermost: element by element, in order
+
+
+class _ScaleErrorSessions:
+    """One ONNX Runtime session per (bits, symmetric) running one BlockScaleErrors node on one thread,
+    opened on first use; None (block_scale_errors instead) where the custom-op library cannot be
+    loaded or the session fails, said once in the log."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sessions: dict[tuple[int, bool], Any] = {}
+        self._failed = False
+
+    def get(self, bits: int, symmetric: bool) -> Any:
+        key = (bits, symmetric)
+        with self._lock:
+            if self._failed:
+                return None
+            if key not in self._sessions:
+                try:
+                    self._sessions[key] = _scale_errors_session(bits, symmetric)
+                except Exception as error:  # noqa: BLE001  (no library, or an ONNX Runtime without it)
+                    logger.info("BlockScaleErrors unavailable (%s): GPTQ's scale search runs in numpy", error)
+                    self._failed = True
+                    return None
+            return self._sessions[key]
+
+    def failed(self) -> None:
+        with self._lock:
+            self._failed = True
+
+
+_SCALE_ERROR_SESSIONS = _ScaleErrorSessions()
+
+
+def _scale_errors_session(bits: int, symmetric: bool) -> Any:
+    import onnx
+
+    from bct_onnx import ops, runtime
+
+    helper = onnx.helper
+    inputs = ["x", "scales", "importance"] + ([] if symmetric else ["zero_points"])
+    node = helper.make_node(
+        "BlockScaleErrors", inputs, ["errors"], domain=ops.DOMAIN, bits=bits, symmetric=int(symmetric)
+    )
+    shapes = {"x": ["L", "N"], "scales": ["C", "N"], "importance": ["L"], "zero_points": ["C", "N"]}
+    graph = helper.make_graph(
+        [node], "scale_errors",
+        [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shapes[name]) for name in inputs],
+        [helper.make_tensor_value_info("errors", onnx.TensorProto.FLOAT, ["C", "N"])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ops.DOMAIN, ops.DOMAIN_VERSION)]
+    )
+    return runtime.session(model.SerializeToString(), ["CPUExecutionProvider"], threads=1, quiet=True)
+
+
+def _runtime_scale_errors(
+    x: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, importance: np.ndarray, fmt: BlockFormat
+) -> np.ndarray | None:
+    """block_scale_errors by the library's BlockScaleErrors (None: not available)."""
+    session = _SCALE_ERROR_SESSIONS.get(fmt.bits, fmt.symmetric)
+    if session is None:
+        return None
+    feeds = {"x": x, "scales": np.ascontiguousarray(scale), "importance": importance}
+    if zero is not None:
+        feeds["zero_points"] = np.ascontiguousarray(zero)
+    try:
+        (errors,) = session.run(None, feeds)
+    except Exception as error:  # noqa: BLE001  (onnxruntime raises its own exception types)
+        logger.warning("BlockScaleErrors failed (%s): GPTQ's scale search runs in numpy from now on", error)
+        _SCALE_ERROR_SESSIONS.failed()
+        return None
+    return errors
 
 
 def _first_least(errors: np.ndarray) -> np.ndarray:
