@@ -312,7 +312,7 @@ def _scale_errors_session(bits: int, symmetric: bool) -> Any:
     helper = onnx.helper
     inputs = ["x", "scales", "importance"] + ([] if symmetric else ["zero_points"])
     node = helper.make_node(
-        "BlockScaleErrors", inputs, ["errors"], domain=ops.DOMAIN, bits=bits, symmetric=int(symmetric)
+        ops.BLOCK_SCALE_ERRORS, inputs, ["errors"], domain=ops.DOMAIN, bits=bits, symmetric=int(symmetric)
     )
     shapes = {"x": ["L", "N"], "scales": ["C", "N"], "importance": ["L"], "zero_points": ["C", "N"]}
     graph = helper.make_graph(
