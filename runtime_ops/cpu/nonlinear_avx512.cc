@@ -24,92 +24,49 @@ namespace bct {
 namespace cpu {
 namespace {
 
-using avx512_math::ExpOfClampedR;
 using avx512_math::ExpR;
 using avx512_math::TailMask;
 
-// erf_f32's polynomial in t, times t: p = (((a5 t + a4) t + a3) t + a2) t + a1, then p * t.
-template <int R>
-inline void ErfPolyR(const __m512* t, __m512* p) {
-  for (int i = 0; i < R; ++i) p[i] = _mm512_set1_ps(nl::kErfA5);
-  const float coefficients[4] = {nl::kErfA4, nl::kErfA3, nl::kErfA2, nl::kErfA1};
-  for (int c = 0; c < 4; ++c) {
-    const __m512 coefficient = _mm512_set1_ps(coefficients[c]);
-    for (int i = 0; i < R; ++i) p[i] = _mm512_add_ps(_mm512_mul_ps(p[i], t[i]), coefficient);
-  }
-  for (int i = 0; i < R; ++i) p[i] = _mm512_mul_ps(p[i], t[i]);
-}
-
-// nl::gelu_erf on R vectors of 16 lanes, in place: (0.5 x) * (1 + erf_f32(x * (1/sqrt 2))).
+// nl::gelu_erf on R vectors of 16 lanes, in place: (0.5 x) * (1 + erf_f32(x * (1/sqrt 2))), erf_f32 as
+// nl::erf_f32 computes it: a = min(|u|, 4), a * P(a^2) / Q(a^2), at most 1, negated where u < 0.
+// min(c, v) returns v when v is NaN, so a NaN lane stays NaN through every step, as in the scalar code.
 template <int R>
 inline void GeluErfR(__m512* x) {
   const __m512 one = _mm512_set1_ps(1.0f);
   const __m512 sign_mask = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(0x80000000u)));
+  const float num_terms[6] = {nl::kErfN5, nl::kErfN4, nl::kErfN3, nl::kErfN2, nl::kErfN1, nl::kErfN0};
+  const float den_terms[4] = {nl::kErfD3, nl::kErfD2, nl::kErfD1, 1.0f};
   __mmask16 negative[R];
-  __m512 a[R], t[R], p[R], e[R];
+  __m512 a[R], z[R], num[R], den[R];
   for (int i = 0; i < R; ++i) {
     const __m512 u = _mm512_mul_ps(x[i], _mm512_set1_ps(nl::kInvSqrt2));
     negative[i] = _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_LT_OQ);
-    a[i] = _mm512_mask_blend_ps(negative[i], u, _mm512_xor_ps(u, sign_mask));  // u < 0 ? -u : u
-    t[i] = _mm512_div_ps(one, _mm512_add_ps(one, _mm512_mul_ps(_mm512_set1_ps(nl::kErfP), a[i])));
-    e[i] = _mm512_xor_ps(_mm512_mul_ps(a[i], a[i]), sign_mask);  // -(a * a)
+    a[i] = _mm512_min_ps(_mm512_set1_ps(nl::kErfClamp), _mm512_andnot_ps(sign_mask, u));
+    z[i] = _mm512_mul_ps(a[i], a[i]);
+    num[i] = _mm512_set1_ps(nl::kErfN6);
+    den[i] = _mm512_set1_ps(nl::kErfD4);
   }
-  ExpR<R>(e);
-  ErfPolyR<R>(t, p);
+  for (int c = 0; c < 6; ++c) {
+    const __m512 coefficient = _mm512_set1_ps(num_terms[c]);
+    for (int i = 0; i < R; ++i) num[i] = _mm512_add_ps(_mm512_mul_ps(num[i], z[i]), coefficient);
+    if (c < 4) {
+      const __m512 d = _mm512_set1_ps(den_terms[c]);
+      for (int i = 0; i < R; ++i) den[i] = _mm512_add_ps(_mm512_mul_ps(den[i], z[i]), d);
+    }
+  }
   for (int i = 0; i < R; ++i) {
-    const __m512 v = _mm512_sub_ps(one, _mm512_mul_ps(p[i], e[i]));
+    const __m512 v = _mm512_min_ps(one, _mm512_div_ps(_mm512_mul_ps(a[i], num[i]), den[i]));
     const __m512 erf = _mm512_mask_blend_ps(negative[i], v, _mm512_xor_ps(v, sign_mask));  // u < 0 ? -v : v
     x[i] = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x[i]), _mm512_add_ps(one, erf));
   }
 }
 
-// GeluErfR on R vectors none of whose lanes is NaN, with fewer operations and the same bits there:
-// -(a * a) of finite or infinite a is at most 0, so exp_f32's upper clamp never applies and its lower
-// one is a max (lo where the argument is below lo); exp_f32's NaN select has nothing to select; its
-// "below lo gives 0" is a zeroing mask on the last multiply; |u| is a and-not of the sign bit (u = -0
-// gives a = +0 where the scalar code keeps -0: 1 + P * a, a * a and the result are the same), and
-// u < 0 ? -v : v is v xor the sign of u (u = -0 only for x = -0, where the result is -0 either way).
-template <int R>
-inline void GeluErfNoNanR(__m512* x) {
-  const __m512 one = _mm512_set1_ps(1.0f);
-  const __m512 sign_mask = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(0x80000000u)));
-  const __m512 lo = _mm512_set1_ps(nl::kExpLo);
-  __m512 sign[R], t[R], p[R], e[R], xk[R], y[R], k[R];
-  for (int i = 0; i < R; ++i) {
-    const __m512 u = _mm512_mul_ps(x[i], _mm512_set1_ps(nl::kInvSqrt2));
-    sign[i] = _mm512_and_ps(u, sign_mask);
-    const __m512 a = _mm512_andnot_ps(sign_mask, u);
-    t[i] = _mm512_div_ps(one, _mm512_add_ps(one, _mm512_mul_ps(_mm512_set1_ps(nl::kErfP), a)));
-    e[i] = _mm512_xor_ps(_mm512_mul_ps(a, a), sign_mask);  // -(a * a)
-    xk[i] = _mm512_max_ps(e[i], lo);  // e >= lo ? e : lo (equal values where e == lo)
-  }
-  ExpOfClampedR<R>(xk, y, k);
-  for (int i = 0; i < R; ++i) {
-    const __mmask16 in_range = _mm512_cmp_ps_mask(e[i], lo, _CMP_GE_OQ);  // e < lo gives 0
-    e[i] = _mm512_maskz_scalef_ps(in_range, y[i], k[i]);
-  }
-  ErfPolyR<R>(t, p);
-  for (int i = 0; i < R; ++i) {
-    const __m512 erf = _mm512_xor_ps(_mm512_sub_ps(one, _mm512_mul_ps(p[i], e[i])), sign[i]);
-    x[i] = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x[i]), _mm512_add_ps(one, erf));
-  }
-}
-
-// Vectors holding a NaN (rare) take GeluErfR: exp_f32 and erf_f32 with their NaN selects as they are.
 void GeluErfRowAvx512(float* y, int64_t n) {
   int64_t i = 0;
   for (; i + 64 <= n; i += 64) {
     __m512 v[4];
-    __mmask16 nan = 0;
-    for (int j = 0; j < 4; ++j) {
-      v[j] = _mm512_loadu_ps(y + i + 16 * j);
-      nan = static_cast<__mmask16>(nan | _mm512_cmp_ps_mask(v[j], v[j], _CMP_UNORD_Q));
-    }
-    if (nan == 0) {
-      GeluErfNoNanR<4>(v);
-    } else {
-      GeluErfR<4>(v);
-    }
+    for (int j = 0; j < 4; ++j) v[j] = _mm512_loadu_ps(y + i + 16 * j);
+    GeluErfR<4>(v);
     for (int j = 0; j < 4; ++j) _mm512_storeu_ps(y + i + 16 * j, v[j]);
   }
   for (; i < n; i += 16) {

@@ -131,6 +131,58 @@ def test_quantize_isa_paths_nan_blocks(kit, isa: str, force_isa) -> None:
         assert np.isnan(got[1][1, 1].astype(np.float32)), "the NaN block's scale is NaN, as the spec's"
 
 
+def whole_block_rows(axis_size: int, seed: int) -> np.ndarray:
+    """hard_rows plus blocks of 32 holding both +m and -m as their largest magnitude (either first),
+    and blocks whose float32 scale is subnormal or 0 (inverse infinite or 0)."""
+    rng = np.random.default_rng(seed)
+    ties = rng.standard_normal((4, axis_size))
+    for r in range(4):
+        for b in range(axis_size // 32):
+            first, second = np.sort(rng.choice(32, 2, replace=False))
+            sign = 1.0 if (r + b) % 2 else -1.0
+            ties[r, b * 32 + first], ties[r, b * 32 + second] = 5.0 * sign, -5.0 * sign
+    tiny = rng.standard_normal((2, axis_size)) * np.array([[1e-44], [1e-41]])
+    return np.concatenate([hard_rows(axis_size, seed), ties, tiny]).astype(np.float32)
+
+
+@pytest.mark.parametrize("isa", ROW_ISAS)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_isa_paths_whole_blocks_of_32(kit, isa: str, bits: int, force_isa) -> None:
+    """Rows made of whole blocks of 32 (D = 96, 512), where the AVX-512 paths find 16 blocks' largest
+    magnitudes at once and write 8-bit symmetric codes through saturating packs: ties between +m and
+    -m (the first wins), subnormal and zero scales, float16 overflow, on one row and on many (the
+    16-block groups then span rows); every path gives the spec's bits."""
+    force_isa(isa)
+    for axis_size in (96, 512):
+        x = whole_block_rows(axis_size, seed=bits * 10 + axis_size)
+        many = np.tile(x, (8, 1)) * np.linspace(0.5, 2.0, 8 * x.shape[0], dtype=np.float32)[:, None]
+        for symmetric in (True, False):
+            for kind in RUNTIME_SCALE_KINDS:
+                fmt = BlockFormat(bits, 32, symmetric, kind)
+                check_quantize(kit, fmt, x[:1])
+                check_quantize(kit, fmt, many.astype(np.float32))
+
+
+@pytest.mark.parametrize("isa", ROW_ISAS)
+def test_quantize_isa_paths_nan_blocks_among_whole_blocks(kit, isa: str, force_isa) -> None:
+    """NaN blocks inside a group of 16 whole blocks: their scales are NaN, every other block exact."""
+    force_isa(isa)
+    x = whole_block_rows(128, seed=3)[:12].copy()
+    nan_blocks = [(1, 1), (2, 0), (2, 3), (9, 2)]
+    for r, b in nan_blocks:
+        x[r, b * 32 + 7] = np.nan
+    for fmt in (BlockFormat(8, 32, True, ScaleKind.FLOAT16), BlockFormat(8, 32, True, ScaleKind.FLOAT32)):
+        got = kit.run(kit.quantize_model(fmt), {"x": x})
+        want = quantize(np.nan_to_num(x), fmt)
+        finite = np.ones(x.shape[0] * 4, bool).reshape(-1, 4)
+        for r, b in nan_blocks:
+            finite[r, b] = False
+            assert np.isnan(got[1][r, b].astype(np.float32)), "a NaN block's scale is NaN, as the spec's"
+        codes_finite = np.repeat(finite, 32, axis=1)
+        kit.assert_bits_equal(got[0][codes_finite], want.codes[codes_finite], "codes of the NaN-free blocks")
+        kit.assert_bits_equal(got[1][finite], want.scales[finite], "scales of the NaN-free blocks")
+
+
 @pytest.mark.parametrize("shape", [(0, 64), (2, 0, 37), (0, 1)])
 @pytest.mark.parametrize(
     "fmt", [BlockFormat(4, 32, True), BlockFormat(3, 16, False, ScaleKind.FLOAT32)], ids=_fmt_id

@@ -3,8 +3,8 @@
 Tolerances, per output:
 - Kernel vs the numpy spec: 0. Float outputs, codes, scales and zero points are compared as raw bits:
   the kernels evaluate exp/erf/tanh from the same float32 polynomials as the spec, in the same order.
-- The spec's float path vs exact math (float64): exp within 1 ulp, erf 5.5e-7 and tanh 1.8e-7 absolute,
-  GELU 3.1e-7 * |x|, SiLU 2e-7 relative (3 ulp); softmax and the norms (D = 384) within 1e-5 relative to the magnitude of the
+- The spec's float path vs exact math (float64): exp within 1 ulp, erf 4e-7 and tanh 1.8e-7 absolute,
+  GELU 2.5e-7 * max(|x|, 1), SiLU 2e-7 relative (3 ulp); softmax and the norms (D = 384) within 1e-5 relative to the magnitude of the
   terms summed.
 - Codes of the compressed ops vs codes of exact math quantized the same way: at most 1 step apart,
   on at most 1% of the elements (only where the exact value sits next to a rounding boundary).
@@ -224,10 +224,10 @@ def test_spec_transcendentals_accuracy() -> None:
     assert ulps.max() <= 1.0
     x = np.linspace(-8, 8, 400_001, dtype=np.float32)
     xd = x.astype(np.float64)
-    assert np.abs(ref.erf_f32(x) - scipy.special.erf(xd)).max() <= 5.5e-7
+    assert np.abs(ref.erf_f32(x) - scipy.special.erf(xd)).max() <= 4e-7
     assert np.abs(ref.tanh_f32(x) - np.tanh(xd)).max() <= 1.8e-7
     gelu_err = np.abs(ref.gelu(x) - exact_float("gelu", x, []))
-    assert np.all(gelu_err <= 3.1e-7 * np.maximum(np.abs(xd), 1.0))
+    assert np.all(gelu_err <= 2.5e-7 * np.maximum(np.abs(xd), 1.0))
     assert ref.exp_f32(np.array([-90.0, -np.inf], np.float32)).tolist() == [0.0, 0.0]
     assert np.isnan(ref.exp_f32(np.array([np.nan], np.float32)))[0]
 
@@ -256,7 +256,7 @@ def test_spec_float_path_vs_exact_math(name: str) -> None:
     got = spec_float(name, x, extras).astype(np.float64)
     exact = exact_float(name, x, extras)
     if name.startswith("gelu"):
-        tol = 3.1e-7 * np.maximum(np.abs(x), 1.0)
+        tol = 2.5e-7 * np.maximum(np.abs(x), 1.0)
     elif name == "silu":
         tol = 2e-7 * np.abs(exact) + 1e-37
     else:  # row sums of n/8 terms per lane: about (n/8) * u relative (u = 6e-8) to the terms' magnitude
@@ -387,17 +387,17 @@ def test_special_values() -> None:
 
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avxvnni", "avx512", "avx512vnni"])
 def test_gelu_special_values_in_whole_vectors(isa: str, force_isa: Any) -> None:
-    """GELU's AVX-512 row function takes a shorter sequence of operations for 64 values without NaN and
-    the full one when one of them is NaN: signed zeros, infinities, huge and subnormal values and the
-    values around exp's lower clamp (-(x / sqrt 2)**2 = -87.3 near |x| = 13.2), in rows of 64 with and
-    without a NaN, give the spec's bits on every path (a NaN where the spec has a NaN: NaN payloads
-    differ from numpy's on every path)."""
+    """GELU's row functions, in whole vectors of 16 and 64 and in tails: signed zeros, infinities, huge
+    and subnormal values and the values around erf's clamps (|x / sqrt 2| = 4 at |x| = 5.66; the
+    rational part reaches 1 from |x| = 5.2), in rows of 64 with and without a NaN, give the spec's
+    bits on every path (a NaN where the spec has a NaN: NaN payloads differ from numpy's on every
+    path)."""
     force_isa(isa)
     rng = np.random.default_rng(23)
     special = np.array(
         [0.0, -0.0, np.inf, -np.inf, 1e30, -1e30, 1e-40, -1e-40, 1.4e-45, -1.4e-45, 3.0, -3.0], np.float32
     )
-    near_clamp = np.linspace(12.9, 13.5, 26, dtype=np.float32)
+    near_clamp = np.linspace(5.0, 5.9, 26, dtype=np.float32)
     row = np.concatenate([special, near_clamp, -near_clamp]).astype(np.float32)
     x = np.stack([row, row, rng.standard_normal(64).astype(np.float32) * 8])
     x[1, 37] = np.float32("nan")

@@ -9,7 +9,8 @@
 //
 //   exp_f32   Cephes expf: k = rne(x log2 e), r = x - k ln2 (two-part), degree-5 polynomial,
 //             times 2**k built from bits. <= 1 ulp from the true exp on [-87, 88]; 0 below -87.
-//   erf_f32   Abramowitz & Stegun 7.1.26 with exp_f32: |error| <= 5.5e-7 absolute.
+//   erf_f32   |x| clamped to 4, then a ratio of polynomials in x^2 (no exp, no cancellation near 0),
+//             at most 1: |error| <= 4e-7 absolute.
 //   tanh_f32  1 - 2 / (exp_f32(2x) + 1): |error| <= 1.8e-7 absolute.
 //
 // Sums over a row use kLanes interleaved float32 accumulators (lane j sums elements i = j mod 8 in
@@ -50,13 +51,12 @@ constexpr float kExpP3 = 4.1665795894e-2f;
 constexpr float kExpP4 = 1.6666665459e-1f;
 constexpr float kExpP5 = 5.0000001201e-1f;
 
-// erf_f32 constants (Abramowitz & Stegun 7.1.26).
-constexpr float kErfP = 0.3275911f;
-constexpr float kErfA1 = 0.254829592f;
-constexpr float kErfA2 = -0.284496736f;
-constexpr float kErfA3 = 1.421413741f;
-constexpr float kErfA4 = -1.453152027f;
-constexpr float kErfA5 = 1.061405429f;
+// erf_f32 constants: erf(a) = a * P(a^2) / Q(a^2) on [0, kErfClamp] (a least-squares fit to erf there),
+// 1 beyond (erf(4) = 1 - 1.5e-8 rounds to 1): P(z) = N0 + N1 z + ... + N6 z^6, Q(z) = 1 + D1 z + ... + D4 z^4.
+constexpr float kErfClamp = 4.0f;
+constexpr float kErfN6 = 1.9168949e-08f, kErfN5 = -1.9704373e-06f, kErfN4 = 0.0001521507f, kErfN3 = 0.0041687866f,
+                kErfN2 = 0.05205821f, kErfN1 = 0.21114579f, kErfN0 = 1.1283789f;
+constexpr float kErfD4 = 0.0010664745f, kErfD3 = 0.01530672f, kErfD2 = 0.11963671f, kErfD1 = 0.52045214f;
 
 // GELU constants.
 constexpr float kInvSqrt2 = 0.707106781186547524f;    // 1 / sqrt(2)
@@ -90,16 +90,23 @@ BCT_HD BCT_INLINE float exp_f32(float x) {
 }
 
 BCT_HD BCT_INLINE float erf_f32(float x) {
-  const float a = x < 0.0f ? -x : x;
-  const float t = fdiv(1.0f, fadd(1.0f, fmul(kErfP, a)));
-  float p = kErfA5;
-  p = fadd(fmul(p, t), kErfA4);
-  p = fadd(fmul(p, t), kErfA3);
-  p = fadd(fmul(p, t), kErfA2);
-  p = fadd(fmul(p, t), kErfA1);
-  p = fmul(p, t);
-  const float e = exp_f32(-fmul(a, a));
-  const float v = fsub(1.0f, fmul(p, e));
+  const float ax = x < 0.0f ? -x : x;
+  const float a = ax > kErfClamp ? kErfClamp : ax;  // a NaN stays NaN
+  const float z = fmul(a, a);
+  float num = kErfN6;
+  num = fadd(fmul(num, z), kErfN5);
+  num = fadd(fmul(num, z), kErfN4);
+  num = fadd(fmul(num, z), kErfN3);
+  num = fadd(fmul(num, z), kErfN2);
+  num = fadd(fmul(num, z), kErfN1);
+  num = fadd(fmul(num, z), kErfN0);
+  float den = kErfD4;
+  den = fadd(fmul(den, z), kErfD3);
+  den = fadd(fmul(den, z), kErfD2);
+  den = fadd(fmul(den, z), kErfD1);
+  den = fadd(fmul(den, z), 1.0f);
+  const float r = fdiv(fmul(a, num), den);
+  const float v = r > 1.0f ? 1.0f : r;
   return x < 0.0f ? -v : v;
 }
 
