@@ -210,16 +210,22 @@ def search_block_column(
     With a float32 importance and integer codes, every candidate's errors come from the custom-op
     library's BlockScaleErrors (block_scale_errors, its numpy specification, when the library is not
     there): the same errors bit for bit, so the same picks, without search_scales' numpy passes over
-    candidates x rows x block_size floats (GPTQ's search: about a third of its time). Otherwise the
-    rows are handed to search_scales.
+    candidates x rows x block_size floats (GPTQ's search: about a third of its time). Without importance
+    (a tied table's projection), the library's rounding differences (block_scale_diffs) are squared and
+    summed by the einsum search_scales sums them with (the same errors). Otherwise (float offsets, no
+    library for the unweighted search) the rows are handed to search_scales.
     """
     columns = np.asarray(columns)
     length, rows = columns.shape
     bs = fmt.block_size
     weights = None if importance is None else np.asarray(importance)
+    diffs_session = None
+    if weights is None and not fmt.float_offsets:
+        diffs_session = _SCALE_ERROR_SESSIONS.get(fmt.bits, fmt.symmetric, reduce=False)
     if (
-        fmt.float_offsets or weights is None or weights.dtype != np.float32 or weights.shape != (bs,)
-        or length > bs or length == 0
+        fmt.float_offsets or length > bs or length == 0
+        or (weights is None and diffs_session is None)
+        or (weights is not None and (weights.dtype != np.float32 or weights.shape != (bs,)))
     ):
         scales, zp = search_scales(
             pad_to_blocks(columns.T.astype(np.float32), fmt), fmt, importance=importance, scale_factor=scale_factor
@@ -240,9 +246,16 @@ def search_block_column(
         scales, zp = asymmetric_scales(x.min(axis=0) * ratio, x.max(axis=0) * ratio, fmt, factor)
     scale = scales_to_float32(scales, fmt.scale_kind, scale_factor)  # [candidates, rows]
     zero = None if zp is None else zp.astype(np.float32)
-    errors = _runtime_scale_errors(x, scale, zero, weights, fmt)
-    if errors is None:
-        errors = block_scale_errors(x, scale, zero, weights, fmt)
+    if weights is None:  # unweighted: the library's differences, squared and summed by einsum as before
+        diffs = _run_scale_errors(diffs_session, np.ascontiguousarray(x.T), scale, zero, None)
+        if diffs is None:
+            scales_, zp_ = search_scales(pad_to_blocks(x.T, fmt), fmt, scale_factor=scale_factor)
+            return scales_[:, 0], None if zp_ is None else zp_[:, 0]
+        errors = np.einsum("...i,...i->...", diffs, diffs)
+    else:
+        errors = _run_scale_errors(_SCALE_ERROR_SESSIONS.get(fmt.bits, fmt.symmetric), x, scale, zero, weights)
+        if errors is None:
+            errors = block_scale_errors(x, scale, zero, weights, fmt)
     pick = _first_least(errors)
     best = np.take_along_axis(scales, pick, axis=0)[0]
     return best, None if zp is None else np.take_along_axis(zp, pick, axis=0)[0]
@@ -272,24 +285,42 @@ def block_scale_errors(
     return np.add.reduce(diff, axis=0)  # axis 0 outermost: element by element, in order
 
 
+def block_scale_diffs(x_rows: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, fmt: BlockFormat) -> np.ndarray:
+    """The numpy specification of BlockScaleErrors with reduce=0: _squared_error's rounding differences
+    q * scale - x [C, N, L] of blocks held row by row, x_rows [N, L] (float32), for candidate float32 scales
+    (and float32 zero points) [C, N]; search_block_column sums their squares with search_scales' einsum."""
+    diff = np.multiply(x_rows, _inverse(scale)[..., None], dtype=np.float32)  # [C, N, L]
+    np.rint(diff, out=diff)
+    if fmt.symmetric:
+        np.clip(diff, fmt.qmin, fmt.qmax, out=diff)
+    else:
+        assert zero is not None
+        np.add(diff, zero[..., None], out=diff)
+        np.clip(diff, 0, fmt.qmax, out=diff)
+        np.subtract(diff, zero[..., None], out=diff)
+    np.multiply(diff, scale[..., None], out=diff)
+    np.subtract(diff, x_rows, out=diff)
+    return diff
+
+
 class _ScaleErrorSessions:
-    """One ONNX Runtime session per (bits, symmetric) running one BlockScaleErrors node on one thread,
-    opened on first use; None (block_scale_errors instead) where the custom-op library cannot be
-    loaded or the session fails, said once in the log."""
+    """One ONNX Runtime session per (bits, symmetric, reduce) running one BlockScaleErrors node on one
+    thread, opened on first use; None (numpy instead) where the custom-op library cannot be loaded or a
+    session fails, said once in the log."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._sessions: dict[tuple[int, bool], Any] = {}
+        self._sessions: dict[tuple[int, bool, bool], Any] = {}
         self._failed = False
 
-    def get(self, bits: int, symmetric: bool) -> Any:
-        key = (bits, symmetric)
+    def get(self, bits: int, symmetric: bool, reduce: bool = True) -> Any:
+        key = (bits, symmetric, reduce)
         with self._lock:
             if self._failed:
                 return None
             if key not in self._sessions:
                 try:
-                    self._sessions[key] = _scale_errors_session(bits, symmetric)
+                    self._sessions[key] = _scale_errors_session(bits, symmetric, reduce)
                 except Exception as error:  # noqa: BLE001  (no library, or an ONNX Runtime without it)
                     logger.info("BlockScaleErrors unavailable (%s): GPTQ's scale search runs in numpy", error)
                     self._failed = True
@@ -304,21 +335,22 @@ class _ScaleErrorSessions:
 _SCALE_ERROR_SESSIONS = _ScaleErrorSessions()
 
 
-def _scale_errors_session(bits: int, symmetric: bool) -> Any:
+def _scale_errors_session(bits: int, symmetric: bool, reduce: bool = True) -> Any:
     import onnx
 
     from bct_onnx import ops, runtime
 
     helper = onnx.helper
-    inputs = ["x", "scales", "importance"] + ([] if symmetric else ["zero_points"])
+    names = ["x", "scales", "importance" if reduce else ""] + ([] if symmetric else ["zero_points"])
     node = helper.make_node(
-        ops.BLOCK_SCALE_ERRORS, inputs, ["errors"], domain=ops.DOMAIN, bits=bits, symmetric=int(symmetric)
+        ops.BLOCK_SCALE_ERRORS, names, ["errors"], domain=ops.DOMAIN, bits=bits, symmetric=int(symmetric),
+        reduce=int(reduce),
     )
-    shapes = {"x": ["L", "N"], "scales": ["C", "N"], "importance": ["L"], "zero_points": ["C", "N"]}
+    shapes = {"x": ["L", "N"] if reduce else ["N", "L"], "scales": ["C", "N"], "importance": ["L"], "zero_points": ["C", "N"]}
     graph = helper.make_graph(
         [node], "scale_errors",
-        [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shapes[name]) for name in inputs],
-        [helper.make_tensor_value_info("errors", onnx.TensorProto.FLOAT, ["C", "N"])],
+        [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shapes[name]) for name in names if name],
+        [helper.make_tensor_value_info("errors", onnx.TensorProto.FLOAT, ["C", "N"] if reduce else ["C", "N", "L"])],
     )
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ops.DOMAIN, ops.DOMAIN_VERSION)]
@@ -326,23 +358,24 @@ def _scale_errors_session(bits: int, symmetric: bool) -> Any:
     return runtime.session(model.SerializeToString(), ["CPUExecutionProvider"], threads=1, quiet=True)
 
 
-def _runtime_scale_errors(
-    x: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, importance: np.ndarray, fmt: BlockFormat
+def _run_scale_errors(
+    session: Any, x: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, importance: np.ndarray | None
 ) -> np.ndarray | None:
-    """block_scale_errors by the library's BlockScaleErrors (None: not available)."""
-    session = _SCALE_ERROR_SESSIONS.get(fmt.bits, fmt.symmetric)
+    """BlockScaleErrors' output on a session of _SCALE_ERROR_SESSIONS (None: no session, or it failed)."""
     if session is None:
         return None
-    feeds = {"x": x, "scales": np.ascontiguousarray(scale), "importance": importance}
+    feeds = {"x": x, "scales": np.ascontiguousarray(scale)}
+    if importance is not None:
+        feeds["importance"] = importance
     if zero is not None:
         feeds["zero_points"] = np.ascontiguousarray(zero)
     try:
-        (errors,) = session.run(None, feeds)
+        (result,) = session.run(None, feeds)
     except Exception as error:  # noqa: BLE001  (onnxruntime raises its own exception types)
         logger.warning("BlockScaleErrors failed (%s): GPTQ's scale search runs in numpy from now on", error)
         _SCALE_ERROR_SESSIONS.failed()
         return None
-    return errors
+    return result
 
 
 def _first_least(errors: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ KernelTable BaselineEntry() {
   t.add_row = baseline::AddRow;
   t.attention_rows = baseline::AttentionRows;
   t.scale_errors = baseline::ScaleErrors;
+  t.scale_diffs = baseline::ScaleDiffs;
   t.matmul_tiles = nullptr;  // the scalar reference path
   t.matmul_compact_weights = false;
   return t;
@@ -44,6 +45,7 @@ KernelTable Avx2Entry() {
   t.add_row = avx2::AddRow;
   t.attention_rows = avx2::AttentionRows;
   t.scale_errors = avx2::ScaleErrors;
+  t.scale_diffs = avx2::ScaleDiffs;
   t.matmul_tiles = matmul::detail::TilesAvx2;
   return t;
 }
@@ -72,6 +74,7 @@ KernelTable Avx512Entry() {
   t.add_row = avx512::AddRow;
   t.attention_rows = AttentionRowsAvx512;
   t.scale_errors = avx512::ScaleErrors;
+  t.scale_diffs = avx512::ScaleDiffs;
   return t;
 }
 

@@ -58,6 +58,9 @@ using AttentionRowsFn = void (*)(const int8_t* q, const float* qs, const float* 
 // [len, n] with candidate float32 scales (and zero points, nullptr when symmetric) [candidates, n].
 using ScaleErrorsFn = void (*)(const float* x, int64_t len, int64_t n, const float* scales, const float* zero_points,
                                int64_t candidates, const float* importance, int bits, bool symmetric, float* errors);
+// ... with reduce=0: the differences q * scale - x [candidates, n, len] of blocks held row by row, x [n, len].
+using ScaleDiffsFn = void (*)(const float* x, int64_t len, int64_t n, const float* scales, const float* zero_points,
+                              int64_t candidates, int bits, bool symmetric, float* diffs);
 
 struct KernelTable {
   Isa isa;
@@ -75,6 +78,7 @@ struct KernelTable {
   AddRowFn add_row;
   AttentionRowsFn attention_rows;
   ScaleErrorsFn scale_errors;
+  ScaleDiffsFn scale_diffs;
   matmul::TilesFn matmul_tiles;  // nullptr: BlockMatMul's scalar reference path
   bool matmul_compact_weights;   // streamed layout (matmul_kernel.h), float16 scales / uint8 zero points as stored
 };
@@ -130,6 +134,8 @@ void AttentionRowsAvx512(const int8_t* q, const float* qs, const float* dots, in
   void DequantizeValueCodes(const nl::AttentionKeys& kv, int64_t t0, int64_t count, float* out);               \
   void ScaleErrors(const float* x, int64_t len, int64_t n, const float* scales, const float* zero_points,      \
                    int64_t candidates, const float* importance, int bits, bool symmetric, float* errors);     \
+  void ScaleDiffs(const float* x, int64_t len, int64_t n, const float* scales, const float* zero_points,       \
+                  int64_t candidates, int bits, bool symmetric, float* diffs);                                 \
   }
 BCT_DECLARE_PORTABLE_KERNELS(baseline)
 BCT_DECLARE_PORTABLE_KERNELS(avx2)

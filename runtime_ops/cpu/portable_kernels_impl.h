@@ -304,6 +304,36 @@ void ScaleErrors(const float* x, int64_t len, int64_t n, const float* scales, co
   }
 }
 
+// BlockScaleErrors with reduce=0 (weight_quantizer.block_scale_diffs): the rounding differences
+// d = q * scale - x of blocks held row by row, x [n, len], for every candidate: diffs [candidates, n, len].
+// The caller sums their squares itself (numpy's einsum, whose order it keeps).
+void ScaleDiffs(const float* x, int64_t len, int64_t n, const float* scales, const float* zero_points,
+                int64_t candidates, int bits, bool symmetric, float* diffs) {
+  constexpr float kRange = 4194304.0f;  // 2**22, as ScaleErrors
+  const float qmin = symmetric ? -static_cast<float>(1 << (bits - 1)) : 0.0f;
+  const float qmax = symmetric ? static_cast<float>((1 << (bits - 1)) - 1) : static_cast<float>((1 << bits) - 1);
+  for (int64_t c = 0; c < candidates; ++c) {
+    for (int64_t j = 0; j < n; ++j) {
+      const float s = scales[c * n + j];
+      const float inv = inverse_scale(s);
+      const float* xj = x + j * len;
+      float* d = diffs + (c * n + j) * len;
+      if (zero_points == nullptr) {
+        for (int64_t i = 0; i < len; ++i) {
+          const float q = clampf(round_half_even(clampf(fmul(xj[i], inv), -kRange, kRange)), qmin, qmax);
+          d[i] = fsub(fmul(q, s), xj[i]);
+        }
+      } else {
+        const float z = zero_points[c * n + j];
+        for (int64_t i = 0; i < len; ++i) {
+          const float r = round_half_even(clampf(fmul(xj[i], inv), -kRange, kRange));
+          d[i] = fsub(fmul(fsub(clampf(fadd(r, z), 0.0f, qmax), z), s), xj[i]);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace BCT_PORTABLE_PATH
 }  // namespace cpu
 }  // namespace bct

@@ -975,13 +975,14 @@ def test_calibration_computes_causal_attention_in_blocks_and_keeps_the_model_hes
 @pytest.mark.parametrize("library", [True, False])
 def test_search_block_column_picks_what_search_scales_picks(library, monkeypatch):
     """GPTQ's K-major search (weight_quantizer.search_block_column: BlockScaleErrors in the library, or its
-    numpy spec block_scale_errors without it) stores the scales and zero points of search_scales on the
-    rows' padded blocks, for every scale kind, both zero-point modes, partial blocks and zero rows."""
+    numpy spec block_scale_errors without it; without importance, the library's differences summed by
+    einsum, or search_scales itself) stores the scales and zero points of search_scales on the rows'
+    padded blocks, for every scale kind, both zero-point modes, partial blocks and zero rows."""
     from bct_onnx import weight_quantizer
     from bct_onnx.block_format import float8e4m3_scale_factor
 
     if not library:
-        monkeypatch.setattr(weight_quantizer._SCALE_ERROR_SESSIONS, "get", lambda bits, symmetric: None)
+        monkeypatch.setattr(weight_quantizer._SCALE_ERROR_SESSIONS, "get", lambda bits, symmetric, reduce=True: None)
     rng = np.random.default_rng(11)
     formats = [
         BlockFormat(4, 32, True, ScaleKind.FLOAT8E4M3),
@@ -995,18 +996,20 @@ def test_search_block_column_picks_what_search_scales_picks(library, monkeypatch
         for rows, length in ((700, fmt.block_size), (33, fmt.block_size - 3), (1, fmt.block_size)):
             columns = rng.standard_normal((length, rows)) * 0.02 * np.exp(rng.uniform(-2, 2, rows))
             columns[:, : min(rows, 2)] = 0.0
-            importance = np.zeros(fmt.block_size, np.float32)
-            importance[:length] = rng.random(length)
+            weighted = np.zeros(fmt.block_size, np.float32)
+            weighted[:length] = rng.random(length)
             factor = float8e4m3_scale_factor(columns.T, fmt) if fmt.scale_kind is ScaleKind.FLOAT8E4M3 else None
-            want_s, want_zp = search_scales(
-                pad_to_blocks(columns.T.astype(np.float32), fmt), fmt, importance=importance, scale_factor=factor
-            )
-            got_s, got_zp = weight_quantizer.search_block_column(columns, fmt, importance, factor)
-            np.testing.assert_array_equal(got_s.view(f"u{got_s.itemsize}"), want_s[:, 0].view(f"u{got_s.itemsize}"))
-            if want_zp is None:
-                assert got_zp is None
-            else:
-                np.testing.assert_array_equal(got_zp, want_zp[:, 0])
+            for importance in (weighted, None):
+                want_s, want_zp = search_scales(
+                    pad_to_blocks(columns.T.astype(np.float32), fmt), fmt, importance=importance, scale_factor=factor
+                )
+                got_s, got_zp = weight_quantizer.search_block_column(columns, fmt, importance, factor)
+                view = f"u{got_s.itemsize}"
+                np.testing.assert_array_equal(got_s.view(view), want_s[:, 0].view(view))
+                if want_zp is None:
+                    assert got_zp is None
+                else:
+                    np.testing.assert_array_equal(got_zp, want_zp[:, 0])
 
 
 def test_block_scale_errors_are_the_einsum_errors():

@@ -1,5 +1,6 @@
 """BlockScaleErrors (GPTQ's scale search in the library): every CPU path gives the errors of its numpy
-specification, weight_quantizer.block_scale_errors, bit for bit."""
+specification, weight_quantizer.block_scale_errors (with reduce=0 the differences of block_scale_diffs),
+bit for bit."""
 
 from __future__ import annotations
 
@@ -59,6 +60,25 @@ def test_scale_errors_isa_paths_match_the_numpy_spec(isa: str, force_isa) -> Non
             (got,) = session.run(None, feeds)
             with np.errstate(all="ignore"):  # 1 / a subnormal scale, inf - inf: the edges on purpose
                 want = weight_quantizer.block_scale_errors(x, scale, zero, importance, fmt)
+            assert_same_errors(got, want)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_scale_diffs_isa_paths_match_the_numpy_spec(isa: str, force_isa) -> None:
+    """reduce=0: blocks row by row in, the rounding differences [C, N, L] out (the caller sums them)."""
+    force_isa(isa)
+    for bits, symmetric in ((4, True), (8, True), (5, False), (2, False)):
+        fmt = BlockFormat(bits, 32, symmetric, ScaleKind.FLOAT32)
+        session = weight_quantizer._scale_errors_session(bits, symmetric, reduce=False)
+        for length, n, candidates in ((32, 600, 11), (16, 257, 3), (3, 13, 1), (1, 1, 2)):
+            x, scale, zero, _ = hard_case(length, n, candidates, fmt, seed=bits * 10 + n)
+            rows = np.ascontiguousarray(x.T)
+            feeds = {"x": rows, "scales": scale}
+            if zero is not None:
+                feeds["zero_points"] = zero
+            (got,) = session.run(None, feeds)
+            with np.errstate(all="ignore"):
+                want = weight_quantizer.block_scale_diffs(rows, scale, zero, fmt)
             assert_same_errors(got, want)
 
 
