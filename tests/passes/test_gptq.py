@@ -1032,3 +1032,19 @@ def test_block_scale_errors_are_the_einsum_errors():
                 x.T[:, None, :], stored[c][:, None], None if zp is None else zp[c][:, None], fmt, importance
             )[:, 0]
             np.testing.assert_array_equal(got[c].view(np.uint32), want.view(np.uint32))
+
+
+def test_symmetric_rounder_clip_is_maximum_then_minimum():
+    """The walk's one-call clip of symmetric levels (gptq._clip) gives np.minimum(np.maximum(level, qmin),
+    qmax) bit for bit: NaN, infinities, -0.0 and values just past either bound."""
+    rng = np.random.default_rng(2)
+    for bits in (2, 4, 8):
+        fmt = BlockFormat(bits, 32, True, ScaleKind.FLOAT32)
+        low, high = np.float32(fmt.qmin), np.float32(fmt.qmax)
+        level = np.concatenate([
+            np.rint(rng.standard_normal(5000) * 2 ** bits).astype(np.float32),
+            np.float32([np.nan, -np.nan, np.inf, -np.inf, -0.0, 0.0, low - 0.5, high + 0.5, low, high]),
+        ])
+        got = level.copy()
+        gptq._clip(got, low, high, out=got)
+        np.testing.assert_array_equal(got.view(np.uint32), np.minimum(np.maximum(level, low), high).view(np.uint32))
