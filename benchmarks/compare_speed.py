@@ -813,10 +813,15 @@ def main(argv: list[str] | None = None) -> int:
         for (label, _, nbytes), samples in zip(chains, times):
             gbps = nbytes / (statistics.median(samples) / 1e3) / 1e9
             best = nbytes / (min(samples) / 1e3) / 1e9
+            # Per round, the GEMV's bandwidth over the read's in that round: the machine's bandwidth swings
+            # between rounds on a shared host, and a round's two figures saw the same moment.
+            paired = [(nbytes / t) / (read.nbytes / r) for t, r in zip(samples, read_times, strict=True)]
+            low, high = quartiles(paired)
             gemv_lines.append(
                 f"- {label}: {statistics.median(samples) / layers * 1e3:.0f} us per GEMV, {gbps:.1f} GB/s of "
                 f"weights ({gbps / read_gbps:.0%} of the read's median); fastest round {best:.1f} GB/s "
-                f"({best / read_best:.0%} of the read's fastest)"
+                f"({best / read_best:.0%} of the read's fastest); per round {statistics.median(paired):.0%} of "
+                f"that round's read (quartiles {low:.0%}-{high:.0%})"
             )
         chains.clear()
 

@@ -746,22 +746,38 @@ BCT_AVX512_TARGET void ScalesAvx512(const RowFormat& fmt, const float* x, int64_
   }
 }
 
-// Codes16 and StoreCodes32<true> of a whole block of 32 values, 8-bit symmetric codes, for a finite
-// inv: rounding first and letting the two saturating packs clamp to [-128, 127] gives the same codes,
+// The signed 8-bit codes s (u = s + 128) of a whole block of 32 values for a finite inv, in order:
+// rounding first and letting the two saturating packs clamp to [-128, 127] gives Codes16's codes,
 // because no finite |x * inv| reaches 2**31 there (|x| is at most the block's extreme, whose scale
 // is stored within a factor of 2 of extreme / 128, or as 0 with inv 0) and rounding is monotone; a
-// NaN lane converts to INT_MIN and saturates to -128, code 0, as in Codes16. 8 ops instead of 15.
-BCT_AVX512_TARGET void SymmetricCodes8Block32(const float* x, float inv, uint8_t* q) {
+// NaN lane converts to INT_MIN and saturates to -128, code 0, as in Codes16. 7 ops instead of 13.
+BCT_AVX512_TARGET __m256i SaturatedCodes8Block32(const float* x, float inv) {
   const __m512 vinv = _mm512_set1_ps(inv);
   const __m512i r0 =
       _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x), vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512i r1 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 16), vinv),
                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512i words = _mm512_packs_epi32(r0, r1);
-  const __m512i bytes = _mm512_packs_epi16(words, words);  // signed codes s, u = s + 128 = s xor 0x80
+  const __m512i bytes = _mm512_packs_epi16(words, words);
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
-  const __m256i s = _mm512_castsi512_si256(_mm512_permutexvar_epi32(order, bytes));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_xor_si256(s, _mm256_set1_epi8(static_cast<char>(0x80))));
+  return _mm512_castsi512_si256(_mm512_permutexvar_epi32(order, bytes));
+}
+
+// Codes16 and StoreCodes32<true> of a whole block of 32 values, 8-bit symmetric, finite inv.
+BCT_AVX512_TARGET void SymmetricCodes8Block32(const float* x, float inv, uint8_t* q) {
+  const __m256i u = _mm256_xor_si256(SaturatedCodes8Block32(x, inv), _mm256_set1_epi8(static_cast<char>(0x80)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), u);
+}
+
+// SignedCodes16 and StoreCodes32<false> of a whole block of 32 values at 8 bits, finite inv; returns
+// the sum of the 32 signed codes, from the bytes: sum(s) = sum(s xor 0x80) - 32 * 128 (vpsadbw).
+BCT_AVX512_TARGET int32_t SignedCodes8Block32(const float* x, float inv, int8_t* q) {
+  const __m256i s = SaturatedCodes8Block32(x, inv);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), s);
+  const __m256i u = _mm256_xor_si256(s, _mm256_set1_epi8(static_cast<char>(0x80)));
+  const __m256i quads = _mm256_sad_epu8(u, _mm256_setzero_si256());
+  const __m128i pair = _mm_add_epi64(_mm256_castsi256_si128(quads), _mm256_extracti128_si256(quads, 1));
+  return static_cast<int32_t>(_mm_cvtsi128_si64(_mm_add_epi64(pair, _mm_unpackhi_epi64(pair, pair)))) - 32 * 128;
 }
 
 // Quantizes `rows` consecutive rows x [rows, D]: codes [rows, row_bytes], scales / zero points
@@ -832,6 +848,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void QuantizeActRo
       const int64_t offset = walk.offset();
       const int64_t n = walk.length();
       int8_t* q = out.codes + walk.row * out.row_stride + walk.blk * out.block_stride;
+      if (bits == 8 && n == 32 && std::isfinite(inv[j])) {
+        const int32_t sum = SignedCodes8Block32(x + offset, inv[j], q);
+        if (out.sums != nullptr) out.sums[f0 + j] = sum;
+        continue;
+      }
       const CodeParams p = MakeCodeParams(inv[j], bits, true, 0);
       if (n == 32) {  // a whole block of 32 (the common case): two vectors packed to bytes at once
         const __m512i c0 = SignedCodes16(_mm512_loadu_ps(x + offset), p);

@@ -161,6 +161,31 @@ def test_isa_paths(case: tuple[Any, ...], isa: str, force_isa: Any) -> None:
     assert_bits_equal(outputs[2], expected.zero_points, "zero points (quantized A and Y)")
 
 
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512vnni"])
+def test_whole_blocks_of_32_hard_rows(isa: str, force_isa: Any) -> None:
+    """8-bit operands in whole blocks of 32 (the AVX-512 quantizer's saturating-pack path and its code
+    sums): ties between +m and -m, blocks whose float32 scale is subnormal (infinite inverse) or 0,
+    huge and one-signed blocks, on every forced path: the spec's bits."""
+    force_isa(isa)
+    rng = np.random.default_rng(31)
+    a = rng.standard_normal((12, 128)).astype(np.float32)
+    a[1] *= np.float32(1e-44)  # subnormal values: scale m * -2**-7 rounds (inverse infinite or 0)
+    a[2] *= np.float32(1e-39)
+    a[3] = 0.0
+    a[4] *= np.float32(1e30)
+    a[5] = np.abs(a[5])
+    for b in range(4):  # rows 6..11: +m and -m both the largest magnitude, either first
+        for r in range(6, 12):
+            first, second = np.sort(rng.choice(32, 2, replace=False))
+            sign = np.float32(1.0 if (r + b) % 2 else -1.0)
+            a[r, b * 32 + first], a[r, b * 32 + second] = 4 * sign, -4 * sign
+    w = sample((128, 24), 3)
+    (y,) = run_amm(a, w, 8, 32)
+    assert_bits_equal(y, ref.act_matmul(a, w, 8, 32), "Y")
+    (y,) = run_amm(w.T.copy(), a.T.copy(), 8, 32)  # the hard rows as B's columns
+    assert_bits_equal(y, ref.act_matmul(w.T.copy(), a.T.copy(), 8, 32), "Y (hard columns of B)")
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_transpose_b(case: tuple[Any, ...]) -> None:
     a_shape, b_shape, bits, bs = case

@@ -520,6 +520,27 @@ def test_integer_prefill_same_bits_as_scalar(
         assert_bits_equal(got, want, f"isa={isa} bits={bits} symmetric={symmetric} M={m}")
 
 
+@pytest.mark.parametrize("isa_name", ["avx512vnni", "avx2", "scalar"])
+def test_activation_buffers_reused_across_calls(isa_name: str, force_isa: Any) -> None:
+    """The calling thread keeps its quantized activations for its next call: a padded K (99 in blocks
+    of 32) after larger unpadded calls whose codes filled those bytes, and fewer rows after more, give
+    the spec's bits on one thread, and after a call of another model."""
+    force_isa(isa_name)
+    rng = np.random.default_rng(77)
+    outputs = []
+    for k, rows in ((128, 300), (99, 40), (128, 7), (99, 300)):
+        codes, scales, _ = random_weight(rng, 24, k, 4, 32, True, ScaleKind.FLOAT16, exact=True)
+        a = exact_activations(rng, (rows, k), 32, 8)
+        fmt = {"k": k, "bits": 4, "block_size": 32, "symmetric": True, "act_bits": 8}
+        model = matmul_model(n=24, codes=codes, scales=scales, zero_points=None, bias=None, **fmt)
+        got = bct_onnx.session(model, threads=1).run(None, {"A": a})[0]
+        want = matmul_reference(a, codes, scales, None, **fmt)
+        assert np.array_equal(want.astype(np.float32).astype(np.float64), want), "test data not exact in float32"
+        outputs.append((got, want.astype(np.float32)))
+    for i, (got, want) in enumerate(outputs):
+        np.testing.assert_array_equal(got, want, err_msg=f"call {i}, isa={isa_name}")
+
+
 def test_weights_as_graph_inputs(isa: str) -> None:
     """Non-constant weights are repacked on every call and give the same result."""
     rng = np.random.default_rng(5)
