@@ -32,7 +32,7 @@ from bct_onnx.config import SUPPORTED_OPS, CompressConfig
 from bct_onnx.errors import BctOnnxError, ModelFileError
 from bct_onnx.extras import install_hint, module_available, require
 from bct_onnx.hub import parse_hub_id, resolve_hub_id
-from bct_onnx.input_check import check_input
+from bct_onnx.input_check import check_input, check_runtime_loads
 from bct_onnx.kv_cache import PAST_PREFIX
 from bct_onnx.model_defaults import apply_decoder_plan, apply_model_kind_defaults, model_kind
 from bct_onnx.models.export import ExportError, ModelDirError, export_hf_directory, is_hf_model_dir
@@ -486,7 +486,8 @@ def compress(
             with timer.step("load"):
                 model = model_io.load(input_file)
             with timer.step("check"):
-                repairs = check_input(model, input_label, input_file)
+                # ONNX Runtime's load of the file (check_runtime_loads) waits for the forward to start
+                repairs = check_input(model, input_label)
         else:
             raise TypeError(
                 "input must be a path, an onnx.ModelProto, an onnx_ir.Model or an onnx_graphsurgeon Graph, "
@@ -551,6 +552,9 @@ def compress(
                 hessians = start_hessians(model, cfg, feeds, input_file)
             if hessians is not None:
                 stack.callback(hessians.close)  # compress_model closes it; this, if it never runs
+        if input_file is not None:
+            with timer.step("check"):  # beside the forward now, still before the slow part
+                check_runtime_loads(model, input_file, input_label)
         planner = plan = None
         target_ratio, max_error = cfg.target_ratio, cfg.max_error
         budget_skipped: str | None = None

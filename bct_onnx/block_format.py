@@ -268,9 +268,16 @@ def float8e4m3_scale_factor(x: np.ndarray, fmt: BlockFormat) -> float:
     """The per-tensor factor of float8e4m3 scales for x [..., D]: the largest float32 spec scale of
     its blocks over 448 (e4m3fn's largest value), so the largest scale is stored near 448 and no scale
     but those of nearly-zero blocks is subnormal; 1.0 for an all-zero tensor."""
-    plain = dataclasses.replace(fmt, scale_kind=ScaleKind.FLOAT32)
-    scales, _ = choose_scales(pad_to_blocks(np.asarray(x, dtype=np.float32), plain), plain)
-    largest = np.float32(np.abs(scales).max()) if scales.size else np.float32(0.0)
+    x = np.asarray(x, dtype=np.float32)
+    if fmt.symmetric and not fmt.float_offsets:
+        # A symmetric block's float32 scale is its largest-magnitude element over -2**(bits-1), and float32
+        # division is monotonic: the largest |scale| is the largest |x| so divided (the same float32
+        # division), without the blocks' argmax (a weight of 576 x 1536: 9 ms -> 1 ms).
+        largest = np.float32(np.abs(x).max()) / np.float32(1 << (fmt.bits - 1)) if x.size else np.float32(0.0)
+    else:
+        plain = dataclasses.replace(fmt, scale_kind=ScaleKind.FLOAT32)
+        scales, _ = choose_scales(pad_to_blocks(x, plain), plain)
+        largest = np.float32(np.abs(scales).max()) if scales.size else np.float32(0.0)
     factor = np.float32(largest / np.float32(FLOAT8E4M3_MAX))
     return float(factor) if np.isfinite(factor) and factor > 0 else 1.0
 

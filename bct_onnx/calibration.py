@@ -536,17 +536,27 @@ def _node_names(node: onnx.NodeProto) -> tuple[list[str], list[str]]:
     return [name for name in node.input if name], [name for name in node.output if name]
 
 
+# (reads, writes) of every node of a graph, by index (_node_names of each): the planning walks the nodes
+# a dozen times (SmolLM2: 7365 nodes, 95k calls of _node_names).
+_NodeIO = list[tuple[list[str], list[str]]]
+
+
+def _graph_io(graph: onnx.GraphProto) -> _NodeIO:
+    return [_node_names(node) for node in graph.node]
+
+
 def _has_subgraphs(graph: onnx.GraphProto) -> bool:
     return any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for node in graph.node for attr in node.attribute)
 
 
-def _topological_order(graph: onnx.GraphProto) -> list[int]:
+def _topological_order(graph: onnx.GraphProto, io: _NodeIO | None = None) -> list[int]:
     """Node indices in a topological order that keeps the file's order where it already is one."""
-    producer = {name: i for i, node in enumerate(graph.node) for name in _node_names(node)[1]}
-    waiting = [sum(1 for name in set(_node_names(node)[0]) if name in producer) for node in graph.node]
+    io = _graph_io(graph) if io is None else io
+    producer = {name: i for i, (_, writes) in enumerate(io) for name in writes}
+    waiting = [sum(1 for name in set(reads) if name in producer) for reads, _ in io]
     readers: dict[int, list[int]] = {}
-    for i, node in enumerate(graph.node):
-        for name in set(_node_names(node)[0]):
+    for i, (reads, _) in enumerate(io):
+        for name in set(reads):
             if name in producer:
                 readers.setdefault(producer[name], []).append(i)
     ready = [i for i, count in enumerate(waiting) if count == 0]
@@ -564,33 +574,35 @@ def _topological_order(graph: onnx.GraphProto) -> list[int]:
     return order
 
 
-def _needed_nodes(graph: onnx.GraphProto, order: list[int], wanted: set[str]) -> list[int]:
+def _needed_nodes(graph: onnx.GraphProto, order: list[int], wanted: set[str], io: _NodeIO | None = None) -> list[int]:
     """The nodes of order (topological) that the values in wanted depend on, in that order.
 
     ONNX Runtime runs every node of a session, also those whose outputs nobody reads: a decoder's
     output projection (49152 x 576 for SmolLM2, a sixth of the forward's FLOPs and a logits tensor
     of 0.2 GB per 1024 tokens) would run for nothing, since no Hessian needs the logits.
     """
+    io = _graph_io(graph) if io is None else io
     needed_values = set(wanted)
     kept = []
     for i in reversed(order):
-        reads, writes = _node_names(graph.node[i])
+        reads, writes = io[i]
         if any(name in needed_values for name in writes):
             kept.append(i)
             needed_values.update(reads)
     return kept[::-1]
 
 
-def _segments(graph: onnx.GraphProto, segment_bytes: int, wanted: set[str]) -> list[list[int]]:
+def _segments(graph: onnx.GraphProto, segment_bytes: int, wanted: set[str], io: _NodeIO | None = None) -> list[list[int]]:
     """The nodes the values in wanted depend on, cut into runs of consecutive nodes (topological
     order) holding at most segment_limit(...) of weights, or one node's weights when they are more."""
+    io = _graph_io(graph) if io is None else io
     sizes = {tensor.name: _tensor_bytes(tensor) for tensor in graph.initializer}
     if _has_subgraphs(graph):  # subgraphs read outer values implicitly: run the model whole
-        return [_topological_order(graph)]
-    order = _needed_nodes(graph, _topological_order(graph), wanted)
+        return [_topological_order(graph, io)]
+    order = _needed_nodes(graph, _topological_order(graph, io), wanted, io)
     # The forward's work per node, as the weight bytes of its MatMuls (a Gather's table costs no FLOPs).
     work = [
-        0 if graph.node[i].op_type == "Gather" else sum(sizes[name] for name in set(_node_names(graph.node[i])[0]) if name in sizes)
+        0 if graph.node[i].op_type == "Gather" else sum(sizes[name] for name in set(io[i][0]) if name in sizes)
         for i in order
     ]
     segments: list[list[int]] = [[]]
@@ -598,7 +610,7 @@ def _segments(graph: onnx.GraphProto, segment_bytes: int, wanted: set[str]) -> l
     done, current = 0, 0  # work in the segments closed, and in the current one
     limit = segment_limit(done, sum(work), segment_bytes)
     for i, node_work in zip(order, work):
-        weights = {name for name in _node_names(graph.node[i])[0] if name in sizes} - held
+        weights = {name for name in io[i][0] if name in sizes} - held
         # A node whose own weights are more than the limit (an embedding table) gets a segment of its own.
         if segments[-1] and sum(sizes[name] for name in held | weights) > limit:
             done, current = done + current, 0
@@ -606,7 +618,7 @@ def _segments(graph: onnx.GraphProto, segment_bytes: int, wanted: set[str]) -> l
             segments.append([])
             held = set()
         segments[-1].append(i)
-        held |= {name for name in _node_names(graph.node[i])[0] if name in sizes}
+        held |= {name for name in io[i][0] if name in sizes}
         current += node_work
     return segments
 
@@ -663,7 +675,9 @@ def _plan_segments(
     """Cut the graph into segments (_segments) and work out what each one reads, keeps and finishes;
     longest: the longest axis of the calibration inputs (_longest_axis), for causal blocks."""
     graph = proto.graph
-    node_sets = _segments(graph, segment_bytes, wanted)
+    io = _graph_io(graph)
+    scalars = _ScalarTensors(graph, folder)
+    node_sets = _segments(graph, segment_bytes, wanted, io)
     initializers = {tensor.name for tensor in graph.initializer}
     graph_inputs = {value.name for value in graph.input} - initializers
     # The last segment that reads each value: a kept value is dropped after it.
@@ -673,28 +687,28 @@ def _plan_segments(
     targets_in[0] = wanted & graph_inputs
     for index, nodes in enumerate(node_sets):
         for i in nodes:
-            reads, writes = _node_names(graph.node[i])
+            reads, writes = io[i]
             for name in reads:
                 last_reader[name] = index
             targets_in[index].update(wanted.intersection(writes))
     last_segment = max((i for i, acts in enumerate(targets_in) if acts), default=-1)
     readers: dict[str, list[int]] = {}
-    for i, node in enumerate(graph.node):
-        for name in set(_node_names(node)[0]):
+    for i, (reads, _) in enumerate(io):
+        for name in set(reads):
             readers.setdefault(name, []).append(i)
     segments = []
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     for index, nodes in enumerate(node_sets[: last_segment + 1]):
-        produced = {name for i in nodes for name in _node_names(graph.node[i])[1]}
-        read = [name for i in nodes for name in _node_names(graph.node[i])[0]]
+        produced = {name for i in nodes for name in io[i][1]}
+        read = [name for i in nodes for name in io[i][0]]
         inputs = sorted({name for name in read if name not in produced and name not in initializers})
         later = {name for name in produced if last_reader.get(name, -1) > index}
         acts = sorted(targets_in[index])
         outputs = sorted(later | (set(acts) & produced))
-        guards = _softmax_nan_guards(graph, nodes, readers, set(outputs) | wanted, folder)
+        guards = _softmax_nan_guards(graph, nodes, readers, set(outputs) | wanted, folder, io, scalars)
         checks = [name for name in guards.checks if name not in outputs]
         causal = _causal_attentions(
-            graph, nodes, readers, set(outputs) | wanted, folder, guards, longest if opset >= 13 else 0
+            graph, nodes, readers, set(outputs) | wanted, folder, guards, longest if opset >= 13 else 0, io, scalars
         )
         masks = list(dict.fromkeys(c.mask for c in causal if c.mask not in outputs and c.mask not in checks))
         segments.append(_Segment(nodes, inputs, outputs, later, acts, guards, checks, causal, masks))
@@ -879,12 +893,15 @@ _NO_GUARDS = _NanGuards({}, frozenset(), ())
 
 
 def _softmax_nan_guards(
-    graph: onnx.GraphProto, segment: list[int], readers: Mapping[str, list[int]], kept_names: set[str], folder: str
+    graph: onnx.GraphProto, segment: list[int], readers: Mapping[str, list[int]], kept_names: set[str], folder: str,
+    io: _NodeIO | None = None, scalars: _ScalarTensors | None = None,
 ) -> _NanGuards:
     """The guards of segment that can be left out: Where(IsNaN(p), 0, p) with p a Softmax output computed
     in the segment, read only by MatMuls of the segment and by no other segment or output (kept_names)."""
     in_segment = set(segment)
-    producer = {name: i for i in segment for name in _node_names(graph.node[i])[1]}
+    io = _graph_io(graph) if io is None else io
+    scalars = _ScalarTensors(graph, folder) if scalars is None else scalars
+    producer = {name: i for i in segment for name in io[i][1]}
     rewired: dict[str, str] = {}
     dropped: set[int] = set()
     checks: list[str] = []
@@ -906,7 +923,7 @@ def _softmax_nan_guards(
             for j in matmuls
         ):
             continue
-        if not _is_scalar_zero(graph, fill, folder):
+        if scalars.value(fill) != 0:
             continue
         rewired[output] = probabilities
         dropped.add(i)
@@ -918,18 +935,39 @@ def _softmax_nan_guards(
     return _NanGuards(rewired, frozenset(dropped), tuple(dict.fromkeys(checks)))
 
 
-def _is_scalar_zero(graph: onnx.GraphProto, name: str, folder: str) -> bool:
-    """Whether name is an initializer (or Constant node output) holding the single value 0."""
-    return _scalar_value(graph, name, folder) == 0
+class _ScalarTensors:
+    """The value of a graph's scalar (an initializer, or a Constant node's output, holding one number; else
+    None) by name: the initializers and Constant nodes indexed once, each value read once (the planning
+    asks about the same few scalars of every layer; a scan per question took 0.7 s of SmolLM2's plan)."""
+
+    def __init__(self, graph: onnx.GraphProto, folder: str) -> None:
+        self._graph, self._folder = graph, folder
+        self._values: dict[str, float | None] = {}
+        self._tensors: dict[str, onnx.TensorProto | None] | None = None
+
+    def value(self, name: str) -> float | None:
+        if name not in self._values:
+            if self._tensors is None:
+                self._tensors = _named_tensors(self._graph)
+            self._values[name] = _scalar_of(self._tensors.get(name), self._folder)
+        return self._values[name]
 
 
-def _scalar_value(graph: onnx.GraphProto, name: str, folder: str) -> float | None:
-    """The value of an initializer (or Constant node output) holding a single number, else None."""
-    tensor = next((t for t in graph.initializer if t.name == name), None)
-    if tensor is None:
-        node = next((n for n in graph.node if n.op_type == "Constant" and list(n.output) == [name]), None)
-        attribute = next((a for a in node.attribute if a.name == "value"), None) if node is not None else None
-        tensor = attribute.t if attribute is not None and attribute.type == onnx.AttributeProto.TENSOR else None
+def _named_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto | None]:
+    """Initializers by name, then the tensors of Constant nodes (value attribute, one output) by output
+    name where no initializer has it: what a scan of the graph finds first."""
+    tensors: dict[str, onnx.TensorProto | None] = {}
+    for node in graph.node:
+        if node.op_type == "Constant" and len(node.output) == 1 and node.output[0] not in tensors:
+            attribute = next((a for a in node.attribute if a.name == "value"), None)
+            ok = attribute is not None and attribute.type == onnx.AttributeProto.TENSOR
+            tensors[node.output[0]] = attribute.t if ok and attribute is not None else None
+    for tensor in reversed(graph.initializer):  # the first of equal names wins, as next() finds it
+        tensors[tensor.name] = tensor
+    return tensors
+
+
+def _scalar_of(tensor: onnx.TensorProto | None, folder: str) -> float | None:
     if tensor is None or int(np.prod(tensor.dims, dtype=np.int64)) != 1:
         return None
     value = onnx.numpy_helper.to_array(tensor, base_dir=folder).reshape(-1)[0]
@@ -979,7 +1017,8 @@ def _longest_axis(calibration: Calibration) -> int:
 
 def _causal_attentions(
     graph: onnx.GraphProto, segment: list[int], readers: Mapping[str, list[int]], kept_names: set[str], folder: str,
-    guards: _NanGuards, longest: int,
+    guards: _NanGuards, longest: int, io: _NodeIO | None = None,
+    scalars: _ScalarTensors | None = None,
 ) -> tuple[_CausalAttention, ...]:
     """The attentions of segment to compute in causal blocks: every value they compute inside, except the
     last MatMul's output, is read by nothing else (and by no other segment or output: kept_names)."""
@@ -987,7 +1026,9 @@ def _causal_attentions(
     if blocks < 2:
         return ()
     in_segment = set(segment)
-    producer = {name: i for i in segment for name in _node_names(graph.node[i])[1]}
+    io = _graph_io(graph) if io is None else io
+    scalars = _ScalarTensors(graph, folder) if scalars is None else scalars
+    producer = {name: i for i in segment for name in io[i][1]}
 
     def node_of(name: str, op_type: str) -> int | None:
         i = producer.get(name)
@@ -1016,7 +1057,7 @@ def _causal_attentions(
             if matmul is None or where is None or not only_reader(scores, add) or len(graph.node[where].input) != 3:
                 continue
             mask, zero, ninf = graph.node[where].input
-            if _scalar_value(graph, zero, folder) == 0 and _scalar_value(graph, ninf, folder) == -np.inf:
+            if scalars.value(zero) == 0 and scalars.value(ninf) == -np.inf:
                 match = matmul, where, bias, mask, zero, ninf
                 break
         if match is None:
@@ -1193,8 +1234,26 @@ class _HessianSums:
         scipy.linalg.blas.ssyrk(1.0, rows.T, beta=1.0, c=total, trans=0, overwrite_c=1)
 
 
+# Rows and columns of the tiles _symmetric_from_upper mirrors at once.
+_MIRROR_TILE = 64
+
+
 def _symmetric_from_upper(upper: np.ndarray) -> np.ndarray:
-    """The full symmetric matrix whose upper triangle is given (C order)."""
-    full = np.triu(upper)
-    full += np.triu(upper, 1).T
+    """The full symmetric matrix whose upper triangle is given (C order).
+
+    Tile by tile: an upper tile is copied and mirrored below the diagonal while both stay in cache (the
+    Fortran-ordered syrk sum is read across its order; np.triu on the whole matrix took 45 ms for
+    K = 1536 on the calibration forward's thread, the tiles 3 ms). The values of np.triu(upper) +
+    np.triu(upper, 1).T.
+    """
+    n = upper.shape[0]
+    full = np.empty((n, n), dtype=upper.dtype)
+    tile = _MIRROR_TILE
+    for i in range(0, n, tile):
+        diagonal = upper[i : i + tile, i : i + tile]
+        full[i : i + tile, i : i + tile] = np.triu(diagonal) + np.triu(diagonal, 1).T
+        for j in range(i + tile, n, tile):
+            block = upper[i : i + tile, j : j + tile]
+            full[i : i + tile, j : j + tile] = block
+            full[j : j + tile, i : i + tile] = block.T
     return full

@@ -42,7 +42,7 @@ from bct_onnx.block_format import (
     pad_to_blocks,
     scales_to_float32,
 )
-from bct_onnx.weight_quantizer import search_scales
+from bct_onnx.weight_quantizer import search_block_column, search_scales
 
 # Columns corrected together before the rest of the weight is (the paper's "lazy batch").
 _LAZY_BATCH = 128
@@ -208,6 +208,12 @@ class _FactorOfLastHessian:
 _LAST_FACTOR = _FactorOfLastHessian()
 
 
+# np.maximum then np.minimum in one ufunc call for symmetric levels (NaN passes as through those two,
+# and with qmin < 0 also -0.0; with a bound of 0 clip keeps a -0.0 that np.maximum makes +0.0): np.clip's
+# own wrapper costs more than the clip on a column of a few hundred rows, and the walk clips every column.
+_clip = np.clip if not hasattr(np, "_core") or not hasattr(np._core, "umath") else np._core.umath.clip
+
+
 class _BlockRounder:
     """Rounds the columns [n] of one quantization block (n weight rows) with the block's stored scales.
 
@@ -232,8 +238,7 @@ class _BlockRounder:
         if self.zero is None:  # symmetric: q = clip(rne(x / scale), qmin, qmax); value = q * scale
             np.multiply(column, self.inverse, out=level, dtype=np.float32)
             np.rint(level, out=level)
-            np.maximum(level, self.low, out=level)
-            np.minimum(level, self.high, out=level)
+            _clip(level, self.low, self.high, out=level)
             np.multiply(level, self.scale, out=value)
         elif self.fmt.float_offsets:  # q = rne(clip((x - offset) / scale, 0, qmax)); value = q * scale + offset
             np.subtract(column, self.zero, out=level, dtype=np.float32)
@@ -373,21 +378,20 @@ class _ScalesWhenReached:
     def __call__(self, first: int, block: np.ndarray) -> list[_BlockRounder]:
         fmt = self.fmt
         b = first // fmt.block_size
-        padded = pad_to_blocks(block.T.astype(np.float32), fmt)
         factor = self.scale_factor
         importance = None
         if self.weights is not None:
-            importance = np.zeros(padded.shape[-1], np.float32)
+            importance = np.zeros(fmt.block_size, np.float32)
             importance[: len(block)] = self.weights[first : first + len(block)]
-        s, zp = (
-            search_scales(padded, fmt, importance=importance, scale_factor=factor)
-            if self.scale_search
-            else choose_scales(padded, fmt, factor)
-        )
-        self.scales[:, b] = s[:, 0]
+        if self.scale_search:  # the block K-major, as the walk holds it (search_scales' picks)
+            s, zp = search_block_column(block, fmt, importance=importance, scale_factor=factor)
+        else:
+            padded_s, padded_zp = choose_scales(pad_to_blocks(block.T.astype(np.float32), fmt), fmt, factor)
+            s, zp = padded_s[:, 0], None if padded_zp is None else padded_zp[:, 0]
+        self.scales[:, b] = s
         if self.zero_points is not None:
             assert zp is not None
-            self.zero_points[:, b] = zp[:, 0]
+            self.zero_points[:, b] = zp
         zero = None if zp is None else self.zero_points[:, b]
         return [_BlockRounder(self.scales[:, b], zero, fmt, factor)] * len(block)
 

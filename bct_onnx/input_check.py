@@ -52,13 +52,13 @@ def _invalid(label: str, why: str) -> InvalidModelError:
 
 
 def _nodes(model: ir.Model) -> Iterator[ir.Node]:
-    for graph in model.graphs():
+    for graph in model_io.graphs(model):
         yield from graph
 
 
 def check_initializer_data(model: ir.Model, label: str) -> None:
     """Every initializer's data must decode to its declared dtype and dims."""
-    for graph in model.graphs():
+    for graph in model_io.graphs(model):
         for name, value in graph.initializers.items():
             tensor = value.const_value
             if tensor is None:
@@ -83,7 +83,7 @@ def check_names(model: ir.Model, label: str) -> None:
         for value in (*node.inputs, *node.outputs):
             if value is not None:
                 _utf8(value.name, label, f"tensor name {value.name!r} (node {node.name!r})")
-    for graph in model.graphs():
+    for graph in model_io.graphs(model):
         for value in (*graph.inputs, *graph.outputs, *graph.initializers.values()):
             _utf8(value.name, label, f"tensor name {value.name!r}")
 
@@ -132,7 +132,7 @@ def _counts(counter: Counter[str]) -> str:
 def repair_negative_dims(model: ir.Model) -> list[str]:
     """Declared dimensions below zero (meaningless; ONNX Runtime treats them as unknown) become unknown."""
     fixed = []
-    for graph in model.graphs():
+    for graph in model_io.graphs(model):
         for value in (*graph.inputs, *graph.outputs):
             shape = value.shape
             if shape is None:
@@ -236,25 +236,33 @@ def check_input(model: ir.Model, label: str, model_file: Path | None = None, *, 
     """Check (and where safe, repair) the loaded input; return the repairs made, for the report.
 
     model_file: the input on disk, loaded once by ONNX Runtime as a last check when the model is
-    below RUNTIME_CHECK_MAX_BYTES of tensors. repair=False: what would need a repair is an error
-    (the model is the caller's object and stays as it is).
+    below RUNTIME_CHECK_MAX_BYTES of tensors (check_runtime_loads; None: not loaded). repair=False:
+    what would need a repair is an error (the model is the caller's object and stays as it is).
     """
     check_initializer_data(model, label)
     check_names(model, label)
     check_not_quantized(model, label)
-    tensor_bytes = sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values() if v.const_value)
     repairs = []
     if repair:
         fixed = repair_negative_dims(model)
         repairs += [f"negative dimensions made unknown: {', '.join(fixed)}"] if fixed else []
     else:
-        for graph in model.graphs():
+        for graph in model_io.graphs(model):
             for value in (*graph.inputs, *graph.outputs):
                 if value.shape is not None and any(isinstance(d, int) and d < 0 for d in value.shape):
                     raise _invalid(label, f"{value.name!r} declares a negative dimension: {value.shape}")
     repairs += check_with_onnx(model, label, repair=repair)
-    if model_file is not None and tensor_bytes <= RUNTIME_CHECK_MAX_BYTES:
-        check_with_runtime(model_file, label)
+    if model_file is not None:
+        check_runtime_loads(model, model_file, label)
     for text in repairs:
         logger.warning("%s: %s", label, text)
     return repairs
+
+
+def check_runtime_loads(model: ir.Model, model_file: Path, label: str) -> None:
+    """check_input's last check on its own: ONNX Runtime loads model_file (check_with_runtime) when the
+    model is below RUNTIME_CHECK_MAX_BYTES of tensors. compress runs it once the calibration forward
+    has started (half a second of SmolLM2's, beside the forward instead of before it)."""
+    tensor_bytes = sum(v.const_value.nbytes for g in model_io.graphs(model) for v in g.initializers.values() if v.const_value)
+    if tensor_bytes <= RUNTIME_CHECK_MAX_BYTES:
+        check_with_runtime(model_file, label)

@@ -62,10 +62,45 @@ def resolve_model_file(path: PathLike) -> Path:
     return p
 
 
+def graphs(model: ir.Model) -> list[ir.Graph]:
+    """model.graphs(): the main graph, then every subgraph (If/Loop/Scan bodies) once, in the order
+    onnx_ir's RecursiveGraphIterator enters them.
+
+    A loop over the nodes that looks into the attributes of those that have any: SmolLM2's 7365
+    nodes in 8 against 45 ms; the input checks and the file helpers walk the model several times
+    before the calibration forward can start.
+    """
+    found: dict[ir.Graph, None] = {model.graph: None}
+
+    def enter(graph: object) -> None:
+        if not isinstance(graph, ir.Graph):
+            raise TypeError(f"Expected a Graph, got {type(graph)}. The model may be invalid")
+        if graph not in found:
+            found[graph] = None
+        walk(graph)
+
+    def walk(graph: ir.Graph) -> None:
+        for node in graph:
+            attributes = node.attributes
+            if not attributes:
+                continue
+            # Attributes is a UserDict: its dict's values, not the mapping view's (8x slower).
+            for attr in getattr(attributes, "data", attributes).values():
+                kind = getattr(attr, "type", None)
+                if kind is ir.AttributeType.GRAPH and isinstance(attr, ir.Attr):
+                    enter(attr.value)
+                elif kind is ir.AttributeType.GRAPHS and isinstance(attr, ir.Attr):
+                    for subgraph in attr.value:
+                        enter(subgraph)
+
+    walk(model.graph)
+    return list(found)
+
+
 def external_data_files(model: ir.Model) -> set[Path]:
     """Absolute paths of the external data files the model's initializers refer to."""
     found: set[Path] = set()
-    for graph in model.graphs():
+    for graph in graphs(model):
         for value in graph.initializers.values():
             tensor = value.const_value
             if isinstance(tensor, ir.ExternalTensor):
@@ -140,7 +175,7 @@ def from_proto(model: Any) -> ir.Model:
 def tensor_bytes(model: ir.Model) -> int:
     """Bytes of all initializer data (what decides whether the model needs external data)."""
     total = 0
-    for graph in model.graphs():
+    for graph in graphs(model):
         for value in graph.initializers.values():
             if value.const_value is not None:
                 total += value.const_value.nbytes
@@ -284,7 +319,7 @@ def initializers_replaced(
     """Within: every initializer holds ``replacement(tensor)`` instead (None keeps it); restored after."""
     swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
     try:
-        for graph in model.graphs():
+        for graph in graphs(model):
             for value in graph.initializers.values():
                 tensor = value.const_value
                 stand_in = replacement(tensor) if tensor is not None else None

@@ -17,7 +17,11 @@ BLOCK_ADD_LAYER_NORM = "BlockAddLayerNorm"
 BLOCK_ADD_RMS_NORM = "BlockAddRMSNorm"
 BLOCK_ATTENTION = "BlockAttention"
 
-# Every operator of the domain (bct_onnx.reference has one evaluator class per name).
+# A helper of the compiler, CPU only, never in a model (GPTQ's scale search, weight_quantizer.search_block_column):
+# not among OP_TYPES, whose ops models hold.
+BLOCK_SCALE_ERRORS = "BlockScaleErrors"
+
+# Every operator a model can hold (bct_onnx.reference has one evaluator class per name).
 OP_TYPES = (
     BLOCK_QUANTIZE,
     BLOCK_DEQUANTIZE,

@@ -10,6 +10,10 @@ spec-conform QuantizedTensor; ``block_format.dequantize`` reads it back.
 
 from __future__ import annotations
 
+import logging
+import threading
+from typing import Any
+
 import numpy as np
 
 from bct_onnx.block_format import (
@@ -29,6 +33,8 @@ from bct_onnx.block_format import (
     scales_to_float32,
     symmetric_scales,
 )
+
+logger = logging.getLogger(__name__)
 
 # Ratios of the block's range tried by the search; 1.0 (the plain spec scale) first. Ratios below 1
 # clip outliers; 1.0625 and 8/7 widen a symmetric scale so that the largest value of the opposite sign
@@ -188,6 +194,188 @@ def search_scales(
             best_zp = np.where(better, group_zp, best_zp)
     assert best_scales is not None
     return best_scales, best_zp
+
+
+def search_block_column(
+    columns: np.ndarray,
+    fmt: BlockFormat,
+    importance: np.ndarray | None = None,
+    scale_factor: float | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """search_scales of one block per row given K-major, as GPTQ's walk holds its weight rows: columns
+    [L <= block_size, rows] (element j of row r's block at [j, r]; any float dtype, cast to float32 as
+    search_scales casts), importance [block_size]. Stored scales and zero points [rows]: those of
+    search_scales(pad_to_blocks(columns.T), fmt, importance=importance, scale_factor=...)[..., 0].
+
+    With a float32 importance and integer codes, every candidate's errors come from the custom-op
+    library's BlockScaleErrors (block_scale_errors, its numpy specification, when the library is not
+    there): the same errors bit for bit, so the same picks, without search_scales' numpy passes over
+    candidates x rows x block_size floats (GPTQ's search: about a third of its time). Without importance
+    (a tied table's projection), the library's rounding differences (block_scale_diffs) are squared and
+    summed by the einsum search_scales sums them with (the same errors). Otherwise (float offsets, no
+    library for the unweighted search) the rows are handed to search_scales.
+    """
+    columns = np.asarray(columns)
+    length, rows = columns.shape
+    bs = fmt.block_size
+    weights = None if importance is None else np.asarray(importance)
+    diffs_session = None
+    if weights is None and not fmt.float_offsets:
+        diffs_session = _SCALE_ERROR_SESSIONS.get(fmt.bits, fmt.symmetric, reduce=False)
+    if (
+        fmt.float_offsets or length > bs or length == 0
+        or (weights is None and diffs_session is None)
+        or (weights is not None and (weights.dtype != np.float32 or weights.shape != (bs,)))
+    ):
+        scales, zp = search_scales(
+            pad_to_blocks(columns.T.astype(np.float32), fmt), fmt, importance=importance, scale_factor=scale_factor
+        )
+        return scales[:, 0], None if zp is None else zp[:, 0]
+    if length == bs:
+        x = np.ascontiguousarray(columns, dtype=np.float32)
+    else:  # the spec's zero padding of a partial block
+        x = np.zeros((bs, rows), np.float32)
+        x[:length] = columns
+    factor = check_scale_factor(fmt.scale_kind, scale_factor)
+    ratios = POW2_RATIOS if fmt.scale_kind is ScaleKind.POW2 else CLIP_RATIOS
+    ratio = np.array([1.0] + [r for r in ratios if r != 1.0], np.float32)[:, None]  # [candidates, 1]
+    if fmt.symmetric:  # the block's element of largest magnitude (the first of equals), as _extremes
+        largest = np.take_along_axis(x, np.argmax(np.abs(x), axis=0)[None], axis=0)
+        scales, zp = symmetric_scales(largest * ratio, fmt, factor), None
+    else:
+        scales, zp = asymmetric_scales(x.min(axis=0) * ratio, x.max(axis=0) * ratio, fmt, factor)
+    scale = scales_to_float32(scales, fmt.scale_kind, scale_factor)  # [candidates, rows]
+    zero = None if zp is None else zp.astype(np.float32)
+    if weights is None:  # unweighted: the library's differences, squared and summed by einsum as before
+        diffs = _run_scale_errors(diffs_session, np.ascontiguousarray(x.T), scale, zero, None)
+        if diffs is None:
+            scales_, zp_ = search_scales(pad_to_blocks(x.T, fmt), fmt, scale_factor=scale_factor)
+            return scales_[:, 0], None if zp_ is None else zp_[:, 0]
+        errors = np.einsum("...i,...i->...", diffs, diffs)
+    else:
+        errors = _run_scale_errors(_SCALE_ERROR_SESSIONS.get(fmt.bits, fmt.symmetric), x, scale, zero, weights)
+        if errors is None:
+            errors = block_scale_errors(x, scale, zero, weights, fmt)
+    pick = _first_least(errors)
+    best = np.take_along_axis(scales, pick, axis=0)[0]
+    return best, None if zp is None else np.take_along_axis(zp, pick, axis=0)[0]
+
+
+def block_scale_errors(
+    x: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, importance: np.ndarray, fmt: BlockFormat
+) -> np.ndarray:
+    """The numpy specification of the BlockScaleErrors op: the errors [C, N] of _squared_error for
+    K-major blocks x [L, N] (float32), candidate float32 scales [C, N] (and float32 zero points [C, N],
+    None when fmt is symmetric) and importance [L]: the elementwise steps in float32, then
+    sum_i ((d_i * d_i) * importance_i) over the block's elements in order from 0 (einsum's
+    three-operand sum: the same bits, tests/passes/test_gptq.py)."""
+    diff = np.multiply(x[:, None, :], _inverse(scale), dtype=np.float32)  # [L, C, N]
+    np.rint(diff, out=diff)
+    if fmt.symmetric:
+        np.clip(diff, fmt.qmin, fmt.qmax, out=diff)
+    else:
+        assert zero is not None
+        np.add(diff, zero, out=diff)
+        np.clip(diff, 0, fmt.qmax, out=diff)
+        np.subtract(diff, zero, out=diff)
+    np.multiply(diff, scale, out=diff)
+    np.subtract(diff, x[:, None, :], out=diff)
+    np.multiply(diff, diff, out=diff)
+    np.multiply(diff, importance[:, None, None], out=diff)
+    return np.add.reduce(diff, axis=0)  # axis 0 outermost: element by element, in order
+
+
+def block_scale_diffs(x_rows: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, fmt: BlockFormat) -> np.ndarray:
+    """The numpy specification of BlockScaleErrors with reduce=0: _squared_error's rounding differences
+    q * scale - x [C, N, L] of blocks held row by row, x_rows [N, L] (float32), for candidate float32 scales
+    (and float32 zero points) [C, N]; search_block_column sums their squares with search_scales' einsum."""
+    diff = np.multiply(x_rows, _inverse(scale)[..., None], dtype=np.float32)  # [C, N, L]
+    np.rint(diff, out=diff)
+    if fmt.symmetric:
+        np.clip(diff, fmt.qmin, fmt.qmax, out=diff)
+    else:
+        assert zero is not None
+        np.add(diff, zero[..., None], out=diff)
+        np.clip(diff, 0, fmt.qmax, out=diff)
+        np.subtract(diff, zero[..., None], out=diff)
+    np.multiply(diff, scale[..., None], out=diff)
+    np.subtract(diff, x_rows, out=diff)
+    return diff
+
+
+class _ScaleErrorSessions:
+    """One ONNX Runtime session per (bits, symmetric, reduce) running one BlockScaleErrors node on one
+    thread, opened on first use; None (numpy instead) where the custom-op library cannot be loaded or a
+    session fails, said once in the log."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sessions: dict[tuple[int, bool, bool], Any] = {}
+        self._failed = False
+
+    def get(self, bits: int, symmetric: bool, reduce: bool = True) -> Any:
+        key = (bits, symmetric, reduce)
+        with self._lock:
+            if self._failed:
+                return None
+            if key not in self._sessions:
+                try:
+                    self._sessions[key] = _scale_errors_session(bits, symmetric, reduce)
+                except Exception as error:  # noqa: BLE001  (no library, or an ONNX Runtime without it)
+                    logger.info("BlockScaleErrors unavailable (%s): GPTQ's scale search runs in numpy", error)
+                    self._failed = True
+                    return None
+            return self._sessions[key]
+
+    def failed(self) -> None:
+        with self._lock:
+            self._failed = True
+
+
+_SCALE_ERROR_SESSIONS = _ScaleErrorSessions()
+
+
+def _scale_errors_session(bits: int, symmetric: bool, reduce: bool = True) -> Any:
+    import onnx
+
+    from bct_onnx import ops, runtime
+
+    helper = onnx.helper
+    names = ["x", "scales", "importance" if reduce else ""] + ([] if symmetric else ["zero_points"])
+    node = helper.make_node(
+        ops.BLOCK_SCALE_ERRORS, names, ["errors"], domain=ops.DOMAIN, bits=bits, symmetric=int(symmetric),
+        reduce=int(reduce),
+    )
+    shapes = {"x": ["L", "N"] if reduce else ["N", "L"], "scales": ["C", "N"], "importance": ["L"], "zero_points": ["C", "N"]}
+    graph = helper.make_graph(
+        [node], "scale_errors",
+        [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shapes[name]) for name in names if name],
+        [helper.make_tensor_value_info("errors", onnx.TensorProto.FLOAT, ["C", "N"] if reduce else ["C", "N", "L"])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ops.DOMAIN, ops.DOMAIN_VERSION)]
+    )
+    return runtime.session(model.SerializeToString(), ["CPUExecutionProvider"], threads=1, quiet=True)
+
+
+def _run_scale_errors(
+    session: Any, x: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, importance: np.ndarray | None
+) -> np.ndarray | None:
+    """BlockScaleErrors' output on a session of _SCALE_ERROR_SESSIONS (None: no session, or it failed)."""
+    if session is None:
+        return None
+    feeds = {"x": x, "scales": np.ascontiguousarray(scale)}
+    if importance is not None:
+        feeds["importance"] = importance
+    if zero is not None:
+        feeds["zero_points"] = np.ascontiguousarray(zero)
+    try:
+        (result,) = session.run(None, feeds)
+    except Exception as error:  # noqa: BLE001  (onnxruntime raises its own exception types)
+        logger.warning("BlockScaleErrors failed (%s): GPTQ's scale search runs in numpy from now on", error)
+        _SCALE_ERROR_SESSIONS.failed()
+        return None
+    return result
 
 
 def _first_least(errors: np.ndarray) -> np.ndarray:

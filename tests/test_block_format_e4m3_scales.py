@@ -66,6 +66,39 @@ def test_round_trip_and_error_between_float16_and_float8e5m2(symmetric, zero_poi
     np.testing.assert_array_equal(dequantize(plain), fake_quantize(x, plain.fmt))
 
 
+@pytest.mark.parametrize("bits", [2, 4, 5, 8])
+def test_symmetric_scale_factor_is_the_largest_block_scale_over_448(bits):
+    """float8e4m3_scale_factor of a symmetric format takes max |x| instead of every block's scale: the
+    same factor as the blocks' float32 spec scales (choose_scales) give, also for subnormal, huge,
+    NaN, infinite, float16, zero and empty inputs and a partial last block."""
+    import dataclasses
+
+    from bct_onnx.block_format import choose_scales, pad_to_blocks
+
+    fmt = BlockFormat(bits, 32, True, ScaleKind.FLOAT8E4M3)
+    plain = dataclasses.replace(fmt, scale_kind=ScaleKind.FLOAT32)
+
+    def from_blocks(x):
+        scales, _ = choose_scales(pad_to_blocks(np.asarray(x, dtype=np.float32), plain), plain)
+        factor = np.float32(np.float32(np.abs(scales).max() if scales.size else 0.0) / np.float32(FLOAT8E4M3_MAX))
+        return float(factor) if np.isfinite(factor) and factor > 0 else 1.0
+
+    rng = np.random.default_rng(bits)
+    inputs = [
+        (rng.standard_normal((64, 96)) * 0.02).astype(np.float32),
+        rng.standard_normal((7, 33)).astype(np.float32),  # a partial last block
+        np.float32([[1e-44, -3e-45, 0.0]]),  # subnormal: the division rounds
+        np.float32([[-3.4e38, 3e38]]),
+        np.float32([[np.nan, 1.0]]),
+        np.float32([[-np.inf, 1.0]]),
+        (rng.standard_normal((5, 40)) * 1e-3).astype(np.float16),
+        np.zeros((3, 32), np.float32),
+        np.zeros((0, 32), np.float32),
+    ]
+    for x in inputs:
+        assert float8e4m3_scale_factor(x, fmt) == from_blocks(x)
+
+
 def test_symmetric_largest_magnitude_is_never_clipped():
     rng = np.random.default_rng(3)
     x = (rng.standard_normal((64, 64)) * np.exp(rng.uniform(-3, 3, (64, 1)))).astype(np.float32)

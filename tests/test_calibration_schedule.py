@@ -293,3 +293,20 @@ def test_background_forward_leaves_a_core_to_gptq(tmp_path, monkeypatch):
     threads.clear()
     calibration.collect_hessians(model, _calibration(TINY)).close()
     assert threads and set(threads) == {0}  # 0: ONNX Runtime's default
+
+
+def test_scalar_tensors_find_initializers_then_constant_nodes(tmp_path):
+    """The planning's scalar lookup (_ScalarTensors, indexed once) finds what a scan of the graph finds:
+    an initializer first, else the first Constant node with that one output and a tensor value; not a
+    tensor of several elements, nor a Constant given by another attribute."""
+    constant = helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.array([-np.inf], np.float32)))
+    shadowed = helper.make_node("Constant", [], ["z"], value=numpy_helper.from_array(np.array(5.0, np.float32)))
+    other = helper.make_node("Constant", [], ["f"], value_float=1.0)
+    graph = helper.make_graph(
+        [constant, shadowed, other], "g", [], [],
+        [numpy_helper.from_array(np.array(0.0, np.float32), "z"), numpy_helper.from_array(np.ones(2, np.float32), "v")],
+    )
+    scalars = calibration._ScalarTensors(graph, str(tmp_path))
+    assert scalars.value("z") == 0.0  # the initializer, not the Constant node of the same name
+    assert scalars.value("c") == -np.inf
+    assert scalars.value("v") is None and scalars.value("f") is None and scalars.value("missing") is None

@@ -69,13 +69,15 @@ def test_invalid_model_is_one_error_naming_file_and_culprit(tmp_path: Path, muta
     assert not (tmp_path / "out.onnx").exists()
 
 
-def test_model_onnx_runtime_rejects_is_refused_before_calibration(tmp_path: Path) -> None:
-    """The checker accepts an op of an unknown domain; ONNX Runtime does not: refused up front."""
+def test_model_onnx_runtime_rejects_is_refused_before_compressing(tmp_path: Path) -> None:
+    """The checker accepts an op of an unknown domain; ONNX Runtime does not: refused before any pass
+    (its load waits for the calibration forward to start, check_runtime_loads), no output written."""
     work = tmp_path / "work"
     work.mkdir()
     args = fuzz._text_calibration_ort_rejects(work)
     with pytest.raises(InvalidModelError, match="ONNX Runtime cannot load it: .*example.unknown"):
         bct_onnx.compress(args[0], tmp_path / "out.onnx", calibration="text", tokenizer=args[args.index("--tokenizer") + 1])
+    assert not (tmp_path / "out.onnx").exists()
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,8 @@ KernelTable BaselineEntry() {
   t.rms_norm_rows = baseline::RMSNormRows;
   t.add_row = baseline::AddRow;
   t.attention_rows = baseline::AttentionRows;
+  t.scale_errors = baseline::ScaleErrors;
+  t.scale_diffs = baseline::ScaleDiffs;
   t.matmul_tiles = nullptr;  // the scalar reference path
   t.matmul_compact_weights = false;
   return t;
@@ -42,6 +44,8 @@ KernelTable Avx2Entry() {
   t.rms_norm_rows = avx2::RMSNormRows;
   t.add_row = avx2::AddRow;
   t.attention_rows = avx2::AttentionRows;
+  t.scale_errors = avx2::ScaleErrors;
+  t.scale_diffs = avx2::ScaleDiffs;
   t.matmul_tiles = matmul::detail::TilesAvx2;
   return t;
 }
@@ -69,6 +73,8 @@ KernelTable Avx512Entry() {
   t.rms_norm_rows = RMSNormRowsAvx512;
   t.add_row = avx512::AddRow;
   t.attention_rows = AttentionRowsAvx512;
+  t.scale_errors = avx512::ScaleErrors;
+  t.scale_diffs = avx512::ScaleDiffs;
   return t;
 }
 

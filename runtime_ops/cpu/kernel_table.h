@@ -54,6 +54,14 @@ using AttentionRowsFn = void (*)(const int8_t* q, const float* qs, const float* 
                                  const float* mask, int64_t mask_row_stride, int64_t mask_key_stride, float* y,
                                  int64_t y_stride);
 
+// BlockScaleErrors (GPTQ's scale search): weighted squared errors [candidates, n] of K-major blocks x
+// [len, n] with candidate float32 scales (and zero points, nullptr when symmetric) [candidates, n].
+using ScaleErrorsFn = void (*)(const float* x, int64_t len, int64_t n, const float* scales, const float* zero_points,
+                               int64_t candidates, const float* importance, int bits, bool symmetric, float* errors);
+// ... with reduce=0: the differences q * scale - x [candidates, n, len] of blocks held row by row, x [n, len].
+using ScaleDiffsFn = void (*)(const float* x, int64_t len, int64_t n, const float* scales, const float* zero_points,
+                              int64_t candidates, int bits, bool symmetric, float* diffs);
+
 struct KernelTable {
   Isa isa;
   QuantizeRowsFn quantize_rows;
@@ -69,6 +77,8 @@ struct KernelTable {
   RMSNormRowsFn rms_norm_rows;
   AddRowFn add_row;
   AttentionRowsFn attention_rows;
+  ScaleErrorsFn scale_errors;
+  ScaleDiffsFn scale_diffs;
   matmul::TilesFn matmul_tiles;  // nullptr: BlockMatMul's scalar reference path
   bool matmul_compact_weights;   // streamed layout (matmul_kernel.h), float16 scales / uint8 zero points as stored
 };
@@ -122,6 +132,10 @@ void AttentionRowsAvx512(const int8_t* q, const float* qs, const float* dots, in
                      int64_t sk, bool causal, const nl::AttentionKeys& kv, float scale, const float* mask,     \
                      int64_t mask_row_stride, int64_t mask_key_stride, float* y, int64_t y_stride);            \
   void DequantizeValueCodes(const nl::AttentionKeys& kv, int64_t t0, int64_t count, float* out);               \
+  void ScaleErrors(const float* x, int64_t len, int64_t n, const float* scales, const float* zero_points,      \
+                   int64_t candidates, const float* importance, int bits, bool symmetric, float* errors);     \
+  void ScaleDiffs(const float* x, int64_t len, int64_t n, const float* scales, const float* zero_points,       \
+                  int64_t candidates, int bits, bool symmetric, float* diffs);                                 \
   }
 BCT_DECLARE_PORTABLE_KERNELS(baseline)
 BCT_DECLARE_PORTABLE_KERNELS(avx2)

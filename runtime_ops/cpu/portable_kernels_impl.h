@@ -255,6 +255,85 @@ __attribute__((flatten)) void AttentionRows(const int8_t* q, const float* qs, co
   }
 }
 
+// BlockScaleErrors (weight_quantizer._column_errors): for every candidate c and row j, the weighted
+// squared error of rounding the K-major block x[:, j] with the float32 scale scales[c, j] (and zero
+// point zero_points[c, j]). The float32 operations of the numpy steps, one at a time (no FMA), and the
+// sum over the block's elements in their order from 0, as einsum's three-operand sum; rows are worked
+// on in chunks whose sums stay on the stack, so the loop over a chunk's rows vectorises.
+void ScaleErrors(const float* x, int64_t len, int64_t n, const float* scales, const float* zero_points,
+                 int64_t candidates, const float* importance, int bits, bool symmetric, float* errors) {
+  constexpr int64_t kChunk = 256;
+  // round_half_even's range: |x * inv| beyond it clips to qmin / qmax either way
+  constexpr float kRange = 4194304.0f;  // 2**22
+  const float qmin = symmetric ? -static_cast<float>(1 << (bits - 1)) : 0.0f;
+  const float qmax = symmetric ? static_cast<float>((1 << (bits - 1)) - 1) : static_cast<float>((1 << bits) - 1);
+  float inv[kChunk];
+  float acc[kChunk];
+  for (int64_t c = 0; c < candidates; ++c) {
+    const float* s = scales + c * n;
+    const float* z = zero_points != nullptr ? zero_points + c * n : nullptr;
+    for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+      const int64_t m = std::min(kChunk, n - j0);
+      const float* sc = s + j0;
+      for (int64_t j = 0; j < m; ++j) {
+        inv[j] = inverse_scale(sc[j]);
+        acc[j] = 0.0f;
+      }
+      for (int64_t i = 0; i < len; ++i) {
+        const float* xi = x + i * n + j0;
+        const float w = importance[i];
+        if (z == nullptr) {
+          for (int64_t j = 0; j < m; ++j) {
+            const float q = clampf(round_half_even(clampf(fmul(xi[j], inv[j]), -kRange, kRange)), qmin, qmax);
+            const float d = fsub(fmul(q, sc[j]), xi[j]);
+            acc[j] = fadd(acc[j], fmul(fmul(d, d), w));
+          }
+        } else {
+          const float* zc = z + j0;
+          for (int64_t j = 0; j < m; ++j) {
+            const float r = round_half_even(clampf(fmul(xi[j], inv[j]), -kRange, kRange));
+            const float q = fsub(clampf(fadd(r, zc[j]), 0.0f, qmax), zc[j]);
+            const float d = fsub(fmul(q, sc[j]), xi[j]);
+            acc[j] = fadd(acc[j], fmul(fmul(d, d), w));
+          }
+        }
+      }
+      float* e = errors + c * n + j0;
+      for (int64_t j = 0; j < m; ++j) e[j] = acc[j];
+    }
+  }
+}
+
+// BlockScaleErrors with reduce=0 (weight_quantizer.block_scale_diffs): the rounding differences
+// d = q * scale - x of blocks held row by row, x [n, len], for every candidate: diffs [candidates, n, len].
+// The caller sums their squares itself (numpy's einsum, whose order it keeps).
+void ScaleDiffs(const float* x, int64_t len, int64_t n, const float* scales, const float* zero_points,
+                int64_t candidates, int bits, bool symmetric, float* diffs) {
+  constexpr float kRange = 4194304.0f;  // 2**22, as ScaleErrors
+  const float qmin = symmetric ? -static_cast<float>(1 << (bits - 1)) : 0.0f;
+  const float qmax = symmetric ? static_cast<float>((1 << (bits - 1)) - 1) : static_cast<float>((1 << bits) - 1);
+  for (int64_t c = 0; c < candidates; ++c) {
+    for (int64_t j = 0; j < n; ++j) {
+      const float s = scales[c * n + j];
+      const float inv = inverse_scale(s);
+      const float* xj = x + j * len;
+      float* d = diffs + (c * n + j) * len;
+      if (zero_points == nullptr) {
+        for (int64_t i = 0; i < len; ++i) {
+          const float q = clampf(round_half_even(clampf(fmul(xj[i], inv), -kRange, kRange)), qmin, qmax);
+          d[i] = fsub(fmul(q, s), xj[i]);
+        }
+      } else {
+        const float z = zero_points[c * n + j];
+        for (int64_t i = 0; i < len; ++i) {
+          const float r = round_half_even(clampf(fmul(xj[i], inv), -kRange, kRange));
+          d[i] = fsub(fmul(fsub(clampf(fadd(r, z), 0.0f, qmax), z), s), xj[i]);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace BCT_PORTABLE_PATH
 }  // namespace cpu
 }  // namespace bct

@@ -758,6 +758,20 @@ def test_block_errors_a_few_rows_at_a_time_equal_all_rows_at_once(fmt, monkeypat
             np.testing.assert_array_equal(whole, expected)
 
 
+@pytest.mark.parametrize("k", [1, 5, 64, 65, 130, 200])
+def test_symmetric_from_upper_mirrors_the_upper_triangle_tile_by_tile(k):
+    """calibration._symmetric_from_upper (tiles of 64) gives np.triu(u) + np.triu(u, 1).T of a Fortran-
+    ordered syrk sum whose lower triangle is garbage, in C order, for sizes around the tile's."""
+    from bct_onnx import calibration
+
+    rng = np.random.default_rng(k)
+    upper = np.asfortranarray(rng.standard_normal((k, k)).astype(np.float32))
+    got = calibration._symmetric_from_upper(upper)
+    expected = np.triu(upper) + np.triu(upper, 1).T
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(got, got.T)
+
 @pytest.mark.parametrize("shape", [(5, 7), (64, 64), (130, 70), (576, 200)])
 def test_tiled_copy_equals_one_copy(shape):
     """gptq._tiled_copy copies tile by tile: the values, dtype and order of np.array for the copies GPTQ
@@ -956,3 +970,81 @@ def test_calibration_computes_causal_attention_in_blocks_and_keeps_the_model_hes
     hessians.close()
     # the blocked session, then the model's own segment from the second batch on
     assert [s.count("Softmax") for s in sessions] == [3, 1] and "IsNaN" in sessions[1]
+
+
+@pytest.mark.parametrize("library", [True, False])
+def test_search_block_column_picks_what_search_scales_picks(library, monkeypatch):
+    """GPTQ's K-major search (weight_quantizer.search_block_column: BlockScaleErrors in the library, or its
+    numpy spec block_scale_errors without it; without importance, the library's differences summed by
+    einsum, or search_scales itself) stores the scales and zero points of search_scales on the rows'
+    padded blocks, for every scale kind, both zero-point modes, partial blocks and zero rows."""
+    from bct_onnx import weight_quantizer
+    from bct_onnx.block_format import float8e4m3_scale_factor
+
+    if not library:
+        monkeypatch.setattr(weight_quantizer._SCALE_ERROR_SESSIONS, "get", lambda bits, symmetric, reduce=True: None)
+    rng = np.random.default_rng(11)
+    formats = [
+        BlockFormat(4, 32, True, ScaleKind.FLOAT8E4M3),
+        BlockFormat(5, 32, False, ScaleKind.FLOAT8E4M3, "packed"),
+        BlockFormat(6, 32, True, ScaleKind.FLOAT16),
+        BlockFormat(4, 32, True, ScaleKind.POW2),
+        BlockFormat(3, 16, False, ScaleKind.FLOAT8E5M2),
+        BlockFormat(8, 32, True, ScaleKind.FLOAT32),
+    ]
+    for fmt in formats:
+        for rows, length in ((700, fmt.block_size), (33, fmt.block_size - 3), (1, fmt.block_size)):
+            columns = rng.standard_normal((length, rows)) * 0.02 * np.exp(rng.uniform(-2, 2, rows))
+            columns[:, : min(rows, 2)] = 0.0
+            weighted = np.zeros(fmt.block_size, np.float32)
+            weighted[:length] = rng.random(length)
+            factor = float8e4m3_scale_factor(columns.T, fmt) if fmt.scale_kind is ScaleKind.FLOAT8E4M3 else None
+            for importance in (weighted, None):
+                want_s, want_zp = search_scales(
+                    pad_to_blocks(columns.T.astype(np.float32), fmt), fmt, importance=importance, scale_factor=factor
+                )
+                got_s, got_zp = weight_quantizer.search_block_column(columns, fmt, importance, factor)
+                view = f"u{got_s.itemsize}"
+                np.testing.assert_array_equal(got_s.view(view), want_s[:, 0].view(view))
+                if want_zp is None:
+                    assert got_zp is None
+                else:
+                    np.testing.assert_array_equal(got_zp, want_zp[:, 0])
+
+
+def test_block_scale_errors_are_the_einsum_errors():
+    """block_scale_errors (the BlockScaleErrors spec) sums along the leading axis: bit for bit the errors of
+    _block_squared_error, whose einsum adds the three-operand products one at a time."""
+    from bct_onnx.block_format import scales_to_float32
+    from bct_onnx.weight_quantizer import _block_squared_error, block_scale_errors
+
+    rng = np.random.default_rng(5)
+    for fmt in (BlockFormat(4, 32, True, ScaleKind.FLOAT32), BlockFormat(5, 32, False, ScaleKind.FLOAT16)):
+        x = (rng.standard_normal((32, 300)) * np.exp(rng.uniform(-3, 3, 300))).astype(np.float32)
+        stored = (np.abs(x).max(axis=0) / fmt.qmax * rng.uniform(0.7, 1.2, (5, 300))).astype(fmt.scale_dtype)
+        zp = None if fmt.symmetric else rng.integers(0, fmt.qmax + 1, (5, 300)).astype(np.uint8)
+        importance = rng.random(32).astype(np.float32)
+        got = block_scale_errors(
+            x, scales_to_float32(stored, fmt.scale_kind), None if zp is None else zp.astype(np.float32), importance, fmt
+        )
+        for c in range(5):
+            want = _block_squared_error(
+                x.T[:, None, :], stored[c][:, None], None if zp is None else zp[c][:, None], fmt, importance
+            )[:, 0]
+            np.testing.assert_array_equal(got[c].view(np.uint32), want.view(np.uint32))
+
+
+def test_symmetric_rounder_clip_is_maximum_then_minimum():
+    """The walk's one-call clip of symmetric levels (gptq._clip) gives np.minimum(np.maximum(level, qmin),
+    qmax) bit for bit: NaN, infinities, -0.0 and values just past either bound."""
+    rng = np.random.default_rng(2)
+    for bits in (2, 4, 8):
+        fmt = BlockFormat(bits, 32, True, ScaleKind.FLOAT32)
+        low, high = np.float32(fmt.qmin), np.float32(fmt.qmax)
+        level = np.concatenate([
+            np.rint(rng.standard_normal(5000) * 2 ** bits).astype(np.float32),
+            np.float32([np.nan, -np.nan, np.inf, -np.inf, -0.0, 0.0, low - 0.5, high + 0.5, low, high]),
+        ])
+        got = level.copy()
+        gptq._clip(got, low, high, out=got)
+        np.testing.assert_array_equal(got.view(np.uint32), np.minimum(np.maximum(level, low), high).view(np.uint32))

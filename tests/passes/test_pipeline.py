@@ -418,3 +418,29 @@ def test_all_nodes_is_the_recursive_iteration():
     assert list(iter_nodes(model.graph)) == got
     assert [node.op_type for node in got] == ["Relu", "If", "If", "MatMul", "Neg", "MatMul", "Identity", "MatMul"]
     assert len(got) == len(expected) and all(a is b for a, b in zip(got, expected))
+
+
+def test_model_graphs_is_onnx_irs_order():
+    """model_io.graphs (the input checks' fast walk) gives model.graphs(): the main graph, then each
+    subgraph once as RecursiveGraphIterator enters it (nested branches included)."""
+    from bct_onnx import model_io
+
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (bool cond, float[2, 16] a) => (float[2, 8] y, float[2, 16] z) {
+      z = Relu(a)
+      y = If (cond) <
+        then_branch = t () => (float[2, 8] y_then) {
+          inner = If (cond) <
+            then_branch = t2 () => (float[2, 8] y2) { y2 = MatMul(a, w) },
+            else_branch = e2 () => (float[2, 8] y3) { t3 = Neg(a)  y3 = MatMul(t3, w) }
+          >
+          y_then = Identity(inner)
+        },
+        else_branch = e () => (float[2, 8] y_else) { y_else = MatMul(a, w) }
+      >
+    }"""
+    model = model_from_text(text, {"w": RNG.standard_normal((16, 8)).astype(np.float32)})
+    expected = list(model.graphs())
+    got = model_io.graphs(model)
+    assert [graph.name for graph in got] == ["g", "t", "t2", "e2", "e"]
+    assert len(got) == len(expected) and all(a is b for a, b in zip(got, expected))
