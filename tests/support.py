@@ -118,3 +118,43 @@ def weight_matmul_model(
 
 def run_matmul(model: bytes, a: np.ndarray) -> np.ndarray:
     return bct_onnx.session(model).run(None, {"A": a})[0]
+
+
+def covering_pairs(*axes: Any) -> list[tuple[Any, ...]]:
+    """Rows (one value per axis) in which every pair of values of any two axes appears at least once:
+    a pairwise covering set in place of the full cross product (every value of every axis runs, and
+    every two-axis combination, in about max |axis_i| * |axis_j| rows instead of prod |axis_i|).
+
+    Deterministic (greedy, ties to the first value), so test ids stay stable between runs. An axis
+    of one value is allowed; tests/test_support_covering.py checks the covering property.
+    """
+    axes_list = [list(axis) for axis in axes]
+    sizes = [len(axis) for axis in axes_list]
+    n = len(sizes)
+    if n == 0 or min(sizes) == 0:
+        return []
+    if n == 1:
+        return [(value,) for value in axes_list[0]]
+    uncovered = {(i, a, j, b) for i in range(n) for j in range(i + 1, n) for a in range(sizes[i]) for b in range(sizes[j])}
+    rows: list[list[int]] = []
+    while uncovered:
+        # start from the first uncovered pair, then give every other axis the value covering most new pairs
+        i0, a0, j0, b0 = min(uncovered)
+        row: list[int | None] = [None] * n
+        row[i0], row[j0] = a0, b0
+        for k in range(n):
+            if row[k] is not None:
+                continue
+            best, best_gain = 0, -1
+            for v in range(sizes[k]):
+                gain = sum(
+                    ((min(k, m), v if k < m else row[m], max(k, m), row[m] if k < m else v) in uncovered)
+                    for m in range(n) if row[m] is not None
+                )
+                if gain > best_gain:
+                    best, best_gain = v, gain
+            row[k] = best
+        full = [int(v) for v in row if v is not None]
+        rows.append(full)
+        uncovered -= {(i, full[i], j, full[j]) for i in range(n) for j in range(i + 1, n)}
+    return [tuple(axes_list[k][v] for k, v in enumerate(row)) for row in rows]

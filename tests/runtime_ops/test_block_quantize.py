@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import bct_onnx
 from bct_onnx.block_format import RUNTIME_SCALE_KINDS, BlockFormat, ScaleKind, quantize
 
 # The spec itself warns on the deliberately extreme rows (float16 overflow, subnormal blocks).
@@ -44,8 +45,14 @@ def hard_rows(axis_size: int, seed: int) -> np.ndarray:
     return x
 
 
-def check_quantize(kit, fmt: BlockFormat, x: np.ndarray) -> None:
-    got = kit.run(kit.quantize_model(fmt, rank=x.ndim), {"x": x})
+def check_quantize(kit, fmt: BlockFormat, x: np.ndarray, *more: np.ndarray) -> None:
+    """BlockQuantize of x (and of each of ``more``, of the same rank, through the same session) is the spec."""
+    session = bct_onnx.session(kit.quantize_model(fmt, rank=x.ndim))
+    for one in (x, *more):
+        _check_outputs(fmt, one, session.run(None, {"x": one}), kit)
+
+
+def _check_outputs(fmt: BlockFormat, x: np.ndarray, got: list[np.ndarray], kit) -> None:
     want = quantize(x, fmt)
     kit.assert_bits_equal(got[0], want.codes, "codes")
     kit.assert_bits_equal(got[1], want.scales, "scales")
@@ -111,8 +118,7 @@ def test_quantize_isa_paths(kit, isa: str, bits: int, force_isa) -> None:
         for symmetric in (True, False):
             for kind in RUNTIME_SCALE_KINDS:
                 fmt = BlockFormat(bits, block_size, symmetric, kind)
-                check_quantize(kit, fmt, x[:1])
-                check_quantize(kit, fmt, many.astype(np.float32))
+                check_quantize(kit, fmt, x[:1], many.astype(np.float32))  # one session, two runs
 
 
 @pytest.mark.parametrize("isa", ROW_ISAS)

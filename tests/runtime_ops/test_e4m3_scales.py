@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from support import run_matmul
+from support import covering_pairs, run_matmul
 from support import weight_matmul_model as matmul_model
 
 import bct_onnx
@@ -42,12 +42,18 @@ def _tensor(fmt: BlockFormat, rows: int, axis_size: int, seed: int):
     return q
 
 
+def _row_id(value) -> str:
+    if isinstance(value, tuple) and len(value) == 2:  # (symmetric, zero-point kind)
+        return f"{value[0]}-{value[1].value}"
+    return "-".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+# Every pair of (case, zero-point mode, act_bits), on every path (was the full product: 40).
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("bits,block_size,k,n", CASES)
-@pytest.mark.parametrize("symmetric,zero_points", ZERO_POINTS, ids=lambda v: str(getattr(v, "value", v)))
-@pytest.mark.parametrize("act_bits", [0, 8])
-def test_matmul_equals_widened_float32_scales(force_isa, isa, bits, block_size, k, n, symmetric, zero_points, act_bits):
+@pytest.mark.parametrize("case,zero_point_mode,act_bits", covering_pairs(CASES, ZERO_POINTS, [0, 8]), ids=_row_id)
+def test_matmul_equals_widened_float32_scales(force_isa, isa, case, zero_point_mode, act_bits):
     force_isa(isa)
+    (bits, block_size, k, n), (symmetric, zero_points) = case, zero_point_mode
     q = _tensor(BlockFormat(bits, block_size, symmetric, ScaleKind.FLOAT8E4M3, zero_points), n, k, seed=bits * 10 + k)
     packed = zero_points is ZeroPointKind.PACKED
     common = dict(k=k, n=n, bits=bits, block_size=block_size, symmetric=symmetric, act_bits=act_bits, codes=q.codes,

@@ -24,7 +24,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from support import assert_bits_equal
+from support import assert_bits_equal, covering_pairs
 
 import bct_onnx
 from bct_onnx.block_format import (
@@ -54,6 +54,18 @@ SCALE_DTYPES = {
     ScaleKind.FLOAT8E5M2: ml_dtypes.float8_e5m2,
 }
 U = 2.0**-24  # float32 unit roundoff
+
+
+def row_id(value: Any) -> str:
+    """Test id of one value of a covering_pairs row: scale kinds by name, zero-point modes as sym / asym,
+    (bits, symmetric) weight formats as 5asym."""
+    if isinstance(value, ScaleKind):
+        return value.value
+    if isinstance(value, bool):
+        return "sym" if value else "asym"
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], bool):
+        return f"{value[0]}{row_id(value[1])}"
+    return str(value)
 
 
 @pytest.fixture(params=ISAS)
@@ -210,10 +222,12 @@ def tolerance(
 # Exact agreement on every path, bits 2..8, both zero-point modes, every scale kind, act_bits 0/4/8
 
 
-@pytest.mark.parametrize("act_bits", [0, 4, 8])
-@pytest.mark.parametrize("kind", KERNEL_SCALE_KINDS, ids=lambda kind: kind.value)
-@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-@pytest.mark.parametrize("bits", range(2, 9))
+# Every pair of (bits, zero-point mode, scale kind, act_bits) values, on every path (was the full product: 168).
+@pytest.mark.parametrize(
+    "bits,symmetric,kind,act_bits",
+    covering_pairs(range(2, 9), [True, False], KERNEL_SCALE_KINDS, [0, 4, 8]),
+    ids=row_id,
+)
 def test_exact_matches_reference(
     isa: str, bits: int, symmetric: bool, kind: ScaleKind, act_bits: int
 ) -> None:
@@ -286,14 +300,18 @@ def test_exact_one_row_nibble_codes(isa: str, symmetric: bool, block_size: int) 
     )
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 12, 40, 520])
-@pytest.mark.parametrize("block_size", [32, 16, 64, 12])
-@pytest.mark.parametrize("bits,symmetric", [(5, False), (5, True), (6, True), (7, False)], ids=str)
-def test_exact_high_bit_planes(isa: str, bits: int, symmetric: bool, block_size: int, rows: int) -> None:
+# Every pair of (weight format, block size, row count), on every path (was the full product: 96).
+@pytest.mark.parametrize(
+    "bits_symmetric,block_size,rows",
+    covering_pairs([(5, False), (5, True), (6, True), (7, False)], [32, 16, 64, 12], [1, 3, 8, 12, 40, 520]),
+    ids=row_id,
+)
+def test_exact_high_bit_planes(isa: str, bits_symmetric: tuple[int, bool], block_size: int, rows: int) -> None:
     """5..7-bit weights with integer activations (5 bits on AVX-512: nibbles plus a high bit plane):
     every code value in every nibble position, decode (1..8 rows) and prefill row counts (40: tasks of
     16 rows; 520: of 32, the last one 8 rows; prefill reads the codes expanded to bytes once), blocks of 2, 4 and 8 groups and one padded to 16, K
     ending in a partial block, N=70 (a partial panel)."""
+    bits, symmetric = bits_symmetric
     rng = np.random.default_rng(bits * 100 + block_size + rows)
     _check_exact_integer_rows(
         rng, isa, k=3 * block_size + 7, n=70, bits=bits, block_size=block_size, symmetric=symmetric, rows=rows
@@ -334,15 +352,19 @@ def test_exact_high_bit_planes_first_calls_concurrent(isa: str, symmetric: bool,
         np.testing.assert_array_equal(got, want.astype(np.float32), err_msg=f"isa={isa} rows={len(a)}")
 
 
-@pytest.mark.parametrize("act_bits", [8, 0])
-@pytest.mark.parametrize("rows", [1, 3, 8])
-@pytest.mark.parametrize("bits,symmetric", [(4, True), (5, False), (8, True)], ids=["4sym", "5asym", "8sym"])
+# Every pair of (weight format, rows, act_bits), on every path (was the full product: 18).
+@pytest.mark.parametrize(
+    "bits_symmetric,rows,act_bits",
+    covering_pairs([(4, True), (5, False), (8, True)], [1, 3, 8], [8, 0]),
+    ids=row_id,
+)
 def test_exact_decode_split_over_two_threads(
-    isa: str, bits: int, symmetric: bool, rows: int, act_bits: int
+    isa: str, bits_symmetric: tuple[int, bool], rows: int, act_bits: int
 ) -> None:
     """Decode products large enough to be split over N on two intra-op threads: K=1024, N=16*37+5 (38
     tiles, 10 register blocks of 4 with a partial last one), split into 2..10 tasks of unequal block
     counts depending on bits and rows; every column equals the spec bit for bit."""
+    bits, symmetric = bits_symmetric
     rng = np.random.default_rng(bits * 7 + rows + act_bits)
     k, n, block_size = 1024, 16 * 37 + 5, 32
     codes, scales, zero_points = random_weight(
@@ -361,10 +383,12 @@ def test_exact_decode_split_over_two_threads(
 # Random data with the stated tolerance
 
 
-@pytest.mark.parametrize("act_bits", [0, 4, 8])
-@pytest.mark.parametrize("kind", KERNEL_SCALE_KINDS, ids=lambda kind: kind.value)
-@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+# Every pair of (bits, zero-point mode, scale kind, act_bits) values, on every path (was the full product: 120).
+@pytest.mark.parametrize(
+    "bits,symmetric,kind,act_bits",
+    covering_pairs([2, 3, 4, 5, 8], [True, False], KERNEL_SCALE_KINDS, [0, 4, 8]),
+    ids=row_id,
+)
 def test_random_within_tolerance(
     isa: str, bits: int, symmetric: bool, kind: ScaleKind, act_bits: int
 ) -> None:
@@ -427,10 +451,12 @@ def test_many_tiles_gemv_and_prefill(isa: str) -> None:
                 assert np.all(np.abs(got - want) <= tol), f"isa={isa} sym={symmetric} act={act_bits} M={m}"
 
 
-@pytest.mark.parametrize("act_bits", [0, 8])
-@pytest.mark.parametrize("kind", KERNEL_SCALE_KINDS, ids=lambda kind: kind.value)
-@pytest.mark.parametrize("zero_points", ["sym", "asym", "offsets"])
-@pytest.mark.parametrize("bits", [4, 8])
+# Every pair of (bits, zero-point mode, scale kind, act_bits) values, on every path (was the full product: 48).
+@pytest.mark.parametrize(
+    "bits,zero_points,kind,act_bits",
+    covering_pairs([4, 8], ["sym", "asym", "offsets"], KERNEL_SCALE_KINDS, [0, 8]),
+    ids=row_id,
+)
 def test_exact_across_weight_panels(
     isa: str, bits: int, zero_points: str, kind: ScaleKind, act_bits: int
 ) -> None:
@@ -487,10 +513,12 @@ def test_integer_mode_same_bits_as_scalar_for_every_row_count(
         assert_bits_equal(got, want, f"isa={isa} bits={bits} symmetric={symmetric} M={m}")
 
 
-@pytest.mark.parametrize("gfni", ["gfni", "no-gfni"])
-@pytest.mark.parametrize("block_size", [32, 16, 64, 12])
-@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
-@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+# Every pair of (zero-point mode, bits, block size, GFNI on/off), on every path (was the full product: 80).
+@pytest.mark.parametrize(
+    "symmetric,bits,block_size,gfni",
+    covering_pairs([True, False], [2, 3, 4, 6, 8], [32, 16, 64, 12], ["gfni", "no-gfni"]),
+    ids=row_id,
+)
 def test_integer_prefill_same_bits_as_scalar(
     isa: str, bits: int, symmetric: bool, block_size: int, gfni: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1069,22 +1097,22 @@ def assert_same_quantized(got: QuantizedTensor, want: QuantizedTensor, context: 
         np.testing.assert_array_equal(got.zero_points, want.zero_points, err_msg=f"zero points, {context}")
 
 
-@pytest.mark.parametrize("act_bits", [2, 4, 5, 8])
-@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-@pytest.mark.parametrize("bits", [3, 4, 8])
+# Every pair of (act_bits, zero-point mode, bits, shape), on every path (was the full product: 72).
 @pytest.mark.parametrize(
-    "k, block_size, rows",
-    [(75, 16, (2, 5)), (96, 32, (3, 13)), (64, 16, (1, 7))],
-    ids=["partial-block", "whole-blocks-39-rows", "whole-blocks-7-rows"],
+    "act_bits,symmetric,bits,shape",
+    covering_pairs([2, 4, 5, 8], [True, False], [3, 4, 8], [(75, 16, (2, 5)), (96, 32, (3, 13)), (64, 16, (1, 7))]),
+    ids=lambda v: {75: "partial-block", 96: "whole-blocks-39-rows", 64: "whole-blocks-7-rows"}[v[0]]
+    if isinstance(v, tuple) else row_id(v),
 )
 def test_own_format_codes_give_the_float_result_bit_for_bit(
-    isa: str, bits: int, symmetric: bool, act_bits: int, k: int, block_size: int, rows: tuple[int, int]
+    isa: str, bits: int, symmetric: bool, act_bits: int, shape: tuple[int, int, tuple[int, int]]
 ) -> None:
     """A quantized by BlockQuantize's spec in the kernel's own activation format (act_bits, block_size,
     symmetric, float32 scales) gives exactly the Y of the float A: the kernel skips its quantization,
     which is deterministic. Random data (not exact), N with a partial tile; K with a partial block, or
     whole blocks (8-bit codes then take the kernels' unpadded fast path) with 7 rows (decode kernels)
     or 39 (the row-chunked prefill)."""
+    k, block_size, rows = shape
     rng = np.random.default_rng(bits * 100 + act_bits * 10 + symmetric + k)
     n = 37
     codes, scales, zero_points = random_weight(
@@ -1305,9 +1333,10 @@ def offset_weight(
     return codes, np.abs(scales) if kind is not ScaleKind.POW2 else scales, offsets
 
 
-@pytest.mark.parametrize("act_bits", [0, 4, 8])
-@pytest.mark.parametrize("kind", KERNEL_SCALE_KINDS, ids=lambda kind: kind.value)
-@pytest.mark.parametrize("bits", range(2, 9))
+# Every pair of (bits, scale kind, act_bits) values, on every path (was the full product: 84).
+@pytest.mark.parametrize(
+    "bits,kind,act_bits", covering_pairs(range(2, 9), KERNEL_SCALE_KINDS, [0, 4, 8]), ids=row_id
+)
 def test_float_offsets_exact(isa: str, bits: int, kind: ScaleKind, act_bits: int) -> None:
     """K=29 with block_size 8 (partial block), N=37 (partial tile), M=6, bias on odd bits."""
     rng = np.random.default_rng(bits * 997 + act_bits * 13 + list(ScaleKind).index(kind))
@@ -1322,9 +1351,10 @@ def test_float_offsets_exact(isa: str, bits: int, kind: ScaleKind, act_bits: int
     np.testing.assert_array_equal(got, want.astype(np.float32), err_msg=f"isa={isa}")
 
 
-@pytest.mark.parametrize("act_bits", [0, 4, 8])
-@pytest.mark.parametrize("kind", KERNEL_SCALE_KINDS, ids=lambda kind: kind.value)
-@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+# Every pair of (bits, scale kind, act_bits) values, on every path (was the full product: 60).
+@pytest.mark.parametrize(
+    "bits,kind,act_bits", covering_pairs([2, 3, 4, 5, 8], KERNEL_SCALE_KINDS, [0, 4, 8]), ids=row_id
+)
 def test_float_offsets_random_within_tolerance(isa: str, bits: int, kind: ScaleKind, act_bits: int) -> None:
     """The stated tolerance of docs/ops.md, K=200 (a partial block), odd N, M=1 (GEMV) and M=9 and 70 (prefill)."""
     rng = np.random.default_rng(11 * bits + act_bits + 5 * list(ScaleKind).index(kind))

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from support import assert_bits_equal
+from support import assert_bits_equal, covering_pairs
 
 import bct_onnx
 from bct_onnx import reference_nonlinear as nl
@@ -69,10 +69,11 @@ def _session(nodes, outputs: list[str], initializers: dict[str, np.ndarray]):
     return bct_onnx.session(model.SerializeToString())
 
 
+# Every pair of (epilogue, output format, act_bits), on every path (was the full product).
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("epilogue", ["gelu", "gelu_tanh", "silu_gate"])
-@pytest.mark.parametrize("out", sorted(OUT_FORMATS))
-@pytest.mark.parametrize("act_bits", [0, 8])
+@pytest.mark.parametrize(
+    "epilogue,out,act_bits", covering_pairs(["gelu", "gelu_tanh", "silu_gate"], sorted(OUT_FORMATS), [0, 8]), ids=str
+)
 def test_epilogue_is_the_spec_applied_to_the_unfused_product(
     isa: str, epilogue: str, out: str, act_bits: int, force_isa: Any
 ) -> None:
@@ -186,10 +187,11 @@ def test_epilogue_reads_quantized_operand_and_reports_bad_attributes() -> None:
     np.testing.assert_allclose(y, spec, rtol=1e-5, atol=1e-5)
 
 
+# Every pair of (epilogue, output format, rows), on every path (was the full product: 18).
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("epilogue", ["none", "gelu", "silu_gate"])
-@pytest.mark.parametrize("out", ["own", "asym16", "pow2"])
-@pytest.mark.parametrize("rows", [40, 69])
+@pytest.mark.parametrize(
+    "epilogue,out,rows", covering_pairs(["none", "gelu", "silu_gate"], ["own", "asym16", "pow2"], [40, 69]), ids=str
+)
 def test_prefill_rows_requantized_in_chunks_equal_the_requantized_product(
     isa: str, epilogue: str, out: str, rows: int, force_isa: Any
 ) -> None:
