@@ -393,11 +393,8 @@ def test_docs_list_the_passes_in_the_order_they_run():
     assert listed == DEFAULT_ORDER
 
 
-def test_all_nodes_is_the_recursive_iteration():
-    """framework.all_nodes (the passes' fast walk) gives the nodes of ir.traversal.RecursiveGraphIterator,
-    in its order: each node, then the nodes of its subgraphs (nested If branches included)."""
-    from bct_onnx.passes.framework import all_nodes, iter_nodes
-
+def nested_if_model() -> ir.Model:
+    """A graph with an If whose then-branch holds another If: subgraphs two deep."""
     text = """<ir_version: 8, opset_import: ["" : 17]>
     g (bool cond, float[2, 16] a) => (float[2, 8] y, float[2, 16] z) {
       z = Relu(a)
@@ -412,7 +409,15 @@ def test_all_nodes_is_the_recursive_iteration():
         else_branch = e () => (float[2, 8] y_else) { y_else = MatMul(a, w) }
       >
     }"""
-    model = model_from_text(text, {"w": RNG.standard_normal((16, 8)).astype(np.float32)})
+    return model_from_text(text, {"w": RNG.standard_normal((16, 8)).astype(np.float32)})
+
+
+def test_all_nodes_is_the_recursive_iteration():
+    """framework.all_nodes (the passes' fast walk) gives the nodes of ir.traversal.RecursiveGraphIterator,
+    in its order: each node, then the nodes of its subgraphs (nested If branches included)."""
+    from bct_onnx.passes.framework import all_nodes, iter_nodes
+
+    model = nested_if_model()
     expected = list(ir.traversal.RecursiveGraphIterator(model.graph))
     got = all_nodes(model.graph)
     assert list(iter_nodes(model.graph)) == got
@@ -425,21 +430,7 @@ def test_model_graphs_is_onnx_irs_order():
     subgraph once as RecursiveGraphIterator enters it (nested branches included)."""
     from bct_onnx import model_io
 
-    text = """<ir_version: 8, opset_import: ["" : 17]>
-    g (bool cond, float[2, 16] a) => (float[2, 8] y, float[2, 16] z) {
-      z = Relu(a)
-      y = If (cond) <
-        then_branch = t () => (float[2, 8] y_then) {
-          inner = If (cond) <
-            then_branch = t2 () => (float[2, 8] y2) { y2 = MatMul(a, w) },
-            else_branch = e2 () => (float[2, 8] y3) { t3 = Neg(a)  y3 = MatMul(t3, w) }
-          >
-          y_then = Identity(inner)
-        },
-        else_branch = e () => (float[2, 8] y_else) { y_else = MatMul(a, w) }
-      >
-    }"""
-    model = model_from_text(text, {"w": RNG.standard_normal((16, 8)).astype(np.float32)})
+    model = nested_if_model()
     expected = list(model.graphs())
     got = model_io.graphs(model)
     assert [graph.name for graph in got] == ["g", "t", "t2", "e2", "e"]
