@@ -758,6 +758,7 @@ def _run_segments(
     feeds = [dict(batch) for batch in calibration.feeds]
     graph_inputs, last_reader = plan.graph_inputs, plan.last_reader
     causal_ok = True  # no batch has shown an attention mask that is not causal (_CausalAttention)
+    finishing: Future[None] | None = None  # the last segment's _finish_segment, on the worker
     with blas_controller().limit(limits=1, user_api="blas"), ThreadPoolExecutor(1) as accumulator:
         for index, part in enumerate(plan.segments):
             segment, inputs, outputs, later, acts = part.nodes, part.inputs, part.outputs, part.later, part.acts
@@ -822,16 +823,29 @@ def _run_segments(
                     # it (hundreds of MB for a decoder's segment) after the session is gone.
                     kept.setdefault(name, []).append(np.array(values[name], copy=True))
                 del values, run_feeds
-            if adding is not None:
-                adding.result()
-            del session, exact_session, adding
-            for name, hessian in sums.finished():
-                if not store.has(name):
-                    store.add(name, hessian)
-            del sums
+            if finishing is not None:
+                finishing.result()  # the previous segment's Hessians are in the store (or its error is raised)
+            # The segment's Hessians are mirrored and handed to the store on the worker, after its last
+            # update: the forward goes on to the next segment's session meanwhile.
+            finishing = accumulator.submit(_finish_segment, adding, sums, store)
+            del session, exact_session, adding, sums
             for name in [name for name in kept if last_reader.get(name, -1) <= index]:
                 del kept[name]
             release_freed_memory()
+        if finishing is not None:
+            finishing.result()
+
+
+def _finish_segment(last_update: Future[None] | None, sums: _HessianSums, store: HessianStore) -> None:
+    """Add a segment's finished Hessians to store, on the worker that ran its updates (after them: the
+    worker takes its jobs in order); an update's error is raised instead."""
+    if last_update is not None:
+        last_update.result()
+    for name, hessian in sums.finished():
+        if not store.has(name):
+            store.add(name, hessian)
+    del sums
+    release_freed_memory()
 
 
 _ARENA_LOCK = threading.Lock()
@@ -1231,7 +1245,60 @@ class _HessianSums:
         if total is None:  # Fortran order: syrk updates it in place
             total = self.totals[name] = np.zeros((rows.shape[1], rows.shape[1]), np.float32, order="F")
         # upper triangle of total += rows^T rows (rows.T is a Fortran-ordered view: no copy)
-        scipy.linalg.blas.ssyrk(1.0, rows.T, beta=1.0, c=total, trans=0, overwrite_c=1)
+        if not ssyrk_upper(rows, total):
+            scipy.linalg.blas.ssyrk(1.0, rows.T, beta=1.0, c=total, trans=0, overwrite_c=1)
+
+
+@functools.cache
+def _ssyrk_routine() -> Callable[..., None] | None:
+    """scipy's BLAS ssyrk (the routine of its OpenBLAS that scipy.linalg.blas.ssyrk calls, taken from
+    scipy.linalg.cython_blas) as a ctypes function, which releases the GIL while it runs; None when
+    scipy does not export it."""
+    try:
+        from scipy.linalg import cython_blas
+
+        capsule = cython_blas.__pyx_capi__["ssyrk"]  # type: ignore[attr-defined]
+        api = ctypes.pythonapi
+        api.PyCapsule_GetName.restype = ctypes.c_char_p
+        api.PyCapsule_GetName.argtypes = [ctypes.py_object]
+        api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+        api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+        address = api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule))
+    except Exception as error:  # noqa: BLE001  (another scipy: its f2py wrapper is used)
+        logger.debug("scipy's cython_blas ssyrk not found: %s", error)
+        return None
+    if not address:
+        return None
+    # void ssyrk(char *uplo, char *trans, int *n, int *k, float *alpha, float *a, int *lda, float *beta,
+    #            float *c, int *ldc)
+    return ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 10))(address)
+
+
+_UPPER, _NO_TRANSPOSE = ctypes.c_char(b"U"), ctypes.c_char(b"N")
+_ONE = ctypes.c_float(1.0)
+
+
+def ssyrk_upper(rows: np.ndarray, total: np.ndarray) -> bool:
+    """The upper triangle of total [K, K] (float32, Fortran order) += rows^T rows for rows [M, K] (float32,
+    C order), by the BLAS ssyrk that scipy.linalg.blas.ssyrk(1.0, rows.T, beta=1.0, c=total, trans=0,
+    overwrite_c=1) runs (the same routine and arguments, so the same bits), without holding the GIL:
+    GPTQ's Python on the main thread and the forward's go on meanwhile (scipy's wrapper holds the GIL
+    for the whole update, ~7 s of SmolLM2's calibration). False (nothing done) when it cannot be called
+    so; the caller then uses scipy's wrapper."""
+    routine = _ssyrk_routine()
+    m, k = rows.shape
+    if (
+        routine is None or rows.dtype != np.float32 or total.dtype != np.float32 or total.shape != (k, k)
+        or not rows.flags.c_contiguous or not total.flags.f_contiguous or not total.flags.writeable
+        or m == 0 or k == 0 or max(m, k) >= 2**31
+    ):
+        return False
+    n_, k_ = ctypes.c_int(k), ctypes.c_int(m)
+    routine(
+        ctypes.byref(_UPPER), ctypes.byref(_NO_TRANSPOSE), ctypes.byref(n_), ctypes.byref(k_), ctypes.byref(_ONE),
+        rows.ctypes.data, ctypes.byref(n_), ctypes.byref(_ONE), total.ctypes.data, ctypes.byref(n_),
+    )
+    return True
 
 
 # Rows and columns of the tiles _symmetric_from_upper mirrors at once.

@@ -1048,3 +1048,32 @@ def test_symmetric_rounder_clip_is_maximum_then_minimum():
         got = level.copy()
         gptq._clip(got, low, high, out=got)
         np.testing.assert_array_equal(got.view(np.uint32), np.minimum(np.maximum(level, low), high).view(np.uint32))
+
+
+@pytest.mark.parametrize("m, k", [(1, 1), (3, 7), (40, 64), (341, 200), (700, 576)])
+def test_ssyrk_without_the_gil_equals_scipys_wrapper(m, k):
+    """calibration.ssyrk_upper (scipy's BLAS ssyrk through ctypes, which releases the GIL) updates the
+    upper triangle of a Fortran-ordered float32 sum to the bits of scipy.linalg.blas.ssyrk with the same
+    arguments, twice in a row (the second update on top of the first), on one BLAS thread as in
+    calibration; arrays it cannot take are left to the caller (False, unchanged)."""
+    import scipy.linalg
+
+    from bct_onnx import calibration
+    from bct_onnx.gptq import blas_controller
+
+    rng = np.random.default_rng(m * 1000 + k)
+    parts = [(rng.standard_normal((m, k)) * 10 ** rng.uniform(-3, 3, size=k)).astype(np.float32) for _ in range(2)]
+    got = np.zeros((k, k), np.float32, order="F")
+    want = np.zeros((k, k), np.float32, order="F")
+    with blas_controller().limit(limits=1, user_api="blas"):
+        for rows in parts:
+            assert calibration.ssyrk_upper(rows, got)
+            scipy.linalg.blas.ssyrk(1.0, rows.T, beta=1.0, c=want, trans=0, overwrite_c=1)
+    upper = np.triu(np.ones((k, k), bool))
+    np.testing.assert_array_equal(got[upper], want[upper])
+    assert np.all(got[~upper] == 0)  # the lower triangle is not touched
+    before = got.copy(order="F")
+    assert not calibration.ssyrk_upper(np.asfortranarray(parts[0]) if m > 1 and k > 1 else parts[0][:, :0], got)
+    assert not calibration.ssyrk_upper(parts[0].astype(np.float64), got)
+    assert not calibration.ssyrk_upper(parts[0], np.ascontiguousarray(got) if k > 1 else got.astype(np.float64))
+    np.testing.assert_array_equal(got, before)
