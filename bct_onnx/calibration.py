@@ -1254,24 +1254,18 @@ def _ssyrk_routine() -> Callable[..., None] | None:
     """scipy's BLAS ssyrk (the routine of its OpenBLAS that scipy.linalg.blas.ssyrk calls, taken from
     scipy.linalg.cython_blas) as a ctypes function, which releases the GIL while it runs; None when
     scipy does not export it."""
+    from bct_onnx.gptq import _capsule_function
+
     try:
         from scipy.linalg import cython_blas
 
-        capsule = cython_blas.__pyx_capi__["ssyrk"]  # type: ignore[attr-defined]
-        api = ctypes.pythonapi
-        api.PyCapsule_GetName.restype = ctypes.c_char_p
-        api.PyCapsule_GetName.argtypes = [ctypes.py_object]
-        api.PyCapsule_GetPointer.restype = ctypes.c_void_p
-        api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
-        address = api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule))
+        # void ssyrk(char *uplo, char *trans, int *n, int *k, float *alpha, float *a, int *lda, float *beta,
+        #            float *c, int *ldc)
+        routine = _capsule_function(cython_blas.__pyx_capi__["ssyrk"])  # type: ignore[attr-defined]
     except Exception as error:  # noqa: BLE001  (another scipy: its f2py wrapper is used)
         logger.debug("scipy's cython_blas ssyrk not found: %s", error)
         return None
-    if not address:
-        return None
-    # void ssyrk(char *uplo, char *trans, int *n, int *k, float *alpha, float *a, int *lda, float *beta,
-    #            float *c, int *ldc)
-    return ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 10))(address)
+    return routine
 
 
 _UPPER, _NO_TRANSPOSE = ctypes.c_char(b"U"), ctypes.c_char(b"N")

@@ -21,11 +21,12 @@ beforehand (gptq_quantize).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -138,15 +139,78 @@ def inverse_hessian_factor(hessian: np.ndarray, damping: float = 0.01) -> tuple[
                 else:
                     h = np.array(hessian[::-1, ::-1], dtype=np.float64, order="F")
                     h[diagonal] = h_diagonal
-                lower, info = potrf(h, lower=1, clean=1, overwrite_a=0)
-                if info != 0:
+                inverse_lower = _inverse_cholesky_without_gil(h) if dtype is np.float32 else None
+                if inverse_lower is None:
+                    lower, info = potrf(h, lower=1, clean=1, overwrite_a=0)
+                    if info != 0:
+                        continue
+                    inverse_lower, info = trtri(lower, lower=1, overwrite_c=1)
+                    if info != 0:
+                        continue
+                elif inverse_lower.size == 0:  # not positive definite, or a singular factor
                     continue
-                inverse_lower, info = trtri(lower, lower=1, overwrite_c=1)
-                if info == 0 and np.isfinite(inverse_lower).all():
+                if np.isfinite(inverse_lower).all():
                     return _tiled_copy(inverse_lower[::-1, ::-1], np.float64, "C"), dead
             h_diagonal += damp
             damp *= 10
     raise np.linalg.LinAlgError("GPTQ: the calibration Hessian is not positive definite even after damping")
+
+
+def _inverse_cholesky_without_gil(h: np.ndarray) -> np.ndarray | None:
+    """The float32 attempt of inverse_hessian_factor: L^-1 of the lower Cholesky factor L of h (float32,
+    Fortran order, not changed), its strict upper triangle zero, by the LAPACK routines (spotrf, strtri)
+    that scipy.linalg.lapack's wrappers run, the same arguments (so the same bits; clean=1's zeroing of the
+    upper triangle included), called through ctypes, which releases the GIL meanwhile (the calibration
+    forward's and Hessian updates' Python go on). An empty array when spotrf or strtri fails; None when the
+    routines are not found (the caller then uses the wrappers)."""
+    potrf, trtri = _lapack_routine("spotrf"), _lapack_routine("strtri")
+    n = h.shape[0]
+    if potrf is None or trtri is None or h.dtype != np.float32 or not h.flags.f_contiguous or not 0 < n < 2**31:
+        return None
+    a = np.array(h, order="F")
+    size, info = ctypes.c_int(n), ctypes.c_int(0)
+    potrf(ctypes.byref(_LOWER), ctypes.byref(size), a.ctypes.data, ctypes.byref(size), ctypes.byref(info))
+    if info.value != 0:
+        return np.empty(0, np.float32)
+    rows = a.T  # C order: row i of a.T is column i of a; its entries before i are a's strict upper triangle
+    for i in range(1, n):
+        rows[i, :i] = 0.0
+    trtri(ctypes.byref(_LOWER), ctypes.byref(_NON_UNIT), ctypes.byref(size), a.ctypes.data, ctypes.byref(size),
+          ctypes.byref(info))
+    if info.value != 0:
+        return np.empty(0, np.float32)
+    return a
+
+
+_LOWER, _NON_UNIT = ctypes.c_char(b"L"), ctypes.c_char(b"N")
+
+
+@functools.cache
+def _lapack_routine(name: str) -> Callable[..., None] | None:
+    """A routine of scipy.linalg.cython_lapack (the LAPACK of scipy.linalg.lapack's wrappers) as a ctypes
+    function of pointer arguments, which releases the GIL while it runs; None when scipy does not export it."""
+    try:
+        from scipy.linalg import cython_lapack
+
+        return _capsule_function(cython_lapack.__pyx_capi__[name])  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001  (another scipy: its wrappers are used)
+        return None
+
+
+def _capsule_function(capsule: object) -> Callable[..., None] | None:
+    """The C function (void, pointer arguments only) a Cython C-API capsule holds, as a ctypes function
+    (ctypes releases the GIL for the call)."""
+    api = ctypes.pythonapi
+    api.PyCapsule_GetName.restype = ctypes.c_char_p
+    api.PyCapsule_GetName.argtypes = [ctypes.py_object]
+    api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+    api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    signature = api.PyCapsule_GetName(capsule)
+    address = api.PyCapsule_GetPointer(capsule, signature)
+    if not address or signature is None or not signature.startswith(b"void ("):
+        return None
+    arguments = signature.count(b"*")  # every argument is a pointer
+    return ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * arguments))(address)
 
 
 # Rows and columns of the tiles _tiled_copy copies at once.

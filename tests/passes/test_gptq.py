@@ -1077,3 +1077,32 @@ def test_ssyrk_without_the_gil_equals_scipys_wrapper(m, k):
     assert not calibration.ssyrk_upper(parts[0].astype(np.float64), got)
     assert not calibration.ssyrk_upper(parts[0], np.ascontiguousarray(got) if k > 1 else got.astype(np.float64))
     np.testing.assert_array_equal(got, before)
+
+
+@pytest.mark.parametrize("n", [1, 5, 64, 200, 576])
+def test_inverse_cholesky_without_the_gil_equals_scipys_wrappers(n):
+    """gptq._inverse_cholesky_without_gil (spotrf and strtri through ctypes, which release the GIL) gives
+    the bits of scipy.linalg.lapack's spotrf(lower=1, clean=1) then strtri(lower=1), the upper triangle
+    zero, h unchanged; a matrix that is not positive definite gives an empty array (the caller damps more)."""
+    import scipy.linalg
+
+    from bct_onnx import gptq
+
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((3 * n + 2, n)).astype(np.float32)
+    h = np.asfortranarray((x.T @ x + np.eye(n, dtype=np.float32)).astype(np.float32))
+    before = h.copy(order="F")
+    with gptq.blas_controller().limit(limits=1, user_api="blas"):
+        got = gptq._inverse_cholesky_without_gil(h)
+        lower, info = scipy.linalg.lapack.spotrf(h, lower=1, clean=1, overwrite_a=0)
+        assert info == 0
+        want, info = scipy.linalg.lapack.strtri(lower, lower=1, overwrite_c=1)
+        assert info == 0
+    assert got is not None and got.dtype == np.float32 and got.flags.f_contiguous
+    np.testing.assert_array_equal(got, want)
+    assert not np.triu(got, 1).any()
+    np.testing.assert_array_equal(h, before)
+    indefinite = h.copy(order="F")
+    indefinite[n // 2, n // 2] = -1.0
+    assert gptq._inverse_cholesky_without_gil(indefinite).size == 0
+    assert gptq._inverse_cholesky_without_gil(np.ascontiguousarray(h) if n > 1 else h.astype(np.float64)) is None
