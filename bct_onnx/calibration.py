@@ -759,22 +759,41 @@ def _run_segments(
     graph_inputs, last_reader = plan.graph_inputs, plan.last_reader
     causal_ok = True  # no batch has shown an attention mask that is not causal (_CausalAttention)
     finishing: Future[None] | None = None  # the last segment's _finish_segment, on the worker
-    with blas_controller().limit(limits=1, user_api="blas"), ThreadPoolExecutor(1) as accumulator:
+
+    def open_session(index: int, causal_ok: bool, kept: dict[str, list[np.ndarray]]) -> tuple[Any, tuple[Any, ...], list[str]]:
+        """The session of segment index (None when it need not run), its causal attentions, its output names."""
+        part = plan.segments[index]
+        causal = part.causal if causal_ok and part.outputs else ()
+        shown = [name for attention in causal for name in attention.shapes]
+        shown += [name for name in part.masks if name not in part.inputs] if causal else []
+        names = part.outputs + part.checks + shown
+        # No outputs needed: the segment's Hessians (if any) are of its inputs, nothing need run.
+        session = (
+            _segment_session(
+                proto, index, part.nodes, part.inputs, names, kept, options, providers, with_library, part.guards,
+                causal,
+            )
+            if part.outputs
+            else None
+        )
+        return session, causal, names
+
+    # The next segment's session is opened on a thread of its own once this segment's first batch has given
+    # the values it reads (ONNX Runtime builds it without the GIL): the forward's thread then goes from one
+    # segment's last batch to the next one's first without waiting for a session.
+    opening: tuple[int, bool, Future[tuple[Any, tuple[Any, ...], list[str]]]] | None = None
+    with blas_controller().limit(limits=1, user_api="blas"), ThreadPoolExecutor(1) as accumulator, \
+            ThreadPoolExecutor(1) as opener:
         for index, part in enumerate(plan.segments):
             segment, inputs, outputs, later, acts = part.nodes, part.inputs, part.outputs, part.later, part.acts
-            guards, checks = part.guards, part.checks
-            causal = part.causal if causal_ok and part.outputs else ()
-            shown = [name for attention in causal for name in attention.shapes]
-            shown += [name for name in part.masks if name not in inputs] if causal else []
-            names = outputs + checks + shown
-            # No outputs needed: the segment's Hessians (if any) are of its inputs, nothing need run.
-            session = (
-                _segment_session(
-                    proto, index, segment, inputs, names, kept, options, providers, with_library, guards, causal
-                )
-                if outputs
-                else None
-            )
+            guards = part.guards
+            if opening is not None and opening[:2] == (index, causal_ok):
+                session, causal, names = opening[2].result()
+            else:  # not opened ahead, or opened before a batch showed a mask that is not causal
+                if opening is not None:
+                    opening[2].cancel()  # dropped (if it runs already, it ends on the opener's thread)
+                session, causal, names = open_session(index, causal_ok, kept)
+            opening = None
             exact_session = None  # the segment as the model has it, for a batch whose softmax gave NaN
             sums = _HessianSums()
             # One batch's rank-k updates run on the worker while ONNX Runtime runs the next batch:
@@ -823,6 +842,9 @@ def _run_segments(
                     # it (hundreds of MB for a decoder's segment) after the session is gone.
                     kept.setdefault(name, []).append(np.array(values[name], copy=True))
                 del values, run_feeds
+                if b == 0 and index + 1 < len(plan.segments):
+                    reads = {name: kept[name][:1] for name in plan.segments[index + 1].inputs if name in kept}
+                    opening = (index + 1, causal_ok, opener.submit(open_session, index + 1, causal_ok, reads))
             if finishing is not None:
                 finishing.result()  # the previous segment's Hessians are in the store (or its error is raised)
             # The segment's Hessians are mirrored and handed to the store on the worker, after its last

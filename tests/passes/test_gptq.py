@@ -1106,3 +1106,38 @@ def test_inverse_cholesky_without_the_gil_equals_scipys_wrappers(n):
     indefinite[n // 2, n // 2] = -1.0
     assert gptq._inverse_cholesky_without_gil(indefinite).size == 0
     assert gptq._inverse_cholesky_without_gil(np.ascontiguousarray(h) if n > 1 else h.astype(np.float64)) is None
+
+
+def test_next_segment_session_is_opened_beside_the_forward(monkeypatch):
+    """The session of every segment after the first is opened on the opener's thread while the segment before
+    it runs (after its first batch), not on the forward's thread; the Hessians are those of x and of Relu's
+    output, each segment run on every batch."""
+    import threading
+
+    from bct_onnx import calibration
+
+    rng = np.random.default_rng(8)
+    model = _mlp(rng)
+    batches = [rng.standard_normal((8, 64)).astype(np.float32) for _ in range(3)]
+    opened = []
+    real = calibration._segment_session
+
+    def recorded(proto, index, *args, **kwargs):
+        opened.append((index, threading.current_thread().name))
+        return real(proto, index, *args, **kwargs)
+
+    monkeypatch.setattr(calibration, "_segment_session", recorded)
+    forward = []
+    run_segments = calibration._run_segments
+    monkeypatch.setattr(calibration, "_run_segments",
+                        lambda *a, **k: forward.append(threading.current_thread().name) or run_segments(*a, **k))
+    hessians = collect_hessians(model, Calibration(tuple({"x": b} for b in batches)), segment_bytes=1)
+    try:
+        assert [index for index, _ in opened] == [0, 1]
+        assert opened[0][1] == forward[0] and opened[1][1] != forward[0]
+        stacked = np.concatenate(batches).astype(np.float64)
+        np.testing.assert_allclose(hessians[("x", "w1")], stacked.T @ stacked, rtol=1e-5, atol=1e-4)
+        relu = np.maximum(stacked @ model.graph.initializers["w1"].const_value.numpy().astype(np.float64), 0)
+        np.testing.assert_allclose(hessians[("r", "w2")], relu.T @ relu, rtol=1e-4, atol=1e-3)
+    finally:
+        hessians.close()
