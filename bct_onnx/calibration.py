@@ -758,8 +758,6 @@ def _run_segments(
     feeds = [dict(batch) for batch in calibration.feeds]
     graph_inputs, last_reader = plan.graph_inputs, plan.last_reader
     causal_ok = True  # no batch has shown an attention mask that is not causal (_CausalAttention)
-    finishing: Future[None] | None = None  # the last segment's _finish_segment, on the worker
-
     def open_session(index: int, causal_ok: bool, kept: dict[str, list[np.ndarray]]) -> tuple[Any, tuple[Any, ...], list[str]]:
         """The session of segment index (None when it need not run), its causal attentions, its output names."""
         part = plan.segments[index]
@@ -778,9 +776,9 @@ def _run_segments(
         )
         return session, causal, names
 
-    # The next segment's session is opened on a thread of its own once this segment's first batch has given
-    # the values it reads (ONNX Runtime builds it without the GIL): the forward's thread then goes from one
-    # segment's last batch to the next one's first without waiting for a session.
+    # The next segment's session is opened on a thread of its own once this segment's last batch has run (ONNX
+    # Runtime builds it without the GIL), while this thread waits for the last batch's Hessian updates and
+    # finishes the segment's Hessians: it then goes on to the next segment without waiting for a session.
     opening: tuple[int, bool, Future[tuple[Any, tuple[Any, ...], list[str]]]] | None = None
     with blas_controller().limit(limits=1, user_api="blas"), ThreadPoolExecutor(1) as accumulator, \
             ThreadPoolExecutor(1) as opener:
@@ -842,32 +840,22 @@ def _run_segments(
                     # it (hundreds of MB for a decoder's segment) after the session is gone.
                     kept.setdefault(name, []).append(np.array(values[name], copy=True))
                 del values, run_feeds
-                if b == 0 and index + 1 < len(plan.segments):
+                if b == len(feeds) - 1 and index + 1 < len(plan.segments):
+                    # This segment's sessions are done: the next one is opened while the last batch's updates
+                    # and the segment's Hessians are finished here (never two segments' sessions at once).
+                    session = exact_session = None
                     reads = {name: kept[name][:1] for name in plan.segments[index + 1].inputs if name in kept}
                     opening = (index + 1, causal_ok, opener.submit(open_session, index + 1, causal_ok, reads))
-            if finishing is not None:
-                finishing.result()  # the previous segment's Hessians are in the store (or its error is raised)
-            # The segment's Hessians are mirrored and handed to the store on the worker, after its last
-            # update: the forward goes on to the next segment's session meanwhile.
-            finishing = accumulator.submit(_finish_segment, adding, sums, store)
-            del session, exact_session, adding, sums
+            if adding is not None:
+                adding.result()
+            del session, exact_session, adding
+            for name, hessian in sums.finished():
+                if not store.has(name):
+                    store.add(name, hessian)
+            del sums
             for name in [name for name in kept if last_reader.get(name, -1) <= index]:
                 del kept[name]
             release_freed_memory()
-        if finishing is not None:
-            finishing.result()
-
-
-def _finish_segment(last_update: Future[None] | None, sums: _HessianSums, store: HessianStore) -> None:
-    """Add a segment's finished Hessians to store, on the worker that ran its updates (after them: the
-    worker takes its jobs in order); an update's error is raised instead."""
-    if last_update is not None:
-        last_update.result()
-    for name, hessian in sums.finished():
-        if not store.has(name):
-            store.add(name, hessian)
-    del sums
-    release_freed_memory()
 
 
 _ARENA_LOCK = threading.Lock()

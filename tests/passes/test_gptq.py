@@ -1109,9 +1109,9 @@ def test_inverse_cholesky_without_the_gil_equals_scipys_wrappers(n):
 
 
 def test_next_segment_session_is_opened_beside_the_forward(monkeypatch):
-    """The session of every segment after the first is opened on the opener's thread while the segment before
-    it runs (after its first batch), not on the forward's thread; the Hessians are those of x and of Relu's
-    output, each segment run on every batch."""
+    """The session of every segment after the first is opened on the opener's thread once the segment before it
+    has run its last batch (while that segment's Hessians are finished), not on the forward's thread; the
+    Hessians are those of x and of Relu's output, each segment run on every batch."""
     import threading
 
     from bct_onnx import calibration
