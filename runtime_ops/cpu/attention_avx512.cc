@@ -152,6 +152,35 @@ inline void AccumulateValues(const float (*p)[kTile], const int64_t* len, const 
   }
 }
 
+// Rows [t0, t0 + count) of V given as 8-bit cache codes into out [count, dh]: (code - 128) * scale,
+// the portable DequantizeValueCodes' bits (the code and the bias are exact floats: one rounding, the
+// product's), 16 codes a step, each lane's block scale permuted from the row's scales in a register. A
+// row of more than 16 blocks runs the portable loop.
+void DequantizeValueCodesAvx512(const nl::AttentionKeys& kv, int64_t t0, int64_t count, float* out) {
+  const int64_t dh = kv.dh, bs = kv.value_block_size, nb = kv.value_nb;
+  if (nb > 16 || bs <= 0 || dh > kMaxDh) return avx512::DequantizeValueCodes(kv, t0, count, out);
+  const int64_t chunks = (dh + 15) / 16;
+  __m512i block_of[kMaxDh / 16];  // each lane's block within the row
+  for (int64_t c = 0; c < chunks; ++c) {
+    alignas(64) int32_t index[16];
+    for (int64_t l = 0; l < 16; ++l) index[l] = static_cast<int32_t>(std::min(c * 16 + l, dh - 1) / bs);
+    block_of[c] = _mm512_load_si512(index);
+  }
+  const __mmask16 scale_lanes = static_cast<__mmask16>((1u << nb) - 1u);
+  const __mmask16 last = TailMask(dh - 16 * (chunks - 1));
+  const __m512 bias = _mm512_set1_ps(128.0f);
+  for (int64_t t = 0; t < count; ++t) {
+    const uint8_t* row = kv.value_codes + (t0 + t) * dh;
+    const __m512 scales = _mm512_maskz_loadu_ps(scale_lanes, kv.value_scales + (t0 + t) * nb);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __mmask16 m = c == chunks - 1 ? last : static_cast<__mmask16>(0xffff);
+      const __m512 code = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, row + 16 * c)));
+      const __m512 value = _mm512_mul_ps(_mm512_sub_ps(code, bias), _mm512_permutexvar_ps(block_of[c], scales));
+      _mm512_mask_storeu_ps(out + t * dh + 16 * c, m, value);
+    }
+  }
+}
+
 using AccumulateFn = void (*)(const float (*)[kTile], const int64_t*, const bool*, const float*, int64_t, __mmask16,
                               float (*)[kMaxDh]);
 
@@ -232,7 +261,7 @@ void AttentionRowsAvx512(const int8_t* q, const float* qs, const float* dots, in
       if (tile_len == 0) continue;
       const float* values = tile_values;
       if (kv.value_codes != nullptr) {
-        avx512::DequantizeValueCodes(kv, t0, tile_len, tile_values);
+        DequantizeValueCodesAvx512(kv, t0, tile_len, tile_values);
       } else {
         values = kv.values + t0 * value_stride;
       }

@@ -29,6 +29,17 @@ namespace matmul {
 namespace detail {
 namespace {
 
+// Float mode, one row (the weight-only decode GEMV): the codes are read once, so the panel's block
+// kFloatPrefetchBlocks ahead is fetched explicitly: 0.61-0.68x CPU time for 4-, 5- and 8-bit weights
+// on an Intel Xeon whose other core streamed memory too (session 16). always_inline: without it, this
+// compiler's object code had no prefetch from these calls at all.
+constexpr int64_t kFloatPrefetchBlocks = 4;
+__attribute__((always_inline)) inline void PrefetchPanelBlock(const PackedWeights& p, int64_t tile0, int64_t b) {
+  if (b + kFloatPrefetchBlocks >= p.num_blocks) return;
+  const char* ahead = reinterpret_cast<const char*>(BlockCodes(p, tile0, b + kFloatPrefetchBlocks));
+  for (int64_t c = 0; c < PanelBlockBytes(p, tile0); c += 64) _mm_prefetch(ahead + c, _MM_HINT_T0);
+}
+
 template <int R, int T, bool kNibble, int kZp, int J>
 inline void FloatStep(const __m512i (&raw)[T], const __m512 (&ws)[T], const __m512 (&zw)[T], const float* const (&ar)[R],
                       int64_t k, __m512 (&facc)[R][T]) {
@@ -72,6 +83,7 @@ void FloatTiles(const PackedWeights& p, const float* a_padded, int64_t row0, int
       zw[t] = kZp == kZpSymmetric ? _mm512_setzero_ps() : LoadZw<kZp>(p, params);
       wb[t] = BlockCodes(p, tile0 + t, b);
     }
+    if (R == 1) PrefetchPanelBlock(p, tile0, b);
     for (int64_t g = 0; g < groups; ++g) {
       __m512i raw[T];
       for (int t = 0; t < T; ++t) raw[t] = _mm512_loadu_si512(wb[t] + g * 64);
@@ -127,6 +139,7 @@ void FloatLutTiles(const PackedWeights& p, const float* a_padded, int64_t row0, 
       for (int t = 0; t < T; ++t) bacc[r][t] = _mm512_setzero_ps();
     const uint8_t* wb[T];
     for (int t = 0; t < T; ++t) wb[t] = BlockCodes(p, tile0 + t, b);
+    if (R == 1) PrefetchPanelBlock(p, tile0, b);
     for (int64_t g = 0; g < groups; ++g) {
       __m512i raw[T];
       for (int t = 0; t < T; ++t) raw[t] = _mm512_loadu_si512(wb[t] + g * 64);

@@ -84,6 +84,7 @@ std::unique_ptr<PackedWeights> Pack(const Shape& shape, const WeightInputs& weig
   // 5-bit integer-mode weights on the streamed path: nibbles plus one high bit plane, 5/8 of the bytes
   // (a decoder's 5-bit output table is the largest read of its decode step). Two planes (6 bits) cost
   // more in the kernel than the bytes they save on a decoder's small 6-bit projections.
+  // (The AVX-512 decode kernel reads exactly one plane: more would need its kPlanes path changed.)
   const int high_planes = streamed && shape.act_bits > 0 && shape.bits == 5 ? 1 : 0;
   const bool nibble = shape.bits <= 4 || high_planes > 0;
   const int64_t group_k = nibble ? 8 : 4;

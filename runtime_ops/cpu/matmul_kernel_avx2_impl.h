@@ -102,6 +102,11 @@ void IntTile(const PackedWeights& p, const ActRows& act, int64_t row0, int64_t t
       ab[r] = act.codes.data() + (row0 + r) * kp + b * bkp;
     }
     const uint8_t* wb = p.codes.data() + tile * p.tile_bytes + b * groups * 64;
+    // One row (the decode GEMV) streams the tile's codes once: fetched 4 blocks ahead, which cut its CPU
+    // time by 17-20% on an Intel Xeon whose other core streamed memory too (forced avx2 path, session 16).
+    if (R == 1 && b + 4 < nb) {
+      for (int64_t c = 0; c < groups * 64; c += 64) _mm_prefetch(reinterpret_cast<const char*>(wb + 4 * groups * 64 + c), _MM_HINT_T0);
+    }
     for (int64_t g = 0; g < groups; ++g) {
       for (int h = 0; h < 2; ++h) {
         const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + g * 64 + h * 32));
@@ -188,6 +193,11 @@ void FloatTile(const PackedWeights& p, const float* a_padded, int64_t row0, int6
     __m256 ws[2], zw[2];
     LoadTileParams<kZp>(p, tile, b, ws, zw);
     const uint8_t* wb = p.codes.data() + tile * p.tile_bytes + b * groups * 64;
+    // One row: fetched 4 blocks ahead, as IntTile does (here 5% less CPU time: float mode is bound by
+    // its per-code arithmetic more than by the read).
+    if (R == 1 && b + 4 < nb) {
+      for (int64_t c = 0; c < groups * 64; c += 64) _mm_prefetch(reinterpret_cast<const char*>(wb + 4 * groups * 64 + c), _MM_HINT_T0);
+    }
     for (int64_t g = 0; g < groups; ++g) {
       __m256i raw[2];
       for (int h = 0; h < 2; ++h) raw[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + g * 64 + h * 32));

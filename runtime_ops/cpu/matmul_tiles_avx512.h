@@ -109,6 +109,17 @@ inline void ScaleBlockInto(const __m512i (&acc)[R][T], const __m512 (&ws)[T], co
   }
 }
 
+// A group's high bit plane (the 16 mask bytes at masks: 64 bits for the low nibbles, then 64 for
+// the high ones) added to its nibbles as the code's bit 4.
+inline void AddHighPlane(const uint8_t* masks, __m512i& lo, __m512i& hi) {
+  const __m512i bit = _mm512_set1_epi8(16);
+  uint64_t low_bits, high_bits;  // memcpy: the mask bytes need not be 8-byte aligned
+  std::memcpy(&low_bits, masks, sizeof(low_bits));
+  std::memcpy(&high_bits, masks + 8, sizeof(high_bits));
+  lo = _mm512_mask_add_epi8(lo, _cvtu64_mask64(low_bits), lo, bit);
+  hi = _mm512_mask_add_epi8(hi, _cvtu64_mask64(high_bits), hi, bit);
+}
+
 constexpr int64_t kPrefetchBlocks = 2;
 constexpr int64_t kBytePrefetchBlocks = 4;
 
@@ -116,15 +127,15 @@ constexpr int64_t kBytePrefetchBlocks = 4;
 // kGroups: groups per block when known at compile time (the loop is then unrolled), else 0.
 // kStreamed: the codes are read once (decode), so the panel's next blocks are prefetched; prefill
 // re-reads a task's tiles for every register block of rows, from cache.
-// kPlanes: nibble codes with p.high_planes high bit planes (matmul_kernel.h), each added to its
-// nibble in registers by a masked byte add, so the dot products see the whole code.
+// kPlanes: nibble codes with one high bit plane (5-bit codes, matmul_kernel.h: the only plane count
+// PackWeights makes), added to its nibbles in registers by a masked byte add, so the dot products see
+// the whole code; a compile-time count, so the plane's masks are read straight into mask registers.
 template <int R, int T, bool kNibble, int kZp, int kGroups, bool kStreamed, bool kPlanes = false>
 void IntTiles(const PackedWeights& p, const TileCodes<T>& codes, const ActRows& act, int64_t row0, int64_t tile0,
               const float* bias, float* Y) {
   const int64_t nb = p.num_blocks, bkp = p.block_padded, kp = p.k_padded;
   const int64_t groups = kGroups ? kGroups : (kNibble ? bkp / 8 : bkp / 4);
   const __m512i low4 = _mm512_set1_epi8(0x0f);
-  const int planes = kPlanes ? p.high_planes : 0;
   // Register blocks of more than 12 tiles (4 rows x 4 tiles, decode) keep the integer accumulators in
   // registers and the float ones in L1: a load and a store per block, off the vector pipes.
   constexpr bool kFaccInMemory = R * T > 12;
@@ -145,13 +156,13 @@ void IntTiles(const PackedWeights& p, const TileCodes<T>& codes, const ActRows& 
     }
     const uint8_t* wb[T];
     for (int t = 0; t < T; ++t) wb[t] = codes.codes[t] + b * codes.code_stride[t];
-    // Decode with several rows is bound by the dot products, not by memory: the hardware prefetcher
-    // then runs too little ahead of the slowly read stream, so the panel's block kPrefetchBlocks ahead
-    // is fetched explicitly. One row of nibble codes streams faster without (the prefetches only add
-    // work); one row of byte codes (5..8 bits: a panel block is twice as long) streams about twice as
-    // fast with them, fetched kBytePrefetchBlocks ahead (the tied 5-bit output table of a decoder).
-    if constexpr (kStreamed && (!kNibble || R > 1)) {
-      constexpr int64_t kAhead = kNibble ? kPrefetchBlocks : kBytePrefetchBlocks;
+    // Streamed codes are fetched explicitly ahead of the hardware prefetcher: decode with several rows
+    // (bound by the dot products) kPrefetchBlocks ahead; one row (the decode GEMV) kBytePrefetchBlocks
+    // ahead, which cut its CPU time by 15-18% for 4-bit codes and by 40% for 5-bit ones (nibbles plus a
+    // plane, a decoder's tied output table) on an Intel Xeon whose other core streamed memory too
+    // (session 16; 2, 4, 8 and 16 blocks ahead within noise of each other).
+    if constexpr (kStreamed) {
+      constexpr int64_t kAhead = kNibble && !kPlanes && R > 1 ? kPrefetchBlocks : kBytePrefetchBlocks;
       if (b + kAhead < nb) {
         const char* ahead = reinterpret_cast<const char*>(codes.codes[0] + (b + kAhead) * codes.code_stride[0]);
         for (int64_t c = 0; c < codes.code_stride[0]; c += 64) _mm_prefetch(ahead + c, _MM_HINT_T0);
@@ -160,14 +171,15 @@ void IntTiles(const PackedWeights& p, const TileCodes<T>& codes, const ActRows& 
     // One row of streamed nibble codes (the decode GEMV) reads a panel's block in address order, tile
     // by tile, instead of group by group across the tiles (addresses 256 bytes apart): one core then
     // streams from memory 12-24% faster, while the tiles' accumulator chains still overlap.
-    constexpr bool kInOrder = kStreamed && kNibble && !kPlanes && R == 1;
+    constexpr bool kInOrder = kStreamed && kNibble && R == 1;
     if constexpr (kInOrder) {
       for (int t = 0; t < T; ++t) {
 #pragma GCC unroll 16
         for (int64_t g = 0; g < groups; ++g) {
           const __m512i raw = _mm512_loadu_si512(wb[t] + g * 64);
-          const __m512i lo = _mm512_and_si512(raw, low4);
-          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+          __m512i lo = _mm512_and_si512(raw, low4);
+          __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+          if constexpr (kPlanes) AddHighPlane(wb[t] + groups * 64 + g * 16, lo, hi);
           acc[0][t] = _mm512_dpbusd_epi32(acc[0][t], lo, _mm512_set1_epi32(Load32(ab[0] + g * 8)));
           acc[0][t] = _mm512_dpbusd_epi32(acc[0][t], hi, _mm512_set1_epi32(Load32(ab[0] + g * 8 + 4)));
         }
@@ -181,17 +193,7 @@ void IntTiles(const PackedWeights& p, const TileCodes<T>& codes, const ActRows& 
           const __m512i raw = _mm512_loadu_si512(wb[t] + g * 64);
           lo[t] = _mm512_and_si512(raw, low4);
           hi[t] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
-          if constexpr (kPlanes) {
-            for (int q = 0; q < planes; ++q) {
-              const uint8_t* masks = wb[t] + groups * 64 + (q * groups + g) * 16;
-              uint64_t low_bits, high_bits;
-              std::memcpy(&low_bits, masks, sizeof(low_bits));
-              std::memcpy(&high_bits, masks + 8, sizeof(high_bits));
-              const __m512i bit = _mm512_set1_epi8(static_cast<char>(16 << q));
-              lo[t] = _mm512_mask_add_epi8(lo[t], _cvtu64_mask64(low_bits), lo[t], bit);
-              hi[t] = _mm512_mask_add_epi8(hi[t], _cvtu64_mask64(high_bits), hi[t], bit);
-            }
-          }
+          if constexpr (kPlanes) AddHighPlane(wb[t] + groups * 64 + g * 16, lo[t], hi[t]);
         }
         for (int r = 0; r < R; ++r) {
           const __m512i a0 = _mm512_set1_epi32(Load32(ab[r] + g * 8));
@@ -242,7 +244,7 @@ void IntTilesGroups(const PackedWeights& p, const TileCodes<T>& codes, const Act
   }
 }
 
-// Also chooses the high-bit-plane kernels for nibble codes that have planes (5..7 bits).
+// Also chooses the high-bit-plane kernel for nibble codes that have a plane (5 bits).
 template <int R, int T, bool kNibble, int kZp, bool kStreamed = true>
 void IntTilesAnyGroups(const PackedWeights& p, const TileCodes<T>& codes, const ActRows& act, int64_t row0,
                        int64_t tile0, const float* bias, float* Y) {

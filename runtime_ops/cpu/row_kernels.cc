@@ -564,26 +564,34 @@ BCT_AVX512_TARGET __m512i TransposedMaxU32(const __m512i (&v)[16]) {
   return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), z);
 }
 
-// BlockExtremes of 16 whole blocks of 32 laid out back to back from xb: the 16 magnitude maxima at
-// once (TransposedMaxU32), then per block the first element of that magnitude, as the loop below.
-BCT_AVX512_TARGET void Extremes16Blocks32(const float* xb, float* extreme, uint8_t* has_nan) {
+// BlockExtremes of 16 whole blocks of 16 * V values (32 or 64) laid out back to back from xb: the 16
+// magnitude maxima at once (TransposedMaxU32), then per block the first element of that magnitude, as
+// the loop below.
+template <int V>
+BCT_AVX512_TARGET void Extremes16Blocks(const float* xb, float* extreme, uint8_t* has_nan) {
+  static_assert(V == 2 || V == 4, "blocks of 32 or 64 values");
+  constexpr int kLen = 16 * V;
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
   __m512i m[16];
   for (int j = 0; j < 16; ++j) {
-    m[j] = _mm512_max_epu32(_mm512_and_si512(_mm512_loadu_si512(xb + 32 * j), abs_mask),
-                            _mm512_and_si512(_mm512_loadu_si512(xb + 32 * j + 16), abs_mask));
+    m[j] = _mm512_and_si512(_mm512_loadu_si512(xb + kLen * j), abs_mask);
+    for (int v = 1; v < V; ++v) {
+      m[j] = _mm512_max_epu32(m[j], _mm512_and_si512(_mm512_loadu_si512(xb + kLen * j + 16 * v), abs_mask));
+    }
   }
   alignas(64) uint32_t tops[16];
   _mm512_store_si512(tops, TransposedMaxU32(m));
   for (int j = 0; j < 16; ++j) {
-    const float* block = xb + 32 * j;
+    const float* block = xb + kLen * j;
     has_nan[j] = tops[j] > 0x7f800000u ? 1 : 0;
     const __m512i vtop = _mm512_set1_epi32(static_cast<int>(tops[j]));
-    const uint32_t hits =
-        static_cast<uint32_t>(_mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_loadu_si512(block), abs_mask), vtop)) |
-        (static_cast<uint32_t>(_mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_loadu_si512(block + 16), abs_mask), vtop))
-         << 16);
-    extreme[j] = block[hits != 0 ? __builtin_ctz(hits) : 0];  // a NaN block finds nothing: scalar rule later
+    uint64_t hits = 0;
+    for (int v = 0; v < V; ++v) {
+      hits |= static_cast<uint64_t>(_mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_loadu_si512(block + 16 * v), abs_mask),
+                                                            vtop))
+              << (16 * v);
+    }
+    extreme[j] = block[hits != 0 ? __builtin_ctzll(hits) : 0];  // a NaN block finds nothing: scalar rule later
   }
 }
 
@@ -593,8 +601,11 @@ BCT_AVX512_TARGET void BlockExtremes(const RowFormat& fmt, const float* x, int64
                                      uint8_t* has_nan) {
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
   int64_t k0 = 0;
-  if (fmt.block_size == 32 && fmt.axis_size % 32 == 0) {  // whole blocks back to back: block f at x + 32 f
-    for (; k0 + 16 <= count; k0 += 16) Extremes16Blocks32(x + (f0 + k0) * 32, extreme + k0, has_nan + k0);
+  // Whole blocks of 32 or 64 back to back (block f at x + block_size * f): 16 at a time.
+  if (fmt.block_size == 32 && fmt.axis_size % 32 == 0) {
+    for (; k0 + 16 <= count; k0 += 16) Extremes16Blocks<2>(x + (f0 + k0) * 32, extreme + k0, has_nan + k0);
+  } else if (fmt.block_size == 64 && fmt.axis_size % 64 == 0) {
+    for (; k0 + 16 <= count; k0 += 16) Extremes16Blocks<4>(x + (f0 + k0) * 64, extreme + k0, has_nan + k0);
   }
   BlockWalk walk(fmt, f0 + k0);
   if (fmt.block_size <= 32) {
@@ -797,8 +808,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void QuantizeRowsA
     for (int64_t k = 0; k < count; ++k, walk.next()) {
       const int64_t offset = walk.offset();
       const int64_t n = walk.length();
-      if (fast8 && n == 32 && std::isfinite(inv[k])) {
-        SymmetricCodes8Block32(x + offset, inv[k], out + offset);
+      if (fast8 && n % 32 == 0 && std::isfinite(inv[k])) {  // blocks of 32, 64, ...: 32 values at a time
+        for (int64_t i = 0; i < n; i += 32) SymmetricCodes8Block32(x + offset + i, inv[k], out + offset + i);
         continue;
       }
       const CodeParams p = MakeCodeParams(inv[k], fmt.bits, fmt.symmetric, fmt.symmetric ? 0 : zps[k]);
@@ -848,8 +859,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void QuantizeActRo
       const int64_t offset = walk.offset();
       const int64_t n = walk.length();
       int8_t* q = out.codes + walk.row * out.row_stride + walk.blk * out.block_stride;
-      if (bits == 8 && n == 32 && std::isfinite(inv[j])) {
-        const int32_t sum = SignedCodes8Block32(x + offset, inv[j], q);
+      if (bits == 8 && n % 32 == 0 && std::isfinite(inv[j])) {  // blocks of 32, 64, ...: 32 values at a time
+        int32_t sum = 0;
+        for (int64_t i = 0; i < n; i += 32) sum += SignedCodes8Block32(x + offset + i, inv[j], q + i);
         if (out.sums != nullptr) out.sums[f0 + j] = sum;
         continue;
       }

@@ -122,6 +122,28 @@ def test_quantize_isa_paths(kit, isa: str, bits: int, force_isa) -> None:
 
 
 @pytest.mark.parametrize("isa", ROW_ISAS)
+@pytest.mark.parametrize("block_size", [32, 64])
+def test_quantize_sixteen_whole_blocks_at_once(kit, isa: str, block_size: int, force_isa) -> None:
+    """Rows of whole blocks of 32 or 64 (the AVX-512 path finds 16 blocks' extremes at once and codes 8-bit
+    blocks 32 values at a time): 17 blocks a row (16 at once, then one alone; the rows' blocks run on
+    across rows), every hard row, 8 and 4 bits, and a NaN block among the 16 (the scalar rule there,
+    the other blocks exact)."""
+    force_isa(isa)
+    x = hard_rows(17 * block_size, seed=block_size)
+    for bits in (8, 4):
+        for kind in (ScaleKind.FLOAT32, ScaleKind.FLOAT16):
+            check_quantize(kit, BlockFormat(bits, block_size, True, kind), x)
+    x[2, 5 * block_size + 3] = np.nan
+    fmt = BlockFormat(8, block_size, True, ScaleKind.FLOAT32)
+    got = kit.run(kit.quantize_model(fmt), {"x": x})
+    want = quantize(np.nan_to_num(x), fmt)
+    keep = np.array([r for r in range(x.shape[0]) if r != 2])
+    kit.assert_bits_equal(got[0][keep], want.codes[keep], "codes of the NaN-free rows")
+    kit.assert_bits_equal(got[1][keep], want.scales[keep], "scales of the NaN-free rows")
+    assert np.isnan(got[1][2, 5]), "the NaN block's scale"
+
+
+@pytest.mark.parametrize("isa", ROW_ISAS)
 def test_quantize_isa_paths_nan_blocks(kit, isa: str, force_isa) -> None:
     """A NaN block takes the scalar scale rule on every path; the other blocks stay exact."""
     force_isa(isa)
