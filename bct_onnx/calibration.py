@@ -758,22 +758,40 @@ def _run_segments(
     feeds = [dict(batch) for batch in calibration.feeds]
     graph_inputs, last_reader = plan.graph_inputs, plan.last_reader
     causal_ok = True  # no batch has shown an attention mask that is not causal (_CausalAttention)
-    with blas_controller().limit(limits=1, user_api="blas"), ThreadPoolExecutor(1) as accumulator:
+    def open_session(index: int, causal_ok: bool, kept: dict[str, list[np.ndarray]]) -> tuple[Any, tuple[Any, ...], list[str]]:
+        """The session of segment index (None when it need not run), its causal attentions, its output names."""
+        part = plan.segments[index]
+        causal = part.causal if causal_ok and part.outputs else ()
+        shown = [name for attention in causal for name in attention.shapes]
+        shown += [name for name in part.masks if name not in part.inputs] if causal else []
+        names = part.outputs + part.checks + shown
+        # No outputs needed: the segment's Hessians (if any) are of its inputs, nothing need run.
+        session = (
+            _segment_session(
+                proto, index, part.nodes, part.inputs, names, kept, options, providers, with_library, part.guards,
+                causal,
+            )
+            if part.outputs
+            else None
+        )
+        return session, causal, names
+
+    # The next segment's session is opened on a thread of its own once this segment's last batch has run (ONNX
+    # Runtime builds it without the GIL), while this thread waits for the last batch's Hessian updates and
+    # finishes the segment's Hessians: it then goes on to the next segment without waiting for a session.
+    opening: tuple[int, bool, Future[tuple[Any, tuple[Any, ...], list[str]]]] | None = None
+    with blas_controller().limit(limits=1, user_api="blas"), ThreadPoolExecutor(1) as accumulator, \
+            ThreadPoolExecutor(1) as opener:
         for index, part in enumerate(plan.segments):
             segment, inputs, outputs, later, acts = part.nodes, part.inputs, part.outputs, part.later, part.acts
-            guards, checks = part.guards, part.checks
-            causal = part.causal if causal_ok and part.outputs else ()
-            shown = [name for attention in causal for name in attention.shapes]
-            shown += [name for name in part.masks if name not in inputs] if causal else []
-            names = outputs + checks + shown
-            # No outputs needed: the segment's Hessians (if any) are of its inputs, nothing need run.
-            session = (
-                _segment_session(
-                    proto, index, segment, inputs, names, kept, options, providers, with_library, guards, causal
-                )
-                if outputs
-                else None
-            )
+            guards = part.guards
+            if opening is not None and opening[:2] == (index, causal_ok):
+                session, causal, names = opening[2].result()
+            else:  # not opened ahead, or opened before a batch showed a mask that is not causal
+                if opening is not None:
+                    opening[2].cancel()  # dropped (if it runs already, it ends on the opener's thread)
+                session, causal, names = open_session(index, causal_ok, kept)
+            opening = None
             exact_session = None  # the segment as the model has it, for a batch whose softmax gave NaN
             sums = _HessianSums()
             # One batch's rank-k updates run on the worker while ONNX Runtime runs the next batch:
@@ -822,6 +840,12 @@ def _run_segments(
                     # it (hundreds of MB for a decoder's segment) after the session is gone.
                     kept.setdefault(name, []).append(np.array(values[name], copy=True))
                 del values, run_feeds
+                if b == len(feeds) - 1 and index + 1 < len(plan.segments):
+                    # This segment's sessions are done: the next one is opened while the last batch's updates
+                    # and the segment's Hessians are finished here (never two segments' sessions at once).
+                    session = exact_session = None
+                    reads = {name: kept[name][:1] for name in plan.segments[index + 1].inputs if name in kept}
+                    opening = (index + 1, causal_ok, opener.submit(open_session, index + 1, causal_ok, reads))
             if adding is not None:
                 adding.result()
             del session, exact_session, adding
@@ -1231,7 +1255,54 @@ class _HessianSums:
         if total is None:  # Fortran order: syrk updates it in place
             total = self.totals[name] = np.zeros((rows.shape[1], rows.shape[1]), np.float32, order="F")
         # upper triangle of total += rows^T rows (rows.T is a Fortran-ordered view: no copy)
-        scipy.linalg.blas.ssyrk(1.0, rows.T, beta=1.0, c=total, trans=0, overwrite_c=1)
+        if not ssyrk_upper(rows, total):
+            scipy.linalg.blas.ssyrk(1.0, rows.T, beta=1.0, c=total, trans=0, overwrite_c=1)
+
+
+@functools.cache
+def _ssyrk_routine() -> Callable[..., None] | None:
+    """scipy's BLAS ssyrk (the routine of its OpenBLAS that scipy.linalg.blas.ssyrk calls, taken from
+    scipy.linalg.cython_blas) as a ctypes function, which releases the GIL while it runs; None when
+    scipy does not export it."""
+    from bct_onnx.gptq import _capsule_function
+
+    try:
+        from scipy.linalg import cython_blas
+
+        # void ssyrk(char *uplo, char *trans, int *n, int *k, float *alpha, float *a, int *lda, float *beta,
+        #            float *c, int *ldc)
+        routine = _capsule_function(cython_blas.__pyx_capi__["ssyrk"])  # type: ignore[attr-defined]
+    except Exception as error:  # noqa: BLE001  (another scipy: its f2py wrapper is used)
+        logger.debug("scipy's cython_blas ssyrk not found: %s", error)
+        return None
+    return routine
+
+
+_UPPER, _NO_TRANSPOSE = ctypes.c_char(b"U"), ctypes.c_char(b"N")
+_ONE = ctypes.c_float(1.0)
+
+
+def ssyrk_upper(rows: np.ndarray, total: np.ndarray) -> bool:
+    """The upper triangle of total [K, K] (float32, Fortran order) += rows^T rows for rows [M, K] (float32,
+    C order), by the BLAS ssyrk that scipy.linalg.blas.ssyrk(1.0, rows.T, beta=1.0, c=total, trans=0,
+    overwrite_c=1) runs (the same routine and arguments, so the same bits), without holding the GIL:
+    GPTQ's Python on the main thread and the forward's go on meanwhile (scipy's wrapper holds the GIL
+    for the whole update, ~7 s of SmolLM2's calibration). False (nothing done) when it cannot be called
+    so; the caller then uses scipy's wrapper."""
+    routine = _ssyrk_routine()
+    m, k = rows.shape
+    if (
+        routine is None or rows.dtype != np.float32 or total.dtype != np.float32 or total.shape != (k, k)
+        or not rows.flags.c_contiguous or not total.flags.f_contiguous or not total.flags.writeable
+        or m == 0 or k == 0 or max(m, k) >= 2**31
+    ):
+        return False
+    n_, k_ = ctypes.c_int(k), ctypes.c_int(m)
+    routine(
+        ctypes.byref(_UPPER), ctypes.byref(_NO_TRANSPOSE), ctypes.byref(n_), ctypes.byref(k_), ctypes.byref(_ONE),
+        rows.ctypes.data, ctypes.byref(n_), ctypes.byref(_ONE), total.ctypes.data, ctypes.byref(n_),
+    )
+    return True
 
 
 # Rows and columns of the tiles _symmetric_from_upper mirrors at once.

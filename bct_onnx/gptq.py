@@ -21,13 +21,15 @@ beforehand (gptq_quantize).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import logging
 import os
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -43,6 +45,8 @@ from bct_onnx.block_format import (
     scales_to_float32,
 )
 from bct_onnx.weight_quantizer import search_block_column, search_scales
+
+logger = logging.getLogger(__name__)
 
 # Columns corrected together before the rest of the weight is (the paper's "lazy batch").
 _LAZY_BATCH = 128
@@ -138,15 +142,78 @@ def inverse_hessian_factor(hessian: np.ndarray, damping: float = 0.01) -> tuple[
                 else:
                     h = np.array(hessian[::-1, ::-1], dtype=np.float64, order="F")
                     h[diagonal] = h_diagonal
-                lower, info = potrf(h, lower=1, clean=1, overwrite_a=0)
-                if info != 0:
+                inverse_lower = _inverse_cholesky_without_gil(h) if dtype is np.float32 else None
+                if inverse_lower is None:
+                    lower, info = potrf(h, lower=1, clean=1, overwrite_a=0)
+                    if info != 0:
+                        continue
+                    inverse_lower, info = trtri(lower, lower=1, overwrite_c=1)
+                    if info != 0:
+                        continue
+                elif inverse_lower.size == 0:  # not positive definite, or a singular factor
                     continue
-                inverse_lower, info = trtri(lower, lower=1, overwrite_c=1)
-                if info == 0 and np.isfinite(inverse_lower).all():
+                if np.isfinite(inverse_lower).all():
                     return _tiled_copy(inverse_lower[::-1, ::-1], np.float64, "C"), dead
             h_diagonal += damp
             damp *= 10
     raise np.linalg.LinAlgError("GPTQ: the calibration Hessian is not positive definite even after damping")
+
+
+def _inverse_cholesky_without_gil(h: np.ndarray) -> np.ndarray | None:
+    """The float32 attempt of inverse_hessian_factor: L^-1 of the lower Cholesky factor L of h (float32,
+    Fortran order, not changed), its strict upper triangle zero, by the LAPACK routines (spotrf, strtri)
+    that scipy.linalg.lapack's wrappers run, the same arguments (so the same bits; clean=1's zeroing of the
+    upper triangle included), called through ctypes, which releases the GIL meanwhile (the calibration
+    forward's and Hessian updates' Python go on). An empty array when spotrf or strtri fails; None when the
+    routines are not found (the caller then uses the wrappers)."""
+    potrf, trtri = _lapack_routine("spotrf"), _lapack_routine("strtri")
+    n = h.shape[0]
+    if potrf is None or trtri is None or h.dtype != np.float32 or not h.flags.f_contiguous or not 0 < n < 2**31:
+        return None
+    a = np.array(h, order="F")
+    size, info = ctypes.c_int(n), ctypes.c_int(0)
+    potrf(ctypes.byref(_LOWER), ctypes.byref(size), a.ctypes.data, ctypes.byref(size), ctypes.byref(info))
+    if info.value != 0:
+        return np.empty(0, np.float32)
+    rows = a.T  # C order: row i of a.T is column i of a; its entries before i are a's strict upper triangle
+    for i in range(1, n):
+        rows[i, :i] = 0.0
+    trtri(ctypes.byref(_LOWER), ctypes.byref(_NON_UNIT), ctypes.byref(size), a.ctypes.data, ctypes.byref(size),
+          ctypes.byref(info))
+    if info.value != 0:
+        return np.empty(0, np.float32)
+    return a
+
+
+_LOWER, _NON_UNIT = ctypes.c_char(b"L"), ctypes.c_char(b"N")
+
+
+@functools.cache
+def _lapack_routine(name: str) -> Callable[..., None] | None:
+    """A routine of scipy.linalg.cython_lapack (the LAPACK of scipy.linalg.lapack's wrappers) as a ctypes
+    function of pointer arguments, which releases the GIL while it runs; None when scipy does not export it."""
+    try:
+        from scipy.linalg import cython_lapack
+
+        return _capsule_function(cython_lapack.__pyx_capi__[name])  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001  (another scipy: its wrappers are used)
+        return None
+
+
+def _capsule_function(capsule: object) -> Callable[..., None] | None:
+    """The C function (void, pointer arguments only) a Cython C-API capsule holds, as a ctypes function
+    (ctypes releases the GIL for the call)."""
+    api = ctypes.pythonapi
+    api.PyCapsule_GetName.restype = ctypes.c_char_p
+    api.PyCapsule_GetName.argtypes = [ctypes.py_object]
+    api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+    api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    signature = api.PyCapsule_GetName(capsule)
+    address = api.PyCapsule_GetPointer(capsule, signature)
+    if not address or signature is None or not signature.startswith(b"void ("):
+        return None
+    arguments = signature.count(b"*")  # every argument is a pointer
+    return ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * arguments))(address)
 
 
 # Rows and columns of the tiles _tiled_copy copies at once.
@@ -435,17 +502,128 @@ class _StaticScales:
         return [self.blocks[b] for b in self.block_of_step[first : first + len(block)]]
 
 
+class _ColumnSessions:
+    """One ONNX Runtime session per (bits, symmetric) running one BlockGptqColumns node on one thread, opened on
+    first use; None (the numpy walk instead) where the custom-op library cannot be loaded or a run fails, said
+    once in the log."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sessions: dict[tuple[int, bool], Any] = {}
+        self.failed = os.environ.get(NUMPY_WALK_ENV, "") not in ("", "0")
+
+    def get(self, bits: int, symmetric: bool) -> Any:
+        key = (bits, symmetric)
+        with self._lock:
+            if self.failed:
+                return None
+            if key not in self._sessions:
+                try:
+                    self._sessions[key] = _gptq_columns_session(bits, symmetric)
+                except Exception as error:  # noqa: BLE001  (no library, or an ONNX Runtime without it)
+                    logger.info("BlockGptqColumns unavailable (%s): GPTQ's columns are walked in numpy", error)
+                    self.failed = True
+                    return None
+            return self._sessions[key]
+
+
+# Set (to anything but 0) to walk every block's columns in numpy, the specification of BlockGptqColumns.
+NUMPY_WALK_ENV = "BCT_ONNX_GPTQ_NUMPY_WALK"
+_COLUMN_SESSIONS = _ColumnSessions()
+
+
+def _gptq_columns_session(bits: int, symmetric: bool) -> Any:
+    import onnx
+
+    from bct_onnx import ops, runtime
+
+    helper = onnx.helper
+    double, single = onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT
+    inputs = [("block", double, ["L", "N"]), ("hinv", double, ["L", "L"]), ("inverse_diagonal", double, ["L"]),
+              ("scale", single, ["N"]), ("inverse", single, ["N"])]
+    if not symmetric:
+        inputs.append(("zero_points", single, ["N"]))
+    node = helper.make_node(
+        ops.BLOCK_GPTQ_COLUMNS, [name for name, _, _ in inputs], ["levels", "errors"], domain=ops.DOMAIN,
+        bits=bits, symmetric=int(symmetric),
+    )
+    graph = helper.make_graph(
+        [node], "gptq_columns", [helper.make_tensor_value_info(*spec) for spec in inputs],
+        [helper.make_tensor_value_info("levels", single, ["L", "N"]),
+         helper.make_tensor_value_info("errors", double, ["L", "N"])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ops.DOMAIN, ops.DOMAIN_VERSION)]
+    )
+    return runtime.session(model.SerializeToString(), ["CPUExecutionProvider"], threads=1, quiet=True)
+
+
+def _library_columns(
+    block: np.ndarray, hinv: np.ndarray, inverse_diagonal: np.ndarray, first: int, column_rounders: list[_BlockRounder],
+    levels: np.ndarray, errors: np.ndarray,
+) -> bool:
+    """The per-column walk of _gptq_walk over one block by the library's BlockGptqColumns: levels[:L] and
+    errors[:L] written as the numpy loop writes them (the same bits; the block's own corrected values, which
+    the walk never reads again, are not written back). False (nothing done) where the op does not apply
+    (float offsets, per-column rounders of act_order, no library): the numpy loop then runs."""
+    rounder = column_rounders[0]
+    fmt = rounder.fmt
+    if fmt.float_offsets or any(other is not rounder for other in column_rounders):
+        return False
+    session = _COLUMN_SESSIONS.get(fmt.bits, fmt.symmetric)
+    if session is None:
+        return False
+    length, n = block.shape
+    last = first + length
+    feeds = {
+        "block": np.ascontiguousarray(block), "hinv": np.ascontiguousarray(hinv[first:last, first:last]),
+        "inverse_diagonal": np.ascontiguousarray(inverse_diagonal[first:last]),
+        "scale": np.ascontiguousarray(rounder.scale, dtype=np.float32).reshape(n),
+        "inverse": np.ascontiguousarray(rounder.inverse, dtype=np.float32).reshape(n),
+    }
+    if rounder.zero is not None:
+        feeds["zero_points"] = np.ascontiguousarray(rounder.zero, dtype=np.float32).reshape(n)
+    try:
+        got_levels, got_errors = session.run(None, feeds)
+    except Exception as error:  # noqa: BLE001  (onnxruntime raises its own exception types)
+        logger.warning("BlockGptqColumns failed (%s): GPTQ's columns are walked in numpy from now on", error)
+        _COLUMN_SESSIONS.failed = True
+        return False
+    levels[:length] = got_levels
+    errors[:length] = got_errors
+    return True
+
+
+def numpy_columns(
+    block: np.ndarray, hinv: np.ndarray, inverse_diagonal: np.ndarray, first: int, column_rounders: list[_BlockRounder],
+    levels: np.ndarray, errors: np.ndarray,
+) -> None:
+    """The walk over one block's columns block [L, rows] (float64, K-major, corrected in place; the walk's
+    channels first .. first + L): column i rounded by column_rounders[i] into levels[i], its scaled error
+    (w - value) / [H^-1]_ii into errors[i] (float64), spread over the block's later columns by one BLAS
+    rank-1 update. The numpy specification of the library's BlockGptqColumns (_library_columns)."""
+    import scipy.linalg
+
+    value = np.empty(block.shape[1], dtype=np.float32)  # dequantized values of the current column
+    last = first + block.shape[0]
+    for col in range(first, last):
+        i = col - first
+        err = errors[i]
+        column_rounders[i].round(block[i], levels[i], value)
+        np.subtract(block[i], value, out=err)
+        np.multiply(err, inverse_diagonal[col], out=err)
+        if col + 1 < last:  # block[i + 1:] -= outer(hinv[col, col + 1:last], err), in place
+            scipy.linalg.blas.dger(-1.0, err, hinv[col, col + 1 : last], a=block[i + 1 :].T, overwrite_a=1)
+
+
 def _gptq_walk(w_t: np.ndarray, hinv: np.ndarray, fmt: BlockFormat, rounders: _Rounders, codes_t: np.ndarray) -> None:
     """The GPTQ walk over a K-major working copy w_t [K, rows] of weight rows (corrected in place; in
     walk order, hinv's order) writing their unpacked codes codes_t [K, rows] (in walk order)."""
-    import scipy.linalg
-
     k, n = w_t.shape
     bs = fmt.block_size
     batch = bs * max(1, _LAZY_BATCH // bs)  # a multiple of the block size: blocks never straddle batches
     errors = np.empty((batch, n), dtype=w_t.dtype)  # scaled rounding errors of the current batch
     levels = np.empty((bs, n), dtype=np.float32)  # rounded levels of the current block
-    value = np.empty(n, dtype=np.float32)  # dequantized values of the current column
     inverse_diagonal = 1.0 / np.diag(hinv)
 
     for start in range(0, k, batch):
@@ -454,14 +632,8 @@ def _gptq_walk(w_t: np.ndarray, hinv: np.ndarray, fmt: BlockFormat, rounders: _R
             last = min(first + bs, k)
             block = w_t[first:last]  # a view: corrections inside the block land in w_t
             column_rounders = rounders(first, block)
-            for col in range(first, last):
-                i = col - first
-                err = errors[col - start]
-                column_rounders[i].round(block[i], levels[i], value)
-                np.subtract(block[i], value, out=err)
-                np.multiply(err, inverse_diagonal[col], out=err)
-                if col + 1 < last:  # block[i + 1:] -= outer(hinv[col, col + 1:last], err), in place
-                    scipy.linalg.blas.dger(-1.0, err, hinv[col, col + 1 : last], a=block[i + 1 :].T, overwrite_a=1)
+            if not _library_columns(block, hinv, inverse_diagonal, first, column_rounders, levels, errors[first - start :]):
+                numpy_columns(block, hinv, inverse_diagonal, first, column_rounders, levels, errors[first - start :])
             codes_t[first:last] = _BlockRounder.codes_of(levels[: last - first], fmt)
             if last < stop:  # the rest of the batch, once per block
                 w_t[last:stop] -= hinv[first:last, last:stop].T @ errors[first - start : last - start]

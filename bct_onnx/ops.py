@@ -20,6 +20,8 @@ BLOCK_ATTENTION = "BlockAttention"
 # A helper of the compiler, CPU only, never in a model (GPTQ's scale search, weight_quantizer.search_block_column):
 # not among OP_TYPES, whose ops models hold.
 BLOCK_SCALE_ERRORS = "BlockScaleErrors"
+# Another (GPTQ's walk over one quantization block's columns, gptq._library_columns).
+BLOCK_GPTQ_COLUMNS = "BlockGptqColumns"
 
 # Every operator a model can hold (bct_onnx.reference has one evaluator class per name).
 OP_TYPES = (

@@ -37,6 +37,7 @@ constexpr AppendOps kOpFamilies[] = {
     bct::AppendAddNormCpuOps,
     bct::AppendAttentionCpuOps,
     bct::AppendScaleErrorsCpuOps,  // a compile-time helper: CPU only
+    bct::AppendGptqColumnsCpuOps,  // a compile-time helper: CPU only
 #if defined(BCT_WITH_CUDA) && BCT_WITH_CUDA
     bct::AppendBlockCudaOps,   bct::AppendMatMulCudaOps,    bct::AppendNonlinearCudaOps,
     bct::AppendAttentionCudaOps,

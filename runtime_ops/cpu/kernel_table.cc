@@ -24,6 +24,7 @@ KernelTable BaselineEntry() {
   t.attention_rows = baseline::AttentionRows;
   t.scale_errors = baseline::ScaleErrors;
   t.scale_diffs = baseline::ScaleDiffs;
+  t.gptq_columns = baseline::GptqColumns;
   t.matmul_tiles = nullptr;  // the scalar reference path
   t.matmul_compact_weights = false;
   return t;
@@ -46,6 +47,7 @@ KernelTable Avx2Entry() {
   t.attention_rows = avx2::AttentionRows;
   t.scale_errors = avx2::ScaleErrors;
   t.scale_diffs = avx2::ScaleDiffs;
+  t.gptq_columns = avx2::GptqColumns;
   t.matmul_tiles = matmul::detail::TilesAvx2;
   return t;
 }
@@ -75,6 +77,7 @@ KernelTable Avx512Entry() {
   t.attention_rows = AttentionRowsAvx512;
   t.scale_errors = avx512::ScaleErrors;
   t.scale_diffs = avx512::ScaleDiffs;
+  t.gptq_columns = avx512::GptqColumns;
   return t;
 }
 

@@ -62,6 +62,12 @@ using ScaleErrorsFn = void (*)(const float* x, int64_t len, int64_t n, const flo
 using ScaleDiffsFn = void (*)(const float* x, int64_t len, int64_t n, const float* scales, const float* zero_points,
                               int64_t candidates, int bits, bool symmetric, float* diffs);
 
+// BlockGptqColumns (GPTQ's walk over one block's columns, integer codes): block [len, n] float64 corrected in
+// place, levels [len, n] and errors [len, n] written (cpu/portable_kernels_impl.h).
+using GptqColumnsFn = void (*)(double* block, int64_t len, int64_t n, const double* hinv, const double* inverse_diagonal,
+                               const float* scale, const float* inverse, const float* zero, int bits, bool symmetric,
+                               float* levels, double* errors);
+
 struct KernelTable {
   Isa isa;
   QuantizeRowsFn quantize_rows;
@@ -79,6 +85,7 @@ struct KernelTable {
   AttentionRowsFn attention_rows;
   ScaleErrorsFn scale_errors;
   ScaleDiffsFn scale_diffs;
+  GptqColumnsFn gptq_columns;
   matmul::TilesFn matmul_tiles;  // nullptr: BlockMatMul's scalar reference path
   bool matmul_compact_weights;   // streamed layout (matmul_kernel.h), float16 scales / uint8 zero points as stored
 };
@@ -136,6 +143,9 @@ void AttentionRowsAvx512(const int8_t* q, const float* qs, const float* dots, in
                    int64_t candidates, const float* importance, int bits, bool symmetric, float* errors);     \
   void ScaleDiffs(const float* x, int64_t len, int64_t n, const float* scales, const float* zero_points,       \
                   int64_t candidates, int bits, bool symmetric, float* diffs);                                 \
+  void GptqColumns(double* block, int64_t len, int64_t n, const double* hinv, const double* inverse_diagonal,   \
+                   const float* scale, const float* inverse, const float* zero, int bits, bool symmetric,       \
+                   float* levels, double* errors);                                                              \
   }
 BCT_DECLARE_PORTABLE_KERNELS(baseline)
 BCT_DECLARE_PORTABLE_KERNELS(avx2)

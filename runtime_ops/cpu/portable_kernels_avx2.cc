@@ -1,5 +1,6 @@
 // The portable kernels (cpu/portable_kernels_impl.h) compiled for x86-64-v3 (AVX2, FMA; no FMA contraction: -ffp-contract=off).
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #include "bct/attention_math.h"

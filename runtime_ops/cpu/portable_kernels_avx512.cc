@@ -1,5 +1,6 @@
 // The portable kernels (cpu/portable_kernels_impl.h) compiled for x86-64-v4 (AVX-512 F/BW/VL/DQ).
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #include "bct/attention_math.h"

@@ -1,5 +1,6 @@
 // The portable kernels (cpu/portable_kernels_impl.h) compiled for baseline x86-64 (SSE2) or any other CPU.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #include "bct/attention_math.h"

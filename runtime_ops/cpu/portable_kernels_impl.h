@@ -334,6 +334,44 @@ void ScaleDiffs(const float* x, int64_t len, int64_t n, const float* scales, con
   }
 }
 
+// BlockGptqColumns (gptq._gptq_walk's per-column loop over one quantization block, integer codes): column i of
+// the K-major block [len, n] (float64, corrected in place) is rounded with the rows' float32 scale, inverse
+// scale (and zero point: nullptr when symmetric) into levels [len, n], its error (w - q * scale) * d_i into
+// errors [len, n] (float64), and the rows of the block's later columns j get fma(-hinv[i, j], err, w_j), as
+// OpenBLAS's dger computes them for the numpy walk. The steps of the numpy loop one at a time: the float64
+// weight rounded to float32, float32 multiply, np.rint (nearbyint: ties to even, -0.0 kept), np.clip or
+// np.maximum / np.minimum (NaN passes), float32 products, float64 difference and product.
+void GptqColumns(double* block, int64_t len, int64_t n, const double* hinv, const double* inverse_diagonal,
+                 const float* scale, const float* inverse, const float* zero, int bits, bool symmetric, float* levels,
+                 double* errors) {
+  const float low = symmetric ? -static_cast<float>(1 << (bits - 1)) : 0.0f;
+  const float high = symmetric ? static_cast<float>((1 << (bits - 1)) - 1) : static_cast<float>((1 << bits) - 1);
+  for (int64_t i = 0; i < len; ++i) {
+    const double* column = block + i * n;
+    float* level = levels + i * n;
+    double* err = errors + i * n;
+    const double d = inverse_diagonal[i];
+    if (zero == nullptr) {
+      for (int64_t r = 0; r < n; ++r) {
+        const float q = clampf(std::nearbyint(static_cast<float>(column[r]) * inverse[r]), low, high);
+        level[r] = q;
+        err[r] = (column[r] - static_cast<double>(q * scale[r])) * d;
+      }
+    } else {
+      for (int64_t r = 0; r < n; ++r) {
+        const float q = nan_min(nan_max(std::nearbyint(static_cast<float>(column[r]) * inverse[r]) + zero[r], low), high);
+        level[r] = q;
+        err[r] = (column[r] - static_cast<double>((q - zero[r]) * scale[r])) * d;
+      }
+    }
+    for (int64_t j = i + 1; j < len; ++j) {
+      const double t = -1.0 * hinv[i * len + j];
+      double* row = block + j * n;
+      for (int64_t r = 0; r < n; ++r) row[r] = std::fma(t, err[r], row[r]);
+    }
+  }
+}
+
 }  // namespace BCT_PORTABLE_PATH
 }  // namespace cpu
 }  // namespace bct

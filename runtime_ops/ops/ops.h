@@ -16,6 +16,7 @@ void AppendAttentionCpuOps(Ort::CustomOpDomain& domain);       // BlockAttention
 void AppendNonlinearRowCpuOps(Ort::CustomOpDomain& domain);     // BlockGelu, BlockSilu, BlockSoftmax, BlockLayerNorm, BlockRMSNorm
 void AppendAddNormCpuOps(Ort::CustomOpDomain& domain);          // BlockAddLayerNorm, BlockAddRMSNorm
 void AppendScaleErrorsCpuOps(Ort::CustomOpDomain& domain);      // BlockScaleErrors (GPTQ's scale search; CPU only)
+void AppendGptqColumnsCpuOps(Ort::CustomOpDomain& domain);      // BlockGptqColumns (GPTQ's column walk; CPU only)
 
 // CUDAExecutionProvider kernels under the same names (runtime_ops/cuda/; CUDA builds only).
 void AppendBlockCudaOps(Ort::CustomOpDomain& domain);      // BlockQuantize, BlockDequantize, BlockGather

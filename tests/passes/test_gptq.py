@@ -1048,3 +1048,96 @@ def test_symmetric_rounder_clip_is_maximum_then_minimum():
         got = level.copy()
         gptq._clip(got, low, high, out=got)
         np.testing.assert_array_equal(got.view(np.uint32), np.minimum(np.maximum(level, low), high).view(np.uint32))
+
+
+@pytest.mark.parametrize("m, k", [(1, 1), (3, 7), (40, 64), (341, 200), (700, 576)])
+def test_ssyrk_without_the_gil_equals_scipys_wrapper(m, k):
+    """calibration.ssyrk_upper (scipy's BLAS ssyrk through ctypes, which releases the GIL) updates the
+    upper triangle of a Fortran-ordered float32 sum to the bits of scipy.linalg.blas.ssyrk with the same
+    arguments, twice in a row (the second update on top of the first), on one BLAS thread as in
+    calibration; arrays it cannot take are left to the caller (False, unchanged)."""
+    import scipy.linalg
+
+    from bct_onnx import calibration
+    from bct_onnx.gptq import blas_controller
+
+    rng = np.random.default_rng(m * 1000 + k)
+    parts = [(rng.standard_normal((m, k)) * 10 ** rng.uniform(-3, 3, size=k)).astype(np.float32) for _ in range(2)]
+    got = np.zeros((k, k), np.float32, order="F")
+    want = np.zeros((k, k), np.float32, order="F")
+    with blas_controller().limit(limits=1, user_api="blas"):
+        for rows in parts:
+            assert calibration.ssyrk_upper(rows, got)
+            scipy.linalg.blas.ssyrk(1.0, rows.T, beta=1.0, c=want, trans=0, overwrite_c=1)
+    upper = np.triu(np.ones((k, k), bool))
+    np.testing.assert_array_equal(got[upper], want[upper])
+    assert np.all(got[~upper] == 0)  # the lower triangle is not touched
+    before = got.copy(order="F")
+    assert not calibration.ssyrk_upper(np.asfortranarray(parts[0]) if m > 1 and k > 1 else parts[0][:, :0], got)
+    assert not calibration.ssyrk_upper(parts[0].astype(np.float64), got)
+    assert not calibration.ssyrk_upper(parts[0], np.ascontiguousarray(got) if k > 1 else got.astype(np.float64))
+    np.testing.assert_array_equal(got, before)
+
+
+@pytest.mark.parametrize("n", [1, 5, 64, 200, 576])
+def test_inverse_cholesky_without_the_gil_equals_scipys_wrappers(n):
+    """gptq._inverse_cholesky_without_gil (spotrf and strtri through ctypes, which release the GIL) gives
+    the bits of scipy.linalg.lapack's spotrf(lower=1, clean=1) then strtri(lower=1), the upper triangle
+    zero, h unchanged; a matrix that is not positive definite gives an empty array (the caller damps more)."""
+    import scipy.linalg
+
+    from bct_onnx import gptq
+
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((3 * n + 2, n)).astype(np.float32)
+    h = np.asfortranarray((x.T @ x + np.eye(n, dtype=np.float32)).astype(np.float32))
+    before = h.copy(order="F")
+    with gptq.blas_controller().limit(limits=1, user_api="blas"):
+        got = gptq._inverse_cholesky_without_gil(h)
+        lower, info = scipy.linalg.lapack.spotrf(h, lower=1, clean=1, overwrite_a=0)
+        assert info == 0
+        want, info = scipy.linalg.lapack.strtri(lower, lower=1, overwrite_c=1)
+        assert info == 0
+    assert got is not None and got.dtype == np.float32 and got.flags.f_contiguous
+    np.testing.assert_array_equal(got, want)
+    assert not np.triu(got, 1).any()
+    np.testing.assert_array_equal(h, before)
+    indefinite = h.copy(order="F")
+    indefinite[n // 2, n // 2] = -1.0
+    assert gptq._inverse_cholesky_without_gil(indefinite).size == 0
+    assert gptq._inverse_cholesky_without_gil(np.ascontiguousarray(h) if n > 1 else h.astype(np.float64)) is None
+
+
+def test_next_segment_session_is_opened_beside_the_forward(monkeypatch):
+    """The session of every segment after the first is opened on the opener's thread once the segment before it
+    has run its last batch (while that segment's Hessians are finished), not on the forward's thread; the
+    Hessians are those of x and of Relu's output, each segment run on every batch."""
+    import threading
+
+    from bct_onnx import calibration
+
+    rng = np.random.default_rng(8)
+    model = _mlp(rng)
+    batches = [rng.standard_normal((8, 64)).astype(np.float32) for _ in range(3)]
+    opened = []
+    real = calibration._segment_session
+
+    def recorded(proto, index, *args, **kwargs):
+        opened.append((index, threading.current_thread().name))
+        return real(proto, index, *args, **kwargs)
+
+    monkeypatch.setattr(calibration, "_segment_session", recorded)
+    forward = []
+    run_segments = calibration._run_segments
+    monkeypatch.setattr(calibration, "_run_segments",
+                        lambda *a, **k: forward.append(threading.current_thread().name) or run_segments(*a, **k))
+    hessians = collect_hessians(model, Calibration(tuple({"x": b} for b in batches)), segment_bytes=1)
+    try:
+        assert [index for index, _ in opened] == [0, 1]
+        assert opened[0][1] == forward[0] and opened[1][1] != forward[0]
+        stacked = np.concatenate(batches).astype(np.float64)
+        np.testing.assert_allclose(hessians[("x", "w1")], stacked.T @ stacked, rtol=1e-5, atol=1e-4)
+        relu = np.maximum(stacked @ model.graph.initializers["w1"].const_value.numpy().astype(np.float64), 0)
+        np.testing.assert_allclose(hessians[("r", "w2")], relu.T @ relu, rtol=1e-4, atol=1e-3)
+    finally:
+        hessians.close()
