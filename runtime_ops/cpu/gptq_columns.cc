@@ -36,13 +36,8 @@ struct GptqColumnsSchema {
 class GptqColumnsCpuKernel {
  public:
   GptqColumnsCpuKernel(const OrtKernelInfo* info, const NodeRef& node) : node_(node), isa_(cpu::KernelIsa(node_)) {
-    bits_ = AttrInt(info, node_, "bits");
-    if (bits_ < 2 || bits_ > 8) node_.Fail("attribute 'bits' must be in 2..8, got " + std::to_string(bits_));
-    const int64_t symmetric = AttrInt(info, "symmetric", 1);
-    if (symmetric != 0 && symmetric != 1) {
-      node_.Fail("attribute 'symmetric' must be 0 or 1, got " + std::to_string(symmetric));
-    }
-    symmetric_ = symmetric == 1;
+    bits_ = AttrIntIn(info, node_, "bits", 2, 8);
+    symmetric_ = AttrFlag(info, node_, "symmetric", 1);
   }
 
   static bool InputOnHost(size_t) { return false; }

@@ -104,3 +104,19 @@ def test_scale_errors_refuses_inputs_that_do_not_fit() -> None:
     asymmetric = bct_onnx.session(model.SerializeToString(), providers=["CPUExecutionProvider"])
     with pytest.raises(Exception, match="'zero_points' is required when symmetric=0"):
         asymmetric.run(None, {"x": x, "scales": np.ones((2, 8), np.float32), "importance": np.ones(32, np.float32)})
+
+
+@pytest.mark.parametrize(
+    "bits,symmetric,reduce,message",
+    [
+        (9, 1, 1, "attribute 'bits' must be in 2..8, got 9"),
+        (1, 1, 1, "attribute 'bits' must be in 2..8, got 1"),
+        (4, 2, 1, "attribute 'symmetric' must be 0 or 1, got 2"),
+        (4, 1, 3, "attribute 'reduce' must be 0 or 1, got 3"),
+    ],
+)
+def test_scale_errors_rejects_bad_attributes(bits: int, symmetric: int, reduce: int, message: str) -> None:
+    """The kernel names the attribute and its allowed range when the session is made (op_common.h's
+    AttrIntIn / AttrFlag)."""
+    with pytest.raises(Exception, match=message):
+        weight_quantizer._scale_errors_session(bits, symmetric, reduce)  # type: ignore[arg-type]

@@ -182,6 +182,25 @@ inline int64_t AttrInt(const OrtKernelInfo* info, const char* name, int64_t defa
   return value;
 }
 
+// Required int attribute in [lo, hi]; fails naming it and the range otherwise.
+inline int64_t AttrIntIn(const OrtKernelInfo* info, const NodeRef& node, const char* name, int64_t lo, int64_t hi) {
+  const int64_t value = AttrInt(info, node, name);
+  if (value < lo || value > hi) {
+    node.Fail(std::string("attribute '") + name + "' must be in " + std::to_string(lo) + ".." + std::to_string(hi) +
+              ", got " + std::to_string(value));
+  }
+  return value;
+}
+
+// Optional 0/1 attribute with a default; fails naming it for any other value.
+inline bool AttrFlag(const OrtKernelInfo* info, const NodeRef& node, const char* name, int64_t default_value) {
+  const int64_t value = AttrInt(info, name, default_value);
+  if (value != 0 && value != 1) {
+    node.Fail(std::string("attribute '") + name + "' must be 0 or 1, got " + std::to_string(value));
+  }
+  return value == 1;
+}
+
 // Optional string attribute with a default (an error when of another type).
 inline std::string AttrString(const OrtKernelInfo* info, const char* name, const std::string& default_value) {
   const OrtApi& api = Ort::GetApi();
