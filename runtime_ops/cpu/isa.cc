@@ -57,7 +57,7 @@ constexpr const char* kNames[kIsaCount] = {"scalar", "avx2", "avxvnni", "avx512"
 
 // What each path needs, for the error of a forced path this CPU cannot run.
 constexpr const char* kNeeds[kIsaCount] = {"", "AVX2/FMA", "AVX2/FMA/AVX-VNNI", "AVX-512 F/BW/VL/DQ",
-                                           "AVX-512 F/BW/VL/DQ/VNNI", "AVX-512 VNNI and AMX-INT8 (CPU and OS)"};
+                                           "AVX-512 F/BW/VL/DQ/VNNI", "AVX-512 VNNI and AMX-INT8 (CPU and OS), or AVX-512 VNNI with BCT_ONNX_AMX_EMULATE=1"};
 
 }  // namespace
 
@@ -66,7 +66,15 @@ const char* IsaName(Isa isa) {
   return i >= 0 && i < kIsaCount ? kNames[i] : "unknown";
 }
 
-bool CpuSupports(Isa isa) {
+namespace {
+
+bool EnvFlag(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && *value != '\0' && std::strcmp(value, "0") != 0;
+}
+
+// The path runs on this CPU's own instructions (AMX: tiles present, not emulated).
+bool CpuRuns(Isa isa) {
   const CpuFeatures& f = Features();
   switch (isa) {
     case Isa::kBaseline: return true;
@@ -79,6 +87,17 @@ bool CpuSupports(Isa isa) {
   return false;
 }
 
+}  // namespace
+
+bool AmxTilesPresent() { return Features().amx_int8; }
+
+bool CpuSupports(Isa isa) {
+  if (isa == Isa::kAmxInt8 && !AmxTilesPresent()) {
+    return Features().avx512_vnni && EnvFlag("BCT_ONNX_AMX_EMULATE");
+  }
+  return CpuRuns(isa);
+}
+
 bool UseGfni() {
   const char* off = std::getenv("BCT_ONNX_NO_GFNI");
   return Features().gfni && (off == nullptr || std::strcmp(off, "0") == 0 || *off == '\0');
@@ -87,7 +106,7 @@ bool UseGfni() {
 Isa BestIsa() {
   static const Isa best = [] {
     for (Isa isa : {Isa::kAmxInt8, Isa::kAvx512Vnni, Isa::kAvx512, Isa::kAvxVnni, Isa::kAvx2}) {
-      if (CpuSupports(isa)) return isa;
+      if (CpuRuns(isa)) return isa;  // never the emulated tiles
     }
     return Isa::kBaseline;
   }();

@@ -35,8 +35,14 @@ constexpr int kIsaCount = 6;
 // The name BCT_ONNX_ISA uses for a path.
 const char* IsaName(Isa isa);
 
-// True when this CPU (and, for AMX, the OS) can run the path.
+// True when this CPU (and, for AMX, the OS) can run the path. The amx path also runs, without AMX,
+// on a CPU with AVX-512 VNNI while BCT_ONNX_AMX_EMULATE is set (not "0"), read at each call: its
+// kernels then run the tile instructions emulated in C++ (slow; for the tests, so that the AMX
+// kernels' blocking and epilogue run on every CPU with AVX-512 VNNI). `auto` never picks emulation.
 bool CpuSupports(Isa isa);
+
+// True when the CPU and the OS run AMX-INT8 tile instructions.
+bool AmxTilesPresent();
 
 // True when this CPU has GFNI (the AVX-512 BlockMatMul prefill kernel unpacks high nibbles with one
 // vgf2p8affineqb instead of a shift and an and) and BCT_ONNX_NO_GFNI is not set (not "0"): read when a

@@ -90,10 +90,11 @@ KernelTable Avx512VnniEntry() {
   return t;
 }
 
-// No kernel has an AMX-INT8 version yet: the AVX-512 VNNI functions.
+// BlockMatMul's integer prefill on AMX-INT8 tiles; every other kernel the AVX-512 VNNI one.
 KernelTable AmxInt8Entry() {
   KernelTable t = Avx512VnniEntry();
   t.isa = Isa::kAmxInt8;
+  t.matmul_tiles = matmul::detail::TilesAmx;
   return t;
 }
 #endif

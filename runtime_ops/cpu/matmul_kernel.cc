@@ -99,6 +99,7 @@ std::unique_ptr<PackedWeights> Pack(const Shape& shape, const WeightInputs& weig
   p->high_planes = high_planes;
   p->signed_codes = signed_codes;
   p->gfni = streamed && cpu::UseGfni();
+  p->amx_emulated = isa == cpu::Isa::kAmxInt8 && !cpu::AmxTilesPresent();
   // float8e5m2 scales are float16 values (their upper byte): widened to float16 bits exactly.
   p->half_scales =
       streamed && (weights.scale_kind == ScaleKind::kFloat16 || weights.scale_kind == ScaleKind::kFloat8E5M2);

@@ -151,6 +151,7 @@ struct PackedWeights {
   int high_planes = 0;
   bool signed_codes = false; // codes stored as (code - zero_point) two's complement (float symmetric)
   bool gfni = false;         // AVX-512 prefill: high nibbles unpacked by vgf2p8affineqb (cpu::UseGfni at Pack)
+  bool amx_emulated = false; // amx path without AMX tiles (BCT_ONNX_AMX_EMULATE): tile instructions emulated
   float implicit_zero_point = 0.f;
   cpu::WeightVector<uint8_t> codes;  // SIMD: the layout above; scalar: [N][K] one code a byte
   // Weight scales and zero points when not in the stream, float32 (float offsets too); SIMD:
@@ -238,6 +239,20 @@ struct ActRows {  // quantized activations of M rows, in the padded block layout
 // Fills out from codes already in the activation format (the fast path of a quantized input).
 void UnpackRows(const PackedWeights& p, const ActivationCodes& in, int64_t row_begin, int64_t row_end, ActRows* out);
 
+// Where the integer prefill kernels read tiles [tile0, tile0 + T) (all in one panel): tile t's codes
+// for block b at codes + b * block_stride + t * tile_stride, its block parameters (the packed stream's
+// format) at params + b * block_stride + t * p.param_bytes.
+struct PrefillView {
+  const uint8_t* codes;
+  const uint8_t* params;
+  int64_t block_stride;
+  int64_t tile_stride;
+};
+
+// The codes of tiles [tile0, ...) of one panel for the integer prefill kernels (AVX-512 builds):
+// nibbles or bytes as packed, or the bytes expanded (once per weight) from nibbles with high bit planes.
+PrefillView PrefillTiles(const PackedWeights& p, int64_t tile0);
+
 // Computes rows [row_begin, row_end) x tiles [tile_begin, tile_end) of Y: the SIMD paths' entries
 // of Kernels(isa).matmul_tiles. Integer mode reads act; float mode reads a_padded ([M][k_padded] floats).
 void TilesAvx2(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin,
@@ -250,6 +265,10 @@ void DecodeTilesAvx512(const PackedWeights& p, const ActRows* act, const float* 
                        int64_t row_end, int64_t tile_begin, int64_t tile_end, const float* bias, float* Y);
 void TilesAvxVnni(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin,
                   int64_t row_end, int64_t tile_begin, int64_t tile_end, const float* bias, float* Y);
+// The amx path (matmul_kernel_amx.cc): integer prefill rows in blocks of 16 on AMX-INT8 tiles, the rest
+// (other rows, float mode) as TilesAvx512.
+void TilesAmx(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin, int64_t row_end,
+              int64_t tile_begin, int64_t tile_end, const float* bias, float* Y);
 
 }  // namespace detail
 

@@ -142,16 +142,6 @@ constexpr int kFloatRows = 8;         // register block of the float prefill ker
 // which ran 3-5% faster on them than this one (BERT-base's and MiniLM's 5-bit products).
 constexpr int kIntRows = 8;
 
-// Where the prefill kernel reads tiles [tile0, tile0 + T) (all in one panel): tile t's codes for
-// block b at codes + b * block_stride + t * tile_stride, its block parameters (the packed stream's
-// format) at params + b * block_stride + t * p.param_bytes.
-struct PrefillView {
-  const uint8_t* codes;
-  const uint8_t* params;
-  int64_t block_stride;
-  int64_t tile_stride;
-};
-
 // The expanded copy of nibbles with high bit planes: panels of the packed layout's tiles, per block the
 // tiles' byte codes (block_padded * 16 bytes each) then the block parameters copied from the stream.
 inline int64_t ExpandedPanelBlockBytes(const PackedWeights& p, int64_t tile) {
@@ -205,18 +195,6 @@ const uint8_t* PrefillBytes(const PackedWeights& p) {
   return p.prefill_bytes.data();
 }
 
-// The codes of tiles [tile0, tile0 + T) (one panel): nibbles or bytes as packed, or the bytes expanded
-// from nibbles with high bit planes.
-PrefillView PrefillTiles(const PackedWeights& p, int64_t tile0) {
-  if (p.high_planes == 0) {
-    return {BlockCodes(p, tile0, 0), BlockParams(p, tile0, 0), PanelBlockBytes(p, tile0), p.block_code_bytes};
-  }
-  const uint8_t* bytes = PrefillBytes(p);
-  const int64_t tiles = TilesInPanel(p, tile0), in_panel = tile0 & (p.panel_tiles - 1);
-  const uint8_t* codes = bytes + ExpandedOffset(p, tile0, 0);
-  const uint8_t* params = codes + (tiles - in_panel) * p.block_padded * 16 + in_panel * p.param_bytes;
-  return {codes, params, ExpandedPanelBlockBytes(p, tile0), p.block_padded * 16};
-}
 
 // The activations of up to kIntRows rows interleaved for the kernel: the codes of group g (4 k) of
 // block b of row r at codes[(b * groups + g) * kIntRows + r], per block and row the a_scale, the
@@ -487,6 +465,17 @@ void RunTiles(const PackedWeights& p, const ActRows* act, const float* a_padded,
 }
 
 }  // namespace
+
+PrefillView PrefillTiles(const PackedWeights& p, int64_t tile0) {
+  if (p.high_planes == 0) {
+    return {BlockCodes(p, tile0, 0), BlockParams(p, tile0, 0), PanelBlockBytes(p, tile0), p.block_code_bytes};
+  }
+  const uint8_t* bytes = PrefillBytes(p);
+  const int64_t tiles = TilesInPanel(p, tile0), in_panel = tile0 & (p.panel_tiles - 1);
+  const uint8_t* codes = bytes + ExpandedOffset(p, tile0, 0);
+  const uint8_t* params = codes + (tiles - in_panel) * p.block_padded * 16 + in_panel * p.param_bytes;
+  return {codes, params, ExpandedPanelBlockBytes(p, tile0), p.block_padded * 16};
+}
 
 void TilesAvx512(const PackedWeights& p, const ActRows* act, const float* a_padded, int64_t row_begin, int64_t row_end,
                  int64_t tile_begin, int64_t tile_end, const float* bias, float* Y) {

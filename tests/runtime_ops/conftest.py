@@ -162,6 +162,9 @@ ISA_NEEDS = {
         "amx_tile",
         "amx_int8",
     },
+    # The amx path with its tile instructions emulated in C++ (BCT_ONNX_AMX_EMULATE, cpu/isa.h): the AMX
+    # kernels' blocking and epilogue on any CPU with AVX-512 VNNI.
+    "amx-emulated": {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"},
 }
 
 
@@ -189,6 +192,9 @@ def force_isa(monkeypatch: pytest.MonkeyPatch) -> Any:
         missing = ISA_NEEDS[isa] - CPU_FLAGS
         if missing:
             pytest.skip(f"CPU lacks {sorted(missing)} for the {isa} path")
+        if isa == "amx-emulated":
+            monkeypatch.setenv("BCT_ONNX_AMX_EMULATE", "1")
+            isa = "amx"
         monkeypatch.setenv("BCT_ONNX_ISA", isa)
 
     return force

@@ -46,7 +46,7 @@ from bct_onnx.reference_ops import (
     matmul_reference,
 )
 
-ISAS = ("scalar", "avx2", "avxvnni", "avx512", "avx512vnni", "amx")
+ISAS = ("scalar", "avx2", "avxvnni", "avx512", "avx512vnni", "amx", "amx-emulated")
 SCALE_DTYPES = {
     ScaleKind.FLOAT16: np.float16,
     ScaleKind.FLOAT32: np.float32,
@@ -546,6 +546,39 @@ def test_integer_prefill_same_bits_as_scalar(
         got = session.run(None, {"A": a[:m]})[0]
         want = reference.run(None, {"A": a[:m]})[0]
         assert_bits_equal(got, want, f"isa={isa} bits={bits} symmetric={symmetric} M={m}")
+
+
+@pytest.mark.parametrize("isa_name", ["amx", "amx-emulated"])
+@pytest.mark.parametrize(
+    "bits,symmetric,block_size",
+    [(4, True, 32), (4, False, 128), (3, True, 64), (8, True, 256), (8, False, 32), (5, True, 64), (6, False, 16)],
+)
+def test_amx_prefill_same_bits_as_scalar(
+    isa_name: str, bits: int, symmetric: bool, block_size: int, force_isa: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The AMX-INT8 prefill kernel (cpu/matmul_kernel_amx.cc: rows in blocks of 32 and 16 on tiles, the
+    rest on the AVX-512 kernels; emulated tiles where the CPU has none) on random (inexact) data gives
+    exactly the scalar path's bits: nibble, 5-bit (high bit plane) and byte codes, signed (symmetric)
+    and unsigned weight codes, blocks of 16..256 K (tiles of at most 64 K: several chunks a block),
+    more than 8 blocks (the epilogue's groups of blocks), M = 16..100 (row blocks of 32, 16, and the
+    rows left for the AVX-512 kernels), N = 16 * 5 + 3 (pairs of tiles and a single one), 1 and 2 threads."""
+    force_isa(isa_name)
+    rng = np.random.default_rng(bits * 100 + block_size + symmetric)
+    k, n = 9 * block_size + 5, 16 * 5 + 3
+    codes, scales, zero_points = random_weight(
+        rng, n, k, bits, block_size, symmetric, ScaleKind.FLOAT16, exact=False
+    )
+    fmt = {"k": k, "bits": bits, "block_size": block_size, "symmetric": symmetric, "act_bits": 8}
+    model = matmul_model(n=n, codes=codes, scales=scales, zero_points=zero_points, bias=None, **fmt)
+    a = rng.standard_normal((100, k)).astype(np.float32)
+    sessions = [bct_onnx.session(model, threads=t) for t in (1, 2)]
+    monkeypatch.setenv("BCT_ONNX_ISA", "scalar")
+    reference = bct_onnx.session(model)
+    for m in (16, 31, 32, 48, 100):
+        want = reference.run(None, {"A": a[:m]})[0]
+        for threads, session in zip((1, 2), sessions):
+            got = session.run(None, {"A": a[:m]})[0]
+            assert_bits_equal(got, want, f"{isa_name} bits={bits} symmetric={symmetric} M={m} threads={threads}")
 
 
 @pytest.mark.parametrize("isa_name", ["avx512vnni", "avx2", "scalar"])

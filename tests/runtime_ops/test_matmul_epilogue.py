@@ -19,7 +19,7 @@ from bct_onnx.block_format import BlockFormat, ScaleKind, pack_codes, quantize
 from bct_onnx.ops import BLOCK_MATMUL, DOMAIN
 from bct_onnx.reference_fused import block_matmul_epilogue, concat_gate_up, matmul_epilogue
 
-ISAS = ("scalar", "avx2", "avxvnni", "avx512", "avx512vnni", "amx")
+ISAS = ("scalar", "avx2", "avxvnni", "avx512", "avx512vnni", "amx", "amx-emulated")
 OUT_FORMATS = {
     "float": None,
     "own": BlockFormat(8, 32, True, ScaleKind.FLOAT32),
