@@ -143,13 +143,17 @@ def cpu_flags() -> list[str]:
 
 
 def isa_paths(flags: list[str]) -> str:
-    """The matmul ISA the bct-onnx library dispatches to (its rule: best of avx512vnni, avxvnni, avx2,
-    scalar the CPU has; BCT_ONNX_ISA overrides) and what ONNX Runtime's MLAS can use for int8."""
+    """The matmul ISA the bct-onnx library dispatches to (its rule: best of amx, avx512vnni, avxvnni,
+    avx2, scalar the CPU has; BCT_ONNX_ISA overrides) and what ONNX Runtime's MLAS can use for int8."""
     have = set(flags)
     forced = os.environ.get("BCT_ONNX_ISA")
+    avx512_vnni = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= have
     if forced:
-        bct = f"{forced} (BCT_ONNX_ISA)"
-    elif {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= have:
+        emulated = " with emulated tiles" if forced == "amx" and os.environ.get("BCT_ONNX_AMX_EMULATE") else ""
+        bct = f"{forced} (BCT_ONNX_ISA){emulated}"
+    elif avx512_vnni and {"amx_tile", "amx_int8"} <= have:
+        bct = "amx (integer prefill on AMX-INT8 tiles, the rest avx512vnni)"
+    elif avx512_vnni:
         bct = "avx512vnni"
     elif {"avx2", "fma", "avx_vnni"} <= have:
         bct = "avxvnni"
