@@ -179,6 +179,21 @@ def test_compare_speed_paired_ratio_is_per_round() -> None:
     assert compare.paired_ratio_note("decode", times, "bct-default", "ort-int8") is None
 
 
+def test_compare_speed_isa_line_names_the_path_the_library_takes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmarks' ISA line follows the library's dispatch rule (cpu/isa.cc: best of amx, avx512vnni,
+    avxvnni, avx2; BCT_ONNX_ISA forces one), from the CPU flags."""
+    compare = _load("compare_speed")
+    monkeypatch.delenv("BCT_ONNX_ISA", raising=False)
+    avx512 = ["avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"]
+    assert "BlockMatMul: amx (" in compare.isa_paths([*avx512, "amx_tile", "amx_int8"])
+    assert "MLAS): AMX-INT8" in compare.isa_paths([*avx512, "amx_tile", "amx_int8"])
+    assert "BlockMatMul: avx512vnni;" in compare.isa_paths(avx512)
+    assert "BlockMatMul: avx2;" in compare.isa_paths(["avx2", "fma"])
+    monkeypatch.setenv("BCT_ONNX_ISA", "amx")
+    monkeypatch.setenv("BCT_ONNX_AMX_EMULATE", "1")
+    assert "amx (BCT_ONNX_ISA) with emulated tiles" in compare.isa_paths(avx512)
+
+
 def test_entropy_coding_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """benchmarks/entropy_coding.py on a tiny compressed encoder: bits a value, sizes, identical outputs."""
     import numpy as np
