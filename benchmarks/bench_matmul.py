@@ -16,7 +16,8 @@ so load on a shared machine slows all alike; compare ratios, not milliseconds ac
    (compare_speed.StreamRead: numpy byte max, persistent threads) timed in the same rounds; from the
    median and from the fastest round (on a shared machine the fastest rounds are those where no other
    job took a core; `--clock cpu` is steadier). --gemv-threads 1,2 times several thread counts side by
-   side, --compare-library another build of the custom-op library (before / after a change).
+   side, --compare-library another build of the custom-op library (before / after a change),
+   --compare-isa the products again with one instruction-set path forced (amx against avx512vnni).
 
 Prints the CPU model and the ISA paths (bct-onnx's BlockMatMul path, MLAS's int8 path).
 `--clock cpu` times the calling thread's CPU time with one intra-op thread instead of wall time:
@@ -24,7 +25,8 @@ on a machine shared with other jobs that measures the kernels, not the scheduler
 
     python benchmarks/bench_matmul.py [--threads 2] [--repeat 100] [--clock wall|cpu]
         [--only TEXT] [--shapes 128x768x3072,...|encoder] [--gemv-rows 1,4,8] [--gemv-threads 1,2]
-        [--gemv-shapes 576x576x4,...] [--compare-library OTHER.so] [--json out.json]
+        [--gemv-shapes 576x576x4,...] [--compare-library OTHER.so] [--compare-isa avx512vnni]
+        [--json out.json]
 
 Needs the compiled custom-op library (installed package, or BCT_ONNX_LIBRARY); without it only
 the ONNX Runtime rows are measured, and the output says so.
@@ -42,7 +44,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -268,6 +270,14 @@ def bench_shapes(args: argparse.Namespace, threads: int, have_library: bool) -> 
                 if case.needs_library:
                     cases.append(dataclasses.replace(case, label=f"{case.label} [{library.name}]"))
                     sessions.append(_library_session(model, threads, library))
+        # --compare-isa: every BlockMatMul case again with that path forced (read at kernel creation)
+        for isa in args.compare_isa if have_library else []:
+            for case, model in list(zip(cases, models)):
+                if case.needs_library and "[" not in case.label:
+                    with _forced_isa(isa):
+                        session = _session(model, threads, True)
+                    cases.append(dataclasses.replace(case, label=f"{case.label} [isa {isa}]"))
+                    sessions.append(session)
         calls = [lambda s=s, f=feed: s.run(None, f) for s in sessions]
         times = _interleaved(calls, args.warmup, args.repeat, args.rounds, clock)
         base = statistics.median(times[[c.label for c in cases].index(BASELINE)])
@@ -339,6 +349,25 @@ def _parse_gemv_shapes(text: str) -> list[tuple[int, int, int, bool]]:
         k, n, bits = item.split("x")
         shapes.append((int(k), int(n), int(bits.rstrip("a")), not bits.endswith("a")))
     return shapes
+
+
+@contextlib.contextmanager
+def _forced_isa(isa: str) -> Iterator[None]:
+    """BCT_ONNX_ISA=isa while sessions are created inside (kernels read it when created), then as before;
+    "amx-emulated": the amx path with its tiles emulated (BCT_ONNX_AMX_EMULATE, for checking this tool)."""
+    names = ("BCT_ONNX_ISA", "BCT_ONNX_AMX_EMULATE")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ["BCT_ONNX_ISA"] = "amx" if isa == "amx-emulated" else isa
+    if isa == "amx-emulated":
+        os.environ["BCT_ONNX_AMX_EMULATE"] = "1"
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _library_session(model: onnx.ModelProto, threads: int, library: Path | None) -> ort.InferenceSession:
@@ -491,6 +520,13 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         help="another build of the custom-op library (e.g. main's) timed in the same rounds; repeatable",
+    )
+    parser.add_argument(
+        "--compare-isa",
+        action="append",
+        default=[],
+        help="every BlockMatMul product again with this instruction-set path forced (BCT_ONNX_ISA, e.g. "
+        "avx512vnni on a CPU with AMX), timed in the same rounds; repeatable",
     )
     parser.add_argument(
         "--no-spinning",

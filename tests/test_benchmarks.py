@@ -194,6 +194,19 @@ def test_compare_speed_isa_line_names_the_path_the_library_takes(monkeypatch: py
     assert "amx (BCT_ONNX_ISA) with emulated tiles" in compare.isa_paths(avx512)
 
 
+def test_bench_matmul_forced_isa_sets_and_restores_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--compare-isa creates its sessions with the path forced (amx-emulated: amx with emulated tiles) and
+    leaves the environment as it found it."""
+    bench = _load("bench_matmul")
+    monkeypatch.setenv("BCT_ONNX_ISA", "scalar")
+    monkeypatch.delenv("BCT_ONNX_AMX_EMULATE", raising=False)
+    with bench._forced_isa("amx-emulated"):
+        assert os.environ["BCT_ONNX_ISA"] == "amx" and os.environ["BCT_ONNX_AMX_EMULATE"] == "1"
+    assert os.environ["BCT_ONNX_ISA"] == "scalar" and "BCT_ONNX_AMX_EMULATE" not in os.environ
+    with bench._forced_isa("avx512vnni"):
+        assert os.environ["BCT_ONNX_ISA"] == "avx512vnni" and "BCT_ONNX_AMX_EMULATE" not in os.environ
+
+
 def test_entropy_coding_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """benchmarks/entropy_coding.py on a tiny compressed encoder: bits a value, sizes, identical outputs."""
     import numpy as np
