@@ -103,3 +103,99 @@ def test_fused_weight_that_is_not_a_constant_is_reported() -> None:
     assert not result.modified
     (skip,) = result.skipped
     assert skip.op_type == "Attention" and skip.reason == "input 1 of Attention is not a constant initializer"
+
+
+def genai_style_layer(rng: np.random.Generator) -> tuple[ir.Model, dict[str, np.ndarray]]:
+    """One decoder layer as onnxruntime-genai's model builder writes it in float (`-p fp32 -e cpu`):
+    SkipSimplifiedLayerNormalization (residual Add + RMSNorm), Q / K / V MatMuls, GroupQueryAttention
+    with its past / present cache and seqlens_k (4 query heads, 2 KV heads of 16), the output MatMul;
+    and feeds for a 3-token step after 5 cached tokens."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    d, heads, kv_heads, dh, past, seq = 64, 4, 2, 16, 5, 3
+
+    def weight(name: str, n: int) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.standard_normal((d, n)) / np.sqrt(d)).astype(np.float32), name)
+
+    ms = "com.microsoft"
+    nodes = [
+        helper.make_node(
+            "SkipSimplifiedLayerNormalization", ["x", "residual", "gamma"], ["h", "", "", "sum"],
+            domain=ms, epsilon=1e-5,
+        ),
+        helper.make_node("MatMul", ["h", "wq"], ["q"]),
+        helper.make_node("MatMul", ["h", "wk"], ["k"]),
+        helper.make_node("MatMul", ["h", "wv"], ["v"]),
+        helper.make_node(
+            "GroupQueryAttention",
+            ["q", "k", "v", "past_key", "past_value", "seqlens_k", "total_sequence_length"],
+            ["attn", "present_key", "present_value"],
+            domain=ms, num_heads=heads, kv_num_heads=kv_heads,
+        ),
+        helper.make_node("MatMul", ["attn", "wo"], ["o"]),
+        helper.make_node("Add", ["o", "sum"], ["y"]),
+    ]
+    cache = ["batch", kv_heads, "past", dh]
+    present = ["batch", kv_heads, "total", dh]
+    graph = helper.make_graph(
+        nodes,
+        "genai_layer",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", d]),
+            helper.make_tensor_value_info("residual", TensorProto.FLOAT, ["batch", "seq", d]),
+            helper.make_tensor_value_info("past_key", TensorProto.FLOAT, cache),
+            helper.make_tensor_value_info("past_value", TensorProto.FLOAT, cache),
+            helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+            helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", d]),
+            helper.make_tensor_value_info("present_key", TensorProto.FLOAT, present),
+            helper.make_tensor_value_info("present_value", TensorProto.FLOAT, present),
+        ],
+        [
+            numpy_helper.from_array((1 + 0.1 * rng.standard_normal(d)).astype(np.float32), "gamma"),
+            weight("wq", heads * dh),
+            weight("wk", kv_heads * dh),
+            weight("wv", kv_heads * dh),
+            numpy_helper.from_array((rng.standard_normal((heads * dh, d)) / 8).astype(np.float32), "wo"),
+        ],
+    )
+    proto = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ms, 1)], ir_version=8
+    )
+    onnx.checker.check_model(proto)
+    feeds = {
+        "x": rng.standard_normal((1, seq, d)).astype(np.float32),
+        "residual": rng.standard_normal((1, seq, d)).astype(np.float32),
+        "past_key": rng.standard_normal((1, kv_heads, past, dh)).astype(np.float32),
+        "past_value": rng.standard_normal((1, kv_heads, past, dh)).astype(np.float32),
+        "seqlens_k": np.array([past + seq - 1], np.int32),
+        "total_sequence_length": np.array(past + seq, np.int32),
+    }
+    return ir.from_proto(proto), feeds
+
+
+def test_graph_fused_by_genai_builder_compresses_without_unfusing(tmp_path: Path) -> None:
+    """A float decoder layer fused as onnxruntime-genai's builder writes it (GroupQueryAttention,
+    SkipSimplifiedLayerNormalization) compresses with the default flags: its MatMuls become BlockMatMuls,
+    the fused nodes and their float cache stay as they are, and the result runs in ONNX Runtime close
+    to the float graph (a random-weight layer: outputs and present cache cosine >= 0.98)."""
+    model, feeds = genai_style_layer(np.random.default_rng(0))
+    float_path = tmp_path / "genai_layer.onnx"
+    ir.save(model, float_path)
+    before = counts(model)
+    result = compress_model(ir.load(float_path), CompressConfig())
+    after = counts(result.model)
+    assert after["GroupQueryAttention"] == 1 and after["SkipSimplifiedLayerNormalization"] == 1, after
+    assert after["MatMul"] == 0 and after["BlockMatMul"] == before["MatMul"] == 4, after
+    out = tmp_path / "genai_layer.bct.onnx"
+    ir.save(result.model, out)
+    reference = ort.InferenceSession(str(float_path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in reference.get_outputs()]
+    expected = reference.run(names, feeds)
+    got = session(str(out)).run(names, feeds)
+    for name, want, have in zip(names, expected, got, strict=True):
+        assert have.shape == want.shape, name
+        assert row_cosines(want.reshape(1, -1), have.reshape(1, -1)).min() >= 0.98, name
