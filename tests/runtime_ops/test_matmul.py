@@ -513,6 +513,17 @@ def test_integer_mode_same_bits_as_scalar_for_every_row_count(
         assert_bits_equal(got, want, f"isa={isa} bits={bits} symmetric={symmetric} M={m}")
 
 
+def random_integer_model(
+    rng: np.random.Generator, k: int, n: int, bits: int, block_size: int, symmetric: bool, rows: int
+) -> tuple[bytes, np.ndarray]:
+    """An integer-mode BlockMatMul (random inexact weights, float16 scales, 8-bit activations) and
+    `rows` random rows of A."""
+    codes, scales, zero_points = random_weight(rng, n, k, bits, block_size, symmetric, ScaleKind.FLOAT16, exact=False)
+    fmt = {"k": k, "bits": bits, "block_size": block_size, "symmetric": symmetric, "act_bits": 8}
+    model = matmul_model(n=n, codes=codes, scales=scales, zero_points=zero_points, bias=None, **fmt)
+    return model, rng.standard_normal((rows, k)).astype(np.float32)
+
+
 # Every pair of (zero-point mode, bits, block size, GFNI on/off), on every path (was the full product: 80).
 @pytest.mark.parametrize(
     "symmetric,bits,block_size,gfni",
@@ -530,13 +541,7 @@ def test_integer_prefill_same_bits_as_scalar(
     N = 16 * 9 + 5 (two 4-tile panels, a pair and a single tile of the last), K ending in a partial
     block, blocks of 2..16 groups (12: a group count known only at run time)."""
     rng = np.random.default_rng(bits * 1000 + block_size * 2 + symmetric)
-    k, n = 4 * block_size + 5, 16 * 9 + 5
-    codes, scales, zero_points = random_weight(
-        rng, n, k, bits, block_size, symmetric, ScaleKind.FLOAT16, exact=False
-    )
-    fmt = {"k": k, "bits": bits, "block_size": block_size, "symmetric": symmetric, "act_bits": 8}
-    model = matmul_model(n=n, codes=codes, scales=scales, zero_points=zero_points, bias=None, **fmt)
-    a = rng.standard_normal((100, k)).astype(np.float32)
+    model, a = random_integer_model(rng, 4 * block_size + 5, 16 * 9 + 5, bits, block_size, symmetric, rows=100)
     if gfni == "no-gfni":
         monkeypatch.setenv("BCT_ONNX_NO_GFNI", "1")
     session = bct_onnx.session(model)
@@ -564,13 +569,7 @@ def test_amx_prefill_same_bits_as_scalar(
     rows left for the AVX-512 kernels), N = 16 * 5 + 3 (pairs of tiles and a single one), 1 and 2 threads."""
     force_isa(isa_name)
     rng = np.random.default_rng(bits * 100 + block_size + symmetric)
-    k, n = 9 * block_size + 5, 16 * 5 + 3
-    codes, scales, zero_points = random_weight(
-        rng, n, k, bits, block_size, symmetric, ScaleKind.FLOAT16, exact=False
-    )
-    fmt = {"k": k, "bits": bits, "block_size": block_size, "symmetric": symmetric, "act_bits": 8}
-    model = matmul_model(n=n, codes=codes, scales=scales, zero_points=zero_points, bias=None, **fmt)
-    a = rng.standard_normal((100, k)).astype(np.float32)
+    model, a = random_integer_model(rng, 9 * block_size + 5, 16 * 5 + 3, bits, block_size, symmetric, rows=100)
     sessions = [bct_onnx.session(model, threads=t) for t in (1, 2)]
     monkeypatch.setenv("BCT_ONNX_ISA", "scalar")
     reference = bct_onnx.session(model)
