@@ -19,16 +19,32 @@ namespace bct {
 namespace nonlinear {
 namespace vnni {
 
-void InitPackedB(PackedB& p, int64_t batches, int64_t n, int64_t k, int64_t block_size) {
+void InitPackedB(PackedB& p, int64_t batches, int64_t n, int64_t k, int64_t block_size, bool only_padding) {
   p.n = n;
   p.n_pad = (n + 15) / 16 * 16;
   p.k = k;
   p.block_size = block_size;
   p.nb = (k + block_size - 1) / block_size;
   p.groups = (block_size + 3) / 4;
-  p.codes.assign(static_cast<size_t>(batches * p.nb * p.groups * p.n_pad * 4), 0);
-  p.sums.assign(static_cast<size_t>(batches * p.nb * p.n_pad), 0);
-  p.scales.assign(static_cast<size_t>(batches * p.nb * p.n_pad), 0.0f);
+  const int64_t rows = batches * p.nb;  // rows of n_pad sums or scales; groups rows of codes each
+  if (!only_padding) {
+    p.codes.assign(static_cast<size_t>(rows * p.groups * p.n_pad * 4), 0);
+    p.sums.assign(static_cast<size_t>(rows * p.n_pad), 0);
+    p.scales.assign(static_cast<size_t>(rows * p.n_pad), 0.0f);
+    return;
+  }
+  p.codes.resize(static_cast<size_t>(rows * p.groups * p.n_pad * 4));
+  p.sums.resize(static_cast<size_t>(rows * p.n_pad));
+  p.scales.resize(static_cast<size_t>(rows * p.n_pad));
+  const int64_t pad = p.n_pad - n;
+  if (pad == 0) return;
+  for (int64_t r = 0; r < rows * p.groups; ++r) {
+    std::memset(p.codes.data() + (r * p.n_pad + n) * 4, 0, static_cast<size_t>(pad * 4));
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    std::fill_n(p.sums.data() + r * p.n_pad + n, pad, 0);
+    std::fill_n(p.scales.data() + r * p.n_pad + n, pad, 0.0f);
+  }
 }
 
 void PackColumn(PackedB& p, int64_t batch, int64_t col, const int8_t* q, const float* scales) {
@@ -119,11 +135,14 @@ __attribute__((target("avx512f"), always_inline)) static inline void Transpose16
   }
 }
 
-// PackCodeRows with AVX-512: 16 rows at a time, 16 groups of 4 codes of each loaded at once, made
-// signed (u ^ 0x80 is the byte of u - 128) and transposed, so that register d holds group d of the 16
-// rows: the bytes PackRowsAvx512 gathers, with the same block sums (vpdpbusd with ones).
+// PackCodeRows with AVX-512: 16 rows at a time, 16 groups of 4 codes of each loaded at once (and
+// stored as they are to copy when kCopy), made signed (u ^ 0x80 is the byte of u - 128) and transposed,
+// so that register d holds group d of the 16 rows: the bytes PackRowsAvx512 gathers, with the same block
+// sums (vpdpbusd with ones).
+template <bool kCopy>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void PackCodeRowsAvx512(
-    PackedB& p, int64_t batch, int64_t col0, int64_t count, const uint8_t* codes, const float* scales) {
+    PackedB& p, int64_t batch, int64_t col0, int64_t count, const uint8_t* codes, const float* scales,
+    uint8_t* copy) {
   const int64_t words = p.k / 4;  // groups of 4 codes in a row; p.groups of them in each block
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   const __m512i ones = _mm512_set1_epi8(1);
@@ -138,8 +157,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void Pack
       const __mmask16 word_mask = n == 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
       __m512i r[16];
       for (int64_t j = 0; j < 16; ++j) {
-        r[j] = j < keys ? _mm512_xor_si512(_mm512_maskz_loadu_epi32(word_mask, codes + (j0 + j) * p.k + w0 * 4), flip)
-                        : _mm512_setzero_si512();
+        if (j >= keys) {
+          r[j] = _mm512_setzero_si512();
+          continue;
+        }
+        const int64_t at = (j0 + j) * p.k + w0 * 4;
+        const __m512i u = _mm512_maskz_loadu_epi32(word_mask, codes + at);
+        if (kCopy) _mm512_mask_storeu_epi32(copy + at, word_mask, u);
+        r[j] = _mm512_xor_si512(u, flip);
       }
       Transpose16x16(r);
       for (int64_t i = 0; i < n; ++i) {
@@ -161,13 +186,19 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void Pack
 }
 #endif
 
-void PackCodeRows(PackedB& p, int64_t batch, int64_t col0, int64_t count, const uint8_t* codes, const float* scales) {
+void PackCodeRows(PackedB& p, int64_t batch, int64_t col0, int64_t count, const uint8_t* codes, const float* scales,
+                  uint8_t* copy) {
 #if BCT_X86_SIMD
   if (p.k % p.block_size == 0 && p.block_size % 4 == 0 && p.k < (1 << 24)) {  // whole groups of 4 in every block
-    PackCodeRowsAvx512(p, batch, col0, count, codes, scales);
+    if (copy != nullptr) {
+      PackCodeRowsAvx512<true>(p, batch, col0, count, codes, scales, copy);
+    } else {
+      PackCodeRowsAvx512<false>(p, batch, col0, count, codes, scales, nullptr);
+    }
     return;
   }
 #endif
+  if (copy != nullptr && count > 0) std::memcpy(copy, codes, static_cast<size_t>(count * p.k));
   std::vector<int8_t> q(static_cast<size_t>(p.k));
   for (int64_t j = 0; j < count; ++j) {
     for (int64_t i = 0; i < p.k; ++i) q[static_cast<size_t>(i)] = static_cast<int8_t>(codes[j * p.k + i] ^ 0x80u);

@@ -23,7 +23,10 @@ struct PackedB {
   std::vector<float> scales;    // [batches][nb][n_pad]
 };
 
-void InitPackedB(PackedB& packed, int64_t batches, int64_t n, int64_t k, int64_t block_size);
+// Sizes packed for `batches` batches of n columns; all of it zero, or with only_padding only the columns
+// n..n_pad (for a caller that then stores every column < n, whole groups of 4 in every block: k a
+// multiple of block_size, block_size of 4; the rest keeps what a former call left there).
+void InitPackedB(PackedB& packed, int64_t batches, int64_t n, int64_t k, int64_t block_size, bool only_padding = false);
 
 // Stores the signed codes q [k] and scales [nb] of column `col` of batch `batch`.
 void PackColumn(PackedB& packed, int64_t batch, int64_t col, const int8_t* q, const float* scales);
@@ -35,9 +38,11 @@ void PackRows(PackedB& packed, int64_t batch, int64_t col0, int64_t count, const
               int64_t row_step = 1);
 
 // PackRows from unsigned 8-bit codes u [count, k] (row stride k), whose signed codes are q = u - 128
-// (BlockAttention's 8-bit symmetric KV cache as stored); the same bytes as PackRows of q.
+// (BlockAttention's 8-bit symmetric KV cache as stored); the same bytes as PackRows of q. With copy, the
+// rows u are also stored there as they are ([count, k], not overlapping codes): a decoder step's one
+// read of a past K row both copies it to the present cache and packs it.
 void PackCodeRows(PackedB& packed, int64_t batch, int64_t col0, int64_t count, const uint8_t* codes,
-                  const float* scales);
+                  const float* scales, uint8_t* copy = nullptr);
 
 // Stores block `blk` of batch `batch` for all columns at once: signed codes q [len][n] (k-major)
 // and scales [n].

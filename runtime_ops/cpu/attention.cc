@@ -12,7 +12,9 @@
 // together into one buffer laid out as the projection (a position's Q rows, then its K rows), and read
 // from there as from the packed tensors with more rows per position. A decoder step (one query row per
 // head) runs the query heads of a KV head together, in one parallel section of two tasks per KV head
-// (each appends, prepares and packs half the head's keys; the second to finish runs the head's queries).
+// (each appends, prepares and packs half the head's keys; the second to finish runs the head's queries);
+// with an 8-bit cache packed for the VNNI dots the packing reads the past K rows and copies them to the
+// present cache in the same pass.
 // The buffers are per-thread scratch (cpu/thread_scratch.h): a step allocates nothing.
 #include <algorithm>
 #include <atomic>
@@ -101,6 +103,9 @@ class AttentionCpuKernel : public AttentionKernelBase {
       const int64_t per_group = g.q_heads / g.kv_heads;
       const bool heads_together = !g.packed && g.sq == 1 && g.mask_strides[1] == 0 && per_group > 1;
       const int64_t kv_heads = g.batch * g.kv_heads;
+      // There, with K packed from the cache's codes, the packing reads the past K rows and also copies
+      // them to the present cache (vnni::PackCodeRows with copy): each past K byte is read once.
+      const bool pack_copies = heads_together && g.step && pack_codes;
       // There V in 8-bit symmetric codes is read as codes by attention_rows (no float32 copy of V).
       const int64_t value_nb = g.v.num_blocks;
       const bool value_codes = heads_together && g.v.quantized && attrs_.kv_bits == 8 && attrs_.kv_symmetric &&
@@ -210,7 +215,9 @@ class AttentionCpuKernel : public AttentionKernelBase {
       // [dh, sk] / [nb, sk]. The packed form lives in the calling thread's own PackedB, whose storage
       // later calls reuse (a reference, so that the tasks on other threads read this one).
       vnni::PackedB& packed = CallPackedB();
-      if (vnni_dots) vnni::InitPackedB(packed, kv_heads, g.sk, dh, bs);
+      // pack_keys stores every key of every head: only the padding past sk is zeroed when every block
+      // is of whole groups of 4 codes (as PackRows and PackCodeRows store them).
+      if (vnni_dots) vnni::InitPackedB(packed, kv_heads, g.sk, dh, bs, dh % bs == 0 && bs % 4 == 0);
       auto key_row = [&](int64_t head, int64_t key) {  // storage row of key `key` of head b * Hkv + h
         return code_row(k_code_stride, g.kv_heads, g.sk, head / g.kv_heads, head % g.kv_heads, key);
       };
@@ -218,8 +225,14 @@ class AttentionCpuKernel : public AttentionKernelBase {
         if (vnni_dots) {  // runs of keys inside one head, read H rows apart when packed
           for (int64_t r = begin; r < end;) {
             const int64_t head = r / g.sk, key = r % g.sk;
-            const int64_t count = std::min(end - r, g.sk - key), src = key_row(head, key);
-            if (pack_codes) {
+            int64_t count = std::min(end - r, g.sk - key);
+            const int64_t src = key_row(head, key);
+            const int64_t past = pack_copies ? g.step_dims.past : 0;
+            if (key < past) {  // past rows: read from the past cache, copied to the present one as packed
+              count = std::min(count, past - key);
+              vnni::PackCodeRows(packed, head, key, count, step.past_k.codes + (head * past + key) * dh, ks + src * nb,
+                                 static_cast<uint8_t*>(step.present.k) + src * dh);
+            } else if (pack_codes) {
               vnni::PackCodeRows(packed, head, key, count, g.k.codes + src * dh, ks + src * nb);
             } else {
               vnni::PackRows(packed, head, key, count, kq + src * dh, ks + src * nb, g.packed ? k_code_stride : 1);
@@ -317,7 +330,7 @@ class AttentionCpuKernel : public AttentionKernelBase {
             const int64_t head = unit / kKeyChunks, chunk = unit % kKeyChunks;
             const int64_t first = head * g.sk + g.sk * chunk / kKeyChunks;
             const int64_t last = head * g.sk + g.sk * (chunk + 1) / kKeyChunks;
-            if (g.step) AppendRows(g, step, first, last);
+            if (g.step) AppendRows(g, step, first, last, !pack_copies);
             prepare_keys(first, last);
             pack_keys(first, last);
             if (chunks_done[head].fetch_add(1, std::memory_order_acq_rel) == kKeyChunks - 1) run_tasks(head, head + 1);
@@ -375,7 +388,9 @@ class AttentionCpuKernel : public AttentionKernelBase {
 
   // Present rows [begin, end) of [B * Hkv, Sk] of K and V: a past row copied, a new row rotated (K) and
   // quantized when the cache holds codes. Any ranges that tile the rows give the same bytes.
-  void AppendRows(const AttentionGeometry& g, const StepCache& c, int64_t begin, int64_t end) const {
+  // Without past_k_codes, K's past codes are left to the caller (pack_keys copies them as it packs them).
+  void AppendRows(const AttentionGeometry& g, const StepCache& c, int64_t begin, int64_t end,
+                  bool past_k_codes = true) const {
     const nl::AttentionStepDims& d = g.step_dims;
     const int64_t dh = g.dh, rb = c.row_nbytes, sb = c.scale_nbytes;
     const bool codes = g.k.quantized;
@@ -391,7 +406,7 @@ class AttentionCpuKernel : public AttentionKernelBase {
         auto* dst_scales = static_cast<uint8_t*>(which == 0 ? c.present.k_scales : c.present.v_scales);
         if (copied > 0) {
           const auto* src = (codes ? past.codes : reinterpret_cast<const uint8_t*>(past.x)) + (bh * d.past + j0) * rb;
-          std::copy(src, src + copied * rb, dst + t * rb);
+          if (which == 1 || past_k_codes) std::copy(src, src + copied * rb, dst + t * rb);
           if (codes) {
             const auto* src_scales = static_cast<const uint8_t*>(past.scales) + (bh * d.past + j0) * sb;
             std::copy(src_scales, src_scales + copied * sb, dst_scales + t * sb);

@@ -15,8 +15,9 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
-from support import assert_bits_equal, run
+from support import assert_bits_equal, ort_feed, run
 
+import bct_onnx
 from bct_onnx import reference_attention as ref
 from bct_onnx.block_format import BlockFormat, QuantizedTensor, ScaleKind, quantize
 from bct_onnx.ops import DOMAIN
@@ -107,8 +108,13 @@ def case_inputs(case: tuple[Any, ...], seed: int = 0) -> dict[str, Any]:
 
 
 def run_step(
-    args: dict[str, Any], act_bits: int = 8, block_size: int = 32, scale: float = 0.125
+    args: dict[str, Any],
+    act_bits: int = 8,
+    block_size: int = 32,
+    scale: float = 0.125,
+    threads: int | None = None,
 ) -> list[np.ndarray]:
+    """The step's outputs; threads: the session's intra-op threads (default ONNX Runtime's)."""
     attrs: dict[str, Any] = {"act_bits": act_bits, "block_size": block_size, "scale": scale}
     if args.get("causal"):
         attrs["causal"] = 1
@@ -126,7 +132,9 @@ def run_step(
         cos, sin = cos[:, None], sin[:, None]
     inputs = [args["q"], *kv, args["mask"], args["k_new"], args["v_new"], cos, sin]
     model, feeds = step_model(inputs, not isinstance(args["past_k"], QuantizedTensor), **attrs)
-    return run(model, feeds)
+    if threads is None:
+        return run(model, feeds)
+    return bct_onnx.session(model, threads=threads).run(None, {k: ort_feed(v) for k, v in feeds.items()})
 
 
 def spec(args: dict[str, Any], act_bits: int = 8, block_size: int = 32, scale: float = 0.125):
@@ -314,3 +322,23 @@ def test_cache_key_scales_that_are_not_finite_or_subnormal(isa: str, force_isa: 
     got = run_step(clean)
     assert not np.any(np.isnan(got[0]))
     assert_matches_spec(got, clean, f"subnormal scales [{isa}]")
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512vnni"])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("past", [15, 31, 100, 333])
+def test_decode_step_copies_past_keys_as_it_packs_them(
+    past: int, threads: int, isa: str, force_isa: Any
+) -> None:
+    """On the VNNI path a decoder step with an 8-bit cache reads each past K row once: the packing for
+    the Q x K^T dots also copies it to the present cache (the new row is quantized there and packed
+    after it). Past lengths that are not multiples of 16 nor split evenly into the two key chunks of a
+    KV head (15: the new row completes a 16-key group; 31; 100; 333: a chunk boundary inside a group),
+    batch 2 x 3 KV heads as SmolLM2 (9 query heads), on 1 and 2 threads: Y and every present output the
+    spec's bits, so a row copied to the wrong place, or packed from the wrong one, fails."""
+    force_isa(isa)
+    case = ("decode_fused_copy", 2, 9, 3, 1, past, 64, 8, 64, True, False)
+    args = case_inputs(case, seed=past)
+    got = run_step(args, threads=threads)
+    assert_matches_spec(got, args, f"past {past} threads {threads} [{isa}]")
+    np.testing.assert_array_equal(got[1][:, :, :past], args["past_k"].codes)
