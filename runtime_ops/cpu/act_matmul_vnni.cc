@@ -143,15 +143,22 @@ template <bool kCopy>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void PackCodeRowsAvx512(
     PackedB& p, int64_t batch, int64_t col0, int64_t count, const uint8_t* codes, const float* scales,
     uint8_t* copy) {
-  const int64_t words = p.k / 4;  // groups of 4 codes in a row; p.groups of them in each block
+  // PackedB's fields in locals (the stores of int8_t codes could alias them); group `word` of a row is
+  // group word % groups of block word / groups, stored word * n_pad columns of 4 bytes from the first.
+  const int64_t k = p.k, nb = p.nb, groups = p.groups, n_pad = p.n_pad;
+  const int64_t words = k / 4;  // groups of 4 codes in a row; groups of them in each block
+  int8_t* const packed_codes = p.codes.data() + (batch * nb * groups * n_pad + col0) * 4;
+  int32_t* const packed_sums = p.sums.data() + batch * nb * n_pad + col0;
+  float* const packed_scales = p.scales.data() + batch * nb * n_pad + col0;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   const __m512i ones = _mm512_set1_epi8(1);
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  const __m512i row_scales = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(p.nb)));
+  const __m512i row_scales = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(nb)));
   for (int64_t j0 = 0; j0 < count; j0 += 16) {
     const int64_t keys = std::min<int64_t>(16, count - j0);
     const __mmask16 key_mask = keys == 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << keys) - 1u);
     __m512i sum = _mm512_setzero_si512();
+    int64_t blk = 0, g = 0;  // of group w0 + i below
     for (int64_t w0 = 0; w0 < words; w0 += 16) {
       const int64_t n = std::min<int64_t>(16, words - w0);
       const __mmask16 word_mask = n == 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
@@ -161,24 +168,25 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void Pack
           r[j] = _mm512_setzero_si512();
           continue;
         }
-        const int64_t at = (j0 + j) * p.k + w0 * 4;
+        const int64_t at = (j0 + j) * k + w0 * 4;
         const __m512i u = _mm512_maskz_loadu_epi32(word_mask, codes + at);
         if (kCopy) _mm512_mask_storeu_epi32(copy + at, word_mask, u);
         r[j] = _mm512_xor_si512(u, flip);
       }
       Transpose16x16(r);
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t word = w0 + i, blk = word / p.groups, g = word % p.groups;
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) {  // unrolled: r[i] stays in a register
+        if (i == n) break;
         sum = _mm512_dpbusd_epi32(sum, ones, r[i]);
-        _mm512_mask_storeu_epi32(p.codes.data() + ((batch * p.nb + blk) * p.groups * p.n_pad + col0 + j0 + g * p.n_pad) * 4,
-                                 key_mask, r[i]);
-        if (g == p.groups - 1) {  // the block's last group: its sums and scales
-          const int64_t at = (batch * p.nb + blk) * p.n_pad + col0 + j0;
-          _mm512_mask_storeu_epi32(p.sums.data() + at, key_mask, sum);
-          _mm512_mask_storeu_ps(p.scales.data() + at, key_mask,
+        _mm512_mask_storeu_epi32(packed_codes + ((w0 + i) * n_pad + j0) * 4, key_mask, r[i]);
+        if (++g == groups) {  // the block's last group: its sums and scales
+          _mm512_mask_storeu_epi32(packed_sums + blk * n_pad + j0, key_mask, sum);
+          _mm512_mask_storeu_ps(packed_scales + blk * n_pad + j0, key_mask,
                                 _mm512_mask_i32gather_ps(_mm512_setzero_ps(), key_mask, row_scales,
-                                                         scales + j0 * p.nb + blk, 4));
+                                                         scales + j0 * nb + blk, 4));
           sum = _mm512_setzero_si512();
+          g = 0;
+          ++blk;
         }
       }
     }

@@ -7,20 +7,44 @@
 // 128 * sum(B codes of the block) is subtracted afterwards (exact in int32).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <new>
 #include <vector>
 
 namespace bct {
 namespace nonlinear {
 namespace vnni {
 
+// std::allocator on 64-byte boundaries: a strip of 16 columns of PackedB (64 bytes of codes, of sums or
+// of scales) from a column that is a multiple of 16 is then one cache line, not parts of two.
+template <class T>
+struct CacheLineAllocator {
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <class U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) noexcept {}  // NOLINT(google-explicit-constructor)
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, std::size_t) noexcept { ::operator delete(p, std::align_val_t(64)); }
+  template <class U>
+  bool operator==(const CacheLineAllocator<U>&) const noexcept {
+    return true;
+  }
+  template <class U>
+  bool operator!=(const CacheLineAllocator<U>&) const noexcept {
+    return false;
+  }
+};
+template <class T>
+using CacheLineVector = std::vector<T, CacheLineAllocator<T>>;
+
 // B's quantized codes of one batch in the VNNI layout: per block, ceil(block/4) groups of 4 k values;
 // per group, n_pad columns of 4 bytes (k = 4g .. 4g+3 of the block, zero-padded), n_pad = ceil(N/16)*16.
 struct PackedB {
   int64_t n = 0, n_pad = 0, k = 0, block_size = 0, nb = 0, groups = 0;  // groups per full block
-  std::vector<int8_t> codes;    // [batches][nb][groups][n_pad][4]
-  std::vector<int32_t> sums;    // [batches][nb][n_pad]: sum of the block's codes of each column
-  std::vector<float> scales;    // [batches][nb][n_pad]
+  CacheLineVector<int8_t> codes;    // [batches][nb][groups][n_pad][4]
+  CacheLineVector<int32_t> sums;    // [batches][nb][n_pad]: sum of the block's codes of each column
+  CacheLineVector<float> scales;    // [batches][nb][n_pad]
 };
 
 // Sizes packed for `batches` batches of n columns; all of it zero, or with only_padding only the columns

@@ -325,11 +325,16 @@ class AttentionCpuKernel : public AttentionKernelBase {
         auto* chunks_done = cpu::ScratchPlan::At<std::atomic<int32_t>>(base, at_chunks_done);
         for (int64_t h = 0; h < kv_heads; ++h) new (chunks_done + h) std::atomic<int32_t>(0);
         const int64_t chunk_work = std::max<int64_t>(1, g.sk * dh * (per_group + 2) / kKeyChunks);
+        // A head's chunk c starts at the multiple of 16 keys nearest c * sk / kKeyChunks: the packed keys
+        // of a chunk then start at a whole strip of 16 columns (cache lines stored whole).
+        auto chunk_start = [&](int64_t c) {
+          return c == kKeyChunks ? g.sk : std::min(g.sk, (g.sk * c / kKeyChunks + 8) / 16 * 16);
+        };
         ParallelFor(ctx, kv_heads * kKeyChunks, std::max<int64_t>(1, kMinTaskValues / chunk_work), [&](int64_t b, int64_t e) {
           for (int64_t unit = b; unit < e; ++unit) {
             const int64_t head = unit / kKeyChunks, chunk = unit % kKeyChunks;
-            const int64_t first = head * g.sk + g.sk * chunk / kKeyChunks;
-            const int64_t last = head * g.sk + g.sk * (chunk + 1) / kKeyChunks;
+            const int64_t first = head * g.sk + chunk_start(chunk);
+            const int64_t last = head * g.sk + chunk_start(chunk + 1);
             if (g.step) AppendRows(g, step, first, last, !pack_copies);
             prepare_keys(first, last);
             pack_keys(first, last);

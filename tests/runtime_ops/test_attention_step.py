@@ -287,12 +287,13 @@ def test_a_large_step_then_small_ones() -> None:
 
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512vnni"])
 @pytest.mark.parametrize("kv_bits", [0, 8, 4])
-@pytest.mark.parametrize("past", [0, 1, 2, 37])
+@pytest.mark.parametrize("past", [0, 1, 2, 16, 37])
 def test_decode_step_appends_in_key_chunks(past: int, kv_bits: int, isa: str, force_isa: Any) -> None:
     """A decoder step with the query heads together appends its new row, prepares and packs the keys in
-    two chunks per KV head, and the chunk that completes a head runs its queries: with 0, 1, 2 or 37 past
-    rows (a chunk empty, one holding only the new row, a past/new boundary inside a chunk), batch 2
-    (chunks of different heads and batches), a float, 8-bit or 4-bit cache; every output the spec's bits."""
+    two chunks per KV head (split at the multiple of 16 keys nearest the middle), and the chunk that
+    completes a head runs its queries: with 0, 1, 2, 16 or 37 past rows (a chunk empty, one holding only
+    the new row (16), a past/new boundary inside a chunk), batch 2 (chunks of different heads and
+    batches), a float, 8-bit or 4-bit cache; every output the spec's bits."""
     force_isa(isa)
     case = ("decode_chunks", 2, 6, 2, 1, past, 64, kv_bits, 64, True, False)
     args = case_inputs(case, seed=past + kv_bits)
@@ -332,8 +333,8 @@ def test_decode_step_copies_past_keys_as_it_packs_them(
 ) -> None:
     """On the VNNI path a decoder step with an 8-bit cache reads each past K row once: the packing for
     the Q x K^T dots also copies it to the present cache (the new row is quantized there and packed
-    after it). Past lengths that are not multiples of 16 nor split evenly into the two key chunks of a
-    KV head (15: the new row completes a 16-key group; 31; 100; 333: a chunk boundary inside a group),
+    after it). Past lengths that are not multiples of 16 (15: the new row completes a 16-key group; 31;
+    100; 333: the second key chunk of a KV head starts at 48 / 160, its past rows end inside a group),
     batch 2 x 3 KV heads as SmolLM2 (9 query heads), on 1 and 2 threads: Y and every present output the
     spec's bits, so a row copied to the wrong place, or packed from the wrong one, fails."""
     force_isa(isa)
