@@ -163,22 +163,31 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void Pack
       const int64_t n = std::min<int64_t>(16, words - w0);
       const __mmask16 word_mask = n == 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
       __m512i r[16];
-      for (int64_t j = 0; j < 16; ++j) {
-        if (j >= keys) {
+      const uint8_t* src = codes + j0 * k + w0 * 4;  // row j0 + j, one pointer stepped (not 16 kept)
+      uint8_t* dst = kCopy ? copy + j0 * k + w0 * 4 : nullptr;
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) {
+        if (j < keys) {
+          const __m512i u = _mm512_maskz_loadu_epi32(word_mask, src);
+          if (kCopy) _mm512_mask_storeu_epi32(dst, word_mask, u);
+          r[j] = _mm512_xor_si512(u, flip);
+        } else {
           r[j] = _mm512_setzero_si512();
-          continue;
         }
-        const int64_t at = (j0 + j) * k + w0 * 4;
-        const __m512i u = _mm512_maskz_loadu_epi32(word_mask, codes + at);
-        if (kCopy) _mm512_mask_storeu_epi32(copy + at, word_mask, u);
-        r[j] = _mm512_xor_si512(u, flip);
+        src += k;
+        if (kCopy) dst += k;
+        // opaque to the compiler, which would otherwise keep 16 precomputed row offsets on the stack
+        asm("" : "+r"(src), "+r"(dst));
       }
       Transpose16x16(r);
+      int8_t* out = packed_codes + (w0 * n_pad + j0) * 4;  // group w0 + i, one pointer stepped
 #pragma GCC unroll 16
       for (int i = 0; i < 16; ++i) {  // unrolled: r[i] stays in a register
         if (i == n) break;
         sum = _mm512_dpbusd_epi32(sum, ones, r[i]);
-        _mm512_mask_storeu_epi32(packed_codes + ((w0 + i) * n_pad + j0) * 4, key_mask, r[i]);
+        _mm512_mask_storeu_epi32(out, key_mask, r[i]);
+        out += n_pad * 4;
+        asm("" : "+r"(out));
         if (++g == groups) {  // the block's last group: its sums and scales
           _mm512_mask_storeu_epi32(packed_sums + blk * n_pad + j0, key_mask, sum);
           _mm512_mask_storeu_ps(packed_scales + blk * n_pad + j0, key_mask,

@@ -258,14 +258,15 @@ def test_concurrent_steps_of_different_shapes() -> None:
 @pytest.mark.parametrize("isa", ["scalar", "avx512vnni"])
 @pytest.mark.parametrize(
     ("dh", "block_size", "past"),
-    [(128, 32, 37), (80, 16, 20), (64, 64, 130), (24, 8, 5), (40, 32, 9), (160, 32, 11)],
+    [(128, 32, 37), (80, 16, 20), (64, 64, 130), (24, 8, 5), (40, 32, 9), (160, 32, 11), (96, 24, 21)],
 )
 def test_8bit_cache_of_other_head_sizes_and_blocks(
     dh: int, block_size: int, past: int, isa: str, force_isa: Any
 ) -> None:
     """8-bit cache codes in the op's own blocks are packed for the VNNI dots straight from the cache (16
     groups of 4 codes of 16 keys at a time): head sizes of several and of partial 16-group chunks, blocks
-    of 8 to 64, key counts that are not multiples of 16; the spec's bits. V's codes are read as they are
+    of 8 to 64 (24: a block across two 16-group chunks), key counts that are not multiples of 16; the
+    spec's bits. V's codes are read as they are
     (a tile dequantized at a time) up to head size 128, a partial last block included (40 = 32 + 8); 160
     takes the dequantized copy of V."""
     force_isa(isa)
