@@ -169,7 +169,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void Pack
       for (int j = 0; j < 16; ++j) {
         if (j < keys) {
           const __m512i u = _mm512_maskz_loadu_epi32(word_mask, src);
-          if (kCopy) _mm512_mask_storeu_epi32(dst, word_mask, u);
+          if (kCopy) {  // whole cache lines stored non-temporally: nothing reads the copy in this call
+            if (word_mask == 0xffff && (reinterpret_cast<uintptr_t>(dst) & 63) == 0) {
+              _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), u);
+            } else {
+              _mm512_mask_storeu_epi32(dst, word_mask, u);
+            }
+          }
           r[j] = _mm512_xor_si512(u, flip);
         } else {
           r[j] = _mm512_setzero_si512();
@@ -200,6 +206,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void Pack
       }
     }
   }
+  if (kCopy) _mm_sfence();  // the streamed lines ordered before what follows (the chunk's counter)
 }
 #endif
 

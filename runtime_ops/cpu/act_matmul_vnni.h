@@ -64,7 +64,9 @@ void PackRows(PackedB& packed, int64_t batch, int64_t col0, int64_t count, const
 // PackRows from unsigned 8-bit codes u [count, k] (row stride k), whose signed codes are q = u - 128
 // (BlockAttention's 8-bit symmetric KV cache as stored); the same bytes as PackRows of q. With copy, the
 // rows u are also stored there as they are ([count, k], not overlapping codes): a decoder step's one
-// read of a past K row both copies it to the present cache and packs it.
+// read of a past K row both copies it to the present cache and packs it. Whole 64-byte lines of the copy
+// are stored non-temporally (the present cache is not read again by the step: measured faster, also in a
+// generation loop that reads it back as the next step's past).
 void PackCodeRows(PackedB& packed, int64_t batch, int64_t col0, int64_t count, const uint8_t* codes,
                   const float* scales, uint8_t* copy = nullptr);
 
