@@ -14,10 +14,12 @@
 // head) runs the query heads of a KV head together, in one parallel section of two tasks per KV head
 // (each appends, prepares and packs half the head's keys; the second to finish runs the head's queries);
 // with an 8-bit cache packed for the VNNI dots the packing reads the past K rows and copies them to the
-// present cache in the same pass.
+// present cache in the same pass, and V's past rows are read from the past cache (their copy in the
+// present cache, like K's, is stored non-temporally: the step does not read it back).
 // The buffers are per-thread scratch (cpu/thread_scratch.h): a step allocates nothing.
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <new>
 
 #include "bct/attention_math.h"
@@ -70,6 +72,26 @@ void ScalesOf(cpu::Isa isa, ScaleKind kind, const void* scales, int64_t first, i
   }
 }
 
+// bytes from src to dst, dst's whole 64-byte lines by non-temporal stores (SSE2: every x86-64 path), for
+// a copy that the call does not read back.
+void StreamCopy(uint8_t* dst, const uint8_t* src, int64_t bytes) {
+#if BCT_X86_SIMD
+  const int64_t head = std::min<int64_t>(bytes, (64 - static_cast<int64_t>(reinterpret_cast<uintptr_t>(dst) & 63)) & 63);
+  std::memcpy(dst, src, static_cast<size_t>(head));
+  int64_t i = head;
+  for (; i + 64 <= bytes; i += 64) {
+    for (int q = 0; q < 4; ++q) {
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 16 * q),
+                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 16 * q)));
+    }
+  }
+  std::memcpy(dst + i, src + i, static_cast<size_t>(bytes - i));
+  _mm_sfence();  // the streamed lines ordered before what follows
+#else
+  std::memcpy(dst, src, static_cast<size_t>(bytes));
+#endif
+}
+
 // The calling thread's packed keys (cpu/act_matmul_vnni.h); one call at a time holds it.
 vnni::PackedB& CallPackedB() {
   thread_local vnni::PackedB packed;
@@ -110,6 +132,9 @@ class AttentionCpuKernel : public AttentionKernelBase {
       const int64_t value_nb = g.v.num_blocks;
       const bool value_codes = heads_together && g.v.quantized && attrs_.kv_bits == 8 && attrs_.kv_symmetric &&
                                g.v.zero_points == nullptr && g.v.row_bytes == dh && dh <= nl::kAttentionMaxValueCodesDh;
+      // A step's attention_rows then reads V's past rows from the past cache (just read by their copy to
+      // the present cache, which is stored non-temporally: nothing in the call reads it back).
+      const bool values_from_past = value_codes && g.step;
       // Q and K of one projection (g.k_in_q): their codes in one buffer, rows as in the projection (V's
       // rows of a Q, K, V projection left unused); rows of codes between positions of Q and of K.
       const bool qk_together = g.k_in_q;
@@ -293,6 +318,12 @@ class AttentionCpuKernel : public AttentionKernelBase {
           if (value_codes) {  // a decoder step (never packed): V's codes, read a tile at a time
             kv.values = nullptr;
             kv.value_codes = g.v.codes + key0 * dh;
+            if (values_from_past) {  // past rows from the past cache [B * Hkv, past, dh], the new row after
+              const int64_t past = g.step_dims.past;
+              kv.value_codes = step.past_v.codes + kv_head * past * dh;
+              kv.value_codes_rest = g.v.codes + (key0 + past) * dh;
+              kv.value_codes_split = past;
+            }
             kv.value_scales = v_scales + key0 * value_nb;
             kv.value_nb = value_nb;
             kv.value_block_size = attrs_.kv_block_size;
@@ -335,7 +366,7 @@ class AttentionCpuKernel : public AttentionKernelBase {
             const int64_t head = unit / kKeyChunks, chunk = unit % kKeyChunks;
             const int64_t first = head * g.sk + chunk_start(chunk);
             const int64_t last = head * g.sk + chunk_start(chunk + 1);
-            if (g.step) AppendRows(g, step, first, last, !pack_copies);
+            if (g.step) AppendRows(g, step, first, last, !pack_copies, values_from_past);
             prepare_keys(first, last);
             pack_keys(first, last);
             if (chunks_done[head].fetch_add(1, std::memory_order_acq_rel) == kKeyChunks - 1) run_tasks(head, head + 1);
@@ -393,9 +424,10 @@ class AttentionCpuKernel : public AttentionKernelBase {
 
   // Present rows [begin, end) of [B * Hkv, Sk] of K and V: a past row copied, a new row rotated (K) and
   // quantized when the cache holds codes. Any ranges that tile the rows give the same bytes.
-  // Without past_k_codes, K's past codes are left to the caller (pack_keys copies them as it packs them).
+  // Without past_k_codes, K's past codes are left to the caller (pack_keys copies them as it packs them);
+  // with stream_v, V's past codes are stored non-temporally (StreamCopy).
   void AppendRows(const AttentionGeometry& g, const StepCache& c, int64_t begin, int64_t end,
-                  bool past_k_codes = true) const {
+                  bool past_k_codes = true, bool stream_v = false) const {
     const nl::AttentionStepDims& d = g.step_dims;
     const int64_t dh = g.dh, rb = c.row_nbytes, sb = c.scale_nbytes;
     const bool codes = g.k.quantized;
@@ -411,7 +443,11 @@ class AttentionCpuKernel : public AttentionKernelBase {
         auto* dst_scales = static_cast<uint8_t*>(which == 0 ? c.present.k_scales : c.present.v_scales);
         if (copied > 0) {
           const auto* src = (codes ? past.codes : reinterpret_cast<const uint8_t*>(past.x)) + (bh * d.past + j0) * rb;
-          if (which == 1 || past_k_codes) std::copy(src, src + copied * rb, dst + t * rb);
+          if (which == 1 && stream_v) {
+            StreamCopy(dst + t * rb, src, copied * rb);
+          } else if (which == 1 || past_k_codes) {
+            std::copy(src, src + copied * rb, dst + t * rb);
+          }
           if (codes) {
             const auto* src_scales = static_cast<const uint8_t*>(past.scales) + (bh * d.past + j0) * sb;
             std::copy(src_scales, src_scales + copied * sb, dst_scales + t * sb);

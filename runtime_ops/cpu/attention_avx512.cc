@@ -170,7 +170,7 @@ void DequantizeValueCodesAvx512(const nl::AttentionKeys& kv, int64_t t0, int64_t
   const __mmask16 last = TailMask(dh - 16 * (chunks - 1));
   const __m512 bias = _mm512_set1_ps(128.0f);
   for (int64_t t = 0; t < count; ++t) {
-    const uint8_t* row = kv.value_codes + (t0 + t) * dh;
+    const uint8_t* row = nl::value_code_row(kv, t0 + t);
     const __m512 scales = _mm512_maskz_loadu_ps(scale_lanes, kv.value_scales + (t0 + t) * nb);
     for (int64_t c = 0; c < chunks; ++c) {
       const __mmask16 m = c == chunks - 1 ? last : static_cast<__mmask16>(0xffff);

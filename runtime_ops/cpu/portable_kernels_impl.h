@@ -196,7 +196,7 @@ inline void AccumulateTile(const float (*p)[nl::kAttentionKeyTile], const int64_
 void DequantizeValueCodes(const nl::AttentionKeys& kv, int64_t t0, int64_t count, float* out) {
   const int64_t dh = kv.dh, bs = kv.value_block_size;
   for (int64_t t = 0; t < count; ++t) {
-    const uint8_t* row = kv.value_codes + (t0 + t) * dh;
+    const uint8_t* row = nl::value_code_row(kv, t0 + t);
     const float* scales = kv.value_scales + (t0 + t) * kv.value_nb;
     float* o = out + t * dh;
     for (int64_t b0 = 0, blk = 0; b0 < dh; b0 += bs, ++blk) {

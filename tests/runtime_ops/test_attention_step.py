@@ -334,7 +334,8 @@ def test_decode_step_copies_past_keys_as_it_packs_them(
 ) -> None:
     """On the VNNI path a decoder step with an 8-bit cache reads each past K row once: the packing for
     the Q x K^T dots also copies it to the present cache (the new row is quantized there and packed
-    after it). Past lengths that are not multiples of 16 (15: the new row completes a 16-key group; 31;
+    after it); on every path V's past rows are read from the past cache, the new row from the present
+    one (whose past rows are stored non-temporally). Past lengths that are not multiples of 16 (15: the new row completes a 16-key group; 31;
     100; 333: the second key chunk of a KV head starts at 48 / 160, its past rows end inside a group),
     batch 2 x 3 KV heads as SmolLM2 (9 query heads), on 1 and 2 threads: Y and every present output the
     spec's bits, so a row copied to the wrong place, or packed from the wrong one, fails."""

@@ -22,7 +22,9 @@ constexpr int64_t kAttentionMaxValueCodesDh = 128;
 // (1: heads first [B, H, S, *]; H: [B, S, H * *]). The CPU kernels also take V as 8-bit symmetric
 // cache codes (values nullptr; heads first; dh <= kAttentionMaxValueCodesDh): value_codes [sk, dh] with
 // float32 scales [sk, value_nb] of blocks of value_block_size, each value (code - 128) * scale as
-// block_format.dequantize gives it.
+// block_format.dequantize gives it; the code rows from value_codes_split on are then read from
+// value_codes_rest (a decoder step reads its past rows from the past cache, its new rows from the
+// present one): value_code_row.
 struct AttentionKeys {
   const int8_t* codes;
   const float* scales;
@@ -36,7 +38,15 @@ struct AttentionKeys {
   const float* value_scales = nullptr;
   int64_t value_nb = 0;
   int64_t value_block_size = 0;
+  const uint8_t* value_codes_rest = nullptr;
+  int64_t value_codes_split = INT64_MAX;  // every row from value_codes when not set
 };
+
+// V's code row t (value_codes given).
+BCT_HD BCT_INLINE const uint8_t* value_code_row(const AttentionKeys& kv, int64_t t) {
+  return t < kv.value_codes_split ? kv.value_codes + t * kv.dh
+                                  : kv.value_codes_rest + (t - kv.value_codes_split) * kv.dh;
+}
 
 // Row (b, h, i) of a tensor of `heads` heads and `seq` positions, [B, H, S, *] (heads first) or
 // [B, S, H * *] (packed), counted in rows of its last dim (the head size, or the blocks of a row).
